@@ -1,0 +1,5 @@
+import sys
+
+from portattn.cli import main
+
+sys.exit(main())

@@ -1,0 +1,129 @@
+"""``torch_ref``: the PyTorch reference backend, the oracle of every test.
+
+It follows DESIGN.md's semantics literally, one sequence at a time, with the math batched
+over that sequence's queries, heads and keys:
+
+1. gather the sequence's keys/values through the block table and dequantize them to fp32;
+2. ``s = scale * q.k`` (fp32), softcap ``c * tanh(s / c)``, then the causal / window mask,
+   then the ALiBi bias (``slope * (k - p)`` or ``-slope * sqrt(p - k)``);
+3. softmax whose denominator also holds ``exp(sink)`` when sinks are given;
+4. rows with no visible key give zeros; fp8 output is ``clamp(result / output_scale)``.
+
+Query ``i`` of a sequence with ``q_len`` queries and ``seq_len`` keys sits at absolute
+position ``p = seq_len - q_len + i``. Queries are processed in chunks so the score matrix
+of one chunk stays under ~64 M elements, which keeps long prefills within memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from portattn.backends.base import Backend, Plan
+from portattn.quant import dequantize
+from portattn.types import fp8_max, scale_as_tensor
+
+_MAX_SCORE_ELEMENTS = 1 << 26
+
+
+class TorchReference(Backend):
+    name = "torch_ref"
+    summary = "pure PyTorch reference; runs anywhere, every feature, slow"
+
+    def why_not(self, problem, caps) -> list[str]:
+        return []
+
+    def plan(self, problem, caps) -> Plan:
+        return Plan(self.name, "per-sequence dense")
+
+    def run(self, q, cache, metadata, options, out, plan) -> None:
+        out.copy_(reference_attention(q, cache, metadata, options))
+
+
+def gather_sequence_kv(cache, block_row: torch.Tensor, seq_len: int,
+                       compute_dtype: torch.dtype = torch.float32):
+    """Dequantized ``K [seq_len, Hkv, Dqk]`` and ``V [seq_len, Hkv, Dv]`` of one sequence."""
+    bs = cache.block_size
+    blocks = block_row[: (seq_len + bs - 1) // bs].long()
+    parts = []
+    for which, data, scales in (("k", cache.key_cache, cache.k_scale_cache),
+                                ("v", cache.value_cache, cache.v_scale_cache)):
+        stored = data[blocks].reshape(-1, *data.shape[2:])[:seq_len]
+        token_scales = None
+        if scales is not None:
+            token_scales = scales[blocks].reshape(-1, scales.shape[2])[:seq_len]
+        parts.append(dequantize(stored, cache.quant, which, token_scales).to(compute_dtype))
+    return parts[0], parts[1]
+
+
+def reference_attention(q, cache, metadata, options,
+                        compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The exact semantics; returns ``[num_tokens, num_q_heads, head_size_v]`` in
+    ``options.out_dtype``."""
+    num_tokens, num_q_heads, _ = q.shape
+    num_kv_heads = cache.num_kv_heads
+    group = num_q_heads // num_kv_heads
+    result = torch.zeros(num_tokens, num_q_heads, cache.head_size_v, dtype=compute_dtype,
+                         device=q.device)
+    qf = q.to(compute_dtype)
+    if options.q_scale is not None:
+        qf = qf * scale_as_tensor(options.q_scale, q.device).to(compute_dtype)
+    slopes = sinks = None
+    if options.alibi_slopes is not None:
+        slopes = options.alibi_slopes.to(compute_dtype).view(num_kv_heads, group, 1, 1)
+    if options.sinks is not None:
+        sinks = options.sinks.to(compute_dtype).view(num_kv_heads, group, 1)
+
+    cu = metadata.cu_seqlens_q.tolist()
+    seq_lens = metadata.seq_lens.tolist()
+    for b, seq_len in enumerate(seq_lens):
+        start, end = cu[b], cu[b + 1]
+        q_len = end - start
+        if q_len == 0:
+            continue
+        k, v = gather_sequence_kv(cache, metadata.block_table[b], seq_len, compute_dtype)
+        k = k.permute(1, 0, 2)  # [Hkv, L, D]
+        v = v.permute(1, 0, 2)
+        key_pos = torch.arange(seq_len, device=q.device)
+        rows = max(1, _MAX_SCORE_ELEMENTS // max(1, num_q_heads * seq_len))
+        for c0 in range(0, q_len, rows):
+            c1 = min(q_len, c0 + rows)
+            qc = qf[start + c0:start + c1].view(c1 - c0, num_kv_heads, group, -1)
+            qc = qc.permute(1, 2, 0, 3)  # [Hkv, G, Lq, D]
+            s = torch.matmul(qc, k.unsqueeze(1).transpose(-1, -2)) * options.scale
+            if options.softcap is not None:
+                s = options.softcap * torch.tanh(s / options.softcap)
+            q_pos = torch.arange(seq_len - q_len + c0, seq_len - q_len + c1, device=q.device)
+            dist = q_pos[:, None] - key_pos[None, :]  # p - k, [Lq, L]
+            visible = torch.ones_like(dist, dtype=torch.bool)
+            if options.causal:
+                visible &= dist >= 0
+            if options.sliding_window is not None:
+                visible &= dist < options.sliding_window
+            if slopes is not None:
+                if options.alibi_sqrt:
+                    s = s - slopes * dist.clamp(min=0).to(compute_dtype).sqrt()
+                else:
+                    s = s - slopes * dist.to(compute_dtype)
+            s = s.masked_fill(~visible, float("-inf"))
+            row_max = s.amax(dim=-1)  # [Hkv, G, Lq]
+            if sinks is not None:
+                row_max = torch.maximum(row_max, sinks)
+            row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+            p = torch.exp(s - row_max.unsqueeze(-1))
+            denom = p.sum(dim=-1)
+            if sinks is not None:
+                denom = denom + torch.exp(sinks - row_max)
+            o = torch.matmul(p, v.unsqueeze(1))  # [Hkv, G, Lq, Dv]
+            o = o / torch.where(denom > 0, denom, torch.ones_like(denom)).unsqueeze(-1)
+            result[start + c0:start + c1] = o.permute(2, 0, 1, 3).reshape(c1 - c0, num_q_heads,
+                                                                          -1)
+    return finish_output(result, options)
+
+
+def finish_output(result: torch.Tensor, options) -> torch.Tensor:
+    """Apply the fp8 output scaling rule, then cast to ``options.out_dtype``."""
+    if options.output_scale is not None:
+        limit = fp8_max(options.out_dtype)
+        scale = scale_as_tensor(options.output_scale, result.device).to(result.dtype)
+        result = (result / scale).clamp(-limit, limit)
+    return result.to(options.out_dtype)

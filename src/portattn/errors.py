@@ -1,0 +1,41 @@
+"""Exceptions raised by portattn.
+
+Two kinds of failure reach users:
+
+* :class:`InputError` -- an argument is malformed (shape, dtype, device, layout,
+  out-of-range lengths). The message names the argument, what was expected and what came.
+  It subclasses ``ValueError`` so generic handlers keep working.
+* :class:`UnsupportedError` -- the call is well formed but no backend (or the forced one)
+  can serve it. ``reasons`` maps each backend considered to the sentences explaining why.
+"""
+
+from __future__ import annotations
+
+
+class PortattnError(Exception):
+    """Base class of every exception portattn raises on purpose."""
+
+
+class InputError(PortattnError, ValueError):
+    """An argument does not have the shape, dtype, device, layout or range expected."""
+
+    def __init__(self, argument: str, expected: str, got: str):
+        self.argument = argument
+        self.expected = expected
+        self.got = got
+        super().__init__(f"{argument}: expected {expected}, got {got}")
+
+
+class UnsupportedError(PortattnError, RuntimeError):
+    """No backend (or the explicitly requested one) can serve this call.
+
+    ``reasons`` maps backend name -> list of human readable sentences.
+    """
+
+    def __init__(self, message: str, reasons: dict[str, list[str]] | None = None):
+        self.reasons: dict[str, list[str]] = dict(reasons or {})
+        lines = [message]
+        for name, why in self.reasons.items():
+            lines.append(f"  {name}:")
+            lines.extend(f"    - {reason}" for reason in why)
+        super().__init__("\n".join(lines))

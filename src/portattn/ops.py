@@ -1,0 +1,81 @@
+"""``torch.ops.portattn.paged_attention``: the custom op that ``torch.compile`` sees.
+
+Under ``torch.compile`` the dispatcher's Python (locks, caches, dataclasses) must not be
+traced, so :func:`portattn.attention` hands its tensors and plain options to this op and
+Dynamo treats it as one opaque node. The op writes into ``out`` (declared mutated) and
+its fake implementation does nothing, which is all shape propagation needs: ``out`` is
+allocated by the caller with the right shape and dtype.
+
+Registering the op is a declaration (no device work); it happens when ``portattn.api`` is
+first imported, never at ``import portattn``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from portattn.options import default_out_dtype
+from portattn.types import FP8_DTYPES, AttentionMetadata, KVQuant, PagedKVCache
+
+_FP8_BY_NAME = {str(d).replace("torch.", ""): d for d in FP8_DTYPES}
+
+
+@torch.library.custom_op("portattn::paged_attention", mutates_args=("out",))
+def paged_attention(out: torch.Tensor, q: torch.Tensor, key_cache: torch.Tensor,
+                    value_cache: torch.Tensor, k_scale_cache: Optional[torch.Tensor],
+                    v_scale_cache: Optional[torch.Tensor], k_scale: Optional[torch.Tensor],
+                    v_scale: Optional[torch.Tensor], quant_mode: str, fp8_dtype: str,
+                    packed: bool, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+                    block_table: torch.Tensor, max_seqlen_q: Optional[int],
+                    max_seqlen_k: Optional[int], scale: Optional[float], causal: bool,
+                    sliding_window: Optional[int], softcap: Optional[float],
+                    alibi_slopes: Optional[torch.Tensor], alibi_sqrt: bool,
+                    sinks: Optional[torch.Tensor], q_scale: Optional[torch.Tensor],
+                    output_scale: Optional[torch.Tensor], backend: str) -> None:
+    from portattn.api import run_eager
+
+    quant = KVQuant(quant_mode, k_scale, v_scale, _FP8_BY_NAME.get(fp8_dtype))
+    cache = PagedKVCache(key_cache, value_cache, quant, k_scale_cache=k_scale_cache,
+                         v_scale_cache=v_scale_cache, packed=packed)
+    metadata = AttentionMetadata(cu_seqlens_q, seq_lens, block_table,
+                                 max_seqlen_q, max_seqlen_k)
+    run_eager(q, cache, metadata, out, backend or None, None, dict(
+        scale=scale, causal=causal, sliding_window=sliding_window, softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        alibi_sqrt=alibi_sqrt, sinks=sinks, q_scale=q_scale, output_scale=output_scale))
+
+
+@paged_attention.register_fake
+def _paged_attention_fake(out, q, key_cache, value_cache, k_scale_cache, v_scale_cache,
+                          k_scale, v_scale, quant_mode, fp8_dtype, packed, cu_seqlens_q,
+                          seq_lens, block_table, max_seqlen_q, max_seqlen_k, scale, causal,
+                          sliding_window, softcap, alibi_slopes, alibi_sqrt, sinks, q_scale,
+                          output_scale, backend) -> None:
+    return None
+
+
+def _as_tensor(scale, device) -> Optional[torch.Tensor]:
+    if scale is None or isinstance(scale, torch.Tensor):
+        return scale
+    return torch.full((1,), float(scale), dtype=torch.float32, device=device)
+
+
+def call_compiled(q, cache: PagedKVCache, metadata: AttentionMetadata, *, scale, causal,
+                  sliding_window, softcap, alibi_slopes, alibi_sqrt, sinks, q_scale,
+                  output_scale, out, backend) -> torch.Tensor:
+    """The traced path of :func:`portattn.attention`: allocate ``out`` and call the op."""
+    quant = cache.quant
+    if out is None:
+        out = torch.empty(q.shape[0], q.shape[1], cache.head_size_v,
+                          dtype=default_out_dtype(q.dtype, output_scale), device=q.device)
+    paged_attention(
+        out, q, cache.key_cache, cache.value_cache, cache.k_scale_cache, cache.v_scale_cache,
+        _as_tensor(quant.k_scale, q.device), _as_tensor(quant.v_scale, q.device), quant.mode,
+        str(quant.fp8_dtype).replace("torch.", "") if quant.fp8_dtype is not None else "",
+        cache.packed, metadata.cu_seqlens_q, metadata.seq_lens, metadata.block_table,
+        metadata.max_seqlen_q, metadata.max_seqlen_k, scale, causal, sliding_window, softcap,
+        alibi_slopes, alibi_sqrt, sinks, _as_tensor(q_scale, q.device),
+        _as_tensor(output_scale, q.device), backend or "")
+    return out

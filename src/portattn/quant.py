@@ -1,0 +1,54 @@
+"""Quantize new K/V tokens for the cache, and dequantize what the cache holds.
+
+These are the definitions every backend follows (value = stored * scale):
+
+* ``fp8_per_tensor``: stored = clamp(x / scale, +-fp8_max) cast to fp8;
+* ``int8_per_token_head``: scale = absmax(x over head_size) / 127 for each (token, kv head),
+  stored = round(x / scale) clamped to [-127, 127];
+* ``fp8_per_token_head``: scale = absmax / fp8_max, stored = (x / scale) cast to fp8.
+
+A token-head whose values are all zero gets scale 1 (so it dequantizes to exact zeros).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from portattn.types import KVQuant, fp8_max, scale_as_tensor
+
+INT8_MAX = 127.0
+
+
+def quantize_for_cache(x: torch.Tensor, quant: KVQuant, which: str,
+                       storage_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x`` ``[T, H, D]`` -> (stored ``[T, H, D]`` in ``storage_dtype``, scales ``[T, H]``
+    float32 for per-token-head modes else None). ``which`` is ``"k"`` or ``"v"``."""
+    if quant.mode == "none":
+        return x.to(storage_dtype), None
+    x32 = x.float()
+    if quant.mode == "fp8_per_tensor":
+        scale = scale_as_tensor(quant.k_scale if which == "k" else quant.v_scale, x.device)
+        limit = fp8_max(storage_dtype)
+        return (x32 / scale).clamp(-limit, limit).to(storage_dtype), None
+    limit = INT8_MAX if quant.mode == "int8_per_token_head" else fp8_max(storage_dtype)
+    absmax = x32.abs().amax(dim=-1)
+    scales = torch.where(absmax > 0, absmax / limit, torch.ones_like(absmax))
+    scaled = (x32 / scales.unsqueeze(-1)).clamp(-limit, limit)
+    if quant.mode == "int8_per_token_head":
+        scaled = scaled.round()
+    return scaled.to(storage_dtype), scales
+
+
+def dequantize(stored: torch.Tensor, quant: KVQuant, which: str,
+               scales: torch.Tensor | None = None) -> torch.Tensor:
+    """Float32 values of cache entries ``stored`` ``[..., D]``; ``scales`` ``[...]`` are the
+    matching per-token-head scales (per-token-head modes only)."""
+    values = stored.float()
+    if quant.mode == "none":
+        return values
+    if quant.mode == "fp8_per_tensor":
+        scale = scale_as_tensor(quant.k_scale if which == "k" else quant.v_scale, stored.device)
+        return values * scale
+    if scales is None:
+        raise ValueError(f"dequantize: {quant.mode} needs the per-token-head scales")
+    return values * scales.unsqueeze(-1)

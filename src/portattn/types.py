@@ -1,0 +1,415 @@
+"""The public data model: :class:`KVQuant`, :class:`PagedKVCache`, :class:`AttentionMetadata`.
+
+Layout (see DESIGN.md, "Data model"):
+
+* key/value caches are ``[num_blocks, block_size, num_kv_heads, head_size]`` with any
+  strides but a contiguous last dimension, so they may be views into one packed tensor;
+* slot ``s`` of the cache is block ``s // block_size``, offset ``s % block_size``;
+* ``AttentionMetadata`` describes one batch of sequences and is shared by every layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import torch
+
+from portattn.errors import InputError
+
+Scale = Union[float, torch.Tensor]
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+_FP8_NAMES = {torch.float8_e4m3fn: "e4m3fn", torch.float8_e5m2: "e5m2"}
+
+
+def fp8_max(dtype: torch.dtype) -> float:
+    """Largest finite value of an fp8 dtype (448 for e4m3fn, 57344 for e5m2)."""
+    return float(torch.finfo(dtype).max)
+
+
+def _describe(t: object) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"tensor of shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+    return f"{type(t).__name__} {t!r}"
+
+
+# --------------------------------------------------------------------------- KVQuant
+
+
+@dataclass(frozen=True)
+class KVQuant:
+    """How the KV cache stores its values.
+
+    ``mode`` is one of:
+
+    * ``"none"``: the cache holds fp16/bf16/fp32 values as they are;
+    * ``"fp8_per_tensor"``: an e4m3fn or e5m2 cache, value = stored * scale with one fp32
+      scale for all of K (``k_scale``) and one for all of V (``v_scale``);
+    * ``"int8_per_token_head"``: an int8 cache with one fp32 scale per (block, slot, kv head)
+      for K and for V, kept in scale caches owned by :class:`PagedKVCache`;
+    * ``"fp8_per_token_head"``: likewise with an fp8 cache.
+
+    Build one with the class methods rather than the constructor.
+    """
+
+    mode: str = "none"
+    k_scale: Scale | None = None
+    v_scale: Scale | None = None
+    fp8_dtype: torch.dtype | None = None
+
+    MODES = ("none", "fp8_per_tensor", "int8_per_token_head", "fp8_per_token_head")
+
+    def __post_init__(self) -> None:
+        if self.mode not in self.MODES:
+            raise InputError("KVQuant.mode", f"one of {self.MODES}", repr(self.mode))
+        if self.mode == "fp8_per_tensor":
+            for name in ("k_scale", "v_scale"):
+                _check_scalar_scale(f"KVQuant.{name}", getattr(self, name))
+        if self.mode.startswith("fp8") and self.fp8_dtype not in FP8_DTYPES:
+            raise InputError("KVQuant.fp8_dtype", "torch.float8_e4m3fn or torch.float8_e5m2",
+                             repr(self.fp8_dtype))
+
+    # -- constructors -------------------------------------------------------------------
+    @classmethod
+    def none(cls) -> "KVQuant":
+        return cls("none")
+
+    @classmethod
+    def fp8_per_tensor(cls, k_scale: Scale, v_scale: Scale,
+                       dtype: torch.dtype = torch.float8_e4m3fn) -> "KVQuant":
+        return cls("fp8_per_tensor", k_scale, v_scale, dtype)
+
+    @classmethod
+    def int8_per_token_head(cls) -> "KVQuant":
+        return cls("int8_per_token_head")
+
+    @classmethod
+    def fp8_per_token_head(cls, dtype: torch.dtype = torch.float8_e4m3fn) -> "KVQuant":
+        return cls("fp8_per_token_head", fp8_dtype=dtype)
+
+    # -- derived facts ------------------------------------------------------------------
+    @property
+    def is_quantized(self) -> bool:
+        return self.mode != "none"
+
+    @property
+    def per_token_head(self) -> bool:
+        return self.mode.endswith("per_token_head")
+
+    @property
+    def storage_dtype(self) -> torch.dtype | None:
+        """The dtype the cache tensors must have (None: any float dtype)."""
+        if self.mode == "int8_per_token_head":
+            return torch.int8
+        return self.fp8_dtype
+
+    @property
+    def key(self) -> str:
+        """A short hashable description, e.g. ``fp8_per_tensor:e4m3fn`` (no scale values)."""
+        if self.fp8_dtype is not None:
+            return f"{self.mode}:{_FP8_NAMES[self.fp8_dtype]}"
+        return self.mode
+
+    def __hash__(self) -> int:  # scales may be tensors: hash by mode only
+        return hash(self.key)
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (isinstance(other, KVQuant) and self.key == other.key
+                                 and _same_scale(self.k_scale, other.k_scale)
+                                 and _same_scale(self.v_scale, other.v_scale))
+
+
+def _same_scale(a: Scale | None, b: Scale | None) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return a is b
+    return a == b
+
+
+def _check_scalar_scale(name: str, scale: Scale | None) -> None:
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1 or scale.dtype != torch.float32:
+            raise InputError(name, "a python float or a one-element float32 tensor",
+                             _describe(scale))
+        return
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise InputError(name, "a python float or a one-element float32 tensor", _describe(scale))
+    if not (math.isfinite(scale) and scale > 0):
+        raise InputError(name, "a finite positive scale", repr(scale))
+
+
+def scale_as_tensor(scale: Scale, device: torch.device) -> torch.Tensor:
+    """A one-element float32 tensor on ``device`` (no copy when it already is one)."""
+    if isinstance(scale, torch.Tensor):
+        return scale.reshape(1).to(device=device, dtype=torch.float32)
+    return torch.full((1,), float(scale), dtype=torch.float32, device=device)
+
+
+# --------------------------------------------------------------------------- PagedKVCache
+
+
+class PagedKVCache:
+    """A paged KV cache: split K and V views plus how they are quantized.
+
+    ``key_cache``: ``[num_blocks, block_size, num_kv_heads, head_size_qk]``;
+    ``value_cache``: ``[num_blocks, block_size, num_kv_heads, head_size_v]``. Any strides are
+    accepted as long as the last dimension is contiguous, so both may be views of one packed
+    tensor (``[num_blocks, 2, block_size, H, D]``, ``[2, num_blocks, ...]``,
+    ``[num_blocks, block_size, H, 2 * D]``). With a per-token-head quant mode the cache also
+    owns ``k_scale_cache`` / ``v_scale_cache`` (``[num_blocks, block_size, num_kv_heads]``,
+    float32), created zero-filled unless passed in, and filled by :meth:`write`.
+    """
+
+    def __init__(self, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                 quant: KVQuant | None = None, *, k_scale_cache: torch.Tensor | None = None,
+                 v_scale_cache: torch.Tensor | None = None, packed: bool = False):
+        self.quant = quant if quant is not None else KVQuant.none()
+        if not isinstance(self.quant, KVQuant):
+            raise InputError("quant", "a portattn.KVQuant", _describe(quant))
+        _check_cache_tensor("key_cache", key_cache)
+        _check_cache_tensor("value_cache", value_cache)
+        if value_cache.shape[:3] != key_cache.shape[:3]:
+            raise InputError("value_cache", "the same [num_blocks, block_size, num_kv_heads] "
+                             f"as key_cache {tuple(key_cache.shape[:3])}",
+                             f"{tuple(value_cache.shape)}")
+        if key_cache.dtype != value_cache.dtype or key_cache.device != value_cache.device:
+            raise InputError("value_cache", f"dtype {key_cache.dtype} on {key_cache.device} "
+                             "like key_cache", f"{value_cache.dtype} on {value_cache.device}")
+        want = self.quant.storage_dtype
+        if want is None and key_cache.dtype not in FLOAT_DTYPES:
+            raise InputError("key_cache", "float16, bfloat16 or float32 for an unquantized "
+                             "cache (pass quant=KVQuant... for fp8/int8 storage)",
+                             str(key_cache.dtype))
+        if want is not None and key_cache.dtype != want:
+            raise InputError("key_cache", f"dtype {want} for quant mode {self.quant.key}",
+                             str(key_cache.dtype))
+        self.key_cache = key_cache
+        self.value_cache = value_cache
+        self.packed = packed
+        self.k_scale_cache: torch.Tensor | None = None
+        self.v_scale_cache: torch.Tensor | None = None
+        if self.quant.per_token_head:
+            shape = tuple(key_cache.shape[:3])
+            self.k_scale_cache = _scale_cache("k_scale_cache", k_scale_cache, shape,
+                                              key_cache.device)
+            self.v_scale_cache = _scale_cache("v_scale_cache", v_scale_cache, shape,
+                                              key_cache.device)
+        elif k_scale_cache is not None or v_scale_cache is not None:
+            raise InputError("k_scale_cache", "None unless quant is a per-token-head mode",
+                             f"a scale cache with quant mode {self.quant.key}")
+
+    # -- constructors -------------------------------------------------------------------
+    @classmethod
+    def from_packed(cls, kv: torch.Tensor, head_size_qk: int,
+                    quant: KVQuant | None = None, **scale_caches) -> "PagedKVCache":
+        """Wrap the DiffKV layout ``[num_blocks, block_size, num_kv_heads, head_size_qk +
+        head_size_v]``: keys are ``[..., :head_size_qk]``, values the rest."""
+        _check_cache_tensor("kv", kv)
+        if not (0 < head_size_qk < kv.shape[-1]):
+            raise InputError("head_size_qk", f"between 1 and {kv.shape[-1] - 1} (the packed "
+                             "last dim holds head_size_qk + head_size_v)", repr(head_size_qk))
+        return cls(kv[..., :head_size_qk], kv[..., head_size_qk:], quant, packed=True,
+                   **scale_caches)
+
+    @classmethod
+    def allocate(cls, num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
+                 *, head_size_v: int | None = None, dtype: torch.dtype = torch.float16,
+                 device: torch.device | str = "cpu", quant: KVQuant | None = None,
+                 layout: str = "split") -> "PagedKVCache":
+        """An empty (zero-filled) cache.
+
+        ``layout``: ``"split"`` (two tensors), ``"packed"`` (one ``[num_blocks, 2,
+        block_size, H, D]`` tensor, K and V as views) or ``"diffkv"`` (one ``[num_blocks,
+        block_size, H, head_size + head_size_v]`` tensor). With a quantized ``quant`` the
+        storage dtype comes from it and ``dtype`` is ignored.
+        """
+        quant = quant if quant is not None else KVQuant.none()
+        head_size_v = head_size if head_size_v is None else head_size_v
+        for name, value in (("num_blocks", num_blocks), ("block_size", block_size),
+                            ("num_kv_heads", num_kv_heads), ("head_size", head_size),
+                            ("head_size_v", head_size_v)):
+            if not isinstance(value, int) or value <= 0:
+                raise InputError(name, "a positive int", repr(value))
+        storage = quant.storage_dtype or dtype
+        shape = (num_blocks, block_size, num_kv_heads)
+        if layout == "split":
+            k = torch.zeros(*shape, head_size, dtype=storage, device=device)
+            v = torch.zeros(*shape, head_size_v, dtype=storage, device=device)
+            return cls(k, v, quant)
+        if layout == "packed":
+            if head_size_v != head_size:
+                raise InputError("layout", "'diffkv' or 'split' when head_size_v != head_size",
+                                 repr(layout))
+            kv = torch.zeros(num_blocks, 2, block_size, num_kv_heads, head_size,
+                             dtype=storage, device=device)
+            return cls(kv[:, 0], kv[:, 1], quant)
+        if layout == "diffkv":
+            kv = torch.zeros(*shape, head_size + head_size_v, dtype=storage, device=device)
+            return cls.from_packed(kv, head_size, quant)
+        raise InputError("layout", "'split', 'packed' or 'diffkv'", repr(layout))
+
+    # -- shape facts --------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return self.key_cache.shape[0]
+
+    @property
+    def block_size(self) -> int:
+        return self.key_cache.shape[1]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.key_cache.shape[2]
+
+    @property
+    def head_size_qk(self) -> int:
+        return self.key_cache.shape[3]
+
+    @property
+    def head_size_v(self) -> int:
+        return self.value_cache.shape[3]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.key_cache.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.key_cache.device
+
+    def __repr__(self) -> str:
+        return (f"PagedKVCache(num_blocks={self.num_blocks}, block_size={self.block_size}, "
+                f"num_kv_heads={self.num_kv_heads}, head_size_qk={self.head_size_qk}, "
+                f"head_size_v={self.head_size_v}, dtype={self.dtype}, quant={self.quant.key}, "
+                f"device={self.device})")
+
+    # -- writes -------------------------------------------------------------------------
+    def write(self, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Store new tokens: ``key`` ``[T, num_kv_heads, head_size_qk]``, ``value``
+        ``[T, num_kv_heads, head_size_v]`` at ``slot_mapping`` ``[T]`` (int32/int64; slot =
+        block * block_size + offset; -1 skips the token). Quantizes for quantized caches:
+        per-tensor fp8 divides by the scale; per-token-head modes store absmax-derived scales
+        in the scale caches."""
+        self._check_write_args(key, value, slot_mapping)
+        from portattn.quant import quantize_for_cache
+
+        valid = slot_mapping >= 0
+        slots = slot_mapping[valid].long()
+        key, value = key[valid], value[valid]
+        blocks = torch.div(slots, self.block_size, rounding_mode="floor")
+        offsets = slots - blocks * self.block_size
+        for name, src, cache, scale_cache in (
+                ("k", key, self.key_cache, self.k_scale_cache),
+                ("v", value, self.value_cache, self.v_scale_cache)):
+            stored, scales = quantize_for_cache(src, self.quant, name, cache.dtype)
+            cache[blocks, offsets] = stored
+            if scale_cache is not None:
+                scale_cache[blocks, offsets] = scales
+
+    def _check_write_args(self, key: torch.Tensor, value: torch.Tensor,
+                          slot_mapping: torch.Tensor) -> None:
+        for name, t, d in (("key", key, self.head_size_qk), ("value", value, self.head_size_v)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 3 or \
+                    tuple(t.shape[1:]) != (self.num_kv_heads, d):
+                raise InputError(name, f"a tensor [num_tokens, {self.num_kv_heads}, {d}]",
+                                 _describe(t))
+            if t.dtype not in FLOAT_DTYPES:
+                raise InputError(name, "float16, bfloat16 or float32", str(t.dtype))
+            if t.device != self.device:
+                raise InputError(name, f"device {self.device} (the cache's)", str(t.device))
+        if value.shape[0] != key.shape[0]:
+            raise InputError("value", f"{key.shape[0]} tokens like key", str(value.shape[0]))
+        if not isinstance(slot_mapping, torch.Tensor) or slot_mapping.dim() != 1 or \
+                slot_mapping.dtype not in (torch.int32, torch.int64) or \
+                slot_mapping.shape[0] != key.shape[0]:
+            raise InputError("slot_mapping", f"an int32/int64 tensor [{key.shape[0]}]",
+                             _describe(slot_mapping))
+        if slot_mapping.device != self.device:
+            raise InputError("slot_mapping", f"device {self.device}", str(slot_mapping.device))
+        if slot_mapping.numel():
+            capacity = self.num_blocks * self.block_size
+            lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
+            if lo < -1 or hi >= capacity:
+                raise InputError("slot_mapping", f"slots in [-1, {capacity - 1}] (-1 skips)",
+                                 f"values in [{lo}, {hi}]")
+
+
+def _check_cache_tensor(name: str, t: object) -> None:
+    if not isinstance(t, torch.Tensor) or t.dim() != 4:
+        raise InputError(name, "a 4-D tensor [num_blocks, block_size, num_kv_heads, head_size]",
+                         _describe(t))
+    if t.stride(-1) != 1:
+        raise InputError(name, "a contiguous last dimension (stride 1)",
+                         f"strides {tuple(t.stride())}")
+    if min(t.shape) <= 0:
+        raise InputError(name, "non-empty dimensions", str(tuple(t.shape)))
+
+
+def _scale_cache(name: str, given: torch.Tensor | None, shape: tuple[int, ...],
+                 device: torch.device) -> torch.Tensor:
+    if given is None:
+        return torch.zeros(shape, dtype=torch.float32, device=device)
+    if not isinstance(given, torch.Tensor) or tuple(given.shape) != shape or \
+            given.dtype != torch.float32 or given.device != device:
+        raise InputError(name, f"a float32 tensor {list(shape)} on {device}", _describe(given))
+    return given
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionMetadata:
+    """Per-batch description shared by every layer.
+
+    ``cu_seqlens_q``: int32 ``[B + 1]``, prefix sums of the query lengths (queries of all
+    sequences are packed one after another in ``q``). ``seq_lens``: int32 ``[B]``, keys per
+    sequence INCLUDING this step's tokens (written to the cache before the call).
+    ``block_table``: int32 ``[B, max_blocks]``. ``max_seqlen_q`` / ``max_seqlen_k``: host
+    ints; when both are given the call never synchronizes with the device.
+    """
+
+    cu_seqlens_q: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    max_seqlen_q: int | None = None
+    max_seqlen_k: int | None = None
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+    @classmethod
+    def from_lengths(cls, query_lens: Sequence[int], seq_lens: Sequence[int],
+                     block_table: torch.Tensor | Sequence[Sequence[int]],
+                     device: torch.device | str | None = None) -> "AttentionMetadata":
+        """Build metadata from per-sequence query and key lengths (host lists).
+
+        ``block_table`` may be a tensor or nested lists (rows are padded with 0). Max lengths
+        are filled in, so calls with this metadata never synchronize.
+        """
+        query_lens, seq_lens = [int(x) for x in query_lens], [int(x) for x in seq_lens]
+        if len(query_lens) != len(seq_lens):
+            raise InputError("query_lens", f"{len(seq_lens)} entries like seq_lens",
+                             str(len(query_lens)))
+        for i, (ql, kl) in enumerate(zip(query_lens, seq_lens)):
+            if ql < 0 or kl < ql:
+                raise InputError(f"query_lens[{i}]", f"0 <= query_len <= seq_len ({kl})",
+                                 str(ql))
+        if isinstance(block_table, torch.Tensor):
+            device = block_table.device if device is None else torch.device(device)
+            table = block_table.to(device=device, dtype=torch.int32)
+        else:
+            rows = [list(r) for r in block_table]
+            width = max([len(r) for r in rows] + [1])
+            table = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32,
+                                 device=device or "cpu")
+        device = table.device
+        cu = [0]
+        for ql in query_lens:
+            cu.append(cu[-1] + ql)
+        return cls(torch.tensor(cu, dtype=torch.int32, device=device),
+                   torch.tensor(seq_lens, dtype=torch.int32, device=device), table,
+                   max(query_lens, default=0), max(seq_lens, default=0))

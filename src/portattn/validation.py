@@ -1,0 +1,143 @@
+"""Input checks for :func:`portattn.attention`, run before any kernel launches.
+
+Structural checks (shapes, dtypes, devices, layouts) always run and never touch device
+values. Value checks (lengths against the block table's capacity, block ids in range,
+monotone ``cu_seqlens_q``) read the metadata, so they run when it lives on the CPU, and on
+a GPU only with ``validate=True`` or ``PORTATTN_VALIDATE=1`` (they synchronize).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from portattn.errors import InputError
+from portattn.types import FLOAT_DTYPES, FP8_DTYPES, AttentionMetadata, PagedKVCache, _describe
+
+
+def validation_requested(validate: bool | None) -> bool | None:
+    """``validate`` argument, else ``PORTATTN_VALIDATE`` (unset -> None = automatic)."""
+    if validate is not None:
+        return bool(validate)
+    env = os.environ.get("PORTATTN_VALIDATE", "").strip()
+    if env in ("", "auto"):
+        return None
+    if env not in ("0", "1"):
+        raise InputError("PORTATTN_VALIDATE", "unset, 0 or 1", repr(env))
+    return env == "1"
+
+
+def check_structure(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMetadata,
+                    out: torch.Tensor | None, out_dtype: torch.dtype) -> None:
+    """Shapes, dtypes, devices and layouts of every tensor argument."""
+    if not isinstance(cache, PagedKVCache):
+        raise InputError("cache", "a portattn.PagedKVCache", _describe(cache))
+    if not isinstance(metadata, AttentionMetadata):
+        raise InputError("metadata", "a portattn.AttentionMetadata", _describe(metadata))
+    if not isinstance(q, torch.Tensor) or q.dim() != 3:
+        raise InputError("q", "a 3-D tensor [num_tokens, num_q_heads, head_size_qk]",
+                         _describe(q))
+    if q.dtype not in FLOAT_DTYPES + FP8_DTYPES:
+        raise InputError("q", "dtype float16, bfloat16, float32 (or fp8 with q_scale)",
+                         str(q.dtype))
+    if q.stride(-1) != 1:
+        raise InputError("q", "a contiguous last dimension (stride 1)",
+                         f"strides {tuple(q.stride())}")
+    if q.device != cache.device:
+        raise InputError("q", f"device {cache.device} (the cache's)", str(q.device))
+    if q.shape[2] != cache.head_size_qk:
+        raise InputError("q", f"head size {cache.head_size_qk} (the key cache's last dim)",
+                         f"{q.shape[2]} (shape {tuple(q.shape)})")
+    num_q_heads, num_kv_heads = q.shape[1], cache.num_kv_heads
+    if num_q_heads == 0 or num_q_heads % num_kv_heads:
+        raise InputError("q", f"num_q_heads a positive multiple of num_kv_heads={num_kv_heads}",
+                         f"num_q_heads={num_q_heads}")
+    if cache.quant.mode == "none" and q.dtype in FLOAT_DTYPES and cache.dtype != q.dtype:
+        raise InputError("cache", f"dtype {q.dtype} like q for an unquantized cache",
+                         str(cache.dtype))
+    for name, scale_cache in (("cache.k_scale_cache", cache.k_scale_cache),
+                              ("cache.v_scale_cache", cache.v_scale_cache)):
+        if scale_cache is not None and scale_cache.device != q.device:
+            raise InputError(name, f"device {q.device}", str(scale_cache.device))
+
+    _check_int_tensor("metadata.cu_seqlens_q", metadata.cu_seqlens_q, 1, q.device)
+    _check_int_tensor("metadata.seq_lens", metadata.seq_lens, 1, q.device)
+    _check_int_tensor("metadata.block_table", metadata.block_table, 2, q.device)
+    num_seqs = metadata.seq_lens.shape[0]
+    if metadata.cu_seqlens_q.shape[0] != num_seqs + 1:
+        raise InputError("metadata.cu_seqlens_q", f"[num_seqs + 1] = [{num_seqs + 1}] entries "
+                         "(num_seqs from seq_lens)", str(metadata.cu_seqlens_q.shape[0]))
+    if metadata.block_table.shape[0] != num_seqs:
+        raise InputError("metadata.block_table", f"{num_seqs} rows (one per sequence)",
+                         f"{metadata.block_table.shape[0]} rows")
+    if metadata.block_table.stride(1) != 1:
+        raise InputError("metadata.block_table", "a contiguous last dimension",
+                         f"strides {tuple(metadata.block_table.stride())}")
+    for name in ("max_seqlen_q", "max_seqlen_k"):
+        value = getattr(metadata, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 0):
+            raise InputError(f"metadata.{name}", "None or a host int >= 0", _describe(value))
+
+    if out is not None:
+        want = (q.shape[0], num_q_heads, cache.head_size_v)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
+            raise InputError("out", f"a tensor of shape {list(want)}", _describe(out))
+        if out.dtype != out_dtype:
+            raise InputError("out", f"dtype {out_dtype}", str(out.dtype))
+        if out.stride(-1) != 1:
+            raise InputError("out", "a contiguous last dimension", f"strides {out.stride()}")
+        if out.device != q.device:
+            raise InputError("out", f"device {q.device} (q's)", str(out.device))
+
+
+def _check_int_tensor(name: str, t: torch.Tensor, dims: int, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor) or t.dim() != dims:
+        raise InputError(name, f"a {dims}-D int32 tensor", _describe(t))
+    if t.dtype != torch.int32:
+        raise InputError(name, "dtype torch.int32", str(t.dtype))
+    if t.device != device:
+        raise InputError(name, f"device {device} (q's)", str(t.device))
+
+
+def check_values(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMetadata) -> None:
+    """Checks that read metadata values (synchronizes when the metadata is on a GPU)."""
+    cu = metadata.cu_seqlens_q.tolist()
+    seq_lens = metadata.seq_lens.tolist()
+    if cu[0] != 0:
+        raise InputError("metadata.cu_seqlens_q", "cu_seqlens_q[0] == 0", str(cu[0]))
+    query_lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    for i, ql in enumerate(query_lens):
+        if ql < 0:
+            raise InputError("metadata.cu_seqlens_q", "non-decreasing values",
+                             f"cu_seqlens_q[{i + 1}]={cu[i + 1]} < cu_seqlens_q[{i}]={cu[i]}")
+    if cu[-1] != q.shape[0]:
+        raise InputError("metadata.cu_seqlens_q", f"last entry == num_tokens of q "
+                         f"({q.shape[0]})", str(cu[-1]))
+    capacity = metadata.block_table.shape[1] * cache.block_size
+    for i, (ql, kl) in enumerate(zip(query_lens, seq_lens)):
+        if kl < ql:
+            raise InputError("metadata.seq_lens", f"seq_lens[{i}] >= its query length {ql} "
+                             "(seq_lens count this step's tokens too)", str(kl))
+        if kl > capacity:
+            raise InputError("metadata.seq_lens", f"seq_lens[{i}] <= block_table capacity "
+                             f"{capacity} ({metadata.block_table.shape[1]} blocks x "
+                             f"{cache.block_size})", str(kl))
+    if metadata.max_seqlen_q is not None and query_lens and \
+            metadata.max_seqlen_q < max(query_lens):
+        raise InputError("metadata.max_seqlen_q", f">= the longest query length "
+                         f"{max(query_lens)}", str(metadata.max_seqlen_q))
+    if metadata.max_seqlen_k is not None and seq_lens and metadata.max_seqlen_k < max(seq_lens):
+        raise InputError("metadata.max_seqlen_k", f">= the longest seq_len {max(seq_lens)}",
+                         str(metadata.max_seqlen_k))
+    if seq_lens:
+        used = (torch.arange(metadata.block_table.shape[1], device=metadata.seq_lens.device)
+                < ((metadata.seq_lens + cache.block_size - 1) // cache.block_size)[:, None])
+        ids = metadata.block_table[used]
+        if ids.numel():
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= cache.num_blocks:
+                raise InputError("metadata.block_table", f"block ids in [0, "
+                                 f"{cache.num_blocks - 1}] for the blocks in use",
+                                 f"ids in [{lo}, {hi}]")

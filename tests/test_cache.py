@@ -1,0 +1,173 @@
+"""PagedKVCache construction, layouts and writes (every quant mode round-trips)."""
+
+import pytest
+import torch
+
+from portattn import InputError, KVQuant, PagedKVCache
+from portattn.quant import dequantize
+
+NUM_BLOCKS, BLOCK, HEADS, D = 6, 16, 3, 40
+
+
+def _random_tokens(n, d=D, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, HEADS, d, generator=g) * scale
+
+
+def _read_back(cache, which, slots):
+    data = cache.key_cache if which == "k" else cache.value_cache
+    scales = cache.k_scale_cache if which == "k" else cache.v_scale_cache
+    blocks, offsets = slots // cache.block_size, slots % cache.block_size
+    stored = data[blocks, offsets]
+    return dequantize(stored, cache.quant, which, None if scales is None else
+                      scales[blocks, offsets])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("layout", ["split", "packed", "diffkv"])
+def test_unquantized_write_is_exact(dtype, layout):
+    cache = PagedKVCache.allocate(NUM_BLOCKS, BLOCK, HEADS, D, dtype=dtype, layout=layout,
+                                  head_size_v=D if layout != "diffkv" else 24)
+    key = _random_tokens(20).to(dtype)
+    value = _random_tokens(20, cache.head_size_v, seed=1).to(dtype)
+    slots = torch.randperm(NUM_BLOCKS * BLOCK, generator=torch.Generator().manual_seed(2))[:20]
+    cache.write(key, value, slots)
+    assert torch.equal(_read_back(cache, "k", slots), key.float())
+    assert torch.equal(_read_back(cache, "v", slots), value.float())
+
+
+def test_packed_layouts_are_views_of_one_tensor():
+    cache = PagedKVCache.allocate(NUM_BLOCKS, BLOCK, HEADS, D, layout="packed")
+    assert cache.key_cache.data_ptr() != cache.value_cache.data_ptr()
+    assert cache.key_cache.untyped_storage().data_ptr() == \
+        cache.value_cache.untyped_storage().data_ptr()
+    kv = torch.randn(NUM_BLOCKS, BLOCK, HEADS, 64 + 48)
+    diff = PagedKVCache.from_packed(kv, 64)
+    assert (diff.head_size_qk, diff.head_size_v) == (64, 48)
+    assert torch.equal(diff.value_cache, kv[..., 64:])
+    # [num_blocks, block_size, H, 2*D] with K and V interleaved per head
+    both = torch.randn(NUM_BLOCKS, BLOCK, HEADS, 2 * D)
+    split = PagedKVCache(both[..., :D], both[..., D:])
+    assert split.key_cache.stride() == both.stride()
+
+
+def test_skip_slots_leave_cache_untouched():
+    cache = PagedKVCache.allocate(NUM_BLOCKS, BLOCK, HEADS, D, dtype=torch.float32)
+    cache.key_cache.fill_(7.0)
+    cache.value_cache.fill_(7.0)
+    key, value = _random_tokens(4), _random_tokens(4, seed=3)
+    slots = torch.tensor([-1, 5, -1, 17])
+    cache.write(key, value, slots)
+    assert torch.equal(cache.key_cache[0, 5], key[1])
+    assert torch.equal(cache.key_cache[1, 1], key[3])
+    written = torch.zeros(NUM_BLOCKS, BLOCK, dtype=torch.bool)
+    written[0, 5] = written[1, 1] = True
+    assert (cache.key_cache[~written] == 7.0).all()
+
+
+@pytest.mark.parametrize("quant,rel_bound", [
+    (KVQuant.int8_per_token_head(), 0.5 / 127),                       # half a step of absmax
+    (KVQuant.fp8_per_token_head(), 2.0 ** -4),                        # e4m3: 3 mantissa bits
+    (KVQuant.fp8_per_token_head(torch.float8_e5m2), 2.0 ** -3),       # e5m2: 2 mantissa bits
+])
+def test_per_token_head_round_trip(quant, rel_bound):
+    cache = PagedKVCache.allocate(NUM_BLOCKS, BLOCK, HEADS, D, quant=quant)
+    assert cache.key_cache.dtype == quant.storage_dtype
+    assert cache.k_scale_cache.shape == (NUM_BLOCKS, BLOCK, HEADS)
+    key, value = _random_tokens(30), _random_tokens(30, seed=4)
+    slots = torch.arange(30) * 3 % (NUM_BLOCKS * BLOCK)
+    cache.write(key, value, slots)
+    for which, src in (("k", key), ("v", value)):
+        back = _read_back(cache, which, slots)
+        absmax = src.abs().amax(dim=-1, keepdim=True)
+        err = (back - src).abs()
+        if quant.mode == "int8_per_token_head":
+            assert (err <= absmax * rel_bound * 1.0001).all()
+        else:  # relative to each value, plus the subnormal floor scaled to absmax
+            floor = absmax * 2.0 ** -9
+            assert (err <= src.abs() * rel_bound + floor).all()
+        assert err.max() > 0  # it really quantized
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_per_tensor_round_trip(dtype):
+    quant = KVQuant.fp8_per_tensor(0.04, torch.tensor([0.05]), dtype)  # no clamping
+    cache = PagedKVCache.allocate(NUM_BLOCKS, BLOCK, HEADS, D, quant=quant)
+    key, value = _random_tokens(25), _random_tokens(25, seed=5)
+    slots = torch.arange(25)
+    cache.write(key, value, slots)
+    rel = 2.0 ** -4 if dtype == torch.float8_e4m3fn else 2.0 ** -3
+    for which, src, scale in (("k", key, 0.04), ("v", value, 0.05)):
+        back = _read_back(cache, which, slots)
+        assert ((back - src).abs() <= src.abs() * rel + scale * 2.0 ** -9 * 16).all()
+
+
+def test_fp8_per_tensor_clamps_out_of_range_values():
+    quant = KVQuant.fp8_per_tensor(1.0, 1.0)
+    cache = PagedKVCache.allocate(2, BLOCK, 1, 8, quant=quant)
+    big = torch.full((1, 1, 8), 1e6)
+    cache.write(big, -big, torch.tensor([0]))
+    assert torch.isfinite(cache.key_cache.float()).all()
+    assert cache.key_cache[0, 0].float().max() == 448.0
+    assert cache.value_cache[0, 0].float().min() == -448.0
+
+
+def test_all_zero_token_head_dequantizes_to_zero():
+    cache = PagedKVCache.allocate(2, BLOCK, HEADS, D, quant=KVQuant.int8_per_token_head())
+    zeros = torch.zeros(1, HEADS, D)
+    cache.write(zeros, zeros, torch.tensor([3]))
+    assert torch.equal(_read_back(cache, "k", torch.tensor([3])), zeros)
+
+
+# ---------------------------------------------------------------- input errors
+
+
+def test_cache_constructor_errors():
+    k = torch.zeros(4, 16, 2, 32, dtype=torch.float16)
+    with pytest.raises(InputError, match="value_cache"):
+        PagedKVCache(k, torch.zeros(4, 16, 3, 32, dtype=torch.float16))
+    with pytest.raises(InputError, match="value_cache.*dtype"):
+        PagedKVCache(k, torch.zeros(4, 16, 2, 32, dtype=torch.float32))
+    with pytest.raises(InputError, match="key_cache.*contiguous last"):
+        PagedKVCache(torch.zeros(4, 16, 32, 2).transpose(2, 3), k)
+    with pytest.raises(InputError, match="key_cache.*4-D"):
+        PagedKVCache(torch.zeros(4, 16, 32), k)
+    with pytest.raises(InputError, match="key_cache.*int8"):
+        PagedKVCache(k, k, KVQuant.int8_per_token_head())
+    with pytest.raises(InputError, match="key_cache.*float16, bfloat16 or float32"):
+        PagedKVCache(k.to(torch.int8), k.to(torch.int8))
+    with pytest.raises(InputError, match="k_scale_cache"):
+        PagedKVCache(k.to(torch.int8), k.to(torch.int8), KVQuant.int8_per_token_head(),
+                     k_scale_cache=torch.zeros(4, 16, 3))
+    with pytest.raises(InputError, match="head_size_qk"):
+        PagedKVCache.from_packed(torch.zeros(4, 16, 2, 64), 64)
+    with pytest.raises(InputError, match="layout"):
+        PagedKVCache.allocate(2, 16, 2, 32, layout="weird")
+
+
+def test_kvquant_errors():
+    with pytest.raises(InputError, match="KVQuant.k_scale"):
+        KVQuant.fp8_per_tensor(None, 1.0)
+    with pytest.raises(InputError, match="KVQuant.v_scale"):
+        KVQuant.fp8_per_tensor(1.0, -2.0)
+    with pytest.raises(InputError, match="KVQuant.k_scale"):
+        KVQuant.fp8_per_tensor(torch.ones(2), 1.0)
+    with pytest.raises(InputError, match="KVQuant.fp8_dtype"):
+        KVQuant.fp8_per_token_head(torch.float16)
+    with pytest.raises(InputError, match="KVQuant.mode"):
+        KVQuant("int4")
+
+
+def test_write_errors():
+    cache = PagedKVCache.allocate(2, BLOCK, HEADS, D)
+    key = torch.zeros(3, HEADS, D, dtype=torch.float16)
+    with pytest.raises(InputError, match=r"^key: expected a tensor \[num_tokens, 3, 40\]"):
+        cache.write(key[:, :2], key, torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(InputError, match="value: expected 3 tokens"):
+        cache.write(key, key[:2], torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(InputError, match="slot_mapping"):
+        cache.write(key, key, torch.zeros(3, dtype=torch.float32))
+    with pytest.raises(InputError, match=r"slot_mapping: expected slots in \[-1, 31\]"):
+        cache.write(key, key, torch.tensor([0, 1, 32]))
+    with pytest.raises(InputError, match="slot_mapping"):
+        cache.write(key, key, torch.tensor([0, -2, 1]))

@@ -1,0 +1,242 @@
+"""The dispatcher: forced backends, error texts, the decision cache, explain, the lazy
+registry, and the custom op under torch.compile."""
+
+import json
+import threading
+
+import pytest
+import torch
+
+import portattn
+from portattn import UnsupportedError
+from portattn.backends.base import Backend, Plan
+from portattn.capabilities import probe
+from portattn.dispatch import Problem, decide, decision_cache, registry
+from portattn.dispatch.selector import forced_backend
+from portattn.testing import dense_attention, make_paged_batch, relative_error
+
+
+class PickyBackend(Backend):
+    """Serves fp32 only; records how often it is asked and run."""
+
+    name = "picky"
+    summary = "test double"
+    calls = 0
+
+    def why_not(self, problem, caps):
+        type(self).calls += 1
+        return [] if problem.q_dtype == torch.float32 else ["picky serves float32 only"]
+
+    def plan(self, problem, caps):
+        return Plan(self.name, "only", {"seen_q_len": problem.max_seqlen_q})
+
+    def run(self, q, cache, metadata, options, out, plan):
+        out.fill_(42.0)
+
+
+@pytest.fixture
+def with_picky(monkeypatch):
+    monkeypatch.setitem(registry.BACKENDS, "picky", f"{__name__}:PickyBackend")
+    monkeypatch.setitem(registry.BACKENDS, "broken", "portattn.no_such_module:Nothing")
+    registry.reset()
+    decision_cache.clear()
+    PickyBackend.calls = 0
+    yield
+    registry.reset()
+    decision_cache.clear()
+
+
+@pytest.fixture
+def batch():
+    return make_paged_batch([2, 1], [9, 30], num_q_heads=4, num_kv_heads=2, head_size=32,
+                            dtype=torch.float32)
+
+
+def test_forced_backend_by_argument_and_environment(with_picky, batch, monkeypatch):
+    out = portattn.attention(batch.q, batch.cache, batch.metadata, backend="picky")
+    assert (out == 42.0).all()
+    monkeypatch.setenv("PORTATTN_BACKEND", "picky")
+    out = portattn.attention(batch.q, batch.cache, batch.metadata)
+    assert (out == 42.0).all()
+    decision = portattn.explain(batch.q, batch.cache, batch.metadata)
+    assert (decision.backend, decision.source) == ("picky", "environment")
+    # the argument wins over the environment
+    decision = portattn.explain(batch.q, batch.cache, batch.metadata, backend="torch_ref")
+    assert (decision.backend, decision.source) == ("torch_ref", "argument")
+
+
+def test_forced_backend_that_cannot_serve_raises_with_its_reasons(with_picky):
+    batch = make_paged_batch([1], [5], num_q_heads=2, num_kv_heads=1, head_size=32,
+                             dtype=torch.float16)
+    with pytest.raises(UnsupportedError) as info:
+        portattn.attention(batch.q, batch.cache, batch.metadata, backend="picky")
+    assert info.value.reasons == {"picky": ["picky serves float32 only"]}
+    assert "backend 'picky' (requested through argument) cannot serve" in str(info.value)
+    assert "picky serves float32 only" in str(info.value)
+
+
+def test_unknown_backend_is_named(with_picky, batch):
+    with pytest.raises(UnsupportedError, match="unknown backend 'nope'.*known:.*torch_ref"):
+        portattn.attention(batch.q, batch.cache, batch.metadata, backend="nope")
+
+
+def test_import_failure_becomes_a_reason(with_picky, batch):
+    decision = portattn.explain(batch.q, batch.cache, batch.metadata)
+    reasons = decision.rejected["broken"]
+    assert reasons == ["could not import portattn.no_such_module: ModuleNotFoundError: No "
+                       "module named 'portattn.no_such_module'"]
+    with pytest.raises(UnsupportedError, match="could not import portattn.no_such_module"):
+        portattn.attention(batch.q, batch.cache, batch.metadata, backend="broken")
+
+
+def test_nothing_fits_lists_every_backend(monkeypatch, with_picky):
+    monkeypatch.setattr(registry, "BACKENDS", {"picky": registry.BACKENDS["picky"],
+                                               "broken": registry.BACKENDS["broken"]})
+    problem = Problem.make(device_type="cpu", dtype="float16")
+    caps = probe(simulate="cpu")
+    with pytest.raises(UnsupportedError) as info:
+        decide(problem, caps)
+    assert set(info.value.reasons) == {"picky", "broken"}
+    assert "no backend can serve this call on cpu" in str(info.value)
+
+
+def test_decisions_are_cached_per_problem(with_picky, batch):
+    caps = probe()
+    problem = Problem.make(device_type="cpu", dtype="float32")
+    first = decide(problem, caps, "picky")
+    asked = PickyBackend.calls
+    for _ in range(5):
+        assert decide(problem, caps, "picky") is first
+    assert PickyBackend.calls == asked  # no new why_not: a dict lookup
+    # lengths that grow within one power-of-two bucket reuse the decision
+    a = Problem.make(device_type="cpu", dtype="float32", seq_len=5000)
+    b = Problem.make(device_type="cpu", dtype="float32", seq_len=8000)
+    assert a == b and hash(a) == hash(b)
+    c = Problem.make(device_type="cpu", dtype="float32", seq_len=9000)
+    assert c != a
+
+
+def test_decision_cache_is_bounded_and_thread_safe(with_picky):
+    caps = probe()
+    old = decision_cache.capacity
+    decision_cache.capacity = 8
+    try:
+        errors = []
+
+        def worker(offset):
+            try:
+                for i in range(40):
+                    decide(Problem.make(device_type="cpu", dtype="float32",
+                                        num_q_heads=8, num_kv_heads=1 << (i % 4),
+                                        seq_len=1 << (offset + i % 7)), caps)
+            except Exception as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        assert len(decision_cache) <= 8
+    finally:
+        decision_cache.capacity = old
+
+
+def test_explain_lists_every_backend_with_reasons(with_picky, batch):
+    decision = portattn.explain(batch.q, batch.cache, batch.metadata)
+    names = [name for name, _ in decision.considered]
+    assert set(names) >= {"torch_ref", "picky", "broken"}
+    text = str(decision)
+    assert f"backend: {decision.backend} (auto)" in text
+    assert "rejected broken:" in text
+    assert "not chosen picky: could serve, lower priority" in text
+    data = json.loads(json.dumps(decision.to_dict()))
+    assert data["backend"] == decision.backend
+    assert data["problem"]["q_dtype"] == "float32"
+
+
+def test_auto_selection_never_picks_unlisted_backends(with_picky, batch):
+    # "picky" could serve but is in no priority list: only forcing reaches it
+    out = portattn.attention(batch.q, batch.cache, batch.metadata)
+    assert not (out == 42.0).all()
+
+
+def test_forced_backend_parsing(monkeypatch):
+    monkeypatch.delenv("PORTATTN_BACKEND", raising=False)
+    assert forced_backend(None) == (None, "auto")
+    monkeypatch.setenv("PORTATTN_BACKEND", "auto")
+    assert forced_backend(None) == (None, "auto")
+    monkeypatch.setenv("PORTATTN_BACKEND", "torch_ref")
+    assert forced_backend(None) == ("torch_ref", "environment")
+    assert forced_backend("x") == ("x", "argument")
+
+
+def test_max_lengths_avoid_reading_device_values(batch, monkeypatch):
+    """With max_seqlen_q/k given and validation off, no metadata value is read."""
+    read = []
+    real_tolist, real_int = torch.Tensor.tolist, torch.Tensor.__int__
+
+    def spy_tolist(self):
+        read.append("tolist")
+        return real_tolist(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", spy_tolist)
+    portattn.explain(batch.q, batch.cache, batch.metadata, validate=False)
+    assert read == []
+    del real_int
+
+
+def test_custom_op_under_torch_compile_fullgraph(batch):
+    sinks = torch.randn(4)
+
+    def layer(x, cache, metadata, sinks):
+        q = x * 1.0
+        return portattn.attention(q, cache, metadata, sinks=sinks, sliding_window=5) * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    out = compiled(batch.q, batch.cache, batch.metadata, sinks)
+    expected = dense_attention(batch.q, batch.keys, batch.values, batch.query_lens,
+                               sinks=sinks, sliding_window=5) * 2
+    assert relative_error(out, expected) < 1e-5
+    assert hasattr(torch.ops.portattn, "paged_attention")
+
+
+def test_fast_path_skips_checks_only_for_identical_calls(batch, monkeypatch):
+    import portattn.api as api
+
+    prepared = []
+    real_prepare = api._prepare
+
+    def counting_prepare(*args, **kwargs):
+        prepared.append(1)
+        return real_prepare(*args, **kwargs)
+
+    monkeypatch.setattr(api, "_prepare", counting_prepare)
+    monkeypatch.delenv("PORTATTN_VALIDATE", raising=False)
+    api._fast.entries.clear()
+    expected = dense_attention(batch.q, batch.keys, batch.values, batch.query_lens)
+    for _ in range(3):  # checked once, then served from the memo
+        out = portattn.attention(batch.q, batch.cache, batch.metadata, validate=False)
+        assert relative_error(out, expected) < 1e-5
+    assert len(prepared) == 1
+    portattn.attention(batch.q, batch.cache, batch.metadata, validate=False, softcap=3.0)
+    portattn.attention(batch.q[:, :2], batch.cache, batch.metadata, validate=False)  # GQA 1
+    assert len(prepared) == 3
+    monkeypatch.setenv("PORTATTN_BACKEND", "torch_ref")  # a decision variable changed
+    portattn.attention(batch.q, batch.cache, batch.metadata, validate=False)
+    assert len(prepared) == 4
+    # CPU metadata is value-checked on every call unless validation is turned off
+    monkeypatch.delenv("PORTATTN_BACKEND")
+    portattn.attention(batch.q, batch.cache, batch.metadata)
+    portattn.attention(batch.q, batch.cache, batch.metadata)
+    assert len(prepared) == 6
+    monkeypatch.setenv("PORTATTN_VALIDATE", "0")
+    portattn.attention(batch.q, batch.cache, batch.metadata)
+    portattn.attention(batch.q, batch.cache, batch.metadata)
+    assert len(prepared) == 7
+    # bad input still raises: a wrong-shaped out is a different key, checked in full
+    with pytest.raises(portattn.InputError, match="^out:"):
+        portattn.attention(batch.q, batch.cache, batch.metadata, validate=False,
+                           out=torch.empty(3, 4, 16))

@@ -1,0 +1,169 @@
+"""The torch_ref backend against the independent dense float64 formulation.
+
+Every feature alone and in combination, every quant mode and cache layout, GQA/MQA,
+rows with no visible key, fp8 query and fp8 output. Runs through the public
+``portattn.attention`` with ``backend="torch_ref"``.
+"""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import portattn
+from portattn import KVQuant
+from portattn.testing import dense_attention, make_paged_batch, relative_error
+
+QUERY_LENS = [5, 1, 7, 1, 2]
+SEQ_LENS = [40, 17, 7, 1, 33]
+
+
+def _batch(**kw):
+    kw.setdefault("num_q_heads", 6)
+    kw.setdefault("num_kv_heads", 2)
+    kw.setdefault("head_size", 40)
+    kw.setdefault("dtype", torch.float32)
+    return make_paged_batch(kw.pop("query_lens", QUERY_LENS), kw.pop("seq_lens", SEQ_LENS),
+                            **kw)
+
+
+def _check(batch, tol=1e-5, **options):
+    out = portattn.attention(batch.q, batch.cache, batch.metadata, backend="torch_ref",
+                             **options)
+    expected = dense_attention(batch.q, batch.keys, batch.values, batch.query_lens, **options)
+    err = relative_error(out, expected)
+    assert err < tol, f"relative error {err:.3e} >= {tol:.0e} for {options}"
+    return out, expected
+
+
+def _feature_options(num_q_heads):
+    g = torch.Generator().manual_seed(11)
+    return {
+        "non_causal": dict(causal=False),
+        "window": dict(sliding_window=6),
+        "window_1": dict(sliding_window=1),
+        "softcap": dict(softcap=1.5),
+        "alibi": dict(alibi_slopes=torch.rand(num_q_heads, generator=g)),
+        "alibi_sqrt": dict(alibi_slopes=torch.rand(num_q_heads, generator=g), alibi_sqrt=True),
+        "sinks": dict(sinks=torch.randn(num_q_heads, generator=g) * 2),
+        "scale": dict(scale=0.3),
+    }
+
+
+FEATURES = list(_feature_options(6))
+
+
+@pytest.mark.parametrize("feature", FEATURES)
+def test_each_feature(feature):
+    _check(_batch(), **_feature_options(6)[feature])
+
+
+@pytest.mark.parametrize("pair", list(itertools.combinations(
+    ["window", "softcap", "alibi", "sinks", "non_causal"], 2)))
+def test_feature_pairs(pair):
+    opts = {}
+    for name in pair:
+        opts.update(_feature_options(6)[name])
+    _check(_batch(seed=3), **opts)
+
+
+def test_all_features_together():
+    opts = {}
+    for name in ("window", "softcap", "alibi_sqrt", "sinks", "scale"):
+        opts.update(_feature_options(6)[name])
+    _check(_batch(seed=4), **opts)
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2), (5, 1), (8, 2), (6, 3)])
+def test_gqa_and_mqa_ratios(heads):
+    num_q, num_kv = heads
+    _check(_batch(num_q_heads=num_q, num_kv_heads=num_kv, seed=5))
+
+
+@pytest.mark.parametrize("layout", ["split", "packed"])
+@pytest.mark.parametrize("block_size", [1, 16, 64])
+def test_layouts_and_block_sizes(layout, block_size):
+    _check(_batch(layout=layout, block_size=block_size, seed=6))
+
+
+def test_diffkv_packed_cache():
+    batch = _batch(head_size=48, head_size_v=32, seed=7)
+    assert batch.cache.packed and batch.cache.head_size_v == 32
+    out, _ = _check(batch)
+    assert out.shape == (sum(QUERY_LENS), 6, 32)
+
+
+@pytest.mark.parametrize("quant", [
+    KVQuant.fp8_per_tensor(0.05, 0.03), KVQuant.fp8_per_tensor(0.05, 0.03, torch.float8_e5m2),
+    KVQuant.int8_per_token_head(), KVQuant.fp8_per_token_head(),
+    KVQuant.fp8_per_token_head(torch.float8_e5m2)], ids=lambda q: q.key)
+def test_quantized_caches_dequantize(quant):
+    # dense_attention sees the dequantized values the cache holds: only fp32 rounding remains
+    _check(_batch(quant=quant, seed=8), **_feature_options(6)["sinks"])
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_half_precision_inputs(dtype, tol):
+    _check(_batch(dtype=dtype, seed=9), tol=tol)
+
+
+def test_zero_length_sequences_in_the_batch():
+    # Under causal semantics every query sees at least its own key, so a row can only be
+    # empty when its sequence is: a sequence with no queries and no keys sits in the
+    # middle of the batch, contributes no rows and does not disturb its neighbours.
+    batch = _batch(query_lens=[3, 0, 2], seq_lens=[5, 0, 9], seed=12)
+    out, _ = _check(batch, sinks=torch.randn(6))
+    assert out.shape[0] == 5 and torch.isfinite(out).all()
+
+
+def test_fp8_output_and_fp8_query():
+    batch = _batch(seed=13)
+    out = portattn.attention(batch.q, batch.cache, batch.metadata, backend="torch_ref",
+                             output_scale=0.01)
+    assert out.dtype == torch.float8_e4m3fn
+    expected = dense_attention(batch.q, batch.keys, batch.values, batch.query_lens)
+    expected = (expected / 0.01).clamp(-448, 448)
+    assert relative_error(out.float(), expected) < 0.07
+    q8 = (batch.q / 0.05).to(torch.float8_e4m3fn)
+    out = portattn.attention(q8, batch.cache, batch.metadata, backend="torch_ref",
+                             q_scale=0.05)
+    assert out.dtype == torch.bfloat16
+    expected = dense_attention(q8.float() * 0.05, batch.keys, batch.values, batch.query_lens)
+    assert relative_error(out, expected) < 1e-2
+
+
+def test_writes_into_strided_out_and_reads_strided_q():
+    batch = _batch(seed=14)
+    t, h, d = batch.q.shape
+    fused = torch.randn(t, 3 * h, d)  # a fused QKV projection: q is a strided slice
+    fused[:, :h] = batch.q
+    q = fused[:, :h]
+    assert not q.is_contiguous()
+    big = torch.full((t, h, 2 * d), float("nan"))
+    out = big[..., :d]
+    portattn.attention(q, batch.cache, batch.metadata, backend="torch_ref", out=out)
+    expected = dense_attention(batch.q, batch.keys, batch.values, batch.query_lens)
+    assert relative_error(out, expected) < 1e-5
+    assert torch.isnan(big[..., d:]).all()  # nothing written outside out
+
+
+def test_long_batch_is_fast_enough():
+    # 16 sequences over a few thousand keys, prefills and decodes mixed: seconds, not minutes
+    import time
+
+    query_lens = [512, 256] + [1] * 14
+    seq_lens = [3000, 2048] + [2500] * 14
+    batch = make_paged_batch(query_lens, seq_lens, num_q_heads=16, num_kv_heads=4,
+                             head_size=64, dtype=torch.float32)
+    start = time.perf_counter()
+    portattn.attention(batch.q, batch.cache, batch.metadata, backend="torch_ref")
+    assert time.perf_counter() - start < 30
+
+
+def test_scale_default_is_inverse_sqrt_head_size():
+    batch = _batch(seed=15)
+    a = portattn.attention(batch.q, batch.cache, batch.metadata, backend="torch_ref")
+    b = portattn.attention(batch.q, batch.cache, batch.metadata, backend="torch_ref",
+                           scale=1 / math.sqrt(40))
+    assert torch.equal(a, b)

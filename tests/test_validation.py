@@ -1,0 +1,188 @@
+"""Bad input: a clear InputError naming the argument, raised before anything runs."""
+
+import pytest
+import torch
+
+import portattn
+from portattn import AttentionMetadata, InputError
+from portattn.testing import make_paged_batch
+from portattn.validation import validation_requested
+
+
+@pytest.fixture
+def batch():
+    return make_paged_batch([3, 1, 2], [20, 9, 2], num_q_heads=4, num_kv_heads=2,
+                            head_size=32, dtype=torch.float16)
+
+
+def _call(batch, q=None, metadata=None, **options):
+    out = options.pop("out", None)
+    poisoned = torch.full((batch.q.shape[0], 4, 32), float("nan"), dtype=torch.float16)
+    target = out if out is not None else poisoned
+    try:
+        portattn.attention(batch.q if q is None else q, batch.cache,
+                           batch.metadata if metadata is None else metadata,
+                           backend="torch_ref", out=target, **options)
+    except InputError:
+        if out is None:  # nothing may have been written before the error
+            assert torch.isnan(poisoned).all()
+        raise
+
+
+def _meta(batch, **changes):
+    m = batch.metadata
+    fields = dict(cu_seqlens_q=m.cu_seqlens_q, seq_lens=m.seq_lens, block_table=m.block_table,
+                  max_seqlen_q=m.max_seqlen_q, max_seqlen_k=m.max_seqlen_k)
+    fields.update(changes)
+    return AttentionMetadata(**fields)
+
+
+def test_valid_call_passes(batch):
+    out = torch.full((6, 4, 32), float("nan"), dtype=torch.float16)
+    portattn.attention(batch.q, batch.cache, batch.metadata, backend="torch_ref", out=out)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("make_q,match", [
+    (lambda q: q[0], r"^q: expected a 3-D tensor"),
+    (lambda q: q.to(torch.int32), r"^q: expected dtype float16, bfloat16, float32"),
+    (lambda q: q.transpose(1, 2).contiguous().transpose(1, 2), r"^q: expected a contiguous"),
+    (lambda q: q[..., :16], r"^q: expected head size 32"),
+    (lambda q: q[:, :3], r"^q: expected num_q_heads a positive multiple of num_kv_heads=2"),
+    (lambda q: q.float(), r"^cache: expected dtype torch.float32 like q"),
+    (lambda q: q.to("meta"), r"^q: expected device cpu"),
+    (lambda q: q.tolist(), r"^q: expected a 3-D tensor"),
+])
+def test_bad_q(batch, make_q, match):
+    with pytest.raises(InputError, match=match):
+        _call(batch, q=make_q(batch.q))
+
+
+@pytest.mark.parametrize("changes,match", [
+    (lambda m: dict(cu_seqlens_q=m.cu_seqlens_q.long()),
+     r"^metadata.cu_seqlens_q: expected dtype torch.int32, got torch.int64"),
+    (lambda m: dict(cu_seqlens_q=m.cu_seqlens_q[:-1]),
+     r"^metadata.cu_seqlens_q: expected \[num_seqs \+ 1\] = \[4\] entries"),
+    (lambda m: dict(block_table=m.block_table[:2]),
+     r"^metadata.block_table: expected 3 rows"),
+    (lambda m: dict(block_table=m.block_table.t().contiguous().t()),
+     r"^metadata.block_table: expected a contiguous last dimension"),
+    (lambda m: dict(seq_lens=m.seq_lens[None]), r"^metadata.seq_lens: expected a 1-D"),
+    (lambda m: dict(max_seqlen_q=-1), r"^metadata.max_seqlen_q: expected None or a host int"),
+    (lambda m: dict(max_seqlen_k=torch.tensor(3)), r"^metadata.max_seqlen_k: expected None"),
+])
+def test_bad_metadata_structure(batch, changes, match):
+    with pytest.raises(InputError, match=match):
+        _call(batch, metadata=_meta(batch, **changes(batch.metadata)))
+
+
+@pytest.mark.parametrize("changes,match", [
+    (dict(cu_seqlens_q=torch.tensor([1, 4, 5, 6], dtype=torch.int32)),
+     r"cu_seqlens_q\[0\] == 0"),
+    (dict(cu_seqlens_q=torch.tensor([0, 4, 3, 6], dtype=torch.int32)),
+     r"non-decreasing values, got cu_seqlens_q\[2\]=3 < cu_seqlens_q\[1\]=4"),
+    (dict(cu_seqlens_q=torch.tensor([0, 3, 4, 5], dtype=torch.int32)),
+     r"last entry == num_tokens of q \(6\), got 5"),
+    (dict(seq_lens=torch.tensor([20, 9, 1], dtype=torch.int32)),
+     r"seq_lens\[2\] >= its query length 2"),
+    (dict(seq_lens=torch.tensor([20, 9, 33], dtype=torch.int32)),
+     r"seq_lens\[2\] <= block_table capacity 32 \(2 blocks x 16\), got 33"),
+    (dict(max_seqlen_q=2), r"max_seqlen_q: expected >= the longest query length 3"),
+    (dict(max_seqlen_k=19), r"max_seqlen_k: expected >= the longest seq_len 20"),
+])
+def test_bad_metadata_values(batch, changes, match):
+    with pytest.raises(InputError, match=match):
+        _call(batch, metadata=_meta(batch, **changes))
+
+
+def test_block_id_out_of_range(batch):
+    table = batch.metadata.block_table.clone()
+    table[1, 0] = batch.cache.num_blocks
+    with pytest.raises(InputError, match=r"^metadata.block_table: expected block ids in "
+                                         r"\[0, \d+\] for the blocks in use"):
+        _call(batch, metadata=_meta(batch, block_table=table))
+    # ids beyond a sequence's used blocks are never read, so they may hold anything
+    table = batch.metadata.block_table.clone()
+    table[2, 1] = -7
+    _call(batch, metadata=_meta(batch, block_table=table))
+
+
+def test_validate_false_skips_value_checks(batch):
+    bad = _meta(batch, max_seqlen_k=19)
+    with pytest.raises(InputError):
+        _call(batch, metadata=bad)
+    portattn.explain(batch.q, batch.cache, bad, validate=False)  # no value check, no error
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(scale=-1.0), r"^scale: expected a finite positive float"),
+    (dict(scale=float("nan")), r"^scale:"),
+    (dict(causal=1), r"^causal: expected True or False"),
+    (dict(sliding_window=0), r"^sliding_window: expected None or an int >= 1"),
+    (dict(sliding_window=2.5), r"^sliding_window:"),
+    (dict(softcap=0.0), r"^softcap: expected None or a finite positive float"),
+    (dict(alibi_slopes=torch.ones(3)), r"^alibi_slopes: expected None or a 1-D tensor "
+                                       r"\[num_q_heads=4\]"),
+    (dict(alibi_slopes=torch.ones(4, dtype=torch.int32)), r"^alibi_slopes: expected a float32"),
+    (dict(alibi_sqrt=True), r"^alibi_sqrt: expected False unless alibi_slopes is given"),
+    (dict(alibi_slopes=torch.ones(4), alibi_sqrt=True, causal=False),
+     r"^alibi_sqrt: expected causal=True"),
+    (dict(sinks=torch.ones(4, device="meta")), r"^sinks: expected device cpu"),
+    (dict(sinks=torch.ones(8)[::2]), r"^sinks: expected a contiguous tensor"),
+    (dict(q_scale=0.5), r"^q_scale: expected None for a float16/bfloat16/float32 q"),
+    (dict(output_scale=0.5), r"^out: expected an fp8 tensor \(or None\) when output_scale"),
+    (dict(out=torch.empty(6, 4, 16, dtype=torch.float16)), r"^out: expected a tensor of "
+                                                           r"shape \[6, 4, 32\]"),
+    (dict(out=torch.empty(6, 4, 32, dtype=torch.float8_e4m3fn)),
+     r"^output_scale: expected a scale when the output is fp8"),
+    (dict(out=torch.empty(6, 4, 64, dtype=torch.float16)[..., ::2]),
+     r"^out: expected a contiguous last dimension"),
+])
+def test_bad_options(batch, options, match):
+    with pytest.raises(InputError, match=match):
+        _call(batch, **options)
+
+
+def test_fp8_query_needs_q_scale(batch):
+    with pytest.raises(InputError, match=r"^q_scale: expected a scale for an fp8 q"):
+        _call(batch, q=batch.q.to(torch.float8_e4m3fn))
+
+
+def test_quantized_cache_needs_scales():
+    with pytest.raises(InputError, match=r"^KVQuant.k_scale: expected a python float"):
+        make_paged_batch([1], [4], quant=portattn.KVQuant.fp8_per_tensor(None, None))
+
+
+def test_wrong_argument_types(batch):
+    with pytest.raises(InputError, match=r"^cache: expected a portattn.PagedKVCache"):
+        portattn.attention(batch.q, batch.cache.key_cache, batch.metadata)
+    with pytest.raises(InputError, match=r"^metadata: expected a portattn.AttentionMetadata"):
+        portattn.attention(batch.q, batch.cache, {"seq_lens": 1})
+
+
+def test_metadata_builder_errors():
+    with pytest.raises(InputError, match=r"^query_lens\[1\]: expected 0 <= query_len <= "
+                                         r"seq_len \(2\), got 3"):
+        AttentionMetadata.from_lengths([1, 3], [4, 2], [[0], [1]])
+    with pytest.raises(InputError, match=r"^query_lens: expected 2 entries like seq_lens"):
+        AttentionMetadata.from_lengths([1], [4, 2], [[0], [1]])
+
+
+def test_metadata_builder_fills_max_lengths():
+    m = AttentionMetadata.from_lengths([3, 1], [7, 40], [[2], [0, 1, 3]])
+    assert m.cu_seqlens_q.tolist() == [0, 3, 4]
+    assert (m.max_seqlen_q, m.max_seqlen_k) == (3, 40)
+    assert m.block_table.tolist() == [[2, 0, 0], [0, 1, 3]]
+    assert m.block_table.dtype == torch.int32
+
+
+def test_validate_environment(monkeypatch):
+    monkeypatch.delenv("PORTATTN_VALIDATE", raising=False)
+    assert validation_requested(None) is None
+    assert validation_requested(True) is True
+    monkeypatch.setenv("PORTATTN_VALIDATE", "1")
+    assert validation_requested(None) is True
+    assert validation_requested(False) is False
+    monkeypatch.setenv("PORTATTN_VALIDATE", "yes")
+    with pytest.raises(InputError, match=r"^PORTATTN_VALIDATE: expected unset, 0 or 1"):
+        validation_requested(None)
