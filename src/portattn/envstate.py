@@ -10,7 +10,7 @@ import os
 
 DECISION_VARIABLES = ("PORTATTN_BACKEND", "PORTATTN_SIMULATE", "PORTATTN_VALIDATE",
                       "PORTATTN_TD", "PORTATTN_TRITON", "PORTATTN_FLASH_ATTN",
-                      "TRITON_INTERPRET")
+                      "PORTATTN_UNIFIED_SPLIT", "TRITON_INTERPRET")
 VALIDATE_INDEX = DECISION_VARIABLES.index("PORTATTN_VALIDATE")
 #: raw PORTATTN_VALIDATE values (bytes on POSIX) -> forced on / off
 VALIDATE_VALUES = {b"1": True, "1": True, b"0": False, "0": False}

@@ -11,9 +11,13 @@ import functools
 
 from portattn.capabilities import Capabilities
 
-# Our Triton kernels first on GPUs; the reference last everywhere but on a CPU, where it
-# is the default (the Triton interpreter is for testing kernels, far slower).
-_GPU_ORDER = ("triton_unified", "torch_ref")
+# NVIDIA: our Triton kernels first (on the H100 they match cuDNN on decode and beat
+# flash-attn 2 on decode and prefill, benchmarks/NOTES.md), flash-attn's paged kernel next
+# for what they do not serve, then its gather path (a copy of the K/V first), the
+# reference last. AMD: flash-attn is CUDA-only. CPU: the reference is the default (the
+# Triton interpreter is for testing kernels, far slower).
+_NVIDIA_ORDER = ("triton_unified", "flash_attn", "flash_attn_gather", "torch_ref")
+_AMD_ORDER = ("triton_unified", "torch_ref")
 _CPU_ORDER = ("torch_ref", "triton_unified")
 
 
@@ -21,4 +25,6 @@ _CPU_ORDER = ("torch_ref", "triton_unified")
 def priority_list(caps: Capabilities) -> tuple[str, ...]:
     if caps.device_type == "cpu":
         return _CPU_ORDER
-    return _GPU_ORDER
+    if caps.vendor == "nvidia":
+        return _NVIDIA_ORDER
+    return _AMD_ORDER

@@ -16,6 +16,7 @@ from portattn.capabilities import Capabilities
 from portattn.dispatch.priorities import priority_list
 from portattn.dispatch.problem import Problem
 from portattn.dispatch.registry import backend_names, load_backend
+from portattn.envstate import decision_environment
 from portattn.errors import UnsupportedError
 
 BACKEND_ENV = "PORTATTN_BACKEND"
@@ -120,7 +121,8 @@ def _decide(problem: Problem, caps: Capabilities, forced: str | None, source: st
 
 
 class DecisionCache:
-    """A bounded LRU map (problem, caps, forced, source) -> Decision, safe across threads."""
+    """A bounded LRU map (problem, caps, forced backend, source, decision environment) ->
+    Decision, safe across threads."""
 
     def __init__(self, capacity: int = 1024):
         self.capacity = capacity
@@ -160,7 +162,7 @@ decision_cache = DecisionCache()
 def decide(problem: Problem, caps: Capabilities, backend: str | None = None) -> Decision:
     """The cached decision for ``problem`` (``backend`` forces one by name)."""
     forced, source = forced_backend(backend)
-    key = (problem, caps, forced, source)
+    key = (problem, caps, forced, source, decision_environment())
     decision = decision_cache.get(key)
     if decision is None:
         decision = _decide(problem, caps, forced, source)

@@ -1,0 +1,151 @@
+"""Where probe results are kept: in memory for the process, on disk across processes.
+
+Disk cache
+    One JSON file per device slot in the user cache directory (``$PORTATTN_CACHE_DIR``,
+    else ``$XDG_CACHE_HOME/portattn``, else ``~/.cache/portattn``), named
+    ``capabilities-<device>.json`` (``capabilities-cuda0.json``, ``capabilities-cpu.json``,
+    ``capabilities-cpu-interpret.json``). It holds ``{"format", "key", "capabilities"}``.
+    ``key`` is the fingerprint of everything the answer depends on (device name, index and
+    UUID, driver, torch, Triton and flash-attn versions, interpreter flag, portattn
+    version); a file whose key differs from the current one is stale and gets re-probed
+    and rewritten, as does one that is corrupt or unreadable. Writes go to a temporary
+    file in the same directory, then ``os.replace``, so a reader never sees half a file.
+    ``PORTATTN_NO_DISK_CACHE=1`` turns the disk cache off. Only real probes are stored,
+    never simulated profiles, and never with environment overrides applied.
+
+Memory cache
+    Lives in :mod:`portattn.capabilities.probe`; :func:`clear_cache` empties it (and the
+    disk files too with ``disk=True``). :func:`last_probe_origin` tells where the last
+    :func:`~portattn.capabilities.probe` answer came from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from portattn.capabilities.model import Capabilities
+
+CACHE_FORMAT = "portattn.capabilities-cache/1"
+CACHE_DIR_ENV = "PORTATTN_CACHE_DIR"
+NO_DISK_CACHE_ENV = "PORTATTN_NO_DISK_CACHE"
+_TRUE = ("1", "true", "yes", "on")
+
+#: Values of :func:`last_probe_origin`.
+ORIGINS = ("probed", "disk-cache", "memory", "simulated")
+
+
+class _State:
+    """The process-wide memory cache. One lock; reads on the hot path take none."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        # (simulate, TRITON_INTERPRET, override values) -> (caps, resolved origin)
+        self.final: dict[tuple, tuple[Capabilities, str]] = {}
+        # interpreter flag -> (unoverridden probed caps, resolved origin)
+        self.base: dict[bool, tuple[Capabilities, str]] = {}
+        # (origin of the last call, resolved origin, caps returned)
+        self.last: tuple[str, str, Capabilities] | None = None
+
+    def clear(self) -> None:
+        with self.lock:
+            self.final.clear()
+            self.base.clear()
+            self.last = None
+
+
+STATE = _State()
+
+
+def cache_dir() -> Path:
+    explicit = os.environ.get(CACHE_DIR_ENV, "").strip()
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    if xdg:
+        return Path(xdg).expanduser() / "portattn"
+    return Path.home() / ".cache" / "portattn"
+
+
+def disk_cache_enabled() -> bool:
+    return os.environ.get(NO_DISK_CACHE_ENV, "").strip().lower() not in _TRUE
+
+
+def cache_file(key: dict) -> Path:
+    """The file for the device slot named by fingerprint ``key``."""
+    slot = str(key.get("device_type", "unknown"))
+    if key.get("device_index") is not None:
+        slot += str(key["device_index"])
+    if key.get("interpreter"):
+        slot += "-interpret"
+    slot = "".join(c if c.isalnum() or c in "-_" else "_" for c in slot)
+    return cache_dir() / f"capabilities-{slot}.json"
+
+
+def load(key: dict) -> Capabilities | None:
+    """The cached capabilities for ``key``, or None (missing, corrupt, stale, unreadable)."""
+    try:
+        with open(cache_file(key), encoding="utf-8") as fh:
+            data: Any = json.load(fh)
+        if (not isinstance(data, dict) or data.get("format") != CACHE_FORMAT
+                or data.get("key") != key):
+            return None
+        caps = Capabilities.from_dict(data.get("capabilities"))
+        return caps if caps.profile is None else None
+    except Exception:  # a bad cache file is a cache miss, never an error
+        return None
+
+
+def store(key: dict, caps: Capabilities) -> Path | None:
+    """Write atomically; returns the path, or None when it could not be written."""
+    path = cache_file(key)
+    tmp_name = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"format": CACHE_FORMAT, "key": key, "capabilities": caps.to_dict()}
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp",
+                                        dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(payload, fh, indent=1)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_name, path)
+        return path
+    except Exception:  # read-only home, full disk...: run without a disk cache
+        if tmp_name is not None:
+            try:
+                os.unlink(tmp_name)
+            except OSError:
+                pass
+        return None
+
+
+def clear_cache(*, disk: bool = False) -> None:
+    """Forget every probe result of this process; with ``disk=True`` also delete the
+    disk-cache files (``capabilities-*.json`` in :func:`cache_dir`, nothing else)."""
+    STATE.clear()
+    if disk:
+        for path in cache_dir().glob("capabilities-*.json"):
+            try:
+                path.unlink()
+            except OSError:
+                pass
+
+
+def last_probe_origin(*, resolve_memory: bool = False) -> str | None:
+    """Where the last :func:`probe` answer came from, None before the first probe.
+
+    ``"probed"`` (measured now), ``"disk-cache"`` (read from the disk cache),
+    ``"memory"`` (this process had it already), ``"simulated"`` (a profile). With
+    ``resolve_memory=True`` a memory hit reports where the remembered answer came from
+    originally (``"probed"`` or ``"disk-cache"``): what ``portattn report`` shows.
+    """
+    last = STATE.last
+    if last is None:
+        return None
+    return last[1] if resolve_memory else last[0]

@@ -1,0 +1,512 @@
+"""Probe the machine: what can portattn's backends use here?
+
+:func:`probe` is the one entry point. It is lazy (nothing happens at import), remembered
+for the process, kept on disk across processes (:mod:`.cache`), and never raises for a
+machine problem: every failed sub-probe becomes ``Check(False, reason)``. The only
+exceptions are user errors in the arguments or environment (an unknown simulated profile,
+an override variable with a bad value), raised as ``ValueError``.
+
+Facts, not versions: Triton kernels count as usable when a test kernel compiled and ran,
+tensor descriptors when a descriptor kernel did (:mod:`.descriptor_check`), flash-attn
+when its modules import and the device is CUDA sm80+.
+
+Note: ``portattn.capabilities.probe`` the attribute is this function (the package
+re-exports it); reach this module with ``importlib.import_module`` or ``sys.modules``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import re
+import sys
+from typing import Any, Callable, TypeVar
+
+from portattn.capabilities import cache
+from portattn.capabilities._text import one_line
+from portattn.capabilities.model import Capabilities, Check
+from portattn.capabilities.overrides import OVERRIDE_ENV_VARS, apply_overrides, read_overrides
+from portattn.capabilities.profiles import NO_GPU_REASON, simulated
+
+SIMULATE_ENV = "PORTATTN_SIMULATE"
+INTERPRET_ENV = "TRITON_INTERPRET"
+
+TRITON_NOT_INSTALLED = "Triton is not installed (pip install 'portattn[triton]')"
+FLASH_ATTN_NOT_INSTALLED = ("flash-attn is not installed "
+                            "(pip install flash-attn --no-build-isolation)")
+INTERPRETER_REASON = "Triton interpreter (TRITON_INTERPRET=1)"
+LATE_INTERPRETER_REASON = ("TRITON_INTERPRET=1 was set after Triton was imported in this "
+                           "process, so Triton's own @triton.jit helpers cannot run in the "
+                           "interpreter; set it before anything imports triton")
+
+_TRUE = ("1", "true", "yes", "on")  # what Triton itself accepts for TRITON_INTERPRET
+T = TypeVar("T")
+
+
+def interpreter_enabled(raw: str | None = None) -> bool:
+    value = os.environ.get(INTERPRET_ENV) if raw is None else raw
+    return (value or "").strip().lower() in _TRUE
+
+
+# --------------------------------------------------------------------------- public entry
+
+
+def probe(simulate: str | None = None, *, refresh: bool = False,
+          use_disk_cache: bool = True) -> Capabilities:
+    """The :class:`Capabilities` of this machine (or of a simulated profile).
+
+    ``simulate``: a profile name (see :mod:`.profiles`); None reads ``PORTATTN_SIMULATE``;
+    ``""`` forces a real probe even when that variable is set. ``refresh=True`` ignores
+    the memory and disk caches and probes again (then rewrites the disk cache).
+    ``use_disk_cache=False`` neither reads nor writes the disk cache (so does
+    ``PORTATTN_NO_DISK_CACHE=1``). Overrides (``PORTATTN_TD``...) apply on top.
+
+    Repeated calls with the same environment return the same object, at the cost of a
+    dict lookup.
+    """
+    env = os.environ
+    wanted = env.get(SIMULATE_ENV) if simulate is None else simulate
+    wanted = (wanted or "").strip() or None
+    key = (wanted, env.get(INTERPRET_ENV), tuple(env.get(v) for v in OVERRIDE_ENV_VARS))
+    state = cache.STATE
+    if not refresh:
+        hit = state.final.get(key)
+        if hit is not None:
+            caps, resolved = hit
+            state.last = ("simulated" if wanted else "memory", resolved, caps)
+            return caps
+    with state.lock:
+        states = read_overrides(env)
+        if wanted:
+            base, origin = simulated(wanted), "simulated"
+            resolved = origin
+        else:
+            base, origin, resolved = _real_base(interpreter_enabled(key[1]), refresh,
+                                                use_disk_cache)
+        caps = apply_overrides(base, states)
+        if refresh and not wanted:
+            state.final.clear()  # every remembered answer was built on the old probe
+        state.final[key] = (caps, resolved)
+        state.last = (origin, resolved, caps)
+        return caps
+
+
+def _real_base(interpreter: bool, refresh: bool,
+               use_disk_cache: bool) -> tuple[Capabilities, str, str]:
+    """(unoverridden caps, origin of this call, resolved origin)."""
+    state = cache.STATE
+    if not refresh and interpreter in state.base:
+        caps, resolved = state.base[interpreter]
+        return caps, "memory", resolved
+    use_disk = use_disk_cache and cache.disk_cache_enabled()
+    key = _guard(fingerprint, None) if use_disk else None
+    if key is not None and key["interpreter_after_import"]:
+        key = None  # a state of this process only: neither trust nor share a file
+    caps = None
+    if key is not None and not refresh:
+        caps = cache.load(key)
+    origin = "disk-cache"
+    if caps is None:
+        caps = probe_device()
+        origin = "probed"
+        if key is not None:
+            cache.store(key, caps)
+    state.base[interpreter] = (caps, origin)
+    return caps, origin, origin
+
+
+def _guard(fn: Callable[..., T], default: T, *args: Any) -> T:
+    try:
+        return fn(*args)
+    except Exception:
+        return default
+
+
+# ------------------------------------------------------------------------ the fingerprint
+
+
+def _dist_version(*names: str) -> str | None:
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except Exception:
+            continue
+    return None
+
+
+def _module_present(name: str) -> bool:
+    if name in sys.modules:
+        return sys.modules[name] is not None
+    try:
+        return importlib.util.find_spec(name) is not None
+    except Exception:
+        return False
+
+
+_TRITON_DISTS = ("triton", "pytorch-triton-rocm", "pytorch-triton", "triton-rocm")
+_FA2_DISTS = ("flash-attn", "flash_attn")
+_FA3_DISTS = ("flash_attn_3", "flash-attn-3")
+
+
+def _triton_version_cheap() -> str | None:
+    if "triton" in sys.modules:
+        module = sys.modules["triton"]
+        return None if module is None else str(getattr(module, "__version__", None))
+    return _dist_version(*_TRITON_DISTS)
+
+
+def _late_interpreter_cheap() -> bool:
+    triton = sys.modules.get("triton")
+    return (triton is not None and sys.modules.get("triton.language") is not None
+            and _imported_before_interpreter(triton))
+
+
+def _gpu_index() -> int | None:
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+        return None
+    return torch.cuda.current_device()
+
+
+def fingerprint() -> dict:
+    """What a probe result depends on: the disk-cache key (JSON scalars only)."""
+    import torch
+
+    from portattn import __version__
+
+    key: dict[str, Any] = {
+        "format": cache.CACHE_FORMAT,
+        "portattn": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "hip": getattr(torch.version, "hip", None),
+        "triton": _triton_version_cheap(),
+        "interpreter": interpreter_enabled(),
+        "interpreter_after_import": interpreter_enabled() and _late_interpreter_cheap(),
+        "numpy": _dist_version("numpy"),  # the interpreter's behaviour depends on it
+        "flash_attn": _dist_version(*_FA2_DISTS),
+        "flash_attn_3": _dist_version(*_FA3_DISTS),
+        "flash_attn_modules": [n for n in ("flash_attn", "flash_attn_interface")
+                               if _module_present(n)],
+    }
+    index = _gpu_index()
+    if index is None:
+        key.update(device_type="cpu", device_index=None, device="cpu",
+                   cpu_count=os.cpu_count(), machine=platform.machine())
+    else:
+        props = torch.cuda.get_device_properties(index)
+        uuid = getattr(props, "uuid", None)
+        key.update(device_type="cuda", device_index=index, device=props.name,
+                   uuid=None if uuid is None else str(uuid), driver=_driver_version())
+    return key
+
+
+# --------------------------------------------------------------------------- the device
+
+
+def _driver_version() -> str | None:
+    """The kernel driver's version: NVIDIA from /proc, AMD from sysfs, else CUDA's API."""
+    try:
+        text = open("/proc/driver/nvidia/version", encoding="utf-8").read()
+        match = re.search(r"Kernel Module.*?\s(\d+\.\d+(?:\.\d+)?)\s", text)
+        if match:
+            return match.group(1)
+    except OSError:
+        pass
+    try:
+        version = open("/sys/module/amdgpu/version", encoding="utf-8").read().strip()
+        if version:
+            return f"amdgpu {version}"
+    except OSError:
+        pass
+    try:
+        import ctypes
+
+        libcuda = ctypes.CDLL("libcuda.so.1")
+        out = ctypes.c_int(0)
+        if libcuda.cuDriverGetVersion(ctypes.byref(out)) == 0 and out.value:
+            return f"CUDA driver API {out.value // 1000}.{out.value % 1000 // 10}"
+    except Exception:
+        pass
+    return None
+
+
+def _device_facts() -> dict[str, Any]:
+    """Vendor, name, arch, sizes of the current device; the CPU when there is no GPU."""
+    import torch
+
+    index = _gpu_index()
+    if index is None:
+        return dict(vendor="cpu", device_type="cpu", device_name="cpu", arch="cpu",
+                    compute_capability=None, sm_count=os.cpu_count() or 1, total_memory=0,
+                    l2_cache_bytes=0, driver_version=None, index=None)
+    props = torch.cuda.get_device_properties(index)
+    hip = getattr(torch.version, "hip", None)
+    if hip:
+        arch = str(getattr(props, "gcnArchName", "") or "gfx").split(":")[0]
+        vendor, cc = "amd", None
+    else:
+        vendor, cc = "nvidia", (int(props.major), int(props.minor))
+        arch = f"sm{props.major}{props.minor}"
+    return dict(vendor=vendor, device_type="cuda", device_name=str(props.name), arch=arch,
+                compute_capability=cc, sm_count=int(props.multi_processor_count),
+                total_memory=int(props.total_memory),
+                l2_cache_bytes=int(getattr(props, "L2_cache_size", 0) or 0),
+                driver_version=_guard(_driver_version, None), index=index)
+
+
+def _fp8_formats(vendor: str, arch: str, cc: tuple[int, int] | None) -> tuple[str, ...]:
+    """Formats the hardware computes in natively, kept only where torch has the dtype."""
+    if vendor == "nvidia" and cc is not None and cc >= (8, 9):
+        wanted: tuple[str, ...] = ("e4m3fn", "e5m2")
+    elif vendor == "amd" and arch == "gfx942":
+        wanted = ("e4m3fnuz", "e5m2fnuz")
+    elif vendor == "amd" and (arch == "gfx950" or arch.startswith("gfx12")):
+        wanted = ("e4m3fn", "e5m2")
+    else:
+        return ()
+    import torch
+
+    return tuple(f for f in wanted if hasattr(torch, f"float8_{f}"))
+
+
+# --------------------------------------------------------------------------- Triton
+
+
+def _import_triton() -> tuple[Any, Check, str | None]:
+    try:
+        triton = importlib.import_module("triton")
+        importlib.import_module("triton.language")
+    except ModuleNotFoundError as exc:
+        if exc.name == "triton":
+            return None, Check(False, TRITON_NOT_INSTALLED), None
+        return None, Check(False, f"Triton failed to import: {one_line(exc)}"), None
+    except Exception as exc:
+        return None, Check(False, f"Triton failed to import: {one_line(exc)}"), None
+    version = str(getattr(triton, "__version__", "unknown"))
+    return triton, Check(True, f"Triton {version}"), version
+
+
+def _imported_before_interpreter(triton: Any) -> bool:
+    """True when Triton's own @jit helpers were built without the interpreter.
+
+    Triton picks interpreter or compiler when a @jit function is defined, its standard
+    library (``tl.zeros``...) included, at ``import triton``. Setting TRITON_INTERPRET=1
+    after that leaves those helpers uncallable from interpreted kernels.
+    """
+    return type(getattr(triton.language, "zeros", None)).__name__ == "JITFunction"
+
+
+NUMPY_SCALAR_ERROR = "only 0-dimensional arrays can be converted to Python scalars"
+
+
+def _numpy_hint(reason: str) -> str:
+    """Name the known cause when the interpreter failed the way numpy >= 2.4 makes it.
+
+    Triton 3.6's interpreter turns loop bounds into Python ints through numpy; numpy 2.4
+    made that a TypeError, so every kernel with a runtime-bounded loop fails.
+    """
+    if NUMPY_SCALAR_ERROR not in reason:
+        return ""
+    try:
+        import numpy
+
+        version = tuple(int(p) for p in numpy.__version__.split(".")[:2])
+    except Exception:
+        return ""
+    if version < (2, 4):
+        return ""
+    return (f" (numpy {numpy.__version__}: Triton's interpreter fails on runtime-bounded "
+            f"loops with numpy >= 2.4; pip install 'numpy<2.4')")
+
+
+def _triton_target(triton: Any) -> str:
+    target = triton.runtime.driver.active.get_current_target()
+    return f"{target.backend}:{target.arch}"
+
+
+def _kernel_checks(triton_check: Check, triton: Any, interpreter: bool, gpu: int | None,
+                   device_error: str | None) -> tuple[str | None, Check, Check]:
+    """(triton_target, triton_kernels, tensor_descriptors)."""
+    from portattn.capabilities import descriptor_check
+
+    if not triton_check.ok:
+        why = f"needs Triton: {triton_check.reason}"
+        return None, Check(False, why), Check(False, why)
+    has_api = hasattr(triton.language, "make_tensor_descriptor")
+    no_api = Check(False, f"triton.language has no make_tensor_descriptor "
+                          f"(Triton {getattr(triton, '__version__', '?')})")
+    if interpreter:
+        results = descriptor_check.run_checks("cpu")
+        pointer, descriptor = results["pointer"], results["descriptor"]
+        late = _imported_before_interpreter(triton)
+        if pointer["ok"]:
+            kernels = Check(True, INTERPRETER_REASON)
+        elif late:
+            kernels = Check(False, f"{LATE_INTERPRETER_REASON}: {pointer['reason']}")
+        else:
+            kernels = Check(False, f"a test kernel failed under the Triton interpreter: "
+                                   f"{pointer['reason']}{_numpy_hint(pointer['reason'])}")
+        if not has_api:
+            descriptors = no_api
+        elif descriptor["ok"]:
+            descriptors = Check(True, "descriptor load/store kernel ran correctly under the "
+                                      "Triton interpreter (the GPU compiler is not "
+                                      "exercised there)")
+        elif late:
+            descriptors = Check(False, f"{LATE_INTERPRETER_REASON}: {descriptor['reason']}")
+        else:
+            descriptors = Check(False, f"descriptor kernel failed under the Triton "
+                                       f"interpreter: {descriptor['reason']}"
+                                       f"{_numpy_hint(descriptor['reason'])}")
+        return "interpreter", kernels, descriptors
+    if gpu is None:
+        why = NO_GPU_REASON if device_error is None else (
+            f"{NO_GPU_REASON} (GPU probe failed: {device_error})")
+        descriptors = (Check(False, f"tl.make_tensor_descriptor exists, but {why}")
+                       if has_api else no_api)
+        return None, Check(False, why), descriptors
+    try:
+        target = _triton_target(triton)
+    except Exception as exc:
+        why = f"Triton found no GPU target: {one_line(exc)}"
+        return None, Check(False, why), (Check(False, why) if has_api else no_api)
+    results = descriptor_check.run_checks_isolated(f"cuda:{gpu}")
+    pointer, descriptor = results["pointer"], results["descriptor"]
+    kernels = (Check(True, f"test kernel compiled, ran and matched on {target}")
+               if pointer["ok"] else
+               Check(False, f"a test Triton kernel failed on {target}: {pointer['reason']}"))
+    if not has_api:
+        descriptors = no_api
+    elif descriptor["ok"]:
+        descriptors = Check(True, f"descriptor kernel (pipelined loads into tl.dot) compiled, "
+                                  f"ran and matched on {target}")
+    else:
+        descriptors = Check(False, f"descriptor kernel failed on {target}: "
+                                   f"{descriptor['reason']}")
+    return target, kernels, descriptors
+
+
+# --------------------------------------------------------------------------- flash-attn
+
+
+def probe_flash_attn(vendor: str, arch: str,
+                     cc: tuple[int, int] | None) -> tuple[Check, str | None, tuple[str, ...]]:
+    """(flash_attn check, version, interfaces) for a device of this vendor/arch.
+
+    Imports the modules only where they could be used (CUDA sm80+); elsewhere presence is
+    read from the import system without running the package.
+    """
+    present = {name: _module_present(name) for name in ("flash_attn", "flash_attn_interface")}
+    if not any(present.values()):
+        return Check(False, FLASH_ATTN_NOT_INSTALLED), None, ()
+    dist_version = _dist_version(*_FA2_DISTS) or _dist_version(*_FA3_DISTS)
+    if not (vendor == "nvidia" and cc is not None and cc >= (8, 0)):
+        interfaces = tuple(i for i, n in (("fa2", "flash_attn"), ("fa3", "flash_attn_interface"))
+                           if present[n])
+        return (Check(False, f"flash-attn is installed but needs an NVIDIA GPU with compute "
+                             f"capability 8.0 or newer; this device is {arch}"),
+                dist_version, interfaces)
+    interfaces_found: list[str] = []
+    problems: list[str] = []
+    version = None
+    if present["flash_attn"]:
+        try:
+            fa2 = importlib.import_module("flash_attn")
+            version = getattr(fa2, "__version__", None)
+            if hasattr(fa2, "flash_attn_varlen_func"):
+                interfaces_found.append("fa2")
+            else:
+                problems.append("flash_attn has no flash_attn_varlen_func (too old? "
+                                "pip install -U flash-attn --no-build-isolation)")
+        except Exception as exc:
+            problems.append(f"flash_attn failed to import: {one_line(exc)}")
+    if present["flash_attn_interface"]:
+        try:
+            fa3 = importlib.import_module("flash_attn_interface")
+            interfaces_found.append("fa3")
+            version = version or getattr(fa3, "__version__", None) or _dist_version(
+                *_FA3_DISTS)
+        except Exception as exc:
+            problems.append(f"flash_attn_interface failed to import: {one_line(exc)}")
+    version = str(version) if version is not None else dist_version
+    interfaces = tuple(interfaces_found)
+    if not interfaces:
+        return (Check(False, "flash-attn is installed but unusable: " + "; ".join(problems)),
+                version, ())
+    reason = f"flash-attn {version or '(unknown version)'} ({', '.join(interfaces)}) on {arch}"
+    if problems:
+        reason += "; " + "; ".join(problems)
+    return Check(True, reason), version, interfaces
+
+
+# --------------------------------------------------------------------------- the probe
+
+
+def probe_device() -> Capabilities:
+    """Probe this machine now, with no caching and no overrides. Never raises."""
+    try:
+        import torch
+
+        torch_version = str(torch.__version__)
+        cuda_version = torch.version.cuda
+        hip_version = getattr(torch.version, "hip", None)
+    except Exception as exc:
+        torch_version, cuda_version, hip_version = f"unavailable ({one_line(exc)})", None, None
+
+    device_error = None
+    try:
+        facts = _device_facts()
+    except Exception as exc:
+        device_error = one_line(exc)
+        facts = dict(vendor="cpu", device_type="cpu", device_name="cpu", arch="cpu",
+                     compute_capability=None, sm_count=os.cpu_count() or 1, total_memory=0,
+                     l2_cache_bytes=0, driver_version=None, index=None)
+
+    interpreter = interpreter_enabled()
+    triton, triton_check, triton_version = _import_triton()
+    try:
+        target, kernels, descriptors = _kernel_checks(triton_check, triton, interpreter,
+                                                      facts["index"], device_error)
+    except Exception as exc:
+        why = f"kernel check failed: {one_line(exc)}"
+        target, kernels, descriptors = None, Check(False, why), Check(False, why)
+
+    fp8 = _guard(_fp8_formats, (), facts["vendor"], facts["arch"], facts["compute_capability"])
+    try:
+        flash, flash_version, interfaces = probe_flash_attn(
+            facts["vendor"], facts["arch"], facts["compute_capability"])
+    except Exception as exc:
+        flash, flash_version, interfaces = (
+            Check(False, f"flash-attn probe failed: {one_line(exc)}"), None, ())
+
+    return Capabilities(
+        profile=None,
+        vendor=facts["vendor"],
+        device_type=facts["device_type"],
+        device_name=facts["device_name"],
+        arch=facts["arch"],
+        compute_capability=facts["compute_capability"],
+        sm_count=facts["sm_count"],
+        total_memory=facts["total_memory"],
+        l2_cache_bytes=facts["l2_cache_bytes"],
+        torch_version=torch_version,
+        cuda_version=cuda_version,
+        hip_version=hip_version,
+        driver_version=facts["driver_version"],
+        triton=triton_check,
+        triton_version=triton_version,
+        triton_interpreter=interpreter,
+        triton_target=target,
+        triton_kernels=kernels,
+        tensor_descriptors=descriptors,
+        fp8_formats=fp8,
+        flash_attn=flash,
+        flash_attn_version=flash_version,
+        flash_attn_interfaces=interfaces,
+    )

@@ -1,0 +1,94 @@
+"""Shared ``@triton.jit`` helpers of the attention kernels.
+
+Everything works in the base-2 log domain: a score is ``log2(e) * s`` (log2(e) written
+as the literal 1.4426950408889634: jit code reads no plain module globals) so the softmax
+uses ``exp2``. Kernels call these helpers; Triton inlines them, and ``tl.constexpr`` switches
+disappear at compile time, so an unused feature costs nothing.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+
+@triton.jit
+def find_seq_of_tile(cu_seqlens_q_ptr, num_seqs, tile_idx, BLOCK_Q: tl.constexpr):
+    """The sequence holding global query tile ``tile_idx``.
+
+    Sequence ``b`` owns the tiles starting at ``cu_seqlens_q[b] // BLOCK_Q + b``: an upper
+    bound of the tiles before it that is monotone in ``b`` and computable from ``b`` alone,
+    so a binary search over ``cu_seqlens_q`` finds the owner without any host-side index.
+    Returns the largest ``b`` with ``start(b) <= tile_idx``.
+    """
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        start = tl.load(cu_seqlens_q_ptr + mid) // BLOCK_Q + mid
+        if start <= tile_idx:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def apply_softcap(s, softcap):
+    """``softcap * tanh(s / softcap)`` with tanh written through exp (exact enough in fp32,
+    saturates cleanly to +-softcap for large |s|)."""
+    x = s / softcap
+    t = 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+    return softcap * t
+
+
+@triton.jit
+def score_tile(qk, qk_scale, softcap, slope2, q_pos, k_pos, seq_len, window,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr,
+               USE_SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+    """Raw ``q.k`` products ``[M, N]`` -> base-2 logits with every score modifier.
+
+    Order as DESIGN.md: scale, softcap, mask, bias. ``qk_scale`` is ``scale * log2(e)``
+    without softcap and ``scale`` with it (softcap works on natural-unit scores).
+    ``slope2`` ``[M]`` is the ALiBi slope times log2(e) (ALIBI 1: linear ``slope * (k -
+    p)``, 2: ``-slope * sqrt(p - k)``). ``MASKED`` adds the key bound, causal and window
+    masks (tiles fully inside every row's visible range skip it).
+    """
+    if USE_SOFTCAP:
+        s = apply_softcap(qk * qk_scale, softcap) * 1.4426950408889634
+    else:
+        s = qk * qk_scale
+    if ALIBI == 1:
+        s += slope2[:, None] * (k_pos[None, :] - q_pos[:, None]).to(tl.float32)
+    elif ALIBI == 2:
+        dist = tl.maximum(q_pos[:, None] - k_pos[None, :], 0).to(tl.float32)
+        s -= slope2[:, None] * tl.sqrt(dist)
+    if MASKED:
+        visible = (k_pos < seq_len)[None, :]
+        if CAUSAL:
+            visible = visible & (k_pos[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            visible = visible & ((q_pos[:, None] - k_pos[None, :]) < window)
+        s = tl.where(visible, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def online_softmax_step(s, m_i, l_i, MASKED: tl.constexpr):
+    """One step of the streaming softmax on base-2 logits ``s`` ``[M, N]``.
+
+    Returns ``(p, alpha, m_new, l_new)``: the tile's unnormalized probabilities, the factor
+    rescaling the running accumulator, the new running max and sum. A row whose keys are
+    all masked so far keeps max -inf; it is shifted by 0 instead so no ``-inf - -inf`` NaN
+    appears (only masked tiles can produce such rows).
+    """
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_new = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, m_new, l_new

@@ -1,0 +1,198 @@
+"""Launch heuristics of the unified kernel: pure Python, no Triton, no torch.
+
+Every choice is a function of the problem's shape (bucketed sizes) and of the device
+(SM count, architecture for the shared-memory budget); nothing is a constant tuned for one
+GPU. The numbers behind the defaults (tile sizes, warps, stages, segment targets) come from
+the sweeps recorded in ``benchmarks/NOTES.md``.
+
+Modes (the ``SEQ_MODE`` of the kernel, see :mod:`portattn.kernels.unified`):
+
+* ``decode``: every sequence's queries fit one tile of ``BLOCK_M`` rows (queries x the
+  GQA group): decode, spec-decode, short chunks. One program per (sequence, kv head),
+  split into segments over the keys (3D) when that would not fill the GPU;
+* ``prefill``: one sequence (bucketed batch of 1) with many queries: 128-row tiles
+  (64 for wide heads) over the queries, found by binary search;
+* ``mixed``: several sequences, some with many queries: a ``decode`` launch serves the
+  sequences with at most ``short_q`` queries and a ``prefill`` launch the others, both
+  decided on the device from ``cu_seqlens_q`` (no host sync), so the decodes of a mixed
+  batch keep decode tiles and the chunk keeps tensor-core tiles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+#: Programs wanted in flight per SM before splitting a decode over the keys.
+WAVES_BEFORE_SPLIT = 2
+#: A segment covers at least this many KV tiles (fewer: the merge costs more than it saves).
+MIN_TILES_PER_SEGMENT = 2
+MAX_SEGMENTS = 64
+#: Largest row count (queries x group) that still runs as one decode tile.
+MAX_DECODE_ROWS = 64
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def shared_memory_budget(arch: str) -> int:
+    """Usable shared memory per block (bytes), by architecture; conservative default."""
+    if arch in ("sm90", "sm100", "sm103"):
+        return 227 * 1024
+    if arch in ("sm80", "sm87"):
+        return 163 * 1024
+    if arch.startswith("gfx9"):
+        return 64 * 1024
+    return 99 * 1024  # sm86, sm89, sm120, unknown
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_q: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    segments: int = 1
+
+    def smem_bytes(self, head_pad: int, elem_bytes: int) -> int:
+        kv = 2 * self.block_n * head_pad * elem_bytes * max(1, self.num_stages)
+        return kv + self.block_m * head_pad * elem_bytes
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the heuristics look at (a :class:`Problem` reduced to numbers)."""
+
+    num_q_heads: int
+    num_kv_heads: int
+    head_size: int
+    elem_bytes: int
+    max_seqlen_q: int
+    max_seqlen_k: int
+    num_seqs: int
+    sm_count: int
+    arch: str
+
+    @property
+    def group(self) -> int:
+        return self.num_q_heads // self.num_kv_heads
+
+    @property
+    def head_pad(self) -> int:
+        return max(16, next_pow2(self.head_size))
+
+    @classmethod
+    def from_problem(cls, problem, sm_count: int, arch: str) -> "Shape":
+        import torch  # the dtype size only
+
+        elem = torch.empty((), dtype=problem.kv_dtype).element_size()
+        return cls(problem.num_q_heads, problem.num_kv_heads, problem.head_size_qk, elem,
+                   max(1, problem.max_seqlen_q), max(1, problem.max_seqlen_k),
+                   max(1, problem.num_seqs), max(1, int(sm_count or 1)), arch or "")
+
+
+def _fit_smem(cfg: TileConfig, shape: Shape, min_block_n: int = 16) -> TileConfig:
+    """Drop stages, then halve BLOCK_N, until the tiles fit the shared-memory budget."""
+    budget = shared_memory_budget(shape.arch)
+    while cfg.smem_bytes(shape.head_pad, shape.elem_bytes) > budget:
+        if cfg.num_stages > 2:
+            cfg = TileConfig(cfg.block_m, cfg.block_q, cfg.block_n, cfg.num_warps,
+                             cfg.num_stages - 1, cfg.segments)
+        elif cfg.block_n > min_block_n:
+            cfg = TileConfig(cfg.block_m, cfg.block_q, cfg.block_n // 2, cfg.num_warps,
+                             cfg.num_stages, cfg.segments)
+        else:
+            break
+    return cfg
+
+
+def decode_rows(shape: Shape, max_q: int) -> int:
+    return max(16, next_pow2(max_q * shape.group))
+
+
+def uses_decode_tiles(shape: Shape) -> bool:
+    """Whether every sequence's queries fit one tile (decode / spec-decode)."""
+    return shape.max_seqlen_q == 1 or decode_rows(shape, shape.max_seqlen_q) <= MAX_DECODE_ROWS
+
+
+def decode_segments(shape: Shape, block_n: int, programs: int) -> int:
+    """Split-KV segments. No split once the (sequence, kv head) programs fill one wave of
+    SMs (splitting then only adds the merge: H100 sweep, 32 x 8192); below that, about
+    WAVES_BEFORE_SPLIT programs per SM, as far as the keys give each segment
+    MIN_TILES_PER_SEGMENT tiles. A power of two (the merge kernel's arange)."""
+    if programs >= shape.sm_count:
+        return 1
+    tiles = cdiv(shape.max_seqlen_k, block_n)
+    by_length = max(1, tiles // MIN_TILES_PER_SEGMENT)
+    wanted = max(1, WAVES_BEFORE_SPLIT * shape.sm_count // programs)
+    segments = min(wanted, by_length, MAX_SEGMENTS)
+    return 1 << (max(1, segments).bit_length() - 1)  # a power of two, not above
+
+
+def decode_config(shape: Shape, max_q: int, num_seqs: int,
+                  segments: int | None = None) -> TileConfig:
+    block_m = decode_rows(shape, max_q)
+    block_q = block_m // shape.group
+    # Decode is bandwidth-bound: big KV tiles (32 KB of K per stage at head 128) keep
+    # enough bytes in flight per SM; 128 keys beat 32/64 at every batch on the H100 sweep.
+    block_n = 128 if shape.head_pad <= 128 else 64
+    if shape.elem_bytes == 4:
+        block_n //= 2
+    warps = 4 if block_m <= 32 else 8
+    cfg = _fit_smem(TileConfig(block_m, block_q, block_n, warps, 3), shape)
+    if segments is None:
+        segments = decode_segments(shape, cfg.block_n, num_seqs * shape.num_kv_heads)
+    return TileConfig(cfg.block_m, cfg.block_q, cfg.block_n, cfg.num_warps, cfg.num_stages,
+                      segments)
+
+
+def prefill_config(shape: Shape) -> TileConfig:
+    # Tensor-core tiles: 128 rows for heads up to 128, 64 for wider ones (registers).
+    # 128 x 128 with 8 warps and 3 stages was best or within 1% on the H100 prefill sweep;
+    # smaller shared memory drops stages, then BLOCK_N (_fit_smem).
+    if shape.head_pad <= 128 and shape.elem_bytes <= 2:
+        block_m, block_n, warps = 128, 128, 8
+    else:
+        block_m, block_n, warps = 64, 32 if shape.elem_bytes == 4 else 64, 4
+    block_m = max(block_m, next_pow2(shape.group))
+    stages = 3 if shared_memory_budget(shape.arch) > 160 * 1024 else 2
+    return _fit_smem(TileConfig(block_m, block_m // shape.group, block_n, warps, stages),
+                     shape)
+
+
+def plan_launch(shape: Shape, *, mode: str | None = None, segments: int | None = None,
+                short: TileConfig | None = None, long: TileConfig | None = None) -> dict:
+    """The launch parameters: ``mode`` plus ``short`` (decode tiles, with ``segments``)
+    and/or ``long`` (prefill tiles) configs as dicts. Every keyword overrides one
+    automatic choice (tests force 2D/3D, the sweep forces tiles)."""
+    if mode is None:
+        if uses_decode_tiles(shape):
+            mode = "decode"
+        else:
+            mode = "prefill" if shape.num_seqs == 1 else "mixed"
+    params: dict = {"mode": mode}
+    if mode == "decode":
+        short = short or decode_config(shape, shape.max_seqlen_q, shape.num_seqs, segments)
+        params["short"] = short.as_dict()
+    elif mode == "mixed":
+        short = short or decode_config(shape, 1, shape.num_seqs, segments)
+        params["short"] = short.as_dict()
+        params["long"] = (long or prefill_config(shape)).as_dict()
+    elif mode == "prefill":
+        params["long"] = (long or prefill_config(shape)).as_dict()
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+    return params
+
+
+def variant_name(params: dict) -> str:
+    split = params.get("short", {}).get("segments", 1) > 1
+    return f"{params['mode']}-{'3d' if split else '2d'}"

@@ -1,0 +1,56 @@
+"""Merge of split-KV partials into the final output.
+
+Layout: ``part_m`` / ``part_l`` ``[num_seqs * BLOCK_Q, num_q_heads, NUM_SEGMENTS]`` and
+``part_acc`` ``[..., NUM_SEGMENTS, HEAD_PAD]`` (fp32, base-2 running max, running sum,
+unnormalized output per segment), written by ``unified_attention_kernel`` with
+``SEQ_MODE=1``. Grid ``(num_seqs, num_q_heads, BLOCK_Q)``: one program per (sequence,
+query head, query of the sequence); sequences with more than ``BLOCK_Q`` queries belong
+to another launch and are skipped, like queries past the sequence's length.
+
+``out = sum_s acc_s * 2^(m_s - M) / (sum_s l_s * 2^(m_s - M) [+ 2^(sink - M)])`` with
+``M = max(m_s [, sink])``; ``USE_SINKS`` adds the sink logit to the denominator here
+(segments never see it). A row with no visible key (every ``l_s = 0``, no sink) gives 0.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def merge_segments_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, cu_seqlens_q_ptr,
+                          sinks_ptr, num_q_heads, stride_ot, stride_oh, stride_od,
+                          BLOCK_Q: tl.constexpr, NUM_SEGMENTS: tl.constexpr,
+                          HEAD: tl.constexpr, HEAD_PAD: tl.constexpr,
+                          USE_SINKS: tl.constexpr):
+    """Merge the NUM_SEGMENTS partials of one (sequence, query head, query)."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    t = tl.program_id(2)
+    q_start = tl.load(cu_seqlens_q_ptr + seq)
+    q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    if q_len > BLOCK_Q:
+        return
+    if t >= q_len:
+        return
+    base = ((seq * BLOCK_Q + t).to(tl.int64) * num_q_heads + head) * NUM_SEGMENTS
+    segs = tl.arange(0, NUM_SEGMENTS)
+    offs_d = tl.arange(0, HEAD_PAD)
+    m = tl.load(part_m_ptr + base + segs)
+    l_seg = tl.load(part_l_ptr + base + segs)
+    m_all = tl.max(m, 0)
+    if USE_SINKS:
+        sink = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634
+        m_all = tl.maximum(m_all, sink)
+    m_use = tl.where(m_all == float("-inf"), 0.0, m_all)
+    w = tl.exp2(m - m_use)
+    denom = tl.sum(l_seg * w, 0)
+    if USE_SINKS:
+        denom += tl.exp2(sink - m_use)
+    acc = tl.load(part_acc_ptr + (base + segs)[:, None] * HEAD_PAD + offs_d[None, :])
+    result = tl.sum(acc * w[:, None], 0)
+    result = result / tl.where(denom > 0.0, denom, 1.0)
+    o_ptrs = out_ptr + (q_start + t).to(tl.int64) * stride_ot + head * stride_oh \
+        + offs_d * stride_od
+    tl.store(o_ptrs, result.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD)

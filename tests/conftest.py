@@ -1,0 +1,69 @@
+"""Test-session setup shared by every test file.
+
+* ``TRITON_INTERPRET=1`` must be set before any ``@triton.jit`` function is defined, so it
+  is set here, at collection time, whenever no CUDA GPU is present (an explicit value in
+  the environment wins).
+* ``PORTATTN_TEST_SHARD=i/n`` runs one shard of the collected tests (parallel GPU runs).
+* Markers: ``gpu`` tests are skipped without a CUDA/ROCm GPU; ``interpreter`` tests are
+  skipped when Triton is missing or the interpreter is off (a GPU machine).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+
+def _has_gpu() -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return False
+    return torch.cuda.is_available()
+
+
+HAS_GPU = _has_gpu()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    _shard(config, items)
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA/ROCm GPU")
+    skip_triton = pytest.mark.skip(reason="needs Triton")
+    skip_interp = pytest.mark.skip(reason="TRITON_INTERPRET=1 is not set (a GPU is present: "
+                                   "set it to run the interpreter tier here)")
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    for item in items:
+        if "gpu" in item.keywords and not HAS_GPU:
+            item.add_marker(skip_gpu)
+        if "interpreter" in item.keywords:
+            if not HAS_TRITON:
+                item.add_marker(skip_triton)
+            elif not interpreting:
+                item.add_marker(skip_interp)
+
+
+def _shard(config, items):
+    """``PORTATTN_TEST_SHARD=i/n`` keeps every n-th test from the i-th: lets a GPU machine
+    compile kernels for several test processes in parallel."""
+    spec = os.environ.get("PORTATTN_TEST_SHARD", "").strip()
+    if not spec:
+        return
+    index, count = (int(x) for x in spec.split("/"))
+    kept = [item for i, item in enumerate(items) if i % count == index]
+    config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+    items[:] = kept
+
+
+def pytest_configure(config):
+    """Keep the probe's disk cache out of the user's home: one temporary folder a session
+    (an explicit PORTATTN_CACHE_DIR wins)."""
+    if "PORTATTN_CACHE_DIR" not in os.environ:
+        import tempfile
+
+        os.environ["PORTATTN_CACHE_DIR"] = tempfile.mkdtemp(prefix="portattn-test-cache-")

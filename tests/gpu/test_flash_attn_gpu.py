@@ -1,0 +1,71 @@
+"""GPU tier: the flash_attn backends against the dense float64 oracle, with the real
+flash-attn library (skipped where it is not installed)."""
+
+import itertools
+
+import pytest
+import torch
+
+import portattn
+from portattn.testing import dense_attention, make_paged_batch, relative_error
+
+pytestmark = [pytest.mark.gpu, pytest.mark.flash_attn]
+flash_attn = pytest.importorskip("flash_attn")
+
+TOL = {torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
+SHAPES = {  # (query_lens, seq_lens)
+    "decode": ([1] * 5, [1, 77, 300, 1024, 2500]),
+    "prefill": ([300, 64, 1000], [300, 100, 1700]),
+}
+
+
+def _options(name, num_q_heads):
+    g = torch.Generator(device="cpu").manual_seed(3)
+    return {
+        "plain": {},
+        "window": dict(sliding_window=97),
+        "softcap": dict(softcap=20.0),
+        "alibi": dict(alibi_slopes=torch.rand(num_q_heads, generator=g).cuda()),
+        "non-causal": dict(causal=False),
+    }[name]
+
+
+@pytest.mark.parametrize("block_size", [16, 256])
+@pytest.mark.parametrize("head_size", [64, 128, 256])
+@pytest.mark.parametrize("kind", list(SHAPES))
+@pytest.mark.parametrize("feature", ["plain", "window", "softcap", "alibi", "non-causal"])
+def test_flash_attn_matches_dense(block_size, head_size, kind, feature):
+    heads = (8, 2) if head_size != 128 else (32, 8)
+    dtype = torch.bfloat16 if (head_size + block_size) % 3 else torch.float16
+    query_lens, seq_lens = SHAPES[kind]
+    batch = make_paged_batch(query_lens, seq_lens, num_q_heads=heads[0], num_kv_heads=heads[1],
+                             head_size=head_size, block_size=block_size, dtype=dtype,
+                             device="cuda", seed=head_size + block_size)
+    options = _options(feature, heads[0])
+    backend = "flash_attn" if block_size % 256 == 0 else "flash_attn_gather"
+    out = torch.full_like(batch.q, float("nan"))
+    portattn.attention(batch.q, batch.cache, batch.metadata, backend=backend, out=out,
+                       **options)
+    expected = dense_attention(batch.q, batch.keys, batch.values, query_lens, **options)
+    assert relative_error(out, expected) < TOL[dtype]
+
+
+@pytest.mark.parametrize("gqa", [(8, 8), (12, 4), (10, 2), (16, 1)])
+def test_flash_attn_gqa_ratios(gqa):
+    batch = make_paged_batch([1, 7, 33], [500, 40, 33], num_q_heads=gqa[0],
+                             num_kv_heads=gqa[1], head_size=128, block_size=256,
+                             dtype=torch.bfloat16, device="cuda")
+    out = portattn.attention(batch.q, batch.cache, batch.metadata, backend="flash_attn")
+    expected = dense_attention(batch.q, batch.keys, batch.values, batch.query_lens)
+    assert relative_error(out, expected) < TOL[torch.bfloat16]
+
+
+def test_auto_routing_takes_flash_attn_when_triton_is_off(monkeypatch):
+    monkeypatch.setenv("PORTATTN_TRITON", "0")
+    batch = make_paged_batch([1, 1], [100, 900], num_q_heads=8, num_kv_heads=2,
+                             head_size=128, block_size=256, dtype=torch.float16,
+                             device="cuda")
+    portattn.capabilities.clear_cache()
+    decision = portattn.explain(batch.q, batch.cache, batch.metadata)
+    assert decision.backend == "flash_attn"
+    portattn.capabilities.clear_cache()

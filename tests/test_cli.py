@@ -1,0 +1,68 @@
+"""The portattn command line: demo, report, explain (in-process and as a real console
+script)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from portattn.cli import main
+
+
+def test_demo_checks_against_dense_attention(capsys):
+    assert main(["demo", "--seed", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "backend: torch_ref (auto)" in text
+    assert "relative error vs dense float64 attention" in text
+    assert text.strip().endswith("OK")
+
+
+def test_demo_with_a_forced_backend_that_cannot_run(capsys):
+    from portattn import UnsupportedError
+
+    with pytest.raises(UnsupportedError, match="backend 'triton_unified'"):
+        main(["demo", "--backend", "triton_unified", "--dtype", "bfloat16"])
+
+
+def test_report_text_and_json(capsys):
+    assert main(["report", "--simulate", "sm90"]) == 0
+    text = capsys.readouterr().out
+    for section in ("Platform", "Capabilities", "triton_unified", "torch_ref"):
+        assert section in text
+    assert main(["report", "--simulate", "sm90", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["schema"] == "portattn.report/1"
+    assert data["capabilities"]["arch"] == "sm90"
+    assert data["backends"]["triton_unified"]["available"] is True
+    routing = {row["problem"]: row["backend"] for row in data["routing"]}
+    assert routing["decode bf16 32/8x128 b16 (32 x 8k)"] == "triton_unified"
+
+
+def test_explain_text_and_json(capsys):
+    assert main(["explain", "--simulate", "sm80", "--kv-quant", "int8_per_token_head"]) == 0
+    text = capsys.readouterr().out
+    assert "backend: torch_ref (auto)" in text
+    assert "rejected triton_unified:" in text and "int8_per_token_head" in text
+    assert main(["explain", "--simulate", "sm90", "--query-len", "2048", "--seq-len",
+                 "4096", "--window", "--sinks", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["backend"] == "triton_unified" and data["problem"]["sinks"] is True
+    assert data["problem"]["max_seqlen_q"] == 2048
+
+
+def test_explain_forced_backend_that_cannot_serve(capsys):
+    code = main(["explain", "--simulate", "cpu", "--backend", "triton_unified", "--json"])
+    assert code == 2
+    data = json.loads(capsys.readouterr().out)
+    assert "triton_unified" in data["reasons"]
+
+
+def test_console_entry_point_runs():
+    env = dict(os.environ, PORTATTN_SIMULATE="gfx942")
+    result = subprocess.run([sys.executable, "-m", "portattn", "explain", "--head-size", "80"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "arch: gfx942" in result.stdout
+    assert "backend: triton_unified" in result.stdout

@@ -1,0 +1,236 @@
+"""``triton_unified`` on the CPU: the kernels under ``TRITON_INTERPRET=1`` (small fp16/fp32
+problems, every feature and variant), plus its reasons and launch heuristics (pure Python).
+
+The interpreter costs ~6 ms per program per KV tile, so shapes are tiny; tile configs are
+forced small so several query tiles, KV tiles and segments still occur.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from unified_check import check_unified
+
+from portattn.dispatch.problem import Problem
+from portattn.kernels.heuristics import Shape, TileConfig, plan_launch, variant_name
+
+F16, F32 = torch.float16, torch.float32
+SMALL_LONG = TileConfig(block_m=32, block_q=16, block_n=16, num_warps=4, num_stages=2)
+
+
+def small_long(group: int) -> TileConfig:
+    return dataclasses.replace(SMALL_LONG, block_q=SMALL_LONG.block_m // group)
+
+
+interp = pytest.mark.interpreter
+
+
+# --------------------------------------------------------------------------- decode
+@interp
+@pytest.mark.parametrize("segments", [1, 4])
+@pytest.mark.parametrize("dtype,group,head_size,block_size", [
+    (F16, 4, 64, 16), (F32, 3, 80, 32), (F16, 1, 40, 16), (F32, 4, 64, 32)])
+def test_decode(dtype, group, head_size, block_size, segments):
+    check_unified([1, 1, 1], [70, 17, 5], group=group, head_size=head_size,
+                  block_size=block_size, dtype=dtype, segments=segments)
+
+
+@interp
+@pytest.mark.parametrize("segments", [1, 2])
+def test_spec_decode(segments):
+    check_unified([3, 4, 2], [40, 23, 4], group=4, dtype=F16, segments=segments)
+
+
+@interp
+@pytest.mark.parametrize("block_size", [8, 24])
+def test_block_sizes_not_16_32(block_size):
+    check_unified([1, 2], [50, 30], group=2, dtype=F32, block_size=block_size, segments=2)
+
+
+# --------------------------------------------------------------------------- prefill / mixed
+@interp
+@pytest.mark.parametrize("dtype,group,head_size", [(F16, 2, 64), (F32, 3, 40), (F16, 1, 80)])
+def test_prefill(dtype, group, head_size):
+    check_unified([37], [37], group=group, head_size=head_size, dtype=dtype, mode="prefill",
+                  long=small_long(group))
+
+
+@interp
+def test_chunked_prefill_over_context():
+    check_unified([20, 11], [50, 11], group=4, dtype=F16, mode="prefill", long=small_long(4))
+
+
+@interp
+@pytest.mark.parametrize("segments", [1, 2])
+def test_mixed(segments):
+    # group 4: short tiles take <= 4 queries; the 19- and 9-query chunks take long tiles.
+    check_unified([1, 19, 1, 3, 9], [30, 45, 12, 20, 9], group=4, dtype=F16, mode="mixed",
+                  segments=segments, long=small_long(4))
+
+
+@interp
+def test_empty_sequences_in_batch():
+    check_unified([1, 0, 6, 0], [20, 7, 30, 1], group=2, dtype=F32, mode="mixed",
+                  long=small_long(2))
+
+
+# --------------------------------------------------------------------------- features
+FEATURES = {
+    "non_causal": dict(causal=False),
+    "window": dict(sliding_window=7),
+    "window_1": dict(sliding_window=1),
+    "softcap": dict(softcap=3.0),
+    "alibi": dict(alibi="linear"),
+    "alibi_sqrt": dict(alibi="sqrt"),
+    "sinks": dict(sinks=True),
+    "all": dict(sliding_window=9, softcap=5.0, alibi="linear", sinks=True),
+    "non_causal_window": dict(causal=False, sliding_window=6, sinks=True),
+}
+
+
+@interp
+@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("variant", ["decode-2d", "decode-3d", "prefill"])
+def test_features(feature, variant):
+    opts = FEATURES[feature]
+    if variant == "prefill":
+        check_unified([13, 6], [41, 6], group=2, dtype=F32, mode="prefill",
+                      long=small_long(2), **opts)
+    else:
+        check_unified([1, 2, 1], [45, 19, 3], group=3, dtype=F16,
+                      segments=1 if variant == "decode-2d" else 4, **opts)
+
+
+@interp
+@pytest.mark.parametrize("strided_out", ["pad", "transposed"])
+@pytest.mark.parametrize("mode", ["decode", "mixed"])
+def test_strided_q_and_out(strided_out, mode):
+    check_unified([2, 1, 7], [33, 20, 9], group=2, dtype=F16, mode=mode, segments=2,
+                  strided_q=True, strided_out=strided_out, long=small_long(2))
+
+
+@interp
+@pytest.mark.parametrize("segments", [1, 4])
+@pytest.mark.parametrize("sinks", [False, True])
+def test_rows_with_no_visible_key(segments, sinks):
+    # 4 queries over 2 keys: queries 0 and 1 sit before the first key and must give 0.
+    check_unified([4, 1], [4, 18], seq_lens_override=[2, 18], group=2, dtype=F32,
+                  segments=segments, sinks=sinks)
+
+
+@interp
+def test_prefill_rows_with_no_visible_key():
+    check_unified([20], [20], seq_lens_override=[9], group=2, dtype=F32, mode="prefill",
+                  long=small_long(2), sliding_window=4)
+
+
+@interp
+def test_public_api_routes_and_matches():
+    import portattn
+    from portattn.testing import dense_attention, make_paged_batch, relative_error
+
+    batch = make_paged_batch([1, 5, 1], [40, 25, 9], num_q_heads=6, num_kv_heads=2,
+                             head_size=48, dtype=F16)
+    decision = portattn.explain(batch.q, batch.cache, batch.metadata, backend="triton_unified")
+    assert decision.backend == "triton_unified"
+    out = portattn.attention(batch.q, batch.cache, batch.metadata, backend="triton_unified",
+                             softcap=4.0)
+    expected = dense_attention(batch.q, batch.keys, batch.values, [1, 5, 1], softcap=4.0)
+    assert relative_error(out, expected) < 3e-3
+
+
+# --------------------------------------------------------------------------- reasons
+def _caps(**changes):
+    from portattn.capabilities import probe
+
+    return dataclasses.replace(probe(simulate="sm90"), **changes)
+
+
+def _problem(**kw):
+    return Problem.make(**kw)
+
+
+def test_why_not_supported_problem_has_no_reasons():
+    from portattn.backends.triton_unified import TritonUnified
+
+    assert TritonUnified().why_not(_problem(), _caps()) == []
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(head_size=128, head_size_v=64), "triton_diffkv"),
+    (dict(kv_quant="fp8_per_tensor"), "not yet supported"),
+    (dict(out_dtype="e4m3fn"), "fp8 output"),
+    (dict(dtype="e4m3fn"), "q dtype"),
+    (dict(head_size=20), "head size"),
+    (dict(head_size=100), "head size"),
+    (dict(head_size=264), "head size"),
+    (dict(num_q_heads=6, num_kv_heads=4), "multiple"),
+    (dict(device_type="cpu"), "probed device"),
+])
+def test_why_not_reasons(kw, needle):
+    from portattn.backends.triton_unified import TritonUnified
+
+    reasons = TritonUnified().why_not(_problem(**kw), _caps())
+    assert any(needle in r for r in reasons), reasons
+
+
+def test_why_not_relays_triton_reason():
+    from portattn.backends.triton_unified import TritonUnified
+    from portattn.capabilities.model import Check
+
+    caps = _caps(triton_kernels=Check(False, "Triton is not installed", "probed"))
+    assert "Triton is not installed" in TritonUnified().why_not(_problem(), caps)
+
+
+# --------------------------------------------------------------------------- heuristics
+def _shape(**kw):
+    base = dict(num_q_heads=32, num_kv_heads=8, head_size=128, elem_bytes=2, max_seqlen_q=1,
+                max_seqlen_k=8192, num_seqs=1, sm_count=132, arch="sm90")
+    return Shape(**{**base, **kw})
+
+
+def test_decode_splits_only_when_the_gpu_is_not_filled():
+    few = plan_launch(_shape(num_seqs=1))
+    many = plan_launch(_shape(num_seqs=128))
+    assert variant_name(few) == "decode-3d" and few["short"]["segments"] >= 16
+    assert variant_name(many) == "decode-2d"
+    # more SMs -> more segments: nothing is tuned for one GPU
+    more = plan_launch(_shape(num_seqs=1, sm_count=264))
+    assert more["short"]["segments"] >= few["short"]["segments"]
+    short_keys = plan_launch(_shape(num_seqs=1, max_seqlen_k=64))
+    assert short_keys["short"]["segments"] <= 1
+
+
+def test_modes():
+    assert plan_launch(_shape(max_seqlen_q=4, num_seqs=32))["mode"] == "decode"  # spec
+    assert plan_launch(_shape(max_seqlen_q=8192))["mode"] == "prefill"
+    mixed = plan_launch(_shape(max_seqlen_q=2048, num_seqs=64))
+    assert mixed["mode"] == "mixed" and mixed["short"]["block_q"] >= 1
+    assert mixed["long"]["block_m"] >= 64
+
+
+def test_tiles_fit_shared_memory():
+    for arch in ("sm90", "sm86", "gfx942"):
+        for elem in (2, 4):
+            shape = _shape(head_size=256, elem_bytes=elem, arch=arch, max_seqlen_q=1024)
+            params = plan_launch(shape, mode="mixed")
+            from portattn.kernels.heuristics import shared_memory_budget
+
+            for cfg in (params["short"], params["long"]):
+                tile = TileConfig(**cfg)
+                assert tile.smem_bytes(256, elem) <= shared_memory_budget(arch) or \
+                    tile.block_n == 16
+
+
+@pytest.mark.parametrize("env,num_seqs,variant", [
+    ("", 1, "decode-3d"), ("", 128, "decode-2d"), ("0", 1, "decode-2d"),
+    ("1", 128, "decode-3d")])
+def test_split_override(monkeypatch, env, num_seqs, variant):
+    from portattn.backends.triton_unified import TritonUnified
+
+    monkeypatch.setenv("PORTATTN_UNIFIED_SPLIT", env)
+    plan = TritonUnified().plan(_problem(num_seqs=num_seqs), _caps())
+    assert plan.variant == variant, plan.describe()
