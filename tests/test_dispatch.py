@@ -240,3 +240,53 @@ def test_fast_path_skips_checks_only_for_identical_calls(batch, monkeypatch):
     with pytest.raises(portattn.InputError, match="^out:"):
         portattn.attention(batch.q, batch.cache, batch.metadata, validate=False,
                            out=torch.empty(3, 4, 16))
+
+
+def test_compiled_calls_do_not_fill_the_memo(batch, monkeypatch):
+    import portattn.api as api
+
+    monkeypatch.setenv("PORTATTN_VALIDATE", "0")
+    api._fast.entries.clear()
+
+    def layer(x, cache, metadata):
+        return portattn.attention(x, cache, metadata)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    for _ in range(3):
+        compiled(batch.q, batch.cache, batch.metadata)
+    assert len(api._fast.entries) == 0
+
+
+def test_memo_put_is_thread_safe():
+    from portattn.api import _FastPath
+
+    memo = _FastPath()
+    memo.capacity = 4
+    errors = []
+
+    def worker(offset):
+        try:
+            for i in range(2000):
+                memo.put((offset, i), i)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(memo.entries) <= 4
+
+
+def test_memo_sees_a_reassigned_cache_tensor(batch, monkeypatch):
+    import portattn.api as api
+
+    monkeypatch.setenv("PORTATTN_VALIDATE", "0")
+    portattn.attention(batch.q, batch.cache, batch.metadata)
+    batch.cache.key_cache = batch.cache.key_cache[..., :16]  # now the wrong head size
+    with pytest.raises(portattn.InputError, match="^q: expected head size 16"):
+        portattn.attention(batch.q, batch.cache, batch.metadata)
+    monkeypatch.setenv("PORTATTN_VALIDATE", " 1")  # odd spelling: the full path decides
+    assert api._fast.key(batch.q, batch.cache, batch.metadata, None, None, None, {}) is None

@@ -234,3 +234,51 @@ def test_split_override(monkeypatch, env, num_seqs, variant):
     monkeypatch.setenv("PORTATTN_UNIFIED_SPLIT", env)
     plan = TritonUnified().plan(_problem(num_seqs=num_seqs), _caps())
     assert plan.variant == variant, plan.describe()
+
+
+# --------------------------------------------------------------------------- hardening
+@interp
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_window_never_reads_blocks_before_the_window(q_len):
+    """Engines free blocks that slid out of every query's window: point those block-table
+    entries at a NaN-poisoned block; any read of them would turn the output into NaN."""
+    import portattn
+    from portattn.testing import dense_attention, make_paged_batch, relative_error
+
+    window, block_size = 6, 4
+    batch = make_paged_batch([q_len, q_len], [61, 45], num_q_heads=4, num_kv_heads=2,
+                             head_size=32, block_size=block_size, dtype=F32)
+    table = batch.metadata.block_table.clone()
+    used = set(table.flatten().tolist()) - {table[0, -1].item()}
+    poisoned = next(b for b in range(batch.cache.num_blocks) if b not in used)
+    assert torch.isnan(batch.cache.value_cache[poisoned]).all()
+    for row, seq_len in enumerate(batch.seq_lens):
+        first_visible = seq_len - q_len - window + 1
+        table[row, : first_visible // block_size] = poisoned
+    metadata = portattn.AttentionMetadata(batch.metadata.cu_seqlens_q,
+                                          batch.metadata.seq_lens, table,
+                                          batch.metadata.max_seqlen_q,
+                                          batch.metadata.max_seqlen_k)
+    out = portattn.attention(batch.q, batch.cache, metadata, backend="triton_unified",
+                             sliding_window=window)
+    expected = dense_attention(batch.q, batch.keys, batch.values, batch.query_lens,
+                               sliding_window=window)
+    assert relative_error(out, expected) < 1e-4
+
+
+def test_strided_metadata_is_rejected():
+    import portattn
+    from portattn.testing import make_paged_batch
+
+    batch = make_paged_batch([1, 1], [9, 5], num_q_heads=2, num_kv_heads=1, head_size=32)
+    m = batch.metadata
+    strided = torch.stack([m.seq_lens, m.seq_lens // 2], 1)[:, 0]
+    with pytest.raises(portattn.InputError, match="^metadata.seq_lens: expected a contiguous"):
+        portattn.attention(batch.q, batch.cache, portattn.AttentionMetadata(
+            m.cu_seqlens_q, strided, m.block_table, 1, 9), validate=False)
+
+
+def test_segment_counts_must_be_powers_of_two():
+    shape = Shape.from_problem(Problem.make(num_seqs=1, seq_len=8192), 132, "sm90")
+    with pytest.raises(ValueError, match="power of two"):
+        plan_launch(shape, segments=3)

@@ -8,6 +8,8 @@ synchronize and can be captured in a CUDA graph.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from portattn.capabilities import probe
@@ -59,7 +61,8 @@ def attention(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMetadata,
                    softcap=softcap, alibi_slopes=alibi_slopes, alibi_sqrt=alibi_sqrt,
                    sinks=sinks, q_scale=q_scale, output_scale=output_scale)
     if torch.compiler.is_compiling():
-        return call_compiled(q, cache, metadata, out=out, backend=backend, **options)
+        return call_compiled(q, cache, metadata, out=out, backend=backend, validate=validate,
+                             **options)
     return run_eager(q, cache, metadata, out, backend, validate, options)
 
 
@@ -79,32 +82,44 @@ class _FastPath:
 
     def __init__(self) -> None:
         self.entries: dict = {}
+        self.lock = threading.Lock()
 
     def key(self, q, cache, metadata, out, backend, validate, kw):
         if type(metadata) is not AttentionMetadata or type(q) is not torch.Tensor or \
-                metadata.max_seqlen_q is None or metadata.max_seqlen_k is None:
+                type(cache) is not PagedKVCache or metadata.max_seqlen_q is None or \
+                metadata.max_seqlen_k is None:
             return None
         env = decision_environment()
         if validate is None:
-            validate = VALIDATE_VALUES.get(env[VALIDATE_INDEX])
+            raw = env[VALIDATE_INDEX]
+            if raw is not None and raw not in VALIDATE_VALUES:
+                return None  # an unusual spelling: the full path parses (or rejects) it
+            validate = VALIDATE_VALUES.get(raw)
         if validate or (validate is None and metadata.seq_lens.device.type == "cpu"):
             return None  # value checks run on every such call
         out_key = None if out is None else (out.shape, out.stride(), out.dtype, out.device)
-        return (cache, metadata, q.shape, q.stride(), q.dtype, q.device, out_key, backend,
-                tuple(kw.values()), env)
+        # the cache's tensors and quant by identity too: the object itself is mutable
+        return (cache, id(cache.key_cache), id(cache.value_cache), id(cache.quant), metadata,
+                q.shape, q.stride(), q.dtype, q.device, out_key, backend, tuple(kw.values()),
+                env)
 
     def put(self, key, value) -> None:
-        if len(self.entries) >= self.capacity:
-            self.entries.pop(next(iter(self.entries)))
-        self.entries[key] = value
+        with self.lock:  # misses only; hits read the dict without it
+            while len(self.entries) >= self.capacity:
+                self.entries.pop(next(iter(self.entries)))
+            self.entries[key] = value
 
 
 _fast = _FastPath()
 
 
-def run_eager(q, cache, metadata, out, backend, validate, options_kwargs) -> torch.Tensor:
-    """Check, decide (cached) and run; the body of :func:`attention` outside tracing."""
-    key = _fast.key(q, cache, metadata, out, backend, validate, options_kwargs)
+def run_eager(q, cache, metadata, out, backend, validate, options_kwargs,
+              memo: bool = True) -> torch.Tensor:
+    """Check, decide (cached) and run; the body of :func:`attention` outside tracing.
+    ``memo=False`` (the custom op, which rebuilds cache and metadata objects every call)
+    skips the fast-path memo."""
+    key = _fast.key(q, cache, metadata, out, backend, validate, options_kwargs) if memo \
+        else None
     hit = _fast.entries.get(key) if key is not None else None
     if hit is None:
         options, problem = _prepare(q, cache, metadata, validate, out, options_kwargs)

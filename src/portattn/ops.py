@@ -33,7 +33,8 @@ def paged_attention(out: torch.Tensor, q: torch.Tensor, key_cache: torch.Tensor,
                     sliding_window: Optional[int], softcap: Optional[float],
                     alibi_slopes: Optional[torch.Tensor], alibi_sqrt: bool,
                     sinks: Optional[torch.Tensor], q_scale: Optional[torch.Tensor],
-                    output_scale: Optional[torch.Tensor], backend: str) -> None:
+                    output_scale: Optional[torch.Tensor], backend: str,
+                    validate: Optional[bool]) -> None:
     from portattn.api import run_eager
 
     quant = KVQuant(quant_mode, k_scale, v_scale, _FP8_BY_NAME.get(fp8_dtype))
@@ -41,10 +42,11 @@ def paged_attention(out: torch.Tensor, q: torch.Tensor, key_cache: torch.Tensor,
                          v_scale_cache=v_scale_cache, packed=packed)
     metadata = AttentionMetadata(cu_seqlens_q, seq_lens, block_table,
                                  max_seqlen_q, max_seqlen_k)
-    run_eager(q, cache, metadata, out, backend or None, None, dict(
+    run_eager(q, cache, metadata, out, backend or None, validate, dict(
         scale=scale, causal=causal, sliding_window=sliding_window, softcap=softcap,
         alibi_slopes=alibi_slopes,
-        alibi_sqrt=alibi_sqrt, sinks=sinks, q_scale=q_scale, output_scale=output_scale))
+        alibi_sqrt=alibi_sqrt, sinks=sinks, q_scale=q_scale, output_scale=output_scale),
+        memo=False)
 
 
 @paged_attention.register_fake
@@ -52,7 +54,7 @@ def _paged_attention_fake(out, q, key_cache, value_cache, k_scale_cache, v_scale
                           k_scale, v_scale, quant_mode, fp8_dtype, packed, cu_seqlens_q,
                           seq_lens, block_table, max_seqlen_q, max_seqlen_k, scale, causal,
                           sliding_window, softcap, alibi_slopes, alibi_sqrt, sinks, q_scale,
-                          output_scale, backend) -> None:
+                          output_scale, backend, validate) -> None:
     return None
 
 
@@ -64,7 +66,7 @@ def _as_tensor(scale, device) -> Optional[torch.Tensor]:
 
 def call_compiled(q, cache: PagedKVCache, metadata: AttentionMetadata, *, scale, causal,
                   sliding_window, softcap, alibi_slopes, alibi_sqrt, sinks, q_scale,
-                  output_scale, out, backend) -> torch.Tensor:
+                  output_scale, out, backend, validate=None) -> torch.Tensor:
     """The traced path of :func:`portattn.attention`: allocate ``out`` and call the op."""
     quant = cache.quant
     if out is None:
@@ -77,5 +79,5 @@ def call_compiled(q, cache: PagedKVCache, metadata: AttentionMetadata, *, scale,
         cache.packed, metadata.cu_seqlens_q, metadata.seq_lens, metadata.block_table,
         metadata.max_seqlen_q, metadata.max_seqlen_k, scale, causal, sliding_window, softcap,
         alibi_slopes, alibi_sqrt, sinks, _as_tensor(q_scale, q.device),
-        _as_tensor(output_scale, q.device), backend or "")
+        _as_tensor(output_scale, q.device), backend or "", validate)
     return out

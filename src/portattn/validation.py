@@ -99,6 +99,8 @@ def _check_int_tensor(name: str, t: torch.Tensor, dims: int, device: torch.devic
         raise InputError(name, "dtype torch.int32", str(t.dtype))
     if t.device != device:
         raise InputError(name, f"device {device} (q's)", str(t.device))
+    if t.dim() == 1 and t.shape[0] > 1 and t.stride(0) != 1:
+        raise InputError(name, "a contiguous tensor (stride 1)", f"stride {t.stride(0)}")
 
 
 def check_values(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMetadata) -> None:

@@ -54,10 +54,14 @@ def test_cuda_graph_capture_and_replay_matches_eager():
 
 def test_no_device_sync_with_max_lengths():
     batch, _ = _decode_batch(seed=1)
-    portattn.attention(batch.q, batch.cache, batch.metadata)  # warm up
+    portattn.attention(batch.q, batch.cache, batch.metadata)  # warm up: compile kernels
+    m = batch.metadata
+    fresh = portattn.AttentionMetadata(m.cu_seqlens_q, m.seq_lens, m.block_table,
+                                       m.max_seqlen_q, m.max_seqlen_k)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        portattn.attention(batch.q, batch.cache, batch.metadata)
+        portattn.attention(batch.q, batch.cache, fresh)   # memo miss: the full checks
+        portattn.attention(batch.q, batch.cache, fresh)   # memo hit
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

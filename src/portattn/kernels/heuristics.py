@@ -173,6 +173,9 @@ def plan_launch(shape: Shape, *, mode: str | None = None, segments: int | None =
     """The launch parameters: ``mode`` plus ``short`` (decode tiles, with ``segments``)
     and/or ``long`` (prefill tiles) configs as dicts. Every keyword overrides one
     automatic choice (tests force 2D/3D, the sweep forces tiles)."""
+    if segments is not None and (segments < 1 or segments & (segments - 1)):
+        raise ValueError(f"segments must be a power of two >= 1 (the merge kernel tiles "
+                         f"over them), got {segments}")
     if mode is None:
         if uses_decode_tiles(shape):
             mode = "decode"

@@ -52,18 +52,21 @@ from portattn.kernels.common import find_seq_of_tile, online_softmax_step, score
 
 
 @triton.jit
-def _attend_tiles(acc, m_i, l_i, q, tile_start, tile_end, seq_len, bt_row,
+def _attend_tiles(acc, m_i, l_i, q, tile_start, tile_end, seq_len, k_lo, bt_row,
                   k_head_ptr, v_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs,
                   qk_scale, softcap, slope2, q_pos, window, offs_d,
                   BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD: tl.constexpr,
                   HEAD_PAD: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                   USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                   DOT_PREC: tl.constexpr):
-    """Stream KV tiles ``[tile_start, tile_end)`` through the online softmax."""
+    """Stream KV tiles ``[tile_start, tile_end)`` through the online softmax.
+
+    Masked tiles load only keys in ``[k_lo, seq_len)``: block-table entries and K/V before
+    the query tile's window (which an engine may already have freed) are never read."""
     for j in tl.range(tile_start, tile_end):
         k_pos = j * BLOCK_N + tl.arange(0, BLOCK_N)
         if MASKED:
-            key_ok = k_pos < seq_len
+            key_ok = (k_pos >= k_lo) & (k_pos < seq_len)
             block = tl.load(bt_row + k_pos // BLOCK_SIZE, mask=key_ok, other=0)
         else:
             block = tl.load(bt_row + k_pos // BLOCK_SIZE)
@@ -198,18 +201,18 @@ def unified_attention_kernel(
     if USE_WINDOW:  # leading tiles only partly inside the window
         acc, m_i, l_i = _attend_tiles(
             acc, m_i, l_i, q, tl.maximum(tile_lo, seg_lo), tl.minimum(full_lo, seg_hi),
-            seq_len, bt_row, k_head_ptr, v_head_ptr, stride_kb, stride_ks, stride_vb,
+            seq_len, k_lo, bt_row, k_head_ptr, v_head_ptr, stride_kb, stride_ks, stride_vb,
             stride_vs, qk_scale, softcap, slope2, q_pos, window, offs_d, BLOCK_N,
             BLOCK_SIZE, HEAD, HEAD_PAD, True, CAUSAL, USE_WINDOW, USE_SOFTCAP, ALIBI,
             DOT_PREC)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, tl.maximum(full_lo, seg_lo), tl.minimum(full_hi, seg_hi),
-        seq_len, bt_row, k_head_ptr, v_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs,
+        seq_len, k_lo, bt_row, k_head_ptr, v_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs,
         qk_scale, softcap, slope2, q_pos, window, offs_d, BLOCK_N, BLOCK_SIZE, HEAD,
         HEAD_PAD, False, CAUSAL, USE_WINDOW, USE_SOFTCAP, ALIBI, DOT_PREC)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, tl.maximum(full_hi, seg_lo), tl.minimum(tile_hi, seg_hi),
-        seq_len, bt_row, k_head_ptr, v_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs,
+        seq_len, k_lo, bt_row, k_head_ptr, v_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs,
         qk_scale, softcap, slope2, q_pos, window, offs_d, BLOCK_N, BLOCK_SIZE, HEAD,
         HEAD_PAD, True, CAUSAL, USE_WINDOW, USE_SOFTCAP, ALIBI, DOT_PREC)
 
