@@ -171,3 +171,12 @@ def test_argument_mapping_matches_our_semantics(documented_flash_attn, backend_c
                 backend.plan(None, None))
     expected = dense_attention(batch.q, batch.keys, batch.values, batch.query_lens, **options)
     assert relative_error(out, expected) < 2e-3
+
+
+def test_report_lists_flash_attn_available_when_installed():
+    table = backend_availability(probe(simulate="sm90+fa2"))
+    assert table["flash_attn"] == {"available": True, "reasons": [],
+                                   "summary": table["flash_attn"]["summary"]}
+    assert table["flash_attn_gather"]["available"]
+    table = backend_availability(probe(simulate="sm90"))
+    assert table["flash_attn"]["reasons"] == ["flash-attn is not installed (simulated)"]

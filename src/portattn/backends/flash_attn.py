@@ -87,6 +87,14 @@ class FlashAttn(Backend):
                            "flash_attn_gather serves it with a copy")
         return reasons
 
+    def unavailable(self, caps) -> list[str]:
+        """Machine-level reasons only: asks about a plain fp16 problem on 256-key blocks
+        (the page size FA2 reads directly)."""
+        from portattn.dispatch.problem import Problem
+
+        plain = Problem.make(device_type=caps.device_type, dtype="float16", block_size=FA_PAGE)
+        return self.why_not(plain, caps)
+
     def plan(self, problem, caps) -> Plan:
         if self.gather:
             return Plan(self.name, f"gather into {FA_PAGE}-key pages + FA2 paged varlen",
