@@ -20,14 +20,15 @@ from portattn.dispatch.selector import Decision, decide
 from portattn.ops import call_compiled
 from portattn.options import AttentionOptions, normalize_options
 from portattn.types import AttentionMetadata, PagedKVCache
-from portattn.validation import check_structure, check_values, validation_requested
+from portattn.validation import check_out, check_structure, check_values, \
+    validation_requested
 
 
 def _prepare(q, cache, metadata, validate, out, options_kwargs) -> tuple[AttentionOptions,
                                                                            Problem]:
-    check_structure(q, cache, metadata, None, None)
+    check_structure(q, cache, metadata)
     options = normalize_options(q, cache, out=out, **options_kwargs)
-    check_structure(q, cache, metadata, out, options.out_dtype)
+    check_out(q, cache, out, options.out_dtype)
     wanted = validation_requested(validate)
     if wanted or (wanted is None and metadata.seq_lens.device.type == "cpu"):
         check_values(q, cache, metadata)

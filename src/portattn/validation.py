@@ -28,9 +28,8 @@ def validation_requested(validate: bool | None) -> bool | None:
     return env == "1"
 
 
-def check_structure(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMetadata,
-                    out: torch.Tensor | None, out_dtype: torch.dtype) -> None:
-    """Shapes, dtypes, devices and layouts of every tensor argument."""
+def check_structure(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMetadata) -> None:
+    """Shapes, dtypes, devices and layouts of q, the cache and the metadata."""
     if not isinstance(cache, PagedKVCache):
         raise InputError("cache", "a portattn.PagedKVCache", _describe(cache))
     if not isinstance(metadata, AttentionMetadata):
@@ -80,8 +79,13 @@ def check_structure(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMet
                                   or value < 0):
             raise InputError(f"metadata.{name}", "None or a host int >= 0", _describe(value))
 
+
+def check_out(q: torch.Tensor, cache: PagedKVCache, out: torch.Tensor | None,
+              out_dtype: torch.dtype) -> None:
+    """``out``: shape ``[num_tokens, num_q_heads, head_size_v]``, the result dtype, a
+    contiguous last dimension, q's device."""
     if out is not None:
-        want = (q.shape[0], num_q_heads, cache.head_size_v)
+        want = (q.shape[0], q.shape[1], cache.head_size_v)
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
             raise InputError("out", f"a tensor of shape {list(want)}", _describe(out))
         if out.dtype != out_dtype:
