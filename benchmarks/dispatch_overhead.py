@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 
 import torch
 
 import portattn
 from portattn.api import _prepare
+from portattn.bench import host_us
 from portattn.capabilities import probe
 from portattn.dispatch import decide
 from portattn.dispatch.registry import load_backend
@@ -24,16 +24,8 @@ from portattn.testing import make_paged_batch
 
 
 def per_call_us(fn, calls=2000, repeats=7) -> float:
-    samples = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        elapsed = time.perf_counter() - start
-        torch.cuda.synchronize()
-        samples.append(elapsed / calls * 1e6)
-    return statistics.median(samples)
+    """Median over ``repeats`` of the host time per call (portattn.bench.host_us)."""
+    return statistics.median(host_us(fn, calls) for _ in range(repeats))
 
 
 def main() -> dict:

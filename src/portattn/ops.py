@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 
 from portattn.options import default_out_dtype
-from portattn.types import FP8_DTYPES, AttentionMetadata, KVQuant, PagedKVCache
+from portattn.types import FP8_DTYPES, AttentionMetadata, KVQuant, PagedKVCache, \
+    scale_as_tensor
 
 _FP8_BY_NAME = {str(d).replace("torch.", ""): d for d in FP8_DTYPES}
 
@@ -59,9 +60,7 @@ def _paged_attention_fake(out, q, key_cache, value_cache, k_scale_cache, v_scale
 
 
 def _as_tensor(scale, device) -> Optional[torch.Tensor]:
-    if scale is None or isinstance(scale, torch.Tensor):
-        return scale
-    return torch.full((1,), float(scale), dtype=torch.float32, device=device)
+    return None if scale is None else scale_as_tensor(scale, device)
 
 
 def call_compiled(q, cache: PagedKVCache, metadata: AttentionMetadata, *, scale, causal,

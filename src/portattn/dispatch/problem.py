@@ -137,11 +137,10 @@ class Problem:
             kv_dtype = dtype
         elif kv_quant.startswith("int8"):
             kv_dtype = torch.int8
-        else:
-            kv_dtype = DTYPES_BY_NAME[kv_quant.split(":", 1)[1]] if ":" in kv_quant \
-                else torch.float8_e4m3fn
+        else:  # fp8 modes name their format, e4m3fn by default
             if ":" not in kv_quant:
                 kv_quant = f"{kv_quant}:e4m3fn"
+            kv_dtype = DTYPES_BY_NAME[kv_quant.split(":", 1)[1]]
         head_size_v = head_size if head_size_v is None else head_size_v
         return cls(device_type=device_type, q_dtype=dtype, kv_dtype=kv_dtype,
                    out_dtype=out_dtype or dtype, kv_quant=kv_quant, num_q_heads=num_q_heads,

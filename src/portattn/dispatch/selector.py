@@ -101,10 +101,11 @@ def _decide(problem: Problem, caps: Capabilities, forced: str | None, source: st
                                f"(known: {', '.join(order)})")
     considered = []
     chosen: Backend | None = None
+    preferred = priority_list(caps)
     for name in order:
         backend, reasons = backend_reasons(name, problem, caps)
         considered.append((name, tuple(reasons)))
-        wanted = name == forced if forced is not None else name in priority_list(caps)
+        wanted = name == forced if forced is not None else name in preferred
         if chosen is None and wanted and not reasons:
             chosen = backend
     if chosen is None:
