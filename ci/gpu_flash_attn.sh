@@ -1,27 +1,37 @@
 #!/usr/bin/env bash
-# Second device call, right after ci/gpu_session.sh: wait for the flash-attn build, then
-# the flash-attn GPU tier, the report (flash-attn now probed) and the benchmark with
-# portattn's flash-attn backends beside our Triton kernels (block 16 and block 256).
+# Device call(s) after ci/gpu_flash_attn_start.sh: wait for the flash-attn build, then the
+# stages in STAGES (default "tests bench16 bench256"), each written to "$OUT" as it ends:
+#   tests     the flash-attn GPU tier (FA2; FA3 where flash_attn_interface imports) and the
+#             capability report with flash-attn probed
+#   bench16   portattn bench, every PERFORMANCE.md case, block 16 (pFA = flash_attn_gather
+#             unless FA3 serves)
+#   bench256  the same at block 256 (pFA = paged FA2, or FA3)
+# A stage is skipped when less than STAGE_SECONDS (default 150) of the call are left;
+# run the script again with the remaining STAGES.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+T0=$(date +%s)
 OUT=${OUT:-gpu_fa_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
-deadline=$(( $(date +%s) + ${FA_WAIT:-330} ))
-until python3 -c "import flash_attn" 2>/dev/null; do
-  if [ "$(date +%s)" -gt "$deadline" ] || ! pgrep -f "pip install" >/dev/null; then
-    echo "flash-attn not ready"; tail -20 /tmp/fa-build.log; exit 1
-  fi
-  sleep 10
-done
-python3 -c "import flash_attn; print('flash-attn', flash_attn.__version__)"
-cp /tmp/fa-build.log "$OUT/fa-build.log" 2>/dev/null
-timeout 200 python3 -m pytest -m gpu tests/gpu/test_flash_attn_gpu.py -q -p no:cacheprovider \
-  2>&1 | tee "$OUT/fa-tests.log" | tail -8
-PORTATTN_CACHE_DIR=$(mktemp -d) python3 -m portattn report --json > "$OUT/report-fa.json"
-python3 -m portattn report | grep -A12 "^Backends" | head -14
+LIMIT=${CALL_SECONDS:-590}
+bash ci/fa_build.sh wait "${FA_WAIT:-420}" || exit 1
 GPU=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace('NVIDIA ','').split()[0].lower())")
-for bs in 16 256; do
-  timeout 150 python3 -m portattn bench --cases decode-32x8192,decode-1x8192,prefill-1x8192 \
-    --block-size $bs --rep 50 --out "$OUT" --prefix "$GPU-$(date +%F)-fa-b$bs" 2>&1 \
-    | tail -6
+left() { echo $(( LIMIT - ($(date +%s) - T0) )); }
+for stage in ${STAGES:-tests bench16 bench256}; do
+  if [ "$(left)" -lt "${STAGE_SECONDS:-150}" ]; then echo "skipped $stage: $(left)s left"; continue; fi
+  case "$stage" in
+    tests)
+      timeout 240 python3 -m pytest -m gpu tests/gpu/test_flash_attn_gpu.py \
+        tests/gpu/test_flash_attn3_gpu.py -q -p no:cacheprovider -rs 2>&1 \
+        | tee "$OUT/fa-tests.log" | tail -6
+      PORTATTN_CACHE_DIR=$(mktemp -d) python3 -m portattn report --json > "$OUT/report-fa.json"
+      python3 -m portattn report | grep -A12 "^Backends" | head -14 ;;
+    bench16|bench256)
+      bs=${stage#bench}
+      timeout $(( $(left) - 10 )) python3 -m portattn bench --cases all --block-size "$bs" \
+        --out "$OUT" --prefix "$GPU-$(date +%F)-fa-b$bs" > "$OUT/bench-b$bs.log" 2>&1
+      echo "bench block $bs: rc=$?"; tail -14 "$OUT/bench-b$bs.log" ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+  echo "[$stage done at $(( $(date +%s) - T0 ))s]"
 done

@@ -7,12 +7,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_session_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
-FA_SRC=$(ls .device-cache/flash_attn-*.tar.gz 2>/dev/null | head -1)
-if [ -n "$FA_SRC" ] && ! python3 -c "import flash_attn" 2>/dev/null; then
-  echo "starting flash-attn build from $FA_SRC"
-  FLASH_ATTN_CUDA_ARCHS=90 MAX_JOBS=12 NVCC_THREADS=2 setsid nohup nice -n 10 \
-    python3 -m pip install --no-deps --no-build-isolation "$FA_SRC" > /tmp/fa-build.log 2>&1 < /dev/null &
-fi
+JOBS=12 NICE=10 bash ci/fa_build.sh start  # when its sdist is carried in .device-cache/
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.total --format=csv,noheader
 OUT="$OUT/probe" bash ci/gpu_probe.sh 2>&1 | tail -8
 SHARDS=6; pids=()

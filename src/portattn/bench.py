@@ -5,9 +5,13 @@ decode B x 8192 (B = 1, 8, 32, 128), prefill 1x8192 / 4x2048 / 1x4096 causal, a 
 batch (a 2048-token chunk over 8192 of context plus 63 decodes at 4096) and spec-decode
 (32 sequences x 8192 keys, 4 queries each). Implementations: ours (``portattn.attention``
 with the plan the dispatcher picks), torch SDPA with the cuDNN and the flash backends on
-contiguous K/V (``enable_gqa=True``), flash-attn's ``flash_attn_varlen_func`` when it
-imports. Ceilings measured in the same run: device-to-device copy bandwidth (bytes read +
-written) and a bf16 matmul. Times are the median of ``triton.testing.do_bench``.
+contiguous K/V (``enable_gqa=True``), and where flash-attn imports: flash-attn 2 on
+contiguous K/V with its best call (``flash_attn_with_kvcache`` for decode and spec-decode,
+``flash_attn_varlen_func`` otherwise) and portattn's own ``flash_attn`` backend on the
+paged cache (FA3 where installed; FA2 paged at block sizes that are multiples of 256, else
+``flash_attn_gather``). Ceilings measured in the same run: device-to-device copy
+bandwidth (bytes read + written) and a bf16 matmul. Times are the median of
+``triton.testing.do_bench``.
 
 Reported per case: time, TB/s (K/V/q/out bytes; decode-like cases) or TFLOP/s
 (``4 * visible query-key pairs * head_size * num_q_heads``; causal counts visible keys
@@ -239,12 +243,18 @@ def ours(inp: Inputs):
 
 
 def portattn_flash_attn(inp: Inputs):
-    """Our flash-attn backend through portattn: paged FA2 when the block size is a multiple
-    of 256, else the gather variant (copies the pages first)."""
+    """Our flash-attn backend through portattn: ``flash_attn`` (FA3 where installed, else
+    paged FA2 when the block size is a multiple of 256) when it serves the call, else the
+    gather variant (copies the pages first)."""
     import portattn
+    from portattn.errors import UnsupportedError
 
-    backend = "flash_attn" if inp.cache.block_size % 256 == 0 else "flash_attn_gather"
-    portattn.explain(inp.q, inp.cache, inp.metadata, backend=backend)  # raises if it cannot
+    try:
+        portattn.explain(inp.q, inp.cache, inp.metadata, backend="flash_attn")
+        backend = "flash_attn"
+    except UnsupportedError:
+        backend = "flash_attn_gather"
+        portattn.explain(inp.q, inp.cache, inp.metadata, backend=backend)  # raises if not
 
     def fn():
         portattn.attention(inp.q, inp.cache, inp.metadata, out=inp.out, backend=backend)
@@ -294,7 +304,12 @@ def sdpa(case: Case, inp: Inputs, backend_name: str):
     return fn, notes
 
 
-def flash_attn_varlen(case: Case, inp: Inputs):
+def flash_attn_contiguous(case: Case, inp: Inputs):
+    """flash-attn 2 on contiguous K/V with its best call for the case:
+    ``flash_attn_with_kvcache`` (split-KV decode path) when every sequence has the same
+    query and key lengths (decode, spec-decode), else ``flash_attn_varlen_func``."""
+    if len(set(case.query_lens)) == 1 and len(set(case.seq_lens)) == 1:
+        return _flash_attn_kvcache(case, inp)
     from flash_attn import flash_attn_varlen_func
 
     ks, vs = [], []
@@ -312,6 +327,21 @@ def flash_attn_varlen(case: Case, inp: Inputs):
     def fn():
         flash_attn_varlen_func(inp.q, k, v, inp.metadata.cu_seqlens_q, cu_k,
                                max(case.query_lens), max(case.seq_lens), causal=True)
+    return fn
+
+
+def _flash_attn_kvcache(case: Case, inp: Inputs):
+    from flash_attn import flash_attn_with_kvcache
+
+    seq_len, q_len = case.seq_lens[0], case.query_lens[0]
+    pairs = [gather_contiguous(inp, b, seq_len) for b in range(case.num_seqs)]
+    k = torch.stack([p[0].transpose(0, 1) for p in pairs]).contiguous()  # [B, L, Hkv, D]
+    v = torch.stack([p[1].transpose(0, 1) for p in pairs]).contiguous()
+    q = inp.q.view(case.num_seqs, q_len, *inp.q.shape[1:])
+    lens = torch.full((case.num_seqs,), seq_len, dtype=torch.int32, device=inp.q.device)
+
+    def fn():
+        flash_attn_with_kvcache(q, k, v, cache_seqlens=lens, causal=True)
     return fn
 
 
@@ -473,7 +503,7 @@ def run_case(case: Case, args, bench, caps, ceilings) -> dict:
             return make
         impls["sdpa_cudnn"] = peer("CUDNN_ATTENTION")
         impls["sdpa_flash"] = peer("FLASH_ATTENTION")
-        impls["flash_attn"] = lambda: flash_attn_varlen(case, inp)
+        impls["flash_attn"] = lambda: flash_attn_contiguous(case, inp)
         impls["portattn_flash_attn"] = lambda: portattn_flash_attn(inp)
     for name, make in impls.items():
         try:
@@ -597,11 +627,12 @@ def format_table(report: dict) -> str:
             f"{r['case']['name']:<20} {_ms(o['ms']):>8} {_rate(kind, r, o['ms']):>13} "
             f"{_fmt(r.get('fraction_of_ceiling')):>5} {_fmt(sv.get('sdpa_cudnn')):>5} "
             f"{_fmt(sv.get('sdpa_flash')):>5} {_fmt(sv.get('flash_attn')):>5} "
-            f"{_fmt(sv.get('portattn_flash_attn')):>5} {_ms(g) if g else '-':>8} {_rate(kind, r, g) if g else '-':>13} "
+            f"{_fmt(sv.get('portattn_flash_attn')):>5} {_ms(g) if g else '-':>8} "
+            f"{_rate(kind, r, g) if g else '-':>13} "
             f"{_fmt(gv.get('sdpa_cudnn')):>5} {_fmt(gv.get('sdpa_flash')):>5} "
             f"{_fmt(o.get('host_us'), 0):>6}  {r['plan'].split(' ')[0]}{extra}")
     lines.append("ceil = fraction of copy bandwidth (decode/spec) or bf16 matmul (others); "
-                 "cuDNN/flash/FA/pFA = peer time / our time (>1: ours faster; FA = flash-attn on "
+                 "cuDNN/flash/FA/pFA = peer time / our time (>1: ours faster; FA = flash-attn 2 on "
                  "contiguous K/V, pFA = portattn's flash_attn backend); host = us of host "
                  "time per portattn.attention call")
     return "\n".join(lines)

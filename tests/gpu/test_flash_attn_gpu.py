@@ -69,3 +69,40 @@ def test_auto_routing_takes_flash_attn_when_triton_is_off(monkeypatch):
     decision = portattn.explain(batch.q, batch.cache, batch.metadata)
     assert decision.backend == "flash_attn"
     portattn.capabilities.clear_cache()
+
+
+@pytest.mark.parametrize("backend,block_size", [("flash_attn", 256), ("flash_attn_gather", 16)])
+@pytest.mark.parametrize("query_len", [1, 3])  # FA2's with_kvcache path, then varlen
+def test_flash_attn_in_a_cuda_graph_without_syncs(backend, block_size, query_len):
+    seq_lens = [300, 1000, 64, 2000]
+    batch = make_paged_batch([query_len] * 4, [n + 4 for n in seq_lens], num_q_heads=8,
+                             num_kv_heads=2, head_size=128, block_size=block_size,
+                             dtype=torch.bfloat16, device="cuda", seed=5)
+    m = batch.metadata
+    m.seq_lens.copy_(torch.tensor(seq_lens, dtype=torch.int32))
+    metadata = portattn.AttentionMetadata(m.cu_seqlens_q, m.seq_lens, m.block_table,
+                                          max_seqlen_q=query_len,
+                                          max_seqlen_k=max(seq_lens) + 4)
+    q = batch.q.clone()
+    out = torch.full_like(q, float("nan"))
+    portattn.attention(q, batch.cache, metadata, out=out, backend=backend)  # warm up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        portattn.attention(q, batch.cache, metadata, out=out, backend=backend)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        portattn.attention(q, batch.cache, metadata, out=out, backend=backend)
+    for step in range(2):  # new queries, one more key per sequence each step
+        q.copy_(torch.randn_like(q))
+        metadata.seq_lens.add_(1)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        lens = [n + step + 1 for n in seq_lens]
+        expected = dense_attention(q, [k[:n] for k, n in zip(batch.keys, lens)],
+                                   [v[:n] for v, n in zip(batch.values, lens)],
+                                   [query_len] * 4)
+        assert relative_error(out, expected) < TOL[torch.bfloat16]

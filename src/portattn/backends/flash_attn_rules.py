@@ -1,0 +1,131 @@
+"""What each flash-attn interface can serve, as numbers and reasons.
+
+Pure functions of a :class:`Problem` and the capabilities (no tensors, no imports of
+flash-attn), so routing and ``explain`` work on any machine, simulated profiles included.
+
+* FA2 (package ``flash_attn``, ``flash_attn_varlen_func`` / ``flash_attn_with_kvcache``):
+  sm80+, fp16/bf16, head sizes up to 256 in multiples of 8, equal K/V head sizes, no
+  quantized KV, linear ALiBi (symmetric, so causal only), a paged cache only with pages
+  that are multiples of 256 keys.
+* FA3 (module ``flash_attn_interface`` built from flash-attention's ``hopper/``,
+  ``flash_attn_with_kvcache`` with ``page_table``): Hopper; fp16/bf16, or e4m3 q, K and V
+  together with float32 descales per (sequence, kv head); any page size; the V head size
+  may differ from the K head size when Q/K is in (128, 192] and V in (96, 128], or Q/K is
+  at most 64 and V at most 512 (fp16/bf16 only). No ALiBi, no sinks, bf16 output for fp8.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FA_HALF_DTYPES = (torch.float16, torch.bfloat16)
+FA_MAX_HEAD_SIZE = 256
+FA_HEAD_SIZE_STEP = 8
+FA2_PAGE = 256  # FA2 reads a paged cache only when its pages are multiples of this
+FA_MIN_CC = (8, 0)
+FA3_CC_MAJOR = 9
+FA3_FP8_KV = "fp8_per_tensor:e4m3fn"  # the only quantized cache FA3 reads (scalar descales)
+FA3_INSTALL_HINT = ("build FA3 from flash-attention's hopper/ folder "
+                    "(cd hopper && python setup.py install)")
+
+
+def machine_reasons(problem, caps) -> list[str]:
+    """Reasons no flash-attn interface can run this call here at all."""
+    reasons: list[str] = []
+    if not caps.flash_attn.ok:
+        reasons.append(caps.flash_attn.reason or "flash-attn is not usable here")
+    if problem.device_type != "cuda" or caps.vendor != "nvidia":
+        reasons.append("flash-attn runs on NVIDIA CUDA GPUs only "
+                       f"(tensors on {problem.device_type}, vendor {caps.vendor})")
+    elif caps.compute_capability is not None and tuple(caps.compute_capability) < FA_MIN_CC:
+        reasons.append(f"flash-attn needs compute capability 8.0+ (this is {caps.arch})")
+    return reasons
+
+
+def _head_size_reasons(problem, who: str) -> list[str]:
+    size = problem.head_size_qk
+    if size > FA_MAX_HEAD_SIZE or size % FA_HEAD_SIZE_STEP:
+        return [f"{who} supports head sizes up to {FA_MAX_HEAD_SIZE} in multiples of "
+                f"{FA_HEAD_SIZE_STEP}, not {size}"]
+    return []
+
+
+def fa2_reasons(problem, *, gather: bool) -> list[str]:
+    """What FA2 cannot do for ``problem``; ``gather``: the pages are copied to 256 keys."""
+    reasons: list[str] = []
+    if problem.q_dtype not in FA_HALF_DTYPES:
+        reasons.append(f"flash-attn supports float16/bfloat16 q, not {problem.q_dtype}")
+    if problem.quantized_kv:
+        reasons.append(f"flash-attn 2 does not read a quantized KV cache ({problem.kv_quant})")
+    if problem.out_dtype != problem.q_dtype:
+        reasons.append(f"flash-attn 2 writes the output in q's dtype, not "
+                       f"{problem.out_dtype} (fp8 output is not supported)")
+    if problem.diffkv:
+        reasons.append(f"flash-attn 2 needs equal K and V head sizes (DiffKV "
+                       f"{problem.head_size_qk}/{problem.head_size_v})")
+    reasons += _head_size_reasons(problem, "flash-attn")
+    if problem.sinks:
+        reasons.append("flash-attn 2 has no attention sinks")
+    if problem.alibi == "sqrt":
+        reasons.append("flash-attn 2 has no sqrt ALiBi (only linear)")
+    elif problem.alibi == "linear" and not problem.causal:
+        reasons.append("flash-attn 2's ALiBi is symmetric (-slope*|p-k|): it matches ours "
+                       "only with causal=True")
+    if not gather and problem.block_size % FA2_PAGE:
+        reasons.append(f"flash-attn 2 reads a paged cache only when the block size is a "
+                       f"multiple of {FA2_PAGE} (got {problem.block_size}); "
+                       "flash_attn_gather serves it with a copy")
+    return reasons
+
+
+def fa3_diffkv_supported(head_size_qk: int, head_size_v: int) -> bool:
+    """FA3's rule for a V head size that differs from the Q/K head size."""
+    return ((128 < head_size_qk <= 192 and 96 < head_size_v <= 128)
+            or (head_size_qk <= 64 and head_size_v <= 512))
+
+
+def fa3_out_dtype(q_dtype: torch.dtype) -> torch.dtype:
+    """The dtype FA3 writes: q's for fp16/bf16, bf16 for e4m3 inputs."""
+    return q_dtype if q_dtype in FA_HALF_DTYPES else torch.bfloat16
+
+
+def fa3_reasons(problem, caps) -> list[str]:
+    """What FA3 (``flash_attn_interface``) cannot do for ``problem`` on this machine,
+    whether or not it is installed (the caller says that part)."""
+    who = "FA3 (flash_attn_interface)"
+    reasons: list[str] = []
+    cc = caps.compute_capability
+    if cc is not None and cc[0] != FA3_CC_MAJOR:
+        reasons.append(f"{who} runs on Hopper (sm90) only, not {caps.arch}")
+    fp8_q = problem.q_dtype == torch.float8_e4m3fn
+    if fp8_q:
+        if problem.kv_quant != FA3_FP8_KV:
+            reasons.append(f"{who} takes an e4m3 q only with an e4m3 KV cache with per-tensor "
+                           f"scales (fp8_per_tensor), not {problem.kv_quant}")
+    elif problem.q_dtype not in FA_HALF_DTYPES:
+        reasons.append(f"{who} supports float16/bfloat16 or float8_e4m3fn q, not "
+                       f"{problem.q_dtype}")
+    elif problem.quantized_kv:
+        reasons.append(f"{who} reads a quantized cache ({problem.kv_quant}) only with an e4m3 "
+                       "q (q, K and V in one dtype): pass an fp8 q with q_scale"
+                       if problem.kv_quant == FA3_FP8_KV else
+                       f"{who} reads no {problem.kv_quant} cache (only fp8_per_tensor e4m3 "
+                       "with an e4m3 q)")
+    if problem.out_dtype != fa3_out_dtype(problem.q_dtype):
+        reasons.append(f"{who} writes {fa3_out_dtype(problem.q_dtype)} here, not "
+                       f"{problem.out_dtype}")
+    reasons += _head_size_reasons(problem, who)
+    if problem.diffkv:
+        if not fa3_diffkv_supported(problem.head_size_qk, problem.head_size_v):
+            reasons.append(f"{who} supports a different V head size only for Q/K in (128, 192] "
+                           f"with V in (96, 128], or Q/K <= 64 with V <= 512 (got "
+                           f"{problem.head_size_qk}/{problem.head_size_v})")
+        elif fp8_q or problem.head_size_v % FA_HEAD_SIZE_STEP:
+            reasons.append(f"{who} needs fp16/bf16 and a V head size that is a multiple of "
+                           f"{FA_HEAD_SIZE_STEP} for DiffKV (got {problem.head_size_v}, "
+                           f"{problem.q_dtype})")
+    if problem.sinks:
+        reasons.append(f"{who} has no attention sinks")
+    if problem.alibi != "none":
+        reasons.append(f"{who} has no ALiBi")
+    return reasons
