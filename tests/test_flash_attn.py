@@ -145,6 +145,11 @@ def _documented_fa2_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            deterministic=False, return_attn_probs=False, block_table=None):
     assert block_table is not None and block_table.dtype == torch.int32
     assert cu_seqlens_k.dtype == torch.int32 and k.shape[1] % 256 == 0
+    if max_seqlen_q == 1 and alibi_slopes is None:
+        causal = False  # flash_api.cpp: the same as causal for one query per sequence
+        if q.shape[1] > k.shape[2] and window_size == (-1, -1):
+            # flash_api.cpp folds the GQA query heads into rows: one query per sequence
+            assert q.shape[0] == cu_seqlens_q.shape[0] - 1, "shape is invalid for input"
     out = torch.empty_like(q)
     for b in range(cu_seqlens_q.shape[0] - 1):
         q0, q1 = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1])
@@ -190,6 +195,10 @@ def _documented_fa3_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
     assert q.dim() == 3 and max_seqlen_q is not None
     num_seqs, num_kv_heads = cache_seqlens.shape[0], k_cache.shape[2]
     fp8 = q.dtype == torch.float8_e4m3fn
+    d, dv = q.shape[-1], v_cache.shape[-1]  # hopper/flash_api.cpp's checks
+    assert d <= 256 and d % (16 if fp8 else 8) == 0 and dv % (16 if fp8 else 8) == 0
+    if dv != d:
+        assert not fp8 and ((128 < d <= 192 and 96 < dv <= 128) or (d <= 64 and dv <= 512))
     if fp8:
         for d in (q_descale, k_descale, v_descale):
             assert d.dtype == torch.float32 and d.shape == (num_seqs, num_kv_heads)
@@ -303,7 +312,7 @@ def test_fa3_argument_mapping_matches_our_semantics(documented_flash_attn, block
     assert documented_flash_attn == ["fa3_kvcache"]
 
 
-@pytest.mark.parametrize("sizes", [(192, 128), (64, 256)])
+@pytest.mark.parametrize("sizes", [(192, 128), (136, 104)])
 def test_fa3_maps_differing_kv_head_sizes(documented_flash_attn, sizes):
     batch = make_paged_batch([2, 1], [40, 70], num_q_heads=4, num_kv_heads=2,
                              head_size=sizes[0], head_size_v=sizes[1], block_size=16,
@@ -344,7 +353,10 @@ def test_fa3_maps_fp8_q_and_kv_to_descales(documented_flash_attn, scales):
     (dict(dtype="float8_e4m3fn", out_dtype="float8_e4m3fn", kv_quant="fp8_per_tensor"),
      "writes torch.bfloat16 here"),
     (dict(out_dtype="float8_e4m3fn"), "writes torch.bfloat16 here"),
-    (dict(head_size=256, head_size_v=128), "different V head size only for"),
+    (dict(head_size=256, head_size_v=128), "different V head size here only for"),
+    (dict(head_size=64, head_size_v=256), "different V head size here only for"),
+    (dict(head_size=72, dtype="float8_e4m3fn", out_dtype="bfloat16",
+          kv_quant="fp8_per_tensor"), "with fp8 supports head sizes up to 256 in multiples of 16"),
     (dict(head_size=192, head_size_v=128, dtype="float8_e4m3fn", out_dtype="bfloat16",
           kv_quant="fp8_per_tensor"), "needs fp16/bf16"),
     (dict(head_size=264), "head sizes up to 256"),
@@ -360,7 +372,7 @@ def test_each_fa3_limit_has_its_reason(kwargs, expected):
 @pytest.mark.parametrize("kwargs", [
     dict(block_size=16), dict(block_size=5, sliding_window=True, softcap=True, causal=False),
     dict(dtype="float8_e4m3fn", out_dtype="bfloat16", kv_quant="fp8_per_tensor"),
-    dict(head_size=192, head_size_v=128), dict(head_size=64, head_size_v=512),
+    dict(head_size=192, head_size_v=128), dict(head_size=160, head_size_v=112),
     dict(dtype="float16", query_len=2048, seq_len=4096, block_size=1)])
 def test_fa3_serves_what_fa2_cannot(kwargs):
     problem = Problem.make(**kwargs)
@@ -375,7 +387,7 @@ def test_fa3_serves_what_fa2_cannot(kwargs):
 def test_fa3_is_hopper_only_and_gather_needs_fa2():
     problem = Problem.make(block_size=16)
     reasons = FlashAttn().why_not(problem, probe(simulate="sm80+fa3"))
-    assert any("Hopper (sm90) only, not sm80" in r for r in reasons), reasons
+    assert any("on Hopper (sm90) only" in r and "this is sm80" in r for r in reasons), reasons
     assert not any("would serve" in r for r in FlashAttn().why_not(
         problem, probe(simulate="sm80+fa2")))
     gather = FlashAttnGather().why_not(problem, probe(simulate="sm90+fa3"))
@@ -413,3 +425,39 @@ def test_report_lists_flash_attn_available_when_installed():
     assert table["flash_attn_gather"]["available"]
     table = backend_availability(probe(simulate="sm90"))
     assert table["flash_attn"]["reasons"] == ["flash-attn is not installed (simulated)"]
+
+
+def test_fa2_reasons_name_the_gather_variant_only_where_it_helps():
+    caps = probe(simulate="sm90+fa2")
+    plain = FlashAttn().why_not(Problem.make(block_size=16), caps)
+    assert any("flash_attn_gather serves it with a copy" in r for r in plain), plain
+    sinks = FlashAttn().why_not(Problem.make(block_size=16, sinks=True), caps)
+    assert not any("flash_attn_gather" in r for r in sinks), sinks
+    fp32_out = FlashAttn().why_not(Problem.make(block_size=256, out_dtype="float32"), caps)
+    assert fp32_out and not any("fp8" in r for r in fp32_out), fp32_out
+
+
+def test_interface_variable_restricts_the_backend(monkeypatch):
+    caps = probe(simulate="sm90+fa2+fa3")
+    monkeypatch.setenv("PORTATTN_FLASH_ATTN_INTERFACE", "fa2")
+    assert FlashAttn().plan(Problem.make(block_size=256), caps).params["interface"] == "fa2"
+    reasons = FlashAttn().why_not(Problem.make(block_size=16), caps)
+    assert any("FA3 (flash_attn_interface) is turned off by PORTATTN_FLASH_ATTN_INTERFACE" in r
+               for r in reasons) and any("multiple of 256" in r for r in reasons), reasons
+    monkeypatch.setenv("PORTATTN_FLASH_ATTN_INTERFACE", "fa3")
+    assert FlashAttn().plan(Problem.make(block_size=16), caps).params["interface"] == "fa3"
+    gather = FlashAttnGather().why_not(Problem.make(block_size=16), caps)
+    assert any("turned off by PORTATTN_FLASH_ATTN_INTERFACE" in r for r in gather), gather
+    monkeypatch.setenv("PORTATTN_FLASH_ATTN_INTERFACE", "fa4")
+    with pytest.raises(ValueError, match="PORTATTN_FLASH_ATTN_INTERFACE='fa4'"):
+        FlashAttn().why_not(Problem.make(block_size=16), caps)
+
+
+@pytest.mark.parametrize("interface,block_size", [("fa2", 256), ("fa3", 16)])
+def test_packed_kv_layout_maps_through_strides(documented_flash_attn, interface, block_size):
+    batch = make_paged_batch([2, 1], [300, 70], num_q_heads=4, num_kv_heads=2, head_size=32,
+                             block_size=block_size, dtype=torch.float16, layout="packed")
+    assert not batch.cache.key_cache.is_contiguous()  # K and V interleave in one tensor
+    plan = _fa3_plan(batch) if interface == "fa3" else FlashAttn().plan(None, None)
+    out, expected = _run_direct(FlashAttn(), batch, plan, sliding_window=50)
+    assert relative_error(out, expected) < 2e-3

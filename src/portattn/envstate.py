@@ -1,6 +1,6 @@
 """A cheap fingerprint of the environment variables that change portattn's decisions.
 
-``os.environ.get`` costs ~0.6 us a name; the hot path of ``attention`` reads seven, so it
+``os.environ.get`` costs ~0.6 us a name; the hot path of ``attention`` reads nine, so it
 reads CPython's underlying mapping directly when there is one (same data, ~20x cheaper).
 """
 
@@ -10,7 +10,8 @@ import os
 
 DECISION_VARIABLES = ("PORTATTN_BACKEND", "PORTATTN_SIMULATE", "PORTATTN_VALIDATE",
                       "PORTATTN_TD", "PORTATTN_TRITON", "PORTATTN_FLASH_ATTN",
-                      "PORTATTN_UNIFIED_SPLIT", "TRITON_INTERPRET")
+                      "PORTATTN_FLASH_ATTN_INTERFACE", "PORTATTN_UNIFIED_SPLIT",
+                      "TRITON_INTERPRET")
 VALIDATE_INDEX = DECISION_VARIABLES.index("PORTATTN_VALIDATE")
 #: raw PORTATTN_VALIDATE values (bytes on POSIX) -> forced on / off
 VALIDATE_VALUES = {b"1": True, "1": True, b"0": False, "0": False}

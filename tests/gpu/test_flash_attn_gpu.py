@@ -1,5 +1,5 @@
-"""GPU tier: the flash_attn backends against the dense float64 oracle, with the real
-flash-attn library (skipped where it is not installed)."""
+"""GPU tier: the flash_attn backends through FA2 against the dense float64 oracle, with the
+real flash-attn library (skipped where it is not installed)."""
 
 import itertools
 
@@ -13,6 +13,12 @@ pytestmark = [pytest.mark.gpu, pytest.mark.flash_attn]
 flash_attn = pytest.importorskip("flash_attn")
 
 TOL = {torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
+
+
+@pytest.fixture(autouse=True)
+def _fa2_interface(monkeypatch):
+    """This file tests FA2 (and its gather variant) even where FA3 is installed."""
+    monkeypatch.setenv("PORTATTN_FLASH_ATTN_INTERFACE", "fa2")
 SHAPES = {  # (query_lens, seq_lens)
     "decode": ([1] * 5, [1, 77, 300, 1024, 2500]),
     "prefill": ([300, 64, 1000], [300, 100, 1700]),
@@ -106,3 +112,14 @@ def test_flash_attn_in_a_cuda_graph_without_syncs(backend, block_size, query_len
                                    [v[:n] for v, n in zip(batch.values, lens)],
                                    [query_len] * 4)
         assert relative_error(out, expected) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("backend,block_size", [("flash_attn", 256), ("flash_attn_gather", 16)])
+def test_sequences_without_queries_in_a_decode_batch(backend, block_size):
+    # max query length 1 but not one query per sequence: FA2's varlen call, GQA heads
+    batch = make_paged_batch([1, 0, 1], [300, 0, 41], num_q_heads=6, num_kv_heads=2,
+                             head_size=64, block_size=block_size, dtype=torch.float16,
+                             device="cuda")
+    out = portattn.attention(batch.q, batch.cache, batch.metadata, backend=backend)
+    expected = dense_attention(batch.q, batch.keys, batch.values, batch.query_lens)
+    assert relative_error(out, expected) < TOL[torch.float16]

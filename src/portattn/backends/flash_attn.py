@@ -15,10 +15,13 @@ Two registry entries share this module:
 
 The support rules are in :mod:`flash_attn_rules`, the argument mapping in
 :mod:`flash_attn_calls`. ``why_not`` lists the reasons of every installed interface (and
-says when FA3 would serve a call but is missing).
+says when FA3 would serve a call but is missing). ``PORTATTN_FLASH_ATTN_INTERFACE=fa2``
+(or ``fa3``) restricts ``flash_attn`` to one interface; unset means FA3 first.
 """
 
 from __future__ import annotations
+
+import os
 
 from portattn.backends.base import Backend, Plan
 from portattn.backends.flash_attn_calls import (fa2_decode, fa2_varlen, fa3_paged,
@@ -26,6 +29,20 @@ from portattn.backends.flash_attn_calls import (fa2_decode, fa2_varlen, fa3_page
                                                 one_query_per_sequence)
 from portattn.backends.flash_attn_rules import (FA2_PAGE, FA3_CC_MAJOR, FA3_INSTALL_HINT,
                                                 fa2_reasons, fa3_reasons, machine_reasons)
+
+INTERFACE_VARIABLE = "PORTATTN_FLASH_ATTN_INTERFACE"
+INTERFACE_CHOICES = {"": ("fa3", "fa2"), "auto": ("fa3", "fa2"), "fa2": ("fa2",),
+                     "fa3": ("fa3",)}
+
+
+def allowed_interfaces() -> tuple[str, ...]:
+    """The interfaces ``PORTATTN_FLASH_ATTN_INTERFACE`` allows (read when deciding)."""
+    raw = os.environ.get(INTERFACE_VARIABLE, "")
+    choice = INTERFACE_CHOICES.get(raw.strip().lower())
+    if choice is None:
+        raise ValueError(f"{INTERFACE_VARIABLE}={raw!r} is not valid; accepted values: unset "
+                         "or auto (FA3 first, then FA2), fa2, fa3")
+    return choice
 
 
 class FlashAttn(Backend):
@@ -39,11 +56,11 @@ class FlashAttn(Backend):
 
     def _interface_reasons(self, problem, caps) -> dict[str, list[str]]:
         """{interface: reasons} for the interfaces this backend may use here."""
-        installed = caps.flash_attn_interfaces
+        usable = [i for i in allowed_interfaces() if i in caps.flash_attn_interfaces]
         found: dict[str, list[str]] = {}
-        if "fa3" in installed and not self.gather:
+        if "fa3" in usable and not self.gather:
             found["fa3"] = fa3_reasons(problem, caps)
-        if "fa2" in installed:
+        if "fa2" in usable:
             found["fa2"] = fa2_reasons(problem, gather=self.gather)
         return found
 
@@ -55,13 +72,18 @@ class FlashAttn(Backend):
         if any(not r for r in found.values()):
             return []
         if "fa2" not in found:
-            reasons.append("flash_attn_gather needs flash-attn 2 (flash_attn_varlen_func), "
-                           "which is not installed" if self.gather else
-                           "flash-attn's FA2 interface (flash_attn_varlen_func) is missing")
+            off = "fa2" in caps.flash_attn_interfaces
+            what = (f"turned off by {INTERFACE_VARIABLE}" if off else "not installed")
+            reasons.append(f"flash_attn_gather needs flash-attn 2 (flash_attn_varlen_func), "
+                           f"{what}" if self.gather else
+                           f"flash-attn's FA2 interface (flash_attn_varlen_func) is {what}")
+        if "fa3" in caps.flash_attn_interfaces and "fa3" not in allowed_interfaces() \
+                and not self.gather:
+            reasons.append(f"FA3 (flash_attn_interface) is turned off by {INTERFACE_VARIABLE}")
         for interface_reasons in found.values():
             reasons += interface_reasons
         cc = caps.compute_capability
-        if (not self.gather and "fa3" not in found and cc is not None
+        if (not self.gather and "fa3" not in caps.flash_attn_interfaces and cc is not None
                 and cc[0] == FA3_CC_MAJOR and not fa3_reasons(problem, caps)):
             reasons.append(f"FA3 (flash_attn_interface) would serve this call but is not "
                            f"installed: {FA3_INSTALL_HINT}")
@@ -87,10 +109,10 @@ class FlashAttn(Backend):
                     "sequence, else varlen)", {"interface": "fa2"})
 
     def run(self, q, cache, metadata, options, out, plan) -> None:
-        max_q, max_k = max_lengths(metadata)
         if plan.params.get("interface") == "fa3":
-            out.copy_(fa3_paged(q, cache, metadata, options, max_q))
+            out.copy_(fa3_paged(q, cache, metadata, options, max_lengths(metadata, keys=False)[0]))
             return
+        max_q, max_k = max_lengths(metadata)
         key_cache, value_cache, block_table = cache.key_cache, cache.value_cache, \
             metadata.block_table
         if self.gather:

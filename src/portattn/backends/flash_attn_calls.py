@@ -32,12 +32,13 @@ def window_arg(options) -> tuple[int, int]:
     return (options.sliding_window - 1, 0 if options.causal else -1)
 
 
-def max_lengths(metadata) -> tuple[int, int]:
+def max_lengths(metadata, keys: bool = True) -> tuple[int, int]:
     """(max query length, max key length), at least 1 each; reads the device only when
-    the metadata lacks them (``AttentionMetadata.from_lengths`` fills both)."""
+    the metadata lacks them (``AttentionMetadata.from_lengths`` fills both). ``keys=False``
+    skips the key length (returned as 1)."""
     max_q, max_k = metadata.max_seqlen_q, metadata.max_seqlen_k
     if max_k is None:
-        max_k = int(metadata.seq_lens.max())
+        max_k = int(metadata.seq_lens.max()) if keys else 1
     if max_q is None:
         max_q = int((metadata.cu_seqlens_q[1:] - metadata.cu_seqlens_q[:-1]).max())
     return max(1, max_q), max(1, max_k)
@@ -61,8 +62,10 @@ def fa2_varlen(q, key_cache, value_cache, block_table, metadata, options, max_q,
     cu_seqlens_k = torch.zeros(metadata.seq_lens.shape[0] + 1, dtype=torch.int32,
                                device=q.device)
     torch.cumsum(metadata.seq_lens, 0, out=cu_seqlens_k[1:])
+    # With max_seqlen_q == 1 FA2 folds the GQA query heads into rows, assuming one query
+    # for every sequence; some have none here. 2 turns that off and changes no result.
     return flash_attn_varlen_func(
-        q, key_cache, value_cache, metadata.cu_seqlens_q, cu_seqlens_k, max_q, max_k,
+        q, key_cache, value_cache, metadata.cu_seqlens_q, cu_seqlens_k, max(max_q, 2), max_k,
         softmax_scale=options.scale, causal=options.causal, window_size=window_arg(options),
         softcap=options.softcap or 0.0, alibi_slopes=_alibi(options), block_table=block_table)
 
@@ -80,10 +83,10 @@ def fa2_decode(q, key_cache, value_cache, block_table, metadata, options):
 
 def descale(scale, num_seqs: int, num_kv_heads: int, device) -> torch.Tensor:
     """A float32 ``[num_seqs, num_kv_heads]`` view of one scale (a float or a 1-element
-    float32 tensor); a fill kernel for a float, a stride-0 view for a tensor."""
-    if isinstance(scale, torch.Tensor):
-        return scale.to(device=device, dtype=torch.float32).reshape(1, 1).expand(
-            num_seqs, num_kv_heads)
+    float32 tensor): a stride-0 view of a tensor on the device, else a fill kernel (a CPU
+    tensor is read on the host, which needs no device sync)."""
+    if isinstance(scale, torch.Tensor) and scale.device == torch.device(device):
+        return scale.to(torch.float32).reshape(1, 1).expand(num_seqs, num_kv_heads)
     return torch.full((num_seqs, num_kv_heads), float(scale), dtype=torch.float32,
                       device=device)
 

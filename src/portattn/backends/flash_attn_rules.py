@@ -9,9 +9,13 @@ flash-attn), so routing and ``explain`` work on any machine, simulated profiles 
   that are multiples of 256 keys.
 * FA3 (module ``flash_attn_interface`` built from flash-attention's ``hopper/``,
   ``flash_attn_with_kvcache`` with ``page_table``): Hopper; fp16/bf16, or e4m3 q, K and V
-  together with float32 descales per (sequence, kv head); any page size; the V head size
-  may differ from the K head size when Q/K is in (128, 192] and V in (96, 128], or Q/K is
-  at most 64 and V at most 512 (fp16/bf16 only). No ALiBi, no sinks, bf16 output for fp8.
+  together with float32 descales per (sequence, kv head), head sizes then multiples of 16;
+  any page size; a V head size that differs from the K head size when Q/K is in (128, 192]
+  and V in (96, 128] (fp16/bf16; FA3 also takes Q/K <= 64 with V up to 512, but tests that
+  only with its ``qv`` input, so we do not route it). No ALiBi, no sinks, bf16 output for
+  fp8. We take FA3 on Hopper only: its fp8, paged and DiffKV kernels are Hopper kernels.
+  A build made with features switched off (``FLASH_ATTENTION_DISABLE_*``) is not visible
+  to the probe: such a call raises flash-attn's own error.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 FA_HALF_DTYPES = (torch.float16, torch.bfloat16)
 FA_MAX_HEAD_SIZE = 256
 FA_HEAD_SIZE_STEP = 8
+FA3_FP8_HEAD_SIZE_STEP = 16
 FA2_PAGE = 256  # FA2 reads a paged cache only when its pages are multiples of this
 FA_MIN_CC = (8, 0)
 FA3_CC_MAJOR = 9
@@ -42,11 +47,11 @@ def machine_reasons(problem, caps) -> list[str]:
     return reasons
 
 
-def _head_size_reasons(problem, who: str) -> list[str]:
+def _head_size_reasons(problem, who: str, step: int = FA_HEAD_SIZE_STEP) -> list[str]:
     size = problem.head_size_qk
-    if size > FA_MAX_HEAD_SIZE or size % FA_HEAD_SIZE_STEP:
+    if size > FA_MAX_HEAD_SIZE or size % step:
         return [f"{who} supports head sizes up to {FA_MAX_HEAD_SIZE} in multiples of "
-                f"{FA_HEAD_SIZE_STEP}, not {size}"]
+                f"{step}, not {size}"]
     return []
 
 
@@ -59,7 +64,8 @@ def fa2_reasons(problem, *, gather: bool) -> list[str]:
         reasons.append(f"flash-attn 2 does not read a quantized KV cache ({problem.kv_quant})")
     if problem.out_dtype != problem.q_dtype:
         reasons.append(f"flash-attn 2 writes the output in q's dtype, not "
-                       f"{problem.out_dtype} (fp8 output is not supported)")
+                       f"{problem.out_dtype}" + (" (fp8 output is not supported)"
+                                                 if problem.fp8_output else ""))
     if problem.diffkv:
         reasons.append(f"flash-attn 2 needs equal K and V head sizes (DiffKV "
                        f"{problem.head_size_qk}/{problem.head_size_v})")
@@ -73,15 +79,14 @@ def fa2_reasons(problem, *, gather: bool) -> list[str]:
                        "only with causal=True")
     if not gather and problem.block_size % FA2_PAGE:
         reasons.append(f"flash-attn 2 reads a paged cache only when the block size is a "
-                       f"multiple of {FA2_PAGE} (got {problem.block_size}); "
-                       "flash_attn_gather serves it with a copy")
+                       f"multiple of {FA2_PAGE} (got {problem.block_size})"
+                       + ("" if reasons else "; flash_attn_gather serves it with a copy"))
     return reasons
 
 
 def fa3_diffkv_supported(head_size_qk: int, head_size_v: int) -> bool:
-    """FA3's rule for a V head size that differs from the Q/K head size."""
-    return ((128 < head_size_qk <= 192 and 96 < head_size_v <= 128)
-            or (head_size_qk <= 64 and head_size_v <= 512))
+    """The differing K/V head sizes we route to FA3: Q/K in (128, 192], V in (96, 128]."""
+    return 128 < head_size_qk <= 192 and 96 < head_size_v <= 128
 
 
 def fa3_out_dtype(q_dtype: torch.dtype) -> torch.dtype:
@@ -96,7 +101,8 @@ def fa3_reasons(problem, caps) -> list[str]:
     reasons: list[str] = []
     cc = caps.compute_capability
     if cc is not None and cc[0] != FA3_CC_MAJOR:
-        reasons.append(f"{who} runs on Hopper (sm90) only, not {caps.arch}")
+        reasons.append(f"portattn takes {who} on Hopper (sm90) only, where its fp8, paged "
+                       f"and DiffKV kernels run; this is {caps.arch}")
     fp8_q = problem.q_dtype == torch.float8_e4m3fn
     if fp8_q:
         if problem.kv_quant != FA3_FP8_KV:
@@ -114,11 +120,12 @@ def fa3_reasons(problem, caps) -> list[str]:
     if problem.out_dtype != fa3_out_dtype(problem.q_dtype):
         reasons.append(f"{who} writes {fa3_out_dtype(problem.q_dtype)} here, not "
                        f"{problem.out_dtype}")
-    reasons += _head_size_reasons(problem, who)
+    reasons += _head_size_reasons(problem, who + (" with fp8" if fp8_q else ""),
+                                  FA3_FP8_HEAD_SIZE_STEP if fp8_q else FA_HEAD_SIZE_STEP)
     if problem.diffkv:
         if not fa3_diffkv_supported(problem.head_size_qk, problem.head_size_v):
-            reasons.append(f"{who} supports a different V head size only for Q/K in (128, 192] "
-                           f"with V in (96, 128], or Q/K <= 64 with V <= 512 (got "
+            reasons.append(f"{who} serves a different V head size here only for Q/K in "
+                           f"(128, 192] with V in (96, 128] (got "
                            f"{problem.head_size_qk}/{problem.head_size_v})")
         elif fp8_q or problem.head_size_v % FA_HEAD_SIZE_STEP:
             reasons.append(f"{who} needs fp16/bf16 and a V head size that is a multiple of "

@@ -11,11 +11,12 @@ import functools
 
 from portattn.capabilities import Capabilities
 
-# NVIDIA: our Triton kernels first (on the H100 they match cuDNN on decode and beat
-# flash-attn 2 on decode and prefill, benchmarks/NOTES.md), flash-attn's paged kernel next
-# for what they do not serve, then its gather path (a copy of the K/V first), the
-# reference last. AMD: flash-attn is CUDA-only. CPU: the reference is the default (the
-# Triton interpreter is for testing kernels, far slower).
+# NVIDIA: our Triton kernels first (they match cuDNN on decode, and on the H200 beat or
+# equal flash-attn 2's paged paths on every PERFORMANCE.md shape at block 16 and 256,
+# benchmarks/NOTES.md), flash-attn's paged kernels next for what they do not serve (FA3,
+# where installed, is not measured yet), then the FA2 gather path (a copy of the K/V
+# first), the reference last. AMD: flash-attn is CUDA-only. CPU: the reference is the
+# default (the Triton interpreter is for testing kernels, far slower).
 _NVIDIA_ORDER = ("triton_unified", "flash_attn", "flash_attn_gather", "torch_ref")
 _AMD_ORDER = ("triton_unified", "torch_ref")
 _CPU_ORDER = ("torch_ref", "triton_unified")
