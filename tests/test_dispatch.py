@@ -289,4 +289,4 @@ def test_memo_sees_a_reassigned_cache_tensor(batch, monkeypatch):
     with pytest.raises(portattn.InputError, match="^q: expected head size 16"):
         portattn.attention(batch.q, batch.cache, batch.metadata)
     monkeypatch.setenv("PORTATTN_VALIDATE", " 1")  # odd spelling: the full path decides
-    assert api._fast.key(batch.q, batch.cache, batch.metadata, None, None, None, {}) is None
+    assert api._fast.key(batch.q, batch.cache, batch.metadata, None, None, None, ()) is None

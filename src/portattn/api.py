@@ -24,6 +24,11 @@ from portattn.validation import check_out, check_structure, check_values, \
     validation_requested
 
 
+#: The options of :func:`attention`, in the order :func:`run_eager` takes their values.
+OPTION_NAMES = ("scale", "causal", "sliding_window", "softcap", "alibi_slopes", "alibi_sqrt",
+                "sinks", "q_scale", "output_scale")
+
+
 def _prepare(q, cache, metadata, validate, out, options_kwargs) -> tuple[AttentionOptions,
                                                                            Problem]:
     check_structure(q, cache, metadata)
@@ -58,13 +63,12 @@ def attention(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMetadata,
     Under ``torch.compile`` the call becomes the custom op
     ``torch.ops.portattn.paged_attention`` (no graph break).
     """
-    options = dict(scale=scale, causal=causal, sliding_window=sliding_window,
-                   softcap=softcap, alibi_slopes=alibi_slopes, alibi_sqrt=alibi_sqrt,
-                   sinks=sinks, q_scale=q_scale, output_scale=output_scale)
+    values = (scale, causal, sliding_window, softcap, alibi_slopes, alibi_sqrt, sinks,
+              q_scale, output_scale)  # in OPTION_NAMES order
     if torch.compiler.is_compiling():
         return call_compiled(q, cache, metadata, out=out, backend=backend, validate=validate,
-                             **options)
-    return run_eager(q, cache, metadata, out, backend, validate, options)
+                             **dict(zip(OPTION_NAMES, values)))
+    return run_eager(q, cache, metadata, out, backend, validate, values)
 
 
 class _FastPath:
@@ -85,7 +89,7 @@ class _FastPath:
         self.entries: dict = {}
         self.lock = threading.Lock()
 
-    def key(self, q, cache, metadata, out, backend, validate, kw):
+    def key(self, q, cache, metadata, out, backend, validate, option_values):
         if type(metadata) is not AttentionMetadata or type(q) is not torch.Tensor or \
                 type(cache) is not PagedKVCache or metadata.max_seqlen_q is None or \
                 metadata.max_seqlen_k is None:
@@ -96,13 +100,12 @@ class _FastPath:
             if raw is not None and raw not in VALIDATE_VALUES:
                 return None  # an unusual spelling: the full path parses (or rejects) it
             validate = VALIDATE_VALUES.get(raw)
-        if validate or (validate is None and metadata.seq_lens.device.type == "cpu"):
+        if validate or (validate is None and metadata.seq_lens.is_cpu):
             return None  # value checks run on every such call
         out_key = None if out is None else (out.shape, out.stride(), out.dtype, out.device)
         # the cache's tensors and quant by identity too: the object itself is mutable
         return (cache, id(cache.key_cache), id(cache.value_cache), id(cache.quant), metadata,
-                q.shape, q.stride(), q.dtype, q.device, out_key, backend, tuple(kw.values()),
-                env)
+                q.shape, q.stride(), q.dtype, q.device, out_key, backend, option_values, env)
 
     def put(self, key, value) -> None:
         with self.lock:  # misses only; hits read the dict without it
@@ -114,16 +117,18 @@ class _FastPath:
 _fast = _FastPath()
 
 
-def run_eager(q, cache, metadata, out, backend, validate, options_kwargs,
+def run_eager(q, cache, metadata, out, backend, validate, option_values: tuple,
               memo: bool = True) -> torch.Tensor:
     """Check, decide (cached) and run; the body of :func:`attention` outside tracing.
-    ``memo=False`` (the custom op, which rebuilds cache and metadata objects every call)
-    skips the fast-path memo."""
-    key = _fast.key(q, cache, metadata, out, backend, validate, options_kwargs) if memo \
+    ``option_values``: the options' values in :data:`OPTION_NAMES` order. ``memo=False``
+    (the custom op, which rebuilds cache and metadata objects every call) skips the
+    fast-path memo."""
+    key = _fast.key(q, cache, metadata, out, backend, validate, option_values) if memo \
         else None
     hit = _fast.entries.get(key) if key is not None else None
     if hit is None:
-        options, problem = _prepare(q, cache, metadata, validate, out, options_kwargs)
+        options, problem = _prepare(q, cache, metadata, validate, out,
+                                    dict(zip(OPTION_NAMES, option_values)))
         decision = decide(problem, probe(), backend)
         hit = (options, load_backend(decision.backend), decision.plan)
         if key is not None:

@@ -22,8 +22,7 @@ if isinstance(_raw, dict) and _encode is not None:
     _KEYS = tuple(_encode(name) for name in DECISION_VARIABLES)
 
     def decision_environment() -> tuple:
-        get = _raw.get
-        return tuple(get(k) for k in _KEYS)
+        return tuple(map(_raw.get, _KEYS))
 else:  # pragma: no cover - other Python implementations
     def decision_environment() -> tuple:
         return tuple(os.environ.get(name) for name in DECISION_VARIABLES)

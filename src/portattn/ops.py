@@ -43,11 +43,9 @@ def paged_attention(out: torch.Tensor, q: torch.Tensor, key_cache: torch.Tensor,
                          v_scale_cache=v_scale_cache, packed=packed)
     metadata = AttentionMetadata(cu_seqlens_q, seq_lens, block_table,
                                  max_seqlen_q, max_seqlen_k)
-    run_eager(q, cache, metadata, out, backend or None, validate, dict(
-        scale=scale, causal=causal, sliding_window=sliding_window, softcap=softcap,
-        alibi_slopes=alibi_slopes,
-        alibi_sqrt=alibi_sqrt, sinks=sinks, q_scale=q_scale, output_scale=output_scale),
-        memo=False)
+    run_eager(q, cache, metadata, out, backend or None, validate,
+              (scale, causal, sliding_window, softcap, alibi_slopes, alibi_sqrt, sinks,
+               q_scale, output_scale), memo=False)
 
 
 @paged_attention.register_fake
