@@ -109,8 +109,9 @@ class FlashAttn(Backend):
                     "sequence, else varlen)", {"interface": "fa2"})
 
     def run(self, q, cache, metadata, options, out, plan) -> None:
-        if plan.params.get("interface") == "fa3":
-            out.copy_(fa3_paged(q, cache, metadata, options, max_lengths(metadata, keys=False)[0]))
+        if plan.params.get("interface") == "fa3":  # reads key lengths on the device itself
+            max_q = max_lengths(metadata, keys=False)[0]
+            out.copy_(fa3_paged(q, cache, metadata, options, max_q))
             return
         max_q, max_k = max_lengths(metadata)
         key_cache, value_cache, block_table = cache.key_cache, cache.value_cache, \
