@@ -37,12 +37,7 @@ def _prepare(q, cache, metadata, validate, out, options_kwargs) -> tuple[Attenti
     wanted = validation_requested(validate)
     if wanted or (wanted is None and metadata.seq_lens.device.type == "cpu"):
         check_values(q, cache, metadata)
-    max_q, max_k = metadata.max_seqlen_q, metadata.max_seqlen_k
-    if max_q is None:  # synchronizes; give max_seqlen_q to avoid it
-        diffs = metadata.cu_seqlens_q[1:] - metadata.cu_seqlens_q[:-1]
-        max_q = int(diffs.max()) if diffs.numel() else 0
-    if max_k is None:
-        max_k = int(metadata.seq_lens.max()) if metadata.seq_lens.numel() else 0
+    max_q, max_k = metadata.max_lengths()
     return options, Problem.from_call(q, cache, metadata, options, max_q, max_k)
 
 

@@ -381,6 +381,17 @@ class AttentionMetadata:
     def num_seqs(self) -> int:
         return self.seq_lens.shape[0]
 
+    def max_lengths(self) -> tuple[int, int]:
+        """(max query length, max key length): the given values, else read from the
+        device (that synchronizes; give both to avoid it). 0 for an empty batch."""
+        max_q, max_k = self.max_seqlen_q, self.max_seqlen_k
+        if max_q is None:
+            diffs = self.cu_seqlens_q[1:] - self.cu_seqlens_q[:-1]
+            max_q = int(diffs.max()) if diffs.numel() else 0
+        if max_k is None:
+            max_k = int(self.seq_lens.max()) if self.seq_lens.numel() else 0
+        return max_q, max_k
+
     @classmethod
     def from_lengths(cls, query_lens: Sequence[int], seq_lens: Sequence[int],
                      block_table: torch.Tensor | Sequence[Sequence[int]],

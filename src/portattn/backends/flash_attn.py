@@ -25,8 +25,7 @@ import os
 
 from portattn.backends.base import Backend, Plan
 from portattn.backends.flash_attn_calls import (fa2_decode, fa2_varlen, fa3_paged,
-                                                gather_pages, max_lengths,
-                                                one_query_per_sequence)
+                                                gather_pages, one_query_per_sequence)
 from portattn.backends.flash_attn_rules import (FA2_PAGE, FA3_CC_MAJOR, FA3_INSTALL_HINT,
                                                 fa2_reasons, fa3_reasons, machine_reasons)
 
@@ -109,11 +108,10 @@ class FlashAttn(Backend):
                     "sequence, else varlen)", {"interface": "fa2"})
 
     def run(self, q, cache, metadata, options, out, plan) -> None:
-        if plan.params.get("interface") == "fa3":  # reads key lengths on the device itself
-            max_q = max_lengths(metadata, keys=False)[0]
+        max_q, max_k = (max(1, n) for n in metadata.max_lengths())
+        if plan.params.get("interface") == "fa3":
             out.copy_(fa3_paged(q, cache, metadata, options, max_q))
             return
-        max_q, max_k = max_lengths(metadata)
         key_cache, value_cache, block_table = cache.key_cache, cache.value_cache, \
             metadata.block_table
         if self.gather:

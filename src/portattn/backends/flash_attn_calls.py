@@ -32,18 +32,6 @@ def window_arg(options) -> tuple[int, int]:
     return (options.sliding_window - 1, 0 if options.causal else -1)
 
 
-def max_lengths(metadata, keys: bool = True) -> tuple[int, int]:
-    """(max query length, max key length), at least 1 each; reads the device only when
-    the metadata lacks them (``AttentionMetadata.from_lengths`` fills both). ``keys=False``
-    skips the key length (returned as 1)."""
-    max_q, max_k = metadata.max_seqlen_q, metadata.max_seqlen_k
-    if max_k is None:
-        max_k = int(metadata.seq_lens.max()) if keys else 1
-    if max_q is None:
-        max_q = int((metadata.cu_seqlens_q[1:] - metadata.cu_seqlens_q[:-1]).max())
-    return max(1, max_q), max(1, max_k)
-
-
 def _alibi(options):
     slopes = options.alibi_slopes
     if slopes is not None and slopes.dtype != torch.float32:
