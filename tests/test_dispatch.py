@@ -116,28 +116,36 @@ def test_decisions_are_cached_per_problem(with_picky, batch):
     assert c != a
 
 
+def _errors_in_threads(worker, count: int) -> list[Exception]:
+    """Run ``worker(k)`` for k < count, each in its own thread; the exceptions raised."""
+    errors: list[Exception] = []
+
+    def guarded(k):
+        try:
+            worker(k)
+        except Exception as exc:  # pragma: no cover - reported by the caller's assert
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(k,)) for k in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
 def test_decision_cache_is_bounded_and_thread_safe(with_picky):
     caps = probe()
     old = decision_cache.capacity
     decision_cache.capacity = 8
     try:
-        errors = []
-
         def worker(offset):
-            try:
-                for i in range(40):
-                    decide(Problem.make(device_type="cpu", dtype="float32",
-                                        num_q_heads=8, num_kv_heads=1 << (i % 4),
-                                        seq_len=1 << (offset + i % 7)), caps)
-            except Exception as exc:  # pragma: no cover - reported below
-                errors.append(exc)
+            for i in range(40):
+                decide(Problem.make(device_type="cpu", dtype="float32",
+                                    num_q_heads=8, num_kv_heads=1 << (i % 4),
+                                    seq_len=1 << (offset + i % 7)), caps)
 
-        threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not errors
+        assert not _errors_in_threads(worker, 4)
         assert len(decision_cache) <= 8
     finally:
         decision_cache.capacity = old
@@ -263,21 +271,11 @@ def test_memo_put_is_thread_safe():
 
     memo = _FastPath()
     memo.capacity = 4
-    errors = []
-
     def worker(offset):
-        try:
-            for i in range(2000):
-                memo.put((offset, i), i)
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        for i in range(2000):
+            memo.put((offset, i), i)
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and len(memo.entries) <= 4
+    assert not _errors_in_threads(worker, 8) and len(memo.entries) <= 4
 
 
 def test_memo_sees_a_reassigned_cache_tensor(batch, monkeypatch):
