@@ -52,12 +52,12 @@ def main() -> int:
                       8192, case.num_seqs, torch.cuda.get_device_properties(0)
                       .multi_processor_count, "sm90")
         base = plan_launch(shape)
-        variants = {"current": base, "fp16-compute": dict(base, compute="float16")}
+        variants = {"current": base}
+        if case.kv_quant != "none":
+            variants["bf16-compute"] = dict(base, compute="bfloat16")
+            variants["fp16-compute"] = dict(base, compute="float16")
         if case.kind == "decode":
-            for w, st in ((8, 3), (4, 4), (8, 4)):
-                short = dict(base["short"], num_warps=w, num_stages=st)
-                variants[f"w{w}s{st}"] = dict(base, short=short)
-                variants[f"w{w}s{st}-fp16"] = dict(base, short=short, compute="float16")
+            variants["stages2"] = dict(base, short=dict(base["short"], num_stages=2))
         for name, params in variants.items():
             fn = (lambda p=params: launch_unified(inp.q, inp.cache, inp.metadata, options,
                                                   inp.out, p))

@@ -163,7 +163,9 @@ def decode_config(shape: Shape, max_q: int, num_seqs: int,
     if shape.elem_bytes == 4:
         block_n //= 2
     warps = 4 if block_m <= 32 else 8
-    cfg = _fit_smem(TileConfig(block_m, block_q, block_n, warps, 3), shape)
+    # 2 stages: on the H200 the kernel with quantized-KV switches ran 32 x 8192 bf16 at
+    # 340 us with 3 stages and 257 us with 2 (= the previous kernel's 256; NOTES.md 9)
+    cfg = _fit_smem(TileConfig(block_m, block_q, block_n, warps, 2), shape)
     if segments is None:
         segments = decode_segments(shape, cfg.block_n, num_seqs * shape.num_kv_heads)
     return TileConfig(cfg.block_m, cfg.block_q, cfg.block_n, cfg.num_warps, cfg.num_stages,

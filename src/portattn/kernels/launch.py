@@ -55,16 +55,20 @@ def kernel_scalars(q, cache, options, fp8_dot: bool, compute: str | None = None)
         k_strides = v_strides = (0, 0, 0)
     q_fp8 = q.dtype in FP8_DTYPES
     fp8_out = options.out_dtype in FP8_DTYPES
+    if compute is None:  # fp8 caches: fp16 dots (fp8 -> fp16 is exact and one conversion)
+        fp8_cache = cache.dtype in FP8_DTYPES
+        compute = "float16" if q_fp8 or (fp8_cache and q.dtype == torch.bfloat16) else None
+    prescale = compute == "float16" and q.dtype == torch.bfloat16
     return dict(
         q_scale_ptr=device_scalars.get(options.q_scale, device) if q_fp8 else dummy,
         k_scale_ptr=k_scale, v_scale_ptr=v_scale,
         out_scale_ptr=device_scalars.get(options.output_scale, device) if fp8_out else dummy,
         stride_ksb=k_strides[0], stride_kss=k_strides[1], stride_ksh=k_strides[2],
         stride_vsb=v_strides[0], stride_vss=v_strides[1], stride_vsh=v_strides[2],
-        KV_QUANT=code, Q_SCALED=q_fp8, FP8_DOT=bool(fp8_dot and q_fp8),
+        KV_QUANT=code, Q_SCALED=q_fp8, Q_PRESCALE=prescale, FP8_DOT=bool(fp8_dot and q_fp8),
         FP8_ACC=FP8_DOT_PROMOTE_EVERY, FP8_OUT=fp8_out,
         FP8_MAX=fp8_max(options.out_dtype) if fp8_out else 0.0,
-        COMPUTE_DTYPE=tl.float16 if q_fp8 or compute == "float16" else _TL_DTYPES[q.dtype],
+        COMPUTE_DTYPE=tl.float16 if compute == "float16" else _TL_DTYPES[q.dtype],
     )
 
 

@@ -53,14 +53,18 @@ into the softmax scale and the V scale into the output, so the loop only casts;
 2 per-token-head int8/fp8: the scales multiply the score columns and P's columns in
 fp32), ``Q_SCALED`` (fp8 ``q`` with ``q_scale`` folded into the softmax scale),
 ``FP8_DOT`` (keep fp8 ``q`` and fp8 K for the QK^T dot, accumulating in fp32 with a
-promotion every ``FP8_ACC`` products), ``FP8_OUT`` (store ``clamp(out / output_scale,
+promotion every ``FP8_ACC`` products), ``Q_PRESCALE`` (multiply q by the softmax scale in
+fp32 before casting it to ``COMPUTE_DTYPE``: used when a bf16 q meets an fp8 cache and the
+dots run in fp16, every fp8 value being exact in fp16 and fp8 -> fp16 one conversion),
+``FP8_OUT`` (store ``clamp(out / output_scale,
 +-FP8_MAX)``), ``COMPUTE_DTYPE`` (the dtype of the dot operands: q's for 16/32-bit q,
 float16 for fp8 q since every fp8 value is exact in it), ``DOT_PREC`` ("ieee" for fp32,
 ignored for 16-bit operands).
 
 Bad metadata never reads out of bounds: a block-table entry outside ``[0, num_blocks)``
-or a key past the table's width (``bt_width`` blocks) reads block 0 instead and its score
-becomes NaN, so exactly the rows that would have seen that key come out NaN.
+or a key past the table's width (``bt_width`` blocks) reads an in-range block instead,
+and the rows that would have seen that key come out NaN (edge tiles: per score; the
+tiles every row sees: one scan of their table entries before the loop).
 """
 
 from __future__ import annotations
@@ -81,17 +85,19 @@ def _load_kv_tile(bt_row, bt_width, num_blocks, k_pos, key_ok, k_head_ptr, v_hea
     """K ``[HEAD_QK_PAD, BLOCK_N]``, V ``[BLOCK_N, HEAD_V_PAD]`` as stored, their
     per-token-head scales ``[BLOCK_N]`` (ones unless ``KV_QUANT == 2``) and ``bad``
     ``[BLOCK_N]``: keys whose block-table entry is outside ``[0, num_blocks)`` or past the
-    table's width. Such keys read block 0 instead (never out of bounds); the caller turns
-    their scores into NaN so the rows that meet them come out NaN, visibly wrong."""
+    table's width (masked tiles only). Such keys read an in-range block instead (never out
+    of bounds); the caller turns their scores into NaN (masked tiles) or has found them
+    before the loop (unmasked tiles), so the rows that meet them come out NaN."""
     bt_idx = k_pos // BLOCK_SIZE
     in_table = bt_idx < bt_width
     if MASKED:
         block = tl.load(bt_row + bt_idx, mask=key_ok & in_table, other=0)
         bad = key_ok & ((~in_table) | (block < 0) | (block >= num_blocks))
-    else:
-        block = tl.load(bt_row + bt_idx, mask=in_table, other=0)
-        bad = (~in_table) | (block < 0) | (block >= num_blocks)
-    block = tl.where(bad, 0, block).to(tl.int64)
+        block = tl.where(bad, 0, block).to(tl.int64)
+    else:  # bad ids here were found before the loop (_full_tiles_have_bad_blocks)
+        block = tl.load(bt_row + tl.minimum(bt_idx, bt_width - 1))
+        block = tl.minimum(tl.maximum(block, 0), num_blocks - 1).to(tl.int64)
+        bad = in_table & ~in_table
     slot = k_pos % BLOCK_SIZE
     k_ptrs = k_head_ptr + (block * stride_kb + slot * stride_ks)[None, :] + offs_dk[:, None]
     v_ptrs = v_head_ptr + (block * stride_vb + slot * stride_vs)[:, None] + offs_dv[None, :]
@@ -131,7 +137,25 @@ def _load_kv_tile(bt_row, bt_width, num_blocks, k_pos, key_ok, k_head_ptr, v_hea
 
 
 @triton.jit
-def _attend_tiles(acc, m_i, l_i, poisoned, q, tile_start, tile_end, seq_len, k_lo, bt_row, bt_width,
+def _full_tiles_have_bad_blocks(bt_row, bt_width, num_blocks, key_lo, key_hi,
+                                BLOCK_SIZE: tl.constexpr, SCAN: tl.constexpr = 128):
+    """Whether a block-table entry for keys ``[key_lo, key_hi)`` (the unmasked tiles, seen
+    by every row of the program) is outside ``[0, num_blocks)`` or past the table's width:
+    one pass over those entries before the loop (1/BLOCK_SIZE of the keys)."""
+    b_lo = key_lo // BLOCK_SIZE
+    b_hi = tl.cdiv(key_hi, BLOCK_SIZE)
+    found = tl.zeros([SCAN], dtype=tl.int32)
+    for b0 in tl.range(b_lo, b_hi, SCAN):
+        idx = b0 + tl.arange(0, SCAN)
+        used = idx < b_hi
+        ids = tl.load(bt_row + idx, mask=used & (idx < bt_width), other=0)
+        bad = used & ((idx >= bt_width) | (ids < 0) | (ids >= num_blocks))
+        found = found | bad.to(tl.int32)
+    return tl.max(found, 0) > 0
+
+
+@triton.jit
+def _attend_tiles(acc, m_i, l_i, q, tile_start, tile_end, seq_len, k_lo, bt_row, bt_width,
                   num_blocks, k_head_ptr, v_head_ptr, ks_head_ptr, vs_head_ptr, stride_kb,
                   stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss, stride_vsb,
                   stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk, offs_dv,
@@ -148,9 +172,9 @@ def _attend_tiles(acc, m_i, l_i, poisoned, q, tile_start, tile_end, seq_len, k_l
     Quantized caches are cast to ``COMPUTE_DTYPE`` as loaded (exact for fp8 and int8); the
     per-tensor scales are folded outside the loop by the caller, per-token-head scales
     multiply the score columns (K) and P's columns (V) in fp32. Keys with a bad block id
-    turn the scores of the rows that see them into NaN in masked tiles; in the unmasked
-    ones (every row sees every key) they set ``poisoned``, which the caller applies to
-    the whole tile of rows once, keeping the hot loop free of per-score selects."""
+    turn the scores of the rows that see them into NaN in masked tiles; unmasked tiles
+    (every row sees every key) only clamp the ids, their bad ids having been found before
+    the loop, so the hot loop has no per-score select and no reduction."""
     for j in tl.range(tile_start, tile_end):
         k_pos = j * BLOCK_N + tl.arange(0, BLOCK_N)
         key_ok = (k_pos >= k_lo) & (k_pos < seq_len)
@@ -169,14 +193,12 @@ def _attend_tiles(acc, m_i, l_i, poisoned, q, tile_start, tile_end, seq_len, k_l
                        MASKED, CAUSAL, USE_WINDOW, USE_SOFTCAP, ALIBI)
         if MASKED:  # edge tiles: exactly the rows that see a bad key
             s = tl.where(bad[None, :] & (s > float("-inf")), float("nan"), s)
-        else:  # every row sees every key: one flag per tile, applied once at the end
-            poisoned = poisoned | (tl.max(bad.to(tl.int32), 0) > 0)
         p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i, MASKED)
         acc = acc * alpha[:, None]
         if KV_QUANT == 2:
             p = p * v_sc[None, :]
         acc = tl.dot(p.to(COMPUTE_DTYPE), v.to(COMPUTE_DTYPE), acc, input_precision=DOT_PREC)
-    return acc, m_i, l_i, poisoned
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -229,7 +251,8 @@ def unified_attention_kernel(
         SEQ_MODE: tl.constexpr, SHORT_Q: tl.constexpr, SPLIT: tl.constexpr,
         LONG_FOLLOWS: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr,
         USE_SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, USE_SINKS: tl.constexpr,
-        KV_QUANT: tl.constexpr, Q_SCALED: tl.constexpr, FP8_DOT: tl.constexpr,
+        KV_QUANT: tl.constexpr, Q_SCALED: tl.constexpr, Q_PRESCALE: tl.constexpr,
+        FP8_DOT: tl.constexpr,
         FP8_ACC: tl.constexpr, FP8_OUT: tl.constexpr, FP8_MAX: tl.constexpr,
         COMPUTE_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr):
     """Paged attention of one query tile x one kv head x one KV segment (see module doc)."""
@@ -273,8 +296,6 @@ def unified_attention_kernel(
     q_ptrs = (q_ptr + (q_start + row_tok).to(tl.int64)[:, None] * stride_qt
               + row_head[:, None] * stride_qh + offs_dk[None, :] * stride_qd)
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_dk < HEAD_QK)[None, :], other=0.0)
-    if not FP8_DOT:
-        q = q.to(COMPUTE_DTYPE)
 
     # Per-tensor scales fold into the softmax scale (q, K) and the output (V): the loop
     # only casts. Per-token-head K/V scales are applied per tile in _attend_tiles.
@@ -285,6 +306,11 @@ def unified_attention_kernel(
         qk_scale = qk_scale * tl.load(k_scale_ptr)
     if not USE_SOFTCAP:
         qk_scale = qk_scale * 1.4426950408889634
+    if Q_PRESCALE:  # q * scale once, in fp32, before the cast (keeps fp16 in range)
+        q = (q.to(tl.float32) * qk_scale).to(COMPUTE_DTYPE)
+        qk_scale = 1.0
+    elif not FP8_DOT:
+        q = q.to(COMPUTE_DTYPE)
     if ALIBI != 0:
         slope2 = tl.load(alibi_ptr + row_head, mask=row_ok, other=0.0).to(tl.float32) \
             * 1.4426950408889634
@@ -299,7 +325,6 @@ def unified_attention_kernel(
                 * 1.4426950408889634
             l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_V_PAD], dtype=tl.float32)
-    poisoned = seq < 0  # False, as a runtime scalar: set when a full tile met a bad block
 
     # Visible keys: [k_lo, k_hi) for some row, [k_lo_all, k_hi_all) for every row.
     t_last = tl.minimum(t0 + BLOCK_Q, q_len) - 1
@@ -328,28 +353,31 @@ def unified_attention_kernel(
         seg_hi = tile_hi
 
     bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt
+    poisoned = _full_tiles_have_bad_blocks(
+        bt_row, bt_width, num_blocks, tl.maximum(full_lo, seg_lo) * BLOCK_N,
+        tl.minimum(full_hi, seg_hi) * BLOCK_N, BLOCK_SIZE)
     k_head_ptr = k_ptr + kv_head * stride_kh
     v_head_ptr = v_ptr + kv_head * stride_vh
     ks_head_ptr = k_scale_ptr + kv_head * stride_ksh
     vs_head_ptr = v_scale_ptr + kv_head * stride_vsh
     if USE_WINDOW:  # leading tiles only partly inside the window
-        acc, m_i, l_i, poisoned = _attend_tiles(
-            acc, m_i, l_i, poisoned, q, tl.maximum(tile_lo, seg_lo), tl.minimum(full_lo, seg_hi),
+        acc, m_i, l_i = _attend_tiles(
+            acc, m_i, l_i, q, tl.maximum(tile_lo, seg_lo), tl.minimum(full_lo, seg_hi),
             seq_len, k_lo, bt_row, bt_width, num_blocks, k_head_ptr, v_head_ptr, ks_head_ptr,
             vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss,
             stride_vsb, stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk,
             offs_dv, BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD, HEAD_V, HEAD_V_PAD, True,
             CAUSAL, USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE,
             DOT_PREC)
-    acc, m_i, l_i, poisoned = _attend_tiles(
-        acc, m_i, l_i, poisoned, q, tl.maximum(full_lo, seg_lo), tl.minimum(full_hi, seg_hi),
+    acc, m_i, l_i = _attend_tiles(
+        acc, m_i, l_i, q, tl.maximum(full_lo, seg_lo), tl.minimum(full_hi, seg_hi),
         seq_len, k_lo, bt_row, bt_width, num_blocks, k_head_ptr, v_head_ptr, ks_head_ptr,
         vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss,
         stride_vsb, stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk, offs_dv,
         BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD, HEAD_V, HEAD_V_PAD, False, CAUSAL,
         USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE, DOT_PREC)
-    acc, m_i, l_i, poisoned = _attend_tiles(
-        acc, m_i, l_i, poisoned, q, tl.maximum(full_hi, seg_lo), tl.minimum(tile_hi, seg_hi),
+    acc, m_i, l_i = _attend_tiles(
+        acc, m_i, l_i, q, tl.maximum(full_hi, seg_lo), tl.minimum(tile_hi, seg_hi),
         seq_len, k_lo, bt_row, bt_width, num_blocks, k_head_ptr, v_head_ptr, ks_head_ptr,
         vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss,
         stride_vsb, stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk, offs_dv,
@@ -358,7 +386,9 @@ def unified_attention_kernel(
 
     if KV_QUANT == 1:  # the V scale, once per row instead of once per element
         acc = acc * tl.load(v_scale_ptr)
-    l_i = tl.where(poisoned, float("nan"), l_i)
+    if poisoned:  # NaN in both: a NaN sum alone would be read as "no visible key"
+        l_i = tl.where(row_ok, float("nan"), l_i)
+        acc = tl.where(row_ok[:, None], float("nan"), acc)
     if not SPLIT:
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         _store_rows(out_ptr, acc / l_safe[:, None], q_start, row_tok, row_head, row_ok,
