@@ -407,9 +407,9 @@ def test_fa2_is_used_where_fa3_cannot_serve():
     (dict(block_size=16), "triton_unified", "flash_attn"),
     (dict(block_size=16, alibi="linear"), "triton_unified", "flash_attn_gather"),
     (dict(dtype="float8_e4m3fn", out_dtype="bfloat16", kv_quant="fp8_per_tensor"),
-     "flash_attn", "flash_attn"),
-    (dict(head_size=192, head_size_v=128), "flash_attn", "flash_attn"),
-    (dict(kv_quant="int8_per_token_head"), "torch_ref", "torch_ref"),
+     "triton_unified", "flash_attn"),
+    (dict(head_size=192, head_size_v=128), "triton_diffkv", "flash_attn"),
+    (dict(kv_quant="int8_per_token_head"), "triton_unified", "torch_ref"),
 ])
 def test_routing_with_fa2_and_fa3_present(monkeypatch, triton, kwargs, with_triton,
                                           without_triton):

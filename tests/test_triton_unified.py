@@ -161,9 +161,9 @@ def test_why_not_supported_problem_has_no_reasons():
 
 @pytest.mark.parametrize("kw,needle", [
     (dict(head_size=128, head_size_v=64), "triton_diffkv"),
-    (dict(kv_quant="fp8_per_tensor"), "not yet supported"),
-    (dict(out_dtype="e4m3fn"), "fp8 output"),
-    (dict(dtype="e4m3fn"), "q dtype"),
+    (dict(kv_quant="nf4"), "not supported by our Triton kernels"),
+    (dict(dtype="e4m3fn"), "an fp8 q needs a quantized KV cache"),
+    (dict(head_size=128, head_size_v=20), "V head size 20"),
     (dict(head_size=20), "head size"),
     (dict(head_size=100), "head size"),
     (dict(head_size=264), "head size"),
@@ -174,6 +174,21 @@ def test_why_not_reasons(kw, needle):
     from portattn.backends.triton_unified import TritonUnified
 
     reasons = TritonUnified().why_not(_problem(**kw), _caps())
+    assert any(needle in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(kv_quant="fp8_per_tensor:e4m3fn"), "the KV cache is fp8 e4m3fn, which sm80"),
+    (dict(kv_quant="fp8_per_token_head:e5m2"), "the KV cache is fp8 e5m2, which sm80"),
+    (dict(out_dtype="e4m3fn"), "the output is fp8 e4m3fn, which sm80"),
+    (dict(dtype="e4m3fn", kv_quant="int8_per_token_head"), "q is fp8 e4m3fn, which sm80"),
+])
+def test_fp8_needs_fp8_hardware(kw, needle):
+    from portattn.backends.triton_unified import TritonUnified
+    from portattn.capabilities import probe
+
+    assert TritonUnified().why_not(_problem(**kw), _caps()) == []  # sm90 has fp8
+    reasons = TritonUnified().why_not(_problem(**kw), probe(simulate="sm80"))
     assert any(needle in r for r in reasons), reasons
 
 

@@ -1,14 +1,21 @@
-"""Shared checker of the ``triton_unified`` tests (interpreter and GPU tiers).
+"""Shared checker of the Triton kernel tests (interpreter and GPU tiers).
 
 :func:`check_unified` builds a random paged batch (shuffled, NaN-poisoned blocks), runs the
 backend with a plan forced through :func:`portattn.kernels.heuristics.plan_launch`, into
 an output pre-filled with NaN (optionally a strided view whose gaps must stay NaN), and
 compares with the float64 oracle :func:`portattn.testing.dense_attention`.
+
+Quantized caches: the oracle reads what the cache actually stores, gathered through the
+block table here and multiplied by the scales written in this file (stored codes times
+the per-tensor scale, or times the scale caches' entries), never through the package's
+own dequantize. fp8 q and fp8 output are made and judged the same way (q code times
+q_scale; out compared with ``clamp(oracle / output_scale)`` at fp8 precision).
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -16,9 +23,57 @@ from portattn.backends.base import Plan
 from portattn.kernels import heuristics
 from portattn.options import normalize_options
 from portattn.testing import dense_attention, make_paged_batch, relative_error
-from portattn.types import AttentionMetadata
+from portattn.types import AttentionMetadata, PagedKVCache
 
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+#: fp8 output: e4m3 keeps 3 mantissa bits (rounding error up to 1/16 per element)
+FP8_OUT_TOLERANCE = 6e-2
+FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+
+
+def undo_interpreter_fp8_carry(actual: torch.Tensor, expected: torch.Tensor,
+                                fp8_dtype: torch.dtype, ran_on) -> torch.Tensor:
+    """Triton 3.6's interpreter rounds float -> fp8 without carrying a rounded-up mantissa
+    into the exponent (DEVICE.md's fp8 trap): a value whose correct fp8 rounding is a power
+    of two ``2^e`` comes out as ``2^(e-1)``. Put back exactly those elements (the correct
+    rounding of ``expected`` is a power of two and ``actual`` is half of it) so CPU tests
+    judge the kernel, not the interpreter; the GPU tier compares without this."""
+    if torch.device(ran_on).type != "cpu" or os.environ.get("TRITON_INTERPRET") != "1":
+        return actual
+    rounded = expected.to(fp8_dtype).double()
+    mantissa, _ = torch.frexp(rounded)
+    trap = (mantissa.abs() == 0.5) & (actual.double() * 2 == rounded)
+    return torch.where(trap, rounded, actual.double())
+
+
+def stored_values(cache, block_table_row, seq_len: int, which: str) -> torch.Tensor:
+    """What the cache represents for one sequence, ``[seq_len, Hkv, D]`` float64: the
+    stored codes gathered through the block table, times the scales (oracle side)."""
+    data = cache.key_cache if which == "k" else cache.value_cache
+    bs = cache.block_size
+    blocks = block_table_row[: (seq_len + bs - 1) // bs].long().cpu()
+    codes = data.cpu()[blocks].reshape(-1, *data.shape[2:])[:seq_len].double()
+    mode = cache.quant.mode
+    if mode == "fp8_per_tensor":
+        scale = cache.quant.k_scale if which == "k" else cache.quant.v_scale
+        return codes * float(scale)
+    if mode in ("int8_per_token_head", "fp8_per_token_head"):
+        scales = (cache.k_scale_cache if which == "k" else cache.v_scale_cache).cpu()
+        per_key = scales[blocks].reshape(-1, scales.shape[2])[:seq_len].double()
+        return codes * per_key[..., None]
+    return codes
+
+
+#: Score features at CPU scale (windows shorter than the test sequences).
+FEATURE_KW = {
+    "non_causal": dict(causal=False),
+    "window": dict(sliding_window=7),
+    "softcap": dict(softcap=3.0),
+    "alibi": dict(alibi="linear"),
+    "alibi_sqrt": dict(alibi="sqrt"),
+    "sinks": dict(sinks=True),
+    "all": dict(sliding_window=9, softcap=5.0, alibi="linear", sinks=True),
+}
 
 
 def alibi_slopes(num_heads: int, device) -> torch.Tensor:
@@ -31,18 +86,50 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
                   block_size=16, dtype=torch.float16, device="cpu", mode=None,
                   segments=None, short=None, long=None, strided_q=False, strided_out=None,
                   causal=True, sliding_window=None, softcap=None, alibi=None, sinks=False,
-                  sm_count=132, arch="sm90", seq_lens_override=None, seed=0):
-    """Run one case; returns the relative error (asserts it is within tolerance)."""
+                  sm_count=132, arch="sm90", seq_lens_override=None, seed=0, quant=None,
+                  head_size_v=None, q_fp8=None, fp8_out=None, layout="split",
+                  fp8_dot=False, tolerance=None, separate_kv=False, block_table_edit=None):
+    """Run one case; returns the relative error (asserts it is within tolerance).
+
+    ``quant``: a KVQuant for the cache; ``head_size_v``: DiffKV (a packed cache);
+    ``q_fp8``: an fp8 dtype for q (with a q_scale); ``fp8_out``: an fp8 dtype for the
+    output (with an output_scale); ``fp8_dot``: plan fp8 tensor-core QK^T;
+    ``separate_kv``: K and V as two contiguous tensors instead of views of one;
+    ``block_table_edit(table)``: corrupt the block table after the oracle's keys are
+    gathered (returns the indices of the sequences whose rows must come out NaN)."""
     from portattn.backends.triton_unified import TritonUnified
 
     num_q_heads = group * num_kv_heads
     batch = make_paged_batch(query_lens, seq_lens, num_q_heads=num_q_heads,
                              num_kv_heads=num_kv_heads, head_size=head_size,
-                             block_size=block_size, dtype=dtype, device=device, seed=seed)
+                             head_size_v=head_size_v, block_size=block_size, dtype=dtype,
+                             device=device, seed=seed, quant=quant,
+                             layout="diffkv" if head_size_v not in (None, head_size)
+                             else layout)
     q, metadata = batch.q, batch.metadata
+    cache = batch.cache
+    if separate_kv:
+        cache = PagedKVCache(cache.key_cache.contiguous(), cache.value_cache.contiguous(),
+                             cache.quant, k_scale_cache=cache.k_scale_cache,
+                             v_scale_cache=cache.v_scale_cache)
+    head_v = head_size if head_size_v is None else head_size_v
+    q_scale = None
+    if q_fp8 is not None:  # q as fp8 codes with a scale; the oracle uses code * scale
+        q_scale = 0.05
+        q = (q.float() / q_scale).clamp(-FP8_MAX[q_fp8], FP8_MAX[q_fp8]).to(q_fp8)
+    keys = [stored_values(cache, metadata.block_table[b], n, "k")
+            for b, n in enumerate(batch.seq_lens)]
+    values = [stored_values(cache, metadata.block_table[b], n, "v")
+              for b, n in enumerate(batch.seq_lens)]
+    nan_seqs: list[int] = []
+    if block_table_edit is not None:
+        table = metadata.block_table.clone()
+        nan_seqs = block_table_edit(table)
+        metadata = AttentionMetadata(metadata.cu_seqlens_q, metadata.seq_lens, table,
+                                     metadata.max_seqlen_q, metadata.max_seqlen_k)
     if strided_q:  # q as the first heads of a fused [T, Hq + 2 Hkv, D] QKV projection
         fused = torch.randn(q.shape[0], num_q_heads + 2 * num_kv_heads, head_size,
-                            dtype=dtype, device=device)
+                            device=device).to(q.dtype)
         fused[:, :num_q_heads] = q
         q = fused[:, :num_q_heads]
     if seq_lens_override is not None:  # fewer keys than queries: rows see nothing
@@ -57,40 +144,66 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
         opts["alibi_sqrt"] = alibi == "sqrt"
     if sinks:
         opts["sinks"] = (torch.randn(num_q_heads, generator=gen) * 2).to(device)
+    if q_scale is not None:
+        opts["q_scale"] = q_scale
+    out_dtype = dtype
+    if fp8_out is not None:
+        opts["output_scale"] = 0.01
+        out_dtype = fp8_out
 
     tokens = q.shape[0]
     if strided_out == "pad":  # out is [..., :D] of a wider tensor; the gap must stay NaN
-        full = torch.full((tokens, num_q_heads, head_size + 24), math.nan, dtype=dtype,
-                          device=device)
-        out = full[..., :head_size]
+        full = torch.full((tokens, num_q_heads, head_v + 24), math.nan, device=device)
+        full = full.to(out_dtype)
+        out = full[..., :head_v]
     elif strided_out == "transposed":
-        full = torch.full((num_q_heads, tokens, head_size), math.nan, dtype=dtype,
-                          device=device)
+        full = torch.full((num_q_heads, tokens, head_v), math.nan, device=device)
+        full = full.to(out_dtype)
         out = full.transpose(0, 1)
     else:
-        full = out = torch.full((tokens, num_q_heads, head_size), math.nan, dtype=dtype,
-                                device=device)
-    options = normalize_options(q, batch.cache, out=out, **opts)
-    shape = heuristics.Shape(num_q_heads, num_kv_heads, head_size, q.element_size(),
+        full = out = torch.full((tokens, num_q_heads, head_v), math.nan,
+                                device=device).to(out_dtype)
+    options = normalize_options(q, cache, out=out, **opts)
+    shape = heuristics.Shape(num_q_heads, num_kv_heads, head_size,
+                             cache.key_cache.element_size(),
                              heuristics.next_pow2(max(query_lens)),
                              heuristics.next_pow2(max(seq_lens)),
-                             heuristics.next_pow2(len(query_lens)), sm_count, arch)
+                             heuristics.next_pow2(len(query_lens)), sm_count, arch, head_v)
     params = heuristics.plan_launch(shape, mode=mode, segments=segments, short=short,
-                                    long=long)
+                                    long=long, fp8_dot=fp8_dot)
     plan = Plan("triton_unified", heuristics.variant_name(params), params)
-    TritonUnified().run(q, batch.cache, metadata, options, out, plan)
+    TritonUnified().run(q, cache, metadata, options, out, plan)
 
-    keys, values = batch.keys, batch.values
     if seq_lens_override is not None:
         keys = [k[:n] for k, n in zip(keys, seq_lens_override)]
         values = [v[:n] for v, n in zip(values, seq_lens_override)]
-    expected = dense_attention(q.cpu(), keys, values, query_lens, scale=options.scale,
+    q_oracle = q.cpu().double()
+    expected = dense_attention(q_oracle, keys, values, query_lens, scale=options.scale,
                                causal=causal, sliding_window=sliding_window, softcap=softcap,
                                alibi_slopes=opts.get("alibi_slopes"), alibi_sqrt=alibi == "sqrt",
-                               sinks=opts.get("sinks"))
-    assert torch.isfinite(out).all(), f"NaN/inf left in the output ({plan.describe()})"
+                               sinks=opts.get("sinks"), q_scale=q_scale)
+    result = out.cpu().double()
+    if nan_seqs:  # those sequences' rows must be NaN (all of them); the rest as usual
+        cu = metadata.cu_seqlens_q.tolist()
+        poisoned = torch.zeros(result.shape[0], dtype=torch.bool)
+        for b in nan_seqs:
+            poisoned[cu[b]:cu[b + 1]] = True
+        assert torch.isnan(result[poisoned]).all(), "rows that met a bad block id are not NaN"
+        result, expected_rows = result[~poisoned], ~poisoned
+    else:
+        expected_rows = None
+    assert torch.isfinite(result).all(), f"NaN/inf left in the output ({plan.describe()})"
+    if expected_rows is not None:
+        expected = expected[expected_rows]
     if strided_out == "pad":
-        assert torch.isnan(full[..., head_size:]).all(), "wrote past head_size"
-    err = relative_error(out, expected)
-    assert err < TOLERANCE[dtype], f"relative error {err:.3g} ({plan.describe()})"
+        assert torch.isnan(full[..., head_v:].cpu().double()).all(), "wrote past head_size"
+    if fp8_out is not None:
+        limit = FP8_MAX[fp8_out]
+        expected = (expected / opts["output_scale"]).clamp(-limit, limit)
+        result = undo_interpreter_fp8_carry(result, expected, fp8_out, device)
+        tol = FP8_OUT_TOLERANCE
+    else:
+        tol = TOLERANCE[dtype]
+    err = relative_error(result, expected)
+    assert err < (tolerance or tol), f"relative error {err:.3g} ({plan.describe()})"
     return err

@@ -48,10 +48,18 @@ class Case:
     kind: str  # decode | prefill | mixed | spec
     query_lens: list
     seq_lens: list
+    kv_quant: str = "none"          # KVQuant mode of the cache (bench's own scales)
+    head_size_v: int | None = None  # DiffKV: V head size (K/Q keep --head-size ... or qk)
+    head_size_qk: int | None = None  # DiffKV: K/Q head size (None: --head-size)
 
     @property
     def num_seqs(self) -> int:
         return len(self.query_lens)
+
+    @property
+    def variant_of_bf16(self) -> bool:
+        """A quantized or DiffKV case (compared with the plain case of the same shape)."""
+        return self.kv_quant != "none" or self.head_size_v is not None
 
 
 def default_cases(shrink: int = 1) -> list[Case]:
@@ -64,7 +72,34 @@ def default_cases(shrink: int = 1) -> list[Case]:
               Case("mixed-2048+63x4096", "mixed", [n(2048)] + [1] * 63,
                    [n(8192) + n(2048)] + [n(4096)] * 63),
               Case("spec-32x8192x4", "spec", [4] * 32, [n(8192)] * 32)]
+    # Quantized caches (issue targets: fp8 per-tensor decode at <= 0.55x our bf16 time,
+    # per-token-head within 1.15x of that, prefill with an fp8 cache >= 0.95x bf16) and
+    # DiffKV 192/128 (decode at the copy line, prefill at equal-head TFLOP/s).
+    for mode, tag in (("fp8_per_tensor", "fp8"), ("int8_per_token_head", "int8pth"),
+                      ("fp8_per_token_head", "fp8pth")):
+        cases += [Case(f"decode-{b}x8192-{tag}", "decode", [1] * b, [n(8192)] * b, mode)
+                  for b in (1, 8, 32, 128)]
+    cases.append(Case("prefill-1x8192-fp8", "prefill", [n(8192)], [n(8192)],
+                      "fp8_per_tensor"))
+    cases += [Case(f"decode-{b}x8192-diffkv", "decode", [1] * b, [n(8192)] * b,
+                   head_size_qk=192, head_size_v=128) for b in (8, 32, 128)]
+    cases.append(Case("prefill-1x8192-diffkv", "prefill", [n(8192)], [n(8192)],
+                      head_size_qk=192, head_size_v=128))
     return cases
+
+
+def case_tags(case: Case) -> list[str]:
+    """Words ``--cases`` also selects by: ``plain`` (bf16 equal heads), ``quant``,
+    ``diffkv``, and ``<kind>-plain`` (e.g. ``decode-plain``)."""
+    if case.kv_quant != "none":
+        return ["quant"]
+    if case.head_size_v is not None:
+        return ["diffkv"]
+    return ["plain", f"{case.kind}-plain"]
+
+
+#: The bench's per-tensor fp8 scales: randn / scale stays well inside e4m3's range.
+BENCH_FP8_SCALE = 0.05
 
 
 # --------------------------------------------------------------------------- inputs
@@ -76,15 +111,41 @@ class Inputs:
     out: torch.Tensor
 
 
+def _random_cache(case: Case, shape_k, shape_v, dtype, device, gen) -> PagedKVCache:
+    """Random K/V stored as ``case.kv_quant`` says (random non-zero codes and scales; the
+    bench times reads, it does not check values)."""
+    from portattn.types import KVQuant
+
+    def randn(shape):
+        return torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+
+    if case.kv_quant == "none":
+        return PagedKVCache(randn(shape_k).to(dtype), randn(shape_v).to(dtype))
+    if case.kv_quant == "fp8_per_tensor":
+        quant = KVQuant.fp8_per_tensor(BENCH_FP8_SCALE, BENCH_FP8_SCALE)
+        return PagedKVCache((randn(shape_k) / BENCH_FP8_SCALE).to(torch.float8_e4m3fn),
+                            (randn(shape_v) / BENCH_FP8_SCALE).to(torch.float8_e4m3fn), quant)
+    if case.kv_quant == "int8_per_token_head":
+        quant = KVQuant.int8_per_token_head()
+        k, v = ((randn(s) * 40).clamp(-127, 127).round().to(torch.int8)
+                for s in (shape_k, shape_v))
+    else:
+        quant = KVQuant.fp8_per_token_head()
+        k, v = ((randn(s) * 40).to(torch.float8_e4m3fn) for s in (shape_k, shape_v))
+    scales = [(randn(shape_k[:3]).abs() + 0.5) / 40 for _ in range(2)]
+    return PagedKVCache(k, v, quant, k_scale_cache=scales[0], v_scale_cache=scales[1])
+
+
 def build_inputs(case: Case, *, num_q_heads: int, num_kv_heads: int, head_size: int,
                  block_size: int, dtype: torch.dtype, device: str, seed: int = 0) -> Inputs:
     """A paged batch made on the device: random K/V in shuffled blocks."""
     gen = torch.Generator(device=device).manual_seed(seed)
+    head_size = case.head_size_qk or head_size
+    head_v = case.head_size_v or head_size
     blocks = [max(1, math.ceil(s / block_size)) for s in case.seq_lens]
     total = sum(blocks)
-    shape = (total + 1, block_size, num_kv_heads, head_size)
-    k = torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
-    v = torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
+    cache = _random_cache(case, (total + 1, block_size, num_kv_heads, head_size),
+                          (total + 1, block_size, num_kv_heads, head_v), dtype, device, gen)
     perm = torch.randperm(total, generator=gen, device=device).to(torch.int32)
     table = torch.zeros(case.num_seqs, max(blocks), dtype=torch.int32, device=device)
     start = 0
@@ -99,8 +160,8 @@ def build_inputs(case: Case, *, num_q_heads: int, num_kv_heads: int, head_size: 
     metadata = AttentionMetadata(torch.tensor(cu, dtype=torch.int32, device=device),
                                  torch.tensor(case.seq_lens, dtype=torch.int32, device=device),
                                  table, max(case.query_lens), max(case.seq_lens))
-    out = torch.empty_like(q)
-    return Inputs(q, PagedKVCache(k, v), metadata, out)
+    out = torch.empty(q.shape[0], num_q_heads, head_v, dtype=dtype, device=device)
+    return Inputs(q, cache, metadata, out)
 
 
 def gather_contiguous(inp: Inputs, b: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,13 +177,21 @@ def gather_contiguous(inp: Inputs, b: int, seq_len: int) -> tuple[torch.Tensor, 
 
 # --------------------------------------------------------------------------- metrics
 def case_bytes(case: Case, inp: Inputs) -> int:
-    elem = inp.cache.key_cache.element_size()
-    hkv, d = inp.cache.num_kv_heads, inp.cache.head_size_qk
-    kv = sum(case.seq_lens) * hkv * d * 2 * elem
-    return kv + 2 * inp.q.numel() * inp.q.element_size()
+    """Bytes a kernel must move: K and V as stored (real head sizes and element size), the
+    per-token-head scales, q and out."""
+    cache = inp.cache
+    elem = cache.key_cache.element_size()
+    tokens_heads = sum(case.seq_lens) * cache.num_kv_heads
+    kv = tokens_heads * (cache.head_size_qk + cache.head_size_v) * elem
+    if cache.k_scale_cache is not None:
+        kv += tokens_heads * 2 * 4
+    return kv + inp.q.numel() * inp.q.element_size() + inp.out.numel() * inp.out.element_size()
 
 
-def case_flops(case: Case, num_q_heads: int, head_size: int, causal: bool = True) -> float:
+def case_flops(case: Case, num_q_heads: int, head_size: int, causal: bool = True,
+               head_size_v: int | None = None) -> float:
+    """``2 * pairs * (head_size + head_size_v) * heads`` (QK^T and PV; ``4 * ... *
+    head_size`` when they are equal); causal counts visible pairs only."""
     pairs = 0
     for ql, sl in zip(case.query_lens, case.seq_lens):
         ctx = sl - ql
@@ -130,7 +199,8 @@ def case_flops(case: Case, num_q_heads: int, head_size: int, causal: bool = True
             pairs += ql * ctx + ql * (ql + 1) // 2
         else:
             pairs += ql * sl
-    return 4.0 * pairs * head_size * num_q_heads
+    head_size_v = head_size if head_size_v is None else head_size_v
+    return 2.0 * pairs * (head_size + head_size_v) * num_q_heads
 
 
 def timer(device: str, rep_ms: int):
@@ -237,7 +307,10 @@ def measure_ceilings(device: str, bench) -> dict:
 def ours(inp: Inputs):
     import portattn
 
-    backend = "triton_unified" if inp.q.is_cuda else None
+    backend = None
+    if inp.q.is_cuda:
+        backend = "triton_diffkv" if inp.cache.head_size_qk != inp.cache.head_size_v \
+            else "triton_unified"
 
     def fn():
         portattn.attention(inp.q, inp.cache, inp.metadata, out=inp.out, backend=backend)
@@ -413,13 +486,14 @@ def compile_only(cases: list[Case], args, caps, shard: int, shards: int) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     seen, work = set(), []
     for case in cases:
-        shape = Shape(args.num_q_heads, args.num_kv_heads, args.head_size,
-                      torch.empty((), dtype=dtype).element_size(), max(case.query_lens),
-                      max(case.seq_lens), case.num_seqs, caps.sm_count, caps.arch)
+        elem = 1 if case.kv_quant != "none" else torch.empty((), dtype=dtype).element_size()
+        shape = Shape(args.num_q_heads, args.num_kv_heads, case.head_size_qk or args.head_size,
+                      elem, max(case.query_lens), max(case.seq_lens), case.num_seqs,
+                      caps.sm_count, caps.arch, case.head_size_v)
         items = [None] + (sweep_configs(case, shape) if args.sweep else [])
         for params in items:
-            key = (case.num_seqs == 1, json.dumps(params, sort_keys=True)
-                   if params else case.name)
+            key = (case.num_seqs == 1, case.kv_quant, case.head_size_v,
+                   json.dumps(params, sort_keys=True) if params else case.name)
             if key not in seen:
                 seen.add(key)
                 work.append((case, params))
@@ -457,8 +531,9 @@ def run_sweep(case: Case, inp: Inputs, bench, caps) -> list[dict]:
 
     options = normalize_options(inp.q, inp.cache)
     shape = Shape(inp.q.shape[1], inp.cache.num_kv_heads, inp.q.shape[2],
-                  inp.q.element_size(), max(case.query_lens), max(case.seq_lens),
-                  case.num_seqs, caps.sm_count, caps.arch)
+                  inp.cache.key_cache.element_size(), max(case.query_lens),
+                  max(case.seq_lens), case.num_seqs, caps.sm_count, caps.arch,
+                  inp.cache.head_size_v)
     rows = []
     for params in sweep_configs(case, shape):
         record = {"params": params}
@@ -504,15 +579,18 @@ def run_case(case: Case, args, bench, caps, ceilings) -> dict:
                        head_size=args.head_size, block_size=args.block_size, dtype=dtype,
                        device=args.device)
     nbytes = case_bytes(case, inp)
-    flops = case_flops(case, args.num_q_heads, args.head_size)
-    decision = portattn.explain(inp.q, inp.cache, inp.metadata,
-                                backend="triton_unified" if args.device == "cuda" else None)
+    flops = case_flops(case, args.num_q_heads, inp.cache.head_size_qk,
+                       head_size_v=inp.cache.head_size_v)
+    forced = None
+    if args.device == "cuda":
+        forced = "triton_diffkv" if case.head_size_v is not None else "triton_unified"
+    decision = portattn.explain(inp.q, inp.cache, inp.metadata, backend=forced)
     result = {"case": dataclasses.asdict(case) | {"query_lens": _compact(case.query_lens),
                                                   "seq_lens": _compact(case.seq_lens)},
               "bytes": nbytes, "flops": flops, "backend": decision.backend,
               "plan": decision.plan.describe(), "impls": {}, "notes": []}
     impls = {"ours": lambda: ours(inp)}
-    if not args.no_peers and args.device == "cuda":
+    if not args.no_peers and args.device == "cuda" and not case.variant_of_bf16:
         def peer(name):
             def make():
                 fn, notes = sdpa(case, inp, name)
@@ -586,7 +664,9 @@ def _direct_launch(inp: Inputs):
     from portattn.options import normalize_options
 
     options = normalize_options(inp.q, inp.cache)
-    plan = portattn.explain(inp.q, inp.cache, inp.metadata, backend="triton_unified").plan
+    diffkv = inp.cache.head_size_qk != inp.cache.head_size_v
+    plan = portattn.explain(inp.q, inp.cache, inp.metadata,
+                            backend="triton_diffkv" if diffkv else "triton_unified").plan
 
     def fn():
         launch_unified(inp.q, inp.cache, inp.metadata, options, inp.out, plan.params)
@@ -617,6 +697,27 @@ def _compact(values: list) -> str:
         out.append(f"{values[i]}x{j - i + 1}" if j > i else str(values[i]))
         i = j + 1
     return ",".join(out)
+
+
+def add_plain_ratios(report: dict) -> None:
+    """Each quantized / DiffKV case against the plain (bf16, equal heads) case of the same
+    shape measured in the same run: ``time`` and ``graph_time`` are our time over the
+    plain case's (< 1: faster), ``tflops`` the TFLOP/s ratio (same-FLOP comparison)."""
+    by_name = {r["case"]["name"]: r for r in report["cases"]}
+    for r in report["cases"]:
+        name = r["case"]["name"]
+        base = by_name.get(name.rsplit("-", 1)[0]) if r["case"].get("kv_quant", "none") != \
+            "none" or r["case"].get("head_size_v") else None
+        if base is None:
+            continue
+        mine, plain = r["impls"].get("ours", {}), base["impls"].get("ours", {})
+        if "ms" not in mine or "ms" not in plain:
+            continue
+        ratios = {"plain_case": base["case"]["name"], "time": mine["ms"] / plain["ms"],
+                  "tflops": mine["tflops"] / plain["tflops"] if plain["tflops"] else None}
+        if mine.get("graph_ms") and plain.get("graph_ms"):
+            ratios["graph_time"] = mine["graph_ms"] / plain["graph_ms"]
+        r["vs_plain"] = ratios
 
 
 def format_table(report: dict) -> str:
@@ -651,6 +752,16 @@ def format_table(report: dict) -> str:
             f"{_fmt(gv.get('sdpa_cudnn')):>5} {_fmt(gv.get('sdpa_flash')):>5} "
             f"{_fmt(gv.get('fa4_paged')):>5} "
             f"{_fmt(o.get('host_us'), 0):>6}  {r['plan'].split(' ')[0]}{extra}")
+    variants = [r for r in report["cases"] if r.get("vs_plain")]
+    if variants:
+        lines.append("quantized / DiffKV cases against the bf16 equal-head case, same run "
+                     "(time ratio < 1: faster; kernel-only from the CUDA graph):")
+        for r in variants:
+            v = r["vs_plain"]
+            lines.append(f"  {r['case']['name']:<24} vs {v['plain_case']:<18} time "
+                         f"x{_fmt(v['time'])}  graph x{_fmt(v.get('graph_time'))}  "
+                         f"TFLOP/s x{_fmt(v.get('tflops'))}  ceil "
+                         f"{_fmt(r.get('fraction_of_ceiling'))}")
     lines.append("ceil = fraction of copy bandwidth (decode/spec) or bf16 matmul (others); "
                  "cuDNN/flash/FA/pFA = peer time / our time (>1: ours faster; FA = flash-attn 2 on "
                  "contiguous K/V, pFA = portattn's flash_attn backend, FA4 = flash_attn.cute "
@@ -734,7 +845,8 @@ def main(argv=None) -> int:
     bench = timer(args.device, args.rep)
     wanted = set(args.cases.split(","))
     cases = [c for c in default_cases(args.shrink)
-             if "all" in wanted or c.name in wanted or c.kind in wanted]
+             if "all" in wanted or c.name in wanted or c.kind in wanted
+             or bool(wanted & set(case_tags(c)))]
     shard, shards = (int(x) for x in args.shard.split("/"))
     if args.compile_only:
         return compile_only(cases, args, caps, shard, shards)
@@ -760,6 +872,7 @@ def main(argv=None) -> int:
         _flush_print(f"{case.name}: ours {o.get('ms', o.get('error'))} ms, "
                      f"vs {result.get('speed_vs')}, plan {result['plan']} "
                      f"({time.time() - t0:.1f}s)")
+    add_plain_ratios(report)
     os.makedirs(args.out, exist_ok=True)
     short_gpu = gpu.replace("NVIDIA ", "").split()[0].lower() if gpu != "cpu" else "cpu"
     prefix = args.prefix or f"{short_gpu}-{report['date']}-bench"

@@ -291,8 +291,19 @@ class PagedKVCache:
         ``[T, num_kv_heads, head_size_v]`` at ``slot_mapping`` ``[T]`` (int32/int64; slot =
         block * block_size + offset; -1 skips the token). Quantizes for quantized caches:
         per-tensor fp8 divides by the scale; per-token-head modes store absmax-derived scales
-        in the scale caches."""
+        in the scale caches.
+
+        On a GPU this is one Triton kernel launch that reads no device value (no sync, so a
+        whole decode step, write plus attention, can be captured in a CUDA graph); slots
+        are therefore not value-checked there: -1 and slots outside the cache are skipped
+        on the device. On the CPU slots are checked (``InputError`` for values below -1
+        or past the cache) and the write runs in PyTorch."""
         self._check_write_args(key, value, slot_mapping)
+        if self.device.type != "cpu" and _write_kernel_available():
+            from portattn.kernels.write_launch import launch_cache_write
+
+            launch_cache_write(self, key, value, slot_mapping)
+            return
         from portattn.quant import quantize_for_cache
 
         valid = slot_mapping >= 0
@@ -328,12 +339,21 @@ class PagedKVCache:
                              _describe(slot_mapping))
         if slot_mapping.device != self.device:
             raise InputError("slot_mapping", f"device {self.device}", str(slot_mapping.device))
-        if slot_mapping.numel():
+        if slot_mapping.numel() and slot_mapping.device.type == "cpu":  # no sync on a GPU
             capacity = self.num_blocks * self.block_size
             lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
             if lo < -1 or hi >= capacity:
                 raise InputError("slot_mapping", f"slots in [-1, {capacity - 1}] (-1 skips)",
                                  f"values in [{lo}, {hi}]")
+
+
+def _write_kernel_available() -> bool:
+    """Whether Triton imports here (the write kernel then serves GPU caches)."""
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
 
 
 def _check_cache_tensor(name: str, t: object) -> None:

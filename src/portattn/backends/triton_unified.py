@@ -1,10 +1,14 @@
-"""``triton_unified``: our Triton unified paged-attention kernels.
+"""``triton_unified`` and ``triton_diffkv``: our Triton paged-attention kernels.
 
-Support is declared as data below and checked by :meth:`TritonUnified.why_not`; the
-variant (decode / prefill / mixed tiles, 2D or split-KV 3D, tile sizes, warps, stages,
-segments) is chosen by :func:`portattn.kernels.heuristics.plan_launch` from the problem and
-the probed SM count. ``PORTATTN_UNIFIED_SPLIT`` overrides the split choice (unset: auto,
-``1``: split decode tiles over the keys when they can be, ``0``: never).
+Both names serve calls through the same kernel body, heuristics and launcher
+(:mod:`portattn.kernels`): ``triton_unified`` takes equal K and V head sizes,
+``triton_diffkv`` (DESIGN.md) the calls whose K and V head sizes differ (the kernel's
+second head size, not a fork). Support is declared as data below and checked by
+:func:`kernel_reasons`; the variant (decode / prefill / mixed tiles, 2D or split-KV 3D,
+tile sizes, warps, stages, segments, fp8 tensor-core QK^T) is chosen by
+:func:`portattn.kernels.heuristics.plan_launch` from the problem and the probed device.
+``PORTATTN_UNIFIED_SPLIT`` overrides the split choice (unset: auto, ``1``: split decode
+tiles over the keys when they can be, ``0``: never).
 
 Importing this module imports Triton (through the kernels package); the registry turns an
 ImportError into a reason.
@@ -20,62 +24,107 @@ from portattn.backends.base import Backend, Plan
 from portattn.kernels import heuristics
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+FP8_FORMAT_NAMES = {torch.float8_e4m3fn: "e4m3fn", torch.float8_e5m2: "e5m2"}
+#: Every quantized-cache mode the kernels read (KVQuant.mode).
+KV_QUANT_MODES = ("none", "fp8_per_tensor", "int8_per_token_head", "fp8_per_token_head")
+#: For both K and V head sizes (DiffKV too).
 HEAD_SIZE_RANGE = (32, 256)
 HEAD_SIZE_STEP = 8
 MAX_GQA_RATIO = 128
 
 
+def _fp8_reason(what: str, dtype: torch.dtype, caps) -> str | None:
+    """Triton computes on fp8 only where the hardware has the format (sm89+, gfx950; the
+    interpreter emulates it)."""
+    if caps.device_type == "cpu":
+        return None
+    fmt = FP8_FORMAT_NAMES[dtype]
+    if fmt not in caps.fp8_formats:
+        have = ", ".join(caps.fp8_formats) or "none"
+        return (f"{what} is fp8 {fmt}, which {caps.arch} does not compute in (fp8 formats "
+                f"here: {have}; NVIDIA needs sm89+)")
+    return None
+
+
+def kernel_reasons(problem, caps) -> list[str]:
+    """Why our Triton kernels cannot serve ``problem`` on ``caps`` (empty: they can),
+    whatever the K/V head sizes; each backend adds its head-size rule."""
+    reasons: list[str] = []
+    if not caps.triton_kernels.ok:
+        reasons.append(caps.triton_kernels.reason or "Triton kernels cannot run here")
+    if problem.device_type != caps.device_type:
+        reasons.append(f"tensors are on {problem.device_type} but the probed device is "
+                       f"{caps.device_type}")
+    elif problem.device_type == "cpu" and not caps.triton_interpreter:
+        reasons.append("CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)")
+    mode = problem.kv_quant.split(":", 1)[0]
+    if mode not in KV_QUANT_MODES:
+        reasons.append(f"KV cache quantization {problem.kv_quant} is not supported by our "
+                       f"Triton kernels ({', '.join(KV_QUANT_MODES)})")
+    if problem.kv_dtype in FP8_DTYPES:
+        reasons.append(_fp8_reason("the KV cache", problem.kv_dtype, caps) or "")
+    if problem.q_dtype in FP8_DTYPES:
+        if not problem.quantized_kv:
+            reasons.append(f"an fp8 q needs a quantized KV cache (fp8 per-tensor or "
+                           f"per-token-head), not a {problem.kv_dtype} one")
+        reasons.append(_fp8_reason("q", problem.q_dtype, caps) or "")
+    elif problem.q_dtype not in SUPPORTED_DTYPES:
+        reasons.append(f"q dtype {problem.q_dtype} is not supported by our Triton kernels "
+                       "(float16, bfloat16, float32, or fp8 with q_scale)")
+    elif not problem.quantized_kv and problem.kv_dtype != problem.q_dtype:
+        reasons.append(f"q dtype {problem.q_dtype} differs from the cache dtype "
+                       f"{problem.kv_dtype}")
+    if problem.out_dtype in FP8_DTYPES:
+        reasons.append(_fp8_reason("the output", problem.out_dtype, caps) or "")
+    elif problem.out_dtype not in SUPPORTED_DTYPES:
+        reasons.append(f"output dtype {problem.out_dtype} is not supported")
+    lo, hi = HEAD_SIZE_RANGE
+    for what, size in (("head size", problem.head_size_qk), ("V head size", problem.head_size_v)):
+        if not (lo <= size <= hi) or size % HEAD_SIZE_STEP:
+            reasons.append(f"{what} {size} is outside {lo}..{hi} in steps of {HEAD_SIZE_STEP}")
+        if what == "head size" and not problem.diffkv:
+            break
+    if problem.block_size < 1:
+        reasons.append(f"block size {problem.block_size} must be positive")
+    if problem.num_kv_heads <= 0 or problem.num_q_heads % problem.num_kv_heads:
+        reasons.append(f"{problem.num_q_heads} query heads are not a multiple of "
+                       f"{problem.num_kv_heads} kv heads")
+    elif problem.gqa_ratio > MAX_GQA_RATIO:
+        reasons.append(f"GQA ratio {problem.gqa_ratio} above {MAX_GQA_RATIO} (one query "
+                       "tile must hold a whole group)")
+    if caps.triton_interpreter and problem.device_type == "cpu" and \
+            torch.bfloat16 in (problem.q_dtype, problem.kv_dtype):
+        reasons.append("bfloat16 tl.dot is wrong under the Triton interpreter (run bf16 "
+                       "on a GPU)")
+    return [r for r in reasons if r]
+
+
+def uses_fp8_dot(problem, caps) -> bool:
+    """QK^T on fp8 tensor cores: fp8 q over an fp8 per-tensor cache of the same format,
+    on NVIDIA sm89+ (the interpreter and other targets cast to fp16 instead)."""
+    return (problem.q_dtype in FP8_DTYPES and problem.kv_dtype == problem.q_dtype
+            and problem.kv_quant.startswith("fp8_per_tensor") and caps.vendor == "nvidia"
+            and problem.device_type == "cuda" and caps.compute_capability is not None
+            and tuple(caps.compute_capability) >= (8, 9))
+
+
 class TritonUnified(Backend):
     name = "triton_unified"
     summary = ("our Triton unified paged-attention kernel: decode/prefill/mixed tiles, "
-               "2D or split-KV 3D")
+               "2D or split-KV 3D, fp8/int8 KV caches, fp8 q and output")
 
     def why_not(self, problem, caps) -> list[str]:
-        reasons: list[str] = []
-        if not caps.triton_kernels.ok:
-            reasons.append(caps.triton_kernels.reason or "Triton kernels cannot run here")
-        if problem.device_type != caps.device_type:
-            reasons.append(f"tensors are on {problem.device_type} but the probed device is "
-                           f"{caps.device_type}")
-        elif problem.device_type == "cpu" and not caps.triton_interpreter:
-            reasons.append("CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)")
+        reasons = kernel_reasons(problem, caps)
         if problem.diffkv:
             reasons.append(f"head_size_qk {problem.head_size_qk} != head_size_v "
                            f"{problem.head_size_v}: served by triton_diffkv")
-        if problem.quantized_kv:
-            reasons.append(f"quantized KV cache ({problem.kv_quant}) is not yet supported by "
-                           "triton_unified")
-        if problem.q_dtype not in SUPPORTED_DTYPES:
-            reasons.append(f"q dtype {problem.q_dtype} is not yet supported by triton_unified "
-                           "(float16, bfloat16, float32)")
-        elif not problem.quantized_kv and problem.kv_dtype != problem.q_dtype:
-            reasons.append(f"q dtype {problem.q_dtype} differs from the cache dtype "
-                           f"{problem.kv_dtype}")
-        if problem.fp8_output:
-            reasons.append("fp8 output is not yet supported by triton_unified")
-        elif problem.out_dtype not in SUPPORTED_DTYPES:
-            reasons.append(f"output dtype {problem.out_dtype} is not supported")
-        lo, hi = HEAD_SIZE_RANGE
-        if not (lo <= problem.head_size_qk <= hi) or problem.head_size_qk % HEAD_SIZE_STEP:
-            reasons.append(f"head size {problem.head_size_qk} is outside {lo}..{hi} in steps "
-                           f"of {HEAD_SIZE_STEP}")
-        if problem.block_size < 1:
-            reasons.append(f"block size {problem.block_size} must be positive")
-        if problem.num_kv_heads <= 0 or problem.num_q_heads % problem.num_kv_heads:
-            reasons.append(f"{problem.num_q_heads} query heads are not a multiple of "
-                           f"{problem.num_kv_heads} kv heads")
-        elif problem.gqa_ratio > MAX_GQA_RATIO:
-            reasons.append(f"GQA ratio {problem.gqa_ratio} above {MAX_GQA_RATIO} (one query "
-                           "tile must hold a whole group)")
-        if caps.triton_interpreter and problem.device_type == "cpu" and \
-                problem.q_dtype == torch.bfloat16:
-            reasons.append("bfloat16 tl.dot is wrong under the Triton interpreter (run bf16 "
-                           "on a GPU)")
         return reasons
 
     def plan(self, problem, caps) -> Plan:
         shape = heuristics.Shape.from_problem(problem, caps.sm_count, caps.arch)
-        params = heuristics.plan_launch(shape, segments=_forced_segments(shape))
+        params = heuristics.plan_launch(shape, segments=_forced_segments(shape),
+                                        fp8_dot=uses_fp8_dot(problem, caps))
         return Plan(self.name, heuristics.variant_name(params), params)
 
     def run(self, q, cache, metadata, options, out, plan) -> None:

@@ -29,9 +29,10 @@ from portattn.capabilities import Capabilities
 # where installed, is not measured yet), then the FA2 gather path (a copy of the K/V
 # first), the reference last. AMD: flash-attn is CUDA-only. CPU: the reference is the
 # default (the Triton interpreter is for testing kernels, far slower).
-_NVIDIA_ORDER = ("triton_unified", "flash_attn", "flash_attn_gather", "torch_ref")
-_AMD_ORDER = ("triton_unified", "torch_ref")
-_CPU_ORDER = ("torch_ref", "triton_unified")
+_NVIDIA_ORDER = ("triton_unified", "triton_diffkv", "flash_attn", "flash_attn_gather",
+                 "torch_ref")
+_AMD_ORDER = ("triton_unified", "triton_diffkv", "torch_ref")
+_CPU_ORDER = ("torch_ref", "triton_unified", "triton_diffkv")
 
 # ----------------------------------------------------------------- problem classes
 

@@ -15,6 +15,7 @@ from portattn.backends.base import Backend
 #: name -> "module:Class". Order here is only the listing order; priority is per arch.
 BACKENDS: dict[str, str] = {
     "triton_unified": "portattn.backends.triton_unified:TritonUnified",
+    "triton_diffkv": "portattn.backends.triton_diffkv:TritonDiffKV",
     "flash_attn": "portattn.backends.flash_attn:FlashAttn",
     "flash_attn_gather": "portattn.backends.flash_attn:FlashAttnGather",
     "torch_ref": "portattn.backends.torch_ref:TorchReference",

@@ -59,8 +59,11 @@ class TileConfig:
     num_stages: int
     segments: int = 1
 
-    def smem_bytes(self, head_pad: int, elem_bytes: int) -> int:
-        kv = 2 * self.block_n * head_pad * elem_bytes * max(1, self.num_stages)
+    def smem_bytes(self, head_pad: int, elem_bytes: int, head_pad_v: int | None = None) -> int:
+        """Shared memory of the pipelined K and V tiles plus the query tile (``head_pad``
+        is the K/Q width, ``head_pad_v`` the V width, equal unless DiffKV)."""
+        head_pad_v = head_pad if head_pad_v is None else head_pad_v
+        kv = self.block_n * (head_pad + head_pad_v) * elem_bytes * max(1, self.num_stages)
         return kv + self.block_m * head_pad * elem_bytes
 
     def as_dict(self) -> dict:
@@ -73,13 +76,14 @@ class Shape:
 
     num_q_heads: int
     num_kv_heads: int
-    head_size: int
-    elem_bytes: int
+    head_size: int           # of q and K
+    elem_bytes: int          # of the KV cache's storage dtype
     max_seqlen_q: int
     max_seqlen_k: int
     num_seqs: int
     sm_count: int
     arch: str
+    head_size_v: int | None = None  # of V (None: same as head_size)
 
     @property
     def group(self) -> int:
@@ -89,6 +93,17 @@ class Shape:
     def head_pad(self) -> int:
         return max(16, next_pow2(self.head_size))
 
+    @property
+    def head_pad_v(self) -> int:
+        return max(16, next_pow2(self.head_size if self.head_size_v is None
+                                 else self.head_size_v))
+
+    @property
+    def widest_pad(self) -> int:
+        """The wider of the K and V tile widths: what registers and shared memory scale
+        with (DiffKV 192/128 is sized like head 256)."""
+        return max(self.head_pad, self.head_pad_v)
+
     @classmethod
     def from_problem(cls, problem, sm_count: int, arch: str) -> "Shape":
         import torch  # the dtype size only
@@ -96,13 +111,14 @@ class Shape:
         elem = torch.empty((), dtype=problem.kv_dtype).element_size()
         return cls(problem.num_q_heads, problem.num_kv_heads, problem.head_size_qk, elem,
                    max(1, problem.max_seqlen_q), max(1, problem.max_seqlen_k),
-                   max(1, problem.num_seqs), max(1, int(sm_count or 1)), arch or "")
+                   max(1, problem.num_seqs), max(1, int(sm_count or 1)), arch or "",
+                   problem.head_size_v)
 
 
 def _fit_smem(cfg: TileConfig, shape: Shape, min_block_n: int = 16) -> TileConfig:
     """Drop stages, then halve BLOCK_N, until the tiles fit the shared-memory budget."""
     budget = shared_memory_budget(shape.arch)
-    while cfg.smem_bytes(shape.head_pad, shape.elem_bytes) > budget:
+    while cfg.smem_bytes(shape.head_pad, shape.elem_bytes, shape.head_pad_v) > budget:
         if cfg.num_stages > 2:
             cfg = TileConfig(cfg.block_m, cfg.block_q, cfg.block_n, cfg.num_warps,
                              cfg.num_stages - 1, cfg.segments)
@@ -143,7 +159,7 @@ def decode_config(shape: Shape, max_q: int, num_seqs: int,
     block_q = block_m // shape.group
     # Decode is bandwidth-bound: big KV tiles (32 KB of K per stage at head 128) keep
     # enough bytes in flight per SM; 128 keys beat 32/64 at every batch on the H100 sweep.
-    block_n = 128 if shape.head_pad <= 128 else 64
+    block_n = 128 if shape.widest_pad <= 128 else 64
     if shape.elem_bytes == 4:
         block_n //= 2
     warps = 4 if block_m <= 32 else 8
@@ -158,7 +174,7 @@ def prefill_config(shape: Shape) -> TileConfig:
     # Tensor-core tiles: 128 rows for heads up to 128, 64 for wider ones (registers).
     # 128 x 128 with 8 warps and 3 stages was best or within 1% on the H100 prefill sweep;
     # smaller shared memory drops stages, then BLOCK_N (_fit_smem).
-    if shape.head_pad <= 128 and shape.elem_bytes <= 2:
+    if shape.widest_pad <= 128 and shape.elem_bytes <= 2:
         block_m, block_n, warps = 128, 128, 8
     else:
         block_m, block_n, warps = 64, 32 if shape.elem_bytes == 4 else 64, 4
@@ -169,10 +185,12 @@ def prefill_config(shape: Shape) -> TileConfig:
 
 
 def plan_launch(shape: Shape, *, mode: str | None = None, segments: int | None = None,
-                short: TileConfig | None = None, long: TileConfig | None = None) -> dict:
+                short: TileConfig | None = None, long: TileConfig | None = None,
+                fp8_dot: bool = False) -> dict:
     """The launch parameters: ``mode`` plus ``short`` (decode tiles, with ``segments``)
-    and/or ``long`` (prefill tiles) configs as dicts. Every keyword overrides one
-    automatic choice (tests force 2D/3D, the sweep forces tiles)."""
+    and/or ``long`` (prefill tiles) configs as dicts, and ``fp8_dot`` (QK^T on fp8
+    tensor cores, decided by the backend from the dtypes and the device). Every keyword
+    overrides one automatic choice (tests force 2D/3D, the sweep forces tiles)."""
     if segments is not None and (segments < 1 or segments & (segments - 1)):
         raise ValueError(f"segments must be a power of two >= 1 (the merge kernel tiles "
                          f"over them), got {segments}")
@@ -182,6 +200,8 @@ def plan_launch(shape: Shape, *, mode: str | None = None, segments: int | None =
         else:
             mode = "prefill" if shape.num_seqs == 1 else "mixed"
     params: dict = {"mode": mode}
+    if fp8_dot:
+        params["fp8_dot"] = True
     if mode == "decode":
         short = short or decode_config(shape, shape.max_seqlen_q, shape.num_seqs, segments)
         params["short"] = short.as_dict()
@@ -198,4 +218,5 @@ def plan_launch(shape: Shape, *, mode: str | None = None, segments: int | None =
 
 def variant_name(params: dict) -> str:
     split = params.get("short", {}).get("segments", 1) > 1
-    return f"{params['mode']}-{'3d' if split else '2d'}"
+    name = f"{params['mode']}-{'3d' if split else '2d'}"
+    return name + "-fp8dot" if params.get("fp8_dot") else name

@@ -2,23 +2,73 @@
 
 :func:`launch_unified` turns a public call plus the launch parameters chosen by
 :func:`portattn.kernels.heuristics.plan_launch` into one to three kernel launches. It
-reads no device value (everything is sized from tensor shapes and the plan), so it never
-synchronizes and can be captured in a CUDA graph; the split-KV workspace is allocated per
-call with ``torch.empty``.
+reads no device value (everything is sized from tensor shapes and the plan; scales given
+as Python floats become cached one-element device tensors), so it never synchronizes and
+can be captured in a CUDA graph; the split-KV workspace is allocated per call with
+``torch.empty`` unless the caller passes one.
 """
 
 from __future__ import annotations
 
 import torch
+import triton.language as tl
 
 from portattn.kernels.heuristics import next_pow2
 from portattn.kernels.reduce import merge_segments_kernel
+from portattn.kernels.scalars import device_scalars
 from portattn.kernels.unified import unified_attention_kernel
+from portattn.types import FP8_DTYPES, fp8_max
 
 ALIBI_CODES = {"none": 0, "linear": 1, "sqrt": 2}
+KV_QUANT_CODES = {"none": 0, "fp8_per_tensor": 1, "int8_per_token_head": 2,
+                  "fp8_per_token_head": 2}
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+              torch.float32: tl.float32}
+#: fp8 QK^T dots promote their partial sums to fp32 every this many products (the
+#: smallest Hopper fp8 MMA depth): accurate at any context length, see benchmarks/NOTES.md.
+FP8_DOT_PROMOTE_EVERY = 32
 
 
-def _common_args(q, cache, metadata, options, out):
+def head_pad(head_size: int) -> int:
+    """The power-of-two tile width holding ``head_size`` (at least 16)."""
+    return max(16, next_pow2(head_size))
+
+
+
+
+def kernel_scalars(q, cache, options, fp8_dot: bool) -> dict:
+    """The quantization arguments of both kernels: scale pointers, their strides and the
+    switches (see the kernel's module doc)."""
+    quant = cache.quant
+    device = q.device
+    code = KV_QUANT_CODES[quant.mode]
+    dummy = q
+    if code == 1:
+        k_scale = device_scalars.get(quant.k_scale, device)
+        v_scale = device_scalars.get(quant.v_scale, device)
+        k_strides = v_strides = (0, 0, 0)
+    elif code == 2:
+        k_scale, v_scale = cache.k_scale_cache, cache.v_scale_cache
+        k_strides, v_strides = k_scale.stride(), v_scale.stride()
+    else:
+        k_scale = v_scale = dummy
+        k_strides = v_strides = (0, 0, 0)
+    q_fp8 = q.dtype in FP8_DTYPES
+    fp8_out = options.out_dtype in FP8_DTYPES
+    return dict(
+        q_scale_ptr=device_scalars.get(options.q_scale, device) if q_fp8 else dummy,
+        k_scale_ptr=k_scale, v_scale_ptr=v_scale,
+        out_scale_ptr=device_scalars.get(options.output_scale, device) if fp8_out else dummy,
+        stride_ksb=k_strides[0], stride_kss=k_strides[1], stride_ksh=k_strides[2],
+        stride_vsb=v_strides[0], stride_vss=v_strides[1], stride_vsh=v_strides[2],
+        KV_QUANT=code, Q_SCALED=q_fp8, FP8_DOT=bool(fp8_dot and q_fp8),
+        FP8_ACC=FP8_DOT_PROMOTE_EVERY, FP8_OUT=fp8_out,
+        FP8_MAX=fp8_max(options.out_dtype) if fp8_out else 0.0,
+        COMPUTE_DTYPE=tl.float16 if q_fp8 else _TL_DTYPES[q.dtype],
+    )
+
+
+def _common_args(q, cache, metadata, options, out, fp8_dot: bool) -> dict:
     dummy = q
     return dict(
         q_ptr=q, k_ptr=cache.key_cache, v_ptr=cache.value_cache, out_ptr=out,
@@ -27,6 +77,7 @@ def _common_args(q, cache, metadata, options, out):
         alibi_ptr=options.alibi_slopes if options.alibi_slopes is not None else dummy,
         sinks_ptr=options.sinks if options.sinks is not None else dummy,
         num_seqs=metadata.seq_lens.shape[0], num_q_heads=q.shape[1],
+        num_blocks=cache.num_blocks, bt_width=metadata.block_table.shape[1],
         scale=float(options.scale),
         softcap=float(options.softcap) if options.softcap is not None else 0.0,
         window=int(options.sliding_window) if options.sliding_window is not None else 0,
@@ -37,43 +88,49 @@ def _common_args(q, cache, metadata, options, out):
         stride_vs=cache.value_cache.stride(1), stride_vh=cache.value_cache.stride(2),
         stride_bt=metadata.block_table.stride(0),
         GROUP=q.shape[1] // cache.num_kv_heads, BLOCK_SIZE=cache.block_size,
-        HEAD=q.shape[2], HEAD_PAD=max(16, next_pow2(q.shape[2])),
+        HEAD_QK=cache.head_size_qk, HEAD_QK_PAD=head_pad(cache.head_size_qk),
+        HEAD_V=cache.head_size_v, HEAD_V_PAD=head_pad(cache.head_size_v),
         CAUSAL=bool(options.causal), USE_WINDOW=options.sliding_window is not None,
         USE_SOFTCAP=options.softcap is not None, ALIBI=ALIBI_CODES[options.alibi],
         USE_SINKS=options.sinks is not None,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        **kernel_scalars(q, cache, options, fp8_dot),
     )
 
 
-def _launch_short(args, q, cache, metadata, options, out, cfg: dict) -> None:
+def _launch_short(args, q, cache, metadata, out, cfg: dict, long_follows: bool,
+                  workspace: torch.Tensor | None = None) -> None:
     """SEQ_MODE 1: one tile per sequence with at most BLOCK_Q queries (2D or 3D)."""
     num_seqs = metadata.seq_lens.shape[0]
     num_kv_heads = cache.num_kv_heads
     segments = cfg["segments"]
     block_q = cfg["block_q"]
-    head_pad = args["HEAD_PAD"]
-    if segments > 1:  # one workspace: [acc rows x HEAD_PAD | m | l]
+    pad_v = args["HEAD_V_PAD"]
+    if segments > 1:  # one workspace: [acc rows x HEAD_V_PAD | m | l]
         rows = num_seqs * block_q * q.shape[1] * segments
-        work = torch.empty(rows * (head_pad + 2), dtype=torch.float32, device=q.device)
-        part_acc = work[:rows * head_pad]
-        part_m = work[rows * head_pad:rows * (head_pad + 1)]
-        part_l = work[rows * (head_pad + 1):]
+        need = rows * (pad_v + 2)
+        if workspace is None or workspace.numel() < need:
+            workspace = torch.empty(need, dtype=torch.float32, device=q.device)
+        part_acc = workspace[:rows * pad_v]
+        part_m = workspace[rows * pad_v:rows * (pad_v + 1)]
+        part_l = workspace[rows * (pad_v + 1):need]
     else:
         part_m = part_l = part_acc = q
     unified_attention_kernel[(num_seqs, num_kv_heads, segments)](
         part_m_ptr=part_m, part_l_ptr=part_l, part_acc_ptr=part_acc,
         BLOCK_M=cfg["block_m"], BLOCK_Q=block_q, BLOCK_N=cfg["block_n"], SEQ_MODE=1,
-        SHORT_Q=0, SPLIT=segments > 1, num_segments=segments, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], **args)
+        SHORT_Q=0, SPLIT=segments > 1, LONG_FOLLOWS=long_follows, num_segments=segments,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **args)
     if segments > 1:
         merge_segments_kernel[(num_seqs, q.shape[1], block_q)](
-            part_m, part_l, part_acc, out, metadata.cu_seqlens_q,
-            args["sinks_ptr"], q.shape[1], out.stride(0), out.stride(1), out.stride(2),
-            BLOCK_Q=block_q, NUM_SEGMENTS=segments, HEAD=args["HEAD"], HEAD_PAD=head_pad,
-            USE_SINKS=args["USE_SINKS"], num_warps=4 if head_pad * segments >= 4096 else 2)
+            part_m, part_l, part_acc, out, metadata.cu_seqlens_q, args["sinks_ptr"],
+            args["out_scale_ptr"], q.shape[1], out.stride(0), out.stride(1), out.stride(2),
+            BLOCK_Q=block_q, NUM_SEGMENTS=segments, HEAD_V=args["HEAD_V"], HEAD_V_PAD=pad_v,
+            USE_SINKS=args["USE_SINKS"], FP8_OUT=args["FP8_OUT"], FP8_MAX=args["FP8_MAX"],
+            num_warps=4 if pad_v * segments >= 4096 else 2)
 
 
-def _launch_long(args, q, cache, metadata, out, cfg: dict, short_q: int) -> None:
+def _launch_long(args, q, cache, metadata, cfg: dict, short_q: int) -> None:
     """SEQ_MODE 0 (every sequence) or 2 (sequences with more than ``short_q`` queries)."""
     num_seqs = metadata.seq_lens.shape[0]
     block_q = cfg["block_q"]
@@ -81,26 +138,30 @@ def _launch_long(args, q, cache, metadata, out, cfg: dict, short_q: int) -> None
     unified_attention_kernel[(tiles, cache.num_kv_heads, 1)](
         part_m_ptr=q, part_l_ptr=q, part_acc_ptr=q,
         BLOCK_M=cfg["block_m"], BLOCK_Q=block_q, BLOCK_N=cfg["block_n"],
-        SEQ_MODE=2 if short_q > 0 else 0, SHORT_Q=short_q, SPLIT=False, num_segments=1,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **args)
+        SEQ_MODE=2 if short_q > 0 else 0, SHORT_Q=short_q, SPLIT=False, LONG_FOLLOWS=False,
+        num_segments=1, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **args)
 
 
 def launch_unified(q: torch.Tensor, cache, metadata, options, out: torch.Tensor,
-                   params: dict) -> None:
-    """Run the unified kernel(s) as ``params`` (from ``plan_launch``) says; writes ``out``."""
-    args = _common_args(q, cache, metadata, options, out)
+                   params: dict, workspace: torch.Tensor | None = None) -> None:
+    """Run the unified kernel(s) as ``params`` (from ``plan_launch``) says; writes ``out``.
+
+    A decode plan used with more queries per sequence than its tile holds (an understated
+    ``metadata.max_seqlen_q`` that nothing checked) writes NaN into those sequences' rows
+    rather than leaving them stale."""
+    args = _common_args(q, cache, metadata, options, out, params.get("fp8_dot", False))
     mode = params["mode"]
     if mode == "decode":
         cfg = params["short"]
         if metadata.max_seqlen_q is not None and metadata.max_seqlen_q > cfg["block_q"]:
             raise ValueError(f"plan for at most {cfg['block_q']} queries per sequence used "
                              f"with max_seqlen_q={metadata.max_seqlen_q}")
-        _launch_short(args, q, cache, metadata, options, out, cfg)
+        _launch_short(args, q, cache, metadata, out, cfg, False, workspace)
     elif mode == "mixed":
         short = params["short"]
-        _launch_short(args, q, cache, metadata, options, out, short)
-        _launch_long(args, q, cache, metadata, out, params["long"], short["block_q"])
+        _launch_short(args, q, cache, metadata, out, short, True, workspace)
+        _launch_long(args, q, cache, metadata, params["long"], short["block_q"])
     elif mode == "prefill":
-        _launch_long(args, q, cache, metadata, out, params["long"], 0)
+        _launch_long(args, q, cache, metadata, params["long"], 0)
     else:
         raise ValueError(f"unknown launch mode {mode!r}")

@@ -1,15 +1,17 @@
 """Merge of split-KV partials into the final output.
 
 Layout: ``part_m`` / ``part_l`` ``[num_seqs * BLOCK_Q, num_q_heads, NUM_SEGMENTS]`` and
-``part_acc`` ``[..., NUM_SEGMENTS, HEAD_PAD]`` (fp32, base-2 running max, running sum,
-unnormalized output per segment), written by ``unified_attention_kernel`` with
-``SEQ_MODE=1``. Grid ``(num_seqs, num_q_heads, BLOCK_Q)``: one program per (sequence,
-query head, query of the sequence); sequences with more than ``BLOCK_Q`` queries belong
-to another launch and are skipped, like queries past the sequence's length.
+``part_acc`` ``[..., NUM_SEGMENTS, HEAD_V_PAD]`` (fp32, base-2 running max, running sum,
+unnormalized output per segment, per-tensor V scale already applied), written by
+``unified_attention_kernel`` with ``SEQ_MODE=1``. Grid ``(num_seqs, num_q_heads,
+BLOCK_Q)``: one program per (sequence, query head, query of the sequence); sequences with
+more than ``BLOCK_Q`` queries belong to another launch (or were written NaN) and are
+skipped, like queries past the sequence's length.
 
 ``out = sum_s acc_s * 2^(m_s - M) / (sum_s l_s * 2^(m_s - M) [+ 2^(sink - M)])`` with
 ``M = max(m_s [, sink])``; ``USE_SINKS`` adds the sink logit to the denominator here
 (segments never see it). A row with no visible key (every ``l_s = 0``, no sink) gives 0.
+``FP8_OUT`` stores ``clamp(out / output_scale, +-FP8_MAX)``.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ import triton.language as tl
 
 @triton.jit
 def merge_segments_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, cu_seqlens_q_ptr,
-                          sinks_ptr, num_q_heads, stride_ot, stride_oh, stride_od,
-                          BLOCK_Q: tl.constexpr, NUM_SEGMENTS: tl.constexpr,
-                          HEAD: tl.constexpr, HEAD_PAD: tl.constexpr,
-                          USE_SINKS: tl.constexpr):
+                          sinks_ptr, out_scale_ptr, num_q_heads, stride_ot, stride_oh,
+                          stride_od, BLOCK_Q: tl.constexpr, NUM_SEGMENTS: tl.constexpr,
+                          HEAD_V: tl.constexpr, HEAD_V_PAD: tl.constexpr,
+                          USE_SINKS: tl.constexpr, FP8_OUT: tl.constexpr,
+                          FP8_MAX: tl.constexpr):
     """Merge the NUM_SEGMENTS partials of one (sequence, query head, query)."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -36,7 +39,7 @@ def merge_segments_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, cu_seql
         return
     base = ((seq * BLOCK_Q + t).to(tl.int64) * num_q_heads + head) * NUM_SEGMENTS
     segs = tl.arange(0, NUM_SEGMENTS)
-    offs_d = tl.arange(0, HEAD_PAD)
+    offs_d = tl.arange(0, HEAD_V_PAD)
     m = tl.load(part_m_ptr + base + segs)
     l_seg = tl.load(part_l_ptr + base + segs)
     m_all = tl.max(m, 0)
@@ -48,9 +51,12 @@ def merge_segments_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, cu_seql
     denom = tl.sum(l_seg * w, 0)
     if USE_SINKS:
         denom += tl.exp2(sink - m_use)
-    acc = tl.load(part_acc_ptr + (base + segs)[:, None] * HEAD_PAD + offs_d[None, :])
+    acc = tl.load(part_acc_ptr + (base + segs)[:, None] * HEAD_V_PAD + offs_d[None, :])
     result = tl.sum(acc * w[:, None], 0)
     result = result / tl.where(denom > 0.0, denom, 1.0)
+    if FP8_OUT:
+        result = result * (1.0 / tl.load(out_scale_ptr))
+        result = tl.minimum(tl.maximum(result, -FP8_MAX), FP8_MAX)
     o_ptrs = out_ptr + (q_start + t).to(tl.int64) * stride_ot + head * stride_oh \
         + offs_d * stride_od
-    tl.store(o_ptrs, result.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD)
+    tl.store(o_ptrs, result.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_V)

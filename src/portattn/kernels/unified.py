@@ -2,14 +2,19 @@
 
 Layout
 ------
-* ``q`` ``[num_tokens, num_q_heads, HEAD]`` and ``out`` (same shape) through strides
-  (token, head, dim), so a slice of a fused QKV tensor works without a copy;
-* ``key_cache`` / ``value_cache`` ``[num_blocks, BLOCK_SIZE, num_kv_heads, HEAD]`` through
-  (block, slot, head) strides, last dim contiguous; key ``k`` of sequence ``b`` lives in
-  block ``block_table[b, k // BLOCK_SIZE]``, slot ``k % BLOCK_SIZE``;
+* ``q`` ``[num_tokens, num_q_heads, HEAD_QK]`` and ``out`` ``[num_tokens, num_q_heads,
+  HEAD_V]`` through strides (token, head, dim), so a slice of a fused QKV tensor works
+  without a copy;
+* ``key_cache`` ``[num_blocks, BLOCK_SIZE, num_kv_heads, HEAD_QK]`` and ``value_cache``
+  ``[..., HEAD_V]`` through (block, slot, head) strides, last dim contiguous (views of one
+  packed tensor, the DiffKV layout included); key ``k`` of sequence ``b`` lives in block
+  ``block_table[b, k // BLOCK_SIZE]``, slot ``k % BLOCK_SIZE``;
+* per-token-head scale caches ``[num_blocks, BLOCK_SIZE, num_kv_heads]`` fp32 through
+  their own strides; per-tensor scales, ``q_scale`` and ``output_scale`` are one-element
+  fp32 tensors (read on the device: no host sync, graph-safe);
 * split-KV partials (``SPLIT``): ``part_m`` / ``part_l``
   ``[num_seqs * BLOCK_Q, num_q_heads, num_segments]`` and ``part_acc`` (same, plus
-  ``HEAD_PAD``), fp32, indexed by (sequence, query within the sequence); merged by
+  ``HEAD_V_PAD``), fp32, indexed by (sequence, query within the sequence); merged by
   :mod:`portattn.kernels.reduce`.
 
 Tiles
@@ -29,18 +34,33 @@ query tiles:
 * 0: global tiles over every sequence, found by binary search over ``cu_seqlens_q``
   (grid ``num_tokens // BLOCK_Q + num_seqs``); tiles run heaviest-first;
 * 1: one tile per sequence (grid ``num_seqs``); sequences with more than ``BLOCK_Q``
-  queries are left to a SEQ_MODE 2 launch (decode, spec-decode, the short part of a mixed
-  batch);
+  queries are left to a SEQ_MODE 2 launch when ``LONG_FOLLOWS`` (the short part of a
+  mixed batch), else their rows are written NaN (an understated ``max_seqlen_q``: never
+  leave rows silently stale);
 * 2: like 0 but skips sequences with ``<= SHORT_Q`` queries (the long part of a mixed
   batch, whose short part a SEQ_MODE 1 launch serves).
 
-Constexpr switches: ``CAUSAL``, ``USE_WINDOW``, ``USE_SOFTCAP``, ``ALIBI`` (0 none,
-1 linear, 2 sqrt), ``USE_SINKS``; ``SPLIT`` (False: write the normalized output;
-True: this program handles one of ``num_segments`` (a runtime value, so a new segment
-count needs no compile) slices of the visible KV tiles and writes partials, SEQ_MODE 1
-only); ``DOT_PREC`` ("ieee" for fp32 inputs, "tf32" is ignored for
-16-bit ones). Room is left for a ``KV_LOAD`` switch (tensor descriptors) and cache
-dequantization in :func:`_attend_tiles`, the only place that loads K/V.
+Constexpr switches
+------------------
+Scores: ``CAUSAL``, ``USE_WINDOW``, ``USE_SOFTCAP``, ``ALIBI`` (0 none, 1 linear, 2 sqrt),
+``USE_SINKS``. Split: ``SPLIT`` (False: write the normalized output; True: this program
+handles one of ``num_segments`` (a runtime value, so a new segment count needs no compile)
+slices of the visible KV tiles and writes partials, SEQ_MODE 1 only). Head sizes:
+``HEAD_QK`` / ``HEAD_V`` and their power-of-two paddings (DiffKV when they differ; the
+accumulator, partials and output are ``HEAD_V`` wide). Quantization, all at the one load
+site :func:`_load_kv_tile`: ``KV_QUANT`` (0 none; 1 per-tensor fp8: the K scale is folded
+into the softmax scale and the V scale into the output, so the loop only casts;
+2 per-token-head int8/fp8: the scales multiply the score columns and P's columns in
+fp32), ``Q_SCALED`` (fp8 ``q`` with ``q_scale`` folded into the softmax scale),
+``FP8_DOT`` (keep fp8 ``q`` and fp8 K for the QK^T dot, accumulating in fp32 with a
+promotion every ``FP8_ACC`` products), ``FP8_OUT`` (store ``clamp(out / output_scale,
++-FP8_MAX)``), ``COMPUTE_DTYPE`` (the dtype of the dot operands: q's for 16/32-bit q,
+float16 for fp8 q since every fp8 value is exact in it), ``DOT_PREC`` ("ieee" for fp32,
+ignored for 16-bit operands).
+
+Bad metadata never reads out of bounds: a block-table entry outside ``[0, num_blocks)``
+or a key past the table's width (``bt_width`` blocks) reads block 0 instead and its score
+becomes NaN, so exactly the rows that would have seen that key come out NaN.
 """
 
 from __future__ import annotations
@@ -52,67 +72,163 @@ from portattn.kernels.common import find_seq_of_tile, online_softmax_step, score
 
 
 @triton.jit
-def _attend_tiles(acc, m_i, l_i, q, tile_start, tile_end, seq_len, k_lo, bt_row,
-                  k_head_ptr, v_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs,
-                  qk_scale, softcap, slope2, q_pos, window, offs_d,
-                  BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD: tl.constexpr,
-                  HEAD_PAD: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                  USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+def _load_kv_tile(bt_row, bt_width, num_blocks, k_pos, key_ok, k_head_ptr, v_head_ptr,
+                  ks_head_ptr, vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs,
+                  stride_ksb, stride_kss, stride_vsb, stride_vss, offs_dk, offs_dv,
+                  BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_QK: tl.constexpr, HEAD_QK_PAD: tl.constexpr,
+                  HEAD_V: tl.constexpr, HEAD_V_PAD: tl.constexpr, MASKED: tl.constexpr,
+                  KV_QUANT: tl.constexpr):
+    """K ``[HEAD_QK_PAD, BLOCK_N]``, V ``[BLOCK_N, HEAD_V_PAD]`` as stored, their
+    per-token-head scales ``[BLOCK_N]`` (ones unless ``KV_QUANT == 2``) and ``bad``
+    ``[BLOCK_N]``: keys whose block-table entry is outside ``[0, num_blocks)`` or past the
+    table's width. Such keys read block 0 instead (never out of bounds); the caller turns
+    their scores into NaN so the rows that meet them come out NaN, visibly wrong."""
+    bt_idx = k_pos // BLOCK_SIZE
+    in_table = bt_idx < bt_width
+    if MASKED:
+        block = tl.load(bt_row + bt_idx, mask=key_ok & in_table, other=0)
+        bad = key_ok & ((~in_table) | (block < 0) | (block >= num_blocks))
+    else:
+        block = tl.load(bt_row + bt_idx, mask=in_table, other=0)
+        bad = (~in_table) | (block < 0) | (block >= num_blocks)
+    block = tl.where(bad, 0, block).to(tl.int64)
+    slot = k_pos % BLOCK_SIZE
+    k_ptrs = k_head_ptr + (block * stride_kb + slot * stride_ks)[None, :] + offs_dk[:, None]
+    v_ptrs = v_head_ptr + (block * stride_vb + slot * stride_vs)[:, None] + offs_dv[None, :]
+    dk_ok = offs_dk < HEAD_QK
+    dv_ok = offs_dv < HEAD_V
+    if MASKED:
+        if HEAD_QK_PAD != HEAD_QK:
+            k = tl.load(k_ptrs, mask=dk_ok[:, None] & key_ok[None, :], other=0.0)
+        else:
+            k = tl.load(k_ptrs, mask=key_ok[None, :], other=0.0)
+        if HEAD_V_PAD != HEAD_V:
+            v = tl.load(v_ptrs, mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
+        else:
+            v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
+    else:
+        if HEAD_QK_PAD != HEAD_QK:
+            k = tl.load(k_ptrs, mask=dk_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        if HEAD_V_PAD != HEAD_V:
+            v = tl.load(v_ptrs, mask=dv_ok[None, :], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+    if KV_QUANT == 2:
+        if MASKED:
+            k_sc = tl.load(ks_head_ptr + block * stride_ksb + slot * stride_kss, mask=key_ok,
+                           other=0.0)
+            v_sc = tl.load(vs_head_ptr + block * stride_vsb + slot * stride_vss, mask=key_ok,
+                           other=0.0)
+        else:
+            k_sc = tl.load(ks_head_ptr + block * stride_ksb + slot * stride_kss)
+            v_sc = tl.load(vs_head_ptr + block * stride_vsb + slot * stride_vss)
+    else:
+        k_sc = tl.full([BLOCK_N], 1.0, tl.float32)
+        v_sc = k_sc
+    return k, v, k_sc, v_sc, bad
+
+
+@triton.jit
+def _attend_tiles(acc, m_i, l_i, q, tile_start, tile_end, seq_len, k_lo, bt_row, bt_width,
+                  num_blocks, k_head_ptr, v_head_ptr, ks_head_ptr, vs_head_ptr, stride_kb,
+                  stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss, stride_vsb,
+                  stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk, offs_dv,
+                  BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_QK: tl.constexpr,
+                  HEAD_QK_PAD: tl.constexpr, HEAD_V: tl.constexpr, HEAD_V_PAD: tl.constexpr,
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr,
+                  USE_SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, KV_QUANT: tl.constexpr,
+                  FP8_DOT: tl.constexpr, FP8_ACC: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
                   DOT_PREC: tl.constexpr):
     """Stream KV tiles ``[tile_start, tile_end)`` through the online softmax.
 
     Masked tiles load only keys in ``[k_lo, seq_len)``: block-table entries and K/V before
-    the query tile's window (which an engine may already have freed) are never read."""
+    the query tile's window (which an engine may already have freed) are never read.
+    Quantized caches are cast to ``COMPUTE_DTYPE`` as loaded (exact for fp8 and int8); the
+    per-tensor scales are folded outside the loop by the caller, per-token-head scales
+    multiply the score columns (K) and P's columns (V) in fp32."""
     for j in tl.range(tile_start, tile_end):
         k_pos = j * BLOCK_N + tl.arange(0, BLOCK_N)
-        if MASKED:
-            key_ok = (k_pos >= k_lo) & (k_pos < seq_len)
-            block = tl.load(bt_row + k_pos // BLOCK_SIZE, mask=key_ok, other=0)
+        key_ok = (k_pos >= k_lo) & (k_pos < seq_len)
+        k, v, k_sc, v_sc, bad = _load_kv_tile(
+            bt_row, bt_width, num_blocks, k_pos, key_ok, k_head_ptr, v_head_ptr, ks_head_ptr,
+            vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss,
+            stride_vsb, stride_vss, offs_dk, offs_dv, BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD,
+            HEAD_V, HEAD_V_PAD, MASKED, KV_QUANT)
+        if FP8_DOT:  # fp8 q x fp8 K on the tensor cores, fp32 accumulation
+            qk = tl.dot(q, k, max_num_imprecise_acc=FP8_ACC)
         else:
-            block = tl.load(bt_row + k_pos // BLOCK_SIZE)
-        slot = k_pos % BLOCK_SIZE
-        k_off = block.to(tl.int64) * stride_kb + slot * stride_ks
-        v_off = block.to(tl.int64) * stride_vb + slot * stride_vs
-        k_ptrs = k_head_ptr + k_off[None, :] + offs_d[:, None]      # [HEAD_PAD, BLOCK_N]
-        v_ptrs = v_head_ptr + v_off[:, None] + offs_d[None, :]      # [BLOCK_N, HEAD_PAD]
-        if MASKED:
-            if HEAD_PAD != HEAD:
-                d_ok = offs_d < HEAD
-                k = tl.load(k_ptrs, mask=d_ok[:, None] & key_ok[None, :], other=0.0)
-                v = tl.load(v_ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-            else:
-                k = tl.load(k_ptrs, mask=key_ok[None, :], other=0.0)
-                v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
-        else:
-            if HEAD_PAD != HEAD:
-                d_ok = offs_d < HEAD
-                k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
-                v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-            else:
-                k = tl.load(k_ptrs)
-                v = tl.load(v_ptrs)
-        qk = tl.dot(q, k, input_precision=DOT_PREC)
+            qk = tl.dot(q, k.to(COMPUTE_DTYPE), input_precision=DOT_PREC)
+        if KV_QUANT == 2:
+            qk = qk * k_sc[None, :]
         s = score_tile(qk, qk_scale, softcap, slope2, q_pos, k_pos, seq_len, window,
                        MASKED, CAUSAL, USE_WINDOW, USE_SOFTCAP, ALIBI)
+        if MASKED:
+            s = tl.where(bad[None, :] & (s > float("-inf")), float("nan"), s)
+        else:
+            s = tl.where(bad[None, :], float("nan"), s)
         p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i, MASKED)
         acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        if KV_QUANT == 2:
+            p = p * v_sc[None, :]
+        acc = tl.dot(p.to(COMPUTE_DTYPE), v.to(COMPUTE_DTYPE), acc, input_precision=DOT_PREC)
     return acc, m_i, l_i
+
+
+@triton.jit
+def _store_rows(out_ptr, result, q_start, row_tok, row_head, row_ok, offs_dv, stride_ot,
+                stride_oh, stride_od, out_scale_ptr, HEAD_V: tl.constexpr,
+                FP8_OUT: tl.constexpr, FP8_MAX: tl.constexpr):
+    """Store ``result`` ``[BLOCK_M, HEAD_V_PAD]`` (fp32) at the rows' (token, head); fp8
+    output is ``clamp(result / output_scale)`` as DESIGN.md says."""
+    if FP8_OUT:
+        result = result * (1.0 / tl.load(out_scale_ptr))
+        result = tl.minimum(tl.maximum(result, -FP8_MAX), FP8_MAX)
+    o_ptrs = (out_ptr + (q_start + row_tok).to(tl.int64)[:, None] * stride_ot
+              + row_head[:, None] * stride_oh + offs_dv[None, :] * stride_od)
+    tl.store(o_ptrs, result.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv < HEAD_V)[None, :])
+
+
+@triton.jit
+def _poison_long_sequence(out_ptr, q_start, q_len, kv_head, stride_ot, stride_oh, stride_od,
+                          GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_V: tl.constexpr,
+                          HEAD_V_PAD: tl.constexpr):
+    """NaN into every row of a sequence that a decode-tile launch cannot serve (more
+    queries than its tile, i.e. an understated ``max_seqlen_q``) and that no long-tile
+    launch follows for: wrong hints give visibly wrong rows, never stale ones."""
+    rows = tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, HEAD_V_PAD)
+    nan = tl.full([BLOCK_M, HEAD_V_PAD], float("nan"), tl.float32)
+    for r0 in tl.range(0, q_len * GROUP, BLOCK_M):
+        r = r0 + rows
+        tok = r // GROUP
+        head = kv_head * GROUP + r % GROUP
+        ptrs = (out_ptr + (q_start + tok).to(tl.int64)[:, None] * stride_ot
+                + head[:, None] * stride_oh + offs_dv[None, :] * stride_od)
+        tl.store(ptrs, nan.to(out_ptr.dtype.element_ty),
+                 mask=(r < q_len * GROUP)[:, None] & (offs_dv < HEAD_V)[None, :])
 
 
 @triton.jit
 def unified_attention_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, block_table_ptr, cu_seqlens_q_ptr, seq_lens_ptr,
         alibi_ptr, sinks_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
-        num_seqs, num_q_heads, num_segments, scale, softcap, window,
+        q_scale_ptr, k_scale_ptr, v_scale_ptr, out_scale_ptr,
+        num_seqs, num_q_heads, num_segments, num_blocks, bt_width, scale, softcap, window,
         stride_qt, stride_qh, stride_qd, stride_ot, stride_oh, stride_od,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+        stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
         GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD: tl.constexpr,
-        HEAD_PAD: tl.constexpr, SEQ_MODE: tl.constexpr, SHORT_Q: tl.constexpr,
-        SPLIT: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_QK: tl.constexpr,
+        HEAD_QK_PAD: tl.constexpr, HEAD_V: tl.constexpr, HEAD_V_PAD: tl.constexpr,
+        SEQ_MODE: tl.constexpr, SHORT_Q: tl.constexpr, SPLIT: tl.constexpr,
+        LONG_FOLLOWS: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr,
         USE_SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, USE_SINKS: tl.constexpr,
-        DOT_PREC: tl.constexpr):
+        KV_QUANT: tl.constexpr, Q_SCALED: tl.constexpr, FP8_DOT: tl.constexpr,
+        FP8_ACC: tl.constexpr, FP8_OUT: tl.constexpr, FP8_MAX: tl.constexpr,
+        COMPUTE_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr):
     """Paged attention of one query tile x one kv head x one KV segment (see module doc)."""
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
@@ -121,6 +237,11 @@ def unified_attention_kernel(
         q_start = tl.load(cu_seqlens_q_ptr + seq)
         q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
         if q_len > BLOCK_Q:
+            if not LONG_FOLLOWS:
+                if segment == 0:
+                    _poison_long_sequence(out_ptr, q_start, q_len, kv_head, stride_ot,
+                                          stride_oh, stride_od, GROUP, BLOCK_M, HEAD_V,
+                                          HEAD_V_PAD)
             return
         tile_local = 0
     else:
@@ -139,21 +260,28 @@ def unified_attention_kernel(
     context = seq_len - q_len
 
     rows = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_PAD)
+    offs_dk = tl.arange(0, HEAD_QK_PAD)
+    offs_dv = tl.arange(0, HEAD_V_PAD)
     row_tok = t0 + rows // GROUP                      # query index within the sequence
     row_head = kv_head * GROUP + rows % GROUP         # query head
     row_ok = (rows < BLOCK_Q * GROUP) & (row_tok < q_len)
     q_pos = context + row_tok
-    d_ok = offs_d < HEAD
 
     q_ptrs = (q_ptr + (q_start + row_tok).to(tl.int64)[:, None] * stride_qt
-              + row_head[:, None] * stride_qh + offs_d[None, :] * stride_qd)
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+              + row_head[:, None] * stride_qh + offs_dk[None, :] * stride_qd)
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_dk < HEAD_QK)[None, :], other=0.0)
+    if not FP8_DOT:
+        q = q.to(COMPUTE_DTYPE)
 
-    if USE_SOFTCAP:
-        qk_scale = scale
-    else:
-        qk_scale = scale * 1.4426950408889634
+    # Per-tensor scales fold into the softmax scale (q, K) and the output (V): the loop
+    # only casts. Per-token-head K/V scales are applied per tile in _attend_tiles.
+    qk_scale = scale
+    if Q_SCALED:
+        qk_scale = qk_scale * tl.load(q_scale_ptr)
+    if KV_QUANT == 1:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
+    if not USE_SOFTCAP:
+        qk_scale = qk_scale * 1.4426950408889634
     if ALIBI != 0:
         slope2 = tl.load(alibi_ptr + row_head, mask=row_ok, other=0.0).to(tl.float32) \
             * 1.4426950408889634
@@ -167,7 +295,7 @@ def unified_attention_kernel(
             m_i = tl.load(sinks_ptr + row_head, mask=row_ok, other=0.0).to(tl.float32) \
                 * 1.4426950408889634
             l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_V_PAD], dtype=tl.float32)
 
     # Visible keys: [k_lo, k_hi) for some row, [k_lo_all, k_hi_all) for every row.
     t_last = tl.minimum(t0 + BLOCK_Q, q_len) - 1
@@ -198,35 +326,43 @@ def unified_attention_kernel(
     bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt
     k_head_ptr = k_ptr + kv_head * stride_kh
     v_head_ptr = v_ptr + kv_head * stride_vh
+    ks_head_ptr = k_scale_ptr + kv_head * stride_ksh
+    vs_head_ptr = v_scale_ptr + kv_head * stride_vsh
     if USE_WINDOW:  # leading tiles only partly inside the window
         acc, m_i, l_i = _attend_tiles(
             acc, m_i, l_i, q, tl.maximum(tile_lo, seg_lo), tl.minimum(full_lo, seg_hi),
-            seq_len, k_lo, bt_row, k_head_ptr, v_head_ptr, stride_kb, stride_ks, stride_vb,
-            stride_vs, qk_scale, softcap, slope2, q_pos, window, offs_d, BLOCK_N,
-            BLOCK_SIZE, HEAD, HEAD_PAD, True, CAUSAL, USE_WINDOW, USE_SOFTCAP, ALIBI,
+            seq_len, k_lo, bt_row, bt_width, num_blocks, k_head_ptr, v_head_ptr, ks_head_ptr,
+            vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss,
+            stride_vsb, stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk,
+            offs_dv, BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD, HEAD_V, HEAD_V_PAD, True,
+            CAUSAL, USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE,
             DOT_PREC)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, tl.maximum(full_lo, seg_lo), tl.minimum(full_hi, seg_hi),
-        seq_len, k_lo, bt_row, k_head_ptr, v_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs,
-        qk_scale, softcap, slope2, q_pos, window, offs_d, BLOCK_N, BLOCK_SIZE, HEAD,
-        HEAD_PAD, False, CAUSAL, USE_WINDOW, USE_SOFTCAP, ALIBI, DOT_PREC)
+        seq_len, k_lo, bt_row, bt_width, num_blocks, k_head_ptr, v_head_ptr, ks_head_ptr,
+        vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss,
+        stride_vsb, stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk, offs_dv,
+        BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD, HEAD_V, HEAD_V_PAD, False, CAUSAL,
+        USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE, DOT_PREC)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, tl.maximum(full_hi, seg_lo), tl.minimum(tile_hi, seg_hi),
-        seq_len, k_lo, bt_row, k_head_ptr, v_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs,
-        qk_scale, softcap, slope2, q_pos, window, offs_d, BLOCK_N, BLOCK_SIZE, HEAD,
-        HEAD_PAD, True, CAUSAL, USE_WINDOW, USE_SOFTCAP, ALIBI, DOT_PREC)
+        seq_len, k_lo, bt_row, bt_width, num_blocks, k_head_ptr, v_head_ptr, ks_head_ptr,
+        vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss,
+        stride_vsb, stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk, offs_dv,
+        BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD, HEAD_V, HEAD_V_PAD, True, CAUSAL,
+        USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE, DOT_PREC)
 
+    if KV_QUANT == 1:  # the V scale, once per row instead of once per element
+        acc = acc * tl.load(v_scale_ptr)
     if not SPLIT:
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-        result = acc / l_safe[:, None]
-        o_ptrs = (out_ptr + (q_start + row_tok).to(tl.int64)[:, None] * stride_ot
-                  + row_head[:, None] * stride_oh + offs_d[None, :] * stride_od)
-        tl.store(o_ptrs, result.to(out_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & d_ok[None, :])
+        _store_rows(out_ptr, acc / l_safe[:, None], q_start, row_tok, row_head, row_ok,
+                    offs_dv, stride_ot, stride_oh, stride_od, out_scale_ptr, HEAD_V, FP8_OUT,
+                    FP8_MAX)
     else:
         part_row = ((seq * BLOCK_Q + row_tok).to(tl.int64) * num_q_heads + row_head) \
             * num_segments + segment
         tl.store(part_m_ptr + part_row, m_i, mask=row_ok)
         tl.store(part_l_ptr + part_row, l_i, mask=row_ok)
-        tl.store(part_acc_ptr + part_row[:, None] * HEAD_PAD + offs_d[None, :], acc,
+        tl.store(part_acc_ptr + part_row[:, None] * HEAD_V_PAD + offs_dv[None, :], acc,
                  mask=row_ok[:, None])

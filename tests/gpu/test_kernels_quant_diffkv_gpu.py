@@ -1,0 +1,257 @@
+"""Quantized KV caches, fp8 q / output and DiffKV in our Triton kernels on the GPU, the
+write kernel, a decode step (write + attention) in a CUDA graph, and bad block ids.
+
+A factorized grid against the float64 oracle (built from what the cache stores, see
+``unified_check``): every quant mode x dtype x variant; x head sizes 64/80/128/192/256;
+x block sizes 16/32/256; x GQA 1/5/8; x score features; fp8 q (with and without fp8
+tensor-core QK^T) and fp8 output; DiffKV 192/128, 128/64, 256/128, 96/64 x GQA 1/4/8 x
+block sizes 16/64 x quant modes x window/sinks x 2D/3D. Every case compiles its own kernel.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_kernels_quant_diffkv import QUANTS, quantize_reference
+from unified_check import check_unified, stored_values
+
+from portattn import KVQuant
+
+pytestmark = pytest.mark.gpu
+
+BF16, F16 = torch.bfloat16, torch.float16
+E4M3 = torch.float8_e4m3fn
+DEV = "cuda"
+
+DECODE = dict(query_lens=[1, 1, 1, 1, 1], seq_lens=[1000, 1, 517, 64, 2049])
+CHUNKED = dict(query_lens=[300, 129], seq_lens=[700, 129])
+MIXED = dict(query_lens=[1, 257, 1, 3, 1, 130], seq_lens=[900, 600, 33, 300, 1000, 130])
+VARIANTS = {
+    "decode-2d": dict(DECODE, segments=1),
+    "decode-3d": dict(DECODE, segments=8),
+    "chunked": dict(CHUNKED, mode="prefill"),
+    "mixed-3d": dict(MIXED, mode="mixed", segments=4),
+}
+FEATURES = {
+    "non_causal": dict(causal=False),
+    "window": dict(sliding_window=100),
+    "softcap": dict(softcap=30.0),
+    "alibi": dict(alibi="linear"),
+    "alibi_sqrt": dict(alibi="sqrt"),
+    "sinks": dict(sinks=True),
+    "all": dict(sliding_window=77, softcap=20.0, alibi="linear", sinks=True),
+}
+
+
+def run(variant, **kw):
+    case = dict(VARIANTS[variant])
+    case.update(kw)
+    case.setdefault("group", 4)
+    case.setdefault("num_kv_heads", 2)
+    case.setdefault("head_size", 128)
+    case.setdefault("dtype", BF16)
+    return check_unified(case.pop("query_lens"), case.pop("seq_lens"), device=DEV, **case)
+
+
+# --------------------------------------------------------------------------- quantized KV
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("dtype", [BF16, F16])
+@pytest.mark.parametrize("quant", list(QUANTS))
+def test_quant_dtypes_variants(quant, dtype, variant):
+    run(variant, quant=QUANTS[quant], dtype=dtype)
+
+
+@pytest.mark.parametrize("head_size", [64, 80, 128, 192, 256])
+@pytest.mark.parametrize("variant", ["decode-3d", "chunked"])
+@pytest.mark.parametrize("quant", list(QUANTS))
+def test_quant_head_sizes(quant, variant, head_size):
+    run(variant, quant=QUANTS[quant], head_size=head_size)
+
+
+@pytest.mark.parametrize("block_size", [16, 32, 256])
+@pytest.mark.parametrize("quant", list(QUANTS))
+def test_quant_block_sizes(quant, block_size):
+    run("decode-3d", quant=QUANTS[quant], block_size=block_size)
+
+
+@pytest.mark.parametrize("group", [1, 5, 8])
+@pytest.mark.parametrize("quant", list(QUANTS))
+def test_quant_gqa(quant, group):
+    run("decode-2d", quant=QUANTS[quant], group=group)
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("variant", ["decode-3d", "chunked"])
+@pytest.mark.parametrize("quant", ["fp8_tensor_e4m3", "int8_token_head"])
+def test_quant_features(quant, variant, feature):
+    run(variant, quant=QUANTS[quant], **FEATURES[feature])
+
+
+@pytest.mark.parametrize("fp8_dot", [False, True])
+@pytest.mark.parametrize("variant", ["decode-3d", "chunked", "mixed-3d"])
+def test_fp8_q_over_fp8_cache(variant, fp8_dot):
+    run(variant, quant=QUANTS["fp8_tensor_e4m3"], q_fp8=E4M3, fp8_dot=fp8_dot,
+        dtype=F16 if fp8_dot else BF16)
+
+
+def test_fp8_q_over_int8_cache():
+    run("mixed-3d", quant=QUANTS["int8_token_head"], q_fp8=E4M3, softcap=30.0)
+
+
+@pytest.mark.parametrize("variant", ["decode-2d", "decode-3d", "chunked", "mixed-3d"])
+@pytest.mark.parametrize("quant", [None, "fp8_tensor_e4m3"])
+def test_fp8_output(quant, variant):
+    run(variant, quant=QUANTS.get(quant), fp8_out=E4M3, sinks=True)
+
+
+def test_fp8_dot_accuracy_at_32k_keys():
+    """fp8 QK^T with fp32 promotion every 32 products stays at bf16-path accuracy over a
+    32k-key context (the oracle is exact on the stored fp8 values)."""
+    err = run("decode-3d", query_lens=[1, 1], seq_lens=[32768, 4000], num_kv_heads=1,
+              group=8, quant=QUANTS["fp8_tensor_e4m3"], q_fp8=E4M3, fp8_dot=True,
+              dtype=F16, segments=16)
+    assert err < 1e-2
+
+
+# --------------------------------------------------------------------------- DiffKV
+DIFFKV = [(192, 128), (128, 64), (256, 128), (96, 64)]
+
+
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("heads", DIFFKV, ids=str)
+def test_diffkv_gqa(heads, group):
+    run("decode-3d", head_size=heads[0], head_size_v=heads[1], group=group)
+
+
+@pytest.mark.parametrize("variant", ["decode-2d", "chunked", "mixed-3d"])
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("heads", DIFFKV, ids=str)
+def test_diffkv_block_sizes_variants(heads, block_size, variant):
+    run(variant, head_size=heads[0], head_size_v=heads[1], block_size=block_size)
+
+
+@pytest.mark.parametrize("variant", ["decode-2d", "decode-3d", "chunked"])
+@pytest.mark.parametrize("heads", [(192, 128), (96, 64)], ids=str)
+@pytest.mark.parametrize("quant", list(QUANTS))
+def test_diffkv_quantized(quant, heads, variant):
+    run(variant, head_size=heads[0], head_size_v=heads[1], quant=QUANTS[quant])
+
+
+@pytest.mark.parametrize("feature", ["window", "sinks", "all"])
+@pytest.mark.parametrize("variant", ["decode-3d", "mixed-3d"])
+def test_diffkv_features(variant, feature):
+    run(variant, head_size=192, head_size_v=128, **FEATURES[feature])
+
+
+def test_diffkv_fp8_q_out_separate_tensors():
+    run("mixed-3d", head_size=192, head_size_v=128, quant=QUANTS["fp8_tensor_e4m3"],
+        q_fp8=E4M3, fp8_out=E4M3, separate_kv=True)
+
+
+@pytest.mark.parametrize("variant", ["decode-3d", "chunked"])
+def test_bad_block_ids_give_nan_rows(variant):
+    def edit(table):
+        table[1, 0] = 1 << 30
+        table[0, 0] = -5
+        return [0, 1]
+    run(variant, quant=QUANTS["int8_token_head"], block_table_edit=edit)
+
+
+# --------------------------------------------------------------------------- write kernel
+@pytest.mark.parametrize("layout,head_v", [("split", 128), ("packed", 128), ("diffkv", 64)])
+@pytest.mark.parametrize("quant", [None] + list(QUANTS))
+def test_write_kernel_exact(quant, layout, head_v):
+    from portattn import PagedKVCache
+
+    quant = QUANTS.get(quant)
+    cache = PagedKVCache.allocate(64, 16, 4, 128, head_size_v=head_v, dtype=BF16,
+                                  quant=quant, layout=layout, device=DEV)
+    k = torch.randn(300, 4, 128, device=DEV) * 4
+    v = torch.randn(300, 4, head_v, device=DEV)
+    k[7] = 0.0
+    if quant is None:
+        k, v = k.to(BF16), v.to(BF16)
+    slots = torch.randperm(64 * 16, device=DEV)[:300]
+    slots[5] = -1
+    cache.write(k, v, slots)
+    keep = slots >= 0
+    for which, src, data, scales in (("k", k, cache.key_cache, cache.k_scale_cache),
+                                     ("v", v, cache.value_cache, cache.v_scale_cache)):
+        want, want_scales = quantize_reference(src[keep], cache.quant, which, data.dtype)
+        got = data.reshape(64 * 16, *data.shape[2:])[slots[keep].long()]
+        assert torch.equal(got.view(torch.uint8) if got.element_size() == 1 else got,
+                           want.view(torch.uint8) if want.element_size() == 1 else want)
+        if scales is not None:
+            assert torch.equal(scales.reshape(64 * 16, -1)[slots[keep].long()], want_scales)
+
+
+@pytest.mark.parametrize("quant", ["fp8_tensor_e4m3", "int8_token_head", "fp8_token_head",
+                                   None])
+@pytest.mark.parametrize("heads", [(128, 128), (192, 128)], ids=str)
+def test_decode_step_write_and_attention_in_a_cuda_graph(quant, heads):
+    """One decode step (cache.write of the new tokens, then attention) captured once and
+    replayed while the lengths grow in place: no sync, right results every step."""
+    import portattn
+    from portattn.testing import dense_attention, make_paged_batch, relative_error
+
+    quant = QUANTS.get(quant)
+    head_qk, head_v = heads
+    lens = [300, 1000, 64, 2000]
+    batch = make_paged_batch([1] * 4, [n + 4 for n in lens], num_q_heads=16,
+                             num_kv_heads=4, head_size=head_qk, head_size_v=head_v,
+                             dtype=BF16, device=DEV, quant=quant)
+    m = batch.metadata
+    m.seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
+    metadata = portattn.AttentionMetadata(m.cu_seqlens_q, m.seq_lens, m.block_table, 1,
+                                          max(lens) + 4)
+    table = m.block_table.cpu()
+    bs = batch.cache.block_size
+    q = batch.q.clone()
+    k_new = torch.randn(4, 4, head_qk, device=DEV).to(BF16)
+    v_new = torch.randn(4, 4, head_v, device=DEV).to(BF16)
+    slots = torch.zeros(4, dtype=torch.int64, device=DEV)
+    out = torch.full((4, 16, head_v), float("nan"), dtype=BF16, device=DEV)
+
+    def step():
+        batch.cache.write(k_new, v_new, slots)
+        portattn.attention(q, batch.cache, metadata, out=out)
+
+    def set_slots(positions):
+        slots.copy_(torch.tensor([int(table[b, p // bs]) * bs + p % bs
+                                  for b, p in enumerate(positions)]))
+
+    set_slots(lens)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.cuda.graph(graph):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for s in range(3):
+        cur = [n + s + 1 for n in lens]        # keys after this step's token
+        set_slots([n - 1 for n in cur])
+        metadata.seq_lens.copy_(torch.tensor(cur, dtype=torch.int32))
+        q.copy_(torch.randn_like(q))
+        k_new.copy_(torch.randn_like(k_new))
+        v_new.copy_(torch.randn_like(v_new))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        keys = [stored_values(batch.cache, m.block_table[b], n, "k") for b, n in enumerate(cur)]
+        values = [stored_values(batch.cache, m.block_table[b], n, "v")
+                  for b, n in enumerate(cur)]
+        new_k, _ = quantize_reference(k_new, batch.cache.quant, "k", batch.cache.dtype)
+        if quant is None or quant.mode == "fp8_per_tensor":  # the written token itself
+            scale = 1.0 if quant is None else float(quant.k_scale)
+            for b in range(4):
+                assert torch.equal(keys[b][-1], new_k[b].double().cpu() * scale)
+        expected = dense_attention(q, keys, values, [1] * 4)
+        assert relative_error(out, expected) < 2e-2, s

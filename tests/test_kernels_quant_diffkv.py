@@ -1,0 +1,332 @@
+"""Quantized KV caches, fp8 q / output and DiffKV in our Triton kernels, on the CPU under
+``TRITON_INTERPRET=1`` (small fp16/fp32 problems), plus the cache write kernel, the
+masking of bad block ids and the understated-hint guard.
+
+Oracles are built here or in ``unified_check`` from what the cache stores (codes times
+scales), never with the package's quantize/dequantize; the write kernel is compared with
+plain indexing and a quantizer written below from DESIGN.md's definitions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from unified_check import FEATURE_KW, check_unified, undo_interpreter_fp8_carry
+
+from portattn import KVQuant, PagedKVCache
+from portattn.kernels.heuristics import TileConfig
+
+F16, F32 = torch.float16, torch.float32
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+SMALL_LONG = TileConfig(block_m=32, block_q=16, block_n=16, num_warps=4, num_stages=2)
+
+QUANTS = {
+    "fp8_tensor_e4m3": KVQuant.fp8_per_tensor(0.02, 0.03),
+    "fp8_tensor_e5m2": KVQuant.fp8_per_tensor(0.05, 0.01, E5M2),
+    "int8_token_head": KVQuant.int8_per_token_head(),
+    "fp8_token_head": KVQuant.fp8_per_token_head(),
+}
+VARIANTS = {
+    "decode-2d": dict(query_lens=[1, 2, 1], seq_lens=[45, 19, 3], segments=1),
+    "decode-3d": dict(query_lens=[1, 2, 1], seq_lens=[45, 19, 3], segments=4),
+    "prefill": dict(query_lens=[13, 6], seq_lens=[41, 6], mode="prefill"),
+    "mixed": dict(query_lens=[1, 19, 1, 3], seq_lens=[30, 45, 12, 20], mode="mixed",
+                  segments=2),
+}
+
+interp = pytest.mark.interpreter
+
+
+def run(variant, group=2, **kw):
+    case = dict(VARIANTS[variant])
+    if case.get("mode") in ("prefill", "mixed"):
+        case["long"] = dataclasses.replace(SMALL_LONG, block_q=SMALL_LONG.block_m // group)
+    case.update(kw)
+    return check_unified(case.pop("query_lens"), case.pop("seq_lens"), group=group, **case)
+
+
+# --------------------------------------------------------------------------- quantized KV
+@interp
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("quant", list(QUANTS))
+def test_quant_modes(quant, variant):
+    run(variant, quant=QUANTS[quant], dtype=F16, head_size=64)
+
+
+@interp
+@pytest.mark.parametrize("feature", list(FEATURE_KW))
+@pytest.mark.parametrize("quant", ["fp8_tensor_e4m3", "int8_token_head"])
+def test_quant_features(quant, feature):
+    run("decode-3d", group=3, quant=QUANTS[quant], dtype=F16, head_size=64,
+        **FEATURE_KW[feature])
+
+
+@interp
+@pytest.mark.parametrize("quant", ["fp8_token_head", "fp8_tensor_e4m3"])
+def test_quant_prefill_all_features_fp32(quant):
+    run("prefill", quant=QUANTS[quant], dtype=F32, head_size=40, **FEATURE_KW["all"])
+
+
+@interp
+@pytest.mark.parametrize("head_size,group", [(80, 3), (40, 1), (72, 8)])
+def test_quant_non_pow2_heads_and_gqa(head_size, group):
+    run("decode-3d", group=group, quant=QUANTS["int8_token_head"], dtype=F16,
+        head_size=head_size)
+
+
+@interp
+@pytest.mark.parametrize("variant", ["decode-2d", "decode-3d", "prefill"])
+@pytest.mark.parametrize("quant", ["fp8_tensor_e4m3", "int8_token_head"])
+def test_fp8_q(quant, variant):
+    run(variant, quant=QUANTS[quant], q_fp8=E4M3, dtype=F16, head_size=64, softcap=8.0)
+
+
+@interp
+@pytest.mark.parametrize("variant", ["decode-2d", "decode-3d", "mixed"])
+@pytest.mark.parametrize("quant", [None, "fp8_tensor_e4m3"])
+def test_fp8_output(quant, variant):
+    run(variant, quant=QUANTS.get(quant), fp8_out=E4M3, dtype=F16, head_size=64,
+        sinks=True)
+
+
+# --------------------------------------------------------------------------- DiffKV
+@interp
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("heads", [(64, 32), (48, 40), (40, 64)])
+def test_diffkv(heads, variant):
+    run(variant, head_size=heads[0], head_size_v=heads[1], dtype=F16)
+
+
+@interp
+@pytest.mark.parametrize("quant", list(QUANTS))
+def test_diffkv_quantized(quant):
+    run("decode-3d", head_size=64, head_size_v=32, quant=QUANTS[quant], dtype=F16)
+
+
+@interp
+@pytest.mark.parametrize("feature", ["window", "softcap", "alibi", "sinks", "all"])
+@pytest.mark.parametrize("variant", ["decode-3d", "prefill"])
+def test_diffkv_features(feature, variant):
+    run(variant, group=3, head_size=48, head_size_v=32, dtype=F32, **FEATURE_KW[feature])
+
+
+@interp
+@pytest.mark.parametrize("variant", ["decode-2d", "mixed"])
+def test_diffkv_separate_tensors_fp8_q_and_out(variant):
+    run(variant, head_size=64, head_size_v=32, quant=QUANTS["fp8_tensor_e4m3"],
+        q_fp8=E4M3, fp8_out=E4M3, dtype=F16, separate_kv=True)
+
+
+@interp
+def test_diffkv_routes_through_the_public_api():
+    import portattn
+    from portattn.testing import dense_attention, make_paged_batch, relative_error
+
+    batch = make_paged_batch([1, 4, 1], [30, 21, 7], num_q_heads=4, num_kv_heads=2,
+                             head_size=48, head_size_v=32, dtype=F16)
+    decision = portattn.explain(batch.q, batch.cache, batch.metadata, backend="triton_diffkv")
+    assert decision.backend == "triton_diffkv"
+    assert "triton_unified" in decision.rejected
+    out = torch.full((6, 4, 32), math.nan, dtype=F16)
+    portattn.attention(batch.q, batch.cache, batch.metadata, backend="triton_diffkv", out=out)
+    expected = dense_attention(batch.q, [k.double() for k in batch.keys],
+                               [v.double() for v in batch.values], [1, 4, 1])
+    assert relative_error(out, expected) < 3e-3
+
+
+# --------------------------------------------------------------------------- bad metadata
+def _corrupt(value):
+    def edit(table):
+        table[1, 0] = value  # sequence 1's first block: every row of it sees key 0
+        return [1]
+    return edit
+
+
+@interp
+@pytest.mark.parametrize("variant", ["decode-2d", "decode-3d", "prefill"])
+@pytest.mark.parametrize("bad_id", [-3, 10_000])
+def test_bad_block_ids_give_nan_rows_not_garbage(variant, bad_id):
+    run(variant, dtype=F32, head_size=32, block_table_edit=_corrupt(bad_id))
+
+
+def _run_decode_plan(batch, metadata, out, segments, block_q=8):
+    from portattn.backends.base import Plan
+    from portattn.backends.triton_unified import TritonUnified
+    from portattn.options import normalize_options
+
+    short = dict(block_m=16, block_q=block_q, block_n=16, num_warps=4, num_stages=2,
+                 segments=segments)
+    TritonUnified().run(batch.q, batch.cache, metadata,
+                        normalize_options(batch.q, batch.cache), out,
+                        Plan("triton_unified", "decode", {"mode": "decode", "short": short}))
+
+
+@interp
+@pytest.mark.parametrize("segments", [1, 2])
+def test_seq_len_past_the_block_table_gives_nan_rows(segments):
+    """Sequence 0 has 45 keys (3 blocks of 16) but the table it is given is 2 blocks wide:
+    its row comes out NaN (no read past the table), the others are right."""
+    from portattn.testing import dense_attention, make_paged_batch, relative_error
+    from portattn.types import AttentionMetadata
+
+    batch = make_paged_batch([1, 1, 1], [45, 19, 3], num_q_heads=4, num_kv_heads=2,
+                             head_size=32, dtype=F32)
+    m = batch.metadata
+    assert m.block_table.shape[1] == 3
+    metadata = AttentionMetadata(m.cu_seqlens_q, m.seq_lens, m.block_table[:, :2].contiguous(),
+                                 1, 45)
+    out = torch.zeros(3, 4, 32)
+    _run_decode_plan(batch, metadata, out, segments)
+    assert torch.isnan(out[0]).all()
+    expected = dense_attention(batch.q, batch.keys, batch.values, [1, 1, 1])
+    assert relative_error(out[1:], expected[1:]) < 1e-4
+
+
+@interp
+@pytest.mark.parametrize("segments", [1, 2])
+def test_understated_max_seqlen_q_gives_nan_rows(segments):
+    """A decode plan (tiles of <= BLOCK_Q queries) used on a batch with a longer sequence:
+    that sequence's rows come out NaN, the others are right."""
+    from portattn.testing import dense_attention, make_paged_batch, relative_error
+    from portattn.types import AttentionMetadata
+
+    batch = make_paged_batch([1, 9, 1], [30, 40, 12], num_q_heads=4, num_kv_heads=2,
+                             head_size=32, dtype=F32)
+    m = batch.metadata
+    metadata = AttentionMetadata(m.cu_seqlens_q, m.seq_lens, m.block_table, None, 40)
+    out = torch.zeros(11, 4, 32)  # zeros: stale rows would pass a finiteness check
+    _run_decode_plan(batch, metadata, out, segments)
+    assert torch.isnan(out[1:10]).all()
+    expected = dense_attention(batch.q, batch.keys, batch.values, [1, 9, 1])
+    keep = torch.tensor([True] + [False] * 9 + [True])
+    assert relative_error(out[keep], expected[keep]) < 1e-4
+
+
+# --------------------------------------------------------------------------- write kernel
+FP8_MAX = {E4M3: 448.0, E5M2: 57344.0}
+
+
+def quantize_reference(x: torch.Tensor, quant: KVQuant, which: str, storage: torch.dtype):
+    """DESIGN.md's definitions, written independently of portattn.quant."""
+    x = x.float()
+    if quant.mode == "none":
+        return x.to(storage), None
+    if quant.mode == "fp8_per_tensor":
+        s = float(quant.k_scale if which == "k" else quant.v_scale)
+        return (x / s).clamp(-FP8_MAX[storage], FP8_MAX[storage]).to(storage), None
+    limit = 127.0 if storage == torch.int8 else FP8_MAX[storage]
+    amax = x.abs().amax(-1)
+    scale = torch.where(amax > 0, amax / limit, torch.ones_like(amax))
+    y = (x / scale[..., None]).clamp(-limit, limit)
+    if storage == torch.int8:
+        y = torch.round(y)
+    return y.to(storage), scale
+
+
+def _as_float(t, reference=None):
+    if reference is not None and t.dtype in FP8_MAX:
+        return undo_interpreter_fp8_carry(t.double(), reference.double(), t.dtype, "cpu")
+    return t.double()
+
+
+@interp
+@pytest.mark.parametrize("layout,head_v", [("split", 64), ("packed", 64), ("diffkv", 40),
+                                           ("split", 48)])
+@pytest.mark.parametrize("quant", [None] + list(QUANTS))
+def test_write_kernel_matches_plain_indexing(quant, layout, head_v):
+    from portattn.kernels.write_launch import launch_cache_write
+
+    quant = QUANTS.get(quant)
+    gen = torch.Generator().manual_seed(3)
+    cache = PagedKVCache.allocate(6, 4, 2, 64, head_size_v=head_v, dtype=F16, quant=quant,
+                                  layout=layout)
+    for t in (cache.key_cache, cache.value_cache):
+        t.copy_(torch.full(t.shape, 7.0).to(t.dtype))  # untouched slots must keep this
+    for t in (cache.k_scale_cache, cache.v_scale_cache):
+        if t is not None:
+            t.fill_(-1.0)
+    k = torch.randn(7, 2, 64, generator=gen) * 3
+    v = torch.randn(7, 2, head_v, generator=gen)
+    k[4] = 0.0  # an all-zero token: per-token-head scale 1
+    src_dtype = F32 if quant is not None else F16
+    k, v = k.to(src_dtype), v.to(src_dtype)
+    slots = torch.tensor([0, 5, -1, 9, 23, 12, 24])  # -1 and 24 (= capacity) are skipped
+    launch_cache_write(cache, k, v, slots)
+
+    written = {0: 0, 5: 1, 9: 3, 23: 4, 12: 5}
+    for which, src, data, scales in (("k", k, cache.key_cache, cache.k_scale_cache),
+                                     ("v", v, cache.value_cache, cache.v_scale_cache)):
+        stored, want_scales = quantize_reference(src, cache.quant, which, data.dtype)
+        flat = data.reshape(24, *data.shape[2:])
+        for slot in range(24):
+            got = flat[slot]
+            if slot in written:
+                want = stored[written[slot]]
+                assert torch.equal(_as_float(got, want.double()), want.double()), (which, slot)
+                if scales is not None:
+                    assert torch.equal(scales.reshape(24, -1)[slot], want_scales[written[slot]])
+            else:
+                assert (got.double() == 7.0).all(), f"slot {slot} was written"
+                if scales is not None:
+                    assert (scales.reshape(24, -1)[slot] == -1.0).all()
+
+
+@interp
+def test_write_through_the_cache_uses_the_kernel_on_gpu_only():
+    """On the CPU ``write`` stays in PyTorch and still value-checks slots."""
+    import portattn
+
+    cache = PagedKVCache.allocate(2, 4, 1, 32)
+    with pytest.raises(portattn.InputError, match="^slot_mapping: expected slots in"):
+        cache.write(torch.randn(1, 1, 32, dtype=F16), torch.randn(1, 1, 32, dtype=F16),
+                    torch.tensor([8]))
+
+
+# --------------------------------------------------------------------------- reasons
+def test_diffkv_backend_reasons():
+    from portattn.backends.triton_diffkv import TritonDiffKV
+    from portattn.capabilities import probe
+    from portattn.dispatch.problem import Problem
+
+    caps = probe(simulate="sm90")
+    backend = TritonDiffKV()
+    assert backend.why_not(Problem.make(head_size=192, head_size_v=128), caps) == []
+    assert backend.why_not(Problem.make(head_size=96, head_size_v=64,
+                                        kv_quant="int8_per_token_head"), caps) == []
+    equal = backend.why_not(Problem.make(head_size=128), caps)
+    assert any("served by triton_unified" in r for r in equal), equal
+    odd = backend.why_not(Problem.make(head_size=192, head_size_v=100), caps)
+    assert any("V head size 100" in r for r in odd), odd
+    big = backend.why_not(Problem.make(head_size=264, head_size_v=128), caps)
+    assert any("head size 264" in r for r in big), big
+    assert backend.unavailable(caps) == []
+
+
+@pytest.mark.parametrize("profile", ["sm89", "sm90", "sm100", "gfx950"])
+def test_quantized_and_diffkv_decode_route_to_our_kernels(profile):
+    from portattn.capabilities import probe
+    from portattn.dispatch import Problem, decide
+
+    caps = probe(simulate=profile)
+    for kv_quant in ("fp8_per_tensor:e4m3fn", "int8_per_token_head", "fp8_per_token_head"):
+        assert decide(Problem.make(kv_quant=kv_quant, num_seqs=32), caps).backend == \
+            "triton_unified"
+    diffkv = decide(Problem.make(head_size=192, head_size_v=128, kv_quant="fp8_per_tensor"),
+                    caps)
+    assert diffkv.backend == "triton_diffkv"
+
+
+def test_fp8_dot_only_where_fp8_tensor_cores_exist():
+    from portattn.backends.triton_unified import TritonUnified
+    from portattn.capabilities import probe
+    from portattn.dispatch.problem import Problem
+
+    problem = Problem.make(dtype="e4m3fn", out_dtype="bfloat16", kv_quant="fp8_per_tensor")
+    assert TritonUnified().plan(problem, probe(simulate="sm90")).params.get("fp8_dot")
+    assert not TritonUnified().plan(problem, probe(simulate="gfx950")).params.get("fp8_dot")
+    other = Problem.make(dtype="e4m3fn", out_dtype="bfloat16", kv_quant="int8_per_token_head")
+    assert not TritonUnified().plan(other, probe(simulate="sm90")).params.get("fp8_dot")
