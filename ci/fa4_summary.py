@@ -80,8 +80,9 @@ def _bench(out_dir: str) -> tuple[list[str], dict]:
             if "error" in fa4:
                 lines.append(f"    FA4 failed: {fa4['error']}")
             if eager:
-                verdicts.setdefault((report.get("gpu"), CLASS_OF_KIND.get(kind, kind)),
-                                    []).append((name, block, eager))
+                klass = CLASS_OF_KIND.get(kind, kind) + (
+                    " (DiffKV)" if case["case"].get("head_size_v") else "")
+                verdicts.setdefault((report.get("gpu"), klass), []).append((name, block, eager))
     return lines, verdicts
 
 
@@ -97,7 +98,7 @@ def main(out_dir: str) -> int:
         verdict = ("FA4 faster everywhere: a lead for flash_attn/fa4" if min(ratios) > 1.02
                    else "ours faster everywhere: no lead" if max(ratios) < 0.98
                    else "mixed or within 2%: keep ours first unless a subset is split out")
-        lines.append(f"  {gpu} {klass:<13} ours/FA4 {min(ratios):.2f}-{max(ratios):.2f} "
+        lines.append(f"  {gpu} {klass:<22} ours/FA4 {min(ratios):.2f}-{max(ratios):.2f} "
                      f"over {len(rows)} cases -> {verdict}")
     text = "\n".join(lines)
     with open(os.path.join(out_dir, "summary.txt"), "w") as f:

@@ -11,9 +11,10 @@
 #           same time `portattn report --json` (probed here) and a compile-only pass of our
 #           Triton kernels for the bench's cases at both block sizes
 #   bench16, bench128
-#           `portattn.bench`, every PERFORMANCE.md case, at block 16 then 128: ours, SDPA
+#           `portattn.bench --cases $BENCH_CASES` (default plain,diffkv: every PERFORMANCE.md
+#           shape in bf16, and the DiffKV 192/128 cases) at block 16 then 128: ours, SDPA
 #           cuDNN/flash, portattn's flash_attn backend (FA4 here) and fa4_paged (FA4 called
-#           directly on our paged cache)
+#           directly on our paged cache; on the DiffKV cases the only peer)
 # Into $OUT (at most 8 files come back): report-fa4.json, <gpu>-<date>-fa4-b16.json and
 # -b128.json (+ .png when matplotlib is there), summary.txt, fa4-logs.tar.gz (every log).
 # Prints ci/fa4_summary.py's table last: tests, ours vs FA4 per case, verdict per class.
@@ -26,6 +27,7 @@ export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 export PORTATTN_CACHE_DIR=${PORTATTN_CACHE_DIR:-$(mktemp -d)}  # a fresh probe, shared
 LIMIT=${CALL_SECONDS:-480}
 SHARDS=${SHARDS:-4}
+BENCH_CASES=${BENCH_CASES:-plain,diffkv}
 left() { echo $(( LIMIT - ($(date +%s) - T0) )); }
 GPU=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace('NVIDIA ','').split()[0].lower())" 2>/dev/null || echo gpu)
 TAG="$GPU-$(date +%F)"
@@ -57,7 +59,7 @@ timeout 150 python3 -m portattn report --json > "$OUT/report-fa4.json" 2> "$LOGS
 pids+=($!)
 for bs in 16 128; do
   for i in 0 1; do
-    timeout 200 python3 -m portattn.bench --compile-only --shrink 4 --cases all \
+    timeout 200 python3 -m portattn.bench --compile-only --shrink 4 --cases "$BENCH_CASES" \
       --block-size "$bs" --shard $i/2 > "$LOGS/compile-b$bs-$i.log" 2>&1 &
     pids+=($!)
   done
@@ -79,7 +81,7 @@ EOF
 # ---- benchmarks (nothing else on the GPU now)
 for bs in 16 128; do
   if [ "$(left)" -lt 100 ]; then echo "skipped bench at block $bs: $(left)s left"; continue; fi
-  timeout $(( $(left) - 15 )) python3 -m portattn.bench --cases all --block-size "$bs" \
+  timeout $(( $(left) - 15 )) python3 -m portattn.bench --cases "$BENCH_CASES" --block-size "$bs" \
     --rep "${BENCH_REP:-100}" --out "$OUT" --prefix "$TAG-fa4-b$bs" > "$LOGS/bench-b$bs.log" 2>&1
   echo "bench block $bs: rc=$? at $(( $(date +%s) - T0 ))s"
 done

@@ -601,7 +601,8 @@ def run_case(case: Case, args, bench, caps, ceilings) -> dict:
         impls["sdpa_flash"] = peer("FLASH_ATTENTION")
         impls["flash_attn"] = lambda: flash_attn_contiguous(case, inp)
         impls["portattn_flash_attn"] = lambda: portattn_flash_attn(inp)
-        impls["fa4_paged"] = lambda: fa4_paged(inp)
+    if not args.no_peers and args.device == "cuda" and case.kv_quant == "none":
+        impls["fa4_paged"] = lambda: fa4_paged(inp)  # DiffKV cases too: FA4 reads 192/128
     for name, make in impls.items():
         try:
             fn = make()
