@@ -143,19 +143,23 @@ def test_fa4_packed_layout_and_block_size_one(layout, block_size):
 
 @pytest.mark.parametrize("kind", ["decode", "mixed"])
 def test_fa4_fp8_q_and_kv(kind):
+    """fp8 goes to FA4 only where its public call takes descales (FA4_PUBLIC_FP8, False
+    in 4.0.0b36) on sm100; elsewhere portattn must refuse it with the reason."""
+    from portattn.backends.flash_attn_rules import FA4_NO_PUBLIC_FP8, FA4_PUBLIC_FP8
+
     query_lens, seq_lens = SHAPES[kind]
     batch = _batch(query_lens, seq_lens, num_q_heads=32, num_kv_heads=8, head_size=128,
                    block_size=16, dtype=torch.bfloat16,
                    quant=KVQuant.fp8_per_tensor(0.05, 0.03))
     batch.q = (batch.q.float() / 0.04).to(torch.float8_e4m3fn)
-    if torch.cuda.get_device_capability()[0] != 10:
+    if FA4_PUBLIC_FP8 and torch.cuda.get_device_capability()[0] == 10:
+        out = _run_and_compare(batch, 3e-2, q_scale=0.04)
+        assert out.dtype == torch.bfloat16
+    else:
         decision = portattn.explain(batch.q, batch.cache, batch.metadata, q_scale=0.04)
-        reasons = [r for rs in decision.rejected.values() for r in rs]
-        assert any("runs fp8 only on sm100" in r for r in reasons), reasons
-        pytest.skip("FA4 runs fp8 only on sm100; portattn says so here: "
-                    + next(r for r in reasons if "runs fp8 only on sm100" in r))
-    out = _run_and_compare(batch, 3e-2, q_scale=0.04)
-    assert out.dtype == torch.bfloat16
+        reasons = decision.rejected["flash_attn"]
+        expected = FA4_NO_PUBLIC_FP8 if not FA4_PUBLIC_FP8 else "runs fp8 only on sm100"
+        assert any(expected in r for r in reasons), reasons
 
 
 @pytest.mark.parametrize("block_size", [16, 128])

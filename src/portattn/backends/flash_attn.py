@@ -6,8 +6,9 @@ Two registry entries share this module:
   that serves the call, in the order FA4, FA3, FA2:
 
   - FA4 (``flash_attn.cute``, pip ``flash-attn-4``, sm90 and sm100): any page size,
-    causal/window/softcap/sinks, DiffKV, fp8 on sm100; ``flash_attn_varlen_func`` with
-    ``page_table`` and ``seqused_k`` for every call, decode included. Its kernels compile
+    causal/window/softcap/sinks, DiffKV; no fp8 (its public call takes no descales in
+    4.0.0b36); ``flash_attn_varlen_func`` with ``page_table`` and ``seqused_k`` for every
+    call, decode included. Its kernels compile
     on the first call of each configuration (:mod:`flash_attn_jit` keeps count, and
     ``explain`` says when a call will compile). First because it is the one measured on
     our machine (H200, 2026-12-02): faster than our prefill, slower than our decode (the

@@ -9,9 +9,9 @@ scaled score. The rest maps as follows:
   unbounded: FA4 treats ``(w - 1, -1)`` as a window ending one key BEFORE the query);
 * ALiBi linear (FA2 only) -> ``alibi_slopes`` in float32. FA2 adds ``-slope * |p - k|``,
   equal to our ``slope * (k - p)`` only when later keys are masked (the rules ask causal);
-* fp8 (FA3; FA4 on sm100): our ``value = stored * scale`` is flash-attn's descale, given
-  per (sequence, kv head) as float32 ``[B, Hkv]``; a scalar scale is expanded without a
-  copy (FA4 makes the expanded view contiguous itself: ``B * Hkv`` floats);
+* fp8 (FA3 only): our ``value = stored * scale`` is FA3's descale, given per (sequence,
+  kv head) as float32 ``[B, Hkv]``; a scalar scale is expanded without a copy (FA4's
+  public call takes no descales in 4.0.0b36: its rules keep fp8 away from it);
 * sinks (FA4 only) -> ``learnable_sink``: one logit per query head in natural-log units,
   not multiplied by ``softmax_scale``, joining the denominator only: ours exactly.
 
@@ -120,22 +120,16 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
 
 def fa4_paged(q, cache, metadata, options, max_q: int, max_k: int) -> torch.Tensor:
     """FA4's varlen call on our paged cache: ``[num_tokens, Hq, head_size_v]`` in q's dtype
-    (bf16 for fp8). ``max_q``/``max_k`` are host bounds (they steer FA4's tile plan and
+    (fp16/bf16; the rules keep fp8 away). ``max_q``/``max_k`` are host bounds (they steer FA4's tile plan and
     must hold for every replay of a captured graph)."""
     from flash_attn.cute import flash_attn_varlen_func
 
-    descales = {}
-    if cache.quant.mode != "none":  # fp8_per_tensor with an fp8 q of its format (the rules)
-        shape = (metadata.seq_lens.shape[0], cache.num_kv_heads, q.device)
-        descales = dict(q_descale=descale(options.q_scale, *shape),
-                        k_descale=descale(cache.quant.k_scale, *shape),
-                        v_descale=descale(cache.quant.v_scale, *shape))
     result = flash_attn_varlen_func(
         q, cache.key_cache, cache.value_cache, cu_seqlens_q=_unit_stride(metadata.cu_seqlens_q),
         max_seqlen_q=max_q, max_seqlen_k=max_k, seqused_k=_unit_stride(metadata.seq_lens),
         page_table=metadata.block_table, softmax_scale=options.scale, causal=options.causal,
         window_size=fa4_window(options), learnable_sink=options.sinks,
-        softcap=options.softcap or 0.0, num_splits=1, **descales)
+        softcap=options.softcap or 0.0, num_splits=1)
     return result[0] if isinstance(result, tuple) else result
 
 

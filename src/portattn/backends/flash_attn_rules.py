@@ -20,12 +20,15 @@ flash-attn), so routing and ``explain`` work on any machine, simulated profiles 
   ``page_table`` and ``seqused_k``), as of 4.0.0b36: its paged kernels exist on sm90 and
   sm100/sm110 only (the sm80 and sm120 kernels assert ``page_table is None``); any page
   size (TMA loads when the page equals its key tile, per-row loads otherwise); q, K and V
-  in one dtype: fp16/bf16, or fp8 e4m3/e5m2 with float32 descales ``[B, Hkv]`` on sm100
-  only (output bf16); head sizes a multiple of 16 bytes, on sm90 8..256 for Q/K and V
-  independently, on sm100 both <= 128, or 192/128, or 256/256 (its MLA shapes with a
+  in one dtype, fp16/bf16; head sizes a multiple of 16 bytes, on sm90 8..256 for Q/K and
+  V independently, on sm100 both <= 128, or 192/128, or 256/256 (its MLA shapes with a
   512-wide V are not routed); causal, sliding window (either side), softcap, learnable
   sinks; no ALiBi (only through a ``score_mod``, which we do not build). It writes q's
-  dtype (bf16 for fp8), so fp8 output and fp32 output are not served.
+  dtype, so fp8 output and fp32 output are not served. fp8: FA4's kernels take e4m3/e5m2
+  q/K/V with float32 descales on sm100 only, but in 4.0.0b36 only the private
+  ``_flash_attn_fwd`` accepts the descales, not ``flash_attn_varlen_func``; folding our
+  scales into ``softmax_scale`` instead would read device scales on the host (a sync). So
+  fp8 is not routed to FA4 (:data:`FA4_PUBLIC_FP8`), and the reason says so.
 """
 
 from __future__ import annotations
@@ -154,6 +157,13 @@ FA4 = "FA4 (flash_attn.cute)"
 FA4_PAGED_CC_MAJORS = (9, 10, 11)  # sm90, sm100/sm103, sm110: the kernels that take page_table
 FA4_FP8_CC_MAJOR = 10              # interface.py: "FP8 is only supported on SM100"
 FA4_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+#: Whether FA4's public varlen call takes fp8 descales (False in 4.0.0b36; when a release
+#: adds q_descale/k_descale/v_descale to flash_attn_varlen_func, flip this, pass them in
+#: flash_attn_calls.fa4_paged and test them).
+FA4_PUBLIC_FP8 = False
+FA4_NO_PUBLIC_FP8 = ("flash-attn-4 4.0.0b36's flash_attn_varlen_func takes no fp8 descales "
+                     "(only its private _flash_attn_fwd does), so portattn does not route fp8 "
+                     "to FA4; triton_unified reads fp8 caches")
 FA4_HEAD_SIZE_RANGE = (8, 256)
 FA4_SM100_WIDE_HEADS = ((192, 128), (256, 256))  # beyond 128/128 on sm100 (MLA 512 aside)
 FA4_ALIGN_BYTES = 16               # head sizes and strides: a multiple of 16 bytes
@@ -190,6 +200,8 @@ def _fa4_dtype_reasons(problem, cc_major: int | None, arch: str) -> list[str]:
         if cc_major is not None and cc_major != FA4_FP8_CC_MAJOR:
             reasons.append(f"{FA4} runs fp8 only on sm100 (compute capability 10.x); this is "
                            f"{arch}: pass a float16/bfloat16 q and an unquantized cache")
+        if not FA4_PUBLIC_FP8:
+            reasons.append(FA4_NO_PUBLIC_FP8)
         fmt = str(q_dtype).replace("torch.float8_", "")
         if problem.kv_quant != f"fp8_per_tensor:{fmt}":
             reasons.append(f"{FA4} takes an fp8 q only with a cache of the same format and "
@@ -197,13 +209,13 @@ def _fa4_dtype_reasons(problem, cc_major: int | None, arch: str) -> list[str]:
                            f"dtype), not {problem.kv_quant}")
         return reasons
     if q_dtype not in FA_HALF_DTYPES:
-        return [f"{FA4} supports float16/bfloat16 q (or fp8 on sm100), not {q_dtype}"]
+        return [f"{FA4} supports float16/bfloat16 q, not {q_dtype}"]
     if problem.kv_quant.startswith("fp8_per_tensor"):
         return [f"{FA4} reads an fp8 cache ({problem.kv_quant}) only with a q of the same "
-                "fp8 format (q, K and V in one dtype), on sm100: pass an fp8 q with q_scale"]
+                "fp8 format (q, K and V in one dtype), on sm100, and " + FA4_NO_PUBLIC_FP8]
     if problem.quantized_kv:
-        return [f"{FA4} reads no {problem.kv_quant} cache (scales per token and head); only "
-                "fp8_per_tensor with an fp8 q, on sm100"]
+        return [f"{FA4} reads no {problem.kv_quant} cache (scales per token and head); "
+                "triton_unified does"]
     return []
 
 
