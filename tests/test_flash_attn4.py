@@ -437,6 +437,22 @@ def test_fa4_argument_mapping_matches_our_semantics(stand_in_fa4, block_size, sh
     call = stand_in_fa4[0]
     assert call["page_table"] is batch.metadata.block_table  # our table, in place
     assert call["seqused_k"] is batch.metadata.seq_lens and call["num_splits"] == 1
+    sink = call["learnable_sink"]
+    assert sink is None or not sink.requires_grad
+
+
+def test_fa4_gets_tensors_that_need_no_grad(stand_in_fa4):
+    batch = make_paged_batch([3, 1], [40, 9], num_q_heads=4, num_kv_heads=2, head_size=32,
+                             block_size=16, dtype=torch.float16)
+    sinks = torch.nn.Parameter(torch.randn(4))
+    batch.q.requires_grad_(True)
+    opts = normalize_options(batch.q, batch.cache, sinks=sinks)
+    out = torch.empty(4, 4, 32, dtype=torch.float16)
+    with torch.no_grad():
+        FlashAttn().run(batch.q, batch.cache, batch.metadata, opts, out, _fa4_plan(batch))
+    (call,) = stand_in_fa4
+    assert not call["learnable_sink"].requires_grad
+    assert call["learnable_sink"].data_ptr() == sinks.data_ptr()  # a view, not a copy
 
 
 @pytest.mark.parametrize("layout", ["packed", "split"])

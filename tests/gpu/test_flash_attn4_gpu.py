@@ -134,6 +134,16 @@ def test_fa4_diffkv_192_128(block_size, kind):
     assert out.shape[-1] == 128
 
 
+def test_fa4_diffkv_other_sizes():
+    """FA4's sm90 rule allows any Q/K and V sizes in 8..256 (sm100: 192/128 only): one more
+    pair than 192/128 checks that claim."""
+    sizes = (128, 64) if torch.cuda.get_device_capability()[0] == 9 else (192, 128)
+    batch = _batch(*SHAPES["mixed"], num_q_heads=8, num_kv_heads=2, head_size=sizes[0],
+                   head_size_v=sizes[1], block_size=16, dtype=torch.bfloat16)
+    out = _run_and_compare(batch, TOL[torch.bfloat16])
+    assert out.shape[-1] == sizes[1]
+
+
 @pytest.mark.parametrize("layout,block_size", [("packed", 16), ("split", 1)])
 def test_fa4_packed_layout_and_block_size_one(layout, block_size):
     batch = _batch([1, 40, 1], [300, 90, 17], num_q_heads=8, num_kv_heads=2, head_size=128,

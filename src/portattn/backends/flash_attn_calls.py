@@ -124,11 +124,15 @@ def fa4_paged(q, cache, metadata, options, max_q: int, max_k: int) -> torch.Tens
     must hold for every replay of a captured graph)."""
     from flash_attn.cute import flash_attn_varlen_func
 
+    # Detached views (no copies): a sink or q that requires grad (an nn.Parameter outside
+    # no_grad) would send FA4 down its autograd path (saved LSE, another compiled kernel).
+    sinks = None if options.sinks is None else options.sinks.detach()
     result = flash_attn_varlen_func(
-        q, cache.key_cache, cache.value_cache, cu_seqlens_q=_unit_stride(metadata.cu_seqlens_q),
-        max_seqlen_q=max_q, max_seqlen_k=max_k, seqused_k=_unit_stride(metadata.seq_lens),
+        q.detach(), cache.key_cache.detach(), cache.value_cache.detach(),
+        cu_seqlens_q=_unit_stride(metadata.cu_seqlens_q), max_seqlen_q=max_q,
+        max_seqlen_k=max_k, seqused_k=_unit_stride(metadata.seq_lens),
         page_table=metadata.block_table, softmax_scale=options.scale, causal=options.causal,
-        window_size=fa4_window(options), learnable_sink=options.sinks,
+        window_size=fa4_window(options), learnable_sink=sinks,
         softcap=options.softcap or 0.0, num_splits=1)
     return result[0] if isinstance(result, tuple) else result
 
