@@ -220,8 +220,10 @@ def quantize_reference(x: torch.Tensor, quant: KVQuant, which: str, storage: tor
         return (x / s).clamp(-FP8_MAX[storage], FP8_MAX[storage]).to(storage), None
     limit = 127.0 if storage == torch.int8 else FP8_MAX[storage]
     amax = x.abs().amax(-1)
-    scale = torch.where(amax > 0, amax / limit, torch.ones_like(amax))
-    y = (x / scale[..., None]).clamp(-limit, limit)
+    # quotients correctly rounded to fp32 (computed in fp64): torch's CUDA division by a
+    # scalar multiplies by the reciprocal, one ulp away from the definition at times
+    scale = torch.where(amax > 0, (amax.double() / limit).float(), torch.ones_like(amax))
+    y = (x.double() / scale.double()[..., None]).float().clamp(-limit, limit)
     if storage == torch.int8:
         y = torch.round(y)
     return y.to(storage), scale

@@ -36,7 +36,7 @@ def head_pad(head_size: int) -> int:
 
 
 
-def kernel_scalars(q, cache, options, fp8_dot: bool) -> dict:
+def kernel_scalars(q, cache, options, fp8_dot: bool, compute: str | None = None) -> dict:
     """The quantization arguments of both kernels: scale pointers, their strides and the
     switches (see the kernel's module doc)."""
     quant = cache.quant
@@ -64,11 +64,12 @@ def kernel_scalars(q, cache, options, fp8_dot: bool) -> dict:
         KV_QUANT=code, Q_SCALED=q_fp8, FP8_DOT=bool(fp8_dot and q_fp8),
         FP8_ACC=FP8_DOT_PROMOTE_EVERY, FP8_OUT=fp8_out,
         FP8_MAX=fp8_max(options.out_dtype) if fp8_out else 0.0,
-        COMPUTE_DTYPE=tl.float16 if q_fp8 else _TL_DTYPES[q.dtype],
+        COMPUTE_DTYPE=tl.float16 if q_fp8 or compute == "float16" else _TL_DTYPES[q.dtype],
     )
 
 
-def _common_args(q, cache, metadata, options, out, fp8_dot: bool) -> dict:
+def _common_args(q, cache, metadata, options, out, fp8_dot: bool,
+                 compute: str | None = None) -> dict:
     dummy = q
     return dict(
         q_ptr=q, k_ptr=cache.key_cache, v_ptr=cache.value_cache, out_ptr=out,
@@ -94,7 +95,7 @@ def _common_args(q, cache, metadata, options, out, fp8_dot: bool) -> dict:
         USE_SOFTCAP=options.softcap is not None, ALIBI=ALIBI_CODES[options.alibi],
         USE_SINKS=options.sinks is not None,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        **kernel_scalars(q, cache, options, fp8_dot),
+        **kernel_scalars(q, cache, options, fp8_dot, compute),
     )
 
 
@@ -149,7 +150,8 @@ def launch_unified(q: torch.Tensor, cache, metadata, options, out: torch.Tensor,
     A decode plan used with more queries per sequence than its tile holds (an understated
     ``metadata.max_seqlen_q`` that nothing checked) writes NaN into those sequences' rows
     rather than leaving them stale."""
-    args = _common_args(q, cache, metadata, options, out, params.get("fp8_dot", False))
+    args = _common_args(q, cache, metadata, options, out, params.get("fp8_dot", False),
+                        params.get("compute"))
     mode = params["mode"]
     if mode == "decode":
         cfg = params["short"]

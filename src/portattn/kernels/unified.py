@@ -131,7 +131,7 @@ def _load_kv_tile(bt_row, bt_width, num_blocks, k_pos, key_ok, k_head_ptr, v_hea
 
 
 @triton.jit
-def _attend_tiles(acc, m_i, l_i, q, tile_start, tile_end, seq_len, k_lo, bt_row, bt_width,
+def _attend_tiles(acc, m_i, l_i, poisoned, q, tile_start, tile_end, seq_len, k_lo, bt_row, bt_width,
                   num_blocks, k_head_ptr, v_head_ptr, ks_head_ptr, vs_head_ptr, stride_kb,
                   stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss, stride_vsb,
                   stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk, offs_dv,
@@ -147,7 +147,10 @@ def _attend_tiles(acc, m_i, l_i, q, tile_start, tile_end, seq_len, k_lo, bt_row,
     the query tile's window (which an engine may already have freed) are never read.
     Quantized caches are cast to ``COMPUTE_DTYPE`` as loaded (exact for fp8 and int8); the
     per-tensor scales are folded outside the loop by the caller, per-token-head scales
-    multiply the score columns (K) and P's columns (V) in fp32."""
+    multiply the score columns (K) and P's columns (V) in fp32. Keys with a bad block id
+    turn the scores of the rows that see them into NaN in masked tiles; in the unmasked
+    ones (every row sees every key) they set ``poisoned``, which the caller applies to
+    the whole tile of rows once, keeping the hot loop free of per-score selects."""
     for j in tl.range(tile_start, tile_end):
         k_pos = j * BLOCK_N + tl.arange(0, BLOCK_N)
         key_ok = (k_pos >= k_lo) & (k_pos < seq_len)
@@ -164,16 +167,16 @@ def _attend_tiles(acc, m_i, l_i, q, tile_start, tile_end, seq_len, k_lo, bt_row,
             qk = qk * k_sc[None, :]
         s = score_tile(qk, qk_scale, softcap, slope2, q_pos, k_pos, seq_len, window,
                        MASKED, CAUSAL, USE_WINDOW, USE_SOFTCAP, ALIBI)
-        if MASKED:
+        if MASKED:  # edge tiles: exactly the rows that see a bad key
             s = tl.where(bad[None, :] & (s > float("-inf")), float("nan"), s)
-        else:
-            s = tl.where(bad[None, :], float("nan"), s)
+        else:  # every row sees every key: one flag per tile, applied once at the end
+            poisoned = poisoned | (tl.max(bad.to(tl.int32), 0) > 0)
         p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i, MASKED)
         acc = acc * alpha[:, None]
         if KV_QUANT == 2:
             p = p * v_sc[None, :]
         acc = tl.dot(p.to(COMPUTE_DTYPE), v.to(COMPUTE_DTYPE), acc, input_precision=DOT_PREC)
-    return acc, m_i, l_i
+    return acc, m_i, l_i, poisoned
 
 
 @triton.jit
@@ -296,6 +299,7 @@ def unified_attention_kernel(
                 * 1.4426950408889634
             l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_V_PAD], dtype=tl.float32)
+    poisoned = seq < 0  # False, as a runtime scalar: set when a full tile met a bad block
 
     # Visible keys: [k_lo, k_hi) for some row, [k_lo_all, k_hi_all) for every row.
     t_last = tl.minimum(t0 + BLOCK_Q, q_len) - 1
@@ -329,23 +333,23 @@ def unified_attention_kernel(
     ks_head_ptr = k_scale_ptr + kv_head * stride_ksh
     vs_head_ptr = v_scale_ptr + kv_head * stride_vsh
     if USE_WINDOW:  # leading tiles only partly inside the window
-        acc, m_i, l_i = _attend_tiles(
-            acc, m_i, l_i, q, tl.maximum(tile_lo, seg_lo), tl.minimum(full_lo, seg_hi),
+        acc, m_i, l_i, poisoned = _attend_tiles(
+            acc, m_i, l_i, poisoned, q, tl.maximum(tile_lo, seg_lo), tl.minimum(full_lo, seg_hi),
             seq_len, k_lo, bt_row, bt_width, num_blocks, k_head_ptr, v_head_ptr, ks_head_ptr,
             vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss,
             stride_vsb, stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk,
             offs_dv, BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD, HEAD_V, HEAD_V_PAD, True,
             CAUSAL, USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE,
             DOT_PREC)
-    acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, tl.maximum(full_lo, seg_lo), tl.minimum(full_hi, seg_hi),
+    acc, m_i, l_i, poisoned = _attend_tiles(
+        acc, m_i, l_i, poisoned, q, tl.maximum(full_lo, seg_lo), tl.minimum(full_hi, seg_hi),
         seq_len, k_lo, bt_row, bt_width, num_blocks, k_head_ptr, v_head_ptr, ks_head_ptr,
         vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss,
         stride_vsb, stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk, offs_dv,
         BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD, HEAD_V, HEAD_V_PAD, False, CAUSAL,
         USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE, DOT_PREC)
-    acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, tl.maximum(full_hi, seg_lo), tl.minimum(tile_hi, seg_hi),
+    acc, m_i, l_i, poisoned = _attend_tiles(
+        acc, m_i, l_i, poisoned, q, tl.maximum(full_hi, seg_lo), tl.minimum(tile_hi, seg_hi),
         seq_len, k_lo, bt_row, bt_width, num_blocks, k_head_ptr, v_head_ptr, ks_head_ptr,
         vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss,
         stride_vsb, stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk, offs_dv,
@@ -354,6 +358,7 @@ def unified_attention_kernel(
 
     if KV_QUANT == 1:  # the V scale, once per row instead of once per element
         acc = acc * tl.load(v_scale_ptr)
+    l_i = tl.where(poisoned, float("nan"), l_i)
     if not SPLIT:
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         _store_rows(out_ptr, acc / l_safe[:, None], q_start, row_tok, row_head, row_ok,
