@@ -79,11 +79,13 @@ for row in r["routing"]:
 EOF
 
 # ---- benchmarks (nothing else on the GPU now)
+stages=2  # each bench gets an equal share of what is left (a killed bench writes no JSON)
 for bs in 16 128; do
-  if [ "$(left)" -lt 100 ]; then echo "skipped bench at block $bs: $(left)s left"; continue; fi
-  timeout $(( $(left) - 15 )) python3 -m portattn.bench --cases "$BENCH_CASES" --block-size "$bs" \
+  share=$(( ($(left) - 15) / stages )); stages=$((stages - 1))
+  if [ "$share" -lt 90 ]; then echo "skipped bench at block $bs: $(left)s left"; continue; fi
+  timeout "$share" python3 -m portattn.bench --cases "$BENCH_CASES" --block-size "$bs" \
     --rep "${BENCH_REP:-100}" --out "$OUT" --prefix "$TAG-fa4-b$bs" > "$LOGS/bench-b$bs.log" 2>&1
-  echo "bench block $bs: rc=$? at $(( $(date +%s) - T0 ))s"
+  echo "bench block $bs: rc=$? (limit ${share}s) at $(( $(date +%s) - T0 ))s"
 done
 
 cp "$LOGS"/tests-*.log "$OUT"/ 2>/dev/null
