@@ -13,7 +13,9 @@ from portattn.dispatch import Problem, decide
 from portattn.dispatch.routing import COMMON_PROBLEMS, backend_availability, routing_table
 
 CI = Path(__file__).resolve().parents[1] / "ci"
-EXPECTED = json.loads((CI / "expected_routing.json").read_text())["profiles"]
+EXPECTED_FILE = json.loads((CI / "expected_routing.json").read_text())
+EXPECTED = EXPECTED_FILE["profiles"]
+EXPECTED_WITH_FLASH_ATTN = EXPECTED_FILE["flash_attn_profiles"]
 MATRIX = json.loads((CI / "matrix.json").read_text())
 
 
@@ -29,6 +31,15 @@ def test_routing_matches_expected(profile):
     caps = probe(simulate=profile)
     got = {row["problem"]: row["backend"] for row in routing_table(caps)}
     assert got == EXPECTED[profile]
+
+
+@pytest.mark.parametrize("profile", sorted(EXPECTED_WITH_FLASH_ATTN))
+def test_routing_with_flash_attn_matches_expected(profile):
+    assert set(EXPECTED_WITH_FLASH_ATTN[profile]) == set(COMMON_PROBLEMS)
+    caps = probe(simulate=profile)
+    assert caps.flash_attn_interfaces  # a profile with flash-attn installed
+    got = {row["problem"]: row["backend"] for row in routing_table(caps)}
+    assert got == EXPECTED_WITH_FLASH_ATTN[profile]
 
 
 @pytest.mark.parametrize("profile", PROFILES)

@@ -16,7 +16,7 @@ from portattn.capabilities import probe
 from portattn.dispatch.problem import Problem
 from portattn.envstate import VALIDATE_INDEX, VALIDATE_VALUES, decision_environment
 from portattn.dispatch.registry import load_backend
-from portattn.dispatch.selector import Decision, decide
+from portattn.dispatch.selector import Decision, decide, with_notes
 from portattn.ops import call_compiled
 from portattn.options import AttentionOptions, normalize_options
 from portattn.types import AttentionMetadata, PagedKVCache
@@ -141,6 +141,7 @@ def explain(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMetadata, *
             backend: str | None = None, out: torch.Tensor | None = None,
             validate: bool | None = None, **options) -> Decision:
     """The :class:`Decision` :func:`attention` would take for these arguments (nothing
-    runs): backend, variant, and every other backend with its reasons."""
-    _, problem = _prepare(q, cache, metadata, validate, out, options)
-    return decide(problem, probe(), backend)
+    runs): backend, variant, every other backend with its reasons, and the chosen
+    backend's notes about this call (e.g. that its first call compiles a kernel)."""
+    call_options, problem = _prepare(q, cache, metadata, validate, out, options)
+    return with_notes(decide(problem, probe(), backend), call_options)

@@ -65,7 +65,7 @@ def _report(args: argparse.Namespace) -> int:
 def _explain(args: argparse.Namespace) -> int:
     from portattn.capabilities import probe
     from portattn.dispatch.problem import Problem
-    from portattn.dispatch.selector import decide
+    from portattn.dispatch.selector import decide, with_notes
     from portattn.errors import UnsupportedError
 
     caps = probe(simulate=args.simulate)
@@ -78,7 +78,7 @@ def _explain(args: argparse.Namespace) -> int:
         sliding_window=args.window, softcap=args.softcap, alibi=args.alibi,
         sinks=args.sinks)
     try:
-        decision = decide(problem, caps, args.backend)
+        decision = with_notes(decide(problem, caps, args.backend))
     except UnsupportedError as exc:
         if args.json:
             print(json.dumps({"error": str(exc).splitlines()[0], "reasons": exc.reasons},

@@ -23,16 +23,18 @@ if TYPE_CHECKING:  # pragma: no cover
 @dataclass(frozen=True)
 class Plan:
     """A backend's launch decision for one :class:`Problem`: a variant name (shown by
-    ``explain``) and the parameters its ``run`` needs (tile sizes, segments, warps...)."""
+    ``explain``) and the parameters its ``run`` needs (tile sizes, segments, warps...).
+    Parameters whose name starts with ``_`` are bookkeeping, left out of :meth:`describe`."""
 
     backend: str
     variant: str
     params: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     def describe(self) -> str:
-        if not self.params:
+        shown = {k: v for k, v in self.params.items() if not k.startswith("_")}
+        if not shown:
             return self.variant
-        inner = ", ".join(f"{k}={v}" for k, v in self.params.items())
+        inner = ", ".join(f"{k}={v}" for k, v in shown.items())
         return f"{self.variant} ({inner})"
 
 
@@ -47,6 +49,18 @@ class Backend:
 
     def plan(self, problem: "Problem", caps: "Capabilities") -> Plan:
         return Plan(self.name, "default")
+
+    def interface_for(self, problem: "Problem", caps: "Capabilities") -> str | None:
+        """For a backend that wraps several library interfaces (``flash_attn``: fa2, fa3,
+        fa4): the one its plan would use for ``problem``, None when none serves. The
+        priority lists use it to place a backend by the measured speed of one interface."""
+        return None
+
+    def notes(self, problem: "Problem", plan: Plan,
+              options: "AttentionOptions | None") -> list[str]:
+        """Sentences ``explain`` adds about this call beyond the variant (e.g. that the
+        first call will compile a kernel). ``options`` is None without a call's options."""
+        return []
 
     def unavailable(self, caps: "Capabilities") -> list[str]:
         """Reasons this backend cannot run on this machine at all, whatever the call.
