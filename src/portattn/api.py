@@ -20,8 +20,8 @@ from portattn.dispatch.selector import Decision, decide, with_notes
 from portattn.ops import call_compiled
 from portattn.options import AttentionOptions, normalize_options
 from portattn.types import AttentionMetadata, PagedKVCache
-from portattn.validation import check_out, check_structure, check_values, \
-    validation_requested
+from portattn.validation import check_out, check_scale_values, check_structure, \
+    check_values, validation_requested
 
 
 #: The options of :func:`attention`, in the order :func:`run_eager` takes their values.
@@ -37,6 +37,8 @@ def _prepare(q, cache, metadata, validate, out, options_kwargs) -> tuple[Attenti
     wanted = validation_requested(validate)
     if wanted or (wanted is None and metadata.seq_lens.device.type == "cpu"):
         check_values(q, cache, metadata)
+    if wanted:
+        check_scale_values(cache, options.q_scale, options.output_scale)
     max_q, max_k = metadata.max_lengths()
     return options, Problem.from_call(q, cache, metadata, options, max_q, max_k)
 

@@ -147,3 +147,15 @@ def check_values(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMetada
                 raise InputError("metadata.block_table", f"block ids in [0, "
                                  f"{cache.num_blocks - 1}] for the blocks in use",
                                  f"ids in [{lo}, {hi}]")
+
+
+def check_scale_values(cache: PagedKVCache, q_scale=None, output_scale=None) -> None:
+    """Tensor scales on a GPU are range-checked only here (``validate=True``): reading
+    them synchronizes. Each must be finite and positive."""
+    for name, scale in (("quant.k_scale", cache.quant.k_scale),
+                        ("quant.v_scale", cache.quant.v_scale), ("q_scale", q_scale),
+                        ("output_scale", output_scale)):
+        if isinstance(scale, torch.Tensor) and scale.device.type != "cpu":
+            value = float(scale.reshape(()).item())
+            if not (value == value and abs(value) != float("inf") and value > 0):
+                raise InputError(name, "a finite positive scale", repr(value))
