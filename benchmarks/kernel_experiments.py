@@ -38,7 +38,9 @@ def main() -> int:
              Case("decode-32x8192-int8pth", "decode", [1] * 32, [8192] * 32,
                   "int8_per_token_head"),
              Case("prefill-1x8192", "prefill", [8192], [8192]),
-             Case("prefill-1x8192-fp8", "prefill", [8192], [8192], "fp8_per_tensor")]
+             Case("prefill-1x8192-fp8", "prefill", [8192], [8192], "fp8_per_tensor"),
+             Case("decode-1x8192", "decode", [1], [8192]),
+             Case("decode-8x8192", "decode", [1] * 8, [8192] * 8)]
     try:
         import oldkernels.heuristics as old_h
         import oldkernels.launch as old_l
@@ -56,8 +58,9 @@ def main() -> int:
         if case.kv_quant != "none":
             variants["bf16-compute"] = dict(base, compute="bfloat16")
             variants["fp16-compute"] = dict(base, compute="float16")
+        variants["no-block-checks"] = dict(base, check_blocks=False)
         if case.kind == "decode":
-            variants["stages2"] = dict(base, short=dict(base["short"], num_stages=2))
+            variants["stages3"] = dict(base, short=dict(base["short"], num_stages=3))
         for name, params in variants.items():
             fn = (lambda p=params: launch_unified(inp.q, inp.cache, inp.metadata, options,
                                                   inp.out, p))

@@ -156,6 +156,8 @@ def launch_unified(q: torch.Tensor, cache, metadata, options, out: torch.Tensor,
     rather than leaving them stale."""
     args = _common_args(q, cache, metadata, options, out, params.get("fp8_dot", False),
                         params.get("compute"))
+    if "check_blocks" in params:  # a measurement switch (benchmarks/kernel_experiments.py)
+        args["CHECK_BLOCKS"] = bool(params["check_blocks"])
     mode = params["mode"]
     if mode == "decode":
         cfg = params["short"]

@@ -61,7 +61,8 @@ dots run in fp16, every fp8 value being exact in fp16 and fp8 -> fp16 one conver
 float16 for fp8 q since every fp8 value is exact in it), ``DOT_PREC`` ("ieee" for fp32,
 ignored for 16-bit operands).
 
-Bad metadata never reads out of bounds: a block-table entry outside ``[0, num_blocks)``
+``CHECK_BLOCKS`` (default on; off only in benchmarks/kernel_experiments.py, to measure
+what the following costs). Bad metadata never reads out of bounds: a block-table entry outside ``[0, num_blocks)``
 or a key past the table's width (``bt_width`` blocks) reads an in-range block instead,
 and the rows that would have seen that key come out NaN (edge tiles: per score; the
 tiles every row sees: one scan of their table entries before the loop).
@@ -79,9 +80,9 @@ from portattn.kernels.common import find_seq_of_tile, online_softmax_step, score
 def _load_kv_tile(bt_row, bt_width, num_blocks, k_pos, key_ok, k_head_ptr, v_head_ptr,
                   ks_head_ptr, vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs,
                   stride_ksb, stride_kss, stride_vsb, stride_vss, offs_dk, offs_dv,
-                  BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_QK: tl.constexpr, HEAD_QK_PAD: tl.constexpr,
-                  HEAD_V: tl.constexpr, HEAD_V_PAD: tl.constexpr, MASKED: tl.constexpr,
-                  KV_QUANT: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_QK: tl.constexpr,
+                  HEAD_QK_PAD: tl.constexpr, HEAD_V: tl.constexpr, HEAD_V_PAD: tl.constexpr,
+                  MASKED: tl.constexpr, KV_QUANT: tl.constexpr, CHECK_BLOCKS: tl.constexpr):
     """K ``[HEAD_QK_PAD, BLOCK_N]``, V ``[BLOCK_N, HEAD_V_PAD]`` as stored, their
     per-token-head scales ``[BLOCK_N]`` (ones unless ``KV_QUANT == 2``) and ``bad``
     ``[BLOCK_N]``: keys whose block-table entry is outside ``[0, num_blocks)`` or past the
@@ -94,9 +95,12 @@ def _load_kv_tile(bt_row, bt_width, num_blocks, k_pos, key_ok, k_head_ptr, v_hea
         block = tl.load(bt_row + bt_idx, mask=key_ok & in_table, other=0)
         bad = key_ok & ((~in_table) | (block < 0) | (block >= num_blocks))
         block = tl.where(bad, 0, block).to(tl.int64)
-    else:  # bad ids here were found before the loop (_full_tiles_have_bad_blocks)
+    elif CHECK_BLOCKS:  # bad ids here were found before the loop (the pre-scan)
         block = tl.load(bt_row + tl.minimum(bt_idx, bt_width - 1))
         block = tl.minimum(tl.maximum(block, 0), num_blocks - 1).to(tl.int64)
+        bad = in_table & ~in_table
+    else:  # trusted metadata (measurement switch only)
+        block = tl.load(bt_row + bt_idx).to(tl.int64)
         bad = in_table & ~in_table
     slot = k_pos % BLOCK_SIZE
     k_ptrs = k_head_ptr + (block * stride_kb + slot * stride_ks)[None, :] + offs_dk[:, None]
@@ -164,7 +168,7 @@ def _attend_tiles(acc, m_i, l_i, q, tile_start, tile_end, seq_len, k_lo, bt_row,
                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr,
                   USE_SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, KV_QUANT: tl.constexpr,
                   FP8_DOT: tl.constexpr, FP8_ACC: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
-                  DOT_PREC: tl.constexpr):
+                  DOT_PREC: tl.constexpr, CHECK_BLOCKS: tl.constexpr):
     """Stream KV tiles ``[tile_start, tile_end)`` through the online softmax.
 
     Masked tiles load only keys in ``[k_lo, seq_len)``: block-table entries and K/V before
@@ -182,7 +186,7 @@ def _attend_tiles(acc, m_i, l_i, q, tile_start, tile_end, seq_len, k_lo, bt_row,
             bt_row, bt_width, num_blocks, k_pos, key_ok, k_head_ptr, v_head_ptr, ks_head_ptr,
             vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss,
             stride_vsb, stride_vss, offs_dk, offs_dv, BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD,
-            HEAD_V, HEAD_V_PAD, MASKED, KV_QUANT)
+            HEAD_V, HEAD_V_PAD, MASKED, KV_QUANT, CHECK_BLOCKS)
         if FP8_DOT:  # fp8 q x fp8 K on the tensor cores, fp32 accumulation
             qk = tl.dot(q, k, max_num_imprecise_acc=FP8_ACC)
         else:
@@ -254,7 +258,8 @@ def unified_attention_kernel(
         KV_QUANT: tl.constexpr, Q_SCALED: tl.constexpr, Q_PRESCALE: tl.constexpr,
         FP8_DOT: tl.constexpr,
         FP8_ACC: tl.constexpr, FP8_OUT: tl.constexpr, FP8_MAX: tl.constexpr,
-        COMPUTE_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr):
+        COMPUTE_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+        CHECK_BLOCKS: tl.constexpr = True):
     """Paged attention of one query tile x one kv head x one KV segment (see module doc)."""
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
@@ -353,9 +358,12 @@ def unified_attention_kernel(
         seg_hi = tile_hi
 
     bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt
-    poisoned = _full_tiles_have_bad_blocks(
-        bt_row, bt_width, num_blocks, tl.maximum(full_lo, seg_lo) * BLOCK_N,
-        tl.minimum(full_hi, seg_hi) * BLOCK_N, BLOCK_SIZE)
+    if CHECK_BLOCKS:
+        poisoned = _full_tiles_have_bad_blocks(
+            bt_row, bt_width, num_blocks, tl.maximum(full_lo, seg_lo) * BLOCK_N,
+            tl.minimum(full_hi, seg_hi) * BLOCK_N, BLOCK_SIZE)
+    else:
+        poisoned = False
     k_head_ptr = k_ptr + kv_head * stride_kh
     v_head_ptr = v_ptr + kv_head * stride_vh
     ks_head_ptr = k_scale_ptr + kv_head * stride_ksh
@@ -368,21 +376,23 @@ def unified_attention_kernel(
             stride_vsb, stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk,
             offs_dv, BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD, HEAD_V, HEAD_V_PAD, True,
             CAUSAL, USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE,
-            DOT_PREC)
+            DOT_PREC, CHECK_BLOCKS)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, tl.maximum(full_lo, seg_lo), tl.minimum(full_hi, seg_hi),
         seq_len, k_lo, bt_row, bt_width, num_blocks, k_head_ptr, v_head_ptr, ks_head_ptr,
         vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss,
         stride_vsb, stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk, offs_dv,
         BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD, HEAD_V, HEAD_V_PAD, False, CAUSAL,
-        USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE, DOT_PREC)
+        USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE, DOT_PREC,
+        CHECK_BLOCKS)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, tl.maximum(full_hi, seg_lo), tl.minimum(tile_hi, seg_hi),
         seq_len, k_lo, bt_row, bt_width, num_blocks, k_head_ptr, v_head_ptr, ks_head_ptr,
         vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss,
         stride_vsb, stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk, offs_dv,
         BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD, HEAD_V, HEAD_V_PAD, True, CAUSAL,
-        USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE, DOT_PREC)
+        USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE, DOT_PREC,
+        CHECK_BLOCKS)
 
     if KV_QUANT == 1:  # the V scale, once per row instead of once per element
         acc = acc * tl.load(v_scale_ptr)
