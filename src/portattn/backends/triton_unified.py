@@ -83,6 +83,13 @@ class TritonUnified(Backend):
 
         launch_unified(q, cache, metadata, options, out, plan.params)
 
+    def prepare(self, plan, problem, options, device):
+        """Plans replay launch.py's recorded launches (:mod:`.unified_runner`)."""
+        from portattn.backends.unified_runner import UnifiedRunner
+
+        return UnifiedRunner(self, plan, options, device=device, num_seqs=problem.num_seqs,
+                             num_q_heads=problem.num_q_heads, head_size=problem.head_size_qk)
+
 
 def _forced_segments(shape: heuristics.Shape) -> int | None:
     """``PORTATTN_UNIFIED_SPLIT``: unset/auto -> None (heuristic), 0 -> 1 segment,

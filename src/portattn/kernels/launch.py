@@ -4,16 +4,24 @@
 :func:`portattn.kernels.heuristics.plan_launch` into one to three kernel launches. It
 reads no device value (everything is sized from tensor shapes and the plan), so it never
 synchronizes and can be captured in a CUDA graph; the split-KV workspace is allocated per
-call with ``torch.empty``.
+call with ``torch.empty`` unless the caller passes one (``workspace``: a plan's own
+buffer of at least :func:`split_workspace_size` float32 elements).
+
+The kernels are wrapped by :func:`portattn.kernels.fast_launch.capturable` (a no-op
+outside :func:`~portattn.kernels.fast_launch.capture`), so plans can record these
+launches once and relaunch the compiled kernels cheaply.
 """
 
 from __future__ import annotations
 
 import torch
 
+from portattn.kernels import reduce, unified
+from portattn.kernels.fast_launch import capturable
 from portattn.kernels.heuristics import next_pow2
-from portattn.kernels.reduce import merge_segments_kernel
-from portattn.kernels.unified import unified_attention_kernel
+
+unified_attention_kernel = capturable(unified.unified_attention_kernel)
+merge_segments_kernel = capturable(reduce.merge_segments_kernel)
 
 ALIBI_CODES = {"none": 0, "linear": 1, "sqrt": 2}
 
@@ -45,7 +53,15 @@ def _common_args(q, cache, metadata, options, out):
     )
 
 
-def _launch_short(args, q, cache, metadata, options, out, cfg: dict) -> None:
+def split_workspace_size(num_seqs: int, num_q_heads: int, head_size: int, cfg: dict) -> int:
+    """float32 elements of the split-KV workspace of a SEQ_MODE 1 launch (0: no split)."""
+    if cfg["segments"] <= 1:
+        return 0
+    rows = num_seqs * cfg["block_q"] * num_q_heads * cfg["segments"]
+    return rows * (max(16, next_pow2(head_size)) + 2)
+
+
+def _launch_short(args, q, cache, metadata, options, out, cfg: dict, workspace=None) -> None:
     """SEQ_MODE 1: one tile per sequence with at most BLOCK_Q queries (2D or 3D)."""
     num_seqs = metadata.seq_lens.shape[0]
     num_kv_heads = cache.num_kv_heads
@@ -54,7 +70,11 @@ def _launch_short(args, q, cache, metadata, options, out, cfg: dict) -> None:
     head_pad = args["HEAD_PAD"]
     if segments > 1:  # one workspace: [acc rows x HEAD_PAD | m | l]
         rows = num_seqs * block_q * q.shape[1] * segments
-        work = torch.empty(rows * (head_pad + 2), dtype=torch.float32, device=q.device)
+        size = rows * (head_pad + 2)
+        if workspace is not None and workspace.numel() >= size:
+            work = workspace
+        else:
+            work = torch.empty(size, dtype=torch.float32, device=q.device)
         part_acc = work[:rows * head_pad]
         part_m = work[rows * head_pad:rows * (head_pad + 1)]
         part_l = work[rows * (head_pad + 1):]
@@ -86,8 +106,10 @@ def _launch_long(args, q, cache, metadata, out, cfg: dict, short_q: int) -> None
 
 
 def launch_unified(q: torch.Tensor, cache, metadata, options, out: torch.Tensor,
-                   params: dict) -> None:
-    """Run the unified kernel(s) as ``params`` (from ``plan_launch``) says; writes ``out``."""
+                   params: dict, workspace: torch.Tensor | None = None) -> None:
+    """Run the unified kernel(s) as ``params`` (from ``plan_launch``) says; writes ``out``.
+    ``workspace``: a float32 buffer for the split-KV partials (allocated here when None
+    or too small)."""
     args = _common_args(q, cache, metadata, options, out)
     mode = params["mode"]
     if mode == "decode":
@@ -95,10 +117,10 @@ def launch_unified(q: torch.Tensor, cache, metadata, options, out: torch.Tensor,
         if metadata.max_seqlen_q is not None and metadata.max_seqlen_q > cfg["block_q"]:
             raise ValueError(f"plan for at most {cfg['block_q']} queries per sequence used "
                              f"with max_seqlen_q={metadata.max_seqlen_q}")
-        _launch_short(args, q, cache, metadata, options, out, cfg)
+        _launch_short(args, q, cache, metadata, options, out, cfg, workspace)
     elif mode == "mixed":
         short = params["short"]
-        _launch_short(args, q, cache, metadata, options, out, short)
+        _launch_short(args, q, cache, metadata, options, out, short, workspace)
         _launch_long(args, q, cache, metadata, out, params["long"], short["block_q"])
     elif mode == "prefill":
         _launch_long(args, q, cache, metadata, out, params["long"], 0)

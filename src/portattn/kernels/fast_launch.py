@@ -1,0 +1,450 @@
+"""Relaunch compiled Triton kernels without the JIT's per-call argument processing.
+
+Why: ``kernel[grid](**kwargs)`` costs 15-30 us of host time in Triton 3.6 (binding ~50
+arguments, specializing each one, building a cache key string, looking it up, building
+launch metadata, calling empty hook chains). An attention call of a 96-layer model pays
+that on every layer of every eager step.
+
+How, for ANY ``@triton.jit`` kernel and whatever arguments a launcher passes:
+
+1. **Capture.** Kernels wrapped by :func:`capturable` (``launch.py`` wraps its kernels at
+   import) behave exactly as before, except that inside ``with capture() as launches:``
+   each launch made by this thread is also recorded: the kernel, grid, arguments and the
+   ``CompiledKernel`` Triton returned. A Triton launch hook counts the real launches of
+   the thread meanwhile, so a launch through a kernel that is not wrapped is noticed.
+2. **Build** (:meth:`LaunchSequence.build`). Each recorded argument is either *bound*
+   (a tensor that IS one of the caller's ``inputs``, or a view into an input the caller
+   declares as its own workspace: per call its data pointer is recomputed) or *fixed*
+   (a plain value: int, float, bool, str, None, a tuple of those; kept as recorded).
+   Anything else (a tensor the launcher made itself, a tensor descriptor) makes the
+   sequence unusable, and the caller keeps the normal path. No tensor is stored.
+3. **Relaunch** (:meth:`LaunchSequence.launch`): per call, the data pointers of the bound
+   inputs, the current device and stream, and one dict lookup per kernel; then the
+   compiled kernel's launcher is called directly, pointers passed as ints.
+
+Correctness: a compiled kernel is only reused for a call Triton would specialize the same
+way. Triton's specialization of an argument is a function of (type, value) for plain
+values, (dtype, ``data_ptr % 16 == 0``) for tensors on backends with native tensor
+specialization (the only ones served here), plus the launch options (``num_warps``...),
+``debug`` and the instrumentation mode, per device. The CALLER guarantees that the fixed
+values are the same on every call of a sequence (it keys sequences by everything its
+launcher reads: shapes, strides, dtypes, option values); this module keys each kernel by
+(device, Triton state, the 16-byte alignment of every bound pointer). When a sequence is
+built, Triton's own binder is run on the recorded call and must agree (same cached
+kernel, pointers specialized by alignment alone), else the sequence is unusable.
+Whenever a key is unknown, :meth:`launch` returns False and the caller runs its normal
+path under :func:`capture`, then :meth:`absorb` stores what Triton compiled (after
+checking the launches have the same structure). Launch hooks (profilers), pre-run hooks,
+kernels with global-variable dependencies, the interpreter (``TRITON_INTERPRET=1``, no
+compiled kernel) and non-native backends (AMD: buffer-op specialization) always take the
+normal path.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from operator import itemgetter
+from typing import Any, Sequence
+
+import torch
+
+_local = threading.local()
+_PLAIN = (int, float, bool, str, type(None))
+#: Per kernel: max compiled-kernel entries (device x state x alignment) before the table
+#: is cleared (it only ever refills from Triton's own cache).
+TABLE_LIMIT = 64
+
+
+@dataclass
+class Launch:
+    """One recorded launch: ``fn[grid](*args, **kwargs)`` returned ``compiled``."""
+
+    fn: Any
+    grid: Any
+    args: tuple
+    kwargs: dict
+    compiled: Any
+
+
+class Capturable:
+    """A ``@triton.jit`` kernel that records its launches while :func:`capture` is active
+    in the calling thread (otherwise ``k[grid]`` is exactly ``fn[grid]``)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __getitem__(self, grid):
+        launch = self.fn[grid]
+        records = getattr(_local, "records", None)
+        if records is None:
+            return launch
+        fn = self.fn
+
+        def recorded(*args, **kwargs):
+            compiled = launch(*args, **kwargs)
+            records.append(Launch(fn, grid, args, kwargs, compiled))
+            return compiled
+
+        return recorded
+
+    def __getattr__(self, name):
+        return getattr(self.fn, name)
+
+    def __repr__(self) -> str:
+        return f"capturable({self.fn!r})"
+
+
+def capturable(fn) -> Capturable:
+    return fn if isinstance(fn, Capturable) else Capturable(fn)
+
+
+@dataclass
+class Captured:
+    """What :func:`capture` saw: the recorded launches, and how many launches Triton made
+    from this thread meanwhile (None when that cannot be counted: no hook support, or the
+    interpreter)."""
+
+    launches: list
+    triton_launches: int | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.triton_launches == len(self.launches)
+
+
+@contextmanager
+def capture():
+    """Record the launches of :class:`Capturable` kernels made by this thread."""
+    previous = getattr(_local, "records", None)
+    result = Captured([])
+    _local.records = result.launches
+    chain, counter = _count_launches()
+    try:
+        yield result
+    finally:
+        _local.records = previous
+        if chain is not None:
+            chain.remove(counter)
+            result.triton_launches = counter.count
+
+
+def _count_launches():
+    """Add a launch-enter hook counting this thread's Triton launches (3.5+ hook chains)."""
+    try:
+        from triton import knobs
+
+        chain = knobs.runtime.launch_enter_hook
+    except Exception:  # pragma: no cover - older Triton
+        return None, None
+    if not hasattr(chain, "add") or os.environ.get("TRITON_INTERPRET") == "1":
+        return None, None
+    thread = threading.get_ident()
+
+    def counter(_metadata):
+        if threading.get_ident() == thread:
+            counter.count += 1
+
+    counter.count = 0
+    chain.add(counter)
+    return chain, counter
+
+
+# --------------------------------------------------------------------------- per call state
+
+
+def _hook_active(hook) -> bool:
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+_env = getattr(os.environ, "_data", None)
+_INSTRUMENTATION = "TRITON_INSTRUMENTATION_MODE"
+if isinstance(_env, dict) and hasattr(os.environ, "encodekey"):
+    _INSTRUMENTATION_KEY = os.environ.encodekey(_INSTRUMENTATION)
+
+    def _instrumentation() -> Any:
+        return _env.get(_INSTRUMENTATION_KEY)
+else:  # pragma: no cover - other Python implementations
+    def _instrumentation() -> Any:
+        return os.environ.get(_INSTRUMENTATION)
+
+
+def triton_state():
+    """The Triton settings that change which kernel a launch uses (``debug``, the
+    instrumentation mode), or None when launches must go through the JIT (a launch hook
+    is installed: profilers need its metadata)."""
+    from triton import knobs
+
+    runtime = knobs.runtime
+    if _hook_active(runtime.launch_enter_hook) or _hook_active(runtime.launch_exit_hook):
+        return None
+    return (runtime.debug, _instrumentation())
+
+
+def _device_functions():
+    get_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
+    get_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or \
+        (lambda index: torch.cuda.current_stream(index).cuda_stream)
+    return get_device, get_stream
+
+
+# --------------------------------------------------------------------------- building
+
+
+def alignment_token(pointers: Sequence[int]):
+    """Triton's view of a set of pointers: True when all are 16-byte aligned, else which
+    are (a tuple of booleans)."""
+    acc = 0
+    for p in pointers:
+        acc |= p
+    if not acc & 15:
+        return True
+    return tuple(not p & 15 for p in pointers)
+
+
+def is_plain(value) -> bool:
+    """A value Triton specializes by (type, value) alone: safe to keep as recorded."""
+    if isinstance(value, tuple):
+        return all(is_plain(v) for v in value)
+    return type(value) in _PLAIN or _is_constexpr(value)
+
+
+def _is_constexpr(value) -> bool:
+    try:
+        from triton.language import constexpr, dtype
+    except Exception:  # pragma: no cover
+        return False
+    return isinstance(value, (constexpr, dtype))
+
+
+def bind_value(value, inputs: Sequence, workspace: int | None):
+    """Where a recorded tensor argument comes from: ``(input index, byte offset)``, or None.
+
+    Identity with an input first; a view is accepted only into the caller's workspace
+    (``inputs[workspace]``), whose layout the caller owns."""
+    for i, x in enumerate(inputs):
+        if value is x:
+            return i, 0
+    if workspace is not None:
+        ws = inputs[workspace]
+        if ws is not None and value._base is ws and value.dtype == ws.dtype:
+            return workspace, value.data_ptr() - ws.data_ptr()
+    return None
+
+
+class Site:
+    """One kernel launch of a sequence: template arguments in the kernel's parameter
+    order (None where a bound pointer goes), bindings, grid, and the compiled kernels by
+    (device, Triton state, alignment of the bound pointers)."""
+
+    __slots__ = ("fn", "grid", "names", "template", "binds", "options", "table", "lock")
+
+    def __init__(self, fn, grid, names, template, binds, options):
+        self.fn = fn
+        self.grid = grid
+        self.names = names
+        self.template = template
+        self.binds = binds              # ((position, input index, byte offset), ...)
+        self.options = options
+        self.table: dict = {}
+        self.lock = threading.Lock()
+
+    def store(self, key, compiled) -> None:
+        entry = (compiled.run, compiled.function, compiled.packed_metadata)
+        with self.lock:
+            if len(self.table) >= TABLE_LIMIT:
+                self.table.clear()
+            self.table[key] = entry
+
+
+def _bind_call(fn, launch: Launch):
+    """(parameter names, values in parameter order, launch options) of a recorded call."""
+    signature = fn.signature if hasattr(fn, "signature") else inspect.signature(fn.fn)
+    names = tuple(signature.parameters)
+    kwargs = {k: v for k, v in launch.kwargs.items() if k in signature.parameters}
+    options = {k: v for k, v in launch.kwargs.items() if k not in signature.parameters}
+    bound = signature.bind(*launch.args, **kwargs)
+    bound.apply_defaults()
+    return names, [bound.arguments[n] for n in names], options
+
+
+def _grid(grid) -> tuple[int, int, int] | None:
+    if callable(grid) or not isinstance(grid, tuple) or not 1 <= len(grid) <= 3 or \
+            not all(type(g) is int for g in grid):
+        return None
+    return tuple(grid) + (1,) * (3 - len(grid))
+
+
+class Unusable(Exception):
+    """A recorded launch sequence cannot be replayed; the message says why."""
+
+
+def build_site(launch: Launch, inputs: Sequence, workspace: int | None) -> Site:
+    fn = launch.fn
+    for attr in ("device_caches", "params"):
+        if not hasattr(fn, attr):
+            raise Unusable(f"{fn!r} is not a compiled JIT kernel (interpreter?)")
+    if getattr(fn, "used_global_vals", None):
+        raise Unusable(f"{fn!r} depends on global variables (Triton checks them per launch)")
+    if launch.compiled is None or not hasattr(launch.compiled, "packed_metadata"):
+        raise Unusable(f"{fn!r} returned no compiled kernel")
+    grid = _grid(launch.grid)
+    if grid is None:
+        raise Unusable(f"grid {launch.grid!r} of {fn!r} is not a tuple of ints")
+    names, values, options = _bind_call(fn, launch)
+    template, binds = [], []
+    for pos, (name, value) in enumerate(zip(names, values)):
+        if isinstance(value, torch.Tensor):
+            where = bind_value(value, inputs, workspace)
+            if where is None:
+                raise Unusable(f"argument {name} of {fn!r} is a tensor that is not one of the "
+                               "call's inputs")
+            binds.append((pos, *where))
+            template.append(None)
+        elif is_plain(value):
+            template.append(value)
+        else:
+            raise Unusable(f"argument {name} of {fn!r} has type {type(value).__name__}")
+    if not all(is_plain(v) for v in options.values()):
+        raise Unusable(f"launch options of {fn!r} are not plain values")
+    return Site(fn, grid, names, template, tuple(binds), options)
+
+
+def check_with_triton(site: Site, launch: Launch, device: int) -> None:
+    """Run Triton's binder on the recorded call: its cache must hold the kernel it returned
+    and every bound pointer must be specialized by 16-byte alignment alone."""
+    from triton import knobs
+    from triton.runtime.jit import compute_cache_key
+
+    fn = launch.fn
+    try:
+        kernel_cache, key_cache, _target, backend, binder = fn.device_caches[device]
+    except Exception as exc:
+        raise Unusable(f"Triton's kernel cache of {fn!r} has an unknown layout: {exc}")
+    if not getattr(backend, "supports_native_tensor_specialization", False):
+        raise Unusable(f"the {type(backend).__name__} backend specializes tensors in Python")
+    kwargs = dict(launch.kwargs)
+    kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    _bound, specialization, options = binder(*launch.args, **kwargs)
+    if kernel_cache.get(compute_cache_key(key_cache, specialization, options)) \
+            is not launch.compiled:
+        raise Unusable(f"Triton's cache holds another kernel for this call of {fn!r}")
+    _names, values, _ = _bind_call(fn, launch)
+    for pos, _i, _off in site.binds:
+        want = "" if values[pos].data_ptr() & 15 else "D"
+        got = specialization[pos][1]
+        if got is not None and got != want:
+            raise Unusable(f"Triton specializes pointer {site.names[pos]} as {got!r}, not by "
+                           "16-byte alignment alone")
+
+
+class LaunchSequence:
+    """The launches of one call structure, replayable with new input pointers.
+
+    ``inputs`` (given to :meth:`build`, :meth:`launch`, :meth:`absorb`) is a sequence of
+    the call's tensors (None where absent) in an order fixed by the caller;
+    ``inputs[workspace]`` may be a buffer the caller owns and the launcher slices."""
+
+    def __init__(self, sites: list[Site], used: tuple[int, ...], workspace: int | None):
+        self.sites = sites
+        self.used = used
+        self.workspace = workspace
+        self._select = itemgetter(*used) if len(used) > 1 else \
+            (lambda xs, i=used[0] if used else 0: (xs[i],)) if used else (lambda xs: ())
+        self._device, self._stream = _device_functions()
+
+    @classmethod
+    def build(cls, captured: Captured, inputs: Sequence, workspace: int | None = None,
+              device: int | None = None) -> "LaunchSequence":
+        """From a capture of a normal call; raises :class:`Unusable` with the reason."""
+        if not captured.launches:
+            raise Unusable("no launch was recorded")
+        if not captured.complete:
+            raise Unusable(f"Triton made {captured.triton_launches} launches but "
+                           f"{len(captured.launches)} were recorded (a kernel not wrapped "
+                           "by capturable?)")
+        sites = [build_site(launch, inputs, workspace) for launch in captured.launches]
+        used = tuple(sorted({i for site in sites for _, i, _ in site.binds}))
+        position = {i: j for j, i in enumerate(used)}
+        for site in sites:  # input indices -> positions in the selected pointers
+            site.binds = tuple((pos, position[i], off) for pos, i, off in site.binds)
+        sequence = cls(sites, used, workspace)
+        device = sequence._device() if device is None else device
+        for site, launch in zip(sites, captured.launches):
+            check_with_triton(site, launch, device)
+        if not sequence.absorb(captured, inputs, device):
+            raise Unusable("the recorded launches do not match themselves")  # pragma: no cover
+        return sequence
+
+    def launch(self, inputs: Sequence) -> bool:
+        """Launch every kernel with these inputs' pointers; False (nothing launched) when a
+        kernel is not known yet for them, or launches must go through the JIT now."""
+        state = triton_state()
+        if state is None:
+            return False
+        device = self._device()
+        pointers = tuple(map(_data_ptr, self._select(inputs)))
+        ready = []
+        for site in self.sites:
+            if site.fn.pre_run_hooks:
+                return False
+            args = site.template.copy()
+            acc = 0
+            for pos, j, off in site.binds:
+                p = pointers[j] + off
+                args[pos] = p
+                acc |= p
+            token = True if not acc & 15 else \
+                tuple(not (pointers[j] + off) & 15 for _, j, off in site.binds)
+            entry = site.table.get((device, state, token))
+            if entry is None:
+                return False
+            ready.append((site.grid, entry, args))
+        stream = self._stream(device)
+        for (g0, g1, g2), (run, function, packed), args in ready:
+            run(g0, g1, g2, stream, function, packed, None, None, None, *args)
+        return True
+
+    def absorb(self, captured: Captured, inputs: Sequence, device: int | None = None) -> bool:
+        """Store the kernels of a capture of the same call structure (other alignments,
+        device or Triton state); False when its launches differ in structure."""
+        state = triton_state()
+        if state is None or not captured.complete or \
+                len(captured.launches) != len(self.sites):
+            return False
+        device = self._device() if device is None else device
+        keys = []
+        selected = self._select(inputs)
+        for site, launch in zip(self.sites, captured.launches):
+            if launch.fn is not site.fn or _grid(launch.grid) != site.grid or \
+                    launch.compiled is None:
+                return False
+            names, values, options = _bind_call(site.fn, launch)
+            if options != site.options:
+                return False
+            bound = {pos: (j, off) for pos, j, off in site.binds}
+            for pos, value in enumerate(values):
+                if pos in bound:
+                    j, off = bound[pos]
+                    if not isinstance(value, torch.Tensor) or \
+                            value.data_ptr() != selected[j].data_ptr() + off:
+                        return False
+                elif isinstance(value, torch.Tensor) or value != site.template[pos] or \
+                        type(value) is not type(site.template[pos]):
+                    return False
+            pointers = [values[pos].data_ptr() for pos, _, _ in site.binds]
+            token = alignment_token(pointers) if pointers else True
+            keys.append((device, state, token))
+        for site, launch, key in zip(self.sites, captured.launches, keys):
+            site.store(key, launch.compiled)
+        return True
+
+
+def _data_ptr(t) -> int:
+    return t.data_ptr()
