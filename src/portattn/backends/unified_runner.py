@@ -75,6 +75,8 @@ class UnifiedRunner(Runner):
         self._workspaces: dict = {}
         self._lock = threading.Lock()
         self._logged: set = set()
+        self._stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or \
+            (lambda index: torch.cuda.current_stream(index).cuda_stream)
 
     def slot(self, key) -> Slot:
         found = self._slots.get(key)
@@ -89,7 +91,7 @@ class UnifiedRunner(Runner):
         """This stream's workspace; None while a CUDA graph is captured."""
         if torch.cuda.is_current_stream_capturing():
             return None
-        stream = torch.cuda.current_stream(self.device).cuda_stream
+        stream = self._stream(self.device.index)
         ws = self._workspaces.get(stream)
         if ws is None:
             with self._lock:
@@ -135,6 +137,8 @@ class UnifiedRunner(Runner):
                 if fast_launch.triton_state() is None:
                     return  # a launch hook is installed: try again later
                 raise fast_launch.Unusable("a later call launched different kernels")
+        except fast_launch.Ambiguous:
+            return  # inputs aliased in this call: build from a later one
         except fast_launch.Unusable as exc:
             if fast_launch.triton_state() is None:
                 return

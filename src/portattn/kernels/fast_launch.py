@@ -174,13 +174,19 @@ else:  # pragma: no cover - other Python implementations
         return os.environ.get(_INSTRUMENTATION)
 
 
+_runtime = None
+
+
 def triton_state():
     """The Triton settings that change which kernel a launch uses (``debug``, the
     instrumentation mode), or None when launches must go through the JIT (a launch hook
     is installed: profilers need its metadata)."""
-    from triton import knobs
+    global _runtime
+    runtime = _runtime
+    if runtime is None:
+        from triton import knobs
 
-    runtime = knobs.runtime
+        runtime = _runtime = knobs.runtime
     if _hook_active(runtime.launch_enter_hook) or _hook_active(runtime.launch_exit_hook):
         return None
     return (runtime.debug, _instrumentation())
@@ -207,6 +213,23 @@ def alignment_token(pointers: Sequence[int]):
     return tuple(not p & 15 for p in pointers)
 
 
+def specialization_key(values: Sequence) -> tuple:
+    """A summary of kernel arguments at least as fine as Triton's specialization: tensors
+    by dtype and 16-byte alignment, everything else by type and value (tuples element by
+    element). Equal keys => Triton picks the same compiled kernel (tested against Triton's
+    own binder); the sequences below compare fixed values and pointer alignments this
+    way."""
+    return tuple(_spec(v) for v in values)
+
+
+def _spec(value):
+    if isinstance(value, torch.Tensor):
+        return (value.dtype, not value.data_ptr() & 15)
+    if isinstance(value, tuple):
+        return (type(value), tuple(_spec(v) for v in value))
+    return (type(value), value)
+
+
 def is_plain(value) -> bool:
     """A value Triton specializes by (type, value) alone: safe to keep as recorded."""
     if isinstance(value, tuple):
@@ -225,11 +248,14 @@ def _is_constexpr(value) -> bool:
 def bind_value(value, inputs: Sequence, workspace: int | None):
     """Where a recorded tensor argument comes from: ``(input index, byte offset)``, or None.
 
-    Identity with an input first; a view is accepted only into the caller's workspace
-    (``inputs[workspace]``), whose layout the caller owns."""
-    for i, x in enumerate(inputs):
-        if value is x:
-            return i, 0
+    Identity with an input; else a view into the caller's workspace (``inputs[workspace]``,
+    whose layout the caller owns). A tensor that IS several inputs (the caller passed one
+    tensor in two roles) cannot be attributed: :class:`Ambiguous`."""
+    found = [i for i, x in enumerate(inputs) if value is x]
+    if len(found) > 1:
+        raise Ambiguous(f"one tensor is inputs {found} of this call")
+    if found:
+        return found[0], 0
     if workspace is not None:
         ws = inputs[workspace]
         if ws is not None and value._base is ws and value.dtype == ws.dtype:
@@ -282,6 +308,10 @@ def _grid(grid) -> tuple[int, int, int] | None:
 
 class Unusable(Exception):
     """A recorded launch sequence cannot be replayed; the message says why."""
+
+
+class Ambiguous(Unusable):
+    """This recording cannot be attributed (inputs alias each other); another may."""
 
 
 def build_site(launch: Launch, inputs: Sequence, workspace: int | None) -> Site:
@@ -355,8 +385,13 @@ class LaunchSequence:
         self.sites = sites
         self.used = used
         self.workspace = workspace
-        self._select = itemgetter(*used) if len(used) > 1 else \
-            (lambda xs, i=used[0] if used else 0: (xs[i],)) if used else (lambda xs: ())
+        if len(used) > 1:
+            self._select = itemgetter(*used)
+        elif used:
+            index = used[0]
+            self._select = lambda xs: (xs[index],)
+        else:
+            self._select = lambda xs: ()
         self._device, self._stream = _device_functions()
 
     @classmethod
@@ -365,6 +400,9 @@ class LaunchSequence:
         """From a capture of a normal call; raises :class:`Unusable` with the reason."""
         if not captured.launches:
             raise Unusable("no launch was recorded")
+        if captured.triton_launches is None:
+            raise Unusable("Triton's launches cannot be counted here (the interpreter, or a "
+                           "Triton without launch hook chains)")
         if not captured.complete:
             raise Unusable(f"Triton made {captured.triton_launches} launches but "
                            f"{len(captured.launches)} were recorded (a kernel not wrapped "
@@ -435,8 +473,8 @@ class LaunchSequence:
                     if not isinstance(value, torch.Tensor) or \
                             value.data_ptr() != selected[j].data_ptr() + off:
                         return False
-                elif isinstance(value, torch.Tensor) or value != site.template[pos] or \
-                        type(value) is not type(site.template[pos]):
+                elif isinstance(value, torch.Tensor) or \
+                        _spec(value) != _spec(site.template[pos]):
                     return False
             pointers = [values[pos].data_ptr() for pos, _, _ in site.binds]
             token = alignment_token(pointers) if pointers else True
