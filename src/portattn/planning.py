@@ -191,6 +191,19 @@ class _BodyCache:
 bodies = _BodyCache(BODY_CAPACITY)
 
 
+def _check_q(q, body: PlanBody) -> None:
+    """q against the plan first, so a wrong q is named as such (not as a cache mismatch)."""
+    problem = body.problem
+    want = (problem.num_q_heads, problem.head_size_qk)
+    if not isinstance(q, torch.Tensor) or q.dim() != 3 or tuple(q.shape[1:]) != want:
+        raise InputError("q", f"a tensor [num_tokens, {want[0]}, {want[1]}] (as planned)",
+                         _describe(q))
+    if q.dtype != problem.q_dtype:
+        raise InputError("q", f"dtype {problem.q_dtype} (as planned)", str(q.dtype))
+    if q.device != body.device:
+        raise InputError("q", f"device {body.device} (the plan's)", str(q.device))
+
+
 def _check_problem(plan_problem: Problem, call: Problem, device, q: torch.Tensor) -> None:
     """InputError naming the argument when a call does not fit its plan."""
     if q.device != device:
@@ -283,6 +296,7 @@ class AttentionPlan:
         stats["checked"] += 1
         body = self._body
         metadata = self.metadata
+        _check_q(q, body)
         check_structure(q, cache, metadata)
         alibi_slopes, sinks, q_scale, output_scale = layer
         options = normalize_options(
@@ -294,6 +308,7 @@ class AttentionPlan:
         if values:
             check_values(q, cache, metadata)
             _check_hints(metadata, self.max_seqlen_q, self.max_seqlen_k)
+        check_hint_bounds(q, metadata, self.max_seqlen_q, self.max_seqlen_k)
         call = Problem.from_call(q, cache, metadata, options, self.max_seqlen_q,
                                  self.max_seqlen_k)
         _check_problem(body.problem, call, body.device, q)
@@ -306,6 +321,22 @@ class AttentionPlan:
                     self._accepted.clear()
                 self._accepted[sig] = slot
         return slot
+
+
+def check_hint_bounds(q: torch.Tensor, metadata: AttentionMetadata, max_q: int,
+                      max_k: int) -> None:
+    """What the host knows without reading the device: ``num_tokens <= num_seqs *
+    max_seqlen_q`` and ``<= num_seqs * max_seqlen_k`` (each sequence has at most that
+    many queries, and at least as many keys as queries)."""
+    tokens, seqs = q.shape[0], metadata.seq_lens.shape[0]
+    if tokens > seqs * max_q:
+        raise InputError("metadata.max_seqlen_q", f">= the longest query length (at least "
+                         f"{-(-tokens // max(seqs, 1))}: {tokens} tokens in {seqs} "
+                         "sequences)", str(max_q))
+    if tokens > seqs * max_k:
+        raise InputError("metadata.max_seqlen_k", f">= the longest seq_len (at least "
+                         f"{-(-tokens // max(seqs, 1))}: {tokens} query tokens in {seqs} "
+                         "sequences)", str(max_k))
 
 
 def _check_hints(metadata: AttentionMetadata, max_q: int, max_k: int) -> None:
@@ -534,6 +565,8 @@ def attend(q, cache, metadata, out, backend, validate, option_values: tuple,
     if hit is None:
         stats["checked"] += 1
         options, problem = prepare(q, cache, metadata, validate, out, option_values)
+        if metadata.max_seqlen_q is not None and metadata.max_seqlen_k is not None:
+            check_hint_bounds(q, metadata, metadata.max_seqlen_q, metadata.max_seqlen_k)
         body = bodies.get(problem, options, backend, env, q.device)
         sig = key[-1] if key is not None else _safe_signature(q, cache, out, layer)
         slot = None if sig is None else body.runner.slot((sig, metadata_signature(metadata)))

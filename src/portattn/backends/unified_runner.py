@@ -31,6 +31,7 @@ log = logging.getLogger("portattn")
 WORKSPACE = 9
 _UNUSABLE = object()
 MAX_STREAMS = 8
+_INTERPRETER_LOCK = threading.Lock()
 
 
 class Slot:
@@ -107,7 +108,12 @@ class UnifiedRunner(Runner):
         return ws
 
     def __call__(self, q, cache, metadata, out, layer: tuple, slot: Slot) -> None:
-        if not self.replay or slot is None:
+        if not self.replay:  # the interpreter: not thread-safe (it patches triton.language)
+            with _INTERPRETER_LOCK:
+                self._launch(q, cache, metadata, self.options_for(layer), out,
+                             self.plan.params)
+            return
+        if slot is None:
             self._launch(q, cache, metadata, self.options_for(layer), out, self.plan.params)
             return
         ws = self._workspace() if self.workspace_size else None
