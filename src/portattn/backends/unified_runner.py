@@ -78,6 +78,7 @@ class UnifiedRunner(Runner):
         self._logged: set = set()
         self._stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or \
             (lambda index: torch.cuda.current_stream(index).cuda_stream)
+        self._capturing = torch.cuda.is_current_stream_capturing
 
     def slot(self, key) -> Slot:
         found = self._slots.get(key)
@@ -90,7 +91,7 @@ class UnifiedRunner(Runner):
 
     def _workspace(self):
         """This stream's workspace; None while a CUDA graph is captured."""
-        if torch.cuda.is_current_stream_capturing():
+        if self._capturing():
             return None
         stream = self._stream(self.device.index)
         ws = self._workspaces.get(stream)
