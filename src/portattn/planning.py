@@ -240,8 +240,10 @@ class AttentionPlan:
         self.metadata = metadata
         self.max_seqlen_q = max_seqlen_q
         self.max_seqlen_k = max_seqlen_k
-        self._validate = validate
-        self._cpu_metadata = metadata.seq_lens.device.type == "cpu"
+        # value checks by default: as attention() decides, once (the environment is read
+        # when the plan is made, like every other decision of a plan)
+        wanted = validation_requested(validate)
+        self._values = metadata.seq_lens.device.type == "cpu" if wanted is None else wanted
         self._meta_sig = metadata_signature(metadata)
         self._accepted: dict = {}
         self._lock = threading.Lock()
@@ -268,9 +270,7 @@ class AttentionPlan:
         except Exception:  # not tensors / not a cache: the checks name the argument
             sig = None
         slot = self._accepted.get(sig, _MISSING) if sig is not None else _MISSING
-        if validate is None:
-            validate = self._validate
-        values = self._values_wanted() if validate is None else bool(validate)
+        values = self._values if validate is None else bool(validate)
         if slot is _MISSING or values:
             slot = self._check(q, cache, out, layer, sig, values)
         body = self._body
@@ -280,16 +280,6 @@ class AttentionPlan:
         if q.shape[0]:
             body.runner(q, cache, self.metadata, out, layer, slot)
         return out
-
-    def _values_wanted(self) -> bool:
-        """``PORTATTN_VALIDATE`` (1/0), else value checks for CPU metadata."""
-        raw = decision_environment()[VALIDATE_INDEX]
-        if raw is None:
-            return self._cpu_metadata
-        wanted = VALIDATE_VALUES.get(raw)
-        if wanted is None:
-            wanted = validation_requested(None)  # other spellings; raises for bad ones
-        return self._cpu_metadata if wanted is None else wanted
 
     def _check(self, q, cache, out, layer, sig, values: bool):
         """The full checks; value checks (device reads) when ``values``."""
@@ -374,8 +364,10 @@ def plan(metadata: AttentionMetadata, *, num_q_heads: int, dtype: torch.dtype,
     ``alibi`` (``None``, ``"linear"``, ``"sqrt"``) and ``sinks`` say whether the layers
     pass ``alibi_slopes`` / ``sinks`` to :meth:`AttentionPlan.run`. ``backend`` forces a
     backend; ``validate`` is the default of ``run``'s (None: value checks only for CPU
-    metadata or ``PORTATTN_VALIDATE=1``). Raises ``InputError`` naming the argument, or
-    ``UnsupportedError`` when no backend can serve the plan.
+    metadata or ``PORTATTN_VALIDATE=1``). Environment variables (``PORTATTN_BACKEND``,
+    ``PORTATTN_VALIDATE``...) are read here, once: a plan is a decision. Raises
+    ``InputError`` naming the argument, or ``UnsupportedError`` when no backend can serve
+    the plan.
     """
     if not isinstance(metadata, AttentionMetadata):
         raise InputError("metadata", "a portattn.AttentionMetadata", _describe(metadata))

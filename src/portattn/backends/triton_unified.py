@@ -87,8 +87,7 @@ class TritonUnified(Backend):
         """Plans replay launch.py's recorded launches (:mod:`.unified_runner`)."""
         from portattn.backends.unified_runner import UnifiedRunner
 
-        return UnifiedRunner(self, plan, options, device=device, num_seqs=problem.num_seqs,
-                             num_q_heads=problem.num_q_heads, head_size=problem.head_size_qk)
+        return UnifiedRunner(self, plan, options, problem, device)
 
 
 def _forced_segments(shape: heuristics.Shape) -> int | None:

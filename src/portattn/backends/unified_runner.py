@@ -44,14 +44,17 @@ class Slot:
         self.reason: str | None = None
 
 
-def inputs_of(q, cache, metadata, out, layer, workspace) -> tuple:
-    """Every tensor launch.py may pass to a kernel, in a fixed order (None when absent)."""
-    alibi_slopes, sinks, q_scale, output_scale = layer
+def inputs_of(q, cache, metadata, out, layer, workspace, quantized: bool = True) -> tuple:
+    """Every tensor launch.py may pass to a kernel, in a fixed order (None when absent).
+    Without quantization (``quantized=False``) the scale tensors are left out (they are
+    None then)."""
+    common = (q, cache.key_cache, cache.value_cache, out, metadata.cu_seqlens_q,
+              metadata.seq_lens, metadata.block_table, layer[0], layer[1], workspace)
+    if not quantized:
+        return common
     quant = cache.quant
-    return (q, cache.key_cache, cache.value_cache, out, metadata.cu_seqlens_q,
-            metadata.seq_lens, metadata.block_table, alibi_slopes, sinks, workspace,
-            cache.k_scale_cache, cache.v_scale_cache, _tensor(quant.k_scale),
-            _tensor(quant.v_scale), _tensor(q_scale), _tensor(output_scale))
+    return common + (cache.k_scale_cache, cache.v_scale_cache, _tensor(quant.k_scale),
+                     _tensor(quant.v_scale), _tensor(layer[2]), _tensor(layer[3]))
 
 
 def _tensor(x):
@@ -59,17 +62,21 @@ def _tensor(x):
 
 
 class UnifiedRunner(Runner):
-    def __init__(self, backend, plan, options, *, device: torch.device, num_seqs: int,
-                 num_q_heads: int, head_size: int):
+    def __init__(self, backend, plan, options, problem, device: torch.device):
         super().__init__(backend, plan, options)
         from portattn.kernels import launch
 
         self._launch = launch.launch_unified
         params = plan.params
         short = params.get("short")
-        self.workspace_size = launch.split_workspace_size(num_seqs, num_q_heads, head_size,
-                                                          short) if short else 0
+        self.workspace_size = launch.split_workspace_size(
+            problem.num_seqs, problem.num_q_heads, problem.head_size_qk, short) if short else 0
         self.device = device
+        # fp8 q / output or a quantized cache: the scale tensors may be kernel arguments
+        self.quantized = options.out_dtype not in (torch.float16, torch.bfloat16,
+                                                   torch.float32) or \
+            problem.quantized_kv or problem.q_dtype not in (torch.float16, torch.bfloat16,
+                                                             torch.float32)
         # The interpreter has no compiled kernels to replay.
         self.replay = device.type != "cpu"
         self._slots: dict = {}
@@ -121,7 +128,7 @@ class UnifiedRunner(Runner):
         if self.workspace_size and ws is None:  # capturing a graph: the normal path
             self._launch(q, cache, metadata, self.options_for(layer), out, self.plan.params)
             return
-        inputs = inputs_of(q, cache, metadata, out, layer, ws)
+        inputs = inputs_of(q, cache, metadata, out, layer, ws, self.quantized)
         sequence = slot.sequence
         if sequence is not None and sequence is not _UNUSABLE and sequence.launch(inputs):
             return

@@ -158,22 +158,14 @@ def _count_launches():
 # --------------------------------------------------------------------------- per call state
 
 
-def _hook_active(hook) -> bool:
-    return hook is not None and bool(getattr(hook, "calls", True))
-
-
 _env = getattr(os.environ, "_data", None)
 _INSTRUMENTATION = "TRITON_INSTRUMENTATION_MODE"
 if isinstance(_env, dict) and hasattr(os.environ, "encodekey"):
     _INSTRUMENTATION_KEY = os.environ.encodekey(_INSTRUMENTATION)
-
-    def _instrumentation() -> Any:
-        return _env.get(_INSTRUMENTATION_KEY)
+    _env_get = _env.get
 else:  # pragma: no cover - other Python implementations
-    def _instrumentation() -> Any:
-        return os.environ.get(_INSTRUMENTATION)
-
-
+    _INSTRUMENTATION_KEY = _INSTRUMENTATION
+    _env_get = os.environ.get
 _runtime = None
 
 
@@ -187,9 +179,13 @@ def triton_state():
         from triton import knobs
 
         runtime = _runtime = knobs.runtime
-    if _hook_active(runtime.launch_enter_hook) or _hook_active(runtime.launch_exit_hook):
+    hook = runtime.launch_enter_hook  # a HookChain (empty: inactive) or a function
+    if hook is not None and getattr(hook, "calls", True):
         return None
-    return (runtime.debug, _instrumentation())
+    hook = runtime.launch_exit_hook
+    if hook is not None and getattr(hook, "calls", True):
+        return None
+    return (runtime.debug, _env_get(_INSTRUMENTATION_KEY))
 
 
 def _device_functions():
@@ -393,6 +389,7 @@ class LaunchSequence:
         else:
             self._select = lambda xs: ()
         self._device, self._stream = _device_functions()
+        self.source, self.launch = _generate_launch(sites, used, self._device, self._stream)
 
     @classmethod
     def build(cls, captured: Captured, inputs: Sequence, workspace: int | None = None,
@@ -419,35 +416,6 @@ class LaunchSequence:
         if not sequence.absorb(captured, inputs, device):
             raise Unusable("the recorded launches do not match themselves")  # pragma: no cover
         return sequence
-
-    def launch(self, inputs: Sequence) -> bool:
-        """Launch every kernel with these inputs' pointers; False (nothing launched) when a
-        kernel is not known yet for them, or launches must go through the JIT now."""
-        state = triton_state()
-        if state is None:
-            return False
-        device = self._device()
-        pointers = tuple(map(_data_ptr, self._select(inputs)))
-        ready = []
-        for site in self.sites:
-            if site.fn.pre_run_hooks:
-                return False
-            args = site.template.copy()
-            acc = 0
-            for pos, j, off in site.binds:
-                p = pointers[j] + off
-                args[pos] = p
-                acc |= p
-            token = True if not acc & 15 else \
-                tuple(not (pointers[j] + off) & 15 for _, j, off in site.binds)
-            entry = site.table.get((device, state, token))
-            if entry is None:
-                return False
-            ready.append((site.grid, entry, args))
-        stream = self._stream(device)
-        for (g0, g1, g2), (run, function, packed), args in ready:
-            run(g0, g1, g2, stream, function, packed, None, None, None, *args)
-        return True
 
     def absorb(self, captured: Captured, inputs: Sequence, device: int | None = None) -> bool:
         """Store the kernels of a capture of the same call structure (other alignments,
@@ -484,5 +452,55 @@ class LaunchSequence:
         return True
 
 
-def _data_ptr(t) -> int:
-    return t.data_ptr()
+def _generate_launch(sites: list[Site], used: tuple[int, ...], get_device, get_stream):
+    """``launch(inputs) -> bool`` for these sites, as straight-line code (what Triton does
+    for its binder): launch every kernel with the inputs' pointers, or return False with
+    nothing launched when a kernel is not known yet for them (device, Triton state, 16-byte
+    alignment of each bound pointer), a hook must see the launches, or the inputs lack a
+    pointer. Fixed arguments are names bound to the recorded values."""
+    namespace = {"triton_state": triton_state, "get_device": get_device,
+                 "get_stream": get_stream}
+    lines = ["def launch(inputs):",
+             "    state = triton_state()",
+             "    if state is None:",
+             "        return False",
+             "    device = get_device()",
+             "    try:"]
+    lines += [f"        x{j} = inputs[{i}].data_ptr()" for j, i in enumerate(used)]
+    lines += ["    except AttributeError:",
+              "        return False"]
+    calls = []
+    for s, site in enumerate(sites):
+        namespace[f"fn{s}"] = site.fn
+        namespace[f"table{s}"] = site.table
+        bound = {}
+        for pos, j, off in site.binds:
+            bound[pos] = f"p{s}_{pos}"
+            lines.append(f"    p{s}_{pos} = x{j}" + (f" + {off}" if off else ""))
+        lines.append(f"    if fn{s}.pre_run_hooks:")
+        lines.append("        return False")
+        names = list(bound.values())
+        if names:
+            lines.append(f"    token = True if not ({' | '.join(names)}) & 15 else "
+                         f"({''.join(f'not {n} & 15, ' for n in names)})")
+        else:
+            lines.append("    token = True")
+        lines += [f"    e{s} = table{s}.get((device, state, token))",
+                  f"    if e{s} is None:",
+                  "        return False"]
+        args = []
+        for pos, value in enumerate(site.template):
+            if pos in bound:
+                args.append(bound[pos])
+            else:
+                namespace[f"c{s}_{pos}"] = value
+                args.append(f"c{s}_{pos}")
+        g0, g1, g2 = site.grid
+        calls.append(f"    e{s}[0]({g0}, {g1}, {g2}, stream, e{s}[1], e{s}[2], None, None, "
+                     f"None, {', '.join(args)})")
+    lines.append("    stream = get_stream(device)")
+    lines += calls
+    lines.append("    return True")
+    source = "\n".join(lines) + "\n"
+    exec(compile(source, "<portattn.fast_launch>", "exec"), namespace)
+    return source, namespace["launch"]
