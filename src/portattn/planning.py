@@ -29,8 +29,11 @@ made for them (rounded up to powers of two) and records them (``plan.max_seqlen_
 must be upper bounds of the real lengths; nothing reads device values to check that unless
 validation is on (``validate=True``, ``PORTATTN_VALIDATE=1``, or CPU metadata by default),
 in which case every call compares them with the real lengths and raises ``InputError``.
-An understated ``max_seqlen_q`` may choose decode tiles too small for a sequence's
-queries: the kernel then skips that sequence, whose output rows are NaN (kernel side).
+Without a device read, ``num_tokens <= num_seqs * hint`` is checked on the first call of
+each structure (:func:`check_hint_bounds`). An understated ``max_seqlen_q`` that passes
+that may choose decode tiles too small for a sequence's queries: the decode launch skips
+that sequence, and the kernel is to write NaN into its rows (the kernel change is
+pending; until it lands those rows are left unwritten).
 """
 
 from __future__ import annotations
