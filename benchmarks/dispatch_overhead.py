@@ -158,8 +158,7 @@ def _launch_costs(plan, batch, device) -> dict:
                        runner.quantized)
     try:
         sequence = fast_launch.LaunchSequence.build(
-            fast_launch.Captured(captured.launches[:1], 1), inputs,
-            fast_launch_workspace_index())
+            fast_launch.Captured(captured.launches[:1], 1), inputs)
     except fast_launch.Unusable as exc:
         costs["cheap_launch_us"] = None
         costs["cheap_launch_unusable"] = str(exc)
@@ -169,12 +168,6 @@ def _launch_costs(plan, batch, device) -> dict:
                                                     for _ in range(100)], 100, name="cheap")
     costs["launch_min_us"] = {"triton_jit": MINIMA.get("jit"), "cheap": MINIMA.get("cheap")}
     return costs
-
-
-def fast_launch_workspace_index() -> int:
-    from portattn.backends.unified_runner import WORKSPACE
-
-    return WORKSPACE
 
 
 # --------------------------------------------------------------------------- CPU model

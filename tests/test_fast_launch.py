@@ -234,12 +234,18 @@ def test_unbindable_or_aliased_tensors(kernel):
         LaunchSequence.build(_record(kernel, (x, y)), (x,))
     with pytest.raises(Ambiguous):
         LaunchSequence.build(_record(kernel, (x, x)), (x, x))
+    base = torch.zeros(128)
+    with pytest.raises(Ambiguous, match="shares its storage"):  # a view of two inputs
+        LaunchSequence.build(_record(kernel, (x, base[8:])), (x, base[:4], base[4:]))
+    # a view starting where one of them starts is that one
+    sequence = LaunchSequence.build(_record(kernel, (x, base[4:10])), (x, base[:4], base[4:]))
+    assert sequence.used == (0, 2) and sequence.sites[0].binds[1][2] == 0
 
 
 def test_workspace_views_are_bound_by_offset(kernel):
     x = torch.zeros(64, dtype=torch.float16)
     ws = torch.zeros(256)
-    sequence = LaunchSequence.build(_record(kernel, (x, ws[16:])), (x, ws), workspace=1)
+    sequence = LaunchSequence.build(_record(kernel, (x, ws[16:])), (x, ws))
     ws2 = torch.zeros(256)
     kernel.launches.clear()
     assert sequence.launch((x, ws2))

@@ -230,3 +230,53 @@ def test_a_misaligned_q_is_absorbed_then_replayed(sim):
     assert run(shifted) == 2 and run(aligned) == 2  # both replayed now
     kernel_cache = unified.device_caches[0][0]
     assert len(kernel_cache) == 2
+
+
+def test_aliased_inputs_are_retried_then_given_up(sim):
+    """One tensor passed as both sinks and ALiBi slopes cannot be attributed to a role:
+    the call runs normally, a later unaliased call builds the sequence; a structure that
+    keeps aliasing gives up (logged) and stays on the normal path, correct throughout."""
+    memory, kernels = sim
+    batch = make_paged_batch([1, 1], [19, 5], num_q_heads=4, num_kv_heads=2, head_size=32,
+                             dtype=torch.float16)
+    plan = portattn.plan(batch.metadata, num_q_heads=4, dtype=torch.float16,
+                         cache=batch.cache, sinks=True, alibi="linear",
+                         backend="triton_unified", validate=False)
+    runner = _replaying(plan)
+    memory.add(batch.metadata.cu_seqlens_q, batch.metadata.seq_lens,
+               batch.metadata.block_table, batch.q, batch.cache.key_cache,
+               batch.cache.value_cache)
+    shared = torch.linspace(-1.0, 1.0, 4)
+    other = torch.linspace(0.5, 0.1, 4)
+    memory.add(shared, other)
+
+    def run(sinks, slopes):
+        out = torch.full_like(batch.q, math.nan)
+        memory.add(out)
+        plan.run(batch.q, batch.cache, out, sinks=sinks, alibi_slopes=slopes)
+        expected = dense_attention(batch.q, batch.keys, batch.values, [1, 1], sinks=sinks,
+                                   alibi_slopes=slopes)
+        assert relative_error(out, expected) < 3e-3
+
+    run(shared, shared)
+    slot = next(iter(plan._accepted.values()))
+    assert slot.sequence is None and slot.ambiguous == 1
+    run(other, shared)  # unaliased: recorded and replayable
+    assert slot.sequence is not None and slot.reason is None
+    runs = kernels["unified_attention_kernel"].jit_runs
+    run(shared, shared)  # replayed by role: each pointer from its own argument
+    assert kernels["unified_attention_kernel"].jit_runs == runs
+
+    planning.clear()
+    plan = portattn.plan(batch.metadata, num_q_heads=4, dtype=torch.float16,
+                         cache=batch.cache, sinks=True, alibi="linear",
+                         backend="triton_unified", validate=False)
+    runner = _replaying(plan)
+    from portattn.backends.unified_runner import MAX_AMBIGUOUS
+
+    for _ in range(MAX_AMBIGUOUS):
+        run(shared, shared)
+    slot = next(iter(plan._accepted.values()))
+    assert slot.reason and "one tensor is inputs [7, 8]" in slot.reason
+    run(other, shared)  # the structure stays on the normal path, still right
+    assert runner is plan._body.runner

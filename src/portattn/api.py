@@ -66,7 +66,8 @@ def attention(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMetadata,
     return attend(q, cache, metadata, out, backend, validate, values, _prepare_values)
 
 
-def run_eager(q, cache, metadata, out, backend, validate, option_values: tuple) -> torch.Tensor:
+def run_eager(q, cache, metadata, out, backend, validate,
+              option_values: tuple) -> torch.Tensor:
     """Check (once per call structure), plan (cached) and run; the body of
     :func:`attention` outside tracing and of its custom op. ``option_values``: the
     options' values in :data:`OPTION_NAMES` order. See :mod:`portattn.planning`."""

@@ -27,8 +27,8 @@ from portattn.backends.base import Runner
 
 log = logging.getLogger("portattn")
 
-#: Index of the workspace in :func:`inputs_of`.
-WORKSPACE = 9
+#: Recordings whose inputs alias (one tensor in two roles) before giving up on a structure.
+MAX_AMBIGUOUS = 8
 _UNUSABLE = object()
 MAX_STREAMS = 8
 _INTERPRETER_LOCK = threading.Lock()
@@ -37,11 +37,12 @@ _INTERPRETER_LOCK = threading.Lock()
 class Slot:
     """Per call structure: the launch sequence, or why there is none."""
 
-    __slots__ = ("sequence", "reason")
+    __slots__ = ("sequence", "reason", "ambiguous")
 
     def __init__(self):
         self.sequence = None
         self.reason: str | None = None
+        self.ambiguous = 0
 
 
 def inputs_of(q, cache, metadata, out, layer, workspace, quantized: bool = True) -> tuple:
@@ -146,19 +147,25 @@ class UnifiedRunner(Runner):
             return
         try:
             if sequence is None:
-                slot.sequence = fast_launch.LaunchSequence.build(captured, inputs, WORKSPACE)
+                slot.sequence = fast_launch.LaunchSequence.build(captured, inputs)
             elif not sequence.absorb(captured, inputs):
                 if fast_launch.triton_state() is None:
                     return  # a launch hook is installed: try again later
                 raise fast_launch.Unusable("a later call launched different kernels")
-        except fast_launch.Ambiguous:
-            return  # inputs aliased in this call: build from a later one
+        except fast_launch.Ambiguous as exc:
+            slot.ambiguous += 1  # inputs aliased in this call: build from a later one
+            if slot.ambiguous < MAX_AMBIGUOUS:
+                return
+            self._unusable(slot, f"{exc} (in {slot.ambiguous} calls)")
         except fast_launch.Unusable as exc:
             if fast_launch.triton_state() is None:
-                return
-            slot.sequence = _UNUSABLE
-            slot.reason = str(exc)
-            if slot.reason not in self._logged:
-                self._logged.add(slot.reason)
-                log.warning("portattn: triton_unified launches go through Triton's JIT for "
-                            "this call structure (slower host path): %s", slot.reason)
+                return  # a launch hook is installed: try again later
+            self._unusable(slot, str(exc))
+
+    def _unusable(self, slot: Slot, reason: str) -> None:
+        slot.sequence = _UNUSABLE
+        slot.reason = reason
+        if reason not in self._logged:
+            self._logged.add(reason)
+            log.warning("portattn: triton_unified launches go through Triton's JIT for this "
+                        "call structure (slower host path): %s", reason)

@@ -13,11 +13,12 @@ How, for ANY ``@triton.jit`` kernel and whatever arguments a launcher passes:
    ``CompiledKernel`` Triton returned. A Triton launch hook counts the real launches of
    the thread meanwhile, so a launch through a kernel that is not wrapped is noticed.
 2. **Build** (:meth:`LaunchSequence.build`). Each recorded argument is either *bound*
-   (a tensor that IS one of the caller's ``inputs``, or a view into an input the caller
-   declares as its own workspace: per call its data pointer is recomputed) or *fixed*
-   (a plain value: int, float, bool, str, None, a tuple of those; kept as recorded).
-   Anything else (a tensor the launcher made itself, a tensor descriptor) makes the
-   sequence unusable, and the caller keeps the normal path. No tensor is stored.
+   (a tensor that IS one of the caller's ``inputs``, or a view into exactly one input's
+   storage, e.g. a slice of the caller's workspace: per call its data pointer is
+   recomputed) or *fixed* (a plain value: int, float, bool, str, None, a tuple of those;
+   kept as recorded). Anything else (a tensor the launcher allocated itself, a tensor
+   descriptor) makes the sequence unusable, and the caller keeps the normal path. No
+   tensor is stored.
 3. **Relaunch** (:meth:`LaunchSequence.launch`): per call, the data pointers of the bound
    inputs, the current device and stream, and one dict lookup per kernel; then the
    compiled kernel's launcher is called directly, pointers passed as ints.
@@ -241,21 +242,28 @@ def _is_constexpr(value) -> bool:
     return isinstance(value, (constexpr, dtype))
 
 
-def bind_value(value, inputs: Sequence, workspace: int | None):
+def bind_value(value, inputs: Sequence):
     """Where a recorded tensor argument comes from: ``(input index, byte offset)``, or None.
 
-    Identity with an input; else a view into the caller's workspace (``inputs[workspace]``,
-    whose layout the caller owns). A tensor that IS several inputs (the caller passed one
-    tensor in two roles) cannot be attributed: :class:`Ambiguous`."""
+    An input itself; else a view sharing the storage of exactly one input (a workspace
+    the launcher slices, a reshaped scale tensor), at the same byte offset from it on
+    every call of the structure (views are made from shapes and strides, which the
+    caller's key fixes). :class:`Ambiguous` when the tensor is several inputs, or shares
+    storage with several and starts at none of them (they alias in this call only)."""
     found = [i for i, x in enumerate(inputs) if value is x]
     if len(found) > 1:
         raise Ambiguous(f"one tensor is inputs {found} of this call")
     if found:
         return found[0], 0
-    if workspace is not None:
-        ws = inputs[workspace]
-        if ws is not None and value._base is ws and value.dtype == ws.dtype:
-            return workspace, value.data_ptr() - ws.data_ptr()
+    storage = value.untyped_storage().data_ptr()
+    sharing = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and
+               x.untyped_storage().data_ptr() == storage]
+    if len(sharing) > 1:
+        sharing = [i for i in sharing if inputs[i].data_ptr() == value.data_ptr()]
+        if len(sharing) != 1:
+            raise Ambiguous(f"a tensor shares its storage with inputs {sharing}")
+    if sharing:
+        return sharing[0], value.data_ptr() - inputs[sharing[0]].data_ptr()
     return None
 
 
@@ -310,7 +318,7 @@ class Ambiguous(Unusable):
     """This recording cannot be attributed (inputs alias each other); another may."""
 
 
-def build_site(launch: Launch, inputs: Sequence, workspace: int | None) -> Site:
+def build_site(launch: Launch, inputs: Sequence) -> Site:
     fn = launch.fn
     for attr in ("device_caches", "params"):
         if not hasattr(fn, attr):
@@ -326,7 +334,7 @@ def build_site(launch: Launch, inputs: Sequence, workspace: int | None) -> Site:
     template, binds = [], []
     for pos, (name, value) in enumerate(zip(names, values)):
         if isinstance(value, torch.Tensor):
-            where = bind_value(value, inputs, workspace)
+            where = bind_value(value, inputs)
             if where is None:
                 raise Unusable(f"argument {name} of {fn!r} is a tensor that is not one of the "
                                "call's inputs")
@@ -374,13 +382,12 @@ class LaunchSequence:
     """The launches of one call structure, replayable with new input pointers.
 
     ``inputs`` (given to :meth:`build`, :meth:`launch`, :meth:`absorb`) is a sequence of
-    the call's tensors (None where absent) in an order fixed by the caller;
-    ``inputs[workspace]`` may be a buffer the caller owns and the launcher slices."""
+    the call's tensors (None where absent) in an order fixed by the caller, including
+    buffers the caller owns and the launcher slices (a workspace)."""
 
-    def __init__(self, sites: list[Site], used: tuple[int, ...], workspace: int | None):
+    def __init__(self, sites: list[Site], used: tuple[int, ...]):
         self.sites = sites
         self.used = used
-        self.workspace = workspace
         if len(used) > 1:
             self._select = itemgetter(*used)
         elif used:
@@ -392,7 +399,7 @@ class LaunchSequence:
         self.source, self.launch = _generate_launch(sites, used, self._device, self._stream)
 
     @classmethod
-    def build(cls, captured: Captured, inputs: Sequence, workspace: int | None = None,
+    def build(cls, captured: Captured, inputs: Sequence,
               device: int | None = None) -> "LaunchSequence":
         """From a capture of a normal call; raises :class:`Unusable` with the reason."""
         if not captured.launches:
@@ -404,12 +411,12 @@ class LaunchSequence:
             raise Unusable(f"Triton made {captured.triton_launches} launches but "
                            f"{len(captured.launches)} were recorded (a kernel not wrapped "
                            "by capturable?)")
-        sites = [build_site(launch, inputs, workspace) for launch in captured.launches]
+        sites = [build_site(launch, inputs) for launch in captured.launches]
         used = tuple(sorted({i for site in sites for _, i, _ in site.binds}))
         position = {i: j for j, i in enumerate(used)}
         for site in sites:  # input indices -> positions in the selected pointers
             site.binds = tuple((pos, position[i], off) for pos, i, off in site.binds)
-        sequence = cls(sites, used, workspace)
+        sequence = cls(sites, used)
         device = sequence._device() if device is None else device
         for site, launch in zip(sites, captured.launches):
             check_with_triton(site, launch, device)
