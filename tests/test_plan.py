@@ -151,9 +151,15 @@ def test_no_cache_or_metadata_is_kept_alive(doubling):
                                               validate=False), batch.q * 2)
         assert torch.equal(plan.run(batch.q, cache), batch.q * 2)
     assert len(planning.memo) == 1
-    del caches, cache
+    reassigned = caches[0]  # a tensor replaced in a live cache is not kept either
+    old_key = weakref.ref(reassigned.key_cache)
+    reassigned.key_cache = reassigned.key_cache.clone()
     gc.collect()
-    assert [r() for r in refs] == [None] * len(refs)
+    assert old_key() is None
+    assert torch.equal(plan.run(batch.q, reassigned), batch.q * 2)
+    del caches, cache, reassigned
+    gc.collect()
+    assert [r() for r in refs if r() is not None] == []
     # the plan holds its metadata; the memo forgets it once its tensors go
     meta_ref = weakref.ref(metadata.seq_lens)
     del metadata

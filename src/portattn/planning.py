@@ -90,12 +90,12 @@ _STRUCTURE_ATTR = "_portattn_structure"
 def cache_structure_id(cache: PagedKVCache) -> int:
     """A small int standing for the cache's structure: shapes, strides, dtypes and devices
     of its tensors, its quant mode and scale values, its layout. Remembered ON the cache
-    object (it already holds those tensors) together with the tensors it was computed
-    from, so a reassigned ``key_cache`` / ``value_cache`` / ``quant`` is noticed; the
-    tensors themselves must not be resized or re-strided in place."""
+    object with (weak references to) the tensors it was computed from, so a reassigned
+    ``key_cache`` / ``value_cache`` / ``quant`` is noticed and a replaced tensor is not
+    kept alive; the tensors themselves must not be resized or re-strided in place."""
     k, v, quant = cache.key_cache, cache.value_cache, cache.quant
     known = cache.__dict__.get(_STRUCTURE_ATTR)
-    if known is not None and known[0] is k and known[1] is v and known[2] is quant and \
+    if known is not None and known[0]() is k and known[1]() is v and known[2] is quant and \
             known[3] is cache.k_scale_cache and known[4] is cache.v_scale_cache and \
             known[5] == cache.packed:
         return known[6]
@@ -106,7 +106,8 @@ def cache_structure_id(cache: PagedKVCache) -> int:
         if len(_structure_ids) >= _STRUCTURE_LIMIT:
             _structure_ids.clear()  # ids are never reused: forgotten ones just miss
         found = _structure_ids.setdefault(structure, next(_structure_counter))
-    cache.__dict__[_STRUCTURE_ATTR] = (k, v, quant, cache.k_scale_cache, cache.v_scale_cache,
+    cache.__dict__[_STRUCTURE_ATTR] = (weakref.ref(k), weakref.ref(v), quant,
+                                      cache.k_scale_cache, cache.v_scale_cache,
                                       cache.packed, found)
     return found
 

@@ -8,7 +8,7 @@ that on every layer of every eager step.
 How, for ANY ``@triton.jit`` kernel and whatever arguments a launcher passes:
 
 1. **Capture.** Kernels wrapped by :func:`capturable` (``launch.py`` wraps its kernels at
-   import) behave exactly as before, except that inside ``with capture() as launches:``
+   import) behave exactly as before, except that inside ``with capture() as captured:``
    each launch made by this thread is also recorded: the kernel, grid, arguments and the
    ``CompiledKernel`` Triton returned. A Triton launch hook counts the real launches of
    the thread meanwhile, so a launch through a kernel that is not wrapped is noticed.
@@ -29,8 +29,11 @@ values, (dtype, ``data_ptr % 16 == 0``) for tensors on backends with native tens
 specialization (the only ones served here), plus the launch options (``num_warps``...),
 ``debug`` and the instrumentation mode, per device. The CALLER guarantees that the fixed
 values are the same on every call of a sequence (it keys sequences by everything its
-launcher reads: shapes, strides, dtypes, option values); this module keys each kernel by
-(device, Triton state, the 16-byte alignment of every bound pointer). When a sequence is
+launcher reads: shapes, strides, dtypes, option values), and that its launcher derives no
+argument from device values or from pointer values beyond what Triton sees (launch.py
+does neither); this module keys each kernel by (device, Triton state, the 16-byte
+alignment of every bound pointer), and a capture under a new key whose fixed values
+differ from the recorded ones disables the sequence (:meth:`absorb`). When a sequence is
 built, Triton's own binder is run on the recorded call and must agree (same cached
 kernel, pointers specialized by alignment alone), else the sequence is unusable.
 Whenever a key is unknown, :meth:`launch` returns False and the caller runs its normal
@@ -55,8 +58,8 @@ import torch
 
 _local = threading.local()
 _PLAIN = (int, float, bool, str, type(None))
-#: Per kernel: max compiled-kernel entries (device x state x alignment) before the table
-#: is cleared (it only ever refills from Triton's own cache).
+#: Per recorded launch: max compiled-kernel entries (device x Triton state x alignment)
+#: before its table is cleared (it refills from Triton's own cache, through capture).
 TABLE_LIMIT = 64
 
 
@@ -95,6 +98,8 @@ class Capturable:
         return recorded
 
     def __getattr__(self, name):
+        if name == "fn":  # not set yet (copying): no recursion
+            raise AttributeError(name)
         return getattr(self.fn, name)
 
     def __repr__(self) -> str:
