@@ -4,6 +4,10 @@ A backend is a stateless object. The dispatcher asks ``why_not(problem, caps)`` 
 list means it can serve the call), then ``plan(problem, caps)`` once per :class:`Problem`
 (cached), then ``run(...)`` on every call. ``run`` writes into ``out`` and must not
 synchronize with the device when the metadata carries its max lengths.
+
+``prepare(plan, problem, options, device)`` is the plan-time hook of :func:`portattn.plan`: it returns a
+:class:`Runner` that holds whatever can be decided once per plan (workspaces, recorded
+launches) and is called per layer. The default runner calls ``run``.
 """
 
 from __future__ import annotations
@@ -76,5 +80,41 @@ class Backend:
             options: "AttentionOptions", out: "torch.Tensor", plan: Plan) -> None:
         raise NotImplementedError
 
+    def prepare(self, plan: Plan, problem: "Problem", options: "AttentionOptions",
+                device: "torch.device") -> "Runner":
+        """The per-layer callable of a plan (``options``: the plan's options, per-layer
+        tensors None). Backends with plan-time work override it."""
+        return Runner(self, plan, options)
+
     def __repr__(self) -> str:
         return f"<portattn backend {self.name}>"
+
+
+class Runner:
+    """What a plan calls per layer: ``runner(q, cache, metadata, out, layer, slot)``.
+
+    ``layer`` is ``(alibi_slopes, sinks, q_scale, output_scale)``; ``slot`` is the object
+    :meth:`slot` returned for this call's structure (shapes, strides, dtypes and scalar
+    values of every argument), where a runner may keep per-structure state. This default
+    runs the backend's ``run`` with the per-layer options filled in.
+    """
+
+    def __init__(self, backend: Backend, plan: Plan, options: "AttentionOptions"):
+        self.backend = backend
+        self.plan = plan
+        self.options = options
+
+    def slot(self, key) -> object:
+        return None
+
+    def options_for(self, layer: tuple) -> "AttentionOptions":
+        if layer[0] is None and layer[1] is None and layer[2] is None and layer[3] is None:
+            return self.options
+        from dataclasses import replace
+
+        alibi_slopes, sinks, q_scale, output_scale = layer
+        return replace(self.options, alibi_slopes=alibi_slopes, sinks=sinks, q_scale=q_scale,
+                       output_scale=output_scale)
+
+    def __call__(self, q, cache, metadata, out, layer: tuple, slot) -> None:
+        self.backend.run(q, cache, metadata, self.options_for(layer), out, self.plan)

@@ -57,8 +57,9 @@ promotion every ``FP8_ACC`` products), ``Q_PRESCALE`` (multiply q by the softmax
 fp32 before casting it to ``COMPUTE_DTYPE``: used when a bf16 q meets an fp8 cache and the
 dots run in fp16, every fp8 value being exact in fp16 and fp8 -> fp16 one conversion),
 ``FP8_OUT`` (store ``clamp(out / output_scale,
-+-FP8_MAX)``), ``COMPUTE_DTYPE`` (the dtype of the dot operands: q's for 16/32-bit q,
-float16 for fp8 q since every fp8 value is exact in it), ``DOT_PREC`` ("ieee" for fp32,
++-FP8_MAX)``), ``COMPUTE_DTYPE`` (the dtype of the dot operands, 0 float16 / 1 bfloat16 /
+2 float32: q's for 16/32-bit q over a 16/32-bit or int8 cache, float16 for fp8 q or an
+fp8 cache since every fp8 value is exact in it), ``DOT_PREC`` ("ieee" for fp32,
 ignored for 16-bit operands).
 
 ``CHECK_BLOCKS`` (default on; off only in benchmarks/kernel_experiments.py, to measure
@@ -141,6 +142,18 @@ def _load_kv_tile(bt_row, bt_width, num_blocks, k_pos, key_ok, k_head_ptr, v_hea
 
 
 @triton.jit
+def _to_compute(x, COMPUTE_DTYPE: tl.constexpr):
+    """Cast to the dot operands' dtype: 0 float16, 1 bfloat16, 2 float32 (an int code, so
+    the launch's arguments stay plain values)."""
+    if COMPUTE_DTYPE == 0:
+        return x.to(tl.float16)
+    elif COMPUTE_DTYPE == 1:
+        return x.to(tl.bfloat16)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
 def _full_tiles_have_bad_blocks(bt_row, bt_width, num_blocks, key_lo, key_hi,
                                 BLOCK_SIZE: tl.constexpr, SCAN: tl.constexpr = 128):
     """Whether a block-table entry for keys ``[key_lo, key_hi)`` (the unmasked tiles, seen
@@ -190,7 +203,7 @@ def _attend_tiles(acc, m_i, l_i, q, tile_start, tile_end, seq_len, k_lo, bt_row,
         if FP8_DOT:  # fp8 q x fp8 K on the tensor cores, fp32 accumulation
             qk = tl.dot(q, k, max_num_imprecise_acc=FP8_ACC)
         else:
-            qk = tl.dot(q, k.to(COMPUTE_DTYPE), input_precision=DOT_PREC)
+            qk = tl.dot(q, _to_compute(k, COMPUTE_DTYPE), input_precision=DOT_PREC)
         if KV_QUANT == 2:
             qk = qk * k_sc[None, :]
         s = score_tile(qk, qk_scale, softcap, slope2, q_pos, k_pos, seq_len, window,
@@ -201,7 +214,7 @@ def _attend_tiles(acc, m_i, l_i, q, tile_start, tile_end, seq_len, k_lo, bt_row,
         acc = acc * alpha[:, None]
         if KV_QUANT == 2:
             p = p * v_sc[None, :]
-        acc = tl.dot(p.to(COMPUTE_DTYPE), v.to(COMPUTE_DTYPE), acc, input_precision=DOT_PREC)
+        acc = tl.dot(_to_compute(p, COMPUTE_DTYPE), _to_compute(v, COMPUTE_DTYPE), acc, input_precision=DOT_PREC)
     return acc, m_i, l_i
 
 
@@ -312,10 +325,10 @@ def unified_attention_kernel(
     if not USE_SOFTCAP:
         qk_scale = qk_scale * 1.4426950408889634
     if Q_PRESCALE:  # q * scale once, in fp32, before the cast (keeps fp16 in range)
-        q = (q.to(tl.float32) * qk_scale).to(COMPUTE_DTYPE)
+        q = _to_compute(q.to(tl.float32) * qk_scale, COMPUTE_DTYPE)
         qk_scale = 1.0
     elif not FP8_DOT:
-        q = q.to(COMPUTE_DTYPE)
+        q = _to_compute(q, COMPUTE_DTYPE)
     if ALIBI != 0:
         slope2 = tl.load(alibi_ptr + row_head, mask=row_ok, other=0.0).to(tl.float32) \
             * 1.4426950408889634
