@@ -8,7 +8,7 @@
 * The custom op (torch.compile) reuses the plans of eager calls.
 * Bad input: InputError naming the argument, from ``plan`` and from ``run``.
 * Length hints: recorded, checked on request, bounded on the host for free; an understated
-  ``max_seqlen_q`` never leaves stale rows (kernel side: xfail until it lands).
+  ``max_seqlen_q`` never leaves stale rows (the kernel writes those rows NaN).
 * The triton_unified runner's fallback when launches cannot be replayed.
 """
 
@@ -348,8 +348,6 @@ def test_hints_below_what_the_token_count_allows_are_refused_without_a_sync(smal
 
 
 @interp
-@pytest.mark.xfail(strict=True, reason="the decode-tile launch skips a sequence with more "
-                   "queries than its tile; the lead's kernel change writes NaN rows then")
 def test_understated_max_seqlen_q_never_leaves_stale_rows():
     # group 4: decode tiles of 16 rows hold 4 queries; the second sequence has 6. The
     # host bound passes (7 tokens <= 2 sequences x 4), so only the kernel can tell.

@@ -15,13 +15,7 @@ import torch
 
 from portattn.capabilities import probe
 from portattn.dispatch.problem import Problem
-<<<<<<< HEAD
-from portattn.envstate import VALIDATE_INDEX, VALIDATE_VALUES, decision_environment
-from portattn.dispatch.registry import load_backend
 from portattn.dispatch.selector import Decision, decide, with_notes
-=======
-from portattn.dispatch.selector import Decision, decide
->>>>>>> planrun
 from portattn.ops import call_compiled
 from portattn.options import AttentionOptions, normalize_options
 from portattn.planning import attend

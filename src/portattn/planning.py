@@ -32,8 +32,7 @@ in which case every call compares them with the real lengths and raises ``InputE
 Without a device read, ``num_tokens <= num_seqs * hint`` is checked on the first call of
 each structure (:func:`check_hint_bounds`). An understated ``max_seqlen_q`` that passes
 that may choose decode tiles too small for a sequence's queries: the decode launch skips
-that sequence, and the kernel is to write NaN into its rows (the kernel change is
-pending; until it lands those rows are left unwritten).
+that sequence, and the kernel writes NaN into its rows (visibly wrong, never stale).
 """
 
 from __future__ import annotations
