@@ -78,7 +78,12 @@ for row in r["routing"]:
     print(f"  {row['problem']:<40} {row['backend']:<16} {row['variant'][:60]}")
 EOF
 
-# ---- benchmarks (nothing else on the GPU now)
+# ---- benchmarks (nothing else on the GPU now; WAIT_FOR: a pattern of processes started
+# earlier on this machine, e.g. another tier, to let finish first)
+if [ -n "${WAIT_FOR:-}" ]; then
+  while pgrep -f "$WAIT_FOR" > /dev/null && [ "$(left)" -gt 120 ]; do sleep 2; done
+  echo "[benches start at $(( $(date +%s) - T0 ))s]"
+fi
 stages=2  # each bench gets an equal share of what is left (a killed bench writes no JSON)
 for bs in 16 128; do
   share=$(( ($(left) - 15) / stages )); stages=$((stages - 1))
