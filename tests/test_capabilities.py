@@ -27,6 +27,7 @@ from portattn.capabilities import (OVERRIDES, PROFILES, Capabilities, Check, cle
                                    last_probe_origin, probe)
 from portattn.capabilities import cache as cache_mod
 from portattn.capabilities import descriptor_check
+from portattn.errors import InputError
 
 probe_mod = importlib.import_module("portattn.capabilities.probe")
 
@@ -572,9 +573,9 @@ def test_override_states(override, profile, monkeypatch, isolated):
 @pytest.mark.parametrize("value", ["2", "yes", "true", "on", "-1"])
 def test_invalid_override_value(value, monkeypatch):
     monkeypatch.setenv("PORTATTN_TD", value)
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(InputError) as info:  # a ValueError
         probe(simulate="sm90")
-    assert "PORTATTN_TD" in str(info.value) and "unset, 0, 1" in str(info.value)
+    assert str(info.value) == f"PORTATTN_TD: expected auto, 0, 1, got {value!r}"
 
 
 def test_override_table_names_real_fields():

@@ -180,6 +180,13 @@ def test_forced_backend_parsing(monkeypatch):
     assert forced_backend("x") == ("x", "argument")
 
 
+def test_unknown_backend_in_the_environment_names_the_variable(batch, monkeypatch):
+    monkeypatch.setenv("PORTATTN_BACKEND", "nope")
+    with pytest.raises(UnsupportedError, match="^unknown backend 'nope' requested through "
+                                               "PORTATTN_BACKEND"):
+        portattn.explain(batch.q, batch.cache, batch.metadata)
+
+
 def test_max_lengths_avoid_reading_device_values(batch, monkeypatch):
     """With max_seqlen_q/k given and validation off, no metadata value is read."""
     read = []

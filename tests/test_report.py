@@ -100,7 +100,7 @@ def test_render_has_every_section():
     report = collect_report(caps, extra_sections={"backends": BACKENDS, "routing": ROUTING,
                                                   "notes": {"hello": "world"}})
     text = render_report(report)
-    headings = ["Platform", "Libraries", "Device", "Capabilities", "Environment",
+    headings = ["Platform", "Libraries", "Device", "Capabilities", "Settings",
                 "Backends", "Routing", "Notes"]
     positions = [text.index(f"\n{h}\n") for h in headings]
     assert positions == sorted(positions)

@@ -184,5 +184,5 @@ def test_validate_environment(monkeypatch):
     assert validation_requested(None) is True
     assert validation_requested(False) is False
     monkeypatch.setenv("PORTATTN_VALIDATE", "yes")
-    with pytest.raises(InputError, match=r"^PORTATTN_VALIDATE: expected unset, 0 or 1"):
+    with pytest.raises(InputError, match=r"^PORTATTN_VALIDATE: expected auto, 0, 1, got 'yes'$"):
         validation_requested(None)

@@ -97,11 +97,12 @@ def _bench(argv: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="portattn", description=(
-        "One paged-attention call that runs well on any GPU. Environment: "
-        "PORTATTN_BACKEND forces a backend, PORTATTN_SIMULATE=<profile> simulates a "
-        "device, PORTATTN_VALIDATE=1 checks metadata values, PORTATTN_TD=0/1 turns "
-        "tensor descriptors off/on."))
+    from portattn.settings import help_text
+
+    epilog = help_text()
+    parser = argparse.ArgumentParser(
+        prog="portattn", description="One paged-attention call that runs well on any GPU.",
+        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run attention on a random paged batch and check it")
@@ -112,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     report = sub.add_parser("report", help="capabilities, backends and routing of this "
-                                           "machine")
+                                           "machine", epilog=epilog,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     report.add_argument("--json", action="store_true", help="one JSON document (schema in "
                                                             "the README)")
     report.add_argument("--simulate", help="a simulated profile instead of this machine")

@@ -8,10 +8,9 @@ a GPU only with ``validate=True`` or ``PORTATTN_VALIDATE=1`` (they synchronize).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from portattn import settings
 from portattn.errors import InputError
 from portattn.types import FLOAT_DTYPES, FP8_DTYPES, AttentionMetadata, PagedKVCache, _describe
 
@@ -20,12 +19,8 @@ def validation_requested(validate: bool | None) -> bool | None:
     """``validate`` argument, else ``PORTATTN_VALIDATE`` (unset -> None = automatic)."""
     if validate is not None:
         return bool(validate)
-    env = os.environ.get("PORTATTN_VALIDATE", "").strip()
-    if env in ("", "auto"):
-        return None
-    if env not in ("0", "1"):
-        raise InputError("PORTATTN_VALIDATE", "unset, 0 or 1", repr(env))
-    return env == "1"
+    value: bool | None = settings.VALIDATE.value()
+    return value
 
 
 def check_structure(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMetadata) -> None:

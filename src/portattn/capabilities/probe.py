@@ -28,11 +28,9 @@ from typing import Any, Callable, TypeVar
 from portattn.capabilities import cache
 from portattn.capabilities._text import one_line
 from portattn.capabilities.model import Capabilities, Check
-from portattn.capabilities.overrides import OVERRIDE_ENV_VARS, apply_overrides, read_overrides
+from portattn.capabilities.overrides import apply_overrides, raw_overrides, read_overrides
 from portattn.capabilities.profiles import NO_GPU_REASON, simulated
-
-SIMULATE_ENV = "PORTATTN_SIMULATE"
-INTERPRET_ENV = "TRITON_INTERPRET"
+from portattn.settings import SIMULATE, TRITON_INTERPRET
 
 TRITON_NOT_INSTALLED = "Triton is not installed (pip install 'portattn[triton]')"
 FLASH_ATTN_NOT_INSTALLED = ("flash-attn is not installed "
@@ -42,13 +40,12 @@ LATE_INTERPRETER_REASON = ("TRITON_INTERPRET=1 was set after Triton was imported
                            "process, so Triton's own @triton.jit helpers cannot run in the "
                            "interpreter; set it before anything imports triton")
 
-_TRUE = ("1", "true", "yes", "on")  # what Triton itself accepts for TRITON_INTERPRET
 T = TypeVar("T")
 
 
 def interpreter_enabled(raw: str | None = None) -> bool:
-    value = os.environ.get(INTERPRET_ENV) if raw is None else raw
-    return (value or "").strip().lower() in _TRUE
+    """``TRITON_INTERPRET`` is on (Triton's rule), from ``raw`` or the environment."""
+    return bool(TRITON_INTERPRET.parse_text(TRITON_INTERPRET.raw() if raw is None else raw))
 
 
 # --------------------------------------------------------------------------- public entry
@@ -67,10 +64,9 @@ def probe(simulate: str | None = None, *, refresh: bool = False,
     Repeated calls with the same environment return the same object, at the cost of a
     dict lookup.
     """
-    env = os.environ
-    wanted = env.get(SIMULATE_ENV) if simulate is None else simulate
+    wanted = SIMULATE.raw() if simulate is None else simulate
     wanted = (wanted or "").strip() or None
-    key = (wanted, env.get(INTERPRET_ENV), tuple(env.get(v) for v in OVERRIDE_ENV_VARS))
+    key = (wanted, TRITON_INTERPRET.raw(), raw_overrides())
     state = cache.STATE
     if not refresh:
         hit = state.final.get(key)
@@ -79,7 +75,7 @@ def probe(simulate: str | None = None, *, refresh: bool = False,
             state.last = ("simulated" if wanted else "memory", resolved, caps)
             return caps
     with state.lock:
-        states = read_overrides(env)
+        states = read_overrides()
         if wanted:
             base, origin = simulated(wanted), "simulated"
             resolved = origin

@@ -17,11 +17,13 @@ A JSON object; keys appear in this order. Consumers must ignore keys they do not
     ``{"python": "3.11.9", "implementation": "CPython", "os": "Linux-6.8.0-...-x86_64",
     "machine": "x86_64"}``.
 ``environment``
-    The variables that change portattn's behaviour and are set, as ``{name: value}``:
-    ``PORTATTN_SIMULATE``, ``PORTATTN_BACKEND``, ``PORTATTN_TD``, ``PORTATTN_TRITON``,
-    ``PORTATTN_FLASH_ATTN``, ``PORTATTN_CACHE_DIR``, ``PORTATTN_NO_DISK_CACHE``,
-    ``TRITON_INTERPRET``, ``CUDA_VISIBLE_DEVICES``, ``HIP_VISIBLE_DEVICES``,
-    ``ROCR_VISIBLE_DEVICES``. Empty when none is.
+    The variables of :data:`portattn.settings.SETTINGS` that are set (non-empty), as
+    ``{name: value}``; empty when none is.
+``settings``
+    Every variable of :data:`portattn.settings.SETTINGS`, set or not, in table order:
+    ``{name: {"value": str or null (unset), "values": accepted values, "default": what
+    unset means, "meaning": str, "owner": "portattn" or the project that defines it
+    ("Triton", "CUDA", ...), "problem": null or why the value is not accepted}}``.
 ``probe_origin``
     Where ``capabilities`` came from: ``"probed"`` (measured by this process),
     ``"disk-cache"`` (read from the disk cache, written by an earlier process),
@@ -82,25 +84,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import textwrap
 from typing import Any, Callable
 
+from portattn import settings
 from portattn.capabilities import cache
 from portattn.capabilities.model import CHECK_FIELDS, Capabilities
 
 SCHEMA = "portattn.report/1"
 
-RESERVED_KEYS = ("schema", "portattn_version", "platform", "environment", "probe_origin",
-                 "disk_cache", "capabilities")
-
-ENVIRONMENT_VARIABLES = (
-    "PORTATTN_SIMULATE", "PORTATTN_BACKEND", "PORTATTN_TD", "PORTATTN_TRITON",
-    "PORTATTN_FLASH_ATTN", "PORTATTN_CACHE_DIR", "PORTATTN_NO_DISK_CACHE", "TRITON_INTERPRET",
-    "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES",
-)
+RESERVED_KEYS = ("schema", "portattn_version", "platform", "environment", "settings",
+                 "probe_origin", "disk_cache", "capabilities")
 
 _ORIGIN_TEXT = {
     "probed": "probed now",
@@ -139,8 +135,8 @@ def collect_report(caps: Capabilities | None = None, *,
             "os": platform.platform(),
             "machine": platform.machine(),
         },
-        "environment": {name: os.environ[name] for name in ENVIRONMENT_VARIABLES
-                        if os.environ.get(name)},
+        "environment": {s.name: s.raw() for s in settings.SETTINGS if s.raw()},
+        "settings": settings.describe(),
         "probe_origin": origin,
         "disk_cache": {"dir": str(cache.cache_dir()), "enabled": cache.disk_cache_enabled()},
         "capabilities": caps.to_dict(),
@@ -242,6 +238,29 @@ def _capability_lines(c: dict) -> list[str]:
     return _table(("ok", "capability", "source", "reason"), rows, last_width=72)
 
 
+def _settings_lines(report: dict) -> list[str]:
+    """Every setting with its value; falls back to the ``environment`` section (the
+    variables that are set) for a report written before ``settings`` existed."""
+    table = report.get("settings")
+    if not isinstance(table, dict):
+        env = report.get("environment") or {}
+        return (_rows([(k, str(v)) for k, v in env.items()]) if env
+                else ["  (no portattn, Triton or device variables set)"])
+    rows = []
+    for name, info in table.items():
+        info = info if isinstance(info, dict) else {}
+        value = info.get("value")
+        shown = "unset" if value is None else repr(value)
+        note = f"default: {info.get('default', '?')}" if value is None else \
+            str(info.get("meaning", ""))
+        if info.get("problem"):
+            shown += " INVALID"
+            note = str(info["problem"])
+        rows.append((str(name), shown, note))
+    return _table(("variable", "value", "meaning (or the default when unset)"), rows,
+                  last_width=60)
+
+
 def _backend_lines(backends: Any) -> list[str]:
     if not isinstance(backends, dict):
         return [f"  {backends}"]
@@ -293,9 +312,8 @@ def render_report(report: dict) -> str:
                         else " (disk cache off)")
     out += ["Capabilities", f"  origin: {origin_text}", *_capability_lines(caps), ""]
 
-    env = report.get("environment") or {}
-    out += ["Environment", *(_rows([(k, str(v)) for k, v in env.items()]) if env
-                              else ["  (no portattn, Triton or device variables set)"]), ""]
+    out += ["Settings", "  environment variables portattn reads (portattn --help explains each)",
+            *_settings_lines(report), ""]
 
     if "backends" in report:
         out += ["Backends", *_backend_lines(report["backends"]), ""]
@@ -313,7 +331,8 @@ def render_report(report: dict) -> str:
 
 def build_parser(prog: str = "python -m portattn.capabilities.report") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=prog, description="Print what portattn can use on this machine.")
+        prog=prog, description="Print what portattn can use on this machine.",
+        epilog=settings.help_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--refresh", action="store_true",
                         help="ignore cached probe results and probe again")

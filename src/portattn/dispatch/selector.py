@@ -6,7 +6,6 @@ thread-safe cache, so a steady-state call costs one dict lookup.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -16,10 +15,8 @@ from portattn.capabilities import Capabilities
 from portattn.dispatch.priorities import priority_list
 from portattn.dispatch.problem import Problem
 from portattn.dispatch.registry import backend_names, load_backend
-from portattn.envstate import decision_environment
 from portattn.errors import UnsupportedError
-
-BACKEND_ENV = "PORTATTN_BACKEND"
+from portattn.settings import BACKEND, decision_environment
 
 
 @dataclass(frozen=True)
@@ -70,9 +67,9 @@ def forced_backend(argument: str | None) -> tuple[str | None, str]:
     """(name, source) from ``backend=`` or else ``PORTATTN_BACKEND``."""
     if argument is not None:
         return argument, "argument"
-    env = os.environ.get(BACKEND_ENV, "").strip()
-    if env and env != "auto":
-        return env, "environment"
+    name: str | None = BACKEND.value()
+    if name is not None:
+        return name, "environment"
     return None, "auto"
 
 
@@ -96,8 +93,9 @@ def _order(caps: Capabilities) -> list[str]:
 
 def _decide(problem: Problem, caps: Capabilities, forced: str | None, source: str) -> Decision:
     order = _order(caps)
+    via = BACKEND.name if source == "environment" else source
     if forced is not None and forced not in order:
-        raise UnsupportedError(f"unknown backend {forced!r} requested through {source} "
+        raise UnsupportedError(f"unknown backend {forced!r} requested through {via} "
                                f"(known: {', '.join(order)})")
     considered = []
     chosen: Backend | None = None
@@ -111,7 +109,7 @@ def _decide(problem: Problem, caps: Capabilities, forced: str | None, source: st
     if chosen is None:
         if forced is not None:
             reasons = dict((n, list(r)) for n, r in considered if n == forced)
-            raise UnsupportedError(f"backend {forced!r} (requested through {source}) cannot "
+            raise UnsupportedError(f"backend {forced!r} (requested through {via}) cannot "
                                    f"serve this call: {problem.describe()}", reasons)
         raise UnsupportedError(f"no backend can serve this call on {caps.arch}: "
                                f"{problem.describe()}",
