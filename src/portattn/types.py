@@ -22,6 +22,8 @@ Scale = Union[float, torch.Tensor]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+#: Device types whose tensors hold no values (shapes only): nothing can attend over them.
+DATALESS_DEVICE_TYPES = ("meta",)
 _FP8_NAMES = {torch.float8_e4m3fn: "e4m3fn", torch.float8_e5m2: "e5m2"}
 
 
@@ -365,6 +367,14 @@ def _check_cache_tensor(name: str, t: object) -> None:
                          f"strides {tuple(t.stride())}")
     if min(t.shape) <= 0:
         raise InputError(name, "non-empty dimensions", str(tuple(t.shape)))
+    check_has_data(name, t)
+
+
+def check_has_data(name: str, t: torch.Tensor) -> None:
+    """``InputError`` for a tensor on a device that holds no values (``meta``)."""
+    if t.device.type in DATALESS_DEVICE_TYPES:
+        raise InputError(name, "a tensor holding data (on the CPU or a GPU)",
+                         f"a tensor on the {t.device.type} device, which holds no values")
 
 
 def _scale_cache(name: str, given: torch.Tensor | None, shape: tuple[int, ...],

@@ -12,7 +12,8 @@ import torch
 
 from portattn import settings
 from portattn.errors import InputError
-from portattn.types import FLOAT_DTYPES, FP8_DTYPES, AttentionMetadata, PagedKVCache, _describe
+from portattn.types import FLOAT_DTYPES, FP8_DTYPES, AttentionMetadata, PagedKVCache, \
+    _describe, check_has_data
 
 
 def validation_requested(validate: bool | None) -> bool | None:
@@ -32,6 +33,7 @@ def check_structure(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMet
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
         raise InputError("q", "a 3-D tensor [num_tokens, num_q_heads, head_size_qk]",
                          _describe(q))
+    check_has_data("q", q)  # every other tensor must be on q's device
     if q.dtype not in FLOAT_DTYPES + FP8_DTYPES:
         raise InputError("q", "dtype float16, bfloat16, float32 (or fp8 with q_scale)",
                          str(q.dtype))
