@@ -78,7 +78,7 @@ def _explain(args: argparse.Namespace) -> int:
         sliding_window=args.window, softcap=args.softcap, alibi=args.alibi,
         sinks=args.sinks)
     try:
-        decision = decide(problem, caps, args.backend)
+        decision = decide(problem, caps, args.backend, log=False)  # printed below
     except UnsupportedError as exc:
         if args.json:
             print(json.dumps({"error": str(exc).splitlines()[0], "reasons": exc.reasons},

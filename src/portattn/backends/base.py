@@ -41,6 +41,9 @@ class Backend:
 
     name: ClassVar[str] = "?"
     summary: ClassVar[str] = ""
+    #: Why this backend is a slow path ("" = it is not one). The dispatcher logs a WARNING,
+    #: once per problem class, when it has to take a slow path for tensors on a GPU.
+    slow_path: ClassVar[str] = ""
 
     def why_not(self, problem: "Problem", caps: "Capabilities") -> list[str]:
         raise NotImplementedError

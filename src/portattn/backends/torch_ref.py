@@ -28,6 +28,7 @@ _MAX_SCORE_ELEMENTS = 1 << 26
 class TorchReference(Backend):
     name = "torch_ref"
     summary = "pure PyTorch reference; runs anywhere, every feature, slow"
+    slow_path = "the PyTorch reference, one sequence at a time"
 
     def why_not(self, problem, caps) -> list[str]:
         if problem.device_type in DATALESS_DEVICE_TYPES:

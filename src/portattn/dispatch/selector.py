@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from portattn.backends.base import Backend, Plan
 from portattn.capabilities import Capabilities
+from portattn.dispatch.announce import announce, announced
 from portattn.dispatch.priorities import priority_list
 from portattn.dispatch.problem import Problem
 from portattn.dispatch.registry import backend_names, load_backend
@@ -158,12 +159,20 @@ class DecisionCache:
 decision_cache = DecisionCache()
 
 
-def decide(problem: Problem, caps: Capabilities, backend: str | None = None) -> Decision:
-    """The cached decision for ``problem`` (``backend`` forces one by name)."""
+def decide(problem: Problem, caps: Capabilities, backend: str | None = None, *,
+           log: bool = True) -> Decision:
+    """The cached decision for ``problem`` (``backend`` forces one by name).
+
+    ``log``: tell the ``portattn`` logger about a problem class it has not seen yet
+    (:mod:`.announce`); listings of hypothetical problems (the report's routing table)
+    pass False."""
     forced, source = forced_backend(backend)
     key = (problem, caps, forced, source, decision_environment())
     decision = decision_cache.get(key)
     if decision is None:
         decision = _decide(problem, caps, forced, source)
         decision_cache.put(key, decision)
+    if log and key not in announced:
+        chosen = load_backend(decision.backend)
+        announce(decision, key, getattr(chosen, "slow_path", ""))
     return decision
