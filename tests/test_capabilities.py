@@ -247,7 +247,8 @@ def test_interpreter_set_before_import_runs_the_kernels(isolated):
         # Triton 3.6's interpreter breaks on runtime-bounded loops with numpy >= 2.4: the
         # probe must say so rather than claim the kernels run.
         assert not caps.triton_kernels.ok and "numpy<2.4" in caps.triton_kernels.reason
-        return
+        pytest.skip("numpy >= 2.4 breaks this Triton's interpreter: the kernels cannot run "
+                    "here (checked that the probe says so)")
     assert caps.triton_kernels == Check(True, "Triton interpreter (TRITON_INTERPRET=1)")
     assert caps.tensor_descriptors.ok, caps.tensor_descriptors.reason
     assert "under the Triton interpreter" in caps.tensor_descriptors.reason

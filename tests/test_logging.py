@@ -48,17 +48,18 @@ def test_each_new_problem_class_is_announced_once_at_info(caplog, monkeypatch):
 
 def test_a_slow_path_on_a_gpu_warns_once_with_the_reasons(caplog):
     caps = probe(simulate="sm90")
-    problem = Problem.make(kv_quant="int8_per_token_head")
+    problem = Problem.make(head_size=264, dtype="float16")  # wider than any kernel takes
     for _ in range(2):
-        assert decide(problem, caps).backend == "torch_ref"
+        decision = decide(problem, caps)
+        assert decision.backend == "torch_ref"
         decision_cache.clear()  # even a re-decision does not repeat the warning
     warnings = _records(caplog, logging.WARNING)
     assert len(warnings) == 1 and not _records(caplog, logging.INFO)
     message = warnings[0].getMessage()
     assert message.startswith("slow path: torch_ref (the PyTorch reference, one sequence at "
-                              "a time) serves decode, bfloat16")
-    assert "on sm90 because nothing faster can: triton_unified: quantized KV cache " \
-           "(int8_per_token_head) is not yet supported" in message
+                              "a time) serves decode, float16, heads 32/8, head size 264")
+    triton_reasons = ", ".join(decision.rejected["triton_unified"])
+    assert f"on sm90 because nothing faster can: triton_unified: {triton_reasons}; " in message
     assert "flash_attn: flash-attn is not installed" in message
 
 
