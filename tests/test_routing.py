@@ -13,7 +13,10 @@ from portattn.dispatch import Problem, decide
 from portattn.dispatch.routing import COMMON_PROBLEMS, backend_availability, routing_table
 
 CI = Path(__file__).resolve().parents[1] / "ci"
-EXPECTED = json.loads((CI / "expected_routing.json").read_text())["profiles"]
+ROUTING = json.loads((CI / "expected_routing.json").read_text())
+EXPECTED = ROUTING["profiles"]
+KNOWN_GAPS = {(profile, gap["problem"]): gap["reason"] for gap in ROUTING["known_gaps"]
+              for profile in gap["profiles"]}
 MATRIX = json.loads((CI / "matrix.json").read_text())
 
 
@@ -29,6 +32,29 @@ def test_routing_matches_expected(profile):
     caps = probe(simulate=profile)
     got = {row["problem"]: row["backend"] for row in routing_table(caps)}
     assert got == EXPECTED[profile]
+
+
+def _gpu_profiles():
+    return [p for p in PROFILES if probe(simulate=p).device_type != "cpu"]
+
+
+def test_gpu_rows_served_by_the_reference_are_known_gaps():
+    """On a GPU the reference is a slow path: every row that expects it names the gap."""
+    unlisted = [(profile, problem) for profile in _gpu_profiles()
+                for problem, backend in EXPECTED[profile].items()
+                if backend == "torch_ref" and (profile, problem) not in KNOWN_GAPS]
+    assert not unlisted, f"GPU rows routed to torch_ref without a known_gaps entry: {unlisted}"
+
+
+def test_known_gaps_are_still_gaps():
+    """A gap a kernel has closed must leave the list (the routing test above makes the
+    expectation follow the dispatcher)."""
+    gpu = set(_gpu_profiles())
+    for (profile, problem), reason in KNOWN_GAPS.items():
+        assert profile in gpu, f"known gap on a non-GPU profile: {profile}"
+        assert EXPECTED[profile][problem] == "torch_ref", f"closed gap still listed: " \
+            f"{profile} / {problem}"
+        assert len(reason) > 20
 
 
 @pytest.mark.parametrize("profile", PROFILES)
