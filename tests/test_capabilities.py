@@ -23,10 +23,17 @@ except ImportError:
     pass
 
 import portattn
-from portattn.capabilities import (OVERRIDES, PROFILES, Capabilities, Check, clear_cache,
-                                   last_probe_origin, probe)
+from portattn.capabilities import (
+    OVERRIDES,
+    PROFILES,
+    Capabilities,
+    Check,
+    clear_cache,
+    descriptor_check,
+    last_probe_origin,
+    probe,
+)
 from portattn.capabilities import cache as cache_mod
-from portattn.capabilities import descriptor_check
 from portattn.errors import InputError
 
 probe_mod = importlib.import_module("portattn.capabilities.probe")
@@ -635,6 +642,6 @@ def test_real_gpu(monkeypatch, isolated):
     assert caps.triton_target and caps.triton_target.split(":")[0] in ("cuda", "hip")
     assert caps.tensor_descriptors.reason  # ok or not, it says why
     if caps.vendor == "nvidia":
-        assert caps.arch == "sm%d%d" % caps.compute_capability
+        assert caps.arch == "sm{}{}".format(*caps.compute_capability)
     clear_cache()
     assert probe() == caps and last_probe_origin() == "disk-cache"

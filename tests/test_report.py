@@ -21,8 +21,7 @@ except ImportError:
 
 import portattn
 from portattn.capabilities import OVERRIDES, Capabilities, clear_cache, probe
-from portattn.capabilities.report import (RESERVED_KEYS, SCHEMA, collect_report, main,
-                                          render_report)
+from portattn.capabilities.report import RESERVED_KEYS, SCHEMA, collect_report, main, render_report
 
 probe_mod = importlib.import_module("portattn.capabilities.probe")
 SRC = str(Path(portattn.__file__).resolve().parents[1])

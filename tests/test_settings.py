@@ -200,3 +200,9 @@ def test_help_epilog_lists_every_setting(argv, capsys):
     for s in settings.SETTINGS:
         assert s.name in text, s.name
         assert " ".join(s.values.split()[:2]) in " ".join(text.split())
+
+
+def test_readme_lists_every_setting():
+    readme = (ROOT / "README.md").read_text()
+    missing = [s.name for s in settings.SETTINGS if f"`{s.name}" not in readme]
+    assert not missing, missing

@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sync_spy import DeviceSyncSpy
-
 import portattn
 from portattn.backends.base import Backend, Plan
 from portattn.dispatch import decision_cache, registry
 from portattn.testing import make_paged_batch
+
+from sync_spy import DeviceSyncSpy
 
 
 def _batch_tensors(q, cache, metadata):

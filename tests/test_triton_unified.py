@@ -12,10 +12,10 @@ import dataclasses
 import pytest
 import torch
 
-from unified_check import check_unified
-
 from portattn.dispatch.problem import Problem
 from portattn.kernels.heuristics import Shape, TileConfig, plan_launch, variant_name
+
+from unified_check import check_unified
 
 F16, F32 = torch.float16, torch.float32
 SMALL_LONG = TileConfig(block_m=32, block_q=16, block_n=16, num_warps=4, num_stages=2)

@@ -9,6 +9,7 @@ synchronize and can be captured in a CUDA graph.
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import torch
 
@@ -19,7 +20,7 @@ from portattn.dispatch.registry import load_backend
 from portattn.dispatch.selector import Decision, decide
 from portattn.ops import call_compiled
 from portattn.options import AttentionOptions, normalize_options
-from portattn.types import AttentionMetadata, PagedKVCache
+from portattn.types import AttentionMetadata, PagedKVCache, Scale
 from portattn.validation import check_out, check_structure, check_values, \
     validation_requested
 
@@ -45,7 +46,8 @@ def attention(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMetadata,
               scale: float | None = None, causal: bool = True,
               sliding_window: int | None = None, softcap: float | None = None,
               alibi_slopes: torch.Tensor | None = None, alibi_sqrt: bool = False,
-              sinks: torch.Tensor | None = None, q_scale=None, output_scale=None,
+              sinks: torch.Tensor | None = None, q_scale: Scale | None = None,
+              output_scale: Scale | None = None,
               out: torch.Tensor | None = None, backend: str | None = None,
               validate: bool | None = None) -> torch.Tensor:
     """Paged attention of the new query tokens ``q`` over the cached keys and values.
@@ -139,7 +141,7 @@ def run_eager(q, cache, metadata, out, backend, validate, option_values: tuple,
 
 def explain(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMetadata, *,
             backend: str | None = None, out: torch.Tensor | None = None,
-            validate: bool | None = None, **options) -> Decision:
+            validate: bool | None = None, **options: Any) -> Decision:
     """The :class:`Decision` :func:`attention` would take for these arguments (nothing
     runs): backend, variant, and every other backend with its reasons."""
     _, problem = _prepare(q, cache, metadata, validate, out, options)

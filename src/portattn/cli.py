@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+from typing import Any
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -27,7 +28,7 @@ def _demo(args: argparse.Namespace) -> int:
     batch = make_paged_batch(query_lens, seq_lens, num_q_heads=8, num_kv_heads=2,
                              head_size=64, block_size=16, dtype=dtype, device=device,
                              generator=gen)
-    options = dict(causal=True)
+    options: dict[str, Any] = dict(causal=True)
     decision = portattn.explain(batch.q, batch.cache, batch.metadata, backend=args.backend,
                                 **options)
     out = portattn.attention(batch.q, batch.cache, batch.metadata, backend=args.backend,

@@ -210,7 +210,7 @@ DECISION_SETTINGS: tuple[Setting, ...] = tuple(s for s in SETTINGS if s.decides)
 DECISION_NAMES: tuple[str, ...] = tuple(s.name for s in DECISION_SETTINGS)
 VALIDATE_INDEX = DECISION_NAMES.index(VALIDATE.name)
 #: raw PORTATTN_VALIDATE texts the fast path understands -> forced on / off
-VALIDATE_VALUES = {"1": True, "0": False}
+VALIDATE_VALUES: dict[str | None, bool] = {"1": True, "0": False}
 
 
 # --------------------------------------------------------------------------- snapshot

@@ -69,7 +69,9 @@ def make_paged_batch(query_lens: Sequence[int], seq_lens: Sequence[int], *,
                 _poison(t)
     order = torch.randperm(num_blocks, generator=generator).tolist()
     width = max(blocks_per_seq + [1])
-    table, slots, next_block = [], [], 0
+    table: list[list[int]] = []
+    slots: list[int] = []
+    next_block = 0
     for n, nb in zip(seq_lens, blocks_per_seq):
         row = order[next_block:next_block + nb]
         next_block += nb

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Sequence
 
 import torch
 
 from portattn.errors import InputError
 
-Scale = Union[float, torch.Tensor]
+Scale = float | torch.Tensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -205,7 +205,8 @@ class PagedKVCache:
     # -- constructors -------------------------------------------------------------------
     @classmethod
     def from_packed(cls, kv: torch.Tensor, head_size_qk: int,
-                    quant: KVQuant | None = None, **scale_caches) -> "PagedKVCache":
+                    quant: KVQuant | None = None,
+                    **scale_caches: torch.Tensor | None) -> "PagedKVCache":
         """Wrap the DiffKV layout ``[num_blocks, block_size, num_kv_heads, head_size_qk +
         head_size_v]``: keys are ``[..., :head_size_qk]``, values the rest."""
         _check_cache_tensor("kv", kv)

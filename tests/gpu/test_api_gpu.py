@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from sync_spy import DeviceSyncSpy
 
 import portattn
 from portattn.testing import dense_attention, make_paged_batch, relative_error
+
+from sync_spy import DeviceSyncSpy
 
 pytestmark = pytest.mark.gpu
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 import importlib
 
 import pytest
-import torch
-from unified_check import TOLERANCE
 
 import portattn
 from portattn.testing import dense_attention, make_paged_batch, relative_error
+
+from unified_check import TOLERANCE
 
 pytestmark = pytest.mark.gpu
 

@@ -133,7 +133,7 @@ class Capabilities:
         if missing or unknown:
             raise ValueError(f"Capabilities fields do not match: missing {missing}, "
                              f"unknown {unknown}")
-        values = {name: _FIELD_PARSERS[name](name, d[name]) for name in names}
+        values: dict[str, Any] = {name: _FIELD_PARSERS[name](name, d[name]) for name in names}
         return cls(**values)
 
 

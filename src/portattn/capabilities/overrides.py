@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 from portattn import settings
 from portattn.capabilities.model import Capabilities, Check
@@ -72,7 +72,7 @@ def active_overrides(environ: Mapping[str, str] | None = None) -> dict[str, str]
 
 def apply_overrides(caps: Capabilities, states: tuple[bool | None, ...]) -> Capabilities:
     """``caps`` with the forced checks replaced (``source="overridden"``)."""
-    changes: dict[str, Check] = {}
+    changes: dict[str, Any] = {}
     for override, state in zip(OVERRIDES, states):
         if state is None:
             continue

@@ -101,17 +101,15 @@ def _real_base(interpreter: bool, refresh: bool,
     key = _guard(fingerprint, None) if use_disk else None
     if key is not None and key["interpreter_after_import"]:
         key = None  # a state of this process only: neither trust nor share a file
-    caps = None
-    if key is not None and not refresh:
-        caps = cache.load(key)
+    stored = cache.load(key) if key is not None and not refresh else None
     origin = "disk-cache"
-    if caps is None:
-        caps = probe_device()
+    if stored is None:
+        stored = probe_device()
         origin = "probed"
         if key is not None:
-            cache.store(key, caps)
-    state.base[interpreter] = (caps, origin)
-    return caps, origin, origin
+            cache.store(key, stored)
+    state.base[interpreter] = (stored, origin)
+    return stored, origin, origin
 
 
 def _guard(fn: Callable[..., T], default: T, *args: Any) -> T:
@@ -473,7 +471,8 @@ def probe_device() -> Capabilities:
         why = f"kernel check failed: {one_line(exc)}"
         target, kernels, descriptors = None, Check(False, why), Check(False, why)
 
-    fp8 = _guard(_fp8_formats, (), facts["vendor"], facts["arch"], facts["compute_capability"])
+    fp8: tuple[str, ...] = _guard(_fp8_formats, (), facts["vendor"], facts["arch"],
+                                  facts["compute_capability"])
     try:
         flash, flash_version, interfaces = probe_flash_attn(
             facts["vendor"], facts["arch"], facts["compute_capability"])

@@ -120,7 +120,7 @@ def _sim(ok: bool, reason: str) -> Check:
 
 
 def _fp8_formats(d: _Device) -> tuple[str, ...]:
-    if d.vendor == "nvidia" and d.compute_capability >= (8, 9):
+    if d.vendor == "nvidia" and (d.compute_capability or (0, 0)) >= (8, 9):
         return ("e4m3fn", "e5m2")
     if d.arch == "gfx942":
         return ("e4m3fnuz", "e5m2fnuz")
@@ -134,7 +134,7 @@ def _tensor_descriptors(d: _Device) -> Check:
         return _sim(True, "descriptor load/store kernel runs under the Triton interpreter")
     if d.triton_target is None:
         return _sim(False, f"tl.make_tensor_descriptor exists, but {NO_GPU_REASON}")
-    if d.vendor == "nvidia" and d.compute_capability >= (9, 0):
+    if d.vendor == "nvidia" and (d.compute_capability or (0, 0)) >= (9, 0):
         return _sim(True, f"descriptor kernel compiled and ran on {d.arch} (TMA)")
     if d.vendor == "nvidia":
         return _sim(False, "descriptor loads need TMA, sm90+ in this simulation")
@@ -154,7 +154,7 @@ def _flash_attn(d: _Device, interfaces: tuple[str, ...]) -> tuple[Check, str | N
         return _sim(False, "flash-attn is not installed"), None
     version = SIMULATED_FLASH_ATTN_2 if "fa2" in interfaces else SIMULATED_FLASH_ATTN_3
     names = ", ".join(interfaces)
-    if d.vendor == "nvidia" and d.compute_capability >= (8, 0):
+    if d.vendor == "nvidia" and (d.compute_capability or (0, 0)) >= (8, 0):
         return _sim(True, f"flash-attn {version} ({names}) on {d.arch}"), version
     return _sim(False, f"flash-attn {version} is installed but needs an NVIDIA GPU with "
                        f"compute capability 8.0 or newer; this device is {d.arch}"), version

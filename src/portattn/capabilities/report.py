@@ -87,7 +87,7 @@ import json
 import platform
 import sys
 import textwrap
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from portattn import settings
 from portattn.capabilities import cache
@@ -170,7 +170,7 @@ def _rows(pairs: list[tuple[str, str]], indent: str = "  ") -> list[str]:
     return [f"{indent}{k.ljust(width)}  {v}".rstrip() for k, v in pairs]
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], indent: str = "  ",
+def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]], indent: str = "  ",
            last_width: int | None = None) -> list[str]:
     """Aligned columns; the last one wrapped at ``last_width`` characters when given."""
     if last_width is not None:
@@ -193,7 +193,7 @@ def _device_lines(c: dict) -> list[str]:
     arch = _or_dash(c.get("arch"))
     if isinstance(cc, list) and len(cc) == 2:
         arch += f" (compute capability {cc[0]}.{cc[1]})"
-    units = {"nvidia": "SMs", "amd": "CUs", "cpu": "CPU cores"}.get(c.get("vendor"), "SMs")
+    units = {"nvidia": "SMs", "amd": "CUs", "cpu": "CPU cores"}.get(str(c.get("vendor")), "SMs")
     profile = c.get("profile")
     interfaces = c.get("flash_attn_interfaces") or []
     return _rows([
@@ -305,7 +305,7 @@ def render_report(report: dict) -> str:
                                 ("machine", _or_dash(plat.get("machine")))]), ""]
     out += ["Libraries", *_library_lines(caps), ""]
     out += ["Device", *_device_lines(caps), ""]
-    origin_text = _ORIGIN_TEXT.get(origin, _or_dash(origin))
+    origin_text = _ORIGIN_TEXT.get(str(origin), _or_dash(origin))
     disk = report.get("disk_cache") or {}
     if disk and origin in ("probed", "disk-cache", "memory"):
         origin_text += (f" (disk cache: {disk.get('dir', '?')})" if disk.get("enabled")

@@ -109,9 +109,9 @@ def _decide(problem: Problem, caps: Capabilities, forced: str | None, source: st
             chosen = backend
     if chosen is None:
         if forced is not None:
-            reasons = dict((n, list(r)) for n, r in considered if n == forced)
             raise UnsupportedError(f"backend {forced!r} (requested through {via}) cannot "
-                                   f"serve this call: {problem.describe()}", reasons)
+                                   f"serve this call: {problem.describe()}",
+                                   {n: list(r) for n, r in considered if n == forced})
         raise UnsupportedError(f"no backend can serve this call on {caps.arch}: "
                                f"{problem.describe()}",
                                {n: list(r) for n, r in considered})
