@@ -206,3 +206,17 @@ def test_readme_lists_every_setting():
     readme = (ROOT / "README.md").read_text()
     missing = [s.name for s in settings.SETTINGS if f"`{s.name}" not in readme]
     assert not missing, missing
+
+
+def test_without_a_working_audit_hook_every_read_goes_to_the_environment(monkeypatch):
+    """Where the hook is refused (sys.addaudithook fails silently when another hook says
+    no) or missing, no snapshot is kept, so no change can be missed."""
+    import sys
+
+    monkeypatch.setattr(sys, "addaudithook", lambda hook: None)
+    monkeypatch.setattr(sys, "audit", lambda event, *args: None)
+    monkeypatch.setattr(settings, "_hook_state", None)
+    settings.reload()
+    monkeypatch.setenv("PORTATTN_BACKEND", "torch_ref")
+    assert settings.BACKEND.value() == "torch_ref"
+    assert settings._snapshot is None and settings._hook_state is False

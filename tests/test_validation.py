@@ -238,3 +238,25 @@ def test_validate_environment(monkeypatch):
     monkeypatch.setenv("PORTATTN_VALIDATE", "yes")
     with pytest.raises(InputError, match=r"^PORTATTN_VALIDATE: expected auto, 0, 1, got 'yes'$"):
         validation_requested(None)
+
+
+BAD_GPU_METADATA_PROMISES = (
+    "a block id outside [0, num_blocks) in the visible part of a block table is never "
+    "dereferenced; the rows that meet one come out NaN",
+    "slots outside the cache are skipped",
+)
+
+
+def test_docs_say_what_is_not_checked_on_a_gpu():
+    import pathlib
+
+    import portattn.validation
+
+    doc = " ".join(portattn.validation.__doc__.replace("``", "").split())
+    readme = " ".join((pathlib.Path(__file__).resolve().parents[1] / "README.md")
+                      .read_text().replace("`", "").split())
+    for text in (doc, readme):
+        for promise in BAD_GPU_METADATA_PROMISES:
+            assert promise in text
+        assert "validate=True" in text and "PORTATTN_VALIDATE=1" in text
+    assert "GPU metadata is not value-checked by default" in readme

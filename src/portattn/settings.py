@@ -16,7 +16,7 @@ variables) are read with their owners' rules and never rejected.
 Cheap reads
 -----------
 ``attention``'s steady-state path needs the decision variables on every call, and
-``os.environ.get`` costs about 1 us per unset name (a ``KeyError`` raised and caught
+``os.environ.get`` costs 0.5-2 us per unset name (a ``KeyError`` raised and caught
 inside ``os.environ``). So the raw values are kept in a snapshot that is rebuilt only after
 the environment changed: CPython raises the audit events ``os.putenv`` and
 ``os.unsetenv`` (PEP 578) for every change made through ``os.environ`` (assignment,
@@ -24,8 +24,9 @@ the environment changed: CPython raises the audit events ``os.putenv`` and
 first use drops the snapshot on those events. A change therefore takes effect on the next
 call, exactly as a direct read would; :func:`decision_environment` costs one global read.
 The hook is one function call per audit event elsewhere in the process and does nothing
-else. Where ``sys.addaudithook`` is missing (other Python implementations) every read goes
-to ``os.environ``. Changing the environment from one thread while another calls portattn
+else. Where ``sys.addaudithook`` is missing (other Python implementations) or the hook is
+refused (a test event proves it runs), no snapshot is kept and every read goes to
+``os.environ``. Changing the environment from one thread while another calls portattn
 is as unsafe as it is in C (``setenv`` is not thread-safe); the snapshot adds no new case.
 """
 
@@ -224,28 +225,34 @@ class _Snapshot:
 
 _snapshot: _Snapshot | None = None
 _hook_lock = threading.Lock()
-_hook_installed = False
+_hook_state: bool | None = None  # None: not tried yet; True: installed; False: unavailable
 _ENV_EVENTS = frozenset(("os.putenv", "os.unsetenv"))
+_CHECK_EVENT = "portattn.settings.hook-check"
 
 
 def _on_audit_event(event: str, args: tuple) -> None:
+    global _snapshot, _hook_state
     if event in _ENV_EVENTS:
-        global _snapshot
         _snapshot = None
+    elif event == _CHECK_EVENT:
+        _hook_state = True
 
 
 def _install_hook() -> bool:
-    """Install the audit hook once; False where the interpreter has none."""
-    global _hook_installed
-    if not _hook_installed:
+    """Install the audit hook once. False where the interpreter has none, or where another
+    hook refused it (``sys.addaudithook`` then fails silently): the snapshot is only kept
+    when a test event proves the hook runs."""
+    global _hook_state
+    if _hook_state is None:
         with _hook_lock:
-            add = getattr(sys, "addaudithook", None)
-            if add is None:
-                return False
-            if not _hook_installed:
-                add(_on_audit_event)
-                _hook_installed = True
-    return True
+            if _hook_state is None:
+                _hook_state = False
+                add = getattr(sys, "addaudithook", None)
+                audit = getattr(sys, "audit", None)
+                if add is not None and audit is not None:
+                    add(_on_audit_event)
+                    audit(_CHECK_EVENT)  # sets _hook_state = True if the hook runs
+    return bool(_hook_state)
 
 
 def _read() -> _Snapshot:
