@@ -162,7 +162,7 @@ def test_flash_attn_variants(name, canonical, ok, interfaces):
     assert Capabilities.from_dict(json.loads(json.dumps(caps.to_dict()))) == caps
 
 
-@pytest.mark.parametrize("bad", ["sm91", "h100", "sm90+fa4", "sm90+fa2+fa2", "+fa2", ""])
+@pytest.mark.parametrize("bad", ["sm91", "h100", "sm90+fa5", "sm90+fa2+fa2", "+fa2", ""])
 def test_unknown_profile_is_a_value_error(bad, monkeypatch):
     if bad == "":
         monkeypatch.setenv("PORTATTN_SIMULATE", "nope")
@@ -360,8 +360,9 @@ def test_flash_attn_not_installed(monkeypatch):
     monkeypatch.setitem(sys.modules, "flash_attn", None)
     monkeypatch.setitem(sys.modules, "flash_attn_interface", None)
     check, version, interfaces = probe_mod.probe_flash_attn("nvidia", "sm90", (9, 0))
-    assert check == Check(False, "flash-attn is not installed "
-                                 "(pip install flash-attn --no-build-isolation)")
+    assert check == Check(False, "flash-attn is not installed (pip install flash-attn-4 for "
+                                 "FA4 on sm90/sm100, no build; pip install flash-attn "
+                                 "--no-build-isolation for FA2)")
     assert version is None and interfaces == ()
     assert probe(use_disk_cache=False).flash_attn == check
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import portattn
-from portattn import UnsupportedError
+from portattn import UnsupportedError, planning
 from portattn.backends.base import Backend, Plan
 from portattn.capabilities import probe
 from portattn.dispatch import Problem, decide, decision_cache, registry
@@ -215,7 +215,7 @@ def test_fast_path_skips_checks_only_for_identical_calls(batch, monkeypatch):
 
     monkeypatch.setattr(api, "_prepare", counting_prepare)
     monkeypatch.delenv("PORTATTN_VALIDATE", raising=False)
-    api._fast.entries.clear()
+    planning.clear()
     expected = dense_attention(batch.q, batch.keys, batch.values, batch.query_lens)
     for _ in range(3):  # checked once, then served from the memo
         out = portattn.attention(batch.q, batch.cache, batch.metadata, validate=False)
@@ -242,41 +242,59 @@ def test_fast_path_skips_checks_only_for_identical_calls(batch, monkeypatch):
                            out=torch.empty(3, 4, 16))
 
 
-def test_compiled_calls_do_not_fill_the_memo(batch, monkeypatch):
+def test_compiled_calls_reuse_the_eager_plans(batch, monkeypatch):
+    """The custom op rebuilds cache and metadata objects per call; the memo keys on
+    structure and the metadata's tensors, so compiled calls skip the checks too."""
     import portattn.api as api
 
+    prepared = []
+    real_prepare = api._prepare
+    monkeypatch.setattr(api, "_prepare",
+                        lambda *a, **k: prepared.append(1) or real_prepare(*a, **k))
     monkeypatch.setenv("PORTATTN_VALIDATE", "0")
-    api._fast.entries.clear()
+    planning.clear()
 
     def layer(x, cache, metadata):
         return portattn.attention(x, cache, metadata)
 
+    expected = dense_attention(batch.q, batch.keys, batch.values, batch.query_lens)
+    out = torch.empty_like(batch.q)  # the op always passes an out: so does this call
+    eager = portattn.attention(batch.q, batch.cache, batch.metadata, out=out).clone()
+    assert len(prepared) == 1
     torch._dynamo.reset()
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     for _ in range(3):
-        compiled(batch.q, batch.cache, batch.metadata)
-    assert len(api._fast.entries) == 0
+        out = compiled(batch.q, batch.cache, batch.metadata)
+        assert relative_error(out, expected) < 1e-5 and torch.equal(out, eager)
+    assert len(prepared) == 1
+    assert len(planning.memo) == 1
 
 
-def test_memo_put_is_thread_safe():
-    from portattn.api import _FastPath
+def test_memo_put_is_thread_safe_and_bounded(batch):
+    from portattn.planning import _MetadataMemo
 
-    memo = _FastPath()
-    memo.capacity = 4
+    memo = _MetadataMemo(capacity=4)
+    metas = [portattn.AttentionMetadata(batch.metadata.cu_seqlens_q.clone(),
+                                        batch.metadata.seq_lens.clone(),
+                                        batch.metadata.block_table.clone(), 2, 30)
+             for _ in range(8)]
+
     def worker(offset):
-        for i in range(2000):
-            memo.put((offset, i), i)
+        for i in range(500):
+            memo.put(metas[(offset + i) % 8], i % 70, i)
 
-    assert not _errors_in_threads(worker, 8) and len(memo.entries) <= 4
+    assert not _errors_in_threads(worker, 8)
+    assert len(memo) <= 4
+    assert all(len(calls) <= planning.CALLS_PER_ENTRY for calls, _ in memo.entries.values())
 
 
 def test_memo_sees_a_reassigned_cache_tensor(batch, monkeypatch):
-    import portattn.api as api
-
     monkeypatch.setenv("PORTATTN_VALIDATE", "0")
     portattn.attention(batch.q, batch.cache, batch.metadata)
     batch.cache.key_cache = batch.cache.key_cache[..., :16]  # now the wrong head size
     with pytest.raises(portattn.InputError, match="^q: expected head size 16"):
         portattn.attention(batch.q, batch.cache, batch.metadata)
     monkeypatch.setenv("PORTATTN_VALIDATE", " 1")  # odd spelling: the full path decides
-    assert api._fast.key(batch.q, batch.cache, batch.metadata, None, None, None, ()) is None
+    from portattn.envstate import decision_environment
+    assert not planning._memo_allowed(batch.q, batch.cache, batch.metadata, None,
+                                      decision_environment())

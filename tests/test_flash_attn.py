@@ -448,8 +448,8 @@ def test_interface_variable_restricts_the_backend(monkeypatch):
     assert FlashAttn().plan(Problem.make(block_size=16), caps).params["interface"] == "fa3"
     gather = FlashAttnGather().why_not(Problem.make(block_size=16), caps)
     assert any("turned off by PORTATTN_FLASH_ATTN_INTERFACE" in r for r in gather), gather
-    monkeypatch.setenv("PORTATTN_FLASH_ATTN_INTERFACE", "fa4")
-    with pytest.raises(ValueError, match="PORTATTN_FLASH_ATTN_INTERFACE='fa4'"):
+    monkeypatch.setenv("PORTATTN_FLASH_ATTN_INTERFACE", "fa5")
+    with pytest.raises(ValueError, match="PORTATTN_FLASH_ATTN_INTERFACE='fa5'"):
         FlashAttn().why_not(Problem.make(block_size=16), caps)
 
 

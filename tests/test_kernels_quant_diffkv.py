@@ -149,8 +149,16 @@ def _corrupt(value):
 @interp
 @pytest.mark.parametrize("variant", ["decode-2d", "decode-3d", "prefill"])
 @pytest.mark.parametrize("bad_id", [-3, 10_000])
-def test_bad_block_ids_give_nan_rows_not_garbage(variant, bad_id):
-    run(variant, dtype=F32, head_size=32, block_table_edit=_corrupt(bad_id))
+@pytest.mark.parametrize("tiles", ["one masked tile", "full tiles"])
+def test_bad_block_ids_give_nan_rows_not_garbage(variant, bad_id, tiles):
+    """Edge (masked) tiles mark bad keys per score; tiles every row sees (16-key KV tiles
+    here, so sequence 1's first tile is one of them) are scanned before the loop."""
+    kw = {}
+    if tiles == "full tiles":
+        small = TileConfig(block_m=16, block_q=8, block_n=16, num_warps=4, num_stages=2)
+        kw = dict(long=dataclasses.replace(SMALL_LONG, block_n=16)) if variant == "prefill" \
+            else dict(short=dataclasses.replace(small, segments=VARIANTS[variant]["segments"]))
+    run(variant, dtype=F32, head_size=32, block_table_edit=_corrupt(bad_id), **kw)
 
 
 def _run_decode_plan(batch, metadata, out, segments, block_q=8):
@@ -220,8 +228,10 @@ def quantize_reference(x: torch.Tensor, quant: KVQuant, which: str, storage: tor
         return (x / s).clamp(-FP8_MAX[storage], FP8_MAX[storage]).to(storage), None
     limit = 127.0 if storage == torch.int8 else FP8_MAX[storage]
     amax = x.abs().amax(-1)
-    scale = torch.where(amax > 0, amax / limit, torch.ones_like(amax))
-    y = (x / scale[..., None]).clamp(-limit, limit)
+    # quotients correctly rounded to fp32 (computed in fp64): torch's CUDA division by a
+    # scalar multiplies by the reciprocal, one ulp away from the definition at times
+    scale = torch.where(amax > 0, (amax.double() / limit).float(), torch.ones_like(amax))
+    y = (x.double() / scale.double()[..., None]).float().clamp(-limit, limit)
     if storage == torch.int8:
         y = torch.round(y)
     return y.to(storage), scale

@@ -19,6 +19,7 @@ from portattn.dispatch.routing import COMMON_PROBLEMS, backend_availability, rou
 CI = Path(__file__).resolve().parents[1] / "ci"
 ROUTING = json.loads((CI / "expected_routing.json").read_text())
 EXPECTED = ROUTING["profiles"]
+EXPECTED_WITH_FLASH_ATTN = ROUTING["flash_attn_profiles"]
 KNOWN_GAPS = {(profile, gap["problem"]): gap["reason"] for gap in ROUTING["known_gaps"]
               for profile in gap["profiles"]}
 MATRIX = json.loads((CI / "matrix.json").read_text())
@@ -36,6 +37,15 @@ def test_routing_matches_expected(profile):
     caps = probe(simulate=profile)
     got = {row["problem"]: row["backend"] for row in routing_table(caps)}
     assert got == EXPECTED[profile]
+
+
+@pytest.mark.parametrize("profile", sorted(EXPECTED_WITH_FLASH_ATTN))
+def test_routing_with_flash_attn_matches_expected(profile):
+    assert set(EXPECTED_WITH_FLASH_ATTN[profile]) == set(COMMON_PROBLEMS)
+    caps = probe(simulate=profile)
+    assert caps.flash_attn_interfaces  # a profile with flash-attn installed
+    got = {row["problem"]: row["backend"] for row in routing_table(caps)}
+    assert got == EXPECTED_WITH_FLASH_ATTN[profile]
 
 
 def _gpu_rows():

@@ -240,6 +240,35 @@ def test_validate_environment(monkeypatch):
         validation_requested(None)
 
 
+@pytest.mark.parametrize("value", [-1.0, 0.0, float("nan"), float("inf")])
+def test_cpu_tensor_scales_are_range_checked(value):
+    with pytest.raises(InputError, match=r"^KVQuant.k_scale: expected a finite positive"):
+        portattn.KVQuant.fp8_per_tensor(torch.tensor([value]), 0.5)
+
+
+@pytest.mark.parametrize("bad,pattern", [
+    (torch.tensor([0.5, 0.5]), r"^KVQuant.v_scale: expected a python float or a one-element"),
+    (torch.tensor([0.5], dtype=torch.float64), r"^KVQuant.v_scale: expected a python float"),
+])
+def test_scale_tensor_shape_and_dtype(bad, pattern):
+    with pytest.raises(InputError, match=pattern):
+        portattn.KVQuant.fp8_per_tensor(0.5, bad)
+
+
+def test_scale_tensor_on_another_device_than_the_cache():
+    quant = portattn.KVQuant.fp8_per_tensor(torch.ones(1, device="meta"), 0.5)
+    k = torch.zeros(2, 4, 1, 32, dtype=torch.float8_e4m3fn)
+    with pytest.raises(InputError, match=r"^quant.k_scale: expected a tensor on the cache's"):
+        portattn.PagedKVCache(k, k.clone(), quant)
+
+
+def test_scale_caches_must_match_the_cache():
+    k = torch.zeros(2, 4, 1, 32, dtype=torch.int8)
+    with pytest.raises(InputError, match=r"^k_scale_cache: expected a float32 tensor \[2, 4, 1\]"):
+        portattn.PagedKVCache(k, k.clone(), portattn.KVQuant.int8_per_token_head(),
+                              k_scale_cache=torch.ones(2, 4, 2))
+
+
 BAD_GPU_METADATA_PROMISES = (
     "a block id outside [0, num_blocks) in the visible part of a block table is never "
     "dereferenced; the rows that meet one come out NaN",

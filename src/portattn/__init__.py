@@ -2,6 +2,9 @@
 
     out = portattn.attention(q, cache, metadata, causal=True)
 
+    plan = portattn.plan(metadata, num_q_heads=32, dtype=torch.bfloat16, cache=cache)
+    out = plan.run(q, cache)          # per layer: only per-layer work
+
 Nothing is imported eagerly beyond this module: torch, Triton and the capability probe
 load on first use (``__getattr__`` below), so ``import portattn`` is cheap and never
 touches a device.
@@ -17,6 +20,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "attention": "portattn.api",
     "explain": "portattn.api",
+    "plan": "portattn.planning",
+    "AttentionPlan": "portattn.planning",
     "PagedKVCache": "portattn.types",
     "AttentionMetadata": "portattn.types",
     "KVQuant": "portattn.types",
@@ -36,6 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from portattn.capabilities.probe import probe
     from portattn.dispatch import Decision
     from portattn.errors import InputError, PortattnError, UnsupportedError
+    from portattn.planning import AttentionPlan, plan
     from portattn.types import AttentionMetadata, KVQuant, PagedKVCache
 
 

@@ -8,8 +8,10 @@ with the plan the dispatcher picks), torch SDPA with the cuDNN and the flash bac
 contiguous K/V (``enable_gqa=True``), and where flash-attn imports: flash-attn 2 on
 contiguous K/V with its best call (``flash_attn_with_kvcache`` for decode and spec-decode,
 ``flash_attn_varlen_func`` otherwise) and portattn's own ``flash_attn`` backend on the
-paged cache (FA3 where installed; FA2 paged at block sizes that are multiples of 256, else
-``flash_attn_gather``). Ceilings measured in the same run: device-to-device copy
+paged cache (FA4, else FA3, where installed; FA2 paged at block sizes that are multiples
+of 256, else ``flash_attn_gather``); where ``flash_attn.cute`` imports, ``fa4_paged``:
+FA4's varlen call on our paged cache at the bench's block size, called directly with the
+backend's argument mapping. Ceilings measured in the same run: device-to-device copy
 bandwidth (bytes read + written) and a bf16 matmul. Times are the median of
 ``triton.testing.do_bench``.
 
@@ -37,7 +39,7 @@ import torch
 
 from portattn.types import AttentionMetadata, PagedKVCache
 
-SPEED_KEYS = ("sdpa_cudnn", "sdpa_flash", "flash_attn", "portattn_flash_attn")
+SPEED_KEYS = ("sdpa_cudnn", "sdpa_flash", "flash_attn", "portattn_flash_attn", "fa4_paged")
 
 
 @dataclasses.dataclass
@@ -334,6 +336,22 @@ def portattn_flash_attn(inp: Inputs):
     return fn
 
 
+def fa4_paged(inp: Inputs):
+    """FA4 (``flash_attn.cute.flash_attn_varlen_func``) on our paged cache in place, at the
+    bench's block size: ``page_table`` = our block table, ``seqused_k`` = our lengths, the
+    same mapping as the ``flash_attn`` backend (:func:`flash_attn_calls.fa4_paged`) but
+    called directly (no dispatcher, no copy into ``out``). Causal, default scale."""
+    from portattn.backends.flash_attn_calls import fa4_paged as fa4_call
+    from portattn.options import normalize_options
+
+    options = normalize_options(inp.q, inp.cache)
+    max_q, max_k = inp.metadata.max_seqlen_q, inp.metadata.max_seqlen_k
+
+    def fn():
+        fa4_call(inp.q, inp.cache, inp.metadata, options, max_q, max_k)
+    return fn
+
+
 def _sdpa_parts(case: Case, inp: Inputs):
     """Per group of equal (q_len, seq_len) sequences: (q4, k4, v4, q_len, seq_len)."""
     groups: dict = {}
@@ -583,6 +601,8 @@ def run_case(case: Case, args, bench, caps, ceilings) -> dict:
         impls["sdpa_flash"] = peer("FLASH_ATTENTION")
         impls["flash_attn"] = lambda: flash_attn_contiguous(case, inp)
         impls["portattn_flash_attn"] = lambda: portattn_flash_attn(inp)
+    if not args.no_peers and args.device == "cuda" and case.kv_quant == "none":
+        impls["fa4_paged"] = lambda: fa4_paged(inp)  # DiffKV cases too: FA4 reads 192/128
     for name, make in impls.items():
         try:
             fn = make()
@@ -707,11 +727,11 @@ def format_table(report: dict) -> str:
     lines.append(f"GPU {report['gpu']}  torch {report['torch']}  triton {report['triton']}  "
                  f"copy {_fmt(ceil.get('copy_tbs'))} TB/s  matmul "
                  f"{_fmt(ceil.get('matmul_tflops'))} TFLOP/s")
-    lines.append(f"{'':<20} {'--------- do_bench (eager) ----------':<47} "
-                 f"{'---- CUDA graph, kernel only ----':<36}")
+    lines.append(f"{'':<20} {'------------ do_bench (eager) -------------':<53} "
+                 f"{'------- CUDA graph, kernel only -------':<42}")
     lines.append(f"{'case':<20} {'ours':>8} {'rate':>13} {'ceil':>5} {'cuDNN':>5} {'flash':>5} "
-                 f"{'FA':>5} {'pFA':>5} {'ours':>8} {'rate':>13} {'cuDNN':>5} {'flash':>5} "
-                 f"{'host':>6}  "
+                 f"{'FA':>5} {'pFA':>5} {'FA4':>5} {'ours':>8} {'rate':>13} {'cuDNN':>5} "
+                 f"{'flash':>5} {'FA4':>5} {'host':>6}  "
                  f"variant")
     for r in report["cases"]:
         o = r["impls"].get("ours", {})
@@ -728,9 +748,10 @@ def format_table(report: dict) -> str:
             f"{r['case']['name']:<20} {_ms(o['ms']):>8} {_rate(kind, r, o['ms']):>13} "
             f"{_fmt(r.get('fraction_of_ceiling')):>5} {_fmt(sv.get('sdpa_cudnn')):>5} "
             f"{_fmt(sv.get('sdpa_flash')):>5} {_fmt(sv.get('flash_attn')):>5} "
-            f"{_fmt(sv.get('portattn_flash_attn')):>5} {_ms(g) if g else '-':>8} "
-            f"{_rate(kind, r, g) if g else '-':>13} "
+            f"{_fmt(sv.get('portattn_flash_attn')):>5} {_fmt(sv.get('fa4_paged')):>5} "
+            f"{_ms(g) if g else '-':>8} {_rate(kind, r, g) if g else '-':>13} "
             f"{_fmt(gv.get('sdpa_cudnn')):>5} {_fmt(gv.get('sdpa_flash')):>5} "
+            f"{_fmt(gv.get('fa4_paged')):>5} "
             f"{_fmt(o.get('host_us'), 0):>6}  {r['plan'].split(' ')[0]}{extra}")
     variants = [r for r in report["cases"] if r.get("vs_plain")]
     if variants:
@@ -744,8 +765,8 @@ def format_table(report: dict) -> str:
                          f"{_fmt(r.get('fraction_of_ceiling'))}")
     lines.append("ceil = fraction of copy bandwidth (decode/spec) or bf16 matmul (others); "
                  "cuDNN/flash/FA/pFA = peer time / our time (>1: ours faster; FA = flash-attn 2 on "
-                 "contiguous K/V, pFA = portattn's flash_attn backend); host = us of host "
-                 "time per portattn.attention call")
+                 "contiguous K/V, pFA = portattn's flash_attn backend, FA4 = flash_attn.cute "
+                 "on our paged cache); host = us of host time per portattn.attention call")
     return "\n".join(lines)
 
 
@@ -772,7 +793,8 @@ def plot(report: dict, path: str) -> str | None:
     except Exception as exc:
         return f"no plot: {exc}"
     cases = [r for r in report["cases"] if "ms" in r["impls"].get("ours", {})]
-    impls = ["ours", "sdpa_cudnn", "sdpa_flash", "flash_attn", "portattn_flash_attn"]
+    impls = ["ours", "sdpa_cudnn", "sdpa_flash", "flash_attn", "portattn_flash_attn",
+             "fa4_paged"]
     fig, axes = plt.subplots(1, 2, figsize=(14, 5))
     for ax, kinds, key, unit, ceil in (
             (axes[0], ("decode", "spec"), "tbs", "TB/s", report["ceilings"].get("copy_tbs")),

@@ -66,7 +66,7 @@ def _report(args: argparse.Namespace) -> int:
 def _explain(args: argparse.Namespace) -> int:
     from portattn.capabilities import probe
     from portattn.dispatch.problem import Problem
-    from portattn.dispatch.selector import decide
+    from portattn.dispatch.selector import decide, with_notes
     from portattn.errors import UnsupportedError
 
     caps = probe(simulate=args.simulate)
@@ -79,7 +79,7 @@ def _explain(args: argparse.Namespace) -> int:
         sliding_window=args.window, softcap=args.softcap, alibi=args.alibi,
         sinks=args.sinks)
     try:
-        decision = decide(problem, caps, args.backend, log=False)  # printed below
+        decision = with_notes(decide(problem, caps, args.backend, log=False))  # printed
     except UnsupportedError as exc:
         if args.json:
             print(json.dumps({"error": str(exc).splitlines()[0], "reasons": exc.reasons},

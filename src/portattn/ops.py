@@ -7,7 +7,9 @@ its fake implementation does nothing, which is all shape propagation needs: ``ou
 allocated by the caller with the right shape and dtype.
 
 Registering the op is a declaration (no device work); it happens when ``portattn.api`` is
-first imported, never at ``import portattn``.
+first imported, never at ``import portattn``. The op rebuilds the cache and metadata
+objects on every call, but the plan memo keys on structure and on the metadata's tensors
+(not on these objects), so compiled calls reuse the plans of eager ones.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def paged_attention(out: torch.Tensor, q: torch.Tensor, key_cache: torch.Tensor,
                                  max_seqlen_q, max_seqlen_k)
     run_eager(q, cache, metadata, out, backend or None, validate,
               (scale, causal, sliding_window, softcap, alibi_slopes, alibi_sqrt, sinks,
-               q_scale, output_scale), memo=False)
+               q_scale, output_scale))
 
 
 @paged_attention.register_fake

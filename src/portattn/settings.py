@@ -184,6 +184,14 @@ TRITON_INTERPRET = Setting(
     "TRITON_INTERPRET", "1, true, yes or on (anything else is off)", "off",
     "run Triton kernels on the CPU in Triton's interpreter (slow; for tests). Must be set "
     "before anything imports Triton", _triton_flag, decides=True, owner="Triton")
+TRITON_INSTRUMENTATION_MODE = Setting(
+    "TRITON_INSTRUMENTATION_MODE", "Triton's modes (e.g. for Proton's profiler)", "off",
+    "Triton's kernel instrumentation; portattn's fast relaunch path checks it on every "
+    "launch and goes through Triton's JIT when it is on", owner="Triton")
+FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED = Setting(
+    "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "0 or 1", "0",
+    "1: FlashAttention-4 keeps its compiled kernels on disk for later processes "
+    "(explain's JIT note says so)", owner="flash-attn 4")
 XDG_CACHE_HOME = Setting(
     "XDG_CACHE_HOME", "a directory", "~/.cache",
     "the user's cache folder; the probe cache goes to its portattn/ subfolder",
@@ -202,8 +210,8 @@ ROCR_VISIBLE_DEVICES = Setting(
 SETTINGS: tuple[Setting, ...] = (
     BACKEND, SIMULATE, VALIDATE, TENSOR_DESCRIPTORS, TRITON, FLASH_ATTN,
     FLASH_ATTN_INTERFACE, UNIFIED_SPLIT, CACHE_DIR, NO_DISK_CACHE, TEST_SHARD,
-    TRITON_INTERPRET, XDG_CACHE_HOME, CUDA_VISIBLE_DEVICES, HIP_VISIBLE_DEVICES,
-    ROCR_VISIBLE_DEVICES)
+    TRITON_INTERPRET, TRITON_INSTRUMENTATION_MODE, FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED,
+    XDG_CACHE_HOME, CUDA_VISIBLE_DEVICES, HIP_VISIBLE_DEVICES, ROCR_VISIBLE_DEVICES)
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 
 #: The settings that change decisions, in the order of :func:`decision_environment`.

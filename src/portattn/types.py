@@ -131,10 +131,17 @@ def _same_scale(a: Scale | None, b: Scale | None) -> bool:
 
 
 def _check_scalar_scale(name: str, scale: Scale | None) -> None:
+    """A scale is a finite positive float or a one-element float32 tensor. A tensor on
+    the CPU is range-checked here; one on a GPU only with ``validate=True`` (reading it
+    would synchronize, see :func:`portattn.validation.check_scale_values`)."""
     if isinstance(scale, torch.Tensor):
         if scale.numel() != 1 or scale.dtype != torch.float32:
             raise InputError(name, "a python float or a one-element float32 tensor",
                              _describe(scale))
+        if scale.device.type == "cpu":
+            value = float(scale.reshape(()))
+            if not (math.isfinite(value) and value > 0):
+                raise InputError(name, "a finite positive scale", repr(value))
         return
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise InputError(name, "a python float or a one-element float32 tensor", _describe(scale))
@@ -187,6 +194,11 @@ class PagedKVCache:
         if want is not None and key_cache.dtype != want:
             raise InputError("key_cache", f"dtype {want} for quant mode {self.quant.key}",
                              str(key_cache.dtype))
+        for name in ("k_scale", "v_scale"):
+            value = getattr(self.quant, name)
+            if isinstance(value, torch.Tensor) and value.device != key_cache.device:
+                raise InputError(f"quant.{name}", f"a tensor on the cache's device "
+                                 f"{key_cache.device}", str(value.device))
         self.key_cache = key_cache
         self.value_cache = value_cache
         self.packed = packed

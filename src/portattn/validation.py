@@ -39,6 +39,10 @@ a kernel read or write out of bounds, and it does not pass silently either:
 * the cache write (:meth:`~portattn.types.PagedKVCache.write`): slots outside the cache are
   skipped (on the CPU they raise ``InputError``).
 
+Scales given as GPU tensors (the ``KVQuant`` scales, ``q_scale``, ``output_scale``) are
+range-checked (finite, positive) only with ``validate=True`` (:func:`check_scale_values`);
+floats and CPU tensors are checked at once.
+
 The other value checks have no such guard: a ``cu_seqlens_q`` that decreases or
 disagrees with ``q``'s token count, or an understated ``max_seqlen_k``, is not caught on a
 GPU without ``validate=True`` and its results are undefined. Use ``validate=True`` while
@@ -189,3 +193,15 @@ def check_values(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMetada
                 raise InputError("metadata.block_table", f"block ids in [0, "
                                  f"{cache.num_blocks - 1}] for the blocks in use",
                                  f"ids in [{lo}, {hi}]")
+
+
+def check_scale_values(cache: PagedKVCache, q_scale=None, output_scale=None) -> None:
+    """Tensor scales on a GPU are range-checked only here (``validate=True``): reading
+    them synchronizes. Each must be finite and positive."""
+    for name, scale in (("quant.k_scale", cache.quant.k_scale),
+                        ("quant.v_scale", cache.quant.v_scale), ("q_scale", q_scale),
+                        ("output_scale", output_scale)):
+        if isinstance(scale, torch.Tensor) and scale.device.type != "cpu":
+            value = float(scale.reshape(()).item())
+            if not (value == value and abs(value) != float("inf") and value > 0):
+                raise InputError(name, "a finite positive scale", repr(value))

@@ -9,7 +9,8 @@ from portattn.testing import dense_attention, make_paged_batch, relative_error
 from portattn.types import KVQuant
 
 pytestmark = [pytest.mark.gpu, pytest.mark.flash_attn]
-pytest.importorskip("flash_attn_interface")
+pytest.importorskip("flash_attn_interface", reason="FA3 (flash_attn_interface, built from "
+                    "flash-attention's hopper/) is not installed")
 
 TOL = {torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
 

@@ -255,3 +255,18 @@ def test_decode_step_write_and_attention_in_a_cuda_graph(quant, heads):
                 assert torch.equal(keys[b][-1], new_k[b].double().cpu() * scale)
         expected = dense_attention(q, keys, values, [1] * 4)
         assert relative_error(out, expected) < 2e-2, s
+
+
+def test_gpu_tensor_scales_are_checked_with_validate_only():
+    """A negative scale held in a GPU tensor: not read by default (no sync), refused with
+    validate=True before anything launches."""
+    import portattn
+    from portattn.testing import make_paged_batch
+
+    batch = make_paged_batch([1, 1], [40, 9], num_q_heads=4, num_kv_heads=2, head_size=64,
+                             dtype=BF16, device=DEV, quant=QUANTS["fp8_tensor_e4m3"])
+    bad = KVQuant.fp8_per_tensor(torch.tensor([-0.5], device=DEV), 0.03)
+    cache = portattn.PagedKVCache(batch.cache.key_cache, batch.cache.value_cache, bad)
+    portattn.attention(batch.q, cache, batch.metadata)  # unchecked: no sync
+    with pytest.raises(portattn.InputError, match=r"^quant.k_scale: expected a finite"):
+        portattn.attention(batch.q, cache, batch.metadata, validate=True)

@@ -4,6 +4,11 @@ A backend is a stateless object. The dispatcher asks ``why_not(problem, caps)`` 
 list means it can serve the call), then ``plan(problem, caps)`` once per :class:`Problem`
 (cached), then ``run(...)`` on every call. ``run`` writes into ``out`` and must not
 synchronize with the device when the metadata carries its max lengths.
+
+``prepare(plan, problem, options, device)`` is the plan-time hook of
+:func:`portattn.plan`: it returns a :class:`Runner` that holds whatever can be decided once
+per plan (workspaces, recorded launches) and is called per layer. The default runner calls
+``run``.
 """
 
 from __future__ import annotations
@@ -23,16 +28,18 @@ if TYPE_CHECKING:  # pragma: no cover
 @dataclass(frozen=True)
 class Plan:
     """A backend's launch decision for one :class:`Problem`: a variant name (shown by
-    ``explain``) and the parameters its ``run`` needs (tile sizes, segments, warps...)."""
+    ``explain``) and the parameters its ``run`` needs (tile sizes, segments, warps...).
+    Parameters whose name starts with ``_`` are bookkeeping, left out of :meth:`describe`."""
 
     backend: str
     variant: str
     params: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     def describe(self) -> str:
-        if not self.params:
+        shown = {k: v for k, v in self.params.items() if not k.startswith("_")}
+        if not shown:
             return self.variant
-        inner = ", ".join(f"{k}={v}" for k, v in self.params.items())
+        inner = ", ".join(f"{k}={v}" for k, v in shown.items())
         return f"{self.variant} ({inner})"
 
 
@@ -51,6 +58,18 @@ class Backend:
     def plan(self, problem: "Problem", caps: "Capabilities") -> Plan:
         return Plan(self.name, "default")
 
+    def interface_for(self, problem: "Problem", caps: "Capabilities") -> str | None:
+        """For a backend that wraps several library interfaces (``flash_attn``: fa2, fa3,
+        fa4): the one its plan would use for ``problem``, None when none serves. The
+        priority lists use it to place a backend by the measured speed of one interface."""
+        return None
+
+    def notes(self, problem: "Problem", plan: Plan,
+              options: "AttentionOptions | None") -> list[str]:
+        """Sentences ``explain`` adds about this call beyond the variant (e.g. that the
+        first call will compile a kernel). ``options`` is None without a call's options."""
+        return []
+
     def unavailable(self, caps: "Capabilities") -> list[str]:
         """Reasons this backend cannot run on this machine at all, whatever the call.
 
@@ -65,5 +84,41 @@ class Backend:
             options: "AttentionOptions", out: "torch.Tensor", plan: Plan) -> None:
         raise NotImplementedError
 
+    def prepare(self, plan: Plan, problem: "Problem", options: "AttentionOptions",
+                device: "torch.device") -> "Runner":
+        """The per-layer callable of a plan (``options``: the plan's options, per-layer
+        tensors None). Backends with plan-time work override it."""
+        return Runner(self, plan, options)
+
     def __repr__(self) -> str:
         return f"<portattn backend {self.name}>"
+
+
+class Runner:
+    """What a plan calls per layer: ``runner(q, cache, metadata, out, layer, slot)``.
+
+    ``layer`` is ``(alibi_slopes, sinks, q_scale, output_scale)``; ``slot`` is the object
+    :meth:`slot` returned for this call's structure (shapes, strides, dtypes and scalar
+    values of every argument), where a runner may keep per-structure state. This default
+    runs the backend's ``run`` with the per-layer options filled in.
+    """
+
+    def __init__(self, backend: Backend, plan: Plan, options: "AttentionOptions"):
+        self.backend = backend
+        self.plan = plan
+        self.options = options
+
+    def slot(self, key) -> object:
+        return None
+
+    def options_for(self, layer: tuple) -> "AttentionOptions":
+        if layer[0] is None and layer[1] is None and layer[2] is None and layer[3] is None:
+            return self.options
+        from dataclasses import replace
+
+        alibi_slopes, sinks, q_scale, output_scale = layer
+        return replace(self.options, alibi_slopes=alibi_slopes, sinks=sinks, q_scale=q_scale,
+                       output_scale=output_scale)
+
+    def __call__(self, q, cache, metadata, out, layer: tuple, slot) -> None:
+        self.backend.run(q, cache, metadata, self.options_for(layer), out, self.plan)

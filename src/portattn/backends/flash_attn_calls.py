@@ -4,19 +4,28 @@ Our semantics and flash-attn's agree where it matters: both align the causal mas
 bottom-right (queries are the last tokens of each sequence), and both apply softcap to the
 scaled score. The rest maps as follows:
 
-* ``sliding_window=w`` -> ``window_size=(w - 1, 0)`` when causal, else ``(w - 1, -1)``;
+* ``sliding_window=w`` -> ``window_size=(w - 1, 0)`` when causal, else ``(w - 1, -1)``
+  (FA2/FA3, where -1 means unbounded) or ``(w - 1, None)`` (FA4, where only None is
+  unbounded: FA4 treats ``(w - 1, -1)`` as a window ending one key BEFORE the query);
 * ALiBi linear (FA2 only) -> ``alibi_slopes`` in float32. FA2 adds ``-slope * |p - k|``,
   equal to our ``slope * (k - p)`` only when later keys are masked (the rules ask causal);
 * fp8 (FA3 only): our ``value = stored * scale`` is FA3's descale, given per (sequence,
-  kv head) as float32 ``[B, Hkv]``; a scalar scale is expanded without a copy.
+  kv head) as float32 ``[B, Hkv]``; a scalar scale is expanded without a copy (FA4's
+  public call takes no descales in 4.0.0b36: its rules keep fp8 away from it);
+* sinks (FA4 only) -> ``learnable_sink``: one logit per query head in natural-log units,
+  not multiplied by ``softmax_scale``, joining the denominator only: ours exactly.
 
-Three calls:
+Four calls:
 
 * :func:`fa2_varlen`: ``flash_attn_varlen_func(..., block_table=...)`` (any query lengths);
 * :func:`fa2_decode`: ``flash_attn_with_kvcache`` on ``q[:, None]`` when every sequence has
   exactly one query: FA2's decode path, which splits the keys across programs;
 * :func:`fa3_paged`: FA3's ``flash_attn_with_kvcache`` with ``page_table``,
-  ``cu_seqlens_q`` and ``cache_seqlens`` (any query lengths, any page size).
+  ``cu_seqlens_q`` and ``cache_seqlens`` (any query lengths, any page size);
+* :func:`fa4_paged`: FA4's ``flash_attn.cute.flash_attn_varlen_func`` with ``page_table``,
+  ``cu_seqlens_q`` and ``seqused_k`` (any query lengths, decode included: one query per
+  sequence is just ``cu_seqlens_q`` with steps of one; any page size). It returns
+  ``(out, lse)`` and takes no ``out`` argument, so the caller copies.
 
 None of them synchronizes with the device when the metadata carries its max lengths.
 """
@@ -94,6 +103,38 @@ def fa3_paged(q, cache, metadata, options, max_q):
         max_seqlen_q=max_q, softmax_scale=options.scale, causal=options.causal,
         window_size=window_arg(options), softcap=options.softcap or 0.0, num_splits=0,
         **descales)
+
+
+def fa4_window(options) -> tuple[int | None, int | None]:
+    """FA4's ``window_size`` (None = unbounded on that side): key k visible for query
+    position p iff ``p - left <= k <= p + right``, aligned bottom-right like ours."""
+    if options.sliding_window is None:
+        return (None, None)
+    return (options.sliding_window - 1, 0 if options.causal else None)
+
+
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """FA4 asserts stride 1 on its 1-D int tensors, even with one element."""
+    return t if t.stride(0) == 1 else t.clone()
+
+
+def fa4_paged(q, cache, metadata, options, max_q: int, max_k: int) -> torch.Tensor:
+    """FA4's varlen call on our paged cache: ``[num_tokens, Hq, head_size_v]`` in q's dtype
+    (fp16/bf16; the rules keep fp8 away). ``max_q``/``max_k`` are host bounds (they steer FA4's tile plan and
+    must hold for every replay of a captured graph)."""
+    from flash_attn.cute import flash_attn_varlen_func
+
+    # Detached views (no copies): a sink or q that requires grad (an nn.Parameter outside
+    # no_grad) would send FA4 down its autograd path (saved LSE, another compiled kernel).
+    sinks = None if options.sinks is None else options.sinks.detach()
+    result = flash_attn_varlen_func(
+        q.detach(), cache.key_cache.detach(), cache.value_cache.detach(),
+        cu_seqlens_q=_unit_stride(metadata.cu_seqlens_q), max_seqlen_q=max_q,
+        max_seqlen_k=max_k, seqused_k=_unit_stride(metadata.seq_lens),
+        page_table=metadata.block_table, softmax_scale=options.scale, causal=options.causal,
+        window_size=fa4_window(options), learnable_sink=sinks,
+        softcap=options.softcap or 0.0, num_splits=1)
+    return result[0] if isinstance(result, tuple) else result
 
 
 def gather_pages(cache, block_table: torch.Tensor, max_seqlen_k: int, page: int):

@@ -16,6 +16,19 @@ flash-attn), so routing and ``explain`` work on any machine, simulated profiles 
   fp8. We take FA3 on Hopper only: its fp8, paged and DiffKV kernels are Hopper kernels.
   A build made with features switched off (``FLASH_ATTENTION_DISABLE_*``) is not visible
   to the probe: such a call raises flash-attn's own error.
+* FA4 (module ``flash_attn.cute``, pip ``flash-attn-4``, ``flash_attn_varlen_func`` with
+  ``page_table`` and ``seqused_k``), as of 4.0.0b36: its paged kernels exist on sm90 and
+  sm100/sm110 only (the sm80 and sm120 kernels assert ``page_table is None``); any page
+  size (TMA loads when the page equals its key tile, per-row loads otherwise); q, K and V
+  in one dtype, fp16/bf16; head sizes a multiple of 16 bytes, on sm90 8..256 for Q/K and
+  V independently, on sm100 both <= 128, or 192/128, or 256/256 (its MLA shapes with a
+  512-wide V are not routed); causal, sliding window (either side), softcap, learnable
+  sinks; no ALiBi (only through a ``score_mod``, which we do not build). It writes q's
+  dtype, so fp8 output and fp32 output are not served. fp8: FA4's kernels take e4m3/e5m2
+  q/K/V with float32 descales on sm100 only, but in 4.0.0b36 only the private
+  ``_flash_attn_fwd`` accepts the descales, not ``flash_attn_varlen_func``; folding our
+  scales into ``softmax_scale`` instead would read device scales on the host (a sync). So
+  fp8 is not routed to FA4 (:data:`FA4_PUBLIC_FP8`), and the reason says so.
 """
 
 from __future__ import annotations
@@ -135,4 +148,92 @@ def fa3_reasons(problem, caps) -> list[str]:
         reasons.append(f"{who} has no attention sinks")
     if problem.alibi != "none":
         reasons.append(f"{who} has no ALiBi")
+    return reasons
+
+
+# --------------------------------------------------------------------------- FA4
+
+FA4 = "FA4 (flash_attn.cute)"
+FA4_PAGED_CC_MAJORS = (9, 10, 11)  # sm90, sm100/sm103, sm110: the kernels that take page_table
+FA4_FP8_CC_MAJOR = 10              # interface.py: "FP8 is only supported on SM100"
+FA4_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+#: Whether FA4's public varlen call takes fp8 descales (False in 4.0.0b36; when a release
+#: adds q_descale/k_descale/v_descale to flash_attn_varlen_func, flip this, pass them in
+#: flash_attn_calls.fa4_paged and test them).
+FA4_PUBLIC_FP8 = False
+FA4_NO_PUBLIC_FP8 = ("flash-attn-4 4.0.0b36's flash_attn_varlen_func takes no fp8 descales "
+                     "(only its private _flash_attn_fwd does), so portattn does not route fp8 "
+                     "to FA4; triton_unified reads fp8 caches")
+FA4_HEAD_SIZE_RANGE = (8, 256)
+FA4_SM100_WIDE_HEADS = ((192, 128), (256, 256))  # beyond 128/128 on sm100 (MLA 512 aside)
+FA4_ALIGN_BYTES = 16               # head sizes and strides: a multiple of 16 bytes
+FA4_INSTALL_HINT = ("pip install flash-attn-4 (or portattn[flash-attn-4]): no build, its "
+                    "kernels compile on first use")
+
+
+def fa4_out_dtype(q_dtype: torch.dtype) -> torch.dtype:
+    """The dtype FA4 writes: q's for fp16/bf16, bf16 for fp8 inputs."""
+    return q_dtype if q_dtype in FA_HALF_DTYPES else torch.bfloat16
+
+
+def _fa4_head_size_reasons(problem, cc_major: int | None) -> list[str]:
+    element_bytes = 1 if problem.q_dtype in FA4_FP8_DTYPES else 2
+    step = FA4_ALIGN_BYTES // element_bytes
+    qk, v = problem.head_size_qk, problem.head_size_v
+    lo, hi = FA4_HEAD_SIZE_RANGE
+    aligned = qk % step == 0 and v % step == 0
+    if cc_major == 9:
+        if lo <= qk <= hi and lo <= v <= hi and aligned:
+            return []
+        return [f"{FA4} on sm90 supports Q/K and V head sizes from {lo} to {hi} in multiples "
+                f"of {step}, not {qk}/{v}"]
+    if (lo <= qk <= 128 and lo <= v <= 128 or (qk, v) in FA4_SM100_WIDE_HEADS) and aligned:
+        return []
+    return [f"{FA4} on sm100 supports Q/K and V head sizes up to 128 (multiples of {step}), "
+            f"192/128 or 256/256, not {qk}/{v}"]
+
+
+def _fa4_dtype_reasons(problem, cc_major: int | None, arch: str) -> list[str]:
+    q_dtype = problem.q_dtype
+    if q_dtype in FA4_FP8_DTYPES:
+        reasons = []
+        if cc_major is not None and cc_major != FA4_FP8_CC_MAJOR:
+            reasons.append(f"{FA4} runs fp8 only on sm100 (compute capability 10.x); this is "
+                           f"{arch}: pass a float16/bfloat16 q and an unquantized cache")
+        if not FA4_PUBLIC_FP8:
+            reasons.append(FA4_NO_PUBLIC_FP8)
+        fmt = str(q_dtype).replace("torch.float8_", "")
+        if problem.kv_quant != f"fp8_per_tensor:{fmt}":
+            reasons.append(f"{FA4} takes an fp8 q only with a cache of the same format and "
+                           f"per-tensor scales (fp8_per_tensor:{fmt}; q, K and V in one "
+                           f"dtype), not {problem.kv_quant}")
+        return reasons
+    if q_dtype not in FA_HALF_DTYPES:
+        return [f"{FA4} supports float16/bfloat16 q, not {q_dtype}"]
+    if problem.kv_quant.startswith("fp8_per_tensor"):
+        return [f"{FA4} reads an fp8 cache ({problem.kv_quant}) only with a q of the same "
+                "fp8 format (q, K and V in one dtype), on sm100, and " + FA4_NO_PUBLIC_FP8]
+    if problem.quantized_kv:
+        return [f"{FA4} reads no {problem.kv_quant} cache (scales per token and head); "
+                "triton_unified does"]
+    return []
+
+
+def fa4_reasons(problem, caps) -> list[str]:
+    """What FA4 (``flash_attn.cute``) cannot do for ``problem`` on this machine, whether or
+    not it is installed (the caller says that part)."""
+    cc = caps.compute_capability
+    cc_major = None if cc is None else cc[0]
+    if cc_major is not None and cc_major not in FA4_PAGED_CC_MAJORS:
+        return [f"{FA4} reads a paged cache only on sm90 and sm100/sm110 (its kernels for "
+                f"sm80 and sm120 take no page_table); this is {caps.arch}"]
+    reasons = _fa4_dtype_reasons(problem, cc_major, caps.arch)
+    expected_out = fa4_out_dtype(problem.q_dtype)
+    if problem.out_dtype != expected_out:
+        reasons.append(f"{FA4} writes {expected_out} here, not {problem.out_dtype}"
+                       + (" (fp8 output is not supported)" if problem.fp8_output else ""))
+    reasons += _fa4_head_size_reasons(problem, cc_major)
+    if problem.alibi != "none":
+        reasons.append(f"{FA4} has no ALiBi input (it would take a score_mod, which "
+                       "portattn does not build); triton_unified serves ALiBi")
     return reasons

@@ -132,6 +132,12 @@ class TritonUnified(Backend):
 
         launch_unified(q, cache, metadata, options, out, plan.params)
 
+    def prepare(self, plan, problem, options, device):
+        """Plans replay launch.py's recorded launches (:mod:`.unified_runner`)."""
+        from portattn.backends.unified_runner import UnifiedRunner
+
+        return UnifiedRunner(self, plan, options, problem, device)
+
 
 def _forced_segments(shape: heuristics.Shape) -> int | None:
     """``PORTATTN_UNIFIED_SPLIT``: unset/auto -> None (heuristic), 0 -> 1 segment,

@@ -19,7 +19,9 @@ CHECK_SOURCES = ("probed", "simulated", "overridden", "default")
 #: The fields of :class:`Capabilities` that hold a :class:`Check`, in field order.
 CHECK_FIELDS = ("triton", "triton_kernels", "tensor_descriptors", "flash_attn")
 
-KNOWN_INTERFACES = ("fa2", "fa3")
+#: flash-attn generations: FA2 ``flash_attn``, FA3 ``flash_attn_interface``,
+#: FA4 ``flash_attn.cute``.
+KNOWN_INTERFACES = ("fa2", "fa3", "fa4")
 
 
 @dataclass(frozen=True)

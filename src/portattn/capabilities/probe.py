@@ -8,7 +8,10 @@ an override variable with a bad value), raised as ``ValueError``.
 
 Facts, not versions: Triton kernels count as usable when a test kernel compiled and ran,
 tensor descriptors when a descriptor kernel did (:mod:`.descriptor_check`), flash-attn
-when its modules import and the device is CUDA sm80+.
+when its modules import and the device is CUDA sm80+. The three flash-attn generations are
+told apart by module: FA2 is a regular ``flash_attn`` package with
+``flash_attn_varlen_func``, FA3 is ``flash_attn_interface``, FA4 is ``flash_attn.cute``
+(pip ``flash-attn-4``, which makes ``flash_attn`` a namespace package when FA2 is absent).
 
 Note: ``portattn.capabilities.probe`` the attribute is this function (the package
 re-exports it); reach this module with ``importlib.import_module`` or ``sys.modules``.
@@ -33,8 +36,9 @@ from portattn.capabilities.profiles import NO_GPU_REASON, simulated
 from portattn.settings import SIMULATE, TRITON_INTERPRET
 
 TRITON_NOT_INSTALLED = "Triton is not installed (pip install 'portattn[triton]')"
-FLASH_ATTN_NOT_INSTALLED = ("flash-attn is not installed "
-                            "(pip install flash-attn --no-build-isolation)")
+FLASH_ATTN_NOT_INSTALLED = ("flash-attn is not installed (pip install flash-attn-4 for FA4 "
+                            "on sm90/sm100, no build; pip install flash-attn "
+                            "--no-build-isolation for FA2)")
 INTERPRETER_REASON = "Triton interpreter (TRITON_INTERPRET=1)"
 LATE_INTERPRETER_REASON = ("TRITON_INTERPRET=1 was set after Triton was imported in this "
                            "process, so Triton's own @triton.jit helpers cannot run in the "
@@ -143,6 +147,8 @@ def _module_present(name: str) -> bool:
 _TRITON_DISTS = ("triton", "pytorch-triton-rocm", "pytorch-triton", "triton-rocm")
 _FA2_DISTS = ("flash-attn", "flash_attn")
 _FA3_DISTS = ("flash_attn_3", "flash-attn-3")
+_FA4_DISTS = ("flash-attn-4", "flash_attn_4")
+_FA4_MODULE = "flash_attn.cute"
 
 
 def _triton_version_cheap() -> str | None:
@@ -185,8 +191,8 @@ def fingerprint() -> dict:
         "numpy": _dist_version("numpy"),  # the interpreter's behaviour depends on it
         "flash_attn": _dist_version(*_FA2_DISTS),
         "flash_attn_3": _dist_version(*_FA3_DISTS),
-        "flash_attn_modules": [n for n in ("flash_attn", "flash_attn_interface")
-                               if _module_present(n)],
+        "flash_attn_4": _dist_version(*_FA4_DISTS),
+        "flash_attn_modules": _flash_attn_modules_present(),
     }
     index = _gpu_index()
     if index is None:
@@ -389,51 +395,135 @@ def _kernel_checks(triton_check: Check, triton: Any, interpreter: bool, gpu: int
 # --------------------------------------------------------------------------- flash-attn
 
 
+def _flash_attn_layout() -> tuple[bool, bool]:
+    """(a regular ``flash_attn`` package is present, ``flash_attn.cute`` is present), read
+    from ``sys.modules`` or the import system without running either package.
+
+    FA4's wheel installs ``flash_attn/cute/`` with no ``flash_attn/__init__.py``, so with
+    FA4 alone ``flash_attn`` is a namespace package: present, but not FA2.
+    """
+    cute_entry = sys.modules.get(_FA4_MODULE, False)
+    if "flash_attn" in sys.modules:
+        module = sys.modules["flash_attn"]
+        if module is None:
+            return False, False
+        namespace = getattr(module, "__file__", None) is None and hasattr(module, "__path__")
+        locations = list(getattr(module, "__path__", None) or [])
+    else:
+        try:
+            spec = importlib.util.find_spec("flash_attn")
+        except Exception:
+            spec = None
+        if spec is None:
+            return False, cute_entry not in (False, None)
+        namespace = spec.origin in (None, "namespace")
+        locations = list(spec.submodule_search_locations or [])
+    if cute_entry is not False:
+        cute = cute_entry is not None
+    else:
+        cute = any(os.path.isfile(os.path.join(str(loc), "cute", "__init__.py"))
+                   for loc in locations)
+    return not namespace, cute
+
+
+def _flash_attn_modules_present() -> list[str]:
+    regular, cute = _flash_attn_layout()
+    names = ["flash_attn"] if regular else []
+    if _module_present("flash_attn_interface"):
+        names.append("flash_attn_interface")
+    return names + ([_FA4_MODULE] if cute else [])
+
+
+def _fa4_version(module: Any = None) -> str | None:
+    version = _dist_version(*_FA4_DISTS)
+    if version is None and module is not None:
+        version = getattr(module, "__version__", None)  # FA4 b36 reports "0.0.0" here
+        version = None if version in (None, "0.0.0") else str(version)
+    return version
+
+
+def _import_fa2(problems: list[str]) -> tuple[bool, str | None]:
+    """(FA2 usable, its version); appends what is wrong to ``problems``."""
+    try:
+        fa2 = importlib.import_module("flash_attn")
+    except Exception as exc:
+        problems.append(f"flash_attn failed to import: {one_line(exc)}")
+        return False, None
+    version = getattr(fa2, "__version__", None)
+    if hasattr(fa2, "flash_attn_varlen_func"):
+        return True, None if version is None else str(version)
+    problems.append("flash_attn has no flash_attn_varlen_func (too old? "
+                    "pip install -U flash-attn --no-build-isolation)")
+    return False, None if version is None else str(version)
+
+
+def _import_fa4(problems: list[str]) -> tuple[bool, str | None]:
+    """(FA4 usable, its version): ``flash_attn.cute`` imports (CUTLASS's DSL with it) and
+    has ``flash_attn_varlen_func``. Compiles nothing."""
+    try:
+        cute = importlib.import_module(_FA4_MODULE)
+    except Exception as exc:
+        problems.append(f"flash_attn.cute (FA4) failed to import: {one_line(exc)}")
+        return False, None
+    if not hasattr(cute, "flash_attn_varlen_func"):
+        problems.append("flash_attn.cute has no flash_attn_varlen_func (an FA4 build "
+                        "portattn does not know; pip install -U flash-attn-4)")
+        return False, None
+    return True, _fa4_version(cute)
+
+
 def probe_flash_attn(vendor: str, arch: str,
                      cc: tuple[int, int] | None) -> tuple[Check, str | None, tuple[str, ...]]:
     """(flash_attn check, version, interfaces) for a device of this vendor/arch.
 
     Imports the modules only where they could be used (CUDA sm80+); elsewhere presence is
-    read from the import system without running the package.
+    read from the import system without running the package. ``interfaces`` lists the
+    generations found, in the order ``fa2``, ``fa3``, ``fa4``; ``version`` is the first
+    one's (FA2's, else FA3's, else the ``flash-attn-4`` package's).
     """
-    present = {name: _module_present(name) for name in ("flash_attn", "flash_attn_interface")}
+    fa2_present, fa4_present = _flash_attn_layout()
+    present = {"fa2": fa2_present, "fa3": _module_present("flash_attn_interface"),
+               "fa4": fa4_present}
     if not any(present.values()):
         return Check(False, FLASH_ATTN_NOT_INSTALLED), None, ()
-    dist_version = _dist_version(*_FA2_DISTS) or _dist_version(*_FA3_DISTS)
     if not (vendor == "nvidia" and cc is not None and cc >= (8, 0)):
-        interfaces = tuple(i for i, n in (("fa2", "flash_attn"), ("fa3", "flash_attn_interface"))
-                           if present[n])
+        interfaces = tuple(i for i, found in present.items() if found)
+        version = (_dist_version(*_FA2_DISTS) or _dist_version(*_FA3_DISTS)
+                   or _dist_version(*_FA4_DISTS))
         return (Check(False, f"flash-attn is installed but needs an NVIDIA GPU with compute "
                              f"capability 8.0 or newer; this device is {arch}"),
-                dist_version, interfaces)
-    interfaces_found: list[str] = []
+                version, interfaces)
     problems: list[str] = []
+    found: list[str] = []
     version = None
-    if present["flash_attn"]:
-        try:
-            fa2 = importlib.import_module("flash_attn")
-            version = getattr(fa2, "__version__", None)
-            if hasattr(fa2, "flash_attn_varlen_func"):
-                interfaces_found.append("fa2")
-            else:
-                problems.append("flash_attn has no flash_attn_varlen_func (too old? "
-                                "pip install -U flash-attn --no-build-isolation)")
-        except Exception as exc:
-            problems.append(f"flash_attn failed to import: {one_line(exc)}")
-    if present["flash_attn_interface"]:
+    if present["fa2"]:
+        ok, version = _import_fa2(problems)
+        if ok:
+            found.append("fa2")
+    if present["fa3"]:
         try:
             fa3 = importlib.import_module("flash_attn_interface")
-            interfaces_found.append("fa3")
+            found.append("fa3")
             version = version or getattr(fa3, "__version__", None) or _dist_version(
                 *_FA3_DISTS)
         except Exception as exc:
             problems.append(f"flash_attn_interface failed to import: {one_line(exc)}")
-    version = str(version) if version is not None else dist_version
-    interfaces = tuple(interfaces_found)
+    fa4_version = None
+    if present["fa4"]:
+        ok, fa4_version = _import_fa4(problems)
+        if ok:
+            found.append("fa4")
+    interfaces = tuple(found)
+    version = str(version) if version is not None else (
+        _dist_version(*_FA2_DISTS) or _dist_version(*_FA3_DISTS))
     if not interfaces:
         return (Check(False, "flash-attn is installed but unusable: " + "; ".join(problems)),
-                version, ())
+                version or fa4_version, ())
+    if interfaces == ("fa4",):
+        version = fa4_version
     reason = f"flash-attn {version or '(unknown version)'} ({', '.join(interfaces)}) on {arch}"
+    if "fa4" in interfaces and interfaces != ("fa4",):
+        reason += f"; FA4 from flash-attn-4 {fa4_version or '(unknown version)'}"
     if problems:
         reason += "; " + "; ".join(problems)
     return Check(True, reason), version, interfaces

@@ -8,14 +8,16 @@ it runs. Nothing here imports torch or Triton.
 
 Names
 -----
-``<base>[+fa2][+fa3]``
+``<base>[+fa2][+fa3][+fa4]``
 
 * ``base`` is one of :data:`PROFILES` (see :data:`PROFILE_DESCRIPTIONS`).
 * ``+fa2`` adds the flash-attn 2 package (module ``flash_attn`` with
   ``flash_attn_varlen_func``), ``+fa3`` the FlashAttention-3 interface (module
-  ``flash_attn_interface``); both may be given, in any order (``sm90+fa2+fa3``). Without a
-  suffix flash-attn is "not installed". On a device flash-attn cannot use (not CUDA sm80+)
-  the package is reported installed but ``flash_attn.ok`` is False, as a real probe would.
+  ``flash_attn_interface``), ``+fa4`` FlashAttention-4 (module ``flash_attn.cute``, pip
+  ``flash-attn-4``); any of them may be given, in any order (``sm90+fa2+fa3``,
+  ``sm100+fa4``). Without a suffix flash-attn is "not installed". On a device flash-attn
+  cannot use (not CUDA sm80+) the package is reported installed but ``flash_attn.ok`` is
+  False, as a real probe would.
 
 Every :class:`Check` of a profile has ``source="simulated"``. What the simulation assumes
 (and a real probe measures instead):
@@ -40,6 +42,7 @@ SIMULATED_TORCH_CPU = "2.9.0+cpu"
 SIMULATED_TRITON = "3.6.0"
 SIMULATED_FLASH_ATTN_2 = "2.8.3"
 SIMULATED_FLASH_ATTN_3 = "3.0.0b1"
+SIMULATED_FLASH_ATTN_4 = "4.0.0b36"
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -86,22 +89,24 @@ _DEVICES: dict[str, _Device] = {
                                16, 0, 0, "interpreter", interpreter=True),
 }
 
-#: Base names of the simulated profiles (suffixes ``+fa2`` / ``+fa3`` may follow).
+#: Base names of the simulated profiles (suffixes ``+fa2`` / ``+fa3`` / ``+fa4`` may follow).
 PROFILES: tuple[str, ...] = tuple(_DEVICES)
 
 #: One line per profile, for ``--help`` texts and the README.
 PROFILE_DESCRIPTIONS: dict[str, str] = {name: d.description for name, d in _DEVICES.items()}
 
-FLASH_ATTN_SUFFIXES: tuple[str, ...] = ("fa2", "fa3")
+FLASH_ATTN_SUFFIXES: tuple[str, ...] = ("fa2", "fa3", "fa4")
+_SIMULATED_VERSIONS = {"fa2": SIMULATED_FLASH_ATTN_2, "fa3": SIMULATED_FLASH_ATTN_3,
+                       "fa4": SIMULATED_FLASH_ATTN_4}
 
 
 def _known_names() -> str:
-    return (", ".join(PROFILES) + " (optionally followed by +fa2 and/or +fa3, "
-            "e.g. sm90+fa2)")
+    return (", ".join(PROFILES) + " (optionally followed by +fa2, +fa3 and/or +fa4, "
+            "e.g. sm90+fa2 or sm100+fa4)")
 
 
 def parse_profile_name(name: str) -> tuple[str, tuple[str, ...]]:
-    """``"sm90+fa3+fa2"`` -> ``("sm90", ("fa2", "fa3"))``; ``ValueError`` if unknown."""
+    """``"sm90+fa4+fa2"`` -> ``("sm90", ("fa2", "fa4"))``; ``ValueError`` if unknown."""
     if not isinstance(name, str):
         raise ValueError(f"a simulated profile name is a str, got {name!r}")
     base, *suffixes = name.strip().split("+")
@@ -110,8 +115,8 @@ def parse_profile_name(name: str) -> tuple[str, tuple[str, ...]]:
                          f"{_known_names()}")
     bad = [s for s in suffixes if s not in FLASH_ATTN_SUFFIXES]
     if bad or len(set(suffixes)) != len(suffixes):
-        raise ValueError(f"bad suffix in simulated profile {name!r}: each of +fa2, +fa3 "
-                         f"may appear once; known profiles: {_known_names()}")
+        raise ValueError(f"bad suffix in simulated profile {name!r}: each of +fa2, +fa3, "
+                         f"+fa4 may appear once; known profiles: {_known_names()}")
     return base, tuple(s for s in FLASH_ATTN_SUFFIXES if s in suffixes)
 
 
@@ -152,7 +157,7 @@ def _triton_kernels(d: _Device) -> Check:
 def _flash_attn(d: _Device, interfaces: tuple[str, ...]) -> tuple[Check, str | None]:
     if not interfaces:
         return _sim(False, "flash-attn is not installed"), None
-    version = SIMULATED_FLASH_ATTN_2 if "fa2" in interfaces else SIMULATED_FLASH_ATTN_3
+    version = _SIMULATED_VERSIONS[interfaces[0]]  # FA2's, else FA3's, else FA4's
     names = ", ".join(interfaces)
     if d.vendor == "nvidia" and (d.compute_capability or (0, 0)) >= (8, 0):
         return _sim(True, f"flash-attn {version} ({names}) on {d.arch}"), version

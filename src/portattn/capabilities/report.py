@@ -59,10 +59,11 @@ A JSON object; keys appear in this order. Consumers must ignore keys they do not
     * ``fp8_formats``: fp8 formats the hardware computes natively, as torch dtype suffixes:
       ``["e4m3fn", "e5m2"]`` (sm89+, gfx950), ``["e4m3fnuz", "e5m2fnuz"]`` (gfx942), ``[]``.
     * ``flash_attn``: Check, flash-attn imports and this device can run it (CUDA sm80+).
-    * ``flash_attn_version``: the flash-attn (else FlashAttention-3) version, or null.
-    * ``flash_attn_interfaces``: subset of ``["fa2", "fa3"]``: ``fa2`` = module
+    * ``flash_attn_version``: the flash-attn version (else FlashAttention-3's, else the
+      ``flash-attn-4`` package's), or null.
+    * ``flash_attn_interfaces``: subset of ``["fa2", "fa3", "fa4"]``: ``fa2`` = module
       ``flash_attn`` with ``flash_attn_varlen_func``, ``fa3`` = module
-      ``flash_attn_interface``.
+      ``flash_attn_interface``, ``fa4`` = module ``flash_attn.cute`` (pip ``flash-attn-4``).
 
     A Check is ``{"ok": bool, "reason": str, "source": str}``; ``reason`` says why not
     (or gives a detail when ok), ``source`` is ``"probed"``, ``"simulated"``,

@@ -1,13 +1,25 @@
-"""Per-architecture priority lists: a pure, cached function of the capabilities.
+"""Per-architecture priority lists: a pure, cached function of the capabilities and the
+problem's class.
 
 The dispatcher walks the list and takes the first backend with no reasons. Evidence for
 the order lives in benchmarks/NOTES.md; the expected routing of every simulated profile
 is checked in CI (ci/expected_routing.json).
+
+Two parts:
+
+* the default order per vendor (below), and
+* :data:`MEASURED_LEADS`: where a backend, through one of its library interfaces, was
+  measured faster than the backend it goes ahead of, for one architecture and one problem
+  class. A lead applies only when that interface is the one the backend would use for the
+  call (``Backend.interface_for``): ``flash_attn`` goes ahead of our kernels for long
+  prefill chunks only when FA4 serves the call, never because FA2 or FA3 could. Change a
+  row only with a new measurement, and put its numbers in ``evidence``.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 from portattn.capabilities import Capabilities
 
@@ -22,11 +34,91 @@ _NVIDIA_ORDER = ("triton_unified", "triton_diffkv", "flash_attn", "flash_attn_ga
 _AMD_ORDER = ("triton_unified", "triton_diffkv", "torch_ref")
 _CPU_ORDER = ("torch_ref", "triton_unified", "triton_diffkv")
 
+# ----------------------------------------------------------------- problem classes
 
-@functools.lru_cache(maxsize=64)
-def priority_list(caps: Capabilities) -> tuple[str, ...]:
+#: Smallest bucketed ``Problem.max_seqlen_q`` of the class "long-chunks". Buckets are powers
+#: of two, so 2048 means a longest chunk of more than 1024 queries. Measured so far: chunks
+#: of 2048, 4096 and 8192 (PERFORMANCE.md); lower it only with shorter chunks measured.
+LONG_CHUNK_BUCKET = 2048
+
+PROBLEM_CLASSES = ("decode", "short-chunks", "long-chunks")
+
+
+def problem_class(problem) -> str:
+    """``decode`` (one query per sequence at most), ``long-chunks`` (a chunk of more than
+    ``LONG_CHUNK_BUCKET // 2`` queries: prefill, or a mixed batch with such a chunk), else
+    ``short-chunks`` (spec-decode, small chunks)."""
+    if problem.max_seqlen_q <= 1:
+        return "decode"
+    return "long-chunks" if problem.max_seqlen_q >= LONG_CHUNK_BUCKET else "short-chunks"
+
+
+# ----------------------------------------------------------------- measured leads
+
+
+@dataclass(frozen=True)
+class MeasuredLead:
+    """On ``arch``, for ``problem_class``, ``backend`` through ``interface`` goes just
+    ahead of ``ahead_of`` (the numbers that justify it are in ``evidence``)."""
+
+    arch: str
+    problem_class: str
+    backend: str
+    interface: str
+    ahead_of: str
+    evidence: str
+
+
+_H200_PREFILL = ("H200, 2026-12-02, bf16, 32/8 heads x 128, causal, paged at block 16, one "
+                 "run: FA4 554 vs ours 345 TFLOP/s (prefill 1x8192), 448 vs 266 (4x2048), "
+                 "516 vs 318 (1x4096); at block 128 FA4 605/495/593 (PERFORMANCE.md)")
+
+#: THE TABLE TO UPDATE FROM MEASUREMENTS (ci/gpu_fa4.sh prints the numbers it rests on).
+#: Measured and NOT a lead (kept here so the next measurement has its baseline): decode
+#: on the H200, FA4 paged block 16 vs ours: 155 vs 84-98 us (8x8192), 298 vs 258 us
+#: (32x8192), 1247 vs 991 us (128x8192): decode stays ours.
+MEASURED_LEADS: tuple[MeasuredLead, ...] = (
+    MeasuredLead("sm90", "long-chunks", "flash_attn", "fa4", "triton_unified", _H200_PREFILL),
+    MeasuredLead("sm100", "long-chunks", "flash_attn", "fa4", "triton_unified",
+                 "not measured on sm100 (no Blackwell GPU here): FA4's Blackwell kernels "
+                 "are its primary target, so the H200 prefill lead is carried over; "
+                 + _H200_PREFILL),
+)
+
+
+def leads_for(arch: str, klass: str) -> tuple[MeasuredLead, ...]:
+    """The rows of :data:`MEASURED_LEADS` for this architecture and problem class."""
+    return tuple(lead for lead in MEASURED_LEADS
+                 if lead.arch == arch and lead.problem_class == klass)
+
+
+def _base_order(caps: Capabilities) -> tuple[str, ...]:
     if caps.device_type == "cpu":
         return _CPU_ORDER
     if caps.vendor == "nvidia":
         return _NVIDIA_ORDER
     return _AMD_ORDER
+
+
+@functools.lru_cache(maxsize=256)
+def priority_list(caps: Capabilities, klass: str | None = None,
+                  serving: frozenset = frozenset()) -> tuple[str, ...]:
+    """The order in which backends are tried.
+
+    ``klass``: the problem's class (:func:`problem_class`; None = the default order).
+    ``serving``: the ``(backend, interface)`` pairs that would serve the problem (the
+    selector asks each backend named by a lead); a lead moves its backend just ahead of
+    ``ahead_of`` only when its pair is in ``serving``.
+    """
+    order = list(_base_order(caps))
+    if klass is None:
+        return tuple(order)
+    for lead in leads_for(caps.arch, klass):
+        if (lead.backend, lead.interface) not in serving or lead.ahead_of not in order:
+            continue
+        if lead.backend in order:
+            if order.index(lead.backend) < order.index(lead.ahead_of):
+                continue  # already ahead
+            order.remove(lead.backend)
+        order.insert(order.index(lead.ahead_of), lead.backend)
+    return tuple(order)

@@ -6,6 +6,7 @@ thread-safe cache, so a steady-state call costs one dict lookup.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from portattn.backends.base import Backend, Plan
 from portattn.capabilities import Capabilities
 from portattn.dispatch.announce import announce, announced
-from portattn.dispatch.priorities import priority_list
+from portattn.dispatch.priorities import leads_for, priority_list, problem_class
 from portattn.dispatch.problem import Problem
 from portattn.dispatch.registry import backend_names, load_backend
 from portattn.errors import UnsupportedError
@@ -27,6 +28,8 @@ class Decision:
     ``source``: ``"auto"`` (priority list), ``"argument"`` (``backend=``) or
     ``"environment"`` (``PORTATTN_BACKEND``). ``considered`` lists every registered backend
     in priority order as ``(name, reasons)``; an empty tuple means it could serve.
+    ``notes``: what else the chosen backend says about this call (``explain`` fills it,
+    e.g. that the first call of a configuration compiles a kernel).
     """
 
     backend: str
@@ -36,6 +39,7 @@ class Decision:
     arch: str
     plan: Plan
     considered: tuple[tuple[str, tuple[str, ...]], ...]
+    notes: tuple[str, ...] = ()
 
     @property
     def rejected(self) -> dict[str, list[str]]:
@@ -46,6 +50,7 @@ class Decision:
                  f"arch: {self.arch}",
                  f"backend: {self.backend} ({self.source})",
                  f"variant: {self.plan.describe()}"]
+        lines.extend(f"note: {n}" for n in self.notes)
         for name, reasons in self.considered:
             if name == self.backend:
                 continue
@@ -61,7 +66,8 @@ class Decision:
                 "arch": self.arch, "plan": {"variant": self.plan.variant,
                                             "params": dict(self.plan.params)},
                 "problem": self.problem.to_dict(),
-                "considered": [{"backend": n, "reasons": list(r)} for n, r in self.considered]}
+                "considered": [{"backend": n, "reasons": list(r)} for n, r in self.considered],
+                "notes": list(self.notes)}
 
 
 def forced_backend(argument: str | None) -> tuple[str | None, str]:
@@ -85,22 +91,39 @@ def backend_reasons(name: str, problem: Problem, caps: Capabilities) -> tuple[Ba
         return backend, [f"why_not raised {type(exc).__name__}: {exc}"]
 
 
-def _order(caps: Capabilities) -> list[str]:
-    """Registered backends: this arch's priority list first, then the rest."""
+def _priorities(problem: Problem, caps: Capabilities) -> tuple[str, ...]:
+    """This problem's priority list: the arch's order with the measured leads of its class
+    that apply (a lead applies when its backend would use the measured interface)."""
+    klass = problem_class(problem)
+    serving = set()
+    for lead in leads_for(caps.arch, klass):
+        backend = load_backend(lead.backend)
+        if isinstance(backend, str):
+            continue
+        try:
+            if backend.interface_for(problem, caps) == lead.interface:
+                serving.add((lead.backend, lead.interface))
+        except Exception:  # a backend bug must not take dispatch down
+            continue
+    return priority_list(caps, klass, frozenset(serving))
+
+
+def _order(preferred: tuple[str, ...]) -> list[str]:
+    """Registered backends: the priority list first, then the rest."""
     registered = backend_names()
-    preferred = [n for n in priority_list(caps) if n in registered]
-    return preferred + [n for n in registered if n not in preferred]
+    first = [n for n in preferred if n in registered]
+    return first + [n for n in registered if n not in first]
 
 
 def _decide(problem: Problem, caps: Capabilities, forced: str | None, source: str) -> Decision:
-    order = _order(caps)
+    preferred = _priorities(problem, caps)
+    order = _order(preferred)
     via = BACKEND.name if source == "environment" else source
     if forced is not None and forced not in order:
         raise UnsupportedError(f"unknown backend {forced!r} requested through {via} "
                                f"(known: {', '.join(order)})")
     considered = []
     chosen: Backend | None = None
-    preferred = priority_list(caps)
     for name in order:
         backend, reasons = backend_reasons(name, problem, caps)
         considered.append((name, tuple(reasons)))
@@ -176,3 +199,13 @@ def decide(problem: Problem, caps: Capabilities, backend: str | None = None, *,
         chosen = load_backend(decision.backend)
         announce(decision, key, getattr(chosen, "slow_path", ""))
     return decision
+
+
+def with_notes(decision: Decision, options=None) -> Decision:
+    """``decision`` with the chosen backend's notes about the call (``options``: the call's
+    normalized options, None when there is no call, as in ``portattn explain``)."""
+    backend = load_backend(decision.backend)
+    if isinstance(backend, str):
+        return decision
+    notes = tuple(backend.notes(decision.problem, decision.plan, options))
+    return dataclasses.replace(decision, notes=notes) if notes else decision

@@ -163,7 +163,9 @@ def decode_config(shape: Shape, max_q: int, num_seqs: int,
     if shape.elem_bytes == 4:
         block_n //= 2
     warps = 4 if block_m <= 32 else 8
-    cfg = _fit_smem(TileConfig(block_m, block_q, block_n, warps, 3), shape)
+    # 2 stages: on the H200 the kernel with quantized-KV switches ran 32 x 8192 bf16 at
+    # 340 us with 3 stages and 257 us with 2 (= the previous kernel's 256; NOTES.md 9)
+    cfg = _fit_smem(TileConfig(block_m, block_q, block_n, warps, 2), shape)
     if segments is None:
         segments = decode_segments(shape, cfg.block_n, num_seqs * shape.num_kv_heads)
     return TileConfig(cfg.block_m, cfg.block_q, cfg.block_n, cfg.num_warps, cfg.num_stages,
@@ -176,6 +178,12 @@ def prefill_config(shape: Shape) -> TileConfig:
     # smaller shared memory drops stages, then BLOCK_N (_fit_smem).
     if shape.widest_pad <= 128 and shape.elem_bytes <= 2:
         block_m, block_n, warps = 128, 128, 8
+    elif shape.head_pad > 128 and shape.head_pad_v <= 128 and shape.elem_bytes <= 2:
+        # DiffKV with wide keys (192/128): 256 x 64, 8 warps, 2 stages ran 2.49 ms on the
+        # H200 sweep against 6.25 ms with the 64 x 64 tiles wide heads get (NOTES.md)
+        return _fit_smem(TileConfig(max(256, next_pow2(shape.group)),
+                                    max(256, next_pow2(shape.group)) // shape.group, 64, 8,
+                                    2), shape)
     else:
         block_m, block_n, warps = 64, 32 if shape.elem_bytes == 4 else 64, 4
     block_m = max(block_m, next_pow2(shape.group))

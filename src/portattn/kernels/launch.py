@@ -6,24 +6,31 @@ reads no device value (everything is sized from tensor shapes and the plan; scal
 as Python floats become cached one-element device tensors), so it never synchronizes and
 can be captured in a CUDA graph; the split-KV workspace is allocated per call with
 ``torch.empty`` unless the caller passes one.
+
+The kernels are wrapped by :func:`portattn.kernels.fast_launch.capturable` (a no-op
+outside :func:`~portattn.kernels.fast_launch.capture`), so plans can record these
+launches once and relaunch the compiled kernels cheaply; the split-KV workspace can be
+a plan's own buffer of at least :func:`split_workspace_size` float32 elements.
 """
 
 from __future__ import annotations
 
 import torch
-import triton.language as tl
 
+from portattn.kernels import reduce, unified
+from portattn.kernels.fast_launch import capturable
 from portattn.kernels.heuristics import next_pow2
-from portattn.kernels.reduce import merge_segments_kernel
 from portattn.kernels.scalars import device_scalars
-from portattn.kernels.unified import unified_attention_kernel
 from portattn.types import FP8_DTYPES, fp8_max
+
+unified_attention_kernel = capturable(unified.unified_attention_kernel)
+merge_segments_kernel = capturable(reduce.merge_segments_kernel)
 
 ALIBI_CODES = {"none": 0, "linear": 1, "sqrt": 2}
 KV_QUANT_CODES = {"none": 0, "fp8_per_tensor": 1, "int8_per_token_head": 2,
                   "fp8_per_token_head": 2}
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
-              torch.float32: tl.float32}
+#: COMPUTE_DTYPE codes of the kernel (plain ints keep launches replayable)
+_COMPUTE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 #: fp8 QK^T dots promote their partial sums to fp32 every this many products (the
 #: smallest Hopper fp8 MMA depth): accurate at any context length, see benchmarks/NOTES.md.
 FP8_DOT_PROMOTE_EVERY = 32
@@ -36,7 +43,7 @@ def head_pad(head_size: int) -> int:
 
 
 
-def kernel_scalars(q, cache, options, fp8_dot: bool) -> dict:
+def kernel_scalars(q, cache, options, fp8_dot: bool, compute: str | None = None) -> dict:
     """The quantization arguments of both kernels: scale pointers, their strides and the
     switches (see the kernel's module doc)."""
     quant = cache.quant
@@ -55,20 +62,25 @@ def kernel_scalars(q, cache, options, fp8_dot: bool) -> dict:
         k_strides = v_strides = (0, 0, 0)
     q_fp8 = q.dtype in FP8_DTYPES
     fp8_out = options.out_dtype in FP8_DTYPES
+    if compute is None:  # fp8 caches: fp16 dots (fp8 -> fp16 is exact and one conversion)
+        fp8_cache = cache.dtype in FP8_DTYPES
+        compute = "float16" if q_fp8 or (fp8_cache and q.dtype == torch.bfloat16) else None
+    prescale = compute == "float16" and q.dtype == torch.bfloat16
     return dict(
         q_scale_ptr=device_scalars.get(options.q_scale, device) if q_fp8 else dummy,
         k_scale_ptr=k_scale, v_scale_ptr=v_scale,
         out_scale_ptr=device_scalars.get(options.output_scale, device) if fp8_out else dummy,
         stride_ksb=k_strides[0], stride_kss=k_strides[1], stride_ksh=k_strides[2],
         stride_vsb=v_strides[0], stride_vss=v_strides[1], stride_vsh=v_strides[2],
-        KV_QUANT=code, Q_SCALED=q_fp8, FP8_DOT=bool(fp8_dot and q_fp8),
+        KV_QUANT=code, Q_SCALED=q_fp8, Q_PRESCALE=prescale, FP8_DOT=bool(fp8_dot and q_fp8),
         FP8_ACC=FP8_DOT_PROMOTE_EVERY, FP8_OUT=fp8_out,
         FP8_MAX=fp8_max(options.out_dtype) if fp8_out else 0.0,
-        COMPUTE_DTYPE=tl.float16 if q_fp8 else _TL_DTYPES[q.dtype],
+        COMPUTE_DTYPE=0 if compute == "float16" else _COMPUTE_CODES[q.dtype],
     )
 
 
-def _common_args(q, cache, metadata, options, out, fp8_dot: bool) -> dict:
+def _common_args(q, cache, metadata, options, out, fp8_dot: bool,
+                 compute: str | None = None) -> dict:
     dummy = q
     return dict(
         q_ptr=q, k_ptr=cache.key_cache, v_ptr=cache.value_cache, out_ptr=out,
@@ -94,8 +106,17 @@ def _common_args(q, cache, metadata, options, out, fp8_dot: bool) -> dict:
         USE_SOFTCAP=options.softcap is not None, ALIBI=ALIBI_CODES[options.alibi],
         USE_SINKS=options.sinks is not None,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        **kernel_scalars(q, cache, options, fp8_dot),
+        **kernel_scalars(q, cache, options, fp8_dot, compute),
     )
+
+
+def split_workspace_size(num_seqs: int, num_q_heads: int, head_size_v: int, cfg: dict) -> int:
+    """float32 elements of the split-KV workspace of a SEQ_MODE 1 launch (0: no split);
+    ``head_size_v``: the V head size (the partials are that wide)."""
+    if cfg["segments"] <= 1:
+        return 0
+    rows = num_seqs * cfg["block_q"] * num_q_heads * cfg["segments"]
+    return rows * (head_pad(head_size_v) + 2)
 
 
 def _launch_short(args, q, cache, metadata, out, cfg: dict, long_follows: bool,
@@ -149,7 +170,10 @@ def launch_unified(q: torch.Tensor, cache, metadata, options, out: torch.Tensor,
     A decode plan used with more queries per sequence than its tile holds (an understated
     ``metadata.max_seqlen_q`` that nothing checked) writes NaN into those sequences' rows
     rather than leaving them stale."""
-    args = _common_args(q, cache, metadata, options, out, params.get("fp8_dot", False))
+    args = _common_args(q, cache, metadata, options, out, params.get("fp8_dot", False),
+                        params.get("compute"))
+    if "check_blocks" in params:  # a measurement switch (benchmarks/kernel_experiments.py)
+        args["CHECK_BLOCKS"] = bool(params["check_blocks"])
     mode = params["mode"]
     if mode == "decode":
         cfg = params["short"]

@@ -53,14 +53,20 @@ into the softmax scale and the V scale into the output, so the loop only casts;
 2 per-token-head int8/fp8: the scales multiply the score columns and P's columns in
 fp32), ``Q_SCALED`` (fp8 ``q`` with ``q_scale`` folded into the softmax scale),
 ``FP8_DOT`` (keep fp8 ``q`` and fp8 K for the QK^T dot, accumulating in fp32 with a
-promotion every ``FP8_ACC`` products), ``FP8_OUT`` (store ``clamp(out / output_scale,
-+-FP8_MAX)``), ``COMPUTE_DTYPE`` (the dtype of the dot operands: q's for 16/32-bit q,
-float16 for fp8 q since every fp8 value is exact in it), ``DOT_PREC`` ("ieee" for fp32,
+promotion every ``FP8_ACC`` products), ``Q_PRESCALE`` (multiply q by the softmax scale in
+fp32 before casting it to ``COMPUTE_DTYPE``: used when a bf16 q meets an fp8 cache and the
+dots run in fp16, every fp8 value being exact in fp16 and fp8 -> fp16 one conversion),
+``FP8_OUT`` (store ``clamp(out / output_scale,
++-FP8_MAX)``), ``COMPUTE_DTYPE`` (the dtype of the dot operands, 0 float16 / 1 bfloat16 /
+2 float32: q's for 16/32-bit q over a 16/32-bit or int8 cache, float16 for fp8 q or an
+fp8 cache since every fp8 value is exact in it), ``DOT_PREC`` ("ieee" for fp32,
 ignored for 16-bit operands).
 
-Bad metadata never reads out of bounds: a block-table entry outside ``[0, num_blocks)``
-or a key past the table's width (``bt_width`` blocks) reads block 0 instead and its score
-becomes NaN, so exactly the rows that would have seen that key come out NaN.
+``CHECK_BLOCKS`` (default on; off only in benchmarks/kernel_experiments.py, to measure
+what the following costs). Bad metadata never reads out of bounds: a block-table entry outside ``[0, num_blocks)``
+or a key past the table's width (``bt_width`` blocks) reads an in-range block instead,
+and the rows that would have seen that key come out NaN (edge tiles: per score; the
+tiles every row sees: one scan of their table entries before the loop).
 """
 
 from __future__ import annotations
@@ -75,23 +81,28 @@ from portattn.kernels.common import find_seq_of_tile, online_softmax_step, score
 def _load_kv_tile(bt_row, bt_width, num_blocks, k_pos, key_ok, k_head_ptr, v_head_ptr,
                   ks_head_ptr, vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs,
                   stride_ksb, stride_kss, stride_vsb, stride_vss, offs_dk, offs_dv,
-                  BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_QK: tl.constexpr, HEAD_QK_PAD: tl.constexpr,
-                  HEAD_V: tl.constexpr, HEAD_V_PAD: tl.constexpr, MASKED: tl.constexpr,
-                  KV_QUANT: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_QK: tl.constexpr,
+                  HEAD_QK_PAD: tl.constexpr, HEAD_V: tl.constexpr, HEAD_V_PAD: tl.constexpr,
+                  MASKED: tl.constexpr, KV_QUANT: tl.constexpr, CHECK_BLOCKS: tl.constexpr):
     """K ``[HEAD_QK_PAD, BLOCK_N]``, V ``[BLOCK_N, HEAD_V_PAD]`` as stored, their
     per-token-head scales ``[BLOCK_N]`` (ones unless ``KV_QUANT == 2``) and ``bad``
     ``[BLOCK_N]``: keys whose block-table entry is outside ``[0, num_blocks)`` or past the
-    table's width. Such keys read block 0 instead (never out of bounds); the caller turns
-    their scores into NaN so the rows that meet them come out NaN, visibly wrong."""
+    table's width (masked tiles only). Such keys read an in-range block instead (never out
+    of bounds); the caller turns their scores into NaN (masked tiles) or has found them
+    before the loop (unmasked tiles), so the rows that meet them come out NaN."""
     bt_idx = k_pos // BLOCK_SIZE
     in_table = bt_idx < bt_width
     if MASKED:
         block = tl.load(bt_row + bt_idx, mask=key_ok & in_table, other=0)
         bad = key_ok & ((~in_table) | (block < 0) | (block >= num_blocks))
-    else:
-        block = tl.load(bt_row + bt_idx, mask=in_table, other=0)
-        bad = (~in_table) | (block < 0) | (block >= num_blocks)
-    block = tl.where(bad, 0, block).to(tl.int64)
+        block = tl.where(bad, 0, block).to(tl.int64)
+    elif CHECK_BLOCKS:  # bad ids here were found before the loop (the pre-scan)
+        block = tl.load(bt_row + tl.minimum(bt_idx, bt_width - 1))
+        block = tl.minimum(tl.maximum(block, 0), num_blocks - 1).to(tl.int64)
+        bad = in_table & ~in_table
+    else:  # trusted metadata (measurement switch only)
+        block = tl.load(bt_row + bt_idx).to(tl.int64)
+        bad = in_table & ~in_table
     slot = k_pos % BLOCK_SIZE
     k_ptrs = k_head_ptr + (block * stride_kb + slot * stride_ks)[None, :] + offs_dk[:, None]
     v_ptrs = v_head_ptr + (block * stride_vb + slot * stride_vs)[:, None] + offs_dv[None, :]
@@ -131,6 +142,36 @@ def _load_kv_tile(bt_row, bt_width, num_blocks, k_pos, key_ok, k_head_ptr, v_hea
 
 
 @triton.jit
+def _to_compute(x, COMPUTE_DTYPE: tl.constexpr):
+    """Cast to the dot operands' dtype: 0 float16, 1 bfloat16, 2 float32 (an int code, so
+    the launch's arguments stay plain values)."""
+    if COMPUTE_DTYPE == 0:
+        return x.to(tl.float16)
+    elif COMPUTE_DTYPE == 1:
+        return x.to(tl.bfloat16)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def _full_tiles_have_bad_blocks(bt_row, bt_width, num_blocks, key_lo, key_hi,
+                                BLOCK_SIZE: tl.constexpr, SCAN: tl.constexpr = 128):
+    """Whether a block-table entry for keys ``[key_lo, key_hi)`` (the unmasked tiles, seen
+    by every row of the program) is outside ``[0, num_blocks)`` or past the table's width:
+    one pass over those entries before the loop (1/BLOCK_SIZE of the keys)."""
+    b_lo = key_lo // BLOCK_SIZE
+    b_hi = tl.cdiv(key_hi, BLOCK_SIZE)
+    found = tl.zeros([SCAN], dtype=tl.int32)
+    for b0 in tl.range(b_lo, b_hi, SCAN):
+        idx = b0 + tl.arange(0, SCAN)
+        used = idx < b_hi
+        ids = tl.load(bt_row + idx, mask=used & (idx < bt_width), other=0)
+        bad = used & ((idx >= bt_width) | (ids < 0) | (ids >= num_blocks))
+        found = found | bad.to(tl.int32)
+    return tl.max(found, 0) > 0
+
+
+@triton.jit
 def _attend_tiles(acc, m_i, l_i, q, tile_start, tile_end, seq_len, k_lo, bt_row, bt_width,
                   num_blocks, k_head_ptr, v_head_ptr, ks_head_ptr, vs_head_ptr, stride_kb,
                   stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss, stride_vsb,
@@ -140,14 +181,17 @@ def _attend_tiles(acc, m_i, l_i, q, tile_start, tile_end, seq_len, k_lo, bt_row,
                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr,
                   USE_SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, KV_QUANT: tl.constexpr,
                   FP8_DOT: tl.constexpr, FP8_ACC: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
-                  DOT_PREC: tl.constexpr):
+                  DOT_PREC: tl.constexpr, CHECK_BLOCKS: tl.constexpr):
     """Stream KV tiles ``[tile_start, tile_end)`` through the online softmax.
 
     Masked tiles load only keys in ``[k_lo, seq_len)``: block-table entries and K/V before
     the query tile's window (which an engine may already have freed) are never read.
     Quantized caches are cast to ``COMPUTE_DTYPE`` as loaded (exact for fp8 and int8); the
     per-tensor scales are folded outside the loop by the caller, per-token-head scales
-    multiply the score columns (K) and P's columns (V) in fp32."""
+    multiply the score columns (K) and P's columns (V) in fp32. Keys with a bad block id
+    turn the scores of the rows that see them into NaN in masked tiles; unmasked tiles
+    (every row sees every key) only clamp the ids, their bad ids having been found before
+    the loop, so the hot loop has no per-score select and no reduction."""
     for j in tl.range(tile_start, tile_end):
         k_pos = j * BLOCK_N + tl.arange(0, BLOCK_N)
         key_ok = (k_pos >= k_lo) & (k_pos < seq_len)
@@ -155,24 +199,22 @@ def _attend_tiles(acc, m_i, l_i, q, tile_start, tile_end, seq_len, k_lo, bt_row,
             bt_row, bt_width, num_blocks, k_pos, key_ok, k_head_ptr, v_head_ptr, ks_head_ptr,
             vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss,
             stride_vsb, stride_vss, offs_dk, offs_dv, BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD,
-            HEAD_V, HEAD_V_PAD, MASKED, KV_QUANT)
+            HEAD_V, HEAD_V_PAD, MASKED, KV_QUANT, CHECK_BLOCKS)
         if FP8_DOT:  # fp8 q x fp8 K on the tensor cores, fp32 accumulation
             qk = tl.dot(q, k, max_num_imprecise_acc=FP8_ACC)
         else:
-            qk = tl.dot(q, k.to(COMPUTE_DTYPE), input_precision=DOT_PREC)
+            qk = tl.dot(q, _to_compute(k, COMPUTE_DTYPE), input_precision=DOT_PREC)
         if KV_QUANT == 2:
             qk = qk * k_sc[None, :]
         s = score_tile(qk, qk_scale, softcap, slope2, q_pos, k_pos, seq_len, window,
                        MASKED, CAUSAL, USE_WINDOW, USE_SOFTCAP, ALIBI)
-        if MASKED:
+        if MASKED:  # edge tiles: exactly the rows that see a bad key
             s = tl.where(bad[None, :] & (s > float("-inf")), float("nan"), s)
-        else:
-            s = tl.where(bad[None, :], float("nan"), s)
         p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i, MASKED)
         acc = acc * alpha[:, None]
         if KV_QUANT == 2:
             p = p * v_sc[None, :]
-        acc = tl.dot(p.to(COMPUTE_DTYPE), v.to(COMPUTE_DTYPE), acc, input_precision=DOT_PREC)
+        acc = tl.dot(_to_compute(p, COMPUTE_DTYPE), _to_compute(v, COMPUTE_DTYPE), acc, input_precision=DOT_PREC)
     return acc, m_i, l_i
 
 
@@ -226,9 +268,11 @@ def unified_attention_kernel(
         SEQ_MODE: tl.constexpr, SHORT_Q: tl.constexpr, SPLIT: tl.constexpr,
         LONG_FOLLOWS: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr,
         USE_SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, USE_SINKS: tl.constexpr,
-        KV_QUANT: tl.constexpr, Q_SCALED: tl.constexpr, FP8_DOT: tl.constexpr,
+        KV_QUANT: tl.constexpr, Q_SCALED: tl.constexpr, Q_PRESCALE: tl.constexpr,
+        FP8_DOT: tl.constexpr,
         FP8_ACC: tl.constexpr, FP8_OUT: tl.constexpr, FP8_MAX: tl.constexpr,
-        COMPUTE_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr):
+        COMPUTE_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+        CHECK_BLOCKS: tl.constexpr = True):
     """Paged attention of one query tile x one kv head x one KV segment (see module doc)."""
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
@@ -270,8 +314,6 @@ def unified_attention_kernel(
     q_ptrs = (q_ptr + (q_start + row_tok).to(tl.int64)[:, None] * stride_qt
               + row_head[:, None] * stride_qh + offs_dk[None, :] * stride_qd)
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_dk < HEAD_QK)[None, :], other=0.0)
-    if not FP8_DOT:
-        q = q.to(COMPUTE_DTYPE)
 
     # Per-tensor scales fold into the softmax scale (q, K) and the output (V): the loop
     # only casts. Per-token-head K/V scales are applied per tile in _attend_tiles.
@@ -282,6 +324,11 @@ def unified_attention_kernel(
         qk_scale = qk_scale * tl.load(k_scale_ptr)
     if not USE_SOFTCAP:
         qk_scale = qk_scale * 1.4426950408889634
+    if Q_PRESCALE:  # q * scale once, in fp32, before the cast (keeps fp16 in range)
+        q = _to_compute(q.to(tl.float32) * qk_scale, COMPUTE_DTYPE)
+        qk_scale = 1.0
+    elif not FP8_DOT:
+        q = _to_compute(q, COMPUTE_DTYPE)
     if ALIBI != 0:
         slope2 = tl.load(alibi_ptr + row_head, mask=row_ok, other=0.0).to(tl.float32) \
             * 1.4426950408889634
@@ -324,6 +371,12 @@ def unified_attention_kernel(
         seg_hi = tile_hi
 
     bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt
+    if CHECK_BLOCKS:
+        poisoned = _full_tiles_have_bad_blocks(
+            bt_row, bt_width, num_blocks, tl.maximum(full_lo, seg_lo) * BLOCK_N,
+            tl.minimum(full_hi, seg_hi) * BLOCK_N, BLOCK_SIZE)
+    else:
+        poisoned = False
     k_head_ptr = k_ptr + kv_head * stride_kh
     v_head_ptr = v_ptr + kv_head * stride_vh
     ks_head_ptr = k_scale_ptr + kv_head * stride_ksh
@@ -336,24 +389,29 @@ def unified_attention_kernel(
             stride_vsb, stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk,
             offs_dv, BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD, HEAD_V, HEAD_V_PAD, True,
             CAUSAL, USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE,
-            DOT_PREC)
+            DOT_PREC, CHECK_BLOCKS)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, tl.maximum(full_lo, seg_lo), tl.minimum(full_hi, seg_hi),
         seq_len, k_lo, bt_row, bt_width, num_blocks, k_head_ptr, v_head_ptr, ks_head_ptr,
         vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss,
         stride_vsb, stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk, offs_dv,
         BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD, HEAD_V, HEAD_V_PAD, False, CAUSAL,
-        USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE, DOT_PREC)
+        USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE, DOT_PREC,
+        CHECK_BLOCKS)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, tl.maximum(full_hi, seg_lo), tl.minimum(tile_hi, seg_hi),
         seq_len, k_lo, bt_row, bt_width, num_blocks, k_head_ptr, v_head_ptr, ks_head_ptr,
         vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss,
         stride_vsb, stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk, offs_dv,
         BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD, HEAD_V, HEAD_V_PAD, True, CAUSAL,
-        USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE, DOT_PREC)
+        USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE, DOT_PREC,
+        CHECK_BLOCKS)
 
     if KV_QUANT == 1:  # the V scale, once per row instead of once per element
         acc = acc * tl.load(v_scale_ptr)
+    if poisoned:  # NaN in both: a NaN sum alone would be read as "no visible key"
+        l_i = tl.where(row_ok, float("nan"), l_i)
+        acc = tl.where(row_ok[:, None], float("nan"), acc)
     if not SPLIT:
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         _store_rows(out_ptr, acc / l_safe[:, None], q_start, row_tok, row_head, row_ok,

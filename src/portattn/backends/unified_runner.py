@@ -1,0 +1,183 @@
+"""The per-layer runner of ``triton_unified`` plans: launch.py's launches, replayed.
+
+A plan's first call of each call structure (its ``slot``: shapes, strides, dtypes and
+scalar values of every argument) runs :func:`portattn.kernels.launch.launch_unified`
+normally under :func:`portattn.kernels.fast_launch.capture`; the recorded launches become
+a :class:`~portattn.kernels.fast_launch.LaunchSequence`, and later calls of that structure
+only gather the data pointers of the layer's tensors and call the compiled kernels'
+launchers. launch.py stays the one place that knows the kernels' arguments: whatever it
+passes is recorded, so new arguments need no change here. When a sequence cannot be
+replayed (the interpreter, a launch hook, a tensor launch.py made itself), calls take the
+normal path and the reason is logged once.
+
+The split-KV workspace belongs to the runner, one per CUDA stream (kernels on one stream
+run in order, so layers can share it); while a CUDA graph is being captured the normal
+path allocates a fresh one from the graph's pool instead, so a captured graph never
+points into a buffer the runner may drop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+
+from portattn.backends.base import Runner
+
+log = logging.getLogger("portattn")
+
+#: Recordings whose inputs alias (one tensor in two roles) before giving up on a structure.
+MAX_AMBIGUOUS = 8
+_UNUSABLE = object()
+MAX_STREAMS = 8
+_INTERPRETER_LOCK = threading.Lock()
+
+
+class Slot:
+    """Per call structure: the launch sequence, or why there is none."""
+
+    __slots__ = ("sequence", "reason", "ambiguous")
+
+    def __init__(self):
+        self.sequence = None
+        self.reason: str | None = None
+        self.ambiguous = 0
+
+
+def inputs_of(q, cache, metadata, out, layer, workspace, quantized: bool = True) -> tuple:
+    """Every tensor launch.py may pass to a kernel, in a fixed order (None when absent).
+    Without quantization (``quantized=False``) the scale tensors are left out (they are
+    None then)."""
+    common = (q, cache.key_cache, cache.value_cache, out, metadata.cu_seqlens_q,
+              metadata.seq_lens, metadata.block_table, layer[0], layer[1], workspace)
+    if not quantized:
+        return common
+    quant = cache.quant
+    device = q.device
+    return common + (cache.k_scale_cache, cache.v_scale_cache,
+                     _scale_input(quant.k_scale, device), _scale_input(quant.v_scale, device),
+                     _scale_input(layer[2], device), _scale_input(layer[3], device))
+
+
+def _scale_input(scale, device):
+    """The tensor launch.py passes for a scale: the tensor itself, or for a float the
+    cached device scalar (the same object every call, so replays bind it)."""
+    if scale is None or isinstance(scale, torch.Tensor):
+        return scale
+    from portattn.kernels.scalars import device_scalars
+
+    return device_scalars.get(scale, device)
+
+
+def _tensor(x):
+    return x if isinstance(x, torch.Tensor) else None
+
+
+class UnifiedRunner(Runner):
+    def __init__(self, backend, plan, options, problem, device: torch.device):
+        super().__init__(backend, plan, options)
+        from portattn.kernels import launch
+
+        self._launch = launch.launch_unified
+        params = plan.params
+        short = params.get("short")
+        self.workspace_size = launch.split_workspace_size(
+            problem.num_seqs, problem.num_q_heads, problem.head_size_v, short) if short else 0
+        self.device = device
+        # fp8 q / output or a quantized cache: the scale tensors may be kernel arguments
+        self.quantized = options.out_dtype not in (torch.float16, torch.bfloat16,
+                                                   torch.float32) or \
+            problem.quantized_kv or problem.q_dtype not in (torch.float16, torch.bfloat16,
+                                                             torch.float32)
+        # The interpreter has no compiled kernels to replay.
+        self.replay = device.type != "cpu"
+        self._slots: dict = {}
+        self._workspaces: dict = {}
+        self._lock = threading.Lock()
+        self._logged: set = set()
+        self._stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or \
+            (lambda index: torch.cuda.current_stream(index).cuda_stream)
+        self._capturing = torch.cuda.is_current_stream_capturing
+
+    def slot(self, key) -> Slot:
+        found = self._slots.get(key)
+        if found is None:
+            with self._lock:
+                if len(self._slots) >= 256:
+                    self._slots.clear()
+                found = self._slots.setdefault(key, Slot())
+        return found
+
+    def _workspace(self):
+        """This stream's workspace; None while a CUDA graph is captured."""
+        if self._capturing():
+            return None
+        stream = self._stream(self.device.index)
+        ws = self._workspaces.get(stream)
+        if ws is None:
+            with self._lock:
+                ws = self._workspaces.get(stream)
+                if ws is None:
+                    if len(self._workspaces) >= MAX_STREAMS:
+                        # kernels queued on a dropped buffer's stream keep it safe: the
+                        # caching allocator reuses its memory only after them
+                        self._workspaces.pop(next(iter(self._workspaces)))
+                    ws = torch.empty(self.workspace_size, dtype=torch.float32,
+                                     device=self.device)
+                    self._workspaces[stream] = ws
+        return ws
+
+    def __call__(self, q, cache, metadata, out, layer: tuple, slot: Slot) -> None:
+        if not self.replay:  # the interpreter: not thread-safe (it patches triton.language)
+            with _INTERPRETER_LOCK:
+                self._launch(q, cache, metadata, self.options_for(layer), out,
+                             self.plan.params)
+            return
+        if slot is None:
+            self._launch(q, cache, metadata, self.options_for(layer), out, self.plan.params)
+            return
+        ws = self._workspace() if self.workspace_size else None
+        if self.workspace_size and ws is None:  # capturing a graph: the normal path
+            self._launch(q, cache, metadata, self.options_for(layer), out, self.plan.params)
+            return
+        inputs = inputs_of(q, cache, metadata, out, layer, ws, self.quantized)
+        sequence = slot.sequence
+        if sequence is not None and sequence is not _UNUSABLE and sequence.launch(inputs):
+            return
+        self._record(q, cache, metadata, out, layer, ws, inputs, slot)
+
+    def _record(self, q, cache, metadata, out, layer, ws, inputs, slot: Slot) -> None:
+        """The normal path, recorded; builds the slot's sequence or adds kernels to it."""
+        from portattn.kernels import fast_launch
+
+        with fast_launch.capture() as captured:
+            self._launch(q, cache, metadata, self.options_for(layer), out, self.plan.params,
+                         workspace=ws)
+        sequence = slot.sequence
+        if sequence is _UNUSABLE:
+            return
+        try:
+            if sequence is None:
+                slot.sequence = fast_launch.LaunchSequence.build(captured, inputs)
+            elif not sequence.absorb(captured, inputs):
+                if fast_launch.triton_state() is None:
+                    return  # a launch hook is installed: try again later
+                raise fast_launch.Unusable("a later call launched different kernels")
+        except fast_launch.Ambiguous as exc:
+            slot.ambiguous += 1  # inputs aliased in this call: build from a later one
+            if slot.ambiguous < MAX_AMBIGUOUS:
+                return
+            self._unusable(slot, f"{exc} (in {slot.ambiguous} calls)")
+        except fast_launch.Unusable as exc:
+            if fast_launch.triton_state() is None:
+                return  # a launch hook is installed: try again later
+            self._unusable(slot, str(exc))
+
+    def _unusable(self, slot: Slot, reason: str) -> None:
+        slot.sequence = _UNUSABLE
+        slot.reason = reason
+        if reason not in self._logged:
+            self._logged.add(reason)
+            log.warning("portattn: triton_unified launches go through Triton's JIT for this "
+                        "call structure (slower host path): %s", reason)

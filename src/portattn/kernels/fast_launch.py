@@ -1,0 +1,518 @@
+"""Relaunch compiled Triton kernels without the JIT's per-call argument processing.
+
+Why: ``kernel[grid](**kwargs)`` costs 15-30 us of host time in Triton 3.6 (binding ~50
+arguments, specializing each one, building a cache key string, looking it up, building
+launch metadata, calling empty hook chains). An attention call of a 96-layer model pays
+that on every layer of every eager step.
+
+How, for ANY ``@triton.jit`` kernel and whatever arguments a launcher passes:
+
+1. **Capture.** Kernels wrapped by :func:`capturable` (``launch.py`` wraps its kernels at
+   import) behave exactly as before, except that inside ``with capture() as captured:``
+   each launch made by this thread is also recorded: the kernel, grid, arguments and the
+   ``CompiledKernel`` Triton returned. A Triton launch hook counts the real launches of
+   the thread meanwhile, so a launch through a kernel that is not wrapped is noticed.
+2. **Build** (:meth:`LaunchSequence.build`). Each recorded argument is either *bound*
+   (a tensor that IS one of the caller's ``inputs``, or a view into exactly one input's
+   storage, e.g. a slice of the caller's workspace: per call its data pointer is
+   recomputed) or *fixed* (a plain value: int, float, bool, str, None, a tuple of those;
+   kept as recorded). Anything else (a tensor the launcher allocated itself, a tensor
+   descriptor) makes the sequence unusable, and the caller keeps the normal path. No
+   tensor is stored.
+3. **Relaunch** (:meth:`LaunchSequence.launch`): per call, the data pointers of the bound
+   inputs, the current device and stream, and one dict lookup per kernel; then the
+   compiled kernel's launcher is called directly, pointers passed as ints.
+
+Correctness: a compiled kernel is only reused for a call Triton would specialize the same
+way. Triton's specialization of an argument is a function of (type, value) for plain
+values, (dtype, ``data_ptr % 16 == 0``) for tensors on backends with native tensor
+specialization (the only ones served here), plus the launch options (``num_warps``...),
+``debug`` and the instrumentation mode, per device. The CALLER guarantees that the fixed
+values are the same on every call of a sequence (it keys sequences by everything its
+launcher reads: shapes, strides, dtypes, option values), and that its launcher derives no
+argument from device values or from pointer values beyond what Triton sees (launch.py
+does neither); this module keys each kernel by (device, Triton state, the 16-byte
+alignment of every bound pointer), and a capture under a new key whose fixed values
+differ from the recorded ones disables the sequence (:meth:`absorb`). When a sequence is
+built, Triton's own binder is run on the recorded call and must agree (same cached
+kernel, pointers specialized by alignment alone), else the sequence is unusable.
+Whenever a key is unknown, :meth:`launch` returns False and the caller runs its normal
+path under :func:`capture`, then :meth:`absorb` stores what Triton compiled (after
+checking the launches have the same structure). Launch hooks (profilers), pre-run hooks,
+kernels with global-variable dependencies, the interpreter (``TRITON_INTERPRET=1``, no
+compiled kernel) and non-native backends (AMD: buffer-op specialization) always take the
+normal path.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from operator import itemgetter
+from typing import Any, Sequence
+
+import torch
+
+_local = threading.local()
+_PLAIN = (int, float, bool, str, type(None))
+#: Per recorded launch: max compiled-kernel entries (device x Triton state x alignment)
+#: before its table is cleared (it refills from Triton's own cache, through capture).
+TABLE_LIMIT = 64
+
+
+@dataclass
+class Launch:
+    """One recorded launch: ``fn[grid](*args, **kwargs)`` returned ``compiled``."""
+
+    fn: Any
+    grid: Any
+    args: tuple
+    kwargs: dict
+    compiled: Any
+
+
+class Capturable:
+    """A ``@triton.jit`` kernel that records its launches while :func:`capture` is active
+    in the calling thread (otherwise ``k[grid]`` is exactly ``fn[grid]``)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __getitem__(self, grid):
+        launch = self.fn[grid]
+        records = getattr(_local, "records", None)
+        if records is None:
+            return launch
+        fn = self.fn
+
+        def recorded(*args, **kwargs):
+            compiled = launch(*args, **kwargs)
+            records.append(Launch(fn, grid, args, kwargs, compiled))
+            return compiled
+
+        return recorded
+
+    def __getattr__(self, name):
+        if name == "fn":  # not set yet (copying): no recursion
+            raise AttributeError(name)
+        return getattr(self.fn, name)
+
+    def __repr__(self) -> str:
+        return f"capturable({self.fn!r})"
+
+
+def capturable(fn) -> Capturable:
+    return fn if isinstance(fn, Capturable) else Capturable(fn)
+
+
+@dataclass
+class Captured:
+    """What :func:`capture` saw: the recorded launches, and how many launches Triton made
+    from this thread meanwhile (None when that cannot be counted: no hook support, or the
+    interpreter)."""
+
+    launches: list
+    triton_launches: int | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.triton_launches == len(self.launches)
+
+
+@contextmanager
+def capture():
+    """Record the launches of :class:`Capturable` kernels made by this thread."""
+    previous = getattr(_local, "records", None)
+    result = Captured([])
+    _local.records = result.launches
+    chain, counter = _count_launches()
+    try:
+        yield result
+    finally:
+        _local.records = previous
+        if chain is not None:
+            chain.remove(counter)
+            result.triton_launches = counter.count
+
+
+def _count_launches():
+    """Add a launch-enter hook counting this thread's Triton launches (3.5+ hook chains)."""
+    try:
+        from triton import knobs
+
+        chain = knobs.runtime.launch_enter_hook
+    except Exception:  # pragma: no cover - older Triton
+        return None, None
+    if not hasattr(chain, "add") or os.environ.get("TRITON_INTERPRET") == "1":
+        return None, None
+    thread = threading.get_ident()
+
+    def counter(_metadata):
+        if threading.get_ident() == thread:
+            counter.count += 1
+
+    counter.count = 0
+    chain.add(counter)
+    return chain, counter
+
+
+# --------------------------------------------------------------------------- per call state
+
+
+_env = getattr(os.environ, "_data", None)
+_INSTRUMENTATION = "TRITON_INSTRUMENTATION_MODE"
+if isinstance(_env, dict) and hasattr(os.environ, "encodekey"):
+    _INSTRUMENTATION_KEY = os.environ.encodekey(_INSTRUMENTATION)
+    _env_get = _env.get
+else:  # pragma: no cover - other Python implementations
+    _INSTRUMENTATION_KEY = _INSTRUMENTATION
+    _env_get = os.environ.get
+_runtime = None
+
+
+def triton_state():
+    """The Triton settings that change which kernel a launch uses (``debug``, the
+    instrumentation mode), or None when launches must go through the JIT (a launch hook
+    is installed: profilers need its metadata)."""
+    global _runtime
+    runtime = _runtime
+    if runtime is None:
+        from triton import knobs
+
+        runtime = _runtime = knobs.runtime
+    hook = runtime.launch_enter_hook  # a HookChain (empty: inactive) or a function
+    if hook is not None and getattr(hook, "calls", True):
+        return None
+    hook = runtime.launch_exit_hook
+    if hook is not None and getattr(hook, "calls", True):
+        return None
+    return (runtime.debug, _env_get(_INSTRUMENTATION_KEY))
+
+
+def _device_functions():
+    get_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
+    get_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or \
+        (lambda index: torch.cuda.current_stream(index).cuda_stream)
+    return get_device, get_stream
+
+
+# --------------------------------------------------------------------------- building
+
+
+def alignment_token(pointers: Sequence[int]):
+    """Triton's view of a set of pointers: True when all are 16-byte aligned, else which
+    are (a tuple of booleans)."""
+    acc = 0
+    for p in pointers:
+        acc |= p
+    if not acc & 15:
+        return True
+    return tuple(not p & 15 for p in pointers)
+
+
+def specialization_key(values: Sequence) -> tuple:
+    """A summary of kernel arguments at least as fine as Triton's specialization: tensors
+    by dtype and 16-byte alignment, everything else by type and value (tuples element by
+    element). Equal keys => Triton picks the same compiled kernel (tested against Triton's
+    own binder); the sequences below compare fixed values and pointer alignments this
+    way."""
+    return tuple(_spec(v) for v in values)
+
+
+def _spec(value):
+    if isinstance(value, torch.Tensor):
+        return (value.dtype, not value.data_ptr() & 15)
+    if isinstance(value, tuple):
+        return (type(value), tuple(_spec(v) for v in value))
+    return (type(value), value)
+
+
+def is_plain(value) -> bool:
+    """A value Triton specializes by (type, value) alone: safe to keep as recorded."""
+    if isinstance(value, tuple):
+        return all(is_plain(v) for v in value)
+    return type(value) in _PLAIN or _is_constexpr(value)
+
+
+def _is_constexpr(value) -> bool:
+    try:
+        from triton.language import constexpr, dtype
+    except Exception:  # pragma: no cover
+        return False
+    return isinstance(value, (constexpr, dtype))
+
+
+def bind_value(value, inputs: Sequence):
+    """Where a recorded tensor argument comes from: ``(input index, byte offset)``, or None.
+
+    An input itself; else a view sharing the storage of exactly one input (a workspace
+    the launcher slices, a reshaped scale tensor), at the same byte offset from it on
+    every call of the structure (views are made from shapes and strides, which the
+    caller's key fixes). :class:`Ambiguous` when the tensor is several inputs, or shares
+    storage with several and starts at none of them (they alias in this call only)."""
+    found = [i for i, x in enumerate(inputs) if value is x]
+    if len(found) > 1:
+        raise Ambiguous(f"one tensor is inputs {found} of this call")
+    if found:
+        return found[0], 0
+    storage = value.untyped_storage().data_ptr()
+    sharing = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and
+               x.untyped_storage().data_ptr() == storage]
+    if len(sharing) > 1:
+        sharing = [i for i in sharing if inputs[i].data_ptr() == value.data_ptr()]
+        if len(sharing) != 1:
+            raise Ambiguous(f"a tensor shares its storage with inputs {sharing}")
+    if sharing:
+        return sharing[0], value.data_ptr() - inputs[sharing[0]].data_ptr()
+    return None
+
+
+class Site:
+    """One kernel launch of a sequence: template arguments in the kernel's parameter
+    order (None where a bound pointer goes), bindings, grid, and the compiled kernels by
+    (device, Triton state, alignment of the bound pointers)."""
+
+    __slots__ = ("fn", "grid", "names", "template", "binds", "options", "table", "lock")
+
+    def __init__(self, fn, grid, names, template, binds, options):
+        self.fn = fn
+        self.grid = grid
+        self.names = names
+        self.template = template
+        self.binds = binds              # ((position, input index, byte offset), ...)
+        self.options = options
+        self.table: dict = {}
+        self.lock = threading.Lock()
+
+    def store(self, key, compiled) -> None:
+        entry = (compiled.run, compiled.function, compiled.packed_metadata)
+        with self.lock:
+            if len(self.table) >= TABLE_LIMIT:
+                self.table.clear()
+            self.table[key] = entry
+
+
+def _bind_call(fn, launch: Launch):
+    """(parameter names, values in parameter order, launch options) of a recorded call."""
+    signature = fn.signature if hasattr(fn, "signature") else inspect.signature(fn.fn)
+    names = tuple(signature.parameters)
+    kwargs = {k: v for k, v in launch.kwargs.items() if k in signature.parameters}
+    options = {k: v for k, v in launch.kwargs.items() if k not in signature.parameters}
+    bound = signature.bind(*launch.args, **kwargs)
+    bound.apply_defaults()
+    return names, [bound.arguments[n] for n in names], options
+
+
+def _grid(grid) -> tuple[int, int, int] | None:
+    if callable(grid) or not isinstance(grid, tuple) or not 1 <= len(grid) <= 3 or \
+            not all(type(g) is int for g in grid):
+        return None
+    return tuple(grid) + (1,) * (3 - len(grid))
+
+
+class Unusable(Exception):
+    """A recorded launch sequence cannot be replayed; the message says why."""
+
+
+class Ambiguous(Unusable):
+    """This recording cannot be attributed (inputs alias each other); another may."""
+
+
+def build_site(launch: Launch, inputs: Sequence) -> Site:
+    fn = launch.fn
+    for attr in ("device_caches", "params"):
+        if not hasattr(fn, attr):
+            raise Unusable(f"{fn!r} is not a compiled JIT kernel (interpreter?)")
+    if getattr(fn, "used_global_vals", None):
+        raise Unusable(f"{fn!r} depends on global variables (Triton checks them per launch)")
+    if launch.compiled is None or not hasattr(launch.compiled, "packed_metadata"):
+        raise Unusable(f"{fn!r} returned no compiled kernel")
+    grid = _grid(launch.grid)
+    if grid is None:
+        raise Unusable(f"grid {launch.grid!r} of {fn!r} is not a tuple of ints")
+    names, values, options = _bind_call(fn, launch)
+    template, binds = [], []
+    for pos, (name, value) in enumerate(zip(names, values)):
+        if isinstance(value, torch.Tensor):
+            where = bind_value(value, inputs)
+            if where is None:
+                raise Unusable(f"argument {name} of {fn!r} is a tensor that is not one of the "
+                               "call's inputs")
+            binds.append((pos, *where))
+            template.append(None)
+        elif is_plain(value):
+            template.append(value)
+        else:
+            raise Unusable(f"argument {name} of {fn!r} has type {type(value).__name__}")
+    if not all(is_plain(v) for v in options.values()):
+        raise Unusable(f"launch options of {fn!r} are not plain values")
+    return Site(fn, grid, names, template, tuple(binds), options)
+
+
+def check_with_triton(site: Site, launch: Launch, device: int) -> None:
+    """Run Triton's binder on the recorded call: its cache must hold the kernel it returned
+    and every bound pointer must be specialized by 16-byte alignment alone."""
+    from triton import knobs
+    from triton.runtime.jit import compute_cache_key
+
+    fn = launch.fn
+    try:
+        kernel_cache, key_cache, _target, backend, binder = fn.device_caches[device]
+    except Exception as exc:
+        raise Unusable(f"Triton's kernel cache of {fn!r} has an unknown layout: {exc}")
+    if not getattr(backend, "supports_native_tensor_specialization", False):
+        raise Unusable(f"the {type(backend).__name__} backend specializes tensors in Python")
+    kwargs = dict(launch.kwargs)
+    kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    _bound, specialization, options = binder(*launch.args, **kwargs)
+    if kernel_cache.get(compute_cache_key(key_cache, specialization, options)) \
+            is not launch.compiled:
+        raise Unusable(f"Triton's cache holds another kernel for this call of {fn!r}")
+    _names, values, _ = _bind_call(fn, launch)
+    for pos, _i, _off in site.binds:
+        want = "" if values[pos].data_ptr() & 15 else "D"
+        got = specialization[pos][1]
+        if got is not None and got != want:
+            raise Unusable(f"Triton specializes pointer {site.names[pos]} as {got!r}, not by "
+                           "16-byte alignment alone")
+
+
+class LaunchSequence:
+    """The launches of one call structure, replayable with new input pointers.
+
+    ``inputs`` (given to :meth:`build`, :meth:`launch`, :meth:`absorb`) is a sequence of
+    the call's tensors (None where absent) in an order fixed by the caller, including
+    buffers the caller owns and the launcher slices (a workspace)."""
+
+    def __init__(self, sites: list[Site], used: tuple[int, ...]):
+        self.sites = sites
+        self.used = used
+        if len(used) > 1:
+            self._select = itemgetter(*used)
+        elif used:
+            index = used[0]
+            self._select = lambda xs: (xs[index],)
+        else:
+            self._select = lambda xs: ()
+        self._device, self._stream = _device_functions()
+        self.source, self.launch = _generate_launch(sites, used, self._device, self._stream)
+
+    @classmethod
+    def build(cls, captured: Captured, inputs: Sequence,
+              device: int | None = None) -> "LaunchSequence":
+        """From a capture of a normal call; raises :class:`Unusable` with the reason."""
+        if not captured.launches:
+            raise Unusable("no launch was recorded")
+        if captured.triton_launches is None:
+            raise Unusable("Triton's launches cannot be counted here (the interpreter, or a "
+                           "Triton without launch hook chains)")
+        if not captured.complete:
+            raise Unusable(f"Triton made {captured.triton_launches} launches but "
+                           f"{len(captured.launches)} were recorded (a kernel not wrapped "
+                           "by capturable?)")
+        sites = [build_site(launch, inputs) for launch in captured.launches]
+        used = tuple(sorted({i for site in sites for _, i, _ in site.binds}))
+        position = {i: j for j, i in enumerate(used)}
+        for site in sites:  # input indices -> positions in the selected pointers
+            site.binds = tuple((pos, position[i], off) for pos, i, off in site.binds)
+        sequence = cls(sites, used)
+        device = sequence._device() if device is None else device
+        for site, launch in zip(sites, captured.launches):
+            check_with_triton(site, launch, device)
+        if not sequence.absorb(captured, inputs, device):
+            raise Unusable("the recorded launches do not match themselves")  # pragma: no cover
+        return sequence
+
+    def absorb(self, captured: Captured, inputs: Sequence, device: int | None = None) -> bool:
+        """Store the kernels of a capture of the same call structure (other alignments,
+        device or Triton state); False when its launches differ in structure."""
+        state = triton_state()
+        if state is None or not captured.complete or \
+                len(captured.launches) != len(self.sites):
+            return False
+        device = self._device() if device is None else device
+        keys = []
+        selected = self._select(inputs)
+        for site, launch in zip(self.sites, captured.launches):
+            if launch.fn is not site.fn or _grid(launch.grid) != site.grid or \
+                    launch.compiled is None:
+                return False
+            names, values, options = _bind_call(site.fn, launch)
+            if options != site.options:
+                return False
+            bound = {pos: (j, off) for pos, j, off in site.binds}
+            for pos, value in enumerate(values):
+                if pos in bound:
+                    j, off = bound[pos]
+                    if not isinstance(value, torch.Tensor) or \
+                            value.data_ptr() != selected[j].data_ptr() + off:
+                        return False
+                elif isinstance(value, torch.Tensor) or \
+                        _spec(value) != _spec(site.template[pos]):
+                    return False
+            pointers = [values[pos].data_ptr() for pos, _, _ in site.binds]
+            token = alignment_token(pointers) if pointers else True
+            keys.append((device, state, token))
+        for site, launch, key in zip(self.sites, captured.launches, keys):
+            site.store(key, launch.compiled)
+        return True
+
+
+def _generate_launch(sites: list[Site], used: tuple[int, ...], get_device, get_stream):
+    """``launch(inputs) -> bool`` for these sites, as straight-line code (what Triton does
+    for its binder): launch every kernel with the inputs' pointers, or return False with
+    nothing launched when a kernel is not known yet for them (device, Triton state, 16-byte
+    alignment of each bound pointer), a hook must see the launches, or the inputs lack a
+    pointer. Fixed arguments are names bound to the recorded values."""
+    namespace = {"triton_state": triton_state, "get_device": get_device,
+                 "get_stream": get_stream}
+    lines = ["def launch(inputs):",
+             "    state = triton_state()",
+             "    if state is None:",
+             "        return False",
+             "    device = get_device()",
+             "    try:"]
+    lines += [f"        x{j} = inputs[{i}].data_ptr()" for j, i in enumerate(used)]
+    lines += ["    except AttributeError:",
+              "        return False"]
+    calls = []
+    for s, site in enumerate(sites):
+        namespace[f"fn{s}"] = site.fn
+        namespace[f"table{s}"] = site.table
+        bound = {}
+        for pos, j, off in site.binds:
+            bound[pos] = f"p{s}_{pos}"
+            lines.append(f"    p{s}_{pos} = x{j}" + (f" + {off}" if off else ""))
+        lines.append(f"    if fn{s}.pre_run_hooks:")
+        lines.append("        return False")
+        names = list(bound.values())
+        if names:
+            lines.append(f"    token = True if not ({' | '.join(names)}) & 15 else "
+                         f"({''.join(f'not {n} & 15, ' for n in names)})")
+        else:
+            lines.append("    token = True")
+        lines += [f"    e{s} = table{s}.get((device, state, token))",
+                  f"    if e{s} is None:",
+                  "        return False"]
+        args = []
+        for pos, value in enumerate(site.template):
+            if pos in bound:
+                args.append(bound[pos])
+            else:
+                namespace[f"c{s}_{pos}"] = value
+                args.append(f"c{s}_{pos}")
+        g0, g1, g2 = site.grid
+        calls.append(f"    e{s}[0]({g0}, {g1}, {g2}, stream, e{s}[1], e{s}[2], None, None, "
+                     f"None, {', '.join(args)})")
+    lines.append("    stream = get_stream(device)")
+    lines += calls
+    lines.append("    return True")
+    source = "\n".join(lines) + "\n"
+    exec(compile(source, "<portattn.fast_launch>", "exec"), namespace)
+    return source, namespace["launch"]

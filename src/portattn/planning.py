@@ -1,0 +1,584 @@
+"""Plan once, run cheaply: :func:`plan`, :class:`AttentionPlan`, and the memo behind
+:func:`portattn.attention`.
+
+In the style of FlashInfer's paged wrappers, :func:`plan` takes one batch's metadata and
+the head configuration and decides everything that does not depend on a layer's tensors:
+backend and variant (the cached :class:`~portattn.dispatch.Decision`), launch parameters,
+the backend's runner (workspaces, and for ``triton_unified`` the recorded kernel launches,
+see :mod:`portattn.backends.unified_runner`). ``plan.run(q, cache, ...)`` then does only
+per-layer work: it compares the structure of its arguments with structures it has already
+checked (one tuple and one dict lookup), and calls the runner.
+
+Three levels, none holding a KV cache:
+
+* :class:`PlanBody` (module-level LRU, keyed by the :class:`Problem`, the option values,
+  the forced backend, the decision environment and the device): decision, options,
+  runner. It holds no tensor but the runner's own workspaces, so one body serves every
+  batch with the same bucketed sizes, whichever metadata or caches it is called with.
+* :class:`AttentionPlan`: a body bound to one batch's metadata (held, like FlashInfer's
+  wrapper holds its index buffers) plus the structures of calls it has accepted.
+* The memo of :func:`portattn.attention`: per metadata (keyed by the ``id`` of its three
+  tensors and removed by a weakref finalizer when any of them dies, so an id is never
+  reused while in the memo), the accepted call structures -> (body, runner slot). A call
+  structure is shapes, strides, dtypes and devices of every tensor plus the scalar option
+  values (:func:`layer_signature`), never tensor identities, so per-layer caches share one
+  entry and nothing is kept alive.
+
+The hints ``metadata.max_seqlen_q`` / ``max_seqlen_k`` are part of every key: a plan is
+made for them (rounded up to powers of two) and records them (``plan.max_seqlen_q``). They
+must be upper bounds of the real lengths; nothing reads device values to check that unless
+validation is on (``validate=True``, ``PORTATTN_VALIDATE=1``, or CPU metadata by default),
+in which case every call compares them with the real lengths and raises ``InputError``.
+Without a device read, ``num_tokens <= num_seqs * hint`` is checked on the first call of
+each structure (:func:`check_hint_bounds`). An understated ``max_seqlen_q`` that passes
+that may choose decode tiles too small for a sequence's queries: the decode launch skips
+that sequence, and the kernel writes NaN into its rows (visibly wrong, never stale).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import weakref
+from collections import OrderedDict
+from dataclasses import replace
+
+import torch
+
+from portattn.capabilities import probe
+from portattn.dispatch.problem import Problem
+from portattn.dispatch.registry import load_backend
+from portattn.dispatch.selector import Decision, decide
+from portattn.envstate import VALIDATE_INDEX, VALIDATE_VALUES, decision_environment
+from portattn.errors import InputError
+from portattn.options import AttentionOptions, normalize_options
+from portattn.types import FP8_DTYPES, AttentionMetadata, KVQuant, PagedKVCache, _describe
+from portattn.validation import check_out, check_structure, check_values, validation_requested
+
+_MISSING = object()
+#: Bodies kept (LRU). A body holds no tensor but its runner's workspaces.
+BODY_CAPACITY = 64
+#: Metadata objects remembered by ``attention`` (FIFO; entries also leave with their tensors).
+METADATA_CAPACITY = 64
+#: Call structures remembered per metadata object / per plan (cleared when full).
+CALLS_PER_ENTRY = 64
+
+#: Counters for tests and benchmarks: full argument checks, bodies made.
+stats = {"checked": 0, "bodies": 0}
+
+
+# --------------------------------------------------------------------------- signatures
+
+
+def _tensor_signature(t):
+    """Structure of an optional per-layer argument: a tensor's shape, strides, dtype and
+    device; a Python scalar's type and value; None."""
+    if t is None:
+        return None
+    if isinstance(t, torch.Tensor):
+        return (t.shape, t.stride(), t.dtype, t.device)
+    return (type(t), t)
+
+
+_structure_ids: dict = {}
+_structure_counter = itertools.count(1)
+_STRUCTURE_LIMIT = 4096
+_STRUCTURE_ATTR = "_portattn_structure"
+
+
+def cache_structure_id(cache: PagedKVCache) -> int:
+    """A small int standing for the cache's structure: shapes, strides, dtypes and devices
+    of its tensors, its quant mode and scale values, its layout. Remembered ON the cache
+    object with (weak references to) the tensors it was computed from, so a reassigned
+    ``key_cache`` / ``value_cache`` / ``quant`` is noticed and a replaced tensor is not
+    kept alive; the tensors themselves must not be resized or re-strided in place."""
+    k, v, quant = cache.key_cache, cache.value_cache, cache.quant
+    known = cache.__dict__.get(_STRUCTURE_ATTR)
+    if known is not None and known[0]() is k and known[1]() is v and known[2] is quant and \
+            known[3] is cache.k_scale_cache and known[4] is cache.v_scale_cache and \
+            known[5] == cache.packed:
+        return known[6]
+    structure = (type(cache), k.shape, k.stride(), k.dtype, k.device, v.shape, v.stride(),
+                 v.dtype, v.device, cache.packed, _quant_signature(cache))
+    found = _structure_ids.get(structure)
+    if found is None:
+        if len(_structure_ids) >= _STRUCTURE_LIMIT:
+            _structure_ids.clear()  # ids are never reused: forgotten ones just miss
+        found = _structure_ids.setdefault(structure, next(_structure_counter))
+    cache.__dict__[_STRUCTURE_ATTR] = (weakref.ref(k), weakref.ref(v), quant,
+                                      cache.k_scale_cache, cache.v_scale_cache,
+                                      cache.packed, found)
+    return found
+
+
+def _quant_signature(cache: PagedKVCache):
+    quant = cache.quant
+    if quant.mode == "none":
+        return "none"
+    return (quant.key, _tensor_signature(quant.k_scale), _tensor_signature(quant.v_scale),
+            _tensor_signature(cache.k_scale_cache), _tensor_signature(cache.v_scale_cache))
+
+
+def layer_signature(q, cache, out, alibi_slopes, sinks, q_scale, output_scale) -> tuple:
+    """Everything about one layer's arguments that a check or a launcher may read, except
+    tensor identities and data: two calls with equal signatures pass the same checks and
+    launch the same kernels with the same non-pointer arguments."""
+    if alibi_slopes is None and sinks is None and q_scale is None and output_scale is None:
+        extra = None
+    else:
+        extra = (_tensor_signature(alibi_slopes), _tensor_signature(sinks),
+                 _tensor_signature(q_scale), _tensor_signature(output_scale))
+    return (type(q), q.shape, q.stride(), q.dtype, q.device, cache_structure_id(cache),
+            None if out is None else (type(out), out.shape, out.stride(), out.dtype,
+                                      out.device), extra)
+
+
+def metadata_signature(metadata: AttentionMetadata) -> tuple:
+    """The metadata's structure (its values may change in place, its tensors may not be
+    resized or replaced) and length hints."""
+    return (_tensor_signature(metadata.cu_seqlens_q), _tensor_signature(metadata.seq_lens),
+            _tensor_signature(metadata.block_table), metadata.max_seqlen_q,
+            metadata.max_seqlen_k)
+
+
+# --------------------------------------------------------------------------- bodies
+
+
+class PlanBody:
+    """What a plan decides once: the decision, the options, the backend's runner."""
+
+    def __init__(self, problem: Problem, options: AttentionOptions, decision: Decision,
+                 device: torch.device):
+        self.problem = problem
+        self.decision = decision
+        self.device = device
+        self.options = replace(options, alibi_slopes=None, sinks=None, q_scale=None,
+                               output_scale=None)
+        self.out_dtype = options.out_dtype
+        self.num_q_heads = problem.num_q_heads
+        self.head_size_v = problem.head_size_v
+        backend = load_backend(decision.backend)
+        self.runner = backend.prepare(decision.plan, problem, self.options, device)
+
+
+class _BodyCache:
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.entries: OrderedDict = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, problem: Problem, options: AttentionOptions, backend: str | None, env,
+            device: torch.device) -> PlanBody:
+        key = (problem, options.scale, options.sliding_window, options.softcap, backend, env,
+               device)
+        with self.lock:
+            body = self.entries.get(key)
+            if body is not None:
+                self.entries.move_to_end(key)
+                return body
+        decision = decide(problem, probe(), backend)  # may raise UnsupportedError
+        body = PlanBody(problem, options, decision, device)
+        with self.lock:
+            body = self.entries.setdefault(key, body)
+            self.entries.move_to_end(key)
+            while len(self.entries) > self.capacity:
+                self.entries.popitem(last=False)
+        stats["bodies"] += 1
+        return body
+
+    def clear(self) -> None:
+        with self.lock:
+            self.entries.clear()
+
+
+bodies = _BodyCache(BODY_CAPACITY)
+
+
+def _check_q(q, body: PlanBody) -> None:
+    """q against the plan first, so a wrong q is named as such (not as a cache mismatch)."""
+    problem = body.problem
+    want = (problem.num_q_heads, problem.head_size_qk)
+    if not isinstance(q, torch.Tensor) or q.dim() != 3 or tuple(q.shape[1:]) != want:
+        raise InputError("q", f"a tensor [num_tokens, {want[0]}, {want[1]}] (as planned)",
+                         _describe(q))
+    if q.dtype != problem.q_dtype:
+        raise InputError("q", f"dtype {problem.q_dtype} (as planned)", str(q.dtype))
+    if q.device != body.device:
+        raise InputError("q", f"device {body.device} (the plan's)", str(q.device))
+
+
+def _check_problem(plan_problem: Problem, call: Problem, device, q: torch.Tensor) -> None:
+    """InputError naming the argument when a call does not fit its plan."""
+    if q.device != device:
+        raise InputError("q", f"device {device} (the plan's)", str(q.device))
+    fields = (("q_dtype", "q", "dtype"), ("num_q_heads", "q", "num_q_heads"),
+              ("head_size_qk", "q", "head_size_qk"), ("kv_dtype", "cache", "dtype"),
+              ("kv_quant", "cache", "quant"), ("num_kv_heads", "cache", "num_kv_heads"),
+              ("head_size_v", "cache", "head_size_v"), ("block_size", "cache", "block_size"),
+              ("packed_kv", "cache", "packed layout"), ("out_dtype", "out", "dtype"),
+              ("alibi", "alibi_slopes", "ALiBi"), ("sinks", "sinks", "sinks"))
+    for field, argument, what in fields:
+        want, got = getattr(plan_problem, field), getattr(call, field)
+        if want != got:
+            raise InputError(argument, f"{what} {want} (as planned)", f"{what} {got}")
+    if plan_problem != call:  # pragma: no cover - every field that can differ is above
+        raise InputError("q", f"a call like the plan's ({plan_problem.describe()})",
+                         call.describe())
+
+
+# --------------------------------------------------------------------------- plans
+
+
+class AttentionPlan:
+    """Backend, variant, launch parameters and workspaces decided once for one batch.
+
+    Made by :func:`plan`; ``run(q, cache, ...)`` per layer. It holds its metadata (and no
+    cache). Attributes: ``backend``, ``variant``, ``decision``, ``problem``, ``metadata``,
+    ``max_seqlen_q`` / ``max_seqlen_k`` (the hints it was made for).
+    """
+
+    def __init__(self, body: PlanBody, metadata: AttentionMetadata, max_seqlen_q: int,
+                 max_seqlen_k: int, validate: bool | None):
+        self._body = body
+        self.metadata = metadata
+        self.max_seqlen_q = max_seqlen_q
+        self.max_seqlen_k = max_seqlen_k
+        # value checks by default: as attention() decides, once (the environment is read
+        # when the plan is made, like every other decision of a plan)
+        wanted = validation_requested(validate)
+        self._values = metadata.seq_lens.device.type == "cpu" if wanted is None else wanted
+        self._meta_sig = metadata_signature(metadata)
+        self._accepted: dict = {}
+        self._lock = threading.Lock()
+
+    backend = property(lambda self: self._body.decision.backend)
+    variant = property(lambda self: self._body.decision.plan.describe())
+    decision = property(lambda self: self._body.decision)
+    problem = property(lambda self: self._body.problem)
+
+    def __repr__(self) -> str:
+        return (f"<AttentionPlan {self.backend}: {self.variant}; "
+                f"{self._body.problem.describe()}>")
+
+    def run(self, q: torch.Tensor, cache: PagedKVCache, out: torch.Tensor | None = None, *,
+            alibi_slopes: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
+            q_scale=None, output_scale=None, validate: bool | None = None) -> torch.Tensor:
+        """Attention of one layer: ``q`` ``[num_tokens, num_q_heads, head_size_qk]`` over
+        ``cache`` (any layer's: only its structure must match the plan). Per-layer
+        tensors (``alibi_slopes``, ``sinks``, fp8 ``q_scale`` / ``output_scale``) are given
+        here when the plan uses them. Returns ``out`` (allocated when None)."""
+        layer = (alibi_slopes, sinks, q_scale, output_scale)
+        try:
+            sig = layer_signature(q, cache, out, *layer)
+        except Exception:  # not tensors / not a cache: the checks name the argument
+            sig = None
+        slot = self._accepted.get(sig, _MISSING) if sig is not None else _MISSING
+        values = self._values if validate is None else bool(validate)
+        if slot is _MISSING or values:
+            slot = self._check(q, cache, out, layer, sig, values)
+        body = self._body
+        if out is None:
+            out = torch.empty(q.shape[0], body.num_q_heads, body.head_size_v,
+                              dtype=body.out_dtype, device=q.device)
+        if q.shape[0]:
+            body.runner(q, cache, self.metadata, out, layer, slot)
+        return out
+
+    def _check(self, q, cache, out, layer, sig, values: bool):
+        """The full checks; value checks (device reads) when ``values``."""
+        stats["checked"] += 1
+        body = self._body
+        metadata = self.metadata
+        _check_q(q, body)
+        check_structure(q, cache, metadata)
+        alibi_slopes, sinks, q_scale, output_scale = layer
+        options = normalize_options(
+            q, cache, out=out, scale=body.options.scale, causal=body.options.causal,
+            sliding_window=body.options.sliding_window, softcap=body.options.softcap,
+            alibi_slopes=alibi_slopes, alibi_sqrt=body.options.alibi_sqrt, sinks=sinks,
+            q_scale=q_scale, output_scale=output_scale)
+        check_out(q, cache, out, options.out_dtype)
+        if values:
+            check_values(q, cache, metadata)
+            _check_hints(metadata, self.max_seqlen_q, self.max_seqlen_k)
+        check_hint_bounds(q, metadata, self.max_seqlen_q, self.max_seqlen_k)
+        call = Problem.from_call(q, cache, metadata, options, self.max_seqlen_q,
+                                 self.max_seqlen_k)
+        _check_problem(body.problem, call, body.device, q)
+        if sig is None:
+            sig = _safe_signature(q, cache, out, layer)
+        slot = None if sig is None else body.runner.slot((sig, self._meta_sig))
+        if sig is not None:
+            with self._lock:
+                if len(self._accepted) >= CALLS_PER_ENTRY:
+                    self._accepted.clear()
+                self._accepted[sig] = slot
+        return slot
+
+
+def check_hint_bounds(q: torch.Tensor, metadata: AttentionMetadata, max_q: int,
+                      max_k: int) -> None:
+    """What the host knows without reading the device: ``num_tokens <= num_seqs *
+    max_seqlen_q`` and ``<= num_seqs * max_seqlen_k`` (each sequence has at most that
+    many queries, and at least as many keys as queries)."""
+    tokens, seqs = q.shape[0], metadata.seq_lens.shape[0]
+    if tokens > seqs * max_q:
+        raise InputError("metadata.max_seqlen_q", f">= the longest query length (at least "
+                         f"{-(-tokens // max(seqs, 1))}: {tokens} tokens in {seqs} "
+                         "sequences)", str(max_q))
+    if tokens > seqs * max_k:
+        raise InputError("metadata.max_seqlen_k", f">= the longest seq_len (at least "
+                         f"{-(-tokens // max(seqs, 1))}: {tokens} query tokens in {seqs} "
+                         "sequences)", str(max_k))
+
+
+def _check_hints(metadata: AttentionMetadata, max_q: int, max_k: int) -> None:
+    """The plan's recorded hints against the real lengths (reads device values)."""
+    real_q, real_k = AttentionMetadata(metadata.cu_seqlens_q, metadata.seq_lens,
+                                       metadata.block_table).max_lengths()
+    if real_q > max_q:
+        raise InputError("metadata.max_seqlen_q", f">= the longest query length {real_q}",
+                         f"{max_q} (the plan's)")
+    if real_k > max_k:
+        raise InputError("metadata.max_seqlen_k", f">= the longest seq_len {real_k}",
+                         f"{max_k} (the plan's)")
+
+
+_ALIBI = (None, "linear", "sqrt")
+
+
+def plan(metadata: AttentionMetadata, *, num_q_heads: int, dtype: torch.dtype,
+         cache: PagedKVCache | None = None, num_kv_heads: int | None = None,
+         head_size_qk: int | None = None, head_size_v: int | None = None,
+         block_size: int | None = None, kv_dtype: torch.dtype | None = None,
+         kv_quant: KVQuant | None = None, out_dtype: torch.dtype | None = None,
+         scale: float | None = None, causal: bool = True, sliding_window: int | None = None,
+         softcap: float | None = None, alibi: str | None = None, sinks: bool = False,
+         backend: str | None = None, validate: bool | None = None) -> AttentionPlan:
+    """Decide once per batch what every layer with this head configuration will run.
+
+    ``metadata``: the batch (its ``max_seqlen_q`` / ``max_seqlen_k`` hints are what the
+    plan is made for; when None they are read from the device once, here). The KV cache is
+    described by ``cache`` (any layer's cache, read for its structure only and not kept) or
+    by ``num_kv_heads``, ``head_size_qk``, ``head_size_v`` (default ``head_size_qk``),
+    ``block_size``, ``kv_dtype`` (default ``dtype``) and ``kv_quant``. ``dtype`` is q's
+    dtype; ``out_dtype`` the result's (default as :func:`portattn.attention`). ``scale``,
+    ``causal``, ``sliding_window``, ``softcap`` are as in :func:`portattn.attention`;
+    ``alibi`` (``None``, ``"linear"``, ``"sqrt"``) and ``sinks`` say whether the layers
+    pass ``alibi_slopes`` / ``sinks`` to :meth:`AttentionPlan.run`. ``backend`` forces a
+    backend; ``validate`` is the default of ``run``'s (None: value checks only for CPU
+    metadata or ``PORTATTN_VALIDATE=1``). Environment variables (``PORTATTN_BACKEND``,
+    ``PORTATTN_VALIDATE``...) are read here, once: a plan is a decision. Raises
+    ``InputError`` naming the argument, or ``UnsupportedError`` when no backend can serve
+    the plan.
+    """
+    if not isinstance(metadata, AttentionMetadata):
+        raise InputError("metadata", "a portattn.AttentionMetadata", _describe(metadata))
+    device = metadata.seq_lens.device if isinstance(metadata.seq_lens, torch.Tensor) else None
+    q0, cache0 = _stand_ins(device, num_q_heads, dtype, cache, num_kv_heads, head_size_qk,
+                            head_size_v, block_size, kv_dtype, kv_quant)
+    if alibi not in _ALIBI:
+        raise InputError("alibi", "None, 'linear' or 'sqrt'", repr(alibi))
+    if not isinstance(sinks, bool):
+        raise InputError("sinks", "True or False (whether run() gets sinks)", _describe(sinks))
+    if out_dtype is not None and not isinstance(out_dtype, torch.dtype):
+        raise InputError("out_dtype", "a torch.dtype or None", _describe(out_dtype))
+    check_structure(q0, cache0, metadata)
+    vector = (lambda: torch.zeros(num_q_heads, dtype=torch.float32, device=device))
+    out0 = None if out_dtype is None else \
+        torch.empty(0, num_q_heads, cache0.head_size_v, dtype=out_dtype, device=device)
+    options = normalize_options(
+        q0, cache0, out=out0, scale=scale, causal=causal, sliding_window=sliding_window,
+        softcap=softcap, alibi_slopes=vector() if alibi else None, alibi_sqrt=alibi == "sqrt",
+        sinks=vector() if sinks else None, q_scale=1.0 if dtype in FP8_DTYPES else None,
+        output_scale=1.0 if out_dtype in FP8_DTYPES else None)
+    check_out(q0, cache0, out0, options.out_dtype)
+    max_q, max_k = metadata.max_lengths()
+    problem = Problem.from_call(q0, cache0, metadata, options, max_q, max_k)
+    body = bodies.get(problem, options, backend, decision_environment(), device)
+    return AttentionPlan(body, metadata, max_q, max_k, validate)
+
+
+def _stand_ins(device, num_q_heads, dtype, cache, num_kv_heads, head_size_qk, head_size_v,
+               block_size, kv_dtype, kv_quant) -> tuple[torch.Tensor, PagedKVCache]:
+    """An empty q and a one-block cache (no memory: an expanded vector) with the described
+    structure, so plan() runs exactly the checks attention() runs."""
+    if device is None:
+        raise InputError("metadata.seq_lens", "a tensor", "not a tensor")
+    for name, value in (("num_q_heads", num_q_heads),):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise InputError(name, "a positive int", _describe(value))
+    if not isinstance(dtype, torch.dtype):
+        raise InputError("dtype", "a torch.dtype (q's)", _describe(dtype))
+    if cache is not None:
+        if not isinstance(cache, PagedKVCache):
+            raise InputError("cache", "a portattn.PagedKVCache (used as a template)",
+                             _describe(cache))
+        given = {"num_kv_heads": num_kv_heads, "head_size_qk": head_size_qk,
+                 "head_size_v": head_size_v, "block_size": block_size, "kv_dtype": kv_dtype,
+                 "kv_quant": kv_quant}
+        for name, value in given.items():
+            if value is not None:
+                raise InputError(name, "None when cache= describes the cache", repr(value))
+        template = cache
+        num_kv_heads, head_size_qk = cache.num_kv_heads, cache.head_size_qk
+        head_size_v, block_size, kv_dtype = cache.head_size_v, cache.block_size, cache.dtype
+        quant, packed = cache.quant, cache.packed
+    else:
+        template = None
+        for name, value in (("num_kv_heads", num_kv_heads), ("head_size_qk", head_size_qk),
+                            ("block_size", block_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise InputError(name, "a positive int (or pass cache=)", _describe(value))
+        head_size_v = head_size_qk if head_size_v is None else head_size_v
+        if isinstance(head_size_v, bool) or not isinstance(head_size_v, int) or \
+                head_size_v <= 0:
+            raise InputError("head_size_v", "a positive int or None", _describe(head_size_v))
+        quant = KVQuant.none() if kv_quant is None else kv_quant
+        if not isinstance(quant, KVQuant):
+            raise InputError("kv_quant", "a portattn.KVQuant or None", _describe(kv_quant))
+        kv_dtype = quant.storage_dtype or (dtype if kv_dtype is None else kv_dtype)
+        if not isinstance(kv_dtype, torch.dtype):
+            raise InputError("kv_dtype", "a torch.dtype or None", _describe(kv_dtype))
+        packed = head_size_v != head_size_qk
+    k = torch.empty(head_size_qk, dtype=kv_dtype, device=device).expand(
+        1, block_size, num_kv_heads, head_size_qk)
+    v = torch.empty(head_size_v, dtype=kv_dtype, device=device).expand(
+        1, block_size, num_kv_heads, head_size_v)
+    scales = {}
+    if template is not None and template.quant.per_token_head:
+        shape = (1, block_size, num_kv_heads)
+        scales = {"k_scale_cache": torch.zeros(shape, device=device),
+                  "v_scale_cache": torch.zeros(shape, device=device)}
+    cache0 = PagedKVCache(k, v, quant, packed=packed, **scales)
+    q0 = torch.empty(0, num_q_heads, head_size_qk, dtype=dtype, device=device)
+    return q0, cache0
+
+
+# --------------------------------------------------------------------------- attention()
+
+
+class _MetadataMemo:
+    """Per metadata object: accepted call structures -> (body, slot).
+
+    Keyed by the ids of the metadata's three tensors; a weakref finalizer on each removes
+    the entry when it dies, so no id is reused while it is a key and no tensor is held."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.entries: dict = {}
+        self.lock = threading.RLock()  # finalizers may run while it is held
+
+    @staticmethod
+    def token(metadata: AttentionMetadata) -> tuple:
+        return (id(metadata.cu_seqlens_q), id(metadata.seq_lens), id(metadata.block_table))
+
+    def put(self, metadata: AttentionMetadata, key, value) -> None:
+        token = self.token(metadata)
+        with self.lock:
+            entry = self.entries.get(token)
+            if entry is None:
+                while len(self.entries) >= self.capacity:  # the oldest first
+                    old = self.entries.pop(next(iter(self.entries)))
+                    for finalizer in old[1]:
+                        finalizer.detach()
+                calls: dict = {}
+                finalizers = tuple(weakref.finalize(t, self._drop, token, calls)
+                                   for t in (metadata.cu_seqlens_q, metadata.seq_lens,
+                                             metadata.block_table))
+                entry = self.entries[token] = (calls, finalizers)
+            if len(entry[0]) >= CALLS_PER_ENTRY:
+                entry[0].clear()
+            entry[0][key] = value
+
+    def _drop(self, token, calls) -> None:
+        with self.lock:
+            entry = self.entries.get(token)
+            if entry is not None and entry[0] is calls:
+                del self.entries[token]
+                for finalizer in entry[1]:
+                    finalizer.detach()
+
+    def clear(self) -> None:
+        with self.lock:
+            for _, finalizers in self.entries.values():
+                for finalizer in finalizers:
+                    finalizer.detach()
+            self.entries.clear()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+memo = _MetadataMemo(METADATA_CAPACITY)
+
+
+def cache_info() -> dict:
+    """Sizes of the plan caches and the counters (tests, benchmarks)."""
+    return {"bodies": len(bodies.entries), "metadata_entries": len(memo), **stats}
+
+
+def clear() -> None:
+    """Forget every body and memo entry (tests)."""
+    bodies.clear()
+    memo.clear()
+
+
+def _memo_allowed(q, cache, metadata, validate, env) -> bool:
+    """Whether a call may be served from the memo: exact types, both hints given, and no
+    value checks wanted for it (they read device values on every call)."""
+    if type(metadata) is not AttentionMetadata or type(q) is not torch.Tensor or \
+            type(cache) is not PagedKVCache or metadata.max_seqlen_q is None or \
+            metadata.max_seqlen_k is None:
+        return False
+    if validate is None:
+        raw = env[VALIDATE_INDEX]
+        if raw is not None and raw not in VALIDATE_VALUES:
+            return False  # an unusual spelling: the full path parses (or rejects) it
+        validate = VALIDATE_VALUES.get(raw)
+    return not (validate or (validate is None and metadata.seq_lens.is_cpu))
+
+
+def attend(q, cache, metadata, out, backend, validate, option_values: tuple,
+           prepare) -> torch.Tensor:
+    """The body of :func:`portattn.attention` outside tracing.
+
+    ``option_values``: (scale, causal, sliding_window, softcap, alibi_slopes, alibi_sqrt,
+    sinks, q_scale, output_scale); ``prepare(...) -> (options, problem)`` runs the full
+    checks (``api._prepare``)."""
+    env = decision_environment()
+    layer = (option_values[4], option_values[6], option_values[7], option_values[8])
+    key = None
+    if _memo_allowed(q, cache, metadata, validate, env):
+        key = (metadata.max_seqlen_q, metadata.max_seqlen_k, backend, env, option_values[0],
+               option_values[1], option_values[2], option_values[3], option_values[5],
+               layer_signature(q, cache, out, *layer))
+        entry = memo.entries.get(memo.token(metadata))
+        hit = entry[0].get(key) if entry is not None else None
+    else:
+        hit = None
+    if hit is None:
+        stats["checked"] += 1
+        options, problem = prepare(q, cache, metadata, validate, out, option_values)
+        if metadata.max_seqlen_q is not None and metadata.max_seqlen_k is not None:
+            check_hint_bounds(q, metadata, metadata.max_seqlen_q, metadata.max_seqlen_k)
+        body = bodies.get(problem, options, backend, env, q.device)
+        sig = key[-1] if key is not None else _safe_signature(q, cache, out, layer)
+        slot = None if sig is None else body.runner.slot((sig, metadata_signature(metadata)))
+        hit = (body, slot)
+        if key is not None:
+            memo.put(metadata, key, hit)
+    body, slot = hit
+    if out is None:
+        out = torch.empty(q.shape[0], q.shape[1], body.head_size_v, dtype=body.out_dtype,
+                          device=q.device)
+    if q.shape[0]:
+        body.runner(q, cache, metadata, out, layer, slot)
+    return out
+
+
+def _safe_signature(q, cache, out, layer):
+    try:
+        return layer_signature(q, cache, out, *layer)
+    except Exception:  # pragma: no cover - the checks passed, so it is computable
+        return None

@@ -1,0 +1,215 @@
+"""GPU tier for plans: replayed launches against the reference, alignment changes, CUDA
+graphs, streams, no syncs, launch hooks, memory released with the caches."""
+
+from __future__ import annotations
+
+import gc
+import math
+import weakref
+
+import pytest
+import torch
+
+import portattn
+from portattn import AttentionMetadata, PagedKVCache, planning
+from portattn.kernels import fast_launch
+from portattn.testing import dense_attention, make_paged_batch, relative_error
+
+pytestmark = pytest.mark.gpu
+BF16 = torch.bfloat16
+
+CASES = {  # query lens, seq lens, expected variant prefix, kernel launches per call
+    "decode-2d": ([1] * 64, [700 + 13 * i for i in range(64)], "decode-2d", 1),
+    "decode-3d": ([1, 1], [5000, 1700], "decode-3d", 2),
+    "spec-decode": ([4, 3, 4], [900, 40, 2000], "decode", None),
+    "prefill": ([300], [300], "prefill", 1),
+    "mixed": ([1, 200, 1, 3], [900, 700, 64, 2000], "mixed", 2),
+}
+
+
+@pytest.fixture(autouse=True)
+def fresh_plans():
+    planning.clear()
+    yield
+    planning.clear()
+
+
+def _counting(runner):
+    """Count the runner's normal-path (JIT) calls."""
+    calls = [0]
+    original = runner._launch
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    runner._launch = counted
+    return calls
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_replayed_layers_match_the_reference(case):
+    query_lens, seq_lens, prefix, launches = CASES[case]
+    batch = make_paged_batch(query_lens, seq_lens, num_q_heads=32, num_kv_heads=8,
+                             head_size=128, dtype=BF16, device="cuda")
+    plan = portattn.plan(batch.metadata, num_q_heads=32, dtype=BF16, cache=batch.cache,
+                         sinks=True, validate=False)
+    assert plan.backend == "triton_unified" and plan.variant.startswith(prefix)
+    jit_calls = _counting(plan._body.runner)
+    gen = torch.Generator().manual_seed(1)
+    for layer, s in enumerate((1.0, -0.5, 2.0, 0.75)):
+        cache = PagedKVCache(batch.cache.key_cache * s, batch.cache.value_cache * s)
+        q = torch.randn(batch.q.shape, generator=gen).to("cuda", BF16)
+        sinks = torch.randn(32, generator=gen).cuda()
+        out = torch.full_like(q, math.nan)
+        plan.run(q, cache, out, sinks=sinks)
+        expected = dense_attention(q.cpu(), [k * s for k in batch.keys],
+                                   [v * s for v in batch.values], query_lens,
+                                   sinks=sinks.cpu())
+        assert torch.isfinite(out).all()
+        assert relative_error(out, expected) < 2e-2, f"layer {layer}"
+    assert jit_calls[0] == 1, "later layers went through Triton's JIT"
+    slot = next(iter(plan._accepted.values()))
+    assert slot.reason is None
+    if launches is not None:
+        assert len(slot.sequence.sites) == launches
+    # attention() serves the same structure from the same body
+    eager = portattn.attention(q, cache, batch.metadata, sinks=sinks, validate=False)
+    assert torch.equal(eager, out)
+
+
+def test_a_misaligned_q_gets_its_own_kernel():
+    batch = make_paged_batch([1, 1, 1], [300, 1000, 64], num_q_heads=32, num_kv_heads=8,
+                             head_size=128, dtype=BF16, device="cuda")
+    plan = portattn.plan(batch.metadata, num_q_heads=32, dtype=BF16, cache=batch.cache,
+                         validate=False)
+    jit_calls = _counting(plan._body.runner)
+    expected = dense_attention(batch.q.cpu(), batch.keys, batch.values, [1, 1, 1])
+    shifted = torch.empty(batch.q.numel() + 1, dtype=BF16, device="cuda")[1:]
+    shifted = shifted.view(batch.q.shape)
+    shifted.copy_(batch.q)
+    assert shifted.data_ptr() % 16 == 2
+    for q, calls in ((batch.q, 1), (batch.q, 1), (shifted, 2), (shifted, 2),
+                     (batch.q, 2)):
+        out = plan.run(q, batch.cache)
+        assert relative_error(out, expected) < 2e-2 and jit_calls[0] == calls
+
+
+def test_cuda_graph_of_plan_run_split_kv():
+    seq_lens = [3000, 700]
+    batch = make_paged_batch([1, 1], [n + 4 for n in seq_lens], num_q_heads=32,
+                             num_kv_heads=8, head_size=128, dtype=BF16, device="cuda")
+    m = batch.metadata
+    m.seq_lens.copy_(torch.tensor(seq_lens, dtype=torch.int32))
+    metadata = AttentionMetadata(m.cu_seqlens_q, m.seq_lens, m.block_table, 1,
+                                 max(seq_lens) + 4)
+    plan = portattn.plan(metadata, num_q_heads=32, dtype=BF16, cache=batch.cache,
+                         validate=False)
+    assert plan.variant.startswith("decode-3d")
+    q = batch.q.clone()
+    out = torch.full_like(q, math.nan)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # compile, record, replay
+            plan.run(q, batch.cache, out)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        plan.run(q, batch.cache, out)
+    for step in range(3):
+        q.copy_(torch.randn_like(q))
+        metadata.seq_lens.add_(1)
+        out.fill_(math.nan)
+        graph.replay()
+        torch.cuda.synchronize()
+        lens = [n + step + 1 for n in seq_lens]
+        expected = dense_attention(q.cpu(), [k[:n] for k, n in zip(batch.keys, lens)],
+                                   [v[:n] for v, n in zip(batch.values, lens)], [1, 1])
+        assert relative_error(out, expected) < 2e-2
+        assert torch.equal(out, plan.run(q, batch.cache))  # eager replay agrees
+
+
+def test_streams_get_their_own_workspace():
+    batch = make_paged_batch([1, 1], [4000, 900], num_q_heads=32, num_kv_heads=8,
+                             head_size=128, dtype=BF16, device="cuda")
+    plan = portattn.plan(batch.metadata, num_q_heads=32, dtype=BF16, cache=batch.cache,
+                         validate=False)
+    runner = plan._body.runner
+    assert runner.workspace_size > 0
+    expected = dense_attention(batch.q.cpu(), batch.keys, batch.values, [1, 1])
+    streams = [torch.cuda.Stream() for _ in range(2)]
+    outs = []
+    for stream in streams:
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            outs.append([plan.run(batch.q, batch.cache) for _ in range(5)])
+    torch.cuda.synchronize()
+    assert len(runner._workspaces) >= 2
+    for per_stream in outs:
+        for out in per_stream:
+            assert relative_error(out, expected) < 2e-2
+
+
+def test_no_device_sync_when_planning_and_running():
+    batch = make_paged_batch([1, 1], [300, 1000], num_q_heads=32, num_kv_heads=8,
+                             head_size=128, dtype=BF16, device="cuda")
+    portattn.attention(batch.q, batch.cache, batch.metadata)  # compile outside the check
+    m = batch.metadata
+    fresh = AttentionMetadata(m.cu_seqlens_q, m.seq_lens, m.block_table, m.max_seqlen_q,
+                              m.max_seqlen_k)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        plan = portattn.plan(fresh, num_q_heads=32, dtype=BF16, cache=batch.cache)
+        for _ in range(3):
+            plan.run(batch.q, batch.cache)
+            portattn.attention(batch.q, batch.cache, fresh)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_launch_hooks_see_every_launch():
+    """With a profiler-style launch hook installed, launches go through Triton's JIT (so
+    the hook sees them) and results stay right."""
+    from triton import knobs
+
+    batch = make_paged_batch([1, 1], [300, 1000], num_q_heads=32, num_kv_heads=8,
+                             head_size=128, dtype=BF16, device="cuda")
+    plan = portattn.plan(batch.metadata, num_q_heads=32, dtype=BF16, cache=batch.cache,
+                         validate=False)
+    plan.run(batch.q, batch.cache)
+    seen = []
+
+    def hook(metadata):
+        seen.append(metadata.get()["name"] if hasattr(metadata, "get") else metadata)
+
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        assert fast_launch.triton_state() is None
+        out = plan.run(batch.q, batch.cache)
+        torch.cuda.synchronize()
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert len(seen) >= 1
+    expected = dense_attention(batch.q.cpu(), batch.keys, batch.values, [1, 1])
+    assert relative_error(out, expected) < 2e-2
+
+
+def test_caches_are_freed_when_dropped():
+    batch = make_paged_batch([1, 1], [300, 1000], num_q_heads=32, num_kv_heads=8,
+                             head_size=128, dtype=BF16, device="cuda")
+    plan = portattn.plan(batch.metadata, num_q_heads=32, dtype=BF16, cache=batch.cache,
+                         validate=False)
+    caches = [PagedKVCache(torch.zeros(20000, 16, 8, 128, dtype=BF16, device="cuda"),
+                           torch.zeros(20000, 16, 8, 128, dtype=BF16, device="cuda"))
+              for _ in range(4)]  # 655 MB each
+    refs = [weakref.ref(c.key_cache) for c in caches]
+    for cache in caches:
+        plan.run(batch.q, cache)
+        portattn.attention(batch.q, cache, batch.metadata, validate=False)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    del caches, cache
+    gc.collect()
+    assert [r() for r in refs] == [None] * 4
+    assert torch.cuda.memory_allocated() < before - 4 * 2 * 600e6

@@ -1,0 +1,312 @@
+"""The cheap Triton relaunch path (:mod:`portattn.kernels.fast_launch`) on the CPU.
+
+* The key logic against Triton's own binder: whenever our specialization key of two
+  argument lists is equal, Triton specializes them identically; and every change Triton
+  specializes on (pointer alignment, int == 1, int % 16, int width, dtype, bool vs int)
+  changes our key.
+* Sequences with a stand-in kernel that uses Triton's real binder and cache key but a
+  fake compiled kernel recording its launcher calls: relaunch with new pointers, misses
+  on a new alignment, absorb, fixed-value changes, foreign tensors, aliasing, workspace
+  views, launch hooks, pre-run hooks, Triton disagreeing.
+* The fallback under the interpreter: no compiled kernel, so the normal path every time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import pytest
+import torch
+import triton.language as tl
+from triton import knobs
+from triton.backends.compiler import BaseBackend
+from triton.runtime.jit import JITFunction, compute_cache_key, create_function_from_signature
+
+from portattn.kernels import fast_launch
+from portattn.kernels.fast_launch import (Ambiguous, Captured, Launch, LaunchSequence,
+                                          Unusable, capturable, capture, specialization_key)
+
+
+def toy(x_ptr, y_ptr, n, stride, scale, flag, BLOCK: tl.constexpr):
+    pass  # a signature only: nothing compiles it
+
+
+NAMES = ("x_ptr", "y_ptr", "n", "stride", "scale", "flag", "BLOCK")
+_toy_jit = JITFunction(toy)
+_binder = create_function_from_signature(_toy_jit.signature, _toy_jit.params, BaseBackend)
+
+
+def triton_specialization(args: dict) -> tuple:
+    """What Triton's binder (native_specialize_impl) makes of these arguments."""
+    _bound, specialization, _options = _binder(**args)
+    return tuple(specialization)
+
+
+def _buffers():
+    base16 = torch.zeros(64, dtype=torch.float16)
+    assert base16.data_ptr() % 16 == 0
+    return {"aligned": base16, "misaligned": base16[1:], "aligned+16B": base16[8:],
+            "fp32": torch.zeros(64, dtype=torch.float32)}
+
+
+def test_equal_keys_mean_equal_triton_specialization():
+    buffers = _buffers()
+    choices = dict(x_ptr=list(buffers.values()), y_ptr=[buffers["aligned"]],
+                   n=[1, 2, 16, 17, 32, -16, 2 ** 31, 2 ** 40],
+                   stride=[1, 16, True], scale=[1.0, 0.5], flag=[True, False, 1],
+                   BLOCK=[32, 64])
+    calls = [dict(zip(choices, values)) for values in itertools.product(*choices.values())]
+    ours = [specialization_key([c[n] for n in NAMES]) for c in calls]
+    theirs = [triton_specialization(c) for c in calls]
+    groups: dict = {}
+    for key, spec in zip(ours, theirs):
+        groups.setdefault(key, set()).add(spec)
+    assert all(len(specs) == 1 for specs in groups.values())
+    assert len(groups) > 100  # the grid really varies
+
+
+@pytest.mark.parametrize("field,before,after", [
+    ("x_ptr", "aligned", "misaligned"),
+    ("x_ptr", "aligned", "fp32"),
+    ("n", 2, 1),
+    ("n", 16, 17),
+    ("n", 5, 2 ** 31),
+    ("flag", True, 1),
+])
+def test_every_triton_specialization_change_changes_our_key(field, before, after):
+    buffers = _buffers()
+    base = dict(x_ptr=buffers["aligned"], y_ptr=buffers["aligned"], n=2, stride=16,
+                scale=1.0, flag=True, BLOCK=32)
+    a, b = dict(base), dict(base)
+    a[field] = buffers.get(before, before) if isinstance(before, str) else before
+    b[field] = buffers.get(after, after) if isinstance(after, str) else after
+    assert triton_specialization(a) != triton_specialization(b)
+    assert specialization_key([a[n] for n in NAMES]) != specialization_key([b[n] for n in NAMES])
+
+
+def test_a_16_byte_offset_keeps_the_specialization():
+    buffers = _buffers()
+    base = dict(x_ptr=buffers["aligned"], y_ptr=buffers["aligned"], n=2, stride=16,
+                scale=1.0, flag=True, BLOCK=32)
+    moved = dict(base, x_ptr=buffers["aligned+16B"])
+    assert triton_specialization(base) == triton_specialization(moved)
+    assert specialization_key([base[n] for n in NAMES]) == \
+        specialization_key([moved[n] for n in NAMES])
+
+
+def test_alignment_token():
+    assert fast_launch.alignment_token([0, 16, 4096]) is True
+    assert fast_launch.alignment_token([0, 18, 4096]) == (True, False, True)
+
+
+# --------------------------------------------------------------------------- sequences
+
+
+class FakeCompiled:
+    """A compiled kernel whose launcher records its calls."""
+
+    def __init__(self, kernel, key):
+        self.kernel = kernel
+        self.key = key
+        self.function = object()
+        self.packed_metadata = (4, 1, 0)
+
+    def run(self, *call):
+        self.kernel.launches.append((self, call))
+
+
+class FakeKernel:
+    """Quacks like a JITFunction: Triton's real binder and cache key, fake compiles."""
+
+    def __init__(self, fn=toy):
+        jit = JITFunction(fn)
+        self.signature, self.params, self.arg_names = jit.signature, jit.params, jit.arg_names
+        self.debug = False
+        self.pre_run_hooks: list = []
+        self.used_global_vals: dict = {}
+        binder = create_function_from_signature(self.signature, self.params, BaseBackend)
+        self.device_caches = {0: ({}, {}, None, BaseBackend, binder)}
+        self.launches: list = []
+        self.compiles = 0
+        self.jit_calls = 0
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):  # JITFunction.run without compiling or a device
+            self.jit_calls += 1
+            kwargs["debug"] = kwargs.get("debug", self.debug) or knobs.runtime.debug
+            kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+            kernel_cache, key_cache, _, _, binder = self.device_caches[0]
+            bound, specialization, options = binder(*args, **kwargs)
+            key = compute_cache_key(key_cache, specialization, options)
+            if key not in kernel_cache:
+                kernel_cache[key] = FakeCompiled(self, key)
+                self.compiles += 1
+            compiled = kernel_cache[key]
+            compiled.run(*grid, "jit", *bound.values())
+            return compiled
+
+        return run
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    monkeypatch.setattr(fast_launch, "_device_functions", lambda: (lambda: 0, lambda d: 77))
+    return FakeKernel()
+
+
+def _record(kernel, inputs, **overrides):
+    """A capture of one launch of ``kernel`` (every launch counted)."""
+    x, y = inputs[:2]
+    args = dict(n=100, stride=8, scale=0.5, flag=True, BLOCK=32)
+    args.update(overrides)
+    with capture() as captured:
+        capturable(kernel)[(4, 2)](x, y, args["n"], args["stride"], args["scale"],
+                                   args["flag"], BLOCK=args["BLOCK"], num_warps=4)
+    captured.triton_launches = len(captured.launches)
+    return captured
+
+
+def test_capture_records_only_inside_the_block_and_thread(kernel):
+    x, y = torch.zeros(8), torch.zeros(8)
+    wrapped = capturable(kernel)
+    assert capturable(wrapped) is wrapped and wrapped.arg_names == kernel.arg_names
+    wrapped[(1,)](x, y, 3, 1, 1.0, False, BLOCK=16)  # outside: plain
+    seen = []
+    with capture() as captured:
+        other = threading.Thread(target=lambda: wrapped[(1,)](x, y, 3, 1, 1.0, False,
+                                                               BLOCK=16))
+        other.start()
+        other.join()
+        compiled = wrapped[(2,)](x, y, 3, 1, 1.0, False, BLOCK=16)
+        seen.append(compiled)
+    assert len(captured.launches) == 1 and kernel.jit_calls == 3
+    launch = captured.launches[0]
+    assert launch.grid == (2,) and launch.compiled is seen[0] and launch.args[0] is x
+
+
+def test_relaunch_with_new_pointers(kernel):
+    x, y = torch.zeros(64, dtype=torch.float16), torch.zeros(64)
+    captured = _record(kernel, (x, y))
+    sequence = LaunchSequence.build(captured, (x, y, None))
+    kernel.launches.clear()
+    x2, y2 = torch.ones(64, dtype=torch.float16), torch.ones(64)
+    assert sequence.launch((x2, y2, None))
+    assert kernel.jit_calls == 1 and len(kernel.launches) == 1
+    compiled, call = kernel.launches[0]
+    assert compiled is captured.launches[0].compiled
+    assert call[:9] == (4, 2, 1, 77, compiled.function, compiled.packed_metadata, None, None,
+                        None)
+    assert call[9:] == (x2.data_ptr(), y2.data_ptr(), 100, 8, 0.5, True, 32)
+    # the sequence keeps no tensor
+    assert not any(isinstance(v, torch.Tensor) for site in sequence.sites
+                   for v in site.template)
+
+
+def test_new_alignment_misses_then_is_absorbed(kernel):
+    x, y = torch.zeros(64, dtype=torch.float16), torch.zeros(64)
+    sequence = LaunchSequence.build(_record(kernel, (x, y)), (x, y))
+    kernel.launches.clear()
+    shifted = torch.zeros(65, dtype=torch.float16)[1:]  # 2 bytes past 16-byte alignment
+    assert not sequence.launch((shifted, y)) and kernel.launches == []
+    captured = _record(kernel, (shifted, y))
+    assert kernel.compiles == 2  # Triton compiles the unaligned variant
+    assert sequence.absorb(captured, (shifted, y))
+    kernel.launches.clear()
+    assert sequence.launch((shifted, y))
+    assert kernel.launches[0][0] is captured.launches[0].compiled
+    assert sequence.launch((x, y))  # the aligned kernel is still there
+    assert kernel.launches[1][0] is not kernel.launches[0][0]
+
+
+def test_absorb_refuses_a_different_structure(kernel):
+    x, y = torch.zeros(64, dtype=torch.float16), torch.zeros(64)
+    sequence = LaunchSequence.build(_record(kernel, (x, y)), (x, y))
+    assert not sequence.absorb(_record(kernel, (x, y), n=101), (x, y))
+    assert not sequence.absorb(_record(kernel, (x, y), BLOCK=64), (x, y))
+    assert not sequence.absorb(_record(kernel, (y, x)), (x, y))  # roles swapped
+    assert sequence.absorb(_record(kernel, (x, y)), (x, y))
+
+
+def test_unbindable_or_aliased_tensors(kernel):
+    x, y = torch.zeros(64, dtype=torch.float16), torch.zeros(64)
+    with pytest.raises(Unusable, match="not one of the call's inputs"):
+        LaunchSequence.build(_record(kernel, (x, y)), (x,))
+    with pytest.raises(Ambiguous):
+        LaunchSequence.build(_record(kernel, (x, x)), (x, x))
+    base = torch.zeros(128)
+    with pytest.raises(Ambiguous, match="shares its storage"):  # a view of two inputs
+        LaunchSequence.build(_record(kernel, (x, base[8:])), (x, base[:4], base[4:]))
+    # a view starting where one of them starts is that one
+    sequence = LaunchSequence.build(_record(kernel, (x, base[4:10])), (x, base[:4], base[4:]))
+    assert sequence.used == (0, 2) and sequence.sites[0].binds[1][2] == 0
+
+
+def test_workspace_views_are_bound_by_offset(kernel):
+    x = torch.zeros(64, dtype=torch.float16)
+    ws = torch.zeros(256)
+    sequence = LaunchSequence.build(_record(kernel, (x, ws[16:])), (x, ws))
+    ws2 = torch.zeros(256)
+    kernel.launches.clear()
+    assert sequence.launch((x, ws2))
+    assert kernel.launches[0][1][10] == ws2.data_ptr() + 16 * 4
+
+
+def test_launch_hooks_and_pre_run_hooks_take_the_jit_path(kernel):
+    x, y = torch.zeros(64, dtype=torch.float16), torch.zeros(64)
+    sequence = LaunchSequence.build(_record(kernel, (x, y)), (x, y))
+
+    def hook(metadata):
+        pass
+
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        assert fast_launch.triton_state() is None
+        assert not sequence.launch((x, y))
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert sequence.launch((x, y))
+    kernel.pre_run_hooks.append(lambda *a, **k: None)
+    assert not sequence.launch((x, y))
+
+
+def test_triton_disagreeing_makes_the_sequence_unusable(kernel):
+    x, y = torch.zeros(64, dtype=torch.float16), torch.zeros(64)
+    captured = _record(kernel, (x, y))
+    kernel_cache = kernel.device_caches[0][0]
+    for key in kernel_cache:
+        kernel_cache[key] = FakeCompiled(kernel, key)  # not what the launch returned
+    with pytest.raises(Unusable, match="another kernel"):
+        LaunchSequence.build(captured, (x, y))
+
+
+def test_uncounted_or_unwrapped_launches_are_refused(kernel):
+    x, y = torch.zeros(64, dtype=torch.float16), torch.zeros(64)
+    captured = _record(kernel, (x, y))
+    captured.triton_launches = None
+    with pytest.raises(Unusable, match="cannot be counted"):
+        LaunchSequence.build(captured, (x, y))
+    captured.triton_launches = 2
+    with pytest.raises(Unusable, match="2 launches but 1 were recorded"):
+        LaunchSequence.build(captured, (x, y))
+
+
+def test_interpreted_kernels_are_refused(kernel):
+    x, y = torch.zeros(8), torch.zeros(8)
+
+    class Interpreted:  # what TRITON_INTERPRET=1 makes of @triton.jit: no compiled kernel
+        pre_run_hooks: list = []
+
+    launch = Launch(Interpreted(), (1,), (x, y, 1, 1, 1.0, True), {"BLOCK": 16}, None)
+    with pytest.raises(Unusable, match="not a compiled JIT kernel"):
+        LaunchSequence.build(Captured([launch], 1), (x, y))
+
+
+@pytest.mark.interpreter
+def test_capture_under_the_interpreter_has_nothing_to_replay():
+    from portattn.kernels import launch
+
+    assert type(launch.unified_attention_kernel.fn).__name__ == "InterpretedFunction"
+    with capture() as captured:
+        pass
+    assert captured.triton_launches is None  # no launch hooks run in the interpreter

@@ -1,0 +1,397 @@
+"""Plan once, run cheaply (:mod:`portattn.planning`) on the CPU.
+
+* One plan serves every layer (distinct caches, distinct per-layer sinks), checked once,
+  results against the float64 oracle under ``TRITON_INTERPRET=1``; ``attention`` does the
+  same through its memo.
+* No cache (nor metadata) is kept alive by a module-level memo once the caller drops it.
+* Threads calling ``attention`` and ``plan.run`` at once.
+* The custom op (torch.compile) reuses the plans of eager calls.
+* Bad input: InputError naming the argument, from ``plan`` and from ``run``.
+* Length hints: recorded, checked on request, bounded on the host for free; an understated
+  ``max_seqlen_q`` never leaves stale rows (the kernel writes those rows NaN).
+* The triton_unified runner's fallback when launches cannot be replayed.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import sys
+import weakref
+
+import pytest
+import torch
+
+import portattn
+from portattn import AttentionMetadata, InputError, PagedKVCache, planning
+from portattn.backends.base import Backend, Plan
+from portattn.dispatch import registry
+from portattn.testing import dense_attention, make_paged_batch, relative_error
+
+F16, F32 = torch.float16, torch.float32
+TOLERANCE = {F16: 3e-3, F32: 2e-5}
+interp = pytest.mark.interpreter
+SCALES = (1.0, -0.5, 1.5)  # layer l's K and V are layer 0's times SCALES[l]
+
+
+def _layers(batch, count=3, seed=1):
+    """Per layer: a cache with the structure of ``batch.cache`` (same blocks, scaled K/V),
+    a fresh q and sinks, and the oracle's inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    layers = []
+    for i in range(count):
+        s = SCALES[i % len(SCALES)]
+        cache = PagedKVCache(batch.cache.key_cache * s, batch.cache.value_cache * s)
+        q = torch.randn(batch.q.shape, generator=gen).to(batch.q.dtype)
+        sinks = torch.randn(batch.q.shape[1], generator=gen)
+        layers.append((q, cache, sinks, [k * s for k in batch.keys],
+                       [v * s for v in batch.values]))
+    return layers
+
+
+def _expected(batch, q, keys, values, **options):
+    return dense_attention(q, keys, values, batch.query_lens, **options)
+
+
+@pytest.fixture(autouse=True)
+def fresh_plans():
+    planning.clear()
+    yield
+    planning.clear()
+
+
+CASES = {  # query lens, seq lens, group, environment
+    "decode": ([1, 1], [21, 7], 2, {}),
+    "decode-split": ([1, 2], [300, 9], 2, {"PORTATTN_UNIFIED_SPLIT": "1"}),
+    "mixed": ([1, 20], [9, 33], 4, {}),
+}
+
+
+@interp
+@pytest.mark.parametrize("dtype", [F16, F32])
+@pytest.mark.parametrize("case", list(CASES))
+def test_one_plan_serves_every_layer(case, dtype, monkeypatch):
+    query_lens, seq_lens, group, env = CASES[case]
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    batch = make_paged_batch(query_lens, seq_lens, num_q_heads=2 * group, num_kv_heads=2,
+                             head_size=32, dtype=dtype)
+    plan = portattn.plan(batch.metadata, num_q_heads=2 * group, dtype=dtype,
+                         cache=batch.cache, sinks=True, backend="triton_unified",
+                         validate=False)
+    assert plan.backend == "triton_unified"
+    assert plan.variant.startswith({"decode": "decode-2d", "decode-split": "decode-3d",
+                                    "mixed": "mixed"}[case])
+    checked = planning.stats["checked"]
+    for q, cache, sinks, keys, values in _layers(batch):
+        out = torch.full_like(q, math.nan)
+        assert plan.run(q, cache, out, sinks=sinks) is out
+        expected = _expected(batch, q, keys, values, sinks=sinks)
+        assert relative_error(out, expected) < TOLERANCE[dtype]
+    assert planning.stats["checked"] == checked + 1  # the first layer only
+    assert len(plan._accepted) == 1
+
+
+@interp
+def test_attention_checks_once_for_every_layer():
+    batch = make_paged_batch([1, 3], [17, 12], num_q_heads=4, num_kv_heads=2, head_size=32,
+                             dtype=F32)
+    checked, made = planning.stats["checked"], planning.stats["bodies"]
+    for q, cache, sinks, keys, values in _layers(batch, count=4):
+        out = portattn.attention(q, cache, batch.metadata, sinks=sinks, sliding_window=5,
+                                 backend="triton_unified", validate=False)
+        expected = _expected(batch, q, keys, values, sinks=sinks, sliding_window=5)
+        assert relative_error(out, expected) < TOLERANCE[F32]
+    assert planning.stats["checked"] == checked + 1
+    assert planning.stats["bodies"] == made + 1
+    assert len(planning.memo) == 1
+
+
+class Doubling(Backend):
+    """Test double: out = 2 q (head sizes equal), so each caller can check its own result."""
+
+    name = "doubling"
+    summary = "test double"
+
+    def why_not(self, problem, caps):
+        return []
+
+    def plan(self, problem, caps):
+        return Plan(self.name, "x2")
+
+    def run(self, q, cache, metadata, options, out, plan):
+        out.copy_(q * 2)
+
+
+@pytest.fixture
+def doubling(monkeypatch):
+    module = type(sys)("portattn_test_doubling")
+    module.Doubling = Doubling
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(registry.BACKENDS, "doubling", f"{module.__name__}:Doubling")
+    registry.reset()
+    yield
+    registry.reset()
+
+
+def test_no_cache_or_metadata_is_kept_alive(doubling):
+    batch = make_paged_batch([1, 1], [9, 5], num_q_heads=4, num_kv_heads=2, head_size=32,
+                             dtype=F32)
+    m = batch.metadata
+    metadata = AttentionMetadata(m.cu_seqlens_q.clone(), m.seq_lens.clone(),
+                                 m.block_table.clone(), m.max_seqlen_q, m.max_seqlen_k)
+    caches = [PagedKVCache(batch.cache.key_cache.clone(), batch.cache.value_cache.clone())
+              for _ in range(3)]
+    refs = [weakref.ref(t) for c in caches for t in (c, c.key_cache, c.value_cache)]
+    plan = portattn.plan(metadata, num_q_heads=4, dtype=F32, cache=caches[0],
+                         backend="doubling", validate=False)
+    for cache in caches:
+        assert torch.equal(portattn.attention(batch.q, cache, metadata, backend="doubling",
+                                              validate=False), batch.q * 2)
+        assert torch.equal(plan.run(batch.q, cache), batch.q * 2)
+    assert len(planning.memo) == 1
+    reassigned = caches[0]  # a tensor replaced in a live cache is not kept either
+    old_key = weakref.ref(reassigned.key_cache)
+    reassigned.key_cache = reassigned.key_cache.clone()
+    gc.collect()
+    assert old_key() is None
+    assert torch.equal(plan.run(batch.q, reassigned), batch.q * 2)
+    del caches, cache, reassigned
+    gc.collect()
+    assert [r() for r in refs if r() is not None] == []
+    # the plan holds its metadata; the memo forgets it once its tensors go
+    meta_ref = weakref.ref(metadata.seq_lens)
+    del metadata
+    gc.collect()
+    assert meta_ref() is not None and len(planning.memo) == 1
+    del plan
+    gc.collect()
+    assert meta_ref() is None and len(planning.memo) == 0
+
+
+@interp
+def test_threads_share_plans(doubling):
+    """Interpreted kernels in four threads (attention and plan.run, distinct caches), plus
+    a stress of the memo with the test double in eight threads."""
+    from test_dispatch import _errors_in_threads
+
+    batch = make_paged_batch([1, 2], [13, 6], num_q_heads=4, num_kv_heads=2, head_size=32,
+                             dtype=F32)
+    layers = _layers(batch, count=4)
+    plan = portattn.plan(batch.metadata, num_q_heads=4, dtype=F32, cache=batch.cache,
+                         backend="triton_unified", validate=False)
+    results: dict = {}
+
+    def kernels(k):
+        q, cache, _, keys, values = layers[k]
+        for i in range(2):
+            if (k + i) % 2:
+                out = plan.run(q, cache)
+            else:
+                out = portattn.attention(q, cache, batch.metadata,
+                                         backend="triton_unified", validate=False)
+            results[k, i] = relative_error(out, _expected(batch, q, keys, values))
+
+    assert not _errors_in_threads(kernels, 4)
+    assert len(results) == 8 and max(results.values()) < TOLERANCE[F32]
+
+    metas = [make_paged_batch([1] * n, [5] * n, num_q_heads=4, num_kv_heads=2,
+                              head_size=32, dtype=F32, seed=n).metadata for n in (1, 2, 3)]
+    planning.memo.capacity = 2
+    try:
+        def stress(k):
+            for i in range(300):
+                meta = metas[(k + i) % 3]
+                q = torch.randn(meta.seq_lens.shape[0], 4, 32)
+                out = portattn.attention(q, batch.cache, meta, backend="doubling",
+                                         validate=False)
+                assert torch.equal(out, q * 2)
+
+        assert not _errors_in_threads(stress, 8)
+        assert len(planning.memo) <= 2
+    finally:
+        planning.memo.capacity = planning.METADATA_CAPACITY
+
+
+@interp
+def test_custom_op_reuses_plans():
+    batch = make_paged_batch([1, 2], [11, 6], num_q_heads=4, num_kv_heads=2, head_size=32,
+                             dtype=F32)
+    metadata = AttentionMetadata(*(getattr(batch.metadata, n) for n in
+                                   ("cu_seqlens_q", "seq_lens", "block_table",
+                                    "max_seqlen_q", "max_seqlen_k")))
+    layers = _layers(batch, count=3)
+
+    def model(qs, caches, sinks, metadata):
+        return [portattn.attention(q * 1.0, c, metadata, sinks=s, backend="triton_unified",
+                                   validate=False)
+                for q, c, s in zip(qs, caches, sinks)]
+
+    qs, caches, sinks = ([layer[i] for layer in layers] for i in range(3))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for step in range(3):
+        outs = compiled(qs, caches, sinks, metadata)
+        if step == 0:
+            checked = planning.stats["checked"]
+    assert planning.stats["checked"] == checked  # later steps: no checks, no planning
+    for out, (q, _, s, keys, values) in zip(outs, layers):
+        assert relative_error(out, _expected(batch, q, keys, values, sinks=s)) < 2e-5
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.fixture
+def small():
+    return make_paged_batch([1, 2], [9, 6], num_q_heads=4, num_kv_heads=2, head_size=32,
+                            dtype=F32)
+
+
+def test_plan_names_bad_arguments(small):
+    m = small.metadata
+    cases = [
+        (dict(num_q_heads=0, dtype=F32, cache=small.cache), "num_q_heads"),
+        (dict(num_q_heads=4, dtype="fp32", cache=small.cache), "dtype"),
+        (dict(num_q_heads=4, dtype=F32, cache=small.cache, block_size=16), "block_size"),
+        (dict(num_q_heads=4, dtype=F32), "num_kv_heads"),
+        (dict(num_q_heads=4, dtype=F32, num_kv_heads=2, head_size_qk=32), "block_size"),
+        (dict(num_q_heads=4, dtype=F32, cache=small.cache, alibi="cubic"), "alibi"),
+        (dict(num_q_heads=4, dtype=F32, cache=small.cache, sinks=1), "sinks"),
+        (dict(num_q_heads=3, dtype=F32, cache=small.cache), "q"),
+        (dict(num_q_heads=4, dtype=F16, cache=small.cache), "cache"),
+        (dict(num_q_heads=4, dtype=F32, cache=small.cache, sliding_window=0), "sliding_window"),
+        (dict(num_q_heads=4, dtype=F32, cache=small.cache, kv_quant="fp8"), "kv_quant"),
+        (dict(num_q_heads=4, dtype=F32, num_kv_heads=2, head_size_qk=32, block_size=16,
+              kv_quant="fp8"), "kv_quant"),
+    ]
+    for kwargs, argument in cases:
+        with pytest.raises(InputError) as info:
+            portattn.plan(m, **kwargs)
+        assert info.value.argument == argument, (kwargs, str(info.value))
+    with pytest.raises(InputError, match="^metadata:"):
+        portattn.plan("metadata", num_q_heads=4, dtype=F32, cache=small.cache)
+
+
+def test_plan_from_a_description_equals_plan_from_a_template(small):
+    a = portattn.plan(small.metadata, num_q_heads=4, dtype=F32, cache=small.cache)
+    b = portattn.plan(small.metadata, num_q_heads=4, dtype=F32, num_kv_heads=2,
+                      head_size_qk=32, block_size=16)
+    assert a.problem == b.problem and a._body is b._body  # one body, shared
+    assert "triton_unified" in repr(a) or "torch_ref" in repr(a)
+
+
+def test_run_names_arguments_that_do_not_fit_the_plan(small, doubling):
+    plan = portattn.plan(small.metadata, num_q_heads=4, dtype=F32, cache=small.cache,
+                         sinks=True, backend="doubling", validate=False)
+    q, sinks = small.q, torch.zeros(4)
+    other_blocks = PagedKVCache.allocate(8, 8, 2, 32, dtype=F32)
+    cases = [
+        (dict(q=q.half(), cache=small.cache, sinks=sinks), "q"),
+        (dict(q=q[:, :2], cache=small.cache, sinks=sinks), "q"),
+        (dict(q="q", cache=small.cache, sinks=sinks), "q"),
+        (dict(q=q, cache=other_blocks, sinks=sinks), "cache"),
+        (dict(q=q, cache=small.cache.key_cache, sinks=sinks), "cache"),
+        (dict(q=q, cache=small.cache), "sinks"),
+        (dict(q=q, cache=small.cache, sinks=torch.zeros(3)), "sinks"),
+        (dict(q=q, cache=small.cache, sinks=sinks, alibi_slopes=torch.zeros(4)),
+         "alibi_slopes"),
+        (dict(q=q, cache=small.cache, sinks=sinks, out=torch.empty(3, 4, 32, dtype=F16)),
+         "out"),
+    ]
+    for kwargs, argument in cases:
+        with pytest.raises(InputError) as info:
+            plan.run(**kwargs)
+        assert info.value.argument == argument, (kwargs, str(info.value))
+    assert torch.equal(plan.run(q, small.cache, sinks=sinks), q * 2)
+
+
+# --------------------------------------------------------------------------- hints
+
+
+def _understated(batch, max_q, max_k):
+    m = batch.metadata
+    return AttentionMetadata(m.cu_seqlens_q, m.seq_lens, m.block_table, max_q, max_k)
+
+
+def test_plans_record_hints_and_check_them_on_request(small, doubling):
+    plan = portattn.plan(small.metadata, num_q_heads=4, dtype=F32, cache=small.cache,
+                         backend="doubling")
+    assert (plan.max_seqlen_q, plan.max_seqlen_k) == (2, 9)
+    lazy = AttentionMetadata(small.metadata.cu_seqlens_q, small.metadata.seq_lens,
+                             small.metadata.block_table)  # no hints: read once, by plan()
+    assert portattn.plan(lazy, num_q_heads=4, dtype=F32, cache=small.cache,
+                         backend="doubling").max_seqlen_k == 9
+    low = portattn.plan(_understated(small, 2, 8), num_q_heads=4, dtype=F32,
+                        cache=small.cache, backend="doubling", validate=False)
+    low.run(small.q, small.cache)  # not checked: the caller said so
+    with pytest.raises(InputError, match="^metadata.max_seqlen_k"):
+        low.run(small.q, small.cache, validate=True)
+
+
+def test_hints_below_what_the_token_count_allows_are_refused_without_a_sync(small,
+                                                                            doubling):
+    # 3 query tokens in 2 sequences: some sequence has >= 2 queries and >= 2 keys
+    for max_q, max_k, argument in ((1, 9, "metadata.max_seqlen_q"),
+                                   (2, 1, "metadata.max_seqlen_k")):
+        metadata = _understated(small, max_q, max_k)
+        with pytest.raises(InputError) as info:
+            portattn.attention(small.q, small.cache, metadata, backend="doubling",
+                               validate=False)
+        assert info.value.argument == argument
+        plan = portattn.plan(metadata, num_q_heads=4, dtype=F32, cache=small.cache,
+                             backend="doubling", validate=False)
+        with pytest.raises(InputError) as info:
+            plan.run(small.q, small.cache)
+        assert info.value.argument == argument
+
+
+@interp
+def test_understated_max_seqlen_q_never_leaves_stale_rows():
+    # group 4: decode tiles of 16 rows hold 4 queries; the second sequence has 6. The
+    # host bound passes (7 tokens <= 2 sequences x 4), so only the kernel can tell.
+    batch = make_paged_batch([1, 6], [10, 12], num_q_heads=8, num_kv_heads=2,
+                             head_size=32, dtype=F32)
+    metadata = _understated(batch, 4, 12)
+    stale = torch.full_like(batch.q, 7.0)
+    try:
+        out = portattn.attention(batch.q, batch.cache, metadata, out=stale,
+                                 backend="triton_unified", validate=False)
+    except (InputError, ValueError):
+        return  # refusing is fine too
+    assert torch.isnan(out[1:]).all(), "rows of the long sequence kept stale values"
+    expected = dense_attention(batch.q, batch.keys, batch.values, batch.query_lens)
+    assert relative_error(out[:1], expected[:1]) < 2e-5
+
+
+@interp
+def test_understated_max_seqlen_q_is_an_error_when_validating():
+    batch = make_paged_batch([1, 6], [10, 12], num_q_heads=8, num_kv_heads=2,
+                             head_size=32, dtype=F32)
+    with pytest.raises(InputError, match="^metadata.max_seqlen_q"):
+        portattn.attention(batch.q, batch.cache, _understated(batch, 4, 12),
+                           backend="triton_unified", validate=True)
+
+
+# --------------------------------------------------------------------------- runner
+
+
+@interp
+def test_runner_falls_back_when_launches_cannot_be_replayed(caplog):
+    """Under the interpreter nothing compiled exists: forcing replay on records the call,
+    finds it unusable (once, logged) and keeps the normal path, with correct results."""
+    batch = make_paged_batch([1, 1], [15, 4], num_q_heads=4, num_kv_heads=2, head_size=32,
+                             dtype=F32)
+    plan = portattn.plan(batch.metadata, num_q_heads=4, dtype=F32, cache=batch.cache,
+                         backend="triton_unified", validate=False)
+    runner = plan._body.runner
+    assert not runner.replay  # CPU: the plain path
+    runner.replay = True
+    caplog.set_level(logging.WARNING, logger="portattn")
+    for q, cache, _, keys, values in _layers(batch, count=3):
+        out = plan.run(q, cache)
+        assert relative_error(out, _expected(batch, q, keys, values)) < TOLERANCE[F32]
+    slot = next(iter(plan._accepted.values()))
+    assert slot.reason and "cannot be counted" in slot.reason
+    assert sum("go through Triton's JIT" in r.message for r in caplog.records) == 1

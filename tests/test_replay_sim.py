@@ -1,0 +1,282 @@
+"""The GPU replay path of ``triton_unified`` plans, simulated on the CPU.
+
+On a GPU a plan records launch.py's launches once and then calls the compiled kernels'
+launchers with raw pointers. Here the kernels launch.py wraps are swapped for stand-ins
+that use Triton's real binder and cache key, and whose "compiled kernel" launcher maps
+the pointer ints back to tensors and runs the interpreted kernel. So the whole replay
+path (runner, bindings, template, workspace offsets, misses, absorb) runs for real, and
+every layer's result is compared with the float64 oracle, while the JIT path is counted:
+after the first call of a structure it must not run again.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from triton import knobs
+from triton.backends.compiler import BaseBackend
+from triton.runtime.jit import JITFunction, compute_cache_key, create_function_from_signature
+
+import portattn
+from portattn import PagedKVCache, planning
+from portattn.kernels import fast_launch, launch
+from portattn.testing import dense_attention, make_paged_batch, relative_error
+
+pytestmark = pytest.mark.interpreter
+DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16,
+          "i32": torch.int32, "i64": torch.int64}
+
+
+class Memory:
+    """Pointer ints back to tensors: every storage the test hands to attention."""
+
+    def __init__(self):
+        self.storages = []
+
+    def add(self, *tensors):
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                self.storages.append(t.untyped_storage())
+
+    def tensor_at(self, pointer: int, type_name: str) -> torch.Tensor:
+        dtype = DTYPES[type_name.lstrip("*k")]
+        size = torch.empty(0, dtype=dtype).element_size()
+        for storage in self.storages:
+            base = storage.data_ptr()
+            if base <= pointer < base + storage.nbytes():
+                offset = pointer - base
+                assert offset % size == 0
+                count = (storage.nbytes() - offset) // size
+                return torch.empty(0, dtype=dtype).set_(storage, offset // size, (count,),
+                                                        (1,))
+        raise AssertionError(f"pointer {pointer:#x} is in no known tensor")
+
+
+class SimCompiled:
+    def __init__(self, kernel, specialization):
+        self.kernel = kernel
+        self.specialization = specialization
+        self.function = object()
+        self.packed_metadata = (4, 1, 0)
+
+    def run(self, g0, g1, g2, stream, function, packed, metadata, enter, exit, *args):
+        assert function is self.function and packed is self.packed_metadata
+        assert (metadata, enter, exit) == (None, None, None)
+        values = []
+        for (type_name, _), arg in zip(self.specialization, args):
+            is_pointer = isinstance(type_name, str) and type_name.startswith("*")
+            if is_pointer and isinstance(arg, int):
+                arg = self.kernel.memory.tensor_at(arg, type_name)
+            values.append(arg)
+        self.kernel.replays += 1
+        self.kernel.interpreted[(g0, g1, g2)](*values)
+
+
+class SimKernel:
+    """A JITFunction stand-in: Triton's binder and cache key, the interpreter to run."""
+
+    def __init__(self, interpreted, memory: Memory):
+        self.interpreted = interpreted
+        self.memory = memory
+        jit = JITFunction(interpreted.fn)
+        self.signature, self.params, self.arg_names = jit.signature, jit.params, jit.arg_names
+        self.debug = False
+        self.pre_run_hooks: list = []
+        self.used_global_vals: dict = {}
+        binder = create_function_from_signature(self.signature, self.params, BaseBackend)
+        self.device_caches = {0: ({}, {}, None, BaseBackend, binder)}
+        self.jit_runs = 0
+        self.replays = 0
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.jit_runs += 1
+            _count.launches += 1
+            kwargs["debug"] = kwargs.get("debug", self.debug) or knobs.runtime.debug
+            kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+            kernel_cache, key_cache, _, _, binder = self.device_caches[0]
+            _bound, specialization, options = binder(*args, **kwargs)
+            key = compute_cache_key(key_cache, specialization, options)
+            compiled = kernel_cache.setdefault(key, SimCompiled(self, specialization))
+            names = self.arg_names
+            self.interpreted[grid](*args, **{k: v for k, v in kwargs.items() if k in names})
+            return compiled
+
+        return run
+
+
+class _count:
+    launches = 0
+
+
+def _counting():
+    """fast_launch._count_launches for the stand-ins (Triton's hook never runs here)."""
+    class Counter:
+        def __init__(self):
+            self.start = _count.launches
+
+        @property
+        def count(self):
+            return _count.launches - self.start
+
+    counter = Counter()
+
+    class Chain:
+        def remove(self, _):
+            pass
+
+    return Chain(), counter
+
+
+@pytest.fixture
+def sim(monkeypatch):
+    memory = Memory()
+    kernels = {}
+    for name in ("unified_attention_kernel", "merge_segments_kernel"):
+        wrapped = getattr(launch, name)
+        kernels[name] = SimKernel(wrapped.fn, memory)
+        monkeypatch.setattr(wrapped, "fn", kernels[name])
+    monkeypatch.setattr(fast_launch, "_count_launches", _counting)
+    monkeypatch.setattr(fast_launch, "_device_functions", lambda: (lambda: 0, lambda d: 0))
+    planning.clear()
+    yield memory, kernels
+    planning.clear()
+
+
+def _replaying(plan):
+    runner = plan._body.runner
+    runner.replay = True
+    runner._capturing = lambda: False
+    runner._stream = lambda index: 0
+    return runner
+
+
+CASES = {  # query lens, seq lens, group, environment
+    "decode-2d": ([1, 1, 1], [21, 7, 30], 2, {}),
+    "decode-3d": ([1, 2], [300, 9], 2, {"PORTATTN_UNIFIED_SPLIT": "1"}),
+    "mixed": ([1, 20], [9, 33], 4, {}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_replayed_layers_match_the_oracle(case, sim, monkeypatch):
+    memory, kernels = sim
+    query_lens, seq_lens, group, env = CASES[case]
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    heads = 2 * group
+    batch = make_paged_batch(query_lens, seq_lens, num_q_heads=heads, num_kv_heads=2,
+                             head_size=32, dtype=torch.float16)
+    plan = portattn.plan(batch.metadata, num_q_heads=heads, dtype=torch.float16,
+                         cache=batch.cache, sinks=True, backend="triton_unified",
+                         validate=False)
+    assert plan.variant.startswith(case)
+    runner = _replaying(plan)
+    memory.add(batch.metadata.cu_seqlens_q, batch.metadata.seq_lens,
+               batch.metadata.block_table)
+    gen = torch.Generator().manual_seed(3)
+    for layer, s in enumerate((1.0, -0.5, 2.0, 0.75)):
+        cache = PagedKVCache(batch.cache.key_cache * s, batch.cache.value_cache * s)
+        q = torch.randn(batch.q.shape, generator=gen).half()
+        sinks = torch.randn(heads, generator=gen)
+        out = torch.full_like(q, math.nan)
+        memory.add(q, cache.key_cache, cache.value_cache, out, sinks,
+                   *runner._workspaces.values())
+        runs = sum(k.jit_runs for k in kernels.values())
+        if runner.workspace_size and not runner._workspaces:
+            runner._workspace()  # allocate now, so its storage is known to the memory
+            memory.add(*runner._workspaces.values())
+        plan.run(q, cache, out, sinks=sinks)
+        expected = dense_attention(q, [k * s for k in batch.keys],
+                                   [v * s for v in batch.values], query_lens, sinks=sinks)
+        assert relative_error(out, expected) < 3e-3, f"layer {layer}"
+        if layer:  # replayed: the JIT path did not run again
+            assert sum(k.jit_runs for k in kernels.values()) == runs
+    slot = next(iter(plan._accepted.values()))
+    assert slot.reason is None and slot.sequence is not None
+    launches = {"decode-2d": 1, "decode-3d": 2, "mixed": 2}[case]
+    assert len(slot.sequence.sites) == launches
+    assert sum(k.replays for k in kernels.values()) == 3 * launches
+
+
+def test_a_misaligned_q_is_absorbed_then_replayed(sim):
+    memory, kernels = sim
+    batch = make_paged_batch([1, 1], [19, 5], num_q_heads=4, num_kv_heads=2, head_size=32,
+                             dtype=torch.float16)
+    plan = portattn.plan(batch.metadata, num_q_heads=4, dtype=torch.float16,
+                         cache=batch.cache, backend="triton_unified", validate=False)
+    _replaying(plan)
+    memory.add(batch.metadata.cu_seqlens_q, batch.metadata.seq_lens,
+               batch.metadata.block_table, batch.cache.key_cache, batch.cache.value_cache)
+    expected = dense_attention(batch.q, batch.keys, batch.values, [1, 1])
+    unified = kernels["unified_attention_kernel"]
+
+    def run(q):
+        out = torch.full_like(batch.q, math.nan)
+        memory.add(q, out)
+        plan.run(q, batch.cache, out)
+        assert relative_error(out, expected) < 3e-3
+        return unified.jit_runs
+
+    aligned = batch.q.clone()
+    shifted = torch.empty(batch.q.numel() + 1, dtype=torch.float16)[1:].view(batch.q.shape)
+    shifted.copy_(batch.q)  # same strides, 2 bytes past 16-byte alignment
+    assert shifted.data_ptr() % 16 == 2
+    assert run(aligned) == 1
+    assert run(aligned) == 1          # replayed
+    assert run(shifted) == 2          # a new specialization: the JIT path, absorbed
+    assert run(shifted) == 2 and run(aligned) == 2  # both replayed now
+    kernel_cache = unified.device_caches[0][0]
+    assert len(kernel_cache) == 2
+
+
+def test_aliased_inputs_are_retried_then_given_up(sim):
+    """One tensor passed as both sinks and ALiBi slopes cannot be attributed to a role:
+    the call runs normally, a later unaliased call builds the sequence; a structure that
+    keeps aliasing gives up (logged) and stays on the normal path, correct throughout."""
+    memory, kernels = sim
+    batch = make_paged_batch([1, 1], [19, 5], num_q_heads=4, num_kv_heads=2, head_size=32,
+                             dtype=torch.float16)
+    plan = portattn.plan(batch.metadata, num_q_heads=4, dtype=torch.float16,
+                         cache=batch.cache, sinks=True, alibi="linear",
+                         backend="triton_unified", validate=False)
+    runner = _replaying(plan)
+    memory.add(batch.metadata.cu_seqlens_q, batch.metadata.seq_lens,
+               batch.metadata.block_table, batch.q, batch.cache.key_cache,
+               batch.cache.value_cache)
+    shared = torch.linspace(-1.0, 1.0, 4)
+    other = torch.linspace(0.5, 0.1, 4)
+    memory.add(shared, other)
+
+    def run(sinks, slopes):
+        out = torch.full_like(batch.q, math.nan)
+        memory.add(out)
+        plan.run(batch.q, batch.cache, out, sinks=sinks, alibi_slopes=slopes)
+        expected = dense_attention(batch.q, batch.keys, batch.values, [1, 1], sinks=sinks,
+                                   alibi_slopes=slopes)
+        assert relative_error(out, expected) < 3e-3
+
+    run(shared, shared)
+    slot = next(iter(plan._accepted.values()))
+    assert slot.sequence is None and slot.ambiguous == 1
+    run(other, shared)  # unaliased: recorded and replayable
+    assert slot.sequence is not None and slot.reason is None
+    runs = kernels["unified_attention_kernel"].jit_runs
+    run(shared, shared)  # replayed by role: each pointer from its own argument
+    assert kernels["unified_attention_kernel"].jit_runs == runs
+
+    planning.clear()
+    plan = portattn.plan(batch.metadata, num_q_heads=4, dtype=torch.float16,
+                         cache=batch.cache, sinks=True, alibi="linear",
+                         backend="triton_unified", validate=False)
+    runner = _replaying(plan)
+    from portattn.backends.unified_runner import MAX_AMBIGUOUS
+
+    for _ in range(MAX_AMBIGUOUS):
+        run(shared, shared)
+    slot = next(iter(plan._accepted.values()))
+    assert slot.reason and "one tensor is inputs [7, 8]" in slot.reason
+    run(other, shared)  # the structure stays on the normal path, still right
+    assert runner is plan._body.runner
