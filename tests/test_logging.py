@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import portattn
+from portattn import planning
 from portattn.capabilities import probe
 from portattn.dispatch import Problem, decide, decision_cache
 from portattn.dispatch.announce import announced
@@ -16,14 +17,20 @@ from portattn.dispatch.routing import routing_table
 from portattn.testing import make_paged_batch
 
 
+def _forget_every_decision():
+    """Decisions are made once per problem class; the plan caches keep whole plans (so
+    they never ask the selector again), the decision cache keeps decisions."""
+    planning.clear()
+    decision_cache.clear()
+    announced.clear()
+
+
 @pytest.fixture(autouse=True)
 def fresh(caplog):
-    decision_cache.clear()
-    announced.clear()
+    _forget_every_decision()
     caplog.set_level(logging.INFO, logger="portattn")
     yield
-    decision_cache.clear()
-    announced.clear()
+    _forget_every_decision()
 
 
 def _records(caplog, level=None):
