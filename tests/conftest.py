@@ -15,6 +15,8 @@ import os
 
 import pytest
 
+from portattn import settings
+
 
 def _has_gpu() -> bool:
     try:
@@ -37,7 +39,7 @@ def pytest_collection_modifyitems(config, items):
     skip_triton = pytest.mark.skip(reason="needs Triton")
     skip_interp = pytest.mark.skip(reason="TRITON_INTERPRET=1 is not set (a GPU is present: "
                                    "set it to run the interpreter tier here)")
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    interpreting = settings.TRITON_INTERPRET.value()
     for item in items:
         if "gpu" in item.keywords and not HAS_GPU:
             item.add_marker(skip_gpu)
@@ -51,10 +53,10 @@ def pytest_collection_modifyitems(config, items):
 def _shard(config, items):
     """``PORTATTN_TEST_SHARD=i/n`` keeps every n-th test from the i-th: lets a GPU machine
     compile kernels for several test processes in parallel."""
-    spec = os.environ.get("PORTATTN_TEST_SHARD", "").strip()
-    if not spec:
+    spec = settings.TEST_SHARD.value()
+    if spec is None:
         return
-    index, count = (int(x) for x in spec.split("/"))
+    index, count = spec
     kept = [item for i, item in enumerate(items) if i % count == index]
     config.hook.pytest_deselected(items=[item for item in items if item not in kept])
     items[:] = kept

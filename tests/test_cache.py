@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from portattn import InputError, KVQuant, PagedKVCache
-from portattn.quant import dequantize
+from portattn.testing import dequantize_as_specified, quantize_as_specified
 
 NUM_BLOCKS, BLOCK, HEADS, D = 6, 16, 3, 40
 
@@ -19,8 +19,36 @@ def _read_back(cache, which, slots):
     scales = cache.k_scale_cache if which == "k" else cache.v_scale_cache
     blocks, offsets = slots // cache.block_size, slots % cache.block_size
     stored = data[blocks, offsets]
-    return dequantize(stored, cache.quant, which, None if scales is None else
-                      scales[blocks, offsets])
+    return dequantize_as_specified(stored, cache.quant, which, None if scales is None else
+                                   scales[blocks, offsets])
+
+
+QUANTS = [KVQuant.fp8_per_tensor(0.04, torch.tensor([0.05])),
+          KVQuant.fp8_per_tensor(0.5, 0.25, torch.float8_e5m2),
+          KVQuant.int8_per_token_head(), KVQuant.fp8_per_token_head(),
+          KVQuant.fp8_per_token_head(torch.float8_e5m2)]
+
+
+@pytest.mark.parametrize("quant", QUANTS, ids=lambda q: q.key)
+def test_write_stores_what_the_definitions_say(quant):
+    """Codes and scales, bit for bit, against DESIGN.md's definitions restated in
+    portattn.testing (not portattn.quant, which write itself uses)."""
+    cache = PagedKVCache.allocate(NUM_BLOCKS, BLOCK, HEADS, D, quant=quant)
+    key, value = _random_tokens(30, scale=40.0), _random_tokens(30, seed=6, scale=0.01)
+    key[3, 1] = 0.0  # an all-zero token-head: scale 1
+    slots = torch.arange(30) * 3 % (NUM_BLOCKS * BLOCK)
+    cache.write(key, value, slots)
+    blocks, offsets = slots // BLOCK, slots % BLOCK
+    for which, src, data, scale_cache in (("k", key, cache.key_cache, cache.k_scale_cache),
+                                          ("v", value, cache.value_cache, cache.v_scale_cache)):
+        stored, scales = quantize_as_specified(src, quant, which, data.dtype)
+        assert torch.equal(data[blocks, offsets].view(torch.uint8), stored.view(torch.uint8))
+        if scales is None:
+            assert scale_cache is None
+        else:
+            assert torch.equal(scale_cache[blocks, offsets], scales)
+            if which == "k":
+                assert scales[3, 1] == 1.0 and (stored[3, 1].float() == 0).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

@@ -21,8 +21,7 @@ except ImportError:
 
 import portattn
 from portattn.capabilities import OVERRIDES, Capabilities, clear_cache, probe
-from portattn.capabilities.report import (RESERVED_KEYS, SCHEMA, collect_report, main,
-                                          render_report)
+from portattn.capabilities.report import RESERVED_KEYS, SCHEMA, collect_report, main, render_report
 
 probe_mod = importlib.import_module("portattn.capabilities.probe")
 SRC = str(Path(portattn.__file__).resolve().parents[1])
@@ -100,7 +99,7 @@ def test_render_has_every_section():
     report = collect_report(caps, extra_sections={"backends": BACKENDS, "routing": ROUTING,
                                                   "notes": {"hello": "world"}})
     text = render_report(report)
-    headings = ["Platform", "Libraries", "Device", "Capabilities", "Environment",
+    headings = ["Platform", "Libraries", "Device", "Capabilities", "Settings",
                 "Backends", "Routing", "Notes"]
     positions = [text.index(f"\n{h}\n") for h in headings]
     assert positions == sorted(positions)

@@ -6,16 +6,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from portattn.backends.triton_unified import (HEAD_SIZE_RANGE, HEAD_SIZE_STEP,
-                                              SUPPORTED_DTYPES, TritonUnified)
+from portattn.backends.triton_unified import (
+    HEAD_SIZE_RANGE,
+    HEAD_SIZE_STEP,
+    SUPPORTED_DTYPES,
+    TritonUnified,
+)
 from portattn.capabilities import PROFILES, probe
 from portattn.dispatch import Problem, decide
 from portattn.dispatch.routing import COMMON_PROBLEMS, backend_availability, routing_table
 
 CI = Path(__file__).resolve().parents[1] / "ci"
-EXPECTED_FILE = json.loads((CI / "expected_routing.json").read_text())
-EXPECTED = EXPECTED_FILE["profiles"]
-EXPECTED_WITH_FLASH_ATTN = EXPECTED_FILE["flash_attn_profiles"]
+ROUTING = json.loads((CI / "expected_routing.json").read_text())
+EXPECTED = ROUTING["profiles"]
+EXPECTED_WITH_FLASH_ATTN = ROUTING["flash_attn_profiles"]
+KNOWN_GAPS = {(profile, gap["problem"]): gap["reason"] for gap in ROUTING["known_gaps"]
+              for profile in gap["profiles"]}
 MATRIX = json.loads((CI / "matrix.json").read_text())
 
 
@@ -40,6 +46,34 @@ def test_routing_with_flash_attn_matches_expected(profile):
     assert caps.flash_attn_interfaces  # a profile with flash-attn installed
     got = {row["problem"]: row["backend"] for row in routing_table(caps)}
     assert got == EXPECTED_WITH_FLASH_ATTN[profile]
+
+
+def _gpu_rows():
+    """(profile, problem, expected backend) of every GPU profile, in every routing table
+    of the file (``profiles`` and, where present, ``flash_attn_profiles``)."""
+    for table_name in ("profiles", "flash_attn_profiles"):
+        for profile, table in ROUTING.get(table_name, {}).items():
+            if probe(simulate=profile).device_type != "cpu":
+                for problem, backend in table.items():
+                    yield profile, problem, backend
+
+
+def test_gpu_rows_served_by_the_reference_are_known_gaps():
+    """On a GPU the reference is a slow path: every row that expects it names the gap."""
+    unlisted = [(profile, problem) for profile, problem, backend in _gpu_rows()
+                if backend == "torch_ref" and (profile, problem) not in KNOWN_GAPS]
+    assert not unlisted, f"GPU rows routed to torch_ref without a known_gaps entry: {unlisted}"
+
+
+def test_known_gaps_are_still_gaps():
+    """A gap a kernel has closed must leave the list (the routing tests make the
+    expectations follow the dispatcher)."""
+    rows = {(profile, problem): backend for profile, problem, backend in _gpu_rows()}
+    for (profile, problem), reason in KNOWN_GAPS.items():
+        assert (profile, problem) in rows, f"not a GPU row: {profile} / {problem}"
+        assert rows[profile, problem] == "torch_ref", f"closed gap still listed: " \
+            f"{profile} / {problem}"
+        assert len(reason) > 20
 
 
 @pytest.mark.parametrize("profile", PROFILES)

@@ -50,7 +50,7 @@ def test_valid_call_passes(batch):
     (lambda q: q[..., :16], r"^q: expected head size 32"),
     (lambda q: q[:, :3], r"^q: expected num_q_heads a positive multiple of num_kv_heads=2"),
     (lambda q: q.float(), r"^cache: expected dtype torch.float32 like q"),
-    (lambda q: q.to("meta"), r"^q: expected device cpu"),
+    (lambda q: q.to("meta"), r"^q: expected a tensor holding data"),
     (lambda q: q.tolist(), r"^q: expected a 3-D tensor"),
 ])
 def test_bad_q(batch, make_q, match):
@@ -105,6 +105,58 @@ def test_block_id_out_of_range(batch):
     table = batch.metadata.block_table.clone()
     table[2, 1] = -7
     _call(batch, metadata=_meta(batch, block_table=table))
+
+
+def _meta_batch(batch):
+    """The batch with every tensor moved to the meta device (shapes only, no values) and
+    no max lengths, so reading any value would fail inside torch."""
+    cache = batch.cache
+    cache.key_cache = cache.key_cache.to("meta")  # past the constructor's own check
+    cache.value_cache = cache.value_cache.to("meta")
+    m = batch.metadata
+    metadata = AttentionMetadata(m.cu_seqlens_q.to("meta"), m.seq_lens.to("meta"),
+                                 m.block_table.to("meta"))
+    return batch.q.to("meta"), cache, metadata
+
+
+@pytest.mark.parametrize("entry", ["attention", "explain"])
+@pytest.mark.parametrize("validate", [None, False, True])
+def test_meta_tensors_are_rejected_before_anything_runs(batch, entry, validate):
+    q, cache, metadata = _meta_batch(batch)
+    with pytest.raises(InputError, match=r"^q: expected a tensor holding data \(on the CPU "
+                                         r"or a GPU\), got a tensor on the meta device"):
+        getattr(portattn, entry)(q, cache, metadata, validate=validate)
+
+
+def test_meta_caches_are_rejected_at_construction():
+    k = torch.zeros(4, 16, 2, 32, dtype=torch.float16, device="meta")
+    with pytest.raises(InputError, match=r"^key_cache: expected a tensor holding data"):
+        portattn.PagedKVCache(k, k.clone())
+    with pytest.raises(InputError, match=r"^key_cache: expected a tensor holding data"):
+        portattn.PagedKVCache.allocate(4, 16, 2, 32, device="meta")
+    with pytest.raises(InputError, match=r"^kv: expected a tensor holding data"):
+        portattn.PagedKVCache.from_packed(torch.zeros(4, 16, 2, 48, device="meta"), 32)
+
+
+def test_write_arguments_on_the_meta_device_are_rejected(batch):
+    key = torch.zeros(1, 2, 32, dtype=torch.float16)
+    slots = torch.zeros(1, dtype=torch.int64)
+    with pytest.raises(InputError, match=r"^key: expected device cpu"):
+        batch.cache.write(key.to("meta"), key, slots)
+    with pytest.raises(InputError, match=r"^slot_mapping: expected device cpu"):
+        batch.cache.write(key, key, slots.to("meta"))
+
+
+def test_no_backend_serves_a_device_without_data():
+    """The selector refuses a problem on the meta device with every backend's reason
+    (even the reference, which runs on any device that holds values)."""
+    from portattn.capabilities import probe
+    from portattn.dispatch import Problem, decide
+
+    for profile in ("cpu", "cpu-interpreter", "sm90"):
+        with pytest.raises(portattn.UnsupportedError) as info:
+            decide(Problem.make(device_type="meta"), probe(simulate=profile))
+        assert any("meta device hold no values" in r for r in info.value.reasons["torch_ref"])
 
 
 def test_validate_false_skips_value_checks(batch):
@@ -184,7 +236,7 @@ def test_validate_environment(monkeypatch):
     assert validation_requested(None) is True
     assert validation_requested(False) is False
     monkeypatch.setenv("PORTATTN_VALIDATE", "yes")
-    with pytest.raises(InputError, match=r"^PORTATTN_VALIDATE: expected unset, 0 or 1"):
+    with pytest.raises(InputError, match=r"^PORTATTN_VALIDATE: expected auto, 0, 1, got 'yes'$"):
         validation_requested(None)
 
 
@@ -215,3 +267,25 @@ def test_scale_caches_must_match_the_cache():
     with pytest.raises(InputError, match=r"^k_scale_cache: expected a float32 tensor \[2, 4, 1\]"):
         portattn.PagedKVCache(k, k.clone(), portattn.KVQuant.int8_per_token_head(),
                               k_scale_cache=torch.ones(2, 4, 2))
+
+
+BAD_GPU_METADATA_PROMISES = (
+    "a block id outside [0, num_blocks) in the visible part of a block table is never "
+    "dereferenced; the rows that meet one come out NaN",
+    "slots outside the cache are skipped",
+)
+
+
+def test_docs_say_what_is_not_checked_on_a_gpu():
+    import pathlib
+
+    import portattn.validation
+
+    doc = " ".join(portattn.validation.__doc__.replace("``", "").split())
+    readme = " ".join((pathlib.Path(__file__).resolve().parents[1] / "README.md")
+                      .read_text().replace("`", "").split())
+    for text in (doc, readme):
+        for promise in BAD_GPU_METADATA_PROMISES:
+            assert promise in text
+        assert "validate=True" in text and "PORTATTN_VALIDATE=1" in text
+    assert "GPU metadata is not value-checked by default" in readme

@@ -37,10 +37,11 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from portattn.api import attention, explain
-    from portattn.capabilities import Capabilities, probe
+    from portattn.capabilities.model import Capabilities
+    from portattn.capabilities.probe import probe
     from portattn.dispatch import Decision
-    from portattn.planning import AttentionPlan, plan
     from portattn.errors import InputError, PortattnError, UnsupportedError
+    from portattn.planning import AttentionPlan, plan
     from portattn.types import AttentionMetadata, KVQuant, PagedKVCache
 
 

@@ -11,6 +11,8 @@ synchronize and can be captured in a CUDA graph.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from portattn.capabilities import probe
@@ -19,10 +21,14 @@ from portattn.dispatch.selector import Decision, decide, with_notes
 from portattn.ops import call_compiled
 from portattn.options import AttentionOptions, normalize_options
 from portattn.planning import attend
-from portattn.types import AttentionMetadata, PagedKVCache
-from portattn.validation import check_out, check_scale_values, check_structure, \
-    check_values, validation_requested
-
+from portattn.types import AttentionMetadata, PagedKVCache, Scale
+from portattn.validation import (
+    check_out,
+    check_scale_values,
+    check_structure,
+    check_values,
+    validation_requested,
+)
 
 #: The options of :func:`attention`, in the order :func:`run_eager` takes their values.
 OPTION_NAMES = ("scale", "causal", "sliding_window", "softcap", "alibi_slopes", "alibi_sqrt",
@@ -47,7 +53,8 @@ def attention(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMetadata,
               scale: float | None = None, causal: bool = True,
               sliding_window: int | None = None, softcap: float | None = None,
               alibi_slopes: torch.Tensor | None = None, alibi_sqrt: bool = False,
-              sinks: torch.Tensor | None = None, q_scale=None, output_scale=None,
+              sinks: torch.Tensor | None = None, q_scale: Scale | None = None,
+              output_scale: Scale | None = None,
               out: torch.Tensor | None = None, backend: str | None = None,
               validate: bool | None = None) -> torch.Tensor:
     """Paged attention of the new query tokens ``q`` over the cached keys and values.
@@ -82,7 +89,7 @@ def _prepare_values(q, cache, metadata, validate, out, option_values):
 
 def explain(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMetadata, *,
             backend: str | None = None, out: torch.Tensor | None = None,
-            validate: bool | None = None, **options) -> Decision:
+            validate: bool | None = None, **options: Any) -> Decision:
     """The :class:`Decision` :func:`attention` would take for these arguments (nothing
     runs): backend, variant, every other backend with its reasons, and the chosen
     backend's notes about this call (e.g. that its first call compiles a kernel)."""

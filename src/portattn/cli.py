@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+from typing import Any
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -27,7 +28,7 @@ def _demo(args: argparse.Namespace) -> int:
     batch = make_paged_batch(query_lens, seq_lens, num_q_heads=8, num_kv_heads=2,
                              head_size=64, block_size=16, dtype=dtype, device=device,
                              generator=gen)
-    options = dict(causal=True)
+    options: dict[str, Any] = dict(causal=True)
     decision = portattn.explain(batch.q, batch.cache, batch.metadata, backend=args.backend,
                                 **options)
     out = portattn.attention(batch.q, batch.cache, batch.metadata, backend=args.backend,
@@ -78,7 +79,7 @@ def _explain(args: argparse.Namespace) -> int:
         sliding_window=args.window, softcap=args.softcap, alibi=args.alibi,
         sinks=args.sinks)
     try:
-        decision = with_notes(decide(problem, caps, args.backend))
+        decision = with_notes(decide(problem, caps, args.backend, log=False))  # printed
     except UnsupportedError as exc:
         if args.json:
             print(json.dumps({"error": str(exc).splitlines()[0], "reasons": exc.reasons},
@@ -97,11 +98,12 @@ def _bench(argv: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="portattn", description=(
-        "One paged-attention call that runs well on any GPU. Environment: "
-        "PORTATTN_BACKEND forces a backend, PORTATTN_SIMULATE=<profile> simulates a "
-        "device, PORTATTN_VALIDATE=1 checks metadata values, PORTATTN_TD=0/1 turns "
-        "tensor descriptors off/on."))
+    from portattn.settings import help_text
+
+    epilog = help_text()
+    parser = argparse.ArgumentParser(
+        prog="portattn", description="One paged-attention call that runs well on any GPU.",
+        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run attention on a random paged batch and check it")
@@ -112,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     report = sub.add_parser("report", help="capabilities, backends and routing of this "
-                                           "machine")
+                                           "machine", epilog=epilog,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     report.add_argument("--json", action="store_true", help="one JSON document (schema in "
                                                             "the README)")
     report.add_argument("--simulate", help="a simulated profile instead of this machine")

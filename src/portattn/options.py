@@ -13,8 +13,14 @@ from dataclasses import dataclass
 import torch
 
 from portattn.errors import InputError
-from portattn.types import FLOAT_DTYPES, FP8_DTYPES, PagedKVCache, Scale, _check_scalar_scale, \
-    _describe
+from portattn.types import (
+    FLOAT_DTYPES,
+    FP8_DTYPES,
+    PagedKVCache,
+    Scale,
+    _check_scalar_scale,
+    _describe,
+)
 
 
 @dataclass(frozen=True, eq=False)

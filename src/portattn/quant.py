@@ -14,9 +14,17 @@ from __future__ import annotations
 
 import torch
 
-from portattn.types import KVQuant, fp8_max, scale_as_tensor
+from portattn.types import KVQuant, Scale, fp8_max, scale_as_tensor
 
 INT8_MAX = 127.0
+
+
+def per_tensor_scale(quant: KVQuant, which: str) -> Scale:
+    """The ``fp8_per_tensor`` scale of K (``which="k"``) or V (``"v"``)."""
+    scale = quant.k_scale if which == "k" else quant.v_scale
+    if scale is None:
+        raise ValueError(f"{quant.mode} needs a {which}_scale")
+    return scale
 
 
 def quantize_for_cache(x: torch.Tensor, quant: KVQuant, which: str,
@@ -27,7 +35,7 @@ def quantize_for_cache(x: torch.Tensor, quant: KVQuant, which: str,
         return x.to(storage_dtype), None
     x32 = x.float()
     if quant.mode == "fp8_per_tensor":
-        scale = scale_as_tensor(quant.k_scale if which == "k" else quant.v_scale, x.device)
+        scale = scale_as_tensor(per_tensor_scale(quant, which), x.device)
         limit = fp8_max(storage_dtype)
         return (x32 / scale).clamp(-limit, limit).to(storage_dtype), None
     limit = INT8_MAX if quant.mode == "int8_per_token_head" else fp8_max(storage_dtype)
@@ -47,7 +55,7 @@ def dequantize(stored: torch.Tensor, quant: KVQuant, which: str,
     if quant.mode == "none":
         return values
     if quant.mode == "fp8_per_tensor":
-        scale = scale_as_tensor(quant.k_scale if which == "k" else quant.v_scale, stored.device)
+        scale = scale_as_tensor(per_tensor_scale(quant, which), stored.device)
         return values * scale
     if scales is None:
         raise ValueError(f"dequantize: {quant.mode} needs the per-token-head scales")

@@ -7,6 +7,10 @@
 * :func:`dense_attention` is an independent formulation of DESIGN.md's semantics on the
   unpaged K/V (float64, padded per sequence, ``torch.softmax`` over keys plus a sink
   column) that the reference backend and every kernel are checked against.
+* :func:`quantize_as_specified` / :func:`dequantize_as_specified` restate DESIGN.md's
+  quantization definitions here, apart from :mod:`portattn.quant` (which ``write`` and
+  the reference backend use), so the values a batch's oracle sees do not come from the
+  code under test.
 """
 
 from __future__ import annotations
@@ -17,8 +21,7 @@ from typing import Sequence
 
 import torch
 
-from portattn.quant import dequantize, quantize_for_cache
-from portattn.types import AttentionMetadata, KVQuant, PagedKVCache
+from portattn.types import AttentionMetadata, KVQuant, PagedKVCache, Scale
 
 
 @dataclass
@@ -66,7 +69,9 @@ def make_paged_batch(query_lens: Sequence[int], seq_lens: Sequence[int], *,
                 _poison(t)
     order = torch.randperm(num_blocks, generator=generator).tolist()
     width = max(blocks_per_seq + [1])
-    table, slots, next_block = [], [], 0
+    table: list[list[int]] = []
+    slots: list[int] = []
+    next_block = 0
     for n, nb in zip(seq_lens, blocks_per_seq):
         row = order[next_block:next_block + nb]
         next_block += nb
@@ -80,10 +85,10 @@ def make_paged_batch(query_lens: Sequence[int], seq_lens: Sequence[int], *,
     cache.write(k_new.to(device=device, dtype=write_dtype), v_new.to(device=device,
                 dtype=write_dtype), torch.tensor(slots, dtype=torch.int64, device=device))
 
-    def held(x, which):  # the values the cache represents after quantization
-        stored, scales = quantize_for_cache(x.to(write_dtype).float(), cache.quant, which,
-                                            cache.dtype)
-        return dequantize(stored, cache.quant, which, scales)
+    def held(x, which):  # the values the cache represents, by DESIGN.md's definitions
+        stored, scales = quantize_as_specified(x.to(write_dtype).float(), cache.quant, which,
+                                               cache.dtype)
+        return dequantize_as_specified(stored, cache.quant, which, scales)
 
     keys, values, start = [], [], 0
     k_held, v_held = held(k_new, "k"), held(v_new, "v")
@@ -97,6 +102,69 @@ def make_paged_batch(query_lens: Sequence[int], seq_lens: Sequence[int], *,
                                               torch.tensor(table, dtype=torch.int32),
                                               device=device)
     return PagedBatch(q, cache, metadata, keys, values, query_lens, seq_lens)
+
+
+# ------------------------------------------------- quantization, restated for the oracle
+
+#: Largest finite values of the fp8 formats and of the int8 codes a write stores.
+FP8_FORMAT_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+INT8_CODE_MAX = 127.0
+
+
+def _tensor_scale(quant: KVQuant, which: str) -> float:
+    scale: Scale | None = quant.k_scale if which == "k" else quant.v_scale
+    if scale is None:
+        raise ValueError(f"{quant.mode} needs a {which}_scale")
+    return float(scale)
+
+
+def quantize_as_specified(x: torch.Tensor, quant: KVQuant, which: str,
+                          storage_dtype: torch.dtype
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """DESIGN.md's definitions (value = stored * scale), on the CPU:
+
+    * unquantized: stored = x in the cache dtype;
+    * ``fp8_per_tensor``: stored = clamp(x / scale, +-fp8 max) cast to fp8;
+    * ``int8_per_token_head``: scale = absmax over the head / 127, stored = round(x /
+      scale) clamped to [-127, 127];
+    * ``fp8_per_token_head``: scale = absmax / fp8 max, stored = (x / scale) cast to fp8;
+    * a token-head whose values are all zero gets scale 1.
+
+    Returns (stored ``[T, H, D]``, per-token-head scales ``[T, H]`` float32 or None).
+    """
+    x = x.detach().float().cpu()
+    if quant.mode == "none":
+        return x.to(storage_dtype), None
+    if quant.mode == "fp8_per_tensor":
+        limit = FP8_FORMAT_MAX[storage_dtype]
+        scaled = x / torch.tensor(_tensor_scale(quant, which), dtype=torch.float32)
+        return scaled.clamp(-limit, limit).to(storage_dtype), None
+    if quant.mode == "int8_per_token_head":
+        limit = INT8_CODE_MAX
+    elif quant.mode == "fp8_per_token_head":
+        limit = FP8_FORMAT_MAX[storage_dtype]
+    else:
+        raise ValueError(f"unknown quant mode {quant.mode!r}")
+    absmax = x.abs().amax(dim=-1)
+    scales = torch.where(absmax == 0, torch.ones_like(absmax), absmax / limit)
+    scaled = (x / scales[..., None]).clamp(-limit, limit)
+    if quant.mode == "int8_per_token_head":
+        scaled = torch.round(scaled)
+    return scaled.to(storage_dtype), scales
+
+
+def dequantize_as_specified(stored: torch.Tensor, quant: KVQuant, which: str,
+                            scales: torch.Tensor | None = None) -> torch.Tensor:
+    """Float32 values (on the CPU) of cache entries ``stored`` ``[..., D]``: stored *
+    scale, with ``scales`` ``[...]`` for the per-token-head modes."""
+    values = stored.detach().cpu().float()
+    if quant.mode == "none":
+        return values
+    if quant.mode == "fp8_per_tensor":
+        return values * torch.tensor(_tensor_scale(quant, which), dtype=torch.float32)
+    if scales is None:
+        raise ValueError(f"{quant.mode} needs the per-token-head scales")
+    return values * scales.detach().cpu().float()[..., None]
 
 
 def dense_attention(q: torch.Tensor, keys: Sequence[torch.Tensor],

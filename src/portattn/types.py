@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Sequence
 
 import torch
 
 from portattn.errors import InputError
 
-Scale = Union[float, torch.Tensor]
+Scale = float | torch.Tensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+#: Device types whose tensors hold no values (shapes only): nothing can attend over them.
+DATALESS_DEVICE_TYPES = ("meta",)
 _FP8_NAMES = {torch.float8_e4m3fn: "e4m3fn", torch.float8_e5m2: "e5m2"}
 
 
@@ -215,7 +217,8 @@ class PagedKVCache:
     # -- constructors -------------------------------------------------------------------
     @classmethod
     def from_packed(cls, kv: torch.Tensor, head_size_qk: int,
-                    quant: KVQuant | None = None, **scale_caches) -> "PagedKVCache":
+                    quant: KVQuant | None = None,
+                    **scale_caches: torch.Tensor | None) -> "PagedKVCache":
         """Wrap the DiffKV layout ``[num_blocks, block_size, num_kv_heads, head_size_qk +
         head_size_v]``: keys are ``[..., :head_size_qk]``, values the rest."""
         _check_cache_tensor("kv", kv)
@@ -377,6 +380,14 @@ def _check_cache_tensor(name: str, t: object) -> None:
                          f"strides {tuple(t.stride())}")
     if min(t.shape) <= 0:
         raise InputError(name, "non-empty dimensions", str(tuple(t.shape)))
+    check_has_data(name, t)
+
+
+def check_has_data(name: str, t: torch.Tensor) -> None:
+    """``InputError`` for a tensor on a device that holds no values (``meta``)."""
+    if t.device.type in DATALESS_DEVICE_TYPES:
+        raise InputError(name, "a tensor holding data (on the CPU or a GPU)",
+                         f"a tensor on the {t.device.type} device, which holds no values")
 
 
 def _scale_cache(name: str, given: torch.Tensor | None, shape: tuple[int, ...],

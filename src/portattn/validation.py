@@ -1,31 +1,76 @@
-"""Input checks for :func:`portattn.attention`, run before any kernel launches.
+"""Input checks for :func:`portattn.attention` and :func:`portattn.explain`, run before any
+kernel launches. Every failure is an :class:`~portattn.errors.InputError` naming the
+argument, what was expected and what came.
 
-Structural checks (shapes, dtypes, devices, layouts) always run and never touch device
-values. Value checks (lengths against the block table's capacity, block ids in range,
-monotone ``cu_seqlens_q``) read the metadata, so they run when it lives on the CPU, and on
-a GPU only with ``validate=True`` or ``PORTATTN_VALIDATE=1`` (they synchronize).
+Always checked (host-side facts only: shapes, dtypes, devices, strides; no device value
+is read, so these cost no synchronization and run on every call that misses the fast
+path):
+
+* ``q``: a 3-D tensor of a float dtype (fp8 with ``q_scale``), last dimension contiguous,
+  on a device that holds data (not ``meta``), on the cache's device, with the cache's
+  ``head_size_qk`` and a positive multiple of ``num_kv_heads`` query heads; an unquantized
+  cache has q's dtype; scale caches live on q's device;
+* the metadata: ``cu_seqlens_q`` int32 ``[B + 1]``, ``seq_lens`` int32 ``[B]``,
+  ``block_table`` int32 ``[B, max_blocks]`` with a contiguous last dimension, all on q's
+  device; ``max_seqlen_q`` / ``max_seqlen_k`` None or host ints >= 0;
+* the options (:mod:`portattn.options`): scale, causal, window, softcap, ALiBi slopes and
+  sinks (shape, dtype, device, contiguity), ``q_scale`` / ``output_scale`` / ``out``;
+* the cache itself when it is built (:class:`~portattn.types.PagedKVCache`): shapes,
+  storage dtype for the quant mode, contiguous last dimension, data on a real device.
+
+Value checks (:func:`check_values`) read the metadata, which synchronizes with a GPU. They
+run automatically when the metadata lives on the CPU, and for GPU metadata only with
+``validate=True`` or ``PORTATTN_VALIDATE=1`` (``validate=False`` / ``PORTATTN_VALIDATE=0``
+turn them off everywhere):
+
+* ``cu_seqlens_q`` starts at 0, never decreases and ends at ``q``'s token count;
+* every ``seq_lens[b]`` is at least its query length and at most the block table's
+  capacity (``max_blocks * block_size``);
+* ``max_seqlen_q`` / ``max_seqlen_k``, when given, are at least the real maxima;
+* every block id in the visible part of the block table is in ``[0, num_blocks)``.
+
+Not checked by default on a GPU: those metadata values. A wrong value there never makes
+a kernel read or write out of bounds, and it does not pass silently either:
+
+* a block id outside ``[0, num_blocks)`` in the visible part of a block table is never
+  dereferenced; the rows that meet one come out NaN;
+* so do the rows whose ``seq_lens`` reach past the block table's capacity, and the rows of
+  a sequence with more queries than an understated ``max_seqlen_q`` lets the launch cover;
+* the cache write (:meth:`~portattn.types.PagedKVCache.write`): slots outside the cache are
+  skipped (on the CPU they raise ``InputError``).
+
+Scales given as GPU tensors (the ``KVQuant`` scales, ``q_scale``, ``output_scale``) are
+range-checked (finite, positive) only with ``validate=True`` (:func:`check_scale_values`);
+floats and CPU tensors are checked at once.
+
+The other value checks have no such guard: a ``cu_seqlens_q`` that decreases or
+disagrees with ``q``'s token count, or an understated ``max_seqlen_k``, is not caught on a
+GPU without ``validate=True`` and its results are undefined. Use ``validate=True`` while
+developing, and whenever the metadata comes from an untrusted source.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from portattn import settings
 from portattn.errors import InputError
-from portattn.types import FLOAT_DTYPES, FP8_DTYPES, AttentionMetadata, PagedKVCache, _describe
+from portattn.types import (
+    FLOAT_DTYPES,
+    FP8_DTYPES,
+    AttentionMetadata,
+    PagedKVCache,
+    _describe,
+    check_has_data,
+)
 
 
 def validation_requested(validate: bool | None) -> bool | None:
     """``validate`` argument, else ``PORTATTN_VALIDATE`` (unset -> None = automatic)."""
     if validate is not None:
         return bool(validate)
-    env = os.environ.get("PORTATTN_VALIDATE", "").strip()
-    if env in ("", "auto"):
-        return None
-    if env not in ("0", "1"):
-        raise InputError("PORTATTN_VALIDATE", "unset, 0 or 1", repr(env))
-    return env == "1"
+    value: bool | None = settings.VALIDATE.value()
+    return value
 
 
 def check_structure(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMetadata) -> None:
@@ -37,6 +82,7 @@ def check_structure(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMet
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
         raise InputError("q", "a 3-D tensor [num_tokens, num_q_heads, head_size_qk]",
                          _describe(q))
+    check_has_data("q", q)  # every other tensor must be on q's device
     if q.dtype not in FLOAT_DTYPES + FP8_DTYPES:
         raise InputError("q", "dtype float16, bfloat16, float32 (or fp8 with q_scale)",
                          str(q.dtype))

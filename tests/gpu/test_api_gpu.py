@@ -6,6 +6,8 @@ import torch
 import portattn
 from portattn.testing import dense_attention, make_paged_batch, relative_error
 
+from sync_spy import DeviceSyncSpy
+
 pytestmark = pytest.mark.gpu
 
 
@@ -58,10 +60,13 @@ def test_no_device_sync_with_max_lengths():
     m = batch.metadata
     fresh = portattn.AttentionMetadata(m.cu_seqlens_q, m.seq_lens, m.block_table,
                                        m.max_seqlen_q, m.max_seqlen_k)
+    device_tensors = (batch.q, batch.cache.key_cache, batch.cache.value_cache,
+                      m.cu_seqlens_q, m.seq_lens, m.block_table)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        portattn.attention(batch.q, batch.cache, fresh)   # memo miss: the full checks
-        portattn.attention(batch.q, batch.cache, fresh)   # memo hit
+        with DeviceSyncSpy(device_tensors):  # host reads, named with their source line
+            portattn.attention(batch.q, batch.cache, fresh)   # memo miss: the full checks
+            portattn.attention(batch.q, batch.cache, fresh)   # memo hit
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unified_check import check_unified
-
 from portattn.kernels.heuristics import TileConfig
+
+from unified_check import check_unified
 
 pytestmark = pytest.mark.gpu
 

@@ -5,9 +5,10 @@ list means it can serve the call), then ``plan(problem, caps)`` once per :class:
 (cached), then ``run(...)`` on every call. ``run`` writes into ``out`` and must not
 synchronize with the device when the metadata carries its max lengths.
 
-``prepare(plan, problem, options, device)`` is the plan-time hook of :func:`portattn.plan`: it returns a
-:class:`Runner` that holds whatever can be decided once per plan (workspaces, recorded
-launches) and is called per layer. The default runner calls ``run``.
+``prepare(plan, problem, options, device)`` is the plan-time hook of
+:func:`portattn.plan`: it returns a :class:`Runner` that holds whatever can be decided once
+per plan (workspaces, recorded launches) and is called per layer. The default runner calls
+``run``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ class Backend:
 
     name: ClassVar[str] = "?"
     summary: ClassVar[str] = ""
+    #: Why this backend is a slow path ("" = it is not one). The dispatcher logs a WARNING,
+    #: once per problem class, when it has to take a slow path for tensors on a GPU.
+    slow_path: ClassVar[str] = ""
 
     def why_not(self, problem: "Problem", caps: "Capabilities") -> list[str]:
         raise NotImplementedError

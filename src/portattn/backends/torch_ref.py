@@ -20,7 +20,7 @@ import torch
 
 from portattn.backends.base import Backend, Plan
 from portattn.quant import dequantize
-from portattn.types import fp8_max, scale_as_tensor
+from portattn.types import DATALESS_DEVICE_TYPES, fp8_max, scale_as_tensor
 
 _MAX_SCORE_ELEMENTS = 1 << 26
 
@@ -28,8 +28,12 @@ _MAX_SCORE_ELEMENTS = 1 << 26
 class TorchReference(Backend):
     name = "torch_ref"
     summary = "pure PyTorch reference; runs anywhere, every feature, slow"
+    slow_path = "the PyTorch reference, one sequence at a time"
 
     def why_not(self, problem, caps) -> list[str]:
+        if problem.device_type in DATALESS_DEVICE_TYPES:
+            return [f"tensors on the {problem.device_type} device hold no values to compute "
+                    "with"]
         return []
 
     def plan(self, problem, caps) -> Plan:

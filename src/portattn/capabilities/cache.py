@@ -28,12 +28,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from portattn import settings
 from portattn.capabilities.model import Capabilities
 
 CACHE_FORMAT = "portattn.capabilities-cache/1"
-CACHE_DIR_ENV = "PORTATTN_CACHE_DIR"
-NO_DISK_CACHE_ENV = "PORTATTN_NO_DISK_CACHE"
-_TRUE = ("1", "true", "yes", "on")
 
 #: Values of :func:`last_probe_origin`.
 ORIGINS = ("probed", "disk-cache", "memory", "simulated")
@@ -62,17 +60,18 @@ STATE = _State()
 
 
 def cache_dir() -> Path:
-    explicit = os.environ.get(CACHE_DIR_ENV, "").strip()
+    explicit = settings.CACHE_DIR.value()
     if explicit:
         return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    xdg = settings.XDG_CACHE_HOME.value()
     if xdg:
         return Path(xdg).expanduser() / "portattn"
     return Path.home() / ".cache" / "portattn"
 
 
 def disk_cache_enabled() -> bool:
-    return os.environ.get(NO_DISK_CACHE_ENV, "").strip().lower() not in _TRUE
+    """False when ``PORTATTN_NO_DISK_CACHE`` is on."""
+    return not settings.NO_DISK_CACHE.value()
 
 
 def cache_file(key: dict) -> Path:

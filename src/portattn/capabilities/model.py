@@ -19,7 +19,8 @@ CHECK_SOURCES = ("probed", "simulated", "overridden", "default")
 #: The fields of :class:`Capabilities` that hold a :class:`Check`, in field order.
 CHECK_FIELDS = ("triton", "triton_kernels", "tensor_descriptors", "flash_attn")
 
-#: flash-attn generations: FA2 ``flash_attn``, FA3 ``flash_attn_interface``, FA4 ``flash_attn.cute``.
+#: flash-attn generations: FA2 ``flash_attn``, FA3 ``flash_attn_interface``,
+#: FA4 ``flash_attn.cute``.
 KNOWN_INTERFACES = ("fa2", "fa3", "fa4")
 
 
@@ -134,7 +135,7 @@ class Capabilities:
         if missing or unknown:
             raise ValueError(f"Capabilities fields do not match: missing {missing}, "
                              f"unknown {unknown}")
-        values = {name: _FIELD_PARSERS[name](name, d[name]) for name in names}
+        values: dict[str, Any] = {name: _FIELD_PARSERS[name](name, d[name]) for name in names}
         return cls(**values)
 
 

@@ -10,62 +10,58 @@ variable                  Capabilities field       what it switches
 ``PORTATTN_FLASH_ATTN``   ``flash_attn``           the flash-attn backend
 ========================  =======================  ======================================
 
-Values: unset (or empty) = automatic (the probe or profile decides), ``1`` = forced on
-(the user insists; ``ok=True`` even where the probe said no), ``0`` = forced off. Anything
-else raises ``ValueError`` naming the variable. Overrides are applied on top of probed and
-simulated capabilities alike, each time :func:`probe` is called, and are never written to
-the disk cache. To add one, append a row to :data:`OVERRIDES`.
+Values: unset, empty or ``auto`` = automatic (the probe or profile decides), ``1`` =
+forced on (the user insists; ``ok=True`` even where the probe said no), ``0`` = forced off.
+Anything else raises :class:`~portattn.errors.InputError` (a ``ValueError``) naming the
+variable. The variables themselves are defined in :mod:`portattn.settings`. Overrides are
+applied on top of probed and simulated capabilities alike, each time :func:`probe` is
+called, and are never written to the disk cache. To add one, define its setting and append
+a row to :data:`OVERRIDES`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
-from portattn.capabilities.model import CHECK_FIELDS, Capabilities, Check
-
-ACCEPTED_VALUES = "unset, 0, 1"
+from portattn import settings
+from portattn.capabilities.model import Capabilities, Check
 
 
 @dataclass(frozen=True)
 class Override:
     name: str
-    env_var: str
-    field: str
+    setting: settings.Setting
+    field: str  # one of CHECK_FIELDS
     description: str
+
+    @property
+    def env_var(self) -> str:
+        return self.setting.name
 
 
 OVERRIDES: tuple[Override, ...] = (
-    Override("tensor_descriptors", "PORTATTN_TD", "tensor_descriptors",
+    Override("tensor_descriptors", settings.TENSOR_DESCRIPTORS, "tensor_descriptors",
              "tensor-descriptor loads in portattn's Triton kernels"),
-    Override("triton", "PORTATTN_TRITON", "triton_kernels", "portattn's Triton kernels"),
-    Override("flash_attn", "PORTATTN_FLASH_ATTN", "flash_attn", "the flash-attn backend"),
+    Override("triton", settings.TRITON, "triton_kernels", "portattn's Triton kernels"),
+    Override("flash_attn", settings.FLASH_ATTN, "flash_attn", "the flash-attn backend"),
 )
-
-assert all(o.field in CHECK_FIELDS for o in OVERRIDES)
 
 OVERRIDE_ENV_VARS: tuple[str, ...] = tuple(o.env_var for o in OVERRIDES)
 
 
-def parse_state(env_var: str, raw: str | None) -> bool | None:
-    """``None`` (auto) for unset/empty, True for ``"1"``, False for ``"0"``."""
-    value = "" if raw is None else raw.strip()
-    if value == "":
-        return None
-    if value == "1":
-        return True
-    if value == "0":
-        return False
-    raise ValueError(f"{env_var}={raw!r} is not valid; accepted values: {ACCEPTED_VALUES} "
-                     f"(unset = automatic, 1 = force on, 0 = force off)")
+def raw_overrides() -> tuple[str | None, ...]:
+    """The overrides' raw texts (a cheap cache key)."""
+    return tuple(o.setting.raw() for o in OVERRIDES)
 
 
 def read_overrides(environ: Mapping[str, str] | None = None) -> tuple[bool | None, ...]:
-    """The state of every row of :data:`OVERRIDES`, in order; ``ValueError`` if invalid."""
-    env = os.environ if environ is None else environ
-    return tuple(parse_state(o.env_var, env.get(o.env_var)) for o in OVERRIDES)
+    """The state of every row of :data:`OVERRIDES`, in order (None = automatic);
+    ``InputError`` if a value is invalid. ``environ``: read these texts instead."""
+    if environ is None:
+        return tuple(o.setting.value() for o in OVERRIDES)
+    return tuple(o.setting.parse_text(environ.get(o.env_var)) for o in OVERRIDES)
 
 
 def active_overrides(environ: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -76,7 +72,7 @@ def active_overrides(environ: Mapping[str, str] | None = None) -> dict[str, str]
 
 def apply_overrides(caps: Capabilities, states: tuple[bool | None, ...]) -> Capabilities:
     """``caps`` with the forced checks replaced (``source="overridden"``)."""
-    changes: dict[str, Check] = {}
+    changes: dict[str, Any] = {}
     for override, state in zip(OVERRIDES, states):
         if state is None:
             continue

@@ -31,11 +31,9 @@ from typing import Any, Callable, TypeVar
 from portattn.capabilities import cache
 from portattn.capabilities._text import one_line
 from portattn.capabilities.model import Capabilities, Check
-from portattn.capabilities.overrides import OVERRIDE_ENV_VARS, apply_overrides, read_overrides
+from portattn.capabilities.overrides import apply_overrides, raw_overrides, read_overrides
 from portattn.capabilities.profiles import NO_GPU_REASON, simulated
-
-SIMULATE_ENV = "PORTATTN_SIMULATE"
-INTERPRET_ENV = "TRITON_INTERPRET"
+from portattn.settings import SIMULATE, TRITON_INTERPRET
 
 TRITON_NOT_INSTALLED = "Triton is not installed (pip install 'portattn[triton]')"
 FLASH_ATTN_NOT_INSTALLED = ("flash-attn is not installed (pip install flash-attn-4 for FA4 "
@@ -46,13 +44,12 @@ LATE_INTERPRETER_REASON = ("TRITON_INTERPRET=1 was set after Triton was imported
                            "process, so Triton's own @triton.jit helpers cannot run in the "
                            "interpreter; set it before anything imports triton")
 
-_TRUE = ("1", "true", "yes", "on")  # what Triton itself accepts for TRITON_INTERPRET
 T = TypeVar("T")
 
 
 def interpreter_enabled(raw: str | None = None) -> bool:
-    value = os.environ.get(INTERPRET_ENV) if raw is None else raw
-    return (value or "").strip().lower() in _TRUE
+    """``TRITON_INTERPRET`` is on (Triton's rule), from ``raw`` or the environment."""
+    return bool(TRITON_INTERPRET.parse_text(TRITON_INTERPRET.raw() if raw is None else raw))
 
 
 # --------------------------------------------------------------------------- public entry
@@ -71,10 +68,9 @@ def probe(simulate: str | None = None, *, refresh: bool = False,
     Repeated calls with the same environment return the same object, at the cost of a
     dict lookup.
     """
-    env = os.environ
-    wanted = env.get(SIMULATE_ENV) if simulate is None else simulate
+    wanted = SIMULATE.raw() if simulate is None else simulate
     wanted = (wanted or "").strip() or None
-    key = (wanted, env.get(INTERPRET_ENV), tuple(env.get(v) for v in OVERRIDE_ENV_VARS))
+    key = (wanted, TRITON_INTERPRET.raw(), raw_overrides())
     state = cache.STATE
     if not refresh:
         hit = state.final.get(key)
@@ -83,7 +79,7 @@ def probe(simulate: str | None = None, *, refresh: bool = False,
             state.last = ("simulated" if wanted else "memory", resolved, caps)
             return caps
     with state.lock:
-        states = read_overrides(env)
+        states = read_overrides()
         if wanted:
             base, origin = simulated(wanted), "simulated"
             resolved = origin
@@ -109,17 +105,15 @@ def _real_base(interpreter: bool, refresh: bool,
     key = _guard(fingerprint, None) if use_disk else None
     if key is not None and key["interpreter_after_import"]:
         key = None  # a state of this process only: neither trust nor share a file
-    caps = None
-    if key is not None and not refresh:
-        caps = cache.load(key)
+    stored = cache.load(key) if key is not None and not refresh else None
     origin = "disk-cache"
-    if caps is None:
-        caps = probe_device()
+    if stored is None:
+        stored = probe_device()
         origin = "probed"
         if key is not None:
-            cache.store(key, caps)
-    state.base[interpreter] = (caps, origin)
-    return caps, origin, origin
+            cache.store(key, stored)
+    state.base[interpreter] = (stored, origin)
+    return stored, origin, origin
 
 
 def _guard(fn: Callable[..., T], default: T, *args: Any) -> T:
@@ -567,7 +561,8 @@ def probe_device() -> Capabilities:
         why = f"kernel check failed: {one_line(exc)}"
         target, kernels, descriptors = None, Check(False, why), Check(False, why)
 
-    fp8 = _guard(_fp8_formats, (), facts["vendor"], facts["arch"], facts["compute_capability"])
+    fp8: tuple[str, ...] = _guard(_fp8_formats, (), facts["vendor"], facts["arch"],
+                                  facts["compute_capability"])
     try:
         flash, flash_version, interfaces = probe_flash_attn(
             facts["vendor"], facts["arch"], facts["compute_capability"])

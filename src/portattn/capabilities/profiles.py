@@ -15,8 +15,9 @@ Names
   ``flash_attn_varlen_func``), ``+fa3`` the FlashAttention-3 interface (module
   ``flash_attn_interface``), ``+fa4`` FlashAttention-4 (module ``flash_attn.cute``, pip
   ``flash-attn-4``); any of them may be given, in any order (``sm90+fa2+fa3``,
-  ``sm100+fa4``). Without a suffix flash-attn is "not installed". On a device flash-attn cannot use (not CUDA sm80+)
-  the package is reported installed but ``flash_attn.ok`` is False, as a real probe would.
+  ``sm100+fa4``). Without a suffix flash-attn is "not installed". On a device flash-attn
+  cannot use (not CUDA sm80+) the package is reported installed but ``flash_attn.ok`` is
+  False, as a real probe would.
 
 Every :class:`Check` of a profile has ``source="simulated"``. What the simulation assumes
 (and a real probe measures instead):
@@ -124,7 +125,7 @@ def _sim(ok: bool, reason: str) -> Check:
 
 
 def _fp8_formats(d: _Device) -> tuple[str, ...]:
-    if d.vendor == "nvidia" and d.compute_capability >= (8, 9):
+    if d.vendor == "nvidia" and (d.compute_capability or (0, 0)) >= (8, 9):
         return ("e4m3fn", "e5m2")
     if d.arch == "gfx942":
         return ("e4m3fnuz", "e5m2fnuz")
@@ -138,7 +139,7 @@ def _tensor_descriptors(d: _Device) -> Check:
         return _sim(True, "descriptor load/store kernel runs under the Triton interpreter")
     if d.triton_target is None:
         return _sim(False, f"tl.make_tensor_descriptor exists, but {NO_GPU_REASON}")
-    if d.vendor == "nvidia" and d.compute_capability >= (9, 0):
+    if d.vendor == "nvidia" and (d.compute_capability or (0, 0)) >= (9, 0):
         return _sim(True, f"descriptor kernel compiled and ran on {d.arch} (TMA)")
     if d.vendor == "nvidia":
         return _sim(False, "descriptor loads need TMA, sm90+ in this simulation")
@@ -158,7 +159,7 @@ def _flash_attn(d: _Device, interfaces: tuple[str, ...]) -> tuple[Check, str | N
         return _sim(False, "flash-attn is not installed"), None
     version = _SIMULATED_VERSIONS[interfaces[0]]  # FA2's, else FA3's, else FA4's
     names = ", ".join(interfaces)
-    if d.vendor == "nvidia" and d.compute_capability >= (8, 0):
+    if d.vendor == "nvidia" and (d.compute_capability or (0, 0)) >= (8, 0):
         return _sim(True, f"flash-attn {version} ({names}) on {d.arch}"), version
     return _sim(False, f"flash-attn {version} is installed but needs an NVIDIA GPU with "
                        f"compute capability 8.0 or newer; this device is {d.arch}"), version

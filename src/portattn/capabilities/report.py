@@ -17,11 +17,13 @@ A JSON object; keys appear in this order. Consumers must ignore keys they do not
     ``{"python": "3.11.9", "implementation": "CPython", "os": "Linux-6.8.0-...-x86_64",
     "machine": "x86_64"}``.
 ``environment``
-    The variables that change portattn's behaviour and are set, as ``{name: value}``:
-    ``PORTATTN_SIMULATE``, ``PORTATTN_BACKEND``, ``PORTATTN_TD``, ``PORTATTN_TRITON``,
-    ``PORTATTN_FLASH_ATTN``, ``PORTATTN_CACHE_DIR``, ``PORTATTN_NO_DISK_CACHE``,
-    ``TRITON_INTERPRET``, ``CUDA_VISIBLE_DEVICES``, ``HIP_VISIBLE_DEVICES``,
-    ``ROCR_VISIBLE_DEVICES``. Empty when none is.
+    The variables of :data:`portattn.settings.SETTINGS` that are set (non-empty), as
+    ``{name: value}``; empty when none is.
+``settings``
+    Every variable of :data:`portattn.settings.SETTINGS`, set or not, in table order:
+    ``{name: {"value": str or null (unset), "values": accepted values, "default": what
+    unset means, "meaning": str, "owner": "portattn" or the project that defines it
+    ("Triton", "CUDA", ...), "problem": null or why the value is not accepted}}``.
 ``probe_origin``
     Where ``capabilities`` came from: ``"probed"`` (measured by this process),
     ``"disk-cache"`` (read from the disk cache, written by an earlier process),
@@ -83,25 +85,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import textwrap
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
+from portattn import settings
 from portattn.capabilities import cache
 from portattn.capabilities.model import CHECK_FIELDS, Capabilities
 
 SCHEMA = "portattn.report/1"
 
-RESERVED_KEYS = ("schema", "portattn_version", "platform", "environment", "probe_origin",
-                 "disk_cache", "capabilities")
-
-ENVIRONMENT_VARIABLES = (
-    "PORTATTN_SIMULATE", "PORTATTN_BACKEND", "PORTATTN_TD", "PORTATTN_TRITON",
-    "PORTATTN_FLASH_ATTN", "PORTATTN_CACHE_DIR", "PORTATTN_NO_DISK_CACHE", "TRITON_INTERPRET",
-    "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES",
-)
+RESERVED_KEYS = ("schema", "portattn_version", "platform", "environment", "settings",
+                 "probe_origin", "disk_cache", "capabilities")
 
 _ORIGIN_TEXT = {
     "probed": "probed now",
@@ -140,8 +136,8 @@ def collect_report(caps: Capabilities | None = None, *,
             "os": platform.platform(),
             "machine": platform.machine(),
         },
-        "environment": {name: os.environ[name] for name in ENVIRONMENT_VARIABLES
-                        if os.environ.get(name)},
+        "environment": {s.name: s.raw() for s in settings.SETTINGS if s.raw()},
+        "settings": settings.describe(),
         "probe_origin": origin,
         "disk_cache": {"dir": str(cache.cache_dir()), "enabled": cache.disk_cache_enabled()},
         "capabilities": caps.to_dict(),
@@ -175,7 +171,7 @@ def _rows(pairs: list[tuple[str, str]], indent: str = "  ") -> list[str]:
     return [f"{indent}{k.ljust(width)}  {v}".rstrip() for k, v in pairs]
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], indent: str = "  ",
+def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]], indent: str = "  ",
            last_width: int | None = None) -> list[str]:
     """Aligned columns; the last one wrapped at ``last_width`` characters when given."""
     if last_width is not None:
@@ -198,7 +194,7 @@ def _device_lines(c: dict) -> list[str]:
     arch = _or_dash(c.get("arch"))
     if isinstance(cc, list) and len(cc) == 2:
         arch += f" (compute capability {cc[0]}.{cc[1]})"
-    units = {"nvidia": "SMs", "amd": "CUs", "cpu": "CPU cores"}.get(c.get("vendor"), "SMs")
+    units = {"nvidia": "SMs", "amd": "CUs", "cpu": "CPU cores"}.get(str(c.get("vendor")), "SMs")
     profile = c.get("profile")
     interfaces = c.get("flash_attn_interfaces") or []
     return _rows([
@@ -241,6 +237,29 @@ def _capability_lines(c: dict) -> list[str]:
         rows.append(("yes" if check.get("ok") else "no", name, str(check.get("source", "")),
                      str(check.get("reason", ""))))
     return _table(("ok", "capability", "source", "reason"), rows, last_width=72)
+
+
+def _settings_lines(report: dict) -> list[str]:
+    """Every setting with its value; falls back to the ``environment`` section (the
+    variables that are set) for a report written before ``settings`` existed."""
+    table = report.get("settings")
+    if not isinstance(table, dict):
+        env = report.get("environment") or {}
+        return (_rows([(k, str(v)) for k, v in env.items()]) if env
+                else ["  (no portattn, Triton or device variables set)"])
+    rows = []
+    for name, info in table.items():
+        info = info if isinstance(info, dict) else {}
+        value = info.get("value")
+        shown = "unset" if value is None else repr(value)
+        note = f"default: {info.get('default', '?')}" if value is None else \
+            str(info.get("meaning", ""))
+        if info.get("problem"):
+            shown += " INVALID"
+            note = str(info["problem"])
+        rows.append((str(name), shown, note))
+    return _table(("variable", "value", "meaning (or the default when unset)"), rows,
+                  last_width=60)
 
 
 def _backend_lines(backends: Any) -> list[str]:
@@ -287,16 +306,15 @@ def render_report(report: dict) -> str:
                                 ("machine", _or_dash(plat.get("machine")))]), ""]
     out += ["Libraries", *_library_lines(caps), ""]
     out += ["Device", *_device_lines(caps), ""]
-    origin_text = _ORIGIN_TEXT.get(origin, _or_dash(origin))
+    origin_text = _ORIGIN_TEXT.get(str(origin), _or_dash(origin))
     disk = report.get("disk_cache") or {}
     if disk and origin in ("probed", "disk-cache", "memory"):
         origin_text += (f" (disk cache: {disk.get('dir', '?')})" if disk.get("enabled")
                         else " (disk cache off)")
     out += ["Capabilities", f"  origin: {origin_text}", *_capability_lines(caps), ""]
 
-    env = report.get("environment") or {}
-    out += ["Environment", *(_rows([(k, str(v)) for k, v in env.items()]) if env
-                              else ["  (no portattn, Triton or device variables set)"]), ""]
+    out += ["Settings", "  environment variables portattn reads (portattn --help explains each)",
+            *_settings_lines(report), ""]
 
     if "backends" in report:
         out += ["Backends", *_backend_lines(report["backends"]), ""]
@@ -314,7 +332,8 @@ def render_report(report: dict) -> str:
 
 def build_parser(prog: str = "python -m portattn.capabilities.report") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=prog, description="Print what portattn can use on this machine.")
+        prog=prog, description="Print what portattn can use on this machine.",
+        epilog=settings.help_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--refresh", action="store_true",
                         help="ignore cached probe results and probe again")

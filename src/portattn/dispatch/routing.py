@@ -40,7 +40,7 @@ def routing_table(caps: Capabilities) -> list[dict]:
     for name, kwargs in COMMON_PROBLEMS.items():
         problem = Problem.make(device_type=caps.device_type, **kwargs)
         try:
-            decision = decide(problem, caps)
+            decision = decide(problem, caps, log=False)  # a listing, not a call
             rows.append({"problem": name, "backend": decision.backend,
                          "variant": decision.plan.describe()})
         except UnsupportedError as exc:

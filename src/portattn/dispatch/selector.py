@@ -7,20 +7,18 @@ thread-safe cache, so a steady-state call costs one dict lookup.
 from __future__ import annotations
 
 import dataclasses
-import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from portattn.backends.base import Backend, Plan
 from portattn.capabilities import Capabilities
+from portattn.dispatch.announce import announce, announced
 from portattn.dispatch.priorities import leads_for, priority_list, problem_class
 from portattn.dispatch.problem import Problem
 from portattn.dispatch.registry import backend_names, load_backend
-from portattn.envstate import decision_environment
 from portattn.errors import UnsupportedError
-
-BACKEND_ENV = "PORTATTN_BACKEND"
+from portattn.settings import BACKEND, decision_environment
 
 
 @dataclass(frozen=True)
@@ -76,9 +74,9 @@ def forced_backend(argument: str | None) -> tuple[str | None, str]:
     """(name, source) from ``backend=`` or else ``PORTATTN_BACKEND``."""
     if argument is not None:
         return argument, "argument"
-    env = os.environ.get(BACKEND_ENV, "").strip()
-    if env and env != "auto":
-        return env, "environment"
+    name: str | None = BACKEND.value()
+    if name is not None:
+        return name, "environment"
     return None, "auto"
 
 
@@ -120,8 +118,9 @@ def _order(preferred: tuple[str, ...]) -> list[str]:
 def _decide(problem: Problem, caps: Capabilities, forced: str | None, source: str) -> Decision:
     preferred = _priorities(problem, caps)
     order = _order(preferred)
+    via = BACKEND.name if source == "environment" else source
     if forced is not None and forced not in order:
-        raise UnsupportedError(f"unknown backend {forced!r} requested through {source} "
+        raise UnsupportedError(f"unknown backend {forced!r} requested through {via} "
                                f"(known: {', '.join(order)})")
     considered = []
     chosen: Backend | None = None
@@ -133,9 +132,9 @@ def _decide(problem: Problem, caps: Capabilities, forced: str | None, source: st
             chosen = backend
     if chosen is None:
         if forced is not None:
-            reasons = dict((n, list(r)) for n, r in considered if n == forced)
-            raise UnsupportedError(f"backend {forced!r} (requested through {source}) cannot "
-                                   f"serve this call: {problem.describe()}", reasons)
+            raise UnsupportedError(f"backend {forced!r} (requested through {via}) cannot "
+                                   f"serve this call: {problem.describe()}",
+                                   {n: list(r) for n, r in considered if n == forced})
         raise UnsupportedError(f"no backend can serve this call on {caps.arch}: "
                                f"{problem.describe()}",
                                {n: list(r) for n, r in considered})
@@ -183,14 +182,22 @@ class DecisionCache:
 decision_cache = DecisionCache()
 
 
-def decide(problem: Problem, caps: Capabilities, backend: str | None = None) -> Decision:
-    """The cached decision for ``problem`` (``backend`` forces one by name)."""
+def decide(problem: Problem, caps: Capabilities, backend: str | None = None, *,
+           log: bool = True) -> Decision:
+    """The cached decision for ``problem`` (``backend`` forces one by name).
+
+    ``log``: tell the ``portattn`` logger about a problem class it has not seen yet
+    (:mod:`.announce`); listings of hypothetical problems (the report's routing table)
+    pass False."""
     forced, source = forced_backend(backend)
     key = (problem, caps, forced, source, decision_environment())
     decision = decision_cache.get(key)
     if decision is None:
         decision = _decide(problem, caps, forced, source)
         decision_cache.put(key, decision)
+    if log and key not in announced:
+        chosen = load_backend(decision.backend)
+        announce(decision, key, getattr(chosen, "slow_path", ""))
     return decision
 
 

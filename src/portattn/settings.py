@@ -1,0 +1,326 @@
+"""Every environment variable portattn reads, defined once.
+
+Each :class:`Setting` names one variable, the values it accepts, what unset means and
+what it does. This table is the only place that reads them: the decision-cache
+fingerprint (:func:`decision_environment`), ``portattn report`` (every setting with its
+current value) and the ``--help`` epilog of the command line are all built from
+:data:`SETTINGS`, so they cannot drift apart. To add a variable, add a ``Setting`` below
+and read it with ``THAT_SETTING.value()``.
+
+Values are parsed when read: surrounding spaces are ignored, choices are case-insensitive,
+and unset or empty means the default (``value()`` returns None, "automatic"). A value
+outside the accepted ones raises :class:`~portattn.errors.InputError` naming the variable.
+Variables that belong to other projects (``TRITON_INTERPRET``, the device-visibility
+variables) are read with their owners' rules and never rejected.
+
+Cheap reads
+-----------
+``attention``'s steady-state path needs the decision variables on every call, and
+``os.environ.get`` costs 0.5-2 us per unset name (a ``KeyError`` raised and caught
+inside ``os.environ``). So the raw values are kept in a snapshot that is rebuilt only after
+the environment changed: CPython raises the audit events ``os.putenv`` and
+``os.unsetenv`` (PEP 578) for every change made through ``os.environ`` (assignment,
+``del``, ``update``, ``pop``, ``clear``, pytest's ``monkeypatch``), and a hook installed on
+first use drops the snapshot on those events. A change therefore takes effect on the next
+call, exactly as a direct read would; :func:`decision_environment` costs one global read.
+The hook is one function call per audit event elsewhere in the process and does nothing
+else. Where ``sys.addaudithook`` is missing (other Python implementations) or the hook is
+refused (a test event proves it runs), no snapshot is kept and every read goes to
+``os.environ``. Changing the environment from one thread while another calls portattn
+is as unsafe as it is in C (``setenv`` is not thread-safe); the snapshot adds no new case.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from portattn.errors import InputError
+
+_ON = ("1", "true", "yes", "on")
+_OFF = ("0", "false", "no", "off")
+
+
+def _choices(table: Mapping[str, Any]) -> Callable[[str], Any]:
+    """A parser accepting exactly the keys of ``table`` (case-insensitive)."""
+    def parse(text: str) -> Any:
+        try:
+            return table[text.lower()]
+        except KeyError:
+            raise ValueError(text) from None
+    return parse
+
+
+def _flag(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in _ON:
+        return True
+    if lowered in _OFF:
+        return False
+    raise ValueError(text)
+
+
+def _triton_flag(text: str) -> bool:
+    """Triton's own rule for its boolean variables: on for 1/true/yes/on, else off."""
+    return text.lower() in _ON
+
+
+def _shard(text: str) -> tuple[int, int]:
+    index, sep, count = text.partition("/")
+    if not sep or not index.strip().isdigit() or not count.strip().isdigit():
+        raise ValueError(text)
+    i, n = int(index), int(count)
+    if not 0 <= i < n:
+        raise ValueError(text)
+    return i, n
+
+
+_TRISTATE = _choices({"auto": None, "0": False, "1": True})
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One environment variable: its name, accepted values, default and meaning.
+
+    ``parse`` turns a stripped, non-empty value into what the code uses and raises
+    ``ValueError`` for a value it does not accept (None: any text, returned as is).
+    ``decides``: part of the decision fingerprint (a change must re-decide routing).
+    ``owner``: who defines the variable (``portattn`` unless another project does).
+    """
+
+    name: str
+    values: str
+    default: str
+    meaning: str
+    parse: Callable[[str], Any] | None = None
+    decides: bool = False
+    owner: str = "portattn"
+
+    def raw(self) -> str | None:
+        """The variable's text as the environment holds it (None when unset)."""
+        return _current().raw[self.name]
+
+    def value(self) -> Any:
+        """The parsed value; None when unset or empty (the default applies).
+        ``InputError`` naming the variable when the value is not accepted."""
+        return self.parse_text(self.raw())
+
+    def parse_text(self, raw: str | None) -> Any:
+        """:meth:`value` for a given text instead of the environment's."""
+        text = "" if raw is None else raw.strip()
+        if not text:
+            return None
+        if self.parse is None:
+            return text
+        try:
+            return self.parse(text)
+        except ValueError:
+            raise InputError(self.name, self.values, repr(raw)) from None
+
+    def problem(self) -> str | None:
+        """Why the current value is not accepted, or None (for reports)."""
+        try:
+            self.value()
+        except InputError as exc:
+            return str(exc)
+        return None
+
+
+# --------------------------------------------------------------------------- the table
+
+BACKEND = Setting(
+    "PORTATTN_BACKEND", "auto or a backend name (triton_unified, flash_attn, "
+    "flash_attn_gather, torch_ref, ...)", "auto",
+    "force one backend for every call; a call it cannot serve raises UnsupportedError "
+    "with its reasons (never a silent fallback)",
+    lambda text: None if text.lower() == "auto" else text, decides=True)
+SIMULATE = Setting(
+    "PORTATTN_SIMULATE", "a profile name such as sm80, sm90, sm100, gfx942, cpu "
+    "(portattn.capabilities.PROFILES lists them; +fa2 / +fa3 adds flash-attn)",
+    "this machine",
+    "probe a simulated device instead of this one (routing tests on a CPU)", decides=True)
+VALIDATE = Setting(
+    "PORTATTN_VALIDATE", "auto, 0, 1", "auto (value checks only for metadata on the "
+    "CPU)",
+    "1: check metadata values (lengths against the block table, block ids, monotone "
+    "cu_seqlens_q) also on a GPU, which synchronizes; 0: never", _TRISTATE, decides=True)
+TENSOR_DESCRIPTORS = Setting(
+    "PORTATTN_TD", "auto, 0, 1", "auto (on where the probe's descriptor kernel "
+    "ran)",
+    "tensor-descriptor loads in portattn's Triton kernels: 1 forces on, 0 off",
+    _TRISTATE, decides=True)
+TRITON = Setting(
+    "PORTATTN_TRITON", "auto, 0, 1", "auto (the probe decides)",
+    "whether portattn's Triton kernels count as usable: 1 forces on, 0 off",
+    _TRISTATE, decides=True)
+FLASH_ATTN = Setting(
+    "PORTATTN_FLASH_ATTN", "auto, 0, 1", "auto (the probe decides)",
+    "whether the flash-attn backends count as usable: 1 forces on, 0 off",
+    _TRISTATE, decides=True)
+FLASH_ATTN_INTERFACE = Setting(
+    "PORTATTN_FLASH_ATTN_INTERFACE", "auto, fa2, fa3, fa4", "auto (every installed "
+    "interface, fastest first)",
+    "restrict the flash_attn backend to one flash-attn interface: fa2 (flash_attn), "
+    "fa3 (flash_attn_interface), fa4 (flash_attn.cute)",
+    _choices({"auto": None, "fa2": "fa2", "fa3": "fa3", "fa4": "fa4"}), decides=True)
+UNIFIED_SPLIT = Setting(
+    "PORTATTN_UNIFIED_SPLIT", "auto, 0, 1", "auto (the launch heuristics decide)",
+    "triton_unified's split-KV (3D) decode: 1 splits decode tiles over the keys as far "
+    "as the key length allows, 0 never splits", _TRISTATE, decides=True)
+CACHE_DIR = Setting(
+    "PORTATTN_CACHE_DIR", "a directory", "$XDG_CACHE_HOME/portattn, else "
+    "~/.cache/portattn", "where probe results are cached across processes")
+NO_DISK_CACHE = Setting(
+    "PORTATTN_NO_DISK_CACHE", "0 or 1 (also true/false, yes/no, on/off)", "0 (cache on disk)",
+    "1: probe in every process and keep the result in memory only", _flag)
+TEST_SHARD = Setting(
+    "PORTATTN_TEST_SHARD", "i/n with 0 <= i < n", "every test",
+    "test suite only: run the i-th of n interleaved shards of the collected tests "
+    "(parallel GPU runs)", _shard)
+TRITON_INTERPRET = Setting(
+    "TRITON_INTERPRET", "1, true, yes or on (anything else is off)", "off",
+    "run Triton kernels on the CPU in Triton's interpreter (slow; for tests). Must be set "
+    "before anything imports Triton", _triton_flag, decides=True, owner="Triton")
+TRITON_INSTRUMENTATION_MODE = Setting(
+    "TRITON_INSTRUMENTATION_MODE", "Triton's modes (e.g. for Proton's profiler)", "off",
+    "Triton's kernel instrumentation; portattn's fast relaunch path checks it on every "
+    "launch and goes through Triton's JIT when it is on", owner="Triton")
+FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED = Setting(
+    "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "0 or 1", "0",
+    "1: FlashAttention-4 keeps its compiled kernels on disk for later processes "
+    "(explain's JIT note says so)", owner="flash-attn 4")
+XDG_CACHE_HOME = Setting(
+    "XDG_CACHE_HOME", "a directory", "~/.cache",
+    "the user's cache folder; the probe cache goes to its portattn/ subfolder",
+    owner="XDG")
+CUDA_VISIBLE_DEVICES = Setting(
+    "CUDA_VISIBLE_DEVICES", "device indices", "every GPU",
+    "which NVIDIA GPUs the process sees (the probe describes the first)", owner="CUDA")
+HIP_VISIBLE_DEVICES = Setting(
+    "HIP_VISIBLE_DEVICES", "device indices", "every GPU",
+    "which AMD GPUs the process sees (HIP)", owner="ROCm")
+ROCR_VISIBLE_DEVICES = Setting(
+    "ROCR_VISIBLE_DEVICES", "device indices", "every GPU",
+    "which AMD GPUs the process sees (ROCr runtime)", owner="ROCm")
+
+#: Every variable portattn reads, in the order the report and the help list them.
+SETTINGS: tuple[Setting, ...] = (
+    BACKEND, SIMULATE, VALIDATE, TENSOR_DESCRIPTORS, TRITON, FLASH_ATTN,
+    FLASH_ATTN_INTERFACE, UNIFIED_SPLIT, CACHE_DIR, NO_DISK_CACHE, TEST_SHARD,
+    TRITON_INTERPRET, TRITON_INSTRUMENTATION_MODE, FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED,
+    XDG_CACHE_HOME, CUDA_VISIBLE_DEVICES, HIP_VISIBLE_DEVICES, ROCR_VISIBLE_DEVICES)
+BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+
+#: The settings that change decisions, in the order of :func:`decision_environment`.
+DECISION_SETTINGS: tuple[Setting, ...] = tuple(s for s in SETTINGS if s.decides)
+DECISION_NAMES: tuple[str, ...] = tuple(s.name for s in DECISION_SETTINGS)
+VALIDATE_INDEX = DECISION_NAMES.index(VALIDATE.name)
+#: raw PORTATTN_VALIDATE texts the fast path understands -> forced on / off
+VALIDATE_VALUES: dict[str | None, bool] = {"1": True, "0": False}
+
+
+# --------------------------------------------------------------------------- snapshot
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    raw: dict[str, str | None]
+    decision: tuple[str | None, ...]
+
+
+_snapshot: _Snapshot | None = None
+_hook_lock = threading.Lock()
+_hook_state: bool | None = None  # None: not tried yet; True: installed; False: unavailable
+_ENV_EVENTS = frozenset(("os.putenv", "os.unsetenv"))
+_CHECK_EVENT = "portattn.settings.hook-check"
+
+
+def _on_audit_event(event: str, args: tuple) -> None:
+    global _snapshot, _hook_state
+    if event in _ENV_EVENTS:
+        _snapshot = None
+    elif event == _CHECK_EVENT:
+        _hook_state = True
+
+
+def _install_hook() -> bool:
+    """Install the audit hook once. False where the interpreter has none, or where another
+    hook refused it (``sys.addaudithook`` then fails silently): the snapshot is only kept
+    when a test event proves the hook runs."""
+    global _hook_state
+    if _hook_state is None:
+        with _hook_lock:
+            if _hook_state is None:
+                _hook_state = False
+                add = getattr(sys, "addaudithook", None)
+                audit = getattr(sys, "audit", None)
+                if add is not None and audit is not None:
+                    add(_on_audit_event)
+                    audit(_CHECK_EVENT)  # sets _hook_state = True if the hook runs
+    return bool(_hook_state)
+
+
+def _read() -> _Snapshot:
+    get = os.environ.get
+    raw = {s.name: get(s.name) for s in SETTINGS}
+    return _Snapshot(raw, tuple(raw[name] for name in DECISION_NAMES))
+
+
+def _current() -> _Snapshot:
+    snapshot = _snapshot
+    if snapshot is None:
+        snapshot = _refresh()
+    return snapshot
+
+
+def _refresh() -> _Snapshot:
+    global _snapshot
+    if not _install_hook():
+        return _read()  # no change notifications: never keep a copy
+    snapshot = _read()
+    _snapshot = snapshot
+    return snapshot
+
+
+def decision_environment() -> tuple[str | None, ...]:
+    """The raw values of the settings that change decisions (:data:`DECISION_NAMES` order):
+    part of every decision-cache key, so a change re-decides."""
+    snapshot = _snapshot
+    if snapshot is None:
+        snapshot = _refresh()
+    return snapshot.decision
+
+
+def reload() -> None:
+    """Forget the snapshot (the next read goes to ``os.environ``). Only needed after a
+    change that bypassed ``os.environ``, e.g. ``os.environ._data`` edited directly."""
+    global _snapshot
+    _snapshot = None
+
+
+# --------------------------------------------------------------------------- listings
+
+
+def describe() -> dict[str, dict[str, Any]]:
+    """Every setting with its current value, for ``portattn report --json``:
+    ``{name: {"value", "values", "default", "meaning", "owner", "problem"}}``."""
+    return {s.name: {"value": s.raw(), "values": s.values, "default": s.default,
+                     "meaning": s.meaning, "owner": s.owner, "problem": s.problem()}
+            for s in SETTINGS}
+
+
+def help_text(width: int = 88) -> str:
+    """The ``--help`` epilog: one paragraph per setting."""
+    import textwrap
+
+    lines = ["environment variables (portattn report shows their current values):"]
+    for s in SETTINGS:
+        owner = "" if s.owner == "portattn" else f" [{s.owner}'s]"
+        lines.append(f"  {s.name}{owner}")
+        body = f"{s.meaning}. Values: {s.values}; unset = {s.default}."
+        lines.extend(textwrap.wrap(body, width, initial_indent="      ",
+                                   subsequent_indent="      ", break_on_hyphens=False))
+    return "\n".join(lines)

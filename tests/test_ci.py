@@ -1,0 +1,41 @@
+"""The CI configuration agrees with its one source of truth, ci/matrix.json."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parents[1]
+MATRIX = json.loads((ROOT / "ci" / "matrix.json").read_text())
+WORKFLOWS = ROOT / ".github" / "workflows"
+
+
+def test_triton_versions_are_the_pinned_one_then_the_newest():
+    versions = MATRIX["triton_versions"]
+    pinned = re.search(r"^triton==(\S+)$", (ROOT / "ci" / "constraints.txt").read_text(),
+                       re.MULTILINE)
+    assert pinned and versions[0] == pinned.group(1)
+    assert len(versions) >= 2, "the CPU job runs the newest Triton too"
+    assert max(versions, key=Version) == versions[-1]
+
+
+def test_cpu_job_runs_the_interpreter_tier_on_the_newest_triton():
+    run = (ROOT / ".ci" / "run").read_text()
+    assert 'json.load(open("ci/matrix.json"))["triton_versions"][-1]' in run
+    assert "ci/setup_triton_venv.sh \"$NEXT_TRITON\" .venv-triton-next" in run
+    assert ".venv-triton-next/bin/python -m pytest -q -m interpreter" in run
+    assert ".venv/bin/python -m pytest -q" in run  # the README's command, whole suite
+    cpu = (WORKFLOWS / "cpu.yml").read_text()
+    assert "run: bash .ci/run" in cpu and "pull_request" in cpu
+
+
+def test_gpu_workflow_runs_each_gpu_profile_on_its_runner_label():
+    gpu = (WORKFLOWS / "gpu.yml").read_text()
+    assert 'json.load(open("ci/matrix.json"))' in gpu
+    assert 'runs-on: [self-hosted, "${{ matrix.runner_label }}"]' in gpu
+    assert 'triton==${{ matrix.triton }}' in gpu
+    assert any(p["gpu_tier"] for p in MATRIX["profiles"])
+    assert all(p["runner_label"] for p in MATRIX["profiles"])
