@@ -227,24 +227,9 @@ def test_modes():
     assert mixed["long"]["block_m"] >= 64
 
 
-#: (arch, KV element bytes) whose tiles do not fit yet, two heuristics bugs to fix in
-#: kernels/heuristics.py (shrink BLOCK_M / BLOCK_N / stages further, or reject the shape
-#: with a reason):
-#: * fp32 caches with heads wider than 128: _fit_smem stops at BLOCK_N=16 with 64-row
-#:   prefill tiles (and 16-row decode tiles on 64 KB AMD parts), still over budget;
-#: * DiffKV 192/128 prefill tiles (256 x 64, chosen on the H200 in 975d3f9) need 152 KB
-#:   with 16-bit caches (76 KB with fp8) and are not fitted to 99 KB / 64 KB parts.
-TILES_TOO_BIG = ({(arch, 4) for arch in ("sm86", "sm89", "sm120", "gfx942", "gfx950")}
-                 | {(arch, 2) for arch in ("sm86", "sm89", "sm120", "gfx942", "gfx950")}
-                 | {("gfx942", 1), ("gfx950", 1)})
-
-
-@pytest.mark.parametrize("arch,elem", [
-    pytest.param(arch, elem, marks=pytest.mark.xfail(
-        (arch, elem) in TILES_TOO_BIG, strict=True,
-        reason="tiles exceed this arch's shared memory (see TILES_TOO_BIG)"))
-    for arch in ("sm80", "sm86", "sm89", "sm90", "sm100", "sm120", "gfx942", "gfx950")
-    for elem in (1, 2, 4)])
+@pytest.mark.parametrize("arch", ["sm80", "sm86", "sm89", "sm90", "sm100", "sm120",
+                                  "gfx942", "gfx950"])
+@pytest.mark.parametrize("elem", [1, 2, 4])
 def test_tiles_fit_shared_memory(arch, elem):
     """Every tile the heuristics choose fits the arch's shared-memory budget (K and V
     tiles for every pipeline stage plus the query tile)."""

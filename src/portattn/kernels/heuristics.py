@@ -20,6 +20,7 @@ Modes (the ``SEQ_MODE`` of the kernel, see :mod:`portattn.kernels.unified`):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 
 #: Programs wanted in flight per SM before splitting a decode over the keys.
@@ -116,15 +117,22 @@ class Shape:
 
 
 def _fit_smem(cfg: TileConfig, shape: Shape, min_block_n: int = 16) -> TileConfig:
-    """Drop stages, then halve BLOCK_N, until the tiles fit the shared-memory budget."""
+    """Shrink until the tiles fit the shared-memory budget: drop stages to 2, halve
+    BLOCK_N down to ``min_block_n``, halve BLOCK_M down to the smallest tile that holds a
+    whole GQA group (keeping BLOCK_Q = BLOCK_M / group), then a single stage."""
     budget = shared_memory_budget(shape.arch)
+    min_block_m = max(16, next_pow2(shape.group))
+    replace = dataclasses.replace
     while cfg.smem_bytes(shape.head_pad, shape.elem_bytes, shape.head_pad_v) > budget:
         if cfg.num_stages > 2:
-            cfg = TileConfig(cfg.block_m, cfg.block_q, cfg.block_n, cfg.num_warps,
-                             cfg.num_stages - 1, cfg.segments)
+            cfg = replace(cfg, num_stages=cfg.num_stages - 1)
         elif cfg.block_n > min_block_n:
-            cfg = TileConfig(cfg.block_m, cfg.block_q, cfg.block_n // 2, cfg.num_warps,
-                             cfg.num_stages, cfg.segments)
+            cfg = replace(cfg, block_n=cfg.block_n // 2)
+        elif cfg.block_m > min_block_m and cfg.block_m // 2 >= shape.group:
+            cfg = replace(cfg, block_m=cfg.block_m // 2,
+                          block_q=max(1, cfg.block_m // 2 // shape.group))
+        elif cfg.num_stages > 1:
+            cfg = replace(cfg, num_stages=1)
         else:
             break
     return cfg
