@@ -57,7 +57,7 @@ OMP_NUM_THREADS=2 timeout 120 python3 -m pytest tests/test_flash_attn4.py -q -p 
 pids+=($!)
 timeout 150 python3 -m portattn report --json > "$OUT/report-fa4.json" 2> "$LOGS/report.err" &
 pids+=($!)
-for bs in 16 128; do
+for bs in ${BLOCK_SIZES:-16 128}; do
   for i in 0 1; do
     timeout 200 python3 -m portattn.bench --compile-only --shrink 4 --cases "$BENCH_CASES" \
       --block-size "$bs" --shard $i/2 > "$LOGS/compile-b$bs-$i.log" 2>&1 &
@@ -84,10 +84,11 @@ if [ -n "${WAIT_FOR:-}" ]; then
   while pgrep -f "$WAIT_FOR" > /dev/null && [ "$(left)" -gt 120 ]; do sleep 2; done
   echo "[benches start at $(( $(date +%s) - T0 ))s]"
 fi
-stages=2  # each bench gets an equal share of what is left (a killed bench writes no JSON)
-for bs in 16 128; do
+BLOCK_SIZES=${BLOCK_SIZES:-16 128}
+stages=$(echo $BLOCK_SIZES | wc -w)  # each bench gets an equal share of what is left
+for bs in $BLOCK_SIZES; do
   share=$(( ($(left) - 15) / stages )); stages=$((stages - 1))
-  if [ "$share" -lt 90 ]; then echo "skipped bench at block $bs: $(left)s left"; continue; fi
+  if [ "$share" -lt ${MIN_BENCH_SECONDS:-90} ]; then echo "skipped bench at block $bs: $(left)s left"; continue; fi
   timeout "$share" python3 -m portattn.bench --cases "$BENCH_CASES" --block-size "$bs" \
     --rep "${BENCH_REP:-100}" --out "$OUT" --prefix "$TAG-fa4-b$bs" > "$LOGS/bench-b$bs.log" 2>&1
   echo "bench block $bs: rc=$? (limit ${share}s) at $(( $(date +%s) - T0 ))s"
