@@ -295,6 +295,6 @@ def test_memo_sees_a_reassigned_cache_tensor(batch, monkeypatch):
     with pytest.raises(portattn.InputError, match="^q: expected head size 16"):
         portattn.attention(batch.q, batch.cache, batch.metadata)
     monkeypatch.setenv("PORTATTN_VALIDATE", " 1")  # odd spelling: the full path decides
-    from portattn.envstate import decision_environment
+    from portattn.settings import decision_environment
     assert not planning._memo_allowed(batch.q, batch.cache, batch.metadata, None,
                                       decision_environment())

@@ -7,6 +7,8 @@ import sys
 import types
 
 import pytest
+
+from portattn.errors import InputError
 import torch
 
 from portattn.backends.flash_attn import FlashAttn, FlashAttnGather
@@ -449,7 +451,8 @@ def test_interface_variable_restricts_the_backend(monkeypatch):
     gather = FlashAttnGather().why_not(Problem.make(block_size=16), caps)
     assert any("turned off by PORTATTN_FLASH_ATTN_INTERFACE" in r for r in gather), gather
     monkeypatch.setenv("PORTATTN_FLASH_ATTN_INTERFACE", "fa5")
-    with pytest.raises(ValueError, match="PORTATTN_FLASH_ATTN_INTERFACE='fa5'"):
+    with pytest.raises(InputError, match=r"^PORTATTN_FLASH_ATTN_INTERFACE: expected auto, "
+                       r"fa2, fa3, fa4.*'fa5'"):
         FlashAttn().why_not(Problem.make(block_size=16), caps)
 
 

@@ -49,7 +49,7 @@ from portattn.capabilities import probe
 from portattn.dispatch.problem import Problem
 from portattn.dispatch.registry import load_backend
 from portattn.dispatch.selector import Decision, decide
-from portattn.envstate import VALIDATE_INDEX, VALIDATE_VALUES, decision_environment
+from portattn.settings import VALIDATE_INDEX, VALIDATE_VALUES, decision_environment
 from portattn.errors import InputError
 from portattn.options import AttentionOptions, normalize_options
 from portattn.types import FP8_DTYPES, AttentionMetadata, KVQuant, PagedKVCache, _describe

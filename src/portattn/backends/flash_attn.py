@@ -41,7 +41,6 @@ call can be captured; capture after the first call of a configuration (the compi
 
 from __future__ import annotations
 
-import os
 
 from portattn.backends import flash_attn_jit
 from portattn.backends.base import Backend, Plan
@@ -65,12 +64,10 @@ FA4_VARIANT = ("FA4 paged varlen (flash_attn.cute: page_table, seqused_k; JIT-co
 def allowed_interfaces() -> tuple[str, ...]:
     """The interfaces ``PORTATTN_FLASH_ATTN_INTERFACE`` allows, in the order tried (read
     when deciding)."""
-    raw = os.environ.get(INTERFACE_VARIABLE, "")
-    choice = INTERFACE_CHOICES.get(raw.strip().lower())
-    if choice is None:
-        raise ValueError(f"{INTERFACE_VARIABLE}={raw!r} is not valid; accepted values: unset "
-                         "or auto (FA4 first, then FA3, then FA2), fa2, fa3, fa4")
-    return choice
+    from portattn import settings
+
+    choice = settings.FLASH_ATTN_INTERFACE.value()  # InputError naming it when invalid
+    return INTERFACE_CHOICES["auto" if choice is None else choice]
 
 
 class FlashAttn(Backend):

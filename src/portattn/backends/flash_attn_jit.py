@@ -19,7 +19,6 @@ there ``explain`` may announce a compile that FA4 then skips.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 
 COMPILE_SECONDS_H200 = 4  # measured per new configuration on the H200 (DEVICE.md)
@@ -83,7 +82,9 @@ def compile_note(configuration: tuple | None) -> str:
     if configuration is not None and configuration in compiled:
         return ("FA4 JIT: this configuration already ran in this process; its kernel is "
                 "compiled")
-    disk = os.environ.get(DISK_CACHE_VARIABLE, "0") == "1"
+    from portattn import settings
+
+    disk = (settings.FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED.raw() or "").strip() == "1"
     return ("FA4 JIT: the first call with this configuration in this process compiles a "
             f"kernel (about {COMPILE_SECONDS_H200} s on an H200; warm up before capturing a "
             "CUDA graph)" + ("; FA4's disk cache is on, so it may load instead"

@@ -16,7 +16,6 @@ ImportError into a reason.
 
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -142,13 +141,13 @@ class TritonUnified(Backend):
 def _forced_segments(shape: heuristics.Shape) -> int | None:
     """``PORTATTN_UNIFIED_SPLIT``: unset/auto -> None (heuristic), 0 -> 1 segment,
     1 -> split decode tiles as far as the key length allows."""
-    env = os.environ.get("PORTATTN_UNIFIED_SPLIT", "").strip().lower()
-    if env in ("", "auto"):
+    from portattn import settings
+
+    split = settings.UNIFIED_SPLIT.value()  # InputError naming it when invalid
+    if split is None:
         return None
-    if env == "0":
+    if not split:
         return 1
-    if env == "1":
-        big = heuristics.Shape(**{**shape.__dict__, "sm_count": 1 << 20})
-        block_n = heuristics.decode_config(big, 1, 1, 1).block_n
-        return heuristics.decode_segments(big, block_n, 1)
-    raise ValueError(f"PORTATTN_UNIFIED_SPLIT must be unset, 0 or 1; got {env!r}")
+    big = heuristics.Shape(**{**shape.__dict__, "sm_count": 1 << 20})
+    block_n = heuristics.decode_config(big, 1, 1, 1).block_n
+    return heuristics.decode_segments(big, block_n, 1)

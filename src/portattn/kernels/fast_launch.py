@@ -47,7 +47,6 @@ normal path.
 from __future__ import annotations
 
 import inspect
-import os
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -55,6 +54,8 @@ from operator import itemgetter
 from typing import Any, Sequence
 
 import torch
+
+from portattn import settings
 
 _local = threading.local()
 _PLAIN = (int, float, bool, str, type(None))
@@ -148,7 +149,7 @@ def _count_launches():
         chain = knobs.runtime.launch_enter_hook
     except Exception:  # pragma: no cover - older Triton
         return None, None
-    if not hasattr(chain, "add") or os.environ.get("TRITON_INTERPRET") == "1":
+    if not hasattr(chain, "add") or settings.TRITON_INTERPRET.value():
         return None, None
     thread = threading.get_ident()
 
@@ -164,14 +165,6 @@ def _count_launches():
 # --------------------------------------------------------------------------- per call state
 
 
-_env = getattr(os.environ, "_data", None)
-_INSTRUMENTATION = "TRITON_INSTRUMENTATION_MODE"
-if isinstance(_env, dict) and hasattr(os.environ, "encodekey"):
-    _INSTRUMENTATION_KEY = os.environ.encodekey(_INSTRUMENTATION)
-    _env_get = _env.get
-else:  # pragma: no cover - other Python implementations
-    _INSTRUMENTATION_KEY = _INSTRUMENTATION
-    _env_get = os.environ.get
 _runtime = None
 
 
@@ -191,7 +184,7 @@ def triton_state():
     hook = runtime.launch_exit_hook
     if hook is not None and getattr(hook, "calls", True):
         return None
-    return (runtime.debug, _env_get(_INSTRUMENTATION_KEY))
+    return (runtime.debug, settings.TRITON_INSTRUMENTATION_MODE.raw())
 
 
 def _device_functions():
