@@ -179,8 +179,7 @@ def _stub_kernels():
     nothing, every launch counted as Triton's launch hook would."""
     from triton import knobs
     from triton.backends.compiler import BaseBackend
-    from triton.runtime.jit import (JITFunction, compute_cache_key,
-                                    create_function_from_signature)
+    from triton.runtime.jit import JITFunction, compute_cache_key, create_function_from_signature
 
     from portattn.kernels import fast_launch, launch
 

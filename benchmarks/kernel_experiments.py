@@ -13,8 +13,7 @@ import sys
 import torch
 import triton.testing
 
-from portattn.bench import Case, GraphTimer, build_inputs, case_bytes, \
-    case_flops
+from portattn.bench import Case, GraphTimer, build_inputs, case_bytes, case_flops
 from portattn.kernels.heuristics import Shape, plan_launch
 from portattn.kernels.launch import launch_unified
 from portattn.options import normalize_options

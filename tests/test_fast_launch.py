@@ -24,8 +24,16 @@ from triton.backends.compiler import BaseBackend
 from triton.runtime.jit import JITFunction, compute_cache_key, create_function_from_signature
 
 from portattn.kernels import fast_launch
-from portattn.kernels.fast_launch import (Ambiguous, Captured, Launch, LaunchSequence,
-                                          Unusable, capturable, capture, specialization_key)
+from portattn.kernels.fast_launch import (
+    Ambiguous,
+    Captured,
+    Launch,
+    LaunchSequence,
+    Unusable,
+    capturable,
+    capture,
+    specialization_key,
+)
 
 
 def toy(x_ptr, y_ptr, n, stride, scale, flag, BLOCK: tl.constexpr):

@@ -7,8 +7,6 @@ import sys
 import types
 
 import pytest
-
-from portattn.errors import InputError
 import torch
 
 from portattn.backends.flash_attn import FlashAttn, FlashAttnGather
@@ -16,9 +14,10 @@ from portattn.backends.flash_attn_calls import gather_pages
 from portattn.capabilities import probe
 from portattn.dispatch import Problem, decide
 from portattn.dispatch.routing import backend_availability
+from portattn.errors import InputError
 from portattn.options import normalize_options
-from portattn.types import KVQuant
 from portattn.testing import dense_attention, make_paged_batch, relative_error
+from portattn.types import KVQuant
 
 
 def test_absent_flash_attn_is_a_reason_with_the_install_hint(monkeypatch):

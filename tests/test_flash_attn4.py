@@ -18,8 +18,13 @@ from portattn.backends.flash_attn import FlashAttn, FlashAttnGather
 from portattn.capabilities import Capabilities, clear_cache, probe
 from portattn.cli import main
 from portattn.dispatch import Problem, decide
-from portattn.dispatch.priorities import (LONG_CHUNK_BUCKET, MEASURED_LEADS, leads_for,
-                                          priority_list, problem_class)
+from portattn.dispatch.priorities import (
+    LONG_CHUNK_BUCKET,
+    MEASURED_LEADS,
+    leads_for,
+    priority_list,
+    problem_class,
+)
 from portattn.dispatch.routing import backend_availability
 from portattn.dispatch.selector import with_notes
 from portattn.options import normalize_options

@@ -15,10 +15,10 @@ import math
 import pytest
 import torch
 
-from unified_check import FEATURE_KW, check_unified, undo_interpreter_fp8_carry
-
 from portattn import KVQuant, PagedKVCache
 from portattn.kernels.heuristics import TileConfig
+
+from unified_check import FEATURE_KW, check_unified, undo_interpreter_fp8_carry
 
 F16, F32 = torch.float16, torch.float32
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2

@@ -34,6 +34,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Any
 
 import torch
 
@@ -235,7 +236,7 @@ class GraphTimer:
         self.reps, self.replays = reps, replays
         self.cache = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
         self.heat_a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
-        self._flush_ms = None
+        self._flush_ms: float | None = None
 
     def _graph_ms(self, fn) -> float:
         stream = torch.cuda.Stream()
@@ -272,7 +273,7 @@ class GraphTimer:
         fn()
         torch.cuda.synchronize()
         self.heat()
-        return max(0.0, self._graph_ms(fn) - self._flush_ms) / self.reps
+        return max(0.0, self._graph_ms(fn) - float(self._flush_ms)) / self.reps
 
 
 def host_us(fn, calls: int = 200) -> float:
@@ -287,15 +288,19 @@ def host_us(fn, calls: int = 200) -> float:
     return elapsed / calls * 1e6
 
 
-def measure_ceilings(device: str, bench) -> dict:
-    if device != "cuda":
-        return {"copy_tbs": None, "matmul_tflops": None}
+def _copy_tbs(device: str, bench) -> float:
+    """Device-to-device copy bandwidth, bytes read + written (its buffers die on return)."""
     n = 1 << 29  # 1 GiB of bf16
     a = torch.empty(n, dtype=torch.bfloat16, device=device).normal_()
     b = torch.empty_like(a)
     ms = bench(lambda: b.copy_(a))
-    copy_tbs = 2 * n * 2 / (ms * 1e-3) / 1e12
-    del a, b
+    return 2 * n * 2 / (ms * 1e-3) / 1e12
+
+
+def measure_ceilings(device: str, bench) -> dict:
+    if device != "cuda":
+        return {"copy_tbs": None, "matmul_tflops": None}
+    copy_tbs = _copy_tbs(device, bench)
     m = 8192
     x = torch.randn(m, m, device=device, dtype=torch.bfloat16)
     y = torch.randn(m, m, device=device, dtype=torch.bfloat16)
@@ -345,7 +350,7 @@ def fa4_paged(inp: Inputs):
     from portattn.options import normalize_options
 
     options = normalize_options(inp.q, inp.cache)
-    max_q, max_k = inp.metadata.max_seqlen_q, inp.metadata.max_seqlen_k
+    max_q, max_k = inp.metadata.max_lengths()
 
     def fn():
         fa4_call(inp.q, inp.cache, inp.metadata, options, max_q, max_k)
@@ -377,12 +382,12 @@ def sdpa(case: Case, inp: Inputs, backend_name: str):
 
     backend = getattr(SDPBackend, backend_name)
     notes = []
-    calls = []
+    calls: list[tuple[Any, Any, Any, dict[str, Any]]] = []
     for q4, k4, v4, ql, sl in _sdpa_parts(case, inp):
         if ql == sl:
             kw = dict(is_causal=True)
         elif ql == 1:
-            kw = dict(is_causal=False)
+            kw = {"is_causal": False}
         else:  # bottom-right causal would be exact; SDPA backends rarely take it
             kw = dict(is_causal=False)
             notes.append(f"q {ql} over {sl} keys run non-causal (a little more work)")
@@ -410,10 +415,10 @@ def flash_attn_contiguous(case: Case, inp: Inputs):
         vs.append(v.transpose(0, 1))
     k = torch.cat(ks).contiguous()
     v = torch.cat(vs).contiguous()
-    cu_k = [0]
+    starts = [0]
     for sl in case.seq_lens:
-        cu_k.append(cu_k[-1] + sl)
-    cu_k = torch.tensor(cu_k, dtype=torch.int32, device=inp.q.device)
+        starts.append(starts[-1] + sl)
+    cu_k = torch.tensor(starts, dtype=torch.int32, device=inp.q.device)
 
     def fn():
         flash_attn_varlen_func(inp.q, k, v, inp.metadata.cu_seqlens_q, cu_k,
@@ -536,13 +541,13 @@ def run_sweep(case: Case, inp: Inputs, bench, caps) -> list[dict]:
                   inp.cache.head_size_v)
     rows = []
     for params in sweep_configs(case, shape):
-        record = {"params": params}
+        record: dict[str, Any] = {"params": params}
         if bench is None:  # --compile-only
             launch_unified(inp.q, inp.cache, inp.metadata, options, inp.out, params)
             continue
         try:
-            ms = bench(lambda: launch_unified(inp.q, inp.cache, inp.metadata, options,
-                                              inp.out, params))
+            ms = bench(lambda p=params: launch_unified(inp.q, inp.cache, inp.metadata,
+                                                       options, inp.out, p))
             record["ms"] = ms
         except Exception as exc:  # out of resources, ...
             record["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
@@ -572,6 +577,15 @@ def _metric(case: Case, ms: float, nbytes: int, flops: float) -> dict:
 
 
 def run_case(case: Case, args, bench, caps, ceilings) -> dict:
+    """One case: every implementation timed, ratios and the sweep; its inputs are freed
+    (and the allocator's cache emptied) before the next case."""
+    result = _run_case(case, args, bench, caps, ceilings)
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def _run_case(case: Case, args, bench, caps, ceilings) -> dict:
     import portattn
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
@@ -585,10 +599,11 @@ def run_case(case: Case, args, bench, caps, ceilings) -> dict:
     if args.device == "cuda":
         forced = "triton_diffkv" if case.head_size_v is not None else "triton_unified"
     decision = portattn.explain(inp.q, inp.cache, inp.metadata, backend=forced)
-    result = {"case": dataclasses.asdict(case) | {"query_lens": _compact(case.query_lens),
-                                                  "seq_lens": _compact(case.seq_lens)},
-              "bytes": nbytes, "flops": flops, "backend": decision.backend,
-              "plan": decision.plan.describe(), "impls": {}, "notes": []}
+    lens = {"query_lens": _compact(case.query_lens), "seq_lens": _compact(case.seq_lens)}
+    result: dict[str, Any] = {
+        "case": dataclasses.asdict(case) | lens,
+        "bytes": nbytes, "flops": flops, "backend": decision.backend,
+        "plan": decision.plan.describe(), "impls": {}, "notes": []}
     impls = {"ours": lambda: ours(inp)}
     if not args.no_peers and args.device == "cuda" and not case.variant_of_bf16:
         def peer(name):
@@ -647,9 +662,6 @@ def run_case(case: Case, args, bench, caps, ceilings) -> dict:
     if args.sweep:
         sweep_bench = args.graph_timer if args.device == "cuda" else bench
         result["sweep"] = run_sweep(case, inp, sweep_bench, caps)
-    del inp
-    if args.device == "cuda":
-        torch.cuda.empty_cache()
     return result
 
 
@@ -685,7 +697,8 @@ def _separate_parts(case: Case, args, bench, dtype) -> float | None:
         inp = build_inputs(part, num_q_heads=args.num_q_heads, num_kv_heads=args.num_kv_heads,
                            head_size=args.head_size, block_size=args.block_size, dtype=dtype,
                            device=args.device)
-        total += bench(lambda: portattn.attention(inp.q, inp.cache, inp.metadata, out=inp.out))
+        total += bench(lambda inp=inp: portattn.attention(inp.q, inp.cache, inp.metadata,
+                                                          out=inp.out))
     return total
 
 

@@ -14,30 +14,27 @@ objects on every call, but the plan memo keys on structure and on the metadata's
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from portattn.options import default_out_dtype
-from portattn.types import FP8_DTYPES, AttentionMetadata, KVQuant, PagedKVCache, \
-    scale_as_tensor
+from portattn.types import FP8_DTYPES, AttentionMetadata, KVQuant, PagedKVCache, scale_as_tensor
 
 _FP8_BY_NAME = {str(d).replace("torch.", ""): d for d in FP8_DTYPES}
 
 
 @torch.library.custom_op("portattn::paged_attention", mutates_args=("out",))
 def paged_attention(out: torch.Tensor, q: torch.Tensor, key_cache: torch.Tensor,
-                    value_cache: torch.Tensor, k_scale_cache: Optional[torch.Tensor],
-                    v_scale_cache: Optional[torch.Tensor], k_scale: Optional[torch.Tensor],
-                    v_scale: Optional[torch.Tensor], quant_mode: str, fp8_dtype: str,
+                    value_cache: torch.Tensor, k_scale_cache: torch.Tensor | None,
+                    v_scale_cache: torch.Tensor | None, k_scale: torch.Tensor | None,
+                    v_scale: torch.Tensor | None, quant_mode: str, fp8_dtype: str,
                     packed: bool, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
-                    block_table: torch.Tensor, max_seqlen_q: Optional[int],
-                    max_seqlen_k: Optional[int], scale: Optional[float], causal: bool,
-                    sliding_window: Optional[int], softcap: Optional[float],
-                    alibi_slopes: Optional[torch.Tensor], alibi_sqrt: bool,
-                    sinks: Optional[torch.Tensor], q_scale: Optional[torch.Tensor],
-                    output_scale: Optional[torch.Tensor], backend: str,
-                    validate: Optional[bool]) -> None:
+                    block_table: torch.Tensor, max_seqlen_q: int | None,
+                    max_seqlen_k: int | None, scale: float | None, causal: bool,
+                    sliding_window: int | None, softcap: float | None,
+                    alibi_slopes: torch.Tensor | None, alibi_sqrt: bool,
+                    sinks: torch.Tensor | None, q_scale: torch.Tensor | None,
+                    output_scale: torch.Tensor | None, backend: str,
+                    validate: bool | None) -> None:
     from portattn.api import run_eager
 
     quant = KVQuant(quant_mode, k_scale, v_scale, _FP8_BY_NAME.get(fp8_dtype))
@@ -59,7 +56,7 @@ def _paged_attention_fake(out, q, key_cache, value_cache, k_scale_cache, v_scale
     return None
 
 
-def _as_tensor(scale, device) -> Optional[torch.Tensor]:
+def _as_tensor(scale, device) -> torch.Tensor | None:
     return None if scale is None else scale_as_tensor(scale, device)
 
 

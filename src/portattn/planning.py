@@ -49,10 +49,10 @@ from portattn.capabilities import probe
 from portattn.dispatch.problem import Problem
 from portattn.dispatch.registry import load_backend
 from portattn.dispatch.selector import Decision, decide
-from portattn.settings import VALIDATE_INDEX, VALIDATE_VALUES, decision_environment
-from portattn.errors import InputError
+from portattn.errors import InputError, UnsupportedError
 from portattn.options import AttentionOptions, normalize_options
-from portattn.types import FP8_DTYPES, AttentionMetadata, KVQuant, PagedKVCache, _describe
+from portattn.settings import VALIDATE_INDEX, VALIDATE_VALUES, decision_environment
+from portattn.types import FP8_DTYPES, AttentionMetadata, KVQuant, PagedKVCache, Scale, _describe
 from portattn.validation import check_out, check_structure, check_values, validation_requested
 
 _MISSING = object()
@@ -158,6 +158,8 @@ class PlanBody:
         self.num_q_heads = problem.num_q_heads
         self.head_size_v = problem.head_size_v
         backend = load_backend(decision.backend)
+        if isinstance(backend, str):  # decide() never picks a backend that failed to import
+            raise UnsupportedError(f"backend {decision.backend!r} cannot be loaded: {backend}")
         self.runner = backend.prepare(decision.plan, problem, self.options, device)
 
 
@@ -251,10 +253,21 @@ class AttentionPlan:
         self._accepted: dict = {}
         self._lock = threading.Lock()
 
-    backend = property(lambda self: self._body.decision.backend)
-    variant = property(lambda self: self._body.decision.plan.describe())
-    decision = property(lambda self: self._body.decision)
-    problem = property(lambda self: self._body.problem)
+    @property
+    def backend(self) -> str:
+        return self._body.decision.backend
+
+    @property
+    def variant(self) -> str:
+        return self._body.decision.plan.describe()
+
+    @property
+    def decision(self) -> Decision:
+        return self._body.decision
+
+    @property
+    def problem(self) -> Problem:
+        return self._body.problem
 
     def __repr__(self) -> str:
         return (f"<AttentionPlan {self.backend}: {self.variant}; "
@@ -262,7 +275,8 @@ class AttentionPlan:
 
     def run(self, q: torch.Tensor, cache: PagedKVCache, out: torch.Tensor | None = None, *,
             alibi_slopes: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
-            q_scale=None, output_scale=None, validate: bool | None = None) -> torch.Tensor:
+            q_scale: Scale | None = None, output_scale: Scale | None = None,
+            validate: bool | None = None) -> torch.Tensor:
         """Attention of one layer: ``q`` ``[num_tokens, num_q_heads, head_size_qk]`` over
         ``cache`` (any layer's: only its structure must match the plan). Per-layer
         tensors (``alibi_slopes``, ``sinks``, fp8 ``q_scale`` / ``output_scale``) are given
@@ -384,7 +398,8 @@ def plan(metadata: AttentionMetadata, *, num_q_heads: int, dtype: torch.dtype,
     if out_dtype is not None and not isinstance(out_dtype, torch.dtype):
         raise InputError("out_dtype", "a torch.dtype or None", _describe(out_dtype))
     check_structure(q0, cache0, metadata)
-    vector = (lambda: torch.zeros(num_q_heads, dtype=torch.float32, device=device))
+    def vector():
+        return torch.zeros(num_q_heads, dtype=torch.float32, device=device)
     out0 = None if out_dtype is None else \
         torch.empty(0, num_q_heads, cache0.head_size_v, dtype=out_dtype, device=device)
     options = normalize_options(

@@ -331,7 +331,7 @@ class PagedKVCache:
                 ("v", value, self.value_cache, self.v_scale_cache)):
             stored, scales = quantize_for_cache(src, self.quant, name, cache.dtype)
             cache[blocks, offsets] = stored
-            if scale_cache is not None:
+            if scale_cache is not None and scales is not None:
                 scale_cache[blocks, offsets] = scales
 
     def _check_write_args(self, key: torch.Tensor, value: torch.Tensor,

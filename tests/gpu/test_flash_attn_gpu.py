@@ -1,7 +1,6 @@
 """GPU tier: the flash_attn backends through FA2 against the dense float64 oracle, with the
 real flash-attn library (skipped where it is not installed)."""
 
-import itertools
 
 import pytest
 import torch

@@ -13,10 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from portattn import KVQuant
+
 from test_kernels_quant_diffkv import QUANTS, quantize_reference
 from unified_check import check_unified, stored_values
-
-from portattn import KVQuant
 
 pytestmark = pytest.mark.gpu
 

@@ -41,15 +41,27 @@ call can be captured; capture after the first call of a configuration (the compi
 
 from __future__ import annotations
 
-
 from portattn.backends import flash_attn_jit
 from portattn.backends.base import Backend, Plan
-from portattn.backends.flash_attn_calls import (fa2_decode, fa2_varlen, fa3_paged, fa4_paged,
-                                                gather_pages, one_query_per_sequence)
-from portattn.backends.flash_attn_rules import (FA2_PAGE, FA3_CC_MAJOR, FA3_INSTALL_HINT,
-                                                FA4_INSTALL_HINT, FA4_PAGED_CC_MAJORS,
-                                                fa2_reasons, fa3_reasons, fa4_reasons,
-                                                machine_reasons)
+from portattn.backends.flash_attn_calls import (
+    fa2_decode,
+    fa2_varlen,
+    fa3_paged,
+    fa4_paged,
+    gather_pages,
+    one_query_per_sequence,
+)
+from portattn.backends.flash_attn_rules import (
+    FA2_PAGE,
+    FA3_CC_MAJOR,
+    FA3_INSTALL_HINT,
+    FA4_INSTALL_HINT,
+    FA4_PAGED_CC_MAJORS,
+    fa2_reasons,
+    fa3_reasons,
+    fa4_reasons,
+    machine_reasons,
+)
 
 INTERFACE_VARIABLE = "PORTATTN_FLASH_ATTN_INTERFACE"
 AUTO_ORDER = ("fa4", "fa3", "fa2")

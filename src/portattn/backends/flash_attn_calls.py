@@ -120,7 +120,8 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
 
 def fa4_paged(q, cache, metadata, options, max_q: int, max_k: int) -> torch.Tensor:
     """FA4's varlen call on our paged cache: ``[num_tokens, Hq, head_size_v]`` in q's dtype
-    (fp16/bf16; the rules keep fp8 away). ``max_q``/``max_k`` are host bounds (they steer FA4's tile plan and
+    (fp16/bf16; the rules keep fp8 away). ``max_q``/``max_k`` are host bounds (they steer
+    FA4's tile plan and
     must hold for every replay of a captured graph)."""
     from flash_attn.cute import flash_attn_varlen_func
 

@@ -16,7 +16,6 @@ ImportError into a reason.
 
 from __future__ import annotations
 
-
 import torch
 
 from portattn.backends.base import Backend, Plan

@@ -51,7 +51,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -141,6 +141,18 @@ def capture():
             result.triton_launches = counter.count
 
 
+class _LaunchCounter:
+    """A launch-enter hook counting one thread's launches."""
+
+    def __init__(self, thread: int):
+        self.thread = thread
+        self.count = 0
+
+    def __call__(self, _metadata) -> None:
+        if threading.get_ident() == self.thread:
+            self.count += 1
+
+
 def _count_launches():
     """Add a launch-enter hook counting this thread's Triton launches (3.5+ hook chains)."""
     try:
@@ -153,11 +165,7 @@ def _count_launches():
         return None, None
     thread = threading.get_ident()
 
-    def counter(_metadata):
-        if threading.get_ident() == thread:
-            counter.count += 1
-
-    counter.count = 0
+    counter = _LaunchCounter(thread)
     chain.add(counter)
     return chain, counter
 
@@ -329,7 +337,8 @@ def build_site(launch: Launch, inputs: Sequence) -> Site:
     if grid is None:
         raise Unusable(f"grid {launch.grid!r} of {fn!r} is not a tuple of ints")
     names, values, options = _bind_call(fn, launch)
-    template, binds = [], []
+    template: list[Any] = []
+    binds: list[tuple[int, ...]] = []
     for pos, (name, value) in enumerate(zip(names, values)):
         if isinstance(value, torch.Tensor):
             where = bind_value(value, inputs)
@@ -357,7 +366,8 @@ def check_with_triton(site: Site, launch: Launch, device: int) -> None:
     try:
         kernel_cache, key_cache, _target, backend, binder = fn.device_caches[device]
     except Exception as exc:
-        raise Unusable(f"Triton's kernel cache of {fn!r} has an unknown layout: {exc}")
+        raise Unusable(f"Triton's kernel cache of {fn!r} has an unknown layout: {exc}") \
+            from exc
     if not getattr(backend, "supports_native_tensor_specialization", False):
         raise Unusable(f"the {type(backend).__name__} backend specializes tensors in Python")
     kwargs = dict(launch.kwargs)
@@ -386,6 +396,7 @@ class LaunchSequence:
     def __init__(self, sites: list[Site], used: tuple[int, ...]):
         self.sites = sites
         self.used = used
+        self._select: Callable[[Sequence], tuple]
         if len(used) > 1:
             self._select = itemgetter(*used)
         elif used:

@@ -63,7 +63,8 @@ fp8 cache since every fp8 value is exact in it), ``DOT_PREC`` ("ieee" for fp32,
 ignored for 16-bit operands).
 
 ``CHECK_BLOCKS`` (default on; off only in benchmarks/kernel_experiments.py, to measure
-what the following costs). Bad metadata never reads out of bounds: a block-table entry outside ``[0, num_blocks)``
+what the following costs). Bad metadata never reads out of bounds: a block-table entry
+outside ``[0, num_blocks)``
 or a key past the table's width (``bt_width`` blocks) reads an in-range block instead,
 and the rows that would have seen that key come out NaN (edge tiles: per score; the
 tiles every row sees: one scan of their table entries before the loop).
@@ -214,7 +215,8 @@ def _attend_tiles(acc, m_i, l_i, q, tile_start, tile_end, seq_len, k_lo, bt_row,
         acc = acc * alpha[:, None]
         if KV_QUANT == 2:
             p = p * v_sc[None, :]
-        acc = tl.dot(_to_compute(p, COMPUTE_DTYPE), _to_compute(v, COMPUTE_DTYPE), acc, input_precision=DOT_PREC)
+        acc = tl.dot(_to_compute(p, COMPUTE_DTYPE), _to_compute(v, COMPUTE_DTYPE), acc,
+                     input_precision=DOT_PREC)
     return acc, m_i, l_i
 
 
