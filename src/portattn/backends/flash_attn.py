@@ -213,4 +213,5 @@ class FlashAttnGather(FlashAttn):
 
     name = "flash_attn_gather"
     summary = "flash-attn 2 after copying K/V into 256-key pages (any block size; slower)"
+    slow_path = "flash-attn 2 after copying every visible page into 256-key pages"
     gather = True
