@@ -16,7 +16,7 @@ import torch
 from portattn import KVQuant
 
 from test_kernels_quant_diffkv import QUANTS, quantize_reference
-from unified_check import check_unified, stored_values
+from unified_check import GPU_FEATURE_KW, check_unified, stored_values
 
 pytestmark = pytest.mark.gpu
 
@@ -33,15 +33,7 @@ VARIANTS = {
     "chunked": dict(CHUNKED, mode="prefill"),
     "mixed-3d": dict(MIXED, mode="mixed", segments=4),
 }
-FEATURES = {
-    "non_causal": dict(causal=False),
-    "window": dict(sliding_window=100),
-    "softcap": dict(softcap=30.0),
-    "alibi": dict(alibi="linear"),
-    "alibi_sqrt": dict(alibi="sqrt"),
-    "sinks": dict(sinks=True),
-    "all": dict(sliding_window=77, softcap=20.0, alibi="linear", sinks=True),
-}
+FEATURES = GPU_FEATURE_KW
 
 
 def run(variant, **kw):

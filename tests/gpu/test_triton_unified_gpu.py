@@ -13,7 +13,7 @@ import torch
 
 from portattn.kernels.heuristics import TileConfig
 
-from unified_check import check_unified
+from unified_check import GPU_FEATURE_KW, check_unified
 
 pytestmark = pytest.mark.gpu
 
@@ -66,15 +66,7 @@ def test_block_sizes(block_size, variant):
     run(variant, block_size=block_size, group=4, num_kv_heads=2, head_size=128, dtype=BF16)
 
 
-FEATURES = {
-    "non_causal": dict(causal=False),
-    "window": dict(sliding_window=100),
-    "softcap": dict(softcap=30.0),
-    "alibi": dict(alibi="linear"),
-    "alibi_sqrt": dict(alibi="sqrt"),
-    "sinks": dict(sinks=True),
-    "all": dict(sliding_window=77, softcap=20.0, alibi="linear", sinks=True),
-}
+FEATURES = GPU_FEATURE_KW
 
 
 @pytest.mark.parametrize("feature", list(FEATURES))
