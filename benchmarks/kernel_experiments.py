@@ -55,6 +55,7 @@ def main() -> int:
         base = plan_launch(shape)
         variants = {"current": base}
         if case.kv_quant != "none":
+            variants["v-staged"] = dict(base, v_stage=True)
             variants["bf16-compute"] = dict(base, compute="bfloat16")
             variants["fp16-compute"] = dict(base, compute="float16")
         variants["no-block-checks"] = dict(base, check_blocks=False)

@@ -58,6 +58,15 @@ def test_quant_modes(quant, variant):
 
 
 @interp
+@pytest.mark.parametrize("variant", ["decode-3d", "mixed"])
+@pytest.mark.parametrize("quant", list(QUANTS))
+def test_v_staged_in_16_bits(quant, variant):
+    """The V_STAGE switch (V converted and scaled before its shared-memory staging): the
+    per-tensor V scale moves from the output into V, the result must not change."""
+    run(variant, quant=QUANTS[quant], dtype=F16, head_size=64, sinks=True, v_stage=True)
+
+
+@interp
 @pytest.mark.parametrize("feature", list(FEATURE_KW))
 @pytest.mark.parametrize("quant", ["fp8_tensor_e4m3", "int8_token_head"])
 def test_quant_features(quant, feature):

@@ -100,14 +100,15 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
                   causal=True, sliding_window=None, softcap=None, alibi=None, sinks=False,
                   sm_count=132, arch="sm90", seq_lens_override=None, seed=0, quant=None,
                   head_size_v=None, q_fp8=None, fp8_out=None, layout="split",
-                  fp8_dot=False, tolerance=None, separate_kv=False, block_table_edit=None):
+                  fp8_dot=False, tolerance=None, separate_kv=False, block_table_edit=None,
+                  v_stage=False):
     """Run one case; returns the relative error (asserts it is within tolerance).
 
     ``quant``: a KVQuant for the cache; ``head_size_v``: DiffKV (a packed cache);
     ``q_fp8``: an fp8 dtype for q (with a q_scale); ``fp8_out``: an fp8 dtype for the
     output (with an output_scale); ``fp8_dot``: plan fp8 tensor-core QK^T;
     ``separate_kv``: K and V as two contiguous tensors instead of views of one;
-    ``block_table_edit(table)``: corrupt the block table after the oracle's keys are
+    ``v_stage``: the kernel's V_STAGE switch (8-bit caches); ``block_table_edit(table)``: corrupt the block table after the oracle's keys are
     gathered (returns the indices of the sequences whose rows must come out NaN)."""
     from portattn.backends.triton_unified import TritonUnified
 
@@ -183,6 +184,8 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
                              heuristics.next_pow2(len(query_lens)), sm_count, arch, head_v)
     params = heuristics.plan_launch(shape, mode=mode, segments=segments, short=short,
                                     long=long, fp8_dot=fp8_dot)
+    if v_stage:
+        params["v_stage"] = True
     plan = Plan("triton_unified", heuristics.variant_name(params), params)
     TritonUnified().run(q, cache, metadata, options, out, plan)
 

@@ -87,6 +87,12 @@ def test_fp8_q_over_fp8_cache(variant, fp8_dot):
         dtype=F16 if fp8_dot else BF16)
 
 
+@pytest.mark.parametrize("variant", ["decode-2d", "decode-3d", "chunked"])
+@pytest.mark.parametrize("quant", list(QUANTS))
+def test_v_staged_in_16_bits(quant, variant):
+    run(variant, quant=QUANTS[quant], v_stage=True)
+
+
 def test_fp8_q_over_int8_cache():
     run("mixed-3d", quant=QUANTS["int8_token_head"], q_fp8=E4M3, softcap=30.0)
 

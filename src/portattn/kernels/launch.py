@@ -90,7 +90,7 @@ def _common_args(q, cache, metadata, options, out, fp8_dot: bool,
         sinks_ptr=options.sinks if options.sinks is not None else dummy,
         num_seqs=metadata.seq_lens.shape[0], num_q_heads=q.shape[1],
         num_blocks=cache.num_blocks, bt_width=metadata.block_table.shape[1],
-        scale=float(options.scale),
+        scale=float(options.scale), v_one=1.0,
         softcap=float(options.softcap) if options.softcap is not None else 0.0,
         window=int(options.sliding_window) if options.sliding_window is not None else 0,
         stride_qt=q.stride(0), stride_qh=q.stride(1), stride_qd=q.stride(2),
@@ -174,6 +174,8 @@ def launch_unified(q: torch.Tensor, cache, metadata, options, out: torch.Tensor,
                         params.get("compute"))
     if "check_blocks" in params:  # a measurement switch (benchmarks/kernel_experiments.py)
         args["CHECK_BLOCKS"] = bool(params["check_blocks"])
+    if params.get("v_stage") and args["KV_QUANT"]:  # likewise, 8-bit caches only
+        args["V_STAGE"] = True
     mode = params["mode"]
     if mode == "decode":
         cfg = params["short"]

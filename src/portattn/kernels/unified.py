@@ -62,6 +62,12 @@ dots run in fp16, every fp8 value being exact in fp16 and fp8 -> fp16 one conver
 fp8 cache since every fp8 value is exact in it), ``DOT_PREC`` ("ieee" for fp32,
 ignored for 16-bit operands).
 
+``V_STAGE`` (off by default; a measurement switch for 8-bit caches, not yet timed on a
+GPU): multiply the converted V tile by a runtime scalar (the per-tensor V scale, else
+``v_one`` = 1.0) so Triton stages V through shared memory in 16 bits. Without it the
+conversion is hoisted after the shared-memory load, and an 8-bit V operand that must be
+transposed for the tensor cores is read with single-byte ``ld.shared.b8`` (sm90 PTX
+compiled offline: 256 per thread per loop; with it, 16-byte loads and ``ldmatrix.trans``).
 ``CHECK_BLOCKS`` (default on; off only in benchmarks/kernel_experiments.py, to measure
 what the following costs). Bad metadata never reads out of bounds: a block-table entry
 outside ``[0, num_blocks)``
@@ -182,7 +188,8 @@ def _attend_tiles(acc, m_i, l_i, q, tile_start, tile_end, seq_len, k_lo, bt_row,
                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr,
                   USE_SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, KV_QUANT: tl.constexpr,
                   FP8_DOT: tl.constexpr, FP8_ACC: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
-                  DOT_PREC: tl.constexpr, CHECK_BLOCKS: tl.constexpr):
+                  DOT_PREC: tl.constexpr, CHECK_BLOCKS: tl.constexpr, v_mult,
+                  V_STAGE: tl.constexpr):
     """Stream KV tiles ``[tile_start, tile_end)`` through the online softmax.
 
     Masked tiles load only keys in ``[k_lo, seq_len)``: block-table entries and K/V before
@@ -215,6 +222,8 @@ def _attend_tiles(acc, m_i, l_i, q, tile_start, tile_end, seq_len, k_lo, bt_row,
         acc = acc * alpha[:, None]
         if KV_QUANT == 2:
             p = p * v_sc[None, :]
+        if V_STAGE:  # see the module doc: an op the compiler cannot fold or hoist
+            v = _to_compute(v, COMPUTE_DTYPE) * v_mult
         acc = tl.dot(_to_compute(p, COMPUTE_DTYPE), _to_compute(v, COMPUTE_DTYPE), acc,
                      input_precision=DOT_PREC)
     return acc, m_i, l_i
@@ -261,6 +270,7 @@ def unified_attention_kernel(
         alibi_ptr, sinks_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
         q_scale_ptr, k_scale_ptr, v_scale_ptr, out_scale_ptr,
         num_seqs, num_q_heads, num_segments, num_blocks, bt_width, scale, softcap, window,
+        v_one,
         stride_qt, stride_qh, stride_qd, stride_ot, stride_oh, stride_od,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
         stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
@@ -274,7 +284,7 @@ def unified_attention_kernel(
         FP8_DOT: tl.constexpr,
         FP8_ACC: tl.constexpr, FP8_OUT: tl.constexpr, FP8_MAX: tl.constexpr,
         COMPUTE_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
-        CHECK_BLOCKS: tl.constexpr = True):
+        CHECK_BLOCKS: tl.constexpr = True, V_STAGE: tl.constexpr = False):
     """Paged attention of one query tile x one kv head x one KV segment (see module doc)."""
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
@@ -372,6 +382,13 @@ def unified_attention_kernel(
         seg_lo = tile_lo
         seg_hi = tile_hi
 
+    if V_STAGE:  # per-tensor: the V scale goes into V here instead of into the output
+        if KV_QUANT == 1:
+            v_mult = _to_compute(tl.load(v_scale_ptr), COMPUTE_DTYPE)
+        else:
+            v_mult = _to_compute(tl.full([], v_one, tl.float32), COMPUTE_DTYPE)
+    else:
+        v_mult = v_one
     bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt
     if CHECK_BLOCKS:
         poisoned = _full_tiles_have_bad_blocks(
@@ -391,7 +408,7 @@ def unified_attention_kernel(
             stride_vsb, stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk,
             offs_dv, BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD, HEAD_V, HEAD_V_PAD, True,
             CAUSAL, USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE,
-            DOT_PREC, CHECK_BLOCKS)
+            DOT_PREC, CHECK_BLOCKS, v_mult, V_STAGE)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, tl.maximum(full_lo, seg_lo), tl.minimum(full_hi, seg_hi),
         seq_len, k_lo, bt_row, bt_width, num_blocks, k_head_ptr, v_head_ptr, ks_head_ptr,
@@ -399,7 +416,7 @@ def unified_attention_kernel(
         stride_vsb, stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk, offs_dv,
         BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD, HEAD_V, HEAD_V_PAD, False, CAUSAL,
         USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE, DOT_PREC,
-        CHECK_BLOCKS)
+        CHECK_BLOCKS, v_mult, V_STAGE)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, tl.maximum(full_hi, seg_lo), tl.minimum(tile_hi, seg_hi),
         seq_len, k_lo, bt_row, bt_width, num_blocks, k_head_ptr, v_head_ptr, ks_head_ptr,
@@ -407,9 +424,9 @@ def unified_attention_kernel(
         stride_vsb, stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk, offs_dv,
         BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD, HEAD_V, HEAD_V_PAD, True, CAUSAL,
         USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE, DOT_PREC,
-        CHECK_BLOCKS)
+        CHECK_BLOCKS, v_mult, V_STAGE)
 
-    if KV_QUANT == 1:  # the V scale, once per row instead of once per element
+    if KV_QUANT == 1 and not V_STAGE:  # the V scale, once per row, not per element
         acc = acc * tl.load(v_scale_ptr)
     if poisoned:  # NaN in both: a NaN sum alone would be read as "no visible key"
         l_i = tl.where(row_ok, float("nan"), l_i)
