@@ -108,8 +108,9 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
     ``q_fp8``: an fp8 dtype for q (with a q_scale); ``fp8_out``: an fp8 dtype for the
     output (with an output_scale); ``fp8_dot``: plan fp8 tensor-core QK^T;
     ``separate_kv``: K and V as two contiguous tensors instead of views of one;
-    ``v_stage``: the kernel's V_STAGE switch (8-bit caches); ``block_table_edit(table)``: corrupt the block table after the oracle's keys are
-    gathered (returns the indices of the sequences whose rows must come out NaN)."""
+    ``v_stage``: the kernel's V_STAGE switch (8-bit caches); ``block_table_edit(table)``:
+    corrupt the block table after the oracle's keys are gathered (returns the indices of
+    the sequences whose rows must come out NaN)."""
     from portattn.backends.triton_unified import TritonUnified
 
     num_q_heads = group * num_kv_heads
