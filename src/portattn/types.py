@@ -315,9 +315,11 @@ class PagedKVCache:
         or past the cache) and the write runs in PyTorch."""
         self._check_write_args(key, value, slot_mapping)
         if self.device.type != "cpu" and _write_kernel_available():
+            from portattn.devices import cuda_index, on_device
             from portattn.kernels.write_launch import launch_cache_write
 
-            launch_cache_write(self, key, value, slot_mapping)
+            with on_device(cuda_index(self.device)):  # Triton launches on the current GPU
+                launch_cache_write(self, key, value, slot_mapping)
             return
         from portattn.quant import quantize_for_cache
 
