@@ -366,3 +366,15 @@ def test_device_index_changes_the_hash_of_otherwise_equal_capabilities():
     caps = probe("sm90")
     assert dataclasses.replace(caps, device_index=1) != dataclasses.replace(caps,
                                                                           device_index=0)
+
+
+@pytest.mark.parametrize("argument", ["key", "value", "slot_mapping"])
+def test_cache_write_from_another_gpu(gpus, fake_mode, argument):
+    _, cache, _ = _fake_batch(CUDA1)
+    tensors = {"key": torch.empty(3, 2, 64, dtype=torch.float16, device=CUDA1),
+               "value": torch.empty(3, 2, 64, dtype=torch.float16, device=CUDA1),
+               "slot_mapping": torch.zeros(3, dtype=torch.int64, device=CUDA1)}
+    tensors[argument] = tensors[argument].to(CUDA0)
+    error = _raises(argument, cache.write, tensors["key"], tensors["value"],
+                    tensors["slot_mapping"])
+    assert error.got == "cuda:0" or "cuda:0" in error.got

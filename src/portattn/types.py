@@ -355,7 +355,8 @@ class PagedKVCache:
             raise InputError("slot_mapping", f"an int32/int64 tensor [{key.shape[0]}]",
                              _describe(slot_mapping))
         if slot_mapping.device != self.device:
-            raise InputError("slot_mapping", f"device {self.device}", str(slot_mapping.device))
+            raise InputError("slot_mapping", f"device {self.device} (the cache's)",
+                             str(slot_mapping.device))
         if slot_mapping.numel() and slot_mapping.device.type == "cpu":  # no sync on a GPU
             capacity = self.num_blocks * self.block_size
             lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
