@@ -15,6 +15,9 @@ Three levels, none holding a KV cache:
   the forced backend, the decision environment and the device): decision, options,
   runner. It holds no tensor but the runner's own workspaces, so one body serves every
   batch with the same bucketed sizes, whichever metadata or caches it is called with.
+  A body is one device's: decided with that device's capabilities
+  (``probe(device=...)``), and its runner launched with that GPU current
+  (:meth:`PlanBody.launch`), whichever device the caller has current.
 * :class:`AttentionPlan`: a body bound to one batch's metadata (held, like FlashInfer's
   wrapper holds its index buffers) plus the structures of calls it has accepted.
 * The memo of :func:`portattn.attention`: per metadata (keyed by the ``id`` of its three

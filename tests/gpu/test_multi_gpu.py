@@ -93,6 +93,11 @@ def test_probe_describes_each_gpu(two_gpus):
         assert caps.device_index == index
         assert caps.device_name == torch.cuda.get_device_name(index)
         assert caps.sm_count == torch.cuda.get_device_properties(index).multi_processor_count
+    first, second = portattn.probe(device=0), portattn.probe(device=1)
+    if first.arch == second.arch:  # the test kernels ran on each GPU (a child per GPU)
+        assert second.triton_kernels.ok == first.triton_kernels.ok, second.triton_kernels
+        assert second.tensor_descriptors.ok == first.tensor_descriptors.ok, \
+            second.tensor_descriptors
     with torch.cuda.device(1):
         assert portattn.probe().device_index == 1
     batch = _batch("cuda:1")
