@@ -87,6 +87,25 @@ def test_both_gpus_from_one_process(two_gpus):
     torch.cuda.synchronize(1)
 
 
+def test_a_call_on_cuda1_never_waits_for_cuda0(two_gpus):
+    """cuda:0 busy (a spin kernel on its stream) while calls run on cuda:1: when they
+    return, cuda:0's work is still running, so nothing synchronized with cuda:0."""
+    batch = _batch("cuda:1", "long-decode")
+    expected = _expected(batch)
+    portattn.attention(batch.q, batch.cache, batch.metadata)  # compile, probe, plan
+    torch.cuda.synchronize(1)
+    with torch.cuda.device(0):
+        torch.cuda._sleep(2_000_000_000)  # about a second of spinning on cuda:0
+        busy = torch.cuda.current_stream(0)
+        outs = [portattn.attention(batch.q, batch.cache, batch.metadata) for _ in range(5)]
+        still_busy = not busy.query()
+    torch.cuda.synchronize(1)
+    assert still_busy, "a call on cuda:1 waited for cuda:0"
+    for out in outs:
+        assert relative_error(out, expected) < 5e-3
+    torch.cuda.synchronize(0)
+
+
 def test_probe_describes_each_gpu(two_gpus):
     for index in (0, 1):
         caps = portattn.probe(device=f"cuda:{index}")
