@@ -337,6 +337,7 @@ def test_report_has_a_section_per_gpu(gpus):
     assert json.loads(json.dumps(report))["devices"] == report["devices"]
     text = render_report(report)
     assert "Device cuda:0\n" in text and "Device cuda:1 (current)\n" in text
+    assert "Capabilities of the current device (cuda:1)\n" in text
     assert text.index("Fake H200 #0") < text.index("Fake H200 #1")
 
 

@@ -345,7 +345,10 @@ def render_report(report: dict) -> str:
     if disk and origin in ("probed", "disk-cache", "memory"):
         origin_text += (f" (disk cache: {disk.get('dir', '?')})" if disk.get("enabled")
                         else " (disk cache off)")
-    out += ["Capabilities", f"  origin: {origin_text}", *_capability_lines(caps), ""]
+    heading = "Capabilities"
+    if isinstance(devices, list) and len(devices) > 1:
+        heading += f" of the current device (cuda:{caps.get('device_index', '?')})"
+    out += [heading, f"  origin: {origin_text}", *_capability_lines(caps), ""]
 
     out += ["Settings", "  environment variables portattn reads (portattn --help explains each)",
             *_settings_lines(report), ""]
