@@ -379,3 +379,45 @@ def test_cache_write_from_another_gpu(gpus, fake_mode, argument):
     error = _raises(argument, cache.write, tensors["key"], tensors["value"],
                     tensors["slot_mapping"])
     assert error.got == "cuda:0" or "cuda:0" in error.got
+
+
+# ------------------------------------------------------------------ the device guard
+
+
+def test_on_device_switches_only_to_another_cuda_device(monkeypatch):
+    devices = importlib.import_module("portattn.devices")
+    monkeypatch.setattr(devices, "_get_device", lambda: 0)
+    assert isinstance(devices.on_device(None), contextlib.nullcontext)
+    assert isinstance(devices.on_device(0), contextlib.nullcontext)
+    guard = devices.on_device(1)
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert devices.cuda_index(torch.device("cpu")) is None
+    assert devices.cuda_index(CUDA1) == 1 and devices.cuda_index(torch.device("cuda")) == 0
+
+
+def test_cache_write_launches_with_the_caches_gpu_current(gpus, fake_mode, monkeypatch):
+    types_mod = importlib.import_module("portattn.types")
+    devices = importlib.import_module("portattn.devices")
+    write_launch = pytest.importorskip("portattn.kernels.write_launch",
+                                       reason="needs Triton for the write kernel module")
+    current = {"index": 0}
+    seen = []
+
+    @contextlib.contextmanager
+    def on_device(index):
+        before = current["index"]
+        current["index"] = before if index is None else index
+        try:
+            yield
+        finally:
+            current["index"] = before
+
+    monkeypatch.setattr(devices, "_get_device", lambda: current["index"])
+    monkeypatch.setattr(devices, "on_device", on_device)
+    monkeypatch.setattr(types_mod, "_write_kernel_available", lambda: True)
+    monkeypatch.setattr(write_launch, "launch_cache_write",
+                        lambda cache, *args: seen.append(current["index"]))
+    _, cache, _ = _fake_batch(CUDA1)
+    key = torch.empty(3, 2, 64, dtype=torch.float16, device=CUDA1)
+    cache.write(key, torch.empty_like(key), torch.zeros(3, dtype=torch.int64, device=CUDA1))
+    assert seen == [1] and current["index"] == 0
