@@ -430,7 +430,7 @@ def test_refresh_replaces_every_remembered_answer(monkeypatch):
     monkeypatch.delenv("PORTATTN_TD")
     plain = probe()
     monkeypatch.setattr(probe_mod, "probe_device",
-                        lambda: dataclasses.replace(plain, sm_count=plain.sm_count + 1))
+                        lambda *a: dataclasses.replace(plain, sm_count=plain.sm_count + 1))
     assert probe(refresh=True).sm_count == plain.sm_count + 1
     monkeypatch.setenv("PORTATTN_TD", "0")
     again = probe()

@@ -94,4 +94,4 @@ def explain(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMetadata, *
     runs): backend, variant, every other backend with its reasons, and the chosen
     backend's notes about this call (e.g. that its first call compiles a kernel)."""
     call_options, problem = _prepare(q, cache, metadata, validate, out, options)
-    return with_notes(decide(problem, probe(), backend), call_options)
+    return with_notes(decide(problem, probe(device=q.device), backend), call_options)

@@ -15,6 +15,9 @@ Three levels, none holding a KV cache:
   the forced backend, the decision environment and the device): decision, options,
   runner. It holds no tensor but the runner's own workspaces, so one body serves every
   batch with the same bucketed sizes, whichever metadata or caches it is called with.
+  A body is one device's: decided with that device's capabilities
+  (``probe(device=...)``), and its runner launched with that GPU current
+  (:meth:`PlanBody.launch`), whichever device the caller has current.
 * :class:`AttentionPlan`: a body bound to one batch's metadata (held, like FlashInfer's
   wrapper holds its index buffers) plus the structures of calls it has accepted.
 * The memo of :func:`portattn.attention`: per metadata (keyed by the ``id`` of its three
@@ -46,6 +49,8 @@ from dataclasses import replace
 import torch
 
 from portattn.capabilities import probe
+from portattn.devices import _get_device as _current_cuda_device
+from portattn.devices import cuda_index, on_device
 from portattn.dispatch.problem import Problem
 from portattn.dispatch.registry import load_backend
 from portattn.dispatch.selector import Decision, decide
@@ -161,6 +166,17 @@ class PlanBody:
         if isinstance(backend, str):  # decide() never picks a backend that failed to import
             raise UnsupportedError(f"backend {decision.backend!r} cannot be loaded: {backend}")
         self.runner = backend.prepare(decision.plan, problem, self.options, device)
+        self._cuda_index = cuda_index(device)
+
+    def launch(self, q, cache, metadata, out, layer, slot) -> None:
+        """The runner, with the plan's GPU current (Triton launches on the current device
+        and stream); the device is switched only when another one is current."""
+        index = self._cuda_index
+        if index is None or _current_cuda_device() == index:
+            self.runner(q, cache, metadata, out, layer, slot)
+        else:
+            with on_device(index):
+                self.runner(q, cache, metadata, out, layer, slot)
 
 
 class _BodyCache:
@@ -178,7 +194,8 @@ class _BodyCache:
             if body is not None:
                 self.entries.move_to_end(key)
                 return body
-        decision = decide(problem, probe(), backend)  # may raise UnsupportedError
+        # the device's own capabilities: a body for cuda:1 is never decided on cuda:0's
+        decision = decide(problem, probe(device=device), backend)  # may raise Unsupported
         body = PlanBody(problem, options, decision, device)
         with self.lock:
             body = self.entries.setdefault(key, body)
@@ -295,7 +312,7 @@ class AttentionPlan:
             out = torch.empty(q.shape[0], body.num_q_heads, body.head_size_v,
                               dtype=body.out_dtype, device=q.device)
         if q.shape[0]:
-            body.runner(q, cache, self.metadata, out, layer, slot)
+            body.launch(q, cache, self.metadata, out, layer, slot)
         return out
 
     def _check(self, q, cache, out, layer, sig, values: bool):
@@ -588,7 +605,7 @@ def attend(q, cache, metadata, out, backend, validate, option_values: tuple,
         out = torch.empty(q.shape[0], q.shape[1], body.head_size_v, dtype=body.out_dtype,
                           device=q.device)
     if q.shape[0]:
-        body.runner(q, cache, metadata, out, layer, slot)
+        body.launch(q, cache, metadata, out, layer, slot)
     return out
 
 

@@ -198,7 +198,8 @@ XDG_CACHE_HOME = Setting(
     owner="XDG")
 CUDA_VISIBLE_DEVICES = Setting(
     "CUDA_VISIBLE_DEVICES", "device indices", "every GPU",
-    "which NVIDIA GPUs the process sees (the probe describes the first)", owner="CUDA")
+    "which NVIDIA GPUs the process sees (each is probed on its own; report lists them)",
+    owner="CUDA")
 HIP_VISIBLE_DEVICES = Setting(
     "HIP_VISIBLE_DEVICES", "device indices", "every GPU",
     "which AMD GPUs the process sees (HIP)", owner="ROCm")

@@ -315,9 +315,11 @@ class PagedKVCache:
         or past the cache) and the write runs in PyTorch."""
         self._check_write_args(key, value, slot_mapping)
         if self.device.type != "cpu" and _write_kernel_available():
+            from portattn.devices import cuda_index, on_device
             from portattn.kernels.write_launch import launch_cache_write
 
-            launch_cache_write(self, key, value, slot_mapping)
+            with on_device(cuda_index(self.device)):  # Triton launches on the current GPU
+                launch_cache_write(self, key, value, slot_mapping)
             return
         from portattn.quant import quantize_for_cache
 
@@ -353,7 +355,8 @@ class PagedKVCache:
             raise InputError("slot_mapping", f"an int32/int64 tensor [{key.shape[0]}]",
                              _describe(slot_mapping))
         if slot_mapping.device != self.device:
-            raise InputError("slot_mapping", f"device {self.device}", str(slot_mapping.device))
+            raise InputError("slot_mapping", f"device {self.device} (the cache's)",
+                             str(slot_mapping.device))
         if slot_mapping.numel() and slot_mapping.device.type == "cpu":  # no sync on a GPU
             capacity = self.num_blocks * self.block_size
             lo, hi = int(slot_mapping.min()), int(slot_mapping.max())

@@ -104,7 +104,7 @@ def check_structure(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMet
     for name, scale_cache in (("cache.k_scale_cache", cache.k_scale_cache),
                               ("cache.v_scale_cache", cache.v_scale_cache)):
         if scale_cache is not None and scale_cache.device != q.device:
-            raise InputError(name, f"device {q.device}", str(scale_cache.device))
+            raise InputError(name, f"device {q.device} (q's)", str(scale_cache.device))
 
     _check_int_tensor("metadata.cu_seqlens_q", metadata.cu_seqlens_q, 1, q.device)
     _check_int_tensor("metadata.seq_lens", metadata.seq_lens, 1, q.device)

@@ -10,6 +10,10 @@ passes is recorded, so new arguments need no change here. When a sequence cannot
 replayed (the interpreter, a launch hook, a tensor launch.py made itself), calls take the
 normal path and the reason is logged once.
 
+A runner belongs to one plan body, and a body to one device (the body cache is keyed by
+it), so its workspaces, recorded launches and device scalars are that GPU's; the body
+makes that GPU current around the call (:meth:`portattn.planning.PlanBody.launch`).
+
 The split-KV workspace belongs to the runner, one per CUDA stream (kernels on one stream
 run in order, so layers can share it); while a CUDA graph is being captured the normal
 path allocates a fresh one from the graph's pool instead, so a captured graph never

@@ -31,7 +31,7 @@ from typing import Any
 from portattn import settings
 from portattn.capabilities.model import Capabilities
 
-CACHE_FORMAT = "portattn.capabilities-cache/1"
+CACHE_FORMAT = "portattn.capabilities-cache/2"  # /2: Capabilities.device_index
 
 #: Values of :func:`last_probe_origin`.
 ORIGINS = ("probed", "disk-cache", "memory", "simulated")
@@ -42,10 +42,11 @@ class _State:
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
-        # (simulate, TRITON_INTERPRET, override values) -> (caps, resolved origin)
+        # (simulate, TRITON_INTERPRET, override values, device index) -> (caps, resolved
+        # origin); the device index is None for the CPU and for simulated profiles
         self.final: dict[tuple, tuple[Capabilities, str]] = {}
-        # interpreter flag -> (unoverridden probed caps, resolved origin)
-        self.base: dict[bool, tuple[Capabilities, str]] = {}
+        # (interpreter flag, device index) -> (unoverridden probed caps, resolved origin)
+        self.base: dict[tuple[bool, int | None], tuple[Capabilities, str]] = {}
         # (origin of the last call, resolved origin, caps returned)
         self.last: tuple[str, str, Capabilities] | None = None
 

@@ -87,6 +87,10 @@ class Capabilities:
     flash_attn: Check
     flash_attn_version: str | None
     flash_attn_interfaces: tuple[str, ...]
+    #: Which GPU of this process was probed (``torch.cuda`` index); None for the CPU and
+    #: for simulated profiles. Part of the hash, so every cache keyed by capabilities
+    #: (decisions, priorities) keeps one answer per device.
+    device_index: int | None = None
 
     # Decision caches hash a Capabilities on every call: compute it once.
     def __hash__(self) -> int:
@@ -155,6 +159,10 @@ def _int(name: str, v: Any) -> int:
     return v
 
 
+def _opt_int(name: str, v: Any) -> int | None:
+    return None if v is None else _int(name, v)
+
+
 def _bool(name: str, v: Any) -> bool:
     if not isinstance(v, bool):
         raise ValueError(f"{name} must be a bool, got {v!r}")
@@ -204,6 +212,7 @@ _FIELD_PARSERS = {
     "flash_attn": _check,
     "flash_attn_version": _opt_str,
     "flash_attn_interfaces": _str_tuple,
+    "device_index": _opt_int,
 }
 
 assert set(_FIELD_PARSERS) == {f.name for f in dataclasses.fields(Capabilities)}

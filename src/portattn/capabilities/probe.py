@@ -19,6 +19,7 @@ re-exports it); reach this module with ``importlib.import_module`` or ``sys.modu
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -55,9 +56,16 @@ def interpreter_enabled(raw: str | None = None) -> bool:
 # --------------------------------------------------------------------------- public entry
 
 
-def probe(simulate: str | None = None, *, refresh: bool = False,
+def probe(simulate: str | None = None, *, device: Any = None, refresh: bool = False,
           use_disk_cache: bool = True) -> Capabilities:
-    """The :class:`Capabilities` of this machine (or of a simulated profile).
+    """The :class:`Capabilities` of one device of this machine (or of a simulated profile).
+
+    ``device``: which device to describe: a ``torch.device``, ``"cuda:1"``, ``"cpu"`` or a
+    CUDA index; None is the current CUDA device (the CPU when there is no GPU).
+    :func:`portattn.attention` passes its tensors' device. Each device is probed, cached in
+    memory and on disk on its own (``capabilities-cuda1.json``), so no answer for
+    ``cuda:0`` is ever served for ``cuda:1``. A simulated profile is one device: it
+    ignores ``device``. Raises ``ValueError`` for a device this process cannot see.
 
     ``simulate``: a profile name (see :mod:`.profiles`); None reads ``PORTATTN_SIMULATE``;
     ``""`` forces a real probe even when that variable is set. ``refresh=True`` ignores
@@ -70,7 +78,8 @@ def probe(simulate: str | None = None, *, refresh: bool = False,
     """
     wanted = SIMULATE.raw() if simulate is None else simulate
     wanted = (wanted or "").strip() or None
-    key = (wanted, TRITON_INTERPRET.raw(), raw_overrides())
+    index = None if wanted else device_index(device)
+    key = (wanted, TRITON_INTERPRET.raw(), raw_overrides(), index)
     state = cache.STATE
     if not refresh:
         hit = state.final.get(key)
@@ -84,35 +93,73 @@ def probe(simulate: str | None = None, *, refresh: bool = False,
             base, origin = simulated(wanted), "simulated"
             resolved = origin
         else:
-            base, origin, resolved = _real_base(interpreter_enabled(key[1]), refresh,
+            base, origin, resolved = _real_base(interpreter_enabled(key[1]), index, refresh,
                                                 use_disk_cache)
         caps = apply_overrides(base, states)
         if refresh and not wanted:
-            state.final.clear()  # every remembered answer was built on the old probe
+            # every remembered answer for this device was built on the old probe
+            for stale in [k for k in state.final if k[3] == index and not k[0]]:
+                del state.final[stale]
         state.final[key] = (caps, resolved)
         state.last = (origin, resolved, caps)
         return caps
 
 
-def _real_base(interpreter: bool, refresh: bool,
+def device_index(device: Any = None) -> int | None:
+    """The CUDA index ``device`` names (None: the CPU), for :func:`probe`'s caches.
+
+    None and an index-less ``"cuda"`` mean the current device (:func:`_gpu_index`); a
+    device type other than ``cuda`` (``cpu``, ``meta``...) is described by the CPU probe.
+    ``ValueError`` when the device does not exist in this process."""
+    if device is None:
+        return _gpu_index()
+    if isinstance(device, bool):
+        raise ValueError(f"probe(device=...) takes a torch.device, a str or an int, "
+                         f"got {device!r}")
+    if isinstance(device, int):
+        kind, index = "cuda", device
+    else:
+        import torch
+
+        try:
+            parsed = device if isinstance(device, torch.device) else torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"probe(device=...): {one_line(exc)}") from None
+        kind, index = parsed.type, parsed.index
+    if kind != "cuda":
+        return None
+    if index is None:
+        current = _gpu_index()
+        if current is None:
+            raise ValueError("probe(device='cuda'): this process sees no GPU")
+        return current
+    count = _gpu_count()
+    if not 0 <= index < count:
+        raise ValueError(f"probe(device=cuda:{index}): this process sees {count} GPU(s)")
+    return index
+
+
+def _real_base(interpreter: bool, index: int | None, refresh: bool,
                use_disk_cache: bool) -> tuple[Capabilities, str, str]:
-    """(unoverridden caps, origin of this call, resolved origin)."""
+    """(unoverridden caps of GPU ``index`` or the CPU, origin of this call, resolved
+    origin)."""
     state = cache.STATE
-    if not refresh and interpreter in state.base:
-        caps, resolved = state.base[interpreter]
+    slot = (interpreter, index)
+    if not refresh and slot in state.base:
+        caps, resolved = state.base[slot]
         return caps, "memory", resolved
     use_disk = use_disk_cache and cache.disk_cache_enabled()
-    key = _guard(fingerprint, None) if use_disk else None
+    key = _guard(fingerprint, None, index) if use_disk else None
     if key is not None and key["interpreter_after_import"]:
         key = None  # a state of this process only: neither trust nor share a file
     stored = cache.load(key) if key is not None and not refresh else None
     origin = "disk-cache"
     if stored is None:
-        stored = probe_device()
+        stored = probe_device(index)
         origin = "probed"
         if key is not None:
             cache.store(key, stored)
-    state.base[interpreter] = (stored, origin)
+    state.base[slot] = (stored, origin)
     return stored, origin, origin
 
 
@@ -165,6 +212,7 @@ def _late_interpreter_cheap() -> bool:
 
 
 def _gpu_index() -> int | None:
+    """The current CUDA device, None when this process sees no GPU."""
     import torch
 
     if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
@@ -172,8 +220,19 @@ def _gpu_index() -> int | None:
     return torch.cuda.current_device()
 
 
-def fingerprint() -> dict:
-    """What a probe result depends on: the disk-cache key (JSON scalars only)."""
+def _gpu_count() -> int:
+    """How many GPUs this process sees (0 without CUDA/HIP)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+_CURRENT = object()
+
+
+def fingerprint(index: Any = _CURRENT) -> dict:
+    """What a probe result of GPU ``index`` (None: the CPU; default: the current device)
+    depends on: the disk-cache key (JSON scalars only)."""
     import torch
 
     from portattn import __version__
@@ -194,7 +253,8 @@ def fingerprint() -> dict:
         "flash_attn_4": _dist_version(*_FA4_DISTS),
         "flash_attn_modules": _flash_attn_modules_present(),
     }
-    index = _gpu_index()
+    if index is _CURRENT:
+        index = _gpu_index()
     if index is None:
         key.update(device_type="cpu", device_index=None, device="cpu",
                    cpu_count=os.cpu_count(), machine=platform.machine())
@@ -236,11 +296,13 @@ def _driver_version() -> str | None:
     return None
 
 
-def _device_facts() -> dict[str, Any]:
-    """Vendor, name, arch, sizes of the current device; the CPU when there is no GPU."""
+def _device_facts(index: Any = _CURRENT) -> dict[str, Any]:
+    """Vendor, name, arch, sizes of GPU ``index`` (default: the current device); the CPU
+    when it is None (no GPU)."""
     import torch
 
-    index = _gpu_index()
+    if index is _CURRENT:
+        index = _gpu_index()
     if index is None:
         return dict(vendor="cpu", device_type="cpu", device_name="cpu", arch="cpu",
                     compute_capability=None, sm_count=os.cpu_count() or 1, total_memory=0,
@@ -532,8 +594,18 @@ def probe_flash_attn(vendor: str, arch: str,
 # --------------------------------------------------------------------------- the probe
 
 
-def probe_device() -> Capabilities:
-    """Probe this machine now, with no caching and no overrides. Never raises."""
+def _current_gpu(index: int | None) -> Any:
+    """Make GPU ``index`` current while its kernels are checked (no-op for the CPU)."""
+    if index is None:
+        return contextlib.nullcontext()
+    from portattn.devices import on_device
+
+    return on_device(index)
+
+
+def probe_device(index: Any = _CURRENT) -> Capabilities:
+    """Probe GPU ``index`` of this machine now (default: the current device; None: the
+    CPU), with no caching and no overrides. Never raises."""
     try:
         import torch
 
@@ -545,7 +617,7 @@ def probe_device() -> Capabilities:
 
     device_error = None
     try:
-        facts = _device_facts()
+        facts = _device_facts(index)
     except Exception as exc:
         device_error = one_line(exc)
         facts = dict(vendor="cpu", device_type="cpu", device_name="cpu", arch="cpu",
@@ -555,8 +627,9 @@ def probe_device() -> Capabilities:
     interpreter = interpreter_enabled()
     triton, triton_check, triton_version = _import_triton()
     try:
-        target, kernels, descriptors = _kernel_checks(triton_check, triton, interpreter,
-                                                      facts["index"], device_error)
+        with _current_gpu(facts["index"]):  # Triton's target is the current device's
+            target, kernels, descriptors = _kernel_checks(triton_check, triton, interpreter,
+                                                          facts["index"], device_error)
     except Exception as exc:
         why = f"kernel check failed: {one_line(exc)}"
         target, kernels, descriptors = None, Check(False, why), Check(False, why)
@@ -594,4 +667,5 @@ def probe_device() -> Capabilities:
         flash_attn=flash,
         flash_attn_version=flash_version,
         flash_attn_interfaces=interfaces,
+        device_index=facts["index"],
     )

@@ -64,11 +64,20 @@ A JSON object; keys appear in this order. Consumers must ignore keys they do not
     * ``flash_attn_interfaces``: subset of ``["fa2", "fa3", "fa4"]``: ``fa2`` = module
       ``flash_attn`` with ``flash_attn_varlen_func``, ``fa3`` = module
       ``flash_attn_interface``, ``fa4`` = module ``flash_attn.cute`` (pip ``flash-attn-4``).
+    * ``device_index``: the CUDA index of the probed GPU (the current device), null on a
+      CPU and for a simulated profile.
 
     A Check is ``{"ok": bool, "reason": str, "source": str}``; ``reason`` says why not
     (or gives a detail when ok), ``source`` is ``"probed"``, ``"simulated"``,
     ``"overridden"`` (``PORTATTN_TD`` / ``PORTATTN_TRITON`` / ``PORTATTN_FLASH_ATTN``) or
     ``"default"``.
+
+``devices``
+    A list, one entry per GPU this process sees (``CUDA_VISIBLE_DEVICES`` order), each a
+    ``Capabilities.to_dict()`` like ``capabilities`` (its ``device_index`` says which);
+    the one CPU entry on a machine without a GPU; ``[capabilities]`` for a simulated
+    profile or capabilities passed in by the program. ``capabilities`` is the entry of
+    the current device (the one a call without tensors, ``portattn explain``, routes for).
 
 Sections added by ``portattn report`` (the dispatcher), absent from
 ``python -m portattn.capabilities.report``:
@@ -84,6 +93,7 @@ Sections added by ``portattn report`` (the dispatcher), absent from
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import platform
 import sys
@@ -97,7 +107,7 @@ from portattn.capabilities.model import CHECK_FIELDS, Capabilities
 SCHEMA = "portattn.report/1"
 
 RESERVED_KEYS = ("schema", "portattn_version", "platform", "environment", "settings",
-                 "probe_origin", "disk_cache", "capabilities")
+                 "probe_origin", "disk_cache", "capabilities", "devices")
 
 _ORIGIN_TEXT = {
     "probed": "probed now",
@@ -108,12 +118,25 @@ _ORIGIN_TEXT = {
 }
 
 
+def visible_devices(caps: Capabilities) -> list[Capabilities]:
+    """Every GPU this process sees, probed (each cached on its own), for a real ``caps``;
+    ``[caps]`` for a simulated profile or a machine without a GPU."""
+    probe_module = importlib.import_module("portattn.capabilities.probe")
+    if caps.profile is not None or caps.device_index is None:
+        return [caps]
+    count = probe_module._gpu_count()
+    return [caps if i == caps.device_index else probe_module.probe("", device=i)
+            for i in range(count)] or [caps]
+
+
 def collect_report(caps: Capabilities | None = None, *,
-                   extra_sections: dict | None = None) -> dict:
+                   extra_sections: dict | None = None,
+                   devices: Sequence[Capabilities] | None = None) -> dict:
     """The report as a JSON-serializable dict (schema in this module's docstring).
 
     ``caps`` defaults to :func:`probe` (``probe_origin`` then says whether it came from
-    the disk cache). ``extra_sections`` are appended after the standard keys (the
+    the disk cache). ``devices`` (the ``devices`` list) defaults to
+    :func:`visible_devices`. ``extra_sections`` are appended after the standard keys (the
     dispatcher adds ``backends`` and ``routing``); they may not reuse a standard key.
     """
     from portattn import __version__
@@ -141,6 +164,8 @@ def collect_report(caps: Capabilities | None = None, *,
         "probe_origin": origin,
         "disk_cache": {"dir": str(cache.cache_dir()), "enabled": cache.disk_cache_enabled()},
         "capabilities": caps.to_dict(),
+        "devices": [d.to_dict() for d in (visible_devices(caps) if devices is None
+                                          else devices)],
     }
     for name, section in (extra_sections or {}).items():
         if name in RESERVED_KEYS:
@@ -305,13 +330,25 @@ def render_report(report: dict) -> str:
     out += ["Platform", *_rows([("python", python), ("os", _or_dash(plat.get("os"))),
                                 ("machine", _or_dash(plat.get("machine")))]), ""]
     out += ["Libraries", *_library_lines(caps), ""]
-    out += ["Device", *_device_lines(caps), ""]
+    devices = report.get("devices")
+    if isinstance(devices, list) and len(devices) > 1:  # a section per GPU
+        for entry in devices:
+            entry = entry if isinstance(entry, dict) else {}
+            current = " (current)" if entry.get("device_index") == caps.get(
+                "device_index") else ""
+            out += [f"Device cuda:{entry.get('device_index', '?')}{current}",
+                    *_device_lines(entry), *_capability_lines(entry), ""]
+    else:
+        out += ["Device", *_device_lines(caps), ""]
     origin_text = _ORIGIN_TEXT.get(str(origin), _or_dash(origin))
     disk = report.get("disk_cache") or {}
     if disk and origin in ("probed", "disk-cache", "memory"):
         origin_text += (f" (disk cache: {disk.get('dir', '?')})" if disk.get("enabled")
                         else " (disk cache off)")
-    out += ["Capabilities", f"  origin: {origin_text}", *_capability_lines(caps), ""]
+    heading = "Capabilities"
+    if isinstance(devices, list) and len(devices) > 1:
+        heading += f" of the current device (cuda:{caps.get('device_index', '?')})"
+    out += [heading, f"  origin: {origin_text}", *_capability_lines(caps), ""]
 
     out += ["Settings", "  environment variables portattn reads (portattn --help explains each)",
             *_settings_lines(report), ""]

@@ -21,7 +21,10 @@ How, for ANY ``@triton.jit`` kernel and whatever arguments a launcher passes:
    tensor is stored.
 3. **Relaunch** (:meth:`LaunchSequence.launch`): per call, the data pointers of the bound
    inputs, the current device and stream, and one dict lookup per kernel; then the
-   compiled kernel's launcher is called directly, pointers passed as ints.
+   compiled kernel's launcher is called directly, pointers passed as ints. Like Triton,
+   this launches on the CURRENT device: callers make the tensors' device current first
+   (:meth:`portattn.planning.PlanBody.launch`, only when another one is current), so
+   kernels and streams are looked up for q's GPU, never for another one.
 
 Correctness: a compiled kernel is only reused for a call Triton would specialize the same
 way. Triton's specialization of an argument is a function of (type, value) for plain

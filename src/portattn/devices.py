@@ -1,0 +1,37 @@
+"""Which GPU a call runs on, whatever the current device is.
+
+Triton launches (and the recorded relaunches of :mod:`portattn.kernels.fast_launch`)
+compile for, and enqueue on, the *current* CUDA device and its current stream. A serving
+engine that drives several GPUs from one process may call portattn with tensors on
+``cuda:1`` while ``cuda:0`` is current; :func:`on_device` makes the tensors' device
+current for the launch, and only when it is not already (one cheap C call in the common
+case, no guard object, nothing that synchronizes).
+
+Importing this module imports torch (it is used on the call path only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager
+
+import torch
+
+_get_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
+
+_NO_GUARD = contextlib.nullcontext()
+
+
+def cuda_index(device: torch.device) -> int | None:
+    """The CUDA index of ``device``; None for any other device type."""
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else int(_get_device())
+
+
+def on_device(index: int | None) -> ContextManager:
+    """A context that makes CUDA device ``index`` current for what runs inside, a no-op
+    when ``index`` is None (not a CUDA device) or already current."""
+    if index is None or _get_device() == index:
+        return _NO_GUARD
+    return torch.cuda.device(index)
