@@ -215,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda:0", help="torch device, e.g. cuda:0 or cpu")
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda"):  # Triton launches on the current device
+        import torch
+
+        torch.cuda.set_device(args.device)
     for kind in KERNELS:  # one JSON line per kernel, flushed, so a crash keeps earlier ones
         try:
             _run_one(kind, args.device)
