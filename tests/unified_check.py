@@ -88,7 +88,8 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
                   causal=True, sliding_window=None, softcap=None, alibi=None, sinks=False,
                   sm_count=132, arch="sm90", seq_lens_override=None, seed=0, quant=None,
                   head_size_v=None, q_fp8=None, fp8_out=None, layout="split",
-                  fp8_dot=False, tolerance=None, separate_kv=False, block_table_edit=None):
+                  fp8_dot=False, tolerance=None, separate_kv=False, block_table_edit=None,
+                  kv_load="pointer"):
     """Run one case; returns the relative error (asserts it is within tolerance).
 
     ``quant``: a KVQuant for the cache; ``head_size_v``: DiffKV (a packed cache);
@@ -96,7 +97,10 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
     output (with an output_scale); ``fp8_dot``: plan fp8 tensor-core QK^T;
     ``separate_kv``: K and V as two contiguous tensors instead of views of one;
     ``block_table_edit(table)``: corrupt the block table after the oracle's keys are
-    gathered (returns the indices of the sequences whose rows must come out NaN)."""
+    gathered (returns the indices of the sequences whose rows must come out NaN);
+    ``kv_load``: "pointer" or "descriptor" (the kernel's KV_LOAD switch, tiles cut to
+    whole parts of a cache block by ``kv_load.descriptor_params``; forced, so tensors
+    that cannot back a descriptor raise instead of silently using pointer loads)."""
     from portattn.backends.triton_unified import TritonUnified
 
     num_q_heads = group * num_kv_heads
@@ -171,6 +175,11 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
                              heuristics.next_pow2(len(query_lens)), sm_count, arch, head_v)
     params = heuristics.plan_launch(shape, mode=mode, segments=segments, short=short,
                                     long=long, fp8_dot=fp8_dot)
+    if kv_load == "descriptor":
+        from portattn.kernels import kv_load as kv_load_rules
+
+        params = kv_load_rules.descriptor_params(params, block_size)
+        params["_kv_load_forced"] = True
     plan = Plan("triton_unified", heuristics.variant_name(params), params)
     TritonUnified().run(q, cache, metadata, options, out, plan)
 

@@ -15,8 +15,12 @@ a plan's own buffer of at least :func:`split_workspace_size` float32 elements.
 
 from __future__ import annotations
 
+import contextvars
+
 import torch
 
+from portattn.errors import InputError
+from portattn.kernels import kv_load as kv_load_rules
 from portattn.kernels import reduce, unified
 from portattn.kernels.fast_launch import capturable
 from portattn.kernels.heuristics import next_pow2
@@ -174,6 +178,42 @@ def launch_unified(q: torch.Tensor, cache, metadata, options, out: torch.Tensor,
                         params.get("compute"))
     if "check_blocks" in params:  # a measurement switch (benchmarks/kernel_experiments.py)
         args["CHECK_BLOCKS"] = bool(params["check_blocks"])
+    if params.get("kv_load", "pointer") == "descriptor":
+        why = descriptor_launch_reasons(cache, params)
+        if not why:
+            args["KV_LOAD"] = kv_load_rules.KV_LOAD_CODES["descriptor"]
+            if q.device.type == "cuda":  # device-side descriptors need triton scratch
+                contextvars.copy_context().run(_launch_with_scratch, q, cache, metadata,
+                                               options, out, params, args, workspace)
+                return
+        elif params.get("_kv_load_forced"):
+            raise InputError("cache", "tensors descriptor (TMA) loads can read "
+                             "(PORTATTN_TD=1 forces them)", "; ".join(why))
+        # else: the plan wanted descriptors, these tensors cannot: pointer loads
+    _launch_modes(q, cache, metadata, out, params, args, workspace)
+
+
+def descriptor_launch_reasons(cache, params: dict) -> list[str]:
+    """Why descriptor K/V loads cannot run on these cache tensors with these tiles."""
+    why = kv_load_rules.launch_reasons(params, cache.block_size)
+    for name, t in (("key_cache", cache.key_cache), ("value_cache", cache.value_cache)):
+        why += kv_load_rules.tensor_reasons(name, t.data_ptr(), tuple(t.stride()),
+                                            t.element_size())
+    return why
+
+
+def _launch_with_scratch(q, cache, metadata, options, out, params, args, workspace) -> None:
+    """Launch in a copied context whose triton allocator gives the descriptors' scratch
+    memory (the caller's allocator is left untouched)."""
+    import triton
+
+    device = q.device
+    triton.set_allocator(lambda size, alignment, stream:
+                         torch.empty(size, dtype=torch.uint8, device=device))
+    _launch_modes(q, cache, metadata, out, params, args, workspace)
+
+
+def _launch_modes(q, cache, metadata, out, params, args, workspace) -> None:
     mode = params["mode"]
     if mode == "decode":
         cfg = params["short"]
