@@ -403,3 +403,36 @@ def test_misaligned_caches_refuse_forced_and_fall_back_in_auto():
         run({**wanted, "_kv_load_forced": True})
     same_tiles = {**wanted, "kv_load": "pointer"}
     assert torch.equal(run(wanted), run(same_tiles))
+
+
+@pytest.mark.interpreter
+def test_td1_through_attention_on_the_interpreter(monkeypatch, tmp_path):
+    """PORTATTN_TD=1 end to end on CPU tensors: the plan asks for descriptors, the gate
+    runs its check in-process (recorded on disk), explain shows it, the output matches
+    ``PORTATTN_TD=0`` (pointer loads) and auto stays on pointer loads."""
+    import portattn
+    from portattn.testing import make_paged_batch, relative_error
+
+    monkeypatch.setenv("PORTATTN_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("PORTATTN_NO_DISK_CACHE", raising=False)
+    gate.clear()
+    batch = make_paged_batch([1, 3], [40, 21], num_q_heads=4, num_kv_heads=2,
+                             head_size=64, block_size=16)
+    kw = dict(backend="triton_unified")
+    monkeypatch.setenv("PORTATTN_TD", "0")
+    want = portattn.attention(batch.q, batch.cache, batch.metadata, **kw)
+    assert portattn.explain(batch.q, batch.cache, batch.metadata,
+                            **kw).plan.params["kv_load"] == "pointer"
+    monkeypatch.delenv("PORTATTN_TD")
+    auto = portattn.explain(batch.q, batch.cache, batch.metadata, **kw)
+    assert auto.plan.params["kv_load"] == "pointer"
+    assert not gate.cache_path().exists()
+    monkeypatch.setenv("PORTATTN_TD", "1")
+    decision = portattn.explain(batch.q, batch.cache, batch.metadata, **kw)
+    assert decision.plan.params["kv_load"] == "descriptor"
+    assert "kv_load=descriptor" in str(decision) and "PORTATTN_TD=1" in str(decision)
+    got = portattn.attention(batch.q, batch.cache, batch.metadata, **kw)
+    assert relative_error(got.double(), want.double()) < 1e-3
+    data = json.loads(gate.cache_path().read_text())
+    assert [r["ok"] for r in data["results"].values()] == [True]
+    gate.clear()
