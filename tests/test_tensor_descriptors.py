@@ -436,3 +436,30 @@ def test_td1_through_attention_on_the_interpreter(monkeypatch, tmp_path):
     data = json.loads(gate.cache_path().read_text())
     assert [r["ok"] for r in data["results"].values()] == [True]
     gate.clear()
+
+
+def test_scratch_allocator_is_installed_only_when_none_is_set():
+    """Device-side descriptors need Triton's global scratch: the launcher installs an
+    allocator in the caller's context (the fast relaunch path reads it later) but never
+    replaces one the caller set."""
+    import contextvars
+
+    from triton.runtime import _allocation
+
+    from portattn.kernels import launch
+
+    def fresh():
+        assert isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+        launch.ensure_scratch_allocator()
+        return _allocation._allocator.get()
+
+    assert contextvars.Context().run(fresh) is launch._scratch
+
+    def users():
+        def mine(size, alignment, stream):
+            raise AssertionError("not called here")
+        _allocation.set_allocator(mine)
+        launch.ensure_scratch_allocator()
+        return _allocation._allocator.get() is mine
+
+    assert contextvars.Context().run(users)

@@ -15,8 +15,6 @@ a plan's own buffer of at least :func:`split_workspace_size` float32 elements.
 
 from __future__ import annotations
 
-import contextvars
-
 import torch
 
 from portattn.errors import InputError
@@ -183,9 +181,7 @@ def launch_unified(q: torch.Tensor, cache, metadata, options, out: torch.Tensor,
         if not why:
             args["KV_LOAD"] = kv_load_rules.KV_LOAD_CODES["descriptor"]
             if q.device.type == "cuda":  # device-side descriptors need triton scratch
-                contextvars.copy_context().run(_launch_with_scratch, q, cache, metadata,
-                                               options, out, params, args, workspace)
-                return
+                ensure_scratch_allocator()
         elif params.get("_kv_load_forced"):
             raise InputError("cache", "tensors descriptor (TMA) loads can read "
                              "(PORTATTN_TD=1 forces them)", "; ".join(why))
@@ -202,15 +198,21 @@ def descriptor_launch_reasons(cache, params: dict) -> list[str]:
     return why
 
 
-def _launch_with_scratch(q, cache, metadata, options, out, params, args, workspace) -> None:
-    """Launch in a copied context whose triton allocator gives the descriptors' scratch
-    memory (the caller's allocator is left untouched)."""
-    import triton
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Triton's global scratch (the descriptors built on the device), from torch's
+    caching allocator on the current device (stream-ordered, CUDA-graph safe)."""
+    return torch.empty(size, dtype=torch.uint8, device="cuda")
 
-    device = q.device
-    triton.set_allocator(lambda size, alignment, stream:
-                         torch.empty(size, dtype=torch.uint8, device=device))
-    _launch_modes(q, cache, metadata, out, params, args, workspace)
+
+def ensure_scratch_allocator() -> None:
+    """Install :func:`_scratch` as Triton's allocator in this context unless the caller
+    set one. Set in the caller's context, not a copy: the fast relaunch path
+    (:mod:`.fast_launch`) calls the compiled launcher later, which reads the allocator
+    at that moment."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        _allocation.set_allocator(_scratch)
 
 
 def _launch_modes(q, cache, metadata, out, params, args, workspace) -> None:

@@ -62,6 +62,16 @@ dots run in fp16, every fp8 value being exact in fp16 and fp8 -> fp16 one conver
 fp8 cache since every fp8 value is exact in it), ``DOT_PREC`` ("ieee" for fp32,
 ignored for 16-bit operands).
 
+``KV_LOAD`` (default 0): how K/V tiles are read, at :func:`_load_kv_tile`. 0: pointer
+loads, the block id looked up per key. 1: tensor descriptors (TMA on sm90+), one 4-D
+descriptor per cache ``[num_blocks, BLOCK_SIZE, num_kv_heads, HEAD]`` (strides from the
+cache, last dim contiguous, base and strides 16-byte aligned) built once per program,
+outside the pipelined KV loop, and one box ``[1, BLOCK_N, 1, HEAD_PAD]`` per tile at
+(block id, first slot, kv head, 0); needs ``BLOCK_SIZE % BLOCK_N == 0`` (a block split
+into whole tiles). The rules and reasons are :mod:`portattn.kernels.kv_load`; the
+launcher checks them and sets Triton's scratch allocator on GPUs (device-side
+descriptors live in global scratch). Scales of quantized caches stay pointer loads.
+
 ``CHECK_BLOCKS`` (default on; off only in benchmarks/kernel_experiments.py, to measure
 what the following costs). Bad metadata never reads out of bounds: a block-table entry
 outside ``[0, num_blocks)``
