@@ -134,14 +134,18 @@ def test_bad_block_ids_give_nan_rows_with_descriptors():
 
 def test_gate_child_process_passes_on_this_gpu():
     """The functional gate's own check, in its child process (what PORTATTN_TD=1 and a
-    future DESCRIPTOR_PREFERRED entry run first)."""
+    future DESCRIPTOR_PREFERRED entry run first), fp8 tensor-core QK^T included (a
+    transposed fp8 operand from a TMA box: the likeliest compile risk)."""
     from portattn.capabilities import kv_descriptor_gate as gate
 
     for variant in (
             gate.variant_key(kv_dtype="bfloat16", quant="none", head_qk=128, head_v=128,
                              block_size=64, block_n=64),
             gate.variant_key(kv_dtype="int8", quant="int8_per_token_head", head_qk=128,
-                             head_v=128, block_size=16, block_n=16)):
+                             head_v=128, block_size=16, block_n=16),
+            gate.variant_key(kv_dtype="float8_e4m3fn", quant="fp8_per_tensor:e4m3fn",
+                             head_qk=128, head_v=128, block_size=64, block_n=64,
+                             fp8_dot=True)):
         result = gate.run_check_isolated(variant, f"cuda:{torch.cuda.current_device()}")
         assert result == {"ok": True, "reason": ""}, result
 

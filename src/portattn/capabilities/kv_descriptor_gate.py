@@ -10,7 +10,8 @@ descriptor loads) on a tiny problem of that variant and compares the outputs; th
 Triton version, variant), next to the capabilities cache. Never at import.
 
 Variant key: ``kv_dtype`` (torch dtype name), ``quant`` (KVQuant mode), ``head_qk``,
-``head_v``, ``block_size``, ``block_n`` (the descriptor tiles' lengths).
+``head_v``, ``block_size``, ``block_n`` (the descriptor tiles' lengths), ``fp8_dot``
+(fp8 q times an fp8 per-tensor cache on fp8 tensor cores: the check then runs an fp8 q).
 
 On a GPU the check runs in a child process (``python -m
 portattn.capabilities.kv_descriptor_gate --device cuda:N --variant JSON``), as the probe's
@@ -41,9 +42,10 @@ _MEMORY: dict[str, dict] = {}
 
 
 def variant_key(*, kv_dtype: str, quant: str, head_qk: int, head_v: int, block_size: int,
-                block_n: int) -> dict:
+                block_n: int, fp8_dot: bool = False) -> dict:
     return {"kv_dtype": kv_dtype, "quant": quant, "head_qk": int(head_qk),
-            "head_v": int(head_v), "block_size": int(block_size), "block_n": int(block_n)}
+            "head_v": int(head_v), "block_size": int(block_size), "block_n": int(block_n),
+            "fp8_dot": bool(fp8_dot)}
 
 
 def machine_key(caps) -> dict:
@@ -171,16 +173,23 @@ def run_check(variant: dict, device: str) -> dict:
                              8, 128, 2, 132, "sm90", variant["head_v"])
     block_n = variant["block_n"]
     cfg = heuristics.TileConfig(16, 8, block_n, 4, 2)
-    pointer = heuristics.plan_launch(shape, mode="decode", short=cfg)
+    fp8_dot = bool(variant.get("fp8_dot"))
+    q = batch.q
+    extra = {}
+    if fp8_dot:  # fp8 codes of q with a scale, as an fp8 serving stack passes them
+        fp8 = batch.cache.key_cache.dtype
+        q = (q.float() / 0.05).clamp(-448.0, 448.0).to(fp8)
+        extra["q_scale"] = 0.05
+    pointer = heuristics.plan_launch(shape, mode="decode", short=cfg, fp8_dot=fp8_dot)
     descriptor = {**kv_load_rules.descriptor_params(pointer, variant["block_size"]),
                   "_kv_load_forced": True}
     outs = []
     for params in (pointer, descriptor):
         out = torch.full((batch.q.shape[0], 4, variant["head_v"]), float("nan"),
                          dtype=q_dtype, device=device)
-        options = normalize_options(batch.q, batch.cache, out=out)
+        options = normalize_options(q, batch.cache, out=out, **extra)
         plan = Plan("triton_unified", heuristics.variant_name(params), params)
-        TritonUnified().run(batch.q, batch.cache, batch.metadata, options, out, plan)
+        TritonUnified().run(q, batch.cache, batch.metadata, options, out, plan)
         if device.startswith("cuda"):
             torch.cuda.synchronize(device)
         outs.append(out.float().cpu())
