@@ -175,7 +175,7 @@ def run_check(variant: dict, device: str) -> dict:
     cfg = heuristics.TileConfig(16, 8, block_n, 4, 2)
     fp8_dot = bool(variant.get("fp8_dot"))
     q = batch.q
-    extra = {}
+    extra: dict[str, Any] = {}
     if fp8_dot:  # fp8 codes of q with a scale, as an fp8 serving stack passes them
         fp8 = batch.cache.key_cache.dtype
         q = (q.float() / 0.05).clamp(-448.0, 448.0).to(fp8)
