@@ -463,3 +463,52 @@ def test_scratch_allocator_is_installed_only_when_none_is_set():
         return _allocation._allocator.get() is mine
 
     assert contextvars.Context().run(users)
+
+
+@pytest.mark.interpreter
+def test_auto_descriptor_launch_failure_reruns_with_pointer_loads(monkeypatch, caplog):
+    """A descriptor launch that raises in auto mode (a compile failure the gate's tiny
+    problem did not cover, injected here) is rerun with pointer loads into the same
+    output, recorded, and warned about once; forced (PORTATTN_TD=1) plans raise."""
+    from portattn.backends.base import Plan
+    from portattn.kernels import launch
+    from portattn.options import normalize_options
+    from portattn.testing import make_paged_batch
+
+    real = launch.unified_attention_kernel
+    seen = []
+
+    class Failing:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                seen.append(kwargs.get("KV_LOAD", 0))
+                if kwargs.get("KV_LOAD", 0) == 1:
+                    raise RuntimeError("PassManager::run failed (injected)")
+                return real[grid](*args, **kwargs)
+            return run
+
+    monkeypatch.setattr(launch, "unified_attention_kernel", Failing())
+    monkeypatch.setattr(launch, "DESCRIPTOR_FAILED", {})
+    batch = make_paged_batch([1, 1], [30, 17], num_q_heads=4, num_kv_heads=2,
+                             head_size=64, block_size=16)
+    shape = heuristics.Shape(4, 2, 64, 2, 1, 32, 2, 132, "sm90", 64)
+    wanted = rules.descriptor_params(heuristics.plan_launch(shape, mode="decode"), 16)
+
+    def run(params):
+        out = torch.full((2, 4, 64), float("nan"), dtype=torch.float16)
+        options = normalize_options(batch.q, batch.cache, out=out)
+        TritonUnified().run(batch.q, batch.cache, batch.metadata, options, out,
+                            Plan("triton_unified", "x", params))
+        return out
+
+    pointer = run({**wanted, "kv_load": "pointer"})
+    with caplog.at_level("WARNING", logger="portattn"):
+        got = run(wanted)
+    assert torch.equal(got, pointer) and seen == [0, 1, 0]
+    assert "PassManager::run failed (injected)" in caplog.text
+    assert list(launch.DESCRIPTOR_FAILED.values()) == [
+        "RuntimeError: PassManager::run failed (injected)"]
+    run(wanted)  # remembered: straight to pointer loads
+    assert seen == [0, 1, 0, 0]
+    with pytest.raises(RuntimeError, match="injected"):
+        run({**wanted, "_kv_load_forced": True})

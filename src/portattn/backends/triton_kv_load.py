@@ -18,7 +18,9 @@ serve a call and why. The rule, in order:
 Failing a step: pointer loads with the reason in auto; ``UnsupportedError`` with the
 reason under ``PORTATTN_TD=1``. Tensor alignment (16-byte base and strides) is only known
 at launch: :func:`portattn.kernels.launch.launch_unified` checks it (``InputError`` naming
-the cache when forced, pointer loads otherwise).
+the cache when forced, pointer loads otherwise). In auto, a descriptor launch that still
+raises (a switch combination the gate's tiny problem did not compile) is rerun with
+pointer loads, remembered for the process and logged once (WARNING).
 """
 
 from __future__ import annotations

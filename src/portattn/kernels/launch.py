@@ -177,16 +177,53 @@ def launch_unified(q: torch.Tensor, cache, metadata, options, out: torch.Tensor,
     if "check_blocks" in params:  # a measurement switch (benchmarks/kernel_experiments.py)
         args["CHECK_BLOCKS"] = bool(params["check_blocks"])
     if params.get("kv_load", "pointer") == "descriptor":
+        forced = bool(params.get("_kv_load_forced"))
         why = descriptor_launch_reasons(cache, params)
-        if not why:
+        if why and forced:
+            raise InputError("cache", "tensors descriptor (TMA) loads can read "
+                             "(PORTATTN_TD=1 forces them)", "; ".join(why))
+        key = _descriptor_key(args, params)
+        if not why and (forced or key not in DESCRIPTOR_FAILED):
             args["KV_LOAD"] = kv_load_rules.KV_LOAD_CODES["descriptor"]
             if q.device.type == "cuda":  # device-side descriptors need triton scratch
                 ensure_scratch_allocator()
-        elif params.get("_kv_load_forced"):
-            raise InputError("cache", "tensors descriptor (TMA) loads can read "
-                             "(PORTATTN_TD=1 forces them)", "; ".join(why))
-        # else: the plan wanted descriptors, these tensors cannot: pointer loads
+            if forced:
+                _launch_modes(q, cache, metadata, out, params, args, workspace)
+                return
+            try:
+                _launch_modes(q, cache, metadata, out, params, args, workspace)
+                return
+            except Exception as exc:  # auto: a variant the gate did not cover failed
+                _remember_descriptor_failure(key, exc)
+                args["KV_LOAD"] = kv_load_rules.KV_LOAD_CODES["pointer"]
+        # else: these tensors cannot back descriptors, or this variant failed before
     _launch_modes(q, cache, metadata, out, params, args, workspace)
+
+
+#: Descriptor launches that raised in auto mode (e.g. a compile failure in a feature
+#: combination the functional gate's tiny problem did not cover), by the kernel's
+#: switches and tiles: they run pointer loads from then on, in this process.
+DESCRIPTOR_FAILED: dict[tuple, str] = {}
+
+
+def _descriptor_key(args: dict, params: dict) -> tuple:
+    switches = tuple(sorted((k, v) for k, v in args.items() if k.isupper()))
+    tiles = tuple(tuple(sorted(params[k].items())) for k in ("short", "long") if k in params)
+    return switches + tiles
+
+
+def _remember_descriptor_failure(key: tuple, exc: Exception) -> None:
+    """Record a failed auto descriptor launch and say so once (WARNING): the same call
+    is rerun with pointer loads, which rewrite every output row."""
+    import logging
+
+    from portattn.capabilities._text import one_line
+
+    reason = one_line(exc)
+    DESCRIPTOR_FAILED[key] = reason
+    logging.getLogger("portattn").warning(
+        "descriptor (TMA) K/V loads failed, pointer loads used instead for this kernel "
+        "variant: %s", reason)
 
 
 def descriptor_launch_reasons(cache, params: dict) -> list[str]:
