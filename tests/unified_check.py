@@ -101,16 +101,19 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
                   sm_count=132, arch="sm90", seq_lens_override=None, seed=0, quant=None,
                   head_size_v=None, q_fp8=None, fp8_out=None, layout="split",
                   fp8_dot=False, tolerance=None, separate_kv=False, block_table_edit=None,
-                  v_stage=False):
+                  v_stage=False, kv_load="pointer"):
     """Run one case; returns the relative error (asserts it is within tolerance).
 
     ``quant``: a KVQuant for the cache; ``head_size_v``: DiffKV (a packed cache);
     ``q_fp8``: an fp8 dtype for q (with a q_scale); ``fp8_out``: an fp8 dtype for the
     output (with an output_scale); ``fp8_dot``: plan fp8 tensor-core QK^T;
     ``separate_kv``: K and V as two contiguous tensors instead of views of one;
-    ``v_stage``: the kernel's V_STAGE switch (8-bit caches); ``block_table_edit(table)``:
-    corrupt the block table after the oracle's keys are gathered (returns the indices of
-    the sequences whose rows must come out NaN)."""
+    ``v_stage``: the kernel's V_STAGE switch (8-bit caches);
+    ``block_table_edit(table)``: corrupt the block table after the oracle's keys are
+    gathered (returns the indices of the sequences whose rows must come out NaN);
+    ``kv_load``: "pointer" or "descriptor" (the kernel's KV_LOAD switch, tiles cut to
+    whole parts of a cache block by ``kv_load.descriptor_params``; forced, so tensors
+    that cannot back a descriptor raise instead of silently using pointer loads)."""
     from portattn.backends.triton_unified import TritonUnified
 
     num_q_heads = group * num_kv_heads
@@ -187,6 +190,11 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
                                     long=long, fp8_dot=fp8_dot)
     if v_stage:
         params["v_stage"] = True
+    if kv_load == "descriptor":
+        from portattn.kernels import kv_load as kv_load_rules
+
+        params = kv_load_rules.descriptor_params(params, block_size)
+        params["_kv_load_forced"] = True
     plan = Plan("triton_unified", heuristics.variant_name(params), params)
     TritonUnified().run(q, cache, metadata, options, out, plan)
 

@@ -148,9 +148,10 @@ VALIDATE = Setting(
     "1: check metadata values (lengths against the block table, block ids, monotone "
     "cu_seqlens_q) also on a GPU, which synchronizes; 0: never", _TRISTATE, decides=True)
 TENSOR_DESCRIPTORS = Setting(
-    "PORTATTN_TD", "auto, 0, 1", "auto (on where the probe's descriptor kernel "
-    "ran)",
-    "tensor-descriptor loads in portattn's Triton kernels: 1 forces on, 0 off",
+    "PORTATTN_TD", "auto, 0, 1", "auto (descriptor K/V loads only for problem "
+    "classes measured faster, heuristics.DESCRIPTOR_PREFERRED; pointer loads today)",
+    "tensor-descriptor (TMA) K/V loads in portattn's Triton kernels: 1 forces them "
+    "(error with the reason where they cannot run), 0 forbids them",
     _TRISTATE, decides=True)
 TRITON = Setting(
     "PORTATTN_TRITON", "auto, 0, 1", "auto (the probe decides)",

@@ -7,6 +7,8 @@ second head size, not a fork). Support is declared as data below and checked by
 :func:`kernel_reasons`; the variant (decode / prefill / mixed tiles, 2D or split-KV 3D,
 tile sizes, warps, stages, segments, fp8 tensor-core QK^T) is chosen by
 :func:`portattn.kernels.heuristics.plan_launch` from the problem and the probed device.
+K/V loads (pointer or tensor descriptors, ``params["kv_load"]`` with its reason) are
+chosen by :func:`portattn.backends.triton_kv_load.choose_kv_load` (``PORTATTN_TD``).
 ``PORTATTN_UNIFIED_SPLIT`` overrides the split choice (unset: auto, ``1``: split decode
 tiles over the keys when they can be, ``0``: never).
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from portattn.backends.base import Backend, Plan
+from portattn.backends.triton_kv_load import choose_kv_load
 from portattn.kernels import heuristics
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -123,6 +126,7 @@ class TritonUnified(Backend):
         shape = heuristics.Shape.from_problem(problem, caps.sm_count, caps.arch)
         params = heuristics.plan_launch(shape, segments=_forced_segments(shape),
                                         fp8_dot=uses_fp8_dot(problem, caps))
+        params = choose_kv_load(problem, caps, shape, params)
         return Plan(self.name, heuristics.variant_name(params), params)
 
     def run(self, q, cache, metadata, options, out, plan) -> None:

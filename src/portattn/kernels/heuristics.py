@@ -236,4 +236,36 @@ def plan_launch(shape: Shape, *, mode: str | None = None, segments: int | None =
 def variant_name(params: dict) -> str:
     split = params.get("short", {}).get("segments", 1) > 1
     name = f"{params['mode']}-{'3d' if split else '2d'}"
-    return name + "-fp8dot" if params.get("fp8_dot") else name
+    if params.get("fp8_dot"):
+        name += "-fp8dot"
+    return name + "-td" if params.get("kv_load") == "descriptor" else name
+
+
+#: Problem classes where descriptor (TMA) K/V loads beat pointer loads, by measurement
+#: (selection by evidence, issue 12). Each entry: ``arch`` and optional ``mode``
+#: (decode / prefill / mixed), ``elem_bytes`` (cache storage width), ``min_block_size``,
+#: ``head_sizes`` (a tuple of K head sizes), and ``evidence`` (where in
+#: benchmarks/NOTES.md the numbers are). EMPTY until H200 numbers are recorded: auto
+#: selection then keeps pointer loads everywhere; ``PORTATTN_TD=1`` forces descriptors
+#: to measure them.
+DESCRIPTOR_PREFERRED: tuple[dict, ...] = ()
+
+
+def prefers_descriptors(shape: Shape, mode: str, block_size: int,
+                        table: tuple[dict, ...] | None = None) -> tuple[bool, str]:
+    """Whether the measurement table says descriptor loads win for this class, and why."""
+    table = DESCRIPTOR_PREFERRED if table is None else table
+    for entry in table:
+        if entry.get("arch") != shape.arch:
+            continue
+        if "mode" in entry and entry["mode"] != mode:
+            continue
+        if "elem_bytes" in entry and entry["elem_bytes"] != shape.elem_bytes:
+            continue
+        if block_size < entry.get("min_block_size", 0):
+            continue
+        if "head_sizes" in entry and shape.head_size not in entry["head_sizes"]:
+            continue
+        return True, f"measured faster here ({entry.get('evidence', 'NOTES.md')})"
+    return False, (f"no measurement recorded that descriptor loads win for {mode} on "
+                   f"{shape.arch or 'this device'} (heuristics.DESCRIPTOR_PREFERRED)")

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from portattn.errors import InputError
+from portattn.kernels import kv_load as kv_load_rules
 from portattn.kernels import reduce, unified
 from portattn.kernels.fast_launch import capturable
 from portattn.kernels.heuristics import next_pow2
@@ -176,6 +178,83 @@ def launch_unified(q: torch.Tensor, cache, metadata, options, out: torch.Tensor,
         args["CHECK_BLOCKS"] = bool(params["check_blocks"])
     if params.get("v_stage") and args["KV_QUANT"]:  # likewise, 8-bit caches only
         args["V_STAGE"] = True
+    if params.get("kv_load", "pointer") == "descriptor":
+        forced = bool(params.get("_kv_load_forced"))
+        why = descriptor_launch_reasons(cache, params)
+        if why and forced:
+            raise InputError("cache", "tensors descriptor (TMA) loads can read "
+                             "(PORTATTN_TD=1 forces them)", "; ".join(why))
+        key = _descriptor_key(args, params)
+        if not why and (forced or key not in DESCRIPTOR_FAILED):
+            args["KV_LOAD"] = kv_load_rules.KV_LOAD_CODES["descriptor"]
+            if q.device.type == "cuda":  # device-side descriptors need triton scratch
+                ensure_scratch_allocator()
+            if forced:
+                _launch_modes(q, cache, metadata, out, params, args, workspace)
+                return
+            try:
+                _launch_modes(q, cache, metadata, out, params, args, workspace)
+                return
+            except Exception as exc:  # auto: a variant the gate did not cover failed
+                _remember_descriptor_failure(key, exc)
+                args["KV_LOAD"] = kv_load_rules.KV_LOAD_CODES["pointer"]
+        # else: these tensors cannot back descriptors, or this variant failed before
+    _launch_modes(q, cache, metadata, out, params, args, workspace)
+
+
+#: Descriptor launches that raised in auto mode (e.g. a compile failure in a feature
+#: combination the functional gate's tiny problem did not cover), by the kernel's
+#: switches and tiles: they run pointer loads from then on, in this process.
+DESCRIPTOR_FAILED: dict[tuple, str] = {}
+
+
+def _descriptor_key(args: dict, params: dict) -> tuple:
+    switches = tuple(sorted((k, v) for k, v in args.items() if k.isupper()))
+    tiles = tuple(tuple(sorted(params[k].items())) for k in ("short", "long") if k in params)
+    return switches + tiles
+
+
+def _remember_descriptor_failure(key: tuple, exc: Exception) -> None:
+    """Record a failed auto descriptor launch and say so once (WARNING): the same call
+    is rerun with pointer loads, which rewrite every output row."""
+    import logging
+
+    from portattn.capabilities._text import one_line
+
+    reason = one_line(exc)
+    DESCRIPTOR_FAILED[key] = reason
+    logging.getLogger("portattn").warning(
+        "descriptor (TMA) K/V loads failed, pointer loads used instead for this kernel "
+        "variant: %s", reason)
+
+
+def descriptor_launch_reasons(cache, params: dict) -> list[str]:
+    """Why descriptor K/V loads cannot run on these cache tensors with these tiles."""
+    why = kv_load_rules.launch_reasons(params, cache.block_size)
+    for name, t in (("key_cache", cache.key_cache), ("value_cache", cache.value_cache)):
+        why += kv_load_rules.tensor_reasons(name, t.data_ptr(), tuple(t.stride()),
+                                            t.element_size())
+    return why
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Triton's global scratch (the descriptors built on the device), from torch's
+    caching allocator on the current device (stream-ordered, CUDA-graph safe)."""
+    return torch.empty(size, dtype=torch.uint8, device="cuda")
+
+
+def ensure_scratch_allocator() -> None:
+    """Install :func:`_scratch` as Triton's allocator in this context unless the caller
+    set one. Set in the caller's context, not a copy: the fast relaunch path
+    (:mod:`.fast_launch`) calls the compiled launcher later, which reads the allocator
+    at that moment."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        _allocation.set_allocator(_scratch)
+
+
+def _launch_modes(q, cache, metadata, out, params, args, workspace) -> None:
     mode = params["mode"]
     if mode == "decode":
         cfg = params["short"]

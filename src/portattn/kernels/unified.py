@@ -68,6 +68,16 @@ GPU): multiply the converted V tile by a runtime scalar (the per-tensor V scale,
 conversion is hoisted after the shared-memory load, and an 8-bit V operand that must be
 transposed for the tensor cores is read with single-byte ``ld.shared.b8`` (sm90 PTX
 compiled offline: 256 per thread per loop; with it, 16-byte loads and ``ldmatrix.trans``).
+``KV_LOAD`` (default 0): how K/V tiles are read, at :func:`_load_kv_tile`. 0: pointer
+loads, the block id looked up per key. 1: tensor descriptors (TMA on sm90+), one 4-D
+descriptor per cache ``[num_blocks, BLOCK_SIZE, num_kv_heads, HEAD]`` (strides from the
+cache, last dim contiguous, base and strides 16-byte aligned) built once per program,
+outside the pipelined KV loop, and one box ``[1, BLOCK_N, 1, HEAD_PAD]`` per tile at
+(block id, first slot, kv head, 0); needs ``BLOCK_SIZE % BLOCK_N == 0`` (a block split
+into whole tiles). The rules and reasons are :mod:`portattn.kernels.kv_load`; the
+launcher checks them and sets Triton's scratch allocator on GPUs (device-side
+descriptors live in global scratch). Scales of quantized caches stay pointer loads.
+
 ``CHECK_BLOCKS`` (default on; off only in benchmarks/kernel_experiments.py, to measure
 what the following costs). Bad metadata never reads out of bounds: a block-table entry
 outside ``[0, num_blocks)``
@@ -85,18 +95,54 @@ from portattn.kernels.common import find_seq_of_tile, online_softmax_step, score
 
 
 @triton.jit
-def _load_kv_tile(bt_row, bt_width, num_blocks, k_pos, key_ok, k_head_ptr, v_head_ptr,
+def _load_kv_tile(bt_row, bt_width, num_blocks, key0, k_pos, key_ok, kv_head, k_src, v_src,
                   ks_head_ptr, vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs,
                   stride_ksb, stride_kss, stride_vsb, stride_vss, offs_dk, offs_dv,
                   BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_QK: tl.constexpr,
                   HEAD_QK_PAD: tl.constexpr, HEAD_V: tl.constexpr, HEAD_V_PAD: tl.constexpr,
-                  MASKED: tl.constexpr, KV_QUANT: tl.constexpr, CHECK_BLOCKS: tl.constexpr):
+                  MASKED: tl.constexpr, KV_QUANT: tl.constexpr, CHECK_BLOCKS: tl.constexpr,
+                  KV_LOAD: tl.constexpr):
     """K ``[HEAD_QK_PAD, BLOCK_N]``, V ``[BLOCK_N, HEAD_V_PAD]`` as stored, their
     per-token-head scales ``[BLOCK_N]`` (ones unless ``KV_QUANT == 2``) and ``bad``
     ``[BLOCK_N]``: keys whose block-table entry is outside ``[0, num_blocks)`` or past the
     table's width (masked tiles only). Such keys read an in-range block instead (never out
     of bounds); the caller turns their scores into NaN (masked tiles) or has found them
-    before the loop (unmasked tiles), so the rows that meet them come out NaN."""
+    before the loop (unmasked tiles), so the rows that meet them come out NaN.
+
+    ``KV_LOAD`` 0: pointer loads, ``k_src`` / ``v_src`` are this kv head's cache pointers;
+    1: descriptor (TMA) loads, ``k_src`` / ``v_src`` are 4-D tensor descriptors of the
+    whole caches ``[num_blocks, BLOCK_SIZE, num_kv_heads, HEAD]`` built once per program
+    (outside the loop), box ``[1, BLOCK_N, 1, HEAD_PAD]``. The tile (keys from ``key0``)
+    then lies inside one cache block (``BLOCK_SIZE % BLOCK_N == 0``, checked by the
+    launcher): one block-table entry, one box per tile; the pad columns past ``HEAD``
+    come back zero (the descriptor's bounds). Masked keys' rows are zeroed after the load,
+    as the pointer loads' ``other=0`` does. Scales stay pointer loads (``[BLOCK_N]`` fp32:
+    too narrow a box for TMA's 16-byte rows to pay)."""
+    if KV_LOAD == 1:
+        k, v, k_sc, v_sc, bad = _load_kv_tile_descriptor(
+            bt_row, bt_width, num_blocks, key0, k_pos, key_ok, kv_head, k_src, v_src,
+            ks_head_ptr, vs_head_ptr, stride_ksb, stride_kss, stride_vsb, stride_vss,
+            BLOCK_N, BLOCK_SIZE, HEAD_QK_PAD, HEAD_V_PAD, MASKED, KV_QUANT, CHECK_BLOCKS)
+    else:
+        k, v, k_sc, v_sc, bad = _load_kv_tile_pointer(
+            bt_row, bt_width, num_blocks, k_pos, key_ok, k_src, v_src, ks_head_ptr,
+            vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss,
+            stride_vsb, stride_vss, offs_dk, offs_dv, BLOCK_N, BLOCK_SIZE, HEAD_QK,
+            HEAD_QK_PAD, HEAD_V, HEAD_V_PAD, MASKED, KV_QUANT, CHECK_BLOCKS)
+    return k, v, k_sc, v_sc, bad
+
+
+@triton.jit
+def _load_kv_tile_pointer(bt_row, bt_width, num_blocks, k_pos, key_ok, k_head_ptr,
+                          v_head_ptr, ks_head_ptr, vs_head_ptr, stride_kb, stride_ks,
+                          stride_vb, stride_vs, stride_ksb, stride_kss, stride_vsb,
+                          stride_vss, offs_dk, offs_dv, BLOCK_N: tl.constexpr,
+                          BLOCK_SIZE: tl.constexpr, HEAD_QK: tl.constexpr,
+                          HEAD_QK_PAD: tl.constexpr, HEAD_V: tl.constexpr,
+                          HEAD_V_PAD: tl.constexpr, MASKED: tl.constexpr,
+                          KV_QUANT: tl.constexpr, CHECK_BLOCKS: tl.constexpr):
+    """:func:`_load_kv_tile` with ``KV_LOAD == 0``: the block id looked up per key row,
+    K and V gathered with pointer arithmetic (any BLOCK_N, any 16-bit-or-wider stride)."""
     bt_idx = k_pos // BLOCK_SIZE
     in_table = bt_idx < bt_width
     if MASKED:
@@ -149,6 +195,57 @@ def _load_kv_tile(bt_row, bt_width, num_blocks, k_pos, key_ok, k_head_ptr, v_hea
 
 
 @triton.jit
+def _load_kv_tile_descriptor(bt_row, bt_width, num_blocks, key0, k_pos, key_ok, kv_head,
+                             k_desc, v_desc, ks_head_ptr, vs_head_ptr, stride_ksb,
+                             stride_kss, stride_vsb, stride_vss, BLOCK_N: tl.constexpr,
+                             BLOCK_SIZE: tl.constexpr, HEAD_QK_PAD: tl.constexpr,
+                             HEAD_V_PAD: tl.constexpr, MASKED: tl.constexpr,
+                             KV_QUANT: tl.constexpr, CHECK_BLOCKS: tl.constexpr):
+    """:func:`_load_kv_tile` with ``KV_LOAD == 1``: the tile's keys ``key0 + [0,
+    BLOCK_N)`` share one block-table entry (``BLOCK_SIZE % BLOCK_N == 0``), so the entry is
+    one scalar load and K and V one TMA box each. Same results as the pointer loads: a bad
+    entry (outside ``[0, num_blocks)`` or past ``bt_width``) reads block 0 and, in masked
+    tiles, marks the tile's visible keys ``bad``; masked-out keys come back as zero rows."""
+    bt_idx = key0 // BLOCK_SIZE
+    in_table = bt_idx < bt_width
+    no_bad = key_ok & ~key_ok
+    if MASKED:
+        block = tl.load(bt_row + bt_idx, mask=in_table, other=0)
+        bad_block = (~in_table) | (block < 0) | (block >= num_blocks)
+        bad = key_ok & bad_block
+        block = tl.where(bad_block, 0, block)
+    elif CHECK_BLOCKS:  # bad ids here were found before the loop (the pre-scan)
+        block = tl.load(bt_row + tl.minimum(bt_idx, bt_width - 1))
+        block = tl.minimum(tl.maximum(block, 0), num_blocks - 1)
+        bad = no_bad
+    else:  # trusted metadata (measurement switch only)
+        block = tl.load(bt_row + bt_idx)
+        bad = no_bad
+    slot0 = key0 % BLOCK_SIZE
+    k_rows = k_desc.load([block.to(tl.int32), slot0, kv_head, 0]).reshape(BLOCK_N, HEAD_QK_PAD)
+    v = v_desc.load([block.to(tl.int32), slot0, kv_head, 0]).reshape(BLOCK_N, HEAD_V_PAD)
+    if MASKED:  # the pointer loads' other=0: masked keys never carry stale cache values
+        k_rows = tl.where(key_ok[:, None], k_rows, tl.zeros_like(k_rows))
+        v = tl.where(key_ok[:, None], v, tl.zeros_like(v))
+    k = tl.trans(k_rows)
+    if KV_QUANT == 2:
+        block64 = block.to(tl.int64)
+        slot = k_pos % BLOCK_SIZE
+        if MASKED:
+            k_sc = tl.load(ks_head_ptr + block64 * stride_ksb + slot * stride_kss, mask=key_ok,
+                           other=0.0)
+            v_sc = tl.load(vs_head_ptr + block64 * stride_vsb + slot * stride_vss, mask=key_ok,
+                           other=0.0)
+        else:
+            k_sc = tl.load(ks_head_ptr + block64 * stride_ksb + slot * stride_kss)
+            v_sc = tl.load(vs_head_ptr + block64 * stride_vsb + slot * stride_vss)
+    else:
+        k_sc = tl.full([BLOCK_N], 1.0, tl.float32)
+        v_sc = k_sc
+    return k, v, k_sc, v_sc, bad
+
+
+@triton.jit
 def _to_compute(x, COMPUTE_DTYPE: tl.constexpr):
     """Cast to the dot operands' dtype: 0 float16, 1 bfloat16, 2 float32 (an int code, so
     the launch's arguments stay plain values)."""
@@ -180,7 +277,7 @@ def _full_tiles_have_bad_blocks(bt_row, bt_width, num_blocks, key_lo, key_hi,
 
 @triton.jit
 def _attend_tiles(acc, m_i, l_i, q, tile_start, tile_end, seq_len, k_lo, bt_row, bt_width,
-                  num_blocks, k_head_ptr, v_head_ptr, ks_head_ptr, vs_head_ptr, stride_kb,
+                  num_blocks, kv_head, k_src, v_src, ks_head_ptr, vs_head_ptr, stride_kb,
                   stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss, stride_vsb,
                   stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk, offs_dv,
                   BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_QK: tl.constexpr,
@@ -188,8 +285,8 @@ def _attend_tiles(acc, m_i, l_i, q, tile_start, tile_end, seq_len, k_lo, bt_row,
                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr,
                   USE_SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, KV_QUANT: tl.constexpr,
                   FP8_DOT: tl.constexpr, FP8_ACC: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
-                  DOT_PREC: tl.constexpr, CHECK_BLOCKS: tl.constexpr, v_mult,
-                  V_STAGE: tl.constexpr):
+                  DOT_PREC: tl.constexpr, CHECK_BLOCKS: tl.constexpr, KV_LOAD: tl.constexpr,
+                  v_mult, V_STAGE: tl.constexpr):
     """Stream KV tiles ``[tile_start, tile_end)`` through the online softmax.
 
     Masked tiles load only keys in ``[k_lo, seq_len)``: block-table entries and K/V before
@@ -204,10 +301,10 @@ def _attend_tiles(acc, m_i, l_i, q, tile_start, tile_end, seq_len, k_lo, bt_row,
         k_pos = j * BLOCK_N + tl.arange(0, BLOCK_N)
         key_ok = (k_pos >= k_lo) & (k_pos < seq_len)
         k, v, k_sc, v_sc, bad = _load_kv_tile(
-            bt_row, bt_width, num_blocks, k_pos, key_ok, k_head_ptr, v_head_ptr, ks_head_ptr,
-            vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss,
-            stride_vsb, stride_vss, offs_dk, offs_dv, BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD,
-            HEAD_V, HEAD_V_PAD, MASKED, KV_QUANT, CHECK_BLOCKS)
+            bt_row, bt_width, num_blocks, j * BLOCK_N, k_pos, key_ok, kv_head, k_src, v_src,
+            ks_head_ptr, vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs, stride_ksb,
+            stride_kss, stride_vsb, stride_vss, offs_dk, offs_dv, BLOCK_N, BLOCK_SIZE, HEAD_QK,
+            HEAD_QK_PAD, HEAD_V, HEAD_V_PAD, MASKED, KV_QUANT, CHECK_BLOCKS, KV_LOAD)
         if FP8_DOT:  # fp8 q x fp8 K on the tensor cores, fp32 accumulation
             qk = tl.dot(q, k, max_num_imprecise_acc=FP8_ACC)
         else:
@@ -284,7 +381,8 @@ def unified_attention_kernel(
         FP8_DOT: tl.constexpr,
         FP8_ACC: tl.constexpr, FP8_OUT: tl.constexpr, FP8_MAX: tl.constexpr,
         COMPUTE_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
-        CHECK_BLOCKS: tl.constexpr = True, V_STAGE: tl.constexpr = False):
+        CHECK_BLOCKS: tl.constexpr = True, KV_LOAD: tl.constexpr = 0,
+        V_STAGE: tl.constexpr = False):
     """Paged attention of one query tile x one kv head x one KV segment (see module doc)."""
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
@@ -396,35 +494,45 @@ def unified_attention_kernel(
             tl.minimum(full_hi, seg_hi) * BLOCK_N, BLOCK_SIZE)
     else:
         poisoned = False
-    k_head_ptr = k_ptr + kv_head * stride_kh
-    v_head_ptr = v_ptr + kv_head * stride_vh
+    if KV_LOAD == 1:  # built once per program, never inside the pipelined KV loop
+        k_src = tl.make_tensor_descriptor(
+            k_ptr, shape=[num_blocks, BLOCK_SIZE, tl.num_programs(1), HEAD_QK],
+            strides=[stride_kb, stride_ks, stride_kh, 1],
+            block_shape=[1, BLOCK_N, 1, HEAD_QK_PAD])
+        v_src = tl.make_tensor_descriptor(
+            v_ptr, shape=[num_blocks, BLOCK_SIZE, tl.num_programs(1), HEAD_V],
+            strides=[stride_vb, stride_vs, stride_vh, 1],
+            block_shape=[1, BLOCK_N, 1, HEAD_V_PAD])
+    else:
+        k_src = k_ptr + kv_head * stride_kh
+        v_src = v_ptr + kv_head * stride_vh
     ks_head_ptr = k_scale_ptr + kv_head * stride_ksh
     vs_head_ptr = v_scale_ptr + kv_head * stride_vsh
     if USE_WINDOW:  # leading tiles only partly inside the window
         acc, m_i, l_i = _attend_tiles(
             acc, m_i, l_i, q, tl.maximum(tile_lo, seg_lo), tl.minimum(full_lo, seg_hi),
-            seq_len, k_lo, bt_row, bt_width, num_blocks, k_head_ptr, v_head_ptr, ks_head_ptr,
+            seq_len, k_lo, bt_row, bt_width, num_blocks, kv_head, k_src, v_src, ks_head_ptr,
             vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss,
             stride_vsb, stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk,
             offs_dv, BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD, HEAD_V, HEAD_V_PAD, True,
             CAUSAL, USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE,
-            DOT_PREC, CHECK_BLOCKS, v_mult, V_STAGE)
+            DOT_PREC, CHECK_BLOCKS, KV_LOAD, v_mult, V_STAGE)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, tl.maximum(full_lo, seg_lo), tl.minimum(full_hi, seg_hi),
-        seq_len, k_lo, bt_row, bt_width, num_blocks, k_head_ptr, v_head_ptr, ks_head_ptr,
+        seq_len, k_lo, bt_row, bt_width, num_blocks, kv_head, k_src, v_src, ks_head_ptr,
         vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss,
         stride_vsb, stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk, offs_dv,
         BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD, HEAD_V, HEAD_V_PAD, False, CAUSAL,
         USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE, DOT_PREC,
-        CHECK_BLOCKS, v_mult, V_STAGE)
+        CHECK_BLOCKS, KV_LOAD, v_mult, V_STAGE)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, tl.maximum(full_hi, seg_lo), tl.minimum(tile_hi, seg_hi),
-        seq_len, k_lo, bt_row, bt_width, num_blocks, k_head_ptr, v_head_ptr, ks_head_ptr,
+        seq_len, k_lo, bt_row, bt_width, num_blocks, kv_head, k_src, v_src, ks_head_ptr,
         vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss,
         stride_vsb, stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk, offs_dv,
         BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD, HEAD_V, HEAD_V_PAD, True, CAUSAL,
         USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE, DOT_PREC,
-        CHECK_BLOCKS, v_mult, V_STAGE)
+        CHECK_BLOCKS, KV_LOAD, v_mult, V_STAGE)
 
     if KV_QUANT == 1 and not V_STAGE:  # the V scale, once per row, not per element
         acc = acc * tl.load(v_scale_ptr)

@@ -1,0 +1,263 @@
+"""Functional gate of the unified kernel's descriptor (TMA) K/V loads.
+
+The probe's toy descriptor kernel (:mod:`.descriptor_check`) says descriptors work in
+a simple pipelined loop; our kernel is bigger (block-table lookups, masked tiles, quantized
+caches, two head sizes), and a descriptor kernel that compiles in one shape may fail in
+Triton's pipeliner in another. So the first time a descriptor *variant* is wanted on a
+machine, :func:`check_variant` compiles and runs the unified kernel both ways (pointer and
+descriptor loads) on a tiny problem of that variant and compares the outputs; the answer
+(``{"ok", "reason"}``) is kept in memory and on disk, keyed by (device type, arch, driver,
+Triton version, variant), next to the capabilities cache. Never at import.
+
+Variant key: ``kv_dtype`` (torch dtype name), ``quant`` (KVQuant mode), ``head_qk``,
+``head_v``, ``block_size``, ``block_n`` (the descriptor tiles' lengths), ``fp8_dot``
+(fp8 q times an fp8 per-tensor cache on fp8 tensor cores: the check then runs an fp8 q).
+
+On a GPU the check runs in a child process (``python -m
+portattn.capabilities.kv_descriptor_gate --device cuda:N --variant JSON``), as the probe's
+checks do: a miscompiled kernel may fault the context or crash the compiler. Under the
+Triton interpreter it runs in-process. :data:`RUNNER` is the function that runs one check
+(tests replace it to inject compile failures and mismatches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from portattn.capabilities._text import one_line
+
+CHILD_TIMEOUT_S = 300
+CACHE_FORMAT = "portattn.kv-descriptor-gate/1"
+#: Tiny problem of a check: two sequences, one decode and one short chunk.
+QUERY_LENS = (1, 5)
+SEQ_LENS = (37, 70)
+
+_MEMORY: dict[str, dict] = {}
+
+
+def variant_key(*, kv_dtype: str, quant: str, head_qk: int, head_v: int, block_size: int,
+                block_n: int, fp8_dot: bool = False) -> dict:
+    return {"kv_dtype": kv_dtype, "quant": quant, "head_qk": int(head_qk),
+            "head_v": int(head_v), "block_size": int(block_size), "block_n": int(block_n),
+            "fp8_dot": bool(fp8_dot)}
+
+
+def machine_key(caps) -> dict:
+    """What a gate answer depends on besides the variant."""
+    return {"device_type": caps.device_type, "arch": caps.arch,
+            "driver": caps.driver_version, "triton": caps.triton_version,
+            "interpreter": bool(caps.triton_interpreter)}
+
+
+def _text_key(machine: dict, variant: dict) -> str:
+    return json.dumps({"machine": machine, "variant": variant}, sort_keys=True)
+
+
+def cache_path() -> Path:
+    from portattn.capabilities import cache
+
+    return cache.cache_dir() / "kv-descriptor-gate.json"
+
+
+def _disk_enabled() -> bool:
+    from portattn.capabilities import cache
+
+    return cache.disk_cache_enabled()
+
+
+def _load_disk() -> dict[str, Any]:
+    try:
+        with open(cache_path(), encoding="utf-8") as fh:
+            data = json.load(fh)
+        if isinstance(data, dict) and data.get("format") == CACHE_FORMAT and \
+                isinstance(data.get("results"), dict):
+            return data["results"]
+    except Exception:  # a bad cache file is a miss, never an error
+        pass
+    return {}
+
+
+def _store_disk(key: str, result: dict) -> None:
+    try:
+        results = _load_disk()
+        results[key] = result
+        path = cache_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump({"format": CACHE_FORMAT, "results": results}, fh, indent=1)
+        os.replace(tmp, path)
+    except OSError:  # an unwritable cache only costs a re-check next process
+        pass
+
+
+def clear(*, disk: bool = False) -> None:
+    _MEMORY.clear()
+    if disk:
+        try:
+            cache_path().unlink()
+        except OSError:
+            pass
+
+
+def check_variant(caps, variant: dict, device: str) -> dict:
+    """``{"ok", "reason", "origin"}`` for the descriptor variant on this machine: from
+    memory, the disk cache, or by running :data:`RUNNER` (then recorded)."""
+    key = _text_key(machine_key(caps), variant)
+    if key in _MEMORY:
+        return {**_MEMORY[key], "origin": "memory"}
+    if _disk_enabled():
+        stored = _load_disk().get(key)
+        if isinstance(stored, dict) and "ok" in stored:
+            result = {"ok": bool(stored["ok"]), "reason": str(stored.get("reason", ""))}
+            _MEMORY[key] = result
+            return {**result, "origin": "disk-cache"}
+    try:
+        raw = RUNNER(variant, device)
+        result = {"ok": bool(raw.get("ok")), "reason": str(raw.get("reason", ""))}
+    except Exception as exc:  # a failing check is an answer
+        result = {"ok": False, "reason": one_line(exc)}
+    _MEMORY[key] = result
+    if _disk_enabled():
+        _store_disk(key, result)
+    return {**result, "origin": "checked"}
+
+
+# --- the check itself -----------------------------------------------------------------
+
+def _quant_for(key: str):
+    """A KVQuant from its ``key`` (``mode`` or ``mode:e4m3fn``), with fixed scales."""
+    import torch
+
+    from portattn.types import KVQuant
+
+    mode, _, fmt = key.partition(":")
+    fp8 = torch.float8_e5m2 if fmt == "e5m2" else torch.float8_e4m3fn
+    if mode in ("", "none"):
+        return None
+    if mode == "fp8_per_tensor":
+        return KVQuant.fp8_per_tensor(0.02, 0.03, fp8)
+    if mode == "fp8_per_token_head":
+        return KVQuant.fp8_per_token_head(fp8)
+    return KVQuant(mode)
+
+
+def run_check(variant: dict, device: str) -> dict:
+    """Run the unified kernel on a tiny problem of ``variant`` with pointer and with
+    descriptor loads, in this process; ``{"ok", "reason"}``. Both outputs start NaN; the
+    descriptor output must be finite where the pointer output is and match it."""
+    import torch
+
+    from portattn.backends.base import Plan
+    from portattn.backends.triton_unified import TritonUnified
+    from portattn.kernels import heuristics
+    from portattn.kernels import kv_load as kv_load_rules
+    from portattn.options import normalize_options
+    from portattn.testing import make_paged_batch
+
+    quant = _quant_for(variant["quant"])
+    q_dtype = torch.float16 if quant is not None else getattr(torch, variant["kv_dtype"])
+    batch = make_paged_batch(QUERY_LENS, SEQ_LENS, num_q_heads=4, num_kv_heads=2,
+                             head_size=variant["head_qk"], head_size_v=variant["head_v"],
+                             block_size=variant["block_size"], dtype=q_dtype, device=device,
+                             quant=quant, seed=0,
+                             layout="diffkv" if variant["head_qk"] != variant["head_v"]
+                             else "split")
+    shape = heuristics.Shape(4, 2, variant["head_qk"], batch.cache.key_cache.element_size(),
+                             8, 128, 2, 132, "sm90", variant["head_v"])
+    block_n = variant["block_n"]
+    cfg = heuristics.TileConfig(16, 8, block_n, 4, 2)
+    fp8_dot = bool(variant.get("fp8_dot"))
+    q = batch.q
+    extra: dict[str, Any] = {}
+    if fp8_dot:  # fp8 codes of q with a scale, as an fp8 serving stack passes them
+        fp8 = batch.cache.key_cache.dtype
+        q = (q.float() / 0.05).clamp(-448.0, 448.0).to(fp8)
+        extra["q_scale"] = 0.05
+    pointer = heuristics.plan_launch(shape, mode="decode", short=cfg, fp8_dot=fp8_dot)
+    descriptor = {**kv_load_rules.descriptor_params(pointer, variant["block_size"]),
+                  "_kv_load_forced": True}
+    outs = []
+    for params in (pointer, descriptor):
+        out = torch.full((batch.q.shape[0], 4, variant["head_v"]), float("nan"),
+                         dtype=q_dtype, device=device)
+        options = normalize_options(q, batch.cache, out=out, **extra)
+        plan = Plan("triton_unified", heuristics.variant_name(params), params)
+        TritonUnified().run(q, batch.cache, batch.metadata, options, out, plan)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+        outs.append(out.float().cpu())
+    want, got = outs
+    if not torch.isfinite(want).all():
+        return {"ok": False, "reason": "the pointer variant left NaN rows (check broken)"}
+    if not torch.isfinite(got).all():
+        return {"ok": False, "reason": "descriptor loads left NaN/inf rows"}
+    err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+    if err > 1e-2:
+        return {"ok": False, "reason": f"descriptor loads differ from pointer loads "
+                                       f"(relative error {err:.3g})"}
+    return {"ok": True, "reason": ""}
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    src_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src_root, env.get("PYTHONPATH")) if p)
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def run_check_isolated(variant: dict, device: str,
+                       timeout: float = CHILD_TIMEOUT_S) -> dict:
+    """:func:`run_check` in a child process on a GPU (in-process on CPU tensors, i.e.
+    under the Triton interpreter); a crash or hang becomes a failed check."""
+    if not device.startswith("cuda"):
+        return run_check(variant, device)
+    cmd = [sys.executable, "-m", "portattn.capabilities.kv_descriptor_gate", "--device",
+           device, "--variant", json.dumps(variant)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env=_child_env())
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "reason": f"the check process did not finish in {timeout:g} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "ok" in record:
+            return {"ok": bool(record["ok"]), "reason": str(record.get("reason", ""))}
+    tail = " ".join(proc.stderr.strip().splitlines()[-1:])[-200:]
+    return {"ok": False, "reason": f"the check process exited with status "
+                                   f"{proc.returncode}" + (f": {tail}" if tail else "")}
+
+
+#: The function running one check (``variant``, ``device``) -> ``{"ok", "reason"}``.
+RUNNER: Callable[[dict, str], dict] = run_check_isolated
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda:0")
+    parser.add_argument("--variant", required=True, help="the variant key as JSON")
+    args = parser.parse_args(argv)
+    try:
+        if args.device.startswith("cuda"):  # Triton launches on the current device
+            import torch
+
+            torch.cuda.set_device(args.device)
+        record = run_check(json.loads(args.variant), args.device)
+    except Exception as exc:
+        record = {"ok": False, "reason": one_line(exc)}
+    print(json.dumps(record), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
