@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import importlib.util
 import json
 import types
 
@@ -57,6 +58,12 @@ class TwoGPUs:
 
 @pytest.fixture
 def gpus(tmp_path, monkeypatch):
+    # Triton fixes interpreter-or-compiler when a kernel is defined: define ours under this
+    # session's setting before TRITON_INTERPRET is removed below, or a run of this file
+    # alone would leave them compiled-mode for every later interpreter test
+    if importlib.util.find_spec("triton") is not None:
+        importlib.import_module("portattn.kernels.launch")
+        importlib.import_module("portattn.kernels.write_launch")
     for name in ("PORTATTN_SIMULATE", "PORTATTN_NO_DISK_CACHE", "TRITON_INTERPRET",
                  *(o.env_var for o in OVERRIDES)):
         monkeypatch.delenv(name, raising=False)
