@@ -20,8 +20,12 @@ from unified_check import TOLERANCE
 
 pytestmark = pytest.mark.gpu
 
-#: backend name -> the module whose constants declare its support
-DECLARING = {"triton_unified": "portattn.backends.triton_unified"}
+#: backend name -> the module whose constants declare its support. triton_diffkv shares
+#: triton_unified's declarations for each of K and V; its cases pair every declared K
+#: size with a V size further along the declared range (so every size is a K size once
+#: and a V size once) instead of the full cross product.
+DECLARING = {"triton_unified": "portattn.backends.triton_unified",
+             "triton_diffkv": "portattn.backends.triton_unified"}
 
 CASES = {
     "decode": dict(query_lens=[1, 1, 1], seq_lens=[300, 17, 64]),
@@ -38,18 +42,22 @@ def _declared_cases():
                 reason=f"{module_name} does not import here: {exc}"))
             continue
         lo, hi = module.HEAD_SIZE_RANGE
+        sizes = list(range(lo, hi + 1, module.HEAD_SIZE_STEP))
         for dtype in module.SUPPORTED_DTYPES:
-            for head_size in range(lo, hi + 1, module.HEAD_SIZE_STEP):
-                yield pytest.param(backend, dtype, head_size,
-                                   id=f"{backend}-{str(dtype)[6:]}-h{head_size}")
+            for i, head_size in enumerate(sizes):
+                head_v = sizes[(i + 7) % len(sizes)] if backend == "triton_diffkv" \
+                    else head_size
+                yield pytest.param(backend, dtype, (head_size, head_v),
+                                   id=f"{backend}-{str(dtype)[6:]}-h{head_size}-v{head_v}")
 
 
-@pytest.mark.parametrize("backend,dtype,head_size", list(_declared_cases()))
-def test_every_declared_head_size_and_dtype_runs(backend, dtype, head_size):
+@pytest.mark.parametrize("backend,dtype,heads", list(_declared_cases()))
+def test_every_declared_head_size_and_dtype_runs(backend, dtype, heads):
+    head_size, head_v = heads if heads is not None else (None, None)
     for kind, lengths in CASES.items():
         batch = make_paged_batch(lengths["query_lens"], lengths["seq_lens"], num_q_heads=8,
-                                 num_kv_heads=2, head_size=head_size, dtype=dtype,
-                                 device="cuda", seed=head_size)
+                                 num_kv_heads=2, head_size=head_size, head_size_v=head_v,
+                                 dtype=dtype, device="cuda", seed=head_size)
         decision = portattn.explain(batch.q, batch.cache, batch.metadata)
         assert decision.backend == backend, (kind, str(decision))
         out = portattn.attention(batch.q, batch.cache, batch.metadata)
