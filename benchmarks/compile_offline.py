@@ -1,0 +1,97 @@
+"""Compile the unified kernel for a GPU target on a machine without one, and count what
+matters in its PTX: the cheapest check that a kernel change still compiles for sm90
+(through ptxas to a cubin) and keeps its loads pipelined (NOTES.md: fp8 decode).
+
+    PYTHONPATH=src python benchmarks/compile_offline.py [--arch 90]
+
+Pointers and strides are declared 16-byte divisible, as a real launch specializes them;
+without that, Triton cannot vectorize or pipeline the K/V loads and the counts mislead.
+Columns: shared memory bytes, 16-byte cp.async (pipelined loads), single-byte shared
+loads (an 8-bit operand transposed the slow way), TMA copies (descriptor loads).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from portattn.kernels.unified import unified_attention_kernel as KERNEL
+
+BASE = dict(GROUP=4, BLOCK_M=16, BLOCK_Q=4, BLOCK_N=128, BLOCK_SIZE=16, HEAD_QK=128,
+            HEAD_QK_PAD=128, HEAD_V=128, HEAD_V_PAD=128, SEQ_MODE=1, SHORT_Q=0, SPLIT=False,
+            LONG_FOLLOWS=False, CAUSAL=True, USE_WINDOW=False, USE_SOFTCAP=False, ALIBI=0,
+            USE_SINKS=False, KV_QUANT=0, Q_SCALED=False, Q_PRESCALE=False, FP8_DOT=False,
+            FP8_ACC=32, FP8_OUT=False, FP8_MAX=0.0, COMPUTE_DTYPE=1, DOT_PREC="tf32",
+            CHECK_BLOCKS=True, KV_LOAD=0, V_STAGE=False)
+PREFILL = dict(BLOCK_M=128, BLOCK_Q=32, SEQ_MODE=0)
+#: name -> (KV storage type, constexpr changes, num_warps, num_stages)
+VARIANTS = {
+    "decode bf16": ("bf16", {}, 4, 2),
+    "decode bf16 split+sinks+window": ("bf16", dict(SPLIT=True, USE_SINKS=True,
+                                                    USE_WINDOW=True), 4, 2),
+    "prefill bf16": ("bf16", PREFILL, 8, 3),
+    "decode fp8 per-tensor": ("fp8e4nv", dict(KV_QUANT=1, Q_PRESCALE=True,
+                                              COMPUTE_DTYPE=0), 4, 2),
+    "decode fp8 per-tensor V_STAGE": ("fp8e4nv", dict(KV_QUANT=1, Q_PRESCALE=True,
+                                                      COMPUTE_DTYPE=0, V_STAGE=True), 4, 2),
+    "decode int8 per-token-head": ("i8", dict(KV_QUANT=2), 4, 2),
+    "prefill fp8 per-tensor": ("fp8e4nv", dict(PREFILL, KV_QUANT=1, Q_PRESCALE=True,
+                                               COMPUTE_DTYPE=0), 8, 3),
+    "prefill DiffKV 192/128": ("bf16", dict(HEAD_QK=192, HEAD_QK_PAD=256, BLOCK_M=256,
+                                            BLOCK_Q=64, BLOCK_N=64, SEQ_MODE=0), 8, 2),
+    "decode bf16 descriptors": ("bf16", dict(KV_LOAD=1, BLOCK_N=16), 4, 2),
+    "prefill bf16 descriptors": ("bf16", dict(PREFILL, KV_LOAD=1, BLOCK_N=16), 8, 3),
+}
+RUNTIME_FLOATS = ("scale", "softcap", "v_one")
+UNSPECIALIZED = ("stride_qd", "stride_od")  # always 1 in practice
+
+
+def compile_variant(kv: str, changes: dict, warps: int, stages: int, arch: int):
+    consts = {**BASE, **changes}
+    pointer_types = {name: "*bf16" for name in KERNEL.arg_names if name.endswith("_ptr")}
+    pointer_types.update(k_ptr=f"*{kv}", v_ptr=f"*{kv}", block_table_ptr="*i32",
+                         cu_seqlens_q_ptr="*i32", seq_lens_ptr="*i32", part_m_ptr="*fp32",
+                         part_l_ptr="*fp32", part_acc_ptr="*fp32", q_scale_ptr="*fp32",
+                         k_scale_ptr="*fp32", v_scale_ptr="*fp32", out_scale_ptr="*fp32")
+    signature, attrs = {}, {}
+    for i, name in enumerate(KERNEL.arg_names):
+        if name in consts:
+            signature[name] = "constexpr"
+        elif name in pointer_types:
+            signature[name] = pointer_types[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in RUNTIME_FLOATS:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if name.startswith("stride_") and name not in UNSPECIALIZED:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=KERNEL, signature=signature, constexprs=consts, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": warps, "num_stages": stages})
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
+    args = parser.parse_args()
+    failed = 0
+    print(f"{'variant':<34} {'shared':>7} {'cp.async16':>10} {'ld.b8':>6} {'tma':>4}")
+    for name, (kv, changes, warps, stages) in VARIANTS.items():
+        try:
+            compiled = compile_variant(kv, changes, warps, stages, args.arch)
+        except Exception as exc:
+            failed += 1
+            print(f"{name:<34} FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            continue
+        ptx = compiled.asm["ptx"]
+        print(f"{name:<34} {compiled.metadata.shared:>7} {ptx.count('cp.async.cg'):>10} "
+              f"{ptx.count('ld.shared.b8'):>6} {ptx.count('cp.async.bulk.tensor'):>4}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
