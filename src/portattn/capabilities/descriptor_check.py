@@ -165,7 +165,9 @@ def run_checks(device: str) -> dict[str, dict]:
     return results
 
 
-def _child_env() -> dict[str, str]:
+def child_env() -> dict[str, str]:
+    """The environment of a check's child process: this same portattn importable, the
+    compiler (not the interpreter) in use."""
     # The child must import this same portattn, also when it runs from a source tree.
     env = dict(os.environ)
     src_root = str(Path(__file__).resolve().parents[2])
@@ -186,7 +188,7 @@ def run_checks_isolated(device: str, timeout: float = CHILD_TIMEOUT_S) -> dict[s
     cmd = [sys.executable, "-m", "portattn.capabilities.descriptor_check", "--device", device]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              env=_child_env())
+                              env=child_env())
     except subprocess.TimeoutExpired:
         why = f"the check process did not finish in {timeout:g} s"
         return {kind: {"ok": False, "reason": why} for kind in KERNELS}

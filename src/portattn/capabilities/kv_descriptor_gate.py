@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from portattn.capabilities._text import one_line
+from portattn.capabilities.descriptor_check import child_env
 
 CHILD_TIMEOUT_S = 300
 CACHE_FORMAT = "portattn.kv-descriptor-gate/1"
@@ -205,14 +206,6 @@ def run_check(variant: dict, device: str) -> dict:
     return {"ok": True, "reason": ""}
 
 
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    src_root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src_root, env.get("PYTHONPATH")) if p)
-    env.pop("TRITON_INTERPRET", None)
-    return env
-
-
 def run_check_isolated(variant: dict, device: str,
                        timeout: float = CHILD_TIMEOUT_S) -> dict:
     """:func:`run_check` in a child process on a GPU (in-process on CPU tensors, i.e.
@@ -223,7 +216,7 @@ def run_check_isolated(variant: dict, device: str,
            device, "--variant", json.dumps(variant)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              env=_child_env())
+                              env=child_env())
     except subprocess.TimeoutExpired:
         return {"ok": False, "reason": f"the check process did not finish in {timeout:g} s"}
     for line in reversed(proc.stdout.splitlines()):

@@ -133,6 +133,28 @@ def _load_kv_tile(bt_row, bt_width, num_blocks, key0, k_pos, key_ok, kv_head, k_
 
 
 @triton.jit
+def _token_head_scales(ks_head_ptr, vs_head_ptr, block, slot, key_ok, stride_ksb,
+                       stride_kss, stride_vsb, stride_vss, BLOCK_N: tl.constexpr,
+                       MASKED: tl.constexpr, KV_QUANT: tl.constexpr):
+    """The tile's per-token-head K and V scales ``[BLOCK_N]`` fp32 (``KV_QUANT == 2``;
+    ones otherwise), read with pointer loads by either K/V load path; ``block`` int64
+    block ids (in range), ``slot`` the keys' slots. Masked keys get scale 0."""
+    if KV_QUANT == 2:
+        k_off = block * stride_ksb + slot * stride_kss
+        v_off = block * stride_vsb + slot * stride_vss
+        if MASKED:
+            k_sc = tl.load(ks_head_ptr + k_off, mask=key_ok, other=0.0)
+            v_sc = tl.load(vs_head_ptr + v_off, mask=key_ok, other=0.0)
+        else:
+            k_sc = tl.load(ks_head_ptr + k_off)
+            v_sc = tl.load(vs_head_ptr + v_off)
+    else:
+        k_sc = tl.full([BLOCK_N], 1.0, tl.float32)
+        v_sc = k_sc
+    return k_sc, v_sc
+
+
+@triton.jit
 def _load_kv_tile_pointer(bt_row, bt_width, num_blocks, k_pos, key_ok, k_head_ptr,
                           v_head_ptr, ks_head_ptr, vs_head_ptr, stride_kb, stride_ks,
                           stride_vb, stride_vs, stride_ksb, stride_kss, stride_vsb,
@@ -179,18 +201,9 @@ def _load_kv_tile_pointer(bt_row, bt_width, num_blocks, k_pos, key_ok, k_head_pt
             v = tl.load(v_ptrs, mask=dv_ok[None, :], other=0.0)
         else:
             v = tl.load(v_ptrs)
-    if KV_QUANT == 2:
-        if MASKED:
-            k_sc = tl.load(ks_head_ptr + block * stride_ksb + slot * stride_kss, mask=key_ok,
-                           other=0.0)
-            v_sc = tl.load(vs_head_ptr + block * stride_vsb + slot * stride_vss, mask=key_ok,
-                           other=0.0)
-        else:
-            k_sc = tl.load(ks_head_ptr + block * stride_ksb + slot * stride_kss)
-            v_sc = tl.load(vs_head_ptr + block * stride_vsb + slot * stride_vss)
-    else:
-        k_sc = tl.full([BLOCK_N], 1.0, tl.float32)
-        v_sc = k_sc
+    k_sc, v_sc = _token_head_scales(ks_head_ptr, vs_head_ptr, block, slot, key_ok,
+                                    stride_ksb, stride_kss, stride_vsb, stride_vss, BLOCK_N,
+                                    MASKED, KV_QUANT)
     return k, v, k_sc, v_sc, bad
 
 
@@ -228,20 +241,9 @@ def _load_kv_tile_descriptor(bt_row, bt_width, num_blocks, key0, k_pos, key_ok, 
         k_rows = tl.where(key_ok[:, None], k_rows, tl.zeros_like(k_rows))
         v = tl.where(key_ok[:, None], v, tl.zeros_like(v))
     k = tl.trans(k_rows)
-    if KV_QUANT == 2:
-        block64 = block.to(tl.int64)
-        slot = k_pos % BLOCK_SIZE
-        if MASKED:
-            k_sc = tl.load(ks_head_ptr + block64 * stride_ksb + slot * stride_kss, mask=key_ok,
-                           other=0.0)
-            v_sc = tl.load(vs_head_ptr + block64 * stride_vsb + slot * stride_vss, mask=key_ok,
-                           other=0.0)
-        else:
-            k_sc = tl.load(ks_head_ptr + block64 * stride_ksb + slot * stride_kss)
-            v_sc = tl.load(vs_head_ptr + block64 * stride_vsb + slot * stride_vss)
-    else:
-        k_sc = tl.full([BLOCK_N], 1.0, tl.float32)
-        v_sc = k_sc
+    k_sc, v_sc = _token_head_scales(ks_head_ptr, vs_head_ptr, block.to(tl.int64),
+                                    k_pos % BLOCK_SIZE, key_ok, stride_ksb, stride_kss,
+                                    stride_vsb, stride_vss, BLOCK_N, MASKED, KV_QUANT)
     return k, v, k_sc, v_sc, bad
 
 
