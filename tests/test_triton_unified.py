@@ -15,7 +15,7 @@ import torch
 from portattn.dispatch.problem import Problem
 from portattn.kernels.heuristics import Shape, TileConfig, plan_launch, variant_name
 
-from unified_check import check_unified
+from unified_check import FEATURE_KW, check_unified
 
 F16, F32 = torch.float16, torch.float32
 SMALL_LONG = TileConfig(block_m=32, block_q=16, block_n=16, num_warps=4, num_stages=2)
@@ -78,17 +78,8 @@ def test_empty_sequences_in_batch():
 
 
 # --------------------------------------------------------------------------- features
-FEATURES = {
-    "non_causal": dict(causal=False),
-    "window": dict(sliding_window=7),
-    "window_1": dict(sliding_window=1),
-    "softcap": dict(softcap=3.0),
-    "alibi": dict(alibi="linear"),
-    "alibi_sqrt": dict(alibi="sqrt"),
-    "sinks": dict(sinks=True),
-    "all": dict(sliding_window=9, softcap=5.0, alibi="linear", sinks=True),
-    "non_causal_window": dict(causal=False, sliding_window=6, sinks=True),
-}
+FEATURES = {**FEATURE_KW, "window_1": dict(sliding_window=1),
+            "non_causal_window": dict(causal=False, sliding_window=6, sinks=True)}
 
 
 @interp

@@ -77,15 +77,9 @@ FEATURE_KW = {
 
 
 #: The same features at GPU-test scale (sequences of hundreds to thousands of keys).
-GPU_FEATURE_KW = {
-    "non_causal": dict(causal=False),
-    "window": dict(sliding_window=100),
-    "softcap": dict(softcap=30.0),
-    "alibi": dict(alibi="linear"),
-    "alibi_sqrt": dict(alibi="sqrt"),
-    "sinks": dict(sinks=True),
-    "all": dict(sliding_window=77, softcap=20.0, alibi="linear", sinks=True),
-}
+GPU_FEATURE_KW = {**FEATURE_KW, "window": dict(sliding_window=100),
+                  "softcap": dict(softcap=30.0),
+                  "all": dict(sliding_window=77, softcap=20.0, alibi="linear", sinks=True)}
 
 
 def alibi_slopes(num_heads: int, device) -> torch.Tensor:
