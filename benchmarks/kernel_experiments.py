@@ -1,6 +1,7 @@
 """Side-by-side timings for kernel experiments (NOTES.md section 9): the previous kernel
 (``.gpu/oldkernels``, carried to the device when present) against the current one, and
-launch-parameter variants of the quantized decode, in one run with the copy ceiling.
+switch variants (V_STAGE both ways on 8-bit caches, the bad-block checks off on bf16), in
+one run with the copy ceiling.
 
     PYTHONPATH=src:.gpu python3 benchmarks/kernel_experiments.py
 """
@@ -54,13 +55,11 @@ def main() -> int:
                       .multi_processor_count, "sm90")
         base = plan_launch(shape)
         variants = {"current": base}
-        if case.kv_quant != "none":
+        if case.kv_quant != "none":  # V_STAGE both ways (the plan sets it for decode)
             variants["v-staged"] = dict(base, v_stage=True)
-            variants["bf16-compute"] = dict(base, compute="bfloat16")
-            variants["fp16-compute"] = dict(base, compute="float16")
-        variants["no-block-checks"] = dict(base, check_blocks=False)
-        if case.kind == "decode":
-            variants["stages3"] = dict(base, short=dict(base["short"], num_stages=3))
+            variants["no-v-stage"] = dict(base, v_stage=False)
+        elif case.num_seqs in (1, 32):
+            variants["no-block-checks"] = dict(base, check_blocks=False)
         for name, params in variants.items():
             fn = (lambda p=params: launch_unified(inp.q, inp.cache, inp.metadata, options,
                                                   inp.out, p))

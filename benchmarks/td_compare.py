@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(line, flush=True)
                 if out_file:
                     out_file.write(line + "\n")
+                    out_file.flush()
             del inp
     if out_file:
         out_file.close()

@@ -3,6 +3,9 @@
 # kernels compile in parallel) while the bench's kernels are compiled into Triton's disk
 # cache; call B (sent right after, same machine) runs the bench. Results under "$OUT".
 #   OUT=/dir bash ci/gpu_kernels.sh tests|bench [bench cases]
+# env: SHARDS, TEST_TIMEOUT, TEST_FILES (default: the unified, quant/DiffKV and API tiers),
+# EXTRA_TESTS, COMPILERS, COMPILE_SWEEP_CASES; bench: PEERS=1, BENCH_REP, BENCH_TIMEOUT,
+# SWEEP_CASES, SWEEP_TIMEOUT
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -17,16 +20,22 @@ if [ "$WHAT" = tests ]; then
   SHARDS=${SHARDS:-12}; pids=()
   for i in $(seq 0 $((SHARDS - 1))); do
     PORTATTN_TEST_SHARD=$i/$SHARDS timeout ${TEST_TIMEOUT:-420} python3 -m pytest -m gpu \
-      tests/gpu/test_triton_unified_gpu.py tests/gpu/test_kernels_quant_diffkv_gpu.py \
-      tests/gpu/test_api_gpu.py ${EXTRA_TESTS:-} -q -p no:cacheprovider -x --maxfail=20 \
+      ${TEST_FILES:-tests/gpu/test_triton_unified_gpu.py tests/gpu/test_kernels_quant_diffkv_gpu.py \
+      tests/gpu/test_api_gpu.py} ${EXTRA_TESTS:-} -q -p no:cacheprovider --maxfail=20 \
       > /tmp/gpu-tests-$i.log 2>&1 &
     pids+=($!)
   done
-  for i in 0 1 2 3; do
+  COMPILERS=${COMPILERS:-4}
+  for i in $(seq 0 $((COMPILERS - 1))); do
     timeout 400 python3 -m portattn.bench --compile-only --shrink 4 --cases "$CASES" \
-      --shard $i/4 > /tmp/compile-$i.log 2>&1 &
+      --shard $i/$COMPILERS > /tmp/compile-$i.log 2>&1 &
     pids+=($!)
   done
+  if [ -n "${COMPILE_SWEEP_CASES:-}" ]; then  # the sweep's tiles too (call B times them)
+    timeout 400 python3 -m portattn.bench --compile-only --sweep --shrink 4 \
+      --cases "$COMPILE_SWEEP_CASES" > /tmp/compile-sweep.log 2>&1 &
+    pids+=($!)
+  fi
   for p in "${pids[@]}"; do wait "$p"; done
   for i in $(seq 0 $((SHARDS - 1))); do echo "=== shard $i"; cat /tmp/gpu-tests-$i.log; done > "$OUT/gpu-tests.log"
   cat /tmp/compile-*.log > "$OUT/compile.log"
@@ -34,8 +43,10 @@ if [ "$WHAT" = tests ]; then
   grep -hE "^[0-9]+ (passed|failed)|passed|failed|error" /tmp/gpu-tests-*.log | grep -vE "^(FAILED|PASSED|ERROR)" || true
   grep -h "^FAILED\|^ERROR" /tmp/gpu-tests-*.log | head -30
 else
-  timeout ${BENCH_TIMEOUT:-330} python3 -m portattn.bench --cases "$CASES" --no-peers \
-    --out "$OUT" --prefix "$TAG-kernels-bench" 2>&1 | tee "$OUT/bench.log" | tail -n 45
+  # PEERS=1: SDPA cuDNN / flash (and flash-attn when installed) timed beside ours
+  timeout ${BENCH_TIMEOUT:-330} python3 -m portattn.bench --cases "$CASES" \
+    $([ "${PEERS:-0}" = 1 ] || echo --no-peers) --rep "${BENCH_REP:-100}" \
+    --out "$OUT" --prefix "$TAG-kernels-bench" 2>&1 | tee "$OUT/bench.log" | tail -n 60
   if [ -n "$SWEEP_CASES" ]; then
     timeout ${SWEEP_TIMEOUT:-200} python3 -m portattn.bench --cases "$SWEEP_CASES" --sweep \
       --no-peers --out "$OUT" --prefix "$TAG-kernels-sweep" > "$OUT/sweep.log" 2>&1

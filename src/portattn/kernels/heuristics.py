@@ -201,12 +201,24 @@ def prefill_config(shape: Shape) -> TileConfig:
                      shape)
 
 
+def v_stage_fits(cfg: TileConfig, shape: Shape) -> bool:
+    """Whether decode tiles over an 8-bit cache still fit shared memory with V staged in
+    16 bits (the kernel's ``V_STAGE``: the V tile and the query tile take 2 bytes per
+    element instead of 1)."""
+    v_stage_bytes = (cfg.block_n * (shape.head_pad + 2 * shape.head_pad_v)
+                     * max(1, cfg.num_stages) + 2 * cfg.block_m * shape.head_pad)
+    return v_stage_bytes <= shared_memory_budget(shape.arch)
+
+
 def plan_launch(shape: Shape, *, mode: str | None = None, segments: int | None = None,
                 short: TileConfig | None = None, long: TileConfig | None = None,
                 fp8_dot: bool = False) -> dict:
     """The launch parameters: ``mode`` plus ``short`` (decode tiles, with ``segments``)
-    and/or ``long`` (prefill tiles) configs as dicts, and ``fp8_dot`` (QK^T on fp8
-    tensor cores, decided by the backend from the dtypes and the device). Every keyword
+    and/or ``long`` (prefill tiles) configs as dicts, ``fp8_dot`` (QK^T on fp8 tensor
+    cores, decided by the backend from the dtypes and the device) and ``v_stage`` (set for
+    decode launches over 8-bit caches where it fits: the kernel's ``V_STAGE``, which
+    replaces the byte-wise shared-memory reads of the transposed 8-bit V operand with
+    16-bit ``ldmatrix`` reads, NOTES.md). Every keyword
     overrides one automatic choice (tests force 2D/3D, the sweep forces tiles)."""
     if segments is not None and (segments < 1 or segments & (segments - 1)):
         raise ValueError(f"segments must be a power of two >= 1 (the merge kernel tiles "
@@ -222,6 +234,8 @@ def plan_launch(shape: Shape, *, mode: str | None = None, segments: int | None =
     if mode == "decode":
         short = short or decode_config(shape, shape.max_seqlen_q, shape.num_seqs, segments)
         params["short"] = short.as_dict()
+        if shape.elem_bytes == 1 and v_stage_fits(short, shape):
+            params["v_stage"] = True
     elif mode == "mixed":
         short = short or decode_config(shape, 1, shape.num_seqs, segments)
         params["short"] = short.as_dict()
