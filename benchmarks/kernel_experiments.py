@@ -15,7 +15,7 @@ import torch
 import triton.testing
 
 from portattn.bench import Case, GraphTimer, build_inputs, case_bytes, case_flops
-from portattn.kernels.heuristics import Shape, plan_launch
+from portattn.kernels.heuristics import Shape, plan_launch, scales_per_token_head
 from portattn.kernels.launch import launch_unified
 from portattn.options import normalize_options
 
@@ -52,7 +52,8 @@ def main() -> int:
         options = normalize_options(inp.q, inp.cache)
         shape = Shape(32, 8, 128, inp.cache.key_cache.element_size(), max(case.query_lens),
                       8192, case.num_seqs, torch.cuda.get_device_properties(0)
-                      .multi_processor_count, "sm90")
+                      .multi_processor_count, "sm90",
+                      scales_per_token=scales_per_token_head(case.kv_quant))
         base = plan_launch(shape)
         variants = {"current": base}
         if case.kv_quant != "none":  # V_STAGE both ways (the plan sets it for decode)

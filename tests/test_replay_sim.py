@@ -26,6 +26,7 @@ from portattn.testing import dense_attention, make_paged_batch, relative_error
 
 pytestmark = pytest.mark.interpreter
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16,
+          "fp8e4nv": torch.float8_e4m3fn, "fp8e5": torch.float8_e5m2, "i8": torch.int8,
           "i32": torch.int32, "i64": torch.int64}
 
 
@@ -280,3 +281,56 @@ def test_aliased_inputs_are_retried_then_given_up(sim):
     assert slot.reason and "one tensor is inputs [7, 8]" in slot.reason
     run(other, shared)  # the structure stays on the normal path, still right
     assert runner is plan._body.runner
+
+
+def test_equal_float_kv_scales_replay(sim):
+    """An fp8 per-tensor cache whose K and V scales are the same float: each role gets its
+    own device scalar, so the inputs never alias and the second call replays (on the
+    H200 this structure ran 140 us of host time per call through the JIT before)."""
+    from portattn import KVQuant
+    from portattn.backends.unified_runner import inputs_of
+
+    memory, kernels = sim
+    quant = KVQuant.fp8_per_tensor(0.5, 0.5)
+    batch = make_paged_batch([1, 1], [19, 40], num_q_heads=4, num_kv_heads=2, head_size=32,
+                             dtype=torch.float16, quant=quant)
+    plan = portattn.plan(batch.metadata, num_q_heads=4, dtype=torch.float16,
+                         cache=batch.cache, backend="triton_unified", validate=False)
+    _replaying(plan)
+    memory.add(batch.metadata.cu_seqlens_q, batch.metadata.seq_lens,
+               batch.metadata.block_table, batch.q, batch.cache.key_cache,
+               batch.cache.value_cache)
+    inputs = inputs_of(batch.q, batch.cache, batch.metadata, batch.q, (None,) * 4, None)
+    k_scale, v_scale = inputs[12], inputs[13]
+    assert k_scale is not v_scale and float(k_scale) == float(v_scale) == 0.5
+    memory.add(k_scale, v_scale)
+
+    outs = []
+    for _ in range(2):
+        out = torch.full_like(batch.q, math.nan)
+        memory.add(out)
+        plan.run(batch.q, batch.cache, out)
+        outs.append(out)
+    slot = next(iter(plan._accepted.values()))
+    assert slot.ambiguous == 0 and slot.sequence is not None and slot.reason is None
+    runs = kernels["unified_attention_kernel"].jit_runs
+    out = torch.full_like(batch.q, math.nan)
+    memory.add(out)
+    plan.run(batch.q, batch.cache, out)
+    assert kernels["unified_attention_kernel"].jit_runs == runs  # replayed
+    assert torch.equal(out, outs[0]) and not out.isnan().any()
+    # the oracle: codes times 0.5, from the cache's raw fp8 storage (not portattn.quant)
+    keys = batch.cache.key_cache.float() * 0.5
+    values = batch.cache.value_cache.float() * 0.5
+    table = batch.metadata.block_table
+    for seq, length in enumerate((19, 40)):
+        slots = torch.arange(length)
+        blocks = table[seq, slots // batch.cache.block_size].long()
+        k = keys[blocks, slots % batch.cache.block_size]      # [len, kv heads, head]
+        v = values[blocks, slots % batch.cache.block_size]
+        q = batch.q[seq].float()                               # [q heads, head]
+        k = k.repeat_interleave(2, dim=1)
+        v = v.repeat_interleave(2, dim=1)
+        scores = torch.einsum("hd,khd->hk", q, k) / math.sqrt(32)
+        expected = torch.einsum("hk,khd->hd", scores.softmax(-1), v)
+        assert relative_error(out[seq], expected) < 1e-2

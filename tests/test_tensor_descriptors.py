@@ -130,20 +130,41 @@ def gate_calls(monkeypatch, tmp_path):
     gate.clear()
 
 
-def test_auto_keeps_pointer_loads_until_measurements_exist(monkeypatch, gate_calls):
+def test_auto_keeps_pointer_loads_outside_the_measured_classes(monkeypatch, gate_calls):
+    """The recorded table (H200 measurements) names sm90 prefill / mixed at block 128
+    only: every other class keeps pointer loads without running the gate."""
     monkeypatch.delenv("PORTATTN_TD", raising=False)
     calls, _ = gate_calls
     for profile in ("sm80", "sm90", "sm100", "gfx942"):
-        for query_len, num_seqs in ((1, 8), (512, 1), (64, 4)):
-            plan = _plan(_problem(query_len=query_len, num_seqs=num_seqs),
-                         _real(simulated(profile)))
+        for query_len, num_seqs, block_size in ((1, 8, 128), (512, 1, 16), (512, 1, 64),
+                                                (64, 4, 64), (1, 8, 16)):
+            plan = _plan(_problem(query_len=query_len, num_seqs=num_seqs,
+                                  block_size=block_size), _real(simulated(profile)))
             assert plan.params["kv_load"] == "pointer", (profile, plan.describe())
             assert "-td" not in plan.variant
-    assert heuristics.DESCRIPTOR_PREFERRED == ()
     plan = _plan(_problem(), _real(simulated("sm90")))
     assert "no measurement recorded" in plan.params["kv_load_reason"]
     assert "kv_load=pointer" in plan.describe()
-    assert calls == [], "auto must not run the gate while the evidence table is empty"
+    assert calls == [], "classes outside the evidence table must not run the gate"
+
+
+def test_recorded_table_selects_descriptors_for_block_128_prefill(monkeypatch, gate_calls):
+    monkeypatch.delenv("PORTATTN_TD", raising=False)
+    calls, _ = gate_calls
+    for head_size, head_size_v in ((128, None), (192, 128)):
+        plan = _plan(_problem(query_len=512, block_size=128, dtype="bfloat16",
+                              head_size=head_size, head_size_v=head_size_v),
+                     _real(simulated("sm90")))
+        assert plan.params["kv_load"] == "descriptor", plan.describe()
+        assert "H200" in plan.params["kv_load_reason"]
+    assert calls, "a selected class runs the functional gate first"
+    # measured classes only: another head size, an 8-bit cache, block 256
+    for kw in (dict(head_size=64), dict(kv_quant="fp8_per_tensor:e4m3fn"),
+               dict(block_size=256), dict(head_size=192, head_size_v=192)):
+        plan = _plan(_problem(**{**dict(query_len=512, block_size=128,
+                                        dtype="bfloat16"), **kw}),
+                     _real(simulated("sm90")))
+        assert plan.params["kv_load"] == "pointer", (kw, plan.describe())
 
 
 def test_auto_follows_the_evidence_table(monkeypatch, gate_calls):

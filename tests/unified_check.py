@@ -102,7 +102,8 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
     ``q_fp8``: an fp8 dtype for q (with a q_scale); ``fp8_out``: an fp8 dtype for the
     output (with an output_scale); ``fp8_dot``: plan fp8 tensor-core QK^T;
     ``separate_kv``: K and V as two contiguous tensors instead of views of one;
-    ``v_stage``: the kernel's V_STAGE switch (8-bit caches);
+    ``v_stage``: force the kernel's V_STAGE switch (8-bit caches; the plan already sets it
+    for per-token-head decode);
     ``block_table_edit(table)``: corrupt the block table after the oracle's keys are
     gathered (returns the indices of the sequences whose rows must come out NaN);
     ``kv_load``: "pointer" or "descriptor" (the kernel's KV_LOAD switch, tiles cut to
@@ -179,7 +180,8 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
                              cache.key_cache.element_size(),
                              heuristics.next_pow2(max(query_lens)),
                              heuristics.next_pow2(max(seq_lens)),
-                             heuristics.next_pow2(len(query_lens)), sm_count, arch, head_v)
+                             heuristics.next_pow2(len(query_lens)), sm_count, arch, head_v,
+                             heuristics.scales_per_token_head(cache.quant.key))
     params = heuristics.plan_launch(shape, mode=mode, segments=segments, short=short,
                                     long=long, fp8_dot=fp8_dot)
     if v_stage:

@@ -489,7 +489,7 @@ def compile_only(cases: list[Case], args, caps, shard: int, shards: int) -> int:
     """Run every distinct kernel config once (shard ``shard`` of ``shards``), filling
     Triton's disk cache so the timed run does not compile. Lengths may be shrunk: the
     compiled variants depend on head counts, sizes and strides, not on lengths."""
-    from portattn.kernels.heuristics import Shape
+    from portattn.kernels.heuristics import Shape, scales_per_token_head
     from portattn.kernels.launch import launch_unified
     from portattn.options import normalize_options
 
@@ -499,7 +499,8 @@ def compile_only(cases: list[Case], args, caps, shard: int, shards: int) -> int:
         elem = 1 if case.kv_quant != "none" else torch.empty((), dtype=dtype).element_size()
         shape = Shape(args.num_q_heads, args.num_kv_heads, case.head_size_qk or args.head_size,
                       elem, max(case.query_lens), max(case.seq_lens), case.num_seqs,
-                      caps.sm_count, caps.arch, case.head_size_v)
+                      caps.sm_count, caps.arch, case.head_size_v,
+                      scales_per_token_head(case.kv_quant))
         items = [None] + (sweep_configs(case, shape) if args.sweep else [])
         for params in items:
             key = (case.num_seqs == 1, case.kv_quant, case.head_size_v,
@@ -535,7 +536,7 @@ def compile_only(cases: list[Case], args, caps, shard: int, shards: int) -> int:
 
 
 def run_sweep(case: Case, inp: Inputs, bench, caps) -> list[dict]:
-    from portattn.kernels.heuristics import Shape
+    from portattn.kernels.heuristics import Shape, scales_per_token_head
     from portattn.kernels.launch import launch_unified
     from portattn.options import normalize_options
 
@@ -543,7 +544,7 @@ def run_sweep(case: Case, inp: Inputs, bench, caps) -> list[dict]:
     shape = Shape(inp.q.shape[1], inp.cache.num_kv_heads, inp.q.shape[2],
                   inp.cache.key_cache.element_size(), max(case.query_lens),
                   max(case.seq_lens), case.num_seqs, caps.sm_count, caps.arch,
-                  inp.cache.head_size_v)
+                  inp.cache.head_size_v, scales_per_token_head(case.kv_quant))
     rows = []
     for params in sweep_configs(case, shape):
         record: dict[str, Any] = {"params": params}
@@ -623,6 +624,8 @@ def _run_case(case: Case, args, bench, caps, ceilings) -> dict:
         impls["portattn_flash_attn"] = lambda: portattn_flash_attn(inp)
     if not args.no_peers and args.device == "cuda" and case.kv_quant == "none":
         impls["fa4_paged"] = lambda: fa4_paged(inp)  # DiffKV cases too: FA4 reads 192/128
+        if case.head_size_v is not None:  # and portattn's flash_attn backend through it
+            impls["portattn_flash_attn"] = lambda: portattn_flash_attn(inp)
     for name, make in impls.items():
         try:
             fn = make()

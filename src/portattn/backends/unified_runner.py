@@ -60,18 +60,20 @@ def inputs_of(q, cache, metadata, out, layer, workspace, quantized: bool = True)
     quant = cache.quant
     device = q.device
     return common + (cache.k_scale_cache, cache.v_scale_cache,
-                     _scale_input(quant.k_scale, device), _scale_input(quant.v_scale, device),
-                     _scale_input(layer[2], device), _scale_input(layer[3], device))
+                     _scale_input(quant.k_scale, device, "k"),
+                     _scale_input(quant.v_scale, device, "v"),
+                     _scale_input(layer[2], device, "q"), _scale_input(layer[3], device, "out"))
 
 
-def _scale_input(scale, device):
+def _scale_input(scale, device, role: str):
     """The tensor launch.py passes for a scale: the tensor itself, or for a float the
-    cached device scalar (the same object every call, so replays bind it)."""
+    cached device scalar of its role (the same object every call, so replays bind it;
+    never the object of another role, so equal K and V scales do not alias)."""
     if scale is None or isinstance(scale, torch.Tensor):
         return scale
     from portattn.kernels.scalars import device_scalars
 
-    return device_scalars.get(scale, device)
+    return device_scalars.get(scale, device, role)
 
 
 def _tensor(x):

@@ -71,12 +71,18 @@ class MeasuredLead:
 
 _H200_PREFILL = ("H200, 2026-12-02, bf16, 32/8 heads x 128, causal, paged at block 16, one "
                  "run: FA4 554 vs ours 345 TFLOP/s (prefill 1x8192), 448 vs 266 (4x2048), "
-                 "516 vs 318 (1x4096); at block 128 FA4 605/495/593 (PERFORMANCE.md)")
+                 "516 vs 318 (1x4096); at block 128 FA4 605/495/593 (PERFORMANCE.md); "
+                 "DiffKV 192/128 prefill 1x8192: FA4 1.03 ms vs ours 2.01 ms at block 16, "
+                 "0.98 vs 1.94 ms at block 128 (benchmarks/results/"
+                 "h200-2026-12-02-fa4-decode-summary.txt)")
 
 #: THE TABLE TO UPDATE FROM MEASUREMENTS (ci/gpu_fa4.sh prints the numbers it rests on).
 #: Measured and NOT a lead (kept here so the next measurement has its baseline): decode
 #: on the H200, FA4 paged block 16 vs ours: 155 vs 84-98 us (8x8192), 298 vs 258 us
-#: (32x8192), 1247 vs 991 us (128x8192): decode stays ours.
+#: (32x8192), 1257 vs 999 us (128x8192), 135 vs 26 us (1x8192), 441 vs 54 us (1x32768),
+#: spec-decode 314 vs 260 us (32 x 4 @ 8192), 181 vs 87 us (16 x 4 @ 4096); at block 128
+#: the same order except spec 16 x 4 @ 4096 (83 vs 84 us, even); DiffKV decode ours
+#: 0.77-0.99x FA4's time: decode and spec-decode stay ours.
 MEASURED_LEADS: tuple[MeasuredLead, ...] = (
     MeasuredLead("sm90", "long-chunks", "flash_attn", "fa4", "triton_unified", _H200_PREFILL),
     MeasuredLead("sm100", "long-chunks", "flash_attn", "fa4", "triton_unified",

@@ -85,6 +85,7 @@ class Shape:
     sm_count: int
     arch: str
     head_size_v: int | None = None  # of V (None: same as head_size)
+    scales_per_token: bool = False  # an 8-bit cache with per-(slot, kv head) scales
 
     @property
     def group(self) -> int:
@@ -113,7 +114,12 @@ class Shape:
         return cls(problem.num_q_heads, problem.num_kv_heads, problem.head_size_qk, elem,
                    max(1, problem.max_seqlen_q), max(1, problem.max_seqlen_k),
                    max(1, problem.num_seqs), max(1, int(sm_count or 1)), arch or "",
-                   problem.head_size_v)
+                   problem.head_size_v, scales_per_token_head(problem.kv_quant))
+
+
+def scales_per_token_head(kv_quant_key: str) -> bool:
+    """Whether a ``KVQuant.key`` names a mode with per-(slot, kv head) scales."""
+    return kv_quant_key.split(":")[0] in ("int8_per_token_head", "fp8_per_token_head")
 
 
 def _fit_smem(cfg: TileConfig, shape: Shape, min_block_n: int = 16) -> TileConfig:
@@ -216,9 +222,9 @@ def plan_launch(shape: Shape, *, mode: str | None = None, segments: int | None =
     """The launch parameters: ``mode`` plus ``short`` (decode tiles, with ``segments``)
     and/or ``long`` (prefill tiles) configs as dicts, ``fp8_dot`` (QK^T on fp8 tensor
     cores, decided by the backend from the dtypes and the device) and ``v_stage`` (set for
-    decode launches over 8-bit caches where it fits: the kernel's ``V_STAGE``, which
-    replaces the byte-wise shared-memory reads of the transposed 8-bit V operand with
-    16-bit ``ldmatrix`` reads, NOTES.md). Every keyword
+    decode launches over per-token-head 8-bit caches where it fits: the kernel's
+    ``V_STAGE``, which replaces the byte-wise shared-memory reads of the transposed 8-bit
+    V operand with 16-bit ``ldmatrix`` reads, NOTES.md). Every keyword
     overrides one automatic choice (tests force 2D/3D, the sweep forces tiles)."""
     if segments is not None and (segments < 1 or segments & (segments - 1)):
         raise ValueError(f"segments must be a power of two >= 1 (the merge kernel tiles "
@@ -234,7 +240,9 @@ def plan_launch(shape: Shape, *, mode: str | None = None, segments: int | None =
     if mode == "decode":
         short = short or decode_config(shape, shape.max_seqlen_q, shape.num_seqs, segments)
         params["short"] = short.as_dict()
-        if shape.elem_bytes == 1 and v_stage_fits(short, shape):
+        # per-token-head only: on the H200, 32 x 8192, int8 233 us with V_STAGE against
+        # 245 without; fp8 per-tensor 207 against 189 (NOTES.md)
+        if shape.elem_bytes == 1 and shape.scales_per_token and v_stage_fits(short, shape):
             params["v_stage"] = True
     elif mode == "mixed":
         short = short or decode_config(shape, 1, shape.num_seqs, segments)
@@ -257,12 +265,22 @@ def variant_name(params: dict) -> str:
 
 #: Problem classes where descriptor (TMA) K/V loads beat pointer loads, by measurement
 #: (selection by evidence, issue 12). Each entry: ``arch`` and optional ``mode``
-#: (decode / prefill / mixed), ``elem_bytes`` (cache storage width), ``min_block_size``,
-#: ``head_sizes`` (a tuple of K head sizes), and ``evidence`` (where in
-#: benchmarks/NOTES.md the numbers are). EMPTY until H200 numbers are recorded: auto
-#: selection then keeps pointer loads everywhere; ``PORTATTN_TD=1`` forces descriptors
-#: to measure them.
-DESCRIPTOR_PREFERRED: tuple[dict, ...] = ()
+#: (decode / prefill / mixed), ``elem_bytes`` (cache storage width), ``min_block_size``
+#: or ``block_sizes`` (the cache block sizes measured), ``head_sizes`` (K head sizes) or
+#: ``heads`` ((K, V) head-size pairs), and ``evidence`` (the numbers, from
+#: benchmarks/NOTES.md). Classes not listed keep pointer loads; ``PORTATTN_TD=1`` forces
+#: descriptors to measure them.
+DESCRIPTOR_PREFERRED: tuple[dict, ...] = (
+    {"arch": "sm90", "mode": "prefill", "elem_bytes": 2, "block_sizes": (128,),
+     "heads": ((128, 128), (192, 128)),
+     "evidence": "H200 2026-12-02, block 128, descriptor vs pointer: prefill 1 x 8192 "
+                 "1325 vs 1538 us (1.16x), DiffKV 192/128 1794 vs 1874 us (1.04x); "
+                 "block 16 loses (0.53-0.67x)"},
+    {"arch": "sm90", "mode": "mixed", "elem_bytes": 2, "block_sizes": (128,),
+     "heads": ((128, 128),),
+     "evidence": "H200 2026-12-02, block 128, descriptor vs pointer: 4 x 2048 469 vs "
+                 "557 us (1.19x), 2048 chunk + 63 decodes 1021 vs 1125 us (1.10x)"},
+)
 
 
 def prefers_descriptors(shape: Shape, mode: str, block_size: int,
@@ -278,7 +296,12 @@ def prefers_descriptors(shape: Shape, mode: str, block_size: int,
             continue
         if block_size < entry.get("min_block_size", 0):
             continue
+        if "block_sizes" in entry and block_size not in entry["block_sizes"]:
+            continue
         if "head_sizes" in entry and shape.head_size not in entry["head_sizes"]:
+            continue
+        head_v = shape.head_size if shape.head_size_v is None else shape.head_size_v
+        if "heads" in entry and (shape.head_size, head_v) not in entry["heads"]:
             continue
         return True, f"measured faster here ({entry.get('evidence', 'NOTES.md')})"
     return False, (f"no measurement recorded that descriptor loads win for {mode} on "

@@ -53,8 +53,8 @@ def kernel_scalars(q, cache, options, fp8_dot: bool, compute: str | None = None)
     code = KV_QUANT_CODES[quant.mode]
     dummy = q
     if code == 1:
-        k_scale = device_scalars.get(quant.k_scale, device)
-        v_scale = device_scalars.get(quant.v_scale, device)
+        k_scale = device_scalars.get(quant.k_scale, device, "k")
+        v_scale = device_scalars.get(quant.v_scale, device, "v")
         k_strides = v_strides = (0, 0, 0)
     elif code == 2:
         k_scale, v_scale = cache.k_scale_cache, cache.v_scale_cache
@@ -69,9 +69,9 @@ def kernel_scalars(q, cache, options, fp8_dot: bool, compute: str | None = None)
         compute = "float16" if q_fp8 or (fp8_cache and q.dtype == torch.bfloat16) else None
     prescale = compute == "float16" and q.dtype == torch.bfloat16
     return dict(
-        q_scale_ptr=device_scalars.get(options.q_scale, device) if q_fp8 else dummy,
+        q_scale_ptr=device_scalars.get(options.q_scale, device, "q") if q_fp8 else dummy,
         k_scale_ptr=k_scale, v_scale_ptr=v_scale,
-        out_scale_ptr=device_scalars.get(options.output_scale, device) if fp8_out else dummy,
+        out_scale_ptr=device_scalars.get(options.output_scale, device, "out") if fp8_out else dummy,
         stride_ksb=k_strides[0], stride_kss=k_strides[1], stride_ksh=k_strides[2],
         stride_vsb=v_strides[0], stride_vss=v_strides[1], stride_vsh=v_strides[2],
         KV_QUANT=code, Q_SCALED=q_fp8, Q_PRESCALE=prescale, FP8_DOT=bool(fp8_dot and q_fp8),

@@ -24,8 +24,8 @@ def launch_cache_write(cache, key, value, slot_mapping) -> None:
     quant = cache.quant
     if quant.mode == "fp8_per_tensor":
         code, qmax = 1, fp8_max(cache.dtype)
-        k_scale = device_scalars.get(quant.k_scale, key.device)
-        v_scale = device_scalars.get(quant.v_scale, key.device)
+        k_scale = device_scalars.get(quant.k_scale, key.device, "k")
+        v_scale = device_scalars.get(quant.v_scale, key.device, "v")
         k_strides = v_strides = (0, 0, 0)
     elif quant.per_token_head:
         code = 2
