@@ -173,7 +173,9 @@ def decode_config(shape: Shape, max_q: int, num_seqs: int,
     block_q = block_m // shape.group
     # Decode is bandwidth-bound: big KV tiles (32 KB of K per stage at head 128) keep
     # enough bytes in flight per SM; 128 keys beat 32/64 at every batch on the H100 sweep.
-    block_n = 128 if shape.widest_pad <= 128 else 64
+    # Up to 384 K+V columns (DiffKV 192/128 pads to 256 + 128): 128 keys too, H200 sweep
+    # 8 x 8192 DiffKV: 92.8 us against 106.6 with 64 (NOTES.md); wider rows take 64.
+    block_n = 128 if shape.head_pad + shape.head_pad_v <= 384 else 64
     if shape.elem_bytes == 4:
         block_n //= 2
     warps = 4 if block_m <= 32 else 8
