@@ -1,7 +1,8 @@
 """Side-by-side timings for kernel experiments (NOTES.md section 9): the previous kernel
 (``.gpu/oldkernels``, carried to the device when present) against the current one, and
-switch variants (V_STAGE both ways on 8-bit caches, the bad-block checks off on bf16), in
-one run with the copy ceiling.
+switch variants (V_STAGE both ways on 8-bit caches, the bad-block checks off on bf16
+prefill, split-KV merged by the merge kernel instead of in the kernel), in one run with
+the copy ceiling.
 
     PYTHONPATH=src:.gpu python3 benchmarks/kernel_experiments.py
 """
@@ -40,7 +41,9 @@ def main() -> int:
              Case("prefill-1x8192", "prefill", [8192], [8192]),
              Case("prefill-1x8192-fp8", "prefill", [8192], [8192], "fp8_per_tensor"),
              Case("decode-1x8192", "decode", [1], [8192]),
-             Case("decode-8x8192", "decode", [1] * 8, [8192] * 8)]
+             Case("decode-8x8192", "decode", [1] * 8, [8192] * 8),
+             Case("decode-8x1024", "decode", [1] * 8, [1024] * 8),
+             Case("decode-1x32768", "decode", [1], [32768])]
     try:
         import oldkernels.heuristics as old_h
         import oldkernels.launch as old_l
@@ -51,7 +54,7 @@ def main() -> int:
                            block_size=16, dtype=torch.bfloat16, device="cuda")
         options = normalize_options(inp.q, inp.cache)
         shape = Shape(32, 8, 128, inp.cache.key_cache.element_size(), max(case.query_lens),
-                      8192, case.num_seqs, torch.cuda.get_device_properties(0)
+                      max(case.seq_lens), case.num_seqs, torch.cuda.get_device_properties(0)
                       .multi_processor_count, "sm90",
                       scales_per_token=scales_per_token_head(case.kv_quant))
         base = plan_launch(shape)
@@ -59,8 +62,10 @@ def main() -> int:
         if case.kv_quant != "none":  # V_STAGE both ways (the plan sets it for decode)
             variants["v-staged"] = dict(base, v_stage=True)
             variants["no-v-stage"] = dict(base, v_stage=False)
-        elif case.num_seqs in (1, 32):
+        elif case.num_seqs in (1, 32) and case.kind == "prefill":
             variants["no-block-checks"] = dict(base, check_blocks=False)
+        if base.get("short", {}).get("segments", 1) > 1:  # split: the merge kernel instead
+            variants["merge-kernel"] = dict(base, fused_merge=False)
         for name, params in variants.items():
             fn = (lambda p=params: launch_unified(inp.q, inp.cache, inp.metadata, options,
                                                   inp.out, p))
@@ -73,7 +78,8 @@ def main() -> int:
                          "tbs": case_bytes(case, inp) / (ms * 1e-3) / 1e12,
                          "tflops": case_flops(case, 32, 128) / (ms * 1e-3) / 1e12})
         if old_l is not None and case.kv_quant == "none":
-            oshape = old_h.Shape(32, 8, 128, 2, max(case.query_lens), 8192, case.num_seqs,
+            oshape = old_h.Shape(32, 8, 128, 2, max(case.query_lens), max(case.seq_lens),
+                                 case.num_seqs,
                                  shape.sm_count, "sm90")
             oparams = old_h.plan_launch(oshape)
             ms = timed(graph, lambda: old_l.launch_unified(inp.q, inp.cache, inp.metadata,

@@ -115,3 +115,40 @@ def test_heuristic_plans_through_public_api(case):
     expected = dense_attention(batch.q, batch.keys, batch.values, query_lens)
     err = relative_error(out, expected)
     assert err < 2e-2, (err, decision.plan.describe())
+
+
+@pytest.mark.parametrize("fused_merge", [True, False])
+@pytest.mark.parametrize("variant", ["decode-3d", "mixed-3d"])
+def test_merge_in_kernel_and_merge_kernel(fused_merge, variant):
+    """Split-KV merged by the last segment program (default) and by the merge kernel."""
+    run(variant, head_size=128, group=4, num_kv_heads=2, dtype=BF16, sinks=True,
+        fused_merge=fused_merge)
+
+
+def test_fused_merge_under_contention():
+    """Many (sequence, kv head) tickets and 64 segments racing on the real GPU, the same
+    plan's workspace reused over 16 launches of varying batch sizes: every launch matches
+    the oracle and leaves every ticket at zero (a lost or early merge leaves NaN rows)."""
+    from portattn.kernels.launch import launch_unified, new_workspace, split_workspace_size
+    from portattn.options import normalize_options
+    from portattn.testing import dense_attention, make_paged_batch, relative_error
+
+    cfg = TileConfig(16, 4, 64, 4, 2, 64).as_dict()
+    params = {"mode": "decode", "short": cfg}
+    size = split_workspace_size(32, 32, 128, cfg, 8)
+    workspace = new_workspace(size, DEV)
+    gen = torch.Generator().manual_seed(5)
+    for i in range(16):
+        num_seqs = 32 if i % 3 == 0 else int(torch.randint(1, 32, (1,), generator=gen))
+        lens = torch.randint(1, 2000, (num_seqs,), generator=gen).tolist()
+        batch = make_paged_batch([1] * num_seqs, lens, num_q_heads=32, num_kv_heads=8,
+                                 head_size=128, dtype=BF16, device=DEV, seed=i)
+        out = torch.full_like(batch.q, float("nan"))
+        launch_unified(batch.q, batch.cache, batch.metadata,
+                       normalize_options(batch.q, batch.cache), out, params, workspace)
+        expected = dense_attention(batch.q.double().cpu(),
+                                   [k.cpu() for k in batch.keys],
+                                   [v.cpu() for v in batch.values], [1] * num_seqs)
+        assert relative_error(out.double().cpu(), expected) < 2e-2, (i, num_seqs)
+        tickets = workspace.view(torch.int32)[size - 32 * 8:]
+        assert int(tickets.abs().sum()) == 0, i
