@@ -17,13 +17,19 @@ stamp() { echo "[$1 at $(( $(date +%s) - T0 ))s]"; }
 # a stage's time limit: its own, or what is left of the call minus 25 s (the tar at the end)
 lim() { local l=$(( CALL - ($(date +%s) - T0) - 25 )); [ "$l" -lt 5 ] && l=5; echo $(( l < $1 ? l : $1 )); }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-SHARDS=${SHARDS:-14}
+SHARDS=${SHARDS:-12}
 for i in $(seq 0 $((SHARDS - 1))); do
   PORTATTN_TEST_SHARD=$i/$SHARDS timeout $(lim ${TEST_TIMEOUT:-220}) python3 -m pytest -m gpu \
     tests/gpu/test_triton_unified_gpu.py tests/gpu/test_kernels_quant_diffkv_gpu.py \
     tests/gpu/test_plan_gpu.py tests/gpu/test_api_gpu.py -k "${TESTS_K:-3d or diffkv or merge or contention or plan or api}" \
     -q -p no:cacheprovider > "$W/tests-$i.log" 2>&1 &
 done
+for i in 0 1; do  # the bench's kernels into Triton's disk cache meanwhile
+  timeout $(lim 200) python3 -m portattn.bench --compile-only --shrink 4 --shard $i/2 \
+    --cases decode-plain,spec-plain,prefill-1x8192,quant,diffkv > "$W/compile-$i.log" 2>&1 &
+done
+timeout $(lim 200) python3 -m portattn.bench --compile-only --shrink 4 --block-size 128 \
+  --cases prefill-plain,mixed-plain > "$W/compile-b128.log" 2>&1 &
 wait
 cat "$W"/tests-*.log > "$W/gpu-tests.log"
 stamp tests; grep -hE "[0-9]+ (passed|failed)" "$W"/tests-*.log | awk '{p+=$1} /failed/ {f+=1} END {print "passed", p, "shards with failures", f+0}'
