@@ -25,13 +25,13 @@ BASE = dict(GROUP=4, BLOCK_M=16, BLOCK_Q=4, BLOCK_N=128, BLOCK_SIZE=16, HEAD_QK=
             LONG_FOLLOWS=False, CAUSAL=True, USE_WINDOW=False, USE_SOFTCAP=False, ALIBI=0,
             USE_SINKS=False, KV_QUANT=0, Q_SCALED=False, Q_PRESCALE=False, FP8_DOT=False,
             FP8_ACC=32, FP8_OUT=False, FP8_MAX=0.0, COMPUTE_DTYPE=1, DOT_PREC="tf32",
-            CHECK_BLOCKS=True, KV_LOAD=0, V_STAGE=False, FUSED_MERGE=False)
+            CHECK_BLOCKS=True, KV_LOAD=0, V_STAGE=False)
 PREFILL = dict(BLOCK_M=128, BLOCK_Q=32, SEQ_MODE=0)
 #: name -> (KV storage type, constexpr changes, num_warps, num_stages)
 VARIANTS = {
     "decode bf16": ("bf16", {}, 4, 2),
     "decode bf16 split+sinks+window": ("bf16", dict(SPLIT=True, USE_SINKS=True,
-                                                    USE_WINDOW=True, FUSED_MERGE=True), 4, 2),
+                                                    USE_WINDOW=True), 4, 2),
     "prefill bf16": ("bf16", PREFILL, 8, 3),
     "decode fp8 per-tensor": ("fp8e4nv", dict(KV_QUANT=1, Q_PRESCALE=True,
                                               COMPUTE_DTYPE=0), 4, 2),
@@ -54,9 +54,8 @@ def compile_variant(kv: str, changes: dict, warps: int, stages: int, arch: int):
     pointer_types = {name: "*bf16" for name in KERNEL.arg_names if name.endswith("_ptr")}
     pointer_types.update(k_ptr=f"*{kv}", v_ptr=f"*{kv}", block_table_ptr="*i32",
                          cu_seqlens_q_ptr="*i32", seq_lens_ptr="*i32", part_m_ptr="*fp32",
-                         part_l_ptr="*fp32", part_acc_ptr="*fp32", ticket_ptr="*i32",
-                         q_scale_ptr="*fp32", k_scale_ptr="*fp32", v_scale_ptr="*fp32",
-                         out_scale_ptr="*fp32")
+                         part_l_ptr="*fp32", part_acc_ptr="*fp32", q_scale_ptr="*fp32",
+                         k_scale_ptr="*fp32", v_scale_ptr="*fp32", out_scale_ptr="*fp32")
     signature, attrs = {}, {}
     for i, name in enumerate(KERNEL.arg_names):
         if name in consts:
@@ -82,8 +81,7 @@ def main() -> int:
     args = parser.parse_args()
     wanted = [n for n in args.only.split(",") if n] or list(VARIANTS)
     failed = 0
-    print(f"{'variant':<34} {'shared':>7} {'cp.async16':>10} {'ld.b8':>6} {'tma':>4} "
-          f"{'atom':>4}")
+    print(f"{'variant':<34} {'shared':>7} {'cp.async16':>10} {'ld.b8':>6} {'tma':>4}")
     for name in wanted:
         kv, changes, warps, stages = VARIANTS[name]
         try:
@@ -94,8 +92,7 @@ def main() -> int:
             continue
         ptx = compiled.asm["ptx"]
         print(f"{name:<34} {compiled.metadata.shared:>7} {ptx.count('cp.async.cg'):>10} "
-              f"{ptx.count('ld.shared.b8'):>6} {ptx.count('cp.async.bulk.tensor'):>4} "
-              f"{ptx.count('atom.'):>4}")
+              f"{ptx.count('ld.shared.b8'):>6} {ptx.count('cp.async.bulk.tensor'):>4}")
     return 1 if failed else 0
 
 

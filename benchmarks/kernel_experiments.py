@@ -1,8 +1,7 @@
 """Side-by-side timings for kernel experiments (NOTES.md section 9): the previous kernel
 (``.gpu/oldkernels``, carried to the device when present) against the current one, and
 switch variants (V_STAGE both ways on 8-bit caches, the bad-block checks off on bf16
-prefill, split-KV merged by the merge kernel instead of in the kernel), in one run with
-the copy ceiling.
+prefill), in one run with the copy ceiling.
 
     PYTHONPATH=src:.gpu python3 benchmarks/kernel_experiments.py
 """
@@ -64,8 +63,6 @@ def main() -> int:
             variants["no-v-stage"] = dict(base, v_stage=False)
         elif case.num_seqs in (1, 32) and case.kind == "prefill":
             variants["no-block-checks"] = dict(base, check_blocks=False)
-        if base.get("short", {}).get("segments", 1) > 1:  # split: the merge kernel instead
-            variants["merge-kernel"] = dict(base, fused_merge=False)
         for name, params in variants.items():
             fn = (lambda p=params: launch_unified(inp.q, inp.cache, inp.metadata, options,
                                                   inp.out, p))

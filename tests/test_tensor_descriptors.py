@@ -131,13 +131,13 @@ def gate_calls(monkeypatch, tmp_path):
 
 
 def test_auto_keeps_pointer_loads_outside_the_measured_classes(monkeypatch, gate_calls):
-    """The recorded table (H200 measurements) names sm90 prefill / mixed at block 128
-    only: every other class keeps pointer loads without running the gate."""
+    """The recorded table (H200 measurements) names sm90 prefill / mixed at blocks 64
+    and 128 only: every other class keeps pointer loads without running the gate."""
     monkeypatch.delenv("PORTATTN_TD", raising=False)
     calls, _ = gate_calls
     for profile in ("sm80", "sm90", "sm100", "gfx942"):
-        for query_len, num_seqs, block_size in ((1, 8, 128), (512, 1, 16), (512, 1, 64),
-                                                (64, 4, 64), (1, 8, 16)):
+        for query_len, num_seqs, block_size in ((1, 8, 128), (512, 1, 16), (512, 1, 32),
+                                                (64, 4, 32), (1, 8, 16), (1, 8, 64)):
             plan = _plan(_problem(query_len=query_len, num_seqs=num_seqs,
                                   block_size=block_size), _real(simulated(profile)))
             assert plan.params["kv_load"] == "pointer", (profile, plan.describe())
@@ -151,8 +151,9 @@ def test_auto_keeps_pointer_loads_outside_the_measured_classes(monkeypatch, gate
 def test_recorded_table_selects_descriptors_for_block_128_prefill(monkeypatch, gate_calls):
     monkeypatch.delenv("PORTATTN_TD", raising=False)
     calls, _ = gate_calls
-    for head_size, head_size_v in ((128, None), (192, 128)):
-        plan = _plan(_problem(query_len=512, block_size=128, dtype="bfloat16",
+    for head_size, head_size_v, block_size in ((128, None, 128), (192, 128, 128),
+                                               (128, None, 64)):
+        plan = _plan(_problem(query_len=512, block_size=block_size, dtype="bfloat16",
                               head_size=head_size, head_size_v=head_size_v),
                      _real(simulated("sm90")))
         assert plan.params["kv_load"] == "descriptor", plan.describe()
@@ -160,7 +161,8 @@ def test_recorded_table_selects_descriptors_for_block_128_prefill(monkeypatch, g
     assert calls, "a selected class runs the functional gate first"
     # measured classes only: another head size, an 8-bit cache, block 256
     for kw in (dict(head_size=64), dict(kv_quant="fp8_per_tensor:e4m3fn"),
-               dict(block_size=256), dict(head_size=192, head_size_v=192)):
+               dict(block_size=256), dict(head_size=192, head_size_v=192),
+               dict(head_size=192, head_size_v=128, block_size=64)):
         plan = _plan(_problem(**{**dict(query_len=512, block_size=128,
                                         dtype="bfloat16"), **kw}),
                      _real(simulated("sm90")))

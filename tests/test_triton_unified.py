@@ -113,45 +113,6 @@ def test_rows_with_no_visible_key(segments, sinks):
 
 
 @interp
-@pytest.mark.parametrize("fused_merge", [True, False])
-@pytest.mark.parametrize("opts", [dict(sinks=True), dict(fp8_out=torch.float8_e4m3fn),
-                                  dict(sliding_window=7, alibi="linear")])
-def test_split_merge_in_kernel_and_merge_kernel(fused_merge, opts):
-    """Split-KV merged by the last segment program (FUSED_MERGE, the default) and by the
-    separate merge kernel: both against the oracle, decode and spec-decode rows."""
-    check_unified([1, 3, 1], [70, 41, 5], group=4, dtype=F16, segments=4,
-                  fused_merge=fused_merge, **opts)
-
-
-@interp
-def test_merge_tickets_return_to_zero_across_batch_sizes():
-    """One workspace serves batches of several sizes (a plan's buffer): the merge tickets
-    sit at its end, are back at zero after every launch, and no call's partials ever
-    land on them, so the next launch starts from zero whatever came before."""
-    from portattn.kernels import heuristics
-    from portattn.kernels.launch import launch_unified, new_workspace, split_workspace_size
-    from portattn.options import normalize_options
-    from portattn.testing import dense_attention, make_paged_batch, relative_error
-
-    cfg = heuristics.TileConfig(16, 8, 16, 4, 1, 4).as_dict()
-    params = {"mode": "decode", "short": cfg}
-    size = split_workspace_size(6, 4, 32, cfg, 2)
-    workspace = new_workspace(size, "cpu")
-    workspace[:size - 12].normal_()  # stale partials everywhere but the 6 x 2 tickets
-    for num_seqs in (6, 2, 5, 6):
-        lens = [13 + 17 * i for i in range(num_seqs)]
-        batch = make_paged_batch([1] * num_seqs, lens, num_q_heads=4, num_kv_heads=2,
-                                 head_size=32, dtype=torch.float16, seed=num_seqs)
-        out = torch.full_like(batch.q, float("nan"))
-        launch_unified(batch.q, batch.cache, batch.metadata,
-                       normalize_options(batch.q, batch.cache), out, params, workspace)
-        expected = dense_attention(batch.q.double(), batch.keys, batch.values, [1] * num_seqs)
-        assert relative_error(out.double(), expected) < 2e-3, num_seqs
-        tickets = workspace.view(torch.int32)[size - 12:]
-        assert torch.equal(tickets, torch.zeros_like(tickets)), num_seqs
-
-
-@interp
 def test_prefill_rows_with_no_visible_key():
     check_unified([20], [20], seq_lens_override=[9], group=2, dtype=F32, mode="prefill",
                   long=small_long(2), sliding_window=4)

@@ -95,7 +95,7 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
                   sm_count=132, arch="sm90", seq_lens_override=None, seed=0, quant=None,
                   head_size_v=None, q_fp8=None, fp8_out=None, layout="split",
                   fp8_dot=False, tolerance=None, separate_kv=False, block_table_edit=None,
-                  v_stage=False, kv_load="pointer", fused_merge=True):
+                  v_stage=False, kv_load="pointer"):
     """Run one case; returns the relative error (asserts it is within tolerance).
 
     ``quant``: a KVQuant for the cache; ``head_size_v``: DiffKV (a packed cache);
@@ -103,8 +103,7 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
     output (with an output_scale); ``fp8_dot``: plan fp8 tensor-core QK^T;
     ``separate_kv``: K and V as two contiguous tensors instead of views of one;
     ``v_stage``: force the kernel's V_STAGE switch (8-bit caches; the plan already sets it
-    for per-token-head decode); ``fused_merge=False``: split-KV partials merged by the
-    merge kernel instead of in the attention kernel;
+    for per-token-head decode);
     ``block_table_edit(table)``: corrupt the block table after the oracle's keys are
     gathered (returns the indices of the sequences whose rows must come out NaN);
     ``kv_load``: "pointer" or "descriptor" (the kernel's KV_LOAD switch, tiles cut to
@@ -187,8 +186,6 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
                                     long=long, fp8_dot=fp8_dot)
     if v_stage:
         params["v_stage"] = True
-    if not fused_merge:  # split-KV merged by the separate merge kernel
-        params["fused_merge"] = False
     if kv_load == "descriptor":
         from portattn.kernels import kv_load as kv_load_rules
 

@@ -150,7 +150,7 @@ VALIDATE = Setting(
 TENSOR_DESCRIPTORS = Setting(
     "PORTATTN_TD", "auto, 0, 1", "auto (descriptor K/V loads only for problem "
     "classes measured faster, heuristics.DESCRIPTOR_PREFERRED: sm90 prefill and mixed "
-    "batches at block 128)",
+    "batches at block 64 and 128)",
     "tensor-descriptor (TMA) K/V loads in portattn's Triton kernels: 1 forces them "
     "(error with the reason where they cannot run), 0 forbids them",
     _TRISTATE, decides=True)

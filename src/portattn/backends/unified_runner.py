@@ -89,8 +89,7 @@ class UnifiedRunner(Runner):
         params = plan.params
         short = params.get("short")
         self.workspace_size = launch.split_workspace_size(
-            problem.num_seqs, problem.num_q_heads, problem.head_size_v, short,
-            problem.num_kv_heads) if short else 0
+            problem.num_seqs, problem.num_q_heads, problem.head_size_v, short) if short else 0
         self.device = device
         # fp8 q / output or a quantized cache: the scale tensors may be kernel arguments
         self.quantized = options.out_dtype not in (torch.float16, torch.bfloat16,
@@ -130,9 +129,8 @@ class UnifiedRunner(Runner):
                         # kernels queued on a dropped buffer's stream keep it safe: the
                         # caching allocator reuses its memory only after them
                         self._workspaces.pop(next(iter(self._workspaces)))
-                    from portattn.kernels.launch import new_workspace
-
-                    ws = new_workspace(self.workspace_size, self.device)
+                    ws = torch.empty(self.workspace_size, dtype=torch.float32,
+                                     device=self.device)
                     self._workspaces[stream] = ws
         return ws
 

@@ -273,15 +273,20 @@ def variant_name(params: dict) -> str:
 #: benchmarks/NOTES.md). Classes not listed keep pointer loads; ``PORTATTN_TD=1`` forces
 #: descriptors to measure them.
 DESCRIPTOR_PREFERRED: tuple[dict, ...] = (
-    {"arch": "sm90", "mode": "prefill", "elem_bytes": 2, "block_sizes": (128,),
-     "heads": ((128, 128), (192, 128)),
-     "evidence": "H200 2026-12-02, block 128, descriptor vs pointer: prefill 1 x 8192 "
-                 "1325 vs 1538 us (1.16x), DiffKV 192/128 1794 vs 1874 us (1.04x); "
-                 "block 16 loses (0.53-0.67x)"},
-    {"arch": "sm90", "mode": "mixed", "elem_bytes": 2, "block_sizes": (128,),
+    {"arch": "sm90", "mode": "prefill", "elem_bytes": 2, "block_sizes": (64, 128),
      "heads": ((128, 128),),
-     "evidence": "H200 2026-12-02, block 128, descriptor vs pointer: 4 x 2048 469 vs "
-                 "557 us (1.19x), 2048 chunk + 63 decodes 1021 vs 1125 us (1.10x)"},
+     "evidence": "H200 2026-12-02, descriptor vs pointer, prefill 1 x 8192: 1325 vs 1538 us "
+                 "(block 128), 1616 vs 1678 us (block 64); 1 x 4096: 370 vs 436 us (128), "
+                 "451 vs 463 us (64); block 16 loses (0.53-0.67x)"},
+    {"arch": "sm90", "mode": "prefill", "elem_bytes": 2, "block_sizes": (128,),
+     "heads": ((192, 128),),
+     "evidence": "H200 2026-12-02, block 128, DiffKV 192/128 prefill 1 x 8192: descriptor "
+                 "1794 vs pointer 1874 us (1.04x)"},
+    {"arch": "sm90", "mode": "mixed", "elem_bytes": 2, "block_sizes": (64, 128),
+     "heads": ((128, 128),),
+     "evidence": "H200 2026-12-02, descriptor vs pointer: 4 x 2048 469 vs 557 us (block "
+                 "128), 520 vs 593 us (64); 2048 chunk + 63 decodes 1021 vs 1125 us (128), "
+                 "1203 vs 1224 us (64)"},
 )
 
 

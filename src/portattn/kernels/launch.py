@@ -1,12 +1,11 @@
 """Python launchers of the unified kernel: grids, meta-parameters, workspaces.
 
 :func:`launch_unified` turns a public call plus the launch parameters chosen by
-:func:`portattn.kernels.heuristics.plan_launch` into one or two kernel launches (three
-with ``fused_merge=False``, a measurement switch). It
+:func:`portattn.kernels.heuristics.plan_launch` into one to three kernel launches. It
 reads no device value (everything is sized from tensor shapes and the plan; scales given
 as Python floats become cached one-element device tensors), so it never synchronizes and
 can be captured in a CUDA graph; the split-KV workspace is allocated per call with
-``torch.zeros`` unless the caller passes one (made by :func:`new_workspace`).
+``torch.empty`` unless the caller passes one.
 
 The kernels are wrapped by :func:`portattn.kernels.fast_launch.capturable` (a no-op
 outside :func:`~portattn.kernels.fast_launch.capture`), so plans can record these
@@ -113,54 +112,39 @@ def _common_args(q, cache, metadata, options, out, fp8_dot: bool,
     )
 
 
-def split_workspace_size(num_seqs: int, num_q_heads: int, head_size_v: int, cfg: dict,
-                         num_kv_heads: int) -> int:
-    """float32 elements of the split-KV workspace of a SEQ_MODE 1 launch (0: no split):
-    the partials (``head_size_v``: the V head size, the partials are that wide) and one
-    int32 merge ticket per (sequence, kv head) at its end. A workspace must be zeros when
-    made (:func:`new_workspace`); launches leave its tickets at zero."""
+def split_workspace_size(num_seqs: int, num_q_heads: int, head_size_v: int, cfg: dict) -> int:
+    """float32 elements of the split-KV workspace of a SEQ_MODE 1 launch (0: no split);
+    ``head_size_v``: the V head size (the partials are that wide)."""
     if cfg["segments"] <= 1:
         return 0
     rows = num_seqs * cfg["block_q"] * num_q_heads * cfg["segments"]
-    return rows * (head_pad(head_size_v) + 2) + num_seqs * num_kv_heads
-
-
-def new_workspace(size: int, device) -> torch.Tensor:
-    """A split-KV workspace: zeros, so its merge tickets start at zero."""
-    return torch.zeros(size, dtype=torch.float32, device=device)
+    return rows * (head_pad(head_size_v) + 2)
 
 
 def _launch_short(args, q, cache, metadata, out, cfg: dict, long_follows: bool,
-                  workspace: torch.Tensor | None = None, fused_merge: bool = True) -> None:
-    """SEQ_MODE 1: one tile per sequence with at most BLOCK_Q queries (2D or 3D). Split
-    launches merge in the kernel (``FUSED_MERGE``) unless ``fused_merge`` is False (then
-    the merge kernel runs after it)."""
+                  workspace: torch.Tensor | None = None) -> None:
+    """SEQ_MODE 1: one tile per sequence with at most BLOCK_Q queries (2D or 3D)."""
     num_seqs = metadata.seq_lens.shape[0]
     num_kv_heads = cache.num_kv_heads
     segments = cfg["segments"]
     block_q = cfg["block_q"]
     pad_v = args["HEAD_V_PAD"]
-    if segments > 1:  # one workspace: [acc rows x HEAD_V_PAD | m | l | ... | tickets]
+    if segments > 1:  # one workspace: [acc rows x HEAD_V_PAD | m | l]
         rows = num_seqs * block_q * q.shape[1] * segments
-        need = rows * (pad_v + 2) + num_seqs * num_kv_heads
+        need = rows * (pad_v + 2)
         if workspace is None or workspace.numel() < need:
-            workspace = new_workspace(need, q.device)
+            workspace = torch.empty(need, dtype=torch.float32, device=q.device)
         part_acc = workspace[:rows * pad_v]
         part_m = workspace[rows * pad_v:rows * (pad_v + 1)]
-        part_l = workspace[rows * (pad_v + 1):rows * (pad_v + 2)]
-        # tickets count back from the workspace's last element: at the same place for
-        # every batch size this workspace serves, never under any call's partials
-        tickets = workspace.view(torch.int32)[workspace.numel() - 1:]
+        part_l = workspace[rows * (pad_v + 1):need]
     else:
-        part_m = part_l = part_acc = tickets = q
-    fused = segments > 1 and fused_merge
+        part_m = part_l = part_acc = q
     unified_attention_kernel[(num_seqs, num_kv_heads, segments)](
-        part_m_ptr=part_m, part_l_ptr=part_l, part_acc_ptr=part_acc, ticket_ptr=tickets,
+        part_m_ptr=part_m, part_l_ptr=part_l, part_acc_ptr=part_acc,
         BLOCK_M=cfg["block_m"], BLOCK_Q=block_q, BLOCK_N=cfg["block_n"], SEQ_MODE=1,
         SHORT_Q=0, SPLIT=segments > 1, LONG_FOLLOWS=long_follows, num_segments=segments,
-        FUSED_MERGE=fused, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        **args)
-    if segments > 1 and not fused:
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **args)
+    if segments > 1:
         merge_segments_kernel[(num_seqs, q.shape[1], block_q)](
             part_m, part_l, part_acc, out, metadata.cu_seqlens_q, args["sinks_ptr"],
             args["out_scale_ptr"], q.shape[1], out.stride(0), out.stride(1), out.stride(2),
@@ -175,7 +159,7 @@ def _launch_long(args, q, cache, metadata, cfg: dict, short_q: int) -> None:
     block_q = cfg["block_q"]
     tiles = q.shape[0] // block_q + num_seqs
     unified_attention_kernel[(tiles, cache.num_kv_heads, 1)](
-        part_m_ptr=q, part_l_ptr=q, part_acc_ptr=q, ticket_ptr=q,
+        part_m_ptr=q, part_l_ptr=q, part_acc_ptr=q,
         BLOCK_M=cfg["block_m"], BLOCK_Q=block_q, BLOCK_N=cfg["block_n"],
         SEQ_MODE=2 if short_q > 0 else 0, SHORT_Q=short_q, SPLIT=False, LONG_FOLLOWS=False,
         num_segments=1, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **args)
@@ -277,12 +261,10 @@ def _launch_modes(q, cache, metadata, out, params, args, workspace) -> None:
         if metadata.max_seqlen_q is not None and metadata.max_seqlen_q > cfg["block_q"]:
             raise ValueError(f"plan for at most {cfg['block_q']} queries per sequence used "
                              f"with max_seqlen_q={metadata.max_seqlen_q}")
-        _launch_short(args, q, cache, metadata, out, cfg, False, workspace,
-                      params.get("fused_merge", True))
+        _launch_short(args, q, cache, metadata, out, cfg, False, workspace)
     elif mode == "mixed":
         short = params["short"]
-        _launch_short(args, q, cache, metadata, out, short, True, workspace,
-                      params.get("fused_merge", True))
+        _launch_short(args, q, cache, metadata, out, short, True, workspace)
         _launch_long(args, q, cache, metadata, params["long"], short["block_q"])
     elif mode == "prefill":
         _launch_long(args, q, cache, metadata, params["long"], 0)

@@ -1,9 +1,4 @@
-"""Merge of split-KV partials into the final output, as a kernel of its own.
-
-Split launches merge inside ``unified_attention_kernel`` by default (``FUSED_MERGE``: the
-last segment program of each sequence x kv head, one launch instead of two); this kernel
-runs with the plan switch ``fused_merge=False`` (a measurement switch, and the reference
-the fused merge is compared with on the GPU).
+"""Merge of split-KV partials into the final output.
 
 Layout: ``part_m`` / ``part_l`` ``[num_seqs * BLOCK_Q, num_q_heads, NUM_SEGMENTS]`` and
 ``part_acc`` ``[..., NUM_SEGMENTS, HEAD_V_PAD]`` (fp32, base-2 running max, running sum,

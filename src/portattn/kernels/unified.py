@@ -15,11 +15,7 @@ Layout
 * split-KV partials (``SPLIT``): ``part_m`` / ``part_l``
   ``[num_seqs * BLOCK_Q, num_q_heads, num_segments]`` and ``part_acc`` (same, plus
   ``HEAD_V_PAD``), fp32, indexed by (sequence, query within the sequence); merged by
-  :mod:`portattn.kernels.reduce`, or with ``FUSED_MERGE`` by the segment program of each
-  (sequence, kv head) that finishes last: every program bumps an int32 ticket at
-  ``ticket_ptr - (seq * num_kv_heads + kv_head)`` (acquire-release), the one that sees
-  ``num_segments - 1`` merges the partials and sets the ticket back to 0 (tickets are zero
-  before a launch and after it: one launch instead of two).
+  :mod:`portattn.kernels.reduce`.
 
 Tiles
 -----
@@ -370,7 +366,7 @@ def _poison_long_sequence(out_ptr, q_start, q_len, kv_head, stride_ot, stride_oh
 @triton.jit
 def unified_attention_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, block_table_ptr, cu_seqlens_q_ptr, seq_lens_ptr,
-        alibi_ptr, sinks_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, ticket_ptr,
+        alibi_ptr, sinks_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
         q_scale_ptr, k_scale_ptr, v_scale_ptr, out_scale_ptr,
         num_seqs, num_q_heads, num_segments, num_blocks, bt_width, scale, softcap, window,
         v_one,
@@ -388,7 +384,7 @@ def unified_attention_kernel(
         FP8_ACC: tl.constexpr, FP8_OUT: tl.constexpr, FP8_MAX: tl.constexpr,
         COMPUTE_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
         CHECK_BLOCKS: tl.constexpr = True, KV_LOAD: tl.constexpr = 0,
-        V_STAGE: tl.constexpr = False, FUSED_MERGE: tl.constexpr = False):
+        V_STAGE: tl.constexpr = False):
     """Paged attention of one query tile x one kv head x one KV segment (see module doc)."""
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
@@ -557,52 +553,3 @@ def unified_attention_kernel(
         tl.store(part_l_ptr + part_row, l_i, mask=row_ok)
         tl.store(part_acc_ptr + part_row[:, None] * HEAD_V_PAD + offs_dv[None, :], acc,
                  mask=row_ok[:, None])
-        if FUSED_MERGE:  # the last segment of this (sequence, kv head) to finish merges
-            tl.debug_barrier()  # every thread's partials stored before the release
-            ticket = ticket_ptr - (seq * tl.num_programs(1) + kv_head)
-            arrived = tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu")
-            if arrived == num_segments - 1:
-                tl.store(ticket, 0)  # zero again for the next launch (stream order)
-                result = _merge_segment_rows(
-                    part_m_ptr, part_l_ptr, part_acc_ptr, part_row - segment, row_ok,
-                    row_head, sinks_ptr, num_segments, offs_dv, USE_SINKS, BLOCK_M,
-                    HEAD_V_PAD)
-                _store_rows(out_ptr, result, q_start, row_tok, row_head, row_ok, offs_dv,
-                            stride_ot, stride_oh, stride_od, out_scale_ptr, HEAD_V,
-                            FP8_OUT, FP8_MAX)
-
-
-@triton.jit
-def _merge_segment_rows(part_m_ptr, part_l_ptr, part_acc_ptr, part_row0, row_ok, row_head,
-                        sinks_ptr, num_segments, offs_dv, USE_SINKS: tl.constexpr,
-                        BLOCK_M: tl.constexpr, HEAD_V_PAD: tl.constexpr):
-    """The split-KV merge of one query tile's rows in the program that finished last
-    (``FUSED_MERGE``): the same sum as :mod:`portattn.kernels.reduce`, one segment at a
-    time with a running max. Partials written by other programs are read through L2
-    (``.cg``), after the ticket's acquire."""
-    m_run = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_run = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_V_PAD], dtype=tl.float32)
-    for s in range(0, num_segments):
-        m_s = tl.load(part_m_ptr + part_row0 + s, mask=row_ok, other=float("-inf"),
-                      cache_modifier=".cg")
-        l_s = tl.load(part_l_ptr + part_row0 + s, mask=row_ok, other=0.0,
-                      cache_modifier=".cg")
-        acc_s = tl.load(part_acc_ptr + (part_row0 + s)[:, None] * HEAD_V_PAD
-                        + offs_dv[None, :], mask=row_ok[:, None], other=0.0,
-                        cache_modifier=".cg")
-        m_new = tl.maximum(m_run, m_s)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_run - m_use)
-        beta = tl.exp2(m_s - m_use)
-        l_run = l_run * alpha + l_s * beta
-        acc = acc * alpha[:, None] + acc_s * beta[:, None]
-        m_run = m_new
-    if USE_SINKS:
-        sink = tl.load(sinks_ptr + row_head, mask=row_ok, other=0.0).to(tl.float32) \
-            * 1.4426950408889634
-        m_new = tl.maximum(m_run, sink)
-        alpha = tl.exp2(m_run - m_new)
-        l_run = l_run * alpha + tl.exp2(sink - m_new)
-        acc = acc * alpha[:, None]
-    return acc / tl.where(l_run > 0.0, l_run, 1.0)[:, None]
