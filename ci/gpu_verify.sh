@@ -21,7 +21,7 @@ SHARDS=${SHARDS:-12}
 for i in $(seq 0 $((SHARDS - 1))); do
   PORTATTN_TEST_SHARD=$i/$SHARDS timeout $(lim ${TEST_TIMEOUT:-220}) python3 -m pytest -m gpu \
     tests/gpu/test_triton_unified_gpu.py tests/gpu/test_kernels_quant_diffkv_gpu.py \
-    tests/gpu/test_plan_gpu.py tests/gpu/test_api_gpu.py -k "${TESTS_K:-3d or diffkv or merge or contention or plan or api}" \
+    tests/gpu/test_plan_gpu.py tests/gpu/test_api_gpu.py -k "${TESTS_K:-3d or diffkv or plan or api}" \
     -q -p no:cacheprovider > "$W/tests-$i.log" 2>&1 &
 done
 for i in 0 1; do  # the bench's kernels into Triton's disk cache meanwhile
@@ -30,9 +30,15 @@ for i in 0 1; do  # the bench's kernels into Triton's disk cache meanwhile
 done
 timeout $(lim 200) python3 -m portattn.bench --compile-only --shrink 4 --block-size 128 \
   --cases prefill-plain,mixed-plain > "$W/compile-b128.log" 2>&1 &
+timeout $(lim 200) python3 -m portattn.bench --compile-only --sweep --shrink 4 \
+  --cases decode-8x8192-diffkv > "$W/compile-sweep.log" 2>&1 &
 wait
 cat "$W"/tests-*.log > "$W/gpu-tests.log"
-stamp tests; grep -hE "[0-9]+ (passed|failed)" "$W"/tests-*.log | awk '{p+=$1} /failed/ {f+=1} END {print "passed", p, "shards with failures", f+0}'
+stamp tests; cat "$W"/tests-*.log | grep -oE "[0-9]+ (passed|failed|errors?)" \
+  | awk '{n[$2]+=$1} END {for (k in n) printf "%s %d  ", k, n[k]; print ""}'
+for f in "$W"/tests-*.log; do  # a shard stopped by its time limit prints no summary
+  grep -qE "[0-9]+ (passed|failed|errors?)" "$f" || echo "$(basename "$f"): cut short, $(grep -o "[.FE]" "$f" | sort | uniq -c | tr '\n' ' ')"
+done
 grep -h "^FAILED\|^ERROR" "$W"/tests-*.log | head -20
 PYTHONPATH=$PWD/src:$PWD/.gpu timeout $(lim 100) python3 benchmarks/kernel_experiments.py > "$W/kexp.log" 2>&1
 stamp experiments; grep -E " us |error" "$W/kexp.log" | grep -v '"' | tail -40

@@ -60,10 +60,29 @@ def test_quant_modes(quant, variant):
 @interp
 @pytest.mark.parametrize("variant", ["decode-3d", "mixed"])
 @pytest.mark.parametrize("quant", list(QUANTS))
-def test_v_staged_in_16_bits(quant, variant):
-    """The V_STAGE switch (V converted and scaled before its shared-memory staging): the
-    per-tensor V scale moves from the output into V, the result must not change."""
-    run(variant, quant=QUANTS[quant], dtype=F16, head_size=64, sinks=True, v_stage=True)
+@pytest.mark.parametrize("v_stage", [True, False])
+def test_v_staged_in_16_bits(quant, variant, v_stage):
+    """The V_STAGE switch both ways, whatever the plan would pick (V converted and scaled
+    before its shared-memory staging: the per-tensor V scale moves from the output into
+    V): the result must not change."""
+    run(variant, quant=QUANTS[quant], dtype=F16, head_size=64, sinks=True, v_stage=v_stage)
+
+
+def test_plan_stages_v_for_per_token_head_decode_on_sm90_only():
+    from portattn.kernels import heuristics
+
+    def plan(quant_key, arch="sm90", elem=1, q=1, head=128):
+        shape = heuristics.Shape(32, 8, head, elem, q, 8192, 32, 132, arch, head,
+                                 heuristics.scales_per_token_head(quant_key))
+        return heuristics.plan_launch(shape)
+
+    assert plan("int8_per_token_head")["v_stage"] is True
+    assert plan("fp8_per_token_head:e4m3fn")["v_stage"] is True
+    assert "v_stage" not in plan("fp8_per_tensor:e4m3fn")
+    assert "v_stage" not in plan("none", elem=2)
+    assert "v_stage" not in plan("int8_per_token_head", arch="sm86")
+    assert "v_stage" not in plan("int8_per_token_head", q=4096)  # prefill tiles
+    assert not heuristics.scales_per_token_head("fp8_per_tensor:e5m2")
 
 
 @interp

@@ -95,15 +95,15 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
                   sm_count=132, arch="sm90", seq_lens_override=None, seed=0, quant=None,
                   head_size_v=None, q_fp8=None, fp8_out=None, layout="split",
                   fp8_dot=False, tolerance=None, separate_kv=False, block_table_edit=None,
-                  v_stage=False, kv_load="pointer"):
+                  v_stage=None, kv_load="pointer"):
     """Run one case; returns the relative error (asserts it is within tolerance).
 
     ``quant``: a KVQuant for the cache; ``head_size_v``: DiffKV (a packed cache);
     ``q_fp8``: an fp8 dtype for q (with a q_scale); ``fp8_out``: an fp8 dtype for the
     output (with an output_scale); ``fp8_dot``: plan fp8 tensor-core QK^T;
     ``separate_kv``: K and V as two contiguous tensors instead of views of one;
-    ``v_stage``: force the kernel's V_STAGE switch (8-bit caches; the plan already sets it
-    for per-token-head decode);
+    ``v_stage``: True / False forces the kernel's V_STAGE switch (8-bit caches), None
+    follows the plan (which sets it for per-token-head decode on sm90);
     ``block_table_edit(table)``: corrupt the block table after the oracle's keys are
     gathered (returns the indices of the sequences whose rows must come out NaN);
     ``kv_load``: "pointer" or "descriptor" (the kernel's KV_LOAD switch, tiles cut to
@@ -184,8 +184,8 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
                              heuristics.scales_per_token_head(cache.quant.key))
     params = heuristics.plan_launch(shape, mode=mode, segments=segments, short=short,
                                     long=long, fp8_dot=fp8_dot)
-    if v_stage:
-        params["v_stage"] = True
+    if v_stage is not None:  # forced on or off; None follows the plan
+        params["v_stage"] = bool(v_stage)
     if kv_load == "descriptor":
         from portattn.kernels import kv_load as kv_load_rules
 

@@ -449,7 +449,7 @@ def _flash_attn_kvcache(case: Case, inp: Inputs):
 # --------------------------------------------------------------------------- sweep
 def sweep_configs(case: Case, shape) -> list[dict]:
     """Launch configs worth timing for one case (see benchmarks/NOTES.md)."""
-    from portattn.kernels.heuristics import TileConfig, decode_config, prefill_config
+    from portattn.kernels.heuristics import TileConfig, decode_config, plan_launch, prefill_config
 
     configs = []
     if case.kind in ("decode", "spec"):
@@ -463,7 +463,8 @@ def sweep_configs(case: Case, shape) -> list[dict]:
         for bn, w, st in tiles:
             for seg in seg_options:
                 tile = TileConfig(base.block_m, base.block_q, bn, w, st, seg)
-                configs.append({"mode": "decode", "short": tile.as_dict()})
+                # through plan_launch: the plan's own switches (V_STAGE) with these tiles
+                configs.append(plan_launch(shape, mode="decode", short=tile))
     elif case.kind == "prefill":
         base = prefill_config(shape)
         for bm, bn, w, st in [(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3),

@@ -149,8 +149,8 @@ VALIDATE = Setting(
     "cu_seqlens_q) also on a GPU, which synchronizes; 0: never", _TRISTATE, decides=True)
 TENSOR_DESCRIPTORS = Setting(
     "PORTATTN_TD", "auto, 0, 1", "auto (descriptor K/V loads only for problem "
-    "classes measured faster, heuristics.DESCRIPTOR_PREFERRED: sm90 prefill and mixed "
-    "batches at block 64 and 128)",
+    "classes measured faster, heuristics.DESCRIPTOR_PREFERRED: sm90, 16-bit caches, "
+    "prefill and mixed batches at block 64 and 128, head 128)",
     "tensor-descriptor (TMA) K/V loads in portattn's Triton kernels: 1 forces them "
     "(error with the reason where they cannot run), 0 forbids them",
     _TRISTATE, decides=True)

@@ -89,8 +89,9 @@ def test_fp8_q_over_fp8_cache(variant, fp8_dot):
 
 @pytest.mark.parametrize("variant", ["decode-2d", "decode-3d", "chunked"])
 @pytest.mark.parametrize("quant", list(QUANTS))
-def test_v_staged_in_16_bits(quant, variant):
-    run(variant, quant=QUANTS[quant], v_stage=True)
+@pytest.mark.parametrize("v_stage", [True, False])
+def test_v_staged_in_16_bits(quant, variant, v_stage):
+    run(variant, quant=QUANTS[quant], v_stage=v_stage)
 
 
 def test_fp8_q_over_int8_cache():

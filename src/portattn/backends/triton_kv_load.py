@@ -9,8 +9,9 @@ serve a call and why. The rule, in order:
    and, unless forced, the probe's descriptor check (``caps.tensor_descriptors``).
 3. Unset (auto): descriptors only for problem classes that measurements on this device
    say they win (:data:`portattn.kernels.heuristics.DESCRIPTOR_PREFERRED`: from the H200
-   measurements, sm90 prefill and mixed launches at block 64 and 128; pointer loads
-   elsewhere).
+   measurements: sm90, 16-bit caches, head 128, prefill and mixed launches at blocks 64
+   and 128, DiffKV 192/128 prefill at 128; bf16 measured, fp16 has the same tiles and
+   loads; pointer loads elsewhere).
    ``PORTATTN_TD=1``: descriptors wherever eligible.
 4. The functional gate (:mod:`portattn.capabilities.kv_descriptor_gate`): the variant
    compiled and ran against pointer loads on this machine (cached on disk). A simulated

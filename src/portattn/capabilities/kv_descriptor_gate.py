@@ -34,7 +34,7 @@ from portattn.capabilities._text import one_line
 from portattn.capabilities.descriptor_check import child_env
 
 CHILD_TIMEOUT_S = 300
-CACHE_FORMAT = "portattn.kv-descriptor-gate/1"
+CACHE_FORMAT = "portattn.kv-descriptor-gate/2"  # 2: per-token-head checks run V_STAGE
 #: Tiny problem of a check: two sequences, one decode and one short chunk.
 QUERY_LENS = (1, 5)
 SEQ_LENS = (37, 70)
@@ -171,7 +171,8 @@ def run_check(variant: dict, device: str) -> dict:
                              layout="diffkv" if variant["head_qk"] != variant["head_v"]
                              else "split")
     shape = heuristics.Shape(4, 2, variant["head_qk"], batch.cache.key_cache.element_size(),
-                             8, 128, 2, 132, "sm90", variant["head_v"])
+                             8, 128, 2, 132, "sm90", variant["head_v"],
+                             heuristics.scales_per_token_head(variant["quant"]))
     block_n = variant["block_n"]
     cfg = heuristics.TileConfig(16, 8, block_n, 4, 2)
     fp8_dot = bool(variant.get("fp8_dot"))

@@ -224,7 +224,7 @@ def plan_launch(shape: Shape, *, mode: str | None = None, segments: int | None =
     """The launch parameters: ``mode`` plus ``short`` (decode tiles, with ``segments``)
     and/or ``long`` (prefill tiles) configs as dicts, ``fp8_dot`` (QK^T on fp8 tensor
     cores, decided by the backend from the dtypes and the device) and ``v_stage`` (set for
-    decode launches over per-token-head 8-bit caches where it fits: the kernel's
+    decode launches over per-token-head 8-bit caches on sm90 where it fits: the kernel's
     ``V_STAGE``, which replaces the byte-wise shared-memory reads of the transposed 8-bit
     V operand with 16-bit ``ldmatrix`` reads, NOTES.md). Every keyword
     overrides one automatic choice (tests force 2D/3D, the sweep forces tiles)."""
@@ -242,9 +242,11 @@ def plan_launch(shape: Shape, *, mode: str | None = None, segments: int | None =
     if mode == "decode":
         short = short or decode_config(shape, shape.max_seqlen_q, shape.num_seqs, segments)
         params["short"] = short.as_dict()
-        # per-token-head only: on the H200, 32 x 8192, int8 233 us with V_STAGE against
-        # 245 without; fp8 per-tensor 207 against 189 (NOTES.md)
-        if shape.elem_bytes == 1 and shape.scales_per_token and v_stage_fits(short, shape):
+        # per-token-head on sm90 only (where it was measured): on the H200, 32 x 8192,
+        # int8 233 us with V_STAGE against 245 without; fp8 per-tensor 207 against 189
+        # (NOTES.md); the byte-wise V reads it removes were seen in sm90 PTX
+        if shape.arch == "sm90" and shape.elem_bytes == 1 and shape.scales_per_token and \
+                v_stage_fits(short, shape):
             params["v_stage"] = True
     elif mode == "mixed":
         short = short or decode_config(shape, 1, shape.num_seqs, segments)

@@ -62,7 +62,8 @@ dots run in fp16, every fp8 value being exact in fp16 and fp8 -> fp16 one conver
 fp8 cache since every fp8 value is exact in it), ``DOT_PREC`` ("ieee" for fp32,
 ignored for 16-bit operands).
 
-``V_STAGE`` (8-bit caches; the plan sets it for decode tiles, ``heuristics.plan_launch``):
+``V_STAGE`` (8-bit caches; the plan sets it for per-token-head decode tiles on sm90,
+``heuristics.plan_launch``):
 multiply the converted V tile by a runtime scalar (the per-tensor V scale, else
 ``v_one`` = 1.0) so Triton stages V through shared memory in 16 bits. Without it the
 conversion is hoisted after the shared-memory load, and an 8-bit V operand that must be
