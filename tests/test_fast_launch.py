@@ -21,8 +21,9 @@ import torch
 import triton.language as tl
 from triton import knobs
 from triton.backends.compiler import BaseBackend
-from triton.runtime.jit import JITFunction, compute_cache_key, create_function_from_signature
+from triton.runtime.jit import JITFunction, create_function_from_signature
 
+from jit_standin import JITStandIn
 from portattn.kernels import fast_launch
 from portattn.kernels.fast_launch import (
     Ambiguous,
@@ -124,17 +125,11 @@ class FakeCompiled:
         self.kernel.launches.append((self, call))
 
 
-class FakeKernel:
+class FakeKernel(JITStandIn):
     """Quacks like a JITFunction: Triton's real binder and cache key, fake compiles."""
 
     def __init__(self, fn=toy):
-        jit = JITFunction(fn)
-        self.signature, self.params, self.arg_names = jit.signature, jit.params, jit.arg_names
-        self.debug = False
-        self.pre_run_hooks: list = []
-        self.used_global_vals: dict = {}
-        binder = create_function_from_signature(self.signature, self.params, BaseBackend)
-        self.device_caches = {0: ({}, {}, None, BaseBackend, binder)}
+        super().__init__(fn)
         self.launches: list = []
         self.compiles = 0
         self.jit_calls = 0
@@ -142,11 +137,7 @@ class FakeKernel:
     def __getitem__(self, grid):
         def run(*args, **kwargs):  # JITFunction.run without compiling or a device
             self.jit_calls += 1
-            kwargs["debug"] = kwargs.get("debug", self.debug) or knobs.runtime.debug
-            kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-            kernel_cache, key_cache, _, _, binder = self.device_caches[0]
-            bound, specialization, options = binder(*args, **kwargs)
-            key = compute_cache_key(key_cache, specialization, options)
+            bound, _, key, kernel_cache = self.bind(args, kwargs)
             if key not in kernel_cache:
                 kernel_cache[key] = FakeCompiled(self, key)
                 self.compiles += 1

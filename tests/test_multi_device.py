@@ -237,19 +237,28 @@ def _body_on(index):
     return body
 
 
-def test_launch_switches_to_the_plans_gpu_only_when_another_is_current(monkeypatch):
-    current = {"index": 0}
-    switched = []
-
+def _fake_on_device(current: dict, switched: list | None = None):
+    """A stand-in for ``portattn.devices.on_device`` over a fake current GPU
+    (``current["index"]``): switches for the block (None: stays), restores after, and
+    records each requested index in ``switched``."""
     @contextlib.contextmanager
     def on_device(index):
-        switched.append(index)
-        before, current["index"] = current["index"], index
+        if switched is not None:
+            switched.append(index)
+        before = current["index"]
+        current["index"] = before if index is None else index
         try:
             yield
         finally:
             current["index"] = before
 
+    return on_device
+
+
+def test_launch_switches_to_the_plans_gpu_only_when_another_is_current(monkeypatch):
+    current = {"index": 0}
+    switched: list = []
+    on_device = _fake_on_device(current, switched)
     monkeypatch.setattr(planning, "_current_cuda_device", lambda: current["index"])
     monkeypatch.setattr(planning, "on_device", on_device)
     body = _body_on(1)
@@ -409,16 +418,7 @@ def test_cache_write_launches_with_the_caches_gpu_current(gpus, fake_mode, monke
                                        reason="needs Triton for the write kernel module")
     current = {"index": 0}
     seen = []
-
-    @contextlib.contextmanager
-    def on_device(index):
-        before = current["index"]
-        current["index"] = before if index is None else index
-        try:
-            yield
-        finally:
-            current["index"] = before
-
+    on_device = _fake_on_device(current)
     monkeypatch.setattr(devices, "_get_device", lambda: current["index"])
     monkeypatch.setattr(devices, "on_device", on_device)
     monkeypatch.setattr(types_mod, "_write_kernel_available", lambda: True)

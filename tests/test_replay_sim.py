@@ -15,11 +15,9 @@ import math
 
 import pytest
 import torch
-from triton import knobs
-from triton.backends.compiler import BaseBackend
-from triton.runtime.jit import JITFunction, compute_cache_key, create_function_from_signature
 
 import portattn
+from jit_standin import JITStandIn
 from portattn import PagedKVCache, planning
 from portattn.kernels import fast_launch, launch
 from portattn.testing import dense_attention, make_paged_batch, relative_error
@@ -75,19 +73,13 @@ class SimCompiled:
         self.kernel.interpreted[(g0, g1, g2)](*values)
 
 
-class SimKernel:
+class SimKernel(JITStandIn):
     """A JITFunction stand-in: Triton's binder and cache key, the interpreter to run."""
 
     def __init__(self, interpreted, memory: Memory):
+        super().__init__(interpreted.fn)
         self.interpreted = interpreted
         self.memory = memory
-        jit = JITFunction(interpreted.fn)
-        self.signature, self.params, self.arg_names = jit.signature, jit.params, jit.arg_names
-        self.debug = False
-        self.pre_run_hooks: list = []
-        self.used_global_vals: dict = {}
-        binder = create_function_from_signature(self.signature, self.params, BaseBackend)
-        self.device_caches = {0: ({}, {}, None, BaseBackend, binder)}
         self.jit_runs = 0
         self.replays = 0
 
@@ -95,11 +87,7 @@ class SimKernel:
         def run(*args, **kwargs):
             self.jit_runs += 1
             _count.launches += 1
-            kwargs["debug"] = kwargs.get("debug", self.debug) or knobs.runtime.debug
-            kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-            kernel_cache, key_cache, _, _, binder = self.device_caches[0]
-            _bound, specialization, options = binder(*args, **kwargs)
-            key = compute_cache_key(key_cache, specialization, options)
+            _bound, specialization, key, kernel_cache = self.bind(args, kwargs)
             compiled = kernel_cache.setdefault(key, SimCompiled(self, specialization))
             names = self.arg_names
             self.interpreted[grid](*args, **{k: v for k, v in kwargs.items() if k in names})

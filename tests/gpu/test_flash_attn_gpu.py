@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import portattn
+from graph_replay import check_graph_replay_without_syncs
 from portattn.testing import dense_attention, make_paged_batch, relative_error
 
 pytestmark = [pytest.mark.gpu, pytest.mark.flash_attn]
@@ -87,34 +88,8 @@ def test_flash_attn_in_a_cuda_graph_without_syncs(backend, block_size, query_len
     batch = make_paged_batch([query_len] * 4, [n + 4 for n in seq_lens], num_q_heads=8,
                              num_kv_heads=2, head_size=128, block_size=block_size,
                              dtype=torch.bfloat16, device="cuda", seed=5)
-    m = batch.metadata
-    m.seq_lens.copy_(torch.tensor(seq_lens, dtype=torch.int32))
-    metadata = portattn.AttentionMetadata(m.cu_seqlens_q, m.seq_lens, m.block_table,
-                                          max_seqlen_q=query_len,
-                                          max_seqlen_k=max(seq_lens) + 4)
-    q = batch.q.clone()
-    out = torch.full_like(q, float("nan"))
-    portattn.attention(q, batch.cache, metadata, out=out, backend=backend)  # warm up
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        portattn.attention(q, batch.cache, metadata, out=out, backend=backend)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        portattn.attention(q, batch.cache, metadata, out=out, backend=backend)
-    for step in range(2):  # new queries, one more key per sequence each step
-        q.copy_(torch.randn_like(q))
-        metadata.seq_lens.add_(1)
-        out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        lens = [n + step + 1 for n in seq_lens]
-        expected = dense_attention(q, [k[:n] for k, n in zip(batch.keys, lens)],
-                                   [v[:n] for v, n in zip(batch.values, lens)],
-                                   [query_len] * 4)
-        assert relative_error(out, expected) < TOL[torch.bfloat16]
+    check_graph_replay_without_syncs(batch, seq_lens, query_len, backend, steps=2,
+                                     tolerance=TOL[torch.bfloat16])
 
 
 @pytest.mark.parametrize("backend,block_size", [("flash_attn", 256), ("flash_attn_gather", 16)])
