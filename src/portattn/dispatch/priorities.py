@@ -41,8 +41,6 @@ _CPU_ORDER = ("torch_ref", "triton_unified", "triton_diffkv")
 #: of 2048, 4096 and 8192 (PERFORMANCE.md); lower it only with shorter chunks measured.
 LONG_CHUNK_BUCKET = 2048
 
-PROBLEM_CLASSES = ("decode", "short-chunks", "long-chunks")
-
 
 def problem_class(problem) -> str:
     """``decode`` (one query per sequence at most), ``long-chunks`` (a chunk of more than

@@ -36,6 +36,11 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
+def head_pad(head_size: int) -> int:
+    """The power-of-two tile width holding ``head_size`` (at least 16)."""
+    return max(16, next_pow2(head_size))
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -93,12 +98,11 @@ class Shape:
 
     @property
     def head_pad(self) -> int:
-        return max(16, next_pow2(self.head_size))
+        return head_pad(self.head_size)
 
     @property
     def head_pad_v(self) -> int:
-        return max(16, next_pow2(self.head_size if self.head_size_v is None
-                                 else self.head_size_v))
+        return head_pad(self.head_size if self.head_size_v is None else self.head_size_v)
 
     @property
     def widest_pad(self) -> int:

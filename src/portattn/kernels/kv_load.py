@@ -18,7 +18,8 @@ in registers).
 
 from __future__ import annotations
 
-KV_LOADS = ("pointer", "descriptor")
+from portattn.kernels.heuristics import head_pad
+
 KV_LOAD_CODES = {"pointer": 0, "descriptor": 1}
 #: TMA: global address and every stride but the last a multiple of 16 bytes.
 TMA_ALIGN_BYTES = 16
@@ -40,10 +41,6 @@ def descriptor_block_n(block_n: int, block_size: int) -> int:
     return min(block_n, _pow2_divisor(max(1, block_size)))
 
 
-def _pad(head: int) -> int:
-    return max(16, 1 << (max(1, head) - 1).bit_length())
-
-
 def problem_reasons(*, block_size: int, head_size_qk: int, head_size_v: int,
                     elem_bytes: int) -> list[str]:
     """Why descriptor K/V loads cannot serve a problem of this class (empty: they can)."""
@@ -54,10 +51,10 @@ def problem_reasons(*, block_size: int, head_size_qk: int, head_size_v: int,
             f"block, so the block must split into whole tiles of >= {MIN_TILE_KEYS} keys "
             f"(a power-of-two factor >= {MIN_TILE_KEYS}); pointer loads gather any block size")
     for what, head in (("K head size", head_size_qk), ("V head size", head_size_v)):
-        if _pad(head) > TMA_BOX_MAX:
-            reasons.append(f"{what} {head} pads to {_pad(head)}, above TMA's "
+        if head_pad(head) > TMA_BOX_MAX:
+            reasons.append(f"{what} {head} pads to {head_pad(head)}, above TMA's "
                            f"{TMA_BOX_MAX}-element box")
-        if _pad(head) * elem_bytes < TMA_ALIGN_BYTES:
+        if head_pad(head) * elem_bytes < TMA_ALIGN_BYTES:
             reasons.append(f"{what} {head} x {elem_bytes} bytes is under TMA's "
                            f"{TMA_ALIGN_BYTES}-byte minimum row")
     return reasons

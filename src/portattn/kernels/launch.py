@@ -21,7 +21,7 @@ from portattn.errors import InputError
 from portattn.kernels import kv_load as kv_load_rules
 from portattn.kernels import reduce, unified
 from portattn.kernels.fast_launch import capturable
-from portattn.kernels.heuristics import next_pow2
+from portattn.kernels.heuristics import head_pad
 from portattn.kernels.scalars import device_scalars
 from portattn.types import FP8_DTYPES, fp8_max
 
@@ -36,12 +36,6 @@ _COMPUTE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 #: fp8 QK^T dots promote their partial sums to fp32 every this many products (the
 #: smallest Hopper fp8 MMA depth): accurate at any context length, see benchmarks/NOTES.md.
 FP8_DOT_PROMOTE_EVERY = 32
-
-
-def head_pad(head_size: int) -> int:
-    """The power-of-two tile width holding ``head_size`` (at least 16)."""
-    return max(16, next_pow2(head_size))
-
 
 
 
@@ -130,8 +124,8 @@ def _launch_short(args, q, cache, metadata, out, cfg: dict, long_follows: bool,
     block_q = cfg["block_q"]
     pad_v = args["HEAD_V_PAD"]
     if segments > 1:  # one workspace: [acc rows x HEAD_V_PAD | m | l]
-        rows = num_seqs * block_q * q.shape[1] * segments
-        need = rows * (pad_v + 2)
+        need = split_workspace_size(num_seqs, q.shape[1], cache.head_size_v, cfg)
+        rows = need // (pad_v + 2)
         if workspace is None or workspace.numel() < need:
             workspace = torch.empty(need, dtype=torch.float32, device=q.device)
         part_acc = workspace[:rows * pad_v]

@@ -8,7 +8,7 @@ captured in a CUDA graph together with the attention call that follows it.
 from __future__ import annotations
 
 from portattn.kernels.cache_write import cache_write_kernel
-from portattn.kernels.launch import head_pad
+from portattn.kernels.heuristics import head_pad
 from portattn.kernels.scalars import device_scalars
 from portattn.types import fp8_max
 
