@@ -322,3 +322,36 @@ def test_equal_float_kv_scales_replay(sim):
         scores = torch.einsum("hd,khd->hk", q, k) / math.sqrt(32)
         expected = torch.einsum("hk,khd->hd", scores.softmax(-1), v)
         assert relative_error(out[seq], expected) < 1e-2
+
+
+def test_a_call_that_fell_back_from_descriptors_is_not_recorded(sim, monkeypatch):
+    """A descriptor launch that fails in auto mode is rerun with pointer loads inside the
+    same call: that capture holds the discarded launch, so no sequence is built from it
+    (replays would run the failed kernel again); the next call records the pointer path."""
+    memory, kernels = sim
+    batch = make_paged_batch([1, 1], [19, 5], num_q_heads=4, num_kv_heads=2, head_size=32,
+                             dtype=torch.float16)
+    plan = portattn.plan(batch.metadata, num_q_heads=4, dtype=torch.float16,
+                         cache=batch.cache, backend="triton_unified", validate=False)
+    runner = _replaying(plan)
+    memory.add(batch.metadata.cu_seqlens_q, batch.metadata.seq_lens,
+               batch.metadata.block_table, batch.q, batch.cache.key_cache,
+               batch.cache.value_cache)
+    original = runner._launch
+
+    def failing_once(*args, **kwargs):
+        launch.DESCRIPTOR_FAILED[("test",)] = "simulated compile failure"
+        runner._launch = original
+        original(*args, **kwargs)
+
+    runner._launch = failing_once
+    monkeypatch.setattr(launch, "DESCRIPTOR_FAILED", dict(launch.DESCRIPTOR_FAILED))
+    out = torch.full_like(batch.q, math.nan)
+    memory.add(out)
+    plan.run(batch.q, batch.cache, out)
+    slot = next(iter(plan._accepted.values()))
+    assert slot.sequence is None and slot.reason is None
+    plan.run(batch.q, batch.cache, out)
+    assert slot.sequence is not None
+    expected = dense_attention(batch.q, batch.keys, batch.values, [1, 1])
+    assert relative_error(out, expected) < 3e-3

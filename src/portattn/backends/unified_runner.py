@@ -76,10 +76,6 @@ def _scale_input(scale, device, role: str):
     return device_scalars.get(scale, device, role)
 
 
-def _tensor(x):
-    return x if isinstance(x, torch.Tensor) else None
-
-
 class UnifiedRunner(Runner):
     def __init__(self, backend, plan, options, problem, device: torch.device):
         super().__init__(backend, plan, options)
@@ -155,13 +151,18 @@ class UnifiedRunner(Runner):
 
     def _record(self, q, cache, metadata, out, layer, ws, inputs, slot: Slot) -> None:
         """The normal path, recorded; builds the slot's sequence or adds kernels to it."""
-        from portattn.kernels import fast_launch
+        from portattn.kernels import fast_launch, launch
 
+        failed_before = len(launch.DESCRIPTOR_FAILED)
         with fast_launch.capture() as captured:
             self._launch(q, cache, metadata, self.options_for(layer), out, self.plan.params,
                          workspace=ws)
         sequence = slot.sequence
         if sequence is _UNUSABLE:
+            return
+        if len(launch.DESCRIPTOR_FAILED) != failed_before:
+            # a descriptor launch failed and the call was rerun with pointer loads: the
+            # capture holds the discarded launches too; record from the next call
             return
         try:
             if sequence is None:
