@@ -18,6 +18,9 @@ from typing import ContextManager
 import torch
 
 _get_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
+#: The raw handle of CUDA device ``index``'s current stream (what Triton launches on).
+current_stream_handle = getattr(torch._C, "_cuda_getCurrentRawStream", None) or \
+    (lambda index: torch.cuda.current_stream(index).cuda_stream)
 
 _NO_GUARD = contextlib.nullcontext()
 

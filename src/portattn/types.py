@@ -24,7 +24,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 #: Device types whose tensors hold no values (shapes only): nothing can attend over them.
 DATALESS_DEVICE_TYPES = ("meta",)
-_FP8_NAMES = {torch.float8_e4m3fn: "e4m3fn", torch.float8_e5m2: "e5m2"}
+FP8_FORMAT_NAMES = {torch.float8_e4m3fn: "e4m3fn", torch.float8_e5m2: "e5m2"}
 
 
 def fp8_max(dtype: torch.dtype) -> float:
@@ -112,7 +112,7 @@ class KVQuant:
     def key(self) -> str:
         """A short hashable description, e.g. ``fp8_per_tensor:e4m3fn`` (no scale values)."""
         if self.fp8_dtype is not None:
-            return f"{self.mode}:{_FP8_NAMES[self.fp8_dtype]}"
+            return f"{self.mode}:{FP8_FORMAT_NAMES[self.fp8_dtype]}"
         return self.mode
 
     def __hash__(self) -> int:  # scales may be tensors: hash by mode only

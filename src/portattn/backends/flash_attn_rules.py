@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import torch
 
+from portattn.types import FP8_DTYPES
+
 FA_HALF_DTYPES = (torch.float16, torch.bfloat16)
 FA_MAX_HEAD_SIZE = 256
 FA_HEAD_SIZE_STEP = 8
@@ -102,8 +104,8 @@ def fa3_diffkv_supported(head_size_qk: int, head_size_v: int) -> bool:
     return 128 < head_size_qk <= 192 and 96 < head_size_v <= 128
 
 
-def fa3_out_dtype(q_dtype: torch.dtype) -> torch.dtype:
-    """The dtype FA3 writes: q's for fp16/bf16, bf16 for e4m3 inputs."""
+def fa_out_dtype(q_dtype: torch.dtype) -> torch.dtype:
+    """The dtype FA3 and FA4 write: q's for fp16/bf16, bf16 for fp8 inputs."""
     return q_dtype if q_dtype in FA_HALF_DTYPES else torch.bfloat16
 
 
@@ -130,8 +132,8 @@ def fa3_reasons(problem, caps) -> list[str]:
                        if problem.kv_quant == FA3_FP8_KV else
                        f"{who} reads no {problem.kv_quant} cache (only fp8_per_tensor e4m3 "
                        "with an e4m3 q)")
-    if problem.out_dtype != fa3_out_dtype(problem.q_dtype):
-        reasons.append(f"{who} writes {fa3_out_dtype(problem.q_dtype)} here, not "
+    if problem.out_dtype != fa_out_dtype(problem.q_dtype):
+        reasons.append(f"{who} writes {fa_out_dtype(problem.q_dtype)} here, not "
                        f"{problem.out_dtype}")
     reasons += _head_size_reasons(problem, who + (" with fp8" if fp8_q else ""),
                                   FA3_FP8_HEAD_SIZE_STEP if fp8_q else FA_HEAD_SIZE_STEP)
@@ -156,7 +158,7 @@ def fa3_reasons(problem, caps) -> list[str]:
 FA4 = "FA4 (flash_attn.cute)"
 FA4_PAGED_CC_MAJORS = (9, 10, 11)  # sm90, sm100/sm103, sm110: the kernels that take page_table
 FA4_FP8_CC_MAJOR = 10              # interface.py: "FP8 is only supported on SM100"
-FA4_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+FA4_FP8_DTYPES = FP8_DTYPES
 #: Whether FA4's public varlen call takes fp8 descales (False in 4.0.0b36; when a release
 #: adds q_descale/k_descale/v_descale to flash_attn_varlen_func, flip this, pass them in
 #: flash_attn_calls.fa4_paged and test them).
@@ -170,10 +172,6 @@ FA4_ALIGN_BYTES = 16               # head sizes and strides: a multiple of 16 by
 FA4_INSTALL_HINT = ("pip install flash-attn-4 (or portattn[flash-attn-4]): no build, its "
                     "kernels compile on first use")
 
-
-def fa4_out_dtype(q_dtype: torch.dtype) -> torch.dtype:
-    """The dtype FA4 writes: q's for fp16/bf16, bf16 for fp8 inputs."""
-    return q_dtype if q_dtype in FA_HALF_DTYPES else torch.bfloat16
 
 
 def _fa4_head_size_reasons(problem, cc_major: int | None) -> list[str]:
@@ -228,7 +226,7 @@ def fa4_reasons(problem, caps) -> list[str]:
         return [f"{FA4} reads a paged cache only on sm90 and sm100/sm110 (its kernels for "
                 f"sm80 and sm120 take no page_table); this is {caps.arch}"]
     reasons = _fa4_dtype_reasons(problem, cc_major, caps.arch)
-    expected_out = fa4_out_dtype(problem.q_dtype)
+    expected_out = fa_out_dtype(problem.q_dtype)
     if problem.out_dtype != expected_out:
         reasons.append(f"{FA4} writes {expected_out} here, not {problem.out_dtype}"
                        + (" (fp8 output is not supported)" if problem.fp8_output else ""))

@@ -23,12 +23,11 @@ import torch
 from portattn.backends.base import Backend, Plan
 from portattn.backends.triton_kv_load import choose_kv_load
 from portattn.kernels import heuristics
+from portattn.types import FP8_DTYPES, FP8_FORMAT_NAMES, KVQuant
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-FP8_FORMAT_NAMES = {torch.float8_e4m3fn: "e4m3fn", torch.float8_e5m2: "e5m2"}
-#: Every quantized-cache mode the kernels read (KVQuant.mode).
-KV_QUANT_MODES = ("none", "fp8_per_tensor", "int8_per_token_head", "fp8_per_token_head")
+#: The quantized-cache modes the kernels read (KVQuant.mode): every one.
+KV_QUANT_MODES = KVQuant.MODES
 #: For both K and V head sizes (DiffKV too).
 HEAD_SIZE_RANGE = (32, 256)
 HEAD_SIZE_STEP = 8

@@ -98,8 +98,9 @@ class UnifiedRunner(Runner):
         self._workspaces: dict = {}
         self._lock = threading.Lock()
         self._logged: set = set()
-        self._stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or \
-            (lambda index: torch.cuda.current_stream(index).cuda_stream)
+        from portattn.devices import current_stream_handle
+
+        self._stream = current_stream_handle
         self._capturing = torch.cuda.is_current_stream_capturing
 
     def slot(self, key) -> Slot:

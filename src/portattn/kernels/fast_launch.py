@@ -199,10 +199,10 @@ def triton_state():
 
 
 def _device_functions():
-    get_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
-    get_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or \
-        (lambda index: torch.cuda.current_stream(index).cuda_stream)
-    return get_device, get_stream
+    """(current CUDA device, current stream handle of a device): the test seam."""
+    from portattn import devices
+
+    return devices._get_device, devices.current_stream_handle
 
 
 # --------------------------------------------------------------------------- building

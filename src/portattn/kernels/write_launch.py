@@ -10,9 +10,8 @@ from __future__ import annotations
 from portattn.kernels.cache_write import cache_write_kernel
 from portattn.kernels.heuristics import head_pad
 from portattn.kernels.scalars import device_scalars
+from portattn.quant import INT8_MAX
 from portattn.types import fp8_max
-
-_INT8_MAX = 127.0
 
 
 def launch_cache_write(cache, key, value, slot_mapping) -> None:
@@ -29,7 +28,7 @@ def launch_cache_write(cache, key, value, slot_mapping) -> None:
         k_strides = v_strides = (0, 0, 0)
     elif quant.per_token_head:
         code = 2
-        qmax = _INT8_MAX if quant.mode == "int8_per_token_head" else fp8_max(cache.dtype)
+        qmax = INT8_MAX if quant.mode == "int8_per_token_head" else fp8_max(cache.dtype)
         k_scale, v_scale = cache.k_scale_cache, cache.v_scale_cache
         k_strides, v_strides = k_scale.stride(), v_scale.stride()
     else:
