@@ -437,9 +437,8 @@ def _stand_ins(device, num_q_heads, dtype, cache, num_kv_heads, head_size_qk, he
     structure, so plan() runs exactly the checks attention() runs."""
     if device is None:
         raise InputError("metadata.seq_lens", "a tensor", "not a tensor")
-    for name, value in (("num_q_heads", num_q_heads),):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise InputError(name, "a positive int", _describe(value))
+    if isinstance(num_q_heads, bool) or not isinstance(num_q_heads, int) or num_q_heads <= 0:
+        raise InputError("num_q_heads", "a positive int", _describe(num_q_heads))
     if not isinstance(dtype, torch.dtype):
         raise InputError("dtype", "a torch.dtype (q's)", _describe(dtype))
     if cache is not None:

@@ -130,6 +130,12 @@ def _same_scale(a: Scale | None, b: Scale | None) -> bool:
     return a == b
 
 
+def check_scale_value(name: str, value: float) -> None:
+    """A scale's value must be finite and positive (``InputError`` naming ``name``)."""
+    if not (math.isfinite(value) and value > 0):
+        raise InputError(name, "a finite positive scale", repr(value))
+
+
 def _check_scalar_scale(name: str, scale: Scale | None) -> None:
     """A scale is a finite positive float or a one-element float32 tensor. A tensor on
     the CPU is range-checked here; one on a GPU only with ``validate=True`` (reading it
@@ -139,14 +145,11 @@ def _check_scalar_scale(name: str, scale: Scale | None) -> None:
             raise InputError(name, "a python float or a one-element float32 tensor",
                              _describe(scale))
         if scale.device.type == "cpu":
-            value = float(scale.reshape(()))
-            if not (math.isfinite(value) and value > 0):
-                raise InputError(name, "a finite positive scale", repr(value))
+            check_scale_value(name, float(scale.reshape(())))
         return
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise InputError(name, "a python float or a one-element float32 tensor", _describe(scale))
-    if not (math.isfinite(scale) and scale > 0):
-        raise InputError(name, "a finite positive scale", repr(scale))
+    check_scale_value(name, float(scale))
 
 
 def scale_as_tensor(scale: Scale, device: torch.device) -> torch.Tensor:

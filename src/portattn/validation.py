@@ -62,6 +62,7 @@ from portattn.types import (
     PagedKVCache,
     _describe,
     check_has_data,
+    check_scale_value,
 )
 
 
@@ -202,6 +203,4 @@ def check_scale_values(cache: PagedKVCache, q_scale=None, output_scale=None) -> 
                         ("quant.v_scale", cache.quant.v_scale), ("q_scale", q_scale),
                         ("output_scale", output_scale)):
         if isinstance(scale, torch.Tensor) and scale.device.type != "cpu":
-            value = float(scale.reshape(()).item())
-            if not (value == value and abs(value) != float("inf") and value > 0):
-                raise InputError(name, "a finite positive scale", repr(value))
+            check_scale_value(name, float(scale.reshape(()).item()))

@@ -41,6 +41,7 @@ call can be captured; capture after the first call of a configuration (the compi
 
 from __future__ import annotations
 
+from portattn import settings
 from portattn.backends import flash_attn_jit
 from portattn.backends.base import Backend, Plan
 from portattn.backends.flash_attn_calls import (
@@ -63,7 +64,7 @@ from portattn.backends.flash_attn_rules import (
     machine_reasons,
 )
 
-INTERFACE_VARIABLE = "PORTATTN_FLASH_ATTN_INTERFACE"
+INTERFACE_VARIABLE = settings.FLASH_ATTN_INTERFACE.name
 AUTO_ORDER = ("fa4", "fa3", "fa2")
 INTERFACE_CHOICES = {"": AUTO_ORDER, "auto": AUTO_ORDER, "fa2": ("fa2",), "fa3": ("fa3",),
                      "fa4": ("fa4",)}
@@ -76,8 +77,6 @@ FA4_VARIANT = ("FA4 paged varlen (flash_attn.cute: page_table, seqused_k; JIT-co
 def allowed_interfaces() -> tuple[str, ...]:
     """The interfaces ``PORTATTN_FLASH_ATTN_INTERFACE`` allows, in the order tried (read
     when deciding)."""
-    from portattn import settings
-
     choice = settings.FLASH_ATTN_INTERFACE.value()  # InputError naming it when invalid
     return INTERFACE_CHOICES["auto" if choice is None else choice]
 

@@ -21,8 +21,10 @@ from __future__ import annotations
 import logging
 import threading
 
+from portattn import settings
+
 COMPILE_SECONDS_H200 = 4  # measured per new configuration on the H200 (DEVICE.md)
-DISK_CACHE_VARIABLE = "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"
+DISK_CACHE_VARIABLE = settings.FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED.name
 QUERY_ROWS_CAP = 512  # past this many (query x GQA) rows FA4's tile plan no longer changes
 MANY_SEQUENCES = 256  # FA4 adds a batch lookup above this many sequences
 
@@ -82,8 +84,6 @@ def compile_note(configuration: tuple | None) -> str:
     if configuration is not None and configuration in compiled:
         return ("FA4 JIT: this configuration already ran in this process; its kernel is "
                 "compiled")
-    from portattn import settings
-
     disk = (settings.FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED.raw() or "").strip() == "1"
     return ("FA4 JIT: the first call with this configuration in this process compiles a "
             f"kernel (about {COMPILE_SECONDS_H200} s on an H200; warm up before capturing a "
