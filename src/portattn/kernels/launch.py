@@ -22,15 +22,13 @@ from portattn.kernels import kv_load as kv_load_rules
 from portattn.kernels import reduce, unified
 from portattn.kernels.fast_launch import capturable
 from portattn.kernels.heuristics import head_pad
-from portattn.kernels.scalars import device_scalars
+from portattn.kernels.scalars import device_scalars, kv_scale_args
 from portattn.types import FP8_DTYPES, fp8_max
 
 unified_attention_kernel = capturable(unified.unified_attention_kernel)
 merge_segments_kernel = capturable(reduce.merge_segments_kernel)
 
 ALIBI_CODES = {"none": 0, "linear": 1, "sqrt": 2}
-KV_QUANT_CODES = {"none": 0, "fp8_per_tensor": 1, "int8_per_token_head": 2,
-                  "fp8_per_token_head": 2}
 #: COMPUTE_DTYPE codes of the kernel (plain ints keep launches replayable)
 _COMPUTE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 #: fp8 QK^T dots promote their partial sums to fp32 every this many products (the
@@ -42,20 +40,9 @@ FP8_DOT_PROMOTE_EVERY = 32
 def kernel_scalars(q, cache, options, fp8_dot: bool, compute: str | None = None) -> dict:
     """The quantization arguments of both kernels: scale pointers, their strides and the
     switches (see the kernel's module doc)."""
-    quant = cache.quant
     device = q.device
-    code = KV_QUANT_CODES[quant.mode]
     dummy = q
-    if code == 1:
-        k_scale = device_scalars.get(quant.k_scale, device, "k")
-        v_scale = device_scalars.get(quant.v_scale, device, "v")
-        k_strides = v_strides = (0, 0, 0)
-    elif code == 2:
-        k_scale, v_scale = cache.k_scale_cache, cache.v_scale_cache
-        k_strides, v_strides = k_scale.stride(), v_scale.stride()
-    else:
-        k_scale = v_scale = dummy
-        k_strides = v_strides = (0, 0, 0)
+    code, k_scale, v_scale, k_strides, v_strides = kv_scale_args(cache, device, dummy)
     q_fp8 = q.dtype in FP8_DTYPES
     fp8_out = options.out_dtype in FP8_DTYPES
     if compute is None:  # fp8 caches: fp16 dots (fp8 -> fp16 is exact and one conversion)

@@ -41,3 +41,23 @@ class _DeviceScalars:
 
 
 device_scalars = _DeviceScalars()
+
+
+#: The kernels' code for a cache's quantization (their ``KV_QUANT`` / ``QUANT``).
+KV_QUANT_CODES = {"none": 0, "fp8_per_tensor": 1, "int8_per_token_head": 2,
+                  "fp8_per_token_head": 2}
+
+
+def kv_scale_args(cache, device: torch.device, dummy: torch.Tensor) -> tuple:
+    """``(code, k_scale, v_scale, k_strides, v_strides)`` as the attention and cache-write
+    kernels take them: per-tensor scales as device scalars (strides unused), per-token-head
+    scale caches with their (block, slot, head) strides, ``dummy`` where there is none."""
+    quant = cache.quant
+    code = KV_QUANT_CODES[quant.mode]
+    if code == 1:
+        return (code, device_scalars.get(quant.k_scale, device, "k"),
+                device_scalars.get(quant.v_scale, device, "v"), (0, 0, 0), (0, 0, 0))
+    if code == 2:
+        k_scale, v_scale = cache.k_scale_cache, cache.v_scale_cache
+        return code, k_scale, v_scale, k_scale.stride(), v_scale.stride()
+    return code, dummy, dummy, (0, 0, 0), (0, 0, 0)
