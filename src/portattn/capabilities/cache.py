@@ -102,11 +102,17 @@ def load(key: dict) -> Capabilities | None:
 
 def store(key: dict, caps: Capabilities) -> Path | None:
     """Write atomically; returns the path, or None when it could not be written."""
-    path = cache_file(key)
+    return write_json_atomic(cache_file(key), {"format": CACHE_FORMAT, "key": key,
+                                               "capabilities": caps.to_dict()})
+
+
+def write_json_atomic(path: Path, payload: Any) -> Path | None:
+    """``payload`` as JSON at ``path`` through a temporary file in the same folder and
+    ``os.replace`` (a reader never sees half a file); returns the path, or None when it
+    could not be written."""
     tmp_name = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"format": CACHE_FORMAT, "key": key, "capabilities": caps.to_dict()}
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp",
                                         dir=path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:

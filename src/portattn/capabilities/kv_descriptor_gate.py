@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -85,17 +84,13 @@ def _load_disk() -> dict[str, Any]:
 
 
 def _store_disk(key: str, result: dict) -> None:
-    try:
-        results = _load_disk()
-        results[key] = result
-        path = cache_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump({"format": CACHE_FORMAT, "results": results}, fh, indent=1)
-        os.replace(tmp, path)
-    except OSError:  # an unwritable cache only costs a re-check next process
-        pass
+    """Add one answer to the file (an unwritable cache only costs a re-check next
+    process)."""
+    from portattn.capabilities import cache
+
+    results = _load_disk()
+    results[key] = result
+    cache.write_json_atomic(cache_path(), {"format": CACHE_FORMAT, "results": results})
 
 
 def clear(*, disk: bool = False) -> None:
