@@ -1,9 +1,18 @@
-"""Side-by-side timings for kernel experiments (NOTES.md section 9): the previous kernel
-(``.gpu/oldkernels``, carried to the device when present) against the current one, and
-switch variants (V_STAGE both ways on 8-bit caches, the bad-block checks off on bf16
-prefill), in one run with the copy ceiling.
+"""Side-by-side timings for kernel experiments (benchmarks/NOTES.md), in one run with the
+copy ceiling: each case's plan as the heuristics make it ("current") against variants
+of its switches and tiles:
 
-    PYTHONPATH=src:.gpu python3 benchmarks/kernel_experiments.py
+* 8-bit caches: V_STAGE both ways; the codes rebuilt with integer operations (``kv_bits``:
+  the e4m3 bytes path of sm80/sm86, the int8 path) against the conversion unit; decode
+  segments, tiles and warps;
+* prefill: pointer loads at block 16, descriptor loads at block 128; the bad-block checks
+  off.
+
+    PYTHONPATH=src python3 benchmarks/kernel_experiments.py [CASE_SUBSTRING ...]
+    PYTHONPATH=src python3 benchmarks/kernel_experiments.py --compile-only I/N [...]
+
+``--compile-only I/N`` runs share I of N of the (case, variant) launches once, untimed:
+several such processes side by side fill Triton's disk cache before the timed run.
 """
 
 from __future__ import annotations
@@ -15,17 +24,103 @@ import torch
 import triton.testing
 
 from portattn.bench import Case, GraphTimer, build_inputs, case_bytes, case_flops
-from portattn.kernels.heuristics import Shape, plan_launch, scales_per_token_head
+from portattn.kernels import kv_load as kv_load_rules
+from portattn.kernels.heuristics import Shape, plan_launch, quant_mode
 from portattn.kernels.launch import launch_unified
 from portattn.options import normalize_options
 
+#: (case, cache block size)
+CASES = [
+    (Case("decode-32x8192", "decode", [1] * 32, [8192] * 32), 16),
+    (Case("decode-32x8192-fp8", "decode", [1] * 32, [8192] * 32, "fp8_per_tensor"), 16),
+    (Case("decode-128x8192-fp8", "decode", [1] * 128, [8192] * 128, "fp8_per_tensor"), 16),
+    (Case("decode-8x8192-fp8", "decode", [1] * 8, [8192] * 8, "fp8_per_tensor"), 16),
+    (Case("decode-32x8192-int8pth", "decode", [1] * 32, [8192] * 32,
+          "int8_per_token_head"), 16),
+    (Case("decode-32x8192-fp8pth", "decode", [1] * 32, [8192] * 32,
+          "fp8_per_token_head"), 16),
+    (Case("decode-128x8192-int8pth", "decode", [1] * 128, [8192] * 128,
+          "int8_per_token_head"), 16),
+    (Case("decode-128x8192-fp8pth", "decode", [1] * 128, [8192] * 128,
+          "fp8_per_token_head"), 16),
+    (Case("decode-8x8192-int8pth", "decode", [1] * 8, [8192] * 8, "int8_per_token_head"), 16),
+    (Case("prefill-1x8192", "prefill", [8192], [8192]), 16),
+    (Case("prefill-1x8192-b128", "prefill", [8192], [8192]), 128),
+    (Case("prefill-1x8192-fp8", "prefill", [8192], [8192], "fp8_per_tensor"), 16),
+    (Case("decode-1x8192", "decode", [1], [8192]), 16),
+    (Case("decode-8x8192", "decode", [1] * 8, [8192] * 8), 16),
+    (Case("decode-8x1024", "decode", [1] * 8, [1024] * 8), 16),
+    (Case("decode-1x32768", "decode", [1], [32768]), 16),
+    (Case("decode-8x32768", "decode", [1] * 8, [32768] * 8), 16),
+]
 
-def timed(graph, fn):
-    fn()
-    return graph(fn)
+
+def _tile(params: dict, **changes) -> dict:
+    out = dict(params)
+    out["short"] = dict(params["short"], **changes)
+    return out
 
 
-def main() -> int:
+def variants_of(case: Case, base: dict, block_size: int) -> dict[str, dict]:
+    variants = {"current": base}
+    if case.kind == "decode" and case.kv_quant != "none":
+        variants["v-stage-on"] = dict(base, v_stage=True)
+        variants["segments-x2"] = _tile(base, segments=base["short"]["segments"] * 2)
+        variants["block-n-64-warps-2"] = _tile(base, block_n=64, num_warps=2)
+        variants["block-n-128-warps-4"] = _tile(base, block_n=128, num_warps=4)
+        if "kv_bits" in base:  # the conversion unit instead of the integer-op rebuild
+            variants["conversion-unit"] = {k: v for k, v in base.items() if k != "kv_bits"}
+        else:
+            codes = "int8" if case.kv_quant.startswith("int8") else "e4m3fn"
+            variants["codes"] = dict(base, kv_bits=codes)
+    elif case.kind == "prefill":
+        if block_size >= 64:
+            base = dict(kv_load_rules.descriptor_params(base, block_size),
+                        _kv_load_forced=True)  # a failure raises, never falls back
+            variants = {"current-descriptors": base}
+        if case.kv_quant.startswith("fp8"):
+            variants["codes"] = dict(base, kv_bits="e4m3fn")
+        elif block_size == 16:
+            variants["no-block-checks"] = dict(base, check_blocks=False)
+    return variants
+
+
+def compile_only(share: str, argv: list[str]) -> int:
+    index, count = (int(x) for x in share.split("/"))
+    k = 0
+    for case, block_size in CASES:
+        if argv and not any(s in case.name for s in argv):
+            continue
+        inp = None
+        for name, params in _variants_for(case, block_size).items():
+            k += 1
+            if (k - 1) % count != index:
+                continue
+            if inp is None:
+                inp = build_inputs(case, num_q_heads=32, num_kv_heads=8, head_size=128,
+                                   block_size=block_size, dtype=torch.bfloat16, device="cuda")
+                options = normalize_options(inp.q, inp.cache)
+            try:
+                launch_unified(inp.q, inp.cache, inp.metadata, options, inp.out, params)
+                torch.cuda.synchronize()
+            except Exception as exc:
+                print(f"{case.name} {name}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+        del inp
+        torch.cuda.empty_cache()
+    return 0
+
+
+def _variants_for(case: Case, block_size: int) -> dict[str, dict]:
+    elem = 1 if case.kv_quant != "none" else 2
+    shape = Shape(32, 8, 128, elem, max(case.query_lens), max(case.seq_lens), case.num_seqs,
+                  torch.cuda.get_device_properties(0).multi_processor_count, "sm90",
+                  kv_quant=quant_mode(case.kv_quant))
+    return variants_of(case, plan_launch(shape), block_size)
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--compile-only"]:
+        return compile_only(argv[1], argv[2:])
     graph = GraphTimer()
     n = 1 << 29
     a = torch.empty(n, dtype=torch.bfloat16, device="cuda").normal_()
@@ -33,66 +128,38 @@ def main() -> int:
     copy = 4 * n / (triton.testing.do_bench(lambda: b.copy_(a), return_mode="median") * 1e-3) / 1e12
     del a, b
     rows = []
-    cases = [Case("decode-32x8192", "decode", [1] * 32, [8192] * 32),
-             Case("decode-32x8192-fp8", "decode", [1] * 32, [8192] * 32, "fp8_per_tensor"),
-             Case("decode-32x8192-int8pth", "decode", [1] * 32, [8192] * 32,
-                  "int8_per_token_head"),
-             Case("prefill-1x8192", "prefill", [8192], [8192]),
-             Case("prefill-1x8192-fp8", "prefill", [8192], [8192], "fp8_per_tensor"),
-             Case("decode-1x8192", "decode", [1], [8192]),
-             Case("decode-8x8192", "decode", [1] * 8, [8192] * 8),
-             Case("decode-8x1024", "decode", [1] * 8, [1024] * 8),
-             Case("decode-1x32768", "decode", [1], [32768])]
-    try:
-        import oldkernels.heuristics as old_h
-        import oldkernels.launch as old_l
-    except ImportError:
-        old_h = old_l = None
-    for case in cases:
+    for case, block_size in CASES:
+        if argv and not any(s in case.name for s in argv):
+            continue
         inp = build_inputs(case, num_q_heads=32, num_kv_heads=8, head_size=128,
-                           block_size=16, dtype=torch.bfloat16, device="cuda")
+                           block_size=block_size, dtype=torch.bfloat16, device="cuda")
         options = normalize_options(inp.q, inp.cache)
-        shape = Shape(32, 8, 128, inp.cache.key_cache.element_size(), max(case.query_lens),
-                      max(case.seq_lens), case.num_seqs, torch.cuda.get_device_properties(0)
-                      .multi_processor_count, "sm90",
-                      scales_per_token=scales_per_token_head(case.kv_quant))
-        base = plan_launch(shape)
-        variants = {"current": base}
-        if case.kv_quant != "none":  # V_STAGE both ways (the plan sets it for decode)
-            variants["v-staged"] = dict(base, v_stage=True)
-            variants["no-v-stage"] = dict(base, v_stage=False)
-        elif case.num_seqs in (1, 32) and case.kind == "prefill":
-            variants["no-block-checks"] = dict(base, check_blocks=False)
-        for name, params in variants.items():
+        for name, params in _variants_for(case, block_size).items():
             fn = (lambda p=params: launch_unified(inp.q, inp.cache, inp.metadata, options,
                                                   inp.out, p))
             try:
-                ms = timed(graph, fn)
+                fn()
+                ms = graph(fn)
             except Exception as exc:
-                rows.append({"case": case.name, "variant": name, "error": str(exc)[:200]})
+                rows.append({"case": case.name, "variant": name,
+                             "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+                print(rows[-1], flush=True)
                 continue
             rows.append({"case": case.name, "variant": name, "us": ms * 1e3,
                          "tbs": case_bytes(case, inp) / (ms * 1e-3) / 1e12,
-                         "tflops": case_flops(case, 32, 128) / (ms * 1e-3) / 1e12})
-        if old_l is not None and case.kv_quant == "none":
-            oshape = old_h.Shape(32, 8, 128, 2, max(case.query_lens), max(case.seq_lens),
-                                 case.num_seqs,
-                                 shape.sm_count, "sm90")
-            oparams = old_h.plan_launch(oshape)
-            ms = timed(graph, lambda: old_l.launch_unified(inp.q, inp.cache, inp.metadata,
-                                                           options, inp.out, oparams))
-            rows.append({"case": case.name, "variant": "previous kernel", "us": ms * 1e3,
-                         "tbs": case_bytes(case, inp) / (ms * 1e-3) / 1e12,
-                         "tflops": case_flops(case, 32, 128) / (ms * 1e-3) / 1e12})
+                         "tflops": case_flops(case, 32, 128) / (ms * 1e-3) / 1e12,
+                         "params": params})
+            print(f"{case.name:<24} {name:<20} {ms * 1e3:8.1f} us", flush=True)
         del inp
+        torch.cuda.empty_cache()
     print(json.dumps({"gpu": torch.cuda.get_device_name(), "copy_tbs": copy, "rows": rows},
-                     indent=1))
+                     indent=1, default=str))
     for r in rows:
-        print(f"{r['case']:<24} {r['variant']:<16} "
+        print(f"{r['case']:<24} {r['variant']:<20} "
               + (f"{r['us']:8.1f} us {r['tbs']:5.2f} TB/s ({r['tbs'] / copy:4.2f} copy) "
                  f"{r['tflops']:6.0f} TFLOP/s" if "us" in r else r["error"]))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

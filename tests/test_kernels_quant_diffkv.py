@@ -14,8 +14,11 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from portattn import KVQuant, PagedKVCache
+from portattn.kernels.byte_decode import decode_bytes
 from portattn.kernels.heuristics import TileConfig
 
 from unified_check import FEATURE_KW, check_unified, undo_interpreter_fp8_carry
@@ -68,20 +71,21 @@ def test_v_staged_in_16_bits(quant, variant, v_stage):
     run(variant, quant=QUANTS[quant], dtype=F16, head_size=64, sinks=True, v_stage=v_stage)
 
 
-def test_plan_stages_v_for_per_token_head_decode_on_sm90_only():
+def test_plan_rebuilds_int8_codes_for_decode_on_sm90_only():
     from portattn.kernels import heuristics
 
     def plan(quant_key, arch="sm90", elem=1, q=1, head=128):
         shape = heuristics.Shape(32, 8, head, elem, q, 8192, 32, 132, arch, head,
-                                 heuristics.scales_per_token_head(quant_key))
+                                 heuristics.quant_mode(quant_key))
         return heuristics.plan_launch(shape)
 
-    assert plan("int8_per_token_head")["v_stage"] is True
-    assert plan("fp8_per_token_head:e4m3fn")["v_stage"] is True
-    assert "v_stage" not in plan("fp8_per_tensor:e4m3fn")
-    assert "v_stage" not in plan("none", elem=2)
-    assert "v_stage" not in plan("int8_per_token_head", arch="sm86")
-    assert "v_stage" not in plan("int8_per_token_head", q=4096)  # prefill tiles
+    assert plan("int8_per_token_head")["kv_bits"] == "int8"
+    assert heuristics.variant_name(plan("int8_per_token_head")) == "decode-2d-int8-codes"
+    for params in (plan("fp8_per_token_head:e4m3fn"), plan("fp8_per_tensor:e4m3fn"),
+                   plan("none", elem=2), plan("int8_per_token_head", arch="sm86"),
+                   plan("int8_per_token_head", q=4096)):  # prefill tiles
+        assert "kv_bits" not in params
+        assert "v_stage" not in params  # a measured switch that lost: never planned
     assert not heuristics.scales_per_token_head("fp8_per_tensor:e5m2")
 
 
@@ -119,6 +123,106 @@ def test_fp8_q(quant, variant):
 def test_fp8_output(quant, variant):
     run(variant, quant=QUANTS.get(quant), fp8_out=E4M3, dtype=F16, head_size=64,
         sinks=True)
+
+
+# ----------------------------------- 8-bit caches rebuilt from their codes (KV_BITS)
+@interp
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("quant", list(QUANTS))
+def test_cache_codes_rebuilt_with_integer_ops(quant, variant):
+    """The kernel's KV_BITS (fp8 caches on GPUs without the format, int8 caches): the same
+    results as the oracle on what the cache stores, every 8-bit mode and launch variant."""
+    run(variant, quant=QUANTS[quant], dtype=F16, head_size=64, kv_bits=True)
+
+
+@interp
+@pytest.mark.parametrize("feature", list(FEATURE_KW))
+@pytest.mark.parametrize("quant", ["fp8_tensor_e4m3", "int8_token_head"])
+def test_cache_codes_rebuilt_features(quant, feature):
+    run("decode-3d", group=3, quant=QUANTS[quant], dtype=F16, head_size=64,
+        kv_bits=True, **FEATURE_KW[feature])
+
+
+@interp
+@pytest.mark.parametrize("quant", ["fp8_token_head", "fp8_tensor_e4m3", "fp8_tensor_e5m2",
+                                   "int8_token_head"])
+def test_cache_codes_rebuilt_prefill_fp32_all_features(quant):
+    run("prefill", quant=QUANTS[quant], dtype=F32, head_size=40, kv_bits=True,
+        **FEATURE_KW["all"])
+
+
+@interp
+@pytest.mark.parametrize("quant", ["fp8_token_head", "fp8_tensor_e4m3", "int8_token_head"])
+@pytest.mark.parametrize("case", ["v_stage", "descriptor", "diffkv", "fp8_out"])
+def test_cache_codes_rebuilt_with_other_switches(quant, case):
+    kw = {"v_stage": dict(v_stage=True, sinks=True),
+          "descriptor": dict(kv_load="descriptor"),
+          "diffkv": dict(head_size_v=32),
+          "fp8_out": dict(fp8_out=E5M2)}[case]
+    run("mixed" if case == "v_stage" else "decode-3d", quant=QUANTS[quant], dtype=F16,
+        head_size=64, kv_bits=True, **kw)
+
+
+@triton.jit
+def _decode_codes_kernel(src, dst, BITS: tl.constexpr, ASM: tl.constexpr):
+    """Store ``decode_bytes`` (as fp32) of 256 byte codes."""
+    offs = tl.arange(0, 256)
+    tl.store(dst + offs, decode_bytes(tl.load(src + offs), BITS, ASM).to(tl.float32))
+
+
+def check_every_code(code_dtype: torch.dtype, device: str, asm: bool) -> None:
+    """All 256 codes through ``byte_decode.decode_bytes`` against PyTorch's own
+    conversion of the codes: normals, subnormals, zeros of both signs, NaN (e4m3fn's
+    0x7f / 0xff, e5m2's) and e5m2's infinities; e4m3 codes decode to the value / 256 (the
+    kernel folds the 256 back). Shared with the GPU tier (``asm``: the inline PTX)."""
+    bits = {E4M3: 1, E5M2: 2, torch.int8: 3}[code_dtype]
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    src = codes.view(torch.int8) if code_dtype == torch.int8 else codes
+    out = torch.full((256,), 7.0, dtype=F32)  # poison: every entry must be written
+    src, out = src.to(device), out.to(device)
+    _decode_codes_kernel[(1,)](src, out, BITS=bits, ASM=asm)
+    out = out.cpu()
+    expected = codes.view(code_dtype).double() / (256.0 if code_dtype == E4M3 else 1.0)
+    nan = torch.isnan(expected)
+    assert torch.equal(torch.isnan(out), nan)
+    assert int(nan.sum()) == {E4M3: 2, E5M2: 6, torch.int8: 0}[code_dtype]
+    assert torch.equal(out[~nan].double(), expected[~nan])
+    assert torch.equal(torch.signbit(out[~nan]), torch.signbit(expected[~nan]))
+
+
+@interp
+@pytest.mark.parametrize("code_dtype", [E4M3, E5M2, torch.int8], ids=str)
+def test_every_code_decodes_to_its_value(code_dtype):
+    check_every_code(code_dtype, "cpu", asm=False)
+
+
+def test_plan_decodes_fp8_from_bytes_only_where_the_gpu_lacks_the_format():
+    from portattn.backends.triton_unified import TritonUnified, fp8_cache_from_bytes
+    from portattn.capabilities import probe
+    from portattn.dispatch.problem import Problem
+
+    for kv_quant, fmt in (("fp8_per_tensor:e4m3fn", "e4m3fn"),
+                          ("fp8_per_tensor:e5m2", "e5m2"),
+                          ("fp8_per_token_head:e4m3fn", "e4m3fn")):
+        problem = Problem.make(kv_quant=kv_quant, num_seqs=32)
+        for profile in ("sm80", "sm86"):
+            caps = probe(simulate=profile)
+            assert fp8_cache_from_bytes(problem, caps) == fmt
+            plan = TritonUnified().plan(problem, caps)
+            assert plan.params["kv_bits"] == fmt
+            assert plan.variant.endswith(f"-{fmt}-codes")
+        for profile in ("sm89", "sm90", "sm100"):
+            caps = probe(simulate=profile)
+            assert fp8_cache_from_bytes(problem, caps) is None
+            assert "kv_bits" not in TritonUnified().plan(problem, caps).params
+        # not run on an AMD GPU: no byte decode there, the reason stays
+        assert fp8_cache_from_bytes(problem, probe(simulate="gfx942")) is None
+        assert TritonUnified().why_not(problem, probe(simulate="gfx942"))
+    int8 = Problem.make(kv_quant="int8_per_token_head", num_seqs=32)
+    assert fp8_cache_from_bytes(int8, probe(simulate="sm80")) is None
+    # fp8 q and fp8 output still need the format on the GPU
+    fp8_q = Problem.make(dtype="e4m3fn", out_dtype="bfloat16", kv_quant="fp8_per_tensor")
+    assert any("fp8 e4m3fn" in r for r in TritonUnified().why_not(fp8_q, probe(simulate="sm80")))
 
 
 # --------------------------------------------------------------------------- DiffKV

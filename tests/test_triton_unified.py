@@ -168,19 +168,26 @@ def test_why_not_reasons(kw, needle):
     assert any(needle in r for r in reasons), reasons
 
 
-@pytest.mark.parametrize("kw,needle", [
-    (dict(kv_quant="fp8_per_tensor:e4m3fn"), "the KV cache is fp8 e4m3fn, which sm80"),
-    (dict(kv_quant="fp8_per_token_head:e5m2"), "the KV cache is fp8 e5m2, which sm80"),
-    (dict(out_dtype="e4m3fn"), "the output is fp8 e4m3fn, which sm80"),
-    (dict(dtype="e4m3fn", kv_quant="int8_per_token_head"), "q is fp8 e4m3fn, which sm80"),
+@pytest.mark.parametrize("kw,profile,needle", [
+    (dict(kv_quant="fp8_per_tensor:e4m3fn"), "gfx942",
+     "the KV cache is fp8 e4m3fn, which gfx942"),
+    (dict(kv_quant="fp8_per_token_head:e5m2"), "gfx942",
+     "the KV cache is fp8 e5m2, which gfx942"),
+    (dict(out_dtype="e4m3fn"), "sm80", "the output is fp8 e4m3fn, which sm80"),
+    (dict(dtype="e4m3fn", kv_quant="int8_per_token_head"), "sm80",
+     "q is fp8 e4m3fn, which sm80"),
 ])
-def test_fp8_needs_fp8_hardware(kw, needle):
+def test_fp8_needs_fp8_hardware(kw, profile, needle):
+    """fp8 q and output need the format on the GPU; an fp8 KV cache is read from its bytes
+    on NVIDIA GPUs without it (sm80/sm86), not on AMD ones."""
     from portattn.backends.triton_unified import TritonUnified
     from portattn.capabilities import probe
 
     assert TritonUnified().why_not(_problem(**kw), _caps()) == []  # sm90 has fp8
-    reasons = TritonUnified().why_not(_problem(**kw), probe(simulate="sm80"))
+    reasons = TritonUnified().why_not(_problem(**kw), probe(simulate=profile))
     assert any(needle in r for r in reasons), reasons
+    if "kv_quant" in kw and "dtype" not in kw:
+        assert TritonUnified().why_not(_problem(**kw), probe(simulate="sm80")) == []
 
 
 def test_why_not_relays_triton_reason():

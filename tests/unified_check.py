@@ -95,7 +95,7 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
                   sm_count=132, arch="sm90", seq_lens_override=None, seed=0, quant=None,
                   head_size_v=None, q_fp8=None, fp8_out=None, layout="split",
                   fp8_dot=False, tolerance=None, separate_kv=False, block_table_edit=None,
-                  v_stage=None, kv_load="pointer"):
+                  v_stage=None, kv_load="pointer", kv_bits=False):
     """Run one case; returns the relative error (asserts it is within tolerance).
 
     ``quant``: a KVQuant for the cache; ``head_size_v``: DiffKV (a packed cache);
@@ -108,7 +108,9 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
     gathered (returns the indices of the sequences whose rows must come out NaN);
     ``kv_load``: "pointer" or "descriptor" (the kernel's KV_LOAD switch, tiles cut to
     whole parts of a cache block by ``kv_load.descriptor_params``; forced, so tensors
-    that cannot back a descriptor raise instead of silently using pointer loads)."""
+    that cannot back a descriptor raise instead of silently using pointer loads);
+    ``kv_bits``: rebuild an 8-bit cache's values from its codes with integer operations
+    in the kernel (the plan's ``kv_bits``: fp8 on GPUs without the format, int8), forced."""
     from portattn.backends.triton_unified import TritonUnified
 
     num_q_heads = group * num_kv_heads
@@ -181,11 +183,14 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
                              heuristics.next_pow2(max(query_lens)),
                              heuristics.next_pow2(max(seq_lens)),
                              heuristics.next_pow2(len(query_lens)), sm_count, arch, head_v,
-                             heuristics.scales_per_token_head(cache.quant.key))
+                             heuristics.quant_mode(cache.quant.key))
     params = heuristics.plan_launch(shape, mode=mode, segments=segments, short=short,
                                     long=long, fp8_dot=fp8_dot)
     if v_stage is not None:  # forced on or off; None follows the plan
         params["v_stage"] = bool(v_stage)
+    if kv_bits:
+        params["kv_bits"] = {torch.float8_e4m3fn: "e4m3fn", torch.float8_e5m2: "e5m2",
+                             torch.int8: "int8"}[cache.key_cache.dtype]
     if kv_load == "descriptor":
         from portattn.kernels import kv_load as kv_load_rules
 

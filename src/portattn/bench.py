@@ -454,8 +454,8 @@ def sweep_configs(case: Case, shape) -> list[dict]:
     configs = []
     if case.kind in ("decode", "spec"):
         base = decode_config(shape, max(case.query_lens), case.num_seqs, 1)
-        tiles = [(64, 4, 3), (64, 8, 3), (64, 4, 2), (128, 4, 3), (128, 8, 3), (128, 4, 2),
-                 (256, 8, 2), (256, 4, 2)]
+        tiles = [(64, 4, 3), (64, 8, 3), (64, 4, 2), (64, 2, 2), (128, 4, 3), (128, 8, 3),
+                 (128, 4, 2), (256, 8, 2), (256, 4, 2)]
         programs = case.num_seqs * shape.num_kv_heads
         seg_options = [s for s in (1, 2, 4, 8, 16, 32, 64)
                        if programs * s <= 4 * shape.sm_count and
@@ -463,7 +463,7 @@ def sweep_configs(case: Case, shape) -> list[dict]:
         for bn, w, st in tiles:
             for seg in seg_options:
                 tile = TileConfig(base.block_m, base.block_q, bn, w, st, seg)
-                # through plan_launch: the plan's own switches (V_STAGE) with these tiles
+                # through plan_launch: the plan's own switches (kv_bits) with these tiles
                 configs.append(plan_launch(shape, mode="decode", short=tile))
     elif case.kind == "prefill":
         base = prefill_config(shape)
@@ -490,7 +490,7 @@ def compile_only(cases: list[Case], args, caps, shard: int, shards: int) -> int:
     """Run every distinct kernel config once (shard ``shard`` of ``shards``), filling
     Triton's disk cache so the timed run does not compile. Lengths may be shrunk: the
     compiled variants depend on head counts, sizes and strides, not on lengths."""
-    from portattn.kernels.heuristics import Shape, scales_per_token_head
+    from portattn.kernels.heuristics import Shape, quant_mode
     from portattn.kernels.launch import launch_unified
     from portattn.options import normalize_options
 
@@ -501,7 +501,7 @@ def compile_only(cases: list[Case], args, caps, shard: int, shards: int) -> int:
         shape = Shape(args.num_q_heads, args.num_kv_heads, case.head_size_qk or args.head_size,
                       elem, max(case.query_lens), max(case.seq_lens), case.num_seqs,
                       caps.sm_count, caps.arch, case.head_size_v,
-                      scales_per_token_head(case.kv_quant))
+                      quant_mode(case.kv_quant))
         items = [None] + (sweep_configs(case, shape) if args.sweep else [])
         for params in items:
             key = (case.num_seqs == 1, case.kv_quant, case.head_size_v,
@@ -537,7 +537,7 @@ def compile_only(cases: list[Case], args, caps, shard: int, shards: int) -> int:
 
 
 def run_sweep(case: Case, inp: Inputs, bench, caps) -> list[dict]:
-    from portattn.kernels.heuristics import Shape, scales_per_token_head
+    from portattn.kernels.heuristics import Shape, quant_mode
     from portattn.kernels.launch import launch_unified
     from portattn.options import normalize_options
 
@@ -545,7 +545,7 @@ def run_sweep(case: Case, inp: Inputs, bench, caps) -> list[dict]:
     shape = Shape(inp.q.shape[1], inp.cache.num_kv_heads, inp.q.shape[2],
                   inp.cache.key_cache.element_size(), max(case.query_lens),
                   max(case.seq_lens), case.num_seqs, caps.sm_count, caps.arch,
-                  inp.cache.head_size_v, scales_per_token_head(case.kv_quant))
+                  inp.cache.head_size_v, quant_mode(case.kv_quant))
     rows = []
     for params in sweep_configs(case, shape):
         record: dict[str, Any] = {"params": params}

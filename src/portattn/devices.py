@@ -38,3 +38,15 @@ def on_device(index: int | None) -> ContextManager:
     if index is None or _get_device() == index:
         return _NO_GUARD
     return torch.cuda.device(index)
+
+
+def converts_fp8(device: torch.device) -> bool:
+    """Whether Triton kernels on ``device`` can convert to and from the OCP fp8 formats
+    (e4m3fn, e5m2): NVIDIA sm89 and newer. The cache write kernel quantizes with that
+    conversion; elsewhere an fp8 cache is written by PyTorch. AMD GPUs answer False (only
+    gfx950 converts OCP fp8 there, and the write kernel has not run on one)."""
+    index = cuda_index(device)
+    if index is None or torch.version.hip:
+        return False
+    props = torch.cuda.get_device_properties(index)
+    return (props.major, props.minor) >= (8, 9)

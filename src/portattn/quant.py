@@ -40,8 +40,10 @@ def quantize_for_cache(x: torch.Tensor, quant: KVQuant, which: str,
         return (x32 / scale).clamp(-limit, limit).to(storage_dtype), None
     limit = INT8_MAX if quant.mode == "int8_per_token_head" else fp8_max(storage_dtype)
     absmax = x32.abs().amax(dim=-1)
-    scales = torch.where(absmax > 0, absmax / limit, torch.ones_like(absmax))
-    scaled = (x32 / scales.unsqueeze(-1)).clamp(-limit, limit)
+    # quotients in fp64, rounded once to fp32, like the write kernel's div_rn (CUDA
+    # PyTorch divides by a scalar through its reciprocal, an ulp off at times)
+    scales = torch.where(absmax > 0, (absmax.double() / limit).float(), torch.ones_like(absmax))
+    scaled = (x32.double() / scales.double().unsqueeze(-1)).float().clamp(-limit, limit)
     if quant.mode == "int8_per_token_head":
         scaled = scaled.round()
     return scaled.to(storage_dtype), scales

@@ -315,15 +315,19 @@ class PagedKVCache:
         whole decode step, write plus attention, can be captured in a CUDA graph); slots
         are therefore not value-checked there: -1 and slots outside the cache are skipped
         on the device. On the CPU slots are checked (``InputError`` for values below -1
-        or past the cache) and the write runs in PyTorch."""
+        or past the cache) and the write runs in PyTorch; so does an fp8 cache's write on a
+        GPU that cannot convert to fp8 (before sm89, AMD: :func:`portattn.devices.converts_fp8`),
+        which then selects the valid slots on the host side (a sync, not graph-safe)."""
         self._check_write_args(key, value, slot_mapping)
         if self.device.type != "cpu" and _write_kernel_available():
-            from portattn.devices import cuda_index, on_device
-            from portattn.kernels.write_launch import launch_cache_write
+            from portattn.devices import converts_fp8, cuda_index, on_device
 
-            with on_device(cuda_index(self.device)):  # Triton launches on the current GPU
-                launch_cache_write(self, key, value, slot_mapping)
-            return
+            if self.dtype not in FP8_DTYPES or converts_fp8(self.device):
+                from portattn.kernels.write_launch import launch_cache_write
+
+                with on_device(cuda_index(self.device)):  # Triton launches on the current GPU
+                    launch_cache_write(self, key, value, slot_mapping)
+                return
         from portattn.quant import quantize_for_cache
 
         valid = slot_mapping >= 0

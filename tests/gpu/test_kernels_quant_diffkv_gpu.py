@@ -15,7 +15,7 @@ import torch
 
 from portattn import KVQuant
 
-from test_kernels_quant_diffkv import QUANTS, quantize_reference
+from test_kernels_quant_diffkv import QUANTS, check_every_code, quantize_reference
 from unified_check import GPU_FEATURE_KW, check_unified, stored_values
 
 pytestmark = pytest.mark.gpu
@@ -113,6 +113,48 @@ def test_fp8_dot_accuracy_at_32k_keys():
     assert err < 1e-2
 
 
+# ------------------------- 8-bit caches rebuilt from their codes (KV_BITS, inline PTX)
+@pytest.mark.parametrize("code_dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.int8],
+                         ids=str)
+@pytest.mark.parametrize("asm", [True, False])
+def test_every_code_decodes_to_its_value(code_dtype, asm):
+    check_every_code(code_dtype, DEV, asm)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("dtype", [BF16, F16])
+@pytest.mark.parametrize("quant", list(QUANTS))
+def test_from_bytes_dtypes_variants(quant, dtype, variant):
+    """KV_BITS forced on this GPU (which has fp8): what sm80/sm86 run for fp8 caches, and
+    the integer-op rebuild of int8 codes."""
+    run(variant, quant=QUANTS[quant], dtype=dtype, kv_bits=True)
+
+
+@pytest.mark.parametrize("head_size", [64, 80, 128, 192, 256])
+@pytest.mark.parametrize("variant", ["decode-3d", "chunked"])
+@pytest.mark.parametrize("quant", ["fp8_tensor_e4m3", "fp8_token_head", "int8_token_head"])
+def test_from_bytes_head_sizes(quant, variant, head_size):
+    run(variant, quant=QUANTS[quant], head_size=head_size, kv_bits=True)
+
+
+@pytest.mark.parametrize("case", ["block-32", "block-256", "gqa-1", "gqa-8", "diffkv",
+                                  "v_stage", "fp32-q"])
+@pytest.mark.parametrize("quant", ["fp8_tensor_e4m3", "fp8_tensor_e5m2", "int8_token_head"])
+def test_from_bytes_shapes(quant, case):
+    kw = {"block-32": dict(block_size=32), "block-256": dict(block_size=256),
+          "gqa-1": dict(group=1), "gqa-8": dict(group=8),
+          "diffkv": dict(head_size=192, head_size_v=128), "v_stage": dict(v_stage=True),
+          "fp32-q": dict(dtype=torch.float32)}[case]
+    run("decode-3d" if case != "v_stage" else "mixed-3d", quant=QUANTS[quant], kv_bits=True,
+        **kw)
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("variant", ["decode-3d", "chunked"])
+def test_from_bytes_features(variant, feature):
+    run(variant, quant=QUANTS["fp8_tensor_e4m3"], kv_bits=True, **FEATURES[feature])
+
+
 # --------------------------------------------------------------------------- DiffKV
 DIFFKV = [(192, 128), (128, 64), (256, 128), (96, 64)]
 
@@ -181,6 +223,31 @@ def test_write_kernel_exact(quant, layout, head_v):
         got = data.reshape(64 * 16, *data.shape[2:])[slots[keep].long()]
         assert torch.equal(got.view(torch.uint8) if got.element_size() == 1 else got,
                            want.view(torch.uint8) if want.element_size() == 1 else want)
+        if scales is not None:
+            assert torch.equal(scales.reshape(64 * 16, -1)[slots[keep].long()], want_scales)
+
+
+@pytest.mark.parametrize("quant", ["fp8_tensor_e4m3", "fp8_tensor_e5m2", "fp8_token_head"])
+def test_fp8_write_where_the_gpu_cannot_convert_fp8(quant, monkeypatch):
+    """Before sm89 (``converts_fp8`` False, simulated here) an fp8 cache is written by
+    PyTorch: the same bytes and scales as the reference quantizer, -1 slots skipped."""
+    import portattn.devices
+    from portattn import PagedKVCache
+
+    monkeypatch.setattr(portattn.devices, "converts_fp8", lambda device: False)
+    cache = PagedKVCache.allocate(64, 16, 4, 128, dtype=BF16, quant=QUANTS[quant],
+                                  device=DEV)
+    k = torch.randn(200, 4, 128, device=DEV) * 4
+    v = torch.randn(200, 4, 128, device=DEV)
+    slots = torch.randperm(64 * 16, device=DEV)[:200]
+    slots[3] = -1
+    cache.write(k, v, slots)
+    keep = slots >= 0
+    for which, src, data, scales in (("k", k, cache.key_cache, cache.k_scale_cache),
+                                     ("v", v, cache.value_cache, cache.v_scale_cache)):
+        want, want_scales = quantize_reference(src[keep], cache.quant, which, data.dtype)
+        got = data.reshape(64 * 16, *data.shape[2:])[slots[keep].long()]
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
         if scales is not None:
             assert torch.equal(scales.reshape(64 * 16, -1)[slots[keep].long()], want_scales)
 

@@ -115,3 +115,4 @@ def test_heuristic_plans_through_public_api(case):
     expected = dense_attention(batch.q, batch.keys, batch.values, query_lens)
     err = relative_error(out, expected)
     assert err < 2e-2, (err, decision.plan.describe())
+

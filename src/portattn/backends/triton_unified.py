@@ -47,6 +47,19 @@ def _fp8_reason(what: str, dtype: torch.dtype, caps) -> str | None:
     return None
 
 
+def fp8_cache_from_bytes(problem, caps) -> str | None:
+    """The fp8 format of a KV cache that our kernels must decode from its bytes (the
+    kernel's ``KV_BITS``, the plan's ``kv_bits``): an e4m3fn or e5m2 cache on an NVIDIA GPU
+    without that format (sm80, sm86: Triton has no conversion there). None: the GPU
+    converts it natively (or the cache is not fp8). Measured on an H200 with the switch
+    forced (benchmarks/NOTES.md); AMD GPUs are not served this way (not run on one)."""
+    if problem.kv_dtype not in FP8_DTYPES or problem.device_type != "cuda" or \
+            caps.vendor != "nvidia":
+        return None
+    fmt = FP8_FORMAT_NAMES[problem.kv_dtype]
+    return None if fmt in caps.fp8_formats else fmt
+
+
 def kernel_reasons(problem, caps) -> list[str]:
     """Why our Triton kernels cannot serve ``problem`` on ``caps`` (empty: they can),
     whatever the K/V head sizes; each backend adds its head-size rule."""
@@ -62,7 +75,7 @@ def kernel_reasons(problem, caps) -> list[str]:
     if mode not in KV_QUANT_MODES:
         reasons.append(f"KV cache quantization {problem.kv_quant} is not supported by our "
                        f"Triton kernels ({', '.join(KV_QUANT_MODES)})")
-    if problem.kv_dtype in FP8_DTYPES:
+    if problem.kv_dtype in FP8_DTYPES and not fp8_cache_from_bytes(problem, caps):
         reasons.append(_fp8_reason("the KV cache", problem.kv_dtype, caps) or "")
     if problem.q_dtype in FP8_DTYPES:
         if not problem.quantized_kv:
@@ -125,6 +138,9 @@ class TritonUnified(Backend):
         shape = heuristics.Shape.from_problem(problem, caps.sm_count, caps.arch)
         params = heuristics.plan_launch(shape, segments=_forced_segments(shape),
                                         fp8_dot=uses_fp8_dot(problem, caps))
+        from_bytes = fp8_cache_from_bytes(problem, caps)
+        if from_bytes:
+            params["kv_bits"] = from_bytes
         params = choose_kv_load(problem, caps, shape, params)
         return Plan(self.name, heuristics.variant_name(params), params)
 

@@ -33,7 +33,7 @@ from portattn.capabilities._text import one_line
 from portattn.capabilities.descriptor_check import child_env
 
 CHILD_TIMEOUT_S = 300
-CACHE_FORMAT = "portattn.kv-descriptor-gate/2"  # 2: per-token-head checks run V_STAGE
+CACHE_FORMAT = "portattn.kv-descriptor-gate/3"  # 3: the plan's kv_bits (int8 codes), no V_STAGE
 #: Tiny problem of a check: two sequences, one decode and one short chunk.
 QUERY_LENS = (1, 5)
 SEQ_LENS = (37, 70)
@@ -167,7 +167,7 @@ def run_check(variant: dict, device: str) -> dict:
                              else "split")
     shape = heuristics.Shape(4, 2, variant["head_qk"], batch.cache.key_cache.element_size(),
                              8, 128, 2, 132, "sm90", variant["head_v"],
-                             heuristics.scales_per_token_head(variant["quant"]))
+                             heuristics.quant_mode(variant["quant"]))
     block_n = variant["block_n"]
     cfg = heuristics.TileConfig(16, 8, block_n, 4, 2)
     fp8_dot = bool(variant.get("fp8_dot"))

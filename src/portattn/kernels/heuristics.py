@@ -90,7 +90,12 @@ class Shape:
     sm_count: int
     arch: str
     head_size_v: int | None = None  # of V (None: same as head_size)
-    scales_per_token: bool = False  # an 8-bit cache with per-(slot, kv head) scales
+    kv_quant: str = "none"  # the cache's quantization mode (KVQuant.mode)
+
+    @property
+    def scales_per_token(self) -> bool:
+        """An 8-bit cache with per-(slot, kv head) scales."""
+        return scales_per_token_head(self.kv_quant)
 
     @property
     def group(self) -> int:
@@ -118,7 +123,12 @@ class Shape:
         return cls(problem.num_q_heads, problem.num_kv_heads, problem.head_size_qk, elem,
                    max(1, problem.max_seqlen_q), max(1, problem.max_seqlen_k),
                    max(1, problem.num_seqs), max(1, int(sm_count or 1)), arch or "",
-                   problem.head_size_v, scales_per_token_head(problem.kv_quant))
+                   problem.head_size_v, quant_mode(problem.kv_quant))
+
+
+def quant_mode(kv_quant_key: str) -> str:
+    """The mode of a ``KVQuant.key`` (``"fp8_per_tensor:e5m2"`` -> ``"fp8_per_tensor"``)."""
+    return kv_quant_key.split(":")[0]
 
 
 def scales_per_token_head(kv_quant_key: str) -> bool:
@@ -183,6 +193,11 @@ def decode_config(shape: Shape, max_q: int, num_seqs: int,
     if shape.elem_bytes == 4:
         block_n //= 2
     warps = 4 if block_m <= 32 else 8
+    if shape.kv_quant == "fp8_per_tensor" and block_m <= 16 and \
+            num_seqs * shape.num_kv_heads >= 6 * shape.sm_count:
+        # many programs per SM: 64-key tiles and 2 warps, H200 128 x 8192: 681 us against
+        # 728 (7.8 waves); at 32 x 8192 (1.9 waves) they lose, 279 against 189 (NOTES.md)
+        block_n, warps = 64, 2
     # 2 stages: on the H200 the kernel with quantized-KV switches ran 32 x 8192 bf16 at
     # 340 us with 3 stages and 257 us with 2 (= the previous kernel's 256; NOTES.md 9)
     cfg = _fit_smem(TileConfig(block_m, block_q, block_n, warps, 2), shape)
@@ -213,25 +228,17 @@ def prefill_config(shape: Shape) -> TileConfig:
                      shape)
 
 
-def v_stage_fits(cfg: TileConfig, shape: Shape) -> bool:
-    """Whether decode tiles over an 8-bit cache still fit shared memory with V staged in
-    16 bits (the kernel's ``V_STAGE``: the V tile and the query tile take 2 bytes per
-    element instead of 1)."""
-    v_stage_bytes = (cfg.block_n * (shape.head_pad + 2 * shape.head_pad_v)
-                     * max(1, cfg.num_stages) + 2 * cfg.block_m * shape.head_pad)
-    return v_stage_bytes <= shared_memory_budget(shape.arch)
-
-
 def plan_launch(shape: Shape, *, mode: str | None = None, segments: int | None = None,
                 short: TileConfig | None = None, long: TileConfig | None = None,
                 fp8_dot: bool = False) -> dict:
     """The launch parameters: ``mode`` plus ``short`` (decode tiles, with ``segments``)
     and/or ``long`` (prefill tiles) configs as dicts, ``fp8_dot`` (QK^T on fp8 tensor
-    cores, decided by the backend from the dtypes and the device) and ``v_stage`` (set for
-    decode launches over per-token-head 8-bit caches on sm90 where it fits: the kernel's
-    ``V_STAGE``, which replaces the byte-wise shared-memory reads of the transposed 8-bit
-    V operand with 16-bit ``ldmatrix`` reads, NOTES.md). Every keyword
-    overrides one automatic choice (tests force 2D/3D, the sweep forces tiles)."""
+    cores, decided by the backend from the dtypes and the device) and ``kv_bits`` (the
+    kernel's ``KV_BITS``: int8 codes rebuilt with integer operations, set for decode over
+    int8 per-token-head caches on sm90; the backend sets it for fp8 caches on GPUs
+    without the format). ``v_stage`` (the kernel's ``V_STAGE``) is never set here: a
+    measured switch that lost (NOTES.md). Every keyword overrides one automatic choice
+    (tests force 2D/3D, the sweep forces tiles)."""
     if segments is not None and (segments < 1 or segments & (segments - 1)):
         raise ValueError(f"segments must be a power of two >= 1 (the merge kernel tiles "
                          f"over them), got {segments}")
@@ -246,12 +253,14 @@ def plan_launch(shape: Shape, *, mode: str | None = None, segments: int | None =
     if mode == "decode":
         short = short or decode_config(shape, shape.max_seqlen_q, shape.num_seqs, segments)
         params["short"] = short.as_dict()
-        # per-token-head on sm90 only (where it was measured): on the H200, 32 x 8192,
-        # int8 233 us with V_STAGE against 245 without; fp8 per-tensor 207 against 189
-        # (NOTES.md); the byte-wise V reads it removes were seen in sm90 PTX
-        if shape.arch == "sm90" and shape.elem_bytes == 1 and shape.scales_per_token and \
-                v_stage_fits(short, shape):
-            params["v_stage"] = True
+        # int8 codes rebuilt with integer ops (fp16 dots) instead of the int -> float
+        # conversion unit, on sm90 only (where it was measured): H200, 32 / 128 / 8 x 8192,
+        # 219.8 / 846.2 / 66.0 us against 234.0 / 914.4 / 70.7 with the conversion and
+        # V_STAGE (NOTES.md). V_STAGE itself is never planned: it lost for fp8 (per-tensor
+        # 207 vs 189 us, per-token-head 221 vs 199) and for these int8 codes (233.5 vs
+        # 219.8); it stays a measured switch (kernel_experiments.py).
+        if shape.arch == "sm90" and shape.kv_quant == "int8_per_token_head":
+            params["kv_bits"] = "int8"
     elif mode == "mixed":
         short = short or decode_config(shape, 1, shape.num_seqs, segments)
         params["short"] = short.as_dict()
@@ -268,6 +277,8 @@ def variant_name(params: dict) -> str:
     name = f"{params['mode']}-{'3d' if split else '2d'}"
     if params.get("fp8_dot"):
         name += "-fp8dot"
+    if params.get("kv_bits"):
+        name += f"-{params['kv_bits']}-codes"
     return name + "-td" if params.get("kv_load") == "descriptor" else name
 
 

@@ -62,11 +62,29 @@ def kernel_scalars(q, cache, options, fp8_dot: bool, compute: str | None = None)
     )
 
 
+#: KV_BITS codes of the kernel: 8-bit codes rebuilt as fp16 with integer operations
+#: (``params["kv_bits"]``: fp8 caches where the GPU has no conversion for the format,
+#: int8 caches where that measured faster than the conversion unit; byte_decode.py).
+KV_BITS_CODES = {None: 0, "e4m3fn": 1, "e5m2": 2, "int8": 3}
+_KV_BITS_DTYPES = {"e4m3fn": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2,
+                   "int8": torch.int8}
+
+
 def _common_args(q, cache, metadata, options, out, fp8_dot: bool,
-                 compute: str | None = None) -> dict:
+                 compute: str | None = None, kv_bits: str | None = None) -> dict:
     dummy = q
+    bits = KV_BITS_CODES[kv_bits]
+    if kv_bits is not None and cache.dtype != _KV_BITS_DTYPES[kv_bits]:
+        raise ValueError(f"kv_bits={kv_bits!r} planned for a {cache.dtype} cache")
+    key_cache, value_cache = cache.key_cache, cache.value_cache
+    if bits in (1, 2):  # fp8 caches: the kernel reads the bytes, rebuilds fp16 from them
+        key_cache, value_cache = key_cache.view(torch.uint8), value_cache.view(torch.uint8)
+    if bits:
+        fp8_dot = False
+        if q.dtype == torch.bfloat16:  # the rebuilt values are fp16: so are the dots
+            compute = "float16"
     return dict(
-        q_ptr=q, k_ptr=cache.key_cache, v_ptr=cache.value_cache, out_ptr=out,
+        q_ptr=q, k_ptr=key_cache, v_ptr=value_cache, out_ptr=out,
         block_table_ptr=metadata.block_table, cu_seqlens_q_ptr=metadata.cu_seqlens_q,
         seq_lens_ptr=metadata.seq_lens,
         alibi_ptr=options.alibi_slopes if options.alibi_slopes is not None else dummy,
@@ -88,7 +106,9 @@ def _common_args(q, cache, metadata, options, out, fp8_dot: bool,
         CAUSAL=bool(options.causal), USE_WINDOW=options.sliding_window is not None,
         USE_SOFTCAP=options.softcap is not None, ALIBI=ALIBI_CODES[options.alibi],
         USE_SINKS=options.sinks is not None,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", KV_BITS=bits,
+        # inline PTX on NVIDIA GPUs (not the interpreter, not ROCm)
+        BITS_ASM=bool(bits) and q.device.type == "cuda" and torch.version.hip is None,
         **kernel_scalars(q, cache, options, fp8_dot, compute),
     )
 
@@ -154,7 +174,7 @@ def launch_unified(q: torch.Tensor, cache, metadata, options, out: torch.Tensor,
     ``metadata.max_seqlen_q`` that nothing checked) writes NaN into those sequences' rows
     rather than leaving them stale."""
     args = _common_args(q, cache, metadata, options, out, params.get("fp8_dot", False),
-                        params.get("compute"))
+                        params.get("compute"), params.get("kv_bits"))
     if "check_blocks" in params:  # a measurement switch (benchmarks/kernel_experiments.py)
         args["CHECK_BLOCKS"] = bool(params["check_blocks"])
     if params.get("v_stage") and args["KV_QUANT"]:  # the plan's, 8-bit caches only

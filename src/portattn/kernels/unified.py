@@ -69,6 +69,12 @@ multiply the converted V tile by a runtime scalar (the per-tensor V scale, else
 conversion is hoisted after the shared-memory load, and an 8-bit V operand that must be
 transposed for the tensor cores is read with single-byte ``ld.shared.b8`` (sm90 PTX
 compiled offline: 256 per thread per loop; with it, 16-byte loads and ``ldmatrix.trans``).
+``KV_BITS`` (default 0; the plan's ``kv_bits``): 8-bit codes rebuilt as fp16 with integer
+operations (:mod:`portattn.kernels.byte_decode`) instead of the conversion unit; fp8
+caches are then passed as ``uint8`` views. 1: e4m3fn (GPUs without e4m3, sm80/sm86; the
+codes decode to the value / 256, the 256 folded into the score scale and the output);
+2: e5m2; 3: int8. ``BITS_ASM``: with inline PTX, four codes per register (NVIDIA GPUs;
+the interpreter runs the Triton integer version).
 ``KV_LOAD`` (default 0): how K/V tiles are read, at :func:`_load_kv_tile`. 0: pointer
 loads, the block id looked up per key. 1: tensor descriptors (TMA on sm90+), one 4-D
 descriptor per cache ``[num_blocks, BLOCK_SIZE, num_kv_heads, HEAD]`` (strides from the
@@ -92,6 +98,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from portattn.kernels.byte_decode import decode_bytes
 from portattn.kernels.common import find_seq_of_tile, online_softmax_step, score_tile
 
 
@@ -203,8 +210,8 @@ def _load_kv_tile_pointer(bt_row, bt_width, num_blocks, k_pos, key_ok, k_head_pt
         else:
             v = tl.load(v_ptrs)
     k_sc, v_sc = _token_head_scales(ks_head_ptr, vs_head_ptr, block, slot, key_ok,
-                                    stride_ksb, stride_kss, stride_vsb, stride_vss, BLOCK_N,
-                                    MASKED, KV_QUANT)
+                                 stride_ksb, stride_kss, stride_vsb, stride_vss, BLOCK_N,
+                                 MASKED, KV_QUANT)
     return k, v, k_sc, v_sc, bad
 
 
@@ -243,8 +250,8 @@ def _load_kv_tile_descriptor(bt_row, bt_width, num_blocks, key0, k_pos, key_ok, 
         v = tl.where(key_ok[:, None], v, tl.zeros_like(v))
     k = tl.trans(k_rows)
     k_sc, v_sc = _token_head_scales(ks_head_ptr, vs_head_ptr, block.to(tl.int64),
-                                    k_pos % BLOCK_SIZE, key_ok, stride_ksb, stride_kss,
-                                    stride_vsb, stride_vss, BLOCK_N, MASKED, KV_QUANT)
+                                 k_pos % BLOCK_SIZE, key_ok, stride_ksb, stride_kss,
+                                 stride_vsb, stride_vss, BLOCK_N, MASKED, KV_QUANT)
     return k, v, k_sc, v_sc, bad
 
 
@@ -261,8 +268,21 @@ def _to_compute(x, COMPUTE_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _kv_to_compute(x, COMPUTE_DTYPE: tl.constexpr, KV_BITS: tl.constexpr,
+                   BITS_ASM: tl.constexpr):
+    """A loaded K or V tile to the dot operands' dtype: a plain cast (``KV_BITS`` 0), or
+    the 8-bit codes rebuilt as fp16 by :func:`portattn.kernels.byte_decode.decode_bytes`
+    (1 e4m3fn bytes, as the value / 256; 2 e5m2 bytes; 3 int8), inline PTX if
+    ``BITS_ASM``."""
+    if KV_BITS == 0:
+        return _to_compute(x, COMPUTE_DTYPE)
+    else:
+        return _to_compute(decode_bytes(x, KV_BITS, BITS_ASM), COMPUTE_DTYPE)
+
+
+@triton.jit
 def _full_tiles_have_bad_blocks(bt_row, bt_width, num_blocks, key_lo, key_hi,
-                                BLOCK_SIZE: tl.constexpr, SCAN: tl.constexpr = 128):
+                             BLOCK_SIZE: tl.constexpr, SCAN: tl.constexpr = 128):
     """Whether a block-table entry for keys ``[key_lo, key_hi)`` (the unmasked tiles, seen
     by every row of the program) is outside ``[0, num_blocks)`` or past the table's width:
     one pass over those entries before the loop (1/BLOCK_SIZE of the keys)."""
@@ -279,6 +299,50 @@ def _full_tiles_have_bad_blocks(bt_row, bt_width, num_blocks, key_lo, key_hi,
 
 
 @triton.jit
+def _attend_tile(j, acc, m_i, l_i, q, seq_len, k_lo, bt_row, bt_width,
+                 num_blocks, kv_head, k_src, v_src, ks_head_ptr, vs_head_ptr, stride_kb,
+                 stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss, stride_vsb,
+                 stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk, offs_dv,
+                 BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_QK: tl.constexpr,
+                 HEAD_QK_PAD: tl.constexpr, HEAD_V: tl.constexpr, HEAD_V_PAD: tl.constexpr,
+                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr,
+                 USE_SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, KV_QUANT: tl.constexpr,
+                 FP8_DOT: tl.constexpr, FP8_ACC: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+                 DOT_PREC: tl.constexpr, CHECK_BLOCKS: tl.constexpr, KV_LOAD: tl.constexpr,
+                 v_mult, V_STAGE: tl.constexpr, KV_BITS: tl.constexpr,
+                 BITS_ASM: tl.constexpr):
+    """One KV tile ``j`` through the online softmax (the body of :func:`_attend_tiles`)."""
+    k_pos = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_ok = (k_pos >= k_lo) & (k_pos < seq_len)
+    k, v, k_sc, v_sc, bad = _load_kv_tile(
+        bt_row, bt_width, num_blocks, j * BLOCK_N, k_pos, key_ok, kv_head, k_src, v_src,
+        ks_head_ptr, vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs, stride_ksb,
+        stride_kss, stride_vsb, stride_vss, offs_dk, offs_dv, BLOCK_N, BLOCK_SIZE, HEAD_QK,
+        HEAD_QK_PAD, HEAD_V, HEAD_V_PAD, MASKED, KV_QUANT, CHECK_BLOCKS, KV_LOAD)
+    if FP8_DOT:  # fp8 q x fp8 K on the tensor cores, fp32 accumulation
+        qk = tl.dot(q, k, max_num_imprecise_acc=FP8_ACC)
+    else:
+        qk = tl.dot(q, _kv_to_compute(k, COMPUTE_DTYPE, KV_BITS, BITS_ASM),
+                    input_precision=DOT_PREC)
+    if KV_QUANT == 2:
+        qk = qk * k_sc[None, :]
+    s = score_tile(qk, qk_scale, softcap, slope2, q_pos, k_pos, seq_len, window,
+                   MASKED, CAUSAL, USE_WINDOW, USE_SOFTCAP, ALIBI)
+    if MASKED:  # edge tiles: exactly the rows that see a bad key
+        s = tl.where(bad[None, :] & (s > float("-inf")), float("nan"), s)
+    p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i, MASKED)
+    acc = acc * alpha[:, None]
+    if KV_QUANT == 2:
+        p = p * v_sc[None, :]
+    if V_STAGE:  # see the module doc: an op the compiler cannot fold or hoist
+        v = _kv_to_compute(v, COMPUTE_DTYPE, KV_BITS, BITS_ASM) * v_mult
+    else:
+        v = _kv_to_compute(v, COMPUTE_DTYPE, KV_BITS, BITS_ASM)
+    acc = tl.dot(_to_compute(p, COMPUTE_DTYPE), v, acc, input_precision=DOT_PREC)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _attend_tiles(acc, m_i, l_i, q, tile_start, tile_end, seq_len, k_lo, bt_row, bt_width,
                   num_blocks, kv_head, k_src, v_src, ks_head_ptr, vs_head_ptr, stride_kb,
                   stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss, stride_vsb,
@@ -289,7 +353,8 @@ def _attend_tiles(acc, m_i, l_i, q, tile_start, tile_end, seq_len, k_lo, bt_row,
                   USE_SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, KV_QUANT: tl.constexpr,
                   FP8_DOT: tl.constexpr, FP8_ACC: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
                   DOT_PREC: tl.constexpr, CHECK_BLOCKS: tl.constexpr, KV_LOAD: tl.constexpr,
-                  v_mult, V_STAGE: tl.constexpr):
+                  v_mult, V_STAGE: tl.constexpr, KV_BITS: tl.constexpr,
+                  BITS_ASM: tl.constexpr):
     """Stream KV tiles ``[tile_start, tile_end)`` through the online softmax.
 
     Masked tiles load only keys in ``[k_lo, seq_len)``: block-table entries and K/V before
@@ -301,31 +366,14 @@ def _attend_tiles(acc, m_i, l_i, q, tile_start, tile_end, seq_len, k_lo, bt_row,
     (every row sees every key) only clamp the ids, their bad ids having been found before
     the loop, so the hot loop has no per-score select and no reduction."""
     for j in tl.range(tile_start, tile_end):
-        k_pos = j * BLOCK_N + tl.arange(0, BLOCK_N)
-        key_ok = (k_pos >= k_lo) & (k_pos < seq_len)
-        k, v, k_sc, v_sc, bad = _load_kv_tile(
-            bt_row, bt_width, num_blocks, j * BLOCK_N, k_pos, key_ok, kv_head, k_src, v_src,
-            ks_head_ptr, vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs, stride_ksb,
-            stride_kss, stride_vsb, stride_vss, offs_dk, offs_dv, BLOCK_N, BLOCK_SIZE, HEAD_QK,
-            HEAD_QK_PAD, HEAD_V, HEAD_V_PAD, MASKED, KV_QUANT, CHECK_BLOCKS, KV_LOAD)
-        if FP8_DOT:  # fp8 q x fp8 K on the tensor cores, fp32 accumulation
-            qk = tl.dot(q, k, max_num_imprecise_acc=FP8_ACC)
-        else:
-            qk = tl.dot(q, _to_compute(k, COMPUTE_DTYPE), input_precision=DOT_PREC)
-        if KV_QUANT == 2:
-            qk = qk * k_sc[None, :]
-        s = score_tile(qk, qk_scale, softcap, slope2, q_pos, k_pos, seq_len, window,
-                       MASKED, CAUSAL, USE_WINDOW, USE_SOFTCAP, ALIBI)
-        if MASKED:  # edge tiles: exactly the rows that see a bad key
-            s = tl.where(bad[None, :] & (s > float("-inf")), float("nan"), s)
-        p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i, MASKED)
-        acc = acc * alpha[:, None]
-        if KV_QUANT == 2:
-            p = p * v_sc[None, :]
-        if V_STAGE:  # see the module doc: an op the compiler cannot fold or hoist
-            v = _to_compute(v, COMPUTE_DTYPE) * v_mult
-        acc = tl.dot(_to_compute(p, COMPUTE_DTYPE), _to_compute(v, COMPUTE_DTYPE), acc,
-                     input_precision=DOT_PREC)
+        acc, m_i, l_i = _attend_tile(
+            j, acc, m_i, l_i, q, seq_len, k_lo, bt_row, bt_width, num_blocks, kv_head,
+            k_src, v_src, ks_head_ptr, vs_head_ptr, stride_kb, stride_ks, stride_vb,
+            stride_vs, stride_ksb, stride_kss, stride_vsb, stride_vss, qk_scale, softcap,
+            slope2, q_pos, window, offs_dk, offs_dv, BLOCK_N, BLOCK_SIZE, HEAD_QK,
+            HEAD_QK_PAD, HEAD_V, HEAD_V_PAD, MASKED, CAUSAL, USE_WINDOW, USE_SOFTCAP, ALIBI,
+            KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE, DOT_PREC, CHECK_BLOCKS, KV_LOAD,
+            v_mult, V_STAGE, KV_BITS, BITS_ASM)
     return acc, m_i, l_i
 
 
@@ -385,7 +433,8 @@ def unified_attention_kernel(
         FP8_ACC: tl.constexpr, FP8_OUT: tl.constexpr, FP8_MAX: tl.constexpr,
         COMPUTE_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
         CHECK_BLOCKS: tl.constexpr = True, KV_LOAD: tl.constexpr = 0,
-        V_STAGE: tl.constexpr = False):
+        V_STAGE: tl.constexpr = False, KV_BITS: tl.constexpr = 0,
+        BITS_ASM: tl.constexpr = False):
     """Paged attention of one query tile x one kv head x one KV segment (see module doc)."""
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
@@ -397,8 +446,8 @@ def unified_attention_kernel(
             if not LONG_FOLLOWS:
                 if segment == 0:
                     _poison_long_sequence(out_ptr, q_start, q_len, kv_head, stride_ot,
-                                          stride_oh, stride_od, GROUP, BLOCK_M, HEAD_V,
-                                          HEAD_V_PAD)
+                                       stride_oh, stride_od, GROUP, BLOCK_M, HEAD_V,
+                                       HEAD_V_PAD)
             return
         tile_local = 0
     else:
@@ -442,6 +491,8 @@ def unified_attention_kernel(
         qk_scale = 1.0
     elif not FP8_DOT:
         q = _to_compute(q, COMPUTE_DTYPE)
+    if KV_BITS == 1:  # e4m3 bits decode to value / 256 (_kv_to_compute)
+        qk_scale = qk_scale * 256.0
     if ALIBI != 0:
         slope2 = tl.load(alibi_ptr + row_head, mask=row_ok, other=0.0).to(tl.float32) \
             * 1.4426950408889634
@@ -519,7 +570,7 @@ def unified_attention_kernel(
             stride_vsb, stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk,
             offs_dv, BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD, HEAD_V, HEAD_V_PAD, True,
             CAUSAL, USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE,
-            DOT_PREC, CHECK_BLOCKS, KV_LOAD, v_mult, V_STAGE)
+            DOT_PREC, CHECK_BLOCKS, KV_LOAD, v_mult, V_STAGE, KV_BITS, BITS_ASM)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, tl.maximum(full_lo, seg_lo), tl.minimum(full_hi, seg_hi),
         seq_len, k_lo, bt_row, bt_width, num_blocks, kv_head, k_src, v_src, ks_head_ptr,
@@ -527,7 +578,7 @@ def unified_attention_kernel(
         stride_vsb, stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk, offs_dv,
         BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD, HEAD_V, HEAD_V_PAD, False, CAUSAL,
         USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE, DOT_PREC,
-        CHECK_BLOCKS, KV_LOAD, v_mult, V_STAGE)
+        CHECK_BLOCKS, KV_LOAD, v_mult, V_STAGE, KV_BITS, BITS_ASM)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, tl.maximum(full_hi, seg_lo), tl.minimum(tile_hi, seg_hi),
         seq_len, k_lo, bt_row, bt_width, num_blocks, kv_head, k_src, v_src, ks_head_ptr,
@@ -535,10 +586,12 @@ def unified_attention_kernel(
         stride_vsb, stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk, offs_dv,
         BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD, HEAD_V, HEAD_V_PAD, True, CAUSAL,
         USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE, DOT_PREC,
-        CHECK_BLOCKS, KV_LOAD, v_mult, V_STAGE)
+        CHECK_BLOCKS, KV_LOAD, v_mult, V_STAGE, KV_BITS, BITS_ASM)
 
     if KV_QUANT == 1 and not V_STAGE:  # the V scale, once per row, not per element
         acc = acc * tl.load(v_scale_ptr)
+    if KV_BITS == 1:
+        acc = acc * 256.0
     if poisoned:  # NaN in both: a NaN sum alone would be read as "no visible key"
         l_i = tl.where(row_ok, float("nan"), l_i)
         acc = tl.where(row_ok[:, None], float("nan"), acc)

@@ -1,0 +1,89 @@
+"""8-bit KV cache codes rebuilt as fp16 with integer operations (``@triton.jit`` helpers).
+
+Used by the unified kernel's ``KV_BITS`` switch (:func:`decode_bytes`), for caches read
+through a byte view:
+
+* ``1``: e4m3fn (GPUs without e4m3 conversions, e.g. sm80 / sm86). The fp16 with bits
+  ``(b & 0x80) << 8 | (b & 0x7f) << 7`` is exactly the e4m3 value / 256, normals and
+  subnormals alike (e4m3's exponent bias 7 against fp16's 15, its 3 mantissa bits at the
+  top of fp16's 10); e4m3fn's NaN codes (magnitude 0x7f) become an fp16 NaN. The caller
+  multiplies by 256 where it already scales (the scores, the output).
+* ``2``: e5m2: an e5m2 code is the upper byte of the fp16 of the same value (NaN and inf
+  included): ``b << 8``.
+* ``3``: int8: ``fp16(0x6400 | (b + 128)) - 1152`` is exactly ``b`` (1024 + the biased
+  byte, an integer fp16 holds exactly), avoiding the int -> float conversion unit.
+
+Two implementations with the same results: ``ASM`` (NVIDIA): inline PTX on four codes
+per 32-bit register (byte permutes, logic ops, one packed fp16 subtraction for int8);
+otherwise Triton integer operations per element (the interpreter, any backend).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Four codes in one 32-bit register ($2) -> four fp16 in two registers ($0: codes 0, 1;
+# $1: codes 2, 3), each code in its own 16-bit half.
+_E4M3_PTX = tl.constexpr("""{
+.reg .b32 x, y, m, n;
+prmt.b32 x, $2, 0, 0x1404;
+prmt.b32 y, $2, 0, 0x3424;
+shr.b32 m, x, 1;
+and.b32 m, m, 0x3F803F80;
+add.u32 n, m, 0x00800080;
+lop3.b32 m, x, 0x80008000, m, 0xEA;
+lop3.b32 $0, n, 0x40004000, m, 0xEA;
+shr.b32 m, y, 1;
+and.b32 m, m, 0x3F803F80;
+add.u32 n, m, 0x00800080;
+lop3.b32 m, y, 0x80008000, m, 0xEA;
+lop3.b32 $1, n, 0x40004000, m, 0xEA;
+}""")
+# e4m3: [0, b0, 0, b1] puts each sign at bit 15 of its half; the magnitude shifted right
+# by one lands at bits 7..13; magnitude 0x7f (NaN) carries into bit 14 when 1 is added
+# at bit 7, and bit 14 on top of 0x3f80 makes the fp16 NaN 0x7f80.
+
+_E5M2_PTX = tl.constexpr("""{
+prmt.b32 $0, $2, 0, 0x1404;
+prmt.b32 $1, $2, 0, 0x3424;
+}""")
+
+_INT8_PTX = tl.constexpr("""{
+.reg .b32 y, c;
+xor.b32 y, $2, 0x80808080;
+prmt.b32 $0, y, 0x64646464, 0x5140;
+prmt.b32 $1, y, 0x64646464, 0x7362;
+mov.b32 c, 0x64806480;
+sub.f16x2 $0, $0, c;
+sub.f16x2 $1, $1, c;
+}""")
+# int8: b ^ 0x80 = b + 128 as an unsigned byte, under the exponent byte 0x64 (1024);
+# 0x6480 is 1152.0 = 1024 + 128.
+
+
+@triton.jit
+def decode_bytes(x, KV_BITS: tl.constexpr, ASM: tl.constexpr):
+    """``x``: a tile of 8-bit codes (uint8 for fp8 caches read as bytes, int8) -> fp16."""
+    if ASM:
+        if KV_BITS == 1:
+            return tl.inline_asm_elementwise(_E4M3_PTX, "=r,=r,r", [x], dtype=tl.float16,
+                                             is_pure=True, pack=4)
+        elif KV_BITS == 2:
+            return tl.inline_asm_elementwise(_E5M2_PTX, "=r,=r,r", [x], dtype=tl.float16,
+                                             is_pure=True, pack=4)
+        else:
+            return tl.inline_asm_elementwise(_INT8_PTX, "=r,=r,r", [x], dtype=tl.float16,
+                                             is_pure=True, pack=4)
+    else:
+        if KV_BITS == 1:
+            b = x.to(tl.uint16)
+            mag = b & 0x7F
+            h = ((b & 0x80) << 8) | (mag << 7)
+            h = tl.where(mag == 0x7F, h | 0x7E00, h)
+            return h.to(tl.float16, bitcast=True)
+        elif KV_BITS == 2:
+            return (x.to(tl.uint16) << 8).to(tl.float16, bitcast=True)
+        else:
+            h = (x.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True)
+            return h - 1152.0
