@@ -25,7 +25,7 @@ BASE = dict(GROUP=4, BLOCK_M=16, BLOCK_Q=4, BLOCK_N=128, BLOCK_SIZE=16, HEAD_QK=
             LONG_FOLLOWS=False, CAUSAL=True, USE_WINDOW=False, USE_SOFTCAP=False, ALIBI=0,
             USE_SINKS=False, KV_QUANT=0, Q_SCALED=False, Q_PRESCALE=False, FP8_DOT=False,
             FP8_ACC=32, FP8_OUT=False, FP8_MAX=0.0, COMPUTE_DTYPE=1, DOT_PREC="tf32",
-            CHECK_BLOCKS=True, KV_LOAD=0, V_STAGE=False)
+            CHECK_BLOCKS=True, KV_LOAD=0, V_STAGE=False, KV_BITS=0, BITS_ASM=False)
 PREFILL = dict(BLOCK_M=128, BLOCK_Q=32, SEQ_MODE=0)
 #: name -> (KV storage type, constexpr changes, num_warps, num_stages)
 VARIANTS = {
@@ -38,6 +38,13 @@ VARIANTS = {
     "decode fp8 per-tensor V_STAGE": ("fp8e4nv", dict(KV_QUANT=1, Q_PRESCALE=True,
                                                       COMPUTE_DTYPE=0, V_STAGE=True), 4, 2),
     "decode int8 per-token-head": ("i8", dict(KV_QUANT=2), 4, 2),
+    "decode int8 codes": ("i8", dict(KV_QUANT=2, KV_BITS=3, BITS_ASM=True, Q_PRESCALE=True,
+                                     COMPUTE_DTYPE=0), 4, 2),
+    # what sm80 / sm86 run for e4m3fn / e5m2 caches (compile with --arch 80)
+    "decode e4m3 bytes": ("u8", dict(KV_QUANT=1, KV_BITS=1, BITS_ASM=True, Q_PRESCALE=True,
+                                     COMPUTE_DTYPE=0), 4, 2),
+    "prefill e5m2 bytes": ("u8", dict(PREFILL, KV_QUANT=1, KV_BITS=2, BITS_ASM=True,
+                                      Q_PRESCALE=True, COMPUTE_DTYPE=0), 8, 3),
     "prefill fp8 per-tensor": ("fp8e4nv", dict(PREFILL, KV_QUANT=1, Q_PRESCALE=True,
                                                COMPUTE_DTYPE=0), 8, 3),
     "prefill DiffKV 192/128": ("bf16", dict(HEAD_QK=192, HEAD_QK_PAD=256, BLOCK_M=256,
