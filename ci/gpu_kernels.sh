@@ -12,7 +12,7 @@ OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 WHAT=${1:-tests}
 CASES=${2:-decode-plain,prefill-1x8192,quant,diffkv}
-SWEEP_CASES=${SWEEP_CASES:-decode-32x8192,decode-32x8192-fp8,decode-32x8192-int8pth,decode-8x8192-fp8,decode-128x8192-fp8,prefill-1x8192-diffkv,prefill-1x8192-fp8}
+SWEEP_CASES=${SWEEP_CASES-decode-32x8192,decode-32x8192-fp8,decode-32x8192-int8pth,decode-8x8192-fp8,decode-128x8192-fp8,prefill-1x8192-diffkv,prefill-1x8192-fp8}
 GPU=$(python3 -c "import torch; print(torch.cuda.get_device_name())" 2>/dev/null || echo unknown)
 TAG=$(echo "$GPU" | sed 's/NVIDIA //' | awk '{print tolower($1)}')-$(date +%F)
 echo "GPU: $GPU  $(date -Is)"; T0=$(date +%s)

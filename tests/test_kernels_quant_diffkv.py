@@ -89,6 +89,26 @@ def test_plan_rebuilds_int8_codes_for_decode_on_sm90_only():
     assert not heuristics.scales_per_token_head("fp8_per_tensor:e5m2")
 
 
+@pytest.mark.parametrize("quant_key", ["fp8_per_tensor:e4m3fn", "int8_per_token_head",
+                                       "fp8_per_token_head:e4m3fn"])
+def test_8bit_decode_takes_small_tiles_only_with_many_programs_per_sm(quant_key):
+    """64-key tiles with 2 warps from 6 waves of (sequence, kv head) programs on: faster
+    at 128 x 8192 on the H200 (7.8 waves), slower at 32 x 8192 (1.9 waves)."""
+    from portattn.kernels import heuristics
+
+    def tile(num_seqs, elem=1, key=quant_key):
+        shape = heuristics.Shape(32, 8, 128, elem, 1, 8192, num_seqs, 132, "sm90", 128,
+                                 heuristics.quant_mode(key))
+        cfg = heuristics.plan_launch(shape)["short"]
+        return cfg["block_n"], cfg["num_warps"]
+
+    assert tile(128) == (64, 2)
+    assert tile(99) == (64, 2)   # 792 programs = 6 waves of 132 SMs
+    assert tile(98) == (128, 4)
+    assert tile(32) == (128, 4)
+    assert tile(128, elem=2, key="none") == (128, 4)  # 16-bit caches: at the copy line
+
+
 @interp
 @pytest.mark.parametrize("feature", list(FEATURE_KW))
 @pytest.mark.parametrize("quant", ["fp8_tensor_e4m3", "int8_token_head"])

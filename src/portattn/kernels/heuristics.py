@@ -193,10 +193,12 @@ def decode_config(shape: Shape, max_q: int, num_seqs: int,
     if shape.elem_bytes == 4:
         block_n //= 2
     warps = 4 if block_m <= 32 else 8
-    if shape.kv_quant == "fp8_per_tensor" and block_m <= 16 and \
+    if shape.elem_bytes == 1 and block_m <= 16 and \
             num_seqs * shape.num_kv_heads >= 6 * shape.sm_count:
-        # many programs per SM: 64-key tiles and 2 warps, H200 128 x 8192: 681 us against
-        # 728 (7.8 waves); at 32 x 8192 (1.9 waves) they lose, 279 against 189 (NOTES.md)
+        # 8-bit caches, many programs per SM: 64-key tiles and 2 warps. H200 128 x 8192
+        # (7.8 waves): fp8 per-tensor 681-690 us against 728-741, int8 per-token-head 738
+        # against 840, fp8 per-token-head 701 against 783; at 32 x 8192 (1.9 waves) they
+        # lose (fp8 278 against 189) (NOTES.md)
         block_n, warps = 64, 2
     # 2 stages: on the H200 the kernel with quantized-KV switches ran 32 x 8192 bf16 at
     # 340 us with 3 stages and 257 us with 2 (= the previous kernel's 256; NOTES.md 9)
