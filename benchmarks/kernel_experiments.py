@@ -11,13 +11,15 @@ of its switches and tiles:
     PYTHONPATH=src python3 benchmarks/kernel_experiments.py [CASE_SUBSTRING ...]
     PYTHONPATH=src python3 benchmarks/kernel_experiments.py --compile-only I/N [...]
 
-``--compile-only I/N`` runs share I of N of the (case, variant) launches once, untimed:
-several such processes side by side fill Triton's disk cache before the timed run.
+``CURRENT_ONLY=1`` times only the plans as they are. ``--compile-only I/N`` runs share I
+of N of the (case, variant) launches once, untimed: several such processes side by side
+fill Triton's disk cache before the timed run.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch
@@ -115,7 +117,10 @@ def _variants_for(case: Case, block_size: int) -> dict[str, dict]:
     shape = Shape(32, 8, 128, elem, max(case.query_lens), max(case.seq_lens), case.num_seqs,
                   torch.cuda.get_device_properties(0).multi_processor_count, "sm90",
                   kv_quant=quant_mode(case.kv_quant))
-    return variants_of(case, plan_launch(shape), block_size)
+    variants = variants_of(case, plan_launch(shape), block_size)
+    if os.environ.get("CURRENT_ONLY") == "1":  # the plans as they are, nothing else
+        variants = {k: v for k, v in variants.items() if k.startswith("current")}
+    return variants
 
 
 def main(argv: list[str]) -> int:

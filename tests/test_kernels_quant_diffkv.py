@@ -183,6 +183,29 @@ def test_cache_codes_rebuilt_with_other_switches(quant, case):
         head_size=64, kv_bits=True, **kw)
 
 
+@interp
+@pytest.mark.parametrize("variant", ["decode-2d", "decode-3d"])
+def test_int8_decode_through_the_conversion_unit(variant):
+    """int8 decode with the codes cast natively (``kv_bits`` off): what every GPU but sm90
+    runs (the plan rebuilds the codes on sm90)."""
+    run(variant, quant=QUANTS["int8_token_head"], dtype=F16, head_size=64, kv_bits=False,
+        sinks=True)
+
+
+@interp
+@pytest.mark.parametrize("kv_bits", [True, False])
+@pytest.mark.parametrize("quant", ["int8_token_head", "fp8_token_head"])
+def test_tiny_per_token_head_v_scales_keep_fp16_precision(quant, kv_bits):
+    """V scales of ~2e-5 (V values ~1e-3, still normal fp16 outputs): with fp16 dots, P's
+    columns times such scales would be fp16 subnormals (0.8% error measured here without
+    the fix); the kernel normalizes them by the tile's largest scale, so the result keeps
+    fp16 precision."""
+    run("decode-3d", quant=QUANTS[quant], dtype=F16, head_size=64, kv_bits=kv_bits,
+        v_scale_factor=1e-3)
+    run("mixed", quant=QUANTS[quant], dtype=F16, head_size=64, kv_bits=kv_bits,
+        v_scale_factor=1e-3)
+
+
 @triton.jit
 def _decode_codes_kernel(src, dst, BITS: tl.constexpr, ASM: tl.constexpr):
     """Store ``decode_bytes`` (as fp32) of 256 byte codes."""
@@ -446,6 +469,28 @@ def test_write_through_the_cache_uses_the_kernel_on_gpu_only():
     with pytest.raises(portattn.InputError, match="^slot_mapping: expected slots in"):
         cache.write(torch.randn(1, 1, 32, dtype=F16), torch.randn(1, 1, 32, dtype=F16),
                     torch.tensor([8]))
+
+
+@pytest.mark.parametrize("fake", [
+    dict(hip=None, major=8, minor=0, expected=False), dict(hip=None, major=8, minor=6,
+                                                            expected=False),
+    dict(hip=None, major=8, minor=9, expected=True), dict(hip=None, major=9, minor=0,
+                                                           expected=True),
+    dict(hip="6.2", arch="gfx942:sramecc+:xnack-", expected=False),
+    dict(hip="6.2", arch="gfx950", expected=True), dict(hip="6.2", arch="gfx1201",
+                                                        expected=True)], ids=str)
+def test_converts_fp8_by_gpu(fake, monkeypatch):
+    """Which GPUs get the fp8 write kernel (simulated device properties); the CPU never."""
+    import types
+
+    import portattn.devices as devices
+
+    assert devices.converts_fp8(torch.device("cpu")) is False
+    props = types.SimpleNamespace(major=fake.get("major", 9), minor=fake.get("minor", 4),
+                                  gcnArchName=fake.get("arch", ""))
+    monkeypatch.setattr(torch.version, "hip", fake["hip"])
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    assert devices.converts_fp8(torch.device("cuda", 0)) is fake["expected"]
 
 
 # --------------------------------------------------------------------------- reasons

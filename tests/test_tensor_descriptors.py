@@ -336,6 +336,37 @@ def test_gate_check_runs_under_the_interpreter():
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("kv_bits", [None, "int8"])
+def test_gate_checks_the_plans_int8_code_rebuild(kv_bits, monkeypatch):
+    """A variant carries the plan's ``kv_bits`` (set on sm90 only), and the gate's check
+    launches exactly that, whatever its own shape's architecture would plan."""
+    from portattn.kernels import launch
+
+    seen = []
+    real = launch.launch_unified
+
+    def spy(q, cache, metadata, options, out, params, workspace=None):
+        seen.append(params.get("kv_bits"))
+        return real(q, cache, metadata, options, out, params, workspace)
+
+    monkeypatch.setattr(launch, "launch_unified", spy)
+    variant = _variant(kv_dtype="int8", quant="int8_per_token_head", head_qk=64, head_v=64,
+                       block_size=32, block_n=16, kv_bits=kv_bits)
+    assert gate.run_check(variant, "cpu") == {"ok": True, "reason": ""}
+    assert seen == [kv_bits, kv_bits]
+
+
+def test_gate_variants_carry_the_plans_kv_bits():
+    from portattn.backends.triton_kv_load import gate_variants
+
+    params = {"mode": "decode", "kv_bits": "int8",
+              "short": {"block_n": 32, "block_m": 16, "block_q": 8}}
+    assert [v["kv_bits"] for v in gate_variants(_problem(), params)] == ["int8"]
+    assert [v["kv_bits"] for v in gate_variants(_problem(), {**params, "kv_bits": None})] \
+        == [None]
+
+
+@pytest.mark.interpreter
 @pytest.mark.parametrize("case", [
     dict(query_lens=[1, 1, 1], seq_lens=[17, 40, 64], block_size=16, mode="decode"),
     dict(query_lens=[1, 2], seq_lens=[50, 33], block_size=32, mode="decode", segments=2),

@@ -95,7 +95,7 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
                   sm_count=132, arch="sm90", seq_lens_override=None, seed=0, quant=None,
                   head_size_v=None, q_fp8=None, fp8_out=None, layout="split",
                   fp8_dot=False, tolerance=None, separate_kv=False, block_table_edit=None,
-                  v_stage=None, kv_load="pointer", kv_bits=False):
+                  v_stage=None, kv_load="pointer", kv_bits=None, v_scale_factor=None):
     """Run one case; returns the relative error (asserts it is within tolerance).
 
     ``quant``: a KVQuant for the cache; ``head_size_v``: DiffKV (a packed cache);
@@ -109,8 +109,11 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
     ``kv_load``: "pointer" or "descriptor" (the kernel's KV_LOAD switch, tiles cut to
     whole parts of a cache block by ``kv_load.descriptor_params``; forced, so tensors
     that cannot back a descriptor raise instead of silently using pointer loads);
-    ``kv_bits``: rebuild an 8-bit cache's values from its codes with integer operations
-    in the kernel (the plan's ``kv_bits``: fp8 on GPUs without the format, int8), forced."""
+    ``kv_bits``: True / False forces the kernel's rebuild of an 8-bit cache's values from
+    its codes with integer operations (the plan's ``kv_bits``: fp8 on GPUs without the
+    format, int8 decode on sm90) on or off; None follows the plan;
+    ``v_scale_factor``: multiply a per-token-head cache's V scales by this (tiny V values:
+    the oracle reads the scales from the cache as well)."""
     from portattn.backends.triton_unified import TritonUnified
 
     num_q_heads = group * num_kv_heads
@@ -131,6 +134,8 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
     if q_fp8 is not None:  # q as fp8 codes with a scale; the oracle uses code * scale
         q_scale = 0.05
         q = (q.float() / q_scale).clamp(-FP8_MAX[q_fp8], FP8_MAX[q_fp8]).to(q_fp8)
+    if v_scale_factor is not None:
+        cache.v_scale_cache.mul_(v_scale_factor)
     keys = [stored_values(cache, metadata.block_table[b], n, "k")
             for b, n in enumerate(batch.seq_lens)]
     values = [stored_values(cache, metadata.block_table[b], n, "v")
@@ -188,7 +193,9 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
                                     long=long, fp8_dot=fp8_dot)
     if v_stage is not None:  # forced on or off; None follows the plan
         params["v_stage"] = bool(v_stage)
-    if kv_bits:
+    if kv_bits is False:
+        params.pop("kv_bits", None)
+    elif kv_bits:
         params["kv_bits"] = {torch.float8_e4m3fn: "e4m3fn", torch.float8_e5m2: "e5m2",
                              torch.int8: "int8"}[cache.key_cache.dtype]
     if kv_load == "descriptor":

@@ -547,7 +547,16 @@ def run_sweep(case: Case, inp: Inputs, bench, caps) -> list[dict]:
                   max(case.seq_lens), case.num_seqs, caps.sm_count, caps.arch,
                   inp.cache.head_size_v, quant_mode(case.kv_quant))
     rows = []
+    # the backend's own byte-decode choice (fp8 caches before sm89) goes with every config
+    from portattn.backends.triton_unified import fp8_cache_from_bytes
+    from portattn.dispatch.problem import Problem
+
+    problem = Problem.from_call(inp.q, inp.cache, inp.metadata, options,
+                                max(case.query_lens), max(case.seq_lens))
+    kv_bits = fp8_cache_from_bytes(problem, caps)
     for params in sweep_configs(case, shape):
+        if kv_bits:
+            params = dict(params, kv_bits=kv_bits)
         record: dict[str, Any] = {"params": params}
         if bench is None:  # --compile-only
             launch_unified(inp.q, inp.cache, inp.metadata, options, inp.out, params)

@@ -42,11 +42,14 @@ def on_device(index: int | None) -> ContextManager:
 
 def converts_fp8(device: torch.device) -> bool:
     """Whether Triton kernels on ``device`` can convert to and from the OCP fp8 formats
-    (e4m3fn, e5m2): NVIDIA sm89 and newer. The cache write kernel quantizes with that
-    conversion; elsewhere an fp8 cache is written by PyTorch. AMD GPUs answer False (only
-    gfx950 converts OCP fp8 there, and the write kernel has not run on one)."""
+    (e4m3fn, e5m2): NVIDIA sm89 and newer, AMD gfx950 and gfx12 (the probe's fp8 formats).
+    The cache write kernel quantizes with that conversion; elsewhere (sm80, sm86, gfx942,
+    the CPU) an fp8 cache is written by PyTorch."""
     index = cuda_index(device)
-    if index is None or torch.version.hip:
+    if index is None:
         return False
     props = torch.cuda.get_device_properties(index)
+    if torch.version.hip:
+        arch = str(getattr(props, "gcnArchName", "")).split(":")[0]
+        return arch == "gfx950" or arch.startswith("gfx12")
     return (props.major, props.minor) >= (8, 9)

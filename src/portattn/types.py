@@ -330,7 +330,9 @@ class PagedKVCache:
                 return
         from portattn.quant import quantize_for_cache
 
-        valid = slot_mapping >= 0
+        # like the write kernel: slots of -1, any negative slot and slots past the cache
+        # are skipped (the CPU checked them above; a GPU without fp8 conversions gets here)
+        valid = (slot_mapping >= 0) & (slot_mapping < self.num_blocks * self.block_size)
         slots = slot_mapping[valid].long()
         key, value = key[valid], value[valid]
         blocks = torch.div(slots, self.block_size, rounding_mode="floor")

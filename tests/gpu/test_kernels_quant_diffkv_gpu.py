@@ -130,6 +130,32 @@ def test_from_bytes_dtypes_variants(quant, dtype, variant):
     run(variant, quant=QUANTS[quant], dtype=dtype, kv_bits=True)
 
 
+@pytest.mark.parametrize("variant", ["decode-2d", "decode-3d"])
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_int8_decode_through_the_conversion_unit(dtype, variant):
+    """int8 decode with the codes cast natively (kv_bits off): what GPUs other than sm90
+    run (the plan rebuilds the codes on sm90)."""
+    run(variant, quant=QUANTS["int8_token_head"], dtype=dtype, kv_bits=False, sinks=True)
+
+
+@pytest.mark.parametrize("kv_bits", [True, False])
+@pytest.mark.parametrize("quant", ["int8_token_head", "fp8_token_head"])
+def test_tiny_per_token_head_v_scales_keep_precision(quant, kv_bits):
+    """V values ~1e-3 (scales ~2e-5): P's scaled columns stay in fp16's normal range."""
+    run("decode-3d", quant=QUANTS[quant], kv_bits=kv_bits, v_scale_factor=1e-3)
+    run("mixed-3d", quant=QUANTS[quant], kv_bits=kv_bits, v_scale_factor=1e-3)
+
+
+@pytest.mark.parametrize("quant", list(QUANTS))
+def test_8bit_decode_small_tiles(quant):
+    """The 64-key, 2-warp decode tiles the plan takes for 8-bit caches at >= 6 waves."""
+    from portattn.kernels.heuristics import TileConfig
+
+    for segments in (1, 4):
+        run("decode-2d", quant=QUANTS[quant], segments=None,
+            short=TileConfig(16, 4, 64, 2, 2, segments))
+
+
 @pytest.mark.parametrize("head_size", [64, 80, 128, 192, 256])
 @pytest.mark.parametrize("variant", ["decode-3d", "chunked"])
 @pytest.mark.parametrize("quant", ["fp8_tensor_e4m3", "fp8_token_head", "int8_token_head"])
@@ -230,7 +256,8 @@ def test_write_kernel_exact(quant, layout, head_v):
 @pytest.mark.parametrize("quant", ["fp8_tensor_e4m3", "fp8_tensor_e5m2", "fp8_token_head"])
 def test_fp8_write_where_the_gpu_cannot_convert_fp8(quant, monkeypatch):
     """Before sm89 (``converts_fp8`` False, simulated here) an fp8 cache is written by
-    PyTorch: the same bytes and scales as the reference quantizer, -1 slots skipped."""
+    PyTorch: the same bytes and scales as the reference quantizer; slots of -1, below -1
+    and past the cache skipped, as the write kernel does."""
     import portattn.devices
     from portattn import PagedKVCache
 
@@ -241,6 +268,9 @@ def test_fp8_write_where_the_gpu_cannot_convert_fp8(quant, monkeypatch):
     v = torch.randn(200, 4, 128, device=DEV)
     slots = torch.randperm(64 * 16, device=DEV)[:200]
     slots[3] = -1
+    before = cache.key_cache.view(torch.uint8).clone()
+    cache.write(k[:2], v[:2], torch.tensor([64 * 16, -5], device=DEV))  # skipped, like -1
+    assert torch.equal(cache.key_cache.view(torch.uint8), before)
     cache.write(k, v, slots)
     keep = slots >= 0
     for which, src, data, scales in (("k", k, cache.key_cache, cache.k_scale_cache),

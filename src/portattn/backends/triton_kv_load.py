@@ -67,7 +67,8 @@ def gate_variants(problem, params: dict) -> list[dict]:
     return [variant_key(kv_dtype=kv_dtype, quant=problem.kv_quant,
                         head_qk=problem.head_size_qk, head_v=problem.head_size_v,
                         block_size=problem.block_size, block_n=n,
-                        fp8_dot=bool(params.get("fp8_dot"))) for n in block_ns]
+                        fp8_dot=bool(params.get("fp8_dot")),
+                        kv_bits=params.get("kv_bits")) for n in block_ns]
 
 
 def choose_kv_load(problem, caps, shape: heuristics.Shape, params: dict) -> dict:

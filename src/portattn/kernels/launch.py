@@ -177,7 +177,7 @@ def launch_unified(q: torch.Tensor, cache, metadata, options, out: torch.Tensor,
                         params.get("compute"), params.get("kv_bits"))
     if "check_blocks" in params:  # a measurement switch (benchmarks/kernel_experiments.py)
         args["CHECK_BLOCKS"] = bool(params["check_blocks"])
-    if params.get("v_stage") and args["KV_QUANT"]:  # the plan's, 8-bit caches only
+    if params.get("v_stage") and args["KV_QUANT"]:  # forced (experiments), 8-bit caches only
         args["V_STAGE"] = True
     if params.get("kv_load", "pointer") == "descriptor":
         forced = bool(params.get("_kv_load_forced"))

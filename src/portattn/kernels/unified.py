@@ -55,15 +55,18 @@ fp32), ``Q_SCALED`` (fp8 ``q`` with ``q_scale`` folded into the softmax scale),
 ``FP8_DOT`` (keep fp8 ``q`` and fp8 K for the QK^T dot, accumulating in fp32 with a
 promotion every ``FP8_ACC`` products), ``Q_PRESCALE`` (multiply q by the softmax scale in
 fp32 before casting it to ``COMPUTE_DTYPE``: used when a bf16 q meets an fp8 cache and the
-dots run in fp16, every fp8 value being exact in fp16 and fp8 -> fp16 one conversion),
+dots run in fp16, every fp8 value being exact in fp16 and fp8 -> fp16 one conversion,
+and with ``KV_BITS``, whose rebuilt codes are fp16),
 ``FP8_OUT`` (store ``clamp(out / output_scale,
 +-FP8_MAX)``), ``COMPUTE_DTYPE`` (the dtype of the dot operands, 0 float16 / 1 bfloat16 /
-2 float32: q's for 16/32-bit q over a 16/32-bit or int8 cache, float16 for fp8 q or an
-fp8 cache since every fp8 value is exact in it), ``DOT_PREC`` ("ieee" for fp32,
-ignored for 16-bit operands).
+2 float32: q's for 16/32-bit q over a 16/32-bit or int8 cache, float16 for fp8 q, an
+fp8 cache (every fp8 value is exact in it) or ``KV_BITS``), ``DOT_PREC`` ("ieee" for
+fp32, ignored for 16-bit operands). With per-token-head scales and fp16 dots, P's columns
+are multiplied by the V scales divided by the tile's largest one (kept in fp16's normal
+range), and that largest scale multiplies the tile's P V product.
 
-``V_STAGE`` (8-bit caches; the plan sets it for per-token-head decode tiles on sm90,
-``heuristics.plan_launch``):
+``V_STAGE`` (8-bit caches; a measured switch the plan never sets: it lost on the H200 for
+fp8 and for the int8 codes, benchmarks/NOTES.md):
 multiply the converted V tile by a runtime scalar (the per-tensor V scale, else
 ``v_one`` = 1.0) so Triton stages V through shared memory in 16 bits. Without it the
 conversion is hoisted after the shared-memory load, and an 8-bit V operand that must be
@@ -210,8 +213,8 @@ def _load_kv_tile_pointer(bt_row, bt_width, num_blocks, k_pos, key_ok, k_head_pt
         else:
             v = tl.load(v_ptrs)
     k_sc, v_sc = _token_head_scales(ks_head_ptr, vs_head_ptr, block, slot, key_ok,
-                                 stride_ksb, stride_kss, stride_vsb, stride_vss, BLOCK_N,
-                                 MASKED, KV_QUANT)
+                                    stride_ksb, stride_kss, stride_vsb, stride_vss, BLOCK_N,
+                                    MASKED, KV_QUANT)
     return k, v, k_sc, v_sc, bad
 
 
@@ -250,8 +253,8 @@ def _load_kv_tile_descriptor(bt_row, bt_width, num_blocks, key0, k_pos, key_ok, 
         v = tl.where(key_ok[:, None], v, tl.zeros_like(v))
     k = tl.trans(k_rows)
     k_sc, v_sc = _token_head_scales(ks_head_ptr, vs_head_ptr, block.to(tl.int64),
-                                 k_pos % BLOCK_SIZE, key_ok, stride_ksb, stride_kss,
-                                 stride_vsb, stride_vss, BLOCK_N, MASKED, KV_QUANT)
+                                    k_pos % BLOCK_SIZE, key_ok, stride_ksb, stride_kss,
+                                    stride_vsb, stride_vss, BLOCK_N, MASKED, KV_QUANT)
     return k, v, k_sc, v_sc, bad
 
 
@@ -282,7 +285,7 @@ def _kv_to_compute(x, COMPUTE_DTYPE: tl.constexpr, KV_BITS: tl.constexpr,
 
 @triton.jit
 def _full_tiles_have_bad_blocks(bt_row, bt_width, num_blocks, key_lo, key_hi,
-                             BLOCK_SIZE: tl.constexpr, SCAN: tl.constexpr = 128):
+                                BLOCK_SIZE: tl.constexpr, SCAN: tl.constexpr = 128):
     """Whether a block-table entry for keys ``[key_lo, key_hi)`` (the unmasked tiles, seen
     by every row of the program) is outside ``[0, num_blocks)`` or past the table's width:
     one pass over those entries before the loop (1/BLOCK_SIZE of the keys)."""
@@ -331,14 +334,24 @@ def _attend_tile(j, acc, m_i, l_i, q, seq_len, k_lo, bt_row, bt_width,
     if MASKED:  # edge tiles: exactly the rows that see a bad key
         s = tl.where(bad[None, :] & (s > float("-inf")), float("nan"), s)
     p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i, MASKED)
-    acc = acc * alpha[:, None]
-    if KV_QUANT == 2:
-        p = p * v_sc[None, :]
     if V_STAGE:  # see the module doc: an op the compiler cannot fold or hoist
         v = _kv_to_compute(v, COMPUTE_DTYPE, KV_BITS, BITS_ASM) * v_mult
     else:
         v = _kv_to_compute(v, COMPUTE_DTYPE, KV_BITS, BITS_ASM)
-    acc = tl.dot(_to_compute(p, COMPUTE_DTYPE), v, acc, input_precision=DOT_PREC)
+    if KV_QUANT == 2 and COMPUTE_DTYPE == 0:
+        # fp16 dots: P's columns times the V scales over the tile's largest V scale, so
+        # they stay in fp16's normal range however small the scales are (V values of
+        # 1e-4 would make p * scale subnormal); that scale multiplies the tile's product
+        v_top = tl.max(v_sc, 0)
+        v_top = tl.where(v_top > 0.0, v_top, 1.0)
+        p = p * (v_sc * (1.0 / v_top))[None, :]
+        pv = tl.dot(_to_compute(p, COMPUTE_DTYPE), v, input_precision=DOT_PREC)
+        acc = acc * alpha[:, None] + pv * v_top
+    else:
+        acc = acc * alpha[:, None]
+        if KV_QUANT == 2:
+            p = p * v_sc[None, :]
+        acc = tl.dot(_to_compute(p, COMPUTE_DTYPE), v, acc, input_precision=DOT_PREC)
     return acc, m_i, l_i
 
 
@@ -436,6 +449,8 @@ def unified_attention_kernel(
         V_STAGE: tl.constexpr = False, KV_BITS: tl.constexpr = 0,
         BITS_ASM: tl.constexpr = False):
     """Paged attention of one query tile x one kv head x one KV segment (see module doc)."""
+    tl.static_assert(not FP8_DOT or KV_BITS == 0,
+                     "FP8_DOT needs the cache's fp8 values, KV_BITS rebuilds them as fp16")
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
     if SEQ_MODE == 1:
@@ -446,8 +461,8 @@ def unified_attention_kernel(
             if not LONG_FOLLOWS:
                 if segment == 0:
                     _poison_long_sequence(out_ptr, q_start, q_len, kv_head, stride_ot,
-                                       stride_oh, stride_od, GROUP, BLOCK_M, HEAD_V,
-                                       HEAD_V_PAD)
+                                          stride_oh, stride_od, GROUP, BLOCK_M, HEAD_V,
+                                          HEAD_V_PAD)
             return
         tile_local = 0
     else:
@@ -534,11 +549,14 @@ def unified_attention_kernel(
         seg_lo = tile_lo
         seg_hi = tile_hi
 
-    if V_STAGE:  # per-tensor: the V scale goes into V here instead of into the output
+    if V_STAGE:  # per-tensor: the V scale (and e4m3 bytes' 256) go into V, not the output
         if KV_QUANT == 1:
-            v_mult = _to_compute(tl.load(v_scale_ptr), COMPUTE_DTYPE)
+            v_mult = tl.load(v_scale_ptr)
         else:
-            v_mult = _to_compute(tl.full([], v_one, tl.float32), COMPUTE_DTYPE)
+            v_mult = tl.full([], v_one, tl.float32)
+        if KV_BITS == 1:
+            v_mult = v_mult * 256.0
+        v_mult = _to_compute(v_mult, COMPUTE_DTYPE)
     else:
         v_mult = v_one
     bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt
@@ -590,7 +608,7 @@ def unified_attention_kernel(
 
     if KV_QUANT == 1 and not V_STAGE:  # the V scale, once per row, not per element
         acc = acc * tl.load(v_scale_ptr)
-    if KV_BITS == 1:
+    if KV_BITS == 1 and not V_STAGE:
         acc = acc * 256.0
     if poisoned:  # NaN in both: a NaN sum alone would be read as "no visible key"
         l_i = tl.where(row_ok, float("nan"), l_i)
