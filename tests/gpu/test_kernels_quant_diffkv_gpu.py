@@ -229,6 +229,21 @@ def test_bad_block_ids_give_nan_rows(variant):
 
 
 # --------------------------------------------------------------------------- write kernel
+def assert_written(cache, k, v, slots) -> None:
+    """The cache holds, at every slot >= 0, exactly what the reference quantizer makes of
+    ``k`` / ``v`` (bytes and per-token-head scales)."""
+    keep = slots >= 0
+    capacity = cache.num_blocks * cache.block_size
+    for which, src, data, scales in (("k", k, cache.key_cache, cache.k_scale_cache),
+                                     ("v", v, cache.value_cache, cache.v_scale_cache)):
+        want, want_scales = quantize_reference(src[keep], cache.quant, which, data.dtype)
+        got = data.reshape(capacity, *data.shape[2:])[slots[keep].long()]
+        assert torch.equal(got.view(torch.uint8) if got.element_size() == 1 else got,
+                           want.view(torch.uint8) if want.element_size() == 1 else want)
+        if scales is not None:
+            assert torch.equal(scales.reshape(capacity, -1)[slots[keep].long()], want_scales)
+
+
 @pytest.mark.parametrize("layout,head_v", [("split", 128), ("packed", 128), ("diffkv", 64)])
 @pytest.mark.parametrize("quant", [None] + list(QUANTS))
 def test_write_kernel_exact(quant, layout, head_v):
@@ -245,15 +260,7 @@ def test_write_kernel_exact(quant, layout, head_v):
     slots = torch.randperm(64 * 16, device=DEV)[:300]
     slots[5] = -1
     cache.write(k, v, slots)
-    keep = slots >= 0
-    for which, src, data, scales in (("k", k, cache.key_cache, cache.k_scale_cache),
-                                     ("v", v, cache.value_cache, cache.v_scale_cache)):
-        want, want_scales = quantize_reference(src[keep], cache.quant, which, data.dtype)
-        got = data.reshape(64 * 16, *data.shape[2:])[slots[keep].long()]
-        assert torch.equal(got.view(torch.uint8) if got.element_size() == 1 else got,
-                           want.view(torch.uint8) if want.element_size() == 1 else want)
-        if scales is not None:
-            assert torch.equal(scales.reshape(64 * 16, -1)[slots[keep].long()], want_scales)
+    assert_written(cache, k, v, slots)
 
 
 @pytest.mark.parametrize("quant", ["fp8_tensor_e4m3", "fp8_tensor_e5m2", "fp8_token_head"])
@@ -275,14 +282,7 @@ def test_fp8_write_where_the_gpu_cannot_convert_fp8(quant, monkeypatch):
     cache.write(k[:2], v[:2], torch.tensor([64 * 16, -5], device=DEV))  # skipped, like -1
     assert torch.equal(cache.key_cache.view(torch.uint8), before)
     cache.write(k, v, slots)
-    keep = slots >= 0
-    for which, src, data, scales in (("k", k, cache.key_cache, cache.k_scale_cache),
-                                     ("v", v, cache.value_cache, cache.v_scale_cache)):
-        want, want_scales = quantize_reference(src[keep], cache.quant, which, data.dtype)
-        got = data.reshape(64 * 16, *data.shape[2:])[slots[keep].long()]
-        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
-        if scales is not None:
-            assert torch.equal(scales.reshape(64 * 16, -1)[slots[keep].long()], want_scales)
+    assert_written(cache, k, v, slots)
 
 
 @pytest.mark.parametrize("quant", ["fp8_tensor_e4m3", "int8_token_head", "fp8_token_head",
