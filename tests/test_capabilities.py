@@ -333,7 +333,7 @@ def test_probe_never_raises_when_sub_probes_fail(monkeypatch):
 
     monkeypatch.setattr(probe_mod, "_device_facts", boom)
     monkeypatch.setattr(probe_mod, "probe_flash_attn", boom)
-    monkeypatch.setattr(probe_mod, "_fp8_formats", boom)
+    monkeypatch.setattr(probe_mod, "fp8_formats", boom)
     caps = probe(use_disk_cache=False)
     assert caps.device_type == "cpu"
     assert "GPU probe failed: RuntimeError: CUDA driver initialization failed" in \

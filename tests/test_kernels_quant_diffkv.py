@@ -486,12 +486,16 @@ def test_converts_fp8_by_gpu(fake, monkeypatch):
 
     import portattn.devices as devices
 
-    assert devices.converts_fp8(torch.device("cpu")) is False
+    assert devices.converts_fp8(torch.device("cpu"), E4M3) is False
     props = types.SimpleNamespace(major=fake.get("major", 9), minor=fake.get("minor", 4),
                                   gcnArchName=fake.get("arch", ""))
     monkeypatch.setattr(torch.version, "hip", fake["hip"])
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
-    assert devices.converts_fp8(torch.device("cuda", 0)) is fake["expected"]
+    devices._converts_fp8.cache_clear()  # answers are kept per device; these are simulated
+    try:
+        assert devices.converts_fp8(torch.device("cuda", 0), E4M3) is fake["expected"]
+    finally:
+        devices._converts_fp8.cache_clear()
 
 
 # --------------------------------------------------------------------------- reasons

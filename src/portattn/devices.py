@@ -13,6 +13,7 @@ Importing this module imports torch (it is used on the call path only).
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import ContextManager
 
 import torch
@@ -40,16 +41,25 @@ def on_device(index: int | None) -> ContextManager:
     return torch.cuda.device(index)
 
 
-def converts_fp8(device: torch.device) -> bool:
-    """Whether Triton kernels on ``device`` can convert to and from the OCP fp8 formats
-    (e4m3fn, e5m2): NVIDIA sm89 and newer, AMD gfx950 and gfx12 (the probe's fp8 formats).
-    The cache write kernel quantizes with that conversion; elsewhere (sm80, sm86, gfx942,
-    the CPU) an fp8 cache is written by PyTorch."""
+def converts_fp8(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether Triton kernels on ``device`` convert to and from the fp8 ``dtype`` natively
+    (the probe's rule, :func:`portattn.capabilities.profiles.fp8_formats`: NVIDIA sm89+,
+    AMD gfx950 / gfx12 for e4m3fn and e5m2). The cache write kernel quantizes with that
+    conversion; elsewhere (sm80, sm86, gfx942, the CPU) an fp8 cache is written by PyTorch."""
     index = cuda_index(device)
-    if index is None:
-        return False
+    return False if index is None else _converts_fp8(index, dtype)
+
+
+@functools.cache
+def _converts_fp8(index: int, dtype: torch.dtype) -> bool:
+    """:func:`converts_fp8` for CUDA device ``index``, once per (device, dtype): a cache
+    write asks on every decode step."""
+    from portattn.capabilities.profiles import fp8_formats
+    from portattn.types import FP8_FORMAT_NAMES
+
     props = torch.cuda.get_device_properties(index)
     if torch.version.hip:
-        arch = str(getattr(props, "gcnArchName", "")).split(":")[0]
-        return arch == "gfx950" or arch.startswith("gfx12")
-    return (props.major, props.minor) >= (8, 9)
+        vendor, arch = "amd", str(getattr(props, "gcnArchName", "")).split(":")[0]
+    else:
+        vendor, arch = "nvidia", f"sm{props.major}{props.minor}"
+    return FP8_FORMAT_NAMES[dtype] in fp8_formats(vendor, arch, (props.major, props.minor))

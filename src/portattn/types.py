@@ -322,7 +322,7 @@ class PagedKVCache:
         if self.device.type != "cpu" and _write_kernel_available():
             from portattn.devices import converts_fp8, cuda_index, on_device
 
-            if self.dtype not in FP8_DTYPES or converts_fp8(self.device):
+            if self.dtype not in FP8_DTYPES or converts_fp8(self.device, self.dtype):
                 from portattn.kernels.write_launch import launch_cache_write
 
                 with on_device(cuda_index(self.device)):  # Triton launches on the current GPU

@@ -271,7 +271,7 @@ def test_fp8_write_where_the_gpu_cannot_convert_fp8(quant, monkeypatch):
     import portattn.devices
     from portattn import PagedKVCache
 
-    monkeypatch.setattr(portattn.devices, "converts_fp8", lambda device: False)
+    monkeypatch.setattr(portattn.devices, "converts_fp8", lambda device, dtype: False)
     cache = PagedKVCache.allocate(64, 16, 4, 128, dtype=BF16, quant=QUANTS[quant],
                                   device=DEV)
     k = torch.randn(200, 4, 128, device=DEV) * 4

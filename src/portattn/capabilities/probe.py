@@ -33,7 +33,7 @@ from portattn.capabilities import cache
 from portattn.capabilities._text import one_line
 from portattn.capabilities.model import Capabilities, Check
 from portattn.capabilities.overrides import apply_overrides, raw_overrides, read_overrides
-from portattn.capabilities.profiles import NO_GPU_REASON, simulated
+from portattn.capabilities.profiles import NO_GPU_REASON, fp8_formats, simulated
 from portattn.settings import SIMULATE, TRITON_INTERPRET
 
 TRITON_NOT_INSTALLED = "Triton is not installed (pip install 'portattn[triton]')"
@@ -320,21 +320,6 @@ def _device_facts(index: Any = _CURRENT) -> dict[str, Any]:
                 total_memory=int(props.total_memory),
                 l2_cache_bytes=int(getattr(props, "L2_cache_size", 0) or 0),
                 driver_version=_guard(_driver_version, None), index=index)
-
-
-def _fp8_formats(vendor: str, arch: str, cc: tuple[int, int] | None) -> tuple[str, ...]:
-    """Formats the hardware computes in natively, kept only where torch has the dtype."""
-    if vendor == "nvidia" and cc is not None and cc >= (8, 9):
-        wanted: tuple[str, ...] = ("e4m3fn", "e5m2")
-    elif vendor == "amd" and arch == "gfx942":
-        wanted = ("e4m3fnuz", "e5m2fnuz")
-    elif vendor == "amd" and (arch == "gfx950" or arch.startswith("gfx12")):
-        wanted = ("e4m3fn", "e5m2")
-    else:
-        return ()
-    import torch
-
-    return tuple(f for f in wanted if hasattr(torch, f"float8_{f}"))
 
 
 # --------------------------------------------------------------------------- Triton
@@ -634,7 +619,7 @@ def probe_device(index: Any = _CURRENT) -> Capabilities:
         why = f"kernel check failed: {one_line(exc)}"
         target, kernels, descriptors = None, Check(False, why), Check(False, why)
 
-    fp8: tuple[str, ...] = _guard(_fp8_formats, (), facts["vendor"], facts["arch"],
+    fp8: tuple[str, ...] = _guard(fp8_formats, (), facts["vendor"], facts["arch"],
                                   facts["compute_capability"])
     try:
         flash, flash_version, interfaces = probe_flash_attn(

@@ -124,14 +124,20 @@ def _sim(ok: bool, reason: str) -> Check:
     return Check(ok, f"{reason} (simulated)", "simulated")
 
 
-def _fp8_formats(d: _Device) -> tuple[str, ...]:
-    if d.vendor == "nvidia" and (d.compute_capability or (0, 0)) >= (8, 9):
-        return ("e4m3fn", "e5m2")
-    if d.arch == "gfx942":
-        return ("e4m3fnuz", "e5m2fnuz")
-    if d.arch == "gfx950":
-        return ("e4m3fn", "e5m2")
-    return ()
+def fp8_formats(vendor: str, arch: str, cc: tuple[int, int] | None) -> tuple[str, ...]:
+    """Formats the hardware computes in natively, kept only where torch has the dtype (the
+    one rule: probed devices, simulated profiles, the cache write's choice)."""
+    if vendor == "nvidia" and cc is not None and cc >= (8, 9):
+        wanted: tuple[str, ...] = ("e4m3fn", "e5m2")
+    elif vendor == "amd" and arch == "gfx942":
+        wanted = ("e4m3fnuz", "e5m2fnuz")
+    elif vendor == "amd" and (arch == "gfx950" or arch.startswith("gfx12")):
+        wanted = ("e4m3fn", "e5m2")
+    else:
+        return ()
+    import torch
+
+    return tuple(f for f in wanted if hasattr(torch, f"float8_{f}"))
 
 
 def _tensor_descriptors(d: _Device) -> Check:
@@ -192,7 +198,7 @@ def simulated(name: str) -> Capabilities:
         triton_target=d.triton_target,
         triton_kernels=_triton_kernels(d),
         tensor_descriptors=_tensor_descriptors(d),
-        fp8_formats=_fp8_formats(d),
+        fp8_formats=fp8_formats(d.vendor, d.arch, d.compute_capability),
         flash_attn=flash_attn,
         flash_attn_version=flash_attn_version,
         flash_attn_interfaces=interfaces,

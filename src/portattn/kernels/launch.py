@@ -23,7 +23,7 @@ from portattn.kernels import reduce, unified
 from portattn.kernels.fast_launch import capturable
 from portattn.kernels.heuristics import head_pad
 from portattn.kernels.scalars import device_scalars, kv_scale_args
-from portattn.types import FP8_DTYPES, fp8_max
+from portattn.types import FP8_DTYPES, FP8_FORMAT_NAMES, fp8_max
 
 unified_attention_kernel = capturable(unified.unified_attention_kernel)
 merge_segments_kernel = capturable(reduce.merge_segments_kernel)
@@ -37,15 +37,19 @@ FP8_DOT_PROMOTE_EVERY = 32
 
 
 
-def kernel_scalars(q, cache, options, fp8_dot: bool, compute: str | None = None) -> dict:
+def kernel_scalars(q, cache, options, fp8_dot: bool, compute: str | None = None,
+                   codes: bool = False) -> dict:
     """The quantization arguments of both kernels: scale pointers, their strides and the
-    switches (see the kernel's module doc)."""
+    switches (see the kernel's module doc); ``codes``: the cache's 8-bit codes are rebuilt
+    as fp16 in the kernel (``KV_BITS``), so a bf16 q dots in fp16 and no fp8 QK^T."""
     device = q.device
     dummy = q
     code, k_scale, v_scale, k_strides, v_strides = kv_scale_args(cache, device, dummy)
     q_fp8 = q.dtype in FP8_DTYPES
     fp8_out = options.out_dtype in FP8_DTYPES
-    if compute is None:  # fp8 caches: fp16 dots (fp8 -> fp16 is exact and one conversion)
+    if codes and q.dtype == torch.bfloat16:  # the rebuilt values are fp16: so are the dots
+        compute = "float16"
+    elif compute is None:  # fp8 caches: fp16 dots (fp8 -> fp16 is exact, one conversion)
         fp8_cache = cache.dtype in FP8_DTYPES
         compute = "float16" if q_fp8 or (fp8_cache and q.dtype == torch.bfloat16) else None
     prescale = compute == "float16" and q.dtype == torch.bfloat16
@@ -55,7 +59,8 @@ def kernel_scalars(q, cache, options, fp8_dot: bool, compute: str | None = None)
         out_scale_ptr=device_scalars.get(options.output_scale, device, "out") if fp8_out else dummy,
         stride_ksb=k_strides[0], stride_kss=k_strides[1], stride_ksh=k_strides[2],
         stride_vsb=v_strides[0], stride_vss=v_strides[1], stride_vsh=v_strides[2],
-        KV_QUANT=code, Q_SCALED=q_fp8, Q_PRESCALE=prescale, FP8_DOT=bool(fp8_dot and q_fp8),
+        KV_QUANT=code, Q_SCALED=q_fp8, Q_PRESCALE=prescale,
+        FP8_DOT=bool(fp8_dot and q_fp8 and not codes),
         FP8_ACC=FP8_DOT_PROMOTE_EVERY, FP8_OUT=fp8_out,
         FP8_MAX=fp8_max(options.out_dtype) if fp8_out else 0.0,
         COMPUTE_DTYPE=0 if compute == "float16" else _COMPUTE_CODES[q.dtype],
@@ -66,7 +71,7 @@ def kernel_scalars(q, cache, options, fp8_dot: bool, compute: str | None = None)
 #: (``params["kv_bits"]``: fp8 caches where the GPU has no conversion for the format,
 #: int8 caches where that measured faster than the conversion unit; byte_decode.py).
 KV_BITS_CODES = {None: 0, "e4m3fn": 1, "e5m2": 2, "int8": 3}
-_KV_BITS_DTYPES = {"e4m3fn": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2,
+_KV_BITS_DTYPES = {**{name: dtype for dtype, name in FP8_FORMAT_NAMES.items()},
                    "int8": torch.int8}
 
 
@@ -79,10 +84,6 @@ def _common_args(q, cache, metadata, options, out, fp8_dot: bool,
     key_cache, value_cache = cache.key_cache, cache.value_cache
     if bits in (1, 2):  # fp8 caches: the kernel reads the bytes, rebuilds fp16 from them
         key_cache, value_cache = key_cache.view(torch.uint8), value_cache.view(torch.uint8)
-    if bits:
-        fp8_dot = False
-        if q.dtype == torch.bfloat16:  # the rebuilt values are fp16: so are the dots
-            compute = "float16"
     return dict(
         q_ptr=q, k_ptr=key_cache, v_ptr=value_cache, out_ptr=out,
         block_table_ptr=metadata.block_table, cu_seqlens_q_ptr=metadata.cu_seqlens_q,
@@ -109,7 +110,7 @@ def _common_args(q, cache, metadata, options, out, fp8_dot: bool,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", KV_BITS=bits,
         # inline PTX on NVIDIA GPUs (not the interpreter, not ROCm)
         BITS_ASM=bool(bits) and q.device.type == "cuda" and torch.version.hip is None,
-        **kernel_scalars(q, cache, options, fp8_dot, compute),
+        **kernel_scalars(q, cache, options, fp8_dot, compute, codes=bool(bits)),
     )
 
 
