@@ -25,7 +25,8 @@ BASE = dict(GROUP=4, BLOCK_M=16, BLOCK_Q=4, BLOCK_N=128, BLOCK_SIZE=16, HEAD_QK=
             LONG_FOLLOWS=False, CAUSAL=True, USE_WINDOW=False, USE_SOFTCAP=False, ALIBI=0,
             USE_SINKS=False, KV_QUANT=0, Q_SCALED=False, Q_PRESCALE=False, FP8_DOT=False,
             FP8_ACC=32, FP8_OUT=False, FP8_MAX=0.0, COMPUTE_DTYPE=1, DOT_PREC="tf32",
-            CHECK_BLOCKS=True, KV_LOAD=0, V_STAGE=False, KV_BITS=0, BITS_ASM=False)
+            CHECK_BLOCKS=True, KV_LOAD=0, V_STAGE=False, KV_BITS=0, BITS_ASM=False,
+            V_PAIRS=0)
 PREFILL = dict(BLOCK_M=128, BLOCK_Q=32, SEQ_MODE=0)
 #: name -> (KV storage type, constexpr changes, num_warps, num_stages)
 VARIANTS = {
@@ -37,9 +38,21 @@ VARIANTS = {
                                               COMPUTE_DTYPE=0), 4, 2),
     "decode fp8 per-tensor V_STAGE": ("fp8e4nv", dict(KV_QUANT=1, Q_PRESCALE=True,
                                                       COMPUTE_DTYPE=0, V_STAGE=True), 4, 2),
+    "decode fp8 per-tensor V_PAIRS": ("fp8e4nv", dict(KV_QUANT=1, Q_PRESCALE=True,
+                                                      COMPUTE_DTYPE=0, V_PAIRS=4,
+                                                      BITS_ASM=True), 4, 2),
     "decode int8 per-token-head": ("i8", dict(KV_QUANT=2), 4, 2),
     "decode int8 codes": ("i8", dict(KV_QUANT=2, KV_BITS=3, BITS_ASM=True, Q_PRESCALE=True,
                                      COMPUTE_DTYPE=0), 4, 2),
+    "decode int8 codes V_PAIRS": ("i8", dict(KV_QUANT=2, KV_BITS=3, BITS_ASM=True,
+                                             Q_PRESCALE=True, COMPUTE_DTYPE=0, V_PAIRS=3),
+                                  4, 2),
+    "decode e4m3 bytes V_PAIRS": ("u8", dict(KV_QUANT=1, KV_BITS=1, BITS_ASM=True,
+                                             Q_PRESCALE=True, COMPUTE_DTYPE=0, V_PAIRS=1),
+                                  4, 2),
+    "prefill fp8 per-tensor V_PAIRS": ("fp8e4nv", dict(PREFILL, KV_QUANT=1, Q_PRESCALE=True,
+                                                       COMPUTE_DTYPE=0, V_PAIRS=4,
+                                                       BITS_ASM=True), 8, 3),
     # what sm80 / sm86 run for e4m3fn / e5m2 caches (compile with --arch 80)
     "decode e4m3 bytes": ("u8", dict(KV_QUANT=1, KV_BITS=1, BITS_ASM=True, Q_PRESCALE=True,
                                      COMPUTE_DTYPE=0), 4, 2),
@@ -59,7 +72,8 @@ UNSPECIALIZED = ("stride_qd", "stride_od")  # always 1 in practice
 def compile_variant(kv: str, changes: dict, warps: int, stages: int, arch: int):
     consts = {**BASE, **changes}
     pointer_types = {name: "*bf16" for name in KERNEL.arg_names if name.endswith("_ptr")}
-    pointer_types.update(k_ptr=f"*{kv}", v_ptr=f"*{kv}", block_table_ptr="*i32",
+    pointer_types.update(k_ptr=f"*{kv}", v_ptr="*i16" if consts["V_PAIRS"] else f"*{kv}",
+                         block_table_ptr="*i32",
                          cu_seqlens_q_ptr="*i32", seq_lens_ptr="*i32", part_m_ptr="*fp32",
                          part_l_ptr="*fp32", part_acc_ptr="*fp32", q_scale_ptr="*fp32",
                          k_scale_ptr="*fp32", v_scale_ptr="*fp32", out_scale_ptr="*fp32")

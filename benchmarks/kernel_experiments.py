@@ -2,7 +2,8 @@
 copy ceiling: each case's plan as the heuristics make it ("current") against variants
 of its switches and tiles:
 
-* 8-bit caches: V_STAGE both ways; the codes rebuilt with integer operations (``kv_bits``:
+* 8-bit caches: V read as int16 pairs of codes (``v_pairs``), with tiles, segments and
+  stages; the codes rebuilt with integer operations (``kv_bits``:
   the e4m3 bytes path of sm80/sm86, the int8 path) against the conversion unit; decode
   segments, tiles and warps;
 * prefill: pointer loads at block 16, descriptor loads at block 128; the bad-block checks
@@ -66,10 +67,14 @@ def _tile(params: dict, **changes) -> dict:
 def variants_of(case: Case, base: dict, block_size: int) -> dict[str, dict]:
     variants = {"current": base}
     if case.kind == "decode" and case.kv_quant != "none":
-        variants["v-stage-on"] = dict(base, v_stage=True)
-        variants["segments-x2"] = _tile(base, segments=base["short"]["segments"] * 2)
         variants["block-n-64-warps-2"] = _tile(base, block_n=64, num_warps=2)
         variants["block-n-128-warps-4"] = _tile(base, block_n=128, num_warps=4)
+        pairs = dict(base, v_pairs=True)
+        variants["v-pairs"] = pairs
+        variants["v-pairs-block-n-64-warps-2"] = _tile(pairs, block_n=64, num_warps=2)
+        variants["v-pairs-block-n-128-warps-4"] = _tile(pairs, block_n=128, num_warps=4)
+        variants["v-pairs-segments-x2"] = _tile(pairs, segments=base["short"]["segments"] * 2)
+        variants["v-pairs-stages-3"] = _tile(pairs, num_stages=3)
         if "kv_bits" in base:  # the conversion unit instead of the integer-op rebuild
             variants["conversion-unit"] = {k: v for k, v in base.items() if k != "kv_bits"}
         else:
@@ -82,6 +87,7 @@ def variants_of(case: Case, base: dict, block_size: int) -> dict[str, dict]:
             variants = {"current-descriptors": base}
         if case.kv_quant.startswith("fp8"):
             variants["codes"] = dict(base, kv_bits="e4m3fn")
+            variants["v-pairs"] = dict(base, v_pairs=True)
         elif block_size == 16:
             variants["no-block-checks"] = dict(base, check_blocks=False)
     return variants

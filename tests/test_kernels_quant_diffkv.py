@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from portattn import KVQuant, PagedKVCache
-from portattn.kernels.byte_decode import decode_bytes
+from portattn.kernels.byte_decode import decode_bytes, decode_pairs
 from portattn.kernels.heuristics import TileConfig
 
 from unified_check import FEATURE_KW, check_unified, undo_interpreter_fp8_carry
@@ -238,6 +238,50 @@ def check_every_code(code_dtype: torch.dtype, device: str, asm: bool) -> None:
 @pytest.mark.parametrize("code_dtype", [E4M3, E5M2, torch.int8], ids=str)
 def test_every_code_decodes_to_its_value(code_dtype):
     check_every_code(code_dtype, "cpu", asm=False)
+
+
+@triton.jit
+def _decode_pairs_kernel(src, even_dst, odd_dst, FMT: tl.constexpr, ASM: tl.constexpr):
+    """Store ``decode_pairs`` (as fp32) of int16 elements, 1024 per program."""
+    offs = tl.program_id(0) * 1024 + tl.arange(0, 1024)
+    even, odd = decode_pairs(tl.load(src + offs), FMT, ASM)
+    tl.store(even_dst + offs, even.to(tl.float32))
+    tl.store(odd_dst + offs, odd.to(tl.float32))
+
+
+#: decode_pairs formats: (code dtype, PAIR_FORMATS code, divisor of the decoded value)
+PAIR_CASES = {"e4m3fn": (E4M3, 4, 1.0), "e4m3fn_bits": (E4M3, 1, 256.0),
+              "e5m2": (E5M2, 2, 1.0), "int8": (torch.int8, 3, 1.0)}
+
+
+def check_every_pair(fmt: str, device: str, asm: bool, nan_codes: bool = True) -> None:
+    """All 65536 int16 elements through ``byte_decode.decode_pairs`` against PyTorch's
+    conversion of their two bytes (little-endian: the low byte is the even column).
+    ``nan_codes=False``: elements holding a NaN code are left out (the interpreter
+    converts e4m3fn's NaN codes 0x7f / 0xff to 480 with Triton's own fp8 cast)."""
+    code_dtype, code, divisor = PAIR_CASES[fmt]
+    words = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    both = words.view(torch.uint8).view(-1, 2).view(code_dtype).double() / divisor
+    poison = torch.full((words.numel(),), 7.0, dtype=F32)
+    even, odd = poison.clone().to(device), poison.clone().to(device)
+    _decode_pairs_kernel[(words.numel() // 1024,)](words.to(device), even, odd, FMT=code,
+                                                   ASM=asm)
+    keep = torch.ones(words.numel(), dtype=torch.bool)
+    if not nan_codes:
+        keep = ~torch.isnan(both).any(1)
+        assert int(keep.sum()) == 254 * 254
+    for got, expected in ((even.cpu().double()[keep], both[keep, 0]),
+                          (odd.cpu().double()[keep], both[keep, 1])):
+        nan = torch.isnan(expected)
+        assert torch.equal(torch.isnan(got), nan)
+        assert torch.equal(got[~nan], expected[~nan])
+        assert torch.equal(torch.signbit(got[~nan]), torch.signbit(expected[~nan]))
+
+
+@interp
+@pytest.mark.parametrize("fmt", list(PAIR_CASES))
+def test_every_pair_of_codes_decodes_to_its_values(fmt):
+    check_every_pair(fmt, "cpu", asm=False, nan_codes=fmt != "e4m3fn")
 
 
 def test_plan_decodes_fp8_from_bytes_only_where_the_gpu_lacks_the_format():
@@ -542,3 +586,15 @@ def test_fp8_dot_only_where_fp8_tensor_cores_exist():
     assert not TritonUnified().plan(problem, probe(simulate="gfx950")).params.get("fp8_dot")
     other = Problem.make(dtype="e4m3fn", out_dtype="bfloat16", kv_quant="int8_per_token_head")
     assert not TritonUnified().plan(other, probe(simulate="sm90")).params.get("fp8_dot")
+
+
+# ------------------------------------- 8-bit V read as int16 pairs of codes (V_PAIRS)
+@interp
+@pytest.mark.parametrize("kv_bits", [False, True])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("quant", list(QUANTS))
+def test_v_read_as_pairs_of_codes(quant, variant, kv_bits):
+    """The kernel's V_PAIRS: V's even and odd head columns from one int16 load, every
+    8-bit mode and launch variant, with the conversion unit and with the codes rebuilt."""
+    run(variant, quant=QUANTS[quant], dtype=F16, head_size=64, v_pairs=True,
+        kv_bits=kv_bits, sinks=variant == "mixed")

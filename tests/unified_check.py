@@ -95,7 +95,8 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
                   sm_count=132, arch="sm90", seq_lens_override=None, seed=0, quant=None,
                   head_size_v=None, q_fp8=None, fp8_out=None, layout="split",
                   fp8_dot=False, tolerance=None, separate_kv=False, block_table_edit=None,
-                  v_stage=None, kv_load="pointer", kv_bits=None, v_scale_factor=None):
+                  v_stage=None, kv_load="pointer", kv_bits=None, v_scale_factor=None,
+                  v_pairs=None):
     """Run one case; returns the relative error (asserts it is within tolerance).
 
     ``quant``: a KVQuant for the cache; ``head_size_v``: DiffKV (a packed cache);
@@ -113,7 +114,9 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
     its codes with integer operations (the plan's ``kv_bits``: fp8 on GPUs without the
     format, int8 decode on sm90) on or off; None follows the plan;
     ``v_scale_factor``: multiply a per-token-head cache's V scales by this (tiny V values:
-    the oracle reads the scales from the cache as well)."""
+    the oracle reads the scales from the cache as well);
+    ``v_pairs``: True / False forces the kernel's V_PAIRS (an 8-bit V read as int16 pairs
+    of codes) on or off; None follows the plan."""
     from portattn.backends.triton_unified import TritonUnified
 
     num_q_heads = group * num_kv_heads
@@ -198,6 +201,8 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
     elif kv_bits:
         params["kv_bits"] = {torch.float8_e4m3fn: "e4m3fn", torch.float8_e5m2: "e5m2",
                              torch.int8: "int8"}[cache.key_cache.dtype]
+    if v_pairs is not None:
+        params["v_pairs"] = bool(v_pairs)
     if kv_load == "descriptor":
         from portattn.kernels import kv_load as kv_load_rules
 

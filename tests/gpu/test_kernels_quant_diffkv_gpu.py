@@ -15,7 +15,13 @@ import torch
 
 from portattn import KVQuant
 
-from test_kernels_quant_diffkv import QUANTS, check_every_code, quantize_reference
+from test_kernels_quant_diffkv import (
+    PAIR_CASES,
+    QUANTS,
+    check_every_code,
+    check_every_pair,
+    quantize_reference,
+)
 from unified_check import GPU_FEATURE_KW, check_unified, stored_values
 
 pytestmark = pytest.mark.gpu
@@ -182,6 +188,49 @@ def test_from_bytes_shapes(quant, case):
 @pytest.mark.parametrize("variant", ["decode-3d", "chunked"])
 def test_from_bytes_features(variant, feature):
     run(variant, quant=QUANTS["fp8_tensor_e4m3"], kv_bits=True, **FEATURES[feature])
+
+
+# ------------------------------------- 8-bit V read as int16 pairs of codes (V_PAIRS)
+@pytest.mark.parametrize("fmt", list(PAIR_CASES))
+@pytest.mark.parametrize("asm", [True, False])
+def test_every_pair_of_codes_decodes_to_its_values(fmt, asm):
+    check_every_pair(fmt, DEV, asm)
+
+
+@pytest.mark.parametrize("kv_bits", [False, True])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("quant", list(QUANTS))
+def test_v_pairs_variants(quant, variant, kv_bits):
+    run(variant, quant=QUANTS[quant], v_pairs=True, kv_bits=kv_bits)
+
+
+@pytest.mark.parametrize("head_size", [64, 80, 128, 192, 256])
+@pytest.mark.parametrize("quant", list(QUANTS))
+def test_v_pairs_head_sizes(quant, head_size):
+    run("decode-3d", quant=QUANTS[quant], head_size=head_size, v_pairs=True)
+
+
+@pytest.mark.parametrize("case", ["block-32", "block-256", "gqa-1", "gqa-8", "diffkv",
+                                  "fp16", "fp32-q", "fp8-out", "descriptor", "small-tiles",
+                                  "sinks-softcap"])
+@pytest.mark.parametrize("quant", list(QUANTS))
+def test_v_pairs_shapes(quant, case):
+    from portattn.kernels.heuristics import TileConfig
+
+    kw = {"block-32": dict(block_size=32), "block-256": dict(block_size=256),
+          "gqa-1": dict(group=1), "gqa-8": dict(group=8),
+          "diffkv": dict(head_size=192, head_size_v=128), "fp16": dict(dtype=F16),
+          "fp32-q": dict(dtype=torch.float32), "fp8-out": dict(fp8_out=E4M3),
+          "descriptor": dict(kv_load="descriptor", block_size=64),
+          "small-tiles": dict(segments=None, short=TileConfig(16, 4, 64, 2, 2, 4)),
+          "sinks-softcap": dict(sinks=True, softcap=20.0)}[case]
+    run("decode-3d", quant=QUANTS[quant], v_pairs=True, **kw)
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("variant", ["decode-3d", "chunked"])
+def test_v_pairs_features(variant, feature):
+    run(variant, quant=QUANTS["fp8_tensor_e4m3"], v_pairs=True, **FEATURES[feature])
 
 
 # --------------------------------------------------------------------------- DiffKV

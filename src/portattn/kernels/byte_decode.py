@@ -16,6 +16,15 @@ through a byte view:
 Two implementations with the same results: ``ASM`` (NVIDIA): inline PTX on four codes
 per 32-bit register (byte permutes, logic ops, one packed fp16 subtraction for int8);
 otherwise Triton integer operations per element (the interpreter, any backend).
+
+:func:`decode_pairs` (the kernel's ``V_PAIRS``) takes the codes two per 16-bit element
+(a V tile read through an int16 view: the low byte is head column ``2j``, the high byte
+``2j + 1``) and returns the even and the odd columns as two fp16 tiles. Why: an 8-bit V
+operand, reduced over keys that are not contiguous, is transposed for the tensor cores
+with single-byte shared-memory reads; 16-bit elements are transposed with
+``ldmatrix.trans``, and the byte split then happens in registers (``prmt``). Formats
+(``PAIR_FORMATS``): the three above, and 4: e4m3fn through the GPU's conversion
+(``cvt.rn.f16x2.e4m3x2``, sm89+; the exact value, not / 256).
 """
 
 from __future__ import annotations
@@ -60,6 +69,93 @@ sub.f16x2 $1, $1, c;
 }""")
 # int8: b ^ 0x80 = b + 128 as an unsigned byte, under the exponent byte 0x64 (1024);
 # 0x6480 is 1152.0 = 1024 + 128.
+
+
+#: V_PAIRS codes of :func:`decode_pairs` (0: off).
+PAIR_FORMATS = {"e4m3fn_bits": 1, "e5m2": 2, "int8": 3, "e4m3fn": 4}
+
+# Two 16-bit elements in one register ($2: bytes b0 b1 | b2 b3, b0 b2 the even columns)
+# -> the even columns' two fp16 ($0) and the odd columns' ($1).
+_PAIRS_E4M3_BITS_PTX = tl.constexpr("""{
+.reg .b32 x, m, n;
+prmt.b32 x, $2, 0, 0x2404;
+shr.b32 m, x, 1;
+and.b32 m, m, 0x3F803F80;
+add.u32 n, m, 0x00800080;
+lop3.b32 m, x, 0x80008000, m, 0xEA;
+lop3.b32 $0, n, 0x40004000, m, 0xEA;
+prmt.b32 x, $2, 0, 0x3414;
+shr.b32 m, x, 1;
+and.b32 m, m, 0x3F803F80;
+add.u32 n, m, 0x00800080;
+lop3.b32 m, x, 0x80008000, m, 0xEA;
+lop3.b32 $1, n, 0x40004000, m, 0xEA;
+}""")
+
+_PAIRS_E5M2_PTX = tl.constexpr("""{
+prmt.b32 $0, $2, 0, 0x2404;
+prmt.b32 $1, $2, 0, 0x3414;
+}""")
+
+_PAIRS_INT8_PTX = tl.constexpr("""{
+.reg .b32 y, c;
+xor.b32 y, $2, 0x80808080;
+prmt.b32 $0, y, 0x64646464, 0x5240;
+prmt.b32 $1, y, 0x64646464, 0x5341;
+mov.b32 c, 0x64806480;
+sub.f16x2 $0, $0, c;
+sub.f16x2 $1, $1, c;
+}""")
+
+# e4m3fn: [b0 b2 | b1 b3], then one conversion per pair (the low byte to the low half).
+_PAIRS_E4M3_CVT_PTX = tl.constexpr("""{
+.reg .b32 t;
+.reg .b16 e, o;
+prmt.b32 t, $2, 0, 0x3120;
+mov.b32 {e, o}, t;
+cvt.rn.f16x2.e4m3x2 $0, e;
+cvt.rn.f16x2.e4m3x2 $1, o;
+}""")
+
+
+@triton.jit
+def decode_pairs(x, FMT: tl.constexpr, ASM: tl.constexpr):
+    """``x``: an int16 tile, two 8-bit codes per element (low byte: the even column) ->
+    ``(even, odd)`` fp16 tiles of ``x``'s shape. ``FMT``: a ``PAIR_FORMATS`` code."""
+    if ASM:
+        if FMT == 1:
+            return tl.inline_asm_elementwise(_PAIRS_E4M3_BITS_PTX, "=r,=r,r", [x],
+                                             dtype=(tl.float16, tl.float16), is_pure=True,
+                                             pack=2)
+        elif FMT == 2:
+            return tl.inline_asm_elementwise(_PAIRS_E5M2_PTX, "=r,=r,r", [x],
+                                             dtype=(tl.float16, tl.float16), is_pure=True,
+                                             pack=2)
+        elif FMT == 3:
+            return tl.inline_asm_elementwise(_PAIRS_INT8_PTX, "=r,=r,r", [x],
+                                             dtype=(tl.float16, tl.float16), is_pure=True,
+                                             pack=2)
+        else:
+            return tl.inline_asm_elementwise(_PAIRS_E4M3_CVT_PTX, "=r,=r,r", [x],
+                                             dtype=(tl.float16, tl.float16), is_pure=True,
+                                             pack=2)
+    else:
+        if FMT == 2:  # the code is the fp16's upper byte
+            even = (x << 8).to(tl.float16, bitcast=True)
+            odd = ((x >> 8) << 8).to(tl.float16, bitcast=True)
+        elif FMT == 3:  # arithmetic shifts sign-extend each byte
+            even = ((x << 8) >> 8).to(tl.float16)
+            odd = (x >> 8).to(tl.float16)
+        else:
+            lo = (x & 0xFF).to(tl.uint8)
+            hi = ((x >> 8) & 0xFF).to(tl.uint8)
+            if FMT == 1:
+                even = decode_bytes(lo, 1, False)
+                odd = decode_bytes(hi, 1, False)
+            else:
+                even = lo.to(tl.float8e4nv, bitcast=True).to(tl.float16)
+                odd = hi.to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        return even, odd
 
 
 @triton.jit

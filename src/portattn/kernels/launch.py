@@ -20,6 +20,7 @@ import torch
 from portattn.errors import InputError
 from portattn.kernels import kv_load as kv_load_rules
 from portattn.kernels import reduce, unified
+from portattn.kernels.byte_decode import PAIR_FORMATS
 from portattn.kernels.fast_launch import capturable
 from portattn.kernels.heuristics import head_pad
 from portattn.kernels.scalars import device_scalars, kv_scale_args
@@ -75,8 +76,31 @@ _KV_BITS_DTYPES = {**{name: dtype for dtype, name in FP8_FORMAT_NAMES.items()},
                    "int8": torch.int8}
 
 
+def v_pairs_code(cache_dtype: torch.dtype, kv_bits: str | None) -> int:
+    """The kernel's ``V_PAIRS`` format for an 8-bit cache read as int16 pairs of codes
+    (``byte_decode.PAIR_FORMATS``); 0 for caches of wider elements."""
+    if cache_dtype == torch.int8:
+        return PAIR_FORMATS["int8"]
+    name = FP8_FORMAT_NAMES.get(cache_dtype)
+    if name == "e5m2":
+        return PAIR_FORMATS["e5m2"]
+    if name == "e4m3fn":
+        return PAIR_FORMATS["e4m3fn_bits" if kv_bits == "e4m3fn" else "e4m3fn"]
+    return 0
+
+
+def _as_pairs(value_cache: torch.Tensor) -> torch.Tensor | None:
+    """An 8-bit V cache viewed as int16 (two codes per element), or None where its
+    strides or offset are odd (then V is read byte-wise)."""
+    try:
+        return value_cache.view(torch.uint8).view(torch.int16)
+    except RuntimeError:
+        return None
+
+
 def _common_args(q, cache, metadata, options, out, fp8_dot: bool,
-                 compute: str | None = None, kv_bits: str | None = None) -> dict:
+                 compute: str | None = None, kv_bits: str | None = None,
+                 v_pairs: bool = False) -> dict:
     dummy = q
     bits = KV_BITS_CODES[kv_bits]
     if kv_bits is not None and cache.dtype != _KV_BITS_DTYPES[kv_bits]:
@@ -84,6 +108,13 @@ def _common_args(q, cache, metadata, options, out, fp8_dot: bool,
     key_cache, value_cache = cache.key_cache, cache.value_cache
     if bits in (1, 2):  # fp8 caches: the kernel reads the bytes, rebuilds fp16 from them
         key_cache, value_cache = key_cache.view(torch.uint8), value_cache.view(torch.uint8)
+    pairs = v_pairs_code(cache.dtype, kv_bits) if v_pairs else 0
+    if pairs:
+        paired = _as_pairs(value_cache)
+        if paired is None:
+            pairs = 0
+        else:
+            value_cache = paired
     return dict(
         q_ptr=q, k_ptr=key_cache, v_ptr=value_cache, out_ptr=out,
         block_table_ptr=metadata.block_table, cu_seqlens_q_ptr=metadata.cu_seqlens_q,
@@ -98,8 +129,8 @@ def _common_args(q, cache, metadata, options, out, fp8_dot: bool,
         stride_qt=q.stride(0), stride_qh=q.stride(1), stride_qd=q.stride(2),
         stride_ot=out.stride(0), stride_oh=out.stride(1), stride_od=out.stride(2),
         stride_kb=cache.key_cache.stride(0), stride_ks=cache.key_cache.stride(1),
-        stride_kh=cache.key_cache.stride(2), stride_vb=cache.value_cache.stride(0),
-        stride_vs=cache.value_cache.stride(1), stride_vh=cache.value_cache.stride(2),
+        stride_kh=cache.key_cache.stride(2), stride_vb=value_cache.stride(0),
+        stride_vs=value_cache.stride(1), stride_vh=value_cache.stride(2),
         stride_bt=metadata.block_table.stride(0),
         GROUP=q.shape[1] // cache.num_kv_heads, BLOCK_SIZE=cache.block_size,
         HEAD_QK=cache.head_size_qk, HEAD_QK_PAD=head_pad(cache.head_size_qk),
@@ -108,8 +139,9 @@ def _common_args(q, cache, metadata, options, out, fp8_dot: bool,
         USE_SOFTCAP=options.softcap is not None, ALIBI=ALIBI_CODES[options.alibi],
         USE_SINKS=options.sinks is not None,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", KV_BITS=bits,
+        V_PAIRS=pairs,
         # inline PTX on NVIDIA GPUs (not the interpreter, not ROCm)
-        BITS_ASM=bool(bits) and q.device.type == "cuda" and torch.version.hip is None,
+        BITS_ASM=bool(bits or pairs) and q.device.type == "cuda" and torch.version.hip is None,
         **kernel_scalars(q, cache, options, fp8_dot, compute, codes=bool(bits)),
     )
 
@@ -175,7 +207,8 @@ def launch_unified(q: torch.Tensor, cache, metadata, options, out: torch.Tensor,
     ``metadata.max_seqlen_q`` that nothing checked) writes NaN into those sequences' rows
     rather than leaving them stale."""
     args = _common_args(q, cache, metadata, options, out, params.get("fp8_dot", False),
-                        params.get("compute"), params.get("kv_bits"))
+                        params.get("compute"), params.get("kv_bits"),
+                        bool(params.get("v_pairs")) and not params.get("v_stage"))
     if "check_blocks" in params:  # a measurement switch (benchmarks/kernel_experiments.py)
         args["CHECK_BLOCKS"] = bool(params["check_blocks"])
     if params.get("v_stage") and args["KV_QUANT"]:  # forced (experiments), 8-bit caches only

@@ -103,7 +103,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from portattn.kernels.byte_decode import decode_bytes
+from portattn.kernels.byte_decode import decode_bytes, decode_pairs
 from portattn.kernels.common import find_seq_of_tile, online_softmax_step, score_tile
 
 
@@ -315,8 +315,10 @@ def _attend_tile(j, acc, m_i, l_i, q, seq_len, k_lo, bt_row, bt_width,
                  FP8_DOT: tl.constexpr, FP8_ACC: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
                  DOT_PREC: tl.constexpr, CHECK_BLOCKS: tl.constexpr, KV_LOAD: tl.constexpr,
                  v_mult, V_STAGE: tl.constexpr, KV_BITS: tl.constexpr,
-                 BITS_ASM: tl.constexpr):
-    """One KV tile ``j`` through the online softmax (the body of :func:`_attend_tiles`)."""
+                 BITS_ASM: tl.constexpr, acc_odd, V_PAIRS: tl.constexpr):
+    """One KV tile ``j`` through the online softmax (the body of :func:`_attend_tiles`).
+    With ``V_PAIRS``, ``HEAD_V`` / ``HEAD_V_PAD`` / ``offs_dv`` count V's 16-bit pairs of
+    codes, ``acc`` accumulates the even head columns and ``acc_odd`` the odd ones."""
     k_pos = j * BLOCK_N + tl.arange(0, BLOCK_N)
     key_ok = (k_pos >= k_lo) & (k_pos < seq_len)
     k, v, k_sc, v_sc, bad = _load_kv_tile(
@@ -336,15 +338,22 @@ def _attend_tile(j, acc, m_i, l_i, q, seq_len, k_lo, bt_row, bt_width,
     if MASKED:  # edge tiles: exactly the rows that see a bad key
         s = tl.where(bad[None, :] & (s > float("-inf")), float("nan"), s)
     p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i, MASKED)
-    if V_STAGE:  # see the module doc: an op the compiler cannot fold or hoist
-        v = _kv_to_compute(v, COMPUTE_DTYPE, KV_BITS, BITS_ASM) * v_mult
-    else:
-        v = _kv_to_compute(v, COMPUTE_DTYPE, KV_BITS, BITS_ASM)
-    acc = acc * alpha[:, None]
     if KV_QUANT == 2:  # with fp16 dots, p * scale below 6e-5 is an fp16 subnormal (NOTES.md)
         p = p * v_sc[None, :]
-    acc = tl.dot(_to_compute(p, COMPUTE_DTYPE), v, acc, input_precision=DOT_PREC)
-    return acc, m_i, l_i
+    p = _to_compute(p, COMPUTE_DTYPE)
+    if V_PAIRS:  # int16 pairs of codes, split in registers after ldmatrix.trans
+        v_even, v_odd = decode_pairs(v, V_PAIRS, BITS_ASM)
+        acc = tl.dot(p, _to_compute(v_even, COMPUTE_DTYPE), acc * alpha[:, None],
+                     input_precision=DOT_PREC)
+        acc_odd = tl.dot(p, _to_compute(v_odd, COMPUTE_DTYPE), acc_odd * alpha[:, None],
+                         input_precision=DOT_PREC)
+    else:
+        if V_STAGE:  # see the module doc: an op the compiler cannot fold or hoist
+            v = _kv_to_compute(v, COMPUTE_DTYPE, KV_BITS, BITS_ASM) * v_mult
+        else:
+            v = _kv_to_compute(v, COMPUTE_DTYPE, KV_BITS, BITS_ASM)
+        acc = tl.dot(p, v, acc * alpha[:, None], input_precision=DOT_PREC)
+    return acc, acc_odd, m_i, l_i
 
 
 @triton.jit
@@ -359,7 +368,7 @@ def _attend_tiles(acc, m_i, l_i, q, tile_start, tile_end, seq_len, k_lo, bt_row,
                   FP8_DOT: tl.constexpr, FP8_ACC: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
                   DOT_PREC: tl.constexpr, CHECK_BLOCKS: tl.constexpr, KV_LOAD: tl.constexpr,
                   v_mult, V_STAGE: tl.constexpr, KV_BITS: tl.constexpr,
-                  BITS_ASM: tl.constexpr):
+                  BITS_ASM: tl.constexpr, acc_odd, V_PAIRS: tl.constexpr):
     """Stream KV tiles ``[tile_start, tile_end)`` through the online softmax.
 
     Masked tiles load only keys in ``[k_lo, seq_len)``: block-table entries and K/V before
@@ -371,15 +380,15 @@ def _attend_tiles(acc, m_i, l_i, q, tile_start, tile_end, seq_len, k_lo, bt_row,
     (every row sees every key) only clamp the ids, their bad ids having been found before
     the loop, so the hot loop has no per-score select and no reduction."""
     for j in tl.range(tile_start, tile_end):
-        acc, m_i, l_i = _attend_tile(
+        acc, acc_odd, m_i, l_i = _attend_tile(
             j, acc, m_i, l_i, q, seq_len, k_lo, bt_row, bt_width, num_blocks, kv_head,
             k_src, v_src, ks_head_ptr, vs_head_ptr, stride_kb, stride_ks, stride_vb,
             stride_vs, stride_ksb, stride_kss, stride_vsb, stride_vss, qk_scale, softcap,
             slope2, q_pos, window, offs_dk, offs_dv, BLOCK_N, BLOCK_SIZE, HEAD_QK,
             HEAD_QK_PAD, HEAD_V, HEAD_V_PAD, MASKED, CAUSAL, USE_WINDOW, USE_SOFTCAP, ALIBI,
             KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE, DOT_PREC, CHECK_BLOCKS, KV_LOAD,
-            v_mult, V_STAGE, KV_BITS, BITS_ASM)
-    return acc, m_i, l_i
+            v_mult, V_STAGE, KV_BITS, BITS_ASM, acc_odd, V_PAIRS)
+    return acc, acc_odd, m_i, l_i
 
 
 @triton.jit
@@ -439,10 +448,13 @@ def unified_attention_kernel(
         COMPUTE_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
         CHECK_BLOCKS: tl.constexpr = True, KV_LOAD: tl.constexpr = 0,
         V_STAGE: tl.constexpr = False, KV_BITS: tl.constexpr = 0,
-        BITS_ASM: tl.constexpr = False):
+        BITS_ASM: tl.constexpr = False, V_PAIRS: tl.constexpr = 0):
     """Paged attention of one query tile x one kv head x one KV segment (see module doc)."""
     tl.static_assert(not FP8_DOT or KV_BITS == 0,
                      "FP8_DOT needs the cache's fp8 values, KV_BITS rebuilds them as fp16")
+    tl.static_assert(not (V_PAIRS and V_STAGE), "V_PAIRS and V_STAGE exclude each other")
+    tl.static_assert((V_PAIRS == 1) == (KV_BITS == 1) or V_PAIRS == 0,
+                     "e4m3 bits (value / 256) in V pairs go with KV_BITS == 1 and only then")
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
     if SEQ_MODE == 1:
@@ -513,7 +525,15 @@ def unified_attention_kernel(
             m_i = tl.load(sinks_ptr + row_head, mask=row_ok, other=0.0).to(tl.float32) \
                 * 1.4426950408889634
             l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_V_PAD], dtype=tl.float32)
+    # V as loaded: HEAD_V columns, or HEAD_V // 2 pairs of 8-bit codes (V_PAIRS)
+    V_W: tl.constexpr = HEAD_V // 2 if V_PAIRS else HEAD_V
+    V_W_PAD: tl.constexpr = HEAD_V_PAD // 2 if V_PAIRS else HEAD_V_PAD
+    offs_vw = tl.arange(0, V_W_PAD)
+    acc = tl.zeros([BLOCK_M, V_W_PAD], dtype=tl.float32)
+    if V_PAIRS:  # the odd head columns; acc holds the even ones until the loop ends
+        acc_odd = tl.zeros([BLOCK_M, V_W_PAD], dtype=tl.float32)
+    else:
+        acc_odd = tl.zeros([1], dtype=tl.float32)
 
     # Visible keys: [k_lo, k_hi) for some row, [k_lo_all, k_hi_all) for every row.
     t_last = tl.minimum(t0 + BLOCK_Q, q_len) - 1
@@ -564,40 +584,43 @@ def unified_attention_kernel(
             strides=[stride_kb, stride_ks, stride_kh, 1],
             block_shape=[1, BLOCK_N, 1, HEAD_QK_PAD])
         v_src = tl.make_tensor_descriptor(
-            v_ptr, shape=[num_blocks, BLOCK_SIZE, tl.num_programs(1), HEAD_V],
+            v_ptr, shape=[num_blocks, BLOCK_SIZE, tl.num_programs(1), V_W],
             strides=[stride_vb, stride_vs, stride_vh, 1],
-            block_shape=[1, BLOCK_N, 1, HEAD_V_PAD])
+            block_shape=[1, BLOCK_N, 1, V_W_PAD])
     else:
         k_src = k_ptr + kv_head * stride_kh
         v_src = v_ptr + kv_head * stride_vh
     ks_head_ptr = k_scale_ptr + kv_head * stride_ksh
     vs_head_ptr = v_scale_ptr + kv_head * stride_vsh
     if USE_WINDOW:  # leading tiles only partly inside the window
-        acc, m_i, l_i = _attend_tiles(
+        acc, acc_odd, m_i, l_i = _attend_tiles(
             acc, m_i, l_i, q, tl.maximum(tile_lo, seg_lo), tl.minimum(full_lo, seg_hi),
             seq_len, k_lo, bt_row, bt_width, num_blocks, kv_head, k_src, v_src, ks_head_ptr,
             vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss,
             stride_vsb, stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk,
-            offs_dv, BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD, HEAD_V, HEAD_V_PAD, True,
+            offs_vw, BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD, V_W, V_W_PAD, True,
             CAUSAL, USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE,
-            DOT_PREC, CHECK_BLOCKS, KV_LOAD, v_mult, V_STAGE, KV_BITS, BITS_ASM)
-    acc, m_i, l_i = _attend_tiles(
+            DOT_PREC, CHECK_BLOCKS, KV_LOAD, v_mult, V_STAGE, KV_BITS, BITS_ASM, acc_odd,
+            V_PAIRS)
+    acc, acc_odd, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, tl.maximum(full_lo, seg_lo), tl.minimum(full_hi, seg_hi),
         seq_len, k_lo, bt_row, bt_width, num_blocks, kv_head, k_src, v_src, ks_head_ptr,
         vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss,
-        stride_vsb, stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk, offs_dv,
-        BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD, HEAD_V, HEAD_V_PAD, False, CAUSAL,
+        stride_vsb, stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk, offs_vw,
+        BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD, V_W, V_W_PAD, False, CAUSAL,
         USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE, DOT_PREC,
-        CHECK_BLOCKS, KV_LOAD, v_mult, V_STAGE, KV_BITS, BITS_ASM)
-    acc, m_i, l_i = _attend_tiles(
+        CHECK_BLOCKS, KV_LOAD, v_mult, V_STAGE, KV_BITS, BITS_ASM, acc_odd, V_PAIRS)
+    acc, acc_odd, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, tl.maximum(full_hi, seg_lo), tl.minimum(tile_hi, seg_hi),
         seq_len, k_lo, bt_row, bt_width, num_blocks, kv_head, k_src, v_src, ks_head_ptr,
         vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss,
-        stride_vsb, stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk, offs_dv,
-        BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD, HEAD_V, HEAD_V_PAD, True, CAUSAL,
+        stride_vsb, stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk, offs_vw,
+        BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD, V_W, V_W_PAD, True, CAUSAL,
         USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE, DOT_PREC,
-        CHECK_BLOCKS, KV_LOAD, v_mult, V_STAGE, KV_BITS, BITS_ASM)
+        CHECK_BLOCKS, KV_LOAD, v_mult, V_STAGE, KV_BITS, BITS_ASM, acc_odd, V_PAIRS)
 
+    if V_PAIRS:  # even and odd head columns back in place
+        acc = tl.reshape(tl.join(acc, acc_odd), [BLOCK_M, HEAD_V_PAD])
     if KV_QUANT == 1 and not V_STAGE:  # the V scale, once per row, not per element
         acc = acc * tl.load(v_scale_ptr)
     if KV_BITS == 1 and not V_STAGE:
