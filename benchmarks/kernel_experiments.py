@@ -2,10 +2,8 @@
 copy ceiling: each case's plan as the heuristics make it ("current") against variants
 of its switches and tiles:
 
-* 8-bit caches: V read as int16 pairs of codes (``v_pairs``), with tiles, segments and
-  stages; the codes rebuilt with integer operations (``kv_bits``:
-  the e4m3 bytes path of sm80/sm86, the int8 path) against the conversion unit; decode
-  segments, tiles and warps;
+* 8-bit caches: V read as int16 pairs of codes (``v_pairs``) over a grid of tiles,
+  segments and register caps (``maxnreg``: more resident programs per SM);
 * prefill: pointer loads at block 16, descriptor loads at block 128; the bad-block checks
   off.
 
@@ -67,19 +65,16 @@ def _tile(params: dict, **changes) -> dict:
 def variants_of(case: Case, base: dict, block_size: int) -> dict[str, dict]:
     variants = {"current": base}
     if case.kind == "decode" and case.kv_quant != "none":
-        variants["block-n-64-warps-2"] = _tile(base, block_n=64, num_warps=2)
-        variants["block-n-128-warps-4"] = _tile(base, block_n=128, num_warps=4)
         pairs = dict(base, v_pairs=True)
         variants["v-pairs"] = pairs
-        variants["v-pairs-block-n-64-warps-2"] = _tile(pairs, block_n=64, num_warps=2)
-        variants["v-pairs-block-n-128-warps-4"] = _tile(pairs, block_n=128, num_warps=4)
-        variants["v-pairs-segments-x2"] = _tile(pairs, segments=base["short"]["segments"] * 2)
-        variants["v-pairs-stages-3"] = _tile(pairs, num_stages=3)
-        if "kv_bits" in base:  # the conversion unit instead of the integer-op rebuild
-            variants["conversion-unit"] = {k: v for k, v in base.items() if k != "kv_bits"}
-        else:
-            codes = "int8" if case.kv_quant.startswith("int8") else "e4m3fn"
-            variants["codes"] = dict(base, kv_bits=codes)
+        # V pairs x tiles x segments x a register cap (resident programs per SM)
+        for block_n, warps, maxnreg in ((128, 4, None), (128, 4, 128), (64, 4, None),
+                                        (64, 2, None)):
+            for segments in (1, 2, 3, 4):
+                name = f"v-pairs-{block_n}x{warps}w-s{segments}" + (
+                    f"-r{maxnreg}" if maxnreg else "")
+                variants[name] = _tile(pairs, block_n=block_n, num_warps=warps,
+                                       segments=segments, maxnreg=maxnreg)
     elif case.kind == "prefill":
         if block_size >= 64:
             base = dict(kv_load_rules.descriptor_params(base, block_size),

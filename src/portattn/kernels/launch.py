@@ -177,7 +177,8 @@ def _launch_short(args, q, cache, metadata, out, cfg: dict, long_follows: bool,
         part_m_ptr=part_m, part_l_ptr=part_l, part_acc_ptr=part_acc,
         BLOCK_M=cfg["block_m"], BLOCK_Q=block_q, BLOCK_N=cfg["block_n"], SEQ_MODE=1,
         SHORT_Q=0, SPLIT=segments > 1, LONG_FOLLOWS=long_follows, num_segments=segments,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **args)
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_register_cap(cfg),
+        **args)
     if segments > 1:
         merge_segments_kernel[(num_seqs, q.shape[1], block_q)](
             part_m, part_l, part_acc, out, metadata.cu_seqlens_q, args["sinks_ptr"],
@@ -185,6 +186,12 @@ def _launch_short(args, q, cache, metadata, out, cfg: dict, long_follows: bool,
             BLOCK_Q=block_q, NUM_SEGMENTS=segments, HEAD_V=args["HEAD_V"], HEAD_V_PAD=pad_v,
             USE_SINKS=args["USE_SINKS"], FP8_OUT=args["FP8_OUT"], FP8_MAX=args["FP8_MAX"],
             num_warps=4 if pad_v * segments >= 4096 else 2)
+
+
+def _register_cap(cfg: dict) -> dict:
+    """Triton's ``maxnreg`` launch option where a tile config caps registers per thread
+    (more programs resident per SM); nothing otherwise."""
+    return {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}
 
 
 def _launch_long(args, q, cache, metadata, cfg: dict, short_q: int) -> None:
