@@ -2,8 +2,8 @@
 copy ceiling: each case's plan as the heuristics make it ("current") against variants
 of its switches and tiles:
 
-* 8-bit caches: V read as int16 pairs of codes (``v_pairs``) over a grid of tiles,
-  segments and register caps (``maxnreg``: more resident programs per SM);
+* 8-bit caches: the plan (V as int16 pairs, registers capped) against V byte-wise, no
+  cap, other segment counts, a lower cap, 3 stages; the e4m3 bytes path of sm80 / sm86;
 * prefill: pointer loads at block 16, descriptor loads at block 128; the bad-block checks
   off.
 
@@ -65,16 +65,19 @@ def _tile(params: dict, **changes) -> dict:
 def variants_of(case: Case, base: dict, block_size: int) -> dict[str, dict]:
     variants = {"current": base}
     if case.kind == "decode" and case.kv_quant != "none":
-        pairs = dict(base, v_pairs=True)
-        variants["v-pairs"] = pairs
-        # V pairs x tiles x segments x a register cap (resident programs per SM)
-        for block_n, warps, maxnreg in ((128, 4, None), (128, 4, 128), (64, 4, None),
-                                        (64, 2, None)):
-            for segments in (1, 2, 3, 4):
-                name = f"v-pairs-{block_n}x{warps}w-s{segments}" + (
-                    f"-r{maxnreg}" if maxnreg else "")
-                variants[name] = _tile(pairs, block_n=block_n, num_warps=warps,
-                                       segments=segments, maxnreg=maxnreg)
+        short = base["short"]
+        segments = short["segments"]
+        uncapped = {k: v for k, v in short.items() if k != "maxnreg"}
+        variants["no-v-pairs"] = dict({k: v for k, v in base.items() if k != "v_pairs"},
+                                      short=uncapped)
+        variants["no-register-cap"] = dict(base, short=uncapped)
+        variants["segments-half"] = _tile(base, segments=max(1, segments // 2))
+        variants["segments-x2"] = _tile(base, segments=segments * 2)
+        variants["cap-96-segments-x2"] = _tile(base, maxnreg=96, segments=segments * 2)
+        variants["stages-3"] = _tile(base, num_stages=3)
+        if case.kv_quant.startswith("fp8"):  # the e4m3 bytes path of sm80 / sm86
+            variants["codes"] = dict(base, kv_bits="e4m3fn")
+            variants["codes-no-v-pairs"] = dict(variants["no-v-pairs"], kv_bits="e4m3fn")
     elif case.kind == "prefill":
         if block_size >= 64:
             base = dict(kv_load_rules.descriptor_params(base, block_size),

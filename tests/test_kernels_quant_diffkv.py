@@ -80,7 +80,8 @@ def test_plan_rebuilds_int8_codes_for_decode_on_sm90_only():
         return heuristics.plan_launch(shape)
 
     assert plan("int8_per_token_head")["kv_bits"] == "int8"
-    assert heuristics.variant_name(plan("int8_per_token_head")) == "decode-2d-int8-codes"
+    assert heuristics.variant_name(plan("int8_per_token_head")) == \
+        "decode-3d-int8-codes-vpairs"
     for params in (plan("fp8_per_token_head:e4m3fn"), plan("fp8_per_tensor:e4m3fn"),
                    plan("none", elem=2), plan("int8_per_token_head", arch="sm86"),
                    plan("int8_per_token_head", q=4096)):  # prefill tiles
@@ -92,21 +93,56 @@ def test_plan_rebuilds_int8_codes_for_decode_on_sm90_only():
 @pytest.mark.parametrize("quant_key", ["fp8_per_tensor:e4m3fn", "int8_per_token_head",
                                        "fp8_per_token_head:e4m3fn"])
 def test_8bit_decode_takes_small_tiles_only_with_many_programs_per_sm(quant_key):
-    """64-key tiles with 2 warps from 6 waves of (sequence, kv head) programs on: faster
-    at 128 x 8192 on the H200 (7.8 waves), slower at 32 x 8192 (1.9 waves)."""
+    """Without V pairs (GPUs other than sm90): 64-key tiles with 2 warps from 6 waves of
+    (sequence, kv head) programs on (faster at 128 x 8192 on the H200, 7.8 waves; slower
+    at 32 x 8192, 1.9 waves)."""
     from portattn.kernels import heuristics
 
-    def tile(num_seqs, elem=1, key=quant_key):
-        shape = heuristics.Shape(32, 8, 128, elem, 1, 8192, num_seqs, 132, "sm90", 128,
+    def tile(num_seqs, elem=1, key=quant_key, arch="sm89"):
+        shape = heuristics.Shape(32, 8, 128, elem, 1, 8192, num_seqs, 132, arch, 128,
                                  heuristics.quant_mode(key))
-        cfg = heuristics.plan_launch(shape)["short"]
-        return cfg["block_n"], cfg["num_warps"]
+        params = heuristics.plan_launch(shape)
+        assert "v_pairs" not in params and "maxnreg" not in params["short"]
+        return params["short"]["block_n"], params["short"]["num_warps"]
 
     assert tile(128) == (64, 2)
     assert tile(99) == (64, 2)   # 792 programs = 6 waves of 132 SMs
     assert tile(98) == (128, 4)
     assert tile(32) == (128, 4)
-    assert tile(128, elem=2, key="none") == (128, 4)  # 16-bit caches: at the copy line
+    assert tile(128, elem=2, key="none", arch="sm90") == (128, 4)  # 16-bit: the copy line
+
+
+@pytest.mark.parametrize("quant_key", ["fp8_per_tensor:e4m3fn", "fp8_per_tensor:e5m2",
+                                       "int8_per_token_head", "fp8_per_token_head:e4m3fn"])
+def test_8bit_decode_on_sm90_reads_v_pairs_with_four_programs_per_sm(quant_key):
+    """sm90 decode over 8-bit caches: V as int16 pairs, 128-key 4-warp tiles capped at 128
+    registers, and as many segments (a power of two) as keep every program resident (4
+    per SM), each segment at least two tiles."""
+    from portattn.kernels import heuristics
+
+    def plan(num_seqs, seq_len=8192, arch="sm90", q=1, head=128, head_v=128, sms=132):
+        shape = heuristics.Shape(32, 8, head, 1, q, seq_len, num_seqs, sms, arch, head_v,
+                                 heuristics.quant_mode(quant_key))
+        return heuristics.plan_launch(shape)
+
+    for num_seqs, segments in ((32, 2), (128, 1), (8, 8), (1, 32), (66, 1), (64, 1),
+                               (16, 4)):
+        params = plan(num_seqs)
+        assert params["v_pairs"] is True
+        assert {k: params["short"][k] for k in ("block_n", "num_warps", "maxnreg",
+                                                "segments")} == \
+            dict(block_n=128, num_warps=4, maxnreg=128, segments=segments), num_seqs
+    assert plan(1, seq_len=256)["short"]["segments"] == 1      # 2 tiles: one segment
+    assert plan(1, seq_len=1024)["short"]["segments"] == 4     # 8 tiles, 2 per segment
+    assert plan(8, sms=16)["short"]["segments"] == 1           # 64 programs fill 16 SMs
+    assert "-vpairs" in heuristics.variant_name(plan(32))
+    # not measured, so not planned: other GPUs, spec-decode rows, wide or DiffKV heads,
+    # prefill and mixed tiles
+    for params in (plan(32, arch="sm89"), plan(32, arch="sm100"), plan(32, q=8),
+                   plan(32, head=256, head_v=256), plan(32, head=192, head_v=128),
+                   plan(1, q=4096), plan(32, q=100)):
+        assert "v_pairs" not in params
+        assert "maxnreg" not in params.get("short", {})
 
 
 @interp

@@ -449,20 +449,33 @@ def _flash_attn_kvcache(case: Case, inp: Inputs):
 # --------------------------------------------------------------------------- sweep
 def sweep_configs(case: Case, shape) -> list[dict]:
     """Launch configs worth timing for one case (see benchmarks/NOTES.md)."""
-    from portattn.kernels.heuristics import TileConfig, decode_config, plan_launch, prefill_config
+    from portattn.kernels.heuristics import (
+        TileConfig,
+        decode_config,
+        decode_rows,
+        plan_launch,
+        prefill_config,
+        reads_v_pairs,
+    )
 
     configs = []
     if case.kind in ("decode", "spec"):
-        base = decode_config(shape, max(case.query_lens), case.num_seqs, 1)
-        tiles = [(64, 4, 3), (64, 8, 3), (64, 4, 2), (64, 2, 2), (128, 4, 3), (128, 8, 3),
-                 (128, 4, 2), (256, 8, 2), (256, 4, 2)]
+        max_q = max(case.query_lens)
+        base = decode_config(shape, max_q, case.num_seqs, 1,
+                             reads_v_pairs(shape, decode_rows(shape, max_q)))
+        tiles: list[tuple[int, int, int, int | None]] = [
+            (64, 4, 3, None), (64, 8, 3, None), (64, 4, 2, None), (64, 2, 2, None),
+            (128, 4, 3, None), (128, 8, 3, None), (128, 4, 2, None), (256, 8, 2, None),
+            (256, 4, 2, None)]
+        if base.maxnreg:  # the plan's register cap on its own tile (and above: without)
+            tiles.append((base.block_n, base.num_warps, base.num_stages, base.maxnreg))
         programs = case.num_seqs * shape.num_kv_heads
         seg_options = [s for s in (1, 2, 4, 8, 16, 32, 64)
                        if programs * s <= 4 * shape.sm_count and
                        programs * s * 4 >= shape.sm_count // 2] or [1]
-        for bn, w, st in tiles:
+        for bn, w, st, cap in tiles:
             for seg in seg_options:
-                tile = TileConfig(base.block_m, base.block_q, bn, w, st, seg)
+                tile = TileConfig(base.block_m, base.block_q, bn, w, st, seg, cap)
                 # through plan_launch: the plan's own switches (kv_bits) with these tiles
                 configs.append(plan_launch(shape, mode="decode", short=tile))
     elif case.kind == "prefill":

@@ -30,6 +30,11 @@ MIN_TILES_PER_SEGMENT = 2
 MAX_SEGMENTS = 64
 #: Largest row count (queries x group) that still runs as one decode tile.
 MAX_DECODE_ROWS = 64
+#: 8-bit decode with V read as int16 pairs (the kernel's V_PAIRS, sm90): registers per
+#: thread of the 128-key, 4-warp tile (168 uncapped: 3 programs per SM; 128: 4), and the
+#: programs per SM that fit with the cap.
+PAIRED_DECODE_MAXNREG = 128
+PAIRED_DECODE_PROGRAMS_PER_SM = 4
 
 
 def next_pow2(n: int) -> int:
@@ -64,6 +69,7 @@ class TileConfig:
     num_warps: int
     num_stages: int
     segments: int = 1
+    maxnreg: int | None = None   # Triton's register cap per thread (None: the compiler's)
 
     def smem_bytes(self, head_pad: int, elem_bytes: int, head_pad_v: int | None = None) -> int:
         """Shared memory of the pipelined K and V tiles plus the query tile (``head_pad``
@@ -73,7 +79,11 @@ class TileConfig:
         return kv + self.block_m * head_pad * elem_bytes
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The fields as a dict; ``maxnreg`` only where set."""
+        out = asdict(self)
+        if out["maxnreg"] is None:
+            del out["maxnreg"]
+        return out
 
 
 @dataclass(frozen=True)
@@ -181,10 +191,39 @@ def decode_segments(shape: Shape, block_n: int, programs: int) -> int:
     return 1 << (max(1, segments).bit_length() - 1)  # a power of two, not above
 
 
+def reads_v_pairs(shape: Shape, block_m: int) -> bool:
+    """Whether a decode tile of ``block_m`` rows reads this 8-bit cache's V as int16 pairs
+    of codes (the kernel's V_PAIRS) with the paired tile: where it was measured (sm90,
+    heads up to 128, one tile row per query head of a GQA group up to 16)."""
+    return shape.arch == "sm90" and shape.elem_bytes == 1 and block_m <= 16 and \
+        shape.widest_pad <= 128
+
+
+def paired_decode_segments(shape: Shape, programs: int) -> int:
+    """Split-KV segments of the paired 8-bit decode tile: the largest power of two that
+    keeps every program resident at once (PAIRED_DECODE_PROGRAMS_PER_SM per SM), each
+    segment MIN_TILES_PER_SEGMENT tiles or more. H200, fp8 per-tensor 32 x 8192 (256
+    programs): 2 segments 150.3 us, 1 166.1, 4 152.8; 128 x 8192 (1024): 1 segment 538.4,
+    2 559.1 (NOTES.md)."""
+    fit = max(1, PAIRED_DECODE_PROGRAMS_PER_SM * shape.sm_count // programs)
+    by_length = max(1, cdiv(shape.max_seqlen_k, 128) // MIN_TILES_PER_SEGMENT)
+    segments = min(fit, by_length, MAX_SEGMENTS)
+    return 1 << (segments.bit_length() - 1)
+
+
 def decode_config(shape: Shape, max_q: int, num_seqs: int,
-                  segments: int | None = None) -> TileConfig:
+                  segments: int | None = None, v_pairs: bool = False) -> TileConfig:
+    """Decode tiles; ``v_pairs``: the launch reads V as pairs (:func:`reads_v_pairs`)."""
     block_m = decode_rows(shape, max_q)
     block_q = block_m // shape.group
+    if v_pairs:
+        # V as int16 pairs, 128 keys, 4 warps, registers capped to 128 so 4 programs fit
+        # an SM; H200 fp8 per-tensor 32 / 128 x 8192: 150.3 / 538.4 us against 188.8 /
+        # 674.0 with byte-wise V and 64-key tiles at 128 (NOTES.md)
+        if segments is None:
+            segments = paired_decode_segments(shape, num_seqs * shape.num_kv_heads)
+        return TileConfig(block_m, block_q, 128, 4, 2, segments,
+                          maxnreg=PAIRED_DECODE_MAXNREG)
     # Decode is bandwidth-bound: big KV tiles (32 KB of K per stage at head 128) keep
     # enough bytes in flight per SM; 128 keys beat 32/64 at every batch on the H100 sweep.
     # Up to 384 K+V columns (DiffKV 192/128 pads to 256 + 128): 128 keys too, H200 sweep
@@ -238,8 +277,9 @@ def plan_launch(shape: Shape, *, mode: str | None = None, segments: int | None =
     cores, decided by the backend from the dtypes and the device) and ``kv_bits`` (the
     kernel's ``KV_BITS``: int8 codes rebuilt with integer operations, set for decode over
     int8 per-token-head caches on sm90; the backend sets it for fp8 caches on GPUs
-    without the format). ``v_stage`` (the kernel's ``V_STAGE``) is never set here: a
-    measured switch that lost (NOTES.md). Every keyword overrides one automatic choice
+    without the format), ``v_pairs`` (the kernel's ``V_PAIRS``: 8-bit V read as int16
+    pairs of codes, :func:`reads_v_pairs`). ``v_stage`` (the kernel's ``V_STAGE``) is never
+    set here: a measured switch that lost (NOTES.md). Every keyword overrides one automatic choice
     (tests force 2D/3D, the sweep forces tiles)."""
     if segments is not None and (segments < 1 or segments & (segments - 1)):
         raise ValueError(f"segments must be a power of two >= 1 (the merge kernel tiles "
@@ -253,7 +293,9 @@ def plan_launch(shape: Shape, *, mode: str | None = None, segments: int | None =
     if fp8_dot:
         params["fp8_dot"] = True
     if mode == "decode":
-        short = short or decode_config(shape, shape.max_seqlen_q, shape.num_seqs, segments)
+        v_pairs = reads_v_pairs(shape, decode_rows(shape, shape.max_seqlen_q))
+        short = short or decode_config(shape, shape.max_seqlen_q, shape.num_seqs, segments,
+                                       v_pairs)
         params["short"] = short.as_dict()
         # int8 codes rebuilt with integer ops (fp16 dots) instead of the int -> float
         # conversion unit, on sm90 only (where it was measured): H200, 32 / 128 / 8 x 8192,
@@ -263,6 +305,8 @@ def plan_launch(shape: Shape, *, mode: str | None = None, segments: int | None =
         # 219.8); it stays a measured switch (kernel_experiments.py).
         if shape.arch == "sm90" and shape.kv_quant == "int8_per_token_head":
             params["kv_bits"] = "int8"
+        if v_pairs:
+            params["v_pairs"] = True
     elif mode == "mixed":
         short = short or decode_config(shape, 1, shape.num_seqs, segments)
         params["short"] = short.as_dict()
@@ -281,6 +325,8 @@ def variant_name(params: dict) -> str:
         name += "-fp8dot"
     if params.get("kv_bits"):
         name += f"-{params['kv_bits']}-codes"
+    if params.get("v_pairs"):
+        name += "-vpairs"
     return name + "-td" if params.get("kv_load") == "descriptor" else name
 
 
