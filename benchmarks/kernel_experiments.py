@@ -4,6 +4,7 @@ of its switches and tiles:
 
 * 8-bit caches: the plan (V as int16 pairs, registers capped) against V byte-wise, no
   cap, other segment counts, a lower cap, 3 stages; the e4m3 bytes path of sm80 / sm86;
+* small-batch 16-bit decode: segments, register caps, 64-key tiles;
 * prefill: pointer loads at block 16, descriptor loads at block 128; the bad-block checks
   off.
 
@@ -78,6 +79,17 @@ def variants_of(case: Case, base: dict, block_size: int) -> dict[str, dict]:
         if case.kv_quant.startswith("fp8"):  # the e4m3 bytes path of sm80 / sm86
             variants["codes"] = dict(base, kv_bits="e4m3fn")
             variants["codes-no-v-pairs"] = dict(variants["no-v-pairs"], kv_bits="e4m3fn")
+    elif case.kind == "decode" and case.num_seqs <= 8:  # small batches, 16-bit cache
+        segments = base["short"]["segments"]
+        variants["segments-x2"] = _tile(base, segments=min(64, segments * 2))
+        variants["segments-half"] = _tile(base, segments=max(1, segments // 2))
+        variants["cap-168"] = _tile(base, maxnreg=168)  # 3 programs per SM (smem: 3 too)
+        variants["cap-168-segments-x2"] = _tile(base, maxnreg=168,
+                                                segments=min(64, segments * 2))
+        variants["64x4w-cap-128"] = _tile(base, block_n=64, num_warps=4, maxnreg=128)
+        variants["64x4w-cap-128-segments-x2"] = _tile(base, block_n=64, num_warps=4,
+                                                      maxnreg=128,
+                                                      segments=min(64, segments * 2))
     elif case.kind == "prefill":
         if block_size >= 64:
             base = dict(kv_load_rules.descriptor_params(base, block_size),
