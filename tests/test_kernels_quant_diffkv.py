@@ -634,3 +634,41 @@ def test_v_read_as_pairs_of_codes(quant, variant, kv_bits):
     8-bit mode and launch variant, with the conversion unit and with the codes rebuilt."""
     run(variant, quant=QUANTS[quant], dtype=F16, head_size=64, v_pairs=True,
         kv_bits=kv_bits, sinks=variant == "mixed")
+
+
+@interp
+@pytest.mark.parametrize("feature", list(FEATURE_KW))
+@pytest.mark.parametrize("quant", ["fp8_tensor_e5m2", "int8_token_head"])
+def test_v_read_as_pairs_features(quant, feature):
+    run("decode-3d", group=3, quant=QUANTS[quant], dtype=F16, head_size=64, v_pairs=True,
+        **FEATURE_KW[feature])
+
+
+@interp
+@pytest.mark.parametrize("quant", ["fp8_tensor_e4m3", "fp8_token_head"])
+@pytest.mark.parametrize("case", ["descriptor", "diffkv", "fp8_out", "fp32", "head-40",
+                                  "odd-head-v"])
+def test_v_read_as_pairs_with_other_switches(quant, case):
+    """... and an odd V head size, which no int16 view holds: read byte-wise instead."""
+    kw = {"descriptor": dict(kv_load="descriptor"), "diffkv": dict(head_size_v=32),
+          "fp8_out": dict(fp8_out=E5M2), "fp32": dict(dtype=F32),
+          "head-40": dict(head_size=40), "odd-head-v": dict(head_size_v=33)}[case]
+    run("mixed" if case == "fp32" else "decode-3d", quant=QUANTS[quant],
+        **{"dtype": F16, "head_size": 64, "v_pairs": True, **kw})
+
+
+def test_v_pairs_need_an_even_v_layout():
+    """V_PAIRS reads V through an int16 view: a V cache whose strides or offset are odd
+    (in bytes) cannot be viewed so, and the launch reads it byte-wise instead."""
+    from portattn.kernels.launch import _as_pairs, v_pairs_code
+
+    base = torch.zeros(4, 16, 2, 65, dtype=torch.uint8)
+    assert _as_pairs(base[..., :64]) is None          # an odd slot stride
+    assert _as_pairs(base[..., 1:65]) is None         # an odd offset
+    even = torch.zeros(4, 16, 2, 64, dtype=torch.uint8)
+    paired = _as_pairs(even)
+    assert paired is not None and paired.dtype == torch.int16 and paired.shape[-1] == 32
+    assert paired.stride() == (16 * 2 * 32, 2 * 32, 32, 1)
+    assert v_pairs_code(E4M3, None) == 4 and v_pairs_code(E4M3, "e4m3fn") == 1
+    assert v_pairs_code(E5M2, None) == 2 and v_pairs_code(torch.int8, "int8") == 3
+    assert v_pairs_code(torch.bfloat16, None) == 0

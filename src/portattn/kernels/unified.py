@@ -80,6 +80,14 @@ caches are then passed as ``uint8`` views. 1: e4m3fn (GPUs without e4m3, sm80/sm
 codes decode to the value / 256, the 256 folded into the score scale and the output);
 2: e5m2; 3: int8. ``BITS_ASM``: with inline PTX, four codes per register (NVIDIA GPUs;
 the interpreter runs the Triton integer version).
+``V_PAIRS`` (default 0; the plan's ``v_pairs``, 8-bit caches): V is passed as an int16
+view, two codes per element, and read as ``HEAD_V // 2`` pairs per key; 16-bit elements
+are transposed for the tensor cores with ``ldmatrix.trans`` instead of single-byte
+reads, and :func:`portattn.kernels.byte_decode.decode_pairs` splits each pair in
+registers into the even and the odd head columns, each with its own P V dot and
+accumulator (``acc`` / ``acc_odd``), interleaved back after the loop. The code is the
+pair format: 1 e4m3fn bits (with ``KV_BITS == 1``), 2 e5m2, 3 int8, 4 e4m3fn through the
+GPU's conversion. Excludes ``V_STAGE``.
 ``KV_LOAD`` (default 0): how K/V tiles are read, at :func:`_load_kv_tile`. 0: pointer
 loads, the block id looked up per key. 1: tensor descriptors (TMA on sm90+), one 4-D
 descriptor per cache ``[num_blocks, BLOCK_SIZE, num_kv_heads, HEAD]`` (strides from the
