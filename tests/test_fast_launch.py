@@ -309,3 +309,46 @@ def test_capture_under_the_interpreter_has_nothing_to_replay():
     with capture() as captured:
         pass
     assert captured.triton_launches is None  # no launch hooks run in the interpreter
+
+
+def test_driver_launch_calls_the_c_entry_only_without_scratch():
+    """The relauncher calls Triton's C entry point directly only for CUDA launchers of
+    kernels without global / profiling scratch (the launcher allocates those); any other
+    launcher is called as itself, with the same arguments minus the fixed ones."""
+    from portattn.kernels.fast_launch import driver_launch
+
+    calls = []
+
+    class CudaLauncher:  # the name is what driver_launch checks, as Triton's class
+        def __init__(self, scratch):
+            self.global_scratch_size = scratch
+            self.profile_scratch_size = 0
+            self.launch_cooperative_grid = False
+            self.launch_pdl = True
+
+        def launch(self, *args):
+            calls.append(("c", args))
+
+        def __call__(self, *args):
+            calls.append(("run", args))
+
+    plain = CudaLauncher(0)
+    launch, cooperative, pdl = driver_launch(plain)
+    assert launch == plain.launch and (cooperative, pdl) == (False, True)
+    with_scratch = CudaLauncher(64)
+    launch, cooperative, pdl = driver_launch(with_scratch)
+    launch(1, 2, 3, "stream", "fn", cooperative, pdl, None, None, "meta", None, None, None, 7)
+    assert calls == [("run", (1, 2, 3, "stream", "fn", "meta", None, None, None, 7))]
+    launch, *_ = driver_launch(lambda *a: calls.append(("other", a)))
+    launch(1, 1, 1, "s", "f", False, False, None, None, "m", None, None, None)
+    assert calls[-1] == ("other", (1, 1, 1, "s", "f", "m", None, None, None))
+
+
+def test_fixed_values_are_passed_as_prebuilt_runs_in_parameter_order():
+    from portattn.kernels.fast_launch import _call_arguments
+
+    namespace: dict = {}
+    args = _call_arguments(["a", None, "b", 3, None, 4.0], {1: "p1", 4: "p4"}, "c_", namespace)
+    assert args == ["*c_0", "p1", "*c_2", "p4", "*c_5"]
+    assert namespace == {"c_0": ("a",), "c_2": ("b", 3), "c_5": (4.0,)}
+    assert _call_arguments([None], {0: "p0"}, "c_", {}) == ["p0"]

@@ -294,11 +294,55 @@ class Site:
         self.lock = threading.Lock()
 
     def store(self, key, compiled) -> None:
-        entry = (compiled.run, compiled.function, compiled.packed_metadata)
+        launch, cooperative, pdl = driver_launch(compiled.run)
+        entry = (launch, compiled.function, compiled.packed_metadata, cooperative, pdl)
         with self.lock:
             if len(self.table) >= TABLE_LIMIT:
                 self.table.clear()
             self.table[key] = entry
+
+
+def _call_arguments(template: Sequence, bound: dict, prefix: str, namespace: dict) -> list:
+    """The generated call's argument expressions in parameter order: a bound pointer's
+    variable name, and each run of consecutive fixed values as one prebuilt tuple
+    unpacked (``*c0_16``: one global lookup instead of one per value)."""
+    args: list[str] = []
+    run: list = []
+    for pos, value in enumerate(list(template) + [None]):
+        if pos in bound or pos == len(template):
+            if run:
+                name = f"{prefix}{pos - len(run)}"
+                namespace[name] = tuple(run)
+                args.append(f"*{name}")
+                run = []
+            if pos in bound:
+                args.append(bound[pos])
+        else:
+            run.append(value)
+    return args
+
+
+def driver_launch(run) -> tuple[Callable, Any, Any]:
+    """``(launch, cooperative, pdl)`` for a compiled kernel's launcher ``run``: ``launch``
+    takes ``(gx, gy, gz, stream, function, cooperative, pdl, global_scratch,
+    profile_scratch, packed_metadata, launch_metadata, enter_hook, exit_hook, *args)``.
+    For Triton's CUDA launcher of a kernel without global or profiling scratch, that is
+    its compiled C entry point itself (the launcher's Python frame skipped: two scratch
+    checks and the argument tuple built and unpacked twice per launch); otherwise an
+    adapter calling ``run``, which allocates the scratch."""
+    c_launch = getattr(run, "launch", None)
+    cooperative = getattr(run, "launch_cooperative_grid", None)
+    pdl = getattr(run, "launch_pdl", None)
+    if type(run).__name__ == "CudaLauncher" and callable(c_launch) and \
+            getattr(run, "global_scratch_size", 1) == 0 and \
+            getattr(run, "profile_scratch_size", 1) == 0 and \
+            cooperative is not None and pdl is not None:
+        return c_launch, cooperative, pdl
+
+    def through_run(gx, gy, gz, stream, function, cooperative, pdl, global_scratch,
+                    profile_scratch, *rest):
+        return run(gx, gy, gz, stream, function, *rest)
+    return through_run, False, False
 
 
 def _bind_call(fn, launch: Launch):
@@ -507,16 +551,10 @@ def _generate_launch(sites: list[Site], used: tuple[int, ...], get_device, get_s
         lines += [f"    e{s} = table{s}.get((device, state, token))",
                   f"    if e{s} is None:",
                   "        return False"]
-        args = []
-        for pos, value in enumerate(site.template):
-            if pos in bound:
-                args.append(bound[pos])
-            else:
-                namespace[f"c{s}_{pos}"] = value
-                args.append(f"c{s}_{pos}")
+        args = _call_arguments(site.template, bound, f"c{s}_", namespace)
         g0, g1, g2 = site.grid
-        calls.append(f"    e{s}[0]({g0}, {g1}, {g2}, stream, e{s}[1], e{s}[2], None, None, "
-                     f"None, {', '.join(args)})")
+        calls.append(f"    e{s}[0]({g0}, {g1}, {g2}, stream, e{s}[1], e{s}[3], e{s}[4], "
+                     f"None, None, e{s}[2], None, None, None, {', '.join(args)})")
     lines.append("    stream = get_stream(device)")
     lines += calls
     lines.append("    return True")
