@@ -138,8 +138,10 @@ def test_8bit_decode_on_sm90_reads_v_pairs_with_four_programs_per_sm(quant_key):
     assert "-vpairs" in heuristics.variant_name(plan(32))
     # not measured, so not planned: other GPUs, spec-decode rows, wide or DiffKV heads,
     # prefill and mixed tiles
+    assert plan(32, head=80, head_v=80)["v_pairs"] is True   # pads to 128
     for params in (plan(32, arch="sm89"), plan(32, arch="sm100"), plan(32, q=8),
                    plan(32, head=256, head_v=256), plan(32, head=192, head_v=128),
+                   plan(32, head=128, head_v=64), plan(32, head=64, head_v=64),
                    plan(1, q=4096), plan(32, q=100)):
         assert "v_pairs" not in params
         assert "maxnreg" not in params.get("short", {})
@@ -672,3 +674,31 @@ def test_v_pairs_need_an_even_v_layout():
     assert v_pairs_code(E4M3, None) == 4 and v_pairs_code(E4M3, "e4m3fn") == 1
     assert v_pairs_code(E5M2, None) == 2 and v_pairs_code(torch.int8, "int8") == 3
     assert v_pairs_code(torch.bfloat16, None) == 0
+
+
+def test_a_v_cache_without_an_int16_view_drops_the_paired_register_cap(monkeypatch):
+    """When V cannot be viewed as int16 pairs, the launch reads it byte-wise and without
+    the register cap measured for the paired tile (the uncapped byte-wise tile)."""
+    from portattn.kernels import heuristics, launch
+    from portattn.options import normalize_options
+    from portattn.testing import make_paged_batch
+
+    batch = make_paged_batch([1, 1], [40, 9], num_q_heads=8, num_kv_heads=2, head_size=128,
+                             dtype=F16, quant=QUANTS["fp8_tensor_e4m3"])
+    shape = heuristics.Shape(8, 2, 128, 1, 1, 64, 2, 132, "sm90", 128, "fp8_per_tensor")
+    params = heuristics.plan_launch(shape)
+    assert params["v_pairs"] and params["short"]["maxnreg"] == 128
+    seen = []
+    monkeypatch.setattr(launch, "_launch_modes",
+                        lambda q, cache, md, out, p, args, ws: seen.append((p, args)))
+    out = torch.empty_like(batch.q)
+    options = normalize_options(batch.q, batch.cache)
+    launch.launch_unified(batch.q, batch.cache, batch.metadata, options, out, params)
+    monkeypatch.setattr(launch, "_as_pairs", lambda v: None)
+    launch.launch_unified(batch.q, batch.cache, batch.metadata, options, out, params)
+    (paired, paired_args), (bytewise, bytewise_args) = seen
+    assert paired_args["V_PAIRS"] == 4 and paired["short"]["maxnreg"] == 128
+    assert paired_args["stride_vs"] * 2 == batch.cache.value_cache.stride(1)
+    assert bytewise_args["V_PAIRS"] == 0 and "maxnreg" not in bytewise["short"]
+    assert bytewise_args["stride_vs"] == batch.cache.value_cache.stride(1)
+    assert params["short"]["maxnreg"] == 128  # the plan itself is not changed

@@ -364,6 +364,9 @@ def test_gate_variants_carry_the_plans_kv_bits():
     assert [v["kv_bits"] for v in gate_variants(_problem(), params)] == ["int8"]
     assert [v["kv_bits"] for v in gate_variants(_problem(), {**params, "kv_bits": None})] \
         == [None]
+    assert [v["v_pairs"] for v in gate_variants(_problem(), params)] == [False]
+    assert [v["v_pairs"] for v in gate_variants(_problem(), {**params, "v_pairs": True})] \
+        == [True]
 
 
 @pytest.mark.interpreter

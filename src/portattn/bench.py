@@ -478,6 +478,13 @@ def sweep_configs(case: Case, shape) -> list[dict]:
                 tile = TileConfig(base.block_m, base.block_q, bn, w, st, seg, cap)
                 # through plan_launch: the plan's own switches (kv_bits) with these tiles
                 configs.append(plan_launch(shape, mode="decode", short=tile))
+        if base.maxnreg:  # and the byte-wise V read the paired tile replaced
+            plain = dataclasses.replace(base, maxnreg=None)
+            for seg in seg_options:
+                params = plan_launch(shape, mode="decode",
+                                     short=dataclasses.replace(plain, segments=seg))
+                params.pop("v_pairs", None)
+                configs.append(params)
     elif case.kind == "prefill":
         base = prefill_config(shape)
         for bm, bn, w, st in [(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3),

@@ -68,7 +68,8 @@ def gate_variants(problem, params: dict) -> list[dict]:
                         head_qk=problem.head_size_qk, head_v=problem.head_size_v,
                         block_size=problem.block_size, block_n=n,
                         fp8_dot=bool(params.get("fp8_dot")),
-                        kv_bits=params.get("kv_bits")) for n in block_ns]
+                        kv_bits=params.get("kv_bits"),
+                        v_pairs=bool(params.get("v_pairs"))) for n in block_ns]
 
 
 def choose_kv_load(problem, caps, shape: heuristics.Shape, params: dict) -> dict:

@@ -33,7 +33,7 @@ from portattn.capabilities._text import one_line
 from portattn.capabilities.descriptor_check import child_env
 
 CHILD_TIMEOUT_S = 300
-CACHE_FORMAT = "portattn.kv-descriptor-gate/3"  # 3: variants carry the plan's kv_bits
+CACHE_FORMAT = "portattn.kv-descriptor-gate/4"  # 3: the plan's kv_bits; 4: its v_pairs
 #: Tiny problem of a check: two sequences, one decode and one short chunk.
 QUERY_LENS = (1, 5)
 SEQ_LENS = (37, 70)
@@ -42,13 +42,14 @@ _MEMORY: dict[str, dict] = {}
 
 
 def variant_key(*, kv_dtype: str, quant: str, head_qk: int, head_v: int, block_size: int,
-                block_n: int, fp8_dot: bool = False, kv_bits: str | None = None) -> dict:
+                block_n: int, fp8_dot: bool = False, kv_bits: str | None = None,
+                v_pairs: bool = False) -> dict:
     """A checked variant: the switches a plan's launch depends on (``kv_bits``: the plan's
-    rebuild of 8-bit codes, which depends on the GPU, so the check runs what the plan
-    runs whatever the architecture)."""
+    rebuild of 8-bit codes; ``v_pairs``: its 8-bit V read as int16 pairs; both depend on
+    the GPU, so the check runs what the plan runs whatever the architecture)."""
     return {"kv_dtype": kv_dtype, "quant": quant, "head_qk": int(head_qk),
             "head_v": int(head_v), "block_size": int(block_size), "block_n": int(block_n),
-            "fp8_dot": bool(fp8_dot), "kv_bits": kv_bits}
+            "fp8_dot": bool(fp8_dot), "kv_bits": kv_bits, "v_pairs": bool(v_pairs)}
 
 
 def machine_key(caps) -> dict:
@@ -182,8 +183,11 @@ def run_check(variant: dict, device: str) -> dict:
         extra["q_scale"] = 0.05
     pointer = heuristics.plan_launch(shape, mode="decode", short=cfg, fp8_dot=fp8_dot)
     pointer.pop("kv_bits", None)  # the variant's, not the sm90 shape's
+    pointer.pop("v_pairs", None)
     if variant.get("kv_bits"):
         pointer["kv_bits"] = variant["kv_bits"]
+    if variant.get("v_pairs"):
+        pointer["v_pairs"] = True
     descriptor = {**kv_load_rules.descriptor_params(pointer, variant["block_size"]),
                   "_kv_load_forced": True}
     outs = []

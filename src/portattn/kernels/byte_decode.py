@@ -32,82 +32,53 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Four codes in one 32-bit register ($2) -> four fp16 in two registers ($0: codes 0, 1;
-# $1: codes 2, 3), each code in its own 16-bit half.
-_E4M3_PTX = tl.constexpr("""{
-.reg .b32 x, y, m, n;
-prmt.b32 x, $2, 0, 0x1404;
-prmt.b32 y, $2, 0, 0x3424;
-shr.b32 m, x, 1;
-and.b32 m, m, 0x3F803F80;
-add.u32 n, m, 0x00800080;
-lop3.b32 m, x, 0x80008000, m, 0xEA;
-lop3.b32 $0, n, 0x40004000, m, 0xEA;
-shr.b32 m, y, 1;
-and.b32 m, m, 0x3F803F80;
-add.u32 n, m, 0x00800080;
-lop3.b32 m, y, 0x80008000, m, 0xEA;
-lop3.b32 $1, n, 0x40004000, m, 0xEA;
-}""")
-# e4m3: [0, b0, 0, b1] puts each sign at bit 15 of its half; the magnitude shifted right
-# by one lands at bits 7..13; magnitude 0x7f (NaN) carries into bit 14 when 1 is added
-# at bit 7, and bit 14 on top of 0x3f80 makes the fp16 NaN 0x7f80.
+# Inline PTX: the input register ($2) holds four 8-bit codes; two byte permutes
+# (``prmt`` selectors, one per output) place two codes each in the upper (fp8) or lower
+# (int8) byte of the two 16-bit halves of $0 and $1. Every read of $2 comes first.
 
-_E5M2_PTX = tl.constexpr("""{
-prmt.b32 $0, $2, 0, 0x1404;
-prmt.b32 $1, $2, 0, 0x3424;
-}""")
 
-_INT8_PTX = tl.constexpr("""{
-.reg .b32 y, c;
-xor.b32 y, $2, 0x80808080;
-prmt.b32 $0, y, 0x64646464, 0x5140;
-prmt.b32 $1, y, 0x64646464, 0x7362;
-mov.b32 c, 0x64806480;
-sub.f16x2 $0, $0, c;
-sub.f16x2 $1, $1, c;
-}""")
-# int8: b ^ 0x80 = b + 128 as an unsigned byte, under the exponent byte 0x64 (1024);
-# 0x6480 is 1152.0 = 1024 + 128.
+def _e4m3_bits_ptx(first: str, second: str) -> str:
+    """e4m3fn codes -> fp16 bits of value / 256: [0, b, 0, b'] (the selectors) puts each
+    sign at bit 15 of its half; the magnitude shifted right by one lands at bits 7..13;
+    magnitude 0x7f (NaN) carries into bit 14 when 1 is added at bit 7, and bit 14 on top
+    of 0x3f80 makes the fp16 NaN 0x7f80."""
+    rebuild = [line for r, out in (("x", "$0"), ("y", "$1")) for line in (
+        f"shr.b32 m, {r}, 1;", "and.b32 m, m, 0x3F803F80;", "add.u32 n, m, 0x00800080;",
+        f"lop3.b32 m, {r}, 0x80008000, m, 0xEA;", f"lop3.b32 {out}, n, 0x40004000, m, 0xEA;")]
+    return "\n".join(["{", ".reg .b32 x, y, m, n;", f"prmt.b32 x, $2, 0, {first};",
+                      f"prmt.b32 y, $2, 0, {second};", *rebuild, "}"])
 
+
+def _e5m2_ptx(first: str, second: str) -> str:
+    """e5m2 codes -> fp16: the code is the fp16's upper byte."""
+    return "\n".join(["{", ".reg .b32 x, y;", f"prmt.b32 x, $2, 0, {first};",
+                      f"prmt.b32 y, $2, 0, {second};", "mov.b32 $0, x;", "mov.b32 $1, y;",
+                      "}"])
+
+
+def _int8_ptx(first: str, second: str) -> str:
+    """int8 codes -> fp16: b ^ 0x80 = b + 128 as an unsigned byte, under the exponent
+    byte 0x64 (1024); 0x6480 is 1152.0 = 1024 + 128, subtracted as a packed pair."""
+    return "\n".join(["{", ".reg .b32 x, y, c;", "xor.b32 y, $2, 0x80808080;",
+                      f"prmt.b32 x, y, 0x64646464, {first};",
+                      f"prmt.b32 y, y, 0x64646464, {second};", "mov.b32 c, 0x64806480;",
+                      "sub.f16x2 $0, x, c;", "sub.f16x2 $1, y, c;", "}"])
+
+
+# decode_bytes: four codes -> $0: codes 0, 1; $1: codes 2, 3
+_E4M3_PTX = tl.constexpr(_e4m3_bits_ptx("0x1404", "0x3424"))
+_E5M2_PTX = tl.constexpr(_e5m2_ptx("0x1404", "0x3424"))
+_INT8_PTX = tl.constexpr(_int8_ptx("0x5140", "0x7362"))
 
 #: V_PAIRS codes of :func:`decode_pairs` (0: off).
 PAIR_FORMATS = {"e4m3fn_bits": 1, "e5m2": 2, "int8": 3, "e4m3fn": 4}
 
-# Two 16-bit elements in one register ($2: bytes b0 b1 | b2 b3, b0 b2 the even columns)
-# -> the even columns' two fp16 ($0) and the odd columns' ($1).
-_PAIRS_E4M3_BITS_PTX = tl.constexpr("""{
-.reg .b32 x, m, n;
-prmt.b32 x, $2, 0, 0x2404;
-shr.b32 m, x, 1;
-and.b32 m, m, 0x3F803F80;
-add.u32 n, m, 0x00800080;
-lop3.b32 m, x, 0x80008000, m, 0xEA;
-lop3.b32 $0, n, 0x40004000, m, 0xEA;
-prmt.b32 x, $2, 0, 0x3414;
-shr.b32 m, x, 1;
-and.b32 m, m, 0x3F803F80;
-add.u32 n, m, 0x00800080;
-lop3.b32 m, x, 0x80008000, m, 0xEA;
-lop3.b32 $1, n, 0x40004000, m, 0xEA;
-}""")
-
-_PAIRS_E5M2_PTX = tl.constexpr("""{
-prmt.b32 $0, $2, 0, 0x2404;
-prmt.b32 $1, $2, 0, 0x3414;
-}""")
-
-_PAIRS_INT8_PTX = tl.constexpr("""{
-.reg .b32 y, c;
-xor.b32 y, $2, 0x80808080;
-prmt.b32 $0, y, 0x64646464, 0x5240;
-prmt.b32 $1, y, 0x64646464, 0x5341;
-mov.b32 c, 0x64806480;
-sub.f16x2 $0, $0, c;
-sub.f16x2 $1, $1, c;
-}""")
-
-# e4m3fn: [b0 b2 | b1 b3], then one conversion per pair (the low byte to the low half).
+# decode_pairs: two 16-bit elements (bytes b0 b1 | b2 b3, b0 and b2 the even columns) ->
+# $0: the even columns' two fp16, $1: the odd columns'
+_PAIRS_E4M3_BITS_PTX = tl.constexpr(_e4m3_bits_ptx("0x2404", "0x3414"))
+_PAIRS_E5M2_PTX = tl.constexpr(_e5m2_ptx("0x2404", "0x3414"))
+_PAIRS_INT8_PTX = tl.constexpr(_int8_ptx("0x5240", "0x5341"))
+# e4m3fn through the conversion: [b0 b2 | b1 b3], one cvt per pair (low byte: low half)
 _PAIRS_E4M3_CVT_PTX = tl.constexpr("""{
 .reg .b32 t;
 .reg .b16 e, o;

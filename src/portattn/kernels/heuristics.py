@@ -193,10 +193,12 @@ def decode_segments(shape: Shape, block_n: int, programs: int) -> int:
 
 def reads_v_pairs(shape: Shape, block_m: int) -> bool:
     """Whether a decode tile of ``block_m`` rows reads this 8-bit cache's V as int16 pairs
-    of codes (the kernel's V_PAIRS) with the paired tile: where it was measured (sm90,
-    heads up to 128, one tile row per query head of a GQA group up to 16)."""
+    of codes (the kernel's V_PAIRS) with the paired tile: where it was measured (sm90, K
+    and V tiles 128 wide, one tile row per query head of a GQA group up to 16). Other
+    heads (DiffKV, 64-wide tiles) are served correctly with it (GPU tests) but were not
+    timed, so they keep the byte-wise V path."""
     return shape.arch == "sm90" and shape.elem_bytes == 1 and block_m <= 16 and \
-        shape.widest_pad <= 128
+        shape.head_pad == 128 and shape.head_pad_v == 128
 
 
 def paired_decode_segments(shape: Shape, programs: int) -> int:

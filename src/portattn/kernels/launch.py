@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from portattn import settings
 from portattn.errors import InputError
 from portattn.kernels import kv_load as kv_load_rules
 from portattn.kernels import reduce, unified
@@ -141,7 +142,8 @@ def _common_args(q, cache, metadata, options, out, fp8_dot: bool,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", KV_BITS=bits,
         V_PAIRS=pairs,
         # inline PTX on NVIDIA GPUs (not the interpreter, not ROCm)
-        BITS_ASM=bool(bits or pairs) and q.device.type == "cuda" and torch.version.hip is None,
+        BITS_ASM=bool(bits or pairs) and q.device.type == "cuda" and
+        torch.version.hip is None and not settings.TRITON_INTERPRET.value(),
         **kernel_scalars(q, cache, options, fp8_dot, compute, codes=bool(bits)),
     )
 
@@ -216,6 +218,11 @@ def launch_unified(q: torch.Tensor, cache, metadata, options, out: torch.Tensor,
     args = _common_args(q, cache, metadata, options, out, params.get("fp8_dot", False),
                         params.get("compute"), params.get("kv_bits"),
                         bool(params.get("v_pairs")) and not params.get("v_stage"))
+    if params.get("v_pairs") and not args["V_PAIRS"]:
+        # V could not be viewed as int16 (odd head size, stride or offset): read byte-wise,
+        # without the register cap that was measured for the paired tile only
+        params = {k: {n: x for n, x in v.items() if n != "maxnreg"} if k in ("short", "long")
+                  else v for k, v in params.items()}
     if "check_blocks" in params:  # a measurement switch (benchmarks/kernel_experiments.py)
         args["CHECK_BLOCKS"] = bool(params["check_blocks"])
     if params.get("v_stage") and args["KV_QUANT"]:  # forced (experiments), 8-bit caches only
