@@ -449,20 +449,11 @@ def _flash_attn_kvcache(case: Case, inp: Inputs):
 # --------------------------------------------------------------------------- sweep
 def sweep_configs(case: Case, shape) -> list[dict]:
     """Launch configs worth timing for one case (see benchmarks/NOTES.md)."""
-    from portattn.kernels.heuristics import (
-        TileConfig,
-        decode_config,
-        decode_rows,
-        plan_launch,
-        prefill_config,
-        reads_v_pairs,
-    )
+    from portattn.kernels.heuristics import TileConfig, decode_config, plan_launch, prefill_config
 
     configs = []
     if case.kind in ("decode", "spec"):
-        max_q = max(case.query_lens)
-        base = decode_config(shape, max_q, case.num_seqs, 1,
-                             reads_v_pairs(shape, decode_rows(shape, max_q)))
+        base = TileConfig(**plan_launch(shape, mode="decode", segments=1)["short"])
         tiles: list[tuple[int, int, int, int | None]] = [
             (64, 4, 3, None), (64, 8, 3, None), (64, 4, 2, None), (64, 2, 2, None),
             (128, 4, 3, None), (128, 8, 3, None), (128, 4, 2, None), (256, 8, 2, None),

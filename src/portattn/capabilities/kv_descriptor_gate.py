@@ -182,12 +182,10 @@ def run_check(variant: dict, device: str) -> dict:
         q = (q.float() / 0.05).clamp(-448.0, 448.0).to(fp8)
         extra["q_scale"] = 0.05
     pointer = heuristics.plan_launch(shape, mode="decode", short=cfg, fp8_dot=fp8_dot)
-    pointer.pop("kv_bits", None)  # the variant's, not the sm90 shape's
-    pointer.pop("v_pairs", None)
-    if variant.get("kv_bits"):
-        pointer["kv_bits"] = variant["kv_bits"]
-    if variant.get("v_pairs"):
-        pointer["v_pairs"] = True
+    for switch in ("kv_bits", "v_pairs"):  # the variant's, not the sm90 shape's
+        pointer.pop(switch, None)
+        if variant.get(switch):
+            pointer[switch] = variant[switch]
     descriptor = {**kv_load_rules.descriptor_params(pointer, variant["block_size"]),
                   "_kv_load_forced": True}
     outs = []
