@@ -265,11 +265,16 @@ def check_every_code(code_dtype: torch.dtype, device: str, asm: bool) -> None:
     _decode_codes_kernel[(1,)](src, out, BITS=bits, ASM=asm)
     out = out.cpu()
     expected = codes.view(code_dtype).double() / (256.0 if code_dtype == E4M3 else 1.0)
+    assert int(torch.isnan(expected).sum()) == {E4M3: 2, E5M2: 6, torch.int8: 0}[code_dtype]
+    assert_same_values(out.double(), expected)
+
+
+def assert_same_values(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """NaN exactly where expected, every other value equal, signs (zeros) included."""
     nan = torch.isnan(expected)
-    assert torch.equal(torch.isnan(out), nan)
-    assert int(nan.sum()) == {E4M3: 2, E5M2: 6, torch.int8: 0}[code_dtype]
-    assert torch.equal(out[~nan].double(), expected[~nan])
-    assert torch.equal(torch.signbit(out[~nan]), torch.signbit(expected[~nan]))
+    assert torch.equal(torch.isnan(got), nan)
+    assert torch.equal(got[~nan], expected[~nan])
+    assert torch.equal(torch.signbit(got[~nan]), torch.signbit(expected[~nan]))
 
 
 @interp
@@ -308,12 +313,8 @@ def check_every_pair(fmt: str, device: str, asm: bool, nan_codes: bool = True) -
     if not nan_codes:
         keep = ~torch.isnan(both).any(1)
         assert int(keep.sum()) == 254 * 254
-    for got, expected in ((even.cpu().double()[keep], both[keep, 0]),
-                          (odd.cpu().double()[keep], both[keep, 1])):
-        nan = torch.isnan(expected)
-        assert torch.equal(torch.isnan(got), nan)
-        assert torch.equal(got[~nan], expected[~nan])
-        assert torch.equal(torch.signbit(got[~nan]), torch.signbit(expected[~nan]))
+    assert_same_values(even.cpu().double()[keep], both[keep, 0])
+    assert_same_values(odd.cpu().double()[keep], both[keep, 1])
 
 
 @interp
