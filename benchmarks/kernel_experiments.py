@@ -6,9 +6,9 @@ of its switches and tiles:
   cap, other segment counts, a lower cap, 3 stages; the e4m3 bytes path of sm80 / sm86;
 * small-batch 16-bit decode: segments, register caps, 64-key tiles;
 * prefill: pointer loads at block 16, descriptor loads at block 128; the bad-block checks
-  off.
+  off; the keys staged into 128-slot 16-bit blocks first (``kernels/stage.py``).
 
-    PYTHONPATH=src python3 benchmarks/kernel_experiments.py [CASE_SUBSTRING ...]
+    PYTHONPATH=src python3 benchmarks/kernel_experiments.py [CASE_SUBSTRING | =NAME ...]
     PYTHONPATH=src python3 benchmarks/kernel_experiments.py --compile-only I/N [...]
 
 ``CURRENT_ONLY=1`` times only the plans as they are. ``--compile-only I/N`` runs share I
@@ -27,7 +27,14 @@ import triton.testing
 
 from portattn.bench import Case, GraphTimer, build_inputs, case_bytes, case_flops
 from portattn.kernels import kv_load as kv_load_rules
-from portattn.kernels.heuristics import Shape, plan_launch, quant_mode
+from portattn.kernels.heuristics import (
+    Shape,
+    next_pow2,
+    plan_launch,
+    quant_mode,
+    stage_config,
+    staged_long_config,
+)
 from portattn.kernels.launch import launch_unified
 from portattn.options import normalize_options
 
@@ -49,6 +56,20 @@ CASES = [
     (Case("prefill-1x8192", "prefill", [8192], [8192]), 16),
     (Case("prefill-1x8192-b128", "prefill", [8192], [8192]), 128),
     (Case("prefill-1x8192-fp8", "prefill", [8192], [8192], "fp8_per_tensor"), 16),
+    (Case("prefill-1x8192-int8pth", "prefill", [8192], [8192], "int8_per_token_head"), 16),
+    (Case("prefill-1x8192-fp8pth", "prefill", [8192], [8192], "fp8_per_token_head"), 16),
+    (Case("prefill-4x2048", "prefill", [2048] * 4, [2048] * 4), 16),
+    (Case("prefill-4x2048-fp8", "prefill", [2048] * 4, [2048] * 4, "fp8_per_tensor"), 16),
+    (Case("prefill-1x4096", "prefill", [4096], [4096]), 16),
+    (Case("prefill-1x2048", "prefill", [2048], [2048]), 16),
+    (Case("prefill-1x1024", "prefill", [1024], [1024]), 16),
+    (Case("prefill-1024@8192", "prefill", [1024], [8192]), 16),
+    (Case("prefill-512@8192", "prefill", [512], [8192]), 16),
+    (Case("mixed-2048+15x4096", "mixed", [2048] + [1] * 15, [10240] + [4096] * 15), 16),
+    (Case("prefill-1x8192-h64", "prefill", [8192], [8192]), 16),
+    (Case("prefill-1x8192-h256", "prefill", [8192], [8192]), 16),
+    (Case("prefill-4x2048-h64", "prefill", [2048] * 4, [2048] * 4), 16),
+    (Case("prefill-4x2048-h256", "prefill", [2048] * 4, [2048] * 4), 16),
     (Case("decode-1x8192", "decode", [1], [8192]), 16),
     (Case("decode-8x8192", "decode", [1] * 8, [8192] * 8), 16),
     (Case("decode-8x1024", "decode", [1] * 8, [1024] * 8), 16),
@@ -57,13 +78,36 @@ CASES = [
 ]
 
 
+#: STAGED_SWEEP=1: staged prefill tiles (block_m, block_n, warps, stages) per head pad.
+STAGED_TILES = {
+    64: [(128, 128, 4, 3), (256, 128, 8, 3), (128, 64, 4, 4), (256, 64, 8, 4)],
+    128: [(128, 128, 4, 3), (128, 64, 8, 4), (128, 64, 4, 3), (256, 64, 8, 3),
+          (64, 128, 4, 3), (128, 128, 8, 4)],
+    256: [(128, 64, 8, 2), (64, 128, 4, 2), (128, 32, 8, 3), (64, 64, 4, 2),
+          (64, 32, 4, 4)],
+}
+
+
+def selected(case: Case, argv: list[str]) -> bool:
+    """Cases whose name contains an argument (``=NAME``: exactly that name); all without."""
+    return not argv or any(case.name == s[1:] if s.startswith("=") else s in case.name
+                           for s in argv)
+
+
+def head_size_of(case: Case) -> int:
+    """Cases named ``...-h64`` / ``-h256`` use that head size; the rest 128."""
+    tail = case.name.rsplit("-", 1)[-1]
+    return int(tail[1:]) if tail[:1] == "h" and tail[1:].isdigit() else 128
+
+
 def _tile(params: dict, **changes) -> dict:
     out = dict(params)
     out["short"] = dict(params["short"], **changes)
     return out
 
 
-def variants_of(case: Case, base: dict, block_size: int) -> dict[str, dict]:
+def variants_of(case: Case, base: dict, block_size: int,
+                shape: Shape | None = None) -> dict[str, dict]:
     variants = {"current": base}
     if case.kind == "decode" and case.kv_quant != "none":
         short = base["short"]
@@ -90,7 +134,18 @@ def variants_of(case: Case, base: dict, block_size: int) -> dict[str, dict]:
         variants["64x4w-cap-128-segments-x2"] = _tile(base, block_n=64, num_warps=4,
                                                       maxnreg=128,
                                                       segments=min(64, segments * 2))
-    elif case.kind == "prefill":
+    elif case.kind in ("prefill", "mixed"):
+        if block_size < 64 and shape is not None:  # keys staged into 128-slot blocks
+            staged = dict(base, stage=stage_config(shape), stage_long=staged_long_config(shape))
+            variants["staged"] = staged
+            if os.environ.get("STAGED_SWEEP") == "1":  # tiles of the staged loop
+                for m, n, w, st in STAGED_TILES.get(shape.head_pad, ()):
+                    tile = dict(staged["stage_long"], block_m=m, block_q=m // shape.group,
+                                block_n=n, num_warps=w, num_stages=st)
+                    variants[f"staged-{m}x{n}w{w}s{st}"] = dict(staged, stage_long=tile)
+            else:
+                variants["staged-2-stages"] = dict(staged, stage_long=dict(
+                    staged["stage_long"], num_stages=2))
         if block_size >= 64:
             base = dict(kv_load_rules.descriptor_params(base, block_size),
                         _kv_load_forced=True)  # a failure raises, never falls back
@@ -107,7 +162,7 @@ def compile_only(share: str, argv: list[str]) -> int:
     index, count = (int(x) for x in share.split("/"))
     k = 0
     for case, block_size in CASES:
-        if argv and not any(s in case.name for s in argv):
+        if not selected(case, argv):
             continue
         inp = None
         for name, params in _variants_for(case, block_size).items():
@@ -115,8 +170,9 @@ def compile_only(share: str, argv: list[str]) -> int:
             if (k - 1) % count != index:
                 continue
             if inp is None:
-                inp = build_inputs(case, num_q_heads=32, num_kv_heads=8, head_size=128,
-                                   block_size=block_size, dtype=torch.bfloat16, device="cuda")
+                inp = build_inputs(case, num_q_heads=32, num_kv_heads=8,
+                                   head_size=head_size_of(case), block_size=block_size,
+                                   dtype=torch.bfloat16, device="cuda")
                 options = normalize_options(inp.q, inp.cache)
             try:
                 launch_unified(inp.q, inp.cache, inp.metadata, options, inp.out, params)
@@ -130,10 +186,11 @@ def compile_only(share: str, argv: list[str]) -> int:
 
 def _variants_for(case: Case, block_size: int) -> dict[str, dict]:
     elem = 1 if case.kv_quant != "none" else 2
-    shape = Shape(32, 8, 128, elem, max(case.query_lens), max(case.seq_lens), case.num_seqs,
+    shape = Shape(32, 8, head_size_of(case), elem, next_pow2(max(case.query_lens)),
+                  next_pow2(max(case.seq_lens)), case.num_seqs,
                   torch.cuda.get_device_properties(0).multi_processor_count, "sm90",
                   kv_quant=quant_mode(case.kv_quant))
-    variants = variants_of(case, plan_launch(shape), block_size)
+    variants = variants_of(case, plan_launch(shape), block_size, shape)
     if os.environ.get("CURRENT_ONLY") == "1":  # the plans as they are, nothing else
         variants = {k: v for k, v in variants.items() if k.startswith("current")}
     return variants
@@ -150,9 +207,9 @@ def main(argv: list[str]) -> int:
     del a, b
     rows = []
     for case, block_size in CASES:
-        if argv and not any(s in case.name for s in argv):
+        if not selected(case, argv):
             continue
-        inp = build_inputs(case, num_q_heads=32, num_kv_heads=8, head_size=128,
+        inp = build_inputs(case, num_q_heads=32, num_kv_heads=8, head_size=head_size_of(case),
                            block_size=block_size, dtype=torch.bfloat16, device="cuda")
         options = normalize_options(inp.q, inp.cache)
         for name, params in _variants_for(case, block_size).items():
@@ -168,7 +225,8 @@ def main(argv: list[str]) -> int:
                 continue
             rows.append({"case": case.name, "variant": name, "us": ms * 1e3,
                          "tbs": case_bytes(case, inp) / (ms * 1e-3) / 1e12,
-                         "tflops": case_flops(case, 32, 128) / (ms * 1e-3) / 1e12,
+                         "tflops": case_flops(case, 32, head_size_of(case)) / (ms * 1e-3)
+                         / 1e12,
                          "params": params})
             print(f"{case.name:<24} {name:<20} {ms * 1e3:8.1f} us", flush=True)
         del inp

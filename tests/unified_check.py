@@ -96,7 +96,7 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
                   head_size_v=None, q_fp8=None, fp8_out=None, layout="split",
                   fp8_dot=False, tolerance=None, separate_kv=False, block_table_edit=None,
                   v_stage=None, kv_load="pointer", kv_bits=None, v_scale_factor=None,
-                  v_pairs=None):
+                  v_pairs=None, stage=None):
     """Run one case; returns the relative error (asserts it is within tolerance).
 
     ``quant``: a KVQuant for the cache; ``head_size_v``: DiffKV (a packed cache);
@@ -116,7 +116,9 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
     ``v_scale_factor``: multiply a per-token-head cache's V scales by this (tiny V values:
     the oracle reads the scales from the cache as well);
     ``v_pairs``: True / False forces the kernel's V_PAIRS (an 8-bit V read as int16 pairs
-    of codes) on or off; None follows the plan."""
+    of codes) on or off; None follows the plan;
+    ``stage``: a staged block size: the plan's long tiles read the keys staged into blocks
+    of that many slots (``params["stage"]``, descriptor loads, ``kernels/stage.py``)."""
     from portattn.backends.triton_unified import TritonUnified
 
     num_q_heads = group * num_kv_heads
@@ -208,6 +210,11 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
 
         params = kv_load_rules.descriptor_params(params, block_size)
         params["_kv_load_forced"] = True
+    if stage:
+        params["stage"] = {"block": stage, "sblocks": heuristics.cdiv(shape.max_seqlen_k, stage)}
+        staged_long = long.as_dict() if long is not None else \
+            heuristics.staged_long_config(shape)
+        params["stage_long"] = dict(staged_long, block_n=min(staged_long["block_n"], stage))
     plan = Plan("triton_unified", heuristics.variant_name(params), params)
     TritonUnified().run(q, cache, metadata, options, out, plan)
 

@@ -116,3 +116,46 @@ def choose_kv_load(problem, caps, shape: heuristics.Shape, params: dict) -> dict
     if setting is True:
         descriptor["_kv_load_forced"] = True
     return descriptor
+
+
+def choose_staging(problem, caps, shape: heuristics.Shape, params: dict) -> dict:
+    """``params`` with ``stage`` (the staging launch, :mod:`portattn.kernels.stage`) and
+    ``stage_long`` (the prefill tile over the staged blocks) where a prefill or mixed
+    plan's long part reads staged 16-bit blocks of 128 slots with descriptor loads, and
+    ``stage_reason`` saying why it does or does not. Staging needs what descriptor loads
+    need (``PORTATTN_TD`` not 0, the probe's check, the functional gate on the staged
+    16-bit variant) plus :func:`portattn.kernels.heuristics.staging_reasons`."""
+    import torch
+
+    q_bits = torch.empty((), dtype=problem.q_dtype).element_size() * 8 \
+        if problem.q_dtype in (torch.float16, torch.bfloat16) else 0
+    reasons = heuristics.staging_reasons(shape, params["mode"], problem.block_size, q_bits)
+    if params.get("fp8_dot"):
+        reasons.append("fp8 q runs its QK^T on fp8 tensor cores over the cache's codes")
+    if _td_setting() is False:
+        reasons.append("PORTATTN_TD=0 forbids descriptor loads (the staged loop uses them)")
+    elif not caps.tensor_descriptors.ok:
+        reasons.append(caps.tensor_descriptors.reason or "the probe's descriptor check "
+                       "failed here")
+    stage = heuristics.stage_config(shape)
+    staged_long = heuristics.staged_long_config(shape)
+    reasons += kv_load_rules.problem_reasons(
+        block_size=stage["block"], head_size_qk=problem.head_size_qk,
+        head_size_v=problem.head_size_v, elem_bytes=2)
+    if not reasons and not caps.simulated:
+        from portattn.capabilities import kv_descriptor_gate
+        from portattn.capabilities.kv_descriptor_gate import variant_key
+
+        dtype = str(problem.q_dtype).replace("torch.", "")
+        variant = variant_key(kv_dtype=dtype, quant="none", head_qk=problem.head_size_qk,
+                              head_v=problem.head_size_v, block_size=stage["block"],
+                              block_n=staged_long["block_n"], fp8_dot=False, kv_bits=None,
+                              v_pairs=False)
+        result = kv_descriptor_gate.check_variant(caps, variant, _gate_device(caps))
+        if not result["ok"]:
+            reasons.append(f"the staged descriptor variant failed its check on this "
+                           f"machine: {result['reason']}")
+    if reasons:
+        return {**params, "stage_reason": "; ".join(reasons)}
+    return {**params, "stage": stage, "stage_long": staged_long,
+            "stage_reason": "measured faster here (heuristics.STAGED_PREFERRED)"}

@@ -8,7 +8,9 @@ second head size, not a fork). Support is declared as data below and checked by
 tile sizes, warps, stages, segments, fp8 tensor-core QK^T) is chosen by
 :func:`portattn.kernels.heuristics.plan_launch` from the problem and the probed device.
 K/V loads (pointer or tensor descriptors, ``params["kv_load"]`` with its reason) are
-chosen by :func:`portattn.backends.triton_kv_load.choose_kv_load` (``PORTATTN_TD``).
+chosen by :func:`portattn.backends.triton_kv_load.choose_kv_load` (``PORTATTN_TD``);
+long prefills may stage their keys into 128-slot 16-bit blocks first
+(:func:`~portattn.backends.triton_kv_load.choose_staging`, ``params["stage"]``).
 ``PORTATTN_UNIFIED_SPLIT`` overrides the split choice (unset: auto, ``1``: split decode
 tiles over the keys when they can be, ``0``: never).
 
@@ -21,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from portattn.backends.base import Backend, Plan
-from portattn.backends.triton_kv_load import choose_kv_load
+from portattn.backends.triton_kv_load import choose_kv_load, choose_staging
 from portattn.kernels import heuristics
 from portattn.types import FP8_DTYPES, FP8_FORMAT_NAMES, KVQuant
 
@@ -142,6 +144,7 @@ class TritonUnified(Backend):
         if from_bytes:
             params["kv_bits"] = from_bytes
         params = choose_kv_load(problem, caps, shape, params)
+        params = choose_staging(problem, caps, shape, params)
         return Plan(self.name, heuristics.variant_name(params), params)
 
     def run(self, q, cache, metadata, options, out, plan) -> None:

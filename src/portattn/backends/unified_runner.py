@@ -15,9 +15,10 @@ it), so its workspaces, recorded launches and device scalars are that GPU's; the
 makes that GPU current around the call (:meth:`portattn.planning.PlanBody.launch`).
 
 The split-KV workspace belongs to the runner, one per CUDA stream (kernels on one stream
-run in order, so layers can share it); while a CUDA graph is being captured the normal
-path allocates a fresh one from the graph's pool instead, so a captured graph never
-points into a buffer the runner may drop.
+run in order, so layers can share it); a staged prefill's workspace (hundreds of MB for
+long prefills) is taken from torch's caching allocator per call instead. While a CUDA
+graph is being captured the normal path allocates a fresh one from the graph's pool, so
+a captured graph never points into a buffer the runner may drop.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import threading
 import torch
 
 from portattn.backends.base import Runner
+from portattn.kernels import heuristics
 
 log = logging.getLogger("portattn")
 
@@ -83,9 +85,13 @@ class UnifiedRunner(Runner):
 
         self._launch = launch.launch_unified
         params = plan.params
-        short = params.get("short")
-        self.workspace_size = launch.split_workspace_size(
-            problem.num_seqs, problem.num_q_heads, problem.head_size_v, short) if short else 0
+        self.workspace_size = launch.plan_workspace_size(
+            problem.num_seqs, problem.num_q_heads, problem.num_kv_heads, problem.head_size_qk,
+            problem.head_size_v, heuristics.scales_per_token_head(problem.kv_quant),
+            problem.q_dtype, params)
+        # staged prefills take their (large) workspace from torch's allocator per call,
+        # so an idle plan holds none
+        self.workspace_per_call = bool(params.get("stage")) and params["mode"] != "decode"
         self.device = device
         # fp8 q / output or a quantized cache: the scale tensors may be kernel arguments
         self.quantized = options.out_dtype not in (torch.float16, torch.bfloat16,
@@ -116,6 +122,8 @@ class UnifiedRunner(Runner):
         """This stream's workspace; None while a CUDA graph is captured."""
         if self._capturing():
             return None
+        if self.workspace_per_call:
+            return torch.empty(self.workspace_size, dtype=torch.float32, device=self.device)
         stream = self._stream(self.device.index)
         ws = self._workspaces.get(stream)
         if ws is None:

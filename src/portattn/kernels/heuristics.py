@@ -320,6 +320,99 @@ def plan_launch(shape: Shape, *, mode: str | None = None, segments: int | None =
     return params
 
 
+#: Staged prefill (:mod:`portattn.kernels.stage`): slots per staged block, one descriptor
+#: box of the prefill tile.
+STAGE_BLOCK = 128
+#: Staging costs one pass over the keys a prefill reads; it pays where the prefill's query
+#: tiles are many (its queries), so short chunks keep reading the cache. Compared with the
+#: plan's power-of-two ``max_seqlen_q``: staged from 513 queries on. Smallest measured
+#: wins: 512 queries over 8192 keys (H200: 188.3 vs 204.7 us), 1 x 1024 (58.3 vs 68.0).
+STAGE_MIN_QUERIES = 1024
+#: The largest staging workspace a call allocates (per call, from torch's allocator).
+STAGE_MAX_BYTES = 1 << 30
+#: Problem classes where staging was measured faster than reading the cache itself (each
+#: entry like DESCRIPTOR_PREFERRED's: ``arch``, ``heads`` ((K, V) head-size pairs),
+#: ``block_sizes`` (cache block sizes measured), ``evidence``), any cache dtype.
+STAGED_PREFERRED: tuple[dict, ...] = (
+    {"arch": "sm90", "heads": ((128, 128),), "block_sizes": (16,),
+     "evidence": "H200 2026-12-02, block 16, staged vs the cache read in the loop: prefill "
+                 "1 x 8192 bf16 1332 vs 1551 us, fp8 per-tensor 1343 vs 1899, int8 / fp8 "
+                 "per-token-head 1344 / 1329 vs 3273 / 3461, 4 x 2048 487 vs 563, 1 x 4096 "
+                 "367 vs 436, 1 x 1024 58 vs 68, 512 queries over 8192 keys 188 vs 205, "
+                 "2048-query chunk + 15 decodes 817 vs 938"},
+    {"arch": "sm90", "heads": ((64, 64), (256, 256)), "block_sizes": (16,),
+     "evidence": "H200 2026-12-02, block 16, bf16, staged vs the cache read in the loop: "
+                 "head 64 prefill 1 x 8192 1074 vs 1176 us, 4 x 2048 387 vs 415; head 256 "
+                 "1 x 8192 3262 vs 4442, 4 x 2048 1140 vs 1374"},
+)
+
+
+def stage_config(shape: Shape) -> dict:
+    """The staging launch of a plan: staged block size and staged blocks per sequence
+    (``max_seqlen_k``, the plan's power-of-two bound, in staged blocks)."""
+    return {"block": STAGE_BLOCK, "sblocks": cdiv(shape.max_seqlen_k, STAGE_BLOCK)}
+
+
+def stage_bytes(shape: Shape, stage: dict) -> int:
+    """Bytes of the staging workspace: 16-bit K and V, per-token-head scales, the table."""
+    rows = shape.num_seqs * stage["sblocks"] * stage["block"] * shape.num_kv_heads
+    head_v = shape.head_size if shape.head_size_v is None else shape.head_size_v
+    scales = 2 * 4 * rows if shape.scales_per_token else 0
+    return rows * 2 * (shape.head_size + head_v) + scales + \
+        4 * shape.num_seqs * stage["sblocks"]
+
+
+def staging_reasons(shape: Shape, mode: str, block_size: int, q_bits: int,
+                    table: tuple[dict, ...] | None = None) -> list[str]:
+    """Why a prefill or mixed plan keeps reading the cache rather than staging its keys
+    (empty: stage them)."""
+    table = STAGED_PREFERRED if table is None else table
+    reasons = []
+    if mode not in ("prefill", "mixed"):
+        reasons.append(f"{mode} launches read the cache (staging serves prefill tiles)")
+    if q_bits != 16:
+        reasons.append("q is not float16 / bfloat16 (the staged loop is the 16-bit one)")
+    if shape.max_seqlen_q < STAGE_MIN_QUERIES:
+        reasons.append(f"max_seqlen_q {shape.max_seqlen_q} < {STAGE_MIN_QUERIES}: too few "
+                       "query tiles to pay for one pass over the keys")
+    need = stage_bytes(shape, stage_config(shape))
+    if need > STAGE_MAX_BYTES:
+        reasons.append(f"its workspace would take {need >> 20} MiB (> "
+                       f"{STAGE_MAX_BYTES >> 20} MiB)")
+    head_v = shape.head_size if shape.head_size_v is None else shape.head_size_v
+    measured = [e for e in table if e.get("arch") == shape.arch
+                and (shape.head_size, head_v) in e.get("heads", ())
+                and block_size in e.get("block_sizes", ())]
+    if not measured:
+        reasons.append(f"no measurement recorded that staging wins for this class on "
+                       f"{shape.arch or 'this device'} (heuristics.STAGED_PREFERRED)")
+    return reasons
+
+
+#: The staged loop's tiles by head pad, from the H200 sweep (bf16, block 16; NOTES.md):
+#: head 64 1 x 8192 755 us with 128 x 128 / 4 warps / 3 stages against 1072 with the
+#: 8-warp tile; head 256 1 x 8192 2254 us (4 x 2048 762) with 128 x 64 / 8 warps / 2
+#: stages against 3239 (1140) with 64 x 64 / 4 warps; head 128 keeps prefill_config's
+#: 128 x 128 / 8 warps / 3 stages (1330 us, the best of seven tiles).
+STAGED_TILES = {64: TileConfig(128, 0, 128, 4, 3), 256: TileConfig(128, 0, 64, 8, 2)}
+
+
+def staged_long_config(shape: Shape) -> dict:
+    """The prefill tile over the staged 16-bit blocks, its keys one staged block's box."""
+    shape16 = dataclasses.replace(shape, elem_bytes=2)
+    measured = STAGED_TILES.get(shape.head_pad) if shape.head_pad == shape.head_pad_v \
+        else None
+    if measured is not None:
+        block_m = max(measured.block_m, next_pow2(shape.group))
+        cfg = _fit_smem(dataclasses.replace(measured, block_m=block_m,
+                                            block_q=block_m // shape.group), shape16)
+    else:
+        cfg = prefill_config(shape16)
+    out = cfg.as_dict()
+    out["block_n"] = min(out["block_n"], STAGE_BLOCK)
+    return out
+
+
 def variant_name(params: dict) -> str:
     split = params.get("short", {}).get("segments", 1) > 1
     name = f"{params['mode']}-{'3d' if split else '2d'}"
@@ -329,6 +422,8 @@ def variant_name(params: dict) -> str:
         name += f"-{params['kv_bits']}-codes"
     if params.get("v_pairs"):
         name += "-vpairs"
+    if params.get("stage"):
+        name += "-staged"
     return name + "-td" if params.get("kv_load") == "descriptor" else name
 
 

@@ -1,0 +1,126 @@
+"""The staging kernel: a prefill's K/V pages gathered into large dense blocks.
+
+Why: prefill is bound by the tensor cores, and on Hopper the unified kernel feeds them best
+with descriptor (TMA) loads of 128-key boxes, which need a tile inside one cache block
+(:mod:`portattn.kernels.kv_load`). A cache of 16-slot blocks cannot give that, and an 8-bit
+cache makes the loop convert every K/V element before the tensor cores can use it. Copying
+the keys a prefill reads into a workspace of ``STAGE_BLOCK``-slot blocks (and, for 8-bit
+caches, widening the codes to q's 16-bit dtype: exact for e4m3fn, e5m2 and int8) costs one
+pass over those keys, a few percent of the attention's time for long prefills, and lets the
+attention launch run the 16-bit descriptor loop. Per-tensor scales are not applied here:
+codes are copied as values (exact) and the scales stay folded into the softmax scale and
+the output. Per-token-head caches either get the same treatment (``STAGE_SCALES``: the
+scale caches are copied beside the codes; the fp16 path, where a dequantized value could
+fall into fp16's subnormals) or are staged dequantized (``code * scale`` rounded once to
+bf16, as a bf16 cache would hold it), so the loop has no per-key scales at all: 2.3x
+faster on the H200 (benchmarks/NOTES.md).
+
+Layout
+------
+* in: the cache ``[num_blocks, BLOCK_SIZE, num_kv_heads, HEAD]`` through (block, slot,
+  head) strides, per-token-head scale caches ``[num_blocks, BLOCK_SIZE, num_kv_heads]``
+  through strides, ``block_table`` ``[num_seqs, bt_width]``;
+* out (contiguous): ``staged_k`` ``[num_seqs * num_sblocks, STAGE_BLOCK, num_kv_heads,
+  HEAD_QK]``, ``staged_v`` (``HEAD_V``), scales ``[num_seqs * num_sblocks, STAGE_BLOCK,
+  num_kv_heads]`` fp32, and the staged block table ``[num_seqs, num_sblocks]`` int32
+  (sequence ``b``'s staged block ``i`` is ``b * num_sblocks + i``).
+
+Grid ``(num_seqs, num_sblocks, num_kv_heads)``: one program copies one staged block of one
+kv head. Keys a query of the sequence can see (``[k_lo, seq_len)``, ``k_lo`` the first
+query's window start) are copied; other slots of a staged block that holds visible keys
+are written zero; blocks past the sequence are not written (the attention never reads
+them). A block-table entry outside ``[0, num_blocks)`` or past the table's width stages
+its keys as NaN K and zero V, so exactly the rows that see them come out NaN, as on the
+cache. ``SHORT_Q`` > 0 skips sequences with at most that many queries (the short part of
+a mixed batch reads the cache itself).
+
+Switches: ``PER_TOKEN`` (per-token-head scale caches), ``STAGE_SCALES`` (copy them; else
+multiply them in), ``USE_WINDOW``; the output dtype is ``staged_k``'s. Codes pass
+through fp32 (the interpreter does not convert int -> bf16).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _stage_rows(src_ptr, dst_ptr, block, slot, head, live, bad, stride_b, stride_s,
+                stride_h, dst_row, dst_stride_row, bad_value, scale,
+                HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, DEQUANT: tl.constexpr):
+    """One kv head's rows of one staged block: gathered, widened (times ``scale``
+    ``[STAGE_BLOCK]`` if ``DEQUANT``), bad keys set."""
+    offs = tl.arange(0, HEAD_PAD)
+    src = (src_ptr + block[:, None] * stride_b + slot[:, None] * stride_s + head * stride_h
+           + offs[None, :])
+    x = tl.load(src, mask=live[:, None] & (offs < HEAD)[None, :], other=0.0).to(tl.float32)
+    if DEQUANT:
+        x = x * scale[:, None]
+    x = tl.where(bad[:, None], bad_value, x)
+    dst = dst_ptr + dst_row[:, None] * dst_stride_row + offs[None, :]
+    tl.store(dst, x.to(dst_ptr.dtype.element_ty), mask=(offs < HEAD)[None, :])
+
+
+@triton.jit
+def stage_kv_kernel(k_ptr, v_ptr, ks_ptr, vs_ptr, staged_k_ptr, staged_v_ptr, staged_ks_ptr,
+                    staged_vs_ptr, staged_bt_ptr, block_table_ptr, cu_seqlens_q_ptr,
+                    seq_lens_ptr, num_blocks, bt_width, num_sblocks, window,
+                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                    stride_bt, stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss,
+                    stride_vsh,
+                    BLOCK_SIZE: tl.constexpr, STAGE_BLOCK: tl.constexpr,
+                    HEAD_QK: tl.constexpr, HEAD_QK_PAD: tl.constexpr, HEAD_V: tl.constexpr,
+                    HEAD_V_PAD: tl.constexpr, PER_TOKEN: tl.constexpr,
+                    STAGE_SCALES: tl.constexpr, USE_WINDOW: tl.constexpr,
+                    SHORT_Q: tl.constexpr):
+    """Stage one block of one kv head (see the module doc for layout and grid)."""
+    seq = tl.program_id(0)
+    sblock = tl.program_id(1)
+    head = tl.program_id(2)
+    num_heads = tl.num_programs(2)
+    staged_id = seq * num_sblocks + sblock
+    if head == 0:
+        tl.store(staged_bt_ptr + staged_id, staged_id)
+    q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - tl.load(cu_seqlens_q_ptr + seq)
+    if SHORT_Q > 0:
+        if q_len <= SHORT_Q:
+            return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    key0 = sblock * STAGE_BLOCK
+    if key0 >= seq_len:
+        return
+    if USE_WINDOW:  # keys before the first query's window are never read
+        k_lo = tl.maximum(seq_len - q_len - window + 1, 0)
+    else:
+        k_lo = 0
+    if key0 + STAGE_BLOCK <= k_lo:
+        return
+    keys = key0 + tl.arange(0, STAGE_BLOCK)
+    live = (keys >= k_lo) & (keys < seq_len)
+    bt_idx = keys // BLOCK_SIZE
+    in_table = bt_idx < bt_width
+    bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt
+    block = tl.load(bt_row + bt_idx, mask=live & in_table, other=0)
+    bad = live & ((~in_table) | (block < 0) | (block >= num_blocks))
+    block = tl.where(bad, 0, block).to(tl.int64)
+    slot = keys % BLOCK_SIZE
+    dst_row = (staged_id.to(tl.int64) * STAGE_BLOCK + tl.arange(0, STAGE_BLOCK)) * num_heads \
+        + head
+    if PER_TOKEN:
+        ks = tl.load(ks_ptr + block * stride_ksb + slot * stride_kss + head * stride_ksh,
+                     mask=live, other=0.0)
+        vs = tl.load(vs_ptr + block * stride_vsb + slot * stride_vss + head * stride_vsh,
+                     mask=live, other=0.0)
+    else:
+        ks = tl.full([STAGE_BLOCK], 1.0, tl.float32)
+        vs = ks
+    DEQUANT: tl.constexpr = PER_TOKEN and not STAGE_SCALES
+    _stage_rows(k_ptr, staged_k_ptr, block, slot, head, live, bad, stride_kb, stride_ks,
+                stride_kh, dst_row, HEAD_QK, float("nan"), ks, HEAD_QK, HEAD_QK_PAD,
+                DEQUANT)
+    _stage_rows(v_ptr, staged_v_ptr, block, slot, head, live, bad, stride_vb, stride_vs,
+                stride_vh, dst_row, HEAD_V, 0.0, vs, HEAD_V, HEAD_V_PAD, DEQUANT)
+    if STAGE_SCALES:
+        tl.store(staged_ks_ptr + dst_row, tl.where(bad, 1.0, ks))
+        tl.store(staged_vs_ptr + dst_row, tl.where(bad, 1.0, vs))

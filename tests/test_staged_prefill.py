@@ -1,0 +1,252 @@
+"""Staged prefill (``kernels/stage.py``): the staging kernel against plain indexing, the
+staged attention (descriptor loads over 16-bit staged blocks) against the float64 oracle
+in the interpreter, and the plan's rule for when to stage.
+
+The interpreter's bf16 dots are wrong (DEVICE.md), so attention cases run fp16 here; bf16
+and the real tiles run in ``tests/gpu/test_staged_prefill_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from portattn import KVQuant
+from portattn.kernels import heuristics
+from portattn.kernels.heuristics import TileConfig
+from portattn.testing import make_paged_batch
+
+from unified_check import FEATURE_KW, check_unified
+
+F16 = torch.float16
+SMALL_LONG = TileConfig(block_m=32, block_q=16, block_n=16, num_warps=4, num_stages=2)
+QUANTS = {
+    "none": None,
+    "fp8_tensor_e4m3": KVQuant.fp8_per_tensor(0.02, 0.03),
+    "fp8_tensor_e5m2": KVQuant.fp8_per_tensor(0.05, 0.01, torch.float8_e5m2),
+    "int8_token_head": KVQuant.int8_per_token_head(),
+    "fp8_token_head": KVQuant.fp8_per_token_head(),
+}
+VARIANTS = {
+    "prefill": dict(query_lens=[13, 6], seq_lens=[41, 6], mode="prefill"),
+    "mixed": dict(query_lens=[1, 19, 1, 3], seq_lens=[30, 45, 12, 20], mode="mixed",
+                  segments=2),
+}
+
+interp = pytest.mark.interpreter
+
+
+@pytest.fixture
+def stage_calls(monkeypatch):
+    """How many times the staging kernel was launched (the staged path really ran)."""
+    from portattn.kernels import launch
+
+    calls = []
+    original = launch.stage_kv
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(launch, "stage_kv", counting)
+    return calls
+
+
+def run(variant, stage=32, group=2, **kw):
+    case = dict(VARIANTS[variant])
+    case["long"] = dataclasses.replace(SMALL_LONG, block_q=SMALL_LONG.block_m // group)
+    case.update(kw)
+    return check_unified(case.pop("query_lens"), case.pop("seq_lens"), group=group,
+                         stage=stage, **case)
+
+
+# --------------------------------------------------------------------------- the kernel
+def _stage_alone(batch, sliding_window=None, short_q=0, block=32):
+    from portattn.kernels.launch import stage_kv, stage_workspace_size
+    from portattn.options import normalize_options
+
+    cache, metadata = batch.cache, batch.metadata
+    max_k = heuristics.next_pow2(max(batch.seq_lens))
+    stage = {"block": block, "sblocks": heuristics.cdiv(max_k, block)}
+    size = stage_workspace_size(len(batch.seq_lens), cache.num_kv_heads, cache.head_size_qk,
+                                cache.head_size_v, stage, cache.quant.per_token_head)
+    # NaN as fp16 pairs: NaN read as 16-bit staged values and as fp32 scales alike
+    workspace = torch.full((2 * size,), math.nan, dtype=F16).view(torch.float32)
+    options = normalize_options(batch.q, cache, sliding_window=sliding_window)
+    staged, meta = stage_kv(batch.q, cache, metadata, options, stage, short_q, workspace)
+    return staged, meta, stage
+
+
+def _reference_rows(cache, table_row, keys, which):
+    """Cache rows of ``keys`` by plain indexing: ``[len(keys), Hkv, D]`` (codes)."""
+    data = cache.key_cache if which == "k" else cache.value_cache
+    bs = cache.block_size
+    return torch.stack([data[int(table_row[k // bs]), k % bs] for k in keys])
+
+
+@interp
+@pytest.mark.parametrize("dtype", [F16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("quant", list(QUANTS))
+def test_staging_copies_the_visible_keys_as_values(quant, dtype):
+    """Every visible key's K and V codes land in staged block ``b * sblocks + k // 32``,
+    slot ``k % 32`` as values of q's dtype (exact), per-token-head scales beside them
+    (fp16) or multiplied in (bf16: ``code * scale`` rounded once); the staged table names
+    those blocks; other slots of a visited staged block are zero."""
+    batch = make_paged_batch([5, 3], [70, 33], num_q_heads=4, num_kv_heads=2, head_size=40,
+                             block_size=16, dtype=dtype, quant=QUANTS[quant], seed=3)
+    staged, meta, stage = _stage_alone(batch)
+    dequantized = batch.cache.quant.per_token_head and dtype == torch.bfloat16
+    assert (staged.k_scale_cache is None) == (not batch.cache.quant.per_token_head
+                                              or dequantized)
+    assert staged.quant.per_token_head == (batch.cache.quant.per_token_head
+                                           and not dequantized)
+    sblocks = stage["sblocks"]
+    table = batch.metadata.block_table
+    expected_table = torch.arange(2 * sblocks, dtype=torch.int32).view(2, sblocks)
+    assert torch.equal(meta.block_table, expected_table)
+    for b, n in enumerate(batch.seq_lens):
+        keys = list(range(n))
+        rows = staged.key_cache.view(2, sblocks * 32, 2, 40)[b]
+        vrows = staged.value_cache.view(2, sblocks * 32, 2, 40)[b]
+        for which, got in (("k", rows), ("v", vrows)):
+            want = _reference_rows(batch.cache, table[b], keys, which).float()
+            if dequantized:  # the interpreter truncates fp32 -> bf16: one ulp (2^-7)
+                src = batch.cache.k_scale_cache if which == "k" else batch.cache.v_scale_cache
+                bs = batch.cache.block_size
+                scale = torch.stack([src[int(table[b][k // bs]), k % bs] for k in keys])
+                want = want * scale[:, :, None]
+                torch.testing.assert_close(got[:n].float(), want, rtol=2 ** -7, atol=0)
+            else:
+                assert torch.equal(got[:n].float(), want), which
+            tail = -(-n // 32) * 32
+            assert torch.equal(got[n:tail].float(), torch.zeros_like(got[n:tail].float()))
+        if staged.k_scale_cache is not None:
+            for which, scales, src in (("k", staged.k_scale_cache, batch.cache.k_scale_cache),
+                                       ("v", staged.v_scale_cache, batch.cache.v_scale_cache)):
+                got = scales.view(2, sblocks * 32, 2)[b][:n]
+                bs = batch.cache.block_size
+                want = torch.stack([src[int(table[b][k // bs]), k % bs] for k in keys])
+                assert torch.equal(got, want), which
+
+
+@interp
+def test_staging_skips_keys_outside_the_window_and_short_sequences():
+    """Keys before the first query's window are not read (their block-table entries may be
+    freed: set to -1 here) and short sequences of a mixed batch are not staged."""
+    batch = make_paged_batch([4, 1], [70, 40], num_q_heads=4, num_kv_heads=2, head_size=32,
+                             block_size=16, dtype=F16, seed=4)
+    table = batch.metadata.block_table
+    table[0, 0] = -1  # keys 0-15: before sequence 0's window (70 - 4 - 20 + 1 = 47)
+    table[0, 1] = -1  # keys 16-31
+    staged, meta, stage = _stage_alone(batch, sliding_window=20, short_q=1)
+    rows = staged.key_cache.view(2, stage["sblocks"] * 32, 2, 32)
+    first = 70 - 4 - 20 + 1
+    want = _reference_rows(batch.cache, table[0], range(first, 70), "k").float()
+    assert torch.equal(rows[0, first:70].float(), want)
+    assert not torch.isnan(rows[0, 32:first].float()).any()  # a visited block: zeros
+    assert torch.isnan(rows[1].float()).all()  # the short sequence: never written
+
+
+@interp
+@pytest.mark.parametrize("bad_id", [-3, 10_000])
+def test_staging_marks_bad_block_ids(bad_id):
+    """A visible key whose block-table entry is out of range stages NaN K and zero V."""
+    batch = make_paged_batch([3], [40], num_q_heads=2, num_kv_heads=1, head_size=32,
+                             block_size=16, dtype=F16, seed=5)
+    batch.metadata.block_table[0, 1] = bad_id
+    staged, _, _ = _stage_alone(batch)
+    k = staged.key_cache.view(-1, 32).float()[:40]
+    v = staged.value_cache.view(-1, 32).float()[:40]
+    assert torch.isnan(k[16:32]).all() and not torch.isnan(k[:16]).any()
+    assert torch.equal(v[16:32], torch.zeros_like(v[16:32]))
+
+
+# --------------------------------------------------------------------------- attention
+@interp
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("quant", list(QUANTS))
+def test_staged_attention_quant_modes(quant, variant, stage_calls):
+    run(variant, quant=QUANTS[quant], dtype=F16, head_size=64)
+    assert stage_calls
+
+
+@interp
+@pytest.mark.parametrize("feature", list(FEATURE_KW))
+@pytest.mark.parametrize("quant", ["none", "fp8_tensor_e4m3", "int8_token_head"])
+def test_staged_attention_features(quant, feature, stage_calls):
+    run("prefill", quant=QUANTS[quant], dtype=F16, head_size=32, **FEATURE_KW[feature])
+    assert stage_calls
+
+
+@interp
+def test_staged_attention_non_pow2_heads_gqa_and_diffkv(stage_calls):
+    run("mixed", dtype=F16, head_size=40, group=3, quant=QUANTS["fp8_tensor_e4m3"])
+    run("prefill", dtype=F16, head_size=48, head_size_v=32, quant=QUANTS["int8_token_head"])
+    assert len(stage_calls) == 2
+
+
+@interp
+@pytest.mark.parametrize("bad_id", [-3, 10_000])
+def test_staged_attention_bad_block_ids_give_nan_rows(bad_id):
+    def corrupt(table):
+        table[0, 0] = bad_id  # sequence 0's first keys: every row of it sees them
+        return [0]
+
+    run("prefill", dtype=F16, head_size=32, block_table_edit=corrupt)
+
+
+# --------------------------------------------------------------------------- the plan's rule
+def _shape(**kw):
+    base = dict(num_q_heads=32, num_kv_heads=8, head_size=128, elem_bytes=2,
+                max_seqlen_q=8192, max_seqlen_k=8192, num_seqs=1, sm_count=132, arch="sm90")
+    base.update(kw)
+    return heuristics.Shape(**base)
+
+
+MEASURED = ({"arch": "sm90", "heads": ((128, 128),), "block_sizes": (16, 256),
+             "evidence": "test"},)
+
+
+def test_staging_rule():
+    def reasons(shape, mode="prefill", block_size=16, q_bits=16):
+        return heuristics.staging_reasons(shape, mode, block_size, q_bits, MEASURED)
+
+    assert reasons(_shape()) == []
+    assert reasons(_shape(elem_bytes=1, kv_quant="fp8_per_tensor"), block_size=256) == []
+    assert reasons(_shape(), mode="mixed") == []
+    assert any("decode" in r for r in reasons(_shape(), mode="decode"))
+    assert any("float16" in r for r in reasons(_shape(), q_bits=32))
+    assert any("max_seqlen_q 512" in r for r in reasons(_shape(max_seqlen_q=512)))
+    assert any("MiB" in r for r in reasons(_shape(num_seqs=64, max_seqlen_k=16384)))
+    assert any("STAGED_PREFERRED" in r for r in reasons(_shape(), block_size=64))
+    assert any("STAGED_PREFERRED" in r for r in reasons(_shape(arch="sm80")))
+    assert any("STAGED_PREFERRED" in r for r in reasons(_shape(head_size=64)))
+
+
+def test_workspace_size_covers_the_staged_tensors():
+    shape = _shape(num_seqs=3, max_seqlen_k=1000, kv_quant="int8_per_token_head",
+                   elem_bytes=1)
+    stage = heuristics.stage_config(shape)
+    from portattn.kernels.launch import stage_workspace_size
+
+    elems = stage_workspace_size(3, 8, 128, 128, stage, True)
+    assert elems * 4 >= heuristics.stage_bytes(shape, stage)
+    assert stage == {"block": 128, "sblocks": 8}
+
+
+@pytest.mark.parametrize("head_size,tile", [(64, (128, 128, 4, 3)), (128, (128, 128, 8, 3)),
+                                            (256, (128, 64, 8, 2))])
+def test_staged_tiles_follow_the_sweep(head_size, tile):
+    """The staged loop's tiles per head (heuristics.STAGED_TILES, the H200 sweep), whole
+    GQA groups per tile, inside one staged block and the shared-memory budget."""
+    for group in (1, 4, 8):
+        shape = _shape(head_size=head_size, num_kv_heads=32 // group)
+        cfg = heuristics.staged_long_config(shape)
+        assert (cfg["block_m"], cfg["block_n"], cfg["num_warps"], cfg["num_stages"]) == tile
+        assert cfg["block_q"] * group == cfg["block_m"]
+        assert heuristics.STAGE_BLOCK % cfg["block_n"] == 0
+        fit = TileConfig(**cfg).smem_bytes(shape.head_pad, 2)
+        assert fit <= heuristics.shared_memory_budget("sm90")
