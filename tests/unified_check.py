@@ -251,3 +251,14 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
     err = relative_error(result, expected)
     assert err < (tolerance or tol), f"relative error {err:.3g} ({plan.describe()})"
     return err
+
+
+def run_gpu_case(case: dict, **kw):
+    """``check_unified`` on the GPU for a case dict (``query_lens``, ``seq_lens`` and
+    keywords) plus ``kw``, with the GPU tiers' defaults: GQA 4 over 2 kv heads of 128, bf16."""
+    case = {**case, **kw}
+    case.setdefault("group", 4)
+    case.setdefault("num_kv_heads", 2)
+    case.setdefault("head_size", 128)
+    case.setdefault("dtype", torch.bfloat16)
+    return check_unified(case.pop("query_lens"), case.pop("seq_lens"), device="cuda", **case)

@@ -22,7 +22,7 @@ from test_kernels_quant_diffkv import (
     check_every_pair,
     quantize_reference,
 )
-from unified_check import GPU_FEATURE_KW, check_unified, stored_values
+from unified_check import GPU_FEATURE_KW, run_gpu_case, stored_values
 
 pytestmark = pytest.mark.gpu
 
@@ -43,13 +43,7 @@ FEATURES = GPU_FEATURE_KW
 
 
 def run(variant, **kw):
-    case = dict(VARIANTS[variant])
-    case.update(kw)
-    case.setdefault("group", 4)
-    case.setdefault("num_kv_heads", 2)
-    case.setdefault("head_size", 128)
-    case.setdefault("dtype", BF16)
-    return check_unified(case.pop("query_lens"), case.pop("seq_lens"), device=DEV, **case)
+    return run_gpu_case(VARIANTS[variant], **kw)
 
 
 # --------------------------------------------------------------------------- quantized KV

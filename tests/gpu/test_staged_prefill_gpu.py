@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from test_kernels_quant_diffkv import QUANTS
-from unified_check import GPU_FEATURE_KW, check_unified
+from unified_check import GPU_FEATURE_KW, run_gpu_case
 
 pytestmark = pytest.mark.gpu
 
@@ -30,14 +30,7 @@ ALL_QUANTS = {"none": None, **QUANTS}
 
 
 def run(variant, **kw):
-    case = dict(VARIANTS[variant])
-    case.update(kw)
-    case.setdefault("group", 4)
-    case.setdefault("num_kv_heads", 2)
-    case.setdefault("head_size", 128)
-    case.setdefault("dtype", BF16)
-    case.setdefault("stage", STAGE)
-    return check_unified(case.pop("query_lens"), case.pop("seq_lens"), device=DEV, **case)
+    return run_gpu_case(VARIANTS[variant], **{"stage": STAGE, **kw})
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
