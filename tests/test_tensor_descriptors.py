@@ -569,3 +569,48 @@ def test_auto_descriptor_launch_failure_reruns_with_pointer_loads(monkeypatch, c
     assert seen == [0, 1, 0, 0]
     with pytest.raises(RuntimeError, match="injected"):
         run({**wanted, "_kv_load_forced": True})
+
+
+# ---------------------------------------------------------------------------- staged prefill
+
+@pytest.mark.parametrize("dtype,kv_quant", [("bfloat16", "none"),
+                                            ("float16", "fp8_per_tensor:e4m3fn"),
+                                            ("bfloat16", "int8_per_token_head")])
+def test_staging_asks_the_gate_about_the_staged_launch(monkeypatch, gate_calls, dtype,
+                                                       kv_quant):
+    """A long prefill at block 16 on sm90 plans staging only after the gate ran the staged
+    variant itself: the cache's dtype and quant mode, q's dtype and the staged tile; a
+    failing gate keeps the cache read in the loop, with the reason."""
+    calls, answer = gate_calls
+    problem = _problem(block_size=16, query_len=4096, seq_len=4096, num_kv_heads=8,
+                       num_q_heads=32, dtype=dtype, kv_quant=kv_quant)
+    plan = _plan(problem, _real(simulated("sm90")))
+    assert plan.params.get("stage") and "staged" in plan.variant, plan.params
+    staged = [v for v in calls if "staged" in v]
+    assert len(staged) == 1
+    variant = staged[0]
+    assert variant["quant"] == problem.kv_quant and variant["block_size"] == 16
+    assert variant["kv_dtype"] == str(problem.kv_dtype).replace("torch.", "")
+    assert variant["staged"]["q_dtype"] == dtype
+    assert variant["staged"]["block_n"] == plan.params["stage_long"]["block_n"]
+    assert variant["staged"]["num_warps"] == plan.params["stage_long"]["num_warps"]
+    gate.clear(disk=True)
+    answer["value"] = {"ok": False, "reason": "descriptor loads differ"}
+    plan = _plan(problem, _real(simulated("sm90")))
+    assert "stage" not in plan.params and "staged" not in plan.variant
+    assert "staged descriptor variant failed" in plan.params["stage_reason"]
+    assert "descriptor loads differ" in plan.params["stage_reason"]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("quant", ["none", "fp8_per_tensor:e4m3fn", "int8_per_token_head"])
+def test_gate_runs_a_staged_variant(quant):
+    """The gate's check itself for a staged variant (fp16 q: the interpreter's bf16 dots
+    are wrong): staged launch against unstaged pointer loads, matching."""
+    kv_dtype = {"none": "float16", "fp8_per_tensor:e4m3fn": "float8_e4m3fn",
+                "int8_per_token_head": "int8"}[quant]
+    variant = gate.variant_key(kv_dtype=kv_dtype, quant=quant, head_qk=32, head_v=32,
+                               block_size=16, block_n=32,
+                               staged={"q_dtype": "float16", "block_m": 32, "block_n": 32,
+                                       "num_warps": 4, "num_stages": 2})
+    assert gate.run_check(variant, "cpu") == {"ok": True, "reason": ""}

@@ -35,7 +35,9 @@ in which case every call compares them with the real lengths and raises ``InputE
 Without a device read, ``num_tokens <= num_seqs * hint`` is checked on the first call of
 each structure (:func:`check_hint_bounds`). An understated ``max_seqlen_q`` that passes
 that may choose decode tiles too small for a sequence's queries: the decode launch skips
-that sequence, and the kernel writes NaN into its rows (visibly wrong, never stale).
+that sequence, and the kernel writes NaN into its rows (visibly wrong, never stale). An
+understated ``max_seqlen_k`` under a staged prefill (:mod:`portattn.kernels.stage`, which
+stages keys up to the plan's bound) makes the rows that see keys past it NaN.
 """
 
 from __future__ import annotations

@@ -124,7 +124,9 @@ def choose_staging(problem, caps, shape: heuristics.Shape, params: dict) -> dict
     plan's long part reads staged 16-bit blocks of 128 slots with descriptor loads, and
     ``stage_reason`` saying why it does or does not. Staging needs what descriptor loads
     need (``PORTATTN_TD`` not 0, the probe's check, the functional gate on the staged
-    16-bit variant) plus :func:`portattn.kernels.heuristics.staging_reasons`."""
+    variant: this cache's dtype and quant mode, q's dtype, the staged tile) plus
+    :func:`portattn.kernels.heuristics.staging_reasons`; fp8 caches only where the GPU
+    converts fp8 (the staging kernel casts the codes)."""
     import torch
 
     q_bits = torch.empty((), dtype=problem.q_dtype).element_size() * 8 \
@@ -132,6 +134,9 @@ def choose_staging(problem, caps, shape: heuristics.Shape, params: dict) -> dict
     reasons = heuristics.staging_reasons(shape, params["mode"], problem.block_size, q_bits)
     if params.get("fp8_dot"):
         reasons.append("fp8 q runs its QK^T on fp8 tensor cores over the cache's codes")
+    if params.get("kv_bits") in ("e4m3fn", "e5m2"):
+        reasons.append("this GPU has no fp8 conversion for the cache's format (the staging "
+                       "kernel casts the codes)")
     if _td_setting() is False:
         reasons.append("PORTATTN_TD=0 forbids descriptor loads (the staged loop uses them)")
     elif not caps.tensor_descriptors.ok:
@@ -146,11 +151,12 @@ def choose_staging(problem, caps, shape: heuristics.Shape, params: dict) -> dict
         from portattn.capabilities import kv_descriptor_gate
         from portattn.capabilities.kv_descriptor_gate import variant_key
 
-        dtype = str(problem.q_dtype).replace("torch.", "")
-        variant = variant_key(kv_dtype=dtype, quant="none", head_qk=problem.head_size_qk,
-                              head_v=problem.head_size_v, block_size=stage["block"],
-                              block_n=staged_long["block_n"], fp8_dot=False, kv_bits=None,
-                              v_pairs=False)
+        variant = variant_key(kv_dtype=str(problem.kv_dtype).replace("torch.", ""),
+                              quant=problem.kv_quant, head_qk=problem.head_size_qk,
+                              head_v=problem.head_size_v, block_size=problem.block_size,
+                              block_n=staged_long["block_n"],
+                              staged={**staged_long,
+                                      "q_dtype": str(problem.q_dtype).replace("torch.", "")})
         result = kv_descriptor_gate.check_variant(caps, variant, _gate_device(caps))
         if not result["ok"]:
             reasons.append(f"the staged descriptor variant failed its check on this "

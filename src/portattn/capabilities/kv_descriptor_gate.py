@@ -11,7 +11,11 @@ Triton version, variant), next to the capabilities cache. Never at import.
 
 Variant key: ``kv_dtype`` (torch dtype name), ``quant`` (KVQuant mode), ``head_qk``,
 ``head_v``, ``block_size``, ``block_n`` (the descriptor tiles' lengths), ``fp8_dot``
-(fp8 q times an fp8 per-tensor cache on fp8 tensor cores: the check then runs an fp8 q).
+(fp8 q times an fp8 per-tensor cache on fp8 tensor cores: the check then runs an fp8 q),
+``kv_bits``, ``v_pairs``, and for a staged prefill (:mod:`portattn.kernels.stage`)
+``staged``: q's dtype and the staged loop's tile; the check then runs the staged launch
+(staging kernel, then descriptor loads over the staged blocks, the cache's quant mode
+carried as the launch carries it) against the unstaged pointer loads.
 
 On a GPU the check runs in a child process (``python -m
 portattn.capabilities.kv_descriptor_gate --device cuda:N --variant JSON``), as the probe's
@@ -33,7 +37,7 @@ from portattn.capabilities._text import one_line
 from portattn.capabilities.descriptor_check import child_env
 
 CHILD_TIMEOUT_S = 300
-CACHE_FORMAT = "portattn.kv-descriptor-gate/4"  # 3: the plan's kv_bits; 4: its v_pairs
+CACHE_FORMAT = "portattn.kv-descriptor-gate/5"  # 4: the plan's v_pairs; 5: staged variants
 #: Tiny problem of a check: two sequences, one decode and one short chunk.
 QUERY_LENS = (1, 5)
 SEQ_LENS = (37, 70)
@@ -43,13 +47,19 @@ _MEMORY: dict[str, dict] = {}
 
 def variant_key(*, kv_dtype: str, quant: str, head_qk: int, head_v: int, block_size: int,
                 block_n: int, fp8_dot: bool = False, kv_bits: str | None = None,
-                v_pairs: bool = False) -> dict:
+                v_pairs: bool = False, staged: dict | None = None) -> dict:
     """A checked variant: the switches a plan's launch depends on (``kv_bits``: the plan's
     rebuild of 8-bit codes; ``v_pairs``: its 8-bit V read as int16 pairs; both depend on
-    the GPU, so the check runs what the plan runs whatever the architecture)."""
-    return {"kv_dtype": kv_dtype, "quant": quant, "head_qk": int(head_qk),
-            "head_v": int(head_v), "block_size": int(block_size), "block_n": int(block_n),
-            "fp8_dot": bool(fp8_dot), "kv_bits": kv_bits, "v_pairs": bool(v_pairs)}
+    the GPU, so the check runs what the plan runs whatever the architecture; ``staged``:
+    ``{"q_dtype", "block_m", "block_n", "num_warps", "num_stages"}`` of a staged prefill,
+    whose ``block_n`` is then the variant's)."""
+    key = {"kv_dtype": kv_dtype, "quant": quant, "head_qk": int(head_qk),
+           "head_v": int(head_v), "block_size": int(block_size), "block_n": int(block_n),
+           "fp8_dot": bool(fp8_dot), "kv_bits": kv_bits, "v_pairs": bool(v_pairs)}
+    if staged is not None:
+        key["staged"] = {name: staged[name] for name in
+                         ("q_dtype", "block_m", "block_n", "num_warps", "num_stages")}
+    return key
 
 
 def machine_key(caps) -> dict:
@@ -162,7 +172,11 @@ def run_check(variant: dict, device: str) -> dict:
     from portattn.testing import make_paged_batch
 
     quant = _quant_for(variant["quant"])
-    q_dtype = torch.float16 if quant is not None else getattr(torch, variant["kv_dtype"])
+    staged = variant.get("staged")
+    if staged is not None:
+        q_dtype = getattr(torch, staged["q_dtype"])
+    else:
+        q_dtype = torch.float16 if quant is not None else getattr(torch, variant["kv_dtype"])
     batch = make_paged_batch(QUERY_LENS, SEQ_LENS, num_q_heads=4, num_kv_heads=2,
                              head_size=variant["head_qk"], head_size_v=variant["head_v"],
                              block_size=variant["block_size"], dtype=q_dtype, device=device,
@@ -181,13 +195,21 @@ def run_check(variant: dict, device: str) -> dict:
         fp8 = batch.cache.key_cache.dtype
         q = (q.float() / 0.05).clamp(-448.0, 448.0).to(fp8)
         extra["q_scale"] = 0.05
-    pointer = heuristics.plan_launch(shape, mode="decode", short=cfg, fp8_dot=fp8_dot)
-    for switch in ("kv_bits", "v_pairs"):  # the variant's, not the sm90 shape's
-        pointer.pop(switch, None)
-        if variant.get(switch):
-            pointer[switch] = variant[switch]
-    descriptor = {**kv_load_rules.descriptor_params(pointer, variant["block_size"]),
-                  "_kv_load_forced": True}
+    if staged is not None:  # the unstaged prefill with pointer loads as the reference
+        pointer = heuristics.plan_launch(shape, mode="prefill", long=cfg)
+        block_m = staged["block_m"]
+        tile = heuristics.TileConfig(block_m, block_m // 2, staged["block_n"],
+                                     staged["num_warps"], staged["num_stages"])
+        descriptor = {**pointer, "stage": heuristics.stage_config(shape),
+                      "stage_long": tile.as_dict()}
+    else:
+        pointer = heuristics.plan_launch(shape, mode="decode", short=cfg, fp8_dot=fp8_dot)
+        for switch in ("kv_bits", "v_pairs"):  # the variant's, not the sm90 shape's
+            pointer.pop(switch, None)
+            if variant.get(switch):
+                pointer[switch] = variant[switch]
+        descriptor = {**kv_load_rules.descriptor_params(pointer, variant["block_size"]),
+                      "_kv_load_forced": True}
     outs = []
     for params in (pointer, descriptor):
         out = torch.full((batch.q.shape[0], 4, variant["head_v"]), float("nan"),
