@@ -250,3 +250,32 @@ def test_staged_tiles_follow_the_sweep(head_size, tile):
         assert heuristics.STAGE_BLOCK % cfg["block_n"] == 0
         fit = TileConfig(**cfg).smem_bytes(shape.head_pad, 2)
         assert fit <= heuristics.shared_memory_budget("sm90")
+
+
+@interp
+def test_staged_launch_falls_back_to_pointer_loads_unless_forced(monkeypatch):
+    """Where the staged blocks cannot back descriptors, an auto plan reads them with
+    pointer loads (same result as the cache read in the loop); a forced one raises
+    InputError naming the cache before any attention launch."""
+    from portattn.errors import InputError
+    from portattn.kernels import launch
+    from portattn.options import normalize_options
+
+    batch = make_paged_batch([9, 4], [40, 20], num_q_heads=4, num_kv_heads=2, head_size=32,
+                             block_size=16, dtype=F16, seed=7)
+    options = normalize_options(batch.q, batch.cache)
+    long = dataclasses.replace(SMALL_LONG, block_q=SMALL_LONG.block_m // 2).as_dict()
+    base = {"mode": "prefill", "long": long}
+    staged = {**base, "stage": {"block": 32, "sblocks": 2}, "stage_long": long}
+    monkeypatch.setattr(launch, "descriptor_launch_reasons",
+                        lambda cache, params: ["a test says no"])
+    outs = []
+    for params in (base, staged):
+        out = torch.full_like(batch.q, math.nan)
+        launch.launch_unified(batch.q, batch.cache, batch.metadata, options, out, params)
+        outs.append(out)
+    assert torch.isfinite(outs[1]).all()
+    torch.testing.assert_close(outs[1], outs[0], rtol=2e-3, atol=2e-3)
+    with pytest.raises(InputError, match="a test says no"):
+        launch.launch_unified(batch.q, batch.cache, batch.metadata, options, outs[1],
+                              {**staged, "_kv_load_forced": True})

@@ -118,7 +118,7 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
     ``v_pairs``: True / False forces the kernel's V_PAIRS (an 8-bit V read as int16 pairs
     of codes) on or off; None follows the plan;
     ``stage``: a staged block size: the plan's long tiles read the keys staged into blocks
-    of that many slots (``params["stage"]``, descriptor loads, ``kernels/stage.py``)."""
+    of that many slots (``params["stage"]``, descriptor loads forced, ``kernels/stage.py``)."""
     from portattn.backends.triton_unified import TritonUnified
 
     num_q_heads = group * num_kv_heads
@@ -215,6 +215,7 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
         staged_long = long.as_dict() if long is not None else \
             heuristics.staged_long_config(shape)
         params["stage_long"] = dict(staged_long, block_n=min(staged_long["block_n"], stage))
+        params["_kv_load_forced"] = True  # descriptor loads over the staged blocks, or raise
     plan = Plan("triton_unified", heuristics.variant_name(params), params)
     TritonUnified().run(q, cache, metadata, options, out, plan)
 

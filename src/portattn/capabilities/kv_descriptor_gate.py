@@ -201,7 +201,7 @@ def run_check(variant: dict, device: str) -> dict:
         tile = heuristics.TileConfig(block_m, block_m // 2, staged["block_n"],
                                      staged["num_warps"], staged["num_stages"])
         descriptor = {**pointer, "stage": heuristics.stage_config(shape),
-                      "stage_long": tile.as_dict()}
+                      "stage_long": tile.as_dict(), "_kv_load_forced": True}
     else:
         pointer = heuristics.plan_launch(shape, mode="decode", short=cfg, fp8_dot=fp8_dot)
         for switch in ("kv_bits", "v_pairs"):  # the variant's, not the sm90 shape's

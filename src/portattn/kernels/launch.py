@@ -378,7 +378,8 @@ def launch_staged(q, cache, metadata, options, out, params: dict,
                   workspace: torch.Tensor | None = None) -> None:
     """A prefill or mixed plan with ``stage``: the short tiles of a mixed batch read the
     cache (as the plan says), the long tiles' keys are staged (:func:`stage_kv`) and read
-    with descriptor loads (pointer loads where a descriptor launch fails)."""
+    with descriptor loads (pointer loads where a descriptor launch fails, unless the plan
+    forces descriptors: ``_kv_load_forced``, as the gate and the tests do)."""
     mixed = params["mode"] == "mixed"
     num_seqs = metadata.seq_lens.shape[0]
     short: dict = params["short"] if mixed else {}
@@ -398,7 +399,8 @@ def launch_staged(q, cache, metadata, options, out, params: dict,
                                                      True, workspace))
     long = params["stage_long"]
     _with_kv_loads(q, staged, staged_meta, options, out,
-                   {"long": long, "kv_load": "descriptor"},
+                   {"long": long, "kv_load": "descriptor",
+                    "_kv_load_forced": bool(params.get("_kv_load_forced"))},
                    lambda args, p: _launch_long(args, q, staged, staged_meta, long, short_q))
 
 
