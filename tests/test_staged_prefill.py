@@ -65,7 +65,7 @@ def run(variant, stage=32, group=2, **kw):
 
 # --------------------------------------------------------------------------- the kernel
 def _stage_alone(batch, sliding_window=None, short_q=0, block=32):
-    from portattn.kernels.launch import stage_kv, stage_workspace_size
+    from portattn.kernels.stage_launch import stage_kv, stage_workspace_size
     from portattn.options import normalize_options
 
     cache, metadata = batch.cache, batch.metadata
@@ -230,7 +230,7 @@ def test_workspace_size_covers_the_staged_tensors():
     shape = _shape(num_seqs=3, max_seqlen_k=1000, kv_quant="int8_per_token_head",
                    elem_bytes=1)
     stage = heuristics.stage_config(shape)
-    from portattn.kernels.launch import stage_workspace_size
+    from portattn.kernels.stage_launch import stage_workspace_size
 
     elems = stage_workspace_size(3, 8, 128, 128, stage, True)
     assert elems * 4 >= heuristics.stage_bytes(shape, stage)

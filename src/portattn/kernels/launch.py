@@ -1,11 +1,12 @@
 """Python launchers of the unified kernel: grids, meta-parameters, workspaces.
 
 :func:`launch_unified` turns a public call plus the launch parameters chosen by
-:func:`portattn.kernels.heuristics.plan_launch` into one to three kernel launches. It
+:func:`portattn.kernels.heuristics.plan_launch` into one to four kernel launches (a
+staged prefill, ``params["stage"]``, first runs :mod:`portattn.kernels.stage`). It
 reads no device value (everything is sized from tensor shapes and the plan; scales given
 as Python floats become cached one-element device tensors), so it never synchronizes and
-can be captured in a CUDA graph; the split-KV workspace is allocated per call with
-``torch.empty`` unless the caller passes one.
+can be captured in a CUDA graph; the split-KV and staging workspaces are allocated per
+call with ``torch.empty`` unless the caller passes one (:func:`plan_workspace_size`).
 
 The kernels are wrapped by :func:`portattn.kernels.fast_launch.capturable` (a no-op
 outside :func:`~portattn.kernels.fast_launch.capture`), so plans can record these
@@ -15,23 +16,26 @@ a plan's own buffer of at least :func:`split_workspace_size` float32 elements.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
 from portattn import settings
 from portattn.errors import InputError
 from portattn.kernels import kv_load as kv_load_rules
-from portattn.kernels import reduce, stage, unified
+from portattn.kernels import reduce, unified
 from portattn.kernels.byte_decode import PAIR_FORMATS
 from portattn.kernels.fast_launch import capturable
 from portattn.kernels.heuristics import head_pad
 from portattn.kernels.scalars import device_scalars, kv_scale_args
-from portattn.types import FP8_DTYPES, FP8_FORMAT_NAMES, KVQuant, fp8_max
+from portattn.kernels.stage_launch import (
+    align16,
+    stage_kv,
+    stage_workspace_size,
+    stages_scales,
+)
+from portattn.types import FP8_DTYPES, FP8_FORMAT_NAMES, fp8_max
 
 unified_attention_kernel = capturable(unified.unified_attention_kernel)
 merge_segments_kernel = capturable(reduce.merge_segments_kernel)
-stage_kv_kernel = capturable(stage.stage_kv_kernel)
 
 ALIBI_CODES = {"none": 0, "linear": 1, "sqrt": 2}
 #: COMPUTE_DTYPE codes of the kernel (plain ints keep launches replayable)
@@ -267,46 +271,7 @@ def _with_kv_loads(q, cache, metadata, options, out, params: dict, run) -> None:
     run(args, params)
 
 
-# --- staged prefill (kernels/stage.py) ---------------------------------------------------
-
-class StagedCache:
-    """Staged blocks seen as a cache by the launch: K/V in q's 16-bit dtype (the cache's
-    codes as values), the cache's quant mode (per-tensor scales fold as on the cache) and
-    the staged per-token-head scale caches, or no quant mode where per-token-head values
-    were staged dequantized."""
-
-    def __init__(self, key_cache, value_cache, quant, k_scale_cache, v_scale_cache):
-        self.key_cache, self.value_cache, self.quant = key_cache, value_cache, quant
-        self.k_scale_cache, self.v_scale_cache = k_scale_cache, v_scale_cache
-        self.num_blocks, self.block_size, self.num_kv_heads, self.head_size_qk = \
-            key_cache.shape
-        self.head_size_v = value_cache.shape[3]
-        self.dtype = key_cache.dtype
-        self.device = key_cache.device
-
-
-def _align16(elems: int) -> int:
-    """float32 elements rounded up to a 16-byte multiple (descriptor base alignment)."""
-    return -(-elems // 4) * 4
-
-
-def stages_scales(per_token: bool, q_dtype: torch.dtype) -> bool:
-    """Whether staging copies a per-token-head cache's scales beside its codes (fp16 q:
-    dequantized values could fall into fp16's subnormals) rather than staging the values
-    dequantized in bf16 (:mod:`portattn.kernels.stage`)."""
-    return per_token and q_dtype != torch.bfloat16
-
-
-def stage_workspace_size(num_seqs: int, num_kv_heads: int, head_size_qk: int,
-                         head_size_v: int, stage: dict, scales: bool) -> int:
-    """float32 elements of a staging workspace (see :func:`stage_kv`); ``scales``:
-    :func:`stages_scales`."""
-    rows = num_seqs * stage["sblocks"] * stage["block"] * num_kv_heads
-    size = _align16(-(-rows * head_size_qk // 2)) + _align16(-(-rows * head_size_v // 2))
-    if scales:
-        size += 2 * _align16(rows)
-    return size + _align16(num_seqs * stage["sblocks"])
-
+# --- staged prefill (kernels/stage.py, launched by kernels/stage_launch.py) -------------
 
 def plan_workspace_size(num_seqs: int, num_q_heads: int, num_kv_heads: int,
                         head_size_qk: int, head_size_v: int, per_token: bool,
@@ -316,62 +281,10 @@ def plan_workspace_size(num_seqs: int, num_q_heads: int, num_kv_heads: int,
     short = params.get("short")
     size = split_workspace_size(num_seqs, num_q_heads, head_size_v, short) if short else 0
     if params.get("stage") and params["mode"] in ("prefill", "mixed"):
-        size = _align16(size) + stage_workspace_size(
+        size = align16(size) + stage_workspace_size(
             num_seqs, num_kv_heads, head_size_qk, head_size_v, params["stage"],
             stages_scales(per_token, q_dtype))
     return size
-
-
-def stage_kv(q, cache, metadata, options, stage: dict, short_q: int,
-             workspace: torch.Tensor):
-    """Launch the staging kernel into ``workspace`` (float32, at least
-    :func:`stage_workspace_size` elements, 16-byte aligned); returns the
-    :class:`StagedCache` and the metadata whose block table points into it."""
-    num_seqs = metadata.seq_lens.shape[0]
-    heads, sblocks, block = cache.num_kv_heads, stage["sblocks"], stage["block"]
-    rows = num_seqs * sblocks * block * heads
-    per_token = cache.quant.per_token_head
-    scales = stages_scales(per_token, q.dtype)
-    parts, offset = [], 0
-    for elems in (_align16(-(-rows * cache.head_size_qk // 2)),
-                  _align16(-(-rows * cache.head_size_v // 2)),
-                  *((_align16(rows),) * 2 * scales), _align16(num_seqs * sblocks)):
-        parts.append(workspace[offset:offset + elems])
-        offset += elems
-    staged_k = parts[0].view(q.dtype)[:rows * cache.head_size_qk].view(
-        num_seqs * sblocks, block, heads, cache.head_size_qk)
-    staged_v = parts[1].view(q.dtype)[:rows * cache.head_size_v].view(
-        num_seqs * sblocks, block, heads, cache.head_size_v)
-    staged_ks: torch.Tensor | None
-    staged_vs: torch.Tensor | None
-    if scales:
-        staged_ks = parts[2][:rows].view(num_seqs * sblocks, block, heads)
-        staged_vs = parts[3][:rows].view(num_seqs * sblocks, block, heads)
-    else:
-        staged_ks = staged_vs = None
-    staged_bt = parts[-1].view(torch.int32)[:num_seqs * sblocks].view(num_seqs, sblocks)
-    kc, vc = cache.key_cache, cache.value_cache
-    ks = cache.k_scale_cache if per_token else q
-    vs = cache.v_scale_cache if per_token else q
-    ks_strides = ks.stride() if per_token else (0, 0, 0)
-    vs_strides = vs.stride() if per_token else (0, 0, 0)
-    stage_kv_kernel[(num_seqs, sblocks, heads)](
-        kc, vc, ks, vs, staged_k, staged_v, staged_ks if scales else q,
-        staged_vs if scales else q, staged_bt, metadata.block_table,
-        metadata.cu_seqlens_q, metadata.seq_lens, cache.num_blocks,
-        metadata.block_table.shape[1], sblocks,
-        int(options.sliding_window) if options.sliding_window is not None else 0,
-        kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
-        metadata.block_table.stride(0), *ks_strides, *vs_strides,
-        BLOCK_SIZE=cache.block_size, STAGE_BLOCK=block, HEAD_QK=cache.head_size_qk,
-        HEAD_QK_PAD=head_pad(cache.head_size_qk), HEAD_V=cache.head_size_v,
-        HEAD_V_PAD=head_pad(cache.head_size_v), PER_TOKEN=per_token, STAGE_SCALES=scales,
-        USE_WINDOW=options.sliding_window is not None, SHORT_Q=short_q,
-        num_warps=4)
-    quant = KVQuant.none() if per_token and not scales else cache.quant  # dequantized
-    staged = StagedCache(staged_k, staged_v, quant, staged_ks, staged_vs)
-    staged_meta = replace(metadata, block_table=staged_bt)
-    return staged, staged_meta
 
 
 def launch_staged(q, cache, metadata, options, out, params: dict,
@@ -383,7 +296,7 @@ def launch_staged(q, cache, metadata, options, out, params: dict,
     mixed = params["mode"] == "mixed"
     num_seqs = metadata.seq_lens.shape[0]
     short: dict = params["short"] if mixed else {}
-    split = _align16(split_workspace_size(num_seqs, q.shape[1], cache.head_size_v, short)) \
+    split = align16(split_workspace_size(num_seqs, q.shape[1], cache.head_size_v, short)) \
         if mixed else 0
     need = split + stage_workspace_size(num_seqs, cache.num_kv_heads, cache.head_size_qk,
                                         cache.head_size_v, params["stage"],
