@@ -79,7 +79,7 @@ CASES = [
 
 
 #: STAGED_SWEEP=1: staged prefill tiles (block_m, block_n, warps, stages) per head pad.
-STAGED_TILES = {
+STAGED_SWEEP_TILES = {
     64: [(128, 128, 4, 3), (256, 128, 8, 3), (128, 64, 4, 4), (256, 64, 8, 4)],
     128: [(128, 128, 4, 3), (128, 64, 8, 4), (128, 64, 4, 3), (256, 64, 8, 3),
           (64, 128, 4, 3), (128, 128, 8, 4)],
@@ -139,7 +139,7 @@ def variants_of(case: Case, base: dict, block_size: int,
             staged = dict(base, stage=stage_config(shape), stage_long=staged_long_config(shape))
             variants["staged"] = staged
             if os.environ.get("STAGED_SWEEP") == "1":  # tiles of the staged loop
-                for m, n, w, st in STAGED_TILES.get(shape.head_pad, ()):
+                for m, n, w, st in STAGED_SWEEP_TILES.get(shape.head_pad, ()):
                     tile = dict(staged["stage_long"], block_m=m, block_q=m // shape.group,
                                 block_n=n, num_warps=w, num_stages=st)
                     variants[f"staged-{m}x{n}w{w}s{st}"] = dict(staged, stage_long=tile)

@@ -211,7 +211,7 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
         params = kv_load_rules.descriptor_params(params, block_size)
         params["_kv_load_forced"] = True
     if stage:
-        params["stage"] = {"block": stage, "sblocks": heuristics.cdiv(shape.max_seqlen_k, stage)}
+        params["stage"] = heuristics.stage_config(shape, stage)
         staged_long = long.as_dict() if long is not None else \
             heuristics.staged_long_config(shape)
         params["stage_long"] = dict(staged_long, block_n=min(staged_long["block_n"], stage))

@@ -129,8 +129,7 @@ def choose_staging(problem, caps, shape: heuristics.Shape, params: dict) -> dict
     converts fp8 (the staging kernel casts the codes)."""
     import torch
 
-    q_bits = torch.empty((), dtype=problem.q_dtype).element_size() * 8 \
-        if problem.q_dtype in (torch.float16, torch.bfloat16) else 0
+    q_bits = 16 if problem.q_dtype in (torch.float16, torch.bfloat16) else 0
     reasons = heuristics.staging_reasons(shape, params["mode"], problem.block_size, q_bits)
     if params.get("fp8_dot"):
         reasons.append("fp8 q runs its QK^T on fp8 tensor cores over the cache's codes")

@@ -91,7 +91,7 @@ class UnifiedRunner(Runner):
             problem.q_dtype, params)
         # staged prefills take their (large) workspace from torch's allocator per call,
         # so an idle plan holds none
-        self.workspace_per_call = bool(params.get("stage")) and params["mode"] != "decode"
+        self.workspace_per_call = bool(params.get("stage"))
         self.device = device
         # fp8 q / output or a quantized cache: the scale tensors may be kernel arguments
         self.quantized = options.out_dtype not in (torch.float16, torch.bfloat16,

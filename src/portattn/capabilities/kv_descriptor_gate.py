@@ -198,7 +198,7 @@ def run_check(variant: dict, device: str) -> dict:
     if staged is not None:  # the unstaged prefill with pointer loads as the reference
         pointer = heuristics.plan_launch(shape, mode="prefill", long=cfg)
         block_m = staged["block_m"]
-        tile = heuristics.TileConfig(block_m, block_m // 2, staged["block_n"],
+        tile = heuristics.TileConfig(block_m, block_m // shape.group, staged["block_n"],
                                      staged["num_warps"], staged["num_stages"])
         descriptor = {**pointer, "stage": heuristics.stage_config(shape),
                       "stage_long": tile.as_dict(), "_kv_load_forced": True}

@@ -347,19 +347,32 @@ STAGED_PREFERRED: tuple[dict, ...] = (
 )
 
 
-def stage_config(shape: Shape) -> dict:
+def stage_config(shape: Shape, block: int = STAGE_BLOCK) -> dict:
     """The staging launch of a plan: staged block size and staged blocks per sequence
     (``max_seqlen_k``, the plan's power-of-two bound, in staged blocks)."""
-    return {"block": STAGE_BLOCK, "sblocks": cdiv(shape.max_seqlen_k, STAGE_BLOCK)}
+    return {"block": block, "sblocks": cdiv(shape.max_seqlen_k, block)}
+
+
+def align16(elems: int) -> int:
+    """float32 elements rounded up to a 16-byte multiple (descriptor base alignment)."""
+    return -(-elems // 4) * 4
+
+
+def stage_parts(num_seqs: int, num_kv_heads: int, head_size_qk: int, head_size_v: int,
+                stage: dict, scales: bool) -> tuple[int, ...]:
+    """float32 elements of each part of a staging workspace, in order, each 16-byte
+    aligned: 16-bit K, 16-bit V, (with ``scales``) fp32 K and V scales, the int32 table."""
+    rows = num_seqs * stage["sblocks"] * stage["block"] * num_kv_heads
+    return (align16(-(-rows * head_size_qk // 2)), align16(-(-rows * head_size_v // 2)),
+            *((align16(rows),) * 2 * scales), align16(num_seqs * stage["sblocks"]))
 
 
 def stage_bytes(shape: Shape, stage: dict) -> int:
-    """Bytes of the staging workspace: 16-bit K and V, per-token-head scales, the table."""
-    rows = shape.num_seqs * stage["sblocks"] * stage["block"] * shape.num_kv_heads
+    """Bytes of the staging workspace, at most (scales counted for any per-token-head
+    cache, though bf16 q stages its values dequantized instead)."""
     head_v = shape.head_size if shape.head_size_v is None else shape.head_size_v
-    scales = 2 * 4 * rows if shape.scales_per_token else 0
-    return rows * 2 * (shape.head_size + head_v) + scales + \
-        4 * shape.num_seqs * stage["sblocks"]
+    return 4 * sum(stage_parts(shape.num_seqs, shape.num_kv_heads, shape.head_size, head_v,
+                               stage, shape.scales_per_token))
 
 
 def staging_reasons(shape: Shape, mode: str, block_size: int, q_bits: int,

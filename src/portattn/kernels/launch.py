@@ -24,14 +24,9 @@ from portattn.kernels import kv_load as kv_load_rules
 from portattn.kernels import reduce, unified
 from portattn.kernels.byte_decode import PAIR_FORMATS
 from portattn.kernels.fast_launch import capturable
-from portattn.kernels.heuristics import head_pad
+from portattn.kernels.heuristics import align16, head_pad
 from portattn.kernels.scalars import device_scalars, kv_scale_args
-from portattn.kernels.stage_launch import (
-    align16,
-    stage_kv,
-    stage_workspace_size,
-    stages_scales,
-)
+from portattn.kernels.stage_launch import stage_kv, stage_workspace_size, stages_scales
 from portattn.types import FP8_DTYPES, FP8_FORMAT_NAMES, fp8_max
 
 unified_attention_kernel = capturable(unified.unified_attention_kernel)
@@ -223,7 +218,7 @@ def launch_unified(q: torch.Tensor, cache, metadata, options, out: torch.Tensor,
     ``metadata.max_seqlen_q`` that nothing checked) writes NaN into those sequences' rows
     rather than leaving them stale. A plan with ``stage`` first copies the keys its long
     tiles read into staged blocks (:func:`launch_staged`)."""
-    if params.get("stage") and params["mode"] in ("prefill", "mixed"):
+    if params.get("stage"):  # planned for prefill and mixed launches only
         launch_staged(q, cache, metadata, options, out, params, workspace)
         return
     _with_kv_loads(q, cache, metadata, options, out, params,
@@ -277,14 +272,22 @@ def plan_workspace_size(num_seqs: int, num_q_heads: int, num_kv_heads: int,
                         head_size_qk: int, head_size_v: int, per_token: bool,
                         q_dtype: torch.dtype, params: dict) -> int:
     """float32 elements of everything a plan's launches need beside their tensors: the
-    split-KV partials, then the staged blocks."""
+    split-KV partials, then (from :func:`_stage_offset`) the staged blocks."""
+    if not params.get("stage"):
+        return _split_size(num_seqs, num_q_heads, head_size_v, params)
+    return _stage_offset(num_seqs, num_q_heads, head_size_v, params) + stage_workspace_size(
+        num_seqs, num_kv_heads, head_size_qk, head_size_v, params["stage"],
+        stages_scales(per_token, q_dtype))
+
+
+def _split_size(num_seqs: int, num_q_heads: int, head_size_v: int, params: dict) -> int:
     short = params.get("short")
-    size = split_workspace_size(num_seqs, num_q_heads, head_size_v, short) if short else 0
-    if params.get("stage") and params["mode"] in ("prefill", "mixed"):
-        size = align16(size) + stage_workspace_size(
-            num_seqs, num_kv_heads, head_size_qk, head_size_v, params["stage"],
-            stages_scales(per_token, q_dtype))
-    return size
+    return split_workspace_size(num_seqs, num_q_heads, head_size_v, short) if short else 0
+
+
+def _stage_offset(num_seqs: int, num_q_heads: int, head_size_v: int, params: dict) -> int:
+    """Where the staged blocks start in a plan's workspace (after the split-KV part)."""
+    return align16(_split_size(num_seqs, num_q_heads, head_size_v, params))
 
 
 def launch_staged(q, cache, metadata, options, out, params: dict,
@@ -295,17 +298,14 @@ def launch_staged(q, cache, metadata, options, out, params: dict,
     forces descriptors: ``_kv_load_forced``, as the gate and the tests do)."""
     mixed = params["mode"] == "mixed"
     num_seqs = metadata.seq_lens.shape[0]
-    short: dict = params["short"] if mixed else {}
-    split = align16(split_workspace_size(num_seqs, q.shape[1], cache.head_size_v, short)) \
-        if mixed else 0
-    need = split + stage_workspace_size(num_seqs, cache.num_kv_heads, cache.head_size_qk,
-                                        cache.head_size_v, params["stage"],
-                                        stages_scales(cache.quant.per_token_head, q.dtype))
+    start = _stage_offset(num_seqs, q.shape[1], cache.head_size_v, params)
+    need = plan_workspace_size(num_seqs, q.shape[1], cache.num_kv_heads, cache.head_size_qk,
+                               cache.head_size_v, cache.quant.per_token_head, q.dtype, params)
     if workspace is None or workspace.numel() < need:
         workspace = torch.empty(need, dtype=torch.float32, device=q.device)
-    short_q = short["block_q"] if mixed else 0
+    short_q = params["short"]["block_q"] if mixed else 0
     staged, staged_meta = stage_kv(q, cache, metadata, options, params["stage"], short_q,
-                                   workspace[split:need])
+                                   workspace[start:need])
     if mixed:
         _with_kv_loads(q, cache, metadata, options, out, params,
                        lambda args, p: _launch_short(args, q, cache, metadata, out, p["short"],

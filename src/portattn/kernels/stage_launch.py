@@ -13,7 +13,8 @@ import torch
 
 from portattn.kernels import stage
 from portattn.kernels.fast_launch import capturable
-from portattn.kernels.heuristics import head_pad
+from portattn.kernels.heuristics import head_pad, stage_parts
+from portattn.kernels.scalars import kv_scale_args
 from portattn.types import KVQuant
 
 stage_kv_kernel = capturable(stage.stage_kv_kernel)
@@ -35,11 +36,6 @@ class StagedCache:
         self.device = key_cache.device
 
 
-def align16(elems: int) -> int:
-    """float32 elements rounded up to a 16-byte multiple (descriptor base alignment)."""
-    return -(-elems // 4) * 4
-
-
 def stages_scales(per_token: bool, q_dtype: torch.dtype) -> bool:
     """Whether staging copies a per-token-head cache's scales beside its codes (fp16 q:
     dequantized values could fall into fp16's subnormals) rather than staging the values
@@ -51,11 +47,7 @@ def stage_workspace_size(num_seqs: int, num_kv_heads: int, head_size_qk: int,
                          head_size_v: int, stage: dict, scales: bool) -> int:
     """float32 elements of a staging workspace (see :func:`stage_kv`); ``scales``:
     :func:`stages_scales`."""
-    rows = num_seqs * stage["sblocks"] * stage["block"] * num_kv_heads
-    size = align16(-(-rows * head_size_qk // 2)) + align16(-(-rows * head_size_v // 2))
-    if scales:
-        size += 2 * align16(rows)
-    return size + align16(num_seqs * stage["sblocks"])
+    return sum(stage_parts(num_seqs, num_kv_heads, head_size_qk, head_size_v, stage, scales))
 
 
 def stage_kv(q, cache, metadata, options, stage: dict, short_q: int,
@@ -66,12 +58,12 @@ def stage_kv(q, cache, metadata, options, stage: dict, short_q: int,
     num_seqs = metadata.seq_lens.shape[0]
     heads, sblocks, block = cache.num_kv_heads, stage["sblocks"], stage["block"]
     rows = num_seqs * sblocks * block * heads
+    _, ks, vs, ks_strides, vs_strides = kv_scale_args(cache, q.device, q)
     per_token = cache.quant.per_token_head
     scales = stages_scales(per_token, q.dtype)
     parts, offset = [], 0
-    for elems in (align16(-(-rows * cache.head_size_qk // 2)),
-                  align16(-(-rows * cache.head_size_v // 2)),
-                  *((align16(rows),) * 2 * scales), align16(num_seqs * sblocks)):
+    for elems in stage_parts(num_seqs, heads, cache.head_size_qk, cache.head_size_v, stage,
+                             scales):
         parts.append(workspace[offset:offset + elems])
         offset += elems
     staged_k = parts[0].view(q.dtype)[:rows * cache.head_size_qk].view(
@@ -87,10 +79,6 @@ def stage_kv(q, cache, metadata, options, stage: dict, short_q: int,
         staged_ks = staged_vs = None
     staged_bt = parts[-1].view(torch.int32)[:num_seqs * sblocks].view(num_seqs, sblocks)
     kc, vc = cache.key_cache, cache.value_cache
-    ks = cache.k_scale_cache if per_token else q
-    vs = cache.v_scale_cache if per_token else q
-    ks_strides = ks.stride() if per_token else (0, 0, 0)
-    vs_strides = vs.stride() if per_token else (0, 0, 0)
     stage_kv_kernel[(num_seqs, sblocks, heads)](
         kc, vc, ks, vs, staged_k, staged_v, staged_ks if scales else q,
         staged_vs if scales else q, staged_bt, metadata.block_table,
