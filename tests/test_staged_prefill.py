@@ -17,6 +17,7 @@ import torch
 from portattn import KVQuant
 from portattn.kernels import heuristics
 from portattn.kernels.heuristics import TileConfig
+from portattn.kernels.kv_load import KV_LOAD_CODES
 from portattn.testing import make_paged_batch
 
 from unified_check import FEATURE_KW, check_unified
@@ -189,13 +190,34 @@ def test_staged_attention_non_pow2_heads_gqa_and_diffkv(stage_calls):
 
 
 @interp
+@pytest.mark.parametrize("load", ["staged_host", "staged", "descriptor"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_read_of_the_staged_keys(load, variant, stage_calls, monkeypatch):
+    """The staged keys read as rows of host-built or kernel-built 3-D descriptors
+    (``KV_LOAD`` 3 / 2) or through the staged block table (``KV_LOAD`` 1, 4-D boxes), with
+    the features that move the visible range (window, sinks) and per-token-head scales
+    copied beside the codes (fp16 q): each against the float64 oracle."""
+    from portattn.kernels import launch
+
+    seen = []
+    original = launch._launch_long
+    monkeypatch.setattr(launch, "_launch_long",
+                        lambda args, *a: (seen.append(args["KV_LOAD"]), original(args, *a)))
+    run(variant, dtype=F16, head_size=32, quant=QUANTS["int8_token_head"],
+        stage_kv_load=load, **FEATURE_KW["window"])
+    run(variant, dtype=F16, head_size=32, stage_kv_load=load, **FEATURE_KW["sinks"])
+    assert stage_calls and set(seen) == {KV_LOAD_CODES[load]}
+
+
+@interp
 @pytest.mark.parametrize("bad_id", [-3, 10_000])
-def test_staged_attention_bad_block_ids_give_nan_rows(bad_id):
+@pytest.mark.parametrize("load", ["staged_host", "descriptor"])
+def test_staged_attention_bad_block_ids_give_nan_rows(bad_id, load):
     def corrupt(table):
         table[0, 0] = bad_id  # sequence 0's first keys: every row of it sees them
         return [0]
 
-    run("prefill", dtype=F16, head_size=32, block_table_edit=corrupt)
+    run("prefill", dtype=F16, head_size=32, block_table_edit=corrupt, stage_kv_load=load)
 
 
 # --------------------------------------------------------------------------- the plan's rule

@@ -96,7 +96,7 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
                   head_size_v=None, q_fp8=None, fp8_out=None, layout="split",
                   fp8_dot=False, tolerance=None, separate_kv=False, block_table_edit=None,
                   v_stage=None, kv_load="pointer", kv_bits=None, v_scale_factor=None,
-                  v_pairs=None, stage=None):
+                  v_pairs=None, stage=None, stage_kv_load=None):
     """Run one case; returns the relative error (asserts it is within tolerance).
 
     ``quant``: a KVQuant for the cache; ``head_size_v``: DiffKV (a packed cache);
@@ -118,7 +118,9 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
     ``v_pairs``: True / False forces the kernel's V_PAIRS (an 8-bit V read as int16 pairs
     of codes) on or off; None follows the plan;
     ``stage``: a staged block size: the plan's long tiles read the keys staged into blocks
-    of that many slots (``params["stage"]``, descriptor loads forced, ``kernels/stage.py``)."""
+    of that many slots (``params["stage"]``, descriptor loads forced, ``kernels/stage.py``);
+    ``stage_kv_load``: how they are read (``kv_load.KV_LOAD_CODES``: ``"staged_host"``,
+    ``"staged"``, ``"descriptor"``), None: the launcher's default."""
     from portattn.backends.triton_unified import TritonUnified
 
     num_q_heads = group * num_kv_heads
@@ -216,6 +218,8 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
             heuristics.staged_long_config(shape)
         params["stage_long"] = dict(staged_long, block_n=min(staged_long["block_n"], stage))
         params["_kv_load_forced"] = True  # descriptor loads over the staged blocks, or raise
+        if stage_kv_load is not None:
+            params["stage_kv_load"] = stage_kv_load
     plan = Plan("triton_unified", heuristics.variant_name(params), params)
     TritonUnified().run(q, cache, metadata, options, out, plan)
 

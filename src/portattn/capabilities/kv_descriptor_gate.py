@@ -37,7 +37,8 @@ from portattn.capabilities._text import one_line
 from portattn.capabilities.descriptor_check import child_env
 
 CHILD_TIMEOUT_S = 300
-CACHE_FORMAT = "portattn.kv-descriptor-gate/5"  # 4: the plan's v_pairs; 5: staged variants
+CACHE_FORMAT = "portattn.kv-descriptor-gate/6"  # 4: the plan's v_pairs; 5: staged
+#: variants; 6: staged keys read as rows of host-built descriptors (kv_load.STAGED_KV_LOAD)
 #: Tiny problem of a check: two sequences, one decode and one short chunk.
 QUERY_LENS = (1, 5)
 SEQ_LENS = (37, 70)

@@ -20,7 +20,14 @@ from __future__ import annotations
 
 from portattn.kernels.heuristics import head_pad
 
-KV_LOAD_CODES = {"pointer": 0, "descriptor": 1}
+#: the unified kernel's ``KV_LOAD`` codes; ``staged`` / ``staged_host``: keys staged by
+#: :mod:`portattn.kernels.stage`, read as rows of 3-D descriptors built in the kernel / on
+#: the host (the launcher of staged prefills picks one, :data:`STAGED_KV_LOAD`)
+KV_LOAD_CODES = {"pointer": 0, "descriptor": 1, "staged": 2, "staged_host": 3}
+#: how the long tiles of a staged prefill read the staged keys: rows of host-built
+#: descriptors, 2-9% faster than the same built per program and 13-29% faster than the
+#: 4-D boxes through the staged block table (H200, benchmarks/NOTES.md, session 7)
+STAGED_KV_LOAD = "staged_host"
 #: TMA: global address and every stride but the last a multiple of 16 bytes.
 TMA_ALIGN_BYTES = 16
 #: TMA: at most 256 elements per box dimension.

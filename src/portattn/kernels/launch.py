@@ -207,7 +207,8 @@ def _launch_long(args, q, cache, metadata, cfg: dict, short_q: int) -> None:
         part_m_ptr=q, part_l_ptr=q, part_acc_ptr=q,
         BLOCK_M=cfg["block_m"], BLOCK_Q=block_q, BLOCK_N=cfg["block_n"],
         SEQ_MODE=2 if short_q > 0 else 0, SHORT_Q=short_q, SPLIT=False, LONG_FOLLOWS=False,
-        num_segments=1, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **args)
+        num_segments=1, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **_register_cap(cfg), **args)
 
 
 def launch_unified(q: torch.Tensor, cache, metadata, options, out: torch.Tensor,
@@ -242,7 +243,8 @@ def _with_kv_loads(q, cache, metadata, options, out, params: dict, run) -> None:
         args["CHECK_BLOCKS"] = bool(params["check_blocks"])
     if params.get("v_stage") and args["KV_QUANT"]:  # forced (experiments), 8-bit caches only
         args["V_STAGE"] = True
-    if params.get("kv_load", "pointer") == "descriptor":
+    kind = params.get("kv_load", "pointer")
+    if kind != "pointer":  # "descriptor", or staged keys ("staged" / "staged_host")
         forced = bool(params.get("_kv_load_forced"))
         why = descriptor_launch_reasons(cache, params)
         if why and forced:
@@ -250,7 +252,7 @@ def _with_kv_loads(q, cache, metadata, options, out, params: dict, run) -> None:
                              "(PORTATTN_TD=1 forces them)", "; ".join(why))
         key = _descriptor_key(args, params)
         if not why and (forced or key not in DESCRIPTOR_FAILED):
-            args["KV_LOAD"] = kv_load_rules.KV_LOAD_CODES["descriptor"]
+            args["KV_LOAD"] = kv_load_rules.KV_LOAD_CODES[kind]
             if q.device.type == "cuda":  # device-side descriptors need triton scratch
                 ensure_scratch_allocator()
             if forced:
@@ -294,8 +296,10 @@ def launch_staged(q, cache, metadata, options, out, params: dict,
                   workspace: torch.Tensor | None = None) -> None:
     """A prefill or mixed plan with ``stage``: the short tiles of a mixed batch read the
     cache (as the plan says), the long tiles' keys are staged (:func:`stage_kv`) and read
-    with descriptor loads (pointer loads where a descriptor launch fails, unless the plan
-    forces descriptors: ``_kv_load_forced``, as the gate and the tests do)."""
+    as ``kv_load.STAGED_KV_LOAD`` says (``params["stage_kv_load"]`` overrides it in
+    measurements): rows of 3-D descriptors built on the host by default; pointer loads
+    through the staged block table where a descriptor launch fails, unless the plan
+    forces descriptors (``_kv_load_forced``, as the gate and the tests do)."""
     mixed = params["mode"] == "mixed"
     num_seqs = metadata.seq_lens.shape[0]
     start = _stage_offset(num_seqs, q.shape[1], cache.head_size_v, params)
@@ -312,9 +316,26 @@ def launch_staged(q, cache, metadata, options, out, params: dict,
                                                      True, workspace))
     long = params["stage_long"]
     _with_kv_loads(q, staged, staged_meta, options, out,
-                   {"long": long, "kv_load": "descriptor",
+                   {"long": long,
+                    "kv_load": params.get("stage_kv_load", kv_load_rules.STAGED_KV_LOAD),
                     "_kv_load_forced": bool(params.get("_kv_load_forced"))},
-                   lambda args, p: _launch_long(args, q, staged, staged_meta, long, short_q))
+                   lambda args, p: _launch_long(_host_descriptors(args, staged, long), q,
+                                                staged, staged_meta, long, short_q))
+
+
+def _host_descriptors(args: dict, staged, cfg: dict) -> dict:
+    """``args`` with the staged K/V as host-built 3-D descriptors ``[rows, num_kv_heads,
+    HEAD]`` (box ``[BLOCK_N, 1, HEAD_PAD]``) where the launch reads them so
+    (``KV_LOAD`` 3); unchanged otherwise."""
+    if args.get("KV_LOAD") != kv_load_rules.KV_LOAD_CODES["staged_host"]:
+        return args
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    def rows(t, pad):
+        return TensorDescriptor(t, [t.shape[0] * t.shape[1], t.shape[2], t.shape[3]],
+                                [t.stride(1), t.stride(2), 1], [cfg["block_n"], 1, pad])
+    return dict(args, k_ptr=rows(staged.key_cache, args["HEAD_QK_PAD"]),
+                v_ptr=rows(staged.value_cache, args["HEAD_V_PAD"]))
 
 
 #: Descriptor launches that raised in auto mode (e.g. a compile failure in a feature

@@ -7,13 +7,16 @@ cache makes the loop convert every K/V element before the tensor cores can use i
 the keys a prefill reads into a workspace of ``STAGE_BLOCK``-slot blocks (and, for 8-bit
 caches, widening the codes to q's 16-bit dtype: exact for e4m3fn, e5m2 and int8) costs one
 pass over those keys, a few percent of the attention's time for long prefills, and lets the
-attention launch run the 16-bit descriptor loop. Per-tensor scales are not applied here:
-codes are copied as values (exact) and the scales stay folded into the softmax scale and
-the output. Per-token-head caches either get the same treatment (``STAGE_SCALES``: the
-scale caches are copied beside the codes; the fp16 path, where a dequantized value could
-fall into fp16's subnormals) or are staged dequantized (``code * scale`` rounded once to
-bf16, as a bf16 cache would hold it), so the loop has no per-key scales at all: 2.3x
-faster on the H200 (benchmarks/NOTES.md).
+attention launch run the 16-bit descriptor loop. A sequence's staged blocks are contiguous
+and in key order, so the attention reads its key ``k`` as row ``b * num_sblocks *
+STAGE_BLOCK + k`` of a 3-D descriptor built on the host (``KV_LOAD`` 3 of the unified
+kernel): no block-table lookup in the loop, no descriptor built per program.
+Per-tensor scales are not applied here: codes are copied as values (exact) and the
+scales stay folded into the softmax scale and the output. Per-token-head caches either
+get the same treatment (``STAGE_SCALES``: the scale caches are copied beside the codes;
+the fp16 path, where a dequantized value could fall into fp16's subnormals) or are staged
+dequantized (``code * scale`` rounded once to bf16, as a bf16 cache would hold it), so
+the loop has no per-key scales at all: 2.3x faster on the H200 (benchmarks/NOTES.md).
 
 Layout
 ------

@@ -97,6 +97,13 @@ outside the pipelined KV loop, and one box ``[1, BLOCK_N, 1, HEAD_PAD]`` per til
 into whole tiles). The rules and reasons are :mod:`portattn.kernels.kv_load`; the
 launcher checks them and sets Triton's scratch allocator on GPUs (device-side
 descriptors live in global scratch). Scales of quantized caches stay pointer loads.
+2 (staged keys, :mod:`portattn.kernels.stage`): the cache is a staging workspace whose
+blocks are one sequence's keys in order (sequence ``b``'s key ``k`` at row ``b * bt_width
+* BLOCK_SIZE + k``, blocks contiguous), read through one 3-D descriptor per cache
+``[num_blocks * BLOCK_SIZE, num_kv_heads, HEAD]``, box ``[BLOCK_N, 1, HEAD_PAD]``: no
+block-table lookup in the loop and no pre-scan (staging turned bad ids into NaN keys).
+3: the same with the descriptors built on the host (``k_ptr`` / ``v_ptr`` are Triton
+``TensorDescriptor`` arguments, passed as grid constants: no per-program build).
 
 ``CHECK_BLOCKS`` (default on; off only in benchmarks/kernel_experiments.py, to measure
 what the following costs). Bad metadata never reads out of bounds: a block-table entry
@@ -138,8 +145,14 @@ def _load_kv_tile(bt_row, bt_width, num_blocks, key0, k_pos, key_ok, kv_head, k_
     launcher): one block-table entry, one box per tile; the pad columns past ``HEAD``
     come back zero (the descriptor's bounds). Masked keys' rows are zeroed after the load,
     as the pointer loads' ``other=0`` does. Scales stay pointer loads (``[BLOCK_N]`` fp32:
-    too narrow a box for TMA's 16-byte rows to pay)."""
-    if KV_LOAD == 1:
+    too narrow a box for TMA's 16-byte rows to pay). 2 / 3: staged keys
+    (:func:`_load_kv_tile_staged`; ``bt_row`` is then the sequence's first staged row)."""
+    if KV_LOAD >= 2:
+        k, v, k_sc, v_sc, bad = _load_kv_tile_staged(
+            bt_row, key0, k_pos, key_ok, kv_head, k_src, v_src, ks_head_ptr, vs_head_ptr,
+            stride_ksb, stride_kss, stride_vsb, stride_vss, BLOCK_N, BLOCK_SIZE,
+            HEAD_QK_PAD, HEAD_V_PAD, MASKED, KV_QUANT)
+    elif KV_LOAD == 1:
         k, v, k_sc, v_sc, bad = _load_kv_tile_descriptor(
             bt_row, bt_width, num_blocks, key0, k_pos, key_ok, kv_head, k_src, v_src,
             ks_head_ptr, vs_head_ptr, stride_ksb, stride_kss, stride_vsb, stride_vss,
@@ -266,6 +279,30 @@ def _load_kv_tile_descriptor(bt_row, bt_width, num_blocks, key0, k_pos, key_ok, 
                                     k_pos % BLOCK_SIZE, key_ok, stride_ksb, stride_kss,
                                     stride_vsb, stride_vss, BLOCK_N, MASKED, KV_QUANT)
     return k, v, k_sc, v_sc, bad
+
+
+@triton.jit
+def _load_kv_tile_staged(seq_row0, key0, k_pos, key_ok, kv_head, k_desc, v_desc,
+                         ks_head_ptr, vs_head_ptr, stride_ksb, stride_kss, stride_vsb,
+                         stride_vss, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                         HEAD_QK_PAD: tl.constexpr, HEAD_V_PAD: tl.constexpr,
+                         MASKED: tl.constexpr, KV_QUANT: tl.constexpr):
+    """:func:`_load_kv_tile` with ``KV_LOAD`` 2 / 3 (staged keys): the sequence's key
+    ``k`` is row ``seq_row0 + k`` of the 3-D descriptors ``[rows, num_kv_heads, HEAD]``,
+    one box per tile, no block-table lookup. Bad block ids were staged as NaN keys (the
+    rows that see them come out NaN through the scores), so ``bad`` is empty; masked-out
+    keys come back as zero rows, as with the other loads."""
+    row = (seq_row0 + key0).to(tl.int32)
+    k_rows = k_desc.load([row, kv_head, 0]).reshape(BLOCK_N, HEAD_QK_PAD)
+    v = v_desc.load([row, kv_head, 0]).reshape(BLOCK_N, HEAD_V_PAD)
+    if MASKED:
+        k_rows = tl.where(key_ok[:, None], k_rows, tl.zeros_like(k_rows))
+        v = tl.where(key_ok[:, None], v, tl.zeros_like(v))
+    staged_block = (seq_row0 + key0) // BLOCK_SIZE
+    k_sc, v_sc = _token_head_scales(ks_head_ptr, vs_head_ptr, staged_block.to(tl.int64),
+                                    k_pos % BLOCK_SIZE, key_ok, stride_ksb, stride_kss,
+                                    stride_vsb, stride_vss, BLOCK_N, MASKED, KV_QUANT)
+    return tl.trans(k_rows), v, k_sc, v_sc, key_ok & ~key_ok
 
 
 @triton.jit
@@ -579,14 +616,27 @@ def unified_attention_kernel(
         v_mult = _to_compute(v_mult, COMPUTE_DTYPE)
     else:
         v_mult = v_one
-    bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt
-    if CHECK_BLOCKS:
+    if KV_LOAD >= 2:  # staged keys: bt_row carries the sequence's first staged row
+        bt_row = seq.to(tl.int64) * bt_width * BLOCK_SIZE
+    else:
+        bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt
+    if CHECK_BLOCKS and KV_LOAD < 2:  # staged keys: bad ids are already NaN keys
         poisoned = _full_tiles_have_bad_blocks(
             bt_row, bt_width, num_blocks, tl.maximum(full_lo, seg_lo) * BLOCK_N,
             tl.minimum(full_hi, seg_hi) * BLOCK_N, BLOCK_SIZE)
     else:
         poisoned = False
-    if KV_LOAD == 1:  # built once per program, never inside the pipelined KV loop
+    if KV_LOAD == 2:  # staged keys as rows, built once per program
+        k_src = tl.make_tensor_descriptor(
+            k_ptr, shape=[num_blocks * BLOCK_SIZE, tl.num_programs(1), HEAD_QK],
+            strides=[stride_ks, stride_kh, 1], block_shape=[BLOCK_N, 1, HEAD_QK_PAD])
+        v_src = tl.make_tensor_descriptor(
+            v_ptr, shape=[num_blocks * BLOCK_SIZE, tl.num_programs(1), V_W],
+            strides=[stride_vs, stride_vh, 1], block_shape=[BLOCK_N, 1, V_W_PAD])
+    elif KV_LOAD == 3:  # staged keys, descriptors built on the host (grid constants)
+        k_src = k_ptr
+        v_src = v_ptr
+    elif KV_LOAD == 1:  # built once per program, never inside the pipelined KV loop
         k_src = tl.make_tensor_descriptor(
             k_ptr, shape=[num_blocks, BLOCK_SIZE, tl.num_programs(1), HEAD_QK],
             strides=[stride_kb, stride_ks, stride_kh, 1],
