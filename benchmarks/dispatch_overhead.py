@@ -51,6 +51,8 @@ CASES = {
     "decode": ([1], [32]),
     "decode_split": ([1], [2048]),   # split-KV: kernel + merge, a plan-owned workspace
     "prefill": ([32], [32]),
+    # staged on sm90 (> 512 queries): the staging launch, then host-built descriptors
+    "prefill_staged": ([1024], [1024]),
 }
 TARGET_US, GOAL_US = 20.0, 10.0
 CALLS_PER_SAMPLE = 192  # below the launch-queue depth even at two launches per call

@@ -352,3 +352,47 @@ def test_fixed_values_are_passed_as_prebuilt_runs_in_parameter_order():
     assert args == ["*c_0", "p1", "*c_2", "p4", "*c_5"]
     assert namespace == {"c_0": ("a",), "c_2": ("b", 3), "c_5": (4.0,)}
     assert _call_arguments([None], {0: "p0"}, "c_", {}) == ["p0"]
+
+
+def toy_desc(desc, y_ptr, n, BLOCK: tl.constexpr):
+    pass  # a signature only: a host tensor descriptor first
+
+
+def test_host_descriptors_are_rebuilt_around_the_new_base(monkeypatch):
+    """A host ``TensorDescriptor`` over a workspace view: its base is bound like a tensor
+    (by offset), its layout is fixed; a relaunch passes a descriptor of the same layout
+    around the new workspace's address, and a different block shape (another compiled
+    kernel for Triton) or a descriptor of a foreign tensor is refused."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    monkeypatch.setattr(fast_launch, "_device_functions", lambda: (lambda: 0, lambda d: 77))
+    kernel = FakeKernel(toy_desc)
+    ws, y = torch.zeros(4096, dtype=torch.bfloat16), torch.zeros(64)
+
+    def record(desc):
+        with capture() as captured:
+            capturable(kernel)[(4, 2)](desc, y, 100, BLOCK=32)
+        captured.triton_launches = len(captured.launches)
+        return captured
+
+    def rows(base, box):
+        return TensorDescriptor(base, [28, 8, 16], [128, 16, 1], [box, 1, 16])
+
+    sequence = LaunchSequence.build(record(rows(ws[512:], 8)), (ws, y))
+    assert sequence.sites[0].descriptors[0][1:] == ((28, 8, 16), (128, 16, 1), (8, 1, 16),
+                                                    "zero")
+    ws2 = torch.zeros(4096, dtype=torch.bfloat16)
+    kernel.launches.clear()
+    assert sequence.launch((ws2, y))
+    _compiled, call = kernel.launches[0]
+    desc = call[9]
+    assert isinstance(desc, fast_launch.HostDescriptor)
+    assert desc.base.data_ptr() == ws2.data_ptr() + 512 * 2
+    assert (desc.shape, desc.strides, desc.padding) == ((28, 8, 16), (128, 16, 1), "zero")
+    assert call[10:] == (y.data_ptr(), 100, 32)
+    assert sequence.absorb(record(rows(ws[512:], 8)), (ws, y))
+    assert not sequence.absorb(record(rows(ws[512:], 4)), (ws, y))  # another box
+    assert not sequence.absorb(record(rows(ws[1024:], 8)), (ws, y))  # another offset
+    with pytest.raises(Unusable, match="not one of the call's inputs"):
+        LaunchSequence.build(record(rows(torch.zeros(4096, dtype=torch.bfloat16), 8)),
+                             (ws, y))

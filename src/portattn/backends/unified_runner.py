@@ -152,9 +152,13 @@ class UnifiedRunner(Runner):
         if self.workspace_size and ws is None:  # capturing a graph: the normal path
             self._launch(q, cache, metadata, self.options_for(layer), out, self.plan.params)
             return
-        inputs = inputs_of(q, cache, metadata, out, layer, ws, self.quantized)
         sequence = slot.sequence
-        if sequence is not None and sequence is not _UNUSABLE and sequence.launch(inputs):
+        if sequence is _UNUSABLE:  # the normal path, without a capture's launch hook
+            self._launch(q, cache, metadata, self.options_for(layer), out, self.plan.params,
+                         workspace=ws)
+            return
+        inputs = inputs_of(q, cache, metadata, out, layer, ws, self.quantized)
+        if sequence is not None and sequence.launch(inputs):
             return
         self._record(q, cache, metadata, out, layer, ws, inputs, slot)
 

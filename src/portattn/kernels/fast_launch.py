@@ -16,9 +16,12 @@ How, for ANY ``@triton.jit`` kernel and whatever arguments a launcher passes:
    (a tensor that IS one of the caller's ``inputs``, or a view into exactly one input's
    storage, e.g. a slice of the caller's workspace: per call its data pointer is
    recomputed) or *fixed* (a plain value: int, float, bool, str, None, a tuple of those;
-   kept as recorded). Anything else (a tensor the launcher allocated itself, a tensor
-   descriptor) makes the sequence unusable, and the caller keeps the normal path. No
-   tensor is stored.
+   kept as recorded), or a host *tensor descriptor* (Triton's ``TensorDescriptor``)
+   whose base is bound as a tensor is and whose shape, strides, block shape and padding
+   are fixed: per call it is rebuilt around the new base pointer, and Triton's launcher
+   encodes it (one ``cuTensorMapEncodeTiled`` per descriptor). Anything else (a tensor
+   the launcher allocated itself) makes the sequence unusable, and the caller keeps the
+   normal path. No tensor is stored.
 3. **Relaunch** (:meth:`LaunchSequence.launch`): per call, the data pointers of the bound
    inputs, the current device and stream, and one dict lookup per kernel; then the
    compiled kernel's launcher is called directly, pointers passed as ints. Like Triton,
@@ -281,15 +284,18 @@ class Site:
     order (None where a bound pointer goes), bindings, grid, and the compiled kernels by
     (device, Triton state, alignment of the bound pointers)."""
 
-    __slots__ = ("fn", "grid", "names", "template", "binds", "options", "table", "lock")
+    __slots__ = ("fn", "grid", "names", "template", "binds", "options", "descriptors",
+                 "table", "lock")
 
-    def __init__(self, fn, grid, names, template, binds, options):
+    def __init__(self, fn, grid, names, template, binds, options, descriptors=None):
         self.fn = fn
         self.grid = grid
         self.names = names
         self.template = template
         self.binds = binds              # ((position, input index, byte offset), ...)
         self.options = options
+        #: position -> the fixed part of a host descriptor bound there (its base is bound)
+        self.descriptors: dict[int, tuple] = descriptors or {}
         self.table: dict = {}
         self.lock = threading.Lock()
 
@@ -371,6 +377,49 @@ class Ambiguous(Unusable):
     """This recording cannot be attributed (inputs alias each other); another may."""
 
 
+def is_descriptor(value) -> bool:
+    """A host tensor descriptor (Triton's ``TensorDescriptor``; checked by shape, so this
+    module imports nothing from Triton's tools)."""
+    return type(value).__name__ == "TensorDescriptor" and \
+        all(hasattr(value, a) for a in ("base", "shape", "strides", "block_shape", "padding"))
+
+
+def descriptor_layout(value) -> tuple:
+    """What Triton specializes and encodes of a host descriptor besides its base pointer:
+    the base's dtype, shape, strides, block shape and padding."""
+    return (value.base.dtype, tuple(int(x) for x in value.shape),
+            tuple(int(x) for x in value.strides), tuple(int(x) for x in value.block_shape),
+            value.padding)
+
+
+def pointer_of(value) -> int:
+    """The device address a bound argument passes: a tensor's, a descriptor's base's."""
+    return (value.base if is_descriptor(value) else value).data_ptr()
+
+
+class _Pointer:
+    """A bare device address with ``data_ptr()``: the base of a rebuilt descriptor."""
+
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+
+    def data_ptr(self) -> int:
+        return self.ptr
+
+
+class HostDescriptor:
+    """A recorded host descriptor around a new base pointer: what Triton's launcher reads
+    of a ``TensorDescriptor`` (``base.data_ptr()``, ``shape``, ``strides``, ``padding``)."""
+
+    __slots__ = ("base", "shape", "strides", "block_shape", "padding")
+
+    def __init__(self, ptr: int, layout: tuple):
+        self.base = _Pointer(ptr)
+        _dtype, self.shape, self.strides, self.block_shape, self.padding = layout
+
+
 def build_site(launch: Launch, inputs: Sequence) -> Site:
     fn = launch.fn
     for attr in ("device_caches", "params"):
@@ -386,21 +435,27 @@ def build_site(launch: Launch, inputs: Sequence) -> Site:
     names, values, options = _bind_call(fn, launch)
     template: list[Any] = []
     binds: list[tuple[int, ...]] = []
+    descriptors: dict[int, tuple] = {}
     for pos, (name, value) in enumerate(zip(names, values)):
-        if isinstance(value, torch.Tensor):
-            where = bind_value(value, inputs)
+        if isinstance(value, torch.Tensor) or is_descriptor(value):
+            base = value.base if is_descriptor(value) else value
+            if not isinstance(base, torch.Tensor):
+                raise Unusable(f"argument {name} of {fn!r} is a descriptor of no tensor")
+            where = bind_value(base, inputs)
             if where is None:
                 raise Unusable(f"argument {name} of {fn!r} is a tensor that is not one of the "
                                "call's inputs")
             binds.append((pos, *where))
             template.append(None)
+            if base is not value:
+                descriptors[pos] = descriptor_layout(value)
         elif is_plain(value):
             template.append(value)
         else:
             raise Unusable(f"argument {name} of {fn!r} has type {type(value).__name__}")
     if not all(is_plain(v) for v in options.values()):
         raise Unusable(f"launch options of {fn!r} are not plain values")
-    return Site(fn, grid, names, template, tuple(binds), options)
+    return Site(fn, grid, names, template, tuple(binds), options, descriptors)
 
 
 def check_with_triton(site: Site, launch: Launch, device: int) -> None:
@@ -426,8 +481,8 @@ def check_with_triton(site: Site, launch: Launch, device: int) -> None:
         raise Unusable(f"Triton's cache holds another kernel for this call of {fn!r}")
     _names, values, _ = _bind_call(fn, launch)
     for pos, _i, _off in site.binds:
-        want = "" if values[pos].data_ptr() & 15 else "D"
-        got = specialization[pos][1]
+        got = specialization[pos][1]  # None: not specialized (host descriptors)
+        want = "" if pointer_of(values[pos]) & 15 else "D"
         if got is not None and got != want:
             raise Unusable(f"Triton specializes pointer {site.names[pos]} as {got!r}, not by "
                            "16-byte alignment alone")
@@ -501,13 +556,18 @@ class LaunchSequence:
             for pos, value in enumerate(values):
                 if pos in bound:
                     j, off = bound[pos]
-                    if not isinstance(value, torch.Tensor) or \
-                            value.data_ptr() != selected[j].data_ptr() + off:
+                    layout = site.descriptors.get(pos)
+                    if layout is not None:
+                        if not is_descriptor(value) or descriptor_layout(value) != layout:
+                            return False
+                    elif not isinstance(value, torch.Tensor):
                         return False
-                elif isinstance(value, torch.Tensor) or \
+                    if pointer_of(value) != selected[j].data_ptr() + off:
+                        return False
+                elif isinstance(value, torch.Tensor) or is_descriptor(value) or \
                         _spec(value) != _spec(site.template[pos]):
                     return False
-            pointers = [values[pos].data_ptr() for pos, _, _ in site.binds]
+            pointers = [pointer_of(values[pos]) for pos, _, _ in site.binds]
             token = alignment_token(pointers) if pointers else True
             keys.append((device, state, token))
         for site, launch, key in zip(self.sites, captured.launches, keys):
@@ -522,7 +582,7 @@ def _generate_launch(sites: list[Site], used: tuple[int, ...], get_device, get_s
     alignment of each bound pointer), a hook must see the launches, or the inputs lack a
     pointer. Fixed arguments are names bound to the recorded values."""
     namespace = {"triton_state": triton_state, "get_device": get_device,
-                 "get_stream": get_stream}
+                 "get_stream": get_stream, "HostDescriptor": HostDescriptor}
     lines = ["def launch(inputs):",
              "    state = triton_state()",
              "    if state is None:",
@@ -543,6 +603,9 @@ def _generate_launch(sites: list[Site], used: tuple[int, ...], get_device, get_s
         lines.append(f"    if fn{s}.pre_run_hooks:")
         lines.append("        return False")
         names = list(bound.values())
+        for pos, layout in site.descriptors.items():  # rebuilt around the new base
+            namespace[f"layout{s}_{pos}"] = layout
+            bound[pos] = f"HostDescriptor(p{s}_{pos}, layout{s}_{pos})"
         if names:
             lines.append(f"    token = True if not ({' | '.join(names)}) & 15 else "
                          f"({''.join(f'not {n} & 15, ' for n in names)})")
