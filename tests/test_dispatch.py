@@ -1,7 +1,9 @@
 """The dispatcher: forced backends, error texts, the decision cache, explain, the lazy
 registry, and the custom op under torch.compile."""
 
+import copy
 import json
+import pickle
 import threading
 
 import pytest
@@ -298,3 +300,100 @@ def test_memo_sees_a_reassigned_cache_tensor(batch, monkeypatch):
     from portattn.settings import decision_environment
     assert not planning._memo_allowed(batch.q, batch.cache, batch.metadata, None,
                                       decision_environment())
+
+
+def _counting_prepare(monkeypatch) -> list:
+    """Counts the full checks of ``attention`` (api._prepare)."""
+    import portattn.api as api
+
+    prepared: list = []
+    real_prepare = api._prepare
+    monkeypatch.setattr(api, "_prepare",
+                        lambda *a, **k: prepared.append(1) or real_prepare(*a, **k))
+    return prepared
+
+
+@pytest.mark.parametrize("bad", [
+    {"causal": 1}, {"alibi_sqrt": 0}, {"sliding_window": 4.0}, {"softcap": True},
+    {"causal": [1]}, {"out": [1]}, {"sinks": [0.0] * 4}])
+def test_memo_hit_still_rejects_bad_options(batch, monkeypatch, bad):
+    """Options equal to accepted ones (same hash, ==) but of a type the checks refuse,
+    unhashable ones, and non-tensors where a tensor belongs: InputError naming them, even
+    with an accepted call of the same structure in the memo."""
+    prepared = _counting_prepare(monkeypatch)
+    planning.clear()
+    good = {"sliding_window": 4, "softcap": 1.0}  # causal=True, alibi_sqrt=False
+    for _ in range(2):
+        portattn.attention(batch.q, batch.cache, batch.metadata, validate=False, **good)
+    assert len(prepared) == 1  # the second call was served from the memo
+    (name, _), = bad.items()
+    with pytest.raises(portattn.InputError, match=f"^{name}:"):
+        portattn.attention(batch.q, batch.cache, batch.metadata, validate=False,
+                           **{**good, **bad})
+
+
+def test_memo_entries_that_leave_hold_nothing(batch, monkeypatch):
+    """The metadata object keeps its memo entry's calls (found without computing a token);
+    an entry that leaves the memo (capacity, clear) is emptied, so no plan stays reachable
+    from the object and its next call is checked again. Copies of the metadata carry no
+    plans (deepcopy, pickle)."""
+    prepared = _counting_prepare(monkeypatch)
+    planning.clear()
+    monkeypatch.setattr(planning.memo, "capacity", 1)
+    m = batch.metadata
+    other = portattn.AttentionMetadata(m.cu_seqlens_q.clone(), m.seq_lens.clone(),
+                                       m.block_table.clone(), m.max_seqlen_q, m.max_seqlen_k)
+    for _ in range(2):
+        portattn.attention(batch.q, batch.cache, m, validate=False)
+    assert len(prepared) == 1
+    kept = m.__dict__[planning._CALLS_ATTR]
+    assert len(kept) == 1
+    for copied in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        assert len(copied.__dict__[planning._CALLS_ATTR]) == 0
+    portattn.attention(batch.q, batch.cache, other, validate=False)  # evicts m's entry
+    assert len(prepared) == 2 and len(planning.memo) == 1 and len(kept) == 0
+    portattn.attention(batch.q, batch.cache, m, validate=False)
+    assert len(prepared) == 3
+    planning.clear()
+    assert len(m.__dict__[planning._CALLS_ATTR]) == 0
+
+
+@pytest.mark.parametrize("head_size_v", [32, 16])
+def test_allocated_out_is_contiguous_with_the_result_shape(monkeypatch, head_size_v):
+    """``attention`` and ``plan.run`` allocate a contiguous ``[num_tokens, num_q_heads,
+    head_size_v]`` result (like q where the shapes agree, DiffKV otherwise), also for a q
+    that is a strided view of a fused qkv or a dense q with permuted strides; on the
+    checked call and on memo hits alike."""
+    monkeypatch.setenv("PORTATTN_VALIDATE", "0")
+    planning.clear()
+    batch = make_paged_batch([2, 1], [9, 30], num_q_heads=4, num_kv_heads=2, head_size=32,
+                             head_size_v=head_size_v, dtype=torch.float32)
+    expected = dense_attention(batch.q, batch.keys, batch.values, batch.query_lens)
+    fused = torch.cat([batch.q, torch.zeros_like(batch.q)], dim=1)[:, :4]
+    permuted = batch.q.transpose(0, 1).contiguous().transpose(0, 1)
+    plan = portattn.plan(batch.metadata, num_q_heads=4, dtype=torch.float32,
+                         cache=batch.cache)
+    for q in (batch.q, fused, permuted):
+        for _ in range(2):
+            for out in (portattn.attention(q, batch.cache, batch.metadata),
+                        plan.run(q, batch.cache)):
+                assert out.shape == (3, 4, head_size_v) and out.dtype == torch.float32
+                assert out.is_contiguous()
+                assert relative_error(out, expected) < 1e-5
+
+
+def test_memo_hit_still_rejects_a_hint_of_the_wrong_type(batch, monkeypatch):
+    """A metadata object rebuilt around the same tensors with a hint equal to the
+    accepted one but of a refused type (30.0 == 30) is checked, not served from the memo."""
+    prepared = _counting_prepare(monkeypatch)
+    planning.clear()
+    m = batch.metadata
+    same = portattn.AttentionMetadata(m.cu_seqlens_q, m.seq_lens, m.block_table,
+                                      m.max_seqlen_q, m.max_seqlen_k)
+    for metadata in (m, same):
+        portattn.attention(batch.q, batch.cache, metadata, validate=False)
+    assert len(prepared) == 1  # the rebuilt object found the entry of its tensors
+    floated = portattn.AttentionMetadata(m.cu_seqlens_q, m.seq_lens, m.block_table,
+                                         m.max_seqlen_q, float(m.max_seqlen_k))
+    with pytest.raises(portattn.InputError, match="^metadata.max_seqlen_k:"):
+        portattn.attention(batch.q, batch.cache, floated, validate=False)

@@ -3,7 +3,7 @@
 
 A call goes: normalize options -> structural checks -> (value checks when cheap or asked)
 -> ``Problem`` -> cached ``Decision`` -> a plan's runner. A call whose structure (shapes,
-strides, dtypes, option values: :func:`portattn.planning.layer_signature`) was already
+strides, dtypes, option values and types: :func:`portattn.planning.call_key`) was already
 checked with the same metadata skips straight to the runner. With
 ``metadata.max_seqlen_q/k`` given, nothing here reads device values, so the call does not
 synchronize and can be captured in a CUDA graph.

@@ -108,7 +108,9 @@ def normalize_options(q: torch.Tensor, cache: PagedKVCache, *, scale: float | No
     if output_scale is not None:
         _check_scalar_scale("output_scale", output_scale)
 
-    out_dtype = out.dtype if out is not None else default_out_dtype(q.dtype, output_scale)
+    # a non-tensor out is named by check_out
+    out_dtype = out.dtype if isinstance(out, torch.Tensor) else \
+        default_out_dtype(q.dtype, output_scale)
     if out_dtype in FP8_DTYPES and output_scale is None:
         raise InputError("output_scale", "a scale when the output is fp8 "
                          "(out = clamp(result / output_scale))", "None")
