@@ -40,8 +40,9 @@ from portattn.options import normalize_options
 
 @triton.jit
 def _kv_tiles(acc, m_i, l_i, q, k_desc, v_desc, row0, head, lo, hi, qk_scale, q_pos,
-              seq_len, BLOCK_N: tl.constexpr, HEAD: tl.constexpr, MASKED: tl.constexpr):
-    for j in tl.range(lo, hi):
+              seq_len, BLOCK_N: tl.constexpr, HEAD: tl.constexpr, MASKED: tl.constexpr,
+              WS: tl.constexpr = False):
+    for j in tl.range(lo, hi, warp_specialize=WS):
         k = k_desc.load([row0 + j * BLOCK_N, head, 0]).reshape(BLOCK_N, HEAD)
         qk = tl.dot(q, tl.trans(k))
         k_pos = j * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -57,7 +58,8 @@ def _kv_tiles(acc, m_i, l_i, q, k_desc, v_desc, row0, head, lo, hi, qk_scale, q_
 def _one_item(item, q_ptr, out_ptr, k_desc, v_desc, cu_seqlens_q_ptr, seq_lens_ptr, num_seqs,
               num_kv_heads, total_tiles, rows_per_seq, qk_scale, stride_qt, stride_qh,
               stride_ot, stride_oh, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr):
+              BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr,
+              WS: tl.constexpr):
     tile_idx = total_tiles - 1 - item // num_kv_heads
     head = item % num_kv_heads
     seq = find_seq_of_tile(cu_seqlens_q_ptr, num_seqs, tile_idx, BLOCK_Q)
@@ -84,7 +86,7 @@ def _one_item(item, q_ptr, out_ptr, k_desc, v_desc, cu_seqlens_q_ptr, seq_lens_p
     acc = tl.zeros([BLOCK_M, HEAD], dtype=tl.float32)
     row0 = seq * rows_per_seq
     acc, m_i, l_i = _kv_tiles(acc, m_i, l_i, q, k_desc, v_desc, row0, head, 0, full_hi,
-                              qk_scale, q_pos, seq_len, BLOCK_N, HEAD, False)
+                              qk_scale, q_pos, seq_len, BLOCK_N, HEAD, False, WS)
     acc, m_i, l_i = _kv_tiles(acc, m_i, l_i, q, k_desc, v_desc, row0, head, full_hi, tile_hi,
                               qk_scale, q_pos, seq_len, BLOCK_N, HEAD, True)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -100,7 +102,8 @@ def exp_prefill_kernel(q_ptr, out_ptr, k_src, v_src, cu_seqlens_q_ptr, seq_lens_
                        stride_qt, stride_qh, stride_ot, stride_oh,
                        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
                        BLOCK_N: tl.constexpr, HEAD: tl.constexpr, PERSISTENT: tl.constexpr,
-                       HOST_DESC: tl.constexpr, FLATTEN: tl.constexpr):
+                       HOST_DESC: tl.constexpr, FLATTEN: tl.constexpr,
+                       WS: tl.constexpr = False):
     if HOST_DESC:
         k_desc = k_src
         v_desc = v_src
@@ -117,12 +120,13 @@ def exp_prefill_kernel(q_ptr, out_ptr, k_src, v_src, cu_seqlens_q_ptr, seq_lens_
                              flatten=FLATTEN):
             _one_item(item, q_ptr, out_ptr, k_desc, v_desc, cu_seqlens_q_ptr, seq_lens_ptr,
                       num_seqs, num_kv_heads, total_tiles, rows_per_seq, qk_scale, stride_qt,
-                      stride_qh, stride_ot, stride_oh, GROUP, BLOCK_M, BLOCK_Q, BLOCK_N, HEAD)
+                      stride_qh, stride_ot, stride_oh, GROUP, BLOCK_M, BLOCK_Q, BLOCK_N, HEAD,
+                      WS)
     else:
         _one_item(tl.program_id(0), q_ptr, out_ptr, k_desc, v_desc, cu_seqlens_q_ptr,
                   seq_lens_ptr, num_seqs, num_kv_heads, total_tiles, rows_per_seq, qk_scale,
                   stride_qt, stride_qh, stride_ot, stride_oh, GROUP, BLOCK_M, BLOCK_Q,
-                  BLOCK_N, HEAD)
+                  BLOCK_N, HEAD, WS)
 
 
 def _scratch(size, alignment, stream):
@@ -140,6 +144,8 @@ ALL_VARIANTS = {
     "np-device": (False, False, False, 0), "np-host": (False, True, False, 0),
     "p-host": (True, True, False, 1), "p-host-flat": (True, True, True, 1),
     "p-device": (True, False, False, 1), "p-host-x2": (True, True, False, 2),
+    # run 4: Triton's warp specialization of the unmasked loop (no block table left in it)
+    "np-host-ws": (False, True, False, 0), "np-host-ws-w4": (False, True, False, 0),
 }
 VARIANTS = {k: v for k, v in ALL_VARIANTS.items()
             if k in os.environ.get("EXP_VARIANTS", "np-host").split(",")}
@@ -183,6 +189,8 @@ def run_case(name, lens, head, graph, rows):
     case = Case(name, "prefill", lens, lens)
     flops = case_flops(case, hq, head)
     for vname, (persistent, host, flatten, per_sm) in VARIANTS.items():
+        ws = "-ws" in vname
+        nw = 4 if vname.endswith("-w4") else warps
         out = torch.full_like(q, float("nan"))
         if host:
             k_src = TensorDescriptor(k, list(k.shape), list(k.stride()), [block_n, 1, head])
@@ -192,13 +200,13 @@ def run_case(name, lens, head, graph, rows):
         grid = (sms * per_sm,) if persistent else (total_tiles * hk,)
 
         def fn(out=out, k_src=k_src, v_src=v_src, grid=grid, persistent=persistent,
-               host=host, flatten=flatten):
+               host=host, flatten=flatten, ws=ws, nw=nw):
             exp_prefill_kernel[grid](
                 q, out, k_src, v_src, cu, seq_lens, num_seqs, hk, total_tiles, k.shape[0],
                 rows_per_seq, scale * 1.4426950408889634, q.stride(0), q.stride(1),
                 out.stride(0), out.stride(1), GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q,
                 BLOCK_N=block_n, HEAD=head, PERSISTENT=persistent, HOST_DESC=host,
-                FLATTEN=flatten, num_warps=warps, num_stages=stages)
+                FLATTEN=flatten, WS=ws, num_warps=nw, num_stages=stages)
         try:
             fn()
             torch.cuda.synchronize()

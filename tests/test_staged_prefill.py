@@ -189,14 +189,32 @@ def test_staged_attention_non_pow2_heads_gqa_and_diffkv(stage_calls):
     assert len(stage_calls) == 2
 
 
+@pytest.fixture
+def nan_workspaces(monkeypatch):
+    """Every floating-point ``torch.empty`` comes back NaN-filled, the staging workspace
+    included: rows the staging kernel does not write cannot pass for zeros."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(math.nan)
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
 @interp
 @pytest.mark.parametrize("load", ["staged_host", "staged", "descriptor"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_every_read_of_the_staged_keys(load, variant, stage_calls, monkeypatch):
+def test_every_read_of_the_staged_keys(load, variant, stage_calls, monkeypatch,
+                                       nan_workspaces):
     """The staged keys read as rows of host-built or kernel-built 3-D descriptors
     (``KV_LOAD`` 3 / 2) or through the staged block table (``KV_LOAD`` 1, 4-D boxes), with
     the features that move the visible range (window, sinks) and per-token-head scales
-    copied beside the codes (fp16 q): each against the float64 oracle."""
+    copied beside the codes (fp16 q), from a NaN-filled workspace (the row loads do not
+    zero masked keys: what they read must have been written): each against the float64
+    oracle."""
     from portattn.kernels import launch
 
     seen = []

@@ -290,14 +290,15 @@ def _load_kv_tile_staged(seq_row0, key0, k_pos, key_ok, kv_head, k_desc, v_desc,
     """:func:`_load_kv_tile` with ``KV_LOAD`` 2 / 3 (staged keys): the sequence's key
     ``k`` is row ``seq_row0 + k`` of the 3-D descriptors ``[rows, num_kv_heads, HEAD]``,
     one box per tile, no block-table lookup. Bad block ids were staged as NaN keys (the
-    rows that see them come out NaN through the scores), so ``bad`` is empty; masked-out
-    keys come back as zero rows, as with the other loads."""
+    rows that see them come out NaN through the scores), so ``bad`` is empty. Masked-out
+    keys are NOT zeroed (at head 256 the selects made the kernel spill, 104 bytes of
+    stack): every row a tile reads was written by the staging kernel (a tile lies inside
+    one staged block, staged blocks holding a visible key are written whole, V zero
+    outside the visible keys and for bad ids) or lies past the workspace (the
+    descriptor's zero fill), so V is finite there and K is masked through the scores."""
     row = (seq_row0 + key0).to(tl.int32)
     k_rows = k_desc.load([row, kv_head, 0]).reshape(BLOCK_N, HEAD_QK_PAD)
     v = v_desc.load([row, kv_head, 0]).reshape(BLOCK_N, HEAD_V_PAD)
-    if MASKED:
-        k_rows = tl.where(key_ok[:, None], k_rows, tl.zeros_like(k_rows))
-        v = tl.where(key_ok[:, None], v, tl.zeros_like(v))
     staged_block = (seq_row0 + key0) // BLOCK_SIZE
     k_sc, v_sc = _token_head_scales(ks_head_ptr, vs_head_ptr, staged_block.to(tl.int64),
                                     k_pos % BLOCK_SIZE, key_ok, stride_ksb, stride_kss,
