@@ -420,6 +420,43 @@ def test_bad_block_ids_give_nan_rows_not_garbage(variant, bad_id, tiles):
     run(variant, dtype=F32, head_size=32, block_table_edit=_corrupt(bad_id), **kw)
 
 
+@interp
+@pytest.mark.parametrize("kv_load", ["pointer", "descriptor"])
+def test_a_bad_block_id_spoils_exactly_the_rows_that_see_it(kv_load):
+    """A bad id reads block 0 in its place; block 0 here holds NaN (a stale block). With
+    a window of 20, sequence 0's tokens at positions 160..194 see the bad block's keys
+    (160..175): exactly those rows are NaN; the rows past them (whose masked tiles still
+    load those keys, with P = 0) match the float64 oracle."""
+    from portattn.kernels import launch
+    from portattn.options import normalize_options
+    from portattn.testing import dense_attention, make_paged_batch, relative_error
+    from portattn.types import AttentionMetadata
+
+    batch = make_paged_batch([40, 5], [200, 70], num_q_heads=4, num_kv_heads=2,
+                             head_size=32, block_size=16, dtype=torch.float32, seed=5)
+    c = batch.cache
+    cache = PagedKVCache(*(torch.cat([torch.full_like(t[:1], math.nan), t])
+                           for t in (c.key_cache, c.value_cache)))
+    table = batch.metadata.block_table + 1  # block 0: the NaN block, used by no sequence
+    table[0, 10] = 10_000
+    md = batch.metadata
+    metadata = AttentionMetadata(md.cu_seqlens_q, md.seq_lens, table, md.max_seqlen_q,
+                                 md.max_seqlen_k)
+    options = normalize_options(batch.q, cache, sliding_window=20)
+    params = {"mode": "prefill", "long": SMALL_LONG.as_dict()}
+    if kv_load == "descriptor":
+        params.update(kv_load="descriptor", _kv_load_forced=True)
+    out = torch.full_like(batch.q, math.nan)
+    launch.launch_unified(batch.q, cache, metadata, options, out, params)
+    expected = dense_attention(batch.q.double(), batch.keys, batch.values, batch.query_lens,
+                               scale=options.scale, sliding_window=20)
+    sees = torch.zeros(45, dtype=torch.bool)
+    sees[:35] = True
+    assert torch.isnan(out[sees]).all()
+    assert torch.isfinite(out[~sees]).all()
+    assert relative_error(out[~sees].double(), expected[~sees]) < 1e-4
+
+
 def _run_decode_plan(batch, metadata, out, segments, block_q=8):
     from portattn.backends.base import Plan
     from portattn.backends.triton_unified import TritonUnified

@@ -228,6 +228,38 @@ def test_every_read_of_the_staged_keys(load, variant, stage_calls, monkeypatch,
 
 
 @interp
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("load", ["staged_host", "staged", "descriptor"])
+def test_an_understated_max_seqlen_k_gives_nan_rows_not_other_keys(load, causal,
+                                                                   nan_workspaces):
+    """Staging copies the plan's ``max_seqlen_k`` keys per sequence (64 here); sequence 0
+    has 70. Rows that see keys past the staged ones are NaN (never another sequence's
+    keys or stale workspace rows); the others match the float64 oracle."""
+    from portattn.kernels import launch
+    from portattn.options import normalize_options
+    from portattn.testing import dense_attention, relative_error
+
+    batch = make_paged_batch([40, 8], [70, 30], num_q_heads=4, num_kv_heads=2,
+                             head_size=32, block_size=16, dtype=F16, seed=3)
+    options = normalize_options(batch.q, batch.cache, causal=causal)
+    long = TileConfig(block_m=32, block_q=16, block_n=16, num_warps=4,
+                      num_stages=2).as_dict()
+    params = {"mode": "prefill", "long": long, "stage": {"block": 32, "sblocks": 2},
+              "stage_long": long, "stage_kv_load": load, "_kv_load_forced": True}
+    out = torch.full_like(batch.q, math.nan)
+    launch.launch_unified(batch.q, batch.cache, batch.metadata, options, out, params)
+    expected = dense_attention(batch.q.double(), batch.keys, batch.values, batch.query_lens,
+                               scale=options.scale, causal=causal)
+    # sequence 0: tokens 0..39 at positions 30..69; causal rows of positions >= 64 (tokens
+    # 34..39) see unstaged keys, non-causal every row of it does; sequence 1 is whole
+    sees_more = torch.zeros(48, dtype=torch.bool)
+    sees_more[34 if causal else 0:40] = True
+    assert torch.isnan(out[sees_more]).all()
+    assert torch.isfinite(out[~sees_more]).all()
+    assert relative_error(out[~sees_more].double(), expected[~sees_more]) < 3e-3
+
+
+@interp
 @pytest.mark.parametrize("bad_id", [-3, 10_000])
 @pytest.mark.parametrize("load", ["staged_host", "descriptor"])
 def test_staged_attention_bad_block_ids_give_nan_rows(bad_id, load):

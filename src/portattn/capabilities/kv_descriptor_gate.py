@@ -38,7 +38,7 @@ from portattn.capabilities.descriptor_check import child_env
 
 CHILD_TIMEOUT_S = 300
 CACHE_FORMAT = "portattn.kv-descriptor-gate/6"  # 4: the plan's v_pairs; 5: staged
-#: variants; 6: staged keys read as rows of host-built descriptors (kv_load.STAGED_KV_LOAD)
+#: variants; 6: staged variants name how the staged keys are read (kv_load.STAGED_KV_LOAD)
 #: Tiny problem of a check: two sequences, one decode and one short chunk.
 QUERY_LENS = (1, 5)
 SEQ_LENS = (37, 70)
@@ -58,8 +58,11 @@ def variant_key(*, kv_dtype: str, quant: str, head_qk: int, head_v: int, block_s
            "head_v": int(head_v), "block_size": int(block_size), "block_n": int(block_n),
            "fp8_dot": bool(fp8_dot), "kv_bits": kv_bits, "v_pairs": bool(v_pairs)}
     if staged is not None:
+        from portattn.kernels.kv_load import STAGED_KV_LOAD
+
         key["staged"] = {name: staged[name] for name in
                          ("q_dtype", "block_m", "block_n", "num_warps", "num_stages")}
+        key["staged"]["kv_load"] = STAGED_KV_LOAD  # how the staged launch reads its keys
     return key
 
 

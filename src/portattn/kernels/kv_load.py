@@ -22,7 +22,10 @@ from portattn.kernels.heuristics import head_pad
 
 #: the unified kernel's ``KV_LOAD`` codes; ``staged`` / ``staged_host``: keys staged by
 #: :mod:`portattn.kernels.stage`, read as rows of 3-D descriptors built in the kernel / on
-#: the host (the launcher of staged prefills picks one, :data:`STAGED_KV_LOAD`)
+#: the host (the launcher of staged prefills uses :data:`STAGED_KV_LOAD`; ``staged`` is
+#: kept as the measured alternative: ``params["stage_kv_load"]``, benchmarks only). Their
+#: tiles too lie inside one staged block (``BLOCK_SIZE % BLOCK_N == 0``, checked by
+#: :func:`launch_reasons`): per-token-head scales are read per staged block.
 KV_LOAD_CODES = {"pointer": 0, "descriptor": 1, "staged": 2, "staged_host": 3}
 #: how the long tiles of a staged prefill read the staged keys: rows of host-built
 #: descriptors, 2-9% faster than the same built per program and 13-29% faster than the

@@ -26,7 +26,12 @@ from portattn.kernels.byte_decode import PAIR_FORMATS
 from portattn.kernels.fast_launch import capturable
 from portattn.kernels.heuristics import align16, head_pad
 from portattn.kernels.scalars import device_scalars, kv_scale_args
-from portattn.kernels.stage_launch import stage_kv, stage_workspace_size, stages_scales
+from portattn.kernels.stage_launch import (
+    StagedCache,
+    stage_kv,
+    stage_workspace_size,
+    stages_scales,
+)
 from portattn.types import FP8_DTYPES, FP8_FORMAT_NAMES, fp8_max
 
 unified_attention_kernel = capturable(unified.unified_attention_kernel)
@@ -244,13 +249,15 @@ def _with_kv_loads(q, cache, metadata, options, out, params: dict, run) -> None:
     if params.get("v_stage") and args["KV_QUANT"]:  # forced (experiments), 8-bit caches only
         args["V_STAGE"] = True
     kind = params.get("kv_load", "pointer")
+    if kind.startswith("staged") and not isinstance(cache, StagedCache):
+        raise ValueError(f"kv_load={kind!r} reads staged keys; this cache is not staged")
     if kind != "pointer":  # "descriptor", or staged keys ("staged" / "staged_host")
         forced = bool(params.get("_kv_load_forced"))
         why = descriptor_launch_reasons(cache, params)
         if why and forced:
             raise InputError("cache", "tensors descriptor (TMA) loads can read "
                              "(PORTATTN_TD=1 forces them)", "; ".join(why))
-        key = _descriptor_key(args, params)
+        key = _descriptor_key(args, params) + (kind,)
         if not why and (forced or key not in DESCRIPTOR_FAILED):
             args["KV_LOAD"] = kv_load_rules.KV_LOAD_CODES[kind]
             if q.device.type == "cuda":  # device-side descriptors need triton scratch
@@ -331,7 +338,10 @@ def _host_descriptors(args: dict, staged, cfg: dict) -> dict:
         return args
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    def rows(t, pad):
+    def rows(t, pad):  # [num_blocks, block, heads, head] with blocks back to back
+        if t.stride(0) != t.shape[1] * t.stride(1) or t.numel() >= 2 ** 31:
+            raise ValueError(f"staged tensor of shape {tuple(t.shape)} and strides "
+                             f"{t.stride()} is not rows of int32-addressable blocks")
         return TensorDescriptor(t, [t.shape[0] * t.shape[1], t.shape[2], t.shape[3]],
                                 [t.stride(1), t.stride(2), 1], [cfg["block_n"], 1, pad])
     return dict(args, k_ptr=rows(staged.key_cache, args["HEAD_QK_PAD"]),

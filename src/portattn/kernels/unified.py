@@ -97,13 +97,16 @@ outside the pipelined KV loop, and one box ``[1, BLOCK_N, 1, HEAD_PAD]`` per til
 into whole tiles). The rules and reasons are :mod:`portattn.kernels.kv_load`; the
 launcher checks them and sets Triton's scratch allocator on GPUs (device-side
 descriptors live in global scratch). Scales of quantized caches stay pointer loads.
-2 (staged keys, :mod:`portattn.kernels.stage`): the cache is a staging workspace whose
-blocks are one sequence's keys in order (sequence ``b``'s key ``k`` at row ``b * bt_width
-* BLOCK_SIZE + k``, blocks contiguous), read through one 3-D descriptor per cache
-``[num_blocks * BLOCK_SIZE, num_kv_heads, HEAD]``, box ``[BLOCK_N, 1, HEAD_PAD]``: no
-block-table lookup in the loop and no pre-scan (staging turned bad ids into NaN keys).
-3: the same with the descriptors built on the host (``k_ptr`` / ``v_ptr`` are Triton
-``TensorDescriptor`` arguments, passed as grid constants: no per-program build).
+2 (staged keys, :mod:`portattn.kernels.stage`; a measured alternative to 3, not
+planned): the cache is a staging workspace whose blocks are one sequence's keys in order
+(sequence ``b``'s key ``k`` at row ``b * bt_width * BLOCK_SIZE + k``, blocks contiguous),
+read through one 3-D descriptor per cache ``[num_blocks * BLOCK_SIZE, num_kv_heads,
+HEAD]``, box ``[BLOCK_N, 1, HEAD_PAD]``: no block-table lookup in the loop and no
+pre-scan (staging turned bad ids into NaN keys). Only ``bt_width * BLOCK_SIZE`` keys per
+sequence were staged: tiles past them are not read and rows that would see them come
+out NaN (an understated ``max_seqlen_k``). 3: the same with the descriptors built on the
+host (``k_ptr`` / ``v_ptr`` are Triton ``TensorDescriptor`` arguments, passed as grid
+constants: no per-program build).
 
 ``CHECK_BLOCKS`` (default on; off only in benchmarks/kernel_experiments.py, to measure
 what the following costs). Bad metadata never reads out of bounds: a block-table entry
@@ -222,10 +225,11 @@ def _load_kv_tile_pointer(bt_row, bt_width, num_blocks, k_pos, key_ok, k_head_pt
             k = tl.load(k_ptrs, mask=dk_ok[:, None] & key_ok[None, :], other=0.0)
         else:
             k = tl.load(k_ptrs, mask=key_ok[None, :], other=0.0)
+        v_ok = key_ok & ~bad  # a bad key's V is zero: p = 0 rows never meet a stale NaN
         if HEAD_V_PAD != HEAD_V:
-            v = tl.load(v_ptrs, mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=v_ok[:, None] & dv_ok[None, :], other=0.0)
         else:
-            v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=v_ok[:, None], other=0.0)
     else:
         if HEAD_QK_PAD != HEAD_QK:
             k = tl.load(k_ptrs, mask=dk_ok[:, None], other=0.0)
@@ -273,7 +277,7 @@ def _load_kv_tile_descriptor(bt_row, bt_width, num_blocks, key0, k_pos, key_ok, 
     v = v_desc.load([block.to(tl.int32), slot0, kv_head, 0]).reshape(BLOCK_N, HEAD_V_PAD)
     if MASKED:  # the pointer loads' other=0: masked keys never carry stale cache values
         k_rows = tl.where(key_ok[:, None], k_rows, tl.zeros_like(k_rows))
-        v = tl.where(key_ok[:, None], v, tl.zeros_like(v))
+        v = tl.where((key_ok & ~bad)[:, None], v, tl.zeros_like(v))  # bad keys: zero V
     k = tl.trans(k_rows)
     k_sc, v_sc = _token_head_scales(ks_head_ptr, vs_head_ptr, block.to(tl.int64),
                                     k_pos % BLOCK_SIZE, key_ok, stride_ksb, stride_kss,
@@ -597,6 +601,10 @@ def unified_attention_kernel(
         k_lo_all = 0
     tile_lo = k_lo // BLOCK_N
     tile_hi = tl.cdiv(k_hi, BLOCK_N)
+    if KV_LOAD >= 2:  # only bt_width * BLOCK_SIZE keys per sequence were staged (the
+        # plan's max_seqlen_k): never read past them; rows that see more are NaN below
+        staged_keys = bt_width * BLOCK_SIZE
+        tile_hi = tl.minimum(tile_hi, staged_keys // BLOCK_N)
     full_lo = tl.minimum(tl.maximum(tl.cdiv(k_lo_all, BLOCK_N), tile_lo), tile_hi)
     full_hi = tl.minimum(tl.maximum(k_hi_all // BLOCK_N, full_lo), tile_hi)
     if SPLIT:
@@ -617,7 +625,8 @@ def unified_attention_kernel(
         v_mult = _to_compute(v_mult, COMPUTE_DTYPE)
     else:
         v_mult = v_one
-    if KV_LOAD >= 2:  # staged keys: bt_row carries the sequence's first staged row
+    if KV_LOAD >= 2:  # staged keys: bt_row carries the sequence's first staged row (an
+        # int64 offset, not a pointer: _load_kv_tile_staged's seq_row0)
         bt_row = seq.to(tl.int64) * bt_width * BLOCK_SIZE
     else:
         bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt
@@ -684,6 +693,14 @@ def unified_attention_kernel(
         acc = acc * tl.load(v_scale_ptr)
     if KV_BITS == 1 and not V_STAGE:
         acc = acc * 256.0
+    if KV_LOAD >= 2:  # an understated max_seqlen_k: rows that see unstaged keys are NaN
+        if CAUSAL:
+            row_hi = tl.minimum(seq_len, q_pos + 1)
+        else:
+            row_hi = tl.zeros_like(q_pos) + seq_len
+        past = row_ok & (row_hi > staged_keys)
+        l_i = tl.where(past, float("nan"), l_i)
+        acc = tl.where(past[:, None], float("nan"), acc)
     if poisoned:  # NaN in both: a NaN sum alone would be read as "no visible key"
         l_i = tl.where(row_ok, float("nan"), l_i)
         acc = tl.where(row_ok[:, None], float("nan"), acc)
