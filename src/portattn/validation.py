@@ -45,8 +45,10 @@ floats and CPU tensors are checked at once.
 
 The other value checks have no such guard: a ``cu_seqlens_q`` that decreases or
 disagrees with ``q``'s token count, or an understated ``max_seqlen_k``, is not caught on a
-GPU without ``validate=True`` and its results are undefined. Use ``validate=True`` while
-developing, and whenever the metadata comes from an untrusted source.
+GPU without ``validate=True``. The Triton kernels bound the damage (an understated
+``max_seqlen_k`` makes NaN the rows that would see keys past a staged prefill's bound, see
+:mod:`portattn.planning`); other backends' results are undefined. Use ``validate=True``
+while developing, and whenever the metadata comes from an untrusted source.
 """
 
 from __future__ import annotations
