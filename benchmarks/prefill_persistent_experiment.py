@@ -230,7 +230,8 @@ def run_case(name, lens, head, graph, rows):
     base = dict(plan_launch(shape), stage=stage_config(shape),
                 stage_long=staged_long_config(shape), _kv_load_forced=True)
     plans = {f"plan-{load}": dict(base, stage_kv_load=load) for load in STAGE_LOADS}
-    for m, n, w, st, cap in STAGED_TILE_TRIES[head]:
+    for m, n, w, st, cap in (STAGED_TILE_TRIES[head] if os.environ.get("TILE_TRIES", "1") == "1"
+                             else []):
         tile = dict(base["stage_long"], block_m=m, block_q=m // group, block_n=n,
                     num_warps=w, num_stages=st, **({"maxnreg": cap} if cap else {}))
         plans[f"plan-host-{m}x{n}w{w}s{st}r{cap}"] = dict(base, stage_kv_load="staged_host",

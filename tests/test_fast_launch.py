@@ -107,6 +107,9 @@ def test_a_16_byte_offset_keeps_the_specialization():
 def test_alignment_token():
     assert fast_launch.alignment_token([0, 16, 4096]) is True
     assert fast_launch.alignment_token([0, 18, 4096]) == (True, False, True)
+    # inputs bound at offsets that are not multiples of 16: keyed by their residue
+    assert fast_launch.alignment_token([0, 24, 8], (False, True, False)) == (True, 8, False)
+    assert fast_launch.alignment_token([32, 16], (True, True)) is True
 
 
 # --------------------------------------------------------------------------- sequences
@@ -249,6 +252,132 @@ def test_workspace_views_are_bound_by_offset(kernel):
     kernel.launches.clear()
     assert sequence.launch((x, ws2))
     assert kernel.launches[0][1][10] == ws2.data_ptr() + 16 * 4
+
+
+def test_a_view_at_an_odd_offset_is_keyed_by_its_inputs_residue(kernel):
+    """y is a workspace view 8 bytes in: its alignment is the workspace's address plus 8,
+    so workspaces at residues 8 and 4 (both unaligned) give an aligned and an unaligned
+    y, which Triton compiles apart: the second must not reuse the first's kernel."""
+    x = torch.zeros(64, dtype=torch.float16)
+    base = torch.zeros(512)
+    ws = base[:256]
+    sequence = LaunchSequence.build(_record(kernel, (x, ws[2:])), (x, ws))
+    assert sequence.by_residue == (False, True)
+    at8, at4 = base[2:258], base[1:257]
+    assert at8.data_ptr() % 16 == 8 and at4.data_ptr() % 16 == 4
+    kernel.launches.clear()
+    assert not sequence.launch((x, at8)) and kernel.launches == []
+    assert sequence.absorb(_record(kernel, (x, at8[2:])), (x, at8))
+    assert not sequence.launch((x, at4))  # unaligned too, but y is not aligned here
+    assert sequence.absorb(_record(kernel, (x, at4[2:])), (x, at4))
+    kernel.launches.clear()
+    assert sequence.launch((x, at8)) and sequence.launch((x, at4))
+    assert sequence.launch((x, ws))
+    (aligned_y, call), (unaligned_y, _), (recorded, _) = kernel.launches
+    assert call[10] == at8.data_ptr() + 8 and call[10] % 16 == 0
+    assert aligned_y is not unaligned_y and unaligned_y is recorded
+    assert kernel.compiles == 2
+
+
+def test_a_sequence_of_two_launches_is_one_lookup(kernel):
+    """Both launches' kernels sit under one key; a miss for either launches nothing."""
+    x, y = torch.zeros(64, dtype=torch.float16), torch.zeros(64)
+
+    def record(a, b):
+        with capture() as captured:
+            capturable(kernel)[(4, 2)](a, b, 100, 8, 0.5, True, BLOCK=32)
+            capturable(kernel)[(1,)](b, a, 7, 1, 1.0, False, BLOCK=16)
+        captured.triton_launches = len(captured.launches)
+        return captured
+
+    sequence = LaunchSequence.build(record(x, y), (x, y))
+    assert len(sequence.table) == 1 and len(next(iter(sequence.table.values()))) == 10
+    kernel.launches.clear()
+    shifted = torch.zeros(65, dtype=torch.float16)[1:]
+    assert not sequence.launch((shifted, y)) and kernel.launches == []
+    assert sequence.absorb(record(shifted, y), (shifted, y)) and len(sequence.table) == 2
+    kernel.launches.clear()
+    assert sequence.launch((shifted, y))
+    (first, call0), (second, call1) = kernel.launches
+    assert call0[:3] == (4, 2, 1) and call1[:3] == (1, 1, 1)
+    assert call0[9:11] == (shifted.data_ptr(), y.data_ptr())
+    assert call1[9:11] == (y.data_ptr(), shifted.data_ptr())
+
+
+def test_the_caller_may_pass_the_current_device_and_stream(monkeypatch):
+    asked = []
+    monkeypatch.setattr(fast_launch, "_device_functions", lambda: (
+        lambda: asked.append("device") or 0, lambda d: asked.append(("stream", d)) or 77))
+    kernel = FakeKernel()
+    x, y = torch.zeros(64, dtype=torch.float16), torch.zeros(64)
+    sequence = LaunchSequence.build(_record(kernel, (x, y)), (x, y), device=0)
+    kernel.launches.clear()
+    asked.clear()
+    assert sequence.launch((x, y), 0, 55)
+    assert asked == [] and kernel.launches[-1][1][3] == 55
+    assert sequence.launch((x, y), 0)
+    assert asked == [("stream", 0)] and kernel.launches[-1][1][3] == 77
+    assert not sequence.launch((x, y), 1, 55)  # nothing compiled for device 1 yet
+    assert sequence.launch((x, y)) and asked[-2:] == ["device", ("stream", 0)]
+
+
+def test_triton_state_is_remembered_until_something_it_reads_changes(monkeypatch):
+    state = fast_launch.triton_state()
+    assert state is not None and fast_launch.triton_state() is state
+    monkeypatch.setattr(knobs.runtime, "debug", not state[0])
+    assert fast_launch.triton_state() == (not state[0], state[1])
+    monkeypatch.undo()
+    assert fast_launch.triton_state() == state
+    monkeypatch.setenv("TRITON_INSTRUMENTATION_MODE", "fpsan")
+    assert fast_launch.triton_state() == (state[0], "fpsan")
+    monkeypatch.undo()
+    assert fast_launch.triton_state() == state
+
+    def hook(metadata):
+        pass
+
+    knobs.runtime.launch_exit_hook.add(hook)
+    try:
+        assert fast_launch.triton_state() is None
+    finally:
+        knobs.runtime.launch_exit_hook.remove(hook)
+    assert fast_launch.triton_state() == state
+    monkeypatch.setattr(knobs.runtime, "launch_enter_hook", hook)  # a plain function
+    assert fast_launch.triton_state() is None
+    monkeypatch.undo()
+    assert fast_launch.triton_state() == state
+
+
+def test_a_reader_reads_only_the_inputs_the_launches_bind(kernel):
+    """With a reader the relaunch takes the caller's arguments and evaluates only the
+    sources of bound inputs (an unbound one may be costly, or absent)."""
+    evaluated = []
+
+    def scale_of(holder):
+        evaluated.append(holder)
+        return holder.scale
+
+    class Holder:
+        def __init__(self, n):
+            self.y = torch.zeros(n)
+            self.scale = torch.ones(1)
+
+    reader = fast_launch.Reader("x, holder", ("x", "holder.y", "scale_of(holder)"),
+                                {"scale_of": scale_of})
+    x, holder = torch.zeros(64, dtype=torch.float16), Holder(64)
+    inputs = reader.read(x, holder)
+    assert inputs == (x, holder.y, holder.scale) and evaluated == [holder]
+    sequence = LaunchSequence.build(_record(kernel, inputs), inputs, reader=reader)
+    kernel.launches.clear()
+    x2, holder2 = torch.ones(64, dtype=torch.float16), Holder(64)
+    assert sequence.launch(x2, holder2)
+    assert kernel.launches[0][1][9:11] == (x2.data_ptr(), holder2.y.data_ptr())
+    assert evaluated == [holder]  # the scale is bound by no launch: never read
+    holder2.y = None
+    assert not sequence.launch(x2, holder2)  # a bound input is missing: the normal path
+    for params, namespace in (("x, device", None), ("x", {"_helper": len}), ("x, 1y", None)):
+        with pytest.raises(ValueError, match="not a free identifier"):
+            fast_launch.Reader(params, ("x",), namespace)
 
 
 def test_launch_hooks_and_pre_run_hooks_take_the_jit_path(kernel):

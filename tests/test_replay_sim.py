@@ -70,6 +70,7 @@ class SimCompiled:
                 arg = self.kernel.memory.tensor_at(arg, type_name)
             values.append(arg)
         self.kernel.replays += 1
+        self.kernel.streams.append(stream)
         self.kernel.interpreted[(g0, g1, g2)](*values)
 
 
@@ -82,6 +83,7 @@ class SimKernel(JITStandIn):
         self.memory = memory
         self.jit_runs = 0
         self.replays = 0
+        self.streams: list = []
 
     def __getitem__(self, grid):
         def run(*args, **kwargs):
@@ -188,6 +190,74 @@ def test_replayed_layers_match_the_oracle(case, sim, monkeypatch):
     launches = {"decode-2d": 1, "decode-3d": 2, "mixed": 2}[case]
     assert len(slot.sequence.sites) == launches
     assert sum(k.replays for k in kernels.values()) == 3 * launches
+
+
+@pytest.mark.parametrize("case", ["decode-2d", "decode-3d"])
+def test_the_runner_passes_its_device_and_workspace_stream(case, sim, monkeypatch):
+    """A runner on cuda:0 (PlanBody.launch makes it current) tells the relaunch its
+    device, and with a workspace the stream it looked up for it: the relaunch asks for
+    neither again; without a workspace it asks only for the stream."""
+    memory, kernels = sim
+    query_lens, seq_lens, group, env = CASES[case]
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    asked: list = []
+    monkeypatch.setattr(fast_launch, "_device_functions", lambda: (
+        lambda: asked.append("device") or 0, lambda d: asked.append(("stream", d)) or 7))
+    batch = make_paged_batch(query_lens, seq_lens, num_q_heads=2 * group, num_kv_heads=2,
+                             head_size=32, dtype=torch.float16)
+    plan = portattn.plan(batch.metadata, num_q_heads=2 * group, dtype=torch.float16,
+                         cache=batch.cache, backend="triton_unified", validate=False)
+    runner = _replaying(plan)
+    runner._index = 0
+    runner._stream = lambda index: 5 + index
+    memory.add(batch.metadata.cu_seqlens_q, batch.metadata.seq_lens,
+               batch.metadata.block_table, batch.q, batch.cache.key_cache,
+               batch.cache.value_cache)
+    if runner.workspace_size:
+        memory.add(runner._workspace())
+    out = torch.full_like(batch.q, math.nan)
+    memory.add(out)
+    plan.run(batch.q, batch.cache, out)  # recorded
+    asked.clear()
+    for _ in range(2):
+        plan.run(batch.q, batch.cache, out)
+    expected = dense_attention(batch.q, batch.keys, batch.values, query_lens)
+    assert relative_error(out, expected) < 3e-3
+    launches = sum(k.replays for k in kernels.values())
+    assert launches == (4 if runner.workspace_size else 2)
+    streams = [s for k in kernels.values() for s in k.streams]
+    if runner.workspace_size:
+        assert asked == [] and set(streams) == {5}
+    else:
+        assert asked == [("stream", 0)] * 2 and set(streams) == {7}
+
+
+def test_graph_capture_takes_the_normal_path_with_its_own_workspace(sim, monkeypatch):
+    """While a CUDA graph is captured, a split-KV call runs launch.py (which takes a
+    workspace from the graph's pool), never a replay into the runner's workspace."""
+    memory, kernels = sim
+    monkeypatch.setenv("PORTATTN_UNIFIED_SPLIT", "1")
+    batch = make_paged_batch([1, 2], [300, 9], num_q_heads=4, num_kv_heads=2, head_size=32,
+                             dtype=torch.float16)
+    plan = portattn.plan(batch.metadata, num_q_heads=4, dtype=torch.float16,
+                         cache=batch.cache, backend="triton_unified", validate=False)
+    runner = _replaying(plan)
+    assert runner.workspace_size
+    runner._capturing = lambda: True
+    memory.add(batch.metadata.cu_seqlens_q, batch.metadata.seq_lens,
+               batch.metadata.block_table, batch.q, batch.cache.key_cache,
+               batch.cache.value_cache)
+    expected = dense_attention(batch.q, batch.keys, batch.values, [1, 2])
+    for calls in (1, 2, 3):
+        out = torch.full_like(batch.q, math.nan)
+        memory.add(out)
+        plan.run(batch.q, batch.cache, out)
+        assert relative_error(out, expected) < 3e-3
+        assert kernels["unified_attention_kernel"].jit_runs == calls
+    assert runner._workspaces == {} and sum(k.replays for k in kernels.values()) == 0
+    slot = next(iter(plan._accepted.values()))
+    assert slot.sequence is None
 
 
 def test_a_misaligned_q_is_absorbed_then_replayed(sim):

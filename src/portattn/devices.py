@@ -23,6 +23,12 @@ _get_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_d
 current_stream_handle = getattr(torch._C, "_cuda_getCurrentRawStream", None) or \
     (lambda index: torch.cuda.current_stream(index).cuda_stream)
 
+#: Whether a CUDA graph is being captured on the current stream. Where torch is built with
+#: CUDA or ROCm, torch's C function itself (``torch.cuda.is_current_stream_capturing`` is a
+#: Python frame around it; a CPU build has a placeholder of that name instead).
+stream_capturing = torch._C._cuda_isCurrentStreamCapturing \
+    if hasattr(torch._C, "_CudaStreamBase") else torch.cuda.is_current_stream_capturing
+
 _NO_GUARD = contextlib.nullcontext()
 
 

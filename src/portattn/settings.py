@@ -234,6 +234,8 @@ class _Snapshot:
     decision: tuple[str | None, ...]
 
 
+#: Replaced by a new object after every change, never mutated: its identity is a version
+#: (:func:`portattn.kernels.fast_launch.triton_state` compares it to reuse its answer).
 _snapshot: _Snapshot | None = None
 _hook_lock = threading.Lock()
 _hook_state: bool | None = None  # None: not tried yet; True: installed; False: unavailable

@@ -12,7 +12,11 @@ normal path and the reason is logged once.
 
 A runner belongs to one plan body, and a body to one device (the body cache is keyed by
 it), so its workspaces, recorded launches and device scalars are that GPU's; the body
-makes that GPU current around the call (:meth:`portattn.planning.PlanBody.launch`).
+makes that GPU current around the call (:meth:`portattn.planning.PlanBody.launch`), so
+the runner tells the relaunch which device is current (and, when it has looked it up
+for the workspace, its stream) instead of having it asked again. A replay reads only the
+tensors its recorded launches bind, straight from the call's arguments
+(:data:`READERS`): no tuple of every input is built per call.
 
 The split-KV workspace belongs to the runner, one per CUDA stream (kernels on one stream
 run in order, so layers can share it); a staged prefill's workspace (hundreds of MB for
@@ -29,7 +33,7 @@ import threading
 import torch
 
 from portattn.backends.base import Runner
-from portattn.kernels import heuristics
+from portattn.kernels import fast_launch, heuristics
 
 log = logging.getLogger("portattn")
 
@@ -51,22 +55,6 @@ class Slot:
         self.ambiguous = 0
 
 
-def inputs_of(q, cache, metadata, out, layer, workspace, quantized: bool = True) -> tuple:
-    """Every tensor launch.py may pass to a kernel, in a fixed order (None when absent).
-    Without quantization (``quantized=False``) the scale tensors are left out (they are
-    None then)."""
-    common = (q, cache.key_cache, cache.value_cache, out, metadata.cu_seqlens_q,
-              metadata.seq_lens, metadata.block_table, layer[0], layer[1], workspace)
-    if not quantized:
-        return common
-    quant = cache.quant
-    device = q.device
-    return common + (cache.k_scale_cache, cache.v_scale_cache,
-                     _scale_input(quant.k_scale, device, "k"),
-                     _scale_input(quant.v_scale, device, "v"),
-                     _scale_input(layer[2], device, "q"), _scale_input(layer[3], device, "out"))
-
-
 def _scale_input(scale, device, role: str):
     """The tensor launch.py passes for a scale: the tensor itself, or for a float the
     cached device scalar of its role (the same object every call, so replays bind it;
@@ -76,6 +64,28 @@ def _scale_input(scale, device, role: str):
     from portattn.kernels.scalars import device_scalars
 
     return device_scalars.get(scale, device, role)
+
+
+#: Every tensor launch.py may pass to a kernel, in a fixed order (None when absent), as
+#: expressions over a runner call's arguments. A replay reads only those its recorded
+#: launches bind; a recording reads them all (:func:`inputs_of`).
+_PARAMS = "q, cache, metadata, out, layer, ws"
+_PLAIN = ("q", "cache.key_cache", "cache.value_cache", "out", "metadata.cu_seqlens_q",
+          "metadata.seq_lens", "metadata.block_table", "layer[0]", "layer[1]", "ws")
+_SCALES = ("cache.k_scale_cache", "cache.v_scale_cache",
+           "scale_input(cache.quant.k_scale, q.device, 'k')",
+           "scale_input(cache.quant.v_scale, q.device, 'v')",
+           "scale_input(layer[2], q.device, 'q')", "scale_input(layer[3], q.device, 'out')")
+#: quantized -> the inputs as a relaunch reads them (the scale tensors only when quantized)
+READERS = {False: fast_launch.Reader(_PARAMS, _PLAIN),
+           True: fast_launch.Reader(_PARAMS, _PLAIN + _SCALES, {"scale_input": _scale_input})}
+
+
+def inputs_of(q, cache, metadata, out, layer, workspace, quantized: bool = True) -> tuple:
+    """Every tensor launch.py may pass to a kernel, in a fixed order (None when absent).
+    Without quantization (``quantized=False``) the scale tensors are left out (they are
+    None then)."""
+    return READERS[quantized].read(q, cache, metadata, out, layer, workspace)
 
 
 class UnifiedRunner(Runner):
@@ -93,6 +103,9 @@ class UnifiedRunner(Runner):
         # so an idle plan holds none
         self.workspace_per_call = bool(params.get("stage"))
         self.device = device
+        # the CUDA index of the GPU PlanBody.launch makes current around every call (None
+        # off CUDA: the relaunch asks for the current device)
+        self._index = device.index if device.type == "cuda" else None
         # fp8 q / output or a quantized cache: the scale tensors may be kernel arguments
         self.quantized = options.out_dtype not in (torch.float16, torch.bfloat16,
                                                    torch.float32) or \
@@ -104,10 +117,10 @@ class UnifiedRunner(Runner):
         self._workspaces: dict = {}
         self._lock = threading.Lock()
         self._logged: set = set()
-        from portattn.devices import current_stream_handle
+        from portattn.devices import current_stream_handle, stream_capturing
 
         self._stream = current_stream_handle
-        self._capturing = torch.cuda.is_current_stream_capturing
+        self._capturing = stream_capturing
 
     def slot(self, key) -> Slot:
         found = self._slots.get(key)
@@ -122,9 +135,13 @@ class UnifiedRunner(Runner):
         """This stream's workspace; None while a CUDA graph is captured."""
         if self._capturing():
             return None
+        return self._workspace_on(self._stream(self._index))
+
+    def _workspace_on(self, stream):
+        """The workspace of ``stream`` (the current one, no graph being captured): the
+        runner's for that stream, or a fresh one for a staged prefill."""
         if self.workspace_per_call:
             return torch.empty(self.workspace_size, dtype=torch.float32, device=self.device)
-        stream = self._stream(self.device.index)
         ws = self._workspaces.get(stream)
         if ws is None:
             with self._lock:
@@ -148,24 +165,31 @@ class UnifiedRunner(Runner):
         if slot is None:
             self._launch(q, cache, metadata, self.options_for(layer), out, self.plan.params)
             return
-        ws = self._workspace() if self.workspace_size else None
-        if self.workspace_size and ws is None:  # capturing a graph: the normal path
-            self._launch(q, cache, metadata, self.options_for(layer), out, self.plan.params)
-            return
+        ws = stream = None
+        if self.workspace_size:
+            if self._capturing():  # a CUDA graph: the normal path, a workspace from its pool
+                self._launch(q, cache, metadata, self.options_for(layer), out,
+                             self.plan.params)
+                return
+            stream = self._stream(self._index)
+            ws = self._workspace_on(stream)
         sequence = slot.sequence
         if sequence is _UNUSABLE:  # the normal path, without a capture's launch hook
             self._launch(q, cache, metadata, self.options_for(layer), out, self.plan.params,
                          workspace=ws)
             return
-        inputs = inputs_of(q, cache, metadata, out, layer, ws, self.quantized)
-        if sequence is not None and sequence.launch(inputs):
+        # the device and stream this runner's GPU has current (PlanBody.launch made it so)
+        if sequence is not None and \
+                sequence.launch(q, cache, metadata, out, layer, ws, self._index, stream):
             return
-        self._record(q, cache, metadata, out, layer, ws, inputs, slot)
+        self._record(q, cache, metadata, out, layer, ws, slot)
 
-    def _record(self, q, cache, metadata, out, layer, ws, inputs, slot: Slot) -> None:
+    def _record(self, q, cache, metadata, out, layer, ws, slot: Slot) -> None:
         """The normal path, recorded; builds the slot's sequence or adds kernels to it."""
-        from portattn.kernels import fast_launch, launch
+        from portattn.kernels import launch
 
+        reader = READERS[self.quantized]
+        inputs = reader.read(q, cache, metadata, out, layer, ws)
         failed_before = len(launch.DESCRIPTOR_FAILED)
         with fast_launch.capture() as captured:
             self._launch(q, cache, metadata, self.options_for(layer), out, self.plan.params,
@@ -179,7 +203,8 @@ class UnifiedRunner(Runner):
             return
         try:
             if sequence is None:
-                slot.sequence = fast_launch.LaunchSequence.build(captured, inputs)
+                slot.sequence = fast_launch.LaunchSequence.build(captured, inputs,
+                                                                 reader=reader)
             elif not sequence.absorb(captured, inputs):
                 if fast_launch.triton_state() is None:
                     return  # a launch hook is installed: try again later

@@ -60,9 +60,10 @@ def variant_key(*, kv_dtype: str, quant: str, head_qk: int, head_v: int, block_s
     if staged is not None:
         from portattn.kernels.kv_load import STAGED_KV_LOAD
 
-        key["staged"] = {name: staged[name] for name in
-                         ("q_dtype", "block_m", "block_n", "num_warps", "num_stages")}
-        key["staged"]["kv_load"] = STAGED_KV_LOAD  # how the staged launch reads its keys
+        checked = {name: staged[name] for name in
+                   ("q_dtype", "block_m", "block_n", "num_warps", "num_stages")}
+        checked["kv_load"] = STAGED_KV_LOAD  # how the staged launch reads its keys
+        key["staged"] = checked
     return key
 
 

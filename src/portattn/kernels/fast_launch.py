@@ -23,9 +23,10 @@ How, for ANY ``@triton.jit`` kernel and whatever arguments a launcher passes:
    the launcher allocated itself) makes the sequence unusable, and the caller keeps the
    normal path. No tensor is stored.
 3. **Relaunch** (:meth:`LaunchSequence.launch`): per call, the data pointers of the bound
-   inputs, the current device and stream, and one dict lookup per kernel; then the
-   compiled kernel's launcher is called directly, pointers passed as ints. Like Triton,
-   this launches on the CURRENT device: callers make the tensors' device current first
+   inputs, the current device and stream (asked, unless the caller passes what it already
+   knows), and ONE dict lookup for the whole sequence; then each compiled kernel's
+   launcher is called directly, pointers passed as ints. Like Triton, this launches on
+   the CURRENT device: callers make the tensors' device current first
    (:meth:`portattn.planning.PlanBody.launch`, only when another one is current), so
    kernels and streams are looked up for q's GPU, never for another one.
 
@@ -37,17 +38,19 @@ specialization (the only ones served here), plus the launch options (``num_warps
 values are the same on every call of a sequence (it keys sequences by everything its
 launcher reads: shapes, strides, dtypes, option values), and that its launcher derives no
 argument from device values or from pointer values beyond what Triton sees (launch.py
-does neither); this module keys each kernel by (device, Triton state, the 16-byte
-alignment of every bound pointer), and a capture under a new key whose fixed values
-differ from the recorded ones disables the sequence (:meth:`absorb`). When a sequence is
-built, Triton's own binder is run on the recorded call and must agree (same cached
-kernel, pointers specialized by alignment alone), else the sequence is unusable.
-Whenever a key is unknown, :meth:`launch` returns False and the caller runs its normal
-path under :func:`capture`, then :meth:`absorb` stores what Triton compiled (after
-checking the launches have the same structure). Launch hooks (profilers), pre-run hooks,
-kernels with global-variable dependencies, the interpreter (``TRITON_INTERPRET=1``, no
-compiled kernel) and non-native backends (AMD: buffer-op specialization) always take the
-normal path.
+does neither); this module keys the sequence's kernels by (device, Triton state, the
+16-byte alignment of every bound input: each bound pointer is an input's address plus a
+fixed offset, so that fixes the alignment of every pointer of every launch; for an input
+bound at an offset that is not a multiple of 16, its address modulo 16), and a capture
+under a new key whose fixed values differ from the recorded ones disables the sequence
+(:meth:`absorb`). When a sequence is built, Triton's own binder is run on the recorded
+call and must agree (same cached kernel, pointers specialized by alignment alone), else
+the sequence is unusable. Whenever a key is unknown, :meth:`launch` returns False and
+the caller runs its normal path under :func:`capture`, then :meth:`absorb` stores what
+Triton compiled (after checking the launches have the same structure). Launch hooks
+(profilers), pre-run hooks, kernels with global-variable dependencies, the interpreter
+(``TRITON_INTERPRET=1``, no compiled kernel) and non-native backends (AMD: buffer-op
+specialization) always take the normal path.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ from portattn import settings
 
 _local = threading.local()
 _PLAIN = (int, float, bool, str, type(None))
-#: Per recorded launch: max compiled-kernel entries (device x Triton state x alignment)
+#: Per launch sequence: max compiled-kernel entries (device x Triton state x alignment)
 #: before its table is cleared (it refills from Triton's own cache, through capture).
 TABLE_LIMIT = 64
 
@@ -180,25 +183,56 @@ def _count_launches():
 
 
 _runtime = None
+#: The last state computed with both hook chains empty, and what it was computed from:
+#: (runtime knobs, launch-enter chain, launch-exit chain, ``debug``, settings snapshot,
+#: state). See :func:`triton_state`.
+_state_memo: tuple | None = None
 
 
 def triton_state():
     """The Triton settings that change which kernel a launch uses (``debug``, the
     instrumentation mode), or None when launches must go through the JIT (a launch hook
-    is installed: profilers need its metadata)."""
-    global _runtime
+    is installed: profilers need its metadata).
+
+    Called on every relaunch, so it answers from a memo while nothing it reads has
+    changed: the same hook chains, still empty (their ``calls`` lists are tested on every
+    call, so a hook added later is seen at once), the same ``debug`` object and the same
+    environment snapshot of :mod:`portattn.settings` (a new object after any change of
+    the environment; none is kept where changes cannot be noticed, so there it is read
+    every time)."""
+    memo = _state_memo
+    if memo is not None:
+        runtime, enter, exit_, debug, snapshot, state = memo
+        if runtime.launch_enter_hook is enter and runtime.launch_exit_hook is exit_ and \
+                not enter.calls and not exit_.calls and runtime.debug is debug and \
+                settings._snapshot is snapshot:
+            return state
+    return _compute_triton_state()
+
+
+def _hook_active(hook) -> bool:
+    """Whether a launch hook runs: a HookChain with calls, or any other non-None hook."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def _compute_triton_state():
+    """:func:`triton_state` read in full; remembered when both hooks are empty chains."""
+    global _runtime, _state_memo
     runtime = _runtime
     if runtime is None:
         from triton import knobs
 
         runtime = _runtime = knobs.runtime
-    hook = runtime.launch_enter_hook  # a HookChain (empty: inactive) or a function
-    if hook is not None and getattr(hook, "calls", True):
+    enter, exit_ = runtime.launch_enter_hook, runtime.launch_exit_hook
+    if _hook_active(enter) or _hook_active(exit_):
         return None
-    hook = runtime.launch_exit_hook
-    if hook is not None and getattr(hook, "calls", True):
-        return None
-    return (runtime.debug, settings.TRITON_INSTRUMENTATION_MODE.raw())
+    debug = runtime.debug
+    snapshot = settings._current()  # the object the memo is checked against
+    state = (debug, snapshot.raw[settings.TRITON_INSTRUMENTATION_MODE.name])
+    if isinstance(getattr(enter, "calls", None), list) and \
+            isinstance(getattr(exit_, "calls", None), list):
+        _state_memo = (runtime, enter, exit_, debug, snapshot, state)
+    return state
 
 
 def _device_functions():
@@ -211,15 +245,20 @@ def _device_functions():
 # --------------------------------------------------------------------------- building
 
 
-def alignment_token(pointers: Sequence[int]):
-    """Triton's view of a set of pointers: True when all are 16-byte aligned, else which
-    are (a tuple of booleans)."""
+def alignment_token(pointers: Sequence[int], by_residue: Sequence[bool] = ()):
+    """The key of a sequence's compiled kernels for its bound inputs' addresses: True when
+    all are 16-byte aligned, else per input whether it is, or its address modulo 16 where
+    ``by_residue`` says so (an input bound at an offset that is not a multiple of 16:
+    then its residue, not its alignment, fixes the alignment Triton sees of the pointer).
+    Every bound pointer is an input's address plus a fixed offset, so the token fixes
+    the 16-byte alignment of every pointer of every launch."""
     acc = 0
     for p in pointers:
         acc |= p
     if not acc & 15:
         return True
-    return tuple(not p & 15 for p in pointers)
+    residue = tuple(by_residue) + (False,) * (len(pointers) - len(by_residue))
+    return tuple(p & 15 if r else not p & 15 for p, r in zip(pointers, residue))
 
 
 def specialization_key(values: Sequence) -> tuple:
@@ -281,11 +320,10 @@ def bind_value(value, inputs: Sequence):
 
 class Site:
     """One kernel launch of a sequence: template arguments in the kernel's parameter
-    order (None where a bound pointer goes), bindings, grid, and the compiled kernels by
-    (device, Triton state, alignment of the bound pointers)."""
+    order (None where a bound pointer goes), bindings and grid (its compiled kernels are
+    in the sequence's table)."""
 
-    __slots__ = ("fn", "grid", "names", "template", "binds", "options", "descriptors",
-                 "table", "lock")
+    __slots__ = ("fn", "grid", "names", "template", "binds", "options", "descriptors")
 
     def __init__(self, fn, grid, names, template, binds, options, descriptors=None):
         self.fn = fn
@@ -296,16 +334,13 @@ class Site:
         self.options = options
         #: position -> the fixed part of a host descriptor bound there (its base is bound)
         self.descriptors: dict[int, tuple] = descriptors or {}
-        self.table: dict = {}
-        self.lock = threading.Lock()
 
-    def store(self, key, compiled) -> None:
-        launch, cooperative, pdl = driver_launch(compiled.run)
-        entry = (launch, compiled.function, compiled.packed_metadata, cooperative, pdl)
-        with self.lock:
-            if len(self.table) >= TABLE_LIMIT:
-                self.table.clear()
-            self.table[key] = entry
+
+def launch_entry(compiled) -> tuple:
+    """What a relaunch needs of a compiled kernel: ``(launch, function, packed_metadata,
+    cooperative, pdl)`` (see :func:`driver_launch`)."""
+    launch, cooperative, pdl = driver_launch(compiled.run)
+    return (launch, compiled.function, compiled.packed_metadata, cooperative, pdl)
 
 
 def _call_arguments(template: Sequence, bound: dict, prefix: str, namespace: dict) -> list:
@@ -488,16 +523,51 @@ def check_with_triton(site: Site, launch: Launch, device: int) -> None:
                            "16-byte alignment alone")
 
 
+class Reader:
+    """Where a caller's inputs come from, so a relaunch reads only the ones it binds.
+
+    By default the generated :meth:`LaunchSequence.launch` takes the ``inputs`` sequence.
+    With a reader it takes the caller's own arguments instead (``params``, a parameter
+    list such as ``"q, cache, out"``) and reads input ``i`` as the Python expression
+    ``sources[i]`` over them (names from ``namespace`` may be used), evaluated only for
+    the inputs its launches bind: no sequence is built per call. :meth:`read` evaluates
+    them all, and is what the caller must pass as ``inputs`` to :meth:`LaunchSequence.build`
+    and :meth:`LaunchSequence.absorb`, so both views agree by construction."""
+
+    def __init__(self, params: str, sources: Sequence[str], namespace: dict | None = None):
+        names = [name.strip() for name in params.split(",")] + list(namespace or {})
+        for name in names:
+            if not name.isidentifier() or name.startswith("_") or \
+                    name in ("device", "stream", "launch"):
+                raise ValueError(f"a reader's name {name!r} is not a free identifier (the "
+                                 "generated launch's own start with '_')")
+        self.params = params
+        self.sources = tuple(sources)
+        self.namespace = dict(namespace or {})
+        read = f"lambda {params}: ({''.join(f'{source}, ' for source in self.sources)})"
+        self.read: Callable[..., tuple] = eval(compile(read, "<portattn.fast_launch.Reader>",
+                                                       "eval"), dict(self.namespace))
+
+
 class LaunchSequence:
     """The launches of one call structure, replayable with new input pointers.
 
     ``inputs`` (given to :meth:`build`, :meth:`launch`, :meth:`absorb`) is a sequence of
     the call's tensors (None where absent) in an order fixed by the caller, including
-    buffers the caller owns and the launcher slices (a workspace)."""
+    buffers the caller owns and the launcher slices (a workspace).
 
-    def __init__(self, sites: list[Site], used: tuple[int, ...]):
+    ``launch(inputs, device=None, stream=None) -> bool`` is generated per sequence
+    (:func:`_generate_launch`); with a :class:`Reader`, ``launch(<its params>,
+    device=None, stream=None)``. ``device``: the current CUDA device, when the caller has
+    just checked it; ``stream``: that device's current stream handle, when the caller
+    already has it (None: each is asked). ``table`` maps (device, Triton state,
+    :func:`alignment_token` of the bound inputs' addresses) to the compiled kernels of
+    every launch, flattened (:func:`launch_entry` per site, in order)."""
+
+    def __init__(self, sites: list[Site], used: tuple[int, ...], reader: Reader | None = None):
         self.sites = sites
         self.used = used
+        self.reader = reader
         self._select: Callable[[Sequence], tuple]
         if len(used) > 1:
             self._select = itemgetter(*used)
@@ -506,13 +576,22 @@ class LaunchSequence:
             self._select = lambda xs: (xs[index],)
         else:
             self._select = lambda xs: ()
+        #: per selected input: keyed by its address modulo 16, not only its alignment
+        self.by_residue = tuple(
+            any(off % 16 for site in sites for _, j, off in site.binds if j == k)
+            for k in range(len(used)))
+        self.table: dict = {}
+        self.lock = threading.Lock()
         self._device, self._stream = _device_functions()
-        self.source, self.launch = _generate_launch(sites, used, self._device, self._stream)
+        self.source, self.launch = _generate_launch(sites, used, self.by_residue,
+                                                    self._device, self._stream, self.table,
+                                                    reader)
 
     @classmethod
-    def build(cls, captured: Captured, inputs: Sequence,
-              device: int | None = None) -> "LaunchSequence":
-        """From a capture of a normal call; raises :class:`Unusable` with the reason."""
+    def build(cls, captured: Captured, inputs: Sequence, device: int | None = None,
+              reader: Reader | None = None) -> "LaunchSequence":
+        """From a capture of a normal call; raises :class:`Unusable` with the reason.
+        With a ``reader``, ``inputs`` is what its :meth:`Reader.read` returned."""
         if not captured.launches:
             raise Unusable("no launch was recorded")
         if captured.triton_launches is None:
@@ -527,7 +606,7 @@ class LaunchSequence:
         position = {i: j for j, i in enumerate(used)}
         for site in sites:  # input indices -> positions in the selected pointers
             site.binds = tuple((pos, position[i], off) for pos, i, off in site.binds)
-        sequence = cls(sites, used)
+        sequence = cls(sites, used, reader)
         device = sequence._device() if device is None else device
         for site, launch in zip(sites, captured.launches):
             check_with_triton(site, launch, device)
@@ -543,83 +622,108 @@ class LaunchSequence:
                 len(captured.launches) != len(self.sites):
             return False
         device = self._device() if device is None else device
-        keys = []
         selected = self._select(inputs)
         for site, launch in zip(self.sites, captured.launches):
-            if launch.fn is not site.fn or _grid(launch.grid) != site.grid or \
-                    launch.compiled is None:
+            if not _replays(site, launch, selected):
                 return False
-            names, values, options = _bind_call(site.fn, launch)
-            if options != site.options:
-                return False
-            bound = {pos: (j, off) for pos, j, off in site.binds}
-            for pos, value in enumerate(values):
-                if pos in bound:
-                    j, off = bound[pos]
-                    layout = site.descriptors.get(pos)
-                    if layout is not None:
-                        if not is_descriptor(value) or descriptor_layout(value) != layout:
-                            return False
-                    elif not isinstance(value, torch.Tensor):
-                        return False
-                    if pointer_of(value) != selected[j].data_ptr() + off:
-                        return False
-                elif isinstance(value, torch.Tensor) or is_descriptor(value) or \
-                        _spec(value) != _spec(site.template[pos]):
-                    return False
-            pointers = [pointer_of(values[pos]) for pos, _, _ in site.binds]
-            token = alignment_token(pointers) if pointers else True
-            keys.append((device, state, token))
-        for site, launch, key in zip(self.sites, captured.launches, keys):
-            site.store(key, launch.compiled)
+        token = alignment_token([x.data_ptr() for x in selected], self.by_residue)
+        self.store((device, state, token), [launch.compiled for launch in captured.launches])
         return True
 
+    def store(self, key, compiled: Sequence) -> None:
+        """The compiled kernels of every site (in order) under ``key``."""
+        entry = tuple(value for kernel in compiled for value in launch_entry(kernel))
+        with self.lock:
+            if len(self.table) >= TABLE_LIMIT:
+                self.table.clear()
+            self.table[key] = entry
 
-def _generate_launch(sites: list[Site], used: tuple[int, ...], get_device, get_stream):
-    """``launch(inputs) -> bool`` for these sites, as straight-line code (what Triton does
-    for its binder): launch every kernel with the inputs' pointers, or return False with
-    nothing launched when a kernel is not known yet for them (device, Triton state, 16-byte
-    alignment of each bound pointer), a hook must see the launches, or the inputs lack a
-    pointer. Fixed arguments are names bound to the recorded values."""
-    namespace = {"triton_state": triton_state, "get_device": get_device,
-                 "get_stream": get_stream, "HostDescriptor": HostDescriptor}
-    lines = ["def launch(inputs):",
-             "    state = triton_state()",
-             "    if state is None:",
+
+def _replays(site: Site, launch: Launch, selected: Sequence) -> bool:
+    """Whether a recorded launch is ``site`` with these selected inputs: the same kernel,
+    grid and options, the same fixed values (as Triton specializes them), each bound
+    pointer at its input's address plus the site's offset (descriptors of the same
+    layout)."""
+    if launch.fn is not site.fn or _grid(launch.grid) != site.grid or \
+            launch.compiled is None:
+        return False
+    _names, values, options = _bind_call(site.fn, launch)
+    if options != site.options:
+        return False
+    bound = {pos: (j, off) for pos, j, off in site.binds}
+    for pos, value in enumerate(values):
+        if pos in bound:
+            j, off = bound[pos]
+            layout = site.descriptors.get(pos)
+            if layout is not None:
+                if not is_descriptor(value) or descriptor_layout(value) != layout:
+                    return False
+            elif not isinstance(value, torch.Tensor):
+                return False
+            if pointer_of(value) != selected[j].data_ptr() + off:
+                return False
+        elif isinstance(value, torch.Tensor) or is_descriptor(value) or \
+                _spec(value) != _spec(site.template[pos]):
+            return False
+    return True
+
+
+def _generate_launch(sites: list[Site], used: tuple[int, ...], by_residue: tuple[bool, ...],
+                     get_device, get_stream, table: dict, reader: Reader | None = None):
+    """``launch(inputs, device=None, stream=None) -> bool`` for these sites (with a
+    ``reader``: its parameters instead of ``inputs``), as straight-line code (what Triton
+    does for its binder): launch every kernel with the inputs' pointers, or return False
+    with nothing launched when the kernels are not known yet for them (device, Triton
+    state, :func:`alignment_token` of the bound inputs), a hook must see the launches, or
+    the inputs lack a pointer. Fixed arguments are names bound to the recorded values.
+    Every other name of the generated code starts with ``_`` (a reader's names cannot)."""
+    namespace = dict(reader.namespace) if reader is not None else {}
+    namespace.update({"_triton_state": triton_state, "_get_device": get_device,
+                      "_get_stream": get_stream, "_HostDescriptor": HostDescriptor,
+                      "_table": table})
+    kernels = list({id(site.fn): site.fn for site in sites}.values())
+    for k, fn in enumerate(kernels):
+        namespace[f"_fn{k}"] = fn
+    params = "inputs" if reader is None else reader.params
+    sources = [f"inputs[{i}]" if reader is None else f"({reader.sources[i]})" for i in used]
+    pointers = [f"_x{j}" for j in range(len(used))]
+    lines = [f"def launch({params}, device=None, stream=None):",
+             "    _state = _triton_state()",
+             "    if _state is None:",
              "        return False",
-             "    device = get_device()",
-             "    try:"]
-    lines += [f"        x{j} = inputs[{i}].data_ptr()" for j, i in enumerate(used)]
-    lines += ["    except AttributeError:",
-              "        return False"]
-    calls = []
+             f"    if {' or '.join(f'_fn{k}.pre_run_hooks' for k in range(len(kernels)))}:",
+             "        return False",
+             "    if device is None:",
+             "        device = _get_device()"]
+    if used:
+        lines.append("    try:")
+        lines += [f"        {p} = {source}.data_ptr()" for p, source in zip(pointers, sources)]
+        lines += ["    except AttributeError:",
+                  "        return False",
+                  f"    _token = True if not ({' | '.join(pointers)}) & 15 else "
+                  "(" + "".join(f"{p} & 15, " if r else f"not {p} & 15, "
+                                for p, r in zip(pointers, by_residue)) + ")"]
+    else:
+        lines.append("    _token = True")
+    lines += ["    _entry = _table.get((device, _state, _token))",
+              "    if _entry is None:",
+              "        return False",
+              "    if stream is None:",
+              "        stream = _get_stream(device)",
+              "    " + ", ".join(f"_l{s}, _f{s}, _m{s}, _c{s}, _d{s}" for s in range(len(sites)))
+              + " = _entry"]
     for s, site in enumerate(sites):
-        namespace[f"fn{s}"] = site.fn
-        namespace[f"table{s}"] = site.table
         bound = {}
         for pos, j, off in site.binds:
-            bound[pos] = f"p{s}_{pos}"
-            lines.append(f"    p{s}_{pos} = x{j}" + (f" + {off}" if off else ""))
-        lines.append(f"    if fn{s}.pre_run_hooks:")
-        lines.append("        return False")
-        names = list(bound.values())
-        for pos, layout in site.descriptors.items():  # rebuilt around the new base
-            namespace[f"layout{s}_{pos}"] = layout
-            bound[pos] = f"HostDescriptor(p{s}_{pos}, layout{s}_{pos})"
-        if names:
-            lines.append(f"    token = True if not ({' | '.join(names)}) & 15 else "
-                         f"({''.join(f'not {n} & 15, ' for n in names)})")
-        else:
-            lines.append("    token = True")
-        lines += [f"    e{s} = table{s}.get((device, state, token))",
-                  f"    if e{s} is None:",
-                  "        return False"]
-        args = _call_arguments(site.template, bound, f"c{s}_", namespace)
+            bound[pos] = f"_x{j} + {off}" if off else f"_x{j}"
+            layout = site.descriptors.get(pos)
+            if layout is not None:  # rebuilt around the new base
+                namespace[f"_layout{s}_{pos}"] = layout
+                bound[pos] = f"_HostDescriptor({bound[pos]}, _layout{s}_{pos})"
+        args = _call_arguments(site.template, bound, f"_k{s}_", namespace)
         g0, g1, g2 = site.grid
-        calls.append(f"    e{s}[0]({g0}, {g1}, {g2}, stream, e{s}[1], e{s}[3], e{s}[4], "
-                     f"None, None, e{s}[2], None, None, None, {', '.join(args)})")
-    lines.append("    stream = get_stream(device)")
-    lines += calls
+        lines.append(f"    _l{s}({g0}, {g1}, {g2}, stream, _f{s}, _c{s}, _d{s}, None, None, "
+                     f"_m{s}, None, None, None, {', '.join(args)})")
     lines.append("    return True")
     source = "\n".join(lines) + "\n"
     exec(compile(source, "<portattn.fast_launch>", "exec"), namespace)
