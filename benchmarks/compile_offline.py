@@ -21,7 +21,8 @@ from triton.compiler import ASTSource
 from portattn.kernels.unified import unified_attention_kernel as KERNEL
 
 BASE = dict(GROUP=4, BLOCK_M=16, BLOCK_Q=4, BLOCK_N=128, BLOCK_SIZE=16, HEAD_QK=128,
-            HEAD_QK_PAD=128, HEAD_V=128, HEAD_V_PAD=128, SEQ_MODE=1, SHORT_Q=0, SPLIT=False,
+            HEAD_QK_PAD=128, HEAD_V=128, HEAD_V_PAD=128, SEQ_MODE=1, SHORT_Q=0, STAGED_Q=0,
+            SPLIT=False,
             LONG_FOLLOWS=False, CAUSAL=True, USE_WINDOW=False, USE_SOFTCAP=False, ALIBI=0,
             USE_SINKS=False, KV_QUANT=0, Q_SCALED=False, Q_PRESCALE=False, FP8_DOT=False,
             FP8_ACC=32, FP8_OUT=False, FP8_MAX=0.0, COMPUTE_DTYPE=1, DOT_PREC="tf32",

@@ -11,7 +11,8 @@ of its switches and tiles:
     PYTHONPATH=src python3 benchmarks/kernel_experiments.py [CASE_SUBSTRING | =NAME ...]
     PYTHONPATH=src python3 benchmarks/kernel_experiments.py --compile-only I/N [...]
 
-``CURRENT_ONLY=1`` times only the plans as they are. ``--compile-only I/N`` runs share I
+``CURRENT_ONLY=1`` times only the plans as they are; ``EXP_VARIANTS=a,b`` the plans and
+the variants named. ``--compile-only I/N`` runs share I
 of N of the (case, variant) launches once, untimed: several such processes side by side
 fill Triton's disk cache before the timed run.
 """
@@ -66,6 +67,10 @@ CASES = [
     (Case("prefill-1024@8192", "prefill", [1024], [8192]), 16),
     (Case("prefill-512@8192", "prefill", [512], [8192]), 16),
     (Case("mixed-2048+15x4096", "mixed", [2048] + [1] * 15, [10240] + [4096] * 15), 16),
+    (Case("mixed-2048+63x4096", "mixed", [2048] + [1] * 63, [10240] + [4096] * 63), 16),
+    # its two parts alone (the bench's separate_parts)
+    (Case("prefill-2048@10240", "prefill", [2048], [10240]), 16),
+    (Case("decode-63x4096", "decode", [1] * 63, [4096] * 63), 16),
     (Case("prefill-1x8192-h64", "prefill", [8192], [8192]), 16),
     (Case("prefill-1x8192-h256", "prefill", [8192], [8192]), 16),
     (Case("prefill-4x2048-h64", "prefill", [2048] * 4, [2048] * 4), 16),
@@ -109,6 +114,8 @@ def _tile(params: dict, **changes) -> dict:
 def variants_of(case: Case, base: dict, block_size: int,
                 shape: Shape | None = None) -> dict[str, dict]:
     variants = {"current": base}
+    if case.kind == "decode":  # the bound of folding the block-id pre-scan into the loop
+        variants["no-block-checks"] = dict(base, check_blocks=False)
     if case.kind == "decode" and case.kv_quant != "none":
         short = base["short"]
         segments = short["segments"]
@@ -146,6 +153,10 @@ def variants_of(case: Case, base: dict, block_size: int,
             else:
                 variants["staged-2-stages"] = dict(staged, stage_long=dict(
                     staged["stage_long"], num_stages=2))
+            if base["mode"] == "mixed" and case.kind == "prefill":  # every sequence long:
+                # what the mixed plan's short launch (and merge) cost when they find nothing
+                variants["staged-prefill-mode"] = dict(
+                    {k: v for k, v in staged.items() if k != "short"}, mode="prefill")
         if block_size >= 64:
             base = dict(kv_load_rules.descriptor_params(base, block_size),
                         _kv_load_forced=True)  # a failure raises, never falls back
@@ -193,6 +204,9 @@ def _variants_for(case: Case, block_size: int) -> dict[str, dict]:
     variants = variants_of(case, plan_launch(shape), block_size, shape)
     if os.environ.get("CURRENT_ONLY") == "1":  # the plans as they are, nothing else
         variants = {k: v for k, v in variants.items() if k.startswith("current")}
+    elif os.environ.get("EXP_VARIANTS"):  # the plans and these variants (comma list)
+        keep = os.environ["EXP_VARIANTS"].split(",")
+        variants = {k: v for k, v in variants.items() if k.startswith("current") or k in keep}
     return variants
 
 

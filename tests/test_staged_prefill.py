@@ -18,6 +18,7 @@ from portattn import KVQuant
 from portattn.kernels import heuristics
 from portattn.kernels.heuristics import TileConfig
 from portattn.kernels.kv_load import KV_LOAD_CODES
+from portattn.kernels.stage_launch import StagedCache
 from portattn.testing import make_paged_batch
 
 from unified_check import FEATURE_KW, check_unified
@@ -65,19 +66,24 @@ def run(variant, stage=32, group=2, **kw):
 
 
 # --------------------------------------------------------------------------- the kernel
-def _stage_alone(batch, sliding_window=None, short_q=0, block=32):
+def _stage_alone(batch, sliding_window=None, short_q=0, block=32, min_q=None, slots=None):
     from portattn.kernels.stage_launch import stage_kv, stage_workspace_size
     from portattn.options import normalize_options
 
     cache, metadata = batch.cache, batch.metadata
     max_k = heuristics.next_pow2(max(batch.seq_lens))
     stage = {"block": block, "sblocks": heuristics.cdiv(max_k, block)}
-    size = stage_workspace_size(len(batch.seq_lens), cache.num_kv_heads, cache.head_size_qk,
+    if min_q is not None:
+        stage["min_q"] = min_q
+    num_seqs = len(batch.seq_lens)
+    slots = num_seqs if slots is None else slots
+    size = stage_workspace_size(num_seqs, slots, cache.num_kv_heads, cache.head_size_qk,
                                 cache.head_size_v, stage, cache.quant.per_token_head)
     # NaN as fp16 pairs: NaN read as 16-bit staged values and as fp32 scales alike
     workspace = torch.full((2 * size,), math.nan, dtype=F16).view(torch.float32)
     options = normalize_options(batch.q, cache, sliding_window=sliding_window)
-    staged, meta = stage_kv(batch.q, cache, metadata, options, stage, short_q, workspace)
+    staged, meta = stage_kv(batch.q, cache, metadata, options, stage, short_q, slots,
+                            workspace)
     return staged, meta, stage
 
 
@@ -149,6 +155,33 @@ def test_staging_skips_keys_outside_the_window_and_short_sequences():
     assert torch.equal(rows[0, first:70].float(), want)
     assert not torch.isnan(rows[0, 32:first].float()).any()  # a visited block: zeros
     assert torch.isnan(rows[1].float()).all()  # the short sequence: never written
+
+
+@interp
+@pytest.mark.parametrize("slots", [2, 1])
+def test_staging_packs_the_staged_sequences(slots):
+    """With ``min_q`` 5, sequences 1 and 3 (9 and 12 queries) are staged, into slots 0 and
+    1 in batch order; the others' table rows and keys are never written. A sequence past
+    the workspace's slots (cu_seqlens_q claiming more tokens than the call has) gets -1
+    table entries, never another sequence's blocks."""
+    batch = make_paged_batch([2, 9, 1, 12], [20, 40, 10, 50], num_q_heads=4, num_kv_heads=2,
+                             head_size=32, block_size=16, dtype=F16, seed=6)
+    staged, meta, stage = _stage_alone(batch, min_q=5, slots=slots)
+    sblocks = stage["sblocks"]
+    table = meta.block_table
+    assert table.shape == (4, sblocks)
+    assert torch.equal(table[1], torch.arange(sblocks, dtype=torch.int32))
+    if slots == 2:
+        assert torch.equal(table[3], torch.arange(sblocks, 2 * sblocks, dtype=torch.int32))
+    else:
+        assert torch.equal(table[3], torch.full((sblocks,), -1, dtype=torch.int32))
+    for b in (0, 2):  # not staged: the NaN fill of the workspace, as int32
+        assert (table[b] >= 4 * sblocks).all() or (table[b] < -1).all()
+    rows = staged.key_cache.view(slots, sblocks * 32, 2, 32)
+    for slot, b in enumerate((1, 3)[:slots]):
+        n = batch.seq_lens[b]
+        want = _reference_rows(batch.cache, batch.metadata.block_table[b], range(n), "k")
+        assert torch.equal(rows[slot, :n].float(), want.float())
 
 
 @interp
@@ -292,7 +325,9 @@ def test_staging_rule():
     assert any("decode" in r for r in reasons(_shape(), mode="decode"))
     assert any("float16" in r for r in reasons(_shape(), q_bits=32))
     assert any("max_seqlen_q 512" in r for r in reasons(_shape(max_seqlen_q=512)))
-    assert any("MiB" in r for r in reasons(_shape(num_seqs=64, max_seqlen_k=16384)))
+    # one sequence's keys staged decide it, not the batch's: 64 x 16384 keys is 4 GiB
+    assert reasons(_shape(num_seqs=64, max_seqlen_k=16384)) == []
+    assert any("MiB" in r for r in reasons(_shape(max_seqlen_k=1 << 20)))
     assert any("STAGED_PREFERRED" in r for r in reasons(_shape(), block_size=64))
     assert any("STAGED_PREFERRED" in r for r in reasons(_shape(arch="sm80")))
     assert any("STAGED_PREFERRED" in r for r in reasons(_shape(head_size=64)))
@@ -304,9 +339,11 @@ def test_workspace_size_covers_the_staged_tensors():
     stage = heuristics.stage_config(shape)
     from portattn.kernels.stage_launch import stage_workspace_size
 
-    elems = stage_workspace_size(3, 8, 128, 128, stage, True)
-    assert elems * 4 >= heuristics.stage_bytes(shape, stage)
-    assert stage == {"block": 128, "sblocks": 8}
+    elems = stage_workspace_size(3, 2, 8, 128, 128, stage, True)
+    assert elems * 4 >= heuristics.stage_bytes(shape, stage, 2)
+    assert stage == {"block": 128, "sblocks": 8, "min_q": 512}
+    # K and V codes widened to 16 bits plus fp32 scales, for 2 of 3 sequences' 1024 slots
+    assert elems * 4 >= 2 * 1024 * 8 * (2 * 128 * 2 + 2 * 4)
 
 
 @pytest.mark.parametrize("head_size,tile", [(64, (128, 128, 4, 3)), (128, (128, 128, 8, 3)),
@@ -351,3 +388,61 @@ def test_staged_launch_falls_back_to_pointer_loads_unless_forced(monkeypatch):
     with pytest.raises(InputError, match="a test says no"):
         launch.launch_unified(batch.q, batch.cache, batch.metadata, options, outs[1],
                               {**staged, "_kv_load_forced": True})
+
+
+@interp
+@pytest.mark.parametrize("variant,query_lens,seq_lens,min_q", [
+    ("prefill", [3, 9, 1, 12, 2, 1], [20, 40, 10, 50, 8, 5], 8),
+    ("mixed", [1, 10, 3, 16, 1, 2], [30, 40, 10, 50, 7, 9], 12),
+])
+@pytest.mark.parametrize("load", ["staged_host", "descriptor"])
+def test_short_prompts_beside_staged_ones_read_the_cache(variant, query_lens, seq_lens, min_q,
+                                                         load, stage_calls, monkeypatch,
+                                                         nan_workspaces):
+    """Staged from ``min_q`` queries on: a workspace of ``num_tokens // min_q`` slots,
+    fewer than the batch's sequences; the prompts below ``min_q`` run in a launch of the
+    long tile over the cache (a mixed batch's up to 8 queries in its short tiles); every
+    row against the float64 oracle, from NaN-filled workspaces."""
+    from portattn.kernels import launch
+
+    slots, filters = [], []
+    original_stage, original_long = launch.stage_kv, launch._launch_long
+    monkeypatch.setattr(launch, "stage_kv", lambda *a: (slots.append(a[6]),
+                                                        original_stage(*a))[1])
+    def long_launch(args, q, cache, metadata, cfg, short_q, staged_q=0):
+        filters.append((short_q, staged_q, isinstance(cache, StagedCache)))
+        original_long(args, q, cache, metadata, cfg, short_q, staged_q)
+
+    monkeypatch.setattr(launch, "_launch_long", long_launch)
+    run(variant, dtype=F16, head_size=32, quant=QUANTS["fp8_tensor_e4m3"],
+        stage_kv_load=load, stage_min_q=min_q, query_lens=query_lens, seq_lens=seq_lens)
+    assert slots == [sum(query_lens) // min_q] and slots[0] < len(query_lens)
+    short_q = 8 if variant == "mixed" else 0  # the decode tile's queries (group 2)
+    # the cache for (short_q, min_q) queries, then the staged keys for min_q and more
+    assert filters == [(short_q, min_q, False), (min_q - 1, 0, True)]
+
+
+@interp
+@pytest.mark.parametrize("load", ["staged_host", "staged"])
+def test_a_sequence_without_a_staging_slot_gives_nan_rows(load, monkeypatch, nan_workspaces):
+    """cu_seqlens_q claiming more staged sequences than the call's tokens allow: the
+    sequence left without a slot comes out NaN (it never reads the other's keys), the
+    staged one matches the float64 oracle."""
+    from portattn.kernels import launch
+    from portattn.options import normalize_options
+    from portattn.testing import dense_attention, relative_error
+
+    batch = make_paged_batch([9, 12], [40, 50], num_q_heads=4, num_kv_heads=2,
+                             head_size=32, block_size=16, dtype=F16, seed=8)
+    monkeypatch.setattr(launch, "staging_slots", lambda params, seqs, tokens: 1)
+    options = normalize_options(batch.q, batch.cache)
+    long = SMALL_LONG.as_dict()
+    params = {"mode": "prefill", "long": long,
+              "stage": {"block": 32, "sblocks": 2, "min_q": 5}, "stage_long": long,
+              "stage_kv_load": load, "_kv_load_forced": True}
+    out = torch.full_like(batch.q, math.nan)
+    launch.launch_unified(batch.q, batch.cache, batch.metadata, options, out, params)
+    expected = dense_attention(batch.q.double(), batch.keys, batch.values, batch.query_lens,
+                               scale=options.scale)
+    assert torch.isnan(out[9:]).all()
+    assert relative_error(out[:9].double(), expected[:9]) < 3e-3

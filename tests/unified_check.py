@@ -96,7 +96,7 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
                   head_size_v=None, q_fp8=None, fp8_out=None, layout="split",
                   fp8_dot=False, tolerance=None, separate_kv=False, block_table_edit=None,
                   v_stage=None, kv_load="pointer", kv_bits=None, v_scale_factor=None,
-                  v_pairs=None, stage=None, stage_kv_load=None):
+                  v_pairs=None, stage=None, stage_kv_load=None, stage_min_q=1):
     """Run one case; returns the relative error (asserts it is within tolerance).
 
     ``quant``: a KVQuant for the cache; ``head_size_v``: DiffKV (a packed cache);
@@ -120,7 +120,9 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
     ``stage``: a staged block size: the plan's long tiles read the keys staged into blocks
     of that many slots (``params["stage"]``, descriptor loads forced, ``kernels/stage.py``);
     ``stage_kv_load``: how they are read (``kv_load.KV_LOAD_CODES``: ``"staged_host"``,
-    ``"staged"``, ``"descriptor"``), None: the launcher's default."""
+    ``"staged"``, ``"descriptor"``), None: the launcher's default; ``stage_min_q``: the
+    fewest queries of a staged sequence (``stage["min_q"]``; shorter ones read the cache in
+    a launch of the plan's long tile)."""
     from portattn.backends.triton_unified import TritonUnified
 
     num_q_heads = group * num_kv_heads
@@ -213,7 +215,7 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
         params = kv_load_rules.descriptor_params(params, block_size)
         params["_kv_load_forced"] = True
     if stage:
-        params["stage"] = heuristics.stage_config(shape, stage)
+        params["stage"] = heuristics.stage_config(shape, stage, stage_min_q)
         staged_long = long.as_dict() if long is not None else \
             heuristics.staged_long_config(shape)
         params["stage_long"] = dict(staged_long, block_n=min(staged_long["block_n"], stage))

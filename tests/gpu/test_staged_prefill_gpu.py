@@ -3,8 +3,9 @@ into 128-slot 16-bit blocks with descriptor loads, against the float64 oracle.
 
 Grid: quant modes (none, fp8 per-tensor e4m3 / e5m2, int8 and fp8 per-token-head) x
 bf16 / fp16 x prefill / chunked / mixed; head sizes 64 / 80 / 128 / 256 x GQA 1 / 4 / 8;
-cache blocks 16 / 32 / 256; score features; bad block ids; DiffKV 192/128; the plan's
-own choice on a long prefill, replayed over two caches and in a CUDA graph.
+cache blocks 16 / 32 / 256; score features; bad block ids; DiffKV 192/128; staging only
+the long prompts of a batch (the others read the cache); the plan's own choice on a long
+prefill, replayed over two caches and in a CUDA graph, and on a chunk beside decodes.
 """
 
 from __future__ import annotations
@@ -69,6 +70,43 @@ def test_staged_bad_block_ids_give_nan_rows(bad_id):
         return [1]
 
     run("chunked", block_table_edit=corrupt)
+
+
+@pytest.mark.parametrize("variant", ["prefill", "mixed"])
+@pytest.mark.parametrize("quant", ["none", "fp8_tensor_e4m3", "int8_token_head"])
+def test_only_long_prompts_are_staged(quant, variant):
+    """Staged from 256 queries on (``stage["min_q"]``): 700 / 300 / 257 staged, 129 / 130
+    and shorter read the cache (mixed: the decodes in the short tiles)."""
+    case = {"prefill": dict(PREFILL, query_lens=[700, 129, 300, 5],
+                            seq_lens=[700, 500, 900, 40]),
+            "mixed": MIXED}[variant]
+    run_gpu_case(case, stage=STAGE, stage_min_q=256, quant=ALL_QUANTS[quant])
+
+
+@pytest.mark.parametrize("kv_quant", ["none", "fp8_per_tensor"])
+def test_plan_stages_the_chunk_beside_decodes(kv_quant):
+    """The plan's own choice for a 2048-query chunk over 4096 keys beside 63 decodes (the
+    bench's mixed case, shortened): only the chunk's keys are staged, the decodes read the
+    cache; against the oracle, and replayed."""
+    import portattn
+    from portattn import KVQuant
+    from portattn.testing import dense_attention, make_paged_batch, relative_error
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("staging is planned on sm90 only (where it was measured)")
+    quant = KVQuant.fp8_per_tensor(0.02, 0.03) if kv_quant != "none" else None
+    query_lens, seq_lens = [2048] + [1] * 63, [4096] + [700] * 63
+    batch = make_paged_batch(query_lens, seq_lens, num_q_heads=32, num_kv_heads=8,
+                             head_size=128, block_size=16, dtype=BF16, device=DEV,
+                             quant=quant)
+    plan = portattn.plan(batch.metadata, num_q_heads=32, dtype=BF16, cache=batch.cache)
+    assert "staged" in plan.variant, plan.decision
+    expected = dense_attention(batch.q.cpu().double(), [k.cpu().double() for k in batch.keys],
+                               [v.cpu().double() for v in batch.values], query_lens)
+    for _ in range(3):
+        out = torch.full_like(batch.q, float("nan"))
+        plan.run(batch.q, batch.cache, out=out)
+        assert relative_error(out.cpu().double(), expected) < 2e-2
 
 
 def test_plan_stages_a_long_prefill_and_replays_it():

@@ -163,4 +163,6 @@ def choose_staging(problem, caps, shape: heuristics.Shape, params: dict) -> dict
     if reasons:
         return {**params, "stage_reason": "; ".join(reasons)}
     return {**params, "stage": stage, "stage_long": staged_long,
-            "stage_reason": "measured faster here (heuristics.STAGED_PREFERRED)"}
+            "stage_reason": f"measured faster here (heuristics.STAGED_PREFERRED); the keys "
+                            f"of sequences with >= {stage['min_q']} queries are staged, "
+                            f"shorter ones read the cache"}

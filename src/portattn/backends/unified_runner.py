@@ -95,12 +95,13 @@ class UnifiedRunner(Runner):
 
         self._launch = launch.launch_unified
         params = plan.params
-        self.workspace_size = launch.plan_workspace_size(
-            problem.num_seqs, problem.num_q_heads, problem.num_kv_heads, problem.head_size_qk,
-            problem.head_size_v, heuristics.scales_per_token_head(problem.kv_quant),
-            problem.q_dtype, params)
+        self._sizing = (problem.num_seqs, problem.num_q_heads, problem.num_kv_heads,
+                        problem.head_size_qk, problem.head_size_v,
+                        heuristics.scales_per_token_head(problem.kv_quant), problem.q_dtype,
+                        params)
+        self.workspace_size = launch.plan_workspace_size(*self._sizing)
         # staged prefills take their (large) workspace from torch's allocator per call,
-        # so an idle plan holds none
+        # sized by the call's tokens (launch.staging_slots), so an idle plan holds none
         self.workspace_per_call = bool(params.get("stage"))
         self.device = device
         # the CUDA index of the GPU PlanBody.launch makes current around every call (None
@@ -131,17 +132,22 @@ class UnifiedRunner(Runner):
                 found = self._slots.setdefault(key, Slot())
         return found
 
-    def _workspace(self):
-        """This stream's workspace; None while a CUDA graph is captured."""
+    def _workspace(self, num_tokens: int = 0):
+        """This stream's workspace (for a call of ``num_tokens`` queries); None while a
+        CUDA graph is captured."""
         if self._capturing():
             return None
-        return self._workspace_on(self._stream(self._index))
+        return self._workspace_on(self._stream(self._index), num_tokens)
 
-    def _workspace_on(self, stream):
+    def _workspace_on(self, stream, num_tokens: int):
         """The workspace of ``stream`` (the current one, no graph being captured): the
-        runner's for that stream, or a fresh one for a staged prefill."""
+        runner's for that stream, or a fresh one for a staged prefill of ``num_tokens``
+        queries."""
         if self.workspace_per_call:
-            return torch.empty(self.workspace_size, dtype=torch.float32, device=self.device)
+            from portattn.kernels import launch
+
+            return torch.empty(launch.plan_workspace_size(*self._sizing, num_tokens),
+                               dtype=torch.float32, device=self.device)
         ws = self._workspaces.get(stream)
         if ws is None:
             with self._lock:
@@ -166,13 +172,13 @@ class UnifiedRunner(Runner):
             self._launch(q, cache, metadata, self.options_for(layer), out, self.plan.params)
             return
         ws = stream = None
-        if self.workspace_size:
+        if self.workspace_size or self.workspace_per_call:
             if self._capturing():  # a CUDA graph: the normal path, a workspace from its pool
                 self._launch(q, cache, metadata, self.options_for(layer), out,
                              self.plan.params)
                 return
             stream = self._stream(self._index)
-            ws = self._workspace_on(stream)
+            ws = self._workspace_on(stream, q.shape[0])
         sequence = slot.sequence
         if sequence is _UNUSABLE:  # the normal path, without a capture's launch hook
             self._launch(q, cache, metadata, self.options_for(layer), out, self.plan.params,

@@ -205,7 +205,8 @@ def run_check(variant: dict, device: str) -> dict:
         block_m = staged["block_m"]
         tile = heuristics.TileConfig(block_m, block_m // shape.group, staged["block_n"],
                                      staged["num_warps"], staged["num_stages"])
-        descriptor = {**pointer, "stage": heuristics.stage_config(shape),
+        # every sequence staged (min_q 1): the gate's prompts are short
+        descriptor = {**pointer, "stage": heuristics.stage_config(shape, min_q=1),
                       "stage_long": tile.as_dict(), "_kv_load_forced": True}
     else:
         pointer = heuristics.plan_launch(shape, mode="decode", short=cfg, fp8_dot=fp8_dot)

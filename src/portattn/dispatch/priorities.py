@@ -71,8 +71,11 @@ _H200_PREFILL = ("H200, 2026-12-02, bf16, 32/8 heads x 128, causal, paged at blo
                  "run: FA4 554 vs ours 345 TFLOP/s (prefill 1x8192), 448 vs 266 (4x2048), "
                  "516 vs 318 (1x4096); with our staged prefill (session 7: staged keys read as "
                  "rows of host-built descriptors, one run) ours at 0.90 / 0.77 / 0.82 of "
-                 "FA4's speed (head 64: 0.90 / 0.81 / 0.75, head 256: 0.78 / 0.70 / 0.72), "
-                 "so FA4 still leads; at block 128 FA4 605/495/593 (PERFORMANCE.md); "
+                 "FA4's speed (head 64: 0.90 / 0.81 / 0.75, head 256: 0.78 / 0.70 / 0.72); "
+                 "session 8 (2026-12-03, one run): 0.94 / 0.80 / 0.79, a 2048-query chunk "
+                 "beside 63 decodes 1.00 (head 64: 0.93 / 0.82 / 0.80, head 256: 0.81 / "
+                 "0.75 / 0.76), so FA4 still leads or ties; at block 128 FA4 605/495/593 "
+                 "(PERFORMANCE.md); "
                  "DiffKV 192/128 prefill 1x8192: FA4 1.03 ms vs ours 2.01 ms at block 16, "
                  "0.98 vs 1.94 ms at block 128 (benchmarks/results/"
                  "h200-2026-12-02-fa4-decode-summary.txt)")

@@ -328,6 +328,15 @@ STAGE_BLOCK = 128
 #: plan's power-of-two ``max_seqlen_q``: staged from 513 queries on. Smallest measured
 #: wins: 512 queries over 8192 keys (H200: 188.3 vs 204.7 us), 1 x 1024 (58.3 vs 68.0).
 STAGE_MIN_QUERIES = 1024
+#: Within a staged plan, a sequence's keys are staged when it has at least this many
+#: queries (``stage["min_q"]``); shorter ones read the cache in a launch of their own.
+#: The staging workspace then holds ``num_tokens // STAGE_SEQ_MIN_QUERIES`` sequences at
+#: most, not every sequence of the batch: a chunk beside 63 decodes stages one sequence's
+#: keys (H200: staged from 512 queries on was measured faster, see STAGE_MIN_QUERIES).
+#: H200, block 16, bf16: 2048 queries over 10240 keys beside 63 x 4096 decodes, 846 us
+#: against 1136 reading the cache (its 4 GiB all-sequence workspace was refused before);
+#: the parts alone 582 + 260 us (benchmarks/NOTES.md, session 8).
+STAGE_SEQ_MIN_QUERIES = 512
 #: The largest staging workspace a call allocates (per call, from torch's allocator).
 STAGE_MAX_BYTES = 1 << 30
 #: Problem classes where staging was measured faster than reading the cache itself (each
@@ -347,10 +356,24 @@ STAGED_PREFERRED: tuple[dict, ...] = (
 )
 
 
-def stage_config(shape: Shape, block: int = STAGE_BLOCK) -> dict:
-    """The staging launch of a plan: staged block size and staged blocks per sequence
-    (``max_seqlen_k``, the plan's power-of-two bound, in staged blocks)."""
-    return {"block": block, "sblocks": cdiv(shape.max_seqlen_k, block)}
+def stage_config(shape: Shape, block: int = STAGE_BLOCK,
+                 min_q: int = STAGE_SEQ_MIN_QUERIES) -> dict:
+    """The staging launch of a plan: staged block size, staged blocks per sequence
+    (``max_seqlen_k``, the plan's power-of-two bound, in staged blocks) and the fewest
+    queries a sequence has for its keys to be staged (``min_q``)."""
+    return {"block": block, "sblocks": cdiv(shape.max_seqlen_k, block), "min_q": min_q}
+
+
+def staged_from(stage: dict, short_q: int) -> int:
+    """The fewest queries of a sequence whose keys a plan stages: ``stage["min_q"]`` (1
+    where absent), and above the short tiles of a mixed batch (``short_q``)."""
+    return max(int(stage.get("min_q", 1)), short_q + 1)
+
+
+def stage_slots(stage: dict, num_seqs: int, num_tokens: int, short_q: int) -> int:
+    """Sequences a call's staging workspace holds: every sequence with at least
+    :func:`staged_from` queries, of which ``num_tokens`` queries allow so many."""
+    return min(num_seqs, num_tokens // staged_from(stage, short_q))
 
 
 def align16(elems: int) -> int:
@@ -358,21 +381,22 @@ def align16(elems: int) -> int:
     return -(-elems // 4) * 4
 
 
-def stage_parts(num_seqs: int, num_kv_heads: int, head_size_qk: int, head_size_v: int,
-                stage: dict, scales: bool) -> tuple[int, ...]:
+def stage_parts(num_seqs: int, slots: int, num_kv_heads: int, head_size_qk: int,
+                head_size_v: int, stage: dict, scales: bool) -> tuple[int, ...]:
     """float32 elements of each part of a staging workspace, in order, each 16-byte
-    aligned: 16-bit K, 16-bit V, (with ``scales``) fp32 K and V scales, the int32 table."""
-    rows = num_seqs * stage["sblocks"] * stage["block"] * num_kv_heads
+    aligned: 16-bit K, 16-bit V, (with ``scales``) fp32 K and V scales, for ``slots``
+    staged sequences, then the int32 table (a row per sequence of the batch)."""
+    rows = slots * stage["sblocks"] * stage["block"] * num_kv_heads
     return (align16(-(-rows * head_size_qk // 2)), align16(-(-rows * head_size_v // 2)),
             *((align16(rows),) * 2 * scales), align16(num_seqs * stage["sblocks"]))
 
 
-def stage_bytes(shape: Shape, stage: dict) -> int:
-    """Bytes of the staging workspace, at most (scales counted for any per-token-head
-    cache, though bf16 q stages its values dequantized instead)."""
+def stage_bytes(shape: Shape, stage: dict, slots: int) -> int:
+    """Bytes of the staging workspace for ``slots`` staged sequences, at most (scales
+    counted for any per-token-head cache, though bf16 q stages its values dequantized)."""
     head_v = shape.head_size if shape.head_size_v is None else shape.head_size_v
-    return 4 * sum(stage_parts(shape.num_seqs, shape.num_kv_heads, shape.head_size, head_v,
-                               stage, shape.scales_per_token))
+    return 4 * sum(stage_parts(shape.num_seqs, slots, shape.num_kv_heads, shape.head_size,
+                               head_v, stage, shape.scales_per_token))
 
 
 def staging_reasons(shape: Shape, mode: str, block_size: int, q_bits: int,
@@ -388,9 +412,9 @@ def staging_reasons(shape: Shape, mode: str, block_size: int, q_bits: int,
     if shape.max_seqlen_q < STAGE_MIN_QUERIES:
         reasons.append(f"max_seqlen_q {shape.max_seqlen_q} < {STAGE_MIN_QUERIES}: too few "
                        "query tiles to pay for one pass over the keys")
-    need = stage_bytes(shape, stage_config(shape))
+    need = stage_bytes(shape, stage_config(shape), 1)
     if need > STAGE_MAX_BYTES:
-        reasons.append(f"its workspace would take {need >> 20} MiB (> "
+        reasons.append(f"staging one sequence's keys would take {need >> 20} MiB (> "
                        f"{STAGE_MAX_BYTES >> 20} MiB)")
     head_v = shape.head_size if shape.head_size_v is None else shape.head_size_v
     measured = [e for e in table if e.get("arch") == shape.arch

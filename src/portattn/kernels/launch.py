@@ -24,7 +24,13 @@ from portattn.kernels import kv_load as kv_load_rules
 from portattn.kernels import reduce, unified
 from portattn.kernels.byte_decode import PAIR_FORMATS
 from portattn.kernels.fast_launch import capturable
-from portattn.kernels.heuristics import align16, head_pad
+from portattn.kernels.heuristics import (
+    STAGE_MAX_BYTES,
+    align16,
+    head_pad,
+    stage_slots,
+    staged_from,
+)
 from portattn.kernels.scalars import device_scalars, kv_scale_args
 from portattn.kernels.stage_launch import (
     StagedCache,
@@ -185,7 +191,7 @@ def _launch_short(args, q, cache, metadata, out, cfg: dict, long_follows: bool,
     unified_attention_kernel[(num_seqs, num_kv_heads, segments)](
         part_m_ptr=part_m, part_l_ptr=part_l, part_acc_ptr=part_acc,
         BLOCK_M=cfg["block_m"], BLOCK_Q=block_q, BLOCK_N=cfg["block_n"], SEQ_MODE=1,
-        SHORT_Q=0, SPLIT=segments > 1, LONG_FOLLOWS=long_follows, num_segments=segments,
+        SHORT_Q=0, STAGED_Q=0, SPLIT=segments > 1, LONG_FOLLOWS=long_follows, num_segments=segments,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_register_cap(cfg),
         **args)
     if segments > 1:
@@ -203,15 +209,18 @@ def _register_cap(cfg: dict) -> dict:
     return {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}
 
 
-def _launch_long(args, q, cache, metadata, cfg: dict, short_q: int) -> None:
-    """SEQ_MODE 0 (every sequence) or 2 (sequences with more than ``short_q`` queries)."""
+def _launch_long(args, q, cache, metadata, cfg: dict, short_q: int,
+                 staged_q: int = 0) -> None:
+    """SEQ_MODE 0 (every sequence) or 2 (sequences with more than ``short_q`` queries);
+    with ``staged_q`` > 0, not the sequences with at least that many queries."""
     num_seqs = metadata.seq_lens.shape[0]
     block_q = cfg["block_q"]
     tiles = q.shape[0] // block_q + num_seqs
     unified_attention_kernel[(tiles, cache.num_kv_heads, 1)](
         part_m_ptr=q, part_l_ptr=q, part_acc_ptr=q,
         BLOCK_M=cfg["block_m"], BLOCK_Q=block_q, BLOCK_N=cfg["block_n"],
-        SEQ_MODE=2 if short_q > 0 else 0, SHORT_Q=short_q, SPLIT=False, LONG_FOLLOWS=False,
+        SEQ_MODE=2 if short_q > 0 else 0, SHORT_Q=short_q, STAGED_Q=staged_q, SPLIT=False,
+        LONG_FOLLOWS=False,
         num_segments=1, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **_register_cap(cfg), **args)
 
@@ -279,14 +288,27 @@ def _with_kv_loads(q, cache, metadata, options, out, params: dict, run) -> None:
 
 def plan_workspace_size(num_seqs: int, num_q_heads: int, num_kv_heads: int,
                         head_size_qk: int, head_size_v: int, per_token: bool,
-                        q_dtype: torch.dtype, params: dict) -> int:
+                        q_dtype: torch.dtype, params: dict, num_tokens: int = 0) -> int:
     """float32 elements of everything a plan's launches need beside their tensors: the
-    split-KV partials, then (from :func:`_stage_offset`) the staged blocks."""
-    if not params.get("stage"):
-        return _split_size(num_seqs, num_q_heads, head_size_v, params)
-    return _stage_offset(num_seqs, num_q_heads, head_size_v, params) + stage_workspace_size(
-        num_seqs, num_kv_heads, head_size_qk, head_size_v, params["stage"],
+    split-KV partials, then (16-byte aligned) the staged blocks of a call with
+    ``num_tokens`` queries (:func:`staging_slots`; none where it stages nothing)."""
+    split = _split_size(num_seqs, num_q_heads, head_size_v, params)
+    slots = staging_slots(params, num_seqs, num_tokens)
+    if not slots:
+        return split
+    return align16(split) + stage_workspace_size(
+        num_seqs, slots, num_kv_heads, head_size_qk, head_size_v, params["stage"],
         stages_scales(per_token, q_dtype))
+
+
+def staging_slots(params: dict, num_seqs: int, num_tokens: int) -> int:
+    """Sequences a staged plan's call with ``num_tokens`` queries stages at most
+    (:func:`portattn.kernels.heuristics.stage_slots`); 0 where the plan does not stage."""
+    stage = params.get("stage")
+    if not stage:
+        return 0
+    short_q = params["short"]["block_q"] if params["mode"] == "mixed" else 0
+    return stage_slots(stage, num_seqs, num_tokens, short_q)
 
 
 def _split_size(num_seqs: int, num_q_heads: int, head_size_v: int, params: dict) -> int:
@@ -294,40 +316,53 @@ def _split_size(num_seqs: int, num_q_heads: int, head_size_v: int, params: dict)
     return split_workspace_size(num_seqs, num_q_heads, head_size_v, short) if short else 0
 
 
-def _stage_offset(num_seqs: int, num_q_heads: int, head_size_v: int, params: dict) -> int:
-    """Where the staged blocks start in a plan's workspace (after the split-KV part)."""
-    return align16(_split_size(num_seqs, num_q_heads, head_size_v, params))
-
-
 def launch_staged(q, cache, metadata, options, out, params: dict,
                   workspace: torch.Tensor | None = None) -> None:
-    """A prefill or mixed plan with ``stage``: the short tiles of a mixed batch read the
-    cache (as the plan says), the long tiles' keys are staged (:func:`stage_kv`) and read
-    as ``kv_load.STAGED_KV_LOAD`` says (``params["stage_kv_load"]`` overrides it in
+    """A prefill or mixed plan with ``stage``: sequences with at least
+    ``heuristics.staged_from`` queries (``stage["min_q"]``, above a mixed batch's short
+    tiles) have their keys staged (:func:`stage_kv`) and read as
+    ``kv_load.STAGED_KV_LOAD`` says (``params["stage_kv_load"]`` overrides it in
     measurements): rows of 3-D descriptors built on the host by default; pointer loads
     through the staged block table where a descriptor launch fails, unless the plan
-    forces descriptors (``_kv_load_forced``, as the gate and the tests do)."""
+    forces descriptors (``_kv_load_forced``, as the gate and the tests do). The others read
+    the cache as the plan says: the short tiles of a mixed batch, and (where a batch can
+    hold them) sequences between the short tiles and ``staged_from``, in a launch of the
+    plan's long tile. A call whose tokens cannot make a staged sequence, or whose staging
+    workspace would pass ``heuristics.STAGE_MAX_BYTES``, reads the cache throughout."""
     mixed = params["mode"] == "mixed"
     num_seqs = metadata.seq_lens.shape[0]
-    start = _stage_offset(num_seqs, q.shape[1], cache.head_size_v, params)
+    short_q = params["short"]["block_q"] if mixed else 0
+    slots = staging_slots(params, num_seqs, q.shape[0])
+    split = align16(_split_size(num_seqs, q.shape[1], cache.head_size_v, params))
     need = plan_workspace_size(num_seqs, q.shape[1], cache.num_kv_heads, cache.head_size_qk,
-                               cache.head_size_v, cache.quant.per_token_head, q.dtype, params)
+                               cache.head_size_v, cache.quant.per_token_head, q.dtype, params,
+                               q.shape[0])
+    if not slots or 4 * (need - split) > STAGE_MAX_BYTES:
+        _with_kv_loads(q, cache, metadata, options, out, params,
+                       lambda args, p: _launch_modes(q, cache, metadata, out, p, args,
+                                                     workspace))
+        return
     if workspace is None or workspace.numel() < need:
         workspace = torch.empty(need, dtype=torch.float32, device=q.device)
-    short_q = params["short"]["block_q"] if mixed else 0
+    stage_from = staged_from(params["stage"], short_q)
     staged, staged_meta = stage_kv(q, cache, metadata, options, params["stage"], short_q,
-                                   workspace[start:need])
-    if mixed:
-        _with_kv_loads(q, cache, metadata, options, out, params,
-                       lambda args, p: _launch_short(args, q, cache, metadata, out, p["short"],
-                                                     True, workspace))
+                                   slots, workspace[split:need])
+    # sequences of (short_q, stage_from) queries: none when one sequence holds the tokens
+    middle = num_seqs > 1 and stage_from > short_q + 1
+    if mixed or middle:
+        def over_cache(args, p):
+            if mixed:
+                _launch_short(args, q, cache, metadata, out, p["short"], True, workspace)
+            if middle:
+                _launch_long(args, q, cache, metadata, p["long"], short_q, stage_from)
+        _with_kv_loads(q, cache, metadata, options, out, params, over_cache)
     long = params["stage_long"]
     _with_kv_loads(q, staged, staged_meta, options, out,
                    {"long": long,
                     "kv_load": params.get("stage_kv_load", kv_load_rules.STAGED_KV_LOAD),
                     "_kv_load_forced": bool(params.get("_kv_load_forced"))},
                    lambda args, p: _launch_long(_host_descriptors(args, staged, long), q,
-                                                staged, staged_meta, long, short_q))
+                                                staged, staged_meta, long, stage_from - 1))
 
 
 def _host_descriptors(args: dict, staged, cfg: dict) -> dict:

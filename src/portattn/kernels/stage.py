@@ -23,23 +23,31 @@ Layout
 * in: the cache ``[num_blocks, BLOCK_SIZE, num_kv_heads, HEAD]`` through (block, slot,
   head) strides, per-token-head scale caches ``[num_blocks, BLOCK_SIZE, num_kv_heads]``
   through strides, ``block_table`` ``[num_seqs, bt_width]``;
-* out (contiguous): ``staged_k`` ``[num_seqs * num_sblocks, STAGE_BLOCK, num_kv_heads,
-  HEAD_QK]``, ``staged_v`` (``HEAD_V``), scales ``[num_seqs * num_sblocks, STAGE_BLOCK,
-  num_kv_heads]`` fp32, and the staged block table ``[num_seqs, num_sblocks]`` int32
-  (sequence ``b``'s staged block ``i`` is ``b * num_sblocks + i``).
+* out (contiguous): ``staged_k`` ``[max_slots * num_sblocks, STAGE_BLOCK, num_kv_heads,
+  HEAD_QK]``, ``staged_v`` (``HEAD_V``), scales ``[max_slots * num_sblocks, STAGE_BLOCK,
+  num_kv_heads]`` fp32, and the staged block table ``[num_seqs, num_sblocks]`` int32.
 
-Grid ``(num_seqs, num_sblocks, num_kv_heads)``: one program copies one staged block of one
-kv head. Keys a query of the sequence can see (``[k_lo, seq_len)``, ``k_lo`` the first
-query's window start) are copied; other slots of a staged block that holds visible keys
-are written zero; blocks past the sequence are not written (the attention never reads
-them). A block-table entry outside ``[0, num_blocks)`` or past the table's width stages
-its keys as NaN K and zero V, so exactly the rows that see them come out NaN, as on the
-cache. ``SHORT_Q`` > 0 skips sequences with at most that many queries (the short part of
-a mixed batch reads the cache itself).
+Only sequences with at least ``STAGE_FROM`` queries are staged (the others read the cache
+in launches of their own: the short part of a mixed batch, short prompts beside a long
+one), so the workspace holds ``max_slots`` sequences, not ``num_seqs``. Slot ``s`` holds
+the ``s``-th such sequence in batch order (found by a pass over ``cu_seqlens_q`` in each
+program; no host sync); its staged block ``i`` is ``s * num_sblocks + i``, written into
+its table row. A sequence that has the queries but no slot (``cu_seqlens_q`` claiming
+more queries than the call's tokens) gets -1 in its row: the attention makes its rows NaN
+rather than read another sequence's keys. Rows of sequences that are not staged are not
+written.
+
+Grid ``(max_slots, num_sblocks, num_kv_heads)``: one program copies one staged block of
+one kv head (slots past the staged sequences exit at once). Keys a query of the sequence
+can see (``[k_lo, seq_len)``, ``k_lo`` the first query's window start) are copied; other
+slots of a staged block that holds visible keys are written zero; blocks past the
+sequence are not written (the attention never reads them). A block-table entry outside
+``[0, num_blocks)`` or past the table's width stages its keys as NaN K and zero V, so
+exactly the rows that see them come out NaN, as on the cache.
 
 Switches: ``PER_TOKEN`` (per-token-head scale caches), ``STAGE_SCALES`` (copy them; else
-multiply them in), ``USE_WINDOW``; the output dtype is ``staged_k``'s. Codes pass
-through fp32 (the interpreter does not convert int -> bf16).
+multiply them in), ``USE_WINDOW``, ``STAGE_FROM``; the output dtype is ``staged_k``'s.
+Codes pass through fp32 (the interpreter does not convert int -> bf16).
 """
 
 from __future__ import annotations
@@ -66,9 +74,51 @@ def _stage_rows(src_ptr, dst_ptr, block, slot, head, live, bad, stride_b, stride
 
 
 @triton.jit
+def _staged_seq(cu_seqlens_q_ptr, num_seqs, slot, STAGE_FROM: tl.constexpr,
+                CHUNK: tl.constexpr = 256):
+    """The sequence staged into ``slot``: the ``slot``-th (from 0, in batch order) with at
+    least ``STAGE_FROM`` queries; -1 if there are not that many."""
+    seen = tl.full([], 0, tl.int32)
+    found = tl.full([], -1, tl.int32)
+    for c in tl.range(0, num_seqs, CHUNK):
+        idx = c + tl.arange(0, CHUNK)
+        ok = idx < num_seqs
+        lo = tl.load(cu_seqlens_q_ptr + idx, mask=ok, other=0)
+        hi = tl.load(cu_seqlens_q_ptr + idx + 1, mask=ok, other=0)
+        staged = (ok & (hi - lo >= STAGE_FROM)).to(tl.int32)
+        rank = seen + tl.cumsum(staged, 0)  # staged sequences up to idx, idx included
+        found = tl.maximum(found, tl.max(tl.where((staged > 0) & (rank == slot + 1), idx, -1),
+                                         0))
+        seen += tl.sum(staged, 0)
+    return found
+
+
+@triton.jit
+def _mark_slotless(cu_seqlens_q_ptr, staged_bt_ptr, num_seqs, num_sblocks, max_slots,
+                   STAGE_FROM: tl.constexpr, CHUNK: tl.constexpr = 256):
+    """-1 in every table entry of a sequence that has ``STAGE_FROM`` queries or more but
+    no slot (``max_slots`` staged before it: ``cu_seqlens_q`` claims more queries than the
+    call has); the attention makes its rows NaN. Nothing is written otherwise."""
+    seen = tl.full([], 0, tl.int32)
+    for c in tl.range(0, num_seqs, CHUNK):
+        idx = c + tl.arange(0, CHUNK)
+        ok = idx < num_seqs
+        lo = tl.load(cu_seqlens_q_ptr + idx, mask=ok, other=0)
+        hi = tl.load(cu_seqlens_q_ptr + idx + 1, mask=ok, other=0)
+        staged = (ok & (hi - lo >= STAGE_FROM)).to(tl.int32)
+        slotless = (staged > 0) & (seen + tl.cumsum(staged, 0) > max_slots)
+        if tl.max(slotless.to(tl.int32), 0) > 0:
+            row = staged_bt_ptr + idx.to(tl.int64) * num_sblocks
+            for i in tl.range(0, num_sblocks):
+                tl.store(row + i, tl.full([CHUNK], -1, tl.int32), mask=slotless)
+        seen += tl.sum(staged, 0)
+
+
+@triton.jit
 def stage_kv_kernel(k_ptr, v_ptr, ks_ptr, vs_ptr, staged_k_ptr, staged_v_ptr, staged_ks_ptr,
                     staged_vs_ptr, staged_bt_ptr, block_table_ptr, cu_seqlens_q_ptr,
-                    seq_lens_ptr, num_blocks, bt_width, num_sblocks, window,
+                    seq_lens_ptr, num_seqs, num_blocks, bt_width, num_sblocks, max_slots,
+                    window,
                     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                     stride_bt, stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss,
                     stride_vsh,
@@ -76,19 +126,22 @@ def stage_kv_kernel(k_ptr, v_ptr, ks_ptr, vs_ptr, staged_k_ptr, staged_v_ptr, st
                     HEAD_QK: tl.constexpr, HEAD_QK_PAD: tl.constexpr, HEAD_V: tl.constexpr,
                     HEAD_V_PAD: tl.constexpr, PER_TOKEN: tl.constexpr,
                     STAGE_SCALES: tl.constexpr, USE_WINDOW: tl.constexpr,
-                    SHORT_Q: tl.constexpr):
+                    STAGE_FROM: tl.constexpr):
     """Stage one block of one kv head (see the module doc for layout and grid)."""
-    seq = tl.program_id(0)
+    slot = tl.program_id(0)
     sblock = tl.program_id(1)
     head = tl.program_id(2)
     num_heads = tl.num_programs(2)
-    staged_id = seq * num_sblocks + sblock
+    if (slot == 0) & (sblock == 0) & (head == 0):
+        _mark_slotless(cu_seqlens_q_ptr, staged_bt_ptr, num_seqs, num_sblocks, max_slots,
+                       STAGE_FROM)
+    seq = _staged_seq(cu_seqlens_q_ptr, num_seqs, slot, STAGE_FROM)
+    if seq < 0:
+        return
+    staged_id = slot * num_sblocks + sblock
     if head == 0:
-        tl.store(staged_bt_ptr + staged_id, staged_id)
+        tl.store(staged_bt_ptr + seq.to(tl.int64) * num_sblocks + sblock, staged_id)
     q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - tl.load(cu_seqlens_q_ptr + seq)
-    if SHORT_Q > 0:
-        if q_len <= SHORT_Q:
-            return
     seq_len = tl.load(seq_lens_ptr + seq)
     key0 = sblock * STAGE_BLOCK
     if key0 >= seq_len:

@@ -13,7 +13,7 @@ import torch
 
 from portattn.kernels import stage
 from portattn.kernels.fast_launch import capturable
-from portattn.kernels.heuristics import head_pad, stage_parts
+from portattn.kernels.heuristics import head_pad, stage_parts, staged_from
 from portattn.kernels.scalars import kv_scale_args
 from portattn.types import KVQuant
 
@@ -43,54 +43,59 @@ def stages_scales(per_token: bool, q_dtype: torch.dtype) -> bool:
     return per_token and q_dtype != torch.bfloat16
 
 
-def stage_workspace_size(num_seqs: int, num_kv_heads: int, head_size_qk: int,
+def stage_workspace_size(num_seqs: int, slots: int, num_kv_heads: int, head_size_qk: int,
                          head_size_v: int, stage: dict, scales: bool) -> int:
-    """float32 elements of a staging workspace (see :func:`stage_kv`); ``scales``:
-    :func:`stages_scales`."""
-    return sum(stage_parts(num_seqs, num_kv_heads, head_size_qk, head_size_v, stage, scales))
+    """float32 elements of a staging workspace of ``slots`` staged sequences (see
+    :func:`stage_kv`); ``scales``: :func:`stages_scales`."""
+    return sum(stage_parts(num_seqs, slots, num_kv_heads, head_size_qk, head_size_v, stage,
+                           scales))
 
 
-def stage_kv(q, cache, metadata, options, stage: dict, short_q: int,
+def stage_kv(q, cache, metadata, options, stage: dict, short_q: int, slots: int,
              workspace: torch.Tensor):
     """Launch the staging kernel into ``workspace`` (float32, at least
-    :func:`stage_workspace_size` elements, 16-byte aligned); returns the
-    :class:`StagedCache` and the metadata whose block table points into it."""
+    :func:`stage_workspace_size` elements for ``slots``, 16-byte aligned): the keys of
+    the sequences with at least ``heuristics.staged_from(stage, short_q)`` queries, at
+    most ``slots`` of them; returns the :class:`StagedCache` and the metadata whose block
+    table points into it."""
     num_seqs = metadata.seq_lens.shape[0]
     heads, sblocks, block = cache.num_kv_heads, stage["sblocks"], stage["block"]
-    rows = num_seqs * sblocks * block * heads
+    staged_blocks = slots * sblocks
+    rows = staged_blocks * block * heads
     _, ks, vs, ks_strides, vs_strides = kv_scale_args(cache, q.device, q)
     per_token = cache.quant.per_token_head
     scales = stages_scales(per_token, q.dtype)
     parts, offset = [], 0
-    for elems in stage_parts(num_seqs, heads, cache.head_size_qk, cache.head_size_v, stage,
-                             scales):
+    for elems in stage_parts(num_seqs, slots, heads, cache.head_size_qk, cache.head_size_v,
+                             stage, scales):
         parts.append(workspace[offset:offset + elems])
         offset += elems
     staged_k = parts[0].view(q.dtype)[:rows * cache.head_size_qk].view(
-        num_seqs * sblocks, block, heads, cache.head_size_qk)
+        staged_blocks, block, heads, cache.head_size_qk)
     staged_v = parts[1].view(q.dtype)[:rows * cache.head_size_v].view(
-        num_seqs * sblocks, block, heads, cache.head_size_v)
+        staged_blocks, block, heads, cache.head_size_v)
     staged_ks: torch.Tensor | None
     staged_vs: torch.Tensor | None
     if scales:
-        staged_ks = parts[2][:rows].view(num_seqs * sblocks, block, heads)
-        staged_vs = parts[3][:rows].view(num_seqs * sblocks, block, heads)
+        staged_ks = parts[2][:rows].view(staged_blocks, block, heads)
+        staged_vs = parts[3][:rows].view(staged_blocks, block, heads)
     else:
         staged_ks = staged_vs = None
     staged_bt = parts[-1].view(torch.int32)[:num_seqs * sblocks].view(num_seqs, sblocks)
     kc, vc = cache.key_cache, cache.value_cache
-    stage_kv_kernel[(num_seqs, sblocks, heads)](
+    stage_kv_kernel[(slots, sblocks, heads)](
         kc, vc, ks, vs, staged_k, staged_v, staged_ks if scales else q,
         staged_vs if scales else q, staged_bt, metadata.block_table,
-        metadata.cu_seqlens_q, metadata.seq_lens, cache.num_blocks,
-        metadata.block_table.shape[1], sblocks,
+        metadata.cu_seqlens_q, metadata.seq_lens, num_seqs, cache.num_blocks,
+        metadata.block_table.shape[1], sblocks, slots,
         int(options.sliding_window) if options.sliding_window is not None else 0,
         kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
         metadata.block_table.stride(0), *ks_strides, *vs_strides,
         BLOCK_SIZE=cache.block_size, STAGE_BLOCK=block, HEAD_QK=cache.head_size_qk,
         HEAD_QK_PAD=head_pad(cache.head_size_qk), HEAD_V=cache.head_size_v,
         HEAD_V_PAD=head_pad(cache.head_size_v), PER_TOKEN=per_token, STAGE_SCALES=scales,
-        USE_WINDOW=options.sliding_window is not None, SHORT_Q=short_q,
+        USE_WINDOW=options.sliding_window is not None,
+        STAGE_FROM=staged_from(stage, short_q),
         num_warps=4)
     quant = KVQuant.none() if per_token and not scales else cache.quant  # dequantized
     staged = StagedCache(staged_k, staged_v, quant, staged_ks, staged_vs)

@@ -38,7 +38,11 @@ query tiles:
   mixed batch), else their rows are written NaN (an understated ``max_seqlen_q``: never
   leave rows silently stale);
 * 2: like 0 but skips sequences with ``<= SHORT_Q`` queries (the long part of a mixed
-  batch, whose short part a SEQ_MODE 1 launch serves).
+  batch, whose short part a SEQ_MODE 1 launch serves; the launch over staged keys, whose
+  sequences have more queries than that).
+
+``STAGED_Q`` > 0 (SEQ_MODE 0 and 2) skips sequences with at least that many queries: a
+launch over staged keys serves them (:func:`portattn.kernels.launch.launch_staged`).
 
 Constexpr switches
 ------------------
@@ -99,7 +103,8 @@ launcher checks them and sets Triton's scratch allocator on GPUs (device-side
 descriptors live in global scratch). Scales of quantized caches stay pointer loads.
 2 (staged keys, :mod:`portattn.kernels.stage`; a measured alternative to 3, not
 planned): the cache is a staging workspace whose blocks are one sequence's keys in order
-(sequence ``b``'s key ``k`` at row ``b * bt_width * BLOCK_SIZE + k``, blocks contiguous),
+(key ``k`` of sequence ``b`` at row ``block_table[b, 0] * BLOCK_SIZE + k``, its blocks
+contiguous; a negative first block makes the sequence's rows NaN),
 read through one 3-D descriptor per cache ``[num_blocks * BLOCK_SIZE, num_kv_heads,
 HEAD]``, box ``[BLOCK_N, 1, HEAD_PAD]``: no block-table lookup in the loop and no
 pre-scan (staging turned bad ids into NaN keys). Only ``bt_width * BLOCK_SIZE`` keys per
@@ -489,7 +494,8 @@ def unified_attention_kernel(
         GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_QK: tl.constexpr,
         HEAD_QK_PAD: tl.constexpr, HEAD_V: tl.constexpr, HEAD_V_PAD: tl.constexpr,
-        SEQ_MODE: tl.constexpr, SHORT_Q: tl.constexpr, SPLIT: tl.constexpr,
+        SEQ_MODE: tl.constexpr, SHORT_Q: tl.constexpr, STAGED_Q: tl.constexpr,
+        SPLIT: tl.constexpr,
         LONG_FOLLOWS: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr,
         USE_SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, USE_SINKS: tl.constexpr,
         KV_QUANT: tl.constexpr, Q_SCALED: tl.constexpr, Q_PRESCALE: tl.constexpr,
@@ -527,6 +533,9 @@ def unified_attention_kernel(
         tile_local = tile_idx - (q_start // BLOCK_Q + seq)
         if SEQ_MODE == 2:
             if q_len <= SHORT_Q:
+                return
+        if STAGED_Q > 0:  # served by a launch over staged keys
+            if q_len >= STAGED_Q:
                 return
     t0 = tile_local * BLOCK_Q
     if t0 >= q_len:
@@ -626,8 +635,11 @@ def unified_attention_kernel(
     else:
         v_mult = v_one
     if KV_LOAD >= 2:  # staged keys: bt_row carries the sequence's first staged row (an
-        # int64 offset, not a pointer: _load_kv_tile_staged's seq_row0)
-        bt_row = seq.to(tl.int64) * bt_width * BLOCK_SIZE
+        # int64 offset, not a pointer: _load_kv_tile_staged's seq_row0); its blocks follow
+        # its first one, -1 where the workspace had no room (inconsistent cu_seqlens_q)
+        first_block = tl.load(block_table_ptr + seq.to(tl.int64) * stride_bt)
+        unstaged = first_block < 0
+        bt_row = tl.maximum(first_block, 0).to(tl.int64) * BLOCK_SIZE
     else:
         bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt
     if CHECK_BLOCKS and KV_LOAD < 2:  # staged keys: bad ids are already NaN keys
@@ -698,7 +710,7 @@ def unified_attention_kernel(
             row_hi = tl.minimum(seq_len, q_pos + 1)
         else:
             row_hi = tl.zeros_like(q_pos) + seq_len
-        past = row_ok & (row_hi > staged_keys)
+        past = row_ok & ((row_hi > staged_keys) | unstaged)
         l_i = tl.where(past, float("nan"), l_i)
         acc = tl.where(past[:, None], float("nan"), acc)
     if poisoned:  # NaN in both: a NaN sum alone would be read as "no visible key"
