@@ -82,8 +82,8 @@ def _stage_alone(batch, sliding_window=None, short_q=0, block=32, min_q=None, sl
     # NaN as fp16 pairs: NaN read as 16-bit staged values and as fp32 scales alike
     workspace = torch.full((2 * size,), math.nan, dtype=F16).view(torch.float32)
     options = normalize_options(batch.q, cache, sliding_window=sliding_window)
-    staged, meta = stage_kv(batch.q, cache, metadata, options, stage, short_q, slots,
-                            workspace)
+    staged, meta = stage_kv(batch.q, cache, metadata, options, stage,
+                            heuristics.staged_from(stage, short_q), slots, workspace)
     return staged, meta, stage
 
 
@@ -434,15 +434,89 @@ def test_a_sequence_without_a_staging_slot_gives_nan_rows(load, monkeypatch, nan
 
     batch = make_paged_batch([9, 12], [40, 50], num_q_heads=4, num_kv_heads=2,
                              head_size=32, block_size=16, dtype=F16, seed=8)
-    monkeypatch.setattr(launch, "staging_slots", lambda params, seqs, tokens: 1)
+    monkeypatch.setattr(launch, "staging_slots", lambda *args: 1)
     options = normalize_options(batch.q, batch.cache)
     long = SMALL_LONG.as_dict()
     params = {"mode": "prefill", "long": long,
               "stage": {"block": 32, "sblocks": 2, "min_q": 5}, "stage_long": long,
               "stage_kv_load": load, "_kv_load_forced": True}
-    out = torch.full_like(batch.q, math.nan)
+    out = torch.zeros_like(batch.q)  # finite: the NaN rows must be written
     launch.launch_unified(batch.q, batch.cache, batch.metadata, options, out, params)
     expected = dense_attention(batch.q.double(), batch.keys, batch.values, batch.query_lens,
                                scale=options.scale)
     assert torch.isnan(out[9:]).all()
     assert relative_error(out[:9].double(), expected[:9]) < 3e-3
+
+
+def _prefill_params(min_q, load="staged_host"):
+    long = SMALL_LONG.as_dict()
+    return {"mode": "prefill", "long": long,
+            "stage": {"block": 32, "sblocks": 4, "min_q": min_q}, "stage_long": long,
+            "stage_kv_load": load, "_kv_load_forced": True}
+
+
+@interp
+def test_one_sequence_is_staged_whatever_cu_seqlens_q_says(stage_calls):
+    """One sequence whose q has 20 rows (so ``min_q`` 10 gives it a slot) but whose
+    ``cu_seqlens_q`` claims 9 queries: it is still staged and served (no launch over the
+    cache runs for a lone sequence), never left unwritten."""
+    from portattn.kernels import launch
+    from portattn.options import normalize_options
+    from portattn.testing import dense_attention, relative_error
+    from portattn.types import AttentionMetadata
+
+    batch = make_paged_batch([20], [60], num_q_heads=4, num_kv_heads=2, head_size=32,
+                             block_size=16, dtype=F16, seed=9)
+    md = batch.metadata
+    metadata = AttentionMetadata(torch.tensor([0, 9], dtype=torch.int32), md.seq_lens,
+                                 md.block_table, md.max_seqlen_q, md.max_seqlen_k)
+    options = normalize_options(batch.q, batch.cache)
+    out = torch.zeros_like(batch.q)
+    launch.launch_unified(batch.q, batch.cache, metadata, options, out, _prefill_params(10))
+    # 9 queries at positions 51..59 of the 60 keys
+    expected = dense_attention(batch.q[:9].double(), batch.keys, batch.values, [9],
+                               scale=options.scale)
+    assert stage_calls
+    assert relative_error(out[:9].double(), expected) < 3e-3
+
+
+@interp
+def test_too_few_tokens_to_stage_read_the_cache(stage_calls):
+    """A call whose tokens cannot make a sequence of ``min_q`` queries stages nothing and
+    runs the plan's launches over the cache (same result as the float64 oracle)."""
+    from portattn.kernels import launch
+    from portattn.options import normalize_options
+    from portattn.testing import dense_attention, relative_error
+
+    batch = make_paged_batch([7, 5], [40, 30], num_q_heads=4, num_kv_heads=2, head_size=32,
+                             block_size=16, dtype=F16, seed=10)
+    options = normalize_options(batch.q, batch.cache)
+    out = torch.full_like(batch.q, math.nan)
+    launch.launch_unified(batch.q, batch.cache, batch.metadata, options, out,
+                          _prefill_params(13))
+    expected = dense_attention(batch.q.double(), batch.keys, batch.values, [7, 5],
+                               scale=options.scale)
+    assert not stage_calls
+    assert relative_error(out.double(), expected) < 3e-3
+
+
+def test_staging_slots_are_a_bounded_workspace():
+    """Slots: as many sequences of ``min_q`` queries as the tokens allow, at most the
+    batch's; none (and no staging workspace at all) where the workspace would pass
+    ``STAGE_MAX_BYTES``, so the runner never allocates what the launch would not use."""
+    from portattn.kernels import launch
+
+    stage = {"block": 128, "sblocks": 64, "min_q": 512}  # 8192 keys per staged sequence
+    params = {"mode": "prefill", "long": {}, "stage": stage}
+    dims = (8, 128, 128, False)  # kv heads, K and V head sizes, no scales
+    assert launch.staging_slots(params, 16, 1024, *dims) == 2
+    assert launch.staging_slots(params, 16, 511, *dims) == 0
+    assert launch.staging_slots(params, 3, 1 << 20, *dims) == 3
+    per_slot = 8192 * 8 * 256 * 2  # bytes of K and V, 16-bit
+    many = heuristics.STAGE_MAX_BYTES // per_slot + 1
+    assert launch.staging_slots(params, 10 * many, many * 512, *dims) == 0
+    # (many - 1 slots: exactly the cap plus the table, over it)
+    assert launch.staging_slots(params, 10 * many, (many - 2) * 512, *dims) == many - 2
+    args = (10 * many, 32, 8, 128, 128, False, torch.float16, params)
+    assert launch.plan_workspace_size(*args, many * 512) == 0  # nothing staged, no split
+    assert launch.plan_workspace_size(*args, 1024) * 4 >= 2 * per_slot

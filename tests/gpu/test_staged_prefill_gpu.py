@@ -74,13 +74,19 @@ def test_staged_bad_block_ids_give_nan_rows(bad_id):
 
 @pytest.mark.parametrize("variant", ["prefill", "mixed"])
 @pytest.mark.parametrize("quant", ["none", "fp8_tensor_e4m3", "int8_token_head"])
-def test_only_long_prompts_are_staged(quant, variant):
+def test_only_long_prompts_are_staged(quant, variant, monkeypatch):
     """Staged from 256 queries on (``stage["min_q"]``): 700 / 300 / 257 staged, 129 / 130
     and shorter read the cache (mixed: the decodes in the short tiles)."""
+    from portattn.kernels import launch
+
+    slots = []
+    original = launch.stage_kv
+    monkeypatch.setattr(launch, "stage_kv", lambda *a: (slots.append(a[6]), original(*a))[1])
     case = {"prefill": dict(PREFILL, query_lens=[700, 129, 300, 5],
                             seq_lens=[700, 500, 900, 40]),
             "mixed": MIXED}[variant]
     run_gpu_case(case, stage=STAGE, stage_min_q=256, quant=ALL_QUANTS[quant])
+    assert slots == [sum(case["query_lens"]) // 256]  # staging ran, for that many slots
 
 
 @pytest.mark.parametrize("kv_quant", ["none", "fp8_per_tensor"])
@@ -107,6 +113,16 @@ def test_plan_stages_the_chunk_beside_decodes(kv_quant):
         out = torch.full_like(batch.q, float("nan"))
         plan.run(batch.q, batch.cache, out=out)
         assert relative_error(out.cpu().double(), expected) < 2e-2
+    slot = next(iter(plan._accepted.values()))
+    # replayed: staging, the decodes' short tiles (and their merge), the launch over the
+    # cache for prompts under 512 queries, the staged chunk
+    assert slot.reason is None and len(slot.sequence.sites) >= 4
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        plan.run(batch.q, batch.cache, out=out)
+    out.fill_(float("nan"))
+    graph.replay()
+    assert relative_error(out.cpu().double(), expected) < 2e-2
 
 
 def test_plan_stages_a_long_prefill_and_replays_it():

@@ -205,8 +205,10 @@ def run_check(variant: dict, device: str) -> dict:
         block_m = staged["block_m"]
         tile = heuristics.TileConfig(block_m, block_m // shape.group, staged["block_n"],
                                      staged["num_warps"], staged["num_stages"])
-        # every sequence staged (min_q 1): the gate's prompts are short
-        descriptor = {**pointer, "stage": heuristics.stage_config(shape, min_q=1),
+        # staged from the longer prompt's queries on: one staged sequence and one read
+        # from the cache beside it, as a long prompt with short ones runs
+        descriptor = {**pointer, "stage": heuristics.stage_config(shape,
+                                                                 min_q=max(QUERY_LENS)),
                       "stage_long": tile.as_dict(), "_kv_load_forced": True}
     else:
         pointer = heuristics.plan_launch(shape, mode="decode", short=cfg, fp8_dot=fp8_dot)

@@ -1,7 +1,7 @@
 """Python launchers of the unified kernel: grids, meta-parameters, workspaces.
 
 :func:`launch_unified` turns a public call plus the launch parameters chosen by
-:func:`portattn.kernels.heuristics.plan_launch` into one to four kernel launches (a
+:func:`portattn.kernels.heuristics.plan_launch` into one to five kernel launches (a
 staged prefill, ``params["stage"]``, first runs :mod:`portattn.kernels.stage`). It
 reads no device value (everything is sized from tensor shapes and the plan; scales given
 as Python floats become cached one-element device tensors), so it never synchronizes and
@@ -293,22 +293,31 @@ def plan_workspace_size(num_seqs: int, num_q_heads: int, num_kv_heads: int,
     split-KV partials, then (16-byte aligned) the staged blocks of a call with
     ``num_tokens`` queries (:func:`staging_slots`; none where it stages nothing)."""
     split = _split_size(num_seqs, num_q_heads, head_size_v, params)
-    slots = staging_slots(params, num_seqs, num_tokens)
+    scales = stages_scales(per_token, q_dtype)
+    slots = staging_slots(params, num_seqs, num_tokens, num_kv_heads, head_size_qk,
+                          head_size_v, scales)
     if not slots:
         return split
     return align16(split) + stage_workspace_size(
-        num_seqs, slots, num_kv_heads, head_size_qk, head_size_v, params["stage"],
-        stages_scales(per_token, q_dtype))
+        num_seqs, slots, num_kv_heads, head_size_qk, head_size_v, params["stage"], scales)
 
 
-def staging_slots(params: dict, num_seqs: int, num_tokens: int) -> int:
+def staging_slots(params: dict, num_seqs: int, num_tokens: int, num_kv_heads: int,
+                  head_size_qk: int, head_size_v: int, scales: bool) -> int:
     """Sequences a staged plan's call with ``num_tokens`` queries stages at most
-    (:func:`portattn.kernels.heuristics.stage_slots`); 0 where the plan does not stage."""
+    (:func:`portattn.kernels.heuristics.stage_slots`: a bound, as many as the tokens allow
+    sequences of ``staged_from`` queries); 0 where the plan does not stage or that
+    workspace would pass ``heuristics.STAGE_MAX_BYTES`` (the call then reads the cache
+    throughout, and nothing is allocated for staging)."""
     stage = params.get("stage")
     if not stage:
         return 0
     short_q = params["short"]["block_q"] if params["mode"] == "mixed" else 0
-    return stage_slots(stage, num_seqs, num_tokens, short_q)
+    slots = stage_slots(stage, num_seqs, num_tokens, short_q)
+    if slots and 4 * stage_workspace_size(num_seqs, slots, num_kv_heads, head_size_qk,
+                                          head_size_v, stage, scales) > STAGE_MAX_BYTES:
+        return 0
+    return slots
 
 
 def _split_size(num_seqs: int, num_q_heads: int, head_size_v: int, params: dict) -> int:
@@ -332,23 +341,27 @@ def launch_staged(q, cache, metadata, options, out, params: dict,
     mixed = params["mode"] == "mixed"
     num_seqs = metadata.seq_lens.shape[0]
     short_q = params["short"]["block_q"] if mixed else 0
-    slots = staging_slots(params, num_seqs, q.shape[0])
-    split = align16(_split_size(num_seqs, q.shape[1], cache.head_size_v, params))
-    need = plan_workspace_size(num_seqs, q.shape[1], cache.num_kv_heads, cache.head_size_qk,
-                               cache.head_size_v, cache.quant.per_token_head, q.dtype, params,
-                               q.shape[0])
-    if not slots or 4 * (need - split) > STAGE_MAX_BYTES:
+    per_token = cache.quant.per_token_head
+    slots = staging_slots(params, num_seqs, q.shape[0], cache.num_kv_heads,
+                          cache.head_size_qk, cache.head_size_v,
+                          stages_scales(per_token, q.dtype))
+    if not slots:
         _with_kv_loads(q, cache, metadata, options, out, params,
                        lambda args, p: _launch_modes(q, cache, metadata, out, p, args,
                                                      workspace))
         return
+    split = align16(_split_size(num_seqs, q.shape[1], cache.head_size_v, params))
+    need = plan_workspace_size(num_seqs, q.shape[1], cache.num_kv_heads, cache.head_size_qk,
+                               cache.head_size_v, per_token, q.dtype, params, q.shape[0])
     if workspace is None or workspace.numel() < need:
         workspace = torch.empty(need, dtype=torch.float32, device=q.device)
-    stage_from = staged_from(params["stage"], short_q)
-    staged, staged_meta = stage_kv(q, cache, metadata, options, params["stage"], short_q,
+    # one sequence (q's rows allow it min_q queries): staged whatever cu_seqlens_q says it
+    # has, so no launch over the cache is needed for it
+    stage_from = staged_from(params["stage"], short_q) if num_seqs > 1 else short_q + 1
+    staged, staged_meta = stage_kv(q, cache, metadata, options, params["stage"], stage_from,
                                    slots, workspace[split:need])
-    # sequences of (short_q, stage_from) queries: none when one sequence holds the tokens
-    middle = num_seqs > 1 and stage_from > short_q + 1
+    # sequences of (short_q, stage_from) queries
+    middle = stage_from > short_q + 1
     if mixed or middle:
         def over_cache(args, p):
             if mixed:

@@ -8,9 +8,10 @@ the keys a prefill reads into a workspace of ``STAGE_BLOCK``-slot blocks (and, f
 caches, widening the codes to q's 16-bit dtype: exact for e4m3fn, e5m2 and int8) costs one
 pass over those keys, a few percent of the attention's time for long prefills, and lets the
 attention launch run the 16-bit descriptor loop. A sequence's staged blocks are contiguous
-and in key order, so the attention reads its key ``k`` as row ``b * num_sblocks *
-STAGE_BLOCK + k`` of a 3-D descriptor built on the host (``KV_LOAD`` 3 of the unified
-kernel): no block-table lookup in the loop, no descriptor built per program.
+and in key order, so the attention reads its key ``k`` as row ``block_table[b, 0] *
+STAGE_BLOCK + k`` (its first staged block) of a 3-D descriptor built on the host
+(``KV_LOAD`` 3 of the unified kernel): no block-table lookup in the loop, no descriptor
+built per program.
 Per-tensor scales are not applied here: codes are copied as values (exact) and the
 scales stay folded into the softmax scale and the output. Per-token-head caches either
 get the same treatment (``STAGE_SCALES``: the scale caches are copied beside the codes;
@@ -160,22 +161,22 @@ def stage_kv_kernel(k_ptr, v_ptr, ks_ptr, vs_ptr, staged_k_ptr, staged_v_ptr, st
     block = tl.load(bt_row + bt_idx, mask=live & in_table, other=0)
     bad = live & ((~in_table) | (block < 0) | (block >= num_blocks))
     block = tl.where(bad, 0, block).to(tl.int64)
-    slot = keys % BLOCK_SIZE
+    cache_slot = keys % BLOCK_SIZE
     dst_row = (staged_id.to(tl.int64) * STAGE_BLOCK + tl.arange(0, STAGE_BLOCK)) * num_heads \
         + head
     if PER_TOKEN:
-        ks = tl.load(ks_ptr + block * stride_ksb + slot * stride_kss + head * stride_ksh,
+        ks = tl.load(ks_ptr + block * stride_ksb + cache_slot * stride_kss + head * stride_ksh,
                      mask=live, other=0.0)
-        vs = tl.load(vs_ptr + block * stride_vsb + slot * stride_vss + head * stride_vsh,
+        vs = tl.load(vs_ptr + block * stride_vsb + cache_slot * stride_vss + head * stride_vsh,
                      mask=live, other=0.0)
     else:
         ks = tl.full([STAGE_BLOCK], 1.0, tl.float32)
         vs = ks
     DEQUANT: tl.constexpr = PER_TOKEN and not STAGE_SCALES
-    _stage_rows(k_ptr, staged_k_ptr, block, slot, head, live, bad, stride_kb, stride_ks,
+    _stage_rows(k_ptr, staged_k_ptr, block, cache_slot, head, live, bad, stride_kb, stride_ks,
                 stride_kh, dst_row, HEAD_QK, float("nan"), ks, HEAD_QK, HEAD_QK_PAD,
                 DEQUANT)
-    _stage_rows(v_ptr, staged_v_ptr, block, slot, head, live, bad, stride_vb, stride_vs,
+    _stage_rows(v_ptr, staged_v_ptr, block, cache_slot, head, live, bad, stride_vb, stride_vs,
                 stride_vh, dst_row, HEAD_V, 0.0, vs, HEAD_V, HEAD_V_PAD, DEQUANT)
     if STAGE_SCALES:
         tl.store(staged_ks_ptr + dst_row, tl.where(bad, 1.0, ks))

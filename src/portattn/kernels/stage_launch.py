@@ -13,7 +13,7 @@ import torch
 
 from portattn.kernels import stage
 from portattn.kernels.fast_launch import capturable
-from portattn.kernels.heuristics import head_pad, stage_parts, staged_from
+from portattn.kernels.heuristics import head_pad, stage_parts
 from portattn.kernels.scalars import kv_scale_args
 from portattn.types import KVQuant
 
@@ -51,11 +51,11 @@ def stage_workspace_size(num_seqs: int, slots: int, num_kv_heads: int, head_size
                            scales))
 
 
-def stage_kv(q, cache, metadata, options, stage: dict, short_q: int, slots: int,
+def stage_kv(q, cache, metadata, options, stage: dict, stage_from: int, slots: int,
              workspace: torch.Tensor):
     """Launch the staging kernel into ``workspace`` (float32, at least
     :func:`stage_workspace_size` elements for ``slots``, 16-byte aligned): the keys of
-    the sequences with at least ``heuristics.staged_from(stage, short_q)`` queries, at
+    the sequences with at least ``stage_from`` queries (``heuristics.staged_from``), at
     most ``slots`` of them; returns the :class:`StagedCache` and the metadata whose block
     table points into it."""
     num_seqs = metadata.seq_lens.shape[0]
@@ -95,7 +95,7 @@ def stage_kv(q, cache, metadata, options, stage: dict, short_q: int, slots: int,
         HEAD_QK_PAD=head_pad(cache.head_size_qk), HEAD_V=cache.head_size_v,
         HEAD_V_PAD=head_pad(cache.head_size_v), PER_TOKEN=per_token, STAGE_SCALES=scales,
         USE_WINDOW=options.sliding_window is not None,
-        STAGE_FROM=staged_from(stage, short_q),
+        STAGE_FROM=stage_from,
         num_warps=4)
     quant = KVQuant.none() if per_token and not scales else cache.quant  # dequantized
     staged = StagedCache(staged_k, staged_v, quant, staged_ks, staged_vs)
