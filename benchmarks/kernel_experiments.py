@@ -153,9 +153,6 @@ def variants_of(case: Case, base: dict, block_size: int,
             else:
                 variants["staged-2-stages"] = dict(staged, stage_long=dict(
                     staged["stage_long"], num_stages=2))
-            # program order: a query tile's kv heads together (the experiment kernel's)
-            variants["staged-flat-grid"] = dict(staged, stage_long=dict(
-                staged["stage_long"], flat_grid=True))
             if base["mode"] == "mixed" and case.kind == "prefill":  # every sequence long:
                 # what the mixed plan's short launch (and merge) cost when they find nothing
                 variants["staged-prefill-mode"] = dict(

@@ -520,28 +520,3 @@ def test_staging_slots_are_a_bounded_workspace():
     args = (10 * many, 32, 8, 128, 128, False, torch.float16, params)
     assert launch.plan_workspace_size(*args, many * 512) == 0  # nothing staged, no split
     assert launch.plan_workspace_size(*args, 1024) * 4 >= 2 * per_slot
-
-
-@interp
-@pytest.mark.parametrize("staged", [False, True])
-def test_flat_grid_serves_every_tile_of_every_kv_head(staged):
-    """``flat_grid`` (the kernel's FLAT_GRID: one grid axis of query tile x kv head, a
-    measurement switch) covers the same rows as the 2-D grid: every row against the
-    float64 oracle, from NaN, over 3 kv heads (a program count the heads divide)."""
-    from portattn.kernels import launch
-    from portattn.options import normalize_options
-    from portattn.testing import dense_attention, relative_error
-
-    batch = make_paged_batch([37, 1, 20], [60, 9, 20], num_q_heads=6, num_kv_heads=3,
-                             head_size=32, block_size=16, dtype=F16, seed=11)
-    options = normalize_options(batch.q, batch.cache)
-    long = dict(SMALL_LONG.as_dict(), flat_grid=True)
-    params = {"mode": "prefill", "long": long}
-    if staged:
-        params.update(stage={"block": 32, "sblocks": 2, "min_q": 1}, stage_long=long,
-                      _kv_load_forced=True)
-    out = torch.full_like(batch.q, math.nan)
-    launch.launch_unified(batch.q, batch.cache, batch.metadata, options, out, params)
-    expected = dense_attention(batch.q.double(), batch.keys, batch.values, [37, 1, 20],
-                               scale=options.scale)
-    assert relative_error(out.double(), expected) < 3e-3

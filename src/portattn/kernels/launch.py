@@ -216,10 +216,8 @@ def _launch_long(args, q, cache, metadata, cfg: dict, short_q: int,
     num_seqs = metadata.seq_lens.shape[0]
     block_q = cfg["block_q"]
     tiles = q.shape[0] // block_q + num_seqs
-    flat = bool(cfg.get("flat_grid"))  # a measurement switch (kernel_experiments.py)
-    grid = (tiles * cache.num_kv_heads, 1, 1) if flat else (tiles, cache.num_kv_heads, 1)
-    unified_attention_kernel[grid](
-        part_m_ptr=q, part_l_ptr=q, part_acc_ptr=q, FLAT_GRID=flat,
+    unified_attention_kernel[(tiles, cache.num_kv_heads, 1)](
+        part_m_ptr=q, part_l_ptr=q, part_acc_ptr=q,
         BLOCK_M=cfg["block_m"], BLOCK_Q=block_q, BLOCK_N=cfg["block_n"],
         SEQ_MODE=2 if short_q > 0 else 0, SHORT_Q=short_q, STAGED_Q=staged_q, SPLIT=False,
         LONG_FOLLOWS=False,

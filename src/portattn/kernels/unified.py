@@ -43,9 +43,6 @@ query tiles:
 
 ``STAGED_Q`` > 0 (SEQ_MODE 0 and 2) skips sequences with at least that many queries: a
 launch over staged keys serves them (:func:`portattn.kernels.launch.launch_staged`).
-``FLAT_GRID`` (SEQ_MODE 0 and 2): grid ``(query tiles * num_kv_heads, 1, 1)``, program
-``p`` is query tile ``p // num_kv_heads`` of kv head ``p % num_kv_heads`` (the kv heads
-of one query tile launched together, heaviest tiles first over all heads).
 
 Constexpr switches
 ------------------
@@ -507,23 +504,14 @@ def unified_attention_kernel(
         COMPUTE_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
         CHECK_BLOCKS: tl.constexpr = True, KV_LOAD: tl.constexpr = 0,
         V_STAGE: tl.constexpr = False, KV_BITS: tl.constexpr = 0,
-        BITS_ASM: tl.constexpr = False, V_PAIRS: tl.constexpr = 0,
-        FLAT_GRID: tl.constexpr = False):
+        BITS_ASM: tl.constexpr = False, V_PAIRS: tl.constexpr = 0):
     """Paged attention of one query tile x one kv head x one KV segment (see module doc)."""
     tl.static_assert(not FP8_DOT or KV_BITS == 0,
                      "FP8_DOT needs the cache's fp8 values, KV_BITS rebuilds them as fp16")
     tl.static_assert(not (V_PAIRS and V_STAGE), "V_PAIRS and V_STAGE exclude each other")
     tl.static_assert((V_PAIRS == 1) == (KV_BITS == 1) or V_PAIRS == 0,
                      "e4m3 bits (value / 256) in V pairs go with KV_BITS == 1 and only then")
-    num_kv_heads = num_q_heads // GROUP
-    if FLAT_GRID:  # SEQ_MODE 0 / 2: axis 0 is (query tile, kv head), the kv head fastest
-        kv_head = tl.program_id(0) % num_kv_heads
-        tile_pid = tl.program_id(0) // num_kv_heads
-        tile_programs = tl.num_programs(0) // num_kv_heads
-    else:
-        kv_head = tl.program_id(1)
-        tile_pid = tl.program_id(0)
-        tile_programs = tl.num_programs(0)
+    kv_head = tl.program_id(1)
     segment = tl.program_id(2)
     if SEQ_MODE == 1:
         seq = tl.program_id(0)
@@ -538,7 +526,7 @@ def unified_attention_kernel(
             return
         tile_local = 0
     else:
-        tile_idx = tile_programs - 1 - tile_pid  # heaviest tiles first
+        tile_idx = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest tiles first
         seq = find_seq_of_tile(cu_seqlens_q_ptr, num_seqs, tile_idx, BLOCK_Q)
         q_start = tl.load(cu_seqlens_q_ptr + seq)
         q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
@@ -662,21 +650,21 @@ def unified_attention_kernel(
         poisoned = False
     if KV_LOAD == 2:  # staged keys as rows, built once per program
         k_src = tl.make_tensor_descriptor(
-            k_ptr, shape=[num_blocks * BLOCK_SIZE, num_kv_heads, HEAD_QK],
+            k_ptr, shape=[num_blocks * BLOCK_SIZE, tl.num_programs(1), HEAD_QK],
             strides=[stride_ks, stride_kh, 1], block_shape=[BLOCK_N, 1, HEAD_QK_PAD])
         v_src = tl.make_tensor_descriptor(
-            v_ptr, shape=[num_blocks * BLOCK_SIZE, num_kv_heads, V_W],
+            v_ptr, shape=[num_blocks * BLOCK_SIZE, tl.num_programs(1), V_W],
             strides=[stride_vs, stride_vh, 1], block_shape=[BLOCK_N, 1, V_W_PAD])
     elif KV_LOAD == 3:  # staged keys, descriptors built on the host (grid constants)
         k_src = k_ptr
         v_src = v_ptr
     elif KV_LOAD == 1:  # built once per program, never inside the pipelined KV loop
         k_src = tl.make_tensor_descriptor(
-            k_ptr, shape=[num_blocks, BLOCK_SIZE, num_kv_heads, HEAD_QK],
+            k_ptr, shape=[num_blocks, BLOCK_SIZE, tl.num_programs(1), HEAD_QK],
             strides=[stride_kb, stride_ks, stride_kh, 1],
             block_shape=[1, BLOCK_N, 1, HEAD_QK_PAD])
         v_src = tl.make_tensor_descriptor(
-            v_ptr, shape=[num_blocks, BLOCK_SIZE, num_kv_heads, V_W],
+            v_ptr, shape=[num_blocks, BLOCK_SIZE, tl.num_programs(1), V_W],
             strides=[stride_vb, stride_vs, stride_vh, 1],
             block_shape=[1, BLOCK_N, 1, V_W_PAD])
     else:
