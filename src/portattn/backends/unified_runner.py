@@ -99,6 +99,7 @@ class UnifiedRunner(Runner):
                         problem.head_size_qk, problem.head_size_v,
                         heuristics.scales_per_token_head(problem.kv_quant), problem.q_dtype,
                         params)
+        self._workspace_size_for = launch.plan_workspace_size
         self.workspace_size = launch.plan_workspace_size(*self._sizing)
         # staged prefills take their (large) workspace from torch's allocator per call,
         # sized by the call's tokens (launch.staging_slots), so an idle plan holds none
@@ -144,9 +145,7 @@ class UnifiedRunner(Runner):
         runner's for that stream, or a fresh one for a staged prefill of ``num_tokens``
         queries."""
         if self.workspace_per_call:
-            from portattn.kernels import launch
-
-            return torch.empty(launch.plan_workspace_size(*self._sizing, num_tokens),
+            return torch.empty(self._workspace_size_for(*self._sizing, num_tokens),
                                dtype=torch.float32, device=self.device)
         ws = self._workspaces.get(stream)
         if ws is None:

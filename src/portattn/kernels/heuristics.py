@@ -370,12 +370,6 @@ def staged_from(stage: dict, short_q: int) -> int:
     return max(int(stage.get("min_q", 1)), short_q + 1)
 
 
-def stage_slots(stage: dict, num_seqs: int, num_tokens: int, short_q: int) -> int:
-    """Sequences a call's staging workspace holds: every sequence with at least
-    :func:`staged_from` queries, of which ``num_tokens`` queries allow so many."""
-    return min(num_seqs, num_tokens // staged_from(stage, short_q))
-
-
 def align16(elems: int) -> int:
     """float32 elements rounded up to a 16-byte multiple (descriptor base alignment)."""
     return -(-elems // 4) * 4

@@ -28,7 +28,6 @@ from portattn.kernels.heuristics import (
     STAGE_MAX_BYTES,
     align16,
     head_pad,
-    stage_slots,
     staged_from,
 )
 from portattn.kernels.scalars import device_scalars, kv_scale_args
@@ -305,19 +304,23 @@ def plan_workspace_size(num_seqs: int, num_q_heads: int, num_kv_heads: int,
 def staging_slots(params: dict, num_seqs: int, num_tokens: int, num_kv_heads: int,
                   head_size_qk: int, head_size_v: int, scales: bool) -> int:
     """Sequences a staged plan's call with ``num_tokens`` queries stages at most
-    (:func:`portattn.kernels.heuristics.stage_slots`: a bound, as many as the tokens allow
-    sequences of ``staged_from`` queries); 0 where the plan does not stage or that
+    (a bound: as many as the tokens allow sequences of ``heuristics.staged_from``
+    queries, at most the batch's); 0 where the plan does not stage or that
     workspace would pass ``heuristics.STAGE_MAX_BYTES`` (the call then reads the cache
     throughout, and nothing is allocated for staging)."""
     stage = params.get("stage")
     if not stage:
         return 0
-    short_q = params["short"]["block_q"] if params["mode"] == "mixed" else 0
-    slots = stage_slots(stage, num_seqs, num_tokens, short_q)
+    slots = min(num_seqs, num_tokens // staged_from(stage, _short_q(params)))
     if slots and 4 * stage_workspace_size(num_seqs, slots, num_kv_heads, head_size_qk,
                                           head_size_v, stage, scales) > STAGE_MAX_BYTES:
         return 0
     return slots
+
+
+def _short_q(params: dict) -> int:
+    """The queries a mixed plan's short tiles hold (0 for other plans)."""
+    return params["short"]["block_q"] if params["mode"] == "mixed" else 0
 
 
 def _split_size(num_seqs: int, num_q_heads: int, head_size_v: int, params: dict) -> int:
@@ -340,19 +343,17 @@ def launch_staged(q, cache, metadata, options, out, params: dict,
     workspace would pass ``heuristics.STAGE_MAX_BYTES``, reads the cache throughout."""
     mixed = params["mode"] == "mixed"
     num_seqs = metadata.seq_lens.shape[0]
-    short_q = params["short"]["block_q"] if mixed else 0
-    per_token = cache.quant.per_token_head
-    slots = staging_slots(params, num_seqs, q.shape[0], cache.num_kv_heads,
-                          cache.head_size_qk, cache.head_size_v,
-                          stages_scales(per_token, q.dtype))
+    short_q = _short_q(params)
+    scales = stages_scales(cache.quant.per_token_head, q.dtype)
+    dims = (cache.num_kv_heads, cache.head_size_qk, cache.head_size_v)
+    slots = staging_slots(params, num_seqs, q.shape[0], *dims, scales)
     if not slots:
         _with_kv_loads(q, cache, metadata, options, out, params,
                        lambda args, p: _launch_modes(q, cache, metadata, out, p, args,
                                                      workspace))
         return
     split = align16(_split_size(num_seqs, q.shape[1], cache.head_size_v, params))
-    need = plan_workspace_size(num_seqs, q.shape[1], cache.num_kv_heads, cache.head_size_qk,
-                               cache.head_size_v, per_token, q.dtype, params, q.shape[0])
+    need = split + stage_workspace_size(num_seqs, slots, *dims, params["stage"], scales)
     if workspace is None or workspace.numel() < need:
         workspace = torch.empty(need, dtype=torch.float32, device=q.device)
     # one sequence (q's rows allow it min_q queries): staged whatever cu_seqlens_q says it

@@ -75,6 +75,18 @@ def _stage_rows(src_ptr, dst_ptr, block, slot, head, live, bad, stride_b, stride
 
 
 @triton.jit
+def _staged_flags(cu_seqlens_q_ptr, num_seqs, c, STAGE_FROM: tl.constexpr,
+                  CHUNK: tl.constexpr):
+    """Sequences ``c + [0, CHUNK)`` and, as int32 0 / 1, whether each has at least
+    ``STAGE_FROM`` queries (0 past the batch)."""
+    idx = c + tl.arange(0, CHUNK)
+    ok = idx < num_seqs
+    lo = tl.load(cu_seqlens_q_ptr + idx, mask=ok, other=0)
+    hi = tl.load(cu_seqlens_q_ptr + idx + 1, mask=ok, other=0)
+    return idx, (ok & (hi - lo >= STAGE_FROM)).to(tl.int32)
+
+
+@triton.jit
 def _staged_seq(cu_seqlens_q_ptr, num_seqs, slot, STAGE_FROM: tl.constexpr,
                 CHUNK: tl.constexpr = 256):
     """The sequence staged into ``slot``: the ``slot``-th (from 0, in batch order) with at
@@ -82,11 +94,7 @@ def _staged_seq(cu_seqlens_q_ptr, num_seqs, slot, STAGE_FROM: tl.constexpr,
     seen = tl.full([], 0, tl.int32)
     found = tl.full([], -1, tl.int32)
     for c in tl.range(0, num_seqs, CHUNK):
-        idx = c + tl.arange(0, CHUNK)
-        ok = idx < num_seqs
-        lo = tl.load(cu_seqlens_q_ptr + idx, mask=ok, other=0)
-        hi = tl.load(cu_seqlens_q_ptr + idx + 1, mask=ok, other=0)
-        staged = (ok & (hi - lo >= STAGE_FROM)).to(tl.int32)
+        idx, staged = _staged_flags(cu_seqlens_q_ptr, num_seqs, c, STAGE_FROM, CHUNK)
         rank = seen + tl.cumsum(staged, 0)  # staged sequences up to idx, idx included
         found = tl.maximum(found, tl.max(tl.where((staged > 0) & (rank == slot + 1), idx, -1),
                                          0))
@@ -102,11 +110,7 @@ def _mark_slotless(cu_seqlens_q_ptr, staged_bt_ptr, num_seqs, num_sblocks, max_s
     call has); the attention makes its rows NaN. Nothing is written otherwise."""
     seen = tl.full([], 0, tl.int32)
     for c in tl.range(0, num_seqs, CHUNK):
-        idx = c + tl.arange(0, CHUNK)
-        ok = idx < num_seqs
-        lo = tl.load(cu_seqlens_q_ptr + idx, mask=ok, other=0)
-        hi = tl.load(cu_seqlens_q_ptr + idx + 1, mask=ok, other=0)
-        staged = (ok & (hi - lo >= STAGE_FROM)).to(tl.int32)
+        idx, staged = _staged_flags(cu_seqlens_q_ptr, num_seqs, c, STAGE_FROM, CHUNK)
         slotless = (staged > 0) & (seen + tl.cumsum(staged, 0) > max_slots)
         if tl.max(slotless.to(tl.int32), 0) > 0:
             row = staged_bt_ptr + idx.to(tl.int64) * num_sblocks
