@@ -11,6 +11,8 @@ of its switches and tiles:
     PYTHONPATH=src python3 benchmarks/kernel_experiments.py [CASE_SUBSTRING | =NAME ...]
     PYTHONPATH=src python3 benchmarks/kernel_experiments.py --compile-only I/N [...]
 
+``--profile`` prints, per (case, variant), each kernel's mean time over 20 calls (torch's
+profiler): what staging, the launches over the cache and the merge each cost.
 ``CURRENT_ONLY=1`` times only the plans as they are; ``EXP_VARIANTS=a,b`` the plans and
 the variants named. ``--compile-only I/N`` runs share I
 of N of the (case, variant) launches once, untimed: several such processes side by side
@@ -75,6 +77,8 @@ CASES = [
     (Case("prefill-1x8192-h256", "prefill", [8192], [8192]), 16),
     (Case("prefill-4x2048-h64", "prefill", [2048] * 4, [2048] * 4), 16),
     (Case("prefill-4x2048-h256", "prefill", [2048] * 4, [2048] * 4), 16),
+    (Case("prefill-1x4096-h64", "prefill", [4096], [4096]), 16),
+    (Case("prefill-1x4096-h256", "prefill", [4096], [4096]), 16),
     (Case("decode-1x8192", "decode", [1], [8192]), 16),
     (Case("decode-8x8192", "decode", [1] * 8, [8192] * 8), 16),
     (Case("decode-8x1024", "decode", [1] * 8, [1024] * 8), 16),
@@ -153,6 +157,15 @@ def variants_of(case: Case, base: dict, block_size: int,
             else:
                 variants["staged-2-stages"] = dict(staged, stage_long=dict(
                     staged["stage_long"], num_stages=2))
+            # program order: a query tile's kv heads together, or all tiles of a kv head
+            # together (the plan takes one by head size: heuristics.STAGED_FLAT_GRID)
+            # the edge tiles in the full tiles' pipelined loop (the kernel's ONE_LOOP)
+            one = bool(staged["stage_long"].get("one_loop"))
+            variants["staged-three-loops" if one else "staged-one-loop"] = dict(
+                staged, stage_long=dict(staged["stage_long"], one_loop=not one))
+            flat = bool(staged["stage_long"].get("flat_grid"))
+            variants["staged-2d-grid" if flat else "staged-flat-grid"] = dict(
+                staged, stage_long=dict(staged["stage_long"], flat_grid=not flat))
             if base["mode"] == "mixed" and case.kind == "prefill":  # every sequence long:
                 # what the mixed plan's short launch (and merge) cost when they find nothing
                 variants["staged-prefill-mode"] = dict(
@@ -210,9 +223,56 @@ def _variants_for(case: Case, block_size: int) -> dict[str, dict]:
     return variants
 
 
+def profile_kernels(argv: list[str]) -> int:
+    """Each kernel's mean device time per call, per (case, variant), from torch's profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    calls = 20
+    for case, block_size, inp, options in _selected_inputs(argv):
+        for name, params in _variants_for(case, block_size).items():
+            try:
+                launch_unified(inp.q, inp.cache, inp.metadata, options, inp.out, params)
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(calls):
+                        launch_unified(inp.q, inp.cache, inp.metadata, options, inp.out,
+                                       params)
+                    torch.cuda.synchronize()
+            except Exception as exc:
+                print(f"{case.name} {name}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                continue
+            total = 0.0
+            for ev in prof.key_averages():
+                us = ev.device_time_total / calls
+                if us <= 0:
+                    continue
+                total += us
+                print(f"{case.name:<24} {name:<20} {ev.key[:48]:<48} {ev.count // calls:3d}x "
+                      f"{us:8.1f} us", flush=True)
+            print(f"{case.name:<24} {name:<20} {'(all kernels)':<48}     {total:8.1f} us",
+                  flush=True)
+        del inp  # so the generator's empty_cache can free this case's tensors
+    return 0
+
+
+def _selected_inputs(argv: list[str]):
+    """``(case, block_size, inputs, options)`` per selected case (32/8 heads, bf16), the
+    inputs freed before the next case's are built."""
+    for case, block_size in CASES:
+        if not selected(case, argv):
+            continue
+        inp = build_inputs(case, num_q_heads=32, num_kv_heads=8, head_size=head_size_of(case),
+                           block_size=block_size, dtype=torch.bfloat16, device="cuda")
+        yield case, block_size, inp, normalize_options(inp.q, inp.cache)
+        del inp
+        torch.cuda.empty_cache()
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--compile-only"]:
         return compile_only(argv[1], argv[2:])
+    if argv[:1] == ["--profile"]:
+        return profile_kernels(argv[1:])
     graph = GraphTimer()
     n = 1 << 29
     a = torch.empty(n, dtype=torch.bfloat16, device="cuda").normal_()
@@ -220,12 +280,7 @@ def main(argv: list[str]) -> int:
     copy = 4 * n / (triton.testing.do_bench(lambda: b.copy_(a), return_mode="median") * 1e-3) / 1e12
     del a, b
     rows = []
-    for case, block_size in CASES:
-        if not selected(case, argv):
-            continue
-        inp = build_inputs(case, num_q_heads=32, num_kv_heads=8, head_size=head_size_of(case),
-                           block_size=block_size, dtype=torch.bfloat16, device="cuda")
-        options = normalize_options(inp.q, inp.cache)
+    for case, block_size, inp, options in _selected_inputs(argv):
         for name, params in _variants_for(case, block_size).items():
             fn = (lambda p=params: launch_unified(inp.q, inp.cache, inp.metadata, options,
                                                   inp.out, p))
@@ -243,8 +298,7 @@ def main(argv: list[str]) -> int:
                          / 1e12,
                          "params": params})
             print(f"{case.name:<24} {name:<20} {ms * 1e3:8.1f} us", flush=True)
-        del inp
-        torch.cuda.empty_cache()
+        del inp  # so the generator's empty_cache can free this case's tensors
     print(json.dumps({"gpu": torch.cuda.get_device_name(), "copy_tbs": copy, "rows": rows},
                      indent=1, default=str))
     for r in rows:

@@ -215,6 +215,48 @@ def test_staged_attention_features(quant, feature, stage_calls):
     assert stage_calls
 
 
+@pytest.fixture
+def staged_switches(monkeypatch):
+    """``(ONE_LOOP, KV_LOAD)`` of every unified-kernel launch, as the kernel received them."""
+    from portattn.kernels import launch
+
+    seen = []
+    kernel = launch.unified_attention_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def call(*args, **kwargs):
+                seen.append((kwargs.get("ONE_LOOP"), kwargs.get("KV_LOAD")))
+                return kernel[grid](*args, **kwargs)
+            return call
+
+    monkeypatch.setattr(launch, "unified_attention_kernel", Spy())
+    return seen
+
+
+@interp
+@pytest.mark.parametrize("one_loop", [False, True])
+@pytest.mark.parametrize("feature", [None, *FEATURE_KW, "wide_window"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("quant", ["none", "fp8_tensor_e4m3", "int8_token_head"])
+def test_one_or_three_loops_match_the_oracle(quant, variant, feature, one_loop, stage_calls,
+                                             staged_switches):
+    """The staged launch with ONE_LOOP (edge tiles masked inside the full tiles' loop, the
+    plan's choice) and without (three loops) with every score feature, per-tensor and
+    per-token-head caches, prefill and mixed, against the float64 oracle; the switch
+    reached the staged launch (descriptor loads) and no other. ``wide_window``: a window
+    wide enough for a leading edge tile, full tiles and the diagonal in one query tile."""
+    if feature == "wide_window":
+        kw = dict(query_lens=[40, 20], seq_lens=[100, 60], sliding_window=64)
+    else:
+        kw = FEATURE_KW[feature] if feature else {}
+    run(variant, quant=QUANTS[quant], dtype=F16, head_size=32, one_loop=one_loop, **kw)
+    assert stage_calls
+    staged = [sw for sw in staged_switches if sw[1] in (2, 3)]
+    assert staged and all(sw[0] is one_loop for sw in staged)
+    assert all(not sw[0] for sw in staged_switches if sw[1] not in (2, 3))
+
+
 @interp
 def test_staged_attention_non_pow2_heads_gqa_and_diffkv(stage_calls):
     run("mixed", dtype=F16, head_size=40, group=3, quant=QUANTS["fp8_tensor_e4m3"])
@@ -357,6 +399,9 @@ def test_staged_tiles_follow_the_sweep(head_size, tile):
         assert (cfg["block_m"], cfg["block_n"], cfg["num_warps"], cfg["num_stages"]) == tile
         assert cfg["block_q"] * group == cfg["block_m"]
         assert heuristics.STAGE_BLOCK % cfg["block_n"] == 0
+        # the flat grid where it measured faster (heads 64 and 256), else the 2-D one
+        assert cfg.pop("flat_grid", False) is (head_size != 128)
+        assert cfg.pop("one_loop", False) is (head_size != 64)
         fit = TileConfig(**cfg).smem_bytes(shape.head_pad, 2)
         assert fit <= heuristics.shared_memory_budget("sm90")
 
@@ -520,3 +565,28 @@ def test_staging_slots_are_a_bounded_workspace():
     args = (10 * many, 32, 8, 128, 128, False, torch.float16, params)
     assert launch.plan_workspace_size(*args, many * 512) == 0  # nothing staged, no split
     assert launch.plan_workspace_size(*args, 1024) * 4 >= 2 * per_slot
+
+
+@interp
+@pytest.mark.parametrize("staged", [False, True])
+def test_flat_grid_serves_every_tile_of_every_kv_head(staged):
+    """``flat_grid`` (the kernel's FLAT_GRID: one grid axis of query tile x kv head, a
+    measurement switch) covers the same rows as the 2-D grid: every row against the
+    float64 oracle, from NaN, over 3 kv heads (a program count the heads divide)."""
+    from portattn.kernels import launch
+    from portattn.options import normalize_options
+    from portattn.testing import dense_attention, relative_error
+
+    batch = make_paged_batch([37, 1, 20], [60, 9, 20], num_q_heads=6, num_kv_heads=3,
+                             head_size=32, block_size=16, dtype=F16, seed=11)
+    options = normalize_options(batch.q, batch.cache)
+    long = dict(SMALL_LONG.as_dict(), flat_grid=True)
+    params = {"mode": "prefill", "long": long}
+    if staged:
+        params.update(stage={"block": 32, "sblocks": 2, "min_q": 1}, stage_long=long,
+                      _kv_load_forced=True)
+    out = torch.full_like(batch.q, math.nan)
+    launch.launch_unified(batch.q, batch.cache, batch.metadata, options, out, params)
+    expected = dense_attention(batch.q.double(), batch.keys, batch.values, [37, 1, 20],
+                               scale=options.scale)
+    assert relative_error(out.double(), expected) < 3e-3

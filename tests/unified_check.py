@@ -96,7 +96,8 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
                   head_size_v=None, q_fp8=None, fp8_out=None, layout="split",
                   fp8_dot=False, tolerance=None, separate_kv=False, block_table_edit=None,
                   v_stage=None, kv_load="pointer", kv_bits=None, v_scale_factor=None,
-                  v_pairs=None, stage=None, stage_kv_load=None, stage_min_q=1):
+                  v_pairs=None, stage=None, stage_kv_load=None, stage_min_q=1,
+                  one_loop=None):
     """Run one case; returns the relative error (asserts it is within tolerance).
 
     ``quant``: a KVQuant for the cache; ``head_size_v``: DiffKV (a packed cache);
@@ -122,7 +123,9 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
     ``stage_kv_load``: how they are read (``kv_load.KV_LOAD_CODES``: ``"staged_host"``,
     ``"staged"``, ``"descriptor"``), None: the launcher's default; ``stage_min_q``: the
     fewest queries of a staged sequence (``stage["min_q"]``; shorter ones read the cache in
-    a launch of the plan's long tile)."""
+    a launch of the plan's long tile); ``one_loop``: True / False forces the staged launch's
+    ONE_LOOP switch (edge tiles inside the full tiles' loop), None follows the plan (also
+    where ``long`` gives the tile)."""
     from portattn.backends.triton_unified import TritonUnified
 
     num_q_heads = group * num_kv_heads
@@ -216,9 +219,13 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
         params["_kv_load_forced"] = True
     if stage:
         params["stage"] = heuristics.stage_config(shape, stage, stage_min_q)
-        staged_long = long.as_dict() if long is not None else \
-            heuristics.staged_long_config(shape)
+        planned = heuristics.staged_long_config(shape)
+        # a given tile keeps the plan's loop switch (ONE_LOOP unless one_loop says)
+        staged_long = planned if long is None else \
+            dict(long.as_dict(), one_loop=planned.get("one_loop", False))
         params["stage_long"] = dict(staged_long, block_n=min(staged_long["block_n"], stage))
+        if one_loop is not None:
+            params["stage_long"]["one_loop"] = bool(one_loop)
         params["_kv_load_forced"] = True  # descriptor loads over the staged blocks, or raise
         if stage_kv_load is not None:
             params["stage_kv_load"] = stage_kv_load

@@ -4,7 +4,9 @@ into 128-slot 16-bit blocks with descriptor loads, against the float64 oracle.
 Grid: quant modes (none, fp8 per-tensor e4m3 / e5m2, int8 and fp8 per-token-head) x
 bf16 / fp16 x prefill / chunked / mixed; head sizes 64 / 80 / 128 / 256 x GQA 1 / 4 / 8;
 cache blocks 16 / 32 / 256; score features; bad block ids; DiffKV 192/128; staging only
-the long prompts of a batch (the others read the cache); the plan's own choice on a long
+the long prompts of a batch (the others read the cache); the staged loop with ONE_LOOP
+(the plan's) and as three loops over features, quant modes, heads and variants; the plan's
+own choice on a long
 prefill, replayed over two caches and in a CUDA graph, and on a chunk beside decodes.
 """
 
@@ -57,6 +59,27 @@ def test_staged_block_sizes(quant, block_size):
 @pytest.mark.parametrize("quant", ["none", "fp8_tensor_e4m3", "int8_token_head"])
 def test_staged_features(quant, feature):
     run("chunked", quant=ALL_QUANTS[quant], **GPU_FEATURE_KW[feature])
+
+
+@pytest.mark.parametrize("feature", [None, *GPU_FEATURE_KW, "wide_window"])
+@pytest.mark.parametrize("quant", ["none", "fp8_tensor_e4m3", "int8_token_head"])
+def test_staged_three_loops_features(quant, feature):
+    """Without ONE_LOOP (the plan's default): leading edge, full and trailing tiles in
+    three loops. ``wide_window``: query tiles with all three kinds of tiles."""
+    kw = dict(sliding_window=600) if feature == "wide_window" else \
+        GPU_FEATURE_KW[feature] if feature else {}
+    run("chunked", quant=ALL_QUANTS[quant], one_loop=False, **kw)
+
+
+def test_staged_one_loop_wide_window():
+    run("chunked", sliding_window=600)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("head_size,group,dtype", [(64, 1, BF16), (128, 8, F16),
+                                                   (256, 4, BF16), (80, 4, BF16)])
+def test_staged_three_loops_heads(head_size, group, dtype, variant):
+    run(variant, head_size=head_size, group=group, dtype=dtype, one_loop=False)
 
 
 def test_staged_diffkv():

@@ -13,7 +13,7 @@ Variant key: ``kv_dtype`` (torch dtype name), ``quant`` (KVQuant mode), ``head_q
 ``head_v``, ``block_size``, ``block_n`` (the descriptor tiles' lengths), ``fp8_dot``
 (fp8 q times an fp8 per-tensor cache on fp8 tensor cores: the check then runs an fp8 q),
 ``kv_bits``, ``v_pairs``, and for a staged prefill (:mod:`portattn.kernels.stage`)
-``staged``: q's dtype and the staged loop's tile; the check then runs the staged launch
+``staged``: q's dtype, the staged loop's tile and switches; the check then runs the staged launch
 (staging kernel, then descriptor loads over the staged blocks, the cache's quant mode
 carried as the launch carries it) against the unstaged pointer loads.
 
@@ -37,8 +37,9 @@ from portattn.capabilities._text import one_line
 from portattn.capabilities.descriptor_check import child_env
 
 CHILD_TIMEOUT_S = 300
-CACHE_FORMAT = "portattn.kv-descriptor-gate/6"  # 4: the plan's v_pairs; 5: staged
-#: variants; 6: staged variants name how the staged keys are read (kv_load.STAGED_KV_LOAD)
+CACHE_FORMAT = "portattn.kv-descriptor-gate/7"  # 4: the plan's v_pairs; 5: staged
+#: variants; 6: staged variants name how the staged keys are read (kv_load.STAGED_KV_LOAD);
+#: 7: and the staged launch's program order and loop (flat_grid, one_loop)
 #: Tiny problem of a check: two sequences, one decode and one short chunk.
 QUERY_LENS = (1, 5)
 SEQ_LENS = (37, 70)
@@ -53,7 +54,8 @@ def variant_key(*, kv_dtype: str, quant: str, head_qk: int, head_v: int, block_s
     rebuild of 8-bit codes; ``v_pairs``: its 8-bit V read as int16 pairs; both depend on
     the GPU, so the check runs what the plan runs whatever the architecture; ``staged``:
     ``{"q_dtype", "block_m", "block_n", "num_warps", "num_stages"}`` of a staged prefill,
-    whose ``block_n`` is then the variant's)."""
+    whose ``block_n`` is then the variant's, and its ``flat_grid`` / ``one_loop``
+    switches)."""
     key = {"kv_dtype": kv_dtype, "quant": quant, "head_qk": int(head_qk),
            "head_v": int(head_v), "block_size": int(block_size), "block_n": int(block_n),
            "fp8_dot": bool(fp8_dot), "kv_bits": kv_bits, "v_pairs": bool(v_pairs)}
@@ -63,6 +65,8 @@ def variant_key(*, kv_dtype: str, quant: str, head_qk: int, head_v: int, block_s
         checked = {name: staged[name] for name in
                    ("q_dtype", "block_m", "block_n", "num_warps", "num_stages")}
         checked["kv_load"] = STAGED_KV_LOAD  # how the staged launch reads its keys
+        checked.update(flat_grid=bool(staged.get("flat_grid")),
+                       one_loop=bool(staged.get("one_loop")))
         key["staged"] = checked
     return key
 
@@ -209,7 +213,9 @@ def run_check(variant: dict, device: str) -> dict:
         # from the cache beside it, as a long prompt with short ones runs
         descriptor = {**pointer, "stage": heuristics.stage_config(shape,
                                                                  min_q=max(QUERY_LENS)),
-                      "stage_long": tile.as_dict(), "_kv_load_forced": True}
+                      "stage_long": dict(tile.as_dict(), flat_grid=bool(staged.get("flat_grid")),
+                                         one_loop=bool(staged.get("one_loop"))),
+                      "_kv_load_forced": True}
     else:
         pointer = heuristics.plan_launch(shape, mode="decode", short=cfg, fp8_dot=fp8_dot)
         for switch in ("kv_bits", "v_pairs"):  # the variant's, not the sm90 shape's

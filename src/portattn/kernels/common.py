@@ -64,13 +64,21 @@ def score_tile(qk, qk_scale, softcap, slope2, q_pos, k_pos, seq_len, window,
         dist = tl.maximum(q_pos[:, None] - k_pos[None, :], 0).to(tl.float32)
         s -= slope2[:, None] * tl.sqrt(dist)
     if MASKED:
-        visible = (k_pos < seq_len)[None, :]
-        if CAUSAL:
-            visible = visible & (k_pos[None, :] <= q_pos[:, None])
-        if USE_WINDOW:
-            visible = visible & ((q_pos[:, None] - k_pos[None, :]) < window)
-        s = tl.where(visible, s, float("-inf"))
+        s = mask_scores(s, q_pos, k_pos, seq_len, window, CAUSAL, USE_WINDOW)
     return s
+
+
+@triton.jit
+def mask_scores(s, q_pos, k_pos, seq_len, window, CAUSAL: tl.constexpr,
+                USE_WINDOW: tl.constexpr):
+    """``s`` ``[M, N]`` with -inf where key ``k_pos`` is past ``seq_len``, after query
+    ``q_pos`` (causal) or outside its window: the last step of :func:`score_tile`."""
+    visible = (k_pos < seq_len)[None, :]
+    if CAUSAL:
+        visible = visible & (k_pos[None, :] <= q_pos[:, None])
+    if USE_WINDOW:
+        visible = visible & ((q_pos[:, None] - k_pos[None, :]) < window)
+    return tl.where(visible, s, float("-inf"))
 
 
 @triton.jit

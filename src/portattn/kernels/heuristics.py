@@ -426,10 +426,24 @@ def staging_reasons(shape: Shape, mode: str, block_size: int, q_bits: int,
 #: stages against 3239 (1140) with 64 x 64 / 4 warps; head 128 keeps prefill_config's
 #: 128 x 128 / 8 warps / 3 stages (1330 us, the best of seven tiles).
 STAGED_TILES = {64: TileConfig(128, 0, 128, 4, 3), 256: TileConfig(128, 0, 64, 8, 2)}
+#: Head pads whose staged tiles launch on a flat grid (the kernel's ``FLAT_GRID``: a query
+#: tile's kv heads neighbours in launch order), from the H200 (bf16, block 16, session 9
+#: in NOTES.md): head 64 4 x 2048 225 vs 239 us, 1 x 4096 182 vs 210; head 256 4 x 2048
+#: 645 vs 674, 1 x 4096 562 vs 583, 1 x 8192 2147 vs 2125. Head 128 stays on the 2-D grid
+#: (1 x 8192 1067 vs 1042, 1 x 4096 289 vs 287, 4 x 2048 367 vs 372).
+STAGED_FLAT_GRID = (64, 256)
+#: Head pads whose staged tiles run the kernel's ``ONE_LOOP`` (edge tiles inside the full
+#: tiles' pipelined loop), from the H200 (bf16, block 16, session 9 run 2 in NOTES.md):
+#: head 128 4 x 2048 359 vs 372 us, 1 x 4096 283 vs 288, 1 x 8192 1065 vs 1061; head 256
+#: 4 x 2048 638 vs 642, 1 x 4096 563 vs 571, 1 x 8192 2185 vs 2171. Head 64 keeps three
+#: loops (4 x 2048 229 vs 225, 1 x 4096 189 vs 181).
+STAGED_ONE_LOOP = (128, 256)
 
 
 def staged_long_config(shape: Shape) -> dict:
-    """The prefill tile over the staged 16-bit blocks, its keys one staged block's box."""
+    """The prefill tile over the staged 16-bit blocks, its keys one staged block's box,
+    with the launch's program order (``flat_grid``) and loop (``one_loop``) where they
+    measured faster."""
     shape16 = dataclasses.replace(shape, elem_bytes=2)
     measured = STAGED_TILES.get(shape.head_pad) if shape.head_pad == shape.head_pad_v \
         else None
@@ -441,6 +455,10 @@ def staged_long_config(shape: Shape) -> dict:
         cfg = prefill_config(shape16)
     out = cfg.as_dict()
     out["block_n"] = min(out["block_n"], STAGE_BLOCK)
+    if shape.head_pad in STAGED_FLAT_GRID and shape.head_pad == shape.head_pad_v:
+        out["flat_grid"] = True
+    if shape.head_pad in STAGED_ONE_LOOP and shape.head_pad == shape.head_pad_v:
+        out["one_loop"] = True
     return out
 
 

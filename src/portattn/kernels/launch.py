@@ -215,8 +215,11 @@ def _launch_long(args, q, cache, metadata, cfg: dict, short_q: int,
     num_seqs = metadata.seq_lens.shape[0]
     block_q = cfg["block_q"]
     tiles = q.shape[0] // block_q + num_seqs
-    unified_attention_kernel[(tiles, cache.num_kv_heads, 1)](
-        part_m_ptr=q, part_l_ptr=q, part_acc_ptr=q,
+    flat = bool(cfg.get("flat_grid"))  # heuristics.STAGED_FLAT_GRID
+    grid = (tiles * cache.num_kv_heads, 1, 1) if flat else (tiles, cache.num_kv_heads, 1)
+    unified_attention_kernel[grid](
+        part_m_ptr=q, part_l_ptr=q, part_acc_ptr=q, FLAT_GRID=flat,
+        ONE_LOOP=bool(cfg.get("one_loop")) and args.get("KV_LOAD", 0) >= 2,
         BLOCK_M=cfg["block_m"], BLOCK_Q=block_q, BLOCK_N=cfg["block_n"],
         SEQ_MODE=2 if short_q > 0 else 0, SHORT_Q=short_q, STAGED_Q=staged_q, SPLIT=False,
         LONG_FOLLOWS=False,

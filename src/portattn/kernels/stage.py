@@ -38,17 +38,22 @@ more queries than the call's tokens) gets -1 in its row: the attention makes its
 rather than read another sequence's keys. Rows of sequences that are not staged are not
 written.
 
-Grid ``(max_slots, num_sblocks, num_kv_heads)``: one program copies one staged block of
-one kv head (slots past the staged sequences exit at once). Keys a query of the sequence
-can see (``[k_lo, seq_len)``, ``k_lo`` the first query's window start) are copied; other
-slots of a staged block that holds visible keys are written zero; blocks past the
-sequence are not written (the attention never reads them). A block-table entry outside
-``[0, num_blocks)`` or past the table's width stages its keys as NaN K and zero V, so
-exactly the rows that see them come out NaN, as on the cache.
+Grid ``(max_slots * num_kv_heads, num_sblocks)``, program ``(p, i)`` copying staged block
+``i`` of kv head ``p % num_kv_heads`` of slot ``p // num_kv_heads`` (slots past the staged
+sequences exit at once): the kv heads of a block are neighbours in launch order, so
+programs running together read and write whole cache rows.
+Keys a query of the sequence can see (``[k_lo, seq_len)``, ``k_lo`` the first query's
+window start) are copied; other slots of a staged block that holds visible keys are
+written zero; blocks past the sequence are not written (the attention never reads them). A
+block-table entry outside ``[0, num_blocks)`` or past the table's width stages its keys as
+NaN K and zero V, so exactly the rows that see them come out NaN, as on the cache.
 
 Switches: ``PER_TOKEN`` (per-token-head scale caches), ``STAGE_SCALES`` (copy them; else
-multiply them in), ``USE_WINDOW``, ``STAGE_FROM``; the output dtype is ``staged_k``'s.
-Codes pass through fp32 (the interpreter does not convert int -> bf16).
+multiply them in), ``USE_WINDOW``, ``STAGE_FROM``, ``WIDEN`` (the cache's dtype is not the
+output's: values pass through fp32, as the interpreter cannot convert int -> bf16; else a
+16-bit cache of the output's dtype is copied as int16 bit patterns, half the registers of
+fp32, bad keys' K set to ``NAN_BITS``, that dtype's NaN); the output dtype is
+``staged_k``'s.
 """
 
 from __future__ import annotations
@@ -60,18 +65,26 @@ import triton.language as tl
 @triton.jit
 def _stage_rows(src_ptr, dst_ptr, block, slot, head, live, bad, stride_b, stride_s,
                 stride_h, dst_row, dst_stride_row, bad_value, scale,
-                HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, DEQUANT: tl.constexpr):
-    """One kv head's rows of one staged block: gathered, widened (times ``scale``
-    ``[STAGE_BLOCK]`` if ``DEQUANT``), bad keys set."""
+                HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, DEQUANT: tl.constexpr,
+                WIDEN: tl.constexpr, BAD_BITS: tl.constexpr):
+    """One kv head's rows of one staged block, bad keys set: widened through fp32 if
+    ``WIDEN`` (times ``scale`` ``[STAGE_BLOCK]`` if ``DEQUANT``, ``bad_value`` for bad
+    keys), else copied as 16-bit patterns (``BAD_BITS`` for bad keys)."""
     offs = tl.arange(0, HEAD_PAD)
     src = (src_ptr + block[:, None] * stride_b + slot[:, None] * stride_s + head * stride_h
            + offs[None, :])
-    x = tl.load(src, mask=live[:, None] & (offs < HEAD)[None, :], other=0.0).to(tl.float32)
-    if DEQUANT:
-        x = x * scale[:, None]
-    x = tl.where(bad[:, None], bad_value, x)
     dst = dst_ptr + dst_row[:, None] * dst_stride_row + offs[None, :]
-    tl.store(dst, x.to(dst_ptr.dtype.element_ty), mask=(offs < HEAD)[None, :])
+    mask = live[:, None] & (offs < HEAD)[None, :]
+    if WIDEN:
+        x = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+        if DEQUANT:
+            x = x * scale[:, None]
+        x = tl.where(bad[:, None], bad_value, x)
+        tl.store(dst, x.to(dst_ptr.dtype.element_ty), mask=(offs < HEAD)[None, :])
+    else:
+        bits = tl.load(src.to(tl.pointer_type(tl.int16)), mask=mask, other=0)
+        bits = tl.where(bad[:, None], BAD_BITS, bits)
+        tl.store(dst.to(tl.pointer_type(tl.int16)), bits, mask=(offs < HEAD)[None, :])
 
 
 @triton.jit
@@ -123,7 +136,7 @@ def _mark_slotless(cu_seqlens_q_ptr, staged_bt_ptr, num_seqs, num_sblocks, max_s
 def stage_kv_kernel(k_ptr, v_ptr, ks_ptr, vs_ptr, staged_k_ptr, staged_v_ptr, staged_ks_ptr,
                     staged_vs_ptr, staged_bt_ptr, block_table_ptr, cu_seqlens_q_ptr,
                     seq_lens_ptr, num_seqs, num_blocks, bt_width, num_sblocks, max_slots,
-                    window,
+                    num_heads, window,
                     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                     stride_bt, stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss,
                     stride_vsh,
@@ -131,12 +144,12 @@ def stage_kv_kernel(k_ptr, v_ptr, ks_ptr, vs_ptr, staged_k_ptr, staged_v_ptr, st
                     HEAD_QK: tl.constexpr, HEAD_QK_PAD: tl.constexpr, HEAD_V: tl.constexpr,
                     HEAD_V_PAD: tl.constexpr, PER_TOKEN: tl.constexpr,
                     STAGE_SCALES: tl.constexpr, USE_WINDOW: tl.constexpr,
-                    STAGE_FROM: tl.constexpr):
+                    STAGE_FROM: tl.constexpr, WIDEN: tl.constexpr = True,
+                    NAN_BITS: tl.constexpr = 0):
     """Stage one block of one kv head (see the module doc for layout and grid)."""
-    slot = tl.program_id(0)
+    head = tl.program_id(0) % num_heads
+    slot = tl.program_id(0) // num_heads
     sblock = tl.program_id(1)
-    head = tl.program_id(2)
-    num_heads = tl.num_programs(2)
     if (slot == 0) & (sblock == 0) & (head == 0):
         _mark_slotless(cu_seqlens_q_ptr, staged_bt_ptr, num_seqs, num_sblocks, max_slots,
                        STAGE_FROM)
@@ -179,9 +192,10 @@ def stage_kv_kernel(k_ptr, v_ptr, ks_ptr, vs_ptr, staged_k_ptr, staged_v_ptr, st
     DEQUANT: tl.constexpr = PER_TOKEN and not STAGE_SCALES
     _stage_rows(k_ptr, staged_k_ptr, block, cache_slot, head, live, bad, stride_kb, stride_ks,
                 stride_kh, dst_row, HEAD_QK, float("nan"), ks, HEAD_QK, HEAD_QK_PAD,
-                DEQUANT)
+                DEQUANT, WIDEN or DEQUANT, NAN_BITS)
     _stage_rows(v_ptr, staged_v_ptr, block, cache_slot, head, live, bad, stride_vb, stride_vs,
-                stride_vh, dst_row, HEAD_V, 0.0, vs, HEAD_V, HEAD_V_PAD, DEQUANT)
+                stride_vh, dst_row, HEAD_V, 0.0, vs, HEAD_V, HEAD_V_PAD, DEQUANT,
+                WIDEN or DEQUANT, 0)
     if STAGE_SCALES:
         tl.store(staged_ks_ptr + dst_row, tl.where(bad, 1.0, ks))
         tl.store(staged_vs_ptr + dst_row, tl.where(bad, 1.0, vs))

@@ -19,6 +19,10 @@ from portattn.types import KVQuant
 
 stage_kv_kernel = capturable(stage.stage_kv_kernel)
 
+#: A quiet NaN's 16-bit pattern per dtype: the K a bad block id stages when the cache is
+#: copied as bits (no widening)
+_NAN_BITS = {torch.bfloat16: 0x7FC0, torch.float16: 0x7E00}
+
 
 class StagedCache:
     """Staged blocks seen as a cache by the launch: K/V in q's 16-bit dtype (the cache's
@@ -83,11 +87,13 @@ def stage_kv(q, cache, metadata, options, stage: dict, stage_from: int, slots: i
         staged_ks = staged_vs = None
     staged_bt = parts[-1].view(torch.int32)[:num_seqs * sblocks].view(num_seqs, sblocks)
     kc, vc = cache.key_cache, cache.value_cache
-    stage_kv_kernel[(slots, sblocks, heads)](
+    # a 16-bit cache of q's dtype is copied as bits; anything else is widened (values)
+    widen = not (kc.dtype == vc.dtype == q.dtype and q.dtype in _NAN_BITS)
+    stage_kv_kernel[(slots * heads, sblocks, 1)](
         kc, vc, ks, vs, staged_k, staged_v, staged_ks if scales else q,
         staged_vs if scales else q, staged_bt, metadata.block_table,
         metadata.cu_seqlens_q, metadata.seq_lens, num_seqs, cache.num_blocks,
-        metadata.block_table.shape[1], sblocks, slots,
+        metadata.block_table.shape[1], sblocks, slots, heads,
         int(options.sliding_window) if options.sliding_window is not None else 0,
         kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
         metadata.block_table.stride(0), *ks_strides, *vs_strides,
@@ -95,8 +101,8 @@ def stage_kv(q, cache, metadata, options, stage: dict, stage_from: int, slots: i
         HEAD_QK_PAD=head_pad(cache.head_size_qk), HEAD_V=cache.head_size_v,
         HEAD_V_PAD=head_pad(cache.head_size_v), PER_TOKEN=per_token, STAGE_SCALES=scales,
         USE_WINDOW=options.sliding_window is not None,
-        STAGE_FROM=stage_from,
-        num_warps=4)
+        STAGE_FROM=stage_from, WIDEN=widen, NAN_BITS=0 if widen else _NAN_BITS[q.dtype],
+        num_warps=8 if max(cache.head_size_qk, cache.head_size_v) > 128 else 4)
     quant = KVQuant.none() if per_token and not scales else cache.quant  # dequantized
     staged = StagedCache(staged_k, staged_v, quant, staged_ks, staged_vs)
     staged_meta = replace(metadata, block_table=staged_bt)

@@ -43,6 +43,9 @@ query tiles:
 
 ``STAGED_Q`` > 0 (SEQ_MODE 0 and 2) skips sequences with at least that many queries: a
 launch over staged keys serves them (:func:`portattn.kernels.launch.launch_staged`).
+``FLAT_GRID`` (SEQ_MODE 0 and 2): grid ``(query tiles * num_kv_heads, 1, 1)``, program
+``p`` is query tile ``p // num_kv_heads`` of kv head ``p % num_kv_heads`` (the kv heads
+of one query tile launched together, heaviest tiles first over all heads).
 
 Constexpr switches
 ------------------
@@ -112,6 +115,10 @@ sequence were staged: tiles past them are not read and rows that would see them 
 out NaN (an understated ``max_seqlen_k``). 3: the same with the descriptors built on the
 host (``k_ptr`` / ``v_ptr`` are Triton ``TensorDescriptor`` arguments, passed as grid
 constants: no per-program build).
+``ONE_LOOP`` (``KV_LOAD`` 2 / 3 only): the edge tiles (window start, causal diagonal,
+sequence end) and the full tiles in one pipelined loop, the masks applied in a uniform
+branch (:func:`_attend_staged_tiles`), so the diagonal tile's loads are prefetched while
+the full tiles run instead of starting a pipeline of their own after them.
 
 ``CHECK_BLOCKS`` (default on; off only in benchmarks/kernel_experiments.py, to measure
 what the following costs). Bad metadata never reads out of bounds: a block-table entry
@@ -127,7 +134,12 @@ import triton
 import triton.language as tl
 
 from portattn.kernels.byte_decode import decode_bytes, decode_pairs
-from portattn.kernels.common import find_seq_of_tile, online_softmax_step, score_tile
+from portattn.kernels.common import (
+    find_seq_of_tile,
+    mask_scores,
+    online_softmax_step,
+    score_tile,
+)
 
 
 @triton.jit
@@ -447,6 +459,46 @@ def _attend_tiles(acc, m_i, l_i, q, tile_start, tile_end, seq_len, k_lo, bt_row,
 
 
 @triton.jit
+def _attend_staged_tiles(acc, m_i, l_i, q, tile_start, tile_end, full_lo, full_hi, seq_len,
+                         k_lo, seq_row0, kv_head, k_desc, v_desc, ks_head_ptr, vs_head_ptr,
+                         stride_ksb, stride_kss, stride_vsb, stride_vss, qk_scale, softcap,
+                         slope2, q_pos, window, BLOCK_N: tl.constexpr,
+                         BLOCK_SIZE: tl.constexpr, HEAD_QK_PAD: tl.constexpr,
+                         HEAD_V_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+                         USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+                         ALIBI: tl.constexpr, KV_QUANT: tl.constexpr,
+                         COMPUTE_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr):
+    """``ONE_LOOP``: staged KV tiles ``[tile_start, tile_end)`` in one pipelined loop, the
+    masks applied (a uniform branch) only to the edge tiles outside ``[full_lo,
+    full_hi)``. The three loops of :func:`_attend_tiles` (leading edge, full tiles,
+    trailing edge) each start their own pipeline, so the diagonal tile's K/V loads wait
+    until the full tiles drain; here they are prefetched like any other tile. Staged keys
+    only (``KV_LOAD`` >= 2: no bad ids, no 8-bit codes, K/V loads that need no key mask;
+    per-token-head scales, where staged beside the codes, are loaded masked in every
+    tile)."""
+    for j in tl.range(tile_start, tile_end):
+        k_pos = j * BLOCK_N + tl.arange(0, BLOCK_N)
+        key_ok = (k_pos >= k_lo) & (k_pos < seq_len)
+        k, v, k_sc, v_sc, _bad = _load_kv_tile_staged(
+            seq_row0, j * BLOCK_N, k_pos, key_ok, kv_head, k_desc, v_desc, ks_head_ptr,
+            vs_head_ptr, stride_ksb, stride_kss, stride_vsb, stride_vss, BLOCK_N,
+            BLOCK_SIZE, HEAD_QK_PAD, HEAD_V_PAD, True, KV_QUANT)
+        qk = tl.dot(q, _to_compute(k, COMPUTE_DTYPE), input_precision=DOT_PREC)
+        if KV_QUANT == 2:
+            qk = qk * k_sc[None, :]
+        s = score_tile(qk, qk_scale, softcap, slope2, q_pos, k_pos, seq_len, window,
+                       False, CAUSAL, USE_WINDOW, USE_SOFTCAP, ALIBI)
+        if (j < full_lo) | (j >= full_hi):
+            s = mask_scores(s, q_pos, k_pos, seq_len, window, CAUSAL, USE_WINDOW)
+        p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i, True)
+        if KV_QUANT == 2:
+            p = p * v_sc[None, :]
+        acc = tl.dot(_to_compute(p, COMPUTE_DTYPE), _to_compute(v, COMPUTE_DTYPE),
+                     acc * alpha[:, None], input_precision=DOT_PREC)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _store_rows(out_ptr, result, q_start, row_tok, row_head, row_ok, offs_dv, stride_ot,
                 stride_oh, stride_od, out_scale_ptr, HEAD_V: tl.constexpr,
                 FP8_OUT: tl.constexpr, FP8_MAX: tl.constexpr):
@@ -504,14 +556,28 @@ def unified_attention_kernel(
         COMPUTE_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
         CHECK_BLOCKS: tl.constexpr = True, KV_LOAD: tl.constexpr = 0,
         V_STAGE: tl.constexpr = False, KV_BITS: tl.constexpr = 0,
-        BITS_ASM: tl.constexpr = False, V_PAIRS: tl.constexpr = 0):
+        BITS_ASM: tl.constexpr = False, V_PAIRS: tl.constexpr = 0,
+        FLAT_GRID: tl.constexpr = False, ONE_LOOP: tl.constexpr = False):
     """Paged attention of one query tile x one kv head x one KV segment (see module doc)."""
     tl.static_assert(not FP8_DOT or KV_BITS == 0,
                      "FP8_DOT needs the cache's fp8 values, KV_BITS rebuilds them as fp16")
     tl.static_assert(not (V_PAIRS and V_STAGE), "V_PAIRS and V_STAGE exclude each other")
+    tl.static_assert(not ONE_LOOP or (KV_LOAD >= 2 and KV_BITS == 0 and not V_PAIRS
+                                      and not V_STAGE and not FP8_DOT),
+                     "ONE_LOOP is the staged 16-bit loop (KV_LOAD 2 / 3)")
+    tl.static_assert(not FLAT_GRID or SEQ_MODE != 1,
+                     "FLAT_GRID orders query tiles (SEQ_MODE 0 / 2)")
     tl.static_assert((V_PAIRS == 1) == (KV_BITS == 1) or V_PAIRS == 0,
                      "e4m3 bits (value / 256) in V pairs go with KV_BITS == 1 and only then")
-    kv_head = tl.program_id(1)
+    num_kv_heads = num_q_heads // GROUP
+    if FLAT_GRID:  # SEQ_MODE 0 / 2: axis 0 is (query tile, kv head), the kv head fastest
+        kv_head = tl.program_id(0) % num_kv_heads
+        tile_pid = tl.program_id(0) // num_kv_heads
+        tile_programs = tl.num_programs(0) // num_kv_heads
+    else:
+        kv_head = tl.program_id(1)
+        tile_pid = tl.program_id(0)
+        tile_programs = tl.num_programs(0)
     segment = tl.program_id(2)
     if SEQ_MODE == 1:
         seq = tl.program_id(0)
@@ -526,7 +592,7 @@ def unified_attention_kernel(
             return
         tile_local = 0
     else:
-        tile_idx = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest tiles first
+        tile_idx = tile_programs - 1 - tile_pid  # heaviest tiles first
         seq = find_seq_of_tile(cu_seqlens_q_ptr, num_seqs, tile_idx, BLOCK_Q)
         q_start = tl.load(cu_seqlens_q_ptr + seq)
         q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
@@ -650,21 +716,21 @@ def unified_attention_kernel(
         poisoned = False
     if KV_LOAD == 2:  # staged keys as rows, built once per program
         k_src = tl.make_tensor_descriptor(
-            k_ptr, shape=[num_blocks * BLOCK_SIZE, tl.num_programs(1), HEAD_QK],
+            k_ptr, shape=[num_blocks * BLOCK_SIZE, num_kv_heads, HEAD_QK],
             strides=[stride_ks, stride_kh, 1], block_shape=[BLOCK_N, 1, HEAD_QK_PAD])
         v_src = tl.make_tensor_descriptor(
-            v_ptr, shape=[num_blocks * BLOCK_SIZE, tl.num_programs(1), V_W],
+            v_ptr, shape=[num_blocks * BLOCK_SIZE, num_kv_heads, V_W],
             strides=[stride_vs, stride_vh, 1], block_shape=[BLOCK_N, 1, V_W_PAD])
     elif KV_LOAD == 3:  # staged keys, descriptors built on the host (grid constants)
         k_src = k_ptr
         v_src = v_ptr
     elif KV_LOAD == 1:  # built once per program, never inside the pipelined KV loop
         k_src = tl.make_tensor_descriptor(
-            k_ptr, shape=[num_blocks, BLOCK_SIZE, tl.num_programs(1), HEAD_QK],
+            k_ptr, shape=[num_blocks, BLOCK_SIZE, num_kv_heads, HEAD_QK],
             strides=[stride_kb, stride_ks, stride_kh, 1],
             block_shape=[1, BLOCK_N, 1, HEAD_QK_PAD])
         v_src = tl.make_tensor_descriptor(
-            v_ptr, shape=[num_blocks, BLOCK_SIZE, tl.num_programs(1), V_W],
+            v_ptr, shape=[num_blocks, BLOCK_SIZE, num_kv_heads, V_W],
             strides=[stride_vb, stride_vs, stride_vh, 1],
             block_shape=[1, BLOCK_N, 1, V_W_PAD])
     else:
@@ -672,7 +738,14 @@ def unified_attention_kernel(
         v_src = v_ptr + kv_head * stride_vh
     ks_head_ptr = k_scale_ptr + kv_head * stride_ksh
     vs_head_ptr = v_scale_ptr + kv_head * stride_vsh
-    if USE_WINDOW:  # leading tiles only partly inside the window
+    if ONE_LOOP:  # staged keys: edge and full tiles in one pipelined loop
+        acc, m_i, l_i = _attend_staged_tiles(
+            acc, m_i, l_i, q, tl.maximum(tile_lo, seg_lo), tl.minimum(tile_hi, seg_hi),
+            full_lo, full_hi, seq_len, k_lo, bt_row, kv_head, k_src, v_src, ks_head_ptr,
+            vs_head_ptr, stride_ksb, stride_kss, stride_vsb, stride_vss, qk_scale, softcap,
+            slope2, q_pos, window, BLOCK_N, BLOCK_SIZE, HEAD_QK_PAD, V_W_PAD, CAUSAL,
+            USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, COMPUTE_DTYPE, DOT_PREC)
+    if USE_WINDOW and not ONE_LOOP:  # leading tiles only partly inside the window
         acc, acc_odd, m_i, l_i = _attend_tiles(
             acc, m_i, l_i, q, tl.maximum(tile_lo, seg_lo), tl.minimum(full_lo, seg_hi),
             seq_len, k_lo, bt_row, bt_width, num_blocks, kv_head, k_src, v_src, ks_head_ptr,
@@ -682,22 +755,23 @@ def unified_attention_kernel(
             CAUSAL, USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE,
             DOT_PREC, CHECK_BLOCKS, KV_LOAD, v_mult, V_STAGE, KV_BITS, BITS_ASM, acc_odd,
             V_PAIRS)
-    acc, acc_odd, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, tl.maximum(full_lo, seg_lo), tl.minimum(full_hi, seg_hi),
-        seq_len, k_lo, bt_row, bt_width, num_blocks, kv_head, k_src, v_src, ks_head_ptr,
-        vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss,
-        stride_vsb, stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk, offs_vw,
-        BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD, V_W, V_W_PAD, False, CAUSAL,
-        USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE, DOT_PREC,
-        CHECK_BLOCKS, KV_LOAD, v_mult, V_STAGE, KV_BITS, BITS_ASM, acc_odd, V_PAIRS)
-    acc, acc_odd, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, tl.maximum(full_hi, seg_lo), tl.minimum(tile_hi, seg_hi),
-        seq_len, k_lo, bt_row, bt_width, num_blocks, kv_head, k_src, v_src, ks_head_ptr,
-        vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss,
-        stride_vsb, stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk, offs_vw,
-        BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD, V_W, V_W_PAD, True, CAUSAL,
-        USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE, DOT_PREC,
-        CHECK_BLOCKS, KV_LOAD, v_mult, V_STAGE, KV_BITS, BITS_ASM, acc_odd, V_PAIRS)
+    if not ONE_LOOP:  # full tiles, then the trailing edge (causal diagonal, seq end)
+        acc, acc_odd, m_i, l_i = _attend_tiles(
+            acc, m_i, l_i, q, tl.maximum(full_lo, seg_lo), tl.minimum(full_hi, seg_hi),
+            seq_len, k_lo, bt_row, bt_width, num_blocks, kv_head, k_src, v_src, ks_head_ptr,
+            vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss,
+            stride_vsb, stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk, offs_vw,
+            BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD, V_W, V_W_PAD, False, CAUSAL,
+            USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE, DOT_PREC,
+            CHECK_BLOCKS, KV_LOAD, v_mult, V_STAGE, KV_BITS, BITS_ASM, acc_odd, V_PAIRS)
+        acc, acc_odd, m_i, l_i = _attend_tiles(
+            acc, m_i, l_i, q, tl.maximum(full_hi, seg_lo), tl.minimum(tile_hi, seg_hi),
+            seq_len, k_lo, bt_row, bt_width, num_blocks, kv_head, k_src, v_src, ks_head_ptr,
+            vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss,
+            stride_vsb, stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk, offs_vw,
+            BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD, V_W, V_W_PAD, True, CAUSAL,
+            USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE, DOT_PREC,
+            CHECK_BLOCKS, KV_LOAD, v_mult, V_STAGE, KV_BITS, BITS_ASM, acc_odd, V_PAIRS)
 
     if V_PAIRS:  # even and odd head columns back in place
         acc = tl.reshape(tl.join(acc, acc_odd), [BLOCK_M, HEAD_V_PAD])
