@@ -445,8 +445,8 @@ def staged_long_config(shape: Shape) -> dict:
     with the launch's program order (``flat_grid``) and loop (``one_loop``) where they
     measured faster."""
     shape16 = dataclasses.replace(shape, elem_bytes=2)
-    measured = STAGED_TILES.get(shape.head_pad) if shape.head_pad == shape.head_pad_v \
-        else None
+    measured_class = shape.head_pad == shape.head_pad_v  # DiffKV was not measured
+    measured = STAGED_TILES.get(shape.head_pad) if measured_class else None
     if measured is not None:
         block_m = max(measured.block_m, next_pow2(shape.group))
         cfg = _fit_smem(dataclasses.replace(measured, block_m=block_m,
@@ -455,9 +455,9 @@ def staged_long_config(shape: Shape) -> dict:
         cfg = prefill_config(shape16)
     out = cfg.as_dict()
     out["block_n"] = min(out["block_n"], STAGE_BLOCK)
-    if shape.head_pad in STAGED_FLAT_GRID and shape.head_pad == shape.head_pad_v:
+    if measured_class and shape.head_pad in STAGED_FLAT_GRID:
         out["flat_grid"] = True
-    if shape.head_pad in STAGED_ONE_LOOP and shape.head_pad == shape.head_pad_v:
+    if measured_class and shape.head_pad in STAGED_ONE_LOOP:
         out["one_loop"] = True
     return out
 

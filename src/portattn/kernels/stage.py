@@ -190,12 +190,13 @@ def stage_kv_kernel(k_ptr, v_ptr, ks_ptr, vs_ptr, staged_k_ptr, staged_v_ptr, st
         ks = tl.full([STAGE_BLOCK], 1.0, tl.float32)
         vs = ks
     DEQUANT: tl.constexpr = PER_TOKEN and not STAGE_SCALES
+    AS_VALUES: tl.constexpr = WIDEN or DEQUANT  # else copied as 16-bit patterns
     _stage_rows(k_ptr, staged_k_ptr, block, cache_slot, head, live, bad, stride_kb, stride_ks,
                 stride_kh, dst_row, HEAD_QK, float("nan"), ks, HEAD_QK, HEAD_QK_PAD,
-                DEQUANT, WIDEN or DEQUANT, NAN_BITS)
+                DEQUANT, AS_VALUES, NAN_BITS)
     _stage_rows(v_ptr, staged_v_ptr, block, cache_slot, head, live, bad, stride_vb, stride_vs,
                 stride_vh, dst_row, HEAD_V, 0.0, vs, HEAD_V, HEAD_V_PAD, DEQUANT,
-                WIDEN or DEQUANT, 0)
+                AS_VALUES, 0)
     if STAGE_SCALES:
         tl.store(staged_ks_ptr + dst_row, tl.where(bad, 1.0, ks))
         tl.store(staged_vs_ptr + dst_row, tl.where(bad, 1.0, vs))

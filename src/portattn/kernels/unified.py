@@ -745,33 +745,27 @@ def unified_attention_kernel(
             vs_head_ptr, stride_ksb, stride_kss, stride_vsb, stride_vss, qk_scale, softcap,
             slope2, q_pos, window, BLOCK_N, BLOCK_SIZE, HEAD_QK_PAD, V_W_PAD, CAUSAL,
             USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, COMPUTE_DTYPE, DOT_PREC)
-    if USE_WINDOW and not ONE_LOOP:  # leading tiles only partly inside the window
-        acc, acc_odd, m_i, l_i = _attend_tiles(
-            acc, m_i, l_i, q, tl.maximum(tile_lo, seg_lo), tl.minimum(full_lo, seg_hi),
-            seq_len, k_lo, bt_row, bt_width, num_blocks, kv_head, k_src, v_src, ks_head_ptr,
-            vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss,
-            stride_vsb, stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk,
-            offs_vw, BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD, V_W, V_W_PAD, True,
-            CAUSAL, USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE,
-            DOT_PREC, CHECK_BLOCKS, KV_LOAD, v_mult, V_STAGE, KV_BITS, BITS_ASM, acc_odd,
-            V_PAIRS)
-    if not ONE_LOOP:  # full tiles, then the trailing edge (causal diagonal, seq end)
-        acc, acc_odd, m_i, l_i = _attend_tiles(
-            acc, m_i, l_i, q, tl.maximum(full_lo, seg_lo), tl.minimum(full_hi, seg_hi),
-            seq_len, k_lo, bt_row, bt_width, num_blocks, kv_head, k_src, v_src, ks_head_ptr,
-            vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss,
-            stride_vsb, stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk, offs_vw,
-            BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD, V_W, V_W_PAD, False, CAUSAL,
-            USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE, DOT_PREC,
-            CHECK_BLOCKS, KV_LOAD, v_mult, V_STAGE, KV_BITS, BITS_ASM, acc_odd, V_PAIRS)
-        acc, acc_odd, m_i, l_i = _attend_tiles(
-            acc, m_i, l_i, q, tl.maximum(full_hi, seg_lo), tl.minimum(tile_hi, seg_hi),
-            seq_len, k_lo, bt_row, bt_width, num_blocks, kv_head, k_src, v_src, ks_head_ptr,
-            vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss,
-            stride_vsb, stride_vss, qk_scale, softcap, slope2, q_pos, window, offs_dk, offs_vw,
-            BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD, V_W, V_W_PAD, True, CAUSAL,
-            USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE, DOT_PREC,
-            CHECK_BLOCKS, KV_LOAD, v_mult, V_STAGE, KV_BITS, BITS_ASM, acc_odd, V_PAIRS)
+    else:  # three loops: leading edge (window start, with a window only), full tiles
+        # without masks, trailing edge (causal diagonal, sequence end)
+        for part in tl.static_range(0 if USE_WINDOW else 1, 3):
+            if part == 0:
+                lo = tl.maximum(tile_lo, seg_lo)
+                hi = tl.minimum(full_lo, seg_hi)
+            elif part == 1:
+                lo = tl.maximum(full_lo, seg_lo)
+                hi = tl.minimum(full_hi, seg_hi)
+            else:
+                lo = tl.maximum(full_hi, seg_lo)
+                hi = tl.minimum(tile_hi, seg_hi)
+            acc, acc_odd, m_i, l_i = _attend_tiles(
+                acc, m_i, l_i, q, lo, hi, seq_len, k_lo, bt_row, bt_width, num_blocks,
+                kv_head, k_src, v_src, ks_head_ptr, vs_head_ptr, stride_kb, stride_ks,
+                stride_vb, stride_vs, stride_ksb, stride_kss, stride_vsb, stride_vss,
+                qk_scale, softcap, slope2, q_pos, window, offs_dk, offs_vw, BLOCK_N,
+                BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD, V_W, V_W_PAD, part != 1, CAUSAL,
+                USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE,
+                DOT_PREC, CHECK_BLOCKS, KV_LOAD, v_mult, V_STAGE, KV_BITS, BITS_ASM,
+                acc_odd, V_PAIRS)
 
     if V_PAIRS:  # even and odd head columns back in place
         acc = tl.reshape(tl.join(acc, acc_odd), [BLOCK_M, HEAD_V_PAD])
