@@ -5,9 +5,11 @@ to stderr).
 
     PYTHONPATH=src python3 benchmarks/dispatch_overhead.py [--out FILE]
 
-On a GPU the problems are tiny (the GPU finishes each kernel before the host has made
-the next call) and each timed loop stays below the launch-queue depth, so the loop's wall
-time per call is host time. Implementations per case and layer count:
+On a GPU each timed loop starts behind a spin kernel (``torch.cuda._sleep``) that keeps
+the GPU busy for longer than the loop takes, and stays below the launch-queue depth, so
+the loop's wall time per call is host time alone, whatever the kernels' own time (the
+staged prefill's kernels take longer than its host time; before session 10 the loop
+timed whichever was slower). Implementations per case and layer count:
 
 * ``attention`` / ``attention_out``: ``portattn.attention`` allocating ``out`` / into
   a given ``out`` (the memo of checked call structures, then the plan's runner);
@@ -67,14 +69,40 @@ def _sync():
 MINIMA: dict = {}
 
 
+_CYCLES_PER_US: list = []
+
+
+def _spin_cycles(seconds: float) -> int:
+    """GPU clock cycles ``torch.cuda._sleep`` spins for ``seconds`` (measured once)."""
+    if not _CYCLES_PER_US:
+        cycles = 10_000_000
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(cycles)  # warm
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        torch.cuda.synchronize()
+        _CYCLES_PER_US.append(cycles / (start.elapsed_time(end) * 1e3))
+    return int(seconds * 1e6 * _CYCLES_PER_US[0])
+
+
 def per_call_us(step, calls: int, repeats: int = 9, name: str | None = None) -> float:
-    """Median over ``repeats`` of the host time of ``step()`` (``calls`` calls) per call;
-    the minimum goes to ``MINIMA[name]``."""
+    """Median over ``repeats`` of the host time of ``step()`` (``calls`` calls) per call,
+    each sample queued behind a spin kernel longer than the sample (on a GPU); the minimum
+    goes to ``MINIMA[name]``."""
     step()
     _sync()
+    spin = 0
+    if torch.cuda.is_available():
+        t0 = time.perf_counter()
+        step()
+        spin = _spin_cycles(2 * (time.perf_counter() - t0) + 2e-3)
+        _sync()
     samples = []
     for _ in range(repeats):
         _sync()
+        if spin:
+            torch.cuda._sleep(spin)
         t0 = time.perf_counter()
         step()
         t1 = time.perf_counter()
@@ -268,6 +296,8 @@ def main(argv=None) -> dict:
         "date": datetime.date.today().isoformat(), "torch": torch.__version__,
         "triton": triton.__version__, "dtype": str(dtype).replace("torch.", ""),
         "heads": "32/8, head 128, block 16", "target_us": TARGET_US, "goal_us": GOAL_US,
+        "timing": "each sample behind a GPU spin kernel (host time alone)" if gpu else
+                  "stand-ins",
         "cases": {case: measure_case(case, device, dtype) for case in CASES},
         "plan_caches": planning.cache_info(),
     }

@@ -291,7 +291,7 @@ def test_a_sequence_of_two_launches_is_one_lookup(kernel):
         return captured
 
     sequence = LaunchSequence.build(record(x, y), (x, y))
-    assert len(sequence.table) == 1 and len(next(iter(sequence.table.values()))) == 10
+    assert len(sequence.table) == 1 and len(next(iter(sequence.table.values()))) == 12
     kernel.launches.clear()
     shifted = torch.zeros(65, dtype=torch.float16)[1:]
     assert not sequence.launch((shifted, y)) and kernel.launches == []
@@ -525,3 +525,67 @@ def test_host_descriptors_are_rebuilt_around_the_new_base(monkeypatch):
     with pytest.raises(Unusable, match="not one of the call's inputs"):
         LaunchSequence.build(record(rows(torch.zeros(4096, dtype=torch.bfloat16), 8)),
                              (ws, y))
+
+
+@pytest.mark.parametrize("with_meta", [False, True])
+def test_descriptor_wrappers_are_bypassed_with_tensor_maps_kept_per_address(with_meta,
+                                                                            monkeypatch):
+    """For Triton's CUDA launcher of a kernel with host descriptors (its C entry wrapped by
+    ``wrap_handle_tensordesc``), a relaunch calls the C entry with the arguments Triton's
+    wrapper would pass, made by Triton's ``make_tensordesc_arg`` once per base address
+    (with and without the compiler's descriptor metadata)."""
+    from triton.backends.nvidia import driver as nvidia_driver
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    encodes: list = []
+    triton_make = nvidia_driver.make_tensordesc_arg
+
+    def fake_make(arg, meta):  # stands in for cuTensorMapEncodeTiled (needs a GPU)
+        if meta is None:
+            return triton_make(arg, None)
+        encodes.append(arg.base.data_ptr())
+        return [("map", arg.base.data_ptr(), meta["swizzle"]), *arg.shape, *arg.strides]
+
+    monkeypatch.setattr(nvidia_driver, "make_tensordesc_arg", fake_make)
+    monkeypatch.setattr(fast_launch, "_device_functions", lambda: (lambda: 0, lambda d: 77))
+    signature = {0: "tensordesc<bf16[8,1,16]>", 1: "*fp32", 2: "i32", 3: "constexpr"}
+    c_calls: list = []
+    wrapper = nvidia_driver.wrap_handle_tensordesc(
+        lambda *args: c_calls.append(args), signature,
+        [{"swizzle": 128}] if with_meta else None)
+
+    class CudaLauncher:  # Triton's launcher object, as driver_launch recognises it
+        global_scratch_size = profile_scratch_size = 0
+        launch_cooperative_grid = launch_pdl = False
+        launch = staticmethod(wrapper)
+
+    class Compiled(FakeCompiled):
+        run = CudaLauncher()
+
+    kernel = FakeKernel(toy_desc)
+    ws, y = torch.zeros(4096, dtype=torch.bfloat16), torch.zeros(64)
+
+    def rows(base):
+        return TensorDescriptor(base, [28, 8, 16], [128, 16, 1], [8, 1, 16])
+
+    with capture() as captured:
+        capturable(kernel)[(4, 2)](rows(ws[512:]), y, 100, BLOCK=32)
+    captured.triton_launches = len(captured.launches)
+    for compiled in kernel.device_caches[0][0].values():
+        compiled.__class__ = Compiled
+    sequence = LaunchSequence.build(captured, (ws, y))
+    encodes.clear()
+    for buffer in (ws, ws, torch.zeros(4096, dtype=torch.bfloat16)):
+        assert sequence.launch((buffer, y))
+        wrapper(4, 2, 1, 77, None, False, False, None, None, (4, 1, 0), None, None, None,
+                rows(buffer[512:]), y.data_ptr(), 100, 32)
+        ours, triton_s = c_calls[-2], c_calls[-1]
+        assert ours[:4] == (4, 2, 1, 77) and len(ours) == len(triton_s)
+        if with_meta:
+            assert ours[13:] == triton_s[13:]
+        else:  # the base is an object with data_ptr() in both
+            assert ours[13].data_ptr() == triton_s[13].data_ptr() == buffer.data_ptr() + 1024
+            assert ours[14:] == triton_s[14:]
+    if with_meta:  # Triton's wrapper: 3 encodes (one per launch); ours: one per address
+        assert encodes.count(ws.data_ptr() + 1024) == 2 + 1
+        assert len(encodes) == 3 + 2

@@ -26,6 +26,9 @@ CASES = {  # query lens, seq lens, expected variant prefix, kernel launches per 
     # 4 sequences x 8 kv heads do not fill the GPU: split decode tiles (kernel + merge)
     # plus the long-tile launch (the H200 run of 2026-12-02 recorded 3 launches)
     "mixed": ([1, 200, 1, 3], [900, 700, 64, 2000], "mixed-3d", 3),
+    # sm90: the staging launch, then the attention over host descriptors of the staged
+    # keys (their tensor maps made once per workspace address, the C entry called)
+    "prefill-staged": ([1024], [1024], "prefill-2d-staged", 2),
 }
 
 
@@ -75,6 +78,12 @@ def test_replayed_layers_match_the_reference(case):
     assert slot.reason is None
     if launches is not None:
         assert len(slot.sequence.sites) == launches
+    for entry in slot.sequence.table.values():
+        for site, k in zip(slot.sequence.sites, range(0, len(entry), 6)):
+            launch, expanders = entry[k], entry[k + 5]
+            assert len(expanders) == len(site.descriptors)
+            if site.descriptors:  # Triton's per-launch descriptor wrapper is bypassed
+                assert "wrap_handle_tensordesc" not in getattr(launch, "__qualname__", "")
     # attention() serves the same structure from the same body
     eager = portattn.attention(q, cache, batch.metadata, sinks=sinks, validate=False)
     assert torch.equal(eager, out)

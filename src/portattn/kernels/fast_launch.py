@@ -18,8 +18,9 @@ How, for ANY ``@triton.jit`` kernel and whatever arguments a launcher passes:
    recomputed) or *fixed* (a plain value: int, float, bool, str, None, a tuple of those;
    kept as recorded), or a host *tensor descriptor* (Triton's ``TensorDescriptor``)
    whose base is bound as a tensor is and whose shape, strides, block shape and padding
-   are fixed: per call it is rebuilt around the new base pointer, and Triton's launcher
-   encodes it (one ``cuTensorMapEncodeTiled`` per descriptor). Anything else (a tensor
+   are fixed: per call its launch arguments are made for the new base pointer (the
+   tensor map Triton's launcher would encode, kept per address: see
+   :func:`descriptor_expanders`). Anything else (a tensor
    the launcher allocated itself) makes the sequence unusable, and the caller keeps the
    normal path. No tensor is stored.
 3. **Relaunch** (:meth:`LaunchSequence.launch`): per call, the data pointers of the bound
@@ -336,11 +337,86 @@ class Site:
         self.descriptors: dict[int, tuple] = descriptors or {}
 
 
-def launch_entry(compiled) -> tuple:
+def launch_entry(compiled, descriptors: dict | None = None) -> tuple:
     """What a relaunch needs of a compiled kernel: ``(launch, function, packed_metadata,
-    cooperative, pdl)`` (see :func:`driver_launch`)."""
+    cooperative, pdl, expanders)`` (see :func:`driver_launch`); ``descriptors``: the host
+    descriptors of its site (position -> layout), see :func:`descriptor_expanders`."""
     launch, cooperative, pdl = driver_launch(compiled.run)
-    return (launch, compiled.function, compiled.packed_metadata, cooperative, pdl)
+    launch, expanders = descriptor_expanders(launch, descriptors or {})
+    return (launch, compiled.function, compiled.packed_metadata, cooperative, pdl, expanders)
+
+
+#: Per host descriptor of a compiled kernel: encoded tensor maps kept (by base address)
+ENCODED_LIMIT = 16
+#: The arguments Triton's CUDA launch entry takes before the kernel's own
+_BASE_ARGS = 13
+
+
+def descriptor_expanders(launch, descriptors: dict) -> tuple[Callable, tuple]:
+    """``(launch, expanders)``: per host descriptor of a site (in parameter order), a
+    function of its new base address returning the launch arguments it stands for.
+
+    Triton's CUDA launcher of a kernel with host descriptors is a Python wrapper
+    (``wrap_handle_tensordesc``) around the C entry: per launch it walks every argument
+    and encodes each descriptor (``cuTensorMapEncodeTiled``). When ``launch`` is that
+    wrapper, the C entry is called instead, and each descriptor's expansion is made by
+    Triton's own ``make_tensordesc_arg`` once per base address and kept (a tensor map is
+    a pure function of the address and the fixed layout, and the launch copies it into
+    the kernel's parameters, so one object serves every launch). Otherwise ``launch`` is
+    kept and each descriptor is passed as a :class:`HostDescriptor`."""
+    items = sorted(descriptors.items())
+    if not items:
+        return launch, ()
+    unwrapped = _unwrap_descriptor_launcher(launch, [pos for pos, _ in items])
+    if unwrapped is None:
+        return launch, tuple(_as_descriptor(layout) for _, layout in items)
+    c_launch, metas, make = unwrapped
+    return c_launch, tuple(_encoder(make, layout, meta)
+                           for (_, layout), meta in zip(items, metas))
+
+
+def _unwrap_descriptor_launcher(launch, positions: list[int]):
+    """``(C entry, per-descriptor metadata, make_tensordesc_arg)`` of Triton's descriptor
+    wrapper ``launch`` (descriptors at ``positions`` of the kernel's parameters), or None
+    when ``launch`` is not that wrapper as Triton 3.5/3.6 build it."""
+    if getattr(launch, "__qualname__", None) != "wrap_handle_tensordesc.<locals>.inner":
+        return None
+    code, closure = getattr(launch, "__code__", None), getattr(launch, "__closure__", None)
+    if code is None or closure is None:
+        return None
+    try:
+        cells = {name: cell.cell_contents for name, cell in zip(code.co_freevars, closure)}
+        c_launch = cells["launcher"]
+        indices, metas = cells["tensordesc_indices"], cells["tensordesc_meta"]
+        make = launch.__globals__["make_tensordesc_arg"]
+        base_args = launch.__globals__["_BASE_ARGS_FORMAT_LEN"]
+    except (KeyError, ValueError, AttributeError):
+        return None
+    if not callable(c_launch) or not callable(make) or base_args != _BASE_ARGS or \
+            sorted(indices) != positions or len(metas) != len(positions):
+        return None
+    return c_launch, list(metas), make
+
+
+def _as_descriptor(layout: tuple) -> Callable[[int], tuple]:
+    def expand(ptr: int) -> tuple:
+        return (HostDescriptor(ptr, layout),)
+    return expand
+
+
+def _encoder(make, layout: tuple, meta) -> Callable[[int], tuple]:
+    """A base address -> ``make(descriptor at that address, meta)``, kept per address."""
+    encoded: dict[int, tuple] = {}
+
+    def expand(ptr: int) -> tuple:
+        found = encoded.get(ptr)
+        if found is None:
+            found = tuple(make(HostDescriptor(ptr, layout), meta))
+            if len(encoded) >= ENCODED_LIMIT:
+                encoded.clear()
+            encoded[ptr] = found
+        return found
+    return expand
 
 
 def _call_arguments(template: Sequence, bound: dict, prefix: str, namespace: dict) -> list:
@@ -632,7 +708,8 @@ class LaunchSequence:
 
     def store(self, key, compiled: Sequence) -> None:
         """The compiled kernels of every site (in order) under ``key``."""
-        entry = tuple(value for kernel in compiled for value in launch_entry(kernel))
+        entry = tuple(value for site, kernel in zip(self.sites, compiled)
+                      for value in launch_entry(kernel, site.descriptors))
         with self.lock:
             if len(self.table) >= TABLE_LIMIT:
                 self.table.clear()
@@ -679,8 +756,7 @@ def _generate_launch(sites: list[Site], used: tuple[int, ...], by_residue: tuple
     Every other name of the generated code starts with ``_`` (a reader's names cannot)."""
     namespace = dict(reader.namespace) if reader is not None else {}
     namespace.update({"_triton_state": triton_state, "_get_device": get_device,
-                      "_get_stream": get_stream, "_HostDescriptor": HostDescriptor,
-                      "_table": table})
+                      "_get_stream": get_stream, "_table": table})
     kernels = list({id(site.fn): site.fn for site in sites}.values())
     for k, fn in enumerate(kernels):
         namespace[f"_fn{k}"] = fn
@@ -710,16 +786,15 @@ def _generate_launch(sites: list[Site], used: tuple[int, ...], by_residue: tuple
               "        return False",
               "    if stream is None:",
               "        stream = _get_stream(device)",
-              "    " + ", ".join(f"_l{s}, _f{s}, _m{s}, _c{s}, _d{s}" for s in range(len(sites)))
-              + " = _entry"]
+              "    " + ", ".join(f"_l{s}, _f{s}, _m{s}, _c{s}, _d{s}, _e{s}"
+                               for s in range(len(sites))) + " = _entry"]
     for s, site in enumerate(sites):
         bound = {}
+        descriptor_rank = {pos: k for k, pos in enumerate(sorted(site.descriptors))}
         for pos, j, off in site.binds:
             bound[pos] = f"_x{j} + {off}" if off else f"_x{j}"
-            layout = site.descriptors.get(pos)
-            if layout is not None:  # rebuilt around the new base
-                namespace[f"_layout{s}_{pos}"] = layout
-                bound[pos] = f"_HostDescriptor({bound[pos]}, _layout{s}_{pos})"
+            if pos in descriptor_rank:  # its expansion around the new base
+                bound[pos] = f"*_e{s}[{descriptor_rank[pos]}]({bound[pos]})"
         args = _call_arguments(site.template, bound, f"_k{s}_", namespace)
         g0, g1, g2 = site.grid
         lines.append(f"    _l{s}({g0}, {g1}, {g2}, stream, _f{s}, _c{s}, _d{s}, None, None, "
