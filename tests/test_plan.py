@@ -395,3 +395,31 @@ def test_runner_falls_back_when_launches_cannot_be_replayed(caplog):
     slot = next(iter(plan._accepted.values()))
     assert slot.reason and "cannot be counted" in slot.reason
     assert sum("go through Triton's JIT" in r.message for r in caplog.records) == 1
+
+
+def test_staged_prefills_share_one_bounded_buffer_per_stream(monkeypatch):
+    """A staged prefill's workspace (sized per call) comes from one buffer per (GPU,
+    stream), shared by every runner and grown to the largest call, up to
+    ``STAGING_KEEP_BYTES``; larger calls get a buffer of their own each time; streams
+    get different buffers; ``planning.clear`` drops them."""
+    from portattn.backends import unified_runner as ur
+
+    planning.clear()
+    monkeypatch.setattr(ur, "STAGING_KEEP_BYTES", 4096 * 4)
+    dev = torch.device("cpu")
+    small = ur.staging_buffer(dev, 1, 1000)
+    assert small.numel() >= 1000 and small.dtype == torch.float32
+    assert ur.staging_buffer(dev, 1, 800) is small  # reused by a smaller call
+    grown = ur.staging_buffer(dev, 1, 3000)
+    assert grown is not small and grown.numel() >= 3000
+    assert ur.staging_buffer(dev, 1, 1000) is grown
+    other_stream = ur.staging_buffer(dev, 2, 1000)
+    assert other_stream.data_ptr() != grown.data_ptr()
+    big = ur.staging_buffer(dev, 1, 5000)  # above the cap: a fresh one, not kept
+    assert big.numel() >= 5000 and ur.staging_buffer(dev, 1, 5000) is not big
+    assert ur.staging_buffer(dev, 1, 1000) is grown
+    held = weakref.ref(grown)
+    del grown, small, other_stream, big
+    planning.clear()
+    gc.collect()
+    assert held() is None

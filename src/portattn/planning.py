@@ -598,9 +598,12 @@ def cache_info() -> dict:
 
 
 def clear() -> None:
-    """Forget every body and memo entry (tests)."""
+    """Forget every body and memo entry, and drop the shared staging buffers."""
+    from portattn.backends.unified_runner import clear_staging_buffers
+
     bodies.clear()
     memo.clear()
+    clear_staging_buffers()
 
 
 def _memo_allowed(q, cache, metadata, validate, env) -> bool:
