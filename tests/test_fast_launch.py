@@ -589,3 +589,89 @@ def test_descriptor_wrappers_are_bypassed_with_tensor_maps_kept_per_address(with
     if with_meta:  # Triton's wrapper: 3 encodes (one per launch); ours: one per address
         assert encodes.count(ws.data_ptr() + 1024) == 2 + 1
         assert len(encodes) == 3 + 2
+
+
+def toy_three_desc(A: tl.constexpr, a_desc, x_ptr, n, B: tl.constexpr, b_desc, c_desc,
+                   BLOCK: tl.constexpr):
+    pass  # a signature only: descriptors at positions 1, 5, 6 with constexprs between
+
+
+@pytest.mark.parametrize("meta_kind", ["none", "compiled", "fp4_padded"])
+def test_several_descriptors_expand_as_tritons_wrapper_does(meta_kind, monkeypatch):
+    """Three host descriptors between constexpr and plain parameters (2-D and 3-D, zero and
+    NaN padding, with or without the compiler's descriptor metadata, fp4 padding): the
+    relaunch passes the C entry what Triton's own wrapper and ``make_tensordesc_arg``
+    pass it (only the driver's tensor-map encoding is faked), for new base addresses of
+    each descriptor's tensor."""
+    import triton
+    from triton.backends.nvidia import driver as nvidia_driver
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    class TensorMap:  # what fill_tma_descriptor's object stands for: its arguments
+        def __init__(self, *args):
+            self.args = tuple(tuple(a) if isinstance(a, list) else a for a in args)
+
+        def __eq__(self, other):
+            return isinstance(other, TensorMap) and other.args == self.args
+
+    class Driver:
+        class utils:
+            @staticmethod
+            def fill_tma_descriptor(*args):
+                return TensorMap(*args)
+
+    monkeypatch.setattr(type(triton.runtime.driver), "active", property(lambda _: Driver))
+    monkeypatch.setattr(fast_launch, "_device_functions", lambda: (lambda: 0, lambda d: 77))
+
+    def meta(swizzle, block, fp4=False):
+        return {"swizzle": swizzle, "elem_size": 2, "elem_type": 9, "block_size": block,
+                "fp4_padded": fp4}
+
+    metas = None if meta_kind == "none" else [
+        meta(128, [8, 1, 16]), meta(64, [8, 1, 16], meta_kind == "fp4_padded"),
+        meta(32, [8, 16])]
+    signature = {0: "constexpr", 1: "tensordesc<bf16[8,1,16]>", 2: "*fp32", 3: "i32",
+                 4: "constexpr", 5: "tensordesc<bf16[8,1,16]>", 6: "tensordesc<bf16[8,16]>",
+                 7: "constexpr"}
+    c_calls: list = []
+    wrapper = nvidia_driver.wrap_handle_tensordesc(lambda *args: c_calls.append(args),
+                                                   signature, metas)
+
+    class CudaLauncher:
+        global_scratch_size = profile_scratch_size = 0
+        launch_cooperative_grid = launch_pdl = False
+        launch = staticmethod(wrapper)
+
+    class Compiled(FakeCompiled):
+        run = CudaLauncher()
+
+    kernel = FakeKernel(toy_three_desc)
+    ws, other = torch.zeros(8192, dtype=torch.bfloat16), torch.zeros(4096, dtype=torch.bfloat16)
+    y = torch.zeros(64)
+
+    def descriptors(ws, other):
+        return (TensorDescriptor(ws[512:], [28, 8, 16], [128, 16, 1], [8, 1, 16]),
+                TensorDescriptor(ws[2048:], [28, 8, 16], [128, 16, 1], [8, 1, 16],
+                                 padding="nan"),
+                TensorDescriptor(other[256:], [64, 16], [16, 1], [8, 16]))
+
+    a, b, c = descriptors(ws, other)
+    with capture() as captured:
+        capturable(kernel)[(4, 2)](3, a, y, 100, 5, b, c, BLOCK=32)
+    captured.triton_launches = 1
+    for compiled in kernel.device_caches[0][0].values():
+        compiled.__class__ = Compiled
+    sequence = LaunchSequence.build(captured, (ws, y, other))
+
+    def plain(values):  # a base given as an object with data_ptr() (meta None) -> address
+        return [v.data_ptr() if hasattr(v, "data_ptr") else v for v in values]
+
+    fresh = torch.zeros(8192, dtype=torch.bfloat16), torch.zeros(4096, dtype=torch.bfloat16)
+    for w, o in ((ws, other), (fresh[0], other), (ws, fresh[1])):
+        assert sequence.launch((w, y, o))
+        a, b, c = descriptors(w, o)
+        wrapper(4, 2, 1, 77, None, False, False, None, None, (4, 1, 0), None, None, None,
+                3, a, y.data_ptr(), 100, 5, b, c, 32)
+        ours, triton_s = c_calls[-2], c_calls[-1]
+        assert ours[:4] == triton_s[:4] and ours[5:10] == triton_s[5:10]
+        assert plain(ours[13:]) == plain(triton_s[13:])

@@ -397,17 +397,27 @@ def test_runner_falls_back_when_launches_cannot_be_replayed(caplog):
     assert sum("go through Triton's JIT" in r.message for r in caplog.records) == 1
 
 
-def test_staged_prefills_share_one_bounded_buffer_per_stream(monkeypatch):
+def test_staged_prefills_share_one_bounded_buffer_per_stream_and_thread(monkeypatch):
     """A staged prefill's workspace (sized per call) comes from one buffer per (GPU,
-    stream), shared by every runner and grown to the largest call, up to
-    ``STAGING_KEEP_BYTES``; larger calls get a buffer of their own each time; streams
-    get different buffers; ``planning.clear`` drops them."""
+    stream, thread), shared by every runner and grown to the largest call, up to
+    ``STAGING_KEEP_BYTES``; larger calls get a buffer of their own each time; other
+    streams and other threads (whose launches may interleave with this thread's on one
+    stream) get other buffers; ``planning.clear`` drops them."""
+    import threading
+
     from portattn.backends import unified_runner as ur
 
     planning.clear()
     monkeypatch.setattr(ur, "STAGING_KEEP_BYTES", 4096 * 4)
     dev = torch.device("cpu")
     small = ur.staging_buffer(dev, 1, 1000)
+    seen_by_thread: list = []
+    worker = threading.Thread(
+        target=lambda: seen_by_thread.append(ur.staging_buffer(dev, 1, 1000)))
+    worker.start()
+    worker.join()
+    assert seen_by_thread[0].data_ptr() != small.data_ptr()
+    seen_by_thread.clear()
     assert small.numel() >= 1000 and small.dtype == torch.float32
     assert ur.staging_buffer(dev, 1, 800) is small  # reused by a smaller call
     grown = ur.staging_buffer(dev, 1, 3000)
@@ -423,3 +433,28 @@ def test_staged_prefills_share_one_bounded_buffer_per_stream(monkeypatch):
     planning.clear()
     gc.collect()
     assert held() is None
+
+
+def test_split_workspaces_are_per_stream_and_thread(monkeypatch):
+    """A runner's split-KV workspace is shared by one thread's calls on one stream (its
+    kernel and merge are queued back to back) and never by two threads, whose launches
+    may interleave on a shared stream."""
+    import threading
+
+    monkeypatch.setenv("PORTATTN_UNIFIED_SPLIT", "1")
+    planning.clear()
+    batch = make_paged_batch([1, 2], [300, 9], num_q_heads=4, num_kv_heads=2, head_size=32,
+                             dtype=torch.float16)
+    plan = portattn.plan(batch.metadata, num_q_heads=4, dtype=torch.float16,
+                         cache=batch.cache, backend="triton_unified", validate=False)
+    runner = plan._body.runner
+    assert runner.workspace_size and not runner.workspace_per_call
+    mine = runner._workspace_on(7, 3)
+    assert runner._workspace_on(7, 3) is mine
+    assert runner._workspace_on(8, 3) is not mine
+    theirs: list = []
+    worker = threading.Thread(target=lambda: theirs.append(runner._workspace_on(7, 3)))
+    worker.start()
+    worker.join()
+    assert theirs[0].data_ptr() != mine.data_ptr()
+    assert runner._workspace_on(7, 3) is mine

@@ -54,6 +54,8 @@ def _counting(runner):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_replayed_layers_match_the_reference(case):
+    if case == "prefill-staged" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("staging is planned on sm90 only (where it was measured)")
     query_lens, seq_lens, prefix, launches = CASES[case]
     batch = make_paged_batch(query_lens, seq_lens, num_q_heads=32, num_kv_heads=8,
                              head_size=128, dtype=BF16, device="cuda")
@@ -78,12 +80,13 @@ def test_replayed_layers_match_the_reference(case):
     assert slot.reason is None
     if launches is not None:
         assert len(slot.sequence.sites) == launches
+    fields = fast_launch.ENTRY_FIELDS
     for entry in slot.sequence.table.values():
-        for site, k in zip(slot.sequence.sites, range(0, len(entry), 6)):
-            launch, expanders = entry[k], entry[k + 5]
-            assert len(expanders) == len(site.descriptors)
-            if site.descriptors:  # Triton's per-launch descriptor wrapper is bypassed
-                assert "wrap_handle_tensordesc" not in getattr(launch, "__qualname__", "")
+        for site, k in zip(slot.sequence.sites, range(0, len(entry), fields)):
+            launch, expanders = entry[k], entry[k + fields - 1]
+            if site.descriptors:  # Triton's C entry, tensor maps kept per address
+                assert type(launch).__name__ == "builtin_function_or_method", launch
+                assert all(e.__qualname__.startswith("_encoder.") for e in expanders)
     # attention() serves the same structure from the same body
     eager = portattn.attention(q, cache, batch.metadata, sinks=sinks, validate=False)
     assert torch.equal(eager, out)

@@ -18,16 +18,20 @@ for the workspace, its stream) instead of having it asked again. A replay reads 
 tensors its recorded launches bind, straight from the call's arguments
 (:data:`READERS`): no tuple of every input is built per call.
 
-The split-KV workspace belongs to the runner, one per CUDA stream (kernels on one stream
-run in order, so layers can share it). A staged prefill's workspace is sized per call
-(hundreds of MB for long prefills): up to :data:`STAGING_KEEP_BYTES` it comes from one
-buffer per (GPU, stream) shared by every runner (grown to the largest such call, freed by
-:func:`portattn.planning.clear`; taking a fresh one from torch's caching allocator cost
-5.3 us of host time per call on the H200's host, a quarter of a 1024-token prefill's);
-larger ones are taken from the caching allocator per call, so no plan holds hundreds of
-MB while idle. While a CUDA graph is being captured the normal path allocates a fresh one
-from the graph's pool, so a captured graph never points into a buffer the runner may
-drop.
+Workspaces are per (CUDA stream, calling thread): a call's launches (split-KV kernel
+then merge, staging then attention) are queued by one thread back to back, and kernels
+on one stream run in order, so the calls of one thread on one stream may share a
+workspace (the layers of a model do); two threads queueing onto the same stream (the
+default one, say) may interleave their launches, so they never share one. The split-KV
+workspace belongs to the runner. A staged prefill's workspace is sized per call
+(hundreds of MB for long prefills): up to :data:`STAGING_KEEP_BYTES` it comes from a
+buffer per (GPU, stream, thread) shared by every runner (grown to the largest such call,
+at most :data:`MAX_WORKSPACES` of them, kept until :func:`portattn.planning.clear`;
+taking a fresh one from torch's caching allocator cost 5.3 us of host time per call on
+the H200's host, a quarter of a 1024-token prefill's); larger ones are taken from the
+caching allocator per call, so no plan holds hundreds of MB while idle. While a CUDA
+graph is being captured the normal path allocates a fresh one from the graph's pool, so
+a captured graph never points into a buffer the runner may drop.
 """
 
 from __future__ import annotations
@@ -45,29 +49,33 @@ log = logging.getLogger("portattn")
 #: Recordings whose inputs alias (one tensor in two roles) before giving up on a structure.
 MAX_AMBIGUOUS = 8
 _UNUSABLE = object()
-MAX_STREAMS = 8
+#: (stream, thread) workspaces a runner keeps, and shared staging buffers kept in all;
+#: past that the oldest is dropped (kernels queued on it keep it safe: torch's caching
+#: allocator reuses its memory on that stream only, after them)
+MAX_WORKSPACES = 8
 _INTERPRETER_LOCK = threading.Lock()
-#: A staged prefill's workspace up to this size comes from the shared per-stream buffer
+#: A staged prefill's workspace up to this size comes from a shared buffer
 STAGING_KEEP_BYTES = 64 << 20
-_staging: dict = {}  # (device, stream) -> the shared staging buffer (float32)
+_staging: dict = {}  # (device, stream, thread) -> a shared staging buffer (float32)
 _staging_lock = threading.Lock()
 
 
 def staging_buffer(device: torch.device, stream, elements: int) -> torch.Tensor:
     """A float32 workspace of at least ``elements`` for a staged prefill on ``stream``
-    (the current one of ``device``): the stream's shared buffer, grown when too small,
-    or a fresh one above :data:`STAGING_KEEP_BYTES`. Kernels on one stream run in order,
-    so calls on it may share the buffer; a replaced buffer is only reused by torch's
-    caching allocator after the kernels queued on it."""
+    (the current one of ``device``) by the calling thread: that (stream, thread)'s shared
+    buffer, grown when too small, or a fresh one above :data:`STAGING_KEEP_BYTES`. One
+    thread's calls on one stream run in the order they were queued, so they may share
+    it (see the module doc); a replaced buffer is only reused by torch's caching
+    allocator after the kernels queued on it."""
     if 4 * elements > STAGING_KEEP_BYTES:
         return torch.empty(elements, dtype=torch.float32, device=device)
-    key = (device, stream)
+    key = (device, stream, threading.get_ident())
     buffer = _staging.get(key)
     if buffer is None or buffer.numel() < elements:
         with _staging_lock:
             buffer = _staging.get(key)
             if buffer is None or buffer.numel() < elements:
-                if buffer is None and len(_staging) >= MAX_STREAMS:
+                if buffer is None and len(_staging) >= MAX_WORKSPACES:
                     _staging.pop(next(iter(_staging)))
                 buffer = torch.empty(elements, dtype=torch.float32, device=device)
                 _staging[key] = buffer
@@ -178,9 +186,9 @@ class UnifiedRunner(Runner):
         return self._workspace_on(self._stream(self._index), num_tokens)
 
     def _workspace_on(self, stream, num_tokens: int):
-        """The workspace of ``stream`` (the current one, no graph being captured): the
-        runner's for that stream, or for a staged prefill of ``num_tokens`` queries
-        :func:`staging_buffer`'s."""
+        """The workspace of ``stream`` (the current one, no graph being captured) for the
+        calling thread: the runner's for that (stream, thread), or for a staged prefill of
+        ``num_tokens`` queries :func:`staging_buffer`'s."""
         if self.workspace_per_call:
             size = self._staging_sizes.get(num_tokens)
             if size is None:
@@ -189,18 +197,19 @@ class UnifiedRunner(Runner):
                 size = self._staging_sizes[num_tokens] = \
                     self._workspace_size_for(*self._sizing, num_tokens)
             return staging_buffer(self.device, stream, size)
-        ws = self._workspaces.get(stream)
+        key = (stream, threading.get_ident())
+        ws = self._workspaces.get(key)
         if ws is None:
             with self._lock:
-                ws = self._workspaces.get(stream)
+                ws = self._workspaces.get(key)
                 if ws is None:
-                    if len(self._workspaces) >= MAX_STREAMS:
+                    if len(self._workspaces) >= MAX_WORKSPACES:
                         # kernels queued on a dropped buffer's stream keep it safe: the
                         # caching allocator reuses its memory only after them
                         self._workspaces.pop(next(iter(self._workspaces)))
                     ws = torch.empty(self.workspace_size, dtype=torch.float32,
                                      device=self.device)
-                    self._workspaces[stream] = ws
+                    self._workspaces[key] = ws
         return ws
 
     def __call__(self, q, cache, metadata, out, layer: tuple, slot: Slot) -> None:

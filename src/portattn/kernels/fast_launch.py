@@ -337,6 +337,10 @@ class Site:
         self.descriptors: dict[int, tuple] = descriptors or {}
 
 
+#: Values per site in a sequence's table entry (:func:`launch_entry`)
+ENTRY_FIELDS = 6
+
+
 def launch_entry(compiled, descriptors: dict | None = None) -> tuple:
     """What a relaunch needs of a compiled kernel: ``(launch, function, packed_metadata,
     cooperative, pdl, expanders)`` (see :func:`driver_launch`); ``descriptors``: the host
