@@ -527,6 +527,41 @@ def test_host_descriptors_are_rebuilt_around_the_new_base(monkeypatch):
                              (ws, y))
 
 
+class DescriptorKernel(FakeKernel):
+    """A stand-in kernel whose compiled kernels' launcher is Triton's CUDA launcher shape
+    with its C entry behind Triton's own ``wrap_handle_tensordesc`` (``launcher``)."""
+
+    def __init__(self, fn, launcher):
+        super().__init__(fn)
+        self.launcher = launcher
+
+    def __getitem__(self, grid):
+        run = super().__getitem__(grid)
+
+        def with_launcher(*args, **kwargs):
+            compiled = run(*args, **kwargs)
+            compiled.run = self.launcher
+            return compiled
+        return with_launcher
+
+
+def behind_descriptor_wrapper(fn, signature: dict, metas):
+    """``(kernel, wrapper, c_calls)``: a stand-in kernel of ``fn`` launched through Triton's
+    descriptor wrapper (``wrapper``) around a C entry recording its calls (``c_calls``)."""
+    from triton.backends.nvidia import driver as nvidia_driver
+
+    c_calls: list = []
+    wrapper = nvidia_driver.wrap_handle_tensordesc(lambda *args: c_calls.append(args),
+                                                   signature, metas)
+
+    class CudaLauncher:  # Triton's launcher object, as driver_launch recognises it
+        global_scratch_size = profile_scratch_size = 0
+        launch_cooperative_grid = launch_pdl = False
+        launch = staticmethod(wrapper)
+
+    return DescriptorKernel(fn, CudaLauncher()), wrapper, c_calls
+
+
 @pytest.mark.parametrize("with_meta", [False, True])
 def test_descriptor_wrappers_are_bypassed_with_tensor_maps_kept_per_address(with_meta,
                                                                             monkeypatch):
@@ -549,20 +584,8 @@ def test_descriptor_wrappers_are_bypassed_with_tensor_maps_kept_per_address(with
     monkeypatch.setattr(nvidia_driver, "make_tensordesc_arg", fake_make)
     monkeypatch.setattr(fast_launch, "_device_functions", lambda: (lambda: 0, lambda d: 77))
     signature = {0: "tensordesc<bf16[8,1,16]>", 1: "*fp32", 2: "i32", 3: "constexpr"}
-    c_calls: list = []
-    wrapper = nvidia_driver.wrap_handle_tensordesc(
-        lambda *args: c_calls.append(args), signature,
-        [{"swizzle": 128}] if with_meta else None)
-
-    class CudaLauncher:  # Triton's launcher object, as driver_launch recognises it
-        global_scratch_size = profile_scratch_size = 0
-        launch_cooperative_grid = launch_pdl = False
-        launch = staticmethod(wrapper)
-
-    class Compiled(FakeCompiled):
-        run = CudaLauncher()
-
-    kernel = FakeKernel(toy_desc)
+    kernel, wrapper, c_calls = behind_descriptor_wrapper(
+        toy_desc, signature, [{"swizzle": 128}] if with_meta else None)
     ws, y = torch.zeros(4096, dtype=torch.bfloat16), torch.zeros(64)
 
     def rows(base):
@@ -571,8 +594,6 @@ def test_descriptor_wrappers_are_bypassed_with_tensor_maps_kept_per_address(with
     with capture() as captured:
         capturable(kernel)[(4, 2)](rows(ws[512:]), y, 100, BLOCK=32)
     captured.triton_launches = len(captured.launches)
-    for compiled in kernel.device_caches[0][0].values():
-        compiled.__class__ = Compiled
     sequence = LaunchSequence.build(captured, (ws, y))
     encodes.clear()
     for buffer in (ws, ws, torch.zeros(4096, dtype=torch.bfloat16)):
@@ -604,7 +625,6 @@ def test_several_descriptors_expand_as_tritons_wrapper_does(meta_kind, monkeypat
     pass it (only the driver's tensor-map encoding is faked), for new base addresses of
     each descriptor's tensor."""
     import triton
-    from triton.backends.nvidia import driver as nvidia_driver
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     class TensorMap:  # what fill_tma_descriptor's object stands for: its arguments
@@ -633,19 +653,7 @@ def test_several_descriptors_expand_as_tritons_wrapper_does(meta_kind, monkeypat
     signature = {0: "constexpr", 1: "tensordesc<bf16[8,1,16]>", 2: "*fp32", 3: "i32",
                  4: "constexpr", 5: "tensordesc<bf16[8,1,16]>", 6: "tensordesc<bf16[8,16]>",
                  7: "constexpr"}
-    c_calls: list = []
-    wrapper = nvidia_driver.wrap_handle_tensordesc(lambda *args: c_calls.append(args),
-                                                   signature, metas)
-
-    class CudaLauncher:
-        global_scratch_size = profile_scratch_size = 0
-        launch_cooperative_grid = launch_pdl = False
-        launch = staticmethod(wrapper)
-
-    class Compiled(FakeCompiled):
-        run = CudaLauncher()
-
-    kernel = FakeKernel(toy_three_desc)
+    kernel, wrapper, c_calls = behind_descriptor_wrapper(toy_three_desc, signature, metas)
     ws, other = torch.zeros(8192, dtype=torch.bfloat16), torch.zeros(4096, dtype=torch.bfloat16)
     y = torch.zeros(64)
 
@@ -659,8 +667,6 @@ def test_several_descriptors_expand_as_tritons_wrapper_does(meta_kind, monkeypat
     with capture() as captured:
         capturable(kernel)[(4, 2)](3, a, y, 100, 5, b, c, BLOCK=32)
     captured.triton_launches = 1
-    for compiled in kernel.device_caches[0][0].values():
-        compiled.__class__ = Compiled
     sequence = LaunchSequence.build(captured, (ws, y, other))
 
     def plain(values):  # a base given as an object with data_ptr() (meta None) -> address
