@@ -64,8 +64,9 @@ def test_staged_features(quant, feature):
 @pytest.mark.parametrize("feature", [None, *GPU_FEATURE_KW, "wide_window"])
 @pytest.mark.parametrize("quant", ["none", "fp8_tensor_e4m3", "int8_token_head"])
 def test_staged_three_loops_features(quant, feature):
-    """Without ONE_LOOP (the plan's default): leading edge, full and trailing tiles in
-    three loops. ``wide_window``: query tiles with all three kinds of tiles."""
+    """Without ONE_LOOP (the plan's choice at head 64 only): leading edge, full and
+    trailing tiles in three loops. ``wide_window``: query tiles with all three kinds of
+    tiles."""
     kw = dict(sliding_window=600) if feature == "wide_window" else \
         GPU_FEATURE_KW[feature] if feature else {}
     run("chunked", quant=ALL_QUANTS[quant], one_loop=False, **kw)

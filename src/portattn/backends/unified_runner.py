@@ -49,15 +49,38 @@ log = logging.getLogger("portattn")
 #: Recordings whose inputs alias (one tensor in two roles) before giving up on a structure.
 MAX_AMBIGUOUS = 8
 _UNUSABLE = object()
-#: (stream, thread) workspaces a runner keeps, and shared staging buffers kept in all;
-#: past that the oldest is dropped (kernels queued on it keep it safe: torch's caching
-#: allocator reuses its memory on that stream only, after them)
+#: Workspaces kept per :class:`Workspaces` (a runner's split-KV ones; the shared staging
+#: buffers); past that the oldest is dropped (kernels queued on it keep it safe: torch's
+#: caching allocator reuses its memory on that stream only, after them)
 MAX_WORKSPACES = 8
 _INTERPRETER_LOCK = threading.Lock()
 #: A staged prefill's workspace up to this size comes from a shared buffer
 STAGING_KEEP_BYTES = 64 << 20
-_staging: dict = {}  # (device, stream, thread) -> a shared staging buffer (float32)
-_staging_lock = threading.Lock()
+
+
+class Workspaces(dict):
+    """float32 workspaces by key (a (stream, thread) pair, see the module doc), each
+    grown to the largest size asked for, at most :data:`MAX_WORKSPACES` of them."""
+
+    def __init__(self):
+        super().__init__()
+        self._lock = threading.Lock()
+
+    def take(self, key, elements: int, device) -> torch.Tensor:
+        """The workspace of ``key``, of at least ``elements`` (made or grown here)."""
+        buffer = self.get(key)
+        if buffer is None or buffer.numel() < elements:
+            with self._lock:
+                buffer = self.get(key)
+                if buffer is None or buffer.numel() < elements:
+                    if buffer is None and len(self) >= MAX_WORKSPACES:
+                        self.pop(next(iter(self)))
+                    buffer = torch.empty(elements, dtype=torch.float32, device=device)
+                    self[key] = buffer
+        return buffer
+
+
+_staging = Workspaces()  # (device, stream, thread) -> a shared staging buffer
 
 
 def staging_buffer(device: torch.device, stream, elements: int) -> torch.Tensor:
@@ -69,23 +92,12 @@ def staging_buffer(device: torch.device, stream, elements: int) -> torch.Tensor:
     allocator after the kernels queued on it."""
     if 4 * elements > STAGING_KEEP_BYTES:
         return torch.empty(elements, dtype=torch.float32, device=device)
-    key = (device, stream, threading.get_ident())
-    buffer = _staging.get(key)
-    if buffer is None or buffer.numel() < elements:
-        with _staging_lock:
-            buffer = _staging.get(key)
-            if buffer is None or buffer.numel() < elements:
-                if buffer is None and len(_staging) >= MAX_WORKSPACES:
-                    _staging.pop(next(iter(_staging)))
-                buffer = torch.empty(elements, dtype=torch.float32, device=device)
-                _staging[key] = buffer
-    return buffer
+    return _staging.take((device, stream, threading.get_ident()), elements, device)
 
 
 def clear_staging_buffers() -> None:
     """Drop the shared staging buffers (``portattn.planning.clear``)."""
-    with _staging_lock:
-        _staging.clear()
+    _staging.clear()
 
 
 class Slot:
@@ -161,7 +173,7 @@ class UnifiedRunner(Runner):
         # The interpreter has no compiled kernels to replay.
         self.replay = device.type != "cpu"
         self._slots: dict = {}
-        self._workspaces: dict = {}
+        self._workspaces = Workspaces()  # split-KV, by (stream, thread)
         self._lock = threading.Lock()
         self._logged: set = set()
         from portattn.devices import current_stream_handle, stream_capturing
@@ -197,20 +209,8 @@ class UnifiedRunner(Runner):
                 size = self._staging_sizes[num_tokens] = \
                     self._workspace_size_for(*self._sizing, num_tokens)
             return staging_buffer(self.device, stream, size)
-        key = (stream, threading.get_ident())
-        ws = self._workspaces.get(key)
-        if ws is None:
-            with self._lock:
-                ws = self._workspaces.get(key)
-                if ws is None:
-                    if len(self._workspaces) >= MAX_WORKSPACES:
-                        # kernels queued on a dropped buffer's stream keep it safe: the
-                        # caching allocator reuses its memory only after them
-                        self._workspaces.pop(next(iter(self._workspaces)))
-                    ws = torch.empty(self.workspace_size, dtype=torch.float32,
-                                     device=self.device)
-                    self._workspaces[key] = ws
-        return ws
+        return self._workspaces.take((stream, threading.get_ident()), self.workspace_size,
+                                     self.device)
 
     def __call__(self, q, cache, metadata, out, layer: tuple, slot: Slot) -> None:
         if not self.replay:  # the interpreter: not thread-safe (it patches triton.language)

@@ -47,6 +47,12 @@ SEQ_LENS = (37, 70)
 _MEMORY: dict[str, dict] = {}
 
 
+def staged_switches(staged: dict) -> dict:
+    """The staged launch's switches a check runs as the plan has them (``flat_grid``,
+    ``one_loop``: ``heuristics.staged_long_config``)."""
+    return {name: bool(staged.get(name)) for name in ("flat_grid", "one_loop")}
+
+
 def variant_key(*, kv_dtype: str, quant: str, head_qk: int, head_v: int, block_size: int,
                 block_n: int, fp8_dot: bool = False, kv_bits: str | None = None,
                 v_pairs: bool = False, staged: dict | None = None) -> dict:
@@ -65,8 +71,7 @@ def variant_key(*, kv_dtype: str, quant: str, head_qk: int, head_v: int, block_s
         checked = {name: staged[name] for name in
                    ("q_dtype", "block_m", "block_n", "num_warps", "num_stages")}
         checked["kv_load"] = STAGED_KV_LOAD  # how the staged launch reads its keys
-        checked.update(flat_grid=bool(staged.get("flat_grid")),
-                       one_loop=bool(staged.get("one_loop")))
+        checked.update(staged_switches(staged))
         key["staged"] = checked
     return key
 
@@ -213,8 +218,7 @@ def run_check(variant: dict, device: str) -> dict:
         # from the cache beside it, as a long prompt with short ones runs
         descriptor = {**pointer, "stage": heuristics.stage_config(shape,
                                                                  min_q=max(QUERY_LENS)),
-                      "stage_long": dict(tile.as_dict(), flat_grid=bool(staged.get("flat_grid")),
-                                         one_loop=bool(staged.get("one_loop"))),
+                      "stage_long": dict(tile.as_dict(), **staged_switches(staged)),
                       "_kv_load_forced": True}
     else:
         pointer = heuristics.plan_launch(shape, mode="decode", short=cfg, fp8_dot=fp8_dot)
