@@ -27,13 +27,15 @@ BASE = dict(GROUP=4, BLOCK_M=16, BLOCK_Q=4, BLOCK_N=128, BLOCK_SIZE=16, HEAD_QK=
             USE_SINKS=False, KV_QUANT=0, Q_SCALED=False, Q_PRESCALE=False, FP8_DOT=False,
             FP8_ACC=32, FP8_OUT=False, FP8_MAX=0.0, COMPUTE_DTYPE=1, DOT_PREC="tf32",
             CHECK_BLOCKS=True, KV_LOAD=0, V_STAGE=False, KV_BITS=0, BITS_ASM=False,
-            V_PAIRS=0, FLAT_GRID=False, ONE_LOOP=False)
+            V_PAIRS=0, FLAT_GRID=False, ONE_LOOP=False, MERGE_SEGMENTS=0)
 PREFILL = dict(BLOCK_M=128, BLOCK_Q=32, SEQ_MODE=0)
 #: name -> (KV storage type, constexpr changes, num_warps, num_stages)
 VARIANTS = {
     "decode bf16": ("bf16", {}, 4, 2),
     "decode bf16 split+sinks+window": ("bf16", dict(SPLIT=True, USE_SINKS=True,
                                                     USE_WINDOW=True), 4, 2),
+    "decode bf16 split+merge in kernel": ("bf16", dict(SPLIT=True, USE_SINKS=True,
+                                                       MERGE_SEGMENTS=32), 4, 2),
     "prefill bf16": ("bf16", PREFILL, 8, 3),
     "decode fp8 per-tensor": ("fp8e4nv", dict(KV_QUANT=1, Q_PRESCALE=True,
                                               COMPUTE_DTYPE=0), 4, 2),
@@ -76,7 +78,8 @@ def compile_variant(kv: str, changes: dict, warps: int, stages: int, arch: int):
     pointer_types.update(k_ptr=f"*{kv}", v_ptr="*i16" if consts["V_PAIRS"] else f"*{kv}",
                          block_table_ptr="*i32",
                          cu_seqlens_q_ptr="*i32", seq_lens_ptr="*i32", part_m_ptr="*fp32",
-                         part_l_ptr="*fp32", part_acc_ptr="*fp32", q_scale_ptr="*fp32",
+                         part_l_ptr="*fp32", part_acc_ptr="*fp32", ticket_ptr="*i32",
+                         q_scale_ptr="*fp32",
                          k_scale_ptr="*fp32", v_scale_ptr="*fp32", out_scale_ptr="*fp32")
     signature, attrs = {}, {}
     for i, name in enumerate(KERNEL.arg_names):

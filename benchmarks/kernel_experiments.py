@@ -4,7 +4,9 @@ of its switches and tiles:
 
 * 8-bit caches: the plan (V as int16 pairs, registers capped) against V byte-wise, no
   cap, other segment counts, a lower cap, 3 stages; the e4m3 bytes path of sm80 / sm86;
-* small-batch 16-bit decode: segments, register caps, 64-key tiles;
+* small-batch 16-bit decode: segments, register caps, 64-key tiles, the split-KV
+  partials merged by the merge kernel instead of in the attention kernel, a workspace
+  made once instead of per call (in the graph: no memset of the merge tickets);
 * prefill: pointer loads at block 16, descriptor loads at block 128; the bad-block checks
   off; the keys staged into 128-slot 16-bit blocks first (``kernels/stage.py``).
 
@@ -38,7 +40,7 @@ from portattn.kernels.heuristics import (
     stage_config,
     staged_long_config,
 )
-from portattn.kernels.launch import launch_unified
+from portattn.kernels.launch import launch_unified, new_workspace
 from portattn.options import normalize_options
 
 #: (case, cache block size)
@@ -131,11 +133,25 @@ def variants_of(case: Case, base: dict, block_size: int,
         variants["segments-x2"] = _tile(base, segments=segments * 2)
         variants["cap-96-segments-x2"] = _tile(base, maxnreg=96, segments=segments * 2)
         variants["stages-3"] = _tile(base, num_stages=3)
+        if segments > 1:
+            variants["merge-kernel"] = _tile(base, merge_in_kernel=False)
         if case.kv_quant.startswith("fp8"):  # the e4m3 bytes path of sm80 / sm86
             variants["codes"] = dict(base, kv_bits="e4m3fn")
             variants["codes-no-v-pairs"] = dict(variants["no-v-pairs"], kv_bits="e4m3fn")
     elif case.kind == "decode" and case.num_seqs <= 8:  # small batches, 16-bit cache
         segments = base["short"]["segments"]
+        if segments > 1:  # the partials merged by the merge kernel (a second launch),
+            # and the plan with a workspace made once (no ticket memset in the graph)
+            variants["merge-kernel"] = _tile(base, merge_in_kernel=False)
+            variants["own-workspace"] = dict(base, _own_workspace=True)
+            # segments that fill 3 programs per SM (the bf16 decode tile's residency;
+            # not a power of two: only the merge in the kernel takes that)
+            programs = case.num_seqs * 8
+            by_length = max(1, -(-max(case.seq_lens) // base["short"]["block_n"]) // 2)
+            fill = max(2, min(3 * torch.cuda.get_device_properties(0).multi_processor_count
+                              // programs, by_length, 64))
+            if fill != segments:
+                variants["segments-fill"] = _tile(base, segments=fill)
         variants["segments-x2"] = _tile(base, segments=min(64, segments * 2))
         variants["segments-half"] = _tile(base, segments=max(1, segments // 2))
         variants["cap-168"] = _tile(base, maxnreg=168)  # 3 programs per SM (smem: 3 too)
@@ -282,8 +298,9 @@ def main(argv: list[str]) -> int:
     rows = []
     for case, block_size, inp, options in _selected_inputs(argv):
         for name, params in _variants_for(case, block_size).items():
-            fn = (lambda p=params: launch_unified(inp.q, inp.cache, inp.metadata, options,
-                                                  inp.out, p))
+            ws = new_workspace(1 << 24, "cuda") if params.get("_own_workspace") else None
+            fn = (lambda p=params, w=ws: launch_unified(inp.q, inp.cache, inp.metadata,
+                                                        options, inp.out, p, w))
             try:
                 fn()
                 ms = graph(fn)

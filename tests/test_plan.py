@@ -435,6 +435,28 @@ def test_staged_prefills_share_one_bounded_buffer_per_stream_and_thread(monkeypa
     assert held() is None
 
 
+def test_every_workspace_starts_with_zeroed_merge_tickets(monkeypatch):
+    """Workspaces (a runner's split-KV ones, the shared staging buffers, grown ones, the
+    per-call ones above the cap) begin with ``launch.MERGE_TICKETS`` int32 tickets at
+    zero, which split launches merging in the kernel count on, and hold the data asked
+    for after them."""
+    from portattn.backends import unified_runner as ur
+    from portattn.kernels import launch
+
+    planning.clear()
+    monkeypatch.setattr(ur, "STAGING_KEEP_BYTES", 4096 * 4)
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(
+        float("nan")))  # no zeros by luck
+    dev = torch.device("cpu")
+    spaces = [ur.staging_buffer(dev, 1, 1000), ur.staging_buffer(dev, 1, 3000),
+              ur.staging_buffer(dev, 1, 5000), ur.Workspaces().take("k", 700, dev)]
+    for ws, data in zip(spaces, (1000, 3000, 5000, 700)):
+        assert launch.has_room(ws, data) and not launch.has_room(ws, ws.numel())
+        assert not ws[:launch.MERGE_TICKETS].view(torch.int32).any()
+    planning.clear()
+
+
 def test_split_workspaces_are_per_stream_and_thread(monkeypatch):
     """A runner's split-KV workspace is shared by one thread's calls on one stream (its
     kernel and merge are queued back to back) and never by two threads, whose launches

@@ -19,7 +19,7 @@ import torch
 import portattn
 from jit_standin import JITStandIn
 from portattn import PagedKVCache, planning
-from portattn.kernels import fast_launch, launch
+from portattn.kernels import fast_launch, heuristics, launch
 from portattn.testing import dense_attention, make_paged_batch, relative_error
 
 pytestmark = pytest.mark.interpreter
@@ -147,6 +147,8 @@ def _replaying(plan):
 CASES = {  # query lens, seq lens, group, environment
     "decode-2d": ([1, 1, 1], [21, 7, 30], 2, {}),
     "decode-3d": ([1, 2], [300, 9], 2, {"PORTATTN_UNIFIED_SPLIT": "1"}),
+    # the split partials merged by the merge kernel (no room for merge tickets)
+    "decode-3d+merge-kernel": ([1, 2], [300, 9], 2, {"PORTATTN_UNIFIED_SPLIT": "1"}),
     "mixed": ([1, 20], [9, 33], 4, {}),
 }
 
@@ -157,13 +159,15 @@ def test_replayed_layers_match_the_oracle(case, sim, monkeypatch):
     query_lens, seq_lens, group, env = CASES[case]
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+    if case.endswith("+merge-kernel"):
+        monkeypatch.setattr(launch, "MERGE_TICKETS", 0)
     heads = 2 * group
     batch = make_paged_batch(query_lens, seq_lens, num_q_heads=heads, num_kv_heads=2,
                              head_size=32, dtype=torch.float16)
     plan = portattn.plan(batch.metadata, num_q_heads=heads, dtype=torch.float16,
                          cache=batch.cache, sinks=True, backend="triton_unified",
                          validate=False)
-    assert plan.variant.startswith(case)
+    assert plan.variant.startswith(case.split("+")[0])
     runner = _replaying(plan)
     memory.add(batch.metadata.cu_seqlens_q, batch.metadata.seq_lens,
                batch.metadata.block_table)
@@ -187,7 +191,11 @@ def test_replayed_layers_match_the_oracle(case, sim, monkeypatch):
             assert sum(k.jit_runs for k in kernels.values()) == runs
     slot = next(iter(plan._accepted.values()))
     assert slot.reason is None and slot.sequence is not None
-    launches = {"decode-2d": 1, "decode-3d": 2, "mixed": 2}[case]
+    # decode-3d: one launch where the last segment program of each (sequence, kv head)
+    # merges (heuristics.MERGE_IN_KERNEL), else the merge kernel's too
+    split = 1 if heuristics.MERGE_IN_KERNEL else 2
+    launches = {"decode-2d": 1, "decode-3d": split, "decode-3d+merge-kernel": 2,
+                "mixed": 2}[case]
     assert len(slot.sequence.sites) == launches
     assert sum(k.replays for k in kernels.values()) == 3 * launches
 
@@ -225,7 +233,8 @@ def test_the_runner_passes_its_device_and_workspace_stream(case, sim, monkeypatc
     expected = dense_attention(batch.q, batch.keys, batch.values, query_lens)
     assert relative_error(out, expected) < 3e-3
     launches = sum(k.replays for k in kernels.values())
-    assert launches == (4 if runner.workspace_size else 2)
+    per_call = 2 if runner.workspace_size and not heuristics.MERGE_IN_KERNEL else 1
+    assert launches == 2 * per_call
     streams = [s for k in kernels.values() for s in k.streams]
     if runner.workspace_size:
         assert asked == [] and set(streams) == {5}

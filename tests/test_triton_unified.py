@@ -112,6 +112,99 @@ def test_rows_with_no_visible_key(segments, sinks):
                   segments=segments, sinks=sinks)
 
 
+# --------------------------------------------------------------------------- split-KV merge
+class _MergeKernelCalls:
+    """Stands in for launch.merge_segments_kernel: counts its launches, then launches it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.fixture
+def merge_kernel_calls(monkeypatch):
+    from portattn.kernels import launch
+
+    spy = _MergeKernelCalls(launch.merge_segments_kernel)
+    monkeypatch.setattr(launch, "merge_segments_kernel", spy)
+    return spy.grids
+
+
+@interp
+@pytest.mark.parametrize("in_kernel", [True, False])
+@pytest.mark.parametrize("case", [
+    dict(query_lens=[1, 1, 1], seq_lens=[50, 37, 3], group=3, segments=8, sinks=True),
+    dict(query_lens=[3, 4, 2], seq_lens=[40, 23, 4], group=4, segments=4, head_size=64,
+         head_size_v=32),  # spec-decode rows, DiffKV partials
+    dict(query_lens=[1, 2], seq_lens=[70, 9], group=2, segments=16, sliding_window=12,
+         softcap=4.0),  # segments with no tile (short sequence, window)
+    dict(query_lens=[4, 1], seq_lens=[4, 18], seq_lens_override=[2, 18], group=2,
+         segments=4, sinks=True),  # rows that see no key
+], ids=["sinks-gqa3", "spec-diffkv", "empty-segments", "no-visible-key"])
+def test_split_merge_in_kernel_and_by_merge_kernel(case, in_kernel, merge_kernel_calls):
+    """Both merges of split-KV partials against the float64 oracle: the last segment
+    program of each (sequence, kv head) merging in the attention kernel (the default, one
+    launch), and the merge kernel (a second launch)."""
+    check_unified(dtype=F32, merge_in_kernel=in_kernel, **case)
+    assert len(merge_kernel_calls) == (0 if in_kernel else 1)
+
+
+@interp
+@pytest.mark.parametrize("segments", [3, 6])
+def test_merge_in_kernel_takes_any_segment_count(segments, merge_kernel_calls):
+    """The merge in the kernel masks its power-of-two segment tile, so a segment count
+    that is not a power of two (the merge kernel's arange cannot) merges correctly."""
+    tile = TileConfig(block_m=16, block_q=8, block_n=16, num_warps=4, num_stages=2,
+                      segments=segments)
+    check_unified([1, 2], [70, 40], group=2, dtype=F32, short=tile, sinks=True,
+                  merge_in_kernel=True)
+    assert not merge_kernel_calls
+
+
+@interp
+def test_merge_in_kernel_with_fp8_output(merge_kernel_calls):
+    check_unified([1, 1], [60, 21], group=2, dtype=F16, segments=4,
+                  fp8_out=torch.float8_e4m3fn, merge_in_kernel=True)
+    assert not merge_kernel_calls
+
+
+@interp
+def test_merge_tickets_are_zero_after_each_launch_of_a_shared_workspace():
+    """A workspace's tickets (its first elements) start at zero and every launch leaves
+    them so: one workspace serves calls of different batch sizes, segment counts and
+    head configurations in turn, each correct, and a NaN-filled data region (stale
+    partials or staged keys of another call) changes nothing."""
+    from portattn.kernels import launch
+
+    ws = launch.new_workspace(1 << 16, "cpu")
+    ws[launch.MERGE_TICKETS:] = float("nan")
+    tickets = ws.view(torch.int32)[:launch.MERGE_TICKETS]
+    assert not tickets.any()
+    for query_lens, seq_lens, group, kv_heads, segments in [
+            ([1, 1, 1], [50, 37, 3], 3, 2, 8), ([1] * 5, [33, 2, 64, 17, 9], 2, 3, 4),
+            ([2, 1], [40, 23], 4, 1, 16)]:
+        check_unified(query_lens, seq_lens, group=group, num_kv_heads=kv_heads, dtype=F32,
+                      segments=segments, workspace=ws, seed=segments, merge_in_kernel=True)
+        assert not tickets.any(), "a launch left a merge ticket set"
+
+
+@interp
+def test_too_many_sequences_for_the_tickets_use_the_merge_kernel(monkeypatch,
+                                                                  merge_kernel_calls):
+    from portattn.kernels import launch
+
+    monkeypatch.setattr(launch, "MERGE_TICKETS", 5)  # 3 sequences x 2 kv heads: 6
+    check_unified([1, 1, 1], [50, 37, 3], group=2, dtype=F32, segments=4,
+                  merge_in_kernel=True)
+    assert len(merge_kernel_calls) == 1
+    check_unified([1, 1], [50, 37], group=2, dtype=F32, segments=4,
+                  merge_in_kernel=True)  # 4 tickets: fit
+    assert len(merge_kernel_calls) == 1
+
+
 @interp
 def test_prefill_rows_with_no_visible_key():
     check_unified([20], [20], seq_lens_override=[9], group=2, dtype=F32, mode="prefill",

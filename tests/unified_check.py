@@ -97,7 +97,7 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
                   fp8_dot=False, tolerance=None, separate_kv=False, block_table_edit=None,
                   v_stage=None, kv_load="pointer", kv_bits=None, v_scale_factor=None,
                   v_pairs=None, stage=None, stage_kv_load=None, stage_min_q=1,
-                  one_loop=None):
+                  one_loop=None, merge_in_kernel=None, workspace=None):
     """Run one case; returns the relative error (asserts it is within tolerance).
 
     ``quant``: a KVQuant for the cache; ``head_size_v``: DiffKV (a packed cache);
@@ -125,7 +125,10 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
     fewest queries of a staged sequence (``stage["min_q"]``; shorter ones read the cache in
     a launch of the plan's long tile); ``one_loop``: True / False forces the staged launch's
     ONE_LOOP switch (edge tiles inside the full tiles' loop), None follows the plan (also
-    where ``long`` gives the tile)."""
+    where ``long`` gives the tile); ``merge_in_kernel``: True / False forces where split-KV
+    partials are merged (the kernel's MERGE_SEGMENTS, or the merge kernel), None follows
+    the plan; ``workspace``: passed to the launch (a runner's, say) instead of one made
+    per call."""
     from portattn.backends.triton_unified import TritonUnified
 
     num_q_heads = group * num_kv_heads
@@ -212,6 +215,8 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
                              torch.int8: "int8"}[cache.key_cache.dtype]
     if v_pairs is not None:
         params["v_pairs"] = bool(v_pairs)
+    if merge_in_kernel is not None and "short" in params:
+        params["short"] = dict(params["short"], merge_in_kernel=bool(merge_in_kernel))
     if kv_load == "descriptor":
         from portattn.kernels import kv_load as kv_load_rules
 
@@ -230,7 +235,12 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
         if stage_kv_load is not None:
             params["stage_kv_load"] = stage_kv_load
     plan = Plan("triton_unified", heuristics.variant_name(params), params)
-    TritonUnified().run(q, cache, metadata, options, out, plan)
+    if workspace is None:
+        TritonUnified().run(q, cache, metadata, options, out, plan)
+    else:
+        from portattn.kernels.launch import launch_unified
+
+        launch_unified(q, cache, metadata, options, out, params, workspace=workspace)
 
     if seq_lens_override is not None:
         keys = [k[:n] for k, n in zip(keys, seq_lens_override)]

@@ -116,3 +116,87 @@ def test_heuristic_plans_through_public_api(case):
     err = relative_error(out, expected)
     assert err < 2e-2, (err, decision.plan.describe())
 
+
+
+# --------------------------------------------------------------------------- split-KV merge
+@pytest.mark.parametrize("in_kernel", [True, False])
+@pytest.mark.parametrize("segments,head_size,group,batch", [
+    (32, 128, 4, 1), (64, 128, 8, 3), (16, 256, 5, 2), (64, 64, 1, 9), (8, 80, 3, 40)])
+def test_split_merges_in_kernel_and_by_merge_kernel(segments, head_size, group, batch,
+                                                     in_kernel):
+    """Both merges of split-KV partials (the last segment program of each (sequence, kv
+    head) in the attention kernel, or the merge kernel) against the float64 oracle,
+    up to 64 segments, short sequences whose segments hold no tile, sinks."""
+    seq_lens = [8192, 3, 5000, 77, 1, 2048, 640, 9000, 16][:batch] * (batch // 9 + 1)
+    check_unified([1] * batch, seq_lens[:batch], group=group, num_kv_heads=2,
+                  head_size=head_size, dtype=BF16, device=DEV, segments=segments,
+                  sinks=True, merge_in_kernel=in_kernel)
+
+
+def _split_decode(segments: int):
+    """A bf16 split decode (8 sequences x 8 kv heads, GQA 4) and its launch parameters."""
+    from portattn.kernels import heuristics
+    from portattn.options import normalize_options
+    from portattn.testing import make_paged_batch
+
+    seq_lens = [4096, 17, 3000, 1, 2500, 900, 4000, 64]
+    batch = make_paged_batch([1] * 8, seq_lens, num_q_heads=32, num_kv_heads=8,
+                             head_size=128, dtype=BF16, device=DEV, seed=5)
+    shape = heuristics.Shape(32, 8, 128, 2, 1, 4096, 8, 132, "sm90")
+    params = heuristics.plan_launch(shape, segments=segments)
+    return batch, normalize_options(batch.q, batch.cache), params
+
+
+def test_merge_in_kernel_many_launches_agree_bit_for_bit():
+    """200 launches on one workspace, the output NaN-filled before each: every result
+    bit-identical to the first, which matches the oracle. A ticket lost or counted twice
+    (memory ordering between the segment programs) would skip a merge (NaN rows left),
+    merge before every partial landed (a different sum), or leave a ticket set (the
+    next launch merges early)."""
+    from portattn.kernels import launch
+    from portattn.testing import dense_attention, relative_error
+
+    batch, options, params = _split_decode(32)
+    ws = launch.new_workspace(1 << 22, DEV)
+    out = torch.full_like(batch.q, float("nan"))
+    launch.launch_unified(batch.q, batch.cache, batch.metadata, options, out, params, ws)
+    first = out.clone()
+    expected = dense_attention(batch.q, batch.keys, batch.values, [1] * 8)
+    assert relative_error(first, expected) < 2e-2
+    for _ in range(200):
+        out.fill_(float("nan"))
+        launch.launch_unified(batch.q, batch.cache, batch.metadata, options, out, params, ws)
+    torch.cuda.synchronize()
+    assert torch.equal(out, first)
+    assert not ws[:launch.MERGE_TICKETS].view(torch.int32).any()
+
+
+def test_merge_in_kernel_in_a_cuda_graph():
+    """A split decode captured in a CUDA graph (its workspace from the graph's pool, the
+    tickets zeroed in the graph) replayed with growing lengths against the oracle."""
+    from portattn.kernels import launch
+    from portattn.testing import dense_attention, relative_error
+
+    batch, options, params = _split_decode(16)
+    meta = batch.metadata
+    full = meta.seq_lens.clone()
+    meta.seq_lens.sub_(3).clamp_(min=1)
+    out = torch.full_like(batch.q, float("nan"))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # compile outside the capture
+        launch.launch_unified(batch.q, batch.cache, meta, options, out, params)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        launch.launch_unified(batch.q, batch.cache, meta, options, out, params)
+    for _ in range(3):
+        meta.seq_lens.copy_(torch.minimum(meta.seq_lens + 1, full))
+        batch.q.copy_(torch.randn_like(batch.q))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        lens = meta.seq_lens.tolist()
+        expected = dense_attention(batch.q, [k[:n] for k, n in zip(batch.keys, lens)],
+                                   [v[:n] for v, n in zip(batch.values, lens)], [1] * 8)
+        assert relative_error(out, expected) < 2e-2

@@ -18,8 +18,9 @@ for the workspace, its stream) instead of having it asked again. A replay reads 
 tensors its recorded launches bind, straight from the call's arguments
 (:data:`READERS`): no tuple of every input is built per call.
 
-Workspaces are per (CUDA stream, calling thread): a call's launches (split-KV kernel
-then merge, staging then attention) are queued by one thread back to back, and kernels
+Workspaces are per (CUDA stream, calling thread): a call's launches (staging then
+attention; split-KV attention then the merge kernel where the kernel cannot merge) are
+queued by one thread back to back, and kernels
 on one stream run in order, so the calls of one thread on one stream may share a
 workspace (the layers of a model do); two threads queueing onto the same stream (the
 default one, say) may interleave their launches, so they never share one. The split-KV
@@ -31,7 +32,9 @@ taking a fresh one from torch's caching allocator cost 5.3 us of host time per c
 the H200's host, a quarter of a 1024-token prefill's); larger ones are taken from the
 caching allocator per call, so no plan holds hundreds of MB while idle. While a CUDA
 graph is being captured the normal path allocates a fresh one from the graph's pool, so
-a captured graph never points into a buffer the runner may drop.
+a captured graph never points into a buffer the runner may drop. Every workspace starts
+with the split-KV merge tickets (``launch.new_workspace``: zeroed when made, left zero
+by every launch), so any runner may share any workspace.
 """
 
 from __future__ import annotations
@@ -67,15 +70,18 @@ class Workspaces(dict):
         self._lock = threading.Lock()
 
     def take(self, key, elements: int, device) -> torch.Tensor:
-        """The workspace of ``key``, of at least ``elements`` (made or grown here)."""
+        """The workspace of ``key``, with room for ``elements`` values of data before its
+        merge tickets (made or grown here, by ``launch.new_workspace``)."""
+        from portattn.kernels.launch import MERGE_TICKETS, new_workspace
+
         buffer = self.get(key)
-        if buffer is None or buffer.numel() < elements:
+        if buffer is None or buffer.numel() < elements + MERGE_TICKETS:
             with self._lock:
                 buffer = self.get(key)
-                if buffer is None or buffer.numel() < elements:
+                if buffer is None or buffer.numel() < elements + MERGE_TICKETS:
                     if buffer is None and len(self) >= MAX_WORKSPACES:
                         self.pop(next(iter(self)))
-                    buffer = torch.empty(elements, dtype=torch.float32, device=device)
+                    buffer = new_workspace(elements, device)
                     self[key] = buffer
         return buffer
 
@@ -91,7 +97,9 @@ def staging_buffer(device: torch.device, stream, elements: int) -> torch.Tensor:
     it (see the module doc); a replaced buffer is only reused by torch's caching
     allocator after the kernels queued on it."""
     if 4 * elements > STAGING_KEEP_BYTES:
-        return torch.empty(elements, dtype=torch.float32, device=device)
+        from portattn.kernels.launch import new_workspace
+
+        return new_workspace(elements, device)
     return _staging.take((device, stream, threading.get_ident()), elements, device)
 
 

@@ -28,6 +28,10 @@ WAVES_BEFORE_SPLIT = 2
 #: A segment covers at least this many KV tiles (fewer: the merge costs more than it saves).
 MIN_TILES_PER_SEGMENT = 2
 MAX_SEGMENTS = 64
+#: Split decode launches merge their partials in the attention kernel (the last segment
+#: program of each (sequence, kv head); one launch) instead of in a second, merge kernel
+#: (launch.merges_in_kernel; NOTES.md, session 11).
+MERGE_IN_KERNEL = True
 #: Largest row count (queries x group) that still runs as one decode tile.
 MAX_DECODE_ROWS = 64
 #: 8-bit decode with V read as int16 pairs (the kernel's V_PAIRS, sm90): registers per

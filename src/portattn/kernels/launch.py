@@ -6,7 +6,9 @@ staged prefill, ``params["stage"]``, first runs :mod:`portattn.kernels.stage`). 
 reads no device value (everything is sized from tensor shapes and the plan; scales given
 as Python floats become cached one-element device tensors), so it never synchronizes and
 can be captured in a CUDA graph; the split-KV and staging workspaces are allocated per
-call with ``torch.empty`` unless the caller passes one (:func:`plan_workspace_size`).
+call (:func:`new_workspace`) unless the caller passes one: the :data:`MERGE_TICKETS`
+int32 tickets that split launches merging in the kernel count on (zero when made, zero
+after every launch), then :func:`plan_workspace_size` elements of data.
 
 The kernels are wrapped by :func:`portattn.kernels.fast_launch.capturable` (a no-op
 outside :func:`~portattn.kernels.fast_launch.capture`), so plans can record these
@@ -20,14 +22,15 @@ import torch
 
 from portattn import settings
 from portattn.errors import InputError
+from portattn.kernels import heuristics, reduce, unified
 from portattn.kernels import kv_load as kv_load_rules
-from portattn.kernels import reduce, unified
 from portattn.kernels.byte_decode import PAIR_FORMATS
 from portattn.kernels.fast_launch import capturable
 from portattn.kernels.heuristics import (
     STAGE_MAX_BYTES,
     align16,
     head_pad,
+    next_pow2,
     staged_from,
 )
 from portattn.kernels.scalars import device_scalars, kv_scale_args
@@ -48,6 +51,13 @@ _COMPUTE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 #: fp8 QK^T dots promote their partial sums to fp32 every this many products (the
 #: smallest Hopper fp8 MMA depth): accurate at any context length, see benchmarks/NOTES.md.
 FP8_DOT_PROMOTE_EVERY = 32
+#: The first elements of every workspace: int32 tickets of the split-KV merge in the
+#: kernel (one per (sequence, kv head); the kernel's MERGE_SEGMENTS), zero when the
+#: workspace is made and after every launch. Data starts after them (at the same offset
+#: in a workspace of any size, so a recorded launch replays into a grown one), and no
+#: data is ever written there, so any plan may share a workspace with any other. A split
+#: launch with more (sequence, kv head) pairs merges with the merge kernel instead.
+MERGE_TICKETS = 1024
 
 
 
@@ -161,7 +171,7 @@ def _common_args(q, cache, metadata, options, out, fp8_dot: bool,
 
 
 def split_workspace_size(num_seqs: int, num_q_heads: int, head_size_v: int, cfg: dict) -> int:
-    """float32 elements of the split-KV workspace of a SEQ_MODE 1 launch (0: no split);
+    """float32 elements of the split-KV partials of a SEQ_MODE 1 launch (0: no split);
     ``head_size_v``: the V head size (the partials are that wide)."""
     if cfg["segments"] <= 1:
         return 0
@@ -169,31 +179,61 @@ def split_workspace_size(num_seqs: int, num_q_heads: int, head_size_v: int, cfg:
     return rows * (head_pad(head_size_v) + 2)
 
 
+def new_workspace(elements: int, device) -> torch.Tensor:
+    """A workspace: :data:`MERGE_TICKETS` zeroed tickets, then ``elements`` float32
+    values of data."""
+    workspace = torch.empty(MERGE_TICKETS + elements, dtype=torch.float32, device=device)
+    workspace[:MERGE_TICKETS].zero_()
+    return workspace
+
+
+def has_room(workspace: torch.Tensor, elements: int) -> bool:
+    """Whether ``workspace`` holds ``elements`` values of data after its tickets."""
+    return workspace.numel() >= MERGE_TICKETS + elements
+
+
+def merges_in_kernel(cfg: dict, num_seqs: int, num_kv_heads: int) -> bool:
+    """Whether a split launch of decode tiles ``cfg`` merges its partials in the kernel
+    (the tile's ``merge_in_kernel``, else ``heuristics.MERGE_IN_KERNEL``) rather than with
+    the merge kernel: one ticket per (sequence, kv head) must fit :data:`MERGE_TICKETS`."""
+    return cfg["segments"] > 1 and \
+        cfg.get("merge_in_kernel", heuristics.MERGE_IN_KERNEL) and \
+        num_seqs * num_kv_heads <= MERGE_TICKETS
+
+
 def _launch_short(args, q, cache, metadata, out, cfg: dict, long_follows: bool,
                   workspace: torch.Tensor | None = None) -> None:
-    """SEQ_MODE 1: one tile per sequence with at most BLOCK_Q queries (2D or 3D)."""
+    """SEQ_MODE 1: one tile per sequence with at most BLOCK_Q queries (2D or 3D); a split
+    launch merges in the kernel (:func:`merges_in_kernel`) or runs the merge kernel."""
     num_seqs = metadata.seq_lens.shape[0]
     num_kv_heads = cache.num_kv_heads
     segments = cfg["segments"]
     block_q = cfg["block_q"]
     pad_v = args["HEAD_V_PAD"]
-    if segments > 1:  # one workspace: [acc rows x HEAD_V_PAD | m | l]
+    in_kernel = merges_in_kernel(cfg, num_seqs, num_kv_heads)
+    if segments > 1:  # one workspace: [tickets | acc rows x HEAD_V_PAD | m | l | ...]
         need = split_workspace_size(num_seqs, q.shape[1], cache.head_size_v, cfg)
         rows = need // (pad_v + 2)
-        if workspace is None or workspace.numel() < need:
-            workspace = torch.empty(need, dtype=torch.float32, device=q.device)
-        part_acc = workspace[:rows * pad_v]
-        part_m = workspace[rows * pad_v:rows * (pad_v + 1)]
-        part_l = workspace[rows * (pad_v + 1):need]
+        if workspace is None or not has_room(workspace, need):
+            workspace = new_workspace(need, q.device)
+        tickets = workspace[:MERGE_TICKETS].view(torch.int32) if in_kernel else q
+        data = workspace[MERGE_TICKETS:]
+        part_acc = data[:rows * pad_v]
+        part_m = data[rows * pad_v:rows * (pad_v + 1)]
+        part_l = data[rows * (pad_v + 1):need]
     else:
-        part_m = part_l = part_acc = q
+        part_m = part_l = part_acc = tickets = q
     unified_attention_kernel[(num_seqs, num_kv_heads, segments)](
-        part_m_ptr=part_m, part_l_ptr=part_l, part_acc_ptr=part_acc,
+        part_m_ptr=part_m, part_l_ptr=part_l, part_acc_ptr=part_acc, ticket_ptr=tickets,
         BLOCK_M=cfg["block_m"], BLOCK_Q=block_q, BLOCK_N=cfg["block_n"], SEQ_MODE=1,
         SHORT_Q=0, STAGED_Q=0, SPLIT=segments > 1, LONG_FOLLOWS=long_follows, num_segments=segments,
+        MERGE_SEGMENTS=next_pow2(segments) if in_kernel else 0,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_register_cap(cfg),
         **args)
-    if segments > 1:
+    if segments > 1 and not in_kernel:
+        if segments & (segments - 1):
+            raise ValueError(f"the merge kernel needs a power-of-two segment count, got "
+                             f"{segments} (only the merge in the kernel takes others)")
         merge_segments_kernel[(num_seqs, q.shape[1], block_q)](
             part_m, part_l, part_acc, out, metadata.cu_seqlens_q, args["sinks_ptr"],
             args["out_scale_ptr"], q.shape[1], out.stride(0), out.stride(1), out.stride(2),
@@ -218,7 +258,7 @@ def _launch_long(args, q, cache, metadata, cfg: dict, short_q: int,
     flat = bool(cfg.get("flat_grid"))  # heuristics.STAGED_FLAT_GRID
     grid = (tiles * cache.num_kv_heads, 1, 1) if flat else (tiles, cache.num_kv_heads, 1)
     unified_attention_kernel[grid](
-        part_m_ptr=q, part_l_ptr=q, part_acc_ptr=q, FLAT_GRID=flat,
+        part_m_ptr=q, part_l_ptr=q, part_acc_ptr=q, ticket_ptr=q, FLAT_GRID=flat,
         ONE_LOOP=bool(cfg.get("one_loop")) and args.get("KV_LOAD", 0) >= 2,
         BLOCK_M=cfg["block_m"], BLOCK_Q=block_q, BLOCK_N=cfg["block_n"],
         SEQ_MODE=2 if short_q > 0 else 0, SHORT_Q=short_q, STAGED_Q=staged_q, SPLIT=False,
@@ -357,13 +397,14 @@ def launch_staged(q, cache, metadata, options, out, params: dict,
         return
     split = align16(_split_size(num_seqs, q.shape[1], cache.head_size_v, params))
     need = split + stage_workspace_size(num_seqs, slots, *dims, params["stage"], scales)
-    if workspace is None or workspace.numel() < need:
-        workspace = torch.empty(need, dtype=torch.float32, device=q.device)
+    if workspace is None or not has_room(workspace, need):
+        workspace = new_workspace(need, q.device)
     # one sequence (q's rows allow it min_q queries): staged whatever cu_seqlens_q says it
     # has, so no launch over the cache is needed for it
     stage_from = staged_from(params["stage"], short_q) if num_seqs > 1 else short_q + 1
+    data = workspace[MERGE_TICKETS:]  # after the merge tickets, split partials first
     staged, staged_meta = stage_kv(q, cache, metadata, options, params["stage"], stage_from,
-                                   slots, workspace[split:need])
+                                   slots, data[split:need])
     # sequences of (short_q, stage_from) queries
     middle = stage_from > short_q + 1
     if mixed or middle:

@@ -15,7 +15,12 @@ Layout
 * split-KV partials (``SPLIT``): ``part_m`` / ``part_l``
   ``[num_seqs * BLOCK_Q, num_q_heads, num_segments]`` and ``part_acc`` (same, plus
   ``HEAD_V_PAD``), fp32, indexed by (sequence, query within the sequence); merged by
-  :mod:`portattn.kernels.reduce`.
+  :mod:`portattn.kernels.reduce`, or with ``MERGE_SEGMENTS`` in this kernel: every
+  segment program bumps an int32 ticket of its (sequence, kv head) at ``ticket_ptr +
+  seq * num_kv_heads + kv_head`` (acquire-release, GPU scope, after its partials are
+  stored); the one that draws ``num_segments - 1`` arrived last, merges all segments of
+  the tile's rows at once (:func:`_merge_tile_partials`) and sets the ticket back to 0.
+  Tickets must be 0 before a launch; every launch leaves them 0.
 
 Tiles
 -----
@@ -52,7 +57,10 @@ Constexpr switches
 Scores: ``CAUSAL``, ``USE_WINDOW``, ``USE_SOFTCAP``, ``ALIBI`` (0 none, 1 linear, 2 sqrt),
 ``USE_SINKS``. Split: ``SPLIT`` (False: write the normalized output; True: this program
 handles one of ``num_segments`` (a runtime value, so a new segment count needs no compile)
-slices of the visible KV tiles and writes partials, SEQ_MODE 1 only). Head sizes:
+slices of the visible KV tiles and writes partials, SEQ_MODE 1 only); ``MERGE_SEGMENTS``
+(SPLIT only; 0: the partials are left to the merge kernel; else a power of two >=
+``num_segments``: the last segment program of each (sequence, kv head) merges them, one
+launch instead of two, see Layout). Head sizes:
 ``HEAD_QK`` / ``HEAD_V`` and their power-of-two paddings (DiffKV when they differ; the
 accumulator, partials and output are ``HEAD_V`` wide). Quantization, all at the one load
 site :func:`_load_kv_tile`: ``KV_QUANT`` (0 none; 1 per-tensor fp8: the K scale is folded
@@ -536,7 +544,7 @@ def _poison_long_sequence(out_ptr, q_start, q_len, kv_head, stride_ot, stride_oh
 @triton.jit
 def unified_attention_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, block_table_ptr, cu_seqlens_q_ptr, seq_lens_ptr,
-        alibi_ptr, sinks_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
+        alibi_ptr, sinks_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, ticket_ptr,
         q_scale_ptr, k_scale_ptr, v_scale_ptr, out_scale_ptr,
         num_seqs, num_q_heads, num_segments, num_blocks, bt_width, scale, softcap, window,
         v_one,
@@ -557,7 +565,8 @@ def unified_attention_kernel(
         CHECK_BLOCKS: tl.constexpr = True, KV_LOAD: tl.constexpr = 0,
         V_STAGE: tl.constexpr = False, KV_BITS: tl.constexpr = 0,
         BITS_ASM: tl.constexpr = False, V_PAIRS: tl.constexpr = 0,
-        FLAT_GRID: tl.constexpr = False, ONE_LOOP: tl.constexpr = False):
+        FLAT_GRID: tl.constexpr = False, ONE_LOOP: tl.constexpr = False,
+        MERGE_SEGMENTS: tl.constexpr = 0):
     """Paged attention of one query tile x one kv head x one KV segment (see module doc)."""
     tl.static_assert(not FP8_DOT or KV_BITS == 0,
                      "FP8_DOT needs the cache's fp8 values, KV_BITS rebuilds them as fp16")
@@ -565,6 +574,7 @@ def unified_attention_kernel(
     tl.static_assert(not ONE_LOOP or (KV_LOAD >= 2 and KV_BITS == 0 and not V_PAIRS
                                       and not V_STAGE and not FP8_DOT),
                      "ONE_LOOP is the staged 16-bit loop (KV_LOAD 2 / 3)")
+    tl.static_assert(MERGE_SEGMENTS == 0 or SPLIT, "MERGE_SEGMENTS merges split partials")
     tl.static_assert(not FLAT_GRID or SEQ_MODE != 1,
                      "FLAT_GRID orders query tiles (SEQ_MODE 0 / 2)")
     tl.static_assert((V_PAIRS == 1) == (KV_BITS == 1) or V_PAIRS == 0,
@@ -796,3 +806,77 @@ def unified_attention_kernel(
         tl.store(part_l_ptr + part_row, l_i, mask=row_ok)
         tl.store(part_acc_ptr + part_row[:, None] * HEAD_V_PAD + offs_dv[None, :], acc,
                  mask=row_ok[:, None])
+        if MERGE_SEGMENTS > 0:  # the last segment of this (sequence, kv head) merges
+            tl.debug_barrier()  # every thread's partials stored before the release
+            ticket = ticket_ptr + seq * num_kv_heads + kv_head
+            arrived = tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu")
+            if arrived == num_segments - 1:
+                tl.store(ticket, 0)  # 0 again for the next launch (stream order)
+                _merge_tile_partials(
+                    part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, sinks_ptr, out_scale_ptr,
+                    seq, kv_head, q_start, q_len, num_q_heads, num_segments, stride_ot,
+                    stride_oh, stride_od, GROUP, BLOCK_Q, HEAD_V, HEAD_V_PAD, USE_SINKS,
+                    FP8_OUT, FP8_MAX, MERGE_SEGMENTS)
+
+
+@triton.jit
+def _merge_tile_partials(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, sinks_ptr,
+                         out_scale_ptr, seq, kv_head, q_start, q_len, num_q_heads,
+                         num_segments, stride_ot, stride_oh, stride_od, GROUP: tl.constexpr,
+                         BLOCK_Q: tl.constexpr, HEAD_V: tl.constexpr,
+                         HEAD_V_PAD: tl.constexpr, USE_SINKS: tl.constexpr,
+                         FP8_OUT: tl.constexpr, FP8_MAX: tl.constexpr,
+                         MERGE_SEGMENTS: tl.constexpr):
+    """The split-KV merge of one decode tile's rows (``BLOCK_Q`` queries x ``GROUP``
+    heads) by the segment program that finished last: the sum of
+    :mod:`portattn.kernels.reduce`, with every segment of ``MERGE_ROWS`` rows loaded at
+    once as a ``[MERGE_ROWS, MERGE_SEGMENTS, HEAD_V_PAD]`` tile (not one segment after
+    another: a serial chain of L2 round trips lost to the merge kernel, NOTES.md).
+    Partials written by other programs are read through L2 (``.cg``), after the ticket's
+    acquire."""
+    MERGE_ROWS: tl.constexpr = _merge_rows(BLOCK_Q * GROUP, MERGE_SEGMENTS * HEAD_V_PAD)
+    segs = tl.arange(0, MERGE_SEGMENTS)
+    offs_dv = tl.arange(0, HEAD_V_PAD)
+    seg_ok = segs < num_segments
+    rows = q_len * GROUP  # q_len <= BLOCK_Q here: only the rows of real queries
+    for r0 in tl.range(0, rows, MERGE_ROWS):
+        r = r0 + tl.arange(0, MERGE_ROWS)
+        tok = r // GROUP
+        head = kv_head * GROUP + r % GROUP
+        ok = r < rows
+        first = ((seq * BLOCK_Q + tok).to(tl.int64) * num_q_heads + head) * num_segments
+        idx = first[:, None] + segs[None, :]
+        both = ok[:, None] & seg_ok[None, :]
+        m = tl.load(part_m_ptr + idx, mask=both, other=float("-inf"), cache_modifier=".cg")
+        l_seg = tl.load(part_l_ptr + idx, mask=both, other=0.0, cache_modifier=".cg")
+        acc = tl.load(part_acc_ptr + idx[:, :, None] * HEAD_V_PAD + offs_dv[None, None, :],
+                      mask=both[:, :, None], other=0.0, cache_modifier=".cg")
+        m_all = tl.max(m, 1)
+        if USE_SINKS:
+            sink = tl.load(sinks_ptr + head, mask=ok, other=0.0).to(tl.float32) \
+                * 1.4426950408889634
+            m_all = tl.maximum(m_all, sink)
+        m_use = tl.where(m_all == float("-inf"), 0.0, m_all)
+        w = tl.exp2(m - m_use[:, None])
+        denom = tl.sum(l_seg * w, 1)
+        if USE_SINKS:
+            denom += tl.exp2(sink - m_use)
+        result = tl.sum(acc * w[:, :, None], 1) / tl.where(denom > 0.0, denom, 1.0)[:, None]
+        _store_rows(out_ptr, result, q_start, tok, head, ok, offs_dv, stride_ot, stride_oh,
+                    stride_od, out_scale_ptr, HEAD_V, FP8_OUT, FP8_MAX)
+
+
+#: fp32 partials one merging program loads at once (128 per thread at 4 warps): a
+#: decode tile of GQA 4 with 32 segments of head 128 in one round trip
+MERGE_LOAD_ELEMENTS = 8192
+
+
+@triton.constexpr_function
+def _merge_rows(rows, per_row):
+    """Rows merged at once: as many as keep the loaded partials within
+    MERGE_LOAD_ELEMENTS (a power of two, at least one, at most the tile's rows rounded
+    up)."""
+    fit = 1
+    while fit * 2 * per_row <= MERGE_LOAD_ELEMENTS and fit < rows:
+        fit *= 2
+    return fit
