@@ -113,6 +113,30 @@ def test_rows_with_no_visible_key(segments, sinks):
 
 
 # --------------------------------------------------------------------------- split-KV merge
+class _KernelCalls:
+    """Stands in for one of launch.py's kernels: records each launch's keyword arguments,
+    then launches it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.kwargs = kernel, []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.kwargs.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return run
+
+
+@pytest.fixture
+def merged_in_kernel(monkeypatch):
+    """The MERGE_SEGMENTS of every attention launch (0: the merge kernel merges)."""
+    from portattn.kernels import launch
+
+    spy = _KernelCalls(launch.unified_attention_kernel)
+    monkeypatch.setattr(launch, "unified_attention_kernel", spy)
+    return spy.kwargs
+
+
 class _MergeKernelCalls:
     """Stands in for launch.merge_segments_kernel: counts its launches, then launches it."""
 
@@ -144,17 +168,47 @@ def merge_kernel_calls(monkeypatch):
     dict(query_lens=[4, 1], seq_lens=[4, 18], seq_lens_override=[2, 18], group=2,
          segments=4, sinks=True),  # rows that see no key
 ], ids=["sinks-gqa3", "spec-diffkv", "empty-segments", "no-visible-key"])
-def test_split_merge_in_kernel_and_by_merge_kernel(case, in_kernel, merge_kernel_calls):
+def test_split_merge_in_kernel_and_by_merge_kernel(case, in_kernel, merge_kernel_calls,
+                                                    merged_in_kernel):
     """Both merges of split-KV partials against the float64 oracle: the last segment
-    program of each (sequence, kv head) merging in the attention kernel (the default, one
-    launch), and the merge kernel (a second launch)."""
+    program of each (sequence, kv head) merging in the attention kernel (one launch),
+    and the merge kernel (a second launch)."""
     check_unified(dtype=F32, merge_in_kernel=in_kernel, **case)
     assert len(merge_kernel_calls) == (0 if in_kernel else 1)
+    assert [k["MERGE_SEGMENTS"] > 0 for k in merged_in_kernel] == [in_kernel]
+
+
+@interp
+def test_merge_in_kernel_whichever_segment_finishes_last(monkeypatch, merge_kernel_calls,
+                                                          merged_in_kernel):
+    """The interpreter runs a (sequence, kv head)'s segment programs in order, so the
+    merging program would always be the last segment: run them in another order per
+    (sequence, kv head) (Triton's interpreter grid index, patched), so that a merge keyed
+    on the segment rather than on the ticket fails."""
+    from triton.runtime import interpreter
+
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    if builder is None or not hasattr(builder, "set_grid_idx"):
+        pytest.skip("this Triton's interpreter has no InterpreterBuilder.set_grid_idx")
+    in_order = builder.set_grid_idx
+
+    def shuffled(self, x, y, z):
+        n = self.grid_dim[2]
+        return in_order(self, x, y, (n - 1 - z + x + 3 * y) % n)
+
+    monkeypatch.setattr(builder, "set_grid_idx", shuffled)
+    check_unified([1, 1, 1], [50, 37, 3], group=3, dtype=F32, segments=8, sinks=True,
+                  merge_in_kernel=True)
+    check_unified([3, 4, 2], [40, 23, 4], group=4, dtype=F32, segments=4, head_size=64,
+                  head_size_v=32, merge_in_kernel=True)
+    assert not merge_kernel_calls
+    assert [k["MERGE_SEGMENTS"] for k in merged_in_kernel] == [8, 4]
 
 
 @interp
 @pytest.mark.parametrize("segments", [3, 6])
-def test_merge_in_kernel_takes_any_segment_count(segments, merge_kernel_calls):
+def test_merge_in_kernel_takes_any_segment_count(segments, merge_kernel_calls,
+                                                  merged_in_kernel):
     """The merge in the kernel masks its power-of-two segment tile, so a segment count
     that is not a power of two (the merge kernel's arange cannot) merges correctly."""
     tile = TileConfig(block_m=16, block_q=8, block_n=16, num_warps=4, num_stages=2,
@@ -162,13 +216,25 @@ def test_merge_in_kernel_takes_any_segment_count(segments, merge_kernel_calls):
     check_unified([1, 2], [70, 40], group=2, dtype=F32, short=tile, sinks=True,
                   merge_in_kernel=True)
     assert not merge_kernel_calls
+    assert [k["MERGE_SEGMENTS"] for k in merged_in_kernel] == [4 if segments == 3 else 8]
 
 
 @interp
-def test_merge_in_kernel_with_fp8_output(merge_kernel_calls):
+def test_merge_kernel_refuses_other_segment_counts_before_any_launch(merged_in_kernel):
+    tile = TileConfig(block_m=16, block_q=8, block_n=16, num_warps=4, num_stages=2,
+                      segments=3)
+    with pytest.raises(ValueError, match="power-of-two segment count"):
+        check_unified([1, 2], [70, 40], group=2, dtype=F32, short=tile,
+                      merge_in_kernel=False)
+    assert merged_in_kernel == []
+
+
+@interp
+def test_merge_in_kernel_with_fp8_output(merge_kernel_calls, merged_in_kernel):
     check_unified([1, 1], [60, 21], group=2, dtype=F16, segments=4,
                   fp8_out=torch.float8_e4m3fn, merge_in_kernel=True)
     assert not merge_kernel_calls
+    assert [k["MERGE_SEGMENTS"] for k in merged_in_kernel] == [4]
 
 
 @interp

@@ -163,11 +163,12 @@ def test_merge_in_kernel_many_launches_agree_bit_for_bit():
     first = out.clone()
     expected = dense_attention(batch.q, batch.keys, batch.values, [1] * 8)
     assert relative_error(first, expected) < 2e-2
+    differs = torch.zeros((), dtype=torch.bool, device=DEV)
     for _ in range(200):
         out.fill_(float("nan"))
         launch.launch_unified(batch.q, batch.cache, batch.metadata, options, out, params, ws)
-    torch.cuda.synchronize()
-    assert torch.equal(out, first)
+        differs |= (out != first).any()  # NaN != anything: a skipped merge counts
+    assert not differs.item(), "a launch's output differed from the first one"
     assert not ws[:launch.MERGE_TICKETS].view(torch.int32).any()
 
 

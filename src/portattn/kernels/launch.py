@@ -12,8 +12,10 @@ after every launch), then :func:`plan_workspace_size` elements of data.
 
 The kernels are wrapped by :func:`portattn.kernels.fast_launch.capturable` (a no-op
 outside :func:`~portattn.kernels.fast_launch.capture`), so plans can record these
-launches once and relaunch the compiled kernels cheaply; the split-KV workspace can be
-a plan's own buffer of at least :func:`split_workspace_size` float32 elements.
+launches once and relaunch the compiled kernels cheaply. A workspace passed in must come
+from :func:`new_workspace` (or be one that only such launches have used): its merge
+tickets must be zero, or split launches merging in the kernel merge early or never; a
+plan's own holds :func:`plan_workspace_size` float32 elements of data after them.
 """
 
 from __future__ import annotations
@@ -211,6 +213,9 @@ def _launch_short(args, q, cache, metadata, out, cfg: dict, long_follows: bool,
     block_q = cfg["block_q"]
     pad_v = args["HEAD_V_PAD"]
     in_kernel = merges_in_kernel(cfg, num_seqs, num_kv_heads)
+    if segments > 1 and not in_kernel and segments & (segments - 1):
+        raise ValueError(f"the merge kernel needs a power-of-two segment count, got "
+                         f"{segments} (only the merge in the kernel takes others)")
     if segments > 1:  # one workspace: [tickets | acc rows x HEAD_V_PAD | m | l | ...]
         need = split_workspace_size(num_seqs, q.shape[1], cache.head_size_v, cfg)
         rows = need // (pad_v + 2)
@@ -231,9 +236,6 @@ def _launch_short(args, q, cache, metadata, out, cfg: dict, long_follows: bool,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_register_cap(cfg),
         **args)
     if segments > 1 and not in_kernel:
-        if segments & (segments - 1):
-            raise ValueError(f"the merge kernel needs a power-of-two segment count, got "
-                             f"{segments} (only the merge in the kernel takes others)")
         merge_segments_kernel[(num_seqs, q.shape[1], block_q)](
             part_m, part_l, part_acc, out, metadata.cu_seqlens_q, args["sinks_ptr"],
             args["out_scale_ptr"], q.shape[1], out.stride(0), out.stride(1), out.stride(2),
