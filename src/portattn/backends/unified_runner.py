@@ -72,13 +72,13 @@ class Workspaces(dict):
     def take(self, key, elements: int, device) -> torch.Tensor:
         """The workspace of ``key``, with room for ``elements`` values of data before its
         merge tickets (made or grown here, by ``launch.new_workspace``)."""
-        from portattn.kernels.launch import MERGE_TICKETS, new_workspace
+        from portattn.kernels.launch import has_room, new_workspace
 
         buffer = self.get(key)
-        if buffer is None or buffer.numel() < elements + MERGE_TICKETS:
+        if buffer is None or not has_room(buffer, elements):
             with self._lock:
                 buffer = self.get(key)
-                if buffer is None or buffer.numel() < elements + MERGE_TICKETS:
+                if buffer is None or not has_room(buffer, elements):
                     if buffer is None and len(self) >= MAX_WORKSPACES:
                         self.pop(next(iter(self)))
                     buffer = new_workspace(elements, device)
