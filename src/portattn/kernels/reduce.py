@@ -42,21 +42,35 @@ def merge_segments_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, cu_seql
     offs_d = tl.arange(0, HEAD_V_PAD)
     m = tl.load(part_m_ptr + base + segs)
     l_seg = tl.load(part_l_ptr + base + segs)
-    m_all = tl.max(m, 0)
-    if USE_SINKS:
-        sink = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634
-        m_all = tl.maximum(m_all, sink)
-    m_use = tl.where(m_all == float("-inf"), 0.0, m_all)
-    w = tl.exp2(m - m_use)
-    denom = tl.sum(l_seg * w, 0)
-    if USE_SINKS:
-        denom += tl.exp2(sink - m_use)
     acc = tl.load(part_acc_ptr + (base + segs)[:, None] * HEAD_V_PAD + offs_d[None, :])
-    result = tl.sum(acc * w[:, None], 0)
-    result = result / tl.where(denom > 0.0, denom, 1.0)
+    sink = 0.0
+    if USE_SINKS:
+        sink = tl.load(sinks_ptr + head).to(tl.float32)
+    result = combine_segments(m, l_seg, acc, sink, USE_SINKS, 0)
     if FP8_OUT:
         result = result * (1.0 / tl.load(out_scale_ptr))
         result = tl.minimum(tl.maximum(result, -FP8_MAX), FP8_MAX)
     o_ptrs = out_ptr + (q_start + t).to(tl.int64) * stride_ot + head * stride_oh \
         + offs_d * stride_od
     tl.store(o_ptrs, result.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_V)
+
+
+@triton.jit
+def combine_segments(m, l_seg, acc, sink, USE_SINKS: tl.constexpr, AXIS: tl.constexpr):
+    """The merge's arithmetic over the segment axis ``AXIS`` (0: one row, 1: rows):
+    ``m`` / ``l_seg`` ``[S]`` or ``[R, S]`` (base-2 running max and sum per segment;
+    padding segments ``-inf`` / 0), ``acc`` ``[S, D]`` or ``[R, S, D]``, ``sink`` a
+    scalar or ``[R]`` (natural-log sink logits, read only with ``USE_SINKS``) -> ``[D]``
+    or ``[R, D]`` fp32 outputs (0 for a row with no visible key and no sink). Shared by
+    :func:`merge_segments_kernel` and the unified kernel's in-kernel merge."""
+    m_all = tl.max(m, AXIS)
+    if USE_SINKS:
+        sink2 = sink * 1.4426950408889634
+        m_all = tl.maximum(m_all, sink2)
+    m_use = tl.where(m_all == float("-inf"), 0.0, m_all)
+    w = tl.exp2(m - tl.expand_dims(m_use, AXIS))
+    denom = tl.sum(l_seg * w, AXIS)
+    if USE_SINKS:
+        denom += tl.exp2(sink2 - m_use)
+    result = tl.sum(acc * tl.expand_dims(w, AXIS + 1), AXIS)
+    return result / tl.expand_dims(tl.where(denom > 0.0, denom, 1.0), AXIS)

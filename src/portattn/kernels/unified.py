@@ -148,6 +148,7 @@ from portattn.kernels.common import (
     online_softmax_step,
     score_tile,
 )
+from portattn.kernels.reduce import combine_segments
 
 
 @triton.jit
@@ -829,11 +830,11 @@ def _merge_tile_partials(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, sinks_pt
                          MERGE_SEGMENTS: tl.constexpr):
     """The split-KV merge of one decode tile's rows (``BLOCK_Q`` queries x ``GROUP``
     heads) by the segment program that finished last: the sum of
-    :mod:`portattn.kernels.reduce`, with every segment of ``MERGE_ROWS`` rows loaded at
-    once as a ``[MERGE_ROWS, MERGE_SEGMENTS, HEAD_V_PAD]`` tile (not one segment after
-    another: a serial chain of L2 round trips lost to the merge kernel, NOTES.md).
-    Partials written by other programs are read through L2 (``.cg``), after the ticket's
-    acquire."""
+    :mod:`portattn.kernels.reduce` (its :func:`combine_segments`), with every segment of
+    ``MERGE_ROWS`` rows loaded at once as a ``[MERGE_ROWS, MERGE_SEGMENTS, HEAD_V_PAD]``
+    tile (not one segment after another: a serial chain of L2 round trips lost to the
+    merge kernel, NOTES.md). Partials written by other programs are read through L2
+    (``.cg``), after the ticket's acquire."""
     MERGE_ROWS: tl.constexpr = _merge_rows(BLOCK_Q * GROUP, MERGE_SEGMENTS * HEAD_V_PAD)
     segs = tl.arange(0, MERGE_SEGMENTS)
     offs_dv = tl.arange(0, HEAD_V_PAD)
@@ -851,17 +852,11 @@ def _merge_tile_partials(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, sinks_pt
         l_seg = tl.load(part_l_ptr + idx, mask=both, other=0.0, cache_modifier=".cg")
         acc = tl.load(part_acc_ptr + idx[:, :, None] * HEAD_V_PAD + offs_dv[None, None, :],
                       mask=both[:, :, None], other=0.0, cache_modifier=".cg")
-        m_all = tl.max(m, 1)
         if USE_SINKS:
-            sink = tl.load(sinks_ptr + head, mask=ok, other=0.0).to(tl.float32) \
-                * 1.4426950408889634
-            m_all = tl.maximum(m_all, sink)
-        m_use = tl.where(m_all == float("-inf"), 0.0, m_all)
-        w = tl.exp2(m - m_use[:, None])
-        denom = tl.sum(l_seg * w, 1)
-        if USE_SINKS:
-            denom += tl.exp2(sink - m_use)
-        result = tl.sum(acc * w[:, :, None], 1) / tl.where(denom > 0.0, denom, 1.0)[:, None]
+            sink = tl.load(sinks_ptr + head, mask=ok, other=0.0).to(tl.float32)
+        else:
+            sink = tl.zeros([MERGE_ROWS], tl.float32)
+        result = combine_segments(m, l_seg, acc, sink, USE_SINKS, 1)
         _store_rows(out_ptr, result, q_start, tok, head, ok, offs_dv, stride_ot, stride_oh,
                     stride_od, out_scale_ptr, HEAD_V, FP8_OUT, FP8_MAX)
 
