@@ -62,16 +62,32 @@ def _causal_tiles(acc, m_i, l_i, q, k_desc, v_desc, row0, kv_col, lo, hi, n_full
 
 
 @triton.jit
-def ws_causal_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, seq_len, num_tiles, qk_scale,
-                             stride_ot, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_N: tl.constexpr, HEAD: tl.constexpr, WS: tl.constexpr,
-                             SPLIT_DIAG: tl.constexpr):
+def ws_causal_prefill_kernel(q_src, k_src, v_src, out_ptr, seq_len, num_tiles, qk_scale,
+                             stride_ot, rows, num_q_heads, num_kv_heads, GROUP: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr,
+                             WS: tl.constexpr, SPLIT_DIAG: tl.constexpr,
+                             DEVICE_DESC: tl.constexpr):
     """Causal prefill, equal-length sequences of ``seq_len`` (a multiple of BLOCK_M).
 
     Layout: q / out ``[num_seqs * seq_len, num_q_heads * HEAD]``, K / V ``[num_seqs *
     seq_len, num_kv_heads * HEAD]`` (descriptor boxes ``[BLOCK_M, HEAD]`` /
     ``[BLOCK_N, HEAD]``). Grid ``(num_tiles, num_q_heads, num_seqs)``, query tiles in
-    reverse order (the longest first)."""
+    reverse order (the longest first). ``DEVICE_DESC``: ``*_src`` are pointers to
+    contiguous tensors and the descriptors are built here (else host descriptors)."""
+    if DEVICE_DESC:
+        q_desc = tl.make_tensor_descriptor(q_src, shape=[rows, num_q_heads * HEAD],
+                                           strides=[num_q_heads * HEAD, 1],
+                                           block_shape=[BLOCK_M, HEAD])
+        k_desc = tl.make_tensor_descriptor(k_src, shape=[rows, num_kv_heads * HEAD],
+                                           strides=[num_kv_heads * HEAD, 1],
+                                           block_shape=[BLOCK_N, HEAD])
+        v_desc = tl.make_tensor_descriptor(v_src, shape=[rows, num_kv_heads * HEAD],
+                                           strides=[num_kv_heads * HEAD, 1],
+                                           block_shape=[BLOCK_N, HEAD])
+    else:
+        q_desc = q_src
+        k_desc = k_src
+        v_desc = v_src
     tile = num_tiles - 1 - tl.program_id(0)
     head = tl.program_id(1)
     row0 = tl.program_id(2) * seq_len
@@ -100,17 +116,20 @@ def ws_causal_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, seq_len, num_tiles
              acc.to(out_ptr.dtype.element_ty))
 
 
-#: name -> (WS, SPLIT_DIAG, num_warps, num_stages, BLOCK_N or None: per head size below)
+#: name -> (WS, SPLIT_DIAG, num_warps, num_stages, BLOCK_N or None: per head size below,
+#: DEVICE_DESC: Triton's Hopper pass is said not to split rows between consumers with
+#: host descriptors, triton-lang/triton#7658)
 VARIANTS = {
-    "plain-8w-split-diag": (False, 1, 8, 3, None),
-    "plain-8w-one-loop": (False, 0, 8, 2, None),
-    "ws-one-loop": (True, 0, 4, 2, None),
-    "ws-bound-no-mask": (True, 3, 4, 2, None),
-    "ws-one-loop-bn64": (True, 0, 4, 2, 64),
+    "plain-8w-split-diag": (False, 1, 8, 3, None, False),
+    "plain-8w-one-loop": (False, 0, 8, 2, None, False),
+    "ws-one-loop": (True, 0, 4, 2, None, True),
+    "ws-bound-no-mask": (True, 3, 4, 2, None, True),
+    "ws-one-loop-bn64": (True, 0, 4, 2, 64, True),
+    "ws-one-loop-host-desc": (True, 0, 4, 2, None, False),
 }
 #: compiled offline only (the pass fails on them: "PassManager::run failed")
-FAILING_VARIANTS = {"ws-split-diag": (True, 1, 4, 2, None),
-                    "ws-first-loop": (True, 2, 4, 2, None)}
+FAILING_VARIANTS = {"ws-split-diag": (True, 1, 4, 2, None, True),
+                    "ws-first-loop": (True, 2, 4, 2, None, True)}
 #: (name, num_seqs, seq_len, head)
 CASES = [("tiny-1x256", 1, 256, 128), ("1x8192", 1, 8192, 128), ("4x2048", 4, 2048, 128),
          ("1x4096", 1, 4096, 128),
@@ -127,27 +146,27 @@ def compile_offline(head: int, variant: str) -> dict:
     """Compile for sm90 without a GPU; say whether the loop was specialized."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    ws, split, warps, stages, bn = {**VARIANTS, **FAILING_VARIANTS}[variant]
+    ws, split, warps, stages, bn, device_desc = {**VARIANTS, **FAILING_VARIANTS}[variant]
     stages = min(stages, 2) if head > 128 else stages
     bn = bn or block_n(head)
     consts = dict(GROUP=HQ // HKV, BLOCK_M=BLOCK_M, BLOCK_N=bn, HEAD=head, WS=ws,
-                  SPLIT_DIAG=split)
+                  SPLIT_DIAG=split, DEVICE_DESC=device_desc)
     sig, attrs = {}, {}
     for i, name in enumerate(ws_causal_prefill_kernel.arg_names):
         if name in consts:
             sig[name] = "constexpr"
-        elif name == "q_desc":
+        elif name == "q_src" and not device_desc:
             sig[name] = f"tensordesc<bf16[{BLOCK_M}, {head}]>"
-        elif name in ("k_desc", "v_desc"):
+        elif name in ("k_src", "v_src") and not device_desc:
             sig[name] = f"tensordesc<bf16[{bn}, {head}]>"
-        elif name == "out_ptr":
+        elif name in ("out_ptr", "q_src", "k_src", "v_src"):
             sig[name] = "*bf16"
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name == "qk_scale":
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
-            if name in ("stride_ot", "seq_len"):
+            if name in ("stride_ot", "seq_len", "rows"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     compiled = triton.compile(
         ASTSource(fn=ws_causal_prefill_kernel, signature=sig, constexprs=consts, attrs=attrs),
@@ -160,13 +179,18 @@ def compile_offline(head: int, variant: str) -> dict:
 
 def run_variant(q, k, v, out, num_seqs, seq_len, head, variant):
     from triton.tools.tensor_descriptor import TensorDescriptor
-    ws, split, warps, stages, bn = VARIANTS[variant]
+    ws, split, warps, stages, bn, device_desc = VARIANTS[variant]
     stages = min(stages, 2) if head > 128 else stages
     bn = bn or block_n(head)
     q2, k2, v2 = (t.view(t.shape[0], -1) for t in (q, k, v))
-    q_desc = TensorDescriptor.from_tensor(q2, [BLOCK_M, head])
-    k_desc = TensorDescriptor.from_tensor(k2, [bn, head])
-    v_desc = TensorDescriptor.from_tensor(v2, [bn, head])
+    if device_desc:  # descriptors built in the kernel, in Triton's global scratch
+        triton.set_allocator(lambda size, align, stream: torch.empty(
+            size, dtype=torch.int8, device=q.device))
+        q_desc, k_desc, v_desc = q2, k2, v2
+    else:
+        q_desc = TensorDescriptor.from_tensor(q2, [BLOCK_M, head])
+        k_desc = TensorDescriptor.from_tensor(k2, [bn, head])
+        v_desc = TensorDescriptor.from_tensor(v2, [bn, head])
     num_tiles = seq_len // BLOCK_M
     o2 = out.view(out.shape[0], -1)
     qk_scale = LOG2E / math.sqrt(head)
@@ -174,8 +198,9 @@ def run_variant(q, k, v, out, num_seqs, seq_len, head, variant):
     def launch():
         ws_causal_prefill_kernel[(num_tiles, HQ, num_seqs)](
             q_desc, k_desc, v_desc, o2, seq_len, num_tiles, qk_scale, o2.stride(0),
-            GROUP=HQ // HKV, BLOCK_M=BLOCK_M, BLOCK_N=bn, HEAD=head, WS=ws,
-            SPLIT_DIAG=split, num_warps=warps, num_stages=stages)
+            q2.shape[0], HQ, HKV, GROUP=HQ // HKV, BLOCK_M=BLOCK_M, BLOCK_N=bn, HEAD=head,
+            WS=ws, SPLIT_DIAG=split, DEVICE_DESC=device_desc, num_warps=warps,
+            num_stages=stages)
     return launch
 
 
