@@ -257,6 +257,103 @@ def test_merge_tickets_are_zero_after_each_launch_of_a_shared_workspace():
         assert not tickets.any(), "a launch left a merge ticket set"
 
 
+@pytest.fixture
+def simulated_capture(monkeypatch):
+    """launch.py sees a CUDA graph being captured (the interpreter runs the kernels, so
+    the launches' results can be checked); new_workspace calls are counted."""
+    from portattn.kernels import launch
+
+    made = []
+    real = launch.new_workspace
+
+    def counting(elements, device):
+        made.append(elements)
+        return real(elements, device)
+
+    monkeypatch.setattr(launch, "new_workspace", counting)
+    monkeypatch.setattr(launch, "_capturing", lambda device: True)
+    return made
+
+
+@interp
+def test_captured_split_decode_takes_tickets_that_need_no_memset(monkeypatch,
+                                                                  simulated_capture,
+                                                                  merged_in_kernel):
+    """Captured in a graph without a workspace, a split decode merging in the kernel
+    takes merge tickets of its own from the device's slab (zeroed once, never zeroed by
+    the graph) instead of a new workspace whose tickets the graph would memset on every
+    replay: each launch a slice no other launch uses, correct, and left at zero."""
+    from portattn.kernels import graph_tickets
+
+    monkeypatch.setattr(graph_tickets, "_slabs", {})
+    graph_tickets.prepare(torch.device("cpu"))  # what the eager calls before a capture do
+    slab = graph_tickets._slabs[torch.device("cpu")][0]
+    for seed, (query_lens, seq_lens, kv_heads) in enumerate(
+            [([1, 1, 1], [50, 37, 3], 2), ([1] * 5, [33, 2, 64, 17, 9], 3)]):
+        before = graph_tickets.used(torch.device("cpu"))
+        check_unified(query_lens, seq_lens, group=2, num_kv_heads=kv_heads, dtype=F32,
+                      segments=8, seed=seed, sinks=True, merge_in_kernel=True)
+        pairs = len(seq_lens) * kv_heads
+        assert graph_tickets.used(torch.device("cpu")) - before == graph_tickets.SLICE_ALIGN \
+            >= pairs, "each captured launch takes its own aligned slice"
+    assert simulated_capture == [], "a captured split decode made a workspace (a memset)"
+    assert [k["MERGE_SEGMENTS"] for k in merged_in_kernel] == [8, 8]
+    assert not slab.any(), "a launch left a merge ticket set"
+
+
+@interp
+def test_captured_split_decode_without_slab_tickets_zeroes_a_workspace(monkeypatch,
+                                                                       simulated_capture):
+    """No slab made before the capture, or one used up: the workspace's tickets (what
+    the graph zeroes on every replay), and the result is the same."""
+    from portattn.kernels import graph_tickets
+
+    monkeypatch.setattr(graph_tickets, "_slabs", {})
+    check_unified([1, 1, 1], [50, 37, 3], group=2, dtype=F32, segments=4,
+                  merge_in_kernel=True)  # no slab: nothing made one outside a capture
+    assert len(simulated_capture) == 1
+    monkeypatch.setattr(graph_tickets, "SLAB_TICKETS", 36)
+    graph_tickets.prepare(torch.device("cpu"))
+    check_unified([1, 1, 1], [50, 37, 3], group=2, dtype=F32, segments=4,
+                  merge_in_kernel=True)  # 6 tickets: the slab's first slice
+    assert len(simulated_capture) == 1
+    check_unified([1, 1, 1], [50, 37, 3], group=2, dtype=F32, segments=4,
+                  merge_in_kernel=True)  # 32 + 6 > 36: used up
+    assert len(simulated_capture) == 2
+
+
+def test_graph_ticket_slices_are_disjoint_and_thread_safe(monkeypatch):
+    """Slices taken from several threads at once never overlap and stop at the slab's
+    end; a device without a slab gets none."""
+    import threading
+
+    from portattn.kernels import graph_tickets
+
+    monkeypatch.setattr(graph_tickets, "_slabs", {})
+    monkeypatch.setattr(graph_tickets, "SLAB_TICKETS", 32 * 100)
+    cpu = torch.device("cpu")
+    assert graph_tickets.take(cpu, 4) is None
+    graph_tickets.prepare(cpu)
+    slab = graph_tickets._slabs[cpu][0]
+    got: list = []
+
+    def grab():
+        for _ in range(30):
+            t = graph_tickets.take(cpu, 20)
+            if t is not None:
+                got.append(t)
+
+    threads = [threading.Thread(target=grab) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 100
+    starts = sorted(t.data_ptr() - slab.data_ptr() for t in got)
+    assert starts == [4 * 32 * i for i in range(100)]
+    assert all(t.numel() == 20 and not t.any() for t in got)
+
+
 @interp
 def test_too_many_sequences_for_the_tickets_use_the_merge_kernel(monkeypatch,
                                                                   merge_kernel_calls):

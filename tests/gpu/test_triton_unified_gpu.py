@@ -173,9 +173,11 @@ def test_merge_in_kernel_many_launches_agree_bit_for_bit():
 
 
 def test_merge_in_kernel_in_a_cuda_graph():
-    """A split decode captured in a CUDA graph (its workspace from the graph's pool, the
-    tickets zeroed in the graph) replayed with growing lengths against the oracle."""
-    from portattn.kernels import launch
+    """A split decode captured in a CUDA graph (its partials in the graph's pool, its
+    merge tickets a slice of the device's slab that the eager launch before the capture
+    made: no memset in the graph) replayed with growing lengths against the oracle; the
+    slice is zero after every replay."""
+    from portattn.kernels import graph_tickets, launch
     from portattn.testing import dense_attention, relative_error
 
     batch, options, params = _split_decode(16)
@@ -188,9 +190,13 @@ def test_merge_in_kernel_in_a_cuda_graph():
     with torch.cuda.stream(stream):  # compile outside the capture
         launch.launch_unified(batch.q, batch.cache, meta, options, out, params)
     torch.cuda.current_stream().wait_stream(stream)
+    device = batch.q.device
+    first = graph_tickets.used(device)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         launch.launch_unified(batch.q, batch.cache, meta, options, out, params)
+    assert graph_tickets.used(device) > first, "the capture did not take slab tickets"
+    slab = graph_tickets._slabs[device][0]
     for _ in range(3):
         meta.seq_lens.copy_(torch.minimum(meta.seq_lens + 1, full))
         batch.q.copy_(torch.randn_like(batch.q))
@@ -201,3 +207,4 @@ def test_merge_in_kernel_in_a_cuda_graph():
         expected = dense_attention(batch.q, [k[:n] for k, n in zip(batch.keys, lens)],
                                    [v[:n] for v, n in zip(batch.values, lens)], [1] * 8)
         assert relative_error(out, expected) < 2e-2
+        assert not slab[first:graph_tickets.used(device)].any(), "a ticket was left set"

@@ -8,7 +8,9 @@ as Python floats become cached one-element device tensors), so it never synchron
 can be captured in a CUDA graph; the split-KV and staging workspaces are allocated per
 call (:func:`new_workspace`) unless the caller passes one: the :data:`MERGE_TICKETS`
 int32 tickets that split launches merging in the kernel count on (zero when made, zero
-after every launch), then :func:`plan_workspace_size` elements of data.
+after every launch), then :func:`plan_workspace_size` elements of data. A split decode
+captured in a graph without a workspace takes its tickets from
+:mod:`portattn.kernels.graph_tickets` instead (no memset on every replay).
 
 The kernels are wrapped by :func:`portattn.kernels.fast_launch.capturable` (a no-op
 outside :func:`~portattn.kernels.fast_launch.capture`), so plans can record these
@@ -23,8 +25,9 @@ from __future__ import annotations
 import torch
 
 from portattn import settings
+from portattn.devices import stream_capturing
 from portattn.errors import InputError
-from portattn.kernels import heuristics, reduce, unified
+from portattn.kernels import graph_tickets, heuristics, reduce, unified
 from portattn.kernels import kv_load as kv_load_rules
 from portattn.kernels.byte_decode import PAIR_FORMATS
 from portattn.kernels.fast_launch import capturable
@@ -219,10 +222,18 @@ def _launch_short(args, q, cache, metadata, out, cfg: dict, long_follows: bool,
     if segments > 1:  # one workspace: [tickets | acc rows x HEAD_V_PAD | m | l | ...]
         need = split_workspace_size(num_seqs, q.shape[1], cache.head_size_v, cfg)
         rows = need // (pad_v + 2)
-        if workspace is None or not has_room(workspace, need):
-            workspace = new_workspace(need, q.device)
-        tickets = workspace[:MERGE_TICKETS].view(torch.int32) if in_kernel else q
-        data = workspace[MERGE_TICKETS:]
+        own_tickets = None
+        if in_kernel:
+            own_tickets = _captured_launch_tickets(q.device, num_seqs * num_kv_heads,
+                                                   workspace is not None)
+        if own_tickets is not None:  # a graph capture: tickets that need no memset
+            tickets, data = own_tickets, torch.empty(need, dtype=torch.float32,
+                                                     device=q.device)
+        else:
+            if workspace is None or not has_room(workspace, need):
+                workspace = new_workspace(need, q.device)
+            tickets = workspace[:MERGE_TICKETS].view(torch.int32) if in_kernel else q
+            data = workspace[MERGE_TICKETS:]
         part_acc = data[:rows * pad_v]
         part_m = data[rows * pad_v:rows * (pad_v + 1)]
         part_l = data[rows * (pad_v + 1):need]
@@ -242,6 +253,26 @@ def _launch_short(args, q, cache, metadata, out, cfg: dict, long_follows: bool,
             BLOCK_Q=block_q, NUM_SEGMENTS=segments, HEAD_V=args["HEAD_V"], HEAD_V_PAD=pad_v,
             USE_SINKS=args["USE_SINKS"], FP8_OUT=args["FP8_OUT"], FP8_MAX=args["FP8_MAX"],
             num_warps=4 if pad_v * segments >= 4096 else 2)
+
+
+def _captured_launch_tickets(device: torch.device, count: int,
+                             has_workspace: bool) -> torch.Tensor | None:
+    """While a CUDA graph is captured and the caller gave no workspace: ``count`` merge
+    tickets of this launch's own from :mod:`portattn.kernels.graph_tickets` (None when
+    there are none: then a workspace's, zeroed by the graph on every replay). Outside a
+    capture: None, after making sure the device's ticket slab exists for later captures
+    (the eager calls before a capture make it)."""
+    if not _capturing(device):
+        if device.type == "cuda":
+            graph_tickets.prepare(device)
+        return None
+    return None if has_workspace else graph_tickets.take(device, count)
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on ``device``'s current stream (never for
+    another device type: a CPU build of torch cannot even ask)."""
+    return device.type == "cuda" and stream_capturing()
 
 
 def _register_cap(cfg: dict) -> dict:
