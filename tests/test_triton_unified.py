@@ -287,17 +287,22 @@ def test_captured_split_decode_takes_tickets_that_need_no_memset(monkeypatch,
 
     monkeypatch.setattr(graph_tickets, "_slabs", {})
     graph_tickets.prepare(torch.device("cpu"))  # what the eager calls before a capture do
-    slab = graph_tickets._slabs[torch.device("cpu")][0]
+    cpu = torch.device("cpu")
+    slab = graph_tickets._slabs[cpu][0]
+    align = graph_tickets.SLICE_ALIGN
     for seed, (query_lens, seq_lens, kv_heads) in enumerate(
-            [([1, 1, 1], [50, 37, 3], 2), ([1] * 5, [33, 2, 64, 17, 9], 3)]):
-        before = graph_tickets.used(torch.device("cpu"))
+            [([1, 1, 1], [50, 37, 3], 2), ([1] * 5, [33, 2, 64, 17, 9], 3),
+             ([1] * 11, [(7 * i) % 40 + 1 for i in range(11)], 3)]):  # 33 pairs
+        start, pairs = graph_tickets.used(cpu), len(seq_lens) * kv_heads
+        end = start + -(-pairs // align) * align
+        slab[start + pairs:end] = 1000  # the slice's padding: no launch may touch it
         check_unified(query_lens, seq_lens, group=2, num_kv_heads=kv_heads, dtype=F32,
                       segments=8, seed=seed, sinks=True, merge_in_kernel=True)
-        pairs = len(seq_lens) * kv_heads
-        assert graph_tickets.used(torch.device("cpu")) - before == graph_tickets.SLICE_ALIGN \
-            >= pairs, "each captured launch takes its own aligned slice"
+        assert graph_tickets.used(cpu) == end, "each captured launch takes its own slice"
+        assert (slab[start + pairs:end] == 1000).all(), "a launch used tickets past its slice"
+        slab[start + pairs:end] = 0
     assert simulated_capture == [], "a captured split decode made a workspace (a memset)"
-    assert [k["MERGE_SEGMENTS"] for k in merged_in_kernel] == [8, 8]
+    assert [k["MERGE_SEGMENTS"] for k in merged_in_kernel] == [8, 8, 8]
     assert not slab.any(), "a launch left a merge ticket set"
 
 

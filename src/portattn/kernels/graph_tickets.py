@@ -12,7 +12,12 @@ before any capture (:func:`prepare`, called by eager launches): each captured la
 gets a slice no other launch uses, so two graphs replayed side by side never share a
 ticket, and replays of one graph are ordered by CUDA. The slab is never freed (a graph
 may replay for the life of the process); when it is used up, or was never made, the
-launch falls back to the memset (:func:`take` returns None).
+launch falls back to the memset (:func:`take` returns None). Making the slab waits for
+its zeroing once (a capture begun on another stream, or by another thread, must not see
+it before). Known limit: under ``torch.compile(mode="reduce-overhead")``, a first split
+call inside Inductor's warm-up would allocate the slab from Inductor's graph pool, which
+Inductor may later hand out again (the runner's workspaces share that exposure); make
+one eager split call first there.
 
 Pure torch, no Triton: the launcher (:mod:`portattn.kernels.launch`) decides when.
 """
@@ -40,7 +45,10 @@ def prepare(device: torch.device) -> None:
         return
     with _lock:
         if device not in _slabs:
-            _slabs[device] = [torch.zeros(SLAB_TICKETS, dtype=torch.int32, device=device), 0]
+            slab = torch.zeros(SLAB_TICKETS, dtype=torch.int32, device=device)
+            if device.type == "cuda":  # zero before any graph can read it, whatever
+                torch.cuda.current_stream(device).synchronize()  # stream captures on
+            _slabs[device] = [slab, 0]
 
 
 def take(device: torch.device, count: int) -> torch.Tensor | None:
