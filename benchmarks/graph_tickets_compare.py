@@ -1,6 +1,7 @@
 """Side by side in one run: split decodes captured in a CUDA graph taking their merge
 tickets from the slab (:mod:`portattn.kernels.graph_tickets`) against the fallback, the
-workspace's tickets zeroed by a memset node on every replay. Kernel-only times from
+workspace's tickets zeroed by a memset node on every replay (``graph_tickets.take``
+switched off). Kernel-only times from
 :class:`portattn.bench.GraphTimer` (L2 flushed, flushes subtracted), alternating the two
 twice per case and keeping each one's best.
 
@@ -14,7 +15,7 @@ import sys
 import torch
 
 from portattn.bench import GraphTimer, build_inputs, default_cases, ours
-from portattn.kernels import launch
+from portattn.kernels import graph_tickets
 
 DEFAULT = ("decode-1x8192", "decode-8x1024", "decode-8x8192", "decode-1x32768",
            "decode-8x8192-fp8")
@@ -23,8 +24,8 @@ DEFAULT = ("decode-1x8192", "decode-8x1024", "decode-8x8192", "decode-1x32768",
 def main() -> int:
     wanted = sys.argv[1:] or DEFAULT
     timer = GraphTimer(reps=20, replays=5)
-    slab = launch._captured_launch_tickets
-    paths = {"slab": slab, "memset": lambda device, count, has_workspace: None}
+    slab = graph_tickets.take
+    paths = {"slab": slab, "memset": lambda device, count: None}
     print(f"{torch.cuda.get_device_name()}: kernel-only us (CUDA graph)", flush=True)
     for case in default_cases():
         if case.name not in wanted:
@@ -38,11 +39,11 @@ def main() -> int:
         try:
             for _ in range(2):
                 for name, path in paths.items():
-                    launch._captured_launch_tickets = path
+                    graph_tickets.take = path
                     us = timer(fn) * 1e3
                     best[name] = min(best.get(name, us), us)
         finally:
-            launch._captured_launch_tickets = slab
+            graph_tickets.take = slab
         print(f"{case.name:<20} slab {best['slab']:7.2f}  memset {best['memset']:7.2f}  "
               f"gain {best['memset'] - best['slab']:5.2f}", flush=True)
     return 0

@@ -32,7 +32,8 @@ taking a fresh one from torch's caching allocator cost 5.3 us of host time per c
 the H200's host, a quarter of a 1024-token prefill's); larger ones are taken from the
 caching allocator per call, so no plan holds hundreds of MB while idle. While a CUDA
 graph is being captured the normal path allocates a fresh one from the graph's pool, so
-a captured graph never points into a buffer the runner may drop. Every workspace starts
+a captured graph never points into a buffer the runner may drop (its split-KV merge
+tickets come from ``kernels.graph_tickets``, which is never freed). Every workspace starts
 with the split-KV merge tickets (``launch.new_workspace``: zeroed when made, left zero
 by every launch), so any runner may share any workspace.
 """

@@ -59,11 +59,11 @@ def take(device: torch.device, count: int) -> torch.Tensor | None:
     if entry is None:
         return None
     with _lock:
-        start = entry[1]
-        if start + count > SLAB_TICKETS:
+        slab, start = entry
+        if start + count > slab.numel():
             return None
         entry[1] = start + -(-count // SLICE_ALIGN) * SLICE_ALIGN
-    return entry[0][start:start + count]
+    return slab[start:start + count]
 
 
 def used(device: torch.device) -> int:

@@ -224,9 +224,12 @@ def _launch_short(args, q, cache, metadata, out, cfg: dict, long_follows: bool,
         rows = need // (pad_v + 2)
         own_tickets = None
         if in_kernel:
-            own_tickets = _captured_launch_tickets(q.device, num_seqs * num_kv_heads,
-                                                   workspace is not None)
-        if own_tickets is not None:  # a graph capture: tickets that need no memset
+            if not _capturing(q.device):
+                if q.is_cuda:  # the slab later captures take from (kernels/graph_tickets)
+                    graph_tickets.prepare(q.device)
+            elif workspace is None:  # captured: tickets of its own, no memset per replay
+                own_tickets = graph_tickets.take(q.device, num_seqs * num_kv_heads)
+        if own_tickets is not None:
             tickets, data = own_tickets, torch.empty(need, dtype=torch.float32,
                                                      device=q.device)
         else:
@@ -253,20 +256,6 @@ def _launch_short(args, q, cache, metadata, out, cfg: dict, long_follows: bool,
             BLOCK_Q=block_q, NUM_SEGMENTS=segments, HEAD_V=args["HEAD_V"], HEAD_V_PAD=pad_v,
             USE_SINKS=args["USE_SINKS"], FP8_OUT=args["FP8_OUT"], FP8_MAX=args["FP8_MAX"],
             num_warps=4 if pad_v * segments >= 4096 else 2)
-
-
-def _captured_launch_tickets(device: torch.device, count: int,
-                             has_workspace: bool) -> torch.Tensor | None:
-    """While a CUDA graph is captured and the caller gave no workspace: ``count`` merge
-    tickets of this launch's own from :mod:`portattn.kernels.graph_tickets` (None when
-    there are none: then a workspace's, zeroed by the graph on every replay). Outside a
-    capture: None, after making sure the device's ticket slab exists for later captures
-    (the eager calls before a capture make it)."""
-    if not _capturing(device):
-        if device.type == "cuda":
-            graph_tickets.prepare(device)
-        return None
-    return None if has_workspace else graph_tickets.take(device, count)
 
 
 def _capturing(device: torch.device) -> bool:
