@@ -582,6 +582,7 @@ def test_staging_asks_the_gate_about_the_staged_launch(monkeypatch, gate_calls, 
     variant itself: the cache's dtype and quant mode, q's dtype and the staged tile; a
     failing gate keeps the cache read in the loop, with the reason."""
     calls, answer = gate_calls
+    monkeypatch.setenv("PORTATTN_GLUON", "0")  # the staged plan itself (not the Gluon one)
     problem = _problem(block_size=16, query_len=4096, seq_len=4096, num_kv_heads=8,
                        num_q_heads=32, dtype=dtype, kv_quant=kv_quant)
     plan = _plan(problem, _real(simulated("sm90")))

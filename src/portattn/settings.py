@@ -172,6 +172,12 @@ UNIFIED_SPLIT = Setting(
     "PORTATTN_UNIFIED_SPLIT", "auto, 0, 1", "auto (the launch heuristics decide)",
     "triton_unified's split-KV (3D) decode: 1 splits decode tiles over the keys as far "
     "as the key length allows, 0 never splits", _TRISTATE, decides=True)
+GLUON = Setting(
+    "PORTATTN_GLUON", "auto, 0, 1", "auto (where measured faster, "
+    "kernels.gluon_launch: sm90, 16-bit caches, block 16, heads 64 / 128 / 256)",
+    "the warp-specialized Gluon prefill over the paged cache for a plan's long sequences "
+    "instead of staging their keys: 1 forces it (error with the reason where it cannot "
+    "run), 0 forbids it", _TRISTATE, decides=True)
 CACHE_DIR = Setting(
     "PORTATTN_CACHE_DIR", "a directory", "$XDG_CACHE_HOME/portattn, else "
     "~/.cache/portattn", "where probe results are cached across processes")
@@ -212,7 +218,7 @@ ROCR_VISIBLE_DEVICES = Setting(
 #: Every variable portattn reads, in the order the report and the help list them.
 SETTINGS: tuple[Setting, ...] = (
     BACKEND, SIMULATE, VALIDATE, TENSOR_DESCRIPTORS, TRITON, FLASH_ATTN,
-    FLASH_ATTN_INTERFACE, UNIFIED_SPLIT, CACHE_DIR, NO_DISK_CACHE, TEST_SHARD,
+    FLASH_ATTN_INTERFACE, UNIFIED_SPLIT, GLUON, CACHE_DIR, NO_DISK_CACHE, TEST_SHARD,
     TRITON_INTERPRET, TRITON_INSTRUMENTATION_MODE, FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED,
     XDG_CACHE_HOME, CUDA_VISIBLE_DEVICES, HIP_VISIBLE_DEVICES, ROCR_VISIBLE_DEVICES)
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}

@@ -113,8 +113,21 @@ def test_only_long_prompts_are_staged(quant, variant, monkeypatch):
     assert slots == [sum(case["query_lens"]) // 256]  # staging ran, for that many slots
 
 
+@pytest.fixture
+def no_gluon(monkeypatch):
+    """Plans stage their long prompts (not the Gluon prefill, which takes them on sm90
+    where it can: tests/gpu/test_gluon_prefill_gpu.py)."""
+    from portattn import settings
+
+    monkeypatch.setenv("PORTATTN_GLUON", "0")
+    settings.reload()
+    yield
+    monkeypatch.delenv("PORTATTN_GLUON")
+    settings.reload()
+
+
 @pytest.mark.parametrize("kv_quant", ["none", "fp8_per_tensor"])
-def test_plan_stages_the_chunk_beside_decodes(kv_quant):
+def test_plan_stages_the_chunk_beside_decodes(kv_quant, no_gluon):
     """The plan's own choice for a 2048-query chunk over 4096 keys beside 63 decodes (the
     bench's mixed case, shortened): only the chunk's keys are staged, the decodes read the
     cache; against the oracle, and replayed."""
@@ -149,7 +162,7 @@ def test_plan_stages_the_chunk_beside_decodes(kv_quant):
     assert relative_error(out.cpu().double(), expected) < 2e-2
 
 
-def test_plan_stages_a_long_prefill_and_replays_it():
+def test_plan_stages_a_long_prefill_and_replays_it(no_gluon):
     """The plan's own choice for a 1 x 2048 bf16 prefill at block 16 on sm90: staged, run
     through ``portattn.plan`` over layers with distinct caches (later calls replay the
     recorded launches: staging kernel + attention) and in a CUDA graph, against the

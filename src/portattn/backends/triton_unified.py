@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from portattn.backends.base import Backend, Plan
+from portattn.backends.gluon_rules import choose_gluon_prefill
 from portattn.backends.triton_kv_load import choose_kv_load, choose_staging
 from portattn.kernels import heuristics
 from portattn.types import FP8_DTYPES, FP8_FORMAT_NAMES, KVQuant
@@ -145,6 +146,7 @@ class TritonUnified(Backend):
             params["kv_bits"] = from_bytes
         params = choose_kv_load(problem, caps, shape, params)
         params = choose_staging(problem, caps, shape, params)
+        params = choose_gluon_prefill(problem, caps, params)
         return Plan(self.name, heuristics.variant_name(params), params)
 
     def run(self, q, cache, metadata, options, out, plan) -> None:

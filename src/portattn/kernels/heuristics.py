@@ -475,7 +475,9 @@ def variant_name(params: dict) -> str:
         name += f"-{params['kv_bits']}-codes"
     if params.get("v_pairs"):
         name += "-vpairs"
-    if params.get("stage"):
+    if params.get("gluon"):
+        name += "-gluon"
+    elif params.get("stage"):
         name += "-staged"
     return name + "-td" if params.get("kv_load") == "descriptor" else name
 

@@ -406,6 +406,9 @@ def launch_staged(q, cache, metadata, options, out, params: dict,
     hold them) sequences between the short tiles and ``staged_from``, in a launch of the
     plan's long tile. A call whose tokens cannot make a staged sequence, or whose staging
     workspace would pass ``heuristics.STAGE_MAX_BYTES``, reads the cache throughout."""
+    if params.get("gluon") and _launch_gluon(q, cache, metadata, options, out, params,
+                                             workspace):
+        return
     mixed = params["mode"] == "mixed"
     num_seqs = metadata.seq_lens.shape[0]
     short_q = _short_q(params)
@@ -443,6 +446,64 @@ def launch_staged(q, cache, metadata, options, out, params: dict,
                     "_kv_load_forced": bool(params.get("_kv_load_forced"))},
                    lambda args, p: _launch_long(_host_descriptors(args, staged, long), q,
                                                 staged, staged_meta, long, stage_from - 1))
+
+
+#: Gluon prefill launches that raised in auto mode, by (q dtype, head, block size,
+#: causal): those calls stage their keys from then on, in this process.
+GLUON_FAILED: dict[tuple, str] = {}
+
+
+def _launch_gluon(q, cache, metadata, options, out, params: dict, workspace) -> bool:
+    """A staged plan's long sequences (``params["gluon"]["min_q"]`` queries or more, above
+    a mixed batch's short tiles) through the Gluon prefill over the cache itself
+    (:mod:`portattn.kernels.gluon_launch`), the others as :func:`launch_staged` serves
+    them. False (nothing launched) where these tensors cannot back its descriptors or,
+    in auto, where it raised before: the caller stages instead; forced
+    (``_gluon_forced``, ``PORTATTN_GLUON=1``) such a reason is an ``InputError``."""
+    from portattn.kernels import gluon_launch
+
+    forced = bool(params.get("_gluon_forced"))
+    why = gluon_launch.tensor_reasons(q, cache, out)
+    if why:
+        if forced:
+            raise InputError("q / cache / out", "tensors the Gluon prefill's descriptors "
+                             "can read (PORTATTN_GLUON=1 forces it)", "; ".join(why))
+        return False
+    key = (q.dtype, q.shape[2], cache.block_size, bool(options.causal))
+    if key in GLUON_FAILED and not forced:
+        return False
+    num_seqs = metadata.seq_lens.shape[0]
+    short_q = _short_q(params)
+    min_q = max(int(params["gluon"]["min_q"]), short_q + 1) if num_seqs > 1 else short_q + 1
+    try:
+        gluon_launch.launch_gluon_prefill(q, cache, metadata, options, out, min_q)
+    except Exception as exc:
+        if forced:
+            raise
+        _remember_gluon_failure(key, exc)
+        return False
+    mixed = params["mode"] == "mixed"
+    middle = min_q > short_q + 1  # sequences of (short_q, min_q) queries read the cache
+    if mixed or middle:
+        def over_cache(args, p):
+            if mixed:
+                _launch_short(args, q, cache, metadata, out, p["short"], True, workspace)
+            if middle:
+                _launch_long(args, q, cache, metadata, p["long"], short_q, min_q)
+        _with_kv_loads(q, cache, metadata, options, out, params, over_cache)
+    return True
+
+
+def _remember_gluon_failure(key: tuple, exc: Exception) -> None:
+    """Record a failed auto Gluon launch and say so once (WARNING): the call is staged."""
+    import logging
+
+    from portattn.capabilities._text import one_line
+
+    reason = one_line(exc)
+    GLUON_FAILED[key] = reason
+    logging.getLogger("portattn").warning(
+        "the Gluon prefill failed, staged prefill used instead for this class: %s", reason)
 
 
 def _host_descriptors(args: dict, staged, cfg: dict) -> dict:

@@ -1,0 +1,63 @@
+"""Whether a Triton plan's long sequences run the Gluon prefill
+(:mod:`portattn.kernels.gluon_prefill`) instead of staging their keys.
+
+:func:`choose_gluon_prefill` adds ``gluon`` (the kernel's part of the plan: the fewest
+queries a sequence has for the kernel to serve it) and ``gluon_reason`` to a plan that
+stages (``params["stage"]``, :func:`portattn.backends.triton_kv_load.choose_staging`), so
+``explain`` says which kernel serves the long prompts and why. The rule:
+``PORTATTN_GLUON`` not 0; a Triton whose Gluon has Hopper's warp specialization; a
+problem class the kernel serves (:func:`portattn.kernels.gluon_launch.problem_reasons`)
+and, in auto, where it measured faster (``unmeasured_reasons``). Tensor
+strides and alignment are only known at launch
+(:func:`portattn.kernels.launch.launch_staged` checks them and stages where they do not
+fit). ``PORTATTN_GLUON=1`` turns every reason into ``UnsupportedError`` (for plans that
+stage; the others have no part for the kernel to take) and a launch-time reason into
+``InputError``; in auto a launch that raises (a Triton whose Gluon compiles differently)
+is staged instead, remembered for the process and logged once.
+"""
+
+from __future__ import annotations
+
+from portattn.errors import UnsupportedError
+from portattn.kernels import gluon_launch
+
+
+def _setting() -> bool | None:
+    from portattn import settings
+
+    return settings.GLUON.value()
+
+
+def choose_gluon_prefill(problem, caps, params: dict) -> dict:
+    """``params`` with ``gluon`` where the Gluon prefill serves the plan's long
+    sequences, and ``gluon_reason`` saying why it does or does not."""
+    setting = _setting()
+    if setting is False:
+        return {**params, "gluon_reason": "PORTATTN_GLUON=0 forbids it"}
+    if not params.get("stage"):  # nothing for the kernel to take over
+        return {**params, "gluon_reason": "the plan does not stage long sequences "
+                                          "(stage_reason), whose part the kernel takes"}
+    reasons = gluon_launch.problem_reasons(
+        arch=caps.arch, q_dtype=problem.q_dtype, kv_dtype=problem.kv_dtype,
+        out_dtype=problem.out_dtype, kv_quant=problem.kv_quant,
+        head_size_qk=problem.head_size_qk, head_size_v=problem.head_size_v,
+        block_size=problem.block_size, sliding_window=problem.sliding_window,
+        softcap=problem.softcap, alibi=problem.alibi, sinks=problem.sinks)
+    if setting is not True:  # auto: only where it measured faster
+        reasons += gluon_launch.unmeasured_reasons(head_size_qk=problem.head_size_qk,
+                                                   block_size=problem.block_size)
+    if not caps.simulated:
+        missing = gluon_launch.gluon_reason()
+        if missing:
+            reasons.append(missing)
+    if reasons:
+        if setting is True:
+            raise UnsupportedError("PORTATTN_GLUON=1 forces the Gluon prefill, which cannot "
+                                   "serve this call", {"gluon": reasons})
+        return {**params, "gluon_reason": "; ".join(reasons)}
+    out = {**params, "gluon": {"min_q": params["stage"]["min_q"]},
+           "gluon_reason": "measured faster here than staging (kernels.gluon_launch); "
+                           "the long sequences read the paged cache with TMA"}
+    if setting is True:
+        out["_gluon_forced"] = True
+    return out

@@ -1,0 +1,192 @@
+"""The Gluon prefill (:mod:`portattn.kernels.gluon_prefill`): where it may serve a plan,
+its tiles, and its launch.
+
+The rules are plain Python over numbers and strings (no Triton import);
+:func:`launch_gluon_prefill` imports the kernel module (and with it Gluon) on first use.
+A plan takes the kernel for the long sequences of a prefill or mixed batch instead of
+staging their keys (:mod:`portattn.backends.gluon_rules` decides, ``params["gluon"]``);
+:func:`portattn.kernels.launch.launch_staged` launches it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+#: Tiles by head size (the head sizes the kernel serves), from the H200 (bf16, block 16,
+#: benchmarks/NOTES.md session 13): (keys per K/V tile, ring depth). Head 128 4 x 2048
+#: 325.8 us with a ring of 3 against 335.8 with 2; head 256 keeps 64-key tiles and 2
+#: buffers (3 do not fit in shared memory).
+TILES = {64: (128, 3), 128: (128, 3), 256: (64, 2)}
+#: Head sizes where the kernel measured faster than the staged prefill it replaces (H200,
+#: bf16, block 16, session 13): head 128 4 x 2048 323 us against 363 staged, 1 x 8192 988
+#: against 1086; head 256 4 x 2048 570 against 658, 1 x 4096 517 against 588. Head 64
+#: lost: 4 x 2048 257 us in the bench against 222 staged (session 9), and in one run the
+#: kernel alone 223 against 220 for the whole staged prefill.
+MEASURED_HEADS = (128, 256)
+#: Cache block sizes the kernel serves (one TMA box per block, whole boxes per tile, rows
+#: in multiples of the 8-row swizzle atom) and those measured (a 128-key tile is 8 boxes).
+BLOCK_SIZES = (16, 32, 64)
+MEASURED_BLOCK_SIZES = (16,)
+#: Archs measured (the kernel uses Hopper's warpgroup MMA and TMA).
+ARCHS = ("sm90",)
+#: Registers per thread of each consumer warpgroup (the load warp gets 24).
+CONSUMER_REGS = 240
+#: TMA: global addresses and every stride but the last 16-byte aligned.
+_ALIGN = 16
+
+
+@functools.lru_cache(maxsize=1)
+def gluon_reason() -> str | None:
+    """Why this Triton has no Gluon warp specialization for Hopper (None: it has)."""
+    try:
+        from triton.experimental.gluon import language as gl
+        from triton.experimental.gluon.language.nvidia import hopper
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: F401
+    except Exception as exc:  # any Triton without Gluon, or a broken one
+        return f"this Triton has no Gluon for Hopper ({type(exc).__name__}: {exc})"
+    missing = [name for name, obj in (("warp_specialize", gl), ("warpgroup_mma", hopper),
+                                      ("mbarrier", hopper), ("tma", hopper))
+               if not hasattr(obj, name)]
+    if missing:
+        return f"this Triton's Gluon lacks {', '.join(missing)}"
+    return None
+
+
+def problem_reasons(*, arch: str, q_dtype: torch.dtype, kv_dtype: torch.dtype,
+                    out_dtype: torch.dtype, kv_quant: str, head_size_qk: int,
+                    head_size_v: int, block_size: int, sliding_window: bool, softcap: bool,
+                    alibi: str, sinks: bool) -> list[str]:
+    """Why the Gluon prefill cannot serve this problem class (empty: it can; whether it
+    pays is :func:`unmeasured_reasons`)."""
+    reasons = []
+    if arch not in ARCHS:
+        reasons.append(f"{arch or 'this device'} is not {'/'.join(ARCHS)} (Hopper's "
+                       "warpgroup MMA and TMA)")
+    if q_dtype not in (torch.float16, torch.bfloat16):
+        reasons.append(f"q is {str(q_dtype).replace('torch.', '')}, not float16 / bfloat16")
+    if kv_quant != "none" or kv_dtype != q_dtype:
+        reasons.append("the cache is not q's 16-bit dtype (quantized caches are staged)")
+    if out_dtype != q_dtype:
+        reasons.append("the output dtype is not q's")
+    if head_size_qk != head_size_v or head_size_qk not in TILES:
+        reasons.append(f"head sizes {head_size_qk}/{head_size_v}: measured for equal K and "
+                       f"V heads of {', '.join(map(str, TILES))}")
+    if block_size not in BLOCK_SIZES or (head_size_qk in TILES
+                                         and TILES[head_size_qk][0] % block_size):
+        reasons.append(f"block size {block_size}: the kernel reads whole blocks of "
+                       f"{'/'.join(map(str, BLOCK_SIZES))} slots, whole ones per key tile")
+    features = [name for name, used in (("a sliding window", sliding_window),
+                                        ("softcap", softcap), ("ALiBi", alibi != "none"),
+                                        ("sinks", sinks)) if used]
+    if features:
+        reasons.append(f"{', '.join(features)}: not in the Gluon kernel (the staged "
+                       "unified kernel serves them)")
+    return reasons
+
+
+def unmeasured_reasons(*, head_size_qk: int, block_size: int) -> list[str]:
+    """Why auto mode keeps staging a class the kernel can serve: it was not measured
+    faster there (``PORTATTN_GLUON=1`` runs it anyway)."""
+    reasons = []
+    if head_size_qk not in MEASURED_HEADS:
+        reasons.append(f"head size {head_size_qk}: measured faster than staging at "
+                       f"{'/'.join(map(str, MEASURED_HEADS))} only (MEASURED_HEADS)")
+    if block_size not in MEASURED_BLOCK_SIZES:
+        reasons.append(f"block size {block_size}: measured at "
+                       f"{'/'.join(map(str, MEASURED_BLOCK_SIZES))} only")
+    return reasons
+
+
+def _row_view_reasons(name: str, t: torch.Tensor) -> list[str]:
+    """Why cache ``t`` ``[num_blocks, block_size, heads, head]`` cannot be seen as rows
+    ``[num_blocks * block_size, slot stride]`` for TMA (empty: it can)."""
+    sb, ss, sh, sd = t.stride()
+    elem = t.element_size()
+    reasons = []
+    if sd != 1:
+        reasons.append(f"{name}'s last dim is not contiguous")
+    if sb != t.shape[1] * ss:
+        reasons.append(f"{name}'s block stride {sb} is not block_size x its slot stride "
+                       f"({t.shape[1]} x {ss}): its slots are not evenly spaced rows")
+    if (t.shape[2] - 1) * sh + t.shape[3] > ss:
+        reasons.append(f"{name}'s heads do not fit in one slot row")
+    if (ss * elem) % _ALIGN or t.data_ptr() % _ALIGN:
+        reasons.append(f"{name}'s base or slot stride is not {_ALIGN}-byte aligned")
+    if t.shape[0] * t.shape[1] >= 2 ** 31:
+        reasons.append(f"{name} has more than 2**31 slots")
+    return reasons
+
+
+def tensor_reasons(q: torch.Tensor, cache, out: torch.Tensor) -> list[str]:
+    """Why these tensors cannot back the kernel's descriptors (empty: they can): q's
+    heads contiguous, the caches as evenly spaced slot rows with one head stride, all
+    16-byte aligned, and a GPU (Gluon has no interpreter)."""
+    reasons = []
+    if q.device.type != "cuda":
+        reasons.append("not a CUDA tensor (the Gluon kernel runs on the GPU only)")
+    head = q.shape[2]
+    if q.stride(2) != 1 or q.stride(1) != head:
+        reasons.append("q's heads are not contiguous rows of its tokens")
+    if (q.stride(0) * q.element_size()) % _ALIGN or q.data_ptr() % _ALIGN:
+        reasons.append(f"q's base or token stride is not {_ALIGN}-byte aligned")
+    if out.stride(2) != 1:
+        reasons.append("out's last dim is not contiguous")
+    kc, vc = cache.key_cache, cache.value_cache
+    reasons += _row_view_reasons("key_cache", kc) + _row_view_reasons("value_cache", vc)
+    if kc.stride() != vc.stride():
+        reasons.append("key_cache and value_cache have different strides")
+    return reasons
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel():
+    from portattn.kernels import gluon_prefill
+    from portattn.kernels.fast_launch import capturable
+
+    return capturable(gluon_prefill.gluon_prefill_kernel)
+
+
+def _rows(t: torch.Tensor, box_rows: int, head: int, tile_rows: int, gdt):
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    layout = gl.NVMMASharedLayout.get_default_for([tile_rows, head], gdt)
+    return TensorDescriptor(t, [t.shape[0] * t.shape[1], t.stride(1)], [t.stride(1), 1],
+                            [box_rows, head], layout)
+
+
+def launch_gluon_prefill(q: torch.Tensor, cache, metadata, options, out: torch.Tensor,
+                         min_q: int) -> None:
+    """Attention of the sequences with at least ``min_q`` queries into ``out`` (the
+    others' rows untouched); every other argument as
+    :func:`portattn.kernels.launch.launch_unified`. The caller has checked
+    :func:`problem_reasons` and :func:`tensor_reasons`."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from portattn.kernels import gluon_prefill
+
+    num_tokens, num_q_heads, head = q.shape
+    block_n, num_buf = TILES[head]
+    gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    rows = gluon_prefill.CONSUMER_ROWS
+    q_desc = TensorDescriptor(q, [num_tokens, num_q_heads * head], [q.stride(0), 1],
+                              [rows, head], gl.NVMMASharedLayout.get_default_for([rows, head],
+                                                                                 gdt))
+    kc, vc = cache.key_cache, cache.value_cache
+    block_size = kc.shape[1]
+    k_desc = _rows(kc, block_size, head, block_n, gdt)
+    v_desc = _rows(vc, block_size, head, block_n, gdt)
+    num_seqs = metadata.seq_lens.shape[0]
+    bt = metadata.block_table
+    num_tiles = num_tokens // gluon_prefill.BLOCK_M + num_seqs
+    _kernel()[(num_tiles * num_q_heads,)](
+        q_desc, k_desc, v_desc, out, out.stride(0), out.stride(1), metadata.cu_seqlens_q,
+        metadata.seq_lens, bt, bt.stride(0), bt.shape[1], kc.shape[0], num_seqs, num_tiles,
+        int(min_q), float(options.scale) * 1.4426950408889634,
+        NUM_Q_HEADS=num_q_heads, GROUP=num_q_heads // cache.num_kv_heads,
+        KV_HEAD_STRIDE=kc.stride(2), BLOCK_N=block_n, HEAD=head, BLOCK_SIZE=block_size,
+        NUM_BUF=num_buf, CAUSAL=bool(options.causal), CONSUMER_REGS=CONSUMER_REGS,
+        num_warps=4)

@@ -1,0 +1,364 @@
+"""Warp-specialized causal prefill over the paged cache, for Hopper (sm90), in Gluon.
+
+Written with ``triton.experimental.gluon`` because Triton 3.6's automatic warp
+specialization gave wrong results or hung on the H200 (benchmarks/NOTES.md, session 12).
+Imports Gluon: only :mod:`portattn.kernels.gluon_launch` imports this module, when a plan
+has chosen the kernel (:mod:`portattn.backends.gluon_rules`).
+
+Layout
+------
+* ``q_desc``: a host descriptor over ``q`` seen as ``[num_tokens, num_q_heads * HEAD]``
+  (q's head stride is ``HEAD``), box ``[64, HEAD]``: one box per consumer partition;
+* ``k_desc`` / ``v_desc``: host descriptors over the caches seen as rows ``[num_blocks *
+  BLOCK_SIZE, row_elems]`` (a cache row is one slot: its block stride is ``BLOCK_SIZE``
+  slot strides), box ``[BLOCK_SIZE, HEAD]`` at column ``kv_head * stride_head``: key
+  ``k`` of sequence ``b`` is slot ``k % BLOCK_SIZE`` of block ``block_table[b, k //
+  BLOCK_SIZE]``. A K/V tile of ``BLOCK_N`` keys is ``BLOCK_N // BLOCK_SIZE`` boxes, each
+  landing in its row slice of the tile's shared-memory buffer: no staging copy;
+* ``out`` through (token, head) strides, last dim contiguous; ``cu_seqlens_q``,
+  ``seq_lens`` and ``block_table`` as the metadata gives them.
+
+Grid and tiles
+--------------
+Grid ``((num_tokens // 128 + num_seqs) * num_q_heads,)``: program ``p`` takes q head ``p %
+num_q_heads`` of global query tile ``T - 1 - p // num_q_heads`` (``T`` tiles in all; so
+each sequence's last, heaviest tiles run first), found by binary search over
+``cu_seqlens_q`` (:func:`portattn.kernels.common.find_seq_of_tile`'s numbering: sequence
+``b`` owns tiles from ``cu_seqlens_q[b] // 128 + b``). A tile is 128 queries of one q head;
+programs past their sequence's queries, and sequences with fewer than ``MIN_Q`` queries
+(served by another launch), return at once. The grid covers every query of the batch
+whatever ``max_seqlen_q`` says.
+
+Partitions (``gl.warp_specialize``)
+-----------------------------------
+* load (1 warp, 24 registers): Q once, then for every visible key tile K and V into a
+  ring of ``NUM_BUF`` buffers, each guarded by a ``ready`` mbarrier (the TMA copies
+  landed) and an ``empty`` one (both consumers are done with it);
+* two consumers (4 warps each: one warpgroup of 64 query rows; the default partition and
+  a worker with ``CONSUMER_REGS`` registers): per key tile QK^T (``warpgroup_mma``), the
+  online softmax in base 2 with the scale folded, PV with P from registers. The QK^T of
+  tile j+1 is issued before the PV of tile j, and tile j+1's softmax runs while that PV
+  is on the tensor cores (FA3's intra-warpgroup overlap). Tiles every row sees run
+  without masks; only tiles from ``n_full`` on (the causal diagonal, the sequence end)
+  are masked. Each consumer waits and arrives on its own, so one's softmax overlaps the
+  other's matmuls.
+
+Causality: query ``i`` of a sequence with ``q_len`` queries over ``k_len`` keys sees keys
+``<= i + k_len - q_len`` (``CAUSAL``; else all ``k_len``).
+
+Bad metadata never reads out of bounds: block ids outside ``[0, num_blocks)`` read block 0
+and table columns past ``bt_width`` read the last column, and every row that would see
+such a key (or a key past the table's width) is written NaN (a scan of the table before
+the loop finds the first bad key). A TMA box brings a whole cache block, so the slots
+past a sequence's last key (and the blocks read for bad ids) arrive with whatever the
+cache holds there: the V rows of keys from the first bad key or the sequence end on are
+zeroed in shared memory before their PV (:func:`_zero_rows_from`: the last tile of a
+sequence whose length is not a multiple of ``BLOCK_N``), as P = 0 times a NaN is NaN.
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+#: query rows of a program's tile (two consumer warpgroups of 64)
+BLOCK_M = 128
+#: query rows of one consumer partition
+CONSUMER_ROWS = 64
+
+
+@gluon.constexpr_function
+def _product(a, b):
+    return a * b
+
+
+@gluon.jit
+def _load_partition(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready,
+                    k_empty, v_empty, q_row, q_col, kv_col, bt_row_ptr, bt_width, num_blocks,
+                    n_tiles, BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr):
+    """One warp: the two Q boxes, then K and V of every visible key tile, a box per cache
+    block, into the ring (bad ids read block 0: the consumers NaN the rows that see them)."""
+    num_buf: gl.constexpr = k_bufs.type.shape[0]
+    per_tile: gl.constexpr = BLOCK_N // BLOCK_SIZE
+    rows: gl.constexpr = q_desc.block_type.shape[0]
+    mbarrier.expect(q_bar, _product(2, q_desc.block_type.nbytes))
+    for i in gl.static_range(2):
+        tma.async_copy_global_to_shared(q_desc, [q_row + i * rows, q_col], q_bar,
+                                        q_bufs.index(i))
+    for j in range(n_tiles):
+        idx = j % num_buf
+        phase = (j // num_buf) & 1
+        # a fresh mbarrier counts as having completed the phase before 0
+        mbarrier.wait(k_empty.index(idx), phase ^ 1)
+        mbarrier.expect(k_ready.index(idx), _product(per_tile, k_desc.block_type.nbytes))
+        for i in gl.static_range(per_tile):
+            block = gl.load(bt_row_ptr + gl.minimum(j * per_tile + i, bt_width - 1))
+            block = gl.where((block >= 0) & (block < num_blocks), block, 0)
+            tma.async_copy_global_to_shared(k_desc, [block * BLOCK_SIZE, kv_col],
+                                            k_ready.index(idx),
+                                            k_bufs.index(idx).slice(i * BLOCK_SIZE, BLOCK_SIZE))
+        mbarrier.wait(v_empty.index(idx), phase ^ 1)
+        mbarrier.expect(v_ready.index(idx), _product(per_tile, v_desc.block_type.nbytes))
+        for i in gl.static_range(per_tile):
+            block = gl.load(bt_row_ptr + gl.minimum(j * per_tile + i, bt_width - 1))
+            block = gl.where((block >= 0) & (block < num_blocks), block, 0)
+            tma.async_copy_global_to_shared(v_desc, [block * BLOCK_SIZE, kv_col],
+                                            v_ready.index(idx),
+                                            v_bufs.index(idx).slice(i * BLOCK_SIZE, BLOCK_SIZE))
+
+
+@gluon.jit
+def _softmax_step(s, m_i, l_i, qk_scale, rows, cols, key0, off, k_len, MASK: gl.constexpr,
+                  CAUSAL: gl.constexpr):
+    """One online-softmax step on a score tile: P, the new row max and sum, and the
+    factor that rescales the accumulator (base 2, ``qk_scale`` = scale * log2(e))."""
+    s = s * qk_scale
+    if MASK:
+        keys = gl.expand_dims(key0 + cols, 0)
+        ok = keys < k_len
+        if CAUSAL:
+            ok = ok & (keys <= gl.expand_dims(rows + off, 1))
+        s = gl.where(ok, s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, axis=1))
+    # rows that see no key yet keep a max of -inf: shift by 0 there (their P is 0)
+    m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = gl.exp2(m_i - m_safe)
+    p = gl.exp2(s - gl.expand_dims(m_safe, 1))
+    l_i = l_i * alpha + gl.sum(p, axis=1)
+    return p, m_new, l_i, alpha
+
+
+@gluon.constexpr_function
+def _row_layout(rows, head, num_warps):
+    """A blocked layout of a ``[rows, head]`` 16-bit tile: 16-byte vectors along head."""
+    cols = min(32, head // 8)
+    return gl.BlockedLayout([1, 8], [32 // cols, cols], [num_warps, 1], [1, 0])
+
+
+@gluon.jit
+def _zero_rows_from(v_buf, fix_bar, uses, key0, limit, BLOCK_N: gl.constexpr,
+                    HEAD: gl.constexpr, num_warps: gl.constexpr):
+    """Zero the rows of a V tile whose keys are at or past ``limit`` (the sequence end or
+    the first bad key): whatever the cache holds there (NaN included) would otherwise
+    reach every row through P = 0 times V. Both consumers write the same values, then
+    meet at ``fix_bar`` (count 2, used ``uses`` times before) before either reads the
+    tile with the tensor cores. Returns the new use count."""
+    CHUNK: gl.constexpr = 64  # columns at a time (few registers beside the accumulator)
+    layout: gl.constexpr = _row_layout(BLOCK_N, CHUNK, num_warps)
+    keys = key0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
+    keep = gl.expand_dims(keys < limit, 1)
+    for c in gl.static_range(HEAD // CHUNK):
+        part = v_buf.slice(c * CHUNK, CHUNK, dim=1)
+        v = part.load(layout)
+        part.store(gl.where(keep, v, gl.zeros_like(v)))
+    fence_async_shared()
+    mbarrier.arrive(fix_bar, count=1)
+    mbarrier.wait(fix_bar, uses & 1)
+    return uses + 1
+
+
+@gluon.jit
+def _first_bad_key(bt_row_ptr, bt_width, num_blocks, n_cols, BLOCK_SIZE: gl.constexpr,
+                   num_warps: gl.constexpr):
+    """The first key position among the ``n_cols`` table columns a tile reads whose block
+    id is outside ``[0, num_blocks)`` or whose column is past ``bt_width`` (2**30: none)."""
+    SCAN: gl.constexpr = 128
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+    first = 1 << 30
+    for c0 in range(0, n_cols, SCAN):
+        cols = c0 + gl.arange(0, SCAN, layout=layout)
+        inside = cols < gl.minimum(n_cols, bt_width)
+        ids = gl.load(bt_row_ptr + cols, mask=inside, other=0)
+        bad = ((ids < 0) | (ids >= num_blocks)) & inside
+        bad = bad | ((cols >= bt_width) & (cols < n_cols))
+        first = gl.minimum(first, gl.min(gl.where(bad, cols, 1 << 30), axis=0))
+    return gl.where(first < (1 << 30), first * BLOCK_SIZE, 1 << 30)
+
+
+@gluon.jit
+def _consumer_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty,
+                        fix_bar, out_ptr, stride_ot, stride_oh, bt_row_ptr, bt_width, num_blocks,
+                        q_start, q_len, head, row0, off, k_len, n_full, n_tiles, qk_scale,
+                        ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD: gl.constexpr,
+                        BLOCK_SIZE: gl.constexpr, CAUSAL: gl.constexpr,
+                        num_warps: gl.constexpr):
+    """One warpgroup: ``ROWS`` query rows from ``row0`` over every key tile of the
+    program (the ring's ``empty`` barriers count both consumers)."""
+    num_buf: gl.constexpr = k_bufs.type.shape[0]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+    orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
+    ocol_layout: gl.constexpr = gl.SliceLayout(0, o_layout)
+    dtype: gl.constexpr = k_bufs.dtype
+
+    rows = row0 + gl.arange(0, ROWS, layout=row_layout)
+    cols = gl.arange(0, BLOCK_N, layout=col_layout)
+    m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
+    l_i = gl.full([ROWS], 0.0, gl.float32, layout=row_layout)
+    acc = gl.zeros([ROWS, HEAD], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+    first_bad = _first_bad_key(bt_row_ptr, bt_width, num_blocks,
+                               gl.cdiv(gl.minimum(n_tiles * BLOCK_N, k_len), BLOCK_SIZE),
+                               BLOCK_SIZE, num_warps)
+    limit = gl.minimum(first_bad, k_len)  # V rows of keys from here on are zeroed
+    uses = 0
+    mbarrier.wait(q_bar, 0)
+
+    # tile 0: scores and probabilities before the loop
+    mbarrier.wait(k_ready.index(0), 0)
+    s = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False,
+                      is_async=True)
+    s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+    mbarrier.arrive(k_empty.index(0), count=1)
+    if n_full == 0:
+        p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale, rows, cols, 0, off, k_len,
+                                           True, CAUSAL)
+    else:
+        p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale, rows, cols, 0, off, k_len,
+                                           False, CAUSAL)
+    for j in range(1, n_tiles):
+        idx = j % num_buf
+        prev = (j - 1) % num_buf
+        mbarrier.wait(k_ready.index(idx), (j // num_buf) & 1)
+        s = warpgroup_mma(q_smem, k_bufs.index(idx).permute((1, 0)), s_zero, use_acc=False,
+                          is_async=True)
+        mbarrier.wait(v_ready.index(prev), ((j - 1) // num_buf) & 1)
+        if j * BLOCK_N > limit:
+            uses = _zero_rows_from(v_bufs.index(prev), fix_bar, uses, (j - 1) * BLOCK_N, limit,
+                                   BLOCK_N, HEAD, num_warps)
+        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_bufs.index(prev), acc,
+                            is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
+        mbarrier.arrive(k_empty.index(idx), count=1)
+        if j >= n_full:
+            p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale, rows, cols, j * BLOCK_N,
+                                               off, k_len, True, CAUSAL)
+        else:
+            p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale, rows, cols, j * BLOCK_N,
+                                               off, k_len, False, CAUSAL)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(v_empty.index(prev), count=1)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
+    last = (n_tiles - 1) % num_buf
+    mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // num_buf) & 1)
+    if n_tiles * BLOCK_N > limit:
+        uses = _zero_rows_from(v_bufs.index(last), fix_bar, uses, (n_tiles - 1) * BLOCK_N,
+                               limit, BLOCK_N, HEAD, num_warps)
+    acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_bufs.index(last), acc,
+                        is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    mbarrier.arrive(v_empty.index(last), count=1)
+
+    orows = row0 + gl.arange(0, ROWS, layout=orow_layout)
+    ocols = gl.arange(0, HEAD, layout=ocol_layout)
+    o = acc / gl.expand_dims(gl.convert_layout(l_i, orow_layout), 1)
+    if CAUSAL:
+        sees_bad = orows + off >= first_bad
+    else:
+        sees_bad = (orows < 0) | (first_bad < k_len)
+    o = gl.where(gl.expand_dims(sees_bad, 1), float("nan"), o)
+    offs = gl.expand_dims((q_start + orows).to(gl.int64) * stride_ot, 1) + \
+        head * stride_oh + gl.expand_dims(ocols, 0)
+    gl.store(out_ptr + offs, o.to(out_ptr.dtype.element_ty),
+             mask=gl.expand_dims(orows < q_len, 1))
+
+
+@gluon.jit
+def _find_seq(cu_seqlens_q_ptr, num_seqs, tile):
+    """The sequence owning global tile ``tile`` (sequence ``b`` from ``cu[b] // 128 + b``)."""
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        start = gl.load(cu_seqlens_q_ptr + mid) // 128 + mid
+        if start <= tile:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@gluon.jit
+def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, stride_ot, stride_oh,
+                         cu_seqlens_q_ptr, seq_lens_ptr, bt_ptr, bt_stride, bt_width,
+                         num_blocks, num_seqs, num_tiles, min_q, qk_scale,
+                         NUM_Q_HEADS: gl.constexpr, GROUP: gl.constexpr,
+                         KV_HEAD_STRIDE: gl.constexpr, BLOCK_N: gl.constexpr,
+                         HEAD: gl.constexpr, BLOCK_SIZE: gl.constexpr, NUM_BUF: gl.constexpr,
+                         CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                         num_warps: gl.constexpr):
+    """Paged prefill, one (query tile, q head) per program; layout, grid and partitions
+    in the module doc. Switches: ``NUM_BUF`` (K/V ring depth), ``CAUSAL``; launched with
+    ``num_warps=4`` (one consumer warpgroup; the other consumer and the load warp are
+    worker partitions). ``KV_HEAD_STRIDE``: the caches' head stride in elements (the
+    column of kv head ``h`` in the row view is ``h * KV_HEAD_STRIDE``)."""
+    pid = gl.program_id(0)
+    tile = num_tiles - 1 - pid // NUM_Q_HEADS
+    head = pid % NUM_Q_HEADS
+    seq = _find_seq(cu_seqlens_q_ptr, num_seqs, tile)
+    q_start = gl.load(cu_seqlens_q_ptr + seq)
+    q_len = gl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    m0 = (tile - (q_start // 128 + seq)) * 128
+    if (m0 < q_len) & (q_len >= min_q):
+        k_len = gl.load(seq_lens_ptr + seq)
+        off = k_len - q_len
+        if CAUSAL:
+            visible = gl.minimum(k_len, gl.minimum(m0 + 128, q_len) + off)
+            n_full = gl.minimum((m0 + off + 1) // BLOCK_N, k_len // BLOCK_N)
+        else:
+            visible = k_len
+            n_full = k_len // BLOCK_N
+        n_tiles = gl.maximum(gl.cdiv(visible, BLOCK_N), 1)
+        n_full = gl.maximum(n_full, 0)
+        bt_row_ptr = bt_ptr + seq.to(gl.int64) * bt_stride
+
+        q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape,
+                                           q_desc.layout)
+        k_bufs = gl.allocate_shared_memory(k_desc.dtype, [NUM_BUF, BLOCK_N, HEAD],
+                                           k_desc.layout)
+        v_bufs = gl.allocate_shared_memory(v_desc.dtype, [NUM_BUF, BLOCK_N, HEAD],
+                                           v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        fix_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        mbarrier.init(fix_bar, count=2)
+        for i in gl.static_range(NUM_BUF):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)
+            mbarrier.init(v_empty.index(i), count=2)
+        fence_async_shared()
+        # (the arguments are written out in the call: a tuple assigned to a local first
+        # turns its constexprs into tensors)
+        gl.warp_specialize([
+            (_consumer_partition, (q_bufs.index(0), k_bufs, v_bufs, q_bar, k_ready, v_ready,
+                                   k_empty, v_empty, fix_bar, out_ptr, stride_ot, stride_oh,
+                                   bt_row_ptr, bt_width, num_blocks, q_start, q_len, head, m0,
+                                   off, k_len, n_full, n_tiles, qk_scale, 64, BLOCK_N, HEAD,
+                                   BLOCK_SIZE, CAUSAL, num_warps)),
+            (_consumer_partition, (q_bufs.index(1), k_bufs, v_bufs, q_bar, k_ready, v_ready,
+                                   k_empty, v_empty, fix_bar, out_ptr, stride_ot, stride_oh,
+                                   bt_row_ptr, bt_width, num_blocks, q_start, q_len, head,
+                                   m0 + 64, off, k_len, n_full, n_tiles, qk_scale, 64, BLOCK_N,
+                                   HEAD, BLOCK_SIZE, CAUSAL, num_warps)),
+            (_load_partition, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready,
+                               v_ready, k_empty, v_empty, q_start + m0, head * HEAD,
+                               (head // GROUP) * KV_HEAD_STRIDE, bt_row_ptr, bt_width,
+                               num_blocks, n_tiles, BLOCK_N, BLOCK_SIZE)),
+        ], [num_warps, 1], [CONSUMER_REGS, 24])

@@ -1,0 +1,229 @@
+"""Where the Gluon prefill (``kernels/gluon_prefill.py``) serves a plan, on the CPU: the
+problem and tensor rules, the plan's choice and ``PORTATTN_GLUON``, and the launch's
+fallback to staging (tensors it cannot read; a launch that raised). The kernel itself
+runs on Hopper only: tests/gpu/test_gluon_prefill_gpu.py."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from portattn import InputError, PagedKVCache
+from portattn.backends import gluon_rules
+from portattn.backends.triton_unified import TritonUnified
+from portattn.capabilities.profiles import simulated
+from portattn.dispatch.problem import Problem
+from portattn.errors import UnsupportedError
+from portattn.kernels import gluon_launch
+from portattn.testing import make_paged_batch
+
+BF16 = torch.bfloat16
+GOOD = dict(arch="sm90", q_dtype=BF16, kv_dtype=BF16, out_dtype=BF16, kv_quant="none",
+            head_size_qk=128, head_size_v=128, block_size=16, sliding_window=False,
+            softcap=False, alibi="none", sinks=False)
+
+
+def test_the_measured_class_has_no_reason():
+    assert gluon_launch.problem_reasons(**GOOD) == []
+    assert gluon_launch.problem_reasons(**{**GOOD, "q_dtype": torch.float16,
+                                           "kv_dtype": torch.float16,
+                                           "out_dtype": torch.float16}) == []
+    for head in (64, 256):
+        assert gluon_launch.problem_reasons(**{**GOOD, "head_size_qk": head,
+                                               "head_size_v": head}) == []
+
+
+@pytest.mark.parametrize("change,words", [
+    (dict(arch="sm100"), "sm100 is not sm90"),
+    (dict(arch="sm80"), "sm80 is not sm90"),
+    (dict(q_dtype=torch.float32, kv_dtype=torch.float32, out_dtype=torch.float32),
+     "not float16 / bfloat16"),
+    (dict(kv_quant="fp8_per_tensor:e4m3fn", kv_dtype=torch.float8_e4m3fn),
+     "not q's 16-bit dtype"),
+    (dict(out_dtype=torch.float16), "output dtype"),
+    (dict(head_size_qk=192, head_size_v=128), "head sizes 192/128"),
+    (dict(head_size_qk=96, head_size_v=96), "head sizes 96/96"),
+    (dict(block_size=128), "block size 128"),
+    (dict(block_size=8), "block size 8"),
+    (dict(sliding_window=True), "a sliding window"),
+    (dict(softcap=True), "softcap"),
+    (dict(alibi="linear"), "ALiBi"),
+    (dict(sinks=True), "sinks"),
+])
+def test_each_unmeasured_or_unsupported_class_names_its_reason(change, words):
+    reasons = gluon_launch.problem_reasons(**{**GOOD, **change})
+    assert len(reasons) == 1 and words in reasons[0], reasons
+
+
+def test_unmeasured_classes_are_named():
+    assert gluon_launch.unmeasured_reasons(head_size_qk=128, block_size=16) == []
+    assert gluon_launch.unmeasured_reasons(head_size_qk=256, block_size=16) == []
+    why = gluon_launch.unmeasured_reasons(head_size_qk=64, block_size=32)
+    assert len(why) == 2 and "head size 64" in why[0] and "block size 32" in why[1]
+    # head 256 reads 64-key tiles: a 128-slot block cannot be whole boxes of one tile
+    why = gluon_launch.problem_reasons(**{**GOOD, "head_size_qk": 256, "head_size_v": 256,
+                                          "block_size": 64})
+    assert why == []
+    assert gluon_launch.problem_reasons(**{**GOOD, "block_size": 32}) == []
+
+
+def test_tensor_rules():
+    batch = make_paged_batch([40], [40], num_q_heads=4, num_kv_heads=2, head_size=64,
+                             dtype=BF16)
+    why = gluon_launch.tensor_reasons(batch.q, batch.cache, torch.empty_like(batch.q))
+    assert why == ["not a CUDA tensor (the Gluon kernel runs on the GPU only)"]
+    packed = make_paged_batch([40], [40], num_q_heads=4, num_kv_heads=2, head_size=64,
+                              dtype=BF16, layout="packed")
+    why = gluon_launch.tensor_reasons(packed.q, packed.cache, torch.empty_like(packed.q))
+    assert any("key_cache's block stride" in r for r in why), why
+    assert any("value_cache's block stride" in r for r in why), why
+    q = torch.randn(40, 64, 4, dtype=BF16).transpose(1, 2)  # heads not contiguous rows
+    why = gluon_launch.tensor_reasons(q, batch.cache, torch.empty(40, 4, 64, dtype=BF16))
+    assert any("q's heads are not contiguous" in r for r in why), why
+    # heads of a cache strided wider than a slot row
+    kc = torch.zeros(4, 16, 2, 128, dtype=BF16)[..., :64]
+    odd = PagedKVCache(kc, kc.clone())
+    why = gluon_launch.tensor_reasons(batch.q, odd, torch.empty_like(batch.q))
+    assert not any("heads do not fit" in r for r in why), why  # 1 x 128 + 64 <= 256
+
+
+def _problem(**kw):
+    base = dict(num_q_heads=32, num_kv_heads=8, head_size=128, block_size=16,
+                dtype="bfloat16", query_len=4096, seq_len=4096)
+    return Problem.make(**{**base, **kw})
+
+
+def _plan(problem, profile="sm90"):
+    return TritonUnified().plan(problem, simulated(profile))
+
+
+def test_a_long_prefill_on_sm90_plans_the_gluon_kernel():
+    plan = _plan(_problem())
+    assert plan.params.get("stage"), plan.params  # the staged plan it takes over
+    assert plan.params["gluon"] == {"min_q": plan.params["stage"]["min_q"]}
+    assert plan.variant.endswith("-gluon") and "staged" not in plan.variant
+    assert "measured faster" in plan.params["gluon_reason"]
+
+
+@pytest.mark.parametrize("kw,words", [
+    (dict(sinks=True), "sinks"),
+    (dict(softcap=True), "softcap"),
+    (dict(sliding_window=True), "a sliding window"),
+    (dict(out_dtype="float16"), "output dtype"),
+    (dict(kv_quant="fp8_per_tensor:e4m3fn"), "not q's 16-bit dtype"),
+])
+def test_other_classes_stay_staged_with_the_reason(kw, words):
+    plan = _plan(_problem(**kw))
+    assert "gluon" not in plan.params and words in plan.params["gluon_reason"]
+
+
+def test_head_64_is_staged_in_auto_and_served_when_forced(monkeypatch):
+    plan = _plan(_problem(head_size=64))
+    assert "gluon" not in plan.params and plan.variant.endswith("-staged")
+    assert "measured faster than staging at 128/256" in plan.params["gluon_reason"]
+    monkeypatch.setenv("PORTATTN_GLUON", "1")
+    plan = _plan(_problem(head_size=64))
+    assert plan.params["gluon"] and plan.variant.endswith("-gluon")
+
+
+def test_short_prefills_and_other_archs_have_no_part_for_it():
+    plan = _plan(_problem(query_len=64, seq_len=4096))
+    assert "gluon" not in plan.params and "does not stage" in plan.params["gluon_reason"]
+    plan = _plan(_problem(), "sm100")
+    assert "gluon" not in plan.params
+
+
+def test_the_setting(monkeypatch):
+    monkeypatch.setenv("PORTATTN_GLUON", "0")
+    plan = _plan(_problem())
+    assert "gluon" not in plan.params and plan.variant.endswith("-staged")
+    assert plan.params["gluon_reason"] == "PORTATTN_GLUON=0 forbids it"
+    monkeypatch.setenv("PORTATTN_GLUON", "1")
+    assert _plan(_problem()).params["_gluon_forced"] is True
+    with pytest.raises(UnsupportedError, match="sinks"):
+        _plan(_problem(sinks=True))
+    monkeypatch.setenv("PORTATTN_GLUON", "maybe")
+    with pytest.raises(InputError, match="PORTATTN_GLUON"):
+        _plan(_problem())
+
+
+def test_a_triton_without_gluon_is_a_reason_on_a_probed_device(monkeypatch):
+    monkeypatch.setattr(gluon_launch, "gluon_reason", lambda: "this Triton has no Gluon")
+    caps = dataclasses.replace(simulated("sm90"), profile=None)  # looks probed
+    params = gluon_rules.choose_gluon_prefill(_problem(), caps,
+                                              {"mode": "prefill", "stage": {"min_q": 512}})
+    assert "gluon" not in params and "no Gluon" in params["gluon_reason"]
+
+
+# ---------------------------------------------------------------- the launch's fallbacks
+
+def _staged_call(monkeypatch, forced=False):
+    """A small staged prefill planned with the Gluon kernel: returns a runner of
+    ``launch_unified`` and the counts of Gluon launches and staging launches."""
+    from portattn.kernels import launch
+    from portattn.kernels.heuristics import TileConfig
+    from portattn.options import normalize_options
+
+    batch = make_paged_batch([20, 9], [60, 30], num_q_heads=4, num_kv_heads=2,
+                             head_size=32, block_size=16, dtype=torch.float16, seed=3)
+    options = normalize_options(batch.q, batch.cache)
+    long = TileConfig(block_m=32, block_q=16, block_n=16, num_warps=4, num_stages=2).as_dict()
+    params = {"mode": "prefill", "long": long,
+              "stage": {"block": 32, "sblocks": 2, "min_q": 10}, "stage_long": long,
+              "stage_kv_load": "staged", "_kv_load_forced": True,
+              "gluon": {"min_q": 10}, "_gluon_forced": forced}
+    counts = {"gluon": 0, "stage": 0}
+    original = launch.stage_kv
+    monkeypatch.setattr(launch, "stage_kv", lambda *a: (counts.__setitem__(
+        "stage", counts["stage"] + 1), original(*a))[1])
+
+    def run():
+        out = torch.full_like(batch.q, float("nan"))
+        launch.launch_unified(batch.q, batch.cache, batch.metadata, options, out, params)
+        return out
+    return batch, options, run, counts
+
+
+@pytest.mark.interpreter
+def test_tensors_it_cannot_read_are_staged_or_refused_when_forced(monkeypatch):
+    from portattn.testing import dense_attention, relative_error
+
+    batch, options, run, counts = _staged_call(monkeypatch)
+    out = run()  # CPU tensors: not for the Gluon kernel, staged instead
+    expected = dense_attention(batch.q.double(), batch.keys, batch.values, batch.query_lens,
+                               scale=options.scale)
+    assert counts["stage"] == 1 and relative_error(out.double(), expected) < 3e-3
+    batch, options, run, counts = _staged_call(monkeypatch, forced=True)
+    with pytest.raises(InputError, match="not a CUDA tensor"):
+        run()
+    assert counts["stage"] == 0
+
+
+@pytest.mark.interpreter
+def test_a_gluon_launch_that_raises_is_staged_and_remembered(monkeypatch, caplog):
+    from portattn.kernels import launch
+    from portattn.testing import dense_attention, relative_error
+
+    monkeypatch.setattr(launch, "GLUON_FAILED", {})
+    monkeypatch.setattr(gluon_launch, "tensor_reasons", lambda *a: [])
+    tries = []
+
+    def broken(*args):
+        tries.append(1)
+        raise RuntimeError("PassManager::run failed (injected)")
+    monkeypatch.setattr(gluon_launch, "launch_gluon_prefill", broken)
+    batch, options, run, counts = _staged_call(monkeypatch)
+    with caplog.at_level("WARNING", logger="portattn"):
+        out = run()
+    expected = dense_attention(batch.q.double(), batch.keys, batch.values, batch.query_lens,
+                               scale=options.scale)
+    assert relative_error(out.double(), expected) < 3e-3
+    assert tries == [1] and counts["stage"] == 1
+    assert "Gluon prefill failed" in caplog.text and len(launch.GLUON_FAILED) == 1
+    run()  # remembered: staged without trying again
+    assert tries == [1] and counts["stage"] == 2
+    batch, options, run, counts = _staged_call(monkeypatch, forced=True)
+    with pytest.raises(RuntimeError, match="injected"):
+        run()
