@@ -174,7 +174,7 @@ UNIFIED_SPLIT = Setting(
     "as the key length allows, 0 never splits", _TRISTATE, decides=True)
 GLUON = Setting(
     "PORTATTN_GLUON", "auto, 0, 1", "auto (where measured faster, "
-    "kernels.gluon_launch: sm90, 16-bit caches, block 16, heads 64 / 128 / 256)",
+    "kernels.gluon_launch: sm90, 16-bit caches, block 16, heads 128 and 256)",
     "the warp-specialized Gluon prefill over the paged cache for a plan's long sequences "
     "instead of staging their keys: 1 forces it (error with the reason where it cannot "
     "run), 0 forbids it", _TRISTATE, decides=True)
