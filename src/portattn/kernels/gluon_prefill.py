@@ -80,6 +80,21 @@ def _product(a, b):
 
 
 @gluon.jit
+def _copy_tile(desc, buf, ready, empty, phase, j, kv_col, bt_row_ptr, bt_width, num_blocks,
+               per_tile: gl.constexpr, BLOCK_SIZE: gl.constexpr):
+    """Key tile ``j`` of one cache into ``buf`` once its ``empty`` barrier allows: a box
+    per cache block, all counted on ``ready`` (bad ids read block 0, see the module doc)."""
+    # a fresh mbarrier counts as having completed the phase before 0
+    mbarrier.wait(empty, phase ^ 1)
+    mbarrier.expect(ready, _product(per_tile, desc.block_type.nbytes))
+    for i in gl.static_range(per_tile):
+        block = gl.load(bt_row_ptr + gl.minimum(j * per_tile + i, bt_width - 1))
+        block = gl.where((block >= 0) & (block < num_blocks), block, 0)
+        tma.async_copy_global_to_shared(desc, [block * BLOCK_SIZE, kv_col], ready,
+                                        buf.slice(i * BLOCK_SIZE, BLOCK_SIZE))
+
+
+@gluon.jit
 def _load_partition(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready,
                     k_empty, v_empty, q_row, q_col, kv_col, bt_row_ptr, bt_width, num_blocks,
                     n_tiles, BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr):
@@ -95,23 +110,10 @@ def _load_partition(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_rea
     for j in range(n_tiles):
         idx = j % num_buf
         phase = (j // num_buf) & 1
-        # a fresh mbarrier counts as having completed the phase before 0
-        mbarrier.wait(k_empty.index(idx), phase ^ 1)
-        mbarrier.expect(k_ready.index(idx), _product(per_tile, k_desc.block_type.nbytes))
-        for i in gl.static_range(per_tile):
-            block = gl.load(bt_row_ptr + gl.minimum(j * per_tile + i, bt_width - 1))
-            block = gl.where((block >= 0) & (block < num_blocks), block, 0)
-            tma.async_copy_global_to_shared(k_desc, [block * BLOCK_SIZE, kv_col],
-                                            k_ready.index(idx),
-                                            k_bufs.index(idx).slice(i * BLOCK_SIZE, BLOCK_SIZE))
-        mbarrier.wait(v_empty.index(idx), phase ^ 1)
-        mbarrier.expect(v_ready.index(idx), _product(per_tile, v_desc.block_type.nbytes))
-        for i in gl.static_range(per_tile):
-            block = gl.load(bt_row_ptr + gl.minimum(j * per_tile + i, bt_width - 1))
-            block = gl.where((block >= 0) & (block < num_blocks), block, 0)
-            tma.async_copy_global_to_shared(v_desc, [block * BLOCK_SIZE, kv_col],
-                                            v_ready.index(idx),
-                                            v_bufs.index(idx).slice(i * BLOCK_SIZE, BLOCK_SIZE))
+        _copy_tile(k_desc, k_bufs.index(idx), k_ready.index(idx), k_empty.index(idx), phase,
+                   j, kv_col, bt_row_ptr, bt_width, num_blocks, per_tile, BLOCK_SIZE)
+        _copy_tile(v_desc, v_bufs.index(idx), v_ready.index(idx), v_empty.index(idx), phase,
+                   j, kv_col, bt_row_ptr, bt_width, num_blocks, per_tile, BLOCK_SIZE)
 
 
 @gluon.jit
@@ -277,7 +279,9 @@ def _consumer_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty
 
 @gluon.jit
 def _find_seq(cu_seqlens_q_ptr, num_seqs, tile):
-    """The sequence owning global tile ``tile`` (sequence ``b`` from ``cu[b] // 128 + b``)."""
+    """The sequence owning global tile ``tile`` (sequence ``b`` from ``cu[b] // 128 + b``):
+    :func:`portattn.kernels.common.find_seq_of_tile` at ``BLOCK_Q`` 128, restated in Gluon
+    (a Gluon kernel cannot call a ``triton.jit`` function)."""
     lo = 0
     hi = num_seqs
     while lo < hi:

@@ -409,7 +409,6 @@ def launch_staged(q, cache, metadata, options, out, params: dict,
     if params.get("gluon") and _launch_gluon(q, cache, metadata, options, out, params,
                                              workspace):
         return
-    mixed = params["mode"] == "mixed"
     num_seqs = metadata.seq_lens.shape[0]
     short_q = _short_q(params)
     scales = stages_scales(cache.quant.per_token_head, q.dtype)
@@ -430,15 +429,8 @@ def launch_staged(q, cache, metadata, options, out, params: dict,
     data = workspace[MERGE_TICKETS:]  # after the merge tickets, split partials first
     staged, staged_meta = stage_kv(q, cache, metadata, options, params["stage"], stage_from,
                                    slots, data[split:need])
-    # sequences of (short_q, stage_from) queries
-    middle = stage_from > short_q + 1
-    if mixed or middle:
-        def over_cache(args, p):
-            if mixed:
-                _launch_short(args, q, cache, metadata, out, p["short"], True, workspace)
-            if middle:
-                _launch_long(args, q, cache, metadata, p["long"], short_q, stage_from)
-        _with_kv_loads(q, cache, metadata, options, out, params, over_cache)
+    _launch_over_cache(q, cache, metadata, options, out, params, workspace, short_q,
+                       stage_from)
     long = params["stage_long"]
     _with_kv_loads(q, staged, staged_meta, options, out,
                    {"long": long,
@@ -482,16 +474,24 @@ def _launch_gluon(q, cache, metadata, options, out, params: dict, workspace) -> 
             raise
         _remember_gluon_failure(key, exc)
         return False
+    _launch_over_cache(q, cache, metadata, options, out, params, workspace, short_q, min_q)
+    return True
+
+
+def _launch_over_cache(q, cache, metadata, options, out, params: dict, workspace,
+                       short_q: int, long_from: int) -> None:
+    """The parts of a staged plan that read the cache in the loop: a mixed batch's short
+    tiles, and the sequences of more than ``short_q`` and fewer than ``long_from`` queries
+    (when there can be any) in a launch of the plan's long tile."""
     mixed = params["mode"] == "mixed"
-    middle = min_q > short_q + 1  # sequences of (short_q, min_q) queries read the cache
+    middle = long_from > short_q + 1
     if mixed or middle:
         def over_cache(args, p):
             if mixed:
                 _launch_short(args, q, cache, metadata, out, p["short"], True, workspace)
             if middle:
-                _launch_long(args, q, cache, metadata, p["long"], short_q, min_q)
+                _launch_long(args, q, cache, metadata, p["long"], short_q, long_from)
         _with_kv_loads(q, cache, metadata, options, out, params, over_cache)
-    return True
 
 
 def _remember_gluon_failure(key: tuple, exc: Exception) -> None:
