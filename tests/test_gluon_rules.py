@@ -82,11 +82,13 @@ def test_tensor_rules():
     q = torch.randn(40, 64, 4, dtype=BF16).transpose(1, 2)  # heads not contiguous rows
     why = gluon_launch.tensor_reasons(q, batch.cache, torch.empty(40, 4, 64, dtype=BF16))
     assert any("q's heads are not contiguous" in r for r in why), why
-    # heads of a cache strided wider than a slot row
+    # a head stride wider than the head (the first half of each 128-wide head): accepted,
+    # the kernel's column of kv head h is h x the head stride
     kc = torch.zeros(4, 16, 2, 128, dtype=BF16)[..., :64]
-    odd = PagedKVCache(kc, kc.clone())
-    why = gluon_launch.tensor_reasons(batch.q, odd, torch.empty_like(batch.q))
-    assert not any("heads do not fit" in r for r in why), why  # 1 x 128 + 64 <= 256
+    vc = torch.zeros(4, 16, 2, 128, dtype=BF16)[..., :64]
+    wide = PagedKVCache(kc, vc)
+    why = gluon_launch.tensor_reasons(batch.q, wide, torch.empty_like(batch.q))
+    assert why == ["not a CUDA tensor (the Gluon kernel runs on the GPU only)"], why
 
 
 def _problem(**kw):
@@ -126,6 +128,15 @@ def test_head_64_is_staged_in_auto_and_served_when_forced(monkeypatch):
     monkeypatch.setenv("PORTATTN_GLUON", "1")
     plan = _plan(_problem(head_size=64))
     assert plan.params["gluon"] and plan.variant.endswith("-gluon")
+
+
+def test_forcing_takes_no_plan_that_does_not_stage(monkeypatch):
+    """Plans take the kernel in place of staging: at block 32 nothing is staged on sm90
+    (not measured), so even forced the plan reads the cache, with the reason."""
+    monkeypatch.setenv("PORTATTN_GLUON", "1")
+    plan = _plan(_problem(block_size=32))
+    assert "gluon" not in plan.params and "does not stage" in plan.params["gluon_reason"]
+    assert "forces it" in _plan(_problem(head_size=64)).params["gluon_reason"]
 
 
 def test_short_prefills_and_other_archs_have_no_part_for_it():

@@ -176,8 +176,8 @@ GLUON = Setting(
     "PORTATTN_GLUON", "auto, 0, 1", "auto (where measured faster, "
     "kernels.gluon_launch: sm90, 16-bit caches, block 16, heads 128 and 256)",
     "the warp-specialized Gluon prefill over the paged cache for a plan's long sequences "
-    "instead of staging their keys: 1 forces it (error with the reason where it cannot "
-    "run), 0 forbids it", _TRISTATE, decides=True)
+    "instead of staging their keys: 1 forces it for plans that stage (error with the "
+    "reason where it cannot run), 0 forbids it", _TRISTATE, decides=True)
 CACHE_DIR = Setting(
     "PORTATTN_CACHE_DIR", "a directory", "$XDG_CACHE_HOME/portattn, else "
     "~/.cache/portattn", "where probe results are cached across processes")

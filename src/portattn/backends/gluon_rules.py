@@ -10,9 +10,10 @@ problem class the kernel serves (:func:`portattn.kernels.gluon_launch.problem_re
 and, in auto, where it measured faster (``unmeasured_reasons``). Tensor
 strides and alignment are only known at launch
 (:func:`portattn.kernels.launch.launch_staged` checks them and stages where they do not
-fit). ``PORTATTN_GLUON=1`` turns every reason into ``UnsupportedError`` (for plans that
-stage; the others have no part for the kernel to take) and a launch-time reason into
-``InputError``; in auto a launch that raises (a Triton whose Gluon compiles differently)
+fit). ``PORTATTN_GLUON=1`` takes the kernel wherever it can serve a staged plan (head 64
+included) and turns every reason into ``UnsupportedError`` (for plans that stage: today
+sm90 at block 16; the others have no part for the kernel to take) and a launch-time
+reason into ``InputError``; in auto a launch that raises (a Triton whose Gluon compiles differently)
 is staged instead, remembered for the process and logged once.
 """
 
@@ -55,9 +56,10 @@ def choose_gluon_prefill(problem, caps, params: dict) -> dict:
             raise UnsupportedError("PORTATTN_GLUON=1 forces the Gluon prefill, which cannot "
                                    "serve this call", {"gluon": reasons})
         return {**params, "gluon_reason": "; ".join(reasons)}
+    why = ("PORTATTN_GLUON=1 forces it" if setting is True else
+           "measured faster here than staging (kernels.gluon_launch)")
     out = {**params, "gluon": {"min_q": params["stage"]["min_q"]},
-           "gluon_reason": "measured faster here than staging (kernels.gluon_launch); "
-                           "the long sequences read the paged cache with TMA"}
+           "gluon_reason": f"{why}; the long sequences read the paged cache with TMA"}
     if setting is True:
         out["_gluon_forced"] = True
     return out

@@ -25,7 +25,7 @@ num_q_heads`` of global query tile ``T - 1 - p // num_q_heads`` (``T`` tiles in 
 each sequence's last, heaviest tiles run first), found by binary search over
 ``cu_seqlens_q`` (:func:`portattn.kernels.common.find_seq_of_tile`'s numbering: sequence
 ``b`` owns tiles from ``cu_seqlens_q[b] // 128 + b``). A tile is 128 queries of one q head;
-programs past their sequence's queries, and sequences with fewer than ``MIN_Q`` queries
+programs past their sequence's queries, and sequences with fewer than ``min_q`` queries
 (served by another launch), return at once. The grid covers every query of the batch
 whatever ``max_seqlen_q`` says.
 
@@ -186,13 +186,16 @@ def _first_bad_key(bt_row_ptr, bt_width, num_blocks, n_cols, BLOCK_SIZE: gl.cons
 
 @gluon.jit
 def _consumer_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty,
-                        fix_bar, out_ptr, stride_ot, stride_oh, bt_row_ptr, bt_width, num_blocks,
-                        q_start, q_len, head, row0, off, k_len, n_full, n_tiles, qk_scale,
+                        fix_bar, out_ptr, stride_ot, stride_oh, first_bad, q_start, q_len,
+                        head, row0, off, k_len, n_full, n_tiles, qk_scale,
                         ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD: gl.constexpr,
                         BLOCK_SIZE: gl.constexpr, CAUSAL: gl.constexpr,
                         num_warps: gl.constexpr):
     """One warpgroup: ``ROWS`` query rows from ``row0`` over every key tile of the
-    program (the ring's ``empty`` barriers count both consumers)."""
+    program (the ring's ``empty`` barriers count both consumers). ``first_bad``: the
+    first key position the rows must not see (a bad block id, a key past the table;
+    2**30: none), found once for both consumers so that they zero the same V tiles and
+    meet at ``fix_bar`` the same number of times."""
     num_buf: gl.constexpr = k_bufs.type.shape[0]
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16])
@@ -211,9 +214,6 @@ def _consumer_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty
     l_i = gl.full([ROWS], 0.0, gl.float32, layout=row_layout)
     acc = gl.zeros([ROWS, HEAD], gl.float32, layout=o_layout)
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
-    first_bad = _first_bad_key(bt_row_ptr, bt_width, num_blocks,
-                               gl.cdiv(gl.minimum(n_tiles * BLOCK_N, k_len), BLOCK_SIZE),
-                               BLOCK_SIZE, num_warps)
     limit = gl.minimum(first_bad, k_len)  # V rows of keys from here on are zeroed
     uses = 0
     mbarrier.wait(q_bar, 0)
@@ -265,7 +265,9 @@ def _consumer_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty
 
     orows = row0 + gl.arange(0, ROWS, layout=orow_layout)
     ocols = gl.arange(0, HEAD, layout=ocol_layout)
-    o = acc / gl.expand_dims(gl.convert_layout(l_i, orow_layout), 1)
+    # rows that saw no key (more queries than keys: bad metadata) are 0, as elsewhere
+    l_safe = gl.where(l_i > 0, l_i, 1.0)
+    o = acc / gl.expand_dims(gl.convert_layout(l_safe, orow_layout), 1)
     if CAUSAL:
         sees_bad = orows + off >= first_bad
     else:
@@ -324,9 +326,16 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, stride_ot, stride_oh,
         else:
             visible = k_len
             n_full = k_len // BLOCK_N
-        n_tiles = gl.maximum(gl.cdiv(visible, BLOCK_N), 1)
+        # never past what the table can hold (a garbage seq_lens must not loop for long):
+        # the rows that would see keys beyond it are NaN through first_bad
+        capacity = bt_width * BLOCK_SIZE
+        n_tiles = gl.maximum(gl.cdiv(gl.minimum(visible, capacity), BLOCK_N), 1)
         n_full = gl.maximum(n_full, 0)
         bt_row_ptr = bt_ptr + seq.to(gl.int64) * bt_stride
+        first_bad = _first_bad_key(bt_row_ptr, bt_width, num_blocks,
+                                   gl.cdiv(gl.minimum(n_tiles * BLOCK_N, k_len), BLOCK_SIZE),
+                                   BLOCK_SIZE, num_warps)
+        first_bad = gl.where(k_len > capacity, gl.minimum(first_bad, capacity), first_bad)
 
         q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape,
                                            q_desc.layout)
@@ -353,12 +362,12 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, stride_ot, stride_oh,
         gl.warp_specialize([
             (_consumer_partition, (q_bufs.index(0), k_bufs, v_bufs, q_bar, k_ready, v_ready,
                                    k_empty, v_empty, fix_bar, out_ptr, stride_ot, stride_oh,
-                                   bt_row_ptr, bt_width, num_blocks, q_start, q_len, head, m0,
+                                   first_bad, q_start, q_len, head, m0,
                                    off, k_len, n_full, n_tiles, qk_scale, 64, BLOCK_N, HEAD,
                                    BLOCK_SIZE, CAUSAL, num_warps)),
             (_consumer_partition, (q_bufs.index(1), k_bufs, v_bufs, q_bar, k_ready, v_ready,
                                    k_empty, v_empty, fix_bar, out_ptr, stride_ot, stride_oh,
-                                   bt_row_ptr, bt_width, num_blocks, q_start, q_len, head,
+                                   first_bad, q_start, q_len, head,
                                    m0 + 64, off, k_len, n_full, n_tiles, qk_scale, 64, BLOCK_N,
                                    HEAD, BLOCK_SIZE, CAUSAL, num_warps)),
             (_load_partition, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready,

@@ -395,7 +395,8 @@ def _split_size(num_seqs: int, num_q_heads: int, head_size_v: int, params: dict)
 
 def launch_staged(q, cache, metadata, options, out, params: dict,
                   workspace: torch.Tensor | None = None) -> None:
-    """A prefill or mixed plan with ``stage``: sequences with at least
+    """A prefill or mixed plan with ``stage`` (and ``gluon``: :func:`_launch_gluon` takes
+    the long sequences where it can, and nothing is staged): sequences with at least
     ``heuristics.staged_from`` queries (``stage["min_q"]``, above a mixed batch's short
     tiles) have their keys staged (:func:`stage_kv`) and read as
     ``kv_load.STAGED_KV_LOAD`` says (``params["stage_kv_load"]`` overrides it in
@@ -449,11 +450,15 @@ def _launch_gluon(q, cache, metadata, options, out, params: dict, workspace) -> 
     """A staged plan's long sequences (``params["gluon"]["min_q"]`` queries or more, above
     a mixed batch's short tiles) through the Gluon prefill over the cache itself
     (:mod:`portattn.kernels.gluon_launch`), the others as :func:`launch_staged` serves
-    them. False (nothing launched) where these tensors cannot back its descriptors or,
-    in auto, where it raised before: the caller stages instead; forced
-    (``_gluon_forced``, ``PORTATTN_GLUON=1``) such a reason is an ``InputError``."""
+    them. False (nothing launched; the caller stages instead) for a call with no tokens
+    or an empty block table, where these tensors cannot back its descriptors, and in
+    auto where the launch raises now or raised before for this class (remembered);
+    forced (``_gluon_forced``, ``PORTATTN_GLUON=1``) a tensor reason is an
+    ``InputError`` and a launch error is raised."""
     from portattn.kernels import gluon_launch
 
+    if q.shape[0] == 0 or metadata.block_table.shape[1] == 0:
+        return False  # nothing to attend, or nothing the kernel could read
     forced = bool(params.get("_gluon_forced"))
     why = gluon_launch.tensor_reasons(q, cache, out)
     if why:
