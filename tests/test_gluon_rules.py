@@ -238,3 +238,17 @@ def test_a_gluon_launch_that_raises_is_staged_and_remembered(monkeypatch, caplog
     batch, options, run, counts = _staged_call(monkeypatch, forced=True)
     with pytest.raises(RuntimeError, match="injected"):
         run()
+
+
+def test_a_gluon_plan_sizes_no_staging_workspace():
+    """Its long sequences read the cache: only the split partials are sized per call (a
+    refused launch stages into a workspace of its own)."""
+    from portattn.kernels import launch
+
+    plan = _plan(_problem(query_len=8192, seq_len=8192))
+    sizing = (1, 32, 8, 128, 128, False, BF16)
+    staged = {k: v for k, v in plan.params.items() if k != "gluon"}
+    with_gluon = launch.plan_workspace_size(*sizing, plan.params, num_tokens=8192)
+    without = launch.plan_workspace_size(*sizing, staged, num_tokens=8192)
+    assert with_gluon == launch.plan_workspace_size(*sizing, plan.params, num_tokens=0)
+    assert without > with_gluon + 8192 * 8 * 128  # the staged K and V of 8192 keys

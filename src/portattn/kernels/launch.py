@@ -355,8 +355,12 @@ def plan_workspace_size(num_seqs: int, num_q_heads: int, num_kv_heads: int,
                         q_dtype: torch.dtype, params: dict, num_tokens: int = 0) -> int:
     """float32 elements of everything a plan's launches need beside their tensors: the
     split-KV partials, then (16-byte aligned) the staged blocks of a call with
-    ``num_tokens`` queries (:func:`staging_slots`; none where it stages nothing)."""
+    ``num_tokens`` queries (:func:`staging_slots`; none where it stages nothing, nor for a
+    plan whose long sequences take the Gluon prefill: it stages only where that launch
+    is refused, into a workspace :func:`launch_staged` then makes for the call)."""
     split = _split_size(num_seqs, num_q_heads, head_size_v, params)
+    if params.get("gluon"):
+        return split
     scales = stages_scales(per_token, q_dtype)
     slots = staging_slots(params, num_seqs, num_tokens, num_kv_heads, head_size_qk,
                           head_size_v, scales)
