@@ -25,8 +25,10 @@ TILES = {64: (128, 3), 128: (128, 3), 256: (64, 2)}
 #: lost: 4 x 2048 257 us in the bench against 222 staged (session 9), and in one run the
 #: kernel alone 223 against 220 for the whole staged prefill.
 MEASURED_HEADS = (128, 256)
-#: Cache block sizes the kernel serves (one TMA box per block, whole boxes per tile, rows
-#: in multiples of the 8-row swizzle atom) and those measured (a 128-key tile is 8 boxes).
+#: Cache block sizes the kernel is written for (one TMA box per block, whole boxes per
+#: tile, rows in multiples of the 8-row swizzle atom) and those measured (a 128-key tile
+#: is 8 boxes). Only 16 has run on a GPU: plans take the kernel in place of staging, and
+#: nothing stages at other block sizes yet.
 BLOCK_SIZES = (16, 32, 64)
 MEASURED_BLOCK_SIZES = (16,)
 #: Archs measured (the kernel uses Hopper's warpgroup MMA and TMA).
