@@ -42,12 +42,11 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+# the package kernel's softmax step (since session 13's review; the runs logged in NOTES
+# used a copy without its guard for rows that see no key, which every row here sees)
+from portattn.kernels.gluon_prefill import _product, _softmax_tile
+
 LOG2E = 1.4426950408889634
-
-
-@gluon.constexpr_function
-def _product(a, b):
-    return a * b
 
 
 @gluon.jit
@@ -100,23 +99,6 @@ def _load_partition(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_rea
 
 
 @gluon.jit
-def _scores_to_probs(s, m_i, l_i, qk_scale, rows, cols, key0, off, k_len, MASK: gl.constexpr):
-    """One online-softmax step on a score tile (base 2, scale folded): P, new max, new
-    sum, and the factor that rescales the old accumulator."""
-    s = s * qk_scale
-    if MASK:
-        keys = key0 + cols
-        ok = (gl.expand_dims(keys, 0) <= gl.expand_dims(rows + off, 1)) & \
-            (gl.expand_dims(keys, 0) < k_len)
-        s = gl.where(ok, s, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(s, axis=1))
-    alpha = gl.exp2(m_i - m_new)
-    p = gl.exp2(s - gl.expand_dims(m_new, 1))
-    l_i = l_i * alpha + gl.sum(p, axis=1)
-    return p, m_new, l_i, alpha
-
-
-@gluon.jit
 def _compute_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty,
                        out_ptr, stride_ot, stride_oh, q_start, q_len, head, m0, off, k_len,
                        n_full, n_tiles, qk_scale, BLOCK_M: gl.constexpr,
@@ -151,12 +133,8 @@ def _compute_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty,
                           is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
         mbarrier.arrive(k_empty.index(0), count=1)
-        if n_full == 0:
-            p, m_i, l_i, alpha = _scores_to_probs(s, m_i, l_i, qk_scale, rows, cols, 0, off,
-                                                  k_len, True)
-        else:
-            p, m_i, l_i, alpha = _scores_to_probs(s, m_i, l_i, qk_scale, rows, cols, 0, off,
-                                                  k_len, False)
+        p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, qk_scale, rows, cols, 0, off,
+                                           k_len, n_full == 0, True)
         for j in range(1, n_tiles):
             idx = j % num_buf
             phase = (j // num_buf) & 1
@@ -170,12 +148,8 @@ def _compute_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty,
             acc = warpgroup_mma(p16, v_bufs.index(prev), acc, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
             mbarrier.arrive(k_empty.index(idx), count=1)
-            if j >= n_full:
-                p, m_i, l_i, alpha = _scores_to_probs(s, m_i, l_i, qk_scale, rows, cols,
-                                                      j * BLOCK_N, off, k_len, True)
-            else:
-                p, m_i, l_i, alpha = _scores_to_probs(s, m_i, l_i, qk_scale, rows, cols,
-                                                      j * BLOCK_N, off, k_len, False)
+            p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, qk_scale, rows, cols, j * BLOCK_N, off,
+                                               k_len, j >= n_full, True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             mbarrier.arrive(v_empty.index(prev), count=1)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
@@ -195,12 +169,8 @@ def _compute_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty,
                               use_acc=False, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
             mbarrier.arrive(k_empty.index(idx), count=1)
-            if j >= n_full:
-                p, m_i, l_i, alpha = _scores_to_probs(s, m_i, l_i, qk_scale, rows, cols,
-                                                      j * BLOCK_N, off, k_len, True)
-            else:
-                p, m_i, l_i, alpha = _scores_to_probs(s, m_i, l_i, qk_scale, rows, cols,
-                                                      j * BLOCK_N, off, k_len, False)
+            p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, qk_scale, rows, cols, j * BLOCK_N, off,
+                                               k_len, j >= n_full, True)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
             p16 = gl.convert_layout(p.to(gl.bfloat16), p_layout)
             mbarrier.wait(v_ready.index(idx), phase)

@@ -23,11 +23,11 @@ Grid and tiles
 Grid ``((num_tokens // 128 + num_seqs) * num_q_heads,)``: program ``p`` takes q head ``p %
 num_q_heads`` of global query tile ``T - 1 - p // num_q_heads`` (``T`` tiles in all; so
 each sequence's last, heaviest tiles run first), found by binary search over
-``cu_seqlens_q`` (:func:`portattn.kernels.common.find_seq_of_tile`'s numbering: sequence
-``b`` owns tiles from ``cu_seqlens_q[b] // 128 + b``). A tile is 128 queries of one q head;
-programs past their sequence's queries, and sequences with fewer than ``min_q`` queries
-(served by another launch), return at once. The grid covers every query of the batch
-whatever ``max_seqlen_q`` says.
+``cu_seqlens_q`` (:func:`portattn.kernels.common.find_seq_of_tile`, the unified kernel's
+own, called from Gluon: sequence ``b`` owns tiles from ``cu_seqlens_q[b] // 128 + b``).
+A tile is 128 queries of one q head; programs past their sequence's queries, and
+sequences with fewer than ``min_q`` queries (served by another launch), return at once.
+The grid covers every query of the batch whatever ``max_seqlen_q`` says.
 
 Partitions (``gl.warp_specialize``)
 -----------------------------------
@@ -67,6 +67,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma,
     warpgroup_mma_wait,
 )
+
+from portattn.kernels.common import find_seq_of_tile
 
 #: query rows of a program's tile (two consumer warpgroups of 64)
 BLOCK_M = 128
@@ -167,6 +169,20 @@ def _zero_rows_from(v_buf, fix_bar, uses, key0, limit, BLOCK_N: gl.constexpr,
 
 
 @gluon.jit
+def _softmax_tile(s, m_i, l_i, qk_scale, rows, cols, key0, off, k_len, masked,
+                  CAUSAL: gl.constexpr):
+    """:func:`_softmax_step` with the masks only where ``masked`` (a runtime flag: the
+    tile holds the causal diagonal or the sequence end)."""
+    if masked:
+        p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale, rows, cols, key0, off, k_len,
+                                           True, CAUSAL)
+    else:
+        p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale, rows, cols, key0, off, k_len,
+                                           False, CAUSAL)
+    return p, m_i, l_i, alpha
+
+
+@gluon.jit
 def _first_bad_key(bt_row_ptr, bt_width, num_blocks, n_cols, BLOCK_SIZE: gl.constexpr,
                    num_warps: gl.constexpr):
     """The first key position among the ``n_cols`` table columns a tile reads whose block
@@ -224,12 +240,8 @@ def _consumer_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty
                       is_async=True)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
     mbarrier.arrive(k_empty.index(0), count=1)
-    if n_full == 0:
-        p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale, rows, cols, 0, off, k_len,
-                                           True, CAUSAL)
-    else:
-        p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale, rows, cols, 0, off, k_len,
-                                           False, CAUSAL)
+    p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, qk_scale, rows, cols, 0, off, k_len,
+                                       n_full == 0, CAUSAL)
     for j in range(1, n_tiles):
         idx = j % num_buf
         prev = (j - 1) % num_buf
@@ -244,12 +256,8 @@ def _consumer_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty
                             is_async=True)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
         mbarrier.arrive(k_empty.index(idx), count=1)
-        if j >= n_full:
-            p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale, rows, cols, j * BLOCK_N,
-                                               off, k_len, True, CAUSAL)
-        else:
-            p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale, rows, cols, j * BLOCK_N,
-                                               off, k_len, False, CAUSAL)
+        p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, qk_scale, rows, cols, j * BLOCK_N,
+                                           off, k_len, j >= n_full, CAUSAL)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         mbarrier.arrive(v_empty.index(prev), count=1)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
@@ -280,23 +288,6 @@ def _consumer_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty
 
 
 @gluon.jit
-def _find_seq(cu_seqlens_q_ptr, num_seqs, tile):
-    """The sequence owning global tile ``tile`` (sequence ``b`` from ``cu[b] // 128 + b``):
-    :func:`portattn.kernels.common.find_seq_of_tile` at ``BLOCK_Q`` 128, restated in Gluon
-    (a Gluon kernel cannot call a ``triton.jit`` function)."""
-    lo = 0
-    hi = num_seqs
-    while lo < hi:
-        mid = (lo + hi) // 2
-        start = gl.load(cu_seqlens_q_ptr + mid) // 128 + mid
-        if start <= tile:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo - 1
-
-
-@gluon.jit
 def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, stride_ot, stride_oh,
                          cu_seqlens_q_ptr, seq_lens_ptr, bt_ptr, bt_stride, bt_width,
                          num_blocks, num_seqs, num_tiles, min_q, qk_scale,
@@ -313,7 +304,7 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, stride_ot, stride_oh,
     pid = gl.program_id(0)
     tile = num_tiles - 1 - pid // NUM_Q_HEADS
     head = pid % NUM_Q_HEADS
-    seq = _find_seq(cu_seqlens_q_ptr, num_seqs, tile)
+    seq = find_seq_of_tile(cu_seqlens_q_ptr, num_seqs, tile, 128)
     q_start = gl.load(cu_seqlens_q_ptr + seq)
     q_len = gl.load(cu_seqlens_q_ptr + seq + 1) - q_start
     m0 = (tile - (q_start // 128 + seq)) * 128

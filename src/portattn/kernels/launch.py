@@ -342,7 +342,8 @@ def _with_kv_loads(q, cache, metadata, options, out, params: dict, run) -> None:
                 run(args, params)
                 return
             except Exception as exc:  # auto: a variant the gate did not cover failed
-                _remember_descriptor_failure(key, exc)
+                _remember_failure(DESCRIPTOR_FAILED, key, exc, "descriptor (TMA) K/V loads "
+                                  "failed, pointer loads used instead for this kernel variant")
                 args["KV_LOAD"] = kv_load_rules.KV_LOAD_CODES["pointer"]
         # else: these tensors cannot back descriptors, or this variant failed before
     run(args, params)
@@ -428,9 +429,7 @@ def launch_staged(q, cache, metadata, options, out, params: dict,
     need = split + stage_workspace_size(num_seqs, slots, *dims, params["stage"], scales)
     if workspace is None or not has_room(workspace, need):
         workspace = new_workspace(need, q.device)
-    # one sequence (q's rows allow it min_q queries): staged whatever cu_seqlens_q says it
-    # has, so no launch over the cache is needed for it
-    stage_from = staged_from(params["stage"], short_q) if num_seqs > 1 else short_q + 1
+    stage_from = _long_from(params["stage"], short_q, num_seqs)
     data = workspace[MERGE_TICKETS:]  # after the merge tickets, split partials first
     staged, staged_meta = stage_kv(q, cache, metadata, options, params["stage"], stage_from,
                                    slots, data[split:need])
@@ -473,18 +472,26 @@ def _launch_gluon(q, cache, metadata, options, out, params: dict, workspace) -> 
     key = (q.dtype, q.shape[2], cache.block_size, bool(options.causal))
     if key in GLUON_FAILED and not forced:
         return False
-    num_seqs = metadata.seq_lens.shape[0]
     short_q = _short_q(params)
-    min_q = max(int(params["gluon"]["min_q"]), short_q + 1) if num_seqs > 1 else short_q + 1
+    min_q = _long_from(params["gluon"], short_q, metadata.seq_lens.shape[0])
     try:
         gluon_launch.launch_gluon_prefill(q, cache, metadata, options, out, min_q)
     except Exception as exc:
         if forced:
             raise
-        _remember_gluon_failure(key, exc)
+        _remember_failure(GLUON_FAILED, key, exc, "the Gluon prefill failed, staged prefill "
+                          "used instead for this class")
         return False
     _launch_over_cache(q, cache, metadata, options, out, params, workspace, short_q, min_q)
     return True
+
+
+def _long_from(part: dict, short_q: int, num_seqs: int) -> int:
+    """The fewest queries of a sequence that a plan's long launch (staged or Gluon, its
+    ``part`` of the plan with ``min_q``) serves. One sequence (q's rows allow it
+    ``min_q`` queries) is served whatever ``cu_seqlens_q`` says it has, so no launch over
+    the cache is needed for it."""
+    return staged_from(part, short_q) if num_seqs > 1 else short_q + 1
 
 
 def _launch_over_cache(q, cache, metadata, options, out, params: dict, workspace,
@@ -501,18 +508,6 @@ def _launch_over_cache(q, cache, metadata, options, out, params: dict, workspace
             if middle:
                 _launch_long(args, q, cache, metadata, p["long"], short_q, long_from)
         _with_kv_loads(q, cache, metadata, options, out, params, over_cache)
-
-
-def _remember_gluon_failure(key: tuple, exc: Exception) -> None:
-    """Record a failed auto Gluon launch and say so once (WARNING): the call is staged."""
-    import logging
-
-    from portattn.capabilities._text import one_line
-
-    reason = one_line(exc)
-    GLUON_FAILED[key] = reason
-    logging.getLogger("portattn").warning(
-        "the Gluon prefill failed, staged prefill used instead for this class: %s", reason)
 
 
 def _host_descriptors(args: dict, staged, cfg: dict) -> dict:
@@ -545,18 +540,17 @@ def _descriptor_key(args: dict, params: dict) -> tuple:
     return switches + tiles
 
 
-def _remember_descriptor_failure(key: tuple, exc: Exception) -> None:
-    """Record a failed auto descriptor launch and say so once (WARNING): the same call
-    is rerun with pointer loads, which rewrite every output row."""
+def _remember_failure(table: dict, key: tuple, exc: Exception, what: str) -> None:
+    """Record a launch that failed in auto mode under ``key`` in ``table`` and say so
+    (WARNING, ``what: reason``): the same call is rerun the other way, which rewrites
+    every output row, and later calls of that key go that way at once."""
     import logging
 
     from portattn.capabilities._text import one_line
 
     reason = one_line(exc)
-    DESCRIPTOR_FAILED[key] = reason
-    logging.getLogger("portattn").warning(
-        "descriptor (TMA) K/V loads failed, pointer loads used instead for this kernel "
-        "variant: %s", reason)
+    table[key] = reason
+    logging.getLogger("portattn").warning("%s: %s", what, reason)
 
 
 def descriptor_launch_reasons(cache, params: dict) -> list[str]:
