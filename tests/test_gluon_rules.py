@@ -40,17 +40,14 @@ def test_the_measured_class_has_no_reason():
     (dict(arch="sm80"), "sm80 is not sm90"),
     (dict(q_dtype=torch.float32, kv_dtype=torch.float32, out_dtype=torch.float32),
      "not float16 / bfloat16"),
-    (dict(kv_quant="fp8_per_tensor:e4m3fn", kv_dtype=torch.float8_e4m3fn),
-     "not q's 16-bit dtype"),
+    (dict(kv_dtype=torch.float16), "the cache is not q's dtype"),
+    (dict(kv_quant="int8_per_token_head", kv_dtype=torch.int8, q_dtype=torch.float16,
+          out_dtype=torch.float16), "with an fp16 q"),
     (dict(out_dtype=torch.float16), "output dtype"),
     (dict(head_size_qk=192, head_size_v=128), "head sizes 192/128"),
     (dict(head_size_qk=96, head_size_v=96), "head sizes 96/96"),
     (dict(block_size=128), "block size 128"),
     (dict(block_size=8), "block size 8"),
-    (dict(sliding_window=True), "a sliding window"),
-    (dict(softcap=True), "softcap"),
-    (dict(alibi="linear"), "ALiBi"),
-    (dict(sinks=True), "sinks"),
 ])
 def test_each_unmeasured_or_unsupported_class_names_its_reason(change, words):
     reasons = gluon_launch.problem_reasons(**{**GOOD, **change})
@@ -67,6 +64,32 @@ def test_unmeasured_classes_are_named():
                                           "block_size": 64})
     assert why == []
     assert gluon_launch.problem_reasons(**{**GOOD, "block_size": 32}) == []
+
+
+@pytest.mark.parametrize("quant,kv_dtype,q_dtype", [
+    ("fp8_per_tensor:e4m3fn", torch.float8_e4m3fn, BF16),
+    ("fp8_per_tensor:e5m2", torch.float8_e5m2, torch.float16),
+    ("int8_per_token_head", torch.int8, BF16),
+    ("fp8_per_token_head:e4m3fn", torch.float8_e4m3fn, BF16),
+])
+def test_8bit_caches_are_served_through_the_staged_copy(quant, kv_dtype, q_dtype):
+    """8-bit caches reach the kernel staged (widened to q's dtype): any cache block
+    size, every feature as for 16-bit caches."""
+    kw = {**GOOD, "kv_quant": quant, "kv_dtype": kv_dtype, "q_dtype": q_dtype,
+          "out_dtype": q_dtype}
+    assert gluon_launch.reads_staged_copy(quant)
+    for block_size in (16, 32, 256):
+        assert gluon_launch.problem_reasons(**{**kw, "block_size": block_size}) == []
+        assert gluon_launch.unmeasured_reasons(head_size_qk=128, block_size=block_size,
+                                               kv_quant=quant) == []
+    assert gluon_launch.problem_reasons(**{**kw, "softcap": True, "alibi": "sqrt",
+                                           "sinks": True, "sliding_window": True}) == []
+    assert not gluon_launch.reads_staged_copy("none")
+
+
+def test_every_score_feature_is_served():
+    assert gluon_launch.problem_reasons(**{**GOOD, "softcap": True, "alibi": "linear",
+                                           "sinks": True, "sliding_window": True}) == []
 
 
 def test_tensor_rules():
@@ -104,17 +127,42 @@ def _plan(problem, profile="sm90"):
 def test_a_long_prefill_on_sm90_plans_the_gluon_kernel():
     plan = _plan(_problem())
     assert plan.params.get("stage"), plan.params  # the staged plan it takes over
-    assert plan.params["gluon"] == {"min_q": plan.params["stage"]["min_q"]}
+    assert plan.params["gluon"] == {"min_q": plan.params["stage"]["min_q"], "reads": "cache"}
     assert plan.variant.endswith("-gluon") and "staged" not in plan.variant
     assert "measured faster" in plan.params["gluon_reason"]
 
 
+@pytest.mark.parametrize("kw", [dict(kv_quant="fp8_per_tensor:e4m3fn"),
+                                dict(kv_quant="int8_per_token_head"),
+                                dict(kv_quant="fp8_per_tensor:e5m2", dtype="float16")])
+def test_an_8bit_prefill_plans_the_kernel_over_the_staged_copy(kw):
+    from portattn.kernels import launch
+
+    plan = _plan(_problem(**kw))
+    assert plan.params["stage"] and plan.params["gluon"]["reads"] == "staged"
+    assert plan.variant.endswith("-staged-gluon")
+    assert "staged 16-bit copy" in plan.params["gluon_reason"]
+    # the staged copy is sized per call, as for the unified kernel over it
+    sizing = (1, 32, 8, 128, 128, "per_token" in kw["kv_quant"], BF16)
+    assert launch.plan_workspace_size(*sizing, plan.params, num_tokens=4096) > 4096 * 8 * 128
+
+
+def test_score_features_plan_the_kernel_where_measured_faster(monkeypatch):
+    plan = _plan(_problem(sliding_window=True, alibi="sqrt", sinks=True))
+    assert plan.params["gluon"]["reads"] == "cache"
+    plan = _plan(_problem(softcap=True))
+    assert "gluon" not in plan.params and plan.variant.endswith("-staged")
+    assert "softcap: measured slower" in plan.params["gluon_reason"]
+    plan = _plan(_problem(sliding_window=True, kv_quant="fp8_per_tensor:e4m3fn"))
+    assert "gluon" not in plan.params
+    assert "8-bit cache's staged copy: measured slower" in plan.params["gluon_reason"]
+    monkeypatch.setenv("PORTATTN_GLUON", "1")
+    assert _plan(_problem(softcap=True)).params["gluon"]["reads"] == "cache"
+
+
 @pytest.mark.parametrize("kw,words", [
-    (dict(sinks=True), "sinks"),
-    (dict(softcap=True), "softcap"),
-    (dict(sliding_window=True), "a sliding window"),
     (dict(out_dtype="float16"), "output dtype"),
-    (dict(kv_quant="fp8_per_tensor:e4m3fn"), "not q's 16-bit dtype"),
+    (dict(kv_quant="int8_per_token_head", dtype="float16"), "with an fp16 q"),
 ])
 def test_other_classes_stay_staged_with_the_reason(kw, words):
     plan = _plan(_problem(**kw))
@@ -153,8 +201,8 @@ def test_the_setting(monkeypatch):
     assert plan.params["gluon_reason"] == "PORTATTN_GLUON=0 forbids it"
     monkeypatch.setenv("PORTATTN_GLUON", "1")
     assert _plan(_problem()).params["_gluon_forced"] is True
-    with pytest.raises(UnsupportedError, match="sinks"):
-        _plan(_problem(sinks=True))
+    with pytest.raises(UnsupportedError, match="with an fp16 q"):
+        _plan(_problem(kv_quant="int8_per_token_head", dtype="float16"))
     monkeypatch.setenv("PORTATTN_GLUON", "maybe")
     with pytest.raises(InputError, match="PORTATTN_GLUON"):
         _plan(_problem())
@@ -170,21 +218,24 @@ def test_a_triton_without_gluon_is_a_reason_on_a_probed_device(monkeypatch):
 
 # ---------------------------------------------------------------- the launch's fallbacks
 
-def _staged_call(monkeypatch, forced=False):
-    """A small staged prefill planned with the Gluon kernel: returns a runner of
-    ``launch_unified`` and the counts of Gluon launches and staging launches."""
+def _staged_call(monkeypatch, forced=False, quant=None):
+    """A small staged prefill planned with the Gluon kernel (over the cache; over the
+    staged copy with an 8-bit ``quant``): returns a runner of ``launch_unified`` and the
+    counts of Gluon launches and staging launches."""
     from portattn.kernels import launch
     from portattn.kernels.heuristics import TileConfig
     from portattn.options import normalize_options
 
     batch = make_paged_batch([20, 9], [60, 30], num_q_heads=4, num_kv_heads=2,
-                             head_size=32, block_size=16, dtype=torch.float16, seed=3)
+                             head_size=32, block_size=16, dtype=torch.float16, seed=3,
+                             quant=quant)
     options = normalize_options(batch.q, batch.cache)
     long = TileConfig(block_m=32, block_q=16, block_n=16, num_warps=4, num_stages=2).as_dict()
     params = {"mode": "prefill", "long": long,
               "stage": {"block": 32, "sblocks": 2, "min_q": 10}, "stage_long": long,
               "stage_kv_load": "staged", "_kv_load_forced": True,
-              "gluon": {"min_q": 10}, "_gluon_forced": forced}
+              "gluon": {"min_q": 10, "reads": "cache" if quant is None else "staged"},
+              "_gluon_forced": forced}
     counts = {"gluon": 0, "stage": 0}
     original = launch.stage_kv
     monkeypatch.setattr(launch, "stage_kv", lambda *a: (counts.__setitem__(
@@ -252,3 +303,54 @@ def test_a_gluon_plan_sizes_no_staging_workspace():
     without = launch.plan_workspace_size(*sizing, staged, num_tokens=8192)
     assert with_gluon == launch.plan_workspace_size(*sizing, plan.params, num_tokens=0)
     assert without > with_gluon + 8192 * 8 * 128  # the staged K and V of 8192 keys
+
+
+@pytest.mark.interpreter
+def test_an_8bit_cache_stages_then_the_kernel_reads_the_staged_copy(monkeypatch, caplog):
+    """The launch stages first, then hands the kernel the staged copy (blocks of the
+    plan's staged size, in q's dtype) and the table pointing into it, with the long
+    sequences' query count; the unified kernel over the staged copy does not run then (the stand-in
+    writes nothing: the long sequence's rows stay NaN, the short one's are computed). A
+    launch that raises falls back to the unified kernel over the staged copy, remembered
+    under the staged class."""
+    from portattn import KVQuant
+    from portattn.kernels import launch
+    from portattn.kernels.stage_launch import StagedCache
+    from portattn.testing import dense_attention, relative_error
+
+    monkeypatch.setattr(launch, "GLUON_FAILED", {})
+    monkeypatch.setattr(gluon_launch, "tensor_reasons", lambda *a: [])
+    seen = []
+
+    def record(q, cache, metadata, options, out, min_q):
+        seen.append((type(cache), cache.block_size, cache.dtype, min_q,
+                     tuple(metadata.block_table.shape)))
+    monkeypatch.setattr(gluon_launch, "launch_gluon_prefill", record)
+    quant = KVQuant.fp8_per_tensor(0.02, 0.03)
+    batch, options, run, counts = _staged_call(monkeypatch, quant=quant)
+    out = run()
+    assert counts["stage"] == 1
+    assert seen == [(StagedCache, 32, torch.float16, 10, (2, 2))]
+    assert torch.isnan(out[:20]).all() and torch.isfinite(out[20:]).all()
+
+    def broken(*args):
+        raise RuntimeError("PassManager::run failed (injected)")
+    monkeypatch.setattr(gluon_launch, "launch_gluon_prefill", broken)
+    with caplog.at_level("WARNING", logger="portattn"):
+        out = run()
+    keys = [k.double() * 0.02 for k in _fp8_values(batch, "k")]
+    values = [v.double() * 0.03 for v in _fp8_values(batch, "v")]
+    expected = dense_attention(batch.q.double(), keys, values, batch.query_lens,
+                               scale=options.scale)
+    assert relative_error(out.double(), expected) < 3e-3
+    assert [key[-1] for key in launch.GLUON_FAILED] == ["staged"]
+
+
+def _fp8_values(batch, which):
+    """The codes of each sequence's keys, read through the block table by the test."""
+    cache = batch.cache.key_cache if which == "k" else batch.cache.value_cache
+    rows = []
+    for b, n in enumerate(batch.seq_lens):
+        blocks = batch.metadata.block_table[b, :(n + 15) // 16].long()
+        rows.append(cache[blocks].float().reshape(-1, *cache.shape[2:])[:n])
+    return rows

@@ -97,7 +97,7 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
                   fp8_dot=False, tolerance=None, separate_kv=False, block_table_edit=None,
                   v_stage=None, kv_load="pointer", kv_bits=None, v_scale_factor=None,
                   v_pairs=None, stage=None, stage_kv_load=None, stage_min_q=1,
-                  one_loop=None, merge_in_kernel=None, workspace=None):
+                  one_loop=None, merge_in_kernel=None, workspace=None, gluon=False):
     """Run one case; returns the relative error (asserts it is within tolerance).
 
     ``quant``: a KVQuant for the cache; ``head_size_v``: DiffKV (a packed cache);
@@ -128,7 +128,9 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
     where ``long`` gives the tile); ``merge_in_kernel``: True / False forces where split-KV
     partials are merged (the kernel's MERGE_SEGMENTS, or the merge kernel), None follows
     the plan; ``workspace``: passed to the launch (a runner's, say) instead of one made
-    per call."""
+    per call; ``gluon`` (with ``stage``): the staged plan's long sequences go to the Gluon
+    prefill (forced: a refusal raises), over the cache (16-bit caches) or the staged copy
+    (8-bit ones)."""
     from portattn.backends.triton_unified import TritonUnified
 
     num_q_heads = group * num_kv_heads
@@ -234,6 +236,12 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
         params["_kv_load_forced"] = True  # descriptor loads over the staged blocks, or raise
         if stage_kv_load is not None:
             params["stage_kv_load"] = stage_kv_load
+        if gluon:
+            from portattn.kernels.gluon_launch import reads_staged_copy
+
+            reads = "staged" if reads_staged_copy(cache.quant.key) else "cache"
+            params["gluon"] = {"min_q": params["stage"]["min_q"], "reads": reads}
+            params["_gluon_forced"] = True
     plan = Plan("triton_unified", heuristics.variant_name(params), params)
     if workspace is None:
         TritonUnified().run(q, cache, metadata, options, out, plan)

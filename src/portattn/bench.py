@@ -87,6 +87,8 @@ def default_cases(shrink: int = 1) -> list[Case]:
                   for b in (1, 8, 32, 128)]
     cases.append(Case("prefill-1x8192-fp8", "prefill", [n(8192)], [n(8192)],
                       "fp8_per_tensor"))
+    cases.append(Case("prefill-1x8192-int8pth", "prefill", [n(8192)], [n(8192)],
+                      "int8_per_token_head"))
     cases += [Case(f"decode-{b}x8192-diffkv", "decode", [1] * b, [n(8192)] * b,
                    head_size_qk=192, head_size_v=128) for b in (8, 32, 128)]
     cases.append(Case("prefill-1x8192-diffkv", "prefill", [n(8192)], [n(8192)],

@@ -174,9 +174,11 @@ UNIFIED_SPLIT = Setting(
     "as the key length allows, 0 never splits", _TRISTATE, decides=True)
 GLUON = Setting(
     "PORTATTN_GLUON", "auto, 0, 1", "auto (where measured faster, "
-    "kernels.gluon_launch: sm90, 16-bit caches, block 16, heads 128 and 256)",
-    "the warp-specialized Gluon prefill over the paged cache for a plan's long sequences "
-    "instead of staging their keys: 1 forces it for plans that stage (error with the "
+    "kernels.gluon_launch: sm90, heads 128 and 256; 16-bit caches at block 16, "
+    "8-bit caches staged)",
+    "the warp-specialized Gluon prefill for a plan's long sequences: over the paged cache "
+    "instead of staging their keys (16-bit caches), or over the staged copy instead of "
+    "the unified kernel (8-bit caches): 1 forces it for plans that stage (error with the "
     "reason where it cannot run), 0 forbids it", _TRISTATE, decides=True)
 CACHE_DIR = Setting(
     "PORTATTN_CACHE_DIR", "a directory", "$XDG_CACHE_HOME/portattn, else "

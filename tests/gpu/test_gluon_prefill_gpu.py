@@ -8,11 +8,18 @@ queries than keys) and mixed batches (decodes and middle-sized prompts served by
 unified kernel beside the kernel's long prompts); lengths off every tile boundary;
 non-causal; a strided q (a slice of a fused QKV tensor); bad block ids (NaN exactly for
 the rows that see them); plans replayed over layers and in a CUDA graph; the auto rule
-staging a layout the kernel cannot read.
+staging a layout the kernel cannot read. 8-bit caches through the staged copy (fp8
+per-tensor e4m3 / e5m2, int8 and fp8 per-token-head) x prefill / chunked / mixed, heads
+64 / 128 / 256, cache blocks 16 / 32 / 256, fp16 q; score features (softcap, ALiBi linear
+and sqrt, sinks, non-causal, sliding windows narrower and wider than a tile, all
+together) over bf16 and 8-bit caches; bad ids under a window (NaN exactly for the rows
+whose window holds them, freed blocks before every window ignored); an fp8 plan replayed
+with other scales.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -182,3 +189,153 @@ def test_no_rows_left_unwritten_with_an_understated_max_seqlen_q():
     plan.run(batch.q, batch.cache, out=out)
     assert relative_error(out, _oracle(batch)) < TOL
     assert not math.isnan(out[2400:2500].float().sum().item())
+
+
+# ------------------------------------------ 8-bit caches (staged copy) and score features
+# Through check_unified (tests/unified_check.py): a staged plan whose long sequences go to
+# the kernel, forced (a refusal raises), against the float64 oracle on the values the
+# cache holds (codes x scales, read from the cache by the test itself).
+
+def _gluon_case(case, **kw):
+    from unified_check import run_gpu_case
+
+    return run_gpu_case(case, **{"stage": 128, "gluon": True, **kw})
+
+
+G_PREFILL = dict(query_lens=[700, 300], seq_lens=[700, 900], mode="prefill")
+G_CHUNKED = dict(query_lens=[300, 129], seq_lens=[1000, 129], mode="prefill")
+G_MIXED = dict(query_lens=[1, 257, 1, 3, 1, 130], seq_lens=[900, 600, 33, 300, 1000, 130],
+               mode="mixed", segments=4, stage_min_q=64)
+G_VARIANTS = {"prefill": G_PREFILL, "chunked": G_CHUNKED, "mixed": G_MIXED}
+
+
+def _quants():
+    from test_kernels_quant_diffkv import QUANTS
+
+    return QUANTS
+
+
+QUANT_NAMES = ["fp8_tensor_e4m3", "fp8_tensor_e5m2", "int8_token_head", "fp8_token_head"]
+
+
+@pytest.mark.parametrize("variant", list(G_VARIANTS))
+@pytest.mark.parametrize("quant", QUANT_NAMES)
+def test_8bit_caches_through_the_staged_copy(quant, variant):
+    _gluon_case(G_VARIANTS[variant], quant=_quants()[quant])
+
+
+@pytest.mark.parametrize("head_size,group", [(64, 1), (256, 8), (128, 8)])
+@pytest.mark.parametrize("quant", ["fp8_tensor_e4m3", "int8_token_head"])
+def test_8bit_caches_head_sizes_and_gqa(quant, head_size, group):
+    _gluon_case(G_PREFILL, quant=_quants()[quant], head_size=head_size, group=group)
+
+
+@pytest.mark.parametrize("block_size", [16, 32, 256])
+def test_8bit_cache_block_sizes(block_size):
+    _gluon_case(G_MIXED, quant=_quants()["fp8_tensor_e5m2"], block_size=block_size)
+
+
+def test_fp8_per_tensor_with_fp16_q():
+    _gluon_case(G_CHUNKED, quant=_quants()["fp8_tensor_e4m3"], dtype=F16)
+
+
+def test_per_token_head_with_fp16_q_is_refused_when_forced():
+    """fp16 q: the staged codes keep per-key scales, which the kernel lacks: forced, the
+    launch raises rather than computing without them."""
+    with pytest.raises(ValueError, match="per-tensor scales only"):
+        _gluon_case(G_PREFILL, quant=_quants()["int8_token_head"], dtype=F16)
+
+
+FEATURES = {"softcap": dict(softcap=30.0), "alibi": dict(alibi="linear"),
+            "alibi_sqrt": dict(alibi="sqrt"), "sinks": dict(sinks=True),
+            "non_causal": dict(causal=False), "window": dict(sliding_window=100),
+            "wide_window": dict(sliding_window=700),
+            "window_non_causal": dict(sliding_window=150, causal=False),
+            "all": dict(sliding_window=77, softcap=20.0, alibi="linear", sinks=True)}
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("quant", ["none", "fp8_tensor_e4m3", "int8_token_head"])
+def test_score_features(quant, feature):
+    q = None if quant == "none" else _quants()[quant]
+    _gluon_case(G_CHUNKED, quant=q, **FEATURES[feature])
+
+
+@pytest.mark.parametrize("head_size", [64, 256])
+def test_score_features_other_heads_fp16(head_size):
+    _gluon_case(G_PREFILL, head_size=head_size, dtype=F16, **FEATURES["all"])
+
+
+@pytest.mark.parametrize("bad_id", [-3, 10_000])
+@pytest.mark.parametrize("quant", ["none", "fp8_tensor_e4m3"])
+def test_bad_block_ids_give_nan_rows(quant, bad_id):
+    def corrupt(table):
+        table[1, 0] = bad_id  # keys 0-15 of sequence 1: every one of its rows sees them
+        return [1]
+    q = None if quant == "none" else _quants()[quant]
+    _gluon_case(G_CHUNKED, quant=q, block_table_edit=corrupt)
+
+
+def test_fp8_plan_reads_the_staged_copy_and_replays(monkeypatch):
+    """The public plan on an fp8 cache: the kernel over the staged copy (forced here;
+    auto takes it where measured), replayed over two caches with different scales."""
+    from portattn import KVQuant
+    from portattn.kernels import gluon_launch
+
+    calls = []
+    original = gluon_launch.launch_gluon_prefill
+    monkeypatch.setattr(gluon_launch, "launch_gluon_prefill",
+                        lambda *a: (calls.append(type(a[1]).__name__), original(*a))[1])
+    batch = make_paged_batch([1500, 600], [1500, 1000], num_q_heads=16, num_kv_heads=4,
+                             head_size=128, block_size=16, dtype=BF16, device=DEV,
+                             quant=KVQuant.fp8_per_tensor(0.02, 0.03))
+    plan = _plan(batch, 16, BF16)
+    assert plan.decision.plan.params["gluon"]["reads"] == "staged"
+    codes_k = batch.cache.key_cache.float()
+    codes_v = batch.cache.value_cache.float()
+    for k_scale, v_scale in ((0.02, 0.03), (0.5, 0.004)):
+        cache = PagedKVCache(batch.cache.key_cache, batch.cache.value_cache,
+                             KVQuant.fp8_per_tensor(k_scale, v_scale))
+        out = torch.full_like(batch.q, float("nan"))
+        plan.run(batch.q, cache, out=out)
+        keys, values = [], []
+        for b, n in enumerate(batch.seq_lens):
+            blocks = batch.metadata.block_table[b, :(n + 15) // 16].long()
+            keys.append(codes_k[blocks].reshape(-1, 4, 128)[:n].cpu().double() * k_scale)
+            values.append(codes_v[blocks].reshape(-1, 4, 128)[:n].cpu().double() * v_scale)
+        expected = dense_attention(batch.q.cpu().double(), keys, values, batch.query_lens)
+        assert relative_error(out, expected) < TOL, (k_scale, v_scale)
+    assert calls == ["StagedCache", "StagedCache"]
+
+
+def _window_run(batch, table, window):
+    meta = dataclasses.replace(batch.metadata, block_table=table)
+    plan = portattn.plan(meta, num_q_heads=8, dtype=BF16, cache=batch.cache,
+                         sliding_window=window)
+    assert plan.decision.plan.params.get("gluon"), plan.decision
+    out = torch.full_like(batch.q, 7.0)
+    plan.run(batch.q, batch.cache, out=out)
+    return out.cpu()
+
+
+@pytest.mark.parametrize("bad_id", [-1, 10_000])
+def test_a_window_sees_bad_ids_only_where_they_fall_inside_it(bad_id):
+    """Window 100 over 1200 keys (query position p sees keys p-99..p). A bad id in block
+    5 (keys 80-95) NaNs exactly the rows whose window holds one of them (80-194). Blocks
+    0-3 freed (keys 0-63): rows 0-162 see them (NaN), rows from 163 on are right (tiles
+    from 256 on do not even read them)."""
+    window = 100
+    batch = make_paged_batch([1200], [1200], num_q_heads=8, num_kv_heads=2, head_size=128,
+                             block_size=16, dtype=BF16, device=DEV)
+    expected = dense_attention(batch.q.cpu().double(),
+                               [k.cpu().double() for k in batch.keys],
+                               [v.cpu().double() for v in batch.values], batch.query_lens,
+                               sliding_window=window)
+    for bad_blocks, seen in ((slice(5, 6), slice(80, 195)), (slice(0, 4), slice(0, 163))):
+        table = batch.metadata.block_table.clone()
+        table[0, bad_blocks] = bad_id
+        out = _window_run(batch, table, window)
+        nan_rows = torch.zeros(1200, dtype=torch.bool)
+        nan_rows[seen] = True
+        assert torch.isnan(out[nan_rows]).all(), bad_blocks
+        assert relative_error(out[~nan_rows], expected[~nan_rows]) < TOL, bad_blocks

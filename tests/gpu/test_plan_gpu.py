@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import portattn
-from portattn import AttentionMetadata, PagedKVCache, planning
+from portattn import AttentionMetadata, PagedKVCache, planning, settings
 from portattn.kernels import fast_launch
 from portattn.kernels.heuristics import MERGE_IN_KERNEL
 from portattn.testing import dense_attention, make_paged_batch, relative_error
@@ -32,6 +32,8 @@ CASES = {  # query lens, seq lens, expected variant prefix, kernel launches per 
     # sm90: the staging launch, then the attention over host descriptors of the staged
     # keys (their tensor maps made once per workspace address, the C entry called)
     "prefill-staged": ([1024], [1024], "prefill-2d-staged", 2),
+    # sm90 (auto): the Gluon prefill over the paged cache, one launch
+    "prefill-gluon": ([1024], [1024], "prefill-2d-gluon", 1),
 }
 
 
@@ -40,6 +42,7 @@ def fresh_plans():
     planning.clear()
     yield
     planning.clear()
+    settings.reload()  # after a test's monkeypatched environment is restored
 
 
 def _counting(runner):
@@ -56,9 +59,13 @@ def _counting(runner):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_replayed_layers_match_the_reference(case):
-    if case == "prefill-staged" and torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("staging is planned on sm90 only (where it was measured)")
+def test_replayed_layers_match_the_reference(case, monkeypatch):
+    if case.startswith("prefill-") and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("staging and the Gluon prefill are planned on sm90 only (where they "
+                    "were measured)")
+    if case == "prefill-staged":  # the staged unified kernel, not the Gluon one
+        monkeypatch.setenv("PORTATTN_GLUON", "0")
+        settings.reload()
     query_lens, seq_lens, prefix, launches = CASES[case]
     batch = make_paged_batch(query_lens, seq_lens, num_q_heads=32, num_kv_heads=8,
                              head_size=128, dtype=BF16, device="cuda")

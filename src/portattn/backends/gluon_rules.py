@@ -7,7 +7,10 @@ stages (``params["stage"]``, :func:`portattn.backends.triton_kv_load.choose_stag
 ``explain`` says which kernel serves the long prompts and why. The rule:
 ``PORTATTN_GLUON`` not 0; a Triton whose Gluon has Hopper's warp specialization; a
 problem class the kernel serves (:func:`portattn.kernels.gluon_launch.problem_reasons`)
-and, in auto, where it measured faster (``unmeasured_reasons``). Tensor
+and, in auto, where it measured faster (``unmeasured_reasons``). ``gluon["reads"]`` says
+what the kernel reads: ``"cache"`` (16-bit caches: the paged blocks themselves, no
+staging) or ``"staged"`` (8-bit caches: the keys are staged as before, widened to q's
+dtype, and the kernel replaces the unified kernel over the staged blocks). Tensor
 strides and alignment are only known at launch
 (:func:`portattn.kernels.launch.launch_staged` checks them and stages where they do not
 fit). ``PORTATTN_GLUON=1`` takes the kernel wherever it can serve a staged plan (head 64
@@ -46,7 +49,11 @@ def choose_gluon_prefill(problem, caps, params: dict) -> dict:
         softcap=problem.softcap, alibi=problem.alibi, sinks=problem.sinks)
     if setting is not True:  # auto: only where it measured faster
         reasons += gluon_launch.unmeasured_reasons(head_size_qk=problem.head_size_qk,
-                                                   block_size=problem.block_size)
+                                                   block_size=problem.block_size,
+                                                   kv_quant=problem.kv_quant,
+                                                   sliding_window=problem.sliding_window,
+                                                   softcap=problem.softcap,
+                                                   alibi=problem.alibi, sinks=problem.sinks)
     if not caps.simulated:
         missing = gluon_launch.gluon_reason()
         if missing:
@@ -58,8 +65,12 @@ def choose_gluon_prefill(problem, caps, params: dict) -> dict:
         return {**params, "gluon_reason": "; ".join(reasons)}
     why = ("PORTATTN_GLUON=1 forces it" if setting is True else
            "measured faster here than staging (kernels.gluon_launch)")
-    out = {**params, "gluon": {"min_q": params["stage"]["min_q"]},
-           "gluon_reason": f"{why}; the long sequences read the paged cache with TMA"}
+    if gluon_launch.reads_staged_copy(problem.kv_quant):
+        reads, what = "staged", "their staged 16-bit copy"
+    else:
+        reads, what = "cache", "the paged cache"
+    out = {**params, "gluon": {"min_q": params["stage"]["min_q"], "reads": reads},
+           "gluon_reason": f"{why}; the long sequences read {what} with TMA"}
     if setting is True:
         out["_gluon_forced"] = True
     return out

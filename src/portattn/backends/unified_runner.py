@@ -168,9 +168,9 @@ class UnifiedRunner(Runner):
         self.workspace_size = launch.plan_workspace_size(*self._sizing)
         # staged prefills size their workspace per call, by the call's tokens
         # (launch.staging_slots): staging_buffer, so an idle plan holds none of its own;
-        # a plan whose long sequences take the Gluon prefill stages nothing (its split
-        # partials, if any, are the runner's own workspace)
-        self.workspace_per_call = bool(params.get("stage")) and not params.get("gluon")
+        # a plan whose long sequences take the Gluon prefill over the cache stages nothing
+        # (its split partials, if any, are the runner's own workspace)
+        self.workspace_per_call = bool(params.get("stage")) and not launch.reads_cache(params)
         self._staging_sizes: dict[int, int] = {}  # call's tokens -> workspace elements
         self.device = device
         # the CUDA index of the GPU PlanBody.launch makes current around every call (None

@@ -56,6 +56,19 @@ def gluon_reason() -> str | None:
     return None
 
 
+#: Quantized caches (KVQuant modes) the kernel serves through the staged copy, and where
+#: it measured faster there than the staged unified kernel (H200, session 14).
+STAGED_QUANT = ("fp8_per_tensor", "int8_per_token_head", "fp8_per_token_head")
+MEASURED_STAGED_QUANT = ("fp8_per_tensor", "int8_per_token_head", "fp8_per_token_head")
+
+
+def reads_staged_copy(kv_quant: str) -> bool:
+    """Whether the kernel reads a staged copy of the keys (8-bit caches: the staging
+    kernel widens the codes to q's dtype) rather than the cache itself. ``kv_quant``:
+    the problem's ``KVQuant.key`` (``"fp8_per_tensor:e4m3fn"``, ``"none"``...)."""
+    return kv_quant.split(":")[0] != "none"
+
+
 def problem_reasons(*, arch: str, q_dtype: torch.dtype, kv_dtype: torch.dtype,
                     out_dtype: torch.dtype, kv_quant: str, head_size_qk: int,
                     head_size_v: int, block_size: int, sliding_window: bool, softcap: bool,
@@ -68,36 +81,62 @@ def problem_reasons(*, arch: str, q_dtype: torch.dtype, kv_dtype: torch.dtype,
                        "warpgroup MMA and TMA)")
     if q_dtype not in (torch.float16, torch.bfloat16):
         reasons.append(f"q is {str(q_dtype).replace('torch.', '')}, not float16 / bfloat16")
-    if kv_quant != "none" or kv_dtype != q_dtype:
-        reasons.append("the cache is not q's 16-bit dtype (quantized caches are staged)")
+    mode = kv_quant.split(":")[0]
+    if mode == "none" and kv_dtype != q_dtype:
+        reasons.append("the cache is not q's dtype")
+    elif mode != "none" and mode not in STAGED_QUANT:
+        reasons.append(f"{mode} caches: the kernel reads {'/'.join(STAGED_QUANT)} only")
+    elif mode.endswith("per_token_head") and q_dtype != torch.bfloat16:
+        reasons.append(f"{mode} with an fp16 q: staged codes keep per-key scales (fp16 "
+                       "could not hold the dequantized values), which the kernel lacks")
     if out_dtype != q_dtype:
         reasons.append("the output dtype is not q's")
     if head_size_qk != head_size_v or head_size_qk not in TILES:
         reasons.append(f"head sizes {head_size_qk}/{head_size_v}: measured for equal K and "
                        f"V heads of {', '.join(map(str, TILES))}")
-    if block_size not in BLOCK_SIZES or (head_size_qk in TILES
-                                         and TILES[head_size_qk][0] % block_size):
+    if mode == "none" and (block_size not in BLOCK_SIZES or (
+            head_size_qk in TILES and TILES[head_size_qk][0] % block_size)):
         reasons.append(f"block size {block_size}: the kernel reads whole blocks of "
                        f"{'/'.join(map(str, BLOCK_SIZES))} slots, whole ones per key tile")
-    features = [name for name, used in (("a sliding window", sliding_window),
-                                        ("softcap", softcap), ("ALiBi", alibi != "none"),
-                                        ("sinks", sinks)) if used]
-    if features:
-        reasons.append(f"{', '.join(features)}: not in the Gluon kernel (the staged "
-                       "unified kernel serves them)")
     return reasons
 
 
-def unmeasured_reasons(*, head_size_qk: int, block_size: int) -> list[str]:
+#: Score features where the kernel measured slower than the staged unified kernel (H200,
+#: 1 x 8192 causal, head 128, bf16, block 16, benchmarks/gluon_features_bench.py, session
+#: 14; staged / Gluon us): auto keeps those classes staged. Softcap 30: 2183 / 2562 (its
+#: tanh's IEEE division on the softmax's critical path). Faster there: no feature 1065 /
+#: 1003, window 1024 371 / 355, window 4096 868 / 813, ALiBi 1232 / 1167, sinks 1128 / 992.
+SLOWER_FEATURES = ("softcap",)
+#: An 8-bit cache with a sliding window measured slower through the staged copy: fp8
+#: per-tensor, window 1024, 369 / 387 us (same run).
+SLOWER_STAGED_WINDOW = True
+
+
+def unmeasured_reasons(*, head_size_qk: int, block_size: int, kv_quant: str = "none",
+                       sliding_window: bool = False, softcap: bool = False,
+                       alibi: str = "none", sinks: bool = False) -> list[str]:
     """Why auto mode keeps staging a class the kernel can serve: it was not measured
     faster there (``PORTATTN_GLUON=1`` runs it anyway)."""
     reasons = []
+    used = {"sliding_window": sliding_window, "softcap": softcap, "alibi": alibi != "none",
+            "sinks": sinks}
+    slower = [name for name in SLOWER_FEATURES if used[name]]
+    if slower:
+        reasons.append(f"{', '.join(n.replace('_', ' ') for n in slower)}: measured slower "
+                       "than the staged unified kernel (SLOWER_FEATURES)")
+    if SLOWER_STAGED_WINDOW and sliding_window and kv_quant.split(":")[0] != "none":
+        reasons.append("a sliding window over an 8-bit cache's staged copy: measured slower "
+                       "than the staged unified kernel (SLOWER_STAGED_WINDOW)")
     if head_size_qk not in MEASURED_HEADS:
         reasons.append(f"head size {head_size_qk}: measured faster than staging at "
                        f"{'/'.join(map(str, MEASURED_HEADS))} only (MEASURED_HEADS)")
-    if block_size not in MEASURED_BLOCK_SIZES:
+    mode = kv_quant.split(":")[0]
+    if mode == "none" and block_size not in MEASURED_BLOCK_SIZES:
         reasons.append(f"block size {block_size}: measured at "
                        f"{'/'.join(map(str, MEASURED_BLOCK_SIZES))} only")
+    if mode != "none" and mode not in MEASURED_STAGED_QUANT:
+        reasons.append(f"{mode} caches: measured at "
+                       f"{'/'.join(MEASURED_STAGED_QUANT) or 'none'} only")
     return reasons
 
 
@@ -163,12 +202,15 @@ def launch_gluon_prefill(q: torch.Tensor, cache, metadata, options, out: torch.T
                          min_q: int) -> None:
     """Attention of the sequences with at least ``min_q`` queries into ``out`` (the
     others' rows untouched); every other argument as
-    :func:`portattn.kernels.launch.launch_unified`. The caller has checked
-    :func:`problem_reasons` and :func:`tensor_reasons`."""
+    :func:`portattn.kernels.launch.launch_unified` (``cache``: the paged cache, or a
+    :class:`~portattn.kernels.stage_launch.StagedCache` and the metadata pointing into
+    it). The caller has checked :func:`problem_reasons` and :func:`tensor_reasons`."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from portattn.kernels import gluon_prefill
+    from portattn.kernels.launch import ALIBI_CODES
+    from portattn.kernels.scalars import kv_scale_args
 
     num_tokens, num_q_heads, head = q.shape
     block_n, num_buf = TILES[head]
@@ -179,16 +221,28 @@ def launch_gluon_prefill(q: torch.Tensor, cache, metadata, options, out: torch.T
                                                                                  gdt))
     kc, vc = cache.key_cache, cache.value_cache
     block_size = kc.shape[1]
-    k_desc = _rows(kc, block_size, head, block_n, gdt)
-    v_desc = _rows(vc, block_size, head, block_n, gdt)
+    box = min(block_size, block_n)
+    k_desc = _rows(kc, box, head, block_n, gdt)
+    v_desc = _rows(vc, box, head, block_n, gdt)
+    code, k_scale, v_scale, _, _ = kv_scale_args(cache, q.device, q)
+    if code not in (0, 1):
+        raise ValueError("the Gluon prefill takes per-tensor scales only (per-token-head "
+                         "caches reach it staged dequantized)")
     num_seqs = metadata.seq_lens.shape[0]
     bt = metadata.block_table
     num_tiles = num_tokens // gluon_prefill.BLOCK_M + num_seqs
     _kernel()[(num_tiles * num_q_heads,)](
         q_desc, k_desc, v_desc, out, out.stride(0), out.stride(1), metadata.cu_seqlens_q,
         metadata.seq_lens, bt, bt.stride(0), bt.shape[1], kc.shape[0], num_seqs, num_tiles,
-        int(min_q), float(options.scale) * 1.4426950408889634,
+        int(min_q), float(options.scale),
+        float(options.softcap) if options.softcap is not None else 0.0,
+        int(options.sliding_window) if options.sliding_window is not None else 0,
+        k_scale, v_scale,
+        options.alibi_slopes if options.alibi_slopes is not None else q,
+        options.sinks if options.sinks is not None else q,
         NUM_Q_HEADS=num_q_heads, GROUP=num_q_heads // cache.num_kv_heads,
         KV_HEAD_STRIDE=kc.stride(2), BLOCK_N=block_n, HEAD=head, BLOCK_SIZE=block_size,
-        NUM_BUF=num_buf, CAUSAL=bool(options.causal), CONSUMER_REGS=CONSUMER_REGS,
-        num_warps=4)
+        NUM_BUF=num_buf, CAUSAL=bool(options.causal),
+        USE_WINDOW=options.sliding_window is not None, KV_SCALED=code == 1,
+        USE_SOFTCAP=options.softcap is not None, ALIBI=ALIBI_CODES[options.alibi],
+        USE_SINKS=options.sinks is not None, CONSUMER_REGS=CONSUMER_REGS, num_warps=4)

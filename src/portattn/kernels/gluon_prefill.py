@@ -11,10 +11,14 @@ Layout
   (q's head stride is ``HEAD``), box ``[64, HEAD]``: one box per consumer partition;
 * ``k_desc`` / ``v_desc``: host descriptors over the caches seen as rows ``[num_blocks *
   BLOCK_SIZE, row_elems]`` (a cache row is one slot: its block stride is ``BLOCK_SIZE``
-  slot strides), box ``[BLOCK_SIZE, HEAD]`` at column ``kv_head * stride_head``: key
-  ``k`` of sequence ``b`` is slot ``k % BLOCK_SIZE`` of block ``block_table[b, k //
-  BLOCK_SIZE]``. A K/V tile of ``BLOCK_N`` keys is ``BLOCK_N // BLOCK_SIZE`` boxes, each
-  landing in its row slice of the tile's shared-memory buffer: no staging copy;
+  slot strides), box ``[min(BLOCK_SIZE, BLOCK_N), HEAD]`` at column ``kv_head *
+  stride_head``: key ``k`` of sequence ``b`` is slot ``k % BLOCK_SIZE`` of block
+  ``block_table[b, k // BLOCK_SIZE]``. A K/V tile of ``BLOCK_N`` keys is ``BLOCK_N //
+  BLOCK_SIZE`` boxes, each landing in its row slice of the tile's shared-memory buffer
+  (blocks up to ``BLOCK_N`` slots: the paged cache itself, no staging copy), or the
+  tile's slice of one block (larger blocks: the 128-slot blocks of a staged copy, which
+  is how 8-bit caches reach this kernel, widened to q's dtype by
+  :mod:`portattn.kernels.stage`);
 * ``out`` through (token, head) strides, last dim contiguous; ``cu_seqlens_q``,
   ``seq_lens`` and ``block_table`` as the metadata gives them.
 
@@ -38,22 +42,29 @@ Partitions (``gl.warp_specialize``)
   a worker with ``CONSUMER_REGS`` registers): per key tile QK^T (``warpgroup_mma``), the
   online softmax in base 2 with the scale folded, PV with P from registers. The QK^T of
   tile j+1 is issued before the PV of tile j, and tile j+1's softmax runs while that PV
-  is on the tensor cores (FA3's intra-warpgroup overlap). Tiles every row sees run
-  without masks; only tiles from ``n_full`` on (the causal diagonal, the sequence end)
-  are masked. Each consumer waits and arrives on its own, so one's softmax overlaps the
-  other's matmuls.
+  is on the tensor cores (FA3's intra-warpgroup overlap). Tiles every row sees whole
+  run without masks; only tiles from ``n_full`` on (the causal diagonal, the sequence
+  end) and, with a window, below ``j_full_lo`` (its leading edge) are masked. Each
+  consumer waits and arrives on its own, so one's softmax overlaps the other's matmuls.
 
 Causality: query ``i`` of a sequence with ``q_len`` queries over ``k_len`` keys sees keys
-``<= i + k_len - q_len`` (``CAUSAL``; else all ``k_len``).
+``<= i + k_len - q_len`` (``CAUSAL``; else all ``k_len``), and with a sliding window
+only keys ``> i + k_len - q_len - window``: the key tiles before the window of a tile's
+first row are neither loaded nor computed. Scores as the unified kernel (DESIGN.md's
+order: scale, softcap, mask, ALiBi bias; sinks start the softmax).
 
 Bad metadata never reads out of bounds: block ids outside ``[0, num_blocks)`` read block 0
 and table columns past ``bt_width`` read the last column, and every row that would see
-such a key (or a key past the table's width) is written NaN (a scan of the table before
-the loop finds the first bad key). A TMA box brings a whole cache block, so the slots
-past a sequence's last key (and the blocks read for bad ids) arrive with whatever the
-cache holds there: the V rows of keys from the first bad key or the sequence end on are
-zeroed in shared memory before their PV (:func:`_zero_rows_from`: the last tile of a
-sequence whose length is not a multiple of ``BLOCK_N``), as P = 0 times a NaN is NaN.
+such a key (or a key past the table's width) is written NaN: a scan of the table
+columns the program reads, before the loop, finds the range from the first to the last
+bad key, and the rows whose visible keys meet that range are NaN (exactly the rows that
+see a bad key, but for a window that falls wholly between two bad blocks: those rows are
+NaN too). Blocks an engine freed before a window are not read, so their ids do not
+matter. A TMA box brings a whole cache block, so the slots past a sequence's last key
+(and the blocks read for bad ids) arrive with whatever the cache holds there: the V rows
+of keys in the bad range or past the sequence end are zeroed in shared memory before
+their PV (:func:`_zero_rows`: the last tile of a sequence whose length is not a multiple
+of ``BLOCK_N``), as P = 0 times a NaN is NaN.
 """
 
 from __future__ import annotations
@@ -68,7 +79,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from portattn.kernels.common import find_seq_of_tile
+from portattn.kernels.common import apply_softcap, find_seq_of_tile
 
 #: query rows of a program's tile (two consumer warpgroups of 64)
 BLOCK_M = 128
@@ -81,55 +92,91 @@ def _product(a, b):
     return a * b
 
 
+@gluon.constexpr_function
+def _box_rows(block_n, block_size):
+    """Rows of one TMA box: a whole cache block, or a tile's slice of a larger block."""
+    return min(block_n, block_size)
+
+
 @gluon.jit
 def _copy_tile(desc, buf, ready, empty, phase, j, kv_col, bt_row_ptr, bt_width, num_blocks,
-               per_tile: gl.constexpr, BLOCK_SIZE: gl.constexpr):
+               BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr):
     """Key tile ``j`` of one cache into ``buf`` once its ``empty`` barrier allows: a box
-    per cache block, all counted on ``ready`` (bad ids read block 0, see the module doc)."""
+    per cache block (blocks of ``BLOCK_N`` slots or fewer) or the tile's slice of its
+    block (larger blocks), all counted on ``ready`` (bad ids read block 0, see the module
+    doc)."""
+    box: gl.constexpr = _box_rows(BLOCK_N, BLOCK_SIZE)
+    per_tile: gl.constexpr = BLOCK_N // box
     # a fresh mbarrier counts as having completed the phase before 0
     mbarrier.wait(empty, phase ^ 1)
     mbarrier.expect(ready, _product(per_tile, desc.block_type.nbytes))
     for i in gl.static_range(per_tile):
-        block = gl.load(bt_row_ptr + gl.minimum(j * per_tile + i, bt_width - 1))
+        key = j * BLOCK_N + i * box
+        block = gl.load(bt_row_ptr + gl.minimum(key // BLOCK_SIZE, bt_width - 1))
         block = gl.where((block >= 0) & (block < num_blocks), block, 0)
-        tma.async_copy_global_to_shared(desc, [block * BLOCK_SIZE, kv_col], ready,
-                                        buf.slice(i * BLOCK_SIZE, BLOCK_SIZE))
+        tma.async_copy_global_to_shared(desc, [block * BLOCK_SIZE + key % BLOCK_SIZE, kv_col],
+                                        ready, buf.slice(i * box, box))
 
 
 @gluon.jit
 def _load_partition(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready,
                     k_empty, v_empty, q_row, q_col, kv_col, bt_row_ptr, bt_width, num_blocks,
-                    n_tiles, BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr):
-    """One warp: the two Q boxes, then K and V of every visible key tile, a box per cache
-    block, into the ring (bad ids read block 0: the consumers NaN the rows that see them)."""
+                    j_lo, n_tiles, BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr):
+    """One warp: the two Q boxes, then K and V of key tiles ``[j_lo, n_tiles)``, a box per
+    cache block, into the ring (bad ids read block 0: the consumers NaN the rows that see
+    them)."""
     num_buf: gl.constexpr = k_bufs.type.shape[0]
-    per_tile: gl.constexpr = BLOCK_N // BLOCK_SIZE
     rows: gl.constexpr = q_desc.block_type.shape[0]
     mbarrier.expect(q_bar, _product(2, q_desc.block_type.nbytes))
     for i in gl.static_range(2):
         tma.async_copy_global_to_shared(q_desc, [q_row + i * rows, q_col], q_bar,
                                         q_bufs.index(i))
-    for j in range(n_tiles):
-        idx = j % num_buf
-        phase = (j // num_buf) & 1
+    for j in range(j_lo, n_tiles):
+        idx = (j - j_lo) % num_buf
+        phase = ((j - j_lo) // num_buf) & 1
         _copy_tile(k_desc, k_bufs.index(idx), k_ready.index(idx), k_empty.index(idx), phase,
-                   j, kv_col, bt_row_ptr, bt_width, num_blocks, per_tile, BLOCK_SIZE)
+                   j, kv_col, bt_row_ptr, bt_width, num_blocks, BLOCK_N, BLOCK_SIZE)
         _copy_tile(v_desc, v_bufs.index(idx), v_ready.index(idx), v_empty.index(idx), phase,
-                   j, kv_col, bt_row_ptr, bt_width, num_blocks, per_tile, BLOCK_SIZE)
+                   j, kv_col, bt_row_ptr, bt_width, num_blocks, BLOCK_N, BLOCK_SIZE)
 
 
 @gluon.jit
-def _softmax_step(s, m_i, l_i, qk_scale, rows, cols, key0, off, k_len, MASK: gl.constexpr,
-                  CAUSAL: gl.constexpr):
-    """One online-softmax step on a score tile: P, the new row max and sum, and the
-    factor that rescales the accumulator (base 2, ``qk_scale`` = scale * log2(e))."""
+def _scores(s, mods, rows, cols, key0, off, k_len, MASK: gl.constexpr, CAUSAL: gl.constexpr,
+            USE_WINDOW: gl.constexpr, USE_SOFTCAP: gl.constexpr, ALIBI: gl.constexpr):
+    """Raw ``q.k`` products -> base-2 logits, in DESIGN.md's order (scale, softcap, mask,
+    bias). ``mods`` = (``qk_scale``: the scale, times log2(e) unless ``USE_SOFTCAP``;
+    ``softcap``; ``slope2``: the head's ALiBi slope times log2(e); ``window``); ``ALIBI`` 1
+    adds ``slope * (k - p)``, 2 subtracts ``slope * sqrt(p - k)`` (p: the query's key
+    position). ``MASK``: keys past ``k_len``, after p (``CAUSAL``) or ``window`` or more
+    before it (``USE_WINDOW``) get -inf."""
+    qk_scale, softcap, slope2, window = mods
     s = s * qk_scale
+    if USE_SOFTCAP:
+        s = apply_softcap(s, softcap) * 1.4426950408889634
+    keys = gl.expand_dims(key0 + cols, 0)
+    if ALIBI == 1:
+        s = s + slope2 * (keys - gl.expand_dims(rows + off, 1)).to(gl.float32)
+    elif ALIBI == 2:
+        dist = gl.maximum(gl.expand_dims(rows + off, 1) - keys, 0).to(gl.float32)
+        s = s - slope2 * gl.sqrt(dist)
     if MASK:
-        keys = gl.expand_dims(key0 + cols, 0)
         ok = keys < k_len
         if CAUSAL:
             ok = ok & (keys <= gl.expand_dims(rows + off, 1))
+        if USE_WINDOW:
+            ok = ok & (gl.expand_dims(rows + off, 1) - keys < window)
         s = gl.where(ok, s, float("-inf"))
+    return s
+
+
+@gluon.jit
+def _softmax_step(s, m_i, l_i, mods, rows, cols, key0, off, k_len, MASK: gl.constexpr,
+                  CAUSAL: gl.constexpr, USE_WINDOW: gl.constexpr, USE_SOFTCAP: gl.constexpr,
+                  ALIBI: gl.constexpr):
+    """One online-softmax step on a score tile (:func:`_scores`): P, the new row max and
+    sum, and the factor that rescales the accumulator (base 2)."""
+    s = _scores(s, mods, rows, cols, key0, off, k_len, MASK, CAUSAL, USE_WINDOW, USE_SOFTCAP,
+                ALIBI)
     m_new = gl.maximum(m_i, gl.max(s, axis=1))
     # rows that see no key yet keep a max of -inf: shift by 0 there (their P is 0)
     m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
@@ -147,17 +194,24 @@ def _row_layout(rows, head, num_warps):
 
 
 @gluon.jit
-def _zero_rows_from(v_buf, fix_bar, uses, key0, limit, BLOCK_N: gl.constexpr,
-                    HEAD: gl.constexpr, num_warps: gl.constexpr):
-    """Zero the rows of a V tile whose keys are at or past ``limit`` (the sequence end or
-    the first bad key): whatever the cache holds there (NaN included) would otherwise
-    reach every row through P = 0 times V. Both consumers write the same values, then
-    meet at ``fix_bar`` (count 2, used ``uses`` times before) before either reads the
-    tile with the tensor cores. Returns the new use count."""
+def _needs_zeroing(key0, bad_lo, bad_hi, k_len, BLOCK_N: gl.constexpr):
+    """Whether the V tile of keys ``key0 + [0, BLOCK_N)`` holds keys of the bad range
+    ``[bad_lo, bad_hi)`` or past the sequence end (the same answer in both consumers)."""
+    return ((key0 + BLOCK_N > bad_lo) & (key0 < bad_hi)) | (key0 + BLOCK_N > k_len)
+
+
+@gluon.jit
+def _zero_rows(v_buf, fix_bar, uses, key0, bad_lo, bad_hi, k_len, BLOCK_N: gl.constexpr,
+               HEAD: gl.constexpr, num_warps: gl.constexpr):
+    """Zero the rows of a V tile whose keys are in ``[bad_lo, bad_hi)`` (blocks read for
+    bad ids) or at or past ``k_len`` (the sequence end): whatever the cache holds there
+    (NaN included) would otherwise reach every row through P = 0 times V. Both consumers
+    write the same values, then meet at ``fix_bar`` (count 2, used ``uses`` times before)
+    before either reads the tile with the tensor cores. Returns the new use count."""
     CHUNK: gl.constexpr = 64  # columns at a time (few registers beside the accumulator)
     layout: gl.constexpr = _row_layout(BLOCK_N, CHUNK, num_warps)
     keys = key0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
-    keep = gl.expand_dims(keys < limit, 1)
+    keep = gl.expand_dims((keys < k_len) & ((keys < bad_lo) | (keys >= bad_hi)), 1)
     for c in gl.static_range(HEAD // CHUNK):
         part = v_buf.slice(c * CHUNK, CHUNK, dim=1)
         v = part.load(layout)
@@ -169,49 +223,60 @@ def _zero_rows_from(v_buf, fix_bar, uses, key0, limit, BLOCK_N: gl.constexpr,
 
 
 @gluon.jit
-def _softmax_tile(s, m_i, l_i, qk_scale, rows, cols, key0, off, k_len, masked,
-                  CAUSAL: gl.constexpr):
+def _softmax_tile(s, m_i, l_i, mods, rows, cols, key0, off, k_len, masked,
+                  CAUSAL: gl.constexpr, USE_WINDOW: gl.constexpr, USE_SOFTCAP: gl.constexpr,
+                  ALIBI: gl.constexpr):
     """:func:`_softmax_step` with the masks only where ``masked`` (a runtime flag: the
-    tile holds the causal diagonal or the sequence end)."""
+    tile holds the causal diagonal, the window's leading edge or the sequence end)."""
     if masked:
-        p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale, rows, cols, key0, off, k_len,
-                                           True, CAUSAL)
+        p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, mods, rows, cols, key0, off, k_len,
+                                           True, CAUSAL, USE_WINDOW, USE_SOFTCAP, ALIBI)
     else:
-        p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale, rows, cols, key0, off, k_len,
-                                           False, CAUSAL)
+        p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, mods, rows, cols, key0, off, k_len,
+                                           False, CAUSAL, USE_WINDOW, USE_SOFTCAP, ALIBI)
     return p, m_i, l_i, alpha
 
 
 @gluon.jit
-def _first_bad_key(bt_row_ptr, bt_width, num_blocks, n_cols, BLOCK_SIZE: gl.constexpr,
-                   num_warps: gl.constexpr):
-    """The first key position among the ``n_cols`` table columns a tile reads whose block
-    id is outside ``[0, num_blocks)`` or whose column is past ``bt_width`` (2**30: none)."""
+def _bad_key_range(bt_row_ptr, bt_width, num_blocks, col_lo, n_cols,
+                   BLOCK_SIZE: gl.constexpr, num_warps: gl.constexpr):
+    """``[lo, hi)``: the keys from the first to the end of the last of the table columns
+    ``[col_lo, n_cols)`` a tile reads whose block id is outside ``[0, num_blocks)`` or
+    whose column is past ``bt_width`` (``lo`` 2**30 and ``hi`` 0: none)."""
     SCAN: gl.constexpr = 128
     layout: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
     first = 1 << 30
-    for c0 in range(0, n_cols, SCAN):
+    last = -1
+    for c0 in range(col_lo, n_cols, SCAN):
         cols = c0 + gl.arange(0, SCAN, layout=layout)
         inside = cols < gl.minimum(n_cols, bt_width)
         ids = gl.load(bt_row_ptr + cols, mask=inside, other=0)
         bad = ((ids < 0) | (ids >= num_blocks)) & inside
         bad = bad | ((cols >= bt_width) & (cols < n_cols))
         first = gl.minimum(first, gl.min(gl.where(bad, cols, 1 << 30), axis=0))
-    return gl.where(first < (1 << 30), first * BLOCK_SIZE, 1 << 30)
+        last = gl.maximum(last, gl.max(gl.where(bad, cols, -1), axis=0))
+    return gl.where(first < (1 << 30), first * BLOCK_SIZE, 1 << 30), (last + 1) * BLOCK_SIZE
 
 
 @gluon.jit
 def _consumer_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty,
-                        fix_bar, out_ptr, stride_ot, stride_oh, first_bad, q_start, q_len,
-                        head, row0, off, k_len, n_full, n_tiles, qk_scale,
+                        fix_bar, out_ptr, stride_ot, stride_oh, bad_lo, bad_hi, q_start,
+                        q_len, head, row0, off, k_len, j_lo, j_full_lo, n_full, n_tiles,
+                        qk_scale, softcap, slope2, window, sink2, out_mul,
                         ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD: gl.constexpr,
-                        BLOCK_SIZE: gl.constexpr, CAUSAL: gl.constexpr,
-                        num_warps: gl.constexpr):
-    """One warpgroup: ``ROWS`` query rows from ``row0`` over every key tile of the
-    program (the ring's ``empty`` barriers count both consumers). ``first_bad``: the
-    first key position the rows must not see (a bad block id, a key past the table;
-    2**30: none), found once for both consumers so that they zero the same V tiles and
-    meet at ``fix_bar`` the same number of times."""
+                        CAUSAL: gl.constexpr, USE_WINDOW: gl.constexpr,
+                        USE_SOFTCAP: gl.constexpr, ALIBI: gl.constexpr,
+                        USE_SINKS: gl.constexpr, num_warps: gl.constexpr):
+    """One warpgroup: ``ROWS`` query rows from ``row0`` over key tiles ``[j_lo,
+    n_tiles)`` of the program (the ring's ``empty`` barriers count both consumers); tiles
+    below ``j_full_lo`` (the window's leading edge) and from ``n_full`` on (the causal
+    diagonal, the sequence end) are masked. ``[bad_lo, bad_hi)``: the keys from the first
+    to the last bad one (a bad block id, a key past the table; ``bad_lo`` 2**30: none),
+    found once for both consumers so that they zero the same V tiles and meet at
+    ``fix_bar`` the same number of times; rows whose visible keys meet that range are NaN.
+    Scores as :func:`_scores` says; ``sink2``: the head's sink logit times log2(e)
+    (``USE_SINKS``: it starts the row max with weight 1); ``out_mul`` scales the output
+    (the V scale of a per-tensor cache)."""
     num_buf: gl.constexpr = k_bufs.type.shape[0]
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16])
@@ -226,46 +291,54 @@ def _consumer_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty
 
     rows = row0 + gl.arange(0, ROWS, layout=row_layout)
     cols = gl.arange(0, BLOCK_N, layout=col_layout)
-    m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
-    l_i = gl.full([ROWS], 0.0, gl.float32, layout=row_layout)
+    mods = (qk_scale, softcap, slope2, window)
+    if USE_SINKS:
+        m_i = gl.full([ROWS], sink2, gl.float32, layout=row_layout)
+        l_i = gl.full([ROWS], 1.0, gl.float32, layout=row_layout)
+    else:
+        m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
+        l_i = gl.full([ROWS], 0.0, gl.float32, layout=row_layout)
     acc = gl.zeros([ROWS, HEAD], gl.float32, layout=o_layout)
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
-    limit = gl.minimum(first_bad, k_len)  # V rows of keys from here on are zeroed
     uses = 0
+    n_t = n_tiles - j_lo  # tiles read; ring slot t % num_buf holds tile j_lo + t
     mbarrier.wait(q_bar, 0)
 
-    # tile 0: scores and probabilities before the loop
+    # the first tile: scores and probabilities before the loop
     mbarrier.wait(k_ready.index(0), 0)
     s = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False,
                       is_async=True)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
     mbarrier.arrive(k_empty.index(0), count=1)
-    p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, qk_scale, rows, cols, 0, off, k_len,
-                                       n_full == 0, CAUSAL)
-    for j in range(1, n_tiles):
-        idx = j % num_buf
-        prev = (j - 1) % num_buf
-        mbarrier.wait(k_ready.index(idx), (j // num_buf) & 1)
+    p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, mods, rows, cols, j_lo * BLOCK_N, off,
+                                       k_len, (j_lo < j_full_lo) | (j_lo >= n_full), CAUSAL,
+                                       USE_WINDOW, USE_SOFTCAP, ALIBI)
+    for t in range(1, n_t):
+        j = j_lo + t
+        idx = t % num_buf
+        prev = (t - 1) % num_buf
+        mbarrier.wait(k_ready.index(idx), (t // num_buf) & 1)
         s = warpgroup_mma(q_smem, k_bufs.index(idx).permute((1, 0)), s_zero, use_acc=False,
                           is_async=True)
-        mbarrier.wait(v_ready.index(prev), ((j - 1) // num_buf) & 1)
-        if j * BLOCK_N > limit:
-            uses = _zero_rows_from(v_bufs.index(prev), fix_bar, uses, (j - 1) * BLOCK_N, limit,
-                                   BLOCK_N, HEAD, num_warps)
+        mbarrier.wait(v_ready.index(prev), ((t - 1) // num_buf) & 1)
+        if _needs_zeroing((j - 1) * BLOCK_N, bad_lo, bad_hi, k_len, BLOCK_N):
+            uses = _zero_rows(v_bufs.index(prev), fix_bar, uses, (j - 1) * BLOCK_N, bad_lo,
+                              bad_hi, k_len, BLOCK_N, HEAD, num_warps)
         acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_bufs.index(prev), acc,
                             is_async=True)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
         mbarrier.arrive(k_empty.index(idx), count=1)
-        p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, qk_scale, rows, cols, j * BLOCK_N,
-                                           off, k_len, j >= n_full, CAUSAL)
+        p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, mods, rows, cols, j * BLOCK_N, off,
+                                           k_len, (j < j_full_lo) | (j >= n_full), CAUSAL,
+                                           USE_WINDOW, USE_SOFTCAP, ALIBI)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         mbarrier.arrive(v_empty.index(prev), count=1)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
-    last = (n_tiles - 1) % num_buf
-    mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // num_buf) & 1)
-    if n_tiles * BLOCK_N > limit:
-        uses = _zero_rows_from(v_bufs.index(last), fix_bar, uses, (n_tiles - 1) * BLOCK_N,
-                               limit, BLOCK_N, HEAD, num_warps)
+    last = (n_t - 1) % num_buf
+    mbarrier.wait(v_ready.index(last), ((n_t - 1) // num_buf) & 1)
+    if _needs_zeroing((n_tiles - 1) * BLOCK_N, bad_lo, bad_hi, k_len, BLOCK_N):
+        uses = _zero_rows(v_bufs.index(last), fix_bar, uses, (n_tiles - 1) * BLOCK_N, bad_lo,
+                          bad_hi, k_len, BLOCK_N, HEAD, num_warps)
     acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_bufs.index(last), acc,
                         is_async=True)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
@@ -275,11 +348,17 @@ def _consumer_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty
     ocols = gl.arange(0, HEAD, layout=ocol_layout)
     # rows that saw no key (more queries than keys: bad metadata) are 0, as elsewhere
     l_safe = gl.where(l_i > 0, l_i, 1.0)
-    o = acc / gl.expand_dims(gl.convert_layout(l_safe, orow_layout), 1)
+    o = acc * gl.expand_dims(gl.convert_layout(out_mul / l_safe, orow_layout), 1)
+    # the keys each row sees: [lo, hi]
     if CAUSAL:
-        sees_bad = orows + off >= first_bad
+        hi = gl.minimum(orows + off, k_len - 1)
     else:
-        sees_bad = (orows < 0) | (first_bad < k_len)
+        hi = gl.full_like(orows, 0) + (k_len - 1)
+    if USE_WINDOW:
+        lo = orows + off - window + 1
+    else:
+        lo = gl.full_like(orows, 0)
+    sees_bad = (lo < bad_hi) & (hi >= bad_lo) & (lo <= hi)
     o = gl.where(gl.expand_dims(sees_bad, 1), float("nan"), o)
     offs = gl.expand_dims((q_start + orows).to(gl.int64) * stride_ot, 1) + \
         head * stride_oh + gl.expand_dims(ocols, 0)
@@ -290,20 +369,42 @@ def _consumer_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty
 @gluon.jit
 def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, stride_ot, stride_oh,
                          cu_seqlens_q_ptr, seq_lens_ptr, bt_ptr, bt_stride, bt_width,
-                         num_blocks, num_seqs, num_tiles, min_q, qk_scale,
+                         num_blocks, num_seqs, num_tiles, min_q, scale, softcap, window,
+                         k_scale_ptr, v_scale_ptr, alibi_ptr, sinks_ptr,
                          NUM_Q_HEADS: gl.constexpr, GROUP: gl.constexpr,
                          KV_HEAD_STRIDE: gl.constexpr, BLOCK_N: gl.constexpr,
                          HEAD: gl.constexpr, BLOCK_SIZE: gl.constexpr, NUM_BUF: gl.constexpr,
-                         CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                         CAUSAL: gl.constexpr, USE_WINDOW: gl.constexpr,
+                         KV_SCALED: gl.constexpr, USE_SOFTCAP: gl.constexpr, ALIBI: gl.constexpr,
+                         USE_SINKS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                          num_warps: gl.constexpr):
     """Paged prefill, one (query tile, q head) per program; layout, grid and partitions
-    in the module doc. Switches: ``NUM_BUF`` (K/V ring depth), ``CAUSAL``; launched with
+    in the module doc. Switches: ``NUM_BUF`` (K/V ring depth), ``CAUSAL``, ``USE_WINDOW``
+    (query at key position p sees keys after ``p - window``; tiles wholly before the
+    tile's first row's window are not read), ``KV_SCALED``
+    (per-tensor K / V scales at ``k_scale_ptr`` / ``v_scale_ptr``, fp32 scalars: the K
+    scale folds into the softmax scale, the V scale into the output), ``USE_SOFTCAP``,
+    ``ALIBI`` (0 none, 1 linear, 2 sqrt; slopes ``[num_q_heads]`` at ``alibi_ptr``),
+    ``USE_SINKS`` (logits ``[num_q_heads]`` at ``sinks_ptr``); launched with
     ``num_warps=4`` (one consumer warpgroup; the other consumer and the load warp are
     worker partitions). ``KV_HEAD_STRIDE``: the caches' head stride in elements (the
     column of kv head ``h`` in the row view is ``h * KV_HEAD_STRIDE``)."""
     pid = gl.program_id(0)
     tile = num_tiles - 1 - pid // NUM_Q_HEADS
     head = pid % NUM_Q_HEADS
+    qk_scale = scale
+    out_mul = 1.0
+    if KV_SCALED:
+        qk_scale = qk_scale * gl.load(k_scale_ptr)
+        out_mul = gl.load(v_scale_ptr)
+    if not USE_SOFTCAP:  # softcap works on natural-unit scores, then converts
+        qk_scale = qk_scale * 1.4426950408889634
+    slope2 = 0.0
+    if ALIBI != 0:
+        slope2 = gl.load(alibi_ptr + head).to(gl.float32) * 1.4426950408889634
+    sink2 = 0.0
+    if USE_SINKS:
+        sink2 = gl.load(sinks_ptr + head).to(gl.float32) * 1.4426950408889634
     seq = find_seq_of_tile(cu_seqlens_q_ptr, num_seqs, tile, 128)
     q_start = gl.load(cu_seqlens_q_ptr + seq)
     q_len = gl.load(cu_seqlens_q_ptr + seq + 1) - q_start
@@ -318,15 +419,24 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, stride_ot, stride_oh,
             visible = k_len
             n_full = k_len // BLOCK_N
         # never past what the table can hold (a garbage seq_lens must not loop for long):
-        # the rows that would see keys beyond it are NaN through first_bad
+        # the rows that would see keys beyond it are NaN through the bad range
         capacity = bt_width * BLOCK_SIZE
         n_tiles = gl.maximum(gl.cdiv(gl.minimum(visible, capacity), BLOCK_N), 1)
         n_full = gl.maximum(n_full, 0)
+        if USE_WINDOW:  # tiles before the first row's window are skipped, and tiles
+            # before the last row's are masked (the window's leading edge)
+            j_lo = gl.minimum(gl.maximum(m0 + off - window + 1, 0) // BLOCK_N, n_tiles - 1)
+            last_row = gl.minimum(m0 + 128, q_len) - 1
+            j_full_lo = gl.cdiv(gl.maximum(last_row + off - window + 1, 0), BLOCK_N)
+        else:
+            j_lo = n_tiles * 0
+            j_full_lo = n_tiles * 0
         bt_row_ptr = bt_ptr + seq.to(gl.int64) * bt_stride
-        first_bad = _first_bad_key(bt_row_ptr, bt_width, num_blocks,
-                                   gl.cdiv(gl.minimum(n_tiles * BLOCK_N, k_len), BLOCK_SIZE),
-                                   BLOCK_SIZE, num_warps)
-        first_bad = gl.where(k_len > capacity, gl.minimum(first_bad, capacity), first_bad)
+        bad_lo, bad_hi = _bad_key_range(
+            bt_row_ptr, bt_width, num_blocks, (j_lo * BLOCK_N) // BLOCK_SIZE,
+            gl.cdiv(gl.minimum(n_tiles * BLOCK_N, k_len), BLOCK_SIZE), BLOCK_SIZE, num_warps)
+        bad_lo = gl.where(k_len > capacity, gl.minimum(bad_lo, capacity), bad_lo)
+        bad_hi = gl.where(k_len > capacity, gl.maximum(bad_hi, k_len), bad_hi)
 
         q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape,
                                            q_desc.layout)
@@ -353,16 +463,19 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, stride_ot, stride_oh,
         gl.warp_specialize([
             (_consumer_partition, (q_bufs.index(0), k_bufs, v_bufs, q_bar, k_ready, v_ready,
                                    k_empty, v_empty, fix_bar, out_ptr, stride_ot, stride_oh,
-                                   first_bad, q_start, q_len, head, m0,
-                                   off, k_len, n_full, n_tiles, qk_scale, 64, BLOCK_N, HEAD,
-                                   BLOCK_SIZE, CAUSAL, num_warps)),
+                                   bad_lo, bad_hi, q_start, q_len, head, m0, off, k_len, j_lo,
+                                   j_full_lo, n_full, n_tiles, qk_scale, softcap, slope2,
+                                   window, sink2, out_mul, 64, BLOCK_N, HEAD, CAUSAL,
+                                   USE_WINDOW, USE_SOFTCAP, ALIBI, USE_SINKS, num_warps)),
             (_consumer_partition, (q_bufs.index(1), k_bufs, v_bufs, q_bar, k_ready, v_ready,
                                    k_empty, v_empty, fix_bar, out_ptr, stride_ot, stride_oh,
-                                   first_bad, q_start, q_len, head,
-                                   m0 + 64, off, k_len, n_full, n_tiles, qk_scale, 64, BLOCK_N,
-                                   HEAD, BLOCK_SIZE, CAUSAL, num_warps)),
+                                   bad_lo, bad_hi, q_start, q_len, head, m0 + 64, off, k_len,
+                                   j_lo, j_full_lo, n_full, n_tiles, qk_scale, softcap, slope2,
+                                   window, sink2, out_mul, 64, BLOCK_N, HEAD, CAUSAL,
+                                   USE_WINDOW, USE_SOFTCAP, ALIBI, USE_SINKS, num_warps)),
             (_load_partition, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready,
                                v_ready, k_empty, v_empty, q_start + m0, head * HEAD,
                                (head // GROUP) * KV_HEAD_STRIDE, bt_row_ptr, bt_width,
-                               num_blocks, n_tiles, BLOCK_N, BLOCK_SIZE)),
-        ], [num_warps, 1], [CONSUMER_REGS, 24])
+                               num_blocks, j_lo, n_tiles, BLOCK_N, BLOCK_SIZE)),
+        ], [num_warps, 1], [CONSUMER_REGS, 24])  # (a literal: a global would send every
+        # launch through the JIT's per-launch global check, fast_launch refuses those)

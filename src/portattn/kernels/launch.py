@@ -360,7 +360,7 @@ def plan_workspace_size(num_seqs: int, num_q_heads: int, num_kv_heads: int,
     plan whose long sequences take the Gluon prefill: it stages only where that launch
     is refused, into a workspace :func:`launch_staged` then makes for the call)."""
     split = _split_size(num_seqs, num_q_heads, head_size_v, params)
-    if params.get("gluon"):
+    if reads_cache(params):
         return split
     scales = stages_scales(per_token, q_dtype)
     slots = staging_slots(params, num_seqs, num_tokens, num_kv_heads, head_size_qk,
@@ -400,8 +400,10 @@ def _split_size(num_seqs: int, num_q_heads: int, head_size_v: int, params: dict)
 
 def launch_staged(q, cache, metadata, options, out, params: dict,
                   workspace: torch.Tensor | None = None) -> None:
-    """A prefill or mixed plan with ``stage`` (and ``gluon``: :func:`_launch_gluon` takes
-    the long sequences where it can, and nothing is staged): sequences with at least
+    """A prefill or mixed plan with ``stage`` (and ``gluon`` reading the cache:
+    :func:`_launch_gluon` takes the long sequences where it can, and nothing is staged;
+    ``gluon`` reading the staged copy: the Gluon prefill replaces the unified kernel over
+    the staged blocks where it can): sequences with at least
     ``heuristics.staged_from`` queries (``stage["min_q"]``, above a mixed batch's short
     tiles) have their keys staged (:func:`stage_kv`) and read as
     ``kv_load.STAGED_KV_LOAD`` says (``params["stage_kv_load"]`` overrides it in
@@ -412,7 +414,7 @@ def launch_staged(q, cache, metadata, options, out, params: dict,
     hold them) sequences between the short tiles and ``staged_from``, in a launch of the
     plan's long tile. A call whose tokens cannot make a staged sequence, or whose staging
     workspace would pass ``heuristics.STAGE_MAX_BYTES``, reads the cache throughout."""
-    if params.get("gluon") and _launch_gluon(q, cache, metadata, options, out, params,
+    if reads_cache(params) and _launch_gluon(q, cache, metadata, options, out, params,
                                              workspace):
         return
     num_seqs = metadata.seq_lens.shape[0]
@@ -435,6 +437,9 @@ def launch_staged(q, cache, metadata, options, out, params: dict,
                                    slots, data[split:need])
     _launch_over_cache(q, cache, metadata, options, out, params, workspace, short_q,
                        stage_from)
+    if params.get("gluon") and not reads_cache(params) and _try_gluon(
+            q, staged, staged_meta, options, out, params, stage_from, "staged"):
+        return
     long = params["stage_long"]
     _with_kv_loads(q, staged, staged_meta, options, out,
                    {"long": long,
@@ -445,19 +450,41 @@ def launch_staged(q, cache, metadata, options, out, params: dict,
 
 
 #: Gluon prefill launches that raised in auto mode, by (q dtype, head, block size,
-#: causal): those calls stage their keys from then on, in this process.
+#: causal, what it read): those calls stage their keys (and run the unified kernel over
+#: them) from then on, in this process.
 GLUON_FAILED: dict[tuple, str] = {}
+
+
+def reads_cache(params: dict) -> bool:
+    """Whether a plan's long sequences go to the Gluon prefill over the paged cache
+    itself (``params["gluon"]["reads"]`` ``"cache"``), nothing staged."""
+    gluon = params.get("gluon") or {}
+    return bool(gluon) and gluon.get("reads", "cache") == "cache"
 
 
 def _launch_gluon(q, cache, metadata, options, out, params: dict, workspace) -> bool:
     """A staged plan's long sequences (``params["gluon"]["min_q"]`` queries or more, above
     a mixed batch's short tiles) through the Gluon prefill over the cache itself
     (:mod:`portattn.kernels.gluon_launch`), the others as :func:`launch_staged` serves
-    them. False (nothing launched; the caller stages instead) for a call with no tokens
-    or an empty block table, where these tensors cannot back its descriptors, and in
-    auto where the launch raises now or raised before for this class (remembered);
-    forced (``_gluon_forced``, ``PORTATTN_GLUON=1``) a tensor reason is an
-    ``InputError`` and a launch error is raised."""
+    them. False (nothing launched; the caller stages instead) where :func:`_try_gluon`
+    launched nothing."""
+    short_q = _short_q(params)
+    min_q = _long_from(params["gluon"], short_q, metadata.seq_lens.shape[0])
+    if not _try_gluon(q, cache, metadata, options, out, params, min_q, "cache"):
+        return False
+    _launch_over_cache(q, cache, metadata, options, out, params, workspace, short_q, min_q)
+    return True
+
+
+def _try_gluon(q, cache, metadata, options, out, params: dict, min_q: int,
+               reads: str) -> bool:
+    """The Gluon prefill of the sequences with ``min_q`` queries or more over ``cache``
+    (the paged cache, or the staged copy and ``metadata`` pointing into it). False
+    (nothing launched) for a call with no tokens or an empty block table, where these
+    tensors cannot back its descriptors, and in auto where the launch raises now or
+    raised before for this class (remembered); forced (``_gluon_forced``,
+    ``PORTATTN_GLUON=1``) a tensor reason is an ``InputError`` and a launch error is
+    raised."""
     from portattn.kernels import gluon_launch
 
     if q.shape[0] == 0 or metadata.block_table.shape[1] == 0:
@@ -469,11 +496,9 @@ def _launch_gluon(q, cache, metadata, options, out, params: dict, workspace) -> 
             raise InputError("q / cache / out", "tensors the Gluon prefill's descriptors "
                              "can read (PORTATTN_GLUON=1 forces it)", "; ".join(why))
         return False
-    key = (q.dtype, q.shape[2], cache.block_size, bool(options.causal))
+    key = (q.dtype, q.shape[2], cache.block_size, bool(options.causal), reads)
     if key in GLUON_FAILED and not forced:
         return False
-    short_q = _short_q(params)
-    min_q = _long_from(params["gluon"], short_q, metadata.seq_lens.shape[0])
     try:
         gluon_launch.launch_gluon_prefill(q, cache, metadata, options, out, min_q)
     except Exception as exc:
@@ -482,7 +507,6 @@ def _launch_gluon(q, cache, metadata, options, out, params: dict, workspace) -> 
         _remember_failure(GLUON_FAILED, key, exc, "the Gluon prefill failed, staged prefill "
                           "used instead for this class")
         return False
-    _launch_over_cache(q, cache, metadata, options, out, params, workspace, short_q, min_q)
     return True
 
 
