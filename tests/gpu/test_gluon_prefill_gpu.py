@@ -339,3 +339,25 @@ def test_a_window_sees_bad_ids_only_where_they_fall_inside_it(bad_id):
         nan_rows[seen] = True
         assert torch.isnan(out[nan_rows]).all(), bad_blocks
         assert relative_error(out[~nan_rows], expected[~nan_rows]) < TOL, bad_blocks
+
+
+def test_freed_blocks_before_every_window_are_ignored():
+    """Window 45, 1100 queries over 1900 keys: the first query (position 800) sees keys
+    756-800, so blocks 0-46 (keys 0-751) are before every window. The program of the
+    first query tile still loads keys 640-767 (its first key tile): blocks 0-46 hold NaN
+    here and blocks 0-20 are freed (-1); every row must come out right."""
+    window = 45
+    batch = make_paged_batch([1100], [1900], num_q_heads=8, num_kv_heads=2, head_size=128,
+                             block_size=16, dtype=BF16, device=DEV)
+    expected = dense_attention(batch.q.cpu().double(),
+                               [k.cpu().double() for k in batch.keys],
+                               [v.cpu().double() for v in batch.values], batch.query_lens,
+                               sliding_window=window)
+    table = batch.metadata.block_table.clone()
+    before = table[0, :47].long()
+    batch.cache.key_cache[before] = float("nan")
+    batch.cache.value_cache[before] = float("nan")
+    table[0, :21] = -1
+    out = _window_run(batch, table, window)
+    assert torch.isfinite(out).all()
+    assert relative_error(out, expected) < TOL

@@ -59,8 +59,9 @@ such a key (or a key past the table's width) is written NaN: a scan of the table
 columns the program reads, before the loop, finds the range from the first to the last
 bad key, and the rows whose visible keys meet that range are NaN (exactly the rows that
 see a bad key, but for a window that falls wholly between two bad blocks: those rows are
-NaN too). Blocks an engine freed before a window are not read, so their ids do not
-matter. A TMA box brings a whole cache block, so the slots past a sequence's last key
+NaN too). Blocks an engine freed before a window do not matter: the scan starts at the
+program's first visible key, and the V rows of keys before it that its first tile brings
+are zeroed. A TMA box brings a whole cache block, so the slots past a sequence's last key
 (and the blocks read for bad ids) arrive with whatever the cache holds there: the V rows
 of keys in the bad range or past the sequence end are zeroed in shared memory before
 their PV (:func:`_zero_rows`: the last tile of a sequence whose length is not a multiple
@@ -79,7 +80,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from portattn.kernels.common import apply_softcap, find_seq_of_tile
+from portattn.kernels.common import find_seq_of_tile
 
 #: query rows of a program's tile (two consumer warpgroups of 64)
 BLOCK_M = 128
@@ -141,18 +142,29 @@ def _load_partition(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_rea
 
 
 @gluon.jit
+def _tanh(x):
+    """tanh through one exp2 and a fast (non-IEEE, 2-ulp) division, saturating to +-1
+    for large |x|. With the IEEE division of the unified kernel's ``apply_softcap`` a
+    softcapped 1 x 8192 prefill took 2562 us here, 1624 with this (H200,
+    benchmarks/NOTES.md, session 14): the softmax is on the consumers' critical path."""
+    e = gl.exp2(x * 2.8853900817779268)  # exp(2 x)
+    return 1.0 - gl.fdiv(gl.full_like(e, 2.0), e + 1.0)
+
+
+@gluon.jit
 def _scores(s, mods, rows, cols, key0, off, k_len, MASK: gl.constexpr, CAUSAL: gl.constexpr,
             USE_WINDOW: gl.constexpr, USE_SOFTCAP: gl.constexpr, ALIBI: gl.constexpr):
     """Raw ``q.k`` products -> base-2 logits, in DESIGN.md's order (scale, softcap, mask,
-    bias). ``mods`` = (``qk_scale``: the scale, times log2(e) unless ``USE_SOFTCAP``;
-    ``softcap``; ``slope2``: the head's ALiBi slope times log2(e); ``window``); ``ALIBI`` 1
+    bias). ``mods`` = (``qk_scale``: the scale, times log2(e), or over the softcap with
+    ``USE_SOFTCAP``; ``softcap``: the softcap times log2(e); ``slope2``: the head's ALiBi
+    slope times log2(e); ``window``); ``ALIBI`` 1
     adds ``slope * (k - p)``, 2 subtracts ``slope * sqrt(p - k)`` (p: the query's key
     position). ``MASK``: keys past ``k_len``, after p (``CAUSAL``) or ``window`` or more
     before it (``USE_WINDOW``) get -inf."""
     qk_scale, softcap, slope2, window = mods
     s = s * qk_scale
     if USE_SOFTCAP:
-        s = apply_softcap(s, softcap) * 1.4426950408889634
+        s = _tanh(s) * softcap
     keys = gl.expand_dims(key0 + cols, 0)
     if ALIBI == 1:
         s = s + slope2 * (keys - gl.expand_dims(rows + off, 1)).to(gl.float32)
@@ -194,24 +206,28 @@ def _row_layout(rows, head, num_warps):
 
 
 @gluon.jit
-def _needs_zeroing(key0, bad_lo, bad_hi, k_len, BLOCK_N: gl.constexpr):
+def _needs_zeroing(key0, bad_lo, bad_hi, k_lo, k_len, BLOCK_N: gl.constexpr):
     """Whether the V tile of keys ``key0 + [0, BLOCK_N)`` holds keys of the bad range
-    ``[bad_lo, bad_hi)`` or past the sequence end (the same answer in both consumers)."""
-    return ((key0 + BLOCK_N > bad_lo) & (key0 < bad_hi)) | (key0 + BLOCK_N > k_len)
+    ``[bad_lo, bad_hi)``, before ``k_lo`` (the program's first visible key: the window's
+    first tile) or past the sequence end (the same answer in both consumers)."""
+    return (((key0 + BLOCK_N > bad_lo) & (key0 < bad_hi)) | (key0 + BLOCK_N > k_len)
+            | (key0 < k_lo))
 
 
 @gluon.jit
-def _zero_rows(v_buf, fix_bar, uses, key0, bad_lo, bad_hi, k_len, BLOCK_N: gl.constexpr,
-               HEAD: gl.constexpr, num_warps: gl.constexpr):
+def _zero_rows(v_buf, fix_bar, uses, key0, bad_lo, bad_hi, k_lo, k_len,
+               BLOCK_N: gl.constexpr, HEAD: gl.constexpr, num_warps: gl.constexpr):
     """Zero the rows of a V tile whose keys are in ``[bad_lo, bad_hi)`` (blocks read for
-    bad ids) or at or past ``k_len`` (the sequence end): whatever the cache holds there
+    bad ids), before ``k_lo`` (blocks before every row's window, which an engine may have
+    freed) or at or past ``k_len`` (the sequence end): whatever the cache holds there
     (NaN included) would otherwise reach every row through P = 0 times V. Both consumers
     write the same values, then meet at ``fix_bar`` (count 2, used ``uses`` times before)
     before either reads the tile with the tensor cores. Returns the new use count."""
     CHUNK: gl.constexpr = 64  # columns at a time (few registers beside the accumulator)
     layout: gl.constexpr = _row_layout(BLOCK_N, CHUNK, num_warps)
     keys = key0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
-    keep = gl.expand_dims((keys < k_len) & ((keys < bad_lo) | (keys >= bad_hi)), 1)
+    keep = gl.expand_dims((keys < k_len) & (keys >= k_lo) & ((keys < bad_lo) | (keys >= bad_hi)),
+                          1)
     for c in gl.static_range(HEAD // CHUNK):
         part = v_buf.slice(c * CHUNK, CHUNK, dim=1)
         v = part.load(layout)
@@ -261,7 +277,7 @@ def _bad_key_range(bt_row_ptr, bt_width, num_blocks, col_lo, n_cols,
 @gluon.jit
 def _consumer_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty,
                         fix_bar, out_ptr, stride_ot, stride_oh, bad_lo, bad_hi, q_start,
-                        q_len, head, row0, off, k_len, j_lo, j_full_lo, n_full, n_tiles,
+                        q_len, head, row0, off, k_lo, k_len, j_lo, j_full_lo, n_full, n_tiles,
                         qk_scale, softcap, slope2, window, sink2, out_mul,
                         ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD: gl.constexpr,
                         CAUSAL: gl.constexpr, USE_WINDOW: gl.constexpr,
@@ -321,9 +337,9 @@ def _consumer_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty
         s = warpgroup_mma(q_smem, k_bufs.index(idx).permute((1, 0)), s_zero, use_acc=False,
                           is_async=True)
         mbarrier.wait(v_ready.index(prev), ((t - 1) // num_buf) & 1)
-        if _needs_zeroing((j - 1) * BLOCK_N, bad_lo, bad_hi, k_len, BLOCK_N):
+        if _needs_zeroing((j - 1) * BLOCK_N, bad_lo, bad_hi, k_lo, k_len, BLOCK_N):
             uses = _zero_rows(v_bufs.index(prev), fix_bar, uses, (j - 1) * BLOCK_N, bad_lo,
-                              bad_hi, k_len, BLOCK_N, HEAD, num_warps)
+                              bad_hi, k_lo, k_len, BLOCK_N, HEAD, num_warps)
         acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_bufs.index(prev), acc,
                             is_async=True)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
@@ -336,9 +352,9 @@ def _consumer_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
     last = (n_t - 1) % num_buf
     mbarrier.wait(v_ready.index(last), ((n_t - 1) // num_buf) & 1)
-    if _needs_zeroing((n_tiles - 1) * BLOCK_N, bad_lo, bad_hi, k_len, BLOCK_N):
+    if _needs_zeroing((n_tiles - 1) * BLOCK_N, bad_lo, bad_hi, k_lo, k_len, BLOCK_N):
         uses = _zero_rows(v_bufs.index(last), fix_bar, uses, (n_tiles - 1) * BLOCK_N, bad_lo,
-                          bad_hi, k_len, BLOCK_N, HEAD, num_warps)
+                          bad_hi, k_lo, k_len, BLOCK_N, HEAD, num_warps)
     acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_bufs.index(last), acc,
                         is_async=True)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
@@ -397,7 +413,10 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, stride_ot, stride_oh,
     if KV_SCALED:
         qk_scale = qk_scale * gl.load(k_scale_ptr)
         out_mul = gl.load(v_scale_ptr)
-    if not USE_SOFTCAP:  # softcap works on natural-unit scores, then converts
+    if USE_SOFTCAP:  # softcap * tanh(scale * qk / softcap), then to base 2
+        qk_scale = qk_scale / softcap
+        softcap = softcap * 1.4426950408889634
+    else:
         qk_scale = qk_scale * 1.4426950408889634
     slope2 = 0.0
     if ALIBI != 0:
@@ -425,15 +444,17 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, stride_ot, stride_oh,
         n_full = gl.maximum(n_full, 0)
         if USE_WINDOW:  # tiles before the first row's window are skipped, and tiles
             # before the last row's are masked (the window's leading edge)
-            j_lo = gl.minimum(gl.maximum(m0 + off - window + 1, 0) // BLOCK_N, n_tiles - 1)
+            k_lo = gl.maximum(m0 + off - window + 1, 0)
+            j_lo = gl.minimum(k_lo // BLOCK_N, n_tiles - 1)
             last_row = gl.minimum(m0 + 128, q_len) - 1
             j_full_lo = gl.cdiv(gl.maximum(last_row + off - window + 1, 0), BLOCK_N)
         else:
+            k_lo = n_tiles * 0
             j_lo = n_tiles * 0
             j_full_lo = n_tiles * 0
         bt_row_ptr = bt_ptr + seq.to(gl.int64) * bt_stride
         bad_lo, bad_hi = _bad_key_range(
-            bt_row_ptr, bt_width, num_blocks, (j_lo * BLOCK_N) // BLOCK_SIZE,
+            bt_row_ptr, bt_width, num_blocks, k_lo // BLOCK_SIZE,
             gl.cdiv(gl.minimum(n_tiles * BLOCK_N, k_len), BLOCK_SIZE), BLOCK_SIZE, num_warps)
         bad_lo = gl.where(k_len > capacity, gl.minimum(bad_lo, capacity), bad_lo)
         bad_hi = gl.where(k_len > capacity, gl.maximum(bad_hi, k_len), bad_hi)
@@ -463,15 +484,15 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, stride_ot, stride_oh,
         gl.warp_specialize([
             (_consumer_partition, (q_bufs.index(0), k_bufs, v_bufs, q_bar, k_ready, v_ready,
                                    k_empty, v_empty, fix_bar, out_ptr, stride_ot, stride_oh,
-                                   bad_lo, bad_hi, q_start, q_len, head, m0, off, k_len, j_lo,
-                                   j_full_lo, n_full, n_tiles, qk_scale, softcap, slope2,
+                                   bad_lo, bad_hi, q_start, q_len, head, m0, off, k_lo, k_len,
+                                   j_lo, j_full_lo, n_full, n_tiles, qk_scale, softcap, slope2,
                                    window, sink2, out_mul, 64, BLOCK_N, HEAD, CAUSAL,
                                    USE_WINDOW, USE_SOFTCAP, ALIBI, USE_SINKS, num_warps)),
             (_consumer_partition, (q_bufs.index(1), k_bufs, v_bufs, q_bar, k_ready, v_ready,
                                    k_empty, v_empty, fix_bar, out_ptr, stride_ot, stride_oh,
-                                   bad_lo, bad_hi, q_start, q_len, head, m0 + 64, off, k_len,
-                                   j_lo, j_full_lo, n_full, n_tiles, qk_scale, softcap, slope2,
-                                   window, sink2, out_mul, 64, BLOCK_N, HEAD, CAUSAL,
+                                   bad_lo, bad_hi, q_start, q_len, head, m0 + 64, off, k_lo,
+                                   k_len, j_lo, j_full_lo, n_full, n_tiles, qk_scale, softcap,
+                                   slope2, window, sink2, out_mul, 64, BLOCK_N, HEAD, CAUSAL,
                                    USE_WINDOW, USE_SOFTCAP, ALIBI, USE_SINKS, num_warps)),
             (_load_partition, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready,
                                v_ready, k_empty, v_empty, q_start + m0, head * HEAD,

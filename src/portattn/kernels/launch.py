@@ -450,8 +450,8 @@ def launch_staged(q, cache, metadata, options, out, params: dict,
 
 
 #: Gluon prefill launches that raised in auto mode, by (q dtype, head, block size,
-#: causal, what it read): those calls stage their keys (and run the unified kernel over
-#: them) from then on, in this process.
+#: causal, what it read, the kernel's score and scale switches): those calls stage their
+#: keys (and run the unified kernel over them) from then on, in this process.
 GLUON_FAILED: dict[tuple, str] = {}
 
 
@@ -496,7 +496,9 @@ def _try_gluon(q, cache, metadata, options, out, params: dict, min_q: int,
             raise InputError("q / cache / out", "tensors the Gluon prefill's descriptors "
                              "can read (PORTATTN_GLUON=1 forces it)", "; ".join(why))
         return False
-    key = (q.dtype, q.shape[2], cache.block_size, bool(options.causal), reads)
+    key = (q.dtype, q.shape[2], cache.block_size, bool(options.causal), reads,
+           options.sliding_window is not None, options.softcap is not None, options.alibi,
+           options.sinks is not None, cache.quant.mode)
     if key in GLUON_FAILED and not forced:
         return False
     try:
