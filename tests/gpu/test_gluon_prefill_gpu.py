@@ -308,6 +308,17 @@ def test_fp8_plan_reads_the_staged_copy_and_replays(monkeypatch):
     assert calls == ["StagedCache", "StagedCache"]
 
 
+def _window_batch(query_lens, seq_lens, window):
+    """A bf16 batch (8 / 2 heads of 128, block 16) and its float64 oracle with a window,
+    from the values the cache holds (before any test corrupts it)."""
+    batch = make_paged_batch(query_lens, seq_lens, num_q_heads=8, num_kv_heads=2,
+                             head_size=128, block_size=16, dtype=BF16, device=DEV)
+    expected = dense_attention(batch.q.cpu().double(), [k.cpu().double() for k in batch.keys],
+                               [v.cpu().double() for v in batch.values], batch.query_lens,
+                               sliding_window=window)
+    return batch, expected
+
+
 def _window_run(batch, table, window):
     meta = dataclasses.replace(batch.metadata, block_table=table)
     plan = portattn.plan(meta, num_q_heads=8, dtype=BF16, cache=batch.cache,
@@ -325,12 +336,7 @@ def test_a_window_sees_bad_ids_only_where_they_fall_inside_it(bad_id):
     0-3 freed (keys 0-63): rows 0-162 see them (NaN), rows from 163 on are right (tiles
     from 256 on do not even read them)."""
     window = 100
-    batch = make_paged_batch([1200], [1200], num_q_heads=8, num_kv_heads=2, head_size=128,
-                             block_size=16, dtype=BF16, device=DEV)
-    expected = dense_attention(batch.q.cpu().double(),
-                               [k.cpu().double() for k in batch.keys],
-                               [v.cpu().double() for v in batch.values], batch.query_lens,
-                               sliding_window=window)
+    batch, expected = _window_batch([1200], [1200], window)
     for bad_blocks, seen in ((slice(5, 6), slice(80, 195)), (slice(0, 4), slice(0, 163))):
         table = batch.metadata.block_table.clone()
         table[0, bad_blocks] = bad_id
@@ -347,12 +353,7 @@ def test_freed_blocks_before_every_window_are_ignored():
     first query tile still loads keys 640-767 (its first key tile): blocks 0-46 hold NaN
     here and blocks 0-20 are freed (-1); every row must come out right."""
     window = 45
-    batch = make_paged_batch([1100], [1900], num_q_heads=8, num_kv_heads=2, head_size=128,
-                             block_size=16, dtype=BF16, device=DEV)
-    expected = dense_attention(batch.q.cpu().double(),
-                               [k.cpu().double() for k in batch.keys],
-                               [v.cpu().double() for v in batch.values], batch.query_lens,
-                               sliding_window=window)
+    batch, expected = _window_batch([1100], [1900], window)
     table = batch.metadata.block_table.clone()
     before = table[0, :47].long()
     batch.cache.key_cache[before] = float("nan")
