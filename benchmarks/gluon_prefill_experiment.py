@@ -44,7 +44,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 # the package kernel's softmax step (since session 13's review; the runs logged in NOTES
 # used a copy without its guard for rows that see no key, which every row here sees)
-from portattn.kernels.gluon_prefill import _product, _softmax_tile
+from portattn.kernels.gluon_prefill import _copy_tile, _softmax_tile
 
 LOG2E = 1.4426950408889634
 
@@ -59,7 +59,6 @@ def _load_partition(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_rea
     cache block each (rows ``block_id * BLOCK_SIZE`` of the 2-D cache view), landing in
     consecutive row slices of the tile's buffer; block-table columns past ``bt_width``
     read the last column (their keys are past the sequence and masked)."""
-    per_tile: gl.constexpr = BLOCK_N // BLOCK_SIZE
     num_buf: gl.constexpr = k_bufs.type.shape[0]
     consumers: gl.constexpr = q_bufs.type.shape[0]
     rows: gl.constexpr = q_desc.block_type.shape[0]
@@ -71,21 +70,11 @@ def _load_partition(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_rea
         idx = j % num_buf
         phase = (j // num_buf) & 1
         # a fresh mbarrier counts as having completed the phase before 0
-        if PAGED:
-            mbarrier.wait(k_empty.index(idx), phase ^ 1)
-            mbarrier.expect(k_ready.index(idx), _product(per_tile, k_desc.block_type.nbytes))
-            for i in gl.static_range(per_tile):
-                block = gl.load(bt_row_ptr + gl.minimum(j * per_tile + i, bt_width - 1))
-                tma.async_copy_global_to_shared(
-                    k_desc, [block * BLOCK_SIZE, kv_col], k_ready.index(idx),
-                    k_bufs.index(idx).slice(i * BLOCK_SIZE, BLOCK_SIZE))
-            mbarrier.wait(v_empty.index(idx), phase ^ 1)
-            mbarrier.expect(v_ready.index(idx), _product(per_tile, v_desc.block_type.nbytes))
-            for i in gl.static_range(per_tile):
-                block = gl.load(bt_row_ptr + gl.minimum(j * per_tile + i, bt_width - 1))
-                tma.async_copy_global_to_shared(
-                    v_desc, [block * BLOCK_SIZE, kv_col], v_ready.index(idx),
-                    v_bufs.index(idx).slice(i * BLOCK_SIZE, BLOCK_SIZE))
+        if PAGED:  # the package's copy of a tile (its ids are all valid here)
+            _copy_tile(k_desc, k_bufs.index(idx), k_ready.index(idx), k_empty.index(idx),
+                       phase, j, kv_col, bt_row_ptr, bt_width, 1 << 30, BLOCK_N, BLOCK_SIZE)
+            _copy_tile(v_desc, v_bufs.index(idx), v_ready.index(idx), v_empty.index(idx),
+                       phase, j, kv_col, bt_row_ptr, bt_width, 1 << 30, BLOCK_N, BLOCK_SIZE)
         else:
             row = k_row0 + j * BLOCK_N
             mbarrier.wait(k_empty.index(idx), phase ^ 1)
@@ -124,6 +113,7 @@ def _compute_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty,
     l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=row_layout)
     acc = gl.zeros([BLOCK_M, HEAD], gl.float32, layout=o_layout)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+    mods = (qk_scale, 0.0, 0.0, 0)  # the package's score step: no softcap, ALiBi, window
     mbarrier.wait(q_bar, 0)
 
     if OVERLAP:
@@ -133,8 +123,8 @@ def _compute_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty,
                           is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
         mbarrier.arrive(k_empty.index(0), count=1)
-        p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, qk_scale, rows, cols, 0, off,
-                                           k_len, n_full == 0, True)
+        p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, mods, rows, cols, 0, off,
+                                           k_len, n_full == 0, True, False, False, 0)
         for j in range(1, n_tiles):
             idx = j % num_buf
             phase = (j // num_buf) & 1
@@ -148,8 +138,8 @@ def _compute_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty,
             acc = warpgroup_mma(p16, v_bufs.index(prev), acc, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
             mbarrier.arrive(k_empty.index(idx), count=1)
-            p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, qk_scale, rows, cols, j * BLOCK_N, off,
-                                               k_len, j >= n_full, True)
+            p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, mods, rows, cols, j * BLOCK_N, off,
+                                               k_len, j >= n_full, True, False, False, 0)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             mbarrier.arrive(v_empty.index(prev), count=1)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
@@ -169,8 +159,8 @@ def _compute_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty,
                               use_acc=False, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
             mbarrier.arrive(k_empty.index(idx), count=1)
-            p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, qk_scale, rows, cols, j * BLOCK_N, off,
-                                               k_len, j >= n_full, True)
+            p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, mods, rows, cols, j * BLOCK_N, off,
+                                               k_len, j >= n_full, True, False, False, 0)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
             p16 = gl.convert_layout(p.to(gl.bfloat16), p_layout)
             mbarrier.wait(v_ready.index(idx), phase)
