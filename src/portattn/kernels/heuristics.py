@@ -476,8 +476,7 @@ def variant_name(params: dict) -> str:
     if params.get("v_pairs"):
         name += "-vpairs"
     if params.get("gluon"):
-        name += "-gluon" if params["gluon"].get("reads", "cache") == "cache" else \
-            "-staged-gluon"
+        name += "-gluon" if params["gluon"]["reads"] == "cache" else "-staged-gluon"
     elif params.get("stage"):
         name += "-staged"
     return name + "-td" if params.get("kv_load") == "descriptor" else name

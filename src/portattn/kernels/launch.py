@@ -458,8 +458,7 @@ GLUON_FAILED: dict[tuple, str] = {}
 def reads_cache(params: dict) -> bool:
     """Whether a plan's long sequences go to the Gluon prefill over the paged cache
     itself (``params["gluon"]["reads"]`` ``"cache"``), nothing staged."""
-    gluon = params.get("gluon") or {}
-    return bool(gluon) and gluon.get("reads", "cache") == "cache"
+    return bool(params.get("gluon")) and params["gluon"]["reads"] == "cache"
 
 
 def _launch_gluon(q, cache, metadata, options, out, params: dict, workspace) -> bool:
