@@ -25,17 +25,6 @@ GOOD = dict(arch="sm90", q_dtype=BF16, kv_dtype=BF16, out_dtype=BF16, kv_quant="
             softcap=False, alibi="none", sinks=False)
 
 
-@pytest.mark.parametrize("units,sm_count,per_sm,expected", [
-    (2048, 132, 0, 2048),   # a program per unit
-    (2048, 132, 1, 132),    # persistent: one per SM
-    (2048, 132, 2, 264),
-    (100, 132, 1, 100),     # never more programs than units
-    (1, 132, 1, 1),
-])
-def test_the_grid_has_a_program_per_unit_or_per_sm(units, sm_count, per_sm, expected):
-    assert gluon_launch.grid_programs(units, sm_count, per_sm) == expected
-
-
 def test_the_measured_class_has_no_reason():
     assert gluon_launch.problem_reasons(**GOOD) == []
     assert gluon_launch.problem_reasons(**{**GOOD, "q_dtype": torch.float16,

@@ -362,31 +362,3 @@ def test_freed_blocks_before_every_window_are_ignored():
     out = _window_run(batch, table, window)
     assert torch.isfinite(out).all()
     assert relative_error(out, expected) < TOL
-
-
-@pytest.mark.parametrize("programs", [1, 3, 7])
-@pytest.mark.parametrize("case", ["prefill", "mixed", "lengths", "features", "fp8_window",
-                                  "bad_ids", "freed_before_window"])
-def test_a_few_programs_loop_over_every_unit(monkeypatch, case, programs):
-    """The persistent grid with 1, 3 or 7 programs: each program runs many units of
-    different key-tile counts back to back (the ring's slots and phases, the Q buffer and
-    the V-zeroing barrier carried from unit to unit), skipped units (decodes, tiles past
-    a sequence's queries) among them."""
-    from portattn.kernels import gluon_launch
-
-    monkeypatch.setattr(gluon_launch, "PROGRAMS_PER_SM", 1)
-    monkeypatch.setattr(gluon_launch, "_sm_count", lambda index: programs)
-    if case == "prefill":
-        run_case(*PREFILL, head_size=128, group=4)
-    elif case == "mixed":
-        run_case(*MIXED, head_size=256, group=8, dtype=F16)
-    elif case == "lengths":
-        test_lengths_off_every_boundary_and_many_sequences()
-    elif case == "features":
-        _gluon_case(G_MIXED, **FEATURES["all"])
-    elif case == "fp8_window":
-        _gluon_case(G_PREFILL, quant=_quants()["fp8_tensor_e4m3"], **FEATURES["window"])
-    elif case == "bad_ids":
-        test_a_window_sees_bad_ids_only_where_they_fall_inside_it(10_000)
-    else:
-        test_freed_blocks_before_every_window_are_ignored()

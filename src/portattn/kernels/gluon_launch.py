@@ -35,10 +35,6 @@ MEASURED_BLOCK_SIZES = (16,)
 ARCHS = ("sm90",)
 #: Registers per thread of each consumer warpgroup (the load warp gets 24).
 CONSUMER_REGS = 240
-#: Programs per SM of the persistent grid (each program loops over units; one program
-#: fills an SM's shared memory), or 0 for a program per (query tile, q head) unit.
-#: To be decided by measurement (benchmarks/gluon_persistent_bench.py).
-PROGRAMS_PER_SM = 1
 #: TMA: global addresses and every stride but the last 16-byte aligned.
 _ALIGN = 16
 
@@ -194,18 +190,6 @@ def _kernel():
     return capturable(gluon_prefill.gluon_prefill_kernel)
 
 
-@functools.lru_cache(maxsize=16)
-def _sm_count(device_index: int) -> int:
-    return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
-
-
-def grid_programs(num_units: int, sm_count: int, per_sm: int) -> int:
-    """Programs of a launch over ``num_units`` (query tile, q head) units: one per unit
-    (``per_sm`` 0), else a persistent grid of ``per_sm`` per SM, never more than the
-    units."""
-    return num_units if per_sm <= 0 else max(1, min(num_units, per_sm * sm_count))
-
-
 def _rows(t: torch.Tensor, box_rows: int, head: int, tile_rows: int, gdt):
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -248,9 +232,7 @@ def launch_gluon_prefill(q: torch.Tensor, cache, metadata, options, out: torch.T
     num_seqs = metadata.seq_lens.shape[0]
     bt = metadata.block_table
     num_tiles = num_tokens // gluon_prefill.BLOCK_M + num_seqs
-    programs = grid_programs(num_tiles * num_q_heads, _sm_count(q.device.index or 0),
-                             PROGRAMS_PER_SM)
-    _kernel()[(programs,)](
+    _kernel()[(num_tiles * num_q_heads,)](
         q_desc, k_desc, v_desc, out, out.stride(0), out.stride(1), metadata.cu_seqlens_q,
         metadata.seq_lens, bt, bt.stride(0), bt.shape[1], kc.shape[0], num_seqs, num_tiles,
         int(min_q), float(options.scale),

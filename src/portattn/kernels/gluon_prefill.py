@@ -24,24 +24,20 @@ Layout
 
 Grid and tiles
 --------------
-Work unit ``u`` is q head ``u % num_q_heads`` of global query tile ``T - 1 - u //
-num_q_heads`` (``T = num_tokens // 128 + num_seqs`` tiles in all; so each sequence's last,
-heaviest tiles come first), its sequence found by binary search over ``cu_seqlens_q``
-(:func:`portattn.kernels.common.find_seq_of_tile`, the unified kernel's own, called from
-Gluon: sequence ``b`` owns tiles from ``cu_seqlens_q[b] // 128 + b``). A tile is 128
-queries of one q head; units past their sequence's queries, and sequences with fewer than
-``min_q`` queries (served by another launch), are skipped. Grid ``(P,)``: program ``p``
-takes units ``r * P + p`` in even rounds ``r`` and ``r * P + P - 1 - p`` in odd ones
-(:func:`_unit_of`), so ``P`` = units is a program per unit and a smaller ``P`` a
-persistent grid whose programs start a unit's loads while they finish the previous one.
+Grid ``((num_tokens // 128 + num_seqs) * num_q_heads,)``: program ``p`` takes q head ``p %
+num_q_heads`` of global query tile ``T - 1 - p // num_q_heads`` (``T`` tiles in all; so
+each sequence's last, heaviest tiles run first), found by binary search over
+``cu_seqlens_q`` (:func:`portattn.kernels.common.find_seq_of_tile`, the unified kernel's
+own, called from Gluon: sequence ``b`` owns tiles from ``cu_seqlens_q[b] // 128 + b``).
+A tile is 128 queries of one q head; programs past their sequence's queries, and
+sequences with fewer than ``min_q`` queries (served by another launch), return at once.
 The grid covers every query of the batch whatever ``max_seqlen_q`` says.
 
 Partitions (``gl.warp_specialize``)
 -----------------------------------
-* load (1 warp, 24 registers), per unit: Q once both consumers released the previous
-  unit's (``q_empty``), then for every visible key tile K and V into a ring of
-  ``NUM_BUF`` buffers, each guarded by a ``ready`` mbarrier (the TMA copies landed) and
-  an ``empty`` one (both consumers are done with it); the ring runs on across units;
+* load (1 warp, 24 registers): Q once, then for every visible key tile K and V into a
+  ring of ``NUM_BUF`` buffers, each guarded by a ``ready`` mbarrier (the TMA copies
+  landed) and an ``empty`` one (both consumers are done with it);
 * two consumers (4 warps each: one warpgroup of 64 query rows; the default partition and
   a worker with ``CONSUMER_REGS`` registers): per key tile QK^T (``warpgroup_mma``), the
   online softmax in base 2 with the scale folded, PV with P from registers. The QK^T of
@@ -124,103 +120,25 @@ def _copy_tile(desc, buf, ready, empty, phase, j, kv_col, bt_row_ptr, bt_width, 
 
 
 @gluon.jit
-def _unit_of(r, pid, nprog):
-    """The unit program ``pid`` of ``nprog`` takes in round ``r``: rounds alternate
-    direction (program 0 takes the first unit of even rounds and the last of odd ones),
-    so that, units being ordered heaviest first, every program's load evens out."""
-    return r * nprog + pid + (r % 2) * (nprog - 1 - 2 * pid)
-
-
-@gluon.jit
-def _unit(u, num_units, num_tiles, cu_seqlens_q_ptr, seq_lens_ptr, num_seqs, min_q, bt_width,
-          window, NUM_Q_HEADS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr,
-          CAUSAL: gl.constexpr, USE_WINDOW: gl.constexpr):
-    """Work unit ``u`` (q head ``u % NUM_Q_HEADS`` of global query tile ``num_tiles - 1 -
-    u // NUM_Q_HEADS``): whether it has queries to serve (``u < num_units``, its tile
-    within its sequence's queries, the sequence at least ``min_q`` queries long), its
-    sequence, head, first query ``q_start``, query count ``q_len``, tile row ``m0``,
-    keys ``k_len``, causal offset ``off``, and its key tiles: ``[j_lo, n_tiles)`` read,
-    unmasked from ``j_full_lo`` to ``n_full``, ``k_lo`` its first row's first key. The
-    load and both consumer partitions compute it alike (no exchange between them)."""
-    uu = gl.minimum(u, num_units - 1)
-    tile = num_tiles - 1 - uu // NUM_Q_HEADS
-    head = uu % NUM_Q_HEADS
-    seq = find_seq_of_tile(cu_seqlens_q_ptr, num_seqs, tile, 128)
-    q_start = gl.load(cu_seqlens_q_ptr + seq)
-    q_len = gl.load(cu_seqlens_q_ptr + seq + 1) - q_start
-    m0 = (tile - (q_start // 128 + seq)) * 128
-    valid = (u < num_units) & (m0 < q_len) & (q_len >= min_q)
-    k_len = gl.load(seq_lens_ptr + seq)
-    off = k_len - q_len
-    if CAUSAL:
-        visible = gl.minimum(k_len, gl.minimum(m0 + 128, q_len) + off)
-        n_full = gl.minimum((m0 + off + 1) // BLOCK_N, k_len // BLOCK_N)
-    else:
-        visible = k_len
-        n_full = k_len // BLOCK_N
-    # never past what the table can hold (a garbage seq_lens must not loop for long): the
-    # rows that would see keys beyond it are NaN through the bad range
-    n_tiles = gl.maximum(gl.cdiv(gl.minimum(visible, bt_width * BLOCK_SIZE), BLOCK_N), 1)
-    n_full = gl.maximum(n_full, 0)
-    if USE_WINDOW:  # tiles before the first row's window are skipped, and tiles before
-        # the last row's are masked (the window's leading edge)
-        k_lo = gl.maximum(m0 + off - window + 1, 0)
-        j_lo = gl.minimum(k_lo // BLOCK_N, n_tiles - 1)
-        last_row = gl.minimum(m0 + 128, q_len) - 1
-        j_full_lo = gl.cdiv(gl.maximum(last_row + off - window + 1, 0), BLOCK_N)
-    else:
-        k_lo = n_tiles * 0
-        j_lo = n_tiles * 0
-        j_full_lo = n_tiles * 0
-    return valid, seq, head, q_start, q_len, m0, k_len, off, n_tiles, n_full, k_lo, j_lo, \
-        j_full_lo
-
-
-@gluon.jit
-def _load_partition(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready,
-                    v_ready, k_empty, v_empty, cu_seqlens_q_ptr, seq_lens_ptr, bt_ptr,
-                    bt_stride, bt_width, num_blocks, num_seqs, num_tiles, min_q, window,
-                    NUM_Q_HEADS: gl.constexpr, GROUP: gl.constexpr,
-                    KV_HEAD_STRIDE: gl.constexpr, BLOCK_N: gl.constexpr, HEAD: gl.constexpr,
-                    BLOCK_SIZE: gl.constexpr, CAUSAL: gl.constexpr, USE_WINDOW: gl.constexpr):
-    """One warp, over the program's units (:func:`_unit_of`): the unit's two Q boxes once
-    both consumers are done with the previous unit's (``q_empty``), then K and V of its
-    key tiles ``[j_lo, n_tiles)``, a box per cache block, into the ring (bad ids read
-    block 0: the consumers NaN the rows that see them). The ring's slots and phases run
-    on across units (``it``: key tiles read so far), so the next unit's first tiles load
-    while the consumers finish the last one."""
+def _load_partition(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready,
+                    k_empty, v_empty, q_row, q_col, kv_col, bt_row_ptr, bt_width, num_blocks,
+                    j_lo, n_tiles, BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr):
+    """One warp: the two Q boxes, then K and V of key tiles ``[j_lo, n_tiles)``, a box per
+    cache block, into the ring (bad ids read block 0: the consumers NaN the rows that see
+    them)."""
     num_buf: gl.constexpr = k_bufs.type.shape[0]
     rows: gl.constexpr = q_desc.block_type.shape[0]
-    pid = gl.program_id(0)
-    nprog = gl.num_programs(0)
-    num_units = num_tiles * NUM_Q_HEADS
-    units = 0
-    it = 0
-    for r in range(0, gl.cdiv(num_units, nprog)):
-        valid, seq, head, q_start, q_len, m0, k_len, off, n_tiles, n_full, k_lo, j_lo, \
-            j_full_lo = _unit(_unit_of(r, pid, nprog), num_units, num_tiles,
-                              cu_seqlens_q_ptr, seq_lens_ptr, num_seqs, min_q, bt_width,
-                              window, NUM_Q_HEADS, BLOCK_N, BLOCK_SIZE, CAUSAL, USE_WINDOW)
-        if valid:
-            mbarrier.wait(q_empty, (units & 1) ^ 1)
-            mbarrier.expect(q_bar, _product(2, q_desc.block_type.nbytes))
-            for i in gl.static_range(2):
-                tma.async_copy_global_to_shared(q_desc, [q_start + m0 + i * rows, head * HEAD],
-                                                q_bar, q_bufs.index(i))
-            bt_row_ptr = bt_ptr + seq.to(gl.int64) * bt_stride
-            kv_col = (head // GROUP) * KV_HEAD_STRIDE
-            for j in range(j_lo, n_tiles):
-                slot = it + j - j_lo
-                idx = slot % num_buf
-                phase = (slot // num_buf) & 1
-                _copy_tile(k_desc, k_bufs.index(idx), k_ready.index(idx), k_empty.index(idx),
-                           phase, j, kv_col, bt_row_ptr, bt_width, num_blocks, BLOCK_N,
-                           BLOCK_SIZE)
-                _copy_tile(v_desc, v_bufs.index(idx), v_ready.index(idx), v_empty.index(idx),
-                           phase, j, kv_col, bt_row_ptr, bt_width, num_blocks, BLOCK_N,
-                           BLOCK_SIZE)
-            it += n_tiles - j_lo
-            units += 1
+    mbarrier.expect(q_bar, _product(2, q_desc.block_type.nbytes))
+    for i in gl.static_range(2):
+        tma.async_copy_global_to_shared(q_desc, [q_row + i * rows, q_col], q_bar,
+                                        q_bufs.index(i))
+    for j in range(j_lo, n_tiles):
+        idx = (j - j_lo) % num_buf
+        phase = ((j - j_lo) // num_buf) & 1
+        _copy_tile(k_desc, k_bufs.index(idx), k_ready.index(idx), k_empty.index(idx), phase,
+                   j, kv_col, bt_row_ptr, bt_width, num_blocks, BLOCK_N, BLOCK_SIZE)
+        _copy_tile(v_desc, v_bufs.index(idx), v_ready.index(idx), v_empty.index(idx), phase,
+                   j, kv_col, bt_row_ptr, bt_width, num_blocks, BLOCK_N, BLOCK_SIZE)
 
 
 @gluon.jit
@@ -357,17 +275,16 @@ def _bad_key_range(bt_row_ptr, bt_width, num_blocks, col_lo, n_cols,
 
 
 @gluon.jit
-def _attend_unit(q_smem, k_bufs, v_bufs, q_bar, q_phase, q_empty, k_ready, v_ready, k_empty,
-                 v_empty, fix_bar, it, uses, out_ptr, stride_ot, stride_oh, bad_lo, bad_hi,
-                 q_start, q_len, head, row0, off, k_lo, k_len, j_lo, j_full_lo, n_full,
-                 n_tiles, qk_scale, softcap, slope2, window, sink2, out_mul,
-                 ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD: gl.constexpr,
-                 CAUSAL: gl.constexpr, USE_WINDOW: gl.constexpr, USE_SOFTCAP: gl.constexpr,
-                 ALIBI: gl.constexpr, USE_SINKS: gl.constexpr, num_warps: gl.constexpr):
-    """One warpgroup, one unit: ``ROWS`` query rows from ``row0`` over key tiles ``[j_lo,
-    n_tiles)`` (the ring's ``empty`` barriers count both consumers; its slot ``(it + t) %
-    NUM_BUF`` holds the unit's tile ``j_lo + t``; Q is released on ``q_empty`` after the
-    last QK^T, before the last PV and the store, so the next unit's Q loads under them); tiles
+def _consumer_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty,
+                        fix_bar, out_ptr, stride_ot, stride_oh, bad_lo, bad_hi, q_start,
+                        q_len, head, row0, off, k_lo, k_len, j_lo, j_full_lo, n_full, n_tiles,
+                        qk_scale, softcap, slope2, window, sink2, out_mul,
+                        ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD: gl.constexpr,
+                        CAUSAL: gl.constexpr, USE_WINDOW: gl.constexpr,
+                        USE_SOFTCAP: gl.constexpr, ALIBI: gl.constexpr,
+                        USE_SINKS: gl.constexpr, num_warps: gl.constexpr):
+    """One warpgroup: ``ROWS`` query rows from ``row0`` over key tiles ``[j_lo,
+    n_tiles)`` of the program (the ring's ``empty`` barriers count both consumers); tiles
     below ``j_full_lo`` (the window's leading edge) and from ``n_full`` on (the causal
     diagonal, the sequence end) are masked. ``[bad_lo, bad_hi)``: the keys from the first
     to the last bad one (a bad block id, a key past the table; ``bad_lo`` 2**30: none),
@@ -375,8 +292,7 @@ def _attend_unit(q_smem, k_bufs, v_bufs, q_bar, q_phase, q_empty, k_ready, v_rea
     ``fix_bar`` the same number of times; rows whose visible keys meet that range are NaN.
     Scores as :func:`_scores` says; ``sink2``: the head's sink logit times log2(e)
     (``USE_SINKS``: it starts the row max with weight 1); ``out_mul`` scales the output
-    (the V scale of a per-tensor cache). Returns the key tiles read so far and the fix
-    barrier's use count."""
+    (the V scale of a per-tensor cache)."""
     num_buf: gl.constexpr = k_bufs.type.shape[0]
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16])
@@ -400,27 +316,27 @@ def _attend_unit(q_smem, k_bufs, v_bufs, q_bar, q_phase, q_empty, k_ready, v_rea
         l_i = gl.full([ROWS], 0.0, gl.float32, layout=row_layout)
     acc = gl.zeros([ROWS, HEAD], gl.float32, layout=o_layout)
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
-    n_t = n_tiles - j_lo  # tiles read
-    mbarrier.wait(q_bar, q_phase)
+    uses = 0
+    n_t = n_tiles - j_lo  # tiles read; ring slot t % num_buf holds tile j_lo + t
+    mbarrier.wait(q_bar, 0)
 
     # the first tile: scores and probabilities before the loop
-    first = it % num_buf
-    mbarrier.wait(k_ready.index(first), (it // num_buf) & 1)
-    s = warpgroup_mma(q_smem, k_bufs.index(first).permute((1, 0)), s_zero, use_acc=False,
+    mbarrier.wait(k_ready.index(0), 0)
+    s = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False,
                       is_async=True)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-    mbarrier.arrive(k_empty.index(first), count=1)
+    mbarrier.arrive(k_empty.index(0), count=1)
     p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, mods, rows, cols, j_lo * BLOCK_N, off,
                                        k_len, (j_lo < j_full_lo) | (j_lo >= n_full), CAUSAL,
                                        USE_WINDOW, USE_SOFTCAP, ALIBI)
     for t in range(1, n_t):
         j = j_lo + t
-        idx = (it + t) % num_buf
-        prev = (it + t - 1) % num_buf
-        mbarrier.wait(k_ready.index(idx), ((it + t) // num_buf) & 1)
+        idx = t % num_buf
+        prev = (t - 1) % num_buf
+        mbarrier.wait(k_ready.index(idx), (t // num_buf) & 1)
         s = warpgroup_mma(q_smem, k_bufs.index(idx).permute((1, 0)), s_zero, use_acc=False,
                           is_async=True)
-        mbarrier.wait(v_ready.index(prev), ((it + t - 1) // num_buf) & 1)
+        mbarrier.wait(v_ready.index(prev), ((t - 1) // num_buf) & 1)
         if _needs_zeroing((j - 1) * BLOCK_N, bad_lo, bad_hi, k_lo, k_len, BLOCK_N):
             uses = _zero_rows(v_bufs.index(prev), fix_bar, uses, (j - 1) * BLOCK_N, bad_lo,
                               bad_hi, k_lo, k_len, BLOCK_N, HEAD, num_warps)
@@ -434,9 +350,8 @@ def _attend_unit(q_smem, k_bufs, v_bufs, q_bar, q_phase, q_empty, k_ready, v_rea
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         mbarrier.arrive(v_empty.index(prev), count=1)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
-    mbarrier.arrive(q_empty, count=1)  # every QK^T of the unit is done
-    last = (it + n_t - 1) % num_buf
-    mbarrier.wait(v_ready.index(last), ((it + n_t - 1) // num_buf) & 1)
+    last = (n_t - 1) % num_buf
+    mbarrier.wait(v_ready.index(last), ((n_t - 1) // num_buf) & 1)
     if _needs_zeroing((n_tiles - 1) * BLOCK_N, bad_lo, bad_hi, k_lo, k_len, BLOCK_N):
         uses = _zero_rows(v_bufs.index(last), fix_bar, uses, (n_tiles - 1) * BLOCK_N, bad_lo,
                           bad_hi, k_lo, k_len, BLOCK_N, HEAD, num_warps)
@@ -465,55 +380,6 @@ def _attend_unit(q_smem, k_bufs, v_bufs, q_bar, q_phase, q_empty, k_ready, v_rea
         head * stride_oh + gl.expand_dims(ocols, 0)
     gl.store(out_ptr + offs, o.to(out_ptr.dtype.element_ty),
              mask=gl.expand_dims(orows < q_len, 1))
-    return it + n_t, uses
-
-@gluon.jit
-def _consumer_partition(q_smem, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty,
-                        v_empty, fix_bar, out_ptr, stride_ot, stride_oh, cu_seqlens_q_ptr,
-                        seq_lens_ptr, bt_ptr, bt_stride, bt_width, num_blocks, num_seqs,
-                        num_tiles, min_q, qk_scale, softcap, window, out_mul, alibi_ptr,
-                        sinks_ptr, ROW0: gl.constexpr, NUM_Q_HEADS: gl.constexpr,
-                        BLOCK_N: gl.constexpr, HEAD: gl.constexpr, BLOCK_SIZE: gl.constexpr,
-                        CAUSAL: gl.constexpr, USE_WINDOW: gl.constexpr,
-                        USE_SOFTCAP: gl.constexpr, ALIBI: gl.constexpr,
-                        USE_SINKS: gl.constexpr, num_warps: gl.constexpr):
-    """One warpgroup, over the program's units (:func:`_unit_of`, in the load warp's
-    order): rows ``ROW0 + [0, 64)`` of each unit's tile (:func:`_attend_unit`). Per unit
-    it finds the bad key range (:func:`_bad_key_range`; both consumers alike, so that they
-    zero the same V tiles) and the head's ALiBi slope and sink logit."""
-    pid = gl.program_id(0)
-    nprog = gl.num_programs(0)
-    num_units = num_tiles * NUM_Q_HEADS
-    capacity = bt_width * BLOCK_SIZE
-    units = 0
-    it = 0
-    uses = 0
-    for r in range(0, gl.cdiv(num_units, nprog)):
-        valid, seq, head, q_start, q_len, m0, k_len, off, n_tiles, n_full, k_lo, j_lo, \
-            j_full_lo = _unit(_unit_of(r, pid, nprog), num_units, num_tiles,
-                              cu_seqlens_q_ptr, seq_lens_ptr, num_seqs, min_q, bt_width,
-                              window, NUM_Q_HEADS, BLOCK_N, BLOCK_SIZE, CAUSAL, USE_WINDOW)
-        if valid:
-            bad_lo, bad_hi = _bad_key_range(
-                bt_ptr + seq.to(gl.int64) * bt_stride, bt_width, num_blocks,
-                k_lo // BLOCK_SIZE, gl.cdiv(gl.minimum(n_tiles * BLOCK_N, k_len), BLOCK_SIZE),
-                BLOCK_SIZE, num_warps)
-            bad_lo = gl.where(k_len > capacity, gl.minimum(bad_lo, capacity), bad_lo)
-            bad_hi = gl.where(k_len > capacity, gl.maximum(bad_hi, k_len), bad_hi)
-            slope2 = 0.0
-            if ALIBI != 0:
-                slope2 = gl.load(alibi_ptr + head).to(gl.float32) * 1.4426950408889634
-            sink2 = 0.0
-            if USE_SINKS:
-                sink2 = gl.load(sinks_ptr + head).to(gl.float32) * 1.4426950408889634
-            it, uses = _attend_unit(q_smem, k_bufs, v_bufs, q_bar, units & 1, q_empty, k_ready,
-                                    v_ready, k_empty, v_empty, fix_bar, it, uses, out_ptr,
-                                    stride_ot, stride_oh, bad_lo, bad_hi, q_start, q_len,
-                                    head, m0 + ROW0, off, k_lo, k_len, j_lo, j_full_lo, n_full,
-                                    n_tiles, qk_scale, softcap, slope2, window, sink2, out_mul,
-                                    64, BLOCK_N, HEAD, CAUSAL, USE_WINDOW, USE_SOFTCAP, ALIBI,
-                                    USE_SINKS, num_warps)
-            units += 1
 
 
 @gluon.jit
@@ -528,19 +394,20 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, stride_ot, stride_oh,
                          KV_SCALED: gl.constexpr, USE_SOFTCAP: gl.constexpr, ALIBI: gl.constexpr,
                          USE_SINKS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                          num_warps: gl.constexpr):
-    """Paged prefill over (query tile, q head) units, each program taking every
-    ``num_programs``-th in alternating order (one per program when the grid has a program
-    per unit; a persistent grid otherwise); layout, grid and partitions in the module doc.
-    Switches: ``NUM_BUF`` (K/V ring depth), ``CAUSAL``, ``USE_WINDOW`` (query at key
-    position p sees keys after ``p - window``; tiles wholly before the tile's first row's
-    window are not read), ``KV_SCALED`` (per-tensor K / V scales at ``k_scale_ptr`` /
-    ``v_scale_ptr``, fp32 scalars: the K scale folds into the softmax scale, the V scale
-    into the output), ``USE_SOFTCAP``, ``ALIBI`` (0 none, 1 linear, 2 sqrt; slopes
-    ``[num_q_heads]`` at ``alibi_ptr``), ``USE_SINKS`` (logits ``[num_q_heads]`` at
-    ``sinks_ptr``); launched with ``num_warps=4`` (one consumer warpgroup; the other
-    consumer and the load warp are worker partitions). ``KV_HEAD_STRIDE``: the caches'
-    head stride in elements (the column of kv head ``h`` in the row view is ``h *
-    KV_HEAD_STRIDE``)."""
+    """Paged prefill, one (query tile, q head) per program; layout, grid and partitions
+    in the module doc. Switches: ``NUM_BUF`` (K/V ring depth), ``CAUSAL``, ``USE_WINDOW``
+    (query at key position p sees keys after ``p - window``; tiles wholly before the
+    tile's first row's window are not read), ``KV_SCALED``
+    (per-tensor K / V scales at ``k_scale_ptr`` / ``v_scale_ptr``, fp32 scalars: the K
+    scale folds into the softmax scale, the V scale into the output), ``USE_SOFTCAP``,
+    ``ALIBI`` (0 none, 1 linear, 2 sqrt; slopes ``[num_q_heads]`` at ``alibi_ptr``),
+    ``USE_SINKS`` (logits ``[num_q_heads]`` at ``sinks_ptr``); launched with
+    ``num_warps=4`` (one consumer warpgroup; the other consumer and the load warp are
+    worker partitions). ``KV_HEAD_STRIDE``: the caches' head stride in elements (the
+    column of kv head ``h`` in the row view is ``h * KV_HEAD_STRIDE``)."""
+    pid = gl.program_id(0)
+    tile = num_tiles - 1 - pid // NUM_Q_HEADS
+    head = pid % NUM_Q_HEADS
     qk_scale = scale
     out_mul = 1.0
     if KV_SCALED:
@@ -551,48 +418,85 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, stride_ot, stride_oh,
         softcap = softcap * 1.4426950408889634
     else:
         qk_scale = qk_scale * 1.4426950408889634
+    slope2 = 0.0
+    if ALIBI != 0:
+        slope2 = gl.load(alibi_ptr + head).to(gl.float32) * 1.4426950408889634
+    sink2 = 0.0
+    if USE_SINKS:
+        sink2 = gl.load(sinks_ptr + head).to(gl.float32) * 1.4426950408889634
+    seq = find_seq_of_tile(cu_seqlens_q_ptr, num_seqs, tile, 128)
+    q_start = gl.load(cu_seqlens_q_ptr + seq)
+    q_len = gl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    m0 = (tile - (q_start // 128 + seq)) * 128
+    if (m0 < q_len) & (q_len >= min_q):
+        k_len = gl.load(seq_lens_ptr + seq)
+        off = k_len - q_len
+        if CAUSAL:
+            visible = gl.minimum(k_len, gl.minimum(m0 + 128, q_len) + off)
+            n_full = gl.minimum((m0 + off + 1) // BLOCK_N, k_len // BLOCK_N)
+        else:
+            visible = k_len
+            n_full = k_len // BLOCK_N
+        # never past what the table can hold (a garbage seq_lens must not loop for long):
+        # the rows that would see keys beyond it are NaN through the bad range
+        capacity = bt_width * BLOCK_SIZE
+        n_tiles = gl.maximum(gl.cdiv(gl.minimum(visible, capacity), BLOCK_N), 1)
+        n_full = gl.maximum(n_full, 0)
+        if USE_WINDOW:  # tiles before the first row's window are skipped, and tiles
+            # before the last row's are masked (the window's leading edge)
+            k_lo = gl.maximum(m0 + off - window + 1, 0)
+            j_lo = gl.minimum(k_lo // BLOCK_N, n_tiles - 1)
+            last_row = gl.minimum(m0 + 128, q_len) - 1
+            j_full_lo = gl.cdiv(gl.maximum(last_row + off - window + 1, 0), BLOCK_N)
+        else:
+            k_lo = n_tiles * 0
+            j_lo = n_tiles * 0
+            j_full_lo = n_tiles * 0
+        bt_row_ptr = bt_ptr + seq.to(gl.int64) * bt_stride
+        bad_lo, bad_hi = _bad_key_range(
+            bt_row_ptr, bt_width, num_blocks, k_lo // BLOCK_SIZE,
+            gl.cdiv(gl.minimum(n_tiles * BLOCK_N, k_len), BLOCK_SIZE), BLOCK_SIZE, num_warps)
+        bad_lo = gl.where(k_len > capacity, gl.minimum(bad_lo, capacity), bad_lo)
+        bad_hi = gl.where(k_len > capacity, gl.maximum(bad_hi, k_len), bad_hi)
 
-    q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape,
-                                       q_desc.layout)
-    k_bufs = gl.allocate_shared_memory(k_desc.dtype, [NUM_BUF, BLOCK_N, HEAD], k_desc.layout)
-    v_bufs = gl.allocate_shared_memory(v_desc.dtype, [NUM_BUF, BLOCK_N, HEAD], v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    fix_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
-    k_empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
-    v_empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    mbarrier.init(q_empty, count=2)
-    mbarrier.init(fix_bar, count=2)
-    for i in gl.static_range(NUM_BUF):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=2)
-        mbarrier.init(v_empty.index(i), count=2)
-    fence_async_shared()
-    # (the arguments are written out in the call: a tuple assigned to a local first turns
-    # its constexprs into tensors)
-    gl.warp_specialize([
-        (_consumer_partition, (q_bufs.index(0), k_bufs, v_bufs, q_bar, q_empty, k_ready,
-                               v_ready, k_empty, v_empty, fix_bar, out_ptr, stride_ot,
-                               stride_oh, cu_seqlens_q_ptr, seq_lens_ptr, bt_ptr, bt_stride,
-                               bt_width, num_blocks, num_seqs, num_tiles, min_q, qk_scale,
-                               softcap, window, out_mul, alibi_ptr, sinks_ptr, 0, NUM_Q_HEADS,
-                               BLOCK_N, HEAD, BLOCK_SIZE, CAUSAL, USE_WINDOW, USE_SOFTCAP,
-                               ALIBI, USE_SINKS, num_warps)),
-        (_consumer_partition, (q_bufs.index(1), k_bufs, v_bufs, q_bar, q_empty, k_ready,
-                               v_ready, k_empty, v_empty, fix_bar, out_ptr, stride_ot,
-                               stride_oh, cu_seqlens_q_ptr, seq_lens_ptr, bt_ptr, bt_stride,
-                               bt_width, num_blocks, num_seqs, num_tiles, min_q, qk_scale,
-                               softcap, window, out_mul, alibi_ptr, sinks_ptr, 64, NUM_Q_HEADS,
-                               BLOCK_N, HEAD, BLOCK_SIZE, CAUSAL, USE_WINDOW, USE_SOFTCAP,
-                               ALIBI, USE_SINKS, num_warps)),
-        (_load_partition, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty,
-                           k_ready, v_ready, k_empty, v_empty, cu_seqlens_q_ptr, seq_lens_ptr,
-                           bt_ptr, bt_stride, bt_width, num_blocks, num_seqs, num_tiles, min_q,
-                           window, NUM_Q_HEADS, GROUP, KV_HEAD_STRIDE, BLOCK_N, HEAD,
-                           BLOCK_SIZE, CAUSAL, USE_WINDOW)),
-    ], [num_warps, 1], [CONSUMER_REGS, 24])  # (a literal: a global would send every
-    # launch through the JIT's per-launch global check, fast_launch refuses those)
+        q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape,
+                                           q_desc.layout)
+        k_bufs = gl.allocate_shared_memory(k_desc.dtype, [NUM_BUF, BLOCK_N, HEAD],
+                                           k_desc.layout)
+        v_bufs = gl.allocate_shared_memory(v_desc.dtype, [NUM_BUF, BLOCK_N, HEAD],
+                                           v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        fix_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        mbarrier.init(fix_bar, count=2)
+        for i in gl.static_range(NUM_BUF):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)
+            mbarrier.init(v_empty.index(i), count=2)
+        fence_async_shared()
+        # (the arguments are written out in the call: a tuple assigned to a local first
+        # turns its constexprs into tensors)
+        gl.warp_specialize([
+            (_consumer_partition, (q_bufs.index(0), k_bufs, v_bufs, q_bar, k_ready, v_ready,
+                                   k_empty, v_empty, fix_bar, out_ptr, stride_ot, stride_oh,
+                                   bad_lo, bad_hi, q_start, q_len, head, m0, off, k_lo, k_len,
+                                   j_lo, j_full_lo, n_full, n_tiles, qk_scale, softcap, slope2,
+                                   window, sink2, out_mul, 64, BLOCK_N, HEAD, CAUSAL,
+                                   USE_WINDOW, USE_SOFTCAP, ALIBI, USE_SINKS, num_warps)),
+            (_consumer_partition, (q_bufs.index(1), k_bufs, v_bufs, q_bar, k_ready, v_ready,
+                                   k_empty, v_empty, fix_bar, out_ptr, stride_ot, stride_oh,
+                                   bad_lo, bad_hi, q_start, q_len, head, m0 + 64, off, k_lo,
+                                   k_len, j_lo, j_full_lo, n_full, n_tiles, qk_scale, softcap,
+                                   slope2, window, sink2, out_mul, 64, BLOCK_N, HEAD, CAUSAL,
+                                   USE_WINDOW, USE_SOFTCAP, ALIBI, USE_SINKS, num_warps)),
+            (_load_partition, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready,
+                               v_ready, k_empty, v_empty, q_start + m0, head * HEAD,
+                               (head // GROUP) * KV_HEAD_STRIDE, bt_row_ptr, bt_width,
+                               num_blocks, j_lo, n_tiles, BLOCK_N, BLOCK_SIZE)),
+        ], [num_warps, 1], [CONSUMER_REGS, 24])  # (a literal: a global would send every
+        # launch through the JIT's per-launch global check, fast_launch refuses those)
