@@ -35,9 +35,6 @@ MEASURED_BLOCK_SIZES = (16,)
 ARCHS = ("sm90",)
 #: Registers per thread of each consumer warpgroup (the load warp gets 24).
 CONSUMER_REGS = 240
-#: The two consumers take turns issuing their matmuls (FA3's ping-pong), so one's softmax
-#: runs under the other's matmuls. To be decided by measurement.
-PINGPONG = True
 #: TMA: global addresses and every stride but the last 16-byte aligned.
 _ALIGN = 16
 
@@ -249,4 +246,4 @@ def launch_gluon_prefill(q: torch.Tensor, cache, metadata, options, out: torch.T
         NUM_BUF=num_buf, CAUSAL=bool(options.causal),
         USE_WINDOW=options.sliding_window is not None, KV_SCALED=code == 1,
         USE_SOFTCAP=options.softcap is not None, ALIBI=ALIBI_CODES[options.alibi],
-        USE_SINKS=options.sinks is not None, PINGPONG=PINGPONG, CONSUMER_REGS=CONSUMER_REGS, num_warps=4)
+        USE_SINKS=options.sinks is not None, CONSUMER_REGS=CONSUMER_REGS, num_warps=4)

@@ -276,14 +276,13 @@ def _bad_key_range(bt_row_ptr, bt_width, num_blocks, col_lo, n_cols,
 
 @gluon.jit
 def _consumer_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty,
-                        fix_bar, turn, out_ptr, stride_ot, stride_oh, bad_lo, bad_hi, q_start,
+                        fix_bar, out_ptr, stride_ot, stride_oh, bad_lo, bad_hi, q_start,
                         q_len, head, row0, off, k_lo, k_len, j_lo, j_full_lo, n_full, n_tiles,
                         qk_scale, softcap, slope2, window, sink2, out_mul,
                         ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD: gl.constexpr,
                         CAUSAL: gl.constexpr, USE_WINDOW: gl.constexpr,
                         USE_SOFTCAP: gl.constexpr, ALIBI: gl.constexpr,
-                        USE_SINKS: gl.constexpr, PINGPONG: gl.constexpr, ME: gl.constexpr,
-                        num_warps: gl.constexpr):
+                        USE_SINKS: gl.constexpr, num_warps: gl.constexpr):
     """One warpgroup: ``ROWS`` query rows from ``row0`` over key tiles ``[j_lo,
     n_tiles)`` of the program (the ring's ``empty`` barriers count both consumers); tiles
     below ``j_full_lo`` (the window's leading edge) and from ``n_full`` on (the causal
@@ -335,26 +334,14 @@ def _consumer_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty
         idx = t % num_buf
         prev = (t - 1) % num_buf
         mbarrier.wait(k_ready.index(idx), (t // num_buf) & 1)
-        if PINGPONG:  # V ready and fixed first: the other consumer waits for the turn
-            mbarrier.wait(v_ready.index(prev), ((t - 1) // num_buf) & 1)
-            if _needs_zeroing((j - 1) * BLOCK_N, bad_lo, bad_hi, k_lo, k_len, BLOCK_N):
-                uses = _zero_rows(v_bufs.index(prev), fix_bar, uses, (j - 1) * BLOCK_N,
-                                  bad_lo, bad_hi, k_lo, k_len, BLOCK_N, HEAD, num_warps)
-            mbarrier.wait(turn.index(ME), (t & 1) ^ ME)
-            s = warpgroup_mma(q_smem, k_bufs.index(idx).permute((1, 0)), s_zero,
-                              use_acc=False, is_async=True)
-            acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_bufs.index(prev),
-                                acc, is_async=True)
-            mbarrier.arrive(turn.index(1 - ME), count=1)
-        else:
-            s = warpgroup_mma(q_smem, k_bufs.index(idx).permute((1, 0)), s_zero,
-                              use_acc=False, is_async=True)
-            mbarrier.wait(v_ready.index(prev), ((t - 1) // num_buf) & 1)
-            if _needs_zeroing((j - 1) * BLOCK_N, bad_lo, bad_hi, k_lo, k_len, BLOCK_N):
-                uses = _zero_rows(v_bufs.index(prev), fix_bar, uses, (j - 1) * BLOCK_N,
-                                  bad_lo, bad_hi, k_lo, k_len, BLOCK_N, HEAD, num_warps)
-            acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_bufs.index(prev),
-                                acc, is_async=True)
+        s = warpgroup_mma(q_smem, k_bufs.index(idx).permute((1, 0)), s_zero, use_acc=False,
+                          is_async=True)
+        mbarrier.wait(v_ready.index(prev), ((t - 1) // num_buf) & 1)
+        if _needs_zeroing((j - 1) * BLOCK_N, bad_lo, bad_hi, k_lo, k_len, BLOCK_N):
+            uses = _zero_rows(v_bufs.index(prev), fix_bar, uses, (j - 1) * BLOCK_N, bad_lo,
+                              bad_hi, k_lo, k_len, BLOCK_N, HEAD, num_warps)
+        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_bufs.index(prev), acc,
+                            is_async=True)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
         mbarrier.arrive(k_empty.index(idx), count=1)
         p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, mods, rows, cols, j * BLOCK_N, off,
@@ -405,8 +392,8 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, stride_ot, stride_oh,
                          HEAD: gl.constexpr, BLOCK_SIZE: gl.constexpr, NUM_BUF: gl.constexpr,
                          CAUSAL: gl.constexpr, USE_WINDOW: gl.constexpr,
                          KV_SCALED: gl.constexpr, USE_SOFTCAP: gl.constexpr, ALIBI: gl.constexpr,
-                         USE_SINKS: gl.constexpr, PINGPONG: gl.constexpr,
-                         CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                         USE_SINKS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                         num_warps: gl.constexpr):
     """Paged prefill, one (query tile, q head) per program; layout, grid and partitions
     in the module doc. Switches: ``NUM_BUF`` (K/V ring depth), ``CAUSAL``, ``USE_WINDOW``
     (query at key position p sees keys after ``p - window``; tiles wholly before the
@@ -480,15 +467,12 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, stride_ot, stride_oh,
                                            v_desc.layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         fix_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
         mbarrier.init(fix_bar, count=2)
-        mbarrier.init(turn.index(0), count=1)
-        mbarrier.init(turn.index(1), count=1)
         for i in gl.static_range(NUM_BUF):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
@@ -499,19 +483,17 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, stride_ot, stride_oh,
         # turns its constexprs into tensors)
         gl.warp_specialize([
             (_consumer_partition, (q_bufs.index(0), k_bufs, v_bufs, q_bar, k_ready, v_ready,
-                                   k_empty, v_empty, fix_bar, turn, out_ptr, stride_ot,
-                                   stride_oh, bad_lo, bad_hi, q_start, q_len, head, m0, off, k_lo, k_len,
+                                   k_empty, v_empty, fix_bar, out_ptr, stride_ot, stride_oh,
+                                   bad_lo, bad_hi, q_start, q_len, head, m0, off, k_lo, k_len,
                                    j_lo, j_full_lo, n_full, n_tiles, qk_scale, softcap, slope2,
                                    window, sink2, out_mul, 64, BLOCK_N, HEAD, CAUSAL,
-                                   USE_WINDOW, USE_SOFTCAP, ALIBI, USE_SINKS, PINGPONG, 0,
-                                   num_warps)),
+                                   USE_WINDOW, USE_SOFTCAP, ALIBI, USE_SINKS, num_warps)),
             (_consumer_partition, (q_bufs.index(1), k_bufs, v_bufs, q_bar, k_ready, v_ready,
-                                   k_empty, v_empty, fix_bar, turn, out_ptr, stride_ot,
-                                   stride_oh, bad_lo, bad_hi, q_start, q_len, head, m0 + 64, off, k_lo,
+                                   k_empty, v_empty, fix_bar, out_ptr, stride_ot, stride_oh,
+                                   bad_lo, bad_hi, q_start, q_len, head, m0 + 64, off, k_lo,
                                    k_len, j_lo, j_full_lo, n_full, n_tiles, qk_scale, softcap,
                                    slope2, window, sink2, out_mul, 64, BLOCK_N, HEAD, CAUSAL,
-                                   USE_WINDOW, USE_SOFTCAP, ALIBI, USE_SINKS, PINGPONG, 1,
-                                   num_warps)),
+                                   USE_WINDOW, USE_SOFTCAP, ALIBI, USE_SINKS, num_warps)),
             (_load_partition, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready,
                                v_ready, k_empty, v_empty, q_start + m0, head * HEAD,
                                (head // GROUP) * KV_HEAD_STRIDE, bt_row_ptr, bt_width,
