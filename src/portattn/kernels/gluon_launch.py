@@ -14,6 +14,8 @@ import functools
 
 import torch
 
+from portattn.kernels.heuristics import quant_mode
+
 #: Tiles by head size (the head sizes the kernel serves), from the H200 (bf16, block 16,
 #: benchmarks/NOTES.md session 13): (keys per K/V tile, ring depth). Head 128 4 x 2048
 #: 325.8 us with a ring of 3 against 335.8 with 2; head 256 keeps 64-key tiles and 2
@@ -64,17 +66,11 @@ def gluon_reason() -> str | None:
 STAGED_QUANT = ("fp8_per_tensor", "int8_per_token_head", "fp8_per_token_head")
 
 
-def _quant_mode(kv_quant: str) -> str:
-    """The KVQuant mode of a problem's ``KVQuant.key`` (``"fp8_per_tensor:e4m3fn"`` ->
-    ``"fp8_per_tensor"``)."""
-    return kv_quant.split(":")[0]
-
-
 def reads_staged_copy(kv_quant: str) -> bool:
     """Whether the kernel reads a staged copy of the keys (8-bit caches: the staging
     kernel widens the codes to q's dtype) rather than the cache itself. ``kv_quant``:
     the problem's ``KVQuant.key`` (``"fp8_per_tensor:e4m3fn"``, ``"none"``...)."""
-    return _quant_mode(kv_quant) != "none"
+    return quant_mode(kv_quant) != "none"
 
 
 def problem_reasons(*, arch: str, q_dtype: torch.dtype, kv_dtype: torch.dtype,
@@ -89,7 +85,7 @@ def problem_reasons(*, arch: str, q_dtype: torch.dtype, kv_dtype: torch.dtype,
                        "warpgroup MMA and TMA)")
     if q_dtype not in (torch.float16, torch.bfloat16):
         reasons.append(f"q is {str(q_dtype).replace('torch.', '')}, not float16 / bfloat16")
-    mode = _quant_mode(kv_quant)
+    mode = quant_mode(kv_quant)
     if mode == "none" and kv_dtype != q_dtype:
         reasons.append("the cache is not q's dtype")
     elif mode != "none" and mode not in STAGED_QUANT:
