@@ -352,3 +352,56 @@ def _fp8_values(batch, which):
         blocks = batch.metadata.block_table[b, :(n + 15) // 16].long()
         rows.append(cache[blocks].float().reshape(-1, *cache.shape[2:])[:n])
     return rows
+
+
+@pytest.mark.parametrize("num_tokens,num_seqs,hint,floor", [
+    (8192, 4, 2048, 2048),      # 4 x 2048: every sequence at the hint
+    (8192, 8, 1024, 1024),
+    (2111, 64, 2048, 0),        # 2048 + 63 decodes: some may be decodes
+    (2008, 3, 700, 608),        # an understated hint still gives a floor
+    (8192, 1, 8192, 8192),
+    (8192, 4, None, 0),         # no hint: nothing is known
+    (10, 0, 5, 0),
+])
+def test_fewest_queries_is_a_floor_from_host_numbers(num_tokens, num_seqs, hint, floor):
+    from portattn.kernels.heuristics import fewest_queries
+
+    assert fewest_queries(num_tokens, num_seqs, hint) == floor
+
+
+@pytest.mark.parametrize("query_lens,hint,mode,one_launch", [
+    ([2048] * 4, 2048, "mixed", True),
+    ([1024] * 8, 1024, "mixed", True),
+    ([8192], 8192, "prefill", True),
+    ([2048] * 4, None, "mixed", False),        # without the hint: the launches beside it
+    ([2048] + [1] * 63, 2048, "mixed", False),  # decodes beside the long prompt
+    ([1000, 1000, 8], 700, "prefill", True),   # understated: the kernel takes all three
+    ([600, 600, 100], 600, "prefill", False),  # a middle-sized prompt may be there
+])
+def test_a_batch_with_no_short_sequence_is_one_gluon_launch(query_lens, hint, mode,
+                                                            one_launch, monkeypatch):
+    """Where the call's tokens and ``max_seqlen_q`` leave no sequence fewer queries than
+    the kernel's share, the kernel takes every sequence (``min_q`` 1: whatever
+    ``cu_seqlens_q`` says, so an understated hint leaves no row unwritten) and nothing is
+    launched over the cache beside it; otherwise the kernel takes the long sequences and
+    the short and middle ones read the cache as before."""
+    import types
+
+    from portattn.kernels import launch
+
+    taken, beside = [], []
+    monkeypatch.setattr(launch, "_try_gluon",
+                        lambda q, cache, md, options, out, params, min_q, reads:
+                        taken.append((min_q, reads)) or True)
+    monkeypatch.setattr(launch, "_launch_over_cache",
+                        lambda *a: beside.append(a[-2:]))
+    q = torch.empty(sum(query_lens), 1, 8)
+    metadata = types.SimpleNamespace(seq_lens=torch.empty(len(query_lens)),
+                                     max_seqlen_q=hint)
+    params = {"mode": mode, "short": {"block_q": 4}, "gluon": {"min_q": 512, "reads": "cache"}}
+    assert launch._launch_gluon(q, None, metadata, None, None, params, None)
+    short_q = 4 if mode == "mixed" else 0
+    if one_launch:
+        assert taken == [(1, "cache")] and beside == []
+    else:
+        assert taken == [(512, "cache")] and beside == [(short_q, 512)]

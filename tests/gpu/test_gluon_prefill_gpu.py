@@ -191,6 +191,49 @@ def test_no_rows_left_unwritten_with_an_understated_max_seqlen_q():
     assert not math.isnan(out[2400:2500].float().sum().item())
 
 
+def _launches(batch, plan):
+    """The kernels one call of ``plan`` launches (recorded through the launch code, not a
+    replay), and its output."""
+    from portattn.kernels import fast_launch, launch
+
+    body = plan._body
+    out = torch.full_like(batch.q, float("nan"))
+    with fast_launch.capture() as captured:
+        launch.launch_unified(batch.q, batch.cache, batch.metadata, body.options, out,
+                              plan.decision.plan.params)
+    torch.cuda.synchronize()
+    return [getattr(x.fn, "__name__", repr(x.fn)) for x in captured.launches], out
+
+
+@pytest.mark.parametrize("query_lens,seq_lens,hint", [
+    ([600, 600], [600, 900], 600),
+    ([1000, 1000, 8], [1000, 1200, 50], 700),  # understated: the 8 queries go to the kernel
+])
+def test_a_batch_with_no_short_sequence_is_one_launch(query_lens, seq_lens, hint):
+    """Where the tokens and ``max_seqlen_q`` leave no sequence short of the kernel's share,
+    the kernel alone serves the call, every sequence (an understated hint included)."""
+    batch = make_paged_batch(query_lens, seq_lens, num_q_heads=8, num_kv_heads=2,
+                             head_size=128, block_size=16, dtype=BF16, device=DEV)
+    batch = dataclasses.replace(batch, metadata=dataclasses.replace(batch.metadata,
+                                                                    max_seqlen_q=hint))
+    plan = _plan(batch, 8, BF16)
+    names, out = _launches(batch, plan)
+    assert names == ["gluon_prefill_kernel"], names
+    assert relative_error(out, _oracle(batch)) < TOL
+    out = torch.full_like(batch.q, float("nan"))
+    plan.run(batch.q, batch.cache, out=out)
+    assert relative_error(out, _oracle(batch)) < TOL
+
+
+def test_a_mixed_batch_still_reads_the_cache_beside_the_kernel():
+    batch = make_paged_batch(*MIXED, num_q_heads=8, num_kv_heads=2, head_size=128,
+                             block_size=16, dtype=BF16, device=DEV)
+    plan = _plan(batch, 8, BF16)
+    names, out = _launches(batch, plan)
+    assert names[0] == "gluon_prefill_kernel" and len(names) > 1, names
+    assert relative_error(out, _oracle(batch)) < TOL
+
+
 # ------------------------------------------ 8-bit caches (staged copy) and score features
 # Through check_unified (tests/unified_check.py): a staged plan whose long sequences go to
 # the kernel, forced (a refusal raises), against the float64 oracle on the values the

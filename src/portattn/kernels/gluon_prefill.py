@@ -53,19 +53,19 @@ only keys ``> i + k_len - q_len - window``: the key tiles before the window of a
 first row are neither loaded nor computed. Scores as the unified kernel (DESIGN.md's
 order: scale, softcap, mask, ALiBi bias; sinks start the softmax).
 
-Bad metadata never reads out of bounds: block ids outside ``[0, num_blocks)`` read block 0
-and table columns past ``bt_width`` read the last column, and every row that would see
-such a key (or a key past the table's width) is written NaN: a scan of the table
-columns the program reads, before the loop, finds the range from the first to the last
-bad key, and the rows whose visible keys meet that range are NaN (exactly the rows that
-see a bad key, but for a window that falls wholly between two bad blocks: those rows are
-NaN too). Blocks an engine freed before a window do not matter: the scan starts at the
-program's first visible key, and the V rows of keys before it that its first tile brings
-are zeroed. A TMA box brings a whole cache block, so the slots past a sequence's last key
-(and the blocks read for bad ids) arrive with whatever the cache holds there: the V rows
-of keys in the bad range or past the sequence end are zeroed in shared memory before
-their PV (:func:`_zero_rows`: the last tile of a sequence whose length is not a multiple
-of ``BLOCK_N``), as P = 0 times a NaN is NaN.
+Bad metadata never reads out of bounds: block ids outside ``[0, num_blocks)`` read block
+0 and table columns past ``bt_width`` read the last column, and every row that would see
+such a key (or a key past the table's width) is written NaN: a scan of the table columns
+the program reads (each consumer's own, while the load warp brings the first tiles) finds
+the range from the first to the last bad key, and the rows whose visible keys meet that
+range are NaN (exactly the rows that see a bad key, but for a window that falls wholly
+between two bad blocks: those rows are NaN too). Blocks an engine freed before a window
+do not matter: the scan starts at the program's first visible key, and the V rows of keys
+before it that its first tile brings are zeroed. A TMA box brings a whole cache block, so
+the slots past a sequence's last key (and the blocks read for bad ids) arrive with
+whatever the cache holds there: the V rows of keys in the bad range or past the sequence
+end are zeroed in shared memory before their PV (:func:`_zero_rows`: the last tile of a
+sequence whose length is not a multiple of ``BLOCK_N``), as P = 0 times a NaN is NaN.
 """
 
 from __future__ import annotations
@@ -275,21 +275,43 @@ def _bad_key_range(bt_row_ptr, bt_width, num_blocks, col_lo, n_cols,
 
 
 @gluon.jit
+def _program_bad_keys(bt_row_ptr, bt_width, num_blocks, k_lo, k_len, n_tiles,
+                      BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr,
+                      num_warps: gl.constexpr):
+    """``[bad_lo, bad_hi)`` of a program (:func:`_bad_key_range` over the table columns its
+    key tiles read), widened to every key past the table's capacity when ``k_len`` exceeds
+    it. Each consumer finds it on its own, before it first waits for the ring, so the scan
+    runs while the load warp brings the first tiles (the same values in both consumers:
+    they zero the same V tiles and meet at the fix barrier as often)."""
+    capacity = bt_width * BLOCK_SIZE
+    bad_lo, bad_hi = _bad_key_range(
+        bt_row_ptr, bt_width, num_blocks, k_lo // BLOCK_SIZE,
+        gl.cdiv(gl.minimum(n_tiles * BLOCK_N, k_len), BLOCK_SIZE), BLOCK_SIZE, num_warps)
+    bad_lo = gl.where(k_len > capacity, gl.minimum(bad_lo, capacity), bad_lo)
+    bad_hi = gl.where(k_len > capacity, gl.maximum(bad_hi, k_len), bad_hi)
+    return bad_lo, bad_hi
+
+
+@gluon.jit
 def _consumer_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty,
-                        fix_bar, out_ptr, stride_ot, stride_oh, bad_lo, bad_hi, q_start,
-                        q_len, head, row0, off, k_lo, k_len, j_lo, j_full_lo, n_full, n_tiles,
+                        fix_bar, out_ptr, stride_ot, stride_oh, bt_row_ptr, bt_width,
+                        num_blocks, q_start, q_len, head, row0, off, k_lo, k_len, j_lo,
+                        j_full_lo, n_full, n_tiles,
                         qk_scale, softcap, slope2, window, sink2, out_mul,
                         ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD: gl.constexpr,
-                        CAUSAL: gl.constexpr, USE_WINDOW: gl.constexpr,
-                        USE_SOFTCAP: gl.constexpr, ALIBI: gl.constexpr,
-                        USE_SINKS: gl.constexpr, num_warps: gl.constexpr):
+                        BLOCK_SIZE: gl.constexpr, CAUSAL: gl.constexpr,
+                        USE_WINDOW: gl.constexpr, USE_SOFTCAP: gl.constexpr,
+                        ALIBI: gl.constexpr, USE_SINKS: gl.constexpr,
+                        num_warps: gl.constexpr):
     """One warpgroup: ``ROWS`` query rows from ``row0`` over key tiles ``[j_lo,
     n_tiles)`` of the program (the ring's ``empty`` barriers count both consumers); tiles
     below ``j_full_lo`` (the window's leading edge) and from ``n_full`` on (the causal
     diagonal, the sequence end) are masked. ``[bad_lo, bad_hi)``: the keys from the first
     to the last bad one (a bad block id, a key past the table; ``bad_lo`` 2**30: none),
-    found once for both consumers so that they zero the same V tiles and meet at
-    ``fix_bar`` the same number of times; rows whose visible keys meet that range are NaN.
+    found by each consumer from the table row at ``bt_row_ptr`` before its first wait on
+    the ring (:func:`_program_bad_keys`: the same in both, so that they zero the same V
+    tiles and meet at ``fix_bar`` the same number of times); rows whose visible keys meet
+    that range are NaN.
     Scores as :func:`_scores` says; ``sink2``: the head's sink logit times log2(e)
     (``USE_SINKS``: it starts the row max with weight 1); ``out_mul`` scales the output
     (the V scale of a per-tensor cache)."""
@@ -318,6 +340,8 @@ def _consumer_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
     uses = 0
     n_t = n_tiles - j_lo  # tiles read; ring slot t % num_buf holds tile j_lo + t
+    bad_lo, bad_hi = _program_bad_keys(bt_row_ptr, bt_width, num_blocks, k_lo, k_len, n_tiles,
+                                       BLOCK_N, BLOCK_SIZE, num_warps)
     mbarrier.wait(q_bar, 0)
 
     # the first tile: scores and probabilities before the loop
@@ -453,11 +477,6 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, stride_ot, stride_oh,
             j_lo = n_tiles * 0
             j_full_lo = n_tiles * 0
         bt_row_ptr = bt_ptr + seq.to(gl.int64) * bt_stride
-        bad_lo, bad_hi = _bad_key_range(
-            bt_row_ptr, bt_width, num_blocks, k_lo // BLOCK_SIZE,
-            gl.cdiv(gl.minimum(n_tiles * BLOCK_N, k_len), BLOCK_SIZE), BLOCK_SIZE, num_warps)
-        bad_lo = gl.where(k_len > capacity, gl.minimum(bad_lo, capacity), bad_lo)
-        bad_hi = gl.where(k_len > capacity, gl.maximum(bad_hi, k_len), bad_hi)
 
         q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape,
                                            q_desc.layout)
@@ -484,15 +503,17 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, stride_ot, stride_oh,
         gl.warp_specialize([
             (_consumer_partition, (q_bufs.index(0), k_bufs, v_bufs, q_bar, k_ready, v_ready,
                                    k_empty, v_empty, fix_bar, out_ptr, stride_ot, stride_oh,
-                                   bad_lo, bad_hi, q_start, q_len, head, m0, off, k_lo, k_len,
-                                   j_lo, j_full_lo, n_full, n_tiles, qk_scale, softcap, slope2,
-                                   window, sink2, out_mul, 64, BLOCK_N, HEAD, CAUSAL,
+                                   bt_row_ptr, bt_width, num_blocks, q_start, q_len, head, m0,
+                                   off, k_lo, k_len, j_lo, j_full_lo, n_full, n_tiles, qk_scale,
+                                   softcap, slope2, window, sink2, out_mul, 64, BLOCK_N, HEAD,
+                                   BLOCK_SIZE, CAUSAL,
                                    USE_WINDOW, USE_SOFTCAP, ALIBI, USE_SINKS, num_warps)),
             (_consumer_partition, (q_bufs.index(1), k_bufs, v_bufs, q_bar, k_ready, v_ready,
                                    k_empty, v_empty, fix_bar, out_ptr, stride_ot, stride_oh,
-                                   bad_lo, bad_hi, q_start, q_len, head, m0 + 64, off, k_lo,
-                                   k_len, j_lo, j_full_lo, n_full, n_tiles, qk_scale, softcap,
-                                   slope2, window, sink2, out_mul, 64, BLOCK_N, HEAD, CAUSAL,
+                                   bt_row_ptr, bt_width, num_blocks, q_start, q_len, head,
+                                   m0 + 64, off, k_lo, k_len, j_lo, j_full_lo, n_full, n_tiles,
+                                   qk_scale, softcap, slope2, window, sink2, out_mul, 64,
+                                   BLOCK_N, HEAD, BLOCK_SIZE, CAUSAL,
                                    USE_WINDOW, USE_SOFTCAP, ALIBI, USE_SINKS, num_warps)),
             (_load_partition, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready,
                                v_ready, k_empty, v_empty, q_start + m0, head * HEAD,

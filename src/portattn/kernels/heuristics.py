@@ -374,6 +374,15 @@ def staged_from(stage: dict, short_q: int) -> int:
     return max(int(stage.get("min_q", 1)), short_q + 1)
 
 
+def fewest_queries(num_tokens: int, num_seqs: int, max_seqlen_q: int | None) -> int:
+    """A floor on every sequence's query count from host numbers alone: the call's tokens
+    less what the other sequences hold at most (``max_seqlen_q`` each); 0 without the
+    hint. A 4 x 2048 prefill with its hint gives 2048: no sequence can be short."""
+    if max_seqlen_q is None or num_seqs < 1:
+        return 0
+    return max(0, num_tokens - (num_seqs - 1) * int(max_seqlen_q))
+
+
 def align16(elems: int) -> int:
     """float32 elements rounded up to a 16-byte multiple (descriptor base alignment)."""
     return -(-elems // 4) * 4

@@ -34,6 +34,7 @@ from portattn.kernels.fast_launch import capturable
 from portattn.kernels.heuristics import (
     STAGE_MAX_BYTES,
     align16,
+    fewest_queries,
     head_pad,
     next_pow2,
     staged_from,
@@ -465,10 +466,19 @@ def _launch_gluon(q, cache, metadata, options, out, params: dict, workspace) -> 
     """A staged plan's long sequences (``params["gluon"]["min_q"]`` queries or more, above
     a mixed batch's short tiles) through the Gluon prefill over the cache itself
     (:mod:`portattn.kernels.gluon_launch`), the others as :func:`launch_staged` serves
-    them. False (nothing launched; the caller stages instead) where :func:`_try_gluon`
-    launched nothing."""
+    them; every sequence where the call's tokens and ``metadata.max_seqlen_q`` leave none
+    of them fewer queries than that (:func:`heuristics.fewest_queries`: a 4 x 2048
+    prefill is one launch, not three). False (nothing launched; the caller stages
+    instead) where :func:`_try_gluon` launched nothing."""
     short_q = _short_q(params)
-    min_q = _long_from(params["gluon"], short_q, metadata.seq_lens.shape[0])
+    num_seqs = metadata.seq_lens.shape[0]
+    if fewest_queries(q.shape[0], num_seqs, metadata.max_seqlen_q) >= \
+            staged_from(params["gluon"], short_q):
+        # no sequence can be short of the kernel's share: it takes every one (whatever
+        # cu_seqlens_q says, so an understated hint leaves no row unwritten) and nothing
+        # reads the cache beside it (no launches of programs that would all return)
+        return _try_gluon(q, cache, metadata, options, out, params, 1, "cache")
+    min_q = _long_from(params["gluon"], short_q, num_seqs)
     if not _try_gluon(q, cache, metadata, options, out, params, min_q, "cache"):
         return False
     _launch_over_cache(q, cache, metadata, options, out, params, workspace, short_q, min_q)
