@@ -405,3 +405,35 @@ def test_a_batch_with_no_short_sequence_is_one_gluon_launch(query_lens, hint, mo
         assert taken == [(1, "cache")] and beside == []
     else:
         assert taken == [(512, "cache")] and beside == [(short_q, 512)]
+
+
+def test_the_grid_covers_every_long_tile_and_numbers_the_long_ones_only():
+    """``grid_tiles``: a launch over every sequence holds each one's 128-query tiles as the
+    kernel numbers them (from ``cu_seqlens_q[b] // 128 + b``); one that skips the
+    sequences of fewer than ``min_q`` queries holds at least the long sequences' tiles,
+    and far fewer programs than one per sequence for a batch of decodes beside a prompt."""
+    import random
+
+    rng = random.Random(7)
+    for _ in range(2000):
+        num_seqs = rng.randint(1, 300)
+        kind = rng.random()
+        lens = [rng.choice([1, 1, 3, rng.randint(1, 700), rng.randint(500, 3000)])
+                if kind < 0.7 else rng.randint(0, 2000) for _ in range(num_seqs)]
+        num_tokens = sum(lens)
+        for min_q in (1, 5, 64, 512):
+            tiles, long_only = gluon_launch.grid_tiles(num_tokens, num_seqs, min_q)
+            every = num_tokens // 128 + num_seqs
+            assert long_only == (min_q > 1 and num_seqs > 1 and 2 * tiles <= every)
+            if long_only:
+                need = sum(-(-n // 128) for n in lens if n >= min_q)
+            else:  # past the last tile the kernel gives any sequence's queries
+                starts, need = 0, 0
+                for b, n in enumerate(lens):
+                    need = max(need, starts // 128 + b + -(-n // 128))
+                    starts += n
+            assert tiles >= need, (lens, min_q, tiles, need)
+    tiles, long_only = gluon_launch.grid_tiles(1024 + 255, 256, 512)
+    assert long_only and tiles == 9 + 2  # not 9 + 256
+    # four prompts of 2048 with min_q 512: no program to remove, every tile numbered
+    assert gluon_launch.grid_tiles(8192, 4, 512) == (64 + 4, False)

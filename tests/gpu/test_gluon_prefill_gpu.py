@@ -7,7 +7,8 @@ GQA 1 / 4 / 8 x bf16 / fp16; prefill, chunked (fewer
 queries than keys) and mixed batches (decodes and middle-sized prompts served by the
 unified kernel beside the kernel's long prompts); lengths off every tile boundary;
 non-causal; a strided q (a slice of a fused QKV tensor); bad block ids (NaN exactly for
-the rows that see them); plans replayed over layers and in a CUDA graph; the auto rule
+the rows that see them); hundreds of decodes beside long prompts (the grid over the long
+sequences' tiles); plans replayed over layers and in a CUDA graph; the auto rule
 staging a layout the kernel cannot read. 8-bit caches through the staged copy (fp8
 per-tensor e4m3 / e5m2, int8 and fp8 per-token-head) x prefill / chunked / mixed, heads
 64 / 128 / 256, cache blocks 16 / 32 / 256, fp16 q; score features (softcap, ALiBi linear
@@ -223,6 +224,16 @@ def test_a_batch_with_no_short_sequence_is_one_launch(query_lens, seq_lens, hint
     out = torch.full_like(batch.q, float("nan"))
     plan.run(batch.q, batch.cache, out=out)
     assert relative_error(out, _oracle(batch)) < TOL
+
+
+@pytest.mark.parametrize("query_lens,seq_lens", [
+    ([1] * 150 + [700] + [3] * 100 + [600], [40] * 150 + [900] + [70] * 100 + [600]),
+    ([1, 2, 1, 1300, 1] + [4] * 130, [500, 30, 17, 1300, 1] + [300] * 130),
+])
+def test_many_short_sequences_beside_long_ones(query_lens, seq_lens):
+    """The kernel's grid over the long sequences' tiles only (``LONG_TILES``: more than
+    one chunk of 128 sequences in its prefix sum); every row against the oracle."""
+    run_case(query_lens, seq_lens, num_kv_heads=2, group=4)
 
 
 def test_a_mixed_batch_still_reads_the_cache_beside_the_kernel():

@@ -178,6 +178,31 @@ def tensor_reasons(q: torch.Tensor, cache, out: torch.Tensor) -> list[str]:
     return reasons
 
 
+#: Query rows of one tile of the kernel (its two consumers' 64 each).
+TILE_ROWS = 128
+
+
+def grid_tiles(num_tokens: int, num_seqs: int, min_q: int) -> tuple[int, bool]:
+    """``(tiles, long_tiles)``: the query tiles the kernel's grid holds (a program per
+    tile and q head) and whether they are numbered over the sequences of ``min_q``
+    queries or more only (the kernel's ``LONG_TILES``). A launch that serves every
+    sequence (``min_q`` 1, or one sequence) numbers every sequence's tiles: ``num_tokens
+    // 128 + num_seqs`` covers them. One that skips the short ones numbers theirs only:
+    each such sequence has at least ``min_q`` queries, so there are at most ``num_tokens
+    // min_q`` of them and ``num_tokens // 128`` plus that many tiles cover them, where a
+    batch of many decodes beside one prompt would otherwise launch a program per
+    decode. Taken where it at least halves the grid: numbering the long tiles costs each
+    program a prefix sum over ``cu_seqlens_q`` (H200, direct launches: 2048 + 63 decodes
+    +2.0%, 1024 + 255 decodes +7.5%, but 4 x 2048 -1.7% and 8 x 1024 -2.1%, where it
+    removes no program; benchmarks/NOTES.md, session 16)."""
+    every = num_tokens // TILE_ROWS + num_seqs
+    if min_q > 1 and num_seqs > 1:
+        long_only = num_tokens // TILE_ROWS + min(num_seqs, num_tokens // min_q)
+        if 2 * long_only <= every:
+            return long_only, True
+    return every, False
+
+
 @functools.lru_cache(maxsize=1)
 def _kernel():
     from portattn.kernels import gluon_prefill
@@ -227,7 +252,7 @@ def launch_gluon_prefill(q: torch.Tensor, cache, metadata, options, out: torch.T
                          "caches reach it staged dequantized)")
     num_seqs = metadata.seq_lens.shape[0]
     bt = metadata.block_table
-    num_tiles = num_tokens // gluon_prefill.BLOCK_M + num_seqs
+    num_tiles, long_tiles = grid_tiles(num_tokens, num_seqs, int(min_q))
     _kernel()[(num_tiles * num_q_heads,)](
         q_desc, k_desc, v_desc, out, out.stride(0), out.stride(1), metadata.cu_seqlens_q,
         metadata.seq_lens, bt, bt.stride(0), bt.shape[1], kc.shape[0], num_seqs, num_tiles,
@@ -242,4 +267,5 @@ def launch_gluon_prefill(q: torch.Tensor, cache, metadata, options, out: torch.T
         NUM_BUF=num_buf, CAUSAL=bool(options.causal),
         USE_WINDOW=options.sliding_window is not None, KV_SCALED=code == 1,
         USE_SOFTCAP=options.softcap is not None, ALIBI=ALIBI_CODES[options.alibi],
-        USE_SINKS=options.sinks is not None, CONSUMER_REGS=CONSUMER_REGS, num_warps=4)
+        USE_SINKS=options.sinks is not None, LONG_TILES=long_tiles,
+        CONSUMER_REGS=CONSUMER_REGS, num_warps=4)

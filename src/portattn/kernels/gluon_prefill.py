@@ -33,6 +33,13 @@ A tile is 128 queries of one q head; programs past their sequence's queries, and
 sequences with fewer than ``min_q`` queries (served by another launch), return at once.
 The grid covers every query of the batch whatever ``max_seqlen_q`` says.
 
+``LONG_TILES`` (a launch that skips the sequences of fewer than ``min_q`` queries, and
+may hold many: a mixed batch's decodes): grid ``(tiles * num_q_heads,)`` with ``tiles =
+num_tokens // 128 + min(num_seqs, num_tokens // min_q)``, a bound on the query tiles of
+the sequences with ``min_q`` queries or more; the tiles are numbered over those
+sequences only (:func:`_long_tile`, a prefix sum over ``cu_seqlens_q``), the last
+first, and programs past them return. The short sequences then cost no program each.
+
 Partitions (``gl.warp_specialize``)
 -----------------------------------
 * load (1 warp, 24 registers): Q once, then for every visible key tile K and V into a
@@ -82,9 +89,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 from portattn.kernels.common import find_seq_of_tile
 
-#: query rows of a program's tile (two consumer warpgroups of 64)
-BLOCK_M = 128
-#: query rows of one consumer partition
+#: query rows of one consumer partition (a program's tile is two: 128 rows,
+#: ``gluon_launch.TILE_ROWS``)
 CONSUMER_ROWS = 64
 
 
@@ -275,6 +281,52 @@ def _bad_key_range(bt_row_ptr, bt_width, num_blocks, col_lo, n_cols,
 
 
 @gluon.jit
+def _add(a, b):
+    return a + b
+
+
+@gluon.jit
+def _long_tiles_in(cu_seqlens_q_ptr, b, num_seqs, min_q):
+    """Query tiles of 128 of each sequence ``b`` (a vector of sequence indices) with at
+    least ``min_q`` queries, 0 for the others and past ``num_seqs``."""
+    inside = b < num_seqs
+    start = gl.load(cu_seqlens_q_ptr + b, mask=inside, other=0)
+    n = gl.load(cu_seqlens_q_ptr + b + 1, mask=inside, other=0) - start
+    return gl.where(inside & (n >= min_q), (n + 127) // 128, 0)
+
+
+@gluon.jit
+def _long_tile(cu_seqlens_q_ptr, num_seqs, min_q, t_rev, num_warps: gl.constexpr):
+    """``(seq, m0)`` of the ``t_rev``-th query tile from the last among the tiles of the
+    sequences with at least ``min_q`` queries (in sequence order, each sequence's tiles in
+    query order; ``seq`` -1 past the last): the grid of a launch that skips the short
+    sequences has a program per such tile and none for the others (a mixed batch's
+    decodes would otherwise each take a whole program slot of this kernel's shared
+    memory to return). Two passes over ``cu_seqlens_q``, ``32 * num_warps`` sequences a
+    load: the tile count, then the owner of tile ``count - 1 - t_rev`` (a prefix sum);
+    the second pass's loads hit the lines the first brought."""
+    SEARCH: gl.constexpr = 32 * num_warps
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+    total = 0
+    for c0 in range(0, num_seqs, SEARCH):
+        b = c0 + gl.arange(0, SEARCH, layout=layout)
+        total += gl.sum(_long_tiles_in(cu_seqlens_q_ptr, b, num_seqs, min_q), axis=0)
+    t = total - 1 - t_rev
+    seq = -1
+    m0 = 0
+    before = 0  # long tiles of the earlier chunks
+    for c0 in range(0, num_seqs, SEARCH):
+        b = c0 + gl.arange(0, SEARCH, layout=layout)
+        tiles = _long_tiles_in(cu_seqlens_q_ptr, b, num_seqs, min_q)
+        first = gl.associative_scan(tiles, 0, _add) - tiles + before
+        mine = (first <= t) & (t < first + tiles)
+        seq = gl.maximum(seq, gl.max(gl.where(mine, b, -1), axis=0))
+        m0 = gl.maximum(m0, gl.max(gl.where(mine, (t - first) * 128, 0), axis=0))
+        before += gl.sum(tiles, axis=0)
+    return seq, m0
+
+
+@gluon.jit
 def _program_bad_keys(bt_row_ptr, bt_width, num_blocks, k_lo, k_len, n_tiles,
                       BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr,
                       num_warps: gl.constexpr):
@@ -416,8 +468,8 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, stride_ot, stride_oh,
                          HEAD: gl.constexpr, BLOCK_SIZE: gl.constexpr, NUM_BUF: gl.constexpr,
                          CAUSAL: gl.constexpr, USE_WINDOW: gl.constexpr,
                          KV_SCALED: gl.constexpr, USE_SOFTCAP: gl.constexpr, ALIBI: gl.constexpr,
-                         USE_SINKS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                         num_warps: gl.constexpr):
+                         USE_SINKS: gl.constexpr, LONG_TILES: gl.constexpr,
+                         CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """Paged prefill, one (query tile, q head) per program; layout, grid and partitions
     in the module doc. Switches: ``NUM_BUF`` (K/V ring depth), ``CAUSAL``, ``USE_WINDOW``
     (query at key position p sees keys after ``p - window``; tiles wholly before the
@@ -425,12 +477,13 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, stride_ot, stride_oh,
     (per-tensor K / V scales at ``k_scale_ptr`` / ``v_scale_ptr``, fp32 scalars: the K
     scale folds into the softmax scale, the V scale into the output), ``USE_SOFTCAP``,
     ``ALIBI`` (0 none, 1 linear, 2 sqrt; slopes ``[num_q_heads]`` at ``alibi_ptr``),
-    ``USE_SINKS`` (logits ``[num_q_heads]`` at ``sinks_ptr``); launched with
+    ``USE_SINKS`` (logits ``[num_q_heads]`` at ``sinks_ptr``), ``LONG_TILES`` (the
+    grid numbers the tiles of the sequences with ``min_q`` queries or more only; else
+    every sequence's, ``num_tiles`` of them); launched with
     ``num_warps=4`` (one consumer warpgroup; the other consumer and the load warp are
     worker partitions). ``KV_HEAD_STRIDE``: the caches' head stride in elements (the
     column of kv head ``h`` in the row view is ``h * KV_HEAD_STRIDE``)."""
     pid = gl.program_id(0)
-    tile = num_tiles - 1 - pid // NUM_Q_HEADS
     head = pid % NUM_Q_HEADS
     qk_scale = scale
     out_mul = 1.0
@@ -448,10 +501,19 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, stride_ot, stride_oh,
     sink2 = 0.0
     if USE_SINKS:
         sink2 = gl.load(sinks_ptr + head).to(gl.float32) * 1.4426950408889634
-    seq = find_seq_of_tile(cu_seqlens_q_ptr, num_seqs, tile, 128)
-    q_start = gl.load(cu_seqlens_q_ptr + seq)
-    q_len = gl.load(cu_seqlens_q_ptr + seq + 1) - q_start
-    m0 = (tile - (q_start // 128 + seq)) * 128
+    if LONG_TILES:
+        seq, m0 = _long_tile(cu_seqlens_q_ptr, num_seqs, min_q, pid // NUM_Q_HEADS,
+                             num_warps)
+        found = seq >= 0
+        seq = gl.maximum(seq, 0)
+        q_start = gl.load(cu_seqlens_q_ptr + seq)
+        q_len = gl.where(found, gl.load(cu_seqlens_q_ptr + seq + 1) - q_start, 0)
+    else:
+        tile = num_tiles - 1 - pid // NUM_Q_HEADS
+        seq = find_seq_of_tile(cu_seqlens_q_ptr, num_seqs, tile, 128)
+        q_start = gl.load(cu_seqlens_q_ptr + seq)
+        q_len = gl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+        m0 = (tile - (q_start // 128 + seq)) * 128
     if (m0 < q_len) & (q_len >= min_q):
         k_len = gl.load(seq_lens_ptr + seq)
         off = k_len - q_len
