@@ -30,9 +30,16 @@ def test_the_measured_class_has_no_reason():
     assert gluon_launch.problem_reasons(**{**GOOD, "q_dtype": torch.float16,
                                            "kv_dtype": torch.float16,
                                            "out_dtype": torch.float16}) == []
-    for head in (64, 256):
+    for head in (64, 256, 96, 80, 192):  # 96 / 80 / 192: padded with zeros to 128 / 256
         assert gluon_launch.problem_reasons(**{**GOOD, "head_size_qk": head,
                                                "head_size_v": head}) == []
+
+
+@pytest.mark.parametrize("head,width", [(64, 64), (32, 64), (80, 128), (96, 128),
+                                        (128, 128), (136, 256), (192, 256), (256, 256),
+                                        (264, None), (512, None)])
+def test_a_head_runs_in_the_narrowest_tile_that_holds_it(head, width):
+    assert gluon_launch.tile_width(head) == width
 
 
 @pytest.mark.parametrize("change,words", [
@@ -45,7 +52,8 @@ def test_the_measured_class_has_no_reason():
           out_dtype=torch.float16), "with an fp16 q"),
     (dict(out_dtype=torch.float16), "output dtype"),
     (dict(head_size_qk=192, head_size_v=128), "head sizes 192/128"),
-    (dict(head_size_qk=96, head_size_v=96), "head sizes 96/96"),
+    (dict(head_size_qk=100, head_size_v=100), "head sizes 100/100"),
+    (dict(head_size_qk=320, head_size_v=320), "head sizes 320/320"),
     (dict(block_size=128), "block size 128"),
     (dict(block_size=8), "block size 8"),
 ])
@@ -437,3 +445,36 @@ def test_the_grid_covers_every_long_tile_and_numbers_the_long_ones_only():
     assert long_only and tiles == 9 + 2  # not 9 + 256
     # four prompts of 2048 with min_q 512: no program to remove, every tile numbered
     assert gluon_launch.grid_tiles(8192, 4, 512) == (64 + 4, False)
+
+
+@pytest.mark.parametrize("head", [96, 80, 192])
+def test_a_padded_head_reads_through_rank3_descriptors_that_stop_at_the_head(head):
+    """Heads narrower than their tile: q and the caches seen as [rows, heads, head] with
+    boxes of 64 columns, so TMA fills the columns past the head with zeros instead of
+    bringing the next head's values (the kernel's rank-3 mode)."""
+    pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
+    from triton.experimental.gluon import language as gl
+
+    width = gluon_launch.tile_width(head)
+    q = torch.randn(300, 8, head, dtype=BF16)
+    cache = torch.randn(20, 16, 2, head, dtype=BF16)
+    qd = gluon_launch._q_descriptor(q, 64, width, gl.bfloat16)
+    assert (list(qd.shape), list(qd.strides), list(qd.block_shape)) == \
+        ([300, 8, head], [8 * head, head, 1], [64, 1, 64])
+    kd = gluon_launch._rows(cache, 16, width, gluon_launch.TILES[width][0], gl.bfloat16)
+    assert (list(kd.shape), list(kd.strides), list(kd.block_shape)) == \
+        ([320, 2, head], [2 * head, head, 1], [16, 1, 64])
+    assert kd.layout.rank == 3 and kd.layout.swizzle_byte_width == 128
+
+
+def test_a_head_that_fills_its_tile_keeps_the_row_view():
+    pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
+    from triton.experimental.gluon import language as gl
+
+    q = torch.randn(300, 8, 128, dtype=BF16)
+    cache = torch.randn(20, 16, 2, 128, dtype=BF16)
+    qd = gluon_launch._q_descriptor(q, 64, 128, gl.bfloat16)
+    assert (list(qd.shape), list(qd.block_shape)) == ([300, 8 * 128], [64, 128])
+    kd = gluon_launch._rows(cache, 16, 128, 128, gl.bfloat16)
+    assert (list(kd.shape), list(kd.strides), list(kd.block_shape)) == \
+        ([320, 256], [256, 1], [16, 128])

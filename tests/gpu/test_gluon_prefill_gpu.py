@@ -3,7 +3,9 @@ public plan with ``PORTATTN_GLUON=1`` (forced: no silent fallback), against the 
 oracle (``portattn.testing.dense_attention``) on the values the cache holds.
 
 Grid (block 16, where plans stage and so take the kernel): head sizes 64 / 128 / 256 x
-GQA 1 / 4 / 8 x bf16 / fp16; prefill, chunked (fewer
+GQA 1 / 4 / 8 x bf16 / fp16, and heads narrower than their tile (96 / 80 / 192: every
+batch kind, fp16 with every score feature, 8-bit caches, a bad id, and nothing read from
+a neighbouring head); prefill, chunked (fewer
 queries than keys) and mixed batches (decodes and middle-sized prompts served by the
 unified kernel beside the kernel's long prompts); lengths off every tile boundary;
 non-causal; a strided q (a slice of a fused QKV tensor); bad block ids (NaN exactly for
@@ -328,6 +330,68 @@ def test_bad_block_ids_give_nan_rows(quant, bad_id):
         return [1]
     q = None if quant == "none" else _quants()[quant]
     _gluon_case(G_CHUNKED, quant=q, block_table_edit=corrupt)
+
+
+# ------------------- head sizes below their tile's width (96 / 80 in 128, 192 in 256)
+# The kernel's rank-3 descriptors stop at the head: TMA fills the tile's other columns
+# with zeros.
+
+PADDED_HEADS = [(96, 4), (80, 1), (192, 8)]
+
+
+@pytest.mark.parametrize("variant", list(G_VARIANTS))
+@pytest.mark.parametrize("head_size,group", PADDED_HEADS)
+def test_padded_heads(head_size, group, variant):
+    _gluon_case(G_VARIANTS[variant], head_size=head_size, group=group)
+
+
+@pytest.mark.parametrize("head_size", [96, 192])
+def test_padded_heads_fp16_with_every_score_feature(head_size):
+    _gluon_case(G_PREFILL, head_size=head_size, dtype=F16, **FEATURES["all"])
+
+
+@pytest.mark.parametrize("quant", ["fp8_tensor_e4m3", "int8_token_head"])
+def test_padded_head_over_8bit_caches(quant):
+    _gluon_case(G_MIXED, quant=_quants()[quant], head_size=96)
+
+
+def test_padded_head_with_a_bad_block_id():
+    def corrupt(table):
+        table[1, 0] = -3
+        return [1]
+    _gluon_case(G_CHUNKED, head_size=96, block_table_edit=corrupt)
+
+
+def test_a_padded_head_reads_nothing_of_its_neighbours(monkeypatch):
+    """Head 96 through the public plan (staging allowed for the class here, so that the
+    plan has a part for the kernel), q a slice of a fused QKV tensor: q head 1, the K
+    and V parts after q's last head, and kv head 1 of the caches are NaN. A box that
+    reached past its head would bring them into q heads 0, 2 and 3, which must be exact."""
+    from portattn import planning
+    from portattn.kernels import heuristics
+
+    monkeypatch.setattr(heuristics, "STAGED_PREFERRED", heuristics.STAGED_PREFERRED + (
+        {"arch": "sm90", "heads": ((96, 96),), "block_sizes": (16,), "evidence": "test"},))
+    planning.clear()
+    heads, kv_heads, head = 8, 2, 96
+    batch = make_paged_batch([1100, 600], [1100, 900], num_q_heads=heads,
+                             num_kv_heads=kv_heads, head_size=head, block_size=16,
+                             dtype=BF16, device=DEV)
+    expected = _oracle(batch)
+    qkv = torch.full((1700, heads + 2 * kv_heads, head), float("nan"), device=DEV,
+                     dtype=BF16)
+    q = qkv[:, :heads]
+    q.copy_(batch.q)
+    q[:, 1] = float("nan")
+    batch.cache.key_cache[:, :, 1] = float("nan")
+    batch.cache.value_cache[:, :, 1] = float("nan")
+    plan = _plan(batch, heads, BF16)
+    out = torch.full((1700, heads, head), 7.0, device=DEV, dtype=BF16)
+    plan.run(q, batch.cache, out=out)
+    planning.clear()
+    for h in (0, 2, 3):
+        assert relative_error(out[:, h], expected[:, h]) < TOL, h
+    assert torch.isnan(out[:, 4:]).all()  # kv head 1 is NaN
 
 
 def test_fp8_plan_reads_the_staged_copy_and_replays(monkeypatch):

@@ -21,6 +21,14 @@ from portattn.kernels.heuristics import quant_mode
 #: 325.8 us with a ring of 3 against 335.8 with 2; head 256 keeps 64-key tiles and 2
 #: buffers (3 do not fit in shared memory).
 TILES = {64: (128, 3), 128: (128, 3), 256: (64, 2)}
+
+
+def tile_width(head_size: int) -> int | None:
+    """The tiles' width for a head size: the smallest of :data:`TILES` that holds it (a
+    head between two widths runs padded with zeros: 96 in 128, 192 in 256), or None."""
+    fits = [width for width in TILES if width >= head_size]
+    return min(fits) if fits else None
+
 #: Head sizes where the kernel measured faster than the staged prefill it replaces (H200,
 #: bf16, block 16, session 13): head 128 4 x 2048 323 us against 363 staged, 1 x 8192 988
 #: against 1086; head 256 4 x 2048 570 against 658, 1 x 4096 517 against 588. Head 64
@@ -95,11 +103,12 @@ def problem_reasons(*, arch: str, q_dtype: torch.dtype, kv_dtype: torch.dtype,
                        "could not hold the dequantized values), which the kernel lacks")
     if out_dtype != q_dtype:
         reasons.append("the output dtype is not q's")
-    if head_size_qk != head_size_v or head_size_qk not in TILES:
-        reasons.append(f"head sizes {head_size_qk}/{head_size_v}: measured for equal K and "
-                       f"V heads of {', '.join(map(str, TILES))}")
+    width = tile_width(head_size_qk)
+    if head_size_qk != head_size_v or width is None or head_size_qk % 8:
+        reasons.append(f"head sizes {head_size_qk}/{head_size_v}: the kernel takes equal K "
+                       f"and V heads of up to {max(TILES)}, multiples of 8 (16-byte rows)")
     if mode == "none" and (block_size not in BLOCK_SIZES or (
-            head_size_qk in TILES and TILES[head_size_qk][0] % block_size)):
+            width is not None and TILES[width][0] % block_size)):
         reasons.append(f"block size {block_size}: the kernel reads whole blocks of "
                        f"{'/'.join(map(str, BLOCK_SIZES))} slots, whole ones per key tile")
     return reasons
@@ -139,7 +148,8 @@ def unmeasured_reasons(*, head_size_qk: int, block_size: int, kv_quant: str = "n
 
 def _row_view_reasons(name: str, t: torch.Tensor) -> list[str]:
     """Why cache ``t`` ``[num_blocks, block_size, heads, head]`` cannot be seen as rows
-    ``[num_blocks * block_size, slot stride]`` for TMA (empty: it can)."""
+    ``[num_blocks * block_size, slot stride]`` for TMA, or ``[..., heads, head]`` with
+    its head stride (empty: it can)."""
     sb, ss, sh, sd = t.stride()
     elem = t.element_size()
     reasons = []
@@ -150,8 +160,8 @@ def _row_view_reasons(name: str, t: torch.Tensor) -> list[str]:
                        f"({t.shape[1]} x {ss}): its slots are not evenly spaced rows")
     if (t.shape[2] - 1) * sh + t.shape[3] > ss:
         reasons.append(f"{name}'s heads do not fit in one slot row")
-    if (ss * elem) % _ALIGN or t.data_ptr() % _ALIGN:
-        reasons.append(f"{name}'s base or slot stride is not {_ALIGN}-byte aligned")
+    if (ss * elem) % _ALIGN or (sh * elem) % _ALIGN or t.data_ptr() % _ALIGN:
+        reasons.append(f"{name}'s base, slot or head stride is not {_ALIGN}-byte aligned")
     if t.shape[0] * t.shape[1] >= 2 ** 31:
         reasons.append(f"{name} has more than 2**31 slots")
     return reasons
@@ -211,13 +221,43 @@ def _kernel():
     return capturable(gluon_prefill.gluon_prefill_kernel)
 
 
+#: Columns of one box of a rank-3 descriptor (a padded head): one 128-byte swizzle span
+#: of 16-bit values.
+PADDED_BOX_COLS = 64
+
+
 def _rows(t: torch.Tensor, box_rows: int, head: int, tile_rows: int, gdt):
+    """The descriptor of cache ``t``'s slots: rows ``[slots, slot stride]`` with boxes
+    ``[box_rows, head]``, or where ``head`` (the tiles' width) exceeds the head size,
+    ``[slots, heads, head size]`` with boxes ``[box_rows, 1, 64]`` (zeros past the head:
+    the kernel's rank-3 mode)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    layout = gl.NVMMASharedLayout.get_default_for([tile_rows, head], gdt)
-    return TensorDescriptor(t, [t.shape[0] * t.shape[1], t.stride(1)], [t.stride(1), 1],
-                            [box_rows, head], layout)
+    if t.shape[3] == head:
+        layout = gl.NVMMASharedLayout.get_default_for([tile_rows, head], gdt)
+        return TensorDescriptor(t, [t.shape[0] * t.shape[1], t.stride(1)], [t.stride(1), 1],
+                                [box_rows, head], layout)
+    box = [box_rows, 1, PADDED_BOX_COLS]
+    return TensorDescriptor(t, [t.shape[0] * t.shape[1], t.shape[2], t.shape[3]],
+                            [t.stride(1), t.stride(2), 1], box,
+                            gl.NVMMASharedLayout.get_default_for(box, gdt))
+
+
+def _q_descriptor(q: torch.Tensor, rows: int, width: int, gdt):
+    """q's descriptor: ``[tokens, heads * head]`` with boxes ``[rows, head]``, or rank 3
+    with boxes ``[rows, 1, 64]`` where the tiles' ``width`` exceeds the head size."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    num_tokens, num_q_heads, head = q.shape
+    if head == width:
+        return TensorDescriptor(q, [num_tokens, num_q_heads * head], [q.stride(0), 1],
+                                [rows, head],
+                                gl.NVMMASharedLayout.get_default_for([rows, head], gdt))
+    box = [rows, 1, PADDED_BOX_COLS]
+    return TensorDescriptor(q, [num_tokens, num_q_heads, head], [q.stride(0), q.stride(1), 1],
+                            box, gl.NVMMASharedLayout.get_default_for(box, gdt))
 
 
 def launch_gluon_prefill(q: torch.Tensor, cache, metadata, options, out: torch.Tensor,
@@ -228,24 +268,24 @@ def launch_gluon_prefill(q: torch.Tensor, cache, metadata, options, out: torch.T
     :class:`~portattn.kernels.stage_launch.StagedCache` and the metadata pointing into
     it). The caller has checked :func:`problem_reasons` and :func:`tensor_reasons`."""
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from portattn.kernels import gluon_prefill
     from portattn.kernels.launch import ALIBI_CODES
     from portattn.kernels.scalars import kv_scale_args
 
     num_tokens, num_q_heads, head = q.shape
-    block_n, num_buf = TILES[head]
+    width = tile_width(head)
+    if width is None:
+        raise ValueError(f"head size {head}: the Gluon prefill takes heads of up to "
+                         f"{max(TILES)} (problem_reasons)")
+    block_n, num_buf = TILES[width]
     gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    rows = gluon_prefill.CONSUMER_ROWS
-    q_desc = TensorDescriptor(q, [num_tokens, num_q_heads * head], [q.stride(0), 1],
-                              [rows, head], gl.NVMMASharedLayout.get_default_for([rows, head],
-                                                                                 gdt))
+    q_desc = _q_descriptor(q, gluon_prefill.CONSUMER_ROWS, width, gdt)
     kc, vc = cache.key_cache, cache.value_cache
     block_size = kc.shape[1]
     box = min(block_size, block_n)
-    k_desc = _rows(kc, box, head, block_n, gdt)
-    v_desc = _rows(vc, box, head, block_n, gdt)
+    k_desc = _rows(kc, box, width, block_n, gdt)
+    v_desc = _rows(vc, box, width, block_n, gdt)
     code, k_scale, v_scale, _, _ = kv_scale_args(cache, q.device, q)
     if code not in (0, 1):
         raise ValueError("the Gluon prefill takes per-tensor scales only (per-token-head "
@@ -263,7 +303,8 @@ def launch_gluon_prefill(q: torch.Tensor, cache, metadata, options, out: torch.T
         options.alibi_slopes if options.alibi_slopes is not None else q,
         options.sinks if options.sinks is not None else q,
         NUM_Q_HEADS=num_q_heads, GROUP=num_q_heads // cache.num_kv_heads,
-        KV_HEAD_STRIDE=kc.stride(2), BLOCK_N=block_n, HEAD=head, BLOCK_SIZE=block_size,
+        KV_HEAD_STRIDE=kc.stride(2), BLOCK_N=block_n, HEAD=width, HEAD_SIZE=head,
+        BLOCK_SIZE=block_size,
         NUM_BUF=num_buf, CAUSAL=bool(options.causal),
         USE_WINDOW=options.sliding_window is not None, KV_SCALED=code == 1,
         USE_SOFTCAP=options.softcap is not None, ALIBI=ALIBI_CODES[options.alibi],

@@ -12,7 +12,15 @@ Layout
 * ``k_desc`` / ``v_desc``: host descriptors over the caches seen as rows ``[num_blocks *
   BLOCK_SIZE, row_elems]`` (a cache row is one slot: its block stride is ``BLOCK_SIZE``
   slot strides), box ``[min(BLOCK_SIZE, BLOCK_N), HEAD]`` at column ``kv_head *
-  stride_head``: key ``k`` of sequence ``b`` is slot ``k % BLOCK_SIZE`` of block
+  stride_head``;
+* a head size that is not a power of two (``HEAD_SIZE`` < ``HEAD``, the tiles' width:
+  96 in 128, 192 in 256): the three descriptors are rank 3 instead, ``[num_tokens,
+  num_q_heads, HEAD_SIZE]`` and ``[num_blocks * BLOCK_SIZE, num_kv_heads, HEAD_SIZE]``,
+  with boxes ``[rows, 1, 64]`` at ``(row, head, 64 c)`` for each 64 columns ``c`` of a
+  tile: TMA fills the columns past ``HEAD_SIZE`` with zeros (they add nothing to QK^T,
+  and the output's are not stored), so a box never brings a neighbouring head's values;
+
+Key ``k`` of sequence ``b`` is slot ``k % BLOCK_SIZE`` of block
   ``block_table[b, k // BLOCK_SIZE]``. A K/V tile of ``BLOCK_N`` keys is ``BLOCK_N //
   BLOCK_SIZE`` boxes, each landing in its row slice of the tile's shared-memory buffer
   (blocks up to ``BLOCK_N`` slots: the paged cache itself, no staging copy), or the
@@ -105,9 +113,41 @@ def _box_rows(block_n, block_size):
     return min(block_n, block_size)
 
 
+@gluon.constexpr_function
+def _tile_layout(rows, head, dtype):
+    """The shared-memory layout of a ``[rows, head]`` operand tile (the tensor cores'
+    swizzled layout; a rank-2 descriptor's own)."""
+    return gl.NVMMASharedLayout.get_default_for([rows, head], dtype)
+
+
+@gluon.constexpr_function
+def _boxes_per_row(padded, head, box_cols):
+    """TMA boxes that fill a tile's ``head`` columns: 1, or with rank-3 descriptors one
+    per ``box_cols`` (64: one 128-byte swizzle span) columns."""
+    return head // box_cols if padded else 1
+
+
+@gluon.jit
+def _copy_box(desc, row, col, bar, dst, PADDED: gl.constexpr):
+    """``desc``'s box at ``(row, col)`` into the 2-D tile slice ``dst``. With ``PADDED``
+    the descriptor is rank 3 (``col``: the head) with boxes ``[rows, 1, 64]``: one per 64
+    columns of ``dst``, each into its column slice seen as the box's shape (the slice's
+    own address: a rank-3 view of the whole row would put the second 64 columns where
+    a box of that shape alone keeps them, not where the tile's swizzled layout does)."""
+    if PADDED:
+        cols: gl.constexpr = desc.block_type.shape[2]
+        for c in gl.static_range(dst.type.shape[1] // cols):
+            tma.async_copy_global_to_shared(
+                desc, [row, col, c * cols], bar,
+                dst.slice(c * cols, cols, dim=1)._reinterpret(dst.dtype, desc.block_type.shape,
+                                                              desc.layout))
+    else:
+        tma.async_copy_global_to_shared(desc, [row, col], bar, dst)
+
+
 @gluon.jit
 def _copy_tile(desc, buf, ready, empty, phase, j, kv_col, bt_row_ptr, bt_width, num_blocks,
-               BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr):
+               BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr, PADDED: gl.constexpr):
     """Key tile ``j`` of one cache into ``buf`` once its ``empty`` barrier allows: a box
     per cache block (blocks of ``BLOCK_N`` slots or fewer) or the tile's slice of its
     block (larger blocks), all counted on ``ready`` (bad ids read block 0, see the module
@@ -116,35 +156,39 @@ def _copy_tile(desc, buf, ready, empty, phase, j, kv_col, bt_row_ptr, bt_width, 
     per_tile: gl.constexpr = BLOCK_N // box
     # a fresh mbarrier counts as having completed the phase before 0
     mbarrier.wait(empty, phase ^ 1)
-    mbarrier.expect(ready, _product(per_tile, desc.block_type.nbytes))
+    mbarrier.expect(ready, _product(_product(per_tile, desc.block_type.nbytes),
+                                    _boxes_per_row(PADDED, buf.type.shape[1],
+                                                   desc.block_type.shape[-1])))
     for i in gl.static_range(per_tile):
         key = j * BLOCK_N + i * box
         block = gl.load(bt_row_ptr + gl.minimum(key // BLOCK_SIZE, bt_width - 1))
         block = gl.where((block >= 0) & (block < num_blocks), block, 0)
-        tma.async_copy_global_to_shared(desc, [block * BLOCK_SIZE + key % BLOCK_SIZE, kv_col],
-                                        ready, buf.slice(i * box, box))
+        _copy_box(desc, block * BLOCK_SIZE + key % BLOCK_SIZE, kv_col, ready,
+                  buf.slice(i * box, box), PADDED)
 
 
 @gluon.jit
 def _load_partition(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready,
                     k_empty, v_empty, q_row, q_col, kv_col, bt_row_ptr, bt_width, num_blocks,
-                    j_lo, n_tiles, BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr):
+                    j_lo, n_tiles, BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr,
+                    PADDED: gl.constexpr):
     """One warp: the two Q boxes, then K and V of key tiles ``[j_lo, n_tiles)``, a box per
     cache block, into the ring (bad ids read block 0: the consumers NaN the rows that see
-    them)."""
+    them). ``q_col`` / ``kv_col``: the heads' columns, or with ``PADDED`` the heads."""
     num_buf: gl.constexpr = k_bufs.type.shape[0]
     rows: gl.constexpr = q_desc.block_type.shape[0]
-    mbarrier.expect(q_bar, _product(2, q_desc.block_type.nbytes))
+    mbarrier.expect(q_bar, _product(_product(2, q_desc.block_type.nbytes),
+                                    _boxes_per_row(PADDED, q_bufs.type.shape[2],
+                                                   q_desc.block_type.shape[-1])))
     for i in gl.static_range(2):
-        tma.async_copy_global_to_shared(q_desc, [q_row + i * rows, q_col], q_bar,
-                                        q_bufs.index(i))
+        _copy_box(q_desc, q_row + i * rows, q_col, q_bar, q_bufs.index(i), PADDED)
     for j in range(j_lo, n_tiles):
         idx = (j - j_lo) % num_buf
         phase = ((j - j_lo) // num_buf) & 1
         _copy_tile(k_desc, k_bufs.index(idx), k_ready.index(idx), k_empty.index(idx), phase,
-                   j, kv_col, bt_row_ptr, bt_width, num_blocks, BLOCK_N, BLOCK_SIZE)
+                   j, kv_col, bt_row_ptr, bt_width, num_blocks, BLOCK_N, BLOCK_SIZE, PADDED)
         _copy_tile(v_desc, v_bufs.index(idx), v_ready.index(idx), v_empty.index(idx), phase,
-                   j, kv_col, bt_row_ptr, bt_width, num_blocks, BLOCK_N, BLOCK_SIZE)
+                   j, kv_col, bt_row_ptr, bt_width, num_blocks, BLOCK_N, BLOCK_SIZE, PADDED)
 
 
 @gluon.jit
@@ -351,7 +395,7 @@ def _consumer_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty
                         j_full_lo, n_full, n_tiles,
                         qk_scale, softcap, slope2, window, sink2, out_mul,
                         ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD: gl.constexpr,
-                        BLOCK_SIZE: gl.constexpr, CAUSAL: gl.constexpr,
+                        HEAD_SIZE: gl.constexpr, BLOCK_SIZE: gl.constexpr, CAUSAL: gl.constexpr,
                         USE_WINDOW: gl.constexpr, USE_SOFTCAP: gl.constexpr,
                         ALIBI: gl.constexpr, USE_SINKS: gl.constexpr,
                         num_warps: gl.constexpr):
@@ -366,7 +410,8 @@ def _consumer_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty
     that range are NaN.
     Scores as :func:`_scores` says; ``sink2``: the head's sink logit times log2(e)
     (``USE_SINKS``: it starts the row max with weight 1); ``out_mul`` scales the output
-    (the V scale of a per-tensor cache)."""
+    (the V scale of a per-tensor cache). ``HEAD``: the tiles' width; the output's first
+    ``HEAD_SIZE`` columns are stored."""
     num_buf: gl.constexpr = k_bufs.type.shape[0]
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16])
@@ -454,8 +499,11 @@ def _consumer_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty
     o = gl.where(gl.expand_dims(sees_bad, 1), float("nan"), o)
     offs = gl.expand_dims((q_start + orows).to(gl.int64) * stride_ot, 1) + \
         head * stride_oh + gl.expand_dims(ocols, 0)
-    gl.store(out_ptr + offs, o.to(out_ptr.dtype.element_ty),
-             mask=gl.expand_dims(orows < q_len, 1))
+    if HEAD_SIZE == HEAD:
+        keep = gl.expand_dims(orows < q_len, 1)
+    else:
+        keep = gl.expand_dims(orows < q_len, 1) & gl.expand_dims(ocols < HEAD_SIZE, 0)
+    gl.store(out_ptr + offs, o.to(out_ptr.dtype.element_ty), mask=keep)
 
 
 @gluon.jit
@@ -465,9 +513,10 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, stride_ot, stride_oh,
                          k_scale_ptr, v_scale_ptr, alibi_ptr, sinks_ptr,
                          NUM_Q_HEADS: gl.constexpr, GROUP: gl.constexpr,
                          KV_HEAD_STRIDE: gl.constexpr, BLOCK_N: gl.constexpr,
-                         HEAD: gl.constexpr, BLOCK_SIZE: gl.constexpr, NUM_BUF: gl.constexpr,
-                         CAUSAL: gl.constexpr, USE_WINDOW: gl.constexpr,
-                         KV_SCALED: gl.constexpr, USE_SOFTCAP: gl.constexpr, ALIBI: gl.constexpr,
+                         HEAD: gl.constexpr, HEAD_SIZE: gl.constexpr,
+                         BLOCK_SIZE: gl.constexpr, NUM_BUF: gl.constexpr, CAUSAL: gl.constexpr,
+                         USE_WINDOW: gl.constexpr, KV_SCALED: gl.constexpr,
+                         USE_SOFTCAP: gl.constexpr, ALIBI: gl.constexpr,
                          USE_SINKS: gl.constexpr, LONG_TILES: gl.constexpr,
                          CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """Paged prefill, one (query tile, q head) per program; layout, grid and partitions
@@ -482,7 +531,9 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, stride_ot, stride_oh,
     every sequence's, ``num_tiles`` of them); launched with
     ``num_warps=4`` (one consumer warpgroup; the other consumer and the load warp are
     worker partitions). ``KV_HEAD_STRIDE``: the caches' head stride in elements (the
-    column of kv head ``h`` in the row view is ``h * KV_HEAD_STRIDE``)."""
+    column of kv head ``h`` in the row view is ``h * KV_HEAD_STRIDE``). ``HEAD``: the
+    tiles' width, a power of two; ``HEAD_SIZE``: q's, the caches' and the output's head
+    size, ``HEAD`` or less (then the descriptors are rank 3, see the module doc)."""
     pid = gl.program_id(0)
     head = pid % NUM_Q_HEADS
     qk_scale = scale
@@ -540,12 +591,19 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, stride_ot, stride_oh,
             j_full_lo = n_tiles * 0
         bt_row_ptr = bt_ptr + seq.to(gl.int64) * bt_stride
 
-        q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape,
-                                           q_desc.layout)
+        PADDED: gl.constexpr = HEAD_SIZE != HEAD
+        q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2, 64, HEAD],
+                                           _tile_layout(64, HEAD, q_desc.dtype))
         k_bufs = gl.allocate_shared_memory(k_desc.dtype, [NUM_BUF, BLOCK_N, HEAD],
-                                           k_desc.layout)
+                                           _tile_layout(BLOCK_N, HEAD, k_desc.dtype))
         v_bufs = gl.allocate_shared_memory(v_desc.dtype, [NUM_BUF, BLOCK_N, HEAD],
-                                           v_desc.layout)
+                                           _tile_layout(BLOCK_N, HEAD, v_desc.dtype))
+        if PADDED:  # rank-3 descriptors: the heads themselves
+            q_col = head
+            kv_col = head // GROUP
+        else:  # the heads' first columns in the row views
+            q_col = head * HEAD
+            kv_col = (head // GROUP) * KV_HEAD_STRIDE
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         fix_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
@@ -568,18 +626,18 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, stride_ot, stride_oh,
                                    bt_row_ptr, bt_width, num_blocks, q_start, q_len, head, m0,
                                    off, k_lo, k_len, j_lo, j_full_lo, n_full, n_tiles, qk_scale,
                                    softcap, slope2, window, sink2, out_mul, 64, BLOCK_N, HEAD,
-                                   BLOCK_SIZE, CAUSAL,
+                                   HEAD_SIZE, BLOCK_SIZE, CAUSAL,
                                    USE_WINDOW, USE_SOFTCAP, ALIBI, USE_SINKS, num_warps)),
             (_consumer_partition, (q_bufs.index(1), k_bufs, v_bufs, q_bar, k_ready, v_ready,
                                    k_empty, v_empty, fix_bar, out_ptr, stride_ot, stride_oh,
                                    bt_row_ptr, bt_width, num_blocks, q_start, q_len, head,
                                    m0 + 64, off, k_lo, k_len, j_lo, j_full_lo, n_full, n_tiles,
                                    qk_scale, softcap, slope2, window, sink2, out_mul, 64,
-                                   BLOCK_N, HEAD, BLOCK_SIZE, CAUSAL,
+                                   BLOCK_N, HEAD, HEAD_SIZE, BLOCK_SIZE, CAUSAL,
                                    USE_WINDOW, USE_SOFTCAP, ALIBI, USE_SINKS, num_warps)),
             (_load_partition, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready,
-                               v_ready, k_empty, v_empty, q_start + m0, head * HEAD,
-                               (head // GROUP) * KV_HEAD_STRIDE, bt_row_ptr, bt_width,
-                               num_blocks, j_lo, n_tiles, BLOCK_N, BLOCK_SIZE)),
+                               v_ready, k_empty, v_empty, q_start + m0, q_col, kv_col,
+                               bt_row_ptr, bt_width, num_blocks, j_lo, n_tiles, BLOCK_N,
+                               BLOCK_SIZE, PADDED)),
         ], [num_warps, 1], [CONSUMER_REGS, 24])  # (a literal: a global would send every
         # launch through the JIT's per-launch global check, fast_launch refuses those)
