@@ -5,6 +5,10 @@ of our Triton backend and the peers, side by side in one process (H200: sm90).
 
 Routes, each planned for ``triton_unified`` after ``planning.clear()``:
 
+(``planning.clear()`` forgets plans, ``selector.decision_cache`` the decisions: a first
+version of this bench cleared only the former, so its ``staged`` column, keyed like
+``cache``, replayed the cache route's decision.)
+
 * ``cache``: the plan as it stands (the unified kernel reading the paged cache in its
   loop, where ``heuristics.STAGED_PREFERRED`` has no entry for the head);
 * ``staged``: the table given an entry for the head, ``PORTATTN_GLUON=0`` (the staging
@@ -40,6 +44,7 @@ def _route(name: str, head: int):
 def _plan_route(name: str, head: int, inp):
     import portattn
     from portattn import planning, settings
+    from portattn.dispatch import selector
     from portattn.kernels import heuristics
 
     gluon, extra = _route(name, head)
@@ -47,6 +52,7 @@ def _plan_route(name: str, head: int, inp):
     settings.reload()
     heuristics.STAGED_PREFERRED = BASE_TABLE + extra
     planning.clear()
+    selector.decision_cache.clear()  # keyed on the settings, not on the table
     plan = portattn.plan(inp.metadata, num_q_heads=inp.q.shape[1], dtype=inp.q.dtype,
                          cache=inp.cache, backend="triton_unified")
     out = torch.empty_like(inp.out)

@@ -178,10 +178,29 @@ def test_other_classes_stay_staged_with_the_reason(kw, words):
 def test_head_64_is_staged_in_auto_and_served_when_forced(monkeypatch):
     plan = _plan(_problem(head_size=64))
     assert "gluon" not in plan.params and plan.variant.endswith("-staged")
-    assert "measured faster than staging at 128/256" in plan.params["gluon_reason"]
+    assert "measured faster than staging at 96/128/192/256" in plan.params["gluon_reason"]
     monkeypatch.setenv("PORTATTN_GLUON", "1")
     plan = _plan(_problem(head_size=64))
     assert plan.params["gluon"] and plan.variant.endswith("-gluon")
+
+
+@pytest.mark.parametrize("head", [96, 192])
+def test_heads_96_and_192_run_the_kernel_padded_in_auto(head):
+    """Measured on the H200 (session 17): staging beats the cache read in the loop at these
+    heads, and the kernel, padded to 128 / 256, beats staging."""
+    plan = _plan(_problem(head_size=head))
+    assert plan.params["gluon"]["reads"] == "cache" and plan.variant.endswith("-gluon")
+
+
+def test_an_unmeasured_padded_head_reads_the_cache_in_auto_and_forced(monkeypatch):
+    """Head 80: the kernel serves it (padded to 128, GPU-tested) but no plan stages it
+    (staging not measured there), so it has no part to take, forced or not."""
+    plan = _plan(_problem(head_size=80))
+    assert "gluon" not in plan.params and "stage" not in plan.params
+    assert "STAGED_PREFERRED" in plan.params["stage_reason"]
+    monkeypatch.setenv("PORTATTN_GLUON", "1")
+    plan = _plan(_problem(head_size=80))
+    assert "gluon" not in plan.params and "does not stage" in plan.params["gluon_reason"]
 
 
 def test_forcing_takes_no_plan_that_does_not_stage(monkeypatch):

@@ -174,7 +174,7 @@ UNIFIED_SPLIT = Setting(
     "as the key length allows, 0 never splits", _TRISTATE, decides=True)
 GLUON = Setting(
     "PORTATTN_GLUON", "auto, 0, 1", "auto (where measured faster, "
-    "kernels.gluon_launch: sm90, heads 128 and 256; 16-bit caches at block 16, "
+    "kernels.gluon_launch: sm90, heads 96, 128, 192 and 256; 16-bit caches at block 16, "
     "8-bit caches staged)",
     "the warp-specialized Gluon prefill for a plan's long sequences: over the paged cache "
     "instead of staging their keys (16-bit caches), or over the staged copy instead of "

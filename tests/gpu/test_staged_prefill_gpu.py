@@ -43,7 +43,8 @@ def test_staged_quant_dtypes_variants(quant, dtype, variant):
     run(variant, quant=ALL_QUANTS[quant], dtype=dtype)
 
 
-@pytest.mark.parametrize("head_size,group", [(64, 1), (80, 4), (128, 8), (256, 4)])
+@pytest.mark.parametrize("head_size,group", [(64, 1), (80, 4), (96, 4), (128, 8), (192, 8),
+                                             (256, 4)])
 @pytest.mark.parametrize("quant", ["none", "fp8_tensor_e4m3", "int8_token_head"])
 def test_staged_head_sizes_and_gqa(quant, head_size, group):
     run("prefill", quant=ALL_QUANTS[quant], head_size=head_size, group=group)

@@ -33,8 +33,11 @@ def tile_width(head_size: int) -> int | None:
 #: bf16, block 16, session 13): head 128 4 x 2048 323 us against 363 staged, 1 x 8192 988
 #: against 1086; head 256 4 x 2048 570 against 658, 1 x 4096 517 against 588. Head 64
 #: lost: 4 x 2048 257 us in the bench against 222 staged (session 9), and in one run the
-#: kernel alone 223 against 220 for the whole staged prefill.
-MEASURED_HEADS = (128, 256)
+#: kernel alone 223 against 220 for the whole staged prefill. Heads 96 and 192 (padded to
+#: 128 / 256, session 17, kernel-only, benchmarks/gluon_heads_bench.py): 96 1 x 8192 946
+#: us against 1096 staged, 4 x 2048 296 / 371, 1 x 4096 250 / 303; 192 1772 / 2089, 528 /
+#: 613, 468 / 546.
+MEASURED_HEADS = (96, 128, 192, 256)
 #: Cache block sizes the kernel is written for (one TMA box per block, whole boxes per
 #: tile, rows in multiples of the 8-row swizzle atom) and those measured (a 128-key tile
 #: is 8 boxes). Only 16 has run on a GPU: plans take the kernel in place of staging, and

@@ -357,6 +357,12 @@ STAGED_PREFERRED: tuple[dict, ...] = (
      "evidence": "H200 2026-12-02, block 16, bf16, staged vs the cache read in the loop: "
                  "head 64 prefill 1 x 8192 1074 vs 1176 us, 4 x 2048 387 vs 415; head 256 "
                  "1 x 8192 3262 vs 4442, 4 x 2048 1140 vs 1374"},
+    {"arch": "sm90", "heads": ((96, 96), (192, 192)), "block_sizes": (16,),
+     "evidence": "H200 2026-12-04, block 16, bf16, kernel-only, staged vs the cache read in "
+                 "the loop (benchmarks/gluon_heads_bench.py): head 96 1 x 8192 1096 vs 1575 "
+                 "us, 4 x 2048 371 vs 566, 1 x 4096 303 vs 440; head 192 2089 vs 4197, 613 "
+                 "vs 1326, 546 vs 1178 (the Gluon prefill, which takes these plans' long "
+                 "sequences, faster again: kernels.gluon_launch.MEASURED_HEADS)"},
 )
 
 
