@@ -120,6 +120,13 @@ def test_tensor_rules():
     wide = PagedKVCache(kc, vc)
     why = gluon_launch.tensor_reasons(batch.q, wide, torch.empty_like(batch.q))
     assert why == ["not a CUDA tensor (the Gluon kernel runs on the GPU only)"], why
+    # a padded head (96) reads through a rank-3 descriptor: its head stride is a TMA
+    # stride and must be 16-byte aligned (100 x 2 bytes is not); 104 x 2 is
+    for stride, bad in ((100, True), (104, False)):
+        kc, vc = (torch.zeros(4, 16, 2, stride, dtype=BF16)[..., :96] for _ in range(2))
+        q96 = torch.randn(40, 4, 96, dtype=BF16)
+        why = gluon_launch.tensor_reasons(q96, PagedKVCache(kc, vc), torch.empty_like(q96))
+        assert any("head stride is not 16-byte aligned" in r for r in why) == bad, why
 
 
 def _problem(**kw):

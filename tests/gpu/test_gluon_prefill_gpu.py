@@ -350,9 +350,31 @@ def test_padded_heads_fp16_with_every_score_feature(head_size):
     _gluon_case(G_PREFILL, head_size=head_size, dtype=F16, **FEATURES["all"])
 
 
+@pytest.mark.parametrize("head_size", [96, 192])
 @pytest.mark.parametrize("quant", ["fp8_tensor_e4m3", "int8_token_head"])
-def test_padded_head_over_8bit_caches(quant):
-    _gluon_case(G_MIXED, quant=_quants()[quant], head_size=96)
+def test_padded_head_over_8bit_caches(quant, head_size):
+    """At 192 a 64-key tile is a slice of a 128-slot staged block."""
+    _gluon_case(G_MIXED, quant=_quants()[quant], head_size=head_size)
+
+
+def test_padded_head_writes_no_column_past_the_head():
+    """out is [..., :96] of a wider tensor: the 32 columns after each head stay NaN."""
+    _gluon_case(G_PREFILL, head_size=96, strided_out="pad")
+
+
+def test_padded_head_over_a_cache_whose_head_stride_is_wider():
+    """Caches [..., :96] of 104-wide heads: the rank-3 descriptors' head stride is 104."""
+    batch = make_paged_batch([1100, 600], [1100, 900], num_q_heads=8, num_kv_heads=2,
+                             head_size=96, block_size=16, dtype=BF16, device=DEV)
+    wide = [torch.full(c.shape[:3] + (104,), float("nan"), device=DEV, dtype=BF16)
+            for c in (batch.cache.key_cache, batch.cache.value_cache)]
+    for w, c in zip(wide, (batch.cache.key_cache, batch.cache.value_cache)):
+        w[..., :96].copy_(c)
+    cache = PagedKVCache(wide[0][..., :96], wide[1][..., :96])
+    plan = _plan(batch, 8, BF16)
+    out = torch.full_like(batch.q, float("nan"))
+    plan.run(batch.q, cache, out=out)
+    assert relative_error(out, _oracle(batch)) < TOL
 
 
 def test_padded_head_with_a_bad_block_id():
@@ -362,17 +384,10 @@ def test_padded_head_with_a_bad_block_id():
     _gluon_case(G_CHUNKED, head_size=96, block_table_edit=corrupt)
 
 
-def test_a_padded_head_reads_nothing_of_its_neighbours(monkeypatch):
-    """Head 96 through the public plan (staging allowed for the class here, so that the
-    plan has a part for the kernel), q a slice of a fused QKV tensor: q head 1, the K
+def test_a_padded_head_reads_nothing_of_its_neighbours():
+    """Head 96 through the public plan, q a slice of a fused QKV tensor: q head 1, the K
     and V parts after q's last head, and kv head 1 of the caches are NaN. A box that
     reached past its head would bring them into q heads 0, 2 and 3, which must be exact."""
-    from portattn import planning
-    from portattn.kernels import heuristics
-
-    monkeypatch.setattr(heuristics, "STAGED_PREFERRED", heuristics.STAGED_PREFERRED + (
-        {"arch": "sm90", "heads": ((96, 96),), "block_sizes": (16,), "evidence": "test"},))
-    planning.clear()
     heads, kv_heads, head = 8, 2, 96
     batch = make_paged_batch([1100, 600], [1100, 900], num_q_heads=heads,
                              num_kv_heads=kv_heads, head_size=head, block_size=16,
@@ -388,7 +403,6 @@ def test_a_padded_head_reads_nothing_of_its_neighbours(monkeypatch):
     plan = _plan(batch, heads, BF16)
     out = torch.full((1700, heads, head), 7.0, device=DEV, dtype=BF16)
     plan.run(q, batch.cache, out=out)
-    planning.clear()
     for h in (0, 2, 3):
         assert relative_error(out[:, h], expected[:, h]) < TOL, h
     assert torch.isnan(out[:, 4:]).all()  # kv head 1 is NaN

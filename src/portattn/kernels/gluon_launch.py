@@ -163,8 +163,11 @@ def _row_view_reasons(name: str, t: torch.Tensor) -> list[str]:
                        f"({t.shape[1]} x {ss}): its slots are not evenly spaced rows")
     if (t.shape[2] - 1) * sh + t.shape[3] > ss:
         reasons.append(f"{name}'s heads do not fit in one slot row")
-    if (ss * elem) % _ALIGN or (sh * elem) % _ALIGN or t.data_ptr() % _ALIGN:
-        reasons.append(f"{name}'s base, slot or head stride is not {_ALIGN}-byte aligned")
+    if (ss * elem) % _ALIGN or t.data_ptr() % _ALIGN:
+        reasons.append(f"{name}'s base or slot stride is not {_ALIGN}-byte aligned")
+    if t.shape[3] not in TILES and t.shape[2] > 1 and (sh * elem) % _ALIGN:  # rank-3 stride
+        reasons.append(f"{name}'s head stride is not {_ALIGN}-byte aligned (a head narrower "
+                       "than its tile is read through a descriptor with that stride)")
     if t.shape[0] * t.shape[1] >= 2 ** 31:
         reasons.append(f"{name} has more than 2**31 slots")
     return reasons
@@ -182,6 +185,8 @@ def tensor_reasons(q: torch.Tensor, cache, out: torch.Tensor) -> list[str]:
         reasons.append("q's heads are not contiguous rows of its tokens")
     if (q.stride(0) * q.element_size()) % _ALIGN or q.data_ptr() % _ALIGN:
         reasons.append(f"q's base or token stride is not {_ALIGN}-byte aligned")
+    if head not in TILES and (head * q.element_size()) % _ALIGN:  # a rank-3 stride
+        reasons.append(f"q's head stride ({head}) is not {_ALIGN}-byte aligned")
     if out.stride(2) != 1:
         reasons.append("out's last dim is not contiguous")
     kc, vc = cache.key_cache, cache.value_cache
@@ -242,8 +247,10 @@ def _rows(t: torch.Tensor, box_rows: int, head: int, tile_rows: int, gdt):
         return TensorDescriptor(t, [t.shape[0] * t.shape[1], t.stride(1)], [t.stride(1), 1],
                                 [box_rows, head], layout)
     box = [box_rows, 1, PADDED_BOX_COLS]
+    # one kv head: its stride is whatever torch left there (never stepped over)
+    head_stride = t.stride(2) if t.shape[2] > 1 else t.shape[3]
     return TensorDescriptor(t, [t.shape[0] * t.shape[1], t.shape[2], t.shape[3]],
-                            [t.stride(1), t.stride(2), 1], box,
+                            [t.stride(1), head_stride, 1], box,
                             gl.NVMMASharedLayout.get_default_for(box, gdt))
 
 

@@ -12,21 +12,20 @@ Layout
 * ``k_desc`` / ``v_desc``: host descriptors over the caches seen as rows ``[num_blocks *
   BLOCK_SIZE, row_elems]`` (a cache row is one slot: its block stride is ``BLOCK_SIZE``
   slot strides), box ``[min(BLOCK_SIZE, BLOCK_N), HEAD]`` at column ``kv_head *
-  stride_head``;
-* a head size that is not a power of two (``HEAD_SIZE`` < ``HEAD``, the tiles' width:
-  96 in 128, 192 in 256): the three descriptors are rank 3 instead, ``[num_tokens,
-  num_q_heads, HEAD_SIZE]`` and ``[num_blocks * BLOCK_SIZE, num_kv_heads, HEAD_SIZE]``,
-  with boxes ``[rows, 1, 64]`` at ``(row, head, 64 c)`` for each 64 columns ``c`` of a
-  tile: TMA fills the columns past ``HEAD_SIZE`` with zeros (they add nothing to QK^T,
-  and the output's are not stored), so a box never brings a neighbouring head's values;
-
-Key ``k`` of sequence ``b`` is slot ``k % BLOCK_SIZE`` of block
+  stride_head``: key ``k`` of sequence ``b`` is slot ``k % BLOCK_SIZE`` of block
   ``block_table[b, k // BLOCK_SIZE]``. A K/V tile of ``BLOCK_N`` keys is ``BLOCK_N //
   BLOCK_SIZE`` boxes, each landing in its row slice of the tile's shared-memory buffer
   (blocks up to ``BLOCK_N`` slots: the paged cache itself, no staging copy), or the
   tile's slice of one block (larger blocks: the 128-slot blocks of a staged copy, which
   is how 8-bit caches reach this kernel, widened to q's dtype by
   :mod:`portattn.kernels.stage`);
+* a head narrower than the tiles (``HEAD_SIZE`` < ``HEAD``: 96 or 80 in 128, 192 in
+  256): the three descriptors are rank 3 instead, ``[num_tokens, num_q_heads,
+  HEAD_SIZE]`` (q's head stride is ``HEAD_SIZE``) and ``[num_blocks * BLOCK_SIZE,
+  num_kv_heads, HEAD_SIZE]``, with boxes ``[rows, 1, 64]`` at ``(row, head, 64 c)``: each
+  box above is ``HEAD // 64`` boxes, one per 64 columns ``c`` of the tile, and TMA fills
+  the columns past ``HEAD_SIZE`` with zeros (they add nothing to QK^T, and the output's
+  are not stored), so a box never brings a neighbouring head's values;
 * ``out`` through (token, head) strides, last dim contiguous; ``cu_seqlens_q``,
   ``seq_lens`` and ``block_table`` as the metadata gives them.
 

@@ -362,7 +362,9 @@ STAGED_PREFERRED: tuple[dict, ...] = (
                  "the loop (benchmarks/gluon_heads_bench.py): head 96 1 x 8192 1096 vs 1575 "
                  "us, 4 x 2048 371 vs 566, 1 x 4096 303 vs 440; head 192 2089 vs 4197, 613 "
                  "vs 1326, 546 vs 1178 (the Gluon prefill, which takes these plans' long "
-                 "sequences, faster again: kernels.gluon_launch.MEASURED_HEADS)"},
+                 "sequences, faster again: kernels.gluon_launch.MEASURED_HEADS). 8-bit "
+                 "caches at these heads were not timed: they follow head 128, where staging "
+                 "measured 1.4-2.6x the cache read (the first entry)"},
 )
 
 
