@@ -41,7 +41,7 @@ def _route(name: str, head: int):
     return {"cache": ("0", ()), "staged": ("0", entry), "gluon": ("1", entry)}[name]
 
 
-def _plan_route(name: str, head: int, inp):
+def _plan_route(name: str, head: int, inp, base_table: tuple):
     import portattn
     from portattn import planning, settings
     from portattn.dispatch import selector
@@ -50,7 +50,7 @@ def _plan_route(name: str, head: int, inp):
     gluon, extra = _route(name, head)
     os.environ["PORTATTN_GLUON"] = gluon
     settings.reload()
-    heuristics.STAGED_PREFERRED = BASE_TABLE + extra
+    heuristics.STAGED_PREFERRED = base_table + extra
     planning.clear()
     selector.decision_cache.clear()  # keyed on the settings, not on the table
     plan = portattn.plan(inp.metadata, num_q_heads=inp.q.shape[1], dtype=inp.q.dtype,
@@ -64,11 +64,7 @@ def _plan_route(name: str, head: int, inp):
     return fn, out.clone(), plan.variant
 
 
-BASE_TABLE: tuple = ()
-
-
 def main() -> int:
-    global BASE_TABLE
     from portattn import bench
     from portattn.kernels import heuristics
     from portattn.testing import relative_error
@@ -78,7 +74,7 @@ def main() -> int:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--out")
     args = parser.parse_args()
-    BASE_TABLE = heuristics.STAGED_PREFERRED
+    base_table = heuristics.STAGED_PREFERRED
     head = args.head_size
     eager = bench.timer("cuda", 300)
     graph = bench.GraphTimer()
@@ -96,7 +92,7 @@ def main() -> int:
         first = None
         for route in ("cache", "staged", "gluon"):
             try:
-                fn, out, variant = _plan_route(route, head, inp)
+                fn, out, variant = _plan_route(route, head, inp, base_table)
             except Exception as exc:  # a route this head cannot take: say why
                 row["variant"][route] = f"error: {type(exc).__name__}: {exc}"[:300]
                 continue
@@ -106,7 +102,7 @@ def main() -> int:
             row["err_vs_cache"][route] = relative_error(out, first)
             row["us"][route] = round(eager(fn) * 1e3, 1)
             row["graph_us"][route] = round(graph(fn) * 1e3, 1)
-        heuristics.STAGED_PREFERRED = BASE_TABLE
+        heuristics.STAGED_PREFERRED = base_table
         peers = {"fa4": lambda: bench.fa4_paged(inp),
                  "cudnn": lambda: bench.sdpa(case, inp, "CUDNN_ATTENTION")[0]}
         for peer, make in peers.items():

@@ -234,40 +234,40 @@ def _kernel():
 PADDED_BOX_COLS = 64
 
 
-def _rows(t: torch.Tensor, box_rows: int, head: int, tile_rows: int, gdt):
-    """The descriptor of cache ``t``'s slots: rows ``[slots, slot stride]`` with boxes
-    ``[box_rows, head]``, or where ``head`` (the tiles' width) exceeds the head size,
-    ``[slots, heads, head size]`` with boxes ``[box_rows, 1, 64]`` (zeros past the head:
-    the kernel's rank-3 mode)."""
+def _descriptor(t: torch.Tensor, rows: int, row_stride: int, row_elems: int, box_rows: int,
+                width: int, tile_rows: int, gdt):
+    """A TMA descriptor over ``t``'s last two dims ``[heads, head]`` in ``rows`` rows
+    ``row_stride`` apart (q's tokens, a cache's slots): the rows themselves, ``[rows,
+    row_elems]`` with boxes ``[box_rows, head]`` (a head's column is its offset in the
+    row), or where the tiles' ``width`` exceeds the head size, ``[rows, heads, head]`` with
+    boxes ``[box_rows, 1, 64]`` that stop at the head (TMA fills the tile's other columns
+    with zeros: the kernel's rank-3 mode)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    if t.shape[3] == head:
-        layout = gl.NVMMASharedLayout.get_default_for([tile_rows, head], gdt)
-        return TensorDescriptor(t, [t.shape[0] * t.shape[1], t.stride(1)], [t.stride(1), 1],
-                                [box_rows, head], layout)
+    heads, head = t.shape[-2], t.shape[-1]
+    if head == width:
+        return TensorDescriptor(t, [rows, row_elems], [row_stride, 1], [box_rows, head],
+                                gl.NVMMASharedLayout.get_default_for([tile_rows, head], gdt))
     box = [box_rows, 1, PADDED_BOX_COLS]
-    # one kv head: its stride is whatever torch left there (never stepped over)
-    head_stride = t.stride(2) if t.shape[2] > 1 else t.shape[3]
-    return TensorDescriptor(t, [t.shape[0] * t.shape[1], t.shape[2], t.shape[3]],
-                            [t.stride(1), head_stride, 1], box,
+    # one head: its stride is whatever torch left there (never stepped over)
+    head_stride = t.stride(-2) if heads > 1 else head
+    return TensorDescriptor(t, [rows, heads, head], [row_stride, head_stride, 1], box,
                             gl.NVMMASharedLayout.get_default_for(box, gdt))
 
 
-def _q_descriptor(q: torch.Tensor, rows: int, width: int, gdt):
-    """q's descriptor: ``[tokens, heads * head]`` with boxes ``[rows, head]``, or rank 3
-    with boxes ``[rows, 1, 64]`` where the tiles' ``width`` exceeds the head size."""
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+def _rows(t: torch.Tensor, box_rows: int, width: int, tile_rows: int, gdt):
+    """The descriptor of cache ``t``'s slots (:func:`_descriptor`; a slot row is its slot
+    stride long)."""
+    slots, slot_stride = t.shape[0] * t.shape[1], t.stride(1)
+    return _descriptor(t, slots, slot_stride, slot_stride, box_rows, width, tile_rows, gdt)
 
+
+def _q_descriptor(q: torch.Tensor, rows: int, width: int, gdt):
+    """q's descriptor (:func:`_descriptor`; a token row is its heads), boxes of ``rows``
+    tokens."""
     num_tokens, num_q_heads, head = q.shape
-    if head == width:
-        return TensorDescriptor(q, [num_tokens, num_q_heads * head], [q.stride(0), 1],
-                                [rows, head],
-                                gl.NVMMASharedLayout.get_default_for([rows, head], gdt))
-    box = [rows, 1, PADDED_BOX_COLS]
-    return TensorDescriptor(q, [num_tokens, num_q_heads, head], [q.stride(0), q.stride(1), 1],
-                            box, gl.NVMMASharedLayout.get_default_for(box, gdt))
+    return _descriptor(q, num_tokens, q.stride(0), num_q_heads * head, rows, width, rows, gdt)
 
 
 def launch_gluon_prefill(q: torch.Tensor, cache, metadata, options, out: torch.Tensor,

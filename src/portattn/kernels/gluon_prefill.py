@@ -591,8 +591,9 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, stride_ot, stride_oh,
         bt_row_ptr = bt_ptr + seq.to(gl.int64) * bt_stride
 
         PADDED: gl.constexpr = HEAD_SIZE != HEAD
-        q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2, 64, HEAD],
-                                           _tile_layout(64, HEAD, q_desc.dtype))
+        q_rows: gl.constexpr = q_desc.block_type.shape[0]
+        q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2, q_rows, HEAD],
+                                           _tile_layout(q_rows, HEAD, q_desc.dtype))
         k_bufs = gl.allocate_shared_memory(k_desc.dtype, [NUM_BUF, BLOCK_N, HEAD],
                                            _tile_layout(BLOCK_N, HEAD, k_desc.dtype))
         v_bufs = gl.allocate_shared_memory(v_desc.dtype, [NUM_BUF, BLOCK_N, HEAD],
