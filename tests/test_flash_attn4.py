@@ -21,9 +21,12 @@ from portattn.dispatch import Problem, decide
 from portattn.dispatch.priorities import (
     LONG_CHUNK_BUCKET,
     MEASURED_LEADS,
+    MEASURED_YIELDS,
+    MeasuredYield,
     leads_for,
     priority_list,
     problem_class,
+    yields_for,
 )
 from portattn.dispatch.routing import backend_availability
 from portattn.dispatch.selector import with_notes
@@ -559,7 +562,7 @@ def test_explain_says_when_a_call_compiles(stand_in_fa4):
 
 def test_decision_carries_the_compile_note(monkeypatch):
     monkeypatch.setenv("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
-    decision = with_notes(decide(Problem.make(query_len=4096, seq_len=4096),
+    decision = with_notes(decide(Problem.make(query_len=4096, seq_len=4096, head_size=256),
                                  probe(simulate="sm90+fa4")))
     assert decision.backend == "flash_attn" and decision.plan.params["interface"] == "fa4"
     (text,) = decision.notes
@@ -571,7 +574,7 @@ def test_decision_carries_the_compile_note(monkeypatch):
 
 def test_cli_explain_prints_the_compile_note(capsys):
     assert main(["explain", "--simulate", "sm90+fa4", "--query-len", "8192",
-                 "--seq-len", "8192"]) == 0
+                 "--seq-len", "8192", "--head-size", "256"]) == 0
     text = capsys.readouterr().out
     assert "backend: flash_attn (auto)" in text and "note: FA4 JIT" in text
 
@@ -580,9 +583,25 @@ def test_cli_explain_prints_the_compile_note(capsys):
 
 
 @pytest.mark.parametrize("profile,kwargs,expected", [
-    ("sm90+fa4", dict(query_len=8192, seq_len=8192), ("flash_attn", "fa4")),
-    ("sm90+fa4", dict(query_len=2048, seq_len=2048, num_seqs=4), ("flash_attn", "fa4")),
-    ("sm90+fa4", dict(query_len=1025, seq_len=9000, num_seqs=64), ("flash_attn", "fa4")),
+    ("sm90+fa4", dict(query_len=8192, seq_len=8192, head_size=256), ("flash_attn", "fa4")),
+    ("sm90+fa4", dict(query_len=2048, seq_len=2048, num_seqs=4, head_size=64),
+     ("flash_attn", "fa4")),
+    ("sm90+fa4", dict(query_len=1025, seq_len=9000, num_seqs=64, head_size=96),
+     ("flash_attn", "fa4")),
+    # head 128 at block 16: the lead yields to our Gluon prefill (MEASURED_YIELDS)
+    ("sm90+fa4", dict(query_len=8192, seq_len=8192), ("triton_unified", None)),
+    ("sm90+fa4", dict(query_len=2048, seq_len=2048, num_seqs=4, dtype="float16"),
+     ("triton_unified", None)),
+    ("sm90+fa4", dict(query_len=1025, seq_len=9000, num_seqs=64), ("triton_unified", None)),
+    ("sm90+fa4", dict(query_len=8192, seq_len=8192, sinks=True), ("triton_unified", None)),
+    ("sm90+fa4", dict(query_len=8192, seq_len=8192, softcap=True), ("triton_unified", None)),
+    # ... but not where it was not measured faster: windows, a combination, other blocks
+    ("sm90+fa4", dict(query_len=8192, seq_len=8192, sliding_window=True),
+     ("flash_attn", "fa4")),
+    ("sm90+fa4", dict(query_len=8192, seq_len=8192, sinks=True, softcap=True),
+     ("flash_attn", "fa4")),
+    ("sm90+fa4", dict(query_len=8192, seq_len=8192, block_size=32), ("flash_attn", "fa4")),
+    ("sm90+fa4", dict(query_len=8192, seq_len=8192, block_size=256), ("flash_attn", "fa4")),
     ("sm90+fa4", dict(query_len=1024, seq_len=4096), ("triton_unified", None)),
     ("sm90+fa4", dict(num_seqs=32), ("triton_unified", None)),
     ("sm90+fa4", dict(query_len=4, num_seqs=32), ("triton_unified", None)),
@@ -596,7 +615,9 @@ def test_cli_explain_prints_the_compile_note(capsys):
     ("sm120+fa4", dict(query_len=8192, seq_len=8192), ("triton_unified", None)),
     ("sm80+fa4", dict(query_len=8192, seq_len=8192), ("triton_unified", None)),
     ("sm90+fa2+fa3", dict(query_len=8192, seq_len=8192), ("triton_unified", None)),
-    ("sm90+fa2+fa3+fa4", dict(query_len=8192, seq_len=8192), ("flash_attn", "fa4")),
+    ("sm90+fa2+fa3+fa4", dict(query_len=8192, seq_len=8192, head_size=256),
+     ("flash_attn", "fa4")),
+    ("sm90+fa2+fa3+fa4", dict(query_len=8192, seq_len=8192), ("triton_unified", None)),
 ])
 def test_routing_with_fa4(profile, kwargs, expected):
     decision = decide(Problem.make(**kwargs), probe(simulate=profile))
@@ -605,7 +626,7 @@ def test_routing_with_fa4(profile, kwargs, expected):
 
 def test_no_lead_when_the_interface_variable_excludes_fa4(monkeypatch):
     monkeypatch.setenv("PORTATTN_FLASH_ATTN_INTERFACE", "fa3")
-    long_prefill = Problem.make(query_len=8192, seq_len=8192)
+    long_prefill = Problem.make(query_len=8192, seq_len=8192, head_size=256)
     decision = decide(long_prefill, probe(simulate="sm90+fa3+fa4"))
     assert decision.backend == "triton_unified"  # FA3 serves, but only FA4 was measured
     assert dict(decision.considered)["flash_attn"] == ()
@@ -642,6 +663,81 @@ def test_problem_classes_and_measured_leads():
     assert leads_for("sm90", "decode") == () and leads_for("sm80", "long-chunks") == ()
 
 
+def test_measured_yields_cover_exactly_the_measured_problems():
+    (row,) = MEASURED_YIELDS
+    assert (row.arch, row.problem_class, row.backend, row.ahead_of, row.plan_param) == (
+        "sm90", "long-chunks", "flash_attn", "triton_unified", "gluon")
+    assert "routing_bench" in row.evidence and "1x8192" in row.evidence
+
+    def prefill(**kw):
+        return Problem.make(query_len=8192, seq_len=8192, **kw)
+
+    for kw in ({}, dict(sinks=True), dict(softcap=True), dict(dtype="float16")):
+        assert row.covers(prefill(**kw)), kw
+        assert yields_for("sm90", "long-chunks", "flash_attn", prefill(**kw)) == (row,)
+    for kw in (dict(sliding_window=True), dict(sinks=True, softcap=True),
+               dict(alibi="linear"), dict(head_size=64), dict(head_size=256),
+               dict(head_size=192, head_size_v=128), dict(block_size=32)):
+        assert not row.covers(prefill(**kw)), kw
+    assert yields_for("sm100", "long-chunks", "flash_attn", prefill()) == ()
+    assert yields_for("sm90", "short-chunks", "flash_attn", prefill()) == ()
+    assert yields_for("sm90", "long-chunks", "triton_unified", prefill()) == ()
+    # a made-up row: an exact feature set, not a subset
+    sinks_only = MeasuredYield("sm90", "long-chunks", "flash_attn", "triton_unified",
+                               ((128, 128),), (16,), "gluon", "test", (("sinks",),))
+    assert sinks_only.covers(prefill(sinks=True)) and not sinks_only.covers(prefill())
+
+
+def test_a_yielded_lead_is_explained():
+    caps = probe(simulate="sm90+fa4")
+    decision = with_notes(decide(Problem.make(query_len=8192, seq_len=8192), caps))
+    assert decision.backend == "triton_unified" and "gluon" in decision.plan.params
+    assert dict(decision.considered)["flash_attn"] == ()  # could serve: lower priority
+    yielded = [n for n in decision.notes if "yields to triton_unified" in n]
+    assert len(yielded) == 1 and "head 128, block 16" in yielded[0]
+    text = str(decision)
+    assert f"note: {yielded[0]}" in text
+    assert "not chosen flash_attn: could serve, lower priority" in text
+    assert decision.to_dict()["notes"] == list(decision.notes)
+    # forcing a backend: no word on the automatic order
+    forced = decide(Problem.make(query_len=8192, seq_len=8192), caps, "flash_attn")
+    assert forced.backend == "flash_attn" and forced.notes == ()
+    # where FA4 still leads, no yield note
+    led = decide(Problem.make(query_len=8192, seq_len=8192, head_size=256), caps)
+    assert led.backend == "flash_attn" and not any("yields" in n for n in led.notes)
+
+
+def test_cli_explain_prints_the_yield(capsys):
+    assert main(["explain", "--simulate", "sm90+fa4", "--query-len", "8192",
+                 "--seq-len", "8192"]) == 0
+    text = capsys.readouterr().out
+    assert "backend: triton_unified (auto)" in text
+    assert "note: flash_attn's measured lead for long-chunks on sm90 yields" in text
+
+
+def test_the_lead_stays_where_our_plan_lacks_the_measured_kernel(monkeypatch):
+    caps = probe(simulate="sm90+fa4")
+    problem = Problem.make(query_len=8192, seq_len=8192)
+    monkeypatch.setenv("PORTATTN_GLUON", "0")  # the staged unified kernel: FA4 measured ahead
+    decision = decide(problem, caps)
+    assert decision.backend == "flash_attn" and decision.notes == ()
+    monkeypatch.setenv("PORTATTN_GLUON", "1")
+    assert decide(problem, caps).backend == "triton_unified"
+    # a backend whose plan raises: the lead stays (dispatch never fails on it)
+    from portattn.backends.triton_unified import TritonUnified
+
+    def broken(self, problem, caps):
+        raise RuntimeError("planning bug")
+    monkeypatch.setattr(TritonUnified, "plan", broken)
+    assert _priorities_of(problem, caps)[0][0] == "flash_attn"
+
+
+def _priorities_of(problem, caps):
+    from portattn.dispatch import selector
+
+    return selector._priorities(problem, caps)
+
+
 def test_report_lists_fa4(capsys):
     table = backend_availability(probe(simulate="sm90+fa4"))
     assert table["flash_attn"]["available"] and "FA4" in table["flash_attn"]["summary"]
@@ -653,8 +749,9 @@ def test_report_lists_fa4(capsys):
     assert data["capabilities"]["flash_attn_interfaces"] == ["fa4"]
     assert data["capabilities"]["flash_attn_version"] == "4.0.0b36"
     routing = {row["problem"]: (row["backend"], row["variant"]) for row in data["routing"]}
-    backend, variant = routing["prefill bf16 causal 1 x 8k"]
+    backend, variant = routing["prefill bf16 sliding window"]
     assert backend == "flash_attn" and variant.startswith("FA4 paged varlen")
+    assert routing["prefill bf16 causal 1 x 8k"][0] == "triton_unified"  # a measured yield
     assert routing["decode bf16 32/8x128 b16 (32 x 8k)"][0] == "triton_unified"
     assert main(["report", "--simulate", "sm90+fa4"]) == 0
     assert "fa4" in capsys.readouterr().out

@@ -98,3 +98,15 @@ def test_a_fast_choice_says_what_it_passed_over(caplog):
 def test_listings_of_hypothetical_problems_log_nothing(caplog):
     routing_table(probe(simulate="sm90"))
     assert _records(caplog) == []
+
+
+def test_a_yielded_lead_is_in_the_info_line(caplog):
+    caps = probe(simulate="sm90+fa4")
+    decide(Problem.make(query_len=8192, seq_len=8192), caps)  # head 128, block 16
+    (record,) = _records(caplog)
+    message = record.getMessage()
+    assert message.startswith("triton_unified serves prefill")
+    assert "flash_attn's measured lead for long-chunks on sm90 yields to triton_unified" \
+        in message
+    decide(Problem.make(query_len=8192, seq_len=8192, head_size=256), caps)
+    assert "yields" not in _records(caplog)[1].getMessage()

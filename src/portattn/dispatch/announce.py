@@ -1,7 +1,8 @@
 """What the ``portattn`` logger says about dispatch decisions.
 
 * INFO, once per new problem class (a new decision-cache key): the backend that serves it,
-  its variant, and why the backends ranked above it did not.
+  its variant, why the backends ranked above it did not, and the decision's notes (a
+  measured lead that yielded).
 * WARNING, once per problem class instead: a slow path taken automatically for tensors
   on a GPU because nothing faster can serve the call (a backend whose ``slow_path`` says
   why it is slow, e.g. ``torch_ref``), with every reason of the backends ranked above it.
@@ -82,6 +83,7 @@ def announce(decision: Decision, key: Hashable, slow_path: str) -> None:
         how, why = f"forced by {decision.source}", ""
     else:
         how = "automatic"
-    log.info("%s serves %s on %s (%s; variant %s)%s", decision.backend, problem.describe(),
+    log.info("%s serves %s on %s (%s; variant %s)%s%s", decision.backend, problem.describe(),
              decision.arch, how, decision.plan.describe(),
-             f"; passed over {why}" if why else "")
+             f"; passed over {why}" if why else "",
+             "".join(f"; {note}" for note in decision.notes))

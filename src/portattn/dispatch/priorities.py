@@ -5,15 +5,19 @@ The dispatcher walks the list and takes the first backend with no reasons. Evide
 the order lives in benchmarks/NOTES.md; the expected routing of every simulated profile
 is checked in CI (ci/expected_routing.json).
 
-Two parts:
+Three parts:
 
-* the default order per vendor (below), and
+* the default order per vendor (below),
 * :data:`MEASURED_LEADS`: where a backend, through one of its library interfaces, was
   measured faster than the backend it goes ahead of, for one architecture and one problem
   class. A lead applies only when that interface is the one the backend would use for the
   call (``Backend.interface_for``): ``flash_attn`` goes ahead of our kernels for long
-  prefill chunks only when FA4 serves the call, never because FA2 or FA3 could. Change a
-  row only with a new measurement, and put its numbers in ``evidence``.
+  prefill chunks only when FA4 serves the call, never because FA2 or FA3 could; and
+* :data:`MEASURED_YIELDS`: the part of a lead's class where the backend it goes ahead of
+  caught up (head sizes, block sizes, feature sets, and the kernel its plan must run);
+  the selector drops the lead there and says so in the decision's notes.
+
+Change a row only with a new measurement, and put its numbers in ``evidence``.
 """
 
 from __future__ import annotations
@@ -100,6 +104,79 @@ def leads_for(arch: str, klass: str) -> tuple[MeasuredLead, ...]:
     """The rows of :data:`MEASURED_LEADS` for this architecture and problem class."""
     return tuple(lead for lead in MEASURED_LEADS
                  if lead.arch == arch and lead.problem_class == klass)
+
+
+# ----------------------------------------------------------------- measured yields
+
+def _features_used(problem) -> frozenset:
+    """The optional score features ``problem`` uses, as ``Problem`` field names."""
+    used = {name for name in ("sliding_window", "softcap", "sinks") if getattr(problem, name)}
+    if problem.alibi != "none":
+        used.add("alibi")
+    return frozenset(used)
+
+
+@dataclass(frozen=True)
+class MeasuredYield:
+    """Where a lead does not apply: on ``arch``, for ``problem_class``, the lead of
+    ``backend`` yields to ``ahead_of`` for problems with these ``(qk, v)`` head sizes,
+    cache block sizes and sets of optional features (exactly one of ``feature_sets``:
+    ``()`` none, ``("sinks",)`` sinks alone...; a combination not listed was not measured)
+    whose ``ahead_of`` plan sets ``plan_param`` (the kernel that measured at least as
+    fast; its numbers in ``evidence``)."""
+
+    arch: str
+    problem_class: str
+    backend: str
+    ahead_of: str
+    heads: tuple[tuple[int, int], ...]
+    block_sizes: tuple[int, ...]
+    plan_param: str
+    evidence: str
+    feature_sets: tuple[tuple[str, ...], ...] = ((),)
+
+    def covers(self, problem) -> bool:
+        """Whether ``problem``'s heads, block size and features are measured ones (the
+        plan's part is checked by the selector, which makes the plan)."""
+        return ((problem.head_size_qk, problem.head_size_v) in self.heads
+                and problem.block_size in self.block_sizes
+                and _features_used(problem) in {frozenset(f) for f in self.feature_sets})
+
+    def describe(self) -> str:
+        heads = "/".join(f"{qk}" if qk == v else f"{qk}x{v}" for qk, v in self.heads)
+        return (f"{self.backend}'s measured lead for {self.problem_class} on {self.arch} "
+                f"yields to {self.ahead_of} here: at head {heads}, block "
+                f"{'/'.join(map(str, self.block_sizes))}, {self.ahead_of}'s "
+                f"{self.plan_param} kernel measured at least as fast "
+                "(dispatch.priorities.MEASURED_YIELDS)")
+
+
+_H200_GLUON_H128 = (
+    "H200, 2026-12-04, bf16, 32/8 heads x 128, causal, block 16, portattn.attention through "
+    "each backend (FA4 for flash_attn) in one run (benchmarks/routing_bench.py), the "
+    "flash_attn route's time over triton_unified's, eager / CUDA graph (> 1: ours faster): "
+    "prefill 1x2048 1.91/1.06, 1x4096 1.04/1.03, 1x8192 1.03/1.04, 1x16384 1.03/0.99, "
+    "4x2048 1.05/1.04, 8x4096 1.05/1.03, a 2048-query chunk over 10240 keys 1.02/1.03, "
+    "beside 7 decodes 1.03/1.00, beside 63 1.08/1.22, 1100 + 127 decodes 1.17/1.15, "
+    "4096 + 255 decodes 1.18/1.25, fp16 1x8192 1.02/1.04, sinks 1.02/1.00, softcap 30 "
+    "1.20/1.18 (sliding windows: FA4 ahead, 0.90/0.90 at 1024, 0.94/0.99 at 4096, so they "
+    "keep the lead); sessions 15-17 (TFLOP/s bench, same routes): 1x8192 1.01-1.06, 4x2048 "
+    "0.97-1.07, 1x4096 0.95-1.04, chunk + 63 decodes 1.05-1.13")
+
+#: Rows of :data:`MEASURED_LEADS` that yield where our own kernel caught up. Change a row
+#: only with a new measurement (``benchmarks/routing_bench.py`` prints both routes).
+MEASURED_YIELDS: tuple[MeasuredYield, ...] = (
+    MeasuredYield("sm90", "long-chunks", "flash_attn", "triton_unified", ((128, 128),),
+                  (16,), "gluon", _H200_GLUON_H128,
+                  feature_sets=((), ("sinks",), ("softcap",))),
+)
+
+
+def yields_for(arch: str, klass: str, backend: str, problem) -> tuple[MeasuredYield, ...]:
+    """The rows of :data:`MEASURED_YIELDS` that cover ``problem`` for ``backend``'s lead."""
+    return tuple(row for row in MEASURED_YIELDS
+                 if row.arch == arch and row.problem_class == klass and
+                 row.backend == backend and row.covers(problem))
 
 
 def _base_order(caps: Capabilities) -> tuple[str, ...]:

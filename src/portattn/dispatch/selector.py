@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from portattn.backends.base import Backend, Plan
 from portattn.capabilities import Capabilities
 from portattn.dispatch.announce import announce, announced
-from portattn.dispatch.priorities import leads_for, priority_list, problem_class
+from portattn.dispatch.priorities import leads_for, priority_list, problem_class, yields_for
 from portattn.dispatch.problem import Problem
 from portattn.dispatch.registry import backend_names, load_backend
 from portattn.errors import UnsupportedError
@@ -28,8 +28,9 @@ class Decision:
     ``source``: ``"auto"`` (priority list), ``"argument"`` (``backend=``) or
     ``"environment"`` (``PORTATTN_BACKEND``). ``considered`` lists every registered backend
     in priority order as ``(name, reasons)``; an empty tuple means it could serve.
-    ``notes``: what else the chosen backend says about this call (``explain`` fills it,
-    e.g. that the first call of a configuration compiles a kernel).
+    ``notes``: the dispatcher's word on its order (a measured lead that yielded for this
+    problem), then what else the chosen backend says about this call (``explain`` adds
+    those, e.g. that the first call of a configuration compiles a kernel).
     """
 
     backend: str
@@ -91,21 +92,43 @@ def backend_reasons(name: str, problem: Problem, caps: Capabilities) -> tuple[Ba
         return backend, [f"why_not raised {type(exc).__name__}: {exc}"]
 
 
-def _priorities(problem: Problem, caps: Capabilities) -> tuple[str, ...]:
+def _priorities(problem: Problem, caps: Capabilities) -> tuple[tuple[str, ...], list[str]]:
     """This problem's priority list: the arch's order with the measured leads of its class
-    that apply (a lead applies when its backend would use the measured interface)."""
+    that apply (a lead applies when its backend would use the measured interface and no
+    measured yield covers the problem), and a note per lead that yielded."""
     klass = problem_class(problem)
     serving = set()
+    notes = []
     for lead in leads_for(caps.arch, klass):
         backend = load_backend(lead.backend)
         if isinstance(backend, str):
             continue
         try:
-            if backend.interface_for(problem, caps) == lead.interface:
-                serving.add((lead.backend, lead.interface))
+            if backend.interface_for(problem, caps) != lead.interface:
+                continue
         except Exception:  # a backend bug must not take dispatch down
             continue
-    return priority_list(caps, klass, frozenset(serving))
+        yielded = _yield_applying(lead.backend, problem, caps, klass)
+        if yielded is not None:
+            notes.append(yielded.describe())
+            continue
+        serving.add((lead.backend, lead.interface))
+    return priority_list(caps, klass, frozenset(serving)), notes
+
+
+def _yield_applying(backend: str, problem: Problem, caps: Capabilities, klass: str):
+    """The measured yield of ``backend``'s lead that covers ``problem`` and whose kernel
+    the backend it yields to would run (its plan sets the row's ``plan_param``), or None."""
+    for row in yields_for(caps.arch, klass, backend, problem):
+        kept, reasons = backend_reasons(row.ahead_of, problem, caps)
+        if kept is None or reasons:
+            continue
+        try:
+            if kept.plan(problem, caps).params.get(row.plan_param):
+                return row
+        except Exception:  # a backend bug must not take dispatch down: the lead stays
+            continue
+    return None
 
 
 def _order(preferred: tuple[str, ...]) -> list[str]:
@@ -116,7 +139,7 @@ def _order(preferred: tuple[str, ...]) -> list[str]:
 
 
 def _decide(problem: Problem, caps: Capabilities, forced: str | None, source: str) -> Decision:
-    preferred = _priorities(problem, caps)
+    preferred, notes = _priorities(problem, caps)
     order = _order(preferred)
     via = BACKEND.name if source == "environment" else source
     if forced is not None and forced not in order:
@@ -140,7 +163,7 @@ def _decide(problem: Problem, caps: Capabilities, forced: str | None, source: st
                                {n: list(r) for n, r in considered})
     plan = chosen.plan(problem, caps)
     return Decision(chosen.name, plan.variant, source, problem, caps.arch, plan,
-                    tuple(considered))
+                    tuple(considered), tuple(notes) if source == "auto" else ())
 
 
 class DecisionCache:
@@ -208,4 +231,4 @@ def with_notes(decision: Decision, options=None) -> Decision:
     if isinstance(backend, str):
         return decision
     notes = tuple(backend.notes(decision.problem, decision.plan, options))
-    return dataclasses.replace(decision, notes=notes) if notes else decision
+    return dataclasses.replace(decision, notes=decision.notes + notes) if notes else decision
