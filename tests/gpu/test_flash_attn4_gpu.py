@@ -222,11 +222,24 @@ def test_auto_routing_on_this_gpu(monkeypatch):
     monkeypatch.delenv("PORTATTN_FLASH_ATTN_INTERFACE")
     caps = portattn.probe()
     assert "fa4" in caps.flash_attn_interfaces and caps.flash_attn.ok, caps.flash_attn
-    prefill = make_paged_batch([2048], [2048], num_q_heads=32, num_kv_heads=8, head_size=128,
+    # FA4 leads long chunks (MEASURED_LEADS) at head 256 ...
+    prefill = make_paged_batch([2048], [2048], num_q_heads=16, num_kv_heads=4, head_size=256,
                                block_size=16, dtype=torch.bfloat16, device="cuda",
                                poison=False)
     decision = portattn.explain(prefill.q, prefill.cache, prefill.metadata)
     assert decision.backend == "flash_attn" and decision.plan.params["interface"] == "fa4"
+    # ... and yields at head 128, block 16, where our Gluon prefill runs (MEASURED_YIELDS)
+    prefill = make_paged_batch([2048], [2048], num_q_heads=32, num_kv_heads=8, head_size=128,
+                               block_size=16, dtype=torch.bfloat16, device="cuda",
+                               poison=False)
+    decision = portattn.explain(prefill.q, prefill.cache, prefill.metadata)
+    ours = portattn.explain(prefill.q, prefill.cache, prefill.metadata,
+                            backend="triton_unified")
+    if ours.plan.params.get("gluon"):
+        assert decision.backend == "triton_unified", decision
+        assert any("yields to triton_unified" in note for note in decision.notes), decision
+    else:  # a Triton without Gluon's Hopper warp specialization: the lead stays
+        assert decision.backend == "flash_attn", decision
     decode = make_paged_batch([1] * 4, [300] * 4, num_q_heads=32, num_kv_heads=8,
                               head_size=128, block_size=16, dtype=torch.bfloat16,
                               device="cuda", poison=False)
