@@ -602,6 +602,10 @@ def test_cli_explain_prints_the_compile_note(capsys):
      ("flash_attn", "fa4")),
     ("sm90+fa4", dict(query_len=8192, seq_len=8192, block_size=32), ("flash_attn", "fa4")),
     ("sm90+fa4", dict(query_len=8192, seq_len=8192, block_size=256), ("flash_attn", "fa4")),
+    ("sm90+fa4", dict(query_len=8192, seq_len=8192, causal=False), ("flash_attn", "fa4")),
+    ("sm90+fa4", dict(query_len=8192, seq_len=8192, num_q_heads=64), ("flash_attn", "fa4")),
+    # a cache whose slots are not rows (K and V interleaved per block): no Gluon, no yield
+    ("sm90+fa4", dict(query_len=8192, seq_len=8192, kv_rows=False), ("flash_attn", "fa4")),
     ("sm90+fa4", dict(query_len=1024, seq_len=4096), ("triton_unified", None)),
     ("sm90+fa4", dict(num_seqs=32), ("triton_unified", None)),
     ("sm90+fa4", dict(query_len=4, num_seqs=32), ("triton_unified", None)),
@@ -664,9 +668,10 @@ def test_problem_classes_and_measured_leads():
 
 
 def test_measured_yields_cover_exactly_the_measured_problems():
-    (row,) = MEASURED_YIELDS
-    assert (row.arch, row.problem_class, row.backend, row.ahead_of, row.plan_param) == (
-        "sm90", "long-chunks", "flash_attn", "triton_unified", "gluon")
+    (row,) = [r for r in MEASURED_YIELDS if (r.arch, r.problem_class, r.backend) ==
+              ("sm90", "long-chunks", "flash_attn")]
+    assert (row.ahead_of, row.plan_param, row.gqa_ratios, row.causal) == (
+        "triton_unified", "gluon", (4,), True)
     assert "routing_bench" in row.evidence and "1x8192" in row.evidence
 
     def prefill(**kw):
@@ -677,7 +682,8 @@ def test_measured_yields_cover_exactly_the_measured_problems():
         assert yields_for("sm90", "long-chunks", "flash_attn", prefill(**kw)) == (row,)
     for kw in (dict(sliding_window=True), dict(sinks=True, softcap=True),
                dict(alibi="linear"), dict(head_size=64), dict(head_size=256),
-               dict(head_size=192, head_size_v=128), dict(block_size=32)):
+               dict(head_size=192, head_size_v=128), dict(block_size=32), dict(causal=False),
+               dict(num_q_heads=64), dict(num_q_heads=8)):
         assert not row.covers(prefill(**kw)), kw
     assert yields_for("sm100", "long-chunks", "flash_attn", prefill()) == ()
     assert yields_for("sm90", "short-chunks", "flash_attn", prefill()) == ()
@@ -694,7 +700,8 @@ def test_a_yielded_lead_is_explained():
     assert decision.backend == "triton_unified" and "gluon" in decision.plan.params
     assert dict(decision.considered)["flash_attn"] == ()  # could serve: lower priority
     yielded = [n for n in decision.notes if "yields to triton_unified" in n]
-    assert len(yielded) == 1 and "head 128, block 16" in yielded[0]
+    assert len(yielded) == 1 and "head 128, block 16, GQA 4, causal" in yielded[0]
+    assert decision.plan.params["gluon"]["reads"] == "cache"
     text = str(decision)
     assert f"note: {yielded[0]}" in text
     assert "not chosen flash_attn: could serve, lower priority" in text

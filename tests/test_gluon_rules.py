@@ -308,6 +308,13 @@ def test_a_gluon_launch_that_raises_is_staged_and_remembered(monkeypatch, caplog
         tries.append(1)
         raise RuntimeError("PassManager::run failed (injected)")
     monkeypatch.setattr(gluon_launch, "launch_gluon_prefill", broken)
+    from portattn import planning
+    from portattn.dispatch.selector import decide, decision_cache
+
+    forgotten = []
+    monkeypatch.setattr(planning, "forget_plans", lambda: forgotten.append(1))
+    decide(_problem(), simulated("sm90"))
+    assert len(decision_cache) > 0
     batch, options, run, counts = _staged_call(monkeypatch)
     with caplog.at_level("WARNING", logger="portattn"):
         out = run()
@@ -315,7 +322,24 @@ def test_a_gluon_launch_that_raises_is_staged_and_remembered(monkeypatch, caplog
                                scale=options.scale)
     assert relative_error(out.double(), expected) < 3e-3
     assert tries == [1] and counts["stage"] == 1
+    assert forgotten == [1] and len(decision_cache) == 0  # decided and planned again
     assert "Gluon prefill failed" in caplog.text and len(launch.GLUON_FAILED) == 1
+    # plans made from now on say so (and FA4's lead, where it yielded, applies again)
+    (key,) = launch.GLUON_FAILED
+    failed = _problem(dtype="float16", head_size=32, num_q_heads=4, num_kv_heads=2)
+    assert launch.gluon_class_key(torch.float16, 32, 16, True, "cache", False, False,
+                                  "none", False, "none") == key
+    assert "injected" in gluon_rules.gluon_failure(failed, "cache")
+    assert gluon_rules.gluon_failure(failed, "staged") is None
+    assert "gluon" in _plan(_problem()).params  # another class keeps the kernel
+    head128 = launch.gluon_class_key(BF16, 128, 16, True, "cache", False, False, "none",
+                                     False, "none")
+    launch.GLUON_FAILED[head128] = "RuntimeError: injected at head 128"
+    plan = _plan(_problem())
+    assert "gluon" not in plan.params and "injected at head 128" in plan.params["gluon_reason"]
+    monkeypatch.setenv("PORTATTN_GLUON", "1")  # forced: tried again (and raised if it fails)
+    assert _plan(_problem()).params["gluon"]
+    monkeypatch.delenv("PORTATTN_GLUON")
     run()  # remembered: staged without trying again
     assert tries == [1] and counts["stage"] == 2
     batch, options, run, counts = _staged_call(monkeypatch, forced=True)
@@ -504,3 +528,34 @@ def test_a_head_that_fills_its_tile_keeps_the_row_view():
     kd = gluon_launch._rows(cache, 16, 128, 128, gl.bfloat16)
     assert (list(kd.shape), list(kd.strides), list(kd.block_shape)) == \
         ([320, 256], [256, 1], [16, 128])
+
+
+def test_a_cache_whose_slots_are_not_rows_is_staged(monkeypatch):
+    """K and V interleaved per block (``layout="packed"``): the block stride is twice the
+    rows' span, so TMA cannot read whole blocks as rows; the plan stages and says why
+    (16-bit caches; an 8-bit one is read from its staged copy, which is rows)."""
+    from portattn.dispatch.problem import cache_slot_rows
+    from portattn.options import normalize_options
+
+    split = PagedKVCache.allocate(4, 16, 2, 128)
+    packed = PagedKVCache.allocate(4, 16, 2, 128, layout="packed")
+    assert cache_slot_rows(split.key_cache) and cache_slot_rows(split.value_cache)
+    assert not cache_slot_rows(packed.key_cache) and not cache_slot_rows(packed.value_cache)
+    narrow = PagedKVCache.allocate(4, 16, 1, 36)  # 72-byte slots: rows, not 16-byte aligned
+    assert not cache_slot_rows(narrow.key_cache)
+    plan = _plan(_problem(kv_rows=False))
+    assert "gluon" not in plan.params and "not evenly spaced rows" in plan.params["gluon_reason"]
+    assert plan.params["gluon_reason"] and plan.params["stage"]
+    assert _plan(_problem(kv_rows=False, kv_quant="fp8_per_tensor:e4m3fn")).params["gluon"]
+    monkeypatch.setenv("PORTATTN_GLUON", "1")
+    with pytest.raises(UnsupportedError, match="not evenly spaced rows"):
+        _plan(_problem(kv_rows=False))
+    monkeypatch.delenv("PORTATTN_GLUON")
+    batch = make_paged_batch([3], [40], num_q_heads=4, num_kv_heads=2, head_size=128,
+                             block_size=16, dtype=torch.float16)
+    options = normalize_options(batch.q, batch.cache)
+    for cache, rows in ((batch.cache, True),
+                        (PagedKVCache.allocate(8, 16, 2, 128, layout="packed"), False)):
+        problem = Problem.from_call(batch.q, cache, batch.metadata, options, 3, 40)
+        assert problem.kv_rows is rows
+        assert ("not evenly spaced rows" in problem.describe()) is not rows

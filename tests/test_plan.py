@@ -480,3 +480,28 @@ def test_split_workspaces_are_per_stream_and_thread(monkeypatch):
     worker.join()
     assert theirs[0].data_ptr() != mine.data_ptr()
     assert runner._workspace_on(7, 3) is mine
+
+
+def test_a_plan_takes_its_templates_slot_layout_and_serves_either():
+    """``Problem.kv_rows`` comes from the template cache (the stand-in is an expanded
+    vector); a layer whose cache has the other layout is served, not refused (the launch
+    checks its tensors and stages where the Gluon prefill cannot read rows)."""
+    batch = make_paged_batch([3, 1], [20, 9], num_q_heads=4, num_kv_heads=2, head_size=32,
+                             dtype=torch.float32)
+    blocks = batch.cache.key_cache.shape[0]
+    packed = PagedKVCache.allocate(blocks, 16, 2, 32, dtype=torch.float32, layout="packed")
+    packed.key_cache.copy_(batch.cache.key_cache)
+    packed.value_cache.copy_(batch.cache.value_cache)
+    planned = portattn.plan(batch.metadata, num_q_heads=4, dtype=torch.float32,
+                            cache=packed)
+    assert planned.problem.kv_rows is False
+    plan = portattn.plan(batch.metadata, num_q_heads=4, dtype=torch.float32,
+                         cache=batch.cache)
+    assert plan.problem.kv_rows is True
+    described = portattn.plan(batch.metadata, num_q_heads=4, dtype=torch.float32,
+                              num_kv_heads=2, head_size_qk=32, block_size=16)
+    assert described.problem.kv_rows is True
+    expected = dense_attention(batch.q, batch.keys, batch.values, batch.query_lens)
+    for p in (plan, planned, described):
+        for cache in (batch.cache, packed):
+            assert relative_error(p.run(batch.q, cache), expected) < 1e-5

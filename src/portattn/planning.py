@@ -57,7 +57,7 @@ import torch
 from portattn.capabilities import probe
 from portattn.devices import _get_device as _current_cuda_device
 from portattn.devices import cuda_index, on_device
-from portattn.dispatch.problem import Problem
+from portattn.dispatch.problem import Problem, cache_slot_rows
 from portattn.dispatch.registry import load_backend
 from portattn.dispatch.selector import Decision, decide
 from portattn.errors import InputError, UnsupportedError
@@ -258,7 +258,9 @@ def _check_problem(plan_problem: Problem, call: Problem, device, q: torch.Tensor
         want, got = getattr(plan_problem, field), getattr(call, field)
         if want != got:
             raise InputError(argument, f"{what} {want} (as planned)", f"{what} {got}")
-    if plan_problem != call:  # pragma: no cover - every field that can differ is above
+    # the cache's slot layout (kv_rows) may differ: a launch checks its tensors and
+    # stages where the Gluon prefill cannot read them as rows
+    if replace(call, kv_rows=plan_problem.kv_rows) != plan_problem:  # pragma: no cover
         raise InputError("q", f"a call like the plan's ({plan_problem.describe()})",
                          call.describe())
 
@@ -443,7 +445,11 @@ def plan(metadata: AttentionMetadata, *, num_q_heads: int, dtype: torch.dtype,
         output_scale=1.0 if out_dtype in FP8_DTYPES else None)
     check_out(q0, cache0, out0, options.out_dtype)
     max_q, max_k = metadata.max_lengths()
-    problem = Problem.from_call(q0, cache0, metadata, options, max_q, max_k)
+    # the stand-in cache is an expanded vector: the template's layout decides whether its
+    # slots are rows (without a template, the usual layout: they are)
+    problem = replace(Problem.from_call(q0, cache0, metadata, options, max_q, max_k),
+                      kv_rows=cache is None or (cache_slot_rows(cache.key_cache) and
+                                                cache_slot_rows(cache.value_cache)))
     body = bodies.get(problem, options, backend, decision_environment(), device)
     return AttentionPlan(body, metadata, max_q, max_k, validate)
 
@@ -597,12 +603,18 @@ def cache_info() -> dict:
     return {"bodies": len(bodies.entries), "metadata_entries": len(memo), **stats}
 
 
+def forget_plans() -> None:
+    """Forget every body and memo entry (calls check and plan again; a call in flight
+    keeps the body it holds)."""
+    bodies.clear()
+    memo.clear()
+
+
 def clear() -> None:
     """Forget every body and memo entry, and drop the shared staging buffers."""
     from portattn.backends.unified_runner import clear_staging_buffers
 
-    bodies.clear()
-    memo.clear()
+    forget_plans()
     clear_staging_buffers()
 
 

@@ -154,8 +154,9 @@ def test_replayed_over_layers_and_in_a_cuda_graph():
 
 def test_attention_call_uses_it_and_a_packed_layout_is_staged(monkeypatch):
     """``portattn.attention`` (auto) runs the kernel on split caches; a packed
-    ``[num_blocks, 2, ...]`` cache cannot be seen as slot rows: staged in auto, an
-    ``InputError`` naming the tensors when forced."""
+    ``[num_blocks, 2, ...]`` cache cannot be seen as slot rows: staged in auto (its plan
+    says why), ``UnsupportedError`` when forced (the plan, made from the call's cache,
+    knows the layout)."""
     from portattn.kernels import gluon_launch
 
     calls = []
@@ -172,9 +173,13 @@ def test_attention_call_uses_it_and_a_packed_layout_is_staged(monkeypatch):
         out = portattn.attention(batch.q, batch.cache, batch.metadata)
         assert relative_error(out, _oracle(batch)) < TOL, layout
         assert len(calls) == ran, layout
+        decision = portattn.explain(batch.q, batch.cache, batch.metadata,
+                                    backend="triton_unified")
+        assert ("not evenly spaced rows" in decision.plan.params["gluon_reason"]) == \
+            (ran == 0), layout
     monkeypatch.setenv("PORTATTN_GLUON", "1")
     settings.reload()
-    with pytest.raises(portattn.InputError, match="Gluon"):
+    with pytest.raises(portattn.UnsupportedError, match="Gluon"):
         portattn.attention(batch.q, batch.cache, batch.metadata)
 
 

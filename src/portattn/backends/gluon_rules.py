@@ -54,6 +54,14 @@ def choose_gluon_prefill(problem, caps, params: dict) -> dict:
                                                    sliding_window=problem.sliding_window,
                                                    softcap=problem.softcap,
                                                    alibi=problem.alibi, sinks=problem.sinks)
+    reads_staged = gluon_launch.reads_staged_copy(problem.kv_quant)
+    if not reads_staged and not problem.kv_rows:
+        reasons.append("the cache's slots are not evenly spaced rows (e.g. K and V "
+                       "interleaved per block): the kernel reads whole blocks as rows")
+    if setting is not True:
+        failed = gluon_failure(problem, "staged" if reads_staged else "cache")
+        if failed:
+            reasons.append(f"its launch failed for this class in this process: {failed}")
     if not caps.simulated:
         missing = gluon_launch.gluon_reason()
         if missing:
@@ -65,7 +73,7 @@ def choose_gluon_prefill(problem, caps, params: dict) -> dict:
         return {**params, "gluon_reason": "; ".join(reasons)}
     why = ("PORTATTN_GLUON=1 forces it" if setting is True else
            "measured faster here than staging (kernels.gluon_launch)")
-    if gluon_launch.reads_staged_copy(problem.kv_quant):
+    if reads_staged:
         reads, what = "staged", "their staged 16-bit copy"
     else:
         reads, what = "cache", "the paged cache"
@@ -74,3 +82,15 @@ def choose_gluon_prefill(problem, caps, params: dict) -> dict:
     if setting is True:
         out["_gluon_forced"] = True
     return out
+
+
+def gluon_failure(problem, reads: str) -> str | None:
+    """Why the Gluon prefill's launch failed for ``problem``'s class earlier in this
+    process (``kernels.launch.GLUON_FAILED``), or None."""
+    from portattn.kernels import launch
+
+    key = launch.gluon_class_key(problem.q_dtype, problem.head_size_qk, problem.block_size,
+                                 problem.causal, reads, problem.sliding_window,
+                                 problem.softcap, problem.alibi, problem.sinks,
+                                 problem.kv_quant.split(":", 1)[0])
+    return launch.GLUON_FAILED.get(key)

@@ -307,7 +307,11 @@ def _routing_lines(routing: Any) -> list[str]:
         return [f"  {routing}"]
     rows = [(str(r.get("problem", "")), str(r.get("backend", "")), str(r.get("variant", "")))
             for r in routing if isinstance(r, dict)]
-    return _table(("problem", "backend", "variant"), rows) if rows else ["  (none)"]
+    if not rows:
+        return ["  (none)"]
+    notes = [f"  note ({r.get('problem', '')}): {note}" for r in routing
+             if isinstance(r, dict) for note in r.get("notes") or ()]
+    return _table(("problem", "backend", "variant"), rows) + notes
 
 
 def _generic_lines(value: Any) -> list[str]:

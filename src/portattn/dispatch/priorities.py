@@ -120,10 +120,10 @@ def _features_used(problem) -> frozenset:
 class MeasuredYield:
     """Where a lead does not apply: on ``arch``, for ``problem_class``, the lead of
     ``backend`` yields to ``ahead_of`` for problems with these ``(qk, v)`` head sizes,
-    cache block sizes and sets of optional features (exactly one of ``feature_sets``:
-    ``()`` none, ``("sinks",)`` sinks alone...; a combination not listed was not measured)
-    whose ``ahead_of`` plan sets ``plan_param`` (the kernel that measured at least as
-    fast; its numbers in ``evidence``)."""
+    cache block sizes, GQA ratios, causal or not, and sets of optional features (exactly
+    one of ``feature_sets``: ``()`` none, ``("sinks",)`` sinks alone...; a combination not
+    listed was not measured) whose ``ahead_of`` plan sets ``plan_param`` (the kernel that
+    measured at least as fast; its numbers in ``evidence``)."""
 
     arch: str
     problem_class: str
@@ -134,19 +134,25 @@ class MeasuredYield:
     plan_param: str
     evidence: str
     feature_sets: tuple[tuple[str, ...], ...] = ((),)
+    gqa_ratios: tuple[int, ...] = (4,)
+    causal: bool = True
 
     def covers(self, problem) -> bool:
-        """Whether ``problem``'s heads, block size and features are measured ones (the
-        plan's part is checked by the selector, which makes the plan)."""
+        """Whether ``problem``'s heads, block size, GQA ratio, causality and features are
+        measured ones (the plan's part is checked by the selector, which makes the plan)."""
         return ((problem.head_size_qk, problem.head_size_v) in self.heads
                 and problem.block_size in self.block_sizes
+                and problem.num_q_heads % problem.num_kv_heads == 0
+                and problem.gqa_ratio in self.gqa_ratios and problem.causal == self.causal
                 and _features_used(problem) in {frozenset(f) for f in self.feature_sets})
 
     def describe(self) -> str:
         heads = "/".join(f"{qk}" if qk == v else f"{qk}x{v}" for qk, v in self.heads)
         return (f"{self.backend}'s measured lead for {self.problem_class} on {self.arch} "
                 f"yields to {self.ahead_of} here: at head {heads}, block "
-                f"{'/'.join(map(str, self.block_sizes))}, {self.ahead_of}'s "
+                f"{'/'.join(map(str, self.block_sizes))}, GQA "
+                f"{'/'.join(map(str, self.gqa_ratios))}"
+                f"{', causal' if self.causal else ''}, {self.ahead_of}'s "
                 f"{self.plan_param} kernel measured at least as fast "
                 "(dispatch.priorities.MEASURED_YIELDS)")
 
@@ -157,11 +163,11 @@ _H200_GLUON_H128 = (
     "flash_attn route's time over triton_unified's, eager / CUDA graph (> 1: ours faster): "
     "prefill 1x2048 1.91/1.06, 1x4096 1.04/1.03, 1x8192 1.03/1.04, 1x16384 1.03/0.99, "
     "4x2048 1.05/1.04, 8x4096 1.05/1.03, a 2048-query chunk over 10240 keys 1.02/1.03, "
-    "beside 7 decodes 1.03/1.00, beside 63 1.08/1.22, 1100 + 127 decodes 1.17/1.15, "
+    "beside 7 decodes 1.03/0.99, beside 63 1.08/1.22, 1100 + 127 decodes 1.17/1.15, "
     "4096 + 255 decodes 1.18/1.25, fp16 1x8192 1.02/1.04, sinks 1.02/1.00, softcap 30 "
     "1.20/1.18 (sliding windows: FA4 ahead, 0.90/0.90 at 1024, 0.94/0.99 at 4096, so they "
-    "keep the lead); sessions 15-17 (TFLOP/s bench, same routes): 1x8192 1.01-1.06, 4x2048 "
-    "0.97-1.07, 1x4096 0.95-1.04, chunk + 63 decodes 1.05-1.13")
+    "keep the lead; GQA 4 and causal only); sessions 15-17 (TFLOP/s bench, same routes): "
+    "1x8192 1.01-1.06, 4x2048 0.97-1.07, 1x4096 0.95-1.04, chunk + 63 decodes 1.05-1.13")
 
 #: Rows of :data:`MEASURED_LEADS` that yield where our own kernel caught up. Change a row
 #: only with a new measurement (``benchmarks/routing_bench.py`` prints both routes).

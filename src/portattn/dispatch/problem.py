@@ -33,6 +33,18 @@ def bucket(n: int) -> int:
     return 0 if n <= 0 else 1 << (int(n) - 1).bit_length()
 
 
+def cache_slot_rows(t: torch.Tensor) -> bool:
+    """Whether cache ``t`` ``[num_blocks, block_size, heads, head]`` is a table of rows:
+    its slots evenly spaced (block stride = block_size x slot stride), each holding every
+    head, the last dim contiguous and the slot stride a multiple of 16 bytes: what a TMA
+    read of whole blocks as rows needs (the Gluon prefill; a cache whose K and V
+    interleave per block, ``PagedKVCache.allocate(layout="packed")``, is not). Pointer
+    alignment is a launch-time fact, not part of it."""
+    sb, ss, sh, sd = t.stride()
+    return (sd == 1 and sb == t.shape[1] * ss and (t.shape[2] - 1) * sh + t.shape[3] <= ss
+            and (ss * t.element_size()) % 16 == 0)
+
+
 @dataclass(frozen=True)
 class Problem:
     device_type: str
@@ -54,6 +66,7 @@ class Problem:
     max_seqlen_k: int = 1    # bucketed
     num_seqs: int = 1        # bucketed
     packed_kv: bool = False  # K and V are views of one DiffKV tensor
+    kv_rows: bool = True     # every cache slot an evenly spaced row (see cache_slot_rows)
 
     @property
     def gqa_ratio(self) -> int:
@@ -98,7 +111,8 @@ class Problem:
                 f"{self.num_kv_heads}, head size {self.head_size_qk}"
                 + (f"/{self.head_size_v}" if self.diffkv else "")
                 + f", block {self.block_size}, k<={self.max_seqlen_k}, seqs<={self.num_seqs}, "
-                + ", ".join(self.features()))
+                + ", ".join(self.features())
+                + ("" if self.kv_rows else ", cache slots not evenly spaced rows"))
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -118,7 +132,8 @@ class Problem:
             softcap=options.softcap is not None, alibi=options.alibi,
             sinks=options.sinks is not None, max_seqlen_q=bucket(max_seqlen_q),
             max_seqlen_k=bucket(max_seqlen_k), num_seqs=bucket(metadata.seq_lens.shape[0]),
-            packed_kv=cache.packed)
+            packed_kv=cache.packed,
+            kv_rows=cache_slot_rows(cache.key_cache) and cache_slot_rows(cache.value_cache))
 
     @classmethod
     def make(cls, *, num_q_heads: int = 32, num_kv_heads: int = 8, head_size: int = 128,
@@ -127,9 +142,10 @@ class Problem:
              out_dtype: torch.dtype | str | None = None, device_type: str = "cuda",
              query_len: int = 1, seq_len: int = 8192, num_seqs: int = 1, causal: bool = True,
              sliding_window: bool = False, softcap: bool = False, alibi: str = "none",
-             sinks: bool = False) -> "Problem":
+             sinks: bool = False, kv_rows: bool = True) -> "Problem":
         """A problem described without tensors (``portattn explain``, the report's routing
-        table, tests). ``kv_quant`` is a :attr:`KVQuant.key` string."""
+        table, tests). ``kv_quant`` is a :attr:`KVQuant.key` string; ``kv_rows=False``:
+        a cache whose slots are not rows (:func:`cache_slot_rows`)."""
         dtype = DTYPES_BY_NAME[dtype] if isinstance(dtype, str) else dtype
         if isinstance(out_dtype, str):
             out_dtype = DTYPES_BY_NAME[out_dtype]
@@ -148,4 +164,4 @@ class Problem:
                    block_size=block_size, causal=causal, sliding_window=sliding_window,
                    softcap=softcap, alibi=alibi, sinks=sinks, max_seqlen_q=bucket(query_len),
                    max_seqlen_k=bucket(seq_len), num_seqs=bucket(num_seqs),
-                   packed_kv=head_size_v != head_size)
+                   packed_kv=head_size_v != head_size, kv_rows=kv_rows)

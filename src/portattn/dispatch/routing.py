@@ -42,7 +42,7 @@ def routing_table(caps: Capabilities) -> list[dict]:
         try:
             decision = decide(problem, caps, log=False)  # a listing, not a call
             rows.append({"problem": name, "backend": decision.backend,
-                         "variant": decision.plan.describe()})
+                         "variant": decision.plan.describe(), "notes": list(decision.notes)})
         except UnsupportedError as exc:
             rows.append({"problem": name, "backend": "none",
                          "variant": str(exc).splitlines()[0]})

@@ -450,10 +450,31 @@ def launch_staged(q, cache, metadata, options, out, params: dict,
                                                 staged, staged_meta, long, stage_from - 1))
 
 
-#: Gluon prefill launches that raised in auto mode, by (q dtype, head, block size,
-#: causal, what it read, the kernel's score and scale switches): those calls stage their
-#: keys (and run the unified kernel over them) from then on, in this process.
+#: Gluon prefill launches that raised in auto mode, by :func:`gluon_class_key`: those
+#: calls stage their keys (and run the unified kernel over them) from then on, in this
+#: process, and plans made after the failure say so (``backends.gluon_rules``).
 GLUON_FAILED: dict[tuple, str] = {}
+
+
+def gluon_class_key(q_dtype, head_size: int, block_size: int, causal: bool, reads: str,
+                    sliding_window: bool, softcap: bool, alibi: str, sinks: bool,
+                    quant_mode: str) -> tuple:
+    """The class of a Gluon prefill launch in :data:`GLUON_FAILED`: q dtype, head and
+    block size, causal, what it reads (``"cache"`` / ``"staged"``), the score features
+    used (``alibi``: ``"none"`` / ``"linear"`` / ``"sqrt"``) and the cache's quant mode."""
+    return (q_dtype, head_size, block_size, bool(causal), reads, bool(sliding_window),
+            bool(softcap), alibi, bool(sinks), quant_mode)
+
+
+def _forget_plans() -> None:
+    """Decisions and plans made while a kernel was thought to work (a routing that chose
+    our backend for it among them) are made again at the next call; plans the caller
+    holds (:func:`portattn.plan`) keep theirs and stage."""
+    from portattn import planning
+    from portattn.dispatch.selector import decision_cache
+
+    decision_cache.clear()
+    planning.forget_plans()
 
 
 def reads_cache(params: dict) -> bool:
@@ -505,9 +526,9 @@ def _try_gluon(q, cache, metadata, options, out, params: dict, min_q: int,
             raise InputError("q / cache / out", "tensors the Gluon prefill's descriptors "
                              "can read (PORTATTN_GLUON=1 forces it)", "; ".join(why))
         return False
-    key = (q.dtype, q.shape[2], cache.block_size, bool(options.causal), reads,
-           options.sliding_window is not None, options.softcap is not None, options.alibi,
-           options.sinks is not None, cache.quant.mode)
+    key = gluon_class_key(q.dtype, q.shape[2], cache.block_size, options.causal, reads,
+                          options.sliding_window is not None, options.softcap is not None,
+                          options.alibi, options.sinks is not None, cache.quant.mode)
     if key in GLUON_FAILED and not forced:
         return False
     try:
@@ -517,6 +538,7 @@ def _try_gluon(q, cache, metadata, options, out, params: dict, min_q: int,
             raise
         _remember_failure(GLUON_FAILED, key, exc, "the Gluon prefill failed, staged prefill "
                           "used instead for this class")
+        _forget_plans()
         return False
     return True
 
