@@ -162,6 +162,27 @@ def scale_as_tensor(scale: Scale, device: torch.device) -> torch.Tensor:
 # --------------------------------------------------------------------------- PagedKVCache
 
 
+def slot_row_reasons(name: str, t: torch.Tensor) -> list[str]:
+    """Why cache ``t`` ``[num_blocks, block_size, heads, head]`` is not a table of rows
+    (empty: it is): its last dim contiguous, its slots evenly spaced (block stride =
+    block_size x slot stride), each holding every head, the slot stride a multiple of 16
+    bytes. What a TMA read of whole blocks as rows needs, from the strides alone (pointer
+    alignment is a launch-time fact); a cache whose K and V interleave per block
+    (``PagedKVCache.allocate(layout="packed")``) is not."""
+    sb, ss, sh, sd = t.stride()
+    reasons = []
+    if sd != 1:
+        reasons.append(f"{name}'s last dim is not contiguous")
+    if sb != t.shape[1] * ss:
+        reasons.append(f"{name}'s block stride {sb} is not block_size x its slot stride "
+                       f"({t.shape[1]} x {ss}): its slots are not evenly spaced rows")
+    if (t.shape[2] - 1) * sh + t.shape[3] > ss:
+        reasons.append(f"{name}'s heads do not fit in one slot row")
+    if (ss * t.element_size()) % 16:
+        reasons.append(f"{name}'s slot stride is not 16-byte aligned")
+    return reasons
+
+
 class PagedKVCache:
     """A paged KV cache: split K and V views plus how they are quantized.
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from portattn.errors import UnsupportedError
 from portattn.kernels import gluon_launch
+from portattn.kernels.heuristics import quant_mode
 
 
 def _setting() -> bool | None:
@@ -92,5 +93,5 @@ def gluon_failure(problem, reads: str) -> str | None:
     key = launch.gluon_class_key(problem.q_dtype, problem.head_size_qk, problem.block_size,
                                  problem.causal, reads, problem.sliding_window,
                                  problem.softcap, problem.alibi, problem.sinks,
-                                 problem.kv_quant.split(":", 1)[0])
+                                 quant_mode(problem.kv_quant))
     return launch.GLUON_FAILED.get(key)

@@ -142,7 +142,6 @@ class MeasuredYield:
         measured ones (the plan's part is checked by the selector, which makes the plan)."""
         return ((problem.head_size_qk, problem.head_size_v) in self.heads
                 and problem.block_size in self.block_sizes
-                and problem.num_q_heads % problem.num_kv_heads == 0
                 and problem.gqa_ratio in self.gqa_ratios and problem.causal == self.causal
                 and _features_used(problem) in {frozenset(f) for f in self.feature_sets})
 

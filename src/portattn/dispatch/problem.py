@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from portattn.types import slot_row_reasons
+
 _DTYPE_NAMES = {
     torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
     torch.float8_e4m3fn: "float8_e4m3fn", torch.float8_e5m2: "float8_e5m2", torch.int8: "int8",
@@ -34,15 +36,8 @@ def bucket(n: int) -> int:
 
 
 def cache_slot_rows(t: torch.Tensor) -> bool:
-    """Whether cache ``t`` ``[num_blocks, block_size, heads, head]`` is a table of rows:
-    its slots evenly spaced (block stride = block_size x slot stride), each holding every
-    head, the last dim contiguous and the slot stride a multiple of 16 bytes: what a TMA
-    read of whole blocks as rows needs (the Gluon prefill; a cache whose K and V
-    interleave per block, ``PagedKVCache.allocate(layout="packed")``, is not). Pointer
-    alignment is a launch-time fact, not part of it."""
-    sb, ss, sh, sd = t.stride()
-    return (sd == 1 and sb == t.shape[1] * ss and (t.shape[2] - 1) * sh + t.shape[3] <= ss
-            and (ss * t.element_size()) % 16 == 0)
+    """Whether cache ``t`` is a table of rows (:func:`portattn.types.slot_row_reasons`)."""
+    return not slot_row_reasons("cache", t)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import functools
 import torch
 
 from portattn.kernels.heuristics import quant_mode
+from portattn.types import slot_row_reasons
 
 #: Tiles by head size (the head sizes the kernel serves), from the H200 (bf16, block 16,
 #: benchmarks/NOTES.md session 13): (keys per K/V tile, ring depth). Head 128 4 x 2048
@@ -152,20 +153,13 @@ def unmeasured_reasons(*, head_size_qk: int, block_size: int, kv_quant: str = "n
 def _row_view_reasons(name: str, t: torch.Tensor) -> list[str]:
     """Why cache ``t`` ``[num_blocks, block_size, heads, head]`` cannot be seen as rows
     ``[num_blocks * block_size, slot stride]`` for TMA, or ``[..., heads, head]`` with
-    its head stride (empty: it can)."""
-    sb, ss, sh, sd = t.stride()
-    elem = t.element_size()
-    reasons = []
-    if sd != 1:
-        reasons.append(f"{name}'s last dim is not contiguous")
-    if sb != t.shape[1] * ss:
-        reasons.append(f"{name}'s block stride {sb} is not block_size x its slot stride "
-                       f"({t.shape[1]} x {ss}): its slots are not evenly spaced rows")
-    if (t.shape[2] - 1) * sh + t.shape[3] > ss:
-        reasons.append(f"{name}'s heads do not fit in one slot row")
-    if (ss * elem) % _ALIGN or t.data_ptr() % _ALIGN:
-        reasons.append(f"{name}'s base or slot stride is not {_ALIGN}-byte aligned")
-    if t.shape[3] not in TILES and t.shape[2] > 1 and (sh * elem) % _ALIGN:  # rank-3 stride
+    its head stride (empty: it can): :func:`portattn.types.slot_row_reasons`, then its
+    base, head stride and row count."""
+    reasons = slot_row_reasons(name, t)
+    if t.data_ptr() % _ALIGN:
+        reasons.append(f"{name}'s base is not {_ALIGN}-byte aligned")
+    if t.shape[3] not in TILES and t.shape[2] > 1 and \
+            (t.stride(2) * t.element_size()) % _ALIGN:  # a rank-3 stride
         reasons.append(f"{name}'s head stride is not {_ALIGN}-byte aligned (a head narrower "
                        "than its tile is read through a descriptor with that stride)")
     if t.shape[0] * t.shape[1] >= 2 ** 31:
