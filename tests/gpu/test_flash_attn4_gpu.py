@@ -246,3 +246,40 @@ def test_auto_routing_on_this_gpu(monkeypatch):
     decision = portattn.explain(decode.q, decode.cache, decode.metadata)
     expected = "triton_unified" if caps.triton_kernels.ok else "flash_attn"
     assert decision.backend == expected, decision
+
+
+@pytest.mark.parametrize("features, yields", [
+    (dict(sinks=True), True),
+    (dict(softcap=30.0), True),
+    (dict(sliding_window=1024), False),  # FA4 was faster with windows: not in the row
+    (dict(layout="packed"), False),  # K and V interleaved per block: not TMA rows
+], ids=["sinks", "softcap", "window", "packed-cache"])
+def test_the_yield_covers_what_was_measured(monkeypatch, features, yields):
+    """MEASURED_YIELDS' row on this GPU: FA4's long-chunk lead yields to our Gluon prefill
+    with sinks or a softcap, and keeps it with a sliding window or a cache whose slots
+    are not rows (the launch would stage it)."""
+    monkeypatch.delenv("PORTATTN_FLASH_ATTN_INTERFACE", raising=False)
+    caps = portattn.probe()
+    if not ("fa4" in caps.flash_attn_interfaces and caps.flash_attn.ok):
+        pytest.skip(f"FA4 is not usable here: {caps.flash_attn}")
+    options = dict(features)
+    layout = options.pop("layout", "split")
+    batch = make_paged_batch([2048], [2048], num_q_heads=32, num_kv_heads=8, head_size=128,
+                             block_size=16, dtype=torch.bfloat16, device="cuda",
+                             layout=layout, poison=False)
+    if options.pop("sinks", False):
+        options["sinks"] = torch.randn(32, device="cuda", dtype=torch.float32)
+    ours = portattn.explain(batch.q, batch.cache, batch.metadata, backend="triton_unified",
+                            **options)
+    if yields and not ours.plan.params.get("gluon"):
+        pytest.skip(f"this Triton plans no Gluon prefill here: {ours.plan.params}")
+    decision = portattn.explain(batch.q, batch.cache, batch.metadata, **options)
+    noted = any("yields to triton_unified" in note for note in decision.notes)
+    if yields:
+        assert decision.backend == "triton_unified" and noted, decision
+    else:
+        assert decision.backend == "flash_attn" and not noted, decision
+    out = portattn.attention(batch.q, batch.cache, batch.metadata, **options)
+    reference = portattn.attention(batch.q, batch.cache, batch.metadata, backend="torch_ref",
+                                   **options)
+    assert relative_error(out, reference) < TOL[torch.bfloat16]
