@@ -1,5 +1,7 @@
 """Bad input: a clear InputError naming the argument, raised before anything runs."""
 
+import re
+
 import pytest
 import torch
 
@@ -289,3 +291,90 @@ def test_docs_say_what_is_not_checked_on_a_gpu():
             assert promise in text
         assert "validate=True" in text and "PORTATTN_VALIDATE=1" in text
     assert "GPU metadata is not value-checked by default" in readme
+
+
+def _fp8_batch(k_scale):
+    """A small fp8 per-tensor cache built here (not with the package's write)."""
+    gen = torch.Generator().manual_seed(3)
+    k = (torch.randn(4, 16, 2, 32, generator=gen) * 4).to(torch.float8_e4m3fn)
+    v = (torch.randn(4, 16, 2, 32, generator=gen) * 4).to(torch.float8_e4m3fn)
+    cache = portattn.PagedKVCache(k, v, portattn.KVQuant.fp8_per_tensor(k_scale, 0.25))
+    metadata = AttentionMetadata.from_lengths([1, 2], [20, 9],
+                                              torch.tensor([[2, 0], [3, 1]], dtype=torch.int32))
+    q = torch.randn(3, 4, 32, generator=gen)
+    return q, cache, metadata
+
+
+@pytest.mark.parametrize("value", [0.0, -2.0, float("nan"), float("inf")])
+def test_a_scale_tensor_changed_in_place_is_caught_with_validate(value):
+    k_scale = torch.tensor([0.5])
+    q, cache, metadata = _fp8_batch(k_scale)
+    portattn.attention(q, cache, metadata, backend="torch_ref", validate=True)
+    plan = portattn.plan(metadata, num_q_heads=4, dtype=q.dtype, cache=cache,
+                         backend="torch_ref")
+    k_scale.fill_(value)
+    with pytest.raises(InputError, match=r"^quant.k_scale: expected a finite positive"):
+        portattn.attention(q, cache, metadata, backend="torch_ref", validate=True)
+    with pytest.raises(InputError, match=r"^quant.k_scale: expected a finite positive"):
+        plan.run(q, cache, validate=True)
+
+
+def _reassign(cache, name):
+    k = cache.key_cache
+    if name == "value_cache (heads)":
+        cache.value_cache = torch.zeros(k.shape[0], k.shape[1], 1, k.shape[3], dtype=k.dtype)
+        return "cache.value_cache"
+    if name == "value_cache (dtype)":
+        cache.value_cache = torch.zeros(k.shape, dtype=torch.float16)
+        return "cache.value_cache"
+    if name == "quant (not a KVQuant)":
+        cache.quant = "none"
+        return "cache.quant"
+    if name == "quant (storage)":
+        cache.quant = portattn.KVQuant.none()
+        return "cache.key_cache"
+    if name == "k_scale_cache (shape)":
+        cache.k_scale_cache = torch.ones(k.shape[0], k.shape[1], 3)
+        return "cache.k_scale_cache"
+    if name == "v_scale_cache (dtype)":
+        cache.v_scale_cache = torch.ones(k.shape[:3], dtype=torch.float16)
+        return "cache.v_scale_cache"
+    cache.v_scale_cache = None
+    return "cache.v_scale_cache"
+
+
+@pytest.mark.parametrize("name", ["value_cache (heads)", "value_cache (dtype)",
+                                  "quant (not a KVQuant)", "quant (storage)",
+                                  "k_scale_cache (shape)", "v_scale_cache (dtype)",
+                                  "v_scale_cache (None)"])
+def test_cache_attributes_reassigned_after_construction_are_checked(name):
+    batch = make_paged_batch([1, 2], [20, 9], num_q_heads=4, num_kv_heads=2, head_size=32,
+                             dtype=torch.float32,
+                             quant=portattn.KVQuant.int8_per_token_head())
+    portattn.attention(batch.q, batch.cache, batch.metadata, backend="torch_ref")
+    argument = _reassign(batch.cache, name)
+    with pytest.raises(InputError, match=rf"^{re.escape(argument)}: expected"):
+        portattn.attention(batch.q, batch.cache, batch.metadata, backend="torch_ref")
+
+
+def test_a_scale_cache_given_without_a_per_token_head_mode_is_named():
+    k = torch.zeros(2, 4, 1, 32, dtype=torch.float16)
+    with pytest.raises(InputError, match=r"^v_scale_cache: expected None unless quant"):
+        portattn.PagedKVCache(k, k.clone(), None, v_scale_cache=torch.ones(2, 4, 1))
+
+
+@pytest.mark.parametrize("mode", ["fp8_per_tensor", "fp8_per_token_head"])
+def test_an_e5m2_cache_takes_its_format_from_the_tensors(mode):
+    k = torch.zeros(2, 4, 1, 32, dtype=torch.float8_e5m2)
+    quant = portattn.KVQuant.fp8_per_tensor(0.5, 0.5) if mode == "fp8_per_tensor" else \
+        portattn.KVQuant.fp8_per_token_head()
+    assert portattn.PagedKVCache(k, k.clone(), quant).quant.fp8_dtype == torch.float8_e5m2
+    made = portattn.PagedKVCache.allocate(2, 4, 1, 32, dtype=torch.float8_e5m2, quant=quant)
+    assert made.key_cache.dtype == torch.float8_e5m2
+    assert portattn.PagedKVCache.allocate(2, 4, 1, 32, quant=quant).key_cache.dtype == \
+        torch.float8_e4m3fn
+    named = portattn.KVQuant.fp8_per_tensor(0.5, 0.5, dtype=torch.float8_e4m3fn) \
+        if mode == "fp8_per_tensor" else \
+        portattn.KVQuant.fp8_per_token_head(dtype=torch.float8_e4m3fn)
+    with pytest.raises(InputError, match=r"^key_cache: expected dtype torch.float8_e4m3fn"):
+        portattn.PagedKVCache(k, k.clone(), named)

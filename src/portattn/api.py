@@ -64,8 +64,11 @@ def attention(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMetadata,
     head_size_v]`` (written into ``out`` when given). See DESIGN.md for the semantics of
     each option; ``backend`` forces a backend by name (``UnsupportedError`` when it cannot
     serve the call); ``validate`` forces value checks on (or off) for GPU metadata.
-    Under ``torch.compile`` the call becomes the custom op
-    ``torch.ops.portattn.paged_attention`` (no graph break).
+    Scales held in GPU tensors (``q_scale``, ``output_scale``, a ``KVQuant``'s
+    ``k_scale`` / ``v_scale``) are range-checked (finite, positive) only with
+    ``validate=True``: reading them synchronizes with the device. Under
+    ``torch.compile`` the call becomes the custom op ``torch.ops.portattn.paged_attention``
+    (no graph break).
     """
     values = (scale, causal, sliding_window, softcap, alibi_slopes, alibi_sqrt, sinks,
               q_scale, output_scale)  # in OPTION_NAMES order

@@ -19,6 +19,9 @@ def _demo(args: argparse.Namespace) -> int:
     from portattn.testing import dense_attention, make_paged_batch, relative_error
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"error: --device {device}: this torch sees no CUDA/ROCm GPU", file=sys.stderr)
+        return 2
     dtype = getattr(torch, args.dtype) if args.dtype else \
         (torch.bfloat16 if device != "cpu" else torch.float32)
     gen = torch.Generator().manual_seed(args.seed)
@@ -158,8 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "bench":
         return _bench(argv[1:])
     args = build_parser().parse_args(argv)
+    from portattn.errors import InputError, UnsupportedError
+
     try:
         return args.func(args)
+    except (InputError, UnsupportedError) as exc:  # bad arguments, or nothing serves them
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # `portattn report | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -64,7 +64,13 @@ from portattn.errors import InputError, UnsupportedError
 from portattn.options import AttentionOptions, normalize_options
 from portattn.settings import VALIDATE_INDEX, VALIDATE_VALUES, decision_environment
 from portattn.types import FP8_DTYPES, AttentionMetadata, KVQuant, PagedKVCache, Scale, _describe
-from portattn.validation import check_out, check_structure, check_values, validation_requested
+from portattn.validation import (
+    check_out,
+    check_scale_values,
+    check_structure,
+    check_values,
+    validation_requested,
+)
 
 _MISSING = object()
 _CONTIGUOUS = torch.contiguous_format
@@ -317,7 +323,10 @@ class AttentionPlan:
         """Attention of one layer: ``q`` ``[num_tokens, num_q_heads, head_size_qk]`` over
         ``cache`` (any layer's: only its structure must match the plan). Per-layer
         tensors (``alibi_slopes``, ``sinks``, fp8 ``q_scale`` / ``output_scale``) are given
-        here when the plan uses them. Returns ``out`` (allocated when None)."""
+        here when the plan uses them. Returns ``out`` (allocated when None).
+        ``validate=True`` adds the value checks, which read the device: the metadata's
+        values and scales held in GPU tensors (``q_scale``, ``output_scale``, the cache
+        quant's ``k_scale`` / ``v_scale``: finite and positive)."""
         layer = (alibi_slopes, sinks, q_scale, output_scale)
         try:
             sig = layer_signature(q, cache, out, *layer)
@@ -350,6 +359,7 @@ class AttentionPlan:
         check_out(q, cache, out, options.out_dtype)
         if values:
             check_values(q, cache, metadata)
+            check_scale_values(cache, options.q_scale, options.output_scale)
             _check_hints(metadata, self.max_seqlen_q, self.max_seqlen_k)
         check_hint_bounds(q, metadata, self.max_seqlen_q, self.max_seqlen_k)
         call = Problem.from_call(q, cache, metadata, options, self.max_seqlen_q,

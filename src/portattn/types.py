@@ -10,8 +10,9 @@ Layout (see DESIGN.md, "Data model"):
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -61,6 +62,10 @@ class KVQuant:
     k_scale: Scale | None = None
     v_scale: Scale | None = None
     fp8_dtype: torch.dtype | None = None
+    #: The fp8 format was not named (the factories' ``dtype=None``): ``fp8_dtype`` is
+    #: e4m3fn until a :class:`PagedKVCache` of e5m2 tensors takes this quant, which then
+    #: holds a copy with the cache's format.
+    fp8_dtype_from_cache: bool = field(default=False, compare=False)
 
     MODES = ("none", "fp8_per_tensor", "int8_per_token_head", "fp8_per_token_head")
 
@@ -81,16 +86,29 @@ class KVQuant:
 
     @classmethod
     def fp8_per_tensor(cls, k_scale: Scale, v_scale: Scale,
-                       dtype: torch.dtype = torch.float8_e4m3fn) -> "KVQuant":
-        return cls("fp8_per_tensor", k_scale, v_scale, dtype)
+                       dtype: torch.dtype | None = None) -> "KVQuant":
+        """``dtype``: the cache's fp8 format; None: the format of the cache tensors this
+        quant is given to (e4m3fn or e5m2; e4m3fn for :meth:`PagedKVCache.allocate`
+        unless its ``dtype`` names e5m2)."""
+        return cls("fp8_per_tensor", k_scale, v_scale, dtype or torch.float8_e4m3fn,
+                   fp8_dtype_from_cache=dtype is None)
 
     @classmethod
     def int8_per_token_head(cls) -> "KVQuant":
         return cls("int8_per_token_head")
 
     @classmethod
-    def fp8_per_token_head(cls, dtype: torch.dtype = torch.float8_e4m3fn) -> "KVQuant":
-        return cls("fp8_per_token_head", fp8_dtype=dtype)
+    def fp8_per_token_head(cls, dtype: torch.dtype | None = None) -> "KVQuant":
+        """``dtype`` as in :meth:`fp8_per_tensor`."""
+        return cls("fp8_per_token_head", fp8_dtype=dtype or torch.float8_e4m3fn,
+                   fp8_dtype_from_cache=dtype is None)
+
+    def in_format_of(self, storage: torch.dtype) -> "KVQuant":
+        """This quant for a cache stored as ``storage``: a copy in that fp8 format when
+        the format was left to the cache, else itself."""
+        if self.fp8_dtype_from_cache and storage in FP8_DTYPES and storage != self.fp8_dtype:
+            return dataclasses.replace(self, fp8_dtype=storage)
+        return self
 
     # -- derived facts ------------------------------------------------------------------
     @property
@@ -199,44 +217,74 @@ class PagedKVCache:
                  quant: KVQuant | None = None, *, k_scale_cache: torch.Tensor | None = None,
                  v_scale_cache: torch.Tensor | None = None, packed: bool = False):
         self.quant = quant if quant is not None else KVQuant.none()
-        if not isinstance(self.quant, KVQuant):
-            raise InputError("quant", "a portattn.KVQuant", _describe(quant))
-        _check_cache_tensor("key_cache", key_cache)
-        _check_cache_tensor("value_cache", value_cache)
-        if value_cache.shape[:3] != key_cache.shape[:3]:
-            raise InputError("value_cache", "the same [num_blocks, block_size, num_kv_heads] "
-                             f"as key_cache {tuple(key_cache.shape[:3])}",
-                             f"{tuple(value_cache.shape)}")
-        if key_cache.dtype != value_cache.dtype or key_cache.device != value_cache.device:
-            raise InputError("value_cache", f"dtype {key_cache.dtype} on {key_cache.device} "
-                             "like key_cache", f"{value_cache.dtype} on {value_cache.device}")
-        want = self.quant.storage_dtype
-        if want is None and key_cache.dtype not in FLOAT_DTYPES:
-            raise InputError("key_cache", "float16, bfloat16 or float32 for an unquantized "
-                             "cache (pass quant=KVQuant... for fp8/int8 storage)",
-                             str(key_cache.dtype))
-        if want is not None and key_cache.dtype != want:
-            raise InputError("key_cache", f"dtype {want} for quant mode {self.quant.key}",
-                             str(key_cache.dtype))
-        for name in ("k_scale", "v_scale"):
-            value = getattr(self.quant, name)
-            if isinstance(value, torch.Tensor) and value.device != key_cache.device:
-                raise InputError(f"quant.{name}", f"a tensor on the cache's device "
-                                 f"{key_cache.device}", str(value.device))
+        if isinstance(self.quant, KVQuant) and isinstance(key_cache, torch.Tensor):
+            self.quant = self.quant.in_format_of(key_cache.dtype)
         self.key_cache = key_cache
         self.value_cache = value_cache
         self.packed = packed
-        self.k_scale_cache: torch.Tensor | None = None
-        self.v_scale_cache: torch.Tensor | None = None
-        if self.quant.per_token_head:
+        self.k_scale_cache: torch.Tensor | None = k_scale_cache
+        self.v_scale_cache: torch.Tensor | None = v_scale_cache
+        self._check_tensors("")
+        if self.quant.per_token_head:  # zero-filled unless passed in
             shape = tuple(key_cache.shape[:3])
-            self.k_scale_cache = _scale_cache("k_scale_cache", k_scale_cache, shape,
-                                              key_cache.device)
-            self.v_scale_cache = _scale_cache("v_scale_cache", v_scale_cache, shape,
-                                              key_cache.device)
-        elif k_scale_cache is not None or v_scale_cache is not None:
-            raise InputError("k_scale_cache", "None unless quant is a per-token-head mode",
-                             f"a scale cache with quant mode {self.quant.key}")
+            if k_scale_cache is None:
+                self.k_scale_cache = torch.zeros(shape, dtype=torch.float32,
+                                                 device=key_cache.device)
+            if v_scale_cache is None:
+                self.v_scale_cache = torch.zeros(shape, dtype=torch.float32,
+                                                 device=key_cache.device)
+        self._check_scale_caches("")
+
+    def check_fields(self) -> None:
+        """Check the attributes again (every checked call does, without touching the
+        device): ``key_cache``, ``value_cache``, ``quant`` and the scale caches may have
+        been reassigned since the constructor checked them. Raises :class:`InputError`
+        naming the attribute (``cache.<name>``)."""
+        self._check_tensors("cache.")
+        self._check_scale_caches("cache.")
+
+    def _check_tensors(self, prefix: str) -> None:
+        quant, key_cache, value_cache = self.quant, self.key_cache, self.value_cache
+        if not isinstance(quant, KVQuant):
+            raise InputError(f"{prefix}quant", "a portattn.KVQuant", _describe(quant))
+        _check_cache_tensor(f"{prefix}key_cache", key_cache)
+        _check_cache_tensor(f"{prefix}value_cache", value_cache)
+        if value_cache.shape[:3] != key_cache.shape[:3]:
+            raise InputError(f"{prefix}value_cache", "the same [num_blocks, block_size, "
+                             f"num_kv_heads] as key_cache {tuple(key_cache.shape[:3])}",
+                             f"{tuple(value_cache.shape)}")
+        if key_cache.dtype != value_cache.dtype or key_cache.device != value_cache.device:
+            raise InputError(f"{prefix}value_cache", f"dtype {key_cache.dtype} on "
+                             f"{key_cache.device} like key_cache",
+                             f"{value_cache.dtype} on {value_cache.device}")
+        want = quant.storage_dtype
+        if want is None and key_cache.dtype not in FLOAT_DTYPES:
+            raise InputError(f"{prefix}key_cache", "float16, bfloat16 or float32 for an "
+                             "unquantized cache (pass quant=KVQuant... for fp8/int8 storage)",
+                             str(key_cache.dtype))
+        if want is not None and key_cache.dtype != want:
+            raise InputError(f"{prefix}key_cache", f"dtype {want} for quant mode {quant.key}",
+                             str(key_cache.dtype))
+        for name in ("k_scale", "v_scale"):
+            value = getattr(quant, name)
+            if isinstance(value, torch.Tensor) and value.device != key_cache.device:
+                raise InputError(f"{prefix}quant.{name}", f"a tensor on the cache's device "
+                                 f"{key_cache.device}", str(value.device))
+
+    def _check_scale_caches(self, prefix: str) -> None:
+        shape = tuple(self.key_cache.shape[:3])
+        device = self.key_cache.device
+        for name in ("k_scale_cache", "v_scale_cache"):
+            given = getattr(self, name)
+            if not self.quant.per_token_head:
+                if given is not None:
+                    raise InputError(f"{prefix}{name}", "None unless quant is a "
+                                     "per-token-head mode", f"a scale cache with quant mode "
+                                     f"{self.quant.key}")
+            elif not isinstance(given, torch.Tensor) or tuple(given.shape) != shape or \
+                    given.dtype != torch.float32 or given.device != device:
+                raise InputError(f"{prefix}{name}", f"a float32 tensor {list(shape)} on "
+                                 f"{device}", _describe(given))
 
     # -- constructors -------------------------------------------------------------------
     @classmethod
@@ -262,7 +310,8 @@ class PagedKVCache:
         ``layout``: ``"split"`` (two tensors), ``"packed"`` (one ``[num_blocks, 2,
         block_size, H, D]`` tensor, K and V as views) or ``"diffkv"`` (one ``[num_blocks,
         block_size, H, head_size + head_size_v]`` tensor). With a quantized ``quant`` the
-        storage dtype comes from it and ``dtype`` is ignored.
+        storage dtype comes from it and ``dtype`` is ignored, except that an fp8 ``quant``
+        made without naming its format takes e5m2 from ``dtype=torch.float8_e5m2``.
         """
         quant = quant if quant is not None else KVQuant.none()
         head_size_v = head_size if head_size_v is None else head_size_v
@@ -271,6 +320,7 @@ class PagedKVCache:
                             ("head_size_v", head_size_v)):
             if not isinstance(value, int) or value <= 0:
                 raise InputError(name, "a positive int", repr(value))
+        quant = quant.in_format_of(dtype)
         storage = quant.storage_dtype or dtype
         shape = (num_blocks, block_size, num_kv_heads)
         if layout == "split":
@@ -421,16 +471,6 @@ def check_has_data(name: str, t: torch.Tensor) -> None:
     if t.device.type in DATALESS_DEVICE_TYPES:
         raise InputError(name, "a tensor holding data (on the CPU or a GPU)",
                          f"a tensor on the {t.device.type} device, which holds no values")
-
-
-def _scale_cache(name: str, given: torch.Tensor | None, shape: tuple[int, ...],
-                 device: torch.device) -> torch.Tensor:
-    if given is None:
-        return torch.zeros(shape, dtype=torch.float32, device=device)
-    if not isinstance(given, torch.Tensor) or tuple(given.shape) != shape or \
-            given.dtype != torch.float32 or given.device != device:
-        raise InputError(name, f"a float32 tensor {list(shape)} on {device}", _describe(given))
-    return given
 
 
 # --------------------------------------------------------------------------- metadata

@@ -86,6 +86,7 @@ def check_structure(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMet
         raise InputError("q", "a 3-D tensor [num_tokens, num_q_heads, head_size_qk]",
                          _describe(q))
     check_has_data("q", q)  # every other tensor must be on q's device
+    cache.check_fields()  # attributes reassigned since the constructor
     if q.dtype not in FLOAT_DTYPES + FP8_DTYPES:
         raise InputError("q", "dtype float16, bfloat16, float32 (or fp8 with q_scale)",
                          str(q.dtype))
@@ -200,9 +201,11 @@ def check_values(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMetada
 
 def check_scale_values(cache: PagedKVCache, q_scale=None, output_scale=None) -> None:
     """Tensor scales on a GPU are range-checked only here (``validate=True``): reading
-    them synchronizes. Each must be finite and positive."""
+    them synchronizes. Each must be finite and positive. CPU tensors are read too: the
+    cache's scales were checked when its ``KVQuant`` was made, but a tensor can be
+    changed in place since."""
     for name, scale in (("quant.k_scale", cache.quant.k_scale),
                         ("quant.v_scale", cache.quant.v_scale), ("q_scale", q_scale),
                         ("output_scale", output_scale)):
-        if isinstance(scale, torch.Tensor) and scale.device.type != "cpu":
+        if isinstance(scale, torch.Tensor):
             check_scale_value(name, float(scale.reshape(()).item()))

@@ -237,3 +237,25 @@ def test_caches_are_freed_when_dropped():
     gc.collect()
     assert [r() for r in refs] == [None] * 4
     assert torch.cuda.memory_allocated() < before - 4 * 2 * 600e6
+
+
+@pytest.mark.parametrize("where", ["q_scale", "k_scale"])
+@pytest.mark.parametrize("value", [0.0, float("nan")])
+def test_run_with_validate_range_checks_gpu_scales(where, value):
+    """``run(validate=True)`` reads scales held in GPU tensors, as ``attention`` does;
+    without it they are not read (no sync) and the call goes through."""
+    k_scale = torch.tensor(0.5, device="cuda")
+    quant = portattn.KVQuant.fp8_per_tensor(k_scale, 0.25)
+    batch = make_paged_batch([1, 1], [40, 70], num_q_heads=8, num_kv_heads=2, head_size=64,
+                             dtype=torch.bfloat16, device="cuda", quant=quant, poison=False)
+    q8 = batch.q.to(torch.float8_e4m3fn)
+    q_scale = torch.tensor(1.0, device="cuda")
+    plan = portattn.plan(batch.metadata, num_q_heads=8, dtype=torch.float8_e4m3fn,
+                         cache=batch.cache)
+    plan.run(q8, batch.cache, q_scale=q_scale, validate=True)
+    (q_scale if where == "q_scale" else k_scale).fill_(value)
+    name = "q_scale" if where == "q_scale" else "quant.k_scale"
+    with pytest.raises(portattn.InputError, match=rf"^{name}: expected a finite positive"):
+        plan.run(q8, batch.cache, q_scale=q_scale, validate=True)
+    with pytest.raises(portattn.InputError, match=rf"^{name}: expected a finite positive"):
+        portattn.attention(q8, batch.cache, batch.metadata, q_scale=q_scale, validate=True)
