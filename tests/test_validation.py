@@ -378,3 +378,20 @@ def test_an_e5m2_cache_takes_its_format_from_the_tensors(mode):
         portattn.KVQuant.fp8_per_token_head(dtype=torch.float8_e4m3fn)
     with pytest.raises(InputError, match=r"^key_cache: expected dtype torch.float8_e4m3fn"):
         portattn.PagedKVCache(k, k.clone(), named)
+
+
+@pytest.mark.parametrize("backend", [123, ["torch_ref"]])
+def test_a_backend_that_is_not_a_name(batch, backend):
+    for call in (lambda: portattn.attention(batch.q, batch.cache, batch.metadata,
+                                            backend=backend),
+                 lambda: portattn.explain(batch.q, batch.cache, batch.metadata,
+                                          backend=backend),
+                 lambda: portattn.plan(batch.metadata, num_q_heads=4, dtype=batch.q.dtype,
+                                       cache=batch.cache, backend=backend)):
+        with pytest.raises(InputError, match=r"^backend: expected None or a backend name"):
+            call()
+
+
+def test_a_negative_seq_len_is_named_by_the_metadata_builder():
+    with pytest.raises(InputError, match=r"^seq_lens\[1\]: expected >= 0, got -1"):
+        AttentionMetadata.from_lengths([1, 0], [4, -1], torch.zeros(2, 1, dtype=torch.int32))

@@ -20,7 +20,7 @@ from portattn.dispatch.problem import Problem
 from portattn.dispatch.selector import Decision, decide, with_notes
 from portattn.ops import call_compiled
 from portattn.options import AttentionOptions, normalize_options
-from portattn.planning import attend
+from portattn.planning import attend, check_backend_argument
 from portattn.types import AttentionMetadata, PagedKVCache, Scale
 from portattn.validation import (
     check_out,
@@ -97,4 +97,5 @@ def explain(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMetadata, *
     runs): backend, variant, every other backend with its reasons, and the chosen
     backend's notes about this call (e.g. that its first call compiles a kernel)."""
     call_options, problem = _prepare(q, cache, metadata, validate, out, options)
+    check_backend_argument(backend)
     return with_notes(decide(problem, probe(device=q.device), backend), call_options)

@@ -432,6 +432,7 @@ def plan(metadata: AttentionMetadata, *, num_q_heads: int, dtype: torch.dtype,
     ``InputError`` naming the argument, or ``UnsupportedError`` when no backend can serve
     the plan.
     """
+    check_backend_argument(backend)
     if not isinstance(metadata, AttentionMetadata):
         raise InputError("metadata", "a portattn.AttentionMetadata", _describe(metadata))
     device = metadata.seq_lens.device if isinstance(metadata.seq_lens, torch.Tensor) else None
@@ -664,6 +665,13 @@ def call_key(q, cache, out, backend, env, option_values: tuple) -> tuple:
             type(causal), type(window), type(softcap), type(alibi_sqrt))
 
 
+def check_backend_argument(backend) -> None:
+    """``backend`` is None or a name (any str: an unknown name is the selector's
+    ``UnsupportedError``, with the known names)."""
+    if backend is not None and not isinstance(backend, str):
+        raise InputError("backend", "None or a backend name (a str)", _describe(backend))
+
+
 def attend(q, cache, metadata, out, backend, validate, option_values: tuple,
            prepare) -> torch.Tensor:
     """The body of :func:`portattn.attention` outside tracing.
@@ -671,6 +679,7 @@ def attend(q, cache, metadata, out, backend, validate, option_values: tuple,
     ``option_values``: (scale, causal, sliding_window, softcap, alibi_slopes, alibi_sqrt,
     sinks, q_scale, output_scale); ``prepare(...) -> (options, problem)`` runs the full
     checks (``api._prepare``)."""
+    check_backend_argument(backend)
     env = decision_environment()
     key = hit = None
     if _memo_allowed(q, cache, metadata, validate, env):

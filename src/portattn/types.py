@@ -522,6 +522,8 @@ class AttentionMetadata:
             raise InputError("query_lens", f"{len(seq_lens)} entries like seq_lens",
                              str(len(query_lens)))
         for i, (ql, kl) in enumerate(zip(query_lens, seq_lens)):
+            if kl < 0:
+                raise InputError(f"seq_lens[{i}]", ">= 0", str(kl))
             if ql < 0 or kl < ql:
                 raise InputError(f"query_lens[{i}]", f"0 <= query_len <= seq_len ({kl})",
                                  str(ql))
