@@ -96,6 +96,6 @@ def explain(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMetadata, *
     """The :class:`Decision` :func:`attention` would take for these arguments (nothing
     runs): backend, variant, every other backend with its reasons, and the chosen
     backend's notes about this call (e.g. that its first call compiles a kernel)."""
-    call_options, problem = _prepare(q, cache, metadata, validate, out, options)
     check_backend_argument(backend)
+    call_options, problem = _prepare(q, cache, metadata, validate, out, options)
     return with_notes(decide(problem, probe(device=q.device), backend), call_options)

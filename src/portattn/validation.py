@@ -86,7 +86,7 @@ def check_structure(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMet
         raise InputError("q", "a 3-D tensor [num_tokens, num_q_heads, head_size_qk]",
                          _describe(q))
     check_has_data("q", q)  # every other tensor must be on q's device
-    cache.check_fields()  # attributes reassigned since the constructor
+    cache.check_fields()  # reassigned attributes; scale caches on the cache's device
     if q.dtype not in FLOAT_DTYPES + FP8_DTYPES:
         raise InputError("q", "dtype float16, bfloat16, float32 (or fp8 with q_scale)",
                          str(q.dtype))
@@ -105,10 +105,6 @@ def check_structure(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMet
     if cache.quant.mode == "none" and q.dtype in FLOAT_DTYPES and cache.dtype != q.dtype:
         raise InputError("cache", f"dtype {q.dtype} like q for an unquantized cache",
                          str(cache.dtype))
-    for name, scale_cache in (("cache.k_scale_cache", cache.k_scale_cache),
-                              ("cache.v_scale_cache", cache.v_scale_cache)):
-        if scale_cache is not None and scale_cache.device != q.device:
-            raise InputError(name, f"device {q.device} (q's)", str(scale_cache.device))
 
     _check_int_tensor("metadata.cu_seqlens_q", metadata.cu_seqlens_q, 1, q.device)
     _check_int_tensor("metadata.seq_lens", metadata.seq_lens, 1, q.device)

@@ -17,7 +17,7 @@ from portattn.dispatch.announce import announce, announced
 from portattn.dispatch.priorities import leads_for, priority_list, problem_class, yields_for
 from portattn.dispatch.problem import Problem
 from portattn.dispatch.registry import backend_names, load_backend
-from portattn.errors import InputError, UnsupportedError
+from portattn.errors import UnsupportedError
 from portattn.settings import BACKEND, decision_environment
 
 
@@ -142,8 +142,6 @@ def _decide(problem: Problem, caps: Capabilities, forced: str | None, source: st
     preferred, notes = _priorities(problem, caps)
     order = _order(preferred)
     via = BACKEND.name if source == "environment" else source
-    if forced is not None and not isinstance(forced, str):
-        raise InputError("backend", "None or a backend name (a str)", repr(forced))
     if forced is not None and forced not in order:
         raise UnsupportedError(f"unknown backend {forced!r} requested through {via} "
                                f"(known: {', '.join(order)})")
