@@ -590,8 +590,12 @@ def unified_attention_kernel(
         tile_pid = tl.program_id(0)
         tile_programs = tl.num_programs(0)
     segment = tl.program_id(2)
+    # seq_lens is read as soon as the sequence is known, before any branch on q_len: a
+    # load after the branch would start only when cu_seqlens_q has arrived, a second
+    # dependent memory round trip ahead of the block-table and K/V loads
     if SEQ_MODE == 1:
         seq = tl.program_id(0)
+        seq_len = tl.load(seq_lens_ptr + seq)
         q_start = tl.load(cu_seqlens_q_ptr + seq)
         q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
         if q_len > BLOCK_Q:
@@ -605,6 +609,7 @@ def unified_attention_kernel(
     else:
         tile_idx = tile_programs - 1 - tile_pid  # heaviest tiles first
         seq = find_seq_of_tile(cu_seqlens_q_ptr, num_seqs, tile_idx, BLOCK_Q)
+        seq_len = tl.load(seq_lens_ptr + seq)
         q_start = tl.load(cu_seqlens_q_ptr + seq)
         q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
         tile_local = tile_idx - (q_start // BLOCK_Q + seq)
@@ -617,7 +622,6 @@ def unified_attention_kernel(
     t0 = tile_local * BLOCK_Q
     if t0 >= q_len:
         return
-    seq_len = tl.load(seq_lens_ptr + seq)
     context = seq_len - q_len
 
     rows = tl.arange(0, BLOCK_M)
