@@ -2,7 +2,7 @@
 
     ncu --profile-from-start off --set full python3 benchmarks/ncu_decode.py decode-32x8192-fp8
 
-Cases: ``decode-<seqs>x<len>[-fp8|-fp8pth|-int8pth]`` (32/8 heads of 128, block 16, bf16
+Cases: any name of ``portattn.bench.default_cases()`` (32/8 heads of 128, block 16, bf16
 q; the bench's inputs). ``--sdpa`` profiles torch SDPA's cuDNN backend on the same K/V
 gathered contiguous (the bench's peer) instead. Warm calls first; one call is profiled
 (between ``cudaProfilerStart`` and ``Stop``).
@@ -15,19 +15,18 @@ import sys
 import torch
 
 import portattn
-from portattn.bench import Case, build_inputs, sdpa
-
-QUANT = {"": "none", "fp8": "fp8_per_tensor", "fp8pth": "fp8_per_token_head",
-         "int8pth": "int8_per_token_head"}
+from portattn.bench import build_inputs, default_cases, sdpa
 
 
 def main(argv: list[str]) -> int:
     peer = "--sdpa" in argv
     argv = [a for a in argv if a != "--sdpa"]
     name = argv[0] if argv else "decode-32x8192-fp8"
-    shape, _, quant = name.removeprefix("decode-").partition("-")
-    seqs, length = (int(x) for x in shape.split("x"))
-    case = Case(name, "decode", [1] * seqs, [length] * seqs, QUANT[quant])
+    cases = {c.name: c for c in default_cases()}
+    if name not in cases:
+        print(f"unknown case {name!r}; one of: {', '.join(cases)}", file=sys.stderr)
+        return 2
+    case = cases[name]
     inp = build_inputs(case, num_q_heads=32, num_kv_heads=8, head_size=128, block_size=16,
                        dtype=torch.bfloat16, device="cuda")
     if peer:

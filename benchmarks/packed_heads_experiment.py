@@ -241,22 +241,18 @@ def main(argv: list[str]) -> int:
     if "--check" in argv:
         return check_cpu()
     import portattn
-    from portattn.bench import Case, GraphTimer, build_inputs
+    from portattn.bench import GraphTimer, build_inputs, default_cases, measure_ceilings
 
     graph = GraphTimer()
-    n = 1 << 29
-    a = torch.empty(n, dtype=torch.bfloat16, device="cuda").normal_()
-    b = torch.empty_like(a)
-    copy = 4 * n / (triton.testing.do_bench(lambda: b.copy_(a), return_mode="median")
-                    * 1e-3) / 1e12
-    del a, b
+    copy = measure_ceilings("cuda", lambda fn: triton.testing.do_bench(
+        fn, return_mode="median"))["copy_tbs"]
+    cases = {c.name: c for c in default_cases()}
     rows = []
     for num_seqs in [int(x) for x in os.environ.get("EXP_BATCHES", "32,8,128").split(",")]:
         seq_len, hq, hkv, d, bs = 8192, 32, 8, 128, 16
         kv_bytes = num_seqs * seq_len * hkv * d * 2
         for quant in (None, "fp8_per_tensor"):
-            case = Case(f"decode-{num_seqs}x8192" + ("-fp8" if quant else ""), "decode",
-                        [1] * num_seqs, [seq_len] * num_seqs, quant or "none")
+            case = cases[f"decode-{num_seqs}x8192" + ("-fp8" if quant else "")]
             inp = build_inputs(case, num_q_heads=hq, num_kv_heads=hkv, head_size=d,
                                block_size=bs, dtype=torch.bfloat16, device="cuda")
             fn = (lambda i=inp: portattn.attention(i.q, i.cache, i.metadata, out=i.out))
