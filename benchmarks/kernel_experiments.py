@@ -49,6 +49,10 @@ CASES = [
     (Case("decode-32x8192-fp8", "decode", [1] * 32, [8192] * 32, "fp8_per_tensor"), 16),
     (Case("decode-128x8192-fp8", "decode", [1] * 128, [8192] * 128, "fp8_per_tensor"), 16),
     (Case("decode-8x8192-fp8", "decode", [1] * 8, [8192] * 8, "fp8_per_tensor"), 16),
+    # past the 512-program wave (wave_probe.py): 33 sequences fit 2 segments (528
+    # programs), 48 do not (768)
+    (Case("decode-33x8192-fp8", "decode", [1] * 33, [8192] * 33, "fp8_per_tensor"), 16),
+    (Case("decode-48x8192-fp8", "decode", [1] * 48, [8192] * 48, "fp8_per_tensor"), 16),
     (Case("decode-32x8192-int8pth", "decode", [1] * 32, [8192] * 32,
           "int8_per_token_head"), 16),
     (Case("decode-32x8192-fp8pth", "decode", [1] * 32, [8192] * 32,

@@ -2,14 +2,17 @@
 
 Issue 10's fp8 per-tensor 32 x 8192 decode launches 512 programs (2 segments x 8 kv heads
 x 32 sequences) for 528 slots (132 SMs x 4: the paired 8-bit tile's register cap and
-shared memory). This times the public call (``backend="triton_unified"``, the plan as
-the heuristics make it) at batch sizes and lengths around that point, in rounds that
-alternate the shapes, kernel-only in a CUDA graph with the L2 flushed before each call:
+shared memory). This times the public call (``backend="triton_unified"``, the plan the
+call gets: made for the batch's power-of-two bucket) at batch sizes and lengths around
+that point, in rounds that alternate the shapes, kernel-only in a CUDA graph with the L2
+flushed before each call:
 
-* fewer sequences (fewer programs, same length each): does the time fall with the work?
+* fewer sequences (fewer programs, same length each): does the time follow the bytes?
 * shorter sequences (same programs, fewer tiles each): is a program's time linear in
   its tiles?
-* 33 / 34 sequences: what the 16 free slots cost to fill, and the 1-segment plan past them.
+* 33 / 34 sequences: past 32 the bucket is 64 sequences, whose plan is 1 segment
+  (NOTES.md, session 21: the 33-sequence step is that plan, not the wave's size;
+  ``kernel_experiments.py`` plans for the exact batch).
 
     PYTHONPATH=src python3 benchmarks/wave_probe.py [--shapes 32x8192,33x8192 ...]
 
