@@ -10,9 +10,9 @@ flushed before each call:
 * fewer sequences (fewer programs, same length each): does the time follow the bytes?
 * shorter sequences (same programs, fewer tiles each): is a program's time linear in
   its tiles?
-* 33 / 34 sequences: past 32 the bucket is 64 sequences, whose plan is 1 segment
-  (NOTES.md, session 21: the 33-sequence step is that plan, not the wave's size;
-  ``kernel_experiments.py`` plans for the exact batch).
+* 33 / 34 sequences: past 32 the bucket is 64 sequences, whose plan is 1 segment. Until
+  the plans carried ``segments_upto`` (NOTES.md, session 21), 33 sequences ran that 1
+  segment (162 us) where 2 fit the wave (145 us); 34 take 1 either way.
 
     PYTHONPATH=src python3 benchmarks/wave_probe.py [--shapes 32x8192,33x8192 ...]
 

@@ -478,6 +478,68 @@ def test_decode_splits_only_when_the_gpu_is_not_filled():
     assert short_keys["short"]["segments"] <= 1
 
 
+@pytest.mark.parametrize("quant,elem", [("none", 2), ("fp8_per_tensor", 1),
+                                        ("int8_per_token_head", 1)])
+@pytest.mark.parametrize("num_kv_heads", [1, 2, 4, 8])
+@pytest.mark.parametrize("sm_count", [132, 114, 78])
+def test_every_batch_of_a_bucket_gets_its_own_segment_count(quant, elem, num_kv_heads,
+                                                            sm_count):
+    """A plan serves the batches of its bucket (``dispatch.problem.bucket``: 33-64
+    sequences share the 64-sequence plan). Each batch must launch with the segment count
+    the heuristics give that exact batch (its own plan's), not the bucket top's: fp8
+    per-tensor 33 x 8192 on the H200 ran 1 segment in 162 us where 2 take 145."""
+    from portattn.kernels.heuristics import quant_mode, segments_for
+
+    def shape(num_seqs):
+        return _shape(num_q_heads=4 * num_kv_heads, num_kv_heads=num_kv_heads,
+                      elem_bytes=elem, num_seqs=num_seqs, sm_count=sm_count,
+                      kv_quant=quant_mode(quant))
+
+    wrong = []
+    for top in (2, 4, 8, 16, 32, 64, 128, 256, 512):
+        bucket_plan = plan_launch(shape(top))["short"]
+        for num_seqs in range(top // 2 + 1, top + 1):
+            own = plan_launch(shape(num_seqs))["short"]["segments"]
+            if segments_for(bucket_plan, num_seqs) != own:
+                wrong.append((top, num_seqs, segments_for(bucket_plan, num_seqs), own))
+    assert not wrong, f"(bucket, batch, launched, own) {wrong[:8]}"
+
+
+def test_the_bucket_rule_is_named_and_sized():
+    """The H200 case: the 64-sequence fp8 plan says in its variant name that up to 33
+    sequences take 2 segments, and its workspace holds the 33-sequence launch's
+    partials (the largest split launch of the bucket)."""
+    from portattn.kernels import launch
+    from portattn.kernels.heuristics import quant_mode
+
+    params = plan_launch(_shape(elem_bytes=1, num_seqs=64,
+                                kv_quant=quant_mode("fp8_per_tensor")))
+    assert params["short"]["segments"] == 1
+    assert params["short"]["segments_upto"] == ((33, 2),)
+    assert variant_name(params) == "decode-2d-2seg-upto-33-vpairs"
+    partial_rows = 33 * 2 * params["short"]["block_q"] * 32  # batch x segments x rows
+    assert launch.plan_workspace_size(64, 32, 8, 128, 128, False, torch.bfloat16,
+                                      params) == partial_rows * (128 + 2)
+    # forced segments (PORTATTN_UNIFIED_SPLIT, sweeps) carry no rule
+    forced = plan_launch(_shape(elem_bytes=1, num_seqs=64, kv_quant="fp8_per_tensor"),
+                         segments=1)
+    assert "segments_upto" not in forced["short"]
+
+
+@interp
+@pytest.mark.parametrize("batch", [3, 4])
+def test_a_bucket_plan_launches_the_batch_own_segments(batch, merged_in_kernel):
+    """Against the float64 oracle, through a plan made for the bucket (3 and 4 sequences
+    share the 4-sequence plan): with 8 SMs and 2 kv heads, 4 sequences fill the GPU
+    (1 segment) and 3 do not (6 programs: 2 segments, as 3 sequences' own plan says)."""
+    lens = [300, 211, 140, 257][:batch]
+    check_unified([1] * batch, lens, group=2, dtype=F32, sm_count=8)
+    own = plan_launch(_shape(num_q_heads=4, num_kv_heads=2, head_size=64, elem_bytes=4,
+                             max_seqlen_k=512, num_seqs=batch, sm_count=8))
+    assert [k["num_segments"] for k in merged_in_kernel] == [own["short"]["segments"]]
+    assert own["short"]["segments"] == (2 if batch == 3 else 1)
+
+
 def test_modes():
     assert plan_launch(_shape(max_seqlen_q=4, num_seqs=32))["mode"] == "decode"  # spec
     assert plan_launch(_shape(max_seqlen_q=8192))["mode"] == "prefill"

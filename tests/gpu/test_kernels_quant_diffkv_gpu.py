@@ -227,6 +227,28 @@ def test_v_pairs_features(variant, feature):
     run(variant, quant=QUANTS["fp8_tensor_e4m3"], v_pairs=True, **FEATURES[feature])
 
 
+@pytest.mark.parametrize("quant", ["fp8_tensor_e4m3", "int8_token_head"])
+def test_batch_below_its_bucket_top_takes_its_own_segments(quant, monkeypatch):
+    """33 decode sequences share the 64-sequence plan (the bucket), whose paired 8-bit
+    tile takes 1 segment on 132 SMs; 33 fit 2 in one wave (the plan's ``segments_upto``):
+    the launch takes 2 and matches the float64 oracle."""
+    from portattn.kernels import launch
+
+    grids = []
+    kernel = launch.unified_attention_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(launch, "unified_attention_kernel", Spy())
+    seq_lens = [300 + (37 * i) % 1500 for i in range(33)]
+    run_gpu_case(dict(query_lens=[1] * 33, seq_lens=seq_lens), num_kv_heads=8,
+                 quant=QUANTS[quant], sm_count=132, arch="sm90")
+    assert [grid[2] for grid in grids] == [2]
+
+
 # --------------------------------------------------------------------------- DiffKV
 DIFFKV = [(192, 128), (128, 64), (256, 128), (96, 64)]
 

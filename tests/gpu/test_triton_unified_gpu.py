@@ -117,6 +117,29 @@ def test_heuristic_plans_through_public_api(case):
     assert err < 2e-2, (err, decision.plan.describe())
 
 
+def test_bucket_plan_names_the_segments_of_smaller_batches():
+    """One kv head of 128 (GQA 8), 33 bf16 decodes: their plan is the 64-sequence
+    bucket's, which names the extra segments 33 sequences take below the top's (the
+    heuristics for the GPU's own SM count), and the call matches the oracle."""
+    import portattn
+    from portattn.kernels.heuristics import Shape, plan_launch, segments_for
+    from portattn.testing import dense_attention, make_paged_batch, relative_error
+
+    seq_lens = [500 + (91 * i) % 3000 for i in range(33)]
+    batch = make_paged_batch([1] * 33, seq_lens, num_q_heads=8, num_kv_heads=1,
+                             head_size=128, dtype=BF16, device=DEV)
+    decision = portattn.explain(batch.q, batch.cache, batch.metadata)
+    assert decision.backend == "triton_unified", decision
+    caps = portattn.probe(device=batch.q.device)
+    own = plan_launch(Shape(8, 1, 128, 2, 1, 4096, 33, caps.sm_count, caps.arch))["short"]
+    short = decision.plan.params["short"]
+    assert segments_for(short, 33) == own["segments"] > short["segments"], \
+        decision.plan.describe()
+    assert "seg-upto-" in decision.variant
+    out = portattn.attention(batch.q, batch.cache, batch.metadata)
+    expected = dense_attention(batch.q, batch.keys, batch.values, [1] * 33)
+    assert relative_error(out, expected) < 2e-2
+
 
 # --------------------------------------------------------------------------- split-KV merge
 @pytest.mark.parametrize("in_kernel", [True, False])

@@ -9,7 +9,10 @@ Modes (the ``SEQ_MODE`` of the kernel, see :mod:`portattn.kernels.unified`):
 
 * ``decode``: every sequence's queries fit one tile of ``BLOCK_M`` rows (queries x the
   GQA group): decode, spec-decode, short chunks. One program per (sequence, kv head),
-  split into segments over the keys (3D) when that would not fill the GPU;
+  split into segments over the keys (3D) when that would not fill the GPU. The segment
+  count is decided for the bucket's largest batch, plus a rule for the smaller batches
+  of the bucket that fit more (:func:`batch_segments`, resolved per launch by
+  :func:`segments_for`);
 * ``prefill``: one sequence (bucketed batch of 1) with many queries: 128-row tiles
   (64 for wide heads) over the queries, found by binary search;
 * ``mixed``: several sequences, some with many queries: a ``decode`` launch serves the
@@ -74,6 +77,9 @@ class TileConfig:
     num_stages: int
     segments: int = 1
     maxnreg: int | None = None   # Triton's register cap per thread (None: the compiler's)
+    #: smaller batches that take more segments: ((largest num_seqs, segments), ...),
+    #: ascending (:func:`batch_segments`); empty: ``segments`` for every batch
+    segments_upto: tuple = ()
 
     def smem_bytes(self, head_pad: int, elem_bytes: int, head_pad_v: int | None = None) -> int:
         """Shared memory of the pipelined K and V tiles plus the query tile (``head_pad``
@@ -83,10 +89,12 @@ class TileConfig:
         return kv + self.block_m * head_pad * elem_bytes
 
     def as_dict(self) -> dict:
-        """The fields as a dict; ``maxnreg`` only where set."""
+        """The fields as a dict; ``maxnreg`` and ``segments_upto`` only where set."""
         out = asdict(self)
         if out["maxnreg"] is None:
             del out["maxnreg"]
+        if not out["segments_upto"]:
+            del out["segments_upto"]
         return out
 
 
@@ -217,6 +225,41 @@ def paired_decode_segments(shape: Shape, programs: int) -> int:
     return 1 << (segments.bit_length() - 1)
 
 
+def batch_segments(shape: Shape, cfg: TileConfig, v_pairs: bool) -> tuple:
+    """The split-KV segments of the smaller batches that share ``cfg``'s plan.
+
+    A plan serves a bucket of batch sizes (``dispatch.problem.bucket``: ``num_seqs // 2 +
+    1`` to ``num_seqs`` sequences) and is decided for its largest, while the segment rules
+    count programs: a batch below the top can fit more segments in one wave. H200, fp8
+    per-tensor, 8 kv heads: 33 x 8192 ran the 64-sequence plan's 1 segment in 162-163 us
+    against 145 with the 2 its own count fits (NOTES.md, session 21). Returns ``((largest
+    num_seqs, segments), ...)`` ascending, only where the count differs from ``cfg``'s
+    (both rules give fewer segments to larger batches, so the scan stops at the first
+    batch that takes ``cfg.segments``)."""
+    rule: list[tuple[int, int]] = []
+    for num_seqs in range(shape.num_seqs // 2 + 1, shape.num_seqs):
+        programs = num_seqs * shape.num_kv_heads
+        segments = paired_decode_segments(shape, programs) if v_pairs else \
+            decode_segments(shape, cfg.block_n, programs)
+        if segments <= cfg.segments:
+            break
+        if rule and rule[-1][1] == segments:
+            rule[-1] = (num_seqs, segments)
+        else:
+            rule.append((num_seqs, segments))
+    return tuple(rule)
+
+
+def segments_for(cfg: dict, num_seqs: int) -> int:
+    """The split-KV segments of a launch of decode tiles ``cfg`` over ``num_seqs``
+    sequences: the first ``segments_upto`` entry that covers the batch, else
+    ``segments``."""
+    for largest, segments in cfg.get("segments_upto", ()):
+        if num_seqs <= largest:
+            return segments
+    return cfg["segments"]
+
+
 def decode_config(shape: Shape, max_q: int, num_seqs: int,
                   segments: int | None = None, v_pairs: bool = False) -> TileConfig:
     """Decode tiles; ``v_pairs``: the launch reads V as pairs (:func:`reads_v_pairs`)."""
@@ -300,8 +343,12 @@ def plan_launch(shape: Shape, *, mode: str | None = None, segments: int | None =
         params["fp8_dot"] = True
     if mode == "decode":
         v_pairs = reads_v_pairs(shape, decode_rows(shape, shape.max_seqlen_q))
-        short = short or decode_config(shape, shape.max_seqlen_q, shape.num_seqs, segments,
-                                       v_pairs)
+        if short is None:
+            short = decode_config(shape, shape.max_seqlen_q, shape.num_seqs, segments,
+                                  v_pairs)
+            if segments is None:
+                short = dataclasses.replace(
+                    short, segments_upto=batch_segments(shape, short, v_pairs))
         params["short"] = short.as_dict()
         # int8 codes rebuilt with integer ops (fp16 dots) instead of the int -> float
         # conversion unit, on sm90 only (where it was measured): H200, 32 / 128 / 8 x 8192,
@@ -484,8 +531,11 @@ def staged_long_config(shape: Shape) -> dict:
 
 
 def variant_name(params: dict) -> str:
-    split = params.get("short", {}).get("segments", 1) > 1
+    short = params.get("short", {})
+    split = short.get("segments", 1) > 1
     name = f"{params['mode']}-{'3d' if split else '2d'}"
+    for largest, segments in short.get("segments_upto", ()):
+        name += f"-{segments}seg-upto-{largest}"
     if params.get("fp8_dot"):
         name += "-fp8dot"
     if params.get("kv_bits"):

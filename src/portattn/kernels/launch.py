@@ -177,11 +177,13 @@ def _common_args(q, cache, metadata, options, out, fp8_dot: bool,
 
 
 def split_workspace_size(num_seqs: int, num_q_heads: int, head_size_v: int, cfg: dict) -> int:
-    """float32 elements of the split-KV partials of a SEQ_MODE 1 launch (0: no split);
-    ``head_size_v``: the V head size (the partials are that wide)."""
-    if cfg["segments"] <= 1:
+    """float32 elements of the split-KV partials of a SEQ_MODE 1 launch over ``num_seqs``
+    sequences (0: no split); ``head_size_v``: the V head size (the partials are that
+    wide)."""
+    segments = heuristics.segments_for(cfg, num_seqs)
+    if segments <= 1:
         return 0
-    rows = num_seqs * cfg["block_q"] * num_q_heads * cfg["segments"]
+    rows = num_seqs * cfg["block_q"] * num_q_heads * segments
     return rows * (head_pad(head_size_v) + 2)
 
 
@@ -202,7 +204,7 @@ def merges_in_kernel(cfg: dict, num_seqs: int, num_kv_heads: int) -> bool:
     """Whether a split launch of decode tiles ``cfg`` merges its partials in the kernel
     (the tile's ``merge_in_kernel``, else ``heuristics.MERGE_IN_KERNEL``) rather than with
     the merge kernel: one ticket per (sequence, kv head) must fit :data:`MERGE_TICKETS`."""
-    return cfg["segments"] > 1 and \
+    return heuristics.segments_for(cfg, num_seqs) > 1 and \
         cfg.get("merge_in_kernel", heuristics.MERGE_IN_KERNEL) and \
         num_seqs * num_kv_heads <= MERGE_TICKETS
 
@@ -213,7 +215,7 @@ def _launch_short(args, q, cache, metadata, out, cfg: dict, long_follows: bool,
     launch merges in the kernel (:func:`merges_in_kernel`) or runs the merge kernel."""
     num_seqs = metadata.seq_lens.shape[0]
     num_kv_heads = cache.num_kv_heads
-    segments = cfg["segments"]
+    segments = heuristics.segments_for(cfg, num_seqs)
     block_q = cfg["block_q"]
     pad_v = args["HEAD_V_PAD"]
     in_kernel = merges_in_kernel(cfg, num_seqs, num_kv_heads)
@@ -395,8 +397,14 @@ def _short_q(params: dict) -> int:
 
 
 def _split_size(num_seqs: int, num_q_heads: int, head_size_v: int, params: dict) -> int:
+    """The split-KV partials of the largest launch a plan for up to ``num_seqs``
+    sequences makes (smaller batches may take more segments: ``segments_upto``)."""
     short = params.get("short")
-    return split_workspace_size(num_seqs, num_q_heads, head_size_v, short) if short else 0
+    if not short:
+        return 0
+    batches = [num_seqs] + [largest for largest, _ in short.get("segments_upto", ())
+                            if largest < num_seqs]
+    return max(split_workspace_size(n, num_q_heads, head_size_v, short) for n in batches)
 
 
 def launch_staged(q, cache, metadata, options, out, params: dict,
