@@ -116,8 +116,12 @@ def head_size_of(case: Case) -> int:
 
 
 def _tile(params: dict, **changes) -> dict:
+    """``params`` with its decode tile changed; a given segment count holds for every
+    batch (the plan's ``segments_upto`` rule is dropped)."""
     out = dict(params)
     out["short"] = dict(params["short"], **changes)
+    if "segments" in changes:
+        out["short"].pop("segments_upto", None)
     return out
 
 

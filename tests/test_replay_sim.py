@@ -71,6 +71,7 @@ class SimCompiled:
             values.append(arg)
         self.kernel.replays += 1
         self.kernel.streams.append(stream)
+        self.kernel.grids.append((g0, g1, g2))
         self.kernel.interpreted[(g0, g1, g2)](*values)
 
 
@@ -84,10 +85,12 @@ class SimKernel(JITStandIn):
         self.jit_runs = 0
         self.replays = 0
         self.streams: list = []
+        self.grids: list = []  # of every launch, first (JIT) and replayed
 
     def __getitem__(self, grid):
         def run(*args, **kwargs):
             self.jit_runs += 1
+            self.grids.append(tuple(grid))
             _count.launches += 1
             _bound, specialization, key, kernel_cache = self.bind(args, kwargs)
             compiled = kernel_cache.setdefault(key, SimCompiled(self, specialization))
@@ -153,21 +156,10 @@ CASES = {  # query lens, seq lens, group, environment
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_replayed_layers_match_the_oracle(case, sim, monkeypatch):
-    memory, kernels = sim
-    query_lens, seq_lens, group, env = CASES[case]
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    if case.endswith("+merge-kernel"):
-        monkeypatch.setattr(launch, "MERGE_TICKETS", 0)
-    heads = 2 * group
-    batch = make_paged_batch(query_lens, seq_lens, num_q_heads=heads, num_kv_heads=2,
-                             head_size=32, dtype=torch.float16)
-    plan = portattn.plan(batch.metadata, num_q_heads=heads, dtype=torch.float16,
-                         cache=batch.cache, sinks=True, backend="triton_unified",
-                         validate=False)
-    assert plan.variant.startswith(case.split("+")[0])
+def _run_layers(plan, batch, memory, kernels, query_lens, heads) -> None:
+    """Four layers through ``plan.run`` (the runner set to replay; caches scaled per
+    layer, fresh q and sinks), each against the float64 oracle; from the second layer on
+    the JIT path must not run."""
     runner = _replaying(plan)
     memory.add(batch.metadata.cu_seqlens_q, batch.metadata.seq_lens,
                batch.metadata.block_table)
@@ -189,6 +181,24 @@ def test_replayed_layers_match_the_oracle(case, sim, monkeypatch):
         assert relative_error(out, expected) < 3e-3, f"layer {layer}"
         if layer:  # replayed: the JIT path did not run again
             assert sum(k.jit_runs for k in kernels.values()) == runs
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_replayed_layers_match_the_oracle(case, sim, monkeypatch):
+    memory, kernels = sim
+    query_lens, seq_lens, group, env = CASES[case]
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    if case.endswith("+merge-kernel"):
+        monkeypatch.setattr(launch, "MERGE_TICKETS", 0)
+    heads = 2 * group
+    batch = make_paged_batch(query_lens, seq_lens, num_q_heads=heads, num_kv_heads=2,
+                             head_size=32, dtype=torch.float16)
+    plan = portattn.plan(batch.metadata, num_q_heads=heads, dtype=torch.float16,
+                         cache=batch.cache, sinks=True, backend="triton_unified",
+                         validate=False)
+    assert plan.variant.startswith(case.split("+")[0])
+    _run_layers(plan, batch, memory, kernels, query_lens, heads)
     slot = next(iter(plan._accepted.values()))
     assert slot.reason is None and slot.sequence is not None
     # decode-3d: one launch where the last segment program of each (sequence, kv head)
@@ -198,6 +208,32 @@ def test_replayed_layers_match_the_oracle(case, sim, monkeypatch):
                 "mixed": 2}[case]
     assert len(slot.sequence.sites) == launches
     assert sum(k.replays for k in kernels.values()) == 3 * launches
+
+
+def test_a_bucket_plan_replays_the_batch_own_segment_count(sim, monkeypatch):
+    """3 decodes share the 4-sequence plan (the bucket). With 8 SMs and 2 kv heads, 4
+    sequences fill the GPU (1 segment) and 3 do not (6 programs: 2 segments, the
+    plan's ``segments_upto``): the runner records and replays 3 sequences' own 2-segment
+    grid, and every layer matches the oracle."""
+    import dataclasses
+
+    from portattn.backends.triton_unified import TritonUnified
+
+    memory, kernels = sim
+    planned = TritonUnified.plan
+    monkeypatch.setattr(TritonUnified, "plan", lambda self, problem, caps: planned(
+        self, problem, dataclasses.replace(caps, sm_count=8)))
+    query_lens, heads = [1, 1, 1], 4
+    batch = make_paged_batch(query_lens, [300, 211, 140], num_q_heads=heads, num_kv_heads=2,
+                             head_size=32, dtype=torch.float16)
+    plan = portattn.plan(batch.metadata, num_q_heads=heads, dtype=torch.float16,
+                         cache=batch.cache, sinks=True, backend="triton_unified",
+                         validate=False)
+    assert plan.variant.startswith("decode-2d-2seg-upto-3"), plan.variant
+    _run_layers(plan, batch, memory, kernels, query_lens, heads)
+    grids = kernels["unified_attention_kernel"].grids
+    assert len(grids) == 4 and set(grids) == {(3, 2, 2)}  # 1 JIT launch, 3 replays
+    assert kernels["unified_attention_kernel"].replays == 3
 
 
 @pytest.mark.parametrize("case", ["decode-2d", "decode-3d"])

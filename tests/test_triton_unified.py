@@ -8,6 +8,7 @@ forced small so several query tiles, KV tiles and segments still occur.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -482,8 +483,11 @@ def test_decode_splits_only_when_the_gpu_is_not_filled():
                                         ("int8_per_token_head", 1)])
 @pytest.mark.parametrize("num_kv_heads", [1, 2, 4, 8])
 @pytest.mark.parametrize("sm_count", [132, 114, 78])
+@pytest.mark.parametrize("arch,head_size,group,max_seqlen_k", [
+    ("sm90", 128, 4, 8192), ("sm90", 64, 8, 1024), ("sm80", 128, 4, 256)])
 def test_every_batch_of_a_bucket_gets_its_own_segment_count(quant, elem, num_kv_heads,
-                                                            sm_count):
+                                                            sm_count, arch, head_size,
+                                                            group, max_seqlen_k):
     """A plan serves the batches of its bucket (``dispatch.problem.bucket``: 33-64
     sequences share the 64-sequence plan). Each batch must launch with the segment count
     the heuristics give that exact batch (its own plan's), not the bucket top's: fp8
@@ -491,8 +495,9 @@ def test_every_batch_of_a_bucket_gets_its_own_segment_count(quant, elem, num_kv_
     from portattn.kernels.heuristics import quant_mode, segments_for
 
     def shape(num_seqs):
-        return _shape(num_q_heads=4 * num_kv_heads, num_kv_heads=num_kv_heads,
-                      elem_bytes=elem, num_seqs=num_seqs, sm_count=sm_count,
+        return _shape(num_q_heads=group * num_kv_heads, num_kv_heads=num_kv_heads,
+                      head_size=head_size, elem_bytes=elem, num_seqs=num_seqs,
+                      sm_count=sm_count, arch=arch, max_seqlen_k=max_seqlen_k,
                       kv_quant=quant_mode(quant))
 
     wrong = []
@@ -520,6 +525,21 @@ def test_the_bucket_rule_is_named_and_sized():
     partial_rows = 33 * 2 * params["short"]["block_q"] * 32  # batch x segments x rows
     assert launch.plan_workspace_size(64, 32, 8, 128, 128, False, torch.bfloat16,
                                       params) == partial_rows * (128 + 2)
+    # the same after a JSON round trip (the rule's pairs as lists)
+    from portattn.kernels.heuristics import segments_for
+
+    listed = json.loads(json.dumps(params))
+    assert [segments_for(listed["short"], n) for n in (33, 34)] == [2, 1]
+    assert launch.plan_workspace_size(64, 32, 8, 128, 128, False, torch.bfloat16,
+                                      listed) == partial_rows * (128 + 2)
+    assert launch._descriptor_key({}, listed) == launch._descriptor_key({}, params)
+    # a top that splits itself: the workspace is the largest of the top's and the rule's
+    one_head = plan_launch(_shape(num_q_heads=4, num_kv_heads=1, num_seqs=64))
+    assert one_head["short"]["segments"] > 1 and one_head["short"]["segments_upto"]
+    widest = max(n * segments_for(one_head["short"], n) for n in range(33, 65))
+    assert launch.plan_workspace_size(64, 4, 1, 128, 128, False, torch.bfloat16,
+                                      one_head) == \
+        widest * one_head["short"]["block_q"] * 4 * (128 + 2)
     # forced segments (PORTATTN_UNIFIED_SPLIT, sweeps) carry no rule
     forced = plan_launch(_shape(elem_bytes=1, num_seqs=64, kv_quant="fp8_per_tensor"),
                          segments=1)
@@ -527,13 +547,21 @@ def test_the_bucket_rule_is_named_and_sized():
 
 
 @interp
+@pytest.mark.parametrize("in_kernel", [True, False])
 @pytest.mark.parametrize("batch", [3, 4])
-def test_a_bucket_plan_launches_the_batch_own_segments(batch, merged_in_kernel):
+def test_a_bucket_plan_launches_the_batch_own_segments(batch, in_kernel, merged_in_kernel,
+                                                       merge_kernel_calls):
     """Against the float64 oracle, through a plan made for the bucket (3 and 4 sequences
     share the 4-sequence plan): with 8 SMs and 2 kv heads, 4 sequences fill the GPU
-    (1 segment) and 3 do not (6 programs: 2 segments, as 3 sequences' own plan says)."""
+    (1 segment) and 3 do not (6 programs: 2 segments, as 3 sequences' own plan says),
+    merged in the attention kernel or by the merge kernel."""
     lens = [300, 211, 140, 257][:batch]
-    check_unified([1] * batch, lens, group=2, dtype=F32, sm_count=8)
+    check_unified([1] * batch, lens, group=2, dtype=F32, sm_count=8,
+                  merge_in_kernel=in_kernel)
+    split = batch == 3
+    assert len(merge_kernel_calls) == (1 if split and not in_kernel else 0)
+    if merge_kernel_calls:
+        assert merge_kernel_calls[0][:2] == (3, 4)  # (sequences, q heads, query rows)
     own = plan_launch(_shape(num_q_heads=4, num_kv_heads=2, head_size=64, elem_bytes=4,
                              max_seqlen_k=512, num_seqs=batch, sm_count=8))
     assert [k["num_segments"] for k in merged_in_kernel] == [own["short"]["segments"]]

@@ -600,8 +600,12 @@ DESCRIPTOR_FAILED: dict[tuple, str] = {}
 
 
 def _descriptor_key(args: dict, params: dict) -> tuple:
+    """The kernel's switches and tiles (not ``segments_upto``: a per-batch rule of the
+    grid, which compiles nothing of its own and may be lists after a JSON round trip)."""
     switches = tuple(sorted((k, v) for k, v in args.items() if k.isupper()))
-    tiles = tuple(tuple(sorted(params[k].items())) for k in ("short", "long") if k in params)
+    tiles = tuple(tuple(sorted((name, value) for name, value in params[k].items()
+                               if name != "segments_upto"))
+                  for k in ("short", "long") if k in params)
     return switches + tiles
 
 
