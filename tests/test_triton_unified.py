@@ -16,7 +16,7 @@ import torch
 from portattn.dispatch.problem import Problem
 from portattn.kernels.heuristics import Shape, TileConfig, plan_launch, variant_name
 
-from unified_check import FEATURE_KW, check_unified
+from unified_check import FEATURE_KW, KernelCalls, check_unified
 
 F16, F32 = torch.float16, torch.float32
 SMALL_LONG = TileConfig(block_m=32, block_q=16, block_n=16, num_warps=4, num_stages=2)
@@ -114,46 +114,21 @@ def test_rows_with_no_visible_key(segments, sinks):
 
 
 # --------------------------------------------------------------------------- split-KV merge
-class _KernelCalls:
-    """Stands in for one of launch.py's kernels: records each launch's keyword arguments,
-    then launches it."""
-
-    def __init__(self, kernel):
-        self.kernel, self.kwargs = kernel, []
-
-    def __getitem__(self, grid):
-        def run(*args, **kwargs):
-            self.kwargs.append(kwargs)
-            return self.kernel[grid](*args, **kwargs)
-        return run
-
-
 @pytest.fixture
 def merged_in_kernel(monkeypatch):
     """The MERGE_SEGMENTS of every attention launch (0: the merge kernel merges)."""
     from portattn.kernels import launch
 
-    spy = _KernelCalls(launch.unified_attention_kernel)
+    spy = KernelCalls(launch.unified_attention_kernel)
     monkeypatch.setattr(launch, "unified_attention_kernel", spy)
     return spy.kwargs
-
-
-class _MergeKernelCalls:
-    """Stands in for launch.merge_segments_kernel: counts its launches, then launches it."""
-
-    def __init__(self, kernel):
-        self.kernel, self.grids = kernel, []
-
-    def __getitem__(self, grid):
-        self.grids.append(grid)
-        return self.kernel[grid]
 
 
 @pytest.fixture
 def merge_kernel_calls(monkeypatch):
     from portattn.kernels import launch
 
-    spy = _MergeKernelCalls(launch.merge_segments_kernel)
+    spy = KernelCalls(launch.merge_segments_kernel)
     monkeypatch.setattr(launch, "merge_segments_kernel", spy)
     return spy.grids
 

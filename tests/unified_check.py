@@ -31,6 +31,22 @@ FP8_OUT_TOLERANCE = 6e-2
 FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
 
 
+class KernelCalls:
+    """Stands in for one of launch.py's kernels (``monkeypatch.setattr(launch, name,
+    KernelCalls(kernel))``): records each launch's grid and keyword arguments, then
+    launches it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids, self.kwargs = kernel, [], []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.grids.append(grid)
+            self.kwargs.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return run
+
+
 def undo_interpreter_fp8_carry(actual: torch.Tensor, expected: torch.Tensor,
                                 fp8_dtype: torch.dtype, ran_on) -> torch.Tensor:
     """Triton 3.6's interpreter rounds float -> fp8 without carrying a rounded-up mantissa

@@ -22,7 +22,7 @@ from test_kernels_quant_diffkv import (
     check_every_pair,
     quantize_reference,
 )
-from unified_check import GPU_FEATURE_KW, run_gpu_case, stored_values
+from unified_check import GPU_FEATURE_KW, KernelCalls, run_gpu_case, stored_values
 
 pytestmark = pytest.mark.gpu
 
@@ -234,19 +234,12 @@ def test_batch_below_its_bucket_top_takes_its_own_segments(quant, monkeypatch):
     the launch takes 2 and matches the float64 oracle."""
     from portattn.kernels import launch
 
-    grids = []
-    kernel = launch.unified_attention_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            grids.append(grid)
-            return kernel[grid]
-
-    monkeypatch.setattr(launch, "unified_attention_kernel", Spy())
+    calls = KernelCalls(launch.unified_attention_kernel)
+    monkeypatch.setattr(launch, "unified_attention_kernel", calls)
     seq_lens = [300 + (37 * i) % 1500 for i in range(33)]
     run_gpu_case(dict(query_lens=[1] * 33, seq_lens=seq_lens), num_kv_heads=8,
                  quant=QUANTS[quant], sm_count=132, arch="sm90")
-    assert [grid[2] for grid in grids] == [2]
+    assert [grid[2] for grid in calls.grids] == [2]
 
 
 # --------------------------------------------------------------------------- DiffKV
