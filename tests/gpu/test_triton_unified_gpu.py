@@ -13,7 +13,7 @@ import torch
 
 from portattn.kernels.heuristics import TileConfig
 
-from unified_check import GPU_FEATURE_KW, check_unified
+from unified_check import GPU_FEATURE_KW, KernelCalls, check_unified
 
 pytestmark = pytest.mark.gpu
 
@@ -117,11 +117,15 @@ def test_heuristic_plans_through_public_api(case):
     assert err < 2e-2, (err, decision.plan.describe())
 
 
-def test_bucket_plan_names_the_segments_of_smaller_batches():
+def test_bucket_plan_names_the_segments_of_smaller_batches(monkeypatch):
     """One kv head of 128 (GQA 8), 33 bf16 decodes: their plan is the 64-sequence
     bucket's, which names the extra segments 33 sequences take below the top's (the
-    heuristics for the GPU's own SM count), and the call matches the oracle."""
+    heuristics for the GPU's own SM count); the public call launches that count (its
+    grid's third axis, plans forgotten first so the call is not a replay of an earlier
+    one) and matches the oracle."""
     import portattn
+    from portattn import planning
+    from portattn.kernels import launch
     from portattn.kernels.heuristics import Shape, plan_launch, segments_for
     from portattn.testing import dense_attention, make_paged_batch, relative_error
 
@@ -136,7 +140,11 @@ def test_bucket_plan_names_the_segments_of_smaller_batches():
     assert segments_for(short, 33) == own["segments"] > short["segments"], \
         decision.plan.describe()
     assert "seg-upto-" in decision.variant
+    calls = KernelCalls(launch.unified_attention_kernel)
+    monkeypatch.setattr(launch, "unified_attention_kernel", calls)
+    planning.forget_plans()
     out = portattn.attention(batch.q, batch.cache, batch.metadata)
+    assert [grid[2] for grid in calls.grids] == [own["segments"]], calls.grids
     expected = dense_attention(batch.q, batch.keys, batch.values, [1] * 33)
     assert relative_error(out, expected) < 2e-2
 

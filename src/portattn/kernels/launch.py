@@ -250,6 +250,8 @@ def _launch_short(args, q, cache, metadata, out, cfg: dict, long_follows: bool,
         BLOCK_M=cfg["block_m"], BLOCK_Q=block_q, BLOCK_N=cfg["block_n"], SEQ_MODE=1,
         SHORT_Q=0, STAGED_Q=0, SPLIT=segments > 1, LONG_FOLLOWS=long_follows, num_segments=segments,
         MERGE_SEGMENTS=next_pow2(segments) if in_kernel else 0,
+        MERGE_LOAD=unified.merge_load_elements(args["GROUP"], next_pow2(segments), pad_v,
+                                               bool(cfg.get("maxnreg"))),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_register_cap(cfg),
         **args)
     if segments > 1 and not in_kernel:

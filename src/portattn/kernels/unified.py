@@ -60,7 +60,8 @@ handles one of ``num_segments`` (a runtime value, so a new segment count needs n
 slices of the visible KV tiles and writes partials, SEQ_MODE 1 only); ``MERGE_SEGMENTS``
 (SPLIT only; 0: the partials are left to the merge kernel; else a power of two >=
 ``num_segments``: the last segment program of each (sequence, kv head) merges them, one
-launch instead of two, see Layout). Head sizes:
+launch instead of two, see Layout; ``MERGE_LOAD``: how many fp32 partials it loads at once,
+:func:`merge_load_elements`). Head sizes:
 ``HEAD_QK`` / ``HEAD_V`` and their power-of-two paddings (DiffKV when they differ; the
 accumulator, partials and output are ``HEAD_V`` wide). Quantization, all at the one load
 site :func:`_load_kv_tile`: ``KV_QUANT`` (0 none; 1 per-tensor fp8: the K scale is folded
@@ -567,7 +568,7 @@ def unified_attention_kernel(
         V_STAGE: tl.constexpr = False, KV_BITS: tl.constexpr = 0,
         BITS_ASM: tl.constexpr = False, V_PAIRS: tl.constexpr = 0,
         FLAT_GRID: tl.constexpr = False, ONE_LOOP: tl.constexpr = False,
-        MERGE_SEGMENTS: tl.constexpr = 0):
+        MERGE_SEGMENTS: tl.constexpr = 0, MERGE_LOAD: tl.constexpr = 8192):
     """Paged attention of one query tile x one kv head x one KV segment (see module doc)."""
     tl.static_assert(not FP8_DOT or KV_BITS == 0,
                      "FP8_DOT needs the cache's fp8 values, KV_BITS rebuilds them as fp16")
@@ -821,7 +822,7 @@ def unified_attention_kernel(
                     part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, sinks_ptr, out_scale_ptr,
                     seq, kv_head, q_start, q_len, num_q_heads, num_segments, stride_ot,
                     stride_oh, stride_od, GROUP, BLOCK_Q, HEAD_V, HEAD_V_PAD, USE_SINKS,
-                    FP8_OUT, FP8_MAX, MERGE_SEGMENTS)
+                    FP8_OUT, FP8_MAX, MERGE_SEGMENTS, MERGE_LOAD)
 
 
 @triton.jit
@@ -831,7 +832,7 @@ def _merge_tile_partials(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, sinks_pt
                          BLOCK_Q: tl.constexpr, HEAD_V: tl.constexpr,
                          HEAD_V_PAD: tl.constexpr, USE_SINKS: tl.constexpr,
                          FP8_OUT: tl.constexpr, FP8_MAX: tl.constexpr,
-                         MERGE_SEGMENTS: tl.constexpr):
+                         MERGE_SEGMENTS: tl.constexpr, MERGE_LOAD: tl.constexpr):
     """The split-KV merge of one decode tile's rows (``BLOCK_Q`` queries x ``GROUP``
     heads) by the segment program that finished last: the sum of
     :mod:`portattn.kernels.reduce` (its :func:`combine_segments`), with every segment of
@@ -839,7 +840,8 @@ def _merge_tile_partials(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, sinks_pt
     tile (not one segment after another: a serial chain of L2 round trips lost to the
     merge kernel, NOTES.md). Partials written by other programs are read through L2
     (``.cg``), after the ticket's acquire."""
-    MERGE_ROWS: tl.constexpr = _merge_rows(BLOCK_Q * GROUP, MERGE_SEGMENTS * HEAD_V_PAD)
+    MERGE_ROWS: tl.constexpr = _merge_rows(BLOCK_Q * GROUP, MERGE_SEGMENTS * HEAD_V_PAD,
+                                           MERGE_LOAD)
     segs = tl.arange(0, MERGE_SEGMENTS)
     offs_dv = tl.arange(0, HEAD_V_PAD)
     seg_ok = segs < num_segments
@@ -865,17 +867,31 @@ def _merge_tile_partials(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, sinks_pt
                     stride_od, out_scale_ptr, HEAD_V, FP8_OUT, FP8_MAX)
 
 
-#: fp32 partials one merging program loads at once (128 per thread at 4 warps): a
-#: decode tile of GQA 4 with 32 segments of head 128 in one round trip
+#: fp32 partials one merging program loads at once (the kernel's MERGE_LOAD): 8192 (64
+#: per thread at 4 warps), or up to 16384 where that takes one query's rows (its GQA
+#: group) in one round trip instead of two, unless the tile caps its registers (the
+#: 8-bit decode tiles: the loaded partials would spill). GQA 4 with 32 segments of head
+#: 128 is such a case: 1 x 8192 bf16 decode -8%, 1 x 32768 -4% on the H200 (NOTES.md,
+#: session 22).
 MERGE_LOAD_ELEMENTS = 8192
+MERGE_LOAD_ELEMENTS_ONE_QUERY = 16384
+
+
+def merge_load_elements(group: int, merge_segments: int, head_v_pad: int,
+                        register_capped: bool) -> int:
+    """The kernel's ``MERGE_LOAD`` for a merge of ``merge_segments`` (padded) segments of
+    ``head_v_pad`` columns, rows of ``group`` query heads per query."""
+    one_query = (1 << max(group - 1, 0).bit_length()) * merge_segments * head_v_pad
+    if not register_capped and MERGE_LOAD_ELEMENTS < one_query <= MERGE_LOAD_ELEMENTS_ONE_QUERY:
+        return one_query
+    return MERGE_LOAD_ELEMENTS
 
 
 @triton.constexpr_function
-def _merge_rows(rows, per_row):
-    """Rows merged at once: as many as keep the loaded partials within
-    MERGE_LOAD_ELEMENTS (a power of two, at least one, at most the tile's rows rounded
-    up)."""
+def _merge_rows(rows, per_row, limit):
+    """Rows merged at once: as many as keep the loaded partials within ``limit``
+    elements (a power of two, at least one, at most the tile's rows rounded up)."""
     fit = 1
-    while fit * 2 * per_row <= MERGE_LOAD_ELEMENTS and fit < rows:
+    while fit * 2 * per_row <= limit and fit < rows:
         fit *= 2
     return fit

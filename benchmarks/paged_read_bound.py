@@ -1,0 +1,495 @@
+"""The read bound of a paged decode: how fast can the bytes a decode reads be read at all,
+with the decode's own grid and access pattern and no attention work?
+
+Issues 10 and 15 leave two kernel-only bars missed by a few percent (fp8 per-tensor
+32 x 8192 at 0.56x of bf16 against <= 0.55x; small-batch bf16 decode at 0.83-0.98 of SDPA
+cuDNN). Sessions 20-21 profiled the decode and found its DRAM rate, not its instruction
+issue, to be the limit. This separates the access pattern from the kernel: a read-only
+kernel with the package's decode grid (sequence, kv head, segment), tiles of
+``BLOCK_N`` keys gathered through the block table exactly as the unified kernel does (each
+key's block id, then its ``head_size`` bytes of K and V for one kv head: a 128-byte row
+strided by ``num_kv_heads * head_size`` bytes at fp8), XOR-folding what it loads so no load
+can be dropped, and one int32 per program written at the end. Beside it, the same bytes
+read from a contiguous ``[sequence, kv head, key, head_size]`` copy (no block table, one
+dense run per program), and the package's own call on the same cache; for the small
+batches also SDPA cuDNN (contiguous K/V), all kernel-only in CUDA graphs with the L2
+flushed before each call, in one process.
+
+If the paged read kernel alone is no faster than the package's fp8 decode, the decode is
+at the read bound of the cache layout and grid, and what is left is the layout (a cache
+row of one kv head is 128 bytes at fp8, 256 at bf16) or a different grid, not the loop.
+
+    PYTHONPATH=src python3 benchmarks/paged_read_bound.py [--cases fp8-32x8192,...]
+    TRITON_INTERPRET=1 PYTHONPATH=src python3 benchmarks/paged_read_bound.py --check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def paged_read_kernel(k_ptr, v_ptr, bt_ptr, seq_lens_ptr, sink_ptr, num_segments,
+                      stride_kb, stride_ks, stride_kh, stride_bt, dense_len,
+                      NUM_KV_HEADS: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_SIZE: tl.constexpr, D: tl.constexpr, PAGED: tl.constexpr,
+                      PREFETCH: tl.constexpr, STAGES: tl.constexpr):
+    """Grid (sequence, kv head, segment), as the unified kernel's decode launch. K / V:
+    paged ``[blocks, BLOCK_SIZE, kv heads, D]`` (``PAGED``: key ``k`` of sequence ``b`` at
+    block ``bt[b, k // BLOCK_SIZE]``, slot ``k % BLOCK_SIZE``) or dense ``[sequence, kv
+    head, dense_len, D]``, any integer element type (the cache's bytes, never converted).
+    A segment reads ``cdiv(tiles, num_segments)`` consecutive ``BLOCK_N``-key tiles.
+    ``PREFETCH``: the next tile's K / V loaded into registers before this one is folded
+    (no reliance on the compiler's pipeliner); else a ``tl.range`` of ``STAGES`` stages.
+    Writes the XOR of everything read (one int32 per program) to ``sink``."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    seg = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    tiles = tl.cdiv(seq_len, BLOCK_N)
+    per = tl.cdiv(tiles, num_segments)
+    lo = tl.minimum(seg * per, tiles)
+    hi = tl.minimum(lo + per, tiles)
+    bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
+    dense_base = (seq.to(tl.int64) * NUM_KV_HEADS + head) * dense_len
+    acc = tl.zeros([BLOCK_N, D], dtype=k_ptr.dtype.element_ty)
+    if PREFETCH:
+        k_next, v_next = _read_tile(k_ptr, v_ptr, lo, hi, seq_len, bt_row, dense_base, head,
+                                    stride_kb, stride_ks, stride_kh, BLOCK_N, BLOCK_SIZE, D,
+                                    PAGED)
+        for j in range(lo, hi):
+            k_cur = k_next
+            v_cur = v_next
+            k_next, v_next = _read_tile(k_ptr, v_ptr, j + 1, hi, seq_len, bt_row, dense_base,
+                                        head, stride_kb, stride_ks, stride_kh, BLOCK_N,
+                                        BLOCK_SIZE, D, PAGED)
+            acc = acc ^ k_cur ^ v_cur
+    else:
+        for j in tl.range(lo, hi, num_stages=STAGES):
+            k, v = _read_tile(k_ptr, v_ptr, j, hi, seq_len, bt_row, dense_base, head,
+                              stride_kb, stride_ks, stride_kh, BLOCK_N, BLOCK_SIZE, D, PAGED)
+            acc = acc ^ k ^ v
+    folded = tl.reduce(acc.to(tl.int32), 1, _xor)
+    folded = tl.reduce(folded, 0, _xor)
+    pid = (seq * NUM_KV_HEADS + head) * num_segments + seg
+    tl.store(sink_ptr + pid, folded)
+
+
+@triton.jit
+def _read_tile(k_ptr, v_ptr, j, hi, seq_len, bt_row, dense_base, head, stride_kb, stride_ks,
+               stride_kh, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr,
+               PAGED: tl.constexpr):
+    """Tile ``j``'s K and V rows of one kv head (zeros past the sequence or from ``hi``)."""
+    kpos = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    ok = (kpos < seq_len) & (j < hi)
+    if PAGED:
+        blk = tl.load(bt_row + kpos // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
+        row = blk * stride_kb + (kpos % BLOCK_SIZE) * stride_ks + head * stride_kh
+    else:
+        row = (dense_base + kpos) * D
+    k = tl.load(k_ptr + row[:, None] + offs_d[None, :], mask=ok[:, None], other=0)
+    v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=ok[:, None], other=0)
+    return k, v
+
+
+@triton.jit
+def _xor(a, b):
+    return a ^ b
+
+
+@triton.jit
+def minimal_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_ml_ptr,
+                          part_acc_ptr, ticket_ptr, qk_scale, v_scale, num_segments,
+                          stride_kb, stride_ks, stride_kh, stride_bt,
+                          NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr,
+                          STAGES: tl.constexpr, MERGE: tl.constexpr,
+                          SEG_PAD: tl.constexpr):
+    """The read kernel's loop with a decode's arithmetic and nothing else: grid (sequence,
+    kv head, segment), one query per sequence, ``q`` ``[sequences, GROUP * kv heads, D]``,
+    the same paged K / V (16-bit, or fp8 cast to q's type in the loop with ``qk_scale`` /
+    ``v_scale`` holding the per-tensor scales), a 16-row tile of which ``GROUP`` rows are
+    real, Q K^T, an online softmax in base 2 and P V per ``BLOCK_N``-key tile, no masks
+    inside the sequence's full tiles, no features. One segment writes ``out``; more write
+    fp32 partials ``[sequence, q head, segment]`` (m and l in ``part_ml``, the unnormalized
+    rows in ``part_acc``) and, with ``MERGE`` > 0, the segment program that takes the last
+    ticket of its (sequence, kv head) merges them into ``out`` (``MERGE`` 0: nothing
+    merges, the time of the attention work alone). The ticket: 1 an ``acq_rel`` atomic
+    (the package's), 2 a ``release`` atomic and an acquire fence in the merging program
+    only, and two timing bounds that are not correct merges: 3 a relaxed atomic (no
+    ordering), 4 the ``acq_rel`` chain with the partials' loads masked off."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    seg = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    rows = tl.arange(0, 16)
+    row_ok = rows < GROUP
+    qh = head * GROUP + rows
+    offs_d = tl.arange(0, D)
+    q = tl.load(q_ptr + (seq * NUM_KV_HEADS * GROUP + qh)[:, None] * D + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    tiles = tl.cdiv(seq_len, BLOCK_N)
+    per = tl.cdiv(tiles, num_segments)
+    lo = tl.minimum(seg * per, tiles)
+    hi = tl.minimum(lo + per, tiles)
+    offs_n = tl.arange(0, BLOCK_N)
+    bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
+    m_i = tl.full([16], float("-inf"), tl.float32)
+    l_i = tl.zeros([16], tl.float32)
+    acc = tl.zeros([16, D], tl.float32)
+    for j in tl.range(lo, hi, num_stages=STAGES):
+        kpos = j * BLOCK_N + offs_n
+        ok = kpos < seq_len
+        blk = tl.load(bt_row + kpos // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
+        row = blk * stride_kb + (kpos % BLOCK_SIZE) * stride_ks + head * stride_kh
+        k = tl.load(k_ptr + row[:, None] + offs_d[None, :], mask=ok[:, None], other=0.0)
+        v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None])
+        m_i = m_new
+    acc = acc * v_scale
+    out_rows = (seq * NUM_KV_HEADS * GROUP + qh).to(tl.int64)
+    if num_segments == 1:
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+        tl.store(out_ptr + out_rows[:, None] * D + offs_d[None, :],
+                 (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        slot = out_rows * num_segments + seg
+        tl.store(part_ml_ptr + slot * 2, m_i, mask=row_ok)
+        tl.store(part_ml_ptr + slot * 2 + 1, l_i, mask=row_ok)
+        tl.store(part_acc_ptr + slot[:, None] * D + offs_d[None, :], acc, mask=row_ok[:, None])
+        if MERGE > 0:
+            tl.debug_barrier()
+            ticket = ticket_ptr + seq * NUM_KV_HEADS + head
+            if MERGE == 3:  # timing bound only: no ordering of the partials at all
+                arrived = tl.atomic_add(ticket, 1, sem="relaxed", scope="gpu")
+            elif MERGE == 2:  # release by every program, acquire by the merging one
+                arrived = tl.atomic_add(ticket, 1, sem="release", scope="gpu")
+            else:
+                arrived = tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu")
+            if arrived == num_segments - 1:
+                tl.store(ticket, 0)
+                if MERGE == 2:
+                    arrived = tl.inline_asm_elementwise(
+                        "fence.acq_rel.gpu;\n\tmov.u32 $0, $1;", "=r,r", [arrived],
+                        dtype=tl.int32, is_pure=False, pack=1)
+                segs = tl.arange(0, SEG_PAD)
+                seg_ok = segs < num_segments
+                for r in tl.static_range(GROUP):
+                    first = (seq * NUM_KV_HEADS * GROUP + head * GROUP + r).to(tl.int64) \
+                        * num_segments + (arrived - (num_segments - 1))  # 0: after the fence
+                    if MERGE == 4:  # timing bound only: the chain without the loads
+                        seg_ok = seg_ok & (segs < 0)
+                    m = tl.load(part_ml_ptr + (first + segs) * 2, mask=seg_ok,
+                                other=float("-inf"), cache_modifier=".cg")
+                    lv = tl.load(part_ml_ptr + (first + segs) * 2 + 1, mask=seg_ok, other=0.0,
+                                 cache_modifier=".cg")
+                    parts = tl.load(part_acc_ptr + (first + segs)[:, None] * D
+                                    + offs_d[None, :], mask=seg_ok[:, None], other=0.0,
+                                    cache_modifier=".cg")
+                    m_all = tl.max(m, 0)
+                    w = tl.where(m > float("-inf"), tl.math.exp2(m - m_all), 0.0)
+                    total = tl.sum(lv * w, 0)
+                    merged = tl.sum(parts * w[:, None], 0) / tl.where(total > 0.0, total, 1.0)
+                    tl.store(out_ptr + (first // num_segments) * D + offs_d,
+                             merged.to(out_ptr.dtype.element_ty))
+
+
+class MinimalDecode:
+    """One configuration of :func:`minimal_decode_kernel` over ``inp`` (scales 1 for bf16;
+    the cache's per-tensor scales for fp8), with its workspaces."""
+
+    def __init__(self, inp, segments: int, block_n: int, num_warps: int, stages: int,
+                 merge: int = 1, maxnreg: int | None = None):
+        cache = inp.cache
+        self.q, self.k, self.v = inp.q, cache.key_cache, cache.value_cache
+        self.table, self.lens = inp.metadata.block_table, inp.metadata.seq_lens
+        self.num_seqs = self.lens.shape[0]
+        self.hkv, self.d = self.k.shape[2], self.k.shape[3]
+        self.group = self.q.shape[1] // self.hkv
+        quant = cache.quant
+        k_scale = float(quant.k_scale) if quant.mode == "fp8_per_tensor" else 1.0
+        self.v_scale = float(quant.v_scale) if quant.mode == "fp8_per_tensor" else 1.0
+        self.qk_scale = 1.4426950408889634 * k_scale / math.sqrt(self.d)
+        self.out = torch.full_like(self.q, float("nan"))
+        rows = self.q.shape[0] * self.q.shape[1]
+        self.part_ml = torch.empty(rows * segments * 2, dtype=torch.float32,
+                                   device=self.q.device)
+        self.part_acc = torch.empty(rows * segments, self.d, dtype=torch.float32,
+                                    device=self.q.device)
+        self.ticket = torch.zeros(self.num_seqs * self.hkv, dtype=torch.int32,
+                                  device=self.q.device)
+        self.cfg = dict(segments=segments, block_n=block_n, num_warps=num_warps,
+                        stages=stages, merge=merge)
+        self.extra = {"maxnreg": maxnreg} if maxnreg else {}
+
+    @property
+    def name(self) -> str:
+        c = self.cfg
+        cap = f" cap{self.extra['maxnreg']}" if self.extra else ""
+        what = {0: "no-merge", 1: "merge", 2: "merge-release", 3: "merge-relaxed-bound",
+                4: "merge-no-loads-bound"}[c["merge"]] if c["segments"] > 1 else "one-segment"
+        return (f"minimal-decode seg{c['segments']} bn{c['block_n']} w{c['num_warps']} "
+                f"s{c['stages']} {what}{cap}")
+
+    def __call__(self):
+        c = self.cfg
+        k = self.k
+        minimal_decode_kernel[(self.num_seqs, self.hkv, c["segments"])](
+            self.q, k, self.v, self.table, self.lens, self.out, self.part_ml, self.part_acc,
+            self.ticket, self.qk_scale, self.v_scale, c["segments"], k.stride(0),
+            k.stride(1), k.stride(2), self.table.stride(0), NUM_KV_HEADS=self.hkv,
+            GROUP=self.group, BLOCK_N=c["block_n"], BLOCK_SIZE=k.shape[1], D=self.d,
+            STAGES=c["stages"], MERGE=c["merge"],
+            SEG_PAD=triton.next_power_of_2(c["segments"]), num_warps=c["num_warps"],
+            **self.extra)
+        return self.out
+
+
+def decode_reference(inp) -> torch.Tensor:
+    """float64 decode over the cache as stored (fp8 codes times the per-tensor scales),
+    gathered with plain indexing: ``[sequences, q heads, D]``."""
+    cache = inp.cache
+    k, v = cache.key_cache, cache.value_cache
+    table, lens = inp.metadata.block_table, inp.metadata.seq_lens
+    quant = cache.quant
+    ks = float(quant.k_scale) if quant.mode == "fp8_per_tensor" else 1.0
+    vs = float(quant.v_scale) if quant.mode == "fp8_per_tensor" else 1.0
+    bs, hkv, d = k.shape[1], k.shape[2], k.shape[3]
+    group = inp.q.shape[1] // hkv
+    outs = []
+    for b in range(lens.shape[0]):
+        n = int(lens[b])
+        rows = table[b, :math.ceil(n / bs)].long()
+        kk = k[rows].double().reshape(-1, hkv, d)[:n].repeat_interleave(group, 1) * ks
+        vv = v[rows].double().reshape(-1, hkv, d)[:n].repeat_interleave(group, 1) * vs
+        s = torch.einsum("hd,nhd->hn", inp.q[b].double(), kk) / math.sqrt(d)
+        outs.append(torch.einsum("hn,nhd->hd", torch.softmax(s, -1), vv))
+    return torch.stack(outs)
+
+
+def as_ints(x: torch.Tensor) -> torch.Tensor:
+    """The cache's bytes as an integer tensor of the same element size."""
+    return x.view({1: torch.int8, 2: torch.int16}[x.element_size()])
+
+
+class ReadBound:
+    """One configuration of the read kernel over ``inp``'s cache (paged) or a dense copy."""
+
+    def __init__(self, inp, segments: int, block_n: int, num_warps: int, paged: bool,
+                 prefetch: bool, stages: int = 2):
+        cache = inp.cache
+        self.k = as_ints(cache.key_cache)
+        self.v = as_ints(cache.value_cache)
+        self.table = inp.metadata.block_table
+        self.lens = inp.metadata.seq_lens
+        self.num_seqs = self.lens.shape[0]
+        self.hkv, self.d = self.k.shape[2], self.k.shape[3]
+        self.block_size = self.k.shape[1]
+        self.dense_len = int(inp.metadata.max_seqlen_k)
+        if not paged:  # the same bytes, one dense run per (sequence, kv head)
+            self.k = torch.empty(self.num_seqs, self.hkv, self.dense_len, self.d,
+                                 dtype=self.k.dtype, device=self.k.device).random_(-100, 100)
+            self.v = torch.empty_like(self.k).random_(-100, 100)
+        self.cfg = dict(segments=segments, block_n=block_n, num_warps=num_warps,
+                        paged=paged, prefetch=prefetch, stages=stages)
+        self.sink = torch.empty(self.num_seqs * self.hkv * segments, dtype=torch.int32,
+                                device=self.k.device)
+
+    @property
+    def name(self) -> str:
+        c = self.cfg
+        how = "prefetch" if c["prefetch"] else f"range-s{c['stages']}"
+        return (f"read-{'paged' if c['paged'] else 'dense'} seg{c['segments']} "
+                f"bn{c['block_n']} w{c['num_warps']} {how}")
+
+    def __call__(self):
+        c = self.cfg
+        k = self.k
+        paged_read_kernel[(self.num_seqs, self.hkv, c["segments"])](
+            k, self.v, self.table, self.lens, self.sink, c["segments"], k.stride(0),
+            k.stride(1), k.stride(2), self.table.stride(0), self.dense_len,
+            NUM_KV_HEADS=self.hkv, BLOCK_N=c["block_n"], BLOCK_SIZE=self.block_size,
+            D=self.d, PAGED=c["paged"], PREFETCH=c["prefetch"], STAGES=c["stages"],
+            num_warps=c["num_warps"])
+        return self.sink
+
+
+def fold_reference(inp, segments: int, block_n: int) -> torch.Tensor:
+    """Per program, the XOR of its keys' K and V bytes (as int32 of the element), computed
+    with plain indexing."""
+    k, v = as_ints(inp.cache.key_cache), as_ints(inp.cache.value_cache)
+    table, lens = inp.metadata.block_table, inp.metadata.seq_lens
+    bs, hkv = k.shape[1], k.shape[2]
+    out = []
+    for b in range(lens.shape[0]):
+        n = int(lens[b])
+        rows = table[b, :math.ceil(n / bs)].long()
+        kk = k[rows].reshape(-1, hkv, k.shape[3])[:n].to(torch.int32)
+        vv = v[rows].reshape(-1, hkv, v.shape[3])[:n].to(torch.int32)
+        tiles = math.ceil(n / block_n)
+        per = math.ceil(tiles / segments)
+        for h in range(hkv):
+            for s in range(segments):
+                lo, hi = min(s * per, tiles) * block_n, min((s + 1) * per, tiles) * block_n
+                x = torch.zeros((), dtype=torch.int32)
+                for part in (kk[lo:hi, h], vv[lo:hi, h]):
+                    for value in part.flatten().tolist():
+                        x = x ^ value
+                out.append(int(x))
+    return torch.tensor(out, dtype=torch.int32)
+
+
+def check_cpu() -> int:
+    """Interpreter: the read kernel's loops (paged) against plain indexing (the dense copy
+    is random), the minimal decode against the float64 oracle."""
+    from portattn.bench import Case, build_inputs
+
+    bad = 0
+    for mode, dtype in (("fp8_per_tensor", torch.float16), ("none", torch.float16)):
+        case = Case(f"check-{mode}", "decode", [1, 1], [45, 29], mode)
+        inp = build_inputs(case, num_q_heads=4, num_kv_heads=2, head_size=16, block_size=8,
+                           dtype=dtype, device="cpu")
+        for segments, prefetch in ((1, True), (2, True), (3, False)):
+            got = ReadBound(inp, segments, 16, 4, True, prefetch)().cpu()
+            want = fold_reference(inp, segments, 16)
+            same = torch.equal(got, want)
+            bad += not same
+            print(f"{mode} segments {segments} prefetch {prefetch}: "
+                  f"{'match' if same else 'MISMATCH'}")
+        want = decode_reference(inp)
+        for segments in (1, 3):
+            for merge in (1,):  # 2 is inline PTX: checked on the GPU only
+                got = MinimalDecode(inp, segments, 16, 4, 2, merge)().double()
+                err = ((got - want).abs().max() / want.abs().max()).item()
+                bad += not err < 2e-2
+                print(f"{mode} minimal decode, {segments} segments, merge {merge}: "
+                      f"relative error {err:.2e}")
+    return 1 if bad else 0
+
+
+#: name -> (batch, keys, cache mode, read configs (segments, block_n, warps, paged,
+#: prefetch, stages), minimal decode configs (segments, block_n, warps, stages, merge,
+#: register cap or 0)); the package's call is timed beside
+CASES = {
+    "fp8-32x8192": (32, 8192, "fp8_per_tensor", [
+        (2, 128, 4, True, False, 2), (2, 64, 4, True, True, 2), (2, 128, 4, False, False, 2)],
+        []),
+    "bf16-32x8192": (32, 8192, "none", [
+        (1, 128, 4, True, False, 2), (1, 64, 4, True, False, 3)], [
+        (1, 128, 4, 2, 1, 0)]),
+    "bf16-1x8192": (1, 8192, "none", [
+        (32, 128, 4, True, False, 2), (32, 128, 4, False, False, 2)],
+        [(32, 128, 4, 2, merge, 0) for merge in range(5)]),
+    "bf16-1x32768": (1, 32768, "none", [
+        (32, 128, 4, True, False, 2)],
+        [(32, 128, 4, 2, merge, 0) for merge in range(5)]),
+    "bf16-8x8192": (8, 8192, "none", [
+        (4, 128, 4, True, False, 2)],
+        [(4, 128, 4, 2, merge, 0) for merge in range(5)]),
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--check", action="store_true",
+                        help="the interpreter check against plain indexing (CPU)")
+    parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument("--package-only", action="store_true",
+                        help="time only the package's call (and SDPA cuDNN beside it)")
+    args = parser.parse_args()
+    if args.check:
+        return check_cpu()
+    import portattn
+    from portattn.bench import Case, GraphTimer, build_inputs, measure_ceilings, sdpa
+
+    names = args.cases.split(",")
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        raise SystemExit(f"--cases: unknown {unknown}; known: {sorted(CASES)}")
+    timer = GraphTimer()
+    copy = measure_ceilings("cuda", lambda fn: triton.testing.do_bench(
+        fn, return_mode="median"))["copy_tbs"]
+    print(f"{torch.cuda.get_device_name()}  copy {copy:.2f} TB/s", flush=True)
+    rows = []
+    for rnd in range(args.rounds):
+        for name in names:
+            batch, keys, mode, configs, minimal = CASES[name]
+            case = Case(f"decode-{batch}x{keys}-{mode}", "decode", [1] * batch, [keys] * batch,
+                        mode)
+            inp = build_inputs(case, num_q_heads=32, num_kv_heads=8, head_size=128,
+                               block_size=16, dtype=torch.bfloat16, device="cuda")
+            kv_bytes = 2 * inp.cache.key_cache[:1].element_size() * batch * keys * 8 * 128
+            calls = {}
+
+            def package(inp=inp):
+                portattn.attention(inp.q, inp.cache, inp.metadata, out=inp.out,
+                                   backend="triton_unified")
+            package()
+            calls["package " + portattn.explain(inp.q, inp.cache, inp.metadata).variant] = \
+                package
+            if mode == "none" and batch <= 8:
+                fn, _notes = sdpa(case, inp, "CUDNN_ATTENTION")
+                calls["sdpa-cudnn (contiguous)"] = fn
+            if args.package_only:
+                configs, minimal = [], []
+            for segs, bn, warps, paged, prefetch, stages in configs:
+                run = ReadBound(inp, segs, bn, warps, paged, prefetch, stages)
+                calls[run.name] = run
+            want = decode_reference(inp) if minimal else None
+            for segs, bn, warps, stages, merge, cap in minimal:
+                run = MinimalDecode(inp, segs, bn, warps, stages, merge, cap or None)
+                if merge in (1, 2) and rnd == 0:  # correct merges: checked against float64
+                    try:
+                        err = ((run().double() - want).abs().max() / want.abs().max()).item()
+                    except Exception as exc:
+                        print(f"{name} {run.name}: {type(exc).__name__} {str(exc)[:200]}",
+                              flush=True)
+                        continue
+                    print(f"{name} {run.name}: relative error {err:.2e}", flush=True)
+                calls[run.name] = run
+            for label, fn in calls.items():
+                try:
+                    fn()
+                    torch.cuda.synchronize()
+                    us = timer(fn) * 1e3
+                except Exception as exc:  # a configuration that does not compile
+                    print(f"{name} {label}: {type(exc).__name__} {str(exc)[:200]}", flush=True)
+                    continue
+                row = {"round": rnd, "case": name, "variant": label, "us": round(us, 2),
+                       "copy_frac": round(kv_bytes / (us * 1e-6) / 1e12 / copy, 3)}
+                rows.append(row)
+                print(f"{rnd} {name:<14} {label:<48} {us:8.1f} us {row['copy_frac']:5.2f} copy",
+                      flush=True)
+            del inp, calls, want
+            torch.cuda.empty_cache()
+    best: dict[tuple[str, str], float] = {}
+    for r in rows:
+        key = (r["case"], r["variant"])
+        best[key] = min(best.get(key, math.inf), r["us"])
+    print("\nminimum over rounds:")
+    for (case_name, label), us in sorted(best.items()):
+        print(f"{case_name:<14} {label:<48} {us:8.1f} us")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name(), "copy_tbs": copy, "rows": rows},
+                      f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
