@@ -35,7 +35,8 @@ VARIANTS = {
     "decode bf16 split+sinks+window": ("bf16", dict(SPLIT=True, USE_SINKS=True,
                                                     USE_WINDOW=True), 4, 2),
     "decode bf16 split+merge in kernel": ("bf16", dict(SPLIT=True, USE_SINKS=True,
-                                                       MERGE_SEGMENTS=32), 4, 2),
+                                                       MERGE_SEGMENTS=32, MERGE_LOAD=16384),
+                                          4, 2),  # what launch.py asks for at GQA 4
     "prefill bf16": ("bf16", PREFILL, 8, 3),
     "decode fp8 per-tensor": ("fp8e4nv", dict(KV_QUANT=1, Q_PRESCALE=True,
                                               COMPUTE_DTYPE=0), 4, 2),

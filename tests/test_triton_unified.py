@@ -199,9 +199,13 @@ def test_merge_load_takes_one_query_rows_at_once_where_registers_allow():
     """The in-kernel merge loads one query's rows (its GQA group) of every segment at
     once where that is at most 16384 fp32 partials and the tile does not cap its
     registers; 8192 otherwise (NOTES.md, session 22)."""
-    from portattn.kernels.unified import merge_load_elements
+    from portattn.kernels.unified import _merge_rows, merge_load_elements
 
     assert merge_load_elements(4, 32, 128, register_capped=False) == 16384
+    # the kernel's row count then takes the group's rows in one load (tile of 4 queries)
+    assert _merge_rows(16, 32 * 128, merge_load_elements(4, 32, 128, False)) == 4
+    assert _merge_rows(16, 32 * 128, merge_load_elements(4, 32, 128, True)) == 2
+    assert _merge_rows(12, 32 * 128, merge_load_elements(3, 32, 128, False)) == 4
     assert merge_load_elements(3, 32, 128, register_capped=False) == 16384
     assert merge_load_elements(2, 64, 128, register_capped=False) == 16384
     assert merge_load_elements(4, 32, 128, register_capped=True) == 8192
@@ -212,16 +216,20 @@ def test_merge_load_takes_one_query_rows_at_once_where_registers_allow():
 
 @interp
 def test_merge_in_kernel_with_one_query_per_load(merge_kernel_calls, merged_in_kernel):
-    """GQA 4 with 32 segments of head 128: the launch asks for 16384-element merge
-    loads (one query's 4 rows at once), and a 4-query sequence (16 rows: four loads) and
-    a 1-query one merge correctly against the float64 oracle."""
+    """GQA 4 (and 3) with 32 segments of head 128: the launch asks for 16384-element
+    merge loads (one query's rows at once), and a 4-query sequence (16 rows: four loads)
+    and a 1-query one merge correctly against the float64 oracle."""
     tile = TileConfig(block_m=16, block_q=4, block_n=16, num_warps=4, num_stages=2,
                       segments=32)
     check_unified([4, 1], [560, 530], group=4, num_kv_heads=1, head_size=128, dtype=F32,
                   short=tile, sinks=True, merge_in_kernel=True)
+    # a group that is not a power of two: 3 rows of a 4-row load per query
+    check_unified([3, 1], [530, 515], group=3, num_kv_heads=1, head_size=128, dtype=F32,
+                  short=dataclasses.replace(tile, block_m=16, block_q=4), sinks=True,
+                  merge_in_kernel=True)
     assert not merge_kernel_calls
     assert [(k["MERGE_SEGMENTS"], k["MERGE_LOAD"]) for k in merged_in_kernel] == \
-        [(32, 16384)]
+        [(32, 16384), (32, 16384)]
 
 
 @interp

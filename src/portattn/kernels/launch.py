@@ -245,13 +245,16 @@ def _launch_short(args, q, cache, metadata, out, cfg: dict, long_follows: bool,
         part_l = data[rows * (pad_v + 1):need]
     else:
         part_m = part_l = part_acc = tickets = q
+    merge_load = unified.MERGE_LOAD_ELEMENTS  # one value where nothing merges: one compile
+    if in_kernel and segments > 1:
+        merge_load = unified.merge_load_elements(args["GROUP"], next_pow2(segments), pad_v,
+                                                 bool(cfg.get("maxnreg")))
     unified_attention_kernel[(num_seqs, num_kv_heads, segments)](
         part_m_ptr=part_m, part_l_ptr=part_l, part_acc_ptr=part_acc, ticket_ptr=tickets,
         BLOCK_M=cfg["block_m"], BLOCK_Q=block_q, BLOCK_N=cfg["block_n"], SEQ_MODE=1,
         SHORT_Q=0, STAGED_Q=0, SPLIT=segments > 1, LONG_FOLLOWS=long_follows, num_segments=segments,
         MERGE_SEGMENTS=next_pow2(segments) if in_kernel else 0,
-        MERGE_LOAD=unified.merge_load_elements(args["GROUP"], next_pow2(segments), pad_v,
-                                               bool(cfg.get("maxnreg"))),
+        MERGE_LOAD=merge_load,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_register_cap(cfg),
         **args)
     if segments > 1 and not in_kernel:

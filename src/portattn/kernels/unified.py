@@ -60,8 +60,8 @@ handles one of ``num_segments`` (a runtime value, so a new segment count needs n
 slices of the visible KV tiles and writes partials, SEQ_MODE 1 only); ``MERGE_SEGMENTS``
 (SPLIT only; 0: the partials are left to the merge kernel; else a power of two >=
 ``num_segments``: the last segment program of each (sequence, kv head) merges them, one
-launch instead of two, see Layout; ``MERGE_LOAD``: how many fp32 partials it loads at once,
-:func:`merge_load_elements`). Head sizes:
+launch instead of two, see Layout; ``MERGE_LOAD``: at most how many fp32 partials it loads
+at once, at least one row, :func:`merge_load_elements`). Head sizes:
 ``HEAD_QK`` / ``HEAD_V`` and their power-of-two paddings (DiffKV when they differ; the
 accumulator, partials and output are ``HEAD_V`` wide). Quantization, all at the one load
 site :func:`_load_kv_tile`: ``KV_QUANT`` (0 none; 1 per-tensor fp8: the K scale is folded
@@ -543,6 +543,27 @@ def _poison_long_sequence(out_ptr, q_start, q_len, kv_head, stride_ot, stride_oh
                  mask=(r < q_len * GROUP)[:, None] & (offs_dv < HEAD_V)[None, :])
 
 
+#: fp32 partials one merging program loads at once at most (the kernel's MERGE_LOAD; a
+#: row larger than that is still loaded whole): 8192 (64 per thread at 4 warps), or up to
+#: 16384 where that takes one query's rows (its GQA group, rounded to a power of two) in
+#: one round trip instead of two, unless the tile caps its registers (``maxnreg``: the
+#: paired 8-bit decode tiles of sm90 at head 128, whose loaded partials would spill). GQA
+#: 4 with 32 segments of head 128 is such a case: 1 x 8192 bf16 decode -8%, 1 x 32768 -4%
+#: on the H200 (NOTES.md, session 22).
+MERGE_LOAD_ELEMENTS = 8192
+MERGE_LOAD_ELEMENTS_ONE_QUERY = 16384
+
+
+def merge_load_elements(group: int, merge_segments: int, head_v_pad: int,
+                        register_capped: bool) -> int:
+    """The kernel's ``MERGE_LOAD`` for a merge of ``merge_segments`` (padded) segments of
+    ``head_v_pad`` columns, rows of ``group`` query heads per query."""
+    one_query = (1 << max(group - 1, 0).bit_length()) * merge_segments * head_v_pad
+    if not register_capped and MERGE_LOAD_ELEMENTS < one_query <= MERGE_LOAD_ELEMENTS_ONE_QUERY:
+        return one_query
+    return MERGE_LOAD_ELEMENTS
+
+
 @triton.jit
 def unified_attention_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, block_table_ptr, cu_seqlens_q_ptr, seq_lens_ptr,
@@ -568,7 +589,7 @@ def unified_attention_kernel(
         V_STAGE: tl.constexpr = False, KV_BITS: tl.constexpr = 0,
         BITS_ASM: tl.constexpr = False, V_PAIRS: tl.constexpr = 0,
         FLAT_GRID: tl.constexpr = False, ONE_LOOP: tl.constexpr = False,
-        MERGE_SEGMENTS: tl.constexpr = 0, MERGE_LOAD: tl.constexpr = 8192):
+        MERGE_SEGMENTS: tl.constexpr = 0, MERGE_LOAD: tl.constexpr = MERGE_LOAD_ELEMENTS):
     """Paged attention of one query tile x one kv head x one KV segment (see module doc)."""
     tl.static_assert(not FP8_DOT or KV_BITS == 0,
                      "FP8_DOT needs the cache's fp8 values, KV_BITS rebuilds them as fp16")
@@ -865,26 +886,6 @@ def _merge_tile_partials(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, sinks_pt
         result = combine_segments(m, l_seg, acc, sink, USE_SINKS, 1)
         _store_rows(out_ptr, result, q_start, tok, head, ok, offs_dv, stride_ot, stride_oh,
                     stride_od, out_scale_ptr, HEAD_V, FP8_OUT, FP8_MAX)
-
-
-#: fp32 partials one merging program loads at once (the kernel's MERGE_LOAD): 8192 (64
-#: per thread at 4 warps), or up to 16384 where that takes one query's rows (its GQA
-#: group) in one round trip instead of two, unless the tile caps its registers (the
-#: 8-bit decode tiles: the loaded partials would spill). GQA 4 with 32 segments of head
-#: 128 is such a case: 1 x 8192 bf16 decode -8%, 1 x 32768 -4% on the H200 (NOTES.md,
-#: session 22).
-MERGE_LOAD_ELEMENTS = 8192
-MERGE_LOAD_ELEMENTS_ONE_QUERY = 16384
-
-
-def merge_load_elements(group: int, merge_segments: int, head_v_pad: int,
-                        register_capped: bool) -> int:
-    """The kernel's ``MERGE_LOAD`` for a merge of ``merge_segments`` (padded) segments of
-    ``head_v_pad`` columns, rows of ``group`` query heads per query."""
-    one_query = (1 << max(group - 1, 0).bit_length()) * merge_segments * head_v_pad
-    if not register_capped and MERGE_LOAD_ELEMENTS < one_query <= MERGE_LOAD_ELEMENTS_ONE_QUERY:
-        return one_query
-    return MERGE_LOAD_ELEMENTS
 
 
 @triton.constexpr_function
