@@ -149,6 +149,7 @@ from portattn.kernels.common import (
     online_softmax_step,
     score_tile,
 )
+from portattn.kernels.heuristics import next_pow2
 from portattn.kernels.reduce import combine_segments
 
 
@@ -558,7 +559,7 @@ def merge_load_elements(group: int, merge_segments: int, head_v_pad: int,
                         register_capped: bool) -> int:
     """The kernel's ``MERGE_LOAD`` for a merge of ``merge_segments`` (padded) segments of
     ``head_v_pad`` columns, rows of ``group`` query heads per query."""
-    one_query = (1 << max(group - 1, 0).bit_length()) * merge_segments * head_v_pad
+    one_query = next_pow2(group) * merge_segments * head_v_pad
     if not register_capped and MERGE_LOAD_ELEMENTS < one_query <= MERGE_LOAD_ELEMENTS_ONE_QUERY:
         return one_query
     return MERGE_LOAD_ELEMENTS
