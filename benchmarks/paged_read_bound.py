@@ -260,23 +260,21 @@ class MinimalDecode:
 
 def decode_reference(inp) -> torch.Tensor:
     """float64 decode over the cache as stored (fp8 codes times the per-tensor scales),
-    gathered with plain indexing: ``[sequences, q heads, D]``."""
-    cache = inp.cache
-    k, v = cache.key_cache, cache.value_cache
-    table, lens = inp.metadata.block_table, inp.metadata.seq_lens
-    quant = cache.quant
+    each sequence gathered by the bench's ``gather_contiguous``: ``[sequences, q heads,
+    D]``."""
+    from portattn.bench import gather_contiguous
+
+    quant = inp.cache.quant
     ks = float(quant.k_scale) if quant.mode == "fp8_per_tensor" else 1.0
     vs = float(quant.v_scale) if quant.mode == "fp8_per_tensor" else 1.0
-    bs, hkv, d = k.shape[1], k.shape[2], k.shape[3]
-    group = inp.q.shape[1] // hkv
+    group = inp.q.shape[1] // inp.cache.num_kv_heads
     outs = []
-    for b in range(lens.shape[0]):
-        n = int(lens[b])
-        rows = table[b, :math.ceil(n / bs)].long()
-        kk = k[rows].double().reshape(-1, hkv, d)[:n].repeat_interleave(group, 1) * ks
-        vv = v[rows].double().reshape(-1, hkv, d)[:n].repeat_interleave(group, 1) * vs
-        s = torch.einsum("hd,nhd->hn", inp.q[b].double(), kk) / math.sqrt(d)
-        outs.append(torch.einsum("hn,nhd->hd", torch.softmax(s, -1), vv))
+    for b, n in enumerate(inp.metadata.seq_lens.tolist()):
+        k, v = gather_contiguous(inp, b, n)  # [kv heads, n, D]
+        kk = k.double().repeat_interleave(group, 0) * ks
+        vv = v.double().repeat_interleave(group, 0) * vs
+        s = torch.einsum("hd,hnd->hn", inp.q[b].double(), kk) / math.sqrt(k.shape[2])
+        outs.append(torch.einsum("hn,hnd->hd", torch.softmax(s, -1), vv))
     return torch.stack(outs)
 
 
@@ -328,27 +326,23 @@ class ReadBound:
 
 
 def fold_reference(inp, segments: int, block_n: int) -> torch.Tensor:
-    """Per program, the XOR of its keys' K and V bytes (as int32 of the element), computed
-    with plain indexing."""
-    k, v = as_ints(inp.cache.key_cache), as_ints(inp.cache.value_cache)
-    table, lens = inp.metadata.block_table, inp.metadata.seq_lens
-    bs, hkv = k.shape[1], k.shape[2]
+    """Per program, the XOR of its keys' K and V bytes (as int32 of the element), each
+    sequence gathered by the bench's ``gather_contiguous``."""
+    from portattn.bench import gather_contiguous
+
     out = []
-    for b in range(lens.shape[0]):
-        n = int(lens[b])
-        rows = table[b, :math.ceil(n / bs)].long()
-        kk = k[rows].reshape(-1, hkv, k.shape[3])[:n].to(torch.int32)
-        vv = v[rows].reshape(-1, hkv, v.shape[3])[:n].to(torch.int32)
+    for b, n in enumerate(inp.metadata.seq_lens.tolist()):
+        k, v = (as_ints(x).to(torch.int32) for x in gather_contiguous(inp, b, n))
         tiles = math.ceil(n / block_n)
         per = math.ceil(tiles / segments)
-        for h in range(hkv):
+        for h in range(k.shape[0]):
             for s in range(segments):
                 lo, hi = min(s * per, tiles) * block_n, min((s + 1) * per, tiles) * block_n
-                x = torch.zeros((), dtype=torch.int32)
-                for part in (kk[lo:hi, h], vv[lo:hi, h]):
+                x = 0
+                for part in (k[h, lo:hi], v[h, lo:hi]):
                     for value in part.flatten().tolist():
-                        x = x ^ value
-                out.append(int(x))
+                        x ^= value
+                out.append(x)
     return torch.tensor(out, dtype=torch.int32)
 
 

@@ -246,7 +246,7 @@ def _launch_short(args, q, cache, metadata, out, cfg: dict, long_follows: bool,
     else:
         part_m = part_l = part_acc = tickets = q
     merge_load = unified.MERGE_LOAD_ELEMENTS  # one value where nothing merges: one compile
-    if in_kernel and segments > 1:
+    if in_kernel:  # (only split launches merge in the kernel)
         merge_load = unified.merge_load_elements(args["GROUP"], next_pow2(segments), pad_v,
                                                  bool(cfg.get("maxnreg")))
     unified_attention_kernel[(num_seqs, num_kv_heads, segments)](
