@@ -19,6 +19,11 @@ If the paged read kernel alone is no faster than the package's fp8 decode, the d
 at the read bound of the cache layout and grid, and what is left is the layout (a cache
 row of one kv head is 128 bytes at fp8, 256 at bf16) or a different grid, not the loop.
 
+The minimal decode beside it (the read loop plus a decode's arithmetic, nothing else)
+separates the attention work from the split-KV merge, and times other ways to merge:
+tickets with other orderings or on their own cache lines, and a second kernel launched
+plainly or as a programmatic dependent (``minimal_decode_kernel``'s ``MERGE``).
+
     PYTHONPATH=src python3 benchmarks/paged_read_bound.py [--cases fp8-32x8192,...]
     TRITON_INTERPRET=1 PYTHONPATH=src python3 benchmarks/paged_read_bound.py --check
 """
@@ -32,6 +37,11 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+try:  # griddepcontrol (Triton >= 3.3): only the programmatic-dependent-launch merge uses it
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older Triton
+    gdc_launch_dependents = gdc_wait = None
 
 
 @triton.jit
@@ -111,7 +121,7 @@ def minimal_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, out_ptr, pa
                           NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr,
                           STAGES: tl.constexpr, MERGE: tl.constexpr,
-                          SEG_PAD: tl.constexpr):
+                          SEG_PAD: tl.constexpr, GROUP_PAD: tl.constexpr = 16):
     """The read kernel's loop with a decode's arithmetic and nothing else: grid (sequence,
     kv head, segment), one query per sequence, ``q`` ``[sequences, GROUP * kv heads, D]``,
     the same paged K / V (16-bit, or fp8 cast to q's type in the loop with ``qk_scale`` /
@@ -124,7 +134,15 @@ def minimal_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, out_ptr, pa
     merges, the time of the attention work alone). The ticket: 1 an ``acq_rel`` atomic
     (the package's), 2 a ``release`` atomic and an acquire fence in the merging program
     only, and two timing bounds that are not correct merges: 3 a relaxed atomic (no
-    ordering), 4 the ``acq_rel`` chain with the partials' loads masked off."""
+    ordering), 4 the ``acq_rel`` chain with the partials' loads masked off. Merges that
+    load every row of the (sequence, kv head) at once, as the package's merge does
+    (:func:`_merge_group`): 6 the ``acq_rel`` ticket, 5 the same with each ticket on its
+    own 128-byte line (the atomics of different kv heads not serialized on one line), 7
+    no merge here but a second kernel (:func:`minimal_merge_kernel`) launched after this
+    one, 8 the same with programmatic dependent launch (this kernel lets the merge kernel
+    start at once, the merge kernel waits for its completion with ``griddepcontrol``)."""
+    if MERGE == 8:  # the merge kernel may be scheduled now; it waits before its loads
+        gdc_launch_dependents()
     seq = tl.program_id(0)
     head = tl.program_id(1)
     seg = tl.program_id(2)
@@ -170,7 +188,15 @@ def minimal_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, out_ptr, pa
         tl.store(part_ml_ptr + slot * 2, m_i, mask=row_ok)
         tl.store(part_ml_ptr + slot * 2 + 1, l_i, mask=row_ok)
         tl.store(part_acc_ptr + slot[:, None] * D + offs_d[None, :], acc, mask=row_ok[:, None])
-        if MERGE > 0:
+        if (MERGE == 5) | (MERGE == 6):
+            tl.debug_barrier()
+            ticket = ticket_ptr + (seq * NUM_KV_HEADS + head) * (32 if MERGE == 5 else 1)
+            arrived = tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu")
+            if arrived == num_segments - 1:
+                tl.store(ticket, 0)
+                _merge_group(part_ml_ptr, part_acc_ptr, out_ptr, seq, head, num_segments,
+                             NUM_KV_HEADS, GROUP, GROUP_PAD, D, SEG_PAD)
+        elif (MERGE > 0) & (MERGE < 5):
             tl.debug_barrier()
             ticket = ticket_ptr + seq * NUM_KV_HEADS + head
             if MERGE == 3:  # timing bound only: no ordering of the partials at all
@@ -207,6 +233,45 @@ def minimal_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, out_ptr, pa
                              merged.to(out_ptr.dtype.element_ty))
 
 
+@triton.jit
+def _merge_group(part_ml_ptr, part_acc_ptr, out_ptr, seq, head, num_segments,
+                 NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                 D: tl.constexpr, SEG_PAD: tl.constexpr):
+    """Merge the partials of every segment of the ``GROUP`` rows of one (sequence, kv
+    head), all loaded at once (``[GROUP_PAD, SEG_PAD, D]``: one L2 round trip)."""
+    r = tl.arange(0, GROUP_PAD)
+    segs = tl.arange(0, SEG_PAD)
+    offs_d = tl.arange(0, D)
+    row_ok = r < GROUP
+    ok = row_ok[:, None] & (segs < num_segments)[None, :]
+    row = (seq * NUM_KV_HEADS * GROUP + head * GROUP + r).to(tl.int64)
+    slot = row[:, None] * num_segments + segs[None, :]
+    m = tl.load(part_ml_ptr + slot * 2, mask=ok, other=float("-inf"), cache_modifier=".cg")
+    lv = tl.load(part_ml_ptr + slot * 2 + 1, mask=ok, other=0.0, cache_modifier=".cg")
+    parts = tl.load(part_acc_ptr + slot[:, :, None] * D + offs_d[None, None, :],
+                    mask=ok[:, :, None], other=0.0, cache_modifier=".cg")
+    m_all = tl.max(m, 1)
+    w = tl.where(m > float("-inf"), tl.math.exp2(m - m_all[:, None]), 0.0)
+    total = tl.sum(lv * w, 1)
+    merged = tl.sum(parts * w[:, :, None], 1) / tl.where(total > 0.0, total, 1.0)[:, None]
+    tl.store(out_ptr + row[:, None] * D + offs_d[None, :],
+             merged.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def minimal_merge_kernel(part_ml_ptr, part_acc_ptr, out_ptr, num_segments,
+                         NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
+                         GROUP_PAD: tl.constexpr, D: tl.constexpr, SEG_PAD: tl.constexpr,
+                         WAIT: tl.constexpr):
+    """Grid (sequence, kv head): :func:`_merge_group` after the decode kernel (``WAIT``:
+    launched with programmatic dependent launch, so it waits for the decode's completion
+    with ``griddepcontrol.wait`` first)."""
+    if WAIT:
+        gdc_wait()
+    _merge_group(part_ml_ptr, part_acc_ptr, out_ptr, tl.program_id(0), tl.program_id(1),
+                 num_segments, NUM_KV_HEADS, GROUP, GROUP_PAD, D, SEG_PAD)
+
+
 class MinimalDecode:
     """One configuration of :func:`minimal_decode_kernel` over ``inp`` (scales 1 for bf16;
     the cache's per-tensor scales for fp8), with its workspaces."""
@@ -229,7 +294,7 @@ class MinimalDecode:
                                    device=self.q.device)
         self.part_acc = torch.empty(rows * segments, self.d, dtype=torch.float32,
                                     device=self.q.device)
-        self.ticket = torch.zeros(self.num_seqs * self.hkv, dtype=torch.int32,
+        self.ticket = torch.zeros(self.num_seqs * self.hkv * 32, dtype=torch.int32,
                                   device=self.q.device)
         self.cfg = dict(segments=segments, block_n=block_n, num_warps=num_warps,
                         stages=stages, merge=merge)
@@ -240,7 +305,9 @@ class MinimalDecode:
         c = self.cfg
         cap = f" cap{self.extra['maxnreg']}" if self.extra else ""
         what = {0: "no-merge", 1: "merge", 2: "merge-release", 3: "merge-relaxed-bound",
-                4: "merge-no-loads-bound"}[c["merge"]] if c["segments"] > 1 else "one-segment"
+                4: "merge-no-loads-bound", 5: "merge-group-padded-ticket",
+                6: "merge-group", 7: "merge-kernel", 8: "merge-kernel-pdl"}[c["merge"]] \
+            if c["segments"] > 1 else "one-segment"
         return (f"minimal-decode seg{c['segments']} bn{c['block_n']} w{c['num_warps']} "
                 f"s{c['stages']} {what}{cap}")
 
@@ -253,8 +320,16 @@ class MinimalDecode:
             k.stride(1), k.stride(2), self.table.stride(0), NUM_KV_HEADS=self.hkv,
             GROUP=self.group, BLOCK_N=c["block_n"], BLOCK_SIZE=k.shape[1], D=self.d,
             STAGES=c["stages"], MERGE=c["merge"],
-            SEG_PAD=triton.next_power_of_2(c["segments"]), num_warps=c["num_warps"],
+            SEG_PAD=triton.next_power_of_2(c["segments"]),
+            GROUP_PAD=triton.next_power_of_2(self.group), num_warps=c["num_warps"],
             **self.extra)
+        if c["merge"] in (7, 8) and c["segments"] > 1:
+            pdl = {"launch_pdl": True} if c["merge"] == 8 else {}
+            minimal_merge_kernel[(self.num_seqs, self.hkv)](
+                self.part_ml, self.part_acc, self.out, c["segments"], NUM_KV_HEADS=self.hkv,
+                GROUP=self.group, GROUP_PAD=triton.next_power_of_2(self.group), D=self.d,
+                SEG_PAD=triton.next_power_of_2(c["segments"]), WAIT=c["merge"] == 8,
+                num_warps=c["num_warps"], **pdl)
         return self.out
 
 
@@ -365,7 +440,7 @@ def check_cpu() -> int:
                   f"{'match' if same else 'MISMATCH'}")
         want = decode_reference(inp)
         for segments in (1, 3):
-            for merge in (1,):  # 2 is inline PTX: checked on the GPU only
+            for merge in (1, 6, 7):  # 2 and 8 are inline PTX: checked on the GPU only
                 got = MinimalDecode(inp, segments, 16, 4, 2, merge)().double()
                 err = ((got - want).abs().max() / want.abs().max()).item()
                 bad += not err < 2e-2
@@ -386,13 +461,13 @@ CASES = {
         (1, 128, 4, 2, 1, 0)]),
     "bf16-1x8192": (1, 8192, "none", [
         (32, 128, 4, True, False, 2), (32, 128, 4, False, False, 2)],
-        [(32, 128, 4, 2, merge, 0) for merge in range(5)]),
+        [(32, 128, 4, 2, merge, 0) for merge in (0, 1, 5, 6, 7, 8)]),
     "bf16-1x32768": (1, 32768, "none", [
         (32, 128, 4, True, False, 2)],
-        [(32, 128, 4, 2, merge, 0) for merge in range(5)]),
+        [(32, 128, 4, 2, merge, 0) for merge in (0, 1, 5, 6, 7, 8)]),
     "bf16-8x8192": (8, 8192, "none", [
         (4, 128, 4, True, False, 2)],
-        [(4, 128, 4, 2, merge, 0) for merge in range(5)]),
+        [(4, 128, 4, 2, merge, 0) for merge in (0, 1, 5, 6, 7, 8)]),
 }
 
 
@@ -447,7 +522,7 @@ def main() -> int:
             want = decode_reference(inp) if minimal else None
             for segs, bn, warps, stages, merge, cap in minimal:
                 run = MinimalDecode(inp, segs, bn, warps, stages, merge, cap or None)
-                if merge in (1, 2) and rnd == 0:  # correct merges: checked against float64
+                if merge not in (0, 3, 4) and rnd == 0:  # correct merges, against float64
                     try:
                         err = ((run().double() - want).abs().max() / want.abs().max()).item()
                     except Exception as exc:
