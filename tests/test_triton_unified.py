@@ -41,12 +41,13 @@ def test_decode(dtype, group, head_size, block_size, segments):
 
 @interp
 @pytest.mark.parametrize("segments", [1, 3])
-@pytest.mark.parametrize("query_lens", [[1, 1, 1, 1], [1, 3, 2, 1]], ids=["decode", "spec"])
+@pytest.mark.parametrize("query_lens", [[1, 1, 1, 1], [3, 3, 2, 1]], ids=["decode", "spec"])
 def test_decode_lengths_on_and_off_the_tile_edge(query_lens, segments):
     """Decode tiles skip a trailing edge part without tiles (a runtime branch): lengths
-    that are multiples of BLOCK_N (no segment has one), one key past or short of it (only
-    the last segment has one), spec-decode rows (the causal diagonal), against the
-    float64 oracle."""
+    that are multiples of BLOCK_N (with one query no segment has such a tile; with
+    spec-decode rows the causal diagonal still makes one), one key past or short of it
+    (the segment holding the last tile has one, later segments may be empty), against
+    the float64 oracle."""
     tile = TileConfig(block_m=16, block_q=8, block_n=16, num_warps=4, num_stages=2,
                       segments=segments)
     check_unified(query_lens, [64, 63, 65, 16], group=2, dtype=F32, short=tile)

@@ -795,12 +795,14 @@ def unified_attention_kernel(
             else:
                 lo = tl.maximum(full_hi, seg_lo)
                 hi = tl.minimum(tile_hi, seg_hi)
-            # decode tiles without a window: a trailing edge without tiles (every
-            # segment but the last; all of them when the length is a multiple of
-            # BLOCK_N) is skipped as a whole, a uniform branch: its pipelined loop's
-            # prologue and drain, run for zero trips, cost each program ~1.5 us (bf16
-            # 1 x 8192 decode 20.0 -> 18.5 us, NOTES.md session 23). Not in prefill
-            # tiles (ptxas spilled more with it) nor with a window (not timed).
+            # decode tiles without a window: a trailing edge without tiles (in every
+            # segment but the one(s) holding the last tile(s); in all of them when one
+            # query meets a length that is a multiple of BLOCK_N) is skipped as a
+            # whole, a uniform branch: its pipelined loop's prologue and drain, run for
+            # zero trips, cost each program 1.4-2.8 us (bf16 1 x 8192 decode 20.0 ->
+            # 18.5 us, NOTES.md session 23). Not in prefill tiles (ptxas spilled more)
+            # nor with a window (168 -> 189 registers, untimed); there the always-true
+            # branch is folded away by Triton's canonicalizer (PTX as before).
             run = (lo < hi) if (SEQ_MODE == 1 and not USE_WINDOW and part == 2) else True
             if run:
                 acc, acc_odd, m_i, l_i = _attend_tiles(
