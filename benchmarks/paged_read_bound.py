@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from portattn.kernels.reduce import combine_segments
+
 try:  # griddepcontrol (Triton >= 3.3): only the programmatic-dependent-launch merge uses it
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover - older Triton
@@ -225,10 +227,7 @@ def minimal_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, out_ptr, pa
                     parts = tl.load(part_acc_ptr + (first + segs)[:, None] * D
                                     + offs_d[None, :], mask=seg_ok[:, None], other=0.0,
                                     cache_modifier=".cg")
-                    m_all = tl.max(m, 0)
-                    w = tl.where(m > float("-inf"), tl.math.exp2(m - m_all), 0.0)
-                    total = tl.sum(lv * w, 0)
-                    merged = tl.sum(parts * w[:, None], 0) / tl.where(total > 0.0, total, 1.0)
+                    merged = combine_segments(m, lv, parts, 0.0, False, 0)
                     tl.store(out_ptr + (first // num_segments) * D + offs_d,
                              merged.to(out_ptr.dtype.element_ty))
 
@@ -250,10 +249,7 @@ def _merge_group(part_ml_ptr, part_acc_ptr, out_ptr, seq, head, num_segments,
     lv = tl.load(part_ml_ptr + slot * 2 + 1, mask=ok, other=0.0, cache_modifier=".cg")
     parts = tl.load(part_acc_ptr + slot[:, :, None] * D + offs_d[None, None, :],
                     mask=ok[:, :, None], other=0.0, cache_modifier=".cg")
-    m_all = tl.max(m, 1)
-    w = tl.where(m > float("-inf"), tl.math.exp2(m - m_all[:, None]), 0.0)
-    total = tl.sum(lv * w, 1)
-    merged = tl.sum(parts * w[:, :, None], 1) / tl.where(total > 0.0, total, 1.0)[:, None]
+    merged = combine_segments(m, lv, parts, 0.0, False, 1)
     tl.store(out_ptr + row[:, None] * D + offs_d[None, :],
              merged.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
