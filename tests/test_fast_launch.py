@@ -612,6 +612,35 @@ def test_descriptor_wrappers_are_bypassed_with_tensor_maps_kept_per_address(with
         assert len(encodes) == 3 + 2
 
 
+def test_tensor_maps_of_every_layer_stay_encoded():
+    """One address per layer (each layer passes its own cache): up to ``ENCODED_LIMIT``
+    addresses are encoded once each however often they cycle; past it the oldest are
+    dropped, and the newest ``ENCODED_LIMIT`` still hit."""
+    made: list = []
+
+    def fake_make(arg, meta):  # stands in for Triton's make_tensordesc_arg
+        made.append(arg.base.data_ptr())
+        return [("map", arg.base.data_ptr(), meta), *arg.shape, *arg.strides]
+
+    layout = (torch.bfloat16, (28, 8, 16), (128, 16, 1), (8, 1, 16), "zero")
+    expand = fast_launch._encoder(fake_make, layout, "meta")
+    layers = [4096 * (i + 1) for i in range(96)]
+    for _ in range(3):
+        for ptr in layers:
+            assert expand(ptr)[0] == ("map", ptr, "meta")
+    assert sorted(made) == layers  # 96 layers, three rounds: one encode each
+    limit = fast_launch.ENCODED_LIMIT
+    many = [10**9 + 4096 * i for i in range(limit + 10)]
+    for ptr in many:
+        assert expand(ptr)[0] == ("map", ptr, "meta")
+    made.clear()
+    for ptr in many[-limit:]:
+        expand(ptr)
+    assert made == []  # the newest limit addresses: all kept
+    expand(layers[0])
+    assert made == [layers[0]]  # the oldest: dropped, encoded again
+
+
 def toy_three_desc(A: tl.constexpr, a_desc, x_ptr, n, B: tl.constexpr, b_desc, c_desc,
                    BLOCK: tl.constexpr):
     pass  # a signature only: descriptors at positions 1, 5, 6 with constexprs between

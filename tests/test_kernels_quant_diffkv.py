@@ -421,6 +421,23 @@ def test_bad_block_ids_give_nan_rows_not_garbage(variant, bad_id, tiles):
 
 
 @interp
+@pytest.mark.parametrize("segments", [1, 2])
+@pytest.mark.parametrize("bad_id", [-3, 10_000])
+def test_bad_block_ids_past_the_first_scanned_blocks(segments, bad_id):
+    """The scan of the full tiles' table entries reads the first 128 before the KV loop
+    and the rest after it: with 2-slot blocks, sequence 1 (700 keys, 2 queries) has 344
+    blocks of full 16-key tiles, 172 per segment with 2 segments; entry 320 is past the
+    first 128 of the one segment (1) or of the second (2). Its rows must be NaN."""
+    def edit(table):
+        table[1, 320] = bad_id
+        return [1]
+    small = TileConfig(block_m=16, block_q=8, block_n=16, num_warps=4, num_stages=2,
+                       segments=segments)
+    check_unified([1, 2, 1], [45, 700, 3], group=2, dtype=F32, head_size=32, block_size=2,
+                  short=small, segments=segments, block_table_edit=edit)
+
+
+@interp
 @pytest.mark.parametrize("kv_load", ["pointer", "descriptor"])
 def test_a_bad_block_id_spoils_exactly_the_rows_that_see_it(kv_load):
     """A bad id reads block 0 in its place; block 0 here holds NaN (a stale block). With

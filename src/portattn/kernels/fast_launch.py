@@ -350,8 +350,12 @@ def launch_entry(compiled, descriptors: dict | None = None) -> tuple:
     return (launch, compiled.function, compiled.packed_metadata, cooperative, pdl, expanders)
 
 
-#: Per host descriptor of a compiled kernel: encoded tensor maps kept (by base address)
-ENCODED_LIMIT = 16
+#: Per host descriptor of a compiled kernel: encoded tensor maps kept (by base address),
+#: the oldest dropped first. A model's layers each pass their own cache, so a cache's
+#: descriptor sees one address per layer: at 16 (sessions 12-23) 32 or 96 layers missed on
+#: every call and re-encoded K and V (4-8 us of host time per staged prefill on the H200's
+#: host, NOTES.md session 24). An entry is ~0.3 KB.
+ENCODED_LIMIT = 1024
 #: The arguments Triton's CUDA launch entry takes before the kernel's own
 _BASE_ARGS = 13
 
@@ -409,16 +413,19 @@ def _as_descriptor(layout: tuple) -> Callable[[int], tuple]:
 
 
 def _encoder(make, layout: tuple, meta) -> Callable[[int], tuple]:
-    """A base address -> ``make(descriptor at that address, meta)``, kept per address."""
+    """A base address -> ``make(descriptor at that address, meta)``, kept per address
+    (up to :data:`ENCODED_LIMIT`, oldest first out: a dict keeps insertion order)."""
     encoded: dict[int, tuple] = {}
+    lock = threading.Lock()  # misses only: a hit is one dict lookup
 
     def expand(ptr: int) -> tuple:
         found = encoded.get(ptr)
         if found is None:
             found = tuple(make(HostDescriptor(ptr, layout), meta))
-            if len(encoded) >= ENCODED_LIMIT:
-                encoded.clear()
-            encoded[ptr] = found
+            with lock:
+                if len(encoded) >= ENCODED_LIMIT:
+                    del encoded[next(iter(encoded))]
+                encoded[ptr] = found
         return found
     return expand
 

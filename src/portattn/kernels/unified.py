@@ -119,11 +119,11 @@ planned): the cache is a staging workspace whose blocks are one sequence's keys 
 contiguous; a negative first block makes the sequence's rows NaN),
 read through one 3-D descriptor per cache ``[num_blocks * BLOCK_SIZE, num_kv_heads,
 HEAD]``, box ``[BLOCK_N, 1, HEAD_PAD]``: no block-table lookup in the loop and no
-pre-scan (staging turned bad ids into NaN keys). Only ``bt_width * BLOCK_SIZE`` keys per
-sequence were staged: tiles past them are not read and rows that would see them come
-out NaN (an understated ``max_seqlen_k``). 3: the same with the descriptors built on the
-host (``k_ptr`` / ``v_ptr`` are Triton ``TensorDescriptor`` arguments, passed as grid
-constants: no per-program build).
+scan of table entries (staging turned bad ids into NaN keys). Only
+``bt_width * BLOCK_SIZE`` keys per sequence were staged: tiles past them are not read and
+rows that would see them come out NaN (an understated ``max_seqlen_k``). 3: the same with
+the descriptors built on the host (``k_ptr`` / ``v_ptr`` are Triton ``TensorDescriptor``
+arguments, passed as grid constants: no per-program build).
 ``ONE_LOOP`` (``KV_LOAD`` 2 / 3 only): the edge tiles (window start, causal diagonal,
 sequence end) and the full tiles in one pipelined loop, the masks applied in a uniform
 branch (:func:`_attend_staged_tiles`), so the diagonal tile's loads are prefetched while
@@ -134,7 +134,8 @@ what the following costs). Bad metadata never reads out of bounds: a block-table
 outside ``[0, num_blocks)``
 or a key past the table's width (``bt_width`` blocks) reads an in-range block instead,
 and the rows that would have seen that key come out NaN (edge tiles: per score; the
-tiles every row sees: one scan of their table entries before the loop).
+tiles every row sees: one scan of their table entries, the first 128 loaded before the
+KV loop and checked after it, so the check does not delay the first tile).
 """
 
 from __future__ import annotations
@@ -165,8 +166,8 @@ def _load_kv_tile(bt_row, bt_width, num_blocks, key0, k_pos, key_ok, kv_head, k_
     per-token-head scales ``[BLOCK_N]`` (ones unless ``KV_QUANT == 2``) and ``bad``
     ``[BLOCK_N]``: keys whose block-table entry is outside ``[0, num_blocks)`` or past the
     table's width (masked tiles only). Such keys read an in-range block instead (never out
-    of bounds); the caller turns their scores into NaN (masked tiles) or has found them
-    before the loop (unmasked tiles), so the rows that meet them come out NaN.
+    of bounds); the caller turns their scores into NaN (masked tiles) or finds them in
+    its scan of the table entries (unmasked tiles), so the rows that meet them come out NaN.
 
     ``KV_LOAD`` 0: pointer loads, ``k_src`` / ``v_src`` are this kv head's cache pointers;
     1: descriptor (TMA) loads, ``k_src`` / ``v_src`` are 4-D tensor descriptors of the
@@ -236,7 +237,7 @@ def _load_kv_tile_pointer(bt_row, bt_width, num_blocks, k_pos, key_ok, k_head_pt
         block = tl.load(bt_row + bt_idx, mask=key_ok & in_table, other=0)
         bad = key_ok & ((~in_table) | (block < 0) | (block >= num_blocks))
         block = tl.where(bad, 0, block).to(tl.int64)
-    elif CHECK_BLOCKS:  # bad ids here were found before the loop (the pre-scan)
+    elif CHECK_BLOCKS:  # bad ids here are found by the scan of the full tiles' entries
         block = tl.load(bt_row + tl.minimum(bt_idx, bt_width - 1))
         block = tl.minimum(tl.maximum(block, 0), num_blocks - 1).to(tl.int64)
         bad = in_table & ~in_table
@@ -293,7 +294,7 @@ def _load_kv_tile_descriptor(bt_row, bt_width, num_blocks, key0, k_pos, key_ok, 
         bad_block = (~in_table) | (block < 0) | (block >= num_blocks)
         bad = key_ok & bad_block
         block = tl.where(bad_block, 0, block)
-    elif CHECK_BLOCKS:  # bad ids here were found before the loop (the pre-scan)
+    elif CHECK_BLOCKS:  # bad ids here are found by the scan of the full tiles' entries
         block = tl.load(bt_row + tl.minimum(bt_idx, bt_width - 1))
         block = tl.minimum(tl.maximum(block, 0), num_blocks - 1)
         bad = no_bad
@@ -364,15 +365,31 @@ def _kv_to_compute(x, COMPUTE_DTYPE: tl.constexpr, KV_BITS: tl.constexpr,
 
 
 @triton.jit
-def _full_tiles_have_bad_blocks(bt_row, bt_width, num_blocks, key_lo, key_hi,
+def _first_block_ids(bt_row, bt_width, key_lo, key_hi, BLOCK_SIZE: tl.constexpr,
+                     SCAN: tl.constexpr = 128):
+    """The block-table entries of the first ``SCAN`` blocks of keys ``[key_lo, key_hi)``
+    (0 where unused), loaded before the KV loop and checked after it by
+    :func:`_full_tiles_have_bad_blocks`: nothing uses them in between, so their latency
+    is hidden behind the loop instead of delaying its first tile."""
+    idx = key_lo // BLOCK_SIZE + tl.arange(0, SCAN)
+    used = (idx < tl.cdiv(key_hi, BLOCK_SIZE)) & (idx < bt_width)
+    return tl.load(bt_row + idx, mask=used, other=0)
+
+
+@triton.jit
+def _full_tiles_have_bad_blocks(first_ids, bt_row, bt_width, num_blocks, key_lo, key_hi,
                                 BLOCK_SIZE: tl.constexpr, SCAN: tl.constexpr = 128):
     """Whether a block-table entry for keys ``[key_lo, key_hi)`` (the unmasked tiles, seen
-    by every row of the program) is outside ``[0, num_blocks)`` or past the table's width:
-    one pass over those entries before the loop (1/BLOCK_SIZE of the keys)."""
+    by every row of the program) is outside ``[0, num_blocks)`` or past the table's width.
+    ``first_ids`` are the first ``SCAN`` entries (:func:`_first_block_ids`); the rest, if
+    any, are read here (1/BLOCK_SIZE of the keys, warm in L2 after the loop)."""
     b_lo = key_lo // BLOCK_SIZE
     b_hi = tl.cdiv(key_hi, BLOCK_SIZE)
-    found = tl.zeros([SCAN], dtype=tl.int32)
-    for b0 in tl.range(b_lo, b_hi, SCAN):
+    idx = b_lo + tl.arange(0, SCAN)
+    used = idx < b_hi
+    bad = used & ((idx >= bt_width) | (first_ids < 0) | (first_ids >= num_blocks))
+    found = bad.to(tl.int32)
+    for b0 in tl.range(b_lo + SCAN, b_hi, SCAN):
         idx = b0 + tl.arange(0, SCAN)
         used = idx < b_hi
         ids = tl.load(bt_row + idx, mask=used & (idx < bt_width), other=0)
@@ -455,8 +472,9 @@ def _attend_tiles(acc, m_i, l_i, q, tile_start, tile_end, seq_len, k_lo, bt_row,
     per-tensor scales are folded outside the loop by the caller, per-token-head scales
     multiply the score columns (K) and P's columns (V) in fp32. Keys with a bad block id
     turn the scores of the rows that see them into NaN in masked tiles; unmasked tiles
-    (every row sees every key) only clamp the ids, their bad ids having been found before
-    the loop, so the hot loop has no per-score select and no reduction."""
+    (every row sees every key) only clamp the ids, their bad ids being found by the
+    caller's scan of their table entries, so the hot loop has no per-score select and no
+    reduction."""
     for j in tl.range(tile_start, tile_end):
         acc, acc_odd, m_i, l_i = _attend_tile(
             j, acc, m_i, l_i, q, seq_len, k_lo, bt_row, bt_width, num_blocks, kv_head,
@@ -746,12 +764,12 @@ def unified_attention_kernel(
         bt_row = tl.maximum(first_block, 0).to(tl.int64) * BLOCK_SIZE
     else:
         bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt
+    scan_lo = tl.maximum(full_lo, seg_lo) * BLOCK_N
+    scan_hi = tl.minimum(full_hi, seg_hi) * BLOCK_N
     if CHECK_BLOCKS and KV_LOAD < 2:  # staged keys: bad ids are already NaN keys
-        poisoned = _full_tiles_have_bad_blocks(
-            bt_row, bt_width, num_blocks, tl.maximum(full_lo, seg_lo) * BLOCK_N,
-            tl.minimum(full_hi, seg_hi) * BLOCK_N, BLOCK_SIZE)
-    else:
-        poisoned = False
+        # issued here, used after the KV loop: no reduction or wait before the first
+        # tile (H200: within the rounds' spread; NOTES.md session 24)
+        first_ids = _first_block_ids(bt_row, bt_width, scan_lo, scan_hi, BLOCK_SIZE)
     if KV_LOAD == 2:  # staged keys as rows, built once per program
         k_src = tl.make_tensor_descriptor(
             k_ptr, shape=[num_blocks * BLOCK_SIZE, num_kv_heads, HEAD_QK],
@@ -829,6 +847,11 @@ def unified_attention_kernel(
         past = row_ok & ((row_hi > staged_keys) | unstaged)
         l_i = tl.where(past, float("nan"), l_i)
         acc = tl.where(past[:, None], float("nan"), acc)
+    if CHECK_BLOCKS and KV_LOAD < 2:
+        poisoned = _full_tiles_have_bad_blocks(first_ids, bt_row, bt_width, num_blocks,
+                                               scan_lo, scan_hi, BLOCK_SIZE)
+    else:
+        poisoned = False
     if poisoned:  # NaN in both: a NaN sum alone would be read as "no visible key"
         l_i = tl.where(row_ok, float("nan"), l_i)
         acc = tl.where(row_ok[:, None], float("nan"), acc)
