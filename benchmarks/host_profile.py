@@ -1,7 +1,8 @@
 """Where a planned call's host time goes, by layer count: ``plan.run(q, cache, out)`` of a
 ``dispatch_overhead.py`` case over 1 and 32 layers (a distinct cache per layer), timed
 behind a spin kernel as there, then profiled with cProfile (the functions with the most
-own time). A cost that appears only with many layers is a per-layer memo missing.
+own time) and timed once more without the spin. A cost that appears only with many
+layers is a per-layer memo missing.
 
     PYTHONPATH=src python3 benchmarks/host_profile.py prefill_staged decode [--top 14]
 
@@ -16,6 +17,7 @@ import io
 import os
 import pstats
 import sys
+import time
 
 import torch
 
@@ -49,9 +51,14 @@ def profile_case(case: str, layer_counts, top: int) -> None:
         step()
         profiler.disable()
         torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        unspun = (time.perf_counter() - start) / (steps * count) * 1e6
+        torch.cuda.synchronize()
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
-        print(f"  {count} layers: {us} us per call (median, behind a spin kernel)")
+        print(f"  {count} layers: {us} us per call (median, behind a spin kernel); "
+              f"{unspun:.1f} us per call in one unspun pass")
         print(text.getvalue())
 
 

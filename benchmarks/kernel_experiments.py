@@ -128,7 +128,7 @@ def _tile(params: dict, **changes) -> dict:
 def variants_of(case: Case, base: dict, block_size: int,
                 shape: Shape | None = None) -> dict[str, dict]:
     variants = {"current": base}
-    if case.kind == "decode":  # the bound of folding the block-id pre-scan into the loop
+    if case.kind == "decode":  # the bound of folding the block-id scan into the loop
         variants["no-block-checks"] = dict(base, check_blocks=False)
     if case.kind == "decode" and case.kv_quant != "none":
         short = base["short"]

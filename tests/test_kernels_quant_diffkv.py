@@ -411,7 +411,7 @@ def _corrupt(value):
 @pytest.mark.parametrize("tiles", ["one masked tile", "full tiles"])
 def test_bad_block_ids_give_nan_rows_not_garbage(variant, bad_id, tiles):
     """Edge (masked) tiles mark bad keys per score; tiles every row sees (16-key KV tiles
-    here, so sequence 1's first tile is one of them) are scanned before the loop."""
+    here, so sequence 1's first tile is one of them) by a scan of their table entries."""
     kw = {}
     if tiles == "full tiles":
         small = TileConfig(block_m=16, block_q=8, block_n=16, num_warps=4, num_stages=2)
@@ -426,8 +426,8 @@ def test_bad_block_ids_give_nan_rows_not_garbage(variant, bad_id, tiles):
 def test_bad_block_ids_past_the_first_scanned_blocks(segments, bad_id):
     """The scan of the full tiles' table entries reads the first 128 before the KV loop
     and the rest after it: with 2-slot blocks, sequence 1 (700 keys, 2 queries) has 344
-    blocks of full 16-key tiles, 172 per segment with 2 segments; entry 320 is past the
-    first 128 of the one segment (1) or of the second (2). Its rows must be NaN."""
+    blocks of full 16-key tiles, 176 + 168 with 2 segments (22 tiles each); entry 320 is past
+    the first 128 of the one segment (1) or of the second (2). Its rows must be NaN."""
     def edit(table):
         table[1, 320] = bad_id
         return [1]

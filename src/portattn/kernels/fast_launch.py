@@ -352,9 +352,8 @@ def launch_entry(compiled, descriptors: dict | None = None) -> tuple:
 
 #: Per host descriptor of a compiled kernel: encoded tensor maps kept (by base address),
 #: the oldest dropped first. A model's layers each pass their own cache, so a cache's
-#: descriptor sees one address per layer: at 16 (sessions 12-23) 32 or 96 layers missed on
-#: every call and re-encoded K and V (4-8 us of host time per staged prefill on the H200's
-#: host, NOTES.md session 24). An entry is ~0.3 KB.
+#: descriptor sees one address per layer: at 16 (sessions 13-23) 32 or 96 layers missed on
+#: every call and encoded their maps again (NOTES.md session 24). An entry is ~0.3 KB.
 ENCODED_LIMIT = 1024
 #: The arguments Triton's CUDA launch entry takes before the kernel's own
 _BASE_ARGS = 13
@@ -423,7 +422,7 @@ def _encoder(make, layout: tuple, meta) -> Callable[[int], tuple]:
         if found is None:
             found = tuple(make(HostDescriptor(ptr, layout), meta))
             with lock:
-                if len(encoded) >= ENCODED_LIMIT:
+                if ptr not in encoded and len(encoded) >= ENCODED_LIMIT:
                     del encoded[next(iter(encoded))]
                 encoded[ptr] = found
         return found
