@@ -330,23 +330,22 @@ class MinimalDecode:
 
 
 def decode_reference(inp) -> torch.Tensor:
-    """float64 decode over the cache as stored (fp8 codes times the per-tensor scales),
-    each sequence gathered by the bench's ``gather_contiguous``: ``[sequences, q heads,
-    D]``."""
+    """float64 decode over the cache as stored (fp8 codes times the per-tensor scales):
+    ``portattn.testing.dense_attention`` of each sequence gathered by the bench's
+    ``gather_contiguous``, ``[sequences, q heads, D]`` on q's device."""
     from portattn.bench import gather_contiguous
+    from portattn.testing import dense_attention
 
     quant = inp.cache.quant
     ks = float(quant.k_scale) if quant.mode == "fp8_per_tensor" else 1.0
     vs = float(quant.v_scale) if quant.mode == "fp8_per_tensor" else 1.0
-    group = inp.q.shape[1] // inp.cache.num_kv_heads
-    outs = []
-    for b, n in enumerate(inp.metadata.seq_lens.tolist()):
+    lens = inp.metadata.seq_lens.tolist()
+    keys, values = [], []
+    for b, n in enumerate(lens):
         k, v = gather_contiguous(inp, b, n)  # [kv heads, n, D]
-        kk = k.double().repeat_interleave(group, 0) * ks
-        vv = v.double().repeat_interleave(group, 0) * vs
-        s = torch.einsum("hd,hnd->hn", inp.q[b].double(), kk) / math.sqrt(k.shape[2])
-        outs.append(torch.einsum("hn,hnd->hd", torch.softmax(s, -1), vv))
-    return torch.stack(outs)
+        keys.append(k.transpose(0, 1).double() * ks)
+        values.append(v.transpose(0, 1).double() * vs)
+    return dense_attention(inp.q, keys, values, [1] * len(lens)).to(inp.q.device)
 
 
 def as_ints(x: torch.Tensor) -> torch.Tensor:

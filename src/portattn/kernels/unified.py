@@ -385,17 +385,20 @@ def _full_tiles_have_bad_blocks(first_ids, bt_row, bt_width, num_blocks, key_lo,
     any, are read here (1/BLOCK_SIZE of the keys, warm in L2 after the loop)."""
     b_lo = key_lo // BLOCK_SIZE
     b_hi = tl.cdiv(key_hi, BLOCK_SIZE)
-    idx = b_lo + tl.arange(0, SCAN)
-    used = idx < b_hi
-    bad = used & ((idx >= bt_width) | (first_ids < 0) | (first_ids >= num_blocks))
-    found = bad.to(tl.int32)
+    found = _bad_entries(b_lo + tl.arange(0, SCAN), first_ids, b_hi, bt_width, num_blocks)
     for b0 in tl.range(b_lo + SCAN, b_hi, SCAN):
         idx = b0 + tl.arange(0, SCAN)
-        used = idx < b_hi
-        ids = tl.load(bt_row + idx, mask=used & (idx < bt_width), other=0)
-        bad = used & ((idx >= bt_width) | (ids < 0) | (ids >= num_blocks))
-        found = found | bad.to(tl.int32)
+        ids = tl.load(bt_row + idx, mask=(idx < b_hi) & (idx < bt_width), other=0)
+        found = found | _bad_entries(idx, ids, b_hi, bt_width, num_blocks)
     return tl.max(found, 0) > 0
+
+
+@triton.jit
+def _bad_entries(idx, ids, b_hi, bt_width, num_blocks):
+    """1 where table entry ``idx`` (below ``b_hi``) holds an id outside ``[0,
+    num_blocks)`` or lies past the table's width, else 0 (int32)."""
+    bad = (idx < b_hi) & ((idx >= bt_width) | (ids < 0) | (ids >= num_blocks))
+    return bad.to(tl.int32)
 
 
 @triton.jit
