@@ -147,6 +147,28 @@ def test_all_zero_token_head_dequantizes_to_zero():
     assert torch.equal(_read_back(cache, "k", torch.tensor([3])), zeros)
 
 
+@pytest.mark.parametrize("quant", QUANTS, ids=lambda q: q.key)
+def test_a_nan_in_a_token_head_reads_back_as_nan(quant):
+    """A NaN never becomes a finite code: fp8 stores NaN, and a per-token-head scale is
+    NaN for a token-head holding one (an int8 code cannot be NaN). The other token-heads
+    are stored as the definitions say."""
+    cache = PagedKVCache.allocate(NUM_BLOCKS, BLOCK, HEADS, D, quant=quant)
+    key, value = _random_tokens(4), _random_tokens(4, seed=2)
+    key[1, 2, 5] = float("nan")
+    slots = torch.tensor([3, 17, 40, 41])
+    cache.write(key, value, slots)
+    back = _read_back(cache, "k", slots)
+    assert torch.isnan(back[1, 2, 5])
+    if cache.k_scale_cache is not None:
+        assert torch.isnan(back[1, 2]).all()
+    finite = torch.ones(4, HEADS, dtype=torch.bool)
+    finite[1, 2] = False
+    want, _ = quantize_as_specified(key[finite], quant, "k", cache.key_cache.dtype)
+    data = cache.key_cache[slots // BLOCK, slots % BLOCK]
+    assert torch.equal(data[finite].view(torch.uint8), want.view(torch.uint8))
+    assert torch.isfinite(_read_back(cache, "v", slots)).all()
+
+
 # ---------------------------------------------------------------- input errors
 
 

@@ -167,10 +167,22 @@ def test_unknown_profile_is_a_value_error(bad, monkeypatch):
     if bad == "":
         monkeypatch.setenv("PORTATTN_SIMULATE", "nope")
         bad = None
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(InputError) as info:  # a ValueError
         probe(simulate=bad)
     message = str(info.value)
     assert "sm90" in message and "gfx942" in message and "+fa2" in message
+    assert info.value.argument == ("PORTATTN_SIMULATE" if bad is None else "simulate")
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:64", 64, True, "nodev"])
+def test_a_device_this_process_does_not_see_is_named(device):
+    import torch
+
+    if torch.cuda.is_available() and device == "cuda":
+        pytest.skip("this machine has a GPU: 'cuda' is a device it sees")
+    with pytest.raises(InputError) as info:
+        probe(device=device)
+    assert info.value.argument == "device"
 
 
 def test_simulate_env_and_explicit_real(monkeypatch):
@@ -193,6 +205,11 @@ def test_real_probe_on_this_cpu():
     assert not caps.triton_kernels.ok
     assert caps.triton_kernels.reason == "no GPU and TRITON_INTERPRET is not set"
     assert not caps.tensor_descriptors.ok and caps.triton_target is None
+    import triton.language
+
+    assert caps.tensor_descriptor_api is hasattr(triton.language, "make_tensor_descriptor")
+    assert caps.tensor_descriptor_api is caps.tensor_descriptors.reason.startswith(
+        "tl.make_tensor_descriptor exists")
     assert all(c.source == "probed" for c in caps.checks().values())
     assert caps.fp8_formats == ()
     assert Capabilities.from_dict(json.loads(json.dumps(caps.to_dict()))) == caps

@@ -76,6 +76,42 @@ def test_explain_forced_backend_that_cannot_serve(capsys):
     assert "triton_unified" in data["reasons"]
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--heads", "0"], "error: --heads: expected an int >= 1"),
+    (["--heads", "3", "--kv-heads", "2"], "error: --heads: expected a multiple of --kv-heads"),
+    (["--head-size", "-1"], "error: --head-size: expected an int >= 1"),
+    (["--num-seqs", "0"], "error: --num-seqs: "),
+    (["--query-len", "10", "--seq-len", "5"], "error: --query-len: expected at most --seq-len"),
+    (["--dtype", "int8"], "error: --dtype: expected one of float16, "),
+    (["--dtype", "float64"], "error: --dtype: "),
+    (["--out-dtype", "nope"], "error: --out-dtype: "),
+    (["--kv-quant", "bogus"], "error: --kv-quant: expected none, fp8_per_tensor"),
+    (["--kv-quant", "fp8_per_tensor:e9"], "error: --kv-quant: "),
+    (["--kv-quant", "int8_per_token_head:e5m2"], "error: --kv-quant: "),
+    (["--alibi", "sqrt", "--non-causal"], "error: --alibi: "),
+    (["--simulate", "nope"], "error: simulate: expected a known simulated profile"),
+])
+def test_explain_rejects_what_attention_would_reject(capsys, flags, message):
+    """Each of these describes a call ``attention`` rejects: no decision is printed."""
+    assert main(["explain", *flags]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(message) and "Traceback" not in captured.err
+    assert captured.out == ""
+
+
+def test_explain_of_an_fp8_query_gives_a_bf16_output(capsys):
+    assert main(["explain", "--dtype", "float8_e4m3fn", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["problem"]["out_dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("command", [["report"], ["demo"], ["explain"]])
+def test_a_bad_simulated_profile_in_the_environment_is_named(capsys, monkeypatch, command):
+    monkeypatch.setenv("PORTATTN_SIMULATE", "bogus")
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: PORTATTN_SIMULATE: expected a known simulated profile")
+
+
 def test_console_entry_point_runs():
     env = dict(os.environ, PORTATTN_SIMULATE="gfx942")
     result = subprocess.run([sys.executable, "-m", "portattn", "explain", "--head-size", "80"],

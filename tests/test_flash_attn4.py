@@ -167,7 +167,7 @@ def test_fa4_profiles(name, canonical, interfaces, version):
 
 
 def test_fa4_twice_is_a_bad_profile():
-    with pytest.raises(ValueError, match=r"\+fa4 may appear once"):
+    with pytest.raises(ValueError, match=r"\+fa4 at most once"):
         probe(simulate="sm90+fa4+fa4")
 
 

@@ -599,6 +599,40 @@ def test_write_kernel_matches_plain_indexing(quant, layout, head_v):
 
 
 @interp
+@pytest.mark.parametrize("quant", [name for name in QUANTS if name != "fp8_tensor_e4m3"])
+def test_write_kernel_keeps_a_nan_a_nan(quant):
+    """A NaN in a token-head reads back as NaN (fp8 codes NaN, per-token-head scales NaN);
+    the token-heads without one are stored as the definitions say. (On a GPU a plain
+    min / max would turn it into +-QMAX: the interpreter's NumPy does not, so the int8
+    scale is what this catches here; the GPU tier runs every mode. Not e4m3 per-tensor
+    here: the interpreter's bitwise float -> e4m3fn cast makes a NaN 384.)"""
+    from portattn.kernels.write_launch import launch_cache_write
+
+    quant = QUANTS[quant]
+    cache = PagedKVCache.allocate(4, 4, 2, 32, dtype=F16, quant=quant)
+    gen = torch.Generator().manual_seed(8)
+    k, v = torch.randn(3, 2, 32, generator=gen), torch.randn(3, 2, 32, generator=gen)
+    k[1, 0, 7] = math.nan
+    v[2, 1, 0] = math.nan
+    slots = torch.tensor([2, 6, 13])
+    launch_cache_write(cache, k, v, slots)
+    for which, src, data, scales in (("k", k, cache.key_cache, cache.k_scale_cache),
+                                     ("v", v, cache.value_cache, cache.v_scale_cache)):
+        bad = torch.isnan(src).any(-1)
+        stored = data.reshape(16, 2, 32)[slots]
+        codes = stored.float()
+        if scales is None:
+            assert torch.isnan(codes[torch.isnan(src)]).all()
+        else:
+            flat_scales = scales.reshape(16, 2)[slots]
+            assert torch.isnan(flat_scales[bad]).all() and torch.isfinite(flat_scales[~bad]).all()
+        want, want_scales = quantize_reference(src[~bad], cache.quant, which, data.dtype)
+        assert torch.equal(_as_float(stored[~bad], want.double()), want.double())
+        if scales is not None:
+            assert torch.equal(flat_scales[~bad], want_scales)
+
+
+@interp
 def test_write_through_the_cache_uses_the_kernel_on_gpu_only():
     """On the CPU ``write`` stays in PyTorch and still value-checks slots."""
     import portattn

@@ -110,3 +110,20 @@ def test_a_yielded_lead_is_in_the_info_line(caplog):
         in message
     decide(Problem.make(query_len=8192, seq_len=8192, head_size=256), caps)
     assert "yields" not in _records(caplog)[1].getMessage()
+
+
+def test_a_gpu_cache_write_in_pytorch_warns_once_per_device_and_dtype(caplog):
+    """The write's slow path (a GPU without fp8 conversions, or no Triton) says so once;
+    called directly here (a CPU cache's write is not a slow path and never warns)."""
+    from portattn import KVQuant, PagedKVCache
+    from portattn.types import _warn_slow_write
+
+    caplog.set_level(logging.INFO, logger="portattn")
+    cache = PagedKVCache.allocate(2, 4, 1, 8, quant=KVQuant.fp8_per_tensor(1.0, 1.0))
+    cache.write(torch.randn(1, 1, 8), torch.randn(1, 1, 8), torch.tensor([0]))
+    assert not [r for r in caplog.records if "PagedKVCache.write" in r.getMessage()]
+    _warn_slow_write(cache)
+    _warn_slow_write(cache)
+    slow = [r for r in caplog.records if "PagedKVCache.write" in r.getMessage()]
+    assert [r.levelname for r in slow] == ["WARNING"]
+    assert "float8_e4m3fn" in slow[0].getMessage() and "CUDA graph" in slow[0].getMessage()

@@ -167,3 +167,80 @@ def test_scale_default_is_inverse_sqrt_head_size():
     b = portattn.attention(batch.q, batch.cache, batch.metadata, backend="torch_ref",
                            scale=1 / math.sqrt(40))
     assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- unchecked metadata
+def _unchecked(batch, metadata, **options):
+    out = torch.full_like(batch.q, math.nan)
+    portattn.attention(batch.q, batch.cache, metadata, backend="torch_ref", validate=False,
+                       out=out, **options)
+    return out
+
+
+def _with_table(batch, table, seq_lens=None):
+    md = batch.metadata
+    return portattn.AttentionMetadata(md.cu_seqlens_q, md.seq_lens if seq_lens is None
+                                      else seq_lens, table, md.max_seqlen_q, md.max_seqlen_k)
+
+
+@pytest.mark.parametrize("bad_id", [-1, -7, 10_000])
+def test_unchecked_bad_block_ids_spoil_exactly_the_rows_that_see_them(bad_id):
+    """With ``validate=False`` a block id outside the cache is never read: the rows whose
+    visible keys include that block's are NaN (as the Triton kernels give them), the rest
+    match the float64 oracle. Window 8, 16-key blocks. Sequence 0 (40 keys, queries at
+    35..39) sees keys 28..39: its block 0 is seen by no row, its block 1 (16..31) by the
+    queries at 35..38 only. Sequence 4 (33 keys, queries at 31 and 32, tokens 14 and 15):
+    its block 2 (key 32) is seen by the second query only."""
+    batch = _batch(block_size=16, poison=False)
+    expected = dense_attention(batch.q, batch.keys, batch.values, batch.query_lens,
+                               sliding_window=8)
+    table = batch.metadata.block_table.clone()
+    table[0, 0] = bad_id
+    table[4, 2] = bad_id
+    nan_rows = torch.zeros(batch.q.shape[0], dtype=torch.bool)
+    nan_rows[15] = True
+    for more in (None, (0, 1)):
+        if more is not None:
+            table[more] = bad_id
+            nan_rows[0:4] = True
+        out = _unchecked(batch, _with_table(batch, table), sliding_window=8)
+        assert torch.isnan(out[nan_rows]).all()
+        assert relative_error(out[~nan_rows], expected[~nan_rows]) < 1e-5
+
+
+def test_unchecked_lengths_past_the_table_give_nan_rows_not_errors():
+    """``seq_lens`` past the block table's capacity (or negative), and a ``cu_seqlens_q``
+    that runs past q, do not raise from inside PyTorch: the sequence's rows are NaN, the
+    other sequences' rows are right."""
+    batch = _batch(poison=False)
+    expected = dense_attention(batch.q, batch.keys, batch.values, batch.query_lens)
+    capacity = batch.metadata.block_table.shape[1] * batch.cache.block_size
+    for bad_len in (capacity + 1, -3):
+        seq_lens = batch.metadata.seq_lens.clone()
+        seq_lens[2] = bad_len  # sequence 2: tokens 6..12
+        out = _unchecked(batch, _with_table(batch, batch.metadata.block_table, seq_lens))
+        assert torch.isnan(out[6:13]).all()
+        keep = torch.ones(batch.q.shape[0], dtype=torch.bool)
+        keep[6:13] = False
+        assert relative_error(out[keep], expected[keep]) < 1e-5
+    md = batch.metadata
+    cu = md.cu_seqlens_q.clone()
+    cu[-1] = cu[-1] + 5  # the last sequence's queries run past q
+    out = _unchecked(batch, portattn.AttentionMetadata(cu, md.seq_lens, md.block_table,
+                                                       md.max_seqlen_q + 5, md.max_seqlen_k))
+    assert torch.isfinite(out[:cu[-2]]).all()
+
+
+def test_a_nan_sink_gives_nan_rows():
+    """A NaN sink logit is in every row's denominator of its head: those rows are NaN
+    (never an unnormalized sum); the other heads are unaffected."""
+    batch = _batch(num_q_heads=4, num_kv_heads=2)
+    sinks = torch.randn(4)
+    expected = dense_attention(batch.q, batch.keys, batch.values, batch.query_lens,
+                               sinks=sinks)
+    sinks[1] = math.nan
+    out = portattn.attention(batch.q, batch.cache, batch.metadata, backend="torch_ref",
+                             sinks=sinks)
+    assert torch.isnan(out[:, 1]).all()
+    others = [0, 2, 3]
+    assert relative_error(out[:, others], expected[:, others]) < 1e-5

@@ -1,5 +1,6 @@
 """Bad input: a clear InputError naming the argument, raised before anything runs."""
 
+import math
 import re
 
 import pytest
@@ -393,5 +394,146 @@ def test_a_backend_that_is_not_a_name(batch, backend):
 
 
 def test_a_negative_seq_len_is_named_by_the_metadata_builder():
-    with pytest.raises(InputError, match=r"^seq_lens\[1\]: expected >= 0, got -1"):
+    message = r"^seq_lens\[1\]: expected an int in \[0, 2147483647\] \(int32\), got -1"
+    with pytest.raises(InputError, match=message):
         AttentionMetadata.from_lengths([1, 0], [4, -1], torch.zeros(2, 1, dtype=torch.int32))
+
+
+# --------------------------------------------------------------------------- audit findings
+@pytest.mark.parametrize("name,value", [
+    ("scale", 1e39), ("scale", 1e-39), ("softcap", 1e39), ("softcap", 1e-45),
+    ("output_scale", 1e300), ("output_scale", 1e-40)])
+def test_scalars_outside_float32_are_named(batch, name, value):
+    """Scales and softcaps reach the kernels as float32: a value that would arrive as 0,
+    a subnormal or inf is the caller's error, not NaN rows or a torch error later."""
+    kw = {name: value}
+    if name == "output_scale":
+        kw["out"] = torch.empty(6, 4, 32, dtype=torch.float8_e4m3fn)
+    with pytest.raises(InputError, match=f"^{name}: expected .*float32's normal range"):
+        _call(batch, **kw)
+
+
+def test_kvquant_scales_outside_float32_are_named():
+    with pytest.raises(InputError, match="^KVQuant.v_scale: .*float32"):
+        portattn.KVQuant.fp8_per_tensor(1.0, 1e300)
+    with pytest.raises(InputError, match="^KVQuant.k_scale: expected None for mode "):
+        portattn.KVQuant("none", k_scale=0.5)
+    with pytest.raises(InputError, match="^KVQuant.fp8_dtype: expected None for mode "):
+        portattn.KVQuant("int8_per_token_head", fp8_dtype=torch.float8_e4m3fn)
+
+
+def test_a_window_wider_than_int32_shows_every_key(batch):
+    """Positions are int32, so any window past 2**31 - 1 is no window at all."""
+    wide = portattn.attention(batch.q, batch.cache, batch.metadata, sliding_window=2**70)
+    none = portattn.attention(batch.q, batch.cache, batch.metadata)
+    assert torch.equal(wide, none)
+
+
+def test_seq_lens_not_a_tensor_with_both_hints_is_named(batch):
+    m = batch.metadata
+    for seq_lens in ([20, 9, 2], None):
+        with pytest.raises(InputError, match="^metadata.seq_lens: "):
+            portattn.attention(batch.q, batch.cache, _meta(batch, seq_lens=seq_lens))
+    assert m.max_seqlen_q is not None and m.max_seqlen_k is not None  # the memo path
+
+
+def test_out_that_shares_memory_or_needs_grad_is_named(batch):
+    shared = torch.full((1, 4, 32), 7.0, dtype=torch.float16).expand(6, 4, 32)
+    with pytest.raises(InputError, match="^out: expected a tensor whose elements do not "):
+        _call(batch, out=shared)
+    assert (shared == 7.0).all()
+    grad = torch.full((6, 4, 32), 7.0, dtype=torch.float16, requires_grad=True)
+    with pytest.raises(InputError, match="^out: expected a tensor that does not require grad"):
+        _call(batch, out=grad)
+    assert (grad == 7.0).all()
+    padded = torch.full((6, 4, 40), math.nan, dtype=torch.float16)[..., :32]
+    _call(batch, out=padded)  # strided, but no two elements share memory
+    assert torch.isfinite(padded).all()
+
+
+def test_a_cpu_scale_changed_in_place_is_caught_by_both_entry_points():
+    k_scale = torch.tensor([0.5])
+    batch = make_paged_batch([1, 2], [9, 5], num_q_heads=4, num_kv_heads=2, head_size=32,
+                             dtype=torch.float32,
+                             quant=portattn.KVQuant.fp8_per_tensor(k_scale, 0.5))
+    plan = portattn.plan(batch.metadata, num_q_heads=4, dtype=torch.float32, cache=batch.cache)
+    k_scale.fill_(-0.5)
+    with pytest.raises(InputError, match="^quant.k_scale: "):
+        portattn.attention(batch.q, batch.cache, batch.metadata)
+    with pytest.raises(InputError, match="^quant.k_scale: "):
+        plan.run(batch.q, batch.cache)
+
+
+def test_a_planned_fp8_output_without_its_scale_names_output_scale(batch):
+    plan = portattn.plan(batch.metadata, num_q_heads=4, dtype=torch.float16, cache=batch.cache,
+                         out_dtype=torch.float8_e4m3fn)
+    with pytest.raises(InputError, match="^output_scale: expected a scale for the planned fp8"):
+        plan.run(batch.q, batch.cache)
+
+
+@pytest.mark.parametrize("args,name", [
+    (([1], [4], torch.tensor([[2**32 + 1]])), "block_table"),
+    (([1], [4], torch.tensor([[2.7]])), "block_table"),
+    (([1], [4], [[True]]), r"block_table\[0\]\[0\]"),
+    (([1.9], [4], [[0]]), r"query_lens\[0\]"),
+    ((["4"], [4], [[0]]), r"query_lens\[0\]"),
+    (([1], [4.5], [[0]]), r"seq_lens\[0\]"),
+    (([1], [2**31], [[0]]), r"seq_lens\[0\]"),
+    (([1], 4, [[0]]), "seq_lens"),
+    (([1], [4], None), "block_table"),
+    (([1], [4], [[0], [1]]), "block_table"),
+    (([1], [4], [[0]], "nodev"), "device"),
+])
+def test_from_lengths_converts_nothing_silently(args, name):
+    with pytest.raises(InputError, match=f"^{name}: "):
+        AttentionMetadata.from_lengths(*args)
+
+
+def test_from_lengths_of_an_empty_batch_is_usable(batch):
+    metadata = AttentionMetadata.from_lengths([], [], [])
+    assert tuple(metadata.block_table.shape) == (0, 1)
+    out = portattn.attention(batch.q[:0], batch.cache, metadata)
+    assert out.shape == (0, 4, 32)
+
+
+@pytest.mark.parametrize("call,name", [
+    (lambda kv: portattn.PagedKVCache.from_packed(kv, 32.0), "head_size_qk"),
+    (lambda kv: portattn.PagedKVCache.from_packed(kv, True), "head_size_qk"),
+    (lambda kv: portattn.PagedKVCache.allocate(4, 16, 2, 32, dtype="float16"), "dtype"),
+    (lambda kv: portattn.PagedKVCache.allocate(4, 16, 2, 32, quant="fp8"), "quant"),
+    (lambda kv: portattn.PagedKVCache.allocate(True, 16, 2, 32), "num_blocks"),
+    (lambda kv: portattn.PagedKVCache.allocate(4, 16, 2, 32, device="nodev"), "device"),
+    (lambda kv: portattn.PagedKVCache.allocate(4, 16, 2, 32, device="cuda:64"), "device"),
+])
+def test_cache_builders_name_bad_arguments(call, name):
+    with pytest.raises(InputError, match=f"^{name}: "):
+        call(torch.zeros(4, 16, 2, 48))
+
+
+def test_explain_names_an_unknown_option(batch):
+    with pytest.raises(TypeError, match="^explain\\(\\) got an unexpected keyword argument "
+                                        "'windo' \\(the options: scale, "):
+        portattn.explain(batch.q, batch.cache, batch.metadata, windo=3)
+
+
+@pytest.mark.parametrize("value", ["yes", "no", 1, 0.0])
+def test_validate_takes_bools_only(batch, value):
+    with pytest.raises(InputError, match="^validate: expected None, True or False"):
+        _call(batch, validate=value)
+    with pytest.raises(InputError, match="^validate: "):
+        portattn.plan(batch.metadata, num_q_heads=4, dtype=torch.float16, cache=batch.cache,
+                      validate=value)
+
+
+def test_the_traced_path_checks_its_flags(batch):
+    """Under ``torch.compile`` the custom op's schema would make ``causal=1`` True; the
+    traced entry checks the flags as eager ``attention`` does."""
+    from portattn.ops import call_compiled
+
+    for flag in ("causal", "alibi_sqrt"):
+        options = dict(scale=None, causal=True, sliding_window=None, softcap=None,
+                       alibi_slopes=None, alibi_sqrt=False, sinks=None, q_scale=None,
+                       output_scale=None, out=None, backend=None)
+        options[flag] = 1
+        with pytest.raises(InputError, match=f"^{flag}: expected True or False"):
+            call_compiled(batch.q, batch.cache, batch.metadata, **options)

@@ -43,7 +43,6 @@ def _prepare(q, cache, metadata, validate, out, options_kwargs) -> tuple[Attenti
     wanted = validation_requested(validate)
     if wanted or (wanted is None and metadata.seq_lens.device.type == "cpu"):
         check_values(q, cache, metadata)
-    if wanted:
         check_scale_values(cache, options.q_scale, options.output_scale)
     max_q, max_k = metadata.max_lengths()
     return options, Problem.from_call(q, cache, metadata, options, max_q, max_k)
@@ -97,5 +96,9 @@ def explain(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMetadata, *
     runs): backend, variant, every other backend with its reasons, and the chosen
     backend's notes about this call (e.g. that its first call compiles a kernel)."""
     check_backend_argument(backend)
+    unknown = sorted(set(options) - set(OPTION_NAMES))
+    if unknown:
+        raise TypeError(f"explain() got an unexpected keyword argument {unknown[0]!r} "
+                        f"(the options: {', '.join(OPTION_NAMES)})")
     call_options, problem = _prepare(q, cache, metadata, validate, out, options)
     return with_notes(decide(problem, probe(device=q.device), backend), call_options)

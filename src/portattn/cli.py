@@ -72,6 +72,7 @@ def _explain(args: argparse.Namespace) -> int:
     from portattn.dispatch.selector import decide, with_notes
     from portattn.errors import UnsupportedError
 
+    _check_explain_arguments(args)
     caps = probe(simulate=args.simulate)
     problem = Problem.make(
         num_q_heads=args.heads, num_kv_heads=args.kv_heads, head_size=args.head_size,
@@ -92,6 +93,40 @@ def _explain(args: argparse.Namespace) -> int:
         return 2
     print(json.dumps(decision.to_dict(), indent=2) if args.json else str(decision))
     return 0
+
+
+def _check_explain_arguments(args: argparse.Namespace) -> None:
+    """``InputError`` naming the flag for what :func:`portattn.attention` would reject."""
+    from portattn.dispatch.problem import DTYPES_BY_NAME
+    from portattn.errors import InputError
+    from portattn.types import FLOAT_DTYPES, FP8_DTYPES, KVQuant
+
+    for flag, value in (("--heads", args.heads), ("--kv-heads", args.kv_heads),
+                        ("--head-size", args.head_size), ("--head-size-v", args.head_size_v),
+                        ("--block-size", args.block_size), ("--query-len", args.query_len),
+                        ("--seq-len", args.seq_len), ("--num-seqs", args.num_seqs)):
+        if value is not None and value < 1:
+            raise InputError(flag, "an int >= 1", str(value))
+    if args.heads % args.kv_heads:
+        raise InputError("--heads", f"a multiple of --kv-heads ({args.kv_heads})",
+                         str(args.heads))
+    if args.query_len > args.seq_len:
+        raise InputError("--query-len", f"at most --seq-len ({args.seq_len}): the keys "
+                         "include this step's tokens", str(args.query_len))
+    allowed = FLOAT_DTYPES + FP8_DTYPES
+    names = ", ".join(name for name, dtype in DTYPES_BY_NAME.items() if dtype in allowed)
+    for flag, value in (("--dtype", args.dtype), ("--out-dtype", args.out_dtype)):
+        if value is not None and DTYPES_BY_NAME.get(value) not in allowed:
+            raise InputError(flag, f"one of {names}", repr(value))
+    mode, _, fmt = args.kv_quant.partition(":")
+    if mode not in KVQuant.MODES or (fmt and (not mode.startswith("fp8") or
+                                              fmt not in ("e4m3fn", "e5m2"))):
+        raise InputError("--kv-quant", "none, fp8_per_tensor[:e4m3fn|:e5m2], "
+                         "int8_per_token_head or fp8_per_token_head[:e4m3fn|:e5m2]",
+                         repr(args.kv_quant))
+    if args.alibi == "sqrt" and args.non_causal:
+        raise InputError("--alibi", "none or linear with --non-causal (sqrt(p - k) is "
+                         "undefined for keys after the query)", "sqrt")
 
 
 def _bench(argv: list[str]) -> int:

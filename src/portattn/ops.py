@@ -16,8 +16,16 @@ from __future__ import annotations
 
 import torch
 
+from portattn.errors import InputError
 from portattn.options import default_out_dtype
-from portattn.types import FP8_DTYPES, AttentionMetadata, KVQuant, PagedKVCache, scale_as_tensor
+from portattn.types import (
+    FP8_DTYPES,
+    AttentionMetadata,
+    KVQuant,
+    PagedKVCache,
+    _describe,
+    scale_as_tensor,
+)
 
 _FP8_BY_NAME = {str(d).replace("torch.", ""): d for d in FP8_DTYPES}
 
@@ -63,7 +71,12 @@ def _as_tensor(scale, device) -> torch.Tensor | None:
 def call_compiled(q, cache: PagedKVCache, metadata: AttentionMetadata, *, scale, causal,
                   sliding_window, softcap, alibi_slopes, alibi_sqrt, sinks, q_scale,
                   output_scale, out, backend, validate=None) -> torch.Tensor:
-    """The traced path of :func:`portattn.attention`: allocate ``out`` and call the op."""
+    """The traced path of :func:`portattn.attention`: allocate ``out`` and call the op
+    (whose schema would turn ``causal=1`` into True: the flags are checked here, as the
+    eager path checks them; the op checks the rest)."""
+    for name, flag in (("causal", causal), ("alibi_sqrt", alibi_sqrt)):
+        if not isinstance(flag, bool):
+            raise InputError(name, "True or False", _describe(flag))
     quant = cache.quant
     if out is None:
         out = torch.empty(q.shape[0], q.shape[1], cache.head_size_v,

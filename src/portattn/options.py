@@ -16,10 +16,12 @@ from portattn.errors import InputError
 from portattn.types import (
     FLOAT_DTYPES,
     FP8_DTYPES,
+    INT32_MAX,
     PagedKVCache,
     Scale,
     _check_scalar_scale,
     _describe,
+    in_float32_range,
 )
 
 
@@ -72,9 +74,9 @@ def normalize_options(q: torch.Tensor, cache: PagedKVCache, *, scale: float | No
     if scale is None:
         scale = 1.0 / math.sqrt(cache.head_size_qk)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or \
-            not math.isfinite(scale) or scale <= 0:
-        raise InputError("scale", "a finite positive float (default 1/sqrt(head_size_qk))",
-                         _describe(scale))
+            not in_float32_range(scale):
+        raise InputError("scale", "a finite positive float within float32's normal range "
+                         "(default 1/sqrt(head_size_qk))", _describe(scale))
     if not isinstance(causal, bool):
         raise InputError("causal", "True or False", _describe(causal))
     if sliding_window is not None and (isinstance(sliding_window, bool) or
@@ -82,10 +84,15 @@ def normalize_options(q: torch.Tensor, cache: PagedKVCache, *, scale: float | No
                                        sliding_window < 1):
         raise InputError("sliding_window", "None or an int >= 1 (keys with p - k < window "
                          "are visible)", _describe(sliding_window))
+    if sliding_window is not None and sliding_window > INT32_MAX:
+        # positions are int32 (p - k <= 2**31 - 2): a wider window shows every key, as
+        # this one does, and stays an int32 for the kernels
+        sliding_window = INT32_MAX
     if softcap is not None and (isinstance(softcap, bool) or
                                 not isinstance(softcap, (int, float)) or
-                                not math.isfinite(softcap) or softcap <= 0):
-        raise InputError("softcap", "None or a finite positive float", _describe(softcap))
+                                not in_float32_range(softcap)):
+        raise InputError("softcap", "None or a finite positive float within float32's "
+                         "normal range", _describe(softcap))
     _check_head_vector("alibi_slopes", alibi_slopes, num_q_heads, q.device)
     _check_head_vector("sinks", sinks, num_q_heads, q.device)
     if not isinstance(alibi_sqrt, bool):

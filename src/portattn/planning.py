@@ -357,6 +357,9 @@ class AttentionPlan:
             alibi_slopes=alibi_slopes, alibi_sqrt=body.options.alibi_sqrt, sinks=sinks,
             q_scale=q_scale, output_scale=output_scale)
         check_out(q, cache, out, options.out_dtype)
+        if out is None and output_scale is None and body.problem.out_dtype in FP8_DTYPES:
+            raise InputError("output_scale", "a scale for the planned fp8 output "
+                             f"({body.problem.out_dtype})", "None")
         if values:
             check_values(q, cache, metadata)
             check_scale_values(cache, options.q_scale, options.output_scale)
@@ -641,7 +644,8 @@ def _memo_allowed(q, cache, metadata, validate, env) -> bool:
         if raw is not None and raw not in VALIDATE_VALUES:
             return False  # an unusual spelling: the full path parses (or rejects) it
         validate = VALIDATE_VALUES.get(raw)
-    return not (validate or (validate is None and metadata.seq_lens.is_cpu))
+    # (seq_lens not a tensor: "on the CPU", so the full checks run and name it)
+    return not (validate or (validate is None and getattr(metadata.seq_lens, "is_cpu", True)))
 
 
 def call_key(q, cache, out, backend, env, option_values: tuple) -> tuple:

@@ -7,7 +7,8 @@ These are the definitions every backend follows (value = stored * scale):
   stored = round(x / scale) clamped to [-127, 127];
 * ``fp8_per_token_head``: scale = absmax / fp8_max, stored = (x / scale) cast to fp8.
 
-A token-head whose values are all zero gets scale 1 (so it dequantizes to exact zeros).
+A token-head whose values are all zero gets scale 1 (so it dequantizes to exact zeros);
+one holding a NaN gets a NaN scale (so it dequantizes to NaN, never to finite values).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def quantize_for_cache(x: torch.Tensor, quant: KVQuant, which: str,
     absmax = x32.abs().amax(dim=-1)
     # quotients in fp64, rounded once to fp32, like the write kernel's div_rn (CUDA
     # PyTorch divides by a scalar through its reciprocal, an ulp off at times)
-    scales = torch.where(absmax > 0, (absmax.double() / limit).float(), torch.ones_like(absmax))
+    # all zeros: scale 1 (exact zeros back); a NaN anywhere: a NaN scale (NaN back)
+    scales = torch.where(absmax == 0, torch.ones_like(absmax), (absmax.double() / limit).float())
     scaled = (x32.double() / scales.double().unsqueeze(-1)).float().clamp(-limit, limit)
     if quant.mode == "int8_per_token_head":
         scaled = scaled.round()

@@ -11,7 +11,7 @@ Layout (see DESIGN.md, "Data model"):
 from __future__ import annotations
 
 import dataclasses
-import math
+import operator
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -26,6 +26,14 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 #: Device types whose tensors hold no values (shapes only): nothing can attend over them.
 DATALESS_DEVICE_TYPES = ("meta",)
 FP8_FORMAT_NAMES = {torch.float8_e4m3fn: "e4m3fn", torch.float8_e5m2: "e5m2"}
+#: The normal float32 range: scales, softcaps and scale factors reach the kernels as
+#: float32 values, so a float outside it would arrive as 0, a subnormal or inf.
+FLOAT32_RANGE = (float(torch.finfo(torch.float32).tiny), float(torch.finfo(torch.float32).max))
+
+
+def in_float32_range(value: float) -> bool:
+    """Whether ``value`` is a positive float32 normal number's size (NaN: False)."""
+    return FLOAT32_RANGE[0] <= value <= FLOAT32_RANGE[1]
 
 
 def fp8_max(dtype: torch.dtype) -> float:
@@ -72,11 +80,17 @@ class KVQuant:
     def __post_init__(self) -> None:
         if self.mode not in self.MODES:
             raise InputError("KVQuant.mode", f"one of {self.MODES}", repr(self.mode))
-        if self.mode == "fp8_per_tensor":
-            for name in ("k_scale", "v_scale"):
+        for name in ("k_scale", "v_scale"):
+            if self.mode == "fp8_per_tensor":
                 _check_scalar_scale(f"KVQuant.{name}", getattr(self, name))
+            elif getattr(self, name) is not None:  # per-token-head scales live in the cache
+                raise InputError(f"KVQuant.{name}", f"None for mode {self.mode!r}",
+                                 _describe(getattr(self, name)))
         if self.mode.startswith("fp8") and self.fp8_dtype not in FP8_DTYPES:
             raise InputError("KVQuant.fp8_dtype", "torch.float8_e4m3fn or torch.float8_e5m2",
+                             repr(self.fp8_dtype))
+        if not self.mode.startswith("fp8") and self.fp8_dtype is not None:
+            raise InputError("KVQuant.fp8_dtype", f"None for mode {self.mode!r}",
                              repr(self.fp8_dtype))
 
     # -- constructors -------------------------------------------------------------------
@@ -149,9 +163,11 @@ def _same_scale(a: Scale | None, b: Scale | None) -> bool:
 
 
 def check_scale_value(name: str, value: float) -> None:
-    """A scale's value must be finite and positive (``InputError`` naming ``name``)."""
-    if not (math.isfinite(value) and value > 0):
-        raise InputError(name, "a finite positive scale", repr(value))
+    """A scale's value must be positive and a normal float32 (``InputError`` naming
+    ``name``): scales are applied in float32."""
+    if not in_float32_range(value):
+        raise InputError(name, "a finite positive scale within float32's normal range "
+                         f"[{FLOAT32_RANGE[0]:.3g}, {FLOAT32_RANGE[1]:.3g}]", repr(value))
 
 
 def _check_scalar_scale(name: str, scale: Scale | None) -> None:
@@ -294,7 +310,8 @@ class PagedKVCache:
         """Wrap the DiffKV layout ``[num_blocks, block_size, num_kv_heads, head_size_qk +
         head_size_v]``: keys are ``[..., :head_size_qk]``, values the rest."""
         _check_cache_tensor("kv", kv)
-        if not (0 < head_size_qk < kv.shape[-1]):
+        if isinstance(head_size_qk, bool) or not isinstance(head_size_qk, int) or \
+                not 0 < head_size_qk < kv.shape[-1]:
             raise InputError("head_size_qk", f"between 1 and {kv.shape[-1] - 1} (the packed "
                              "last dim holds head_size_qk + head_size_v)", repr(head_size_qk))
         return cls(kv[..., :head_size_qk], kv[..., head_size_qk:], quant, packed=True,
@@ -318,8 +335,17 @@ class PagedKVCache:
         for name, value in (("num_blocks", num_blocks), ("block_size", block_size),
                             ("num_kv_heads", num_kv_heads), ("head_size", head_size),
                             ("head_size_v", head_size_v)):
-            if not isinstance(value, int) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise InputError(name, "a positive int", repr(value))
+        if not isinstance(quant, KVQuant):
+            raise InputError("quant", "None or a portattn.KVQuant", _describe(quant))
+        if not isinstance(dtype, torch.dtype):
+            raise InputError("dtype", "a torch.dtype", _describe(dtype))
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise InputError("device", "a torch device", _describe(device)) from e
+        check_device_usable("device", device)
         quant = quant.in_format_of(dtype)
         storage = quant.storage_dtype or dtype
         shape = (num_blocks, block_size, num_kv_heads)
@@ -399,6 +425,8 @@ class PagedKVCache:
                 with on_device(cuda_index(self.device)):  # Triton launches on the current GPU
                     launch_cache_write(self, key, value, slot_mapping)
                 return
+        if self.device.type != "cpu":
+            _warn_slow_write(self)
         from portattn.quant import quantize_for_cache
 
         # like the write kernel: slots of -1, any negative slot and slots past the cache
@@ -466,6 +494,19 @@ def _check_cache_tensor(name: str, t: object) -> None:
     check_has_data(name, t)
 
 
+def _warn_slow_write(cache: PagedKVCache) -> None:
+    """WARNING on the ``portattn`` logger, once per (device, cache dtype): a GPU cache's
+    write runs in PyTorch (no write kernel here, or no fp8 conversion on this GPU)."""
+    from portattn.dispatch.announce import announced, log
+
+    if announced.first_time(("cache write", str(cache.device), cache.dtype)):
+        why = ("Triton's write kernel is not available" if not _write_kernel_available()
+               else f"this GPU cannot convert to {cache.dtype} in a kernel")
+        log.warning("slow path: PagedKVCache.write on %s (%s cache) runs in PyTorch because "
+                    "%s; it synchronizes with the host and cannot be captured in a CUDA "
+                    "graph", cache.device, cache.dtype, why)
+
+
 def check_has_data(name: str, t: torch.Tensor) -> None:
     """``InputError`` for a tensor on a device that holds no values (``meta``)."""
     if t.device.type in DATALESS_DEVICE_TYPES:
@@ -473,7 +514,43 @@ def check_has_data(name: str, t: torch.Tensor) -> None:
                          f"a tensor on the {t.device.type} device, which holds no values")
 
 
+def check_device_usable(name: str, device: torch.device) -> None:
+    """``InputError`` for a CUDA device this process does not see."""
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index is not None and device.index >= count):
+            raise InputError(name, f"a device this process sees ({count} CUDA GPUs)",
+                             str(device))
+
+
 # --------------------------------------------------------------------------- metadata
+
+
+INT32_MAX = 2**31 - 1
+
+
+def _host_ints(name: str, values, low: int = 0) -> list[int]:
+    """``values`` as a list of Python ints in ``[low, 2**31 - 1]`` (int32); an
+    ``InputError`` naming ``name`` for anything else (floats, bools, strings)."""
+    try:
+        if isinstance(values, (str, bytes, dict)):
+            raise TypeError
+        values = values.tolist() if isinstance(values, torch.Tensor) else list(values)
+    except TypeError:
+        raise InputError(name, "a list of ints", _describe(values)) from None
+    out = []
+    for i, value in enumerate(values):
+        if isinstance(value, bool):
+            raise InputError(f"{name}[{i}]", "an int", _describe(value))
+        try:
+            value = operator.index(value)
+        except TypeError:
+            raise InputError(f"{name}[{i}]", "an int", _describe(value)) from None
+        if not low <= value <= INT32_MAX:
+            raise InputError(f"{name}[{i}]", f"an int in [{low}, {INT32_MAX}] (int32)",
+                             str(value))
+        out.append(value)
+    return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -517,24 +594,47 @@ class AttentionMetadata:
         ``block_table`` may be a tensor or nested lists (rows are padded with 0). Max lengths
         are filled in, so calls with this metadata never synchronize.
         """
-        query_lens, seq_lens = [int(x) for x in query_lens], [int(x) for x in seq_lens]
+        query_lens = _host_ints("query_lens", query_lens)
+        seq_lens = _host_ints("seq_lens", seq_lens)
         if len(query_lens) != len(seq_lens):
             raise InputError("query_lens", f"{len(seq_lens)} entries like seq_lens",
                              str(len(query_lens)))
         for i, (ql, kl) in enumerate(zip(query_lens, seq_lens)):
-            if kl < 0:
-                raise InputError(f"seq_lens[{i}]", ">= 0", str(kl))
-            if ql < 0 or kl < ql:
+            if kl < ql:
                 raise InputError(f"query_lens[{i}]", f"0 <= query_len <= seq_len ({kl})",
                                  str(ql))
+        if sum(query_lens) > INT32_MAX:
+            raise InputError("query_lens", f"a total of at most {INT32_MAX} tokens (int32)",
+                             str(sum(query_lens)))
+        if device is not None:
+            try:
+                device = torch.device(device)
+            except (RuntimeError, TypeError) as e:
+                raise InputError("device", "None or a torch device", _describe(device)) from e
         if isinstance(block_table, torch.Tensor):
-            device = block_table.device if device is None else torch.device(device)
+            if block_table.dim() != 2 or block_table.dtype.is_floating_point or \
+                    block_table.dtype.is_complex or block_table.dtype == torch.bool:
+                raise InputError("block_table", "a 2-D integer tensor [num_seqs, max_blocks]",
+                                 _describe(block_table))
+            if block_table.dtype != torch.int32 and block_table.numel() and \
+                    (int(block_table.min()) < -INT32_MAX - 1 or
+                     int(block_table.max()) > INT32_MAX):
+                raise InputError("block_table", "block ids that fit int32", "ids past int32")
+            device = block_table.device if device is None else device
             table = block_table.to(device=device, dtype=torch.int32)
         else:
-            rows = [list(r) for r in block_table]
+            if block_table is None or isinstance(block_table, (str, bytes, dict)) or \
+                    not hasattr(block_table, "__iter__"):
+                raise InputError("block_table", "a 2-D integer tensor or a list of lists of "
+                                 "block ids", _describe(block_table))
+            rows = [_host_ints(f"block_table[{i}]", row, low=-INT32_MAX - 1)
+                    for i, row in enumerate(block_table)]
             width = max([len(r) for r in rows] + [1])
             table = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32,
-                                 device=device or "cpu")
+                                 device=device or "cpu").reshape(len(rows), width)
+        if table.shape[0] != len(seq_lens):
+            raise InputError("block_table", f"{len(seq_lens)} rows (one per sequence)",
+                             f"{table.shape[0]} rows")
         device = table.device
         cu = [0]
         for ql in query_lens:

@@ -71,7 +71,9 @@ from portattn.types import (
 def validation_requested(validate: bool | None) -> bool | None:
     """``validate`` argument, else ``PORTATTN_VALIDATE`` (unset -> None = automatic)."""
     if validate is not None:
-        return bool(validate)
+        if not isinstance(validate, bool):
+            raise InputError("validate", "None, True or False", _describe(validate))
+        return validate
     value: bool | None = settings.VALIDATE.value()
     return value
 
@@ -129,7 +131,8 @@ def check_structure(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMet
 def check_out(q: torch.Tensor, cache: PagedKVCache, out: torch.Tensor | None,
               out_dtype: torch.dtype) -> None:
     """``out``: shape ``[num_tokens, num_q_heads, head_size_v]``, the result dtype, a
-    contiguous last dimension, q's device."""
+    contiguous last dimension, q's device; written in place, so no grad and no two
+    elements at one address."""
     if out is not None:
         want = (q.shape[0], q.shape[1], cache.head_size_v)
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
@@ -140,6 +143,23 @@ def check_out(q: torch.Tensor, cache: PagedKVCache, out: torch.Tensor | None,
             raise InputError("out", "a contiguous last dimension", f"strides {out.stride()}")
         if out.device != q.device:
             raise InputError("out", f"device {q.device} (q's)", str(out.device))
+        if out.requires_grad:
+            raise InputError("out", "a tensor that does not require grad (it is written in "
+                             "place)", "requires_grad=True")
+        if overlaps_itself(out):
+            raise InputError("out", "a tensor whose elements do not share memory",
+                             f"shape {tuple(out.shape)} with strides {out.stride()}")
+
+
+def overlaps_itself(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` may share memory (e.g. an ``expand``ed tensor): its
+    dimensions of size > 1, by stride, must each step past the span of the smaller ones."""
+    span = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride < span:
+            return True
+        span = stride * size
+    return False
 
 
 def _check_int_tensor(name: str, t: torch.Tensor, dims: int, device: torch.device) -> None:

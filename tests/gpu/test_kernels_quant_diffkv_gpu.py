@@ -10,6 +10,8 @@ block sizes 16/64 x quant modes x window/sinks x 2D/3D. Every case compiles its 
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -321,15 +323,47 @@ def test_write_kernel_exact(quant, layout, head_v):
     assert_written(cache, k, v, slots)
 
 
+@pytest.mark.parametrize("quant", list(QUANTS))
+def test_write_kernel_keeps_a_nan_a_nan(quant):
+    """A NaN reads back as NaN: an fp8 code NaN (a plain GPU min / max would clamp it to
+    +-fp8 max), a per-token-head scale NaN (a GPU max skips NaN); the other token-heads
+    exactly as the definitions say."""
+    from portattn import PagedKVCache
+
+    cache = PagedKVCache.allocate(8, 16, 4, 128, dtype=BF16, quant=QUANTS[quant], device=DEV)
+    k = torch.randn(6, 4, 128, device=DEV) * 4
+    v = torch.randn(6, 4, 128, device=DEV)
+    k[2, 1, 9] = float("nan")
+    v[4, 3, 0] = float("nan")
+    slots = torch.arange(6, device=DEV) * 5
+    cache.write(k, v, slots)
+    for which, src, data, scales in (("k", k, cache.key_cache, cache.k_scale_cache),
+                                     ("v", v, cache.value_cache, cache.v_scale_cache)):
+        bad = torch.isnan(src).any(-1)
+        stored = data.reshape(128, 4, 128)[slots]
+        if scales is None:
+            assert torch.isnan(stored.float()[torch.isnan(src)]).all()
+        else:
+            got_scales = scales.reshape(128, 4)[slots]
+            assert torch.isnan(got_scales[bad]).all()
+        want, want_scales = quantize_reference(src[~bad], cache.quant, which, data.dtype)
+        assert torch.equal(stored[~bad].view(torch.uint8), want.view(torch.uint8))
+        if scales is not None:
+            assert torch.equal(got_scales[~bad], want_scales)
+
+
 @pytest.mark.parametrize("quant", ["fp8_tensor_e4m3", "fp8_tensor_e5m2", "fp8_token_head"])
-def test_fp8_write_where_the_gpu_cannot_convert_fp8(quant, monkeypatch):
+def test_fp8_write_where_the_gpu_cannot_convert_fp8(quant, monkeypatch, caplog):
     """Before sm89 (``converts_fp8`` False, simulated here) an fp8 cache is written by
     PyTorch: the same bytes and scales as the reference quantizer; slots of -1, below -1
     and past the cache skipped, as the write kernel does."""
     import portattn.devices
     from portattn import PagedKVCache
+    from portattn.dispatch.announce import announced
 
     monkeypatch.setattr(portattn.devices, "converts_fp8", lambda device, dtype: False)
+    announced.clear()
+    caplog.set_level(logging.WARNING, logger="portattn")
     cache = PagedKVCache.allocate(64, 16, 4, 128, dtype=BF16, quant=QUANTS[quant],
                                   device=DEV)
     k = torch.randn(200, 4, 128, device=DEV) * 4
@@ -341,6 +375,8 @@ def test_fp8_write_where_the_gpu_cannot_convert_fp8(quant, monkeypatch):
     assert torch.equal(cache.key_cache.view(torch.uint8), before)
     cache.write(k, v, slots)
     assert_written(cache, k, v, slots)
+    slow = [r for r in caplog.records if "PagedKVCache.write" in r.getMessage()]
+    assert [r.levelname for r in slow] == ["WARNING"]  # once for both writes
 
 
 @pytest.mark.parametrize("quant", ["fp8_tensor_e4m3", "int8_token_head", "fp8_token_head",

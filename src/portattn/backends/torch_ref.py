@@ -45,9 +45,19 @@ class TorchReference(Backend):
 
 def gather_sequence_kv(cache, block_row: torch.Tensor, seq_len: int,
                        compute_dtype: torch.dtype = torch.float32):
-    """Dequantized ``K [seq_len, Hkv, Dqk]`` and ``V [seq_len, Hkv, Dv]`` of one sequence."""
+    """Dequantized ``K [seq_len, Hkv, Dqk]`` and ``V [seq_len, Hkv, Dv]`` of one sequence,
+    and which of those keys sit in a block whose id is outside ``[0, num_blocks)`` (a
+    bool ``[seq_len]``; such a block is never read: its keys are gathered from block 0)."""
     bs = cache.block_size
     blocks = block_row[: (seq_len + bs - 1) // bs].long()
+    bad_blocks = (blocks < 0) | (blocks >= cache.num_blocks)
+    blocks = blocks.masked_fill(bad_blocks, 0)
+    bad_keys = bad_blocks.repeat_interleave(bs)[:seq_len]
+    if cache.num_blocks == 0:  # nothing to read: every key is in a bad block
+        k, v = (torch.zeros(seq_len, cache.num_kv_heads, size, dtype=compute_dtype,
+                            device=block_row.device)
+                for size in (cache.head_size_qk, cache.head_size_v))
+        return k, v, bad_keys
     parts = []
     for which, data, scales in (("k", cache.key_cache, cache.k_scale_cache),
                                 ("v", cache.value_cache, cache.v_scale_cache)):
@@ -55,8 +65,11 @@ def gather_sequence_kv(cache, block_row: torch.Tensor, seq_len: int,
         token_scales = None
         if scales is not None:
             token_scales = scales[blocks].reshape(-1, scales.shape[2])[:seq_len]
-        parts.append(dequantize(stored, cache.quant, which, token_scales).to(compute_dtype))
-    return parts[0], parts[1]
+        values = dequantize(stored, cache.quant, which, token_scales).to(compute_dtype)
+        # block 0's keys stand in for a bad block's: zeros, so that they add nothing (not
+        # even a NaN times a zero weight) to the rows that do not see them
+        parts.append(values.masked_fill(bad_keys[:, None, None], 0))
+    return parts[0], parts[1], bad_keys
 
 
 def reference_attention(q, cache, metadata, options,
@@ -79,12 +92,21 @@ def reference_attention(q, cache, metadata, options,
 
     cu = metadata.cu_seqlens_q.tolist()
     seq_lens = metadata.seq_lens.tolist()
+    capacity = metadata.block_table.shape[1] * cache.block_size
     for b, seq_len in enumerate(seq_lens):
-        start, end = cu[b], cu[b + 1]
+        # unchecked metadata (validate=False) never indexes out of range: a query range
+        # past q is clipped to it; a sequence longer than its block table's capacity gives
+        # NaN rows (as the Triton kernels do), and so does a negative length
+        start = min(max(cu[b], 0), num_tokens)
+        end = min(max(cu[b + 1], start), num_tokens)
         q_len = end - start
         if q_len == 0:
             continue
-        k, v = gather_sequence_kv(cache, metadata.block_table[b], seq_len, compute_dtype)
+        if not 0 <= seq_len <= capacity:
+            result[start:end] = float("nan")
+            continue
+        k, v, bad_keys = gather_sequence_kv(cache, metadata.block_table[b], seq_len,
+                                            compute_dtype)
         k = k.permute(1, 0, 2)  # [Hkv, L, D]
         v = v.permute(1, 0, 2)
         key_pos = torch.arange(seq_len, device=q.device)
@@ -112,15 +134,18 @@ def reference_attention(q, cache, metadata, options,
             row_max = s.amax(dim=-1)  # [Hkv, G, Lq]
             if sinks is not None:
                 row_max = torch.maximum(row_max, sinks)
-            row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+            # a row with no visible key (max -inf) or an infinite sink; NaN stays NaN
+            row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
             p = torch.exp(s - row_max.unsqueeze(-1))
             denom = p.sum(dim=-1)
             if sinks is not None:
                 denom = denom + torch.exp(sinks - row_max)
             o = torch.matmul(p, v.unsqueeze(1))  # [Hkv, G, Lq, Dv]
-            o = o / torch.where(denom > 0, denom, torch.ones_like(denom)).unsqueeze(-1)
-            result[start + c0:start + c1] = o.permute(2, 0, 1, 3).reshape(c1 - c0, num_q_heads,
-                                                                          -1)
+            o = o / torch.where(denom == 0, torch.ones_like(denom), denom).unsqueeze(-1)
+            o = o.permute(2, 0, 1, 3).reshape(c1 - c0, num_q_heads, -1)
+            if bool(bad_keys.any()):  # the rows that see a key of a bad block id
+                o[(visible & bad_keys).any(dim=-1)] = float("nan")
+            result[start + c0:start + c1] = o
     return finish_output(result, options)
 
 

@@ -82,6 +82,9 @@ class Capabilities:
     triton_interpreter: bool
     triton_target: str | None
     triton_kernels: Check
+    #: ``triton.language`` has ``make_tensor_descriptor`` (the API exists; whether a
+    #: descriptor kernel compiles and runs here is ``tensor_descriptors``).
+    tensor_descriptor_api: bool
     tensor_descriptors: Check
     fp8_formats: tuple[str, ...]
     flash_attn: Check
@@ -207,6 +210,7 @@ _FIELD_PARSERS = {
     "triton_interpreter": _bool,
     "triton_target": _opt_str,
     "triton_kernels": _check,
+    "tensor_descriptor_api": _bool,
     "tensor_descriptors": _check,
     "fp8_formats": _str_tuple,
     "flash_attn": _check,

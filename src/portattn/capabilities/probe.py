@@ -33,7 +33,13 @@ from portattn.capabilities import cache
 from portattn.capabilities._text import one_line
 from portattn.capabilities.model import Capabilities, Check
 from portattn.capabilities.overrides import apply_overrides, raw_overrides, read_overrides
-from portattn.capabilities.profiles import NO_GPU_REASON, fp8_formats, simulated
+from portattn.capabilities.profiles import (
+    NO_GPU_REASON,
+    fp8_formats,
+    parse_profile_name,
+    simulated,
+)
+from portattn.errors import InputError
 from portattn.settings import SIMULATE, TRITON_INTERPRET
 
 TRITON_NOT_INSTALLED = "Triton is not installed (pip install 'portattn[triton]')"
@@ -65,7 +71,9 @@ def probe(simulate: str | None = None, *, device: Any = None, refresh: bool = Fa
     :func:`portattn.attention` passes its tensors' device. Each device is probed, cached in
     memory and on disk on its own (``capabilities-cuda1.json``), so no answer for
     ``cuda:0`` is ever served for ``cuda:1``. A simulated profile is one device: it
-    ignores ``device``. Raises ``ValueError`` for a device this process cannot see.
+    ignores ``device``. Raises ``InputError`` (a ``ValueError``) for a device this process
+    cannot see, an unknown profile name or a malformed ``PORTATTN_*`` value: those are the
+    caller's errors; a check that fails on this machine never raises.
 
     ``simulate``: a profile name (see :mod:`.profiles`); None reads ``PORTATTN_SIMULATE``;
     ``""`` forces a real probe even when that variable is set. ``refresh=True`` ignores
@@ -90,6 +98,8 @@ def probe(simulate: str | None = None, *, device: Any = None, refresh: bool = Fa
     with state.lock:
         states = read_overrides()
         if wanted:
+            parse_profile_name(wanted, "simulate" if simulate is not None else
+                               "PORTATTN_SIMULATE")
             base, origin = simulated(wanted), "simulated"
             resolved = origin
         else:
@@ -110,12 +120,11 @@ def device_index(device: Any = None) -> int | None:
 
     None and an index-less ``"cuda"`` mean the current device (:func:`_gpu_index`); a
     device type other than ``cuda`` (``cpu``, ``meta``...) is described by the CPU probe.
-    ``ValueError`` when the device does not exist in this process."""
+    ``InputError`` (a ``ValueError``) when the device does not exist in this process."""
     if device is None:
         return _gpu_index()
     if isinstance(device, bool):
-        raise ValueError(f"probe(device=...) takes a torch.device, a str or an int, "
-                         f"got {device!r}")
+        raise InputError("device", "a torch.device, a str or an int", repr(device))
     if isinstance(device, int):
         kind, index = "cuda", device
     else:
@@ -124,18 +133,20 @@ def device_index(device: Any = None) -> int | None:
         try:
             parsed = device if isinstance(device, torch.device) else torch.device(device)
         except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"probe(device=...): {one_line(exc)}") from None
+            raise InputError("device", "a torch device", one_line(exc)) from None
         kind, index = parsed.type, parsed.index
     if kind != "cuda":
         return None
     if index is None:
         current = _gpu_index()
         if current is None:
-            raise ValueError("probe(device='cuda'): this process sees no GPU")
+            raise InputError("device", "a device this process sees",
+                             "'cuda' (this process sees no GPU)")
         return current
     count = _gpu_count()
     if not 0 <= index < count:
-        raise ValueError(f"probe(device=cuda:{index}): this process sees {count} GPU(s)")
+        raise InputError("device", "a device this process sees",
+                         f"cuda:{index} (this process sees {count} GPU(s))")
     return index
 
 
@@ -647,6 +658,8 @@ def probe_device(index: Any = _CURRENT) -> Capabilities:
         triton_interpreter=interpreter,
         triton_target=target,
         triton_kernels=kernels,
+        tensor_descriptor_api=triton is not None and _guard(
+            lambda: hasattr(triton.language, "make_tensor_descriptor"), False),
         tensor_descriptors=descriptors,
         fp8_formats=fp8,
         flash_attn=flash,

@@ -35,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from portattn.capabilities.model import Capabilities, Check
+from portattn.errors import InputError
 
 SIMULATED_TORCH_CUDA = "2.9.0+cu128"
 SIMULATED_TORCH_ROCM = "2.9.0+rocm6.4"
@@ -105,18 +106,20 @@ def _known_names() -> str:
             "e.g. sm90+fa2 or sm100+fa4)")
 
 
-def parse_profile_name(name: str) -> tuple[str, tuple[str, ...]]:
-    """``"sm90+fa4+fa2"`` -> ``("sm90", ("fa2", "fa4"))``; ``ValueError`` if unknown."""
+def parse_profile_name(name: str, argument: str = "simulate"
+                       ) -> tuple[str, tuple[str, ...]]:
+    """``"sm90+fa4+fa2"`` -> ``("sm90", ("fa2", "fa4"))``; ``InputError`` (a
+    ``ValueError``) naming ``argument`` if unknown."""
     if not isinstance(name, str):
-        raise ValueError(f"a simulated profile name is a str, got {name!r}")
+        raise InputError(argument, "a simulated profile name (a str)", repr(name))
     base, *suffixes = name.strip().split("+")
     if base not in _DEVICES:
-        raise ValueError(f"unknown simulated profile {name!r}; known profiles: "
-                         f"{_known_names()}")
+        raise InputError(argument, f"a known simulated profile ({_known_names()})",
+                         f"unknown simulated profile {name!r}")
     bad = [s for s in suffixes if s not in FLASH_ATTN_SUFFIXES]
     if bad or len(set(suffixes)) != len(suffixes):
-        raise ValueError(f"bad suffix in simulated profile {name!r}: each of +fa2, +fa3, "
-                         f"+fa4 may appear once; known profiles: {_known_names()}")
+        raise InputError(argument, "a profile with each of +fa2, +fa3, +fa4 at most once "
+                         f"({_known_names()})", f"bad suffix in simulated profile {name!r}")
     return base, tuple(s for s in FLASH_ATTN_SUFFIXES if s in suffixes)
 
 
@@ -197,6 +200,7 @@ def simulated(name: str) -> Capabilities:
         triton_interpreter=d.interpreter,
         triton_target=d.triton_target,
         triton_kernels=_triton_kernels(d),
+        tensor_descriptor_api=True,  # the simulated Triton has the API
         tensor_descriptors=_tensor_descriptors(d),
         fp8_formats=fp8_formats(d.vendor, d.arch, d.compute_capability),
         flash_attn=flash_attn,

@@ -54,6 +54,7 @@ A JSON object; keys appear in this order. Consumers must ignore keys they do not
     * ``triton_target``: ``"cuda:90"``, ``"hip:gfx942"``, ``"interpreter"``, or null.
     * ``triton_kernels``: Check, a test Triton kernel compiled, ran and matched torch here
       (or the interpreter is on).
+    * ``tensor_descriptor_api``: ``triton.language.make_tensor_descriptor`` exists.
     * ``tensor_descriptors``: Check, ``tl.make_tensor_descriptor`` exists AND a pipelined
       descriptor load/store kernel compiled, ran and matched torch here.
     * ``fp8_formats``: fp8 formats the hardware computes natively, as torch dtype suffixes:

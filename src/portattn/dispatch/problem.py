@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from portattn.types import slot_row_reasons
+from portattn.types import FP8_DTYPES, slot_row_reasons
 
 _DTYPE_NAMES = {
     torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
@@ -153,8 +153,10 @@ class Problem:
                 kv_quant = f"{kv_quant}:e4m3fn"
             kv_dtype = DTYPES_BY_NAME[kv_quant.split(":", 1)[1]]
         head_size_v = head_size if head_size_v is None else head_size_v
+        if out_dtype is None:  # attention()'s default: q's dtype, bfloat16 for an fp8 q
+            out_dtype = torch.bfloat16 if dtype in FP8_DTYPES else dtype
         return cls(device_type=device_type, q_dtype=dtype, kv_dtype=kv_dtype,
-                   out_dtype=out_dtype or dtype, kv_quant=kv_quant, num_q_heads=num_q_heads,
+                   out_dtype=out_dtype, kv_quant=kv_quant, num_q_heads=num_q_heads,
                    num_kv_heads=num_kv_heads, head_size_qk=head_size, head_size_v=head_size_v,
                    block_size=block_size, causal=causal, sliding_window=sliding_window,
                    softcap=softcap, alibi=alibi, sinks=sinks, max_seqlen_q=bucket(query_len),

@@ -16,10 +16,12 @@ Slots of -1 (padding) and slots outside the cache are skipped on the device, so 
 here reads a device value on the host: no sync, capturable in a CUDA graph.
 
 ``QUANT`` (constexpr): 0 store as the cache's dtype; 1 per-tensor fp8: ``clamp(x / scale,
-+-QMAX)``; 2 per-token-head: ``scale = absmax / QMAX`` (1 for an all-zero token-head),
-``stored = x / scale`` (rounded half to even and stored as int8 when ``INT8``), the scale
-written to the scale cache. Divisions round to nearest (``div_rn``), as torch's do, so the
-kernel stores what :mod:`portattn.quant` defines.
++-QMAX)``; 2 per-token-head: ``scale = absmax / QMAX`` (1 for an all-zero token-head, NaN
+for one holding a NaN), ``stored = x / scale`` (rounded half to even and stored as int8
+when ``INT8``), the scale written to the scale cache. A NaN input stays NaN: fp8 stores
+NaN, and an int8 token-head's NaN scale makes it read back as NaN. Divisions round to
+nearest (``div_rn``), as torch's do, so the kernel stores what :mod:`portattn.quant`
+defines.
 """
 
 from __future__ import annotations
@@ -52,11 +54,15 @@ def _store_token_head(src_ptr, stride_d, dst_ptr, scale_ptr, scale_dst_ptr,
         if QUANT == 1:
             y = tl.math.div_rn(x, tl.load(scale_ptr))
         else:
-            absmax = tl.max(tl.abs(x), 0)
+            absmax = tl.max(tl.abs(x), 0)  # a GPU's max skips NaN: counted apart
+            has_nan = tl.max((x != x).to(tl.int32), 0) > 0
             scale = tl.where(absmax > 0.0, tl.math.div_rn(absmax, QMAX), 1.0)
+            scale = tl.where(has_nan, float("nan"), scale)
             y = tl.math.div_rn(x, scale)
             tl.store(scale_dst_ptr, scale)
-        y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
+        # NaN stays NaN (a plain min / max on a GPU would clamp it to +-QMAX)
+        y = tl.minimum(tl.maximum(y, -QMAX, propagate_nan=tl.PropagateNan.ALL), QMAX,
+                       propagate_nan=tl.PropagateNan.ALL)
         if INT8:
             y = _round_half_even(y)
         tl.store(dst_ptr + offs, y.to(dst_ptr.dtype.element_ty), mask=ok)
