@@ -174,6 +174,12 @@ def test_unknown_profile_is_a_value_error(bad, monkeypatch):
     assert info.value.argument == ("PORTATTN_SIMULATE" if bad is None else "simulate")
 
 
+@pytest.mark.parametrize("simulate", [5, True, b"sm90"])
+def test_a_simulate_that_is_not_a_name_is_named(simulate):
+    with pytest.raises(InputError, match="^simulate: expected None or a simulated profile"):
+        probe(simulate=simulate)
+
+
 @pytest.mark.parametrize("device", ["cuda", "cuda:64", 64, True, "nodev"])
 def test_a_device_this_process_does_not_see_is_named(device):
     import torch

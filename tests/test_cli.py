@@ -88,6 +88,8 @@ def test_explain_forced_backend_that_cannot_serve(capsys):
     (["--kv-quant", "bogus"], "error: --kv-quant: expected none, fp8_per_tensor"),
     (["--kv-quant", "fp8_per_tensor:e9"], "error: --kv-quant: "),
     (["--kv-quant", "int8_per_token_head:e5m2"], "error: --kv-quant: "),
+    (["--kv-quant", "fp8_per_tensor:"], "error: --kv-quant: "),
+    (["--kv-quant", "none:"], "error: --kv-quant: "),
     (["--alibi", "sqrt", "--non-causal"], "error: --alibi: "),
     (["--simulate", "nope"], "error: simulate: expected a known simulated profile"),
 ])

@@ -609,9 +609,9 @@ def test_write_kernel_keeps_a_nan_a_nan(quant):
     from portattn.kernels.write_launch import launch_cache_write
 
     quant = QUANTS[quant]
-    cache = PagedKVCache.allocate(4, 4, 2, 32, dtype=F16, quant=quant)
+    cache = PagedKVCache.allocate(4, 4, 2, 40, dtype=F16, quant=quant)  # padded to 64
     gen = torch.Generator().manual_seed(8)
-    k, v = torch.randn(3, 2, 32, generator=gen), torch.randn(3, 2, 32, generator=gen)
+    k, v = torch.randn(3, 2, 40, generator=gen), torch.randn(3, 2, 40, generator=gen)
     k[1, 0, 7] = math.nan
     v[2, 1, 0] = math.nan
     slots = torch.tensor([2, 6, 13])
@@ -619,7 +619,7 @@ def test_write_kernel_keeps_a_nan_a_nan(quant):
     for which, src, data, scales in (("k", k, cache.key_cache, cache.k_scale_cache),
                                      ("v", v, cache.value_cache, cache.v_scale_cache)):
         bad = torch.isnan(src).any(-1)
-        stored = data.reshape(16, 2, 32)[slots]
+        stored = data.reshape(16, 2, 40)[slots]
         codes = stored.float()
         if scales is None:
             assert torch.isnan(codes[torch.isnan(src)]).all()

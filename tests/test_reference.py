@@ -211,7 +211,7 @@ def test_unchecked_bad_block_ids_spoil_exactly_the_rows_that_see_them(bad_id):
 def test_unchecked_lengths_past_the_table_give_nan_rows_not_errors():
     """``seq_lens`` past the block table's capacity (or negative), and a ``cu_seqlens_q``
     that runs past q, do not raise from inside PyTorch: the sequence's rows are NaN, the
-    other sequences' rows are right."""
+    other sequences' rows are right. A sequence with no key gives zeros."""
     batch = _batch(poison=False)
     expected = dense_attention(batch.q, batch.keys, batch.values, batch.query_lens)
     capacity = batch.metadata.block_table.shape[1] * batch.cache.block_size
@@ -228,7 +228,16 @@ def test_unchecked_lengths_past_the_table_give_nan_rows_not_errors():
     cu[-1] = cu[-1] + 5  # the last sequence's queries run past q
     out = _unchecked(batch, portattn.AttentionMetadata(cu, md.seq_lens, md.block_table,
                                                        md.max_seqlen_q + 5, md.max_seqlen_k))
-    assert torch.isfinite(out[:cu[-2]]).all()
+    last = cu[-2]
+    assert torch.isnan(out[last:]).all()  # clipped: its positions would be wrong
+    assert relative_error(out[:last], expected[:last]) < 1e-5
+    seq_lens = md.seq_lens.clone()
+    seq_lens[1] = 0  # one query, no key at all (below its query length): no visible key
+    out = _unchecked(batch, _with_table(batch, md.block_table, seq_lens))
+    assert (out[5] == 0).all()
+    keep = torch.ones(batch.q.shape[0], dtype=torch.bool)
+    keep[5] = False
+    assert relative_error(out[keep], expected[keep]) < 1e-5
 
 
 def test_a_nan_sink_gives_nan_rows():

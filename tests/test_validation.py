@@ -439,7 +439,7 @@ def test_seq_lens_not_a_tensor_with_both_hints_is_named(batch):
 
 def test_out_that_shares_memory_or_needs_grad_is_named(batch):
     shared = torch.full((1, 4, 32), 7.0, dtype=torch.float16).expand(6, 4, 32)
-    with pytest.raises(InputError, match="^out: expected a tensor whose elements do not "):
+    with pytest.raises(InputError, match="^out: expected a tensor whose elements cannot "):
         _call(batch, out=shared)
     assert (shared == 7.0).all()
     grad = torch.full((6, 4, 32), 7.0, dtype=torch.float16, requires_grad=True)
@@ -483,10 +483,25 @@ def test_a_planned_fp8_output_without_its_scale_names_output_scale(batch):
     (([1], [4], None), "block_table"),
     (([1], [4], [[0], [1]]), "block_table"),
     (([1], [4], [[0]], "nodev"), "device"),
+    (([1], [4], [[0]], "cuda:64"), "device"),
+    (([1], [4], [[2**33]]), r"block_table\[0\]\[0\]"),
+    (([1], [4], [[1.5]]), r"block_table\[0\]\[0\]"),
+    (([1], [4], [5]), r"block_table\[0\]"),
+    ((torch.tensor(1), [4], [[0]]), "query_lens"),
 ])
 def test_from_lengths_converts_nothing_silently(args, name):
     with pytest.raises(InputError, match=f"^{name}: "):
         AttentionMetadata.from_lengths(*args)
+
+
+def test_from_lengths_takes_ragged_lists_numpy_and_tensors():
+    np = pytest.importorskip("numpy")
+    metadata = AttentionMetadata.from_lengths(np.array([1, 2]), [3, 18], [[4], [2, 0]])
+    assert metadata.block_table.dtype == torch.int32
+    assert metadata.block_table.tolist() == [[4, 0], [2, 0]]
+    assert metadata.cu_seqlens_q.tolist() == [0, 1, 3] and metadata.seq_lens.tolist() == [3, 18]
+    table = AttentionMetadata.from_lengths([1], [4], torch.tensor([[7, -1]])).block_table
+    assert table.dtype == torch.int32 and table.tolist() == [[7, -1]]
 
 
 def test_from_lengths_of_an_empty_batch_is_usable(batch):
@@ -537,3 +552,31 @@ def test_the_traced_path_checks_its_flags(batch):
         options[flag] = 1
         with pytest.raises(InputError, match=f"^{flag}: expected True or False"):
             call_compiled(batch.q, batch.cache, batch.metadata, **options)
+
+
+def test_the_memo_path_checks_what_the_full_path_checks(batch):
+    """A call remembered by the memo (hints given, no value checks) must not let through
+    what the full checks reject: an ``out`` that requires grad, a non-bool ``validate``."""
+    metadata = batch.metadata
+    out = torch.empty(6, 4, 32, dtype=torch.float16)
+    portattn.attention(batch.q, batch.cache, metadata, out=out, validate=False)
+    portattn.attention(batch.q, batch.cache, metadata, out=out, validate=False)  # a hit
+    grad = torch.full((6, 4, 32), 7.0, dtype=torch.float16, requires_grad=True)
+    with pytest.raises(InputError, match="^out: expected a tensor that does not require"):
+        portattn.attention(batch.q, batch.cache, metadata, out=grad, validate=False)
+    for value in (0, "no"):
+        with pytest.raises(InputError, match="^validate: "):
+            portattn.attention(batch.q, batch.cache, metadata, out=out, validate=value)
+    plan = portattn.plan(metadata, num_q_heads=4, dtype=torch.float16, cache=batch.cache)
+    plan.run(batch.q, batch.cache, out, validate=False)
+    with pytest.raises(InputError, match="^out: expected a tensor that does not require"):
+        plan.run(batch.q, batch.cache, grad, validate=False)
+    with pytest.raises(InputError, match="^validate: "):
+        plan.run(batch.q, batch.cache, out, validate="no")
+    assert (grad == 7.0).all()
+
+
+def test_numpy_bools_are_bools():
+    np = pytest.importorskip("numpy")
+    assert validation_requested(np.True_) is True
+    assert validation_requested(np.False_) is False

@@ -64,7 +64,7 @@ def attention(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMetadata,
     each option; ``backend`` forces a backend by name (``UnsupportedError`` when it cannot
     serve the call); ``validate`` forces value checks on (or off) for GPU metadata.
     Scales held in GPU tensors (``q_scale``, ``output_scale``, a ``KVQuant``'s
-    ``k_scale`` / ``v_scale``) are range-checked (finite, positive) only with
+    ``k_scale`` / ``v_scale``) are range-checked (positive normal float32) only with
     ``validate=True``: reading them synchronizes with the device. Under
     ``torch.compile`` the call becomes the custom op ``torch.ops.portattn.paged_attention``
     (no graph break).

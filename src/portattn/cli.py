@@ -118,9 +118,9 @@ def _check_explain_arguments(args: argparse.Namespace) -> None:
     for flag, value in (("--dtype", args.dtype), ("--out-dtype", args.out_dtype)):
         if value is not None and DTYPES_BY_NAME.get(value) not in allowed:
             raise InputError(flag, f"one of {names}", repr(value))
-    mode, _, fmt = args.kv_quant.partition(":")
-    if mode not in KVQuant.MODES or (fmt and (not mode.startswith("fp8") or
-                                              fmt not in ("e4m3fn", "e5m2"))):
+    mode, colon, fmt = args.kv_quant.partition(":")
+    if mode not in KVQuant.MODES or (colon and (not mode.startswith("fp8") or
+                                               fmt not in ("e4m3fn", "e5m2"))):
         raise InputError("--kv-quant", "none, fp8_per_tensor[:e4m3fn|:e5m2], "
                          "int8_per_token_head or fp8_per_token_head[:e4m3fn|:e5m2]",
                          repr(args.kv_quant))

@@ -20,6 +20,7 @@ from portattn.errors import InputError
 from portattn.options import default_out_dtype
 from portattn.types import (
     FP8_DTYPES,
+    INT32_MAX,
     AttentionMetadata,
     KVQuant,
     PagedKVCache,
@@ -77,6 +78,8 @@ def call_compiled(q, cache: PagedKVCache, metadata: AttentionMetadata, *, scale,
     for name, flag in (("causal", causal), ("alibi_sqrt", alibi_sqrt)):
         if not isinstance(flag, bool):
             raise InputError(name, "True or False", _describe(flag))
+    if type(sliding_window) is int and sliding_window > INT32_MAX:
+        sliding_window = INT32_MAX  # as the eager path takes it (the op's int is 64-bit)
     quant = cache.quant
     if out is None:
         out = torch.empty(q.shape[0], q.shape[1], cache.head_size_v,

@@ -148,7 +148,7 @@ def layer_signature(q, cache, out, alibi_slopes, sinks, q_scale, output_scale) -
                  _tensor_signature(q_scale), _tensor_signature(output_scale))
     return (type(q), q.shape, q.stride(), q.dtype, q.device, cache_structure_id(cache),
             None if out is None else (type(out), out.shape, out.stride(), out.dtype,
-                                      out.device), extra)
+                                      out.device, out.requires_grad), extra)
 
 
 def metadata_signature(metadata: AttentionMetadata) -> tuple:
@@ -326,14 +326,14 @@ class AttentionPlan:
         here when the plan uses them. Returns ``out`` (allocated when None).
         ``validate=True`` adds the value checks, which read the device: the metadata's
         values and scales held in GPU tensors (``q_scale``, ``output_scale``, the cache
-        quant's ``k_scale`` / ``v_scale``: finite and positive)."""
+        quant's ``k_scale`` / ``v_scale``: positive normal float32 values)."""
         layer = (alibi_slopes, sinks, q_scale, output_scale)
         try:
             sig = layer_signature(q, cache, out, *layer)
         except Exception:  # not tensors / not a cache: the checks name the argument
             sig = None
         slot = self._accepted.get(sig, _MISSING) if sig is not None else _MISSING
-        values = self._values if validate is None else bool(validate)
+        values = self._values if validate is None else bool(validation_requested(validate))
         if slot is _MISSING or values:
             slot = self._check(q, cache, out, layer, sig, values)
         body = self._body
@@ -643,9 +643,11 @@ def _memo_allowed(q, cache, metadata, validate, env) -> bool:
         raw = env[VALIDATE_INDEX]
         if raw is not None and raw not in VALIDATE_VALUES:
             return False  # an unusual spelling: the full path parses (or rejects) it
-        validate = VALIDATE_VALUES.get(raw)
-    # (seq_lens not a tensor: "on the CPU", so the full checks run and name it)
-    return not (validate or (validate is None and getattr(metadata.seq_lens, "is_cpu", True)))
+        wanted = VALIDATE_VALUES.get(raw)
+        # (seq_lens not a tensor: "on the CPU", so the full checks run and name it)
+        return wanted is False or (wanted is None and
+                                   not getattr(metadata.seq_lens, "is_cpu", True))
+    return validate is False  # True, or not a bool: the full path checks (or rejects) it
 
 
 def call_key(q, cache, out, backend, env, option_values: tuple) -> tuple:
@@ -664,7 +666,7 @@ def call_key(q, cache, out, backend, env, option_values: tuple) -> tuple:
                  _tensor_signature(q_scale), _tensor_signature(output_scale))
     return (q.shape, q.stride(), q.dtype, q.device, cache_structure_id(cache),
             None if out is None else (type(out), out.shape, out.stride(), out.dtype,
-                                      out.device),
+                                      out.device, out.requires_grad),
             extra, backend, env, scale, causal, window, softcap, alibi_sqrt, type(scale),
             type(causal), type(window), type(softcap), type(alibi_sqrt))
 

@@ -533,7 +533,8 @@ def _host_ints(name: str, values, low: int = 0) -> list[int]:
     """``values`` as a list of Python ints in ``[low, 2**31 - 1]`` (int32); an
     ``InputError`` naming ``name`` for anything else (floats, bools, strings)."""
     try:
-        if isinstance(values, (str, bytes, dict)):
+        if isinstance(values, (str, bytes, dict)) or \
+                (isinstance(values, torch.Tensor) and values.dim() != 1):
             raise TypeError
         values = values.tolist() if isinstance(values, torch.Tensor) else list(values)
     except TypeError:
@@ -551,6 +552,69 @@ def _host_ints(name: str, values, low: int = 0) -> list[int]:
                              str(value))
         out.append(value)
     return out
+
+
+def _int32_block_ids(table: torch.Tensor) -> torch.Tensor:
+    """An integer block table as int32. Ids past int32 are an ``InputError`` on the CPU;
+    on a GPU they become -1 (a bad id: NaN rows) there, without reading the device."""
+    if table.dtype == torch.int32:
+        return table
+    low, high = -INT32_MAX - 1, INT32_MAX
+    if table.device.type != "cpu":
+        return torch.where((table < low) | (table > high), -1, table).to(torch.int32)
+    if table.numel() and (int(table.min()) < low or int(table.max()) > high):
+        raise InputError("block_table", "block ids that fit int32", "ids past int32")
+    return table.to(torch.int32)
+
+
+def _block_ids_from_lists(block_table) -> torch.Tensor:
+    """Nested lists of block ids as an int32 CPU tensor ``[rows, longest row]`` (rows
+    padded with 0). One array conversion (NumPy's where installed: it infers the element
+    type twice as fast as ``torch.tensor``); the rows are walked only to name a bad entry."""
+    if block_table is None or isinstance(block_table, (str, bytes, dict)) or \
+            not hasattr(block_table, "__iter__"):
+        raise InputError("block_table", "a 2-D integer tensor or a list of lists of block "
+                         "ids", _describe(block_table))
+    try:
+        rows = [list(row) for row in block_table]
+    except TypeError:
+        rows = None
+    if rows is not None:
+        width = max([len(r) for r in rows] + [1])
+        padded = [r + [0] * (width - len(r)) for r in rows]
+        ids = _int_array(padded)
+        if ids is not None and (ids.numel() == 0 or (int(ids.min()) >= -INT32_MAX - 1 and
+                                                     int(ids.max()) <= INT32_MAX)):
+            return ids.reshape(len(rows), width).to(torch.int32)
+    for i, row in enumerate(block_table):  # names the first bad entry
+        _host_ints(f"block_table[{i}]", row, low=-INT32_MAX - 1)
+    raise InputError("block_table", "a 2-D integer tensor or a list of lists of block ids",
+                     _describe(block_table))
+
+
+def _int_array(rows: list) -> torch.Tensor | None:
+    """``rows`` (equal-length lists) as an int64 tensor when every entry is an int (no
+    bool, float or str), else None."""
+    try:
+        import numpy
+
+        array = numpy.array(rows)
+        if array.size == 0:
+            return torch.zeros(array.shape, dtype=torch.int64)
+        if array.dtype.kind != "i":
+            return None
+        return torch.from_numpy(array.astype(numpy.int64, copy=False))
+    except ImportError:
+        pass
+    except (TypeError, ValueError, OverflowError):
+        return None
+    try:
+        table = torch.tensor(rows)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        return None
+    if table.numel() == 0:
+        return table.to(torch.int64)
+    return table if table.dtype == torch.int64 else None
 
 
 @dataclass(frozen=True, eq=False)
@@ -611,27 +675,16 @@ class AttentionMetadata:
                 device = torch.device(device)
             except (RuntimeError, TypeError) as e:
                 raise InputError("device", "None or a torch device", _describe(device)) from e
+            check_device_usable("device", device)
         if isinstance(block_table, torch.Tensor):
             if block_table.dim() != 2 or block_table.dtype.is_floating_point or \
                     block_table.dtype.is_complex or block_table.dtype == torch.bool:
                 raise InputError("block_table", "a 2-D integer tensor [num_seqs, max_blocks]",
                                  _describe(block_table))
-            if block_table.dtype != torch.int32 and block_table.numel() and \
-                    (int(block_table.min()) < -INT32_MAX - 1 or
-                     int(block_table.max()) > INT32_MAX):
-                raise InputError("block_table", "block ids that fit int32", "ids past int32")
-            device = block_table.device if device is None else device
-            table = block_table.to(device=device, dtype=torch.int32)
+            table = _int32_block_ids(block_table).to(
+                device=block_table.device if device is None else device)
         else:
-            if block_table is None or isinstance(block_table, (str, bytes, dict)) or \
-                    not hasattr(block_table, "__iter__"):
-                raise InputError("block_table", "a 2-D integer tensor or a list of lists of "
-                                 "block ids", _describe(block_table))
-            rows = [_host_ints(f"block_table[{i}]", row, low=-INT32_MAX - 1)
-                    for i, row in enumerate(block_table)]
-            width = max([len(r) for r in rows] + [1])
-            table = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32,
-                                 device=device or "cpu").reshape(len(rows), width)
+            table = _block_ids_from_lists(block_table).to(device or "cpu")
         if table.shape[0] != len(seq_lens):
             raise InputError("block_table", f"{len(seq_lens)} rows (one per sequence)",
                              f"{table.shape[0]} rows")

@@ -40,8 +40,9 @@ a kernel read or write out of bounds, and it does not pass silently either:
   skipped (on the CPU they raise ``InputError``).
 
 Scales given as GPU tensors (the ``KVQuant`` scales, ``q_scale``, ``output_scale``) are
-range-checked (finite, positive) only with ``validate=True`` (:func:`check_scale_values`);
-floats and CPU tensors are checked at once.
+range-checked (positive normal float32 values) only with ``validate=True``
+(:func:`check_scale_values`); floats and CPU tensors are checked at once, and CPU tensors
+again on every call whose metadata values are checked (they may change in place).
 
 The other value checks have no such guard: a ``cu_seqlens_q`` that decreases or
 disagrees with ``q``'s token count, or an understated ``max_seqlen_k``, is not caught on a
@@ -71,9 +72,11 @@ from portattn.types import (
 def validation_requested(validate: bool | None) -> bool | None:
     """``validate`` argument, else ``PORTATTN_VALIDATE`` (unset -> None = automatic)."""
     if validate is not None:
-        if not isinstance(validate, bool):
-            raise InputError("validate", "None, True or False", _describe(validate))
-        return validate
+        if isinstance(validate, bool):
+            return validate
+        if type(validate).__module__ == "numpy" and type(validate).__name__ in ("bool", "bool_"):
+            return bool(validate)  # numpy's True / False
+        raise InputError("validate", "None, True or False", _describe(validate))
     value: bool | None = settings.VALIDATE.value()
     return value
 
@@ -147,13 +150,15 @@ def check_out(q: torch.Tensor, cache: PagedKVCache, out: torch.Tensor | None,
             raise InputError("out", "a tensor that does not require grad (it is written in "
                              "place)", "requires_grad=True")
         if overlaps_itself(out):
-            raise InputError("out", "a tensor whose elements do not share memory",
+            raise InputError("out", "a tensor whose elements cannot share memory (each "
+                             "dimension's stride past the span of the smaller ones)",
                              f"shape {tuple(out.shape)} with strides {out.stride()}")
 
 
 def overlaps_itself(t: torch.Tensor) -> bool:
     """Whether two elements of ``t`` may share memory (e.g. an ``expand``ed tensor): its
-    dimensions of size > 1, by stride, must each step past the span of the smaller ones."""
+    dimensions of size > 1, by stride, must each step past the span of the smaller ones
+    (a sufficient rule: a few exotic ``as_strided`` layouts without overlap fail it too)."""
     span = 1
     for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
         if stride < span:
@@ -216,10 +221,10 @@ def check_values(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMetada
 
 
 def check_scale_values(cache: PagedKVCache, q_scale=None, output_scale=None) -> None:
-    """Tensor scales on a GPU are range-checked only here (``validate=True``): reading
-    them synchronizes. Each must be finite and positive. CPU tensors are read too: the
-    cache's scales were checked when its ``KVQuant`` was made, but a tensor can be
-    changed in place since."""
+    """Scales held in tensors, range-checked with the metadata's values (``validate=True``,
+    or CPU metadata): reading a GPU tensor synchronizes. Each must be a positive normal
+    float32. CPU tensors are read again too: the cache's scales were checked when its
+    ``KVQuant`` was made, but a tensor can be changed in place since."""
     for name, scale in (("quant.k_scale", cache.quant.k_scale),
                         ("quant.v_scale", cache.quant.v_scale), ("q_scale", q_scale),
                         ("output_scale", output_scale)):

@@ -53,11 +53,6 @@ def gather_sequence_kv(cache, block_row: torch.Tensor, seq_len: int,
     bad_blocks = (blocks < 0) | (blocks >= cache.num_blocks)
     blocks = blocks.masked_fill(bad_blocks, 0)
     bad_keys = bad_blocks.repeat_interleave(bs)[:seq_len]
-    if cache.num_blocks == 0:  # nothing to read: every key is in a bad block
-        k, v = (torch.zeros(seq_len, cache.num_kv_heads, size, dtype=compute_dtype,
-                            device=block_row.device)
-                for size in (cache.head_size_qk, cache.head_size_v))
-        return k, v, bad_keys
     parts = []
     for which, data, scales in (("k", cache.key_cache, cache.k_scale_cache),
                                 ("v", cache.value_cache, cache.v_scale_cache)):
@@ -94,16 +89,19 @@ def reference_attention(q, cache, metadata, options,
     seq_lens = metadata.seq_lens.tolist()
     capacity = metadata.block_table.shape[1] * cache.block_size
     for b, seq_len in enumerate(seq_lens):
-        # unchecked metadata (validate=False) never indexes out of range: a query range
-        # past q is clipped to it; a sequence longer than its block table's capacity gives
-        # NaN rows (as the Triton kernels do), and so does a negative length
+        # unchecked metadata (validate=False) never indexes out of range: a sequence
+        # longer than its block table's capacity gives NaN rows (as the Triton kernels
+        # do), and so do a negative length and a query range past q (clipped to q: its
+        # rows' positions would be wrong)
         start = min(max(cu[b], 0), num_tokens)
         end = min(max(cu[b + 1], start), num_tokens)
         q_len = end - start
         if q_len == 0:
             continue
-        if not 0 <= seq_len <= capacity:
+        if not 0 <= seq_len <= capacity or q_len != cu[b + 1] - cu[b]:
             result[start:end] = float("nan")
+            continue
+        if seq_len == 0:  # no key: no visible key, zeros
             continue
         k, v, bad_keys = gather_sequence_kv(cache, metadata.block_table[b], seq_len,
                                             compute_dtype)
@@ -143,9 +141,10 @@ def reference_attention(q, cache, metadata, options,
             o = torch.matmul(p, v.unsqueeze(1))  # [Hkv, G, Lq, Dv]
             o = o / torch.where(denom == 0, torch.ones_like(denom), denom).unsqueeze(-1)
             o = o.permute(2, 0, 1, 3).reshape(c1 - c0, num_q_heads, -1)
-            if bool(bad_keys.any()):  # the rows that see a key of a bad block id
-                o[(visible & bad_keys).any(dim=-1)] = float("nan")
-            result[start + c0:start + c1] = o
+            # the rows that see a key of a bad block id (no sync: always masked)
+            sees_bad = (visible & bad_keys).any(dim=-1)
+            result[start + c0:start + c1] = o.masked_fill(sees_bad[:, None, None],
+                                                          float("nan"))
     return finish_output(result, options)
 
 

@@ -84,6 +84,8 @@ def probe(simulate: str | None = None, *, device: Any = None, refresh: bool = Fa
     Repeated calls with the same environment return the same object, at the cost of a
     dict lookup.
     """
+    if simulate is not None and not isinstance(simulate, str):
+        raise InputError("simulate", "None or a simulated profile name (a str)", repr(simulate))
     wanted = SIMULATE.raw() if simulate is None else simulate
     wanted = (wanted or "").strip() or None
     index = None if wanted else device_index(device)

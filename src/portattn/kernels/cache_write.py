@@ -41,6 +41,11 @@ def _round_half_even(y):
 
 
 @triton.jit
+def _max_keeping_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _store_token_head(src_ptr, stride_d, dst_ptr, scale_ptr, scale_dst_ptr,
                       HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, QUANT: tl.constexpr,
                       INT8: tl.constexpr, QMAX: tl.constexpr):
@@ -54,10 +59,8 @@ def _store_token_head(src_ptr, stride_d, dst_ptr, scale_ptr, scale_dst_ptr,
         if QUANT == 1:
             y = tl.math.div_rn(x, tl.load(scale_ptr))
         else:
-            absmax = tl.max(tl.abs(x), 0)  # a GPU's max skips NaN: counted apart
-            has_nan = tl.max((x != x).to(tl.int32), 0) > 0
-            scale = tl.where(absmax > 0.0, tl.math.div_rn(absmax, QMAX), 1.0)
-            scale = tl.where(has_nan, float("nan"), scale)
+            absmax = tl.reduce(tl.abs(x), 0, _max_keeping_nan)  # tl.max would skip NaN
+            scale = tl.where(absmax == 0.0, 1.0, tl.math.div_rn(absmax, QMAX))
             y = tl.math.div_rn(x, scale)
             tl.store(scale_dst_ptr, scale)
         # NaN stays NaN (a plain min / max on a GPU would clamp it to +-QMAX)
