@@ -28,7 +28,7 @@ BASE = dict(GROUP=4, BLOCK_M=16, BLOCK_Q=4, BLOCK_N=128, BLOCK_SIZE=16, HEAD_QK=
             USE_SINKS=False, KV_QUANT=0, Q_SCALED=False, Q_PRESCALE=False, FP8_DOT=False,
             FP8_ACC=32, FP8_OUT=False, FP8_MAX=0.0, COMPUTE_DTYPE=1, DOT_PREC="tf32",
             CHECK_BLOCKS=True, KV_LOAD=0, V_STAGE=False, KV_BITS=0, BITS_ASM=False,
-            V_PAIRS=0, FLAT_GRID=False, ONE_LOOP=False, MERGE_SEGMENTS=0,
+            V_PAIRS=0, FLAT_GRID=False, ONE_LOOP=False, MERGE_SEGMENTS=0, V_SC_BOOST=1.0,
             MERGE_LOAD=MERGE_LOAD_ELEMENTS)
 PREFILL = dict(BLOCK_M=128, BLOCK_Q=32, SEQ_MODE=0)
 #: name -> (KV storage type, constexpr changes, num_warps, num_stages)

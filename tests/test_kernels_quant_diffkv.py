@@ -61,6 +61,49 @@ def test_quant_modes(quant, variant):
 
 
 @interp
+@pytest.mark.parametrize("variant", ["decode-2d", "decode-3d", "prefill"])
+@pytest.mark.parametrize("fmt", [torch.float8_e5m2, torch.float8_e4m3fn], ids=str)
+def test_token_head_fp8_keeps_fp16_precision(variant, fmt):
+    """P times the per-token-head V scales is rounded to fp16 for the P V dot: e5m2's
+    scales (absmax / 57344) made those products fp16 subnormals for unit-size V (relative
+    error 2.2-2.6e-3 here, against e4m3fn's 3e-4); the kernel's V_SC_BOOST (128, set by
+    the launcher for e5m2 with fp16 dots) keeps both formats at e4m3fn's error."""
+    from portattn.kernels.launch import E5M2_V_SCALE_BOOST, kernel_scalars
+    from portattn.options import normalize_options
+    from portattn.testing import make_paged_batch
+
+    quant = KVQuant.fp8_per_token_head(fmt)
+    batch = make_paged_batch([1, 2], [40, 9], head_size=64, dtype=F16, quant=quant)
+    scalars = kernel_scalars(batch.q, batch.cache, normalize_options(batch.q, batch.cache),
+                             fp8_dot=False)
+    boost = E5M2_V_SCALE_BOOST if fmt == torch.float8_e5m2 else 1.0
+    assert scalars["COMPUTE_DTYPE"] == 0 and scalars["V_SC_BOOST"] == boost
+    run(variant, quant=quant, dtype=F16, head_size=64, sinks=True, tolerance=1e-3,
+        seq_lens=[173, 90, 300] if variant != "prefill" else [173, 60],
+        query_lens=[1, 1, 1] if variant != "prefill" else [40, 3])
+
+
+def test_v_scale_boost_only_for_e5m2_token_heads_with_fp16_dots():
+    from portattn.kernels.launch import kernel_scalars
+    from portattn.options import normalize_options
+    from portattn.testing import make_paged_batch
+
+    cases = [(F16, KVQuant.fp8_per_token_head(torch.float8_e5m2), 128.0),
+             (torch.bfloat16, KVQuant.fp8_per_token_head(torch.float8_e5m2), 128.0),
+             (F32, KVQuant.fp8_per_token_head(torch.float8_e5m2), 1.0),
+             (F16, KVQuant.fp8_per_token_head(), 1.0),
+             (F16, KVQuant.int8_per_token_head(), 1.0),
+             (F16, KVQuant.fp8_per_tensor(0.5, 0.5, torch.float8_e5m2), 1.0),
+             (F16, None, 1.0)]
+    for dtype, quant, boost in cases:
+        batch = make_paged_batch([1], [5], head_size=32, dtype=dtype, quant=quant)
+        options = normalize_options(batch.q, batch.cache)
+        assert kernel_scalars(batch.q, batch.cache, options, False)["V_SC_BOOST"] == boost
+        assert kernel_scalars(batch.q, batch.cache, options, False,
+                              codes=True)["V_SC_BOOST"] == (boost if dtype != F32 else 1.0)
+
+
+@interp
 @pytest.mark.parametrize("variant", ["decode-3d", "mixed"])
 @pytest.mark.parametrize("quant", list(QUANTS))
 @pytest.mark.parametrize("v_stage", [True, False])

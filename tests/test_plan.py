@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import portattn
-from portattn import AttentionMetadata, InputError, PagedKVCache, planning
+from portattn import AttentionMetadata, InputError, KVQuant, PagedKVCache, planning
 from portattn.backends.base import Backend, Plan
 from portattn.dispatch import registry
 from portattn.testing import dense_attention, make_paged_batch, relative_error
@@ -505,3 +505,91 @@ def test_a_plan_takes_its_templates_slot_layout_and_serves_either():
     for p in (plan, planned, described):
         for cache in (batch.cache, packed):
             assert relative_error(p.run(batch.q, cache), expected) < 1e-5
+
+
+# --------------------------------------------------------------------------- audit findings
+def test_a_plan_allocates_its_planned_output_dtype(small):
+    m = small.metadata
+    for out_dtype in (torch.float16, torch.bfloat16):
+        plan = portattn.plan(m, num_q_heads=4, dtype=F32, cache=small.cache,
+                             out_dtype=out_dtype)
+        out = plan.run(small.q, small.cache)
+        assert out.dtype == out_dtype
+        want = dense_attention(small.q, small.keys, small.values, small.query_lens)
+        assert relative_error(out, want) < 1e-2
+        with pytest.raises(InputError, match="^output_scale: expected None for the planned"):
+            plan.run(small.q, small.cache, output_scale=1.0)
+    plan = portattn.plan(m, num_q_heads=4, dtype=F32, cache=small.cache,
+                         out_dtype=torch.float8_e5m2)
+    assert plan.run(small.q, small.cache, output_scale=0.5).dtype == torch.float8_e5m2
+
+
+def test_a_plan_serves_packed_and_split_caches_alike():
+    """Whether K and V are views of one tensor is no backend's decision: a plan made
+    from either layout runs on the other."""
+    split = make_paged_batch([1, 2], [9, 6], num_q_heads=4, num_kv_heads=2, head_size=32,
+                             dtype=F32)
+    packed = make_paged_batch([1, 2], [9, 6], num_q_heads=4, num_kv_heads=2, head_size=32,
+                              dtype=F32, layout="diffkv")
+    assert packed.cache.packed and not split.cache.packed
+    for template, batch in ((split, packed), (packed, split)):
+        plan = portattn.plan(batch.metadata, num_q_heads=4, dtype=F32, cache=template.cache)
+        out = plan.run(batch.q, batch.cache)
+        want = dense_attention(batch.q, batch.keys, batch.values, batch.query_lens)
+        assert relative_error(out, want) < 2e-5
+    described = portattn.plan(packed.metadata, num_q_heads=4, dtype=F32, num_kv_heads=2,
+                              head_size_qk=32, block_size=16)
+    assert relative_error(described.run(packed.q, packed.cache),
+                          dense_attention(packed.q, packed.keys, packed.values,
+                                          packed.query_lens)) < 2e-5
+
+
+def test_a_described_plan_takes_kv_dtype_with_its_quant(small):
+    common = dict(num_q_heads=4, dtype=F32, num_kv_heads=2, head_size_qk=32, block_size=16)
+    plan = portattn.plan(small.metadata, kv_dtype=torch.float8_e5m2,
+                         kv_quant=KVQuant.fp8_per_tensor(1.0, 1.0), **common)
+    assert plan.problem.kv_dtype == torch.float8_e5m2
+    with pytest.raises(InputError, match="^kv_dtype: expected None or torch.int8"):
+        portattn.plan(small.metadata, kv_dtype=torch.float16,
+                      kv_quant=KVQuant.int8_per_token_head(), **common)
+
+
+def test_a_used_cache_still_pickles(small):
+    import io
+    import pickle
+
+    portattn.attention(small.q, small.cache, small.metadata)
+    plan = portattn.plan(small.metadata, num_q_heads=4, dtype=F32, cache=small.cache)
+    plan.run(small.q, small.cache)
+    copy = pickle.loads(pickle.dumps(small.cache))
+    assert torch.equal(copy.key_cache.view(torch.int32), small.cache.key_cache.view(torch.int32))
+    buffer = io.BytesIO()
+    torch.save(small.cache, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    out = portattn.attention(small.q, loaded, small.metadata)
+    assert torch.equal(out, portattn.attention(small.q, small.cache, small.metadata))
+
+
+def test_plan_run_under_torch_compile_is_one_graph(small):
+    """``run`` becomes the custom op while Dynamo traces (the plan's options, backend and
+    hints): no graph break, the eager numbers."""
+    plan = portattn.plan(small.metadata, num_q_heads=4, dtype=F32, cache=small.cache,
+                         sinks=True)
+    sinks = torch.randn(4)
+
+    def layer(q, cache, sinks):
+        return plan.run(q * 1.0, cache, sinks=sinks)
+
+    eager = layer(small.q, small.cache, sinks)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(layer)(small.q, small.cache, sinks)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(small.q, small.cache, sinks), eager)
+
+
+def test_results_carry_no_gradient(small):
+    q = small.q.clone().requires_grad_(True)
+    assert not portattn.attention(q, small.cache, small.metadata).requires_grad

@@ -541,16 +541,19 @@ def test_validate_takes_bools_only(batch, value):
 
 
 def test_the_traced_path_checks_its_flags(batch):
-    """Under ``torch.compile`` the custom op's schema would make ``causal=1`` True; the
-    traced entry checks the flags as eager ``attention`` does."""
+    """Under ``torch.compile`` the custom op's schema would make ``causal=1`` True and
+    ``sliding_window=True`` a window of 1; the traced entry checks the scalar options'
+    types as eager ``attention`` does (the op's eager body checks their values)."""
     from portattn.ops import call_compiled
 
-    for flag in ("causal", "alibi_sqrt"):
+    for flag, value in (("causal", 1), ("alibi_sqrt", 1), ("sliding_window", True),
+                        ("sliding_window", 2.0), ("softcap", True), ("scale", True),
+                        ("validate", 1)):
         options = dict(scale=None, causal=True, sliding_window=None, softcap=None,
                        alibi_slopes=None, alibi_sqrt=False, sinks=None, q_scale=None,
-                       output_scale=None, out=None, backend=None)
-        options[flag] = 1
-        with pytest.raises(InputError, match=f"^{flag}: expected True or False"):
+                       output_scale=None, out=None, backend=None, validate=None)
+        options[flag] = value
+        with pytest.raises(InputError, match=f"^{flag}: expected "):
             call_compiled(batch.q, batch.cache, batch.metadata, **options)
 
 

@@ -67,7 +67,8 @@ def attention(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMetadata,
     ``k_scale`` / ``v_scale``) are range-checked (positive normal float32) only with
     ``validate=True``: reading them synchronizes with the device. Under
     ``torch.compile`` the call becomes the custom op ``torch.ops.portattn.paged_attention``
-    (no graph break).
+    (no graph break). Inference only: the result carries no gradient (whatever backend
+    serves the call).
     """
     values = (scale, causal, sliding_window, softcap, alibi_slopes, alibi_sqrt, sinks,
               q_scale, output_scale)  # in OPTION_NAMES order

@@ -258,15 +258,17 @@ def _check_problem(plan_problem: Problem, call: Problem, device, q: torch.Tensor
               ("head_size_qk", "q", "head_size_qk"), ("kv_dtype", "cache", "dtype"),
               ("kv_quant", "cache", "quant"), ("num_kv_heads", "cache", "num_kv_heads"),
               ("head_size_v", "cache", "head_size_v"), ("block_size", "cache", "block_size"),
-              ("packed_kv", "cache", "packed layout"), ("out_dtype", "out", "dtype"),
+              ("out_dtype", "out", "dtype"),
               ("alibi", "alibi_slopes", "ALiBi"), ("sinks", "sinks", "sinks"))
     for field, argument, what in fields:
         want, got = getattr(plan_problem, field), getattr(call, field)
         if want != got:
             raise InputError(argument, f"{what} {want} (as planned)", f"{what} {got}")
     # the cache's slot layout (kv_rows) may differ: a launch checks its tensors and
-    # stages where the Gluon prefill cannot read them as rows
-    if replace(call, kv_rows=plan_problem.kv_rows) != plan_problem:  # pragma: no cover
+    # stages where the Gluon prefill cannot read them as rows; so may whether K and V are
+    # views of one tensor (packed_kv: no backend decides on it, every launch takes both)
+    if replace(call, kv_rows=plan_problem.kv_rows,
+               packed_kv=plan_problem.packed_kv) != plan_problem:  # pragma: no cover
         raise InputError("q", f"a call like the plan's ({plan_problem.describe()})",
                          call.describe())
 
@@ -326,7 +328,12 @@ class AttentionPlan:
         here when the plan uses them. Returns ``out`` (allocated when None).
         ``validate=True`` adds the value checks, which read the device: the metadata's
         values and scales held in GPU tensors (``q_scale``, ``output_scale``, the cache
-        quant's ``k_scale`` / ``v_scale``: positive normal float32 values)."""
+        quant's ``k_scale`` / ``v_scale``: positive normal float32 values). Under
+        ``torch.compile`` the call becomes the custom op of :func:`portattn.attention`
+        with the plan's options, backend and hints (no graph break)."""
+        if torch.compiler.is_compiling():
+            return self._run_traced(q, cache, out, alibi_slopes, sinks, q_scale,
+                                    output_scale, validate)
         layer = (alibi_slopes, sinks, q_scale, output_scale)
         try:
             sig = layer_signature(q, cache, out, *layer)
@@ -343,6 +350,25 @@ class AttentionPlan:
             body.launch(q, cache, self.metadata, out, layer, slot)
         return out
 
+    def _run_traced(self, q, cache, out, alibi_slopes, sinks, q_scale, output_scale,
+                    validate) -> torch.Tensor:
+        """``run`` while Dynamo traces: the custom op (whose eager body, ``attention``'s,
+        checks the call and finds this plan's body in the same plan cache)."""
+        from portattn.ops import call_compiled
+
+        body, metadata = self._body, self.metadata
+        if out is None:
+            out = body.new_out(q)
+        hinted = AttentionMetadata(metadata.cu_seqlens_q, metadata.seq_lens,
+                                   metadata.block_table, self.max_seqlen_q, self.max_seqlen_k)
+        options = body.options
+        return call_compiled(q, cache, hinted, scale=options.scale, causal=options.causal,
+                             sliding_window=options.sliding_window, softcap=options.softcap,
+                             alibi_slopes=alibi_slopes, alibi_sqrt=options.alibi_sqrt,
+                             sinks=sinks, q_scale=q_scale, output_scale=output_scale, out=out,
+                             backend=self.backend, validate=self._values if validate is None
+                             else validate)
+
     def _check(self, q, cache, out, layer, sig, values: bool):
         """The full checks; value checks (device reads) when ``values``."""
         stats["checked"] += 1
@@ -357,9 +383,15 @@ class AttentionPlan:
             alibi_slopes=alibi_slopes, alibi_sqrt=body.options.alibi_sqrt, sinks=sinks,
             q_scale=q_scale, output_scale=output_scale)
         check_out(q, cache, out, options.out_dtype)
-        if out is None and output_scale is None and body.problem.out_dtype in FP8_DTYPES:
-            raise InputError("output_scale", "a scale for the planned fp8 output "
-                             f"({body.problem.out_dtype})", "None")
+        if out is None:  # run() allocates the planned dtype
+            planned = body.problem.out_dtype
+            if planned in FP8_DTYPES and output_scale is None:
+                raise InputError("output_scale", f"a scale for the planned fp8 output "
+                                 f"({planned})", "None")
+            if planned not in FP8_DTYPES and output_scale is not None:
+                raise InputError("output_scale", f"None for the planned {planned} output",
+                                 "a scale")
+            options = replace(options, out_dtype=planned)
         if values:
             check_values(q, cache, metadata)
             check_scale_values(cache, options.q_scale, options.output_scale)
@@ -505,9 +537,14 @@ def _stand_ins(device, num_q_heads, dtype, cache, num_kv_heads, head_size_qk, he
         quant = KVQuant.none() if kv_quant is None else kv_quant
         if not isinstance(quant, KVQuant):
             raise InputError("kv_quant", "a portattn.KVQuant or None", _describe(kv_quant))
-        kv_dtype = quant.storage_dtype or (dtype if kv_dtype is None else kv_dtype)
-        if not isinstance(kv_dtype, torch.dtype):
+        if kv_dtype is not None and not isinstance(kv_dtype, torch.dtype):
             raise InputError("kv_dtype", "a torch.dtype or None", _describe(kv_dtype))
+        if kv_dtype is not None:  # an fp8 quant without a named format takes kv_dtype's
+            quant = quant.in_format_of(kv_dtype)
+            if quant.storage_dtype is not None and kv_dtype != quant.storage_dtype:
+                raise InputError("kv_dtype", f"None or {quant.storage_dtype} (the storage "
+                                 f"of {quant.key})", str(kv_dtype))
+        kv_dtype = quant.storage_dtype or (dtype if kv_dtype is None else kv_dtype)
         packed = head_size_v != head_size_qk
     k = torch.empty(head_size_qk, dtype=kv_dtype, device=device).expand(
         1, block_size, num_kv_heads, head_size_qk)

@@ -251,6 +251,11 @@ class PagedKVCache:
                                                  device=key_cache.device)
         self._check_scale_caches("")
 
+    def __getstate__(self) -> dict:
+        """Pickle (``torch.save``, ``copy.deepcopy``) the cache's own fields only: the
+        dispatch memos portattn keeps on it (weak references) are rebuilt on use."""
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_portattn_")}
+
     def check_fields(self) -> None:
         """Check the attributes again (every checked call does, without touching the
         device): ``key_cache``, ``value_cache``, ``quant`` and the scale caches may have

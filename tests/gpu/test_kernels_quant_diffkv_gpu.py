@@ -323,6 +323,17 @@ def test_write_kernel_exact(quant, layout, head_v):
     assert_written(cache, k, v, slots)
 
 
+@pytest.mark.parametrize("case", [dict(query_lens=[1, 1, 1, 1], seq_lens=[3000, 173, 900, 64]),
+                                  dict(query_lens=[300, 5], seq_lens=[1000, 64])],
+                         ids=["decode", "prefill"])
+@pytest.mark.parametrize("fmt", [torch.float8_e5m2, torch.float8_e4m3fn], ids=str)
+def test_token_head_fp8_keeps_fp16_precision(case, fmt):
+    """e5m2 per-token-head V scales times P stay normal fp16 values (the kernel's
+    V_SC_BOOST): the same error as e4m3fn's, within 1e-3 of the float64 oracle."""
+    run_gpu_case(case, quant=KVQuant.fp8_per_token_head(fmt), dtype=F16, sinks=True,
+                 tolerance=1e-3)
+
+
 @pytest.mark.parametrize("quant", list(QUANTS))
 def test_write_kernel_keeps_a_nan_a_nan(quant):
     """A NaN reads back as NaN: an fp8 code NaN (a plain GPU min / max would clamp it to

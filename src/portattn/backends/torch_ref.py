@@ -40,7 +40,8 @@ class TorchReference(Backend):
         return Plan(self.name, "per-sequence dense")
 
     def run(self, q, cache, metadata, options, out, plan) -> None:
-        out.copy_(reference_attention(q, cache, metadata, options))
+        with torch.no_grad():  # like every backend: the result carries no gradient
+            out.copy_(reference_attention(q, cache, metadata, options))
 
 
 def gather_sequence_kv(cache, block_row: torch.Tensor, seq_len: int,

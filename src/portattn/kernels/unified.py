@@ -81,7 +81,10 @@ fp32, ignored for 16-bit operands). With per-token-head scales and fp16 dots (fp
 the int8 codes, fp16 q), P's columns times the V scales are rounded to fp16: for V values
 below ~0.03 (fp8) / ~0.08 (int8) the small products are fp16 subnormals (0.8% relative
 error measured at V ~ 1e-3; a per-tile normalization fixed it at 1.3x the decode time,
-benchmarks/NOTES.md).
+benchmarks/NOTES.md). ``V_SC_BOOST`` (default 1.0; a power of two) multiplies those
+products and divides ``acc`` after the loop: the launcher sets 128 for e5m2 caches with
+fp16 dots, whose scales (absmax / 57344) put every V of unit size below that line; 128
+gives them e4m3fn's scale range (absmax / 448), and its overflow bound (V absmax < 2.9e7).
 
 ``V_STAGE`` (8-bit caches; a measured switch the plan never sets: it lost on the H200 for
 fp8 and for the int8 codes, benchmarks/NOTES.md):
@@ -402,6 +405,21 @@ def _bad_entries(idx, ids, b_hi, bt_width, num_blocks):
 
 
 @triton.jit
+def _times_v_scales(p, v_sc, KV_QUANT: tl.constexpr, V_SC_BOOST: tl.constexpr):
+    """P's columns times the per-token-head V scales (``KV_QUANT`` 2), in fp32, before P
+    is cast for the P V dot. With fp16 dots a product below 6.1e-5 becomes an fp16
+    subnormal; ``V_SC_BOOST`` (a power of two, undone on ``acc`` after the loop) lifts
+    the products of e5m2 caches, whose scales (absmax / 57344) sit below that for any
+    V of unit size (NOTES.md, session 25)."""
+    if KV_QUANT == 2:
+        if V_SC_BOOST != 1.0:
+            p = p * (v_sc * V_SC_BOOST)[None, :]
+        else:
+            p = p * v_sc[None, :]
+    return p
+
+
+@triton.jit
 def _attend_tile(j, acc, m_i, l_i, q, seq_len, k_lo, bt_row, bt_width,
                  num_blocks, kv_head, k_src, v_src, ks_head_ptr, vs_head_ptr, stride_kb,
                  stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss, stride_vsb,
@@ -413,7 +431,8 @@ def _attend_tile(j, acc, m_i, l_i, q, seq_len, k_lo, bt_row, bt_width,
                  FP8_DOT: tl.constexpr, FP8_ACC: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
                  DOT_PREC: tl.constexpr, CHECK_BLOCKS: tl.constexpr, KV_LOAD: tl.constexpr,
                  v_mult, V_STAGE: tl.constexpr, KV_BITS: tl.constexpr,
-                 BITS_ASM: tl.constexpr, acc_odd, V_PAIRS: tl.constexpr):
+                 BITS_ASM: tl.constexpr, acc_odd, V_PAIRS: tl.constexpr,
+                 V_SC_BOOST: tl.constexpr):
     """One KV tile ``j`` through the online softmax (the body of :func:`_attend_tiles`).
     With ``V_PAIRS``, ``HEAD_V`` / ``HEAD_V_PAD`` / ``offs_dv`` count V's 16-bit pairs of
     codes, ``acc`` accumulates the even head columns and ``acc_odd`` the odd ones."""
@@ -436,8 +455,7 @@ def _attend_tile(j, acc, m_i, l_i, q, seq_len, k_lo, bt_row, bt_width,
     if MASKED:  # edge tiles: exactly the rows that see a bad key
         s = tl.where(bad[None, :] & (s > float("-inf")), float("nan"), s)
     p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i, MASKED)
-    if KV_QUANT == 2:  # with fp16 dots, p * scale below 6e-5 is an fp16 subnormal (NOTES.md)
-        p = p * v_sc[None, :]
+    p = _times_v_scales(p, v_sc, KV_QUANT, V_SC_BOOST)
     p = _to_compute(p, COMPUTE_DTYPE)
     if V_PAIRS:  # int16 pairs of codes, split in registers after ldmatrix.trans
         v_even, v_odd = decode_pairs(v, V_PAIRS, BITS_ASM)
@@ -466,7 +484,8 @@ def _attend_tiles(acc, m_i, l_i, q, tile_start, tile_end, seq_len, k_lo, bt_row,
                   FP8_DOT: tl.constexpr, FP8_ACC: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
                   DOT_PREC: tl.constexpr, CHECK_BLOCKS: tl.constexpr, KV_LOAD: tl.constexpr,
                   v_mult, V_STAGE: tl.constexpr, KV_BITS: tl.constexpr,
-                  BITS_ASM: tl.constexpr, acc_odd, V_PAIRS: tl.constexpr):
+                  BITS_ASM: tl.constexpr, acc_odd, V_PAIRS: tl.constexpr,
+                  V_SC_BOOST: tl.constexpr):
     """Stream KV tiles ``[tile_start, tile_end)`` through the online softmax.
 
     Masked tiles load only keys in ``[k_lo, seq_len)``: block-table entries and K/V before
@@ -486,7 +505,7 @@ def _attend_tiles(acc, m_i, l_i, q, tile_start, tile_end, seq_len, k_lo, bt_row,
             slope2, q_pos, window, offs_dk, offs_dv, BLOCK_N, BLOCK_SIZE, HEAD_QK,
             HEAD_QK_PAD, HEAD_V, HEAD_V_PAD, MASKED, CAUSAL, USE_WINDOW, USE_SOFTCAP, ALIBI,
             KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE, DOT_PREC, CHECK_BLOCKS, KV_LOAD,
-            v_mult, V_STAGE, KV_BITS, BITS_ASM, acc_odd, V_PAIRS)
+            v_mult, V_STAGE, KV_BITS, BITS_ASM, acc_odd, V_PAIRS, V_SC_BOOST)
     return acc, acc_odd, m_i, l_i
 
 
@@ -499,7 +518,8 @@ def _attend_staged_tiles(acc, m_i, l_i, q, tile_start, tile_end, full_lo, full_h
                          HEAD_V_PAD: tl.constexpr, CAUSAL: tl.constexpr,
                          USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
                          ALIBI: tl.constexpr, KV_QUANT: tl.constexpr,
-                         COMPUTE_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr):
+                         COMPUTE_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+                         V_SC_BOOST: tl.constexpr):
     """``ONE_LOOP``: staged KV tiles ``[tile_start, tile_end)`` in one pipelined loop, the
     masks applied (a uniform branch) only to the edge tiles outside ``[full_lo,
     full_hi)``. The three loops of :func:`_attend_tiles` (leading edge, full tiles,
@@ -523,8 +543,7 @@ def _attend_staged_tiles(acc, m_i, l_i, q, tile_start, tile_end, full_lo, full_h
         if (j < full_lo) | (j >= full_hi):
             s = mask_scores(s, q_pos, k_pos, seq_len, window, CAUSAL, USE_WINDOW)
         p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i, True)
-        if KV_QUANT == 2:
-            p = p * v_sc[None, :]
+        p = _times_v_scales(p, v_sc, KV_QUANT, V_SC_BOOST)
         acc = tl.dot(_to_compute(p, COMPUTE_DTYPE), _to_compute(v, COMPUTE_DTYPE),
                      acc * alpha[:, None], input_precision=DOT_PREC)
     return acc, m_i, l_i
@@ -611,7 +630,8 @@ def unified_attention_kernel(
         V_STAGE: tl.constexpr = False, KV_BITS: tl.constexpr = 0,
         BITS_ASM: tl.constexpr = False, V_PAIRS: tl.constexpr = 0,
         FLAT_GRID: tl.constexpr = False, ONE_LOOP: tl.constexpr = False,
-        MERGE_SEGMENTS: tl.constexpr = 0, MERGE_LOAD: tl.constexpr = MERGE_LOAD_ELEMENTS):
+        MERGE_SEGMENTS: tl.constexpr = 0, MERGE_LOAD: tl.constexpr = MERGE_LOAD_ELEMENTS,
+        V_SC_BOOST: tl.constexpr = 1.0):
     """Paged attention of one query tile x one kv head x one KV segment (see module doc)."""
     tl.static_assert(not FP8_DOT or KV_BITS == 0,
                      "FP8_DOT needs the cache's fp8 values, KV_BITS rebuilds them as fp16")
@@ -803,7 +823,7 @@ def unified_attention_kernel(
             full_lo, full_hi, seq_len, k_lo, bt_row, kv_head, k_src, v_src, ks_head_ptr,
             vs_head_ptr, stride_ksb, stride_kss, stride_vsb, stride_vss, qk_scale, softcap,
             slope2, q_pos, window, BLOCK_N, BLOCK_SIZE, HEAD_QK_PAD, V_W_PAD, CAUSAL,
-            USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, COMPUTE_DTYPE, DOT_PREC)
+            USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, COMPUTE_DTYPE, DOT_PREC, V_SC_BOOST)
     else:  # three loops: leading edge (window start, with a window only), full tiles
         # without masks, trailing edge (causal diagonal, sequence end)
         for part in tl.static_range(0 if USE_WINDOW else 1, 3):
@@ -834,7 +854,7 @@ def unified_attention_kernel(
                     BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD, V_W, V_W_PAD, part != 1, CAUSAL,
                     USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE,
                     DOT_PREC, CHECK_BLOCKS, KV_LOAD, v_mult, V_STAGE, KV_BITS, BITS_ASM,
-                    acc_odd, V_PAIRS)
+                    acc_odd, V_PAIRS, V_SC_BOOST)
 
     if V_PAIRS:  # even and odd head columns back in place
         acc = tl.reshape(tl.join(acc, acc_odd), [BLOCK_M, HEAD_V_PAD])
@@ -842,6 +862,8 @@ def unified_attention_kernel(
         acc = acc * tl.load(v_scale_ptr)
     if KV_BITS == 1 and not V_STAGE:
         acc = acc * 256.0
+    if KV_QUANT == 2 and V_SC_BOOST != 1.0:  # P's columns were scaled by V_SC_BOOST
+        acc = acc * (1.0 / V_SC_BOOST)
     if KV_LOAD >= 2:  # an understated max_seqlen_k: rows that see unstaged keys are NaN
         if CAUSAL:
             row_hi = tl.minimum(seq_len, q_pos + 1)
