@@ -262,12 +262,13 @@ def test_launch_switches_to_the_plans_gpu_only_when_another_is_current(monkeypat
     monkeypatch.setattr(planning, "_current_cuda_device", lambda: current["index"])
     monkeypatch.setattr(planning, "on_device", on_device)
     body = _body_on(1)
-    body.launch("q", "cache", "metadata", "out", (), None)
+    q = torch.zeros(1)  # the runner is a stand-in: only q's requires_grad is read
+    body.launch(q, "cache", "metadata", "out", (), None)
     assert switched == [1] and current["index"] == 0  # restored after the launch
     current["index"] = 1
-    body.launch("q", "cache", "metadata", "out", (), None)
+    body.launch(q, "cache", "metadata", "out", (), None)
     assert switched == [1]  # already current: no guard
-    _body_on(None).launch("q", "cache", "metadata", "out", (), None)  # CPU: never
+    _body_on(None).launch(q, "cache", "metadata", "out", (), None)  # CPU: never
     assert switched == [1] and len(body.runner.calls) == 2
 
 

@@ -586,8 +586,26 @@ def test_plan_run_under_torch_compile_is_one_graph(small):
     explained = torch._dynamo.explain(layer)(small.q, small.cache, sinks)
     assert explained.graph_count == 1 and explained.graph_break_count == 0
     torch._dynamo.reset()
+    bodies = len(planning.bodies.entries)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(small.q, small.cache, sinks), eager)
+    assert len(planning.bodies.entries) == bodies  # the op found the plan's body
+
+
+def test_a_traced_run_is_checked_against_its_plan(small):
+    """While Dynamo traces, a call that does not fit the plan raises as it does eagerly
+    (a plan with sinks run without them; an out of another dtype). Under fullgraph
+    Dynamo reports any raise as its own error; without it the InputError comes through."""
+    plan = portattn.plan(small.metadata, num_q_heads=4, dtype=F32, cache=small.cache,
+                         sinks=True)
+    cases = [(lambda q, c: plan.run(q * 1.0, c), "sinks"),
+             (lambda q, c: plan.run(q * 1.0, c, torch.empty(3, 4, 32, dtype=torch.bfloat16),
+                                    sinks=torch.zeros(4)), "out")]
+    for layer, name in cases:
+        torch._dynamo.reset()
+        with pytest.raises(InputError) as info:
+            torch.compile(layer, backend="eager")(small.q, small.cache)
+        assert info.value.argument == name
 
 
 def test_results_carry_no_gradient(small):

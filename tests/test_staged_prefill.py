@@ -236,6 +236,33 @@ def staged_switches(monkeypatch):
 
 @interp
 @pytest.mark.parametrize("one_loop", [False, True])
+def test_staged_e5m2_token_heads_keep_fp16_precision(one_loop, stage_calls, monkeypatch):
+    """Staged e5m2 per-token-head codes (16-bit values beside the scales, KV_QUANT 2) get
+    the kernel's V_SC_BOOST as the cache's do: the launcher reads the quant's format, not
+    the staged tensors' dtype (relative error 1.9e-3 without it, e4m3fn's 2.9e-4 with)."""
+    from portattn import KVQuant
+    from portattn.kernels import launch
+
+    boosts = []
+    kernel = launch.unified_attention_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def call(*args, **kwargs):
+                if kwargs.get("KV_LOAD") in (2, 3):
+                    boosts.append(kwargs.get("V_SC_BOOST"))
+                return kernel[grid](*args, **kwargs)
+            return call
+
+    monkeypatch.setattr(launch, "unified_attention_kernel", Spy())
+    run("prefill", quant=KVQuant.fp8_per_token_head(torch.float8_e5m2), dtype=F16,
+        head_size=64, sinks=True, one_loop=one_loop, tolerance=1e-3,
+        query_lens=[40, 3], seq_lens=[173, 60])
+    assert stage_calls and boosts and all(b == launch.E5M2_V_SCALE_BOOST for b in boosts)
+
+
+@interp
+@pytest.mark.parametrize("one_loop", [False, True])
 @pytest.mark.parametrize("feature", [None, *FEATURE_KW, "wide_window"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("quant", ["none", "fp8_tensor_e4m3", "int8_token_head"])

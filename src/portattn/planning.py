@@ -194,7 +194,12 @@ class PlanBody:
 
     def launch(self, q, cache, metadata, out, layer, slot) -> None:
         """The runner, with the plan's GPU current (Triton launches on the current device
-        and stream); the device is switched only when another one is current."""
+        and stream); the device is switched only when another one is current. A q that
+        requires grad runs detached, without autograd (flash-attn 2's functions would
+        otherwise record a graph)."""
+        if q.requires_grad:  # inference only: no backend's result carries a gradient
+            with torch.no_grad():
+                return self.launch(q.detach(), cache, metadata, out, layer, slot)
         index = self._cuda_index
         if index is None or _current_cuda_device() == index:
             self.runner(q, cache, metadata, out, layer, slot)
@@ -352,26 +357,31 @@ class AttentionPlan:
 
     def _run_traced(self, q, cache, out, alibi_slopes, sinks, q_scale, output_scale,
                     validate) -> torch.Tensor:
-        """``run`` while Dynamo traces: the custom op (whose eager body, ``attention``'s,
-        checks the call and finds this plan's body in the same plan cache)."""
+        """``run`` while Dynamo traces: the call is checked against the plan (host facts
+        only), then becomes the custom op with the plan's options and hints; the op's
+        eager body (``attention``'s) finds this plan's body in the same plan cache (the
+        plan's backend is passed on only when it was forced)."""
         from portattn.ops import call_compiled
 
         body, metadata = self._body, self.metadata
+        layer = (alibi_slopes, sinks, q_scale, output_scale)
+        self._check_against_plan(q, cache, out, layer)
         if out is None:
             out = body.new_out(q)
         hinted = AttentionMetadata(metadata.cu_seqlens_q, metadata.seq_lens,
                                    metadata.block_table, self.max_seqlen_q, self.max_seqlen_k)
         options = body.options
+        forced = None if body.decision.source == "auto" else self.backend
         return call_compiled(q, cache, hinted, scale=options.scale, causal=options.causal,
                              sliding_window=options.sliding_window, softcap=options.softcap,
                              alibi_slopes=alibi_slopes, alibi_sqrt=options.alibi_sqrt,
                              sinks=sinks, q_scale=q_scale, output_scale=output_scale, out=out,
-                             backend=self.backend, validate=self._values if validate is None
+                             backend=forced, validate=self._values if validate is None
                              else validate)
 
-    def _check(self, q, cache, out, layer, sig, values: bool):
-        """The full checks; value checks (device reads) when ``values``."""
-        stats["checked"] += 1
+    def _check_against_plan(self, q, cache, out, layer) -> AttentionOptions:
+        """The checks of a call against the plan that read no device value (shapes,
+        dtypes, devices, options, hints); the call's options."""
         body = self._body
         metadata = self.metadata
         _check_q(q, body)
@@ -392,14 +402,22 @@ class AttentionPlan:
                 raise InputError("output_scale", f"None for the planned {planned} output",
                                  "a scale")
             options = replace(options, out_dtype=planned)
-        if values:
-            check_values(q, cache, metadata)
-            check_scale_values(cache, options.q_scale, options.output_scale)
-            _check_hints(metadata, self.max_seqlen_q, self.max_seqlen_k)
         check_hint_bounds(q, metadata, self.max_seqlen_q, self.max_seqlen_k)
         call = Problem.from_call(q, cache, metadata, options, self.max_seqlen_q,
                                  self.max_seqlen_k)
         _check_problem(body.problem, call, body.device, q)
+        return options
+
+    def _check(self, q, cache, out, layer, sig, values: bool):
+        """The full checks; value checks (device reads) when ``values``."""
+        stats["checked"] += 1
+        body = self._body
+        metadata = self.metadata
+        options = self._check_against_plan(q, cache, out, layer)
+        if values:
+            check_values(q, cache, metadata)
+            check_scale_values(cache, options.q_scale, options.output_scale)
+            _check_hints(metadata, self.max_seqlen_q, self.max_seqlen_k)
         if sig is None:
             sig = _safe_signature(q, cache, out, layer)
         slot = None if sig is None else body.runner.slot((sig, self._meta_sig))

@@ -324,8 +324,9 @@ def test_write_kernel_exact(quant, layout, head_v):
 
 
 @pytest.mark.parametrize("case", [dict(query_lens=[1, 1, 1, 1], seq_lens=[3000, 173, 900, 64]),
-                                  dict(query_lens=[300, 5], seq_lens=[1000, 64])],
-                         ids=["decode", "prefill"])
+                                  dict(query_lens=[300, 5], seq_lens=[1000, 64]),
+                                  dict(query_lens=[1200, 5], seq_lens=[1500, 64])],
+                         ids=["decode", "prefill", "prefill-long"])  # long: staged on sm90
 @pytest.mark.parametrize("fmt", [torch.float8_e5m2, torch.float8_e4m3fn], ids=str)
 def test_token_head_fp8_keeps_fp16_precision(case, fmt):
     """e5m2 per-token-head V scales times P stay normal fp16 values (the kernel's

@@ -40,7 +40,7 @@ class TorchReference(Backend):
         return Plan(self.name, "per-sequence dense")
 
     def run(self, q, cache, metadata, options, out, plan) -> None:
-        with torch.no_grad():  # like every backend: the result carries no gradient
+        with torch.no_grad():  # sinks or slopes may be trained parameters: no graph either
             out.copy_(reference_attention(q, cache, metadata, options))
 
 

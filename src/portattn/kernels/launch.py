@@ -89,8 +89,10 @@ def kernel_scalars(q, cache, options, fp8_dot: bool, compute: str | None = None,
         compute = "float16" if q_fp8 or (fp8_cache and q.dtype == torch.bfloat16) else None
     prescale = compute == "float16" and q.dtype == torch.bfloat16
     compute_code = 0 if compute == "float16" else _COMPUTE_CODES[q.dtype]
-    boost = E5M2_V_SCALE_BOOST if (code == 2 and cache.dtype == torch.float8_e5m2 and
-                                   compute_code == 0) else 1.0  # fp16 dots
+    # the quant's format, not the tensors' dtype: a staged cache holds the e5m2 codes as
+    # 16-bit values beside the scales (KV_QUANT 2 still)
+    boost = E5M2_V_SCALE_BOOST if (code == 2 and cache.quant.fp8_dtype == torch.float8_e5m2
+                                   and compute_code == 0) else 1.0  # fp16 dots
     return dict(
         q_scale_ptr=device_scalars.get(options.q_scale, device, "q") if q_fp8 else dummy,
         k_scale_ptr=k_scale, v_scale_ptr=v_scale,

@@ -82,9 +82,10 @@ the int8 codes, fp16 q), P's columns times the V scales are rounded to fp16: for
 below ~0.03 (fp8) / ~0.08 (int8) the small products are fp16 subnormals (0.8% relative
 error measured at V ~ 1e-3; a per-tile normalization fixed it at 1.3x the decode time,
 benchmarks/NOTES.md). ``V_SC_BOOST`` (default 1.0; a power of two) multiplies those
-products and divides ``acc`` after the loop: the launcher sets 128 for e5m2 caches with
-fp16 dots, whose scales (absmax / 57344) put every V of unit size below that line; 128
-gives them e4m3fn's scale range (absmax / 448), and its overflow bound (V absmax < 2.9e7).
+products and divides ``acc`` after the loop: the launcher sets 128 for e5m2 per-token-head
+caches (and their staged codes) with fp16 dots, whose scales (absmax / 57344) put every V
+of unit size below that line; 128 gives them e4m3fn's scale range (absmax / 448), and its
+overflow bound (V absmax < 2.9e7).
 
 ``V_STAGE`` (8-bit caches; a measured switch the plan never sets: it lost on the H200 for
 fp8 and for the int8 codes, benchmarks/NOTES.md):
