@@ -611,3 +611,20 @@ def test_a_traced_run_is_checked_against_its_plan(small):
 def test_results_carry_no_gradient(small):
     q = small.q.clone().requires_grad_(True)
     assert not portattn.attention(q, small.cache, small.metadata).requires_grad
+
+
+def test_plan_run_names_bad_metadata_values_as_attention_does(small):
+    """With value checks on, the metadata's values are checked before the free hint
+    bounds, whose message can only guess: both entry points name the same argument."""
+    m = small.metadata
+    q = torch.cat([small.q, small.q, small.q[:1]])  # 7 tokens for a batch of 3
+    for metadata, name in ((m, "metadata.cu_seqlens_q"),
+                           (AttentionMetadata(m.cu_seqlens_q, m.seq_lens, m.block_table,
+                                              m.max_seqlen_q, 2), "metadata.max_seqlen_k")):
+        plan = portattn.plan(metadata, num_q_heads=4, dtype=F32, cache=small.cache)
+        call_q = q if name.endswith("cu_seqlens_q") else small.q
+        with pytest.raises(InputError) as planned:
+            plan.run(call_q, small.cache, validate=True)
+        with pytest.raises(InputError) as direct:
+            portattn.attention(call_q, small.cache, metadata, validate=True)
+        assert planned.value.argument == direct.value.argument == name

@@ -488,6 +488,8 @@ def test_a_planned_fp8_output_without_its_scale_names_output_scale(batch):
     (([1], [4], [[1.5]]), r"block_table\[0\]\[0\]"),
     (([1], [4], [5]), r"block_table\[0\]"),
     ((torch.tensor(1), [4], [[0]]), "query_lens"),
+    (([1], [4], [[0, True]]), r"block_table\[0\]\[1\]"),
+    (([1], [4], torch.tensor([[0]], dtype=torch.uint64)), "block_table"),
 ])
 def test_from_lengths_converts_nothing_silently(args, name):
     with pytest.raises(InputError, match=f"^{name}: "):
@@ -502,6 +504,10 @@ def test_from_lengths_takes_ragged_lists_numpy_and_tensors():
     assert metadata.cu_seqlens_q.tolist() == [0, 1, 3] and metadata.seq_lens.tolist() == [3, 18]
     table = AttentionMetadata.from_lengths([1], [4], torch.tensor([[7, -1]])).block_table
     assert table.dtype == torch.int32 and table.tolist() == [[7, -1]]
+    for dtype in (torch.uint8, torch.int16, torch.uint16, torch.uint32):
+        table = AttentionMetadata.from_lengths([1], [4], torch.tensor([[3, 0]], dtype=dtype))
+        assert table.block_table.dtype == torch.int32
+        assert table.block_table.tolist() == [[3, 0]]
 
 
 def test_from_lengths_of_an_empty_batch_is_usable(batch):

@@ -330,7 +330,10 @@ class AttentionPlan:
         """Attention of one layer: ``q`` ``[num_tokens, num_q_heads, head_size_qk]`` over
         ``cache`` (any layer's: only its structure must match the plan). Per-layer
         tensors (``alibi_slopes``, ``sinks``, fp8 ``q_scale`` / ``output_scale``) are given
-        here when the plan uses them. Returns ``out`` (allocated when None).
+        here when the plan uses them. Returns ``out`` (allocated in the planned
+        ``out_dtype`` when None; ``output_scale`` is then given exactly when that dtype is
+        fp8). The cache may be split or packed whichever the plan was made from.
+        ``validate`` is None, True or False.
         ``validate=True`` adds the value checks, which read the device: the metadata's
         values and scales held in GPU tensors (``q_scale``, ``output_scale``, the cache
         quant's ``k_scale`` / ``v_scale``: positive normal float32 values). Under
@@ -379,9 +382,10 @@ class AttentionPlan:
                              backend=forced, validate=self._values if validate is None
                              else validate)
 
-    def _check_against_plan(self, q, cache, out, layer) -> AttentionOptions:
-        """The checks of a call against the plan that read no device value (shapes,
-        dtypes, devices, options, hints); the call's options."""
+    def _check_against_plan(self, q, cache, out, layer, values: bool = False) -> None:
+        """The checks of a call against the plan: host facts (shapes, dtypes, devices,
+        options, hints); with ``values`` also the metadata's and scales' values, before
+        the hint bounds (whose message can only guess at the lengths they bound)."""
         body = self._body
         metadata = self.metadata
         _check_q(q, body)
@@ -402,22 +406,20 @@ class AttentionPlan:
                 raise InputError("output_scale", f"None for the planned {planned} output",
                                  "a scale")
             options = replace(options, out_dtype=planned)
+        if values:
+            check_values(q, cache, metadata)
+            check_scale_values(cache, options.q_scale, options.output_scale)
+            _check_hints(metadata, self.max_seqlen_q, self.max_seqlen_k)
         check_hint_bounds(q, metadata, self.max_seqlen_q, self.max_seqlen_k)
         call = Problem.from_call(q, cache, metadata, options, self.max_seqlen_q,
                                  self.max_seqlen_k)
         _check_problem(body.problem, call, body.device, q)
-        return options
 
     def _check(self, q, cache, out, layer, sig, values: bool):
         """The full checks; value checks (device reads) when ``values``."""
         stats["checked"] += 1
         body = self._body
-        metadata = self.metadata
-        options = self._check_against_plan(q, cache, out, layer)
-        if values:
-            check_values(q, cache, metadata)
-            check_scale_values(cache, options.q_scale, options.output_scale)
-            _check_hints(metadata, self.max_seqlen_q, self.max_seqlen_k)
+        self._check_against_plan(q, cache, out, layer, values)
         if sig is None:
             sig = _safe_signature(q, cache, out, layer)
         slot = None if sig is None else body.runner.slot((sig, self._meta_sig))

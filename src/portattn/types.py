@@ -11,6 +11,7 @@ Layout (see DESIGN.md, "Data model"):
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import operator
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -63,7 +64,9 @@ class KVQuant:
       for K and for V, kept in scale caches owned by :class:`PagedKVCache`;
     * ``"fp8_per_token_head"``: likewise with an fp8 cache.
 
-    Build one with the class methods rather than the constructor.
+    Build one with the class methods rather than the constructor. Scales belong to
+    ``fp8_per_tensor`` only (per-token-head scales live in the cache) and ``fp8_dtype`` to
+    the fp8 modes only: anything else is an ``InputError``.
     """
 
     mode: str = "none"
@@ -564,6 +567,11 @@ def _int32_block_ids(table: torch.Tensor) -> torch.Tensor:
     on a GPU they become -1 (a bad id: NaN rows) there, without reading the device."""
     if table.dtype == torch.int32:
         return table
+    if table.dtype == torch.uint64:
+        raise InputError("block_table", "a signed integer (or uint8 / 16 / 32) tensor",
+                         _describe(table))
+    if not table.dtype.is_signed:  # uint16 / uint32: no min / max kernels for them
+        table = table.to(torch.int64)
     low, high = -INT32_MAX - 1, INT32_MAX
     if table.device.type != "cpu":
         return torch.where((table < low) | (table > high), -1, table).to(torch.int32)
@@ -600,6 +608,10 @@ def _block_ids_from_lists(block_table) -> torch.Tensor:
 def _int_array(rows: list) -> torch.Tensor | None:
     """``rows`` (equal-length lists) as an int64 tensor when every entry is an int (no
     bool, float or str), else None."""
+    kinds = set(map(type, itertools.chain.from_iterable(rows)))  # C loops: ~15 ns an entry
+    if any(kind is bool or (kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_"))
+           for kind in kinds):  # NumPy and torch would read a bool among ints as 0 / 1
+        return None
     try:
         import numpy
 
@@ -660,8 +672,12 @@ class AttentionMetadata:
                      device: torch.device | str | None = None) -> "AttentionMetadata":
         """Build metadata from per-sequence query and key lengths (host lists).
 
-        ``block_table`` may be a tensor or nested lists (rows are padded with 0). Max lengths
-        are filled in, so calls with this metadata never synchronize.
+        ``block_table`` may be a tensor or nested lists (rows are padded with 0), one row
+        per sequence. Max lengths are filled in, so calls with this metadata never
+        synchronize. Lengths and ids must be ints (Python, NumPy or integer tensors; no
+        float, bool or str) within int32: an ``InputError`` names the entry otherwise,
+        except that a GPU table's ids past int32 become -1 there (a bad id: NaN rows)
+        rather than being read back to the host.
         """
         query_lens = _host_ints("query_lens", query_lens)
         seq_lens = _host_ints("seq_lens", seq_lens)
