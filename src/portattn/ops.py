@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import torch
 
-from portattn.errors import InputError
-from portattn.options import default_out_dtype
+from portattn.options import check_scalar_options, default_out_dtype
 from portattn.types import (
     FP8_DTYPES,
-    INT32_MAX,
     AttentionMetadata,
     KVQuant,
     PagedKVCache,
-    _describe,
     scale_as_tensor,
 )
+from portattn.validation import validation_requested
 
 _FP8_BY_NAME = {str(d).replace("torch.", ""): d for d in FP8_DTYPES}
 
@@ -69,34 +67,16 @@ def _as_tensor(scale, device) -> torch.Tensor | None:
     return None if scale is None else scale_as_tensor(scale, device)
 
 
-def _check_traced_scalars(scale, causal, sliding_window, softcap, alibi_sqrt,
-                          validate) -> None:
-    """The types of the scalar options, which the op's schema would convert (``True`` to
-    a window of 1, a softcap or scale of 1.0): their values are checked by the op's eager
-    body, as :func:`portattn.attention` checks them."""
-    for name, flag in (("causal", causal), ("alibi_sqrt", alibi_sqrt)):
-        if not isinstance(flag, bool):
-            raise InputError(name, "True or False", _describe(flag))
-    if validate is not None and not isinstance(validate, bool):
-        raise InputError("validate", "None, True or False", _describe(validate))
-    if sliding_window is not None and (isinstance(sliding_window, bool) or
-                                       not isinstance(sliding_window, int)):
-        raise InputError("sliding_window", "None or an int >= 1", _describe(sliding_window))
-    for name, value in (("scale", scale), ("softcap", softcap)):
-        if value is not None and (isinstance(value, bool) or
-                                  not isinstance(value, (int, float))):
-            raise InputError(name, "None or a positive float", _describe(value))
-
-
 def call_compiled(q, cache: PagedKVCache, metadata: AttentionMetadata, *, scale, causal,
                   sliding_window, softcap, alibi_slopes, alibi_sqrt, sinks, q_scale,
                   output_scale, out, backend, validate=None) -> torch.Tensor:
-    """The traced path of :func:`portattn.attention`: allocate ``out`` and call the op
-    (whose schema would turn ``causal=1`` into True: the flags are checked here, as the
-    eager path checks them; the op checks the rest)."""
-    _check_traced_scalars(scale, causal, sliding_window, softcap, alibi_sqrt, validate)
-    if type(sliding_window) is int and sliding_window > INT32_MAX:
-        sliding_window = INT32_MAX  # as the eager path takes it (the op's int is 64-bit)
+    """The traced path of :func:`portattn.attention`: allocate ``out`` and call the op.
+    The scalar options are checked here, as eagerly: the op's schema would turn
+    ``causal=1`` into True and ``sliding_window=True`` into a window of 1."""
+    sliding_window = check_scalar_options(scale, causal, sliding_window, softcap,
+                                          alibi_sqrt)
+    if validate is not None:
+        validation_requested(validate)  # None, True or False
     quant = cache.quant
     if out is None:
         out = torch.empty(q.shape[0], q.shape[1], cache.head_size_v,

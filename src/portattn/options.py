@@ -71,32 +71,11 @@ def normalize_options(q: torch.Tensor, cache: PagedKVCache, *, scale: float | No
                       out: torch.Tensor | None = None) -> AttentionOptions:
     """Check every option against ``q`` and ``cache`` and fill in the defaults."""
     num_q_heads = q.shape[1]
+    sliding_window = check_scalar_options(scale, causal, sliding_window, softcap, alibi_sqrt)
     if scale is None:
         scale = 1.0 / math.sqrt(cache.head_size_qk)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or \
-            not in_float32_range(scale):
-        raise InputError("scale", "a finite positive float within float32's normal range "
-                         "(default 1/sqrt(head_size_qk))", _describe(scale))
-    if not isinstance(causal, bool):
-        raise InputError("causal", "True or False", _describe(causal))
-    if sliding_window is not None and (isinstance(sliding_window, bool) or
-                                       not isinstance(sliding_window, int) or
-                                       sliding_window < 1):
-        raise InputError("sliding_window", "None or an int >= 1 (keys with p - k < window "
-                         "are visible)", _describe(sliding_window))
-    if sliding_window is not None and sliding_window > INT32_MAX:
-        # positions are int32 (p - k <= 2**31 - 2): a wider window shows every key, as
-        # this one does, and stays an int32 for the kernels
-        sliding_window = INT32_MAX
-    if softcap is not None and (isinstance(softcap, bool) or
-                                not isinstance(softcap, (int, float)) or
-                                not in_float32_range(softcap)):
-        raise InputError("softcap", "None or a finite positive float within float32's "
-                         "normal range", _describe(softcap))
     _check_head_vector("alibi_slopes", alibi_slopes, num_q_heads, q.device)
     _check_head_vector("sinks", sinks, num_q_heads, q.device)
-    if not isinstance(alibi_sqrt, bool):
-        raise InputError("alibi_sqrt", "True or False", _describe(alibi_sqrt))
     if alibi_sqrt and alibi_slopes is None:
         raise InputError("alibi_sqrt", "False unless alibi_slopes is given",
                          "alibi_sqrt=True without alibi_slopes")
@@ -132,6 +111,34 @@ def normalize_options(q: torch.Tensor, cache: PagedKVCache, *, scale: float | No
     return AttentionOptions(float(scale), causal, sliding_window,
                             None if softcap is None else float(softcap), alibi_slopes,
                             alibi_sqrt, sinks, q_scale, output_scale, out_dtype)
+
+
+def check_scalar_options(scale, causal, sliding_window, softcap, alibi_sqrt) -> int | None:
+    """The Python-scalar options (types and ranges; no tensor is read, so the traced path
+    runs it too); returns the window as the kernels take it."""
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not in_float32_range(scale)):
+        raise InputError("scale", "a finite positive float within float32's normal range "
+                         "(default 1/sqrt(head_size_qk))", _describe(scale))
+    if not isinstance(causal, bool):
+        raise InputError("causal", "True or False", _describe(causal))
+    if sliding_window is not None and (isinstance(sliding_window, bool) or
+                                       not isinstance(sliding_window, int) or
+                                       sliding_window < 1):
+        raise InputError("sliding_window", "None or an int >= 1 (keys with p - k < window "
+                         "are visible)", _describe(sliding_window))
+    if sliding_window is not None and sliding_window > INT32_MAX:
+        # positions are int32 (p - k <= 2**31 - 2): a wider window shows every key, as
+        # this one does, and stays an int32 for the kernels
+        sliding_window = INT32_MAX
+    if softcap is not None and (isinstance(softcap, bool) or
+                                not isinstance(softcap, (int, float)) or
+                                not in_float32_range(softcap)):
+        raise InputError("softcap", "None or a finite positive float within float32's "
+                         "normal range", _describe(softcap))
+    if not isinstance(alibi_sqrt, bool):
+        raise InputError("alibi_sqrt", "True or False", _describe(alibi_sqrt))
+    return sliding_window
 
 
 def _check_head_vector(name: str, t: torch.Tensor | None, num_q_heads: int,

@@ -349,11 +349,7 @@ class PagedKVCache:
             raise InputError("quant", "None or a portattn.KVQuant", _describe(quant))
         if not isinstance(dtype, torch.dtype):
             raise InputError("dtype", "a torch.dtype", _describe(dtype))
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError) as e:
-            raise InputError("device", "a torch device", _describe(device)) from e
-        check_device_usable("device", device)
+        device = _usable_device(device)
         quant = quant.in_format_of(dtype)
         storage = quant.storage_dtype or dtype
         shape = (num_blocks, block_size, num_kv_heads)
@@ -522,13 +518,13 @@ def check_has_data(name: str, t: torch.Tensor) -> None:
                          f"a tensor on the {t.device.type} device, which holds no values")
 
 
-def check_device_usable(name: str, device: torch.device) -> None:
-    """``InputError`` for a CUDA device this process does not see."""
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0 or (device.index is not None and device.index >= count):
-            raise InputError(name, f"a device this process sees ({count} CUDA GPUs)",
-                             str(device))
+def _usable_device(device) -> torch.device:
+    """``device`` as a ``torch.device``; ``InputError`` naming ``device`` for one that is
+    malformed or that this process does not see (the probe's own rule)."""
+    from portattn.capabilities.probe import device_index
+
+    device_index(device)
+    return torch.device(device)
 
 
 # --------------------------------------------------------------------------- metadata
@@ -692,11 +688,7 @@ class AttentionMetadata:
             raise InputError("query_lens", f"a total of at most {INT32_MAX} tokens (int32)",
                              str(sum(query_lens)))
         if device is not None:
-            try:
-                device = torch.device(device)
-            except (RuntimeError, TypeError) as e:
-                raise InputError("device", "None or a torch device", _describe(device)) from e
-            check_device_usable("device", device)
+            device = _usable_device(device)
         if isinstance(block_table, torch.Tensor):
             if block_table.dim() != 2 or block_table.dtype.is_floating_point or \
                     block_table.dtype.is_complex or block_table.dtype == torch.bool:
