@@ -1,0 +1,90 @@
+"""``portattn bench``: our kernels against the peers and the hardware ceilings, one run.
+
+The command line (:func:`main`): parse the arguments, pick the cases, time each and
+write the JSON, the PNG and the table. The first line above is ``--help``'s description.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import time
+
+import torch
+
+from portattn.bench.cases import case_tags, default_cases
+from portattn.bench.report import _flush_print, add_plain_ratios, format_table, plot
+from portattn.bench.runner import run_case
+from portattn.bench.sweep import compile_only
+from portattn.bench.timing import GraphTimer, measure_ceilings, timer
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="portattn bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", default="all",
+                        help="comma list of case names or kinds (decode, prefill, mixed, spec)")
+    parser.add_argument("--sweep", action="store_true", help="also time many launch configs")
+    parser.add_argument("--out", default="benchmarks/results", help="folder for JSON/PNG")
+    parser.add_argument("--prefix", default=None, help="file name prefix (default gpu-date)")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--num-q-heads", type=int, default=32)
+    parser.add_argument("--num-kv-heads", type=int, default=8)
+    parser.add_argument("--head-size", type=int, default=128)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--rep", type=int, default=100, help="do_bench rep in ms")
+    parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="only run each kernel config once (fills Triton's disk cache; "
+                        "use with --shrink 4 and --shard to compile in parallel)")
+    parser.add_argument("--shard", default="0/1", help="i/n: only every n-th case from i")
+    parser.add_argument("--shrink", type=int, default=1,
+                        help="divide sequence lengths (smoke tests on the interpreter)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+
+    from portattn.capabilities import probe
+
+    caps = probe()
+    bench = timer(args.device, args.rep)
+    wanted = set(args.cases.split(","))
+    cases = [c for c in default_cases(args.shrink)
+             if "all" in wanted or c.name in wanted or c.kind in wanted
+             or bool(wanted & set(case_tags(c)))]
+    shard, shards = (int(x) for x in args.shard.split("/"))
+    if args.compile_only:
+        return compile_only(cases, args, caps, shard, shards)
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    args.graph_timer = GraphTimer() if args.device == "cuda" else None
+    report = {"gpu": gpu, "date": datetime.date.today().isoformat(),
+              "torch": torch.__version__, "triton": triton_version,
+              "sm_count": caps.sm_count, "dtype": args.dtype,
+              "heads": [args.num_q_heads, args.num_kv_heads], "head_size": args.head_size,
+              "block_size": args.block_size, "ceilings": measure_ceilings(args.device, bench),
+              "cases": []}
+    _flush_print(f"ceilings: {report['ceilings']}")
+    for case in cases:
+        t0 = time.time()
+        result = run_case(case, args, bench, caps, report["ceilings"])
+        report["cases"].append(result)
+        o = result["impls"].get("ours", {})
+        _flush_print(f"{case.name}: ours {o.get('ms', o.get('error'))} ms, "
+                     f"vs {result.get('speed_vs')}, plan {result['plan']} "
+                     f"({time.time() - t0:.1f}s)")
+    add_plain_ratios(report)
+    os.makedirs(args.out, exist_ok=True)
+    short_gpu = gpu.replace("NVIDIA ", "").split()[0].lower() if gpu != "cpu" else "cpu"
+    prefix = args.prefix or f"{short_gpu}-{report['date']}-bench"
+    with open(os.path.join(args.out, prefix + ".json"), "w") as f:
+        json.dump(report, f, indent=1)
+    note = plot(report, os.path.join(args.out, prefix + ".png"))
+    if note:
+        _flush_print(note)
+    _flush_print(format_table(report))
+    return 0
