@@ -116,9 +116,13 @@ def _store_disk(key: str, result: dict) -> None:
     process)."""
     from portattn.capabilities import cache
 
+    try:
+        path = cache_path()
+    except Exception:  # no folder can be named (cache.cache_dir): memory only
+        return
     results = _load_disk()
     results[key] = result
-    cache.write_json_atomic(cache_path(), {"format": CACHE_FORMAT, "results": results})
+    cache.write_json_atomic(path, {"format": CACHE_FORMAT, "results": results})
 
 
 def clear(*, disk: bool = False) -> None:
@@ -126,7 +130,7 @@ def clear(*, disk: bool = False) -> None:
     if disk:
         try:
             cache_path().unlink()
-        except OSError:
+        except Exception:  # missing, unwritable, or no folder can be named
             pass
 
 
