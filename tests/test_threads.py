@@ -262,3 +262,32 @@ def test_a_finalizer_during_clear_or_eviction_is_harmless(monkeypatch):
     newest = AttentionMetadata.from_lengths([1], [9], [[0]])
     memo.put(newest, "key", 3)  # evicts metas[0]
     assert len(memo) == 2 and memo.find(metas[2])["key"] == 2 and memo.find(newest)["key"] == 3
+
+
+def test_device_scalars_are_kept_for_good_and_bounded(monkeypatch):
+    """A float scale's device tensor may be captured in a CUDA graph, which reads its
+    address at every replay: past the bound, new values get a fresh tensor per call
+    instead of evicting (freeing) one a graph may hold; one made while a graph is
+    captured (its fill runs at replay only) is not kept."""
+    from portattn.kernels import scalars
+
+    cpu = torch.device("cpu")
+    memo = scalars._DeviceScalars()
+    monkeypatch.setattr(memo, "capacity", 4)
+    kept = [memo.get(0.5 + i, cpu, "k") for i in range(4)]
+    past = memo.get(10.0, cpu, "k")
+    assert float(past) == 10.0 and memo.get(10.0, cpu, "k") is not past
+    assert all(memo.get(0.5 + i, cpu, "k") is t for i, t in enumerate(kept))
+    assert memo.get(0.5, cpu, "v") is not kept[0] and len(memo) == 4
+
+    def worker(k):
+        for i in range(50):
+            assert float(fresh.get(0.25 * (k + i % 5), cpu, "q")) == 0.25 * (k + i % 5)
+
+    fresh = scalars._DeviceScalars()
+    assert not _errors_in_threads(worker)
+    assert len(fresh) == len({0.25 * (k + i) for k in range(THREADS) for i in range(5)})
+
+    monkeypatch.setattr(scalars, "_capturing", lambda device: True)
+    during_capture = scalars._DeviceScalars()
+    assert float(during_capture.get(2.0, cpu, "out")) == 2.0 and len(during_capture) == 0
