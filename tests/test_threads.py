@@ -291,3 +291,39 @@ def test_device_scalars_are_kept_for_good_and_bounded(monkeypatch):
     monkeypatch.setattr(scalars, "_capturing", lambda device: True)
     during_capture = scalars._DeviceScalars()
     assert float(during_capture.get(2.0, cpu, "out")) == 2.0 and len(during_capture) == 0
+
+
+def test_clearing_the_shared_workspaces_waits_for_a_take():
+    """``take`` counts the workspaces, then evicts the oldest: a clear from another
+    thread in between made ``next(iter(...))`` raise StopIteration inside a call."""
+    from portattn.backends.unified_runner import Workspaces
+
+    workspaces = Workspaces()
+    workspaces["stream"] = torch.zeros(1)
+    with workspaces._lock:  # a take in progress
+        clearing = threading.Thread(target=workspaces.clear)
+        clearing.start()
+        clearing.join(0.2)
+        assert clearing.is_alive() and len(workspaces) == 1
+    clearing.join(10)
+    assert not clearing.is_alive() and len(workspaces) == 0
+
+
+def test_the_descriptor_gate_memory_cleared_meanwhile(monkeypatch):
+    """``check_variant`` looks its answer up once: a clear between a membership test
+    and the read raised KeyError."""
+    from portattn.capabilities import kv_descriptor_gate as gate
+
+    class ClearedAfterTheTest(dict):
+        def __contains__(self, key):
+            found = super().__contains__(key)
+            self.clear()  # another thread's gate.clear()
+            return found
+
+    caps = portattn.probe()
+    variant = {"v": 1}
+    key = gate._text_key(gate.machine_key(caps), variant)
+    monkeypatch.setattr(gate, "_MEMORY", ClearedAfterTheTest({key: {"ok": True,
+                                                                     "reason": ""}}))
+    assert gate.check_variant(caps, variant, "cpu") == {"ok": True, "reason": "",
+                                                        "origin": "memory"}

@@ -138,8 +138,9 @@ def check_variant(caps, variant: dict, device: str) -> dict:
     """``{"ok", "reason", "origin"}`` for the descriptor variant on this machine: from
     memory, the disk cache, or by running :data:`RUNNER` (then recorded)."""
     key = _text_key(machine_key(caps), variant)
-    if key in _MEMORY:
-        return {**_MEMORY[key], "origin": "memory"}
+    known = _MEMORY.get(key)  # one lookup: clear() may run in another thread
+    if known is not None:
+        return {**known, "origin": "memory"}
     if _disk_enabled():
         stored = _load_disk().get(key)
         if isinstance(stored, dict) and "ok" in stored:
