@@ -669,3 +669,103 @@ def test_real_gpu(monkeypatch, isolated):
         assert caps.arch == "sm{}{}".format(*caps.compute_capability)
     clear_cache()
     assert probe() == caps and last_probe_origin() == "disk-cache"
+
+
+# ------------------------------------------------------------ disk cache: hostile places
+
+
+@pytest.mark.parametrize("how", ["unknown_user", "no_home"])
+def test_a_cache_dir_that_cannot_be_named_is_no_error(how, monkeypatch):
+    """``~user`` of no user, or no $HOME and no password entry: ``Path.expanduser``
+    raises RuntimeError; the probe (which never raises) and the descriptor gate run
+    without a disk cache, and the report says why there is none."""
+    import pwd
+
+    from portattn.capabilities import kv_descriptor_gate
+
+    if how == "unknown_user":
+        monkeypatch.setenv("PORTATTN_CACHE_DIR", "~portattn-no-such-user-x9/cache")
+    else:
+        for name in ("PORTATTN_CACHE_DIR", "XDG_CACHE_HOME", "HOME"):
+            monkeypatch.delenv(name, raising=False)
+
+        def no_entry(uid):
+            raise KeyError(uid)
+
+        monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    with pytest.raises(RuntimeError):
+        cache_mod.cache_dir()
+    caps = probe()
+    assert caps.vendor == "cpu" and last_probe_origin() == "probed"
+    assert probe(refresh=True) == caps
+    assert cache_mod.describe_dir().startswith("unavailable (RuntimeError")
+    clear_cache(disk=True)
+    kv_descriptor_gate._store_disk("key", {"ok": True, "reason": ""})
+    assert kv_descriptor_gate._load_disk() == {}
+    kv_descriptor_gate.clear(disk=True)
+
+
+def test_a_directory_where_the_cache_file_belongs(isolated):
+    (isolated / "capabilities-cpu.json").mkdir(parents=True)
+    caps = probe()
+    assert caps.vendor == "cpu" and last_probe_origin() == "probed"
+    clear_cache()
+    assert probe() == caps and last_probe_origin() == "probed"
+    assert cache_files(isolated) == ["capabilities-cpu.json"]  # no temp file left
+
+
+def test_a_read_only_cache_dir_is_read(isolated):
+    caps = probe()
+    path = the_cache_file(isolated)
+    clear_cache()
+    isolated.chmod(0o555)
+    try:
+        if os.access(isolated, os.W_OK):  # root writes anyway: make writes fail instead
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(cache_mod.tempfile, "mkstemp", _read_only_mkstemp)
+                assert probe() == caps and last_probe_origin() == "disk-cache"
+                assert probe(refresh=True) == caps
+        else:
+            assert probe() == caps and last_probe_origin() == "disk-cache"
+            assert probe(refresh=True) == caps
+    finally:
+        isolated.chmod(0o755)
+    assert cache_files(isolated) == ["capabilities-cpu.json"] and path.exists()
+
+
+def _read_only_mkstemp(*args, **kwargs):
+    raise PermissionError("read-only file system")
+
+
+_WRITER = """
+import sys
+from portattn.capabilities import cache, probe
+from portattn.capabilities.probe import fingerprint
+caps = probe()
+key = fingerprint(None)
+misses = 0
+for i in range(int(sys.argv[1])):
+    cache.store(key, caps)
+    if cache.load(key) != caps:
+        misses += 1
+print("misses", misses)
+"""
+
+
+def test_two_processes_share_one_disk_cache(isolated):
+    """Two processes probing and rewriting one cache file at once: every read finds a
+    whole file (atomic replace), neither raises, and no temporary file is left."""
+    probe()  # the file the children find (and rewrite)
+    env = dict(os.environ, PYTHONPATH=SRC, PORTATTN_CACHE_DIR=str(isolated), **CPU_ONLY)
+    env.pop("TRITON_INTERPRET", None)
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, "30"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err
+        assert out.split() == ["misses", "0"], (out, err)
+    assert cache_files(isolated) == ["capabilities-cpu.json"]
+    clear_cache()
+    probe()
+    assert last_probe_origin() == "disk-cache"

@@ -419,6 +419,43 @@ def test_uncounted_or_unwrapped_launches_are_refused(kernel):
         LaunchSequence.build(captured, (x, y))
 
 
+def test_a_capture_ending_in_another_thread_leaves_this_threads_count_whole(monkeypatch):
+    """Triton's HookChain walks its list while it calls the hooks: a hook removed
+    meanwhile (another thread's capture ending) makes it skip the next one. With one
+    counting hook per capture, this thread's launch went uncounted and its sequence was
+    refused for good ("Triton made 0 launches but 1 were recorded")."""
+    chain = knobs.HookChain()
+    monkeypatch.setattr(knobs.runtime, "launch_enter_hook", chain)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # hooks count (no launch runs here)
+    opened, close, closed = threading.Event(), threading.Event(), threading.Event()
+
+    def other_thread():
+        with capture():
+            opened.set()
+            close.wait(10)
+        closed.set()
+
+    other = threading.Thread(target=other_thread)
+    other.start()
+    assert opened.wait(10)
+    me = threading.get_ident()
+
+    def profiler(_metadata):  # a hook after the other thread's counter: it ends meanwhile
+        if threading.get_ident() == me:
+            close.set()
+            assert closed.wait(10)
+
+    chain.add(profiler)
+    try:
+        with capture() as captured:
+            chain(None)  # one launch of this thread: Triton calls its enter hooks
+        other.join(10)
+    finally:
+        chain.remove(profiler)
+    assert captured.triton_launches == 1
+    assert chain.calls == []  # the counting hook left with the last capture
+
+
 def test_interpreted_kernels_are_refused(kernel):
     x, y = torch.zeros(8), torch.zeros(8)
 

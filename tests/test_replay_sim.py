@@ -115,13 +115,10 @@ def _counting():
         def count(self):
             return _count.launches - self.start
 
-    counter = Counter()
-
-    class Chain:
-        def remove(self, _):
+        def stop(self):
             pass
 
-    return Chain(), counter
+    return Counter()
 
 
 @pytest.fixture

@@ -120,6 +120,51 @@ def test_a_change_of_the_environment_is_seen_at_once(change, monkeypatch):
     assert settings.decision_environment()[index] is None
 
 
+class _ReadBeforeStore(dict):
+    """``os.environ._data`` that lets another reader in between ``os.environ``'s event
+    (raised by its ``putenv``) and its store: what a thread switch there does."""
+
+    reads: list
+
+    def __setitem__(self, key, value):
+        self.reads.append(settings.BACKEND.raw())
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        self.reads.append(settings.BACKEND.raw())
+        super().__delitem__(key)
+
+
+def test_a_read_between_an_environ_event_and_its_store_is_not_kept(monkeypatch):
+    """``os.environ[name] = value`` raises ``os.putenv`` before it stores the value: a
+    snapshot read in between (by another thread) holds the old value and must not be
+    kept, or every later read, even in the thread that made the change, misses it."""
+    monkeypatch.delenv("PORTATTN_BACKEND", raising=False)
+    assert settings.BACKEND.raw() is None  # the snapshot is warm now
+    data = _ReadBeforeStore(os.environ._data)
+    data.reads = []
+    monkeypatch.setattr(os.environ, "_data", data)
+    try:
+        os.environ["PORTATTN_BACKEND"] = "torch_ref"
+        assert data.reads == [None]  # the read in between saw the old value...
+        assert settings.BACKEND.raw() == "torch_ref"  # ...and did not stick
+        assert settings.BACKEND.raw() == "torch_ref" and settings._snapshot is not None
+        del os.environ["PORTATTN_BACKEND"]
+        assert data.reads == [None, "torch_ref"]
+        assert settings.BACKEND.raw() is None
+    finally:
+        os.environ.pop("PORTATTN_BACKEND", None)
+    assert settings.BACKEND.raw() is None
+
+
+def test_events_of_other_variables_keep_the_snapshot(monkeypatch):
+    settings.BACKEND.raw()
+    snapshot = settings._snapshot
+    assert snapshot is not None
+    monkeypatch.setenv("PA_S26_UNRELATED", "1")  # not a setting's name
+    assert settings._snapshot is snapshot
+
+
 def test_the_fingerprint_holds_exactly_the_deciding_settings():
     assert settings.DECISION_NAMES == tuple(s.name for s in settings.SETTINGS if s.decides)
     assert len(settings.decision_environment()) == len(settings.DECISION_NAMES)

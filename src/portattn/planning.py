@@ -630,7 +630,10 @@ class _MetadataMemo:
             entry = self.entries.get(token)
             if entry is None:
                 while len(self.entries) >= self.capacity:  # the oldest first
-                    self._forget(self.entries.pop(next(iter(self.entries))))
+                    # (a finalizer may drop entries meanwhile: gc runs on any allocation)
+                    dropped = self.entries.pop(next(iter(self.entries)), None)
+                    if dropped is not None:
+                        self._forget(dropped)
                 calls = _Calls()
                 finalizers = tuple(weakref.finalize(t, self._drop, token, calls)
                                    for t in (metadata.cu_seqlens_q, metadata.seq_lens,
@@ -657,9 +660,12 @@ class _MetadataMemo:
 
     def clear(self) -> None:
         with self.lock:
-            for entry in self.entries.values():
-                self._forget(entry)
+            # not while iterating the dict: a finalizer (gc runs on any allocation, and
+            # the lock is reentrant) may drop an entry meanwhile
+            entries = list(self.entries.values())
             self.entries.clear()
+            for entry in entries:
+                self._forget(entry)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -670,8 +676,10 @@ _NO_CALLS: Mapping = MappingProxyType({})
 
 
 def cache_info() -> dict:
-    """Sizes of the plan caches and the counters (tests, benchmarks)."""
-    return {"bodies": len(bodies.entries), "metadata_entries": len(memo), **stats}
+    """Sizes of the plan caches (``bodies``, ``metadata_entries``) and the counters
+    (``checked``: full argument checks; ``bodies_made``) for tests and benchmarks."""
+    return {"bodies": len(bodies.entries), "metadata_entries": len(memo),
+            "checked": stats["checked"], "bodies_made": stats["bodies"]}
 
 
 def forget_plans() -> None:

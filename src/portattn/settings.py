@@ -26,12 +26,18 @@ call, exactly as a direct read would; :func:`decision_environment` costs one glo
 The hook is one function call per audit event elsewhere in the process and does nothing
 else. Where ``sys.addaudithook`` is missing (other Python implementations) or the hook is
 refused (a test event proves it runs), no snapshot is kept and every read goes to
-``os.environ``. Changing the environment from one thread while another calls portattn
-is as unsafe as it is in C (``setenv`` is not thread-safe); the snapshot adds no new case.
+``os.environ``. ``os.environ`` raises its event *before* it stores the new value, so a
+snapshot read by another thread in between would hold the old one: a snapshot is only
+kept when no event came while it was read and it agrees with the value every such
+``os.environ`` change announced (otherwise it serves that one read and the next read
+looks again). Changing the environment from one thread while another calls portattn
+is as unsafe as it is in C (``setenv`` is not thread-safe) for the calls that overlap the
+change; once ``os.environ[...] = ...`` has returned, every later read sees the new value.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import threading
@@ -249,12 +255,45 @@ _hook_lock = threading.Lock()
 _hook_state: bool | None = None  # None: not tried yet; True: installed; False: unavailable
 _ENV_EVENTS = frozenset(("os.putenv", "os.unsetenv"))
 _CHECK_EVENT = "portattn.settings.hook-check"
+#: Orders a snapshot's read against environment events (reentrant: a signal handler may
+#: change the environment while a read holds it).
+_state_lock = threading.RLock()
+_versions = itertools.count(1)
+#: Bumped by every event that concerns a setting: a read that saw it change is not kept.
+_version = 0
+#: Setting name -> the value its last ``os.environ`` change announced (None: deleted),
+#: which ``os.environ`` stores right after the event: a snapshot that disagrees is not kept.
+_announced: dict[str, str | None] = {}
+#: The ``os.environ`` methods whose events announce the value they then store.
+_ENVIRON_CODES = frozenset(getattr(getattr(type(os.environ), name, None), "__code__", None)
+                           for name in ("__setitem__", "__delitem__")) - {None}
+
+
+def _decoded(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    try:
+        return os.fsdecode(value)
+    except Exception:
+        return None
 
 
 def _on_audit_event(event: str, args: tuple) -> None:
-    global _snapshot, _hook_state
+    global _snapshot, _hook_state, _version
     if event in _ENV_EVENTS:
-        _snapshot = None
+        name = _decoded(args[0]) if args else None
+        if name is not None and name not in BY_NAME:
+            return  # not a variable of ours: the snapshot holds none of those
+        value = _decoded(args[1]) if event == "os.putenv" and len(args) > 1 else None
+        try:  # os.environ's own change (it stores the value next), or a bare os.putenv
+            announces = sys._getframe(1).f_code in _ENVIRON_CODES
+        except Exception:  # pragma: no cover - no frames here
+            announces = False
+        with _state_lock:
+            if announces and name is not None:
+                _announced[name] = value
+            _version = next(_versions)
+            _snapshot = None
     elif event == _CHECK_EVENT:
         _hook_state = True
 
@@ -293,8 +332,16 @@ def _refresh() -> _Snapshot:
     global _snapshot
     if not _install_hook():
         return _read()  # no change notifications: never keep a copy
+    version = _version
     snapshot = _read()
-    _snapshot = snapshot
+    with _state_lock:
+        if version != _version:
+            return snapshot  # the environment changed while it was read: not kept
+        for name, value in list(_announced.items()):
+            if snapshot.raw[name] != value:
+                return snapshot  # os.environ has not stored an announced value yet
+            del _announced[name]  # stored: nothing left to wait for
+        _snapshot = snapshot
     return snapshot
 
 
@@ -311,7 +358,9 @@ def reload() -> None:
     """Forget the snapshot (the next read goes to ``os.environ``). Only needed after a
     change that bypassed ``os.environ``, e.g. ``os.environ._data`` edited directly."""
     global _snapshot
-    _snapshot = None
+    with _state_lock:
+        _announced.clear()
+        _snapshot = None
 
 
 # --------------------------------------------------------------------------- listings

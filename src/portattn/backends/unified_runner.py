@@ -86,6 +86,12 @@ class Workspaces(dict):
                     self[key] = buffer
         return buffer
 
+    def clear(self) -> None:
+        """Drop every workspace (under the lock: :meth:`take` evicts the oldest after
+        counting them, which a clear in between would turn into StopIteration)."""
+        with self._lock:
+            super().clear()
+
 
 _staging = Workspaces()  # (device, stream, thread) -> a shared staging buffer
 

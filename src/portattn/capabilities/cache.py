@@ -61,6 +61,10 @@ STATE = _State()
 
 
 def cache_dir() -> Path:
+    """The disk cache's folder. Raises (``RuntimeError``) when it names a home directory
+    that cannot be found (``~user`` of no user; no ``$HOME`` and no password entry): the
+    readers and writers below then run without a disk cache, and :func:`describe_dir`
+    says why."""
     explicit = settings.CACHE_DIR.value()
     if explicit:
         return Path(explicit).expanduser()
@@ -68,6 +72,14 @@ def cache_dir() -> Path:
     if xdg:
         return Path(xdg).expanduser() / "portattn"
     return Path.home() / ".cache" / "portattn"
+
+
+def describe_dir() -> str:
+    """:func:`cache_dir` as text for the report, or why there is none."""
+    try:
+        return str(cache_dir())
+    except Exception as exc:
+        return f"unavailable ({type(exc).__name__}: {exc})"
 
 
 def disk_cache_enabled() -> bool:
@@ -101,9 +113,14 @@ def load(key: dict) -> Capabilities | None:
 
 
 def store(key: dict, caps: Capabilities) -> Path | None:
-    """Write atomically; returns the path, or None when it could not be written."""
-    return write_json_atomic(cache_file(key), {"format": CACHE_FORMAT, "key": key,
-                                               "capabilities": caps.to_dict()})
+    """Write atomically; returns the path, or None when it could not be written (nor
+    its folder found: :func:`cache_dir`)."""
+    try:
+        path = cache_file(key)
+        payload = {"format": CACHE_FORMAT, "key": key, "capabilities": caps.to_dict()}
+    except Exception:
+        return None
+    return write_json_atomic(path, payload)
 
 
 def write_json_atomic(path: Path, payload: Any) -> Path | None:
@@ -136,7 +153,11 @@ def clear_cache(*, disk: bool = False) -> None:
     disk-cache files (``capabilities-*.json`` in :func:`cache_dir`, nothing else)."""
     STATE.clear()
     if disk:
-        for path in cache_dir().glob("capabilities-*.json"):
+        try:
+            paths = list(cache_dir().glob("capabilities-*.json"))
+        except Exception:  # no folder can be named: no file to delete
+            paths = []
+        for path in paths:
             try:
                 path.unlink()
             except OSError:

@@ -116,9 +116,13 @@ def _store_disk(key: str, result: dict) -> None:
     process)."""
     from portattn.capabilities import cache
 
+    try:
+        path = cache_path()
+    except Exception:  # no folder can be named (cache.cache_dir): memory only
+        return
     results = _load_disk()
     results[key] = result
-    cache.write_json_atomic(cache_path(), {"format": CACHE_FORMAT, "results": results})
+    cache.write_json_atomic(path, {"format": CACHE_FORMAT, "results": results})
 
 
 def clear(*, disk: bool = False) -> None:
@@ -126,7 +130,7 @@ def clear(*, disk: bool = False) -> None:
     if disk:
         try:
             cache_path().unlink()
-        except OSError:
+        except Exception:  # missing, unwritable, or no folder can be named
             pass
 
 
@@ -134,8 +138,9 @@ def check_variant(caps, variant: dict, device: str) -> dict:
     """``{"ok", "reason", "origin"}`` for the descriptor variant on this machine: from
     memory, the disk cache, or by running :data:`RUNNER` (then recorded)."""
     key = _text_key(machine_key(caps), variant)
-    if key in _MEMORY:
-        return {**_MEMORY[key], "origin": "memory"}
+    known = _MEMORY.get(key)  # one lookup: clear() may run in another thread
+    if known is not None:
+        return {**known, "origin": "memory"}
     if _disk_enabled():
         stored = _load_disk().get(key)
         if isinstance(stored, dict) and "ok" in stored:

@@ -163,7 +163,7 @@ def collect_report(caps: Capabilities | None = None, *,
         "environment": {s.name: s.raw() for s in settings.SETTINGS if s.raw()},
         "settings": settings.describe(),
         "probe_origin": origin,
-        "disk_cache": {"dir": str(cache.cache_dir()), "enabled": cache.disk_cache_enabled()},
+        "disk_cache": {"dir": cache.describe_dir(), "enabled": cache.disk_cache_enabled()},
         "capabilities": caps.to_dict(),
         "devices": [d.to_dict() for d in (visible_devices(caps) if devices is None
                                           else devices)],

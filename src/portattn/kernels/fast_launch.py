@@ -141,43 +141,80 @@ def capture():
     previous = getattr(_local, "records", None)
     result = Captured([])
     _local.records = result.launches
-    chain, counter = _count_launches()
+    counter = _count_launches()
     try:
         yield result
     finally:
         _local.records = previous
-        if chain is not None:
-            chain.remove(counter)
+        if counter is not None:
+            counter.stop()
             result.triton_launches = counter.count
 
 
-class _LaunchCounter:
-    """A launch-enter hook counting one thread's launches."""
+class _OpenCount:
+    """The Triton launches of the calling thread since :func:`_count_launches`."""
 
-    def __init__(self, thread: int):
-        self.thread = thread
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
         self.count = 0
 
+    def stop(self) -> None:
+        _local.counts = tuple(c for c in getattr(_local, "counts", ()) if c is not self)
+        _release_counter()
+
+
+class _LaunchCounter:
+    """The one launch-enter hook: adds each launch to the counts open in the launching
+    thread."""
+
     def __call__(self, _metadata) -> None:
-        if threading.get_ident() == self.thread:
-            self.count += 1
+        for open_count in getattr(_local, "counts", ()):
+            open_count.count += 1
 
 
-def _count_launches():
-    """Add a launch-enter hook counting this thread's Triton launches (3.5+ hook chains)."""
+_COUNTER = _LaunchCounter()
+_counter_lock = threading.Lock()
+_counter_users = 0
+_counter_chains: list = []  # the hook chains _COUNTER was added to
+
+
+def _count_launches() -> _OpenCount | None:
+    """Count this thread's Triton launches until ``stop()`` (3.5+ hook chains); None
+    where they cannot be counted.
+
+    One hook serves the captures of every thread and stays in the chain while any of
+    them is open: Triton's ``HookChain`` walks its list while it calls the hooks, so a
+    hook removed meanwhile (another thread's capture ending) would make it skip the next
+    one, and a count that comes out short refuses its sequence for good."""
+    global _counter_users
     try:
         from triton import knobs
 
         chain = knobs.runtime.launch_enter_hook
     except Exception:  # pragma: no cover - older Triton
-        return None, None
+        return None
     if not hasattr(chain, "add") or settings.TRITON_INTERPRET.value():
-        return None, None
-    thread = threading.get_ident()
+        return None
+    with _counter_lock:
+        if not any(known is chain for known in _counter_chains):
+            chain.add(_COUNTER)
+            _counter_chains.append(chain)
+        _counter_users += 1
+    count = _OpenCount()
+    _local.counts = getattr(_local, "counts", ()) + (count,)
+    return count
 
-    counter = _LaunchCounter(thread)
-    chain.add(counter)
-    return chain, counter
+
+def _release_counter() -> None:
+    """One capture fewer; the last one takes the hook out of the chains."""
+    global _counter_users
+    with _counter_lock:
+        _counter_users -= 1
+        if _counter_users == 0:
+            for chain in _counter_chains:
+                chain.remove(_COUNTER)
+            _counter_chains.clear()
 
 
 # --------------------------------------------------------------------------- per call state

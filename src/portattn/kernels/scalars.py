@@ -6,6 +6,15 @@ once per (role, value, device), so a steady-state call allocates nothing. The ro
 ``v``, ``q``, ``out``) keeps two scales of one call that happen to be equal floats in two
 tensors: a replayed launch binds each kernel argument to one input, which it could not do
 if the K and V scales were one tensor in this call and two in the next.
+
+A cached tensor is never dropped: a CUDA graph captured with it reads its address at
+every replay, and freeing it would let the caching allocator hand that memory to another
+tensor. So the memo is bounded by refusing new entries, not by evicting: past
+:attr:`_DeviceScalars.capacity` values a new one gets a fresh tensor per call (captured,
+it comes from the graph's own pool; eager, it is freed after the call's kernels). Nor is
+one made while a graph is captured kept: its fill only runs when the graph replays, so an
+eager call reading it before that would read garbage. Scales that change often should be
+tensors.
 """
 
 from __future__ import annotations
@@ -15,11 +24,22 @@ import threading
 import torch
 
 
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on the current stream (``device``'s: the
+    launchers make it current)."""
+    if device.type != "cuda":
+        return False
+    from portattn.devices import stream_capturing
+
+    return bool(stream_capturing())
+
+
 class _DeviceScalars:
     """One-element fp32 device tensors for scales given as Python floats, made once per
-    (role, value, device) and kept (floats are immutable, the memo is bounded)."""
+    (role, value, device) and kept for the process (see the module doc: never evicted,
+    at most :attr:`capacity` of them)."""
 
-    capacity = 256
+    capacity = 4096  # a 512-byte block each: 2 MiB per device at most
 
     def __init__(self) -> None:
         self._entries: dict = {}
@@ -33,11 +53,14 @@ class _DeviceScalars:
         found = self._entries.get(key)
         if found is None:
             found = torch.full((1,), float(value), dtype=torch.float32, device=device)
-            with self._lock:
-                if len(self._entries) >= self.capacity:
-                    self._entries.pop(next(iter(self._entries)))
-                self._entries[key] = found
+            if len(self._entries) < self.capacity and not _capturing(device):
+                with self._lock:
+                    if len(self._entries) < self.capacity:
+                        found = self._entries.setdefault(key, found)
         return found
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 device_scalars = _DeviceScalars()
