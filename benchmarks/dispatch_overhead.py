@@ -3,7 +3,10 @@ and 96 layers (a distinct cache per layer), decode and prefill; plus one Triton 
 through the JIT against the cheap relauncher. Prints one JSON object (a short table goes
 to stderr).
 
-    PYTHONPATH=src python3 benchmarks/dispatch_overhead.py [--out FILE]
+    PYTHONPATH=src python3 benchmarks/dispatch_overhead.py [--out FILE] [--quick]
+
+``--quick`` (1 and 2 layers, few calls) only checks that every path runs and relaunches
+(the CPU test suite runs it); its times mean nothing.
 
 On a GPU each timed loop starts behind a spin kernel (``torch.cuda._sleep``) that keeps
 the GPU busy for longer than the loop takes, and stays below the launch-queue depth, so
@@ -86,10 +89,14 @@ def _spin_cycles(seconds: float) -> int:
     return int(seconds * 1e6 * _CYCLES_PER_US[0])
 
 
-def per_call_us(step, calls: int, repeats: int = 9, name: str | None = None) -> float:
+REPEATS = 9
+
+
+def per_call_us(step, calls: int, repeats: int | None = None, name: str | None = None) -> float:
     """Median over ``repeats`` of the host time of ``step()`` (``calls`` calls) per call,
     each sample queued behind a spin kernel longer than the sample (on a GPU); the minimum
     goes to ``MINIMA[name]``."""
+    repeats = REPEATS if repeats is None else repeats
     step()
     _sync()
     spin = 0
@@ -248,10 +255,6 @@ def _stub_kernels():
         wrapped = getattr(launch, name)
         wrapped.fn = Kernel(wrapped.fn)
 
-    class Chain:
-        def remove(self, counter):
-            pass
-
     def count_launches():
         start = counted[0]
 
@@ -260,7 +263,10 @@ def _stub_kernels():
             def count(self):
                 return counted[0] - start
 
-        return Chain(), Counter()
+            def stop(self):
+                pass
+
+        return Counter()
 
     fast_launch._count_launches = count_launches
     fast_launch._device_functions = lambda: (lambda: 0, lambda index: 0)
@@ -281,7 +287,12 @@ def _stub_kernels():
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--quick", action="store_true",
+                        help="1 and 2 layers, few calls: checks the paths run (times mean nothing)")
     args = parser.parse_args(argv)
+    if args.quick:
+        global LAYERS, CALLS_PER_SAMPLE, REPEATS
+        LAYERS, CALLS_PER_SAMPLE, REPEATS = (1, 2), 4, 1
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
     dtype = torch.bfloat16 if gpu else torch.float16
