@@ -437,7 +437,7 @@ def test_equal_float_kv_scales_replay(sim):
         v = v.repeat_interleave(2, dim=1)
         scores = torch.einsum("hd,khd->hk", q, k) / math.sqrt(32)
         expected = torch.einsum("hk,khd->hd", scores.softmax(-1), v)
-        assert relative_error(out[seq], expected) < 1e-2
+        assert relative_error(out[seq], expected) < 3e-3
 
 
 def test_a_call_that_fell_back_from_descriptors_is_not_recorded(sim, monkeypatch):
