@@ -514,7 +514,7 @@ def test_a_bad_block_id_spoils_exactly_the_rows_that_see_it(kv_load):
     sees[:35] = True
     assert torch.isnan(out[sees]).all()
     assert torch.isfinite(out[~sees]).all()
-    assert relative_error(out[~sees].double(), expected[~sees]) < 1e-4
+    assert relative_error(out[~sees].double(), expected[~sees]) < 2e-5
 
 
 def _run_decode_plan(batch, metadata, out, segments, block_q=8):
@@ -547,7 +547,7 @@ def test_seq_len_past_the_block_table_gives_nan_rows(segments):
     _run_decode_plan(batch, metadata, out, segments)
     assert torch.isnan(out[0]).all()
     expected = dense_attention(batch.q, batch.keys, batch.values, [1, 1, 1])
-    assert relative_error(out[1:], expected[1:]) < 1e-4
+    assert relative_error(out[1:], expected[1:]) < 2e-5
 
 
 @interp
@@ -567,7 +567,7 @@ def test_understated_max_seqlen_q_gives_nan_rows(segments):
     assert torch.isnan(out[1:10]).all()
     expected = dense_attention(batch.q, batch.keys, batch.values, [1, 9, 1])
     keep = torch.tensor([True] + [False] * 9 + [True])
-    assert relative_error(out[keep], expected[keep]) < 1e-4
+    assert relative_error(out[keep], expected[keep]) < 2e-5
 
 
 # --------------------------------------------------------------------------- write kernel

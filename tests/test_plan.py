@@ -354,12 +354,9 @@ def test_understated_max_seqlen_q_never_leaves_stale_rows():
     batch = make_paged_batch([1, 6], [10, 12], num_q_heads=8, num_kv_heads=2,
                              head_size=32, dtype=F32)
     metadata = _understated(batch, 4, 12)
-    stale = torch.full_like(batch.q, 7.0)
-    try:
-        out = portattn.attention(batch.q, batch.cache, metadata, out=stale,
-                                 backend="triton_unified", validate=False)
-    except (InputError, ValueError):
-        return  # refusing is fine too
+    stale = torch.full_like(batch.q, 7.0)  # finite: the long sequence's NaN must be written
+    out = portattn.attention(batch.q, batch.cache, metadata, out=stale,
+                             backend="triton_unified", validate=False)
     assert torch.isnan(out[1:]).all(), "rows of the long sequence kept stale values"
     expected = dense_attention(batch.q, batch.keys, batch.values, batch.query_lens)
     assert relative_error(out[:1], expected[:1]) < 2e-5
@@ -510,18 +507,21 @@ def test_a_plan_takes_its_templates_slot_layout_and_serves_either():
 # --------------------------------------------------------------------------- audit findings
 def test_a_plan_allocates_its_planned_output_dtype(small):
     m = small.metadata
-    for out_dtype in (torch.float16, torch.bfloat16):
+    want = dense_attention(small.q, small.keys, small.values, small.query_lens)
+    for out_dtype, tol in ((torch.float16, 3e-3), (torch.bfloat16, 1e-2)):
         plan = portattn.plan(m, num_q_heads=4, dtype=F32, cache=small.cache,
                              out_dtype=out_dtype)
         out = plan.run(small.q, small.cache)
         assert out.dtype == out_dtype
-        want = dense_attention(small.q, small.keys, small.values, small.query_lens)
-        assert relative_error(out, want) < 1e-2
+        assert relative_error(out, want) < tol
         with pytest.raises(InputError, match="^output_scale: expected None for the planned"):
             plan.run(small.q, small.cache, output_scale=1.0)
     plan = portattn.plan(m, num_q_heads=4, dtype=F32, cache=small.cache,
                          out_dtype=torch.float8_e5m2)
-    assert plan.run(small.q, small.cache, output_scale=0.5).dtype == torch.float8_e5m2
+    out = plan.run(small.q, small.cache, output_scale=0.5)
+    assert out.dtype == torch.float8_e5m2
+    # out = result / output_scale at e5m2 precision (2 mantissa bits: up to 1/8 per value)
+    assert relative_error(out.float(), want / 0.5) < 0.1
 
 
 def test_a_plan_serves_packed_and_split_caches_alike():

@@ -261,10 +261,11 @@ def test_the_runner_passes_its_device_and_workspace_stream(case, sim, monkeypatc
     memory.add(out)
     plan.run(batch.q, batch.cache, out)  # recorded
     asked.clear()
-    for _ in range(2):
-        plan.run(batch.q, batch.cache, out)
     expected = dense_attention(batch.q, batch.keys, batch.values, query_lens)
-    assert relative_error(out, expected) < 3e-3
+    for _ in range(2):
+        out.fill_(math.nan)  # in place (the pointer the replay binds): each replay writes
+        plan.run(batch.q, batch.cache, out)
+        assert relative_error(out, expected) < 3e-3
     launches = sum(k.replays for k in kernels.values())
     per_call = 2 if runner.workspace_size and not heuristics.MERGE_IN_KERNEL else 1
     assert launches == 2 * per_call
@@ -433,7 +434,7 @@ def test_equal_float_kv_scales_replay(sim):
         v = v.repeat_interleave(2, dim=1)
         scores = torch.einsum("hd,khd->hk", q, k) / math.sqrt(32)
         expected = torch.einsum("hk,khd->hd", scores.softmax(-1), v)
-        assert relative_error(out[seq], expected) < 1e-2
+        assert relative_error(out[seq], expected) < 3e-3
 
 
 def test_a_call_that_fell_back_from_descriptors_is_not_recorded(sim, monkeypatch):
@@ -460,10 +461,12 @@ def test_a_call_that_fell_back_from_descriptors_is_not_recorded(sim, monkeypatch
     monkeypatch.setattr(launch, "DESCRIPTOR_FAILED", dict(launch.DESCRIPTOR_FAILED))
     out = torch.full_like(batch.q, math.nan)
     memory.add(out)
+    expected = dense_attention(batch.q, batch.keys, batch.values, [1, 1])
     plan.run(batch.q, batch.cache, out)
+    assert relative_error(out, expected) < 3e-3
     slot = next(iter(plan._accepted.values()))
     assert slot.sequence is None and slot.reason is None
+    out.fill_(math.nan)  # the recording call must write its own result
     plan.run(batch.q, batch.cache, out)
     assert slot.sequence is not None
-    expected = dense_attention(batch.q, batch.keys, batch.values, [1, 1])
     assert relative_error(out, expected) < 3e-3

@@ -10,7 +10,7 @@ import torch
 import portattn
 from portattn.backends.base import Backend, Plan
 from portattn.dispatch import decision_cache, registry
-from portattn.testing import make_paged_batch
+from portattn.testing import dense_attention, make_paged_batch, relative_error
 
 from sync_spy import DeviceSyncSpy
 
@@ -132,5 +132,5 @@ def test_triton_unified_launcher_reads_no_device_value(batch, monkeypatch):
         for _ in range(2):
             out = portattn.attention(batch.q, batch.cache, batch.metadata,
                                      backend="triton_unified", validate=False)
-    expected = portattn.attention(batch.q, batch.cache, batch.metadata, backend="torch_ref")
-    assert torch.allclose(out, expected, atol=1e-5)
+    expected = dense_attention(batch.q, batch.keys, batch.values, batch.query_lens)
+    assert relative_error(out, expected) < 2e-5

@@ -11,8 +11,6 @@ one key tile (its documented precondition, README "FlashAttention-4"): a kernel 
 those slots into a result would still be caught by the comparison.
 """
 
-import time
-
 import pytest
 import torch
 
@@ -204,18 +202,16 @@ def test_explain_says_when_the_first_call_compiles():
     (note,) = portattn.explain(batch.q, batch.cache, batch.metadata, backend="flash_attn",
                                **options).notes
     assert "compiles a kernel" in note
-    times = []
-    for _ in range(2):
-        start = time.perf_counter()
+    expected = dense_attention(batch.q, batch.keys, batch.values, batch.query_lens,
+                               **options)
+    for _ in range(2):  # compiles, then reuses the compiled kernel: the same result
+        out = torch.full_like(batch.q, float("nan"))
         portattn.attention(batch.q, batch.cache, batch.metadata, backend="flash_attn",
-                           **options)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+                           out=out, **options)
+        assert relative_error(out, expected) < TOL[torch.bfloat16]
     (note,) = portattn.explain(batch.q, batch.cache, batch.metadata, backend="flash_attn",
                                **options).notes
     assert "already ran in this process" in note
-    print(f"FA4 first call {times[0]:.2f} s (compile), second {times[1] * 1e3:.2f} ms")
-    assert times[0] > 10 * times[1]
 
 
 def test_auto_routing_on_this_gpu(monkeypatch):
@@ -280,6 +276,6 @@ def test_the_yield_covers_what_was_measured(monkeypatch, features, yields):
     else:
         assert decision.backend == "flash_attn" and not noted, decision
     out = portattn.attention(batch.q, batch.cache, batch.metadata, **options)
-    reference = portattn.attention(batch.q, batch.cache, batch.metadata, backend="torch_ref",
-                                   **options)
-    assert relative_error(out, reference) < TOL[torch.bfloat16]
+    expected = dense_attention(batch.q, batch.keys, batch.values, batch.query_lens,
+                               **options)
+    assert relative_error(out, expected) < TOL[torch.bfloat16]
