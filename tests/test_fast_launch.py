@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 
 import pytest
@@ -454,6 +455,87 @@ def test_a_capture_ending_in_another_thread_leaves_this_threads_count_whole(monk
         chain.remove(profiler)
     assert captured.triton_launches == 1
     assert chain.calls == []  # the counting hook left with the last capture
+
+
+def test_another_threads_open_capture_does_not_turn_relaunches_off(monkeypatch):
+    """While one thread records (our counter in the enter chain), the others' Triton state
+    is still known: the counter is not a user's hook. It was taken for one, so another
+    thread's recording built meanwhile failed, and was refused for good when it re-checked
+    after the capture had closed. A real hook still turns relaunches off."""
+    chain = knobs.HookChain()
+    monkeypatch.setattr(knobs.runtime, "launch_enter_hook", chain)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    fast_launch._state_memo = None
+    before = fast_launch.triton_state()
+    assert before is not None
+    opened, close = threading.Event(), threading.Event()
+
+    def other_thread():
+        with capture():
+            opened.set()
+            close.wait(10)
+
+    other = threading.Thread(target=other_thread)
+    other.start()
+    try:
+        assert opened.wait(10)
+        assert chain.calls  # the counter is in the chain
+        assert fast_launch.triton_state() == before
+        fast_launch._state_memo = None  # computed afresh: the same answer
+        assert fast_launch.triton_state() == before
+
+        def profiler(_metadata):
+            pass
+
+        chain.add(profiler)
+        try:
+            assert fast_launch.triton_state() is None
+        finally:
+            chain.remove(profiler)
+    finally:
+        close.set()
+        other.join(10)
+    assert chain.calls == [] and fast_launch.triton_state() == before
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_child_forked_during_a_capture_starts_without_the_counter(monkeypatch):
+    """A fork while another thread records: the child has no such thread, so the counter
+    must leave the copied chain there (else every relaunch of the child is off for good)
+    and the next capture of the child must count from scratch."""
+    chain = knobs.HookChain()
+    monkeypatch.setattr(knobs.runtime, "launch_enter_hook", chain)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    opened, close = threading.Event(), threading.Event()
+
+    def other_thread():
+        with capture():
+            opened.set()
+            close.wait(10)
+
+    other = threading.Thread(target=other_thread)
+    other.start()
+    try:
+        assert opened.wait(10)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report, then leave without running pytest's teardown
+            try:
+                empty_after_fork = chain.calls == []
+                with capture() as captured:
+                    chain(None)
+                ok = empty_after_fork and captured.triton_launches == 1 and chain.calls == []
+                os.write(write, b"1" if ok else b"0")
+            finally:
+                os._exit(0)
+        os.close(write)
+        answer = os.read(read, 1)
+        os.close(read)
+        os.waitpid(pid, 0)
+    finally:
+        close.set()
+        other.join(10)
+    assert answer == b"1"
 
 
 def test_interpreted_kernels_are_refused(kernel):

@@ -420,11 +420,16 @@ def test_equal_float_kv_scales_replay(sim):
     plan.run(batch.q, batch.cache, out)
     assert kernels["unified_attention_kernel"].jit_runs == runs  # replayed
     assert torch.equal(out, outs[0]) and not out.isnan().any()
-    # the oracle: codes times 0.5, from the cache's raw fp8 storage (not portattn.quant)
-    keys = batch.cache.key_cache.float() * 0.5
-    values = batch.cache.value_cache.float() * 0.5
+    _check_fp8_decode(out, batch, (19, 40), 0.5, 0.5)
+
+
+def _check_fp8_decode(out, batch, seq_lens, k_scale: float, v_scale: float) -> None:
+    """One query per sequence, group 2, head 32, against codes times the scales read from
+    the cache's raw fp8 storage (not portattn.quant)."""
+    keys = batch.cache.key_cache.float() * k_scale
+    values = batch.cache.value_cache.float() * v_scale
     table = batch.metadata.block_table
-    for seq, length in enumerate((19, 40)):
+    for seq, length in enumerate(seq_lens):
         slots = torch.arange(length)
         blocks = table[seq, slots // batch.cache.block_size].long()
         k = keys[blocks, slots % batch.cache.block_size]      # [len, kv heads, head]
@@ -435,6 +440,52 @@ def test_equal_float_kv_scales_replay(sim):
         scores = torch.einsum("hd,khd->hk", q, k) / math.sqrt(32)
         expected = torch.einsum("hk,khd->hd", scores.softmax(-1), v)
         assert relative_error(out[seq], expected) < 3e-3
+
+
+def test_float_scales_the_memo_refused_are_not_recorded(sim, monkeypatch):
+    """A float scale the device-scalar memo does not keep (full, or first met while a CUDA
+    graph was captured) is a new tensor at every read, which a recording cannot bind: the
+    call runs the normal path unrecorded instead of refusing the structure for good (it
+    was refused: every later call of it through the JIT), and records once the memo keeps
+    its scales."""
+    from portattn import KVQuant
+    from portattn.backends.unified_runner import inputs_of
+    from portattn.kernels.scalars import device_scalars
+
+    memory, kernels = sim
+    k_scale, v_scale = 0.4375, 0.8125  # values no other test puts in the memo
+    quant = KVQuant.fp8_per_tensor(k_scale, v_scale)
+    batch = make_paged_batch([1, 1], [23, 37], num_q_heads=4, num_kv_heads=2, head_size=32,
+                             dtype=torch.float16, quant=quant)
+    plan = portattn.plan(batch.metadata, num_q_heads=4, dtype=torch.float16,
+                         cache=batch.cache, backend="triton_unified", validate=False)
+    _replaying(plan)
+    memory.add(batch.metadata.cu_seqlens_q, batch.metadata.seq_lens,
+               batch.metadata.block_table, batch.q, batch.cache.key_cache,
+               batch.cache.value_cache)
+    monkeypatch.setattr(device_scalars, "capacity", 0)  # refuses every new value
+    for _ in range(3):
+        out = torch.full_like(batch.q, math.nan)
+        plan.run(batch.q, batch.cache, out)
+        _check_fp8_decode(out, batch, (23, 37), k_scale, v_scale)
+    slot = next(iter(plan._accepted.values()))
+    assert slot.sequence is None and slot.reason is None, slot.reason
+    assert not device_scalars.kept(k_scale, batch.q.device, "k")
+
+    monkeypatch.setattr(device_scalars, "capacity", 4096)
+    inputs = inputs_of(batch.q, batch.cache, batch.metadata, batch.q, (None,) * 4, None)
+    memory.add(inputs[12], inputs[13])  # the memo's scalars, kept from now on
+    for _ in range(2):  # records (then replays or adds this call's alignments)
+        out = torch.full_like(batch.q, math.nan)
+        memory.add(out)
+        plan.run(batch.q, batch.cache, out)
+    assert slot.sequence is not None and slot.reason is None
+    runs = kernels["unified_attention_kernel"].jit_runs
+    out = torch.full_like(batch.q, math.nan)
+    memory.add(out)
+    plan.run(batch.q, batch.cache, out)
+    assert kernels["unified_attention_kernel"].jit_runs == runs  # replayed
+    _check_fp8_decode(out, batch, (23, 37), k_scale, v_scale)
 
 
 def test_a_call_that_fell_back_from_descriptors_is_not_recorded(sim, monkeypatch):

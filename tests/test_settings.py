@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import MutableMapping
 from pathlib import Path
 
@@ -155,6 +156,34 @@ def test_a_read_between_an_environ_event_and_its_store_is_not_kept(monkeypatch):
     finally:
         os.environ.pop("PORTATTN_BACKEND", None)
     assert settings.BACKEND.raw() is None
+
+
+class _StoreFails(dict):
+    """``os.environ._data`` whose store fails after ``os.environ``'s event was raised (as
+    when a later audit hook vetoes the change): the announced value never arrives."""
+
+    def __setitem__(self, key, value):
+        raise RuntimeError("the store did not happen")
+
+
+def test_a_store_that_never_came_stops_snapshots_for_a_moment_only(monkeypatch):
+    """An announced value that is never stored is waited for a short while only (it was
+    waited for forever: every later read went to os.environ, and the launch path's
+    memos keyed on the snapshot missed on every call)."""
+    monkeypatch.delenv("PORTATTN_BACKEND", raising=False)
+    assert settings.BACKEND.raw() is None
+    monkeypatch.setattr(settings, "_ANNOUNCED_FOR_S", 0.2)
+    original = os.environ._data
+    monkeypatch.setattr(os.environ, "_data", _StoreFails(original))
+    try:
+        with pytest.raises(RuntimeError, match="did not happen"):
+            os.environ["PORTATTN_BACKEND"] = "torch_ref"
+    finally:
+        monkeypatch.setattr(os.environ, "_data", original)
+        os.unsetenv("PORTATTN_BACKEND")  # putenv ran: the C environment has it
+    assert settings.BACKEND.raw() is None and settings._snapshot is None  # not kept yet
+    time.sleep(0.25)
+    assert settings.BACKEND.raw() is None and settings._snapshot is not None  # kept again
 
 
 def test_events_of_other_variables_keep_the_snapshot(monkeypatch):

@@ -29,10 +29,11 @@ refused (a test event proves it runs), no snapshot is kept and every read goes t
 ``os.environ``. ``os.environ`` raises its event *before* it stores the new value, so a
 snapshot read by another thread in between would hold the old one: a snapshot is only
 kept when no event came while it was read and it agrees with the value every such
-``os.environ`` change announced (otherwise it serves that one read and the next read
-looks again). Changing the environment from one thread while another calls portattn
-is as unsafe as it is in C (``setenv`` is not thread-safe) for the calls that overlap the
-change; once ``os.environ[...] = ...`` has returned, every later read sees the new value.
+``os.environ`` change announced in the last second (otherwise it serves that one read
+and the next read looks again). Changing the environment from one thread while another
+calls portattn is as unsafe as it is in C (``setenv`` is not thread-safe) for the calls
+that overlap the change; once ``os.environ[...] = ...`` has returned, every later read
+sees the new value.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import itertools
 import os
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -261,9 +263,12 @@ _state_lock = threading.RLock()
 _versions = itertools.count(1)
 #: Bumped by every event that concerns a setting: a read that saw it change is not kept.
 _version = 0
-#: Setting name -> the value its last ``os.environ`` change announced (None: deleted),
-#: which ``os.environ`` stores right after the event: a snapshot that disagrees is not kept.
-_announced: dict[str, str | None] = {}
+#: Setting name -> (the value its last ``os.environ`` change announced (None: deleted),
+#: when), which ``os.environ`` stores right after the event: a snapshot that disagrees
+#: is not kept, for at most a second (a store that never came, such as one a later audit
+#: hook vetoed, must not stop snapshots for good).
+_announced: dict[str, tuple[str | None, float]] = {}
+_ANNOUNCED_FOR_S = 1.0
 #: The ``os.environ`` methods whose events announce the value they then store.
 _ENVIRON_CODES = frozenset(getattr(getattr(type(os.environ), name, None), "__code__", None)
                            for name in ("__setitem__", "__delitem__")) - {None}
@@ -291,7 +296,7 @@ def _on_audit_event(event: str, args: tuple) -> None:
             announces = False
         with _state_lock:
             if announces and name is not None:
-                _announced[name] = value
+                _announced[name] = (value, time.monotonic())
             _version = next(_versions)
             _snapshot = None
     elif event == _CHECK_EVENT:
@@ -337,10 +342,12 @@ def _refresh() -> _Snapshot:
     with _state_lock:
         if version != _version:
             return snapshot  # the environment changed while it was read: not kept
-        for name, value in list(_announced.items()):
-            if snapshot.raw[name] != value:
-                return snapshot  # os.environ has not stored an announced value yet
-            del _announced[name]  # stored: nothing left to wait for
+        if _announced:
+            now = time.monotonic()
+            for name, (value, when) in list(_announced.items()):
+                if snapshot.raw[name] != value and now - when < _ANNOUNCED_FOR_S:
+                    return snapshot  # os.environ has not stored an announced value yet
+                del _announced[name]  # stored (or never will be): nothing to wait for
         _snapshot = snapshot
     return snapshot
 

@@ -137,6 +137,18 @@ def _scale_input(scale, device, role: str):
     return device_scalars.get(scale, device, role)
 
 
+def _float_scales_kept(q, cache, layer) -> bool:
+    """Whether every scale of the call that :func:`_scale_input` turns into a device
+    tensor is the same tensor at each read (see ``device_scalars.kept``)."""
+    from portattn.kernels.scalars import device_scalars
+
+    quant, device = cache.quant, q.device
+    return device_scalars.kept(quant.k_scale, device, "k") and \
+        device_scalars.kept(quant.v_scale, device, "v") and \
+        device_scalars.kept(layer[2], device, "q") and \
+        device_scalars.kept(layer[3], device, "out")
+
+
 #: Every tensor launch.py may pass to a kernel, in a fixed order (None when absent), as
 #: expressions over a runner call's arguments. A replay reads only those its recorded
 #: launches bind; a recording reads them all (:func:`inputs_of`).
@@ -263,6 +275,12 @@ class UnifiedRunner(Runner):
 
         reader = READERS[self.quantized]
         inputs = reader.read(q, cache, metadata, out, layer, ws)
+        if self.quantized and not _float_scales_kept(q, cache, layer):
+            # a float scale is a new device tensor at every read (its memo refused it):
+            # nothing a relaunch could bind; record from a call whose scales it keeps
+            self._launch(q, cache, metadata, self.options_for(layer), out, self.plan.params,
+                         workspace=ws)
+            return
         failed_before = len(launch.DESCRIPTOR_FAILED)
         with fast_launch.capture() as captured:
             self._launch(q, cache, metadata, self.options_for(layer), out, self.plan.params,

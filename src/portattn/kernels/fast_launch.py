@@ -57,6 +57,7 @@ specialization) always take the normal path.
 from __future__ import annotations
 
 import inspect
+import os
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -174,9 +175,29 @@ class _LaunchCounter:
 
 
 _COUNTER = _LaunchCounter()
+#: A chain's ``calls`` holding only our counter: no hook of anyone else runs (see
+#: :func:`_hook_active`).
+_ONLY_COUNTER = [_COUNTER]
 _counter_lock = threading.Lock()
 _counter_users = 0
 _counter_chains: list = []  # the hook chains _COUNTER was added to
+_fork_handler_registered = False
+
+
+def _forget_counter_in_child() -> None:
+    """After ``fork``: the child has none of the parent's other threads, so none of their
+    open captures; take the counter out of the copied chains and start afresh (a lock
+    held by another thread at the fork would otherwise stay held)."""
+    global _counter_lock, _counter_users
+    for chain in _counter_chains:
+        try:
+            chain.remove(_COUNTER)
+        except Exception:  # pragma: no cover - the chain changed meanwhile
+            pass
+    _counter_chains.clear()
+    _counter_users = 0
+    _counter_lock = threading.Lock()
+    _local.counts = ()
 
 
 def _count_launches() -> _OpenCount | None:
@@ -196,6 +217,10 @@ def _count_launches() -> _OpenCount | None:
         return None
     if not hasattr(chain, "add") or settings.TRITON_INTERPRET.value():
         return None
+    global _fork_handler_registered
+    if not _fork_handler_registered and hasattr(os, "register_at_fork"):
+        _fork_handler_registered = True
+        os.register_at_fork(after_in_child=_forget_counter_in_child)
     with _counter_lock:
         if not any(known is chain for known in _counter_chains):
             chain.add(_COUNTER)
@@ -242,15 +267,22 @@ def triton_state():
     if memo is not None:
         runtime, enter, exit_, debug, snapshot, state = memo
         if runtime.launch_enter_hook is enter and runtime.launch_exit_hook is exit_ and \
-                not enter.calls and not exit_.calls and runtime.debug is debug and \
-                settings._snapshot is snapshot:
+                (not enter.calls or enter.calls == _ONLY_COUNTER) and not exit_.calls and \
+                runtime.debug is debug and settings._snapshot is snapshot:
             return state
     return _compute_triton_state()
 
 
 def _hook_active(hook) -> bool:
-    """Whether a launch hook runs: a HookChain with calls, or any other non-None hook."""
-    return hook is not None and bool(getattr(hook, "calls", True))
+    """Whether someone else's launch hook runs: a HookChain with calls other than our own
+    launch counter, or any other non-None hook. The counter only counts the launches of
+    threads with a capture open, which go through the JIT anyway: were it to count as a
+    hook, one thread's capture would send every other thread's launches through the JIT
+    and make their recordings fail (and be refused for good once it closed)."""
+    if hook is None:
+        return False
+    calls = getattr(hook, "calls", True)
+    return bool(calls) and calls != _ONLY_COUNTER
 
 
 def _compute_triton_state():

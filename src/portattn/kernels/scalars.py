@@ -59,6 +59,15 @@ class _DeviceScalars:
                         found = self._entries.setdefault(key, found)
         return found
 
+    def kept(self, value, device: torch.device, role: str = "") -> bool:
+        """Whether :meth:`get` answers ``value`` with the same tensor at every call: None
+        and a tensor (a view of it) always, a float once the memo holds it. A float it
+        refused (the memo full, or met first while a CUDA graph was captured) is a new
+        tensor at each call, which a recorded launch cannot bind."""
+        if value is None or isinstance(value, torch.Tensor):
+            return True
+        return (role, float(value), device) in self._entries
+
     def __len__(self) -> int:
         return len(self._entries)
 
