@@ -91,7 +91,7 @@ def test_explain_forced_backend_that_cannot_serve(capsys):
     (["--kv-quant", "fp8_per_tensor:"], "error: --kv-quant: "),
     (["--kv-quant", "none:"], "error: --kv-quant: "),
     (["--alibi", "sqrt", "--non-causal"], "error: --alibi: "),
-    (["--simulate", "nope"], "error: simulate: expected a known simulated profile"),
+    (["--simulate", "nope"], "error: --simulate: expected a known simulated profile"),
 ])
 def test_explain_rejects_what_attention_would_reject(capsys, flags, message):
     """Each of these describes a call ``attention`` rejects: no decision is printed."""
@@ -121,3 +121,72 @@ def test_console_entry_point_runs():
     assert result.returncode == 0, result.stderr
     assert "arch: gfx942" in result.stdout
     assert "backend: triton_unified" in result.stdout
+
+
+@pytest.mark.parametrize("command", [["report"], ["explain"]])
+def test_a_bad_simulate_flag_is_named_as_the_flag(capsys, command):
+    assert main([*command, "--simulate", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --simulate: expected a known simulated profile")
+
+
+def test_an_invalid_variable_of_one_backend_is_an_error_not_a_rejection(capsys, monkeypatch):
+    monkeypatch.setenv("PORTATTN_GLUON", "x")
+    assert main(["explain", "--simulate", "sm90+fa4", "--query-len", "2048",
+                 "--seq-len", "2048"]) == 2
+    assert capsys.readouterr().err.startswith("error: PORTATTN_GLUON: expected auto, 0, 1")
+    # the report still prints (it is where one looks): the rows say what is wrong
+    assert main(["report", "--simulate", "sm90"]) == 0
+    text = capsys.readouterr().out
+    assert "'x' INVALID" in text and "PORTATTN_GLUON: expected" in text
+
+
+def test_demo_names_the_backends_that_could_serve_but_rank_lower(capsys, monkeypatch):
+    monkeypatch.setenv("PORTATTN_SIMULATE", "cpu-interpreter")  # our kernel could run
+    assert main(["demo"]) == 0
+    text = capsys.readouterr().out
+    assert "backend: torch_ref (auto)" in text
+    assert "not triton_unified: could serve, lower priority" in text
+    assert "simulated profile cpu-interpreter" in text
+
+
+def test_report_text_wraps_the_routing_variants(capsys):
+    assert main(["report", "--simulate", "sm90"]) == 0
+    text = capsys.readouterr().out
+    routing = text[text.index("\nRouting\n"):]
+    assert max(len(line) for line in routing.splitlines()) <= 140
+    assert "prefill-2d-gluon" in routing
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--cases", "nope"], "argument --cases: "),
+    (["--shard", "x"], "argument --shard: "),
+    (["--shard", "2/2"], "argument --shard: "),
+    (["--shrink", "0"], "argument --shrink: "),
+    (["--block-size", "0"], "argument --block-size: "),
+    (["--num-q-heads", "5"], "argument --num-q-heads: "),
+    (["--device", "tpu"], "argument --device: "),
+])
+def test_bench_rejects_bad_arguments_before_any_work(capsys, argv, message, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", *argv, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())  # nothing ran, nothing written
+
+
+def test_bench_on_a_cpu_says_how_to_make_it_short(capsys, tmp_path, monkeypatch):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU machine benches the GPU")
+    from portattn import bench
+
+    monkeypatch.setattr(bench, "run_case", lambda *a, **k: {"impls": {}, "plan": "-"})
+    monkeypatch.setattr(bench, "measure_ceilings", lambda *a: {})
+    monkeypatch.setattr(bench, "add_plain_ratios", lambda report: None)
+    monkeypatch.setattr(bench, "plot", lambda *a: None)
+    monkeypatch.setattr(bench, "format_table", lambda report: "")
+    assert main(["bench", "--cases", "decode-1x8192", "--out", str(tmp_path)]) == 0
+    assert "--shrink" in capsys.readouterr().err

@@ -295,3 +295,34 @@ def test_without_a_working_audit_hook_every_read_goes_to_the_environment(monkeyp
     monkeypatch.setenv("PORTATTN_BACKEND", "torch_ref")
     assert settings.BACKEND.value() == "torch_ref"
     assert settings._snapshot is None and settings._hook_state is False
+
+
+def test_an_unknown_backend_name_is_reported_as_a_problem(monkeypatch):
+    """PORTATTN_BACKEND takes any text when read (a backend registered later may carry the
+    name), but every call with an unknown name fails: the report flags it."""
+    monkeypatch.setenv("PORTATTN_BACKEND", "nonsense")
+    problem = settings.BACKEND.problem()
+    assert problem is not None and "PORTATTN_BACKEND" in problem and "torch_ref" in problem
+    text = render_report(collect_report(extra_sections=None))
+    assert "'nonsense' INVALID" in text
+    for name in ("torch_ref", "auto", "AUTO", " torch_ref "):
+        monkeypatch.setenv("PORTATTN_BACKEND", name)
+        assert settings.BACKEND.problem() is None
+
+
+@pytest.mark.parametrize("name, junk", [("PORTATTN_GLUON", "x"),
+                                        ("PORTATTN_UNIFIED_SPLIT", "x"),
+                                        ("PORTATTN_FLASH_ATTN_INTERFACE", "fa5")])
+def test_an_invalid_decision_variable_fails_every_decision(name, junk, monkeypatch):
+    """A variable read only inside one backend's checks must not turn into that backend's
+    "reason" (routing silently changed): the decision itself raises, naming it."""
+    from portattn.capabilities import probe
+    from portattn.dispatch import Problem, decide
+
+    caps = probe(simulate="sm90+fa4")  # both our kernel and FA4 serve a long prefill
+    problem = Problem.make(num_q_heads=32, num_kv_heads=8, head_size=128, block_size=16,
+                           dtype="bfloat16", device_type="cuda", query_len=2048,
+                           seq_len=2048, num_seqs=1)
+    monkeypatch.setenv(name, junk)
+    with pytest.raises(InputError, match=rf"^{name}: expected "):
+        decide(problem, caps, log=False)

@@ -215,6 +215,20 @@ def test_wrong_argument_types(batch):
         portattn.attention(batch.q, batch.cache, {"seq_lens": 1})
 
 
+def test_a_wrong_value_is_summarized_not_dumped(batch):
+    """A tuple of tensors where the cache belongs: the message names what came in a line,
+    not thousands of printed tensor values."""
+    k, v = batch.cache.key_cache, batch.cache.value_cache
+    with pytest.raises(InputError) as info:
+        portattn.attention(batch.q, (k, v), batch.metadata)
+    text = str(info.value)
+    assert text.startswith("cache: expected a portattn.PagedKVCache, got tuple of 2: ")
+    assert f"tensor of shape {tuple(k.shape)}" in text and len(text) < 400
+    with pytest.raises(InputError) as info:
+        portattn.attention(batch.q, batch.cache, {"x" * 1000: 1})
+    assert len(str(info.value)) < 300 and "..." in str(info.value)
+
+
 def test_metadata_builder_errors():
     with pytest.raises(InputError, match=r"^query_lens\[1\]: expected 0 <= query_len <= "
                                          r"seq_len \(2\), got 3"):

@@ -39,14 +39,18 @@ def _demo(args: argparse.Namespace) -> int:
     expected = dense_attention(batch.q, batch.keys, batch.values, query_lens, **options)
     error = relative_error(out, expected)
     tolerance = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
-    print(f"portattn demo on {device} ({portattn.probe().device_name})")
+    caps = portattn.probe(device=batch.q.device)
+    where = caps.device_name if caps.profile is None else \
+        f"{caps.device_name}, simulated profile {caps.profile}"
+    print(f"portattn demo on {device} ({where})")
     print(f"batch: {len(seq_lens)} sequences, query lengths {query_lens}, key lengths "
           f"{seq_lens}, 8 q heads / 2 kv heads of 64, block size 16 (shuffled blocks), "
           f"{str(dtype).replace('torch.', '')}")
     print(f"backend: {decision.backend} ({decision.source}), variant: "
           f"{decision.plan.describe()}")
-    for name, reasons in decision.rejected.items():
-        print(f"  not {name}: {'; '.join(reasons)}")
+    for name, reasons in decision.considered:
+        if name != decision.backend:
+            print(f"  not {name}: {'; '.join(reasons) or 'could serve, lower priority'}")
     print(f"relative error vs dense float64 attention on the unpaged K/V: {error:.2e} "
           f"(tolerance {tolerance:.0e})")
     ok = error <= tolerance
@@ -156,34 +160,39 @@ def build_parser() -> argparse.ArgumentParser:
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     report.add_argument("--json", action="store_true", help="one JSON document (schema in "
                                                             "the README)")
-    report.add_argument("--simulate", help="a simulated profile instead of this machine")
+    report.add_argument("--simulate", help="a simulated profile instead of this machine "
+                                           "(sm80, sm90, gfx942, ...; default: "
+                                           "$PORTATTN_SIMULATE)")
     report.add_argument("--refresh", action="store_true", help="probe again, ignoring caches")
     report.set_defaults(func=_report)
 
     explain = sub.add_parser("explain", help="which backend serves a problem, and why not "
                                              "the others (no tensors needed)")
     explain.add_argument("--heads", type=int, default=32, help="query heads")
-    explain.add_argument("--kv-heads", type=int, default=8)
-    explain.add_argument("--head-size", type=int, default=128)
+    explain.add_argument("--kv-heads", type=int, default=8, help="KV heads")
+    explain.add_argument("--head-size", type=int, default=128, help="query/key head size")
     explain.add_argument("--head-size-v", type=int, help="value head size (DiffKV)")
-    explain.add_argument("--block-size", type=int, default=16)
-    explain.add_argument("--dtype", default="bfloat16")
-    explain.add_argument("--out-dtype")
+    explain.add_argument("--block-size", type=int, default=16, help="tokens per cache block")
+    explain.add_argument("--dtype", default="bfloat16", help="q's dtype: float16, bfloat16, "
+                         "float32, float8_e4m3fn or float8_e5m2 (default bfloat16)")
+    explain.add_argument("--out-dtype", help="the result's dtype (default: attention's)")
     explain.add_argument("--kv-quant", default="none", help="none, fp8_per_tensor[:e4m3fn|"
                          ":e5m2], int8_per_token_head, fp8_per_token_head[:e4m3fn|:e5m2]")
     explain.add_argument("--query-len", type=int, default=1, help="max query tokens per "
                                                                   "sequence (1 = decode)")
     explain.add_argument("--seq-len", type=int, default=8192, help="max keys per sequence")
-    explain.add_argument("--num-seqs", type=int, default=1)
-    explain.add_argument("--non-causal", action="store_true")
+    explain.add_argument("--num-seqs", type=int, default=1, help="sequences in the batch")
+    explain.add_argument("--non-causal", action="store_true", help="causal=False")
     explain.add_argument("--window", action="store_true", help="sliding window")
-    explain.add_argument("--softcap", action="store_true")
+    explain.add_argument("--softcap", action="store_true", help="logit softcap")
     explain.add_argument("--alibi", choices=["none", "linear", "sqrt"], default="none")
-    explain.add_argument("--sinks", action="store_true")
-    explain.add_argument("--device", choices=["cuda", "cpu"])
+    explain.add_argument("--sinks", action="store_true", help="attention sinks")
+    explain.add_argument("--device", choices=["cuda", "cpu"],
+                         help="the tensors' device type (default: the probed device's)")
     explain.add_argument("--backend", help="force a backend by name")
-    explain.add_argument("--simulate", help="a simulated profile (sm80, sm90, gfx942, ...)")
-    explain.add_argument("--json", action="store_true")
+    explain.add_argument("--simulate", help="a simulated profile (sm80, sm90, gfx942, ...; "
+                         "default: $PORTATTN_SIMULATE)")
+    explain.add_argument("--json", action="store_true", help="the decision as JSON")
     explain.set_defaults(func=_explain)
 
     sub.add_parser("bench", help="benchmark against peers and the copy-bandwidth ceiling "
@@ -199,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     from portattn.errors import InputError, UnsupportedError
 
     try:
+        if (getattr(args, "simulate", None) or "").strip():  # named as the flag
+            from portattn.capabilities.profiles import parse_profile_name
+
+            parse_profile_name(args.simulate, "--simulate")
         return args.func(args)
     except (InputError, UnsupportedError) as exc:  # bad arguments, or nothing serves them
         print(f"error: {exc}", file=sys.stderr)

@@ -566,6 +566,9 @@ def _stand_ins(device, num_q_heads, dtype, cache, num_kv_heads, head_size_qk, he
                                  f"of {quant.key})", str(kv_dtype))
         kv_dtype = quant.storage_dtype or (dtype if kv_dtype is None else kv_dtype)
         packed = head_size_v != head_size_qk
+    if num_q_heads % num_kv_heads:  # named as plan's argument (attention's check says "q")
+        raise InputError("num_q_heads", f"a multiple of num_kv_heads={num_kv_heads}",
+                         str(num_q_heads))
     k = torch.empty(head_size_qk, dtype=kv_dtype, device=device).expand(
         1, block_size, num_kv_heads, head_size_qk)
     v = torch.empty(head_size_v, dtype=kv_dtype, device=device).expand(

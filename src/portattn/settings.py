@@ -95,6 +95,10 @@ class Setting:
 
     ``parse`` turns a stripped, non-empty value into what the code uses and raises
     ``ValueError`` for a value it does not accept (None: any text, returned as is).
+    ``check`` (optional) looks at a parsed value that only later code can refuse (a
+    backend name, which a program may register after the variable is read) and returns
+    what was expected when that code will refuse it, else None: :meth:`problem` (the
+    report) says so, :meth:`value` does not raise for it.
     ``decides``: part of the decision fingerprint (a change must re-decide routing).
     ``owner``: who defines the variable (``portattn`` unless another project does).
     """
@@ -106,6 +110,7 @@ class Setting:
     parse: Callable[[str], Any] | None = None
     decides: bool = False
     owner: str = "portattn"
+    check: Callable[[Any], str | None] | None = None
 
     def raw(self) -> str | None:
         """The variable's text as the environment holds it (None when unset)."""
@@ -131,23 +136,34 @@ class Setting:
     def problem(self) -> str | None:
         """Why the current value is not accepted, or None (for reports)."""
         try:
-            self.value()
+            value = self.value()
         except InputError as exc:
             return str(exc)
-        return None
+        expected = None if value is None or self.check is None else self.check(value)
+        return None if expected is None else str(InputError(self.name, expected,
+                                                            repr(self.raw())))
 
 
 # --------------------------------------------------------------------------- the table
+
+
+def _registered_backend(name: str) -> str | None:
+    from portattn.dispatch.registry import backend_names
+
+    known = backend_names()
+    return None if name in known else f"auto or a registered backend ({', '.join(known)})"
+
 
 BACKEND = Setting(
     "PORTATTN_BACKEND", "auto or a backend name (triton_unified, flash_attn, "
     "flash_attn_gather, torch_ref, ...)", "auto",
     "force one backend for every call; a call it cannot serve raises UnsupportedError "
     "with its reasons (never a silent fallback)",
-    lambda text: None if text.lower() == "auto" else text, decides=True)
+    lambda text: None if text.lower() == "auto" else text, decides=True,
+    check=_registered_backend)
 SIMULATE = Setting(
     "PORTATTN_SIMULATE", "a profile name such as sm80, sm90, sm100, gfx942, cpu "
-    "(portattn.capabilities.PROFILES lists them; +fa2 / +fa3 adds flash-attn)",
+    "(portattn.capabilities.PROFILES lists them; +fa2 / +fa3 / +fa4 adds flash-attn)",
     "this machine",
     "probe a simulated device instead of this one (routing tests on a CPU)", decides=True)
 VALIDATE = Setting(
@@ -350,6 +366,15 @@ def _refresh() -> _Snapshot:
                 del _announced[name]  # stored (or never will be): nothing to wait for
         _snapshot = snapshot
     return snapshot
+
+
+def check_decision_settings() -> None:
+    """Parse every setting that changes decisions: ``InputError`` naming the first one
+    whose value is not accepted. The dispatcher calls it before deciding, so a variable
+    that only one backend reads fails the call instead of becoming that backend's reason
+    for not serving it (which would change the routing without a word)."""
+    for setting in DECISION_SETTINGS:
+        setting.value()
 
 
 def decision_environment() -> tuple[str | None, ...]:

@@ -43,9 +43,22 @@ def fp8_max(dtype: torch.dtype) -> float:
 
 
 def _describe(t: object) -> str:
+    """What came, for an ``InputError``: a tensor by shape, dtype and device (never its
+    values), a list or tuple holding tensors item by item, anything else by a repr cut
+    to a line."""
     if isinstance(t, torch.Tensor):
         return f"tensor of shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
-    return f"{type(t).__name__} {t!r}"
+    if isinstance(t, (list, tuple)) and any(isinstance(x, torch.Tensor) for x in t):
+        items = "; ".join(_describe(x) for x in t[:4]) + ("; ..." if len(t) > 4 else "")
+        return f"{type(t).__name__} of {len(t)}: ({items})"
+    text = repr(t)
+    if len(text) > _REPR_LIMIT:
+        text = text[:_REPR_LIMIT - 3] + "..."
+    return f"{type(t).__name__} {text}"
+
+
+#: How much of a value's repr an error message shows.
+_REPR_LIMIT = 120
 
 
 # --------------------------------------------------------------------------- KVQuant

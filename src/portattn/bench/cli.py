@@ -10,6 +10,7 @@ import argparse
 import datetime
 import json
 import os
+import sys
 import time
 
 import torch
@@ -21,28 +22,74 @@ from portattn.bench.sweep import compile_only
 from portattn.bench.timing import GraphTimer, measure_ceilings, timer
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
+    return value
+
+
+def _shard(text: str) -> tuple[int, int]:
+    index, sep, count = text.partition("/")
+    if sep and index.isdigit() and count.isdigit() and 0 <= int(index) < int(count):
+        return int(index), int(count)
+    raise argparse.ArgumentTypeError(f"expected i/n with 0 <= i < n, got {text!r}")
+
+
+def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``parser.error`` (exit 2, the flag named) for what would fail later, mid-run."""
+    if args.num_q_heads % args.num_kv_heads:
+        parser.error(f"argument --num-q-heads: expected a multiple of --num-kv-heads "
+                     f"({args.num_kv_heads}), got {args.num_q_heads}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("argument --device: cuda, but this torch sees no CUDA/ROCm GPU")
+    if args.shard != (0, 1) and not args.compile_only:
+        parser.error("argument --shard: only with --compile-only (it splits the kernel "
+                     "configs to compile, not the timed cases)")
+    cases = default_cases()
+    known = {"all"} | {c.name for c in cases} | {c.kind for c in cases} | \
+        {tag for c in cases for tag in case_tags(c)}
+    unknown = [w for w in args.cases.split(",") if w not in known]
+    if unknown:
+        parser.error(f"argument --cases: unknown {', '.join(map(repr, unknown))} (known: "
+                     f"{', '.join(sorted(known))})")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="portattn bench", description=__doc__.split("\n")[0])
     parser.add_argument("--cases", default="all",
-                        help="comma list of case names or kinds (decode, prefill, mixed, spec)")
+                        help="comma list of case names, kinds (decode, prefill, mixed, spec) "
+                        "or tags (plain, quant, diffkv, decode-plain, ...); default all")
     parser.add_argument("--sweep", action="store_true", help="also time many launch configs")
     parser.add_argument("--out", default="benchmarks/results", help="folder for JSON/PNG")
     parser.add_argument("--prefix", default=None, help="file name prefix (default gpu-date)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    parser.add_argument("--num-q-heads", type=int, default=32)
-    parser.add_argument("--num-kv-heads", type=int, default=8)
-    parser.add_argument("--head-size", type=int, default=128)
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--rep", type=int, default=100, help="do_bench rep in ms")
+    parser.add_argument("--num-q-heads", type=_positive_int, default=32)
+    parser.add_argument("--num-kv-heads", type=_positive_int, default=8)
+    parser.add_argument("--head-size", type=_positive_int, default=128)
+    parser.add_argument("--block-size", type=_positive_int, default=16)
+    parser.add_argument("--rep", type=_positive_int, default=100, help="do_bench rep in ms")
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--compile-only", action="store_true",
                         help="only run each kernel config once (fills Triton's disk cache; "
                         "use with --shrink 4 and --shard to compile in parallel)")
-    parser.add_argument("--shard", default="0/1", help="i/n: only every n-th case from i")
-    parser.add_argument("--shrink", type=int, default=1,
+    parser.add_argument("--shard", type=_shard, default=(0, 1),
+                        help="i/n, with --compile-only: compile every n-th kernel config "
+                        "from the i-th (parallel compiles)")
+    parser.add_argument("--shrink", type=_positive_int, default=1,
                         help="divide sequence lengths (smoke tests on the interpreter)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", choices=("cuda", "cpu"),
+                        default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="default: cuda when available")
     args = parser.parse_args(argv)
+    _check_arguments(parser, args)
+    if args.device == "cpu" and args.shrink == 1 and not args.compile_only:
+        print("portattn bench: no GPU: on the CPU a run checks the harness, it measures "
+              "nothing, and full-size cases take minutes each; --shrink 64 --cases "
+              "decode-1x8192 makes it short", file=sys.stderr, flush=True)
 
     from portattn.capabilities import probe
 
@@ -52,7 +99,7 @@ def main(argv=None) -> int:
     cases = [c for c in default_cases(args.shrink)
              if "all" in wanted or c.name in wanted or c.kind in wanted
              or bool(wanted & set(case_tags(c)))]
-    shard, shards = (int(x) for x in args.shard.split("/"))
+    shard, shards = args.shard
     if args.compile_only:
         return compile_only(cases, args, caps, shard, shards)
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"

@@ -84,11 +84,15 @@ Sections added by ``portattn report`` (the dispatcher), absent from
 ``python -m portattn.capabilities.report``:
 
 ``backends``
-    ``{name: {"available": bool, "reasons": [str, ...]}}``, every registered backend and
-    why it cannot run on this machine (empty list when it can).
+    ``{name: {"available": bool, "reasons": [str, ...], "summary": str}}``, every
+    registered backend, why it cannot run on this machine (empty list when it can) and
+    what it is.
 ``routing``
-    ``[{"problem": str, "backend": str, "variant": str}, ...]``: the decision for each of
-    a set of common problems.
+    ``[{"problem": str, "backend": str, "variant": str, "notes": [str, ...]}, ...]``: the
+    decision for each of a set of common problems, with the dispatcher's notes (a
+    measured lead that yielded). When nothing serves a problem, or a ``PORTATTN_*``
+    value is not accepted, its row has ``"backend": "none"``, the error's first line as
+    ``variant`` and no ``notes``.
 """
 
 from __future__ import annotations
@@ -312,7 +316,7 @@ def _routing_lines(routing: Any) -> list[str]:
         return ["  (none)"]
     notes = [f"  note ({r.get('problem', '')}): {note}" for r in routing
              if isinstance(r, dict) for note in r.get("notes") or ()]
-    return _table(("problem", "backend", "variant"), rows) + notes
+    return _table(("problem", "backend", "variant"), rows, last_width=72) + notes
 
 
 def _generic_lines(value: Any) -> list[str]:

@@ -10,7 +10,7 @@ from portattn.capabilities import Capabilities
 from portattn.dispatch.problem import Problem
 from portattn.dispatch.registry import backend_names, load_backend
 from portattn.dispatch.selector import decide
-from portattn.errors import UnsupportedError
+from portattn.errors import InputError, UnsupportedError
 
 #: name -> keyword arguments of Problem.make (device_type comes from the capabilities).
 COMMON_PROBLEMS: dict[str, dict] = {
@@ -43,7 +43,7 @@ def routing_table(caps: Capabilities) -> list[dict]:
             decision = decide(problem, caps, log=False)  # a listing, not a call
             rows.append({"problem": name, "backend": decision.backend,
                          "variant": decision.plan.describe(), "notes": list(decision.notes)})
-        except UnsupportedError as exc:
+        except (InputError, UnsupportedError) as exc:  # e.g. a bad PORTATTN_* value
             rows.append({"problem": name, "backend": "none",
                          "variant": str(exc).splitlines()[0]})
     return rows

@@ -18,7 +18,7 @@ from portattn.dispatch.priorities import leads_for, priority_list, problem_class
 from portattn.dispatch.problem import Problem
 from portattn.dispatch.registry import backend_names, load_backend
 from portattn.errors import UnsupportedError
-from portattn.settings import BACKEND, decision_environment
+from portattn.settings import BACKEND, check_decision_settings, decision_environment
 
 
 @dataclass(frozen=True)
@@ -216,6 +216,7 @@ def decide(problem: Problem, caps: Capabilities, backend: str | None = None, *,
     key = (problem, caps, forced, source, decision_environment())
     decision = decision_cache.get(key)
     if decision is None:
+        check_decision_settings()  # a bad value names its variable, whoever reads it
         decision = _decide(problem, caps, forced, source)
         decision_cache.put(key, decision)
     if log and key not in announced:
