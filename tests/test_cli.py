@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from portattn.cli import main
 
@@ -77,9 +78,10 @@ def test_explain_forced_backend_that_cannot_serve(capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--heads", "0"], "error: --heads: expected an int >= 1"),
+    (["--heads", "0"], "error: --heads: expected an int in [1, 2147483647]"),
     (["--heads", "3", "--kv-heads", "2"], "error: --heads: expected a multiple of --kv-heads"),
-    (["--head-size", "-1"], "error: --head-size: expected an int >= 1"),
+    (["--head-size", "-1"], "error: --head-size: expected an int in [1, "),
+    (["--seq-len", "3000000000"], "error: --seq-len: expected an int in [1, 2147483647]"),
     (["--num-seqs", "0"], "error: --num-seqs: "),
     (["--query-len", "10", "--seq-len", "5"], "error: --query-len: expected at most --seq-len"),
     (["--dtype", "int8"], "error: --dtype: expected one of float16, "),
@@ -99,6 +101,18 @@ def test_explain_rejects_what_attention_would_reject(capsys, flags, message):
     captured = capsys.readouterr()
     assert captured.err.startswith(message) and "Traceback" not in captured.err
     assert captured.out == ""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_explain_of_a_cuda_call_on_a_cpu_machine_asks_for_a_profile(capsys):
+    """Without a GPU, ``--device cuda`` would be decided against the CPU's capabilities (a
+    decision no call could get): an error naming the flag; with a simulated GPU it runs."""
+    assert main(["explain", "--device", "cuda"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: --device: expected cpu on this machine")
+    assert "--simulate" in captured.err and captured.out == ""
+    assert main(["explain", "--device", "cuda", "--simulate", "sm90"]) == 0
+    assert "arch: sm90" in capsys.readouterr().out
 
 
 def test_explain_of_an_fp8_query_gives_a_bf16_output(capsys):

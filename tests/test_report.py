@@ -66,7 +66,7 @@ def test_report_keys_and_json_round_trip():
 def test_report_probes_and_says_where_from(isolated):
     first = collect_report()
     assert first["probe_origin"] == "probed"
-    assert first["disk_cache"] == {"dir": str(isolated), "enabled": True}
+    assert first["disk_cache"] == {"dir": str(isolated), "enabled": True, "problem": None}
     clear_cache()  # as a new process would
     second = collect_report()
     assert second["probe_origin"] == "disk-cache"
@@ -75,6 +75,24 @@ def test_report_probes_and_says_where_from(isolated):
     assert "from the disk cache" in render_report(second)
     other = Capabilities.from_dict(first["capabilities"])  # not the object probe returned
     assert collect_report(other)["probe_origin"] == "caller"
+
+
+def test_report_says_when_the_disk_cache_cannot_be_written(isolated, monkeypatch, tmp_path):
+    """A cache folder that cannot be made (under a file here) keeps nothing, silently for
+    the probe (it never raises); the report says so instead of naming the folder as if
+    it were in use."""
+    (tmp_path / "a-file").write_text("not a folder")
+    folder = tmp_path / "a-file" / "portattn"
+    monkeypatch.setenv("PORTATTN_CACHE_DIR", str(folder))
+    report = collect_report()
+    assert report["probe_origin"] == "probed"
+    problem = report["disk_cache"]["problem"]
+    assert problem and str(folder) in problem and "cannot be written" in problem
+    assert f"disk cache unusable: {problem}" in render_report(report)
+    clear_cache()
+    assert collect_report()["probe_origin"] == "probed"  # indeed nothing was kept
+    monkeypatch.setenv("PORTATTN_CACHE_DIR", str(tmp_path / "fresh" / "portattn"))
+    assert collect_report()["disk_cache"]["problem"] is None  # made, as a write makes it
 
 
 def test_environment_section_lists_what_is_set(monkeypatch):

@@ -74,10 +74,14 @@ def _explain(args: argparse.Namespace) -> int:
     from portattn.capabilities import probe
     from portattn.dispatch.problem import Problem
     from portattn.dispatch.selector import decide, with_notes
-    from portattn.errors import UnsupportedError
+    from portattn.errors import InputError, UnsupportedError
 
     _check_explain_arguments(args)
     caps = probe(simulate=args.simulate)
+    if args.device == "cuda" and caps.device_type != "cuda":
+        raise InputError("--device", "cpu on this machine (its probe found no CUDA/ROCm GPU): "
+                         "--simulate a profile (sm90, gfx942, ...) to explain a GPU call",
+                         "cuda")
     problem = Problem.make(
         num_q_heads=args.heads, num_kv_heads=args.kv_heads, head_size=args.head_size,
         head_size_v=args.head_size_v, block_size=args.block_size, dtype=args.dtype,
@@ -103,14 +107,14 @@ def _check_explain_arguments(args: argparse.Namespace) -> None:
     """``InputError`` naming the flag for what :func:`portattn.attention` would reject."""
     from portattn.dispatch.problem import DTYPES_BY_NAME
     from portattn.errors import InputError
-    from portattn.types import FLOAT_DTYPES, FP8_DTYPES, KVQuant
+    from portattn.types import FLOAT_DTYPES, FP8_DTYPES, INT32_MAX, KVQuant
 
     for flag, value in (("--heads", args.heads), ("--kv-heads", args.kv_heads),
                         ("--head-size", args.head_size), ("--head-size-v", args.head_size_v),
                         ("--block-size", args.block_size), ("--query-len", args.query_len),
                         ("--seq-len", args.seq_len), ("--num-seqs", args.num_seqs)):
-        if value is not None and value < 1:
-            raise InputError(flag, "an int >= 1", str(value))
+        if value is not None and not 1 <= value <= INT32_MAX:
+            raise InputError(flag, f"an int in [1, {INT32_MAX}] (int32 metadata)", str(value))
     if args.heads % args.kv_heads:
         raise InputError("--heads", f"a multiple of --kv-heads ({args.kv_heads})",
                          str(args.heads))

@@ -82,6 +82,24 @@ def describe_dir() -> str:
         return f"unavailable ({type(exc).__name__}: {exc})"
 
 
+def dir_problem() -> str | None:
+    """Why probe results cannot be kept on disk (for the report), or None: no folder can
+    be named, or the folder cannot be made or written (tried: it is made, as a probe's
+    write would make it, and a temporary file is created in it and removed). The writers
+    never raise for it; they just keep nothing."""
+    try:
+        folder = cache_dir()
+    except Exception as exc:
+        return f"no folder can be named ({type(exc).__name__}: {exc})"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        return f"{folder} cannot be written ({type(exc).__name__}: {exc.strerror or exc})"
+    return None
+
+
 def disk_cache_enabled() -> bool:
     """False when ``PORTATTN_NO_DISK_CACHE`` is on."""
     return not settings.NO_DISK_CACHE.value()

@@ -30,8 +30,10 @@ A JSON object; keys appear in this order. Consumers must ignore keys they do not
     ``"simulated"`` (a ``PORTATTN_SIMULATE`` profile) or ``"caller"`` (the program passed
     its own Capabilities).
 ``disk_cache``
-    ``{"dir": "/home/me/.cache/portattn", "enabled": true}``: where probe results are
-    kept (``PORTATTN_CACHE_DIR``) and whether that is on (``PORTATTN_NO_DISK_CACHE``).
+    ``{"dir": "/home/me/.cache/portattn", "enabled": true, "problem": null}``: where
+    probe results are kept (``PORTATTN_CACHE_DIR``), whether that is on
+    (``PORTATTN_NO_DISK_CACHE``), and why nothing can be kept there (not writable, not a
+    folder, no folder can be named), else null.
 ``capabilities``
     ``Capabilities.to_dict()``; ``Capabilities.from_dict`` reads it back exactly:
 
@@ -167,7 +169,8 @@ def collect_report(caps: Capabilities | None = None, *,
         "environment": {s.name: s.raw() for s in settings.SETTINGS if s.raw()},
         "settings": settings.describe(),
         "probe_origin": origin,
-        "disk_cache": {"dir": cache.describe_dir(), "enabled": cache.disk_cache_enabled()},
+        "disk_cache": {"dir": cache.describe_dir(), "enabled": cache.disk_cache_enabled(),
+                       "problem": cache.dir_problem()},
         "capabilities": caps.to_dict(),
         "devices": [d.to_dict() for d in (visible_devices(caps) if devices is None
                                           else devices)],
@@ -352,8 +355,12 @@ def render_report(report: dict) -> str:
     origin_text = _ORIGIN_TEXT.get(str(origin), _or_dash(origin))
     disk = report.get("disk_cache") or {}
     if disk and origin in ("probed", "disk-cache", "memory"):
-        origin_text += (f" (disk cache: {disk.get('dir', '?')})" if disk.get("enabled")
-                        else " (disk cache off)")
+        if not disk.get("enabled"):
+            origin_text += " (disk cache off)"
+        elif disk.get("problem"):
+            origin_text += f" (disk cache unusable: {disk['problem']})"
+        else:
+            origin_text += f" (disk cache: {disk.get('dir', '?')})"
     heading = "Capabilities"
     if isinstance(devices, list) and len(devices) > 1:
         heading += f" of the current device (cuda:{caps.get('device_index', '?')})"
