@@ -93,6 +93,12 @@ def test_report_says_when_the_disk_cache_cannot_be_written(isolated, monkeypatch
     assert collect_report()["probe_origin"] == "probed"  # indeed nothing was kept
     monkeypatch.setenv("PORTATTN_CACHE_DIR", str(tmp_path / "fresh" / "portattn"))
     assert collect_report()["disk_cache"]["problem"] is None  # made, as a write makes it
+    assert (tmp_path / "fresh" / "portattn").is_dir()
+    monkeypatch.setenv("PORTATTN_CACHE_DIR", str(tmp_path / "off" / "portattn"))
+    monkeypatch.setenv("PORTATTN_NO_DISK_CACHE", "1")
+    assert collect_report()["disk_cache"] == {"dir": str(tmp_path / "off" / "portattn"),
+                                              "enabled": False, "problem": None}
+    assert not (tmp_path / "off").exists()  # the disk cache off: nothing tried, nothing made
 
 
 def test_environment_section_lists_what_is_set(monkeypatch):

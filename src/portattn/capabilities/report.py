@@ -157,6 +157,7 @@ def collect_report(caps: Capabilities | None = None, *,
         origin = last[1] if last is not None and last[2] is caps else "caller"
     if caps.profile is not None and origin != "caller":
         origin = "simulated"
+    disk_on = cache.disk_cache_enabled()
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "portattn_version": __version__,
@@ -169,8 +170,8 @@ def collect_report(caps: Capabilities | None = None, *,
         "environment": {s.name: s.raw() for s in settings.SETTINGS if s.raw()},
         "settings": settings.describe(),
         "probe_origin": origin,
-        "disk_cache": {"dir": cache.describe_dir(), "enabled": cache.disk_cache_enabled(),
-                       "problem": cache.dir_problem()},
+        "disk_cache": {"dir": cache.describe_dir(), "enabled": disk_on,
+                       "problem": cache.dir_problem() if disk_on else None},  # no write when off
         "capabilities": caps.to_dict(),
         "devices": [d.to_dict() for d in (visible_devices(caps) if devices is None
                                           else devices)],
