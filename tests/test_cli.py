@@ -115,6 +115,12 @@ def test_explain_of_a_cuda_call_on_a_cpu_machine_asks_for_a_profile(capsys):
     assert "arch: sm90" in capsys.readouterr().out
 
 
+def test_explain_of_a_cuda_call_on_the_cpu_profile_names_the_profile(capsys):
+    assert main(["explain", "--device", "cuda", "--simulate", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --device: expected cpu on the simulated profile cpu"), err
+
+
 def test_explain_of_an_fp8_query_gives_a_bf16_output(capsys):
     assert main(["explain", "--dtype", "float8_e4m3fn", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["problem"]["out_dtype"] == "bfloat16"
@@ -195,12 +201,15 @@ def test_bench_on_a_cpu_says_how_to_make_it_short(capsys, tmp_path, monkeypatch)
 
     if torch.cuda.is_available():
         pytest.skip("a GPU machine benches the GPU")
-    from portattn import bench
+    from portattn.bench import cli as bench_cli
 
-    monkeypatch.setattr(bench, "run_case", lambda *a, **k: {"impls": {}, "plan": "-"})
-    monkeypatch.setattr(bench, "measure_ceilings", lambda *a: {})
-    monkeypatch.setattr(bench, "add_plain_ratios", lambda report: None)
-    monkeypatch.setattr(bench, "plot", lambda *a: None)
-    monkeypatch.setattr(bench, "format_table", lambda report: "")
+    ran = []
+    monkeypatch.setattr(bench_cli, "run_case",
+                        lambda *a, **k: ran.append(a[0].name) or {"impls": {}, "plan": "-"})
+    monkeypatch.setattr(bench_cli, "measure_ceilings", lambda *a: {})
+    monkeypatch.setattr(bench_cli, "add_plain_ratios", lambda report: None)
+    monkeypatch.setattr(bench_cli, "plot", lambda *a: None)
+    monkeypatch.setattr(bench_cli, "format_table", lambda report: "")
     assert main(["bench", "--cases", "decode-1x8192", "--out", str(tmp_path)]) == 0
     assert "--shrink" in capsys.readouterr().err
+    assert ran == ["decode-1x8192"]  # the stand-ins ran: no full-size case was timed

@@ -99,6 +99,11 @@ def test_report_says_when_the_disk_cache_cannot_be_written(isolated, monkeypatch
     assert collect_report()["disk_cache"] == {"dir": str(tmp_path / "off" / "portattn"),
                                               "enabled": False, "problem": None}
     assert not (tmp_path / "off").exists()  # the disk cache off: nothing tried, nothing made
+    monkeypatch.delenv("PORTATTN_NO_DISK_CACHE")
+    monkeypatch.setenv("PORTATTN_CACHE_DIR", str(tmp_path / "simulated" / "portattn"))
+    report = collect_report(probe(simulate="sm90"))
+    assert report["probe_origin"] == "simulated" and report["disk_cache"]["problem"] is None
+    assert not (tmp_path / "simulated").exists()  # a simulated probe writes nothing
 
 
 def test_environment_section_lists_what_is_set(monkeypatch):

@@ -326,3 +326,28 @@ def test_an_invalid_decision_variable_fails_every_decision(name, junk, monkeypat
     monkeypatch.setenv(name, junk)
     with pytest.raises(InputError, match=rf"^{name}: expected "):
         decide(problem, caps, log=False)
+
+
+def test_explicit_arguments_still_override_a_bad_variable(monkeypatch):
+    """``validate=False`` does not read ``PORTATTN_VALIDATE``, and a forced backend does
+    not read another backend's variable: neither call fails for them (both did once the
+    decision checked every variable)."""
+    import torch
+
+    import portattn
+    from portattn.testing import dense_attention, make_paged_batch, relative_error
+
+    batch = make_paged_batch([1, 3], [9, 20], num_q_heads=4, num_kv_heads=2, head_size=16,
+                             dtype=torch.float32)
+    expected = dense_attention(batch.q, batch.keys, batch.values, batch.query_lens)
+    monkeypatch.setenv("PORTATTN_VALIDATE", "maybe")
+    out = portattn.attention(batch.q, batch.cache, batch.metadata, validate=False)
+    assert relative_error(out, expected) < 2e-5
+    with pytest.raises(InputError, match=r"^PORTATTN_VALIDATE: expected "):
+        portattn.attention(batch.q, batch.cache, batch.metadata)  # validate=None reads it
+    monkeypatch.delenv("PORTATTN_VALIDATE")
+    monkeypatch.setenv("PORTATTN_FLASH_ATTN_INTERFACE", "fa5")
+    out = portattn.attention(batch.q, batch.cache, batch.metadata, backend="torch_ref")
+    assert relative_error(out, expected) < 2e-5
+    with pytest.raises(InputError, match=r"^PORTATTN_FLASH_ATTN_INTERFACE: expected "):
+        portattn.attention(batch.q, batch.cache, batch.metadata)  # an automatic decision

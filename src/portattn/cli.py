@@ -79,9 +79,10 @@ def _explain(args: argparse.Namespace) -> int:
     _check_explain_arguments(args)
     caps = probe(simulate=args.simulate)
     if args.device == "cuda" and caps.device_type != "cuda":
-        raise InputError("--device", "cpu on this machine (its probe found no CUDA/ROCm GPU): "
-                         "--simulate a profile (sm90, gfx942, ...) to explain a GPU call",
-                         "cuda")
+        where = "this machine (its probe found no CUDA/ROCm GPU)" if caps.profile is None \
+            else f"the simulated profile {caps.profile}"
+        raise InputError("--device", f"cpu on {where}: --simulate a GPU profile (sm90, "
+                         "gfx942, ...) to explain a GPU call", "cuda")
     problem = Problem.make(
         num_q_heads=args.heads, num_kv_heads=args.kv_heads, head_size=args.head_size,
         head_size_v=args.head_size_v, block_size=args.block_size, dtype=args.dtype,

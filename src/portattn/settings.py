@@ -369,12 +369,15 @@ def _refresh() -> _Snapshot:
 
 
 def check_decision_settings() -> None:
-    """Parse every setting that changes decisions: ``InputError`` naming the first one
-    whose value is not accepted. The dispatcher calls it before deciding, so a variable
-    that only one backend reads fails the call instead of becoming that backend's reason
-    for not serving it (which would change the routing without a word)."""
+    """Parse every setting that changes routing: ``InputError`` naming the first one
+    whose value is not accepted. The dispatcher calls it before an automatic decision,
+    so a variable that only one backend reads fails the call instead of becoming that
+    backend's reason for not serving it (which would change the routing without a word).
+    ``PORTATTN_VALIDATE`` is not among them: only a call with ``validate=None`` reads it
+    (and names it then), so ``validate=False`` keeps working whatever it holds."""
     for setting in DECISION_SETTINGS:
-        setting.value()
+        if setting is not VALIDATE:
+            setting.value()
 
 
 def decision_environment() -> tuple[str | None, ...]:

@@ -33,7 +33,8 @@ A JSON object; keys appear in this order. Consumers must ignore keys they do not
     ``{"dir": "/home/me/.cache/portattn", "enabled": true, "problem": null}``: where
     probe results are kept (``PORTATTN_CACHE_DIR``), whether that is on
     (``PORTATTN_NO_DISK_CACHE``), and why nothing can be kept there (not writable, not a
-    folder, no folder can be named), else null.
+    folder, no folder can be named), else null (also when off, simulated or passed in:
+    then nothing is written, nor checked).
 ``capabilities``
     ``Capabilities.to_dict()``; ``Capabilities.from_dict`` reads it back exactly:
 
@@ -158,6 +159,8 @@ def collect_report(caps: Capabilities | None = None, *,
     if caps.profile is not None and origin != "caller":
         origin = "simulated"
     disk_on = cache.disk_cache_enabled()
+    # a write check only where this probe would write (not simulated nor passed in)
+    check_disk = disk_on and origin not in ("simulated", "caller")
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "portattn_version": __version__,
@@ -171,7 +174,7 @@ def collect_report(caps: Capabilities | None = None, *,
         "settings": settings.describe(),
         "probe_origin": origin,
         "disk_cache": {"dir": cache.describe_dir(), "enabled": disk_on,
-                       "problem": cache.dir_problem() if disk_on else None},  # no write when off
+                       "problem": cache.dir_problem() if check_disk else None},
         "capabilities": caps.to_dict(),
         "devices": [d.to_dict() for d in (visible_devices(caps) if devices is None
                                           else devices)],

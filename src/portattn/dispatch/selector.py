@@ -216,7 +216,8 @@ def decide(problem: Problem, caps: Capabilities, backend: str | None = None, *,
     key = (problem, caps, forced, source, decision_environment())
     decision = decision_cache.get(key)
     if decision is None:
-        check_decision_settings()  # a bad value names its variable, whoever reads it
+        if forced is None:  # a bad value names its variable, whichever backend reads it
+            check_decision_settings()  # (a forced backend's own reads become its reasons)
         decision = _decide(problem, caps, forced, source)
         decision_cache.put(key, decision)
     if log and key not in announced:
