@@ -58,8 +58,9 @@ def _oracle(batch, q=None, causal=True, scale_kv=1.0):
 
 
 def _plan(batch, heads, dtype, causal=True):
+    # forced: with FA4 installed, a long prefill outside FA4's measured yield goes to FA4
     plan = portattn.plan(batch.metadata, num_q_heads=heads, dtype=dtype, cache=batch.cache,
-                         causal=causal)
+                         causal=causal, backend="triton_unified")
     params = plan.decision.plan.params
     assert params.get("gluon") and params.get("_gluon_forced"), plan.decision
     return plan
@@ -459,7 +460,7 @@ def _window_batch(query_lens, seq_lens, window):
 def _window_run(batch, table, window):
     meta = dataclasses.replace(batch.metadata, block_table=table)
     plan = portattn.plan(meta, num_q_heads=8, dtype=BF16, cache=batch.cache,
-                         sliding_window=window)
+                         sliding_window=window, backend="triton_unified")
     assert plan.decision.plan.params.get("gluon"), plan.decision
     out = torch.full_like(batch.q, 7.0)
     plan.run(batch.q, batch.cache, out=out)
