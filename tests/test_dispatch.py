@@ -4,7 +4,6 @@ registry, and the custom op under torch.compile."""
 import copy
 import json
 import pickle
-import threading
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from portattn.capabilities import probe
 from portattn.dispatch import Problem, decide, decision_cache, registry
 from portattn.dispatch.selector import forced_backend
 from portattn.testing import dense_attention, make_paged_batch, relative_error
+from thread_errors import errors_in_threads
 
 
 class PickyBackend(Backend):
@@ -118,24 +118,6 @@ def test_decisions_are_cached_per_problem(with_picky, batch):
     assert c != a
 
 
-def _errors_in_threads(worker, count: int) -> list[Exception]:
-    """Run ``worker(k)`` for k < count, each in its own thread; the exceptions raised."""
-    errors: list[Exception] = []
-
-    def guarded(k):
-        try:
-            worker(k)
-        except Exception as exc:  # pragma: no cover - reported by the caller's assert
-            errors.append(exc)
-
-    threads = [threading.Thread(target=guarded, args=(k,)) for k in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return errors
-
-
 def test_decision_cache_is_bounded_and_thread_safe(with_picky):
     caps = probe()
     old = decision_cache.capacity
@@ -147,7 +129,7 @@ def test_decision_cache_is_bounded_and_thread_safe(with_picky):
                                     num_q_heads=8, num_kv_heads=1 << (i % 4),
                                     seq_len=1 << (offset + i % 7)), caps)
 
-        assert not _errors_in_threads(worker, 4)
+        assert not errors_in_threads(worker, 4)
         assert len(decision_cache) <= 8
     finally:
         decision_cache.capacity = old
@@ -285,7 +267,7 @@ def test_memo_put_is_thread_safe_and_bounded(batch):
         for i in range(500):
             memo.put(metas[(offset + i) % 8], i % 70, i)
 
-    assert not _errors_in_threads(worker, 8)
+    assert not errors_in_threads(worker, 8)
     assert len(memo) <= 4
     assert all(len(calls) <= planning.CALLS_PER_ENTRY for calls, _ in memo.entries.values())
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -457,17 +458,9 @@ def test_a_capture_ending_in_another_thread_leaves_this_threads_count_whole(monk
     assert chain.calls == []  # the counting hook left with the last capture
 
 
-def test_another_threads_open_capture_does_not_turn_relaunches_off(monkeypatch):
-    """While one thread records (our counter in the enter chain), the others' Triton state
-    is still known: the counter is not a user's hook. It was taken for one, so another
-    thread's recording built meanwhile failed, and was refused for good when it re-checked
-    after the capture had closed. A real hook still turns relaunches off."""
-    chain = knobs.HookChain()
-    monkeypatch.setattr(knobs.runtime, "launch_enter_hook", chain)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    fast_launch._state_memo = None
-    before = fast_launch.triton_state()
-    assert before is not None
+@contextmanager
+def _capture_open_in_another_thread():
+    """A capture held open by another thread for the duration of the block."""
     opened, close = threading.Event(), threading.Event()
 
     def other_thread():
@@ -479,6 +472,24 @@ def test_another_threads_open_capture_does_not_turn_relaunches_off(monkeypatch):
     other.start()
     try:
         assert opened.wait(10)
+        yield
+    finally:
+        close.set()
+        other.join(10)
+
+
+def test_another_threads_open_capture_does_not_turn_relaunches_off(monkeypatch):
+    """While one thread records (our counter in the enter chain), the others' Triton state
+    is still known: the counter is not a user's hook. It was taken for one, so another
+    thread's recording built meanwhile failed, and was refused for good when it re-checked
+    after the capture had closed. A real hook still turns relaunches off."""
+    chain = knobs.HookChain()
+    monkeypatch.setattr(knobs.runtime, "launch_enter_hook", chain)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    fast_launch._state_memo = None
+    before = fast_launch.triton_state()
+    assert before is not None
+    with _capture_open_in_another_thread():
         assert chain.calls  # the counter is in the chain
         assert fast_launch.triton_state() == before
         fast_launch._state_memo = None  # computed afresh: the same answer
@@ -492,9 +503,6 @@ def test_another_threads_open_capture_does_not_turn_relaunches_off(monkeypatch):
             assert fast_launch.triton_state() is None
         finally:
             chain.remove(profiler)
-    finally:
-        close.set()
-        other.join(10)
     assert chain.calls == [] and fast_launch.triton_state() == before
 
 
@@ -506,17 +514,7 @@ def test_a_child_forked_during_a_capture_starts_without_the_counter(monkeypatch)
     chain = knobs.HookChain()
     monkeypatch.setattr(knobs.runtime, "launch_enter_hook", chain)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    opened, close = threading.Event(), threading.Event()
-
-    def other_thread():
-        with capture():
-            opened.set()
-            close.wait(10)
-
-    other = threading.Thread(target=other_thread)
-    other.start()
-    try:
-        assert opened.wait(10)
+    with _capture_open_in_another_thread():
         read, write = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: report, then leave without running pytest's teardown
@@ -532,9 +530,6 @@ def test_a_child_forked_during_a_capture_starts_without_the_counter(monkeypatch)
         answer = os.read(read, 1)
         os.close(read)
         os.waitpid(pid, 0)
-    finally:
-        close.set()
-        other.join(10)
     assert answer == b"1"
 
 

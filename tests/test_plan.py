@@ -174,7 +174,7 @@ def test_no_cache_or_metadata_is_kept_alive(doubling):
 def test_threads_share_plans(doubling):
     """Interpreted kernels in four threads (attention and plan.run, distinct caches), plus
     a stress of the memo with the test double in eight threads."""
-    from test_dispatch import _errors_in_threads
+    from thread_errors import errors_in_threads
 
     batch = make_paged_batch([1, 2], [13, 6], num_q_heads=4, num_kv_heads=2, head_size=32,
                              dtype=F32)
@@ -193,7 +193,7 @@ def test_threads_share_plans(doubling):
                                          backend="triton_unified", validate=False)
             results[k, i] = relative_error(out, _expected(batch, q, keys, values))
 
-    assert not _errors_in_threads(kernels, 4)
+    assert not errors_in_threads(kernels, 4)
     assert len(results) == 8 and max(results.values()) < TOLERANCE[F32]
 
     metas = [make_paged_batch([1] * n, [5] * n, num_q_heads=4, num_kv_heads=2,
@@ -208,7 +208,7 @@ def test_threads_share_plans(doubling):
                                          validate=False)
                 assert torch.equal(out, q * 2)
 
-        assert not _errors_in_threads(stress, 8)
+        assert not errors_in_threads(stress, 8)
         assert len(planning.memo) <= 2
     finally:
         planning.memo.capacity = planning.METADATA_CAPACITY

@@ -388,19 +388,10 @@ def test_equal_float_kv_scales_replay(sim):
     """An fp8 per-tensor cache whose K and V scales are the same float: each role gets its
     own device scalar, so the inputs never alias and the second call replays (on the
     H200 this structure ran 140 us of host time per call through the JIT before)."""
-    from portattn import KVQuant
     from portattn.backends.unified_runner import inputs_of
 
     memory, kernels = sim
-    quant = KVQuant.fp8_per_tensor(0.5, 0.5)
-    batch = make_paged_batch([1, 1], [19, 40], num_q_heads=4, num_kv_heads=2, head_size=32,
-                             dtype=torch.float16, quant=quant)
-    plan = portattn.plan(batch.metadata, num_q_heads=4, dtype=torch.float16,
-                         cache=batch.cache, backend="triton_unified", validate=False)
-    _replaying(plan)
-    memory.add(batch.metadata.cu_seqlens_q, batch.metadata.seq_lens,
-               batch.metadata.block_table, batch.q, batch.cache.key_cache,
-               batch.cache.value_cache)
+    batch, plan = _fp8_decode_plan(memory, (19, 40), 0.5, 0.5)
     inputs = inputs_of(batch.q, batch.cache, batch.metadata, batch.q, (None,) * 4, None)
     k_scale, v_scale = inputs[12], inputs[13]
     assert k_scale is not v_scale and float(k_scale) == float(v_scale) == 0.5
@@ -421,6 +412,23 @@ def test_equal_float_kv_scales_replay(sim):
     assert kernels["unified_attention_kernel"].jit_runs == runs  # replayed
     assert torch.equal(out, outs[0]) and not out.isnan().any()
     _check_fp8_decode(out, batch, (19, 40), 0.5, 0.5)
+
+
+def _fp8_decode_plan(memory, seq_lens, k_scale: float, v_scale: float):
+    """One query per sequence over an fp8 per-tensor cache (group 2, head 32, fp16): the
+    batch and its replaying plan, its tensors known to the simulated memory."""
+    from portattn import KVQuant
+
+    batch = make_paged_batch([1] * len(seq_lens), list(seq_lens), num_q_heads=4,
+                             num_kv_heads=2, head_size=32, dtype=torch.float16,
+                             quant=KVQuant.fp8_per_tensor(k_scale, v_scale))
+    plan = portattn.plan(batch.metadata, num_q_heads=4, dtype=torch.float16,
+                         cache=batch.cache, backend="triton_unified", validate=False)
+    _replaying(plan)
+    memory.add(batch.metadata.cu_seqlens_q, batch.metadata.seq_lens,
+               batch.metadata.block_table, batch.q, batch.cache.key_cache,
+               batch.cache.value_cache)
+    return batch, plan
 
 
 def _check_fp8_decode(out, batch, seq_lens, k_scale: float, v_scale: float) -> None:
@@ -448,21 +456,12 @@ def test_float_scales_the_memo_refused_are_not_recorded(sim, monkeypatch):
     call runs the normal path unrecorded instead of refusing the structure for good (it
     was refused: every later call of it through the JIT), and records once the memo keeps
     its scales."""
-    from portattn import KVQuant
     from portattn.backends.unified_runner import inputs_of
     from portattn.kernels.scalars import device_scalars
 
     memory, kernels = sim
     k_scale, v_scale = 0.4375, 0.8125  # values no other test puts in the memo
-    quant = KVQuant.fp8_per_tensor(k_scale, v_scale)
-    batch = make_paged_batch([1, 1], [23, 37], num_q_heads=4, num_kv_heads=2, head_size=32,
-                             dtype=torch.float16, quant=quant)
-    plan = portattn.plan(batch.metadata, num_q_heads=4, dtype=torch.float16,
-                         cache=batch.cache, backend="triton_unified", validate=False)
-    _replaying(plan)
-    memory.add(batch.metadata.cu_seqlens_q, batch.metadata.seq_lens,
-               batch.metadata.block_table, batch.q, batch.cache.key_cache,
-               batch.cache.value_cache)
+    batch, plan = _fp8_decode_plan(memory, (23, 37), k_scale, v_scale)
     monkeypatch.setattr(device_scalars, "capacity", 0)  # refuses every new value
     for _ in range(3):
         out = torch.full_like(batch.q, math.nan)

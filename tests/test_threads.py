@@ -25,6 +25,7 @@ from portattn import AttentionMetadata, InputError, KVQuant, PagedKVCache, plann
 from portattn.dispatch.announce import announced
 from portattn.dispatch.selector import decision_cache
 from portattn.testing import dense_attention, make_paged_batch, relative_error
+from thread_errors import errors_in_threads
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 TOLERANCE = {F32: 1e-5, F16: 3e-3, BF16: 2e-2}
@@ -69,25 +70,6 @@ def _batch(index: int, seed: int):
     return _hinted(batch), options
 
 
-def _errors_in_threads(worker, count: int = THREADS) -> list:
-    errors: list = []
-    start = threading.Barrier(count)
-
-    def guarded(k):
-        try:
-            start.wait()
-            worker(k)
-        except Exception as exc:  # pragma: no cover - reported by the caller's assert
-            errors.append((k, repr(exc)))
-
-    threads = [threading.Thread(target=guarded, args=(k,)) for k in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return errors
-
-
 def _check(batch, options, out) -> float:
     expected = dense_attention(batch.q, batch.keys, batch.values, batch.query_lens, **options)
     error = relative_error(out, expected)
@@ -114,7 +96,7 @@ def test_threads_with_their_own_caches_and_problems():
                 out = plan.run(batch.q, batch.cache)
             errors_seen[k, i] = _check(batch, options, out)
 
-    assert not _errors_in_threads(worker)
+    assert not errors_in_threads(worker, THREADS)
     assert len(errors_seen) == THREADS * 2 * len(PROBLEMS)
     assert planning.cache_info()["bodies"] == len(PROBLEMS)
 
@@ -142,7 +124,7 @@ def test_threads_share_one_metadata_with_their_own_layers():
             assert relative_error(out, expected) < TOLERANCE[F32]
 
     checked = planning.stats["checked"]
-    assert not _errors_in_threads(worker)
+    assert not errors_in_threads(worker, THREADS)
     assert planning.cache_info()["bodies"] == 1 and len(planning.memo) == 1
     # one check per structure, give or take threads that raced on the first call
     assert planning.stats["checked"] - checked <= 2 * THREADS
@@ -165,7 +147,7 @@ def test_concurrent_first_use_and_eviction_with_tiny_memos(monkeypatch):
                                      backend="torch_ref", validate=False, **options)
             _check(batch, options, out)
 
-    assert not _errors_in_threads(worker)
+    assert not errors_in_threads(worker, THREADS)
     assert len(planning.bodies.entries) <= 2 and len(planning.memo) <= 2
     assert len(decision_cache) <= 3
     assert all(len(calls) <= 2 for calls, _ in planning.memo.entries.values())
@@ -285,7 +267,7 @@ def test_device_scalars_are_kept_for_good_and_bounded(monkeypatch):
             assert float(fresh.get(0.25 * (k + i % 5), cpu, "q")) == 0.25 * (k + i % 5)
 
     fresh = scalars._DeviceScalars()
-    assert not _errors_in_threads(worker)
+    assert not errors_in_threads(worker, THREADS)
     assert len(fresh) == len({0.25 * (k + i) for k in range(THREADS) for i in range(5)})
 
     monkeypatch.setattr(scalars, "_capturing", lambda device: True)
