@@ -38,7 +38,6 @@ sees the new value.
 
 from __future__ import annotations
 
-import itertools
 import os
 import sys
 import threading
@@ -276,7 +275,6 @@ _CHECK_EVENT = "portattn.settings.hook-check"
 #: Orders a snapshot's read against environment events (reentrant: a signal handler may
 #: change the environment while a read holds it).
 _state_lock = threading.RLock()
-_versions = itertools.count(1)
 #: Bumped by every event that concerns a setting: a read that saw it change is not kept.
 _version = 0
 #: Setting name -> (the value its last ``os.environ`` change announced (None: deleted),
@@ -313,7 +311,7 @@ def _on_audit_event(event: str, args: tuple) -> None:
         with _state_lock:
             if announces and name is not None:
                 _announced[name] = (value, time.monotonic())
-            _version = next(_versions)
+            _version += 1
             _snapshot = None
     elif event == _CHECK_EVENT:
         _hook_state = True

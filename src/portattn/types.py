@@ -544,6 +544,18 @@ def _usable_device(device) -> torch.device:
 
 
 INT32_MAX = 2**31 - 1
+INT32_MIN = -(2**31)
+
+
+def _fits_int32(ids: torch.Tensor) -> bool:
+    """Whether every entry of a CPU integer tensor fits int32 (an empty one does)."""
+    return ids.numel() == 0 or (int(ids.min()) >= INT32_MIN and int(ids.max()) <= INT32_MAX)
+
+
+def is_numpy_bool_type(kind: type) -> bool:
+    """Whether ``kind`` is NumPy's bool scalar type (``numpy.bool_``; ``numpy.bool`` in
+    2.x), without importing NumPy."""
+    return kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_")
 
 
 def _host_ints(name: str, values, low: int = 0) -> list[int]:
@@ -581,10 +593,10 @@ def _int32_block_ids(table: torch.Tensor) -> torch.Tensor:
                          _describe(table))
     if not table.dtype.is_signed:  # uint16 / uint32: no min / max kernels for them
         table = table.to(torch.int64)
-    low, high = -INT32_MAX - 1, INT32_MAX
     if table.device.type != "cpu":
-        return torch.where((table < low) | (table > high), -1, table).to(torch.int32)
-    if table.numel() and (int(table.min()) < low or int(table.max()) > high):
+        return torch.where((table < INT32_MIN) | (table > INT32_MAX), -1,
+                           table).to(torch.int32)
+    if not _fits_int32(table):
         raise InputError("block_table", "block ids that fit int32", "ids past int32")
     return table.to(torch.int32)
 
@@ -605,11 +617,10 @@ def _block_ids_from_lists(block_table) -> torch.Tensor:
         width = max([len(r) for r in rows] + [1])
         padded = [r + [0] * (width - len(r)) for r in rows]
         ids = _int_array(padded)
-        if ids is not None and (ids.numel() == 0 or (int(ids.min()) >= -INT32_MAX - 1 and
-                                                     int(ids.max()) <= INT32_MAX)):
+        if ids is not None and _fits_int32(ids):
             return ids.reshape(len(rows), width).to(torch.int32)
     for i, row in enumerate(block_table):  # names the first bad entry
-        _host_ints(f"block_table[{i}]", row, low=-INT32_MAX - 1)
+        _host_ints(f"block_table[{i}]", row, low=INT32_MIN)
     raise InputError("block_table", "a 2-D integer tensor or a list of lists of block ids",
                      _describe(block_table))
 
@@ -618,8 +629,8 @@ def _int_array(rows: list) -> torch.Tensor | None:
     """``rows`` (equal-length lists) as an int64 tensor when every entry is an int (no
     bool, float or str), else None."""
     kinds = set(map(type, itertools.chain.from_iterable(rows)))  # C loops: ~15 ns an entry
-    if any(kind is bool or (kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_"))
-           for kind in kinds):  # NumPy and torch would read a bool among ints as 0 / 1
+    # NumPy and torch would read a bool among ints as 0 / 1
+    if any(kind is bool or is_numpy_bool_type(kind) for kind in kinds):
         return None
     try:
         import numpy

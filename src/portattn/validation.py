@@ -66,6 +66,7 @@ from portattn.types import (
     _describe,
     check_has_data,
     check_scale_value,
+    is_numpy_bool_type,
 )
 
 
@@ -74,7 +75,7 @@ def validation_requested(validate: bool | None) -> bool | None:
     if validate is not None:
         if isinstance(validate, bool):
             return validate
-        if type(validate).__module__ == "numpy" and type(validate).__name__ in ("bool", "bool_"):
+        if is_numpy_bool_type(type(validate)):
             return bool(validate)  # numpy's True / False
         raise InputError("validate", "None, True or False", _describe(validate))
     value: bool | None = settings.VALIDATE.value()

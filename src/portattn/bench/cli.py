@@ -39,6 +39,11 @@ def _shard(text: str) -> tuple[int, int]:
     raise argparse.ArgumentTypeError(f"expected i/n with 0 <= i < n, got {text!r}")
 
 
+def _selectors(case) -> set[str]:
+    """The words of ``--cases`` that select ``case``: its name, kind and tags."""
+    return {case.name, case.kind, *case_tags(case)}
+
+
 def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """``parser.error`` (exit 2, the flag named) for what would fail later, mid-run."""
     if args.num_q_heads % args.num_kv_heads:
@@ -49,9 +54,7 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     if args.shard != (0, 1) and not args.compile_only:
         parser.error("argument --shard: only with --compile-only (it splits the kernel "
                      "configs to compile, not the timed cases)")
-    cases = default_cases()
-    known = {"all"} | {c.name for c in cases} | {c.kind for c in cases} | \
-        {tag for c in cases for tag in case_tags(c)}
+    known = {"all"}.union(*(_selectors(c) for c in default_cases()))
     unknown = [w for w in args.cases.split(",") if w not in known]
     if unknown:
         parser.error(f"argument --cases: unknown {', '.join(map(repr, unknown))} (known: "
@@ -96,9 +99,7 @@ def main(argv=None) -> int:
     caps = probe()
     bench = timer(args.device, args.rep)
     wanted = set(args.cases.split(","))
-    cases = [c for c in default_cases(args.shrink)
-             if "all" in wanted or c.name in wanted or c.kind in wanted
-             or bool(wanted & set(case_tags(c)))]
+    cases = [c for c in default_cases(args.shrink) if "all" in wanted or wanted & _selectors(c)]
     shard, shards = args.shard
     if args.compile_only:
         return compile_only(cases, args, caps, shard, shards)

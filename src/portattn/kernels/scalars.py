@@ -34,6 +34,10 @@ def _capturing(device: torch.device) -> bool:
     return bool(stream_capturing())
 
 
+def _key(value, device: torch.device, role: str) -> tuple:
+    return (role, float(value), device)
+
+
 class _DeviceScalars:
     """One-element fp32 device tensors for scales given as Python floats, made once per
     (role, value, device) and kept for the process (see the module doc: never evicted,
@@ -49,7 +53,7 @@ class _DeviceScalars:
         if isinstance(value, torch.Tensor):
             return value.reshape(1) if value.dtype == torch.float32 else \
                 value.reshape(1).to(torch.float32)
-        key = (role, float(value), device)
+        key = _key(value, device, role)
         found = self._entries.get(key)
         if found is None:
             found = torch.full((1,), float(value), dtype=torch.float32, device=device)
@@ -66,7 +70,7 @@ class _DeviceScalars:
         tensor at each call, which a recorded launch cannot bind."""
         if value is None or isinstance(value, torch.Tensor):
             return True
-        return (role, float(value), device) in self._entries
+        return _key(value, device, role) in self._entries
 
     def __len__(self) -> int:
         return len(self._entries)
