@@ -141,6 +141,11 @@ def variants_of(case: Case, base: dict, block_size: int,
         variants["segments-x2"] = _tile(base, segments=segments * 2)
         variants["cap-96-segments-x2"] = _tile(base, maxnreg=96, segments=segments * 2)
         variants["stages-3"] = _tile(base, num_stages=3)
+        # one segment (no merge, half the programs) with more bytes in flight per program
+        one = {k: v for k, v in _tile(base, segments=1)["short"].items() if k != "maxnreg"}
+        variants["1-segment-stages-3-no-cap"] = dict(base, short=dict(one, num_stages=3))
+        variants["1-segment-256-keys"] = _tile(base, segments=1, block_n=256)
+        variants["1-segment-256-keys-no-cap"] = dict(base, short=dict(one, block_n=256))
         if segments > 1:
             variants["merge-kernel"] = _tile(base, merge_in_kernel=False)
         if case.kv_quant.startswith("fp8"):  # the e4m3 bytes path of sm80 / sm86
@@ -244,7 +249,28 @@ def _variants_for(case: Case, block_size: int) -> dict[str, dict]:
     elif os.environ.get("EXP_VARIANTS"):  # the plans and these variants (comma list)
         keep = os.environ["EXP_VARIANTS"].split(",")
         variants = {k: v for k, v in variants.items() if k.startswith("current") or k in keep}
+    if case.kind == "decode":
+        variants.update(_env_tiles(variants["current"]))
     return variants
+
+
+def _env_tiles(base: dict) -> dict[str, dict]:
+    """Decode-tile variants named in ``EXP_TILES``: ``name:key=value,...;...`` changes the
+    plan's ``short`` tile (``block_n=256,segments=1,maxnreg=none``; ``none`` drops the
+    key), e.g. a sweep without editing :func:`variants_of`."""
+    out = {}
+    for entry in filter(None, os.environ.get("EXP_TILES", "").split(";")):
+        name, _, spec = entry.partition(":")
+        tile = dict(base["short"])
+        tile.pop("segments_upto", None)
+        for item in filter(None, spec.split(",")):
+            key, _, value = item.partition("=")
+            if value == "none":
+                tile.pop(key, None)
+            else:
+                tile[key] = int(value)
+        out[name] = dict(base, short=tile)
+    return out
 
 
 def profile_kernels(argv: list[str]) -> int:

@@ -22,6 +22,7 @@ class Case:
     kv_quant: str = "none"          # KVQuant mode of the cache (bench's own scales)
     head_size_v: int | None = None  # DiffKV: V head size (K/Q keep --head-size ... or qk)
     head_size_qk: int | None = None  # DiffKV: K/Q head size (None: --head-size)
+    fp8_format: str = "e4m3fn"      # fp8 caches: "e4m3fn" or "e5m2"
 
     @property
     def num_seqs(self) -> int:
@@ -55,6 +56,10 @@ def default_cases(shrink: int = 1) -> list[Case]:
                       ("fp8_per_token_head", "fp8pth")):
         cases += [Case(f"decode-{b}x8192-{tag}", "decode", [1] * b, [n(8192)] * b, mode)
                   for b in (1, 8, 32, 128)]
+    # e5m2 caches (the wider-range fp8 some engines store): the same loop at batch 32 / 128
+    for mode, tag in (("fp8_per_tensor", "fp8e5m2"), ("fp8_per_token_head", "fp8e5m2pth")):
+        cases += [Case(f"decode-{b}x8192-{tag}", "decode", [1] * b, [n(8192)] * b, mode,
+                       fp8_format="e5m2") for b in (32, 128)]
     cases.append(Case("prefill-1x8192-fp8", "prefill", [n(8192)], [n(8192)],
                       "fp8_per_tensor"))
     cases.append(Case("prefill-1x8192-int8pth", "prefill", [n(8192)], [n(8192)],
@@ -97,19 +102,21 @@ def _random_cache(case: Case, shape_k, shape_v, dtype, device, gen) -> PagedKVCa
     def randn(shape):
         return torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
 
+    fp8 = torch.float8_e5m2 if case.fp8_format == "e5m2" else torch.float8_e4m3fn
+
     if case.kv_quant == "none":
         return PagedKVCache(randn(shape_k).to(dtype), randn(shape_v).to(dtype))
     if case.kv_quant == "fp8_per_tensor":
         quant = KVQuant.fp8_per_tensor(BENCH_FP8_SCALE, BENCH_FP8_SCALE)
-        return PagedKVCache((randn(shape_k) / BENCH_FP8_SCALE).to(torch.float8_e4m3fn),
-                            (randn(shape_v) / BENCH_FP8_SCALE).to(torch.float8_e4m3fn), quant)
+        return PagedKVCache((randn(shape_k) / BENCH_FP8_SCALE).to(fp8),
+                            (randn(shape_v) / BENCH_FP8_SCALE).to(fp8), quant)
     if case.kv_quant == "int8_per_token_head":
         quant = KVQuant.int8_per_token_head()
         k, v = ((randn(s) * 40).clamp(-127, 127).round().to(torch.int8)
                 for s in (shape_k, shape_v))
     else:
         quant = KVQuant.fp8_per_token_head()
-        k, v = ((randn(s) * 40).to(torch.float8_e4m3fn) for s in (shape_k, shape_v))
+        k, v = ((randn(s) * 40).to(fp8) for s in (shape_k, shape_v))
     scales = [(randn(shape_k[:3]).abs() + 0.5) / 40 for _ in range(2)]
     return PagedKVCache(k, v, quant, k_scale_cache=scales[0], v_scale_cache=scales[1])
 
