@@ -47,7 +47,7 @@ if __name__ == "__main__" and not __import__("torch").cuda.is_available():
 import torch  # noqa: E402
 
 import portattn  # noqa: E402
-from portattn import PagedKVCache, planning  # noqa: E402
+from portattn import KVQuant, PagedKVCache, planning  # noqa: E402
 from portattn.testing import make_paged_batch  # noqa: E402
 
 LAYERS = (1, 32, 96)
@@ -55,6 +55,8 @@ LAYERS = (1, 32, 96)
 CASES = {
     "decode": ([1], [32]),
     "decode_split": ([1], [2048]),   # split-KV: kernel + merge, a plan-owned workspace
+    # an fp8 per-tensor cache with float scales (device scalars made from them)
+    "decode_fp8": ([1], [32]),
     "prefill": ([32], [32]),
     # staged on sm90 (> 512 queries): the staging launch, then host-built descriptors
     "prefill_staged": ([1024], [1024]),
@@ -122,7 +124,8 @@ def per_call_us(step, calls: int, repeats: int | None = None, name: str | None =
 
 def _layers(batch, count: int):
     """``count`` caches with the batch's structure (distinct tensors) and a q each."""
-    caches = [PagedKVCache(batch.cache.key_cache.clone(), batch.cache.value_cache.clone())
+    caches = [PagedKVCache(batch.cache.key_cache.clone(), batch.cache.value_cache.clone(),
+                           batch.cache.quant)
               for _ in range(count)]
     qs = [batch.q.clone() for _ in range(count)]
     return qs, caches
@@ -130,8 +133,10 @@ def _layers(batch, count: int):
 
 def measure_case(case: str, device: str, dtype: torch.dtype) -> dict:
     query_lens, seq_lens = CASES[case]
+    quant = KVQuant.fp8_per_tensor(0.05, 0.05) if case.endswith("_fp8") else None
     batch = make_paged_batch(query_lens, seq_lens, num_q_heads=32, num_kv_heads=8,
-                             head_size=128, dtype=dtype, device=device, poison=False)
+                             head_size=128, dtype=dtype, device=device, poison=False,
+                             quant=quant)
     metadata = batch.metadata
     plan = portattn.plan(metadata, num_q_heads=32, dtype=dtype, cache=batch.cache,
                          backend="triton_unified", validate=False)

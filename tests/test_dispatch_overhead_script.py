@@ -26,7 +26,8 @@ def test_dispatch_overhead_runs_every_path_and_relaunches():
                              "--quick"], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(result.stdout.splitlines()[0])
-    assert set(report["cases"]) == {"decode", "decode_split", "prefill", "prefill_staged"}
+    assert set(report["cases"]) == {"decode", "decode_split", "decode_fp8", "prefill",
+                                    "prefill_staged"}
     names = {"attention", "attention_out", "plan_run", "plan_run_out", "jit_path"}
     for case, data in report["cases"].items():
         assert data["replayed"] is True and data["fallback_reasons"] == [], (case, data)

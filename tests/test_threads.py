@@ -275,6 +275,26 @@ def test_device_scalars_are_kept_for_good_and_bounded(monkeypatch):
     assert float(during_capture.get(2.0, cpu, "out")) == 2.0 and len(during_capture) == 0
 
 
+def test_device_scalars_of_equal_numbers_are_one_tensor():
+    """An int, a NumPy float or a 0-d array equal to a float scale reads the float's
+    tensor (one entry per value, so a relaunch recorded with one binds the other), and a
+    value of another role or size is another tensor."""
+    import numpy as np
+
+    from portattn.kernels import scalars
+
+    cpu = torch.device("cpu")
+    memo = scalars._DeviceScalars()
+    two = memo.get(2.0, cpu, "k")
+    assert float(two) == 2.0 and two.dtype == torch.float32
+    assert memo.get(2, cpu, "k") is two and memo.get(np.float64(2.0), cpu, "k") is two
+    assert memo.get(np.array(2.0), cpu, "k") is two  # unhashable: keyed by its float
+    assert memo.kept(2, cpu, "k") and memo.kept(np.array(2.0), cpu, "k")
+    quarter = memo.get(np.float32(0.25), cpu, "k")
+    assert float(quarter) == 0.25 and quarter is not two
+    assert memo.get(2.0, cpu, "v") is not two and len(memo) == 3
+
+
 def test_clearing_the_shared_workspaces_waits_for_a_take():
     """``take`` counts the workspaces, then evicts the oldest: a clear from another
     thread in between made ``next(iter(...))`` raise StopIteration inside a call."""

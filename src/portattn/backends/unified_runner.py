@@ -47,6 +47,7 @@ import torch
 
 from portattn.backends.base import Runner
 from portattn.kernels import fast_launch, heuristics
+from portattn.kernels.scalars import device_scalars
 
 log = logging.getLogger("portattn")
 
@@ -132,16 +133,12 @@ def _scale_input(scale, device, role: str):
     never the object of another role, so equal K and V scales do not alias)."""
     if scale is None or isinstance(scale, torch.Tensor):
         return scale
-    from portattn.kernels.scalars import device_scalars
-
     return device_scalars.get(scale, device, role)
 
 
 def _float_scales_kept(q, cache, layer) -> bool:
     """Whether every scale of the call that :func:`_scale_input` turns into a device
     tensor is the same tensor at each read (see ``device_scalars.kept``)."""
-    from portattn.kernels.scalars import device_scalars
-
     quant, device = cache.quant, q.device
     return device_scalars.kept(quant.k_scale, device, "k") and \
         device_scalars.kept(quant.v_scale, device, "v") and \

@@ -53,8 +53,13 @@ class _DeviceScalars:
         if isinstance(value, torch.Tensor):
             return value.reshape(1) if value.dtype == torch.float32 else \
                 value.reshape(1).to(torch.float32)
-        key = _key(value, device, role)
-        found = self._entries.get(key)
+        try:  # a float's key as it comes (ints and NumPy floats hash as their float)
+            found = self._entries.get((role, value, device))
+        except TypeError:  # unhashable (a NumPy 0-d array): the float's key below
+            found = None
+        if found is None:
+            key = _key(value, device, role)
+            found = self._entries.get(key)
         if found is None:
             found = torch.full((1,), float(value), dtype=torch.float32, device=device)
             if len(self._entries) < self.capacity and not _capturing(device):
