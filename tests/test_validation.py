@@ -229,6 +229,19 @@ def test_a_wrong_value_is_summarized_not_dumped(batch):
     assert len(str(info.value)) < 300 and "..." in str(info.value)
 
 
+def test_a_wrong_value_of_many_lines_is_shown_on_one():
+    """A value whose repr spans lines (a NumPy array, say) is shown on one line, as the
+    probe shows an error's text."""
+
+    class Lines:
+        def __repr__(self):
+            return "Lines(\n    a=1,\n    b=2,\n)"
+
+    with pytest.raises(InputError) as info:
+        AttentionMetadata.from_lengths(Lines(), [4], [[0]])
+    assert str(info.value).endswith(", got Lines Lines( a=1, b=2, )")
+
+
 def test_metadata_builder_errors():
     with pytest.raises(InputError, match=r"^query_lens\[1\]: expected 0 <= query_len <= "
                                          r"seq_len \(2\), got 3"):

@@ -44,17 +44,17 @@ def fp8_max(dtype: torch.dtype) -> float:
 
 def _describe(t: object) -> str:
     """What came, for an ``InputError``: a tensor by shape, dtype and device (never its
-    values), a list or tuple holding tensors item by item, anything else by a repr cut
-    to a line."""
+    values), a list or tuple holding tensors item by item, anything else by its type name
+    and its repr on one line, cut to :data:`_REPR_LIMIT` characters
+    (:func:`~portattn.capabilities._text.cut_line`, as the probe cuts error text)."""
     if isinstance(t, torch.Tensor):
         return f"tensor of shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
     if isinstance(t, (list, tuple)) and any(isinstance(x, torch.Tensor) for x in t):
         items = "; ".join(_describe(x) for x in t[:4]) + ("; ..." if len(t) > 4 else "")
         return f"{type(t).__name__} of {len(t)}: ({items})"
-    text = repr(t)
-    if len(text) > _REPR_LIMIT:
-        text = text[:_REPR_LIMIT - 3] + "..."
-    return f"{type(t).__name__} {text}"
+    from portattn.capabilities._text import cut_line  # an error path: loaded when needed
+
+    return f"{type(t).__name__} {cut_line(repr(t), _REPR_LIMIT)}"
 
 
 #: How much of a value's repr an error message shows.
