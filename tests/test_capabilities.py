@@ -560,7 +560,6 @@ def test_cache_file_names_and_disk_clear(isolated):
 def test_cache_dir_resolution(tmp_path, monkeypatch):
     monkeypatch.setenv("PORTATTN_CACHE_DIR", str(tmp_path / "explicit"))
     assert cache_mod.cache_dir() == tmp_path / "explicit"
-    assert cache_mod.cache_dir_or_none() == tmp_path / "explicit"
     monkeypatch.delenv("PORTATTN_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_mod.cache_dir() == tmp_path / "xdg" / "portattn"
@@ -696,7 +695,6 @@ def test_a_cache_dir_that_cannot_be_named_is_no_error(how, monkeypatch):
         monkeypatch.setattr(pwd, "getpwuid", no_entry)
     with pytest.raises(RuntimeError):
         cache_mod.cache_dir()
-    assert cache_mod.cache_dir_or_none() is None
     caps = probe()
     assert caps.vendor == "cpu" and last_probe_origin() == "probed"
     assert probe(refresh=True) == caps

@@ -74,16 +74,6 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "portattn"
 
 
-def cache_dir_or_none() -> Path | None:
-    """:func:`cache_dir`, or None when no folder can be named (it raises): for a writer
-    that then keeps its answer in memory only. :func:`describe_dir` and
-    :func:`dir_problem` call :func:`cache_dir` themselves, as they report why."""
-    try:
-        return cache_dir()
-    except Exception:
-        return None
-
-
 def describe_dir() -> str:
     """:func:`cache_dir` as text for the report, or why there is none."""
     try:

@@ -87,15 +87,10 @@ def _text_key(machine: dict, variant: dict) -> str:
     return json.dumps({"machine": machine, "variant": variant}, sort_keys=True)
 
 
-_FILE_NAME = "kv-descriptor-gate.json"
-
-
 def cache_path() -> Path:
-    """The gate's file, next to the capabilities cache; raises as
-    :func:`~portattn.capabilities.cache.cache_dir` does when no folder can be named."""
     from portattn.capabilities import cache
 
-    return cache.cache_dir() / _FILE_NAME
+    return cache.cache_dir() / "kv-descriptor-gate.json"
 
 
 def _disk_enabled() -> bool:
@@ -121,12 +116,13 @@ def _store_disk(key: str, result: dict) -> None:
     process)."""
     from portattn.capabilities import cache
 
-    folder = cache.cache_dir_or_none()
-    if folder is None:  # no folder can be named: memory only
+    try:
+        path = cache_path()
+    except Exception:  # no folder can be named (cache.cache_dir): memory only
         return
     results = _load_disk()
     results[key] = result
-    cache.write_json_atomic(folder / _FILE_NAME, {"format": CACHE_FORMAT, "results": results})
+    cache.write_json_atomic(path, {"format": CACHE_FORMAT, "results": results})
 
 
 def clear(*, disk: bool = False) -> None:
