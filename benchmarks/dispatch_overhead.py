@@ -55,8 +55,8 @@ LAYERS = (1, 32, 96)
 CASES = {
     "decode": ([1], [32]),
     "decode_split": ([1], [2048]),   # split-KV: kernel + merge, a plan-owned workspace
-    # an fp8 per-tensor cache with float scales (device scalars made from them)
-    "decode_fp8": ([1], [32]),
+    # split-KV over an fp8 per-tensor cache with float scales (device scalars)
+    "decode_fp8": ([1], [2048]),
     "prefill": ([32], [32]),
     # staged on sm90 (> 512 queries): the staging launch, then host-built descriptors
     "prefill_staged": ([1024], [1024]),
