@@ -48,6 +48,7 @@ import torch  # noqa: E402
 
 import portattn  # noqa: E402
 from portattn import KVQuant, PagedKVCache, planning  # noqa: E402
+from portattn.bench.cases import BENCH_FP8_SCALE  # noqa: E402
 from portattn.testing import make_paged_batch  # noqa: E402
 
 LAYERS = (1, 32, 96)
@@ -55,12 +56,14 @@ LAYERS = (1, 32, 96)
 CASES = {
     "decode": ([1], [32]),
     "decode_split": ([1], [2048]),   # split-KV: kernel + merge, a plan-owned workspace
-    # split-KV over an fp8 per-tensor cache with float scales (device scalars)
+    # split-KV over an fp8 per-tensor cache with float scales (device scalars): QUANTIZED
     "decode_fp8": ([1], [2048]),
     "prefill": ([32], [32]),
     # staged on sm90 (> 512 queries): the staging launch, then host-built descriptors
     "prefill_staged": ([1024], [1024]),
 }
+#: case -> the cache's quantization (the others: a bf16 / fp16 cache)
+QUANTIZED = {"decode_fp8": KVQuant.fp8_per_tensor(BENCH_FP8_SCALE, BENCH_FP8_SCALE)}
 TARGET_US, GOAL_US = 20.0, 10.0
 CALLS_PER_SAMPLE = 192  # below the launch-queue depth even at two launches per call
 
@@ -133,7 +136,7 @@ def _layers(batch, count: int):
 
 def measure_case(case: str, device: str, dtype: torch.dtype) -> dict:
     query_lens, seq_lens = CASES[case]
-    quant = KVQuant.fp8_per_tensor(0.05, 0.05) if case.endswith("_fp8") else None
+    quant = QUANTIZED.get(case)
     batch = make_paged_batch(query_lens, seq_lens, num_q_heads=32, num_kv_heads=8,
                              head_size=128, dtype=dtype, device=device, poison=False,
                              quant=quant)

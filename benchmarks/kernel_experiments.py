@@ -116,10 +116,12 @@ def head_size_of(case: Case) -> int:
 
 
 def _tile(params: dict, **changes) -> dict:
-    """``params`` with its decode tile changed; a given segment count holds for every
-    batch (the plan's ``segments_upto`` rule is dropped)."""
+    """``params`` with its decode tile changed (a key given as None is dropped, e.g.
+    ``maxnreg=None``: no register cap); a given segment count holds for every batch (the
+    plan's ``segments_upto`` rule is dropped)."""
     out = dict(params)
-    out["short"] = dict(params["short"], **changes)
+    short = dict(params["short"], **changes)
+    out["short"] = {k: v for k, v in short.items() if v is not None}
     if "segments" in changes:
         out["short"].pop("segments_upto", None)
     return out
@@ -142,10 +144,11 @@ def variants_of(case: Case, base: dict, block_size: int,
         variants["cap-96-segments-x2"] = _tile(base, maxnreg=96, segments=segments * 2)
         variants["stages-3"] = _tile(base, num_stages=3)
         # one segment (no merge, half the programs) with more bytes in flight per program
-        one = {k: v for k, v in _tile(base, segments=1)["short"].items() if k != "maxnreg"}
-        variants["1-segment-stages-3-no-cap"] = dict(base, short=dict(one, num_stages=3))
+        variants["1-segment-stages-3-no-cap"] = _tile(base, segments=1, num_stages=3,
+                                                      maxnreg=None)
         variants["1-segment-256-keys"] = _tile(base, segments=1, block_n=256)
-        variants["1-segment-256-keys-no-cap"] = dict(base, short=dict(one, block_n=256))
+        variants["1-segment-256-keys-no-cap"] = _tile(base, segments=1, block_n=256,
+                                                      maxnreg=None)
         if segments > 1:
             variants["merge-kernel"] = _tile(base, merge_in_kernel=False)
         if case.kv_quant.startswith("fp8"):  # the e4m3 bytes path of sm80 / sm86
@@ -261,15 +264,11 @@ def _env_tiles(base: dict) -> dict[str, dict]:
     out = {}
     for entry in filter(None, os.environ.get("EXP_TILES", "").split(";")):
         name, _, spec = entry.partition(":")
-        tile = dict(base["short"])
-        tile.pop("segments_upto", None)
+        changes = {}
         for item in filter(None, spec.split(",")):
             key, _, value = item.partition("=")
-            if value == "none":
-                tile.pop(key, None)
-            else:
-                tile[key] = int(value)
-        out[name] = dict(base, short=tile)
+            changes[key] = None if value == "none" else int(value)
+        out[name] = _tile(base, segments_upto=None, **changes)
     return out
 
 

@@ -64,13 +64,13 @@ from portattn.bench.peers import (
     sdpa,
 )
 from portattn.bench.report import SPEED_KEYS, add_plain_ratios, format_table, plot
+from portattn.bench.report import _error as _error
 from portattn.bench.report import _flush_print as _flush_print
 from portattn.bench.report import _fmt as _fmt
 from portattn.bench.report import _ms as _ms
 from portattn.bench.report import _rate as _rate
 from portattn.bench.runner import _compact as _compact
 from portattn.bench.runner import _direct_launch as _direct_launch
-from portattn.bench.runner import _error as _error
 from portattn.bench.runner import _metric as _metric
 from portattn.bench.runner import _run_case as _run_case
 from portattn.bench.runner import _separate_parts as _separate_parts

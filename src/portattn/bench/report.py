@@ -12,6 +12,13 @@ def _flush_print(*args):
     print(*args, flush=True)
 
 
+def _error(exc: Exception) -> str:
+    """``"TypeName: first line of the message"`` (at most 200 characters of it) for a
+    result row or a progress line."""
+    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}"
+
+
 def add_plain_ratios(report: dict) -> None:
     """Each quantized / DiffKV case against the plain (bf16, equal heads) case of the same
     shape measured in the same run: ``time`` and ``graph_time`` are our time over the
@@ -105,8 +112,7 @@ def plot(report: dict, path: str) -> str | None:
     except Exception as exc:
         return f"no plot: {exc}"
     cases = [r for r in report["cases"] if "ms" in r["impls"].get("ours", {})]
-    impls = ["ours", "sdpa_cudnn", "sdpa_flash", "flash_attn", "portattn_flash_attn",
-             "fa4_paged"]
+    impls = ["ours", *SPEED_KEYS]
     fig, axes = plt.subplots(1, 2, figsize=(14, 5))
     for ax, kinds, key, unit, ceil in (
             (axes[0], ("decode", "spec"), "tbs", "TB/s", report["ceilings"].get("copy_tbs")),

@@ -17,6 +17,7 @@ from portattn.bench.peers import (
     portattn_flash_attn,
     sdpa,
 )
+from portattn.bench.report import _error
 from portattn.bench.sweep import run_sweep
 from portattn.bench.timing import host_us
 
@@ -114,11 +115,6 @@ def _run_case(case: Case, args, bench, caps, ceilings) -> dict:
         sweep_bench = args.graph_timer if args.device == "cuda" else bench
         result["sweep"] = run_sweep(case, inp, sweep_bench, caps)
     return result
-
-
-def _error(exc: Exception) -> str:
-    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {first}"
 
 
 def _direct_launch(inp: Inputs):

@@ -13,7 +13,7 @@ import torch
 
 from portattn.bench.cases import Case, Inputs, build_inputs
 from portattn.bench.peers import ours
-from portattn.bench.report import _flush_print
+from portattn.bench.report import _error, _flush_print
 
 
 def sweep_configs(case: Case, shape) -> list[dict]:
@@ -84,7 +84,7 @@ def compile_only(cases: list[Case], args, caps, shard: int, shards: int) -> int:
                       quant_mode(case.kv_quant))
         items = [None] + (sweep_configs(case, shape) if args.sweep else [])
         for params in items:
-            key = (case.num_seqs == 1, case.kv_quant, case.head_size_v,
+            key = (case.num_seqs == 1, case.kv_quant, case.fp8_format, case.head_size_v,
                    json.dumps(params, sort_keys=True) if params else case.name)
             if key not in seen:
                 seen.add(key)
@@ -106,8 +106,7 @@ def compile_only(cases: list[Case], args, caps, shard: int, shards: int) -> int:
                 else:
                     launch_unified(inp.q, inp.cache, inp.metadata, options, inp.out, params)
             except Exception as exc:
-                _flush_print(f"compile {case.name} {params}: {type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}")
+                _flush_print(f"compile {case.name} {params}: {_error(exc)}")
         del inp
     if args.device == "cuda":
         torch.cuda.synchronize()
@@ -138,15 +137,12 @@ def run_sweep(case: Case, inp: Inputs, bench, caps) -> list[dict]:
         if kv_bits:
             params = dict(params, kv_bits=kv_bits)
         record: dict[str, Any] = {"params": params}
-        if bench is None:  # --compile-only
-            launch_unified(inp.q, inp.cache, inp.metadata, options, inp.out, params)
-            continue
         try:
             ms = bench(lambda p=params: launch_unified(inp.q, inp.cache, inp.metadata,
                                                        options, inp.out, p))
             record["ms"] = ms
         except Exception as exc:  # out of resources, ...
-            record["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            record["error"] = _error(exc)
         rows.append(record)
         _flush_print(f"  sweep {case.name}: {_describe_params(params)} -> "
                      f"{record.get('ms', record.get('error'))}")
