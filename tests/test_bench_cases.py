@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from portattn.bench.cases import build_inputs, default_cases
+from portattn.bench.report import plain_case_name
 
 
 def _case(name):
@@ -32,4 +33,4 @@ def test_fp8_cases_store_the_format_their_name_says(name, mode, fp8):
 def test_every_e5m2_case_has_the_plain_case_it_is_compared_with():
     names = {c.name for c in default_cases()}
     e5m2 = [c for c in default_cases() if c.fp8_format == "e5m2"]
-    assert e5m2 and all(c.name.rsplit("-", 1)[0] in names for c in e5m2)
+    assert e5m2 and all(plain_case_name(c.name) in names for c in e5m2)

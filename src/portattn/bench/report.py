@@ -19,6 +19,12 @@ def _error(exc: Exception) -> str:
     return f"{type(exc).__name__}: {first}"
 
 
+def plain_case_name(name: str) -> str:
+    """The plain (bf16, equal heads) case a quantized / DiffKV case is compared with: its
+    name without the last ``-tag`` (``decode-32x8192-fp8`` -> ``decode-32x8192``)."""
+    return name.rsplit("-", 1)[0]
+
+
 def add_plain_ratios(report: dict) -> None:
     """Each quantized / DiffKV case against the plain (bf16, equal heads) case of the same
     shape measured in the same run: ``time`` and ``graph_time`` are our time over the
@@ -26,7 +32,7 @@ def add_plain_ratios(report: dict) -> None:
     by_name = {r["case"]["name"]: r for r in report["cases"]}
     for r in report["cases"]:
         name = r["case"]["name"]
-        base = by_name.get(name.rsplit("-", 1)[0]) if r["case"].get("kv_quant", "none") != \
+        base = by_name.get(plain_case_name(name)) if r["case"].get("kv_quant", "none") != \
             "none" or r["case"].get("head_size_v") else None
         if base is None:
             continue
