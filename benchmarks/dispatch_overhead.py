@@ -12,7 +12,10 @@ On a GPU each timed loop starts behind a spin kernel (``torch.cuda._sleep``) tha
 the GPU busy for longer than the loop takes, and stays below the launch-queue depth, so
 the loop's wall time per call is host time alone, whatever the kernels' own time (the
 staged prefill's kernels take longer than its host time; before session 10 the loop
-timed whichever was slower). Implementations per case and layer count:
+timed whichever was slower). Every cell (case x layer count x implementation, and each
+case's two launch cells) gets ``REPEATS`` samples, taken round-robin over all cells of all
+cases (:func:`time_cells`), and reports their median and minimum. Implementations per
+case and layer count:
 
 * ``attention`` / ``attention_out``: ``portattn.attention`` allocating ``out`` / into
   a given ``out`` (the memo of checked call structures, then the plan's runner);
@@ -73,10 +76,6 @@ def _sync():
         torch.cuda.synchronize()
 
 
-#: the fastest sample of every timing (a loaded machine inflates medians)
-MINIMA: dict = {}
-
-
 _CYCLES_PER_US: list = []
 
 
@@ -94,35 +93,59 @@ def _spin_cycles(seconds: float) -> int:
     return int(seconds * 1e6 * _CYCLES_PER_US[0])
 
 
-REPEATS = 9
+REPEATS = 15
 
 
-def per_call_us(step, calls: int, repeats: int | None = None, name: str | None = None) -> float:
-    """Median over ``repeats`` of the host time of ``step()`` (``calls`` calls) per call,
-    each sample queued behind a spin kernel longer than the sample (on a GPU); the minimum
-    goes to ``MINIMA[name]``."""
-    repeats = REPEATS if repeats is None else repeats
+def _spin_for(step) -> int:
+    """Run ``step`` once to warm it, then once more to size the spin kernel each of its
+    samples starts behind (GPU cycles: twice the step's time plus 2 ms; 0 on a CPU)."""
     step()
     _sync()
-    spin = 0
-    if torch.cuda.is_available():
-        t0 = time.perf_counter()
-        step()
-        spin = _spin_cycles(2 * (time.perf_counter() - t0) + 2e-3)
-        _sync()
-    samples = []
-    for _ in range(repeats):
-        _sync()
-        if spin:
-            torch.cuda._sleep(spin)
-        t0 = time.perf_counter()
-        step()
-        t1 = time.perf_counter()
-        _sync()
-        samples.append((t1 - t0) / calls * 1e6)
-    if name is not None:
-        MINIMA[name] = round(min(samples), 2)
-    return round(statistics.median(samples), 2)
+    if not torch.cuda.is_available():
+        return 0
+    t0 = time.perf_counter()
+    step()
+    spin = _spin_cycles(2 * (time.perf_counter() - t0) + 2e-3)
+    _sync()
+    return spin
+
+
+def _sample_us(step, calls: int, spin: int) -> float:
+    """One sample: the host time of ``step()`` per call, queued behind the spin kernel."""
+    _sync()
+    if spin:
+        torch.cuda._sleep(spin)
+    t0 = time.perf_counter()
+    step()
+    t1 = time.perf_counter()
+    _sync()
+    return (t1 - t0) / calls * 1e6
+
+
+def time_cells(cells: dict, repeats: int | None = None) -> dict:
+    """``{name: (step, calls)}`` -> ``{name: (median, minimum)}`` host us per call over
+    ``repeats`` samples each, taken round-robin: every round samples each cell once,
+    starting one cell further each round. A slow spell of the host (on the GPU machines
+    they last from milliseconds to seconds: Triton's own launch then costs up to 3x its
+    usual time) then lands on every cell alike instead of on the cells whose samples it
+    coincided with: sampled one cell after another (sessions 10-27), neighbouring cells
+    of the same work differed by up to 8 us of median, and whole cases by more."""
+    repeats = REPEATS if repeats is None else repeats
+    spins = {name: _spin_for(step) for name, (step, _calls) in cells.items()}
+    samples: dict = {name: [] for name in cells}
+    names = list(cells)
+    for r in range(repeats):
+        first = r % len(names)
+        for name in names[first:] + names[:first]:
+            step, calls = cells[name]
+            samples[name].append(_sample_us(step, calls, spins[name]))
+    return {name: (round(statistics.median(values), 2), round(min(values), 2))
+            for name, values in samples.items()}
+
+
+def per_call_us(step, calls: int, repeats: int | None = None) -> float:
+    """The median host us per call of ``step()`` (``calls`` calls), one cell alone."""
+    return time_cells({"step": (step, calls)}, repeats)["step"][0]
 
 
 def _layers(batch, count: int):
@@ -134,7 +157,21 @@ def _layers(batch, count: int):
     return qs, caches
 
 
-def measure_case(case: str, device: str, dtype: torch.dtype) -> dict:
+def _loop(call, layers, steps: int):
+    """One sample's work: ``steps`` passes of ``call`` over every layer."""
+    def step():
+        for _ in range(steps):
+            for q, cache, out in layers:
+                call(q, cache, out)
+    return step
+
+
+def prepare_case(case: str, device: str, dtype: torch.dtype) -> tuple:
+    """``(result, cells, plan)`` of a case: its plan's variant, its timed cells keyed
+    ``(layer count, implementation)`` and ``("launch", "triton_jit" | "cheap")``, and the
+    plan."""
+    from portattn.kernels.launch import launch_unified
+
     query_lens, seq_lens = CASES[case]
     quant = QUANTIZED.get(case)
     batch = make_paged_batch(query_lens, seq_lens, num_q_heads=32, num_kv_heads=8,
@@ -143,49 +180,55 @@ def measure_case(case: str, device: str, dtype: torch.dtype) -> dict:
     metadata = batch.metadata
     plan = portattn.plan(metadata, num_q_heads=32, dtype=dtype, cache=batch.cache,
                          backend="triton_unified", validate=False)
-    result = {"variant": plan.variant, "layers": {}}
     runner = plan._body.runner
+    params, options = plan.decision.plan.params, runner.options
+    calls_of = {
+        "attention": lambda q, c, o: portattn.attention(
+            q, c, metadata, backend="triton_unified", validate=False),
+        "attention_out": lambda q, c, o: portattn.attention(
+            q, c, metadata, out=o, backend="triton_unified", validate=False),
+        "plan_run": lambda q, c, o: plan.run(q, c),
+        "plan_run_out": lambda q, c, o: plan.run(q, c, o),
+        "jit_path": lambda q, c, o: launch_unified(q, c, metadata, options, o, params),
+    }
+    cells = {}
     for count in LAYERS:
         qs, caches = _layers(batch, count)
-        outs = [torch.empty_like(q) for q in qs]
-        layers = list(zip(qs, caches, outs))
+        layers = list(zip(qs, caches, [torch.empty_like(q) for q in qs]))
         steps = max(1, CALLS_PER_SAMPLE // count)
-        calls = steps * count
+        for name, call in calls_of.items():
+            cells[count, name] = (_loop(call, layers, steps), steps * count)
+    result: dict = {"variant": plan.variant}
+    launch_cells, unusable = _launch_cells(plan, batch)
+    cells.update({("launch", name): cell for name, cell in launch_cells.items()})
+    if unusable:
+        result["cheap_launch_unusable"] = unusable
+    return result, cells, plan
 
-        def loop(call):
-            def step():
-                for _ in range(steps):
-                    for q, cache, out in layers:
-                        call(q, cache, out)
-            return step
 
-        from portattn.kernels.launch import launch_unified
-
-        params, options = plan.decision.plan.params, runner.options
-        calls_of = {
-            "attention": lambda q, c, o: portattn.attention(
-                q, c, metadata, backend="triton_unified", validate=False),
-            "attention_out": lambda q, c, o: portattn.attention(
-                q, c, metadata, out=o, backend="triton_unified", validate=False),
-            "plan_run": lambda q, c, o: plan.run(q, c),
-            "plan_run_out": lambda q, c, o: plan.run(q, c, o),
-            "jit_path": lambda q, c, o: launch_unified(q, c, metadata, options, o, params),
-        }
-        MINIMA.clear()
-        result["layers"][count] = {name: per_call_us(loop(call), calls, name=name)
-                                   for name, call in calls_of.items()}
-        result.setdefault("layers_min", {})[count] = dict(MINIMA)
+def fill_case(result: dict, timed: dict, plan) -> dict:
+    """A case's result with its cells' ``(median, minimum)`` from :func:`time_cells`, and
+    whether the plan's calls were relaunched (asked once they have run)."""
     slots = list(plan._accepted.values())
     result["replayed"] = bool(slots) and all(getattr(s, "sequence", None) is not None and
                                              getattr(s, "reason", None) is None
                                              for s in slots)
     result["fallback_reasons"] = sorted({s.reason for s in slots if getattr(s, "reason", None)})
-    result.update(_launch_costs(plan, batch, device))
+    result["layers"], result["layers_min"] = {}, {}
+    for (count, name), (median, minimum) in timed.items():
+        if count != "launch":
+            result["layers"].setdefault(count, {})[name] = median
+            result["layers_min"].setdefault(count, {})[name] = minimum
+    launch = {key[1]: value for key, value in timed.items() if key[0] == "launch"}
+    result["triton_jit_us"] = launch["triton_jit"][0]
+    result["cheap_launch_us"] = launch["cheap"][0] if "cheap" in launch else None
+    result["launch_min_us"] = {name: minimum for name, (_median, minimum) in launch.items()}
     return result
 
 
-def _launch_costs(plan, batch, device) -> dict:
-    """One unified-kernel launch: Triton's JIT call vs the recorded sequence's relaunch."""
+def _launch_cells(plan, batch) -> tuple[dict, str | None]:
+    """One unified-kernel launch: Triton's JIT call and the recorded sequence's relaunch
+    as cells (100 launches a sample), and why there is no relaunch, if there is none."""
     from portattn.backends.unified_runner import inputs_of
     from portattn.kernels import fast_launch, launch
 
@@ -197,22 +240,18 @@ def _launch_costs(plan, batch, device) -> dict:
                               plan.decision.plan.params, workspace=ws)
     first = captured.launches[0]
     jit = first.fn[first.grid]
-    costs = {"triton_jit_us": per_call_us(lambda: [jit(*first.args, **first.kwargs)
-                                                   for _ in range(100)], 100, name="jit")}
+    cells = {"triton_jit": (lambda: [jit(*first.args, **first.kwargs) for _ in range(100)],
+                            100)}
     inputs = inputs_of(batch.q, batch.cache, plan.metadata, out, (None,) * 4, ws,
                        runner.quantized)
     try:
         sequence = fast_launch.LaunchSequence.build(
             fast_launch.Captured(captured.launches[:1], 1), inputs)
     except fast_launch.Unusable as exc:
-        costs["cheap_launch_us"] = None
-        costs["cheap_launch_unusable"] = str(exc)
-        return costs
+        return cells, str(exc)
     assert sequence.launch(inputs)
-    costs["cheap_launch_us"] = per_call_us(lambda: [sequence.launch(inputs)
-                                                    for _ in range(100)], 100, name="cheap")
-    costs["launch_min_us"] = {"triton_jit": MINIMA.get("jit"), "cheap": MINIMA.get("cheap")}
-    return costs
+    cells["cheap"] = (lambda: [sequence.launch(inputs) for _ in range(100)], 100)
+    return cells, None
 
 
 # --------------------------------------------------------------------------- CPU model
@@ -292,6 +331,17 @@ def _stub_kernels():
     unified_runner.UnifiedRunner.__init__ = init
 
 
+def measure_cases(device: str, dtype: torch.dtype) -> dict:
+    """Every case's result; all their cells timed together (:func:`time_cells`), so a
+    slow spell of the host spreads over every case rather than falling on one."""
+    prepared = {case: prepare_case(case, device, dtype) for case in CASES}
+    timed = time_cells({(case, *key): cell for case, (_result, cells, _plan) in prepared.items()
+                        for key, cell in cells.items()})
+    return {case: fill_case(result, {key[1:]: value for key, value in timed.items()
+                                     if key[0] == case}, plan)
+            for case, (result, _cells, plan) in prepared.items()}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="also write the JSON here")
@@ -317,7 +367,7 @@ def main(argv=None) -> dict:
         "heads": "32/8, head 128, block 16", "target_us": TARGET_US, "goal_us": GOAL_US,
         "timing": "each sample behind a GPU spin kernel (host time alone)" if gpu else
                   "stand-ins",
-        "cases": {case: measure_case(case, device, dtype) for case in CASES},
+        "cases": measure_cases(device, dtype),
         "plan_caches": planning.cache_info(),
     }
     text = json.dumps(result)

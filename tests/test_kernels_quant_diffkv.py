@@ -579,13 +579,17 @@ def quantize_reference(x: torch.Tensor, quant: KVQuant, which: str, storage: tor
     x = x.float()
     if quant.mode == "none":
         return x.to(storage), None
+    # quotients correctly rounded to fp32 (computed in fp64): torch's CUDA division by a
+    # scalar multiplies by the reciprocal, one ulp away from the definition at times (which
+    # moves a code where the quotient lies within that ulp of a rounding midpoint: the
+    # GPU's per-tensor write tests failed so, at random)
     if quant.mode == "fp8_per_tensor":
-        s = float(quant.k_scale if which == "k" else quant.v_scale)
-        return (x / s).clamp(-FP8_MAX[storage], FP8_MAX[storage]).to(storage), None
+        scale = quant.k_scale if which == "k" else quant.v_scale
+        s = torch.tensor(float(scale), dtype=torch.float32).double()  # the kernel's fp32
+        y = (x.double() / s.to(x.device)).float()
+        return y.clamp(-FP8_MAX[storage], FP8_MAX[storage]).to(storage), None
     limit = 127.0 if storage == torch.int8 else FP8_MAX[storage]
     amax = x.abs().amax(-1)
-    # quotients correctly rounded to fp32 (computed in fp64): torch's CUDA division by a
-    # scalar multiplies by the reciprocal, one ulp away from the definition at times
     scale = torch.where(amax > 0, (amax.double() / limit).float(), torch.ones_like(amax))
     y = (x.double() / scale.double()[..., None]).float().clamp(-limit, limit)
     if storage == torch.int8:

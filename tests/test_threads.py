@@ -295,6 +295,31 @@ def test_device_scalars_of_equal_numbers_are_one_tensor():
     assert memo.get(2.0, cpu, "v") is not two and len(memo) == 3
 
 
+def test_a_relaunch_reads_the_memo_tensor_of_each_scale(monkeypatch):
+    """The runner's scale inputs (read on every relaunch of a quantized call): a float
+    in the memo is its role's tensor on q's device, found by a lookup alone; a float not
+    there yet, an int or a NumPy float is what the memo's ``get`` gives; a tensor passes
+    through; None stays None."""
+    import numpy as np
+
+    from portattn.backends import unified_runner
+    from portattn.kernels import scalars
+
+    memo = scalars._DeviceScalars()
+    monkeypatch.setattr(unified_runner, "device_scalars", memo)
+    monkeypatch.setattr(unified_runner, "_find_scalar", memo.find)
+    q = torch.randn(3, 4, 8)
+    read = unified_runner._scale_input
+    k = read(0.75, q, "k")  # not in the memo yet: made by get, then found
+    assert float(k) == 0.75 and k.device == q.device and len(memo) == 1
+    assert read(0.75, q, "k") is k and memo.get(0.75, q.device, "k") is k
+    v = read(0.75, q, "v")
+    assert v is not k and float(v) == 0.75 and len(memo) == 2
+    assert read(np.float64(0.75), q, "k") is k and read(3, q, "out") is read(3.0, q, "out")
+    scale = torch.full((1,), 2.5)
+    assert read(scale, q, "k") is scale and read(None, q, "q") is None
+
+
 def test_clearing_the_shared_workspaces_waits_for_a_take():
     """``take`` counts the workspaces, then evicts the oldest: a clear from another
     thread in between made ``next(iter(...))`` raise StopIteration inside a call."""

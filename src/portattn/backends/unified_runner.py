@@ -49,6 +49,8 @@ from portattn.backends.base import Runner
 from portattn.kernels import fast_launch, heuristics
 from portattn.kernels.scalars import device_scalars
 
+_find_scalar = device_scalars.find
+
 log = logging.getLogger("portattn")
 
 #: Recordings whose inputs alias (one tensor in two roles) before giving up on a structure.
@@ -127,13 +129,23 @@ class Slot:
         self.ambiguous = 0
 
 
-def _scale_input(scale, device, role: str):
-    """The tensor launch.py passes for a scale: the tensor itself, or for a float the
-    cached device scalar of its role (the same object every call, so replays bind it;
-    never the object of another role, so equal K and V scales do not alias)."""
+def _scale_input(scale, q, role: str):
+    """The tensor launch.py passes for a scale of a call with query ``q``: the tensor
+    itself, or for a float the cached device scalar of its role on q's device (the same
+    object every call, so replays bind it; never the object of another role, so equal K
+    and V scales do not alias).
+
+    Read on every relaunch of a quantized call (four scales), so a float found in the memo
+    costs one dict lookup, ahead of the tensor test (``isinstance`` against
+    ``torch.Tensor`` costs more than the lookup), and q's device is only asked for a
+    float."""
+    if type(scale) is float:
+        found = _find_scalar((role, scale, q.device))
+        if found is not None:
+            return found
     if scale is None or isinstance(scale, torch.Tensor):
         return scale
-    return device_scalars.get(scale, device, role)
+    return device_scalars.get(scale, q.device, role)
 
 
 def _float_scales_kept(q, cache, layer) -> bool:
@@ -153,9 +165,8 @@ _PARAMS = "q, cache, metadata, out, layer, ws"
 _PLAIN = ("q", "cache.key_cache", "cache.value_cache", "out", "metadata.cu_seqlens_q",
           "metadata.seq_lens", "metadata.block_table", "layer[0]", "layer[1]", "ws")
 _SCALES = ("cache.k_scale_cache", "cache.v_scale_cache",
-           "scale_input(cache.quant.k_scale, q.device, 'k')",
-           "scale_input(cache.quant.v_scale, q.device, 'v')",
-           "scale_input(layer[2], q.device, 'q')", "scale_input(layer[3], q.device, 'out')")
+           "scale_input(cache.quant.k_scale, q, 'k')", "scale_input(cache.quant.v_scale, q, 'v')",
+           "scale_input(layer[2], q, 'q')", "scale_input(layer[3], q, 'out')")
 #: quantized -> the inputs as a relaunch reads them (the scale tensors only when quantized)
 READERS = {False: fast_launch.Reader(_PARAMS, _PLAIN),
            True: fast_launch.Reader(_PARAMS, _PLAIN + _SCALES, {"scale_input": _scale_input})}

@@ -48,6 +48,10 @@ class _DeviceScalars:
     def __init__(self) -> None:
         self._entries: dict = {}
         self._lock = threading.Lock()
+        #: ``find((role, value, device))``: the tensor the memo holds for that float
+        #: value, else None (one dict lookup: no conversion, no tensor test; a caller
+        #: passes floats only, :meth:`get` otherwise)
+        self.find = self._entries.get
 
     def get(self, value, device: torch.device, role: str = "") -> torch.Tensor:
         if isinstance(value, torch.Tensor):
