@@ -34,3 +34,41 @@ def test_every_e5m2_case_has_the_plain_case_it_is_compared_with():
     names = {c.name for c in default_cases()}
     e5m2 = [c for c in default_cases() if c.fp8_format == "e5m2"]
     assert e5m2 and all(plain_case_name(c.name) in names for c in e5m2)
+
+
+@pytest.mark.parametrize("name", ["decode-32x8192", "decode-32x8192-fp8",
+                                  "decode-32x8192-fp8e5m2", "decode-32x8192-int8pth",
+                                  "decode-128x8192-fp8e5m2pth"])
+def test_cache_dtype_is_what_build_inputs_stores(name):
+    from portattn.bench.cases import cache_dtype
+
+    case = _case(name)
+    for dtype in (torch.bfloat16, torch.float16):
+        inp = build_inputs(case, num_q_heads=4, num_kv_heads=2, head_size=16, block_size=16,
+                           dtype=dtype, device="cpu")
+        assert cache_dtype(case, dtype) == inp.cache.key_cache.dtype == \
+            inp.cache.value_cache.dtype
+
+
+@pytest.mark.parametrize("arch, bits", [("sm80", "e4m3fn"), ("sm86", "e4m3fn"),
+                                        ("sm90", None)])
+def test_the_sweep_times_and_prewarms_the_backends_byte_decode(arch, bits):
+    """An fp8 cache on a GPU without fp8 conversions is decoded from its bytes (the plan's
+    ``kv_bits``): every config the sweep times carries it, as the prewarm must compile
+    it (the prewarm built its list without it once: it compiled configs never timed)."""
+    from portattn.bench.sweep import sweep_configs, timed_configs
+    from portattn.capabilities import probe
+    from portattn.kernels.heuristics import Shape, quant_mode
+
+    caps = probe(simulate=arch)
+    case = _case("decode-32x8192-fp8")
+    shape = Shape(32, 8, 128, 1, 1, max(case.seq_lens), case.num_seqs, caps.sm_count,
+                  caps.arch, None, quant_mode(case.kv_quant))
+    configs = timed_configs(case, shape, torch.bfloat16, "cuda", caps)
+    plain = sweep_configs(case, shape)
+    assert len(configs) == len(plain) > 0
+    assert all(c.get("kv_bits") == bits for c in configs)
+    assert all({k: v for k, v in c.items() if k != "kv_bits"} == p
+               for c, p in zip(configs, plain))
+    bf16 = timed_configs(_case("decode-32x8192"), shape, torch.bfloat16, "cuda", caps)
+    assert all("kv_bits" not in c for c in bf16)

@@ -56,10 +56,15 @@ def fp8_cache_from_bytes(problem, caps) -> str | None:
     without that format (sm80, sm86: Triton has no conversion there). None: the GPU
     converts it natively (or the cache is not fp8). Measured on an H200 with the switch
     forced (benchmarks/NOTES.md); AMD GPUs are not served this way (not run on one)."""
-    if problem.kv_dtype not in FP8_DTYPES or problem.device_type != "cuda" or \
-            caps.vendor != "nvidia":
+    return fp8_bytes_format(problem.kv_dtype, problem.device_type, caps)
+
+
+def fp8_bytes_format(kv_dtype, device_type: str, caps) -> str | None:
+    """:func:`fp8_cache_from_bytes` for a cache of ``kv_dtype`` on ``device_type`` (the
+    bench asks before it has built a call)."""
+    if kv_dtype not in FP8_DTYPES or device_type != "cuda" or caps.vendor != "nvidia":
         return None
-    fmt = FP8_FORMAT_NAMES[problem.kv_dtype]
+    fmt = FP8_FORMAT_NAMES[kv_dtype]
     return None if fmt in caps.fp8_formats else fmt
 
 

@@ -94,6 +94,18 @@ class Inputs:
     out: torch.Tensor
 
 
+def fp8_dtype(case: Case) -> torch.dtype:
+    """The fp8 dtype of the case's cache, were it fp8 (``case.fp8_format``)."""
+    return torch.float8_e5m2 if case.fp8_format == "e5m2" else torch.float8_e4m3fn
+
+
+def cache_dtype(case: Case, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the case's cache stores (``dtype``: the run's 16/32-bit dtype)."""
+    if case.kv_quant == "none":
+        return dtype
+    return torch.int8 if case.kv_quant == "int8_per_token_head" else fp8_dtype(case)
+
+
 def _random_cache(case: Case, shape_k, shape_v, dtype, device, gen) -> PagedKVCache:
     """Random K/V stored as ``case.kv_quant`` says (random non-zero codes and scales; the
     bench times reads, it does not check values)."""
@@ -102,7 +114,7 @@ def _random_cache(case: Case, shape_k, shape_v, dtype, device, gen) -> PagedKVCa
     def randn(shape):
         return torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
 
-    fp8 = torch.float8_e5m2 if case.fp8_format == "e5m2" else torch.float8_e4m3fn
+    fp8 = fp8_dtype(case)
 
     if case.kv_quant == "none":
         return PagedKVCache(randn(shape_k).to(dtype), randn(shape_v).to(dtype))

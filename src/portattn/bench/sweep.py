@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from portattn.bench.cases import Case, Inputs, build_inputs
+from portattn.bench.cases import Case, Inputs, build_inputs, cache_dtype
 from portattn.bench.peers import ours
 from portattn.bench.report import _error, _flush_print
 
@@ -66,6 +66,17 @@ def sweep_configs(case: Case, shape) -> list[dict]:
     return configs
 
 
+def timed_configs(case: Case, shape, dtype: torch.dtype, device: str, caps) -> list[dict]:
+    """The configs the sweep times for ``case`` (so also those the prewarm compiles):
+    :func:`sweep_configs` with the backend's own byte-decode choice (``kv_bits``: fp8
+    caches before sm89) in every one."""
+    from portattn.backends.triton_unified import fp8_bytes_format
+
+    kv_bits = fp8_bytes_format(cache_dtype(case, dtype), torch.device(device).type, caps)
+    configs = sweep_configs(case, shape)
+    return [dict(params, kv_bits=kv_bits) for params in configs] if kv_bits else configs
+
+
 def compile_only(cases: list[Case], args, caps, shard: int, shards: int) -> int:
     """Run every distinct kernel config once (shard ``shard`` of ``shards``), filling
     Triton's disk cache so the timed run does not compile. Lengths may be shrunk: the
@@ -82,7 +93,8 @@ def compile_only(cases: list[Case], args, caps, shard: int, shards: int) -> int:
                       elem, max(case.query_lens), max(case.seq_lens), case.num_seqs,
                       caps.sm_count, caps.arch, case.head_size_v,
                       quant_mode(case.kv_quant))
-        items = [None] + (sweep_configs(case, shape) if args.sweep else [])
+        items = [None] + (timed_configs(case, shape, dtype, args.device, caps)
+                          if args.sweep else [])
         for params in items:
             key = (case.num_seqs == 1, case.kv_quant, case.fp8_format, case.head_size_v,
                    json.dumps(params, sort_keys=True) if params else case.name)
@@ -126,16 +138,7 @@ def run_sweep(case: Case, inp: Inputs, bench, caps) -> list[dict]:
                   max(case.seq_lens), case.num_seqs, caps.sm_count, caps.arch,
                   inp.cache.head_size_v, quant_mode(case.kv_quant))
     rows = []
-    # the backend's own byte-decode choice (fp8 caches before sm89) goes with every config
-    from portattn.backends.triton_unified import fp8_cache_from_bytes
-    from portattn.dispatch.problem import Problem
-
-    problem = Problem.from_call(inp.q, inp.cache, inp.metadata, options,
-                                max(case.query_lens), max(case.seq_lens))
-    kv_bits = fp8_cache_from_bytes(problem, caps)
-    for params in sweep_configs(case, shape):
-        if kv_bits:
-            params = dict(params, kv_bits=kv_bits)
+    for params in timed_configs(case, shape, inp.q.dtype, inp.q.device.type, caps):
         record: dict[str, Any] = {"params": params}
         try:
             ms = bench(lambda p=params: launch_unified(inp.q, inp.cache, inp.metadata,
