@@ -429,6 +429,26 @@ def test_a_capture_ending_in_another_thread_leaves_this_threads_count_whole(monk
     chain = knobs.HookChain()
     monkeypatch.setattr(knobs.runtime, "launch_enter_hook", chain)
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # hooks count (no launch runs here)
+    me = threading.get_ident()
+    with _capture_open_in_another_thread() as end_other:
+        def profiler(_metadata):  # a hook after the other thread's counter: it ends
+            if threading.get_ident() == me:  # meanwhile
+                end_other()
+
+        chain.add(profiler)
+        try:
+            with capture() as captured:
+                chain(None)  # one launch of this thread: Triton calls its enter hooks
+        finally:
+            chain.remove(profiler)
+    assert captured.triton_launches == 1
+    assert chain.calls == []  # the counting hook left with the last capture
+
+
+@contextmanager
+def _capture_open_in_another_thread():
+    """A capture held open by another thread for the duration of the block; the block
+    gets ``end()``, which closes that capture and returns once it has ended."""
     opened, close, closed = threading.Event(), threading.Event(), threading.Event()
 
     def other_thread():
@@ -437,42 +457,15 @@ def test_a_capture_ending_in_another_thread_leaves_this_threads_count_whole(monk
             close.wait(10)
         closed.set()
 
-    other = threading.Thread(target=other_thread)
-    other.start()
-    assert opened.wait(10)
-    me = threading.get_ident()
-
-    def profiler(_metadata):  # a hook after the other thread's counter: it ends meanwhile
-        if threading.get_ident() == me:
-            close.set()
-            assert closed.wait(10)
-
-    chain.add(profiler)
-    try:
-        with capture() as captured:
-            chain(None)  # one launch of this thread: Triton calls its enter hooks
-        other.join(10)
-    finally:
-        chain.remove(profiler)
-    assert captured.triton_launches == 1
-    assert chain.calls == []  # the counting hook left with the last capture
-
-
-@contextmanager
-def _capture_open_in_another_thread():
-    """A capture held open by another thread for the duration of the block."""
-    opened, close = threading.Event(), threading.Event()
-
-    def other_thread():
-        with capture():
-            opened.set()
-            close.wait(10)
+    def end():
+        close.set()
+        assert closed.wait(10)
 
     other = threading.Thread(target=other_thread)
     other.start()
     try:
         assert opened.wait(10)
-        yield
+        yield end
     finally:
         close.set()
         other.join(10)

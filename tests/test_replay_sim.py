@@ -436,18 +436,16 @@ def _check_fp8_decode(out, batch, seq_lens, k_scale: float, v_scale: float) -> N
     the cache's raw fp8 storage (not portattn.quant)."""
     keys = batch.cache.key_cache.float() * k_scale
     values = batch.cache.value_cache.float() * v_scale
-    table = batch.metadata.block_table
+    table, block_size = batch.metadata.block_table, batch.cache.block_size
+    gathered_k, gathered_v = [], []
     for seq, length in enumerate(seq_lens):
         slots = torch.arange(length)
-        blocks = table[seq, slots // batch.cache.block_size].long()
-        k = keys[blocks, slots % batch.cache.block_size]      # [len, kv heads, head]
-        v = values[blocks, slots % batch.cache.block_size]
-        q = batch.q[seq].float()                               # [q heads, head]
-        k = k.repeat_interleave(2, dim=1)
-        v = v.repeat_interleave(2, dim=1)
-        scores = torch.einsum("hd,khd->hk", q, k) / math.sqrt(32)
-        expected = torch.einsum("hk,khd->hd", scores.softmax(-1), v)
-        assert relative_error(out[seq], expected) < 3e-3
+        blocks = table[seq, slots // block_size].long()
+        gathered_k.append(keys[blocks, slots % block_size])    # [len, kv heads, head]
+        gathered_v.append(values[blocks, slots % block_size])
+    expected = dense_attention(batch.q, gathered_k, gathered_v, [1] * len(seq_lens))
+    for seq in range(len(seq_lens)):
+        assert relative_error(out[seq], expected[seq]) < 3e-3
 
 
 def test_float_scales_the_memo_refused_are_not_recorded(sim, monkeypatch):
