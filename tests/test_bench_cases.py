@@ -72,3 +72,16 @@ def test_the_sweep_times_and_prewarms_the_backends_byte_decode(arch, bits):
                for c, p in zip(configs, plain))
     bf16 = timed_configs(_case("decode-32x8192"), shape, torch.bfloat16, "cuda", caps)
     assert all("kv_bits" not in c for c in bf16)
+
+
+def test_ours_is_the_triton_backend_of_the_cases_head_sizes():
+    """The bench's kernel for ours: DiffKV's exactly for the cases with their own V head
+    size; forced on a GPU only (auto routing on this CPU)."""
+    from portattn.bench.peers import our_backend, triton_backend
+
+    for case in default_cases(shrink=512):
+        inp = build_inputs(case, num_q_heads=4, num_kv_heads=2, head_size=16,
+                           block_size=16, dtype=torch.float16, device="cpu")
+        want = "triton_diffkv" if case.head_size_v is not None else "triton_unified"
+        assert triton_backend(inp.cache) == want, case.name
+        assert our_backend(inp) is None

@@ -12,13 +12,23 @@ import torch
 from portattn.bench.cases import Case, Inputs, gather_contiguous
 
 
+def triton_backend(cache) -> str:
+    """Our Triton kernels' backend for ``cache``: DiffKV's when its K and V head sizes
+    differ."""
+    return "triton_diffkv" if cache.head_size_qk != cache.head_size_v else "triton_unified"
+
+
+def our_backend(inp: Inputs) -> str | None:
+    """The backend the bench times as ours: our Triton kernels, forced on a GPU (so a
+    routing change, e.g. FA4 leading long prefills, cannot swap the kernel timed); None
+    (auto routing) elsewhere."""
+    return triton_backend(inp.cache) if inp.q.is_cuda else None
+
+
 def ours(inp: Inputs):
     import portattn
 
-    backend = None
-    if inp.q.is_cuda:
-        backend = "triton_diffkv" if inp.cache.head_size_qk != inp.cache.head_size_v \
-            else "triton_unified"
+    backend = our_backend(inp)
 
     def fn():
         portattn.attention(inp.q, inp.cache, inp.metadata, out=inp.out, backend=backend)

@@ -13,9 +13,11 @@ from portattn.bench.cases import Case, Inputs, build_inputs, case_bytes, case_fl
 from portattn.bench.peers import (
     fa4_paged,
     flash_attn_contiguous,
+    our_backend,
     ours,
     portattn_flash_attn,
     sdpa,
+    triton_backend,
 )
 from portattn.bench.report import _error
 from portattn.bench.sweep import run_sweep
@@ -45,10 +47,7 @@ def _run_case(case: Case, args, bench, caps, ceilings) -> dict:
     nbytes = case_bytes(case, inp)
     flops = case_flops(case, args.num_q_heads, inp.cache.head_size_qk,
                        head_size_v=inp.cache.head_size_v)
-    forced = None
-    if args.device == "cuda":
-        forced = "triton_diffkv" if case.head_size_v is not None else "triton_unified"
-    decision = portattn.explain(inp.q, inp.cache, inp.metadata, backend=forced)
+    decision = portattn.explain(inp.q, inp.cache, inp.metadata, backend=our_backend(inp))
     lens = {"query_lens": _compact(case.query_lens), "seq_lens": _compact(case.seq_lens)}
     result: dict[str, Any] = {
         "case": dataclasses.asdict(case) | lens,
@@ -124,9 +123,8 @@ def _direct_launch(inp: Inputs):
     from portattn.options import normalize_options
 
     options = normalize_options(inp.q, inp.cache)
-    diffkv = inp.cache.head_size_qk != inp.cache.head_size_v
     plan = portattn.explain(inp.q, inp.cache, inp.metadata,
-                            backend="triton_diffkv" if diffkv else "triton_unified").plan
+                            backend=triton_backend(inp.cache)).plan
 
     def fn():
         launch_unified(inp.q, inp.cache, inp.metadata, options, inp.out, plan.params)
