@@ -85,3 +85,56 @@ def test_ours_is_the_triton_backend_of_the_cases_head_sizes():
         want = "triton_diffkv" if case.head_size_v is not None else "triton_unified"
         assert triton_backend(inp.cache) == want, case.name
         assert our_backend(inp) is None
+
+
+def test_the_prewarm_compiles_the_configs_the_sweep_times(monkeypatch):
+    """``compile_only`` (the prewarm) goes through :func:`timed_configs` itself: on an sm80
+    every config it compiles for an fp8 case carries the byte decode the sweep times (the
+    test above checks ``timed_configs`` only; the prewarm once built its own list)."""
+    import argparse
+
+    from portattn.bench import sweep
+    from portattn.capabilities import probe
+    from portattn.kernels import launch
+    from portattn.kernels.heuristics import Shape, quant_mode
+
+    caps = probe(simulate="sm80")
+    case = _case("decode-32x8192-fp8")
+    args = argparse.Namespace(dtype="bf16", num_q_heads=8, num_kv_heads=2, head_size=32,
+                              block_size=16, sweep=True, device="cuda")
+    built = []
+
+    def build_on_cpu(case, **kwargs):  # the configs depend on the device's name only
+        inp = build_inputs(case, **dict(kwargs, device="cpu"))
+        built.append(inp)
+        return inp
+
+    compiled = []
+    monkeypatch.setattr(sweep, "build_inputs", build_on_cpu)
+    monkeypatch.setattr(sweep, "ours", lambda inp: lambda: None)
+    monkeypatch.setattr(launch, "launch_unified",
+                        lambda q, cache, metadata, options, out, params: compiled.append(params))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    assert sweep.compile_only([case], args, caps, 0, 1) == 0
+    inp = built[0]  # the shape run_sweep builds from the case's inputs
+    shape = Shape(inp.q.shape[1], inp.cache.num_kv_heads, inp.q.shape[2],
+                  inp.cache.key_cache.element_size(), max(case.query_lens),
+                  max(case.seq_lens), case.num_seqs, caps.sm_count, caps.arch,
+                  inp.cache.head_size_v, quant_mode(case.kv_quant))
+    timed = sweep.timed_configs(case, shape, torch.bfloat16, "cuda", caps)
+    assert timed and all(c.get("kv_bits") == "e4m3fn" for c in timed)
+    assert compiled == timed
+
+
+def test_ours_is_forced_to_the_triton_backend_on_a_gpu():
+    """On a GPU the bench times our Triton kernels whatever the routing would pick."""
+    from types import SimpleNamespace
+
+    from portattn.bench.peers import our_backend
+
+    for case in (_case("decode-32x8192"), _case("decode-32x8192-diffkv")):
+        inp = build_inputs(case, num_q_heads=4, num_kv_heads=2, head_size=16,
+                           block_size=16, dtype=torch.float16, device="cpu")
+        on_gpu = SimpleNamespace(q=SimpleNamespace(is_cuda=True), cache=inp.cache)
+        want = "triton_diffkv" if case.head_size_v is not None else "triton_unified"
+        assert our_backend(on_gpu) == want
