@@ -14,8 +14,9 @@ the loop's wall time per call is host time alone, whatever the kernels' own time
 staged prefill's kernels take longer than its host time; before session 10 the loop
 timed whichever was slower). Every cell (case x layer count x implementation, and each
 case's two launch cells) gets ``REPEATS`` samples, taken round-robin over all cells of all
-cases (:func:`time_cells`), and reports their median and minimum. Implementations per
-case and layer count:
+cases (:func:`time_cells`), and reports their median and minimum (so every case's
+layer copies are alive at once: about 2 GB on the GPU, the staged prefill's most).
+Implementations per case and layer count:
 
 * ``attention`` / ``attention_out``: ``portattn.attention`` allocating ``out`` / into
   a given ``out`` (the memo of checked call structures, then the plan's runner);

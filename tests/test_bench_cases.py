@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -48,6 +50,8 @@ def test_cache_dtype_is_what_build_inputs_stores(name):
                            dtype=dtype, device="cpu")
         assert cache_dtype(case, dtype) == inp.cache.key_cache.dtype == \
             inp.cache.value_cache.dtype
+    with pytest.raises(ValueError, match="unknown kv_quant 'int4'"):
+        cache_dtype(dataclasses.replace(case, kv_quant="int4"), torch.bfloat16)
 
 
 @pytest.mark.parametrize("arch, bits", [("sm80", "e4m3fn"), ("sm86", "e4m3fn"),

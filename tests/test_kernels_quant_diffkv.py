@@ -579,10 +579,11 @@ def quantize_reference(x: torch.Tensor, quant: KVQuant, which: str, storage: tor
     x = x.float()
     if quant.mode == "none":
         return x.to(storage), None
-    # quotients correctly rounded to fp32 (computed in fp64): torch's CUDA division by a
-    # scalar multiplies by the reciprocal, one ulp away from the definition at times (which
-    # moves a code where the quotient lies within that ulp of a rounding midpoint: the
-    # GPU's per-tensor write tests failed so, at random)
+    # Both modes: quotients correctly rounded to fp32 (computed in fp64, rounded once), as
+    # the write kernel's div_rn. torch's CUDA division by a scalar multiplies by the
+    # reciprocal, one ulp away from the definition at times, which moves a code where the
+    # quotient lies within that ulp of a rounding midpoint (the GPU's per-tensor write
+    # tests failed so, at random, in session 28).
     if quant.mode == "fp8_per_tensor":
         scale = quant.k_scale if which == "k" else quant.v_scale
         s = torch.tensor(float(scale), dtype=torch.float32).double()  # the kernel's fp32

@@ -101,9 +101,11 @@ def fp8_dtype(case: Case) -> torch.dtype:
 
 def cache_dtype(case: Case, dtype: torch.dtype) -> torch.dtype:
     """The dtype the case's cache stores (``dtype``: the run's 16/32-bit dtype)."""
-    if case.kv_quant == "none":
-        return dtype
-    return torch.int8 if case.kv_quant == "int8_per_token_head" else fp8_dtype(case)
+    stored = {"none": dtype, "int8_per_token_head": torch.int8,
+              "fp8_per_tensor": fp8_dtype(case), "fp8_per_token_head": fp8_dtype(case)}
+    if case.kv_quant not in stored:
+        raise ValueError(f"case {case.name}: unknown kv_quant {case.kv_quant!r}")
+    return stored[case.kv_quant]
 
 
 def _random_cache(case: Case, shape_k, shape_v, dtype, device, gen) -> PagedKVCache:

@@ -46,6 +46,7 @@ class _DeviceScalars:
     capacity = 4096  # a 512-byte block each: 2 MiB per device at most
 
     def __init__(self) -> None:
+        # only ever changed in place, never rebound: ``find`` is this dict's lookup
         self._entries: dict = {}
         self._lock = threading.Lock()
         #: ``find((role, value, device))``: the tensor the memo holds for that float
