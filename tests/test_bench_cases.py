@@ -16,6 +16,12 @@ def _case(name):
     return by_name[name]
 
 
+def _inputs(case, dtype=torch.float16):
+    """The case's inputs, small (4 / 2 heads of 16, block 16), on the CPU."""
+    return build_inputs(case, num_q_heads=4, num_kv_heads=2, head_size=16, block_size=16,
+                        dtype=dtype, device="cpu")
+
+
 @pytest.mark.parametrize("name, mode, fp8", [
     ("decode-32x8192-fp8", "fp8_per_tensor", torch.float8_e4m3fn),
     ("decode-32x8192-fp8e5m2", "fp8_per_tensor", torch.float8_e5m2),
@@ -23,8 +29,7 @@ def _case(name):
     ("decode-32x8192-fp8pth", "fp8_per_token_head", torch.float8_e4m3fn),
 ])
 def test_fp8_cases_store_the_format_their_name_says(name, mode, fp8):
-    inp = build_inputs(_case(name), num_q_heads=4, num_kv_heads=2, head_size=16,
-                       block_size=16, dtype=torch.bfloat16, device="cpu")
+    inp = _inputs(_case(name), torch.bfloat16)
     cache = inp.cache
     assert cache.key_cache.dtype == fp8 and cache.value_cache.dtype == fp8
     assert cache.quant.mode == mode and cache.quant.fp8_dtype == fp8
@@ -46,8 +51,7 @@ def test_cache_dtype_is_what_build_inputs_stores(name):
 
     case = _case(name)
     for dtype in (torch.bfloat16, torch.float16):
-        inp = build_inputs(case, num_q_heads=4, num_kv_heads=2, head_size=16, block_size=16,
-                           dtype=dtype, device="cpu")
+        inp = _inputs(case, dtype)
         assert cache_dtype(case, dtype) == inp.cache.key_cache.dtype == \
             inp.cache.value_cache.dtype
     with pytest.raises(ValueError, match="unknown kv_quant 'int4'"):
@@ -84,8 +88,7 @@ def test_ours_is_the_triton_backend_of_the_cases_head_sizes():
     from portattn.bench.peers import our_backend, triton_backend
 
     for case in default_cases(shrink=512):
-        inp = build_inputs(case, num_q_heads=4, num_kv_heads=2, head_size=16,
-                           block_size=16, dtype=torch.float16, device="cpu")
+        inp = _inputs(case)
         want = "triton_diffkv" if case.head_size_v is not None else "triton_unified"
         assert triton_backend(inp.cache) == want, case.name
         assert our_backend(inp) is None
@@ -100,8 +103,6 @@ def test_the_prewarm_compiles_the_configs_the_sweep_times(monkeypatch):
     from portattn.bench import sweep
     from portattn.capabilities import probe
     from portattn.kernels import launch
-    from portattn.kernels.heuristics import Shape, quant_mode
-
     caps = probe(simulate="sm80")
     case = _case("decode-32x8192-fp8")
     args = argparse.Namespace(dtype="bf16", num_q_heads=8, num_kv_heads=2, head_size=32,
@@ -120,11 +121,7 @@ def test_the_prewarm_compiles_the_configs_the_sweep_times(monkeypatch):
                         lambda q, cache, metadata, options, out, params: compiled.append(params))
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
     assert sweep.compile_only([case], args, caps, 0, 1) == 0
-    inp = built[0]  # the shape run_sweep builds from the case's inputs
-    shape = Shape(inp.q.shape[1], inp.cache.num_kv_heads, inp.q.shape[2],
-                  inp.cache.key_cache.element_size(), max(case.query_lens),
-                  max(case.seq_lens), case.num_seqs, caps.sm_count, caps.arch,
-                  inp.cache.head_size_v, quant_mode(case.kv_quant))
+    shape = sweep.inputs_shape(case, built[0], caps)  # the shape run_sweep times
     timed = sweep.timed_configs(case, shape, torch.bfloat16, "cuda", caps)
     assert timed and all(c.get("kv_bits") == "e4m3fn" for c in timed)
     assert compiled == timed
@@ -137,8 +134,7 @@ def test_ours_is_forced_to_the_triton_backend_on_a_gpu():
     from portattn.bench.peers import our_backend
 
     for case in (_case("decode-32x8192"), _case("decode-32x8192-diffkv")):
-        inp = build_inputs(case, num_q_heads=4, num_kv_heads=2, head_size=16,
-                           block_size=16, dtype=torch.float16, device="cpu")
+        inp = _inputs(case)
         on_gpu = SimpleNamespace(q=SimpleNamespace(is_cuda=True), cache=inp.cache)
         want = "triton_diffkv" if case.head_size_v is not None else "triton_unified"
         assert our_backend(on_gpu) == want

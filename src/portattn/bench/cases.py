@@ -95,8 +95,11 @@ class Inputs:
 
 
 def fp8_dtype(case: Case) -> torch.dtype:
-    """The fp8 dtype of the case's cache, were it fp8 (``case.fp8_format``)."""
-    return torch.float8_e5m2 if case.fp8_format == "e5m2" else torch.float8_e4m3fn
+    """The fp8 dtype of the case's cache, were it fp8 (``case.fp8_format``, a name of
+    :data:`portattn.types.FP8_FORMAT_NAMES`)."""
+    from portattn.types import FP8_FORMAT_NAMES
+
+    return {name: dtype for dtype, name in FP8_FORMAT_NAMES.items()}[case.fp8_format]
 
 
 def cache_dtype(case: Case, dtype: torch.dtype) -> torch.dtype:

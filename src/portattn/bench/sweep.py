@@ -127,16 +127,22 @@ def compile_only(cases: list[Case], args, caps, shard: int, shards: int) -> int:
     return 0
 
 
-def run_sweep(case: Case, inp: Inputs, bench, caps) -> list[dict]:
+def inputs_shape(case: Case, inp: Inputs, caps):
+    """The heuristics' ``Shape`` of the case's built inputs on ``caps``' GPU."""
     from portattn.kernels.heuristics import Shape, quant_mode
+
+    return Shape(inp.q.shape[1], inp.cache.num_kv_heads, inp.q.shape[2],
+                 inp.cache.key_cache.element_size(), max(case.query_lens),
+                 max(case.seq_lens), case.num_seqs, caps.sm_count, caps.arch,
+                 inp.cache.head_size_v, quant_mode(case.kv_quant))
+
+
+def run_sweep(case: Case, inp: Inputs, bench, caps) -> list[dict]:
     from portattn.kernels.launch import launch_unified
     from portattn.options import normalize_options
 
     options = normalize_options(inp.q, inp.cache)
-    shape = Shape(inp.q.shape[1], inp.cache.num_kv_heads, inp.q.shape[2],
-                  inp.cache.key_cache.element_size(), max(case.query_lens),
-                  max(case.seq_lens), case.num_seqs, caps.sm_count, caps.arch,
-                  inp.cache.head_size_v, quant_mode(case.kv_quant))
+    shape = inputs_shape(case, inp, caps)
     rows = []
     for params in timed_configs(case, shape, inp.q.dtype, inp.q.device.type, caps):
         record: dict[str, Any] = {"params": params}
