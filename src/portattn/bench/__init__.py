@@ -39,8 +39,6 @@ below is importable from ``portattn.bench``):
 
 from __future__ import annotations
 
-# The private helpers stay importable from here too, as they were from the one-module
-# bench (``name as name`` marks a re-export).
 from portattn.bench.cases import (
     BENCH_FP8_SCALE,
     Case,
@@ -52,10 +50,7 @@ from portattn.bench.cases import (
     default_cases,
     gather_contiguous,
 )
-from portattn.bench.cases import _random_cache as _random_cache
 from portattn.bench.cli import main
-from portattn.bench.peers import _flash_attn_kvcache as _flash_attn_kvcache
-from portattn.bench.peers import _sdpa_parts as _sdpa_parts
 from portattn.bench.peers import (
     fa4_paged,
     flash_attn_contiguous,
@@ -64,21 +59,9 @@ from portattn.bench.peers import (
     sdpa,
 )
 from portattn.bench.report import SPEED_KEYS, add_plain_ratios, format_table, plot
-from portattn.bench.report import _error as _error
-from portattn.bench.report import _flush_print as _flush_print
-from portattn.bench.report import _fmt as _fmt
-from portattn.bench.report import _ms as _ms
-from portattn.bench.report import _rate as _rate
-from portattn.bench.runner import _compact as _compact
-from portattn.bench.runner import _direct_launch as _direct_launch
-from portattn.bench.runner import _metric as _metric
-from portattn.bench.runner import _run_case as _run_case
-from portattn.bench.runner import _separate_parts as _separate_parts
 from portattn.bench.runner import run_case
-from portattn.bench.sweep import _describe_params as _describe_params
 from portattn.bench.sweep import compile_only, run_sweep, sweep_configs
 from portattn.bench.timing import GraphTimer, host_us, measure_ceilings, timer
-from portattn.bench.timing import _copy_tbs as _copy_tbs
 
 __all__ = [
     "BENCH_FP8_SCALE", "SPEED_KEYS", "Case", "GraphTimer", "Inputs", "add_plain_ratios",
