@@ -262,7 +262,6 @@ def _stub_kernels():
     """Replace launch.py's kernels by stand-ins: Triton's binder and cache key (so the
     recording, the checks against Triton and the keys are real), launchers doing
     nothing, every launch counted as Triton's launch hook would."""
-    from triton import knobs
     from triton.backends.compiler import BaseBackend
     from triton.runtime.jit import JITFunction, compute_cache_key, create_function_from_signature
 
@@ -291,8 +290,7 @@ def _stub_kernels():
         def __getitem__(self, grid):
             def run(*args, **kwargs):
                 counted[0] += 1
-                kwargs["debug"] = kwargs.get("debug", self.debug) or knobs.runtime.debug
-                kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+                fast_launch.jit_run_options(kwargs, self.debug)
                 kernel_cache, key_cache, _, _, binder = self.device_caches[0]
                 _, specialization, options = binder(*args, **kwargs)
                 key = compute_cache_key(key_cache, specialization, options)

@@ -5,7 +5,8 @@
   the environment wins).
 * ``PORTATTN_TEST_SHARD=i/n`` runs one shard of the collected tests (parallel GPU runs).
 * Markers: ``gpu`` tests are skipped without a CUDA/ROCm GPU; ``interpreter`` tests are
-  skipped when Triton is missing or the interpreter is off (a GPU machine).
+  skipped when Triton is missing, lacks what the kernels use (older than 3.5), or the
+  interpreter is off (a GPU machine).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def pytest_collection_modifyitems(config, items):
     skip_interp = pytest.mark.skip(reason="TRITON_INTERPRET=1 is not set (a GPU is present: "
                                    "set it to run the interpreter tier here)")
     interpreting = settings.TRITON_INTERPRET.value()
+    too_old = _kernels_cannot_run() if HAS_TRITON and interpreting else None
     for item in items:
         if "gpu" in item.keywords and not HAS_GPU:
             item.add_marker(skip_gpu)
@@ -48,6 +50,23 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip_triton)
             elif not interpreting:
                 item.add_marker(skip_interp)
+            elif too_old:
+                item.add_marker(pytest.mark.skip(reason=too_old))
+
+
+def _kernels_cannot_run() -> str | None:
+    """Why this Triton cannot run portattn's kernels (features they use are missing: the
+    probe then reports ``triton_kernels`` unusable, test_capabilities checks that), or
+    None."""
+    import triton
+
+    from portattn.capabilities.probe import missing_kernel_features
+
+    missing = missing_kernel_features(triton)
+    if not missing:
+        return None
+    return (f"Triton {triton.__version__} lacks {', '.join(missing)}: portattn's Triton "
+            "kernels cannot run here")
 
 
 def _shard(config, items):

@@ -1,17 +1,19 @@
 """A stand-in for a Triton ``JITFunction`` in host-only tests of the fast relaunch path.
 
-It binds and keys arguments exactly as Triton 3.6's ``JITFunction.run`` does (Triton's own
-binder from the kernel's signature, ``compute_cache_key``, the ``debug`` and
-instrumentation knobs), and has the attributes :mod:`portattn.kernels.fast_launch` reads
-(``device_caches``, ``params``, ``pre_run_hooks``, ``used_global_vals``), but compiles
-nothing: subclasses say what a "compiled kernel" is and what a launch does.
+It binds and keys arguments exactly as the installed Triton's ``JITFunction.run`` does
+(Triton's own binder from the kernel's signature, ``compute_cache_key``, the knobs it adds:
+:func:`portattn.kernels.fast_launch.jit_run_options`), and has the attributes
+:mod:`portattn.kernels.fast_launch` reads (``device_caches``, ``params``,
+``pre_run_hooks``, ``used_global_vals``), but compiles nothing: subclasses say what a
+"compiled kernel" is and what a launch does.
 """
 
 from __future__ import annotations
 
-from triton import knobs
 from triton.backends.compiler import BaseBackend
 from triton.runtime.jit import JITFunction, compute_cache_key, create_function_from_signature
+
+from portattn.kernels.fast_launch import jit_run_options
 
 
 class JITStandIn:
@@ -27,8 +29,7 @@ class JITStandIn:
     def bind(self, args, kwargs):
         """``(bound arguments, specialization, cache key, the kernel cache)`` of a call,
         as ``JITFunction.run`` computes them (``kwargs`` gains the knobs it adds)."""
-        kwargs["debug"] = kwargs.get("debug", self.debug) or knobs.runtime.debug
-        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+        jit_run_options(kwargs, self.debug)
         kernel_cache, key_cache, _, _, binder = self.device_caches[0]
         bound, specialization, options = binder(*args, **kwargs)
         return bound, specialization, compute_cache_key(key_cache, specialization, options), \

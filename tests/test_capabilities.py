@@ -299,6 +299,36 @@ def test_failed_descriptor_kernel_is_a_reason(monkeypatch):
         caps.tensor_descriptors.reason
 
 
+def test_a_triton_without_what_the_kernels_use_is_a_reason(monkeypatch):
+    """Triton 3.4 and older have no ``triton.constexpr_function`` (the unified kernel sizes
+    its merge with one): the probe says so before running any check kernel, and the
+    dispatcher neither picks our kernels nor lets them be forced."""
+    import triton
+
+    from portattn.dispatch.problem import Problem
+    from portattn.dispatch.selector import decide
+    from portattn.errors import UnsupportedError
+
+    assert probe_mod.missing_kernel_features(triton) == []  # the installed Triton has them
+    monkeypatch.delattr(triton, "constexpr_function")
+
+    def no_kernel(kind, device):
+        raise AssertionError("a check kernel ran on a Triton the probe should refuse")
+
+    monkeypatch.setattr(descriptor_check, "_run_one", no_kernel)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    caps = probe(use_disk_cache=False)
+    want = (f"Triton {triton.__version__} lacks triton.constexpr_function (Triton >= 3.5), "
+            "which portattn's Triton kernels use")
+    assert caps.triton.ok and caps.triton_target == "interpreter"
+    assert caps.triton_kernels == Check(False, want)
+    assert caps.tensor_descriptors == Check(False, want)
+    problem = Problem.make(device_type="cpu", dtype="float16")
+    assert decide(problem, caps).backend == "torch_ref"
+    with pytest.raises(UnsupportedError, match="lacks triton.constexpr_function"):
+        decide(problem, caps, "triton_unified")
+
+
 def test_wrong_kernel_result_is_detected():
     import torch
 

@@ -32,6 +32,20 @@ def test_cpu_job_runs_the_interpreter_tier_on_the_newest_triton():
     assert "run: bash .ci/run" in cpu and "pull_request" in cpu
 
 
+def test_cpu_job_runs_the_interpreter_tier_on_the_oldest_supported_triton():
+    """The oldest release of ci/matrix.json is older than the pinned one, is pyproject's
+    floor for the [triton] extra, and gets the interpreter tier in .ci/run."""
+    oldest = MATRIX["oldest_triton"]
+    assert Version(oldest) < Version(MATRIX["triton_versions"][0])
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    floor = re.search(r'^triton = \["triton>=([0-9.]+)"\]$', pyproject, re.MULTILINE)
+    assert floor and Version(oldest).release[:2] == Version(floor.group(1)).release[:2]
+    run = (ROOT / ".ci" / "run").read_text()
+    assert 'json.load(open("ci/matrix.json"))["oldest_triton"]' in run
+    assert "ci/setup_triton_venv.sh \"$OLDEST_TRITON\" .venv-triton-oldest" in run
+    assert ".venv-triton-oldest/bin/python -m pytest -q -m interpreter" in run
+
+
 def test_gpu_workflow_runs_each_gpu_profile_on_its_runner_label():
     gpu = (WORKFLOWS / "gpu.yml").read_text()
     assert 'json.load(open("ci/matrix.json"))' in gpu

@@ -121,8 +121,22 @@ def _counting():
     return Counter()
 
 
+def _native_tensor_specialization() -> bool:
+    """Whether this Triton's CUDA backend specializes tensors in its native binder (Triton
+    3.6 on): the fast relaunch needs it (on Triton 3.5 every call takes the JIT path)."""
+    from triton.backends.compiler import BaseBackend
+
+    return bool(getattr(BaseBackend, "supports_native_tensor_specialization", False))
+
+
 @pytest.fixture
 def sim(monkeypatch):
+    if not _native_tensor_specialization():
+        import triton
+
+        pytest.skip(f"Triton {triton.__version__} specializes tensors in Python: the fast "
+                    "relaunch is off there (test_a_binder_in_python_keeps_the_jit_path "
+                    "checks that)")
     memory = Memory()
     kernels = {}
     for name in ("unified_attention_kernel", "merge_segments_kernel"):
@@ -518,3 +532,42 @@ def test_a_call_that_fell_back_from_descriptors_is_not_recorded(sim, monkeypatch
     plan.run(batch.q, batch.cache, out)
     assert slot.sequence is not None
     assert relative_error(out, expected) < 3e-3
+
+
+def test_a_binder_in_python_keeps_the_jit_path(monkeypatch):
+    """A Triton backend without native tensor specialization (Triton 3.5's CUDA backend,
+    AMD's) may specialize a pointer by more than its alignment: the plan refuses to
+    record, says why once, and every call runs the JIT path with the oracle's result."""
+    memory = Memory()
+    kernels = {}
+
+    class PythonBinder:  # the attribute Triton 3.6 added, off (or missing on 3.5)
+        supports_native_tensor_specialization = False
+
+    for name in ("unified_attention_kernel", "merge_segments_kernel"):
+        wrapped = getattr(launch, name)
+        kernels[name] = SimKernel(wrapped.fn, memory)
+        cache, keys, target, _backend, binder = kernels[name].device_caches[0]
+        kernels[name].device_caches = {0: (cache, keys, target, PythonBinder, binder)}
+        monkeypatch.setattr(wrapped, "fn", kernels[name])
+    monkeypatch.setattr(fast_launch, "_count_launches", _counting)
+    monkeypatch.setattr(fast_launch, "_device_functions", lambda: (lambda: 0, lambda d: 0))
+    planning.clear()
+    batch = make_paged_batch([1, 1, 1], [21, 7, 30], num_q_heads=4, num_kv_heads=2,
+                             head_size=32, dtype=torch.float16)
+    plan = portattn.plan(batch.metadata, num_q_heads=4, dtype=torch.float16,
+                         cache=batch.cache, backend="triton_unified", validate=False)
+    _replaying(plan)
+    expected = dense_attention(batch.q, batch.keys, batch.values, [1, 1, 1])
+    try:
+        for calls in (1, 2, 3):
+            out = torch.full_like(batch.q, math.nan)
+            plan.run(batch.q, batch.cache, out)
+            assert relative_error(out, expected) < 3e-3
+            assert kernels["unified_attention_kernel"].jit_runs == calls
+        assert sum(k.replays for k in kernels.values()) == 0
+        slot = next(iter(plan._accepted.values()))
+        assert slot.sequence is not None and slot.reason is not None
+        assert "specializes tensors in Python" in slot.reason
+    finally:
+        planning.clear()

@@ -284,8 +284,24 @@ def test_one_or_three_loops_match_the_oracle(quant, variant, feature, one_loop, 
     assert all(not sw[0] for sw in staged_switches if sw[1] not in (2, 3))
 
 
+def _interpreter_counts_descriptor_strides_in_elements() -> bool:
+    """Triton 3.5's interpreter asserts that a descriptor's strides are multiples of 16
+    ELEMENTS (3.6 checks bytes, as the hardware's tensor maps need): a head of 40 fp16
+    values (80 bytes a row) fails there although a GPU accepts it."""
+    import triton
+
+    major, minor = (int(p) for p in triton.__version__.split(".")[:2])
+    return (major, minor) < (3, 6)
+
+
 @interp
 def test_staged_attention_non_pow2_heads_gqa_and_diffkv(stage_calls):
+    if _interpreter_counts_descriptor_strides_in_elements():
+        import triton
+
+        pytest.skip(f"Triton {triton.__version__}'s interpreter checks descriptor strides "
+                    "in elements, not bytes (heads 40 / 48 / 32 fp16 rows are 16-byte "
+                    "aligned, as a GPU's tensor maps need)")
     run("mixed", dtype=F16, head_size=40, group=3, quant=QUANTS["fp8_tensor_e4m3"])
     run("prefill", dtype=F16, head_size=48, head_size_v=32, quant=QUANTS["int8_token_head"])
     assert len(stage_calls) == 2

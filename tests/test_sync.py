@@ -121,13 +121,17 @@ def test_triton_unified_launcher_reads_no_device_value(batch, monkeypatch):
     from triton.runtime.interpreter import InterpretedFunction
 
     spy = DeviceSyncSpy(_batch_tensors(batch.q, batch.cache, batch.metadata))
-    run = InterpretedFunction.run
+    getitem = InterpretedFunction.__getitem__  # ``kernel[grid]``, on every Triton release
 
-    def run_paused(self, *args, **kwargs):
-        with spy.paused():
-            return run(self, *args, **kwargs)
+    def getitem_paused(self, grid):
+        launch = getitem(self, grid)
 
-    monkeypatch.setattr(InterpretedFunction, "run", run_paused)
+        def run_paused(*args, **kwargs):
+            with spy.paused():
+                return launch(*args, **kwargs)
+        return run_paused
+
+    monkeypatch.setattr(InterpretedFunction, "__getitem__", getitem_paused)
     with spy:
         for _ in range(2):
             out = portattn.attention(batch.q, batch.cache, batch.metadata,

@@ -390,6 +390,26 @@ def _triton_target(triton: Any) -> str:
     return f"{target.backend}:{target.arch}"
 
 
+#: What portattn's Triton kernels use from Triton beyond ``triton.jit`` and
+#: ``triton.language`` basics, with the release that brought it: a Triton without one of
+#: these would fail on the first launch (``kernels/unified.py`` sizes its merge with a
+#: ``triton.constexpr_function``, new in Triton 3.5), so the probe says so instead.
+KERNEL_TRITON_FEATURES = (("triton.constexpr_function", "3.5"),)
+
+
+def missing_kernel_features(triton: Any) -> list[str]:
+    """The :data:`KERNEL_TRITON_FEATURES` this ``triton`` module lacks, each as
+    ``"name (Triton >= release)"``."""
+    missing = []
+    for name, release in KERNEL_TRITON_FEATURES:
+        obj = triton
+        for part in name.split(".")[1:]:
+            obj = getattr(obj, part, None)
+        if obj is None:
+            missing.append(f"{name} (Triton >= {release})")
+    return missing
+
+
 def _kernel_checks(triton_check: Check, triton: Any, interpreter: bool, gpu: int | None,
                    device_error: str | None) -> tuple[str | None, Check, Check]:
     """(triton_target, triton_kernels, tensor_descriptors)."""
@@ -398,6 +418,11 @@ def _kernel_checks(triton_check: Check, triton: Any, interpreter: bool, gpu: int
     if not triton_check.ok:
         why = f"needs Triton: {triton_check.reason}"
         return None, Check(False, why), Check(False, why)
+    missing = missing_kernel_features(triton)
+    if missing:
+        why = (f"Triton {getattr(triton, '__version__', '?')} lacks "
+               f"{', '.join(missing)}, which portattn's Triton kernels use")
+        return ("interpreter" if interpreter else None), Check(False, why), Check(False, why)
     has_api = hasattr(triton.language, "make_tensor_descriptor")
     no_api = Check(False, f"triton.language has no make_tensor_descriptor "
                           f"(Triton {getattr(triton, '__version__', '?')})")

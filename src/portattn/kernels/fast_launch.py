@@ -648,10 +648,22 @@ def build_site(launch: Launch, inputs: Sequence) -> Site:
     return Site(fn, grid, names, template, tuple(binds), options, descriptors)
 
 
+def jit_run_options(kwargs: dict, debug: bool) -> dict:
+    """``kwargs`` with the options ``JITFunction.run`` adds before it binds a call, as
+    the installed Triton adds them: ``debug`` (the kernel's, or Triton's knob), and the
+    instrumentation mode where Triton has that knob (3.6 on; 3.5 has none)."""
+    from triton import knobs
+
+    kwargs["debug"] = kwargs.get("debug", debug) or knobs.runtime.debug
+    compilation = knobs.compilation
+    if hasattr(compilation, "instrumentation_mode"):
+        kwargs["instrumentation_mode"] = compilation.instrumentation_mode
+    return kwargs
+
+
 def check_with_triton(site: Site, launch: Launch, device: int) -> None:
     """Run Triton's binder on the recorded call: its cache must hold the kernel it returned
     and every bound pointer must be specialized by 16-byte alignment alone."""
-    from triton import knobs
     from triton.runtime.jit import compute_cache_key
 
     fn = launch.fn
@@ -661,10 +673,13 @@ def check_with_triton(site: Site, launch: Launch, device: int) -> None:
         raise Unusable(f"Triton's kernel cache of {fn!r} has an unknown layout: {exc}") \
             from exc
     if not getattr(backend, "supports_native_tensor_specialization", False):
-        raise Unusable(f"the {type(backend).__name__} backend specializes tensors in Python")
-    kwargs = dict(launch.kwargs)
-    kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
-    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+        import triton
+
+        raise Unusable(f"the {getattr(backend, '__name__', type(backend).__name__)} backend "
+                       f"of Triton {getattr(triton, '__version__', '?')} specializes tensors "
+                       "in Python (the fast relaunch needs Triton's native binder: NVIDIA, "
+                       "Triton >= 3.6)")
+    kwargs = jit_run_options(dict(launch.kwargs), fn.debug)
     _bound, specialization, options = binder(*launch.args, **kwargs)
     if kernel_cache.get(compute_cache_key(key_cache, specialization, options)) \
             is not launch.compiled:
