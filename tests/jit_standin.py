@@ -10,6 +10,8 @@ It binds and keys arguments exactly as the installed Triton's ``JITFunction.run`
 
 from __future__ import annotations
 
+import pytest
+import triton
 from triton.backends.compiler import BaseBackend
 from triton.runtime.jit import JITFunction, compute_cache_key, create_function_from_signature
 
@@ -34,3 +36,13 @@ class JITStandIn:
         bound, specialization, options = binder(*args, **kwargs)
         return bound, specialization, compute_cache_key(key_cache, specialization, options), \
             kernel_cache
+
+
+def require_native_binder() -> None:
+    """Skip the calling test where this Triton specializes tensors in Python (Triton 3.5:
+    no ``supports_native_tensor_specialization``): the fast relaunch refuses such a binder,
+    so no sequence is built there (test_replay_sim's
+    ``test_a_binder_in_python_keeps_the_jit_path`` checks that refusal)."""
+    if not getattr(BaseBackend, "supports_native_tensor_specialization", False):
+        pytest.skip(f"Triton {triton.__version__} specializes tensors in Python: the fast "
+                    "relaunch is off there")

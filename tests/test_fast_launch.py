@@ -25,7 +25,7 @@ from triton import knobs
 from triton.backends.compiler import BaseBackend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from jit_standin import JITStandIn
+from jit_standin import JITStandIn, require_native_binder
 from portattn.kernels import fast_launch
 from portattn.kernels.fast_launch import (
     Ambiguous,
@@ -155,6 +155,7 @@ class FakeKernel(JITStandIn):
 
 @pytest.fixture
 def kernel(monkeypatch):
+    require_native_binder()
     monkeypatch.setattr(fast_launch, "_device_functions", lambda: (lambda: 0, lambda d: 77))
     return FakeKernel()
 
@@ -307,6 +308,7 @@ def test_a_sequence_of_two_launches_is_one_lookup(kernel):
 
 
 def test_the_caller_may_pass_the_current_device_and_stream(monkeypatch):
+    require_native_binder()
     asked = []
     monkeypatch.setattr(fast_launch, "_device_functions", lambda: (
         lambda: asked.append("device") or 0, lambda d: asked.append(("stream", d)) or 77))
@@ -580,6 +582,44 @@ def test_driver_launch_calls_the_c_entry_only_without_scratch():
     assert calls[-1] == ("other", (1, 1, 1, "s", "f", "m", None, None, None))
 
 
+def test_a_cuda_launcher_of_other_arguments_keeps_the_jit_path(kernel, monkeypatch):
+    """Triton 3.7 on launches through one shared C entry taking other arguments than 3.6's
+    per-kernel entry (its driver module has no ``_BASE_ARGS_FORMAT``): no sequence is
+    built from kernels a CUDA launcher runs (their calls stay on Triton's JIT), and
+    ``driver_launch`` never hands out such a launcher's entry."""
+    from triton.backends.nvidia import driver as nvidia_driver
+
+    from portattn.kernels.fast_launch import c_launch_known, driver_launch
+
+    calls: list = []
+
+    class CudaLauncher:  # Triton's launcher object, as driver_launch recognises it
+        global_scratch_size = profile_scratch_size = 0
+        launch_cooperative_grid = launch_pdl = False
+
+        def launch(self, *args):
+            calls.append(("c", args))
+
+        def __call__(self, *args):
+            calls.append(("run", args))
+
+    launcher = CudaLauncher()
+    x, y = torch.zeros(64, dtype=torch.float16), torch.zeros(64)
+    # Triton 3.6's driver module (the pinned release's), then one of 3.7 on
+    monkeypatch.setattr(nvidia_driver, "_BASE_ARGS_FORMAT", fast_launch.C_LAUNCH_FORMAT,
+                        raising=False)
+    assert c_launch_known()
+    assert driver_launch(launcher)[0] == launcher.launch
+    assert LaunchSequence.build(_record(DescriptorKernel(toy, launcher), (x, y)), (x, y))
+    monkeypatch.delattr(nvidia_driver, "_BASE_ARGS_FORMAT")
+    assert not c_launch_known()
+    launch, *_ = driver_launch(launcher)
+    launch(1, 2, 3, "s", "f", False, False, None, None, "meta", None, None, None, 7)
+    assert calls[-1] == ("run", (1, 2, 3, "s", "f", "meta", None, None, None, 7))
+    with pytest.raises(Unusable, match="no per-kernel C entry"):
+        LaunchSequence.build(_record(DescriptorKernel(toy, launcher), (x, y)), (x, y))
+
+
 def test_fixed_values_are_passed_as_prebuilt_runs_in_parameter_order():
     from portattn.kernels.fast_launch import _call_arguments
 
@@ -599,6 +639,7 @@ def test_host_descriptors_are_rebuilt_around_the_new_base(monkeypatch):
     (by offset), its layout is fixed; a relaunch passes a descriptor of the same layout
     around the new workspace's address, and a different block shape (another compiled
     kernel for Triton) or a descriptor of a foreign tensor is refused."""
+    require_native_binder()
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     monkeypatch.setattr(fast_launch, "_device_functions", lambda: (lambda: 0, lambda d: 77))
@@ -676,6 +717,7 @@ def test_descriptor_wrappers_are_bypassed_with_tensor_maps_kept_per_address(with
     ``wrap_handle_tensordesc``), a relaunch calls the C entry with the arguments Triton's
     wrapper would pass, made by Triton's ``make_tensordesc_arg`` once per base address
     (with and without the compiler's descriptor metadata)."""
+    require_native_binder()
     from triton.backends.nvidia import driver as nvidia_driver
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -760,6 +802,7 @@ def test_several_descriptors_expand_as_tritons_wrapper_does(meta_kind, monkeypat
     relaunch passes the C entry what Triton's own wrapper and ``make_tensordesc_arg``
     pass it (only the driver's tensor-map encoding is faked), for new base addresses of
     each descriptor's tensor."""
+    require_native_binder()
     import triton
     from triton.tools.tensor_descriptor import TensorDescriptor
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import portattn
-from jit_standin import JITStandIn
+from jit_standin import JITStandIn, require_native_binder
 from portattn import PagedKVCache, planning
 from portattn.kernels import fast_launch, heuristics, launch
 from portattn.testing import dense_attention, make_paged_batch, relative_error
@@ -121,22 +121,9 @@ def _counting():
     return Counter()
 
 
-def _native_tensor_specialization() -> bool:
-    """Whether this Triton's CUDA backend specializes tensors in its native binder (Triton
-    3.6 on): the fast relaunch needs it (on Triton 3.5 every call takes the JIT path)."""
-    from triton.backends.compiler import BaseBackend
-
-    return bool(getattr(BaseBackend, "supports_native_tensor_specialization", False))
-
-
 @pytest.fixture
 def sim(monkeypatch):
-    if not _native_tensor_specialization():
-        import triton
-
-        pytest.skip(f"Triton {triton.__version__} specializes tensors in Python: the fast "
-                    "relaunch is off there (test_a_binder_in_python_keeps_the_jit_path "
-                    "checks that)")
+    require_native_binder()
     memory = Memory()
     kernels = {}
     for name in ("unified_attention_kernel", "merge_segments_kernel"):

@@ -518,6 +518,25 @@ def _call_arguments(template: Sequence, bound: dict, prefix: str, namespace: dic
     return args
 
 
+#: The arguments the per-kernel C launch entry of Triton 3.5 / 3.6's CUDA launcher parses
+#: before the kernel's own (its driver module's ``_BASE_ARGS_FORMAT``): grid x, y, z,
+#: stream, function, cooperative, pdl, global and profile scratch, kernel and launch
+#: metadata, enter and exit hooks. The relaunch calls that entry; Triton 3.7 replaced it
+#: by one shared entry taking other arguments (and no ``_BASE_ARGS_FORMAT``).
+C_LAUNCH_FORMAT = "iiiKKppOOOOOO"
+
+
+def c_launch_known() -> bool:
+    """Whether the installed Triton's CUDA launchers have the C entry the relaunch was
+    written and GPU-tested for (:data:`C_LAUNCH_FORMAT`). Asked when a sequence is built
+    or stores kernels, never per call."""
+    try:
+        from triton.backends.nvidia import driver
+    except Exception:
+        return False
+    return getattr(driver, "_BASE_ARGS_FORMAT", None) == C_LAUNCH_FORMAT
+
+
 def driver_launch(run) -> tuple[Callable, Any, Any]:
     """``(launch, cooperative, pdl)`` for a compiled kernel's launcher ``run``: ``launch``
     takes ``(gx, gy, gz, stream, function, cooperative, pdl, global_scratch,
@@ -529,7 +548,7 @@ def driver_launch(run) -> tuple[Callable, Any, Any]:
     c_launch = getattr(run, "launch", None)
     cooperative = getattr(run, "launch_cooperative_grid", None)
     pdl = getattr(run, "launch_pdl", None)
-    if type(run).__name__ == "CudaLauncher" and callable(c_launch) and \
+    if type(run).__name__ == "CudaLauncher" and callable(c_launch) and c_launch_known() and \
             getattr(run, "global_scratch_size", 1) == 0 and \
             getattr(run, "profile_scratch_size", 1) == 0 and \
             cooperative is not None and pdl is not None:
@@ -679,6 +698,13 @@ def check_with_triton(site: Site, launch: Launch, device: int) -> None:
                        f"of Triton {getattr(triton, '__version__', '?')} specializes tensors "
                        "in Python (the fast relaunch needs Triton's native binder: NVIDIA, "
                        "Triton >= 3.6)")
+    if type(getattr(launch.compiled, "run", None)).__name__ == "CudaLauncher" and \
+            not c_launch_known():
+        import triton
+
+        raise Unusable(f"Triton {getattr(triton, '__version__', '?')}'s CUDA launcher has "
+                       "no per-kernel C entry of the arguments the fast relaunch passes "
+                       "(written and GPU-tested for Triton 3.6)")
     kwargs = jit_run_options(dict(launch.kwargs), fn.debug)
     _bound, specialization, options = binder(*launch.args, **kwargs)
     if kernel_cache.get(compute_cache_key(key_cache, specialization, options)) \
