@@ -324,7 +324,7 @@ def test_a_triton_without_what_the_kernels_use_is_a_reason(monkeypatch):
     assert caps.triton_kernels == Check(False, want)
     assert caps.tensor_descriptors == Check(False, want)
     problem = Problem.make(device_type="cpu", dtype="float16")
-    assert decide(problem, caps).backend == "torch_ref"
+    assert want in decide(problem, caps).rejected["triton_unified"]
     with pytest.raises(UnsupportedError, match="lacks triton.constexpr_function"):
         decide(problem, caps, "triton_unified")
 

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+import triton
 import triton.language as tl
 from triton import knobs
 from triton.backends.compiler import BaseBackend
@@ -549,7 +550,7 @@ def test_capture_under_the_interpreter_has_nothing_to_replay():
     assert captured.triton_launches is None  # no launch hooks run in the interpreter
 
 
-def test_driver_launch_calls_the_c_entry_only_without_scratch():
+def test_driver_launch_calls_the_c_entry_only_without_scratch(monkeypatch):
     """The relauncher calls Triton's C entry point directly only for CUDA launchers of
     kernels without global / profiling scratch (the launcher allocates those); any other
     launcher is called as itself, with the same arguments minus the fixed ones."""
@@ -570,6 +571,11 @@ def test_driver_launch_calls_the_c_entry_only_without_scratch():
         def __call__(self, *args):
             calls.append(("run", args))
 
+    from triton.backends.nvidia import driver as nvidia_driver
+
+    # the driver of the launch entry the relaunch knows (Triton 3.6's), on any release
+    monkeypatch.setattr(nvidia_driver, "_BASE_ARGS_FORMAT", fast_launch.C_LAUNCH_FORMAT,
+                        raising=False)
     plain = CudaLauncher(0)
     launch, cooperative, pdl = driver_launch(plain)
     assert launch == plain.launch and (cooperative, pdl) == (False, True)
@@ -675,6 +681,63 @@ def test_host_descriptors_are_rebuilt_around_the_new_base(monkeypatch):
                              (ws, y))
 
 
+def _require_known_c_launch() -> None:
+    """Skip where Triton's CUDA launch entry is not 3.6's (3.7 on): these tests drive
+    Triton's own descriptor wrapper around that entry, and the relaunch refuses the others
+    (``test_a_cuda_launcher_of_other_arguments_keeps_the_jit_path``)."""
+    if not fast_launch.c_launch_known():
+        pytest.skip(f"Triton {triton.__version__}'s CUDA launch entry is not the one the "
+                    "relaunch calls")
+
+
+@pytest.mark.interpreter
+def test_the_known_launch_entry_is_that_of_triton_3_5_and_3_6():
+    """The installed Triton's driver is read as it is (CI runs this on 3.5.1, 3.6 and the
+    newest release): 3.5 and 3.6 have the per-kernel C entry the relaunch calls, 3.7 on
+    a shared one with other arguments."""
+    from packaging.version import Version
+
+    release = Version(triton.__version__).release[:2]
+    assert fast_launch.c_launch_known() == (release in {(3, 5), (3, 6)})
+
+
+@pytest.mark.interpreter
+def test_jit_run_options_are_what_the_installed_jit_passes():
+    """:func:`fast_launch.jit_run_options` against Triton's own ``JITFunction.run``: the
+    kwargs a pre-run hook of a real ``JITFunction`` receives (the run is stopped there,
+    before anything compiles), with and without an explicit ``debug``."""
+    import triton.runtime.jit as triton_jit
+
+    class Stop(Exception):
+        pass
+
+    class Driver:  # no GPU here: the device and stream run() asks for before the hooks
+        class active:
+            get_current_device = staticmethod(lambda: 0)
+            get_current_stream = staticmethod(lambda device: 0)
+
+    seen: list = []
+
+    def hook(*args, **kwargs):
+        seen.append(kwargs)
+        raise Stop
+
+    jit = JITFunction(toy)
+    jit.add_pre_run_hook(hook)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(triton_jit, "driver", Driver)
+        for extra in ({}, {"debug": True}):
+            with pytest.raises(Stop):
+                jit[(1,)](torch.zeros(8), torch.zeros(8), 3, 1, 1.0, False, BLOCK=16,
+                          **extra)
+    expected = [fast_launch.jit_run_options({"BLOCK": 16}, False),
+                fast_launch.jit_run_options({"BLOCK": 16, "debug": True}, False)]
+    if seen != expected and not fast_launch.c_launch_known():
+        pytest.skip(f"Triton {triton.__version__}'s JIT adds other options ({seen[0]}); "
+                    "the relaunch is off on this release (its launch entry differs)")
+    assert seen == expected
+
+
 class DescriptorKernel(FakeKernel):
     """A stand-in kernel whose compiled kernels' launcher is Triton's CUDA launcher shape
     with its C entry behind Triton's own ``wrap_handle_tensordesc`` (``launcher``)."""
@@ -718,6 +781,7 @@ def test_descriptor_wrappers_are_bypassed_with_tensor_maps_kept_per_address(with
     wrapper would pass, made by Triton's ``make_tensordesc_arg`` once per base address
     (with and without the compiler's descriptor metadata)."""
     require_native_binder()
+    _require_known_c_launch()
     from triton.backends.nvidia import driver as nvidia_driver
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -803,6 +867,7 @@ def test_several_descriptors_expand_as_tritons_wrapper_does(meta_kind, monkeypat
     pass it (only the driver's tensor-map encoding is faked), for new base addresses of
     each descriptor's tensor."""
     require_native_binder()
+    _require_known_c_launch()
     import triton
     from triton.tools.tensor_descriptor import TensorDescriptor
 

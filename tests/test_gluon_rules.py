@@ -559,3 +559,33 @@ def test_a_cache_whose_slots_are_not_rows_is_staged(monkeypatch):
         problem = Problem.from_call(batch.q, cache, batch.metadata, options, 3, 40)
         assert problem.kv_rows is rows
         assert ("not evenly spaced rows" in problem.describe()) is not rows
+
+
+def test_routing_a_simulated_hopper_prefill_does_not_define_the_kernels():
+    """``gluon_failure`` (asked while a plan is chosen) reads the launchers' failure table
+    only where they were imported: importing them defines the kernels, which fails on a
+    Triton without what they use (3.4: no ``triton.constexpr_function``) and would turn a
+    simulated profile's routing (``portattn report``) into a crash. A fresh process, so
+    nothing imported the launchers before."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import sys\n"
+        "from portattn.backends import gluon_rules\n"
+        "from portattn.dispatch.problem import Problem\n"
+        "from portattn.capabilities.profiles import simulated\n"
+        "from portattn.dispatch.selector import decide\n"
+        "p = Problem.make(device_type='cuda', dtype='bfloat16', head_size=128,\n"
+        "                 query_len=8192, seq_len=8192)\n"
+        "d = decide(p, simulated('sm90'), 'triton_unified')\n"
+        "print(gluon_rules.gluon_failure(p, 'cache'), d.backend,\n"
+        "      'portattn.kernels.launch' in sys.modules)\n")
+    src = str(Path(gluon_rules.__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONPATH=src, CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["None", "triton_unified", "False"]

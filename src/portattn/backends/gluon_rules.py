@@ -22,6 +22,8 @@ is staged instead, remembered for the process and logged once.
 
 from __future__ import annotations
 
+import sys
+
 from portattn.errors import UnsupportedError
 from portattn.kernels import gluon_launch
 from portattn.kernels.heuristics import quant_mode
@@ -87,9 +89,13 @@ def choose_gluon_prefill(problem, caps, params: dict) -> dict:
 
 def gluon_failure(problem, reads: str) -> str | None:
     """Why the Gluon prefill's launch failed for ``problem``'s class earlier in this
-    process (``kernels.launch.GLUON_FAILED``), or None."""
-    from portattn.kernels import launch
-
+    process (``kernels.launch.GLUON_FAILED``), or None. Nothing can have failed before
+    the launchers were imported, so they are not imported here (that would define the
+    kernels: on a Triton without what they use, the probe's reason must win over an
+    import error, and a simulated profile's routing must not need the kernels)."""
+    launch = sys.modules.get("portattn.kernels.launch")
+    if launch is None:
+        return None
     key = launch.gluon_class_key(problem.q_dtype, problem.head_size_qk, problem.block_size,
                                  problem.causal, reads, problem.sliding_window,
                                  problem.softcap, problem.alibi, problem.sinks,

@@ -31,7 +31,9 @@ from typing import Any
 from portattn import settings
 from portattn.capabilities.model import Capabilities
 
-CACHE_FORMAT = "portattn.capabilities-cache/2"  # /2: Capabilities.device_index
+#: /2: Capabilities.device_index; /3: triton_kernels off on a Triton without what the
+#: kernels use (results cached before would still say usable on such a Triton)
+CACHE_FORMAT = "portattn.capabilities-cache/3"
 
 #: Values of :func:`last_probe_origin`.
 ORIGINS = ("probed", "disk-cache", "memory", "simulated")

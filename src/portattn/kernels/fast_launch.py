@@ -50,8 +50,9 @@ the sequence is unusable. Whenever a key is unknown, :meth:`launch` returns Fals
 the caller runs its normal path under :func:`capture`, then :meth:`absorb` stores what
 Triton compiled (after checking the launches have the same structure). Launch hooks
 (profilers), pre-run hooks, kernels with global-variable dependencies, the interpreter
-(``TRITON_INTERPRET=1``, no compiled kernel) and non-native backends (AMD: buffer-op
-specialization) always take the normal path.
+(``TRITON_INTERPRET=1``, no compiled kernel), non-native backends (AMD: buffer-op
+specialization; Triton 3.5's binder in Python) and CUDA launchers whose C entry takes other
+arguments than Triton 3.6's (3.7 on: :func:`c_launch_known`) always take the normal path.
 """
 
 from __future__ import annotations
@@ -696,8 +697,8 @@ def check_with_triton(site: Site, launch: Launch, device: int) -> None:
 
         raise Unusable(f"the {getattr(backend, '__name__', type(backend).__name__)} backend "
                        f"of Triton {getattr(triton, '__version__', '?')} specializes tensors "
-                       "in Python (the fast relaunch needs Triton's native binder: NVIDIA, "
-                       "Triton >= 3.6)")
+                       "in Python (the fast relaunch needs Triton's native binder, as "
+                       "Triton 3.6 has on NVIDIA)")
     if type(getattr(launch.compiled, "run", None)).__name__ == "CudaLauncher" and \
             not c_launch_known():
         import triton
