@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from indexing import take
 from portattn import InputError, KVQuant, PagedKVCache
 from portattn.testing import dequantize_as_specified, quantize_as_specified
 
@@ -18,7 +19,7 @@ def _read_back(cache, which, slots):
     data = cache.key_cache if which == "k" else cache.value_cache
     scales = cache.k_scale_cache if which == "k" else cache.v_scale_cache
     blocks, offsets = slots // cache.block_size, slots % cache.block_size
-    stored = data[blocks, offsets]
+    stored = take(data, blocks, offsets)
     return dequantize_as_specified(stored, cache.quant, which, None if scales is None else
                                    scales[blocks, offsets])
 
@@ -42,7 +43,8 @@ def test_write_stores_what_the_definitions_say(quant):
     for which, src, data, scale_cache in (("k", key, cache.key_cache, cache.k_scale_cache),
                                           ("v", value, cache.value_cache, cache.v_scale_cache)):
         stored, scales = quantize_as_specified(src, quant, which, data.dtype)
-        assert torch.equal(data[blocks, offsets].view(torch.uint8), stored.view(torch.uint8))
+        assert torch.equal(take(data, blocks, offsets).view(torch.uint8),
+                           stored.view(torch.uint8))
         if scales is None:
             assert scale_cache is None
         else:
@@ -164,8 +166,8 @@ def test_a_nan_in_a_token_head_reads_back_as_nan(quant):
     finite = torch.ones(4, HEADS, dtype=torch.bool)
     finite[1, 2] = False
     want, _ = quantize_as_specified(key[finite], quant, "k", cache.key_cache.dtype)
-    data = cache.key_cache[slots // BLOCK, slots % BLOCK]
-    assert torch.equal(data[finite].view(torch.uint8), want.view(torch.uint8))
+    data = take(cache.key_cache, slots // BLOCK, slots % BLOCK)
+    assert torch.equal(take(data, finite).view(torch.uint8), want.view(torch.uint8))
     assert torch.isfinite(_read_back(cache, "v", slots)).all()
 
 

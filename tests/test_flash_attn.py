@@ -9,6 +9,7 @@ import types
 import pytest
 import torch
 
+from indexing import take
 from portattn.backends.flash_attn import FlashAttn, FlashAttnGather
 from portattn.backends.flash_attn_calls import gather_pages
 from portattn.capabilities import probe
@@ -136,7 +137,7 @@ def _documented_rows(q_rows, keys, values, *, scale, causal, window_size, softca
 
 
 def _pages(cache_part, table_row, n):
-    return cache_part[table_row[: -(-n // cache_part.shape[1])].long()].reshape(
+    return take(cache_part, table_row[: -(-n // cache_part.shape[1])].long()).reshape(
         -1, *cache_part.shape[2:])[:n].float()
 
 

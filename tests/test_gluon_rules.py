@@ -10,6 +10,7 @@ import dataclasses
 import pytest
 import torch
 
+from indexing import take
 from portattn import InputError, PagedKVCache
 from portattn.backends import gluon_rules
 from portattn.backends.triton_unified import TritonUnified
@@ -408,7 +409,7 @@ def _fp8_values(batch, which):
     rows = []
     for b, n in enumerate(batch.seq_lens):
         blocks = batch.metadata.block_table[b, :(n + 15) // 16].long()
-        rows.append(cache[blocks].float().reshape(-1, *cache.shape[2:])[:n])
+        rows.append(take(cache, blocks).float().reshape(-1, *cache.shape[2:])[:n])
     return rows
 
 

@@ -260,3 +260,22 @@ def test_a_nan_sink_gives_nan_rows():
     assert torch.isnan(out[:, 1]).all()
     others = [0, 2, 3]
     assert relative_error(out[:, others], expected[:, others]) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.int8,
+                                   torch.bfloat16])
+def test_take_blocks_gathers_whole_blocks_bit_exactly(dtype):
+    """The reference's block gather (fp8 through its bytes: torch 2.9 cannot index fp8 on
+    the CPU) against blocks selected one at a time, every byte pattern included (NaN
+    codes too), repeated and out-of-order block ids."""
+    from portattn.types import take_blocks
+
+    size = torch.empty(0, dtype=dtype).element_size()
+    raw = torch.randint(0, 256, (6, 4, 2, 8 * size), dtype=torch.uint8,
+                        generator=torch.Generator().manual_seed(5))
+    data = raw.view(dtype)
+    blocks = torch.tensor([4, 0, 4, 5, 2])
+    expected = torch.stack([data[int(b)] for b in blocks])
+    got = take_blocks(data, blocks)
+    assert got.dtype == dtype and got.shape == (5, 4, 2, 8)
+    assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))

@@ -19,6 +19,7 @@ import os
 
 import torch
 
+from indexing import take
 from portattn.backends.base import Plan
 from portattn.kernels import heuristics
 from portattn.options import normalize_options
@@ -68,7 +69,7 @@ def stored_values(cache, block_table_row, seq_len: int, which: str) -> torch.Ten
     data = cache.key_cache if which == "k" else cache.value_cache
     bs = cache.block_size
     blocks = block_table_row[: (seq_len + bs - 1) // bs].long().cpu()
-    codes = data.cpu()[blocks].reshape(-1, *data.shape[2:])[:seq_len].double()
+    codes = take(data.cpu(), blocks).reshape(-1, *data.shape[2:])[:seq_len].double()
     mode = cache.quant.mode
     if mode == "fp8_per_tensor":
         scale = cache.quant.k_scale if which == "k" else cache.quant.v_scale

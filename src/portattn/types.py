@@ -32,6 +32,14 @@ FP8_FORMAT_NAMES = {torch.float8_e4m3fn: "e4m3fn", torch.float8_e5m2: "e5m2"}
 FLOAT32_RANGE = (float(torch.finfo(torch.float32).tiny), float(torch.finfo(torch.float32).max))
 
 
+def take_blocks(data: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``data[blocks]`` (whole blocks of a cache tensor); an fp8 tensor is gathered as its
+    bytes, which are its values (torch 2.9's CPU indexing has no fp8 kernel; 2.13's has)."""
+    if data.dtype in FP8_DTYPES:
+        return data.view(torch.uint8)[blocks].view(data.dtype)
+    return data[blocks]
+
+
 def in_float32_range(value: float) -> bool:
     """Whether ``value`` is a positive float32 normal number's size (NaN: False)."""
     return FLOAT32_RANGE[0] <= value <= FLOAT32_RANGE[1]

@@ -20,7 +20,7 @@ import torch
 
 from portattn.backends.base import Backend, Plan
 from portattn.quant import dequantize
-from portattn.types import DATALESS_DEVICE_TYPES, fp8_max, scale_as_tensor
+from portattn.types import DATALESS_DEVICE_TYPES, fp8_max, scale_as_tensor, take_blocks
 
 _MAX_SCORE_ELEMENTS = 1 << 26
 
@@ -57,7 +57,7 @@ def gather_sequence_kv(cache, block_row: torch.Tensor, seq_len: int,
     parts = []
     for which, data, scales in (("k", cache.key_cache, cache.k_scale_cache),
                                 ("v", cache.value_cache, cache.v_scale_cache)):
-        stored = data[blocks].reshape(-1, *data.shape[2:])[:seq_len]
+        stored = take_blocks(data, blocks).reshape(-1, *data.shape[2:])[:seq_len]
         token_scales = None
         if scales is not None:
             token_scales = scales[blocks].reshape(-1, scales.shape[2])[:seq_len]

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from portattn.types import AttentionMetadata, PagedKVCache
+from portattn.types import AttentionMetadata, PagedKVCache, take_blocks
 
 
 @dataclasses.dataclass
@@ -172,7 +172,7 @@ def gather_contiguous(inp: Inputs, b: int, seq_len: int) -> tuple[torch.Tensor, 
     rows = inp.metadata.block_table[b, :math.ceil(seq_len / bs)].long()
     parts = []
     for data in (inp.cache.key_cache, inp.cache.value_cache):
-        x = data[rows].reshape(-1, data.shape[2], data.shape[3])[:seq_len]
+        x = take_blocks(data, rows).reshape(-1, data.shape[2], data.shape[3])[:seq_len]
         parts.append(x.permute(1, 0, 2).contiguous())
     return parts[0], parts[1]
 
