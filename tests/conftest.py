@@ -60,13 +60,9 @@ def _kernels_cannot_run() -> str | None:
     None."""
     import triton
 
-    from portattn.capabilities.probe import missing_kernel_features
+    from portattn.capabilities.probe import kernel_features_reason
 
-    missing = missing_kernel_features(triton)
-    if not missing:
-        return None
-    return (f"Triton {triton.__version__} lacks {', '.join(missing)}: portattn's Triton "
-            "kernels cannot run here")
+    return kernel_features_reason(triton)
 
 
 def _shard(config, items):

@@ -121,19 +121,29 @@ def _counting():
     return Counter()
 
 
-@pytest.fixture
-def sim(monkeypatch):
-    require_native_binder()
+def _install_sim(monkeypatch, backend=None) -> tuple[Memory, dict]:
+    """launch.py's kernels swapped for :class:`SimKernel` stand-ins (with Triton backend
+    ``backend`` in their kernel caches where given), the launch counter and device seams
+    patched, the plan caches cleared."""
     memory = Memory()
     kernels = {}
     for name in ("unified_attention_kernel", "merge_segments_kernel"):
         wrapped = getattr(launch, name)
         kernels[name] = SimKernel(wrapped.fn, memory)
+        if backend is not None:
+            cache, keys, target, _backend, binder = kernels[name].device_caches[0]
+            kernels[name].device_caches = {0: (cache, keys, target, backend, binder)}
         monkeypatch.setattr(wrapped, "fn", kernels[name])
     monkeypatch.setattr(fast_launch, "_count_launches", _counting)
     monkeypatch.setattr(fast_launch, "_device_functions", lambda: (lambda: 0, lambda d: 0))
     planning.clear()
-    yield memory, kernels
+    return memory, kernels
+
+
+@pytest.fixture
+def sim(monkeypatch):
+    require_native_binder()
+    yield _install_sim(monkeypatch)
     planning.clear()
 
 
@@ -525,21 +535,10 @@ def test_a_binder_in_python_keeps_the_jit_path(monkeypatch):
     """A Triton backend without native tensor specialization (Triton 3.5's CUDA backend,
     AMD's) may specialize a pointer by more than its alignment: the plan refuses to
     record, says why once, and every call runs the JIT path with the oracle's result."""
-    memory = Memory()
-    kernels = {}
-
     class PythonBinder:  # the attribute Triton 3.6 added, off (or missing on 3.5)
         supports_native_tensor_specialization = False
 
-    for name in ("unified_attention_kernel", "merge_segments_kernel"):
-        wrapped = getattr(launch, name)
-        kernels[name] = SimKernel(wrapped.fn, memory)
-        cache, keys, target, _backend, binder = kernels[name].device_caches[0]
-        kernels[name].device_caches = {0: (cache, keys, target, PythonBinder, binder)}
-        monkeypatch.setattr(wrapped, "fn", kernels[name])
-    monkeypatch.setattr(fast_launch, "_count_launches", _counting)
-    monkeypatch.setattr(fast_launch, "_device_functions", lambda: (lambda: 0, lambda d: 0))
-    planning.clear()
+    _memory, kernels = _install_sim(monkeypatch, PythonBinder)
     batch = make_paged_batch([1, 1, 1], [21, 7, 30], num_q_heads=4, num_kv_heads=2,
                              head_size=32, dtype=torch.float16)
     plan = portattn.plan(batch.metadata, num_q_heads=4, dtype=torch.float16,

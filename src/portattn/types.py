@@ -27,6 +27,7 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 #: Device types whose tensors hold no values (shapes only): nothing can attend over them.
 DATALESS_DEVICE_TYPES = ("meta",)
 FP8_FORMAT_NAMES = {torch.float8_e4m3fn: "e4m3fn", torch.float8_e5m2: "e5m2"}
+FP8_DTYPES_BY_NAME = {name: dtype for dtype, name in FP8_FORMAT_NAMES.items()}
 #: The normal float32 range: scales, softcaps and scale factors reach the kernels as
 #: float32 values, so a float outside it would arrive as 0, a subnormal or inf.
 FLOAT32_RANGE = (float(torch.finfo(torch.float32).tiny), float(torch.finfo(torch.float32).max))

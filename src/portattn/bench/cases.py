@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from portattn.types import AttentionMetadata, PagedKVCache, take_blocks
+from portattn.types import FP8_DTYPES_BY_NAME, AttentionMetadata, PagedKVCache, take_blocks
 
 
 @dataclasses.dataclass
@@ -97,9 +97,7 @@ class Inputs:
 def fp8_dtype(case: Case) -> torch.dtype:
     """The fp8 dtype of the case's cache, were it fp8 (``case.fp8_format``, a name of
     :data:`portattn.types.FP8_FORMAT_NAMES`)."""
-    from portattn.types import FP8_FORMAT_NAMES
-
-    return {name: dtype for dtype, name in FP8_FORMAT_NAMES.items()}[case.fp8_format]
+    return FP8_DTYPES_BY_NAME[case.fp8_format]
 
 
 def cache_dtype(case: Case, dtype: torch.dtype) -> torch.dtype:

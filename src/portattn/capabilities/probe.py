@@ -410,6 +410,16 @@ def missing_kernel_features(triton: Any) -> list[str]:
     return missing
 
 
+def kernel_features_reason(triton: Any) -> str | None:
+    """Why our kernels cannot run on this ``triton`` module (what they use is missing),
+    or None."""
+    missing = missing_kernel_features(triton)
+    if not missing:
+        return None
+    return (f"Triton {getattr(triton, '__version__', '?')} lacks {', '.join(missing)}, "
+            "which portattn's Triton kernels use")
+
+
 def _kernel_checks(triton_check: Check, triton: Any, interpreter: bool, gpu: int | None,
                    device_error: str | None) -> tuple[str | None, Check, Check]:
     """(triton_target, triton_kernels, tensor_descriptors)."""
@@ -418,11 +428,10 @@ def _kernel_checks(triton_check: Check, triton: Any, interpreter: bool, gpu: int
     if not triton_check.ok:
         why = f"needs Triton: {triton_check.reason}"
         return None, Check(False, why), Check(False, why)
-    missing = missing_kernel_features(triton)
-    if missing:
-        why = (f"Triton {getattr(triton, '__version__', '?')} lacks "
-               f"{', '.join(missing)}, which portattn's Triton kernels use")
-        return ("interpreter" if interpreter else None), Check(False, why), Check(False, why)
+    too_old = kernel_features_reason(triton)
+    if too_old:
+        return ("interpreter" if interpreter else None), Check(False, too_old), \
+            Check(False, too_old)
     has_api = hasattr(triton.language, "make_tensor_descriptor")
     no_api = Check(False, f"triton.language has no make_tensor_descriptor "
                           f"(Triton {getattr(triton, '__version__', '?')})")

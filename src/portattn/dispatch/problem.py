@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from portattn.types import FP8_DTYPES, slot_row_reasons
+from portattn.types import FP8_DTYPES, FP8_DTYPES_BY_NAME, slot_row_reasons
 
 _DTYPE_NAMES = {
     torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
@@ -22,8 +22,7 @@ _DTYPE_NAMES = {
 DTYPES_BY_NAME = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 DTYPES_BY_NAME.update({"fp16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16,
                        "fp32": torch.float32, "float": torch.float32,
-                       "fp8": torch.float8_e4m3fn, "e4m3fn": torch.float8_e4m3fn,
-                       "e5m2": torch.float8_e5m2})
+                       "fp8": torch.float8_e4m3fn, **FP8_DTYPES_BY_NAME})
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -684,6 +684,7 @@ def jit_run_options(kwargs: dict, debug: bool) -> dict:
 def check_with_triton(site: Site, launch: Launch, device: int) -> None:
     """Run Triton's binder on the recorded call: its cache must hold the kernel it returned
     and every bound pointer must be specialized by 16-byte alignment alone."""
+    import triton
     from triton.runtime.jit import compute_cache_key
 
     fn = launch.fn
@@ -692,20 +693,16 @@ def check_with_triton(site: Site, launch: Launch, device: int) -> None:
     except Exception as exc:
         raise Unusable(f"Triton's kernel cache of {fn!r} has an unknown layout: {exc}") \
             from exc
+    release = getattr(triton, "__version__", "?")
     if not getattr(backend, "supports_native_tensor_specialization", False):
-        import triton
-
         raise Unusable(f"the {getattr(backend, '__name__', type(backend).__name__)} backend "
-                       f"of Triton {getattr(triton, '__version__', '?')} specializes tensors "
-                       "in Python (the fast relaunch needs Triton's native binder, as "
-                       "Triton 3.6 has on NVIDIA)")
+                       f"of Triton {release} specializes tensors in Python (the fast "
+                       "relaunch needs Triton's native binder, as Triton 3.6 has on NVIDIA)")
     if type(getattr(launch.compiled, "run", None)).__name__ == "CudaLauncher" and \
             not c_launch_known():
-        import triton
-
-        raise Unusable(f"Triton {getattr(triton, '__version__', '?')}'s CUDA launcher has "
-                       "no per-kernel C entry of the arguments the fast relaunch passes "
-                       "(written and GPU-tested for Triton 3.6)")
+        raise Unusable(f"Triton {release}'s CUDA launcher has no per-kernel C entry of the "
+                       "arguments the fast relaunch passes (written and GPU-tested for "
+                       "Triton 3.6)")
     kwargs = jit_run_options(dict(launch.kwargs), fn.debug)
     _bound, specialization, options = binder(*launch.args, **kwargs)
     if kernel_cache.get(compute_cache_key(key_cache, specialization, options)) \

@@ -46,7 +46,7 @@ from portattn.kernels.stage_launch import (
     stage_workspace_size,
     stages_scales,
 )
-from portattn.types import FP8_DTYPES, FP8_FORMAT_NAMES, fp8_max
+from portattn.types import FP8_DTYPES, FP8_DTYPES_BY_NAME, FP8_FORMAT_NAMES, fp8_max
 
 unified_attention_kernel = capturable(unified.unified_attention_kernel)
 merge_segments_kernel = capturable(reduce.merge_segments_kernel)
@@ -111,8 +111,7 @@ def kernel_scalars(q, cache, options, fp8_dot: bool, compute: str | None = None,
 #: (``params["kv_bits"]``: fp8 caches where the GPU has no conversion for the format,
 #: int8 caches where that measured faster than the conversion unit; byte_decode.py).
 KV_BITS_CODES = {None: 0, "e4m3fn": 1, "e5m2": 2, "int8": 3}
-_KV_BITS_DTYPES = {**{name: dtype for dtype, name in FP8_FORMAT_NAMES.items()},
-                   "int8": torch.int8}
+_KV_BITS_DTYPES = {**FP8_DTYPES_BY_NAME, "int8": torch.int8}
 
 
 def v_pairs_code(cache_dtype: torch.dtype, kv_bits: str | None) -> int:
