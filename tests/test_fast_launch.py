@@ -330,11 +330,15 @@ def test_triton_state_is_remembered_until_something_it_reads_changes(monkeypatch
     state = fast_launch.triton_state()
     assert state is not None and fast_launch.triton_state() is state
     monkeypatch.setattr(knobs.runtime, "debug", not state[0])
-    assert fast_launch.triton_state() == (not state[0], state[1])
+    assert fast_launch.triton_state() == (not state[0], *state[1:])
     monkeypatch.undo()
     assert fast_launch.triton_state() == state
     monkeypatch.setenv("TRITON_INSTRUMENTATION_MODE", "fpsan")
-    assert fast_launch.triton_state() == (state[0], "fpsan")
+    assert fast_launch.triton_state() == (state[0], "fpsan", state[2])
+    monkeypatch.undo()
+    assert fast_launch.triton_state() == state
+    monkeypatch.setenv("TRITON_FPSAN_HOMOMORPHIC_CASTS", "1")
+    assert fast_launch.triton_state() == (*state[:2], "1")
     monkeypatch.undo()
     assert fast_launch.triton_state() == state
 
@@ -588,26 +592,30 @@ def test_driver_launch_calls_the_c_entry_only_without_scratch(monkeypatch):
     assert calls[-1] == ("other", (1, 1, 1, "s", "f", "m", None, None, None))
 
 
-def test_a_cuda_launcher_of_other_arguments_keeps_the_jit_path(kernel, monkeypatch):
+def test_a_cuda_launcher_without_the_c_entry_is_called_as_the_jit_calls_it(kernel,
+                                                                           monkeypatch):
     """Triton 3.7 on launches through one shared C entry taking other arguments than 3.6's
-    per-kernel entry (its driver module has no ``_BASE_ARGS_FORMAT``): no sequence is
-    built from kernels a CUDA launcher runs (their calls stay on Triton's JIT), and
-    ``driver_launch`` never hands out such a launcher's entry."""
+    per-kernel entry (its driver module has no ``_BASE_ARGS_FORMAT``): a relaunch calls
+    the launcher object itself, in the JIT's order, never that entry; a launcher whose
+    ``__call__`` takes other leading arguments keeps the JIT path."""
     from triton.backends.nvidia import driver as nvidia_driver
 
     from portattn.kernels.fast_launch import c_launch_known, driver_launch
 
     calls: list = []
 
-    class CudaLauncher:  # Triton's launcher object, as driver_launch recognises it
+    class CudaLauncher:  # Triton 3.7's launcher object, as driver_launch recognises it
         global_scratch_size = profile_scratch_size = 0
         launch_cooperative_grid = launch_pdl = False
 
         def launch(self, *args):
             calls.append(("c", args))
 
-        def __call__(self, *args):
-            calls.append(("run", args))
+        def __call__(self, gridX, gridY, gridZ, stream, function, kernel_metadata,
+                     launch_metadata, launch_enter_hook, launch_exit_hook, *args):
+            calls.append(("run", (gridX, gridY, gridZ, stream, function, kernel_metadata,
+                                  launch_metadata, launch_enter_hook, launch_exit_hook,
+                                  *args)))
 
     launcher = CudaLauncher()
     x, y = torch.zeros(64, dtype=torch.float16), torch.zeros(64)
@@ -616,14 +624,31 @@ def test_a_cuda_launcher_of_other_arguments_keeps_the_jit_path(kernel, monkeypat
                         raising=False)
     assert c_launch_known()
     assert driver_launch(launcher)[0] == launcher.launch
-    assert LaunchSequence.build(_record(DescriptorKernel(toy, launcher), (x, y)), (x, y))
     monkeypatch.delattr(nvidia_driver, "_BASE_ARGS_FORMAT")
     assert not c_launch_known()
     launch, *_ = driver_launch(launcher)
     launch(1, 2, 3, "s", "f", False, False, None, None, "meta", None, None, None, 7)
-    assert calls[-1] == ("run", (1, 2, 3, "s", "f", "meta", None, None, None, 7))
-    with pytest.raises(Unusable, match="no per-kernel C entry"):
-        LaunchSequence.build(_record(DescriptorKernel(toy, launcher), (x, y)), (x, y))
+    assert calls == [("run", (1, 2, 3, "s", "f", "meta", None, None, None, 7))]
+
+    calls.clear()
+    recorded = _record(DescriptorKernel(toy, launcher), (x, y))
+    sequence = LaunchSequence.build(recorded, (x, y))
+    x2 = torch.zeros(64, dtype=torch.float16)
+    assert sequence.launch((x2, y))
+    assert [kind for kind, _ in calls] == ["run"]
+    args = calls[0][1]
+    assert args[9:] == (x2.data_ptr(), y.data_ptr(), 100, 8, 0.5, True, 32)
+
+    def called_another_way():
+        class CudaLauncher(launcher.__class__):  # a release calling its launcher so
+            def __call__(self, grid, stream, function, *args):
+                calls.append(("other", args))
+        return CudaLauncher()
+
+    other = called_another_way()
+    assert not fast_launch.launcher_call_known(other)
+    with pytest.raises(Unusable, match="called with other arguments"):
+        LaunchSequence.build(_record(DescriptorKernel(toy, other), (x, y)), (x, y))
 
 
 def test_fixed_values_are_passed_as_prebuilt_runs_in_parameter_order():
@@ -663,7 +688,7 @@ def test_host_descriptors_are_rebuilt_around_the_new_base(monkeypatch):
 
     sequence = LaunchSequence.build(record(rows(ws[512:], 8)), (ws, y))
     assert sequence.sites[0].descriptors[0][1:] == ((28, 8, 16), (128, 16, 1), (8, 1, 16),
-                                                    "zero")
+                                                    "zero", False)
     ws2 = torch.zeros(4096, dtype=torch.bfloat16)
     kernel.launches.clear()
     assert sequence.launch((ws2, y))
@@ -699,6 +724,18 @@ def test_the_known_launch_entry_is_that_of_triton_3_5_and_3_6():
 
     release = Version(triton.__version__).release[:2]
     assert fast_launch.c_launch_known() == (release in {(3, 5), (3, 6)})
+
+
+@pytest.mark.interpreter
+def test_the_installed_cuda_launcher_is_called_in_the_jits_order():
+    """Triton's own CUDA launcher class, read as installed (CI: 3.5.1, 3.6 and the newest
+    release): its ``__call__`` takes what the relaunch passes where it does not call a C
+    entry itself (3.7 on)."""
+    from triton.backends.nvidia import driver as nvidia_driver
+
+    launcher = object.__new__(nvidia_driver.CudaLauncher)  # no GPU here to build one
+    assert fast_launch.launcher_call_known(launcher)
+    assert not fast_launch.launcher_call_known(lambda *args: None)
 
 
 @pytest.mark.interpreter
@@ -835,7 +872,7 @@ def test_tensor_maps_of_every_layer_stay_encoded():
         made.append(arg.base.data_ptr())
         return [("map", arg.base.data_ptr(), meta), *arg.shape, *arg.strides]
 
-    layout = (torch.bfloat16, (28, 8, 16), (128, 16, 1), (8, 1, 16), "zero")
+    layout = (torch.bfloat16, (28, 8, 16), (128, 16, 1), (8, 1, 16), "zero", False)
     expand = fast_launch._encoder(fake_make, layout, "meta")
     layers = [4096 * (i + 1) for i in range(96)]
     for _ in range(3):

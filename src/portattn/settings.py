@@ -221,6 +221,10 @@ TRITON_INSTRUMENTATION_MODE = Setting(
     "TRITON_INSTRUMENTATION_MODE", "Triton's modes (e.g. for Proton's profiler)", "off",
     "Triton's kernel instrumentation; portattn's fast relaunch path checks it on every "
     "launch and goes through Triton's JIT when it is on", owner="Triton")
+TRITON_FPSAN_HOMOMORPHIC_CASTS = Setting(
+    "TRITON_FPSAN_HOMOMORPHIC_CASTS", "Triton's flag (Triton 3.9 on)", "off",
+    "an option of Triton's floating-point sanitizer that its JIT compiles kernels with; "
+    "portattn's fast relaunch path keys its compiled kernels by it", owner="Triton")
 FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED = Setting(
     "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "0 or 1", "0",
     "1: FlashAttention-4 keeps its compiled kernels on disk for later processes "
@@ -244,7 +248,8 @@ ROCR_VISIBLE_DEVICES = Setting(
 SETTINGS: tuple[Setting, ...] = (
     BACKEND, SIMULATE, VALIDATE, TENSOR_DESCRIPTORS, TRITON, FLASH_ATTN,
     FLASH_ATTN_INTERFACE, UNIFIED_SPLIT, GLUON, CACHE_DIR, NO_DISK_CACHE, TEST_SHARD,
-    TRITON_INTERPRET, TRITON_INSTRUMENTATION_MODE, FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED,
+    TRITON_INTERPRET, TRITON_INSTRUMENTATION_MODE, TRITON_FPSAN_HOMOMORPHIC_CASTS,
+    FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED,
     XDG_CACHE_HOME, CUDA_VISIBLE_DEVICES, HIP_VISIBLE_DEVICES, ROCR_VISIBLE_DEVICES)
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 

@@ -51,8 +51,13 @@ the caller runs its normal path under :func:`capture`, then :meth:`absorb` store
 Triton compiled (after checking the launches have the same structure). Launch hooks
 (profilers), pre-run hooks, kernels with global-variable dependencies, the interpreter
 (``TRITON_INTERPRET=1``, no compiled kernel), non-native backends (AMD: buffer-op
-specialization; Triton 3.5's binder in Python) and CUDA launchers whose C entry takes other
-arguments than Triton 3.6's (3.7 on: :func:`c_launch_known`) always take the normal path.
+specialization; Triton 3.5's binder in Python) and CUDA launchers called in an order other
+than the JIT's (:func:`launcher_call_known`) always take the normal path.
+
+Which entry a relaunch calls (:func:`driver_launch`): on Triton 3.5 / 3.6, whose CUDA
+launcher has a per-kernel C entry (:func:`c_launch_known`), that entry; on 3.7 and newer
+(one shared C entry taking other arguments) the launcher object itself, as the JIT calls
+it, which costs one more Python frame per launch.
 """
 
 from __future__ import annotations
@@ -255,8 +260,8 @@ _state_memo: tuple | None = None
 
 def triton_state():
     """The Triton settings that change which kernel a launch uses (``debug``, the
-    instrumentation mode), or None when launches must go through the JIT (a launch hook
-    is installed: profilers need its metadata).
+    instrumentation mode, the fp-sanitizer casts of Triton 3.9), or None when launches
+    must go through the JIT (a launch hook is installed: profilers need its metadata).
 
     Called on every relaunch, so it answers from a memo while nothing it reads has
     changed: the same hook chains, still empty (their ``calls`` lists are tested on every
@@ -299,7 +304,8 @@ def _compute_triton_state():
         return None
     debug = runtime.debug
     snapshot = settings._current()  # the object the memo is checked against
-    state = (debug, snapshot.raw[settings.TRITON_INSTRUMENTATION_MODE.name])
+    state = (debug, snapshot.raw[settings.TRITON_INSTRUMENTATION_MODE.name],
+             snapshot.raw[settings.TRITON_FPSAN_HOMOMORPHIC_CASTS.name])
     if isinstance(getattr(enter, "calls", None), list) and \
             isinstance(getattr(exit_, "calls", None), list):
         _state_memo = (runtime, enter, exit_, debug, snapshot, state)
@@ -525,6 +531,10 @@ def _call_arguments(template: Sequence, bound: dict, prefix: str, namespace: dic
 #: metadata, enter and exit hooks. The relaunch calls that entry; Triton 3.7 replaced it
 #: by one shared entry taking other arguments (and no ``_BASE_ARGS_FORMAT``).
 C_LAUNCH_FORMAT = "iiiKKppOOOOOO"
+#: The leading parameters of a CUDA launcher's ``__call__`` as the JIT calls it (Triton
+#: 3.5 to 3.9): grid x, y, z, stream, function; then packed metadata, launch metadata,
+#: enter and exit hooks and the kernel's arguments, positionally.
+LAUNCHER_CALL_PARAMS = ("gridX", "gridY", "gridZ", "stream", "function")
 
 
 def c_launch_known() -> bool:
@@ -538,14 +548,31 @@ def c_launch_known() -> bool:
     return getattr(driver, "_BASE_ARGS_FORMAT", None) == C_LAUNCH_FORMAT
 
 
+def launcher_call_known(run) -> bool:
+    """Whether a compiled kernel's launcher ``run`` is called as the relaunch calls it
+    when it does not use a C entry: ``run(gx, gy, gz, stream, function, *rest)`` with the
+    JIT's order of ``rest`` (:data:`LAUNCHER_CALL_PARAMS`, then any further parameters and
+    a ``*args``). Read from the signature of its class's ``__call__``."""
+    try:
+        params = list(inspect.signature(type(run).__call__).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = tuple(p.name for p in params[:len(LAUNCHER_CALL_PARAMS)])
+    return names == LAUNCHER_CALL_PARAMS and \
+        all(p.kind in positional for p in params[:-1]) and \
+        bool(params) and params[-1].kind is inspect.Parameter.VAR_POSITIONAL
+
+
 def driver_launch(run) -> tuple[Callable, Any, Any]:
     """``(launch, cooperative, pdl)`` for a compiled kernel's launcher ``run``: ``launch``
     takes ``(gx, gy, gz, stream, function, cooperative, pdl, global_scratch,
     profile_scratch, packed_metadata, launch_metadata, enter_hook, exit_hook, *args)``.
-    For Triton's CUDA launcher of a kernel without global or profiling scratch, that is
-    its compiled C entry point itself (the launcher's Python frame skipped: two scratch
-    checks and the argument tuple built and unpacked twice per launch); otherwise an
-    adapter calling ``run``, which allocates the scratch."""
+    For Triton 3.5 / 3.6's CUDA launcher of a kernel without global or profiling scratch,
+    that is its compiled C entry point itself (the launcher's Python frame skipped: two
+    scratch checks and the argument tuple built and unpacked twice per launch); otherwise
+    (scratch, or Triton 3.7 on, whose shared C entry takes other arguments) an adapter
+    calling ``run`` as the JIT does, which allocates any scratch."""
     c_launch = getattr(run, "launch", None)
     cooperative = getattr(run, "launch_cooperative_grid", None)
     pdl = getattr(run, "launch_pdl", None)
@@ -596,10 +623,11 @@ def is_descriptor(value) -> bool:
 
 def descriptor_layout(value) -> tuple:
     """What Triton specializes and encodes of a host descriptor besides its base pointer:
-    the base's dtype, shape, strides, block shape and padding."""
+    the base's dtype, shape, strides, block shape, padding and (Triton 3.7 on) whether
+    fp32 is rounded to tf32 (False where Triton has no such field)."""
     return (value.base.dtype, tuple(int(x) for x in value.shape),
             tuple(int(x) for x in value.strides), tuple(int(x) for x in value.block_shape),
-            value.padding)
+            value.padding, bool(getattr(value, "round_f32_to_tf32", False)))
 
 
 def pointer_of(value) -> int:
@@ -621,13 +649,15 @@ class _Pointer:
 
 class HostDescriptor:
     """A recorded host descriptor around a new base pointer: what Triton's launcher reads
-    of a ``TensorDescriptor`` (``base.data_ptr()``, ``shape``, ``strides``, ``padding``)."""
+    of a ``TensorDescriptor`` (``base.data_ptr()``, ``shape``, ``strides``, ``padding``,
+    and from Triton 3.7 on ``round_f32_to_tf32``)."""
 
-    __slots__ = ("base", "shape", "strides", "block_shape", "padding")
+    __slots__ = ("base", "shape", "strides", "block_shape", "padding", "round_f32_to_tf32")
 
     def __init__(self, ptr: int, layout: tuple):
         self.base = _Pointer(ptr)
-        _dtype, self.shape, self.strides, self.block_shape, self.padding = layout
+        (_dtype, self.shape, self.strides, self.block_shape, self.padding,
+         self.round_f32_to_tf32) = layout
 
 
 def build_site(launch: Launch, inputs: Sequence) -> Site:
@@ -668,16 +698,23 @@ def build_site(launch: Launch, inputs: Sequence) -> Site:
     return Site(fn, grid, names, template, tuple(binds), options, descriptors)
 
 
+#: ``triton.knobs.compilation`` fields ``JITFunction.run`` passes as options to its binder
+#: (in its order), where the installed release has them
+JIT_COMPILATION_KNOBS = ("instrumentation_mode", "fpsan_homomorphic_casts")
+
+
 def jit_run_options(kwargs: dict, debug: bool) -> dict:
     """``kwargs`` with the options ``JITFunction.run`` adds before it binds a call, as
-    the installed Triton adds them: ``debug`` (the kernel's, or Triton's knob), and the
-    instrumentation mode where Triton has that knob (3.6 on; 3.5 has none)."""
+    the installed Triton adds them: ``debug`` (the kernel's, or Triton's knob), then each
+    compilation knob of :data:`JIT_COMPILATION_KNOBS` that Triton has (the
+    instrumentation mode from 3.6 on, fp-sanitizer casts in 3.9)."""
     from triton import knobs
 
     kwargs["debug"] = kwargs.get("debug", debug) or knobs.runtime.debug
     compilation = knobs.compilation
-    if hasattr(compilation, "instrumentation_mode"):
-        kwargs["instrumentation_mode"] = compilation.instrumentation_mode
+    for name in JIT_COMPILATION_KNOBS:
+        if hasattr(compilation, name):
+            kwargs[name] = getattr(compilation, name)
     return kwargs
 
 
@@ -698,11 +735,12 @@ def check_with_triton(site: Site, launch: Launch, device: int) -> None:
         raise Unusable(f"the {getattr(backend, '__name__', type(backend).__name__)} backend "
                        f"of Triton {release} specializes tensors in Python (the fast "
                        "relaunch needs Triton's native binder, as Triton 3.6 has on NVIDIA)")
-    if type(getattr(launch.compiled, "run", None)).__name__ == "CudaLauncher" and \
-            not c_launch_known():
-        raise Unusable(f"Triton {release}'s CUDA launcher has no per-kernel C entry of the "
-                       "arguments the fast relaunch passes (written and GPU-tested for "
-                       "Triton 3.6)")
+    run = getattr(launch.compiled, "run", None)
+    if type(run).__name__ == "CudaLauncher" and not c_launch_known() and \
+            not launcher_call_known(run):
+        raise Unusable(f"Triton {release}'s CUDA launcher is called with other arguments "
+                       "than the JIT's of Triton 3.5-3.9 (gridX, gridY, gridZ, stream, "
+                       "function, metadata, hooks, the kernel's)")
     kwargs = jit_run_options(dict(launch.kwargs), fn.debug)
     _bound, specialization, options = binder(*launch.args, **kwargs)
     if kernel_cache.get(compute_cache_key(key_cache, specialization, options)) \
