@@ -358,11 +358,18 @@ def main(argv=None) -> dict:
     planning.clear()
     import triton
 
+    from portattn.kernels import fast_launch
+
     result = {
         "device": torch.cuda.get_device_name() if gpu else "cpu (stand-in kernels, "
                   "launcher does nothing: the Python outside the launch)",
         "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-        "triton": triton.__version__, "dtype": str(dtype).replace("torch.", ""),
+        "triton": triton.__version__,
+        # what a relaunch calls on this Triton
+        "relaunch_entry": ("stand-in launcher" if not gpu else "per-kernel C entry"
+                           if fast_launch.c_launch_known() else
+                           "launcher object, as the JIT calls it"),
+        "dtype": str(dtype).replace("torch.", ""),
         "heads": "32/8, head 128, block 16", "target_us": TARGET_US, "goal_us": GOAL_US,
         "timing": "each sample behind a GPU spin kernel (host time alone)" if gpu else
                   "stand-ins",
@@ -380,7 +387,9 @@ def main(argv=None) -> dict:
 
 def _table(result: dict) -> None:
     names = ("attention", "attention_out", "plan_run", "plan_run_out", "jit_path")
-    print(f"host us per call, median (min) -- {result['device']}", file=sys.stderr)
+    print(f"host us per call, median (min) -- {result['device']}, Triton "
+          f"{result['triton']}, relaunch through the {result['relaunch_entry']}",
+          file=sys.stderr)
     print(f"{'case':13} {'layers':>6} " + " ".join(f"{n:>15}" for n in names),
           file=sys.stderr)
     for case, data in result["cases"].items():
