@@ -18,9 +18,10 @@ How, for ANY ``@triton.jit`` kernel and whatever arguments a launcher passes:
    recomputed) or *fixed* (a plain value: int, float, bool, str, None, a tuple of those;
    kept as recorded), or a host *tensor descriptor* (Triton's ``TensorDescriptor``)
    whose base is bound as a tensor is and whose shape, strides, block shape and padding
-   are fixed: per call its launch arguments are made for the new base pointer (the
-   tensor map Triton's launcher would encode, kept per address: see
-   :func:`descriptor_expanders`). Anything else (a tensor
+   are fixed: per call its launch arguments are made for the new base pointer (on
+   Triton 3.6 the tensor map Triton's launcher would encode, kept per address: see
+   :func:`descriptor_expanders`; on 3.7 on, Triton's wrapper encodes it per launch, as
+   for its JIT). Anything else (a tensor
    the launcher allocated itself) makes the sequence unusable, and the caller keeps the
    normal path. No tensor is stored.
 3. **Relaunch** (:meth:`LaunchSequence.launch`): per call, the data pointers of the bound
@@ -35,7 +36,8 @@ Correctness: a compiled kernel is only reused for a call Triton would specialize
 way. Triton's specialization of an argument is a function of (type, value) for plain
 values, (dtype, ``data_ptr % 16 == 0``) for tensors on backends with native tensor
 specialization (the only ones served here), plus the launch options (``num_warps``...),
-``debug`` and the instrumentation mode, per device. The CALLER guarantees that the fixed
+``debug`` and the compilation knobs the JIT passes as options (:func:`triton_state`), per
+device. The CALLER guarantees that the fixed
 values are the same on every call of a sequence (it keys sequences by everything its
 launcher reads: shapes, strides, dtypes, option values), and that its launcher derives no
 argument from device values or from pointer values beyond what Triton sees (launch.py
@@ -54,8 +56,8 @@ Triton compiled (after checking the launches have the same structure). Launch ho
 specialization; Triton 3.5's binder in Python) and CUDA launchers called in an order other
 than the JIT's (:func:`launcher_call_known`) always take the normal path.
 
-Which entry a relaunch calls (:func:`driver_launch`): on Triton 3.5 / 3.6, whose CUDA
-launcher has a per-kernel C entry (:func:`c_launch_known`), that entry; on 3.7 and newer
+Which entry a relaunch calls (:func:`driver_launch`): on Triton 3.6, whose CUDA launcher
+has a per-kernel C entry (:func:`c_launch_known`), that entry; on 3.7 and newer
 (one shared C entry taking other arguments) the launcher object itself, as the JIT calls
 it, which costs one more Python frame per launch.
 """
@@ -67,7 +69,7 @@ import os
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from typing import Any, Callable, Sequence
 
 import torch
@@ -253,28 +255,31 @@ def _release_counter() -> None:
 
 _runtime = None
 #: The last state computed with both hook chains empty, and what it was computed from:
-#: (runtime knobs, launch-enter chain, launch-exit chain, ``debug``, settings snapshot,
-#: state). See :func:`triton_state`.
+#: (runtime knobs, compilation knobs, reader of the compilation modes, launch-enter chain,
+#: launch-exit chain, ``debug``, the modes, state). See :func:`triton_state`.
 _state_memo: tuple | None = None
 
 
 def triton_state():
-    """The Triton settings that change which kernel a launch uses (``debug``, the
-    instrumentation mode, the fp-sanitizer casts of Triton 3.9), or None when launches
-    must go through the JIT (a launch hook is installed: profilers need its metadata).
+    """The Triton settings that change which kernel a launch uses (``debug``, and the
+    compilation knobs the JIT passes as options, :data:`JIT_COMPILATION_KNOBS`: the
+    instrumentation mode, the fp-sanitizer casts of Triton 3.9), read from Triton's knobs
+    as its JIT reads them; or None when launches must go through the JIT (a launch hook
+    is installed: profilers need its metadata; a stages-inspection hook is set: Triton
+    3.7 on key kernels by its custom pipeline).
 
     Called on every relaunch, so it answers from a memo while nothing it reads has
     changed: the same hook chains, still empty (their ``calls`` lists are tested on every
-    call, so a hook added later is seen at once), the same ``debug`` object and the same
-    environment snapshot of :mod:`portattn.settings` (a new object after any change of
-    the environment; none is kept where changes cannot be noticed, so there it is read
-    every time)."""
+    call, so a hook added later is seen at once), no stages hook, the same ``debug``
+    object and equal compilation modes (read on every call: a profiler sets the
+    instrumentation mode in process, not in the environment)."""
     memo = _state_memo
     if memo is not None:
-        runtime, enter, exit_, debug, snapshot, state = memo
+        runtime, compilation, modes_of, enter, exit_, debug, modes, state = memo
         if runtime.launch_enter_hook is enter and runtime.launch_exit_hook is exit_ and \
                 (not enter.calls or enter.calls == _ONLY_COUNTER) and not exit_.calls and \
-                runtime.debug is debug and settings._snapshot is snapshot:
+                runtime.debug is debug and modes_of(compilation) == modes and \
+                getattr(runtime, "add_stages_inspection_hook", None) is None:
             return state
     return _compute_triton_state()
 
@@ -300,15 +305,21 @@ def _compute_triton_state():
 
         runtime = _runtime = knobs.runtime
     enter, exit_ = runtime.launch_enter_hook, runtime.launch_exit_hook
-    if _hook_active(enter) or _hook_active(exit_):
+    if _hook_active(enter) or _hook_active(exit_) or \
+            getattr(runtime, "add_stages_inspection_hook", None) is not None:
         return None
+    from triton import knobs
+
+    compilation = knobs.compilation
+    present = tuple(name for name in JIT_COMPILATION_KNOBS if hasattr(compilation, name))
+    # the knobs' values as one C call gives them (a value for one name, a tuple for more)
+    modes_of: Callable = attrgetter(*present) if present else (lambda _knobs: ())
     debug = runtime.debug
-    snapshot = settings._current()  # the object the memo is checked against
-    state = (debug, snapshot.raw[settings.TRITON_INSTRUMENTATION_MODE.name],
-             snapshot.raw[settings.TRITON_FPSAN_HOMOMORPHIC_CASTS.name])
+    modes = modes_of(compilation)
+    state = (debug, *(modes if len(present) > 1 else (modes,) if present else ()))
     if isinstance(getattr(enter, "calls", None), list) and \
             isinstance(getattr(exit_, "calls", None), list):
-        _state_memo = (runtime, enter, exit_, debug, snapshot, state)
+        _state_memo = (runtime, compilation, modes_of, enter, exit_, debug, modes, state)
     return state
 
 
@@ -531,10 +542,15 @@ def _call_arguments(template: Sequence, bound: dict, prefix: str, namespace: dic
 #: metadata, enter and exit hooks. The relaunch calls that entry; Triton 3.7 replaced it
 #: by one shared entry taking other arguments (and no ``_BASE_ARGS_FORMAT``).
 C_LAUNCH_FORMAT = "iiiKKppOOOOOO"
-#: The leading parameters of a CUDA launcher's ``__call__`` as the JIT calls it (Triton
-#: 3.5 to 3.9): grid x, y, z, stream, function; then packed metadata, launch metadata,
-#: enter and exit hooks and the kernel's arguments, positionally.
-LAUNCHER_CALL_PARAMS = ("gridX", "gridY", "gridZ", "stream", "function")
+#: The positional parameters of a CUDA launcher's ``__call__`` before its ``*args``, in
+#: the releases whose JIT calls it ``run(gx, gy, gz, stream, function, packed_metadata,
+#: launch_metadata, enter_hook, exit_hook, *kernel_args)``: Triton 3.5 / 3.6 (the rest in
+#: ``*args``), 3.7 to 3.9 (named).
+LAUNCHER_CALL_FORMS = (
+    ("gridX", "gridY", "gridZ", "stream", "function"),
+    ("gridX", "gridY", "gridZ", "stream", "function", "kernel_metadata", "launch_metadata",
+     "launch_enter_hook", "launch_exit_hook"),
+)
 
 
 def c_launch_known() -> bool:
@@ -549,26 +565,27 @@ def c_launch_known() -> bool:
 
 
 def launcher_call_known(run) -> bool:
-    """Whether a compiled kernel's launcher ``run`` is called as the relaunch calls it
-    when it does not use a C entry: ``run(gx, gy, gz, stream, function, *rest)`` with the
-    JIT's order of ``rest`` (:data:`LAUNCHER_CALL_PARAMS`, then any further parameters and
-    a ``*args``). Read from the signature of its class's ``__call__``."""
+    """Whether a compiled kernel's launcher ``run`` takes what the relaunch passes when it
+    does not use a C entry: its class's ``__call__`` has exactly the positional
+    parameters of one of :data:`LAUNCHER_CALL_FORMS`, then ``*args`` and nothing else
+    (any other parameter could shift the arguments)."""
     try:
         params = list(inspect.signature(type(run).__call__).parameters.values())[1:]
     except (TypeError, ValueError):
         return False
+    if not params or params[-1].kind is not inspect.Parameter.VAR_POSITIONAL:
+        return False
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    names = tuple(p.name for p in params[:len(LAUNCHER_CALL_PARAMS)])
-    return names == LAUNCHER_CALL_PARAMS and \
-        all(p.kind in positional for p in params[:-1]) and \
-        bool(params) and params[-1].kind is inspect.Parameter.VAR_POSITIONAL
+    leading = params[:-1]
+    return all(p.kind in positional and p.default is inspect.Parameter.empty
+               for p in leading) and tuple(p.name for p in leading) in LAUNCHER_CALL_FORMS
 
 
 def driver_launch(run) -> tuple[Callable, Any, Any]:
     """``(launch, cooperative, pdl)`` for a compiled kernel's launcher ``run``: ``launch``
     takes ``(gx, gy, gz, stream, function, cooperative, pdl, global_scratch,
     profile_scratch, packed_metadata, launch_metadata, enter_hook, exit_hook, *args)``.
-    For Triton 3.5 / 3.6's CUDA launcher of a kernel without global or profiling scratch,
+    For Triton 3.6's CUDA launcher of a kernel without global or profiling scratch,
     that is its compiled C entry point itself (the launcher's Python frame skipped: two
     scratch checks and the argument tuple built and unpacked twice per launch); otherwise
     (scratch, or Triton 3.7 on, whose shared C entry takes other arguments) an adapter
