@@ -219,12 +219,14 @@ TRITON_INTERPRET = Setting(
     "before anything imports Triton", _triton_flag, decides=True, owner="Triton")
 TRITON_INSTRUMENTATION_MODE = Setting(
     "TRITON_INSTRUMENTATION_MODE", "Triton's modes (e.g. for Proton's profiler)", "off",
-    "Triton's kernel instrumentation; portattn's fast relaunch path checks it on every "
-    "launch and goes through Triton's JIT when it is on", owner="Triton")
+    "Triton's kernel instrumentation (read by Triton at import; profilers also set it in "
+    "process); portattn's fast relaunch reads Triton's knob on every launch and keys its "
+    "compiled kernels by it", owner="Triton")
 TRITON_FPSAN_HOMOMORPHIC_CASTS = Setting(
     "TRITON_FPSAN_HOMOMORPHIC_CASTS", "Triton's flag (Triton 3.9 on)", "off",
     "an option of Triton's floating-point sanitizer that its JIT compiles kernels with; "
-    "portattn's fast relaunch path keys its compiled kernels by it", owner="Triton")
+    "portattn's fast relaunch reads Triton's knob on every launch and keys its compiled "
+    "kernels by it", owner="Triton")
 FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED = Setting(
     "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "0 or 1", "0",
     "1: FlashAttention-4 keeps its compiled kernels on disk for later processes "
