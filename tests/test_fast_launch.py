@@ -881,6 +881,76 @@ def test_descriptor_wrappers_are_bypassed_with_tensor_maps_kept_per_address(with
         assert len(encodes) == 3 + 2
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("with_meta", [False, True])
+def test_descriptors_reach_the_shared_c_entry_as_through_the_jit(with_meta, monkeypatch):
+    """Triton 3.7 on (CI: the newest release): a relaunch of a kernel with a host
+    descriptor calls Triton's own ``CudaLauncher.__call__`` and descriptor wrapper, and
+    the shared C entry receives what it receives when the JIT's call passes a real
+    ``TensorDescriptor`` at the new base (with and without the compiler's descriptor
+    metadata; only the driver's tensor-map encoding and the C entry are stand-ins)."""
+    require_native_binder()
+    if fast_launch.c_launch_known():
+        pytest.skip(f"Triton {triton.__version__} has the per-kernel C entry the relaunch "
+                    "calls itself (test_descriptor_wrappers_are_bypassed_...)")
+    import types
+
+    from triton.backends.nvidia import driver as nvidia_driver
+    from triton.runtime import driver as triton_driver
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    c_calls: list = []
+    triton_make = nvidia_driver.make_tensordesc_arg
+
+    def fake_make(arg, meta, *rest):  # stands in for cuTensorMapEncodeTiled (a GPU's)
+        if meta is None:
+            return triton_make(arg, None, *rest)
+        return [("map", arg.base.data_ptr(), meta["swizzle"], tuple(arg.shape),
+                 tuple(arg.strides), arg.padding, arg.round_f32_to_tf32),
+                *arg.shape, *arg.strides]
+
+    monkeypatch.setattr(nvidia_driver, "make_tensordesc_arg", fake_make)
+    monkeypatch.setattr(triton_driver, "_active", types.SimpleNamespace(
+        utils=types.SimpleNamespace(is_stream_capturing=lambda stream: False)))
+    monkeypatch.setattr(fast_launch, "_device_functions", lambda: (lambda: 0, lambda d: 77))
+    signature = {0: "tensordesc<bf16[8,1,16]>", 1: "*fp32", 2: "i32", 3: "constexpr"}
+    launcher = object.__new__(nvidia_driver.CudaLauncher)  # no GPU here to build one
+    launcher.__dict__.update(
+        num_ctas=1, global_scratch_size=0, global_scratch_align=1, profile_scratch_size=0,
+        profile_scratch_align=1, launch_cooperative_grid=False, launch_pdl=False,
+        gsan_enabled=False, arg_annotations="annotations", kernel_signature="signature",
+        launch=nvidia_driver.wrap_handle_tensordesc(
+            lambda *args: c_calls.append(args), signature,
+            [{"swizzle": 128} if with_meta else None]))
+    kernel = DescriptorKernel(toy_desc, launcher)
+    ws, y = torch.zeros(4096, dtype=torch.bfloat16), torch.zeros(64)
+
+    def rows(base):
+        return TensorDescriptor(base, [28, 8, 16], [128, 16, 1], [8, 1, 16])
+
+    with capture() as captured:
+        capturable(kernel)[(4, 2)](rows(ws[512:]), y, 100, BLOCK=32)
+    captured.triton_launches = len(captured.launches)
+    sequence = LaunchSequence.build(captured, (ws, y))
+    compiled = captured.launches[0].compiled
+    for buffer in (ws, torch.zeros(4096, dtype=torch.bfloat16)):
+        assert sequence.launch((buffer, y))
+        launcher(4, 2, 1, 77, compiled.function, compiled.packed_metadata, None, None, None,
+                 rows(buffer[512:]), y, 100, 32)
+        ours, jit_s = c_calls[-2], c_calls[-1]
+        assert len(ours) == len(jit_s) and ours[:4] == (4, 2, 1, 77)
+        assert ours[:-1] == jit_s[:-1]  # grid, stream, metadata, hooks, scratch
+        ours_args, jit_args = list(ours[-1]), list(jit_s[-1])
+        if with_meta:
+            assert ours_args[0][1] == buffer.data_ptr() + 1024
+        else:  # the base: an object with data_ptr() in both
+            assert ours_args[0].data_ptr() == jit_args[0].data_ptr() == \
+                buffer.data_ptr() + 1024
+            ours_args[0] = jit_args[0] = None
+        jit_args[len(jit_args) - 3] = y.data_ptr()  # the JIT passed y as a tensor
+        assert ours_args == jit_args
+
+
 def test_tensor_maps_of_every_layer_stay_encoded():
     """One address per layer (each layer passes its own cache): up to ``ENCODED_LIMIT``
     addresses are encoded once each however often they cycle; past it the oldest are
