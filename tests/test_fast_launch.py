@@ -829,6 +829,23 @@ def behind_descriptor_wrapper(fn, signature: dict, metas):
     return DescriptorKernel(fn, CudaLauncher()), wrapper, c_calls
 
 
+def _rows(base):
+    """A 3-D host descriptor over ``base``: the descriptor-relaunch tests' layout."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(base, [28, 8, 16], [128, 16, 1], [8, 1, 16])
+
+
+def _descriptor_sequence(kernel):
+    """``(sequence, capture, workspace, y)``: one launch of ``kernel`` (``toy_desc``'s
+    signature) over a descriptor into a workspace view, recorded and built."""
+    ws, y = torch.zeros(4096, dtype=torch.bfloat16), torch.zeros(64)
+    with capture() as captured:
+        capturable(kernel)[(4, 2)](_rows(ws[512:]), y, 100, BLOCK=32)
+    captured.triton_launches = len(captured.launches)
+    return LaunchSequence.build(captured, (ws, y)), captured, ws, y
+
+
 @pytest.mark.parametrize("with_meta", [False, True])
 def test_descriptor_wrappers_are_bypassed_with_tensor_maps_kept_per_address(with_meta,
                                                                             monkeypatch):
@@ -839,7 +856,6 @@ def test_descriptor_wrappers_are_bypassed_with_tensor_maps_kept_per_address(with
     require_native_binder()
     _require_known_c_launch()
     from triton.backends.nvidia import driver as nvidia_driver
-    from triton.tools.tensor_descriptor import TensorDescriptor
 
     encodes: list = []
     triton_make = nvidia_driver.make_tensordesc_arg
@@ -855,20 +871,12 @@ def test_descriptor_wrappers_are_bypassed_with_tensor_maps_kept_per_address(with
     signature = {0: "tensordesc<bf16[8,1,16]>", 1: "*fp32", 2: "i32", 3: "constexpr"}
     kernel, wrapper, c_calls = behind_descriptor_wrapper(
         toy_desc, signature, [{"swizzle": 128}] if with_meta else None)
-    ws, y = torch.zeros(4096, dtype=torch.bfloat16), torch.zeros(64)
-
-    def rows(base):
-        return TensorDescriptor(base, [28, 8, 16], [128, 16, 1], [8, 1, 16])
-
-    with capture() as captured:
-        capturable(kernel)[(4, 2)](rows(ws[512:]), y, 100, BLOCK=32)
-    captured.triton_launches = len(captured.launches)
-    sequence = LaunchSequence.build(captured, (ws, y))
+    sequence, captured, ws, y = _descriptor_sequence(kernel)
     encodes.clear()
     for buffer in (ws, ws, torch.zeros(4096, dtype=torch.bfloat16)):
         assert sequence.launch((buffer, y))
         wrapper(4, 2, 1, 77, None, False, False, None, None, (4, 1, 0), None, None, None,
-                rows(buffer[512:]), y.data_ptr(), 100, 32)
+                _rows(buffer[512:]), y.data_ptr(), 100, 32)
         ours, triton_s = c_calls[-2], c_calls[-1]
         assert ours[:4] == (4, 2, 1, 77) and len(ours) == len(triton_s)
         if with_meta:
@@ -897,7 +905,6 @@ def test_descriptors_reach_the_shared_c_entry_as_through_the_jit(with_meta, monk
 
     from triton.backends.nvidia import driver as nvidia_driver
     from triton.runtime import driver as triton_driver
-    from triton.tools.tensor_descriptor import TensorDescriptor
 
     c_calls: list = []
     triton_make = nvidia_driver.make_tensordesc_arg
@@ -923,20 +930,12 @@ def test_descriptors_reach_the_shared_c_entry_as_through_the_jit(with_meta, monk
             lambda *args: c_calls.append(args), signature,
             [{"swizzle": 128} if with_meta else None]))
     kernel = DescriptorKernel(toy_desc, launcher)
-    ws, y = torch.zeros(4096, dtype=torch.bfloat16), torch.zeros(64)
-
-    def rows(base):
-        return TensorDescriptor(base, [28, 8, 16], [128, 16, 1], [8, 1, 16])
-
-    with capture() as captured:
-        capturable(kernel)[(4, 2)](rows(ws[512:]), y, 100, BLOCK=32)
-    captured.triton_launches = len(captured.launches)
-    sequence = LaunchSequence.build(captured, (ws, y))
+    sequence, captured, ws, y = _descriptor_sequence(kernel)
     compiled = captured.launches[0].compiled
     for buffer in (ws, torch.zeros(4096, dtype=torch.bfloat16)):
         assert sequence.launch((buffer, y))
         launcher(4, 2, 1, 77, compiled.function, compiled.packed_metadata, None, None, None,
-                 rows(buffer[512:]), y, 100, 32)
+                 _rows(buffer[512:]), y, 100, 32)
         ours, jit_s = c_calls[-2], c_calls[-1]
         assert len(ours) == len(jit_s) and ours[:4] == (4, 2, 1, 77)
         assert ours[:-1] == jit_s[:-1]  # grid, stream, metadata, hooks, scratch
