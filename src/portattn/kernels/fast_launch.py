@@ -253,7 +253,7 @@ def _release_counter() -> None:
 # --------------------------------------------------------------------------- per call state
 
 
-_runtime = None
+_knobs = None  # triton.knobs, imported on first use (:func:`_triton_knobs`)
 #: The last state computed with both hook chains empty, and what it was computed from:
 #: (runtime knobs, compilation knobs, reader of the compilation modes, launch-enter chain,
 #: launch-exit chain, ``debug``, the modes, state). See :func:`triton_state`.
@@ -298,20 +298,15 @@ def _hook_active(hook) -> bool:
 
 def _compute_triton_state():
     """:func:`triton_state` read in full; remembered when both hooks are empty chains."""
-    global _runtime, _state_memo
-    runtime = _runtime
-    if runtime is None:
-        from triton import knobs
-
-        runtime = _runtime = knobs.runtime
+    global _state_memo
+    knobs = _triton_knobs()
+    runtime = knobs.runtime
     enter, exit_ = runtime.launch_enter_hook, runtime.launch_exit_hook
     if _hook_active(enter) or _hook_active(exit_) or \
             getattr(runtime, "add_stages_inspection_hook", None) is not None:
         return None
-    from triton import knobs
-
     compilation = knobs.compilation
-    present = tuple(name for name in JIT_COMPILATION_KNOBS if hasattr(compilation, name))
+    present = compilation_knob_names(compilation)
     # the knobs' values as one C call gives them (a value for one name, a tuple for more)
     modes_of: Callable = attrgetter(*present) if present else (lambda _knobs: ())
     debug = runtime.debug
@@ -321,6 +316,16 @@ def _compute_triton_state():
             isinstance(getattr(exit_, "calls", None), list):
         _state_memo = (runtime, compilation, modes_of, enter, exit_, debug, modes, state)
     return state
+
+
+def _triton_knobs():
+    """``triton.knobs``, imported once (the state is read where the memo cannot hold)."""
+    global _knobs
+    if _knobs is None:
+        from triton import knobs
+
+        _knobs = knobs
+    return _knobs
 
 
 def _device_functions():
@@ -725,14 +730,18 @@ def jit_run_options(kwargs: dict, debug: bool) -> dict:
     the installed Triton adds them: ``debug`` (the kernel's, or Triton's knob), then each
     compilation knob of :data:`JIT_COMPILATION_KNOBS` that Triton has (the
     instrumentation mode from 3.6 on, fp-sanitizer casts in 3.9)."""
-    from triton import knobs
-
+    knobs = _triton_knobs()
     kwargs["debug"] = kwargs.get("debug", debug) or knobs.runtime.debug
     compilation = knobs.compilation
-    for name in JIT_COMPILATION_KNOBS:
-        if hasattr(compilation, name):
-            kwargs[name] = getattr(compilation, name)
+    for name in compilation_knob_names(compilation):
+        kwargs[name] = getattr(compilation, name)
     return kwargs
+
+
+def compilation_knob_names(compilation) -> tuple[str, ...]:
+    """The :data:`JIT_COMPILATION_KNOBS` the installed Triton's ``knobs.compilation``
+    has, in order."""
+    return tuple(name for name in JIT_COMPILATION_KNOBS if hasattr(compilation, name))
 
 
 def check_with_triton(site: Site, launch: Launch, device: int) -> None:
