@@ -358,7 +358,7 @@ def main(argv=None) -> dict:
     planning.clear()
     import triton
 
-    from portattn.kernels import fast_launch
+    from portattn.kernels import launch_entries
 
     result = {
         "device": torch.cuda.get_device_name() if gpu else "cpu (stand-in kernels, "
@@ -367,7 +367,8 @@ def main(argv=None) -> dict:
         "triton": triton.__version__,
         # what a relaunch calls on this Triton
         "relaunch_entry": ("stand-in launcher" if not gpu else "per-kernel C entry"
-                           if fast_launch.c_launch_known() else
+                           if launch_entries.c_launch_known() else "shared C entry"
+                           if launch_entries.argument_layout() == "shared" else
                            "launcher object, as the JIT calls it"),
         "dtype": str(dtype).replace("torch.", ""),
         "heads": "32/8, head 128, block 16", "target_us": TARGET_US, "goal_us": GOAL_US,

@@ -27,7 +27,7 @@ from triton.backends.compiler import BaseBackend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from jit_standin import JITStandIn, require_native_binder
-from portattn.kernels import fast_launch
+from portattn.kernels import fast_launch, launch_entries
 from portattn.kernels.fast_launch import (
     Ambiguous,
     Captured,
@@ -295,7 +295,8 @@ def test_a_sequence_of_two_launches_is_one_lookup(kernel):
         return captured
 
     sequence = LaunchSequence.build(record(x, y), (x, y))
-    assert len(sequence.table) == 1 and len(next(iter(sequence.table.values()))) == 12
+    assert len(sequence.table) == 1
+    assert len(next(iter(sequence.table.values()))) == 2 * launch_entries.ENTRY_FIELDS
     kernel.launches.clear()
     shifted = torch.zeros(65, dtype=torch.float16)[1:]
     assert not sequence.launch((shifted, y)) and kernel.launches == []
@@ -566,7 +567,7 @@ def test_driver_launch_calls_the_c_entry_only_without_scratch(monkeypatch):
     """The relauncher calls Triton's C entry point directly only for CUDA launchers of
     kernels without global / profiling scratch (the launcher allocates those); any other
     launcher is called as itself, with the same arguments minus the fixed ones."""
-    from portattn.kernels.fast_launch import driver_launch
+    from portattn.kernels.launch_entries import driver_launch
 
     calls = []
 
@@ -586,7 +587,7 @@ def test_driver_launch_calls_the_c_entry_only_without_scratch(monkeypatch):
     from triton.backends.nvidia import driver as nvidia_driver
 
     # the driver of the launch entry the relaunch knows (Triton 3.6's), on any release
-    monkeypatch.setattr(nvidia_driver, "_BASE_ARGS_FORMAT", fast_launch.C_LAUNCH_FORMAT,
+    monkeypatch.setattr(nvidia_driver, "_BASE_ARGS_FORMAT", launch_entries.C_LAUNCH_FORMAT,
                         raising=False)
     plain = CudaLauncher(0)
     launch, cooperative, pdl = driver_launch(plain)
@@ -608,7 +609,7 @@ def test_a_cuda_launcher_without_the_c_entry_is_called_as_the_jit_calls_it(kerne
     ``__call__`` takes other leading arguments keeps the JIT path."""
     from triton.backends.nvidia import driver as nvidia_driver
 
-    from portattn.kernels.fast_launch import c_launch_known, driver_launch
+    from portattn.kernels.launch_entries import c_launch_known, driver_launch
 
     calls: list = []
 
@@ -628,7 +629,7 @@ def test_a_cuda_launcher_without_the_c_entry_is_called_as_the_jit_calls_it(kerne
     launcher = CudaLauncher()
     x, y = torch.zeros(64, dtype=torch.float16), torch.zeros(64)
     # Triton 3.6's driver module (the pinned release's), then one of 3.7 on
-    monkeypatch.setattr(nvidia_driver, "_BASE_ARGS_FORMAT", fast_launch.C_LAUNCH_FORMAT,
+    monkeypatch.setattr(nvidia_driver, "_BASE_ARGS_FORMAT", launch_entries.C_LAUNCH_FORMAT,
                         raising=False)
     assert c_launch_known()
     assert driver_launch(launcher)[0] == launcher.launch
@@ -654,7 +655,7 @@ def test_a_cuda_launcher_without_the_c_entry_is_called_as_the_jit_calls_it(kerne
         return CudaLauncher()
 
     other = called_another_way()
-    assert not fast_launch.launcher_call_known(other)
+    assert not launch_entries.launcher_call_known(other)
 
     class Shifted:  # a parameter more after function: the relaunch's would shift
         def __call__(self, gridX, gridY, gridZ, stream, function, cluster_dims,
@@ -666,9 +667,9 @@ def test_a_cuda_launcher_without_the_c_entry_is_called_as_the_jit_calls_it(kerne
         def __call__(self, gridX, gridY, gridZ, stream, function, *args, scratch=None):
             pass
 
-    assert fast_launch.launcher_call_known(launcher)
-    assert not fast_launch.launcher_call_known(Shifted())
-    assert not fast_launch.launcher_call_known(Keyword())
+    assert launch_entries.launcher_call_known(launcher)
+    assert not launch_entries.launcher_call_known(Shifted())
+    assert not launch_entries.launcher_call_known(Keyword())
     with pytest.raises(Unusable, match="called with other arguments"):
         LaunchSequence.build(_record(DescriptorKernel(toy, other), (x, y)), (x, y))
 
@@ -716,7 +717,7 @@ def test_host_descriptors_are_rebuilt_around_the_new_base(monkeypatch):
     assert sequence.launch((ws2, y))
     _compiled, call = kernel.launches[0]
     desc = call[9]
-    assert isinstance(desc, fast_launch.HostDescriptor)
+    assert isinstance(desc, launch_entries.HostDescriptor)
     assert desc.base.data_ptr() == ws2.data_ptr() + 512 * 2
     assert (desc.shape, desc.strides, desc.padding) == ((28, 8, 16), (128, 16, 1), "zero")
     assert call[10:] == (y.data_ptr(), 100, 32)
@@ -732,7 +733,7 @@ def _require_known_c_launch() -> None:
     """Skip where Triton's CUDA launch entry is not 3.6's (3.7 on): these tests drive
     Triton's own descriptor wrapper around that entry; elsewhere the relaunch calls the
     launcher object (``test_a_cuda_launcher_without_the_c_entry_is_called_as_the_jit_calls_it``)."""
-    if not fast_launch.c_launch_known():
+    if not launch_entries.c_launch_known():
         pytest.skip(f"Triton {triton.__version__}'s CUDA launch entry is not the one the "
                     "relaunch calls")
 
@@ -740,12 +741,40 @@ def _require_known_c_launch() -> None:
 @pytest.mark.interpreter
 def test_the_known_launch_entry_is_that_of_triton_3_5_and_3_6():
     """The installed Triton's driver is read as it is (CI runs this on 3.5.1, 3.6 and the
-    newest release): 3.5 and 3.6 have the per-kernel C entry the relaunch calls, 3.7 on
-    a shared one with other arguments."""
+    newest release): 3.5 and 3.6 have the per-kernel C entry the relaunch calls, 3.7 to
+    3.9 the shared one whose argument format their driver's C source declares."""
     from packaging.version import Version
 
     release = Version(triton.__version__).release[:2]
-    assert fast_launch.c_launch_known() == (release in {(3, 5), (3, 6)})
+    assert launch_entries.c_launch_known() == (release in {(3, 5), (3, 6)})
+    if release > (3, 9):
+        pytest.skip(f"Triton {triton.__version__} is newer than the releases whose shared "
+                    "launch entry was read (3.7-3.9)")
+    assert launch_entries.shared_launch_known() == (release >= (3, 7))
+    assert launch_entries.argument_layout() == ("shared" if release >= (3, 7) else "kernel")
+
+
+def test_the_shared_entry_is_recognised_by_its_parse_format_in_the_driver_source(tmp_path):
+    """The shared entry is known only where the function registered as ``launch`` parses
+    exactly :data:`SHARED_LAUNCH_FORMAT` (a driver source of another release, or with
+    the format elsewhere, is not)."""
+    fmt = launch_entries.SHARED_LAUNCH_FORMAT
+
+    def source(name, body_fmt, registered="launchKernel"):
+        path = tmp_path / name
+        path.write_text(
+            "static PyObject *getDeviceProperties(PyObject *self, PyObject *args) {}\n"
+            f"static PyObject *launchKernel(PyObject *self, PyObject *args) {{\n"
+            f'  if (!PyArg_ParseTuple(args, "{body_fmt}", &gridX)) return NULL;\n}}\n'
+            "static PyMethodDef ModuleMethods[] = {\n"
+            f'    {{"launch", {registered}, METH_VARARGS, "launches cuda kernel"}},\n'
+            "};\n")
+        return str(path)
+
+    assert launch_entries._parses(source("a.c", fmt), fmt)
+    assert not launch_entries._parses(source("b.c", fmt + "O"), fmt)  # another release's
+    assert not launch_entries._parses(source("c.c", fmt, "getDeviceProperties"), fmt)
+    assert not launch_entries._parses(str(tmp_path / "missing.c"), fmt)
 
 
 @pytest.mark.interpreter
@@ -756,8 +785,8 @@ def test_the_installed_cuda_launcher_is_called_in_the_jits_order():
     from triton.backends.nvidia import driver as nvidia_driver
 
     launcher = object.__new__(nvidia_driver.CudaLauncher)  # no GPU here to build one
-    assert fast_launch.launcher_call_known(launcher)
-    assert not fast_launch.launcher_call_known(lambda *args: None)
+    assert launch_entries.launcher_call_known(launcher)
+    assert not launch_entries.launcher_call_known(lambda *args: None)
 
 
 @pytest.mark.interpreter
@@ -889,50 +918,121 @@ def test_descriptor_wrappers_are_bypassed_with_tensor_maps_kept_per_address(with
         assert len(encodes) == 3 + 2
 
 
+def _shared_entry_launcher(nvidia_driver, launch, **fields):
+    """Triton's own ``CudaLauncher`` (3.7 on) with ``launch`` as its entry: no GPU here to
+    build one, so its fields are set as its ``__init__`` sets them."""
+    launcher = object.__new__(nvidia_driver.CudaLauncher)
+    launcher.__dict__.update(
+        num_ctas=1, global_scratch_size=0, global_scratch_align=1, profile_scratch_size=0,
+        profile_scratch_align=1, launch_cooperative_grid=False, launch_pdl=False,
+        gsan_enabled=False, arg_annotations=("annotations",), kernel_signature=b"sig",
+        launch=launch)
+    launcher.__dict__.update(fields)
+    return launcher
+
+
+def _require_shared_entry() -> None:
+    if launch_entries.argument_layout() != "shared":
+        pytest.skip(f"Triton {triton.__version__} has no shared C launch entry the relaunch "
+                    "knows (3.6: test_descriptor_wrappers_are_bypassed_...)")
+
+
+def _no_gpu_driver(monkeypatch) -> None:
+    """What ``CudaLauncher.__call__`` asks of the active driver, without a GPU."""
+    import types
+
+    from triton.runtime import driver as triton_driver
+
+    monkeypatch.setattr(triton_driver, "_active", types.SimpleNamespace(
+        utils=types.SimpleNamespace(is_stream_capturing=lambda stream: False)))
+    monkeypatch.setattr(fast_launch, "_device_functions", lambda: (lambda: 0, lambda d: 77))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("scratch", [0, 64])
+def test_the_shared_entry_gets_what_tritons_launcher_passes_it(scratch, kernel, monkeypatch):
+    """Triton 3.7-3.9 (CI: the newest release): a relaunch calls Triton's shared C entry
+    itself, with what Triton's own ``CudaLauncher.__call__`` passes it for the JIT's call
+    of the same kernel at the new pointers (grid, stream, metadata, hooks, scratch, the
+    kernel's annotations and signature bytes, the arguments as one tuple). A kernel with
+    scratch to allocate goes through ``__call__`` (the C entry gets what it allocated)."""
+    require_native_binder()
+    _require_shared_entry()
+    from triton.backends.nvidia import driver as nvidia_driver
+    from triton.runtime import _allocation
+
+    _no_gpu_driver(monkeypatch)
+    c_calls: list = []
+
+    class Scratch:
+        def get(self):
+            return lambda size, align, stream: ("scratch", size, align, stream)
+
+    monkeypatch.setattr(_allocation, "_allocator", Scratch())
+    launcher = _shared_entry_launcher(nvidia_driver, lambda *args: c_calls.append(args),
+                                      global_scratch_size=scratch)
+    x, y = torch.zeros(64, dtype=torch.float16), torch.zeros(64)
+    recorded = _record(DescriptorKernel(toy, launcher), (x, y))
+    sequence = LaunchSequence.build(recorded, (x, y))
+    # the C entry itself; only scratch needs the launcher's frame (which allocates it)
+    assert (next(iter(sequence.table.values()))[0] is launcher.launch) == (not scratch)
+    compiled = recorded.launches[0].compiled
+    x2 = torch.zeros(64, dtype=torch.float16)
+    assert sequence.launch((x2, y))
+    launcher(4, 2, 1, 77, compiled.function, compiled.packed_metadata, None, None, None,
+             x2, y, 100, 8, 0.5, True, 32)
+    ours, jit_s = c_calls[-2], c_calls[-1]
+    assert len(ours) == 16 and ours[:-1] == jit_s[:-1]
+    assert ours[13:15] == (("annotations",), b"sig")
+    assert ours[11] == (("scratch", 4 * 2 * scratch, 1, 77) if scratch else None)
+    jit_args = list(jit_s[-1])
+    jit_args[:2] = [x2.data_ptr(), y.data_ptr()]  # the JIT passed the tensors
+    assert list(ours[-1]) == jit_args
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("with_meta", [False, True])
 def test_descriptors_reach_the_shared_c_entry_as_through_the_jit(with_meta, monkeypatch):
     """Triton 3.7 on (CI: the newest release): a relaunch of a kernel with a host
-    descriptor calls Triton's own ``CudaLauncher.__call__`` and descriptor wrapper, and
-    the shared C entry receives what it receives when the JIT's call passes a real
-    ``TensorDescriptor`` at the new base (with and without the compiler's descriptor
-    metadata; only the driver's tensor-map encoding and the C entry are stand-ins)."""
+    descriptor hands the shared C entry what it receives when the JIT's call passes a
+    real ``TensorDescriptor`` at the new base (with and without the compiler's
+    descriptor metadata; only the driver's tensor-map encoding and the C entry are
+    stand-ins). On 3.7 the relaunch calls the entry with the maps made once per address
+    (Triton's wrapper bypassed, as on 3.6); elsewhere (3.9's wrapper is another shape)
+    it calls Triton's wrapper with a :class:`HostDescriptor`, which encodes per launch."""
     require_native_binder()
-    if fast_launch.c_launch_known():
-        pytest.skip(f"Triton {triton.__version__} has the per-kernel C entry the relaunch "
-                    "calls itself (test_descriptor_wrappers_are_bypassed_...)")
-    import types
-
+    _require_shared_entry()
     from triton.backends.nvidia import driver as nvidia_driver
-    from triton.runtime import driver as triton_driver
 
     c_calls: list = []
+    encodes: list = []
     triton_make = nvidia_driver.make_tensordesc_arg
 
     def fake_make(arg, meta, *rest):  # stands in for cuTensorMapEncodeTiled (a GPU's)
         if meta is None:
             return triton_make(arg, None, *rest)
+        encodes.append(arg.base.data_ptr())
         return [("map", arg.base.data_ptr(), meta["swizzle"], tuple(arg.shape),
                  tuple(arg.strides), arg.padding, arg.round_f32_to_tf32),
                 *arg.shape, *arg.strides]
 
     monkeypatch.setattr(nvidia_driver, "make_tensordesc_arg", fake_make)
-    monkeypatch.setattr(triton_driver, "_active", types.SimpleNamespace(
-        utils=types.SimpleNamespace(is_stream_capturing=lambda stream: False)))
-    monkeypatch.setattr(fast_launch, "_device_functions", lambda: (lambda: 0, lambda d: 77))
+    _no_gpu_driver(monkeypatch)
     signature = {0: "tensordesc<bf16[8,1,16]>", 1: "*fp32", 2: "i32", 3: "constexpr"}
-    launcher = object.__new__(nvidia_driver.CudaLauncher)  # no GPU here to build one
-    launcher.__dict__.update(
-        num_ctas=1, global_scratch_size=0, global_scratch_align=1, profile_scratch_size=0,
-        profile_scratch_align=1, launch_cooperative_grid=False, launch_pdl=False,
-        gsan_enabled=False, arg_annotations="annotations", kernel_signature="signature",
-        launch=nvidia_driver.wrap_handle_tensordesc(
-            lambda *args: c_calls.append(args), signature,
-            [{"swizzle": 128} if with_meta else None]))
+    c_entry = lambda *args: c_calls.append(args)  # noqa: E731
+    wrapper = nvidia_driver.wrap_handle_tensordesc(
+        c_entry, signature, [{"swizzle": 128} if with_meta else None])
+    launcher = _shared_entry_launcher(nvidia_driver, wrapper)
     kernel = DescriptorKernel(toy_desc, launcher)
     sequence, captured, ws, y = _descriptor_sequence(kernel)
+    entry = next(iter(sequence.table.values()))
+    bypassed = entry[0] is c_entry
+    assert bypassed == (launch_entries._unwrap_descriptor_launcher(wrapper, [0]) is not None)
+    assert bypassed or entry[0] is wrapper  # never the launcher object's frame
     compiled = captured.launches[0].compiled
-    for buffer in (ws, torch.zeros(4096, dtype=torch.bfloat16)):
+    encodes.clear()
+    other = torch.zeros(4096, dtype=torch.bfloat16)
+    for buffer in (ws, ws, other):
         assert sequence.launch((buffer, y))
         launcher(4, 2, 1, 77, compiled.function, compiled.packed_metadata, None, None, None,
                  _rows(buffer[512:]), y, 100, 32)
@@ -948,6 +1048,9 @@ def test_descriptors_reach_the_shared_c_entry_as_through_the_jit(with_meta, monk
             ours_args[0] = jit_args[0] = None
         jit_args[len(jit_args) - 3] = y.data_ptr()  # the JIT passed y as a tensor
         assert ours_args == jit_args
+    if with_meta:  # the JIT's launches encode 3 times; ours once per address if bypassed
+        ours_encodes = 2 if bypassed else 3
+        assert len(encodes) == 3 + ours_encodes
 
 
 def test_tensor_maps_of_every_layer_stay_encoded():
@@ -961,13 +1064,13 @@ def test_tensor_maps_of_every_layer_stay_encoded():
         return [("map", arg.base.data_ptr(), meta), *arg.shape, *arg.strides]
 
     layout = (torch.bfloat16, (28, 8, 16), (128, 16, 1), (8, 1, 16), "zero", False)
-    expand = fast_launch._encoder(fake_make, layout, "meta")
+    expand = launch_entries._encoder(fake_make, layout, "meta")
     layers = [4096 * (i + 1) for i in range(96)]
     for _ in range(3):
         for ptr in layers:
             assert expand(ptr)[0] == ("map", ptr, "meta")
     assert sorted(made) == layers  # 96 layers, three rounds: one encode each
-    limit = fast_launch.ENCODED_LIMIT
+    limit = launch_entries.ENCODED_LIMIT
     many = [10**9 + 4096 * i for i in range(limit + 10)]
     for ptr in many:
         assert expand(ptr)[0] == ("map", ptr, "meta")

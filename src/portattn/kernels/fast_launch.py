@@ -19,9 +19,9 @@ How, for ANY ``@triton.jit`` kernel and whatever arguments a launcher passes:
    kept as recorded), or a host *tensor descriptor* (Triton's ``TensorDescriptor``)
    whose base is bound as a tensor is and whose shape, strides, block shape and padding
    are fixed: per call its launch arguments are made for the new base pointer (on
-   Triton 3.6 the tensor map Triton's launcher would encode, kept per address: see
-   :func:`descriptor_expanders`; on 3.7 on, Triton's wrapper encodes it per launch, as
-   for its JIT). Anything else (a tensor
+   Triton 3.6 and 3.7 the tensor map Triton's launcher would encode, kept per address:
+   see :func:`launch_entries.descriptor_expanders`; elsewhere Triton's wrapper encodes
+   it per launch, as for its JIT). Anything else (a tensor
    the launcher allocated itself) makes the sequence unusable, and the caller keeps the
    normal path. No tensor is stored.
 3. **Relaunch** (:meth:`LaunchSequence.launch`): per call, the data pointers of the bound
@@ -54,12 +54,11 @@ Triton compiled (after checking the launches have the same structure). Launch ho
 (profilers), pre-run hooks, kernels with global-variable dependencies, the interpreter
 (``TRITON_INTERPRET=1``, no compiled kernel), non-native backends (AMD: buffer-op
 specialization; Triton 3.5's binder in Python) and CUDA launchers called in an order other
-than the JIT's (:func:`launcher_call_known`) always take the normal path.
+than the JIT's (:func:`launch_entries.launcher_call_known`) always take the normal path.
 
-Which entry a relaunch calls (:func:`driver_launch`): on Triton 3.6, whose CUDA launcher
-has a per-kernel C entry (:func:`c_launch_known`), that entry; on 3.7 and newer
-(one shared C entry taking other arguments) the launcher object itself, as the JIT calls
-it, which costs one more Python frame per launch.
+Which entry a relaunch calls, per Triton release, is :mod:`portattn.kernels.launch_entries`'
+business: Triton 3.6's per-kernel C entry, 3.7-3.9's shared C entry, or else the launcher
+object as the JIT calls it.
 """
 
 from __future__ import annotations
@@ -75,6 +74,13 @@ from typing import Any, Callable, Sequence
 import torch
 
 from portattn import settings
+from portattn.kernels.launch_entries import (
+    argument_layout,
+    c_launch_known,
+    call_line,
+    launch_entry,
+    launcher_call_known,
+)
 
 _local = threading.local()
 _PLAIN = (int, float, bool, str, type(None))
@@ -429,98 +435,6 @@ class Site:
         self.descriptors: dict[int, tuple] = descriptors or {}
 
 
-#: Values per site in a sequence's table entry (:func:`launch_entry`)
-ENTRY_FIELDS = 6
-
-
-def launch_entry(compiled, descriptors: dict | None = None) -> tuple:
-    """What a relaunch needs of a compiled kernel: ``(launch, function, packed_metadata,
-    cooperative, pdl, expanders)`` (see :func:`driver_launch`); ``descriptors``: the host
-    descriptors of its site (position -> layout), see :func:`descriptor_expanders`."""
-    launch, cooperative, pdl = driver_launch(compiled.run)
-    launch, expanders = descriptor_expanders(launch, descriptors or {})
-    return (launch, compiled.function, compiled.packed_metadata, cooperative, pdl, expanders)
-
-
-#: Per host descriptor of a compiled kernel: encoded tensor maps kept (by base address),
-#: the oldest dropped first. A model's layers each pass their own cache, so a cache's
-#: descriptor sees one address per layer: at 16 (sessions 13-23) 32 or 96 layers missed on
-#: every call and encoded their maps again (NOTES.md session 24). An entry is ~0.3 KB.
-ENCODED_LIMIT = 1024
-#: The arguments Triton's CUDA launch entry takes before the kernel's own
-_BASE_ARGS = 13
-
-
-def descriptor_expanders(launch, descriptors: dict) -> tuple[Callable, tuple]:
-    """``(launch, expanders)``: per host descriptor of a site (in parameter order), a
-    function of its new base address returning the launch arguments it stands for.
-
-    Triton's CUDA launcher of a kernel with host descriptors is a Python wrapper
-    (``wrap_handle_tensordesc``) around the C entry: per launch it walks every argument
-    and encodes each descriptor (``cuTensorMapEncodeTiled``). When ``launch`` is that
-    wrapper, the C entry is called instead, and each descriptor's expansion is made by
-    Triton's own ``make_tensordesc_arg`` once per base address and kept (a tensor map is
-    a pure function of the address and the fixed layout, and the launch copies it into
-    the kernel's parameters, so one object serves every launch). Otherwise ``launch`` is
-    kept and each descriptor is passed as a :class:`HostDescriptor`."""
-    items = sorted(descriptors.items())
-    if not items:
-        return launch, ()
-    unwrapped = _unwrap_descriptor_launcher(launch, [pos for pos, _ in items])
-    if unwrapped is None:
-        return launch, tuple(_as_descriptor(layout) for _, layout in items)
-    c_launch, metas, make = unwrapped
-    return c_launch, tuple(_encoder(make, layout, meta)
-                           for (_, layout), meta in zip(items, metas))
-
-
-def _unwrap_descriptor_launcher(launch, positions: list[int]):
-    """``(C entry, per-descriptor metadata, make_tensordesc_arg)`` of Triton's descriptor
-    wrapper ``launch`` (descriptors at ``positions`` of the kernel's parameters), or None
-    when ``launch`` is not that wrapper as Triton 3.5/3.6 build it."""
-    if getattr(launch, "__qualname__", None) != "wrap_handle_tensordesc.<locals>.inner":
-        return None
-    code, closure = getattr(launch, "__code__", None), getattr(launch, "__closure__", None)
-    if code is None or closure is None:
-        return None
-    try:
-        cells = {name: cell.cell_contents for name, cell in zip(code.co_freevars, closure)}
-        c_launch = cells["launcher"]
-        indices, metas = cells["tensordesc_indices"], cells["tensordesc_meta"]
-        make = launch.__globals__["make_tensordesc_arg"]
-        base_args = launch.__globals__["_BASE_ARGS_FORMAT_LEN"]
-    except (KeyError, ValueError, AttributeError):
-        return None
-    if not callable(c_launch) or not callable(make) or base_args != _BASE_ARGS or \
-            sorted(indices) != positions or len(metas) != len(positions):
-        return None
-    return c_launch, list(metas), make
-
-
-def _as_descriptor(layout: tuple) -> Callable[[int], tuple]:
-    def expand(ptr: int) -> tuple:
-        return (HostDescriptor(ptr, layout),)
-    return expand
-
-
-def _encoder(make, layout: tuple, meta) -> Callable[[int], tuple]:
-    """A base address -> ``make(descriptor at that address, meta)``, kept per address
-    (up to :data:`ENCODED_LIMIT`, oldest first out: a dict keeps insertion order)."""
-    encoded: dict[int, tuple] = {}
-    lock = threading.Lock()  # misses only: a hit is one dict lookup
-
-    def expand(ptr: int) -> tuple:
-        found = encoded.get(ptr)
-        if found is None:
-            found = tuple(make(HostDescriptor(ptr, layout), meta))
-            with lock:
-                if ptr not in encoded and len(encoded) >= ENCODED_LIMIT:
-                    del encoded[next(iter(encoded))]
-                encoded[ptr] = found
-        return found
-    return expand
-
-
 def _call_arguments(template: Sequence, bound: dict, prefix: str, namespace: dict) -> list:
     """The generated call's argument expressions in parameter order: a bound pointer's
     variable name, and each run of consecutive fixed values as one prebuilt tuple
@@ -539,75 +453,6 @@ def _call_arguments(template: Sequence, bound: dict, prefix: str, namespace: dic
         else:
             run.append(value)
     return args
-
-
-#: The arguments the per-kernel C launch entry of Triton 3.5 / 3.6's CUDA launcher parses
-#: before the kernel's own (its driver module's ``_BASE_ARGS_FORMAT``): grid x, y, z,
-#: stream, function, cooperative, pdl, global and profile scratch, kernel and launch
-#: metadata, enter and exit hooks. The relaunch calls that entry; Triton 3.7 replaced it
-#: by one shared entry taking other arguments (and no ``_BASE_ARGS_FORMAT``).
-C_LAUNCH_FORMAT = "iiiKKppOOOOOO"
-#: The positional parameters of a CUDA launcher's ``__call__`` before its ``*args``, in
-#: the releases whose JIT calls it ``run(gx, gy, gz, stream, function, packed_metadata,
-#: launch_metadata, enter_hook, exit_hook, *kernel_args)``: Triton 3.5 / 3.6 (the rest in
-#: ``*args``), 3.7 to 3.9 (named).
-LAUNCHER_CALL_FORMS = (
-    ("gridX", "gridY", "gridZ", "stream", "function"),
-    ("gridX", "gridY", "gridZ", "stream", "function", "kernel_metadata", "launch_metadata",
-     "launch_enter_hook", "launch_exit_hook"),
-)
-
-
-def c_launch_known() -> bool:
-    """Whether the installed Triton's CUDA launchers have the C entry the relaunch was
-    written and GPU-tested for (:data:`C_LAUNCH_FORMAT`). Asked when a sequence is built
-    or stores kernels, never per call."""
-    try:
-        from triton.backends.nvidia import driver
-    except Exception:
-        return False
-    return getattr(driver, "_BASE_ARGS_FORMAT", None) == C_LAUNCH_FORMAT
-
-
-def launcher_call_known(run) -> bool:
-    """Whether a compiled kernel's launcher ``run`` takes what the relaunch passes when it
-    does not use a C entry: its class's ``__call__`` has exactly the positional
-    parameters of one of :data:`LAUNCHER_CALL_FORMS`, then ``*args`` and nothing else
-    (any other parameter could shift the arguments)."""
-    try:
-        params = list(inspect.signature(type(run).__call__).parameters.values())[1:]
-    except (TypeError, ValueError):
-        return False
-    if not params or params[-1].kind is not inspect.Parameter.VAR_POSITIONAL:
-        return False
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    leading = params[:-1]
-    return all(p.kind in positional and p.default is inspect.Parameter.empty
-               for p in leading) and tuple(p.name for p in leading) in LAUNCHER_CALL_FORMS
-
-
-def driver_launch(run) -> tuple[Callable, Any, Any]:
-    """``(launch, cooperative, pdl)`` for a compiled kernel's launcher ``run``: ``launch``
-    takes ``(gx, gy, gz, stream, function, cooperative, pdl, global_scratch,
-    profile_scratch, packed_metadata, launch_metadata, enter_hook, exit_hook, *args)``.
-    For Triton 3.6's CUDA launcher of a kernel without global or profiling scratch,
-    that is its compiled C entry point itself (the launcher's Python frame skipped: two
-    scratch checks and the argument tuple built and unpacked twice per launch); otherwise
-    (scratch, or Triton 3.7 on, whose shared C entry takes other arguments) an adapter
-    calling ``run`` as the JIT does, which allocates any scratch."""
-    c_launch = getattr(run, "launch", None)
-    cooperative = getattr(run, "launch_cooperative_grid", None)
-    pdl = getattr(run, "launch_pdl", None)
-    if type(run).__name__ == "CudaLauncher" and callable(c_launch) and c_launch_known() and \
-            getattr(run, "global_scratch_size", 1) == 0 and \
-            getattr(run, "profile_scratch_size", 1) == 0 and \
-            cooperative is not None and pdl is not None:
-        return c_launch, cooperative, pdl
-
-    def through_run(gx, gy, gz, stream, function, cooperative, pdl, global_scratch,
-                    profile_scratch, *rest):
-        return run(gx, gy, gz, stream, function, *rest)
-    return through_run, False, False
 
 
 def _bind_call(fn, launch: Launch):
@@ -655,31 +500,6 @@ def descriptor_layout(value) -> tuple:
 def pointer_of(value) -> int:
     """The device address a bound argument passes: a tensor's, a descriptor's base's."""
     return (value.base if is_descriptor(value) else value).data_ptr()
-
-
-class _Pointer:
-    """A bare device address with ``data_ptr()``: the base of a rebuilt descriptor."""
-
-    __slots__ = ("ptr",)
-
-    def __init__(self, ptr: int):
-        self.ptr = ptr
-
-    def data_ptr(self) -> int:
-        return self.ptr
-
-
-class HostDescriptor:
-    """A recorded host descriptor around a new base pointer: what Triton's launcher reads
-    of a ``TensorDescriptor`` (``base.data_ptr()``, ``shape``, ``strides``, ``padding``,
-    and from Triton 3.7 on ``round_f32_to_tf32``)."""
-
-    __slots__ = ("base", "shape", "strides", "block_shape", "padding", "round_f32_to_tf32")
-
-    def __init__(self, ptr: int, layout: tuple):
-        self.base = _Pointer(ptr)
-        (_dtype, self.shape, self.strides, self.block_shape, self.padding,
-         self.round_f32_to_tf32) = layout
 
 
 def build_site(launch: Launch, inputs: Sequence) -> Site:
@@ -841,9 +661,12 @@ class LaunchSequence:
         self.table: dict = {}
         self.lock = threading.Lock()
         self._device, self._stream = _device_functions()
+        #: how its kernels' launch entries take arguments (``launch_entries``): the
+        #: generated code and every entry stored for it use this one
+        self.arg_layout = argument_layout()
         self.source, self.launch = _generate_launch(sites, used, self.by_residue,
                                                     self._device, self._stream, self.table,
-                                                    reader)
+                                                    reader, self.arg_layout)
 
     @classmethod
     def build(cls, captured: Captured, inputs: Sequence, device: int | None = None,
@@ -891,7 +714,7 @@ class LaunchSequence:
     def store(self, key, compiled: Sequence) -> None:
         """The compiled kernels of every site (in order) under ``key``."""
         entry = tuple(value for site, kernel in zip(self.sites, compiled)
-                      for value in launch_entry(kernel, site.descriptors))
+                      for value in launch_entry(kernel, site.descriptors, self.arg_layout))
         with self.lock:
             if len(self.table) >= TABLE_LIMIT:
                 self.table.clear()
@@ -928,13 +751,15 @@ def _replays(site: Site, launch: Launch, selected: Sequence) -> bool:
 
 
 def _generate_launch(sites: list[Site], used: tuple[int, ...], by_residue: tuple[bool, ...],
-                     get_device, get_stream, table: dict, reader: Reader | None = None):
+                     get_device, get_stream, table: dict, reader: Reader | None = None,
+                     arg_layout: str = "kernel"):
     """``launch(inputs, device=None, stream=None) -> bool`` for these sites (with a
     ``reader``: its parameters instead of ``inputs``), as straight-line code (what Triton
     does for its binder): launch every kernel with the inputs' pointers, or return False
     with nothing launched when the kernels are not known yet for them (device, Triton
     state, :func:`alignment_token` of the bound inputs), a hook must see the launches, or
-    the inputs lack a pointer. Fixed arguments are names bound to the recorded values.
+    the inputs lack a pointer. Fixed arguments are names bound to the recorded values;
+    each kernel is called in ``arg_layout`` (:func:`launch_entries.call_line`).
     Every other name of the generated code starts with ``_`` (a reader's names cannot)."""
     namespace = dict(reader.namespace) if reader is not None else {}
     namespace.update({"_triton_state": triton_state, "_get_device": get_device,
@@ -968,7 +793,7 @@ def _generate_launch(sites: list[Site], used: tuple[int, ...], by_residue: tuple
               "        return False",
               "    if stream is None:",
               "        stream = _get_stream(device)",
-              "    " + ", ".join(f"_l{s}, _f{s}, _m{s}, _c{s}, _d{s}, _e{s}"
+              "    " + ", ".join(f"_l{s}, _f{s}, _m{s}, _c{s}, _d{s}, _e{s}, _a{s}, _s{s}"
                                for s in range(len(sites))) + " = _entry"]
     for s, site in enumerate(sites):
         bound = {}
@@ -978,9 +803,7 @@ def _generate_launch(sites: list[Site], used: tuple[int, ...], by_residue: tuple
             if pos in descriptor_rank:  # its expansion around the new base
                 bound[pos] = f"*_e{s}[{descriptor_rank[pos]}]({bound[pos]})"
         args = _call_arguments(site.template, bound, f"_k{s}_", namespace)
-        g0, g1, g2 = site.grid
-        lines.append(f"    _l{s}({g0}, {g1}, {g2}, stream, _f{s}, _c{s}, _d{s}, None, None, "
-                     f"_m{s}, None, None, None, {', '.join(args)})")
+        lines.append("    " + call_line(s, site.grid, args, arg_layout))
     lines.append("    return True")
     source = "\n".join(lines) + "\n"
     exec(compile(source, "<portattn.fast_launch>", "exec"), namespace)
