@@ -54,6 +54,18 @@ def test_decode_lengths_on_and_off_the_tile_edge(query_lens, segments):
 
 
 @interp
+@pytest.mark.parametrize("sinks", [False, True])
+def test_the_narrow_split_tile(sinks):
+    """The narrow split decode tile's shape (2 warps over 64-key tiles, 8 segments, the
+    merge in the kernel), scaled to the interpreter (16-key tiles), with segments that
+    hold no tile, against the float64 oracle."""
+    tile = TileConfig(block_m=16, block_q=4, block_n=16, num_warps=2, num_stages=2,
+                      segments=8)
+    check_unified([1, 1, 1, 1], [200, 3, 129, 64], group=4, head_size=64, dtype=F16,
+                  short=tile, sinks=sinks)
+
+
+@interp
 @pytest.mark.parametrize("segments", [1, 2])
 def test_spec_decode(segments):
     check_unified([3, 4, 2], [40, 23, 4], group=4, dtype=F16, segments=segments)
@@ -505,6 +517,44 @@ def test_decode_splits_only_when_the_gpu_is_not_filled():
     assert short_keys["short"]["segments"] <= 1
 
 
+def test_narrow_split_tile_where_programs_fill_a_quarter_to_a_half_of_the_sms(monkeypatch):
+    """16-bit decodes on sm90 whose (sequence, kv head) pairs are a quarter to a half of
+    the SMs take 64-key 2-warp tiles split to about 4 programs per SM (the H200 sweep of
+    session 31); everything else keeps its tile: fewer or more programs, other
+    architectures, 8-bit caches, wide heads, spec-decode rows, mixed batches."""
+    from portattn.kernels import heuristics
+
+    def short(**kw):
+        return plan_launch(_shape(**kw))["short"]
+
+    def tile(cfg):
+        return cfg["block_n"], cfg["num_warps"], cfg["segments"]
+
+    assert tile(short(num_seqs=8)) == (64, 2, 8)              # 64 programs of 132 SMs
+    assert tile(short(num_seqs=8, max_seqlen_k=32768)) == (64, 2, 8)
+    assert tile(short(num_seqs=8, max_seqlen_k=1024)) == (64, 2, 8)  # 2 tiles a segment
+    assert tile(short(num_seqs=8, max_seqlen_k=256)) == (64, 2, 2)
+    assert tile(short(num_seqs=5)) == (64, 2, 8)              # 40 programs
+    assert tile(short(num_seqs=8, sm_count=256)) == (64, 2, 16)
+    def unchanged(**kw):
+        with monkeypatch.context() as patch:
+            patch.setattr(heuristics, "SPLIT_NARROW_DECODE", False)
+            without = short(**kw)
+        return short(**kw) == without
+
+    assert unchanged(num_seqs=4)                              # 32 < 132 / 4
+    assert unchanged(num_seqs=9)                              # 72 > 132 / 2
+    assert unchanged(num_seqs=1) and unchanged(num_seqs=32)
+    assert unchanged(num_seqs=8, arch="sm80")
+    assert unchanged(num_seqs=8, elem_bytes=1, kv_quant="fp8_per_tensor")
+    assert unchanged(num_seqs=8, head_size=256)
+    assert unchanged(num_seqs=8, num_q_heads=64, max_seqlen_q=4)  # 32 rows
+    mixed = plan_launch(_shape(num_seqs=8, max_seqlen_q=2048), mode="mixed")["short"]
+    assert mixed["block_n"] == 128
+    monkeypatch.setattr(heuristics, "SPLIT_NARROW_DECODE", False)
+    assert tile(short(num_seqs=8)) == (128, 4, 4)
+
+
 @pytest.mark.parametrize("quant,elem", [("none", 2), ("fp8_per_tensor", 1),
                                         ("int8_per_token_head", 1)])
 @pytest.mark.parametrize("num_kv_heads", [1, 2, 4, 8])
@@ -517,8 +567,19 @@ def test_every_batch_of_a_bucket_gets_its_own_segment_count(quant, elem, num_kv_
     """A plan serves the batches of its bucket (``dispatch.problem.bucket``: 33-64
     sequences share the 64-sequence plan). Each batch must launch with the segment count
     the heuristics give that exact batch (its own plan's), not the bucket top's: fp8
-    per-tensor 33 x 8192 on the H200 ran 1 segment in 162 us where 2 take 145."""
-    from portattn.kernels.heuristics import quant_mode, segments_for
+    per-tensor 33 x 8192 on the H200 ran 1 segment in 162 us where 2 take 145. Where the
+    batch's own plan has another tile (the narrow split tile's regime starts or ends
+    inside the bucket), the count is the one the bucket's tile gives that batch."""
+    from portattn.kernels.heuristics import (
+        TileConfig,
+        quant_mode,
+        reads_v_pairs,
+        segments_for,
+        tile_segments,
+    )
+
+    def tile(cfg):
+        return cfg["block_m"], cfg["block_n"], cfg["num_warps"], cfg.get("maxnreg")
 
     def shape(num_seqs):
         return _shape(num_q_heads=group * num_kv_heads, num_kv_heads=num_kv_heads,
@@ -526,14 +587,23 @@ def test_every_batch_of_a_bucket_gets_its_own_segment_count(quant, elem, num_kv_
                       sm_count=sm_count, arch=arch, max_seqlen_k=max_seqlen_k,
                       kv_quant=quant_mode(quant))
 
-    wrong = []
+    wrong, other_tile = [], 0
     for top in (2, 4, 8, 16, 32, 64, 128, 256, 512):
         bucket_plan = plan_launch(shape(top))["short"]
         for num_seqs in range(top // 2 + 1, top + 1):
-            own = plan_launch(shape(num_seqs))["short"]["segments"]
+            own_plan = plan_launch(shape(num_seqs))["short"]
+            own = own_plan["segments"]
+            if tile(own_plan) != tile(bucket_plan):
+                other_tile += 1
+                cfg = TileConfig(**{k: v for k, v in bucket_plan.items()
+                                    if k != "segments_upto"})
+                own = tile_segments(shape(top), cfg, reads_v_pairs(shape(top), cfg.block_m),
+                                    num_seqs * num_kv_heads)
             if segments_for(bucket_plan, num_seqs) != own:
                 wrong.append((top, num_seqs, segments_for(bucket_plan, num_seqs), own))
     assert not wrong, f"(bucket, batch, launched, own) {wrong[:8]}"
+    if quant == "none" and arch != "sm90":  # 16-bit tiles change only in sm90's regime
+        assert other_tile == 0
 
 
 def test_the_bucket_rule_is_named_and_sized():

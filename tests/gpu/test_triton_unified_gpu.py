@@ -75,6 +75,51 @@ def test_features(feature, variant):
     run(variant, group=4, num_kv_heads=2, head_size=128, dtype=BF16, **FEATURES[feature])
 
 
+#: The narrow split decode tile (heuristics.narrow_decode): 64 keys, 2 warps, 8 segments
+NARROW = TileConfig(block_m=16, block_q=4, block_n=64, num_warps=2, num_stages=2, segments=8)
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_narrow_split_decode_tile(feature, dtype):
+    """The narrow split tile with every score feature, short sequences whose segments
+    hold no tile, sinks merged after the split."""
+    check_unified(DECODE["query_lens"], DECODE["seq_lens"], group=4, num_kv_heads=2,
+                  head_size=128, dtype=dtype, device=DEV, short=NARROW, **FEATURES[feature])
+
+
+@pytest.mark.parametrize("head_size,group,batch", [(128, 4, 8), (64, 4, 6), (80, 2, 5),
+                                                   (128, 1, 7)])
+def test_narrow_split_decode_through_the_public_api(head_size, group, batch):
+    """Decodes whose (sequence, kv head) pairs fill a quarter to a half of the SMs take the
+    narrow split tile (on sm90; elsewhere the 128-key tile) through ``portattn.attention``,
+    its segment count for the batch, against the float64 oracle."""
+    import portattn
+    from portattn.kernels.heuristics import narrow_decode
+    from portattn.testing import dense_attention, make_paged_batch, relative_error
+
+    caps = portattn.probe()
+    num_kv_heads = max(1, (caps.sm_count // 3) // batch)  # a third of the SMs' programs
+    seq_lens = [8192, 3, 5000, 700, 1, 2048, 4097, 640][:batch]
+    batch_ = make_paged_batch([1] * batch, seq_lens, num_q_heads=group * num_kv_heads,
+                              num_kv_heads=num_kv_heads, head_size=head_size, dtype=BF16,
+                              device=DEV, seed=head_size + batch)
+    decision = portattn.explain(batch_.q, batch_.cache, batch_.metadata)
+    assert decision.backend == "triton_unified", decision
+    short = decision.plan.params["short"]
+    on_sm90 = caps.arch == "sm90"
+    assert (short["block_n"], short["num_warps"]) == ((64, 2) if on_sm90 else (128, 4)), \
+        decision.plan.describe()
+    if on_sm90:
+        from portattn.kernels.heuristics import Shape
+        assert narrow_decode(Shape(group * num_kv_heads, num_kv_heads, head_size, 2, 1,
+                                   8192, batch, caps.sm_count, caps.arch), 16,
+                             batch * num_kv_heads)
+    out = portattn.attention(batch_.q, batch_.cache, batch_.metadata)
+    expected = dense_attention(batch_.q, batch_.keys, batch_.values, [1] * batch)
+    assert relative_error(out, expected) < 2e-2, decision.plan.describe()
+
+
 @pytest.mark.parametrize("segments", [1, 4])
 @pytest.mark.parametrize("group", [4, 8])
 def test_spec_decode(group, segments):

@@ -42,6 +42,14 @@ MAX_DECODE_ROWS = 64
 #: programs per SM that fit with the cap.
 PAIRED_DECODE_MAXNREG = 128
 PAIRED_DECODE_PROGRAMS_PER_SM = 4
+#: 16-bit decode whose unsplit grid fills a quarter to a half of the SMs (batch 5-8 at 8 kv
+#: heads on 132 SMs): narrow tiles (keys, warps) split to about this many programs per SM
+#: instead of 128-key 4-warp tiles at 2 (:func:`narrow_decode`). H200 sweep, bf16, 32 / 8
+#: heads: 8 x 8192 75.8 us against 77.7, 8 x 32768 255.6 against 259.7 (NOTES.md s31).
+SPLIT_NARROW_DECODE = True
+NARROW_DECODE_BLOCK_N = 64
+NARROW_DECODE_WARPS = 2
+NARROW_DECODE_PROGRAMS_PER_SM = 4
 
 
 def next_pow2(n: int) -> int:
@@ -225,6 +233,38 @@ def paired_decode_segments(shape: Shape, programs: int) -> int:
     return 1 << (segments.bit_length() - 1)
 
 
+def narrow_decode(shape: Shape, block_m: int, programs: int) -> bool:
+    """Whether a decode of ``programs`` (sequence, kv head) pairs takes the narrow split
+    tile (:data:`NARROW_DECODE_BLOCK_N` keys, :data:`NARROW_DECODE_WARPS` warps, about
+    :data:`NARROW_DECODE_PROGRAMS_PER_SM` programs per SM): a 16-bit cache, one tile row
+    per query head of a GQA group up to 16, heads up to 128, the programs a quarter to a
+    half of the SMs, on sm90 (where it was measured; the 128-key tile elsewhere)."""
+    return SPLIT_NARROW_DECODE and shape.arch == "sm90" and shape.elem_bytes == 2 and \
+        block_m <= 16 and shape.head_pad <= 128 and shape.head_pad_v <= 128 and \
+        4 * programs >= shape.sm_count and 2 * programs <= shape.sm_count
+
+
+def narrow_decode_segments(shape: Shape, programs: int) -> int:
+    """Split-KV segments of the narrow decode tile: the largest power of two that keeps
+    about :data:`NARROW_DECODE_PROGRAMS_PER_SM` programs per SM, each segment
+    MIN_TILES_PER_SEGMENT tiles or more."""
+    fit = max(1, NARROW_DECODE_PROGRAMS_PER_SM * shape.sm_count // programs)
+    by_length = max(1, cdiv(shape.max_seqlen_k, NARROW_DECODE_BLOCK_N) // MIN_TILES_PER_SEGMENT)
+    segments = min(fit, by_length, MAX_SEGMENTS)
+    return 1 << (segments.bit_length() - 1)
+
+
+def tile_segments(shape: Shape, cfg: TileConfig, v_pairs: bool, programs: int) -> int:
+    """The split-KV segments of ``programs`` (sequence, kv head) pairs launched with the
+    decode tile ``cfg`` planned for ``shape`` (its bucket's largest batch): by the rule of
+    that tile (paired 8-bit, narrow, or the others')."""
+    if v_pairs:
+        return paired_decode_segments(shape, programs)
+    if narrow_decode(shape, cfg.block_m, shape.num_seqs * shape.num_kv_heads):
+        return narrow_decode_segments(shape, programs)
+    return decode_segments(shape, cfg.block_n, programs)
+
+
 def batch_segments(shape: Shape, cfg: TileConfig, v_pairs: bool) -> tuple:
     """The split-KV segments of the smaller batches that share ``cfg``'s plan.
 
@@ -238,9 +278,7 @@ def batch_segments(shape: Shape, cfg: TileConfig, v_pairs: bool) -> tuple:
     batch that takes ``cfg.segments``)."""
     rule: list[tuple[int, int]] = []
     for num_seqs in range(shape.num_seqs // 2 + 1, shape.num_seqs):
-        programs = num_seqs * shape.num_kv_heads
-        segments = paired_decode_segments(shape, programs) if v_pairs else \
-            decode_segments(shape, cfg.block_n, programs)
+        segments = tile_segments(shape, cfg, v_pairs, num_seqs * shape.num_kv_heads)
         if segments <= cfg.segments:
             break
         if rule and rule[-1][1] == segments:
@@ -261,8 +299,11 @@ def segments_for(cfg: dict, num_seqs: int) -> int:
 
 
 def decode_config(shape: Shape, max_q: int, num_seqs: int,
-                  segments: int | None = None, v_pairs: bool = False) -> TileConfig:
-    """Decode tiles; ``v_pairs``: the launch reads V as pairs (:func:`reads_v_pairs`)."""
+                  segments: int | None = None, v_pairs: bool = False,
+                  split_narrow: bool = False) -> TileConfig:
+    """Decode tiles; ``v_pairs``: the launch reads V as pairs (:func:`reads_v_pairs`);
+    ``split_narrow``: a decode launch (not a mixed batch's) may take the narrow split
+    tile (:func:`narrow_decode`)."""
     block_m = decode_rows(shape, max_q)
     block_q = block_m // shape.group
     if v_pairs:
@@ -273,6 +314,12 @@ def decode_config(shape: Shape, max_q: int, num_seqs: int,
             segments = paired_decode_segments(shape, num_seqs * shape.num_kv_heads)
         return TileConfig(block_m, block_q, 128, 4, 2, segments,
                           maxnreg=PAIRED_DECODE_MAXNREG)
+    programs = num_seqs * shape.num_kv_heads
+    if split_narrow and narrow_decode(shape, block_m, programs):
+        if segments is None:
+            segments = narrow_decode_segments(shape, programs)
+        return TileConfig(block_m, block_q, NARROW_DECODE_BLOCK_N, NARROW_DECODE_WARPS, 2,
+                          segments)
     # Decode is bandwidth-bound: big KV tiles (32 KB of K per stage at head 128) keep
     # enough bytes in flight per SM; 128 keys beat 32/64 at every batch on the H100 sweep.
     # Up to 384 K+V columns (DiffKV 192/128 pads to 256 + 128): 128 keys too, H200 sweep
@@ -345,7 +392,7 @@ def plan_launch(shape: Shape, *, mode: str | None = None, segments: int | None =
         v_pairs = reads_v_pairs(shape, decode_rows(shape, shape.max_seqlen_q))
         if short is None:
             short = decode_config(shape, shape.max_seqlen_q, shape.num_seqs, segments,
-                                  v_pairs)
+                                  v_pairs, split_narrow=True)
             if segments is None:
                 short = dataclasses.replace(
                     short, segments_upto=batch_segments(shape, short, v_pairs))
