@@ -603,10 +603,10 @@ def test_driver_launch_calls_the_c_entry_only_without_scratch(monkeypatch):
 
 def test_a_cuda_launcher_without_the_c_entry_is_called_as_the_jit_calls_it(kernel,
                                                                            monkeypatch):
-    """Triton 3.7 on launches through one shared C entry taking other arguments than 3.6's
-    per-kernel entry (its driver module has no ``_BASE_ARGS_FORMAT``): a relaunch calls
-    the launcher object itself, in the JIT's order, never that entry; a launcher whose
-    ``__call__`` takes other leading arguments keeps the JIT path."""
+    """Where the relaunch cannot call a C entry itself (no 3.6 per-kernel entry, and a
+    launcher that is not Triton's own 3.7-3.9 one: here a stand-in class), it calls the
+    launcher object, in the JIT's order, never its entry; a launcher whose ``__call__``
+    takes other leading arguments keeps the JIT path."""
     from triton.backends.nvidia import driver as nvidia_driver
 
     from portattn.kernels.launch_entries import c_launch_known, driver_launch
@@ -731,8 +731,8 @@ def test_host_descriptors_are_rebuilt_around_the_new_base(monkeypatch):
 
 def _require_known_c_launch() -> None:
     """Skip where Triton's CUDA launch entry is not 3.6's (3.7 on): these tests drive
-    Triton's own descriptor wrapper around that entry; elsewhere the relaunch calls the
-    launcher object (``test_a_cuda_launcher_without_the_c_entry_is_called_as_the_jit_calls_it``)."""
+    Triton 3.6's descriptor wrapper around that entry (3.7 on: the ``_shared_entry``
+    tests)."""
     if not launch_entries.c_launch_known():
         pytest.skip(f"Triton {triton.__version__}'s CUDA launch entry is not the one the "
                     "relaunch calls")
@@ -780,8 +780,8 @@ def test_the_shared_entry_is_recognised_by_its_parse_format_in_the_driver_source
 @pytest.mark.interpreter
 def test_the_installed_cuda_launcher_is_called_in_the_jits_order():
     """Triton's own CUDA launcher class, read as installed (CI: 3.5.1, 3.6 and the newest
-    release): its ``__call__`` takes what the relaunch passes where it does not call a C
-    entry itself (3.7 on)."""
+    release): its ``__call__`` takes what the relaunch passes where it calls the launcher
+    object instead of a C entry (kernels with scratch, releases it does not know)."""
     from triton.backends.nvidia import driver as nvidia_driver
 
     launcher = object.__new__(nvidia_driver.CudaLauncher)  # no GPU here to build one
@@ -990,6 +990,86 @@ def test_the_shared_entry_gets_what_tritons_launcher_passes_it(scratch, kernel, 
     assert list(ours[-1]) == jit_args
 
 
+@pytest.mark.parametrize("field,value", [(None, None), ("global_scratch_size", 64),
+                                         ("profile_scratch_size", 64),
+                                         ("gsan_enabled", True)])
+def test_only_a_launcher_with_nothing_to_allocate_is_bypassed(field, value, monkeypatch):
+    """Triton's own launcher class (as installed) with global or profiling scratch, or
+    GSan (Triton 3.9's sanitizer), to set up per launch is called as itself in either
+    layout; without, its entry is called (3.6's only where the driver has that entry)."""
+    from triton.backends.nvidia import driver as nvidia_driver
+
+    entry = lambda *args: None  # noqa: E731
+    launcher = _shared_entry_launcher(nvidia_driver, entry,
+                                      **({field: value} if field else {}))
+    plain = field is None
+    assert (launch_entries.shared_launch(launcher)[0] is entry) == plain
+    monkeypatch.setattr(nvidia_driver, "_BASE_ARGS_FORMAT", launch_entries.C_LAUNCH_FORMAT,
+                        raising=False)
+    assert (launch_entries.driver_launch(launcher)[0] is entry) == plain
+    monkeypatch.setattr(nvidia_driver, "_BASE_ARGS_FORMAT", "iiiKKppOOOOOOO")
+    assert launch_entries.driver_launch(launcher)[0] is not entry
+
+
+@pytest.mark.interpreter
+def test_a_launcher_call_doing_more_keeps_the_launcher_object(monkeypatch):
+    """The shared entry is used only where ``CudaLauncher.__call__`` is one of the known
+    bodies (3.7.1's, 3.9.0's names): a release whose call does one more thing before the
+    entry (here: one more name) gets the launcher object, the ``"kernel"`` layout."""
+    _require_shared_entry()
+    from triton.backends.nvidia import driver as nvidia_driver
+
+    known = nvidia_driver.CudaLauncher
+
+    class CudaLauncher(known):
+        def __call__(self, gridX, gridY, gridZ, stream, function, kernel_metadata,
+                     launch_metadata, launch_enter_hook, launch_exit_hook, *args):
+            self.set_up_something_per_launch()
+            return known.__call__(self, gridX, gridY, gridZ, stream, function,
+                                  kernel_metadata, launch_metadata, launch_enter_hook,
+                                  launch_exit_hook, *args)
+
+    monkeypatch.setattr(nvidia_driver, "CudaLauncher", CudaLauncher)
+    assert not launch_entries.shared_launch_known()
+    assert launch_entries.argument_layout() == "kernel"
+    monkeypatch.setattr(nvidia_driver, "CudaLauncher", known)
+    assert launch_entries.argument_layout() == "shared"
+
+
+def test_the_3_7_descriptor_wrapper_is_recognised_by_its_shape():
+    """Triton 3.7's ``wrap_handle_tensordesc`` (a closure over the shared entry, the
+    descriptors' indices and metadata, in the NVIDIA driver's module, which has no
+    3.6 argument count; ``make_tensordesc_arg(arg, metadata)``) is unwrapped on any
+    installed release; the same function in another module, over other names, or with
+    a three-argument ``make_tensordesc_arg`` (3.9's) is not."""
+    def wrapper_like(module=launch_entries.TRITON_CUDA_DRIVER, closure="tensordesc_meta",
+                     make="def make_tensordesc_arg(arg, metadata):\n    return [arg]\n"):
+        namespace = {"__name__": module}
+        exec(make + f"""
+def wrap_handle_tensordesc(launcher, tensordesc_indices, {closure}):
+    def inner(*args):
+        return launcher(*args[:-1], [make_tensordesc_arg(a, {closure}) for a in args[-1]],
+                        tensordesc_indices)
+    return inner
+""", namespace)
+        return namespace["wrap_handle_tensordesc"], namespace["make_tensordesc_arg"]
+
+    def c_entry(*args):
+        return args
+
+    build, make = wrapper_like()
+    unwrapped = launch_entries._unwrap_descriptor_launcher(build(c_entry, {0, 2}, ["m0", "m2"]),
+                                                           [0, 2])
+    assert unwrapped == (c_entry, ["m0", "m2"], make)
+    assert launch_entries._unwrap_descriptor_launcher(build(c_entry, {0, 2}, ["m0", "m2"]),
+                                                      [0, 1]) is None  # other positions
+    for other in (dict(module="triton.backends.driver"), dict(closure="meta"),
+                  dict(make="def make_tensordesc_arg(arg, metadata, _):\n    return [arg]\n")):
+        build, _ = wrapper_like(**other)
+        assert launch_entries._unwrap_descriptor_launcher(build(c_entry, {0}, ["m"]),
+                                                          [0]) is None, other
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("with_meta", [False, True])
 def test_descriptors_reach_the_shared_c_entry_as_through_the_jit(with_meta, monkeypatch):
@@ -1027,7 +1107,8 @@ def test_descriptors_reach_the_shared_c_entry_as_through_the_jit(with_meta, monk
     sequence, captured, ws, y = _descriptor_sequence(kernel)
     entry = next(iter(sequence.table.values()))
     bypassed = entry[0] is c_entry
-    assert bypassed == (launch_entries._unwrap_descriptor_launcher(wrapper, [0]) is not None)
+    release = tuple(int(p) for p in triton.__version__.split(".")[:2])
+    assert bypassed == (release == (3, 7))  # 3.7's wrapper shape; 3.9's is another
     assert bypassed or entry[0] is wrapper  # never the launcher object's frame
     compiled = captured.launches[0].compiled
     encodes.clear()

@@ -58,6 +58,26 @@ LAUNCHER_CALL_FORMS = (
     ("gridX", "gridY", "gridZ", "stream", "function", "kernel_metadata", "launch_metadata",
      "launch_enter_hook", "launch_exit_hook"),
 )
+#: The names Triton's ``CudaLauncher.__call__`` uses (its code's ``co_names``) in the
+#: releases whose call the shared-entry relaunch reproduces: 3.7.1 (scratch allocation,
+#: then the entry) and 3.9.0 (the same, plus GSan and a default profile scratch, both
+#: gated off per kernel by :func:`_plain_cuda_launcher`). A launcher whose call uses
+#: other names may do something the relaunch would skip: it keeps the launcher object.
+KNOWN_SHARED_LAUNCHER_CALLS = (
+    frozenset({"_allocation", "_allocator", "_profile_allocator", "arg_annotations",
+               "global_scratch_align", "global_scratch_size", "kernel_signature", "launch",
+               "launch_cooperative_grid", "launch_pdl", "profile_scratch_align",
+               "profile_scratch_size"}),
+    frozenset({"GSAN_PER_DEVICE_STATE_STRIDE", "RuntimeError", "_allocation", "_allocator",
+               "_profile_allocator", "_stream_sync", "active", "arg_annotations", "driver",
+               "experimental", "get_current_device", "get_device_rank",
+               "get_global_state_pointer", "get_launch_state", "global_scratch_align",
+               "global_scratch_size", "gsan", "gsan_enabled", "has_profile_allocator",
+               "is_stream_capturing", "kernel_signature", "launch", "launch_cooperative_grid",
+               "launch_pdl", "profile_scratch_align", "profile_scratch_size", "runtime",
+               "triton", "triton.experimental.gsan._allocator",
+               "triton.experimental.gsan._stream_sync", "utils"}),
+)
 #: The module of Triton's CUDA launcher class (``CudaLauncher``)
 TRITON_CUDA_DRIVER = "triton.backends.nvidia.driver"
 #: Values per site in a sequence's table entry (:func:`launch_entry`)
@@ -69,8 +89,6 @@ ENTRY_FIELDS = 8
 ENCODED_LIMIT = 1024
 #: The arguments Triton 3.6's CUDA launch entry takes before the kernel's own
 _BASE_ARGS = 13
-#: The arguments of the shared C entry before the kernel's argument sequence
-_SHARED_BASE_ARGS = 15
 
 
 # --------------------------------------------------------------------------- releases
@@ -86,20 +104,28 @@ def c_launch_known() -> bool:
 
 
 def shared_launch_known() -> bool:
-    """Whether the installed Triton's CUDA launchers call the shared C entry of Triton
-    3.7-3.9: no per-kernel entry, and the driver's C source (shipped with Triton, which
-    compiles it on first use) parses exactly :data:`SHARED_LAUNCH_FORMAT`. Read once per
-    driver file."""
+    """Whether the installed Triton's CUDA launchers call the shared C entry as Triton
+    3.7.1 and 3.9.0 do: no per-kernel entry, the driver's C source (shipped with Triton,
+    which compiles it on first use) parses exactly :data:`SHARED_LAUNCH_FORMAT`, and
+    ``CudaLauncher.__call__`` uses one of the name sets of
+    :data:`KNOWN_SHARED_LAUNCHER_CALLS` (so it does nothing else before calling the
+    entry). The source is read once per driver file."""
     try:
         from triton.backends.nvidia import driver
     except Exception:
         return False
     if getattr(driver, "_BASE_ARGS_FORMAT", None) is not None:
         return False
+    launcher_class = getattr(driver, "CudaLauncher", None)
+    call = vars(launcher_class).get("__call__") if isinstance(launcher_class, type) else None
+    names = getattr(getattr(call, "__code__", None), "co_names", None)
+    if names is None or frozenset(names) not in KNOWN_SHARED_LAUNCHER_CALLS:
+        return False
     path = getattr(driver, "__file__", None)
     if not path:
         return False
-    return _parses(os.path.join(os.path.dirname(path), "driver.c"), SHARED_LAUNCH_FORMAT)
+    source = os.path.join(os.path.dirname(os.path.realpath(path)), "driver.c")
+    return _parses(source, SHARED_LAUNCH_FORMAT)
 
 
 @functools.lru_cache(maxsize=8)
@@ -271,8 +297,10 @@ def descriptor_expanders(launch, descriptors: dict) -> tuple[Callable, tuple]:
 def _unwrap_descriptor_launcher(launch, positions: list[int]):
     """``(C entry, per-descriptor metadata, make_tensordesc_arg)`` of Triton's descriptor
     wrapper ``launch`` (descriptors at ``positions`` of the kernel's parameters), or None
-    when ``launch`` is not that wrapper as Triton 3.6 (13 leading arguments, then the
-    kernel's) or 3.7 (the shared entry's 15, then the kernel's as one sequence) build it."""
+    when ``launch`` is not that wrapper as Triton 3.6 (its module's 13 leading arguments,
+    then the kernel's) or 3.7 (no such constant: the shared entry's arguments, the
+    kernel's last as one sequence; ``make_tensordesc_arg(arg, metadata)``) build it,
+    recognised by name, module and closure."""
     if getattr(launch, "__qualname__", None) != "wrap_handle_tensordesc.<locals>.inner" or \
             getattr(launch, "__globals__", {}).get("__name__") != TRITON_CUDA_DRIVER:
         return None
