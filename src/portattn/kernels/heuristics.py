@@ -44,8 +44,10 @@ PAIRED_DECODE_MAXNREG = 128
 PAIRED_DECODE_PROGRAMS_PER_SM = 4
 #: 16-bit decode whose unsplit grid fills a quarter to a half of the SMs (batch 5-8 at 8 kv
 #: heads on 132 SMs): narrow tiles (keys, warps) split to about this many programs per SM
-#: instead of 128-key 4-warp tiles at 2 (:func:`narrow_decode`). H200 sweep, bf16, 32 / 8
-#: heads: 8 x 8192 75.8 us against 77.7, 8 x 32768 255.6 against 259.7 (NOTES.md s31).
+#: instead of 128-key 4-warp tiles at 2 (:func:`narrow_decode`). bf16, 32 / 8 heads,
+#: kernel-only: H200 sweep 8 x 8192 75.8 us against 77.7, 8 x 32768 255.6 against 259.7;
+#: H100, three alternating pairs, 8 x 8192 101.9-102.6 against 102.6-104.1, 8 x 32768
+#: 367.2-367.9 against 368.9-369.4, 8 x 1024 20.3-20.8 against 20.6-21.2 (NOTES.md s31).
 SPLIT_NARROW_DECODE = True
 NARROW_DECODE_BLOCK_N = 64
 NARROW_DECODE_WARPS = 2
@@ -321,7 +323,8 @@ def decode_config(shape: Shape, max_q: int, num_seqs: int,
         return TileConfig(block_m, block_q, NARROW_DECODE_BLOCK_N, NARROW_DECODE_WARPS, 2,
                           segments)
     # Decode is bandwidth-bound: big KV tiles (32 KB of K per stage at head 128) keep
-    # enough bytes in flight per SM; 128 keys beat 32/64 at every batch on the H100 sweep.
+    # enough bytes in flight per SM; 128 keys beat 32/64 at every batch on the H100 sweep
+    # of the first kernel (the narrow split regime above excepted, session 31).
     # Up to 384 K+V columns (DiffKV 192/128 pads to 256 + 128): 128 keys too, H200 sweep
     # 8 x 8192 DiffKV: 92.8 us against 106.6 with 64 (NOTES.md); wider rows take 64.
     block_n = 128 if shape.head_pad + shape.head_pad_v <= 384 else 64
