@@ -238,6 +238,14 @@ def test_merge_load_takes_one_query_rows_at_once_where_registers_allow():
     for group, segments, head_v_pad in [(4, 16, 128), (4, 64, 128), (8, 32, 128),
                                         (4, 32, 256), (1, 32, 128), (4, 4, 64)]:
         assert merge_load_elements(group, segments, head_v_pad, False) == 8192
+    # a launch's tile: tight registers with a cap or fewer than 4 warps (the narrow split
+    # tile's 2: 16384 partials spilled at GQA 8-16 offline, session 31)
+    from portattn.kernels.launch import merge_load_of
+
+    assert merge_load_of({"num_warps": 4}, 8, 16, 128) == 16384
+    assert merge_load_of({"num_warps": 2}, 8, 16, 128) == 8192
+    assert merge_load_of({"num_warps": 4, "maxnreg": 128}, 8, 16, 128) == 8192
+    assert merge_load_of({"num_warps": 4}, 8, 12, 128) == 16384  # padded to 16
 
 
 @interp
@@ -536,6 +544,10 @@ def test_narrow_split_tile_where_programs_fill_a_quarter_to_a_half_of_the_sms(mo
     assert tile(short(num_seqs=8, max_seqlen_k=256)) == (64, 2, 2)
     assert tile(short(num_seqs=5)) == (64, 2, 8)              # 40 programs
     assert tile(short(num_seqs=8, sm_count=256)) == (64, 2, 16)
+    assert tile(short(num_seqs=8, sm_count=128)) == (64, 2, 8)  # 64 = half of 128 SMs
+    assert tile(short(num_seqs=8, head_size=80)) == (64, 2, 8)  # padded to 128
+    assert tile(short(num_seqs=8, num_q_heads=128)) == (64, 2, 8)  # GQA 16: 16 rows
+
     def unchanged(**kw):
         with monkeypatch.context() as patch:
             patch.setattr(heuristics, "SPLIT_NARROW_DECODE", False)
@@ -544,13 +556,23 @@ def test_narrow_split_tile_where_programs_fill_a_quarter_to_a_half_of_the_sms(mo
 
     assert unchanged(num_seqs=4)                              # 32 < 132 / 4
     assert unchanged(num_seqs=9)                              # 72 > 132 / 2
+    assert unchanged(num_seqs=8, sm_count=127)                # 64 > 127 / 2
     assert unchanged(num_seqs=1) and unchanged(num_seqs=32)
     assert unchanged(num_seqs=8, arch="sm80")
     assert unchanged(num_seqs=8, elem_bytes=1, kv_quant="fp8_per_tensor")
+    assert unchanged(num_seqs=8, elem_bytes=1, kv_quant="fp8_per_tensor", head_size=64)
+    assert unchanged(num_seqs=8, elem_bytes=4)                # fp32 cache
     assert unchanged(num_seqs=8, head_size=256)
+    assert unchanged(num_seqs=8, head_size=64)                # measured at 128 wide only
+    assert unchanged(num_seqs=8, head_size=128, head_size_v=64)   # DiffKV
+    assert unchanged(num_seqs=8, max_seqlen_q=4)              # spec-decode: 16 rows too
     assert unchanged(num_seqs=8, num_q_heads=64, max_seqlen_q=4)  # 32 rows
+    assert unchanged(num_seqs=8, max_seqlen_k=128)            # one segment: no split
     mixed = plan_launch(_shape(num_seqs=8, max_seqlen_q=2048), mode="mixed")["short"]
     assert mixed["block_n"] == 128
+    forced = plan_launch(_shape(num_seqs=8), segments=1)["short"]  # PORTATTN_UNIFIED_SPLIT
+    assert tile(forced) == (128, 4, 1)
+    assert tile(plan_launch(_shape(num_seqs=8), segments=4)["short"]) == (64, 2, 4)
     monkeypatch.setattr(heuristics, "SPLIT_NARROW_DECODE", False)
     assert tile(short(num_seqs=8)) == (128, 4, 4)
 
@@ -570,16 +592,25 @@ def test_every_batch_of_a_bucket_gets_its_own_segment_count(quant, elem, num_kv_
     per-tensor 33 x 8192 on the H200 ran 1 segment in 162 us where 2 take 145. Where the
     batch's own plan has another tile (the narrow split tile's regime starts or ends
     inside the bucket), the count is the one the bucket's tile gives that batch."""
-    from portattn.kernels.heuristics import (
-        TileConfig,
-        quant_mode,
-        reads_v_pairs,
-        segments_for,
-        tile_segments,
-    )
+    from portattn.kernels.heuristics import quant_mode, segments_for
 
     def tile(cfg):
         return cfg["block_m"], cfg["block_n"], cfg["num_warps"], cfg.get("maxnreg")
+
+    def pow2_at_most(n):
+        return 1 << (max(1, n).bit_length() - 1)
+
+    def rule_of_tile(cfg, programs):
+        """The documented segment rules, written here again: the paired 8-bit tile (4
+        per SM), the narrow split tile (64 keys, 2 warps: 4 per SM), the others (2 per
+        SM, none once the programs fill the SMs); each segment 2 tiles or more."""
+        keys = cfg["block_n"]
+        by_length = max(1, -(-max_seqlen_k // keys) // 2)
+        if cfg.get("maxnreg") or (keys, cfg["num_warps"]) == (64, 2) and elem == 2:
+            return pow2_at_most(min(4 * sm_count // programs, by_length, 64))
+        if programs >= sm_count:
+            return 1
+        return pow2_at_most(min(max(1, 2 * sm_count // programs), by_length, 64))
 
     def shape(num_seqs):
         return _shape(num_q_heads=group * num_kv_heads, num_kv_heads=num_kv_heads,
@@ -595,10 +626,7 @@ def test_every_batch_of_a_bucket_gets_its_own_segment_count(quant, elem, num_kv_
             own = own_plan["segments"]
             if tile(own_plan) != tile(bucket_plan):
                 other_tile += 1
-                cfg = TileConfig(**{k: v for k, v in bucket_plan.items()
-                                    if k != "segments_upto"})
-                own = tile_segments(shape(top), cfg, reads_v_pairs(shape(top), cfg.block_m),
-                                    num_seqs * num_kv_heads)
+                own = rule_of_tile(bucket_plan, num_seqs * num_kv_heads)
             if segments_for(bucket_plan, num_seqs) != own:
                 wrong.append((top, num_seqs, segments_for(bucket_plan, num_seqs), own))
     assert not wrong, f"(bucket, batch, launched, own) {wrong[:8]}"

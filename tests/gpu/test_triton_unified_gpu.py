@@ -88,35 +88,43 @@ def test_narrow_split_decode_tile(feature, dtype):
                   head_size=128, dtype=dtype, device=DEV, short=NARROW, **FEATURES[feature])
 
 
-@pytest.mark.parametrize("head_size,group,batch", [(128, 4, 8), (64, 4, 6), (80, 2, 5),
-                                                   (128, 1, 7)])
+@pytest.mark.parametrize("head_size,group,batch", [(128, 4, 8), (96, 4, 6), (80, 2, 5),
+                                                   (128, 1, 7), (128, 16, 8)])
 def test_narrow_split_decode_through_the_public_api(head_size, group, batch):
     """Decodes whose (sequence, kv head) pairs fill a quarter to a half of the SMs take the
     narrow split tile (on sm90; elsewhere the 128-key tile) through ``portattn.attention``,
-    its segment count for the batch, against the float64 oracle."""
+    with the segment count its rule gives the batch, against the float64 oracle."""
     import portattn
-    from portattn.kernels.heuristics import narrow_decode
+    from portattn.dispatch.problem import bucket
+    from portattn.kernels.heuristics import (
+        Shape,
+        narrow_decode,
+        narrow_decode_segments,
+        segments_for,
+    )
     from portattn.testing import dense_attention, make_paged_batch, relative_error
 
     caps = portattn.probe()
-    num_kv_heads = max(1, (caps.sm_count // 3) // batch)  # a third of the SMs' programs
+    # a third of the SMs' programs for the bucket's largest batch (the plan's)
+    num_kv_heads = max(1, (caps.sm_count // 3) // bucket(batch))
     seq_lens = [8192, 3, 5000, 700, 1, 2048, 4097, 640][:batch]
-    batch_ = make_paged_batch([1] * batch, seq_lens, num_q_heads=group * num_kv_heads,
+    inputs = make_paged_batch([1] * batch, seq_lens, num_q_heads=group * num_kv_heads,
                               num_kv_heads=num_kv_heads, head_size=head_size, dtype=BF16,
                               device=DEV, seed=head_size + batch)
-    decision = portattn.explain(batch_.q, batch_.cache, batch_.metadata)
+    decision = portattn.explain(inputs.q, inputs.cache, inputs.metadata)
     assert decision.backend == "triton_unified", decision
     short = decision.plan.params["short"]
-    on_sm90 = caps.arch == "sm90"
-    assert (short["block_n"], short["num_warps"]) == ((64, 2) if on_sm90 else (128, 4)), \
+    plan_shape = Shape(group * num_kv_heads, num_kv_heads, head_size, 2, 1, 8192,
+                       bucket(batch), caps.sm_count, caps.arch)
+    narrow = narrow_decode(plan_shape, 1, bucket(batch) * num_kv_heads)
+    assert narrow == (caps.arch == "sm90"), decision.plan.describe()
+    assert (short["block_n"], short["num_warps"]) == ((64, 2) if narrow else (128, 4)), \
         decision.plan.describe()
-    if on_sm90:
-        from portattn.kernels.heuristics import Shape
-        assert narrow_decode(Shape(group * num_kv_heads, num_kv_heads, head_size, 2, 1,
-                                   8192, batch, caps.sm_count, caps.arch), 16,
-                             batch * num_kv_heads)
-    out = portattn.attention(batch_.q, batch_.cache, batch_.metadata)
-    expected = dense_attention(batch_.q, batch_.keys, batch_.values, [1] * batch)
+    if narrow:
+        assert segments_for(short, batch) == \
+            narrow_decode_segments(plan_shape, batch * num_kv_heads), decision.plan.describe()
+    out = portattn.attention(inputs.q, inputs.cache, inputs.metadata)
+    expected = dense_attention(inputs.q, inputs.keys, inputs.values, [1] * batch)
     assert relative_error(out, expected) < 2e-2, decision.plan.describe()
 
 

@@ -12,7 +12,9 @@ Modes (the ``SEQ_MODE`` of the kernel, see :mod:`portattn.kernels.unified`):
   split into segments over the keys (3D) when that would not fill the GPU. The segment
   count is decided for the bucket's largest batch, plus a rule for the smaller batches
   of the bucket that fit more (:func:`batch_segments`, resolved per launch by
-  :func:`segments_for`);
+  :func:`segments_for`). Tiles: 128 keys in general; 8-bit caches on sm90 read V as
+  pairs (:func:`reads_v_pairs`); 16-bit decodes on sm90 whose programs are a quarter to
+  a half of the SMs take a narrow split tile (:func:`narrow_decode`);
 * ``prefill``: one sequence (bucketed batch of 1) with many queries: 128-row tiles
   (64 for wide heads) over the queries, found by binary search;
 * ``mixed``: several sequences, some with many queries: a ``decode`` launch serves the
@@ -235,15 +237,17 @@ def paired_decode_segments(shape: Shape, programs: int) -> int:
     return 1 << (segments.bit_length() - 1)
 
 
-def narrow_decode(shape: Shape, block_m: int, programs: int) -> bool:
+def narrow_decode(shape: Shape, max_q: int, programs: int) -> bool:
     """Whether a decode of ``programs`` (sequence, kv head) pairs takes the narrow split
     tile (:data:`NARROW_DECODE_BLOCK_N` keys, :data:`NARROW_DECODE_WARPS` warps, about
-    :data:`NARROW_DECODE_PROGRAMS_PER_SM` programs per SM): a 16-bit cache, one tile row
-    per query head of a GQA group up to 16, heads up to 128, the programs a quarter to a
-    half of the SMs, on sm90 (where it was measured; the 128-key tile elsewhere)."""
+    :data:`NARROW_DECODE_PROGRAMS_PER_SM` programs per SM), in the regime it was measured
+    in only: sm90, a 16-bit cache, one query per sequence (``max_q``) of a GQA group up to
+    16 (one 16-row tile), K and V tiles 128 wide, the programs a quarter to a half of the
+    SMs, and keys enough for more than one segment. Elsewhere the 128-key tile."""
     return SPLIT_NARROW_DECODE and shape.arch == "sm90" and shape.elem_bytes == 2 and \
-        block_m <= 16 and shape.head_pad <= 128 and shape.head_pad_v <= 128 and \
-        4 * programs >= shape.sm_count and 2 * programs <= shape.sm_count
+        max_q == 1 and shape.group <= 16 and shape.head_pad == 128 and \
+        shape.head_pad_v == 128 and 4 * programs >= shape.sm_count and \
+        2 * programs <= shape.sm_count and narrow_decode_segments(shape, programs) > 1
 
 
 def narrow_decode_segments(shape: Shape, programs: int) -> int:
@@ -262,7 +266,7 @@ def tile_segments(shape: Shape, cfg: TileConfig, v_pairs: bool, programs: int) -
     that tile (paired 8-bit, narrow, or the others')."""
     if v_pairs:
         return paired_decode_segments(shape, programs)
-    if narrow_decode(shape, cfg.block_m, shape.num_seqs * shape.num_kv_heads):
+    if narrow_decode(shape, shape.max_seqlen_q, shape.num_seqs * shape.num_kv_heads):
         return narrow_decode_segments(shape, programs)
     return decode_segments(shape, cfg.block_n, programs)
 
@@ -276,8 +280,8 @@ def batch_segments(shape: Shape, cfg: TileConfig, v_pairs: bool) -> tuple:
     per-tensor, 8 kv heads: 33 x 8192 ran the 64-sequence plan's 1 segment in 162-163 us
     against 145 with the 2 its own count fits (NOTES.md, session 21). Returns ``((largest
     num_seqs, segments), ...)`` ascending, only where the count differs from ``cfg``'s
-    (both rules give fewer segments to larger batches, so the scan stops at the first
-    batch that takes ``cfg.segments``)."""
+    (every tile's rule gives fewer segments to larger batches, so the scan stops at the
+    first batch that takes ``cfg.segments``)."""
     rule: list[tuple[int, int]] = []
     for num_seqs in range(shape.num_seqs // 2 + 1, shape.num_seqs):
         segments = tile_segments(shape, cfg, v_pairs, num_seqs * shape.num_kv_heads)
@@ -317,7 +321,8 @@ def decode_config(shape: Shape, max_q: int, num_seqs: int,
         return TileConfig(block_m, block_q, 128, 4, 2, segments,
                           maxnreg=PAIRED_DECODE_MAXNREG)
     programs = num_seqs * shape.num_kv_heads
-    if split_narrow and narrow_decode(shape, block_m, programs):
+    if split_narrow and narrow_decode(shape, max_q, programs) and \
+            (segments is None or segments > 1):  # forced unsplit: the 128-key tile
         if segments is None:
             segments = narrow_decode_segments(shape, programs)
         return TileConfig(block_m, block_q, NARROW_DECODE_BLOCK_N, NARROW_DECODE_WARPS, 2,

@@ -256,8 +256,7 @@ def _launch_short(args, q, cache, metadata, out, cfg: dict, long_follows: bool,
         part_m = part_l = part_acc = tickets = q
     merge_load = unified.MERGE_LOAD_ELEMENTS  # one value where nothing merges: one compile
     if in_kernel:  # (only split launches merge in the kernel)
-        merge_load = unified.merge_load_elements(args["GROUP"], next_pow2(segments), pad_v,
-                                                 bool(cfg.get("maxnreg")))
+        merge_load = merge_load_of(cfg, args["GROUP"], segments, pad_v)
     unified_attention_kernel[(num_seqs, num_kv_heads, segments)](
         part_m_ptr=part_m, part_l_ptr=part_l, part_acc_ptr=part_acc, ticket_ptr=tickets,
         BLOCK_M=cfg["block_m"], BLOCK_Q=block_q, BLOCK_N=cfg["block_n"], SEQ_MODE=1,
@@ -649,6 +648,14 @@ def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
     """Triton's global scratch (the descriptors built on the device), from torch's
     caching allocator on the current device (stream-ordered, CUDA-graph safe)."""
     return torch.empty(size, dtype=torch.uint8, device="cuda")
+
+
+def merge_load_of(cfg: dict, group: int, segments: int, head_v_pad: int) -> int:
+    """The ``MERGE_LOAD`` of a split launch of decode tile ``cfg`` that merges in the
+    kernel: :func:`unified.merge_load_elements`, its registers tight where the tile caps
+    them (``maxnreg``) or has fewer than 4 warps (the narrow split tile)."""
+    tight = bool(cfg.get("maxnreg")) or cfg["num_warps"] < 4
+    return unified.merge_load_elements(group, next_pow2(segments), head_v_pad, tight)
 
 
 def ensure_scratch_allocator() -> None:

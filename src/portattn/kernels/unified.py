@@ -588,8 +588,9 @@ def _poison_long_sequence(out_ptr, q_start, q_len, kv_head, stride_ot, stride_oh
 #: fp32 partials one merging program loads at once at most (the kernel's MERGE_LOAD; a
 #: row larger than that is still loaded whole): 8192 (64 per thread at 4 warps), or up to
 #: 16384 where that takes one query's rows (its GQA group, rounded to a power of two) in
-#: one round trip instead of two, unless the tile caps its registers (``maxnreg``: the
-#: paired 8-bit decode tiles of sm90 at head 128, whose loaded partials would spill). GQA
+#: one round trip instead of two, unless the tile's registers are tight (``maxnreg``: the
+#: paired 8-bit decode tiles of sm90 at head 128; fewer than 4 warps: the narrow split
+#: tile of 2, where 16384 partials spilled at GQA 8-16 offline, NOTES.md session 31). GQA
 #: 4 with 32 segments of head 128 is such a case: 1 x 8192 bf16 decode -8%, 1 x 32768 -4%
 #: on the H200 (NOTES.md, session 22).
 MERGE_LOAD_ELEMENTS = 8192
@@ -599,7 +600,8 @@ MERGE_LOAD_ELEMENTS_ONE_QUERY = 16384
 def merge_load_elements(group: int, merge_segments: int, head_v_pad: int,
                         register_capped: bool) -> int:
     """The kernel's ``MERGE_LOAD`` for a merge of ``merge_segments`` (padded) segments of
-    ``head_v_pad`` columns, rows of ``group`` query heads per query."""
+    ``head_v_pad`` columns, rows of ``group`` query heads per query; ``register_capped``:
+    the tile's registers are tight (see :data:`MERGE_LOAD_ELEMENTS`)."""
     one_query = next_pow2(group) * merge_segments * head_v_pad
     if not register_capped and MERGE_LOAD_ELEMENTS < one_query <= MERGE_LOAD_ELEMENTS_ONE_QUERY:
         return one_query
