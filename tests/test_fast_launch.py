@@ -604,7 +604,7 @@ def test_driver_launch_calls_the_c_entry_only_without_scratch(monkeypatch):
 def test_a_cuda_launcher_without_the_c_entry_is_called_as_the_jit_calls_it(kernel,
                                                                            monkeypatch):
     """Where the relaunch cannot call a C entry itself (no 3.6 per-kernel entry, and a
-    launcher that is not Triton's own 3.7-3.9 one: here a stand-in class), it calls the
+    launcher that is not Triton's own 3.7 or 3.9 one: here a stand-in class), it calls the
     launcher object, in the JIT's order, never its entry; a launcher whose ``__call__``
     takes other leading arguments keeps the JIT path."""
     from triton.backends.nvidia import driver as nvidia_driver
@@ -747,9 +747,9 @@ def test_the_known_launch_entry_is_that_of_triton_3_5_and_3_6():
 
     release = Version(triton.__version__).release[:2]
     assert launch_entries.c_launch_known() == (release in {(3, 5), (3, 6)})
-    if release > (3, 9):
-        pytest.skip(f"Triton {triton.__version__} is newer than the releases whose shared "
-                    "launch entry was read (3.7-3.9)")
+    if release == (3, 8) or release > (3, 9):
+        pytest.skip(f"Triton {triton.__version__} is not a release whose shared launch "
+                    "entry was read (3.7.1, 3.9.0)")
     assert launch_entries.shared_launch_known() == (release >= (3, 7))
     assert launch_entries.argument_layout() == ("shared" if release >= (3, 7) else "kernel")
 
@@ -951,7 +951,7 @@ def _no_gpu_driver(monkeypatch) -> None:
 @pytest.mark.interpreter
 @pytest.mark.parametrize("scratch", [0, 64])
 def test_the_shared_entry_gets_what_tritons_launcher_passes_it(scratch, kernel, monkeypatch):
-    """Triton 3.7-3.9 (CI: the newest release): a relaunch calls Triton's shared C entry
+    """Triton 3.7 or 3.9 (CI: the newest release): a relaunch calls Triton's shared C entry
     itself, with what Triton's own ``CudaLauncher.__call__`` passes it for the JIT's call
     of the same kernel at the new pointers (grid, stream, metadata, hooks, scratch, the
     kernel's annotations and signature bytes, the arguments as one tuple). A kernel with

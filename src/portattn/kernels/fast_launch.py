@@ -57,7 +57,7 @@ specialization; Triton 3.5's binder in Python) and CUDA launchers called in an o
 than the JIT's (:func:`launch_entries.launcher_call_known`) always take the normal path.
 
 Which entry a relaunch calls, per Triton release, is :mod:`portattn.kernels.launch_entries`'
-business: Triton 3.6's per-kernel C entry, 3.7-3.9's shared C entry, or else the launcher
+business: Triton 3.6's per-kernel C entry, 3.7's and 3.9's shared C entry, or else the launcher
 object as the JIT calls it.
 """
 

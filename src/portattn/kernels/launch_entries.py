@@ -11,21 +11,23 @@ releases (each form is recognised exactly, never assumed):
   Python frame is skipped. Host tensor descriptors: the C entry sits behind Triton's
   ``wrap_handle_tensordesc``, which encodes a tensor map on every launch; the relaunch
   calls the entry with maps encoded once per base address (:func:`descriptor_expanders`).
-* **Triton 3.7 to 3.9** (:func:`shared_launch_known`): one C entry shared by every
-  kernel, ``utils.launch(gx, gy, gz, stream, function, cooperative, pdl,
-  packed_metadata, launch_metadata, enter_hook, exit_hook, global_scratch,
-  profile_scratch, arg_annotations, kernel_signature, kernel_args)``, whose argument
-  format the installed driver's C source declares (:data:`SHARED_LAUNCH_FORMAT`). The
-  relaunch calls it the way the launcher object would, with that kernel's annotations
-  and signature bytes; 3.7's descriptor wrapper is bypassed as 3.6's is, 3.9's (another
-  shape) is called with host descriptors, encoding per launch.
+* **Triton 3.7 and 3.9** (:func:`shared_launch_known`; 3.7.1's and 3.9.0's launchers
+  were read, 3.8's were not): one C entry shared by every kernel, ``utils.launch(gx, gy,
+  gz, stream, function, cooperative, pdl, packed_metadata, launch_metadata, enter_hook,
+  exit_hook, global_scratch, profile_scratch, arg_annotations, kernel_signature,
+  kernel_args)``, whose argument format the installed driver's C source declares
+  (:data:`SHARED_LAUNCH_FORMAT`) and whose launcher's ``__call__`` does nothing else
+  first (:data:`KNOWN_SHARED_LAUNCHER_CALLS`). The relaunch calls it the way the
+  launcher object would, with that kernel's annotations and signature bytes; 3.7's
+  descriptor wrapper is bypassed as 3.6's is, 3.9's (another shape) is called with host
+  descriptors, encoding per launch.
 * **Anything else** (scratch to allocate, GSan, an unknown driver): the launcher object
   itself, called as the JIT calls it (:func:`launcher_call_known` checks its parameter
   list first), through an adapter of the same argument layout.
 
 So the relaunch has one of two argument layouts per installed Triton (:func:`argument_layout`):
 ``"kernel"`` (3.6's per-kernel entry, and the adapter where neither entry is known) and
-``"shared"`` (3.7-3.9's). The generated launch code of a sequence and the entries stored
+``"shared"`` (3.7's and 3.9's). The generated launch code of a sequence and the entries stored
 for its kernels are both made for the layout of the process's Triton.
 """
 
@@ -43,7 +45,7 @@ from typing import Any, Callable
 #: stream, function, cooperative, pdl, global and profile scratch, kernel and launch
 #: metadata, enter and exit hooks.
 C_LAUNCH_FORMAT = "iiiKKppOOOOOO"
-#: What the C entry shared by every kernel parses in Triton 3.7 to 3.9 (the
+#: What the C entry shared by every kernel parses in Triton 3.7.1 and 3.9.0 (the
 #: ``PyArg_ParseTuple`` format of ``launch`` in the NVIDIA driver's ``driver.c``): grid
 #: x, y, z, stream, function, cooperative, pdl, (num_warps, num_ctas, shared memory),
 #: launch metadata, enter and exit hooks, global and profile scratch, argument
@@ -150,7 +152,7 @@ def _parses(source_path: str, fmt: str) -> bool:
 
 def argument_layout() -> str:
     """The relaunch's argument layout on the installed Triton: ``"shared"`` where the
-    shared C entry is known (3.7-3.9), else ``"kernel"`` (3.6's per-kernel entry, or
+    shared C entry is known (3.7, 3.9), else ``"kernel"`` (3.6's per-kernel entry, or
     the launcher object through an adapter)."""
     return "shared" if not c_launch_known() and shared_launch_known() else "kernel"
 
@@ -224,7 +226,7 @@ def shared_launch(run) -> tuple[Callable, Any, Any, Any, Any]:
     launcher ``run``, in the ``"shared"`` layout: ``launch`` takes ``(gx, gy, gz, stream,
     function, cooperative, pdl, packed_metadata, launch_metadata, enter_hook, exit_hook,
     global_scratch, profile_scratch, annotations, signature, kernel_args)``. For Triton
-    3.7-3.9's own CUDA launcher of a kernel without scratch or GSan, that is ``run.launch``
+    3.7's or 3.9's own CUDA launcher of a kernel without scratch or GSan, that is ``run.launch``
     itself, which its ``__call__`` calls with exactly these arguments after allocating
     scratch (the shared C entry, or Triton's descriptor wrapper around it); otherwise an
     adapter calling ``run`` as the JIT does."""
