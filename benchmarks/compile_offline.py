@@ -39,6 +39,11 @@ VARIANTS = {
     "decode bf16 split+merge in kernel": ("bf16", dict(SPLIT=True, USE_SINKS=True,
                                                        MERGE_SEGMENTS=32, MERGE_LOAD=16384),
                                           4, 2),  # what launch.py asks for at GQA 4
+    # the narrow split tile (heuristics.narrow_decode): 64 keys, 2 warps, 8 segments at
+    # GQA 4, the merge's one-query load off below 4 warps (launch.merge_load_of)
+    "decode bf16 narrow split+merge in kernel": ("bf16", dict(BLOCK_N=64, SPLIT=True,
+                                                              USE_SINKS=True,
+                                                              MERGE_SEGMENTS=8), 2, 2),
     "prefill bf16": ("bf16", PREFILL, 8, 3),
     "decode fp8 per-tensor": ("fp8e4nv", dict(KV_QUANT=1, Q_PRESCALE=True,
                                               COMPUTE_DTYPE=0), 4, 2),

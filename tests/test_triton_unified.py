@@ -539,6 +539,7 @@ def test_narrow_split_tile_where_programs_fill_a_quarter_to_a_half_of_the_sms(mo
         return cfg["block_n"], cfg["num_warps"], cfg["segments"]
 
     assert tile(short(num_seqs=8)) == (64, 2, 8)              # 64 programs of 132 SMs
+    assert variant_name(plan_launch(_shape(num_seqs=8))) == "decode-3d-k64w2"
     assert tile(short(num_seqs=8, max_seqlen_k=32768)) == (64, 2, 8)
     assert tile(short(num_seqs=8, max_seqlen_k=1024)) == (64, 2, 8)  # 2 tiles a segment
     assert tile(short(num_seqs=8, max_seqlen_k=256)) == (64, 2, 2)

@@ -589,6 +589,8 @@ def variant_name(params: dict) -> str:
     short = params.get("short", {})
     split = short.get("segments", 1) > 1
     name = f"{params['mode']}-{'3d' if split else '2d'}"
+    if (short.get("block_n"), short.get("num_warps")) == (64, 2):  # the narrow tiles
+        name += "-k64w2"
     for largest, segments in short.get("segments_upto", ()):
         name += f"-{segments}seg-upto-{largest}"
     if params.get("fp8_dot"):
