@@ -154,7 +154,7 @@ def argument_layout() -> str:
     """The relaunch's argument layout on the installed Triton: ``"shared"`` where the
     shared C entry is known (3.7, 3.9), else ``"kernel"`` (3.6's per-kernel entry, or
     the launcher object through an adapter)."""
-    return "shared" if not c_launch_known() and shared_launch_known() else "kernel"
+    return "shared" if shared_launch_known() else "kernel"
 
 
 def launcher_call_known(run) -> bool:
@@ -175,19 +175,18 @@ def launcher_call_known(run) -> bool:
 
 
 # --------------------------------------------------------------------------- entries
-def launch_entry(compiled, descriptors: dict | None = None,
-                 arg_layout: str | None = None) -> tuple:
+def launch_entry(compiled, descriptors: dict, arg_layout: str) -> tuple:
     """What a relaunch needs of a compiled kernel, in argument layout ``arg_layout``
-    (:func:`argument_layout` when None): ``(launch, function, packed_metadata, cooperative, pdl,
-    expanders, annotations, signature)``; ``descriptors``: the host descriptors of its
-    site (position -> layout), see :func:`descriptor_expanders`. ``annotations`` and
-    ``signature`` are None in the ``"kernel"`` layout."""
+    (its sequence's :func:`argument_layout`): ``(launch, function, packed_metadata,
+    cooperative, pdl, expanders, annotations, signature)``; ``descriptors``: the host
+    descriptors of its site (position -> layout), see :func:`descriptor_expanders`.
+    ``annotations`` and ``signature`` are None in the ``"kernel"`` layout."""
     run = compiled.run
-    if (arg_layout or argument_layout()) == "shared":
+    if arg_layout == "shared":
         launch, cooperative, pdl, annotations, signature = shared_launch(run)
     else:
         (launch, cooperative, pdl), annotations, signature = driver_launch(run), None, None
-    launch, expanders = descriptor_expanders(launch, descriptors or {})
+    launch, expanders = descriptor_expanders(launch, descriptors)
     return (launch, compiled.function, compiled.packed_metadata, cooperative, pdl,
             expanders, annotations, signature)
 
