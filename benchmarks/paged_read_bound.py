@@ -112,6 +112,41 @@ def _read_tile(k_ptr, v_ptr, j, hi, seq_len, bt_row, dense_base, head, stride_kb
 
 
 @triton.jit
+def block_read_kernel(k_ptr, v_ptr, bt_ptr, seq_lens_ptr, sink_ptr, num_segments,
+                      stride_kb, stride_bt, NUM_KV_HEADS: tl.constexpr,
+                      BLOCK_SIZE: tl.constexpr, D: tl.constexpr, STAGES: tl.constexpr):
+    """Grid (sequence, segment): the same bytes as :func:`paged_read_kernel` with every kv
+    head of a sequence read by one program, a whole cache block per tile (``BLOCK_SIZE``
+    slots x ``NUM_KV_HEADS`` x ``D``: one contiguous run of ``stride_kb`` elements, the
+    block's table entry looked up once). The per-head grid reads 256-byte rows (bf16, head
+    128) of one kv head, the other heads' rows between them read by other programs at
+    other times; this reads each block as one run, as a dense copy is read. A segment
+    reads ``cdiv(blocks, num_segments)`` consecutive blocks; slots past the sequence are
+    not read. Writes the XOR of everything read (one int32 per program) to ``sink``."""
+    seq = tl.program_id(0)
+    seg = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    blocks = tl.cdiv(seq_len, BLOCK_SIZE)
+    per = tl.cdiv(blocks, num_segments)
+    lo = tl.minimum(seg * per, blocks)
+    hi = tl.minimum(lo + per, blocks)
+    bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
+    rows = tl.arange(0, BLOCK_SIZE * NUM_KV_HEADS)  # row r: slot r // heads, head r % heads
+    offs_d = tl.arange(0, D)
+    acc = tl.zeros([BLOCK_SIZE * NUM_KV_HEADS, D], dtype=k_ptr.dtype.element_ty)
+    for j in tl.range(lo, hi, num_stages=STAGES):
+        blk = tl.load(bt_row + j).to(tl.int64)
+        ok = j * BLOCK_SIZE + rows // NUM_KV_HEADS < seq_len
+        offs = blk * stride_kb + rows[:, None] * D + offs_d[None, :]
+        k = tl.load(k_ptr + offs, mask=ok[:, None], other=0)
+        v = tl.load(v_ptr + offs, mask=ok[:, None], other=0)
+        acc = acc ^ k ^ v
+    folded = tl.reduce(acc.to(tl.int32), 1, _xor)
+    folded = tl.reduce(folded, 0, _xor)
+    tl.store(sink_ptr + seq * num_segments + seg, folded)
+
+
+@triton.jit
 def _xor(a, b):
     return a ^ b
 
@@ -395,6 +430,65 @@ class ReadBound:
         return self.sink
 
 
+class BlockRead:
+    """:func:`block_read_kernel` over ``inp``'s cache: one program per (sequence,
+    segment) reading whole blocks (every kv head). Needs a cache whose blocks are
+    contiguous (``stride(0) == block_size * kv heads * D``, as the bench's caches are)."""
+
+    def __init__(self, inp, segments: int, num_warps: int, stages: int = 2):
+        cache = inp.cache
+        self.k = as_ints(cache.key_cache)
+        self.v = as_ints(cache.value_cache)
+        self.table = inp.metadata.block_table
+        self.lens = inp.metadata.seq_lens
+        self.num_seqs = self.lens.shape[0]
+        self.hkv, self.d = self.k.shape[2], self.k.shape[3]
+        self.block_size = self.k.shape[1]
+        if not (self.k.is_contiguous() and self.v.is_contiguous() and
+                self.k.stride() == self.v.stride()):
+            raise ValueError("BlockRead: K and V must be contiguous caches of one shape")
+        self.cfg = dict(segments=segments, num_warps=num_warps, stages=stages)
+        self.sink = torch.empty(self.num_seqs * segments, dtype=torch.int32,
+                                device=self.k.device)
+
+    @property
+    def name(self) -> str:
+        c = self.cfg
+        return (f"read-whole-blocks seg{c['segments']} bs{self.block_size} "
+                f"w{c['num_warps']} range-s{c['stages']}")
+
+    def __call__(self):
+        c = self.cfg
+        block_read_kernel[(self.num_seqs, c["segments"])](
+            self.k, self.v, self.table, self.lens, self.sink, c["segments"],
+            self.k.stride(0), self.table.stride(0), NUM_KV_HEADS=self.hkv,
+            BLOCK_SIZE=self.block_size, D=self.d, STAGES=c["stages"],
+            num_warps=c["num_warps"])
+        return self.sink
+
+
+def block_fold_reference(inp, segments: int) -> torch.Tensor:
+    """Per (sequence, segment) of whole blocks, the XOR of every kv head's K and V bytes of
+    its keys (as int32 of the element), each sequence gathered by the bench's
+    ``gather_contiguous``."""
+    from portattn.bench import gather_contiguous
+
+    bs = inp.cache.block_size
+    out = []
+    for b, n in enumerate(inp.metadata.seq_lens.tolist()):
+        k, v = (as_ints(x).to(torch.int32) for x in gather_contiguous(inp, b, n))
+        blocks = math.ceil(n / bs)
+        per = math.ceil(blocks / segments)
+        for s in range(segments):
+            lo, hi = min(s * per, blocks) * bs, min((s + 1) * per, blocks) * bs
+            x = 0
+            for part in (k[:, lo:hi], v[:, lo:hi]):
+                for value in part.flatten().tolist():
+                    x ^= value
+            out.append(x)
+    return torch.tensor(out, dtype=torch.int32)
+
+
 def fold_reference(inp, segments: int, block_n: int) -> torch.Tensor:
     """Per program, the XOR of its keys' K and V bytes (as int32 of the element), each
     sequence gathered by the bench's ``gather_contiguous``."""
@@ -433,6 +527,12 @@ def check_cpu() -> int:
             bad += not same
             print(f"{mode} segments {segments} prefetch {prefetch}: "
                   f"{'match' if same else 'MISMATCH'}")
+        for segments in (1, 3):
+            same = torch.equal(BlockRead(inp, segments, 4)().cpu(),
+                               block_fold_reference(inp, segments))
+            bad += not same
+            print(f"{mode} whole blocks, segments {segments}: "
+                  f"{'match' if same else 'MISMATCH'}")
         want = decode_reference(inp)
         for segments in (1, 3):
             for merge in (1, 6, 7):  # 2 and 8 are inline PTX: checked on the GPU only
@@ -463,10 +563,21 @@ CASES = {
     "bf16-1x8000": (1, 8000, "none", [], []),
     "bf16-1x32700": (1, 32700, "none", [], []),
     "bf16-8x8100": (8, 8100, "none", [], []),
-    "bf16-8x32768": (8, 32768, "none", [], []),
+    "bf16-8x32768": (8, 32768, "none", [
+        (4, 128, 4, True, False, 2), (8, 64, 2, True, False, 2), (4, 128, 4, False, False, 2)],
+        []),
     "bf16-8x8192": (8, 8192, "none", [
-        (4, 128, 4, True, False, 2)],
+        (4, 128, 4, True, False, 2), (4, 128, 4, False, False, 2)],
         [(4, 128, 4, 2, merge, 0) for merge in (0, 1, 5, 6, 7, 8)]),
+}
+
+
+#: name -> whole-block read configs (segments, warps, stages) of :class:`BlockRead`
+BLOCK_READS = {
+    "fp8-32x8192": [(8, 4, 2), (16, 4, 2), (8, 4, 3)],
+    "bf16-32x8192": [(8, 4, 2), (8, 8, 2), (16, 4, 2), (8, 4, 3)],
+    "bf16-8x8192": [(32, 4, 2), (32, 8, 2), (64, 4, 2), (32, 4, 3)],
+    "bf16-8x32768": [(32, 4, 2), (32, 8, 2), (64, 4, 2), (32, 4, 3), (16, 8, 3)],
 }
 
 
@@ -518,6 +629,10 @@ def main() -> int:
             for segs, bn, warps, paged, prefetch, stages in configs:
                 run = ReadBound(inp, segs, bn, warps, paged, prefetch, stages)
                 calls[run.name] = run
+            for segs, warps, stages in ([] if args.package_only else
+                                        BLOCK_READS.get(name, [])):
+                whole = BlockRead(inp, segs, warps, stages)
+                calls[whole.name] = whole
             want = decode_reference(inp) if minimal else None
             for segs, bn, warps, stages, merge, cap in minimal:
                 run = MinimalDecode(inp, segs, bn, warps, stages, merge, cap or None)
