@@ -19,6 +19,12 @@ If the paged read kernel alone is no faster than the package's fp8 decode, the d
 at the read bound of the cache layout and grid, and what is left is the layout (a cache
 row of one kv head is 128 bytes at fp8, 256 at bf16) or a different grid, not the loop.
 
+Whole-block reads (``block_read_kernel``: one program per sequence and segment, every kv
+head of a cache block read as one contiguous run) and a decode over them
+(``block_decode_kernel``: the kv heads as the batch axis of 3-D dots) ask whether the
+per-head grid's reading order costs bandwidth: it reads 256-byte rows (bf16, head 128)
+of one kv head while other programs read the rows between them.
+
 The minimal decode beside it (the read loop plus a decode's arithmetic, nothing else)
 separates the attention work from the split-KV merge, and times other ways to merge:
 tickets with other orderings or on their own cache lines, and a second kernel launched
@@ -303,6 +309,123 @@ def minimal_merge_kernel(part_ml_ptr, part_acc_ptr, out_ptr, num_segments,
                  num_segments, NUM_KV_HEADS, GROUP, GROUP_PAD, D, SEG_PAD)
 
 
+@triton.jit
+def block_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_ml_ptr,
+                        part_acc_ptr, qk_scale, v_scale, num_segments, stride_kb, stride_bt,
+                        NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
+                        BLOCK_SIZE: tl.constexpr, D: tl.constexpr, STAGES: tl.constexpr,
+                        ROWS: tl.constexpr = 16):
+    """:func:`minimal_decode_kernel`'s arithmetic over :func:`block_read_kernel`'s reads:
+    grid (sequence, segment), every kv head in one program, a whole cache block per tile
+    (one contiguous run of ``BLOCK_SIZE * NUM_KV_HEADS * D`` elements for K and one for
+    V). Per kv head a ``ROWS``-row tile of which ``GROUP`` rows are real; the heads are the
+    batch axis of 3-D dots (``[heads, ROWS, D] x [heads, D, BLOCK_SIZE]``, then P V), an
+    online softmax in base 2 per row. One segment writes ``out``; more write fp32 partials
+    in :func:`minimal_decode_kernel`'s layout, merged by :func:`minimal_merge_kernel` (a
+    second launch over (sequence, kv head)) or left unmerged (a bound)."""
+    seq = tl.program_id(0)
+    seg = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    heads = tl.arange(0, NUM_KV_HEADS)
+    rows = tl.arange(0, ROWS)
+    offs_d = tl.arange(0, D)
+    row_ok = rows < GROUP
+    qh = heads[:, None] * GROUP + rows[None, :]  # [heads, ROWS] query head of each row
+    q_rows = (seq * NUM_KV_HEADS * GROUP + qh).to(tl.int64)
+    q = tl.load(q_ptr + q_rows[:, :, None] * D + offs_d[None, None, :],
+                mask=row_ok[None, :, None], other=0.0)
+    blocks = tl.cdiv(seq_len, BLOCK_SIZE)
+    per = tl.cdiv(blocks, num_segments)
+    lo = tl.minimum(seg * per, blocks)
+    hi = tl.minimum(lo + per, blocks)
+    bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
+    slots = tl.arange(0, BLOCK_SIZE)
+    # element (slot, head, d) of a block at slot * heads * D + head * D + d
+    kv_offs = slots[:, None, None] * (NUM_KV_HEADS * D) + heads[None, :, None] * D + \
+        offs_d[None, None, :]
+    m_i = tl.full([NUM_KV_HEADS, ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([NUM_KV_HEADS, ROWS], tl.float32)
+    acc = tl.zeros([NUM_KV_HEADS, ROWS, D], tl.float32)
+    for j in tl.range(lo, hi, num_stages=STAGES):
+        blk = tl.load(bt_row + j).to(tl.int64)
+        ok = j * BLOCK_SIZE + slots < seq_len
+        k = tl.load(k_ptr + blk * stride_kb + kv_offs, mask=ok[:, None, None], other=0.0)
+        v = tl.load(v_ptr + blk * stride_kb + kv_offs, mask=ok[:, None, None], other=0.0)
+        k3 = tl.permute(k.to(q.dtype), (1, 2, 0))  # [heads, D, slots]
+        v3 = tl.permute(v.to(q.dtype), (1, 0, 2))  # [heads, slots, D]
+        s = tl.dot(q, k3) * qk_scale  # [heads, ROWS, slots]
+        s = tl.where(ok[None, None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 2))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, :, None])
+        l_i = l_i * alpha + tl.sum(p, 2)
+        acc = tl.dot(p.to(q.dtype), v3, acc * alpha[:, :, None])
+        m_i = m_new
+    acc = acc * v_scale
+    ok_rows = row_ok[None, :] & (heads[:, None] >= 0)
+    if num_segments == 1:
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+        tl.store(out_ptr + q_rows[:, :, None] * D + offs_d[None, None, :],
+                 (acc / l_safe[:, :, None]).to(out_ptr.dtype.element_ty),
+                 mask=ok_rows[:, :, None])
+    else:
+        slot = q_rows * num_segments + seg
+        tl.store(part_ml_ptr + slot * 2, m_i, mask=ok_rows)
+        tl.store(part_ml_ptr + slot * 2 + 1, l_i, mask=ok_rows)
+        tl.store(part_acc_ptr + slot[:, :, None] * D + offs_d[None, None, :], acc,
+                 mask=ok_rows[:, :, None])
+
+
+class BlockDecode:
+    """:func:`block_decode_kernel` over ``inp`` (scales as :class:`MinimalDecode`), the
+    partials merged by :func:`minimal_merge_kernel` when ``merge`` (else left unmerged:
+    the decode's time alone)."""
+
+    def __init__(self, inp, segments: int, num_warps: int, stages: int, merge: bool = True):
+        cache = inp.cache
+        self.q, self.k, self.v = inp.q, cache.key_cache, cache.value_cache
+        if not (self.k.is_contiguous() and self.v.is_contiguous()):
+            raise ValueError("BlockDecode: K and V must be contiguous caches")
+        self.table, self.lens = inp.metadata.block_table, inp.metadata.seq_lens
+        self.num_seqs = self.lens.shape[0]
+        self.hkv, self.d = self.k.shape[2], self.k.shape[3]
+        self.group = self.q.shape[1] // self.hkv
+        quant = cache.quant
+        k_scale = float(quant.k_scale) if quant.mode == "fp8_per_tensor" else 1.0
+        self.v_scale = float(quant.v_scale) if quant.mode == "fp8_per_tensor" else 1.0
+        self.qk_scale = 1.4426950408889634 * k_scale / math.sqrt(self.d)
+        self.out = torch.full_like(self.q, float("nan"))
+        rows = self.q.shape[0] * self.q.shape[1]
+        self.part_ml = torch.empty(rows * segments * 2, dtype=torch.float32,
+                                   device=self.q.device)
+        self.part_acc = torch.empty(rows * segments, self.d, dtype=torch.float32,
+                                    device=self.q.device)
+        self.cfg = dict(segments=segments, num_warps=num_warps, stages=stages, merge=merge)
+
+    @property
+    def name(self) -> str:
+        c = self.cfg
+        what = ("merge-kernel" if c["merge"] else "no-merge") if c["segments"] > 1 \
+            else "one-segment"
+        return (f"block-decode seg{c['segments']} bs{self.k.shape[1]} w{c['num_warps']} "
+                f"s{c['stages']} {what}")
+
+    def __call__(self):
+        c = self.cfg
+        block_decode_kernel[(self.num_seqs, c["segments"])](
+            self.q, self.k, self.v, self.table, self.lens, self.out, self.part_ml,
+            self.part_acc, self.qk_scale, self.v_scale, c["segments"], self.k.stride(0),
+            self.table.stride(0), NUM_KV_HEADS=self.hkv, GROUP=self.group,
+            BLOCK_SIZE=self.k.shape[1], D=self.d, STAGES=c["stages"],
+            num_warps=c["num_warps"])
+        if c["merge"] and c["segments"] > 1:
+            minimal_merge_kernel[(self.num_seqs, self.hkv)](
+                self.part_ml, self.part_acc, self.out, c["segments"], NUM_KV_HEADS=self.hkv,
+                GROUP=self.group, GROUP_PAD=triton.next_power_of_2(self.group), D=self.d,
+                SEG_PAD=triton.next_power_of_2(c["segments"]), WAIT=False, num_warps=4)
+        return self.out
+
+
 class MinimalDecode:
     """One configuration of :func:`minimal_decode_kernel` over ``inp`` (scales 1 for bf16;
     the cache's per-tensor scales for fp8), with its workspaces."""
@@ -535,6 +658,10 @@ def check_cpu() -> int:
                   f"{'match' if same else 'MISMATCH'}")
         want = decode_reference(inp)
         for segments in (1, 3):
+            got = BlockDecode(inp, segments, 4, 2)().double()
+            err = ((got - want).abs().max() / want.abs().max()).item()
+            bad += not err < 2e-2
+            print(f"{mode} block decode, {segments} segments: relative error {err:.2e}")
             for merge in (1, 6, 7):  # 2 and 8 are inline PTX: checked on the GPU only
                 got = MinimalDecode(inp, segments, 16, 4, 2, merge)().double()
                 err = ((got - want).abs().max() / want.abs().max()).item()
@@ -565,7 +692,7 @@ CASES = {
     "bf16-8x8100": (8, 8100, "none", [], []),
     "bf16-8x32768": (8, 32768, "none", [
         (4, 128, 4, True, False, 2), (8, 64, 2, True, False, 2), (4, 128, 4, False, False, 2)],
-        []),
+        [(4, 128, 4, 2, 0, 0), (4, 128, 4, 2, 6, 0), (8, 64, 2, 2, 6, 0)]),
     "bf16-8x8192": (8, 8192, "none", [
         (4, 128, 4, True, False, 2), (4, 128, 4, False, False, 2)],
         [(4, 128, 4, 2, merge, 0) for merge in (0, 1, 5, 6, 7, 8)]),
@@ -578,6 +705,16 @@ BLOCK_READS = {
     "bf16-32x8192": [(8, 4, 2), (8, 8, 2), (16, 4, 2), (8, 4, 3)],
     "bf16-8x8192": [(32, 4, 2), (32, 8, 2), (64, 4, 2), (32, 4, 3)],
     "bf16-8x32768": [(32, 4, 2), (32, 8, 2), (64, 4, 2), (32, 4, 3), (16, 8, 3)],
+}
+
+#: name -> whole-block minimal decode configs (segments, warps, stages, merged) of
+#: :class:`BlockDecode`
+BLOCK_DECODES = {
+    "fp8-32x8192": [(8, 8, 2, True), (16, 8, 2, True), (8, 4, 2, True)],
+    "bf16-32x8192": [(8, 8, 2, True), (8, 8, 2, False), (4, 8, 2, True), (16, 8, 2, True)],
+    "bf16-8x8192": [(32, 8, 2, True), (32, 8, 2, False), (16, 8, 2, True), (64, 8, 2, True)],
+    "bf16-8x32768": [(32, 8, 2, True), (32, 8, 2, False), (16, 8, 2, True), (64, 8, 2, True),
+                     (32, 4, 2, True), (32, 8, 3, True)],
 }
 
 
@@ -633,7 +770,19 @@ def main() -> int:
                                         BLOCK_READS.get(name, [])):
                 whole = BlockRead(inp, segs, warps, stages)
                 calls[whole.name] = whole
-            want = decode_reference(inp) if minimal else None
+            blockwise = [] if args.package_only else BLOCK_DECODES.get(name, [])
+            want = decode_reference(inp) if minimal or blockwise else None
+            for segs, warps, stages, merged in blockwise:
+                run = BlockDecode(inp, segs, warps, stages, merged)
+                if merged and rnd == 0:
+                    try:
+                        err = ((run().double() - want).abs().max() / want.abs().max()).item()
+                    except Exception as exc:
+                        print(f"{name} {run.name}: {type(exc).__name__} {str(exc)[:200]}",
+                              flush=True)
+                        continue
+                    print(f"{name} {run.name}: relative error {err:.2e}", flush=True)
+                calls[run.name] = run
             for segs, bn, warps, stages, merge, cap in minimal:
                 run = MinimalDecode(inp, segs, bn, warps, stages, merge, cap or None)
                 if merge not in (0, 3, 4) and rnd == 0:  # correct merges, against float64
