@@ -53,6 +53,16 @@ except ImportError:  # pragma: no cover - older Triton
 
 
 @triton.jit
+def _segment_tiles(seq_len, seg, num_segments, TILE: tl.constexpr):
+    """Segment ``seg``'s tiles ``[lo, hi)`` of ``TILE`` keys: ``cdiv(tiles, num_segments)``
+    consecutive tiles each, the last segments possibly short or empty."""
+    tiles = tl.cdiv(seq_len, TILE)
+    per = tl.cdiv(tiles, num_segments)
+    lo = tl.minimum(seg * per, tiles)
+    return lo, tl.minimum(lo + per, tiles)
+
+
+@triton.jit
 def paged_read_kernel(k_ptr, v_ptr, bt_ptr, seq_lens_ptr, sink_ptr, num_segments,
                       stride_kb, stride_ks, stride_kh, stride_bt, dense_len,
                       NUM_KV_HEADS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -70,10 +80,7 @@ def paged_read_kernel(k_ptr, v_ptr, bt_ptr, seq_lens_ptr, sink_ptr, num_segments
     head = tl.program_id(1)
     seg = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    tiles = tl.cdiv(seq_len, BLOCK_N)
-    per = tl.cdiv(tiles, num_segments)
-    lo = tl.minimum(seg * per, tiles)
-    hi = tl.minimum(lo + per, tiles)
+    lo, hi = _segment_tiles(seq_len, seg, num_segments, BLOCK_N)
     bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
     dense_base = (seq.to(tl.int64) * NUM_KV_HEADS + head) * dense_len
     acc = tl.zeros([BLOCK_N, D], dtype=k_ptr.dtype.element_ty)
@@ -132,10 +139,7 @@ def block_read_kernel(k_ptr, v_ptr, bt_ptr, seq_lens_ptr, sink_ptr, num_segments
     seq = tl.program_id(0)
     seg = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
-    blocks = tl.cdiv(seq_len, BLOCK_SIZE)
-    per = tl.cdiv(blocks, num_segments)
-    lo = tl.minimum(seg * per, blocks)
-    hi = tl.minimum(lo + per, blocks)
+    lo, hi = _segment_tiles(seq_len, seg, num_segments, BLOCK_SIZE)
     bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
     rows = tl.arange(0, BLOCK_SIZE * NUM_KV_HEADS)  # row r: slot r // heads, head r % heads
     offs_d = tl.arange(0, D)
@@ -196,10 +200,7 @@ def minimal_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, out_ptr, pa
     offs_d = tl.arange(0, D)
     q = tl.load(q_ptr + (seq * NUM_KV_HEADS * GROUP + qh)[:, None] * D + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
-    tiles = tl.cdiv(seq_len, BLOCK_N)
-    per = tl.cdiv(tiles, num_segments)
-    lo = tl.minimum(seg * per, tiles)
-    hi = tl.minimum(lo + per, tiles)
+    lo, hi = _segment_tiles(seq_len, seg, num_segments, BLOCK_N)
     offs_n = tl.arange(0, BLOCK_N)
     bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
     m_i = tl.full([16], float("-inf"), tl.float32)
@@ -334,10 +335,7 @@ def block_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, out_ptr, part
     q_rows = (seq * NUM_KV_HEADS * GROUP + qh).to(tl.int64)
     q = tl.load(q_ptr + q_rows[:, :, None] * D + offs_d[None, None, :],
                 mask=row_ok[None, :, None], other=0.0)
-    blocks = tl.cdiv(seq_len, BLOCK_SIZE)
-    per = tl.cdiv(blocks, num_segments)
-    lo = tl.minimum(seg * per, blocks)
-    hi = tl.minimum(lo + per, blocks)
+    lo, hi = _segment_tiles(seq_len, seg, num_segments, BLOCK_SIZE)
     bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
     slots = tl.arange(0, BLOCK_SIZE)
     # element (slot, head, d) of a block at slot * heads * D + head * D + d
@@ -374,56 +372,6 @@ def block_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, out_ptr, part
         tl.store(part_ml_ptr + slot * 2 + 1, l_i, mask=ok_rows)
         tl.store(part_acc_ptr + slot[:, :, None] * D + offs_d[None, None, :], acc,
                  mask=ok_rows[:, :, None])
-
-
-class BlockDecode:
-    """:func:`block_decode_kernel` over ``inp`` (scales as :class:`MinimalDecode`), the
-    partials merged by :func:`minimal_merge_kernel` when ``merge`` (else left unmerged:
-    the decode's time alone)."""
-
-    def __init__(self, inp, segments: int, num_warps: int, stages: int, merge: bool = True):
-        cache = inp.cache
-        self.q, self.k, self.v = inp.q, cache.key_cache, cache.value_cache
-        if not (self.k.is_contiguous() and self.v.is_contiguous()):
-            raise ValueError("BlockDecode: K and V must be contiguous caches")
-        self.table, self.lens = inp.metadata.block_table, inp.metadata.seq_lens
-        self.num_seqs = self.lens.shape[0]
-        self.hkv, self.d = self.k.shape[2], self.k.shape[3]
-        self.group = self.q.shape[1] // self.hkv
-        quant = cache.quant
-        k_scale = float(quant.k_scale) if quant.mode == "fp8_per_tensor" else 1.0
-        self.v_scale = float(quant.v_scale) if quant.mode == "fp8_per_tensor" else 1.0
-        self.qk_scale = 1.4426950408889634 * k_scale / math.sqrt(self.d)
-        self.out = torch.full_like(self.q, float("nan"))
-        rows = self.q.shape[0] * self.q.shape[1]
-        self.part_ml = torch.empty(rows * segments * 2, dtype=torch.float32,
-                                   device=self.q.device)
-        self.part_acc = torch.empty(rows * segments, self.d, dtype=torch.float32,
-                                    device=self.q.device)
-        self.cfg = dict(segments=segments, num_warps=num_warps, stages=stages, merge=merge)
-
-    @property
-    def name(self) -> str:
-        c = self.cfg
-        what = ("merge-kernel" if c["merge"] else "no-merge") if c["segments"] > 1 \
-            else "one-segment"
-        return (f"block-decode seg{c['segments']} bs{self.k.shape[1]} w{c['num_warps']} "
-                f"s{c['stages']} {what}")
-
-    def __call__(self):
-        c = self.cfg
-        block_decode_kernel[(self.num_seqs, c["segments"])](
-            self.q, self.k, self.v, self.table, self.lens, self.out, self.part_ml,
-            self.part_acc, self.qk_scale, self.v_scale, c["segments"], self.k.stride(0),
-            self.table.stride(0), NUM_KV_HEADS=self.hkv, GROUP=self.group,
-            BLOCK_SIZE=self.k.shape[1], D=self.d, STAGES=c["stages"],
-            num_warps=c["num_warps"])
-        if c["merge"] and c["segments"] > 1:
-            minimal_merge_kernel[(self.num_seqs, self.hkv)](
-                self.part_ml, self.part_acc, self.out, c["segments"], NUM_KV_HEADS=self.hkv,
-                GROUP=self.group, GROUP_PAD=triton.next_power_of_2(self.group), D=self.d,
-                SEG_PAD=triton.next_power_of_2(c["segments"]), WAIT=False, num_warps=4)
-        return self.out
 
 
 class MinimalDecode:
@@ -484,6 +432,41 @@ class MinimalDecode:
                 GROUP=self.group, GROUP_PAD=triton.next_power_of_2(self.group), D=self.d,
                 SEG_PAD=triton.next_power_of_2(c["segments"]), WAIT=c["merge"] == 8,
                 num_warps=c["num_warps"], **pdl)
+        return self.out
+
+
+class BlockDecode(MinimalDecode):
+    """:func:`block_decode_kernel` over ``inp`` (scales and workspaces as
+    :class:`MinimalDecode`), the partials merged by :func:`minimal_merge_kernel` when
+    ``merge`` (else left unmerged: the decode's time alone)."""
+
+    def __init__(self, inp, segments: int, num_warps: int, stages: int, merge: bool = True):
+        super().__init__(inp, segments, inp.cache.block_size, num_warps, stages,
+                         7 if merge else 0)
+        if not (self.k.is_contiguous() and self.v.is_contiguous()):
+            raise ValueError("BlockDecode: K and V must be contiguous caches")
+
+    @property
+    def name(self) -> str:
+        c = self.cfg
+        what = ("merge-kernel" if c["merge"] else "no-merge") if c["segments"] > 1 \
+            else "one-segment"
+        return (f"block-decode seg{c['segments']} bs{self.k.shape[1]} w{c['num_warps']} "
+                f"s{c['stages']} {what}")
+
+    def __call__(self):
+        c = self.cfg
+        block_decode_kernel[(self.num_seqs, c["segments"])](
+            self.q, self.k, self.v, self.table, self.lens, self.out, self.part_ml,
+            self.part_acc, self.qk_scale, self.v_scale, c["segments"], self.k.stride(0),
+            self.table.stride(0), NUM_KV_HEADS=self.hkv, GROUP=self.group,
+            BLOCK_SIZE=self.k.shape[1], D=self.d, STAGES=c["stages"],
+            num_warps=c["num_warps"])
+        if c["merge"] and c["segments"] > 1:
+            minimal_merge_kernel[(self.num_seqs, self.hkv)](
+                self.part_ml, self.part_acc, self.out, c["segments"], NUM_KV_HEADS=self.hkv,
+                GROUP=self.group, GROUP_PAD=triton.next_power_of_2(self.group), D=self.d,
+                SEG_PAD=triton.next_power_of_2(c["segments"]), WAIT=False, num_warps=4)
         return self.out
 
 
@@ -553,24 +536,16 @@ class ReadBound:
         return self.sink
 
 
-class BlockRead:
+class BlockRead(ReadBound):
     """:func:`block_read_kernel` over ``inp``'s cache: one program per (sequence,
     segment) reading whole blocks (every kv head). Needs a cache whose blocks are
     contiguous (``stride(0) == block_size * kv heads * D``, as the bench's caches are)."""
 
     def __init__(self, inp, segments: int, num_warps: int, stages: int = 2):
-        cache = inp.cache
-        self.k = as_ints(cache.key_cache)
-        self.v = as_ints(cache.value_cache)
-        self.table = inp.metadata.block_table
-        self.lens = inp.metadata.seq_lens
-        self.num_seqs = self.lens.shape[0]
-        self.hkv, self.d = self.k.shape[2], self.k.shape[3]
-        self.block_size = self.k.shape[1]
+        super().__init__(inp, segments, inp.cache.block_size, num_warps, True, False, stages)
         if not (self.k.is_contiguous() and self.v.is_contiguous() and
                 self.k.stride() == self.v.stride()):
             raise ValueError("BlockRead: K and V must be contiguous caches of one shape")
-        self.cfg = dict(segments=segments, num_warps=num_warps, stages=stages)
         self.sink = torch.empty(self.num_seqs * segments, dtype=torch.int32,
                                 device=self.k.device)
 
@@ -770,22 +745,13 @@ def main() -> int:
                                         BLOCK_READS.get(name, [])):
                 whole = BlockRead(inp, segs, warps, stages)
                 calls[whole.name] = whole
-            blockwise = [] if args.package_only else BLOCK_DECODES.get(name, [])
-            want = decode_reference(inp) if minimal or blockwise else None
-            for segs, warps, stages, merged in blockwise:
-                run = BlockDecode(inp, segs, warps, stages, merged)
-                if merged and rnd == 0:
-                    try:
-                        err = ((run().double() - want).abs().max() / want.abs().max()).item()
-                    except Exception as exc:
-                        print(f"{name} {run.name}: {type(exc).__name__} {str(exc)[:200]}",
-                              flush=True)
-                        continue
-                    print(f"{name} {run.name}: relative error {err:.2e}", flush=True)
-                calls[run.name] = run
-            for segs, bn, warps, stages, merge, cap in minimal:
-                run = MinimalDecode(inp, segs, bn, warps, stages, merge, cap or None)
-                if merge not in (0, 3, 4) and rnd == 0:  # correct merges, against float64
+            decodes = [BlockDecode(inp, segs, warps, stages, merged) for segs, warps, stages,
+                       merged in ([] if args.package_only else BLOCK_DECODES.get(name, []))]
+            decodes += [MinimalDecode(inp, segs, bn, warps, stages, merge, cap or None)
+                        for segs, bn, warps, stages, merge, cap in minimal]
+            want = decode_reference(inp) if decodes else None
+            for run in decodes:
+                if run.cfg["merge"] not in (0, 3, 4) and rnd == 0:  # correct merges
                     try:
                         err = ((run().double() - want).abs().max() / want.abs().max()).item()
                     except Exception as exc:
