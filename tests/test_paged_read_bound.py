@@ -25,6 +25,6 @@ def test_read_bound_and_minimal_decode_check_in_the_interpreter():
                              "--check"], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    assert sum("match" in line and "MISMATCH" not in line for line in lines) == 10, lines
+    assert sum("match" in line and "MISMATCH" not in line for line in lines) == 12, lines
     assert sum("minimal decode" in line for line in lines) == 12, lines
-    assert sum("block decode" in line for line in lines) == 10, lines
+    assert sum("block decode" in line for line in lines) == 14, lines
