@@ -47,6 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
+from portattn.kernels.byte_decode import decode_pairs
 from portattn.kernels.reduce import combine_segments
 
 try:  # griddepcontrol (Triton >= 3.3): only the programmatic-dependent-launch merge uses it
@@ -394,7 +395,8 @@ def interleaved_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, out_ptr
                               stride_kb, stride_bt, NUM_KV_HEADS: tl.constexpr,
                               GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr,
                               STAGES: tl.constexpr, BLOCKS_PER_TILE: tl.constexpr,
-                              HEADS: tl.constexpr):
+                              HEADS: tl.constexpr, V_PAIRS: tl.constexpr = False,
+                              PAIRS_ASM: tl.constexpr = False):
     """Block reads with 2-D dots: grid (sequence, kv head group, segment), ``HEADS``
     adjacent kv heads per program. A tile is ``BLOCKS_PER_TILE`` cache blocks' rows of
     those heads as they lie (column ``c`` of a block: slot ``c // HEADS``, head ``c %
@@ -405,7 +407,11 @@ def interleaved_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, out_ptr
     are masked out: with ``HEADS * GROUP == 16`` the MMA work per key equals a per-head
     16-row tile's (whose rows past ``GROUP`` are padding), with more heads it is
     ``HEADS * GROUP / 16`` times that. P V over the same columns sums each row's own head
-    only. Partials and merge as :func:`block_decode_kernel`."""
+    only. ``V_PAIRS`` (e4m3 caches): V is an int16 view, two codes per element, split in
+    registers into the even and odd head columns (the package's ``V_PAIRS`` format 4 with
+    :func:`portattn.kernels.byte_decode.decode_pairs`, inline PTX when ``PAIRS_ASM``),
+    each with its own fp16 P V dot: no single-byte transposes of V in shared memory.
+    Partials and merge as :func:`block_decode_kernel`."""
     seq = tl.program_id(0)
     group = tl.program_id(1)
     seg = tl.program_id(2)
@@ -421,21 +427,44 @@ def interleaved_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, out_ptr
     cols = tl.arange(0, BLOCKS_PER_TILE * PER_BLOCK)
     slot = (cols % PER_BLOCK) // HEADS
     same_head = (rows // GROUP)[:, None] == (cols % HEADS)[None, :]
-    in_block = ((slot * NUM_KV_HEADS + group * HEADS + cols % HEADS) * D)[:, None] + \
-        offs_d[None, :]
+    row_of_col = slot * NUM_KV_HEADS + group * HEADS + cols % HEADS
+    in_block = (row_of_col * D)[:, None] + offs_d[None, :]
+    PAIRS: tl.constexpr = D // 2
+    offs_p = tl.arange(0, PAIRS)
+    in_block_v = (row_of_col * PAIRS)[:, None] + offs_p[None, :]
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
-    acc = tl.zeros([ROWS, D], tl.float32)
+    if V_PAIRS:
+        acc = tl.zeros([ROWS, PAIRS], tl.float32)
+        acc_odd = tl.zeros([ROWS, PAIRS], tl.float32)
+    else:
+        acc = tl.zeros([ROWS, D], tl.float32)
+        acc_odd = tl.zeros([1], tl.float32)
     for j in tl.range(lo, hi, num_stages=STAGES):
         block_idx = j * BLOCKS_PER_TILE + cols // PER_BLOCK
         ok = block_idx * BLOCK_SIZE + slot < seq_len
         blk = tl.load(bt_row + block_idx, mask=ok, other=0).to(tl.int64)
         offs = blk[:, None] * stride_kb + in_block
         k = tl.load(k_ptr + offs, mask=ok[:, None], other=0.0)
-        v = tl.load(v_ptr + offs, mask=ok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale
         s = tl.where(same_head & ok[None, :], s, float("-inf"))
-        acc, m_i, l_i = _online_step(s, v.to(q.dtype), acc, m_i, l_i)
+        if V_PAIRS:  # stride_kb counts elements: half as many int16 pairs per block
+            v = tl.load(v_ptr + blk[:, None] * (stride_kb // 2) + in_block_v, mask=ok[:, None],
+                        other=0)
+            v_even, v_odd = decode_pairs(v, 4, PAIRS_ASM)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            p16 = p.to(tl.float16)
+            acc = tl.dot(p16, v_even, acc * alpha[:, None])
+            acc_odd = tl.dot(p16, v_odd, acc_odd * alpha[:, None])
+            m_i = m_new
+        else:
+            v = tl.load(v_ptr + offs, mask=ok[:, None], other=0.0)
+            acc, m_i, l_i = _online_step(s, v.to(q.dtype), acc, m_i, l_i)
+    if V_PAIRS:
+        acc = tl.reshape(tl.join(acc, acc_odd), [ROWS, D])
     acc = acc * v_scale
     if num_segments == 1:
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -515,9 +544,14 @@ class BlockDecode(MinimalDecode):
     ``merge`` (else left unmerged: the decode's time alone)."""
 
     def __init__(self, inp, segments: int, num_warps: int, stages: int, merge: bool = True,
-                 blocks_per_tile: int = 0, heads: int = 0):
+                 blocks_per_tile: int = 0, heads: int = 0, v_pairs: bool = False,
+                 maxnreg: int | None = None):
         super().__init__(inp, segments, inp.cache.block_size, num_warps, stages,
-                         7 if merge else 0)
+                         7 if merge else 0, maxnreg)
+        if v_pairs and not (blocks_per_tile and self.v.dtype == torch.float8_e4m3fn):
+            raise ValueError("BlockDecode: V pairs need an e4m3 cache and the interleaved "
+                             "kernel")
+        self.v_pairs = v_pairs
         if not (self.k.is_contiguous() and self.v.is_contiguous()):
             raise ValueError("BlockDecode: K and V must be contiguous caches")
         self.blocks_per_tile = blocks_per_tile
@@ -533,8 +567,10 @@ class BlockDecode(MinimalDecode):
             else "one-segment"
         kind = f"interleaved{self.blocks_per_tile}-hg{self.heads}" if self.blocks_per_tile \
             else "3d"
+        extra = (" vpairs" if self.v_pairs else "") + \
+            (f" cap{self.extra['maxnreg']}" if self.extra else "")
         return (f"block-decode-{kind} seg{c['segments']} bs{self.k.shape[1]} "
-                f"w{c['num_warps']} s{c['stages']} {what}")
+                f"w{c['num_warps']} s{c['stages']} {what}{extra}")
 
     def __call__(self):
         c = self.cfg
@@ -544,8 +580,12 @@ class BlockDecode(MinimalDecode):
         consts = dict(NUM_KV_HEADS=self.hkv, GROUP=self.group, BLOCK_SIZE=self.k.shape[1],
                       D=self.d, STAGES=c["stages"], num_warps=c["num_warps"])
         if self.blocks_per_tile:
+            if self.v_pairs:
+                args = args[:2] + (self.v.view(torch.int16),) + args[3:]
             interleaved_decode_kernel[(self.num_seqs, self.hkv // self.heads, c["segments"])](
-                *args, BLOCKS_PER_TILE=self.blocks_per_tile, HEADS=self.heads, **consts)
+                *args, BLOCKS_PER_TILE=self.blocks_per_tile, HEADS=self.heads,
+                V_PAIRS=self.v_pairs, PAIRS_ASM=self.v_pairs and self.q.is_cuda,
+                **consts, **self.extra)
         else:
             block_decode_kernel[(self.num_seqs, c["segments"])](*args, **consts)
         if c["merge"] and c["segments"] > 1:
@@ -730,13 +770,18 @@ def check_cpu() -> int:
                 bad += not err < 2e-2
                 print(f"{mode} minimal decode, {segments} segments, merge {merge}: "
                       f"relative error {err:.2e}")
-        for segments, per_tile, heads in ((1, 0, 0), (3, 0, 0), (1, 1, 0), (3, 1, 0),
-                                          (2, 2, 0), (3, 1, 1), (2, 2, 1)):
-            got = BlockDecode(inp, segments, 4, 2, True, per_tile, heads)().double()
+        fp8 = mode == "fp8_per_tensor"
+        for segments, per_tile, heads, pairs in ((1, 0, 0, False), (3, 0, 0, False),
+                                                 (1, 1, 0, False), (3, 1, 0, False),
+                                                 (2, 2, 0, False), (3, 1, 1, False),
+                                                 (2, 2, 1, False), (3, 1, 1, fp8),
+                                                 (1, 2, 0, fp8)):
+            got = BlockDecode(inp, segments, 4, 2, True, per_tile, heads, pairs)().double()
             err = ((got - want).abs().max() / want.abs().max()).item()
             bad += not err < 2e-2
-            print(f"{mode} block decode ({per_tile or '3-D'}, heads {heads or 'all'}), "
-                  f"{segments} segments: relative error {err:.2e}")
+            print(f"{mode} block decode ({per_tile or '3-D'}, heads {heads or 'all'}"
+                  f"{', V pairs' if pairs else ''}), {segments} segments: "
+                  f"relative error {err:.2e}")
     return 1 if bad else 0
 
 
@@ -779,13 +824,15 @@ BLOCK_READS = {
 }
 
 #: name -> block decode configs (segments, warps, stages, merged, blocks per tile (0: the
-#: 3-D kernel), kv heads per program (0: all)) of :class:`BlockDecode`. Session 32 (H100):
+#: 3-D kernel), kv heads per program (0: all)[, V pairs[, register cap]]) of
+#: :class:`BlockDecode`; the fp8 package plan's shape is 8 segments, V pairs, cap 128
+#: (512 programs of 32 tiles, 4 per SM). Session 32 (H100):
 #: the 3-D kernel lost everywhere (8 x 32768 397 us against the per-head minimal's 354),
 #: the interleaved one over all 8 heads (32 rows: twice a 16-row tile's MMA work) tied at
 #: best (370 against 368) and lost at fp8 (byte-wise V): not timed again.
 BLOCK_DECODES = {
-    "fp8-32x8192": [(4, 4, 2, True, 2, 4), (8, 4, 2, True, 2, 4), (4, 4, 2, True, 1, 4),
-                    (8, 4, 2, True, 1, 4)],
+    "fp8-32x8192": [(8, 4, 2, True, 2, 4, True, 128), (4, 4, 2, True, 2, 4, True),
+                    (8, 4, 2, True, 2, 4, True), (4, 4, 2, True, 2, 4), (8, 4, 2, True, 2, 4)],
     "bf16-32x8192": [(4, 4, 2, True, 2, 4), (2, 4, 2, True, 2, 4), (4, 8, 2, True, 2, 4)],
     "bf16-8x8192": [(16, 4, 2, True, 2, 4), (8, 4, 2, True, 2, 4), (16, 4, 2, True, 1, 4)],
     "bf16-8x32768": [(16, 4, 2, True, 2, 4), (16, 4, 2, False, 2, 4), (32, 4, 2, True, 2, 4),
@@ -845,8 +892,7 @@ def main() -> int:
                                                BLOCK_READS.get(name, [])):
                 blocks = BlockRead(inp, segs, warps, stages, heads)
                 calls[blocks.name] = blocks
-            decodes = [BlockDecode(inp, segs, warps, stages, merged, per_tile, heads)
-                       for segs, warps, stages, merged, per_tile, heads in
+            decodes = [BlockDecode(inp, *config) for config in
                        ([] if args.package_only else BLOCK_DECODES.get(name, []))]
             decodes += [MinimalDecode(inp, segs, bn, warps, stages, merge, cap or None)
                         for segs, bn, warps, stages, merge, cap in minimal]

@@ -27,4 +27,5 @@ def test_read_bound_and_minimal_decode_check_in_the_interpreter():
     lines = result.stdout.splitlines()
     assert sum("match" in line and "MISMATCH" not in line for line in lines) == 12, lines
     assert sum("minimal decode" in line for line in lines) == 12, lines
-    assert sum("block decode" in line for line in lines) == 14, lines
+    assert sum("block decode" in line for line in lines) == 18, lines
+    assert sum("V pairs" in line for line in lines) == 2, lines
