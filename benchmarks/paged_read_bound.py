@@ -849,6 +849,8 @@ def main() -> int:
     parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument("--package-only", action="store_true",
                         help="time only the package's call (and SDPA cuDNN beside it)")
+    parser.add_argument("--only", default="",
+                        help="comma list: time only the calls whose label contains one")
     args = parser.parse_args()
     if args.check:
         return check_cpu()
@@ -896,6 +898,10 @@ def main() -> int:
                        ([] if args.package_only else BLOCK_DECODES.get(name, []))]
             decodes += [MinimalDecode(inp, segs, bn, warps, stages, merge, cap or None)
                         for segs, bn, warps, stages, merge, cap in minimal]
+            only = [part for part in args.only.split(",") if part]
+            if only:
+                calls = {k: f for k, f in calls.items() if any(o in k for o in only)}
+                decodes = [d for d in decodes if any(o in d.name for o in only)]
             want = decode_reference(inp) if decodes else None
             for run in decodes:
                 if run.cfg["merge"] not in (0, 3, 4) and rnd == 0:  # correct merges
