@@ -170,15 +170,21 @@ def _xor(a, b):
 
 
 @triton.jit
-def _online_step(s, v, acc, m_i, l_i):
-    """One tile of a base-2 online softmax: scores ``s`` ``[rows, keys]`` (masked keys
-    -inf) into the running max ``m_i``, sum ``l_i`` and ``acc += P V``."""
+def _softmax_step(s, m_i, l_i):
+    """Scores ``s`` ``[rows, keys]`` (masked keys -inf) into a base-2 online softmax:
+    ``(p, alpha, m_new, l_new)``, ``alpha`` rescaling what was accumulated before."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _online_step(s, v, acc, m_i, l_i):
+    """One tile of a base-2 online softmax (:func:`_softmax_step`) and ``acc += P V``."""
+    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-    return acc, m_new, l_i
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -452,14 +458,10 @@ def interleaved_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, out_ptr
             v = tl.load(v_ptr + blk[:, None] * (stride_kb // 2) + in_block_v, mask=ok[:, None],
                         other=0)
             v_even, v_odd = decode_pairs(v, 4, PAIRS_ASM)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
             p16 = p.to(tl.float16)
             acc = tl.dot(p16, v_even, acc * alpha[:, None])
             acc_odd = tl.dot(p16, v_odd, acc_odd * alpha[:, None])
-            m_i = m_new
         else:
             v = tl.load(v_ptr + offs, mask=ok[:, None], other=0.0)
             acc, m_i, l_i = _online_step(s, v.to(q.dtype), acc, m_i, l_i)
