@@ -1,9 +1,10 @@
 """The read bound of a paged decode: how fast can the bytes a decode reads be read at all,
 with the decode's own grid and access pattern and no attention work?
 
-Issues 10 and 15 leave two kernel-only bars missed by a few percent (fp8 per-tensor
-32 x 8192 at 0.56x of bf16 against <= 0.55x; small-batch bf16 decode at 0.83-0.98 of SDPA
-cuDNN). Sessions 20-21 profiled the decode and found its DRAM rate, not its instruction
+Issues 10 and 15 leave two kernel-only bars at or a few percent short of their line (when
+this was written, session 22: fp8 per-tensor 32 x 8192 at 0.56x of bf16 against <= 0.55x;
+small-batch bf16 decode at 0.83-0.98 of SDPA cuDNN; session 32: 0.55x, 0.98-1.0; NOTES.md
+has the rest). Sessions 20-21 profiled the decode and found its DRAM rate, not its instruction
 issue, to be the limit. This separates the access pattern from the kernel: a read-only
 kernel with the package's decode grid (sequence, kv head, segment), tiles of
 ``BLOCK_N`` keys gathered through the block table exactly as the unified kernel does (each
