@@ -263,10 +263,12 @@ def narrow_decode_segments(shape: Shape, programs: int) -> int:
 def tile_segments(shape: Shape, cfg: TileConfig, v_pairs: bool, programs: int) -> int:
     """The split-KV segments of ``programs`` (sequence, kv head) pairs launched with the
     decode tile ``cfg`` planned for ``shape`` (its bucket's largest batch): by the rule of
-    that tile (paired 8-bit, narrow, or the others')."""
+    that tile (paired 8-bit, narrow, or the others'). The narrow tile is known by its
+    keys and warps at 16 bits (no other 16-bit decode tile has 2 warps)."""
     if v_pairs:
         return paired_decode_segments(shape, programs)
-    if narrow_decode(shape, shape.max_seqlen_q, shape.num_seqs * shape.num_kv_heads):
+    if shape.elem_bytes == 2 and \
+            (cfg.block_n, cfg.num_warps) == (NARROW_DECODE_BLOCK_N, NARROW_DECODE_WARPS):
         return narrow_decode_segments(shape, programs)
     return decode_segments(shape, cfg.block_n, programs)
 
