@@ -7,12 +7,17 @@ matters in its PTX: the cheapest check that a kernel change still compiles for s
 Pointers and strides are declared 16-byte divisible, as a real launch specializes them;
 without that, Triton cannot vectorize or pipeline the K/V loads and the counts mislead.
 Columns: shared memory bytes, 16-byte cp.async (pipelined loads), single-byte shared
-loads (an 8-bit operand transposed the slow way), TMA copies (descriptor loads).
+loads (an 8-bit operand transposed the slow way), TMA copies (descriptor loads), and
+with ``--ptxas`` the registers per thread and spill bytes ptxas reports.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import subprocess
+import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -29,7 +34,7 @@ BASE = dict(GROUP=4, BLOCK_M=16, BLOCK_Q=4, BLOCK_N=128, BLOCK_SIZE=16, HEAD_QK=
             FP8_ACC=32, FP8_OUT=False, FP8_MAX=0.0, COMPUTE_DTYPE=1, DOT_PREC="tf32",
             CHECK_BLOCKS=True, KV_LOAD=0, V_STAGE=False, KV_BITS=0, BITS_ASM=False,
             V_PAIRS=0, FLAT_GRID=False, ONE_LOOP=False, MERGE_SEGMENTS=0, V_SC_BOOST=1.0,
-            MERGE_LOAD=MERGE_LOAD_ELEMENTS)
+            MERGE_LOAD=MERGE_LOAD_ELEMENTS, TILE_HEADS=1)
 PREFILL = dict(BLOCK_M=128, BLOCK_Q=32, SEQ_MODE=0)
 #: name -> (KV storage type, constexpr changes, num_warps, num_stages)
 VARIANTS = {
@@ -52,6 +57,24 @@ VARIANTS = {
     "decode fp8 per-tensor V_PAIRS": ("fp8e4nv", dict(KV_QUANT=1, Q_PRESCALE=True,
                                                       COMPUTE_DTYPE=0, V_PAIRS=4,
                                                       BITS_ASM=True), 4, 2),
+    # the plan's paired tiles (registers capped at 128): a kv head per program (GQA 4,
+    # 2 segments at 32 x 8192), or 4 (16 rows, 8 segments, heuristics.decode_tile_heads)
+    "decode fp8 V_PAIRS split cap128": ("fp8e4nv", dict(KV_QUANT=1, Q_PRESCALE=True,
+                                                        COMPUTE_DTYPE=0, V_PAIRS=4,
+                                                        BITS_ASM=True, SPLIT=True,
+                                                        MERGE_SEGMENTS=2), 4, 2, 128),
+    "decode fp8 V_PAIRS 4 heads cap128": ("fp8e4nv", dict(KV_QUANT=1, Q_PRESCALE=True,
+                                                          COMPUTE_DTYPE=0, V_PAIRS=4,
+                                                          BITS_ASM=True, SPLIT=True,
+                                                          MERGE_SEGMENTS=8, GROUP=16,
+                                                          BLOCK_Q=1, TILE_HEADS=4),
+                                          4, 2, 128),
+    "decode int8 codes V_PAIRS 4 heads cap128": ("i8", dict(KV_QUANT=2, KV_BITS=3,
+                                                            BITS_ASM=True, Q_PRESCALE=True,
+                                                            COMPUTE_DTYPE=0, V_PAIRS=3,
+                                                            SPLIT=True, MERGE_SEGMENTS=8,
+                                                            GROUP=16, BLOCK_Q=1,
+                                                            TILE_HEADS=4), 4, 2, 128),
     "decode int8 per-token-head": ("i8", dict(KV_QUANT=2), 4, 2),
     "decode int8 codes": ("i8", dict(KV_QUANT=2, KV_BITS=3, BITS_ASM=True, Q_PRESCALE=True,
                                      COMPUTE_DTYPE=0), 4, 2),
@@ -80,7 +103,8 @@ RUNTIME_FLOATS = ("scale", "softcap", "v_one")
 UNSPECIALIZED = ("stride_qd", "stride_od")  # always 1 in practice
 
 
-def compile_variant(kv: str, changes: dict, warps: int, stages: int, arch: int):
+def compile_variant(kv: str, changes: dict, warps: int, stages: int, arch: int,
+                    maxnreg: int | None = None):
     consts = {**BASE, **changes}
     pointer_types = {name: "*bf16" for name in KERNEL.arg_names if name.endswith("_ptr")}
     pointer_types.update(k_ptr=f"*{kv}", v_ptr="*i16" if consts["V_PAIRS"] else f"*{kv}",
@@ -103,29 +127,53 @@ def compile_variant(kv: str, changes: dict, warps: int, stages: int, arch: int):
             if name.startswith("stride_") and name not in UNSPECIALIZED:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=KERNEL, signature=signature, constexprs=consts, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": warps, "num_stages": stages})
+    options = {"num_warps": warps, "num_stages": stages}
+    if maxnreg:
+        options["maxnreg"] = maxnreg
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def ptxas_usage(ptx: str, arch: int) -> str:
+    """``registers/spill bytes`` as the ptxas Triton ships reports for ``ptx``."""
+    import triton.backends.nvidia as nvidia
+
+    ptxas = os.path.join(os.path.dirname(nvidia.__file__), "bin", "ptxas")
+    suffix = "a" if arch == 90 else ""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        done = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}{suffix}", src, "-o",
+                               os.path.join(tmp, "kernel.cubin")],
+                              capture_output=True, text=True)
+    regs = re.search(r"Used (\d+) registers", done.stderr)
+    spill = re.search(r"(\d+) bytes spill stores", done.stderr)
+    return f"{regs.group(1) if regs else '?'}/{spill.group(1) if spill else '?'}"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
     parser.add_argument("--only", default="", help="comma list of variant names (default all)")
+    parser.add_argument("--ptxas", action="store_true",
+                        help="also run ptxas -v: registers per thread / spill bytes")
     args = parser.parse_args()
     wanted = [n for n in args.only.split(",") if n] or list(VARIANTS)
     failed = 0
-    print(f"{'variant':<34} {'shared':>7} {'cp.async16':>10} {'ld.b8':>6} {'tma':>4}")
+    print(f"{'variant':<42} {'shared':>7} {'cp.async16':>10} {'ld.b8':>6} {'tma':>4}"
+          + ("  regs/spill" if args.ptxas else ""))
     for name in wanted:
-        kv, changes, warps, stages = VARIANTS[name]
+        kv, changes, warps, stages, *cap = VARIANTS[name]
         try:
-            compiled = compile_variant(kv, changes, warps, stages, args.arch)
+            compiled = compile_variant(kv, changes, warps, stages, args.arch, *cap)
         except Exception as exc:
             failed += 1
-            print(f"{name:<34} FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            print(f"{name:<42} FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
             continue
         ptx = compiled.asm["ptx"]
-        print(f"{name:<34} {compiled.metadata.shared:>7} {ptx.count('cp.async.cg'):>10} "
-              f"{ptx.count('ld.shared.b8'):>6} {ptx.count('cp.async.bulk.tensor'):>4}")
+        usage = f"  {ptxas_usage(ptx, args.arch):>10}" if args.ptxas else ""
+        print(f"{name:<42} {compiled.metadata.shared:>7} {ptx.count('cp.async.cg'):>10} "
+              f"{ptx.count('ld.shared.b8'):>6} {ptx.count('cp.async.bulk.tensor'):>4}{usage}")
     return 1 if failed else 0
 
 

@@ -125,7 +125,7 @@ def test_plan_rebuilds_int8_codes_for_decode_on_sm90_only():
 
     assert plan("int8_per_token_head")["kv_bits"] == "int8"
     assert heuristics.variant_name(plan("int8_per_token_head")) == \
-        "decode-3d-int8-codes-vpairs"
+        "decode-3d-int8-codes-vpairs-4heads"
     for params in (plan("fp8_per_token_head:e4m3fn"), plan("fp8_per_tensor:e4m3fn"),
                    plan("none", elem=2), plan("int8_per_token_head", arch="sm86"),
                    plan("int8_per_token_head", q=4096)):  # prefill tiles
@@ -158,11 +158,14 @@ def test_8bit_decode_takes_small_tiles_only_with_many_programs_per_sm(quant_key)
 
 @pytest.mark.parametrize("quant_key", ["fp8_per_tensor:e4m3fn", "fp8_per_tensor:e5m2",
                                        "int8_per_token_head", "fp8_per_token_head:e4m3fn"])
-def test_8bit_decode_on_sm90_reads_v_pairs_with_four_programs_per_sm(quant_key):
+def test_8bit_decode_on_sm90_reads_v_pairs_with_four_programs_per_sm(quant_key, monkeypatch):
     """sm90 decode over 8-bit caches: V as int16 pairs, 128-key 4-warp tiles capped at 128
     registers, and as many segments (a power of two) as keep every program resident (4
-    per SM), each segment at least two tiles."""
+    per SM), each segment at least two tiles. A program per kv head here (the tiles over
+    several heads are tests/test_tile_heads.py's)."""
     from portattn.kernels import heuristics
+
+    monkeypatch.setattr(heuristics, "MULTI_HEAD_DECODE_GROUPS", ())
 
     def plan(num_seqs, seq_len=8192, arch="sm90", q=1, head=128, head_v=128, sms=132):
         shape = heuristics.Shape(32, 8, head, 1, q, seq_len, num_seqs, sms, arch, head_v,

@@ -596,16 +596,21 @@ def test_every_batch_of_a_bucket_gets_its_own_segment_count(quant, elem, num_kv_
     from portattn.kernels.heuristics import quant_mode, segments_for
 
     def tile(cfg):
-        return cfg["block_m"], cfg["block_n"], cfg["num_warps"], cfg.get("maxnreg")
+        return (cfg["block_m"], cfg["block_n"], cfg["num_warps"], cfg.get("maxnreg"),
+                cfg.get("tile_heads", 1))
 
     def pow2_at_most(n):
         return 1 << (max(1, n).bit_length() - 1)
 
     def rule_of_tile(cfg, programs):
         """The documented segment rules, written here again: the paired 8-bit tile (4
-        per SM), the narrow split tile (64 keys, 2 warps: 4 per SM), the others (2 per
-        SM, none once the programs fill the SMs); each segment 2 tiles or more."""
-        keys = cfg["block_n"]
+        per SM; over ``tile_heads`` kv heads: that many times fewer programs, of that many
+        times fewer keys per tile), the narrow split tile (64 keys, 2 warps: 4 per SM),
+        the others (2 per SM, none once the programs fill the SMs); each segment 2 tiles
+        or more."""
+        heads = cfg.get("tile_heads", 1)
+        keys = cfg["block_n"] // heads
+        programs //= heads
         by_length = max(1, -(-max_seqlen_k // keys) // 2)
         if cfg.get("maxnreg") or (keys, cfg["num_warps"]) == (64, 2) and elem == 2:
             return pow2_at_most(min(4 * sm_count // programs, by_length, 64))
@@ -635,12 +640,14 @@ def test_every_batch_of_a_bucket_gets_its_own_segment_count(quant, elem, num_kv_
         assert other_tile == 0
 
 
-def test_the_bucket_rule_is_named_and_sized():
-    """The H200 case: the 64-sequence fp8 plan says in its variant name that up to 33
-    sequences take 2 segments, and its workspace holds the 33-sequence launch's
-    partials (the largest split launch of the bucket)."""
-    from portattn.kernels import launch
+def test_the_bucket_rule_is_named_and_sized(monkeypatch):
+    """The H200 case: the 64-sequence fp8 plan (a program per kv head) says in its
+    variant name that up to 33 sequences take 2 segments, and its workspace holds the
+    33-sequence launch's partials (the largest split launch of the bucket)."""
+    from portattn.kernels import heuristics, launch
     from portattn.kernels.heuristics import quant_mode
+
+    monkeypatch.setattr(heuristics, "MULTI_HEAD_DECODE_GROUPS", ())
 
     params = plan_launch(_shape(elem_bytes=1, num_seqs=64,
                                 kv_quant=quant_mode("fp8_per_tensor")))

@@ -114,7 +114,8 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
                   fp8_dot=False, tolerance=None, separate_kv=False, block_table_edit=None,
                   v_stage=None, kv_load="pointer", kv_bits=None, v_scale_factor=None,
                   v_pairs=None, stage=None, stage_kv_load=None, stage_min_q=1,
-                  one_loop=None, merge_in_kernel=None, workspace=None, gluon=False):
+                  one_loop=None, merge_in_kernel=None, workspace=None, gluon=False,
+                  tile_heads=None):
     """Run one case; returns the relative error (asserts it is within tolerance).
 
     ``quant``: a KVQuant for the cache; ``head_size_v``: DiffKV (a packed cache);
@@ -147,7 +148,8 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
     the plan; ``workspace``: passed to the launch (a runner's, say) instead of one made
     per call; ``gluon`` (with ``stage``): the staged plan's long sequences go to the Gluon
     prefill (forced: a refusal raises), over the cache (16-bit caches) or the staged copy
-    (8-bit ones)."""
+    (8-bit ones); ``tile_heads``: the decode tiles serve that many kv heads per program
+    (the kernel's TILE_HEADS; rows widened to hold their query heads)."""
     from portattn.backends.triton_unified import TritonUnified
 
     num_q_heads = group * num_kv_heads
@@ -234,6 +236,13 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
                              torch.int8: "int8"}[cache.key_cache.dtype]
     if v_pairs is not None:
         params["v_pairs"] = bool(v_pairs)
+    if tile_heads is not None:
+        short_cfg = dict(params["short"], tile_heads=tile_heads)
+        if params["mode"] == "decode":  # rows for the batch's queries, not the plan's 16
+            short_cfg["block_q"] = heuristics.next_pow2(max(query_lens))
+        short_cfg["block_m"] = max(16, heuristics.next_pow2(
+            short_cfg["block_q"] * group * tile_heads))
+        params["short"] = short_cfg
     if merge_in_kernel is not None and "short" in params:
         params["short"] = dict(params["short"], merge_in_kernel=bool(merge_in_kernel))
     if kv_load == "descriptor":

@@ -223,6 +223,23 @@ def test_v_pairs_shapes(quant, case):
     run("decode-3d", quant=QUANTS[quant], v_pairs=True, **kw)
 
 
+@pytest.mark.parametrize("block_m,warps", [(64, 4), (128, 4), (64, 8)])
+@pytest.mark.parametrize("quant", ["fp8_tensor_e4m3", "int8_token_head"])
+def test_forced_v_pairs_at_head_64_in_wide_tiles_read_v_bytewise(quant, block_m, warps,
+                                                                monkeypatch):
+    """V pairs at head 64 in tiles of 64 / 128 rows came out wrong with 4 warps (one
+    launch made an illegal memory access; H100, Triton 3.6, NOTES.md session 33): a
+    forced ``v_pairs`` there reads V byte-wise instead, and the result is right."""
+    from portattn.kernels import launch
+    from portattn.kernels.heuristics import TileConfig
+
+    calls = KernelCalls(launch.unified_attention_kernel)
+    monkeypatch.setattr(launch, "unified_attention_kernel", calls)
+    run("decode-3d", quant=QUANTS[quant], head_size=64, v_pairs=True, segments=8,
+        short=TileConfig(block_m, block_m // 4, 128, warps, 2, 8))
+    assert [kw["V_PAIRS"] for kw in calls.kwargs] == [0]
+
+
 @pytest.mark.parametrize("feature", list(FEATURES))
 @pytest.mark.parametrize("variant", ["decode-3d", "chunked"])
 def test_v_pairs_features(variant, feature):
@@ -232,8 +249,9 @@ def test_v_pairs_features(variant, feature):
 @pytest.mark.parametrize("quant", ["fp8_tensor_e4m3", "int8_token_head"])
 def test_batch_below_its_bucket_top_takes_its_own_segments(quant, monkeypatch):
     """33 decode sequences share the 64-sequence plan (the bucket), whose paired 8-bit
-    tile takes 1 segment on 132 SMs; 33 fit 2 in one wave (the plan's ``segments_upto``):
-    the launch takes 2 and matches the float64 oracle."""
+    tile (4 kv heads per program at GQA 4: 128 programs of the 64) takes 4 segments on
+    132 SMs; 33 (66 programs) fit 8 in one wave (the plan's ``segments_upto``): the
+    launch takes 8 over the 2 head groups and matches the float64 oracle."""
     from portattn.kernels import launch
 
     calls = KernelCalls(launch.unified_attention_kernel)
@@ -241,7 +259,7 @@ def test_batch_below_its_bucket_top_takes_its_own_segments(quant, monkeypatch):
     seq_lens = [300 + (37 * i) % 1500 for i in range(33)]
     run_gpu_case(dict(query_lens=[1] * 33, seq_lens=seq_lens), num_kv_heads=8,
                  quant=QUANTS[quant], sm_count=132, arch="sm90")
-    assert [grid[2] for grid in calls.grids] == [2]
+    assert [tuple(grid) for grid in calls.grids] == [(33, 2, 8)]
 
 
 # --------------------------------------------------------------------------- DiffKV

@@ -44,6 +44,22 @@ MAX_DECODE_ROWS = 64
 #: programs per SM that fit with the cap.
 PAIRED_DECODE_MAXNREG = 128
 PAIRED_DECODE_PROGRAMS_PER_SM = 4
+#: The paired 8-bit decode tile over several kv heads (:func:`decode_tile_heads`): the
+#: GQA groups it serves, each with ``MULTI_HEAD_DECODE_ROWS // group`` heads per program,
+#: where the per-head programs (sequence, kv head) fill the SMs at least once. A slot's
+#: heads lie side by side in the cache, so such a tile reads runs of heads x 128 bytes
+#: (fp8, head 128) where a per-head tile reads 128-byte rows, which read 4.5-5% slower
+#: than whole blocks (H100, NOTES.md session 32). H100, kernel-only, three alternating
+#: pairs, 4 heads against 1 at GQA 4 (8 kv heads): fp8 per-tensor 32 x 8192 205.4-205.9
+#: us against 209.1-209.5, 128 x 8192 734-736 against 775-777; int8 / fp8 per-token-head
+#: 32 x 8192 211-212 / 210-212 against 220-222 / 220-221, int8 128 x 8192 768-770
+#: against 881-884; e5m2 32 / 128 x 8192 202-203 / 736-738 against 209 / 775. 2 heads at
+#: GQA 8 (64 / 8 heads): fp8 32 / 128 x 8192 198.8 / 730.7 against 209.0 / 776.6, int8
+#: per-token-head 209.2 against 219.5. Lost where the per-head programs are fewer than
+#: the SMs: fp8 8 x 8192 (64 programs) 73.0-73.7 against 66.7-66.8 (32 segments, whose
+#: merge of 16 rows each costs more than the reads save) (NOTES.md session 33).
+MULTI_HEAD_DECODE_GROUPS: tuple[int, ...] = (4, 8)
+MULTI_HEAD_DECODE_ROWS = 16
 #: 16-bit decode whose unsplit grid fills a quarter to a half of the SMs (batch 5-8 at 8 kv
 #: heads on 132 SMs): narrow tiles (keys, warps) split to about this many programs per SM
 #: instead of 128-key 4-warp tiles at 2 (:func:`narrow_decode`). bf16, 32 / 8 heads,
@@ -92,6 +108,10 @@ class TileConfig:
     #: smaller batches that take more segments: ((largest num_seqs, segments), ...),
     #: ascending (:func:`batch_segments`); empty: ``segments`` for every batch
     segments_upto: tuple = ()
+    #: kv heads one decode program serves (the kernel's ``TILE_HEADS``): a KV tile of
+    #: ``block_n`` columns is ``block_n // tile_heads`` keys x that many heads, its rows
+    #: their query heads (:func:`decode_tile_heads`)
+    tile_heads: int = 1
 
     def smem_bytes(self, head_pad: int, elem_bytes: int, head_pad_v: int | None = None) -> int:
         """Shared memory of the pipelined K and V tiles plus the query tile (``head_pad``
@@ -101,12 +121,15 @@ class TileConfig:
         return kv + self.block_m * head_pad * elem_bytes
 
     def as_dict(self) -> dict:
-        """The fields as a dict; ``maxnreg`` and ``segments_upto`` only where set."""
+        """The fields as a dict; ``maxnreg``, ``segments_upto`` and ``tile_heads`` only
+        where set."""
         out = asdict(self)
         if out["maxnreg"] is None:
             del out["maxnreg"]
         if not out["segments_upto"]:
             del out["segments_upto"]
+        if out["tile_heads"] == 1:
+            del out["tile_heads"]
         return out
 
 
@@ -225,16 +248,34 @@ def reads_v_pairs(shape: Shape, block_m: int) -> bool:
         shape.head_pad == 128 and shape.head_pad_v == 128
 
 
-def paired_decode_segments(shape: Shape, programs: int) -> int:
+def paired_decode_segments(shape: Shape, programs: int, tile_keys: int = 128) -> int:
     """Split-KV segments of the paired 8-bit decode tile: the largest power of two that
     keeps every program resident at once (PAIRED_DECODE_PROGRAMS_PER_SM per SM), each
-    segment MIN_TILES_PER_SEGMENT tiles or more. H200, fp8 per-tensor 32 x 8192 (256
-    programs): 2 segments 150.3 us, 1 166.1, 4 152.8; 128 x 8192 (1024): 1 segment 538.4,
-    2 559.1 (NOTES.md)."""
+    segment MIN_TILES_PER_SEGMENT tiles (of ``tile_keys`` keys) or more. H200, fp8
+    per-tensor 32 x 8192 (256 programs): 2 segments 150.3 us, 1 166.1, 4 152.8; 128 x 8192
+    (1024): 1 segment 538.4, 2 559.1 (NOTES.md). ``programs``: (sequence, head group)
+    pairs, a group being the tile's ``tile_heads`` kv heads."""
     fit = max(1, PAIRED_DECODE_PROGRAMS_PER_SM * shape.sm_count // programs)
-    by_length = max(1, cdiv(shape.max_seqlen_k, 128) // MIN_TILES_PER_SEGMENT)
+    by_length = max(1, cdiv(shape.max_seqlen_k, tile_keys) // MIN_TILES_PER_SEGMENT)
     segments = min(fit, by_length, MAX_SEGMENTS)
     return 1 << (segments.bit_length() - 1)
+
+
+def decode_tile_heads(shape: Shape, max_q: int, v_pairs: bool) -> int:
+    """How many kv heads one program of the paired 8-bit decode tile serves: ``16 //
+    group`` for one query per sequence of a GQA group in
+    :data:`MULTI_HEAD_DECODE_GROUPS` (16 rows: the paired tile's), where the kv heads
+    split into whole groups of that many and the (sequence, kv head) pairs of the batch
+    (the plan's: its bucket's largest) are at least the SMs; else 1 (a program per kv
+    head)."""
+    if not v_pairs or max_q != 1 or shape.group not in MULTI_HEAD_DECODE_GROUPS or \
+            shape.num_seqs * shape.num_kv_heads < shape.sm_count:
+        return 1
+    heads = MULTI_HEAD_DECODE_ROWS // shape.group
+    if heads < 2 or heads * shape.group != MULTI_HEAD_DECODE_ROWS or \
+            shape.num_kv_heads % heads:
+        return 1
+    return heads
 
 
 def narrow_decode(shape: Shape, max_q: int, programs: int) -> bool:
@@ -266,7 +307,8 @@ def tile_segments(shape: Shape, cfg: TileConfig, v_pairs: bool, programs: int) -
     that tile (paired 8-bit, narrow, or the others'). The narrow tile is known by its
     keys and warps at 16 bits (no other 16-bit decode tile has 2 warps)."""
     if v_pairs:
-        return paired_decode_segments(shape, programs)
+        return paired_decode_segments(shape, programs // cfg.tile_heads,
+                                      128 // cfg.tile_heads)
     if shape.elem_bytes == 2 and \
             (cfg.block_n, cfg.num_warps) == (NARROW_DECODE_BLOCK_N, NARROW_DECODE_WARPS):
         return narrow_decode_segments(shape, programs)
@@ -317,11 +359,14 @@ def decode_config(shape: Shape, max_q: int, num_seqs: int,
     if v_pairs:
         # V as int16 pairs, 128 keys, 4 warps, registers capped to 128 so 4 programs fit
         # an SM; H200 fp8 per-tensor 32 / 128 x 8192: 150.3 / 538.4 us against 188.8 /
-        # 674.0 with byte-wise V and 64-key tiles at 128 (NOTES.md)
+        # 674.0 with byte-wise V and 64-key tiles at 128 (NOTES.md). 128 columns of
+        # several kv heads where decode_tile_heads says so.
+        heads = decode_tile_heads(shape, max_q, v_pairs)
         if segments is None:
-            segments = paired_decode_segments(shape, num_seqs * shape.num_kv_heads)
-        return TileConfig(block_m, block_q, 128, 4, 2, segments,
-                          maxnreg=PAIRED_DECODE_MAXNREG)
+            segments = paired_decode_segments(shape, num_seqs * shape.num_kv_heads // heads,
+                                              128 // heads)
+        return TileConfig(block_m, block_m // (shape.group * heads), 128, 4, 2, segments,
+                          maxnreg=PAIRED_DECODE_MAXNREG, tile_heads=heads)
     programs = num_seqs * shape.num_kv_heads
     if split_narrow and narrow_decode(shape, max_q, programs) and \
             (segments is None or segments > 1):  # forced unsplit: the 128-key tile
@@ -601,6 +646,8 @@ def variant_name(params: dict) -> str:
         name += f"-{params['kv_bits']}-codes"
     if params.get("v_pairs"):
         name += "-vpairs"
+    if short.get("tile_heads", 1) > 1:
+        name += f"-{short['tile_heads']}heads"
     if params.get("gluon"):
         name += "-gluon" if params["gluon"]["reads"] == "cache" else "-staged-gluon"
     elif params.get("stage"):

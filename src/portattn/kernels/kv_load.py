@@ -91,11 +91,16 @@ def tensor_reasons(name: str, data_ptr: int, strides: tuple[int, ...],
 
 def descriptor_params(params: dict, block_size: int) -> dict:
     """``params`` (from ``plan_launch``) with ``kv_load="descriptor"`` and every tile
-    config's ``block_n`` cut to :func:`descriptor_block_n`."""
+    config's ``block_n`` cut to :func:`descriptor_block_n`; a decode tile over several kv
+    heads (``tile_heads``: a box holds one head's keys) becomes a tile per kv head with
+    the same rows (``block_q`` that many times more queries: its GQA group's rows)."""
     out = dict(params)
     for key in ("short", "long"):
         if key in out:
             cfg = dict(out[key])
+            heads = cfg.pop("tile_heads", 1)
+            if heads > 1:
+                cfg["block_q"] = cfg["block_q"] * heads
             cfg["block_n"] = descriptor_block_n(cfg["block_n"], block_size)
             out[key] = cfg
     out["kv_load"] = "descriptor"
@@ -103,7 +108,8 @@ def descriptor_params(params: dict, block_size: int) -> dict:
 
 
 def launch_reasons(params: dict, block_size: int) -> list[str]:
-    """Why a plan's tiles cannot run with descriptor loads (a tile crossing a block)."""
+    """Why a plan's tiles cannot run with descriptor loads (a tile crossing a block, a
+    decode tile over several kv heads)."""
     reasons = []
     for key in ("short", "long"):
         if key in params:
@@ -111,4 +117,8 @@ def launch_reasons(params: dict, block_size: int) -> list[str]:
             if block_n < MIN_TILE_KEYS or block_size % block_n:
                 reasons.append(f"{key} tile of {block_n} keys is not a whole part of a "
                                f"{block_size}-slot cache block")
+            heads = params[key].get("tile_heads", 1)
+            if heads > 1:
+                reasons.append(f"{key} tile reads {heads} kv heads per key (a descriptor "
+                               f"box holds one head's keys)")
     return reasons

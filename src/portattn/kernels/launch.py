@@ -212,7 +212,9 @@ def has_room(workspace: torch.Tensor, elements: int) -> bool:
 def merges_in_kernel(cfg: dict, num_seqs: int, num_kv_heads: int) -> bool:
     """Whether a split launch of decode tiles ``cfg`` merges its partials in the kernel
     (the tile's ``merge_in_kernel``, else ``heuristics.MERGE_IN_KERNEL``) rather than with
-    the merge kernel: one ticket per (sequence, kv head) must fit :data:`MERGE_TICKETS`."""
+    the merge kernel: one ticket per (sequence, kv head) must fit :data:`MERGE_TICKETS`
+    (``num_kv_heads``: the launch's programs per sequence and segment, kv heads over the
+    tile's ``tile_heads``)."""
     return heuristics.segments_for(cfg, num_seqs) > 1 and \
         cfg.get("merge_in_kernel", heuristics.MERGE_IN_KERNEL) and \
         num_seqs * num_kv_heads <= MERGE_TICKETS
@@ -221,9 +223,18 @@ def merges_in_kernel(cfg: dict, num_seqs: int, num_kv_heads: int) -> bool:
 def _launch_short(args, q, cache, metadata, out, cfg: dict, long_follows: bool,
                   workspace: torch.Tensor | None = None) -> None:
     """SEQ_MODE 1: one tile per sequence with at most BLOCK_Q queries (2D or 3D); a split
-    launch merges in the kernel (:func:`merges_in_kernel`) or runs the merge kernel."""
+    launch merges in the kernel (:func:`merges_in_kernel`) or runs the merge kernel. A
+    tile of ``tile_heads`` kv heads (the kernel's ``TILE_HEADS``) is launched per group
+    of that many heads, its rows their query heads (the kernel's ``GROUP``)."""
     num_seqs = metadata.seq_lens.shape[0]
-    num_kv_heads = cache.num_kv_heads
+    heads = cfg.get("tile_heads", 1)
+    if heads > 1:
+        if cache.num_kv_heads % heads or cfg["block_m"] < cfg["block_q"] * args["GROUP"] * heads:
+            raise ValueError(f"a decode tile of {heads} kv heads needs the kv heads "
+                             f"({cache.num_kv_heads}) in whole groups of {heads} and "
+                             f"block_m >= block_q x their query heads, got {cfg}")
+        args = dict(args, GROUP=args["GROUP"] * heads)
+    num_kv_heads = cache.num_kv_heads // heads  # programs per (sequence, segment)
     segments = heuristics.segments_for(cfg, num_seqs)
     block_q = cfg["block_q"]
     pad_v = args["HEAD_V_PAD"]
@@ -262,7 +273,7 @@ def _launch_short(args, q, cache, metadata, out, cfg: dict, long_follows: bool,
         BLOCK_M=cfg["block_m"], BLOCK_Q=block_q, BLOCK_N=cfg["block_n"], SEQ_MODE=1,
         SHORT_Q=0, STAGED_Q=0, SPLIT=segments > 1, LONG_FOLLOWS=long_follows, num_segments=segments,
         MERGE_SEGMENTS=next_pow2(segments) if in_kernel else 0,
-        MERGE_LOAD=merge_load,
+        MERGE_LOAD=merge_load, TILE_HEADS=heads,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_register_cap(cfg),
         **args)
     if segments > 1 and not in_kernel:
@@ -320,6 +331,18 @@ def launch_unified(q: torch.Tensor, cache, metadata, options, out: torch.Tensor,
                    lambda args, p: _launch_modes(q, cache, metadata, out, p, args, workspace))
 
 
+def v_pairs_compile_right(params: dict, head_size_v: int) -> bool:
+    """Whether the kernel's ``V_PAIRS`` may serve every tile of ``params``: not V rows
+    padded below 128 (64 pairs) in tiles of more than 16 rows. Those came out wrong on the
+    H100 (Triton 3.6, head 64, 64- and 128-row tiles of 4 warps: relative error 0.14-0.16,
+    one illegal memory access; 8 warps right; NOTES.md session 33). The plan pairs V only
+    in 16-row decode tiles of head 128 (``heuristics.reads_v_pairs``); this keeps a forced
+    ``v_pairs`` from reaching the others, which read V byte-wise instead."""
+    if head_pad(head_size_v) >= 128:
+        return True
+    return all(params[key]["block_m"] <= 16 for key in ("short", "long") if key in params)
+
+
 def _with_kv_loads(q, cache, metadata, options, out, params: dict, run) -> None:
     """``run(args, params)`` with the kernel arguments of ``params`` over ``cache``,
     descriptor loads where the plan chose them and these tensors allow (auto mode: a
@@ -327,10 +350,12 @@ def _with_kv_loads(q, cache, metadata, options, out, params: dict, run) -> None:
     ``params`` passed on may drop a register cap the arguments cannot use."""
     args = _common_args(q, cache, metadata, options, out, params.get("fp8_dot", False),
                         params.get("compute"), params.get("kv_bits"),
-                        bool(params.get("v_pairs")) and not params.get("v_stage"))
+                        bool(params.get("v_pairs")) and not params.get("v_stage")
+                        and v_pairs_compile_right(params, cache.head_size_v))
     if params.get("v_pairs") and not args["V_PAIRS"]:
-        # V could not be viewed as int16 (odd head size, stride or offset): read byte-wise,
-        # without the register cap that was measured for the paired tile only
+        # V could not be viewed as int16 (odd head size, stride or offset) or such tiles
+        # miscompile: read byte-wise, without the register cap that was measured for the
+        # paired tile only
         params = {k: {n: x for n, x in v.items() if n != "maxnreg"} if k in ("short", "long")
                   else v for k, v in params.items()}
     if "check_blocks" in params:  # a measurement switch (benchmarks/kernel_experiments.py)

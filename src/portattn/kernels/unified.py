@@ -33,8 +33,22 @@ key row. The visible key range of a query tile is computed from causality and th
 so fully masked tiles are never loaded; tiles visible to every row of the query tile run
 without mask arithmetic, only the edge tiles are masked.
 
-Grid ``(query tiles, num_kv_heads, num_segments)``; ``SEQ_MODE`` says how axis 0 maps to
-query tiles:
+``TILE_HEADS`` > 1 (decode tiles, SEQ_MODE 1, pointer loads): one program serves
+``TILE_HEADS`` adjacent kv heads. The launcher passes ``GROUP`` = their query heads
+(``TILE_HEADS`` x the GQA group, adjacent in q: row ``r`` is query head ``kv_head *
+GROUP + r % GROUP``, the ``kv_head`` axis of the grid counting groups of kv heads), and a
+KV tile's ``BLOCK_N`` columns are ``BLOCK_N // TILE_HEADS`` keys x ``TILE_HEADS`` heads in
+the cache's own order (column ``c``: key ``c // TILE_HEADS``, head ``c % TILE_HEADS``):
+one slot's heads are one contiguous run of the cache, where a per-head tile reads
+``HEAD`` elements per slot (128 bytes at fp8, head 128; NOTES.md session 32: those rows
+read 4.5-5% slower than whole blocks). One ``[BLOCK_M, HEAD] x [HEAD, BLOCK_N]`` dot
+scores every row against every column and a row keeps only its own head's columns
+(-inf elsewhere, so P V sums its own head only): with ``TILE_HEADS`` x GQA group = 16
+rows the dot has the MMA shape of a per-head 16-row tile whose rows past the group are
+padding. Scores, masks, ALiBi and the bad-block checks work per column from its key.
+
+Grid ``(query tiles, num_kv_heads // TILE_HEADS, num_segments)``; ``SEQ_MODE`` says how
+axis 0 maps to query tiles:
 
 * 0: global tiles over every sequence, found by binary search over ``cu_seqlens_q``
   (grid ``num_tokens // BLOCK_Q + num_seqs``); tiles run heaviest-first;
@@ -162,10 +176,11 @@ from portattn.kernels.reduce import combine_segments
 def _load_kv_tile(bt_row, bt_width, num_blocks, key0, k_pos, key_ok, kv_head, k_src, v_src,
                   ks_head_ptr, vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs,
                   stride_ksb, stride_kss, stride_vsb, stride_vss, offs_dk, offs_dv,
+                  col_head, stride_kh, stride_vh, stride_ksh, stride_vsh,
                   BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_QK: tl.constexpr,
                   HEAD_QK_PAD: tl.constexpr, HEAD_V: tl.constexpr, HEAD_V_PAD: tl.constexpr,
                   MASKED: tl.constexpr, KV_QUANT: tl.constexpr, CHECK_BLOCKS: tl.constexpr,
-                  KV_LOAD: tl.constexpr):
+                  KV_LOAD: tl.constexpr, TILE_HEADS: tl.constexpr):
     """K ``[HEAD_QK_PAD, BLOCK_N]``, V ``[BLOCK_N, HEAD_V_PAD]`` as stored, their
     per-token-head scales ``[BLOCK_N]`` (ones unless ``KV_QUANT == 2``) and ``bad``
     ``[BLOCK_N]``: keys whose block-table entry is outside ``[0, num_blocks)`` or past the
@@ -182,7 +197,13 @@ def _load_kv_tile(bt_row, bt_width, num_blocks, key0, k_pos, key_ok, kv_head, k_
     come back zero (the descriptor's bounds). Masked keys' rows are zeroed after the load,
     as the pointer loads' ``other=0`` does. Scales stay pointer loads (``[BLOCK_N]`` fp32:
     too narrow a box for TMA's 16-byte rows to pay). 2 / 3: staged keys
-    (:func:`_load_kv_tile_staged`; ``bt_row`` is then the sequence's first staged row)."""
+    (:func:`_load_kv_tile_staged`; ``bt_row`` is then the sequence's first staged row).
+
+    ``TILE_HEADS`` > 1 (pointer loads only): column ``c`` is key ``k_pos[c]`` of the kv
+    head ``col_head[c]`` places after the program's first (``k_src`` / ``v_src`` and the
+    scale pointers point at that first head; ``stride_kh`` ... ``stride_vsh`` step the
+    heads)."""
+    tl.static_assert(TILE_HEADS == 1 or KV_LOAD == 0, "TILE_HEADS reads with pointer loads")
     if KV_LOAD >= 2:
         k, v, k_sc, v_sc, bad = _load_kv_tile_staged(
             bt_row, key0, k_pos, key_ok, kv_head, k_src, v_src, ks_head_ptr, vs_head_ptr,
@@ -197,21 +218,27 @@ def _load_kv_tile(bt_row, bt_width, num_blocks, key0, k_pos, key_ok, kv_head, k_
         k, v, k_sc, v_sc, bad = _load_kv_tile_pointer(
             bt_row, bt_width, num_blocks, k_pos, key_ok, k_src, v_src, ks_head_ptr,
             vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss,
-            stride_vsb, stride_vss, offs_dk, offs_dv, BLOCK_N, BLOCK_SIZE, HEAD_QK,
-            HEAD_QK_PAD, HEAD_V, HEAD_V_PAD, MASKED, KV_QUANT, CHECK_BLOCKS)
+            stride_vsb, stride_vss, offs_dk, offs_dv, col_head, stride_kh, stride_vh,
+            stride_ksh, stride_vsh, BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD, HEAD_V,
+            HEAD_V_PAD, MASKED, KV_QUANT, CHECK_BLOCKS, TILE_HEADS)
     return k, v, k_sc, v_sc, bad
 
 
 @triton.jit
 def _token_head_scales(ks_head_ptr, vs_head_ptr, block, slot, key_ok, stride_ksb,
-                       stride_kss, stride_vsb, stride_vss, BLOCK_N: tl.constexpr,
-                       MASKED: tl.constexpr, KV_QUANT: tl.constexpr):
+                       stride_kss, stride_vsb, stride_vss, col_head, stride_ksh,
+                       stride_vsh, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                       KV_QUANT: tl.constexpr, TILE_HEADS: tl.constexpr):
     """The tile's per-token-head K and V scales ``[BLOCK_N]`` fp32 (``KV_QUANT == 2``;
-    ones otherwise), read with pointer loads by either K/V load path; ``block`` int64
-    block ids (in range), ``slot`` the keys' slots. Masked keys get scale 0."""
+    ones otherwise), read with pointer loads by every K/V load path; ``block`` int64
+    block ids (in range), ``slot`` the keys' slots, ``col_head`` the columns' kv heads
+    after the program's first (``TILE_HEADS`` > 1 only). Masked keys get scale 0."""
     if KV_QUANT == 2:
         k_off = block * stride_ksb + slot * stride_kss
         v_off = block * stride_vsb + slot * stride_vss
+        if TILE_HEADS > 1:
+            k_off += col_head * stride_ksh
+            v_off += col_head * stride_vsh
         if MASKED:
             k_sc = tl.load(ks_head_ptr + k_off, mask=key_ok, other=0.0)
             v_sc = tl.load(vs_head_ptr + v_off, mask=key_ok, other=0.0)
@@ -228,13 +255,16 @@ def _token_head_scales(ks_head_ptr, vs_head_ptr, block, slot, key_ok, stride_ksb
 def _load_kv_tile_pointer(bt_row, bt_width, num_blocks, k_pos, key_ok, k_head_ptr,
                           v_head_ptr, ks_head_ptr, vs_head_ptr, stride_kb, stride_ks,
                           stride_vb, stride_vs, stride_ksb, stride_kss, stride_vsb,
-                          stride_vss, offs_dk, offs_dv, BLOCK_N: tl.constexpr,
+                          stride_vss, offs_dk, offs_dv, col_head, stride_kh, stride_vh,
+                          stride_ksh, stride_vsh, BLOCK_N: tl.constexpr,
                           BLOCK_SIZE: tl.constexpr, HEAD_QK: tl.constexpr,
                           HEAD_QK_PAD: tl.constexpr, HEAD_V: tl.constexpr,
                           HEAD_V_PAD: tl.constexpr, MASKED: tl.constexpr,
-                          KV_QUANT: tl.constexpr, CHECK_BLOCKS: tl.constexpr):
+                          KV_QUANT: tl.constexpr, CHECK_BLOCKS: tl.constexpr,
+                          TILE_HEADS: tl.constexpr):
     """:func:`_load_kv_tile` with ``KV_LOAD == 0``: the block id looked up per key row,
-    K and V gathered with pointer arithmetic (any BLOCK_N, any 16-bit-or-wider stride)."""
+    K and V gathered with pointer arithmetic (any BLOCK_N, any 16-bit-or-wider stride);
+    with ``TILE_HEADS`` > 1 each column adds its kv head's offset."""
     bt_idx = k_pos // BLOCK_SIZE
     in_table = bt_idx < bt_width
     if MASKED:
@@ -249,8 +279,13 @@ def _load_kv_tile_pointer(bt_row, bt_width, num_blocks, k_pos, key_ok, k_head_pt
         block = tl.load(bt_row + bt_idx).to(tl.int64)
         bad = in_table & ~in_table
     slot = k_pos % BLOCK_SIZE
-    k_ptrs = k_head_ptr + (block * stride_kb + slot * stride_ks)[None, :] + offs_dk[:, None]
-    v_ptrs = v_head_ptr + (block * stride_vb + slot * stride_vs)[:, None] + offs_dv[None, :]
+    k_off = block * stride_kb + slot * stride_ks
+    v_off = block * stride_vb + slot * stride_vs
+    if TILE_HEADS > 1:  # (slot, head) columns: a slot's heads are one run of the cache
+        k_off += col_head * stride_kh
+        v_off += col_head * stride_vh
+    k_ptrs = k_head_ptr + k_off[None, :] + offs_dk[:, None]
+    v_ptrs = v_head_ptr + v_off[:, None] + offs_dv[None, :]
     dk_ok = offs_dk < HEAD_QK
     dv_ok = offs_dv < HEAD_V
     if MASKED:
@@ -273,8 +308,9 @@ def _load_kv_tile_pointer(bt_row, bt_width, num_blocks, k_pos, key_ok, k_head_pt
         else:
             v = tl.load(v_ptrs)
     k_sc, v_sc = _token_head_scales(ks_head_ptr, vs_head_ptr, block, slot, key_ok,
-                                    stride_ksb, stride_kss, stride_vsb, stride_vss, BLOCK_N,
-                                    MASKED, KV_QUANT)
+                                    stride_ksb, stride_kss, stride_vsb, stride_vss, col_head,
+                                    stride_ksh, stride_vsh, BLOCK_N, MASKED, KV_QUANT,
+                                    TILE_HEADS)
     return k, v, k_sc, v_sc, bad
 
 
@@ -314,7 +350,8 @@ def _load_kv_tile_descriptor(bt_row, bt_width, num_blocks, key0, k_pos, key_ok, 
     k = tl.trans(k_rows)
     k_sc, v_sc = _token_head_scales(ks_head_ptr, vs_head_ptr, block.to(tl.int64),
                                     k_pos % BLOCK_SIZE, key_ok, stride_ksb, stride_kss,
-                                    stride_vsb, stride_vss, BLOCK_N, MASKED, KV_QUANT)
+                                    stride_vsb, stride_vss, k_pos, 0, 0, BLOCK_N, MASKED,
+                                    KV_QUANT, 1)
     return k, v, k_sc, v_sc, bad
 
 
@@ -339,7 +376,8 @@ def _load_kv_tile_staged(seq_row0, key0, k_pos, key_ok, kv_head, k_desc, v_desc,
     staged_block = (seq_row0 + key0) // BLOCK_SIZE
     k_sc, v_sc = _token_head_scales(ks_head_ptr, vs_head_ptr, staged_block.to(tl.int64),
                                     k_pos % BLOCK_SIZE, key_ok, stride_ksb, stride_kss,
-                                    stride_vsb, stride_vss, BLOCK_N, MASKED, KV_QUANT)
+                                    stride_vsb, stride_vss, k_pos, 0, 0, BLOCK_N, MASKED,
+                                    KV_QUANT, 1)
     return tl.trans(k_rows), v, k_sc, v_sc, key_ok & ~key_ok
 
 
@@ -433,17 +471,28 @@ def _attend_tile(j, acc, m_i, l_i, q, seq_len, k_lo, bt_row, bt_width,
                  DOT_PREC: tl.constexpr, CHECK_BLOCKS: tl.constexpr, KV_LOAD: tl.constexpr,
                  v_mult, V_STAGE: tl.constexpr, KV_BITS: tl.constexpr,
                  BITS_ASM: tl.constexpr, acc_odd, V_PAIRS: tl.constexpr,
-                 V_SC_BOOST: tl.constexpr):
+                 V_SC_BOOST: tl.constexpr, col_head, row_kv, stride_kh, stride_vh,
+                 stride_ksh, stride_vsh, TILE_HEADS: tl.constexpr):
     """One KV tile ``j`` through the online softmax (the body of :func:`_attend_tiles`).
     With ``V_PAIRS``, ``HEAD_V`` / ``HEAD_V_PAD`` / ``offs_dv`` count V's 16-bit pairs of
-    codes, ``acc`` accumulates the even head columns and ``acc_odd`` the odd ones."""
-    k_pos = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    codes, ``acc`` accumulates the even head columns and ``acc_odd`` the odd ones. With
+    ``TILE_HEADS`` > 1 the tile's ``BLOCK_N`` columns are ``BLOCK_N // TILE_HEADS`` keys x
+    ``TILE_HEADS`` kv heads (column ``c``: key ``c // TILE_HEADS``, head ``col_head[c] = c
+    % TILE_HEADS``), and row ``r`` scores only the columns of its own head ``row_kv[r]``."""
+    if TILE_HEADS > 1:
+        TILE_KEYS: tl.constexpr = BLOCK_N // TILE_HEADS
+        k_pos = j * TILE_KEYS + tl.arange(0, BLOCK_N) // TILE_HEADS
+        key0 = j * TILE_KEYS
+    else:
+        k_pos = j * BLOCK_N + tl.arange(0, BLOCK_N)
+        key0 = j * BLOCK_N
     key_ok = (k_pos >= k_lo) & (k_pos < seq_len)
     k, v, k_sc, v_sc, bad = _load_kv_tile(
-        bt_row, bt_width, num_blocks, j * BLOCK_N, k_pos, key_ok, kv_head, k_src, v_src,
+        bt_row, bt_width, num_blocks, key0, k_pos, key_ok, kv_head, k_src, v_src,
         ks_head_ptr, vs_head_ptr, stride_kb, stride_ks, stride_vb, stride_vs, stride_ksb,
-        stride_kss, stride_vsb, stride_vss, offs_dk, offs_dv, BLOCK_N, BLOCK_SIZE, HEAD_QK,
-        HEAD_QK_PAD, HEAD_V, HEAD_V_PAD, MASKED, KV_QUANT, CHECK_BLOCKS, KV_LOAD)
+        stride_kss, stride_vsb, stride_vss, offs_dk, offs_dv, col_head, stride_kh,
+        stride_vh, stride_ksh, stride_vsh, BLOCK_N, BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD,
+        HEAD_V, HEAD_V_PAD, MASKED, KV_QUANT, CHECK_BLOCKS, KV_LOAD, TILE_HEADS)
     if FP8_DOT:  # fp8 q x fp8 K on the tensor cores, fp32 accumulation
         qk = tl.dot(q, k, max_num_imprecise_acc=FP8_ACC)
     else:
@@ -453,6 +502,13 @@ def _attend_tile(j, acc, m_i, l_i, q, seq_len, k_lo, bt_row, bt_width,
         qk = qk * k_sc[None, :]
     s = score_tile(qk, qk_scale, softcap, slope2, q_pos, k_pos, seq_len, window,
                    MASKED, CAUSAL, USE_WINDOW, USE_SOFTCAP, ALIBI)
+    if TILE_HEADS > 1:  # other heads' columns: every row keeps its own head's keys, so
+        # a tile every row sees leaves no row without a finite score. The test is made
+        # of j on purpose: a loop-invariant [BLOCK_M, BLOCK_N] mask is hoisted out of the
+        # loop and held in registers, and at the paired tile's cap of 128 that spilled
+        # 156 bytes (sm90 offline; 4 bytes this way, as without the mask: NOTES.md s33)
+        own = ((row_kv + j) % TILE_HEADS)[:, None] == ((col_head + j) % TILE_HEADS)[None, :]
+        s = tl.where(own, s, float("-inf"))
     if MASKED:  # edge tiles: exactly the rows that see a bad key
         s = tl.where(bad[None, :] & (s > float("-inf")), float("nan"), s)
     p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i, MASKED)
@@ -486,7 +542,8 @@ def _attend_tiles(acc, m_i, l_i, q, tile_start, tile_end, seq_len, k_lo, bt_row,
                   DOT_PREC: tl.constexpr, CHECK_BLOCKS: tl.constexpr, KV_LOAD: tl.constexpr,
                   v_mult, V_STAGE: tl.constexpr, KV_BITS: tl.constexpr,
                   BITS_ASM: tl.constexpr, acc_odd, V_PAIRS: tl.constexpr,
-                  V_SC_BOOST: tl.constexpr):
+                  V_SC_BOOST: tl.constexpr, col_head, row_kv, stride_kh, stride_vh,
+                  stride_ksh, stride_vsh, TILE_HEADS: tl.constexpr):
     """Stream KV tiles ``[tile_start, tile_end)`` through the online softmax.
 
     Masked tiles load only keys in ``[k_lo, seq_len)``: block-table entries and K/V before
@@ -506,7 +563,8 @@ def _attend_tiles(acc, m_i, l_i, q, tile_start, tile_end, seq_len, k_lo, bt_row,
             slope2, q_pos, window, offs_dk, offs_dv, BLOCK_N, BLOCK_SIZE, HEAD_QK,
             HEAD_QK_PAD, HEAD_V, HEAD_V_PAD, MASKED, CAUSAL, USE_WINDOW, USE_SOFTCAP, ALIBI,
             KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE, DOT_PREC, CHECK_BLOCKS, KV_LOAD,
-            v_mult, V_STAGE, KV_BITS, BITS_ASM, acc_odd, V_PAIRS, V_SC_BOOST)
+            v_mult, V_STAGE, KV_BITS, BITS_ASM, acc_odd, V_PAIRS, V_SC_BOOST, col_head,
+            row_kv, stride_kh, stride_vh, stride_ksh, stride_vsh, TILE_HEADS)
     return acc, acc_odd, m_i, l_i
 
 
@@ -634,7 +692,7 @@ def unified_attention_kernel(
         BITS_ASM: tl.constexpr = False, V_PAIRS: tl.constexpr = 0,
         FLAT_GRID: tl.constexpr = False, ONE_LOOP: tl.constexpr = False,
         MERGE_SEGMENTS: tl.constexpr = 0, MERGE_LOAD: tl.constexpr = MERGE_LOAD_ELEMENTS,
-        V_SC_BOOST: tl.constexpr = 1.0):
+        V_SC_BOOST: tl.constexpr = 1.0, TILE_HEADS: tl.constexpr = 1):
     """Paged attention of one query tile x one kv head x one KV segment (see module doc)."""
     tl.static_assert(not FP8_DOT or KV_BITS == 0,
                      "FP8_DOT needs the cache's fp8 values, KV_BITS rebuilds them as fp16")
@@ -647,7 +705,13 @@ def unified_attention_kernel(
                      "FLAT_GRID orders query tiles (SEQ_MODE 0 / 2)")
     tl.static_assert((V_PAIRS == 1) == (KV_BITS == 1) or V_PAIRS == 0,
                      "e4m3 bits (value / 256) in V pairs go with KV_BITS == 1 and only then")
-    num_kv_heads = num_q_heads // GROUP
+    tl.static_assert(TILE_HEADS == 1 or (SEQ_MODE == 1 and KV_LOAD == 0),
+                     "TILE_HEADS: decode tiles (SEQ_MODE 1) over pointer loads")
+    tl.static_assert(GROUP % TILE_HEADS == 0 and BLOCK_N % TILE_HEADS == 0,
+                     "TILE_HEADS divides GROUP (its heads' query rows) and BLOCK_N")
+    # keys per KV tile: BLOCK_N columns are (key, kv head) pairs with TILE_HEADS > 1
+    TILE_KEYS: tl.constexpr = BLOCK_N // TILE_HEADS
+    num_kv_heads = num_q_heads // GROUP  # kv head groups of TILE_HEADS heads
     if FLAT_GRID:  # SEQ_MODE 0 / 2: axis 0 is (query tile, kv head), the kv head fastest
         kv_head = tl.program_id(0) % num_kv_heads
         tile_pid = tl.program_id(0) // num_kv_heads
@@ -756,14 +820,14 @@ def unified_attention_kernel(
     else:
         k_lo = 0
         k_lo_all = 0
-    tile_lo = k_lo // BLOCK_N
-    tile_hi = tl.cdiv(k_hi, BLOCK_N)
+    tile_lo = k_lo // TILE_KEYS
+    tile_hi = tl.cdiv(k_hi, TILE_KEYS)
     if KV_LOAD >= 2:  # only bt_width * BLOCK_SIZE keys per sequence were staged (the
         # plan's max_seqlen_k): never read past them; rows that see more are NaN below
         staged_keys = bt_width * BLOCK_SIZE
-        tile_hi = tl.minimum(tile_hi, staged_keys // BLOCK_N)
-    full_lo = tl.minimum(tl.maximum(tl.cdiv(k_lo_all, BLOCK_N), tile_lo), tile_hi)
-    full_hi = tl.minimum(tl.maximum(k_hi_all // BLOCK_N, full_lo), tile_hi)
+        tile_hi = tl.minimum(tile_hi, staged_keys // TILE_KEYS)
+    full_lo = tl.minimum(tl.maximum(tl.cdiv(k_lo_all, TILE_KEYS), tile_lo), tile_hi)
+    full_hi = tl.minimum(tl.maximum(k_hi_all // TILE_KEYS, full_lo), tile_hi)
     if SPLIT:
         per_segment = tl.cdiv(tile_hi - tile_lo, num_segments)
         seg_lo = tl.minimum(tile_lo + segment * per_segment, tile_hi)
@@ -790,8 +854,8 @@ def unified_attention_kernel(
         bt_row = tl.maximum(first_block, 0).to(tl.int64) * BLOCK_SIZE
     else:
         bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt
-    scan_lo = tl.maximum(full_lo, seg_lo) * BLOCK_N
-    scan_hi = tl.minimum(full_hi, seg_hi) * BLOCK_N
+    scan_lo = tl.maximum(full_lo, seg_lo) * TILE_KEYS
+    scan_hi = tl.minimum(full_hi, seg_hi) * TILE_KEYS
     if CHECK_BLOCKS and KV_LOAD < 2:  # staged keys: bad ids are already NaN keys
         # issued here, used after the KV loop: no reduction or wait before the first
         # tile (H200: within the rounds' spread; NOTES.md session 24)
@@ -815,11 +879,15 @@ def unified_attention_kernel(
             v_ptr, shape=[num_blocks, BLOCK_SIZE, num_kv_heads, V_W],
             strides=[stride_vb, stride_vs, stride_vh, 1],
             block_shape=[1, BLOCK_N, 1, V_W_PAD])
-    else:
-        k_src = k_ptr + kv_head * stride_kh
-        v_src = v_ptr + kv_head * stride_vh
-    ks_head_ptr = k_scale_ptr + kv_head * stride_ksh
-    vs_head_ptr = v_scale_ptr + kv_head * stride_vsh
+    else:  # the program's (first) kv head
+        k_src = k_ptr + kv_head * TILE_HEADS * stride_kh
+        v_src = v_ptr + kv_head * TILE_HEADS * stride_vh
+    ks_head_ptr = k_scale_ptr + kv_head * TILE_HEADS * stride_ksh
+    vs_head_ptr = v_scale_ptr + kv_head * TILE_HEADS * stride_vsh
+    # TILE_HEADS > 1: a KV tile's column c is kv head c % TILE_HEADS of the program's,
+    # a query row r belongs to kv head (r % GROUP) // (GROUP // TILE_HEADS) of them
+    col_head = tl.arange(0, BLOCK_N) % TILE_HEADS
+    row_kv = (rows % GROUP) // (GROUP // TILE_HEADS)
     if ONE_LOOP:  # staged keys: edge and full tiles in one pipelined loop
         acc, m_i, l_i = _attend_staged_tiles(
             acc, m_i, l_i, q, tl.maximum(tile_lo, seg_lo), tl.minimum(tile_hi, seg_hi),
@@ -857,7 +925,8 @@ def unified_attention_kernel(
                     BLOCK_SIZE, HEAD_QK, HEAD_QK_PAD, V_W, V_W_PAD, part != 1, CAUSAL,
                     USE_WINDOW, USE_SOFTCAP, ALIBI, KV_QUANT, FP8_DOT, FP8_ACC, COMPUTE_DTYPE,
                     DOT_PREC, CHECK_BLOCKS, KV_LOAD, v_mult, V_STAGE, KV_BITS, BITS_ASM,
-                    acc_odd, V_PAIRS, V_SC_BOOST)
+                    acc_odd, V_PAIRS, V_SC_BOOST, col_head, row_kv, stride_kh, stride_vh,
+                    stride_ksh, stride_vsh, TILE_HEADS)
 
     if V_PAIRS:  # even and odd head columns back in place
         acc = tl.reshape(tl.join(acc, acc_odd), [BLOCK_M, HEAD_V_PAD])
