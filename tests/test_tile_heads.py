@@ -10,21 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from portattn import KVQuant
 from portattn.kernels import heuristics, kv_load
 from portattn.kernels.heuristics import TileConfig
 
+from test_kernels_quant_diffkv import QUANTS as QUANT_MODES
 from unified_check import FEATURE_KW, check_unified
 
 F16, F32 = torch.float16, torch.float32
-E5M2 = torch.float8_e5m2
-QUANTS = {
-    "none": None,
-    "fp8_tensor_e4m3": KVQuant.fp8_per_tensor(0.02, 0.03),
-    "fp8_tensor_e5m2": KVQuant.fp8_per_tensor(0.05, 0.01, E5M2),
-    "int8_token_head": KVQuant.int8_per_token_head(),
-    "fp8_token_head": KVQuant.fp8_per_token_head(),
-}
+QUANTS = {"none": None, **QUANT_MODES}
 # one query per sequence (the planned case) and a spec-decode batch (rows of two tokens)
 DECODES = {
     "decode-2d": dict(query_lens=[1, 1, 1], seq_lens=[45, 19, 3], segments=1),

@@ -12,22 +12,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from portattn import KVQuant
+from test_tile_heads import QUANTS
 
 from unified_check import GPU_FEATURE_KW, run_gpu_case
 
 pytestmark = pytest.mark.gpu
 
 BF16, F16 = torch.bfloat16, torch.float16
-E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+E4M3 = torch.float8_e4m3fn
 DEV = "cuda"
-QUANTS = {
-    "none": None,
-    "fp8_tensor_e4m3": KVQuant.fp8_per_tensor(0.02, 0.03),
-    "fp8_tensor_e5m2": KVQuant.fp8_per_tensor(0.05, 0.01, E5M2),
-    "int8_token_head": KVQuant.int8_per_token_head(),
-    "fp8_token_head": KVQuant.fp8_per_token_head(),
-}
 EIGHT_BIT = [k for k in QUANTS if k != "none"]
 DECODE = dict(query_lens=[1, 1, 1, 1, 1], seq_lens=[1000, 1, 517, 64, 2049])
 VARIANTS = {
