@@ -82,6 +82,28 @@ def test_the_sweep_times_and_prewarms_the_backends_byte_decode(arch, bits):
     assert all("kv_bits" not in c for c in bf16)
 
 
+def test_the_sweep_keeps_the_plans_tile_over_several_heads():
+    """An fp8 decode planned over 4 kv heads per program (sm90, GQA 4, 32 x 8192): the
+    sweep times that tile (its register cap, 8 segments among its options) and the
+    per-head paired tile it replaced, with the per-head segment options."""
+    from portattn.bench.sweep import sweep_configs
+    from portattn.kernels.heuristics import Shape, plan_launch, quant_mode
+
+    case = _case("decode-32x8192-fp8")
+    shape = Shape(32, 8, 128, 1, 1, max(case.seq_lens), case.num_seqs, 132, "sm90", None,
+                  quant_mode(case.kv_quant))
+    assert plan_launch(shape)["short"]["tile_heads"] == 4
+    shorts = [c["short"] for c in sweep_configs(case, shape)]
+    four = [c for c in shorts if c.get("tile_heads") == 4]
+    per_head = [c for c in shorts if "tile_heads" not in c]
+    assert {(c["block_m"], c["block_q"]) for c in four} == {(16, 1)}
+    assert {(c["block_m"], c["block_q"]) for c in per_head} == {(16, 4)}
+    capped = {c["segments"] for c in four if c.get("maxnreg") == 128 and c["block_n"] == 128}
+    assert 8 in capped and max(capped) == 8   # 64 head groups: at most 4 per SM
+    assert {c["segments"] for c in per_head} == {1, 2}  # 256 programs: at most 4 per SM
+    assert all(c.get("maxnreg") == 128 for c in per_head)
+
+
 def test_ours_is_the_triton_backend_of_the_cases_head_sizes():
     """The bench's kernel for ours: DiffKV's exactly for the cases with their own V head
     size; forced on a GPU only (auto routing on this CPU)."""

@@ -99,6 +99,8 @@ def test_diffkv_fp8_q_and_fp8_out():
     run("decode-3d", heads=2, head_size=64, head_size_v=32, dtype=F16)
     run("decode-2d", heads=2, head_size=64, dtype=F16, quant=QUANTS["fp8_tensor_e4m3"],
         q_fp8=torch.float8_e4m3fn, fp8_out=torch.float8_e4m3fn)
+    run("decode-3d", heads=4, head_size=64, dtype=F16, quant=QUANTS["fp8_tensor_e4m3"],
+        q_fp8=torch.float8_e4m3fn, fp8_dot=True)  # fp8 QK^T on the tensor cores
 
 
 @interp
@@ -116,6 +118,50 @@ def test_mixed_batch_short_launch():
     long = TileConfig(block_m=32, block_q=16, block_n=16, num_warps=4, num_stages=2)
     check_unified([1, 19, 1, 3], [30, 45, 12, 20], group=2, num_kv_heads=4, mode="mixed",
                   segments=2, long=long, dtype=F16, head_size=64, tile_heads=2)
+
+
+@interp
+@pytest.mark.parametrize("segments", [1, 2])
+def test_understated_max_seqlen_q_gives_nan_rows(segments):
+    """A decode plan of one query per sequence over 2 kv heads per program, used on a
+    batch with a 3-query sequence: every row of that sequence (all its heads) comes out
+    NaN, the other sequences' rows are right."""
+    from portattn.backends.base import Plan
+    from portattn.backends.triton_unified import TritonUnified
+    from portattn.options import normalize_options
+    from portattn.testing import dense_attention, make_paged_batch, relative_error
+    from portattn.types import AttentionMetadata
+
+    batch = make_paged_batch([1, 3, 1], [30, 40, 12], num_q_heads=8, num_kv_heads=4,
+                             head_size=32, dtype=F32)
+    m = batch.metadata
+    metadata = AttentionMetadata(m.cu_seqlens_q, m.seq_lens, m.block_table, 1, 40)
+    out = torch.zeros(5, 8, 32)  # zeros: stale rows would pass a finiteness check
+    short = dict(block_m=16, block_q=1, block_n=16, num_warps=4, num_stages=2,
+                 segments=segments, tile_heads=2)
+    TritonUnified().run(batch.q, batch.cache, metadata,
+                        normalize_options(batch.q, batch.cache), out,
+                        Plan("triton_unified", "decode", {"mode": "decode", "short": short}))
+    assert torch.isnan(out[1:4]).all()
+    expected = dense_attention(batch.q, batch.keys, batch.values, [1, 3, 1])
+    keep = torch.tensor([True, False, False, False, True])
+    assert relative_error(out[keep], expected[keep]) < 2e-5
+
+
+@interp
+def test_bad_block_id_in_the_last_full_tile_of_a_segment():
+    """Sequence 1 (700 keys in 2-slot blocks, 16-column tiles of 8 keys x 2 heads, 2
+    segments of 44 tiles): a bad id only in table entry 346 (keys 692-693), inside the
+    second segment's last full tile (86; tile 87 is the masked edge), turns that
+    sequence's rows NaN: the scan of the full tiles reaches their end in keys."""
+    def edit(table):
+        table[1, 346] = -3
+        return [1]
+    short = TileConfig(block_m=16, block_q=1, block_n=16, num_warps=4, num_stages=2,
+                       segments=2)
+    check_unified([1, 1, 1], [45, 700, 3], group=2, num_kv_heads=4, dtype=F32,
+                  head_size=32, block_size=2, short=short, segments=2,
+                  block_table_edit=edit, tile_heads=2)
 
 
 # --------------------------------------------------------------------------- plan rules

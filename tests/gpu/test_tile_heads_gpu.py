@@ -78,10 +78,12 @@ def test_v_bytewise_or_pairs(quant, v_pairs):
     run(quant=quant, v_pairs=v_pairs)
 
 
-@pytest.mark.parametrize("case", ["diffkv", "fp8-q", "fp8-out", "merge-kernel", "fp32"])
+@pytest.mark.parametrize("case", ["diffkv", "fp8-q", "fp8-dot", "fp8-out", "merge-kernel",
+                                  "fp32"])
 def test_shapes(case):
     kw = {"diffkv": dict(head_size=192, head_size_v=128, quant="none"),
-          "fp8-q": dict(q_fp8=E4M3), "fp8-out": dict(fp8_out=E4M3),
+          "fp8-q": dict(q_fp8=E4M3), "fp8-dot": dict(q_fp8=E4M3, fp8_dot=True),
+          "fp8-out": dict(fp8_out=E4M3),
           "merge-kernel": dict(merge_in_kernel=False, quant="int8_token_head"),
           "fp32": dict(dtype=torch.float32, quant="none")}[case]
     run(**kw)

@@ -29,15 +29,21 @@ def sweep_configs(case: Case, shape) -> list[dict]:
             (256, 4, 2, None)]
         if base.maxnreg:  # the plan's register cap on its own tile (and above: without)
             tiles.append((base.block_n, base.num_warps, base.num_stages, base.maxnreg))
-        programs = case.num_seqs * shape.num_kv_heads
-        seg_options = [s for s in (1, 2, 4, 8, 16, 32, 64)
-                       if programs * s <= 4 * shape.sm_count and
-                       programs * s * 4 >= shape.sm_count // 2] or [1]
+        # programs: (sequence, kv head) pairs, or head groups of the plan's tile_heads
+        programs = case.num_seqs * shape.num_kv_heads // base.tile_heads
+        seg_options = _segment_options(programs, shape.sm_count)
         for bn, w, st, cap in tiles:
             for seg in seg_options:
-                tile = TileConfig(base.block_m, base.block_q, bn, w, st, seg, cap)
+                tile = dataclasses.replace(base, block_n=bn, num_warps=w, num_stages=st,
+                                           segments=seg, maxnreg=cap)
                 # through plan_launch: the plan's own switches (kv_bits) with these tiles
                 configs.append(plan_launch(shape, mode="decode", short=tile))
+        if base.tile_heads > 1:  # and the paired tile a program per kv head replaced
+            per_head = dataclasses.replace(base, block_q=base.block_m // shape.group,
+                                           tile_heads=1)
+            for seg in _segment_options(case.num_seqs * shape.num_kv_heads, shape.sm_count):
+                configs.append(plan_launch(shape, mode="decode",
+                                           short=dataclasses.replace(per_head, segments=seg)))
         if base.maxnreg:  # and the byte-wise V read the paired tile replaced
             plain = dataclasses.replace(base, maxnreg=None)
             for seg in seg_options:
@@ -64,6 +70,13 @@ def sweep_configs(case: Case, shape) -> list[dict]:
                                 "short": dataclasses.replace(short, segments=seg).as_dict(),
                                 "long": long.as_dict()})
     return configs
+
+
+def _segment_options(programs: int, sm_count: int) -> list[int]:
+    """Segment counts worth timing for ``programs`` (unsplit) programs: from about half
+    an SM's worth of programs to four per SM."""
+    return [s for s in (1, 2, 4, 8, 16, 32, 64)
+            if programs * s <= 4 * sm_count and programs * s * 4 >= sm_count // 2] or [1]
 
 
 def timed_configs(case: Case, shape, dtype: torch.dtype, device: str, caps) -> list[dict]:

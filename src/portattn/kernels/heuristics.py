@@ -8,8 +8,9 @@ the sweeps recorded in ``benchmarks/NOTES.md``.
 Modes (the ``SEQ_MODE`` of the kernel, see :mod:`portattn.kernels.unified`):
 
 * ``decode``: every sequence's queries fit one tile of ``BLOCK_M`` rows (queries x the
-  GQA group): decode, spec-decode, short chunks. One program per (sequence, kv head),
-  split into segments over the keys (3D) when that would not fill the GPU. The segment
+  GQA group): decode, spec-decode, short chunks. One program per (sequence, kv head)
+  (per group of kv heads where :func:`decode_tile_heads` says so), split into segments
+  over the keys (3D) when that would not fill the GPU. The segment
   count is decided for the bucket's largest batch, plus a rule for the smaller batches
   of the bucket that fit more (:func:`batch_segments`, resolved per launch by
   :func:`segments_for`). Tiles: 128 keys in general; 8-bit caches on sm90 read V as
@@ -49,9 +50,9 @@ PAIRED_DECODE_PROGRAMS_PER_SM = 4
 #: where the per-head programs (sequence, kv head) fill the SMs at least once. A slot's
 #: heads lie side by side in the cache, so such a tile reads runs of heads x 128 bytes
 #: (fp8, head 128) where a per-head tile reads 128-byte rows, which read 4.5-5% slower
-#: than whole blocks (H100, NOTES.md session 32). H100, kernel-only, three alternating
+#: than whole blocks (H100, NOTES.md session 32). H100, eager do_bench, three alternating
 #: pairs, 4 heads against 1 at GQA 4 (8 kv heads): fp8 per-tensor 32 x 8192 205.4-205.9
-#: us against 209.1-209.5, 128 x 8192 734-736 against 775-777; int8 / fp8 per-token-head
+#: us against 208.7-209.5, 128 x 8192 734-736 against 775-777; int8 / fp8 per-token-head
 #: 32 x 8192 211-212 / 210-212 against 220-222 / 220-221, int8 128 x 8192 768-770
 #: against 881-884; e5m2 32 / 128 x 8192 202-203 / 736-738 against 209 / 775. 2 heads at
 #: GQA 8 (64 / 8 heads): fp8 32 / 128 x 8192 198.8 / 730.7 against 209.0 / 776.6, int8
@@ -261,15 +262,15 @@ def paired_decode_segments(shape: Shape, programs: int, tile_keys: int = 128) ->
     return 1 << (segments.bit_length() - 1)
 
 
-def decode_tile_heads(shape: Shape, max_q: int, v_pairs: bool) -> int:
+def decode_tile_heads(shape: Shape, max_q: int, num_seqs: int, v_pairs: bool) -> int:
     """How many kv heads one program of the paired 8-bit decode tile serves: ``16 //
     group`` for one query per sequence of a GQA group in
     :data:`MULTI_HEAD_DECODE_GROUPS` (16 rows: the paired tile's), where the kv heads
-    split into whole groups of that many and the (sequence, kv head) pairs of the batch
-    (the plan's: its bucket's largest) are at least the SMs; else 1 (a program per kv
-    head)."""
+    split into whole groups of that many and the (sequence, kv head) pairs of
+    ``num_seqs`` sequences (a plan's: its bucket's largest batch, whose smaller batches
+    keep the tile) are at least the SMs; else 1 (a program per kv head)."""
     if not v_pairs or max_q != 1 or shape.group not in MULTI_HEAD_DECODE_GROUPS or \
-            shape.num_seqs * shape.num_kv_heads < shape.sm_count:
+            num_seqs * shape.num_kv_heads < shape.sm_count:
         return 1
     heads = MULTI_HEAD_DECODE_ROWS // shape.group
     if heads < 2 or heads * shape.group != MULTI_HEAD_DECODE_ROWS or \
@@ -308,7 +309,7 @@ def tile_segments(shape: Shape, cfg: TileConfig, v_pairs: bool, programs: int) -
     keys and warps at 16 bits (no other 16-bit decode tile has 2 warps)."""
     if v_pairs:
         return paired_decode_segments(shape, programs // cfg.tile_heads,
-                                      128 // cfg.tile_heads)
+                                      cfg.block_n // cfg.tile_heads)
     if shape.elem_bytes == 2 and \
             (cfg.block_n, cfg.num_warps) == (NARROW_DECODE_BLOCK_N, NARROW_DECODE_WARPS):
         return narrow_decode_segments(shape, programs)
@@ -361,7 +362,7 @@ def decode_config(shape: Shape, max_q: int, num_seqs: int,
         # an SM; H200 fp8 per-tensor 32 / 128 x 8192: 150.3 / 538.4 us against 188.8 /
         # 674.0 with byte-wise V and 64-key tiles at 128 (NOTES.md). 128 columns of
         # several kv heads where decode_tile_heads says so.
-        heads = decode_tile_heads(shape, max_q, v_pairs)
+        heads = decode_tile_heads(shape, max_q, num_seqs, v_pairs)
         if segments is None:
             segments = paired_decode_segments(shape, num_seqs * shape.num_kv_heads // heads,
                                               128 // heads)

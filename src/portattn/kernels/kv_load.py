@@ -93,7 +93,10 @@ def descriptor_params(params: dict, block_size: int) -> dict:
     """``params`` (from ``plan_launch``) with ``kv_load="descriptor"`` and every tile
     config's ``block_n`` cut to :func:`descriptor_block_n`; a decode tile over several kv
     heads (``tile_heads``: a box holds one head's keys) becomes a tile per kv head with
-    the same rows (``block_q`` that many times more queries: its GQA group's rows)."""
+    the same rows (``block_q`` that many times more queries: its GQA group's rows); its
+    segment counts stay the plan's (decided for that many times fewer programs: more than
+    the per-head rule gives; only ``PORTATTN_TD=1`` gets there, no decode class prefers
+    descriptors)."""
     out = dict(params)
     for key in ("short", "long"):
         if key in out:

@@ -58,7 +58,8 @@ _COMPUTE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 #: smallest Hopper fp8 MMA depth): accurate at any context length, see benchmarks/NOTES.md.
 FP8_DOT_PROMOTE_EVERY = 32
 #: The first elements of every workspace: int32 tickets of the split-KV merge in the
-#: kernel (one per (sequence, kv head); the kernel's MERGE_SEGMENTS), zero when the
+#: kernel (one per (sequence, kv head), or per kv head group of a tile over several:
+#: the kernel's MERGE_SEGMENTS), zero when the
 #: workspace is made and after every launch. Data starts after them (at the same offset
 #: in a workspace of any size, so a recorded launch replays into a grown one), and no
 #: data is ever written there, so any plan may share a workspace with any other. A split

@@ -17,7 +17,8 @@ Layout
   ``HEAD_V_PAD``), fp32, indexed by (sequence, query within the sequence); merged by
   :mod:`portattn.kernels.reduce`, or with ``MERGE_SEGMENTS`` in this kernel: every
   segment program bumps an int32 ticket of its (sequence, kv head) at ``ticket_ptr +
-  seq * num_kv_heads + kv_head`` (acquire-release, GPU scope, after its partials are
+  seq * num_kv_heads + kv_head`` (kv head groups with ``TILE_HEADS``: ``num_kv_heads``
+  and ``kv_head`` count groups) (acquire-release, GPU scope, after its partials are
   stored); the one that draws ``num_segments - 1`` arrived last, merges all segments of
   the tile's rows at once (:func:`_merge_tile_partials`) and sets the ticket back to 0.
   Tickets must be 0 before a launch; every launch leaves them 0.
@@ -43,9 +44,12 @@ one slot's heads are one contiguous run of the cache, where a per-head tile read
 ``HEAD`` elements per slot (128 bytes at fp8, head 128; NOTES.md session 32: those rows
 read 4.5-5% slower than whole blocks). One ``[BLOCK_M, HEAD] x [HEAD, BLOCK_N]`` dot
 scores every row against every column and a row keeps only its own head's columns
-(-inf elsewhere, so P V sums its own head only): with ``TILE_HEADS`` x GQA group = 16
-rows the dot has the MMA shape of a per-head 16-row tile whose rows past the group are
-padding. Scores, masks, ALiBi and the bad-block checks work per column from its key.
+(-inf elsewhere, so its P is 0 there): with ``TILE_HEADS`` x GQA group = 16 rows the
+dot has the MMA shape of a per-head 16-row tile whose rows past the group are padding.
+Scores, masks, ALiBi and the bad-block checks work per column from its key. P V still
+multiplies the other heads' V by those zeros: a NaN or inf in one head's V (or in its
+per-token-head V scale) turns the rows of every head of the program NaN, where a
+program per head keeps it to that head's rows; finite caches are unaffected.
 
 Grid ``(query tiles, num_kv_heads // TILE_HEADS, num_segments)``; ``SEQ_MODE`` says how
 axis 0 maps to query tiles:
@@ -693,7 +697,8 @@ def unified_attention_kernel(
         FLAT_GRID: tl.constexpr = False, ONE_LOOP: tl.constexpr = False,
         MERGE_SEGMENTS: tl.constexpr = 0, MERGE_LOAD: tl.constexpr = MERGE_LOAD_ELEMENTS,
         V_SC_BOOST: tl.constexpr = 1.0, TILE_HEADS: tl.constexpr = 1):
-    """Paged attention of one query tile x one kv head x one KV segment (see module doc)."""
+    """Paged attention of one query tile x one kv head (``TILE_HEADS`` of them) x one KV
+    segment (see module doc)."""
     tl.static_assert(not FP8_DOT or KV_BITS == 0,
                      "FP8_DOT needs the cache's fp8 values, KV_BITS rebuilds them as fp16")
     tl.static_assert(not (V_PAIRS and V_STAGE), "V_PAIRS and V_STAGE exclude each other")
