@@ -63,6 +63,34 @@ def undo_interpreter_fp8_carry(actual: torch.Tensor, expected: torch.Tensor,
     return torch.where(trap, rounded, actual.double())
 
 
+def captured_without_sync(step) -> "torch.cuda.CUDAGraph":
+    """``step`` run twice on a side stream (compiles, plans, workspaces), then captured
+    once into a CUDA graph with sync debug mode "error": a host sync while capturing
+    raises."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.cuda.graph(graph):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return graph
+
+
+def stored_sequences(cache, block_table, seq_lens) -> tuple[list, list]:
+    """:func:`stored_values` of K and of V for every sequence ``b`` of ``seq_lens[b]``
+    keys (oracle side)."""
+    keys = [stored_values(cache, block_table[b], n, "k") for b, n in enumerate(seq_lens)]
+    values = [stored_values(cache, block_table[b], n, "v") for b, n in enumerate(seq_lens)]
+    return keys, values
+
+
 def stored_values(cache, block_table_row, seq_len: int, which: str) -> torch.Tensor:
     """What the cache represents for one sequence, ``[seq_len, Hkv, D]`` float64: the
     stored codes gathered through the block table, times the scales (oracle side)."""

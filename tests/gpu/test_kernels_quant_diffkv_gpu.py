@@ -24,7 +24,13 @@ from test_kernels_quant_diffkv import (
     check_every_pair,
     quantize_reference,
 )
-from unified_check import GPU_FEATURE_KW, KernelCalls, run_gpu_case, stored_values
+from unified_check import (
+    GPU_FEATURE_KW,
+    KernelCalls,
+    captured_without_sync,
+    run_gpu_case,
+    stored_sequences,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -445,19 +451,7 @@ def test_decode_step_write_and_attention_in_a_cuda_graph(quant, heads):
                                   for b, p in enumerate(positions)]))
 
     set_slots(lens)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        with torch.cuda.graph(graph):
-            step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    graph = captured_without_sync(step)
     for s in range(3):
         cur = [n + s + 1 for n in lens]        # keys after this step's token
         set_slots([n - 1 for n in cur])
@@ -468,9 +462,7 @@ def test_decode_step_write_and_attention_in_a_cuda_graph(quant, heads):
         out.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
-        keys = [stored_values(batch.cache, m.block_table[b], n, "k") for b, n in enumerate(cur)]
-        values = [stored_values(batch.cache, m.block_table[b], n, "v")
-                  for b, n in enumerate(cur)]
+        keys, values = stored_sequences(batch.cache, m.block_table, cur)
         new_k, _ = quantize_reference(k_new, batch.cache.quant, "k", batch.cache.dtype)
         if quant is None or quant.mode == "fp8_per_tensor":  # the written token itself
             scale = 1.0 if quant is None else float(quant.k_scale)

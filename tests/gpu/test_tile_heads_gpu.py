@@ -14,7 +14,12 @@ import torch
 
 from test_tile_heads import QUANTS
 
-from unified_check import GPU_FEATURE_KW, run_gpu_case
+from unified_check import (
+    GPU_FEATURE_KW,
+    captured_without_sync,
+    run_gpu_case,
+    stored_sequences,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -126,8 +131,6 @@ def test_planned_tile_in_a_cuda_graph_with_growing_lengths():
     import portattn
     from portattn.testing import dense_attention, make_paged_batch, relative_error
 
-    from unified_check import stored_values
-
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the 4-head decode tile is planned on sm90 only")
     lens = [300 + (53 * i) % 1700 for i in range(20)]
@@ -140,18 +143,7 @@ def test_planned_tile_in_a_cuda_graph_with_growing_lengths():
     assert portattn.explain(batch.q, batch.cache, metadata).variant.endswith("-4heads")
     q = batch.q.clone()
     out = torch.full_like(q, float("nan"))
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        portattn.attention(q, batch.cache, metadata, out=out)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        with torch.cuda.graph(graph):
-            portattn.attention(q, batch.cache, metadata, out=out)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    graph = captured_without_sync(lambda: portattn.attention(q, batch.cache, metadata, out=out))
     for step in range(1, 4):
         cur = [n + step for n in lens]
         metadata.seq_lens.copy_(torch.tensor(cur, dtype=torch.int32))
@@ -159,8 +151,6 @@ def test_planned_tile_in_a_cuda_graph_with_growing_lengths():
         out.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
-        keys = [stored_values(batch.cache, m.block_table[b], n, "k") for b, n in enumerate(cur)]
-        values = [stored_values(batch.cache, m.block_table[b], n, "v")
-                  for b, n in enumerate(cur)]
+        keys, values = stored_sequences(batch.cache, m.block_table, cur)
         expected = dense_attention(q, keys, values, [1] * 20)
         assert relative_error(out, expected) < 2e-2, step
