@@ -184,6 +184,7 @@ def test_report_text_wraps_the_routing_variants(capsys):
     (["--block-size", "0"], "argument --block-size: "),
     (["--num-q-heads", "5"], "argument --num-q-heads: "),
     (["--device", "tpu"], "argument --device: "),
+    (["--l2-flush", "clean"], "argument --l2-flush: "),
 ])
 def test_bench_rejects_bad_arguments_before_any_work(capsys, argv, message, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
@@ -209,3 +210,22 @@ def test_bench_on_a_cpu_says_how_to_make_it_short(capsys, tmp_path, monkeypatch)
     assert main(["bench", "--cases", "decode-1x8192", "--out", str(tmp_path)]) == 0
     assert "--shrink" in capsys.readouterr().err
     assert ran == ["decode-1x8192"]  # the stand-ins ran: no full-size case was timed
+
+
+def test_bench_records_the_l2_flush_it_was_asked_for(tmp_path, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU machine benches the GPU")
+    import json
+
+    from portattn.bench import cli as bench_cli
+
+    monkeypatch.setattr(bench_cli, "run_case", lambda *a, **k: {"impls": {}, "plan": "-"})
+    monkeypatch.setattr(bench_cli, "measure_ceilings", lambda *a: {})
+    monkeypatch.setattr(bench_cli, "add_plain_ratios", lambda report: None)
+    monkeypatch.setattr(bench_cli, "plot", lambda *a: None)
+    monkeypatch.setattr(bench_cli, "format_table", lambda report: "")
+    for flush in ("read", None):
+        argv = ["bench", "--cases", "decode-1x8192", "--out", str(tmp_path), "--prefix", "r"]
+        assert main(argv + (["--l2-flush", flush] if flush else [])) == 0
+        report = json.loads((tmp_path / "r.json").read_text())
+        assert report["l2_flush"] == (flush or "zero")

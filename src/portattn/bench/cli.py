@@ -19,7 +19,7 @@ from portattn.bench.cases import case_tags, default_cases
 from portattn.bench.report import _flush_print, add_plain_ratios, format_table, plot
 from portattn.bench.runner import run_case
 from portattn.bench.sweep import compile_only
-from portattn.bench.timing import GraphTimer, measure_ceilings, timer
+from portattn.bench.timing import L2_FLUSHES, GraphTimer, measure_ceilings, timer
 
 
 def _positive_int(text: str) -> int:
@@ -76,6 +76,11 @@ def main(argv=None) -> int:
     parser.add_argument("--block-size", type=_positive_int, default=16)
     parser.add_argument("--rep", type=_positive_int, default=100, help="do_bench rep in ms")
     parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--l2-flush", choices=L2_FLUSHES, default="zero",
+                        help="how the kernel-only (CUDA graph) timings evict the L2 before "
+                        "each call: zero (default; do_bench's way, as the eager column: the "
+                        "call also pays the write-back of the dirty lines) or read (L2 left "
+                        "clean)")
     parser.add_argument("--compile-only", action="store_true",
                         help="only run each kernel config once (fills Triton's disk cache; "
                         "use with --shrink 4 and --shard to compile in parallel)")
@@ -109,12 +114,13 @@ def main(argv=None) -> int:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    args.graph_timer = GraphTimer() if args.device == "cuda" else None
+    args.graph_timer = GraphTimer(flush=args.l2_flush) if args.device == "cuda" else None
     report = {"gpu": gpu, "date": datetime.date.today().isoformat(),
               "torch": torch.__version__, "triton": triton_version,
               "sm_count": caps.sm_count, "dtype": args.dtype,
               "heads": [args.num_q_heads, args.num_kv_heads], "head_size": args.head_size,
-              "block_size": args.block_size, "ceilings": measure_ceilings(args.device, bench),
+              "block_size": args.block_size, "l2_flush": args.l2_flush,
+              "ceilings": measure_ceilings(args.device, bench),
               "cases": []}
     _flush_print(f"ceilings: {report['ceilings']}")
     for case in cases:

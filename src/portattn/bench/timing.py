@@ -34,27 +34,47 @@ def timer(device: str, rep_ms: int):
     return run_cpu
 
 
+#: How :class:`GraphTimer` evicts the L2 before each call: ``zero`` writes a 256 MB buffer
+#: (do_bench's way: the timed call then also pays the write-back of the dirty lines it
+#: evicts, about 5-8 us on an H100: NOTES.md session 34), ``read`` sums it (L2 left clean).
+L2_FLUSHES = ("zero", "read")
+
+
 class GraphTimer:
     """Kernel-only time with the L2 flushed before every call: ``reps`` x (flush, fn)
-    captured in one CUDA graph, minus a graph of ``reps`` flushes alone. No host overhead
-    (what a CUDA-graph decode loop sees); also checks that ``fn`` is capturable."""
+    captured in one CUDA graph, minus a graph of ``reps`` flushes alone, both replayed
+    right after the same warm-up at every call (a flush timed once, with the clocks
+    wherever they were, shifted one process's times by up to 13 us: NOTES.md session
+    34). No host overhead (what a CUDA-graph decode loop sees); also checks that ``fn`` is
+    capturable. ``flush``: one of :data:`L2_FLUSHES`."""
 
-    def __init__(self, reps: int = 20, replays: int = 5):
-        self.reps, self.replays = reps, replays
+    def __init__(self, reps: int = 20, replays: int = 5, flush: str = "zero"):
+        if flush not in L2_FLUSHES:
+            raise ValueError(f"flush: expected one of {L2_FLUSHES}, got {flush!r}")
+        self.reps, self.replays, self.flush = reps, replays, flush
         self.cache = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
+        self._sink = torch.empty((), dtype=torch.int64, device="cuda")
         self.heat_a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
-        self._flush_ms: float | None = None
+
+    def _evict(self) -> None:
+        if self.flush == "zero":
+            self.cache.zero_()
+        else:
+            torch.sum(self.cache, dim=0, out=self._sink)
 
     def _graph_ms(self, fn) -> float:
+        """Median replay time of ``reps`` x (flush, ``fn``); ``fn`` None: flushes alone."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            fn()  # libraries that need a warm call on the capture stream
+            self._evict()
+            if fn is not None:
+                fn()  # libraries that need a warm call on the capture stream
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             for _ in range(self.reps):
-                self.cache.zero_()
+                self._evict()
                 if fn is not None:
                     fn()
         times = []
@@ -75,12 +95,12 @@ class GraphTimer:
             self.heat_a @ self.heat_a
 
     def __call__(self, fn) -> float:
-        if self._flush_ms is None:
-            self._flush_ms = self._graph_ms(lambda: None)
         fn()
         torch.cuda.synchronize()
         self.heat()
-        return max(0.0, self._graph_ms(fn) - float(self._flush_ms)) / self.reps
+        flushes = self._graph_ms(None)
+        self.heat()
+        return max(0.0, self._graph_ms(fn) - flushes) / self.reps
 
 
 def host_us(fn, calls: int = 200) -> float:
