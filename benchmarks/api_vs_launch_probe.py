@@ -1,8 +1,9 @@
 """Whether the bench's kernel-only time of a case depends on the route to the kernel
 (benchmarks/NOTES.md, session 34): ``portattn.attention`` (the bench's call), the API
 plan's params through ``launch_unified``, and ``kernel_experiments.py``'s params
-(``plan_launch`` of the case's shape), in one process: the plans, the outputs against the
-API's, kernel-only times (two rounds) and each route's kernels (torch's profiler).
+(``plan_launch`` of the case's shape, as that script builds it: 32 / 8 heads, sm90), in
+one process: the plans, the outputs against the API's, kernel-only times (two rounds)
+and each route's kernels (torch's profiler).
 
     PYTHONPATH=src python3 benchmarks/api_vs_launch_probe.py [CASE ...]
 """
@@ -29,8 +30,8 @@ DEFAULT = ("decode-8x8192-fp8", "decode-32x8192-fp8", "decode-32x8192-int8pth",
 def routes(case, inp) -> dict:
     options = normalize_options(inp.q, inp.cache)
     plan = portattn.explain(inp.q, inp.cache, inp.metadata, backend=our_backend(inp)).plan
-    shape = Shape(32, 8, 128, inp.cache.key_cache.element_size(), 1,
-                  next_pow2(max(case.seq_lens)), case.num_seqs,
+    shape = Shape(32, 8, inp.cache.head_size_qk, inp.cache.key_cache.element_size(),
+                  next_pow2(max(case.query_lens)), next_pow2(max(case.seq_lens)), case.num_seqs,
                   torch.cuda.get_device_properties(0).multi_processor_count, "sm90",
                   kv_quant=quant_mode(case.kv_quant))
     exp_params = plan_launch(shape)
@@ -44,9 +45,13 @@ def routes(case, inp) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    cases = {c.name: c for c in default_cases()}
+    cases = {c.name: c for c in default_cases() if c.kind == "decode"}
+    names = argv or list(DEFAULT)
+    unknown = [n for n in names if n not in cases]
+    if unknown:
+        raise SystemExit(f"unknown decode cases {unknown}; known: {sorted(cases)}")
     graph = GraphTimer()
-    for name in argv or DEFAULT:
+    for name in names:
         case = cases[name]
         inp = build_inputs(case, num_q_heads=32, num_kv_heads=8, head_size=128, block_size=16,
                            dtype=torch.bfloat16, device="cuda")

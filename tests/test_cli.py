@@ -215,8 +215,6 @@ def test_bench_on_a_cpu_says_how_to_make_it_short(capsys, tmp_path, monkeypatch)
 def test_bench_records_the_l2_flush_it_was_asked_for(tmp_path, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("a GPU machine benches the GPU")
-    import json
-
     from portattn.bench import cli as bench_cli
 
     monkeypatch.setattr(bench_cli, "run_case", lambda *a, **k: {"impls": {}, "plan": "-"})

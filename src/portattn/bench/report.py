@@ -52,10 +52,10 @@ def format_table(report: dict) -> str:
     lines.append(f"GPU {report['gpu']}  torch {report['torch']}  triton {report['triton']}  "
                  f"copy {_fmt(ceil.get('copy_tbs'))} TB/s  matmul "
                  f"{_fmt(ceil.get('matmul_tflops'))} TFLOP/s")
-    graph = "CUDA graph, kernel only" if report.get("l2_flush", "zero") == "zero" else \
-        f"kernel only, L2 flush: {report['l2_flush']}"
+    flush = report.get("l2_flush") or "zero"  # older reports: the zeroing flush
+    graph = "CUDA graph, kernel only" + ("" if flush == "zero" else f", L2 {flush}")
     lines.append(f"{'':<20} {'------------ do_bench (eager) -------------':<53} "
-                 f"{f'------- {graph} -------':<42}")
+                 f"{f'------- {graph} -------':<47}")
     lines.append(f"{'case':<20} {'ours':>8} {'rate':>13} {'ceil':>5} {'cuDNN':>5} {'flash':>5} "
                  f"{'FA':>5} {'pFA':>5} {'FA4':>5} {'ours':>8} {'rate':>13} {'cuDNN':>5} "
                  f"{'flash':>5} {'FA4':>5} {'host':>6}  "

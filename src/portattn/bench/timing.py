@@ -40,27 +40,36 @@ def timer(device: str, rep_ms: int):
 L2_FLUSHES = ("zero", "read")
 
 
+def evict_l2(buffer: torch.Tensor, sink: torch.Tensor, flush: str) -> None:
+    """Evict the L2 through ``buffer`` (int32, far larger than the L2): ``zero`` writes
+    it; ``read`` sums it into the int32 0-d ``sink`` (wrapping: only the reads matter),
+    accumulating in int32 so the buffer is read once with no converted copy (an int64 sum
+    of it would first write and reread it as int64: 1.28 GB of traffic for a 256 MB
+    buffer)."""
+    if flush == "zero":
+        buffer.zero_()
+    else:
+        torch.sum(buffer, dim=0, dtype=torch.int32, out=sink)
+
+
 class GraphTimer:
     """Kernel-only time with the L2 flushed before every call: ``reps`` x (flush, fn)
-    captured in one CUDA graph, minus a graph of ``reps`` flushes alone, both replayed
-    right after the same warm-up at every call (a flush timed once, with the clocks
-    wherever they were, shifted one process's times by up to 13 us: NOTES.md session
+    captured in one CUDA graph, minus a graph of ``reps`` flushes alone, each timed after
+    heating at every call (a flush baseline timed once per process, with the clocks
+    wherever they were, likely shifted one process's times by 7-13 us: NOTES.md session
     34). No host overhead (what a CUDA-graph decode loop sees); also checks that ``fn`` is
-    capturable. ``flush``: one of :data:`L2_FLUSHES`."""
+    capturable. ``flush``: one of :data:`L2_FLUSHES` (:func:`evict_l2`)."""
 
     def __init__(self, reps: int = 20, replays: int = 5, flush: str = "zero"):
         if flush not in L2_FLUSHES:
             raise ValueError(f"flush: expected one of {L2_FLUSHES}, got {flush!r}")
         self.reps, self.replays, self.flush = reps, replays, flush
         self.cache = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
-        self._sink = torch.empty((), dtype=torch.int64, device="cuda")
+        self._sink = torch.empty((), dtype=torch.int32, device="cuda")
         self.heat_a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
 
     def _evict(self) -> None:
-        if self.flush == "zero":
-            self.cache.zero_()
-        else:
-            torch.sum(self.cache, dim=0, out=self._sink)
+        evict_l2(self.cache, self._sink, self.flush)
 
     def _graph_ms(self, fn) -> float:
         """Median replay time of ``reps`` x (flush, ``fn``); ``fn`` None: flushes alone."""
