@@ -12,6 +12,10 @@ from portattn.bench.timing import L2_FLUSHES, GraphTimer, evict_l2
 def test_graph_timer_rejects_an_unknown_flush_before_allocating():
     with pytest.raises(ValueError, match=r"flush: expected one of \('zero', 'read'\), got 'clean'"):
         GraphTimer(flush="clean")  # on a CPU machine: raised before any CUDA allocation
+    buffer = torch.ones(64, dtype=torch.int32)
+    with pytest.raises(ValueError, match="flush: expected one of"):
+        evict_l2(buffer, torch.zeros((), dtype=torch.int32), "clean")
+    assert torch.equal(buffer, torch.ones(64, dtype=torch.int32))  # nothing evicted
 
 
 @pytest.mark.parametrize("flush", [None, *L2_FLUSHES])

@@ -48,8 +48,10 @@ def evict_l2(buffer: torch.Tensor, sink: torch.Tensor, flush: str) -> None:
     buffer)."""
     if flush == "zero":
         buffer.zero_()
-    else:
+    elif flush == "read":
         torch.sum(buffer, dim=0, dtype=torch.int32, out=sink)
+    else:
+        raise ValueError(f"flush: expected one of {L2_FLUSHES}, got {flush!r}")
 
 
 class GraphTimer:
