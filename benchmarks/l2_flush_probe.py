@@ -10,7 +10,6 @@ ceiling measured in the same run.
 
 from __future__ import annotations
 
-import statistics
 import sys
 
 import torch
@@ -19,30 +18,14 @@ from torch.profiler import ProfilerActivity, profile
 from portattn.bench import GraphTimer, build_inputs, case_bytes, measure_ceilings, timer
 from portattn.bench.cases import default_cases
 from portattn.bench.peers import ours
+from portattn.bench.timing import graph_replay_ms
 
 DEFAULT = ("decode-8x8192-fp8", "decode-32x8192-fp8", "decode-8x8192")
 
 
-def graph_no_flush_ms(fn, reps: int = 20, replays: int = 5) -> float:
+def graph_no_flush_ms(fn, reps: int = 20) -> float:
     """Per-call time of ``reps`` calls captured in one graph, nothing between them."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    times = []
-    for _ in range(replays):
-        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times) / reps
+    return graph_replay_ms(fn, reps, replays=5) / reps
 
 
 def profiled_kernel_us(fn, calls: int = 20) -> float:

@@ -54,6 +54,32 @@ def evict_l2(buffer: torch.Tensor, sink: torch.Tensor, flush: str) -> None:
         raise ValueError(f"flush: expected one of {L2_FLUSHES}, got {flush!r}")
 
 
+def graph_replay_ms(body, reps: int, replays: int) -> float:
+    """Median time (ms) of ``replays`` replays of one CUDA graph of ``reps`` calls of
+    ``body``, captured after a warm call on the capture stream (libraries that need
+    one there)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        body()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            body()
+    times = []
+    for _ in range(replays):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    del graph
+    return statistics.median(times)
+
+
 class GraphTimer:
     """Kernel-only time with the L2 flushed before every call: ``reps`` x (flush, fn)
     captured in one CUDA graph, minus a graph of ``reps`` flushes alone, each timed after
@@ -75,30 +101,11 @@ class GraphTimer:
 
     def _graph_ms(self, fn) -> float:
         """Median replay time of ``reps`` x (flush, ``fn``); ``fn`` None: flushes alone."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        def body():
             self._evict()
             if fn is not None:
-                fn()  # libraries that need a warm call on the capture stream
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(self.reps):
-                self._evict()
-                if fn is not None:
-                    fn()
-        times = []
-        for _ in range(self.replays):
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        del graph
-        return statistics.median(times)
+                fn()
+        return graph_replay_ms(body, self.reps, self.replays)
 
     def heat(self) -> None:
         """Keep the clocks up: ~10 ms of matmuls before each measurement."""

@@ -262,14 +262,15 @@ def paired_decode_segments(shape: Shape, programs: int, tile_keys: int = 128) ->
     return 1 << (segments.bit_length() - 1)
 
 
-def decode_tile_heads(shape: Shape, max_q: int, num_seqs: int, v_pairs: bool) -> int:
+def decode_tile_heads(shape: Shape, max_q: int, num_seqs: int) -> int:
     """How many kv heads one program of the paired 8-bit decode tile serves: ``16 //
     group`` for one query per sequence of a GQA group in
     :data:`MULTI_HEAD_DECODE_GROUPS` (16 rows: the paired tile's), where the kv heads
     split into whole groups of that many and the (sequence, kv head) pairs of
     ``num_seqs`` sequences (a plan's: its bucket's largest batch, whose smaller batches
-    keep the tile) are at least the SMs; else 1 (a program per kv head)."""
-    if not v_pairs or max_q != 1 or shape.group not in MULTI_HEAD_DECODE_GROUPS or \
+    keep the tile) are at least the SMs; else 1 (a program per kv head). Asked of the
+    paired tile only (:func:`decode_config`'s V-pairs branch)."""
+    if max_q != 1 or shape.group not in MULTI_HEAD_DECODE_GROUPS or \
             num_seqs * shape.num_kv_heads < shape.sm_count:
         return 1
     heads = MULTI_HEAD_DECODE_ROWS // shape.group
@@ -362,7 +363,7 @@ def decode_config(shape: Shape, max_q: int, num_seqs: int,
         # an SM; H200 fp8 per-tensor 32 / 128 x 8192: 150.3 / 538.4 us against 188.8 /
         # 674.0 with byte-wise V and 64-key tiles at 128 (NOTES.md). 128 columns of
         # several kv heads where decode_tile_heads says so.
-        heads = decode_tile_heads(shape, max_q, num_seqs, v_pairs)
+        heads = decode_tile_heads(shape, max_q, num_seqs)
         if segments is None:
             segments = paired_decode_segments(shape, num_seqs * shape.num_kv_heads // heads,
                                               128 // heads)
