@@ -380,6 +380,42 @@ def test_triton_broken_install(monkeypatch):
     assert caps.triton.reason.startswith("Triton failed to import: ImportError: libtriton.so")
 
 
+def test_a_triton_that_fails_to_import_is_not_kept_on_disk(isolated, monkeypatch):
+    """Triton installed but raising on import: the answer holds for this process only, so
+    the next one (the install mended in place, every version the same) probes again and
+    finds it."""
+    real_import = importlib.import_module
+
+    def failing_import(name, *args, **kwargs):
+        if name == "triton":
+            raise ModuleNotFoundError("No module named 'triton.backends.amd'",
+                                      name="triton.backends.amd")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(probe_mod.importlib, "import_module", failing_import)
+    broken = probe()
+    assert not broken.triton.ok and "triton.backends.amd" in broken.triton.reason
+    assert last_probe_origin() == "probed" and cache_files(isolated) == []
+    assert probe() == broken and last_probe_origin() == "memory"
+
+    monkeypatch.setattr(probe_mod.importlib, "import_module", real_import)
+    clear_cache()  # a new process
+    mended = probe()
+    assert last_probe_origin() == "probed"
+    assert mended.triton.ok and mended.triton_version is not None
+    assert cache_files(isolated) == ["capabilities-cpu.json"]
+
+
+def test_a_device_that_cannot_be_read_is_not_kept_on_disk(isolated, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("CUDA driver initialization failed")
+
+    monkeypatch.setattr(probe_mod, "_device_facts", boom)
+    caps = probe()
+    assert "CUDA driver initialization failed" in caps.triton_kernels.reason
+    assert cache_files(isolated) == []
+
+
 def test_probe_never_raises_when_sub_probes_fail(monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("CUDA driver initialization failed")
@@ -482,8 +518,9 @@ def test_refresh_replaces_every_remembered_answer(monkeypatch):
     overridden = probe()
     monkeypatch.delenv("PORTATTN_TD")
     plain = probe()
-    monkeypatch.setattr(probe_mod, "probe_device",
-                        lambda *a: dataclasses.replace(plain, sm_count=plain.sm_count + 1))
+    monkeypatch.setattr(probe_mod, "_probe_device_and_failures",
+                        lambda *a: (dataclasses.replace(plain, sm_count=plain.sm_count + 1),
+                                    []))
     assert probe(refresh=True).sm_count == plain.sm_count + 1
     monkeypatch.setenv("PORTATTN_TD", "0")
     again = probe()

@@ -168,9 +168,9 @@ def _real_base(interpreter: bool, index: int | None, refresh: bool,
     stored = cache.load(key) if key is not None and not refresh else None
     origin = "disk-cache"
     if stored is None:
-        stored = probe_device(index)
+        stored, failures = _probe_device_and_failures(index)
         origin = "probed"
-        if key is not None:
+        if key is not None and not failures:
             cache.store(key, stored)
     state.base[slot] = (stored, origin)
     return stored, origin, origin
@@ -638,6 +638,20 @@ def _current_gpu(index: int | None) -> Any:
 def probe_device(index: Any = _CURRENT) -> Capabilities:
     """Probe GPU ``index`` of this machine now (default: the current device; None: the
     CPU), with no caching and no overrides. Never raises."""
+    return _probe_device_and_failures(index)[0]
+
+
+def _probe_device_and_failures(index: Any = _CURRENT) -> tuple[Capabilities, list[str]]:
+    """:func:`probe_device`, and the steps of it that raised, Triton's import among them
+    (installed but raising on import). Such a result is kept in memory only, never on
+    disk: its cause may be mended without any version in the disk-cache key changing (a
+    missing shared library installed, a driver reloaded, a broken file reinstalled), so
+    the next process probes again (cheap where Triton does not import or the device
+    cannot be read: the kernel checks are skipped then). A flash-attn that does not import
+    is not among them: its reason says how to mend it, a rebuild against another torch
+    changes the key, and probing again would rerun the Triton kernel checks in every
+    process."""
+    failures: list[str] = []
     try:
         import torch
 
@@ -646,18 +660,22 @@ def probe_device(index: Any = _CURRENT) -> Capabilities:
         hip_version = getattr(torch.version, "hip", None)
     except Exception as exc:
         torch_version, cuda_version, hip_version = f"unavailable ({one_line(exc)})", None, None
+        failures.append("torch")
 
     device_error = None
     try:
         facts = _device_facts(index)
     except Exception as exc:
         device_error = one_line(exc)
+        failures.append("device facts")
         facts = dict(vendor="cpu", device_type="cpu", device_name="cpu", arch="cpu",
                      compute_capability=None, sm_count=os.cpu_count() or 1, total_memory=0,
                      l2_cache_bytes=0, driver_version=None, index=None)
 
     interpreter = interpreter_enabled()
     triton, triton_check, triton_version = _import_triton()
+    if triton is None and triton_check.reason != TRITON_NOT_INSTALLED:
+        failures.append("triton import")
     try:
         with _current_gpu(facts["index"]):  # Triton's target is the current device's
             target, kernels, descriptors = _kernel_checks(triton_check, triton, interpreter,
@@ -665,17 +683,23 @@ def probe_device(index: Any = _CURRENT) -> Capabilities:
     except Exception as exc:
         why = f"kernel check failed: {one_line(exc)}"
         target, kernels, descriptors = None, Check(False, why), Check(False, why)
+        failures.append("kernel checks")
 
-    fp8: tuple[str, ...] = _guard(fp8_formats, (), facts["vendor"], facts["arch"],
-                                  facts["compute_capability"])
+    try:
+        fp8: tuple[str, ...] = fp8_formats(facts["vendor"], facts["arch"],
+                                           facts["compute_capability"])
+    except Exception:
+        fp8 = ()
+        failures.append("fp8 formats")
     try:
         flash, flash_version, interfaces = probe_flash_attn(
             facts["vendor"], facts["arch"], facts["compute_capability"])
     except Exception as exc:
         flash, flash_version, interfaces = (
             Check(False, f"flash-attn probe failed: {one_line(exc)}"), None, ())
+        failures.append("flash-attn probe")
 
-    return Capabilities(
+    caps = Capabilities(
         profile=None,
         vendor=facts["vendor"],
         device_type=facts["device_type"],
@@ -703,3 +727,4 @@ def probe_device(index: Any = _CURRENT) -> Capabilities:
         flash_attn_interfaces=interfaces,
         device_index=facts["index"],
     )
+    return caps, failures
