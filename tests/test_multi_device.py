@@ -255,6 +255,43 @@ def _fake_on_device(current: dict, switched: list | None = None):
     return on_device
 
 
+def test_cache_write_follows_the_probe_of_the_caches_gpu(gpus, monkeypatch):
+    """A Triton that imports but cannot run our kernels on a GPU (here: cuda:1's kernel
+    check fails) sends that GPU's cache write to PyTorch with a warning naming why, as it
+    sends ``attention`` to another backend; cuda:0's write still launches the kernel."""
+    types_mod = importlib.import_module("portattn.types")
+    write_launch = pytest.importorskip("portattn.kernels.write_launch",
+                                       reason="needs Triton for the write kernel module")
+    why = "a test kernel failed to compile: Cannot find ptxas-blackwell"
+    monkeypatch.setattr(probe_mod, "_kernel_checks", lambda _check, _triton, _interp, gpu, _err: (
+        "cuda:90", Check(gpu != 1, "fake GPU" if gpu != 1 else why), Check(False, why)))
+    launched, pytorch_writes = [], []
+    monkeypatch.setattr(write_launch, "launch_cache_write",
+                        lambda cache, *args: launched.append(cache.device))
+
+    class WentToPyTorch(Exception):
+        pass
+
+    def warn_slow_write(cache):  # the PyTorch write's first step; fake tensors stop there
+        pytorch_writes.append((cache.device, types_mod._write_kernel_refusal(cache.device)))
+        raise WentToPyTorch
+
+    monkeypatch.setattr(types_mod, "_warn_slow_write", warn_slow_write)
+    monkeypatch.setattr(importlib.import_module("portattn.devices"), "on_device",
+                        lambda index: contextlib.nullcontext())
+    with fake_tensor.FakeTensorMode(allow_non_fake_inputs=True):
+        for device in (CUDA0, CUDA1):
+            _, cache, _ = _fake_batch(device)
+            key = torch.empty(3, 2, 64, dtype=torch.float16, device=device)
+            slots = torch.zeros(3, dtype=torch.int64, device=device)
+            try:
+                cache.write(key, torch.empty_like(key), slots)
+            except WentToPyTorch:
+                pass
+    assert launched == [CUDA0]
+    assert pytorch_writes == [(CUDA1, why)]
+
+
 def test_launch_switches_to_the_plans_gpu_only_when_another_is_current(monkeypatch):
     current = {"index": 0}
     switched: list = []
@@ -422,7 +459,6 @@ def test_cache_write_launches_with_the_caches_gpu_current(gpus, fake_mode, monke
     on_device = _fake_on_device(current)
     monkeypatch.setattr(devices, "_get_device", lambda: current["index"])
     monkeypatch.setattr(devices, "on_device", on_device)
-    monkeypatch.setattr(types_mod, "_write_kernel_available", lambda: True)
     monkeypatch.setattr(write_launch, "launch_cache_write",
                         lambda cache, *args: seen.append(current["index"]))
     _, cache, _ = _fake_batch(CUDA1)

@@ -438,11 +438,14 @@ class PagedKVCache:
         whole decode step, write plus attention, can be captured in a CUDA graph); slots
         are therefore not value-checked there: -1 and slots outside the cache are skipped
         on the device. On the CPU slots are checked (``InputError`` for values below -1
-        or past the cache) and the write runs in PyTorch; so does an fp8 cache's write on a
-        GPU that cannot convert to fp8 (before sm89, AMD: :func:`portattn.devices.converts_fp8`),
-        which then selects the valid slots on the host side (a sync, not graph-safe)."""
+        or past the cache) and the write runs in PyTorch; so does a write on a GPU where
+        our Triton kernels cannot run (the probe's ``triton_kernels`` check, as for
+        ``attention``: Triton missing, broken or unsupported, or ``PORTATTN_TRITON=0``),
+        and an fp8 cache's write on a GPU that cannot convert to fp8 (before sm89, AMD:
+        :func:`portattn.devices.converts_fp8`); these select the valid slots on the host
+        side (a sync, not graph-safe) and warn once."""
         self._check_write_args(key, value, slot_mapping)
-        if self.device.type != "cpu" and _write_kernel_available():
+        if self.device.type != "cpu" and _write_kernel_refusal(self.device) is None:
             from portattn.devices import converts_fp8, cuda_index, on_device
 
             if self.dtype not in FP8_DTYPES or converts_fp8(self.device, self.dtype):
@@ -499,13 +502,18 @@ class PagedKVCache:
                                  f"values in [{lo}, {hi}]")
 
 
-def _write_kernel_available() -> bool:
-    """Whether Triton imports here (the write kernel then serves GPU caches)."""
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
+def _write_kernel_refusal(device: torch.device) -> str | None:
+    """Why the Triton write kernel cannot serve a cache on GPU ``device``, or None when it
+    can: the real probe's ``triton_kernels`` check of that device (Triton imports and a
+    kernel of ours compiled and ran there; ``PORTATTN_TRITON=0`` turns it off), the check
+    that sends ``attention`` to another backend. So a Triton that imports but cannot
+    compile (no ptxas for this GPU, a release our kernels do not support, no C compiler
+    for its launcher) sends the write to PyTorch too, never into a crash. A memory-cache
+    lookup after the first call (about 2 us)."""
+    from portattn.capabilities import probe
+
+    check = probe(simulate="", device=device).triton_kernels
+    return None if check.ok else check.reason
 
 
 def _check_cache_tensor(name: str, t: object) -> None:
@@ -522,11 +530,13 @@ def _check_cache_tensor(name: str, t: object) -> None:
 
 def _warn_slow_write(cache: PagedKVCache) -> None:
     """WARNING on the ``portattn`` logger, once per (device, cache dtype): a GPU cache's
-    write runs in PyTorch (no write kernel here, or no fp8 conversion on this GPU)."""
+    write runs in PyTorch (the write kernel cannot run here, or no fp8 conversion on this
+    GPU), and why."""
     from portattn.dispatch.announce import announced, log
 
     if announced.first_time(("cache write", str(cache.device), cache.dtype)):
-        why = ("Triton's write kernel is not available" if not _write_kernel_available()
+        refusal = _write_kernel_refusal(cache.device)
+        why = (f"Triton's write kernel cannot run here ({refusal})" if refusal is not None
                else f"this GPU cannot convert to {cache.dtype} in a kernel")
         log.warning("slow path: PagedKVCache.write on %s (%s cache) runs in PyTorch because "
                     "%s; it synchronizes with the host and cannot be captured in a CUDA "
