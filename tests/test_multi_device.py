@@ -450,7 +450,6 @@ def test_on_device_switches_only_to_another_cuda_device(monkeypatch):
 
 
 def test_cache_write_launches_with_the_caches_gpu_current(gpus, fake_mode, monkeypatch):
-    types_mod = importlib.import_module("portattn.types")
     devices = importlib.import_module("portattn.devices")
     write_launch = pytest.importorskip("portattn.kernels.write_launch",
                                        reason="needs Triton for the write kernel module")

@@ -24,6 +24,7 @@ import json
 import pytest
 import torch
 
+import portattn
 from portattn import InputError
 from portattn.backends import triton_kv_load
 from portattn.backends.triton_unified import TritonUnified
@@ -303,6 +304,45 @@ def test_gate_caches_per_machine_and_variant_on_disk(gate_calls):
     assert data["format"] == gate.CACHE_FORMAT and len(data["results"]) == 3
     assert any(not r["ok"] and r["reason"] == "compile failed"
                for r in data["results"].values())
+
+
+def test_gate_checks_again_when_the_kernels_change(monkeypatch, gate_calls):
+    """An answer is about the code it ran: another portattn release or an edited kernel
+    source is checked again, not served from the disk cache."""
+    calls, answer = gate_calls
+    caps = _real(simulated("sm90"))
+    assert gate.check_variant(caps, _variant(), "cuda:0")["origin"] == "checked"
+    for name, value in (("kernel_source_digest", lambda: "another-source"),
+                        ("__version__", "99.0")):
+        gate.clear()  # a new process, with other code
+        if name == "__version__":
+            monkeypatch.setattr(portattn, "__version__", value)
+        else:
+            monkeypatch.setattr(gate, name, value)
+        answer["value"] = {"ok": False, "reason": f"fails with {name} changed"}
+        again = gate.check_variant(caps, _variant(), "cuda:0")
+        assert again == {"ok": False, "reason": f"fails with {name} changed",
+                         "origin": "checked"}
+    assert len(calls) == 3
+
+
+def test_kernel_source_digest_follows_the_kernel_files(tmp_path, monkeypatch):
+    package = tmp_path / "portattn"
+    (package / "kernels").mkdir(parents=True)
+    (package / "capabilities").mkdir()
+    module = package / "capabilities" / "kv_descriptor_gate.py"
+    module.write_text("# the check\n")
+    kernel = package / "kernels" / "unified.py"
+    kernel.write_text("# kernel v1\n")
+    monkeypatch.setattr(gate, "__file__", str(module))
+    digests = []
+    for text in ("# kernel v1\n", "# kernel v2\n", "# kernel v1\n"):
+        kernel.write_text(text)
+        gate.kernel_source_digest.cache_clear()
+        digests.append(gate.kernel_source_digest())
+    gate.kernel_source_digest.cache_clear()
+    assert digests[0] == digests[2] != digests[1]
+    assert len(digests[0]) == 16 and int(digests[0], 16) >= 0
 
 
 def test_gate_survives_a_corrupt_cache_and_no_disk_cache(monkeypatch, gate_calls):

@@ -7,7 +7,8 @@ Triton's pipeliner in another. So the first time a descriptor *variant* is wante
 machine, :func:`check_variant` compiles and runs the unified kernel both ways (pointer and
 descriptor loads) on a tiny problem of that variant and compares the outputs; the answer
 (``{"ok", "reason"}``) is kept in memory and on disk, keyed by (device type, arch, driver,
-Triton version, variant), next to the capabilities cache. Never at import.
+Triton version, portattn version and a digest of the kernels' sources, variant), next to
+the capabilities cache. Never at import.
 
 Variant key: ``kv_dtype`` (torch dtype name), ``quant`` (KVQuant mode), ``head_qk``,
 ``head_v``, ``block_size``, ``block_n`` (the descriptor tiles' lengths), ``fp8_dot``
@@ -27,6 +28,8 @@ Triton interpreter it runs in-process. :data:`RUNNER` is the function that runs 
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import json
 import subprocess
 import sys
@@ -37,9 +40,10 @@ from portattn.capabilities._text import one_line
 from portattn.capabilities.descriptor_check import child_env
 
 CHILD_TIMEOUT_S = 300
-CACHE_FORMAT = "portattn.kv-descriptor-gate/7"  # 4: the plan's v_pairs; 5: staged
+CACHE_FORMAT = "portattn.kv-descriptor-gate/8"  # 4: the plan's v_pairs; 5: staged
 #: variants; 6: staged variants name how the staged keys are read (kv_load.STAGED_KV_LOAD);
-#: 7: and the staged launch's program order and loop (flat_grid, one_loop)
+#: 7: and the staged launch's program order and loop (flat_grid, one_loop); 8: the
+#: machine key names the portattn version and the kernels' source digest
 #: Tiny problem of a check: two sequences, one decode and one short chunk.
 QUERY_LENS = (1, 5)
 SEQ_LENS = (37, 70)
@@ -77,10 +81,32 @@ def variant_key(*, kv_dtype: str, quant: str, head_qk: int, head_v: int, block_s
 
 
 def machine_key(caps) -> dict:
-    """What a gate answer depends on besides the variant."""
+    """What a gate answer depends on besides the variant: the machine, and the code the
+    check ran (an answer about another release's kernel, or an edited checkout's, is not
+    trusted: it is checked again)."""
+    from portattn import __version__
+
     return {"device_type": caps.device_type, "arch": caps.arch,
             "driver": caps.driver_version, "triton": caps.triton_version,
-            "interpreter": bool(caps.triton_interpreter)}
+            "interpreter": bool(caps.triton_interpreter), "portattn": __version__,
+            "kernels": kernel_source_digest()}
+
+
+@functools.cache
+def kernel_source_digest() -> str:
+    """A digest of the sources a check compiles and runs: the ``portattn.kernels``
+    package (kernels, launchers, plans) and this module. Read once per process, when a
+    descriptor variant is first wanted; ``"unreadable"`` where the files cannot be read
+    (the version in :func:`machine_key` then tells releases apart)."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    try:
+        for path in [*sorted((root / "kernels").rglob("*.py")), Path(__file__).resolve()]:
+            digest.update(path.relative_to(root).as_posix().encode())
+            digest.update(path.read_bytes())
+    except OSError:
+        return "unreadable"
+    return digest.hexdigest()[:16]
 
 
 def _text_key(machine: dict, variant: dict) -> str:
