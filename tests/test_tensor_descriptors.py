@@ -306,6 +306,25 @@ def test_gate_caches_per_machine_and_variant_on_disk(gate_calls):
                for r in data["results"].values())
 
 
+def test_a_check_that_could_not_run_is_not_kept_on_disk(gate_calls):
+    """The runner raising (the check process never started) fails the variant for this
+    process only; a check's own answer, a failure included, is kept for the next."""
+    calls, answer = gate_calls
+    caps = _real(simulated("sm90"))
+    answer["value"] = OSError("[Errno 12] Cannot allocate memory")
+    first = gate.check_variant(caps, _variant(), "cuda:0")
+    assert not first["ok"] and "Cannot allocate memory" in first["reason"]
+    assert gate.check_variant(caps, _variant(), "cuda:0")["origin"] == "memory"
+    assert not gate.cache_path().exists()
+    gate.clear()  # the next process runs it
+    answer["value"] = {"ok": False, "reason": "PassManager::run failed"}
+    assert gate.check_variant(caps, _variant(), "cuda:0")["origin"] == "checked"
+    gate.clear()
+    kept = gate.check_variant(caps, _variant(), "cuda:0")
+    assert kept == {"ok": False, "reason": "PassManager::run failed", "origin": "disk-cache"}
+    assert len(calls) == 2
+
+
 def test_gate_checks_again_when_the_kernels_change(monkeypatch, gate_calls):
     """An answer is about the code it ran: another portattn release or an edited kernel
     source is checked again, not served from the disk cache."""

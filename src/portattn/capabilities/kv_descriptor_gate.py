@@ -162,7 +162,9 @@ def clear(*, disk: bool = False) -> None:
 
 def check_variant(caps, variant: dict, device: str) -> dict:
     """``{"ok", "reason", "origin"}`` for the descriptor variant on this machine: from
-    memory, the disk cache, or by running :data:`RUNNER` (then recorded)."""
+    memory, the disk cache, or by running :data:`RUNNER` (then recorded: its answer, a
+    check process's crash or timeout included, in memory and on disk; an exception raised
+    by the runner itself in memory only)."""
     key = _text_key(machine_key(caps), variant)
     known = _MEMORY.get(key)  # one lookup: clear() may run in another thread
     if known is not None:
@@ -173,13 +175,18 @@ def check_variant(caps, variant: dict, device: str) -> dict:
             result = {"ok": bool(stored["ok"]), "reason": str(stored.get("reason", ""))}
             _MEMORY[key] = result
             return {**result, "origin": "disk-cache"}
+    keep_on_disk = True
     try:
         raw = RUNNER(variant, device)
         result = {"ok": bool(raw.get("ok")), "reason": str(raw.get("reason", ""))}
-    except Exception as exc:  # a failing check is an answer
+    except Exception as exc:
+        # the check could not be run (the child not started: out of memory, no such
+        # executable...): a failure for this process, not an answer about the kernel
+        # to keep for the next one
         result = {"ok": False, "reason": one_line(exc)}
+        keep_on_disk = False
     _MEMORY[key] = result
-    if _disk_enabled():
+    if keep_on_disk and _disk_enabled():
         _store_disk(key, result)
     return {**result, "origin": "checked"}
 
