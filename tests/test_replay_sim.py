@@ -531,6 +531,38 @@ def test_a_call_that_fell_back_from_descriptors_is_not_recorded(sim, monkeypatch
     assert relative_error(out, expected) < 3e-3
 
 
+def test_a_recorder_that_cannot_read_triton_keeps_the_jit_path(sim, monkeypatch, caplog):
+    """A Triton release that renamed what the recorder reads (here: building the
+    sequence raises AttributeError) costs the fast path, never the call: every call runs
+    the JIT path with the oracle's result, and the reason is logged once."""
+    memory, kernels = sim
+
+    def renamed(*args, **kwargs):
+        raise AttributeError("'CompiledKernel' object has no attribute 'packed_metadata'")
+
+    monkeypatch.setattr(fast_launch.LaunchSequence, "build", renamed)
+    batch = make_paged_batch([1, 1, 1], [21, 7, 30], num_q_heads=4, num_kv_heads=2,
+                             head_size=32, dtype=torch.float16)
+    plan = portattn.plan(batch.metadata, num_q_heads=4, dtype=torch.float16,
+                         cache=batch.cache, backend="triton_unified", validate=False)
+    _replaying(plan)
+    memory.add(batch.metadata.cu_seqlens_q, batch.metadata.seq_lens,
+               batch.metadata.block_table, batch.cache.key_cache, batch.cache.value_cache)
+    expected = dense_attention(batch.q, batch.keys, batch.values, [1, 1, 1])
+    with caplog.at_level("WARNING", logger="portattn"):
+        for calls in (1, 2, 3):
+            out = torch.full_like(batch.q, math.nan)
+            memory.add(out)
+            plan.run(batch.q, batch.cache, out)
+            assert relative_error(out, expected) < 3e-3
+            assert kernels["unified_attention_kernel"].jit_runs == calls
+    assert sum(k.replays for k in kernels.values()) == 0
+    slot = next(iter(plan._accepted.values()))
+    assert slot.reason == ("recording the launches failed: AttributeError: 'CompiledKernel' "
+                           "object has no attribute 'packed_metadata'")
+    assert sum("packed_metadata" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_a_binder_in_python_keeps_the_jit_path(monkeypatch):
     """A Triton backend without native tensor specialization (Triton 3.5's CUDA backend,
     AMD's) may specialize a pointer by more than its alignment: the plan refuses to

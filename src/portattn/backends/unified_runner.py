@@ -317,6 +317,13 @@ class UnifiedRunner(Runner):
             if fast_launch.triton_state() is None:
                 return  # a launch hook is installed: try again later
             self._unusable(slot, str(exc))
+        except Exception as exc:
+            # the call itself ran (on the normal path); what failed is reading Triton's
+            # internals to record it (a release that renamed what the recorder reads):
+            # this structure keeps the normal path, with the reason, never a crash
+            from portattn.capabilities._text import one_line
+
+            self._unusable(slot, f"recording the launches failed: {one_line(exc)}")
 
     def _unusable(self, slot: Slot, reason: str) -> None:
         slot.sequence = _UNUSABLE
