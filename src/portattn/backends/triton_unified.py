@@ -14,8 +14,10 @@ long prefills may stage their keys into 128-slot 16-bit blocks first
 ``PORTATTN_UNIFIED_SPLIT`` overrides the split choice (unset: auto, ``1``: split decode
 tiles over the keys when they can be, ``0``: never).
 
-Importing this module imports Triton (through the kernels package); the registry turns an
-ImportError into a reason.
+Importing this module does not import Triton: the kernel modules (``portattn.kernels.launch``
+and what it imports) are imported by the runner when a plan is made, which routing allows
+only after the probe's ``triton_kernels`` check passed (Triton imports, has what the kernels
+use, and a test kernel compiled and ran).
 """
 
 from __future__ import annotations
