@@ -601,6 +601,60 @@ def test_driver_launch_calls_the_c_entry_only_without_scratch(monkeypatch):
     assert calls[-1] == ("other", (1, 1, 1, "s", "f", "m", None, None, None))
 
 
+@pytest.mark.parametrize("layout", ["kernel", "shared"])
+def test_a_relaunch_with_scratch_sets_the_allocator_in_any_thread(layout, monkeypatch):
+    """A kernel with global scratch (device-side descriptors) is relaunched through
+    Triton's launcher object, which allocates it with the allocator of the calling
+    context (a ContextVar). The recording call's normal path set one in that thread's
+    context only; a relaunch from another thread (a fresh context) must find one too,
+    not Triton's "no allocator was set"."""
+    from triton.runtime import _allocation
+
+    from portattn.kernels import launch as launch_mod
+
+    entries = []
+
+    class CudaLauncher:  # as Triton's: a kernel with scratch is allocated for in __call__
+        global_scratch_size, global_scratch_align = 64, 128
+        profile_scratch_size = 0
+        launch_cooperative_grid = launch_pdl = False
+
+        def launch(self, *args):  # pragma: no cover - the adapter must not call it
+            raise AssertionError("the C entry of a kernel with scratch")
+
+        def __call__(self, gx, gy, gz, stream, function, *args):
+            scratch = _allocation._allocator.get()(self.global_scratch_size,
+                                                   self.global_scratch_align, stream)
+            entries.append(scratch)
+
+    run = CudaLauncher()
+    monkeypatch.setattr(launch_mod, "_scratch", lambda size, align, stream: torch.empty(
+        size, dtype=torch.uint8))  # the CPU's stand-in for the device allocation
+    if layout == "kernel":
+        entry = launch_entries.driver_launch(run)[0]
+        args = (4, 1, 1, 0, 0, False, False, None, None, None, None, None, None)
+    else:
+        entry = launch_entries.shared_launch(run)[0]
+        args = (4, 1, 1, 0, 0, False, False, None, None, None, None, None, None, None,
+                None, ())
+    assert entry is not run.launch  # the adapter, which lets the launcher allocate
+    outcome = {}
+
+    def relaunch():
+        before = type(_allocation._allocator.get()).__name__
+        try:
+            entry(*args)
+            outcome["result"] = (before, "launched")
+        except Exception as exc:  # pragma: no cover - the failure this test catches
+            outcome["result"] = (before, f"{type(exc).__name__}: {exc}")
+
+    thread = threading.Thread(target=relaunch)  # a fresh context: no allocator set
+    thread.start()
+    thread.join()
+    assert outcome["result"] == ("NullAllocator", "launched")
+    assert len(entries) == 1 and entries[0].numel() == 64
+
+
 def test_a_cuda_launcher_without_the_c_entry_is_called_as_the_jit_calls_it(kernel,
                                                                            monkeypatch):
     """Where the relaunch cannot call a C entry itself (no 3.6 per-kernel entry, and a

@@ -214,10 +214,30 @@ def driver_launch(run) -> tuple[Callable, Any, Any]:
     if _plain_cuda_launcher(run) and callable(c_launch) and c_launch_known():
         return c_launch, run.launch_cooperative_grid, run.launch_pdl
 
+    scratch = _scratch_allocator_setter(run)
+
     def through_run(gx, gy, gz, stream, function, cooperative, pdl, global_scratch,
                     profile_scratch, *rest):
+        scratch()
         return run(gx, gy, gz, stream, function, *rest)
     return through_run, False, False
+
+
+def _scratch_allocator_setter(run) -> Callable[[], None]:
+    """What an adapter calls before ``run`` allocates: for a kernel with global scratch
+    (device-side descriptors), :func:`~portattn.kernels.launch.ensure_scratch_allocator`,
+    since Triton reads its allocator from the calling context (a ContextVar) and a relaunch
+    may come from a thread or task other than the one whose normal path set it; for
+    others nothing."""
+    if not getattr(run, "global_scratch_size", 0):
+        return _nothing
+    from portattn.kernels.launch import ensure_scratch_allocator
+
+    return ensure_scratch_allocator
+
+
+def _nothing() -> None:
+    pass
 
 
 def shared_launch(run) -> tuple[Callable, Any, Any, Any, Any]:
@@ -237,9 +257,12 @@ def shared_launch(run) -> tuple[Callable, Any, Any, Any, Any]:
             isinstance(signature, (bytes, bytearray)):
         return c_launch, run.launch_cooperative_grid, run.launch_pdl, annotations, signature
 
+    scratch = _scratch_allocator_setter(run)
+
     def through_run(gx, gy, gz, stream, function, cooperative, pdl, packed_metadata,
                     launch_metadata, enter_hook, exit_hook, global_scratch, profile_scratch,
                     annotations, signature, kernel_args):
+        scratch()
         return run(gx, gy, gz, stream, function, packed_metadata, launch_metadata,
                    enter_hook, exit_hook, *kernel_args)
     return through_run, False, False, None, None
