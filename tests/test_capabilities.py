@@ -527,6 +527,32 @@ def test_refresh_replaces_every_remembered_answer(monkeypatch):
     assert again.sm_count == overridden.sm_count + 1 and not again.tensor_descriptors.ok
 
 
+def test_new_capabilities_forget_the_decisions_and_plans_made_from_the_old(monkeypatch):
+    """Plan bodies and the attention memo are keyed without the capabilities: a refresh
+    (or clear_cache) that replaces them makes the next call decide and plan again, so a
+    backend the new probe rules out is not served from an old plan."""
+    import torch
+
+    from portattn import planning
+    from portattn.dispatch.selector import decision_cache
+    from portattn.testing import make_paged_batch
+
+    batch = make_paged_batch([1, 1], [20, 30], head_size=32, dtype=torch.float32)
+    metadata = portattn.AttentionMetadata(batch.metadata.cu_seqlens_q,
+                                          batch.metadata.seq_lens,
+                                          batch.metadata.block_table, 1, 32)
+    planning.clear()
+    for replace in (lambda: probe(refresh=True), clear_cache):
+        portattn.attention(batch.q, batch.cache, metadata, backend="torch_ref")
+        assert len(planning.bodies.entries) == 1 and len(decision_cache) > 0
+        made = planning.stats["bodies"]
+        replace()
+        assert len(planning.bodies.entries) == 0 and len(decision_cache) == 0
+        portattn.attention(batch.q, batch.cache, metadata, backend="torch_ref")
+        assert planning.stats["bodies"] == made + 1  # planned again
+        planning.clear()
+
+
 def test_corrupt_cache_file_is_rewritten(isolated):
     isolated.mkdir(parents=True)
     path = isolated / "capabilities-cpu.json"

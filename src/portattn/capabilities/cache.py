@@ -171,9 +171,11 @@ def write_json_atomic(path: Path, payload: Any) -> Path | None:
 
 
 def clear_cache(*, disk: bool = False) -> None:
-    """Forget every probe result of this process; with ``disk=True`` also delete the
+    """Forget every probe result of this process, and the routing decisions and plan
+    bodies made from them (:func:`forget_decisions`); with ``disk=True`` also delete the
     disk-cache files (``capabilities-*.json`` in :func:`cache_dir`, nothing else)."""
     STATE.clear()
+    forget_decisions()
     if disk:
         try:
             paths = list(cache_dir().glob("capabilities-*.json"))
@@ -184,6 +186,21 @@ def clear_cache(*, disk: bool = False) -> None:
                 path.unlink()
             except OSError:
                 pass
+
+
+def forget_decisions() -> None:
+    """Routing decisions and plan bodies were made from the capabilities being replaced
+    (their caches are keyed without them): both are made again at the next call. Plans
+    a caller holds (:func:`portattn.plan`) keep theirs. Only modules already imported
+    are touched (nothing made yet, nothing to forget)."""
+    import sys
+
+    selector = sys.modules.get("portattn.dispatch.selector")
+    if selector is not None:
+        selector.decision_cache.clear()
+    planning = sys.modules.get("portattn.planning")
+    if planning is not None:
+        planning.forget_plans()
 
 
 def last_probe_origin(*, resolve_memory: bool = False) -> str | None:

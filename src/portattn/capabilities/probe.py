@@ -109,9 +109,11 @@ def probe(simulate: str | None = None, *, device: Any = None, refresh: bool = Fa
                                                 use_disk_cache)
         caps = apply_overrides(base, states)
         if refresh and not wanted:
-            # every remembered answer for this device was built on the old probe
+            # every remembered answer for this device was built on the old probe, and so
+            # were the decisions and plan bodies of its calls
             for stale in [k for k in state.final if k[3] == index and not k[0]]:
                 del state.final[stale]
+            cache.forget_decisions()
         state.final[key] = (caps, resolved)
         state.last = (origin, resolved, caps)
         return caps
