@@ -110,6 +110,11 @@ def test_a_16_byte_offset_keeps_the_specialization():
 def test_alignment_token():
     assert fast_launch.alignment_token([0, 16, 4096]) is True
     assert fast_launch.alignment_token([0, 18, 4096]) == (True, False, True)
+    # odd and even addresses apart: the launcher reads an 8-bit V cache as int16 pairs
+    # at an even address only, so a launch recorded at one must not replay at the other
+    assert fast_launch.alignment_token([0, 17, 4096]) == (True, "odd", True)
+    assert fast_launch.alignment_token([0, 17, 4096]) != \
+        fast_launch.alignment_token([0, 18, 4096])
     # inputs bound at offsets that are not multiples of 16: keyed by their residue
     assert fast_launch.alignment_token([0, 24, 8], (False, True, False)) == (True, 8, False)
     assert fast_launch.alignment_token([32, 16], (True, True)) is True

@@ -346,18 +346,21 @@ def _device_functions():
 
 def alignment_token(pointers: Sequence[int], by_residue: Sequence[bool] = ()):
     """The key of a sequence's compiled kernels for its bound inputs' addresses: True when
-    all are 16-byte aligned, else per input whether it is, or its address modulo 16 where
-    ``by_residue`` says so (an input bound at an offset that is not a multiple of 16:
-    then its residue, not its alignment, fixes the alignment Triton sees of the pointer).
-    Every bound pointer is an input's address plus a fixed offset, so the token fixes
-    the 16-byte alignment of every pointer of every launch."""
+    all are 16-byte aligned, else per input True (16-byte aligned), False (even) or
+    ``"odd"``, or its address modulo 16 where ``by_residue`` says so (an input bound at an
+    offset that is not a multiple of 16: then its residue, not its alignment, fixes the
+    alignment Triton sees of the pointer). Every bound pointer is an input's address plus
+    a fixed offset, so the token fixes the 16-byte alignment of every pointer of every
+    launch, and the parity the launcher's own choices read (an 8-bit V cache is read as
+    int16 pairs at an even address only: ``launch._as_pairs``)."""
     acc = 0
     for p in pointers:
         acc |= p
     if not acc & 15:
         return True
     residue = tuple(by_residue) + (False,) * (len(pointers) - len(by_residue))
-    return tuple(p & 15 if r else not p & 15 for p, r in zip(pointers, residue))
+    return tuple(p & 15 if r else (not p & 15) or ("odd" if p & 1 else False)
+                 for p, r in zip(pointers, residue))
 
 
 def specialization_key(values: Sequence) -> tuple:
