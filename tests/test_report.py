@@ -73,6 +73,8 @@ def test_report_probes_and_says_where_from(isolated):
     assert second["capabilities"] == first["capabilities"]
     assert collect_report()["probe_origin"] == "disk-cache"  # memory hit, resolved
     assert "from the disk cache" in render_report(second)
+    assert "`portattn report --refresh` probes again" in render_report(second)
+    assert "--refresh" not in render_report(first)
     other = Capabilities.from_dict(first["capabilities"])  # not the object probe returned
     assert collect_report(other)["probe_origin"] == "caller"
 

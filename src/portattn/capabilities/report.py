@@ -365,6 +365,8 @@ def render_report(report: dict) -> str:
             origin_text += f" (disk cache unusable: {disk['problem']})"
         else:
             origin_text += f" (disk cache: {disk.get('dir', '?')})"
+    if origin == "disk-cache":  # an answer of an earlier process, maybe before a fix
+        origin_text += "; `portattn report --refresh` probes again"
     heading = "Capabilities"
     if isinstance(devices, list) and len(devices) > 1:
         heading += f" of the current device (cuda:{caps.get('device_index', '?')})"
