@@ -230,6 +230,23 @@ def test_new_alignment_misses_then_is_absorbed(kernel):
     assert kernel.launches[1][0] is not kernel.launches[0][0]
 
 
+def test_an_odd_address_misses_what_an_even_one_recorded(kernel):
+    """The launcher reads an 8-bit V cache as int16 pairs at an even address only: a
+    sequence recorded with an input at an even unaligned address is not replayed at an
+    odd one (a miss, then absorbed as its own), and the odd one's entry replays."""
+    base = torch.zeros(80, dtype=torch.uint8)
+    even, odd = base[2:66], base[3:67]
+    assert even.data_ptr() % 16 == 2 and odd.data_ptr() % 2 == 1
+    y = torch.zeros(64)
+    sequence = LaunchSequence.build(_record(kernel, (even, y)), (even, y))
+    kernel.launches.clear()
+    assert sequence.launch((even, y)) and len(kernel.launches) == 1
+    assert not sequence.launch((odd, y)) and len(kernel.launches) == 1
+    assert sequence.absorb(_record(kernel, (odd, y)), (odd, y))
+    kernel.launches.clear()
+    assert sequence.launch((odd, y)) and len(kernel.launches) == 1
+
+
 def test_absorb_refuses_a_different_structure(kernel):
     x, y = torch.zeros(64, dtype=torch.float16), torch.zeros(64)
     sequence = LaunchSequence.build(_record(kernel, (x, y)), (x, y))

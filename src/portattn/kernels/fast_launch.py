@@ -787,7 +787,8 @@ def _generate_launch(sites: list[Site], used: tuple[int, ...], by_residue: tuple
         lines += ["    except AttributeError:",
                   "        return False",
                   f"    _token = True if not ({' | '.join(pointers)}) & 15 else "
-                  "(" + "".join(f"{p} & 15, " if r else f"not {p} & 15, "
+                  "(" + "".join(f"{p} & 15, " if r else
+                                f"(not {p} & 15) or ('odd' if {p} & 1 else False), "
                                 for p, r in zip(pointers, by_residue)) + ")"]
     else:
         lines.append("    _token = True")
