@@ -275,40 +275,6 @@ def test_device_scalars_are_kept_for_good_and_bounded(monkeypatch):
     assert float(during_capture.get(2.0, cpu, "out")) == 2.0 and len(during_capture) == 0
 
 
-def test_a_gpu_scale_is_shared_only_once_its_fill_has_run(monkeypatch):
-    """On a GPU a new scale tensor's fill is queued on the creating call's stream; a call
-    on another stream must not read it before the fill runs. So the memo publishes it
-    (``find``, ``kept``) only once its fill event has completed (a query, no sync); until
-    then every other call gets its own tensor; during capture nothing is published."""
-    from portattn.kernels import scalars
-
-    class Fill:  # the event recorded after the fill: done when the test says so
-        def __init__(self):
-            self.done = False
-
-        def query(self):
-            return self.done
-
-    fills = []
-    monkeypatch.setattr(scalars, "fills_async", lambda device: True)
-    monkeypatch.setattr(scalars, "fill_marker", lambda device: fills.append(Fill()) or fills[-1])
-    cpu = torch.device("cpu")  # stands for a GPU here
-    memo = scalars._DeviceScalars()
-    first = memo.get(0.5, cpu, "k")
-    assert float(first) == 0.5 and len(fills) == 1 and len(memo) == 1
-    assert memo.find(("k", 0.5, cpu)) is None and not memo.kept(0.5, cpu, "k")
-    second = memo.get(0.5, cpu, "k")  # the fill has not run: another tensor
-    assert second is not first and float(second) == 0.5 and len(fills) == 1
-    fills[0].done = True
-    monkeypatch.setattr(scalars, "_capturing", lambda device: True)
-    captured = memo.get(0.5, cpu, "k")  # no event query while a graph is captured
-    assert captured is not first and memo.find(("k", 0.5, cpu)) is None
-    monkeypatch.setattr(scalars, "_capturing", lambda device: False)
-    assert memo.get(0.5, cpu, "k") is first  # published: the first call's tensor
-    assert memo.find(("k", 0.5, cpu)) is first and memo.kept(0.5, cpu, "k")
-    assert memo.get(0.5, cpu, "k") is first and len(fills) == 1 and len(memo) == 1
-
-
 def test_device_scalars_of_equal_numbers_are_one_tensor():
     """An int, a NumPy float or a 0-d array equal to a float scale reads the float's
     tensor (one entry per value, so a relaunch recorded with one binds the other), and a

@@ -15,13 +15,6 @@ it comes from the graph's own pool; eager, it is freed after the call's kernels)
 one made while a graph is captured kept: its fill only runs when the graph replays, so an
 eager call reading it before that would read garbage. Scales that change often should be
 tensors.
-
-On a GPU a new tensor's fill is queued on the creating call's stream, which orders it
-before that call's kernels only. So the memo publishes it (:attr:`_DeviceScalars.find`
-sees it) once an event recorded after the fill has completed, checked without a sync
-(``Event.query``) by a later call outside graph capture; until then other calls get their
-own tensor, filled on their own stream. A call on another stream (another thread, a
-side stream) never reads a scale whose fill has not run.
 """
 
 from __future__ import annotations
@@ -55,8 +48,6 @@ class _DeviceScalars:
     def __init__(self) -> None:
         # only ever changed in place, never rebound: ``find`` is this dict's lookup
         self._entries: dict = {}
-        #: key -> (tensor, fill marker) of GPU tensors whose fill may not have run yet
-        self._pending: dict = {}
         self._lock = threading.Lock()
         #: ``find((role, value, device))``: the tensor the memo holds for that float
         #: value, else None (one dict lookup: no conversion, no tensor test; a caller
@@ -75,31 +66,12 @@ class _DeviceScalars:
             key = _key(value, device, role)
             found = self._entries.get(key)
         if found is None:
-            found = self._made(key, value, device)
+            found = torch.full((1,), float(value), dtype=torch.float32, device=device)
+            if len(self._entries) < self.capacity and not _capturing(device):
+                with self._lock:
+                    if len(self._entries) < self.capacity:
+                        found = self._entries.setdefault(key, found)
         return found
-
-    def _made(self, key: tuple, value, device: torch.device) -> torch.Tensor:
-        """The memo's miss: a pending tensor whose fill has completed, published now;
-        else a new tensor, kept (at once on the CPU, pending on a GPU) while there is
-        room and no graph is captured."""
-        if _capturing(device):
-            return torch.full((1,), float(value), dtype=torch.float32, device=device)
-        pending = self._pending.get(key)
-        if pending is not None and pending[1].query():
-            with self._lock:
-                self._pending.pop(key, None)
-                return self._entries.setdefault(key, pending[0])
-        tensor = torch.full((1,), float(value), dtype=torch.float32, device=device)
-        if pending is None and len(self._entries) + len(self._pending) < self.capacity:
-            with self._lock:
-                if key in self._entries or key in self._pending or \
-                        len(self._entries) + len(self._pending) >= self.capacity:
-                    return tensor
-                if fills_async(device):
-                    self._pending[key] = (tensor, fill_marker(device))
-                else:
-                    self._entries[key] = tensor
-        return tensor
 
     def kept(self, value, device: torch.device, role: str = "") -> bool:
         """Whether :meth:`get` answers ``value`` with the same tensor at every call: None
@@ -111,21 +83,7 @@ class _DeviceScalars:
         return _key(value, device, role) in self._entries
 
     def __len__(self) -> int:
-        return len(self._entries) + len(self._pending)
-
-
-def fills_async(device: torch.device) -> bool:
-    """Whether a tensor made on ``device`` is filled by a kernel queued on a stream (a
-    GPU), not at once (the CPU)."""
-    return device.type == "cuda"
-
-
-def fill_marker(device: torch.device):
-    """An event recorded on ``device``'s current stream after a fill queued there; its
-    ``query()`` says, without a sync, whether the fill has run."""
-    event = torch.cuda.Event()
-    event.record(torch.cuda.current_stream(device))
-    return event
+        return len(self._entries)
 
 
 device_scalars = _DeviceScalars()
