@@ -291,6 +291,16 @@ def test_cache_write_follows_the_probe_of_the_caches_gpu(gpus, monkeypatch):
     assert launched == [CUDA0]
     assert pytorch_writes == [(CUDA1, why)]
 
+    monkeypatch.setenv("PORTATTN_TRITON", "0")  # remembered per environment: seen at once
+    with fake_tensor.FakeTensorMode(allow_non_fake_inputs=True):
+        _, cache, _ = _fake_batch(CUDA0)
+        key = torch.empty(3, 2, 64, dtype=torch.float16, device=CUDA0)
+        with pytest.raises(WentToPyTorch):
+            cache.write(key, torch.empty_like(key),
+                        torch.zeros(3, dtype=torch.int64, device=CUDA0))
+    assert launched == [CUDA0] and pytorch_writes[-1][0] == CUDA0
+    assert "PORTATTN_TRITON" in pytorch_writes[-1][1]
+
 
 def test_launch_switches_to_the_plans_gpu_only_when_another_is_current(monkeypatch):
     current = {"index": 0}

@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 
 from portattn.errors import InputError
+from portattn.settings import decision_environment
 
 Scale = float | torch.Tensor
 
@@ -502,18 +503,33 @@ class PagedKVCache:
                                  f"values in [{lo}, {hi}]")
 
 
+#: (device, decision environment) -> the write kernel's refusal there (None: it runs);
+#: emptied by ``capabilities.cache.forget_decisions`` (a refreshed or cleared probe)
+_WRITE_REFUSALS: dict = {}
+_WRITE_REFUSALS_MAX = 64
+
+
 def _write_kernel_refusal(device: torch.device) -> str | None:
     """Why the Triton write kernel cannot serve a cache on GPU ``device``, or None when it
     can: the real probe's ``triton_kernels`` check of that device (Triton imports and a
     kernel of ours compiled and ran there; ``PORTATTN_TRITON=0`` turns it off), the check
     that sends ``attention`` to another backend. So a Triton that imports but cannot
     compile (no ptxas for this GPU, a release our kernels do not support, no C compiler
-    for its launcher) sends the write to PyTorch too, never into a crash. A memory-cache
-    lookup after the first call (about 2 us)."""
+    for its launcher) sends the write to PyTorch too, never into a crash. Remembered per
+    device and decision environment (a lookup, about 0.3 us, after the first write)."""
+    key = (device, decision_environment())
+    try:
+        return _WRITE_REFUSALS[key]
+    except KeyError:
+        pass
     from portattn.capabilities import probe
 
     check = probe(simulate="", device=device).triton_kernels
-    return None if check.ok else check.reason
+    refusal = None if check.ok else check.reason
+    if len(_WRITE_REFUSALS) >= _WRITE_REFUSALS_MAX:
+        _WRITE_REFUSALS.clear()
+    _WRITE_REFUSALS[key] = refusal
+    return refusal
 
 
 def _check_cache_tensor(name: str, t: object) -> None:

@@ -189,8 +189,9 @@ def clear_cache(*, disk: bool = False) -> None:
 
 
 def forget_decisions() -> None:
-    """Routing decisions and plan bodies were made from the capabilities being replaced
-    (their caches are keyed without them): both are made again at the next call. Plans
+    """Routing decisions, plan bodies and the cache writes' kernel check were made from the
+    capabilities being replaced (their caches are keyed without them): all are made again
+    at the next call. Plans
     a caller holds (:func:`portattn.plan`) keep theirs. Only modules already imported
     are touched (nothing made yet, nothing to forget)."""
     import sys
@@ -201,6 +202,9 @@ def forget_decisions() -> None:
     planning = sys.modules.get("portattn.planning")
     if planning is not None:
         planning.forget_plans()
+    types = sys.modules.get("portattn.types")
+    if types is not None:
+        types._WRITE_REFUSALS.clear()
 
 
 def last_probe_origin(*, resolve_memory: bool = False) -> str | None:
