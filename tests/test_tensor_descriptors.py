@@ -325,6 +325,18 @@ def test_a_check_that_could_not_run_is_not_kept_on_disk(gate_calls):
     assert len(calls) == 2
 
 
+def test_a_kernel_failing_under_the_interpreter_is_an_answer(monkeypatch):
+    """On the CPU the check runs in-process: the kernel's own exception is its answer (as
+    a child's failure is on a GPU), which the gate keeps; only a runner that cannot run
+    the check at all is a failure of this process alone."""
+    def compile_error(variant, device):
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(gate, "run_check", compile_error)
+    assert gate.run_check_isolated(_variant(), "cpu") == {
+        "ok": False, "reason": "RuntimeError: PassManager::run failed"}
+
+
 def test_gate_checks_again_when_the_kernels_change(monkeypatch, gate_calls):
     """An answer is about the code it ran: another portattn release or an edited kernel
     source is checked again, not served from the disk cache."""
@@ -352,15 +364,24 @@ def test_kernel_source_digest_follows_the_kernel_files(tmp_path, monkeypatch):
     module = package / "capabilities" / "kv_descriptor_gate.py"
     module.write_text("# the check\n")
     kernel = package / "kernels" / "unified.py"
-    kernel.write_text("# kernel v1\n")
+    (package / "backends").mkdir()
+    runner = package / "backends" / "unified_runner.py"
+    runner.write_text("# runner v1\n")
+    (package / "backends" / "triton_unified.py").write_text("# plans\n")
+    (package / "backends" / "flash_attn.py").write_text("# not read\n")
     monkeypatch.setattr(gate, "__file__", str(module))
     digests = []
-    for text in ("# kernel v1\n", "# kernel v2\n", "# kernel v1\n"):
-        kernel.write_text(text)
+    for kernel_text, runner_text in (("v1", "v1"), ("v2", "v1"), ("v1", "v1"), ("v1", "v2")):
+        kernel.write_text(f"# kernel {kernel_text}\n")
+        runner.write_text(f"# runner {runner_text}\n")
         gate.kernel_source_digest.cache_clear()
         digests.append(gate.kernel_source_digest())
+    (package / "backends" / "flash_attn.py").write_text("# another backend changed\n")
     gate.kernel_source_digest.cache_clear()
-    assert digests[0] == digests[2] != digests[1]
+    digests.append(gate.kernel_source_digest())
+    gate.kernel_source_digest.cache_clear()
+    assert digests[0] == digests[2] != digests[1] and digests[3] not in digests[:3]
+    assert digests[4] == digests[3]  # a file the check does not run
     assert len(digests[0]) == 16 and int(digests[0], 16) >= 0
 
 

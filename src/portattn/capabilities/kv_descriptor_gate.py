@@ -95,13 +95,18 @@ def machine_key(caps) -> dict:
 @functools.cache
 def kernel_source_digest() -> str:
     """A digest of the sources a check compiles and runs: the ``portattn.kernels``
-    package (kernels, launchers, plans) and this module. Read once per process, when a
-    descriptor variant is first wanted; ``"unreadable"`` where the files cannot be read
-    (the version in :func:`machine_key` then tells releases apart)."""
+    package (kernels, launchers, plans), the Triton backend's planning and runner
+    (``backends/triton_*.py``, ``backends/unified_runner.py``) and this module. Read
+    once per process, when a descriptor variant is first wanted; ``"unreadable"`` where
+    the files cannot be read (the version in :func:`machine_key` then tells releases
+    apart)."""
     root = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
     try:
-        for path in [*sorted((root / "kernels").rglob("*.py")), Path(__file__).resolve()]:
+        backends = root / "backends"
+        for path in [*sorted((root / "kernels").rglob("*.py")),
+                     *sorted(backends.glob("triton_*.py")), backends / "unified_runner.py",
+                     Path(__file__).resolve()]:
             digest.update(path.relative_to(root).as_posix().encode())
             digest.update(path.read_bytes())
     except OSError:
@@ -293,7 +298,10 @@ def run_check_isolated(variant: dict, device: str,
     """:func:`run_check` in a child process on a GPU (in-process on CPU tensors, i.e.
     under the Triton interpreter); a crash or hang becomes a failed check."""
     if not device.startswith("cuda"):
-        return run_check(variant, device)
+        try:
+            return run_check(variant, device)
+        except Exception as exc:  # the kernel's own failure under the interpreter: an
+            return {"ok": False, "reason": one_line(exc)}  # answer, as a child's is
     cmd = [sys.executable, "-m", "portattn.capabilities.kv_descriptor_gate", "--device",
            device, "--variant", json.dumps(variant)]
     try:
