@@ -212,6 +212,24 @@ def test_bench_on_a_cpu_says_how_to_make_it_short(capsys, tmp_path, monkeypatch)
     assert ran == ["decode-1x8192"]  # the stand-ins ran: no full-size case was timed
 
 
+def test_bench_says_why_when_our_kernels_cannot_run(capsys, tmp_path, monkeypatch):
+    """No Triton kernels here (the probe's check: Triton missing, broken, unsupported,
+    or no GPU and no interpreter): exit 2 with the check's reason before any case, not a
+    traceback from the first launch."""
+    import dataclasses
+
+    from portattn.bench import cli as bench_cli
+    from portattn.capabilities import probe
+    from portattn.capabilities.model import Check
+
+    broken = dataclasses.replace(probe(), triton_kernels=Check(False, "no ptxas for sm90"))
+    monkeypatch.setattr("portattn.capabilities.probe", lambda *a, **k: broken)
+    monkeypatch.setattr(bench_cli, "run_case", lambda *a, **k: pytest.fail("a case ran"))
+    argv = ["bench", "--cases", "decode-1x8192", "--out", str(tmp_path), "--device", "cpu"]
+    assert main(argv) == 2
+    assert "our Triton kernels cannot run here: no ptxas for sm90" in capsys.readouterr().err
+
+
 def test_bench_records_the_l2_flush_it_was_asked_for(tmp_path, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("a GPU machine benches the GPU")

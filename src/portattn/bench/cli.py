@@ -102,6 +102,10 @@ def main(argv=None) -> int:
     from portattn.capabilities import probe
 
     caps = probe()
+    if not caps.triton_kernels.ok:  # the bench times our Triton kernels above all
+        print(f"portattn bench: our Triton kernels cannot run here: "
+              f"{caps.triton_kernels.reason} (portattn report says more)", file=sys.stderr)
+        return 2
     bench = timer(args.device, args.rep)
     wanted = set(args.cases.split(","))
     cases = [c for c in default_cases(args.shrink) if "all" in wanted or wanted & _selectors(c)]
