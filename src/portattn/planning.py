@@ -57,6 +57,8 @@ import torch
 from portattn.capabilities import probe
 from portattn.devices import _get_device as _current_cuda_device
 from portattn.devices import cuda_index, on_device
+from portattn.dispatch import launch_failures
+from portattn.dispatch.announce import log
 from portattn.dispatch.problem import Problem, cache_slot_rows
 from portattn.dispatch.registry import load_backend
 from portattn.dispatch.selector import Decision, decide
@@ -182,6 +184,17 @@ class PlanBody:
             raise UnsupportedError(f"backend {decision.backend!r} cannot be loaded: {backend}")
         self.runner = backend.prepare(decision.plan, problem, self.options, device)
         self._cuda_index = cuda_index(device)
+        #: a launch has completed (before that, Triton's failures are rerouted or named)
+        self.proven = False
+
+    def first_launch_error(self, failed: launch_failures.FirstLaunchFailed,
+                           advice: str) -> UnsupportedError:
+        """Record ``failed`` (the dispatcher then rules this backend out for this
+        problem) and the error that names it, for a caller that cannot reroute."""
+        decision = self.decision
+        why = launch_failures.record(decision.backend, self.problem, decision.variant,
+                                     failed.cause)
+        return UnsupportedError(f"backend {decision.backend!r}: {why}; {advice}")
 
     def new_out(self, q: torch.Tensor) -> torch.Tensor:
         """A fresh contiguous result ``[num_tokens, num_q_heads, head_size_v]`` for a
@@ -196,10 +209,22 @@ class PlanBody:
         """The runner, with the plan's GPU current (Triton launches on the current device
         and stream); the device is switched only when another one is current. A q that
         requires grad runs detached, without autograd (flash-attn 2's functions would
-        otherwise record a graph)."""
+        otherwise record a graph). Until a launch has completed, an exception raised
+        inside Triton (the kernel failing to compile or launch) is raised as
+        ``launch_failures.FirstLaunchFailed`` for the caller to reroute or name."""
+        try:
+            self._launch(q, cache, metadata, out, layer, slot)
+        except Exception as exc:
+            if launch_failures.raised_by_triton(exc):
+                raise launch_failures.FirstLaunchFailed(self, exc) from exc
+            raise
+        self.proven = True
+        self.launch = self._launch  # type: ignore[method-assign]  # from now on: no check
+
+    def _launch(self, q, cache, metadata, out, layer, slot) -> None:
         if q.requires_grad:  # inference only: no backend's result carries a gradient
             with torch.no_grad():
-                return self.launch(q.detach(), cache, metadata, out, layer, slot)
+                return self._launch(q.detach(), cache, metadata, out, layer, slot)
         index = self._cuda_index
         if index is None or _current_cuda_device() == index:
             self.runner(q, cache, metadata, out, layer, slot)
@@ -355,7 +380,12 @@ class AttentionPlan:
         if out is None:
             out = body.new_out(q)
         if q.shape[0]:
-            body.launch(q, cache, self.metadata, out, layer, slot)
+            try:
+                body.launch(q, cache, self.metadata, out, layer, slot)
+            except launch_failures.FirstLaunchFailed as failed:
+                raise body.first_launch_error(
+                    failed, "a new portattn.plan routes this problem elsewhere"
+                ) from failed.cause
         return out
 
     def _run_traced(self, q, cache, out, alibi_slopes, sinks, q_scale, output_scale,
@@ -771,10 +801,26 @@ def attend(q, cache, metadata, out, backend, validate, option_values: tuple,
     if out is None:
         out = body.new_out(q)
     if q.shape[0]:
-        body.launch(q, cache, metadata, out,
-                    (option_values[4], option_values[6], option_values[7], option_values[8]),
-                    slot)
+        try:
+            body.launch(q, cache, metadata, out,
+                        (option_values[4], option_values[6], option_values[7],
+                         option_values[8]), slot)
+        except launch_failures.FirstLaunchFailed as failed:
+            _reroute_or_raise(body, failed)
+            return attend(q, cache, metadata, out, backend, validate, option_values,
+                          prepare)  # decided again: that backend is ruled out now
     return out
+
+
+def _reroute_or_raise(body: PlanBody, failed) -> None:
+    """After a body's first launch failed inside Triton: record it; raise the error that
+    names it where the backend was forced, else warn (the call is decided again)."""
+    error = body.first_launch_error(
+        failed, "without a forced backend the call goes to the next one")
+    if body.decision.source != "auto":
+        raise error from failed.cause
+    log.warning("portattn: %s; this problem goes to the next backend in this process",
+                str(error))
 
 
 def _checked(q, cache, metadata, out, backend, validate, option_values, prepare, env,

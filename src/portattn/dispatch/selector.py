@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from portattn.backends.base import Backend, Plan
 from portattn.capabilities import Capabilities
+from portattn.dispatch import launch_failures
 from portattn.dispatch.announce import announce, announced
 from portattn.dispatch.priorities import leads_for, priority_list, problem_class, yields_for
 from portattn.dispatch.problem import Problem
@@ -87,9 +88,13 @@ def backend_reasons(name: str, problem: Problem, caps: Capabilities) -> tuple[Ba
     if isinstance(backend, str):
         return None, [backend]
     try:
-        return backend, list(backend.why_not(problem, caps))
+        reasons = list(backend.why_not(problem, caps))
     except Exception as exc:  # a backend bug must not take dispatch down
-        return backend, [f"why_not raised {type(exc).__name__}: {exc}"]
+        reasons = [f"why_not raised {type(exc).__name__}: {exc}"]
+    failed = launch_failures.reason(name, problem)
+    if failed is not None:
+        reasons.append(failed)
+    return backend, reasons
 
 
 def _priorities(problem: Problem, caps: Capabilities) -> tuple[tuple[str, ...], list[str]]:

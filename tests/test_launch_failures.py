@@ -1,0 +1,150 @@
+"""A kernel that fails at its first launch inside Triton (it passed every check, then
+Triton could not compile or launch it): the failure is remembered, an automatically
+routed call goes to the next backend with a warning and the oracle's result, a forced
+backend and a held plan raise ``UnsupportedError`` naming it; only Triton's own
+exceptions count (``launch_failures.raised_by_triton``)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import pytest
+import torch
+
+import portattn
+from portattn import UnsupportedError, planning
+from portattn.dispatch import launch_failures, priorities
+from portattn.dispatch.selector import decision_cache
+from portattn.testing import dense_attention, make_paged_batch, relative_error
+
+pytestmark = pytest.mark.interpreter
+PTXAS = "PTXAS error: Internal Triton PTX codegen error: ptxas fatal: Unresolved extern"
+
+
+@pytest.fixture
+def failing_kernels(monkeypatch):
+    """Our Triton runner raises as a Triton that cannot compile the kernel would, and
+    that exception counts as Triton's (under the interpreter nothing does)."""
+    from portattn.backends.unified_runner import UnifiedRunner
+
+    calls = []
+
+    def fails(self, *args, **kwargs):
+        calls.append(self)
+        raise RuntimeError(PTXAS)
+
+    monkeypatch.setattr(UnifiedRunner, "__call__", fails)
+    monkeypatch.setattr(launch_failures, "raised_by_triton",
+                        lambda exc: isinstance(exc, RuntimeError) and PTXAS in str(exc))
+    # auto routing on this CPU tries our kernel first, as a GPU's does
+    monkeypatch.setattr(priorities, "_CPU_ORDER", ("triton_unified", *(
+        name for name in priorities._CPU_ORDER if name != "triton_unified")))
+    priorities.priority_list.cache_clear()
+    launch_failures.clear()
+    planning.clear()
+    decision_cache.clear()
+    yield calls
+    launch_failures.clear()
+    planning.clear()
+    decision_cache.clear()
+    priorities.priority_list.cache_clear()
+
+
+def _batch():
+    batch = make_paged_batch([1, 3], [40, 25], num_q_heads=4, num_kv_heads=2,
+                             head_size=32, dtype=torch.float32)
+    metadata = portattn.AttentionMetadata(batch.metadata.cu_seqlens_q,
+                                          batch.metadata.seq_lens,
+                                          batch.metadata.block_table, 3, 40)
+    expected = dense_attention(batch.q, batch.keys, batch.values, [1, 3])
+    return batch, metadata, expected
+
+
+def test_an_auto_routed_call_goes_to_the_next_backend(failing_kernels, caplog):
+    batch, metadata, expected = _batch()
+    first = portattn.explain(batch.q, batch.cache, metadata)
+    if first.backend != "triton_unified":
+        pytest.skip(f"auto routing here picks {first.backend}, not our Triton kernel")
+    out = torch.full_like(batch.q, math.nan)
+    with caplog.at_level(logging.WARNING, logger="portattn"):
+        result = portattn.attention(batch.q, batch.cache, metadata, out=out)
+    assert result is out and relative_error(out, expected) < 1e-4
+    assert len(failing_kernels) == 1
+    warned = [r.getMessage() for r in caplog.records if "first launch" in r.getMessage()]
+    assert len(warned) == 1 and PTXAS in warned[0] and first.variant in warned[0]
+    after = portattn.explain(batch.q, batch.cache, metadata)
+    assert after.backend != "triton_unified"
+    reasons = dict(after.considered)["triton_unified"]
+    assert any("failed at its first launch" in r and PTXAS in r for r in reasons)
+    again = portattn.attention(batch.q, batch.cache, metadata)  # no second try
+    assert relative_error(again, expected) < 1e-4 and len(failing_kernels) == 1
+
+
+def test_a_forced_backend_names_the_failure(failing_kernels):
+    batch, metadata, _ = _batch()
+    with pytest.raises(UnsupportedError, match="failed at its first launch") as info:
+        portattn.attention(batch.q, batch.cache, metadata, backend="triton_unified")
+    assert PTXAS in str(info.value) and isinstance(info.value.__cause__, RuntimeError)
+    with pytest.raises(UnsupportedError, match="cannot serve this call"):  # ruled out now
+        portattn.attention(batch.q, batch.cache, metadata, backend="triton_unified")
+    assert len(failing_kernels) == 1
+
+
+def test_a_held_plan_names_the_failure_and_a_new_plan_routes_elsewhere(failing_kernels):
+    batch, metadata, expected = _batch()
+    plan = portattn.plan(metadata, num_q_heads=4, dtype=torch.float32, cache=batch.cache)
+    if plan.backend != "triton_unified":
+        pytest.skip(f"auto routing here picks {plan.backend}, not our Triton kernel")
+    with pytest.raises(UnsupportedError, match="a new portattn.plan routes") as info:
+        plan.run(batch.q, batch.cache)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    replanned = portattn.plan(metadata, num_q_heads=4, dtype=torch.float32,
+                              cache=batch.cache)
+    assert replanned.backend != "triton_unified"
+    assert relative_error(replanned.run(batch.q, batch.cache), expected) < 1e-4
+
+
+def test_errors_that_are_not_tritons_propagate(monkeypatch):
+    """An error of ours (or CUDA out-of-memory) at a first launch is raised as it is,
+    nothing recorded."""
+    from portattn.backends.unified_runner import UnifiedRunner
+
+    def ours(self, *args, **kwargs):
+        raise ValueError("a bug of ours")
+
+    monkeypatch.setattr(UnifiedRunner, "__call__", ours)
+    launch_failures.clear()
+    planning.clear()
+    batch, metadata, _ = _batch()
+    try:
+        with pytest.raises(ValueError, match="a bug of ours"):
+            portattn.attention(batch.q, batch.cache, metadata, backend="triton_unified")
+        body = next(iter(planning.bodies.entries.values()))
+        assert launch_failures.reason("triton_unified", body.problem) is None
+        assert not body.proven
+    finally:
+        planning.clear()
+
+
+def test_raised_by_triton(monkeypatch):
+    triton = pytest.importorskip("triton")
+    from triton.runtime.errors import OutOfResources
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    knobs = os.path.join(os.path.dirname(triton.__file__), "knobs.py")
+    try:  # raised in a frame of Triton's package, as its ptxas lookup does
+        exec(compile("raise RuntimeError('Cannot find ptxas-blackwell')", knobs, "exec"))
+    except RuntimeError as exc:
+        in_triton = exc
+    try:
+        raise RuntimeError("raised by portattn")
+    except RuntimeError as exc:
+        ours = exc
+    assert launch_failures.raised_by_triton(OutOfResources(232448, 227328, "shared memory"))
+    assert launch_failures.raised_by_triton(in_triton)
+    assert not launch_failures.raised_by_triton(ours)
+    assert not launch_failures.raised_by_triton(torch.cuda.OutOfMemoryError("no memory"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter: nothing is Triton's
+    assert not launch_failures.raised_by_triton(in_triton)
