@@ -184,16 +184,16 @@ class PlanBody:
             raise UnsupportedError(f"backend {decision.backend!r} cannot be loaded: {backend}")
         self.runner = backend.prepare(decision.plan, problem, self.options, device)
         self._cuda_index = cuda_index(device)
-        #: a launch has completed (before that, Triton's failures are rerouted or named)
-        self.proven = False
+        #: Triton's exception where this body's kernel could not be compiled or launched
+        self.failed: Exception | None = None
 
-    def first_launch_error(self, failed: launch_failures.FirstLaunchFailed,
-                           advice: str) -> UnsupportedError:
-        """Record ``failed`` (the dispatcher then rules this backend out for this
-        problem) and the error that names it, for a caller that cannot reroute."""
+    def failure_error(self, failed: launch_failures.KernelFailed,
+                      advice: str) -> UnsupportedError:
+        """Record ``failed`` (the dispatcher then rules this backend out for this problem
+        on this architecture) and the error that names it."""
         decision = self.decision
-        why = launch_failures.record(decision.backend, self.problem, decision.variant,
-                                     failed.cause)
+        why = launch_failures.record(decision.backend, self.problem, decision.arch,
+                                     decision.variant, failed.cause)
         return UnsupportedError(f"backend {decision.backend!r}: {why}; {advice}")
 
     def new_out(self, q: torch.Tensor) -> torch.Tensor:
@@ -209,28 +209,27 @@ class PlanBody:
         """The runner, with the plan's GPU current (Triton launches on the current device
         and stream); the device is switched only when another one is current. A q that
         requires grad runs detached, without autograd (flash-attn 2's functions would
-        otherwise record a graph). Until a launch has completed, an exception raised
-        inside Triton (the kernel failing to compile or launch) is raised as
-        ``launch_failures.FirstLaunchFailed`` for the caller to reroute or name."""
-        try:
-            self._launch(q, cache, metadata, out, layer, slot)
-        except Exception as exc:
-            if launch_failures.raised_by_triton(exc):
-                raise launch_failures.FirstLaunchFailed(self, exc) from exc
-            raise
-        self.proven = True
-        self.launch = self._launch  # type: ignore[method-assign]  # from now on: no check
-
-    def _launch(self, q, cache, metadata, out, layer, slot) -> None:
+        otherwise record a graph). A kernel failing inside Triton (it cannot be compiled
+        or launched: ``launch_failures.raised_by_triton``) is raised as
+        ``launch_failures.KernelFailed`` for the caller to reroute or name, and this body
+        then fails at once at every later call (no second compile)."""
+        if self.failed is not None:
+            raise launch_failures.KernelFailed(self, self.failed)
         if q.requires_grad:  # inference only: no backend's result carries a gradient
             with torch.no_grad():
-                return self._launch(q.detach(), cache, metadata, out, layer, slot)
+                return self.launch(q.detach(), cache, metadata, out, layer, slot)
         index = self._cuda_index
-        if index is None or _current_cuda_device() == index:
-            self.runner(q, cache, metadata, out, layer, slot)
-        else:
-            with on_device(index):
+        try:
+            if index is None or _current_cuda_device() == index:
                 self.runner(q, cache, metadata, out, layer, slot)
+            else:
+                with on_device(index):
+                    self.runner(q, cache, metadata, out, layer, slot)
+        except Exception as exc:
+            if not launch_failures.raised_by_triton(exc):
+                raise
+            self.failed = exc
+            raise launch_failures.KernelFailed(self, exc) from exc
 
 
 class _BodyCache:
@@ -382,8 +381,8 @@ class AttentionPlan:
         if q.shape[0]:
             try:
                 body.launch(q, cache, self.metadata, out, layer, slot)
-            except launch_failures.FirstLaunchFailed as failed:
-                raise body.first_launch_error(
+            except launch_failures.KernelFailed as failed:
+                raise body.failure_error(
                     failed, "a new portattn.plan routes this problem elsewhere"
                 ) from failed.cause
         return out
@@ -805,22 +804,39 @@ def attend(q, cache, metadata, out, backend, validate, option_values: tuple,
             body.launch(q, cache, metadata, out,
                         (option_values[4], option_values[6], option_values[7],
                          option_values[8]), slot)
-        except launch_failures.FirstLaunchFailed as failed:
-            _reroute_or_raise(body, failed)
-            return attend(q, cache, metadata, out, backend, validate, option_values,
-                          prepare)  # decided again: that backend is ruled out now
+        except launch_failures.KernelFailed as failed:
+            _reroute_or_raise(body, failed, q, out)
+        else:
+            return out
+        # decided again, outside the handler: that backend is ruled out for it now
+        return attend(q, cache, metadata, out, backend, validate, option_values, prepare)
     return out
 
 
-def _reroute_or_raise(body: PlanBody, failed) -> None:
-    """After a body's first launch failed inside Triton: record it; raise the error that
-    names it where the backend was forced, else warn (the call is decided again)."""
-    error = body.first_launch_error(
-        failed, "without a forced backend the call goes to the next one")
-    if body.decision.source != "auto":
+def _reroute_or_raise(body: PlanBody, failed, q, out) -> None:
+    """After a body's kernel failed inside Triton: record it; return (warned: the call is
+    decided again) where routing was automatic, no CUDA graph is being captured and
+    ``out`` does not share q's memory (a kernel that ran before the failing one may have
+    written it); else raise the error that names it."""
+    error = body.failure_error(failed, "a call that does not force the backend goes to "
+                                       "the next one")
+    if body.decision.source != "auto" or _capturing_on(q) or _shares_memory(out, q):
         raise error from failed.cause
     log.warning("portattn: %s; this problem goes to the next backend in this process",
                 str(error))
+
+
+def _capturing_on(q: torch.Tensor) -> bool:
+    if q.device.type != "cuda":
+        return False
+    from portattn.devices import stream_capturing
+
+    return bool(stream_capturing())
+
+
+def _shares_memory(out, q) -> bool:
+    return out is not None and out.device == q.device and \
+        out.untyped_storage().data_ptr() == q.untyped_storage().data_ptr()
 
 
 def _checked(q, cache, metadata, out, backend, validate, option_values, prepare, env,

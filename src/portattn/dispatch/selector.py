@@ -91,7 +91,7 @@ def backend_reasons(name: str, problem: Problem, caps: Capabilities) -> tuple[Ba
         reasons = list(backend.why_not(problem, caps))
     except Exception as exc:  # a backend bug must not take dispatch down
         reasons = [f"why_not raised {type(exc).__name__}: {exc}"]
-    failed = launch_failures.reason(name, problem)
+    failed = launch_failures.reason(name, problem, caps.arch)
     if failed is not None:
         reasons.append(failed)
     return backend, reasons
