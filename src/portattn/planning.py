@@ -167,6 +167,9 @@ def metadata_signature(metadata: AttentionMetadata) -> tuple:
 class PlanBody:
     """What a plan decides once: the decision, the options, the backend's runner."""
 
+    #: Triton's exception where this body's kernel could not be compiled or launched
+    failed: Exception | None = None
+
     def __init__(self, problem: Problem, options: AttentionOptions, decision: Decision,
                  device: torch.device):
         self.problem = problem
@@ -184,8 +187,6 @@ class PlanBody:
             raise UnsupportedError(f"backend {decision.backend!r} cannot be loaded: {backend}")
         self.runner = backend.prepare(decision.plan, problem, self.options, device)
         self._cuda_index = cuda_index(device)
-        #: Triton's exception where this body's kernel could not be compiled or launched
-        self.failed: Exception | None = None
 
     def failure_error(self, failed: launch_failures.KernelFailed,
                       advice: str) -> UnsupportedError:
