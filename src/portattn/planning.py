@@ -818,13 +818,15 @@ def _reroute_or_raise(body: PlanBody, failed, q, out) -> None:
     """After a body's kernel failed inside Triton: record it; return (warned: the call is
     decided again) where routing was automatic, no CUDA graph is being captured and
     ``out`` does not share q's memory (a kernel that ran before the failing one may have
-    written it); else raise the error that names it."""
-    error = body.failure_error(failed, "a call that does not force the backend goes to "
-                                       "the next one")
-    if body.decision.source != "auto" or _capturing_on(q) or _shares_memory(out, q):
-        raise error from failed.cause
-    log.warning("portattn: %s; this problem goes to the next backend in this process",
-                str(error))
+    written it); else raise the error that names it and why it was not rerouted."""
+    kept = ("the backend was forced" if body.decision.source != "auto" else
+            "a CUDA graph is being captured" if _capturing_on(q) else
+            "out shares q's memory" if _shares_memory(out, q) else None)
+    if kept is not None:
+        raise body.failure_error(failed, f"not rerouted: {kept}") from failed.cause
+    error = body.failure_error(failed, "this problem goes to the next backend in this "
+                                       "process")
+    log.warning("portattn: %s", str(error))
 
 
 def _capturing_on(q: torch.Tensor) -> bool:
