@@ -155,6 +155,19 @@ def _replaying(plan):
     return runner
 
 
+def _every_call_takes_the_jit_path(plan, batch, memory, kernels, expected) -> None:
+    """Three calls of ``plan``, each the oracle's result through Triton's JIT (none
+    replayed); ``memory`` (None: not replaying) learns each ``out``."""
+    for calls in (1, 2, 3):
+        out = torch.full_like(batch.q, math.nan)
+        if memory is not None:
+            memory.add(out)
+        plan.run(batch.q, batch.cache, out)
+        assert relative_error(out, expected) < 3e-3
+        assert kernels["unified_attention_kernel"].jit_runs == calls
+    assert sum(k.replays for k in kernels.values()) == 0
+
+
 CASES = {  # query lens, seq lens, group, environment
     "decode-2d": ([1, 1, 1], [21, 7, 30], 2, {}),
     "decode-3d": ([1, 2], [300, 9], 2, {"PORTATTN_UNIFIED_SPLIT": "1"}),
@@ -303,13 +316,8 @@ def test_graph_capture_takes_the_normal_path_with_its_own_workspace(sim, monkeyp
                batch.metadata.block_table, batch.q, batch.cache.key_cache,
                batch.cache.value_cache)
     expected = dense_attention(batch.q, batch.keys, batch.values, [1, 2])
-    for calls in (1, 2, 3):
-        out = torch.full_like(batch.q, math.nan)
-        memory.add(out)
-        plan.run(batch.q, batch.cache, out)
-        assert relative_error(out, expected) < 3e-3
-        assert kernels["unified_attention_kernel"].jit_runs == calls
-    assert runner._workspaces == {} and sum(k.replays for k in kernels.values()) == 0
+    _every_call_takes_the_jit_path(plan, batch, memory, kernels, expected)
+    assert runner._workspaces == {}
     slot = next(iter(plan._accepted.values()))
     assert slot.sequence is None
 
@@ -550,13 +558,7 @@ def test_a_recorder_that_cannot_read_triton_keeps_the_jit_path(sim, monkeypatch,
                batch.metadata.block_table, batch.cache.key_cache, batch.cache.value_cache)
     expected = dense_attention(batch.q, batch.keys, batch.values, [1, 1, 1])
     with caplog.at_level("WARNING", logger="portattn"):
-        for calls in (1, 2, 3):
-            out = torch.full_like(batch.q, math.nan)
-            memory.add(out)
-            plan.run(batch.q, batch.cache, out)
-            assert relative_error(out, expected) < 3e-3
-            assert kernels["unified_attention_kernel"].jit_runs == calls
-    assert sum(k.replays for k in kernels.values()) == 0
+        _every_call_takes_the_jit_path(plan, batch, memory, kernels, expected)
     slot = next(iter(plan._accepted.values()))
     assert slot.reason == ("recording the launches failed: AttributeError: 'CompiledKernel' "
                            "object has no attribute 'packed_metadata'")
@@ -578,12 +580,7 @@ def test_a_binder_in_python_keeps_the_jit_path(monkeypatch):
     _replaying(plan)
     expected = dense_attention(batch.q, batch.keys, batch.values, [1, 1, 1])
     try:
-        for calls in (1, 2, 3):
-            out = torch.full_like(batch.q, math.nan)
-            plan.run(batch.q, batch.cache, out)
-            assert relative_error(out, expected) < 3e-3
-            assert kernels["unified_attention_kernel"].jit_runs == calls
-        assert sum(k.replays for k in kernels.values()) == 0
+        _every_call_takes_the_jit_path(plan, batch, None, kernels, expected)
         slot = next(iter(plan._accepted.values()))
         assert slot.sequence is not None and slot.reason is not None
         assert "specializes tensors in Python" in slot.reason

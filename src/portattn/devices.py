@@ -32,6 +32,12 @@ stream_capturing = torch._C._cuda_isCurrentStreamCapturing \
 _NO_GUARD = contextlib.nullcontext()
 
 
+def capturing_on(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on the current stream, for tensors on
+    ``device`` (never for another device type: a CPU build of torch cannot even ask)."""
+    return device.type == "cuda" and bool(stream_capturing())
+
+
 def cuda_index(device: torch.device) -> int | None:
     """The CUDA index of ``device``; None for any other device type."""
     if device.type != "cuda":

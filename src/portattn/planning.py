@@ -56,7 +56,7 @@ import torch
 
 from portattn.capabilities import probe
 from portattn.devices import _get_device as _current_cuda_device
-from portattn.devices import cuda_index, on_device
+from portattn.devices import capturing_on, cuda_index, on_device
 from portattn.dispatch import launch_failures
 from portattn.dispatch.announce import log
 from portattn.dispatch.problem import Problem, cache_slot_rows
@@ -820,21 +820,13 @@ def _reroute_or_raise(body: PlanBody, failed, q, out) -> None:
     ``out`` does not share q's memory (a kernel that ran before the failing one may have
     written it); else raise the error that names it and why it was not rerouted."""
     kept = ("the backend was forced" if body.decision.source != "auto" else
-            "a CUDA graph is being captured" if _capturing_on(q) else
+            "a CUDA graph is being captured" if capturing_on(q.device) else
             "out shares q's memory" if _shares_memory(out, q) else None)
     if kept is not None:
         raise body.failure_error(failed, f"not rerouted: {kept}") from failed.cause
     error = body.failure_error(failed, "this problem goes to the next backend in this "
                                        "process")
     log.warning("portattn: %s", str(error))
-
-
-def _capturing_on(q: torch.Tensor) -> bool:
-    if q.device.type != "cuda":
-        return False
-    from portattn.devices import stream_capturing
-
-    return bool(stream_capturing())
 
 
 def _shares_memory(out, q) -> bool:
