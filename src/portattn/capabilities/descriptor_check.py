@@ -45,6 +45,7 @@ import warnings
 from pathlib import Path
 
 from portattn.capabilities._text import one_line
+from portattn.kernels.compile_options import compile_options
 
 M, N, D = 64, 128, 32
 BLOCK_M, BLOCK_N = 32, 32
@@ -134,7 +135,8 @@ def _run_one(kind: str, device: str) -> None:
 
     def launch() -> None:
         if kind == "pointer":
-            pointer_kernel[grid](q, k, out, q_copy, N, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+            pointer_kernel[grid](q, k, out, q_copy, N, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                                 **compile_options())
         else:
             # Descriptors built on the device need scratch memory from triton's allocator.
             # Set one in a copied context so the caller's allocator is left untouched.
@@ -143,7 +145,7 @@ def _run_one(kind: str, device: str) -> None:
                 set_allocator(lambda size, alignment, stream:
                               torch.empty(size, dtype=torch.uint8, device=device))
             descriptor_kernel[grid](q, k, out, q_copy, M, N, D=D, BLOCK_M=BLOCK_M,
-                                    BLOCK_N=BLOCK_N)
+                                    BLOCK_N=BLOCK_N, **compile_options())
         if device.startswith("cuda"):
             torch.cuda.synchronize(device)
 

@@ -14,6 +14,7 @@ import functools
 
 import torch
 
+from portattn.kernels.compile_options import compile_options
 from portattn.kernels.heuristics import quant_mode
 from portattn.types import slot_row_reasons
 
@@ -313,4 +314,4 @@ def launch_gluon_prefill(q: torch.Tensor, cache, metadata, options, out: torch.T
         USE_WINDOW=options.sliding_window is not None, KV_SCALED=code == 1,
         USE_SOFTCAP=options.softcap is not None, ALIBI=ALIBI_CODES[options.alibi],
         USE_SINKS=options.sinks is not None, LONG_TILES=long_tiles,
-        CONSUMER_REGS=CONSUMER_REGS, num_warps=4)
+        CONSUMER_REGS=CONSUMER_REGS, num_warps=4, **compile_options())

@@ -30,6 +30,7 @@ from portattn.errors import InputError
 from portattn.kernels import graph_tickets, heuristics, reduce, unified
 from portattn.kernels import kv_load as kv_load_rules
 from portattn.kernels.byte_decode import PAIR_FORMATS
+from portattn.kernels.compile_options import compile_options
 from portattn.kernels.fast_launch import capturable
 from portattn.kernels.heuristics import (
     STAGE_MAX_BYTES,
@@ -276,14 +277,14 @@ def _launch_short(args, q, cache, metadata, out, cfg: dict, long_follows: bool,
         MERGE_SEGMENTS=next_pow2(segments) if in_kernel else 0,
         MERGE_LOAD=merge_load, TILE_HEADS=heads,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_register_cap(cfg),
-        **args)
+        **compile_options(), **args)
     if segments > 1 and not in_kernel:
         merge_segments_kernel[(num_seqs, q.shape[1], block_q)](
             part_m, part_l, part_acc, out, metadata.cu_seqlens_q, args["sinks_ptr"],
             args["out_scale_ptr"], q.shape[1], out.stride(0), out.stride(1), out.stride(2),
             BLOCK_Q=block_q, NUM_SEGMENTS=segments, HEAD_V=args["HEAD_V"], HEAD_V_PAD=pad_v,
             USE_SINKS=args["USE_SINKS"], FP8_OUT=args["FP8_OUT"], FP8_MAX=args["FP8_MAX"],
-            num_warps=4 if pad_v * segments >= 4096 else 2)
+            num_warps=4 if pad_v * segments >= 4096 else 2, **compile_options())
 
 
 _capturing = capturing_on  # a module name the tests can replace
@@ -311,7 +312,7 @@ def _launch_long(args, q, cache, metadata, cfg: dict, short_q: int,
         SEQ_MODE=2 if short_q > 0 else 0, SHORT_Q=short_q, STAGED_Q=staged_q, SPLIT=False,
         LONG_FOLLOWS=False,
         num_segments=1, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        **_register_cap(cfg), **args)
+        **_register_cap(cfg), **compile_options(), **args)
 
 
 def launch_unified(q: torch.Tensor, cache, metadata, options, out: torch.Tensor,

@@ -12,6 +12,7 @@ from dataclasses import replace
 import torch
 
 from portattn.kernels import stage
+from portattn.kernels.compile_options import compile_options
 from portattn.kernels.fast_launch import capturable
 from portattn.kernels.heuristics import head_pad, stage_parts
 from portattn.kernels.scalars import kv_scale_args
@@ -102,7 +103,8 @@ def stage_kv(q, cache, metadata, options, stage: dict, stage_from: int, slots: i
         HEAD_V_PAD=head_pad(cache.head_size_v), PER_TOKEN=per_token, STAGE_SCALES=scales,
         USE_WINDOW=options.sliding_window is not None,
         STAGE_FROM=stage_from, WIDEN=widen, NAN_BITS=0 if widen else _NAN_BITS[q.dtype],
-        num_warps=8 if max(cache.head_size_qk, cache.head_size_v) > 128 else 4)
+        num_warps=8 if max(cache.head_size_qk, cache.head_size_v) > 128 else 4,
+        **compile_options())
     quant = KVQuant.none() if per_token and not scales else cache.quant  # dequantized
     staged = StagedCache(staged_k, staged_v, quant, staged_ks, staged_vs)
     staged_meta = replace(metadata, block_table=staged_bt)

@@ -8,6 +8,7 @@ captured in a CUDA graph together with the attention call that follows it.
 from __future__ import annotations
 
 from portattn.kernels.cache_write import cache_write_kernel
+from portattn.kernels.compile_options import compile_options
 from portattn.kernels.heuristics import head_pad
 from portattn.kernels.scalars import kv_scale_args
 from portattn.quant import INT8_MAX
@@ -31,4 +32,4 @@ def launch_cache_write(cache, key, value, slot_mapping) -> None:
         BLOCK_SIZE=cache.block_size, HEAD_QK=cache.head_size_qk,
         HEAD_QK_PAD=head_pad(cache.head_size_qk), HEAD_V=cache.head_size_v,
         HEAD_V_PAD=head_pad(cache.head_size_v), QUANT=code,
-        INT8=int8, QMAX=qmax, num_warps=1)
+        INT8=int8, QMAX=qmax, num_warps=1, **compile_options())

@@ -1,0 +1,31 @@
+"""Compiler options every launch of ours passes to Triton, whatever its release's default.
+
+FP fusion (``enable_fp_fusion``): the compiler may contract a multiply and the add that
+uses it into one FMA (one rounding instead of two). Triton has compiled with fusion on
+by default; 3.9 warns at each compile of a launch that leaves the option unset
+(``TRITON_DEFAULT_FP_FUSION is unset``) and says 3.10 will turn the default off. Our tile
+configurations were timed, and our tolerances set, with fusion on, so a launch asks for
+it rather than inheriting a release's default, which changes neither our numbers nor our
+speed. Where the user has set ``TRITON_DEFAULT_FP_FUSION`` the choice is theirs: the
+option is left out and Triton applies it. ``TRITON_FORCE_DISABLE_FP_FUSION=1`` (Triton
+3.9 and newer) turns fusion off over any launch's option.
+
+Importable without Triton (plain values; the probe's child process uses it too).
+"""
+
+from __future__ import annotations
+
+import os
+from types import MappingProxyType
+from typing import Any, Mapping
+
+_FUSED: Mapping[str, Any] = MappingProxyType({"enable_fp_fusion": True})
+_TRITONS_DEFAULT: Mapping[str, Any] = MappingProxyType({})
+
+
+def compile_options() -> Mapping[str, Any]:
+    """Keyword options for a ``kernel[grid](...)`` launch (read at each launch through
+    Triton's JIT, not on the relaunch path: one environment lookup)."""
+    if os.environ.get("TRITON_DEFAULT_FP_FUSION") is None:
+        return _FUSED
+    return _TRITONS_DEFAULT
