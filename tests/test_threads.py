@@ -320,6 +320,38 @@ def test_a_relaunch_reads_the_memo_tensor_of_each_scale(monkeypatch):
     assert read(scale, q, "k") is scale and read(None, q, "q") is None
 
 
+def test_device_scalars_are_one_tensor_per_stream(monkeypatch):
+    """A float scale's tensor is filled on the stream that made it, with no sync: a call
+    on another stream must not read it (its kernels could run before the fill), so each
+    stream gets and keeps its own, and a relaunch's scale input on a stream is that
+    stream's tensor. Streams are simulated (their handle) on CPU tensors."""
+    from portattn.backends import unified_runner
+    from portattn.kernels import scalars
+
+    current = {"stream": 7}
+    monkeypatch.setattr(scalars, "stream_key", lambda device: current["stream"])
+    monkeypatch.setattr(unified_runner, "stream_key", lambda device: current["stream"])
+    memo = scalars._DeviceScalars()
+    monkeypatch.setattr(unified_runner, "device_scalars", memo)
+    monkeypatch.setattr(unified_runner, "_find_scalar", memo.find)
+    cpu, q = torch.device("cpu"), torch.randn(2, 4, 8)
+    on_7 = memo.get(0.5, cpu, "k")
+    assert memo.kept(0.5, cpu, "k") and unified_runner._scale_input(0.5, q, "k") is on_7
+    current["stream"] = 9
+    assert not memo.kept(0.5, cpu, "k")  # not made on this stream yet
+    on_9 = unified_runner._scale_input(0.5, q, "k")
+    assert on_9 is not on_7 and float(on_9) == 0.5 and len(memo) == 2
+    assert memo.get(0.5, cpu, "k") is on_9 and memo.kept(0.5, cpu, "k")
+    current["stream"] = 7
+    assert memo.get(0.5, cpu, "k") is on_7 and unified_runner._scale_input(0.5, q, "k") is on_7
+
+
+def test_the_stream_key_is_none_off_cuda():
+    from portattn.kernels.scalars import stream_key
+
+    assert stream_key(torch.device("cpu")) is None
+
+
 def test_clearing_the_shared_workspaces_waits_for_a_take():
     """``take`` counts the workspaces, then evicts the oldest: a clear from another
     thread in between made ``next(iter(...))`` raise StopIteration inside a call."""

@@ -197,6 +197,36 @@ def test_streams_get_their_own_workspace():
             assert relative_error(out, expected) < 2e-2
 
 
+def test_a_float_scale_made_on_a_busy_stream_is_not_read_from_another():
+    """A float scale's device tensor is filled on the stream that made it, with no sync.
+    Stream ``a`` is kept busy (a sleep kernel) so the fill of the scales its call makes
+    waits; a call on stream ``b`` with the same float scales, queued meanwhile, must not
+    read those tensors unfilled: both streams' outputs match the oracle. Two freed blocks
+    of NaN on ``a`` are what ``a``'s next small allocations (the scales) reuse, so an
+    unfilled scale reads as NaN rather than as a leftover that may pass."""
+    def batch_with(k_scale, v_scale):
+        quant = portattn.KVQuant.fp8_per_tensor(k_scale, v_scale)
+        return make_paged_batch([1, 1], [300, 900], num_q_heads=8, num_kv_heads=2,
+                                head_size=128, dtype=BF16, device="cuda", quant=quant)
+
+    warm = batch_with(0.0517, 0.0443)  # compiles, on scales this test does not race
+    portattn.attention(warm.q, warm.cache, warm.metadata, validate=False)
+    batch = batch_with(0.0371, 0.0213)  # values no other test uses: new memo entries
+    expected = dense_attention(batch.q.cpu(), batch.keys, batch.values, [1, 1])
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Stream(), torch.cuda.Stream()
+    with torch.cuda.stream(a):
+        nan_blocks = [torch.full((128,), math.nan, device="cuda") for _ in range(2)]
+        del nan_blocks
+        torch.cuda._sleep(300_000_000)  # some 0.15 s of a busy stream
+        out_a = portattn.attention(batch.q, batch.cache, batch.metadata, validate=False)
+    with torch.cuda.stream(b):
+        out_b = portattn.attention(batch.q, batch.cache, batch.metadata, validate=False)
+    torch.cuda.synchronize()
+    assert relative_error(out_b, expected) < 3e-2, "stream b read a scale before its fill"
+    assert relative_error(out_a, expected) < 3e-2
+
+
 def test_no_device_sync_when_planning_and_running():
     batch = make_paged_batch([1, 1], [300, 1000], num_q_heads=32, num_kv_heads=8,
                              head_size=128, dtype=BF16, device="cuda")

@@ -47,7 +47,7 @@ import torch
 
 from portattn.backends.base import Runner
 from portattn.kernels import fast_launch, heuristics
-from portattn.kernels.scalars import device_scalars
+from portattn.kernels.scalars import device_scalars, stream_key
 
 _find_scalar = device_scalars.find
 
@@ -131,16 +131,17 @@ class Slot:
 
 def _scale_input(scale, q, role: str):
     """The tensor launch.py passes for a scale of a call with query ``q``: the tensor
-    itself, or for a float the cached device scalar of its role on q's device (the same
-    object every call, so replays bind it; never the object of another role, so equal K
-    and V scales do not alias).
+    itself, or for a float the cached device scalar of its role on q's device and current
+    stream (the same object every call on that stream, so replays bind it; never the
+    object of another role, so equal K and V scales do not alias).
 
     Read on every relaunch of a quantized call (four scales), so a float found in the memo
-    costs one dict lookup, ahead of the tensor test (``isinstance`` against
-    ``torch.Tensor`` costs more than the lookup), and q's device is only asked for a
-    float."""
+    costs one dict lookup and the stream's handle, ahead of the tensor test
+    (``isinstance`` against ``torch.Tensor`` costs more than the lookup), and q's device
+    is only asked for a float."""
     if type(scale) is float:
-        found = _find_scalar((role, scale, q.device))
+        device = q.device
+        found = _find_scalar((role, scale, device, stream_key(device)))
         if found is not None:
             return found
     if scale is None or isinstance(scale, torch.Tensor):

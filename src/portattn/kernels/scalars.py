@@ -2,10 +2,16 @@
 
 Kernels read every scale from device memory (a tensor scale may change between CUDA-graph
 replays without a recompile or a host sync); a float scale becomes a cached tensor, made
-once per (role, value, device), so a steady-state call allocates nothing. The role (``k``,
-``v``, ``q``, ``out``) keeps two scales of one call that happen to be equal floats in two
-tensors: a replayed launch binds each kernel argument to one input, which it could not do
-if the K and V scales were one tensor in this call and two in the next.
+once per (role, value, device, stream), so a steady-state call allocates nothing. The role
+(``k``, ``v``, ``q``, ``out``) keeps two scales of one call that happen to be equal floats
+in two tensors: a replayed launch binds each kernel argument to one input, which it could
+not do if the K and V scales were one tensor in this call and two in the next.
+
+The stream (:func:`stream_key`, the current stream's handle) is in the key because a
+tensor's fill is queued on the stream that made it, with no host sync: a call on another
+stream that found it in the memo could run its kernels before that fill and read garbage.
+Each stream reads the tensors filled on it, in order, without an event or a sync on the
+hot path; a value used from several streams costs one 4-byte tensor per stream.
 
 A cached tensor is never dropped: a CUDA graph captured with it reads its address at
 every replay, and freeing it would let the caching allocator hand that memory to another
@@ -23,19 +29,28 @@ import threading
 
 import torch
 
-from portattn.devices import capturing_on
+from portattn.devices import capturing_on, current_stream_handle
 
 _capturing = capturing_on  # a module name the tests can replace (the launchers make
 # ``device``'s stream current)
 
 
+def stream_key(device: torch.device) -> int | None:
+    """What tells ``device``'s queues apart in the memo: its current stream's handle on a
+    CUDA (or ROCm) device, None elsewhere (one queue, in order)."""
+    if device.type != "cuda":
+        return None
+    index = device.index
+    return current_stream_handle(torch.cuda.current_device() if index is None else index)
+
+
 def _key(value, device: torch.device, role: str) -> tuple:
-    return (role, float(value), device)
+    return (role, float(value), device, stream_key(device))
 
 
 class _DeviceScalars:
     """One-element fp32 device tensors for scales given as Python floats, made once per
-    (role, value, device) and kept for the process (see the module doc: never evicted,
+    (role, value, device, stream) and kept for the process (see the module doc: never evicted,
     at most :attr:`capacity` of them)."""
 
     capacity = 4096  # a 512-byte block each: 2 MiB per device at most
@@ -44,21 +59,22 @@ class _DeviceScalars:
         # only ever changed in place, never rebound: ``find`` is this dict's lookup
         self._entries: dict = {}
         self._lock = threading.Lock()
-        #: ``find((role, value, device))``: the tensor the memo holds for that float
-        #: value, else None (one dict lookup: no conversion, no tensor test; a caller
-        #: passes floats only, :meth:`get` otherwise)
+        #: ``find((role, value, device, stream_key(device)))``: the tensor the memo holds
+        #: for that float value, else None (one dict lookup: no conversion, no tensor
+        #: test; a caller passes floats only, :meth:`get` otherwise)
         self.find = self._entries.get
 
     def get(self, value, device: torch.device, role: str = "") -> torch.Tensor:
         if isinstance(value, torch.Tensor):
             return value.reshape(1) if value.dtype == torch.float32 else \
                 value.reshape(1).to(torch.float32)
+        stream = stream_key(device)
         try:  # a float's key as it comes (ints and NumPy floats hash as their float)
-            found = self._entries.get((role, value, device))
+            found = self._entries.get((role, value, device, stream))
         except TypeError:  # unhashable (a NumPy 0-d array): the float's key below
             found = None
         if found is None:
-            key = _key(value, device, role)
+            key = (role, float(value), device, stream)
             found = self._entries.get(key)
         if found is None:
             found = torch.full((1,), float(value), dtype=torch.float32, device=device)
@@ -69,8 +85,9 @@ class _DeviceScalars:
         return found
 
     def kept(self, value, device: torch.device, role: str = "") -> bool:
-        """Whether :meth:`get` answers ``value`` with the same tensor at every call: None
-        and a tensor (a view of it) always, a float once the memo holds it. A float it
+        """Whether :meth:`get` answers ``value`` with the same tensor at every call (on the
+        current stream): None and a tensor (a view of it) always, a float once the memo
+        holds it. A float it
         refused (the memo full, or met first while a CUDA graph was captured) is a new
         tensor at each call, which a recorded launch cannot bind."""
         if value is None or isinstance(value, torch.Tensor):
