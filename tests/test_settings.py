@@ -221,7 +221,7 @@ def test_only_names_and_paths_and_foreign_variables_take_any_text():
     free = {s.name for s in settings.SETTINGS if s not in CHECKED}
     assert free == {"PORTATTN_BACKEND", "PORTATTN_SIMULATE", "PORTATTN_CACHE_DIR",
                     "TRITON_INTERPRET", "TRITON_INSTRUMENTATION_MODE",
-                    "TRITON_FPSAN_HOMOMORPHIC_CASTS",
+                    "TRITON_FPSAN_HOMOMORPHIC_CASTS", "TRITON_DEFAULT_FP_FUSION",
                     "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "XDG_CACHE_HOME",
                     "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES"}
 

@@ -227,6 +227,11 @@ TRITON_FPSAN_HOMOMORPHIC_CASTS = Setting(
     "an option of Triton's floating-point sanitizer that its JIT compiles kernels with; "
     "portattn's fast relaunch reads Triton's knob on every launch and keys its compiled "
     "kernels by it", owner="Triton")
+TRITON_DEFAULT_FP_FUSION = Setting(
+    "TRITON_DEFAULT_FP_FUSION", "Triton's flag", "unset (our launches ask for fusion)",
+    "Triton's default for FP fusion (multiply-add contraction). Unset, every launch of ours "
+    "asks for fusion, as our kernels were tuned (Triton 3.9 warns at launches that leave it "
+    "unset); set, our launches leave the choice to Triton", owner="Triton")
 FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED = Setting(
     "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "0 or 1", "0",
     "1: FlashAttention-4 keeps its compiled kernels on disk for later processes "
@@ -251,7 +256,7 @@ SETTINGS: tuple[Setting, ...] = (
     BACKEND, SIMULATE, VALIDATE, TENSOR_DESCRIPTORS, TRITON, FLASH_ATTN,
     FLASH_ATTN_INTERFACE, UNIFIED_SPLIT, GLUON, CACHE_DIR, NO_DISK_CACHE, TEST_SHARD,
     TRITON_INTERPRET, TRITON_INSTRUMENTATION_MODE, TRITON_FPSAN_HOMOMORPHIC_CASTS,
-    FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED,
+    TRITON_DEFAULT_FP_FUSION, FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED,
     XDG_CACHE_HOME, CUDA_VISIBLE_DEVICES, HIP_VISIBLE_DEVICES, ROCR_VISIBLE_DEVICES)
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 

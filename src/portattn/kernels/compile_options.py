@@ -10,14 +10,15 @@ speed. Where the user has set ``TRITON_DEFAULT_FP_FUSION`` the choice is theirs:
 option is left out and Triton applies it. ``TRITON_FORCE_DISABLE_FP_FUSION=1`` (Triton
 3.9 and newer) turns fusion off over any launch's option.
 
-Importable without Triton (plain values; the probe's child process uses it too).
+Importable without Triton (the probe's child process uses it too).
 """
 
 from __future__ import annotations
 
-import os
 from types import MappingProxyType
 from typing import Any, Mapping
+
+from portattn import settings
 
 _FUSED: Mapping[str, Any] = MappingProxyType({"enable_fp_fusion": True})
 _TRITONS_DEFAULT: Mapping[str, Any] = MappingProxyType({})
@@ -25,7 +26,7 @@ _TRITONS_DEFAULT: Mapping[str, Any] = MappingProxyType({})
 
 def compile_options() -> Mapping[str, Any]:
     """Keyword options for a ``kernel[grid](...)`` launch (read at each launch through
-    Triton's JIT, not on the relaunch path: one environment lookup)."""
-    if os.environ.get("TRITON_DEFAULT_FP_FUSION") is None:
+    Triton's JIT, not on the relaunch path: one lookup in the settings' snapshot)."""
+    if settings.TRITON_DEFAULT_FP_FUSION.raw() is None:
         return _FUSED
     return _TRITONS_DEFAULT
