@@ -108,6 +108,37 @@ def test_attention_checks_once_for_every_layer():
     assert len(planning.memo) == 1
 
 
+
+def test_a_body_decided_across_a_forget_is_not_kept(doubling, monkeypatch):
+    """``probe(refresh=True)`` in another thread forgets bodies and memo entries while a
+    call is deciding: that call is served by the body it made, but neither the body nor
+    the call's memo entry is kept (they may come from the replaced capabilities); the
+    next call decides again, and is then remembered."""
+    from portattn.capabilities.cache import forget_decisions
+
+    original, forgets = planning.decide, []
+
+    def deciding_while_another_thread_forgets(*args, **kwargs):
+        decision = original(*args, **kwargs)
+        if not forgets:
+            forgets.append(1)
+            forget_decisions()  # as probe(refresh=True) in another thread
+        return decision
+
+    monkeypatch.setattr(planning, "decide", deciding_while_another_thread_forgets)
+    batch = make_paged_batch([1, 2], [9, 12], num_q_heads=4, num_kv_heads=2, head_size=16,
+                             dtype=F32)
+    made = planning.stats["bodies"]
+    out = portattn.attention(batch.q, batch.cache, batch.metadata, backend="doubling",
+                             validate=False)
+    assert torch.equal(out, batch.q * 2) and forgets == [1]
+    assert planning.cache_info()["bodies"] == 0 and len(planning.memo) == 0
+    out = portattn.attention(batch.q, batch.cache, batch.metadata, backend="doubling",
+                             validate=False)
+    assert torch.equal(out, batch.q * 2)
+    assert planning.stats["bodies"] == made + 2  # decided again: nothing stale served
+    assert planning.cache_info()["bodies"] == 1 and len(planning.memo) == 1
+
 class Doubling(Backend):
     """Test double: out = 2 q (head sizes equal), so each caller can check its own result."""
 

@@ -234,10 +234,18 @@ class PlanBody:
 
 
 class _BodyCache:
+    """Bodies by problem, options, backend, decision environment and device (LRU).
+
+    ``generation`` counts the clears: a body decided while another thread cleared the
+    cache (``probe(refresh=True)`` replacing the capabilities it was decided from) serves
+    the call that made it but is not kept, and neither is the memo entry of that call
+    (:func:`_checked`)."""
+
     def __init__(self, capacity: int):
         self.capacity = capacity
         self.entries: OrderedDict = OrderedDict()
         self.lock = threading.Lock()
+        self.generation = 0
 
     def get(self, problem: Problem, options: AttentionOptions, backend: str | None, env,
             device: torch.device) -> PlanBody:
@@ -248,19 +256,23 @@ class _BodyCache:
             if body is not None:
                 self.entries.move_to_end(key)
                 return body
+            generation = self.generation
         # the device's own capabilities: a body for cuda:1 is never decided on cuda:0's
         decision = decide(problem, probe(device=device), backend)  # may raise Unsupported
         body = PlanBody(problem, options, decision, device)
+        stats["bodies"] += 1
         with self.lock:
+            if self.generation != generation:
+                return body  # decided from what a clear meanwhile replaced: not kept
             body = self.entries.setdefault(key, body)
             self.entries.move_to_end(key)
             while len(self.entries) > self.capacity:
                 self.entries.popitem(last=False)
-        stats["bodies"] += 1
         return body
 
     def clear(self) -> None:
         with self.lock:
+            self.generation += 1
             self.entries.clear()
 
 
@@ -715,11 +727,17 @@ def cache_info() -> dict:
             "checked": stats["checked"], "bodies_made": stats["bodies"]}
 
 
+#: Held while the bodies and the memo are forgotten, and while a checked call stores its
+#: memo entry: an entry is stored only if no clear came since its body was looked up.
+_forgetting = threading.Lock()
+
+
 def forget_plans() -> None:
     """Forget every body and memo entry (calls check and plan again; a call in flight
-    keeps the body it holds)."""
-    bodies.clear()
-    memo.clear()
+    keeps the body it holds, and stores no memo entry for it)."""
+    with _forgetting:
+        bodies.clear()
+        memo.clear()
 
 
 def clear() -> None:
@@ -838,6 +856,7 @@ def _checked(q, cache, metadata, out, backend, validate, option_values, prepare,
              key) -> tuple:
     """The full checks of a call, its body and runner slot; remembered under ``key``."""
     stats["checked"] += 1
+    generation = bodies.generation
     options, problem = prepare(q, cache, metadata, validate, out, option_values)
     if metadata.max_seqlen_q is not None and metadata.max_seqlen_k is not None:
         check_hint_bounds(q, metadata, metadata.max_seqlen_q, metadata.max_seqlen_k)
@@ -847,7 +866,9 @@ def _checked(q, cache, metadata, out, backend, validate, option_values, prepare,
     slot = None if sig is None else body.runner.slot((sig, metadata_signature(metadata)))
     hit = (body, slot)
     if key is not None:
-        memo.put(metadata, key, hit)
+        with _forgetting:
+            if bodies.generation == generation:  # else its body may be a replaced one's
+                memo.put(metadata, key, hit)
     return hit
 
 
