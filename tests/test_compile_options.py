@@ -144,3 +144,22 @@ def test_triton_takes_the_options_with_fusion_on_and_no_warning(monkeypatch):
     assert dict(compile_options()) == {}
     assert backend.parse_options(dict(compile_options(), num_warps=4)).enable_fp_fusion \
         is False
+
+
+@interp
+def test_a_changed_fusion_setting_plans_again(monkeypatch):
+    """The options are compiled into the kernels a plan's fast relaunch keeps: a change of
+    ``TRITON_DEFAULT_FP_FUSION`` is a decision setting, so calls plan again (a new body
+    and runner) instead of relaunching kernels compiled with the old options."""
+    from portattn import attention, planning
+
+    batch = make_paged_batch([1, 1], [20, 9], num_kv_heads=2, head_size=32, dtype=F16)
+    planning.clear()
+    made = planning.stats["bodies"]
+    for _ in range(2):
+        attention(batch.q, batch.cache, batch.metadata, validate=False)
+    assert planning.stats["bodies"] == made + 1
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
+    attention(batch.q, batch.cache, batch.metadata, validate=False)
+    assert planning.stats["bodies"] == made + 2
+    planning.clear()

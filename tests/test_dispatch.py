@@ -135,6 +135,29 @@ def test_decision_cache_is_bounded_and_thread_safe(with_picky):
         decision_cache.capacity = old
 
 
+def test_a_decision_made_across_a_clear_is_not_stored(with_picky, monkeypatch):
+    """Another thread clears the decisions (a kernel failure recorded, a probe refresh)
+    while one is being made: it answers its caller but is not stored, so no later call
+    reuses what was decided from the replaced state; the next decision is stored."""
+    from portattn.dispatch import selector
+
+    original, clears = selector._decide, []
+
+    def deciding_while_another_thread_clears(*args, **kwargs):
+        decision = original(*args, **kwargs)
+        if not clears:
+            clears.append(1)
+            decision_cache.clear()
+        return decision
+
+    monkeypatch.setattr(selector, "_decide", deciding_while_another_thread_clears)
+    problem = Problem.make(device_type="cpu", dtype="float32", num_q_heads=8,
+                           num_kv_heads=2, seq_len=64)
+    first = decide(problem, probe(), "picky")
+    assert first.backend == "picky" and clears == [1] and len(decision_cache) == 0
+    assert decide(problem, probe(), "picky") == first and len(decision_cache) == 1
+
+
 def test_explain_lists_every_backend_with_reasons(with_picky, batch):
     decision = portattn.explain(batch.q, batch.cache, batch.metadata)
     names = [name for name, _ in decision.considered]

@@ -321,10 +321,11 @@ def test_a_relaunch_reads_the_memo_tensor_of_each_scale(monkeypatch):
 
 
 def test_device_scalars_are_one_tensor_per_stream(monkeypatch):
-    """A float scale's tensor is filled on the stream that made it, with no sync: a call
-    on another stream must not read it (its kernels could run before the fill), so each
-    stream gets and keeps its own, and a relaunch's scale input on a stream is that
-    stream's tensor. Streams are simulated (their handle) on CPU tensors."""
+    """A float scale's tensor is filled on the stream that made it, with no sync: an eager
+    call on another stream must not read it (its kernels could run before the fill), so
+    each stream gets and keeps its own, and a relaunch's scale input on a stream is that
+    stream's tensor; a CUDA graph capture binds the one made first. Streams are simulated
+    (their handle) on CPU tensors."""
     from portattn.backends import unified_runner
     from portattn.kernels import scalars
 
@@ -344,6 +345,15 @@ def test_device_scalars_are_one_tensor_per_stream(monkeypatch):
     assert memo.get(0.5, cpu, "k") is on_9 and memo.kept(0.5, cpu, "k")
     current["stream"] = 7
     assert memo.get(0.5, cpu, "k") is on_7 and unified_runner._scale_input(0.5, q, "k") is on_7
+    # a graph captured on a stream of its own binds the first tensor made for the value
+    # (not a fresh one refilled at every replay); a value never met eagerly gets the
+    # graph's own, not kept
+    monkeypatch.setattr(scalars, "_capturing", lambda device: True)
+    current["stream"] = 11
+    assert memo.kept(0.5, cpu, "k") and memo.get(0.5, cpu, "k") is on_7
+    assert unified_runner._scale_input(0.5, q, "k") is on_7
+    assert not memo.kept(0.5, cpu, "v") and memo.get(0.5, cpu, "v") is not on_7
+    assert len(memo) == 2
 
 
 def test_the_stream_key_is_none_off_cuda():

@@ -231,7 +231,8 @@ TRITON_DEFAULT_FP_FUSION = Setting(
     "TRITON_DEFAULT_FP_FUSION", "Triton's flag", "unset (our launches ask for fusion)",
     "Triton's default for FP fusion (multiply-add contraction). Unset, every launch of ours "
     "asks for fusion, as our kernels were tuned (Triton 3.9 warns at launches that leave it "
-    "unset); set, our launches leave the choice to Triton", owner="Triton")
+    "unset); set, our launches leave the choice to Triton. A change re-plans (the fast "
+    "relaunch keeps the kernels it compiled per plan)", decides=True, owner="Triton")
 FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED = Setting(
     "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "0 or 1", "0",
     "1: FlashAttention-4 keeps its compiled kernels on disk for later processes "

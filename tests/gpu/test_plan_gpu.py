@@ -201,10 +201,9 @@ def test_a_float_scale_made_on_a_busy_stream_is_not_read_from_another():
     """A float scale's device tensor is filled on the stream that made it, with no sync.
     Stream ``a`` is kept busy (a sleep kernel) so the fill of the scales its call makes
     waits; a call on stream ``b`` with the same float scales, queued meanwhile, must not
-    read those tensors unfilled: both streams' outputs match the oracle. A freed 512 KiB
-    of NaN on the new stream ``a`` is where its next small allocations (``out``, the
-    scales) land, so an unfilled scale reads as NaN rather than as a leftover that may
-    pass."""
+    read those tensors unfilled: both streams' outputs match the oracle. A freed MiB of
+    NaN on the new stream ``a`` is where its next small allocations (``out``, the scales)
+    land, so an unfilled scale reads as NaN rather than as a leftover that may pass."""
     def batch_with(k_scale, v_scale):
         quant = portattn.KVQuant.fp8_per_tensor(k_scale, v_scale)
         return make_paged_batch([1, 1], [300, 900], num_q_heads=8, num_kv_heads=2,
@@ -215,10 +214,15 @@ def test_a_float_scale_made_on_a_busy_stream_is_not_read_from_another():
     batch = batch_with(0.0371, 0.0213)  # values no other test uses: new memo entries
     expected = dense_attention(batch.q.cpu(), batch.keys, batch.values, [1, 1])
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # no free block left from earlier tests on a pooled stream
     a, b = torch.cuda.Stream(), torch.cuda.Stream()
+    for stream in (a, b):  # each pool holds what its call allocates: no cudaMalloc (an
+        with torch.cuda.stream(stream):  # implicit sync point) in the window below
+            pools = [torch.empty(64 << 20, dtype=torch.uint8, device="cuda"),
+                     torch.full((1 << 18,), math.nan, device="cuda")]  # large; 1 MiB small
+            del pools
+    torch.cuda.synchronize()
     with torch.cuda.stream(a):
-        nan_pool = torch.full((1 << 17,), math.nan, device="cuda")  # a's small pool
-        del nan_pool
         torch.cuda._sleep(300_000_000)  # some 0.15 s of a busy stream
         out_a = portattn.attention(batch.q, batch.cache, batch.metadata, validate=False)
     with torch.cuda.stream(b):

@@ -173,7 +173,9 @@ def _decide(problem: Problem, caps: Capabilities, forced: str | None, source: st
 
 class DecisionCache:
     """A bounded LRU map (problem, caps, forced backend, source, decision environment) ->
-    Decision, safe across threads."""
+    Decision, safe across threads. ``generation`` counts the clears: a decision made while
+    another thread cleared the cache (a kernel failure recorded, the capabilities probed
+    again) is not stored (:meth:`put`)."""
 
     def __init__(self, capacity: int = 1024):
         self.capacity = capacity
@@ -181,6 +183,7 @@ class DecisionCache:
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+        self.generation = 0
 
     def get(self, key):
         with self._lock:
@@ -190,9 +193,13 @@ class DecisionCache:
                 self.hits += 1
             return decision
 
-    def put(self, key, decision: Decision) -> None:
+    def put(self, key, decision: Decision, generation: int | None = None) -> None:
+        """Store ``decision``, unless the cache was cleared since ``generation`` (read
+        before the decision was made; None: store it)."""
         with self._lock:
             self.misses += 1
+            if generation is not None and generation != self.generation:
+                return
             self._entries[key] = decision
             self._entries.move_to_end(key)
             while len(self._entries) > self.capacity:
@@ -200,6 +207,7 @@ class DecisionCache:
 
     def clear(self) -> None:
         with self._lock:
+            self.generation += 1
             self._entries.clear()
             self.hits = self.misses = 0
 
@@ -219,12 +227,13 @@ def decide(problem: Problem, caps: Capabilities, backend: str | None = None, *,
     pass False."""
     forced, source = forced_backend(backend)
     key = (problem, caps, forced, source, decision_environment())
+    generation = decision_cache.generation  # before the lookup: a clear after it counts
     decision = decision_cache.get(key)
     if decision is None:
         if forced is None:  # a bad value names its variable, whichever backend reads it
             check_decision_settings()  # (a forced backend's own reads become its reasons)
         decision = _decide(problem, caps, forced, source)
-        decision_cache.put(key, decision)
+        decision_cache.put(key, decision, generation)
     if log and key not in announced:
         chosen = load_backend(decision.backend)
         announce(decision, key, getattr(chosen, "slow_path", ""))

@@ -11,7 +11,12 @@ The stream (:func:`stream_key`, the current stream's handle) is in the key becau
 tensor's fill is queued on the stream that made it, with no host sync: a call on another
 stream that found it in the memo could run its kernels before that fill and read garbage.
 Each stream reads the tensors filled on it, in order, without an event or a sync on the
-hot path; a value used from several streams costs one 4-byte tensor per stream.
+hot path; a value used from several streams costs one 4-byte tensor per stream. A CUDA
+graph being captured (usually on a stream of its own, after a warm-up on another) binds
+the tensor first made for the value on any stream of the device instead: that fill was
+queued before the capture began, and the graph replays after it ended, where the usual
+ways of capturing order the two (``torch.cuda.graph`` synchronizes the device before it
+captures; a replay on a stream that waited for the warm-up stream follows its work).
 
 A cached tensor is never dropped: a CUDA graph captured with it reads its address at
 every replay, and freeing it would let the caching allocator hand that memory to another
@@ -50,14 +55,16 @@ def _key(value, device: torch.device, role: str) -> tuple:
 
 class _DeviceScalars:
     """One-element fp32 device tensors for scales given as Python floats, made once per
-    (role, value, device, stream) and kept for the process (see the module doc: never evicted,
-    at most :attr:`capacity` of them)."""
+    (role, value, device, stream) and kept for the process (see the module doc: never
+    evicted, at most :attr:`capacity` of them)."""
 
     capacity = 4096  # a 512-byte block each: 2 MiB per device at most
 
     def __init__(self) -> None:
         # only ever changed in place, never rebound: ``find`` is this dict's lookup
         self._entries: dict = {}
+        #: (role, value, device) -> the first tensor kept for it on any stream (captures)
+        self._first: dict = {}
         self._lock = threading.Lock()
         #: ``find((role, value, device, stream_key(device)))``: the tensor the memo holds
         #: for that float value, else None (one dict lookup: no conversion, no tensor
@@ -77,22 +84,29 @@ class _DeviceScalars:
             key = (role, float(value), device, stream)
             found = self._entries.get(key)
         if found is None:
+            capturing = _capturing(device)
+            if capturing:  # any stream's tensor (module doc), else one of the graph's own
+                found = self._first.get(key[:3])
+                if found is not None:
+                    return found
             found = torch.full((1,), float(value), dtype=torch.float32, device=device)
-            if len(self._entries) < self.capacity and not _capturing(device):
+            if len(self._entries) < self.capacity and not capturing:
                 with self._lock:
                     if len(self._entries) < self.capacity:
                         found = self._entries.setdefault(key, found)
+                        self._first.setdefault(key[:3], found)
         return found
 
     def kept(self, value, device: torch.device, role: str = "") -> bool:
         """Whether :meth:`get` answers ``value`` with the same tensor at every call (on the
         current stream): None and a tensor (a view of it) always, a float once the memo
-        holds it. A float it
+        holds it for this stream (while a graph is captured: for any stream). A float it
         refused (the memo full, or met first while a CUDA graph was captured) is a new
         tensor at each call, which a recorded launch cannot bind."""
         if value is None or isinstance(value, torch.Tensor):
             return True
-        return _key(value, device, role) in self._entries
+        key = _key(value, device, role)
+        return key in self._entries or (key[:3] in self._first and _capturing(device))
 
     def __len__(self) -> int:
         return len(self._entries)
