@@ -357,7 +357,7 @@ def test_device_scalars_are_one_tensor_per_stream(monkeypatch):
 
 
 def test_the_stream_key_is_none_off_cuda():
-    from portattn.kernels.scalars import stream_key
+    from portattn.devices import stream_key
 
     assert stream_key(torch.device("cpu")) is None
 

@@ -38,6 +38,15 @@ def capturing_on(device: torch.device) -> bool:
     return device.type == "cuda" and bool(stream_capturing())
 
 
+def stream_key(device: torch.device) -> int | None:
+    """What tells ``device``'s queues apart: its current stream's handle on a CUDA (or
+    ROCm) device, None elsewhere (one queue, in order)."""
+    if device.type != "cuda":
+        return None
+    index = device.index
+    return current_stream_handle(torch.cuda.current_device() if index is None else index)
+
+
 def cuda_index(device: torch.device) -> int | None:
     """The CUDA index of ``device``; None for any other device type."""
     if device.type != "cuda":

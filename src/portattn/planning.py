@@ -47,7 +47,6 @@ from __future__ import annotations
 import itertools
 import threading
 import weakref
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import replace
 from types import MappingProxyType
@@ -59,6 +58,7 @@ from portattn.devices import _get_device as _current_cuda_device
 from portattn.devices import capturing_on, cuda_index, on_device
 from portattn.dispatch import launch_failures
 from portattn.dispatch.announce import log
+from portattn.dispatch.clearable_lru import ClearableLRU
 from portattn.dispatch.problem import Problem, cache_slot_rows
 from portattn.dispatch.registry import load_backend
 from portattn.dispatch.selector import Decision, decide
@@ -233,50 +233,26 @@ class PlanBody:
             raise launch_failures.KernelFailed(self, exc) from exc
 
 
-class _BodyCache:
-    """Bodies by problem, options, backend, decision environment and device (LRU).
+#: (problem, scale, window, softcap, backend, decision environment, device) -> PlanBody
+bodies = ClearableLRU(BODY_CAPACITY)
 
-    ``generation`` counts the clears: a body decided while another thread cleared the
-    cache (``probe(refresh=True)`` replacing the capabilities it was decided from) serves
-    the call that made it but is not kept, and neither is the memo entry of that call
-    (:func:`_checked`)."""
 
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.entries: OrderedDict = OrderedDict()
-        self.lock = threading.Lock()
-        self.generation = 0
-
-    def get(self, problem: Problem, options: AttentionOptions, backend: str | None, env,
-            device: torch.device) -> PlanBody:
-        key = (problem, options.scale, options.sliding_window, options.softcap, backend, env,
-               device)
-        with self.lock:
-            body = self.entries.get(key)
-            if body is not None:
-                self.entries.move_to_end(key)
-                return body
-            generation = self.generation
+def _body_for(problem: Problem, options: AttentionOptions, backend: str | None, env,
+              device: torch.device) -> PlanBody:
+    """The body of ``bodies`` for this problem, made (decided) on a miss. One decided
+    while another thread cleared ``bodies`` (``probe(refresh=True)`` replacing the
+    capabilities it was decided from) serves its call but is not kept, and neither is
+    that call's memo entry (:func:`_checked`)."""
+    key = (problem, options.scale, options.sliding_window, options.softcap, backend, env,
+           device)
+    generation = bodies.generation
+    body = bodies.get(key)
+    if body is None:
         # the device's own capabilities: a body for cuda:1 is never decided on cuda:0's
         decision = decide(problem, probe(device=device), backend)  # may raise Unsupported
-        body = PlanBody(problem, options, decision, device)
         stats["bodies"] += 1
-        with self.lock:
-            if self.generation != generation:
-                return body  # decided from what a clear meanwhile replaced: not kept
-            body = self.entries.setdefault(key, body)
-            self.entries.move_to_end(key)
-            while len(self.entries) > self.capacity:
-                self.entries.popitem(last=False)
-        return body
-
-    def clear(self) -> None:
-        with self.lock:
-            self.generation += 1
-            self.entries.clear()
-
-
-bodies = _BodyCache(BODY_CAPACITY)
+        body = bodies.put(key, PlanBody(problem, options, decision, device), generation)
+    return body
 
 
 def _check_q(q, body: PlanBody) -> None:
@@ -558,7 +534,7 @@ def plan(metadata: AttentionMetadata, *, num_q_heads: int, dtype: torch.dtype,
     problem = replace(Problem.from_call(q0, cache0, metadata, options, max_q, max_k),
                       kv_rows=cache is None or (cache_slot_rows(cache.key_cache) and
                                                 cache_slot_rows(cache.value_cache)))
-    body = bodies.get(problem, options, backend, decision_environment(), device)
+    body = _body_for(problem, options, backend, decision_environment(), device)
     return AttentionPlan(body, metadata, max_q, max_k, validate)
 
 
@@ -860,7 +836,7 @@ def _checked(q, cache, metadata, out, backend, validate, option_values, prepare,
     options, problem = prepare(q, cache, metadata, validate, out, option_values)
     if metadata.max_seqlen_q is not None and metadata.max_seqlen_k is not None:
         check_hint_bounds(q, metadata, metadata.max_seqlen_q, metadata.max_seqlen_k)
-    body = bodies.get(problem, options, backend, env, q.device)
+    body = _body_for(problem, options, backend, env, q.device)
     layer = (option_values[4], option_values[6], option_values[7], option_values[8])
     sig = _safe_signature(q, cache, out, layer)
     slot = None if sig is None else body.runner.slot((sig, metadata_signature(metadata)))

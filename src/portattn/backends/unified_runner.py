@@ -46,8 +46,9 @@ import threading
 import torch
 
 from portattn.backends.base import Runner
+from portattn.devices import stream_key
 from portattn.kernels import fast_launch, heuristics
-from portattn.kernels.scalars import device_scalars, stream_key
+from portattn.kernels.scalars import device_scalars
 
 _find_scalar = device_scalars.find
 

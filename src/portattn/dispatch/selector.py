@@ -7,14 +7,13 @@ thread-safe cache, so a steady-state call costs one dict lookup.
 from __future__ import annotations
 
 import dataclasses
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from portattn.backends.base import Backend, Plan
 from portattn.capabilities import Capabilities
 from portattn.dispatch import launch_failures
 from portattn.dispatch.announce import announce, announced
+from portattn.dispatch.clearable_lru import ClearableLRU
 from portattn.dispatch.priorities import leads_for, priority_list, problem_class, yields_for
 from portattn.dispatch.problem import Problem
 from portattn.dispatch.registry import backend_names, load_backend
@@ -171,51 +170,8 @@ def _decide(problem: Problem, caps: Capabilities, forced: str | None, source: st
                     tuple(considered), tuple(notes) if source == "auto" else ())
 
 
-class DecisionCache:
-    """A bounded LRU map (problem, caps, forced backend, source, decision environment) ->
-    Decision, safe across threads. ``generation`` counts the clears: a decision made while
-    another thread cleared the cache (a kernel failure recorded, the capabilities probed
-    again) is not stored (:meth:`put`)."""
-
-    def __init__(self, capacity: int = 1024):
-        self.capacity = capacity
-        self._entries: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-        self.generation = 0
-
-    def get(self, key):
-        with self._lock:
-            decision = self._entries.get(key)
-            if decision is not None:
-                self._entries.move_to_end(key)
-                self.hits += 1
-            return decision
-
-    def put(self, key, decision: Decision, generation: int | None = None) -> None:
-        """Store ``decision``, unless the cache was cleared since ``generation`` (read
-        before the decision was made; None: store it)."""
-        with self._lock:
-            self.misses += 1
-            if generation is not None and generation != self.generation:
-                return
-            self._entries[key] = decision
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self.generation += 1
-            self._entries.clear()
-            self.hits = self.misses = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
-decision_cache = DecisionCache()
+#: (problem, caps, forced backend, source, decision environment) -> Decision
+decision_cache = ClearableLRU(1024)
 
 
 def decide(problem: Problem, caps: Capabilities, backend: str | None = None, *,
@@ -232,8 +188,8 @@ def decide(problem: Problem, caps: Capabilities, backend: str | None = None, *,
     if decision is None:
         if forced is None:  # a bad value names its variable, whichever backend reads it
             check_decision_settings()  # (a forced backend's own reads become its reasons)
-        decision = _decide(problem, caps, forced, source)
-        decision_cache.put(key, decision, generation)
+        decision = decision_cache.put(key, _decide(problem, caps, forced, source),
+                                      generation)
     if log and key not in announced:
         chosen = load_backend(decision.backend)
         announce(decision, key, getattr(chosen, "slow_path", ""))

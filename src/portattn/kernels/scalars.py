@@ -7,9 +7,10 @@ once per (role, value, device, stream), so a steady-state call allocates nothing
 in two tensors: a replayed launch binds each kernel argument to one input, which it could
 not do if the K and V scales were one tensor in this call and two in the next.
 
-The stream (:func:`stream_key`, the current stream's handle) is in the key because a
-tensor's fill is queued on the stream that made it, with no host sync: a call on another
-stream that found it in the memo could run its kernels before that fill and read garbage.
+The stream (:func:`portattn.devices.stream_key`, the current stream's handle) is in the
+key because a tensor's fill is queued on the stream that made it, with no host sync: a
+call on another stream that found it in the memo could run its kernels before that fill
+and read garbage.
 Each stream reads the tensors filled on it, in order, without an event or a sync on the
 hot path; a value used from several streams costs one 4-byte tensor per stream. A CUDA
 graph being captured (usually on a stream of its own, after a warm-up on another) binds
@@ -34,19 +35,10 @@ import threading
 
 import torch
 
-from portattn.devices import capturing_on, current_stream_handle
+from portattn.devices import capturing_on, stream_key
 
 _capturing = capturing_on  # a module name the tests can replace (the launchers make
 # ``device``'s stream current)
-
-
-def stream_key(device: torch.device) -> int | None:
-    """What tells ``device``'s queues apart in the memo: its current stream's handle on a
-    CUDA (or ROCm) device, None elsewhere (one queue, in order)."""
-    if device.type != "cuda":
-        return None
-    index = device.index
-    return current_stream_handle(torch.cuda.current_device() if index is None else index)
 
 
 def _key(value, device: torch.device, role: str) -> tuple:
