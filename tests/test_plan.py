@@ -108,7 +108,6 @@ def test_attention_checks_once_for_every_layer():
     assert len(planning.memo) == 1
 
 
-
 def test_a_body_decided_across_a_forget_is_not_kept(doubling, monkeypatch):
     """``probe(refresh=True)`` in another thread forgets bodies and memo entries while a
     call is deciding: that call is served by the body it made, but neither the body nor
@@ -138,6 +137,7 @@ def test_a_body_decided_across_a_forget_is_not_kept(doubling, monkeypatch):
     assert torch.equal(out, batch.q * 2)
     assert planning.stats["bodies"] == made + 2  # decided again: nothing stale served
     assert planning.cache_info()["bodies"] == 1 and len(planning.memo) == 1
+
 
 class Doubling(Backend):
     """Test double: out = 2 q (head sizes equal), so each caller can check its own result."""
