@@ -15,6 +15,7 @@ import portattn
 from portattn import AttentionMetadata, PagedKVCache, planning, settings
 from portattn.kernels import fast_launch, launch_entries
 from portattn.kernels.heuristics import MERGE_IN_KERNEL
+from portattn.kernels.scalars import device_scalars
 from portattn.testing import dense_attention, make_paged_batch, relative_error
 
 pytestmark = pytest.mark.gpu
@@ -203,7 +204,14 @@ def test_a_float_scale_made_on_a_busy_stream_is_not_read_from_another():
     waits; a call on stream ``b`` with the same float scales, queued meanwhile, must not
     read those tensors unfilled: both streams' outputs match the oracle. A freed MiB of
     NaN on the new stream ``a`` is where its next small allocations (``out``, the scales)
-    land, so an unfilled scale reads as NaN rather than as a leftover that may pass."""
+    land, so an unfilled scale reads as NaN rather than as a leftover that may pass.
+
+    The batch's cache is written (on the default stream, which makes device tensors for
+    the write's own scales) with the scales the oracle dequantizes with; both calls read
+    those bytes through a second cache whose scales are the same floats nudged by one part
+    in 2**20 (far inside the tolerance): floats nothing made a tensor for before stream
+    ``a``'s call. Without the nudge the write's tensors, filled long before, would serve
+    both streams and the test could not fail (it passed at 81818d2 that way, H100)."""
     def batch_with(k_scale, v_scale):
         quant = portattn.KVQuant.fp8_per_tensor(k_scale, v_scale)
         return make_paged_batch([1, 1], [300, 900], num_q_heads=8, num_kv_heads=2,
@@ -211,8 +219,13 @@ def test_a_float_scale_made_on_a_busy_stream_is_not_read_from_another():
 
     warm = batch_with(0.0517, 0.0443)  # compiles, on scales this test does not race
     portattn.attention(warm.q, warm.cache, warm.metadata, validate=False)
-    batch = batch_with(0.0371, 0.0213)  # values no other test uses: new memo entries
+    batch = batch_with(0.0371, 0.0213)  # values no other test uses
     expected = dense_attention(batch.q.cpu(), batch.keys, batch.values, [1, 1])
+    nudged = (0.0371 * (1 + 2.0 ** -20), 0.0213 * (1 + 2.0 ** -20))
+    cache = PagedKVCache(batch.cache.key_cache, batch.cache.value_cache,
+                         portattn.KVQuant.fp8_per_tensor(*nudged))
+    for value, role in zip(nudged, ("k", "v")):  # the race needs a scale made in the window
+        assert not device_scalars.kept(value, batch.q.device, role), "scale made before"
     torch.cuda.synchronize()
     torch.cuda.empty_cache()  # no free block left from earlier tests on a pooled stream
     a, b = torch.cuda.Stream(), torch.cuda.Stream()
@@ -224,9 +237,9 @@ def test_a_float_scale_made_on_a_busy_stream_is_not_read_from_another():
     torch.cuda.synchronize()
     with torch.cuda.stream(a):
         torch.cuda._sleep(300_000_000)  # some 0.15 s of a busy stream
-        out_a = portattn.attention(batch.q, batch.cache, batch.metadata, validate=False)
+        out_a = portattn.attention(batch.q, cache, batch.metadata, validate=False)
     with torch.cuda.stream(b):
-        out_b = portattn.attention(batch.q, batch.cache, batch.metadata, validate=False)
+        out_b = portattn.attention(batch.q, cache, batch.metadata, validate=False)
     torch.cuda.synchronize()
     assert relative_error(out_b, expected) < 3e-2, "stream b read a scale before its fill"
     assert relative_error(out_a, expected) < 3e-2
