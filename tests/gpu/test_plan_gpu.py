@@ -219,9 +219,10 @@ def test_a_float_scale_made_on_a_busy_stream_is_not_read_from_another():
 
     warm = batch_with(0.0517, 0.0443)  # compiles, on scales this test does not race
     portattn.attention(warm.q, warm.cache, warm.metadata, validate=False)
-    batch = batch_with(0.0371, 0.0213)  # values no other test uses
+    scales = (0.0371, 0.0213)  # values no other test uses
+    batch = batch_with(*scales)
     expected = dense_attention(batch.q.cpu(), batch.keys, batch.values, [1, 1])
-    nudged = (0.0371 * (1 + 2.0 ** -20), 0.0213 * (1 + 2.0 ** -20))
+    nudged = tuple(scale * (1 + 2.0 ** -20) for scale in scales)
     cache = PagedKVCache(batch.cache.key_cache, batch.cache.value_cache,
                          portattn.KVQuant.fp8_per_tensor(*nudged))
     for value, role in zip(nudged, ("k", "v")):  # the race needs a scale made in the window
