@@ -31,7 +31,8 @@ from portattn.testing import make_paged_batch  # noqa: E402
 def profile_case(case: str, layer_counts, top: int) -> None:
     query_lens, seq_lens = dispatch_overhead.CASES[case]
     batch = make_paged_batch(query_lens, seq_lens, num_q_heads=32, num_kv_heads=8,
-                             head_size=128, dtype=torch.bfloat16, device="cuda", poison=False)
+                             head_size=128, dtype=torch.bfloat16, device="cuda", poison=False,
+                             quant=dispatch_overhead.QUANTIZED.get(case))
     plan = portattn.plan(batch.metadata, num_q_heads=32, dtype=torch.bfloat16,
                          cache=batch.cache, backend="triton_unified", validate=False)
     print(f"{case}: {plan.variant}")
