@@ -27,7 +27,10 @@ Implementations per case and layer count:
   so there it understates Triton's cost;
 
 and per case: ``triton_jit_us`` (``kernel[grid](**kwargs)`` with the arguments ready) vs
-``cheap_launch_us`` (the recorded sequence relaunched with the same inputs).
+``cheap_launch_us`` (the recorded sequence relaunched with the same inputs), and
+``attention_per_jit_launch``: one layer's ``attention`` over ``triton_jit_us``, the host
+time in units of that host's own speed, to compare hosts (session 39's H100 hosts took
+1.6-2.1x session 38's time for the same code and the same Triton).
 
 Without a GPU it measures the Python outside the kernel launch instead: the same calls
 with launch.py's kernels replaced by stand-ins (Triton's real binder and cache key; a
@@ -223,6 +226,11 @@ def fill_case(result: dict, timed: dict, plan) -> dict:
     launch = {key[1]: value for key, value in timed.items() if key[0] == "launch"}
     result["triton_jit_us"] = launch["triton_jit"][0]
     result["cheap_launch_us"] = launch["cheap"][0] if "cheap" in launch else None
+    # the host's speed taken out: one layer's eager call in units of one JIT launch of
+    # the case's first kernel (hosts of one GPU kind measured 1.6-2.1x apart, this ratio
+    # 0.25-0.37 on all of them)
+    one_layer = result["layers"][min(result["layers"])]["attention"]
+    result["attention_per_jit_launch"] = round(one_layer / result["triton_jit_us"], 3)
     result["launch_min_us"] = {name: minimum for name, (_median, minimum) in launch.items()}
     return result
 
@@ -399,7 +407,8 @@ def _table(result: dict) -> None:
             cells = " ".join(f"{timings[n]:7.2f} ({low[n]:5.2f})" for n in names)
             print(f"{case:13} {count:>6} {cells}", file=sys.stderr)
         print(f"{'':14} launch: triton jit {data.get('triton_jit_us')} us, cheap "
-              f"{data.get('cheap_launch_us')} us; replayed={data['replayed']} "
+              f"{data.get('cheap_launch_us')} us; attention at one layer = "
+              f"{data['attention_per_jit_launch']} JIT launch; replayed={data['replayed']} "
               f"{data['fallback_reasons'] or ''}", file=sys.stderr)
 
 
