@@ -30,7 +30,7 @@ and per case: ``triton_jit_us`` (``kernel[grid](**kwargs)`` with the arguments r
 ``cheap_launch_us`` (the recorded sequence relaunched with the same inputs), and
 ``attention_per_jit_launch``: one layer's ``attention`` over ``triton_jit_us``, the host
 time in units of that host's own speed, to compare hosts (session 39's H100 hosts took
-1.6-2.1x session 38's time for the same code and the same Triton).
+1.6-2.3x session 38's time for the same code and the same Triton).
 
 Without a GPU it measures the Python outside the kernel launch instead: the same calls
 with launch.py's kernels replaced by stand-ins (Triton's real binder and cache key; a
@@ -62,11 +62,13 @@ LAYERS = (1, 32, 96)
 #: case -> (query lens, seq lens); 32 query heads / 8 kv heads / head 128, block 16
 CASES = {
     "decode": ([1], [32]),
-    "decode_split": ([1], [2048]),   # split-KV: kernel + merge, a plan-owned workspace
+    "decode_split": ([1], [2048]),   # split-KV: one launch (merged in the kernel), a workspace
     # split-KV over an fp8 per-tensor cache with float scales (device scalars): QUANTIZED
     "decode_fp8": ([1], [2048]),
     "prefill": ([32], [32]),
-    # staged on sm90 (> 512 queries): the staging launch, then host-built descriptors
+    # >= 512 queries: where the plan stages, the staging launch and then host-built
+    # descriptors; on sm90 with a 16-bit cache the Gluon prefill reads the paged cache
+    # with TMA instead (prefill-2d-gluon, sessions 31-39), one launch
     "prefill_staged": ([1024], [1024]),
 }
 #: case -> the cache's quantization (the others: a bf16 / fp16 cache)
@@ -227,7 +229,7 @@ def fill_case(result: dict, timed: dict, plan) -> dict:
     result["triton_jit_us"] = launch["triton_jit"][0]
     result["cheap_launch_us"] = launch["cheap"][0] if "cheap" in launch else None
     # the host's speed taken out: one layer's eager call in units of one JIT launch of
-    # the case's first kernel (hosts of one GPU kind measured 1.6-2.1x apart, this ratio
+    # the case's first kernel (hosts of one GPU kind measured up to 2.3x apart, this ratio
     # 0.25-0.37 on all of them)
     one_layer = result["layers"][min(result["layers"])]["attention"]
     result["attention_per_jit_launch"] = round(one_layer / result["triton_jit_us"], 3)
@@ -407,8 +409,8 @@ def _table(result: dict) -> None:
             cells = " ".join(f"{timings[n]:7.2f} ({low[n]:5.2f})" for n in names)
             print(f"{case:13} {count:>6} {cells}", file=sys.stderr)
         print(f"{'':14} launch: triton jit {data.get('triton_jit_us')} us, cheap "
-              f"{data.get('cheap_launch_us')} us; attention at one layer = "
-              f"{data['attention_per_jit_launch']} JIT launch; replayed={data['replayed']} "
+              f"{data.get('cheap_launch_us')} us; attention / JIT launch "
+              f"{data.get('attention_per_jit_launch')}; replayed={data['replayed']} "
               f"{data['fallback_reasons'] or ''}", file=sys.stderr)
 
 
