@@ -68,7 +68,7 @@ CASES = {
     "prefill": ([32], [32]),
     # >= 512 queries: where the plan stages, the staging launch and then host-built
     # descriptors; on sm90 with a 16-bit cache the Gluon prefill reads the paged cache
-    # with TMA instead (prefill-2d-gluon, sessions 31-39), one launch
+    # with TMA instead (prefill-2d-gluon), one launch
     "prefill_staged": ([1024], [1024]),
 }
 #: case -> the cache's quantization (the others: a bf16 / fp16 cache)
@@ -228,9 +228,7 @@ def fill_case(result: dict, timed: dict, plan) -> dict:
     launch = {key[1]: value for key, value in timed.items() if key[0] == "launch"}
     result["triton_jit_us"] = launch["triton_jit"][0]
     result["cheap_launch_us"] = launch["cheap"][0] if "cheap" in launch else None
-    # the host's speed taken out: one layer's eager call in units of one JIT launch of
-    # the case's first kernel (hosts of one GPU kind measured up to 2.3x apart, this ratio
-    # 0.25-0.37 on all of them)
+    # the host's speed taken out (module doc): one layer's eager call over one JIT launch
     one_layer = result["layers"][min(result["layers"])]["attention"]
     result["attention_per_jit_launch"] = round(one_layer / result["triton_jit_us"], 3)
     result["launch_min_us"] = {name: minimum for name, (_median, minimum) in launch.items()}
