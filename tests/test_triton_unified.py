@@ -77,6 +77,25 @@ def test_block_sizes_not_16_32(block_size):
     check_unified([1, 2], [50, 30], group=2, dtype=F32, block_size=block_size, segments=2)
 
 
+@interp
+@pytest.mark.parametrize("block_size", [5, 12, 48])
+@pytest.mark.parametrize("variant", ["decode-2d", "decode-3d", "prefill"])
+def test_window_with_block_sizes_that_do_not_divide_the_tile(block_size, variant):
+    """A window whose rows have no unmasked KV tile leaves an empty range of tiles to
+    check for bad block ids; with a block size that does not divide the tile, its bound
+    is not a block boundary and lies past the sequence's last block (the table's edge
+    when the table fits the sequence exactly). Nothing may be checked there: every row
+    matches the float64 oracle, none comes out NaN (session 40's audit: block sizes 5,
+    12, 24 and 48 gave all-NaN rows)."""
+    lens = [block_size * 6, 30, block_size * 2 + 1]  # a sequence fills its table exactly
+    if variant == "prefill":
+        check_unified([9, 4, 5], lens, group=2, dtype=F32, block_size=block_size,
+                      mode="prefill", long=small_long(2), sliding_window=4)
+    else:
+        check_unified([1, 1, 1], lens, group=2, dtype=F32, block_size=block_size,
+                      segments=1 if variant == "decode-2d" else 4, sliding_window=4)
+
+
 # --------------------------------------------------------------------------- prefill / mixed
 @interp
 @pytest.mark.parametrize("dtype,group,head_size", [(F16, 2, 64), (F32, 3, 40), (F16, 1, 80)])
@@ -120,6 +139,39 @@ def test_features(feature, variant):
     else:
         check_unified([1, 2, 1], [45, 19, 3], group=3, dtype=F16,
                       segments=1 if variant == "decode-2d" else 4, **opts)
+
+
+def test_the_exact_tanh_is_planned_for_large_softcaps_only(monkeypatch):
+    """``USE_SOFTCAP``: 0 without softcap, 1 (the fast tanh) up to
+    ``EXACT_TANH_SOFTCAP`` (the common 30 and 50 among them), 2 (the exact small-argument
+    tanh, slower) above it, as the launch passes it."""
+    from portattn.kernels import launch
+    from portattn.kernels.heuristics import EXACT_TANH_SOFTCAP, softcap_code
+
+    assert [softcap_code(c) for c in (None, 0.5, 30.0, 50.0, EXACT_TANH_SOFTCAP)] == \
+        [0, 1, 1, 1, 1]
+    assert [softcap_code(c) for c in (EXACT_TANH_SOFTCAP * 1.01, 1e6)] == [2, 2]
+    calls = KernelCalls(launch.unified_attention_kernel)
+    monkeypatch.setattr(launch, "unified_attention_kernel", calls)
+    for softcap in (30.0, 1e6):
+        check_unified([1, 2], [20, 9], group=2, dtype=F32, segments=1, softcap=softcap)
+    assert [kw["USE_SOFTCAP"] for kw in calls.kwargs] == [1, 2]
+
+
+@interp
+@pytest.mark.parametrize("softcap", [0.5, 1e4, 1e6, 1e8])
+@pytest.mark.parametrize("variant", ["decode-3d", "prefill"])
+def test_softcap_stays_accurate_when_large(softcap, variant):
+    """``softcap * tanh(s / softcap)`` for softcaps far above the scores (s / softcap
+    tiny, where ``1 - 2 / (exp(2x) + 1)`` cancels) and below them (tanh saturates), fp32,
+    against the float64 oracle at fp32's tolerance (session 40's audit: a softcap of 1e6
+    gave a relative error of 0.04, 1e8 of 0.8)."""
+    if variant == "prefill":
+        check_unified([13, 6], [41, 6], group=2, dtype=F32, mode="prefill",
+                      long=small_long(2), softcap=softcap)
+    else:
+        check_unified([1, 2, 1], [45, 19, 3], group=2, dtype=F32, segments=4,
+                      softcap=softcap)
 
 
 @interp

@@ -308,7 +308,8 @@ def test_per_token_head_with_fp16_q_is_refused_when_forced():
         _gluon_case(G_PREFILL, quant=_quants()["int8_token_head"], dtype=F16)
 
 
-FEATURES = {"softcap": dict(softcap=30.0), "alibi": dict(alibi="linear"),
+FEATURES = {"softcap": dict(softcap=30.0), "large_softcap": dict(softcap=1e8),
+            "alibi": dict(alibi="linear"),
             "alibi_sqrt": dict(alibi="sqrt"), "sinks": dict(sinks=True),
             "non_causal": dict(causal=False), "window": dict(sliding_window=100),
             "wide_window": dict(sliding_window=700),

@@ -66,7 +66,30 @@ def test_block_sizes(block_size, variant):
     run(variant, block_size=block_size, group=4, num_kv_heads=2, head_size=128, dtype=BF16)
 
 
+@pytest.mark.parametrize("block_size", [5, 24, 48])
+@pytest.mark.parametrize("variant", ["decode-2d", "decode-3d", "chunked", "mixed-3d"])
+def test_window_with_block_sizes_that_do_not_divide_the_tile(block_size, variant):
+    """A window over block sizes that do not divide the KV tile, tables that fit some
+    sequences exactly: no row may come out NaN from a bad-id check of an empty tile range
+    (the interpreter tier's test of the same name, at GPU scale and tiles)."""
+    case = dict(VARIANTS[variant])
+    seq_lens = [block_size * (-(-n // block_size)) for n in case.pop("seq_lens")]
+    seq_lens[0] += 1  # one sequence a key past a block boundary
+    check_unified(case.pop("query_lens"), seq_lens, device=DEV, block_size=block_size,
+                  group=4, num_kv_heads=2, head_size=128, dtype=F16, sliding_window=100,
+                  **case)
+
+
 FEATURES = GPU_FEATURE_KW
+
+
+@pytest.mark.parametrize("softcap", [1e4, 1e6, 1e8])
+@pytest.mark.parametrize("dtype", [F32, F16])
+@pytest.mark.parametrize("variant", ["decode-3d", "chunked"])
+def test_large_softcaps(softcap, dtype, variant):
+    """A softcap far above the scores (tanh's argument tiny) stays within the dtype's
+    tolerance (the interpreter tier's test of the same name, at GPU scale)."""
+    run(variant, group=4, num_kv_heads=2, head_size=128, dtype=dtype, softcap=softcap)
 
 
 @pytest.mark.parametrize("feature", list(FEATURES))

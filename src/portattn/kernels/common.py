@@ -34,11 +34,21 @@ def find_seq_of_tile(cu_seqlens_q_ptr, num_seqs, tile_idx, BLOCK_Q: tl.constexpr
 
 
 @triton.jit
-def apply_softcap(s, softcap):
-    """``softcap * tanh(s / softcap)`` with tanh written through exp (exact enough in fp32,
-    saturates cleanly to +-softcap for large |s|)."""
+def apply_softcap(s, softcap, SERIES: tl.constexpr):
+    """``softcap * tanh(s / softcap)``, tanh as ``1 - 2 / (exp(2x) + 1)`` (saturates
+    cleanly to +-1 for large |x|). Its subtraction cancels for small |x|: an absolute
+    error of about 1e-7 in tanh, ``softcap * 1e-7`` in the score (a softcap of 1e6, meant
+    as "almost off", moved scores by 0.1: session 40's audit). ``SERIES`` (the launchers
+    set it for softcaps above ``heuristics.EXACT_TANH_SOFTCAP``) takes tanh below |x| =
+    1/8 from its odd Taylor series to x^7 (relative error under 1e-9) instead: exact at
+    any softcap, but it slows a softcapped prefill (NOTES.md, session 40)."""
     x = s / softcap
     t = 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+    if SERIES:
+        x2 = x * x
+        series = x + x * x2 * (-0.3333333333333333 + x2 * (0.13333333333333333
+                                                           - x2 * 0.05396825396825397))
+        t = tl.where(tl.abs(x) < 0.125, series, t)
     return softcap * t
 
 
@@ -49,13 +59,14 @@ def score_tile(qk, qk_scale, softcap, slope2, q_pos, k_pos, seq_len, window,
     """Raw ``q.k`` products ``[M, N]`` -> base-2 logits with every score modifier.
 
     Order as DESIGN.md: scale, softcap, mask, bias. ``qk_scale`` is ``scale * log2(e)``
-    without softcap and ``scale`` with it (softcap works on natural-unit scores).
+    without softcap and ``scale`` with it (softcap works on natural-unit scores;
+    ``USE_SOFTCAP`` 0 none, 1 softcap, 2 softcap with the exact small-argument tanh).
     ``slope2`` ``[M]`` is the ALiBi slope times log2(e) (ALIBI 1: linear ``slope * (k -
     p)``, 2: ``-slope * sqrt(p - k)``). ``MASKED`` adds the key bound, causal and window
     masks (tiles fully inside every row's visible range skip it).
     """
     if USE_SOFTCAP:
-        s = apply_softcap(qk * qk_scale, softcap) * 1.4426950408889634
+        s = apply_softcap(qk * qk_scale, softcap, USE_SOFTCAP == 2) * 1.4426950408889634
     else:
         s = qk * qk_scale
     if ALIBI == 1:

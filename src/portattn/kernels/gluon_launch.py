@@ -15,7 +15,7 @@ import functools
 import torch
 
 from portattn.kernels.compile_options import compile_options
-from portattn.kernels.heuristics import quant_mode
+from portattn.kernels.heuristics import quant_mode, softcap_code
 from portattn.types import slot_row_reasons
 
 #: Tiles by head size (the head sizes the kernel serves), from the H200 (bf16, block 16,
@@ -312,6 +312,6 @@ def launch_gluon_prefill(q: torch.Tensor, cache, metadata, options, out: torch.T
         BLOCK_SIZE=block_size,
         NUM_BUF=num_buf, CAUSAL=bool(options.causal),
         USE_WINDOW=options.sliding_window is not None, KV_SCALED=code == 1,
-        USE_SOFTCAP=options.softcap is not None, ALIBI=ALIBI_CODES[options.alibi],
+        USE_SOFTCAP=softcap_code(options.softcap), ALIBI=ALIBI_CODES[options.alibi],
         USE_SINKS=options.sinks is not None, LONG_TILES=long_tiles,
         CONSUMER_REGS=CONSUMER_REGS, num_warps=4, **compile_options())

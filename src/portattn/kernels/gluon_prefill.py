@@ -191,13 +191,22 @@ def _load_partition(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_rea
 
 
 @gluon.jit
-def _tanh(x):
+def _tanh(x, SERIES: gl.constexpr):
     """tanh through one exp2 and a fast (non-IEEE, 2-ulp) division, saturating to +-1
     for large |x|. With the IEEE division of the unified kernel's ``apply_softcap`` a
     softcapped 1 x 8192 prefill took 2562 us here, 1624 with this (H200,
-    benchmarks/NOTES.md, session 14): the softmax is on the consumers' critical path."""
+    benchmarks/NOTES.md, session 14): the softmax is on the consumers' critical path.
+    ``SERIES``: below |x| = 1/8, where the subtraction cancels, the odd series to x^7
+    instead (as the unified kernel's ``common.apply_softcap``; for large softcaps only:
+    it costs a softcapped prefill 60% on an H100, NOTES.md session 40)."""
     e = gl.exp2(x * 2.8853900817779268)  # exp(2 x)
-    return 1.0 - gl.fdiv(gl.full_like(e, 2.0), e + 1.0)
+    t = 1.0 - gl.fdiv(gl.full_like(e, 2.0), e + 1.0)
+    if SERIES:
+        x2 = x * x
+        series = x + x * x2 * (-0.3333333333333333 + x2 * (0.13333333333333333
+                                                           - x2 * 0.05396825396825397))
+        t = gl.where(gl.abs(x) < 0.125, series, t)
+    return t
 
 
 @gluon.jit
@@ -213,7 +222,7 @@ def _scores(s, mods, rows, cols, key0, off, k_len, MASK: gl.constexpr, CAUSAL: g
     qk_scale, softcap, slope2, window = mods
     s = s * qk_scale
     if USE_SOFTCAP:
-        s = _tanh(s) * softcap
+        s = _tanh(s, USE_SOFTCAP == 2) * softcap
     keys = gl.expand_dims(key0 + cols, 0)
     if ALIBI == 1:
         s = s + slope2 * (keys - gl.expand_dims(rows + off, 1)).to(gl.float32)
@@ -523,7 +532,8 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, stride_ot, stride_oh,
     (query at key position p sees keys after ``p - window``; tiles wholly before the
     tile's first row's window are not read), ``KV_SCALED``
     (per-tensor K / V scales at ``k_scale_ptr`` / ``v_scale_ptr``, fp32 scalars: the K
-    scale folds into the softmax scale, the V scale into the output), ``USE_SOFTCAP``,
+    scale folds into the softmax scale, the V scale into the output), ``USE_SOFTCAP`` (0,
+    1, or 2 with the exact small-argument tanh: ``heuristics.softcap_code``),
     ``ALIBI`` (0 none, 1 linear, 2 sqrt; slopes ``[num_q_heads]`` at ``alibi_ptr``),
     ``USE_SINKS`` (logits ``[num_q_heads]`` at ``sinks_ptr``), ``LONG_TILES`` (the
     grid numbers the tiles of the sequences with ``min_q`` queries or more only; else

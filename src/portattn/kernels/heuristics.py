@@ -184,6 +184,22 @@ class Shape:
                    problem.head_size_v, quant_mode(problem.kv_quant))
 
 
+#: Softcaps above this take the kernels' exact small-argument tanh (``USE_SOFTCAP`` 2).
+#: Below it the fast tanh's score error (about softcap * 2e-7: 1.3e-5 at 64) is within
+#: fp32's tolerance; above it grows with the softcap (0.1 at 1e6). The exact form slows a
+#: softcapped prefill 24-60% on an H100 (NOTES.md, session 40), so the common softcaps
+#: (30, 50) keep the fast one.
+EXACT_TANH_SOFTCAP = 64.0
+
+
+def softcap_code(softcap: float | None) -> int:
+    """The kernels' ``USE_SOFTCAP``: 0 without softcap, 1 with it, 2 with it and the exact
+    small-argument tanh (softcaps above :data:`EXACT_TANH_SOFTCAP`)."""
+    if softcap is None:
+        return 0
+    return 2 if softcap > EXACT_TANH_SOFTCAP else 1
+
+
 def quant_mode(kv_quant_key: str) -> str:
     """The mode of a ``KVQuant.key`` (``"fp8_per_tensor:e5m2"`` -> ``"fp8_per_tensor"``)."""
     return kv_quant_key.split(":")[0]

@@ -38,6 +38,7 @@ from portattn.kernels.heuristics import (
     fewest_queries,
     head_pad,
     next_pow2,
+    softcap_code,
     staged_from,
 )
 from portattn.kernels.scalars import device_scalars, kv_scale_args
@@ -176,7 +177,7 @@ def _common_args(q, cache, metadata, options, out, fp8_dot: bool,
         HEAD_QK=cache.head_size_qk, HEAD_QK_PAD=head_pad(cache.head_size_qk),
         HEAD_V=cache.head_size_v, HEAD_V_PAD=head_pad(cache.head_size_v),
         CAUSAL=bool(options.causal), USE_WINDOW=options.sliding_window is not None,
-        USE_SOFTCAP=options.softcap is not None, ALIBI=ALIBI_CODES[options.alibi],
+        USE_SOFTCAP=softcap_code(options.softcap), ALIBI=ALIBI_CODES[options.alibi],
         USE_SINKS=options.sinks is not None,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", KV_BITS=bits,
         V_PAIRS=pairs,

@@ -72,7 +72,8 @@ of one query tile launched together, heaviest tiles first over all heads).
 
 Constexpr switches
 ------------------
-Scores: ``CAUSAL``, ``USE_WINDOW``, ``USE_SOFTCAP``, ``ALIBI`` (0 none, 1 linear, 2 sqrt),
+Scores: ``CAUSAL``, ``USE_WINDOW``, ``USE_SOFTCAP`` (0 none, 1 softcap, 2 softcap with the
+exact small-argument tanh: ``heuristics.softcap_code``), ``ALIBI`` (0 none, 1 linear, 2 sqrt),
 ``USE_SINKS``. Split: ``SPLIT`` (False: write the normalized output; True: this program
 handles one of ``num_segments`` (a runtime value, so a new segment count needs no compile)
 slices of the visible KV tiles and writes partials, SEQ_MODE 1 only); ``MERGE_SEGMENTS``
@@ -417,9 +418,22 @@ def _first_block_ids(bt_row, bt_width, key_lo, key_hi, BLOCK_SIZE: tl.constexpr,
     (0 where unused), loaded before the KV loop and checked after it by
     :func:`_full_tiles_have_bad_blocks`: nothing uses them in between, so their latency
     is hidden behind the loop instead of delaying its first tile."""
-    idx = key_lo // BLOCK_SIZE + tl.arange(0, SCAN)
-    used = (idx < tl.cdiv(key_hi, BLOCK_SIZE)) & (idx < bt_width)
+    b_lo, b_hi = _entry_range(key_lo, key_hi, BLOCK_SIZE)
+    idx = b_lo + tl.arange(0, SCAN)
+    used = (idx < b_hi) & (idx < bt_width)
     return tl.load(bt_row + idx, mask=used, other=0)
+
+
+@triton.jit
+def _entry_range(key_lo, key_hi, BLOCK_SIZE: tl.constexpr):
+    """The block-table entries ``[b_lo, b_hi)`` holding keys ``[key_lo, key_hi)``; none
+    when that range is empty (its bound then need not be a multiple of ``BLOCK_SIZE``,
+    nor inside the sequence: a block size that does not divide the tile, e.g. 48, would
+    otherwise name the entry of the block holding ``key_lo``, which may lie past the
+    table)."""
+    b_lo = key_lo // BLOCK_SIZE
+    b_hi = tl.where(key_hi > key_lo, tl.cdiv(key_hi, BLOCK_SIZE), b_lo)
+    return b_lo, b_hi
 
 
 @triton.jit
@@ -429,8 +443,7 @@ def _full_tiles_have_bad_blocks(first_ids, bt_row, bt_width, num_blocks, key_lo,
     by every row of the program) is outside ``[0, num_blocks)`` or past the table's width.
     ``first_ids`` are the first ``SCAN`` entries (:func:`_first_block_ids`); the rest, if
     any, are read here (1/BLOCK_SIZE of the keys, warm in L2 after the loop)."""
-    b_lo = key_lo // BLOCK_SIZE
-    b_hi = tl.cdiv(key_hi, BLOCK_SIZE)
+    b_lo, b_hi = _entry_range(key_lo, key_hi, BLOCK_SIZE)
     found = _bad_entries(b_lo + tl.arange(0, SCAN), first_ids, b_hi, bt_width, num_blocks)
     for b0 in tl.range(b_lo + SCAN, b_hi, SCAN):
         idx = b0 + tl.arange(0, SCAN)
