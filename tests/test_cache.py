@@ -210,6 +210,51 @@ def test_kvquant_errors():
         KVQuant("int4")
 
 
+def _aliased_caches():
+    packed = torch.zeros(NUM_BLOCKS, BLOCK, HEADS, D)
+    scales = torch.zeros(NUM_BLOCKS, BLOCK, HEADS)
+    codes = torch.zeros(NUM_BLOCKS, BLOCK, HEADS, D, dtype=torch.int8)
+    int8 = KVQuant.int8_per_token_head()
+    return {
+        "value_cache": lambda: PagedKVCache(packed, packed),
+        "key_cache": lambda: PagedKVCache(packed[:1, :1].expand(NUM_BLOCKS, BLOCK, HEADS, D),
+                                          packed.clone()),
+        "v_scale_cache": lambda: PagedKVCache(codes, codes.clone(), int8,
+                                              k_scale_cache=scales, v_scale_cache=scales),
+        "k_scale_cache": lambda: PagedKVCache(
+            codes, codes.clone(), int8, k_scale_cache=scales[:1].expand_as(scales),
+            v_scale_cache=scales.clone()),
+    }
+
+
+@pytest.mark.parametrize("name", ["value_cache", "key_cache", "v_scale_cache",
+                                  "k_scale_cache"])
+def test_write_refuses_caches_whose_elements_share_memory(name):
+    """V over K, an expanded cache, one scale cache for both, an expanded scale cache:
+    each store would overwrite another (wrong numbers, session 40's audit). Attention
+    reads them; ``write`` names the tensor and stores nothing."""
+    cache = _aliased_caches()[name]()
+    before = [t.clone() for t in (cache.key_cache, cache.value_cache)]
+    key = _random_tokens(4)
+    with pytest.raises(InputError, match=f"^cache.{name}: expected "):
+        cache.write(key, key.clone(), torch.arange(4))
+    assert all(torch.equal(a, b) for a, b in zip(before, (cache.key_cache, cache.value_cache)))
+
+
+@pytest.mark.parametrize("layout", ["packed", "diffkv"])
+def test_write_takes_packed_layouts_whose_views_interleave(layout):
+    """K and V views of one tensor interleave without sharing an element: written, and
+    each reads back what was stored."""
+    cache = PagedKVCache.allocate(NUM_BLOCKS, BLOCK, HEADS, D, dtype=torch.float32,
+                                  head_size_v=D // 2 if layout == "diffkv" else None,
+                                  layout=layout)
+    key, value = _random_tokens(5), _random_tokens(5, d=cache.head_size_v, seed=1)
+    slots = torch.tensor([3, 17, 40, 41, 95])
+    cache.write(key, value, slots)
+    assert torch.equal(_read_back(cache, "k", slots), key)
+    assert torch.equal(_read_back(cache, "v", slots), value)
+
+
 def test_write_errors():
     cache = PagedKVCache.allocate(2, BLOCK, HEADS, D)
     key = torch.zeros(3, HEADS, D, dtype=torch.float16)

@@ -298,6 +298,16 @@ def test_plan_names_bad_arguments(small):
         (dict(num_q_heads=4, dtype=F32, cache=small.cache, kv_quant="fp8"), "kv_quant"),
         (dict(num_q_heads=4, dtype=F32, num_kv_heads=2, head_size_qk=32, block_size=16,
               kv_quant="fp8"), "kv_quant"),
+        # checks of the stand-ins plan() builds name the argument that made them
+        (dict(num_q_heads=4, dtype=torch.float64, cache=small.cache), "dtype"),
+        (dict(num_q_heads=4, dtype=torch.float64, num_kv_heads=2, head_size_qk=32,
+              block_size=16), "dtype"),
+        (dict(num_q_heads=4, dtype=F32, num_kv_heads=2, head_size_qk=32, block_size=16,
+              kv_dtype=torch.int8), "kv_dtype"),
+        (dict(num_q_heads=4, dtype=F32, num_kv_heads=2, head_size_qk=32, block_size=16,
+              kv_dtype=F16), "kv_dtype"),
+        (dict(num_q_heads=4, dtype=F32, cache=small.cache, out_dtype=torch.int32),
+         "out_dtype"),
     ]
     for kwargs, argument in cases:
         with pytest.raises(InputError) as info:
@@ -305,6 +315,11 @@ def test_plan_names_bad_arguments(small):
         assert info.value.argument == argument, (kwargs, str(info.value))
     with pytest.raises(InputError, match="^metadata:"):
         portattn.plan("metadata", num_q_heads=4, dtype=F32, cache=small.cache)
+    on_meta = AttentionMetadata(*(t.to("meta") for t in (m.cu_seqlens_q, m.seq_lens,
+                                                          m.block_table)), 2, 9)
+    with pytest.raises(InputError, match="^metadata.seq_lens: expected a tensor holding"):
+        portattn.plan(on_meta, num_q_heads=4, dtype=F32, num_kv_heads=2, head_size_qk=32,
+                      block_size=16)
 
 
 def test_plan_from_a_description_equals_plan_from_a_template(small):

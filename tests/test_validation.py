@@ -135,7 +135,7 @@ def test_meta_caches_are_rejected_at_construction():
     k = torch.zeros(4, 16, 2, 32, dtype=torch.float16, device="meta")
     with pytest.raises(InputError, match=r"^key_cache: expected a tensor holding data"):
         portattn.PagedKVCache(k, k.clone())
-    with pytest.raises(InputError, match=r"^key_cache: expected a tensor holding data"):
+    with pytest.raises(InputError, match=r"^device: expected a device that holds data"):
         portattn.PagedKVCache.allocate(4, 16, 2, 32, device="meta")
     with pytest.raises(InputError, match=r"^kv: expected a tensor holding data"):
         portattn.PagedKVCache.from_packed(torch.zeros(4, 16, 2, 48, device="meta"), 32)
@@ -478,6 +478,31 @@ def test_out_that_shares_memory_or_needs_grad_is_named(batch):
     assert torch.isfinite(padded).all()
 
 
+@pytest.mark.parametrize("shift", [32, 1, -64])
+def test_out_that_overlaps_q_in_part_is_named(batch, shift):
+    """An ``out`` sharing some of q's elements (a kernel's program would overwrite q rows
+    another has yet to read: wrong numbers on triton_unified, session 40's audit) is an
+    InputError before any launch; q itself (in place) and a disjoint slice of q's own
+    buffer are served."""
+    n = batch.q.numel()
+    buffer = torch.zeros(n + 2 * 64, dtype=torch.float16)
+    q = buffer[64:64 + n].view_as(batch.q)
+    q.copy_(batch.q)
+    out = buffer[64 + shift:64 + shift + n].view_as(batch.q)
+    with pytest.raises(InputError, match=r"^out: expected q itself \(in place\) or memory "
+                                         r"apart from q's"):
+        portattn.attention(q, batch.cache, batch.metadata, out=out)
+    assert torch.equal(q, batch.q)  # nothing ran
+    expected = portattn.attention(batch.q, batch.cache, batch.metadata)
+    in_place = portattn.attention(q, batch.cache, batch.metadata, out=q)
+    assert in_place.data_ptr() == q.data_ptr() and torch.equal(in_place, expected)
+    # fused rows [q | out]: interleaved in one buffer, no element shared
+    fused = torch.zeros(batch.q.shape[0], 2, 4, 32, dtype=torch.float16)
+    fused[:, 0] = batch.q
+    apart = portattn.attention(fused[:, 0], batch.cache, batch.metadata, out=fused[:, 1])
+    assert torch.equal(apart, expected)
+
+
 def test_a_cpu_scale_changed_in_place_is_caught_by_both_entry_points():
     k_scale = torch.tensor([0.5])
     batch = make_paged_batch([1, 2], [9, 5], num_q_heads=4, num_kv_heads=2, head_size=32,
@@ -517,6 +542,10 @@ def test_a_planned_fp8_output_without_its_scale_names_output_scale(batch):
     ((torch.tensor(1), [4], [[0]]), "query_lens"),
     (([1], [4], [[0, True]]), r"block_table\[0\]\[1\]"),
     (([1], [4], torch.tensor([[0]], dtype=torch.uint64)), "block_table"),
+    # a table nested once too deep: no torch error, no silent flattening
+    (([1], [4], [[[0, 1]]]), r"block_table\[0\]\[0\]"),
+    (([1], [4], [[[0], [1]]]), r"block_table\[0\]\[0\]"),
+    (([1], [4], [[[]]]), r"block_table\[0\]\[0\]"),
 ])
 def test_from_lengths_converts_nothing_silently(args, name):
     with pytest.raises(InputError, match=f"^{name}: "):
@@ -552,6 +581,11 @@ def test_from_lengths_of_an_empty_batch_is_usable(batch):
     (lambda kv: portattn.PagedKVCache.allocate(True, 16, 2, 32), "num_blocks"),
     (lambda kv: portattn.PagedKVCache.allocate(4, 16, 2, 32, device="nodev"), "device"),
     (lambda kv: portattn.PagedKVCache.allocate(4, 16, 2, 32, device="cuda:64"), "device"),
+    # allocate's own dtype, not the key_cache the caller never passed
+    (lambda kv: portattn.PagedKVCache.allocate(4, 16, 2, 32, dtype=torch.float64), "dtype"),
+    (lambda kv: portattn.PagedKVCache.allocate(4, 16, 2, 32, dtype=torch.int8), "dtype"),
+    (lambda kv: portattn.PagedKVCache.allocate(4, 16, 2, 32, dtype=torch.float8_e4m3fn),
+     "dtype"),
 ])
 def test_cache_builders_name_bad_arguments(call, name):
     with pytest.raises(InputError, match=f"^{name}: "):

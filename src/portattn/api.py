@@ -66,7 +66,8 @@ def attention(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMetadata,
     (on a GPU that synchronizes), False never checks them (not on the CPU either), None
     follows ``PORTATTN_VALIDATE`` (unset: only metadata on the CPU). ``out``, when given,
     is written in place: the result's shape and dtype, a contiguous last dimension, no
-    grad, no two elements at one address.
+    grad, no two elements at one address, and either q itself or sharing no element with
+    q.
     Scales held in GPU tensors (``q_scale``, ``output_scale``, a ``KVQuant``'s
     ``k_scale`` / ``v_scale``) are range-checked (positive normal float32) only with
     ``validate=True``: reading them synchronizes with the device. Under

@@ -65,7 +65,15 @@ from portattn.dispatch.selector import Decision, decide
 from portattn.errors import InputError, UnsupportedError
 from portattn.options import AttentionOptions, normalize_options
 from portattn.settings import VALIDATE_INDEX, VALIDATE_VALUES, decision_environment
-from portattn.types import FP8_DTYPES, AttentionMetadata, KVQuant, PagedKVCache, Scale, _describe
+from portattn.types import (
+    FP8_DTYPES,
+    AttentionMetadata,
+    KVQuant,
+    PagedKVCache,
+    Scale,
+    _describe,
+    check_has_data,
+)
 from portattn.validation import (
     check_out,
     check_scale_values,
@@ -509,25 +517,31 @@ def plan(metadata: AttentionMetadata, *, num_q_heads: int, dtype: torch.dtype,
     if not isinstance(metadata, AttentionMetadata):
         raise InputError("metadata", "a portattn.AttentionMetadata", _describe(metadata))
     device = metadata.seq_lens.device if isinstance(metadata.seq_lens, torch.Tensor) else None
-    q0, cache0 = _stand_ins(device, num_q_heads, dtype, cache, num_kv_heads, head_size_qk,
-                            head_size_v, block_size, kv_dtype, kv_quant)
+    if device is not None:  # the stand-ins live there: named as the metadata's, not theirs
+        check_has_data("metadata.seq_lens", metadata.seq_lens)
     if alibi not in _ALIBI:
         raise InputError("alibi", "None, 'linear' or 'sqrt'", repr(alibi))
     if not isinstance(sinks, bool):
         raise InputError("sinks", "True or False (whether run() gets sinks)", _describe(sinks))
     if out_dtype is not None and not isinstance(out_dtype, torch.dtype):
         raise InputError("out_dtype", "a torch.dtype or None", _describe(out_dtype))
-    check_structure(q0, cache0, metadata)
-    def vector():
-        return torch.zeros(num_q_heads, dtype=torch.float32, device=device)
-    out0 = None if out_dtype is None else \
-        torch.empty(0, num_q_heads, cache0.head_size_v, dtype=out_dtype, device=device)
-    options = normalize_options(
-        q0, cache0, out=out0, scale=scale, causal=causal, sliding_window=sliding_window,
-        softcap=softcap, alibi_slopes=vector() if alibi else None, alibi_sqrt=alibi == "sqrt",
-        sinks=vector() if sinks else None, q_scale=1.0 if dtype in FP8_DTYPES else None,
-        output_scale=1.0 if out_dtype in FP8_DTYPES else None)
-    check_out(q0, cache0, out0, options.out_dtype)
+    try:
+        q0, cache0 = _stand_ins(device, num_q_heads, dtype, cache, num_kv_heads, head_size_qk,
+                                head_size_v, block_size, kv_dtype, kv_quant)
+        check_structure(q0, cache0, metadata)
+        def vector():
+            return torch.zeros(num_q_heads, dtype=torch.float32, device=device)
+        out0 = None if out_dtype is None else \
+            torch.empty(0, num_q_heads, cache0.head_size_v, dtype=out_dtype, device=device)
+        options = normalize_options(
+            q0, cache0, out=out0, scale=scale, causal=causal, sliding_window=sliding_window,
+            softcap=softcap, alibi_slopes=vector() if alibi else None,
+            alibi_sqrt=alibi == "sqrt", sinks=vector() if sinks else None,
+            q_scale=1.0 if dtype in FP8_DTYPES else None,
+            output_scale=1.0 if out_dtype in FP8_DTYPES else None)
+        check_out(q0, cache0, out0, options.out_dtype)
+    except InputError as exc:
+        raise _named_as_plan_argument(exc, cache is None, kv_dtype is None) from None
     max_q, max_k = metadata.max_lengths()
     # the stand-in cache is an expanded vector: the template's layout decides whether its
     # slots are rows (without a template, the usual layout: they are)
@@ -536,6 +550,25 @@ def plan(metadata: AttentionMetadata, *, num_q_heads: int, dtype: torch.dtype,
                                                 cache_slot_rows(cache.value_cache)))
     body = _body_for(problem, options, backend, decision_environment(), device)
     return AttentionPlan(body, metadata, max_q, max_k, validate)
+
+
+#: the stand-ins' argument names -> plan()'s argument that made them (a described cache:
+#: its dtype is ``kv_dtype``, or q's ``dtype`` where kv_dtype was left to follow it)
+_STAND_IN_ARGUMENTS = {"q": "dtype", "out": "out_dtype"}
+_DESCRIBED_CACHE_ARGUMENTS = ("cache", "key_cache", "value_cache")
+
+
+def _named_as_plan_argument(exc: InputError, described: bool,
+                            kv_dtype_follows: bool) -> InputError:
+    """An ``InputError`` of the checks plan() runs on its stand-ins (``q``, ``out``, the
+    described cache), renamed to the plan() argument that made the stand-in: the caller
+    passed ``dtype``, ``out_dtype``, ``kv_dtype``, never a ``q`` or a ``key_cache``."""
+    argument = _STAND_IN_ARGUMENTS.get(exc.argument)
+    if described and exc.argument in _DESCRIBED_CACHE_ARGUMENTS:
+        argument = "dtype" if kv_dtype_follows else "kv_dtype"
+    if argument is None:
+        return exc
+    return InputError(argument, exc.expected, exc.got)
 
 
 def _stand_ins(device, num_q_heads, dtype, cache, num_kv_heads, head_size_qk, head_size_v,

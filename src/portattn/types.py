@@ -13,12 +13,14 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import operator
+import weakref
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
 from portattn.errors import InputError
+from portattn.overlap import overlaps_itself, share_elements
 from portattn.settings import decision_environment
 
 Scale = float | torch.Tensor
@@ -373,8 +375,14 @@ class PagedKVCache:
         if not isinstance(dtype, torch.dtype):
             raise InputError("dtype", "a torch.dtype", _describe(dtype))
         device = _usable_device(device)
+        if device.type in DATALESS_DEVICE_TYPES:  # checked before allocating, named as ours
+            raise InputError("device", "a device that holds data (the CPU or a GPU)",
+                             str(device))
         quant = quant.in_format_of(dtype)
         storage = quant.storage_dtype or dtype
+        if storage not in FLOAT_DTYPES and quant.storage_dtype is None:
+            raise InputError("dtype", "float16, bfloat16 or float32 for an unquantized cache "
+                             "(pass quant=KVQuant... for fp8/int8 storage)", str(dtype))
         shape = (num_blocks, block_size, num_kv_heads)
         if layout == "split":
             k = torch.zeros(*shape, head_size, dtype=storage, device=device)
@@ -433,7 +441,9 @@ class PagedKVCache:
         ``[T, num_kv_heads, head_size_v]`` at ``slot_mapping`` ``[T]`` (int32/int64; slot =
         block * block_size + offset; -1 skips the token). Quantizes for quantized caches:
         per-tensor fp8 divides by the scale; per-token-head modes store absmax-derived scales
-        in the scale caches.
+        in the scale caches. ``InputError`` (before anything is stored) where two elements
+        of the tensors it stores into share memory (an ``expand``ed cache, V over K, one
+        scale cache for K and V).
 
         On a GPU this is one Triton kernel launch that reads no device value (no sync, so a
         whole decode step, write plus attention, can be captured in a CUDA graph); slots
@@ -446,6 +456,7 @@ class PagedKVCache:
         :func:`portattn.devices.converts_fp8`); these select the valid slots on the host
         side (a sync, not graph-safe) and warn once."""
         self._check_write_args(key, value, slot_mapping)
+        self._check_writable()
         if self.device.type != "cpu" and _write_kernel_refusal(self.device) is None:
             from portattn.devices import converts_fp8, cuda_index, on_device
 
@@ -473,6 +484,34 @@ class PagedKVCache:
             cache[blocks, offsets] = stored
             if scale_cache is not None and scales is not None:
                 scale_cache[blocks, offsets] = scales
+
+    def _check_writable(self) -> None:
+        """``InputError`` when two elements of the tensors :meth:`write` stores into
+        (``key_cache``, ``value_cache`` and the scale caches) share memory, in one tensor
+        (an ``expand``ed view) or across two (V over K, one scale cache for both): each
+        store would overwrite another. Attention only reads them, so only ``write``
+        refuses. Remembered on the cache for these very tensors (a reassigned one is
+        checked again)."""
+        tensors = [("key_cache", self.key_cache), ("value_cache", self.value_cache)]
+        if self.k_scale_cache is not None:
+            tensors.append(("k_scale_cache", self.k_scale_cache))
+        if self.v_scale_cache is not None:
+            tensors.append(("v_scale_cache", self.v_scale_cache))
+        known = self.__dict__.get(_WRITABLE_ATTR)
+        if known is not None and len(known) == len(tensors) and \
+                all(ref() is t for ref, (_, t) in zip(known, tensors)):
+            return
+        for i, (name, t) in enumerate(tensors):
+            if overlaps_itself(t):
+                raise InputError(f"cache.{name}", "a tensor whose elements do not share "
+                                 "memory (write() stores into every one)",
+                                 f"shape {tuple(t.shape)} with strides {t.stride()}")
+            for other_name, other in tensors[:i]:
+                if share_elements(t, other):
+                    raise InputError(f"cache.{name}", f"memory apart from {other_name}'s "
+                                     "(write() stores into both)", "a view sharing elements "
+                                     f"with {other_name}")
+        self.__dict__[_WRITABLE_ATTR] = tuple(weakref.ref(t) for _, t in tensors)
 
     def _check_write_args(self, key: torch.Tensor, value: torch.Tensor,
                           slot_mapping: torch.Tensor) -> None:
@@ -557,6 +596,9 @@ def _warn_slow_write(cache: PagedKVCache) -> None:
         log.warning("slow path: PagedKVCache.write on %s (%s cache) runs in PyTorch because "
                     "%s; it synchronizes with the host and cannot be captured in a CUDA "
                     "graph", cache.device, cache.dtype, why)
+
+
+_WRITABLE_ATTR = "_portattn_writable"
 
 
 def check_has_data(name: str, t: torch.Tensor) -> None:
@@ -652,7 +694,8 @@ def _block_ids_from_lists(block_table) -> torch.Tensor:
         width = max([len(r) for r in rows] + [1])
         padded = [r + [0] * (width - len(r)) for r in rows]
         ids = _int_array(padded)
-        if ids is not None and _fits_int32(ids):
+        # a row of lists (a table nested once too deep) is no row of ids: named below
+        if ids is not None and (ids.dim() == 2 or not rows) and _fits_int32(ids):
             return ids.reshape(len(rows), width).to(torch.int32)
     for i, row in enumerate(block_table):  # names the first bad entry
         _host_ints(f"block_table[{i}]", row, low=INT32_MIN)

@@ -46,10 +46,14 @@ again on every call whose metadata values are checked (they may change in place)
 
 The other value checks have no such guard: a ``cu_seqlens_q`` that decreases or
 disagrees with ``q``'s token count, or an understated ``max_seqlen_k``, is not caught on a
-GPU without ``validate=True``. The Triton kernels bound the damage (an understated
-``max_seqlen_k`` makes NaN the rows that would see keys past a staged prefill's bound, see
-:mod:`portattn.planning`); other backends' results are undefined. Use ``validate=True``
-while developing, and whenever the metadata comes from an untrusted source.
+GPU without ``validate=True``. An understated ``max_seqlen_k`` makes NaN the rows that
+would see keys past a staged prefill's bound (see :mod:`portattn.planning`). A bad
+``cu_seqlens_q`` is NOT bounded: the kernels place each sequence's rows where it says, so
+an entry past ``q``'s token count makes them read ``q`` and write ``out`` past their ends
+(memory another tensor owns; session 40's audit saw an H100 write 512 to 9472 elements
+past ``out``), one that decreases makes sequences overlap, and rows it leaves uncovered
+are not written. Other backends' results are undefined too. Use ``validate=True`` while
+developing, and whenever the metadata comes from an untrusted source.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ import torch
 
 from portattn import settings
 from portattn.errors import InputError
+from portattn.overlap import overlaps_itself, share_elements
 from portattn.types import (
     FLOAT_DTYPES,
     FP8_DTYPES,
@@ -135,8 +140,10 @@ def check_structure(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMet
 def check_out(q: torch.Tensor, cache: PagedKVCache, out: torch.Tensor | None,
               out_dtype: torch.dtype) -> None:
     """``out``: shape ``[num_tokens, num_q_heads, head_size_v]``, the result dtype, a
-    contiguous last dimension, q's device; written in place, so no grad and no two
-    elements at one address."""
+    contiguous last dimension, q's device; written in place, so no grad, no two
+    elements at one address, and q itself or no element of q's. Like every host fact,
+    checked when a call's structure is first seen: a later call of the same shapes and
+    strides is not checked again, whatever its pointers."""
     if out is not None:
         want = (q.shape[0], q.shape[1], cache.head_size_v)
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
@@ -154,18 +161,15 @@ def check_out(q: torch.Tensor, cache: PagedKVCache, out: torch.Tensor | None,
             raise InputError("out", "a tensor whose elements cannot share memory (each "
                              "dimension's stride past the span of the smaller ones)",
                              f"shape {tuple(out.shape)} with strides {out.stride()}")
+        if share_elements(out, q) and not _same_view(out, q):
+            # a kernel's program would overwrite q rows another one has yet to read
+            raise InputError("out", "q itself (in place) or memory apart from q's",
+                             "a view sharing some of q's elements")
 
 
-def overlaps_itself(t: torch.Tensor) -> bool:
-    """Whether two elements of ``t`` may share memory (e.g. an ``expand``ed tensor): its
-    dimensions of size > 1, by stride, must each step past the span of the smaller ones
-    (a sufficient rule: a few exotic ``as_strided`` layouts without overlap fail it too)."""
-    span = 1
-    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
-        if stride < span:
-            return True
-        span = stride * size
-    return False
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and \
+        a.shape == b.shape and a.stride() == b.stride()
 
 
 def _check_int_tensor(name: str, t: torch.Tensor, dims: int, device: torch.device) -> None:

@@ -1,0 +1,74 @@
+"""Whether elements of strided tensors share memory, from host facts only (shapes,
+strides, data pointers; no device value is read): one tensor with itself
+(:func:`overlaps_itself`, e.g. an ``expand``ed view) and two views of one buffer
+(:func:`share_elements`). The checks of ``out`` (:mod:`portattn.validation`) and of the
+tensors :meth:`portattn.PagedKVCache.write` stores into use them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def overlaps_itself(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` may share memory (e.g. an ``expand``ed tensor): its
+    dimensions of size > 1, by stride, must each step past the span of the smaller ones
+    (a sufficient rule: a few exotic ``as_strided`` layouts without overlap fail it too)."""
+    span = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride < span:
+            return True
+        span = stride * size
+    return False
+
+
+def share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether an element of ``a`` and one of ``b`` may lie at the same address (host
+    facts only). Exact for two views of one storage with the same element size and
+    strides, each free of self-overlap (the packed cache layouts: K and V interleave
+    without sharing an element); otherwise whether their address ranges meet (a
+    conservative answer for views that interleave with different strides)."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    storage = a.untyped_storage().data_ptr()
+    if storage == 0 or storage != b.untyped_storage().data_ptr():
+        return False  # apart, or no memory to tell by (fake tensors while tracing)
+    a_lo, a_hi = _byte_range(a)
+    b_lo, b_hi = _byte_range(b)
+    if a_hi <= b_lo or b_hi <= a_lo:
+        return False
+    size = a.element_size()
+    if b.element_size() != size or a.stride() != b.stride() or a.dim() != b.dim() or \
+            (b.data_ptr() - a.data_ptr()) % size:
+        return True
+    # b's element j sits on a's element i where delta = sum((i_d - j_d) * stride_d)
+    dims = sorted(((st, na, nb) for st, na, nb in zip(a.stride(), a.shape, b.shape)
+                   if na > 1 or nb > 1), reverse=True)
+    return _lattice_hit((b.data_ptr() - a.data_ptr()) // size, dims)
+
+
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    lo = hi = t.data_ptr()
+    for size, stride in zip(t.shape, t.stride()):
+        reach = (size - 1) * stride * t.element_size()
+        lo, hi = (lo + reach, hi) if reach < 0 else (lo, hi + reach)
+    return lo, hi + t.element_size()
+
+
+def _lattice_hit(delta: int, dims: list) -> bool:
+    """Whether ``delta == sum(c_d * stride_d)`` for integers ``-(nb_d - 1) <= c_d <=
+    na_d - 1`` (``dims``: (stride, na, nb), largest stride first); True where the search
+    would branch widely (layouts this is not meant for: an answer on the safe side)."""
+    if not dims:
+        return delta == 0
+    (stride, na, nb), rest = dims[0], dims[1:]
+    if stride == 0:
+        return True
+    low = sum(min(-(m - 1) * st, (n - 1) * st) for st, n, m in rest)
+    high = sum(max(-(m - 1) * st, (n - 1) * st) for st, n, m in rest)
+    # c * stride must leave a remainder in [low, high], which the smaller dimensions reach
+    first = max(-(nb - 1), -((high - delta) // stride))
+    last = min(na - 1, (delta - low) // stride)
+    if last - first > 8:
+        return True
+    return any(_lattice_hit(delta - c * stride, rest) for c in range(first, last + 1))
