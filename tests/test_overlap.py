@@ -54,6 +54,18 @@ def test_share_elements_agrees_with_the_addresses(pair):
     assert share_elements(b, a) == truth
 
 
+def test_memory_shared_through_another_storage_object_is_seen():
+    """Two storage objects over one buffer (DLPack, NumPy views): judged by address."""
+    np = pytest.importorskip("numpy")
+    x = torch.zeros(64)
+    through_dlpack = torch.from_dlpack(x[8:40])
+    assert share_elements(x[:16], through_dlpack)
+    assert not share_elements(x[:8], through_dlpack)
+    a = np.zeros(64, dtype=np.float32)
+    assert share_elements(torch.from_numpy(a)[:16], torch.from_numpy(a[8:]))
+    assert not share_elements(torch.from_numpy(a)[:8], torch.from_numpy(a[8:]))
+
+
 def test_views_of_different_strides_are_judged_by_their_ranges():
     """Interleaved views with different strides get the safe answer (True) when their
     address ranges meet, False when they do not."""

@@ -640,6 +640,25 @@ def test_plan_run_under_torch_compile_is_one_graph(small):
     assert len(planning.bodies.entries) == bodies  # the op found the plan's body
 
 
+def test_plan_run_into_out_under_torch_compile_is_one_graph(small):
+    """``run(q, cache, out)`` while Dynamo traces: the check that ``out`` shares no
+    element with q reads no address of a fake tensor (no graph break; the op's eager body
+    checks the real tensors); the eager numbers land in ``out``."""
+    plan = portattn.plan(small.metadata, num_q_heads=4, dtype=F32, cache=small.cache)
+
+    def layer(q, cache, out):
+        return plan.run(q * 1.0, cache, out)
+
+    eager = layer(small.q, small.cache, torch.empty_like(small.q))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(layer)(small.q, small.cache, torch.empty_like(small.q))
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    torch._dynamo.reset()
+    out = torch.full_like(small.q, float("nan"))
+    torch.compile(layer, fullgraph=True, backend="aot_eager")(small.q, small.cache, out)
+    assert torch.equal(out, eager)
+
+
 def test_a_traced_run_is_checked_against_its_plan(small):
     """While Dynamo traces, a call that does not fit the plan raises as it does eagerly
     (a plan with sinks run without them; an out of another dtype). Under fullgraph

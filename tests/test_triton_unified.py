@@ -141,6 +141,7 @@ def test_features(feature, variant):
                       segments=1 if variant == "decode-2d" else 4, **opts)
 
 
+@interp
 def test_the_exact_tanh_is_planned_for_large_softcaps_only(monkeypatch):
     """``USE_SOFTCAP``: 0 without softcap, 1 (the fast tanh) up to
     ``EXACT_TANH_SOFTCAP`` (the common 30 and 50 among them), 2 (the exact small-argument

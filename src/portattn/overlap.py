@@ -24,27 +24,43 @@ def overlaps_itself(t: torch.Tensor) -> bool:
 
 def share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether an element of ``a`` and one of ``b`` may lie at the same address (host
-    facts only). Exact for two views of one storage with the same element size and
-    strides, each free of self-overlap (the packed cache layouts: K and V interleave
-    without sharing an element); otherwise whether their address ranges meet (a
-    conservative answer for views that interleave with different strides)."""
-    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
-        return False
-    storage = a.untyped_storage().data_ptr()
-    if storage == 0 or storage != b.untyped_storage().data_ptr():
-        return False  # apart, or no memory to tell by (fake tensors while tracing)
+    facts only: data pointers, shapes, strides). Exact for two views with the same
+    element size and strides (over the dimensions either steps through), each free of
+    self-overlap (the packed cache layouts: K and V interleave without sharing an
+    element); otherwise whether their address ranges meet (a conservative answer for
+    views that interleave with different strides). False for tensors without memory
+    (``meta``; fake ones while ``torch.compile`` traces): the checks run again on the
+    real tensors."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device or \
+            a.device.type == "meta" or _is_fake(a) or _is_fake(b):
+        return False  # no memory to tell by (meta tensors; fake ones while tracing)
+    # by address, not by storage object: two storages may hold the same memory (DLPack,
+    # NumPy views), and tensors that are apart never meet in the address ranges below
     a_lo, a_hi = _byte_range(a)
     b_lo, b_hi = _byte_range(b)
     if a_hi <= b_lo or b_hi <= a_lo:
         return False
     size = a.element_size()
-    if b.element_size() != size or a.stride() != b.stride() or a.dim() != b.dim() or \
+    if b.element_size() != size or a.dim() != b.dim() or \
             (b.data_ptr() - a.data_ptr()) % size:
         return True
+    # the dimensions either view steps through (strides of size-1 ones do not matter)
+    steps = [(sa, sb, na, nb) for sa, sb, na, nb in zip(a.stride(), b.stride(), a.shape,
+                                                        b.shape) if na > 1 or nb > 1]
+    if any(sa != sb for sa, sb, _, _ in steps):
+        return True
     # b's element j sits on a's element i where delta = sum((i_d - j_d) * stride_d)
-    dims = sorted(((st, na, nb) for st, na, nb in zip(a.stride(), a.shape, b.shape)
-                   if na > 1 or nb > 1), reverse=True)
+    dims = sorted(((sa, na, nb) for sa, _, na, nb in steps), reverse=True)
     return _lattice_hit((b.data_ptr() - a.data_ptr()) // size, dims)
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    """A FakeTensor (``torch.compile`` tracing): it has no address to compare."""
+    if torch.compiler.is_compiling():
+        return True
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
 
 
 def _byte_range(t: torch.Tensor) -> tuple[int, int]:
@@ -62,7 +78,7 @@ def _lattice_hit(delta: int, dims: list) -> bool:
     if not dims:
         return delta == 0
     (stride, na, nb), rest = dims[0], dims[1:]
-    if stride == 0:
+    if stride <= 0:  # torch makes no negative strides; zero ones: the safe answer
         return True
     low = sum(min(-(m - 1) * st, (n - 1) * st) for st, n, m in rest)
     high = sum(max(-(m - 1) * st, (n - 1) * st) for st, n, m in rest)

@@ -564,11 +564,13 @@ def _named_as_plan_argument(exc: InputError, described: bool,
     described cache), renamed to the plan() argument that made the stand-in: the caller
     passed ``dtype``, ``out_dtype``, ``kv_dtype``, never a ``q`` or a ``key_cache``."""
     argument = _STAND_IN_ARGUMENTS.get(exc.argument)
+    expected = exc.expected
     if described and exc.argument in _DESCRIBED_CACHE_ARGUMENTS:
         argument = "dtype" if kv_dtype_follows else "kv_dtype"
+        expected = expected.replace("quant=KVQuant", "kv_quant=KVQuant")  # plan()'s name
     if argument is None:
         return exc
-    return InputError(argument, exc.expected, exc.got)
+    return InputError(argument, expected, exc.got)
 
 
 def _stand_ins(device, num_q_heads, dtype, cache, num_kv_heads, head_size_qk, head_size_v,

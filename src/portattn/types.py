@@ -490,17 +490,21 @@ class PagedKVCache:
         (``key_cache``, ``value_cache`` and the scale caches) share memory, in one tensor
         (an ``expand``ed view) or across two (V over K, one scale cache for both): each
         store would overwrite another. Attention only reads them, so only ``write``
-        refuses. Remembered on the cache for these very tensors (a reassigned one is
-        checked again)."""
-        tensors = [("key_cache", self.key_cache), ("value_cache", self.value_cache)]
-        if self.k_scale_cache is not None:
-            tensors.append(("k_scale_cache", self.k_scale_cache))
-        if self.v_scale_cache is not None:
-            tensors.append(("v_scale_cache", self.v_scale_cache))
+        refuses. Remembered on the cache for these very tensor objects, as the cache's
+        structure is (``planning.cache_structure_id``): a reassigned attribute is checked
+        again; a tensor re-pointed or re-strided in place (``set_``, ``as_strided_``) is
+        not."""
+        k, v, ks, vs = self.key_cache, self.value_cache, self.k_scale_cache, self.v_scale_cache
         known = self.__dict__.get(_WRITABLE_ATTR)
-        if known is not None and len(known) == len(tensors) and \
-                all(ref() is t for ref, (_, t) in zip(known, tensors)):
+        if known is not None and known[0]() is k and known[1]() is v and \
+                (ks is None if known[2] is None else known[2]() is ks) and \
+                (vs is None if known[3] is None else known[3]() is vs):
             return
+        tensors = [("key_cache", k), ("value_cache", v)]
+        if ks is not None:
+            tensors.append(("k_scale_cache", ks))
+        if vs is not None:
+            tensors.append(("v_scale_cache", vs))
         for i, (name, t) in enumerate(tensors):
             if overlaps_itself(t):
                 raise InputError(f"cache.{name}", "a tensor whose elements do not share "
@@ -511,7 +515,9 @@ class PagedKVCache:
                     raise InputError(f"cache.{name}", f"memory apart from {other_name}'s "
                                      "(write() stores into both)", "a view sharing elements "
                                      f"with {other_name}")
-        self.__dict__[_WRITABLE_ATTR] = tuple(weakref.ref(t) for _, t in tensors)
+        self.__dict__[_WRITABLE_ATTR] = (weakref.ref(k), weakref.ref(v),
+                                         None if ks is None else weakref.ref(ks),
+                                         None if vs is None else weakref.ref(vs))
 
     def _check_write_args(self, key: torch.Tensor, value: torch.Tensor,
                           slot_mapping: torch.Tensor) -> None:

@@ -40,8 +40,10 @@ def apply_softcap(s, softcap, SERIES: tl.constexpr):
     error of about 1e-7 in tanh, ``softcap * 1e-7`` in the score (a softcap of 1e6, meant
     as "almost off", moved scores by 0.1: session 40's audit). ``SERIES`` (the launchers
     set it for softcaps above ``heuristics.EXACT_TANH_SOFTCAP``) takes tanh below |x| =
-    1/8 from its odd Taylor series to x^7 (relative error under 1e-9) instead: exact at
-    any softcap, but it slows a softcapped prefill (NOTES.md, session 40)."""
+    1/8 from its odd Taylor series to x^7 (relative error about 1e-9) instead: every
+    score then within about 1e-6 of itself (fp32 rounding below |x| = 1/8, the exp form's
+    error above), whatever the softcap; it slows a softcapped prefill 24-62% on an H100
+    (NOTES.md, session 40)."""
     x = s / softcap
     t = 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
     if SERIES:

@@ -198,7 +198,7 @@ def _tanh(x, SERIES: gl.constexpr):
     benchmarks/NOTES.md, session 14): the softmax is on the consumers' critical path.
     ``SERIES``: below |x| = 1/8, where the subtraction cancels, the odd series to x^7
     instead (as the unified kernel's ``common.apply_softcap``; for large softcaps only:
-    it costs a softcapped prefill 60% on an H100, NOTES.md session 40)."""
+    it costs a softcapped Gluon prefill 60-62% on an H100, NOTES.md session 40)."""
     e = gl.exp2(x * 2.8853900817779268)  # exp(2 x)
     t = 1.0 - gl.fdiv(gl.full_like(e, 2.0), e + 1.0)
     if SERIES:

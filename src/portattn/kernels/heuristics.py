@@ -187,7 +187,7 @@ class Shape:
 #: Softcaps above this take the kernels' exact small-argument tanh (``USE_SOFTCAP`` 2).
 #: Below it the fast tanh's score error (about softcap * 2e-7: 1.3e-5 at 64) is within
 #: fp32's tolerance; above it grows with the softcap (0.1 at 1e6). The exact form slows a
-#: softcapped prefill 24-60% on an H100 (NOTES.md, session 40), so the common softcaps
+#: softcapped prefill 24-62% on an H100 (NOTES.md, session 40), so the common softcaps
 #: (30, 50) keep the fast one.
 EXACT_TANH_SOFTCAP = 64.0
 
