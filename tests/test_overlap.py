@@ -46,9 +46,12 @@ def _view_pairs():
     return pairs
 
 
-@pytest.mark.parametrize("pair", range(len(_view_pairs())))
+PAIRS = _view_pairs()
+
+
+@pytest.mark.parametrize("pair", range(len(PAIRS)))
 def test_share_elements_agrees_with_the_addresses(pair):
-    a, b = _view_pairs()[pair]
+    a, b = PAIRS[pair]
     truth = _shared(a, b)
     assert share_elements(a, b) == truth
     assert share_elements(b, a) == truth

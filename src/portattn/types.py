@@ -29,6 +29,9 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 #: Device types whose tensors hold no values (shapes only): nothing can attend over them.
 DATALESS_DEVICE_TYPES = ("meta",)
+#: what an unquantized cache's storage may be (the constructor's and allocate()'s check)
+UNQUANTIZED_STORAGE = ("float16, bfloat16 or float32 for an unquantized cache (pass "
+                       "quant=KVQuant... for fp8/int8 storage)")
 FP8_FORMAT_NAMES = {torch.float8_e4m3fn: "e4m3fn", torch.float8_e5m2: "e5m2"}
 FP8_DTYPES_BY_NAME = {name: dtype for dtype, name in FP8_FORMAT_NAMES.items()}
 #: The normal float32 range: scales, softcaps and scale factors reach the kernels as
@@ -308,8 +311,7 @@ class PagedKVCache:
                              f"{value_cache.dtype} on {value_cache.device}")
         want = quant.storage_dtype
         if want is None and key_cache.dtype not in FLOAT_DTYPES:
-            raise InputError(f"{prefix}key_cache", "float16, bfloat16 or float32 for an "
-                             "unquantized cache (pass quant=KVQuant... for fp8/int8 storage)",
+            raise InputError(f"{prefix}key_cache", UNQUANTIZED_STORAGE,
                              str(key_cache.dtype))
         if want is not None and key_cache.dtype != want:
             raise InputError(f"{prefix}key_cache", f"dtype {want} for quant mode {quant.key}",
@@ -381,8 +383,7 @@ class PagedKVCache:
         quant = quant.in_format_of(dtype)
         storage = quant.storage_dtype or dtype
         if storage not in FLOAT_DTYPES and quant.storage_dtype is None:
-            raise InputError("dtype", "float16, bfloat16 or float32 for an unquantized cache "
-                             "(pass quant=KVQuant... for fp8/int8 storage)", str(dtype))
+            raise InputError("dtype", UNQUANTIZED_STORAGE, str(dtype))
         shape = (num_blocks, block_size, num_kv_heads)
         if layout == "split":
             k = torch.zeros(*shape, head_size, dtype=storage, device=device)
