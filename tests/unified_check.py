@@ -14,6 +14,7 @@ q_scale; out compared with ``clamp(oracle / output_scale)`` at fp8 precision).
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 
@@ -25,6 +26,27 @@ from portattn.kernels import heuristics
 from portattn.options import normalize_options
 from portattn.testing import dense_attention, make_paged_batch, relative_error
 from portattn.types import AttentionMetadata, PagedKVCache
+
+#: Rows of q and out on either side of a bad-``cu_seqlens_q`` case's tensors, and the value
+#: out's must keep (exact in every output dtype, fp8 included).
+GUARD_ROWS = 24
+GUARD_VALUE = 7.0
+
+#: Bad ``cu_seqlens_q`` edits (``check_unified``'s ``cu_seqlens_edit``; batches of four or
+#: more sequences): each gives the bad list and the sequences whose rows stay defined (span
+#: unchanged and not overlapped by another's).
+CU_SEQLENS_EDITS = {
+    # the last sequence's queries run 5 past q's end
+    "last_runs_past": lambda cu: (cu[:-1] + [cu[-1] + 5], range(len(cu) - 2)),
+    # the next-to-last runs past q's end, the last starts past it
+    "starts_past_the_end": lambda cu: (cu[:-2] + [cu[-1] + 3, cu[-1] + 9], range(len(cu) - 3)),
+    # the first starts 6 rows before q
+    "negative_start": lambda cu: ([-6] + cu[1:], range(1, len(cu) - 1)),
+    # sequence 1 ends before it starts; sequence 2 then starts inside sequence 0
+    "decreasing": lambda cu: (cu[:2] + [cu[1] - 1] + cu[3:], range(3, len(cu) - 1)),
+    # the last runs a billion rows past q's end
+    "far_past_the_end": lambda cu: (cu[:-1] + [2 ** 30], range(len(cu) - 2)),
+}
 
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 #: fp8 output: e4m3 keeps 3 mantissa bits (rounding error up to 1/16 per element)
@@ -143,7 +165,7 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
                   v_stage=None, kv_load="pointer", kv_bits=None, v_scale_factor=None,
                   v_pairs=None, stage=None, stage_kv_load=None, stage_min_q=1,
                   one_loop=None, merge_in_kernel=None, workspace=None, gluon=False,
-                  tile_heads=None):
+                  tile_heads=None, cu_seqlens_edit=None):
     """Run one case; returns the relative error (asserts it is within tolerance).
 
     ``quant``: a KVQuant for the cache; ``head_size_v``: DiffKV (a packed cache);
@@ -177,7 +199,11 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
     per call; ``gluon`` (with ``stage``): the staged plan's long sequences go to the Gluon
     prefill (forced: a refusal raises), over the cache (16-bit caches) or the staged copy
     (8-bit ones); ``tile_heads``: the decode tiles serve that many kv heads per program
-    (the kernel's TILE_HEADS; rows widened to hold their query heads)."""
+    (the kernel's TILE_HEADS; rows widened to hold their query heads);
+    ``cu_seqlens_edit(cu) -> (bad_cu, kept)``: run with a bad ``cu_seqlens_q`` (a list in,
+    a list out), q and out the middle rows of tensors with :data:`GUARD_ROWS` rows on either
+    side; the guard rows of out must keep :data:`GUARD_VALUE`, and only the rows of the
+    sequences in ``kept`` (their spans untouched and overlapped by no other) are compared."""
     from portattn.backends.triton_unified import TritonUnified
 
     num_q_heads = group * num_kv_heads
@@ -205,6 +231,16 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
     values = [stored_values(cache, metadata.block_table[b], n, "v")
               for b, n in enumerate(batch.seq_lens)]
     nan_seqs: list[int] = []
+    kept_seqs = None
+    if cu_seqlens_edit is not None:
+        bad_cu, kept_seqs = cu_seqlens_edit(metadata.cu_seqlens_q.tolist())
+        metadata = AttentionMetadata(torch.tensor(bad_cu, dtype=torch.int32, device=device),
+                                     metadata.seq_lens, metadata.block_table,
+                                     metadata.max_seqlen_q, metadata.max_seqlen_k)
+        guarded = torch.randn(q.shape[0] + 2 * GUARD_ROWS, *q.shape[1:],
+                              device=device).to(q.dtype)
+        guarded[GUARD_ROWS:-GUARD_ROWS] = q
+        q = guarded[GUARD_ROWS:-GUARD_ROWS]
     if block_table_edit is not None:
         table = metadata.block_table.clone()
         nan_seqs = block_table_edit(table)
@@ -243,6 +279,11 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
         full = torch.full((num_q_heads, tokens, head_v), math.nan, device=device)
         full = full.to(out_dtype)
         out = full.transpose(0, 1)
+    elif cu_seqlens_edit is not None:
+        full = torch.full((tokens + 2 * GUARD_ROWS, num_q_heads, head_v), GUARD_VALUE,
+                          device=device).to(out_dtype)
+        out = full[GUARD_ROWS:-GUARD_ROWS]
+        out.fill_(math.nan)
     else:
         full = out = torch.full((tokens, num_q_heads, head_v), math.nan,
                                 device=device).to(out_dtype)
@@ -313,6 +354,14 @@ def check_unified(query_lens, seq_lens, *, group=2, num_kv_heads=2, head_size=64
                                alibi_slopes=opts.get("alibi_slopes"), alibi_sqrt=alibi == "sqrt",
                                sinks=opts.get("sinks"), q_scale=q_scale)
     result = out.cpu().double()
+    if kept_seqs is not None:
+        guards = torch.cat([full[:GUARD_ROWS], full[-GUARD_ROWS:]]).cpu().double()
+        assert (guards == GUARD_VALUE).all(), "wrote outside out's rows"
+        cu = [0, *itertools.accumulate(query_lens)]
+        rows = torch.zeros(result.shape[0], dtype=torch.bool)
+        for b in kept_seqs:
+            rows[cu[b]:cu[b + 1]] = True
+        result, expected = result[rows], expected[rows]
     if nan_seqs:  # those sequences' rows must be NaN (all of them); the rest as usual
         cu = metadata.cu_seqlens_q.tolist()
         poisoned = torch.zeros(result.shape[0], dtype=torch.bool)

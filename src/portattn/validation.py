@@ -48,12 +48,17 @@ The other value checks have no such guard: a ``cu_seqlens_q`` that decreases or
 disagrees with ``q``'s token count, or an understated ``max_seqlen_k``, is not caught on a
 GPU without ``validate=True``. An understated ``max_seqlen_k`` makes NaN the rows that
 would see keys past a staged prefill's bound (see :mod:`portattn.planning`). A bad
-``cu_seqlens_q`` is NOT bounded: the kernels place each sequence's rows where it says, so
-an entry past ``q``'s token count makes them read ``q`` and write ``out`` past their ends
-(memory another tensor owns; session 40's audit saw an H100 write 512 to 9472 elements
-past ``out``), one that decreases makes sequences overlap, and rows it leaves uncovered
-are not written. Other backends' results are undefined too. Use ``validate=True`` while
-developing, and whenever the metadata comes from an untrusted source.
+``cu_seqlens_q`` stays inside ``q`` and ``out`` in the Triton backends: every kernel clamps
+each sequence's span into q's rows (:func:`portattn.kernels.common.clamp_span`), so an
+entry past q's token count or below 0 never makes them read or write outside those
+tensors (session 40's audit saw an H100 write 512 to 9472 elements past ``out`` before
+the clamp). The values are still wrong: a span cut at q's end is attended as a shorter
+sequence, spans that overlap (a decreasing ``cu_seqlens_q``) write the same rows twice,
+and rows no span covers are not written. Sequences whose spans are intact and overlap no
+other come out right. flash-attn's backends pass ``cu_seqlens_q`` on as it is (their
+kernels do not bound it), and the PyTorch reference makes NaN the rows of a sequence
+that runs past q. Use ``validate=True`` while developing, and whenever the metadata comes
+from an untrusted source.
 """
 
 from __future__ import annotations

@@ -19,7 +19,9 @@ def find_seq_of_tile(cu_seqlens_q_ptr, num_seqs, tile_idx, BLOCK_Q: tl.constexpr
     Sequence ``b`` owns the tiles starting at ``cu_seqlens_q[b] // BLOCK_Q + b``: an upper
     bound of the tiles before it that is monotone in ``b`` and computable from ``b`` alone,
     so a binary search over ``cu_seqlens_q`` finds the owner without any host-side index.
-    Returns the largest ``b`` with ``start(b) <= tile_idx``.
+    Returns the largest ``b`` with ``start(b) <= tile_idx``, or 0 where there is none
+    (only a ``cu_seqlens_q`` that does not start at 0: the tile then lies before sequence
+    0's first, and its caller skips it).
     """
     lo = 0
     hi = num_seqs
@@ -30,7 +32,29 @@ def find_seq_of_tile(cu_seqlens_q_ptr, num_seqs, tile_idx, BLOCK_Q: tl.constexpr
             lo = mid + 1
         else:
             hi = mid
-    return lo - 1
+    return tl.maximum(lo - 1, 0)
+
+
+@triton.jit
+def query_span(cu_seqlens_q_ptr, seq, num_tokens):
+    """``(q_start, q_len)``: sequence ``seq``'s queries as ``cu_seqlens_q`` places them,
+    clamped into q's ``num_tokens`` rows (:func:`clamp_span`)."""
+    return clamp_span(tl.load(cu_seqlens_q_ptr + seq), tl.load(cu_seqlens_q_ptr + seq + 1),
+                      num_tokens)
+
+
+@triton.jit
+def clamp_span(lo, hi, num_tokens):
+    """``(q_start, q_len)`` of the queries ``[lo, hi)`` (``cu_seqlens_q[b]`` and
+    ``[b + 1]``; scalars or vectors) clamped into q's ``num_tokens`` rows. Valid metadata
+    passes unchanged; a span that runs past ``num_tokens`` is cut there, one that starts
+    before 0 starts at 0, and one that starts past the end or decreases is empty. Every
+    kernel that reads ``cu_seqlens_q`` takes its spans from here, so none reads q or
+    writes out outside their rows whatever an unchecked (GPU, ``validate`` off)
+    ``cu_seqlens_q`` says, and all of them agree on the spans."""
+    q_start = tl.minimum(tl.maximum(lo, 0), num_tokens)
+    q_end = tl.minimum(tl.maximum(hi, q_start), num_tokens)
+    return q_start, q_end - q_start
 
 
 @triton.jit

@@ -300,7 +300,8 @@ def launch_gluon_prefill(q: torch.Tensor, cache, metadata, options, out: torch.T
     num_tiles, long_tiles = grid_tiles(num_tokens, num_seqs, int(min_q))
     _kernel()[(num_tiles * num_q_heads,)](
         q_desc, k_desc, v_desc, out, out.stride(0), out.stride(1), metadata.cu_seqlens_q,
-        metadata.seq_lens, bt, bt.stride(0), bt.shape[1], kc.shape[0], num_seqs, num_tiles,
+        metadata.seq_lens, bt, bt.stride(0), bt.shape[1], kc.shape[0], num_seqs, num_tokens,
+        num_tiles,
         int(min_q), float(options.scale),
         float(options.softcap) if options.softcap is not None else 0.0,
         int(options.sliding_window) if options.sliding_window is not None else 0,

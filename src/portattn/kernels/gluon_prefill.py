@@ -94,7 +94,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from portattn.kernels.common import find_seq_of_tile
+from portattn.kernels.common import clamp_span, find_seq_of_tile, query_span
 
 #: query rows of one consumer partition (a program's tile is two: 128 rows,
 #: ``gluon_launch.TILE_ROWS``)
@@ -338,17 +338,19 @@ def _add(a, b):
 
 
 @gluon.jit
-def _long_tiles_in(cu_seqlens_q_ptr, b, num_seqs, min_q):
+def _long_tiles_in(cu_seqlens_q_ptr, b, num_seqs, num_tokens, min_q):
     """Query tiles of 128 of each sequence ``b`` (a vector of sequence indices) with at
-    least ``min_q`` queries, 0 for the others and past ``num_seqs``."""
+    least ``min_q`` queries (spans clamped as :func:`query_span` does), 0 for the others
+    and past ``num_seqs``."""
     inside = b < num_seqs
-    start = gl.load(cu_seqlens_q_ptr + b, mask=inside, other=0)
-    n = gl.load(cu_seqlens_q_ptr + b + 1, mask=inside, other=0) - start
+    _, n = clamp_span(gl.load(cu_seqlens_q_ptr + b, mask=inside, other=0),
+                      gl.load(cu_seqlens_q_ptr + b + 1, mask=inside, other=0), num_tokens)
     return gl.where(inside & (n >= min_q), (n + 127) // 128, 0)
 
 
 @gluon.jit
-def _long_tile(cu_seqlens_q_ptr, num_seqs, min_q, t_rev, num_warps: gl.constexpr):
+def _long_tile(cu_seqlens_q_ptr, num_seqs, num_tokens, min_q, t_rev,
+               num_warps: gl.constexpr):
     """``(seq, m0)`` of the ``t_rev``-th query tile from the last among the tiles of the
     sequences with at least ``min_q`` queries (in sequence order, each sequence's tiles in
     query order; ``seq`` -1 past the last): the grid of a launch that skips the short
@@ -362,14 +364,15 @@ def _long_tile(cu_seqlens_q_ptr, num_seqs, min_q, t_rev, num_warps: gl.constexpr
     total = 0
     for c0 in range(0, num_seqs, SEARCH):
         b = c0 + gl.arange(0, SEARCH, layout=layout)
-        total += gl.sum(_long_tiles_in(cu_seqlens_q_ptr, b, num_seqs, min_q), axis=0)
+        total += gl.sum(_long_tiles_in(cu_seqlens_q_ptr, b, num_seqs, num_tokens, min_q),
+                        axis=0)
     t = total - 1 - t_rev
     seq = -1
     m0 = 0
     before = 0  # long tiles of the earlier chunks
     for c0 in range(0, num_seqs, SEARCH):
         b = c0 + gl.arange(0, SEARCH, layout=layout)
-        tiles = _long_tiles_in(cu_seqlens_q_ptr, b, num_seqs, min_q)
+        tiles = _long_tiles_in(cu_seqlens_q_ptr, b, num_seqs, num_tokens, min_q)
         first = gl.associative_scan(tiles, 0, _add) - tiles + before
         mine = (first <= t) & (t < first + tiles)
         seq = gl.maximum(seq, gl.max(gl.where(mine, b, -1), axis=0))
@@ -514,10 +517,11 @@ def _consumer_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty
     gl.store(out_ptr + offs, o.to(out_ptr.dtype.element_ty), mask=keep)
 
 
-@gluon.jit
+@gluon.jit(do_not_specialize=["num_tokens"])
 def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, stride_ot, stride_oh,
                          cu_seqlens_q_ptr, seq_lens_ptr, bt_ptr, bt_stride, bt_width,
-                         num_blocks, num_seqs, num_tiles, min_q, scale, softcap, window,
+                         num_blocks, num_seqs, num_tokens, num_tiles, min_q, scale, softcap,
+                         window,
                          k_scale_ptr, v_scale_ptr, alibi_ptr, sinks_ptr,
                          NUM_Q_HEADS: gl.constexpr, GROUP: gl.constexpr,
                          KV_HEAD_STRIDE: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -562,19 +566,18 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, stride_ot, stride_oh,
     if USE_SINKS:
         sink2 = gl.load(sinks_ptr + head).to(gl.float32) * 1.4426950408889634
     if LONG_TILES:
-        seq, m0 = _long_tile(cu_seqlens_q_ptr, num_seqs, min_q, pid // NUM_Q_HEADS,
-                             num_warps)
+        seq, m0 = _long_tile(cu_seqlens_q_ptr, num_seqs, num_tokens, min_q,
+                             pid // NUM_Q_HEADS, num_warps)
         found = seq >= 0
         seq = gl.maximum(seq, 0)
-        q_start = gl.load(cu_seqlens_q_ptr + seq)
-        q_len = gl.where(found, gl.load(cu_seqlens_q_ptr + seq + 1) - q_start, 0)
+        q_start, q_len = query_span(cu_seqlens_q_ptr, seq, num_tokens)
+        q_len = gl.where(found, q_len, 0)
     else:
         tile = num_tiles - 1 - pid // NUM_Q_HEADS
         seq = find_seq_of_tile(cu_seqlens_q_ptr, num_seqs, tile, 128)
-        q_start = gl.load(cu_seqlens_q_ptr + seq)
-        q_len = gl.load(cu_seqlens_q_ptr + seq + 1) - q_start
-        m0 = (tile - (q_start // 128 + seq)) * 128
-    if (m0 < q_len) & (q_len >= min_q):
+        q_start, q_len = query_span(cu_seqlens_q_ptr, seq, num_tokens)
+        m0 = (tile - (q_start // 128 + seq)) * 128  # < 0 only for bad metadata
+    if (m0 < q_len) & (q_len >= min_q) & (m0 >= 0):
         k_len = gl.load(seq_lens_ptr + seq)
         off = k_len - q_len
         if CAUSAL:

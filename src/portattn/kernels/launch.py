@@ -162,7 +162,7 @@ def _common_args(q, cache, metadata, options, out, fp8_dot: bool,
         seq_lens_ptr=metadata.seq_lens,
         alibi_ptr=options.alibi_slopes if options.alibi_slopes is not None else dummy,
         sinks_ptr=options.sinks if options.sinks is not None else dummy,
-        num_seqs=metadata.seq_lens.shape[0], num_q_heads=q.shape[1],
+        num_seqs=metadata.seq_lens.shape[0], num_tokens=q.shape[0], num_q_heads=q.shape[1],
         num_blocks=cache.num_blocks, bt_width=metadata.block_table.shape[1],
         scale=float(options.scale), v_one=1.0,
         softcap=float(options.softcap) if options.softcap is not None else 0.0,
@@ -282,7 +282,8 @@ def _launch_short(args, q, cache, metadata, out, cfg: dict, long_follows: bool,
     if segments > 1 and not in_kernel:
         merge_segments_kernel[(num_seqs, q.shape[1], block_q)](
             part_m, part_l, part_acc, out, metadata.cu_seqlens_q, args["sinks_ptr"],
-            args["out_scale_ptr"], q.shape[1], out.stride(0), out.stride(1), out.stride(2),
+            args["out_scale_ptr"], q.shape[0], q.shape[1], out.stride(0), out.stride(1),
+            out.stride(2),
             BLOCK_Q=block_q, NUM_SEGMENTS=segments, HEAD_V=args["HEAD_V"], HEAD_V_PAD=pad_v,
             USE_SINKS=args["USE_SINKS"], FP8_OUT=args["FP8_OUT"], FP8_MAX=args["FP8_MAX"],
             num_warps=4 if pad_v * segments >= 4096 else 2, **compile_options())

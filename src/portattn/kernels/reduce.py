@@ -19,20 +19,23 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from portattn.kernels.common import query_span
 
-@triton.jit
+
+@triton.jit(do_not_specialize=["num_tokens"])
 def merge_segments_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, cu_seqlens_q_ptr,
-                          sinks_ptr, out_scale_ptr, num_q_heads, stride_ot, stride_oh,
-                          stride_od, BLOCK_Q: tl.constexpr, NUM_SEGMENTS: tl.constexpr,
+                          sinks_ptr, out_scale_ptr, num_tokens, num_q_heads, stride_ot,
+                          stride_oh, stride_od, BLOCK_Q: tl.constexpr, NUM_SEGMENTS: tl.constexpr,
                           HEAD_V: tl.constexpr, HEAD_V_PAD: tl.constexpr,
                           USE_SINKS: tl.constexpr, FP8_OUT: tl.constexpr,
                           FP8_MAX: tl.constexpr):
-    """Merge the NUM_SEGMENTS partials of one (sequence, query head, query)."""
+    """Merge the NUM_SEGMENTS partials of one (sequence, query head, query); the
+    sequence's queries are ``cu_seqlens_q``'s clamped into ``out``'s ``num_tokens`` rows,
+    as in the unified kernel that wrote the partials (:func:`query_span`)."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
     t = tl.program_id(2)
-    q_start = tl.load(cu_seqlens_q_ptr + seq)
-    q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    q_start, q_len = query_span(cu_seqlens_q_ptr, seq, num_tokens)
     if q_len > BLOCK_Q:
         return
     if t >= q_len:

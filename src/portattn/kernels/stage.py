@@ -33,8 +33,9 @@ in launches of their own: the short part of a mixed batch, short prompts beside 
 one), so the workspace holds ``max_slots`` sequences, not ``num_seqs``. Slot ``s`` holds
 the ``s``-th such sequence in batch order (found by a pass over ``cu_seqlens_q`` in each
 program; no host sync); its staged block ``i`` is ``s * num_sblocks + i``, written into
-its table row. A sequence that has the queries but no slot (``cu_seqlens_q`` claiming
-more queries than the call's tokens) gets -1 in its row: the attention makes its rows NaN
+its table row. Query spans are ``cu_seqlens_q``'s clamped into q's ``num_tokens`` rows, as
+the attention kernels clamp them. A sequence that has the queries but no slot (a
+``cu_seqlens_q`` whose spans overlap) gets -1 in its row: the attention makes its rows NaN
 rather than read another sequence's keys. Rows of sequences that are not staged are not
 written.
 
@@ -60,6 +61,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from portattn.kernels.common import clamp_span, query_span
 
 
 @triton.jit
@@ -88,26 +91,28 @@ def _stage_rows(src_ptr, dst_ptr, block, slot, head, live, bad, stride_b, stride
 
 
 @triton.jit
-def _staged_flags(cu_seqlens_q_ptr, num_seqs, c, STAGE_FROM: tl.constexpr,
+def _staged_flags(cu_seqlens_q_ptr, num_seqs, num_tokens, c, STAGE_FROM: tl.constexpr,
                   CHUNK: tl.constexpr):
     """Sequences ``c + [0, CHUNK)`` and, as int32 0 / 1, whether each has at least
-    ``STAGE_FROM`` queries (0 past the batch)."""
+    ``STAGE_FROM`` queries (0 past the batch; spans clamped into q's ``num_tokens`` rows
+    as the attention kernels clamp them, :func:`~portattn.kernels.common.clamp_span`)."""
     idx = c + tl.arange(0, CHUNK)
     ok = idx < num_seqs
-    lo = tl.load(cu_seqlens_q_ptr + idx, mask=ok, other=0)
-    hi = tl.load(cu_seqlens_q_ptr + idx + 1, mask=ok, other=0)
-    return idx, (ok & (hi - lo >= STAGE_FROM)).to(tl.int32)
+    _, q_len = clamp_span(tl.load(cu_seqlens_q_ptr + idx, mask=ok, other=0),
+                          tl.load(cu_seqlens_q_ptr + idx + 1, mask=ok, other=0), num_tokens)
+    return idx, (ok & (q_len >= STAGE_FROM)).to(tl.int32)
 
 
 @triton.jit
-def _staged_seq(cu_seqlens_q_ptr, num_seqs, slot, STAGE_FROM: tl.constexpr,
+def _staged_seq(cu_seqlens_q_ptr, num_seqs, num_tokens, slot, STAGE_FROM: tl.constexpr,
                 CHUNK: tl.constexpr = 256):
     """The sequence staged into ``slot``: the ``slot``-th (from 0, in batch order) with at
     least ``STAGE_FROM`` queries; -1 if there are not that many."""
     seen = tl.full([], 0, tl.int32)
     found = tl.full([], -1, tl.int32)
     for c in tl.range(0, num_seqs, CHUNK):
-        idx, staged = _staged_flags(cu_seqlens_q_ptr, num_seqs, c, STAGE_FROM, CHUNK)
+        idx, staged = _staged_flags(cu_seqlens_q_ptr, num_seqs, num_tokens, c, STAGE_FROM,
+                                    CHUNK)
         rank = seen + tl.cumsum(staged, 0)  # staged sequences up to idx, idx included
         found = tl.maximum(found, tl.max(tl.where((staged > 0) & (rank == slot + 1), idx, -1),
                                          0))
@@ -116,14 +121,15 @@ def _staged_seq(cu_seqlens_q_ptr, num_seqs, slot, STAGE_FROM: tl.constexpr,
 
 
 @triton.jit
-def _mark_slotless(cu_seqlens_q_ptr, staged_bt_ptr, num_seqs, num_sblocks, max_slots,
-                   STAGE_FROM: tl.constexpr, CHUNK: tl.constexpr = 256):
+def _mark_slotless(cu_seqlens_q_ptr, staged_bt_ptr, num_seqs, num_tokens, num_sblocks,
+                   max_slots, STAGE_FROM: tl.constexpr, CHUNK: tl.constexpr = 256):
     """-1 in every table entry of a sequence that has ``STAGE_FROM`` queries or more but
     no slot (``max_slots`` staged before it: ``cu_seqlens_q`` claims more queries than the
     call has); the attention makes its rows NaN. Nothing is written otherwise."""
     seen = tl.full([], 0, tl.int32)
     for c in tl.range(0, num_seqs, CHUNK):
-        idx, staged = _staged_flags(cu_seqlens_q_ptr, num_seqs, c, STAGE_FROM, CHUNK)
+        idx, staged = _staged_flags(cu_seqlens_q_ptr, num_seqs, num_tokens, c, STAGE_FROM,
+                                    CHUNK)
         slotless = (staged > 0) & (seen + tl.cumsum(staged, 0) > max_slots)
         if tl.max(slotless.to(tl.int32), 0) > 0:
             row = staged_bt_ptr + idx.to(tl.int64) * num_sblocks
@@ -132,11 +138,11 @@ def _mark_slotless(cu_seqlens_q_ptr, staged_bt_ptr, num_seqs, num_sblocks, max_s
         seen += tl.sum(staged, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def stage_kv_kernel(k_ptr, v_ptr, ks_ptr, vs_ptr, staged_k_ptr, staged_v_ptr, staged_ks_ptr,
                     staged_vs_ptr, staged_bt_ptr, block_table_ptr, cu_seqlens_q_ptr,
-                    seq_lens_ptr, num_seqs, num_blocks, bt_width, num_sblocks, max_slots,
-                    num_heads, window,
+                    seq_lens_ptr, num_seqs, num_tokens, num_blocks, bt_width, num_sblocks,
+                    max_slots, num_heads, window,
                     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                     stride_bt, stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss,
                     stride_vsh,
@@ -151,15 +157,15 @@ def stage_kv_kernel(k_ptr, v_ptr, ks_ptr, vs_ptr, staged_k_ptr, staged_v_ptr, st
     slot = tl.program_id(0) // num_heads
     sblock = tl.program_id(1)
     if (slot == 0) & (sblock == 0) & (head == 0):
-        _mark_slotless(cu_seqlens_q_ptr, staged_bt_ptr, num_seqs, num_sblocks, max_slots,
-                       STAGE_FROM)
-    seq = _staged_seq(cu_seqlens_q_ptr, num_seqs, slot, STAGE_FROM)
+        _mark_slotless(cu_seqlens_q_ptr, staged_bt_ptr, num_seqs, num_tokens, num_sblocks,
+                       max_slots, STAGE_FROM)
+    seq = _staged_seq(cu_seqlens_q_ptr, num_seqs, num_tokens, slot, STAGE_FROM)
     if seq < 0:
         return
     staged_id = slot * num_sblocks + sblock
     if head == 0:
         tl.store(staged_bt_ptr + seq.to(tl.int64) * num_sblocks + sblock, staged_id)
-    q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - tl.load(cu_seqlens_q_ptr + seq)
+    _, q_len = query_span(cu_seqlens_q_ptr, seq, num_tokens)
     seq_len = tl.load(seq_lens_ptr + seq)
     key0 = sblock * STAGE_BLOCK
     if key0 >= seq_len:

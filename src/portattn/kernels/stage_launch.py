@@ -93,7 +93,7 @@ def stage_kv(q, cache, metadata, options, stage: dict, stage_from: int, slots: i
     stage_kv_kernel[(slots * heads, sblocks, 1)](
         kc, vc, ks, vs, staged_k, staged_v, staged_ks if scales else q,
         staged_vs if scales else q, staged_bt, metadata.block_table,
-        metadata.cu_seqlens_q, metadata.seq_lens, num_seqs, cache.num_blocks,
+        metadata.cu_seqlens_q, metadata.seq_lens, num_seqs, q.shape[0], cache.num_blocks,
         metadata.block_table.shape[1], sblocks, slots, heads,
         int(options.sliding_window) if options.sliding_window is not None else 0,
         kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),

@@ -64,6 +64,12 @@ axis 0 maps to query tiles:
   batch, whose short part a SEQ_MODE 1 launch serves; the launch over staged keys, whose
   sequences have more queries than that).
 
+Every sequence's query span is ``cu_seqlens_q``'s clamped into q's ``num_tokens`` rows
+(:func:`portattn.kernels.common.query_span`): whatever unchecked GPU metadata says, no
+program reads q or writes ``out`` (or the partials) outside them. Valid metadata is
+unchanged by the clamp; with an inconsistent ``cu_seqlens_q`` rows may be left unwritten
+or written by two sequences, never out of bounds.
+
 ``STAGED_Q`` > 0 (SEQ_MODE 0 and 2) skips sequences with at least that many queries: a
 launch over staged keys serves them (:func:`portattn.kernels.launch.launch_staged`).
 ``FLAT_GRID`` (SEQ_MODE 0 and 2): grid ``(query tiles * num_kv_heads, 1, 1)``, program
@@ -171,6 +177,7 @@ from portattn.kernels.common import (
     find_seq_of_tile,
     mask_scores,
     online_softmax_step,
+    query_span,
     score_tile,
 )
 from portattn.kernels.heuristics import next_pow2
@@ -683,13 +690,13 @@ def merge_load_elements(group: int, merge_segments: int, head_v_pad: int,
     return MERGE_LOAD_ELEMENTS
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])  # a bound only: no compile per residue
 def unified_attention_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, block_table_ptr, cu_seqlens_q_ptr, seq_lens_ptr,
         alibi_ptr, sinks_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, ticket_ptr,
         q_scale_ptr, k_scale_ptr, v_scale_ptr, out_scale_ptr,
-        num_seqs, num_q_heads, num_segments, num_blocks, bt_width, scale, softcap, window,
-        v_one,
+        num_seqs, num_tokens, num_q_heads, num_segments, num_blocks, bt_width, scale,
+        softcap, window, v_one,
         stride_qt, stride_qh, stride_qd, stride_ot, stride_oh, stride_od,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
         stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
@@ -745,8 +752,7 @@ def unified_attention_kernel(
     if SEQ_MODE == 1:
         seq = tl.program_id(0)
         seq_len = tl.load(seq_lens_ptr + seq)
-        q_start = tl.load(cu_seqlens_q_ptr + seq)
-        q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+        q_start, q_len = query_span(cu_seqlens_q_ptr, seq, num_tokens)
         if q_len > BLOCK_Q:
             if not LONG_FOLLOWS:
                 if segment == 0:
@@ -759,9 +765,8 @@ def unified_attention_kernel(
         tile_idx = tile_programs - 1 - tile_pid  # heaviest tiles first
         seq = find_seq_of_tile(cu_seqlens_q_ptr, num_seqs, tile_idx, BLOCK_Q)
         seq_len = tl.load(seq_lens_ptr + seq)
-        q_start = tl.load(cu_seqlens_q_ptr + seq)
-        q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
-        tile_local = tile_idx - (q_start // BLOCK_Q + seq)
+        q_start, q_len = query_span(cu_seqlens_q_ptr, seq, num_tokens)
+        tile_local = tile_idx - (q_start // BLOCK_Q + seq)  # < 0 only for bad metadata
         if SEQ_MODE == 2:
             if q_len <= SHORT_Q:
                 return
@@ -769,7 +774,7 @@ def unified_attention_kernel(
             if q_len >= STAGED_Q:
                 return
     t0 = tile_local * BLOCK_Q
-    if t0 >= q_len:
+    if (t0 >= q_len) | (t0 < 0):
         return
     context = seq_len - q_len
 
