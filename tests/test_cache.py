@@ -268,3 +268,93 @@ def test_write_errors():
         cache.write(key, key, torch.tensor([0, 1, 32]))
     with pytest.raises(InputError, match="slot_mapping"):
         cache.write(key, key, torch.tensor([0, -2, 1]))
+
+
+@pytest.mark.parametrize("quant", QUANTS[2:], ids=lambda q: q.key)
+def test_a_token_head_too_small_for_a_scale_reads_back_as_zeros(quant):
+    """absmax / max underflows to 0 in float32 (e4m3 below about 6e-43, e5m2 8e-41, int8
+    2e-43): scale 1 and zero codes, as for an all-zero token-head, never the NaN codes of
+    0 / 0 that made whole attention rows NaN (session 41's audit)."""
+    cache = PagedKVCache.allocate(2, BLOCK, HEADS, D, quant=quant)
+    key, value = _random_tokens(2), _random_tokens(2, seed=1)
+    key[1, 0] = 0.0
+    key[1, 0, 4] = 1e-44
+    slots = torch.tensor([5, 6])
+    cache.write(key, value, slots)
+    assert cache.k_scale_cache[0, 6, 0] == 1.0
+    back = _read_back(cache, "k", slots)
+    assert torch.equal(back[1, 0], torch.zeros(D))
+    want, _ = quantize_as_specified(key, quant, "k", cache.key_cache.dtype)
+    assert torch.equal(take(cache.key_cache, slots // BLOCK, slots % BLOCK).view(torch.uint8),
+                       want.view(torch.uint8))
+
+
+def test_write_checks_reassigned_attributes_before_storing():
+    """An attribute reassigned after the constructor to something it would refuse is
+    named by ``write``'s InputError, and nothing is stored (session 41's audit: an int8
+    cache's key_cache reassigned to fp16 took codes as values; a smaller value_cache or
+    scale cache failed half-way with an IndexError)."""
+    int8 = KVQuant.int8_per_token_head()
+    key, value = _random_tokens(2), _random_tokens(2, seed=1)
+    slots = torch.tensor([1, 30])
+    edits = {
+        "key_cache": lambda c: c.__dict__.update(key_cache=c.key_cache.to(torch.float16),
+                                                 value_cache=c.value_cache.to(torch.float16)),
+        "value_cache": lambda c: setattr(c, "value_cache", c.value_cache[:1]),
+        "k_scale_cache": lambda c: setattr(c, "k_scale_cache", c.k_scale_cache[:1]),
+        "quant": lambda c: setattr(c, "quant", "int8"),
+    }
+    for name, edit in edits.items():
+        cache = PagedKVCache.allocate(2, BLOCK, HEADS, D, quant=int8)
+        cache.write(key, value, slots)  # checked and remembered
+        edit(cache)
+        before = [t.clone() for t in (cache.key_cache, cache.value_cache)]
+        with pytest.raises(InputError, match=f"^cache.{name}: expected "):
+            cache.write(key * 2, value * 2, slots)
+        assert all(torch.equal(a, b) for a, b in zip(before, (cache.key_cache,
+                                                               cache.value_cache)))
+
+
+def test_write_refuses_sources_that_are_views_of_the_cache():
+    """``key`` / ``value`` sharing memory with a tensor the write stores into: the GPU
+    kernel's stores would race with its reads (the interpreter moved slots 0..2 to 1..3
+    as [1, 1, 1] where PyTorch gives [1, 2, 3]: session 41's audit)."""
+    cache = PagedKVCache.allocate(2, BLOCK, HEADS, D, dtype=torch.float32, layout="packed")
+    cache.key_cache[0, :3] = torch.arange(1.0, 4.0)[:, None, None]
+    with pytest.raises(InputError, match="^key: expected a tensor apart from the cache's "
+                                         "key_cache"):
+        cache.write(cache.key_cache[0, 0:3], torch.zeros(3, HEADS, D), torch.arange(1, 4))
+    with pytest.raises(InputError, match="^value: expected .* apart from the cache's "
+                                         "key_cache"):
+        cache.write(torch.zeros(3, HEADS, D), cache.key_cache[1, 0:3], torch.arange(1, 4))
+    copy = cache.key_cache[0, 0:3].clone()
+    cache.write(copy, copy, torch.arange(1, 4))
+    assert torch.equal(cache.key_cache[0, 1:4, 0, 0], torch.tensor([1.0, 2.0, 3.0]))
+
+
+def test_write_refuses_sparse_tensors():
+    cache = PagedKVCache.allocate(2, BLOCK, HEADS, D)
+    key = torch.zeros(3, HEADS, D, dtype=torch.float16)
+    slots = torch.arange(3)
+    with pytest.raises(InputError, match="^key: expected a dense"):
+        cache.write(key.to_sparse(), key, slots)
+    with pytest.raises(InputError, match="^slot_mapping: expected a dense"):
+        cache.write(key, key, slots.to_sparse())
+
+
+def test_write_stores_values_without_autograd_history():
+    """K / V straight from a projection that records gradients: the cache gets their
+    values only (no graph growing by one node per write, holding every earlier step's
+    activations)."""
+    projection = torch.nn.Linear(D, HEADS * D)
+    cache = PagedKVCache.allocate(2, BLOCK, HEADS, D, dtype=torch.float32,
+                                  quant=KVQuant.int8_per_token_head())
+    plain = PagedKVCache.allocate(2, BLOCK, HEADS, D, dtype=torch.float32)
+    x = torch.randn(2, D)
+    key = projection(x).view(2, HEADS, D)
+    assert key.requires_grad
+    for c in (cache, plain):
+        c.write(key, key, torch.tensor([3, 4]))
+        for t in (c.key_cache, c.value_cache, c.k_scale_cache, c.v_scale_cache):
+            assert t is None or (not t.requires_grad and t.grad_fn is None)
+    assert torch.equal(plain.key_cache[0, 3:5], key.detach())

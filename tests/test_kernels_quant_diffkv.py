@@ -594,8 +594,8 @@ def quantize_reference(x: torch.Tensor, quant: KVQuant, which: str, storage: tor
         y = (x.double() / s.to(x.device)).float()
         return y.clamp(-FP8_MAX[storage], FP8_MAX[storage]).to(storage), None
     limit = 127.0 if storage == torch.int8 else FP8_MAX[storage]
-    amax = x.abs().amax(-1)
-    scale = torch.where(amax > 0, (amax.double() / limit).float(), torch.ones_like(amax))
+    scale = (x.abs().amax(-1).double() / limit).float()
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # zeros, or underflowed
     y = (x.double() / scale.double()[..., None]).float().clamp(-limit, limit)
     if storage == torch.int8:
         y = torch.round(y)
@@ -682,6 +682,44 @@ def test_write_kernel_keeps_a_nan_a_nan(quant):
         assert torch.equal(_as_float(take(stored, ~bad), want.double()), want.double())
         if scales is not None:
             assert torch.equal(flat_scales[~bad], want_scales)
+
+
+@interp
+@pytest.mark.parametrize("quant", ["int8_token_head", "fp8_token_head", "fp8_token_head_e5m2"])
+def test_write_kernel_takes_strided_slots_and_tiny_token_heads(quant):
+    """Slots as a column of a wider tensor (stride 2) land where they say; a token-head
+    whose absmax / max underflows to 0 in float32 gets scale 1 and finite codes, never the
+    NaN of 0 / 0 (session 41's audit: e4m3 / e5m2 per-token-head gave NaN codes). Its
+    tiny values themselves are float32 subnormals, which the interpreter's float -> fp8
+    cast mis-rounds (not to 0): they are checked finite here, exact in the GPU tier and in
+    test_cache.py (the PyTorch write)."""
+    from portattn.kernels.write_launch import launch_cache_write
+
+    quant = {"fp8_token_head_e5m2": KVQuant.fp8_per_token_head(E5M2)}.get(quant) or \
+        QUANTS[quant]
+    cache = PagedKVCache.allocate(4, 4, 2, 32, dtype=F16, quant=quant)
+    gen = torch.Generator().manual_seed(4)
+    k, v = torch.randn(3, 2, 32, generator=gen), torch.randn(3, 2, 32, generator=gen)
+    k[1, 0] = 0.0
+    k[1, 0, 3] = 1e-42  # absmax / 57344 underflows to 0 in float32, / 448 and / 127 do not
+    v[2, 1] = 0.0
+    v[2, 1, 0] = -1e-44  # / 448 underflows too, / 127 does not
+    table = torch.tensor([[2, 0], [7, 0], [13, 0]])
+    slots = table[:, 0]
+    assert slots.stride(0) == 2
+    launch_cache_write(cache, k, v, slots)
+    for which, src, data, scales in (("k", k, cache.key_cache, cache.k_scale_cache),
+                                     ("v", v, cache.value_cache, cache.v_scale_cache)):
+        want, want_scales = quantize_reference(src, cache.quant, which, data.dtype)
+        stored = take(data.reshape(16, 2, 32), torch.tensor([2, 7, 13]))
+        normal = (src.abs() > 1e-30) | (src == 0)
+        assert torch.equal(_as_float(stored, want.double())[normal], want.double()[normal])
+        assert torch.equal(scales.reshape(16, 2)[[2, 7, 13]], want_scales)
+        assert torch.isfinite(stored.float()).all()
+    if quant.mode == "fp8_per_token_head":
+        assert cache.v_scale_cache.reshape(16, 2)[13, 1] == 1.0
+    if quant.key.endswith("e5m2"):
+        assert cache.k_scale_cache.reshape(16, 2)[7, 0] == 1.0
 
 
 @interp

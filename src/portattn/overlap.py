@@ -54,6 +54,22 @@ def share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
     return _lattice_hit((b.data_ptr() - a.data_ptr()) // size, dims)
 
 
+def storage_span(t: torch.Tensor) -> tuple[int, int] | None:
+    """The address range ``[lo, hi)`` of ``t``'s whole storage (1 us where
+    :func:`share_elements` takes 15: two tensors whose storages' ranges do not meet share
+    no element), or None for a tensor without one to tell by (fake ones while
+    ``torch.compile`` traces; a ``meta`` tensor's range starts at 0, where no real
+    tensor's does)."""
+    if torch.compiler.is_compiling():
+        return None
+    try:
+        storage = t.untyped_storage()
+        lo = storage.data_ptr()
+        return lo, lo + storage.nbytes()
+    except (RuntimeError, NotImplementedError):  # no storage (a fake or functional tensor)
+        return None
+
+
 def _is_fake(t: torch.Tensor) -> bool:
     """A FakeTensor (``torch.compile`` tracing): it has no address to compare."""
     if torch.compiler.is_compiling():

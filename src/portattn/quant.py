@@ -7,8 +7,11 @@ These are the definitions every backend follows (value = stored * scale):
   stored = round(x / scale) clamped to [-127, 127];
 * ``fp8_per_token_head``: scale = absmax / fp8_max, stored = (x / scale) cast to fp8.
 
-A token-head whose values are all zero gets scale 1 (so it dequantizes to exact zeros);
-one holding a NaN gets a NaN scale (so it dequantizes to NaN, never to finite values).
+A token-head whose values are all zero gets scale 1 (so it dequantizes to exact zeros),
+and so does one whose absmax is so small that ``absmax / max`` is 0 in float32 (below
+about 6e-43 for e4m3fn, 8e-41 for e5m2, 2e-43 for int8: its values read back as zeros,
+never as the NaN of 0 / 0); one holding a NaN gets a NaN scale (so it dequantizes to NaN,
+never to finite values).
 """
 
 from __future__ import annotations
@@ -43,8 +46,10 @@ def quantize_for_cache(x: torch.Tensor, quant: KVQuant, which: str,
     absmax = x32.abs().amax(dim=-1)
     # quotients in fp64, rounded once to fp32, like the write kernel's div_rn (CUDA
     # PyTorch divides by a scalar through its reciprocal, an ulp off at times)
-    # all zeros: scale 1 (exact zeros back); a NaN anywhere: a NaN scale (NaN back)
-    scales = torch.where(absmax == 0, torch.ones_like(absmax), (absmax.double() / limit).float())
+    # all zeros, or an absmax so small that absmax / limit is 0 in fp32: scale 1 (zeros
+    # back, never 0 / 0); a NaN anywhere: a NaN scale (NaN back)
+    scales = (absmax.double() / limit).float()
+    scales = torch.where(scales == 0, torch.ones_like(scales), scales)
     scaled = (x32.double() / scales.double().unsqueeze(-1)).float().clamp(-limit, limit)
     if quant.mode == "int8_per_token_head":
         scaled = scaled.round()

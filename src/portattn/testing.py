@@ -128,7 +128,8 @@ def quantize_as_specified(x: torch.Tensor, quant: KVQuant, which: str,
     * ``int8_per_token_head``: scale = absmax over the head / 127, stored = round(x /
       scale) clamped to [-127, 127];
     * ``fp8_per_token_head``: scale = absmax / fp8 max, stored = (x / scale) cast to fp8;
-    * a token-head whose values are all zero gets scale 1.
+    * a token-head whose scale would be 0 (all zeros, or an absmax so small that
+      absmax / max underflows in float32) gets scale 1.
 
     Returns (stored ``[T, H, D]``, per-token-head scales ``[T, H]`` float32 or None).
     """
@@ -145,8 +146,8 @@ def quantize_as_specified(x: torch.Tensor, quant: KVQuant, which: str,
         limit = FP8_FORMAT_MAX[storage_dtype]
     else:
         raise ValueError(f"unknown quant mode {quant.mode!r}")
-    absmax = x.abs().amax(dim=-1)
-    scales = torch.where(absmax == 0, torch.ones_like(absmax), absmax / limit)
+    scales = x.abs().amax(dim=-1) / limit
+    scales = torch.where(scales == 0, torch.ones_like(scales), scales)  # 0, or underflowed
     scaled = (x / scales[..., None]).clamp(-limit, limit)
     if quant.mode == "int8_per_token_head":
         scaled = torch.round(scaled)

@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 
 from portattn.errors import InputError
-from portattn.overlap import overlaps_itself, share_elements
+from portattn.overlap import overlaps_itself, share_elements, storage_span
 from portattn.settings import decision_environment
 
 Scale = float | torch.Tensor
@@ -440,11 +440,16 @@ class PagedKVCache:
     def write(self, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Store new tokens: ``key`` ``[T, num_kv_heads, head_size_qk]``, ``value``
         ``[T, num_kv_heads, head_size_v]`` at ``slot_mapping`` ``[T]`` (int32/int64; slot =
-        block * block_size + offset; -1 skips the token). Quantizes for quantized caches:
-        per-tensor fp8 divides by the scale; per-token-head modes store absmax-derived scales
-        in the scale caches. ``InputError`` (before anything is stored) where two elements
-        of the tensors it stores into share memory (an ``expand``ed cache, V over K, one
-        scale cache for K and V).
+        block * block_size + offset; -1 skips the token; any stride). Quantizes for
+        quantized caches: per-tensor fp8 divides by the scale; per-token-head modes store
+        absmax-derived scales in the scale caches. Stores values only: no autograd history
+        reaches the cache. ``InputError`` (before anything is stored) for arguments that are
+        not dense tensors of those shapes, dtypes and the cache's device; for cache
+        attributes reassigned to something the constructor would refuse
+        (:meth:`check_fields`); where two elements of the tensors it stores into share
+        memory (an ``expand``ed cache, V over K, one scale cache for K and V); and where
+        ``key`` or ``value`` shares memory with them (a view of the cache: the stores would
+        race with the reads).
 
         On a GPU this is one Triton kernel launch that reads no device value (no sync, so a
         whole decode step, write plus attention, can be captured in a CUDA graph); slots
@@ -458,6 +463,7 @@ class PagedKVCache:
         side (a sync, not graph-safe) and warn once."""
         self._check_write_args(key, value, slot_mapping)
         self._check_writable()
+        self._check_sources_apart(key, value)
         if self.device.type != "cpu" and _write_kernel_refusal(self.device) is None:
             from portattn.devices import converts_fp8, cuda_index, on_device
 
@@ -473,34 +479,38 @@ class PagedKVCache:
 
         # like the write kernel: slots of -1, any negative slot and slots past the cache
         # are skipped (the CPU checked them above; a GPU without fp8 conversions gets here)
-        valid = (slot_mapping >= 0) & (slot_mapping < self.num_blocks * self.block_size)
-        slots = slot_mapping[valid].long()
-        key, value = key[valid], value[valid]
-        blocks = torch.div(slots, self.block_size, rounding_mode="floor")
-        offsets = slots - blocks * self.block_size
-        for name, src, cache, scale_cache in (
-                ("k", key, self.key_cache, self.k_scale_cache),
-                ("v", value, self.value_cache, self.v_scale_cache)):
-            stored, scales = quantize_for_cache(src, self.quant, name, cache.dtype)
-            cache[blocks, offsets] = stored
-            if scale_cache is not None and scales is not None:
-                scale_cache[blocks, offsets] = scales
+        with torch.no_grad():  # values only, as the kernel stores them: no autograd history
+            valid = (slot_mapping >= 0) & (slot_mapping < self.num_blocks * self.block_size)
+            slots = slot_mapping[valid].long()
+            key, value = key[valid], value[valid]
+            blocks = torch.div(slots, self.block_size, rounding_mode="floor")
+            offsets = slots - blocks * self.block_size
+            for name, src, cache, scale_cache in (
+                    ("k", key, self.key_cache, self.k_scale_cache),
+                    ("v", value, self.value_cache, self.v_scale_cache)):
+                stored, scales = quantize_for_cache(src, self.quant, name, cache.dtype)
+                cache[blocks, offsets] = stored
+                if scale_cache is not None and scales is not None:
+                    scale_cache[blocks, offsets] = scales
 
     def _check_writable(self) -> None:
-        """``InputError`` when two elements of the tensors :meth:`write` stores into
-        (``key_cache``, ``value_cache`` and the scale caches) share memory, in one tensor
-        (an ``expand``ed view) or across two (V over K, one scale cache for both): each
-        store would overwrite another. Attention only reads them, so only ``write``
-        refuses. Remembered on the cache for these very tensor objects, as the cache's
-        structure is (``planning.cache_structure_id``): a reassigned attribute is checked
-        again; a tensor re-pointed or re-strided in place (``set_``, ``as_strided_``) is
-        not."""
+        """The attributes :meth:`write` uses, checked again as the constructor checks them
+        (:meth:`check_fields`: one may have been reassigned), then ``InputError`` when two
+        elements of the tensors it stores into (``key_cache``, ``value_cache`` and the
+        scale caches) share memory, in one tensor (an ``expand``ed view) or across two (V
+        over K, one scale cache for both): each store would overwrite another. Attention
+        only reads them, so only ``write`` refuses. Remembered on the cache for these very
+        objects, as the cache's structure is (``planning.cache_structure_id``): a
+        reassigned attribute is checked again; a tensor re-pointed or re-strided in place
+        (``set_``, ``as_strided_``) is not."""
         k, v, ks, vs = self.key_cache, self.value_cache, self.k_scale_cache, self.v_scale_cache
         known = self.__dict__.get(_WRITABLE_ATTR)
         if known is not None and known[0]() is k and known[1]() is v and \
                 (ks is None if known[2] is None else known[2]() is ks) and \
-                (vs is None if known[3] is None else known[3]() is vs):
+                (vs is None if known[3] is None else known[3]() is vs) and \
+                known[4] is self.quant:
             return
+        self.check_fields()
         tensors = [("key_cache", k), ("value_cache", v)]
         if ks is not None:
             tensors.append(("k_scale_cache", ks))
@@ -516,12 +526,39 @@ class PagedKVCache:
                     raise InputError(f"cache.{name}", f"memory apart from {other_name}'s "
                                      "(write() stores into both)", "a view sharing elements "
                                      f"with {other_name}")
+        spans = [(name, span) for name, span in ((name, storage_span(t))
+                                                 for name, t in tensors) if span is not None]
+        reach = (min(lo for _, (lo, _) in spans), max(hi for _, (_, hi) in spans)) \
+            if spans else (0, 0)
         self.__dict__[_WRITABLE_ATTR] = (weakref.ref(k), weakref.ref(v),
                                          None if ks is None else weakref.ref(ks),
-                                         None if vs is None else weakref.ref(vs))
+                                         None if vs is None else weakref.ref(vs), self.quant,
+                                         reach, spans)
+
+    def _check_sources_apart(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        """``InputError`` where ``key`` or ``value`` shares memory with a tensor
+        :meth:`write` stores into (a view of the cache written elsewhere in it): on a GPU
+        the stores would race with the reads. Storage address ranges first (those of the
+        cache's tensors remembered by :meth:`_check_writable`, which runs first): only
+        where they meet is the exact :func:`share_elements` asked."""
+        known = self.__dict__[_WRITABLE_ATTR]
+        all_lo, all_hi = known[5]
+        for name, src in (("key", key), ("value", value)):
+            span = storage_span(src)
+            if span is None or span[0] >= all_hi or all_lo >= span[1]:
+                continue
+            for dst_name, (lo, hi) in known[6]:
+                if span[0] < hi and lo < span[1] and \
+                        share_elements(src, getattr(self, dst_name)):
+                    raise InputError(name, f"a tensor apart from the cache's {dst_name} "
+                                     "(write() stores into it)", "a view sharing memory "
+                                     f"with cache.{dst_name}; pass a copy")
 
     def _check_write_args(self, key: torch.Tensor, value: torch.Tensor,
                           slot_mapping: torch.Tensor) -> None:
+        for name, t in (("key", key), ("value", value), ("slot_mapping", slot_mapping)):
+            if isinstance(t, torch.Tensor) and t.layout != torch.strided:
+                raise InputError(name, "a dense (strided) tensor", f"layout {t.layout}")
         for name, t, d in (("key", key, self.head_size_qk), ("value", value, self.head_size_v)):
             if not isinstance(t, torch.Tensor) or t.dim() != 3 or \
                     tuple(t.shape[1:]) != (self.num_kv_heads, d):

@@ -359,6 +359,32 @@ def test_token_head_fp8_keeps_fp16_precision(case, fmt):
                  tolerance=1e-3)
 
 
+@pytest.mark.parametrize("quant", list(QUANTS) + ["fp8_token_head_e5m2"])
+def test_write_kernel_takes_strided_slots_and_tiny_token_heads(quant):
+    """Slots as a column of a wider tensor land where they say; token-heads whose absmax /
+    max underflows in float32 get scale 1 and zero codes (not NaN), as the reference
+    quantizer says, bit for bit."""
+    from portattn import PagedKVCache
+
+    quant = KVQuant.fp8_per_token_head(torch.float8_e5m2) if quant == "fp8_token_head_e5m2" \
+        else QUANTS[quant]
+    cache = PagedKVCache.allocate(64, 16, 4, 128, dtype=BF16, quant=quant, device=DEV)
+    k = torch.randn(200, 4, 128, device=DEV) * 4
+    v = torch.randn(200, 4, 128, device=DEV)
+    for src, t, tiny in ((k, 3, 1e-42), (k, 4, 1e-44), (v, 5, -1e-44)):
+        src[t] = 0.0
+        src[t, :, 7] = tiny
+    table = torch.stack([torch.randperm(64 * 16, device=DEV)[:200],
+                         torch.zeros(200, dtype=torch.int64, device=DEV)], 1)
+    table[9, 0] = -1
+    slots = table[:, 0]
+    assert slots.stride(0) == 2
+    cache.write(k, v, slots)
+    assert_written(cache, k, v, slots)
+    for t in (cache.key_cache, cache.value_cache):
+        assert not torch.isnan(t.float()).any()
+
+
 @pytest.mark.parametrize("quant", list(QUANTS))
 def test_write_kernel_keeps_a_nan_a_nan(quant):
     """A NaN reads back as NaN: an fp8 code NaN (a plain GPU min / max would clamp it to

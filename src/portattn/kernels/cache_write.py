@@ -4,7 +4,7 @@ Layout
 ------
 * ``key`` ``[num_tokens, num_kv_heads, HEAD_QK]`` and ``value`` ``[..., HEAD_V]`` (float16,
   bfloat16 or float32, any strides) are the new tokens; ``slot_mapping`` ``[num_tokens]``
-  (int32/int64) says where each goes: slot ``s`` is block ``s // BLOCK_SIZE``, offset
+  (int32/int64, any stride) says where each goes: slot ``s`` is block ``s // BLOCK_SIZE``, offset
   ``s % BLOCK_SIZE``;
 * the caches ``[num_blocks, BLOCK_SIZE, num_kv_heads, HEAD]`` through (block, slot, head)
   strides with a contiguous last dim (split, packed and DiffKV views alike);
@@ -16,12 +16,12 @@ Slots of -1 (padding) and slots outside the cache are skipped on the device, so 
 here reads a device value on the host: no sync, capturable in a CUDA graph.
 
 ``QUANT`` (constexpr): 0 store as the cache's dtype; 1 per-tensor fp8: ``clamp(x / scale,
-+-QMAX)``; 2 per-token-head: ``scale = absmax / QMAX`` (1 for an all-zero token-head, NaN
-for one holding a NaN), ``stored = x / scale`` (rounded half to even and stored as int8
-when ``INT8``), the scale written to the scale cache. A NaN input stays NaN: fp8 stores
-NaN, and an int8 token-head's NaN scale makes it read back as NaN. Divisions round to
-nearest (``div_rn``), as torch's do, so the kernel stores what :mod:`portattn.quant`
-defines.
++-QMAX)``; 2 per-token-head: ``scale = absmax / QMAX`` (1 where that is 0: an all-zero
+token-head, or an absmax that underflows; NaN for one holding a NaN), ``stored = x /
+scale`` (rounded half to even and stored as int8 when ``INT8``), the scale written to the
+scale cache. A NaN input stays NaN: fp8 stores NaN, and an int8 token-head's NaN scale
+makes it read back as NaN. Divisions round to nearest (``div_rn``), as torch's do, so the
+kernel stores what :mod:`portattn.quant` defines.
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ def _store_token_head(src_ptr, stride_d, dst_ptr, scale_ptr, scale_dst_ptr,
             y = tl.math.div_rn(x, tl.load(scale_ptr))
         else:
             absmax = tl.reduce(tl.abs(x), 0, _max_keeping_nan)  # tl.max would skip NaN
-            scale = tl.where(absmax == 0.0, 1.0, tl.math.div_rn(absmax, QMAX))
+            scale = tl.math.div_rn(absmax, QMAX)
+            scale = tl.where(scale == 0.0, 1.0, scale)  # zeros, or an absmax that underflows
             y = tl.math.div_rn(x, scale)
             tl.store(scale_dst_ptr, scale)
         # NaN stays NaN (a plain min / max on a GPU would clamp it to +-QMAX)
@@ -73,7 +74,7 @@ def _store_token_head(src_ptr, stride_d, dst_ptr, scale_ptr, scale_dst_ptr,
 
 @triton.jit
 def cache_write_kernel(key_ptr, value_ptr, slot_ptr, k_cache_ptr, v_cache_ptr,
-                       k_scale_ptr, v_scale_ptr, num_slots,
+                       k_scale_ptr, v_scale_ptr, num_slots, stride_slot,
                        stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
                        stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                        stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
@@ -84,7 +85,7 @@ def cache_write_kernel(key_ptr, value_ptr, slot_ptr, k_cache_ptr, v_cache_ptr,
     """Store token ``program_id(0)``'s K and V of kv head ``program_id(1)`` (module doc)."""
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
+    slot = tl.load(slot_ptr + t * stride_slot).to(tl.int64)
     if (slot < 0) | (slot >= num_slots):
         return
     block = slot // BLOCK_SIZE

@@ -27,8 +27,8 @@ def launch_cache_write(cache, key, value, slot_mapping) -> None:
     kc, vc = cache.key_cache, cache.value_cache
     cache_write_kernel[(num_tokens, cache.num_kv_heads)](
         key, value, slot_mapping, kc, vc, k_scale, v_scale, cache.num_blocks * cache.block_size,
-        *key.stride(), *value.stride(), kc.stride(0), kc.stride(1), kc.stride(2),
-        vc.stride(0), vc.stride(1), vc.stride(2), *k_strides, *v_strides,
+        slot_mapping.stride(0), *key.stride(), *value.stride(), kc.stride(0), kc.stride(1),
+        kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2), *k_strides, *v_strides,
         BLOCK_SIZE=cache.block_size, HEAD_QK=cache.head_size_qk,
         HEAD_QK_PAD=head_pad(cache.head_size_qk), HEAD_V=cache.head_size_v,
         HEAD_V_PAD=head_pad(cache.head_size_v), QUANT=code,
