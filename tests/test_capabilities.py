@@ -191,6 +191,15 @@ def test_a_device_this_process_does_not_see_is_named(device):
     assert info.value.argument == "device"
 
 
+def test_profile_names_are_case_insensitive(monkeypatch):
+    """README: environment values are case-insensitive (``SM90`` was refused as unknown:
+    session 41's audit)."""
+    assert probe(simulate="SM90+FA4") == probe(simulate="sm90+fa4")
+    assert probe(simulate=" Sm90+Fa4 ").profile == "sm90+fa4"
+    monkeypatch.setenv("PORTATTN_SIMULATE", "GFX942")
+    assert probe().arch == "gfx942"
+
+
 def test_simulate_env_and_explicit_real(monkeypatch):
     monkeypatch.setenv("PORTATTN_SIMULATE", "gfx942")
     assert probe().arch == "gfx942"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import portattn
-from portattn import UnsupportedError, planning
+from portattn import InputError, UnsupportedError, planning
 from portattn.backends.base import Backend, Plan
 from portattn.capabilities import probe
 from portattn.dispatch import Problem, decide, decision_cache, registry
@@ -78,8 +78,19 @@ def test_forced_backend_that_cannot_serve_raises_with_its_reasons(with_picky):
 
 
 def test_unknown_backend_is_named(with_picky, batch):
-    with pytest.raises(UnsupportedError, match="unknown backend 'nope'.*known:.*torch_ref"):
-        portattn.attention(batch.q, batch.cache, batch.metadata, backend="nope")
+    """An InputError naming ``backend`` (README: bad values raise InputError) that is also
+    an UnsupportedError, so handlers written for either catch it."""
+    for error in (UnsupportedError, InputError):
+        with pytest.raises(error, match=r"^backend: expected auto or a registered backend "
+                                        r"\(.*torch_ref.*\), got 'nope'"):
+            portattn.attention(batch.q, batch.cache, batch.metadata, backend="nope")
+
+
+def test_backend_names_match_without_regard_to_case(batch, monkeypatch):
+    assert portattn.explain(batch.q, batch.cache, batch.metadata,
+                            backend="Torch_Ref").backend == "torch_ref"
+    monkeypatch.setenv("PORTATTN_BACKEND", "TORCH_REF")
+    assert portattn.explain(batch.q, batch.cache, batch.metadata).backend == "torch_ref"
 
 
 def test_import_failure_becomes_a_reason(with_picky, batch):
@@ -189,8 +200,8 @@ def test_forced_backend_parsing(monkeypatch):
 
 def test_unknown_backend_in_the_environment_names_the_variable(batch, monkeypatch):
     monkeypatch.setenv("PORTATTN_BACKEND", "nope")
-    with pytest.raises(UnsupportedError, match="^unknown backend 'nope' requested through "
-                                               "PORTATTN_BACKEND"):
+    with pytest.raises(InputError, match="^PORTATTN_BACKEND: expected auto or a registered "
+                                         "backend .*, got 'nope'"):
         portattn.explain(batch.q, batch.cache, batch.metadata)
 
 

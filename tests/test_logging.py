@@ -127,3 +127,16 @@ def test_a_gpu_cache_write_in_pytorch_warns_once_per_device_and_dtype(caplog):
     slow = [r for r in caplog.records if "PagedKVCache.write" in r.getMessage()]
     assert [r.levelname for r in slow] == ["WARNING"]
     assert "float8_e4m3fn" in slow[0].getMessage() and "CUDA graph" in slow[0].getMessage()
+
+
+def test_explain_logs_nothing_and_the_call_that_runs_is_announced(caplog, monkeypatch):
+    """``explain`` runs nothing: the "serves" line belongs to the first call that does
+    (it went to explain, and the real call logged nothing: session 41's audit)."""
+    monkeypatch.setenv("PORTATTN_VALIDATE", "0")
+    batch = make_paged_batch([2, 1], [9, 30], num_q_heads=4, num_kv_heads=2, head_size=32,
+                             dtype=torch.float32)
+    decision = portattn.explain(batch.q, batch.cache, batch.metadata, softcap=3.0)
+    assert decision.backend == "torch_ref" and _records(caplog) == []
+    portattn.attention(batch.q, batch.cache, batch.metadata, softcap=3.0)
+    records = _records(caplog)
+    assert len(records) == 1 and records[0].getMessage().startswith("torch_ref serves ")

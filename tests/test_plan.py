@@ -348,11 +348,22 @@ def test_run_names_arguments_that_do_not_fit_the_plan(small, doubling):
         (dict(q=q, cache=small.cache, sinks=sinks, out=torch.empty(3, 4, 32, dtype=F16)),
          "out"),
     ]
+    other_heads = PagedKVCache.allocate(8, 8, 1, 32, dtype=F32)
+    other_size = PagedKVCache.allocate(8, 8, 2, 64, dtype=F32)
+    cases += [  # q fits the plan, the cache does not: the cache is named (session 41)
+        (dict(q=q, cache=other_heads, sinks=sinks), "cache"),
+        (dict(q=q, cache=other_size, sinks=sinks), "cache"),
+    ]
     for kwargs, argument in cases:
         with pytest.raises(InputError) as info:
             plan.run(**kwargs)
         assert info.value.argument == argument, (kwargs, str(info.value))
     assert torch.equal(plan.run(q, small.cache, sinks=sinks), q * 2)
+    for alibi in ("linear", "sqrt"):  # a planned ALiBi without its slopes names them
+        planned = portattn.plan(small.metadata, num_q_heads=4, dtype=F32, cache=small.cache,
+                                alibi=alibi, backend="doubling", validate=False)
+        with pytest.raises(InputError, match=f"^alibi_slopes: expected ALiBi {alibi} "):
+            planned.run(q, small.cache)
 
 
 # --------------------------------------------------------------------------- hints

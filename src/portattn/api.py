@@ -107,4 +107,6 @@ def explain(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMetadata, *
         raise TypeError(f"explain() got an unexpected keyword argument {unknown[0]!r} "
                         f"(the options: {', '.join(OPTION_NAMES)})")
     call_options, problem = _prepare(q, cache, metadata, validate, out, options)
-    return with_notes(decide(problem, probe(device=q.device), backend), call_options)
+    # log=False: nothing runs, so the "serves" line waits for the call that does
+    return with_notes(decide(problem, probe(device=q.device), backend, log=False),
+                      call_options)

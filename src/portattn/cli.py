@@ -19,11 +19,17 @@ def _demo(args: argparse.Namespace) -> int:
     from portattn.testing import dense_attention, make_paged_batch, relative_error
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        kind = None
+    if kind not in ("cuda", "cpu"):
+        raise portattn.InputError("--device", "cuda, cuda:N or cpu", repr(device))
+    if kind == "cuda" and not torch.cuda.is_available():
         print(f"error: --device {device}: this torch sees no CUDA/ROCm GPU", file=sys.stderr)
         return 2
     dtype = getattr(torch, args.dtype) if args.dtype else \
-        (torch.bfloat16 if device != "cpu" else torch.float32)
+        (torch.bfloat16 if kind != "cpu" else torch.float32)
     gen = torch.Generator().manual_seed(args.seed)
     # A mixed batch: two prefill chunks over cached context, decodes, a spec-decode row.
     query_lens = [37, 64, 1, 1, 1, 4, 1, 1]

@@ -7,6 +7,8 @@ Two kinds of failure reach users:
   It subclasses ``ValueError`` so generic handlers keep working.
 * :class:`UnsupportedError` -- the call is well formed but no backend (or the forced one)
   can serve it. ``reasons`` maps each backend considered to the sentences explaining why.
+
+An unknown backend name is both (:class:`UnknownBackendError`).
 """
 
 from __future__ import annotations
@@ -39,3 +41,14 @@ class UnsupportedError(PortattnError, RuntimeError):
             lines.append(f"  {name}:")
             lines.extend(f"    - {reason}" for reason in why)
         super().__init__("\n".join(lines))
+
+
+class UnknownBackendError(InputError, UnsupportedError):
+    """A backend name no registered backend has (``backend=`` or ``PORTATTN_BACKEND``):
+    an :class:`InputError` naming the argument or variable, and an
+    :class:`UnsupportedError` (no backend serves a call forced onto it), so handlers
+    written for either catch it."""
+
+    def __init__(self, argument: str, name: str, known: list[str]):
+        super().__init__(argument, f"auto or a registered backend ({', '.join(known)})",
+                         repr(name))

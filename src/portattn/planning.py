@@ -276,6 +276,18 @@ def _check_q(q, body: PlanBody) -> None:
         raise InputError("q", f"device {body.device} (the plan's)", str(q.device))
 
 
+def _check_cache(cache, body: PlanBody) -> None:
+    """The cache's head size and kv heads against the plan, once q fits it: a cache that
+    does not fit is named as such (not as a q that does not fit the cache)."""
+    if not isinstance(cache, PagedKVCache):
+        return  # check_structure names the type
+    problem = body.problem
+    for what, want, got in (("head_size_qk", problem.head_size_qk, cache.head_size_qk),
+                            ("num_kv_heads", problem.num_kv_heads, cache.num_kv_heads)):
+        if want != got:
+            raise InputError("cache", f"{what} {want} (as planned)", f"{what} {got}")
+
+
 def _check_problem(plan_problem: Problem, call: Problem, device, q: torch.Tensor) -> None:
     """InputError naming the argument when a call does not fit its plan."""
     if q.device != device:
@@ -415,12 +427,15 @@ class AttentionPlan:
         body = self._body
         metadata = self.metadata
         _check_q(q, body)
+        _check_cache(cache, body)
         check_structure(q, cache, metadata)
         alibi_slopes, sinks, q_scale, output_scale = layer
+        # alibi_sqrt only with slopes: a missing alibi_slopes is named by _check_problem
         options = normalize_options(
             q, cache, out=out, scale=body.options.scale, causal=body.options.causal,
             sliding_window=body.options.sliding_window, softcap=body.options.softcap,
-            alibi_slopes=alibi_slopes, alibi_sqrt=body.options.alibi_sqrt, sinks=sinks,
+            alibi_slopes=alibi_slopes,
+            alibi_sqrt=body.options.alibi_sqrt and alibi_slopes is not None, sinks=sinks,
             q_scale=q_scale, output_scale=output_scale)
         check_out(q, cache, out, options.out_dtype)
         if out is None:  # run() allocates the planned dtype

@@ -108,11 +108,11 @@ def _known_names() -> str:
 
 def parse_profile_name(name: str, argument: str = "simulate"
                        ) -> tuple[str, tuple[str, ...]]:
-    """``"sm90+fa4+fa2"`` -> ``("sm90", ("fa2", "fa4"))``; ``InputError`` (a
-    ``ValueError``) naming ``argument`` if unknown."""
+    """``"sm90+fa4+fa2"`` -> ``("sm90", ("fa2", "fa4"))`` (case-insensitive: ``SM90+FA4``
+    is ``sm90+fa4``); ``InputError`` (a ``ValueError``) naming ``argument`` if unknown."""
     if not isinstance(name, str):
         raise InputError(argument, "a simulated profile name (a str)", repr(name))
-    base, *suffixes = name.strip().split("+")
+    base, *suffixes = name.strip().lower().split("+")
     if base not in _DEVICES:
         raise InputError(argument, f"a known simulated profile ({_known_names()})",
                          f"unknown simulated profile {name!r}")
