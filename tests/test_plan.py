@@ -289,6 +289,9 @@ def test_plan_names_bad_arguments(small):
         (dict(num_q_heads=4, dtype=F32), "num_kv_heads"),
         (dict(num_q_heads=4, dtype=F32, num_kv_heads=2, head_size_qk=32), "block_size"),
         (dict(num_q_heads=4, dtype=F32, cache=small.cache, alibi="cubic"), "alibi"),
+        # sqrt(p - k) needs causal: plan() has no alibi_sqrt (session 41's audit)
+        (dict(num_q_heads=4, dtype=F32, cache=small.cache, alibi="sqrt", causal=False),
+         "alibi"),
         (dict(num_q_heads=4, dtype=F32, cache=small.cache, sinks=1), "sinks"),
         (dict(num_q_heads=3, dtype=F32, cache=small.cache), "num_q_heads"),
         (dict(num_q_heads=3, dtype=F32, num_kv_heads=2, head_size_qk=32, block_size=16),

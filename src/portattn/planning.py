@@ -568,8 +568,9 @@ def plan(metadata: AttentionMetadata, *, num_q_heads: int, dtype: torch.dtype,
 
 
 #: the stand-ins' argument names -> plan()'s argument that made them (a described cache:
-#: its dtype is ``kv_dtype``, or q's ``dtype`` where kv_dtype was left to follow it)
-_STAND_IN_ARGUMENTS = {"q": "dtype", "out": "out_dtype"}
+#: its dtype is ``kv_dtype``, or q's ``dtype`` where kv_dtype was left to follow it;
+#: ``alibi_sqrt`` is what ``alibi="sqrt"`` becomes)
+_STAND_IN_ARGUMENTS = {"q": "dtype", "out": "out_dtype", "alibi_sqrt": "alibi"}
 _DESCRIBED_CACHE_ARGUMENTS = ("cache", "key_cache", "value_cache")
 
 
@@ -585,7 +586,7 @@ def _named_as_plan_argument(exc: InputError, described: bool,
         expected = expected.replace("quant=KVQuant", "kv_quant=KVQuant")  # plan()'s name
     if argument is None:
         return exc
-    return InputError(argument, expected, exc.got)
+    return InputError(argument, expected, exc.got.replace("alibi_sqrt=True", "alibi='sqrt'"))
 
 
 def _stand_ins(device, num_q_heads, dtype, cache, num_kv_heads, head_size_qk, head_size_v,
