@@ -108,6 +108,29 @@ def test_a_held_plan_names_the_failure_and_a_new_plan_routes_elsewhere(failing_k
     assert relative_error(replanned.run(batch.q, batch.cache), expected) < 1e-4
 
 
+def test_a_held_plan_whose_kernel_failed_keeps_no_cache_alive(failing_kernels):
+    """The failure a plan keeps for its later calls holds no frame of the failing call: its
+    q, cache and out are freed while the plan lives on (session 41's audit: the kept
+    exception's traceback held them)."""
+    import gc
+    import weakref
+
+    batch, metadata, _ = _batch()
+    plan = portattn.plan(metadata, num_q_heads=4, dtype=torch.float32, cache=batch.cache)
+    if plan.backend != "triton_unified":
+        pytest.skip(f"auto routing here picks {plan.backend}, not our Triton kernel")
+    cache, q = batch.cache, batch.q
+    refs = [weakref.ref(t) for t in (cache, cache.key_cache, q)]
+    with pytest.raises(UnsupportedError) as info:
+        plan.run(q, cache)
+    del info, cache, q, batch
+    gc.collect()
+    assert [r() is None for r in refs] == [True] * 3
+    with pytest.raises(UnsupportedError, match=PTXAS[:20]):  # the failure is still told
+        plan.run(torch.zeros(4, 4, 32), portattn.PagedKVCache.allocate(8, 16, 2, 32,
+                                                                        dtype=torch.float32))
+
+
 def test_an_out_sharing_q_memory_is_not_rerouted(failing_kernels):
     """A kernel that ran before the failing one may have written ``out``; where ``out``
     is q itself the next backend would read those rows as queries: raise instead."""

@@ -271,6 +271,25 @@ def test_custom_op_reuses_plans():
         assert relative_error(out, _expected(batch, q, keys, values, sinks=s)) < 2e-5
 
 
+@pytest.mark.parametrize("dynamic", [True, None])
+def test_plan_run_compiles_over_a_plan_per_step(dynamic):
+    """A plan per step (token count and hints change) under torch.compile, symbolic shapes
+    included: the traced checks compare the plan field by field (a dataclass compare of
+    symbolic hints crashed Dynamo: session 41's audit)."""
+    def step(plan, q, cache):
+        return plan.run(q, cache)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    for i in range(3):
+        batch = make_paged_batch([1, 1 + i], [9 + i, 20 + i], num_q_heads=4, num_kv_heads=2,
+                                 head_size=32, dtype=F32, seed=i)
+        plan = portattn.plan(batch.metadata, num_q_heads=4, dtype=F32, cache=batch.cache)
+        got = compiled(plan, batch.q, batch.cache)
+        want = dense_attention(batch.q, batch.keys, batch.values, batch.query_lens)
+        assert relative_error(got, want) < 2e-5
+
+
 # --------------------------------------------------------------------------- errors
 
 

@@ -44,6 +44,7 @@ stages keys up to the plan's bound) makes the rows that see keys past it NaN.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import threading
 import weakref
@@ -237,8 +238,20 @@ class PlanBody:
         except Exception as exc:
             if not launch_failures.raised_by_triton(exc):
                 raise
-            self.failed = exc
+            self.failed = _without_frames(exc)
             raise launch_failures.KernelFailed(self, exc) from exc
+
+
+def _without_frames(exc: Exception) -> Exception:
+    """``exc`` as a body keeps it for its later calls: a copy without traceback, cause or
+    context (their frames hold the failing call's q, cache and out, which a plan must not
+    keep alive), or a ``RuntimeError`` with its text where it cannot be copied."""
+    try:
+        kept = copy.copy(exc)
+    except Exception:  # an exception type that cannot be rebuilt from its args
+        kept = RuntimeError(f"{type(exc).__name__}: {exc}")
+    kept.__traceback__ = kept.__cause__ = kept.__context__ = None
+    return kept
 
 
 #: (problem, scale, window, softcap, backend, decision environment, device) -> PlanBody
@@ -304,9 +317,12 @@ def _check_problem(plan_problem: Problem, call: Problem, device, q: torch.Tensor
             raise InputError(argument, f"{what} {want} (as planned)", f"{what} {got}")
     # the cache's slot layout (kv_rows) may differ: a launch checks its tensors and
     # stages where the Gluon prefill cannot read them as rows; so may whether K and V are
-    # views of one tensor (packed_kv: no backend decides on it, every launch takes both)
-    if replace(call, kv_rows=plan_problem.kv_rows,
-               packed_kv=plan_problem.packed_kv) != plan_problem:  # pragma: no cover
+    # views of one tensor (packed_kv: no backend decides on it, every launch takes both).
+    # Not while Dynamo traces: the hints may be symbolic there, and a dataclass compare of
+    # symbolic fields is not traceable (the fields above were compared one by one)
+    if not torch.compiler.is_compiling() and replace(
+            call, kv_rows=plan_problem.kv_rows,
+            packed_kv=plan_problem.packed_kv) != plan_problem:  # pragma: no cover
         raise InputError("q", f"a call like the plan's ({plan_problem.describe()})",
                          call.describe())
 
