@@ -109,6 +109,8 @@ class Variant:
 
         def launch(*args, **kwargs):
             kwargs = {k: v for k, v in kwargs.items() if k in names or k == "num_warps"}
+            if "num_tokens" not in names:  # before session 41's span bound: no num_tokens,
+                args = args[:13] + args[14:]  # the 14th argument now
             if legacy:  # num_tiles, the 14th argument: every sequence's tiles
                 num_tokens, num_seqs, _ = Variant.call
                 args = args[:13] + (num_tokens // 128 + num_seqs,) + args[14:]

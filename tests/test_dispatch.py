@@ -86,11 +86,36 @@ def test_unknown_backend_is_named(with_picky, batch):
             portattn.attention(batch.q, batch.cache, batch.metadata, backend="nope")
 
 
+def test_unknown_backend_errors_survive_pickling(batch):
+    """Raised in a worker process, they reach the parent whole (their class took three
+    arguments and could not be rebuilt from its message: session 41's review)."""
+    import copy
+    import pickle
+
+    with pytest.raises(InputError) as info:
+        portattn.attention(batch.q, batch.cache, batch.metadata, backend="nope")
+    for clone in (pickle.loads(pickle.dumps(info.value)), copy.copy(info.value)):
+        assert type(clone) is type(info.value) and str(clone) == str(info.value)
+        assert clone.argument == "backend" and isinstance(clone, UnsupportedError)
+    plain = pickle.loads(pickle.dumps(InputError("q", "a tensor", "a list")))
+    assert str(plain) == "q: expected a tensor, got a list" and plain.argument == "q"
+
+
+def test_backend_auto_is_automatic_routing(batch, monkeypatch):
+    monkeypatch.setenv("PORTATTN_BACKEND", "torch_ref")
+    for auto in ("auto", "AUTO"):
+        decision = portattn.explain(batch.q, batch.cache, batch.metadata, backend=auto)
+        assert decision.source == "auto"
+
+
 def test_backend_names_match_without_regard_to_case(batch, monkeypatch):
     assert portattn.explain(batch.q, batch.cache, batch.metadata,
                             backend="Torch_Ref").backend == "torch_ref"
     monkeypatch.setenv("PORTATTN_BACKEND", "TORCH_REF")
     assert portattn.explain(batch.q, batch.cache, batch.metadata).backend == "torch_ref"
+    from portattn import settings
+
+    assert settings.BACKEND.problem() is None  # the report does not flag it either
 
 
 def test_import_failure_becomes_a_reason(with_picky, batch):

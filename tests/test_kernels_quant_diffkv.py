@@ -703,7 +703,7 @@ def test_write_kernel_takes_strided_slots_and_tiny_token_heads(quant):
     k[1, 0] = 0.0
     k[1, 0, 3] = 1e-42  # absmax / 57344 underflows to 0 in float32, / 448 and / 127 do not
     v[2, 1] = 0.0
-    v[2, 1, 0] = -1e-44  # / 448 underflows too, / 127 does not
+    v[2, 1, 0] = -1e-44  # / 448 and / 127 underflow too
     table = torch.tensor([[2, 0], [7, 0], [13, 0]])
     slots = table[:, 0]
     assert slots.stride(0) == 2

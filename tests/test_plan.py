@@ -381,6 +381,10 @@ def test_run_names_arguments_that_do_not_fit_the_plan(small, doubling):
             plan.run(**kwargs)
         assert info.value.argument == argument, (kwargs, str(info.value))
     assert torch.equal(plan.run(q, small.cache, sinks=sinks), q * 2)
+    flat_keys = PagedKVCache(small.cache.key_cache, small.cache.value_cache)
+    flat_keys.key_cache = flat_keys.key_cache[0]  # reassigned after the constructor
+    with pytest.raises(InputError, match="^cache.key_cache: expected a 4-D"):
+        plan.run(q, flat_keys, sinks=sinks)
     for alibi in ("linear", "sqrt"):  # a planned ALiBi without its slopes names them
         planned = portattn.plan(small.metadata, num_q_heads=4, dtype=F32, cache=small.cache,
                                 alibi=alibi, backend="doubling", validate=False)

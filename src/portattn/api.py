@@ -62,9 +62,11 @@ def attention(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMetadata,
     another as ``metadata.cu_seqlens_q`` says). Returns ``[num_tokens, num_q_heads,
     head_size_v]`` (written into ``out`` when given). See DESIGN.md for the semantics of
     each option; ``backend`` forces a backend by name (``UnsupportedError`` when it cannot
-    serve the call); ``validate``: True checks the metadata's values wherever they live
-    (on a GPU that synchronizes), False never checks them (not on the CPU either), None
-    follows ``PORTATTN_VALIDATE`` (unset: only metadata on the CPU). ``out``, when given,
+    serve the call; an unknown name is also an ``InputError``; ``"auto"`` routes
+    automatically whatever ``PORTATTN_BACKEND`` says); ``validate``: True checks the
+    metadata's values wherever they live (on a GPU that synchronizes), False never checks
+    them (not on the CPU either), None follows ``PORTATTN_VALIDATE`` (unset: only metadata
+    on the CPU). ``out``, when given,
     is written in place: the result's shape and dtype, a contiguous last dimension, no
     grad, no two elements at one address, and either q itself or sharing no element with
     q.

@@ -27,6 +27,9 @@ class InputError(PortattnError, ValueError):
         self.got = got
         super().__init__(f"{argument}: expected {expected}, got {got}")
 
+    def __reduce__(self):  # pickle / copy rebuild it from its own arguments, not the text
+        return type(self), (self.argument, self.expected, self.got)
+
 
 class UnsupportedError(PortattnError, RuntimeError):
     """No backend (or the explicitly requested one) can serve this call.
@@ -50,5 +53,9 @@ class UnknownBackendError(InputError, UnsupportedError):
     written for either catch it."""
 
     def __init__(self, argument: str, name: str, known: list[str]):
+        self.name, self.known = name, list(known)
         super().__init__(argument, f"auto or a registered backend ({', '.join(known)})",
                          repr(name))
+
+    def __reduce__(self):
+        return type(self), (self.argument, self.name, self.known)

@@ -294,6 +294,7 @@ def _check_cache(cache, body: PlanBody) -> None:
     does not fit is named as such (not as a q that does not fit the cache)."""
     if not isinstance(cache, PagedKVCache):
         return  # check_structure names the type
+    cache.check_fields()  # attributes reassigned since the constructor: named as such
     problem = body.problem
     for what, want, got in (("head_size_qk", problem.head_size_qk, cache.head_size_qk),
                             ("num_kv_heads", problem.num_kv_heads, cache.num_kv_heads)):

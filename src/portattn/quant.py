@@ -9,7 +9,7 @@ These are the definitions every backend follows (value = stored * scale):
 
 A token-head whose values are all zero gets scale 1 (so it dequantizes to exact zeros),
 and so does one whose absmax is so small that ``absmax / max`` is 0 in float32 (below
-about 6e-43 for e4m3fn, 8e-41 for e5m2, 2e-43 for int8: its values read back as zeros,
+about 3.1e-43 for e4m3fn, 4e-41 for e5m2, 8.9e-44 for int8: its values read back as zeros,
 never as the NaN of 0 / 0); one holding a NaN gets a NaN scale (so it dequantizes to NaN,
 never to finite values).
 """

@@ -150,7 +150,9 @@ def _registered_backend(name: str) -> str | None:
     from portattn.dispatch.registry import backend_names
 
     known = backend_names()
-    return None if name in known else f"auto or a registered backend ({', '.join(known)})"
+    lowered = name.strip().lower()  # matched without regard to case, as the selector does
+    return None if any(n.lower() == lowered for n in known) else \
+        f"auto or a registered backend ({', '.join(known)})"
 
 
 BACKEND = Setting(

@@ -461,8 +461,8 @@ class PagedKVCache:
         and an fp8 cache's write on a GPU that cannot convert to fp8 (before sm89, AMD:
         :func:`portattn.devices.converts_fp8`); these select the valid slots on the host
         side (a sync, not graph-safe) and warn once."""
+        self._check_writable()  # first: the argument checks read the cache's attributes
         self._check_write_args(key, value, slot_mapping)
-        self._check_writable()
         self._check_sources_apart(key, value)
         if self.device.type != "cpu" and _write_kernel_refusal(self.device) is None:
             from portattn.devices import converts_fp8, cuda_index, on_device
@@ -530,6 +530,8 @@ class PagedKVCache:
                                                  for name, t in tensors) if span is not None]
         reach = (min(lo for _, (lo, _) in spans), max(hi for _, (_, hi) in spans)) \
             if spans else (0, 0)
+        if torch.compiler.is_compiling():
+            return  # fake tensors have no address: nothing to remember (eager checks)
         self.__dict__[_WRITABLE_ATTR] = (weakref.ref(k), weakref.ref(v),
                                          None if ks is None else weakref.ref(ks),
                                          None if vs is None else weakref.ref(vs), self.quant,
@@ -541,7 +543,9 @@ class PagedKVCache:
         the stores would race with the reads. Storage address ranges first (those of the
         cache's tensors remembered by :meth:`_check_writable`, which runs first): only
         where they meet is the exact :func:`share_elements` asked."""
-        known = self.__dict__[_WRITABLE_ATTR]
+        known = self.__dict__.get(_WRITABLE_ATTR)
+        if known is None:  # traced by torch.compile: fake tensors, no addresses
+            return
         all_lo, all_hi = known[5]
         for name, src in (("key", key), ("value", value)):
             span = storage_span(src)

@@ -54,8 +54,11 @@ entry past q's token count or below 0 never makes them read or write outside tho
 tensors (session 40's audit saw an H100 write 512 to 9472 elements past ``out`` before
 the clamp). The values are still wrong: a span cut at q's end is attended as a shorter
 sequence, spans that overlap (a decreasing ``cu_seqlens_q``) write the same rows twice,
-and rows no span covers are not written. Sequences whose spans are intact and overlap no
-other come out right. flash-attn's backends pass ``cu_seqlens_q`` on as it is (their
+and rows no span covers are not written. Where ``cu_seqlens_q`` stays non-decreasing
+(entries past q's end, a first entry below 0), the sequences whose spans lie inside q
+come out right; a decreasing one can leave rows of any sequence wrong, unwritten or NaN
+(tiles are found by a binary search that needs order; overlapping spans can take every
+staging slot). flash-attn's backends pass ``cu_seqlens_q`` on as it is (their
 kernels do not bound it), and the PyTorch reference makes NaN the rows of a sequence
 that runs past q. Use ``validate=True`` while developing, and whenever the metadata comes
 from an untrusted source.

@@ -72,7 +72,10 @@ class Decision:
 
 
 def forced_backend(argument: str | None) -> tuple[str | None, str]:
-    """(name, source) from ``backend=`` or else ``PORTATTN_BACKEND``."""
+    """(name, source) from ``backend=`` or else ``PORTATTN_BACKEND``; ``backend="auto"``
+    (any case) asks for automatic routing, whatever the variable says."""
+    if isinstance(argument, str) and argument.strip().lower() == "auto":
+        return None, "auto"
     if argument is not None:
         return argument, "argument"
     name: str | None = BACKEND.value()

@@ -124,8 +124,8 @@ def _staged_seq(cu_seqlens_q_ptr, num_seqs, num_tokens, slot, STAGE_FROM: tl.con
 def _mark_slotless(cu_seqlens_q_ptr, staged_bt_ptr, num_seqs, num_tokens, num_sblocks,
                    max_slots, STAGE_FROM: tl.constexpr, CHUNK: tl.constexpr = 256):
     """-1 in every table entry of a sequence that has ``STAGE_FROM`` queries or more but
-    no slot (``max_slots`` staged before it: ``cu_seqlens_q`` claims more queries than the
-    call has); the attention makes its rows NaN. Nothing is written otherwise."""
+    no slot (``max_slots`` staged before it: ``cu_seqlens_q``'s spans overlap); the
+    attention makes its rows NaN. Nothing is written otherwise."""
     seen = tl.full([], 0, tl.int32)
     for c in tl.range(0, num_seqs, CHUNK):
         idx, staged = _staged_flags(cu_seqlens_q_ptr, num_seqs, num_tokens, c, STAGE_FROM,
