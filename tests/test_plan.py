@@ -290,6 +290,29 @@ def test_plan_run_compiles_over_a_plan_per_step(dynamic):
         assert relative_error(got, want) < 2e-5
 
 
+def test_a_compiled_plan_run_decides_under_the_plans_environment(doubling, monkeypatch):
+    """``PORTATTN_*`` variables are read when a plan is made: after PORTATTN_BACKEND
+    changes, the compiled run keeps the plan's backend as the eager run does (it ran the
+    new one: session 41's audit), while attention() follows the variable."""
+    monkeypatch.delenv("PORTATTN_BACKEND", raising=False)
+    batch = make_paged_batch([1, 3], [9, 20], num_q_heads=4, num_kv_heads=2, head_size=32,
+                             dtype=F32)
+    plan = portattn.plan(batch.metadata, num_q_heads=4, dtype=F32, cache=batch.cache)
+    assert plan.backend == "torch_ref"
+
+    def layer(q, cache):
+        return plan.run(q, cache)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    want = dense_attention(batch.q, batch.keys, batch.values, batch.query_lens)
+    assert relative_error(compiled(batch.q, batch.cache), want) < 2e-5
+    monkeypatch.setenv("PORTATTN_BACKEND", "doubling")
+    for run in (layer, compiled):
+        assert relative_error(run(batch.q, batch.cache), want) < 2e-5
+    assert torch.equal(portattn.attention(batch.q, batch.cache, batch.metadata), batch.q * 2)
+
+
 # --------------------------------------------------------------------------- errors
 
 

@@ -352,3 +352,30 @@ def test_explicit_arguments_still_override_a_bad_variable(monkeypatch):
     assert relative_error(out, expected) < 2e-5
     with pytest.raises(InputError, match=r"^PORTATTN_FLASH_ATTN_INTERFACE: expected "):
         portattn.attention(batch.q, batch.cache, batch.metadata)  # an automatic decision
+
+
+def test_pinned_settings_are_this_threads_only_and_end_with_the_block(monkeypatch):
+    """``pin_token`` / ``pinned``: a plan's environment for its compiled run. Inside the
+    block this thread reads the pinned values; another thread, and this one after the
+    block, read the environment; "" and unknown tokens pin nothing."""
+    import threading
+
+    monkeypatch.setenv("PORTATTN_BACKEND", "torch_ref")
+    token = settings.pin_token()
+    monkeypatch.setenv("PORTATTN_BACKEND", "triton_unified")
+    seen = {}
+
+    def other():
+        seen["other"] = settings.BACKEND.value()
+
+    with settings.pinned(token):
+        assert settings.BACKEND.value() == "torch_ref"
+        assert settings.decision_environment() != (settings._read().decision)
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+    assert seen["other"] == "triton_unified"
+    assert settings.BACKEND.value() == "triton_unified"
+    for nothing in ("", "not a token"):
+        with settings.pinned(nothing):
+            assert settings.BACKEND.value() == "triton_unified"

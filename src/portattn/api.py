@@ -80,8 +80,9 @@ def attention(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMetadata,
     values = (scale, causal, sliding_window, softcap, alibi_slopes, alibi_sqrt, sinks,
               q_scale, output_scale)  # in OPTION_NAMES order
     if torch.compiler.is_compiling():
+        named: dict[str, Any] = dict(zip(OPTION_NAMES, values))
         return call_compiled(q, cache, metadata, out=out, backend=backend, validate=validate,
-                             **dict(zip(OPTION_NAMES, values)))
+                             **named)
     return attend(q, cache, metadata, out, backend, validate, values, _prepare_values)
 
 

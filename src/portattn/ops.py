@@ -41,17 +41,19 @@ def paged_attention(out: torch.Tensor, q: torch.Tensor, key_cache: torch.Tensor,
                     alibi_slopes: torch.Tensor | None, alibi_sqrt: bool,
                     sinks: torch.Tensor | None, q_scale: torch.Tensor | None,
                     output_scale: torch.Tensor | None, backend: str,
-                    validate: bool | None) -> None:
+                    validate: bool | None, environment: str) -> None:
     from portattn.api import run_eager
+    from portattn.settings import pinned
 
     quant = KVQuant(quant_mode, k_scale, v_scale, _FP8_BY_NAME.get(fp8_dtype))
     cache = PagedKVCache(key_cache, value_cache, quant, k_scale_cache=k_scale_cache,
                          v_scale_cache=v_scale_cache, packed=packed)
     metadata = AttentionMetadata(cu_seqlens_q, seq_lens, block_table,
                                  max_seqlen_q, max_seqlen_k)
-    run_eager(q, cache, metadata, out, backend or None, validate,
-              (scale, causal, sliding_window, softcap, alibi_slopes, alibi_sqrt, sinks,
-               q_scale, output_scale))
+    with pinned(environment):  # a plan's run: the settings it was made under
+        run_eager(q, cache, metadata, out, backend or None, validate,
+                  (scale, causal, sliding_window, softcap, alibi_slopes, alibi_sqrt, sinks,
+                   q_scale, output_scale))
 
 
 @paged_attention.register_fake
@@ -59,7 +61,7 @@ def _paged_attention_fake(out, q, key_cache, value_cache, k_scale_cache, v_scale
                           k_scale, v_scale, quant_mode, fp8_dtype, packed, cu_seqlens_q,
                           seq_lens, block_table, max_seqlen_q, max_seqlen_k, scale, causal,
                           sliding_window, softcap, alibi_slopes, alibi_sqrt, sinks, q_scale,
-                          output_scale, backend, validate) -> None:
+                          output_scale, backend, validate, environment) -> None:
     return None
 
 
@@ -69,10 +71,13 @@ def _as_tensor(scale, device) -> torch.Tensor | None:
 
 def call_compiled(q, cache: PagedKVCache, metadata: AttentionMetadata, *, scale, causal,
                   sliding_window, softcap, alibi_slopes, alibi_sqrt, sinks, q_scale,
-                  output_scale, out, backend, validate=None) -> torch.Tensor:
+                  output_scale, out, backend, validate=None,
+                  environment: str = "") -> torch.Tensor:
     """The traced path of :func:`portattn.attention`: allocate ``out`` and call the op.
     The scalar options are checked here, as eagerly: the op's schema would turn
-    ``causal=1`` into True and ``sliding_window=True`` into a window of 1."""
+    ``causal=1`` into True and ``sliding_window=True`` into a window of 1.
+    ``environment``: a :func:`portattn.settings.pin_token` (a plan's), read by the op's
+    eager body instead of the environment of the call ("": the call's)."""
     sliding_window = check_scalar_options(scale, causal, sliding_window, softcap,
                                           alibi_sqrt)
     if validate is not None:
@@ -88,5 +93,5 @@ def call_compiled(q, cache: PagedKVCache, metadata: AttentionMetadata, *, scale,
         cache.packed, metadata.cu_seqlens_q, metadata.seq_lens, metadata.block_table,
         metadata.max_seqlen_q, metadata.max_seqlen_k, scale, causal, sliding_window, softcap,
         alibi_slopes, alibi_sqrt, sinks, _as_tensor(q_scale, q.device),
-        _as_tensor(output_scale, q.device), backend or "", validate)
+        _as_tensor(output_scale, q.device), backend or "", validate, environment)
     return out

@@ -65,7 +65,12 @@ from portattn.dispatch.registry import load_backend
 from portattn.dispatch.selector import Decision, decide
 from portattn.errors import InputError, UnsupportedError
 from portattn.options import AttentionOptions, normalize_options
-from portattn.settings import VALIDATE_INDEX, VALIDATE_VALUES, decision_environment
+from portattn.settings import (
+    VALIDATE_INDEX,
+    VALIDATE_VALUES,
+    decision_environment,
+    pin_token,
+)
 from portattn.types import (
     FP8_DTYPES,
     AttentionMetadata,
@@ -352,6 +357,8 @@ class AttentionPlan:
         self._meta_sig = metadata_signature(metadata)
         self._accepted: dict = {}
         self._lock = threading.Lock()
+        # the settings it was made under, for its compiled run (_run_traced)
+        self._environment = pin_token()
 
     @property
     def backend(self) -> str:
@@ -418,7 +425,8 @@ class AttentionPlan:
         """``run`` while Dynamo traces: the call is checked against the plan (host facts
         only), then becomes the custom op with the plan's options and hints; the op's
         eager body (``attention``'s) finds this plan's body in the same plan cache (the
-        plan's backend is passed on only when it was forced)."""
+        plan's backend is passed on only when it was forced), deciding under the settings
+        the plan was made under (:func:`portattn.settings.pinned`), not the call's."""
         from portattn.ops import call_compiled
 
         body, metadata = self._body, self.metadata
@@ -435,7 +443,7 @@ class AttentionPlan:
                              alibi_slopes=alibi_slopes, alibi_sqrt=options.alibi_sqrt,
                              sinks=sinks, q_scale=q_scale, output_scale=output_scale, out=out,
                              backend=forced, validate=self._values if validate is None
-                             else validate)
+                             else validate, environment=self._environment)
 
     def _check_against_plan(self, q, cache, out, layer, values: bool = False) -> None:
         """The checks of a call against the plan: host facts (shapes, dtypes, devices,

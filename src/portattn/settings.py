@@ -42,6 +42,7 @@ import os
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -356,10 +357,60 @@ def _read() -> _Snapshot:
 
 
 def _current() -> _Snapshot:
+    if _pinned_threads:
+        pinned = getattr(_pins, "snapshot", None)
+        if pinned is not None:
+            return pinned
     snapshot = _snapshot
     if snapshot is None:
         snapshot = _refresh()
     return snapshot
+
+
+# --------------------------------------------------------------------------- pinning
+#: A plan's environment, restored around its compiled op (``pin_token`` / ``pinned``):
+#: token -> snapshot, the latest :data:`PINNED_TOKENS` kept
+PINNED_TOKENS = 64
+_pinned: dict[str, _Snapshot] = {}
+_pins = threading.local()
+_pinned_threads = 0  # threads inside pinned(): none, and reads skip the thread-local
+
+
+def pin_token() -> str:
+    """A token standing for the current settings (the decision variables' raw values):
+    :func:`pinned` makes them the ones read again, on any thread, whatever the
+    environment holds then. A plan takes one when it is made, so that its compiled
+    ``run`` decides as the plan did. The latest :data:`PINNED_TOKENS` are kept (an older
+    one pins nothing: the current environment is read)."""
+    snapshot = _current()
+    token = repr(snapshot.decision)
+    with _state_lock:
+        _pinned.pop(token, None)
+        _pinned[token] = snapshot  # the newest last
+        while len(_pinned) > PINNED_TOKENS:
+            del _pinned[next(iter(_pinned))]
+    return token
+
+
+@contextmanager
+def pinned(token: str):
+    """Within the block, this thread reads the settings :func:`pin_token` saw when it made
+    ``token`` ("" or a forgotten token: the environment, as always)."""
+    global _pinned_threads
+    snapshot = _pinned.get(token) if token else None
+    if snapshot is None:
+        yield
+        return
+    previous = getattr(_pins, "snapshot", None)
+    _pins.snapshot = snapshot
+    with _state_lock:
+        _pinned_threads += 1
+    try:
+        yield
+    finally:
+        _pins.snapshot = previous
+        with _state_lock:
+            _pinned_threads -= 1
 
 
 def _refresh() -> _Snapshot:
@@ -396,10 +447,7 @@ def check_decision_settings() -> None:
 def decision_environment() -> tuple[str | None, ...]:
     """The raw values of the settings that change decisions (:data:`DECISION_NAMES` order):
     part of every decision-cache key, so a change re-decides."""
-    snapshot = _snapshot
-    if snapshot is None:
-        snapshot = _refresh()
-    return snapshot.decision
+    return _current().decision
 
 
 def reload() -> None:
