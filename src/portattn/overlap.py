@@ -58,10 +58,10 @@ def storage_span(t: torch.Tensor) -> tuple[int, int] | None:
     """The address range ``[lo, hi)`` of ``t``'s whole storage (1 us where
     :func:`share_elements` takes 15: two tensors whose storages' ranges do not meet share
     no element), or None for a tensor without one to tell by (fake ones while
-    ``torch.compile`` traces; a ``meta`` tensor's range starts at 0, where no real
-    tensor's does)."""
-    if torch.compiler.is_compiling():
-        return None
+    ``torch.compile`` traces, or under a ``FakeTensorMode``; a ``meta`` tensor's range
+    starts at 0, where no real tensor's does)."""
+    if torch.compiler.is_compiling() or (type(t) is not torch.Tensor and _is_fake(t)):
+        return None  # (a plain tensor skips the slower fake check: one type test)
     try:
         storage = t.untyped_storage()
         lo = storage.data_ptr()
