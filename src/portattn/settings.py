@@ -148,12 +148,10 @@ class Setting:
 
 
 def _registered_backend(name: str) -> str | None:
-    from portattn.dispatch.registry import backend_names
+    from portattn.dispatch.registry import backend_names, registered_name
 
-    known = backend_names()
-    lowered = name.strip().lower()  # matched without regard to case, as the selector does
-    return None if any(n.lower() == lowered for n in known) else \
-        f"auto or a registered backend ({', '.join(known)})"
+    return None if registered_name(name) is not None else \
+        f"auto or a registered backend ({', '.join(backend_names())})"
 
 
 BACKEND = Setting(

@@ -29,6 +29,15 @@ def backend_names() -> list[str]:
     return list(BACKENDS)
 
 
+def registered_name(name: str) -> str | None:
+    """The registered backend ``name`` stands for, matched without regard to case (the
+    environment's values are case-insensitive, README); None when none (or several) do.
+    The selector and the report's check of ``PORTATTN_BACKEND`` both ask here."""
+    wanted = name.strip().lower()
+    matches = [n for n in backend_names() if n.lower() == wanted]
+    return matches[0] if len(matches) == 1 else None
+
+
 def load_backend(name: str) -> Backend | str:
     """The backend object, or a sentence saying why it could not be imported."""
     found = _loaded.get(name)

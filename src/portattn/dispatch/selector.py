@@ -16,7 +16,7 @@ from portattn.dispatch.announce import announce, announced
 from portattn.dispatch.clearable_lru import ClearableLRU
 from portattn.dispatch.priorities import leads_for, priority_list, problem_class, yields_for
 from portattn.dispatch.problem import Problem
-from portattn.dispatch.registry import backend_names, load_backend
+from portattn.dispatch.registry import backend_names, load_backend, registered_name
 from portattn.errors import UnknownBackendError, UnsupportedError
 from portattn.settings import BACKEND, check_decision_settings, decision_environment
 
@@ -145,23 +145,16 @@ def _order(preferred: tuple[str, ...]) -> list[str]:
     return first + [n for n in registered if n not in first]
 
 
-def _known_name(name: str, known: list[str], argument: str) -> str:
-    """The registered backend ``name`` stands for, matched without regard to case (the
-    environment's values are case-insensitive, README); :class:`UnknownBackendError`
-    naming ``argument`` (``backend`` or the variable) when none does."""
-    matches = [n for n in known if n.lower() == name.strip().lower()]
-    if len(matches) != 1:
-        raise UnknownBackendError(argument, name, known)
-    return matches[0]
-
-
 def _decide(problem: Problem, caps: Capabilities, forced: str | None, source: str) -> Decision:
     preferred, notes = _priorities(problem, caps)
     order = _order(preferred)
     via = BACKEND.name if source == "environment" else source
     if forced is not None and forced not in order:
-        forced = _known_name(forced, order, BACKEND.name if source == "environment"
-                             else "backend")
+        matched = registered_name(forced)
+        if matched is None:
+            raise UnknownBackendError(BACKEND.name if source == "environment" else "backend",
+                                      forced, order)
+        forced = matched
     considered = []
     chosen: Backend | None = None
     for name in order:
