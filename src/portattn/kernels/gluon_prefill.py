@@ -94,7 +94,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from portattn.kernels.common import clamp_span, find_seq_of_tile, query_span
+from portattn.kernels.common import clamp_span, find_seq_of_tile, query_span, small_argument_tanh
 
 #: query rows of one consumer partition (a program's tile is two: 128 rows,
 #: ``gluon_launch.TILE_ROWS``)
@@ -197,15 +197,13 @@ def _tanh(x, SERIES: gl.constexpr):
     softcapped 1 x 8192 prefill took 2562 us here, 1624 with this (H200,
     benchmarks/NOTES.md, session 14): the softmax is on the consumers' critical path.
     ``SERIES``: below |x| = 1/8, where the subtraction cancels, the odd series to x^7
-    instead (as the unified kernel's ``common.apply_softcap``; for large softcaps only:
-    it costs a softcapped Gluon prefill 60-62% on an H100, NOTES.md session 40)."""
+    instead (``common.small_argument_tanh``, shared with the unified kernel; for large
+    softcaps only: it costs a softcapped Gluon prefill 60-62% on an H100, NOTES.md
+    session 40)."""
     e = gl.exp2(x * 2.8853900817779268)  # exp(2 x)
     t = 1.0 - gl.fdiv(gl.full_like(e, 2.0), e + 1.0)
     if SERIES:
-        x2 = x * x
-        series = x + x * x2 * (-0.3333333333333333 + x2 * (0.13333333333333333
-                                                           - x2 * 0.05396825396825397))
-        t = gl.where(gl.abs(x) < 0.125, series, t)
+        t = small_argument_tanh(x, t)
     return t
 
 
