@@ -762,3 +762,40 @@ def test_report_lists_fa4(capsys):
     assert routing["decode bf16 32/8x128 b16 (32 x 8k)"][0] == "triton_unified"
     assert main(["report", "--simulate", "sm90+fa4"]) == 0
     assert "fa4" in capsys.readouterr().out
+
+
+def test_plan_run_reads_no_lengths_from_the_device(stand_in_fa4, monkeypatch):
+    """A plan made from metadata without hints reads the max lengths once, when it is
+    made; its flash-attn runs take the plan's (flash-attn's max_seqlen arguments are host
+    ints), not a device read per layer (session 42's audit: one per ``run``)."""
+    import portattn
+    from portattn.backends import flash_attn as flash_attn_backend
+    from portattn.types import AttentionMetadata
+
+    monkeypatch.setenv("PORTATTN_SIMULATE", "sm90+fa4")
+    monkeypatch.setattr(flash_attn_backend, "machine_reasons", lambda problem, caps: [])
+    batch = make_paged_batch([1, 4, 1], [300, 41, 7], num_q_heads=4, num_kv_heads=2,
+                             head_size=32, block_size=16, dtype=torch.float16)
+    given = batch.metadata
+    metadata = AttentionMetadata(given.cu_seqlens_q, given.seq_lens, given.block_table)
+    reads = []
+    real_max_lengths = AttentionMetadata.max_lengths
+
+    def counted(self):
+        if self.max_seqlen_q is None or self.max_seqlen_k is None:
+            reads.append(1)
+        return real_max_lengths(self)
+
+    monkeypatch.setattr(AttentionMetadata, "max_lengths", counted)
+    plan = portattn.plan(metadata, num_q_heads=4, dtype=torch.float16, cache=batch.cache,
+                         backend="flash_attn", validate=False)
+    assert plan.backend == "flash_attn" and (plan.max_seqlen_q, plan.max_seqlen_k) == (4, 300)
+    assert len(reads) == 1
+    expected = dense_attention(batch.q, batch.keys, batch.values, batch.query_lens)
+    for _ in range(3):
+        out = torch.full_like(batch.q, float("nan"))
+        plan.run(batch.q, batch.cache, out)
+        assert relative_error(out, expected) < 2e-3
+    assert len(reads) == 1, "plan.run read the max lengths from the metadata's tensors"
+    assert [call["max_seqlen_k"] for call in stand_in_fa4] == [300] * 3
+    assert plan.metadata is metadata  # the plan still names the caller's metadata

@@ -200,6 +200,7 @@ class PlanBody:
         if isinstance(backend, str):  # decide() never picks a backend that failed to import
             raise UnsupportedError(f"backend {decision.backend!r} cannot be loaded: {backend}")
         self.runner = backend.prepare(decision.plan, problem, self.options, device)
+        self.reads_max_lengths = backend.reads_max_lengths
         self._cuda_index = cuda_index(device)
 
     def failure_error(self, failed: launch_failures.KernelFailed,
@@ -350,6 +351,13 @@ class AttentionPlan:
         self.metadata = metadata
         self.max_seqlen_q = max_seqlen_q
         self.max_seqlen_k = max_seqlen_k
+        # what the runner is given: a backend that reads host max lengths gets the plan's
+        # (read once when hints were missing), so no layer reads them from the device
+        self._launch_metadata = metadata
+        if body.reads_max_lengths and (metadata.max_seqlen_q, metadata.max_seqlen_k) != \
+                (max_seqlen_q, max_seqlen_k):
+            self._launch_metadata = replace(metadata, max_seqlen_q=max_seqlen_q,
+                                            max_seqlen_k=max_seqlen_k)
         # value checks by default: as attention() decides, once (the environment is read
         # when the plan is made, like every other decision of a plan)
         wanted = validation_requested(validate)
@@ -413,7 +421,7 @@ class AttentionPlan:
             out = body.new_out(q)
         if q.shape[0]:
             try:
-                body.launch(q, cache, self.metadata, out, layer, slot)
+                body.launch(q, cache, self._launch_metadata, out, layer, slot)
             except launch_failures.KernelFailed as failed:
                 raise body.failure_error(
                     failed, "a new portattn.plan routes this problem elsewhere"

@@ -51,6 +51,10 @@ class Backend:
     #: Why this backend is a slow path ("" = it is not one). The dispatcher logs a WARNING,
     #: once per problem class, when it has to take a slow path for tensors on a GPU.
     slow_path: ClassVar[str] = ""
+    #: Whether ``run`` takes host max lengths from the metadata (``max_lengths()``, a
+    #: device read where the hints are None). A plan then passes it metadata carrying the
+    #: plan's hints, read once when the plan was made, not on every layer.
+    reads_max_lengths: ClassVar[bool] = False
 
     def why_not(self, problem: "Problem", caps: "Capabilities") -> list[str]:
         raise NotImplementedError

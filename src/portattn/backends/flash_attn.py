@@ -89,6 +89,7 @@ class FlashAttn(Backend):
     summary = ("flash-attn paged kernels: FA4 (flash_attn.cute, sm90/sm100) or FA3 (any "
                "block size, fp8) where installed, else FA2 (block size a multiple of 256)")
     gather = False
+    reads_max_lengths = True  # flash-attn's max_seqlen_q / max_seqlen_k are host ints
 
     def _interface_reasons(self, problem, caps) -> dict[str, list[str]]:
         """{interface: reasons} for the interfaces this backend may use here, in the order
