@@ -799,3 +799,22 @@ def test_plan_run_reads_no_lengths_from_the_device(stand_in_fa4, monkeypatch):
     assert len(reads) == 1, "plan.run read the max lengths from the metadata's tensors"
     assert [call["max_seqlen_k"] for call in stand_in_fa4] == [300] * 3
     assert plan.metadata is metadata  # the plan still names the caller's metadata
+
+
+def test_fa4_in_another_site_directory_than_fa2_is_found(tmp_path, monkeypatch):
+    """flash-attn >= 2.8.4 extends its package over sys.path so that FA4 (which installs
+    ``flash_attn/cute`` only) may sit in another site directory: FA4 is present there
+    before anything imports ``flash_attn`` (session 42's audit: it was missed)."""
+    fa2_site, fa4_site = tmp_path / "a", tmp_path / "b"
+    (fa2_site / "flash_attn").mkdir(parents=True)
+    (fa2_site / "flash_attn" / "__init__.py").write_text(
+        "from pkgutil import extend_path\n__path__ = extend_path(__path__, __name__)\n"
+        "__version__ = '2.8.4'\n")
+    (fa4_site / "flash_attn" / "cute").mkdir(parents=True)
+    (fa4_site / "flash_attn" / "cute" / "__init__.py").write_text("")
+    for name in ("flash_attn", "flash_attn.cute"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(sys, "path", [str(fa2_site), str(fa4_site)] + sys.path)
+    assert probe_mod._flash_attn_layout() == (True, True)
+    (fa4_site / "flash_attn" / "cute" / "__init__.py").unlink()
+    assert probe_mod._flash_attn_layout() == (True, False)

@@ -519,6 +519,11 @@ def _flash_attn_layout() -> tuple[bool, bool]:
     else:
         cute = any(os.path.isfile(os.path.join(str(loc), "cute", "__init__.py"))
                    for loc in locations)
+        if not cute and not namespace:
+            # flash-attn >= 2.8.4 extends its package over sys.path (pkgutil.extend_path) so
+            # that FA4 may sit in another site directory: looked for there too
+            cute = any(os.path.isfile(os.path.join(entry, "flash_attn", "cute", "__init__.py"))
+                       for entry in sys.path if isinstance(entry, str))
     return not namespace, cute
 
 
