@@ -842,3 +842,32 @@ def test_segment_counts_must_be_powers_of_two():
     shape = Shape.from_problem(Problem.make(num_seqs=1, seq_len=8192), 132, "sm90")
     with pytest.raises(ValueError, match="power of two"):
         plan_launch(shape, segments=3)
+
+
+@interp
+@pytest.mark.parametrize("split", ["0", "1"], ids=["2d", "split-kv"])
+def test_sinks_past_the_base2_overflow(split, monkeypatch):
+    """Sink logits of +inf and of 3e38 (whose base-2 value overflows fp32) dominate every
+    finite score: those heads' rows are 0, as the reference gives, not NaN (inf - inf in
+    the softmax: session 42's audit, 2D launch); a NaN sink stays NaN; the other heads
+    match the float64 oracle. 2D and split-KV (the merge's sink) launches."""
+    import portattn
+    from portattn.testing import dense_attention, make_paged_batch, relative_error
+
+    monkeypatch.setenv("PORTATTN_UNIFIED_SPLIT", split)
+    batch = make_paged_batch([1, 1, 1], [200, 9, 41], num_q_heads=8, num_kv_heads=2,
+                             head_size=32, block_size=16, dtype=F32)
+    sinks = torch.randn(8, generator=torch.Generator().manual_seed(3))
+    finite = [0, 2, 3, 5, 7]
+    expected = dense_attention(batch.q.double(), batch.keys, batch.values, batch.query_lens,
+                               sinks=sinks)
+    sinks[1], sinks[4], sinks[6] = float("inf"), 3e38, float("nan")
+    out = torch.full_like(batch.q, 7.0)
+    portattn.attention(batch.q, batch.cache, batch.metadata, sinks=sinks, out=out,
+                       backend="triton_unified")
+    assert (out[:, [1, 4]] == 0).all()
+    assert torch.isnan(out[:, 6]).all()
+    assert relative_error(out[:, finite].double(), expected[:, finite]) < 1e-5
+    variant = portattn.explain(batch.q, batch.cache, batch.metadata, sinks=sinks,
+                               backend="triton_unified").variant
+    assert variant.startswith("decode-3d" if split == "1" else "decode-2d"), variant

@@ -76,6 +76,15 @@ def apply_softcap(s, softcap, SERIES: tl.constexpr):
 
 
 @triton.jit
+def sink_logit2(sink):
+    """A sink logit (natural units, fp32) in base 2, clamped first to 2.35e38 (where the
+    conversion would overflow fp32): a sink of +inf, or past 2.35e38, then dominates every
+    finite score as it should (the row's output 0) instead of making the softmax's
+    ``inf - inf`` a NaN. A NaN sink stays NaN (``NaN > x`` is false)."""
+    return tl.where(sink > 2.35e38, 2.35e38, sink) * 1.4426950408889634
+
+
+@triton.jit
 def small_argument_tanh(x, t):
     """``t`` (tanh of ``x`` by a formula that cancels near 0) with the entries below |x| =
     1/8 replaced by tanh's odd Taylor series to x^7 (relative error about 1e-9 there).

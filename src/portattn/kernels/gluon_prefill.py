@@ -94,7 +94,13 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from portattn.kernels.common import clamp_span, find_seq_of_tile, query_span, small_argument_tanh
+from portattn.kernels.common import (
+    clamp_span,
+    find_seq_of_tile,
+    query_span,
+    sink_logit2,
+    small_argument_tanh,
+)
 
 #: query rows of one consumer partition (a program's tile is two: 128 rows,
 #: ``gluon_launch.TILE_ROWS``)
@@ -562,7 +568,7 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, stride_ot, stride_oh,
         slope2 = gl.load(alibi_ptr + head).to(gl.float32) * 1.4426950408889634
     sink2 = 0.0
     if USE_SINKS:
-        sink2 = gl.load(sinks_ptr + head).to(gl.float32) * 1.4426950408889634
+        sink2 = sink_logit2(gl.load(sinks_ptr + head).to(gl.float32))
     if LONG_TILES:
         seq, m0 = _long_tile(cu_seqlens_q_ptr, num_seqs, num_tokens, min_q,
                              pid // NUM_Q_HEADS, num_warps)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from portattn.kernels.common import query_span
+from portattn.kernels.common import query_span, sink_logit2
 
 
 @triton.jit(do_not_specialize=["num_tokens"])
@@ -68,7 +68,7 @@ def combine_segments(m, l_seg, acc, sink, USE_SINKS: tl.constexpr, AXIS: tl.cons
     :func:`merge_segments_kernel` and the unified kernel's in-kernel merge."""
     m_all = tl.max(m, AXIS)
     if USE_SINKS:
-        sink2 = sink * 1.4426950408889634
+        sink2 = sink_logit2(sink)
         m_all = tl.maximum(m_all, sink2)
     m_use = tl.where(m_all == float("-inf"), 0.0, m_all)
     w = tl.exp2(m - tl.expand_dims(m_use, AXIS))

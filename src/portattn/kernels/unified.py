@@ -179,6 +179,7 @@ from portattn.kernels.common import (
     online_softmax_step,
     query_span,
     score_tile,
+    sink_logit2,
 )
 from portattn.kernels.heuristics import next_pow2
 from portattn.kernels.reduce import combine_segments
@@ -816,8 +817,8 @@ def unified_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     if USE_SINKS:
         if not SPLIT:  # split-KV adds the sink in the merge instead
-            m_i = tl.load(sinks_ptr + row_head, mask=row_ok, other=0.0).to(tl.float32) \
-                * 1.4426950408889634
+            m_i = sink_logit2(tl.load(sinks_ptr + row_head, mask=row_ok,
+                                      other=0.0).to(tl.float32))
             l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
     # V as loaded: HEAD_V columns, or HEAD_V // 2 pairs of 8-bit codes (V_PAIRS)
     V_W: tl.constexpr = HEAD_V // 2 if V_PAIRS else HEAD_V
