@@ -313,3 +313,35 @@ def test_merge_in_kernel_in_a_cuda_graph():
                                    [v[:n] for v, n in zip(batch.values, lens)], [1] * 8)
         assert relative_error(out, expected) < 2e-2
         assert not slab[first:graph_tickets.used(device)].any(), "a ticket was left set"
+
+
+@pytest.mark.parametrize("case", [
+    ([1, 1, 1, 1], [1000, 9, 517, 2049], "0"),   # decode, 2D
+    ([1, 1, 1, 1], [1000, 9, 517, 2049], "1"),   # decode, split-KV (the merge's sink)
+    ([1, 3, 1], [700, 300, 33], "auto"),          # spec / mixed rows
+    ([2048], [2048], "auto"),                     # a long prefill (the Gluon kernel on sm90)
+], ids=["decode-2d", "decode-3d", "mixed", "prefill"])
+def test_sinks_past_the_base2_overflow(case, monkeypatch):
+    """Sinks of +inf and 3e38 (base-2 overflow) give rows of 0, a NaN sink NaN rows, the
+    other heads the float64 oracle's values (the interpreter test of the same name, on the
+    GPU's launches, the Gluon prefill included)."""
+    import portattn
+    from portattn.testing import dense_attention, make_paged_batch, relative_error
+
+    query_lens, seq_lens, split = case
+    monkeypatch.setenv("PORTATTN_UNIFIED_SPLIT", split)
+    batch = make_paged_batch(query_lens, seq_lens, num_q_heads=8, num_kv_heads=2,
+                             head_size=128, block_size=16, dtype=BF16, device=DEV)
+    sinks = torch.randn(8, generator=torch.Generator().manual_seed(3))
+    finite = [0, 2, 3, 5, 7]
+    expected = dense_attention(batch.q.cpu().double(), [k.cpu() for k in batch.keys],
+                               [v.cpu() for v in batch.values], batch.query_lens, sinks=sinks)
+    sinks[1], sinks[4], sinks[6] = float("inf"), 3e38, float("nan")
+    sinks = sinks.to(DEV)
+    decision = portattn.explain(batch.q, batch.cache, batch.metadata, sinks=sinks)
+    out = torch.full_like(batch.q, 7.0)
+    portattn.attention(batch.q, batch.cache, batch.metadata, sinks=sinks, out=out)
+    out = out.cpu()
+    assert (out[:, [1, 4]] == 0).all(), decision.variant
+    assert torch.isnan(out[:, 6]).all(), decision.variant
+    assert relative_error(out[:, finite].double(), expected[:, finite]) < 1e-2, decision.variant
