@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from portattn.bench.cases import build_inputs, default_cases
+from portattn.bench.cases import Case, build_inputs, case_flops, default_cases
 from portattn.bench.report import plain_case_name
 
 
@@ -160,3 +160,139 @@ def test_ours_is_forced_to_the_triton_backend_on_a_gpu():
         on_gpu = SimpleNamespace(q=SimpleNamespace(is_cuda=True), cache=inp.cache)
         want = "triton_diffkv" if case.head_size_v is not None else "triton_unified"
         assert our_backend(on_gpu) == want
+
+
+# --------------------------------------------------------------------------- SDPA peer
+def _paged_kv_float64(inp, b, seq_len):
+    """K, V of sequence ``b`` (``[seq_len, Hkv, D]``, float64) read token by token through
+    the block table: the oracle's own gather."""
+    bs = inp.cache.block_size
+    rows = [int(inp.metadata.block_table[b, t // bs]) for t in range(seq_len)]
+    return [torch.stack([data[r, t % bs] for t, r in enumerate(rows)]).double()
+            for data in (inp.cache.key_cache, inp.cache.value_cache)]
+
+
+def _bottom_right_oracle(q, k, v):
+    """Our semantics in float64: the ``q_len`` queries are the sequence's last tokens and
+    query i sees key j iff j <= seq_len - q_len + i; q head h reads kv head h // group."""
+    q_len, num_q_heads, head_size = q.shape
+    seq_len, num_kv_heads = k.shape[:2]
+    group = num_q_heads // num_kv_heads
+    k, v = (x.repeat_interleave(group, dim=1) for x in (k, v))
+    scores = torch.einsum("qhd,khd->hqk", q.double(), k) / head_size ** 0.5
+    hidden = torch.arange(seq_len)[None] > seq_len - q_len + torch.arange(q_len)[:, None]
+    probs = scores.masked_fill(hidden, float("-inf")).softmax(-1)
+    return torch.einsum("hqk,khd->qhd", probs, v), int((~hidden).sum())
+
+
+def _spy_sdpa(monkeypatch):
+    """Record (q, k, v, kwargs, output) of every outermost SDPA call. A CausalBias mask
+    goes to its ``_dispatch`` as SDPA would send it (its ``__torch_function__`` only knows
+    the real function), which calls SDPA again inside."""
+    import torch.nn.functional as F
+    from torch.nn.attention.bias import CausalBias
+
+    real, calls, depth = F.scaled_dot_product_attention, [], [0]
+
+    def spy(q, k, v, **kw):
+        depth[0] += 1
+        try:
+            bias = isinstance(kw.get("attn_mask"), CausalBias)
+            out = CausalBias._dispatch(q, k, v, **kw) if bias else real(q, k, v, **kw)
+        finally:
+            depth[0] -= 1
+        if not depth[0]:
+            calls.append((q, k, v, kw, out))
+        return out
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    return calls
+
+
+def _pairs_computed(kw, q_len, seq_len):
+    """Query-key pairs an SDPA call form attends (SDPA's is_causal is top-left)."""
+    mask = kw.get("attn_mask")
+    if mask is None:
+        if kw.get("is_causal"):
+            return sum(min(i + 1, seq_len) for i in range(q_len))
+        return q_len * seq_len
+    dense = mask._materialize() if hasattr(mask, "_materialize") else mask
+    return int(dense.expand(q_len, seq_len).sum())
+
+
+@pytest.mark.parametrize("case", [
+    Case("chunk", "mixed", [20, 1, 1], [53, 30, 30]),   # chunked prefill + decodes
+    Case("spec", "spec", [4, 4], [19, 19]),              # spec-decode: 4 over 19
+], ids=lambda c: c.name)
+def test_the_sdpa_peer_runs_a_chunk_bottom_right_causal(case, monkeypatch):
+    """The SDPA peer's timed call on a chunk over a longer context (1 < q_len < seq_len)
+    computes our bottom-right causal attention (it ran non-causal once: another result,
+    and 11% more work on mixed-2048+63x4096), attending exactly the pairs ours does."""
+    from portattn.bench.peers import sdpa
+
+    inp = _inputs(case, torch.float32)
+    calls = _spy_sdpa(monkeypatch)
+    fn, notes = sdpa(case, inp, "MATH")  # SDPBackend.MATH: this CPU's exact backend
+    calls.clear()  # the setup's trial calls
+    fn()
+    b = next(i for i, (ql, sl) in enumerate(zip(case.query_lens, case.seq_lens)) if ql < sl)
+    ql, sl = case.query_lens[b], case.seq_lens[b]
+    q4, k4, _, kw, out = next(c for c in calls if c[0].shape[-2] == ql and c[1].shape[-2] == sl)
+    start = sum(case.query_lens[:b])
+    want, pairs = _bottom_right_oracle(inp.q[start:start + ql], *_paged_kv_float64(inp, b, sl))
+    torch.testing.assert_close(out[0].transpose(0, 1).double(), want, rtol=1e-5, atol=1e-5)
+    assert _pairs_computed(kw, ql, sl) == pairs == \
+        case_flops(Case("part", case.kind, [ql], [sl]), 1, 1) / 4
+    assert f"q {ql} over {sl} keys run with a boolean bottom-right causal mask" in notes
+
+
+@pytest.mark.parametrize("refused, form, note", [
+    ("bool", "causal_lower_right", "q 20 over 53 keys run with causal_lower_right"),
+    ("any mask", "non-causal", "q 20 over 53 keys run non-causal (1.22x the work)"),
+])
+def test_the_sdpa_peer_takes_the_next_form_a_backend_refuses(monkeypatch, refused, form,
+                                                              note):
+    """A backend without a kernel for a form (a RuntimeError at the setup's trial call,
+    as flash refuses a boolean mask) gets the next one: causal_lower_right (flash's
+    lower-right causal kernel), then the non-causal call, noted with its real work
+    (53 * 20 pairs over ours' 33 * 20 + 20 * 21 / 2)."""
+    from torch.nn.attention.bias import CausalBias
+
+    from portattn.bench import peers
+
+    real = peers._trial_call
+
+    def refusing(part, backend, kw):
+        mask = kw.get("attn_mask")
+        if mask is not None and (refused == "any mask" or not isinstance(mask, CausalBias)):
+            raise RuntimeError("No available kernel. Aborting execution.")
+        return real(part, backend, kw)
+    monkeypatch.setattr(peers, "_trial_call", refusing)
+    case = Case("chunk", "mixed", [20, 1], [53, 30])
+    calls = _spy_sdpa(monkeypatch)
+    inp = _inputs(case, torch.float32)
+    fn, notes = peers.sdpa(case, inp, "MATH")
+    calls.clear()
+    fn()
+    kw, out = next(c[3:] for c in calls if c[0].shape[-2] == 20)
+    want, _ = _bottom_right_oracle(inp.q[:20], *_paged_kv_float64(inp, 0, 53))
+    exact = torch.allclose(out[0].transpose(0, 1).double(), want, rtol=1e-5, atol=1e-5)
+    assert exact == (form == "causal_lower_right")
+    chosen = "causal_lower_right" if isinstance(kw.get("attn_mask"), CausalBias) else \
+        "non-causal" if kw == {"is_causal": False, "enable_gqa": True} else kw
+    assert chosen == form and notes == [note]
+    assert _pairs_computed(kw, 20, 53) == (33 * 20 + 20 * 21 // 2 if form != "non-causal"
+                                          else 53 * 20)
+
+
+@pytest.mark.parametrize("case", [Case("chunk", "mixed", [20, 1, 1], [53, 30, 30]),
+                                  Case("prefill", "prefill", [21, 9], [21, 9])],
+                         ids=lambda c: c.name)
+def test_the_sdpa_peer_reports_its_error_against_ours(case):
+    """With ``check``, the SDPA peer's setup compares its output with ours on the case
+    (every part back in token order): the relative error, in the dict and the notes."""
+    from portattn.bench.peers import sdpa
+
+    check: dict = {}
+    _, notes = sdpa(case, _inputs(case, torch.float32), "MATH", check)
+    assert 0 <= check["rel_error"] < 1e-5
+    assert notes[-1] == f"output vs ours: relative error {check['rel_error']:.2e}"

@@ -5,7 +5,9 @@ decode B x 8192 (B = 1, 8, 32, 128), prefill 1x8192 / 4x2048 / 1x4096 causal, a 
 batch (a 2048-token chunk over 8192 of context plus 63 decodes at 4096) and spec-decode
 (32 sequences x 8192 keys, 4 queries each). Implementations: ours (``portattn.attention``
 with the plan the dispatcher picks), torch SDPA with the cuDNN and the flash backends on
-contiguous K/V (``enable_gqa=True``), and where flash-attn imports: flash-attn 2 on
+contiguous K/V (``enable_gqa=True``; a chunk over a longer context in the first
+bottom-right causal form the backend runs, the notes say which; its output compared with
+ours once, ``rel_error_vs_ours``), and where flash-attn imports: flash-attn 2 on
 contiguous K/V with its best call (``flash_attn_with_kvcache`` for decode and spec-decode,
 ``flash_attn_varlen_func`` otherwise) and portattn's own ``flash_attn`` backend on the
 paged cache (FA4, else FA3, where installed; FA2 paged at block sizes that are multiples

@@ -5,11 +5,14 @@ SDPA and flash-attn 2 on contiguous K/V.
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from typing import Any
 
 import torch
 
 from portattn.bench.cases import Case, Inputs, gather_contiguous
+from portattn.bench.report import _error
 
 
 def triton_backend(cache) -> str:
@@ -70,8 +73,22 @@ def fa4_paged(inp: Inputs):
     return fn
 
 
-def _sdpa_parts(case: Case, inp: Inputs):
-    """Per group of equal (q_len, seq_len) sequences: (q4, k4, v4, q_len, seq_len)."""
+@dataclasses.dataclass
+class SdpaPart:
+    """A group of equal (q_len, seq_len) sequences as one SDPA call: ``q`` ``[B, Hq, q_len,
+    D]``, ``k``/``v`` ``[B, Hkv, seq_len, D]`` contiguous, ``starts`` each sequence's first
+    token in the packed batch (to put the output back in token order)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    q_len: int
+    seq_len: int
+    starts: list[int]
+
+
+def _sdpa_parts(case: Case, inp: Inputs) -> list[SdpaPart]:
+    """Per group of equal (q_len, seq_len) sequences, its :class:`SdpaPart`."""
     groups: dict = {}
     cu = 0
     for b, (ql, sl) in enumerate(zip(case.query_lens, case.seq_lens)):
@@ -85,32 +102,121 @@ def _sdpa_parts(case: Case, inp: Inputs):
             ks.append(k)
             vs.append(v)
             qs.append(inp.q[start:start + ql].transpose(0, 1))
-        parts.append((torch.stack(qs), torch.stack(ks), torch.stack(vs), ql, sl))
+        parts.append(SdpaPart(torch.stack(qs), torch.stack(ks), torch.stack(vs), ql, sl,
+                              [start for _, start in members]))
     return parts
 
 
-def sdpa(case: Case, inp: Inputs, backend_name: str):
+def _visible_pairs(q_len: int, seq_len: int) -> int:
+    """Query-key pairs ours computes for one sequence: its queries are the last ``q_len``
+    of ``seq_len`` tokens and query i sees keys 0 .. seq_len - q_len + i (bottom-right
+    causal)."""
+    return q_len * (seq_len - q_len) + q_len * (q_len + 1) // 2
+
+
+def _sdpa_forms(q_len: int, seq_len: int, device) -> list[tuple[dict[str, Any], str | None]]:
+    """The SDPA call forms of a part, best first, each with its note (None: the plain
+    call). q_len == seq_len (SDPA's top-left causal is ours) and q_len == 1 (every key
+    visible) have one exact form; a chunk over a longer context (chunked prefill,
+    spec-decode) needs bottom-right causal, which backends take in different forms: a
+    boolean mask, ``causal_lower_right`` (flash's lower-right causal kernel), else the
+    non-causal call, exact in no backend and more work."""
+    if q_len == seq_len:
+        return [({"is_causal": True}, None)]
+    if q_len == 1:
+        return [({"is_causal": False}, None)]
+    from torch.nn.attention.bias import causal_lower_right
+
+    where = f"q {q_len} over {seq_len} keys"
+    mask = torch.ones(q_len, seq_len, dtype=torch.bool, device=device).tril(seq_len - q_len)
+    ratio = q_len * seq_len / _visible_pairs(q_len, seq_len)
+    return [({"attn_mask": mask}, f"{where} run with a boolean bottom-right causal mask"),
+            ({"attn_mask": causal_lower_right(q_len, seq_len)},
+             f"{where} run with causal_lower_right"),
+            ({"is_causal": False}, f"{where} run non-causal ({ratio:.2f}x the work)")]
+
+
+def _first_form_that_runs(part: SdpaPart, backend):
+    """(kwargs, note, output) of the first of the part's forms SDPA runs under
+    ``sdpa_kernel([backend])``, one trial call each at setup: a backend that cannot take a
+    form raises a RuntimeError (e.g. "No available kernel", after warnings that say why,
+    silenced here) and the next form is tried; the last form's error is raised."""
+    forms = _sdpa_forms(part.q_len, part.seq_len, part.q.device)
+    for kw, note in forms[:-1]:
+        try:
+            return kw, note, _trial_call(part, backend, kw)
+        except RuntimeError:
+            continue
+    kw, note = forms[-1]
+    return kw, note, _trial_call(part, backend, kw)
+
+
+def _trial_call(part: SdpaPart, backend, kw: dict[str, Any]) -> torch.Tensor:
+    """One SDPA call of the part in form ``kw`` under ``backend`` alone, its warnings
+    silenced (SDPA warns why each kernel it skips cannot run)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import sdpa_kernel
+
+    with warnings.catch_warnings(), sdpa_kernel([backend]):
+        warnings.simplefilter("ignore")
+        return F.scaled_dot_product_attention(part.q, part.k, part.v, enable_gqa=True, **kw)
+
+
+def _rel_error_vs_ours(inp: Inputs, parts: list[SdpaPart], outs: list[torch.Tensor]) -> float:
+    """``|peer - ours| / |ours|`` (Frobenius, float32) over the whole batch: our output on
+    the same inputs, through the backend the bench times as ours."""
+    import portattn
+
+    ours_out = portattn.attention(inp.q, inp.cache, inp.metadata,
+                                  backend=our_backend(inp)).float()
+    peer = torch.empty_like(ours_out)
+    for part, out in zip(parts, outs):
+        for i, start in enumerate(part.starts):
+            peer[start:start + part.q_len] = out[i].transpose(0, 1)
+    return float((peer - ours_out).norm() / ours_out.norm())
+
+
+def sdpa(case: Case, inp: Inputs, backend_name: str, check: dict | None = None):
+    """torch SDPA (``SDPBackend.<backend_name>``) on contiguous K/V, one call per group of
+    equal (q_len, seq_len) sequences, each in the first form the backend runs (chosen at
+    setup, so the timed call does ours' work where the backend can: see
+    :func:`_sdpa_forms`). Returns ``(fn, notes)``; the notes say which parts did not take
+    the plain form. With ``check`` (a dict), the setup's output is also compared with ours:
+    ``check["rel_error"]`` and a note (reported, never raised: the bench measures)."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backend = getattr(SDPBackend, backend_name)
     notes = []
     calls: list[tuple[Any, Any, Any, dict[str, Any]]] = []
-    for q4, k4, v4, ql, sl in _sdpa_parts(case, inp):
-        if ql == sl:
-            kw = dict(is_causal=True)
-        elif ql == 1:
-            kw = {"is_causal": False}
-        else:  # bottom-right causal would be exact; SDPA backends rarely take it
-            kw = dict(is_causal=False)
-            notes.append(f"q {ql} over {sl} keys run non-causal (a little more work)")
-        calls.append((q4, k4, v4, kw))
+    parts = _sdpa_parts(case, inp)
+    outs = []
+    for part in parts:
+        kw, note, out = _first_form_that_runs(part, backend)
+        if note:
+            notes.append(note)
+        calls.append((part.q, part.k, part.v, kw))
+        outs.append(out)
+    if check is not None:
+        _check_output(inp, parts, outs, check, notes)
 
     def fn():
         with sdpa_kernel([backend]):
             for q4, k4, v4, kw in calls:
                 F.scaled_dot_product_attention(q4, k4, v4, enable_gqa=True, **kw)
     return fn, notes
+
+
+def _check_output(inp: Inputs, parts, outs, check: dict, notes: list) -> None:
+    """Fill ``check`` (and a note) with the peer's relative error against ours; an error
+    of the check itself is recorded, not raised (the peer is still timed)."""
+    try:
+        check["rel_error"] = _rel_error_vs_ours(inp, parts, outs)
+    except Exception as exc:
+        check["error"] = _error(exc)
+        notes.append(f"output check vs ours failed: {check['error']}")
+        return
+    notes.append(f"output vs ours: relative error {check['rel_error']:.2e}")
 
 
 def flash_attn_contiguous(case: Case, inp: Inputs):

@@ -57,8 +57,10 @@ def _run_case(case: Case, args, bench, caps, ceilings) -> dict:
     if not args.no_peers and args.device == "cuda" and not case.variant_of_bf16:
         def peer(name):
             def make():
-                fn, notes = sdpa(case, inp, name)
+                check: dict = {}  # the peer's output against ours, once at setup
+                fn, notes = sdpa(case, inp, name, check)
                 result["notes"].extend(f"{name}: {n}" for n in notes)
+                result.setdefault("rel_error_vs_ours", {})[name] = check.get("rel_error")
                 return fn
             return make
         impls["sdpa_cudnn"] = peer("CUDNN_ATTENTION")
