@@ -296,3 +296,37 @@ def test_the_sdpa_peer_reports_its_error_against_ours(case):
     _, notes = sdpa(case, _inputs(case, torch.float32), "MATH", check)
     assert 0 <= check["rel_error"] < 1e-5
     assert notes[-1] == f"output vs ours: relative error {check['rel_error']:.2e}"
+
+
+def _cpu_args(**kw):
+    """The bench's arguments for a small CPU run (4 / 2 heads of 16, block 16, fp32)."""
+    import argparse
+
+    return argparse.Namespace(**{"dtype": "fp32", "num_q_heads": 4, "num_kv_heads": 2,
+                                 "head_size": 16, "block_size": 16, "device": "cpu",
+                                 "no_peers": True, "sweep": False, "graph_timer": None, **kw})
+
+
+def test_the_mixed_cases_parts_run_on_the_backend_ours_runs_on(monkeypatch):
+    """The mixed case's separate parts are timed through the backend ours is forced to
+    (they went through auto routing: FA4 could time the chunk against our Triton kernel),
+    and the result says each part's backend. A stand-in forces ``torch_ref`` here as
+    ``our_backend`` forces our Triton kernels on a GPU."""
+    import portattn
+    from portattn.bench import runner
+
+    passed = []
+    real = portattn.attention
+
+    def spy(*args, **kw):
+        passed.append(kw.get("backend"))
+        return real(*args, **kw)
+    monkeypatch.setattr(portattn, "attention", spy)
+    monkeypatch.setattr(runner, "our_backend", lambda inp: "torch_ref")
+    case = Case("mixed", "mixed", [20, 1, 1], [53, 30, 30])
+    timed = runner._separate_parts(case, _cpu_args(), lambda fn: (fn(), 1.5)[1],
+                                   torch.float32)
+    assert passed == ["torch_ref", "torch_ref"]  # the chunk, then the decodes
+    assert timed == (3.0, ["torch_ref", "torch_ref"])
+    result = runner.run_case(case, _cpu_args(), lambda fn: (fn(), 1.0)[1], None, {})
+    assert result["separate_parts_backends"] == ["torch_ref", "torch_ref"]

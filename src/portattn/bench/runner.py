@@ -89,10 +89,11 @@ def _run_case(case: Case, args, bench, caps, ceilings) -> dict:
                 entry["host_us"] = host_us(fn)
                 entry["launch_host_us"] = host_us(_direct_launch(inp))
     if case.kind == "mixed":  # the two parts run separately through our kernel
-        result["separate_parts_ms"] = _separate_parts(case, args, bench, dtype)
+        result["separate_parts_ms"], result["separate_parts_backends"] = _separate_parts(
+            case, args, bench, dtype)
         if args.device == "cuda":
             result["separate_parts_graph_ms"] = _separate_parts(case, args, args.graph_timer,
-                                                                dtype)
+                                                                dtype)[0]
     ours_ms = result["impls"]["ours"].get("ms")
     if ours_ms:
         result["speed_vs"] = {k: v["ms"] / ours_ms for k, v in result["impls"].items()
@@ -133,10 +134,15 @@ def _direct_launch(inp: Inputs):
     return fn
 
 
-def _separate_parts(case: Case, args, bench, dtype) -> float | None:
+def _separate_parts(case: Case, args, bench, dtype) -> tuple[float, list[str]]:
+    """The mixed case's chunk and its decodes built and timed alone, each through the
+    backend ours is timed on (:func:`our_backend`: our Triton kernels on a GPU), so the
+    sum compares our kernel on the batch with our kernel on its parts, not with whatever
+    the routing picks for a part alone (FA4 for a long chunk); returns the summed time and
+    each part's backend."""
     import portattn
 
-    total = 0.0
+    total, backends = 0.0, []
     for pick in (lambda ql: ql > 1, lambda ql: ql == 1):
         idx = [i for i, ql in enumerate(case.query_lens) if pick(ql)]
         part = Case(case.name + "-part", case.kind, [case.query_lens[i] for i in idx],
@@ -144,9 +150,12 @@ def _separate_parts(case: Case, args, bench, dtype) -> float | None:
         inp = build_inputs(part, num_q_heads=args.num_q_heads, num_kv_heads=args.num_kv_heads,
                            head_size=args.head_size, block_size=args.block_size, dtype=dtype,
                            device=args.device)
-        total += bench(lambda inp=inp: portattn.attention(inp.q, inp.cache, inp.metadata,
-                                                          out=inp.out))
-    return total
+        backend = our_backend(inp)
+        backends.append(portattn.explain(inp.q, inp.cache, inp.metadata,
+                                         backend=backend).backend)
+        total += bench(lambda inp=inp, backend=backend: portattn.attention(
+            inp.q, inp.cache, inp.metadata, out=inp.out, backend=backend))
+    return total, backends
 
 
 def _compact(values: list) -> str:
