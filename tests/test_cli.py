@@ -247,3 +247,52 @@ def test_bench_records_the_l2_flush_it_was_asked_for(tmp_path, monkeypatch):
         assert main(argv + (["--l2-flush", flush] if flush else [])) == 0
         report = json.loads((tmp_path / "r.json").read_text())
         assert report["l2_flush"] == (flush or "zero")
+
+
+def _stub_bench_run(monkeypatch, run_case):
+    """The bench's command line with ``run_case`` replaced and nothing measured."""
+    from portattn.bench import cli as bench_cli
+
+    monkeypatch.setattr(bench_cli, "run_case", run_case)
+    monkeypatch.setattr(bench_cli, "measure_ceilings", lambda *a: {})
+    monkeypatch.setattr(bench_cli, "add_plain_ratios", lambda report: None)
+    monkeypatch.setattr(bench_cli, "plot", lambda *a: None)
+    monkeypatch.setattr(bench_cli, "format_table", lambda report: "")
+
+
+@pytest.mark.parametrize("where, message", [
+    ("file", "argument --out: expected a folder, got the file "),
+    ("missing folder", "argument --prefix: cannot write "),
+])
+def test_bench_checks_where_it_writes_before_any_case(capsys, tmp_path, monkeypatch, where,
+                                                      message):
+    """An --out that is a file, or a --prefix into a missing folder, is an argument error
+    (exit 2, the flag named) before any case: it crashed once after every case was
+    timed, their results lost."""
+    _stub_bench_run(monkeypatch, lambda *a, **k: pytest.fail("a case ran"))
+    (tmp_path / "afile").write_text("x")
+    out = ["--out", str(tmp_path / "afile")] if where == "file" else \
+        ["--out", str(tmp_path), "--prefix", "missing/r"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--cases", "decode-1x8192", "--device", "cpu", *out])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_bench_keeps_the_cases_timed_before_one_that_crashes(tmp_path, monkeypatch):
+    """The JSON is written after each case (into --out, made if missing): a case that
+    raises leaves the cases timed before it on disk."""
+    def run_case(case, *args):
+        if case.name == "decode-8x8192":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return {"case": {"name": case.name}, "impls": {}, "plan": "-"}
+    _stub_bench_run(monkeypatch, run_case)
+    out = tmp_path / "new" / "folder"
+    argv = ["bench", "--cases", "decode-1x8192,decode-8x8192", "--device", "cpu",
+            "--out", str(out), "--prefix", "r"]
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        main(argv)
+    report = json.loads((out / "r.json").read_text())
+    assert [c["case"]["name"] for c in report["cases"]] == ["decode-1x8192"]

@@ -22,7 +22,8 @@ Reported per case: time, TB/s (K/V/q/out bytes; decode-like cases) or TFLOP/s
 only), the fraction of the ceiling, and ``peer_time / our_time`` for each peer (> 1: we are
 faster). ``--sweep`` also times many launch configs of our kernel per case (tile sizes,
 warps, stages, segments) so the heuristics can be set from data. Output: a table on
-stdout, ``<prefix>.json`` and ``<prefix>.png`` (when matplotlib imports) in ``--out``.
+stdout, ``<prefix>.json`` (rewritten after each case) and ``<prefix>.png`` (when
+matplotlib imports) in ``--out``.
 
 Modules (importing the package does no work: no device query, no probing; every name
 below is importable from ``portattn.bench``):

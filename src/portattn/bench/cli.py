@@ -61,13 +61,46 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
                      f"{', '.join(sorted(known))})")
 
 
+def _check_output(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                  json_path: str) -> None:
+    """``parser.error`` unless ``--out`` is (or is made) a folder and ``json_path`` (there,
+    with ``--prefix``) can be written: both failed only after every case was timed."""
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"argument --out: expected a folder, got the file {args.out!r}")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"argument --out: cannot make the folder {args.out!r} ({exc.strerror})")
+    existed = os.path.exists(json_path)
+    try:
+        with open(json_path, "a"):
+            pass
+    except OSError as exc:
+        parser.error(f"argument --prefix: cannot write {json_path!r} ({exc.strerror})")
+    if not existed:
+        os.remove(json_path)
+
+
+def _default_prefix(gpu: str, date: str) -> str:
+    """``<gpu>-<date>-bench`` (``h100-2025-01-31-bench``): a run per GPU and day."""
+    short_gpu = gpu.replace("NVIDIA ", "").split()[0].lower() if gpu != "cpu" else "cpu"
+    return f"{short_gpu}-{date}-bench"
+
+
+def _write_json(report: dict, path: str) -> None:
+    """The report so far (rewritten after each case: a crash keeps what was timed)."""
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="portattn bench", description=__doc__.split("\n")[0])
     parser.add_argument("--cases", default="all",
                         help="comma list of case names, kinds (decode, prefill, mixed, spec) "
                         "or tags (plain, quant, diffkv, decode-plain, ...); default all")
     parser.add_argument("--sweep", action="store_true", help="also time many launch configs")
-    parser.add_argument("--out", default="benchmarks/results", help="folder for JSON/PNG")
+    parser.add_argument("--out", default="benchmarks/results",
+                        help="folder for JSON/PNG (made if missing)")
     parser.add_argument("--prefix", default=None, help="file name prefix (default gpu-date)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--num-q-heads", type=_positive_int, default=32)
@@ -94,6 +127,12 @@ def main(argv=None) -> int:
                         help="default: cuda when available")
     args = parser.parse_args(argv)
     _check_arguments(parser, args)
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    date = datetime.date.today().isoformat()
+    prefix = args.prefix or _default_prefix(gpu, date)
+    json_path = os.path.join(args.out, prefix + ".json")
+    if not args.compile_only:  # it writes no report
+        _check_output(parser, args, json_path)
     if args.device == "cpu" and args.shrink == 1 and not args.compile_only:
         print("portattn bench: no GPU: on the CPU a run checks the harness, it measures "
               "nothing, and full-size cases take minutes each; --shrink 64 --cases "
@@ -112,14 +151,13 @@ def main(argv=None) -> int:
     shard, shards = args.shard
     if args.compile_only:
         return compile_only(cases, args, caps, shard, shards)
-    gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     try:
         import triton
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
     args.graph_timer = GraphTimer(flush=args.l2_flush) if args.device == "cuda" else None
-    report = {"gpu": gpu, "date": datetime.date.today().isoformat(),
+    report = {"gpu": gpu, "date": date,
               "torch": torch.__version__, "triton": triton_version,
               "sm_count": caps.sm_count, "dtype": args.dtype,
               "heads": [args.num_q_heads, args.num_kv_heads], "head_size": args.head_size,
@@ -131,16 +169,13 @@ def main(argv=None) -> int:
         t0 = time.time()
         result = run_case(case, args, bench, caps, report["ceilings"])
         report["cases"].append(result)
+        _write_json(report, json_path)
         o = result["impls"].get("ours", {})
         _flush_print(f"{case.name}: ours {o.get('ms', o.get('error'))} ms, "
                      f"vs {result.get('speed_vs')}, plan {result['plan']} "
                      f"({time.time() - t0:.1f}s)")
     add_plain_ratios(report)
-    os.makedirs(args.out, exist_ok=True)
-    short_gpu = gpu.replace("NVIDIA ", "").split()[0].lower() if gpu != "cpu" else "cpu"
-    prefix = args.prefix or f"{short_gpu}-{report['date']}-bench"
-    with open(os.path.join(args.out, prefix + ".json"), "w") as f:
-        json.dump(report, f, indent=1)
+    _write_json(report, json_path)
     note = plot(report, os.path.join(args.out, prefix + ".png"))
     if note:
         _flush_print(note)
