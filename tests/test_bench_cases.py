@@ -330,3 +330,32 @@ def test_the_mixed_cases_parts_run_on_the_backend_ours_runs_on(monkeypatch):
     assert timed == (3.0, ["torch_ref", "torch_ref"])
     result = runner.run_case(case, _cpu_args(), lambda fn: (fn(), 1.0)[1], None, {})
     assert result["separate_parts_backends"] == ["torch_ref", "torch_ref"]
+
+
+@pytest.mark.parametrize("shrink", [2048, 4096, 1 << 20])
+def test_a_large_shrink_keeps_the_mixed_case_mixed(shrink):
+    """``--shrink`` of 2048 or more made the mixed chunk 1 query: a decode, so the
+    separate parts' chunk part was empty and build_inputs crashed on it. The chunk keeps
+    >= 2 queries (over its context plus itself) and both parts run."""
+    from portattn.bench import runner
+
+    mixed = next(c for c in default_cases(shrink) if c.kind == "mixed")
+    chunk = mixed.query_lens[0]
+    assert chunk >= 2 and set(mixed.query_lens[1:]) == {1}
+    assert mixed.seq_lens[0] == max(1, 8192 // shrink) + chunk
+    total, backends = runner._separate_parts(mixed, _cpu_args(), lambda fn: (fn(), 1.0)[1],
+                                             torch.float32)
+    assert total == 2.0 and len(backends) == 2
+
+
+@pytest.mark.parametrize("shrink", [2048, 4096, 8192, 1 << 20])
+def test_a_large_shrink_keeps_every_case_valid(shrink):
+    """Every shrunk case has at least as many keys as queries per sequence (spec-decode's
+    4 queries had 2 keys at --shrink 2048, an input error that ended the run)."""
+    import portattn
+
+    for case in default_cases(shrink):
+        assert all(sl >= ql for ql, sl in zip(case.query_lens, case.seq_lens)), case.name
+        if case.kind in ("mixed", "spec"):
+            inp = _inputs(case)
+            portattn.explain(inp.q, inp.cache, inp.metadata)  # raises on bad lengths
