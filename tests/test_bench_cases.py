@@ -359,3 +359,20 @@ def test_a_large_shrink_keeps_every_case_valid(shrink):
         if case.kind in ("mixed", "spec"):
             inp = _inputs(case)
             portattn.explain(inp.q, inp.cache, inp.metadata)  # raises on bad lengths
+
+
+def test_the_sdpa_peer_keeps_its_plain_call_where_the_work_is_equal(monkeypatch):
+    """Spec-decode's 4 queries over 400 keys: the non-causal call does 1.004x ours' work,
+    within NEAR_EQUAL_WORK, so the peer keeps its plain kernel (noted), not a mask."""
+    from portattn.bench import peers
+
+    case = Case("spec", "spec", [4, 4], [400, 400])
+    calls = _spy_sdpa(monkeypatch)
+    fn, notes = peers.sdpa(case, _inputs(case, torch.float32), "MATH")
+    calls.clear()
+    fn()
+    (call,) = calls
+    assert call[3] == {"is_causal": False, "enable_gqa": True}
+    ratio = 4 * 400 / (4 * 396 + 10)
+    assert ratio <= peers.NEAR_EQUAL_WORK
+    assert notes == [f"q 4 over 400 keys run non-causal ({ratio:.2f}x the work)"]

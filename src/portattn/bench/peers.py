@@ -114,13 +114,20 @@ def _visible_pairs(q_len: int, seq_len: int) -> int:
     return q_len * (seq_len - q_len) + q_len * (q_len + 1) // 2
 
 
+#: A chunk whose non-causal call does at most this many times ours' work (spec-decode's 4
+#: queries over thousands of keys: 1.0004x) keeps SDPA's plain non-causal call, noted: its
+#: result differs in the few keys past each query, its time is the peer's at that shape.
+NEAR_EQUAL_WORK = 1.01
+
+
 def _sdpa_forms(q_len: int, seq_len: int, device) -> list[tuple[dict[str, Any], str | None]]:
     """The SDPA call forms of a part, best first, each with its note (None: the plain
     call). q_len == seq_len (SDPA's top-left causal is ours) and q_len == 1 (every key
     visible) have one exact form; a chunk over a longer context (chunked prefill,
     spec-decode) needs bottom-right causal, which backends take in different forms: a
     boolean mask, ``causal_lower_right`` (flash's lower-right causal kernel), else the
-    non-causal call, exact in no backend and more work."""
+    non-causal call, exact in no backend and more work; where that is within
+    :data:`NEAR_EQUAL_WORK` of ours, the non-causal call alone."""
     if q_len == seq_len:
         return [({"is_causal": True}, None)]
     if q_len == 1:
@@ -128,12 +135,17 @@ def _sdpa_forms(q_len: int, seq_len: int, device) -> list[tuple[dict[str, Any], 
     from torch.nn.attention.bias import causal_lower_right
 
     where = f"q {q_len} over {seq_len} keys"
-    mask = torch.ones(q_len, seq_len, dtype=torch.bool, device=device).tril(seq_len - q_len)
     ratio = q_len * seq_len / _visible_pairs(q_len, seq_len)
+    plain = ({"is_causal": False}, f"{where} run non-causal ({ratio:.2f}x the work)")
+    if ratio <= NEAR_EQUAL_WORK:
+        # spec-decode over a long context: the plain kernel does ours' work within 1%
+        # (a masked kernel could be slower for reasons that are not the work)
+        return [plain]
+    mask = torch.ones(q_len, seq_len, dtype=torch.bool, device=device).tril(seq_len - q_len)
     return [({"attn_mask": mask}, f"{where} run with a boolean bottom-right causal mask"),
             ({"attn_mask": causal_lower_right(q_len, seq_len)},
              f"{where} run with causal_lower_right"),
-            ({"is_causal": False}, f"{where} run non-causal ({ratio:.2f}x the work)")]
+            plain]
 
 
 def _first_form_that_runs(part: SdpaPart, backend):
