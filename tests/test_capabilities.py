@@ -39,6 +39,7 @@ from portattn.errors import InputError
 probe_mod = importlib.import_module("portattn.capabilities.probe")
 
 SRC = str(Path(portattn.__file__).resolve().parents[1])
+REAL_GPU_INDEX = probe_mod._gpu_index  # before the autouse fixture replaces it
 ENV_VARS = ("PORTATTN_SIMULATE", "PORTATTN_NO_DISK_CACHE", "TRITON_INTERPRET",
             *(o.env_var for o in OVERRIDES))
 
@@ -443,6 +444,35 @@ def test_probe_never_raises_when_sub_probes_fail(monkeypatch):
     clear_cache()
     caps = probe(use_disk_cache=False)
     assert not caps.triton_kernels.ok and "kernel check failed" in caps.triton_kernels.reason
+
+
+@pytest.mark.parametrize("failing", ["is_available", "device_count", "current_device"])
+def test_a_device_lookup_that_raises_is_the_cpu_with_the_reason(failing, isolated,
+                                                                 monkeypatch):
+    """torch cannot say which GPU is current (CUDA initialized before a fork, a driver
+    older than the runtime): probe() describes the CPU with the reason, keeps it in memory
+    only, and an explicit CPU probe is still the plain CPU answer."""
+    import torch
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("Cannot re-initialize CUDA in forked subprocess")
+
+    monkeypatch.setattr(probe_mod, "_gpu_index", REAL_GPU_INDEX)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, failing, boom)
+    named = ["cuda:0"] if failing != "current_device" else []  # cuda:0 needs no current
+    for device in [None, "cuda", *named]:
+        caps = probe(device=device)
+        assert caps.device_type == "cpu" and caps.device_index is None
+        assert "GPU probe failed: RuntimeError: Cannot re-initialize CUDA" in \
+            caps.triton_kernels.reason
+        assert probe(device=device) is caps and last_probe_origin() == "memory"
+    assert cache_files(isolated) == []  # a state of this process: never on disk
+    plain = probe(device="cpu")
+    assert plain.triton_kernels.reason == "no GPU and TRITON_INTERPRET is not set"
+    assert probe(refresh=True).triton_kernels.reason == caps.triton_kernels.reason
 
 
 # ---------------------------------------------------------------------------- flash-attn

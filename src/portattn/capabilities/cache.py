@@ -47,7 +47,8 @@ class _State:
     def __init__(self) -> None:
         self.lock = threading.RLock()
         # (simulate, TRITON_INTERPRET, override values, device index) -> (caps, resolved
-        # origin); the device index is None for the CPU and for simulated profiles
+        # origin); the device index is None for the CPU and for simulated profiles, and
+        # probe.UNREADABLE_DEVICE where torch could not say which device it is
         self.final: dict[tuple, tuple[Capabilities, str]] = {}
         # (interpreter flag, device index) -> (unoverridden probed caps, resolved origin)
         self.base: dict[tuple[bool, int | None], tuple[Capabilities, str]] = {}

@@ -73,7 +73,10 @@ def probe(simulate: str | None = None, *, device: Any = None, refresh: bool = Fa
     ``cuda:0`` is ever served for ``cuda:1``. A simulated profile is one device: it
     ignores ``device``. Raises ``InputError`` (a ``ValueError``) for a device this process
     cannot see, an unknown profile name or a malformed ``PORTATTN_*`` value: those are the
-    caller's errors; a check that fails on this machine never raises.
+    caller's errors; a check that fails on this machine never raises, nor does a device
+    lookup that torch cannot answer (CUDA initialized before a fork, a driver older than
+    the runtime): the CPU is then described, the reason in its Triton checks, in memory
+    only.
 
     ``simulate``: a profile name (see :mod:`.profiles`); None reads ``PORTATTN_SIMULATE``;
     ``""`` forces a real probe even when that variable is set. ``refresh=True`` ignores
@@ -88,8 +91,9 @@ def probe(simulate: str | None = None, *, device: Any = None, refresh: bool = Fa
         raise InputError("simulate", "None or a simulated profile name (a str)", repr(simulate))
     wanted = SIMULATE.raw() if simulate is None else simulate
     wanted = (wanted or "").strip() or None
-    index = None if wanted else device_index(device)
-    key = (wanted, TRITON_INTERPRET.raw(), raw_overrides(), index)
+    index, lookup_error = (None, None) if wanted else _lookup_device(device)
+    slot = UNREADABLE_DEVICE if lookup_error is not None else index
+    key = (wanted, TRITON_INTERPRET.raw(), raw_overrides(), slot)
     state = cache.STATE
     if not refresh:
         hit = state.final.get(key)
@@ -104,6 +108,9 @@ def probe(simulate: str | None = None, *, device: Any = None, refresh: bool = Fa
                                "PORTATTN_SIMULATE")
             base, origin = simulated(wanted), "simulated"
             resolved = origin
+        elif lookup_error is not None:
+            base = _probe_device_and_failures(None, lookup_error=lookup_error)[0]
+            origin = resolved = "probed"
         else:
             base, origin, resolved = _real_base(interpreter_enabled(key[1]), index, refresh,
                                                 use_disk_cache)
@@ -111,12 +118,30 @@ def probe(simulate: str | None = None, *, device: Any = None, refresh: bool = Fa
         if refresh and not wanted:
             # every remembered answer for this device was built on the old probe, and so
             # were the decisions and plan bodies of its calls
-            for stale in [k for k in state.final if k[3] == index and not k[0]]:
+            for stale in [k for k in state.final if k[3] == slot and not k[0]]:
                 del state.final[stale]
             cache.forget_decisions()
         state.final[key] = (caps, resolved)
         state.last = (origin, resolved, caps)
         return caps
+
+
+#: The memory-cache slot of a probe whose device lookup raised (:func:`_lookup_device`):
+#: kept apart from the CPU's slot (None), whose answer it is not.
+UNREADABLE_DEVICE = "unreadable"
+
+
+def _lookup_device(device: Any) -> tuple[int | None, str | None]:
+    """(:func:`device_index` of ``device``, None), or (None, why) when asking torch which
+    devices exist raised (CUDA initialized before a fork, a driver older than the runtime):
+    the probe then describes the CPU with that reason instead of raising, as it does when
+    the device's properties cannot be read. ``InputError`` (the caller's) still raises."""
+    try:
+        return device_index(device), None
+    except InputError:
+        raise
+    except Exception as exc:
+        return None, one_line(exc)
 
 
 def device_index(device: Any = None) -> int | None:
@@ -311,6 +336,14 @@ def _driver_version() -> str | None:
     return None
 
 
+def _cpu_facts() -> dict[str, Any]:
+    """:func:`_device_facts` of the CPU: also what a probe describes when the GPU cannot
+    be read."""
+    return dict(vendor="cpu", device_type="cpu", device_name="cpu", arch="cpu",
+                compute_capability=None, sm_count=os.cpu_count() or 1, total_memory=0,
+                l2_cache_bytes=0, driver_version=None, index=None)
+
+
 def _device_facts(index: Any = _CURRENT) -> dict[str, Any]:
     """Vendor, name, arch, sizes of GPU ``index`` (default: the current device); the CPU
     when it is None (no GPU)."""
@@ -319,9 +352,7 @@ def _device_facts(index: Any = _CURRENT) -> dict[str, Any]:
     if index is _CURRENT:
         index = _gpu_index()
     if index is None:
-        return dict(vendor="cpu", device_type="cpu", device_name="cpu", arch="cpu",
-                    compute_capability=None, sm_count=os.cpu_count() or 1, total_memory=0,
-                    l2_cache_bytes=0, driver_version=None, index=None)
+        return _cpu_facts()
     props = torch.cuda.get_device_properties(index)
     hip = getattr(torch.version, "hip", None)
     if hip:
@@ -648,7 +679,8 @@ def probe_device(index: Any = _CURRENT) -> Capabilities:
     return _probe_device_and_failures(index)[0]
 
 
-def _probe_device_and_failures(index: Any = _CURRENT) -> tuple[Capabilities, list[str]]:
+def _probe_device_and_failures(index: Any = _CURRENT, *, lookup_error: str | None = None
+                               ) -> tuple[Capabilities, list[str]]:
     """:func:`probe_device`, and the steps of it that raised, Triton's import among them
     (installed but raising on import). Such a result is kept in memory only, never on
     disk: its cause may be mended without any version in the disk-cache key changing (a
@@ -657,7 +689,9 @@ def _probe_device_and_failures(index: Any = _CURRENT) -> tuple[Capabilities, lis
     cannot be read: the kernel checks are skipped then). A flash-attn that does not import
     is not among them: its reason says how to mend it, a rebuild against another torch
     changes the key, and probing again would rerun the Triton kernel checks in every
-    process."""
+    process. ``lookup_error``: why the device could not even be looked up
+    (:func:`_lookup_device`): the CPU is described, with that reason, as when reading the
+    device raises."""
     failures: list[str] = []
     try:
         import torch
@@ -669,15 +703,17 @@ def _probe_device_and_failures(index: Any = _CURRENT) -> tuple[Capabilities, lis
         torch_version, cuda_version, hip_version = f"unavailable ({one_line(exc)})", None, None
         failures.append("torch")
 
-    device_error = None
-    try:
-        facts = _device_facts(index)
-    except Exception as exc:
-        device_error = one_line(exc)
-        failures.append("device facts")
-        facts = dict(vendor="cpu", device_type="cpu", device_name="cpu", arch="cpu",
-                     compute_capability=None, sm_count=os.cpu_count() or 1, total_memory=0,
-                     l2_cache_bytes=0, driver_version=None, index=None)
+    device_error = lookup_error
+    if lookup_error is not None:
+        failures.append("device lookup")
+        facts = _cpu_facts()
+    else:
+        try:
+            facts = _device_facts(index)
+        except Exception as exc:
+            device_error = one_line(exc)
+            failures.append("device facts")
+            facts = _cpu_facts()
 
     interpreter = interpreter_enabled()
     triton, triton_check, triton_version = _import_triton()
