@@ -296,6 +296,23 @@ def test_interpreter_set_before_import_runs_the_kernels(isolated):
                                 "descriptor": {"ok": True, "reason": ""}}
 
 
+def test_a_late_interpreter_is_kept_in_memory_only(isolated, monkeypatch):
+    """Triton imported by the probe itself in a mode other than the interpreter (the
+    disk-cache key, made before, cannot tell): the failure is this process's state, so it
+    is not written for a later process set up right to be served."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(probe_mod, "_late_interpreter_cheap", lambda: False)
+    monkeypatch.setattr(probe_mod, "_imported_before_interpreter", lambda triton: True)
+    failed = {"ok": False, "reason": "NameError: tl.zeros is not interpreted"}
+    monkeypatch.setattr(descriptor_check, "run_checks",
+                        lambda device: {"pointer": failed, "descriptor": failed})
+    caps = probe()
+    assert not caps.triton_kernels.ok
+    assert probe_mod.LATE_INTERPRETER_REASON in caps.triton_kernels.reason
+    assert cache_files(isolated) == []
+    assert probe() is caps and last_probe_origin() == "memory"
+
+
 def test_failed_descriptor_kernel_is_a_reason(monkeypatch):
     def fake_run_one(kind, device):
         if kind == "descriptor":

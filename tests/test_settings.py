@@ -249,6 +249,29 @@ def test_owned_choices_and_their_values(monkeypatch):
     assert settings.TRITON_INTERPRET.parse_text("whatever") is False
 
 
+#: TRITON_INTERPRET texts and whether Triton (3.6's getenv_bool) reads them as on.
+TRITON_FLAG_TEXTS = {"1": True, "true": True, "TRUE": True, "On": True, "YES": True,
+                     "y": True, "Y": True, "0": False, "off": False, "n": False, "t": False,
+                     "2": False, "tru": False, "": False, " 1": False, "1 ": False,
+                     " true ": False, "\t1": False, "1\n": False}
+
+
+def test_triton_interpret_is_read_with_tritons_rule(monkeypatch):
+    """portattn's interpreter flag must be Triton's: a value Triton reads as off (a stray
+    space) made the probe test an interpreter Triton never turned on, and "y" the
+    reverse."""
+    try:  # imported before the variable changes (Triton fixes its mode at import)
+        from triton._C.libtriton import getenv_bool
+    except Exception:  # no Triton, or one without it: the table alone
+        getenv_bool = None
+    for text, on in TRITON_FLAG_TEXTS.items():
+        assert bool(settings.TRITON_INTERPRET.parse_text(text)) is on, repr(text)
+        monkeypatch.setenv("TRITON_INTERPRET", text)
+        assert bool(settings.TRITON_INTERPRET.value()) is on, repr(text)
+        if getenv_bool is not None:
+            assert getenv_bool("TRITON_INTERPRET", False) is on, repr(text)
+
+
 def test_report_lists_every_setting_with_its_value(monkeypatch):
     monkeypatch.setenv("PORTATTN_UNIFIED_SPLIT", "0")
     monkeypatch.setenv("PORTATTN_FLASH_ATTN_INTERFACE", "fa2")

@@ -11,7 +11,8 @@ Values are parsed when read: surrounding spaces are ignored, choices are case-in
 and unset or empty means the default (``value()`` returns None, "automatic"). A value
 outside the accepted ones raises :class:`~portattn.errors.InputError` naming the variable.
 Variables that belong to other projects (``TRITON_INTERPRET``, the device-visibility
-variables) are read with their owners' rules and never rejected.
+variables) are read with their owners' rules and never rejected: ``TRITON_INTERPRET`` as
+Triton reads it, spaces included (``"1 "`` is off for Triton, so it is off here too).
 
 Cheap reads
 -----------
@@ -50,6 +51,9 @@ from portattn.errors import InputError
 
 _ON = ("1", "true", "yes", "on")
 _OFF = ("0", "false", "no", "off")
+#: What Triton's ``getenv_bool`` (``triton.knobs``, C++ in libtriton) reads as on, any case;
+#: the text is not stripped.
+_TRITON_ON = ("1", "true", "yes", "on", "y")
 
 
 def _choices(table: Mapping[str, Any]) -> Callable[[str], Any]:
@@ -72,8 +76,11 @@ def _flag(text: str) -> bool:
 
 
 def _triton_flag(text: str) -> bool:
-    """Triton's own rule for its boolean variables: on for 1/true/yes/on, else off."""
-    return text.lower() in _ON
+    """Triton's own rule for its boolean variables (``getenv_bool``): on for 1, true, yes,
+    on or y in any case, else off. Read unstripped (``Setting.strip`` False): a value
+    Triton reads as off must be off for portattn too, or the probe would test an
+    interpreter that Triton never turned on."""
+    return text.lower() in _TRITON_ON
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -101,6 +108,8 @@ class Setting:
     report) says so, :meth:`value` does not raise for it.
     ``decides``: part of the decision fingerprint (a change must re-decide routing).
     ``owner``: who defines the variable (``portattn`` unless another project does).
+    ``strip``: surrounding spaces are ignored (False for a foreign variable whose owner
+    reads them as part of the value).
     """
 
     name: str
@@ -111,6 +120,7 @@ class Setting:
     decides: bool = False
     owner: str = "portattn"
     check: Callable[[Any], str | None] | None = None
+    strip: bool = True
 
     def raw(self) -> str | None:
         """The variable's text as the environment holds it (None when unset)."""
@@ -123,7 +133,7 @@ class Setting:
 
     def parse_text(self, raw: str | None) -> Any:
         """:meth:`value` for a given text instead of the environment's."""
-        text = "" if raw is None else raw.strip()
+        text = "" if raw is None else raw.strip() if self.strip else raw
         if not text:
             return None
         if self.parse is None:
@@ -215,9 +225,11 @@ TEST_SHARD = Setting(
     "test suite only: run the i-th of n interleaved shards of the collected tests "
     "(parallel GPU runs)", _shard)
 TRITON_INTERPRET = Setting(
-    "TRITON_INTERPRET", "1, true, yes or on (anything else is off)", "off",
+    "TRITON_INTERPRET", "1, true, yes, on or y in any case, without spaces (Triton's "
+    "rule; anything else is off)", "off",
     "run Triton kernels on the CPU in Triton's interpreter (slow; for tests). Must be set "
-    "before anything imports Triton", _triton_flag, decides=True, owner="Triton")
+    "before anything imports Triton", _triton_flag, decides=True, owner="Triton",
+    strip=False)
 TRITON_INSTRUMENTATION_MODE = Setting(
     "TRITON_INSTRUMENTATION_MODE", "Triton's modes (e.g. for Proton's profiler)", "off",
     "Triton's kernel instrumentation (read by Triton at import; profilers also set it in "

@@ -12,8 +12,9 @@ Disk cache
     file in the same directory, then ``os.replace``, so a reader never sees half a file.
     ``PORTATTN_NO_DISK_CACHE=1`` turns the disk cache off. Only real probes are stored,
     never simulated profiles, never with environment overrides applied, and never a probe
-    where Triton is installed but fails to import or a step of the probe raised (the next
-    process probes again: see ``probe._probe_device_and_failures``).
+    where Triton is installed but fails to import, a step of the probe raised, or Triton
+    was imported before ``TRITON_INTERPRET`` was set (the next process probes again: see
+    ``probe._probe_device_and_failures``).
 
 Memory cache
     Lives in :mod:`portattn.capabilities.probe`; :func:`clear_cache` empties it (and the

@@ -689,7 +689,11 @@ def _probe_device_and_failures(index: Any = _CURRENT, *, lookup_error: str | Non
     cannot be read: the kernel checks are skipped then). A flash-attn that does not import
     is not among them: its reason says how to mend it, a rebuild against another torch
     changes the key, and probing again would rerun the Triton kernel checks in every
-    process. ``lookup_error``: why the device could not even be looked up
+    process. Nor is a check that failed because Triton was imported before
+    ``TRITON_INTERPRET`` was set (:data:`LATE_INTERPRETER_REASON`): a state of this process
+    alone, which the disk-cache key cannot tell (Triton may have been imported by this very
+    probe), and a later process set up right would be served it. ``lookup_error``: why the
+    device could not even be looked up
     (:func:`_lookup_device`): the CPU is described, with that reason, as when reading the
     device raises."""
     failures: list[str] = []
@@ -727,6 +731,8 @@ def _probe_device_and_failures(index: Any = _CURRENT, *, lookup_error: str | Non
         why = f"kernel check failed: {one_line(exc)}"
         target, kernels, descriptors = None, Check(False, why), Check(False, why)
         failures.append("kernel checks")
+    if any(LATE_INTERPRETER_REASON in check.reason for check in (kernels, descriptors)):
+        failures.append("late interpreter")
 
     try:
         fp8: tuple[str, ...] = fp8_formats(facts["vendor"], facts["arch"],
