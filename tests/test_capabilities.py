@@ -698,6 +698,11 @@ def test_cache_file_names_and_disk_clear(isolated):
         "capabilities-cuda1.json"
     assert name(device_type="cpu", device_index=None, interpreter=True) == \
         "capabilities-cpu-interpret.json"
+    # a GPU is named by its UUID (as its entry is keyed), made safe for a file name
+    assert name(device_type="cuda", device_index=0, uuid="GPU-8f3c/1e:2a",
+                interpreter=False) == "capabilities-cuda-GPU-8f3c_1e_2a.json"
+    assert name(device_type="cuda", device_index=1, uuid=None, interpreter=False) == \
+        "capabilities-cuda1.json"
     probe()
     (isolated / "unrelated.txt").write_text("keep me")
     clear_cache(disk=True)

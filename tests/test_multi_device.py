@@ -27,7 +27,13 @@ import torch
 
 import portattn
 from portattn import AttentionMetadata, InputError, PagedKVCache, planning
-from portattn.capabilities import clear_cache, collect_report, probe, render_report
+from portattn.capabilities import (
+    clear_cache,
+    collect_report,
+    last_probe_origin,
+    probe,
+    render_report,
+)
 from portattn.capabilities.model import Check
 from portattn.capabilities.overrides import OVERRIDES
 from portattn.dispatch.problem import Problem
@@ -129,8 +135,8 @@ def test_cpu_and_missing_devices(gpus):
 def test_disk_cache_has_a_file_per_gpu_keyed_by_its_uuid(gpus, tmp_path):
     first, second = probe(device=0), probe(device=1)
     files = sorted(p.name for p in (tmp_path / "cache").iterdir())
-    assert files == ["capabilities-cuda0.json", "capabilities-cuda1.json"]
-    stored = json.loads((tmp_path / "cache" / "capabilities-cuda1.json").read_text())
+    assert files == ["capabilities-cuda-uuid-gpu-0.json", "capabilities-cuda-uuid-gpu-1.json"]
+    stored = json.loads((tmp_path / "cache" / "capabilities-cuda-uuid-gpu-1.json").read_text())
     assert stored["key"]["uuid"] == "uuid-gpu-1" and stored["key"]["device_index"] == 1
     assert stored["capabilities"]["device_name"] == "Fake H200 #1"
 
@@ -139,12 +145,30 @@ def test_disk_cache_has_a_file_per_gpu_keyed_by_its_uuid(gpus, tmp_path):
     assert probe(device=1) == second and probe(device=0) == first
     assert gpus.probed == []
 
-    clear_cache()  # another GPU now sits at index 1: its file is stale, re-probed
+    clear_cache()  # another GPU now sits at index 1: it has no file yet, re-probed
     gpus.uuids[1] = "uuid-of-a-swapped-gpu"
     assert probe(device=1) == second
     assert gpus.probed == [1]
-    stored = json.loads((tmp_path / "cache" / "capabilities-cuda1.json").read_text())
+    stored = json.loads((tmp_path / "cache" /
+                         "capabilities-cuda-uuid-of-a-swapped-gpu.json").read_text())
     assert stored["key"]["uuid"] == "uuid-of-a-swapped-gpu"
+
+
+def test_one_gpu_workers_keep_one_file_each(gpus, tmp_path):
+    """Workers started with CUDA_VISIBLE_DEVICES=i each see their GPU as cuda:0: named by
+    index they shared one file and overwrote each other's entry at every start, so a
+    restarted worker probed again (a child process and Triton compiles on a GPU)."""
+    for uuid in ("uuid-gpu-a", "uuid-gpu-b"):  # each worker's first start
+        clear_cache()
+        gpus.uuids[0] = uuid
+        probe(device=0)
+    gpus.probed.clear()
+    for uuid in ("uuid-gpu-a", "uuid-gpu-b"):  # both restarted: read from disk
+        clear_cache()
+        gpus.uuids[0] = uuid
+        probe(device=0)
+        assert last_probe_origin() == "disk-cache", uuid
+    assert gpus.probed == []
 
 
 def test_refresh_of_one_device_keeps_the_other(gpus):

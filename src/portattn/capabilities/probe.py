@@ -69,7 +69,7 @@ def probe(simulate: str | None = None, *, device: Any = None, refresh: bool = Fa
     ``device``: which device to describe: a ``torch.device``, ``"cuda:1"``, ``"cpu"`` or a
     CUDA index; None is the current CUDA device (the CPU when there is no GPU).
     :func:`portattn.attention` passes its tensors' device. Each device is probed, cached in
-    memory and on disk on its own (``capabilities-cuda1.json``), so no answer for
+    memory and on disk on its own (a file per GPU UUID), so no answer for
     ``cuda:0`` is ever served for ``cuda:1``. A simulated profile is one device: it
     ignores ``device``. Raises ``InputError`` (a ``ValueError``) for a device this process
     cannot see, an unknown profile name or a malformed ``PORTATTN_*`` value: those are the
