@@ -20,6 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +34,7 @@ from portattn import InputError
 from portattn.backends import triton_kv_load
 from portattn.backends.triton_unified import TritonUnified
 from portattn.capabilities import kv_descriptor_gate as gate
+from portattn.capabilities.cache import write_json_atomic
 from portattn.capabilities.model import Check
 from portattn.capabilities.profiles import simulated
 from portattn.dispatch.problem import Problem
@@ -304,6 +310,40 @@ def test_gate_caches_per_machine_and_variant_on_disk(gate_calls):
     assert data["format"] == gate.CACHE_FORMAT and len(data["results"]) == 3
     assert any(not r["ok"] and r["reason"] == "compile failed"
                for r in data["results"].values())
+
+
+STORE_SCRIPT = """
+from portattn.capabilities import kv_descriptor_gate as gate
+print("storing", flush=True)
+gate._store_disk("answer of the other process", {"ok": True, "reason": ""})
+"""
+
+
+def test_two_processes_storing_answers_keep_both(gate_calls):
+    """The gate file is read, merged and rewritten under an exclusive lock: a process
+    storing while another holds it waits, then merges the other's answer instead of
+    writing over it. The test plays the other process, holding the lock throughout."""
+    fcntl = pytest.importorskip("fcntl")
+    src = str(Path(portattn.__file__).resolve().parents[1])
+    lock = gate.cache_path().with_name(".kv-descriptor-gate.lock")  # gate.lock_path()
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        child = subprocess.Popen([sys.executable, "-c", STORE_SCRIPT], text=True,
+                                 stdout=subprocess.PIPE,
+                                 env=dict(os.environ, PYTHONPATH=src))
+        assert child.stdout is not None and child.stdout.readline() == "storing\n"
+        time.sleep(0.3)  # the child's read-merge-write would be done by now, unlocked
+        assert not gate.cache_path().exists()  # it waits for the lock
+        # this process's own locked write (not _store_disk: its lock would wait for ours)
+        write_json_atomic(gate.cache_path(), {
+            "format": gate.CACHE_FORMAT,
+            "results": {"answer of this process": {"ok": False, "reason": "x"}}})
+        assert child.poll() is None
+    assert child.wait(timeout=60) == 0
+    results = json.loads(gate.cache_path().read_text())["results"]
+    assert sorted(results) == ["answer of the other process", "answer of this process"]
+    assert gate.lock_path() == lock
 
 
 def test_a_check_that_could_not_run_is_not_kept_on_disk(gate_calls):

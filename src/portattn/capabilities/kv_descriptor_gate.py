@@ -28,13 +28,14 @@ Triton interpreter it runs in-process. :data:`RUNNER` is the function that runs 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO, Any, Callable, Iterator
 
 from portattn.capabilities._text import one_line
 from portattn.capabilities.descriptor_check import child_env
@@ -124,6 +125,16 @@ def cache_path() -> Path:
     return cache.cache_dir() / "kv-descriptor-gate.json"
 
 
+#: The sidecar file :func:`_store_disk` locks (never deleted: a process may hold it).
+LOCK_NAME = ".kv-descriptor-gate.lock"
+
+
+def lock_path() -> Path:
+    """The lock of :func:`cache_path`'s read-merge-write: a file of its own, since the
+    cache file itself is replaced (``os.replace``) by every write."""
+    return cache_path().with_name(LOCK_NAME)
+
+
 def _disk_enabled() -> bool:
     from portattn.capabilities import cache
 
@@ -144,16 +155,53 @@ def _load_disk() -> dict[str, Any]:
 
 def _store_disk(key: str, result: dict) -> None:
     """Add one answer to the file (an unwritable cache only costs a re-check next
-    process)."""
+    process). Read, merge and rewrite under :func:`_disk_lock`: two processes checking
+    different variants at once would otherwise each write what they read plus their own
+    answer, and one answer would be lost."""
     from portattn.capabilities import cache
 
     try:
         path = cache_path()
     except Exception:  # no folder can be named (cache.cache_dir): memory only
         return
-    results = _load_disk()
-    results[key] = result
-    cache.write_json_atomic(path, {"format": CACHE_FORMAT, "results": results})
+    with _disk_lock():
+        results = _load_disk()
+        results[key] = result
+        cache.write_json_atomic(path, {"format": CACHE_FORMAT, "results": results})
+
+
+@contextlib.contextmanager
+def _disk_lock() -> Iterator[None]:
+    """Hold an exclusive ``flock`` on :func:`lock_path` within the block (closing the file
+    releases it, also when the process dies). Where ``fcntl`` is missing (Windows) or the
+    lock cannot be taken (a filesystem without locks, an unwritable folder) the block runs
+    unlocked: a lost answer only costs a re-check, never an error."""
+    handle = _acquire_lock()
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.close()
+
+
+def _acquire_lock() -> IO[str] | None:
+    """The open, exclusively locked :func:`lock_path`, or None (no lock to be had)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        path = lock_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a", encoding="utf-8")
+    except Exception:
+        return None
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+    except OSError:
+        handle.close()
+        return None
+    return handle
 
 
 def clear(*, disk: bool = False) -> None:
