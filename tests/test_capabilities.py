@@ -30,6 +30,7 @@ from portattn.capabilities import (
     Check,
     clear_cache,
     descriptor_check,
+    kv_descriptor_gate,
     last_probe_origin,
     probe,
 )
@@ -709,6 +710,35 @@ def test_cache_file_names_and_disk_clear(isolated):
     assert cache_files(isolated) == ["unrelated.txt"]
     probe()
     assert last_probe_origin() == "probed"
+
+
+def test_refresh_and_clear_forget_the_descriptor_gate_answers(isolated, monkeypatch,
+                                                              capsys):
+    """A gate answer (a check's failure among them) is forgotten, in memory and on disk,
+    by what forgets the probe: `portattn report --refresh`, probe(refresh=True) and
+    clear_cache(disk=True); clear_cache() forgets this process's memory only."""
+    from portattn.cli import main
+
+    calls = []
+
+    def runner(variant, device):
+        calls.append(variant)
+        return {"ok": False, "reason": "PassManager::run failed"}
+
+    monkeypatch.setattr(kv_descriptor_gate, "RUNNER", runner)
+    variant = kv_descriptor_gate.variant_key(kv_dtype="bfloat16", quant="none", head_qk=128,
+                                             head_v=128, block_size=16, block_n=16)
+    check = lambda: kv_descriptor_gate.check_variant(probe(), variant, "cpu")["origin"]  # noqa: E731
+    forgets = [lambda: main(["report", "--refresh"]), lambda: probe(refresh=True),
+               lambda: clear_cache(disk=True)]
+    for forget in forgets:
+        assert check() == "checked" and kv_descriptor_gate.cache_path().exists()
+        forget()
+        assert not kv_descriptor_gate.cache_path().exists()
+    assert check() == "checked" and len(calls) == 4
+    clear_cache()  # memory only: the next answer comes from the file
+    assert check() == "disk-cache" and len(calls) == 4
+    capsys.readouterr()
 
 
 def test_cache_dir_resolution(tmp_path, monkeypatch):

@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -344,6 +345,35 @@ def test_two_processes_storing_answers_keep_both(gate_calls):
     results = json.loads(gate.cache_path().read_text())["results"]
     assert sorted(results) == ["answer of the other process", "answer of this process"]
     assert gate.lock_path() == lock
+
+
+@pytest.mark.parametrize("ending,words,kept", [
+    ("timeout", "did not finish in 300 s", False),
+    (-9, "died with signal SIGKILL", False),
+    (1, "exited with status 1", True),
+])
+def test_a_check_process_timeout_or_signal_death_is_kept_in_memory_only(
+        gate_calls, monkeypatch, ending, words, kept):
+    """A check process that timed out (a busy GPU) or was killed (the OOM killer) says
+    nothing about the kernel: kept for this process, checked again by the next, so a
+    one-off does not switch descriptor loads off for good. An error exit is an answer."""
+    def fake_run(cmd, **kwargs):
+        if ending == "timeout":
+            raise subprocess.TimeoutExpired(cmd, kwargs.get("timeout"))
+        return subprocess.CompletedProcess(cmd, ending, stdout="", stderr="")
+
+    monkeypatch.setattr(gate, "subprocess", types.SimpleNamespace(
+        run=fake_run, TimeoutExpired=subprocess.TimeoutExpired))
+    monkeypatch.setattr(gate, "RUNNER", gate.run_check_isolated)
+    caps = _real(simulated("sm90"))
+    first = gate.check_variant(caps, _variant(), "cuda:0")
+    assert not first["ok"] and words in first["reason"] and first["origin"] == "checked"
+    assert set(first) == {"ok", "reason", "origin"}
+    assert gate.check_variant(caps, _variant(), "cuda:0")["origin"] == "memory"
+    assert gate.cache_path().exists() is kept
+    gate.clear()  # the next process
+    again = gate.check_variant(caps, _variant(), "cuda:0")["origin"]
+    assert again == ("disk-cache" if kept else "checked")
 
 
 def test_a_check_that_could_not_run_is_not_kept_on_disk(gate_calls):

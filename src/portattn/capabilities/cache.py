@@ -180,11 +180,14 @@ def write_json_atomic(path: Path, payload: Any) -> Path | None:
 
 
 def clear_cache(*, disk: bool = False) -> None:
-    """Forget every probe result of this process, and the routing decisions and plan
-    bodies made from them (:func:`forget_decisions`); with ``disk=True`` also delete the
-    disk-cache files (``capabilities-*.json`` in :func:`cache_dir`, nothing else)."""
+    """Forget every probe result of this process, the routing decisions and plan bodies
+    made from them (:func:`forget_decisions`) and the descriptor gate's answers
+    (:func:`forget_gate_answers`); with ``disk=True`` also delete the disk-cache files
+    (``capabilities-*.json`` and ``kv-descriptor-gate.json`` in :func:`cache_dir`,
+    nothing else)."""
     STATE.clear()
     forget_decisions()
+    forget_gate_answers(disk=disk)
     if disk:
         try:
             paths = list(cache_dir().glob("capabilities-*.json"))
@@ -214,6 +217,15 @@ def forget_decisions() -> None:
     types = sys.modules.get("portattn.types")
     if types is not None:
         types._WRITE_REFUSALS.clear()
+
+
+def forget_gate_answers(*, disk: bool) -> None:
+    """The descriptor gate's answers (:mod:`.kv_descriptor_gate`) were checked on the
+    machine state being forgotten: a clear or a refresh that kept them would keep a
+    failure that a refresh is run to get rid of. ``disk``: the file too."""
+    from portattn.capabilities import kv_descriptor_gate
+
+    kv_descriptor_gate.clear(disk=disk)
 
 
 def last_probe_origin(*, resolve_memory: bool = False) -> str | None:

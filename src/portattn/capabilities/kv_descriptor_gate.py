@@ -8,7 +8,11 @@ machine, :func:`check_variant` compiles and runs the unified kernel both ways (p
 descriptor loads) on a tiny problem of that variant and compares the outputs; the answer
 (``{"ok", "reason"}``) is kept in memory and on disk, keyed by (device type, arch, driver,
 Triton version, portattn version and a digest of the kernels' sources, variant), next to
-the capabilities cache. Never at import.
+the capabilities cache (``kv-descriptor-gate.json``), and forgotten with it
+(``cache.clear_cache``, ``probe(refresh=True)``, ``portattn report --refresh``). A check
+process that timed out or was killed by a signal says something about this moment (a busy
+GPU, the OOM killer), not about the kernel: that answer is kept in memory only. Never at
+import.
 
 Variant key: ``kv_dtype`` (torch dtype name), ``quant`` (KVQuant mode), ``head_qk``,
 ``head_v``, ``block_size``, ``block_n`` (the descriptor tiles' lengths), ``fp8_dot``
@@ -38,7 +42,7 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
 from portattn.capabilities._text import one_line
-from portattn.capabilities.descriptor_check import child_env
+from portattn.capabilities.descriptor_check import _signal_name, child_env
 
 CHILD_TIMEOUT_S = 300
 CACHE_FORMAT = "portattn.kv-descriptor-gate/8"  # 4: the plan's v_pairs; 5: staged
@@ -50,6 +54,10 @@ QUERY_LENS = (1, 5)
 SEQ_LENS = (37, 70)
 
 _MEMORY: dict[str, dict] = {}
+
+#: The key a :data:`RUNNER` answer sets (true) when it holds for this process only, such as
+#: a check process's timeout or death by a signal: not written to disk.
+TRANSIENT = "transient"
 
 
 def staged_switches(staged: dict) -> dict:
@@ -205,6 +213,9 @@ def _acquire_lock() -> IO[str] | None:
 
 
 def clear(*, disk: bool = False) -> None:
+    """Forget every answer of this process, and with ``disk=True`` the file too (not its
+    lock, which another process may hold). ``cache.clear_cache`` and a refreshed probe
+    call it: the answers were checked on the machine state being forgotten."""
     _MEMORY.clear()
     if disk:
         try:
@@ -216,8 +227,9 @@ def clear(*, disk: bool = False) -> None:
 def check_variant(caps, variant: dict, device: str) -> dict:
     """``{"ok", "reason", "origin"}`` for the descriptor variant on this machine: from
     memory, the disk cache, or by running :data:`RUNNER` (then recorded: its answer, a
-    check process's crash or timeout included, in memory and on disk; an exception raised
-    by the runner itself in memory only)."""
+    check process's exit with an error status included, in memory and on disk; an
+    exception raised by the runner itself, or an answer it marks :data:`TRANSIENT` (the
+    check process timed out or was killed by a signal), in memory only)."""
     key = _text_key(machine_key(caps), variant)
     known = _MEMORY.get(key)  # one lookup: clear() may run in another thread
     if known is not None:
@@ -232,6 +244,7 @@ def check_variant(caps, variant: dict, device: str) -> dict:
     try:
         raw = RUNNER(variant, device)
         result = {"ok": bool(raw.get("ok")), "reason": str(raw.get("reason", ""))}
+        keep_on_disk = not raw.get(TRANSIENT)
     except Exception as exc:
         # the check could not be run (the child not started: out of memory, no such
         # executable...): a failure for this process, not an answer about the kernel
@@ -344,7 +357,8 @@ def run_check(variant: dict, device: str) -> dict:
 def run_check_isolated(variant: dict, device: str,
                        timeout: float = CHILD_TIMEOUT_S) -> dict:
     """:func:`run_check` in a child process on a GPU (in-process on CPU tensors, i.e.
-    under the Triton interpreter); a crash or hang becomes a failed check."""
+    under the Triton interpreter); a crash or hang becomes a failed check, marked
+    :data:`TRANSIENT` where it timed out or died by a signal."""
     if not device.startswith("cuda"):
         try:
             return run_check(variant, device)
@@ -356,7 +370,8 @@ def run_check_isolated(variant: dict, device: str,
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                               env=child_env())
     except subprocess.TimeoutExpired:
-        return {"ok": False, "reason": f"the check process did not finish in {timeout:g} s"}
+        return {"ok": False, "reason": f"the check process did not finish in {timeout:g} s",
+                TRANSIENT: True}
     for line in reversed(proc.stdout.splitlines()):
         try:
             record = json.loads(line)
@@ -364,12 +379,24 @@ def run_check_isolated(variant: dict, device: str,
             continue
         if isinstance(record, dict) and "ok" in record:
             return {"ok": bool(record["ok"]), "reason": str(record.get("reason", ""))}
-    tail = " ".join(proc.stderr.strip().splitlines()[-1:])[-200:]
-    return {"ok": False, "reason": f"the check process exited with status "
-                                   f"{proc.returncode}" + (f": {tail}" if tail else "")}
+    return _failed_child(proc.returncode, proc.stderr)
 
 
-#: The function running one check (``variant``, ``device``) -> ``{"ok", "reason"}``.
+def _failed_child(returncode: int, stderr: str) -> dict:
+    """The answer of a check process that printed none. Killed by a signal (the OOM
+    killer, a GPU reset, a user's kill) it is :data:`TRANSIENT`: the next process checks
+    again rather than turning descriptor loads off for good."""
+    tail = " ".join(stderr.strip().splitlines()[-1:])[-200:]
+    tail = f": {tail}" if tail else ""
+    if returncode < 0:
+        return {"ok": False, TRANSIENT: True, "reason": f"the check process died with "
+                                                        f"signal {_signal_name(-returncode)}"
+                                                        f"{tail}"}
+    return {"ok": False, "reason": f"the check process exited with status {returncode}{tail}"}
+
+
+#: The function running one check (``variant``, ``device``) -> ``{"ok", "reason"}``, with
+#: ``TRANSIENT: True`` for an answer that holds for this process only.
 RUNNER: Callable[[dict, str], dict] = run_check_isolated
 
 

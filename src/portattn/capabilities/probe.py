@@ -80,7 +80,8 @@ def probe(simulate: str | None = None, *, device: Any = None, refresh: bool = Fa
 
     ``simulate``: a profile name (see :mod:`.profiles`); None reads ``PORTATTN_SIMULATE``;
     ``""`` forces a real probe even when that variable is set. ``refresh=True`` ignores
-    the memory and disk caches and probes again (then rewrites the disk cache).
+    the memory and disk caches and probes again (then rewrites the disk cache), and
+    forgets the descriptor gate's answers (:mod:`.kv_descriptor_gate`), on disk too.
     ``use_disk_cache=False`` neither reads nor writes the disk cache (so does
     ``PORTATTN_NO_DISK_CACHE=1``). Overrides (``PORTATTN_TD``...) apply on top.
 
@@ -121,6 +122,7 @@ def probe(simulate: str | None = None, *, device: Any = None, refresh: bool = Fa
             for stale in [k for k in state.final if k[3] == slot and not k[0]]:
                 del state.final[stale]
             cache.forget_decisions()
+            cache.forget_gate_answers(disk=use_disk_cache and cache.disk_cache_enabled())
         state.final[key] = (caps, resolved)
         state.last = (origin, resolved, caps)
         return caps
