@@ -499,7 +499,7 @@ def _consumer_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty
     orows = row0 + gl.arange(0, ROWS, layout=orow_layout)
     ocols = gl.arange(0, HEAD, layout=ocol_layout)
     # rows that saw no key (more queries than keys: bad metadata) are 0, as elsewhere
-    l_safe = gl.where(l_i > 0, l_i, 1.0)
+    l_safe = gl.where(l_i == 0.0, 1.0, l_i)  # a NaN sum (a NaN sink) stays NaN
     o = acc * gl.expand_dims(gl.convert_layout(out_mul / l_safe, orow_layout), 1)
     # the keys each row sees: [lo, hi]
     if CAUSAL:

@@ -76,4 +76,5 @@ def combine_segments(m, l_seg, acc, sink, USE_SINKS: tl.constexpr, AXIS: tl.cons
     if USE_SINKS:
         denom += tl.exp2(sink2 - m_use)
     result = tl.sum(acc * tl.expand_dims(w, AXIS + 1), AXIS)
-    return result / tl.expand_dims(tl.where(denom > 0.0, denom, 1.0), AXIS)
+    # 0 only for a row with no visible key and no sink; a NaN (a NaN sink) stays NaN
+    return result / tl.expand_dims(tl.where(denom == 0.0, 1.0, denom), AXIS)

@@ -977,7 +977,7 @@ def unified_attention_kernel(
         l_i = tl.where(row_ok, float("nan"), l_i)
         acc = tl.where(row_ok[:, None], float("nan"), acc)
     if not SPLIT:
-        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # a NaN sum (a NaN sink) stays NaN
         _store_rows(out_ptr, acc / l_safe[:, None], q_start, row_tok, row_head, row_ok,
                     offs_dv, stride_ot, stride_oh, stride_od, out_scale_ptr, HEAD_V, FP8_OUT,
                     FP8_MAX)
