@@ -242,19 +242,19 @@ def test_the_sdpa_peer_runs_a_chunk_bottom_right_causal(case, monkeypatch):
     torch.testing.assert_close(out[0].transpose(0, 1).double(), want, rtol=1e-5, atol=1e-5)
     assert _pairs_computed(kw, ql, sl) == pairs == \
         case_flops(Case("part", case.kind, [ql], [sl]), 1, 1) / 4
-    assert f"q {ql} over {sl} keys run with a boolean bottom-right causal mask" in notes
+    assert f"q {ql} over {sl} keys run with causal_lower_right" in notes
 
 
 @pytest.mark.parametrize("refused, form, note", [
-    ("bool", "causal_lower_right", "q 20 over 53 keys run with causal_lower_right"),
+    ("nothing", "causal_lower_right", "q 20 over 53 keys run with causal_lower_right"),
     ("any mask", "non-causal", "q 20 over 53 keys run non-causal (1.22x the work)"),
 ])
 def test_the_sdpa_peer_takes_the_next_form_a_backend_refuses(monkeypatch, refused, form,
                                                               note):
-    """A backend without a kernel for a form (a RuntimeError at the setup's trial call,
-    as flash refuses a boolean mask) gets the next one: causal_lower_right (flash's
-    lower-right causal kernel), then the non-causal call, noted with its real work
-    (53 * 20 pairs over ours' 33 * 20 + 20 * 21 / 2)."""
+    """A backend that runs causal_lower_right (flash's lower-right causal kernel) takes
+    it; one without a kernel for it (a RuntimeError at the setup's trial call) gets the
+    non-causal call, noted with its real work (53 * 20 pairs over ours' 33 * 20 + 20 *
+    21 / 2)."""
     from torch.nn.attention.bias import CausalBias
 
     from portattn.bench import peers
@@ -376,3 +376,23 @@ def test_the_sdpa_peer_keeps_its_plain_call_where_the_work_is_equal(monkeypatch)
     ratio = 4 * 400 / (4 * 396 + 10)
     assert ratio <= peers.NEAR_EQUAL_WORK
     assert notes == [f"q 4 over 400 keys run non-causal ({ratio:.2f}x the work)"]
+
+
+def test_cudnn_runs_a_chunk_non_causal_with_its_work_noted(monkeypatch):
+    """cuDNN has no lower-right causal kernel in SDPA: a mask (boolean or
+    causal_lower_right's) runs its dense-mask kernel, exact but another class of kernel
+    (1.63x our time on the H100's mixed case, against 0.99x non-causal). Its chunk takes
+    the non-causal call alone, noted with the real work ratio; no mask is tried."""
+    from portattn.bench import peers
+
+    tried = []
+
+    def trial(part, backend, kw):
+        tried.append(kw)
+        return torch.zeros(part.q.shape[0], part.q.shape[1], part.q_len, part.v.shape[-1])
+    monkeypatch.setattr(peers, "_trial_call", trial)
+    case = Case("chunk", "mixed", [20, 1], [53, 30])
+    _, notes = peers.sdpa(case, _inputs(case, torch.float32), "CUDNN_ATTENTION")
+    assert all("attn_mask" not in kw for kw in tried)
+    ratio = 20 * 53 / (33 * 20 + 20 * 21 // 2)
+    assert notes == [f"q 20 over 53 keys run non-causal ({ratio:.2f}x the work)"]
