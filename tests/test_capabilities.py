@@ -953,3 +953,48 @@ def test_two_processes_share_one_disk_cache(isolated):
     clear_cache()
     probe()
     assert last_probe_origin() == "disk-cache"
+
+
+@pytest.mark.parametrize("reason, kept_on_disk", [
+    ("a test Triton kernel failed on sm90: the check process did not finish in 300 s", False),
+    ("descriptor kernel failed on sm90: the check process died with signal SIGKILL", False),
+    ("descriptor kernel failed on sm90: the check process exited with status 1: boom", True),
+    ("descriptor kernel failed on sm90: RuntimeError: PassManager::run failed", True),
+])
+def test_a_check_process_timeout_or_kill_is_kept_in_memory_only(isolated, monkeypatch,
+                                                               reason, kept_on_disk):
+    """The probe's isolated kernel checks timing out (a busy GPU) or killed by a signal
+    (the OOM killer) say nothing about the kernels: such a result is not written to disk,
+    where every later process would read tensor descriptors as failing; a check that ran
+    and failed is an answer, written as before. (As the descriptor gate's answers.)"""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(probe_mod, "_kernel_checks", lambda *args: (
+        "interpreter", Check(True, "ok"), Check(False, reason)))
+    caps = probe()
+    assert caps.tensor_descriptors == Check(False, reason)
+    assert cache_files(isolated) == (["capabilities-cpu-interpret.json"] if kept_on_disk
+                                     else [])
+    assert probe() is caps and last_probe_origin() == "memory"
+
+
+def test_isolated_checks_name_a_timeout_and_a_kill_as_transient(monkeypatch):
+    def timing_out(*args, **kwargs):
+        raise subprocess.TimeoutExpired(args, 300)
+
+    monkeypatch.setattr(descriptor_check.subprocess, "run", timing_out)
+    results = descriptor_check.run_checks_isolated("cuda:0", timeout=300)
+    assert all(descriptor_check.is_transient(r["reason"]) for r in results.values())
+
+    def killed(*args, **kwargs):
+        return subprocess.CompletedProcess(args, -9, stdout="", stderr="")
+
+    monkeypatch.setattr(descriptor_check.subprocess, "run", killed)
+    results = descriptor_check.run_checks_isolated("cuda:0")
+    assert all(descriptor_check.is_transient(r["reason"]) for r in results.values())
+
+    def failed(*args, **kwargs):
+        return subprocess.CompletedProcess(args, 1, stdout="", stderr="ImportError: x")
+
+    monkeypatch.setattr(descriptor_check.subprocess, "run", failed)
+    results = descriptor_check.run_checks_isolated("cuda:0")
+    assert not any(descriptor_check.is_transient(r["reason"]) for r in results.values())

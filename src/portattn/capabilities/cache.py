@@ -14,8 +14,9 @@ Disk cache
     file in the same directory, then ``os.replace``, so a reader never sees half a file.
     ``PORTATTN_NO_DISK_CACHE=1`` turns the disk cache off. Only real probes are stored,
     never simulated profiles, never with environment overrides applied, and never a probe
-    where Triton is installed but fails to import, a step of the probe raised, or Triton
-    was imported before ``TRITON_INTERPRET`` was set (the next process probes again: see
+    where Triton is installed but fails to import, a step of the probe raised, Triton
+    was imported before ``TRITON_INTERPRET`` was set, or the kernel-check process timed
+    out or was killed by a signal (the next process probes again: see
     ``probe._probe_device_and_failures``).
 
 Memory cache

@@ -178,11 +178,26 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def _signal_name(number: int) -> str:
+def signal_name(number: int) -> str:
+    """``SIGKILL`` for 9: how a check process's death is named in its reason."""
     try:
         return signal.Signals(number).name
     except ValueError:
         return str(number)
+
+
+#: How a failed check's reason starts when the check process timed out or was killed by a
+#: signal (a busy GPU, the OOM killer, a user's kill): a state of this moment, not an
+#: answer about the kernels (:func:`is_transient`).
+TIMED_OUT = "the check process did not finish in"
+KILLED = "the check process died with signal"
+
+
+def is_transient(reason: str) -> bool:
+    """Whether a check's reason (or one that quotes it) says :data:`TIMED_OUT` or
+    :data:`KILLED`: the probe keeps such a result in memory only, so the next process
+    checks again rather than reading the failure from the disk cache."""
+    return TIMED_OUT in reason or KILLED in reason
 
 
 def run_checks_isolated(device: str, timeout: float = CHILD_TIMEOUT_S) -> dict[str, dict]:
@@ -192,7 +207,7 @@ def run_checks_isolated(device: str, timeout: float = CHILD_TIMEOUT_S) -> dict[s
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                               env=child_env())
     except subprocess.TimeoutExpired:
-        why = f"the check process did not finish in {timeout:g} s"
+        why = f"{TIMED_OUT} {timeout:g} s"
         return {kind: {"ok": False, "reason": why} for kind in KERNELS}
     results: dict[str, dict] = {}
     for line in proc.stdout.splitlines():
@@ -205,7 +220,7 @@ def run_checks_isolated(device: str, timeout: float = CHILD_TIMEOUT_S) -> dict[s
                                        "reason": str(record.get("reason", ""))}
     if len(results) < len(KERNELS):
         if proc.returncode < 0:
-            died = f"the check process died with signal {_signal_name(-proc.returncode)}"
+            died = f"{KILLED} {signal_name(-proc.returncode)}"
         else:
             died = f"the check process exited with status {proc.returncode}"
         tail = " ".join(proc.stderr.strip().splitlines()[-1:])[-200:]

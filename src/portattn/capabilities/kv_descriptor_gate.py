@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
 from portattn.capabilities._text import one_line
-from portattn.capabilities.descriptor_check import _signal_name, child_env
+from portattn.capabilities.descriptor_check import KILLED, TIMED_OUT, child_env, signal_name
 
 CHILD_TIMEOUT_S = 300
 CACHE_FORMAT = "portattn.kv-descriptor-gate/8"  # 4: the plan's v_pairs; 5: staged
@@ -370,8 +370,7 @@ def run_check_isolated(variant: dict, device: str,
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                               env=child_env())
     except subprocess.TimeoutExpired:
-        return {"ok": False, "reason": f"the check process did not finish in {timeout:g} s",
-                TRANSIENT: True}
+        return {"ok": False, "reason": f"{TIMED_OUT} {timeout:g} s", TRANSIENT: True}
     for line in reversed(proc.stdout.splitlines()):
         try:
             record = json.loads(line)
@@ -389,9 +388,8 @@ def _failed_child(returncode: int, stderr: str) -> dict:
     tail = " ".join(stderr.strip().splitlines()[-1:])[-200:]
     tail = f": {tail}" if tail else ""
     if returncode < 0:
-        return {"ok": False, TRANSIENT: True, "reason": f"the check process died with "
-                                                        f"signal {_signal_name(-returncode)}"
-                                                        f"{tail}"}
+        return {"ok": False, TRANSIENT: True,
+                "reason": f"{KILLED} {signal_name(-returncode)}{tail}"}
     return {"ok": False, "reason": f"the check process exited with status {returncode}{tail}"}
 
 

@@ -735,6 +735,10 @@ def _probe_device_and_failures(index: Any = _CURRENT, *, lookup_error: str | Non
         failures.append("kernel checks")
     if any(LATE_INTERPRETER_REASON in check.reason for check in (kernels, descriptors)):
         failures.append("late interpreter")
+    from portattn.capabilities.descriptor_check import is_transient
+
+    if any(is_transient(check.reason) for check in (kernels, descriptors)):
+        failures.append("kernel check process timed out or killed")
 
     try:
         fp8: tuple[str, ...] = fp8_formats(facts["vendor"], facts["arch"],
