@@ -699,9 +699,9 @@ def test_cache_file_names_and_disk_clear(isolated):
         "capabilities-cuda1.json"
     assert name(device_type="cpu", device_index=None, interpreter=True) == \
         "capabilities-cpu-interpret.json"
-    # a GPU is named by its UUID (as its entry is keyed), made safe for a file name
+    # a GPU is named by its index and UUID (as its entry is keyed), made safe for a file
     assert name(device_type="cuda", device_index=0, uuid="GPU-8f3c/1e:2a",
-                interpreter=False) == "capabilities-cuda-GPU-8f3c_1e_2a.json"
+                interpreter=False) == "capabilities-cuda0-GPU-8f3c_1e_2a.json"
     assert name(device_type="cuda", device_index=1, uuid=None, interpreter=False) == \
         "capabilities-cuda1.json"
     probe()

@@ -135,8 +135,8 @@ def test_cpu_and_missing_devices(gpus):
 def test_disk_cache_has_a_file_per_gpu_keyed_by_its_uuid(gpus, tmp_path):
     first, second = probe(device=0), probe(device=1)
     files = sorted(p.name for p in (tmp_path / "cache").iterdir())
-    assert files == ["capabilities-cuda-uuid-gpu-0.json", "capabilities-cuda-uuid-gpu-1.json"]
-    stored = json.loads((tmp_path / "cache" / "capabilities-cuda-uuid-gpu-1.json").read_text())
+    assert files == ["capabilities-cuda0-uuid-gpu-0.json", "capabilities-cuda1-uuid-gpu-1.json"]
+    stored = json.loads((tmp_path / "cache" / "capabilities-cuda1-uuid-gpu-1.json").read_text())
     assert stored["key"]["uuid"] == "uuid-gpu-1" and stored["key"]["device_index"] == 1
     assert stored["capabilities"]["device_name"] == "Fake H200 #1"
 
@@ -150,7 +150,7 @@ def test_disk_cache_has_a_file_per_gpu_keyed_by_its_uuid(gpus, tmp_path):
     assert probe(device=1) == second
     assert gpus.probed == [1]
     stored = json.loads((tmp_path / "cache" /
-                         "capabilities-cuda-uuid-of-a-swapped-gpu.json").read_text())
+                         "capabilities-cuda1-uuid-of-a-swapped-gpu.json").read_text())
     assert stored["key"]["uuid"] == "uuid-of-a-swapped-gpu"
 
 
@@ -169,6 +169,27 @@ def test_one_gpu_workers_keep_one_file_each(gpus, tmp_path):
         probe(device=0)
         assert last_probe_origin() == "disk-cache", uuid
     assert gpus.probed == []
+
+
+def test_one_gpu_at_two_indices_keeps_a_file_per_index(gpus, tmp_path):
+    """A GPU seen as cuda:1 by a process that sees every GPU and as cuda:0 by a
+    CUDA_VISIBLE_DEVICES=1 worker: its entries (keyed by index and UUID) get a file each,
+    so neither overwrites the other's and both restarts read from disk (session 42's
+    review: named by UUID alone, each start found the other's key stale)."""
+    gpus.uuids[0], gpus.uuids[1] = "uuid-a", "uuid-x"
+    probe(device=1)  # the process that sees both
+    clear_cache()
+    gpus.uuids[0] = "uuid-x"  # the worker
+    probe(device=0)
+    gpus.probed.clear()
+    for index, uuids in ((0, ("uuid-x", "uuid-a")), (1, ("uuid-a", "uuid-x"))):
+        clear_cache()  # each restarted
+        gpus.uuids[0], gpus.uuids[1] = uuids
+        probe(device=index)
+        assert last_probe_origin() == "disk-cache", index
+    assert gpus.probed == []
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
+        "capabilities-cuda0-uuid-x.json", "capabilities-cuda1-uuid-x.json"]
 
 
 def test_refresh_of_one_device_keeps_the_other(gpus):

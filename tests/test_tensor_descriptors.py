@@ -347,6 +347,25 @@ def test_two_processes_storing_answers_keep_both(gate_calls):
     assert gate.lock_path() == lock
 
 
+def test_clearing_the_gate_file_waits_for_a_writer_holding_the_lock(gate_calls):
+    """clear(disk=True) (a refresh, clear_cache(disk=True)) deletes the file under the
+    lock: a writer between its read and its rewrite would otherwise put the forgotten
+    answers back (session 42's review). The test holds the lock as that writer."""
+    import threading
+
+    fcntl = pytest.importorskip("fcntl")
+    write_json_atomic(gate.cache_path(), {"format": gate.CACHE_FORMAT, "results": {
+        "an answer to forget": {"ok": False, "reason": "x"}}})
+    with open(gate.lock_path(), "a") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        clearing = threading.Thread(target=gate.clear, kwargs={"disk": True})
+        clearing.start()
+        clearing.join(0.3)
+        assert clearing.is_alive() and gate.cache_path().exists()  # it waits
+    clearing.join(10)
+    assert not clearing.is_alive() and not gate.cache_path().exists()
+
+
 @pytest.mark.parametrize("ending,words,kept", [
     ("timeout", "did not finish in 300 s", False),
     (-9, "died with signal SIGKILL", False),

@@ -3,8 +3,9 @@
 Disk cache
     One JSON file per device slot in the user cache directory (``$PORTATTN_CACHE_DIR``,
     else ``$XDG_CACHE_HOME/portattn``, else ``~/.cache/portattn``), named
-    ``capabilities-<device>.json``: a GPU by its UUID (``capabilities-cuda-<uuid>.json``;
-    by its index, ``capabilities-cuda0.json``, where torch reports no UUID),
+    ``capabilities-<device>.json``: a GPU by its index and UUID
+    (``capabilities-cuda0-<uuid>.json``; ``capabilities-cuda0.json`` where torch reports no
+    UUID),
     ``capabilities-cpu.json``, ``capabilities-cpu-interpret.json``. It holds
     ``{"format", "key", "capabilities"}``.
     ``key`` is the fingerprint of everything the answer depends on (device name, index and
@@ -115,15 +116,16 @@ def disk_cache_enabled() -> bool:
 
 
 def cache_file(key: dict) -> Path:
-    """The file for the device slot named by fingerprint ``key``: a GPU's is named by its
-    UUID where torch reports one, as its entry is keyed. By index, processes that each see
-    one GPU as ``cuda:0`` (``CUDA_VISIBLE_DEVICES=i`` workers) would share one file and
-    overwrite each other's entry at every start; the index names it only without a UUID."""
+    """The file for the device slot named by fingerprint ``key``: a GPU's by its index
+    and, where torch reports one, its UUID, both of which its entry is keyed by. By index
+    alone, processes that each see one GPU as ``cuda:0`` (``CUDA_VISIBLE_DEVICES=i``
+    workers) would share one file and overwrite each other's entry at every start; by UUID
+    alone, a GPU seen as ``cuda:1`` by one process and ``cuda:0`` by another would."""
     slot = str(key.get("device_type", "unknown"))
+    if key.get("device_index") is not None:
+        slot += str(key["device_index"])
     if key.get("uuid"):
         slot += f"-{key['uuid']}"
-    elif key.get("device_index") is not None:
-        slot += str(key["device_index"])
     if key.get("interpreter"):
         slot += "-interpret"
     slot = "".join(c if c.isalnum() or c in "-_" else "_" for c in slot)

@@ -217,11 +217,18 @@ def clear(*, disk: bool = False) -> None:
     lock, which another process may hold). ``cache.clear_cache`` and a refreshed probe
     call it: the answers were checked on the machine state being forgotten."""
     _MEMORY.clear()
-    if disk:
-        try:
-            cache_path().unlink()
-        except Exception:  # missing, unwritable, or no folder can be named
-            pass
+    if not disk:
+        return
+    try:
+        path = cache_path()
+        if not path.exists():  # nothing to forget (and no lock file made for it)
+            return
+        # under the lock: a writer between its read and its rewrite would put the
+        # forgotten answers back
+        with _disk_lock():
+            path.unlink()
+    except Exception:  # gone meanwhile, unwritable, or no folder can be named
+        pass
 
 
 def check_variant(caps, variant: dict, device: str) -> dict:
