@@ -118,7 +118,10 @@ def _cute_on_disk(tmp_path, monkeypatch, body):
     (cute / "__init__.py").write_text(body)
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     for name in ("flash_attn", "flash_attn.cute"):
-        monkeypatch.delitem(sys.modules, name, raising=False)
+        # recorded, so what the test imports from the temporary site leaves with it (a
+        # namespace `flash_attn` left behind changed later probes' disk-cache key)
+        monkeypatch.setitem(sys.modules, name, None)
+        monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "flash_attn_interface", None)
     importlib.invalidate_caches()
 

@@ -351,13 +351,14 @@ class AttentionPlan:
         self.metadata = metadata
         self.max_seqlen_q = max_seqlen_q
         self.max_seqlen_k = max_seqlen_k
-        # what the runner is given: a backend that reads host max lengths gets the plan's
-        # (read once when hints were missing), so no layer reads them from the device
-        self._launch_metadata = metadata
-        if body.reads_max_lengths and (metadata.max_seqlen_q, metadata.max_seqlen_k) != \
-                (max_seqlen_q, max_seqlen_k):
-            self._launch_metadata = replace(metadata, max_seqlen_q=max_seqlen_q,
-                                            max_seqlen_k=max_seqlen_k)
+        # the metadata with the plan's hints (read once when missing): what the compiled
+        # run passes on, and what the runner gets where its backend reads host max
+        # lengths, so no layer reads them from the device
+        self._hinted = metadata
+        if (metadata.max_seqlen_q, metadata.max_seqlen_k) != (max_seqlen_q, max_seqlen_k):
+            self._hinted = replace(metadata, max_seqlen_q=max_seqlen_q,
+                                   max_seqlen_k=max_seqlen_k)
+        self._launch_metadata = self._hinted if body.reads_max_lengths else metadata
         # value checks by default: as attention() decides, once (the environment is read
         # when the plan is made, like every other decision of a plan)
         wanted = validation_requested(validate)
@@ -437,13 +438,11 @@ class AttentionPlan:
         the plan was made under (:func:`portattn.settings.pinned`), not the call's."""
         from portattn.ops import call_compiled
 
-        body, metadata = self._body, self.metadata
+        body, hinted = self._body, self._hinted
         layer = (alibi_slopes, sinks, q_scale, output_scale)
         self._check_against_plan(q, cache, out, layer)
         if out is None:
             out = body.new_out(q)
-        hinted = AttentionMetadata(metadata.cu_seqlens_q, metadata.seq_lens,
-                                   metadata.block_table, self.max_seqlen_q, self.max_seqlen_k)
         options = body.options
         forced = None if body.decision.source == "auto" else self.backend
         return call_compiled(q, cache, hinted, scale=options.scale, causal=options.causal,

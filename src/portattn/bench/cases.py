@@ -191,16 +191,18 @@ def case_bytes(case: Case, inp: Inputs) -> int:
     return kv + inp.q.numel() * inp.q.element_size() + inp.out.numel() * inp.out.element_size()
 
 
+def visible_pairs(q_len: int, seq_len: int) -> int:
+    """Query-key pairs of one causal sequence: its queries are the last ``q_len`` of
+    ``seq_len`` tokens, and query i sees the ``seq_len - q_len`` keys before them plus
+    ``i + 1`` (bottom-right causal)."""
+    return q_len * (seq_len - q_len) + q_len * (q_len + 1) // 2
+
+
 def case_flops(case: Case, num_q_heads: int, head_size: int, causal: bool = True,
                head_size_v: int | None = None) -> float:
     """``2 * pairs * (head_size + head_size_v) * heads`` (QK^T and PV; ``4 * ... *
     head_size`` when they are equal); causal counts visible pairs only."""
-    pairs = 0
-    for ql, sl in zip(case.query_lens, case.seq_lens):
-        ctx = sl - ql
-        if causal:  # query i sees ctx + i + 1 keys
-            pairs += ql * ctx + ql * (ql + 1) // 2
-        else:
-            pairs += ql * sl
+    pairs = sum(visible_pairs(ql, sl) if causal else ql * sl
+                for ql, sl in zip(case.query_lens, case.seq_lens))
     head_size_v = head_size if head_size_v is None else head_size_v
     return 2.0 * pairs * (head_size + head_size_v) * num_q_heads

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from portattn.bench.cases import Case, Inputs, gather_contiguous
+from portattn.bench.cases import Case, Inputs, gather_contiguous, visible_pairs
 from portattn.bench.report import _error
 
 
@@ -107,13 +107,6 @@ def _sdpa_parts(case: Case, inp: Inputs) -> list[SdpaPart]:
     return parts
 
 
-def _visible_pairs(q_len: int, seq_len: int) -> int:
-    """Query-key pairs ours computes for one sequence: its queries are the last ``q_len``
-    of ``seq_len`` tokens and query i sees keys 0 .. seq_len - q_len + i (bottom-right
-    causal)."""
-    return q_len * (seq_len - q_len) + q_len * (q_len + 1) // 2
-
-
 #: A chunk whose non-causal call does at most this many times ours' work (spec-decode's 4
 #: queries over thousands of keys: 1.0004x) keeps SDPA's plain non-causal call, noted: its
 #: result differs in the few keys past each query, its time is the peer's at that shape.
@@ -145,7 +138,7 @@ def _sdpa_forms(q_len: int, seq_len: int, backend_name: str
     from torch.nn.attention.bias import causal_lower_right
 
     where = f"q {q_len} over {seq_len} keys"
-    ratio = q_len * seq_len / _visible_pairs(q_len, seq_len)
+    ratio = q_len * seq_len / visible_pairs(q_len, seq_len)
     plain = ({"is_causal": False}, f"{where} run non-causal ({ratio:.2f}x the work)")
     if ratio <= NEAR_EQUAL_WORK or backend_name not in LOWER_RIGHT_CAUSAL_BACKENDS:
         return [plain]

@@ -219,15 +219,22 @@ def run_checks_isolated(device: str, timeout: float = CHILD_TIMEOUT_S) -> dict[s
             results[record["kind"]] = {"ok": bool(record.get("ok")),
                                        "reason": str(record.get("reason", ""))}
     if len(results) < len(KERNELS):
-        if proc.returncode < 0:
-            died = f"{KILLED} {signal_name(-proc.returncode)}"
-        else:
-            died = f"the check process exited with status {proc.returncode}"
-        tail = " ".join(proc.stderr.strip().splitlines()[-1:])[-200:]
+        died = failed_child_reason(proc.returncode, proc.stderr)
         for kind in KERNELS:
-            results.setdefault(kind, {"ok": False,
-                                      "reason": f"{died}" + (f": {tail}" if tail else "")})
+            results.setdefault(kind, {"ok": False, "reason": died})
     return results
+
+
+def failed_child_reason(returncode: int, stderr: str) -> str:
+    """Why a check process gave no answer: killed by a signal (:data:`KILLED`, named) or
+    its exit status, with the last line of its stderr. Shared with the descriptor gate's
+    check processes."""
+    if returncode < 0:
+        died = f"{KILLED} {signal_name(-returncode)}"
+    else:
+        died = f"the check process exited with status {returncode}"
+    tail = " ".join(stderr.strip().splitlines()[-1:])[-200:]
+    return died + (f": {tail}" if tail else "")
 
 
 def main(argv: list[str] | None = None) -> int:

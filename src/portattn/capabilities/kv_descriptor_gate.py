@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
 from portattn.capabilities._text import one_line
-from portattn.capabilities.descriptor_check import KILLED, TIMED_OUT, child_env, signal_name
+from portattn.capabilities.descriptor_check import TIMED_OUT, child_env, failed_child_reason
 
 CHILD_TIMEOUT_S = 300
 CACHE_FORMAT = "portattn.kv-descriptor-gate/8"  # 4: the plan's v_pairs; 5: staged
@@ -392,12 +392,10 @@ def _failed_child(returncode: int, stderr: str) -> dict:
     """The answer of a check process that printed none. Killed by a signal (the OOM
     killer, a GPU reset, a user's kill) it is :data:`TRANSIENT`: the next process checks
     again rather than turning descriptor loads off for good."""
-    tail = " ".join(stderr.strip().splitlines()[-1:])[-200:]
-    tail = f": {tail}" if tail else ""
+    answer = {"ok": False, "reason": failed_child_reason(returncode, stderr)}
     if returncode < 0:
-        return {"ok": False, TRANSIENT: True,
-                "reason": f"{KILLED} {signal_name(-returncode)}{tail}"}
-    return {"ok": False, "reason": f"the check process exited with status {returncode}{tail}"}
+        answer[TRANSIENT] = True
+    return answer
 
 
 #: The function running one check (``variant``, ``device``) -> ``{"ok", "reason"}``, with
