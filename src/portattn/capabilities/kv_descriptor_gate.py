@@ -42,7 +42,12 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
 from portattn.capabilities._text import one_line
-from portattn.capabilities.descriptor_check import TIMED_OUT, child_env, failed_child_reason
+from portattn.capabilities.descriptor_check import (
+    TIMED_OUT,
+    child_env,
+    failed_child_reason,
+    is_transient,
+)
 
 CHILD_TIMEOUT_S = 300
 CACHE_FORMAT = "portattn.kv-descriptor-gate/8"  # 4: the plan's v_pairs; 5: staged
@@ -54,10 +59,6 @@ QUERY_LENS = (1, 5)
 SEQ_LENS = (37, 70)
 
 _MEMORY: dict[str, dict] = {}
-
-#: The key a :data:`RUNNER` answer sets (true) when it holds for this process only, such as
-#: a check process's timeout or death by a signal: not written to disk.
-TRANSIENT = "transient"
 
 
 def staged_switches(staged: dict) -> dict:
@@ -235,8 +236,8 @@ def check_variant(caps, variant: dict, device: str) -> dict:
     """``{"ok", "reason", "origin"}`` for the descriptor variant on this machine: from
     memory, the disk cache, or by running :data:`RUNNER` (then recorded: its answer, a
     check process's exit with an error status included, in memory and on disk; an
-    exception raised by the runner itself, or an answer it marks :data:`TRANSIENT` (the
-    check process timed out or was killed by a signal), in memory only)."""
+    exception raised by the runner itself, or an answer whose check process timed out or
+    was killed by a signal (``descriptor_check.is_transient``), in memory only)."""
     key = _text_key(machine_key(caps), variant)
     known = _MEMORY.get(key)  # one lookup: clear() may run in another thread
     if known is not None:
@@ -250,8 +251,9 @@ def check_variant(caps, variant: dict, device: str) -> dict:
     keep_on_disk = True
     try:
         raw = RUNNER(variant, device)
-        result = {"ok": bool(raw.get("ok")), "reason": str(raw.get("reason", ""))}
-        keep_on_disk = not raw.get(TRANSIENT)
+        reason = str(raw.get("reason", ""))
+        result = {"ok": bool(raw.get("ok")), "reason": reason}
+        keep_on_disk = not is_transient(reason)
     except Exception as exc:
         # the check could not be run (the child not started: out of memory, no such
         # executable...): a failure for this process, not an answer about the kernel
@@ -364,8 +366,8 @@ def run_check(variant: dict, device: str) -> dict:
 def run_check_isolated(variant: dict, device: str,
                        timeout: float = CHILD_TIMEOUT_S) -> dict:
     """:func:`run_check` in a child process on a GPU (in-process on CPU tensors, i.e.
-    under the Triton interpreter); a crash or hang becomes a failed check, marked
-    :data:`TRANSIENT` where it timed out or died by a signal."""
+    under the Triton interpreter); a crash or hang becomes a failed check (its reason says
+    which: ``descriptor_check.failed_child_reason``)."""
     if not device.startswith("cuda"):
         try:
             return run_check(variant, device)
@@ -377,7 +379,7 @@ def run_check_isolated(variant: dict, device: str,
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                               env=child_env())
     except subprocess.TimeoutExpired:
-        return {"ok": False, "reason": f"{TIMED_OUT} {timeout:g} s", TRANSIENT: True}
+        return {"ok": False, "reason": f"{TIMED_OUT} {timeout:g} s"}
     for line in reversed(proc.stdout.splitlines()):
         try:
             record = json.loads(line)
@@ -385,21 +387,10 @@ def run_check_isolated(variant: dict, device: str,
             continue
         if isinstance(record, dict) and "ok" in record:
             return {"ok": bool(record["ok"]), "reason": str(record.get("reason", ""))}
-    return _failed_child(proc.returncode, proc.stderr)
+    return {"ok": False, "reason": failed_child_reason(proc.returncode, proc.stderr)}
 
 
-def _failed_child(returncode: int, stderr: str) -> dict:
-    """The answer of a check process that printed none. Killed by a signal (the OOM
-    killer, a GPU reset, a user's kill) it is :data:`TRANSIENT`: the next process checks
-    again rather than turning descriptor loads off for good."""
-    answer = {"ok": False, "reason": failed_child_reason(returncode, stderr)}
-    if returncode < 0:
-        answer[TRANSIENT] = True
-    return answer
-
-
-#: The function running one check (``variant``, ``device``) -> ``{"ok", "reason"}``, with
-#: ``TRANSIENT: True`` for an answer that holds for this process only.
+#: The function running one check (``variant``, ``device``) -> ``{"ok", "reason"}``.
 RUNNER: Callable[[dict, str], dict] = run_check_isolated
 
 
