@@ -9,6 +9,7 @@ import json
 import math
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -817,7 +818,9 @@ def test_fa4_in_another_site_directory_than_fa2_is_found(tmp_path, monkeypatch):
     (fa4_site / "flash_attn" / "cute" / "__init__.py").write_text("")
     for name in ("flash_attn", "flash_attn.cute"):
         monkeypatch.delitem(sys.modules, name, raising=False)
-    monkeypatch.setattr(sys, "path", [str(fa2_site), str(fa4_site)] + sys.path)
+    # the machine's own flash-attn (a GPU machine with FA4 installed) must not answer
+    others = [entry for entry in sys.path if not (Path(entry or ".") / "flash_attn").exists()]
+    monkeypatch.setattr(sys, "path", [str(fa2_site), str(fa4_site)] + others)
     assert probe_mod._flash_attn_layout() == (True, True)
     (fa4_site / "flash_attn" / "cute" / "__init__.py").unlink()
     assert probe_mod._flash_attn_layout() == (True, False)
