@@ -449,6 +449,21 @@ def test_kvquant_scales_outside_float32_are_named():
         portattn.KVQuant("int8_per_token_head", fp8_dtype=torch.float8_e4m3fn)
 
 
+@pytest.mark.parametrize("name", ["KVQuant.k_scale", "q_scale", "output_scale"])
+def test_an_int_scale_past_float_range_is_named(batch, name):
+    """An int too large for a Python float (10**400) is a scale out of range, named as
+    such, not the OverflowError of converting it (quant audit: float(scale) raised)."""
+    message = f"^{name}: expected a finite positive scale"
+    with pytest.raises(InputError, match=message):
+        if name == "KVQuant.k_scale":
+            portattn.KVQuant.fp8_per_tensor(10**400, 1.0)
+        elif name == "q_scale":
+            _call(batch, q=batch.q.to(torch.float8_e4m3fn), q_scale=10**400)
+        else:
+            _call(batch, output_scale=-10**400,
+                  out=torch.empty(6, 4, 32, dtype=torch.float8_e4m3fn))
+
+
 def test_a_window_wider_than_int32_shows_every_key(batch):
     """Positions are int32, so any window past 2**31 - 1 is no window at all."""
     wide = portattn.attention(batch.q, batch.cache, batch.metadata, sliding_window=2**70)

@@ -198,7 +198,8 @@ def check_scale_value(name: str, value: float) -> None:
     ``name``): scales are applied in float32."""
     if not in_float32_range(value):
         raise InputError(name, "a finite positive scale within float32's normal range "
-                         f"[{FLOAT32_RANGE[0]:.3g}, {FLOAT32_RANGE[1]:.3g}]", repr(value))
+                         f"[{FLOAT32_RANGE[0]:.3g}, {FLOAT32_RANGE[1]:.3g}]",
+                         repr(value) if isinstance(value, float) else _describe(value))
 
 
 def _check_scalar_scale(name: str, scale: Scale | None) -> None:
@@ -214,7 +215,7 @@ def _check_scalar_scale(name: str, scale: Scale | None) -> None:
         return
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise InputError(name, "a python float or a one-element float32 tensor", _describe(scale))
-    check_scale_value(name, float(scale))
+    check_scale_value(name, scale)  # not float(scale): an int past float's range overflows
 
 
 def scale_as_tensor(scale: Scale, device: torch.device) -> torch.Tensor:
