@@ -346,6 +346,37 @@ def test_write_refuses_sparse_tensors():
         cache.write(key, key, slots.to_sparse())
 
 
+def test_sparse_scales_and_scale_caches_are_named():
+    """A sparse (or MKL-DNN) one-element scale, or scale cache of the right shape and
+    dtype, is no dense tensor the kernels can read: named when given (quant audit: the
+    scale raised a RuntimeError from reshape, the scale caches passed the constructor and
+    crashed attention and write in torch's indexing)."""
+    import portattn
+    from portattn import AttentionMetadata
+
+    with pytest.raises(InputError, match="^KVQuant.v_scale: expected .* float32 tensor"):
+        KVQuant.fp8_per_tensor(0.5, torch.tensor([0.5]).to_sparse())
+    codes = torch.zeros(NUM_BLOCKS, BLOCK, HEADS, D, dtype=torch.int8)
+    scales = torch.ones(NUM_BLOCKS, BLOCK, HEADS)
+    for layout in (scales.to_sparse(), scales.to_mkldnn()):
+        with pytest.raises(InputError, match="^v_scale_cache: expected a float32 tensor .*"
+                           f"layout {layout.layout}$"):
+            PagedKVCache(codes, codes.clone(), KVQuant.int8_per_token_head(),
+                         v_scale_cache=layout)
+    cache = PagedKVCache(codes, codes.clone(), KVQuant.int8_per_token_head())
+    cache.k_scale_cache = scales.to_sparse()  # reassigned: checked again by each call
+    q = torch.zeros(1, HEADS, D)
+    metadata = AttentionMetadata.from_lengths([1], [3], [[0]])
+    with pytest.raises(InputError, match="^cache.k_scale_cache: expected a float32 tensor"):
+        portattn.attention(q, cache, metadata, backend="torch_ref")
+    with pytest.raises(InputError, match="^cache.k_scale_cache: expected a float32 tensor"):
+        cache.write(q, q, torch.tensor([0]))
+    cache.k_scale_cache = scales
+    with pytest.raises(InputError, match="^q_scale: expected .* float32 tensor"):
+        portattn.attention(q.to(torch.float8_e4m3fn), cache, metadata,
+                           q_scale=torch.tensor([1.0]).to_sparse())
+
+
 def test_write_stores_values_without_autograd_history():
     """K / V straight from a projection that records gradients: the cache gets their
     values only (no graph growing by one node per write, holding every earlier step's

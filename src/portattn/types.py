@@ -58,12 +58,14 @@ def fp8_max(dtype: torch.dtype) -> float:
 
 
 def _describe(t: object) -> str:
-    """What came, for an ``InputError``: a tensor by shape, dtype and device (never its
-    values), a list or tuple holding tensors item by item, anything else by its type name
-    and its repr on one line, cut to :data:`_REPR_LIMIT` characters
-    (:func:`~portattn.capabilities._text.cut_line`, as the probe cuts error text)."""
+    """What came, for an ``InputError``: a tensor by shape, dtype, device and a layout
+    other than dense (never its values), a list or tuple holding tensors item by item,
+    anything else by its type name and its repr on one line, cut to :data:`_REPR_LIMIT`
+    characters (:func:`~portattn.capabilities._text.cut_line`, as the probe cuts error
+    text)."""
     if isinstance(t, torch.Tensor):
-        return f"tensor of shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+        layout = "" if t.layout == torch.strided else f", layout {t.layout}"
+        return f"tensor of shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}{layout}"
     if isinstance(t, (list, tuple)) and any(isinstance(x, torch.Tensor) for x in t):
         items = "; ".join(_describe(x) for x in t[:4]) + ("; ..." if len(t) > 4 else "")
         return f"{type(t).__name__} of {len(t)}: ({items})"
@@ -207,7 +209,7 @@ def _check_scalar_scale(name: str, scale: Scale | None) -> None:
     the CPU is range-checked here; one on a GPU only with ``validate=True`` (reading it
     would synchronize, see :func:`portattn.validation.check_scale_values`)."""
     if isinstance(scale, torch.Tensor):
-        if scale.numel() != 1 or scale.dtype != torch.float32:
+        if scale.layout != torch.strided or scale.numel() != 1 or scale.dtype != torch.float32:
             raise InputError(name, "a python float or a one-element float32 tensor",
                              _describe(scale))
         if scale.device.type == "cpu":
@@ -333,8 +335,9 @@ class PagedKVCache:
                     raise InputError(f"{prefix}{name}", "None unless quant is a "
                                      "per-token-head mode", f"a scale cache with quant mode "
                                      f"{self.quant.key}")
-            elif not isinstance(given, torch.Tensor) or tuple(given.shape) != shape or \
-                    given.dtype != torch.float32 or given.device != device:
+            elif not isinstance(given, torch.Tensor) or given.layout != torch.strided or \
+                    tuple(given.shape) != shape or given.dtype != torch.float32 or \
+                    given.device != device:
                 raise InputError(f"{prefix}{name}", f"a float32 tensor {list(shape)} on "
                                  f"{device}", _describe(given))
 
