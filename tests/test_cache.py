@@ -268,6 +268,12 @@ def test_write_errors():
         cache.write(key, key, torch.tensor([0, 1, 32]))
     with pytest.raises(InputError, match="slot_mapping"):
         cache.write(key, key, torch.tensor([0, -2, 1]))
+    before = cache.key_cache.clone()
+    with pytest.raises(InputError, match=r"slot_mapping: expected distinct slots .*"
+                                         r"got slot 7 2 times"):
+        cache.write(key.normal_(), key, torch.tensor([7, 3, 7]))
+    assert torch.equal(cache.key_cache, before)  # refused before anything is stored
+    cache.write(key, key, torch.tensor([-1, 5, -1]))  # -1 may repeat
 
 
 @pytest.mark.parametrize("quant", QUANTS[2:], ids=lambda q: q.key)

@@ -444,7 +444,10 @@ class PagedKVCache:
     def write(self, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Store new tokens: ``key`` ``[T, num_kv_heads, head_size_qk]``, ``value``
         ``[T, num_kv_heads, head_size_v]`` at ``slot_mapping`` ``[T]`` (int32/int64; slot =
-        block * block_size + offset; -1 skips the token; any stride). Quantizes for
+        block * block_size + offset; -1 skips the token; any stride; a slot at most once
+        per call: on the CPU a repeated slot is an ``InputError``, on a GPU it is not looked
+        for (that would sync) and the slot ends up with one of its tokens, for
+        per-token-head modes possibly one token's codes with another's scale). Quantizes for
         quantized caches: per-tensor fp8 divides by the scale; per-token-head modes store
         absmax-derived scales in the scale caches. Stores values only: no autograd history
         reaches the cache. ``InputError`` (before anything is stored) for arguments that are
@@ -592,6 +595,12 @@ class PagedKVCache:
             if lo < -1 or hi >= capacity:
                 raise InputError("slot_mapping", f"slots in [-1, {capacity - 1}] (-1 skips)",
                                  f"values in [{lo}, {hi}]")
+            stored = slot_mapping[slot_mapping >= 0].sort().values
+            repeated = stored[1:][stored[1:] == stored[:-1]]
+            if repeated.numel():
+                slot = int(repeated[0])
+                raise InputError("slot_mapping", "distinct slots (only -1 may repeat)",
+                                 f"slot {slot} {int((stored == slot).sum())} times")
 
 
 #: (device, decision environment) -> the write kernel's refusal there (None: it runs);
