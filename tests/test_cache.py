@@ -325,6 +325,28 @@ def test_write_checks_reassigned_attributes_before_storing():
         assert all(torch.equal(a, b) for a, b in zip(before, stores))  # nothing stored
 
 
+def test_a_reassigned_quant_without_a_format_takes_the_caches():
+    """``KVQuant.fp8_per_tensor`` with no ``dtype`` leaves the fp8 format to the cache
+    tensors it is given to: the constructor adopted it, a reassigned ``cache.quant`` was
+    refused as a mismatch of ``cache.key_cache`` (e4m3fn expected; the quant audit)."""
+    cache = PagedKVCache.allocate(2, BLOCK, HEADS, D, dtype=torch.float8_e5m2,
+                                  quant=KVQuant.fp8_per_tensor(1.0, 1.0))
+    cache.quant = KVQuant.fp8_per_tensor(2.0, 0.5)
+    key, value = _random_tokens(2), _random_tokens(2, seed=1)
+    slots = torch.tensor([4, 21])
+    cache.write(key, value, slots)
+    assert cache.quant.fp8_dtype == torch.float8_e5m2
+    want_k = (key.float() / 2.0).to(torch.float8_e5m2)
+    want_v = (value.float() / 0.5).to(torch.float8_e5m2)
+    blocks, offsets = slots // BLOCK, slots % BLOCK
+    for stored, want in ((cache.key_cache, want_k), (cache.value_cache, want_v)):
+        assert torch.equal(take(stored, blocks, offsets).view(torch.uint8),
+                           want.view(torch.uint8))
+    cache.quant = KVQuant.fp8_per_tensor(1.0, 1.0, torch.float8_e4m3fn)  # named: a mismatch
+    with pytest.raises(InputError, match="^cache.key_cache: expected dtype torch.float8_e4m3fn"):
+        cache.write(key, value, slots)
+
+
 def test_write_refuses_sources_that_are_views_of_the_cache():
     """``key`` / ``value`` sharing memory with a tensor the write stores into: the GPU
     kernel's stores would race with its reads (the interpreter moved slots 0..2 to 1..3

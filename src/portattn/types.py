@@ -312,6 +312,9 @@ class PagedKVCache:
             raise InputError(f"{prefix}value_cache", f"dtype {key_cache.dtype} on "
                              f"{key_cache.device} like key_cache",
                              f"{value_cache.dtype} on {value_cache.device}")
+        adopted = quant.in_format_of(key_cache.dtype)
+        if adopted is not quant:  # an fp8 format left to the cache follows its tensors, as
+            self.quant = quant = adopted  # in the constructor (for a reassigned attribute)
         want = quant.storage_dtype
         if want is None and key_cache.dtype not in FLOAT_DTYPES:
             raise InputError(f"{prefix}key_cache", UNQUANTIZED_STORAGE,
