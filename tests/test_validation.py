@@ -464,6 +464,33 @@ def test_an_int_scale_past_float_range_is_named(batch, name):
                   out=torch.empty(6, 4, 32, dtype=torch.float8_e4m3fn))
 
 
+def test_ints_past_printing_and_broken_reprs_are_named(batch):
+    """An int of more than 4300 digits cannot be printed (Python's ValueError) and a
+    value whose ``__repr__`` raises must not replace the InputError describing it (the
+    quant audit: sliding_window=-10**5000 raised ValueError from the error message)."""
+    huge = -10**5000
+
+    class BrokenRepr:
+        def __repr__(self):
+            raise ZeroDivisionError
+
+    cases = [
+        ("sliding_window", lambda: _call(batch, sliding_window=huge), "an int of 16610 bits"),
+        ("scale", lambda: _call(batch, scale=-huge), "an int of 16610 bits"),
+        ("softcap", lambda: _call(batch, softcap=BrokenRepr()), "BrokenRepr"),
+        ("seq_lens[0]", lambda: AttentionMetadata.from_lengths(
+            query_lens=[1], seq_lens=[-huge], block_table=torch.zeros(1, 1, dtype=torch.int32)),
+         "an int of 16610 bits"),
+        ("num_blocks", lambda: portattn.PagedKVCache.allocate(-huge, 16, 2, 32),
+         "an int of 16610 bits"),
+        ("num_blocks", lambda: portattn.PagedKVCache.allocate(2**31, 16, 2, 32),
+         "2147483648"),  # block ids are int32: refused before torch is asked for it
+    ]
+    for name, call, got in cases:
+        with pytest.raises(InputError, match=f"^{re.escape(name)}: expected .*got .*{got}"):
+            call()
+
+
 def test_a_window_wider_than_int32_shows_every_key(batch):
     """Positions are int32, so any window past 2**31 - 1 is no window at all."""
     wide = portattn.attention(batch.q, batch.cache, batch.metadata, sliding_window=2**70)

@@ -79,6 +79,7 @@ from portattn.types import (
     Scale,
     _describe,
     check_has_data,
+    value_text,
 )
 from portattn.validation import (
     check_out,
@@ -640,7 +641,8 @@ def _stand_ins(device, num_q_heads, dtype, cache, num_kv_heads, head_size_qk, he
                  "kv_quant": kv_quant}
         for name, value in given.items():
             if value is not None:
-                raise InputError(name, "None when cache= describes the cache", repr(value))
+                raise InputError(name, "None when cache= describes the cache",
+                                 value_text(value))
         template = cache
         num_kv_heads, head_size_qk = cache.num_kv_heads, cache.head_size_qk
         head_size_v, block_size, kv_dtype = cache.head_size_v, cache.block_size, cache.dtype

@@ -57,6 +57,14 @@ def fp8_max(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).max)
 
 
+def value_text(value: object) -> str:
+    """``repr(value)`` for an ``InputError``, but an int past 64 bits by its size: Python
+    refuses to print one of more than 4300 digits (``ValueError``)."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an int of {value.bit_length()} bits"
+    return repr(value)
+
+
 def _describe(t: object) -> str:
     """What came, for an ``InputError``: a tensor by shape, dtype, device and a layout
     other than dense (never its values), a list or tuple holding tensors item by item,
@@ -71,7 +79,13 @@ def _describe(t: object) -> str:
         return f"{type(t).__name__} of {len(t)}: ({items})"
     from portattn.capabilities._text import cut_line  # an error path: loaded when needed
 
-    return f"{type(t).__name__} {cut_line(repr(t), _REPR_LIMIT)}"
+    if isinstance(t, int) and t.bit_length() > 64:
+        return value_text(t)
+    try:
+        text = repr(t)
+    except Exception as exc:  # a broken __repr__ must not replace the InputError
+        text = f"<repr raised {type(exc).__name__}>"
+    return f"{type(t).__name__} {cut_line(text, _REPR_LIMIT)}"
 
 
 #: How much of a value's repr an error message shows.
@@ -377,8 +391,9 @@ class PagedKVCache:
         for name, value in (("num_blocks", num_blocks), ("block_size", block_size),
                             ("num_kv_heads", num_kv_heads), ("head_size", head_size),
                             ("head_size_v", head_size_v)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise InputError(name, "a positive int", repr(value))
+            if isinstance(value, bool) or not isinstance(value, int) or \
+                    not 0 < value <= INT32_MAX:  # block ids are int32 in block tables
+                raise InputError(name, f"a positive int up to {INT32_MAX}", value_text(value))
         if not isinstance(quant, KVQuant):
             raise InputError("quant", "None or a portattn.KVQuant", _describe(quant))
         if not isinstance(dtype, torch.dtype):
@@ -719,7 +734,7 @@ def _host_ints(name: str, values, low: int = 0) -> list[int]:
             raise InputError(f"{name}[{i}]", "an int", _describe(value)) from None
         if not low <= value <= INT32_MAX:
             raise InputError(f"{name}[{i}]", f"an int in [{low}, {INT32_MAX}] (int32)",
-                             str(value))
+                             value_text(value))
         out.append(value)
     return out
 
