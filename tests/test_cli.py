@@ -214,6 +214,40 @@ def test_bench_on_a_cpu_says_how_to_make_it_short(capsys, tmp_path, monkeypatch)
     assert ran == ["decode-1x8192"]  # the stand-ins ran: no full-size case was timed
 
 
+def test_the_readmes_short_cpu_bench_runs_as_written(tmp_path):
+    """README, "Command line": without a GPU, `portattn bench` only exercises the harness
+    and the README names a short run. Followed as written (with the environment it names,
+    and nothing else: a CPU machine's shell has no TRITON_INTERPRET), it must run, not exit
+    2 with "our Triton kernels cannot run here" (the README gave the arguments without the
+    TRITON_INTERPRET=1 the bench needs on a CPU; found by running it)."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU machine benches the GPU")
+    import pathlib
+    import re
+    import shlex
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("- `portattn bench`"):]
+    section = section[:section.index("\n\n")]
+    command = next(c for c in re.findall(r"`([^`]*)`", " ".join(section.split()))
+                   if "--shrink" in c)
+    words = shlex.split(command)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    while words and "=" in words[0]:
+        name, _, value = words.pop(0).partition("=")
+        env[name] = value
+    if words[:2] == ["portattn", "bench"]:
+        words = words[2:]
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), env.get("PYTHONPATH", "")])
+    env["PORTATTN_CACHE_DIR"] = str(tmp_path / "cache")
+    done = subprocess.run([sys.executable, "-m", "portattn", "bench", *words,
+                           "--out", str(tmp_path / "out")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (command, done.stderr[-2000:])
+    assert list((tmp_path / "out").glob("*.json"))
+
+
 def test_bench_says_why_when_our_kernels_cannot_run(capsys, tmp_path, monkeypatch):
     """No Triton kernels here (the probe's check: Triton missing, broken, unsupported,
     or no GPU and no interpreter): exit 2 with the check's reason before any case, not a

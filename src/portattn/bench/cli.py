@@ -135,8 +135,9 @@ def main(argv=None) -> int:
         _check_output(parser, args, json_path)
     if args.device == "cpu" and args.shrink == 1 and not args.compile_only:
         print("portattn bench: no GPU: on the CPU a run checks the harness, it measures "
-              "nothing, and full-size cases take minutes each; --shrink 64 --cases "
-              "decode-1x8192 makes it short", file=sys.stderr, flush=True)
+              "nothing, and full-size cases take minutes each; TRITON_INTERPRET=1 with "
+              "--shrink 64 --cases decode-1x8192 makes it short", file=sys.stderr,
+              flush=True)
 
     from portattn.capabilities import probe
 
