@@ -246,6 +246,33 @@ def test_custom_op_under_torch_compile_fullgraph(batch):
     assert hasattr(torch.ops.portattn, "paged_attention")
 
 
+def _eager_and_compiled_errors(q, cache, metadata, **options):
+    """The errors of one bad call made eagerly and under torch.compile. Without fullgraph
+    (under it Dynamo reports any raise as its own error) the compiled call must raise the
+    eager error, whether the traced code or the op's eager body raises it."""
+    def layer(q, cache, metadata):
+        return portattn.attention(q, cache, metadata, **options)
+
+    with pytest.raises(InputError) as eager:
+        layer(q, cache, metadata)
+    torch._dynamo.reset()
+    with pytest.raises(InputError) as compiled:
+        torch.compile(layer, backend="eager")(q, cache, metadata)
+    torch._dynamo.reset()
+    return eager.value, compiled.value
+
+
+@pytest.mark.parametrize("backend", [3, ""])
+def test_a_compiled_call_takes_backend_as_an_eager_one(batch, backend):
+    """``backend`` under torch.compile: a non-str is named (it reached the op's str schema:
+    Dynamo's error), and "" is an unknown name as it is eagerly (the op read "" as no
+    backend and routed automatically). Found by session 44's audit of the compile path."""
+    eager, compiled = _eager_and_compiled_errors(batch.q, batch.cache, batch.metadata,
+                                                 backend=backend)
+    assert compiled.argument == "backend" and type(compiled) is type(eager)
+    assert str(compiled) == str(eager)
+
+
 def test_fast_path_skips_checks_only_for_identical_calls(batch, monkeypatch):
     import portattn.api as api
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from portattn.options import check_scalar_options, default_out_dtype
+from portattn.planning import check_backend_argument
 from portattn.types import (
     FP8_DTYPES,
     AttentionMetadata,
@@ -40,7 +41,7 @@ def paged_attention(out: torch.Tensor, q: torch.Tensor, key_cache: torch.Tensor,
                     sliding_window: int | None, softcap: float | None,
                     alibi_slopes: torch.Tensor | None, alibi_sqrt: bool,
                     sinks: torch.Tensor | None, q_scale: torch.Tensor | None,
-                    output_scale: torch.Tensor | None, backend: str,
+                    output_scale: torch.Tensor | None, backend: str | None,
                     validate: bool | None, environment: str) -> None:
     from portattn.api import run_eager
     from portattn.settings import pinned
@@ -51,7 +52,7 @@ def paged_attention(out: torch.Tensor, q: torch.Tensor, key_cache: torch.Tensor,
     metadata = AttentionMetadata(cu_seqlens_q, seq_lens, block_table,
                                  max_seqlen_q, max_seqlen_k)
     with pinned(environment):  # a plan's run: the settings it was made under
-        run_eager(q, cache, metadata, out, backend or None, validate,
+        run_eager(q, cache, metadata, out, backend, validate,
                   (scale, causal, sliding_window, softcap, alibi_slopes, alibi_sqrt, sinks,
                    q_scale, output_scale))
 
@@ -78,6 +79,7 @@ def call_compiled(q, cache: PagedKVCache, metadata: AttentionMetadata, *, scale,
     ``causal=1`` into True and ``sliding_window=True`` into a window of 1.
     ``environment``: a :func:`portattn.settings.pin_token` (a plan's), read by the op's
     eager body instead of the environment of the call ("": the call's)."""
+    check_backend_argument(backend)  # a non-str would reach the op's schema
     sliding_window = check_scalar_options(scale, causal, sliding_window, softcap,
                                           alibi_sqrt)
     if validate is not None:
@@ -93,5 +95,5 @@ def call_compiled(q, cache: PagedKVCache, metadata: AttentionMetadata, *, scale,
         cache.packed, metadata.cu_seqlens_q, metadata.seq_lens, metadata.block_table,
         metadata.max_seqlen_q, metadata.max_seqlen_k, scale, causal, sliding_window, softcap,
         alibi_slopes, alibi_sqrt, sinks, _as_tensor(q_scale, q.device),
-        _as_tensor(output_scale, q.device), backend or "", validate, environment)
+        _as_tensor(output_scale, q.device), backend, validate, environment)
     return out
