@@ -719,6 +719,32 @@ def test_plan_run_into_out_under_torch_compile_is_one_graph(small):
     assert torch.equal(out, eager)
 
 
+def test_plan_run_with_a_cpu_scale_tensor_under_torch_compile(small):
+    """A CPU tensor ``output_scale`` (the one a CPU call takes) while Dynamo traces: the
+    eager check reads its value, which a fake tensor does not have (Dynamo raised a
+    data-dependent guard error under fullgraph); the op's eager body checks it. Found by
+    session 44's audit of the compile path."""
+    plan = portattn.plan(small.metadata, num_q_heads=4, dtype=F32, cache=small.cache,
+                         out_dtype=torch.float8_e4m3fn)
+
+    def layer(q, cache, output_scale):
+        return plan.run(q, cache, output_scale=output_scale)
+
+    scale = torch.tensor(0.5)
+    eager = layer(small.q, small.cache, scale)
+    torch._dynamo.reset()
+    got = torch.compile(layer, fullgraph=True, backend="aot_eager")(small.q, small.cache,
+                                                                     scale)
+    assert got.dtype == torch.float8_e4m3fn and torch.equal(got.float(), eager.float())
+    want = dense_attention(small.q, small.keys, small.values, small.query_lens)
+    # out = result / output_scale at e4m3 precision (3 mantissa bits: up to 1/16 per value)
+    assert relative_error(got.float(), want / 0.5) < 0.07
+    # and the value is still checked: by the op's eager body, as eagerly
+    with pytest.raises(InputError, match="^output_scale: expected a finite positive"):
+        torch.compile(layer, backend="aot_eager")(small.q, small.cache, torch.tensor(-1.0))
+    torch._dynamo.reset()
+
+
 def test_a_traced_run_is_checked_against_its_plan(small):
     """While Dynamo traces, a call that does not fit the plan raises as it does eagerly
     (a plan with sinks run without them; an out of another dtype). Under fullgraph

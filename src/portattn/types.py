@@ -221,12 +221,13 @@ def check_scale_value(name: str, value: float) -> None:
 def _check_scalar_scale(name: str, scale: Scale | None) -> None:
     """A scale is a finite positive float or a one-element float32 tensor. A tensor on
     the CPU is range-checked here; one on a GPU only with ``validate=True`` (reading it
-    would synchronize, see :func:`portattn.validation.check_scale_values`)."""
+    would synchronize, see :func:`portattn.validation.check_scale_values`). Not while
+    Dynamo traces (a fake tensor has no value): the custom op's eager body checks it."""
     if isinstance(scale, torch.Tensor):
         if scale.layout != torch.strided or scale.numel() != 1 or scale.dtype != torch.float32:
             raise InputError(name, "a python float or a one-element float32 tensor",
                              _describe(scale))
-        if scale.device.type == "cpu":
+        if scale.device.type == "cpu" and not torch.compiler.is_compiling():
             check_scale_value(name, float(scale.reshape(())))
         return
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
