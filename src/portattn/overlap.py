@@ -13,9 +13,17 @@ import torch
 def overlaps_itself(t: torch.Tensor) -> bool:
     """Whether two elements of ``t`` may share memory (e.g. an ``expand``ed tensor): its
     dimensions of size > 1, by stride, must each step past the span of the smaller ones
-    (a sufficient rule: a few exotic ``as_strided`` layouts without overlap fail it too)."""
+    (a sufficient rule: a few exotic ``as_strided`` layouts without overlap fail it too).
+    Ordered by comparisons, not ``sorted``: Dynamo cannot sort the symbolic strides of
+    ``torch.compile(dynamic=True)`` (equal strides overlap in either order)."""
+    dims = [(st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1]
     span = 1
-    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+    while dims:
+        smallest = 0
+        for i in range(1, len(dims)):
+            if dims[i][0] < dims[smallest][0]:
+                smallest = i
+        stride, size = dims.pop(smallest)
         if stride < span:
             return True
         span = stride * size
