@@ -273,6 +273,39 @@ def test_a_compiled_call_takes_backend_as_an_eager_one(batch, backend):
     assert str(compiled) == str(eager)
 
 
+_F8Q = dict(dtype=torch.float16, q_dtype=torch.float8_e4m3fn,
+            quant=portattn.KVQuant.fp8_per_tensor(0.02, 0.03))
+#: bad calls the traced path let through to the op: (argument, batch options, call
+#: changes); a Python scale became a tensor unchecked (True: 1.0) and a tensor one was
+#: reshaped and cast (float16 accepted, two elements: Dynamo's error); a non-tensor out or
+#: a cache of the wrong type reached the op's schema or an attribute (Dynamo's error)
+_BAD_COMPILED_CALLS = {
+    "q_scale bool": ("q_scale", _F8Q, dict(q_scale=True)),
+    "output_scale bool": ("output_scale", {}, dict(output_scale=True)),
+    "output_scale float16": ("output_scale", {},
+                             dict(output_scale=torch.tensor([0.5], dtype=torch.float16))),
+    "output_scale of two": ("output_scale", {}, dict(output_scale=torch.tensor([0.5, 0.5]))),
+    "out not a tensor": ("out", {}, dict(out=3)),
+    "cache a tuple": ("cache", {}, dict(cache=lambda c: (c.key_cache, c.value_cache))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_COMPILED_CALLS))
+def test_a_compiled_call_is_checked_as_an_eager_one(case):
+    """The traced path runs attention()'s host checks (structure, options, out) before it
+    builds the op's arguments, so a bad call is the eager InputError naming the argument,
+    never a Dynamo error or a call that runs. Found by session 44's audit of the compile
+    path."""
+    argument, made, changes = _BAD_COMPILED_CALLS[case]
+    batch = make_paged_batch([2, 1], [9, 30], num_q_heads=4, num_kv_heads=2, head_size=32,
+                             **{"dtype": torch.float32, **made})
+    options = {"q_scale": 0.5} if "q_dtype" in made else {}
+    options.update(changes)
+    cache = options.pop("cache", lambda c: c)(batch.cache)
+    eager, compiled = _eager_and_compiled_errors(batch.q, cache, batch.metadata, **options)
+    assert compiled.argument == argument and str(compiled) == str(eager)
+
+
 def test_fast_path_skips_checks_only_for_identical_calls(batch, monkeypatch):
     import portattn.api as api
 

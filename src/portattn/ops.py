@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from portattn.options import check_scalar_options, default_out_dtype
+from portattn.options import normalize_options
 from portattn.planning import check_backend_argument
 from portattn.types import (
     FP8_DTYPES,
@@ -25,7 +25,7 @@ from portattn.types import (
     PagedKVCache,
     scale_as_tensor,
 )
-from portattn.validation import validation_requested
+from portattn.validation import check_out, check_structure, validation_requested
 
 _FP8_BY_NAME = {str(d).replace("torch.", ""): d for d in FP8_DTYPES}
 
@@ -75,19 +75,26 @@ def call_compiled(q, cache: PagedKVCache, metadata: AttentionMetadata, *, scale,
                   output_scale, out, backend, validate=None,
                   environment: str = "") -> torch.Tensor:
     """The traced path of :func:`portattn.attention`: allocate ``out`` and call the op.
-    The scalar options are checked here, as eagerly: the op's schema would turn
-    ``causal=1`` into True and ``sliding_window=True`` into a window of 1.
+    The host checks of an eager call (structure, options, out; no value is read) run
+    here, as eagerly and in its order: what reaches the op is what its schema and
+    :func:`scale_as_tensor` take unchanged (the schema would turn ``causal=1`` into True
+    and ``sliding_window=True`` into a window of 1; a scale ``True`` would become 1.0).
     ``environment``: a :func:`portattn.settings.pin_token` (a plan's), read by the op's
     eager body instead of the environment of the call ("": the call's)."""
     check_backend_argument(backend)  # a non-str would reach the op's schema
-    sliding_window = check_scalar_options(scale, causal, sliding_window, softcap,
-                                          alibi_sqrt)
+    check_structure(q, cache, metadata)
+    options = normalize_options(q, cache, scale=scale, causal=causal,
+                                sliding_window=sliding_window, softcap=softcap,
+                                alibi_slopes=alibi_slopes, alibi_sqrt=alibi_sqrt, sinks=sinks,
+                                q_scale=q_scale, output_scale=output_scale, out=out)
+    check_out(q, cache, out, options.out_dtype)
+    sliding_window = options.sliding_window
     if validate is not None:
         validation_requested(validate)  # None, True or False
     quant = cache.quant
     if out is None:
-        out = torch.empty(q.shape[0], q.shape[1], cache.head_size_v,
-                          dtype=default_out_dtype(q.dtype, output_scale), device=q.device)
+        out = torch.empty(q.shape[0], q.shape[1], cache.head_size_v, dtype=options.out_dtype,
+                          device=q.device)
     paged_attention(
         out, q, cache.key_cache, cache.value_cache, cache.k_scale_cache, cache.v_scale_cache,
         _as_tensor(quant.k_scale, q.device), _as_tensor(quant.v_scale, q.device), quant.mode,
