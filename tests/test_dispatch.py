@@ -266,7 +266,7 @@ def _eager_and_compiled_errors(q, cache, metadata, **options):
 def test_a_compiled_call_takes_backend_as_an_eager_one(batch, backend):
     """``backend`` under torch.compile: a non-str is named (it reached the op's str schema:
     Dynamo's error), and "" is an unknown name as it is eagerly (the op read "" as no
-    backend and routed automatically). Found by session 44's audit of the compile path."""
+    backend and routed automatically). Found by session 43's audit of the compile path."""
     eager, compiled = _eager_and_compiled_errors(batch.q, batch.cache, batch.metadata,
                                                  backend=backend)
     assert compiled.argument == "backend" and type(compiled) is type(eager)
@@ -294,7 +294,7 @@ _BAD_COMPILED_CALLS = {
 def test_a_compiled_call_is_checked_as_an_eager_one(case):
     """The traced path runs attention()'s host checks (structure, options, out) before it
     builds the op's arguments, so a bad call is the eager InputError naming the argument,
-    never a Dynamo error or a call that runs. Found by session 44's audit of the compile
+    never a Dynamo error or a call that runs. Found by session 43's audit of the compile
     path."""
     argument, made, changes = _BAD_COMPILED_CALLS[case]
     batch = make_paged_batch([2, 1], [9, 30], num_q_heads=4, num_kv_heads=2, head_size=32,

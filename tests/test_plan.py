@@ -294,7 +294,7 @@ def test_plan_run_into_out_compiles_with_symbolic_shapes():
     """``run(q, cache, out)`` per step under torch.compile(dynamic=True): the traced check
     of ``out`` ordered its strides, which are symbolic there (Dynamo: "sort with
     non-constant keys", under fullgraph an error); the op's eager body checks the real
-    ``out``, and still names a bad one. Found by session 44's audit of the compile path."""
+    ``out``, and still names a bad one. Found by session 43's audit of the compile path."""
     def step(plan, q, cache, out):
         return plan.run(q, cache, out)
 
@@ -749,7 +749,7 @@ def test_plan_run_with_a_cpu_scale_tensor_under_torch_compile(small):
     """A CPU tensor ``output_scale`` (the one a CPU call takes) while Dynamo traces: the
     eager check reads its value, which a fake tensor does not have (Dynamo raised a
     data-dependent guard error under fullgraph); the op's eager body checks it. Found by
-    session 44's audit of the compile path."""
+    session 43's audit of the compile path."""
     plan = portattn.plan(small.metadata, num_q_heads=4, dtype=F32, cache=small.cache,
                          out_dtype=torch.float8_e4m3fn)
 

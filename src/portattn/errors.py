@@ -25,7 +25,9 @@ class InputError(PortattnError, ValueError):
         self.argument = argument
         self.expected = expected
         self.got = got
-        super().__init__(f"{argument}: expected {expected}, got {got}")
+        # the message set as BaseException.__init__ would: torch.compile (Dynamo 2.11)
+        # cannot trace that call here, and the raise then failed as its own error
+        self.args = (f"{argument}: expected {expected}, got {got}",)
 
     def __reduce__(self):  # pickle / copy rebuild it from its own arguments, not the text
         return type(self), (self.argument, self.expected, self.got)
@@ -43,7 +45,7 @@ class UnsupportedError(PortattnError, RuntimeError):
         for name, why in self.reasons.items():
             lines.append(f"  {name}:")
             lines.extend(f"    - {reason}" for reason in why)
-        super().__init__("\n".join(lines))
+        self.args = ("\n".join(lines),)  # as InputError's message
 
 
 class UnknownBackendError(InputError, UnsupportedError):
