@@ -520,6 +520,21 @@ def test_out_that_shares_memory_or_needs_grad_is_named(batch):
     assert torch.isfinite(padded).all()
 
 
+@pytest.mark.parametrize("name", ["key_cache", "value_cache"])
+def test_out_inside_the_cache_is_named(batch, name):
+    """An ``out`` that is a view of the cache's memory would be written while the kernels
+    read it (keys or values changing under the reads; the contract audit): an InputError
+    before anything runs, the cache left as it was."""
+    held = getattr(batch.cache, name)
+    out = held.reshape(-1)[64:64 + 6 * 4 * 32].view(6, 4, 32)
+    before = held.clone()
+    with pytest.raises(InputError, match=f"^out: expected memory apart from the cache's "
+                                         f"tensors, got a view sharing elements of "
+                                         f"cache.{name}$"):
+        _call(batch, out=out)
+    assert torch.equal(held.view(torch.int16), before.view(torch.int16))  # NaN padding
+
+
 @pytest.mark.parametrize("shift", [32, 1, -64])
 def test_out_that_overlaps_q_in_part_is_named(batch, shift):
     """An ``out`` sharing some of q's elements (a kernel's program would overwrite q rows

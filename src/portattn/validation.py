@@ -149,7 +149,9 @@ def check_out(q: torch.Tensor, cache: PagedKVCache, out: torch.Tensor | None,
               out_dtype: torch.dtype) -> None:
     """``out``: shape ``[num_tokens, num_q_heads, head_size_v]``, the result dtype, a
     contiguous last dimension, q's device; written in place, so no grad, no two
-    elements at one address, and q itself or no element of q's. Like every host fact,
+    elements at one address, q itself or no element of q's, and no element of the
+    cache's (its keys, values or scales would change under the kernels' reads). Like
+    every host fact,
     checked when a call's structure is first seen: a later call of the same shapes and
     strides is not checked again, whatever its pointers."""
     if out is not None:
@@ -173,6 +175,11 @@ def check_out(q: torch.Tensor, cache: PagedKVCache, out: torch.Tensor | None,
             # a kernel's program would overwrite q rows another one has yet to read
             raise InputError("out", "q itself (in place) or memory apart from q's",
                              "a view sharing some of q's elements")
+        for name in ("key_cache", "value_cache", "k_scale_cache", "v_scale_cache"):
+            held = getattr(cache, name)
+            if held is not None and share_elements(out, held):  # written while read
+                raise InputError("out", "memory apart from the cache's tensors",
+                                 f"a view sharing elements of cache.{name}")
 
 
 def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
