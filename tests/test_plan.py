@@ -393,6 +393,22 @@ def test_plan_names_bad_arguments(small):
                       block_size=16)
 
 
+def test_plan_names_a_template_changed_after_its_constructor(small):
+    """A template cache whose attributes were reassigned after the constructor is checked
+    by plan() as run() checks a layer's (``cache.<attribute>``): plan() raised IndexError
+    for 3-D keys, AttributeError for a quant that is not a KVQuant, and planned block 8
+    from keys of block 8 beside values of block 16 (found by the plan/run API audit)."""
+    cases = [("key_cache", lambda c: c.key_cache[0], "cache.key_cache"),
+             ("quant", lambda c: "fp8", "cache.quant"),
+             ("key_cache", lambda c: c.key_cache[:, :8], "cache.value_cache")]
+    for attribute, changed, argument in cases:
+        template = PagedKVCache(small.cache.key_cache, small.cache.value_cache)
+        setattr(template, attribute, changed(template))
+        with pytest.raises(InputError) as info:
+            portattn.plan(small.metadata, num_q_heads=4, dtype=F32, cache=template)
+        assert info.value.argument == argument, str(info.value)
+
+
 def test_plan_from_a_description_equals_plan_from_a_template(small):
     a = portattn.plan(small.metadata, num_q_heads=4, dtype=F32, cache=small.cache)
     b = portattn.plan(small.metadata, num_q_heads=4, dtype=F32, num_kv_heads=2,

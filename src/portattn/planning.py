@@ -636,6 +636,7 @@ def _stand_ins(device, num_q_heads, dtype, cache, num_kv_heads, head_size_qk, he
         if not isinstance(cache, PagedKVCache):
             raise InputError("cache", "a portattn.PagedKVCache (used as a template)",
                              _describe(cache))
+        cache.check_fields()  # attributes reassigned since the constructor, as run() does
         given = {"num_kv_heads": num_kv_heads, "head_size_qk": head_size_qk,
                  "head_size_v": head_size_v, "block_size": block_size, "kv_dtype": kv_dtype,
                  "kv_quant": kv_quant}
