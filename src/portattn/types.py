@@ -58,11 +58,15 @@ def fp8_max(dtype: torch.dtype) -> float:
 
 
 def value_text(value: object) -> str:
-    """``repr(value)`` for an ``InputError``, but an int past 64 bits by its size: Python
-    refuses to print one of more than 4300 digits (``ValueError``)."""
+    """``repr(value)`` for an ``InputError``, but an int past 64 bits by its size (Python
+    refuses to print one of more than 4300 digits: ``ValueError``), and a value whose
+    ``__repr__`` raises by that: neither may replace the error being raised."""
     if isinstance(value, int) and value.bit_length() > 64:
         return f"an int of {value.bit_length()} bits"
-    return repr(value)
+    try:
+        return repr(value)
+    except Exception as exc:
+        return f"<repr raised {type(exc).__name__}>"
 
 
 def _describe(t: object) -> str:
@@ -80,12 +84,8 @@ def _describe(t: object) -> str:
     from portattn.capabilities._text import cut_line  # an error path: loaded when needed
 
     if isinstance(t, int) and t.bit_length() > 64:
-        return value_text(t)
-    try:
-        text = repr(t)
-    except Exception as exc:  # a broken __repr__ must not replace the InputError
-        text = f"<repr raised {type(exc).__name__}>"
-    return f"{type(t).__name__} {cut_line(text, _REPR_LIMIT)}"
+        return value_text(t)  # "an int of N bits"
+    return f"{type(t).__name__} {cut_line(value_text(t), _REPR_LIMIT)}"
 
 
 #: How much of a value's repr an error message shows.

@@ -151,9 +151,8 @@ def check_out(q: torch.Tensor, cache: PagedKVCache, out: torch.Tensor | None,
     contiguous last dimension, q's device; written in place, so no grad, no two
     elements at one address, q itself or no element of q's, and no element of the
     cache's (its keys, values or scales would change under the kernels' reads). Like
-    every host fact,
-    checked when a call's structure is first seen: a later call of the same shapes and
-    strides is not checked again, whatever its pointers."""
+    every host fact, checked when a call's structure is first seen: a later call of the
+    same shapes and strides is not checked again, whatever its pointers."""
     if out is not None:
         want = (q.shape[0], q.shape[1], cache.head_size_v)
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
