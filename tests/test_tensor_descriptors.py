@@ -96,6 +96,10 @@ def test_launch_reasons_catch_a_tile_crossing_blocks():
     fixed = rules.descriptor_params(params, 16)
     assert rules.launch_reasons(fixed, 16) == [] and fixed["kv_load"] == "descriptor"
     assert params["short"]["block_n"] == 128, "descriptor_params must not edit its input"
+    # a tile below a descriptor tile's 16 keys is named as such, not as crossing a block
+    # of 8 slots it fits in (the kernel fuzz's finding)
+    assert rules.launch_reasons({"mode": "decode", "short": {"block_n": 8}}, 8) == [
+        "short tile of 8 keys is below the 16 keys of a descriptor tile"]
 
 
 # ---------------------------------------------------------------------------- selection

@@ -117,7 +117,10 @@ def launch_reasons(params: dict, block_size: int) -> list[str]:
     for key in ("short", "long"):
         if key in params:
             block_n = params[key]["block_n"]
-            if block_n < MIN_TILE_KEYS or block_size % block_n:
+            if block_n < MIN_TILE_KEYS:
+                reasons.append(f"{key} tile of {block_n} keys is below the {MIN_TILE_KEYS} "
+                               f"keys of a descriptor tile")
+            elif block_size % block_n:
                 reasons.append(f"{key} tile of {block_n} keys is not a whole part of a "
                                f"{block_size}-slot cache block")
             heads = params[key].get("tile_heads", 1)
