@@ -271,13 +271,17 @@ def test_custom_op_reuses_plans():
         assert relative_error(out, _expected(batch, q, keys, values, sinks=s)) < 2e-5
 
 
+@pytest.mark.parametrize("into_out", [False, True])
 @pytest.mark.parametrize("dynamic", [True, None])
-def test_plan_run_compiles_over_a_plan_per_step(dynamic):
+def test_plan_run_compiles_over_a_plan_per_step(dynamic, into_out):
     """A plan per step (token count and hints change) under torch.compile, symbolic shapes
     included: the traced checks compare the plan field by field (a dataclass compare of
-    symbolic hints crashed Dynamo: session 41's audit)."""
-    def step(plan, q, cache):
-        return plan.run(q, cache)
+    symbolic hints crashed Dynamo: session 41's audit). ``into_out``: ``run(q, cache,
+    out)``, whose traced check of ``out`` ordered its strides, symbolic under
+    ``dynamic=True`` (Dynamo: "sort with non-constant keys"; session 43's audit of the
+    compile path); a bad ``out`` is still named (by the op's eager body)."""
+    def step(plan, q, cache, out):
+        return plan.run(q, cache, out)
 
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager", dynamic=dynamic)
@@ -285,34 +289,17 @@ def test_plan_run_compiles_over_a_plan_per_step(dynamic):
         batch = make_paged_batch([1, 1 + i], [9 + i, 20 + i], num_q_heads=4, num_kv_heads=2,
                                  head_size=32, dtype=F32, seed=i)
         plan = portattn.plan(batch.metadata, num_q_heads=4, dtype=F32, cache=batch.cache)
-        got = compiled(plan, batch.q, batch.cache)
+        out = torch.full_like(batch.q, float("nan")) if into_out else None
+        got = compiled(plan, batch.q, batch.cache, out)
+        assert out is None or got is out
         want = dense_attention(batch.q, batch.keys, batch.values, batch.query_lens)
         assert relative_error(got, want) < 2e-5
-
-
-def test_plan_run_into_out_compiles_with_symbolic_shapes():
-    """``run(q, cache, out)`` per step under torch.compile(dynamic=True): the traced check
-    of ``out`` ordered its strides, which are symbolic there (Dynamo: "sort with
-    non-constant keys", under fullgraph an error); the op's eager body checks the real
-    ``out``, and still names a bad one. Found by session 43's audit of the compile path."""
-    def step(plan, q, cache, out):
-        return plan.run(q, cache, out)
-
-    torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager", dynamic=True)
-    for i in range(3):
-        batch = make_paged_batch([1, 1 + i], [9 + i, 20 + i], num_q_heads=4, num_kv_heads=2,
-                                 head_size=32, dtype=F32, seed=i)
-        plan = portattn.plan(batch.metadata, num_q_heads=4, dtype=F32, cache=batch.cache)
-        out = torch.full_like(batch.q, float("nan"))
-        assert compiled(plan, batch.q, batch.cache, out) is out
-        want = dense_attention(batch.q, batch.keys, batch.values, batch.query_lens)
-        assert relative_error(out, want) < 2e-5
-    overlapping = torch.empty(1, 4, 32).expand(batch.q.shape)  # every token one row
-    torch._dynamo.reset()
-    with pytest.raises(InputError, match="^out: expected a tensor whose elements cannot"):
-        torch.compile(step, backend="aot_eager", dynamic=True)(plan, batch.q, batch.cache,
-                                                               overlapping)
+    if into_out:
+        overlapping = torch.empty(1, 4, 32).expand(batch.q.shape)  # every token one row
+        torch._dynamo.reset()
+        with pytest.raises(InputError, match="^out: expected a tensor whose elements cannot"):
+            torch.compile(step, backend="aot_eager", dynamic=dynamic)(
+                plan, batch.q, batch.cache, overlapping)
     torch._dynamo.reset()
 
 
