@@ -86,6 +86,15 @@ def test_unknown_backend_is_named(with_picky, batch):
             portattn.attention(batch.q, batch.cache, batch.metadata, backend="nope")
 
 
+def test_an_unknown_backend_error_has_the_reasons_of_an_unsupported_error(batch):
+    """A handler written for UnsupportedError reads ``reasons``: an unknown backend name
+    has none (it lost the attribute when InputError stopped chaining __init__, session
+    43's reread)."""
+    with pytest.raises(UnsupportedError) as info:
+        portattn.attention(batch.q, batch.cache, batch.metadata, backend="nope")
+    assert info.value.reasons == {}
+
+
 def test_unknown_backend_errors_survive_pickling(batch):
     """Raised in a worker process, they reach the parent whole (their class took three
     arguments and could not be rebuilt from its message: session 41's review)."""

@@ -56,6 +56,7 @@ class UnknownBackendError(InputError, UnsupportedError):
 
     def __init__(self, argument: str, name: str, known: list[str]):
         self.name, self.known = name, list(known)
+        self.reasons = {}  # as an UnsupportedError: InputError's __init__ does not chain
         super().__init__(argument, f"auto or a registered backend ({', '.join(known)})",
                          repr(name))
 
