@@ -88,13 +88,24 @@ def call_compiled(q, cache: PagedKVCache, metadata: AttentionMetadata, *, scale,
                                 alibi_slopes=alibi_slopes, alibi_sqrt=alibi_sqrt, sinks=sinks,
                                 q_scale=q_scale, output_scale=output_scale, out=out)
     check_out(q, cache, out, options.out_dtype)
-    sliding_window = options.sliding_window
-    if validate is not None:
-        validation_requested(validate)  # None, True or False
-    quant = cache.quant
     if out is None:
         out = torch.empty(q.shape[0], q.shape[1], cache.head_size_v, dtype=options.out_dtype,
                           device=q.device)
+    return call_op(q, cache, metadata, scale=scale, causal=causal,
+                   sliding_window=options.sliding_window, softcap=softcap,
+                   alibi_slopes=alibi_slopes, alibi_sqrt=alibi_sqrt, sinks=sinks,
+                   q_scale=q_scale, output_scale=output_scale, out=out, backend=backend,
+                   validate=validate, environment=environment)
+
+
+def call_op(q, cache: PagedKVCache, metadata: AttentionMetadata, *, scale, causal,
+            sliding_window, softcap, alibi_slopes, alibi_sqrt, sinks, q_scale, output_scale,
+            out: torch.Tensor, backend, validate, environment: str) -> torch.Tensor:
+    """The op called on arguments the host checks passed (:func:`call_compiled`'s, or a
+    plan's against the call), into ``out``."""
+    if validate is not None:
+        validation_requested(validate)  # None, True or False
+    quant = cache.quant
     paged_attention(
         out, q, cache.key_cache, cache.value_cache, cache.k_scale_cache, cache.v_scale_cache,
         _as_tensor(quant.k_scale, q.device), _as_tensor(quant.v_scale, q.device), quant.mode,

@@ -437,7 +437,7 @@ class AttentionPlan:
         eager body (``attention``'s) finds this plan's body in the same plan cache (the
         plan's backend is passed on only when it was forced), deciding under the settings
         the plan was made under (:func:`portattn.settings.pinned`), not the call's."""
-        from portattn.ops import call_compiled
+        from portattn.ops import call_op
 
         body, hinted = self._body, self._hinted
         layer = (alibi_slopes, sinks, q_scale, output_scale)
@@ -446,12 +446,13 @@ class AttentionPlan:
             out = body.new_out(q)
         options = body.options
         forced = None if body.decision.source == "auto" else self.backend
-        return call_compiled(q, cache, hinted, scale=options.scale, causal=options.causal,
-                             sliding_window=options.sliding_window, softcap=options.softcap,
-                             alibi_slopes=alibi_slopes, alibi_sqrt=options.alibi_sqrt,
-                             sinks=sinks, q_scale=q_scale, output_scale=output_scale, out=out,
-                             backend=forced, validate=self._values if validate is None
-                             else validate, environment=self._environment)
+        # checked against the plan above: the op directly, not attention()'s checks again
+        return call_op(q, cache, hinted, scale=options.scale, causal=options.causal,
+                       sliding_window=options.sliding_window, softcap=options.softcap,
+                       alibi_slopes=alibi_slopes, alibi_sqrt=options.alibi_sqrt, sinks=sinks,
+                       q_scale=q_scale, output_scale=output_scale, out=out, backend=forced,
+                       validate=self._values if validate is None else validate,
+                       environment=self._environment)
 
     def _check_against_plan(self, q, cache, out, layer, values: bool = False) -> None:
         """The checks of a call against the plan: host facts (shapes, dtypes, devices,
