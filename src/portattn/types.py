@@ -281,10 +281,8 @@ class PagedKVCache:
     def __init__(self, key_cache: torch.Tensor, value_cache: torch.Tensor,
                  quant: KVQuant | None = None, *, k_scale_cache: torch.Tensor | None = None,
                  v_scale_cache: torch.Tensor | None = None, packed: bool = False):
-        self.quant = quant if quant is not None else KVQuant.none()
-        if isinstance(self.quant, KVQuant) and isinstance(key_cache, torch.Tensor):
-            self.quant = self.quant.in_format_of(key_cache.dtype)
-        self.key_cache = key_cache
+        self.quant = quant if quant is not None else KVQuant.none()  # its fp8 format, if
+        self.key_cache = key_cache  # left to the cache, adopted by _check_tensors
         self.value_cache = value_cache
         self.packed = packed
         self.k_scale_cache: torch.Tensor | None = k_scale_cache
@@ -328,8 +326,8 @@ class PagedKVCache:
                              f"{key_cache.device} like key_cache",
                              f"{value_cache.dtype} on {value_cache.device}")
         adopted = quant.in_format_of(key_cache.dtype)
-        if adopted is not quant:  # an fp8 format left to the cache follows its tensors, as
-            self.quant = quant = adopted  # in the constructor (for a reassigned attribute)
+        if adopted is not quant:  # an fp8 format left to the cache follows its tensors,
+            self.quant = quant = adopted  # given to the constructor or reassigned
         want = quant.storage_dtype
         if want is None and key_cache.dtype not in FLOAT_DTYPES:
             raise InputError(f"{prefix}key_cache", UNQUANTIZED_STORAGE,
