@@ -324,6 +324,10 @@ def _stub_kernels():
 
     fast_launch._count_launches = count_launches
     fast_launch._device_functions = lambda: (lambda: 0, lambda index: 0)
+    # the float scales' device tensors are kept under that device and stream, as on a GPU
+    from portattn.kernels import scalars
+
+    scalars.cuda_index = scalars.stream_key = lambda device: 0
 
     from portattn.backends import unified_runner
 

@@ -415,6 +415,20 @@ def test_a_reader_reads_only_the_inputs_the_launches_bind(kernel):
     assert evaluated == [holder]  # the scale is bound by no launch: never read
     holder2.y = None
     assert not sequence.launch(x2, holder2)  # a bound input is missing: the normal path
+    # a source may name the relaunch's device and stream (None when read for a recording)
+    seen = []
+
+    def on_queue(holder, device, stream):
+        seen.append((device, stream))
+        return holder.scale
+
+    queued = fast_launch.Reader("x, holder", ("x", "on_queue(holder, device, stream)"),
+                                {"on_queue": on_queue})
+    inputs = queued.read(x, holder)
+    assert inputs == (x, holder.scale) and seen == [(None, None)]
+    sequence = LaunchSequence.build(_record(kernel, inputs), inputs, reader=queued)
+    assert sequence.launch(x2, Holder(64)) and seen[1:] == [(0, 77)]
+    assert sequence.launch(x2, Holder(64), device=0, stream=5) and seen[2:] == [(0, 5)]
     for params, namespace in (("x, device", None), ("x", {"_helper": len}), ("x, 1y", None)):
         with pytest.raises(ValueError, match="not a free identifier"):
             fast_launch.Reader(params, ("x",), namespace)

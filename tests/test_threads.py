@@ -308,6 +308,7 @@ def test_a_relaunch_reads_the_memo_tensor_of_each_scale(monkeypatch):
     memo = scalars._DeviceScalars()
     monkeypatch.setattr(unified_runner, "device_scalars", memo)
     monkeypatch.setattr(unified_runner, "_find_scalar", memo.find)
+    monkeypatch.setattr(unified_runner, "_find_on_queue", memo.find_on_queue)
     q = torch.randn(3, 4, 8)
     read = unified_runner._scale_input
     k = read(0.75, q, "k")  # not in the memo yet: made by get, then found
@@ -335,6 +336,7 @@ def test_device_scalars_are_one_tensor_per_stream(monkeypatch):
     memo = scalars._DeviceScalars()
     monkeypatch.setattr(unified_runner, "device_scalars", memo)
     monkeypatch.setattr(unified_runner, "_find_scalar", memo.find)
+    monkeypatch.setattr(unified_runner, "_find_on_queue", memo.find_on_queue)
     cpu, q = torch.device("cpu"), torch.randn(2, 4, 8)
     on_7 = memo.get(0.5, cpu, "k")
     assert memo.kept(0.5, cpu, "k") and unified_runner._scale_input(0.5, q, "k") is on_7
@@ -345,6 +347,12 @@ def test_device_scalars_are_one_tensor_per_stream(monkeypatch):
     assert memo.get(0.5, cpu, "k") is on_9 and memo.kept(0.5, cpu, "k")
     current["stream"] = 7
     assert memo.get(0.5, cpu, "k") is on_7 and unified_runner._scale_input(0.5, q, "k") is on_7
+    # a relaunch passes the device and stream it holds: each stream's own tensor, whatever
+    # stream is current (CPU tensors: no CUDA index); a stream not met yet asks as above
+    read = unified_runner._scale_input
+    assert read(0.5, q, "k", None, 9) is on_9 and read(0.5, q, "k", None, 7) is on_7
+    assert read(0.5, q, "k", 0, 9) is on_7  # not this memo's device: q's current stream
+    assert read(0.5, q, "k", None, 13) is on_7 and len(memo) == 2
     # a graph captured on a stream of its own binds the first tensor made for the value
     # (not a fresh one refilled at every replay); a value never met eagerly gets the
     # graph's own, not kept

@@ -51,6 +51,7 @@ from portattn.kernels import fast_launch, heuristics
 from portattn.kernels.scalars import device_scalars
 
 _find_scalar = device_scalars.find
+_find_on_queue = device_scalars.find_on_queue
 
 log = logging.getLogger("portattn")
 
@@ -130,17 +131,22 @@ class Slot:
         self.ambiguous = 0
 
 
-def _scale_input(scale, q, role: str):
+def _scale_input(scale, q, role: str, device=None, stream=None):
     """The tensor launch.py passes for a scale of a call with query ``q``: the tensor
     itself, or for a float the cached device scalar of its role on q's device and current
     stream (the same object every call on that stream, so replays bind it; never the
     object of another role, so equal K and V scales do not alias).
 
-    Read on every relaunch of a quantized call (four scales), so a float found in the memo
-    costs one dict lookup and the stream's handle, ahead of the tensor test
-    (``isinstance`` against ``torch.Tensor`` costs more than the lookup), and q's device
-    is only asked for a float."""
+    Read on every relaunch of a quantized call (four scales). A relaunch passes the
+    current CUDA device's index and stream handle it already holds (``device``,
+    ``stream``; on a CPU both None), so a float found in the memo costs one dict lookup
+    on four plain values, ahead of the tensor test (``isinstance`` against
+    ``torch.Tensor`` costs more than the lookup). A miss (a recording, which passes
+    neither) asks for q's device and its stream."""
     if type(scale) is float:
+        found = _find_on_queue((role, scale, device, stream))
+        if found is not None:
+            return found
         device = q.device
         found = _find_scalar((role, scale, device, stream_key(device)))
         if found is not None:
@@ -167,8 +173,10 @@ _PARAMS = "q, cache, metadata, out, layer, ws"
 _PLAIN = ("q", "cache.key_cache", "cache.value_cache", "out", "metadata.cu_seqlens_q",
           "metadata.seq_lens", "metadata.block_table", "layer[0]", "layer[1]", "ws")
 _SCALES = ("cache.k_scale_cache", "cache.v_scale_cache",
-           "scale_input(cache.quant.k_scale, q, 'k')", "scale_input(cache.quant.v_scale, q, 'v')",
-           "scale_input(layer[2], q, 'q')", "scale_input(layer[3], q, 'out')")
+           "scale_input(cache.quant.k_scale, q, 'k', device, stream)",
+           "scale_input(cache.quant.v_scale, q, 'v', device, stream)",
+           "scale_input(layer[2], q, 'q', device, stream)",
+           "scale_input(layer[3], q, 'out', device, stream)")
 #: quantized -> the inputs as a relaunch reads them (the scale tensors only when quantized)
 READERS = {False: fast_launch.Reader(_PARAMS, _PLAIN),
            True: fast_launch.Reader(_PARAMS, _PLAIN + _SCALES, {"scale_input": _scale_input})}

@@ -613,7 +613,11 @@ class Reader:
     ``sources[i]`` over them (names from ``namespace`` may be used), evaluated only for
     the inputs its launches bind: no sequence is built per call. :meth:`read` evaluates
     them all, and is what the caller must pass as ``inputs`` to :meth:`LaunchSequence.build`
-    and :meth:`LaunchSequence.absorb`, so both views agree by construction."""
+    and :meth:`LaunchSequence.absorb`, so both views agree by construction.
+
+    A source may also name ``device`` and ``stream``: in a relaunch, the current CUDA
+    device's index and its current stream's handle (as the launch uses them); in
+    :meth:`read`, None. An expression must give the same input either way."""
 
     def __init__(self, params: str, sources: Sequence[str], namespace: dict | None = None):
         names = [name.strip() for name in params.split(",")] + list(namespace or {})
@@ -625,7 +629,8 @@ class Reader:
         self.params = params
         self.sources = tuple(sources)
         self.namespace = dict(namespace or {})
-        read = f"lambda {params}: ({''.join(f'{source}, ' for source in self.sources)})"
+        read = f"lambda {params}, device=None, stream=None: " \
+            f"({''.join(f'{source}, ' for source in self.sources)})"
         self.read: Callable[..., tuple] = eval(compile(read, "<portattn.fast_launch.Reader>",
                                                        "eval"), dict(self.namespace))
 
@@ -780,7 +785,9 @@ def _generate_launch(sites: list[Site], used: tuple[int, ...], by_residue: tuple
              f"    if {' or '.join(f'_fn{k}.pre_run_hooks' for k in range(len(kernels)))}:",
              "        return False",
              "    if device is None:",
-             "        device = _get_device()"]
+             "        device = _get_device()",
+             "    if stream is None:",  # before the reads: a reader's source may use it
+             "        stream = _get_stream(device)"]
     if used:
         lines.append("    try:")
         lines += [f"        {p} = {source}.data_ptr()" for p, source in zip(pointers, sources)]
@@ -795,8 +802,6 @@ def _generate_launch(sites: list[Site], used: tuple[int, ...], by_residue: tuple
     lines += ["    _entry = _table.get((device, _state, _token))",
               "    if _entry is None:",
               "        return False",
-              "    if stream is None:",
-              "        stream = _get_stream(device)",
               "    " + ", ".join(f"_l{s}, _f{s}, _m{s}, _c{s}, _d{s}, _e{s}, _a{s}, _s{s}"
                                for s in range(len(sites))) + " = _entry"]
     for s, site in enumerate(sites):

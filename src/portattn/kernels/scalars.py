@@ -35,7 +35,7 @@ import threading
 
 import torch
 
-from portattn.devices import capturing_on, stream_key
+from portattn.devices import capturing_on, cuda_index, stream_key
 
 _capturing = capturing_on  # a module name the tests can replace (the launchers make
 # ``device``'s stream current)
@@ -62,6 +62,11 @@ class _DeviceScalars:
         #: for that float value, else None (one dict lookup: no conversion, no tensor
         #: test; a caller passes floats only, :meth:`get` otherwise)
         self.find = self._entries.get
+        #: the same tensors keyed by (role, value, CUDA index or None, stream handle or
+        #: None): ``find_on_queue`` is for a caller that already holds the current device's
+        #: index and stream (a relaunch), and so skips asking for them
+        self._on_queue: dict = {}
+        self.find_on_queue = self._on_queue.get
 
     def get(self, value, device: torch.device, role: str = "") -> torch.Tensor:
         if isinstance(value, torch.Tensor):
@@ -87,6 +92,8 @@ class _DeviceScalars:
                     if len(self._entries) < self.capacity:
                         found = self._entries.setdefault(key, found)
                         self._first.setdefault(key[:3], found)
+                        self._on_queue.setdefault(
+                            (role, key[1], cuda_index(device), stream), found)
         return found
 
     def kept(self, value, device: torch.device, role: str = "") -> bool:
