@@ -83,6 +83,47 @@ def test_torch_compile_inductor_on_gpu():
     assert relative_error(out, expected) < 1e-2
 
 
+def test_torch_compile_decode_step_with_write_on_gpu():
+    """A compiled decode step that writes this step's keys and values (the Triton write
+    kernel, slots of -1 skipped) and then attends: the stored tokens and the output match
+    a plain-indexing write and the dense oracle, at two batch sizes (dynamic shapes)."""
+    batch, seq_lens = _decode_batch(seed=3)
+    cache, meta = batch.cache, batch.metadata
+    num_kv_heads, head_size = cache.num_kv_heads, cache.head_size_qk
+
+    def step(q, key, value, slots, metadata):
+        cache.write(key, value, slots)
+        return portattn.attention(q, cache, metadata) * 2
+
+    compiled = torch.compile(step, dynamic=True)
+    lens = [n + 4 for n in seq_lens]
+    block_table = meta.block_table.cpu()
+    for rows in (4, 3):
+        key = torch.randn(rows, num_kv_heads, head_size, dtype=cache.dtype, device="cuda")
+        value = torch.randn_like(key)
+        # each sequence's last slot (its newest key); one -1 slot when three are written
+        last = [int(block_table[b, (n - 1) // cache.block_size]) * cache.block_size +
+                (n - 1) % cache.block_size for b, n in enumerate(lens)]
+        chosen = last if rows == 4 else [last[0], -1, last[2]]
+        slots = torch.tensor(chosen, dtype=torch.int64, device="cuda")
+        keys = [k.clone() for k in batch.keys]
+        values = [v.clone() for v in batch.values]
+        for i, slot in enumerate(chosen):
+            if slot >= 0:
+                b = last.index(slot)
+                keys[b][lens[b] - 1], values[b][lens[b] - 1] = key[i], value[i]
+        q = torch.randn_like(batch.q)
+        out = compiled(q, key, value, slots, meta)
+        flat_k = cache.key_cache.reshape(-1, num_kv_heads, head_size)
+        flat_v = cache.value_cache.reshape(-1, num_kv_heads, head_size)
+        for i, slot in enumerate(chosen):
+            if slot >= 0:
+                assert torch.equal(flat_k[slot], key[i]) and torch.equal(flat_v[slot], value[i])
+        expected = dense_attention(q, keys, values, [1] * 4) * 2
+        assert relative_error(out, expected) < 1e-2
+        batch.keys, batch.values = keys, values
+
+
 def test_demo_runs_on_gpu():
     from portattn.cli import main
 
