@@ -591,6 +591,7 @@ def test_every_workspace_starts_with_zeroed_merge_tickets(monkeypatch):
     planning.clear()
 
 
+@interp  # forces triton_unified on CPU tensors
 def test_split_workspaces_are_per_stream_and_thread(monkeypatch):
     """A runner's split-KV workspace is shared by one thread's calls on one stream (its
     kernel and merge are queued back to back) and never by two threads, whose launches
