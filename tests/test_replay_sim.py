@@ -136,6 +136,14 @@ def _install_sim(monkeypatch, backend=None) -> tuple[Memory, dict]:
         monkeypatch.setattr(wrapped, "fn", kernels[name])
     monkeypatch.setattr(fast_launch, "_count_launches", _counting)
     monkeypatch.setattr(fast_launch, "_device_functions", lambda: (lambda: 0, lambda d: 0))
+    # float scales' tensors kept as a GPU's would be: under CUDA index 0 and stream 0, the
+    # device and stream the relaunch passes (so it finds them without asking)
+    from portattn.backends import unified_runner
+    from portattn.kernels import scalars
+
+    for module in (scalars, unified_runner):
+        monkeypatch.setattr(module, "stream_key", lambda device: 0)
+    monkeypatch.setattr(scalars, "cuda_index", lambda device: 0)
     planning.clear()
     return memory, kernels
 
@@ -403,10 +411,11 @@ def test_aliased_inputs_are_retried_then_given_up(sim):
     assert runner is plan._body.runner
 
 
-def test_equal_float_kv_scales_replay(sim):
+def test_equal_float_kv_scales_replay(sim, monkeypatch):
     """An fp8 per-tensor cache whose K and V scales are the same float: each role gets its
     own device scalar, so the inputs never alias and the second call replays (on the
     H200 this structure ran 140 us of host time per call through the JIT before)."""
+    from portattn.backends import unified_runner
     from portattn.backends.unified_runner import inputs_of
 
     memory, kernels = sim
@@ -427,8 +436,15 @@ def test_equal_float_kv_scales_replay(sim):
     runs = kernels["unified_attention_kernel"].jit_runs
     out = torch.full_like(batch.q, math.nan)
     memory.add(out)
+    found = []
+    find = unified_runner._find_on_queue
+    monkeypatch.setattr(unified_runner, "_find_on_queue",
+                        lambda key: found.append(key) or find(key))
     plan.run(batch.q, batch.cache, out)
     assert kernels["unified_attention_kernel"].jit_runs == runs  # replayed
+    # each scale found by the relaunch's device and stream: its role's tensor
+    assert [key[0] for key in found] == ["k", "v"]
+    assert find(found[0]) is k_scale and find(found[1]) is v_scale
     assert torch.equal(out, outs[0]) and not out.isnan().any()
     _check_fp8_decode(out, batch, (19, 40), 0.5, 0.5)
 

@@ -333,6 +333,7 @@ def test_device_scalars_are_one_tensor_per_stream(monkeypatch):
     current = {"stream": 7}
     monkeypatch.setattr(scalars, "stream_key", lambda device: current["stream"])
     monkeypatch.setattr(unified_runner, "stream_key", lambda device: current["stream"])
+    monkeypatch.setattr(scalars, "cuda_index", lambda device: 0)  # as on CUDA device 0
     memo = scalars._DeviceScalars()
     monkeypatch.setattr(unified_runner, "device_scalars", memo)
     monkeypatch.setattr(unified_runner, "_find_scalar", memo.find)
@@ -350,9 +351,10 @@ def test_device_scalars_are_one_tensor_per_stream(monkeypatch):
     # a relaunch passes the device and stream it holds: each stream's own tensor, whatever
     # stream is current (CPU tensors: no CUDA index); a stream not met yet asks as above
     read = unified_runner._scale_input
-    assert read(0.5, q, "k", None, 9) is on_9 and read(0.5, q, "k", None, 7) is on_7
-    assert read(0.5, q, "k", 0, 9) is on_7  # not this memo's device: q's current stream
-    assert read(0.5, q, "k", None, 13) is on_7 and len(memo) == 2
+    assert read(0.5, q, "k", 0, 9) is on_9 and read(0.5, q, "k", 0, 7) is on_7
+    assert read(0.5, q, "k", 1, 9) is on_7  # another device's key: q's current stream
+    assert read(0.5, q, "k", 0, 13) is on_7 and len(memo) == 2
+    assert read(0.5, q, "k") is on_7  # a recording (neither): q's current stream
     # a graph captured on a stream of its own binds the first tensor made for the value
     # (not a fresh one refilled at every replay); a value never met eagerly gets the
     # graph's own, not kept
@@ -362,6 +364,24 @@ def test_device_scalars_are_one_tensor_per_stream(monkeypatch):
     assert unified_runner._scale_input(0.5, q, "k") is on_7
     assert not memo.kept(0.5, cpu, "v") and memo.get(0.5, cpu, "v") is not on_7
     assert len(memo) == 2
+
+
+def test_relaunch_keys_name_a_cuda_device(monkeypatch):
+    """Only CUDA devices' tensors are kept under (role, value, index, stream), the key a
+    relaunch passes: a caller with no index or stream (None, as a recording reads) never
+    finds another device's tensor; a bare "cuda" device is keyed as the current GPU's
+    index (the default stream's handle is 0 on every GPU)."""
+    from portattn.kernels import scalars
+
+    memo = scalars._DeviceScalars()
+    cpu = torch.device("cpu")
+    made = memo.get(0.5, cpu, "k")
+    assert memo.find(("k", 0.5, cpu, None)) is made
+    assert memo.find_on_queue(("k", 0.5, None, None)) is None and not memo._on_queue
+    monkeypatch.setattr(scalars, "cuda_index", lambda device: 3)
+    assert scalars._indexed(torch.device("cuda")) == torch.device("cuda", 3)
+    assert scalars._indexed(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert scalars._indexed(cpu) == cpu
 
 
 def test_the_stream_key_is_none_off_cuda():

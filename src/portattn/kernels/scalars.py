@@ -41,7 +41,16 @@ _capturing = capturing_on  # a module name the tests can replace (the launchers 
 # ``device``'s stream current)
 
 
+def _indexed(device: torch.device) -> torch.device:
+    """``device`` with its CUDA index: a bare "cuda" is the current GPU, and as a key it
+    would stand for every GPU (whose default streams all have the handle 0)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device(device.type, cuda_index(device))
+    return device
+
+
 def _key(value, device: torch.device, role: str) -> tuple:
+    device = _indexed(device)
     return (role, float(value), device, stream_key(device))
 
 
@@ -62,9 +71,11 @@ class _DeviceScalars:
         #: for that float value, else None (one dict lookup: no conversion, no tensor
         #: test; a caller passes floats only, :meth:`get` otherwise)
         self.find = self._entries.get
-        #: the same tensors keyed by (role, value, CUDA index or None, stream handle or
-        #: None): ``find_on_queue`` is for a caller that already holds the current device's
-        #: index and stream (a relaunch), and so skips asking for them
+        #: the same tensors of CUDA devices keyed by (role, value, CUDA index, stream
+        #: handle): ``find_on_queue`` is for a caller that already holds the current
+        #: device's index and stream (a relaunch), and so skips asking for them. Other
+        #: devices have no entry here: a caller without an index or a stream (None) finds
+        #: nothing, never another device's tensor
         self._on_queue: dict = {}
         self.find_on_queue = self._on_queue.get
 
@@ -72,6 +83,8 @@ class _DeviceScalars:
         if isinstance(value, torch.Tensor):
             return value.reshape(1) if value.dtype == torch.float32 else \
                 value.reshape(1).to(torch.float32)
+        device = _indexed(device)
+        index = cuda_index(device)
         stream = stream_key(device)
         try:  # a float's key as it comes (ints and NumPy floats hash as their float)
             found = self._entries.get((role, value, device, stream))
@@ -92,8 +105,8 @@ class _DeviceScalars:
                     if len(self._entries) < self.capacity:
                         found = self._entries.setdefault(key, found)
                         self._first.setdefault(key[:3], found)
-                        self._on_queue.setdefault(
-                            (role, key[1], cuda_index(device), stream), found)
+                        if index is not None:
+                            self._on_queue.setdefault((role, key[1], index, stream), found)
         return found
 
     def kept(self, value, device: torch.device, role: str = "") -> bool:
