@@ -170,6 +170,17 @@ def test_demo_names_the_backends_that_could_serve_but_rank_lower(capsys, monkeyp
     assert "simulated profile cpu-interpreter" in text
 
 
+def test_demo_with_a_forced_backend_says_it_was_forced(capsys, monkeypatch):
+    """A backend ranked first but passed over for a forced one is not "lower priority"."""
+    monkeypatch.setenv("PORTATTN_SIMULATE", "cpu-interpreter")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert main(["demo", "--backend", "triton_unified"]) == 0
+    text = capsys.readouterr().out
+    assert "backend: triton_unified (argument)" in text
+    assert "not torch_ref: could serve; triton_unified was forced (argument)" in text
+    assert "lower priority" not in text
+
+
 def test_report_text_wraps_the_routing_variants(capsys):
     assert main(["report", "--simulate", "sm90"]) == 0
     text = capsys.readouterr().out

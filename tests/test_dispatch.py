@@ -211,6 +211,11 @@ def test_explain_lists_every_backend_with_reasons(with_picky, batch):
     assert f"backend: {decision.backend} (auto)" in text
     assert "rejected broken:" in text
     assert "not chosen picky: could serve, lower priority" in text
+    forced = portattn.explain(batch.q, batch.cache, batch.metadata, backend="picky")
+    assert forced.backend == "picky" != decision.backend  # the automatic choice passed over
+    assert f"not chosen {decision.backend}: could serve; picky was forced (argument)" \
+        in str(forced)
+    assert "lower priority" not in str(forced)
     data = json.loads(json.dumps(decision.to_dict()))
     assert data["backend"] == decision.backend
     assert data["problem"]["q_dtype"] == "float32"

@@ -70,6 +70,21 @@ def test_a_slow_path_on_a_gpu_warns_once_with_the_reasons(caplog):
     assert "flash_attn: flash-attn is not installed" in message
 
 
+def test_a_slow_path_warns_once_for_a_growing_decode_and_batch(caplog):
+    """Problem classes that differ only in their key count or batch size (each a new
+    decision) share one slow-path warning; other reasons get their own."""
+    caps = probe(simulate="sm90")
+    for seq_len in (600, 1200, 2400, 4800, 9600):
+        for num_seqs in (1, 3, 9):
+            decision = decide(Problem.make(head_size=264, dtype="float16", seq_len=seq_len,
+                                           num_seqs=num_seqs), caps)
+            assert decision.backend == "torch_ref"
+    assert len(_records(caplog, logging.WARNING)) == 1
+    decide(Problem.make(head_size=520, dtype="float16", seq_len=600), caps)
+    warnings = _records(caplog, logging.WARNING)
+    assert len(warnings) == 2 and "head size 520 is outside" in warnings[1].getMessage()
+
+
 def test_a_forced_backend_is_info_and_says_who_forced_it(caplog, monkeypatch):
     caps = probe(simulate="sm90")
     decide(Problem.make(), caps, "torch_ref")

@@ -56,7 +56,7 @@ def _demo(args: argparse.Namespace) -> int:
           f"{decision.plan.describe()}")
     for name, reasons in decision.considered:
         if name != decision.backend:
-            print(f"  not {name}: {'; '.join(reasons) or 'could serve, lower priority'}")
+            print(f"  not {name}: {'; '.join(reasons) or decision.could_serve()}")
     print(f"relative error vs dense float64 attention on the unpaged K/V: {error:.2e} "
           f"(tolerance {tolerance:.0e})")
     ok = error <= tolerance

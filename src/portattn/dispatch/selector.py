@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from portattn.backends.base import Backend, Plan
 from portattn.capabilities import Capabilities
 from portattn.dispatch import launch_failures
-from portattn.dispatch.announce import announce, announced
+from portattn.dispatch.announce import announce, announced, announcement_key
 from portattn.dispatch.clearable_lru import ClearableLRU
 from portattn.dispatch.priorities import leads_for, priority_list, problem_class, yields_for
 from portattn.dispatch.problem import Problem
@@ -59,8 +59,15 @@ class Decision:
                 lines.append(f"rejected {name}:")
                 lines.extend(f"  - {r}" for r in reasons)
             else:
-                lines.append(f"not chosen {name}: could serve, lower priority")
+                lines.append(f"not chosen {name}: {self.could_serve()}")
         return "\n".join(lines)
+
+    def could_serve(self) -> str:
+        """Why a backend that could serve this call was not chosen: ranked below the
+        chosen one, or (a forced decision) not the one asked for."""
+        if self.source != "auto":
+            return f"could serve; {self.backend} was forced ({self.source})"
+        return "could serve, lower priority"
 
     def to_dict(self) -> dict:
         return {"backend": self.backend, "variant": self.variant, "source": self.source,
@@ -196,9 +203,10 @@ def decide(problem: Problem, caps: Capabilities, backend: str | None = None, *,
             check_decision_settings()  # (a forced backend's own reads become its reasons)
         decision = decision_cache.put(key, _decide(problem, caps, forced, source),
                                       generation)
-    if log and key not in announced:
-        chosen = load_backend(decision.backend)
-        announce(decision, key, getattr(chosen, "slow_path", ""))
+    if log:
+        said = announcement_key(key, decision)
+        if said not in announced:
+            announce(decision, said, getattr(load_backend(decision.backend), "slow_path", ""))
     return decision
 
 
