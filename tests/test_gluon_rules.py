@@ -401,6 +401,11 @@ def test_an_8bit_cache_stages_then_the_kernel_reads_the_staged_copy(monkeypatch,
                                scale=options.scale)
     assert relative_error(out.double(), expected) < 3e-3
     assert [key[4] for key in launch.GLUON_FAILED] == ["staged"]
+    # remembered under the call's class (its cache's block size 16 and fp8 quant, not the
+    # staged copy's 32 and none), the one plans look up
+    failed = _problem(dtype="float16", head_size=32, num_q_heads=4, num_kv_heads=2,
+                      kv_quant="fp8_per_tensor")
+    assert "injected" in gluon_rules.gluon_failure(failed, "staged")
 
 
 def _fp8_values(batch, which):

@@ -486,7 +486,7 @@ def launch_staged(q, cache, metadata, options, out, params: dict,
     _launch_over_cache(q, cache, metadata, options, out, params, workspace, short_q,
                        stage_from)
     if params.get("gluon") and not reads_cache(params) and _try_gluon(
-            q, staged, staged_meta, options, out, params, stage_from, "staged"):
+            q, staged, staged_meta, options, out, params, stage_from, "staged", cache):
         return
     long = params["stage_long"]
     _with_kv_loads(q, staged, staged_meta, options, out,
@@ -554,9 +554,11 @@ def _launch_gluon(q, cache, metadata, options, out, params: dict, workspace) -> 
 
 
 def _try_gluon(q, cache, metadata, options, out, params: dict, min_q: int,
-               reads: str) -> bool:
+               reads: str, paged=None) -> bool:
     """The Gluon prefill of the sequences with ``min_q`` queries or more over ``cache``
-    (the paged cache, or the staged copy and ``metadata`` pointing into it). False
+    (the paged cache, or the staged copy and ``metadata`` pointing into it; ``paged``:
+    then the call's own cache, whose block size and quant mode class a failure as
+    ``gluon_rules.gluon_failure`` looks it up, by the problem's). False
     (nothing launched) for a call with no tokens or an empty block table, where these
     tensors cannot back its descriptors, and in auto where the launch raises now or
     raised before for this class (remembered); forced (``_gluon_forced``,
@@ -573,9 +575,10 @@ def _try_gluon(q, cache, metadata, options, out, params: dict, min_q: int,
             raise InputError("q / cache / out", "tensors the Gluon prefill's descriptors "
                              "can read (PORTATTN_GLUON=1 forces it)", "; ".join(why))
         return False
-    key = gluon_class_key(q.dtype, q.shape[2], cache.block_size, options.causal, reads,
+    paged = cache if paged is None else paged
+    key = gluon_class_key(q.dtype, q.shape[2], paged.block_size, options.causal, reads,
                           options.sliding_window is not None, options.softcap is not None,
-                          options.alibi, options.sinks is not None, cache.quant.mode)
+                          options.alibi, options.sinks is not None, paged.quant.mode)
     if key in GLUON_FAILED and not forced:
         return False
     try:
