@@ -39,10 +39,11 @@ from portattn.capabilities.cache import write_json_atomic
 from portattn.capabilities.model import Check
 from portattn.capabilities.profiles import simulated
 from portattn.dispatch.problem import Problem
+from portattn.dispatch.selector import Decision
 from portattn.errors import UnsupportedError
 from portattn.kernels import heuristics
 from portattn.kernels import kv_load as rules
-from portattn.types import KVQuant
+from portattn.types import KVQuant, PagedKVCache
 
 # --------------------------------------------------------------------- eligibility rules
 
@@ -179,6 +180,37 @@ def test_recorded_table_selects_descriptors_for_block_128_prefill(monkeypatch, g
                                         dtype="bfloat16"), **kw}),
                      _real(simulated("sm90")))
         assert plan.params["kv_load"] == "pointer", (kw, plan.describe())
+
+
+@pytest.mark.parametrize("forced", [False, True])
+def test_explain_names_a_cache_view_descriptors_cannot_read(monkeypatch, gate_calls, forced):
+    """A plan with descriptor loads over a call's cache whose base is 8 bytes off 16-byte
+    alignment (a legal view: last dim contiguous): the launch reads it with pointer loads
+    (forced: refuses it), and the notes ``explain`` adds for the call say so; an aligned
+    cache gets no such note."""
+    from portattn.dispatch.selector import with_notes
+
+    if forced:
+        monkeypatch.setenv("PORTATTN_TD", "1")
+    else:
+        monkeypatch.delenv("PORTATTN_TD", raising=False)
+    problem = _problem(query_len=512, block_size=128, dtype="bfloat16")
+    caps = _real(simulated("sm90"))
+    plan = _plan(problem, caps)
+    assert plan.params["kv_load"] == "descriptor", plan.describe()
+    wide_k = torch.randn(4, 128, 2, 132, dtype=torch.bfloat16)
+    wide_v = torch.randn(4, 128, 2, 132, dtype=torch.bfloat16)
+    shifted = PagedKVCache(wide_k[..., 4:], wide_v[..., 4:])  # 8 bytes past the base
+    aligned = PagedKVCache(torch.randn(4, 128, 2, 128, dtype=torch.bfloat16),
+                           torch.randn(4, 128, 2, 128, dtype=torch.bfloat16))
+    backend = TritonUnified()
+    assert backend.call_notes(plan, aligned) == []
+    (note,) = backend.call_notes(plan, shifted)
+    assert "key_cache" in note and "16" in note
+    assert ("refused (InputError)" in note) if forced else ("pointer loads" in note)
+    decision = Decision("triton_unified", plan.variant, "auto", problem, "sm90", plan, ())
+    assert with_notes(decision, None, shifted).notes[-1] == note
+    assert note not in with_notes(decision, None, aligned).notes
 
 
 def test_auto_follows_the_evidence_table(monkeypatch, gate_calls):

@@ -112,4 +112,4 @@ def explain(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMetadata, *
     call_options, problem = _prepare(q, cache, metadata, validate, out, options)
     # log=False: nothing runs, so the "serves" line waits for the call that does
     return with_notes(decide(problem, probe(device=q.device), backend, log=False),
-                      call_options)
+                      call_options, cache)

@@ -74,6 +74,12 @@ class Backend:
         first call will compile a kernel). ``options`` is None without a call's options."""
         return []
 
+    def call_notes(self, plan: Plan, cache: "PagedKVCache") -> list[str]:
+        """Sentences ``explain`` adds where the call's own tensors change what the plan
+        runs (``plan`` is this backend's; e.g. a cache view that descriptor loads cannot
+        read)."""
+        return []
+
     def unavailable(self, caps: "Capabilities") -> list[str]:
         """Reasons this backend cannot run on this machine at all, whatever the call.
 

@@ -156,6 +156,21 @@ class TritonUnified(Backend):
         params = choose_gluon_prefill(problem, caps, params)
         return Plan(self.name, heuristics.variant_name(params), params)
 
+    def call_notes(self, plan, cache) -> list[str]:
+        if plan.params.get("kv_load") != "descriptor":
+            return []
+        from portattn.kernels.kv_load import cache_reasons
+
+        why = cache_reasons(cache, plan.params)
+        if not why:
+            return []
+        if plan.params.get("_kv_load_forced"):
+            return ["this call's cache tensors cannot back descriptor (TMA) K/V loads, which "
+                    "PORTATTN_TD=1 forces: the call is refused (InputError): " +
+                    "; ".join(why)]
+        return ["this call's cache tensors cannot back descriptor (TMA) K/V loads, so its "
+                "launch reads them with pointer loads: " + "; ".join(why)]
+
     def run(self, q, cache, metadata, options, out, plan) -> None:
         from portattn.kernels.launch import launch_unified
 

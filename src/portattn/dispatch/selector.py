@@ -210,11 +210,14 @@ def decide(problem: Problem, caps: Capabilities, backend: str | None = None, *,
     return decision
 
 
-def with_notes(decision: Decision, options=None) -> Decision:
+def with_notes(decision: Decision, options=None, cache=None) -> Decision:
     """``decision`` with the chosen backend's notes about the call (``options``: the call's
-    normalized options, None when there is no call, as in ``portattn explain``)."""
+    normalized options, None when there is no call, as in ``portattn explain``; ``cache``:
+    the call's cache, whose tensors may change what the plan runs)."""
     backend = load_backend(decision.backend)
     if isinstance(backend, str):
         return decision
     notes = tuple(backend.notes(decision.problem, decision.plan, options))
+    if cache is not None:
+        notes += tuple(backend.call_notes(decision.plan, cache))
     return dataclasses.replace(decision, notes=decision.notes + notes) if notes else decision

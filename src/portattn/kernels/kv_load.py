@@ -128,3 +128,13 @@ def launch_reasons(params: dict, block_size: int) -> list[str]:
                 reasons.append(f"{key} tile reads {heads} kv heads per key (a descriptor "
                                f"box holds one head's keys)")
     return reasons
+
+
+def cache_reasons(cache, params: dict) -> list[str]:
+    """Why descriptor K/V loads cannot run on these cache tensors with a plan's tiles
+    (:func:`launch_reasons`, then each tensor's :func:`tensor_reasons`): the launch then
+    reads them with pointer loads (``PORTATTN_TD=1``: an ``InputError``)."""
+    why = launch_reasons(params, cache.block_size)
+    for name, t in (("key_cache", cache.key_cache), ("value_cache", cache.value_cache)):
+        why += tensor_reasons(name, t.data_ptr(), tuple(t.stride()), t.element_size())
+    return why

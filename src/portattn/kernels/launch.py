@@ -666,11 +666,7 @@ def _remember_failure(table: dict, key: tuple, exc: Exception, what: str) -> Non
 
 def descriptor_launch_reasons(cache, params: dict) -> list[str]:
     """Why descriptor K/V loads cannot run on these cache tensors with these tiles."""
-    why = kv_load_rules.launch_reasons(params, cache.block_size)
-    for name, t in (("key_cache", cache.key_cache), ("value_cache", cache.value_cache)):
-        why += kv_load_rules.tensor_reasons(name, t.data_ptr(), tuple(t.stride()),
-                                            t.element_size())
-    return why
+    return kv_load_rules.cache_reasons(cache, params)
 
 
 def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
