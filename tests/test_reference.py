@@ -279,3 +279,37 @@ def test_take_blocks_gathers_whole_blocks_bit_exactly(dtype):
     got = take_blocks(data, blocks)
     assert got.dtype == dtype and got.shape == (5, 4, 2, 8)
     assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_non_finite_values_reach_only_the_rows_that_see_their_key(window):
+    """A NaN or an infinity in V adds to the rows whose visible keys include it (as IEEE
+    arithmetic over those keys alone gives: inf at a positive weight, NaN for a NaN) and
+    to no other row: a key a row cannot see adds nothing, not 0 x inf. The oracle sums
+    each row's visible keys only, in float64."""
+    batch = make_paged_batch([4], [12], num_q_heads=2, num_kv_heads=1, head_size=16,
+                             dtype=torch.float32, block_size=4)
+    poisoned = {11: (5, float("nan")), 9: (3, float("inf")), 0: (2, float("-inf"))}
+    table, block_size = batch.metadata.block_table[0], batch.cache.block_size
+    for key, (dim, value) in poisoned.items():
+        block, offset = int(table[key // block_size]), key % block_size
+        batch.cache.value_cache[block, offset, 0, dim] = value
+        batch.values[0][key, 0, dim] = value
+    out = portattn.attention(batch.q, batch.cache, batch.metadata, backend="torch_ref",
+                             sliding_window=window)
+    keys, values = batch.keys[0][:, 0].double(), batch.values[0][:, 0].double()
+    scale = 1 / math.sqrt(16)
+    for row in range(4):
+        position = 8 + row
+        first = 0 if window is None else max(0, position - window + 1)
+        for head in range(2):
+            scores = (keys[first:position + 1] @ batch.q[row, head].double()) * scale
+            weights = torch.softmax(scores, dim=0)
+            expected = torch.zeros(16, dtype=torch.float64)
+            for weight, value in zip(weights, values[first:position + 1]):
+                expected = expected + weight * value  # visible keys only
+            torch.testing.assert_close(out[row, head].double(), expected, rtol=1e-5,
+                                       atol=1e-6, equal_nan=True)
+    # the poisoned keys did reach the rows that see them
+    assert out[3].isnan().any() and out[1:3].isinf().any()
+    assert out[0].isfinite().all() == (window is not None)

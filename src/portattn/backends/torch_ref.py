@@ -68,6 +68,25 @@ def gather_sequence_kv(cache, block_row: torch.Tensor, seq_len: int,
     return parts[0], parts[1], bad_keys
 
 
+def _with_visible_nonfinite(o, p, visible, v):
+    """``o`` (the weights ``p`` times V's finite values, ``[Hkv, G, Lq, Dv]``) with what
+    the non-finite values of V (``[Hkv, L, Dv]``) at each row's visible keys give in IEEE
+    arithmetic: NaN for a NaN, or for an infinity at a zero weight or of both signs; an
+    infinity of its sign at a positive weight. Keys a row cannot see add nothing."""
+    seen = visible.to(p.dtype)  # [Lq, L]
+    weighted = (visible & (p > 0)).to(p.dtype)  # [Hkv, G, Lq, L]
+    unweighted = (visible & (p == 0)).to(p.dtype)
+
+    def meets(weights, flags):  # whether a row's weights reach a flagged value
+        return torch.matmul(weights, flags.to(p.dtype).unsqueeze(1)) > 0
+
+    pos, neg = meets(weighted, v == float("inf")), meets(weighted, v == float("-inf"))
+    nan = meets(seen, torch.isnan(v)) | meets(unweighted, torch.isinf(v)) | (pos & neg)
+    o = torch.where(pos, torch.full_like(o, float("inf")), o)
+    o = torch.where(neg, torch.full_like(o, float("-inf")), o)
+    return torch.where(nan, torch.full_like(o, float("nan")), o)
+
+
 def reference_attention(q, cache, metadata, options,
                         compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The exact semantics; returns ``[num_tokens, num_q_heads, head_size_v]`` in
@@ -108,6 +127,12 @@ def reference_attention(q, cache, metadata, options,
                                             compute_dtype)
         k = k.permute(1, 0, 2)  # [Hkv, L, D]
         v = v.permute(1, 0, 2)
+        # a NaN or inf in V (host read: the reference syncs per call anyway): the weights
+        # multiply finite values, and each row gets what its visible keys' non-finite
+        # values give (a key it cannot see adds nothing, not 0 * inf = NaN)
+        nonfinite_v = None
+        if not bool(torch.isfinite(v).all()):
+            nonfinite_v, v = v, torch.where(torch.isfinite(v), v, torch.zeros_like(v))
         key_pos = torch.arange(seq_len, device=q.device)
         rows = max(1, _MAX_SCORE_ELEMENTS // max(1, num_q_heads * seq_len))
         for c0 in range(0, q_len, rows):
@@ -140,6 +165,8 @@ def reference_attention(q, cache, metadata, options,
             if sinks is not None:
                 denom = denom + torch.exp(sinks - row_max)
             o = torch.matmul(p, v.unsqueeze(1))  # [Hkv, G, Lq, Dv]
+            if nonfinite_v is not None:
+                o = _with_visible_nonfinite(o, p, visible, nonfinite_v)
             o = o / torch.where(denom == 0, torch.ones_like(denom), denom).unsqueeze(-1)
             o = o.permute(2, 0, 1, 3).reshape(c1 - c0, num_q_heads, -1)
             # the rows that see a key of a bad block id (no sync: always masked)
