@@ -649,6 +649,15 @@ def test_cache_builders_name_bad_arguments(call, name):
         call(torch.zeros(4, 16, 2, 48))
 
 
+def test_from_packed_says_a_head_size_in_range_must_be_a_python_int():
+    """A NumPy int within range is refused for its type, which the message must say (it
+    said "between 1 and 47, got 32")."""
+    np = pytest.importorskip("numpy")
+    with pytest.raises(InputError, match="^head_size_qk: expected a Python int between 1 "
+                                         "and 47 .*, got int64"):
+        portattn.PagedKVCache.from_packed(torch.zeros(4, 16, 2, 48), np.int64(32))
+
+
 def test_explain_names_an_unknown_option(batch):
     with pytest.raises(TypeError, match="^explain\\(\\) got an unexpected keyword argument "
                                         "'windo' \\(the options: scale, "):

@@ -367,8 +367,9 @@ class PagedKVCache:
         _check_cache_tensor("kv", kv)
         if isinstance(head_size_qk, bool) or not isinstance(head_size_qk, int) or \
                 not 0 < head_size_qk < kv.shape[-1]:
-            raise InputError("head_size_qk", f"between 1 and {kv.shape[-1] - 1} (the packed "
-                             "last dim holds head_size_qk + head_size_v)", repr(head_size_qk))
+            raise InputError("head_size_qk", f"a Python int between 1 and "
+                             f"{kv.shape[-1] - 1} (the packed last dim holds head_size_qk + "
+                             "head_size_v)", _describe(head_size_qk))
         return cls(kv[..., :head_size_qk], kv[..., head_size_qk:], quant, packed=True,
                    **scale_caches)
 
