@@ -139,10 +139,10 @@ def _scale_input(scale, q, role: str, device=None, stream=None):
 
     Read on every relaunch of a quantized call (four scales). A relaunch passes the
     current CUDA device's index and stream handle it already holds (``device``,
-    ``stream``; on a CPU both None), so a float found in the memo costs one dict lookup
-    on four plain values, ahead of the tensor test (``isinstance`` against
-    ``torch.Tensor`` costs more than the lookup). A miss (a recording, which passes
-    neither) asks for q's device and its stream."""
+    ``stream``), so a float found in the memo costs one dict lookup on four plain
+    values, ahead of the tensor test (``isinstance`` against ``torch.Tensor`` costs more
+    than the lookup). A miss (a recording, which passes neither; a stream not met yet)
+    asks for q's device and its stream."""
     if type(scale) is float:
         found = _find_on_queue((role, scale, device, stream))
         if found is not None:
