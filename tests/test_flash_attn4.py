@@ -278,6 +278,24 @@ def test_interface_variable_with_fa4(monkeypatch):
         "FA2 interface (flash_attn_varlen_func) is turned off" in r for r in reasons), reasons
 
 
+def test_an_interface_the_variable_names_but_is_missing_is_said(monkeypatch):
+    """The variable names an interface this machine lacks: the reasons say so (and why it
+    would not serve where it could not), and never advise installing an interface the
+    variable excludes."""
+    block16 = Problem.make(block_size=16)
+    monkeypatch.setenv("PORTATTN_FLASH_ATTN_INTERFACE", "fa4")
+    reasons = FlashAttn().why_not(block16, probe(simulate="sm80+fa2"))
+    assert any("FA4 (flash_attn.cute), which PORTATTN_FLASH_ATTN_INTERFACE asks for, is not "
+               "installed (nor would it serve this call: it pages on compute capability "
+               "9.x" in r for r in reasons), reasons
+    reasons = FlashAttn().why_not(block16, probe(simulate="sm90+fa2"))
+    assert any("FA4 (flash_attn.cute) would serve this call but is not installed" in r
+               for r in reasons) and not any("FA3" in r for r in reasons), reasons
+    monkeypatch.setenv("PORTATTN_FLASH_ATTN_INTERFACE", "fa2")
+    reasons = FlashAttn().why_not(block16, probe(simulate="sm90+fa4"))
+    assert not any("not installed:" in r for r in reasons), reasons  # no install advice
+
+
 # ================================================================ the argument mapping
 # The stand-in follows FA4 4.0.0b36's flash_attn.cute.flash_attn_varlen_func: its exact
 # signature (no fp8 descales), the checks its _flash_attn_fwd makes (dtypes, int32 and

@@ -135,19 +135,30 @@ class FlashAttn(Backend):
 
     @staticmethod
     def _install_hints(problem, caps) -> list[str]:
-        """Interfaces that are not installed but would serve this call here."""
-        cc = caps.compute_capability
-        if cc is None:
-            return []
-        hints = []
+        """Interfaces that ``PORTATTN_FLASH_ATTN_INTERFACE`` allows but are not installed:
+        how to install those that would serve this call here; where the variable names
+        one that would not, that it is missing and why it would not serve."""
+        allowed = allowed_interfaces()
+        named = allowed != AUTO_ORDER  # the variable asks for this one interface
         installed = caps.flash_attn_interfaces
-        if "fa4" not in installed and cc[0] in FA4_PAGED_CC_MAJORS and \
-                not fa4_reasons(problem, caps):
-            hints.append(f"FA4 (flash_attn.cute) would serve this call but is not installed: "
-                         f"{FA4_INSTALL_HINT}")
-        if "fa3" not in installed and cc[0] == FA3_CC_MAJOR and not fa3_reasons(problem, caps):
-            hints.append(f"FA3 (flash_attn_interface) would serve this call but is not "
-                         f"installed: {FA3_INSTALL_HINT}")
+        cc = caps.compute_capability
+        hints = []
+        for interface, rules, majors, install in (
+                ("fa4", fa4_reasons, FA4_PAGED_CC_MAJORS, FA4_INSTALL_HINT),
+                ("fa3", fa3_reasons, (FA3_CC_MAJOR,), FA3_INSTALL_HINT)):
+            if interface in installed or interface not in allowed:
+                continue
+            why = [] if cc is not None and cc[0] in majors else \
+                [f"it pages on compute capability {' / '.join(f'{m}.x' for m in majors)} "
+                 "only"]
+            why = why or rules(problem, caps)
+            if not why:
+                hints.append(f"{INTERFACE_NAMES[interface]} would serve this call but is not "
+                             f"installed: {install}")
+            elif named:
+                hints.append(f"{INTERFACE_NAMES[interface]}, which {INTERFACE_VARIABLE} asks "
+                             f"for, is not installed (nor would it serve this call: "
+                             f"{'; '.join(why)})")
         return hints
 
     def unavailable(self, caps) -> list[str]:
