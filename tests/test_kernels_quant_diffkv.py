@@ -771,7 +771,8 @@ def test_diffkv_backend_reasons():
     assert backend.why_not(Problem.make(head_size=96, head_size_v=64,
                                         kv_quant="int8_per_token_head"), caps) == []
     equal = backend.why_not(Problem.make(head_size=128), caps)
-    assert any("served by triton_unified" in r for r in equal), equal
+    assert any("equal (128): this backend takes differing ones (triton_unified takes "
+               "equal ones)" in r for r in equal), equal
     odd = backend.why_not(Problem.make(head_size=192, head_size_v=100), caps)
     assert any("V head size 100" in r for r in odd), odd
     big = backend.why_not(Problem.make(head_size=264, head_size_v=128), caps)

@@ -21,8 +21,8 @@ class TritonDiffKV(TritonUnified):
     def why_not(self, problem, caps) -> list[str]:
         reasons = kernel_reasons(problem, caps)
         if not problem.diffkv:
-            reasons.append(f"K and V head sizes are equal ({problem.head_size_qk}): served "
-                           "by triton_unified")
+            reasons.append(f"K and V head sizes are equal ({problem.head_size_qk}): this "
+                           "backend takes differing ones (triton_unified takes equal ones)")
         return reasons
 
     def unavailable(self, caps) -> list[str]:

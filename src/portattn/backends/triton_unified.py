@@ -141,7 +141,8 @@ class TritonUnified(Backend):
         reasons = kernel_reasons(problem, caps)
         if problem.diffkv:
             reasons.append(f"head_size_qk {problem.head_size_qk} != head_size_v "
-                           f"{problem.head_size_v}: served by triton_diffkv")
+                           f"{problem.head_size_v}: this backend takes equal head sizes "
+                           "(triton_diffkv takes differing ones)")
         return reasons
 
     def plan(self, problem, caps) -> Plan:
