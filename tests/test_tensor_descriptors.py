@@ -734,11 +734,13 @@ def test_scratch_allocator_is_installed_only_when_none_is_set():
 
 
 @pytest.mark.interpreter
-def test_auto_descriptor_launch_failure_reruns_with_pointer_loads(monkeypatch, caplog):
+def test_auto_descriptor_launch_failure_reruns_with_pointer_loads(monkeypatch, caplog,
+                                                                 gate_calls):
     """A descriptor launch that raises in auto mode (a compile failure the gate's tiny
     problem did not cover, injected here) is rerun with pointer loads into the same
-    output (the float64 oracle's result), recorded, and warned about once; forced
-    (PORTATTN_TD=1) plans raise."""
+    output (the float64 oracle's result), recorded, and warned about once; plans made
+    after it take pointer loads for that problem class and say why (and ``explain`` with
+    them); forced (PORTATTN_TD=1) plans raise."""
     from portattn.backends.base import Plan
     from portattn.kernels import launch
     from portattn.options import normalize_options
@@ -758,6 +760,14 @@ def test_auto_descriptor_launch_failure_reruns_with_pointer_loads(monkeypatch, c
 
     monkeypatch.setattr(launch, "unified_attention_kernel", Failing())
     monkeypatch.setattr(launch, "DESCRIPTOR_FAILED", {})
+    monkeypatch.setattr(launch, "DESCRIPTOR_CLASS_FAILED", {})
+    monkeypatch.delenv("PORTATTN_TD", raising=False)
+    # a class measured faster with descriptors on this (simulated, gated) sm90
+    monkeypatch.setattr(heuristics, "prefers_descriptors", lambda *a: (True, "measured"))
+    problem = _problem(num_q_heads=4, num_kv_heads=2, head_size=64, block_size=16,
+                       dtype="float16", num_seqs=2, seq_len=30)
+    caps = _real(simulated("sm90"))
+    assert _plan(problem, caps).params["kv_load"] == "descriptor"
     batch = make_paged_batch([1, 1], [30, 17], num_q_heads=4, num_kv_heads=2,
                              head_size=64, block_size=16)
     shape = heuristics.Shape(4, 2, 64, 2, 1, 32, 2, 132, "sm90", 64)
@@ -779,6 +789,13 @@ def test_auto_descriptor_launch_failure_reruns_with_pointer_loads(monkeypatch, c
     assert "PassManager::run failed (injected)" in caplog.text
     assert list(launch.DESCRIPTOR_FAILED.values()) == [
         "RuntimeError: PassManager::run failed (injected)"]
+    replanned = _plan(problem, caps).params
+    assert replanned["kv_load"] == "pointer" and replanned["kv_load_reason"] == (
+        "descriptor (TMA) K/V loads failed for this problem class in this process: "
+        "RuntimeError: PassManager::run failed (injected)")
+    assert _plan(_problem(num_q_heads=4, num_kv_heads=2, head_size=64, block_size=16,
+                          dtype="float16", num_seqs=2, seq_len=30, softcap=True),
+                 caps).params["kv_load"] == "descriptor"  # another class keeps them
     run(wanted)  # remembered: straight to pointer loads
     assert seen == [0, 1, 0, 0]
     with pytest.raises(RuntimeError, match="injected"):

@@ -22,10 +22,14 @@ reason under ``PORTATTN_TD=1``. Tensor alignment (16-byte base and strides) is o
 at launch: :func:`portattn.kernels.launch.launch_unified` checks it (``InputError`` naming
 the cache when forced, pointer loads otherwise). In auto, a descriptor launch that still
 raises (a switch combination the gate's tiny problem did not compile) is rerun with
-pointer loads, remembered for the process and logged once (WARNING).
+pointer loads, remembered for the process and logged once (WARNING); plans made after it
+take pointer loads for that problem class, with the failure as their reason
+(:func:`descriptor_failure`).
 """
 
 from __future__ import annotations
+
+import sys
 
 from portattn.errors import UnsupportedError
 from portattn.kernels import heuristics
@@ -94,6 +98,10 @@ def choose_kv_load(problem, caps, shape: heuristics.Shape, params: dict) -> dict
                                                      problem.block_size)
         if not wanted:
             return _pointer(params, why)
+    failed = descriptor_failure(problem, params["mode"])
+    if failed is not None and setting is not True:
+        return _pointer(params, "descriptor (TMA) K/V loads failed for this problem class "
+                        f"in this process: {failed}")
     descriptor = kv_load_rules.descriptor_params(params, problem.block_size)
     failures = []
     if caps.simulated:
@@ -166,3 +174,18 @@ def choose_staging(problem, caps, shape: heuristics.Shape, params: dict) -> dict
             "stage_reason": f"measured faster here (heuristics.STAGED_PREFERRED); the keys "
                             f"of sequences with >= {stage['min_q']} queries are staged, "
                             f"shorter ones read the cache"}
+
+
+def descriptor_failure(problem, mode: str) -> str | None:
+    """Why a descriptor launch of ``problem``'s class in launch ``mode`` failed earlier in
+    this process (``kernels.launch.DESCRIPTOR_CLASS_FAILED``), or None. Nothing can have
+    failed before the launchers were imported, so they are not imported here (that would
+    define the kernels)."""
+    launch = sys.modules.get("portattn.kernels.launch")
+    if launch is None or not launch.DESCRIPTOR_CLASS_FAILED:
+        return None
+    key = launch.descriptor_class_key(
+        mode, problem.q_dtype, problem.head_size_qk, problem.head_size_v, problem.block_size,
+        problem.causal, problem.sliding_window, problem.softcap, problem.alibi,
+        problem.sinks, heuristics.quant_mode(problem.kv_quant))
+    return launch.DESCRIPTOR_CLASS_FAILED.get(key)

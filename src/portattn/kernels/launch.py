@@ -386,6 +386,14 @@ def _with_kv_loads(q, cache, metadata, options, out, params: dict, run) -> None:
             except Exception as exc:  # auto: a variant the gate did not cover failed
                 _remember_failure(DESCRIPTOR_FAILED, key, exc, "descriptor (TMA) K/V loads "
                                   "failed, pointer loads used instead for this kernel variant")
+                if kind == "descriptor" and "mode" in params:  # what a plan chose: plans
+                    # made from now on take pointer loads for this class, and say why
+                    DESCRIPTOR_CLASS_FAILED[descriptor_class_key(
+                        params["mode"], q.dtype, cache.head_size_qk, cache.head_size_v,
+                        cache.block_size, options.causal, options.sliding_window is not None,
+                        options.softcap is not None, options.alibi,
+                        options.sinks is not None, cache.quant.mode)] = DESCRIPTOR_FAILED[key]
+                    _forget_plans()
                 args["KV_LOAD"] = kv_load_rules.KV_LOAD_CODES["pointer"]
         # else: these tensors cannot back descriptors, or this variant failed before
     run(args, params)
@@ -639,6 +647,22 @@ def _host_descriptors(args: dict, staged, cfg: dict) -> dict:
 #: combination the functional gate's tiny problem did not cover), by the kernel's
 #: switches and tiles: they run pointer loads from then on, in this process.
 DESCRIPTOR_FAILED: dict[tuple, str] = {}
+
+
+#: The same failures by the problem class a plan chose descriptor loads for
+#: (:func:`descriptor_class_key`): plans made after one take pointer loads for that class,
+#: with the failure as their reason (``backends.triton_kv_load.choose_kv_load``).
+DESCRIPTOR_CLASS_FAILED: dict[tuple, str] = {}
+
+
+def descriptor_class_key(mode: str, q_dtype, head_size_qk: int, head_size_v: int,
+                         block_size: int, causal: bool, sliding_window: bool, softcap: bool,
+                         alibi: str, sinks: bool, quant_mode: str) -> tuple:
+    """The class of a plan's descriptor launch in :data:`DESCRIPTOR_CLASS_FAILED`: its
+    launch mode, q dtype, head and block sizes, the score features used (``alibi``:
+    ``"none"`` / ``"linear"`` / ``"sqrt"``) and the cache's quant mode."""
+    return (mode, q_dtype, head_size_qk, head_size_v, block_size, bool(causal),
+            bool(sliding_window), bool(softcap), alibi, bool(sinks), quant_mode)
 
 
 def _descriptor_key(args: dict, params: dict) -> tuple:
