@@ -80,6 +80,10 @@ def test_a_slow_path_warns_once_for_a_growing_decode_and_batch(caplog):
                                            num_seqs=num_seqs), caps)
             assert decision.backend == "torch_ref"
     assert len(_records(caplog, logging.WARNING)) == 1
+    # every later class still gets its line, at INFO, saying it is the slow path
+    infos = [r.getMessage() for r in _records(caplog, logging.INFO)]
+    assert len(infos) == 14 and all(m.startswith("torch_ref serves ") and
+                                    "slow path, warned about above" in m for m in infos)
     decide(Problem.make(head_size=520, dtype="float16", seq_len=600), caps)
     warnings = _records(caplog, logging.WARNING)
     assert len(warnings) == 2 and "head size 520 is outside" in warnings[1].getMessage()

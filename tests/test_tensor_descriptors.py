@@ -739,8 +739,8 @@ def test_auto_descriptor_launch_failure_reruns_with_pointer_loads(monkeypatch, c
     """A descriptor launch that raises in auto mode (a compile failure the gate's tiny
     problem did not cover, injected here) is rerun with pointer loads into the same
     output (the float64 oracle's result), recorded, and warned about once; plans made
-    after it take pointer loads for that problem class and say why (and ``explain`` with
-    them); forced (PORTATTN_TD=1) plans raise."""
+    after it take pointer loads for that problem class and say why, plans of another
+    class (features, head counts) keep descriptors; forced (PORTATTN_TD=1) plans raise."""
     from portattn.backends.base import Plan
     from portattn.kernels import launch
     from portattn.options import normalize_options
@@ -793,9 +793,10 @@ def test_auto_descriptor_launch_failure_reruns_with_pointer_loads(monkeypatch, c
     assert replanned["kv_load"] == "pointer" and replanned["kv_load_reason"] == (
         "descriptor (TMA) K/V loads failed for this problem class in this process: "
         "RuntimeError: PassManager::run failed (injected)")
-    assert _plan(_problem(num_q_heads=4, num_kv_heads=2, head_size=64, block_size=16,
-                          dtype="float16", num_seqs=2, seq_len=30, softcap=True),
-                 caps).params["kv_load"] == "descriptor"  # another class keeps them
+    for other in (dict(num_q_heads=4, softcap=True), dict(num_q_heads=8)):
+        assert _plan(_problem(**{**dict(num_kv_heads=2, head_size=64, block_size=16,
+                                        dtype="float16", num_seqs=2, seq_len=30), **other}),
+                     caps).params["kv_load"] == "descriptor", other  # another class
     run(wanted)  # remembered: straight to pointer loads
     assert seen == [0, 1, 0, 0]
     with pytest.raises(RuntimeError, match="injected"):

@@ -98,11 +98,11 @@ def choose_kv_load(problem, caps, shape: heuristics.Shape, params: dict) -> dict
                                                      problem.block_size)
         if not wanted:
             return _pointer(params, why)
-    failed = descriptor_failure(problem, params["mode"])
+    descriptor = kv_load_rules.descriptor_params(params, problem.block_size)
+    failed = descriptor_failure(problem, descriptor)
     if failed is not None and setting is not True:
         return _pointer(params, "descriptor (TMA) K/V loads failed for this problem class "
                         f"in this process: {failed}")
-    descriptor = kv_load_rules.descriptor_params(params, problem.block_size)
     failures = []
     if caps.simulated:
         if not caps.tensor_descriptors.ok:
@@ -176,16 +176,17 @@ def choose_staging(problem, caps, shape: heuristics.Shape, params: dict) -> dict
                             f"shorter ones read the cache"}
 
 
-def descriptor_failure(problem, mode: str) -> str | None:
-    """Why a descriptor launch of ``problem``'s class in launch ``mode`` failed earlier in
-    this process (``kernels.launch.DESCRIPTOR_CLASS_FAILED``), or None. Nothing can have
-    failed before the launchers were imported, so they are not imported here (that would
-    define the kernels)."""
+def descriptor_failure(problem, descriptor: dict) -> str | None:
+    """Why a descriptor launch of ``problem``'s class with the plan's ``descriptor``
+    parameters failed earlier in this process (``kernels.launch.DESCRIPTOR_CLASS_FAILED``),
+    or None. Nothing can have failed before the launchers were imported, so they are not
+    imported here (that would define the kernels)."""
     launch = sys.modules.get("portattn.kernels.launch")
     if launch is None or not launch.DESCRIPTOR_CLASS_FAILED:
         return None
     key = launch.descriptor_class_key(
-        mode, problem.q_dtype, problem.head_size_qk, problem.head_size_v, problem.block_size,
-        problem.causal, problem.sliding_window, problem.softcap, problem.alibi,
-        problem.sinks, heuristics.quant_mode(problem.kv_quant))
+        descriptor, problem.q_dtype, problem.num_q_heads, problem.num_kv_heads,
+        problem.head_size_qk, problem.head_size_v, problem.block_size, problem.causal,
+        problem.sliding_window, problem.softcap, problem.alibi, problem.sinks,
+        heuristics.quant_mode(problem.kv_quant), problem.out_dtype)
     return launch.DESCRIPTOR_CLASS_FAILED.get(key)

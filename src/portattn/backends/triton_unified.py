@@ -165,12 +165,19 @@ class TritonUnified(Backend):
         why = cache_reasons(cache, plan.params)
         if not why:
             return []
+        # a plan that stages (or hands long sequences to the Gluon prefill) reads the
+        # cache with its own loads only in its launches over the cache itself
+        staged = bool(plan.params.get("stage"))
         if plan.params.get("_kv_load_forced"):
+            where = " where a launch reads the cache itself (a sequence it does not stage)" \
+                if staged else ""
             return ["this call's cache tensors cannot back descriptor (TMA) K/V loads, which "
-                    "PORTATTN_TD=1 forces: the call is refused (InputError): " +
+                    f"PORTATTN_TD=1 forces: the call is refused (InputError){where}: " +
                     "; ".join(why)]
-        return ["this call's cache tensors cannot back descriptor (TMA) K/V loads, so its "
-                "launch reads them with pointer loads: " + "; ".join(why)]
+        reader = "each launch over the cache itself (sequences it does not stage)" \
+            if staged else "its launch"
+        return ["this call's cache tensors cannot back descriptor (TMA) K/V loads, so "
+                f"{reader} reads them with pointer loads: " + "; ".join(why)]
 
     def run(self, q, cache, metadata, options, out, plan) -> None:
         from portattn.kernels.launch import launch_unified

@@ -6,9 +6,10 @@
 * WARNING instead, once per slow backend, architecture and set of reasons: a slow path
   taken automatically for tensors on a GPU because nothing faster can serve the call (a
   backend whose ``slow_path`` says why it is slow, e.g. ``torch_ref``), with every reason
-  of the backends ranked above it. Problems that differ only in what the reasons do not
-  name (a decode loop's growing key count, the batch size) share their warning. On the CPU
-  the reference is the normal choice and gets INFO.
+  of the backends ranked above it. Problem classes that differ only in what the reasons
+  do not name (a decode loop's growing key count, the batch size) share their warning;
+  each later one gets the INFO line. On the CPU the reference is the normal choice and
+  gets INFO.
 * A decision made again for a problem class already announced (after a kernel failure
   ruled its backend out) is announced again when it names another backend or variant.
 
@@ -89,17 +90,16 @@ def announce(decision: Decision, key: Hashable, slow_path: str) -> None:
     problem = decision.problem
     passed = _passed_over(decision)
     why = "; ".join(f"{name}: {', '.join(reasons)}" for name, reasons in passed)
-    if slow_path and decision.source == "auto" and problem.device_type != "cpu":
-        if not announced.first_warning((decision.backend, decision.arch, why)):
-            return
+    slow = slow_path and decision.source == "auto" and problem.device_type != "cpu"
+    if slow and announced.first_warning((decision.backend, decision.arch, why)):
         log.warning("slow path: %s (%s) serves %s on %s because nothing faster can: %s",
                     decision.backend, slow_path, problem.describe(), decision.arch,
                     why or "no other backend is registered")
         return
     if decision.source != "auto":
         how, why = f"forced by {decision.source}", ""
-    else:
-        how = "automatic"
+    else:  # a slow path already warned about for these reasons: this class at INFO
+        how = "automatic; slow path, warned about above" if slow else "automatic"
     log.info("%s serves %s on %s (%s; variant %s)%s%s", decision.backend, problem.describe(),
              decision.arch, how, decision.plan.describe(),
              f"; passed over {why}" if why else "",

@@ -389,10 +389,11 @@ def _with_kv_loads(q, cache, metadata, options, out, params: dict, run) -> None:
                 if kind == "descriptor" and "mode" in params:  # what a plan chose: plans
                     # made from now on take pointer loads for this class, and say why
                     DESCRIPTOR_CLASS_FAILED[descriptor_class_key(
-                        params["mode"], q.dtype, cache.head_size_qk, cache.head_size_v,
-                        cache.block_size, options.causal, options.sliding_window is not None,
-                        options.softcap is not None, options.alibi,
-                        options.sinks is not None, cache.quant.mode)] = DESCRIPTOR_FAILED[key]
+                        params, q.dtype, q.shape[1], cache.num_kv_heads, cache.head_size_qk,
+                        cache.head_size_v, cache.block_size, options.causal,
+                        options.sliding_window is not None, options.softcap is not None,
+                        options.alibi, options.sinks is not None, cache.quant.mode,
+                        options.out_dtype)] = DESCRIPTOR_FAILED[key]
                     _forget_plans()
                 args["KV_LOAD"] = kv_load_rules.KV_LOAD_CODES["pointer"]
         # else: these tensors cannot back descriptors, or this variant failed before
@@ -524,7 +525,8 @@ def gluon_class_key(q_dtype, head_size: int, block_size: int, causal: bool, read
 def _forget_plans() -> None:
     """Decisions and plans made while a kernel was thought to work (a routing that chose
     our backend for it among them) are made again at the next call; plans the caller
-    holds (:func:`portattn.plan`) keep theirs and stage."""
+    holds (:func:`portattn.plan`) keep theirs, whose launches take the other way (staging
+    for a Gluon failure, pointer loads for a descriptor one) from then on."""
     from portattn import planning
     from portattn.dispatch.selector import decision_cache
 
@@ -655,14 +657,22 @@ DESCRIPTOR_FAILED: dict[tuple, str] = {}
 DESCRIPTOR_CLASS_FAILED: dict[tuple, str] = {}
 
 
-def descriptor_class_key(mode: str, q_dtype, head_size_qk: int, head_size_v: int,
-                         block_size: int, causal: bool, sliding_window: bool, softcap: bool,
-                         alibi: str, sinks: bool, quant_mode: str) -> tuple:
-    """The class of a plan's descriptor launch in :data:`DESCRIPTOR_CLASS_FAILED`: its
-    launch mode, q dtype, head and block sizes, the score features used (``alibi``:
-    ``"none"`` / ``"linear"`` / ``"sqrt"``) and the cache's quant mode."""
-    return (mode, q_dtype, head_size_qk, head_size_v, block_size, bool(causal),
-            bool(sliding_window), bool(softcap), alibi, bool(sinks), quant_mode)
+def descriptor_class_key(params: dict, q_dtype, num_q_heads: int, num_kv_heads: int,
+                         head_size_qk: int, head_size_v: int, block_size: int, causal: bool,
+                         sliding_window: bool, softcap: bool, alibi: str, sinks: bool,
+                         quant_mode: str, out_dtype) -> tuple:
+    """The class of a plan's descriptor launch in :data:`DESCRIPTOR_CLASS_FAILED`: the
+    plan's launch mode and tiles (its descriptor ``params``), q dtype, head counts, head
+    and block sizes, the score features used (``alibi``: ``"none"`` / ``"linear"`` /
+    ``"sqrt"``), the cache's quant mode and the output dtype: what picks the kernel's
+    switches, so a failure turns off only the variants that can meet it."""
+    # the tiles as planned (a launch drops the register cap where V pairs cannot run)
+    tiles = tuple(tuple(sorted((name, value) for name, value in params[k].items()
+                               if name not in ("segments_upto", "maxnreg")))
+                  for k in ("short", "long") if k in params)
+    return (params["mode"], tiles, q_dtype, num_q_heads, num_kv_heads, head_size_qk,
+            head_size_v, block_size, bool(causal), bool(sliding_window), bool(softcap),
+            alibi, bool(sinks), quant_mode, out_dtype)
 
 
 def _descriptor_key(args: dict, params: dict) -> tuple:
