@@ -667,22 +667,23 @@ def descriptor_class_key(params: dict, q_dtype, num_q_heads: int, num_kv_heads: 
     ``"sqrt"``), the cache's quant mode and the output dtype: what picks the kernel's
     switches, so a failure turns off only the variants that can meet it."""
     # the tiles as planned (a launch drops the register cap where V pairs cannot run)
-    tiles = tuple(tuple(sorted((name, value) for name, value in params[k].items()
-                               if name not in ("segments_upto", "maxnreg")))
-                  for k in ("short", "long") if k in params)
-    return (params["mode"], tiles, q_dtype, num_q_heads, num_kv_heads, head_size_qk,
-            head_size_v, block_size, bool(causal), bool(sliding_window), bool(softcap),
-            alibi, bool(sinks), quant_mode, out_dtype)
+    return (params["mode"], _tiles(params, ("segments_upto", "maxnreg")), q_dtype,
+            num_q_heads, num_kv_heads, head_size_qk, head_size_v, block_size, bool(causal),
+            bool(sliding_window), bool(softcap), alibi, bool(sinks), quant_mode, out_dtype)
 
 
 def _descriptor_key(args: dict, params: dict) -> tuple:
     """The kernel's switches and tiles (not ``segments_upto``: a per-batch rule of the
     grid, which compiles nothing of its own and may be lists after a JSON round trip)."""
     switches = tuple(sorted((k, v) for k, v in args.items() if k.isupper()))
-    tiles = tuple(tuple(sorted((name, value) for name, value in params[k].items()
-                               if name != "segments_upto"))
-                  for k in ("short", "long") if k in params)
-    return switches + tiles
+    return switches + _tiles(params, ("segments_upto",))
+
+
+def _tiles(params: dict, left_out: tuple[str, ...]) -> tuple:
+    """A plan's tile configs (``short``, ``long``) as sorted items, without ``left_out``."""
+    return tuple(tuple(sorted((name, value) for name, value in params[k].items()
+                              if name not in left_out))
+                 for k in ("short", "long") if k in params)
 
 
 def _remember_failure(table: dict, key: tuple, exc: Exception, what: str) -> None:
