@@ -47,7 +47,7 @@ def test_each_new_problem_class_is_announced_once_at_info(caplog, monkeypatch):
     records = _records(caplog)
     assert [r.levelno for r in records] == [logging.INFO]  # the CPU reference is normal
     message = records[0].getMessage()
-    assert message.startswith("torch_ref serves prefill (q<=2), float32, heads 4/2")
+    assert message.startswith("torch_ref serves up to 2 queries a sequence, float32, heads 4/2")
     assert "on cpu (automatic; variant per-sequence dense)" in message
     portattn.attention(batch.q, batch.cache, batch.metadata, softcap=5.0)  # a new class
     assert len(_records(caplog)) == 2 and "softcap" in _records(caplog)[1].getMessage()
@@ -124,7 +124,7 @@ def test_a_yielded_lead_is_in_the_info_line(caplog):
     decide(Problem.make(query_len=8192, seq_len=8192), caps)  # head 128, block 16
     (record,) = _records(caplog)
     message = record.getMessage()
-    assert message.startswith("triton_unified serves prefill")
+    assert message.startswith("triton_unified serves up to 8192 queries a sequence")
     assert "flash_attn's measured lead for long-chunks on sm90 yields to triton_unified" \
         in message
     decide(Problem.make(query_len=8192, seq_len=8192, head_size=256), caps)

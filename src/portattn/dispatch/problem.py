@@ -100,7 +100,9 @@ class Problem:
         return words
 
     def describe(self) -> str:
-        kind = "decode" if self.decode_only else f"prefill (q<={self.max_seqlen_q})"
+        # max_seqlen_q alone cannot tell a prefill from a mixed or spec-decode batch
+        kind = ("decode" if self.decode_only
+                else f"up to {self.max_seqlen_q} queries a sequence")
         return (f"{kind}, {dtype_name(self.q_dtype)}, heads {self.num_q_heads}/"
                 f"{self.num_kv_heads}, head size {self.head_size_qk}"
                 + (f"/{self.head_size_v}" if self.diffkv else "")
