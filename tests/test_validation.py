@@ -716,3 +716,28 @@ def test_numpy_bools_are_bools():
     np = pytest.importorskip("numpy")
     assert validation_requested(np.True_) is True
     assert validation_requested(np.False_) is False
+
+
+@pytest.mark.parametrize("option", ["scale", "softcap"])
+def test_a_numpy_scalar_under_fullgraph_compile_is_refused_by_name(batch, option):
+    """Dynamo traces a NumPy scalar as an array over a tensor, whose repr it cannot trace:
+    the refusal must still be our ``InputError`` naming the option (Dynamo chains it under
+    its own "observed exception" with ``fullgraph=True``), not Dynamo's failure to print
+    the value."""
+    np = pytest.importorskip("numpy")
+    value = np.float32(0.5)  # refused eagerly too: a Python float is asked for
+
+    def layer(q):
+        return portattn.attention(q, batch.cache, batch.metadata, **{option: value})
+
+    torch._dynamo.reset()
+    with pytest.raises(Exception) as info:
+        torch.compile(layer, fullgraph=True, backend="eager")(batch.q)
+    chain, error = [], info.value
+    while error is not None and len(chain) < 8:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    texts = [str(e) for e in chain]
+    assert not any("repr()" in t for t in texts), texts
+    named = (f"{option}: expected", f"InputError('{option}'")  # raised / as Dynamo chains it
+    assert any(any(n in t for n in named) and "pass a Python float" in t for t in texts), texts

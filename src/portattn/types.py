@@ -57,12 +57,22 @@ def fp8_max(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).max)
 
 
+#: Types whose repr Dynamo traces (a value of any other type is not printed while tracing).
+_TRACEABLE_REPRS = (bool, int, float, complex, str, type(None))
+
+
 def value_text(value: object) -> str:
     """``repr(value)`` for an ``InputError``, but an int past 64 bits by its size (Python
     refuses to print one of more than 4300 digits: ``ValueError``), and a value whose
     ``__repr__`` raises by that: neither may replace the error being raised."""
     if isinstance(value, int) and value.bit_length() > 64:
         return f"an int of {value.bit_length()} bits"
+    if torch.compiler.is_compiling() and type(value) not in _TRACEABLE_REPRS:
+        # Dynamo traces a NumPy scalar as an array over a tensor, whose repr it cannot
+        # trace: the error raised would become Dynamo's own ("repr() on tensor")
+        hint = ("; torch.compile traces a NumPy scalar as an array: pass a Python float"
+                if type(value).__name__ == "ndarray" else "")
+        return f"<not shown while torch.compile traces{hint}>"
     try:
         return repr(value)
     except Exception as exc:
