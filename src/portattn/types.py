@@ -64,7 +64,8 @@ _TRACEABLE_REPRS = (bool, int, float, complex, str, type(None))
 def value_text(value: object) -> str:
     """``repr(value)`` for an ``InputError``, but an int past 64 bits by its size (Python
     refuses to print one of more than 4300 digits: ``ValueError``), and a value whose
-    ``__repr__`` raises by that: neither may replace the error being raised."""
+    ``__repr__`` raises by that: neither may replace the error being raised. While
+    ``torch.compile`` traces, only builtin scalars are printed (see below)."""
     if isinstance(value, int) and value.bit_length() > 64:
         return f"an int of {value.bit_length()} bits"
     if torch.compiler.is_compiling() and type(value) not in _TRACEABLE_REPRS:
