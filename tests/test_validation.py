@@ -741,3 +741,73 @@ def test_a_numpy_scalar_under_fullgraph_compile_is_refused_by_name(batch, option
     assert not any("repr()" in t for t in texts), texts
     named = (f"{option}: expected", f"InputError('{option}'")  # raised / as Dynamo chains it
     assert any(any(n in t for n in named) and "pass a Python float" in t for t in texts), texts
+
+
+
+def _sparse(t):
+    return t.to_sparse()
+
+
+def _nested(t):
+    return torch.nested.nested_tensor(list(t.unbind(0)))
+
+
+def _plan_run(batch, q=None, out=None):
+    plan = portattn.plan(batch.metadata, num_q_heads=4, dtype=torch.float16,
+                         cache=batch.cache, backend="torch_ref")
+    plan.run(batch.q if q is None else q, batch.cache, out)
+
+
+def _halves(*shape):
+    return torch.rand(*shape, dtype=torch.float16) + 0.5
+
+
+#: (argument, its dense value in a valid call, the call with the argument ``t``)
+_NOT_DENSE_CALLS = [
+    ("q", lambda b: b.q, lambda b, t: _call(b, q=t)),
+    ("q", lambda b: b.q, lambda b, t: portattn.explain(t, b.cache, b.metadata)),
+    ("q", lambda b: b.q, lambda b, t: _plan_run(b, q=t)),
+    ("out", lambda b: torch.full_like(b.q, float("nan")), lambda b, t: _call(b, out=t)),
+    ("out", lambda b: torch.full_like(b.q, float("nan")), lambda b, t: _plan_run(b, out=t)),
+    ("metadata.block_table", lambda b: b.metadata.block_table,
+     lambda b, t: _call(b, metadata=_meta(b, block_table=t))),
+    ("metadata.seq_lens", lambda b: b.metadata.seq_lens,
+     lambda b, t: _call(b, metadata=_meta(b, seq_lens=t))),
+    ("metadata.cu_seqlens_q", lambda b: b.metadata.cu_seqlens_q,
+     lambda b, t: _call(b, metadata=_meta(b, cu_seqlens_q=t))),
+    ("sinks", lambda b: torch.rand(4) + 0.5, lambda b, t: _call(b, sinks=t)),
+    ("alibi_slopes", lambda b: torch.rand(4) + 0.5, lambda b, t: _call(b, alibi_slopes=t)),
+    ("key_cache", lambda b: b.cache.key_cache,
+     lambda b, t: portattn.PagedKVCache(t, b.cache.value_cache)),
+    ("kv", lambda b: _halves(4, 16, 2, 64),
+     lambda b, t: portattn.PagedKVCache.from_packed(t, 32)),
+    ("key", lambda b: _halves(3, 2, 32),
+     lambda b, t: b.cache.write(t, _halves(3, 2, 32), torch.tensor([0, 1, 2]))),
+    ("slot_mapping", lambda b: torch.tensor([0, 1, 2]),
+     lambda b, t: b.cache.write(_halves(3, 2, 32), _halves(3, 2, 32), t)),
+    ("block_table", lambda b: torch.tensor([[0], [1]]),
+     lambda b, t: AttentionMetadata.from_lengths([1, 2], [5, 9], t)),
+]
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
+@pytest.mark.parametrize("make", [_sparse, _nested], ids=["sparse_coo", "nested"])
+@pytest.mark.parametrize("name,dense,call", _NOT_DENSE_CALLS,
+                         ids=[f"{name}-{i}" for i, (name, *_) in enumerate(_NOT_DENSE_CALLS)])
+def test_sparse_and_nested_tensors_are_refused_by_name(batch, name, dense, call, make):
+    """A tensor without strides (sparse, nested) is an InputError naming its argument,
+    not torch's RuntimeError from reading its strides or shape; nothing is written."""
+    try:
+        bad = make(dense(batch))
+    except RuntimeError as exc:
+        pytest.skip(f"torch cannot make this {make.__name__[1:]} tensor: {exc}")
+    keys_before = batch.cache.key_cache.view(torch.int16).clone()
+    with pytest.raises(InputError, match=f"^{re.escape(name)}: expected "):
+        call(batch, bad)
+    assert torch.equal(batch.cache.key_cache.view(torch.int16), keys_before)
+
+
+def test_a_sparse_q_names_its_layout(batch):
+    with pytest.raises(InputError, match=r"^q: expected a dense tensor \(layout "
+                                         r"torch.strided\), got .*layout torch.sparse_coo"):
+        _call(batch, q=batch.q.to_sparse())

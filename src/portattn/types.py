@@ -87,6 +87,10 @@ def _describe(t: object) -> str:
     characters (:func:`~portattn.capabilities._text.cut_line`, as the probe cuts error
     text)."""
     if isinstance(t, torch.Tensor):
+        if t.is_nested:  # its components' shapes differ: no one shape to print
+            dims = t.dim() - 1
+            return (f"nested tensor of {t.size(0)} components of {dims} "
+                    f"dim{'' if dims == 1 else 's'}, dtype {t.dtype}, device {t.device}")
         layout = "" if t.layout == torch.strided else f", layout {t.layout}"
         return f"tensor of shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}{layout}"
     if isinstance(t, (list, tuple)) and any(isinstance(x, torch.Tensor) for x in t):
@@ -597,8 +601,8 @@ class PagedKVCache:
     def _check_write_args(self, key: torch.Tensor, value: torch.Tensor,
                           slot_mapping: torch.Tensor) -> None:
         for name, t in (("key", key), ("value", value), ("slot_mapping", slot_mapping)):
-            if isinstance(t, torch.Tensor) and t.layout != torch.strided:
-                raise InputError(name, "a dense (strided) tensor", f"layout {t.layout}")
+            if isinstance(t, torch.Tensor):
+                check_strided(name, t)
         for name, t, d in (("key", key, self.head_size_qk), ("value", value, self.head_size_v)):
             if not isinstance(t, torch.Tensor) or t.dim() != 3 or \
                     tuple(t.shape[1:]) != (self.num_kv_heads, d):
@@ -665,6 +669,7 @@ def _check_cache_tensor(name: str, t: object) -> None:
     if not isinstance(t, torch.Tensor) or t.dim() != 4:
         raise InputError(name, "a 4-D tensor [num_blocks, block_size, num_kv_heads, head_size]",
                          _describe(t))
+    check_strided(name, t)
     if t.stride(-1) != 1:
         raise InputError(name, "a contiguous last dimension (stride 1)",
                          f"strides {tuple(t.stride())}")
@@ -692,10 +697,19 @@ _WRITABLE_ATTR = "_portattn_writable"
 
 
 def check_has_data(name: str, t: torch.Tensor) -> None:
-    """``InputError`` for a tensor on a device that holds no values (``meta``)."""
+    """``InputError`` for a tensor on a device that holds no values (``meta``), or one
+    that is not a dense strided tensor (sparse, nested: no strides to read)."""
+    check_strided(name, t)
     if t.device.type in DATALESS_DEVICE_TYPES:
         raise InputError(name, "a tensor holding data (on the CPU or a GPU)",
                          f"a tensor on the {t.device.type} device, which holds no values")
+
+
+def check_strided(name: str, t: torch.Tensor) -> None:
+    """``InputError`` for a tensor whose layout is not ``torch.strided`` (a sparse or
+    nested tensor): every check after this one reads strides."""
+    if t.layout != torch.strided or t.is_nested:
+        raise InputError(name, "a dense tensor (layout torch.strided)", _describe(t))
 
 
 def _usable_device(device) -> torch.device:
@@ -730,7 +744,8 @@ def _host_ints(name: str, values, low: int = 0) -> list[int]:
     ``InputError`` naming ``name`` for anything else (floats, bools, strings)."""
     try:
         if isinstance(values, (str, bytes, dict)) or \
-                (isinstance(values, torch.Tensor) and values.dim() != 1):
+                (isinstance(values, torch.Tensor) and (values.layout != torch.strided or
+                                                       values.dim() != 1)):
             raise TypeError
         values = values.tolist() if isinstance(values, torch.Tensor) else list(values)
     except TypeError:
@@ -882,6 +897,7 @@ class AttentionMetadata:
         if device is not None:
             device = _usable_device(device)
         if isinstance(block_table, torch.Tensor):
+            check_strided("block_table", block_table)
             if block_table.dim() != 2 or block_table.dtype.is_floating_point or \
                     block_table.dtype.is_complex or block_table.dtype == torch.bool:
                 raise InputError("block_table", "a 2-D integer tensor [num_seqs, max_blocks]",

@@ -79,6 +79,7 @@ from portattn.types import (
     _describe,
     check_has_data,
     check_scale_value,
+    check_strided,
     is_numpy_bool_type,
 )
 
@@ -155,6 +156,8 @@ def check_out(q: torch.Tensor, cache: PagedKVCache, out: torch.Tensor | None,
     same shapes and strides is not checked again, whatever its pointers."""
     if out is not None:
         want = (q.shape[0], q.shape[1], cache.head_size_v)
+        if isinstance(out, torch.Tensor):
+            check_strided("out", out)  # a nested tensor has no one shape
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
             raise InputError("out", f"a tensor of shape {list(want)}", _describe(out))
         if out.dtype != out_dtype:
@@ -189,6 +192,7 @@ def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _check_int_tensor(name: str, t: torch.Tensor, dims: int, device: torch.device) -> None:
     if not isinstance(t, torch.Tensor) or t.dim() != dims:
         raise InputError(name, f"a {dims}-D int32 tensor", _describe(t))
+    check_strided(name, t)
     if t.dtype != torch.int32:
         raise InputError(name, "dtype torch.int32", str(t.dtype))
     if t.device != device:
