@@ -697,9 +697,7 @@ _WRITABLE_ATTR = "_portattn_writable"
 
 
 def check_has_data(name: str, t: torch.Tensor) -> None:
-    """``InputError`` for a tensor on a device that holds no values (``meta``), or one
-    that is not a dense strided tensor (sparse, nested: no strides to read)."""
-    check_strided(name, t)
+    """``InputError`` for a tensor on a device that holds no values (``meta``)."""
     if t.device.type in DATALESS_DEVICE_TYPES:
         raise InputError(name, "a tensor holding data (on the CPU or a GPU)",
                          f"a tensor on the {t.device.type} device, which holds no values")

@@ -105,6 +105,7 @@ def check_structure(q: torch.Tensor, cache: PagedKVCache, metadata: AttentionMet
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
         raise InputError("q", "a 3-D tensor [num_tokens, num_q_heads, head_size_qk]",
                          _describe(q))
+    check_strided("q", q)
     check_has_data("q", q)  # every other tensor must be on q's device
     cache.check_fields()  # reassigned attributes; scale caches on the cache's device
     if q.dtype not in FLOAT_DTYPES + FP8_DTYPES:
