@@ -4,6 +4,8 @@
   is set here, at collection time, whenever no CUDA GPU is present (an explicit value in
   the environment wins).
 * ``PORTATTN_TEST_SHARD=i/n`` runs one shard of the collected tests (parallel GPU runs).
+* The probe's disk cache goes to a temporary folder per test process (each pytest-xdist
+  worker of the README's ``-n 2`` has its own), removed at the end.
 * Markers: ``gpu`` tests are skipped without a CUDA/ROCm GPU; ``interpreter`` tests are
   skipped when Triton is missing, lacks what the kernels use (older than 3.5), or the
   interpreter is off (a GPU machine).
@@ -77,10 +79,32 @@ def _shard(config, items):
     items[:] = kept
 
 
-def pytest_configure(config):
-    """Keep the probe's disk cache out of the user's home: one temporary folder a session
-    (an explicit PORTATTN_CACHE_DIR wins)."""
-    if "PORTATTN_CACHE_DIR" not in os.environ:
-        import tempfile
+#: The folder name's start of a probe cache folder :func:`pytest_configure` made
+_CACHE_PREFIX = "portattn-test-cache-"
+_made_folders: list[str] = []
 
-        os.environ["PORTATTN_CACHE_DIR"] = tempfile.mkdtemp(prefix="portattn-test-cache-")
+
+def pytest_configure(config):
+    """Keep the probe's disk cache out of the user's home: one temporary folder a session,
+    and one per pytest-xdist worker (a worker inherits the controller's environment, so
+    it replaces the controller's folder with its own: one worker's probe writes stay out
+    of another's tests). An explicit PORTATTN_CACHE_DIR wins, and every worker shares it."""
+    import tempfile
+
+    current = os.environ.get("PORTATTN_CACHE_DIR")
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    made_by_controller = current is not None and \
+        os.path.dirname(current) == tempfile.gettempdir() and \
+        os.path.basename(current).startswith(_CACHE_PREFIX + "main-")
+    if current is None or (worker and made_by_controller):
+        folder = tempfile.mkdtemp(prefix=f"{_CACHE_PREFIX}{worker or 'main'}-")
+        os.environ["PORTATTN_CACHE_DIR"] = folder
+        _made_folders.append(folder)
+
+
+def pytest_unconfigure(config):
+    """Remove the probe cache folder :func:`pytest_configure` made for this process."""
+    import shutil
+
+    while _made_folders:
+        shutil.rmtree(_made_folders.pop(), ignore_errors=True)
