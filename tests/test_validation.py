@@ -723,7 +723,8 @@ def test_a_numpy_scalar_under_fullgraph_compile_is_refused_by_name(batch, option
     """Dynamo traces a NumPy scalar as an array over a tensor, whose repr it cannot trace:
     the refusal must still be our ``InputError`` naming the option (Dynamo chains it under
     its own "observed exception" with ``fullgraph=True``), not Dynamo's failure to print
-    the value."""
+    the value. Where Dynamo reports the exception by its type only (torch 2.11, the GPU
+    machine's; session 47 found this test failing there), the type is what is checked."""
     np = pytest.importorskip("numpy")
     value = np.float32(0.5)  # refused eagerly too: a Python float is asked for
 
@@ -739,8 +740,15 @@ def test_a_numpy_scalar_under_fullgraph_compile_is_refused_by_name(batch, option
         error = error.__cause__ or error.__context__
     texts = [str(e) for e in chain]
     assert not any("repr()" in t for t in texts), texts
-    named = (f"{option}: expected", f"InputError('{option}'")  # raised / as Dynamo chains it
-    assert any(any(n in t for n in named) and "pass a Python float" in t for t in texts), texts
+    if any("InputError(" in t for t in texts):
+        # torch 2.13's Dynamo chains the exception with its arguments
+        named = (f"{option}: expected", f"InputError('{option}'")  # raised / as chained
+        assert any(any(n in t for n in named) and "pass a Python float" in t
+                   for t in texts), texts
+    else:
+        # torch 2.11's names a user-defined exception by its type only
+        # ("UserDefinedExceptionObjectVariable(InputError)"), whatever its message
+        assert any("(InputError)" in t for t in texts), texts
 
 
 def _sparse(t):
