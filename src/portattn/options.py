@@ -146,8 +146,7 @@ def _check_head_vector(name: str, t: torch.Tensor | None, num_q_heads: int,
                        device: torch.device) -> None:
     if t is None:
         return
-    if isinstance(t, torch.Tensor):
-        check_strided(name, t)
+    check_strided(name, t)
     if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] != num_q_heads:
         raise InputError(name, f"None or a 1-D tensor [num_q_heads={num_q_heads}]", _describe(t))
     if t.dtype not in FLOAT_DTYPES:

@@ -288,8 +288,7 @@ def _check_q(q, body: PlanBody) -> None:
     """q against the plan first, so a wrong q is named as such (not as a cache mismatch)."""
     problem = body.problem
     want = (problem.num_q_heads, problem.head_size_qk)
-    if isinstance(q, torch.Tensor):
-        check_strided("q", q)  # a sparse or nested q has no strides (nor one shape)
+    check_strided("q", q)  # a sparse or nested q has no strides (nor one shape)
     if not isinstance(q, torch.Tensor) or q.dim() != 3 or tuple(q.shape[1:]) != want:
         raise InputError("q", f"a tensor [num_tokens, {want[0]}, {want[1]}] (as planned)",
                          _describe(q))

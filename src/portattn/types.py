@@ -601,8 +601,7 @@ class PagedKVCache:
     def _check_write_args(self, key: torch.Tensor, value: torch.Tensor,
                           slot_mapping: torch.Tensor) -> None:
         for name, t in (("key", key), ("value", value), ("slot_mapping", slot_mapping)):
-            if isinstance(t, torch.Tensor):
-                check_strided(name, t)
+            check_strided(name, t)
         for name, t, d in (("key", key, self.head_size_qk), ("value", value, self.head_size_v)):
             if not isinstance(t, torch.Tensor) or t.dim() != 3 or \
                     tuple(t.shape[1:]) != (self.num_kv_heads, d):
@@ -703,10 +702,11 @@ def check_has_data(name: str, t: torch.Tensor) -> None:
                          f"a tensor on the {t.device.type} device, which holds no values")
 
 
-def check_strided(name: str, t: torch.Tensor) -> None:
+def check_strided(name: str, t: object) -> None:
     """``InputError`` for a tensor whose layout is not ``torch.strided`` (a sparse or
-    nested tensor): every check after this one reads strides."""
-    if t.layout != torch.strided or t.is_nested:
+    nested tensor): every check after this one reads strides. Anything but a tensor is
+    left to the caller's own type check."""
+    if isinstance(t, torch.Tensor) and (t.layout != torch.strided or t.is_nested):
         raise InputError(name, "a dense tensor (layout torch.strided)", _describe(t))
 
 

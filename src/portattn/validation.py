@@ -157,8 +157,7 @@ def check_out(q: torch.Tensor, cache: PagedKVCache, out: torch.Tensor | None,
     same shapes and strides is not checked again, whatever its pointers."""
     if out is not None:
         want = (q.shape[0], q.shape[1], cache.head_size_v)
-        if isinstance(out, torch.Tensor):
-            check_strided("out", out)  # a nested tensor has no one shape
+        check_strided("out", out)  # a nested tensor has no one shape
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
             raise InputError("out", f"a tensor of shape {list(want)}", _describe(out))
         if out.dtype != out_dtype:
