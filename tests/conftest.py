@@ -18,6 +18,7 @@ import os
 
 import pytest
 
+from interpreter_gaps import numpy_gap_reason
 from portattn import settings
 
 
@@ -43,7 +44,8 @@ def pytest_collection_modifyitems(config, items):
     skip_interp = pytest.mark.skip(reason="TRITON_INTERPRET=1 is not set (a GPU is present: "
                                    "set it to run the interpreter tier here)")
     interpreting = settings.TRITON_INTERPRET.value()
-    too_old = _kernels_cannot_run() if HAS_TRITON and interpreting else None
+    too_old = (_kernels_cannot_run() or numpy_gap_reason()) if HAS_TRITON and interpreting \
+        else None
     for item in items:
         if "gpu" in item.keywords and not HAS_GPU:
             item.add_marker(skip_gpu)

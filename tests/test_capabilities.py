@@ -23,6 +23,7 @@ except ImportError:
     pass
 
 import portattn
+from interpreter_gaps import numpy_breaks_the_interpreter
 from portattn.capabilities import (
     OVERRIDES,
     PROFILES,
@@ -237,13 +238,6 @@ def triton_stdlib_is_interpreted() -> bool:
     import triton.language as tl
 
     return type(tl.zeros).__name__ == "InterpretedFunction"
-
-
-def numpy_breaks_the_interpreter() -> bool:
-    """Triton 3.6's interpreter fails runtime-bounded loops with numpy >= 2.4."""
-    import numpy
-
-    return tuple(int(p) for p in numpy.__version__.split(".")[:2]) >= (2, 4)
 
 
 def test_interpreter_is_read_at_probe_time(monkeypatch, isolated):
@@ -967,13 +961,14 @@ def test_a_check_process_timeout_or_kill_is_kept_in_memory_only(isolated, monkey
     (the OOM killer) say nothing about the kernels: such a result is not written to disk,
     where every later process would read tensor descriptors as failing; a check that ran
     and failed is an answer, written as before. (As the descriptor gate's answers.)"""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    # no TRITON_INTERPRET: set after Triton's import (a GPU machine's run), the probe keeps
+    # its answer in memory only whatever the checks say
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(probe_mod, "_kernel_checks", lambda *args: (
-        "interpreter", Check(True, "ok"), Check(False, reason)))
+        "cuda", Check(True, "ok"), Check(False, reason)))
     caps = probe()
     assert caps.tensor_descriptors == Check(False, reason)
-    assert cache_files(isolated) == (["capabilities-cpu-interpret.json"] if kept_on_disk
-                                     else [])
+    assert cache_files(isolated) == (["capabilities-cpu.json"] if kept_on_disk else [])
     assert probe() is caps and last_probe_origin() == "memory"
 
 

@@ -13,7 +13,7 @@ from portattn.cli import main
 
 
 def test_demo_checks_against_dense_attention(capsys):
-    assert main(["demo", "--seed", "3"]) == 0
+    assert main(["demo", "--seed", "3", "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     assert "backend: torch_ref (auto)" in text
     assert "relative error vs dense float64 attention" in text
@@ -21,7 +21,8 @@ def test_demo_checks_against_dense_attention(capsys):
 
 
 def test_demo_with_a_forced_backend_that_cannot_run(capsys):
-    assert main(["demo", "--backend", "triton_unified", "--dtype", "bfloat16"]) == 2
+    assert main(["demo", "--backend", "triton_unified", "--dtype", "bfloat16",
+                 "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: backend 'triton_unified'") and "Traceback" not in err
 
@@ -163,18 +164,19 @@ def test_an_invalid_variable_of_one_backend_is_an_error_not_a_rejection(capsys, 
 
 def test_demo_names_the_backends_that_could_serve_but_rank_lower(capsys, monkeypatch):
     monkeypatch.setenv("PORTATTN_SIMULATE", "cpu-interpreter")  # our kernel could run
-    assert main(["demo"]) == 0
+    assert main(["demo", "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     assert "backend: torch_ref (auto)" in text
     assert "not triton_unified: could serve, lower priority" in text
     assert "simulated profile cpu-interpreter" in text
 
 
+@pytest.mark.interpreter  # the forced kernel runs, interpreted
 def test_demo_with_a_forced_backend_says_it_was_forced(capsys, monkeypatch):
     """A backend ranked first but passed over for a forced one is not "lower priority"."""
     monkeypatch.setenv("PORTATTN_SIMULATE", "cpu-interpreter")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert main(["demo", "--backend", "triton_unified"]) == 0
+    assert main(["demo", "--backend", "triton_unified", "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     assert "backend: triton_unified (argument)" in text
     assert "not torch_ref: could serve; triton_unified was forced (argument)" in text

@@ -740,15 +740,17 @@ def test_a_numpy_scalar_under_fullgraph_compile_is_refused_by_name(batch, option
         error = error.__cause__ or error.__context__
     texts = [str(e) for e in chain]
     assert not any("repr()" in t for t in texts), texts
-    if any("InputError(" in t for t in texts):
+    named = (f"{option}: expected", f"InputError('{option}'")  # raised / as chained
+    with_arguments = [t for t in texts if any(n in t for n in named)]
+    if with_arguments:
         # torch 2.13's Dynamo chains the exception with its arguments
-        named = (f"{option}: expected", f"InputError('{option}'")  # raised / as chained
-        assert any(any(n in t for n in named) and "pass a Python float" in t
-                   for t in texts), texts
+        assert any("pass a Python float" in t for t in with_arguments), texts
     else:
         # torch 2.11's names a user-defined exception by its type only
-        # ("UserDefinedExceptionObjectVariable(InputError)"), whatever its message
-        assert any("(InputError)" in t for t in texts), texts
+        # ("UserDefinedExceptionObjectVariable(InputError)"), whatever its message; its
+        # "from user code" trace quotes our raise line, so "InputError(" alone tells
+        # nothing apart (session 48 found the first mend failing there for that)
+        assert any("Variable(InputError)" in t for t in texts), texts
 
 
 def _sparse(t):

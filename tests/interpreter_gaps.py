@@ -1,0 +1,30 @@
+"""Known ways this environment keeps Triton's interpreter from running our kernels, for
+tests that start an interpreter process of their own (the conftest skips the
+``interpreter``-marked tests for the same reasons)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def numpy_breaks_the_interpreter() -> bool:
+    """Triton 3.6's interpreter fails runtime-bounded loops with numpy >= 2.4 (the GPU
+    machine's torch image ships numpy 2.5)."""
+    import numpy
+
+    return tuple(int(p) for p in numpy.__version__.split(".")[:2]) >= (2, 4)
+
+
+def numpy_gap_reason() -> str | None:
+    if not numpy_breaks_the_interpreter():
+        return None
+    import numpy
+
+    return (f"numpy {numpy.__version__} breaks Triton's interpreter on runtime-bounded "
+            "loops (pyproject pins numpy<2.4)")
+
+
+def skip_if_numpy_breaks_the_interpreter() -> None:
+    reason = numpy_gap_reason()
+    if reason is not None:
+        pytest.skip(reason)
