@@ -4,8 +4,6 @@ tests that start an interpreter process of their own (the conftest skips the
 
 from __future__ import annotations
 
-import pytest
-
 
 def numpy_breaks_the_interpreter() -> bool:
     """Triton 3.6's interpreter fails runtime-bounded loops with numpy >= 2.4 (the GPU
@@ -16,15 +14,11 @@ def numpy_breaks_the_interpreter() -> bool:
 
 
 def numpy_gap_reason() -> str | None:
+    """Why numpy keeps the interpreter from running our kernels here, or None (a test
+    skips with it in its own body, so the skip names the test's line)."""
     if not numpy_breaks_the_interpreter():
         return None
     import numpy
 
     return (f"numpy {numpy.__version__} breaks Triton's interpreter on runtime-bounded "
             "loops (pyproject pins numpy<2.4)")
-
-
-def skip_if_numpy_breaks_the_interpreter() -> None:
-    reason = numpy_gap_reason()
-    if reason is not None:
-        pytest.skip(reason)
