@@ -7,8 +7,9 @@
 * The probe's disk cache goes to a temporary folder per test process (each pytest-xdist
   worker of the README's ``-n 2`` has its own), removed at the end.
 * Markers: ``gpu`` tests are skipped without a CUDA/ROCm GPU; ``interpreter`` tests are
-  skipped when Triton is missing, lacks what the kernels use (older than 3.5), or the
-  interpreter is off (a GPU machine).
+  skipped when Triton is missing, lacks what the kernels use (older than 3.5), the
+  interpreter is off (a GPU machine), or numpy >= 2.4 breaks it
+  (``interpreter_gaps.py``).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def pytest_collection_modifyitems(config, items):
     skip_interp = pytest.mark.skip(reason="TRITON_INTERPRET=1 is not set (a GPU is present: "
                                    "set it to run the interpreter tier here)")
     interpreting = settings.TRITON_INTERPRET.value()
-    too_old = (_kernels_cannot_run() or numpy_gap_reason()) if HAS_TRITON and interpreting \
+    cannot_run = (_kernels_cannot_run() or numpy_gap_reason()) if HAS_TRITON and interpreting \
         else None
     for item in items:
         if "gpu" in item.keywords and not HAS_GPU:
@@ -54,8 +55,8 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip_triton)
             elif not interpreting:
                 item.add_marker(skip_interp)
-            elif too_old:
-                item.add_marker(pytest.mark.skip(reason=too_old))
+            elif cannot_run:
+                item.add_marker(pytest.mark.skip(reason=cannot_run))
 
 
 def _kernels_cannot_run() -> str | None:

@@ -961,9 +961,8 @@ def test_a_check_process_timeout_or_kill_is_kept_in_memory_only(isolated, monkey
     (the OOM killer) say nothing about the kernels: such a result is not written to disk,
     where every later process would read tensor descriptors as failing; a check that ran
     and failed is an answer, written as before. (As the descriptor gate's answers.)"""
-    # no TRITON_INTERPRET: set after Triton's import (a GPU machine's run), the probe keeps
-    # its answer in memory only whatever the checks say
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    # no TRITON_INTERPRET (the fixture removes it): set after Triton's import, as it would
+    # be in a GPU machine's run, it makes the probe keep every answer in memory only
     monkeypatch.setattr(probe_mod, "_kernel_checks", lambda *args: (
         "cuda", Check(True, "ok"), Check(False, reason)))
     caps = probe()
