@@ -23,7 +23,7 @@ except ImportError:
     pass
 
 import portattn
-from interpreter_gaps import numpy_breaks_the_interpreter
+from interpreter_gaps import numpy_gap_reason
 from portattn.capabilities import (
     OVERRIDES,
     PROFILES,
@@ -245,7 +245,7 @@ def test_interpreter_is_read_at_probe_time(monkeypatch, isolated):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     caps = probe()
     assert caps.triton_interpreter and caps.triton_target == "interpreter"
-    if triton_stdlib_is_interpreted() and numpy_breaks_the_interpreter():
+    if triton_stdlib_is_interpreted() and numpy_gap_reason():
         assert not caps.triton_kernels.ok and "numpy<2.4" in caps.triton_kernels.reason
     elif triton_stdlib_is_interpreted():  # this pytest process started with the interpreter
         assert caps.triton_kernels == Check(True, "Triton interpreter (TRITON_INTERPRET=1)")
@@ -278,7 +278,7 @@ def test_interpreter_set_before_import_runs_the_kernels(isolated):
     assert result["origin"] == "probed"
     assert caps.triton_target == "interpreter" and caps.triton_interpreter
     assert cache_files(isolated) == ["capabilities-cpu-interpret.json"]
-    if numpy_breaks_the_interpreter():
+    if numpy_gap_reason():
         # Triton 3.6's interpreter breaks on runtime-bounded loops with numpy >= 2.4: the
         # probe must say so rather than claim the kernels run.
         assert not caps.triton_kernels.ok and "numpy<2.4" in caps.triton_kernels.reason

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,7 @@ def test_cpu_job_runs_the_interpreter_tier_on_the_newest_triton():
     run = (ROOT / ".ci" / "run").read_text()
     assert 'json.load(open("ci/matrix.json"))["triton_versions"][-1]' in run
     assert "ci/setup_triton_venv.sh \"$NEXT_TRITON\" .venv-triton-next" in run
-    assert ".venv-triton-next/bin/python -m pytest -q -n 2 -m interpreter" in run
+    assert "bash ci/interpreter_tier.sh .venv-triton-next/bin/python" in run
     assert _readme_test_command() + " || suite=$?" in run  # the README's command, whole suite
     cpu = (WORKFLOWS / "cpu.yml").read_text()
     assert "run: bash .ci/run" in cpu and "pull_request" in cpu
@@ -63,7 +64,37 @@ def test_cpu_job_runs_the_interpreter_tier_on_the_oldest_supported_triton():
     run = (ROOT / ".ci" / "run").read_text()
     assert 'json.load(open("ci/matrix.json"))["oldest_triton"]' in run
     assert "ci/setup_triton_venv.sh \"$OLDEST_TRITON\" .venv-triton-oldest" in run
-    assert ".venv-triton-oldest/bin/python -m pytest -q -n 2 -m interpreter" in run
+    assert "bash ci/interpreter_tier.sh .venv-triton-oldest/bin/python" in run
+
+
+def _fake_python(tmp_path, summary, rc=0):
+    """A stand-in for a venv's python: prints a pytest summary line, exits with rc, and
+    records its arguments."""
+    script = tmp_path / "python"
+    script.write_text(f'#!/usr/bin/env bash\necho "$@" > "{tmp_path}/args"\n'
+                      f'echo "SKIPPED [3] tests/x.py:1: 5 skipped elsewhere"\n'
+                      f'echo "{summary}"\nexit {rc}\n')
+    script.chmod(0o755)
+    return script
+
+
+@pytest.mark.parametrize("summary, rc, expected", [
+    ("718 passed, 23 skipped, 8 warnings in 234.67s (0:03:54)", 0, 0),
+    ("737 passed, 4 skipped in 250.0s", 0, 0),
+    ("741 skipped in 8.73s", 0, 1),  # session 48: a skip reason that hid the whole tier
+    ("600 passed, 141 skipped in 200.0s", 0, 1),
+    ("700 passed, 1 failed, 40 skipped in 200.0s", 1, 1),
+])
+def test_an_interpreter_tier_fails_when_it_mostly_skipped(tmp_path, summary, rc, expected):
+    fake = _fake_python(tmp_path, summary, rc)
+    result = subprocess.run(["bash", str(ROOT / "ci" / "interpreter_tier.sh"), str(fake)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == expected, result.stdout + result.stderr
+    assert (tmp_path / "args").read_text().split() == ["-m", "pytest", "-q", "-n", "2", "-m",
+                                                       "interpreter"]
+    assert summary in result.stdout  # the tier's own output is shown
+    if rc == 0 and expected:
+        assert "at least 90% must run" in result.stderr
 
 
 def test_gpu_workflow_runs_each_gpu_profile_on_its_runner_label():
