@@ -8,8 +8,8 @@
   worker of the README's ``-n 2`` has its own), removed at the end.
 * Markers: ``gpu`` tests are skipped without a CUDA/ROCm GPU; ``interpreter`` tests are
   skipped when Triton is missing, lacks what the kernels use (older than 3.5), the
-  interpreter is off (a GPU machine), or numpy >= 2.4 breaks it
-  (``interpreter_gaps.py``).
+  interpreter is off (a GPU machine), or numpy >= 2.4 breaks this Triton's interpreter
+  (``interpreter_gaps.py`` runs a loop in a child process to tell).
 """
 
 from __future__ import annotations
