@@ -24,8 +24,8 @@ def test_dispatch_overhead_runs_every_path_and_relaunches():
     from jit_standin import require_native_binder
 
     require_native_binder()  # else nothing relaunches (the stand-in's binder is Triton's)
-    if numpy_gap_reason():  # the script runs its kernels interpreted
-        pytest.skip(numpy_gap_reason())
+    if reason := numpy_gap_reason():  # the script runs its kernels interpreted
+        pytest.skip(reason)
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="",
                PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dispatch_overhead.py"),

@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
 def test_read_bound_and_minimal_decode_check_in_the_interpreter():
-    if numpy_gap_reason():
-        pytest.skip(numpy_gap_reason())
+    if reason := numpy_gap_reason():
+        pytest.skip(reason)
     env = dict(os.environ, TRITON_INTERPRET="1",
                PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "paged_read_bound.py"),
