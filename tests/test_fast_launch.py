@@ -462,6 +462,81 @@ def test_triton_disagreeing_makes_the_sequence_unusable(kernel):
         LaunchSequence.build(captured, (x, y))
 
 
+#: a kernel module's globals, as Triton's ``used_global_vals`` points into them
+_KERNEL_GLOBALS = {"PTX": tl.constexpr("mov.b32 $0, $1;"), "BLOCK": tl.constexpr(64),
+                   "LIMIT": 64, "SHAPES": tl.constexpr([16, 32])}
+
+
+def _reads(*names):
+    """``used_global_vals`` of a kernel that read ``names`` of :data:`_KERNEL_GLOBALS` when
+    it compiled (Triton keeps a deep copy of each value beside the module's dict)."""
+    import copy
+
+    return {(n, id(_KERNEL_GLOBALS)): (copy.deepcopy(_KERNEL_GLOBALS[n]), _KERNEL_GLOBALS)
+            for n in names}
+
+
+def test_only_unchanged_constexpr_globals_are_left_to_the_compiled_kernel(monkeypatch):
+    """Triton checks a kernel's global variables on every launch (3.8 on: also those of
+    every function it calls, e.g. byte_decode's PTX constants). A relaunch leaves
+    unchecked only ``tl.constexpr`` constants of plain values still equal to what the
+    kernel compiled with; a plain global, a constexpr of a mutable value, one rebound or
+    removed since, or one whose value changed type is refused."""
+    class Fn:
+        used_global_vals: dict = {}
+
+    fn = Fn()
+    assert fast_launch.mutable_globals(fn) == []
+    fn.used_global_vals = _reads("PTX", "BLOCK")
+    assert fast_launch.mutable_globals(fn) == []
+    fn.used_global_vals = _reads("PTX", "LIMIT", "SHAPES")
+    assert fast_launch.mutable_globals(fn) == ["LIMIT", "SHAPES"]
+    fn.used_global_vals = _reads("PTX", "BLOCK")
+    monkeypatch.setitem(_KERNEL_GLOBALS, "PTX", tl.constexpr("mov.b32 $0, 0;"))
+    monkeypatch.setitem(_KERNEL_GLOBALS, "BLOCK", tl.constexpr(32))  # another value
+    assert fast_launch.mutable_globals(fn) == ["PTX", "BLOCK"]
+    monkeypatch.setitem(_KERNEL_GLOBALS, "BLOCK", tl.constexpr(64.0))  # equal, not the same
+    monkeypatch.delitem(_KERNEL_GLOBALS, "PTX")
+    assert fast_launch.mutable_globals(fn) == ["PTX", "BLOCK"]
+
+
+def test_a_kernel_reading_globals_is_relaunched_only_if_they_are_constants(kernel):
+    x, y = torch.zeros(64, dtype=torch.float16), torch.zeros(64)
+    kernel.used_global_vals = _reads("PTX", "BLOCK")
+    sequence = LaunchSequence.build(_record(kernel, (x, y)), (x, y))
+    assert sequence.launch((torch.zeros(64, dtype=torch.float16), y))
+    kernel.used_global_vals = _reads("PTX", "LIMIT")
+    with pytest.raises(Unusable, match="global variables Triton checks per launch: LIMIT"):
+        LaunchSequence.build(_record(kernel, (x, y)), (x, y))
+
+
+@pytest.mark.interpreter  # (runs no kernel: marked so CI's other-Triton tiers run it)
+def test_the_packages_kernels_read_no_global_a_relaunch_would_leave_unchecked():
+    """Every kernel the launchers wrap, compiled by the installed Triton (its cache key
+    fills ``used_global_vals``; in a child process without the interpreter, where the
+    kernels are Triton's JIT functions): nothing but unchanged constants. On Triton 3.8
+    the unified kernel reads byte_decode's seven PTX constants; before they were
+    accepted, every unified launch took the JIT path there (100-150 us per call)."""
+    import subprocess
+    import sys
+
+    script = (
+        "from portattn.kernels import fast_launch, gluon_launch, launch, stage_launch\n"
+        "for k in (launch.unified_attention_kernel, launch.merge_segments_kernel,\n"
+        "          stage_launch.stage_kv_kernel, gluon_launch._kernel()):\n"
+        "    k.fn.cache_key\n"
+        "    print(k.fn.__name__, len(k.fn.used_global_vals),\n"
+        "          ','.join(fast_launch.mutable_globals(k.fn)) or '-')\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split() for line in done.stdout.splitlines()]
+    assert [r[0] for r in rows] == ["unified_attention_kernel", "merge_segments_kernel",
+                                    "stage_kv_kernel", "gluon_prefill_kernel"]
+    assert all(r[2] == "-" for r in rows), rows
+
+
 def test_uncounted_or_unwrapped_launches_are_refused(kernel):
     x, y = torch.zeros(64, dtype=torch.float16), torch.zeros(64)
     captured = _record(kernel, (x, y))
@@ -837,9 +912,9 @@ def test_the_known_launch_entry_is_that_of_triton_3_5_and_3_6():
 
     release = Version(triton.__version__).release[:2]
     assert launch_entries.c_launch_known() == (release in {(3, 5), (3, 6)})
-    if release == (3, 8) or release > (3, 9):
+    if release > (3, 9):
         pytest.skip(f"Triton {triton.__version__} is not a release whose shared launch "
-                    "entry was read (3.7.1, 3.9.0)")
+                    "entry was read (3.7.1, 3.8.0, 3.9.0)")
     assert launch_entries.shared_launch_known() == (release >= (3, 7))
     assert launch_entries.argument_layout() == ("shared" if release >= (3, 7) else "kernel")
 
@@ -1104,7 +1179,7 @@ def test_only_a_launcher_with_nothing_to_allocate_is_bypassed(field, value, monk
 @pytest.mark.interpreter
 def test_a_launcher_call_doing_more_keeps_the_launcher_object(monkeypatch):
     """The shared entry is used only where ``CudaLauncher.__call__`` is one of the known
-    bodies (3.7.1's, 3.9.0's names): a release whose call does one more thing before the
+    bodies (3.7.1's, 3.8.0's, 3.9.0's names): a release whose call does one more thing before the
     entry (here: one more name) gets the launcher object, the ``"kernel"`` layout."""
     _require_shared_entry()
     from triton.backends.nvidia import driver as nvidia_driver
@@ -1161,15 +1236,19 @@ def wrap_handle_tensordesc(launcher, tensordesc_indices, {closure}):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("reads_base", [False, True])
 @pytest.mark.parametrize("with_meta", [False, True])
-def test_descriptors_reach_the_shared_c_entry_as_through_the_jit(with_meta, monkeypatch):
+def test_descriptors_reach_the_shared_c_entry_as_through_the_jit(with_meta, reads_base,
+                                                                 monkeypatch):
     """Triton 3.7 on (CI: the newest release): a relaunch of a kernel with a host
     descriptor hands the shared C entry what it receives when the JIT's call passes a
     real ``TensorDescriptor`` at the new base (with and without the compiler's
     descriptor metadata; only the driver's tensor-map encoding and the C entry are
-    stand-ins). On 3.7 the relaunch calls the entry with the maps made once per address
-    (Triton's wrapper bypassed, as on 3.6); elsewhere (3.9's wrapper is another shape)
-    it calls Triton's wrapper with a :class:`HostDescriptor`, which encodes per launch."""
+    stand-ins). The relaunch calls the entry with the maps made once per address
+    (Triton's wrapper bypassed, as on 3.6): 3.7's wrapper, and 3.8's / 3.9's (the C++
+    argument walk) where ``make_tensordesc_arg`` ignores its third argument, as NVIDIA's
+    does; one that reads it keeps Triton's wrapper, called with a
+    :class:`HostDescriptor`, which encodes per launch."""
     require_native_binder()
     _require_shared_entry()
     from triton.backends.nvidia import driver as nvidia_driver
@@ -1177,15 +1256,27 @@ def test_descriptors_reach_the_shared_c_entry_as_through_the_jit(with_meta, monk
     c_calls: list = []
     encodes: list = []
     triton_make = nvidia_driver.make_tensordesc_arg
+    release = tuple(int(p) for p in triton.__version__.split(".")[:2])
 
-    def fake_make(arg, meta, *rest):  # stands in for cuTensorMapEncodeTiled (a GPU's)
-        if meta is None:
-            return triton_make(arg, None, *rest)
+    def encode(arg, meta):  # stands in for cuTensorMapEncodeTiled (a GPU's)
         encodes.append(arg.base.data_ptr())
         return [("map", arg.base.data_ptr(), meta["swizzle"], tuple(arg.shape),
                  tuple(arg.strides), arg.padding, arg.round_f32_to_tf32),
                 *arg.shape, *arg.strides]
 
+    def make_3_7(arg, meta):  # 3.7's make_tensordesc_arg(arg, metadata)
+        return triton_make(arg, None) if meta is None else encode(arg, meta)
+
+    def make(arg, meta, _):  # 3.8 on: (arg, metadata, base_args), the last unread
+        return triton_make(arg, None, None) if meta is None else encode(arg, meta)
+
+    def make_reading_base(arg, meta, base_args):  # another backend's could read it
+        assert len(base_args) > 4
+        return make(arg, meta, None)
+
+    fake_make = make_3_7 if release == (3, 7) else \
+        make_reading_base if reads_base else make
+    fake_make.__module__ = nvidia_driver.__name__
     monkeypatch.setattr(nvidia_driver, "make_tensordesc_arg", fake_make)
     _no_gpu_driver(monkeypatch)
     signature = {0: "tensordesc<bf16[8,1,16]>", 1: "*fp32", 2: "i32", 3: "constexpr"}
@@ -1197,8 +1288,7 @@ def test_descriptors_reach_the_shared_c_entry_as_through_the_jit(with_meta, monk
     sequence, captured, ws, y = _descriptor_sequence(kernel)
     entry = next(iter(sequence.table.values()))
     bypassed = entry[0] is c_entry
-    release = tuple(int(p) for p in triton.__version__.split(".")[:2])
-    assert bypassed == (release == (3, 7))  # 3.7's wrapper shape; 3.9's is another
+    assert bypassed == (release == (3, 7) or not reads_base)
     assert bypassed or entry[0] is wrapper  # never the launcher object's frame
     compiled = captured.launches[0].compiled
     encodes.clear()

@@ -19,7 +19,7 @@ How, for ANY ``@triton.jit`` kernel and whatever arguments a launcher passes:
    kept as recorded), or a host *tensor descriptor* (Triton's ``TensorDescriptor``)
    whose base is bound as a tensor is and whose shape, strides, block shape and padding
    are fixed: per call its launch arguments are made for the new base pointer (on
-   Triton 3.6 and 3.7 the tensor map Triton's launcher would encode, kept per address:
+   Triton 3.6 to 3.9 the tensor map Triton's launcher would encode, kept per address:
    see :func:`launch_entries.descriptor_expanders`; elsewhere Triton's wrapper encodes
    it per launch, as for its JIT). Anything else (a tensor
    the launcher allocated itself) makes the sequence unusable, and the caller keeps the
@@ -50,14 +50,19 @@ under a new key whose fixed values differ from the recorded ones disables the se
 call and must agree (same cached kernel, pointers specialized by alignment alone), else
 the sequence is unusable. Whenever a key is unknown, :meth:`launch` returns False and
 the caller runs its normal path under :func:`capture`, then :meth:`absorb` stores what
-Triton compiled (after checking the launches have the same structure). Launch hooks
-(profilers), pre-run hooks, kernels with global-variable dependencies, the interpreter
+Triton compiled (after checking the launches have the same structure). Global variables
+a kernel reads (Triton checks them on every launch, and raises if one changed): only
+``tl.constexpr`` constants of plain values are accepted, checked equal to the compiled
+kernel's when a sequence is built or stores kernels, never per call (Triton 3.8 on counts
+the constants of every function a kernel calls, e.g. the PTX of ``byte_decode``; a
+module rebinding one afterwards is not noticed, where the JIT would raise). Launch hooks
+(profilers), pre-run hooks, kernels with any other global-variable dependency, the interpreter
 (``TRITON_INTERPRET=1``, no compiled kernel), non-native backends (AMD: buffer-op
 specialization; Triton 3.5's binder in Python) and CUDA launchers called in an order other
 than the JIT's (:func:`launch_entries.launcher_call_known`) always take the normal path.
 
 Which entry a relaunch calls, per Triton release, is :mod:`portattn.kernels.launch_entries`'
-business: Triton 3.6's per-kernel C entry, 3.7's and 3.9's shared C entry, or else the launcher
+business: Triton 3.6's per-kernel C entry, the shared C entry of 3.7 to 3.9, or else the launcher
 object as the JIT calls it.
 """
 
@@ -84,6 +89,7 @@ from portattn.kernels.launch_entries import (
 
 _local = threading.local()
 _PLAIN = (int, float, bool, str, type(None))
+_MISSING = object()
 #: Per launch sequence: max compiled-kernel entries (device x Triton state x alignment)
 #: before its table is cleared (it refills from Triton's own cache, through capture).
 TABLE_LIMIT = 64
@@ -395,6 +401,22 @@ def _is_constexpr(value) -> bool:
     return isinstance(value, (constexpr, dtype))
 
 
+def mutable_globals(fn) -> list[str]:
+    """The global variables read by JIT kernel ``fn`` and the functions it calls (Triton's
+    ``used_global_vals``, filled when its cache key is made) that a relaunch cannot leave
+    unchecked: all but ``tl.constexpr`` constants of plain values that still hold the
+    value Triton compiled with (Triton folds those into the kernel's hash)."""
+    found = []
+    for (name, _), (value, scope) in (getattr(fn, "used_global_vals", None) or {}).items():
+        current = scope.get(name) if isinstance(scope, dict) else None
+        compiled_with = getattr(value, "value", _MISSING) if _is_constexpr(value) else _MISSING
+        now = getattr(current, "value", _MISSING) if _is_constexpr(current) else _MISSING
+        if compiled_with is _MISSING or not is_plain(compiled_with) or \
+                type(now) is not type(compiled_with) or now != compiled_with:
+            found.append(name)
+    return found
+
+
 def bind_value(value, inputs: Sequence):
     """Where a recorded tensor argument comes from: ``(input index, byte offset)``, or None.
 
@@ -510,8 +532,10 @@ def build_site(launch: Launch, inputs: Sequence) -> Site:
     for attr in ("device_caches", "params"):
         if not hasattr(fn, attr):
             raise Unusable(f"{fn!r} is not a compiled JIT kernel (interpreter?)")
-    if getattr(fn, "used_global_vals", None):
-        raise Unusable(f"{fn!r} depends on global variables (Triton checks them per launch)")
+    changing = mutable_globals(fn)
+    if changing:
+        raise Unusable(f"{fn!r} depends on global variables Triton checks per launch: "
+                       f"{', '.join(changing)}")
     if launch.compiled is None or not hasattr(launch.compiled, "packed_metadata"):
         raise Unusable(f"{fn!r} returned no compiled kernel")
     grid = _grid(launch.grid)

@@ -11,23 +11,23 @@ releases (each form is recognised exactly, never assumed):
   Python frame is skipped. Host tensor descriptors: the C entry sits behind Triton's
   ``wrap_handle_tensordesc``, which encodes a tensor map on every launch; the relaunch
   calls the entry with maps encoded once per base address (:func:`descriptor_expanders`).
-* **Triton 3.7 and 3.9** (:func:`shared_launch_known`; 3.7.1's and 3.9.0's launchers
-  were read, 3.8's were not): one C entry shared by every kernel, ``utils.launch(gx, gy,
+* **Triton 3.7 to 3.9** (:func:`shared_launch_known`; 3.7.1's, 3.8.0's and 3.9.0's
+  launchers were read): one C entry shared by every kernel, ``utils.launch(gx, gy,
   gz, stream, function, cooperative, pdl, packed_metadata, launch_metadata, enter_hook,
   exit_hook, global_scratch, profile_scratch, arg_annotations, kernel_signature,
   kernel_args)``, whose argument format the installed driver's C source declares
   (:data:`SHARED_LAUNCH_FORMAT`) and whose launcher's ``__call__`` does nothing else
   first (:data:`KNOWN_SHARED_LAUNCHER_CALLS`). The relaunch calls it the way the
-  launcher object would, with that kernel's annotations and signature bytes; 3.7's
-  descriptor wrapper is bypassed as 3.6's is, 3.9's (another shape) is called with host
-  descriptors, encoding per launch.
+  launcher object would, with that kernel's annotations and signature bytes; the
+  descriptor wrappers of 3.7 (a Python closure) and of 3.8 / 3.9 (a C++ walk of the
+  arguments) are bypassed as 3.6's is.
 * **Anything else** (scratch to allocate, GSan, an unknown driver): the launcher object
   itself, called as the JIT calls it (:func:`launcher_call_known` checks its parameter
   list first), through an adapter of the same argument layout.
 
 So the relaunch has one of two argument layouts per installed Triton (:func:`argument_layout`):
 ``"kernel"`` (3.6's per-kernel entry, and the adapter where neither entry is known) and
-``"shared"`` (3.7's and 3.9's). The generated launch code of a sequence and the entries stored
+``"shared"`` (3.7's to 3.9's). The generated launch code of a sequence and the entries stored
 for its kernels are both made for the layout of the process's Triton.
 """
 
@@ -45,7 +45,7 @@ from typing import Any, Callable
 #: stream, function, cooperative, pdl, global and profile scratch, kernel and launch
 #: metadata, enter and exit hooks.
 C_LAUNCH_FORMAT = "iiiKKppOOOOOO"
-#: What the C entry shared by every kernel parses in Triton 3.7.1 and 3.9.0 (the
+#: What the C entry shared by every kernel parses in Triton 3.7.1, 3.8.0 and 3.9.0 (the
 #: ``PyArg_ParseTuple`` format of ``launch`` in the NVIDIA driver's ``driver.c``): grid
 #: x, y, z, stream, function, cooperative, pdl, (num_warps, num_ctas, shared memory),
 #: launch metadata, enter and exit hooks, global and profile scratch, argument
@@ -62,9 +62,11 @@ LAUNCHER_CALL_FORMS = (
 )
 #: The names Triton's ``CudaLauncher.__call__`` uses (its code's ``co_names``) in the
 #: releases whose call the shared-entry relaunch reproduces: 3.7.1 (scratch allocation,
-#: then the entry) and 3.9.0 (the same, plus GSan and a default profile scratch, both
-#: gated off per kernel by :func:`_plain_cuda_launcher`). A launcher whose call uses
-#: other names may do something the relaunch would skip: it keeps the launcher object.
+#: then the entry), 3.9.0 (the same, plus GSan and a default profile scratch, both gated
+#: off per kernel by :func:`_plain_cuda_launcher`) and 3.8.0 (3.9.0's call with a GSan
+#: stream sync after the entry, gated off with GSan, and without 3.9's GSan capture
+#: check). A launcher whose call uses other names may do something the relaunch would
+#: skip: it keeps the launcher object.
 KNOWN_SHARED_LAUNCHER_CALLS = (
     frozenset({"_allocation", "_allocator", "_profile_allocator", "arg_annotations",
                "global_scratch_align", "global_scratch_size", "kernel_signature", "launch",
@@ -79,6 +81,15 @@ KNOWN_SHARED_LAUNCHER_CALLS = (
                "launch_pdl", "profile_scratch_align", "profile_scratch_size", "runtime",
                "triton", "triton.experimental.gsan._allocator",
                "triton.experimental.gsan._stream_sync", "utils"}),
+    frozenset({"GSAN_PER_DEVICE_STATE_STRIDE", "_allocation", "_allocator",
+               "_profile_allocator", "_stream_sync", "active", "arg_annotations", "driver",
+               "experimental", "get_current_device", "get_device_rank",
+               "get_global_state_pointer", "global_scratch_align", "global_scratch_size",
+               "gsan", "gsan_enabled", "has_profile_allocator", "kernel_signature", "launch",
+               "launch_cooperative_grid", "launch_pdl", "profile_scratch_align",
+               "profile_scratch_size", "runtime", "synchronize_launch_stream", "triton",
+               "triton.experimental.gsan._allocator",
+               "triton.experimental.gsan._stream_sync"}),
 )
 #: The module of Triton's CUDA launcher class (``CudaLauncher``)
 TRITON_CUDA_DRIVER = "triton.backends.nvidia.driver"
@@ -107,7 +118,7 @@ def c_launch_known() -> bool:
 
 def shared_launch_known() -> bool:
     """Whether the installed Triton's CUDA launchers call the shared C entry as Triton
-    3.7.1 and 3.9.0 do: no per-kernel entry, the driver's C source (shipped with Triton,
+    3.7.1, 3.8.0 and 3.9.0 do: no per-kernel entry, the driver's C source (shipped with Triton,
     which compiles it on first use) parses exactly :data:`SHARED_LAUNCH_FORMAT`, and
     ``CudaLauncher.__call__`` uses one of the name sets of
     :data:`KNOWN_SHARED_LAUNCHER_CALLS` (so it does nothing else before calling the
@@ -152,7 +163,7 @@ def _parses(source_path: str, fmt: str) -> bool:
 
 def argument_layout() -> str:
     """The relaunch's argument layout on the installed Triton: ``"shared"`` where the
-    shared C entry is known (3.7, 3.9), else ``"kernel"`` (3.6's per-kernel entry, or
+    shared C entry is known (3.7 to 3.9), else ``"kernel"`` (3.6's per-kernel entry, or
     the launcher object through an adapter)."""
     return "shared" if shared_launch_known() else "kernel"
 
@@ -193,7 +204,7 @@ def launch_entry(compiled, descriptors: dict, arg_layout: str) -> tuple:
 
 def _plain_cuda_launcher(run) -> bool:
     """Triton's CUDA launcher of a kernel with no global or profiling scratch to allocate
-    per launch (nor GSan state, Triton 3.9's sanitizer)."""
+    per launch (nor GSan state, the sanitizer of Triton 3.8 on)."""
     return type(run).__name__ == "CudaLauncher" and \
         getattr(run, "global_scratch_size", 1) == 0 and \
         getattr(run, "profile_scratch_size", 1) == 0 and \
@@ -245,7 +256,7 @@ def shared_launch(run) -> tuple[Callable, Any, Any, Any, Any]:
     launcher ``run``, in the ``"shared"`` layout: ``launch`` takes ``(gx, gy, gz, stream,
     function, cooperative, pdl, packed_metadata, launch_metadata, enter_hook, exit_hook,
     global_scratch, profile_scratch, annotations, signature, kernel_args)``. For Triton
-    3.7's or 3.9's own CUDA launcher of a kernel without scratch or GSan, that is ``run.launch``
+    3.7's to 3.9's own CUDA launcher of a kernel without scratch or GSan, that is ``run.launch``
     itself, which its ``__call__`` calls with exactly these arguments after allocating
     scratch (the shared C entry, or Triton's descriptor wrapper around it); otherwise an
     adapter calling ``run`` as the JIT does."""
@@ -299,9 +310,10 @@ def descriptor_expanders(launch, descriptors: dict) -> tuple[Callable, tuple]:
     function of its new base address returning the launch arguments it stands for.
 
     Triton's CUDA launcher of a kernel with host descriptors calls its C entry through a
-    Python wrapper (``wrap_handle_tensordesc``) that walks every argument and encodes each
-    descriptor (``cuTensorMapEncodeTiled``) per launch. Where ``launch`` is that wrapper
-    as Triton 3.6 or 3.7 build it, the C entry is called instead, and each descriptor's
+    wrapper (``wrap_handle_tensordesc``; from 3.8 on ``wrap_handle_tensordesc_impl``
+    walking the arguments in C++) that encodes each descriptor (``cuTensorMapEncodeTiled``)
+    per launch. Where ``launch`` is that wrapper as Triton 3.6 to 3.9 build it, the C
+    entry is called instead, and each descriptor's
     expansion is made by Triton's own ``make_tensordesc_arg`` once per base address and
     kept (a tensor map is a pure function of the address and the fixed layout, and the
     launch copies it into the kernel's parameters, so one object serves every launch).
@@ -310,7 +322,9 @@ def descriptor_expanders(launch, descriptors: dict) -> tuple[Callable, tuple]:
     items = sorted(descriptors.items())
     if not items:
         return launch, ()
-    unwrapped = _unwrap_descriptor_launcher(launch, [pos for pos, _ in items])
+    positions = [pos for pos, _ in items]
+    unwrapped = _unwrap_descriptor_launcher(launch, positions) or \
+        _unwrap_shared_wrapper(launch, positions)
     if unwrapped is None:
         return launch, tuple(_as_descriptor(layout) for _, layout in items)
     c_launch, metas, make = unwrapped
@@ -349,6 +363,64 @@ def _unwrap_descriptor_launcher(launch, positions: list[int]):
     elif base_args != _BASE_ARGS:
         return None
     return c_launch, list(metas), make
+
+
+def _unwrap_shared_wrapper(launch, positions: list[int]):
+    """``(C entry, per-descriptor metadata, make)`` of the descriptor wrapper Triton 3.8 and
+    3.9 build (``triton.backends.driver.wrap_handle_tensordesc_impl``: a closure over the
+    shared entry, the kernel's signature, the descriptors' paths and metadata, and the
+    backend's ``make_tensordesc_arg(arg, metadata, base_args)``), or None when ``launch``
+    is not that wrapper over a flat signature whose descriptors are exactly at
+    ``positions``, with NVIDIA's ``make_tensordesc_arg``, which ignores ``base_args`` (so
+    an expansion depends on the base address alone and can be kept per address).
+
+    What the wrapper does per launch (Triton's ``make_tensordesc_args``): descriptor ``k``
+    in parameter order is replaced in place by ``make_tensordesc_arg(arg, meta[k],
+    base_args)``, ``meta[k]`` None where the metadata list is empty."""
+    if getattr(launch, "__qualname__", None) != "wrap_handle_tensordesc_impl.<locals>.inner" \
+            or getattr(launch, "__globals__", {}).get("__name__") != "triton.backends.driver":
+        return None
+    code, closure = getattr(launch, "__code__", None), getattr(launch, "__closure__", None)
+    if code is None or closure is None:
+        return None
+    try:
+        cells = {name: cell.cell_contents for name, cell in zip(code.co_freevars, closure)}
+    except ValueError:
+        return None
+    if set(cells) != {"launcher", "make_tensordesc_arg", "relevant_paths", "signature",
+                      "tensordesc_meta"}:
+        return None
+    c_launch, make, signature = cells["launcher"], cells["make_tensordesc_arg"], cells["signature"]
+    paths, metas = cells["relevant_paths"], cells["tensordesc_meta"]
+    if not (callable(c_launch) and isinstance(signature, tuple) and
+            all(isinstance(t, str) for t in signature) and isinstance(metas, list)):
+        return None
+    found = [i for i, t in enumerate(signature) if t.startswith("tensordesc")]
+    if found != positions or paths != {i: {} for i in found} or \
+            len(metas) not in (0, len(found)) or not _ignores_base_args(make):
+        return None
+
+    def make_without_base(arg, meta):
+        return make(arg, meta, None)
+    return c_launch, (metas or [None] * len(found)), make_without_base
+
+
+def _ignores_base_args(make) -> bool:
+    """Whether ``make`` is NVIDIA's ``make_tensordesc_arg(arg, metadata, _)`` and never
+    reads its third parameter."""
+    import dis
+
+    code = getattr(make, "__code__", None)
+    if code is None or getattr(make, "__module__", None) != TRITON_CUDA_DRIVER or \
+            code.co_argcount != 3 or code.co_flags & (inspect.CO_VARARGS |
+                                                      inspect.CO_VARKEYWORDS):
+        return False
+    third = code.co_varnames[2]
+    # (3.13's paired instructions, e.g. LOAD_FAST_LOAD_FAST, name a tuple of locals)
+    return third not in code.co_cellvars and not any(
+        third in (ins.argval if isinstance(ins.argval, tuple) else (ins.argval,))
+        for ins in dis.get_instructions(code)
+        if ins.opname.startswith(("LOAD_FAST", "DELETE_FAST", "STORE_FAST")))
 
 
 def _positional_count(fn) -> int | None:
