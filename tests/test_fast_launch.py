@@ -535,6 +535,8 @@ def test_the_packages_kernels_read_no_global_a_relaunch_would_leave_unchecked():
     assert [r[0] for r in rows] == ["unified_attention_kernel", "merge_segments_kernel",
                                     "stage_kv_kernel", "gluon_prefill_kernel"]
     assert all(r[2] == "-" for r in rows), rows
+    if tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 8):
+        assert int(rows[0][1]) > 0, "3.8 on: the unified kernel reads byte_decode's PTX"
 
 
 def test_uncounted_or_unwrapped_launches_are_refused(kernel):
@@ -1116,7 +1118,7 @@ def _no_gpu_driver(monkeypatch) -> None:
 @pytest.mark.interpreter
 @pytest.mark.parametrize("scratch", [0, 64])
 def test_the_shared_entry_gets_what_tritons_launcher_passes_it(scratch, kernel, monkeypatch):
-    """Triton 3.7 or 3.9 (CI: the newest release): a relaunch calls Triton's shared C entry
+    """Triton 3.7 to 3.9 (CI: the newest release): a relaunch calls Triton's shared C entry
     itself, with what Triton's own ``CudaLauncher.__call__`` passes it for the JIT's call
     of the same kernel at the new pointers (grid, stream, metadata, hooks, scratch, the
     kernel's annotations and signature bytes, the arguments as one tuple). A kernel with
@@ -1160,7 +1162,7 @@ def test_the_shared_entry_gets_what_tritons_launcher_passes_it(scratch, kernel, 
                                          ("gsan_enabled", True)])
 def test_only_a_launcher_with_nothing_to_allocate_is_bypassed(field, value, monkeypatch):
     """Triton's own launcher class (as installed) with global or profiling scratch, or
-    GSan (Triton 3.9's sanitizer), to set up per launch is called as itself in either
+    GSan (Triton's sanitizer, 3.8 on), to set up per launch is called as itself in either
     layout; without, its entry is called (3.6's only where the driver has that entry)."""
     from triton.backends.nvidia import driver as nvidia_driver
 
@@ -1206,7 +1208,7 @@ def test_the_3_7_descriptor_wrapper_is_recognised_by_its_shape():
     descriptors' indices and metadata, in the NVIDIA driver's module, which has no
     3.6 argument count; ``make_tensordesc_arg(arg, metadata)``) is unwrapped on any
     installed release; the same function in another module, over other names, or with
-    a three-argument ``make_tensordesc_arg`` (3.9's) is not."""
+    a three-argument ``make_tensordesc_arg`` (3.8's and 3.9's) is not."""
     def wrapper_like(module=launch_entries.TRITON_CUDA_DRIVER, closure="tensordesc_meta",
                      make="def make_tensordesc_arg(arg, metadata):\n    return [arg]\n"):
         namespace = {"__name__": module}
@@ -1234,6 +1236,90 @@ def wrap_handle_tensordesc(launcher, tensordesc_indices, {closure}):
         assert launch_entries._unwrap_descriptor_launcher(build(c_entry, {0}, ["m"]),
                                                           [0]) is None, other
 
+
+
+def _nvidia_make(body: str, module: str = launch_entries.TRITON_CUDA_DRIVER):
+    """A ``make_tensordesc_arg`` defined by ``body`` in a module named ``module``."""
+    namespace = {"__name__": module}
+    exec(body, namespace)
+    return namespace["make_tensordesc_arg"]
+
+
+IGNORES_BASE = "def make_tensordesc_arg(arg, metadata, _):\n    return [arg, metadata]\n"
+
+
+@pytest.mark.parametrize("body,module,ignores", [
+    (IGNORES_BASE, launch_entries.TRITON_CUDA_DRIVER, True),
+    (IGNORES_BASE, "triton.backends.amd.driver", False),  # another backend's
+    ("def make_tensordesc_arg(arg, metadata, base):\n    return [arg, base]\n", None, False),
+    ("def make_tensordesc_arg(arg, metadata, base):\n    f = lambda: base\n"
+     "    return [f()]\n", None, False),  # read in a closure
+    ("def make_tensordesc_arg(arg, metadata, base):\n    del base\n    return [arg]\n",
+     None, False),
+    ("def make_tensordesc_arg(arg, metadata):\n    return [arg]\n", None, False),
+    ("def make_tensordesc_arg(arg, metadata, _, *rest):\n    return [rest]\n", None, False),
+])
+def test_only_a_make_tensordesc_arg_ignoring_base_args_is_called_once_per_address(
+        body, module, ignores):
+    """Triton 3.8 / 3.9 pass ``make_tensordesc_arg`` the launch's base arguments too; an
+    expansion is kept per address only where NVIDIA's function (its driver module, three
+    parameters) never reads them: not read, read directly or in a closure, deleted, two
+    or more parameters, another module."""
+    make = _nvidia_make(body, module or launch_entries.TRITON_CUDA_DRIVER)
+    assert launch_entries._ignores_base_args(make) == ignores
+
+
+def test_the_3_8_descriptor_wrapper_is_recognised_by_its_shape():
+    """Triton 3.8 / 3.9's ``wrap_handle_tensordesc_impl`` (in ``triton.backends.driver``: a
+    closure over the shared entry, the kernel's signature, the descriptors' paths and
+    metadata, and ``make_tensordesc_arg``) is unwrapped on any installed release where its
+    descriptors are the flat signature's and its ``make_tensordesc_arg`` ignores
+    ``base_args``: metadata per descriptor in parameter order, None for each when the
+    list is empty; not elsewhere (another module, other closure names, other positions,
+    a tuple parameter, a metadata list longer than the descriptors, or a ``make`` that
+    reads ``base_args``)."""
+    source = """
+def wrap_handle_tensordesc_impl(launcher, signature, tensordesc_meta, make_tensordesc_arg):
+    signature = tuple(signature.values())
+    relevant_paths = {i: {} for i, t in enumerate(signature)
+                      if isinstance(t, str) and t.startswith("tensordesc")}
+
+    def inner(*args):
+        return launcher(*args[:-1], (signature, relevant_paths, tensordesc_meta,
+                                     make_tensordesc_arg))
+    return inner
+"""
+
+    def wrapper(signature, metas, module="triton.backends.driver", make=IGNORES_BASE):
+        namespace = {"__name__": module}
+        exec(source, namespace)
+        return namespace["wrap_handle_tensordesc_impl"](c_entry, signature, metas,
+                                                        _nvidia_make(make))
+
+    def c_entry(*args):
+        return args
+
+    flat = {"a": "constexpr", "d0": "tensordesc<bf16[8,16]>", "x": "*fp32",
+            "d1": "tensordesc<bf16[8,16]>"}
+    found = launch_entries._unwrap_shared_wrapper(wrapper(flat, ["m1", "m3"]), [1, 3])
+    assert found is not None and found[0] is c_entry and found[1] == ["m1", "m3"]
+    assert found[2]("arg", "m1") == ["arg", "m1"]  # make without the base arguments
+    assert launch_entries._unwrap_shared_wrapper(wrapper(flat, []), [1, 3])[1] == [None, None]
+    refused = [
+        (wrapper(flat, ["m1", "m3"], module="triton.backends.nvidia.driver"), [1, 3]),
+        (wrapper(flat, ["m1", "m3"]), [1]),  # other positions
+        (wrapper(flat, ["m1", "m3", "m4"]), [1, 3]),
+        (wrapper({"d0": "tensordesc<bf16[8,16]>", "t": ("i32", "i32")}, []), [0]),
+        (wrapper(flat, [], make="def make_tensordesc_arg(arg, metadata, base):\n"
+                               "    return [arg, base]\n"), [1, 3]),
+    ]
+    for launch, positions in refused:
+        assert launch_entries._unwrap_shared_wrapper(launch, positions) is None
+    renamed = wrapper(flat, [])
+    renamed.__code__ = renamed.__code__.replace(
+        co_freevars=tuple(n.replace("relevant_paths", "paths")
+                          for n in renamed.__code__.co_freevars))
+    assert launch_entries._unwrap_shared_wrapper(renamed, [1, 3]) is None
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("reads_base", [False, True])
@@ -1348,6 +1434,56 @@ def toy_three_desc(A: tl.constexpr, a_desc, x_ptr, n, B: tl.constexpr, b_desc, c
     pass  # a signature only: descriptors at positions 1, 5, 6 with constexprs between
 
 
+#: ``toy_three_desc``'s signature as Triton's launcher sees it
+THREE_DESC_SIGNATURE = {0: "constexpr", 1: "tensordesc<bf16[8,1,16]>", 2: "*fp32", 3: "i32",
+                        4: "constexpr", 5: "tensordesc<bf16[8,1,16]>",
+                        6: "tensordesc<bf16[8,16]>", 7: "constexpr"}
+
+
+def _three_desc_metas(meta_kind: str):
+    """The compiler's descriptor metadata for ``toy_three_desc``'s three descriptors:
+    ``"compiled"`` / ``"fp4_padded"`` (the second fp4-padded); ``"none"`` None (3.6's
+    wrapper), ``"empty"`` [] (3.8 on, a GPU without TMA), ``"nones"`` one None each."""
+    def meta(swizzle, block, fp4=False):
+        return {"swizzle": swizzle, "elem_size": 2, "elem_type": 9, "block_size": block,
+                "fp4_padded": fp4}
+
+    special = {"none": None, "empty": [], "nones": [None] * 3}
+    if meta_kind in special:
+        return special[meta_kind]
+    return [meta(128, [8, 1, 16]), meta(64, [8, 1, 16], meta_kind == "fp4_padded"),
+            meta(32, [8, 16])]
+
+
+def _three_descriptors(ws, other):
+    """Three host descriptors (3-D and 2-D, zero and NaN padding) over views of two
+    tensors, for ``toy_three_desc``."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return (TensorDescriptor(ws[512:], [28, 8, 16], [128, 16, 1], [8, 1, 16]),
+            TensorDescriptor(ws[2048:], [28, 8, 16], [128, 16, 1], [8, 1, 16],
+                             padding="nan"),
+            TensorDescriptor(other[256:], [64, 16], [16, 1], [8, 16]))
+
+
+def _three_desc_sequence(kernel):
+    """``(sequence, ws, other, y)``: one launch of ``kernel`` (``toy_three_desc``) over
+    :func:`_three_descriptors`, recorded and built."""
+    ws, other = torch.zeros(8192, dtype=torch.bfloat16), torch.zeros(4096, dtype=torch.bfloat16)
+    y = torch.zeros(64)
+    a, b, c = _three_descriptors(ws, other)
+    with capture() as captured:
+        capturable(kernel)[(4, 2)](3, a, y, 100, 5, b, c, BLOCK=32)
+    captured.triton_launches = 1
+    return LaunchSequence.build(captured, (ws, y, other)), ws, other, y
+
+
+def _addresses(values):
+    """Launch arguments with each base given as an object with ``data_ptr()`` (a descriptor
+    without metadata) replaced by its address."""
+    return [v.data_ptr() if hasattr(v, "data_ptr") else v for v in values]
+
+
 @pytest.mark.parametrize("meta_kind", ["none", "compiled", "fp4_padded"])
 def test_several_descriptors_expand_as_tritons_wrapper_does(meta_kind, monkeypatch):
     """Three host descriptors between constexpr and plain parameters (2-D and 3-D, zero and
@@ -1358,7 +1494,6 @@ def test_several_descriptors_expand_as_tritons_wrapper_does(meta_kind, monkeypat
     require_native_binder()
     _require_known_c_launch()
     import triton
-    from triton.tools.tensor_descriptor import TensorDescriptor
 
     class TensorMap:  # what fill_tma_descriptor's object stands for: its arguments
         def __init__(self, *args):
@@ -1376,41 +1511,59 @@ def test_several_descriptors_expand_as_tritons_wrapper_does(meta_kind, monkeypat
     monkeypatch.setattr(type(triton.runtime.driver), "active", property(lambda _: Driver))
     monkeypatch.setattr(fast_launch, "_device_functions", lambda: (lambda: 0, lambda d: 77))
 
-    def meta(swizzle, block, fp4=False):
-        return {"swizzle": swizzle, "elem_size": 2, "elem_type": 9, "block_size": block,
-                "fp4_padded": fp4}
-
-    metas = None if meta_kind == "none" else [
-        meta(128, [8, 1, 16]), meta(64, [8, 1, 16], meta_kind == "fp4_padded"),
-        meta(32, [8, 16])]
-    signature = {0: "constexpr", 1: "tensordesc<bf16[8,1,16]>", 2: "*fp32", 3: "i32",
-                 4: "constexpr", 5: "tensordesc<bf16[8,1,16]>", 6: "tensordesc<bf16[8,16]>",
-                 7: "constexpr"}
-    kernel, wrapper, c_calls = behind_descriptor_wrapper(toy_three_desc, signature, metas)
-    ws, other = torch.zeros(8192, dtype=torch.bfloat16), torch.zeros(4096, dtype=torch.bfloat16)
-    y = torch.zeros(64)
-
-    def descriptors(ws, other):
-        return (TensorDescriptor(ws[512:], [28, 8, 16], [128, 16, 1], [8, 1, 16]),
-                TensorDescriptor(ws[2048:], [28, 8, 16], [128, 16, 1], [8, 1, 16],
-                                 padding="nan"),
-                TensorDescriptor(other[256:], [64, 16], [16, 1], [8, 16]))
-
-    a, b, c = descriptors(ws, other)
-    with capture() as captured:
-        capturable(kernel)[(4, 2)](3, a, y, 100, 5, b, c, BLOCK=32)
-    captured.triton_launches = 1
-    sequence = LaunchSequence.build(captured, (ws, y, other))
-
-    def plain(values):  # a base given as an object with data_ptr() (meta None) -> address
-        return [v.data_ptr() if hasattr(v, "data_ptr") else v for v in values]
+    kernel, wrapper, c_calls = behind_descriptor_wrapper(
+        toy_three_desc, THREE_DESC_SIGNATURE, _three_desc_metas(meta_kind))
+    sequence, ws, other, y = _three_desc_sequence(kernel)
 
     fresh = torch.zeros(8192, dtype=torch.bfloat16), torch.zeros(4096, dtype=torch.bfloat16)
     for w, o in ((ws, other), (fresh[0], other), (ws, fresh[1])):
         assert sequence.launch((w, y, o))
-        a, b, c = descriptors(w, o)
+        a, b, c = _three_descriptors(w, o)
         wrapper(4, 2, 1, 77, None, False, False, None, None, (4, 1, 0), None, None, None,
                 3, a, y.data_ptr(), 100, 5, b, c, 32)
         ours, triton_s = c_calls[-2], c_calls[-1]
         assert ours[:4] == triton_s[:4] and ours[5:10] == triton_s[5:10]
-        assert plain(ours[13:]) == plain(triton_s[13:])
+        assert _addresses(ours[13:]) == _addresses(triton_s[13:])
+
+
+@pytest.mark.parametrize("meta_kind", ["empty", "nones", "compiled", "fp4_padded"])
+def test_several_descriptors_reach_the_shared_entry_as_through_tritons_wrapper(meta_kind,
+                                                                              monkeypatch):
+    """Triton 3.8 / 3.9: the same three descriptors through Triton's own
+    ``wrap_handle_tensordesc`` (its C++ walk of the arguments) and NVIDIA's
+    ``make_tensordesc_arg`` (only the tensor-map encoding faked), metadata empty (a GPU
+    without TMA), all None, the compiler's, fp4-padded: the bypassed relaunch hands the
+    shared C entry the arguments the wrapper makes, for new base addresses."""
+    require_native_binder()
+    _require_shared_entry()
+    if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 8):
+        pytest.skip(f"Triton {triton.__version__} builds the 3.7 wrapper (see the test above)")
+    import types
+
+    from triton.backends.nvidia import driver as nvidia_driver
+    from triton.runtime import driver as triton_driver
+
+    def tensor_map(*args):  # what cuTensorMapEncodeTiled's object stands for: its inputs
+        return ("map",) + tuple(tuple(a) if isinstance(a, list) else a for a in args)
+
+    monkeypatch.setattr(triton_driver, "_active", types.SimpleNamespace(
+        utils=types.SimpleNamespace(is_stream_capturing=lambda stream: False,
+                                    fill_tma_descriptor_tiled=tensor_map)))
+    monkeypatch.setattr(fast_launch, "_device_functions", lambda: (lambda: 0, lambda d: 77))
+
+    c_calls: list = []
+    wrapper = nvidia_driver.wrap_handle_tensordesc(lambda *args: c_calls.append(args),
+                                                   THREE_DESC_SIGNATURE,
+                                                   _three_desc_metas(meta_kind))
+    kernel = DescriptorKernel(toy_three_desc, _shared_entry_launcher(nvidia_driver, wrapper))
+    sequence, ws, other, y = _three_desc_sequence(kernel)
+    assert next(iter(sequence.table.values()))[0] is not wrapper  # bypassed
+
+    fresh = torch.zeros(8192, dtype=torch.bfloat16), torch.zeros(4096, dtype=torch.bfloat16)
+    for w, o in ((ws, other), (fresh[0], other), (ws, fresh[1])):
+        assert sequence.launch((w, y, o))
+        a, b, c = _three_descriptors(w, o)
+        wrapper(4, 2, 1, 77, None, False, False, None, None, None, None, None, None,
+                ("annotations",), b"sig", (3, a, y.data_ptr(), 100, 5, b, c, 32))
+        ours, triton_s = c_calls[-2], c_calls[-1]
+        assert ours[:4] == triton_s[:4] and _addresses(ours[-1]) == _addresses(triton_s[-1])

@@ -51,11 +51,12 @@ call and must agree (same cached kernel, pointers specialized by alignment alone
 the sequence is unusable. Whenever a key is unknown, :meth:`launch` returns False and
 the caller runs its normal path under :func:`capture`, then :meth:`absorb` stores what
 Triton compiled (after checking the launches have the same structure). Global variables
-a kernel reads (Triton checks them on every launch, and raises if one changed): only
-``tl.constexpr`` constants of plain values are accepted, checked equal to the compiled
-kernel's when a sequence is built or stores kernels, never per call (Triton 3.8 on counts
-the constants of every function a kernel calls, e.g. the PTX of ``byte_decode``; a
-module rebinding one afterwards is not noticed, where the JIT would raise). Launch hooks
+a kernel reads (Triton checks them on every launch, and raises if one changed; from 3.8
+on it also counts those of every function a kernel calls, e.g. ``byte_decode``'s PTX):
+only ``tl.constexpr`` constants of plain values are accepted, checked equal to what the
+kernel compiled with when the sequence is built, not per call. A module rebinding one
+afterwards is not noticed by relaunches of keys already stored (a new key takes the JIT,
+which raises); ours never rebind them. Launch hooks
 (profilers), pre-run hooks, kernels with any other global-variable dependency, the interpreter
 (``TRITON_INTERPRET=1``, no compiled kernel), non-native backends (AMD: buffer-op
 specialization; Triton 3.5's binder in Python) and CUDA launchers called in an order other
@@ -404,8 +405,11 @@ def _is_constexpr(value) -> bool:
 def mutable_globals(fn) -> list[str]:
     """The global variables read by JIT kernel ``fn`` and the functions it calls (Triton's
     ``used_global_vals``, filled when its cache key is made) that a relaunch cannot leave
-    unchecked: all but ``tl.constexpr`` constants of plain values that still hold the
-    value Triton compiled with (Triton folds those into the kernel's hash)."""
+    unchecked: all but ``tl.constexpr`` constants whose value is plain (:func:`is_plain`:
+    a number, string, bool, None, dtype or tuple of those, so it cannot change in place)
+    and is, now, equal to and of the same type as the value the kernel compiled with.
+    Why those may go unchecked per call: Triton never recompiles for a changed global
+    (its hash is made once), it raises; a constant that holds its value never raises."""
     found = []
     for (name, _), (value, scope) in (getattr(fn, "used_global_vals", None) or {}).items():
         current = scope.get(name) if isinstance(scope, dict) else None

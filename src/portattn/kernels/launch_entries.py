@@ -20,7 +20,8 @@ releases (each form is recognised exactly, never assumed):
   first (:data:`KNOWN_SHARED_LAUNCHER_CALLS`). The relaunch calls it the way the
   launcher object would, with that kernel's annotations and signature bytes; the
   descriptor wrappers of 3.7 (a Python closure) and of 3.8 / 3.9 (a C++ walk of the
-  arguments) are bypassed as 3.6's is.
+  arguments; for kernels without tuple parameters, with NVIDIA's ``make_tensordesc_arg``,
+  which ignores its ``base_args``) are bypassed as 3.6's is.
 * **Anything else** (scratch to allocate, GSan, an unknown driver): the launcher object
   itself, called as the JIT calls it (:func:`launcher_call_known` checks its parameter
   list first), through an adapter of the same argument layout.
@@ -339,14 +340,10 @@ def _unwrap_descriptor_launcher(launch, positions: list[int]):
     then the kernel's) or 3.7 (no such constant: the shared entry's arguments, the
     kernel's last as one sequence; ``make_tensordesc_arg(arg, metadata)``) build it,
     recognised by name, module and closure."""
-    if getattr(launch, "__qualname__", None) != "wrap_handle_tensordesc.<locals>.inner" or \
-            getattr(launch, "__globals__", {}).get("__name__") != TRITON_CUDA_DRIVER:
-        return None
-    code, closure = getattr(launch, "__code__", None), getattr(launch, "__closure__", None)
-    if code is None or closure is None:
+    cells = _closure_cells(launch, "wrap_handle_tensordesc.<locals>.inner", TRITON_CUDA_DRIVER)
+    if cells is None:
         return None
     try:
-        cells = {name: cell.cell_contents for name, cell in zip(code.co_freevars, closure)}
         c_launch = cells["launcher"]
         indices, metas = cells["tensordesc_indices"], cells["tensordesc_meta"]
         make = launch.__globals__["make_tensordesc_arg"]
@@ -365,6 +362,22 @@ def _unwrap_descriptor_launcher(launch, positions: list[int]):
     return c_launch, list(metas), make
 
 
+def _closure_cells(fn, qualname: str, module: str) -> dict | None:
+    """The values ``fn`` closes over, by name, where ``fn`` is the function ``qualname`` of
+    module ``module`` (a Triton launcher wrapper, recognised by name and module); else
+    None."""
+    if getattr(fn, "__qualname__", None) != qualname or \
+            getattr(fn, "__globals__", {}).get("__name__") != module:
+        return None
+    code, closure = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
+    if code is None or closure is None:
+        return None
+    try:
+        return {name: cell.cell_contents for name, cell in zip(code.co_freevars, closure)}
+    except ValueError:  # an empty cell
+        return None
+
+
 def _unwrap_shared_wrapper(launch, positions: list[int]):
     """``(C entry, per-descriptor metadata, make)`` of the descriptor wrapper Triton 3.8 and
     3.9 build (``triton.backends.driver.wrap_handle_tensordesc_impl``: a closure over the
@@ -377,23 +390,15 @@ def _unwrap_shared_wrapper(launch, positions: list[int]):
     What the wrapper does per launch (Triton's ``make_tensordesc_args``): descriptor ``k``
     in parameter order is replaced in place by ``make_tensordesc_arg(arg, meta[k],
     base_args)``, ``meta[k]`` None where the metadata list is empty."""
-    if getattr(launch, "__qualname__", None) != "wrap_handle_tensordesc_impl.<locals>.inner" \
-            or getattr(launch, "__globals__", {}).get("__name__") != "triton.backends.driver":
-        return None
-    code, closure = getattr(launch, "__code__", None), getattr(launch, "__closure__", None)
-    if code is None or closure is None:
-        return None
-    try:
-        cells = {name: cell.cell_contents for name, cell in zip(code.co_freevars, closure)}
-    except ValueError:
-        return None
-    if set(cells) != {"launcher", "make_tensordesc_arg", "relevant_paths", "signature",
-                      "tensordesc_meta"}:
+    cells = _closure_cells(launch, "wrap_handle_tensordesc_impl.<locals>.inner",
+                           "triton.backends.driver")
+    if cells is None or set(cells) != {"launcher", "make_tensordesc_arg", "relevant_paths",
+                                       "signature", "tensordesc_meta"}:
         return None
     c_launch, make, signature = cells["launcher"], cells["make_tensordesc_arg"], cells["signature"]
     paths, metas = cells["relevant_paths"], cells["tensordesc_meta"]
     if not (callable(c_launch) and isinstance(signature, tuple) and
-            all(isinstance(t, str) for t in signature) and isinstance(metas, list)):
+            all(isinstance(t, str) for t in signature) and type(metas) is list):
         return None
     found = [i for i, t in enumerate(signature) if t.startswith("tensordesc")]
     if found != positions or paths != {i: {} for i in found} or \
