@@ -1526,6 +1526,7 @@ def test_several_descriptors_expand_as_tritons_wrapper_does(meta_kind, monkeypat
         assert _addresses(ours[13:]) == _addresses(triton_s[13:])
 
 
+@pytest.mark.interpreter  # (runs no kernel: marked so CI's newest-Triton tier runs it)
 @pytest.mark.parametrize("meta_kind", ["empty", "nones", "compiled", "fp4_padded"])
 def test_several_descriptors_reach_the_shared_entry_as_through_tritons_wrapper(meta_kind,
                                                                               monkeypatch):
