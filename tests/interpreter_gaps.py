@@ -27,6 +27,7 @@ bounded_loop[(1,)](out, torch.tensor([3], dtype=torch.int32))
 assert out.item() == 3.0, out
 """
 
+
 def numpy_at_least_2_4() -> bool:
     import numpy
 

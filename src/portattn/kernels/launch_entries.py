@@ -61,36 +61,33 @@ LAUNCHER_CALL_FORMS = (
     ("gridX", "gridY", "gridZ", "stream", "function", "kernel_metadata", "launch_metadata",
      "launch_enter_hook", "launch_exit_hook"),
 )
-#: The names Triton's ``CudaLauncher.__call__`` uses (its code's ``co_names``) in the
-#: releases whose call the shared-entry relaunch reproduces: 3.7.1 (scratch allocation,
-#: then the entry), 3.9.0 (the same, plus GSan and a default profile scratch, both gated
-#: off per kernel by :func:`_plain_cuda_launcher`) and 3.8.0 (3.9.0's call with a GSan
-#: stream sync after the entry, gated off with GSan, and without 3.9's GSan capture
-#: check). A launcher whose call uses other names may do something the relaunch would
-#: skip: it keeps the launcher object.
+#: The names Triton 3.9.0's ``CudaLauncher.__call__`` uses (its code's ``co_names``):
+#: scratch allocation, a default profile scratch and GSan (its state pointer, a refusal
+#: under graph capture, launch bookkeeping), all gated off per kernel by
+#: :func:`_plain_cuda_launcher`, then the entry.
+_LAUNCHER_CALL_3_9 = frozenset({
+    "GSAN_PER_DEVICE_STATE_STRIDE", "RuntimeError", "_allocation", "_allocator",
+    "_profile_allocator", "_stream_sync", "active", "arg_annotations", "driver",
+    "experimental", "get_current_device", "get_device_rank", "get_global_state_pointer",
+    "get_launch_state", "global_scratch_align", "global_scratch_size", "gsan",
+    "gsan_enabled", "has_profile_allocator", "is_stream_capturing", "kernel_signature",
+    "launch", "launch_cooperative_grid", "launch_pdl", "profile_scratch_align",
+    "profile_scratch_size", "runtime", "triton", "triton.experimental.gsan._allocator",
+    "triton.experimental.gsan._stream_sync", "utils"})
+#: The names the ``CudaLauncher.__call__`` of the releases whose call the shared-entry
+#: relaunch reproduces uses: 3.7.1 (scratch allocation, then the entry), 3.9.0
+#: (:data:`_LAUNCHER_CALL_3_9`) and 3.8.0 (3.9.0's call without its GSan capture refusal
+#: and launch bookkeeping, with a GSan stream sync after the entry, gated off with GSan).
+#: A launcher whose call uses other names may do something the relaunch would skip: it
+#: keeps the launcher object.
 KNOWN_SHARED_LAUNCHER_CALLS = (
     frozenset({"_allocation", "_allocator", "_profile_allocator", "arg_annotations",
                "global_scratch_align", "global_scratch_size", "kernel_signature", "launch",
                "launch_cooperative_grid", "launch_pdl", "profile_scratch_align",
                "profile_scratch_size"}),
-    frozenset({"GSAN_PER_DEVICE_STATE_STRIDE", "RuntimeError", "_allocation", "_allocator",
-               "_profile_allocator", "_stream_sync", "active", "arg_annotations", "driver",
-               "experimental", "get_current_device", "get_device_rank",
-               "get_global_state_pointer", "get_launch_state", "global_scratch_align",
-               "global_scratch_size", "gsan", "gsan_enabled", "has_profile_allocator",
-               "is_stream_capturing", "kernel_signature", "launch", "launch_cooperative_grid",
-               "launch_pdl", "profile_scratch_align", "profile_scratch_size", "runtime",
-               "triton", "triton.experimental.gsan._allocator",
-               "triton.experimental.gsan._stream_sync", "utils"}),
-    frozenset({"GSAN_PER_DEVICE_STATE_STRIDE", "_allocation", "_allocator",
-               "_profile_allocator", "_stream_sync", "active", "arg_annotations", "driver",
-               "experimental", "get_current_device", "get_device_rank",
-               "get_global_state_pointer", "global_scratch_align", "global_scratch_size",
-               "gsan", "gsan_enabled", "has_profile_allocator", "kernel_signature", "launch",
-               "launch_cooperative_grid", "launch_pdl", "profile_scratch_align",
-               "profile_scratch_size", "runtime", "synchronize_launch_stream", "triton",
-               "triton.experimental.gsan._allocator",
-               "triton.experimental.gsan._stream_sync"}),
+    _LAUNCHER_CALL_3_9,
+    _LAUNCHER_CALL_3_9 - {"RuntimeError", "get_launch_state", "is_stream_capturing", "utils"}
+    | {"synchronize_launch_stream"},
 )
 #: The module of Triton's CUDA launcher class (``CudaLauncher``)
 TRITON_CUDA_DRIVER = "triton.backends.nvidia.driver"
