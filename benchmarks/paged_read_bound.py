@@ -118,7 +118,9 @@ def _read_tile(k_ptr, v_ptr, j, hi, seq_len, bt_row, dense_base, head, stride_kb
     """Tile ``j``'s K and V rows of one kv head (zeros past the sequence or from ``hi``)."""
     kpos = j * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
-    ok = (kpos < seq_len) & (j < hi)
+    # one comparison against a scalar bound (0 from hi on): Triton 3.9's interpreter
+    # types a tensor & scalar-comparison mask int32, which tl.load refuses
+    ok = kpos < tl.where(j < hi, seq_len, 0)
     if PAGED:
         blk = tl.load(bt_row + kpos // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
         row = blk * stride_kb + (kpos % BLOCK_SIZE) * stride_ks + head * stride_kh

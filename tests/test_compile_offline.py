@@ -61,3 +61,31 @@ def test_byte_decode_paths_compile_for_sm80_offline():
     assert run.returncode == 0, run.stdout + run.stderr
     assert "FAILED" not in run.stdout, run.stdout
     assert sum(1 for line in run.stdout.splitlines()[1:] if line.strip()) == len(wanted)
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not "
+                    "installed here")
+def test_paired_decode_tiles_fit_the_programs_per_sm_the_plan_assumes():
+    """The paired 8-bit decode tiles (V as int16 pairs of codes, 4 kv heads, registers
+    capped) keep their decoded V halves in registers: shared memory holds only the
+    pipelined K / V tiles and the q / P operands, so PAIRED_DECODE_PROGRAMS_PER_SM
+    programs fit an sm90 SM (228 KB, 1 KB reserved per program), as the plan's segment
+    rule assumes, spilling at most a few bytes (Triton 3.6: 4 for int8 codes, 3.8: none).
+    Triton 3.8 staged the odd half through shared memory
+    (57-58 KB: 3 programs) while decode_pairs' PTX had two outputs (NOTES.md, session 50)."""
+    from portattn.kernels.heuristics import PAIRED_DECODE_MAXNREG, PAIRED_DECODE_PROGRAMS_PER_SM
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT / "src")
+    wanted = ["decode int8 codes V_PAIRS 4 heads cap128", "decode fp8 V_PAIRS 4 heads cap128"]
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_offline.py"),
+                          "--ptxas", "--only", ",".join(wanted)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = {line[:42].strip(): line[42:].split() for line in run.stdout.splitlines()[1:]}
+    assert set(wanted) <= set(rows), run.stdout
+    for name in wanted:
+        shared = int(rows[name][0])
+        registers, spill = (int(x) for x in rows[name][4].split("/"))
+        assert PAIRED_DECODE_PROGRAMS_PER_SM * (shared + 1024) <= 228 * 1024, (name, shared)
+        assert registers <= PAIRED_DECODE_MAXNREG and spill <= 8, (name, registers, spill)

@@ -19,6 +19,7 @@ from interpreter_gaps import numpy_gap_reason
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.interpreter
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
 def test_read_bound_and_minimal_decode_check_in_the_interpreter():
     if reason := numpy_gap_reason():

@@ -32,37 +32,44 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Inline PTX: the input register ($2) holds four 8-bit codes; two byte permutes
-# (``prmt`` selectors, one per output) place two codes each in the upper (fp8) or lower
-# (int8) byte of the two 16-bit halves of $0 and $1. Every read of $2 comes first.
+# Inline PTX: the input register (the last operand) holds four 8-bit codes; one byte
+# permute per output (``prmt`` selectors) places two codes in the upper (fp8) or lower
+# (int8) byte of the output's two 16-bit halves. Every read of the input comes first.
+# decode_bytes' instructions have two outputs (four codes -> four fp16); decode_pairs'
+# have one each (the even or the odd columns): a two-result instruction there led Triton
+# 3.8's layout passes to decode the odd half a second time in another layout and send it
+# through shared memory to the dot (NOTES.md, session 50).
 
 
-def _e4m3_bits_ptx(first: str, second: str) -> str:
+def _e4m3_bits_ptx(*selectors: str) -> str:
     """e4m3fn codes -> fp16 bits of value / 256: [0, b, 0, b'] (the selectors) puts each
     sign at bit 15 of its half; the magnitude shifted right by one lands at bits 7..13;
     magnitude 0x7f (NaN) carries into bit 14 when 1 is added at bit 7, and bit 14 on top
     of 0x3f80 makes the fp16 NaN 0x7f80."""
-    rebuild = [line for r, out in (("x", "$0"), ("y", "$1")) for line in (
+    codes = f"${len(selectors)}"
+    permutes = [f"prmt.b32 {r}, {codes}, 0, {sel};" for r, sel in zip("xy", selectors)]
+    rebuild = [line for i, r in enumerate("xy"[:len(selectors)]) for line in (
         f"shr.b32 m, {r}, 1;", "and.b32 m, m, 0x3F803F80;", "add.u32 n, m, 0x00800080;",
-        f"lop3.b32 m, {r}, 0x80008000, m, 0xEA;", f"lop3.b32 {out}, n, 0x40004000, m, 0xEA;")]
-    return "\n".join(["{", ".reg .b32 x, y, m, n;", f"prmt.b32 x, $2, 0, {first};",
-                      f"prmt.b32 y, $2, 0, {second};", *rebuild, "}"])
+        f"lop3.b32 m, {r}, 0x80008000, m, 0xEA;", f"lop3.b32 ${i}, n, 0x40004000, m, 0xEA;")]
+    return "\n".join(["{", ".reg .b32 x, y, m, n;", *permutes, *rebuild, "}"])
 
 
-def _e5m2_ptx(first: str, second: str) -> str:
+def _e5m2_ptx(*selectors: str) -> str:
     """e5m2 codes -> fp16: the code is the fp16's upper byte."""
-    return "\n".join(["{", ".reg .b32 x, y;", f"prmt.b32 x, $2, 0, {first};",
-                      f"prmt.b32 y, $2, 0, {second};", "mov.b32 $0, x;", "mov.b32 $1, y;",
-                      "}"])
+    codes = f"${len(selectors)}"
+    permutes = [f"prmt.b32 {r}, {codes}, 0, {sel};" for r, sel in zip("xy", selectors)]
+    moves = [f"mov.b32 ${i}, {r};" for i, r in enumerate("xy"[:len(selectors)])]
+    return "\n".join(["{", ".reg .b32 x, y;", *permutes, *moves, "}"])
 
 
-def _int8_ptx(first: str, second: str) -> str:
+def _int8_ptx(*selectors: str) -> str:
     """int8 codes -> fp16: b ^ 0x80 = b + 128 as an unsigned byte, under the exponent
     byte 0x64 (1024); 0x6480 is 1152.0 = 1024 + 128, subtracted as a packed pair."""
-    return "\n".join(["{", ".reg .b32 x, y, c;", "xor.b32 y, $2, 0x80808080;",
-                      f"prmt.b32 x, y, 0x64646464, {first};",
-                      f"prmt.b32 y, y, 0x64646464, {second};", "mov.b32 c, 0x64806480;",
-                      "sub.f16x2 $0, x, c;", "sub.f16x2 $1, y, c;", "}"])
+    codes = f"${len(selectors)}"
+    permutes = [f"prmt.b32 {r}, u, 0x64646464, {sel};" for r, sel in zip("xy", selectors)]
+    subtract = [f"sub.f16x2 ${i}, {r}, c;" for i, r in enumerate("xy"[:len(selectors)])]
+    return "\n".join(["{", ".reg .b32 u, x, y, c;", f"xor.b32 u, {codes}, 0x80808080;",
+                      *permutes, "mov.b32 c, 0x64806480;", *subtract, "}"])
 
 
 # decode_bytes: four codes -> $0: codes 0, 1; $1: codes 2, 3
@@ -74,19 +81,32 @@ _INT8_PTX = tl.constexpr(_int8_ptx("0x5140", "0x7362"))
 PAIR_FORMATS = {"e4m3fn_bits": 1, "e5m2": 2, "int8": 3, "e4m3fn": 4}
 
 # decode_pairs: two 16-bit elements (bytes b0 b1 | b2 b3, b0 and b2 the even columns) ->
-# $0: the even columns' two fp16, $1: the odd columns'
-_PAIRS_E4M3_BITS_PTX = tl.constexpr(_e4m3_bits_ptx("0x2404", "0x3414"))
-_PAIRS_E5M2_PTX = tl.constexpr(_e5m2_ptx("0x2404", "0x3414"))
-_PAIRS_INT8_PTX = tl.constexpr(_int8_ptx("0x5240", "0x5341"))
-# e4m3fn through the conversion: [b0 b2 | b1 b3], one cvt per pair (low byte: low half)
-_PAIRS_E4M3_CVT_PTX = tl.constexpr("""{
-.reg .b32 t;
-.reg .b16 e, o;
-prmt.b32 t, $2, 0, 0x3120;
-mov.b32 {e, o}, t;
-cvt.rn.f16x2.e4m3x2 $0, e;
-cvt.rn.f16x2.e4m3x2 $1, o;
-}""")
+# the even columns' two fp16 (selectors ending 04 / 40) or the odd columns' (14 / 41)
+_EVEN_E4M3_BITS_PTX = tl.constexpr(_e4m3_bits_ptx("0x2404"))
+_ODD_E4M3_BITS_PTX = tl.constexpr(_e4m3_bits_ptx("0x3414"))
+_EVEN_E5M2_PTX = tl.constexpr(_e5m2_ptx("0x2404"))
+_ODD_E5M2_PTX = tl.constexpr(_e5m2_ptx("0x3414"))
+_EVEN_INT8_PTX = tl.constexpr(_int8_ptx("0x5240"))
+_ODD_INT8_PTX = tl.constexpr(_int8_ptx("0x5341"))
+
+
+def _e4m3_cvt_pair_ptx(half: str) -> str:
+    """e4m3fn through the conversion (sm89+): the pair's even codes [b0 b2] (``half``
+    ``e``) or odd codes [b1 b3] (``o``) as one 16-bit register, one cvt (low byte: low
+    half)."""
+    return "\n".join(["{", ".reg .b32 t;", ".reg .b16 e, o;", "prmt.b32 t, $1, 0, 0x3120;",
+                      "mov.b32 {e, o}, t;", f"cvt.rn.f16x2.e4m3x2 $0, {half};", "}"])
+
+
+_EVEN_E4M3_CVT_PTX = tl.constexpr(_e4m3_cvt_pair_ptx("e"))
+_ODD_E4M3_CVT_PTX = tl.constexpr(_e4m3_cvt_pair_ptx("o"))
+
+
+@triton.jit
+def _pair_half(x, PTX: tl.constexpr):
+    """One half of :func:`decode_pairs`: an int16 tile -> fp16, through one-output PTX."""
+    return tl.inline_asm_elementwise(PTX, "=r,r", [x], dtype=tl.float16, is_pure=True,
+                                     pack=2)
 
 
 @triton.jit
@@ -95,21 +115,13 @@ def decode_pairs(x, FMT: tl.constexpr, ASM: tl.constexpr):
     ``(even, odd)`` fp16 tiles of ``x``'s shape. ``FMT``: a ``PAIR_FORMATS`` code."""
     if ASM:
         if FMT == 1:
-            return tl.inline_asm_elementwise(_PAIRS_E4M3_BITS_PTX, "=r,=r,r", [x],
-                                             dtype=(tl.float16, tl.float16), is_pure=True,
-                                             pack=2)
+            return (_pair_half(x, _EVEN_E4M3_BITS_PTX), _pair_half(x, _ODD_E4M3_BITS_PTX))
         elif FMT == 2:
-            return tl.inline_asm_elementwise(_PAIRS_E5M2_PTX, "=r,=r,r", [x],
-                                             dtype=(tl.float16, tl.float16), is_pure=True,
-                                             pack=2)
+            return _pair_half(x, _EVEN_E5M2_PTX), _pair_half(x, _ODD_E5M2_PTX)
         elif FMT == 3:
-            return tl.inline_asm_elementwise(_PAIRS_INT8_PTX, "=r,=r,r", [x],
-                                             dtype=(tl.float16, tl.float16), is_pure=True,
-                                             pack=2)
+            return _pair_half(x, _EVEN_INT8_PTX), _pair_half(x, _ODD_INT8_PTX)
         else:
-            return tl.inline_asm_elementwise(_PAIRS_E4M3_CVT_PTX, "=r,=r,r", [x],
-                                             dtype=(tl.float16, tl.float16), is_pure=True,
-                                             pack=2)
+            return _pair_half(x, _EVEN_E4M3_CVT_PTX), _pair_half(x, _ODD_E4M3_CVT_PTX)
     else:
         if FMT == 2:  # the code is the fp16's upper byte
             even = (x << 8).to(tl.float16, bitcast=True)
