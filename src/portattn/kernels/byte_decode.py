@@ -115,7 +115,7 @@ def decode_pairs(x, FMT: tl.constexpr, ASM: tl.constexpr):
     ``(even, odd)`` fp16 tiles of ``x``'s shape. ``FMT``: a ``PAIR_FORMATS`` code."""
     if ASM:
         if FMT == 1:
-            return (_pair_half(x, _EVEN_E4M3_BITS_PTX), _pair_half(x, _ODD_E4M3_BITS_PTX))
+            return _pair_half(x, _EVEN_E4M3_BITS_PTX), _pair_half(x, _ODD_E4M3_BITS_PTX)
         elif FMT == 2:
             return _pair_half(x, _EVEN_E5M2_PTX), _pair_half(x, _ODD_E5M2_PTX)
         elif FMT == 3:
