@@ -30,14 +30,21 @@ def _ptxas_available() -> bool:
     return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
 
 
-@pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not "
-                    "installed here")
-def test_kernel_compiles_for_sm90_offline():
+def _compile_offline(*args: str) -> subprocess.CompletedProcess:
+    """``benchmarks/compile_offline.py ARGS`` in a child process without the interpreter."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT / "src")
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_offline.py"),
-                          "--only", ",".join(VARIANTS)], env=env, capture_output=True,
-                         text=True, timeout=600)
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_offline.py"),
+                           *args], env=env, capture_output=True, text=True, timeout=600)
+
+
+needs_ptxas = pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend "
+                                 "(ptxas) is not installed here")
+
+
+@needs_ptxas
+def test_kernel_compiles_for_sm90_offline():
+    run = _compile_offline("--only", ",".join(VARIANTS))
     assert run.returncode == 0, run.stdout + run.stderr
     rows = {line[:34].strip(): line[34:].split() for line in run.stdout.splitlines()[1:]}
     assert set(VARIANTS) <= set(rows), run.stdout
@@ -47,24 +54,18 @@ def test_kernel_compiles_for_sm90_offline():
     assert int(rows["decode bf16 descriptors"][3]) > 0  # TMA copies
 
 
-@pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not "
-                    "installed here")
+@needs_ptxas
 def test_byte_decode_paths_compile_for_sm80_offline():
     """The fp8-from-bytes kernels that sm80 / sm86 run (never run on such a GPU here:
     the H200 runs them forced) and the plain ones compile for sm80 through ptxas."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT / "src")
     wanted = ["decode bf16", "decode e4m3 bytes", "prefill e5m2 bytes", "decode int8 codes"]
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_offline.py"),
-                          "--arch", "80", "--only", ",".join(wanted)], env=env,
-                         capture_output=True, text=True, timeout=600)
+    run = _compile_offline("--arch", "80", "--only", ",".join(wanted))
     assert run.returncode == 0, run.stdout + run.stderr
     assert "FAILED" not in run.stdout, run.stdout
     assert sum(1 for line in run.stdout.splitlines()[1:] if line.strip()) == len(wanted)
 
 
-@pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not "
-                    "installed here")
+@needs_ptxas
 def test_paired_decode_tiles_fit_the_programs_per_sm_the_plan_assumes():
     """The paired 8-bit decode tiles (V as int16 pairs of codes, 4 kv heads, registers
     capped) keep their decoded V halves in registers: shared memory holds only the
@@ -75,12 +76,8 @@ def test_paired_decode_tiles_fit_the_programs_per_sm_the_plan_assumes():
     (57-58 KB: 3 programs) while decode_pairs' PTX had two outputs (NOTES.md, session 50)."""
     from portattn.kernels.heuristics import PAIRED_DECODE_MAXNREG, PAIRED_DECODE_PROGRAMS_PER_SM
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT / "src")
     wanted = ["decode int8 codes V_PAIRS 4 heads cap128", "decode fp8 V_PAIRS 4 heads cap128"]
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_offline.py"),
-                          "--ptxas", "--only", ",".join(wanted)], env=env,
-                         capture_output=True, text=True, timeout=600)
+    run = _compile_offline("--ptxas", "--only", ",".join(wanted))
     assert run.returncode == 0, run.stdout + run.stderr
     rows = {line[:42].strip(): line[42:].split() for line in run.stdout.splitlines()[1:]}
     assert set(wanted) <= set(rows), run.stdout

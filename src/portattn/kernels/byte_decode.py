@@ -41,33 +41,40 @@ import triton.language as tl
 # through shared memory to the dot (NOTES.md, session 50).
 
 
+def _slots(selectors: tuple) -> tuple[str, list[tuple[str, str, str]]]:
+    """The input operand (after the outputs) and, per output, ``(operand, temporary
+    register, prmt selector)``: one or two outputs, temporaries ``x`` and ``y``."""
+    return f"${len(selectors)}", [(f"${i}", r, sel)
+                                  for i, (r, sel) in enumerate(zip("xy", selectors))]
+
+
 def _e4m3_bits_ptx(*selectors: str) -> str:
     """e4m3fn codes -> fp16 bits of value / 256: [0, b, 0, b'] (the selectors) puts each
     sign at bit 15 of its half; the magnitude shifted right by one lands at bits 7..13;
     magnitude 0x7f (NaN) carries into bit 14 when 1 is added at bit 7, and bit 14 on top
     of 0x3f80 makes the fp16 NaN 0x7f80."""
-    codes = f"${len(selectors)}"
-    permutes = [f"prmt.b32 {r}, {codes}, 0, {sel};" for r, sel in zip("xy", selectors)]
-    rebuild = [line for i, r in enumerate("xy"[:len(selectors)]) for line in (
+    codes, slots = _slots(selectors)
+    permutes = [f"prmt.b32 {r}, {codes}, 0, {sel};" for _, r, sel in slots]
+    rebuild = [line for out, r, _ in slots for line in (
         f"shr.b32 m, {r}, 1;", "and.b32 m, m, 0x3F803F80;", "add.u32 n, m, 0x00800080;",
-        f"lop3.b32 m, {r}, 0x80008000, m, 0xEA;", f"lop3.b32 ${i}, n, 0x40004000, m, 0xEA;")]
+        f"lop3.b32 m, {r}, 0x80008000, m, 0xEA;", f"lop3.b32 {out}, n, 0x40004000, m, 0xEA;")]
     return "\n".join(["{", ".reg .b32 x, y, m, n;", *permutes, *rebuild, "}"])
 
 
 def _e5m2_ptx(*selectors: str) -> str:
     """e5m2 codes -> fp16: the code is the fp16's upper byte."""
-    codes = f"${len(selectors)}"
-    permutes = [f"prmt.b32 {r}, {codes}, 0, {sel};" for r, sel in zip("xy", selectors)]
-    moves = [f"mov.b32 ${i}, {r};" for i, r in enumerate("xy"[:len(selectors)])]
+    codes, slots = _slots(selectors)
+    permutes = [f"prmt.b32 {r}, {codes}, 0, {sel};" for _, r, sel in slots]
+    moves = [f"mov.b32 {out}, {r};" for out, r, _ in slots]
     return "\n".join(["{", ".reg .b32 x, y;", *permutes, *moves, "}"])
 
 
 def _int8_ptx(*selectors: str) -> str:
     """int8 codes -> fp16: b ^ 0x80 = b + 128 as an unsigned byte, under the exponent
     byte 0x64 (1024); 0x6480 is 1152.0 = 1024 + 128, subtracted as a packed pair."""
-    codes = f"${len(selectors)}"
-    permutes = [f"prmt.b32 {r}, u, 0x64646464, {sel};" for r, sel in zip("xy", selectors)]
-    subtract = [f"sub.f16x2 ${i}, {r}, c;" for i, r in enumerate("xy"[:len(selectors)])]
+    codes, slots = _slots(selectors)
+    permutes = [f"prmt.b32 {r}, u, 0x64646464, {sel};" for _, r, sel in slots]
+    subtract = [f"sub.f16x2 {out}, {r}, c;" for out, r, _ in slots]
     return "\n".join(["{", ".reg .b32 u, x, y, c;", f"xor.b32 u, {codes}, 0x80808080;",
                       *permutes, "mov.b32 c, 0x64806480;", *subtract, "}"])
 
