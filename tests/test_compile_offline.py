@@ -30,12 +30,13 @@ def _ptxas_available() -> bool:
     return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
 
 
-def _compile_offline(*args: str) -> subprocess.CompletedProcess:
-    """``benchmarks/compile_offline.py ARGS`` in a child process without the interpreter."""
+def _compile_offline(*args: str, script: str = "compile_offline.py"
+                     ) -> subprocess.CompletedProcess:
+    """``benchmarks/SCRIPT ARGS`` in a child process without the interpreter."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT / "src")
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_offline.py"),
-                           *args], env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
+                          env=env, capture_output=True, text=True, timeout=600)
 
 
 needs_ptxas = pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend "
@@ -86,3 +87,25 @@ def test_paired_decode_tiles_fit_the_programs_per_sm_the_plan_assumes():
         registers, spill = (int(x) for x in rows[name][4].split("/"))
         assert PAIRED_DECODE_PROGRAMS_PER_SM * (shared + 1024) <= 228 * 1024, (name, shared)
         assert registers <= PAIRED_DECODE_MAXNREG and spill <= 8, (name, registers, spill)
+
+
+@pytest.mark.interpreter  # (runs no kernel: marked so CI's other-Triton tiers run it)
+@needs_ptxas
+def test_gluon_prefill_compiles_for_sm90_offline():
+    """Every launch form of the Gluon prefill (plain and padded heads, 16-bit dtypes,
+    score features, block sizes) compiles for sm90 on the installed Triton, as a warp-
+    specialized kernel of Hopper's TMA and warpgroup MMAs within an SM's shared memory.
+    Triton 3.9 removed a TMA call the kernel made and 3.8 refused its padded heads' view;
+    both went unseen until a GPU ran them (NOTES.md, session 51)."""
+    from portattn.kernels.gluon_launch import gluon_reason
+
+    why = gluon_reason()
+    if why:
+        pytest.skip(why)
+    run = _compile_offline(script="compile_gluon_offline.py")
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = {line[:40].strip(): line[40:].split() for line in run.stdout.splitlines()[2:]}
+    assert len(rows) == 5, run.stdout
+    for name, (shared, wgmma, tma, setmaxnreg, *_) in rows.items():
+        assert 0 < int(shared) <= 227 * 1024, (name, shared)
+        assert int(wgmma) > 0 and int(tma) > 0 and int(setmaxnreg) > 0, (name, run.stdout)

@@ -249,6 +249,20 @@ def test_a_triton_without_gluon_is_a_reason_on_a_probed_device(monkeypatch):
     assert "gluon" not in params and "no Gluon" in params["gluon_reason"]
 
 
+def test_a_gluon_with_the_older_warp_specialize_is_a_reason():
+    """Triton 3.5's form (default and worker partitions apart) cannot take the kernel."""
+    def older(default_args, default_partition, worker_args, worker_partitions,
+              worker_num_warps, worker_num_regs, _semantic=None, _generator=None):
+        pass
+
+    def current(functions_and_args, worker_num_warps, worker_num_regs=None, _semantic=None,
+                _generator=None):
+        pass
+
+    assert "older form" in gluon_launch.warp_specialize_reason(older)
+    assert gluon_launch.warp_specialize_reason(current) is None
+
+
 # ---------------------------------------------------------------- the launch's fallbacks
 
 def _staged_call(monkeypatch, forced=False, quant=None):

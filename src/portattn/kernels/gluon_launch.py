@@ -68,6 +68,24 @@ def gluon_reason() -> str | None:
                if not hasattr(obj, name)]
     if missing:
         return f"this Triton's Gluon lacks {', '.join(missing)}"
+    return warp_specialize_reason(gl.warp_specialize)
+
+
+def warp_specialize_reason(warp_specialize) -> str | None:
+    """Why this ``gl.warp_specialize`` cannot take the kernel's partitions (None: it can).
+    The kernel passes a list of ``(function, args)`` pairs, the form Triton 3.6 brought;
+    3.5 took the default partition's and the workers' arguments and functions apart, and
+    the kernel does not compile there (``benchmarks/compile_gluon_offline.py``)."""
+    import inspect
+
+    try:
+        first = next(iter(inspect.signature(warp_specialize).parameters), None)
+    except (TypeError, ValueError):  # no signature to read: let the launch tell
+        return None
+    if first != "functions_and_args":
+        return ("this Triton's Gluon warp_specialize takes the older form (default and "
+                "worker partitions apart, before Triton 3.6); the kernel passes a list of "
+                "(function, args) pairs")
     return None
 
 

@@ -132,68 +132,91 @@ def _boxes_per_row(padded, head, box_cols):
     return head // box_cols if padded else 1
 
 
+#: The TMA copy of a box into shared memory: ``tma.async_load`` where the installed Triton
+#: has it (3.8 has both names, 3.6 only the older ``async_copy_global_to_shared``, which
+#: 3.9 removed; same positional arguments). A Triton builtin, so a kernel may read it as a
+#: global (Triton records no global for it, and a relaunch checks none).
+tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+#: A shared-memory view's reinterpretation (``view, dtype, shape, layout``): the method
+#: Triton 3.9 calls ``reinterpret``, ``_reinterpret`` up to 3.8. Also a builtin.
+reinterpret = getattr(gl.shared_memory_descriptor, "reinterpret", None) or \
+    gl.shared_memory_descriptor._reinterpret
+
+
 @gluon.jit
-def _copy_box(desc, row, col, bar, dst, PADDED: gl.constexpr):
-    """``desc``'s box at ``(row, col)`` into the 2-D tile slice ``dst``. With ``PADDED``
-    the descriptor is rank 3 (``col``: the head) with boxes ``[rows, 1, 64]``: one per 64
-    columns of ``dst``, each into its column slice seen as the box's shape (the slice's
-    own address: a rank-3 view of the whole row would put the second 64 columns where
-    a box of that shape alone keeps them, not where the tile's swizzled layout does)."""
+def _column_spans(bufs, desc, SPANS: gl.constexpr):
+    """Buffers ``bufs`` (``[n, rows, HEAD]``, the tiles' swizzled layout) seen as the boxes
+    of rank-3 descriptor ``desc`` (``[rows, 1, 64]``): ``[n * SPANS, rows, 1, 64]``, span
+    ``c`` of buffer ``b`` at ``b * SPANS + c``. The tile keeps each 64-column (128-byte)
+    swizzle span's rows together, span after span, so a box lands in its span as it would
+    in a tile of its own. The whole allocation is reinterpreted, then indexed: Triton 3.8
+    refuses to reinterpret a subview (3.6 took a column slice of each buffer)."""
+    n: gl.constexpr = bufs.type.shape[0]
+    rows: gl.constexpr = bufs.type.shape[1]
+    return reinterpret(bufs, bufs.dtype, [n * SPANS, rows, 1, desc.block_type.shape[2]],
+                       desc.layout)
+
+
+@gluon.jit
+def _copy_box(desc, row, col, bar, dst, b, r0, SPANS: gl.constexpr, PADDED: gl.constexpr):
+    """``desc``'s box at ``(row, col)`` into rows ``[r0, r0 + box rows)`` of buffer ``b``:
+    ``dst`` holds the buffers themselves (``[n, rows, HEAD]``), or with ``PADDED`` (the
+    descriptor is rank 3, ``col`` the head, boxes ``[rows, 1, 64]``) their column spans
+    (:func:`_column_spans`): one box per span, ``SPANS`` per buffer."""
+    rows: gl.constexpr = desc.block_type.shape[0]
     if PADDED:
         cols: gl.constexpr = desc.block_type.shape[2]
-        for c in gl.static_range(dst.type.shape[1] // cols):
-            tma.async_copy_global_to_shared(
-                desc, [row, col, c * cols], bar,
-                dst.slice(c * cols, cols, dim=1)._reinterpret(dst.dtype, desc.block_type.shape,
-                                                              desc.layout))
+        for c in gl.static_range(SPANS):
+            tma_load(desc, [row, col, c * cols], bar,
+                     dst.index(b * SPANS + c).slice(r0, rows))
     else:
-        tma.async_copy_global_to_shared(desc, [row, col], bar, dst)
+        tma_load(desc, [row, col], bar, dst.index(b).slice(r0, rows))
 
 
 @gluon.jit
-def _copy_tile(desc, buf, ready, empty, phase, j, kv_col, bt_row_ptr, bt_width, num_blocks,
-               BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr, PADDED: gl.constexpr):
-    """Key tile ``j`` of one cache into ``buf`` once its ``empty`` barrier allows: a box
-    per cache block (blocks of ``BLOCK_N`` slots or fewer) or the tile's slice of its
-    block (larger blocks), all counted on ``ready`` (bad ids read block 0, see the module
-    doc)."""
+def _copy_tile(desc, bufs, idx, ready, empty, phase, j, kv_col, bt_row_ptr, bt_width,
+               num_blocks, BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr,
+               SPANS: gl.constexpr, PADDED: gl.constexpr):
+    """Key tile ``j`` of one cache into buffer ``idx`` of ``bufs`` (:func:`_copy_box`)
+    once its ``empty`` barrier allows: a box per cache block (blocks of ``BLOCK_N`` slots
+    or fewer) or the tile's slice of its block (larger blocks), all counted on ``ready``
+    (bad ids read block 0, see the module doc)."""
     box: gl.constexpr = _box_rows(BLOCK_N, BLOCK_SIZE)
     per_tile: gl.constexpr = BLOCK_N // box
     # a fresh mbarrier counts as having completed the phase before 0
     mbarrier.wait(empty, phase ^ 1)
-    mbarrier.expect(ready, _product(_product(per_tile, desc.block_type.nbytes),
-                                    _boxes_per_row(PADDED, buf.type.shape[1],
-                                                   desc.block_type.shape[-1])))
+    mbarrier.expect(ready, _product(_product(per_tile, desc.block_type.nbytes), SPANS))
     for i in gl.static_range(per_tile):
         key = j * BLOCK_N + i * box
         block = gl.load(bt_row_ptr + gl.minimum(key // BLOCK_SIZE, bt_width - 1))
         block = gl.where((block >= 0) & (block < num_blocks), block, 0)
-        _copy_box(desc, block * BLOCK_SIZE + key % BLOCK_SIZE, kv_col, ready,
-                  buf.slice(i * box, box), PADDED)
+        _copy_box(desc, block * BLOCK_SIZE + key % BLOCK_SIZE, kv_col, ready, bufs, idx,
+                  i * box, SPANS, PADDED)
 
 
 @gluon.jit
 def _load_partition(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready,
                     k_empty, v_empty, q_row, q_col, kv_col, bt_row_ptr, bt_width, num_blocks,
                     j_lo, n_tiles, BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr,
-                    PADDED: gl.constexpr):
+                    SPANS: gl.constexpr, PADDED: gl.constexpr):
     """One warp: the two Q boxes, then K and V of key tiles ``[j_lo, n_tiles)``, a box per
     cache block, into the ring (bad ids read block 0: the consumers NaN the rows that see
-    them). ``q_col`` / ``kv_col``: the heads' columns, or with ``PADDED`` the heads."""
-    num_buf: gl.constexpr = k_bufs.type.shape[0]
+    them). ``q_col`` / ``kv_col``: the heads' columns, or with ``PADDED`` the heads, whose
+    buffers are given as their column spans (:func:`_column_spans`)."""
+    num_buf: gl.constexpr = k_bufs.type.shape[0] // SPANS
     rows: gl.constexpr = q_desc.block_type.shape[0]
-    mbarrier.expect(q_bar, _product(_product(2, q_desc.block_type.nbytes),
-                                    _boxes_per_row(PADDED, q_bufs.type.shape[2],
-                                                   q_desc.block_type.shape[-1])))
+    mbarrier.expect(q_bar, _product(_product(2, q_desc.block_type.nbytes), SPANS))
     for i in gl.static_range(2):
-        _copy_box(q_desc, q_row + i * rows, q_col, q_bar, q_bufs.index(i), PADDED)
+        _copy_box(q_desc, q_row + i * rows, q_col, q_bar, q_bufs, i, 0, SPANS, PADDED)
     for j in range(j_lo, n_tiles):
         idx = (j - j_lo) % num_buf
         phase = ((j - j_lo) // num_buf) & 1
-        _copy_tile(k_desc, k_bufs.index(idx), k_ready.index(idx), k_empty.index(idx), phase,
-                   j, kv_col, bt_row_ptr, bt_width, num_blocks, BLOCK_N, BLOCK_SIZE, PADDED)
-        _copy_tile(v_desc, v_bufs.index(idx), v_ready.index(idx), v_empty.index(idx), phase,
-                   j, kv_col, bt_row_ptr, bt_width, num_blocks, BLOCK_N, BLOCK_SIZE, PADDED)
+        _copy_tile(k_desc, k_bufs, idx, k_ready.index(idx), k_empty.index(idx), phase,
+                   j, kv_col, bt_row_ptr, bt_width, num_blocks, BLOCK_N, BLOCK_SIZE, SPANS,
+                   PADDED)
+        _copy_tile(v_desc, v_bufs, idx, v_ready.index(idx), v_empty.index(idx), phase,
+                   j, kv_col, bt_row_ptr, bt_width, num_blocks, BLOCK_N, BLOCK_SIZE, SPANS,
+                   PADDED)
 
 
 @gluon.jit
@@ -615,12 +638,20 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, stride_ot, stride_oh,
                                            _tile_layout(BLOCK_N, HEAD, k_desc.dtype))
         v_bufs = gl.allocate_shared_memory(v_desc.dtype, [NUM_BUF, BLOCK_N, HEAD],
                                            _tile_layout(BLOCK_N, HEAD, v_desc.dtype))
-        if PADDED:  # rank-3 descriptors: the heads themselves
+        # TMA boxes per tile row: 1, or with rank-3 descriptors one per 64 columns
+        SPANS: gl.constexpr = _boxes_per_row(PADDED, HEAD, q_desc.block_type.shape[-1])
+        if PADDED:  # rank-3 descriptors: the heads themselves, boxes into column spans
             q_col = head
             kv_col = head // GROUP
+            q_dst = _column_spans(q_bufs, q_desc, SPANS)
+            k_dst = _column_spans(k_bufs, k_desc, SPANS)
+            v_dst = _column_spans(v_bufs, v_desc, SPANS)
         else:  # the heads' first columns in the row views
             q_col = head * HEAD
             kv_col = (head // GROUP) * KV_HEAD_STRIDE
+            q_dst = q_bufs
+            k_dst = k_bufs
+            v_dst = v_bufs
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         fix_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
@@ -652,9 +683,9 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, stride_ot, stride_oh,
                                    qk_scale, softcap, slope2, window, sink2, out_mul, 64,
                                    BLOCK_N, HEAD, HEAD_SIZE, BLOCK_SIZE, CAUSAL,
                                    USE_WINDOW, USE_SOFTCAP, ALIBI, USE_SINKS, num_warps)),
-            (_load_partition, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready,
+            (_load_partition, (q_desc, k_desc, v_desc, q_dst, k_dst, v_dst, q_bar, k_ready,
                                v_ready, k_empty, v_empty, q_start + m0, q_col, kv_col,
                                bt_row_ptr, bt_width, num_blocks, j_lo, n_tiles, BLOCK_N,
-                               BLOCK_SIZE, PADDED)),
+                               BLOCK_SIZE, SPANS, PADDED)),
         ], [num_warps, 1], [CONSUMER_REGS, 24])  # (a literal: a global would send every
         # launch through the JIT's per-launch global check, fast_launch refuses those)
