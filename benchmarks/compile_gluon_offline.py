@@ -1,15 +1,18 @@
-"""Compile the Gluon prefill for sm90 on a machine without a GPU, as its launches ask for it:
-the check that the installed Triton's Gluon still takes the kernel (Triton 3.9 removed a
-TMA call the kernel used; NOTES.md, session 51), before any device run.
+"""Compile the Gluon prefill for sm90 on a machine without a GPU, in the launch forms its
+plans take: the check that the installed Triton's Gluon still takes the kernel (Triton 3.9
+removed a TMA call the kernel used, 3.8 a view its padded heads used; NOTES.md, session
+51), before any device run.
 
     PYTHONPATH=src python benchmarks/compile_gluon_offline.py [--only NAMES]
 
-Each variant is a launch of ``gluon_launch.launch_gluon_prefill``: its descriptors are
-built by that module's own helpers over CPU tensors of the variant's shapes (plain rows,
-or rank 3 for a head padded to the tile's width), its constexprs are the ones the launch
-passes. Columns: shared memory bytes, warpgroup MMAs, TMA copies, register reallocations
-(``setmaxnreg``: the warp-specialized partitions) in the PTX; a variant that does not
-compile prints ``FAILED`` and the error, and the exit status is 1.
+Each variant is a launch of ``gluon_launch.launch_gluon_prefill``: its compile-time
+arguments from that module's ``kernel_switches`` and its descriptors from its
+``descriptors``, over CPU tensors of the variant's shapes (plain rows, or rank 3 for a
+head padded to the tile's width); the runtime arguments are typed here, unspecialized (a
+real launch also declares its pointers 16-byte aligned). Columns: shared memory bytes,
+warpgroup MMAs, TMA copies, register reallocations (``setmaxnreg``: the warp-specialized
+partitions) in the PTX; a variant that does not compile prints ``FAILED`` and the error,
+and the exit status is 1 (2 where this Triton has no Gluon the kernel can use).
 """
 
 from __future__ import annotations
@@ -20,17 +23,18 @@ import time
 
 import torch
 
-#: name -> (q dtype, head size, block size, q heads, kv heads, constexpr changes)
+#: name -> (q dtype, head size, block size, q heads, kv heads, kernel_switches changes)
 VARIANTS = {
     "bf16 head 128": (torch.bfloat16, 128, 16, 32, 8, {}),
     "fp16 head 64 window softcap alibi": (torch.float16, 64, 16, 16, 4,
-                                          dict(USE_WINDOW=True, USE_SOFTCAP=1, ALIBI=1)),
+                                          dict(sliding_window=True, softcap=1, alibi=1)),
     "bf16 head 256 sinks long tiles": (torch.bfloat16, 256, 16, 8, 1,
-                                       dict(USE_SINKS=True, LONG_TILES=True)),
+                                       dict(sinks=True, long_tiles=True)),
     "bf16 head 96 padded scaled non-causal": (torch.bfloat16, 96, 16, 8, 2,
-                                              dict(CAUSAL=False, KV_SCALED=True, ALIBI=2,
-                                                   USE_SOFTCAP=2)),
+                                              dict(causal=False, kv_scaled=True, alibi=2,
+                                                   softcap=2)),
     "bf16 head 192 padded block 32": (torch.bfloat16, 192, 32, 8, 8, {}),
+    "fp16 head 48 padded block 64": (torch.float16, 48, 64, 4, 4, {}),
 }
 PTX_COUNTS = (("wgmma", "wgmma.mma_async"), ("tma", "cp.async.bulk.tensor"),
               ("setmaxnreg", "setmaxnreg"))
@@ -45,22 +49,23 @@ def _desc_type(desc, dtype_name: str) -> str:
 def compile_variant(name: str, arch: int):
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from portattn.kernels import gluon_launch, gluon_prefill
     from portattn.kernels.compile_options import compile_options
 
     dtype, head, block_size, num_q_heads, num_kv_heads, changes = VARIANTS[name]
-    width = gluon_launch.tile_width(head)
-    block_n, num_buf = gluon_launch.TILES[width]
-    gdt, short = (gl.bfloat16, "bf16") if dtype == torch.bfloat16 else (gl.float16, "fp16")
     q = torch.empty(256, num_q_heads, head, dtype=dtype)
     kc = torch.empty(16, block_size, num_kv_heads, head, dtype=dtype)
-    q_desc = gluon_launch._q_descriptor(q, gluon_prefill.CONSUMER_ROWS, width, gdt)
-    kv_desc = gluon_launch._rows(kc, min(block_size, block_n), width, block_n, gdt)
-    signature = {"q_desc": _desc_type(q_desc, short), "k_desc": _desc_type(kv_desc, short),
-                 "v_desc": _desc_type(kv_desc, short), "out_ptr": f"*{short}"}
+    switches = gluon_launch.kernel_switches(**{
+        **dict(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+               kv_head_stride=kc.stride(2), head_size=head, block_size=block_size,
+               causal=True, sliding_window=False, kv_scaled=False, softcap=0, alibi=0,
+               sinks=False, long_tiles=False), **changes})
+    q_desc, k_desc, v_desc = gluon_launch.descriptors(q, kc, kc, switches)
+    short = "bf16" if dtype == torch.bfloat16 else "fp16"
+    signature = {"q_desc": _desc_type(q_desc, short), "k_desc": _desc_type(k_desc, short),
+                 "v_desc": _desc_type(v_desc, short), "out_ptr": f"*{short}"}
     for arg in ("stride_ot", "stride_oh", "bt_stride", "bt_width", "num_blocks", "num_seqs",
                 "num_tokens", "num_tiles", "min_q", "window"):
         signature[arg] = "i32"
@@ -69,15 +74,9 @@ def compile_variant(name: str, arch: int):
     for arg in ("k_scale_ptr", "v_scale_ptr", "alibi_ptr", "sinks_ptr"):
         signature[arg] = "*fp32"
     signature.update(scale="fp32", softcap="fp32")
-    consts = dict(NUM_Q_HEADS=num_q_heads, GROUP=num_q_heads // num_kv_heads,
-                  KV_HEAD_STRIDE=kc.stride(2), BLOCK_N=block_n, HEAD=width, HEAD_SIZE=head,
-                  BLOCK_SIZE=block_size, NUM_BUF=num_buf, CAUSAL=True, USE_WINDOW=False,
-                  KV_SCALED=False, USE_SOFTCAP=0, ALIBI=0, USE_SINKS=False, LONG_TILES=False,
-                  CONSUMER_REGS=gluon_launch.CONSUMER_REGS, num_warps=4)
-    consts.update(changes)
-    signature.update({arg: "constexpr" for arg in consts})
-    source = GluonASTSource(gluon_prefill.gluon_prefill_kernel, signature, consts, {})
-    options = {"num_warps": 4, **compile_options()}
+    signature.update({arg: "constexpr" for arg in switches})
+    source = GluonASTSource(gluon_prefill.gluon_prefill_kernel, signature, switches, {})
+    options = {"num_warps": switches["num_warps"], **compile_options()}
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 

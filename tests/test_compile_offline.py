@@ -92,20 +92,25 @@ def test_paired_decode_tiles_fit_the_programs_per_sm_the_plan_assumes():
 @pytest.mark.interpreter  # (runs no kernel: marked so CI's other-Triton tiers run it)
 @needs_ptxas
 def test_gluon_prefill_compiles_for_sm90_offline():
-    """Every launch form of the Gluon prefill (plain and padded heads, 16-bit dtypes,
-    score features, block sizes) compiles for sm90 on the installed Triton, as a warp-
-    specialized kernel of Hopper's TMA and warpgroup MMAs within an SM's shared memory.
-    Triton 3.9 removed a TMA call the kernel made and 3.8 refused its padded heads' view;
-    both went unseen until a GPU ran them (NOTES.md, session 51)."""
+    """The Gluon prefill's launch forms of ``compile_gluon_offline.py`` (plain heads of each
+    tile width, heads padded to one or two 64-column spans, both 16-bit dtypes, every
+    score switch, block sizes 16 / 32 / 64) compile for sm90 on the installed Triton, as a
+    warp-specialized kernel of Hopper's TMA and warpgroup MMAs within an SM's shared
+    memory. Triton 3.9 removed a TMA call the kernel made and 3.8 refused its padded
+    heads' view; both went unseen until a GPU ran them (NOTES.md, session 51)."""
     from portattn.kernels.gluon_launch import gluon_reason
 
     why = gluon_reason()
     if why:
         pytest.skip(why)
+    spec = importlib.util.spec_from_file_location(
+        "compile_gluon_offline", ROOT / "benchmarks" / "compile_gluon_offline.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
     run = _compile_offline(script="compile_gluon_offline.py")
     assert run.returncode == 0, run.stdout + run.stderr
     rows = {line[:40].strip(): line[40:].split() for line in run.stdout.splitlines()[2:]}
-    assert len(rows) == 5, run.stdout
+    assert set(rows) == set(script.VARIANTS), run.stdout
     for name, (shared, wgmma, tma, setmaxnreg, *_) in rows.items():
         assert 0 < int(shared) <= 227 * 1024, (name, shared)
         assert int(wgmma) > 0 and int(tma) > 0 and int(setmaxnreg) > 0, (name, run.stdout)

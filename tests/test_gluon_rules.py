@@ -250,7 +250,8 @@ def test_a_triton_without_gluon_is_a_reason_on_a_probed_device(monkeypatch):
 
 
 def test_a_gluon_with_the_older_warp_specialize_is_a_reason():
-    """Triton 3.5's form (default and worker partitions apart) cannot take the kernel."""
+    """Triton 3.5's form (default and worker partitions apart) cannot take the kernel; 3.6's
+    can, and a form neither (a renamed parameter) is left to the launch to tell."""
     def older(default_args, default_partition, worker_args, worker_partitions,
               worker_num_warps, worker_num_regs, _semantic=None, _generator=None):
         pass
@@ -259,8 +260,20 @@ def test_a_gluon_with_the_older_warp_specialize_is_a_reason():
                 _generator=None):
         pass
 
+    def renamed(partitions, worker_num_warps, _semantic=None):
+        pass
+
     assert "older form" in gluon_launch.warp_specialize_reason(older)
     assert gluon_launch.warp_specialize_reason(current) is None
+    assert gluon_launch.warp_specialize_reason(renamed) is None
+
+
+def test_this_tritons_gluon_takes_the_kernel_from_3_6_on():
+    triton = pytest.importorskip("triton")
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 6):
+        pytest.skip(f"Triton {triton.__version__}: the older warp_specialize form")
+    gl = pytest.importorskip("triton.experimental.gluon.language")
+    assert gluon_launch.warp_specialize_reason(gl.warp_specialize) is None
 
 
 # ---------------------------------------------------------------- the launch's fallbacks

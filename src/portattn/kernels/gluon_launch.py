@@ -72,17 +72,19 @@ def gluon_reason() -> str | None:
 
 
 def warp_specialize_reason(warp_specialize) -> str | None:
-    """Why this ``gl.warp_specialize`` cannot take the kernel's partitions (None: it can).
-    The kernel passes a list of ``(function, args)`` pairs, the form Triton 3.6 brought;
-    3.5 took the default partition's and the workers' arguments and functions apart, and
-    the kernel does not compile there (``benchmarks/compile_gluon_offline.py``)."""
+    """Why this ``gl.warp_specialize`` cannot take the kernel's partitions (None: it can,
+    as far as its signature tells). The kernel passes a list of ``(function, args)``
+    pairs, the form Triton 3.6 brought; 3.5 took the default partition's and the workers'
+    arguments and functions apart (first parameter ``default_args``), and the kernel
+    does not compile there (benchmarks/NOTES.md, session 51). Any other signature is left
+    to the launch, whose failure is remembered and staged around."""
     import inspect
 
     try:
         first = next(iter(inspect.signature(warp_specialize).parameters), None)
     except (TypeError, ValueError):  # no signature to read: let the launch tell
         return None
-    if first != "functions_and_args":
+    if first == "default_args":
         return ("this Triton's Gluon warp_specialize takes the older form (default and "
                 "worker partitions apart, before Triton 3.6); the kernel passes a list of "
                 "(function, args) pairs")
@@ -283,6 +285,46 @@ def _q_descriptor(q: torch.Tensor, rows: int, width: int, gdt):
     return _descriptor(q, num_tokens, q.stride(0), num_q_heads * head, rows, width, rows, gdt)
 
 
+def kernel_switches(*, num_q_heads: int, num_kv_heads: int, kv_head_stride: int,
+                    head_size: int, block_size: int, causal: bool, sliding_window: bool,
+                    kv_scaled: bool, softcap: int, alibi: int, sinks: bool,
+                    long_tiles: bool) -> dict:
+    """The Gluon prefill's compile-time arguments for a launch (which compiled variant
+    runs): the head counts, the caches' head stride in elements, the head and block
+    sizes, and the switches (``softcap``: ``heuristics.softcap_code``; ``alibi``:
+    ``launch.ALIBI_CODES``'s); the tiles (``TILES``) follow from the head size.
+    :func:`launch_gluon_prefill` launches with them, ``benchmarks/compile_gluon_offline.py``
+    compiles them."""
+    width = tile_width(head_size)
+    if width is None:
+        raise ValueError(f"head size {head_size}: the Gluon prefill takes heads of up to "
+                         f"{max(TILES)} (problem_reasons)")
+    block_n, num_buf = TILES[width]
+    return dict(NUM_Q_HEADS=num_q_heads, GROUP=num_q_heads // num_kv_heads,
+                KV_HEAD_STRIDE=kv_head_stride, BLOCK_N=block_n, HEAD=width,
+                HEAD_SIZE=head_size, BLOCK_SIZE=block_size, NUM_BUF=num_buf,
+                CAUSAL=bool(causal), USE_WINDOW=bool(sliding_window),
+                KV_SCALED=bool(kv_scaled), USE_SOFTCAP=softcap, ALIBI=alibi,
+                USE_SINKS=bool(sinks), LONG_TILES=bool(long_tiles),
+                CONSUMER_REGS=CONSUMER_REGS, num_warps=4)
+
+
+def descriptors(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                switches: dict) -> tuple:
+    """The launch's TMA descriptors over ``q`` and the caches (:func:`_q_descriptor`,
+    :func:`_rows`) for its ``switches`` (:func:`kernel_switches`)."""
+    from triton.experimental.gluon import language as gl
+
+    from portattn.kernels import gluon_prefill
+
+    width, block_n = switches["HEAD"], switches["BLOCK_N"]
+    gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    box = min(switches["BLOCK_SIZE"], block_n)
+    return (_q_descriptor(q, gluon_prefill.CONSUMER_ROWS, width, gdt),
+            _rows(key_cache, box, width, block_n, gdt),
+            _rows(value_cache, box, width, block_n, gdt))
+
+
 def launch_gluon_prefill(q: torch.Tensor, cache, metadata, options, out: torch.Tensor,
                          min_q: int) -> None:
     """Attention of the sequences with at least ``min_q`` queries into ``out`` (the
@@ -290,25 +332,11 @@ def launch_gluon_prefill(q: torch.Tensor, cache, metadata, options, out: torch.T
     :func:`portattn.kernels.launch.launch_unified` (``cache``: the paged cache, or a
     :class:`~portattn.kernels.stage_launch.StagedCache` and the metadata pointing into
     it). The caller has checked :func:`problem_reasons` and :func:`tensor_reasons`."""
-    from triton.experimental.gluon import language as gl
-
-    from portattn.kernels import gluon_prefill
     from portattn.kernels.launch import ALIBI_CODES
     from portattn.kernels.scalars import kv_scale_args
 
     num_tokens, num_q_heads, head = q.shape
-    width = tile_width(head)
-    if width is None:
-        raise ValueError(f"head size {head}: the Gluon prefill takes heads of up to "
-                         f"{max(TILES)} (problem_reasons)")
-    block_n, num_buf = TILES[width]
-    gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    q_desc = _q_descriptor(q, gluon_prefill.CONSUMER_ROWS, width, gdt)
     kc, vc = cache.key_cache, cache.value_cache
-    block_size = kc.shape[1]
-    box = min(block_size, block_n)
-    k_desc = _rows(kc, box, width, block_n, gdt)
-    v_desc = _rows(vc, box, width, block_n, gdt)
     code, k_scale, v_scale, _, _ = kv_scale_args(cache, q.device, q)
     if code not in (0, 1):
         raise ValueError("the Gluon prefill takes per-tensor scales only (per-token-head "
@@ -316,6 +344,13 @@ def launch_gluon_prefill(q: torch.Tensor, cache, metadata, options, out: torch.T
     num_seqs = metadata.seq_lens.shape[0]
     bt = metadata.block_table
     num_tiles, long_tiles = grid_tiles(num_tokens, num_seqs, int(min_q))
+    switches = kernel_switches(
+        num_q_heads=num_q_heads, num_kv_heads=cache.num_kv_heads, kv_head_stride=kc.stride(2),
+        head_size=head, block_size=kc.shape[1], causal=options.causal,
+        sliding_window=options.sliding_window is not None, kv_scaled=code == 1,
+        softcap=softcap_code(options.softcap), alibi=ALIBI_CODES[options.alibi],
+        sinks=options.sinks is not None, long_tiles=long_tiles)
+    q_desc, k_desc, v_desc = descriptors(q, kc, vc, switches)
     _kernel()[(num_tiles * num_q_heads,)](
         q_desc, k_desc, v_desc, out, out.stride(0), out.stride(1), metadata.cu_seqlens_q,
         metadata.seq_lens, bt, bt.stride(0), bt.shape[1], kc.shape[0], num_seqs, num_tokens,
@@ -326,11 +361,4 @@ def launch_gluon_prefill(q: torch.Tensor, cache, metadata, options, out: torch.T
         k_scale, v_scale,
         options.alibi_slopes if options.alibi_slopes is not None else q,
         options.sinks if options.sinks is not None else q,
-        NUM_Q_HEADS=num_q_heads, GROUP=num_q_heads // cache.num_kv_heads,
-        KV_HEAD_STRIDE=kc.stride(2), BLOCK_N=block_n, HEAD=width, HEAD_SIZE=head,
-        BLOCK_SIZE=block_size,
-        NUM_BUF=num_buf, CAUSAL=bool(options.causal),
-        USE_WINDOW=options.sliding_window is not None, KV_SCALED=code == 1,
-        USE_SOFTCAP=softcap_code(options.softcap), ALIBI=ALIBI_CODES[options.alibi],
-        USE_SINKS=options.sinks is not None, LONG_TILES=long_tiles,
-        CONSUMER_REGS=CONSUMER_REGS, num_warps=4, **compile_options())
+        **switches, **compile_options())

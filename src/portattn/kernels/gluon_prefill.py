@@ -638,7 +638,8 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, stride_ot, stride_oh,
                                            _tile_layout(BLOCK_N, HEAD, k_desc.dtype))
         v_bufs = gl.allocate_shared_memory(v_desc.dtype, [NUM_BUF, BLOCK_N, HEAD],
                                            _tile_layout(BLOCK_N, HEAD, v_desc.dtype))
-        # TMA boxes per tile row: 1, or with rank-3 descriptors one per 64 columns
+        # TMA boxes per tile row: 1, or with rank-3 descriptors one per 64 columns (q's and
+        # the caches' boxes alike: gluon_launch.PADDED_BOX_COLS)
         SPANS: gl.constexpr = _boxes_per_row(PADDED, HEAD, q_desc.block_type.shape[-1])
         if PADDED:  # rank-3 descriptors: the heads themselves, boxes into column spans
             q_col = head
