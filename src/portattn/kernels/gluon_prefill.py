@@ -132,15 +132,19 @@ def _boxes_per_row(padded, head, box_cols):
     return head // box_cols if padded else 1
 
 
-#: The TMA copy of a box into shared memory: ``tma.async_load`` where the installed Triton
-#: has it (3.8 has both names, 3.6 only the older ``async_copy_global_to_shared``, which
-#: 3.9 removed; same positional arguments). A Triton builtin, so a kernel may read it as a
-#: global (Triton records no global for it, and a relaunch checks none).
-tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
-#: A shared-memory view's reinterpretation (``view, dtype, shape, layout``): the method
-#: Triton 3.9 calls ``reinterpret``, ``_reinterpret`` up to 3.8. Also a builtin.
-reinterpret = getattr(gl.shared_memory_descriptor, "reinterpret", None) or \
-    gl.shared_memory_descriptor._reinterpret
+def _renamed(owner, new: str, old: str):
+    """``owner.new`` where the installed Triton has it, else ``owner.old``: a Gluon builtin
+    that releases renamed (the new name first: 3.9 keeps a stub under one old name that
+    only raises). Builtins, so a kernel may read them as globals: Triton records no
+    global for them, and a relaunch checks none."""
+    return getattr(owner, new, None) or getattr(owner, old)
+
+
+#: The TMA copy of a box into shared memory (3.8 has both names, 3.6 only the older;
+#: same positional arguments).
+tma_load = _renamed(tma, "async_load", "async_copy_global_to_shared")
+#: A shared-memory view's reinterpretation (``view, dtype, shape, layout``; 3.9's name).
+reinterpret = _renamed(gl.shared_memory_descriptor, "reinterpret", "_reinterpret")
 
 
 @gluon.jit
