@@ -3,7 +3,7 @@ plans take: the check that the installed Triton's Gluon still takes the kernel (
 removed a TMA call the kernel used, 3.8 a view its padded heads used; NOTES.md, session
 51), before any device run.
 
-    PYTHONPATH=src python benchmarks/compile_gluon_offline.py [--only NAMES]
+    PYTHONPATH=src python benchmarks/compile_gluon_offline.py [--only NAMES] [--ptxas]
 
 Each variant is a launch of ``gluon_launch.launch_gluon_prefill``: its compile-time
 arguments from that module's ``kernel_switches`` and its descriptors from its
@@ -11,8 +11,12 @@ arguments from that module's ``kernel_switches`` and its descriptors from its
 head padded to the tile's width); the runtime arguments are typed here, unspecialized (a
 real launch also declares its pointers 16-byte aligned). Columns: shared memory bytes,
 warpgroup MMAs, TMA copies, register reallocations (``setmaxnreg``: the warp-specialized
-partitions) in the PTX; a variant that does not compile prints ``FAILED`` and the error,
-and the exit status is 1 (2 where this Triton has no Gluon the kernel can use).
+partitions) in the PTX; with ``--ptxas`` the registers per thread and spill bytes
+(stores / loads) this Triton's ptxas reports (``compile_offline.ptxas_usage``: the consumer
+partitions' 240 registers are the most two warpgroups and the load warp can hold, so
+spills there land in the key-tile loop; NOTES.md, session 52). A variant that does not
+compile prints ``FAILED`` and the error, and the exit status is 1 (2 where this Triton has
+no Gluon the kernel can use).
 """
 
 from __future__ import annotations
@@ -84,6 +88,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability (Hopper)")
     parser.add_argument("--only", default="", help="comma list of variant names (default all)")
+    parser.add_argument("--ptxas", action="store_true",
+                        help="also run ptxas -v: registers / spill bytes stored / loaded")
     args = parser.parse_args(argv)
     from portattn.kernels.gluon_launch import gluon_reason
 
@@ -96,9 +102,11 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"--only: unknown variants {unknown}; known: {list(VARIANTS)}")
     import triton
+    from compile_offline import ptxas_usage  # (this script's folder is on sys.path)
 
     print(f"Triton {triton.__version__}, sm{args.arch}")
-    print(f"{'variant':<40}{'shared':>8}" + "".join(f"{k:>12}" for k, _ in PTX_COUNTS))
+    print(f"{'variant':<40}{'shared':>8}" + "".join(f"{k:>12}" for k, _ in PTX_COUNTS)
+          + ("  regs/spill st/ld" if args.ptxas else ""))
     failed = 0
     for name in names:
         t0 = time.time()
@@ -109,9 +117,10 @@ def main(argv=None) -> int:
             print(f"{name:<40}FAILED {type(exc).__name__}: {exc}")
             continue
         ptx = kernel.asm["ptx"]
+        usage = f"  {ptxas_usage(ptx, args.arch):>16}" if args.ptxas else ""
         print(f"{name:<40}{kernel.metadata.shared:>8}"
               + "".join(f"{ptx.count(token):>12}" for _, token in PTX_COUNTS)
-              + f"   ({time.time() - t0:.1f} s)")
+              + f"{usage}   ({time.time() - t0:.1f} s)")
     return 1 if failed else 0
 
 

@@ -8,7 +8,8 @@ Pointers and strides are declared 16-byte divisible, as a real launch specialize
 without that, Triton cannot vectorize or pipeline the K/V loads and the counts mislead.
 Columns: shared memory bytes, 16-byte cp.async (pipelined loads), single-byte shared
 loads (an 8-bit operand transposed the slow way), TMA copies (descriptor loads), and
-with ``--ptxas`` the registers per thread and spill bytes ptxas reports.
+with ``--ptxas`` the registers per thread and spill bytes (stores / loads) ptxas
+reports.
 """
 
 from __future__ import annotations
@@ -133,22 +134,32 @@ def compile_variant(kv: str, changes: dict, warps: int, stages: int, arch: int,
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
-def ptxas_usage(ptx: str, arch: int) -> str:
-    """``registers/spill bytes`` as the ptxas Triton ships reports for ``ptx``."""
-    import triton.backends.nvidia as nvidia
+def ptxas_path(arch: int) -> str:
+    """The ptxas this Triton compiles ``arch`` with: Triton 3.9 compiles sm90 with its
+    ``ptxas-blackwell`` (CUDA 13), whose PTX version the older ``ptxas`` refuses."""
+    from triton.backends.nvidia import compiler
 
-    ptxas = os.path.join(os.path.dirname(nvidia.__file__), "bin", "ptxas")
+    try:
+        return compiler.get_ptxas(arch).path
+    except TypeError:  # Triton 3.5: one ptxas, get_ptxas() takes no architecture
+        return compiler.get_ptxas().path
+
+
+def ptxas_usage(ptx: str, arch: int) -> str:
+    """``registers/spill stores/spill loads`` (bytes) as this Triton's ptxas
+    (:func:`ptxas_path`) reports for ``ptx``."""
     suffix = "a" if arch == 90 else ""
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "kernel.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        done = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}{suffix}", src, "-o",
-                               os.path.join(tmp, "kernel.cubin")],
+        done = subprocess.run([ptxas_path(arch), "-v", f"--gpu-name=sm_{arch}{suffix}", src,
+                               "-o", os.path.join(tmp, "kernel.cubin")],
                               capture_output=True, text=True)
     regs = re.search(r"Used (\d+) registers", done.stderr)
-    spill = re.search(r"(\d+) bytes spill stores", done.stderr)
-    return f"{regs.group(1) if regs else '?'}/{spill.group(1) if spill else '?'}"
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", done.stderr)
+    return "/".join([regs.group(1) if regs else "?"]
+                    + (list(spill.groups()) if spill else ["?", "?"]))
 
 
 def main() -> int:
@@ -156,12 +167,12 @@ def main() -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
     parser.add_argument("--only", default="", help="comma list of variant names (default all)")
     parser.add_argument("--ptxas", action="store_true",
-                        help="also run ptxas -v: registers per thread / spill bytes")
+                        help="also run ptxas -v: registers / spill bytes stored / loaded")
     args = parser.parse_args()
     wanted = [n for n in args.only.split(",") if n] or list(VARIANTS)
     failed = 0
     print(f"{'variant':<42} {'shared':>7} {'cp.async16':>10} {'ld.b8':>6} {'tma':>4}"
-          + ("  regs/spill" if args.ptxas else ""))
+          + ("  regs/spill st/ld" if args.ptxas else ""))
     for name in wanted:
         kv, changes, warps, stages, *cap = VARIANTS[name]
         try:
@@ -171,7 +182,7 @@ def main() -> int:
             print(f"{name:<42} FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
             continue
         ptx = compiled.asm["ptx"]
-        usage = f"  {ptxas_usage(ptx, args.arch):>10}" if args.ptxas else ""
+        usage = f"  {ptxas_usage(ptx, args.arch):>16}" if args.ptxas else ""
         print(f"{name:<42} {compiled.metadata.shared:>7} {ptx.count('cp.async.cg'):>10} "
               f"{ptx.count('ld.shared.b8'):>6} {ptx.count('cp.async.bulk.tensor'):>4}{usage}")
     return 1 if failed else 0

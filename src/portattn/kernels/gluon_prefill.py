@@ -492,6 +492,10 @@ def _consumer_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty
     p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, mods, rows, cols, j_lo * BLOCK_N, off,
                                        k_len, (j_lo < j_full_lo) | (j_lo >= n_full), CAUSAL,
                                        USE_WINDOW, USE_SOFTCAP, ALIBI)
+    # P crosses the loop already as PV's A operand in q's dtype: 32 registers a thread at
+    # 64 x 128, where fp32 P took 64 beside the next QK^T's scores and the accumulator
+    # (ptxas then spilled in the loop on Triton 3.8: NOTES.md, session 52)
+    p = gl.convert_layout(p.to(dtype), p_layout)
     for t in range(1, n_t):
         j = j_lo + t
         idx = t % num_buf
@@ -503,13 +507,13 @@ def _consumer_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty
         if _needs_zeroing((j - 1) * BLOCK_N, bad_lo, bad_hi, k_lo, k_len, BLOCK_N):
             uses = _zero_rows(v_bufs.index(prev), fix_bar, uses, (j - 1) * BLOCK_N, bad_lo,
                               bad_hi, k_lo, k_len, BLOCK_N, HEAD, num_warps)
-        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_bufs.index(prev), acc,
-                            is_async=True)
+        acc = warpgroup_mma(p, v_bufs.index(prev), acc, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
         mbarrier.arrive(k_empty.index(idx), count=1)
         p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, mods, rows, cols, j * BLOCK_N, off,
                                            k_len, (j < j_full_lo) | (j >= n_full), CAUSAL,
                                            USE_WINDOW, USE_SOFTCAP, ALIBI)
+        p = gl.convert_layout(p.to(dtype), p_layout)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         mbarrier.arrive(v_empty.index(prev), count=1)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
@@ -518,8 +522,7 @@ def _consumer_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty
     if _needs_zeroing((n_tiles - 1) * BLOCK_N, bad_lo, bad_hi, k_lo, k_len, BLOCK_N):
         uses = _zero_rows(v_bufs.index(last), fix_bar, uses, (n_tiles - 1) * BLOCK_N, bad_lo,
                           bad_hi, k_lo, k_len, BLOCK_N, HEAD, num_warps)
-    acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_bufs.index(last), acc,
-                        is_async=True)
+    acc = warpgroup_mma(p, v_bufs.index(last), acc, is_async=True)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     mbarrier.arrive(v_empty.index(last), count=1)
 
