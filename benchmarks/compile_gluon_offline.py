@@ -13,8 +13,8 @@ real launch also declares its pointers 16-byte aligned). Columns: shared memory 
 warpgroup MMAs, TMA copies, register reallocations (``setmaxnreg``: the warp-specialized
 partitions) in the PTX; with ``--ptxas`` the registers per thread and spill bytes
 (stores / loads) this Triton's ptxas reports (``compile_offline.ptxas_usage``: the consumer
-partitions' 240 registers are the most two warpgroups and the load warp can hold, so
-spills there land in the key-tile loop; NOTES.md, session 52). A variant that does not
+partitions' 240 registers are the most two warpgroups and the load warp can hold, and
+spills there can land in the key-tile loop: NOTES.md, session 52). A variant that does not
 compile prints ``FAILED`` and the error, and the exit status is 1 (2 where this Triton has
 no Gluon the kernel can use).
 """
@@ -102,7 +102,9 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"--only: unknown variants {unknown}; known: {list(VARIANTS)}")
     import triton
-    from compile_offline import ptxas_usage  # (this script's folder is on sys.path)
+
+    if args.ptxas:
+        from compile_offline import ptxas_usage  # (this script's folder is on sys.path)
 
     print(f"Triton {triton.__version__}, sm{args.arch}")
     print(f"{'variant':<40}{'shared':>8}" + "".join(f"{k:>12}" for k, _ in PTX_COUNTS)
@@ -112,12 +114,12 @@ def main(argv=None) -> int:
         t0 = time.time()
         try:
             kernel = compile_variant(name, args.arch)
+            ptx = kernel.asm["ptx"]
+            usage = f"  {ptxas_usage(ptx, args.arch):>16}" if args.ptxas else ""
         except Exception as exc:  # a probe: report each variant and go on
             failed += 1
             print(f"{name:<40}FAILED {type(exc).__name__}: {exc}")
             continue
-        ptx = kernel.asm["ptx"]
-        usage = f"  {ptxas_usage(ptx, args.arch):>16}" if args.ptxas else ""
         print(f"{name:<40}{kernel.metadata.shared:>8}"
               + "".join(f"{ptx.count(token):>12}" for _, token in PTX_COUNTS)
               + f"{usage}   ({time.time() - t0:.1f} s)")

@@ -137,17 +137,19 @@ def compile_variant(kv: str, changes: dict, warps: int, stages: int, arch: int,
 def ptxas_path(arch: int) -> str:
     """The ptxas this Triton compiles ``arch`` with: Triton 3.9 compiles sm90 with its
     ``ptxas-blackwell`` (CUDA 13), whose PTX version the older ``ptxas`` refuses."""
+    import inspect
+
     from triton.backends.nvidia import compiler
 
-    try:
+    if inspect.signature(compiler.get_ptxas).parameters:
         return compiler.get_ptxas(arch).path
-    except TypeError:  # Triton 3.5: one ptxas, get_ptxas() takes no architecture
-        return compiler.get_ptxas().path
+    return compiler.get_ptxas().path  # Triton 3.5: one ptxas for every architecture
 
 
 def ptxas_usage(ptx: str, arch: int) -> str:
     """``registers/spill stores/spill loads`` (bytes) as this Triton's ptxas
-    (:func:`ptxas_path`) reports for ``ptx``."""
+    (:func:`ptxas_path`) reports for ``ptx``; RuntimeError with ptxas's last words where
+    it refuses the PTX."""
     suffix = "a" if arch == 90 else ""
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "kernel.ptx")
@@ -158,8 +160,10 @@ def ptxas_usage(ptx: str, arch: int) -> str:
                               capture_output=True, text=True)
     regs = re.search(r"Used (\d+) registers", done.stderr)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", done.stderr)
-    return "/".join([regs.group(1) if regs else "?"]
-                    + (list(spill.groups()) if spill else ["?", "?"]))
+    if done.returncode or not (regs and spill):
+        words = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"ptxas (exit {done.returncode}): {words}")
+    return "/".join([regs.group(1), *spill.groups()])
 
 
 def main() -> int:
@@ -177,12 +181,12 @@ def main() -> int:
         kv, changes, warps, stages, *cap = VARIANTS[name]
         try:
             compiled = compile_variant(kv, changes, warps, stages, args.arch, *cap)
+            ptx = compiled.asm["ptx"]
+            usage = f"  {ptxas_usage(ptx, args.arch):>16}" if args.ptxas else ""
         except Exception as exc:
             failed += 1
             print(f"{name:<42} FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
             continue
-        ptx = compiled.asm["ptx"]
-        usage = f"  {ptxas_usage(ptx, args.arch):>16}" if args.ptxas else ""
         print(f"{name:<42} {compiled.metadata.shared:>7} {ptx.count('cp.async.cg'):>10} "
               f"{ptx.count('ld.shared.b8'):>6} {ptx.count('cp.async.bulk.tensor'):>4}{usage}")
     return 1 if failed else 0

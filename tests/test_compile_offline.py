@@ -22,12 +22,23 @@ VARIANTS = ["decode bf16", "decode fp8 per-tensor", "decode fp8 per-tensor V_STA
             "decode bf16 descriptors"]
 
 
+def _script(name: str):
+    """``benchmarks/NAME.py`` loaded as a module (imports only: compiles nothing)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _ptxas_available() -> bool:
+    """Whether the ptxas this Triton compiles sm90 with is installed (the scripts' own
+    choice: ``compile_offline.ptxas_path``)."""
     if importlib.util.find_spec("triton") is None:
         return False
-    import triton
-
-    return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
+    try:
+        return Path(_script("compile_offline").ptxas_path(90)).exists()
+    except (ImportError, AttributeError):  # no NVIDIA backend in this Triton
+        return False
 
 
 def _compile_offline(*args: str, script: str = "compile_offline.py"
@@ -103,10 +114,7 @@ def test_gluon_prefill_compiles_for_sm90_offline():
     why = gluon_reason()
     if why:
         pytest.skip(why)
-    spec = importlib.util.spec_from_file_location(
-        "compile_gluon_offline", ROOT / "benchmarks" / "compile_gluon_offline.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _script("compile_gluon_offline")
     run = _compile_offline(script="compile_gluon_offline.py")
     assert run.returncode == 0, run.stdout + run.stderr
     rows = {line[:40].strip(): line[40:].split() for line in run.stdout.splitlines()[2:]}
@@ -117,22 +125,30 @@ def test_gluon_prefill_compiles_for_sm90_offline():
 
 
 #: the Gluon forms whose consumers must not spill (plain heads of both tile widths, a
-#: head padded into 256) and the most spill bytes ptxas may store for each
+#: head padded into 256)
 UNSPILLED_GLUON_FORMS = ("bf16 head 128", "bf16 head 256 sinks long tiles",
                          "bf16 head 192 padded block 32")
-GLUON_SPILL_BYTES = 16
+
+
+def _gluon_spill_bytes() -> int:
+    """The most spill bytes (stores, loads) allowed in those forms: 8; 16 under Triton
+    3.8's ptxas (CUDA 12.9), which leaves 16 at head 128."""
+    import triton
+
+    return 16 if triton.__version__.startswith("3.8.") else 8
 
 
 @pytest.mark.interpreter  # (runs no kernel: marked so CI's other-Triton tiers run it)
 @needs_ptxas
-def test_gluon_prefill_consumers_keep_their_loop_in_registers():
+def test_gluon_prefill_consumers_spill_at_most_a_few_bytes():
     """The consumer warpgroups hold the accumulator, the next tile's scores and P within
-    the 240 registers a thread warp specialization leaves them: ptxas stores at most
-    ``GLUON_SPILL_BYTES`` to the stack in the plain and padded forms. When P crossed the
-    key-tile loop in fp32, Triton 3.8's PTX spilled 148 bytes at head 128 under its own
-    ptxas (64 at head 256), stored and reloaded inside the loop; in 16 bits as PV's
-    operand it spills 16 on 3.8 and none on 3.6 and 3.9. (A structural check: on an H100
-    the spills' removal measured within the runs' spread, NOTES.md, session 52.)"""
+    the 240 registers a thread that warp specialization leaves them: ptxas spills at most
+    :func:`_gluon_spill_bytes` in the plain and padded forms. When P crossed the key-tile
+    loop in fp32, the spill stores were 16 / 12 / 12 bytes (head 128 / 256 / padded 192) on
+    Triton 3.6, 4 / 12 / 8 on 3.9 and 148 / 64 / 32 on 3.8, reloaded inside the loop
+    there; with P crossing it in 16 bits as PV's operand, 0 / 8 / 0, 0 / 8 / 8 and
+    16 / 0 / 0. (A structural check: on an H100 the spills' removal measured within the
+    runs' spread, NOTES.md, session 52.)"""
     from portattn.kernels.gluon_launch import gluon_reason
 
     why = gluon_reason()
@@ -143,6 +159,7 @@ def test_gluon_prefill_consumers_keep_their_loop_in_registers():
     assert run.returncode == 0, run.stdout + run.stderr
     rows = {line[:40].strip(): line[40:].split() for line in run.stdout.splitlines()[2:]}
     assert set(rows) == set(UNSPILLED_GLUON_FORMS), run.stdout
+    limit = _gluon_spill_bytes()
     for name, columns in rows.items():
-        registers, stores, loads = (int(x) for x in columns[4].split("/"))
-        assert registers <= 168 and stores <= GLUON_SPILL_BYTES, (name, columns[4])
+        _, stores, loads = (int(x) for x in columns[4].split("/"))
+        assert stores <= limit and loads <= limit, (name, columns[4], limit)

@@ -492,9 +492,9 @@ def _consumer_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty
     p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, mods, rows, cols, j_lo * BLOCK_N, off,
                                        k_len, (j_lo < j_full_lo) | (j_lo >= n_full), CAUSAL,
                                        USE_WINDOW, USE_SOFTCAP, ALIBI)
-    # P crosses the loop already as PV's A operand in q's dtype: 32 registers a thread at
-    # 64 x 128, where fp32 P took 64 beside the next QK^T's scores and the accumulator
-    # (ptxas then spilled in the loop on Triton 3.8: NOTES.md, session 52)
+    # P crosses the loop already as PV's A operand in the tiles' dtype (q's): 32 registers
+    # a thread at 64 x 128, where fp32 P took 64 beside the next QK^T's scores and the
+    # accumulator (ptxas then spilled in the loop on Triton 3.8: NOTES.md, session 52)
     p = gl.convert_layout(p.to(dtype), p_layout)
     for t in range(1, n_t):
         j = j_lo + t
