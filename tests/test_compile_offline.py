@@ -100,6 +100,19 @@ def test_paired_decode_tiles_fit_the_programs_per_sm_the_plan_assumes():
         assert registers <= PAIRED_DECODE_MAXNREG and spill <= 8, (name, registers, spill)
 
 
+def _gluon_rows(*args: str) -> dict:
+    """``compile_gluon_offline.py ARGS``'s rows (variant -> its columns), asserting that it
+    succeeded; skips where this Triton has no Gluon the kernel can use."""
+    from portattn.kernels.gluon_launch import gluon_reason
+
+    why = gluon_reason()
+    if why:
+        pytest.skip(why)
+    run = _compile_offline(*args, script="compile_gluon_offline.py")
+    assert run.returncode == 0, run.stdout + run.stderr
+    return {line[:40].strip(): line[40:].split() for line in run.stdout.splitlines()[2:]}
+
+
 @pytest.mark.interpreter  # (runs no kernel: marked so CI's other-Triton tiers run it)
 @needs_ptxas
 def test_gluon_prefill_compiles_for_sm90_offline():
@@ -109,19 +122,11 @@ def test_gluon_prefill_compiles_for_sm90_offline():
     warp-specialized kernel of Hopper's TMA and warpgroup MMAs within an SM's shared
     memory. Triton 3.9 removed a TMA call the kernel made and 3.8 refused its padded
     heads' view; both went unseen until a GPU ran them (NOTES.md, session 51)."""
-    from portattn.kernels.gluon_launch import gluon_reason
-
-    why = gluon_reason()
-    if why:
-        pytest.skip(why)
-    script = _script("compile_gluon_offline")
-    run = _compile_offline(script="compile_gluon_offline.py")
-    assert run.returncode == 0, run.stdout + run.stderr
-    rows = {line[:40].strip(): line[40:].split() for line in run.stdout.splitlines()[2:]}
-    assert set(rows) == set(script.VARIANTS), run.stdout
+    rows = _gluon_rows()
+    assert set(rows) == set(_script("compile_gluon_offline").VARIANTS), rows
     for name, (shared, wgmma, tma, setmaxnreg, *_) in rows.items():
         assert 0 < int(shared) <= 227 * 1024, (name, shared)
-        assert int(wgmma) > 0 and int(tma) > 0 and int(setmaxnreg) > 0, (name, run.stdout)
+        assert int(wgmma) > 0 and int(tma) > 0 and int(setmaxnreg) > 0, (name, rows[name])
 
 
 #: the Gluon forms whose consumers must not spill (plain heads of both tile widths, a
@@ -149,16 +154,8 @@ def test_gluon_prefill_consumers_spill_at_most_a_few_bytes():
     there; with P crossing it in 16 bits as PV's operand, 0 / 8 / 0, 0 / 8 / 8 and
     16 / 0 / 0. (A structural check: on an H100 the spills' removal measured within the
     runs' spread, NOTES.md, session 52.)"""
-    from portattn.kernels.gluon_launch import gluon_reason
-
-    why = gluon_reason()
-    if why:
-        pytest.skip(why)
-    run = _compile_offline("--ptxas", "--only", ",".join(UNSPILLED_GLUON_FORMS),
-                           script="compile_gluon_offline.py")
-    assert run.returncode == 0, run.stdout + run.stderr
-    rows = {line[:40].strip(): line[40:].split() for line in run.stdout.splitlines()[2:]}
-    assert set(rows) == set(UNSPILLED_GLUON_FORMS), run.stdout
+    rows = _gluon_rows("--ptxas", "--only", ",".join(UNSPILLED_GLUON_FORMS))
+    assert set(rows) == set(UNSPILLED_GLUON_FORMS), rows
     limit = _gluon_spill_bytes()
     for name, columns in rows.items():
         _, stores, loads = (int(x) for x in columns[4].split("/"))
