@@ -43,6 +43,28 @@ def test_a_head_runs_in_the_narrowest_tile_that_holds_it(head, width):
     assert gluon_launch.tile_width(head) == width
 
 
+@pytest.mark.parametrize("release, early", [
+    ("3.5.1", False), ("3.6.0", False), ("3.7.1", False), ("3.8.0", True), ("3.9.0", True),
+    ("3.10.2", True), ("4.0.0+git1234", True), ("unknown", True)])
+def test_the_consumers_cast_p_early_from_triton_3_8(monkeypatch, release, early):
+    """P is cast right after each softmax where Triton 3.8's late cast spilled inside the
+    key-tile loop (3.8 on), at the PV MMA before (a mixed batch measured 3.5% faster on
+    3.6), and as on the newest releases where the version cannot be read."""
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", release)
+    gluon_launch.casts_p_early.cache_clear()
+    try:
+        assert gluon_launch.casts_p_early() is early
+        switches = gluon_launch.kernel_switches(
+            num_q_heads=32, num_kv_heads=8, kv_head_stride=128, head_size=128,
+            block_size=16, causal=True, sliding_window=False, kv_scaled=False, softcap=0,
+            alibi=0, sinks=False, long_tiles=False)
+        assert switches["P_EARLY"] is early
+    finally:
+        gluon_launch.casts_p_early.cache_clear()
+
+
 @pytest.mark.parametrize("change,words", [
     (dict(arch="sm100"), "sm100 is not sm90"),
     (dict(arch="sm80"), "sm80 is not sm90"),

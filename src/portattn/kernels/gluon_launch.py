@@ -54,6 +54,31 @@ CONSUMER_REGS = 240
 _ALIGN = 16
 
 
+#: Triton releases (major, minor) from which the consumers cast P to PV's 16-bit operand
+#: right after each softmax, so that P crosses the key-tile loop in half the registers
+#: (the kernel's ``P_EARLY``; :func:`casts_p_early`).
+P_EARLY_FROM = (3, 8)
+
+
+@functools.lru_cache(maxsize=1)
+def casts_p_early() -> bool:
+    """Whether this Triton's Gluon prefill casts P right after each softmax (``P_EARLY``)
+    rather than where the PV MMA takes it. Triton 3.8 lowers that cast to scalar
+    conversions and packing moves, and its kernel then spilled 148 bytes inside the
+    key-tile loop at head 128 with the late cast, 16 with the early one (3.9: 4 and 0);
+    on 3.6 (no loop spill either way: 16 and 0 bytes, outside it) the early cast made
+    the mixed batch 2048 + 63 x 4096 3.5% slower, three rounds against three (H100,
+    benchmarks/NOTES.md, sessions 52-53). Releases that cannot be read take the early
+    cast (the newer releases' form)."""
+    import triton
+
+    try:
+        release = tuple(int(part) for part in triton.__version__.split(".")[:2])
+    except (AttributeError, ValueError):
+        return True
+    return release >= P_EARLY_FROM
+
+
 @functools.lru_cache(maxsize=1)
 def gluon_reason() -> str | None:
     """Why this Triton has no Gluon warp specialization for Hopper (None: it has)."""
@@ -306,7 +331,7 @@ def kernel_switches(*, num_q_heads: int, num_kv_heads: int, kv_head_stride: int,
                 CAUSAL=bool(causal), USE_WINDOW=bool(sliding_window),
                 KV_SCALED=bool(kv_scaled), USE_SOFTCAP=softcap, ALIBI=alibi,
                 USE_SINKS=bool(sinks), LONG_TILES=bool(long_tiles),
-                CONSUMER_REGS=CONSUMER_REGS, num_warps=4)
+                P_EARLY=casts_p_early(), CONSUMER_REGS=CONSUMER_REGS, num_warps=4)
 
 
 def descriptors(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

@@ -431,6 +431,17 @@ def _program_bad_keys(bt_row_ptr, bt_width, num_blocks, k_lo, k_len, n_tiles,
 
 
 @gluon.jit
+def _pv_operand(p, dtype: gl.constexpr, p_layout: gl.constexpr, CAST: gl.constexpr):
+    """P as the PV MMA's register operand (``dtype``, ``p_layout``) where ``CAST``, else
+    ``p`` as it is (cast already, or to be cast where the MMA takes it)."""
+    if CAST:
+        operand = gl.convert_layout(p.to(dtype), p_layout)
+    else:
+        operand = p
+    return operand
+
+
+@gluon.jit
 def _consumer_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty,
                         fix_bar, out_ptr, stride_ot, stride_oh, bt_row_ptr, bt_width,
                         num_blocks, q_start, q_len, head, row0, off, k_lo, k_len, j_lo,
@@ -439,7 +450,7 @@ def _consumer_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty
                         ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD: gl.constexpr,
                         HEAD_SIZE: gl.constexpr, BLOCK_SIZE: gl.constexpr, CAUSAL: gl.constexpr,
                         USE_WINDOW: gl.constexpr, USE_SOFTCAP: gl.constexpr,
-                        ALIBI: gl.constexpr, USE_SINKS: gl.constexpr,
+                        ALIBI: gl.constexpr, USE_SINKS: gl.constexpr, P_EARLY: gl.constexpr,
                         num_warps: gl.constexpr):
     """One warpgroup: ``ROWS`` query rows from ``row0`` over key tiles ``[j_lo,
     n_tiles)`` of the program (the ring's ``empty`` barriers count both consumers); tiles
@@ -492,10 +503,10 @@ def _consumer_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty
     p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, mods, rows, cols, j_lo * BLOCK_N, off,
                                        k_len, (j_lo < j_full_lo) | (j_lo >= n_full), CAUSAL,
                                        USE_WINDOW, USE_SOFTCAP, ALIBI)
-    # P crosses the loop already as PV's A operand in the tiles' dtype (q's): 32 registers
-    # a thread at 64 x 128, where fp32 P took 64 beside the next QK^T's scores and the
-    # accumulator (ptxas then spilled in the loop on Triton 3.8: NOTES.md, session 52)
-    p = gl.convert_layout(p.to(dtype), p_layout)
+    # P_EARLY: P crosses the loop already as PV's A operand in the tiles' dtype (q's): 32
+    # registers a thread at 64 x 128, where fp32 P takes 64 beside the next QK^T's scores
+    # and the accumulator (gluon_launch.casts_p_early says where each is taken)
+    p = _pv_operand(p, dtype, p_layout, P_EARLY)
     for t in range(1, n_t):
         j = j_lo + t
         idx = t % num_buf
@@ -507,13 +518,14 @@ def _consumer_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty
         if _needs_zeroing((j - 1) * BLOCK_N, bad_lo, bad_hi, k_lo, k_len, BLOCK_N):
             uses = _zero_rows(v_bufs.index(prev), fix_bar, uses, (j - 1) * BLOCK_N, bad_lo,
                               bad_hi, k_lo, k_len, BLOCK_N, HEAD, num_warps)
-        acc = warpgroup_mma(p, v_bufs.index(prev), acc, is_async=True)
+        acc = warpgroup_mma(_pv_operand(p, dtype, p_layout, not P_EARLY), v_bufs.index(prev),
+                            acc, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
         mbarrier.arrive(k_empty.index(idx), count=1)
         p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, mods, rows, cols, j * BLOCK_N, off,
                                            k_len, (j < j_full_lo) | (j >= n_full), CAUSAL,
                                            USE_WINDOW, USE_SOFTCAP, ALIBI)
-        p = gl.convert_layout(p.to(dtype), p_layout)
+        p = _pv_operand(p, dtype, p_layout, P_EARLY)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         mbarrier.arrive(v_empty.index(prev), count=1)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
@@ -522,7 +534,8 @@ def _consumer_partition(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty
     if _needs_zeroing((n_tiles - 1) * BLOCK_N, bad_lo, bad_hi, k_lo, k_len, BLOCK_N):
         uses = _zero_rows(v_bufs.index(last), fix_bar, uses, (n_tiles - 1) * BLOCK_N, bad_lo,
                           bad_hi, k_lo, k_len, BLOCK_N, HEAD, num_warps)
-    acc = warpgroup_mma(p, v_bufs.index(last), acc, is_async=True)
+    acc = warpgroup_mma(_pv_operand(p, dtype, p_layout, not P_EARLY), v_bufs.index(last), acc,
+                        is_async=True)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     mbarrier.arrive(v_empty.index(last), count=1)
 
@@ -564,7 +577,8 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, stride_ot, stride_oh,
                          USE_WINDOW: gl.constexpr, KV_SCALED: gl.constexpr,
                          USE_SOFTCAP: gl.constexpr, ALIBI: gl.constexpr,
                          USE_SINKS: gl.constexpr, LONG_TILES: gl.constexpr,
-                         CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                         P_EARLY: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                         num_warps: gl.constexpr):
     """Paged prefill, one (query tile, q head) per program; layout, grid and partitions
     in the module doc. Switches: ``NUM_BUF`` (K/V ring depth), ``CAUSAL``, ``USE_WINDOW``
     (query at key position p sees keys after ``p - window``; tiles wholly before the
@@ -575,7 +589,9 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, stride_ot, stride_oh,
     ``ALIBI`` (0 none, 1 linear, 2 sqrt; slopes ``[num_q_heads]`` at ``alibi_ptr``),
     ``USE_SINKS`` (logits ``[num_q_heads]`` at ``sinks_ptr``), ``LONG_TILES`` (the
     grid numbers the tiles of the sequences with ``min_q`` queries or more only; else
-    every sequence's, ``num_tiles`` of them); launched with
+    every sequence's, ``num_tiles`` of them), ``P_EARLY`` (the consumers cast P to PV's
+    operand right after each softmax, else where the PV MMA takes it:
+    ``gluon_launch.casts_p_early``); launched with
     ``num_warps=4`` (one consumer warpgroup; the other consumer and the load warp are
     worker partitions). ``KV_HEAD_STRIDE``: the caches' head stride in elements (the
     column of kv head ``h`` in the row view is ``h * KV_HEAD_STRIDE``). ``HEAD``: the
@@ -683,14 +699,14 @@ def gluon_prefill_kernel(q_desc, k_desc, v_desc, out_ptr, stride_ot, stride_oh,
                                    off, k_lo, k_len, j_lo, j_full_lo, n_full, n_tiles, qk_scale,
                                    softcap, slope2, window, sink2, out_mul, 64, BLOCK_N, HEAD,
                                    HEAD_SIZE, BLOCK_SIZE, CAUSAL,
-                                   USE_WINDOW, USE_SOFTCAP, ALIBI, USE_SINKS, num_warps)),
+                                   USE_WINDOW, USE_SOFTCAP, ALIBI, USE_SINKS, P_EARLY, num_warps)),
             (_consumer_partition, (q_bufs.index(1), k_bufs, v_bufs, q_bar, k_ready, v_ready,
                                    k_empty, v_empty, fix_bar, out_ptr, stride_ot, stride_oh,
                                    bt_row_ptr, bt_width, num_blocks, q_start, q_len, head,
                                    m0 + 64, off, k_lo, k_len, j_lo, j_full_lo, n_full, n_tiles,
                                    qk_scale, softcap, slope2, window, sink2, out_mul, 64,
                                    BLOCK_N, HEAD, HEAD_SIZE, BLOCK_SIZE, CAUSAL,
-                                   USE_WINDOW, USE_SOFTCAP, ALIBI, USE_SINKS, num_warps)),
+                                   USE_WINDOW, USE_SOFTCAP, ALIBI, USE_SINKS, P_EARLY, num_warps)),
             (_load_partition, (q_desc, k_desc, v_desc, q_dst, k_dst, v_dst, q_bar, k_ready,
                                v_ready, k_empty, v_empty, q_start + m0, q_col, kv_col,
                                bt_row_ptr, bt_width, num_blocks, j_lo, n_tiles, BLOCK_N,
