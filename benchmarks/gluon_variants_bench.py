@@ -114,7 +114,7 @@ class Variant:
             if legacy:  # num_tiles, the 14th argument: every sequence's tiles
                 num_tokens, num_seqs, _ = Variant.call
                 args = args[:13] + (num_tokens // 128 + num_seqs,) + args[14:]
-            return self.kernel[(programs,)](*args, **kwargs, **self.extra)
+            return self.kernel[(programs,)](*args, **{**kwargs, **self.extra})
         return launch
 
 

@@ -140,7 +140,7 @@ def _gluon_spill_bytes() -> int:
     cast P right after each softmax (``gluon_launch.casts_p_early``: Triton 3.8 on), 8;
     16 under 3.8's ptxas (CUDA 12.9), which leaves 16 at head 128. Where they cast it at
     the PV MMA (3.6), 32: 16 / 28 at head 128, before and after the key-tile loop
-    (NOTES.md, session 51)."""
+    (NOTES.md, sessions 51-52)."""
     import triton
 
     from portattn.kernels.gluon_launch import casts_p_early

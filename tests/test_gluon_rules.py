@@ -44,8 +44,9 @@ def test_a_head_runs_in_the_narrowest_tile_that_holds_it(head, width):
 
 
 @pytest.mark.parametrize("release, early", [
-    ("3.5.1", False), ("3.6.0", False), ("3.7.1", False), ("3.8.0", True), ("3.9.0", True),
-    ("3.10.2", True), ("4.0.0+git1234", True), ("unknown", True)])
+    ("3.5.1", False), ("3.6.0", False), ("3.6+git1", False), ("3.7.1", False),
+    ("3.8.0", True), ("3.9.0rc1", True), ("3.10.2", True), ("4.0.0+git1234", True),
+    ("unknown", True)])
 def test_the_consumers_cast_p_early_from_triton_3_8(monkeypatch, release, early):
     """P is cast right after each softmax where Triton 3.8's late cast spilled inside the
     key-tile loop (3.8 on), at the PV MMA before (a mixed batch measured 3.5% faster on
@@ -56,11 +57,12 @@ def test_the_consumers_cast_p_early_from_triton_3_8(monkeypatch, release, early)
     gluon_launch.casts_p_early.cache_clear()
     try:
         assert gluon_launch.casts_p_early() is early
-        switches = gluon_launch.kernel_switches(
-            num_q_heads=32, num_kv_heads=8, kv_head_stride=128, head_size=128,
-            block_size=16, causal=True, sliding_window=False, kv_scaled=False, softcap=0,
-            alibi=0, sinks=False, long_tiles=False)
-        assert switches["P_EARLY"] is early
+        shape = dict(num_q_heads=32, num_kv_heads=8, kv_head_stride=128, head_size=128,
+                     block_size=16, causal=True, sliding_window=False, kv_scaled=False,
+                     softcap=0, alibi=0, sinks=False, long_tiles=False)
+        assert gluon_launch.kernel_switches(**shape)["P_EARLY"] is early
+        # the offline compile's other setting
+        assert gluon_launch.kernel_switches(**shape, p_early=not early)["P_EARLY"] is not early
     finally:
         gluon_launch.casts_p_early.cache_clear()
 

@@ -11,6 +11,7 @@ staging their keys (:mod:`portattn.backends.gluon_rules` decides, ``params["gluo
 from __future__ import annotations
 
 import functools
+import re
 
 import torch
 
@@ -72,11 +73,10 @@ def casts_p_early() -> bool:
     cast (the newer releases' form)."""
     import triton
 
-    try:
-        release = tuple(int(part) for part in triton.__version__.split(".")[:2])
-    except (AttributeError, ValueError):
+    match = re.match(r"(\d+)\.(\d+)", str(getattr(triton, "__version__", "")))
+    if match is None:
         return True
-    return release >= P_EARLY_FROM
+    return (int(match[1]), int(match[2])) >= P_EARLY_FROM
 
 
 @functools.lru_cache(maxsize=1)
@@ -313,11 +313,12 @@ def _q_descriptor(q: torch.Tensor, rows: int, width: int, gdt):
 def kernel_switches(*, num_q_heads: int, num_kv_heads: int, kv_head_stride: int,
                     head_size: int, block_size: int, causal: bool, sliding_window: bool,
                     kv_scaled: bool, softcap: int, alibi: int, sinks: bool,
-                    long_tiles: bool) -> dict:
+                    long_tiles: bool, p_early: bool | None = None) -> dict:
     """The Gluon prefill's compile-time arguments for a launch (which compiled variant
     runs): the head counts, the caches' head stride in elements, the head and block
     sizes, and the switches (``softcap``: ``heuristics.softcap_code``; ``alibi``:
-    ``launch.ALIBI_CODES``'s); the tiles (``TILES``) follow from the head size.
+    ``launch.ALIBI_CODES``'s; ``p_early``: the kernel's ``P_EARLY``, by default
+    :func:`casts_p_early`'s); the tiles (``TILES``) follow from the head size.
     :func:`launch_gluon_prefill` launches with them, ``benchmarks/compile_gluon_offline.py``
     compiles them."""
     width = tile_width(head_size)
@@ -331,7 +332,8 @@ def kernel_switches(*, num_q_heads: int, num_kv_heads: int, kv_head_stride: int,
                 CAUSAL=bool(causal), USE_WINDOW=bool(sliding_window),
                 KV_SCALED=bool(kv_scaled), USE_SOFTCAP=softcap, ALIBI=alibi,
                 USE_SINKS=bool(sinks), LONG_TILES=bool(long_tiles),
-                P_EARLY=casts_p_early(), CONSUMER_REGS=CONSUMER_REGS, num_warps=4)
+                P_EARLY=casts_p_early() if p_early is None else bool(p_early),
+                CONSUMER_REGS=CONSUMER_REGS, num_warps=4)
 
 
 def descriptors(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
