@@ -3,7 +3,7 @@ plans take: the check that the installed Triton's Gluon still takes the kernel (
 removed a TMA call the kernel used, 3.8 a view its padded heads used; NOTES.md, session
 51), before any device run.
 
-    PYTHONPATH=src python benchmarks/compile_gluon_offline.py [--only NAMES] [--ptxas]
+    PYTHONPATH=src python benchmarks/compile_gluon_offline.py [--only NAMES] [--ptxas] [--dump DIR]
 
 Each variant is a launch of ``gluon_launch.launch_gluon_prefill``: its compile-time
 arguments from that module's ``kernel_switches`` and its descriptors from its
@@ -14,7 +14,8 @@ warpgroup MMAs, TMA copies, register reallocations (``setmaxnreg``: the warp-spe
 partitions) in the PTX; with ``--ptxas`` the registers per thread and spill bytes
 (stores / loads) this Triton's ptxas reports (``compile_offline.ptxas_usage``: the consumer
 partitions' 240 registers are the most two warpgroups and the load warp can hold, and
-spills there can land in the key-tile loop: NOTES.md, session 52). A variant that does not
+spills there can land in the key-tile loop: NOTES.md, session 52); with ``--dump DIR`` its
+PTX and SASS written there (``compile_offline.dump``). A variant that does not
 compile prints ``FAILED`` and the error, and the exit status is 1 (2 where this Triton has
 no Gluon the kernel can use).
 """
@@ -95,6 +96,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default="", help="comma list of variant names (default all)")
     parser.add_argument("--ptxas", action="store_true",
                         help="also run ptxas -v: registers / spill bytes stored / loaded")
+    parser.add_argument("--dump", metavar="DIR", default="",
+                        help="also write each variant's PTX and SASS to DIR")
     args = parser.parse_args(argv)
     from portattn.kernels.gluon_launch import gluon_reason
 
@@ -108,8 +111,8 @@ def main(argv=None) -> int:
         parser.error(f"--only: unknown variants {unknown}; known: {list(VARIANTS)}")
     import triton
 
-    if args.ptxas:
-        from compile_offline import ptxas_usage  # (this script's folder is on sys.path)
+    if args.ptxas or args.dump:  # (this script's folder is on sys.path)
+        from compile_offline import dump, ptxas_usage
 
     print(f"Triton {triton.__version__}, sm{args.arch}")
     print(f"{'variant':<40}{'shared':>8}" + "".join(f"{k:>12}" for k, _ in PTX_COUNTS)
@@ -121,6 +124,7 @@ def main(argv=None) -> int:
             kernel = compile_variant(name, args.arch)
             ptx = kernel.asm["ptx"]
             usage = f"  {ptxas_usage(ptx, args.arch):>16}" if args.ptxas else ""
+            dumped = dump(kernel, name, args.arch, args.dump, loops=False) if args.dump else ""
         except Exception as exc:  # a probe: report each variant and go on
             failed += 1
             print(f"{name:<40}FAILED {type(exc).__name__}: {exc}")
@@ -128,6 +132,8 @@ def main(argv=None) -> int:
         print(f"{name:<40}{kernel.metadata.shared:>8}"
               + "".join(f"{ptx.count(token):>12}" for _, token in PTX_COUNTS)
               + f"{usage}   ({time.time() - t0:.1f} s)")
+        if dumped:
+            print(dumped)
     return 1 if failed else 0
 
 

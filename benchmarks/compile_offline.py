@@ -9,7 +9,10 @@ without that, Triton cannot vectorize or pipeline the K/V loads and the counts m
 Columns: shared memory bytes, 16-byte cp.async (pipelined loads), single-byte shared
 loads (an 8-bit operand transposed the slow way), TMA copies (descriptor loads), and
 with ``--ptxas`` the registers per thread and spill bytes (stores / loads) ptxas
-reports.
+reports. ``--dump DIR`` also writes each variant's PTX and SASS there (named by the Triton
+release, to compare two releases' code for one source) and prints the length in SASS
+instructions of each loop (from a label to the branch back to it, in code order; the
+spin loops of waits left out).
 """
 
 from __future__ import annotations
@@ -166,12 +169,76 @@ def ptxas_usage(ptx: str, arch: int) -> str:
     return "/".join([regs.group(1), *spill.groups()])
 
 
+def sass_text(cubin: bytes, arch: int) -> str:
+    """``cubin``'s SASS, from the ``nvdisasm`` beside this Triton's ptxas."""
+    nvdisasm = os.path.join(os.path.dirname(ptxas_path(arch)), "nvdisasm")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        done = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True)
+    if done.returncode:
+        words = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"nvdisasm (exit {done.returncode}): {words}")
+    return done.stdout
+
+
+_LABEL = re.compile(r"^\.(L_x_\d+):")
+_INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(.+?)\s*;")
+_BRANCH = re.compile(r"\bBRA\s+`?\(?\.(L_x_\d+)")
+
+
+def loop_lengths(sass: str) -> list[int]:
+    """Instructions of each loop of ``sass`` (nvdisasm's text), in code order: a loop runs
+    from a label to a branch back to it, that branch included (the branch to itself that
+    ends a kernel counts 1)."""
+    labels: dict[str, int] = {}
+    count, loops = 0, []
+    for line in sass.splitlines():
+        label = _LABEL.match(line)
+        if label:
+            labels[label[1]] = count
+            continue
+        instruction = _INSTRUCTION.match(line)
+        if instruction:
+            count += 1
+            branch = _BRANCH.search(instruction[1])
+            if branch and branch[1] in labels:  # a label seen before: a backward branch
+                loops.append(count - labels[branch[1]])
+    return loops
+
+
+#: loops shorter than this are waits (a barrier or an mbarrier polled in a spin loop)
+SHORTEST_LOOP = 8
+
+
+def dump(compiled, name: str, arch: int, folder: str, loops: bool = True) -> str:
+    """Write ``compiled``'s PTX and SASS under ``folder``; a line naming them, with
+    ``loops`` the lengths of the kernel's loops (of :data:`SHORTEST_LOOP` instructions or
+    more) first. (Not for a warp-specialized kernel: its waits retry out of line, from
+    code placed after the loops, and those branches back look like loops.)"""
+    os.makedirs(folder, exist_ok=True)
+    base = os.path.join(folder, f"triton-{triton.__version__}-{name.replace(' ', '_')}")
+    sass = sass_text(compiled.asm["cubin"], arch)
+    for suffix, text in ((".ptx", compiled.asm["ptx"]), (".sass", sass)):
+        with open(base + suffix, "w") as f:
+            f.write(text)
+    files = f"{base}.ptx / .sass"
+    if not loops:
+        return f"    {files}"
+    lengths = ", ".join(str(n) for n in loop_lengths(sass) if n >= SHORTEST_LOOP) or "none"
+    return f"    loops of {SHORTEST_LOOP}+ SASS instructions: {lengths}; {files}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
     parser.add_argument("--only", default="", help="comma list of variant names (default all)")
     parser.add_argument("--ptxas", action="store_true",
                         help="also run ptxas -v: registers / spill bytes stored / loaded")
+    parser.add_argument("--dump", metavar="DIR", default="",
+                        help="also write each variant's PTX and SASS to DIR and print the "
+                             "SASS length of its loops")
     args = parser.parse_args()
     wanted = [n for n in args.only.split(",") if n] or list(VARIANTS)
     failed = 0
@@ -183,12 +250,15 @@ def main() -> int:
             compiled = compile_variant(kv, changes, warps, stages, args.arch, *cap)
             ptx = compiled.asm["ptx"]
             usage = f"  {ptxas_usage(ptx, args.arch):>16}" if args.ptxas else ""
+            dumped = dump(compiled, name, args.arch, args.dump) if args.dump else ""
         except Exception as exc:
             failed += 1
             print(f"{name:<42} FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
             continue
         print(f"{name:<42} {compiled.metadata.shared:>7} {ptx.count('cp.async.cg'):>10} "
               f"{ptx.count('ld.shared.b8'):>6} {ptx.count('cp.async.bulk.tensor'):>4}{usage}")
+        if dumped:
+            print(dumped)
     return 1 if failed else 0
 
 

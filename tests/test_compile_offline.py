@@ -100,6 +100,47 @@ def test_paired_decode_tiles_fit_the_programs_per_sm_the_plan_assumes():
         assert registers <= PAIRED_DECODE_MAXNREG and spill <= 8, (name, registers, spill)
 
 
+def test_loop_lengths_count_each_backward_branch_from_its_label():
+    """Hand-written nvdisasm text: a 3-instruction loop, a forward branch (not a loop), a
+    2-instruction loop that branches back from its second instruction, the self-branch."""
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*0020*/                   ISETP.GE.AND P0, PT, R2, 0x8, PT ;
+        /*0030*/              @!P0 BRA `(.L_x_0) ;
+        /*0040*/               @P1 BRA `(.L_x_2) ;
+.L_x_1:
+        /*0050*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0060*/               @P2 BRA `(.L_x_1) ;
+.L_x_2:
+        /*0070*/                   EXIT ;
+.L_x_3:
+        /*0080*/                   BRA `(.L_x_3);
+"""
+    assert _script("compile_offline").loop_lengths(sass) == [3, 2, 1]
+
+
+@needs_ptxas
+def test_dump_writes_both_forms_and_finds_the_key_tile_loops(tmp_path):
+    """``--dump``: the decode's PTX and SASS land in the folder, named by the Triton
+    release, and its two key-tile loops (full tiles, then the masked last ones: each with
+    the tile's pipelined copies and MMAs) are among the loops it prints."""
+    import triton
+
+    run = _compile_offline("--only", "decode bf16", "--dump", str(tmp_path))
+    assert run.returncode == 0, run.stdout + run.stderr
+    base = tmp_path / f"triton-{triton.__version__}-decode_bf16"
+    ptx, sass = (Path(f"{base}{suffix}").read_text() for suffix in (".ptx", ".sass"))
+    assert ".entry unified_attention_kernel" in ptx and "cp.async" in ptx
+    assert "LDGSTS" in sass and "MMA" in sass
+    script = _script("compile_offline")
+    line = next(x for x in run.stdout.splitlines() if "SASS instructions:" in x)
+    lengths = [int(n) for n in line.split(":")[1].split(";")[0].split(",")]
+    assert lengths == [n for n in script.loop_lengths(sass) if n >= script.SHORTEST_LOOP]
+    assert sum(n > 200 for n in lengths) >= 2, lengths
+
+
 def _gluon_rows(*args: str) -> dict:
     """``compile_gluon_offline.py ARGS``'s rows (variant -> its columns), asserting that it
     succeeded; skips where this Triton has no Gluon the kernel can use."""
@@ -168,3 +209,25 @@ def test_gluon_prefill_consumers_spill_at_most_a_few_bytes():
     for name, columns in rows.items():
         _, stores, loads = (int(x) for x in columns[4].split("/"))
         assert stores <= limit and loads <= limit, (name, columns[4], limit)
+
+
+@needs_ptxas
+def test_gluon_dump_writes_the_warp_specialized_kernels_ptx_and_sass(tmp_path):
+    """``compile_gluon_offline.py --dump``: the plain head-128 form's PTX and SASS, the
+    SASS with Hopper's warpgroup MMAs and TMA copies, and no loop list (its waits retry
+    out of line: ``compile_offline.dump``)."""
+    import triton
+
+    from portattn.kernels.gluon_launch import gluon_reason
+
+    why = gluon_reason()
+    if why:
+        pytest.skip(why)
+    run = _compile_offline("--only", "bf16 head 128", "--dump", str(tmp_path),
+                           script="compile_gluon_offline.py")
+    assert run.returncode == 0, run.stdout + run.stderr
+    base = tmp_path / f"triton-{triton.__version__}-bf16_head_128"
+    ptx, sass = (Path(f"{base}{suffix}").read_text() for suffix in (".ptx", ".sass"))
+    assert "wgmma.mma_async" in ptx
+    assert "HGMMA" in sass and "UTMALDG" in sass
+    assert "SASS instructions" not in run.stdout and f"{base}.ptx" in run.stdout
