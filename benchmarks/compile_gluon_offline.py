@@ -14,10 +14,10 @@ warpgroup MMAs, TMA copies, register reallocations (``setmaxnreg``: the warp-spe
 partitions) in the PTX; with ``--ptxas`` the registers per thread and spill bytes
 (stores / loads) this Triton's ptxas reports (``compile_offline.ptxas_usage``: the consumer
 partitions' 240 registers are the most two warpgroups and the load warp can hold, and
-spills there can land in the key-tile loop: NOTES.md, session 52); with ``--dump DIR`` its
-PTX and SASS written there (``compile_offline.dump``). A variant that does not
-compile prints ``FAILED`` and the error, and the exit status is 1 (2 where this Triton has
-no Gluon the kernel can use).
+spills there can land in the key-tile loop: NOTES.md, session 52); with ``--dump DIR``
+its PTX and SASS written there and the SASS length of its loops (``compile_offline.dump``).
+A variant that does not compile prints ``FAILED`` and the error, and the exit status is 1
+(2 where this Triton has no Gluon the kernel can use).
 """
 
 from __future__ import annotations
@@ -97,7 +97,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ptxas", action="store_true",
                         help="also run ptxas -v: registers / spill bytes stored / loaded")
     parser.add_argument("--dump", metavar="DIR", default="",
-                        help="also write each variant's PTX and SASS to DIR")
+                        help="also write each variant's PTX and SASS to DIR and print the "
+                             "SASS length of its loops")
     args = parser.parse_args(argv)
     from portattn.kernels.gluon_launch import gluon_reason
 
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
     import triton
 
     if args.ptxas or args.dump:  # (this script's folder is on sys.path)
-        from compile_offline import dump, ptxas_usage
+        from compile_offline import print_dump, ptxas_usage
 
     print(f"Triton {triton.__version__}, sm{args.arch}")
     print(f"{'variant':<40}{'shared':>8}" + "".join(f"{k:>12}" for k, _ in PTX_COUNTS)
@@ -124,7 +125,6 @@ def main(argv=None) -> int:
             kernel = compile_variant(name, args.arch)
             ptx = kernel.asm["ptx"]
             usage = f"  {ptxas_usage(ptx, args.arch):>16}" if args.ptxas else ""
-            dumped = dump(kernel, name, args.arch, args.dump, loops=False) if args.dump else ""
         except Exception as exc:  # a probe: report each variant and go on
             failed += 1
             print(f"{name:<40}FAILED {type(exc).__name__}: {exc}")
@@ -132,8 +132,8 @@ def main(argv=None) -> int:
         print(f"{name:<40}{kernel.metadata.shared:>8}"
               + "".join(f"{ptx.count(token):>12}" for _, token in PTX_COUNTS)
               + f"{usage}   ({time.time() - t0:.1f} s)")
-        if dumped:
-            print(dumped)
+        if args.dump:
+            failed += print_dump(kernel, name, args.arch, args.dump)
     return 1 if failed else 0
 
 

@@ -2,7 +2,8 @@
 matters in its PTX: the cheapest check that a kernel change still compiles for sm90
 (through ptxas to a cubin) and keeps its loads pipelined (NOTES.md: fp8 decode).
 
-    PYTHONPATH=src python benchmarks/compile_offline.py [--arch 90]
+    PYTHONPATH=src python benchmarks/compile_offline.py [--arch 90] [--only NAMES] [--ptxas]
+        [--dump DIR]
 
 Pointers and strides are declared 16-byte divisible, as a real launch specializes them;
 without that, Triton cannot vectorize or pipeline the K/V loads and the counts mislead.
@@ -11,8 +12,7 @@ loads (an 8-bit operand transposed the slow way), TMA copies (descriptor loads),
 with ``--ptxas`` the registers per thread and spill bytes (stores / loads) ptxas
 reports. ``--dump DIR`` also writes each variant's PTX and SASS there (named by the Triton
 release, to compare two releases' code for one source) and prints the length in SASS
-instructions of each loop (from a label to the branch back to it, in code order; the
-spin loops of waits left out).
+instructions of each loop (``loop_lengths``; short spin waits left out).
 """
 
 from __future__ import annotations
@@ -149,85 +149,106 @@ def ptxas_path(arch: int) -> str:
     return compiler.get_ptxas().path  # Triton 3.5: one ptxas for every architecture
 
 
+def _run_on_file(command: list[str], content: str | bytes, filename: str
+                 ) -> subprocess.CompletedProcess:
+    """``command`` run on a temporary file ``filename`` holding ``content`` (its path
+    appended; ``{tmp}`` in an argument: that file's folder). RuntimeError with the tool's
+    last words where it exits non-zero."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, filename)
+        with open(path, "wb" if isinstance(content, bytes) else "w") as f:
+            f.write(content)
+        done = subprocess.run([arg.replace("{tmp}", tmp) for arg in command] + [path],
+                              capture_output=True, text=True)
+    if done.returncode:
+        words = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"{os.path.basename(command[0])} (exit {done.returncode}): {words}")
+    return done
+
+
 def ptxas_usage(ptx: str, arch: int) -> str:
     """``registers/spill stores/spill loads`` (bytes) as this Triton's ptxas
     (:func:`ptxas_path`) reports for ``ptx``; RuntimeError with ptxas's last words where
     it refuses the PTX."""
     suffix = "a" if arch == 90 else ""
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "kernel.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        done = subprocess.run([ptxas_path(arch), "-v", f"--gpu-name=sm_{arch}{suffix}", src,
-                               "-o", os.path.join(tmp, "kernel.cubin")],
-                              capture_output=True, text=True)
+    done = _run_on_file([ptxas_path(arch), "-v", f"--gpu-name=sm_{arch}{suffix}",
+                         "-o", "{tmp}/kernel.cubin"], ptx, "kernel.ptx")
     regs = re.search(r"Used (\d+) registers", done.stderr)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", done.stderr)
-    if done.returncode or not (regs and spill):
+    if not (regs and spill):
         words = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"ptxas (exit {done.returncode}): {words}")
+        raise RuntimeError(f"ptxas reported no registers: {words}")
     return "/".join([regs.group(1), *spill.groups()])
 
 
 def sass_text(cubin: bytes, arch: int) -> str:
     """``cubin``'s SASS, from the ``nvdisasm`` beside this Triton's ptxas."""
     nvdisasm = os.path.join(os.path.dirname(ptxas_path(arch)), "nvdisasm")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.cubin")
-        with open(path, "wb") as f:
-            f.write(cubin)
-        done = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True)
-    if done.returncode:
-        words = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"nvdisasm (exit {done.returncode}): {words}")
-    return done.stdout
+    return _run_on_file([nvdisasm, "-c"], cubin, "kernel.cubin").stdout
 
 
 _LABEL = re.compile(r"^\.(L_x_\d+):")
 _INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(.+?)\s*;")
-_BRANCH = re.compile(r"\bBRA\s+`?\(?\.(L_x_\d+)")
+_BRANCH = re.compile(r"\bBRA(?:\.[A-Z]+)*\s[^`]*`\(\.(L_x_\d+)\)")
+_EXIT = re.compile(r"^EXIT\b")  # unpredicated: the program ends here
 
 
 def loop_lengths(sass: str) -> list[int]:
-    """Instructions of each loop of ``sass`` (nvdisasm's text), in code order: a loop runs
-    from a label to a branch back to it, that branch included (the branch to itself that
-    ends a kernel counts 1)."""
+    """Instructions from a label to each branch back to it, that branch included, in code
+    order (``sass``: nvdisasm's text; a label branched back to twice counts twice; the
+    branch to itself that ends a kernel counts 1). A branch back over an unpredicated
+    ``EXIT`` is left out: that is a wait's retry placed after the program's end (the
+    mbarrier waits of TMA loads), which returns into the body rather than looping.
+    Branches through a register (``BRX``) have no label to read and are not counted."""
     labels: dict[str, int] = {}
-    count, loops = 0, []
+    count, last_exit, loops = 0, -1, []
     for line in sass.splitlines():
         label = _LABEL.match(line)
         if label:
             labels[label[1]] = count
             continue
         instruction = _INSTRUCTION.match(line)
-        if instruction:
-            count += 1
-            branch = _BRANCH.search(instruction[1])
-            if branch and branch[1] in labels:  # a label seen before: a backward branch
-                loops.append(count - labels[branch[1]])
+        if not instruction:
+            continue
+        count += 1
+        if _EXIT.match(instruction[1]):
+            last_exit = count
+        branch = _BRANCH.search(instruction[1])
+        if branch and branch[1] in labels and labels[branch[1]] >= last_exit:
+            loops.append(count - labels[branch[1]])
     return loops
 
 
-#: loops shorter than this are waits (a barrier or an mbarrier polled in a spin loop)
+#: the shortest loop :func:`dump` lists: below it, spin waits on a barrier or an
+#: mbarrier and short warp-uniform retries
 SHORTEST_LOOP = 8
 
 
-def dump(compiled, name: str, arch: int, folder: str, loops: bool = True) -> str:
-    """Write ``compiled``'s PTX and SASS under ``folder``; a line naming them, with
-    ``loops`` the lengths of the kernel's loops (of :data:`SHORTEST_LOOP` instructions or
-    more) first. (Not for a warp-specialized kernel: its waits retry out of line, from
-    code placed after the loops, and those branches back look like loops.)"""
+def dump(compiled, name: str, arch: int, folder: str) -> str:
+    """Write ``compiled``'s PTX, then its SASS, under ``folder`` as
+    ``triton-<release>-<name>.{ptx,sass}``; a line with the lengths of the kernel's loops
+    of :data:`SHORTEST_LOOP` instructions or more (:func:`loop_lengths`) and the files. A
+    failure (no ``nvdisasm`` here) raises after the PTX is written."""
     os.makedirs(folder, exist_ok=True)
-    base = os.path.join(folder, f"triton-{triton.__version__}-{name.replace(' ', '_')}")
+    safe = re.sub(r"[^\w.+-]", "_", name)
+    base = os.path.join(folder, f"triton-{triton.__version__}-{safe}")
+    with open(base + ".ptx", "w") as f:
+        f.write(compiled.asm["ptx"])
     sass = sass_text(compiled.asm["cubin"], arch)
-    for suffix, text in ((".ptx", compiled.asm["ptx"]), (".sass", sass)):
-        with open(base + suffix, "w") as f:
-            f.write(text)
-    files = f"{base}.ptx / .sass"
-    if not loops:
-        return f"    {files}"
+    with open(base + ".sass", "w") as f:
+        f.write(sass)
     lengths = ", ".join(str(n) for n in loop_lengths(sass) if n >= SHORTEST_LOOP) or "none"
-    return f"    loops of {SHORTEST_LOOP}+ SASS instructions: {lengths}; {files}"
+    return f"    loops of {SHORTEST_LOOP}+ SASS instructions: {lengths}; {base}.ptx / .sass"
+
+
+def print_dump(compiled, name: str, arch: int, folder: str) -> int:
+    """Print :func:`dump`'s line for one compiled variant, or why it failed; 1 if it did."""
+    try:
+        print(dump(compiled, name, arch, folder))
+    except Exception as exc:  # a probe: report each variant and go on
+        print(f"    dump FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        return 1
+    return 0
 
 
 def main() -> int:
@@ -250,15 +271,14 @@ def main() -> int:
             compiled = compile_variant(kv, changes, warps, stages, args.arch, *cap)
             ptx = compiled.asm["ptx"]
             usage = f"  {ptxas_usage(ptx, args.arch):>16}" if args.ptxas else ""
-            dumped = dump(compiled, name, args.arch, args.dump) if args.dump else ""
         except Exception as exc:
             failed += 1
             print(f"{name:<42} FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
             continue
         print(f"{name:<42} {compiled.metadata.shared:>7} {ptx.count('cp.async.cg'):>10} "
               f"{ptx.count('ld.shared.b8'):>6} {ptx.count('cp.async.bulk.tensor'):>4}{usage}")
-        if dumped:
-            print(dumped)
+        if args.dump:
+            failed += print_dump(compiled, name, args.arch, args.dump)
     return 1 if failed else 0
 
 
