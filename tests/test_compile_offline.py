@@ -172,9 +172,9 @@ def test_dump_writes_both_forms_and_finds_the_key_tile_loops(tmp_path):
     assert max(lengths) < sass.count(" ;\n"), lengths  # each shorter than the program
 
 
-def _gluon_rows(*args: str) -> dict:
-    """``compile_gluon_offline.py ARGS``'s rows (variant -> its columns), asserting that it
-    succeeded; skips where this Triton has no Gluon the kernel can use."""
+def _gluon_offline(*args: str) -> subprocess.CompletedProcess:
+    """``compile_gluon_offline.py ARGS``, asserting that it succeeded; skips where this
+    Triton has no Gluon the kernel can use."""
     from portattn.kernels.gluon_launch import gluon_reason
 
     why = gluon_reason()
@@ -182,6 +182,12 @@ def _gluon_rows(*args: str) -> dict:
         pytest.skip(why)
     run = _compile_offline(*args, script="compile_gluon_offline.py")
     assert run.returncode == 0, run.stdout + run.stderr
+    return run
+
+
+def _gluon_rows(*args: str) -> dict:
+    """``compile_gluon_offline.py ARGS``'s rows (variant -> its columns)."""
+    run = _gluon_offline(*args)
     return {line[:40].strip(): line[40:].split() for line in run.stdout.splitlines()[2:]}
 
 
@@ -253,14 +259,7 @@ def test_gluon_dump_lists_the_consumers_loop_and_not_the_waits_retries(tmp_path)
     ``loop_lengths`` leaves out a branch back over ``EXIT``."""
     import triton
 
-    from portattn.kernels.gluon_launch import gluon_reason
-
-    why = gluon_reason()
-    if why:
-        pytest.skip(why)
-    run = _compile_offline("--only", "bf16 head 128", "--dump", str(tmp_path),
-                           script="compile_gluon_offline.py")
-    assert run.returncode == 0, run.stdout + run.stderr
+    run = _gluon_offline("--only", "bf16 head 128", "--dump", str(tmp_path))
     base = tmp_path / f"triton-{triton.__version__}-bf16_head_128"
     ptx, sass = (Path(f"{base}{suffix}").read_text() for suffix in (".ptx", ".sass"))
     assert "wgmma.mma_async" in ptx
